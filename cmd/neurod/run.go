@@ -1,0 +1,103 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"strings"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+
+	"github.com/neuro-p2p/neuro/node"
+)
+
+func newRunCmd(g *globalFlags) *cobra.Command {
+	var (
+		listen, bootstrap, roles []string
+		dhtMode, api             string
+		heartbeat                node.Duration
+	)
+	cmd := &cobra.Command{
+		Use:   "run",
+		Short: "Run a node until SIGINT or SIGTERM",
+		Long: `run starts the node: it listens on its addresses, dials the bootstrap
+peers (failing if none answers within p2p.bootstrap_timeout), joins the DHT
+and GossipSub, and publishes a heartbeat on the routing topic. On SIGINT or
+SIGTERM it shuts down cleanly: control API, pubsub, DHT, host.
+
+Flags override NEURO_* environment variables, which override the config.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			home, err := g.homeDir()
+			if err != nil {
+				return err
+			}
+			cfg, err := loadConfig(home, cmd.Flags(), g, []flagKey{
+				{"listen", "p2p.listen", func(c *node.Config, _ *pflag.FlagSet) error { c.P2P.Listen = listen; return nil }},
+				{"bootstrap", "p2p.bootstrap", func(c *node.Config, _ *pflag.FlagSet) error { c.P2P.Bootstrap = bootstrap; return nil }},
+				{"roles", "p2p.roles", func(c *node.Config, _ *pflag.FlagSet) error { c.P2P.Roles = roles; return nil }},
+				{"dht-mode", "p2p.dht.mode", func(c *node.Config, _ *pflag.FlagSet) error { c.P2P.DHT.Mode = dhtMode; return nil }},
+				{"api", "api.listen", func(c *node.Config, _ *pflag.FlagSet) error { c.API.Listen = api; return nil }},
+				{"heartbeat-interval", "gossip.heartbeat_interval", func(c *node.Config, _ *pflag.FlagSet) error {
+					c.Gossip.HeartbeatInterval = heartbeat
+					return nil
+				}},
+			})
+			if err != nil {
+				return err
+			}
+			log, err := node.NewLogger(cmd.ErrOrStderr(), cfg.Log)
+			if err != nil {
+				return err
+			}
+			n, err := node.New(cfg, node.WithHome(home), node.WithLogger(log))
+			if err != nil {
+				return err
+			}
+			ctx := cmd.Context()
+			if err := n.Start(ctx); err != nil {
+				return joinClose(err, n)
+			}
+			st := n.Status()
+			fmt.Fprintf(cmd.OutOrStdout(), "neurod %s running\npeer ID: %s\n", st.Version, st.PeerID)
+			for _, a := range st.Addrs {
+				fmt.Fprintf(cmd.OutOrStdout(), "listening on %s/p2p/%s\n", a, st.PeerID)
+			}
+			<-ctx.Done()
+			log.Info("shutting down")
+			if err := n.Close(); err != nil {
+				return fmt.Errorf("shutdown: %w", err)
+			}
+			log.Info("shut down cleanly")
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringArrayVar(&listen, "listen", nil, "multiaddr to listen on (repeat for several; overrides p2p.listen)")
+	f.StringArrayVar(&bootstrap, "bootstrap", nil, "bootstrap peer multiaddr ending in /p2p/<peer ID> (repeat for several)")
+	f.StringSliceVar(&roles, "roles", nil, "roles to announce: bootstrap, relay, gating, expert (comma-separated)")
+	f.StringVar(&dhtMode, "dht-mode", "", "DHT mode: auto, server or client")
+	f.StringVar(&api, "api", "", "control API host:port on loopback; empty string disables it")
+	f.Var(&durationFlag{&heartbeat}, "heartbeat-interval", "how often to publish a heartbeat (e.g. 5s)")
+	return cmd
+}
+
+// joinClose closes n after a failed start and keeps the start error first.
+func joinClose(err error, n *node.Node) error {
+	if cerr := n.Close(); cerr != nil {
+		fmt.Fprintln(os.Stderr, "neurod: while closing after the error:", strings.ReplaceAll(cerr.Error(), "\n", "; "))
+	}
+	return err
+}
+
+// durationFlag adapts node.Duration to pflag.
+type durationFlag struct{ d *node.Duration }
+
+func (f *durationFlag) String() string {
+	if f.d == nil {
+		return ""
+	}
+	return f.d.String()
+}
+func (f *durationFlag) Set(s string) error { return f.d.UnmarshalText([]byte(s)) }
+func (f *durationFlag) Type() string       { return "duration" }

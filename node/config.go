@@ -1,0 +1,455 @@
+package node
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+	ma "github.com/multiformats/go-multiaddr"
+	"github.com/pelletier/go-toml/v2"
+
+	"github.com/neuro-p2p/neuro/p2p"
+	neuropb "github.com/neuro-p2p/neuro/proto"
+)
+
+// Config is everything a user can set about a node. It is read from
+// config.toml in the node's home, then overridden by NEURO_* environment
+// variables (see ApplyEnv), then by command-line flags.
+//
+// The toml tags are the file's keys; the same names, upper-cased and joined
+// with '_', are the environment variables (p2p.dht.mode -> NEURO_P2P_DHT_MODE).
+type Config struct {
+	P2P    P2PConfig    `toml:"p2p"`
+	Gossip GossipConfig `toml:"gossip"`
+	API    APIConfig    `toml:"api"`
+	Log    LogConfig    `toml:"log"`
+}
+
+// P2PConfig configures the libp2p host and the DHT.
+type P2PConfig struct {
+	Listen           []string     `toml:"listen"`
+	Bootstrap        []string     `toml:"bootstrap"`
+	BootstrapTimeout Duration     `toml:"bootstrap_timeout"`
+	Roles            []string     `toml:"roles"`
+	DHT              DHTConfig    `toml:"dht"`
+	NAT              NATConfig    `toml:"nat"`
+	Limits           LimitsConfig `toml:"limits"`
+}
+
+// DHTConfig configures the Kademlia DHT.
+type DHTConfig struct {
+	// Mode is auto, server or client.
+	Mode string `toml:"mode"`
+}
+
+// NATConfig configures NAT traversal.
+type NATConfig struct {
+	PortMap      bool     `toml:"port_map"`
+	AutoNAT      bool     `toml:"autonat"`
+	HolePunching bool     `toml:"hole_punching"`
+	RelayClient  bool     `toml:"relay_client"`
+	RelayService string   `toml:"relay_service"`
+	StaticRelays []string `toml:"static_relays"`
+}
+
+// LimitsConfig bounds what the node accepts from the network.
+type LimitsConfig struct {
+	ConnsLow    int      `toml:"conns_low"`
+	ConnsHigh   int      `toml:"conns_high"`
+	ConnsGrace  Duration `toml:"conns_grace"`
+	MaxConns    int      `toml:"max_conns"`
+	MaxStreams  int      `toml:"max_streams"`
+	MaxMemoryMB int      `toml:"max_memory_mb"`
+}
+
+// GossipConfig configures the heartbeat on the routing topic.
+type GossipConfig struct {
+	HeartbeatInterval Duration `toml:"heartbeat_interval"`
+	PeerTableSize     int      `toml:"peer_table_size"`
+	PeerExpiry        Duration `toml:"peer_expiry"`
+}
+
+// APIConfig configures the local control API (status for `neurod status`
+// and the testnet launcher).
+type APIConfig struct {
+	// Listen is a host:port; empty disables the API.
+	Listen string `toml:"listen"`
+}
+
+// LogConfig configures logging.
+type LogConfig struct {
+	Level  string `toml:"level"`
+	Format string `toml:"format"`
+}
+
+// DefaultConfig returns the settings a fresh `neurod init` writes.
+func DefaultConfig() Config {
+	return Config{
+		P2P: P2PConfig{
+			Listen:           []string{"/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"},
+			Bootstrap:        []string{},
+			BootstrapTimeout: Duration(30 * time.Second),
+			Roles:            []string{},
+			DHT:              DHTConfig{Mode: "auto"},
+			NAT: NATConfig{
+				PortMap:      true,
+				AutoNAT:      true,
+				HolePunching: true,
+				RelayClient:  true,
+				RelayService: "auto",
+				StaticRelays: []string{},
+			},
+			Limits: LimitsConfig{
+				ConnsLow:    64,
+				ConnsHigh:   192,
+				ConnsGrace:  Duration(30 * time.Second),
+				MaxConns:    512,
+				MaxStreams:  4096,
+				MaxMemoryMB: 1024,
+			},
+		},
+		Gossip: GossipConfig{
+			HeartbeatInterval: Duration(5 * time.Second),
+			PeerTableSize:     4096,
+			PeerExpiry:        Duration(30 * time.Second),
+		},
+		API: APIConfig{Listen: "127.0.0.1:0"},
+		Log: LogConfig{Level: "info", Format: "text"},
+	}
+}
+
+// configTemplate is the commented config.toml that `neurod init` writes. A
+// test checks that it decodes to exactly DefaultConfig().
+const configTemplate = `# neurod configuration.
+#
+# Precedence: command-line flags > NEURO_* environment variables > this file.
+# Every key has an environment variable: upper-case its path and join with
+# '_' (p2p.dht.mode -> NEURO_P2P_DHT_MODE). Lists in the environment are
+# comma-separated. Unknown keys are an error.
+
+[p2p]
+# Multiaddrs to listen on (TCP and QUIC by default, on every interface).
+listen = ["/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"]
+# Peers to dial at start: multiaddrs ending in /p2p/<peer ID>. Empty for the
+# first node of a network.
+bootstrap = []
+# How long to keep retrying the bootstrap peers at start. If none answers in
+# that time, 'neurod run' fails.
+bootstrap_timeout = "30s"
+# Roles this node announces in its heartbeats: bootstrap, relay, gating, expert.
+roles = []
+
+[p2p.dht]
+# auto: DHT server when AutoNAT finds the node publicly reachable, client
+# otherwise. server or client force the mode.
+mode = "auto"
+
+[p2p.nat]
+# Ask the home router for a port mapping (UPnP / NAT-PMP).
+port_map = true
+# Learn our reachability from peers (AutoNAT v2) and answer their probes.
+autonat = true
+# Upgrade relayed connections to direct ones (DCUtR).
+hole_punching = true
+# Reserve slots on relays when we are not publicly reachable.
+relay_client = true
+# Serve circuit relay v2 for others: auto (only while publicly reachable),
+# on (always) or off.
+relay_service = "auto"
+# Relays to use instead of discovering them from connected peers.
+static_relays = []
+
+[p2p.limits]
+# Connection manager: trim to conns_low when above conns_high; new
+# connections are safe from trimming for conns_grace.
+conns_low = 64
+conns_high = 192
+conns_grace = "30s"
+# Resource manager hard limits for the whole node.
+max_conns = 512
+max_streams = 4096
+max_memory_mb = 1024
+
+[gossip]
+# How often this node publishes its heartbeat on the routing topic.
+heartbeat_interval = "5s"
+# How many peers' heartbeats to remember, and for how long after the last one.
+peer_table_size = 4096
+peer_expiry = "30s"
+
+[api]
+# Local control API (neurod status, the testnet launcher), as host:port.
+# Keep it on loopback. Empty disables it.
+listen = "127.0.0.1:0"
+
+[log]
+# debug, info, warn or error.
+level = "info"
+# text or json.
+format = "text"
+`
+
+// DecodeConfig parses a config.toml. Unknown keys are an error; keys that
+// are absent keep their default.
+func DecodeConfig(data []byte) (Config, error) {
+	cfg := DefaultConfig()
+	dec := toml.NewDecoder(bytes.NewReader(data)).DisallowUnknownFields()
+	if err := dec.Decode(&cfg); err != nil {
+		return Config{}, describeTOMLError(err)
+	}
+	return cfg, nil
+}
+
+// LoadConfig reads and validates the config file at path.
+func LoadConfig(path string) (Config, error) {
+	data, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return Config{}, fmt.Errorf("config %s: %w (run 'neurod init' first)", path, ErrNotInitialized)
+	}
+	if err != nil {
+		return Config{}, fmt.Errorf("config %s: %w", path, err)
+	}
+	cfg, err := DecodeConfig(data)
+	if err != nil {
+		return Config{}, fmt.Errorf("config %s: %w", path, err)
+	}
+	if err := cfg.Validate(); err != nil {
+		return Config{}, fmt.Errorf("config %s: %w", path, err)
+	}
+	return cfg, nil
+}
+
+func describeTOMLError(err error) error {
+	var strict *toml.StrictMissingError
+	if errors.As(err, &strict) && len(strict.Errors) > 0 {
+		e := strict.Errors[0]
+		row, col := e.Position()
+		return fmt.Errorf("line %d column %d: unknown key %q", row, col, strings.Join(e.Key(), "."))
+	}
+	var de *toml.DecodeError
+	if errors.As(err, &de) {
+		row, col := de.Position()
+		return fmt.Errorf("line %d column %d: %s", row, col, strings.TrimPrefix(de.Error(), "toml: "))
+	}
+	return err
+}
+
+// FieldError is a bad value of one config key.
+type FieldError struct {
+	// Key is the dotted toml path, e.g. "p2p.listen".
+	Key string
+	Err error
+}
+
+func (e *FieldError) Error() string { return e.Key + ": " + e.Err.Error() }
+func (e *FieldError) Unwrap() error { return e.Err }
+
+func fieldErr(key string, format string, args ...any) error {
+	return &FieldError{Key: key, Err: fmt.Errorf(format, args...)}
+}
+
+// Validate checks every value and returns the first bad one as a
+// *FieldError.
+func (c *Config) Validate() error {
+	if len(c.P2P.Listen) == 0 {
+		return fieldErr("p2p.listen", "at least one listen address is needed")
+	}
+	if _, err := parseMultiaddrs("p2p.listen", c.P2P.Listen); err != nil {
+		return err
+	}
+	if _, err := parseAddrInfos("p2p.bootstrap", c.P2P.Bootstrap); err != nil {
+		return err
+	}
+	if c.P2P.BootstrapTimeout <= 0 {
+		return fieldErr("p2p.bootstrap_timeout", "must be positive, got %v", c.P2P.BootstrapTimeout)
+	}
+	if _, err := parseRoles(c.P2P.Roles); err != nil {
+		return err
+	}
+	if !oneOf(c.P2P.DHT.Mode, "auto", "server", "client") {
+		return fieldErr("p2p.dht.mode", "%q: want auto, server or client", c.P2P.DHT.Mode)
+	}
+	if !oneOf(c.P2P.NAT.RelayService, "auto", "on", "off") {
+		return fieldErr("p2p.nat.relay_service", "%q: want auto, on or off", c.P2P.NAT.RelayService)
+	}
+	if _, err := parseAddrInfos("p2p.nat.static_relays", c.P2P.NAT.StaticRelays); err != nil {
+		return err
+	}
+	l := c.P2P.Limits
+	for _, f := range []struct {
+		key string
+		v   int
+	}{
+		{"p2p.limits.conns_low", l.ConnsLow},
+		{"p2p.limits.conns_high", l.ConnsHigh},
+		{"p2p.limits.max_conns", l.MaxConns},
+		{"p2p.limits.max_streams", l.MaxStreams},
+		{"p2p.limits.max_memory_mb", l.MaxMemoryMB},
+		{"gossip.peer_table_size", c.Gossip.PeerTableSize},
+	} {
+		if f.v <= 0 {
+			return fieldErr(f.key, "must be positive, got %d", f.v)
+		}
+	}
+	if l.ConnsLow > l.ConnsHigh {
+		return fieldErr("p2p.limits.conns_low", "%d is above conns_high %d", l.ConnsLow, l.ConnsHigh)
+	}
+	if l.ConnsHigh > l.MaxConns {
+		return fieldErr("p2p.limits.conns_high", "%d is above max_conns %d", l.ConnsHigh, l.MaxConns)
+	}
+	if l.ConnsGrace < 0 {
+		return fieldErr("p2p.limits.conns_grace", "must not be negative, got %v", l.ConnsGrace)
+	}
+	if c.Gossip.HeartbeatInterval < Duration(100*time.Millisecond) {
+		return fieldErr("gossip.heartbeat_interval", "%v: at least 100ms", c.Gossip.HeartbeatInterval)
+	}
+	if c.Gossip.PeerExpiry <= c.Gossip.HeartbeatInterval {
+		return fieldErr("gossip.peer_expiry", "%v must be longer than gossip.heartbeat_interval %v",
+			c.Gossip.PeerExpiry, c.Gossip.HeartbeatInterval)
+	}
+	if c.API.Listen != "" {
+		host, _, err := net.SplitHostPort(c.API.Listen)
+		if err != nil {
+			return fieldErr("api.listen", "%q: want host:port: %v", c.API.Listen, err)
+		}
+		if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+			return fieldErr("api.listen", "%q: the control API has no authentication; use a loopback address", c.API.Listen)
+		}
+	}
+	if _, err := ParseLogLevel(c.Log.Level); err != nil {
+		return &FieldError{Key: "log.level", Err: err}
+	}
+	if !oneOf(c.Log.Format, "text", "json") {
+		return fieldErr("log.format", "%q: want text or json", c.Log.Format)
+	}
+	return nil
+}
+
+// ParseLogLevel parses debug, info, warn or error.
+func ParseLogLevel(s string) (slog.Level, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(s)); err != nil {
+		return 0, fmt.Errorf("%q: want debug, info, warn or error", s)
+	}
+	return l, nil
+}
+
+func oneOf(s string, choices ...string) bool {
+	for _, c := range choices {
+		if s == c {
+			return true
+		}
+	}
+	return false
+}
+
+func parseMultiaddrs(key string, ss []string) ([]ma.Multiaddr, error) {
+	out := make([]ma.Multiaddr, 0, len(ss))
+	for i, s := range ss {
+		a, err := ma.NewMultiaddr(s)
+		if err != nil {
+			return nil, fieldErr(fmt.Sprintf("%s[%d]", key, i), "%q: invalid multiaddr: %v", s, err)
+		}
+		out = append(out, a)
+	}
+	return out, nil
+}
+
+// parseAddrInfos parses multiaddrs that end in /p2p/<peer ID>.
+func parseAddrInfos(key string, ss []string) ([]peer.AddrInfo, error) {
+	addrs, err := parseMultiaddrs(key, ss)
+	if err != nil {
+		return nil, err
+	}
+	infos := make([]peer.AddrInfo, 0, len(addrs))
+	for i, a := range addrs {
+		ai, err := peer.AddrInfoFromP2pAddr(a)
+		if err != nil {
+			return nil, fieldErr(fmt.Sprintf("%s[%d]", key, i), "%q: want a multiaddr ending in /p2p/<peer ID>: %v", ss[i], err)
+		}
+		infos = append(infos, *ai)
+	}
+	return infos, nil
+}
+
+func parseRoles(ss []string) ([]neuropb.Role, error) {
+	out := make([]neuropb.Role, 0, len(ss))
+	for i, s := range ss {
+		r, err := neuropb.ParseRole(s)
+		if err != nil {
+			return nil, &FieldError{Key: fmt.Sprintf("p2p.roles[%d]", i), Err: err}
+		}
+		out = append(out, r)
+	}
+	return out, nil
+}
+
+// Duration is a time.Duration written as a string ("30s") in TOML.
+type Duration time.Duration
+
+// MarshalText implements encoding.TextMarshaler.
+func (d Duration) MarshalText() ([]byte, error) { return []byte(time.Duration(d).String()), nil }
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return fmt.Errorf("invalid duration %q (want e.g. \"30s\", \"2m\")", b)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// String formats like time.Duration.
+func (d Duration) String() string { return time.Duration(d).String() }
+
+// ToP2P converts the validated config into the p2p package's typed form.
+func (c *Config) ToP2P() (p2p.Config, error) {
+	listen, err := parseMultiaddrs("p2p.listen", c.P2P.Listen)
+	if err != nil {
+		return p2p.Config{}, err
+	}
+	boot, err := parseAddrInfos("p2p.bootstrap", c.P2P.Bootstrap)
+	if err != nil {
+		return p2p.Config{}, err
+	}
+	relays, err := parseAddrInfos("p2p.nat.static_relays", c.P2P.NAT.StaticRelays)
+	if err != nil {
+		return p2p.Config{}, err
+	}
+	roles, err := parseRoles(c.P2P.Roles)
+	if err != nil {
+		return p2p.Config{}, err
+	}
+	l := c.P2P.Limits
+	return p2p.Config{
+		Listen:           listen,
+		Bootstrap:        boot,
+		BootstrapTimeout: time.Duration(c.P2P.BootstrapTimeout),
+		Roles:            roles,
+		DHTMode:          map[string]p2p.DHTMode{"auto": p2p.DHTAuto, "server": p2p.DHTServer, "client": p2p.DHTClient}[c.P2P.DHT.Mode],
+		PortMap:          c.P2P.NAT.PortMap,
+		AutoNAT:          c.P2P.NAT.AutoNAT,
+		HolePunching:     c.P2P.NAT.HolePunching,
+		RelayClient:      c.P2P.NAT.RelayClient,
+		RelayService:     map[string]p2p.RelayMode{"auto": p2p.RelayAuto, "on": p2p.RelayOn, "off": p2p.RelayOff}[c.P2P.NAT.RelayService],
+		StaticRelays:     relays,
+		Limits: p2p.Limits{
+			ConnsLow:   l.ConnsLow,
+			ConnsHigh:  l.ConnsHigh,
+			ConnsGrace: time.Duration(l.ConnsGrace),
+			MaxConns:   l.MaxConns,
+			MaxStreams: l.MaxStreams,
+			MaxMemory:  int64(l.MaxMemoryMB) << 20,
+		},
+		HeartbeatInterval: time.Duration(c.Gossip.HeartbeatInterval),
+		PeerTableSize:     c.Gossip.PeerTableSize,
+		PeerExpiry:        time.Duration(c.Gossip.PeerExpiry),
+	}, nil
+}

@@ -1,0 +1,223 @@
+// Package node is the composition root of neurod: it turns a Config into a
+// running node (identity and home directory, the p2p stack, the local
+// control API) and shuts it down in order. It is the only package that
+// wires the others together.
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/neuro-p2p/neuro/p2p"
+)
+
+// Option sets a dependency of Node.
+type Option func(*options) error
+
+type options struct {
+	log  *slog.Logger
+	home string
+	key  crypto.PrivKey
+}
+
+// WithLogger sets the logger (default slog.Default()).
+func WithLogger(l *slog.Logger) Option {
+	return func(o *options) error {
+		if l == nil {
+			return errors.New("nil logger")
+		}
+		o.log = l
+		return nil
+	}
+}
+
+// WithHome runs the node from a home directory made by Init: the identity
+// comes from it, the home is locked against a second process, and the
+// control API's address is written to it while the node runs.
+func WithHome(dir string) Option {
+	return func(o *options) error {
+		if dir == "" {
+			return errors.New("empty home directory")
+		}
+		o.home = dir
+		return nil
+	}
+}
+
+// WithIdentity sets the private key directly (in-process test networks).
+func WithIdentity(key crypto.PrivKey) Option {
+	return func(o *options) error {
+		if key == nil {
+			return errors.New("nil identity key")
+		}
+		o.key = key
+		return nil
+	}
+}
+
+// Node is a running neurod.
+type Node struct {
+	cfg    Config
+	log    *slog.Logger
+	home   string
+	p2p    *p2p.Host
+	unlock func() error
+
+	apiLn  net.Listener
+	apiSrv *http.Server
+
+	wg        sync.WaitGroup
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// New validates cfg, takes the home's lock and builds the p2p stack and the
+// control API listener. It starts no loops; Start does. If New fails,
+// nothing it opened stays open.
+func New(cfg Config, opts ...Option) (_ *Node, err error) {
+	o := options{log: slog.Default()}
+	for _, opt := range opts {
+		if err := opt(&o); err != nil {
+			return nil, fmt.Errorf("node option: %w", err)
+		}
+	}
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	n := &Node{cfg: cfg, log: o.log, home: o.home}
+	defer func() {
+		if err != nil {
+			err = errors.Join(err, n.Close())
+		}
+	}()
+	key := o.key
+	if n.home != "" {
+		if n.unlock, err = lockHome(n.home); err != nil {
+			return nil, err
+		}
+		if key == nil {
+			if key, err = LoadIdentity(n.home); err != nil {
+				return nil, err
+			}
+		}
+	}
+	if key == nil {
+		return nil, errors.New("node: no identity (use WithHome or WithIdentity)")
+	}
+	pcfg, err := cfg.ToP2P()
+	if err != nil {
+		return nil, err
+	}
+	n.p2p, err = p2p.New(key, pcfg, p2p.WithLogger(n.log))
+	if err != nil {
+		return nil, err
+	}
+	n.log = n.log.With("peer", n.p2p.ID())
+	if cfg.API.Listen != "" {
+		n.apiLn, err = net.Listen("tcp", cfg.API.Listen)
+		if err != nil {
+			return nil, fmt.Errorf("api.listen %s: %w", cfg.API.Listen, err)
+		}
+		n.apiSrv = &http.Server{
+			Handler:           n.apiHandler(),
+			ReadHeaderTimeout: 5 * time.Second,
+			ErrorLog:          slog.NewLogLogger(n.log.Handler(), slog.LevelWarn),
+		}
+	}
+	return n, nil
+}
+
+// Start connects to the network and starts serving the control API. ctx
+// bounds the bootstrap only.
+func (n *Node) Start(ctx context.Context) error {
+	if err := n.p2p.Start(ctx); err != nil {
+		return err
+	}
+	if n.apiLn != nil {
+		n.wg.Add(1)
+		go func() {
+			defer n.wg.Done()
+			if err := n.apiSrv.Serve(n.apiLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				n.log.Error("control api stopped", "err", err)
+			}
+		}()
+		if n.home != "" {
+			if err := WriteFileAtomic(filepath.Join(n.home, APIFile), []byte(n.apiLn.Addr().String()+"\n"), 0o600); err != nil {
+				return err
+			}
+		}
+	}
+	n.log.Info("node running", "api", n.APIAddr())
+	return nil
+}
+
+// Close shuts the node down: the control API, then the p2p stack (pubsub,
+// DHT, host), then releases the home. It is safe to call more than once.
+func (n *Node) Close() error {
+	n.closeOnce.Do(func() {
+		var errs []error
+		if n.apiSrv != nil {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			errs = append(errs, n.apiSrv.Shutdown(ctx))
+			cancel()
+		} else if n.apiLn != nil {
+			errs = append(errs, n.apiLn.Close())
+		}
+		n.wg.Wait()
+		if n.home != "" && n.apiLn != nil {
+			if err := os.Remove(filepath.Join(n.home, APIFile)); err != nil && !errors.Is(err, os.ErrNotExist) {
+				errs = append(errs, err)
+			}
+		}
+		if n.p2p != nil {
+			errs = append(errs, n.p2p.Close())
+		}
+		if n.unlock != nil {
+			errs = append(errs, n.unlock())
+		}
+		n.closeErr = errors.Join(errs...)
+	})
+	return n.closeErr
+}
+
+// ID is the node's peer ID.
+func (n *Node) ID() peer.ID { return n.p2p.ID() }
+
+// P2P is the node's p2p stack.
+func (n *Node) P2P() *p2p.Host { return n.p2p }
+
+// APIAddr is the control API's host:port, or "" when it is off.
+func (n *Node) APIAddr() string {
+	if n.apiLn == nil {
+		return ""
+	}
+	return n.apiLn.Addr().String()
+}
+
+// NewLogger builds the slog logger that cfg asks for, writing to w.
+func NewLogger(w io.Writer, cfg LogConfig) (*slog.Logger, error) {
+	level, err := ParseLogLevel(cfg.Level)
+	if err != nil {
+		return nil, fmt.Errorf("log level: %w", err)
+	}
+	hopts := &slog.HandlerOptions{Level: level}
+	switch cfg.Format {
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, hopts)), nil
+	case "text":
+		return slog.New(slog.NewTextHandler(w, hopts)), nil
+	}
+	return nil, fmt.Errorf("log format %q: want text or json", cfg.Format)
+}

@@ -1,0 +1,133 @@
+package node
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"time"
+
+	"github.com/neuro-p2p/neuro/p2p"
+	neuropb "github.com/neuro-p2p/neuro/proto"
+)
+
+// StatusPath is the control API's status endpoint.
+const StatusPath = "/api/v1/status"
+
+// maxStatusSize bounds a status response read by FetchStatus.
+const maxStatusSize = 8 << 20
+
+// Status is a running node's view of itself and the network, served at
+// StatusPath as JSON.
+type Status struct {
+	PeerID  string   `json:"peer_id"`
+	Addrs   []string `json:"addrs"`
+	Roles   []string `json:"roles"`
+	Version string   `json:"version"`
+	PID     int      `json:"pid"`
+	UptimeS float64  `json:"uptime_s"`
+	// RSSBytes is the node process's resident memory.
+	RSSBytes uint64 `json:"rss_bytes"`
+	// ConnectedPeers counts peers with an open connection.
+	ConnectedPeers int `json:"connected_peers"`
+	// RoutingTable lists the peers in the DHT routing table.
+	RoutingTable []string `json:"routing_table"`
+	// Heard lists the peers whose heartbeats arrived within the expiry.
+	Heard []HeardPeer `json:"heard"`
+	// GossipRejected counts rejected gossip messages: topic -> reason -> n.
+	GossipRejected map[string]map[string]uint64 `json:"gossip_rejected"`
+}
+
+// HeardPeer is one entry of the heartbeat table.
+type HeardPeer struct {
+	PeerID        string   `json:"peer_id"`
+	Roles         []string `json:"roles"`
+	Version       string   `json:"version"`
+	Seq           uint64   `json:"seq"`
+	UptimeS       uint64   `json:"uptime_s"`
+	Heartbeats    uint64   `json:"heartbeats"`
+	LastSeenMsAgo int64    `json:"last_seen_ms_ago"`
+	// DelayMs is sender clock to receipt for the last heartbeat.
+	DelayMs float64 `json:"delay_ms"`
+}
+
+// RoleNames converts roles to their short names.
+func RoleNames(roles []neuropb.Role) []string {
+	out := make([]string, 0, len(roles))
+	for _, r := range roles {
+		out = append(out, neuropb.RoleString(r))
+	}
+	return out
+}
+
+// Status reports the node's state now.
+func (n *Node) Status() Status {
+	now := time.Now()
+	h := n.p2p
+	st := Status{
+		PeerID:         h.ID().String(),
+		Roles:          RoleNames(h.Roles()),
+		Version:        p2p.Version,
+		PID:            os.Getpid(),
+		UptimeS:        now.Sub(h.Started()).Seconds(),
+		RSSBytes:       p2p.ProcessRSS(),
+		ConnectedPeers: len(h.LibP2P().Network().Peers()),
+		RoutingTable:   []string{},
+		Heard:          []HeardPeer{},
+		GossipRejected: h.Rejections().Snapshot(),
+	}
+	for _, a := range h.Addrs() {
+		st.Addrs = append(st.Addrs, a.String())
+	}
+	for _, p := range h.RoutingTable() {
+		st.RoutingTable = append(st.RoutingTable, p.String())
+	}
+	for _, e := range h.Peers().Snapshot(now) {
+		st.Heard = append(st.Heard, HeardPeer{
+			PeerID:        e.ID.String(),
+			Roles:         RoleNames(e.Roles),
+			Version:       e.Version,
+			Seq:           e.Seq,
+			UptimeS:       e.UptimeS,
+			Heartbeats:    e.Heard,
+			LastSeenMsAgo: now.Sub(e.LastSeen).Milliseconds(),
+			DelayMs:       float64(e.Delay.Microseconds()) / 1000,
+		})
+	}
+	return st
+}
+
+func (n *Node) apiHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET "+StatusPath, func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		if err := json.NewEncoder(w).Encode(n.Status()); err != nil {
+			n.log.Debug("write status", "err", err)
+		}
+	})
+	return mux
+}
+
+// FetchStatus asks the node whose control API listens on addr (host:port)
+// for its status.
+func FetchStatus(ctx context.Context, addr string) (Status, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+StatusPath, nil)
+	if err != nil {
+		return Status{}, fmt.Errorf("status %s: %w", addr, err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return Status{}, fmt.Errorf("status %s: %w", addr, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return Status{}, fmt.Errorf("status %s: HTTP %s", addr, resp.Status)
+	}
+	var st Status
+	if err := json.NewDecoder(io.LimitReader(resp.Body, maxStatusSize)).Decode(&st); err != nil {
+		return Status{}, fmt.Errorf("status %s: decode: %w", addr, err)
+	}
+	return st, nil
+}

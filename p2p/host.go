@@ -1,0 +1,223 @@
+package p2p
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/libp2p/go-libp2p"
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/peer"
+	rcmgr "github.com/libp2p/go-libp2p/p2p/host/resource-manager"
+	"github.com/libp2p/go-libp2p/p2p/muxer/yamux"
+	"github.com/libp2p/go-libp2p/p2p/net/connmgr"
+	circuitproto "github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/proto"
+	relayv2 "github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/relay"
+	"github.com/libp2p/go-libp2p/p2p/security/noise"
+	libp2ptls "github.com/libp2p/go-libp2p/p2p/security/tls"
+	quic "github.com/libp2p/go-libp2p/p2p/transport/quic"
+	"github.com/libp2p/go-libp2p/p2p/transport/tcp"
+	ma "github.com/multiformats/go-multiaddr"
+)
+
+// RelayMode says when a node serves circuit relay v2 for others.
+type RelayMode int
+
+const (
+	// RelayAuto serves only while AutoNAT finds the node publicly reachable.
+	RelayAuto RelayMode = iota
+	// RelayOn always serves.
+	RelayOn
+	// RelayOff never serves.
+	RelayOff
+)
+
+// Limits bounds what the node accepts from the network.
+type Limits struct {
+	ConnsLow, ConnsHigh int
+	ConnsGrace          time.Duration
+	MaxConns            int
+	MaxStreams          int
+	MaxMemory           int64
+}
+
+// resourceLimits builds the resource manager's limits: libp2p's defaults
+// scaled to the machine, with the node-wide (system) limits set explicitly
+// from config. Inbound connections may use at most half the connection
+// budget, so a flood of dialers cannot take every slot from our own dials.
+func (l Limits) resourceLimits() rcmgr.ConcreteLimitConfig {
+	sys := rcmgr.ResourceLimits{
+		Conns:          rcmgr.LimitVal(l.MaxConns),
+		ConnsInbound:   rcmgr.LimitVal(max(1, l.MaxConns/2)),
+		ConnsOutbound:  rcmgr.LimitVal(l.MaxConns),
+		Streams:        rcmgr.LimitVal(l.MaxStreams),
+		StreamsInbound: rcmgr.LimitVal(max(1, l.MaxStreams/2)),
+		Memory:         rcmgr.LimitVal64(l.MaxMemory),
+		FD:             rcmgr.LimitVal(l.MaxConns),
+	}
+	partial := rcmgr.PartialLimitConfig{System: sys}
+	return partial.Build(rcmgr.DefaultLimits.AutoScale())
+}
+
+// hostOptions is what newHost needs from Config.
+type hostOptions struct {
+	key          crypto.PrivKey
+	listen       []ma.Multiaddr
+	limits       Limits
+	portMap      bool
+	autoNAT      bool
+	holePunching bool
+	relayClient  bool
+	relayService RelayMode
+	staticRelays []peer.AddrInfo
+}
+
+// newHost builds the libp2p host: TCP and QUIC; Noise and TLS; yamux; the
+// resource and connection managers; AutoNAT v2, relay client, hole punching
+// and port mapping as configured. It checks that every listen address was
+// bound: libp2p itself only fails when none was.
+func newHost(o hostOptions, log *slog.Logger) (host.Host, func() error, error) {
+	rm, err := rcmgr.NewResourceManager(rcmgr.NewFixedLimiter(o.limits.resourceLimits()))
+	if err != nil {
+		return nil, nil, fmt.Errorf("resource manager: %w", err)
+	}
+	cm, err := connmgr.NewConnManager(o.limits.ConnsLow, o.limits.ConnsHigh, connmgr.WithGracePeriod(o.limits.ConnsGrace))
+	if err != nil {
+		return nil, nil, fmt.Errorf("connection manager: %w", err)
+	}
+	opts := []libp2p.Option{
+		libp2p.Identity(o.key),
+		libp2p.ListenAddrs(o.listen...),
+		libp2p.Transport(tcp.NewTCPTransport),
+		libp2p.Transport(quic.NewTransport),
+		libp2p.Security(noise.ID, noise.New),
+		libp2p.Security(libp2ptls.ID, libp2ptls.New),
+		libp2p.Muxer(yamux.ID, yamux.DefaultTransport),
+		libp2p.ResourceManager(rm),
+		libp2p.ConnectionManager(cm),
+		libp2p.UserAgent("neurod/" + Version),
+	}
+	if o.portMap {
+		opts = append(opts, libp2p.NATPortMap())
+	}
+	if o.autoNAT {
+		opts = append(opts, libp2p.EnableNATService(), libp2p.EnableAutoNATv2())
+	}
+	if o.holePunching {
+		opts = append(opts, libp2p.EnableHolePunching())
+	}
+	if o.relayService == RelayAuto {
+		opts = append(opts, libp2p.EnableRelayService())
+	}
+	// The peer source for AutoRelay needs the host, which does not exist
+	// yet; it reads it through this variable once New has returned.
+	var h host.Host
+	if o.relayClient {
+		opts = append(opts, libp2p.EnableRelay())
+		if len(o.staticRelays) > 0 {
+			opts = append(opts, libp2p.EnableAutoRelayWithStaticRelays(o.staticRelays))
+		} else {
+			opts = append(opts, libp2p.EnableAutoRelayWithPeerSource(func(_ context.Context, n int) <-chan peer.AddrInfo {
+				return connectedPeers(h, n)
+			}))
+		}
+	} else {
+		opts = append(opts, libp2p.DisableRelay())
+	}
+	h, err = libp2p.New(opts...)
+	if err != nil {
+		rm.Close()
+		cm.Close()
+		return nil, nil, fmt.Errorf("libp2p host: %w", err)
+	}
+	closers := []func() error{h.Close}
+	closeAll := func() error {
+		var errs []error
+		for i := len(closers) - 1; i >= 0; i-- {
+			errs = append(errs, closers[i]())
+		}
+		return errors.Join(errs...)
+	}
+	if err := checkListening(h, o.listen); err != nil {
+		return nil, nil, errors.Join(err, closeAll())
+	}
+	if o.relayService == RelayOn {
+		r, err := relayv2.New(h)
+		if err != nil {
+			return nil, nil, errors.Join(fmt.Errorf("relay service: %w", err), closeAll())
+		}
+		closers = append(closers, r.Close)
+	}
+	log.Debug("host started", "addrs", h.Addrs())
+	return h, closeAll, nil
+}
+
+// checkListening returns an error naming each configured address that got no
+// listener, with the reason the bind failed (e.g. address already in use).
+func checkListening(h host.Host, want []ma.Multiaddr) error {
+	bound := h.Network().ListenAddresses()
+	for _, w := range want {
+		if listenMatches(w, bound) {
+			continue
+		}
+		// Bind again to learn why the first bind failed.
+		err := h.Network().Listen(w)
+		if err == nil {
+			continue
+		}
+		return fmt.Errorf("listen %s: %w", w, errors.Unwrap(err))
+	}
+	return nil
+}
+
+// listenMatches says whether one of bound serves the configured address w.
+// A configured port 0 matches any port of the same transport and IP.
+func listenMatches(w ma.Multiaddr, bound []ma.Multiaddr) bool {
+	wz := zeroPorts(w)
+	for _, b := range bound {
+		if b.Equal(w) || (wz.Equal(w) && zeroPorts(b).Equal(wz)) {
+			return true
+		}
+	}
+	return false
+}
+
+func zeroPorts(a ma.Multiaddr) ma.Multiaddr {
+	var out ma.Multiaddr
+	for _, c := range a {
+		switch c.Protocol().Code {
+		case ma.P_TCP, ma.P_UDP:
+			z, err := ma.NewComponent(c.Protocol().Name, "0")
+			if err != nil {
+				return a
+			}
+			out = append(out, *z)
+		default:
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+// connectedPeers feeds AutoRelay with relay candidates: the peers we are
+// connected to that speak the circuit v2 hop protocol.
+func connectedPeers(h host.Host, n int) <-chan peer.AddrInfo {
+	out := make(chan peer.AddrInfo, n)
+	defer close(out)
+	if h == nil {
+		return out
+	}
+	for _, p := range h.Network().Peers() {
+		if len(out) == n {
+			break
+		}
+		if ps, err := h.Peerstore().SupportsProtocols(p, circuitproto.ProtoIDv2Hop); err != nil || len(ps) == 0 {
+			continue
+		}
+		out <- peer.AddrInfo{ID: p, Addrs: h.Peerstore().Addrs(p)}
+	}
+	return out
+}

@@ -1,0 +1,350 @@
+// Package p2p is neuro's presence on the network: the libp2p host (TCP and
+// QUIC, Noise and TLS, yamux, resource and connection managers, NAT
+// traversal), the Kademlia DHT under the /neuro prefix, GossipSub with peer
+// scoring and typed, validated topics, and the heartbeat that every node
+// publishes on the routing topic.
+package p2p
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"sync"
+	"time"
+
+	dht "github.com/libp2p/go-libp2p-kad-dht"
+	pubsub "github.com/libp2p/go-libp2p-pubsub"
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/peer"
+	drouting "github.com/libp2p/go-libp2p/p2p/discovery/routing"
+	ma "github.com/multiformats/go-multiaddr"
+
+	neuropb "github.com/neuro-p2p/neuro/proto"
+)
+
+// DHTMode selects the Kademlia DHT mode.
+type DHTMode int
+
+const (
+	// DHTAuto is a server while AutoNAT finds the node publicly reachable,
+	// a client otherwise.
+	DHTAuto DHTMode = iota
+	// DHTServer always answers queries (set it on local testnets: on
+	// loopback AutoNAT never finds a node public).
+	DHTServer
+	// DHTClient never answers queries.
+	DHTClient
+)
+
+// Config is the typed p2p configuration; node.Config parses into it.
+type Config struct {
+	Listen           []ma.Multiaddr
+	Bootstrap        []peer.AddrInfo
+	BootstrapTimeout time.Duration
+	Roles            []neuropb.Role
+	DHTMode          DHTMode
+
+	PortMap      bool
+	AutoNAT      bool
+	HolePunching bool
+	RelayClient  bool
+	RelayService RelayMode
+	StaticRelays []peer.AddrInfo
+
+	Limits Limits
+
+	HeartbeatInterval time.Duration
+	PeerTableSize     int
+	PeerExpiry        time.Duration
+}
+
+// Option sets a dependency of Host.
+type Option func(*options) error
+
+type options struct {
+	log      *slog.Logger
+	appScore func(peer.ID) float64
+}
+
+// WithLogger sets the logger (default slog.Default()).
+func WithLogger(l *slog.Logger) Option {
+	return func(o *options) error {
+		if l == nil {
+			return errors.New("nil logger")
+		}
+		o.log = l
+		return nil
+	}
+}
+
+// WithAppScore feeds an application score (reputation) into GossipSub peer
+// scoring; see peerScoreParams for its weight.
+func WithAppScore(f func(peer.ID) float64) Option {
+	return func(o *options) error {
+		o.appScore = f
+		return nil
+	}
+}
+
+// Host is a running neuro p2p stack. Create it with New, then Start; Close
+// stops everything.
+type Host struct {
+	cfg  Config
+	log  *slog.Logger
+	host host.Host
+	dht  *dht.IpfsDHT
+	ps   *pubsub.PubSub
+
+	routing *Topic[*neuropb.Heartbeat]
+	peers   *PeerTable
+	rej     *Rejections
+
+	started time.Time
+	hbSeq   uint64 // owned by the heartbeat loop
+
+	ctx       context.Context // bounds the loops; cancelled first by Close
+	cancel    context.CancelFunc
+	psCancel  context.CancelFunc // ends GossipSub, after the topics are closed
+	wg        sync.WaitGroup
+	closeHost func() error
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// New builds the host, the DHT and GossipSub and joins the routing topic. It
+// dials no one; Start does. If New fails, nothing it started is left
+// running.
+func New(key crypto.PrivKey, cfg Config, opts ...Option) (_ *Host, err error) {
+	o := options{log: slog.Default()}
+	for _, opt := range opts {
+		if err := opt(&o); err != nil {
+			return nil, fmt.Errorf("p2p option: %w", err)
+		}
+	}
+	if cfg.HeartbeatInterval <= 0 || cfg.PeerTableSize <= 0 || cfg.PeerExpiry <= 0 || cfg.BootstrapTimeout <= 0 {
+		return nil, errors.New("p2p config: heartbeat interval, peer table size, peer expiry and bootstrap timeout must be positive")
+	}
+	h := &Host{
+		cfg:   cfg,
+		log:   o.log,
+		peers: NewPeerTable(cfg.PeerTableSize, cfg.PeerExpiry),
+		rej:   &Rejections{},
+	}
+	h.ctx, h.cancel = context.WithCancel(context.Background())
+	psCtx, psCancel := context.WithCancel(context.Background())
+	h.psCancel = psCancel
+	defer func() {
+		if err != nil {
+			err = errors.Join(err, h.Close())
+		}
+	}()
+
+	h.host, h.closeHost, err = newHost(hostOptions{
+		key:          key,
+		listen:       cfg.Listen,
+		limits:       cfg.Limits,
+		portMap:      cfg.PortMap,
+		autoNAT:      cfg.AutoNAT,
+		holePunching: cfg.HolePunching,
+		relayClient:  cfg.RelayClient,
+		relayService: cfg.RelayService,
+		staticRelays: cfg.StaticRelays,
+	}, h.log)
+	if err != nil {
+		return nil, err
+	}
+	h.log = h.log.With("peer", h.host.ID())
+
+	mode := map[DHTMode]dht.ModeOpt{DHTAuto: dht.ModeAuto, DHTServer: dht.ModeServer, DHTClient: dht.ModeClient}[cfg.DHTMode]
+	h.dht, err = dht.New(h.host,
+		dht.ProtocolPrefix(neuropb.DHTPrefix),
+		dht.Mode(mode),
+		dht.BootstrapPeers(cfg.Bootstrap...),
+	)
+	if err != nil {
+		return nil, fmt.Errorf("dht: %w", err)
+	}
+	h.ps, err = newPubSub(psCtx, h.host, pubsubOptions{
+		appScore:     o.appScore,
+		peerExchange: slices.Contains(cfg.Roles, neuropb.Role_ROLE_BOOTSTRAP),
+		routing:      drouting.NewRoutingDiscovery(h.dht),
+		tracer:       rejectTracer{r: h.rej},
+	}, h.log)
+	if err != nil {
+		return nil, err
+	}
+	h.routing, err = JoinTopic(h.ps, neuropb.TopicRouting, neuropb.MaxHeartbeatSize,
+		func() *neuropb.Heartbeat { return new(neuropb.Heartbeat) }, validateHeartbeat, h.rej)
+	if err != nil {
+		return nil, err
+	}
+	return h, nil
+}
+
+// Start connects to the bootstrap peers (failing if none answers within
+// the bootstrap timeout), bootstraps the DHT and starts the heartbeat. ctx
+// bounds only the bootstrap; the loops run until Close.
+func (h *Host) Start(ctx context.Context) error {
+	h.started = time.Now()
+	sub, err := h.routing.Subscribe()
+	if err != nil {
+		return err
+	}
+	h.wg.Add(1)
+	go func() {
+		defer h.wg.Done()
+		h.receiveHeartbeats(h.ctx, sub)
+	}()
+	if err := h.connectBootstrap(ctx); err != nil {
+		return err
+	}
+	if err := h.dht.Bootstrap(h.ctx); err != nil {
+		return fmt.Errorf("dht bootstrap: %w", err)
+	}
+	h.wg.Add(2)
+	go func() {
+		defer h.wg.Done()
+		h.publishHeartbeats(h.ctx)
+	}()
+	go func() {
+		defer h.wg.Done()
+		h.maintain(h.ctx)
+	}()
+	h.log.Info("p2p started", "addrs", h.host.Addrs(), "bootstrap", len(h.cfg.Bootstrap))
+	return nil
+}
+
+// connectBootstrap dials every bootstrap peer, retrying with backoff, until
+// at least one is connected or the bootstrap timeout passes.
+func (h *Host) connectBootstrap(ctx context.Context) error {
+	if len(h.cfg.Bootstrap) == 0 {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, h.cfg.BootstrapTimeout)
+	defer cancel()
+	backoff := 250 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		n, errs := h.dialBootstrap(ctx)
+		if n > 0 {
+			for _, e := range errs {
+				h.log.Warn("bootstrap peer unreachable", "err", e)
+			}
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("bootstrap: none of %d peers reachable after %d attempts in %v: %w",
+				len(h.cfg.Bootstrap), attempt, h.cfg.BootstrapTimeout, errors.Join(errs...))
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 5*time.Second)
+	}
+}
+
+// dialBootstrap dials the bootstrap peers in parallel and returns how many
+// are connected and the errors of the others.
+func (h *Host) dialBootstrap(ctx context.Context) (int, []error) {
+	var (
+		mu   sync.Mutex
+		wg   sync.WaitGroup
+		ok   int
+		errs []error
+	)
+	for _, ai := range h.cfg.Bootstrap {
+		if ai.ID == h.host.ID() {
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			defer cancel()
+			err := h.host.Connect(dctx, ai)
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				errs = append(errs, fmt.Errorf("%s: %w", ai, err))
+				return
+			}
+			ok++
+		}()
+	}
+	wg.Wait()
+	return ok, errs
+}
+
+// maintain reconnects to the bootstrap peers when the node has lost every
+// connection, and refreshes the DHT routing table then.
+func (h *Host) maintain(ctx context.Context) {
+	t := time.NewTicker(15 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if len(h.host.Network().Peers()) > 0 || len(h.cfg.Bootstrap) == 0 {
+			continue
+		}
+		h.log.Warn("no peers left; dialling bootstrap peers again")
+		if n, _ := h.dialBootstrap(ctx); n > 0 {
+			h.dht.RefreshRoutingTable()
+		}
+	}
+}
+
+// Close stops the loops, leaves the topics and closes pubsub, the DHT and the
+// host, in that order. It is safe to call more than once.
+func (h *Host) Close() error {
+	h.closeOnce.Do(func() {
+		h.cancel()
+		h.wg.Wait()
+		var errs []error
+		if h.routing != nil {
+			errs = append(errs, h.routing.Close())
+		}
+		h.psCancel()
+		if h.dht != nil {
+			errs = append(errs, h.dht.Close())
+		}
+		if h.closeHost != nil {
+			errs = append(errs, h.closeHost())
+		}
+		h.closeErr = errors.Join(errs...)
+	})
+	return h.closeErr
+}
+
+// ID is the node's peer ID.
+func (h *Host) ID() peer.ID { return h.host.ID() }
+
+// Addrs are the addresses the node announces.
+func (h *Host) Addrs() []ma.Multiaddr { return h.host.Addrs() }
+
+// Roles are the roles the node announces.
+func (h *Host) Roles() []neuropb.Role { return slices.Clone(h.cfg.Roles) }
+
+// Started is when Start was called.
+func (h *Host) Started() time.Time { return h.started }
+
+// LibP2P is the underlying libp2p host, for protocols built on top.
+func (h *Host) LibP2P() host.Host { return h.host }
+
+// DHT is the Kademlia DHT.
+func (h *Host) DHT() *dht.IpfsDHT { return h.dht }
+
+// PubSub is the GossipSub router, for joining further topics.
+func (h *Host) PubSub() *pubsub.PubSub { return h.ps }
+
+// Peers is the table of peers heard on the routing topic.
+func (h *Host) Peers() *PeerTable { return h.peers }
+
+// Rejections counts rejected gossip messages.
+func (h *Host) Rejections() *Rejections { return h.rej }
+
+// RoutingTable lists the peers in the DHT routing table.
+func (h *Host) RoutingTable() []peer.ID { return h.dht.RoutingTable().ListPeers() }

@@ -1,0 +1,151 @@
+package p2p
+
+import (
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+	ma "github.com/multiformats/go-multiaddr"
+
+	neuropb "github.com/neuro-p2p/neuro/proto"
+)
+
+// PeerInfo is what a node last heard from a peer on the routing topic.
+type PeerInfo struct {
+	ID        peer.ID
+	Roles     []neuropb.Role
+	Seq       uint64
+	UptimeS   uint64
+	Load      *neuropb.Load
+	Version   string
+	Addrs     []ma.Multiaddr
+	FirstSeen time.Time
+	LastSeen  time.Time
+	// Heard counts the heartbeats received from this peer.
+	Heard uint64
+	// Delay is how long the last heartbeat took from the sender's clock to
+	// ours (meaningful only where clocks agree, e.g. on one machine).
+	Delay time.Duration
+}
+
+// PeerTable remembers the latest heartbeat of each peer: at most max
+// peers, each forgotten ttl after its last heartbeat. When full, the peer
+// heard from longest ago makes room. Safe for concurrent use.
+type PeerTable struct {
+	mu      sync.Mutex
+	max     int
+	ttl     time.Duration
+	entries map[peer.ID]*PeerInfo
+}
+
+// NewPeerTable returns an empty table.
+func NewPeerTable(max int, ttl time.Duration) *PeerTable {
+	return &PeerTable{max: max, ttl: ttl, entries: make(map[peer.ID]*PeerInfo)}
+}
+
+// Observe records a validated heartbeat from author, received at now. A
+// heartbeat older than the one already held (lower seq from the same run of
+// the peer) is ignored. It reports whether the table changed.
+func (t *PeerTable) Observe(author peer.ID, hb *neuropb.Heartbeat, now time.Time) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	e, ok := t.entries[author]
+	if ok && now.Sub(e.LastSeen) <= t.ttl && hb.GetSeq() <= e.Seq && hb.GetUptimeS() >= e.UptimeS {
+		return false // a stale or duplicate heartbeat of the same run
+	}
+	if !ok {
+		if len(t.entries) >= t.max {
+			t.evictLocked(now)
+		}
+		e = &PeerInfo{ID: author, FirstSeen: now}
+		t.entries[author] = e
+	}
+	addrs := make([]ma.Multiaddr, 0, len(hb.GetAddrs()))
+	for _, b := range hb.GetAddrs() {
+		if a, err := ma.NewMultiaddrBytes(b); err == nil {
+			addrs = append(addrs, a)
+		}
+	}
+	e.Roles = slices.Clone(hb.GetRoles())
+	e.Seq = hb.GetSeq()
+	e.UptimeS = hb.GetUptimeS()
+	e.Load = hb.GetLoad()
+	e.Version = hb.GetVersion()
+	e.Addrs = addrs
+	e.LastSeen = now
+	e.Heard++
+	e.Delay = now.Sub(time.UnixMilli(hb.GetSentUnixMs()))
+	return true
+}
+
+// evictLocked drops expired entries, and if none expired, the one heard
+// from longest ago.
+func (t *PeerTable) evictLocked(now time.Time) {
+	var oldest *PeerInfo
+	for id, e := range t.entries {
+		if now.Sub(e.LastSeen) > t.ttl {
+			delete(t.entries, id)
+			continue
+		}
+		if oldest == nil || e.LastSeen.Before(oldest.LastSeen) {
+			oldest = e
+		}
+	}
+	if len(t.entries) >= t.max && oldest != nil {
+		delete(t.entries, oldest.ID)
+	}
+}
+
+// Prune forgets the peers not heard from within the ttl.
+func (t *PeerTable) Prune(now time.Time) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for id, e := range t.entries {
+		if now.Sub(e.LastSeen) > t.ttl {
+			delete(t.entries, id)
+		}
+	}
+}
+
+// Get returns a copy of the live entry for p.
+func (t *PeerTable) Get(p peer.ID, now time.Time) (PeerInfo, bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	e, ok := t.entries[p]
+	if !ok || now.Sub(e.LastSeen) > t.ttl {
+		return PeerInfo{}, false
+	}
+	return *e, true
+}
+
+// Snapshot returns copies of the live entries, sorted by peer ID.
+func (t *PeerTable) Snapshot(now time.Time) []PeerInfo {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	out := make([]PeerInfo, 0, len(t.entries))
+	for _, e := range t.entries {
+		if now.Sub(e.LastSeen) <= t.ttl {
+			out = append(out, *e)
+		}
+	}
+	slices.SortFunc(out, func(a, b PeerInfo) int { return compareIDs(a.ID, b.ID) })
+	return out
+}
+
+// Len is the number of entries, live or not yet pruned.
+func (t *PeerTable) Len() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.entries)
+}
+
+func compareIDs(a, b peer.ID) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}

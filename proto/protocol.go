@@ -1,0 +1,33 @@
+package neuropb
+
+import "github.com/libp2p/go-libp2p/core/protocol"
+
+// DHTPrefix is the protocol prefix of neuro's Kademlia DHT. It keeps a neuro
+// node off the public IPFS (Amino) DHT: its protocol is /neuro/kad/1.0.0.
+const DHTPrefix protocol.ID = "/neuro"
+
+// GossipSub topics. Each topic has one message type and one validator.
+const (
+	// TopicRouting carries Heartbeat messages.
+	TopicRouting = "/neuro/routing/1.0.0"
+	// TopicValidation carries validation verdicts (trust issue).
+	TopicValidation = "/neuro/validation/1.0.0"
+	// TopicLedger carries signed ledger transactions (ledger issue).
+	TopicLedger = "/neuro/ledger/1.0.0"
+)
+
+// Size limits. A message over its limit is rejected before it is decoded.
+const (
+	// MaxGossipRPCSize bounds one GossipSub RPC frame (all topics). Larger
+	// frames make pubsub reset the stream.
+	MaxGossipRPCSize = 1 << 20
+	// MaxHeartbeatSize bounds one encoded Heartbeat.
+	MaxHeartbeatSize = 4 << 10
+
+	// MaxHeartbeatAddrs bounds Heartbeat.addrs; MaxAddrLen one address.
+	MaxHeartbeatAddrs = 32
+	MaxAddrLen        = 256
+	// MaxRoles bounds Heartbeat.roles; MaxVersionLen Heartbeat.version.
+	MaxRoles      = 8
+	MaxVersionLen = 64
+)

@@ -1,0 +1,149 @@
+// Package testnet runs neuro networks on one machine: Cluster, N real nodes
+// on loopback inside one process (used by tests across packages), and
+// Launch, N real neurod processes (behind `neurod testnet`).
+package testnet
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/crypto"
+
+	"github.com/neuro-p2p/neuro/node"
+)
+
+// LoopbackConfig is the node config a local testnet uses: TCP and QUIC on
+// 127.0.0.1 with OS-chosen ports, DHT server mode (AutoNAT would never find
+// a loopback node public), no port mapping or relay service, and a fast
+// heartbeat so that the network is seen to be up within seconds.
+func LoopbackConfig() node.Config {
+	cfg := node.DefaultConfig()
+	cfg.P2P.Listen = []string{"/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1"}
+	cfg.P2P.DHT.Mode = "server"
+	cfg.P2P.NAT.PortMap = false
+	cfg.P2P.NAT.AutoNAT = false
+	cfg.P2P.NAT.RelayService = "off"
+	cfg.P2P.BootstrapTimeout = node.Duration(20 * time.Second)
+	cfg.Gossip.HeartbeatInterval = node.Duration(time.Second)
+	cfg.Gossip.PeerExpiry = node.Duration(10 * time.Second)
+	return cfg
+}
+
+// Cluster is N nodes in this process, all on loopback. Node 0 is the
+// bootstrap node; the others know only its address.
+type Cluster struct {
+	nodes []*node.Node
+}
+
+// ClusterOptions configures NewCluster.
+type ClusterOptions struct {
+	// Config is each node's config (default LoopbackConfig()); bootstrap
+	// addresses are filled in.
+	Config *node.Config
+	Log    *slog.Logger
+}
+
+// NewCluster starts n nodes. ctx bounds the start.
+func NewCluster(ctx context.Context, n int, o ClusterOptions) (_ *Cluster, err error) {
+	if n < 1 {
+		return nil, fmt.Errorf("cluster of %d nodes: need at least 1", n)
+	}
+	cfg := LoopbackConfig()
+	if o.Config != nil {
+		cfg = *o.Config
+	}
+	log := o.Log
+	if log == nil {
+		log = slog.Default()
+	}
+	c := &Cluster{}
+	defer func() {
+		if err != nil {
+			err = errors.Join(err, c.Close())
+		}
+	}()
+	start := func(cfg node.Config, i int) (*node.Node, error) {
+		key, _, err := crypto.GenerateEd25519Key(nil)
+		if err != nil {
+			return nil, err
+		}
+		nd, err := node.New(cfg, node.WithIdentity(key), node.WithLogger(log.With("node", i)))
+		if err != nil {
+			return nil, fmt.Errorf("node %d: %w", i, err)
+		}
+		c.nodes = append(c.nodes, nd)
+		if err := nd.Start(ctx); err != nil {
+			return nil, fmt.Errorf("node %d: %w", i, err)
+		}
+		return nd, nil
+	}
+	boot := cfg
+	boot.P2P.Roles = append([]string{"bootstrap"}, cfg.P2P.Roles...)
+	boot.P2P.Bootstrap = nil
+	first, err := start(boot, 0)
+	if err != nil {
+		return nil, err
+	}
+	cfg.P2P.Bootstrap = nil
+	for _, a := range first.P2P().Addrs() {
+		cfg.P2P.Bootstrap = append(cfg.P2P.Bootstrap, a.String()+"/p2p/"+first.ID().String())
+	}
+	for i := 1; i < n; i++ {
+		if _, err := start(cfg, i); err != nil {
+			return nil, err
+		}
+	}
+	return c, nil
+}
+
+// Nodes returns the nodes, bootstrap first.
+func (c *Cluster) Nodes() []*node.Node { return c.nodes }
+
+// Statuses returns every node's status.
+func (c *Cluster) Statuses() []node.Status {
+	out := make([]node.Status, len(c.nodes))
+	for i, n := range c.nodes {
+		out[i] = n.Status()
+	}
+	return out
+}
+
+// WaitHealthy polls Health until it passes or ctx ends.
+func (c *Cluster) WaitHealthy(ctx context.Context) error {
+	return waitFor(ctx, 100*time.Millisecond, func() error { return Health(c.Statuses()) })
+}
+
+// Close stops every node.
+func (c *Cluster) Close() error {
+	errs := make([]error, 0, len(c.nodes))
+	for _, n := range c.nodes {
+		errs = append(errs, n.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// waitFor calls check every interval until it returns nil or ctx ends; then
+// it returns ctx's error joined with check's last error. A backoffStop from
+// check ends the wait at once.
+func waitFor(ctx context.Context, interval time.Duration, check func() error) error {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		err := check()
+		if err == nil {
+			return nil
+		}
+		var stop backoffStop
+		if errors.As(err, &stop) {
+			return stop.error
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w: %w", ctx.Err(), err)
+		case <-t.C:
+		}
+	}
+}

@@ -1,0 +1,42 @@
+package testnet
+
+import (
+	"fmt"
+	"slices"
+
+	"github.com/neuro-p2p/neuro/node"
+)
+
+// Health checks the testnet's bar for "up": every node has every other node
+// in its DHT routing table, and has heard a GossipSub heartbeat from every
+// other node. It returns nil when healthy, else an error naming the first
+// gap found.
+func Health(sts []node.Status) error {
+	for _, st := range sts {
+		heard := make([]string, 0, len(st.Heard))
+		for _, h := range st.Heard {
+			heard = append(heard, h.PeerID)
+		}
+		for _, other := range sts {
+			if other.PeerID == st.PeerID {
+				continue
+			}
+			if !slices.Contains(st.RoutingTable, other.PeerID) {
+				return fmt.Errorf("node %s: %s not in its routing table (%d of %d peers)",
+					short(st.PeerID), short(other.PeerID), len(st.RoutingTable), len(sts)-1)
+			}
+			if !slices.Contains(heard, other.PeerID) {
+				return fmt.Errorf("node %s: no heartbeat from %s yet (%d of %d peers)",
+					short(st.PeerID), short(other.PeerID), len(heard), len(sts)-1)
+			}
+		}
+	}
+	return nil
+}
+
+func short(id string) string {
+	if len(id) > 12 {
+		return "…" + id[len(id)-8:]
+	}
+	return id
+}
