@@ -14,6 +14,7 @@ import (
 	rcmgr "github.com/libp2p/go-libp2p/p2p/host/resource-manager"
 	"github.com/libp2p/go-libp2p/p2p/muxer/yamux"
 	"github.com/libp2p/go-libp2p/p2p/net/connmgr"
+	"github.com/libp2p/go-libp2p/p2p/net/swarm"
 	circuitproto "github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/proto"
 	relayv2 "github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/relay"
 	"github.com/libp2p/go-libp2p/p2p/security/noise"
@@ -163,12 +164,18 @@ func checkListening(h host.Host, want []ma.Multiaddr) error {
 		if listenMatches(w, bound) {
 			continue
 		}
-		// Bind again to learn why the first bind failed.
-		err := h.Network().Listen(w)
+		// Bind again to learn why the first bind failed: the swarm's
+		// Listen formats its errors as text, AddListenAddr returns them.
+		var err error
+		if s, ok := h.Network().(*swarm.Swarm); ok {
+			err = s.AddListenAddr(w)
+		} else {
+			err = h.Network().Listen(w)
+		}
 		if err == nil {
 			continue
 		}
-		return fmt.Errorf("listen %s: %w", w, errors.Unwrap(err))
+		return fmt.Errorf("listen %s: %w", w, err)
 	}
 	return nil
 }

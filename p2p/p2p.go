@@ -20,6 +20,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
 	drouting "github.com/libp2p/go-libp2p/p2p/discovery/routing"
+	"github.com/libp2p/go-libp2p/p2p/net/swarm"
 	ma "github.com/multiformats/go-multiaddr"
 
 	neuropb "github.com/neuro-p2p/neuro/proto"
@@ -262,6 +263,11 @@ func (h *Host) dialBootstrap(ctx context.Context) (int, []error) {
 			defer wg.Done()
 			dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 			defer cancel()
+			// Each retry dials for real: without this the swarm answers
+			// from its dial backoff and hides why the peer is unreachable.
+			if sw, ok := h.host.Network().(*swarm.Swarm); ok {
+				sw.Backoff().Clear(ai.ID)
+			}
 			err := h.host.Connect(dctx, ai)
 			mu.Lock()
 			defer mu.Unlock()

@@ -22,6 +22,8 @@ type PeerInfo struct {
 	Addrs     []ma.Multiaddr
 	FirstSeen time.Time
 	LastSeen  time.Time
+	// SentUnixMs is the sender's clock when it sent the last heartbeat.
+	SentUnixMs int64
 	// Heard counts the heartbeats received from this peer.
 	Heard uint64
 	// Delay is how long the last heartbeat took from the sender's clock to
@@ -45,14 +47,16 @@ func NewPeerTable(max int, ttl time.Duration) *PeerTable {
 }
 
 // Observe records a validated heartbeat from author, received at now. A
-// heartbeat older than the one already held (lower seq from the same run of
-// the peer) is ignored. It reports whether the table changed.
+// heartbeat that is not newer than the one held (by the sender's send time,
+// then seq) is ignored, so gossip that arrives out of order never rolls an
+// entry back; a restarted peer's heartbeats are newer by send time although
+// its seq starts again. It reports whether the table changed.
 func (t *PeerTable) Observe(author peer.ID, hb *neuropb.Heartbeat, now time.Time) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	e, ok := t.entries[author]
-	if ok && now.Sub(e.LastSeen) <= t.ttl && hb.GetSeq() <= e.Seq && hb.GetUptimeS() >= e.UptimeS {
-		return false // a stale or duplicate heartbeat of the same run
+	if ok && now.Sub(e.LastSeen) <= t.ttl && !newer(hb, e) {
+		return false
 	}
 	if !ok {
 		if len(t.entries) >= t.max {
@@ -75,8 +79,16 @@ func (t *PeerTable) Observe(author peer.ID, hb *neuropb.Heartbeat, now time.Time
 	e.Addrs = addrs
 	e.LastSeen = now
 	e.Heard++
+	e.SentUnixMs = hb.GetSentUnixMs()
 	e.Delay = now.Sub(time.UnixMilli(hb.GetSentUnixMs()))
 	return true
+}
+
+func newer(hb *neuropb.Heartbeat, e *PeerInfo) bool {
+	if hb.GetSentUnixMs() != e.SentUnixMs {
+		return hb.GetSentUnixMs() > e.SentUnixMs
+	}
+	return hb.GetSeq() > e.Seq
 }
 
 // evictLocked drops expired entries, and if none expired, the one heard

@@ -129,7 +129,7 @@ func newPubSub(ctx context.Context, h host.Host, o pubsubOptions, log *slog.Logg
 		pubsub.WithPeerExchange(o.peerExchange),
 		pubsub.WithFloodPublish(true),
 		pubsub.WithMaxMessageSize(neuropb.MaxGossipRPCSize),
-		pubsub.WithLogger(log.With("component", "gossipsub")),
+		pubsub.WithLogger(pubsubLogger(log)),
 	}
 	if o.routing != nil {
 		opts = append(opts, pubsub.WithDiscovery(o.routing))

@@ -2,6 +2,7 @@ package testnet_test
 
 import (
 	"context"
+	"log/slog"
 	"testing"
 	"time"
 
@@ -13,7 +14,7 @@ import (
 func TestClusterOfEightConverges(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
 	defer cancel()
-	c, err := testnet.NewCluster(ctx, 8, testnet.ClusterOptions{})
+	c, err := testnet.NewCluster(ctx, 8, testnet.ClusterOptions{Log: testLogger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -25,4 +26,9 @@ func TestClusterOfEightConverges(t *testing.T) {
 	if err := c.WaitHealthy(ctx); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// testLogger sends warnings and errors to the test's output.
+func testLogger(t *testing.T) *slog.Logger {
+	return slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
 }

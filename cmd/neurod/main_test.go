@@ -1,0 +1,372 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/neuro-p2p/neuro/node"
+)
+
+// neurodBin is the binary under test, built once by TestMain.
+var neurodBin string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "neurod-test-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	neurodBin = filepath.Join(dir, "neurod")
+	build := exec.Command("go", "build", "-o", neurodBin, ".")
+	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	if err := build.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "build neurod:", err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// testEnv keeps nodes on loopback and off the machine's real network: no
+// UPnP/NAT-PMP port mapping, no listening on every interface.
+var testEnv = []string{
+	"NEURO_P2P_LISTEN=/ip4/127.0.0.1/tcp/0,/ip4/127.0.0.1/udp/0/quic-v1",
+	"NEURO_P2P_NAT_PORT_MAP=false",
+	"NEURO_P2P_NAT_AUTONAT=false",
+	"NEURO_P2P_DHT_MODE=server",
+}
+
+type result struct {
+	stdout, stderr string
+	code           int
+}
+
+// neurod runs the binary with args and extra environment, bounded to 90 s.
+func neurod(t *testing.T, env []string, args ...string) result {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), 90*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, neurodBin, args...)
+	cmd.Env = append(cleanEnv(), env...)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	code := 0
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatalf("run neurod %v: %v", args, err)
+	}
+	return result{out.String(), errb.String(), code}
+}
+
+func cleanEnv() []string {
+	var out []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "NEURO_") {
+			out = append(out, kv)
+		}
+	}
+	return out
+}
+
+func initHome(t *testing.T) string {
+	t.Helper()
+	home := filepath.Join(t.TempDir(), "home")
+	if r := neurod(t, nil, "init", "--home", home); r.code != 0 {
+		t.Fatalf("init: %d %s", r.code, r.stderr)
+	}
+	return home
+}
+
+func TestInitAndID(t *testing.T) {
+	home := filepath.Join(t.TempDir(), "home")
+	r := neurod(t, nil, "init", "--home", home)
+	if r.code != 0 || !strings.Contains(r.stdout, "peer ID: 12D3KooW") {
+		t.Fatalf("init: %+v", r)
+	}
+	r = neurod(t, nil, "id", "--home", home, "--json")
+	var id struct {
+		PeerID string   `json:"peer_id"`
+		Addrs  []string `json:"addrs"`
+	}
+	if err := json.Unmarshal([]byte(r.stdout), &id); err != nil || r.code != 0 {
+		t.Fatalf("id --json: %v %+v", err, r)
+	}
+	if !strings.Contains(r.stdout, id.PeerID) || len(id.Addrs) != 2 || id.Addrs[0] != "/ip4/0.0.0.0/tcp/4001" {
+		t.Fatalf("id = %+v", id)
+	}
+	// NEURO_HOME is the default home.
+	r = neurod(t, []string{"NEURO_HOME=" + home}, "id", "--json")
+	if r.code != 0 || !strings.Contains(r.stdout, id.PeerID) {
+		t.Fatalf("id with NEURO_HOME: %+v", r)
+	}
+}
+
+func TestRunRestartKeepsIdentityAndShutsDownCleanly(t *testing.T) {
+	home := initHome(t)
+	first := runUntilUp(t, home)
+	// A second process on the same home is refused.
+	r := neurod(t, testEnv, "run", "--home", home)
+	if r.code == 0 || !strings.Contains(r.stderr, "in use by another neurod process") {
+		t.Fatalf("second run on a busy home: %+v", r)
+	}
+	// id reports the running node's real addresses.
+	r = neurod(t, nil, "id", "--home", home, "--json")
+	if !strings.Contains(r.stdout, `"running": true`) || !strings.Contains(r.stdout, "/ip4/127.0.0.1/tcp/") {
+		t.Fatalf("id while running: %s", r.stdout)
+	}
+	first.stop(t)
+	second := runUntilUp(t, home)
+	defer second.stop(t)
+	if first.status.PeerID != second.status.PeerID {
+		t.Fatalf("peer ID changed across restart: %s -> %s", first.status.PeerID, second.status.PeerID)
+	}
+}
+
+type runningNode struct {
+	cmd    *exec.Cmd
+	home   string
+	logs   *bytes.Buffer
+	status node.Status
+	done   chan error
+}
+
+// runUntilUp starts `neurod run` on home and waits (bounded) for its API.
+func runUntilUp(t *testing.T, home string) *runningNode {
+	t.Helper()
+	cmd := exec.Command(neurodBin, "run", "--home", home)
+	cmd.Env = append(cleanEnv(), testEnv...)
+	logs := &bytes.Buffer{}
+	cmd.Stdout, cmd.Stderr = logs, logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	n := &runningNode{cmd: cmd, home: home, logs: logs, done: make(chan error, 1)}
+	go func() { n.done <- cmd.Wait() }()
+	t.Cleanup(func() { _ = cmd.Process.Kill() })
+	for range 200 {
+		if addr, err := node.ReadAPIAddr(home); err == nil {
+			ctx, cancel := context.WithTimeout(t.Context(), time.Second)
+			st, err := node.FetchStatus(ctx, addr)
+			cancel()
+			if err == nil {
+				n.status = st
+				return n
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatalf("node did not come up:\n%s", logs)
+	return nil
+}
+
+// stop sends SIGTERM and expects a clean exit within 20 s.
+func (n *runningNode) stop(t *testing.T) {
+	t.Helper()
+	if err := n.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-n.done:
+		if err != nil {
+			t.Fatalf("exit after SIGTERM: %v\n%s", err, n.logs)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatalf("no exit 20 s after SIGTERM:\n%s", n.logs)
+	}
+	if !strings.Contains(n.logs.String(), "shut down cleanly") {
+		t.Fatalf("no clean shutdown in the log:\n%s", n.logs)
+	}
+	if _, err := os.Stat(filepath.Join(n.home, node.APIFile)); !os.IsNotExist(err) {
+		t.Fatalf("api file left behind: %v", err)
+	}
+}
+
+// Each bad input gives a one-line error naming the culprit, a non-zero
+// exit, and leaves the user's files as they were.
+func TestBadInputs(t *testing.T) {
+	closedPort := func() int {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer l.Close()
+		return l.Addr().(*net.TCPAddr).Port
+	}
+	_, pub, _ := crypto.GenerateEd25519Key(nil)
+	stranger, _ := peer.IDFromPublicKey(pub)
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+
+	tests := []struct {
+		name   string
+		setup  func(home string) // after init
+		noInit bool
+		env    []string
+		args   []string
+		want   string
+	}{
+		{name: "missing config", noInit: true, args: []string{"run"}, want: "not initialized (run 'neurod init' first)"},
+		{name: "malformed config", setup: writeConfig("[p2p\nlisten = [\n"), args: []string{"run"}, want: "config.toml: line 1"},
+		{name: "unknown key", setup: writeConfig("[p2p]\nlisen = []\n"), args: []string{"run"}, want: `unknown key "p2p.lisen"`},
+		{name: "invalid value in file", setup: writeConfig("[p2p.dht]\nmode = \"both\"\n"), args: []string{"run"}, want: "config.toml: p2p.dht.mode"},
+		{name: "invalid multiaddr flag", args: []string{"run", "--listen", "/ip4/999.1.1.1/tcp/1"}, want: "flag --listen: \"/ip4/999.1.1.1/tcp/1\": invalid multiaddr"},
+		{name: "invalid multiaddr env", env: []string{"NEURO_P2P_BOOTSTRAP=/ip4/1.2.3.4/tcp/1"}, args: []string{"run"}, want: "NEURO_P2P_BOOTSTRAP: \"/ip4/1.2.3.4/tcp/1\": want a multiaddr ending in /p2p/"},
+		{name: "invalid env value", env: []string{"NEURO_P2P_NAT_PORT_MAP=sometimes"}, args: []string{"run"}, want: "NEURO_P2P_NAT_PORT_MAP: \"sometimes\": want true or false"},
+		{name: "unreachable bootstrap peer", env: []string{"NEURO_P2P_BOOTSTRAP_TIMEOUT=1s"},
+			args: []string{"run", "--bootstrap", fmt.Sprintf("/ip4/127.0.0.1/tcp/%d/p2p/%s", closedPort(), stranger)},
+			want: "bootstrap: none of 1 peers reachable"},
+		{name: "corrupt key", setup: func(home string) {
+			os.WriteFile(filepath.Join(home, node.IdentityFile), []byte("not a key"), 0o600)
+		}, args: []string{"run"}, want: "corrupt identity key"},
+		{name: "port in use", args: []string{"run", "--listen", "/ip4/" + strings.ReplaceAll(busy.Addr().String(), ":", "/tcp/")},
+			want: "address already in use"},
+		{name: "init twice", args: []string{"init"}, want: "already exists (use --force"},
+		{name: "bad testnet size", args: []string{"testnet", "--nodes", "0"}, want: "flag --nodes 0"},
+		{name: "unknown command", args: []string{"fly"}, want: `unknown command "fly"`},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			home := filepath.Join(t.TempDir(), "home")
+			if !tc.noInit {
+				if r := neurod(t, nil, "init", "--home", home); r.code != 0 {
+					t.Fatal(r.stderr)
+				}
+			}
+			if tc.setup != nil {
+				tc.setup(home)
+			}
+			before := snapshot(t, home)
+			args := append(tc.args, "--home", home)
+			r := neurod(t, append(append([]string{}, testEnv...), tc.env...), args...)
+			if r.code == 0 {
+				t.Fatalf("exit 0, want failure; stderr:\n%s", r.stderr)
+			}
+			lines := strings.Split(strings.TrimRight(r.stderr, "\n"), "\n")
+			last := lines[len(lines)-1]
+			if !strings.HasPrefix(last, "neurod: ") || !strings.Contains(last, tc.want) {
+				t.Fatalf("last stderr line %q, want a one-line error containing %q", last, tc.want)
+			}
+			if after := snapshot(t, home); !equalFiles(before, after) {
+				t.Fatalf("files changed:\nbefore %v\nafter  %v", keys(before), keys(after))
+			}
+		})
+	}
+}
+
+func writeConfig(s string) func(string) {
+	return func(home string) {
+		os.WriteFile(filepath.Join(home, node.ConfigFile), []byte(s), 0o644)
+	}
+}
+
+// snapshot maps each config and key file in home to its content.
+func snapshot(t *testing.T, home string) map[string]string {
+	t.Helper()
+	out := map[string]string{}
+	for _, f := range []string{node.ConfigFile, node.IdentityFile} {
+		if b, err := os.ReadFile(filepath.Join(home, f)); err == nil {
+			out[f] = string(b)
+		}
+	}
+	return out
+}
+
+func equalFiles(a, b map[string]string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k, v := range a {
+		if b[k] != v {
+			return false
+		}
+	}
+	return true
+}
+
+func keys(m map[string]string) []string {
+	var out []string
+	for k := range m {
+		out = append(out, k)
+	}
+	return out
+}
+
+// `neurod testnet --nodes 5 --check --json` brings up five real processes,
+// reports them healthy, and leaves no process behind.
+func TestTestnetCheck(t *testing.T) {
+	dir := t.TempDir()
+	r := neurod(t, nil, "testnet", "--nodes", "5", "--check", "--json", "--dir", dir)
+	if r.code != 0 {
+		t.Fatalf("exit %d\nstdout:\n%s\nstderr:\n%s", r.code, r.stdout, r.stderr)
+	}
+	var rep struct {
+		Healthy bool `json:"healthy"`
+		Nodes   []struct {
+			PeerID string   `json:"peer_id"`
+			Addrs  []string `json:"addrs"`
+			Roles  []string `json:"roles"`
+			PID    int      `json:"pid"`
+		} `json:"nodes"`
+		Stopped []struct {
+			Clean bool `json:"clean"`
+		} `json:"stopped"`
+	}
+	if err := json.Unmarshal([]byte(r.stdout), &rep); err != nil {
+		t.Fatalf("stdout is not the JSON report: %v\n%s", err, r.stdout)
+	}
+	if !rep.Healthy || len(rep.Nodes) != 5 || len(rep.Stopped) != 5 {
+		t.Fatalf("report: %+v", rep)
+	}
+	ids := map[string]bool{}
+	for i, n := range rep.Nodes {
+		if _, err := peer.Decode(n.PeerID); err != nil || len(n.Addrs) == 0 || n.Roles == nil {
+			t.Errorf("node %d: %+v", i, n)
+		}
+		ids[n.PeerID] = true
+		if err := syscall.Kill(n.PID, 0); !errors.Is(err, syscall.ESRCH) {
+			t.Errorf("node %d (pid %d) still exists after the testnet: %v", i, n.PID, err)
+		}
+	}
+	if len(ids) != 5 || strings.Join(rep.Nodes[0].Roles, ",") != "bootstrap,relay" {
+		t.Fatalf("nodes: %+v", rep.Nodes)
+	}
+	for i, s := range rep.Stopped {
+		if !s.Clean {
+			t.Errorf("node %d did not shut down cleanly", i)
+		}
+	}
+	// The homes and logs stay in --dir, and a second run reuses them.
+	r2 := neurod(t, nil, "testnet", "--nodes", "5", "--check", "--json", "--dir", dir)
+	if r2.code != 0 || !strings.Contains(r2.stdout, rep.Nodes[3].PeerID) {
+		t.Fatalf("second run on the same --dir: exit %d\n%s\n%s", r2.code, r2.stdout, r2.stderr)
+	}
+}
+
+// A testnet that cannot come up in time exits 1 and leaves nothing running.
+func TestTestnetCheckFails(t *testing.T) {
+	r := neurod(t, nil, "testnet", "--nodes", "3", "--check", "--json", "--timeout", "50ms")
+	if r.code != 1 || !strings.Contains(r.stdout, `"healthy": false`) {
+		t.Fatalf("exit %d, stdout:\n%s\nstderr:\n%s", r.code, r.stdout, r.stderr)
+	}
+}

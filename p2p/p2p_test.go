@@ -1,0 +1,251 @@
+package p2p
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p"
+	pubsub "github.com/libp2p/go-libp2p-pubsub"
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/peer"
+	ma "github.com/multiformats/go-multiaddr"
+	"google.golang.org/protobuf/proto"
+
+	neuropb "github.com/neuro-p2p/neuro/proto"
+)
+
+func testConfig() Config {
+	return Config{
+		Listen:            []ma.Multiaddr{ma.StringCast("/ip4/127.0.0.1/tcp/0"), ma.StringCast("/ip4/127.0.0.1/udp/0/quic-v1")},
+		BootstrapTimeout:  10 * time.Second,
+		DHTMode:           DHTServer,
+		RelayService:      RelayOff,
+		RelayClient:       true,
+		HolePunching:      true,
+		Limits:            Limits{ConnsLow: 16, ConnsHigh: 64, ConnsGrace: time.Minute, MaxConns: 128, MaxStreams: 1024, MaxMemory: 256 << 20},
+		HeartbeatInterval: 200 * time.Millisecond,
+		PeerTableSize:     64,
+		PeerExpiry:        5 * time.Second,
+	}
+}
+
+func quietLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+func newTestHost(t *testing.T, cfg Config) *Host {
+	t.Helper()
+	key, _, err := crypto.GenerateEd25519Key(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := New(key, cfg, WithLogger(quietLogger()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := h.Close(); err != nil {
+			t.Errorf("close: %v", err)
+		}
+	})
+	if err := h.Start(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	return h
+}
+
+// rogue is a bare libp2p host with a GossipSub router that runs none of
+// neuro's validators, to send what an honest node never would.
+type rogue struct {
+	h     host.Host
+	topic *pubsub.Topic
+}
+
+func newRogue(t *testing.T, target *Host, sign bool) *rogue {
+	t.Helper()
+	h, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close() })
+	policy := pubsub.StrictSign
+	if !sign {
+		policy = pubsub.StrictNoSign
+	}
+	ps, err := pubsub.NewGossipSub(t.Context(), h, pubsub.WithMessageSignaturePolicy(policy))
+	if err != nil {
+		t.Fatal(err)
+	}
+	topic, err := ps.Join(neuropb.TopicRouting)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Connect(t.Context(), peer.AddrInfo{ID: target.ID(), Addrs: target.Addrs()}); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, func() bool { return len(topic.ListPeers()) > 0 }, "rogue to see the target on the topic")
+	return &rogue{h: h, topic: topic}
+}
+
+// waitUntil polls cond every 20 ms, for at most 10 s.
+func waitUntil(t *testing.T, cond func() bool, what string) {
+	t.Helper()
+	for range 500 {
+		if cond() {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("timed out waiting for %s", what)
+}
+
+func TestGossipRejections(t *testing.T) {
+	target := newTestHost(t, testConfig())
+	signed := newRogue(t, target, true)
+	unsigned := newRogue(t, target, false)
+
+	_, otherPub, _ := crypto.GenerateEd25519Key(nil)
+	other, _ := peer.IDFromPublicKey(otherPub)
+	forged, _ := proto.Marshal(&neuropb.Heartbeat{PeerId: []byte(other), Seq: 1})
+	honest, _ := proto.Marshal(&neuropb.Heartbeat{PeerId: []byte(signed.h.ID()), Seq: 1})
+
+	tests := []struct {
+		name   string
+		from   *rogue
+		data   []byte
+		reason string
+	}{
+		{"unsigned", unsigned, honest, "pubsub:" + pubsub.RejectMissingSignature},
+		{"oversize", signed, make([]byte, neuropb.MaxHeartbeatSize+1), RejectOversize},
+		{"malformed", signed, []byte{0x0a, 0xff, 0xff}, RejectMalformed},
+		{"forged peer id", signed, forged, RejectInvalid},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			before := target.Rejections().Count(neuropb.TopicRouting, tc.reason)
+			if err := tc.from.topic.Publish(t.Context(), tc.data); err != nil {
+				t.Fatal(err)
+			}
+			waitUntil(t, func() bool {
+				return target.Rejections().Count(neuropb.TopicRouting, tc.reason) > before
+			}, "the rejection to be counted as "+tc.reason)
+		})
+	}
+	// None of it reached the peer table.
+	if _, ok := target.Peers().Get(other, time.Now()); ok {
+		t.Error("forged heartbeat entered the peer table")
+	}
+	if _, ok := target.Peers().Get(unsigned.h.ID(), time.Now()); ok {
+		t.Error("unsigned heartbeat entered the peer table")
+	}
+	// A valid, signed heartbeat from the same rogue is accepted.
+	if err := signed.topic.Publish(t.Context(), honest); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, func() bool { _, ok := target.Peers().Get(signed.h.ID(), time.Now()); return ok },
+		"a valid heartbeat to be accepted")
+}
+
+func TestHeartbeatsReachPeers(t *testing.T) {
+	a := newTestHost(t, testConfig())
+	cfg := testConfig()
+	cfg.Roles = []neuropb.Role{neuropb.Role_ROLE_EXPERT}
+	cfg.Bootstrap = []peer.AddrInfo{{ID: a.ID(), Addrs: a.Addrs()}}
+	b := newTestHost(t, cfg)
+	waitUntil(t, func() bool { _, ok := a.Peers().Get(b.ID(), time.Now()); return ok }, "a to hear b")
+	e, _ := a.Peers().Get(b.ID(), time.Now())
+	if len(e.Roles) != 1 || e.Roles[0] != neuropb.Role_ROLE_EXPERT || e.Version != Version || len(e.Addrs) == 0 {
+		t.Fatalf("heard %+v", e)
+	}
+	if e.Load == nil || e.Load.GetPeers() == 0 {
+		t.Fatalf("load = %v", e.Load)
+	}
+	waitUntil(t, func() bool { return len(a.RoutingTable()) == 1 && len(b.RoutingTable()) == 1 }, "routing tables")
+}
+
+func TestListenPortInUse(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	port := l.Addr().(*net.TCPAddr).Port
+	cfg := testConfig()
+	// QUIC binds fine, so libp2p alone would start on it and say nothing.
+	cfg.Listen = []ma.Multiaddr{ma.StringCast(fmt.Sprintf("/ip4/127.0.0.1/tcp/%d", port)), ma.StringCast("/ip4/127.0.0.1/udp/0/quic-v1")}
+	key, _, _ := crypto.GenerateEd25519Key(nil)
+	h, err := New(key, cfg, WithLogger(quietLogger()))
+	if err == nil {
+		h.Close()
+		t.Fatal("started on a port in use")
+	}
+	if !errors.Is(err, syscall.EADDRINUSE) || !strings.Contains(err.Error(), fmt.Sprintf("/tcp/%d", port)) {
+		t.Fatalf("error = %v, want EADDRINUSE naming the address", err)
+	}
+}
+
+func TestBootstrapUnreachable(t *testing.T) {
+	// A port that refuses connections: bind, note the port, close.
+	l, _ := net.Listen("tcp", "127.0.0.1:0")
+	port := l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	_, pub, _ := crypto.GenerateEd25519Key(nil)
+	id, _ := peer.IDFromPublicKey(pub)
+	cfg := testConfig()
+	cfg.BootstrapTimeout = 500 * time.Millisecond
+	cfg.Bootstrap = []peer.AddrInfo{{ID: id, Addrs: []ma.Multiaddr{ma.StringCast(fmt.Sprintf("/ip4/127.0.0.1/tcp/%d", port))}}}
+	key, _, _ := crypto.GenerateEd25519Key(nil)
+	h, err := New(key, cfg, WithLogger(quietLogger()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	err = h.Start(ctx)
+	if err == nil || !strings.Contains(err.Error(), "bootstrap: none of 1 peers reachable") || !strings.Contains(err.Error(), id.String()) {
+		t.Fatalf("error = %v", err)
+	}
+}
+
+func TestCloseTwice(t *testing.T) {
+	key, _, _ := crypto.GenerateEd25519Key(nil)
+	h, err := New(key, testConfig(), WithLogger(quietLogger()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestListenMatches(t *testing.T) {
+	bound := []ma.Multiaddr{ma.StringCast("/ip4/127.0.0.1/tcp/4321"), ma.StringCast("/ip4/127.0.0.1/udp/999/quic-v1")}
+	tests := []struct {
+		want string
+		ok   bool
+	}{
+		{"/ip4/127.0.0.1/tcp/0", true},
+		{"/ip4/127.0.0.1/tcp/4321", true},
+		{"/ip4/127.0.0.1/tcp/4322", false},
+		{"/ip4/127.0.0.1/udp/0/quic-v1", true},
+		{"/ip4/127.0.0.2/tcp/0", false},
+		{"/ip4/127.0.0.1/udp/0/webrtc-direct", false},
+	}
+	for _, tc := range tests {
+		if got := listenMatches(ma.StringCast(tc.want), bound); got != tc.ok {
+			t.Errorf("listenMatches(%s) = %v, want %v", tc.want, got, tc.ok)
+		}
+	}
+}
+

@@ -1,0 +1,87 @@
+package p2p
+
+import (
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	neuropb "github.com/neuro-p2p/neuro/proto"
+)
+
+// hb is a heartbeat sent at Unix second sent.
+func hb(seq uint64, sent int64) *neuropb.Heartbeat {
+	return &neuropb.Heartbeat{Seq: seq, SentUnixMs: sent * 1000, Roles: []neuropb.Role{neuropb.Role_ROLE_EXPERT}}
+}
+
+func TestPeerTableObserve(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	a := peer.ID("a")
+	tests := []struct {
+		name    string
+		prev    *neuropb.Heartbeat
+		next    *neuropb.Heartbeat
+		after   time.Duration
+		changed bool
+	}{
+		{"newer", hb(1, 10), hb(2, 15), time.Second, true},
+		{"duplicate", hb(2, 10), hb(2, 10), time.Second, false},
+		{"out of order", hb(5, 20), hb(4, 18), time.Second, false},
+		{"same send time, higher seq", hb(5, 20), hb(6, 20), time.Second, true},
+		{"restart resets seq", hb(50, 200), hb(1, 210), time.Second, true},
+		{"stale entry expired", hb(5, 20), hb(4, 18), time.Minute, true},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			pt := NewPeerTable(10, 30*time.Second)
+			pt.Observe(a, tc.prev, t0)
+			if got := pt.Observe(a, tc.next, t0.Add(tc.after)); got != tc.changed {
+				t.Fatalf("Observe = %v, want %v", got, tc.changed)
+			}
+			e, _ := pt.Get(a, t0.Add(tc.after))
+			want := tc.prev.Seq
+			if tc.changed {
+				want = tc.next.Seq
+			}
+			if e.Seq != want {
+				t.Fatalf("seq = %d, want %d", e.Seq, want)
+			}
+		})
+	}
+}
+
+func TestPeerTableBoundedAndExpiring(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	pt := NewPeerTable(3, 10*time.Second)
+	for i := range 5 {
+		pt.Observe(peer.ID(fmt.Sprint(i)), hb(1, 1000), t0.Add(time.Duration(i)*time.Second))
+	}
+	if pt.Len() != 3 {
+		t.Fatalf("len = %d, want the bound 3", pt.Len())
+	}
+	now := t0.Add(5 * time.Second)
+	if _, ok := pt.Get("0", now); ok {
+		t.Error("oldest peer was not evicted")
+	}
+	if _, ok := pt.Get("4", now); !ok {
+		t.Error("newest peer missing")
+	}
+	snap := pt.Snapshot(now)
+	if len(snap) != 3 || snap[0].ID != "2" || snap[2].ID != "4" {
+		t.Fatalf("snapshot = %v", snap)
+	}
+	// Peers 2 and 3 were last heard at t0+2s and t0+3s: both gone at
+	// t0+13.5s; 4 (t0+4s) is still there.
+	later := t0.Add(13500 * time.Millisecond)
+	if _, ok := pt.Get("2", later); ok {
+		t.Error("expired peer still returned")
+	}
+	pt.Prune(later)
+	if pt.Len() != 1 {
+		t.Fatalf("after prune len = %d, want 1", pt.Len())
+	}
+	if e, ok := pt.Get("4", later); !ok || e.Heard != 1 {
+		t.Fatalf("live peer: %+v %v", e, ok)
+	}
+}

@@ -1,0 +1,118 @@
+package neuropb
+
+import (
+	"errors"
+	"strings"
+	"testing"
+
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/peer"
+	ma "github.com/multiformats/go-multiaddr"
+	"google.golang.org/protobuf/proto"
+)
+
+func testPeer(t testing.TB) peer.ID {
+	_, pub, err := crypto.GenerateEd25519Key(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := peer.IDFromPublicKey(pub)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+func TestHeartbeatValidate(t *testing.T) {
+	id := testPeer(t)
+	addr := ma.StringCast("/ip4/127.0.0.1/tcp/4001").Bytes()
+	good := func() *Heartbeat {
+		return &Heartbeat{PeerId: []byte(id), Seq: 1, Roles: []Role{Role_ROLE_EXPERT}, Version: "0.1.0", Addrs: [][]byte{addr}}
+	}
+	tests := []struct {
+		name   string
+		mutate func(*Heartbeat)
+		want   string // substring of the error; "" for valid
+	}{
+		{"valid", func(*Heartbeat) {}, ""},
+		{"bad peer id", func(h *Heartbeat) { h.PeerId = []byte("nope") }, "peer_id"},
+		{"empty peer id", func(h *Heartbeat) { h.PeerId = nil }, "peer_id"},
+		{"unspecified role", func(h *Heartbeat) { h.Roles = []Role{Role_ROLE_UNSPECIFIED} }, "unknown role"},
+		{"unknown role", func(h *Heartbeat) { h.Roles = []Role{Role(99)} }, "unknown role"},
+		{"too many roles", func(h *Heartbeat) { h.Roles = make([]Role, MaxRoles+1) }, "roles"},
+		{"long version", func(h *Heartbeat) { h.Version = strings.Repeat("v", MaxVersionLen+1) }, "version"},
+		{"bad addr", func(h *Heartbeat) { h.Addrs = [][]byte{{0xff, 0xff}} }, "addrs[0]"},
+		{"long addr", func(h *Heartbeat) { h.Addrs = [][]byte{make([]byte, MaxAddrLen+1)} }, "addrs[0]"},
+		{"too many addrs", func(h *Heartbeat) {
+			h.Addrs = make([][]byte, MaxHeartbeatAddrs+1)
+			for i := range h.Addrs {
+				h.Addrs[i] = addr
+			}
+		}, "addrs"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			h := good()
+			tc.mutate(h)
+			err := h.Validate()
+			if tc.want == "" {
+				if err != nil {
+					t.Fatalf("valid heartbeat rejected: %v", err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.want) || !errors.Is(err, ErrInvalid) {
+				t.Fatalf("error = %v, want ErrInvalid mentioning %q", err, tc.want)
+			}
+		})
+	}
+	var nilHB *Heartbeat
+	if err := nilHB.Validate(); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("nil heartbeat: %v", err)
+	}
+}
+
+func TestRoleNames(t *testing.T) {
+	names := RoleNames()
+	if strings.Join(names, ",") != "bootstrap,relay,gating,expert" {
+		t.Fatalf("RoleNames = %v", names)
+	}
+	for _, n := range names {
+		r, err := ParseRole(n)
+		if err != nil || RoleString(r) != n {
+			t.Fatalf("ParseRole(%q) = %v, %v", n, r, err)
+		}
+	}
+	for _, bad := range []string{"", "unspecified", "miner"} {
+		if _, err := ParseRole(bad); err == nil {
+			t.Fatalf("ParseRole(%q) accepted", bad)
+		}
+	}
+}
+
+// FuzzHeartbeat feeds arbitrary bytes to the routing topic's decoder: it
+// must never panic, and whatever it accepts must re-encode within the size
+// limit it was decoded under.
+func FuzzHeartbeat(f *testing.F) {
+	id := testPeer(f)
+	seed, _ := proto.Marshal(&Heartbeat{PeerId: []byte(id), Seq: 7, Roles: []Role{Role_ROLE_GATING},
+		Addrs: [][]byte{ma.StringCast("/ip4/1.2.3.4/udp/1/quic-v1").Bytes()}, Load: &Load{Peers: 3}})
+	f.Add(seed)
+	f.Add([]byte{})
+	f.Add([]byte{0x0a, 0xff})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		if len(data) > MaxHeartbeatSize {
+			return
+		}
+		var h Heartbeat
+		if err := proto.Unmarshal(data, &h); err != nil {
+			return
+		}
+		if err := h.Validate(); err != nil {
+			return
+		}
+		if _, err := peer.IDFromBytes(h.GetPeerId()); err != nil {
+			t.Fatalf("accepted a heartbeat with a bad peer id: %v", err)
+		}
+	})
+}
