@@ -248,4 +248,3 @@ func TestListenMatches(t *testing.T) {
 		}
 	}
 }
-
