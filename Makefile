@@ -41,6 +41,7 @@ lint:
 fuzz-smoke:
 	$(GO) test ./proto/ -run '^$$' -fuzz FuzzHeartbeat -fuzztime 10s
 	$(GO) test ./node/ -run '^$$' -fuzz FuzzDecodeConfig -fuzztime 10s
+	$(GO) test ./model/ -run '^$$' -fuzz FuzzReadFile -fuzztime 10s
 
 ## proto: regenerate the protobuf Go code in proto/ (needs protoc: apt-get install protobuf-compiler)
 proto:

@@ -31,3 +31,7 @@ const (
 	MaxRoles      = 8
 	MaxVersionLen = 64
 )
+
+// MaxManifestSize bounds an encoded Manifest (a model with thousands of
+// experts fits in well under a megabyte).
+const MaxManifestSize = 16 << 20

@@ -5,8 +5,10 @@ import (
 	"fmt"
 	"strings"
 
+	"github.com/ipfs/go-cid"
 	"github.com/libp2p/go-libp2p/core/peer"
 	ma "github.com/multiformats/go-multiaddr"
+	"github.com/multiformats/go-multihash"
 )
 
 // ErrInvalid is wrapped by every validation error of this package.
@@ -74,4 +76,62 @@ func RoleNames() []string {
 		}
 		out = append(out, RoleString(Role(i)))
 	}
+}
+
+// Validate checks a decoded Manifest: format, parameters, one well-formed
+// shard per (layer, expert) in order, and CIDv1 raw sha2-256 CIDs.
+func (m *Manifest) Validate() error {
+	if m == nil {
+		return invalid("manifest: nil")
+	}
+	if m.GetFormat() != 1 {
+		return invalid("manifest: format %d, want 1", m.GetFormat())
+	}
+	p := m.GetParams()
+	if p == nil || p.GetLayers() == 0 || p.GetExperts() == 0 || p.GetExpertsUsed() == 0 ||
+		p.GetExpertsUsed() > p.GetExperts() || p.GetEmbd() == 0 || p.GetHeads() == 0 {
+		return invalid("manifest: params %v", p)
+	}
+	if uint64(p.GetLayers())*uint64(p.GetExperts()) != uint64(len(m.GetExperts())) {
+		return invalid("manifest: %d expert shards, want layers x experts = %d", len(m.GetExperts()),
+			uint64(p.GetLayers())*uint64(p.GetExperts()))
+	}
+	if err := m.GetGating().validate("gating"); err != nil {
+		return err
+	}
+	for i, e := range m.GetExperts() {
+		wantL, wantE := uint32(i)/p.GetExperts(), uint32(i)%p.GetExperts()
+		if e.GetLayer() != wantL || e.GetExpert() != wantE {
+			return invalid("manifest: experts[%d] is %d:%d, want %d:%d", i, e.GetLayer(), e.GetExpert(), wantL, wantE)
+		}
+		if err := e.GetShard().validate(fmt.Sprintf("expert %d:%d", wantL, wantE)); err != nil {
+			return err
+		}
+	}
+	if len(m.GetTensorOrder()) == 0 {
+		return invalid("manifest: empty tensor order")
+	}
+	return nil
+}
+
+func (s *ShardRef) validate(what string) error {
+	if s == nil {
+		return invalid("manifest: %s: no shard", what)
+	}
+	c, err := cid.Cast(s.GetCid())
+	if err != nil {
+		return invalid("manifest: %s: cid: %v", what, err)
+	}
+	if c.Version() != 1 || c.Type() != cid.Raw || c.Prefix().MhType != multihash.SHA2_256 {
+		return invalid("manifest: %s: cid %s is not CIDv1 raw sha2-256", what, c)
+	}
+	if s.GetSize() == 0 || len(s.GetTensors()) == 0 {
+		return invalid("manifest: %s: empty shard", what)
+	}
+	for _, t := range s.GetTensors() {
+		if t.GetName() == "" || len(t.GetShape()) == 0 || len(t.GetShape()) > 4 {
+			return invalid("manifest: %s: tensor %q shape %v", what, t.GetName(), t.GetShape())
+		}
+	}
+	return nil
 }

@@ -370,3 +370,50 @@ func TestTestnetCheckFails(t *testing.T) {
 		t.Fatalf("exit %d, stdout:\n%s\nstderr:\n%s", r.code, r.stdout, r.stderr)
 	}
 }
+
+// The model contract: make is deterministic, split prints the model CID
+// last, join rebuilds the file.
+func TestModelMakeSplitJoin(t *testing.T) {
+	dir := t.TempDir()
+	a, b := filepath.Join(dir, "a.gguf"), filepath.Join(dir, "b.gguf")
+	for _, out := range []string{a, b} {
+		r := neurod(t, nil, "model", "make", "--preset", "tiny", "--type", "q4_0", "--seed", "9", "--layers", "3", "--out", out)
+		if r.code != 0 {
+			t.Fatalf("make: %+v", r)
+		}
+	}
+	ab, _ := os.ReadFile(a)
+	bb, _ := os.ReadFile(b)
+	if !bytes.Equal(ab, bb) {
+		t.Fatal("same seed, different files")
+	}
+	r := neurod(t, nil, "model", "split", a, "--out", filepath.Join(dir, "shards"))
+	lines := strings.Split(strings.TrimSpace(r.stdout), "\n")
+	modelCID := lines[len(lines)-1]
+	if r.code != 0 || !strings.HasPrefix(modelCID, "bafkrei") {
+		t.Fatalf("split: %+v", r)
+	}
+	joined := filepath.Join(dir, "joined.gguf")
+	if r := neurod(t, nil, "model", "join", filepath.Join(dir, "shards"), "--model", modelCID, "--out", joined); r.code != 0 {
+		t.Fatalf("join: %+v", r)
+	}
+	jb, _ := os.ReadFile(joined)
+	if !bytes.Equal(ab, jb) {
+		t.Fatal("joined model differs")
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"model", "make", "--out", a}, "already exists"},
+		{[]string{"model", "make", "--out", filepath.Join(dir, "c.gguf"), "--preset", "huge"}, "flag --preset"},
+		{[]string{"model", "make", "--out", filepath.Join(dir, "c.gguf"), "--embd", "33"}, "embd 33"},
+		{[]string{"model", "split", filepath.Join(dir, "missing.gguf"), "--out", dir}, "no such file"},
+		{[]string{"model", "join", filepath.Join(dir, "shards"), "--out", filepath.Join(dir, "x.gguf"), "--model", "bafkreihghcrt42q3xioms6eynwvep4ler7m5wmr6owaafrwl27hvacwvee"}, "does not match its CID"},
+	} {
+		r := neurod(t, nil, tc.args...)
+		if r.code == 0 || !strings.Contains(r.stderr, tc.want) {
+			t.Errorf("%v: exit %d, stderr %q, want %q", tc.args, r.code, r.stderr, tc.want)
+		}
+	}
+}

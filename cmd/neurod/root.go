@@ -47,6 +47,7 @@ variables, overridden by flags. The home is --home, else $NEURO_HOME, else
 		newRunCmd(g),
 		newIDCmd(g),
 		newTestnetCmd(g),
+		newModelCmd(),
 		newVersionCmd(),
 	)
 	return root

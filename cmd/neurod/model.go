@@ -1,0 +1,192 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+
+	"github.com/ipfs/go-cid"
+	"github.com/spf13/cobra"
+
+	"github.com/neuro-p2p/neuro/model"
+)
+
+func newModelCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "model",
+		Short: "Make, split and join MoE model files",
+		Long: `model works on GGUF model files: make generates a seeded random MoE model
+for tests and benchmarks, split cuts a model into content-addressed shards
+(one per layer and expert, plus the gating shard) and a manifest whose CID is
+the model's ID, and join rebuilds the GGUF from the shards.`,
+	}
+	cmd.AddCommand(newModelMakeCmd(), newModelSplitCmd(), newModelJoinCmd())
+	return cmd
+}
+
+func presetNames() string {
+	var names []string
+	for n := range model.Presets {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return strings.Join(names, "|")
+}
+
+func newModelMakeCmd() *cobra.Command {
+	var (
+		out, preset, dtype string
+		seed               uint64
+		force              bool
+		p                  model.Params
+	)
+	cmd := &cobra.Command{
+		Use:   "make --out FILE [--preset tiny|bench] [shape flags] [--type f32|f16|q8_0|q4_0] [--seed N]",
+		Short: "Generate a Mixtral-layout MoE model with seeded random weights",
+		Long: `make writes a GGUF model in the Mixtral layout (architecture llama with
+experts) with random weights drawn from --seed, and a tokenizer llama.cpp
+accepts. The same flags and seed always give a byte-identical file. Shape
+flags override the preset: tiny loads in milliseconds (tests), bench has about
+1 B parameters in Mixtral's proportions (benchmarks).`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if out == "" {
+				return errors.New("flag --out: required")
+			}
+			params, ok := model.Presets[preset]
+			if !ok {
+				return fmt.Errorf("flag --preset %q: want %s", preset, presetNames())
+			}
+			for _, f := range []struct {
+				name string
+				dst  *int
+				v    int
+			}{
+				{"layers", &params.Layers, p.Layers}, {"experts", &params.Experts, p.Experts},
+				{"experts-used", &params.ExpertsUsed, p.ExpertsUsed}, {"embd", &params.Embd, p.Embd},
+				{"ff", &params.FF, p.FF}, {"heads", &params.Heads, p.Heads}, {"kv-heads", &params.KVHeads, p.KVHeads},
+				{"vocab", &params.Vocab, p.Vocab}, {"context", &params.Context, p.Context},
+			} {
+				if cmd.Flags().Changed(f.name) {
+					*f.dst = f.v
+				}
+			}
+			if err := params.Validate(); err != nil {
+				return fmt.Errorf("model shape: %w", err)
+			}
+			dt, err := model.ParseDType(dtype)
+			if err != nil {
+				return fmt.Errorf("flag --type: %w", err)
+			}
+			if _, err := os.Stat(out); err == nil && !force {
+				return fmt.Errorf("flag --out %s: %w (use --force to replace it)", out, fs.ErrExist)
+			}
+			tmp, err := os.CreateTemp(filepath.Dir(out), "."+filepath.Base(out)+".tmp-*")
+			if err != nil {
+				return fmt.Errorf("flag --out %s: %w", out, err)
+			}
+			defer os.Remove(tmp.Name())
+			if err := model.Generate(tmp, params, dt, seed); err != nil {
+				tmp.Close()
+				return err
+			}
+			if err := tmp.Close(); err != nil {
+				return fmt.Errorf("write %s: %w", out, err)
+			}
+			if err := os.Rename(tmp.Name(), out); err != nil {
+				return fmt.Errorf("write %s: %w", out, err)
+			}
+			st, _ := os.Stat(out)
+			fmt.Fprintf(cmd.OutOrStdout(), "wrote %s: %.2f M parameters, %s, %.1f MiB, seed %d\n",
+				out, float64(params.ParamCount())/1e6, dt, float64(st.Size())/(1<<20), seed)
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&out, "out", "", "output GGUF file (required)")
+	f.StringVar(&preset, "preset", "tiny", "shape preset: "+presetNames())
+	f.StringVar(&dtype, "type", "f32", "weight type: f32, f16, q8_0 or q4_0 (norms and router stay f32)")
+	f.Uint64Var(&seed, "seed", 1, "random seed")
+	f.BoolVar(&force, "force", false, "replace an existing --out file")
+	f.IntVar(&p.Layers, "layers", 0, "MoE layers")
+	f.IntVar(&p.Experts, "experts", 0, "experts per layer")
+	f.IntVar(&p.ExpertsUsed, "experts-used", 0, "experts each token is routed to (top-k)")
+	f.IntVar(&p.Embd, "embd", 0, "hidden size (multiple of 32)")
+	f.IntVar(&p.FF, "ff", 0, "expert feed-forward size (multiple of 32)")
+	f.IntVar(&p.Heads, "heads", 0, "attention heads")
+	f.IntVar(&p.KVHeads, "kv-heads", 0, "key/value heads (grouped-query attention)")
+	f.IntVar(&p.Vocab, "vocab", 0, "vocabulary size")
+	f.IntVar(&p.Context, "context", 0, "context length")
+	return cmd
+}
+
+func newModelSplitCmd() *cobra.Command {
+	var out string
+	cmd := &cobra.Command{
+		Use:   "split MODEL.gguf --out DIR",
+		Short: "Split a MoE model into content-addressed shards; prints the model CID last",
+		Long: `split writes to DIR one shard per (layer, expert) holding exactly that
+expert's gate, up and down tensors, one gating shard with everything else,
+and manifest.pb listing every shard's CID (CIDv1, raw, sha2-256), tensors and
+the model's hyper-parameters. The model's ID is the manifest's CID, printed on
+the last line.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if out == "" {
+				return errors.New("flag --out: required")
+			}
+			res, err := model.Split(args[0], out)
+			if err != nil {
+				return err
+			}
+			p := res.Manifest.GetParams()
+			w := cmd.OutOrStdout()
+			fmt.Fprintf(w, "split %s (%s): %d layers x %d experts (top-%d) = %d expert shards + 1 gating shard in %s\n",
+				args[0], res.Manifest.GetArchitecture(), p.GetLayers(), p.GetExperts(), p.GetExpertsUsed(),
+				len(res.Manifest.GetExperts()), out)
+			fmt.Fprintln(w, res.ModelCID)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&out, "out", "", "output directory (required)")
+	return cmd
+}
+
+func newModelJoinCmd() *cobra.Command {
+	var out, want string
+	cmd := &cobra.Command{
+		Use:   "join DIR --out FILE [--model CID]",
+		Short: "Rebuild a GGUF model from its verified shards",
+		Long: `join checks every shard in DIR against its CID (and the manifest against
+--model, if given) and writes the model back as one GGUF file whose tensors
+are byte-identical to the original's.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if out == "" {
+				return errors.New("flag --out: required")
+			}
+			c := cid.Undef
+			if want != "" {
+				var err error
+				if c, err = cid.Decode(want); err != nil {
+					return fmt.Errorf("flag --model %q: %w", want, err)
+				}
+			}
+			if _, err := os.Stat(out); err == nil {
+				return fmt.Errorf("flag --out %s: %w", out, fs.ErrExist)
+			}
+			if err := model.Join(args[0], c, out); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "wrote %s\n", out)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&out, "out", "", "output GGUF file (required; must not exist)")
+	cmd.Flags().StringVar(&want, "model", "", "expected model CID")
+	return cmd
+}

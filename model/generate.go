@@ -1,0 +1,242 @@
+package model
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"math/rand/v2"
+)
+
+// Params are the hyper-parameters of a Mixtral-layout MoE model
+// (architecture "llama" with experts).
+type Params struct {
+	Layers      int `json:"layers"`
+	Experts     int `json:"experts"`
+	ExpertsUsed int `json:"experts_used"`
+	Embd        int `json:"embd"`
+	FF          int `json:"ff"`
+	Heads       int `json:"heads"`
+	KVHeads     int `json:"kv_heads"`
+	Vocab       int `json:"vocab"`
+	Context     int `json:"context"`
+	// RopeFreqBase and RMSEps are written as llama.rope.freq_base and
+	// llama.attention.layer_norm_rms_epsilon.
+	RopeFreqBase float32 `json:"rope_freq_base"`
+	RMSEps       float32 `json:"rms_eps"`
+}
+
+// Presets are the named shapes of `neurod model make --preset`.
+var Presets = map[string]Params{
+	// tiny loads in milliseconds; for tests.
+	"tiny": {Layers: 2, Experts: 4, ExpertsUsed: 2, Embd: 64, FF: 128, Heads: 4, KVHeads: 2, Vocab: 512, Context: 256,
+		RopeFreqBase: 10000, RMSEps: 1e-5},
+	// bench has about 1 B parameters in Mixtral's proportions (8 experts,
+	// top-2, FF = 3.5 x embd, 4:1 grouped-query attention, 32k vocab).
+	"bench": {Layers: 11, Experts: 8, ExpertsUsed: 2, Embd: 1024, FF: 3584, Heads: 16, KVHeads: 4, Vocab: 32000, Context: 2048,
+		RopeFreqBase: 1e6, RMSEps: 1e-5},
+}
+
+// minVocab holds the control and byte tokens plus a few words.
+const minVocab = 3 + 256 + 32
+
+// Validate checks that the shape is one llama.cpp can run.
+func (p Params) Validate() error {
+	switch {
+	case p.Layers < 1 || p.Layers > 1024:
+		return fmt.Errorf("layers %d: want 1 to 1024", p.Layers)
+	case p.Experts < 1 || p.Experts > 256:
+		return fmt.Errorf("experts %d: want 1 to 256", p.Experts)
+	case p.ExpertsUsed < 1 || p.ExpertsUsed > p.Experts:
+		return fmt.Errorf("experts used %d: want 1 to experts (%d)", p.ExpertsUsed, p.Experts)
+	case p.Embd < 32 || p.Embd%32 != 0:
+		return fmt.Errorf("embd %d: want a positive multiple of 32", p.Embd)
+	case p.FF < 32 || p.FF%32 != 0:
+		return fmt.Errorf("ff %d: want a positive multiple of 32", p.FF)
+	case p.Heads < 1 || p.Embd%p.Heads != 0 || (p.Embd/p.Heads)%2 != 0:
+		return fmt.Errorf("heads %d: must divide embd %d into an even head size", p.Heads, p.Embd)
+	case p.KVHeads < 1 || p.Heads%p.KVHeads != 0:
+		return fmt.Errorf("kv heads %d: must divide heads %d", p.KVHeads, p.Heads)
+	case p.Vocab < minVocab || p.Vocab > 1<<20:
+		return fmt.Errorf("vocab %d: want %d to %d", p.Vocab, minVocab, 1<<20)
+	case p.Context < 8 || p.Context > 1<<20:
+		return fmt.Errorf("context %d: want 8 to %d", p.Context, 1<<20)
+	case !(p.RopeFreqBase > 0) || !(p.RMSEps > 0):
+		return errors.New("rope freq base and rms eps must be positive")
+	}
+	return nil
+}
+
+// HeadDim is the size of one attention head.
+func (p Params) HeadDim() int { return p.Embd / p.Heads }
+
+// ParamCount is the number of weights.
+func (p Params) ParamCount() int64 {
+	e, f, kv := int64(p.Embd), int64(p.FF), int64(p.KVHeads*p.HeadDim())
+	perLayer := 2*e + e*e*2 + e*kv*2 + e*int64(p.Experts) + 3*e*f*int64(p.Experts)
+	return int64(p.Layers)*perLayer + 2*e*int64(p.Vocab) + e
+}
+
+// llama.cpp file types (general.file_type) for the types the generator
+// writes.
+var fileTypes = map[DType]uint32{F32: 0, F16: 1, Q4_0: 2, Q8_0: 7}
+
+// Generate writes a model with seeded random weights: the same params,
+// dtype and seed always give the same bytes. Large weights use dtype; norms
+// and the router stay F32, as llama.cpp's quantizer leaves them.
+func Generate(w io.Writer, p Params, dtype DType, seed uint64) error {
+	if err := p.Validate(); err != nil {
+		return fmt.Errorf("generate: %w", err)
+	}
+	ft, ok := fileTypes[dtype]
+	if !ok {
+		return fmt.Errorf("generate: %w %s (want f32, f16, q8_0 or q4_0)", ErrUnsupportedDType, dtype)
+	}
+	tokens, scores, types := vocabulary(p.Vocab)
+	u32 := func(n int) uint32 { return uint32(n) }
+	kvs := []KV{
+		{"general.architecture", "llama"},
+		{"general.name", "neuro-test"},
+		{"general.file_type", ft},
+		{"general.seed", seed},
+		{"llama.block_count", u32(p.Layers)},
+		{"llama.context_length", u32(p.Context)},
+		{"llama.embedding_length", u32(p.Embd)},
+		{"llama.feed_forward_length", u32(p.FF)},
+		{"llama.attention.head_count", u32(p.Heads)},
+		{"llama.attention.head_count_kv", u32(p.KVHeads)},
+		{"llama.rope.freq_base", p.RopeFreqBase},
+		{"llama.rope.dimension_count", u32(p.HeadDim())},
+		{"llama.attention.layer_norm_rms_epsilon", p.RMSEps},
+		{"llama.expert_count", u32(p.Experts)},
+		{"llama.expert_used_count", u32(p.ExpertsUsed)},
+		{"llama.vocab_size", u32(p.Vocab)},
+		{"tokenizer.ggml.model", "llama"},
+		{"tokenizer.ggml.tokens", tokens},
+		{"tokenizer.ggml.scores", scores},
+		{"tokenizer.ggml.token_type", types},
+		{"tokenizer.ggml.bos_token_id", uint32(1)},
+		{"tokenizer.ggml.eos_token_id", uint32(2)},
+		{"tokenizer.ggml.unknown_token_id", uint32(0)},
+		{"tokenizer.ggml.add_bos_token", true},
+		{"tokenizer.ggml.add_eos_token", false},
+	}
+
+	rng := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
+	e, f, kvDim := uint64(p.Embd), uint64(p.FF), uint64(p.KVHeads*p.HeadDim())
+	var tensors []TensorData
+	// add queues a tensor whose values are drawn when the writer reaches
+	// it, so that a large model never sits in memory whole. Values are
+	// uniform in [center-scale, center+scale].
+	add := func(name string, t DType, center, scale float32, shape ...uint64) {
+		info := TensorInfo{Name: name, Type: t, Shape: shape}
+		tensors = append(tensors, TensorData{Info: info, Data: &lazyReader{gen: func() ([]byte, error) {
+			x := make([]float32, info.Elements())
+			for i := range x {
+				x[i] = center + scale*(2*rng.Float32()-1)
+			}
+			return Encode(t, x)
+		}}})
+	}
+	inv := func(n uint64) float32 { return float32(1 / math.Sqrt(float64(n))) }
+	add("token_embd.weight", dtype, 0, 1, e, uint64(p.Vocab))
+	for l := range p.Layers {
+		b := fmt.Sprintf("blk.%d.", l)
+		add(b+"attn_norm.weight", F32, 1, 0.1, e)
+		add(b+"attn_q.weight", dtype, 0, inv(e), e, e)
+		add(b+"attn_k.weight", dtype, 0, inv(e), e, kvDim)
+		add(b+"attn_v.weight", dtype, 0, inv(e), e, kvDim)
+		add(b+"attn_output.weight", dtype, 0, inv(e), e, e)
+		add(b+"ffn_norm.weight", F32, 1, 0.1, e)
+		add(b+"ffn_gate_inp.weight", F32, 0, 4*inv(e), e, uint64(p.Experts))
+		add(b+"ffn_gate_exps.weight", dtype, 0, inv(e), e, f, uint64(p.Experts))
+		add(b+"ffn_down_exps.weight", dtype, 0, inv(f), f, e, uint64(p.Experts))
+		add(b+"ffn_up_exps.weight", dtype, 0, inv(e), e, f, uint64(p.Experts))
+	}
+	add("output_norm.weight", F32, 1, 0.1, e)
+	add("output.weight", dtype, 0, 2*inv(e), e, uint64(p.Vocab))
+	if err := Write(w, kvs, tensors); err != nil {
+		return fmt.Errorf("generate: %w", err)
+	}
+	return nil
+}
+
+// lazyReader produces its bytes on the first Read.
+type lazyReader struct {
+	gen func() ([]byte, error)
+	r   *bytes.Reader
+}
+
+func (l *lazyReader) Read(p []byte) (int, error) {
+	if l.r == nil {
+		b, err := l.gen()
+		if err != nil {
+			return 0, err
+		}
+		l.r = bytes.NewReader(b)
+	}
+	return l.r.Read(p)
+}
+
+// Token types of llama.cpp's SentencePiece vocabulary.
+const (
+	tokNormal  int32 = 1
+	tokUnknown int32 = 2
+	tokControl int32 = 3
+	tokByte    int32 = 6
+)
+
+var commonWords = []string{
+	"the", "of", "and", "to", "in", "is", "that", "it", "was", "for", "on", "are", "with", "as", "be", "at",
+	"this", "have", "from", "or", "one", "had", "by", "word", "but", "not", "what", "all", "were", "we", "when",
+	"your", "can", "said", "there", "use", "an", "each", "which", "she", "do", "how", "their", "if", "will",
+	"up", "other", "about", "out", "many", "then", "them", "these", "so", "some", "her", "would", "make",
+	"like", "him", "into", "time", "has", "look", "two", "more", "write", "go", "see", "number", "no", "way",
+	"could", "people", "my", "than", "first", "water", "been", "call", "who", "oil", "its", "now", "find",
+	"expert", "network", "peer", "model", "token", "hello", "world", "once", "upon", "story", "machine",
+}
+
+// vocabulary builds a SentencePiece-style vocabulary of n tokens that
+// llama.cpp's "llama" tokenizer accepts: <unk>, <s>, </s>, the 256 byte
+// tokens, then words and letter pieces ('▁' marks a leading space).
+func vocabulary(n int) (tokens []string, scores []float32, types []int32) {
+	add := func(tok string, score float32, typ int32) {
+		tokens, scores, types = append(tokens, tok), append(scores, score), append(types, typ)
+	}
+	add("<unk>", 0, tokUnknown)
+	add("<s>", 0, tokControl)
+	add("</s>", 0, tokControl)
+	for b := range 256 {
+		add(fmt.Sprintf("<0x%02X>", b), 0, tokByte)
+	}
+	seen := map[string]bool{}
+	var pieces []string
+	piece := func(s string) {
+		if !seen[s] {
+			seen[s] = true
+			pieces = append(pieces, s)
+		}
+	}
+	piece("▁")
+	for c := 'a'; c <= 'z'; c++ {
+		piece(string(c))
+		piece("▁" + string(c))
+	}
+	for _, w := range commonWords {
+		piece("▁" + w)
+	}
+	for c1 := 'a'; c1 <= 'z'; c1++ {
+		for c2 := 'a'; c2 <= 'z'; c2++ {
+			piece(string(c1) + string(c2))
+			piece("▁" + string(c1) + string(c2))
+		}
+	}
+	for i := 0; len(pieces) < n; i++ {
+		piece(fmt.Sprintf("▁w%d", i))
+	}
+	for i, p := range pieces[:n-len(tokens)] {
+		add(p, -float32(i), tokNormal)
+	}
+	return tokens, scores, types
+}

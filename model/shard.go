@@ -1,0 +1,418 @@
+package model
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+
+	"github.com/ipfs/go-cid"
+	mh "github.com/multiformats/go-multihash"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/neuro-p2p/neuro/internal/atomicfile"
+	neuropb "github.com/neuro-p2p/neuro/proto"
+)
+
+// Files of a split model directory.
+const (
+	ManifestFile = "manifest.pb"
+	shardExt     = ".gguf"
+)
+
+// Errors of shard handling. Compare with errors.Is.
+var (
+	// ErrCIDMismatch means a shard or manifest's bytes do not hash to the
+	// CID they were asked for under: corrupt, truncated or substituted.
+	ErrCIDMismatch = errors.New("content does not match its CID")
+	// ErrNotMoE means the model has no expert tensors to split out.
+	ErrNotMoE = errors.New("not a mixture-of-experts model")
+)
+
+// SupportedArchitectures are the MoE layouts Split understands: Mixtral's
+// (llama with experts) and Qwen3-MoE's. Both name their expert tensors
+// blk.N.ffn_{gate,up,down}_exps.weight.
+var SupportedArchitectures = []string{"llama", "qwen3moe"}
+
+// CIDOf returns the CIDv1 (raw codec, sha2-256) of data.
+func CIDOf(data []byte) cid.Cid {
+	sum := sha256.Sum256(data)
+	return cidFromSHA256(sum[:])
+}
+
+func cidFromSHA256(sum []byte) cid.Cid {
+	h, err := mh.Encode(sum, mh.SHA2_256)
+	if err != nil {
+		panic(err) // unreachable: a 32-byte digest always encodes
+	}
+	return cid.NewCidV1(cid.Raw, h)
+}
+
+// expertTensor matches the expert tensors of a MoE layer.
+var expertTensor = regexp.MustCompile(`^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$`)
+
+// expertParts are the three tensors of an expert, in shard order.
+var expertParts = []string{"gate", "up", "down"}
+
+// ExpertTensorName is the name of an expert's tensor inside its shard: the
+// dense-FFN name of its layer ("blk.3.ffn_up.weight").
+func ExpertTensorName(layer int, part string) string {
+	return fmt.Sprintf("blk.%d.ffn_%s.weight", layer, part)
+}
+
+// SplitResult is what Split wrote.
+type SplitResult struct {
+	ModelCID cid.Cid
+	Manifest *neuropb.Manifest
+}
+
+// Split reads the GGUF model at path and writes to dir one shard per
+// (layer, expert) holding exactly that expert's gate, up and down tensors,
+// one gating shard with everything else (and all metadata), and the
+// manifest. Shard files are named by their CID. The model CID is the CID of
+// the manifest.
+func Split(path, dir string) (*SplitResult, error) {
+	src, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("split: %w", err)
+	}
+	defer src.Close()
+	st, err := src.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("split: %w", err)
+	}
+	f, err := ReadFile(src, st.Size())
+	if err != nil {
+		return nil, fmt.Errorf("split %s: %w", path, err)
+	}
+	arch, _ := f.Get("general.architecture").(string)
+	if !slices.Contains(SupportedArchitectures, arch) {
+		return nil, fmt.Errorf("split %s: architecture %q is not supported (want one of %v)", path, arch, SupportedArchitectures)
+	}
+	params, err := readParams(f, arch)
+	if err != nil {
+		return nil, fmt.Errorf("split %s: %w", path, err)
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("split: %w", err)
+	}
+	m := &neuropb.Manifest{Format: 1, Architecture: arch, Params: params}
+
+	// Sort the tensors: expert tensors by layer, the rest to the gating shard.
+	experts := map[int]map[string]TensorInfo{} // layer -> part -> tensor
+	var gating []TensorData
+	for _, t := range f.Tensors {
+		m.TensorOrder = append(m.TensorOrder, t.Name)
+		if g := expertTensor.FindStringSubmatch(t.Name); g != nil {
+			layer, _ := strconv.Atoi(g[1])
+			if len(t.Shape) != 3 || t.Shape[2] != uint64(params.Experts) {
+				return nil, fmt.Errorf("split %s: tensor %s: shape %v, want 3 dimensions with %d experts", path, t.Name, t.Shape, params.Experts)
+			}
+			if layer >= int(params.Layers) {
+				return nil, fmt.Errorf("split %s: tensor %s: layer %d beyond block_count %d", path, t.Name, layer, params.Layers)
+			}
+			if experts[layer] == nil {
+				experts[layer] = map[string]TensorInfo{}
+			}
+			experts[layer][g[2]] = t
+			continue
+		}
+		gating = append(gating, TensorData{Info: t, Data: f.TensorReader(src, t)})
+	}
+	if len(experts) == 0 {
+		return nil, fmt.Errorf("split %s: %w (no blk.N.ffn_*_exps tensors)", path, ErrNotMoE)
+	}
+	for layer := range int(params.Layers) {
+		for _, part := range expertParts {
+			if _, ok := experts[layer][part]; !ok {
+				return nil, fmt.Errorf("split %s: missing tensor blk.%d.ffn_%s_exps.weight", path, layer, part)
+			}
+		}
+	}
+
+	if m.Gating, err = writeShard(dir, f.KVs, gating); err != nil {
+		return nil, fmt.Errorf("split %s: gating shard: %w", path, err)
+	}
+	for layer := range int(params.Layers) {
+		for e := range int(params.Experts) {
+			kvs := []KV{
+				{"general.architecture", arch},
+				{arch + ".block_count", uint32(layer + 1)},
+				{"neuro.layer", uint32(layer)},
+				{"neuro.expert", uint32(e)},
+			}
+			var tds []TensorData
+			for _, part := range expertParts {
+				t := experts[layer][part]
+				slice := t.Size() / t.Shape[2]
+				tds = append(tds, TensorData{
+					Info: TensorInfo{Name: ExpertTensorName(layer, part), Type: t.Type, Shape: t.Shape[:2]},
+					Data: io.NewSectionReader(src, f.DataOffset+int64(t.Offset)+int64(slice)*int64(e), int64(slice)),
+				})
+			}
+			ref, err := writeShard(dir, kvs, tds)
+			if err != nil {
+				return nil, fmt.Errorf("split %s: expert %d:%d: %w", path, layer, e, err)
+			}
+			m.Experts = append(m.Experts, &neuropb.ExpertShardRef{Layer: uint32(layer), Expert: uint32(e), Shard: ref})
+		}
+	}
+	raw, err := MarshalManifest(m)
+	if err != nil {
+		return nil, err
+	}
+	if err := atomicfile.Write(filepath.Join(dir, ManifestFile), raw, 0o644); err != nil {
+		return nil, fmt.Errorf("split: %w", err)
+	}
+	return &SplitResult{ModelCID: CIDOf(raw), Manifest: m}, nil
+}
+
+// writeShard writes a GGUF shard to dir under a temporary name, then
+// renames it to its CID.
+func writeShard(dir string, kvs []KV, tds []TensorData) (*neuropb.ShardRef, error) {
+	tmp, err := os.CreateTemp(dir, ".shard-*")
+	if err != nil {
+		return nil, err
+	}
+	defer os.Remove(tmp.Name()) // no-op after the rename
+	h := sha256.New()
+	cw := &countWriter{w: io.MultiWriter(tmp, h)}
+	if err := Write(cw, kvs, tds); err != nil {
+		tmp.Close()
+		return nil, err
+	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return nil, err
+	}
+	if err := tmp.Close(); err != nil {
+		return nil, err
+	}
+	c := cidFromSHA256(h.Sum(nil))
+	if err := os.Rename(tmp.Name(), filepath.Join(dir, c.String()+shardExt)); err != nil {
+		return nil, err
+	}
+	ref := &neuropb.ShardRef{Cid: c.Bytes(), Size: uint64(cw.n)}
+	for _, td := range tds {
+		ref.Tensors = append(ref.Tensors, &neuropb.TensorRef{Name: td.Info.Name, Dtype: uint32(td.Info.Type), Shape: td.Info.Shape})
+	}
+	return ref, nil
+}
+
+// readParams reads the hyper-parameters of arch from f.
+func readParams(f *File, arch string) (*neuropb.ModelParams, error) {
+	u := func(key string) (uint32, error) {
+		switch v := f.Get(arch + "." + key).(type) {
+		case uint32:
+			return v, nil
+		case int32:
+			if v >= 0 {
+				return uint32(v), nil
+			}
+		case uint64:
+			if v <= 1<<31 {
+				return uint32(v), nil
+			}
+		}
+		return 0, fmt.Errorf("metadata %s.%s: missing or not a count", arch, key)
+	}
+	p := &neuropb.ModelParams{}
+	var err error
+	if n, err := u("expert_count"); err != nil || n == 0 {
+		return nil, fmt.Errorf("%w: %s.expert_count is missing or 0", ErrNotMoE, arch)
+	}
+	for _, fld := range []struct {
+		key string
+		dst *uint32
+	}{
+		{"block_count", &p.Layers}, {"expert_count", &p.Experts}, {"expert_used_count", &p.ExpertsUsed},
+		{"embedding_length", &p.Embd}, {"attention.head_count", &p.Heads}, {"context_length", &p.Context},
+	} {
+		if *fld.dst, err = u(fld.key); err != nil {
+			return nil, err
+		}
+	}
+	if p.KvHeads, err = u("attention.head_count_kv"); err != nil {
+		p.KvHeads = p.Heads
+	}
+	if gate, ok := f.Tensor("blk.0.ffn_gate_exps.weight"); ok && len(gate.Shape) == 3 {
+		p.Ff = uint32(gate.Shape[1])
+	}
+	if toks, ok := f.Get("tokenizer.ggml.tokens").([]string); ok {
+		p.Vocab = uint32(len(toks))
+	}
+	p.RopeFreqBase, _ = f.Get(arch + ".rope.freq_base").(float32)
+	p.RmsEps, _ = f.Get(arch + ".attention.layer_norm_rms_epsilon").(float32)
+	p.FileType, _ = f.Get("general.file_type").(uint32)
+	if p.Experts == 0 || p.ExpertsUsed == 0 || p.ExpertsUsed > p.Experts || p.Layers == 0 {
+		return nil, fmt.Errorf("%w: expert_count %d, expert_used_count %d, block_count %d", ErrNotMoE, p.Experts, p.ExpertsUsed, p.Layers)
+	}
+	return p, nil
+}
+
+// MarshalManifest encodes m deterministically (its CID depends on it).
+func MarshalManifest(m *neuropb.Manifest) ([]byte, error) {
+	if err := m.Validate(); err != nil {
+		return nil, err
+	}
+	raw, err := proto.MarshalOptions{Deterministic: true}.Marshal(m)
+	if err != nil {
+		return nil, fmt.Errorf("encode manifest: %w", err)
+	}
+	return raw, nil
+}
+
+// LoadManifest reads dir's manifest and checks it. If want is defined, the
+// manifest must hash to it.
+func LoadManifest(dir string, want cid.Cid) (*neuropb.Manifest, cid.Cid, error) {
+	path := filepath.Join(dir, ManifestFile)
+	fh, err := os.Open(path)
+	if err != nil {
+		return nil, cid.Undef, fmt.Errorf("manifest %s: %w", path, err)
+	}
+	defer fh.Close()
+	raw, err := io.ReadAll(io.LimitReader(fh, neuropb.MaxManifestSize+1))
+	if err != nil {
+		return nil, cid.Undef, fmt.Errorf("manifest %s: %w", path, err)
+	}
+	if len(raw) > neuropb.MaxManifestSize {
+		return nil, cid.Undef, fmt.Errorf("manifest %s: larger than %d bytes", path, neuropb.MaxManifestSize)
+	}
+	got := CIDOf(raw)
+	if want.Defined() && !got.Equals(want) {
+		return nil, cid.Undef, fmt.Errorf("manifest %s: %w: got %s, want %s", path, ErrCIDMismatch, got, want)
+	}
+	m := &neuropb.Manifest{}
+	if err := proto.Unmarshal(raw, m); err != nil {
+		return nil, cid.Undef, fmt.Errorf("manifest %s: %w: %v", path, neuropb.ErrInvalid, err)
+	}
+	if err := m.Validate(); err != nil {
+		return nil, cid.Undef, fmt.Errorf("manifest %s: %w", path, err)
+	}
+	return m, got, nil
+}
+
+// Shard is a verified shard loaded into memory.
+type Shard struct {
+	CID  cid.Cid
+	File *File
+	Data []byte
+}
+
+// TensorBytes returns the bytes of the named tensor.
+func (s *Shard) TensorBytes(name string) ([]byte, TensorInfo, error) {
+	t, ok := s.File.Tensor(name)
+	if !ok {
+		return nil, TensorInfo{}, fmt.Errorf("shard %s: no tensor %s", s.CID, name)
+	}
+	start := s.File.DataOffset + int64(t.Offset)
+	return s.Data[start : start+int64(t.Size())], t, nil
+}
+
+// ShardPath is where a shard with CID c lies in dir.
+func ShardPath(dir string, c cid.Cid) string { return filepath.Join(dir, c.String()+shardExt) }
+
+// OpenShard reads the shard ref describes from dir, checks its bytes
+// against the CID and its tensors against the manifest, and returns it.
+func OpenShard(dir string, ref *neuropb.ShardRef) (*Shard, error) {
+	c, err := cid.Cast(ref.GetCid())
+	if err != nil {
+		return nil, fmt.Errorf("shard: bad cid: %w", err)
+	}
+	path := ShardPath(dir, c)
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("shard %s: %w", c, err)
+	}
+	if got := CIDOf(data); !got.Equals(c) {
+		return nil, fmt.Errorf("shard %s (%s, %d bytes): %w: the bytes hash to %s", c, path, len(data), ErrCIDMismatch, got)
+	}
+	f, err := ReadFile(bytes.NewReader(data), int64(len(data)))
+	if err != nil {
+		return nil, fmt.Errorf("shard %s: %w", c, err)
+	}
+	if len(f.Tensors) != len(ref.GetTensors()) {
+		return nil, fmt.Errorf("shard %s: %d tensors, the manifest lists %d", c, len(f.Tensors), len(ref.GetTensors()))
+	}
+	for i, want := range ref.GetTensors() {
+		got := f.Tensors[i]
+		if got.Name != want.GetName() || uint32(got.Type) != want.GetDtype() || !slices.Equal(got.Shape, want.GetShape()) {
+			return nil, fmt.Errorf("shard %s: tensor %d is %s %s %v, the manifest says %s %s %v", c, i,
+				got.Name, got.Type, got.Shape, want.GetName(), DType(want.GetDtype()), want.GetShape())
+		}
+	}
+	return &Shard{CID: c, File: f, Data: data}, nil
+}
+
+// Join rebuilds the model in dir (a Split output) into a GGUF file at out:
+// the gating shard's metadata and tensors and the experts' tensors stacked
+// back into blk.N.ffn_*_exps, in the original tensor order. Every shard is
+// verified against its CID first.
+func Join(dir string, want cid.Cid, out string) error {
+	m, _, err := LoadManifest(dir, want)
+	if err != nil {
+		return err
+	}
+	gating, err := OpenShard(dir, m.GetGating())
+	if err != nil {
+		return fmt.Errorf("join: gating %w", err)
+	}
+	shards := make(map[[2]uint32]*Shard, len(m.GetExperts()))
+	for _, ex := range m.GetExperts() {
+		s, err := OpenShard(dir, ex.GetShard())
+		if err != nil {
+			return fmt.Errorf("join: expert %d:%d: %w", ex.GetLayer(), ex.GetExpert(), err)
+		}
+		shards[[2]uint32{ex.GetLayer(), ex.GetExpert()}] = s
+	}
+	var tds []TensorData
+	for _, name := range m.GetTensorOrder() {
+		if t, ok := gating.File.Tensor(name); ok {
+			b, _, _ := gating.TensorBytes(name)
+			tds = append(tds, TensorData{Info: t, Data: bytes.NewReader(b)})
+			continue
+		}
+		g := expertTensor.FindStringSubmatch(name)
+		if g == nil {
+			return fmt.Errorf("join: tensor %s is in no shard", name)
+		}
+		layer, _ := strconv.Atoi(g[1])
+		var parts []io.Reader
+		var info TensorInfo
+		for e := range m.GetParams().GetExperts() {
+			s := shards[[2]uint32{uint32(layer), e}]
+			if s == nil {
+				return fmt.Errorf("join: no shard for expert %d:%d", layer, e)
+			}
+			b, t, err := s.TensorBytes(ExpertTensorName(layer, g[2]))
+			if err != nil {
+				return fmt.Errorf("join: %w", err)
+			}
+			info = TensorInfo{Name: name, Type: t.Type, Shape: append(slices.Clone(t.Shape), uint64(m.GetParams().GetExperts()))}
+			parts = append(parts, bytes.NewReader(b))
+		}
+		tds = append(tds, TensorData{Info: info, Data: io.MultiReader(parts...)})
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(out), "."+filepath.Base(out)+".tmp-*")
+	if err != nil {
+		return fmt.Errorf("join: %w", err)
+	}
+	defer os.Remove(tmp.Name())
+	if err := Write(tmp, gating.File.KVs, tds); err != nil {
+		tmp.Close()
+		return fmt.Errorf("join: %w", err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("join: %w", err)
+	}
+	if err := os.Rename(tmp.Name(), out); err != nil {
+		return fmt.Errorf("join: %w", err)
+	}
+	return nil
+}

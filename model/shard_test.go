@@ -1,0 +1,132 @@
+package model
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/ipfs/go-cid"
+
+	neuropb "github.com/neuro-p2p/neuro/proto"
+)
+
+func writeTiny(t *testing.T, dt DType, seed uint64) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "model.gguf")
+	if err := os.WriteFile(path, genTiny(t, dt, seed), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func TestSplitJoinIsByteIdentical(t *testing.T) {
+	for _, dt := range []DType{F32, Q8_0, Q4_0} {
+		t.Run(dt.String(), func(t *testing.T) {
+			src := writeTiny(t, dt, 11)
+			dir := t.TempDir()
+			res, err := Split(src, dir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			p := Presets["tiny"]
+			if len(res.Manifest.GetExperts()) != p.Layers*p.Experts {
+				t.Fatalf("%d expert shards", len(res.Manifest.GetExperts()))
+			}
+			// Each expert shard holds exactly that expert's three tensors.
+			s, err := OpenShard(dir, res.Manifest.GetExperts()[p.Experts+1].GetShard())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(s.File.Tensors) != 3 || s.File.Tensors[0].Name != "blk.1.ffn_gate.weight" ||
+				s.File.Tensors[2].Shape[0] != uint64(p.FF) || s.File.Tensors[2].Shape[1] != uint64(p.Embd) {
+				t.Fatalf("expert shard tensors: %+v", s.File.Tensors)
+			}
+			out := filepath.Join(t.TempDir(), "joined.gguf")
+			if err := Join(dir, res.ModelCID, out); err != nil {
+				t.Fatal(err)
+			}
+			a, _ := os.ReadFile(src)
+			b, _ := os.ReadFile(out)
+			if !bytes.Equal(a, b) {
+				t.Fatal("joined file differs from the original")
+			}
+			// The same model splits to the same CID.
+			res2, err := Split(src, t.TempDir())
+			if err != nil || !res2.ModelCID.Equals(res.ModelCID) {
+				t.Fatalf("second split: %v %v", res2.ModelCID, err)
+			}
+		})
+	}
+}
+
+func TestSplitRefuses(t *testing.T) {
+	dense := filepath.Join(t.TempDir(), "dense.gguf")
+	var buf bytes.Buffer
+	if err := Write(&buf, []KV{{"general.architecture", "llama"}, {"llama.block_count", uint32(1)},
+		{"llama.expert_count", uint32(0)}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(dense, buf.Bytes(), 0o644)
+	if _, err := Split(dense, t.TempDir()); !errors.Is(err, ErrNotMoE) {
+		t.Errorf("dense model: %v", err)
+	}
+	buf.Reset()
+	Write(&buf, []KV{{"general.architecture", "mamba"}}, nil)
+	os.WriteFile(dense, buf.Bytes(), 0o644)
+	if _, err := Split(dense, t.TempDir()); err == nil || !strings.Contains(err.Error(), `architecture "mamba" is not supported`) {
+		t.Errorf("unsupported architecture: %v", err)
+	}
+	os.WriteFile(dense, []byte("hello"), 0o644)
+	if _, err := Split(dense, t.TempDir()); !errors.Is(err, ErrFormat) {
+		t.Errorf("not a gguf: %v", err)
+	}
+}
+
+func TestCorruptShardsAndManifestsAreRefused(t *testing.T) {
+	src := writeTiny(t, Q8_0, 5)
+	dir := t.TempDir()
+	res, err := Split(src, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := res.Manifest.GetExperts()[2].GetShard()
+	c, _ := cid.Cast(ref.GetCid())
+	path := ShardPath(dir, c)
+	orig, _ := os.ReadFile(path)
+
+	flipped := bytes.Clone(orig)
+	flipped[len(flipped)/2] ^= 0x01
+	os.WriteFile(path, flipped, 0o644)
+	if _, err := OpenShard(dir, ref); !errors.Is(err, ErrCIDMismatch) {
+		t.Errorf("flipped byte: %v", err)
+	}
+	if err := Join(dir, res.ModelCID, filepath.Join(t.TempDir(), "x.gguf")); !errors.Is(err, ErrCIDMismatch) ||
+		!strings.Contains(err.Error(), "expert 0:2") {
+		t.Errorf("join with a corrupt shard: %v", err)
+	}
+	os.WriteFile(path, orig[:len(orig)-7], 0o644)
+	if _, err := OpenShard(dir, ref); !errors.Is(err, ErrCIDMismatch) {
+		t.Errorf("truncated shard: %v", err)
+	}
+	os.WriteFile(path, orig, 0o644)
+	if _, err := OpenShard(dir, ref); err != nil {
+		t.Fatalf("restored shard: %v", err)
+	}
+
+	mpath := filepath.Join(dir, ManifestFile)
+	mraw, _ := os.ReadFile(mpath)
+	if _, _, err := LoadManifest(dir, CIDOf([]byte("another model"))); !errors.Is(err, ErrCIDMismatch) {
+		t.Errorf("manifest under the wrong CID: %v", err)
+	}
+	os.WriteFile(mpath, mraw[:len(mraw)/2], 0o644)
+	if _, _, err := LoadManifest(dir, cid.Undef); !errors.Is(err, neuropb.ErrInvalid) {
+		t.Errorf("truncated manifest: %v", err)
+	}
+	os.WriteFile(mpath, []byte("garbage that is not protobuf \xff\xff"), 0o644)
+	if _, _, err := LoadManifest(dir, cid.Undef); !errors.Is(err, neuropb.ErrInvalid) {
+		t.Errorf("garbage manifest: %v", err)
+	}
+}
