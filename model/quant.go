@@ -125,3 +125,45 @@ func Encode(t DType, x []float32) ([]byte, error) {
 
 // roundf rounds half away from zero, like C's roundf.
 func roundf(v float32) float32 { return float32(math.Round(float64(v))) }
+
+// Decode converts t's byte layout back to float32 values. F32, F16, Q8_0
+// and Q4_0 are supported; len(b) must be a whole number of blocks.
+func Decode(t DType, b []byte) ([]float32, error) {
+	bs := t.RowSize(t.BlockSize())
+	if bs == 0 || uint64(len(b))%bs != 0 {
+		return nil, fmt.Errorf("decode %s: %d bytes is not a whole number of %d-byte blocks", t, len(b), bs)
+	}
+	n := uint64(len(b)) / bs * t.BlockSize()
+	out := make([]float32, n)
+	le := binary.LittleEndian
+	switch t {
+	case F32:
+		for i := range out {
+			out[i] = math.Float32frombits(le.Uint32(b[4*i:]))
+		}
+	case F16:
+		for i := range out {
+			out[i] = Float16ToFloat32(le.Uint16(b[2*i:]))
+		}
+	case Q8_0:
+		for blk := 0; blk < len(out)/32; blk++ {
+			src := b[34*blk:]
+			d := Float16ToFloat32(le.Uint16(src))
+			for j := range 32 {
+				out[32*blk+j] = d * float32(int8(src[2+j]))
+			}
+		}
+	case Q4_0:
+		for blk := 0; blk < len(out)/32; blk++ {
+			src := b[18*blk:]
+			d := Float16ToFloat32(le.Uint16(src))
+			for j := range 16 {
+				out[32*blk+j] = d * float32(int(src[2+j]&0x0f)-8)
+				out[32*blk+16+j] = d * float32(int(src[2+j]>>4)-8)
+			}
+		}
+	default:
+		return nil, fmt.Errorf("decode: %w %s (want f32, f16, q8_0 or q4_0)", ErrUnsupportedDType, t)
+	}
+	return out, nil
+}

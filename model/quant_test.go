@@ -59,3 +59,31 @@ func TestEncodeQ8AndQ4(t *testing.T) {
 		t.Fatal("accepted a type it cannot encode")
 	}
 }
+
+func TestEncodeDecode(t *testing.T) {
+	x := make([]float32, 256)
+	for i := range x {
+		x[i] = float32(math.Sin(float64(i))) * 3
+	}
+	for _, tc := range []struct {
+		t   DType
+		tol float64 // relative to the largest magnitude
+	}{{F32, 0}, {F16, 1e-3}, {Q8_0, 1e-2}, {Q4_0, 0.15}} {
+		b, err := Encode(tc.t, x)
+		if err != nil {
+			t.Fatal(err)
+		}
+		y, err := Decode(tc.t, b)
+		if err != nil || len(y) != len(x) {
+			t.Fatalf("%s: %d values, %v", tc.t, len(y), err)
+		}
+		for i := range x {
+			if d := math.Abs(float64(x[i] - y[i])); d > tc.tol*3 {
+				t.Fatalf("%s: value %d: %v -> %v", tc.t, i, x[i], y[i])
+			}
+		}
+	}
+	if _, err := Decode(Q8_0, make([]byte, 33)); err == nil {
+		t.Fatal("accepted a partial block")
+	}
+}

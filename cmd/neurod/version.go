@@ -7,13 +7,14 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/neuro-p2p/neuro/ggml"
 	"github.com/neuro-p2p/neuro/p2p"
 )
 
 func newVersionCmd() *cobra.Command {
 	return &cobra.Command{
 		Use:   "version",
-		Short: "Print neurod's version and build",
+		Short: "Print neurod's version, build and ggml's CPU features",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			out := cmd.OutOrStdout()
@@ -27,6 +28,7 @@ func newVersionCmd() *cobra.Command {
 					}
 				}
 			}
+			fmt.Fprintf(out, "ggml: %s\n", ggml.SystemInfo())
 			return nil
 		},
 	}

@@ -1,0 +1,234 @@
+package ggml
+
+import (
+	"math"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/neuro-p2p/neuro/model"
+)
+
+// randWeights returns n values uniform in ±scale, encoded as dt, and their
+// decoded values.
+func randWeights(t testing.TB, rng *rand.Rand, dt model.DType, n int, scale float32) ([]byte, []float32) {
+	t.Helper()
+	x := make([]float32, n)
+	for i := range x {
+		x[i] = scale * (2*rng.Float32() - 1)
+	}
+	b, err := model.Encode(dt, x)
+	if err != nil {
+		t.Fatal(err)
+	}
+	y, err := model.Decode(dt, b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b, y
+}
+
+// activationType is the type ggml converts a matmul's activations to for
+// weights of type dt (ggml's vec_dot_type): F16 for F16 weights, Q8_0 for
+// Q8_0 and Q4_0, none for F32.
+func activationType(dt model.DType) (model.DType, bool) {
+	switch dt {
+	case model.F16:
+		return model.F16, true
+	case model.Q8_0, model.Q4_0:
+		return model.Q8_0, true
+	}
+	return 0, false
+}
+
+// roundTrip passes x through dt's encoding, as ggml does to activations.
+func roundTrip(t testing.TB, dt model.DType, x []float32) []float32 {
+	b, err := model.Encode(dt, x)
+	if err != nil {
+		t.Fatal(err)
+	}
+	y, err := model.Decode(dt, b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return y
+}
+
+// referenceFFN computes down(silu(gate x) * (up x)) in float64 on the
+// decoded weights (row-major [rows][cols] with cols contiguous). act, if
+// non-nil, rounds each matmul's activations as ggml does.
+func referenceFFN(gate, up, down []float32, embd, ff int, x []float32, act func([]float32) []float32) []float64 {
+	if act != nil {
+		x = act(x)
+	}
+	h := make([]float64, ff)
+	for r := range ff {
+		var g, u float64
+		for c := range embd {
+			g += float64(gate[r*embd+c]) * float64(x[c])
+			u += float64(up[r*embd+c]) * float64(x[c])
+		}
+		h[r] = g / (1 + math.Exp(-g)) * u
+	}
+	if act != nil {
+		h32 := make([]float32, ff)
+		for i, v := range h {
+			h32[i] = float32(v)
+		}
+		for i, v := range act(h32) {
+			h[i] = float64(v)
+		}
+	}
+	out := make([]float64, embd)
+	for r := range embd {
+		for c := range ff {
+			out[r] += float64(down[r*ff+c]) * h[c]
+		}
+	}
+	return out
+}
+
+// maxRelErr is max |got-want| over max |want|.
+func maxRelErr(got []float32, want []float64) float64 {
+	var d, m float64
+	for i := range want {
+		d = max(d, math.Abs(float64(got[i])-want[i]))
+		m = max(m, math.Abs(want[i]))
+	}
+	return d / m
+}
+
+func TestExpertMatchesReference(t *testing.T) {
+	const embd, ff, batch = 128, 256, 5
+	// The reference rounds activations as ggml does (F16 for F16 weights,
+	// Q8_0 for quantized ones), so what is left is float summation order
+	// and the odd activation that rounds to the neighbouring step.
+	const tol = 1e-4
+	for _, dt := range []model.DType{model.F32, model.F16, model.Q8_0, model.Q4_0} {
+		t.Run(dt.String(), func(t *testing.T) {
+			rng := rand.New(rand.NewPCG(1, uint64(dt)))
+			gb, g := randWeights(t, rng, dt, embd*ff, 0.1)
+			ub, u := randWeights(t, rng, dt, embd*ff, 0.1)
+			db, d := randWeights(t, rng, dt, embd*ff, 0.1)
+			e, err := NewExpert(dt, embd, ff, gb, ub, db, ExpertOptions{Threads: 2, MaxBatch: 8})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer e.Close()
+			x := make([]float32, batch*embd)
+			for i := range x {
+				x[i] = 2*rng.Float32() - 1
+			}
+			out := make([]float32, batch*embd)
+			if err := e.Compute(x, batch, out); err != nil {
+				t.Fatal(err)
+			}
+			var worst float64
+			for tok := range batch {
+				var act func([]float32) []float32
+				if at, ok := activationType(dt); ok {
+					act = func(v []float32) []float32 { return roundTrip(t, at, v) }
+				}
+				want := referenceFFN(g, u, d, embd, ff, x[tok*embd:(tok+1)*embd], act)
+				worst = max(worst, maxRelErr(out[tok*embd:(tok+1)*embd], want))
+			}
+			t.Logf("%s: max relative error vs float64 reference %.2e", dt, worst)
+			if worst > tol {
+				t.Fatalf("max relative error %.2e above %.0e", worst, tol)
+			}
+			// One token alone gives what it gave inside the batch, up to
+			// the kernels' batch-dependent summation order.
+			one := make([]float32, embd)
+			if err := e.Compute(x[2*embd:3*embd], 1, one); err != nil {
+				t.Fatal(err)
+			}
+			want := make([]float64, embd)
+			for i := range want {
+				want[i] = float64(out[2*embd+i])
+			}
+			if r := maxRelErr(one, want); r > 1e-5 {
+				t.Fatalf("batch of 1 vs batch of %d: relative difference %.2e", batch, r)
+			}
+		})
+	}
+}
+
+func TestExpertFromShard(t *testing.T) {
+	dir := t.TempDir()
+	src := filepath.Join(dir, "m.gguf")
+	f, err := os.Create(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := model.Generate(f, model.Presets["tiny"], model.Q8_0, 4); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	res, err := model.Split(src, filepath.Join(dir, "shards"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := res.Manifest.GetExperts()[5]
+	s, err := model.OpenShard(filepath.Join(dir, "shards"), ref.GetShard())
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := NewExpertFromShard(s, int(ref.GetLayer()), ExpertOptions{Threads: 1, MaxBatch: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	p := model.Presets["tiny"]
+	if e.Embd() != p.Embd || e.FF() != p.FF || e.DType() != model.Q8_0 {
+		t.Fatalf("expert %d x %d %s", e.Embd(), e.FF(), e.DType())
+	}
+	x := make([]float32, 2*p.Embd)
+	x[3], x[p.Embd+7] = 1, -1
+	out := make([]float32, 2*p.Embd)
+	if err := e.Compute(x, 2, out); err != nil {
+		t.Fatal(err)
+	}
+	nonzero := 0
+	for _, v := range out {
+		if v != 0 {
+			nonzero++
+		}
+	}
+	if nonzero < p.Embd {
+		t.Fatalf("only %d non-zero outputs", nonzero)
+	}
+}
+
+func TestExpertBadInput(t *testing.T) {
+	const embd, ff = 64, 64
+	w := make([]byte, model.Q8_0.RowSize(embd)*ff)
+	if _, err := NewExpert(model.Q8_0, embd, ff, w, w, w[:10], ExpertOptions{}); err == nil {
+		t.Error("accepted short down weights")
+	}
+	if _, err := NewExpert(model.Q8_0, 48, ff, w, w, w, ExpertOptions{}); err == nil {
+		t.Error("accepted embd that is not a multiple of the block")
+	}
+	if _, err := NewExpert(model.DType(99), embd, ff, w, w, w, ExpertOptions{}); err == nil {
+		t.Error("accepted an unknown dtype")
+	}
+	e, err := NewExpert(model.Q8_0, embd, ff, w, w, w, ExpertOptions{Threads: 1, MaxBatch: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := make([]float32, 5*embd)
+	if err := e.Compute(make([]float32, 5*embd), 5, out); err == nil {
+		t.Error("accepted a batch over MaxBatch")
+	}
+	if err := e.Compute(make([]float32, embd-1), 1, out[:embd]); err == nil {
+		t.Error("accepted a short input")
+	}
+	if err := e.Compute(make([]float32, embd), 0, out[:0]); err == nil {
+		t.Error("accepted an empty batch")
+	}
+	e.Close()
+	if err := e.Compute(make([]float32, embd), 1, out[:embd]); err != ErrClosed {
+		t.Errorf("compute after close: %v", err)
+	}
+	e.Close()
+}

@@ -1,0 +1,43 @@
+// Package ggml is neuro's only cgo: bindings to llama.cpp and ggml (as
+// vendored by the pinned github.com/ollama/ollama module). It gives the
+// reference path (a whole GGUF through llama.cpp's own forward pass) and
+// the expert feed-forward compute that expert nodes serve.
+//
+// The C headers live in that module; the Makefile points cgo at them
+// (CGO_CPPFLAGS) and turns on ggml's SIMD paths (CGO_CFLAGS/CGO_CXXFLAGS).
+// Build through make, or run `eval "$(make -s env)"` first.
+//
+// Every entry point checks dimensions and sizes in Go before calling C, so
+// bad input is an error, never a crash of the process.
+package ggml
+
+/*
+#cgo CXXFLAGS: -std=c++17
+#include <stdlib.h>
+#include "llama.h"
+#include "neuro.h"
+*/
+import "C"
+
+import (
+	"sync"
+
+	_ "github.com/ollama/ollama/llama/llama.cpp/src"
+)
+
+var initOnce sync.Once
+
+// initBackend initializes llama.cpp once and routes its logs to slog.
+func initBackend() {
+	initOnce.Do(func() {
+		C.neuro_log_install()
+		C.llama_backend_init()
+	})
+}
+
+// SystemInfo is llama.cpp's description of the CPU features ggml was built
+// with ("AVX2 = 1 | FMA = 1 | F16C = 1 ...").
+func SystemInfo() string {
+	initBackend()
+	return C.GoString(C.llama_print_system_info())
+}

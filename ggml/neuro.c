@@ -1,0 +1,165 @@
+#include "neuro.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ggml.h"
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
+#include "ggml-cpu.h"
+#include "llama.h"
+
+extern void neuroLog(int level, char * text, void * user_data);
+
+void neuro_log_install(void) {
+    llama_log_set((ggml_log_callback) neuroLog, NULL);
+}
+
+// Graph metadata: a handful of tensors and one graph.
+#define EXPERT_MAX_NODES 16
+
+struct neuro_expert {
+    int n_embd, n_ff, max_batch;
+    ggml_backend_t backend;
+    struct ggml_threadpool * threadpool;
+    struct ggml_context * wctx;
+    ggml_backend_buffer_t wbuf;
+    struct ggml_tensor * gate;
+    struct ggml_tensor * up;
+    struct ggml_tensor * down;
+    ggml_gallocr_t galloc;
+    size_t meta_size;
+    void * meta;
+};
+
+// build_graph builds the expert's graph for n tokens in a context that
+// lives in e->meta. *x and *out receive the input and output tensors.
+static struct ggml_cgraph * build_graph(neuro_expert * e, int n, struct ggml_context ** ctx_out,
+                                        struct ggml_tensor ** x, struct ggml_tensor ** out) {
+    struct ggml_init_params p = { e->meta_size, e->meta, true };
+    struct ggml_context * ctx = ggml_init(p);
+    if (ctx == NULL) {
+        return NULL;
+    }
+    struct ggml_cgraph * gf = ggml_new_graph_custom(ctx, EXPERT_MAX_NODES, false);
+    *x = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, e->n_embd, n);
+    ggml_set_input(*x);
+    struct ggml_tensor * g = ggml_mul_mat(ctx, e->gate, *x); // [n_ff, n]
+    struct ggml_tensor * u = ggml_mul_mat(ctx, e->up, *x);   // [n_ff, n]
+    // The fused op llama.cpp's build_moe_ffn uses, for identical arithmetic.
+    struct ggml_tensor * h = ggml_swiglu_split(ctx, g, u);
+    *out = ggml_mul_mat(ctx, e->down, h); // [n_embd, n]
+    ggml_set_output(*out);
+    ggml_build_forward_expand(gf, *out);
+    *ctx_out = ctx;
+    return gf;
+}
+
+void neuro_expert_free(neuro_expert * e) {
+    if (e == NULL) {
+        return;
+    }
+    if (e->galloc) ggml_gallocr_free(e->galloc);
+    if (e->wbuf) ggml_backend_buffer_free(e->wbuf);
+    if (e->wctx) ggml_free(e->wctx);
+    if (e->backend) ggml_backend_free(e->backend);
+    if (e->threadpool) ggml_threadpool_free(e->threadpool);
+    free(e->meta);
+    free(e);
+}
+
+neuro_expert * neuro_expert_new(int n_embd, int n_ff, int type,
+                                const void * gate, const void * up, const void * down,
+                                int n_threads, int max_batch, char * err, size_t err_len) {
+    neuro_expert * e = calloc(1, sizeof(*e));
+    if (e == NULL) {
+        snprintf(err, err_len, "out of memory");
+        return NULL;
+    }
+    e->n_embd = n_embd;
+    e->n_ff = n_ff;
+    e->max_batch = max_batch;
+
+    e->backend = ggml_backend_cpu_init();
+    if (e->backend == NULL) {
+        snprintf(err, err_len, "ggml CPU backend init failed");
+        goto fail;
+    }
+    struct ggml_threadpool_params tpp = ggml_threadpool_params_default(n_threads);
+    e->threadpool = ggml_threadpool_new(&tpp);
+    if (e->threadpool == NULL) {
+        snprintf(err, err_len, "ggml threadpool of %d threads failed", n_threads);
+        goto fail;
+    }
+    ggml_backend_cpu_set_n_threads(e->backend, n_threads);
+    ggml_backend_cpu_set_threadpool(e->backend, e->threadpool);
+
+    struct ggml_init_params wp = { 4 * ggml_tensor_overhead(), NULL, true };
+    e->wctx = ggml_init(wp);
+    if (e->wctx == NULL) {
+        snprintf(err, err_len, "ggml weight context failed");
+        goto fail;
+    }
+    e->gate = ggml_new_tensor_2d(e->wctx, (enum ggml_type) type, n_embd, n_ff);
+    e->up = ggml_new_tensor_2d(e->wctx, (enum ggml_type) type, n_embd, n_ff);
+    e->down = ggml_new_tensor_2d(e->wctx, (enum ggml_type) type, n_ff, n_embd);
+    e->wbuf = ggml_backend_alloc_ctx_tensors(e->wctx, e->backend);
+    if (e->wbuf == NULL) {
+        snprintf(err, err_len, "allocating %zu bytes of expert weights failed",
+                 ggml_nbytes(e->gate) + ggml_nbytes(e->up) + ggml_nbytes(e->down));
+        goto fail;
+    }
+    ggml_backend_tensor_set(e->gate, gate, 0, ggml_nbytes(e->gate));
+    ggml_backend_tensor_set(e->up, up, 0, ggml_nbytes(e->up));
+    ggml_backend_tensor_set(e->down, down, 0, ggml_nbytes(e->down));
+
+    e->meta_size = EXPERT_MAX_NODES * ggml_tensor_overhead() + ggml_graph_overhead_custom(EXPERT_MAX_NODES, false);
+    e->meta = malloc(e->meta_size);
+    if (e->meta == NULL) {
+        snprintf(err, err_len, "out of memory");
+        goto fail;
+    }
+    e->galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(e->backend));
+    struct ggml_context * ctx;
+    struct ggml_tensor * x;
+    struct ggml_tensor * out;
+    struct ggml_cgraph * gf = build_graph(e, max_batch, &ctx, &x, &out);
+    if (gf == NULL || !ggml_gallocr_reserve(e->galloc, gf)) {
+        snprintf(err, err_len, "reserving compute memory for a batch of %d failed", max_batch);
+        if (gf) ggml_free(ctx);
+        goto fail;
+    }
+    ggml_free(ctx);
+    return e;
+fail:
+    neuro_expert_free(e);
+    return NULL;
+}
+
+int neuro_expert_compute(neuro_expert * e, const float * xdata, int n, float * outdata) {
+    if (n < 1 || n > e->max_batch) {
+        return 1;
+    }
+    struct ggml_context * ctx;
+    struct ggml_tensor * x;
+    struct ggml_tensor * out;
+    struct ggml_cgraph * gf = build_graph(e, n, &ctx, &x, &out);
+    if (gf == NULL) {
+        return 2;
+    }
+    int rc = 0;
+    if (!ggml_gallocr_alloc_graph(e->galloc, gf)) {
+        rc = 3;
+        goto done;
+    }
+    ggml_backend_tensor_set(x, xdata, 0, ggml_nbytes(x));
+    if (ggml_backend_graph_compute(e->backend, gf) != GGML_STATUS_SUCCESS) {
+        rc = 4;
+        goto done;
+    }
+    ggml_backend_tensor_get(out, outdata, 0, ggml_nbytes(out));
+done:
+    ggml_free(ctx);
+    return rc;
+}
