@@ -31,15 +31,15 @@ func neuroLog(level C.int, text *C.char, _ unsafe.Pointer) {
 	logMu.Lock()
 	defer logMu.Unlock()
 	lvl := logLevel
+	// llama.cpp's info and warnings describe the model it loads (dozens
+	// of lines per load): debug detail for neurod. Its errors also come
+	// back to us as failed calls, which neurod reports; they are logged as
+	// warnings for the detail they add.
 	switch int(level) {
-	case logDebug:
+	case logDebug, logInfo, logWarn:
 		lvl = slog.LevelDebug
-	case logInfo:
-		lvl = slog.LevelInfo
-	case logWarn:
-		lvl = slog.LevelWarn
 	case logError:
-		lvl = slog.LevelError
+		lvl = slog.LevelWarn
 	case logCont:
 		// continues the previous line at its level
 	}

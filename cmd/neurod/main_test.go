@@ -417,3 +417,44 @@ func TestModelMakeSplitJoin(t *testing.T) {
 		}
 	}
 }
+
+// The reference path's contract: generate --local --json prints the
+// generated tokens and text, the same on every run.
+func TestGenerateLocal(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "m.gguf")
+	if r := neurod(t, nil, "model", "make", "--preset", "tiny", "--type", "q8_0", "--seed", "5", "--out", path); r.code != 0 {
+		t.Fatal(r.stderr)
+	}
+	var first []int32
+	for range 2 {
+		r := neurod(t, nil, "generate", "--local", path, "--prompt", "the model", "--max-tokens", "12", "--json")
+		if r.code != 0 {
+			t.Fatalf("generate: %+v", r)
+		}
+		var out struct {
+			Tokens []int32 `json:"tokens"`
+			Text   *string `json:"text"`
+		}
+		if err := json.Unmarshal([]byte(r.stdout), &out); err != nil || out.Text == nil || len(out.Tokens) == 0 {
+			t.Fatalf("output %q: %v", r.stdout, err)
+		}
+		if first != nil && fmt.Sprint(first) != fmt.Sprint(out.Tokens) {
+			t.Fatalf("tokens differ between runs: %v vs %v", first, out.Tokens)
+		}
+		first = out.Tokens
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"generate", "--local", path, "--prompt", ""}, "flag --prompt"},
+		{[]string{"generate", "--local", path, "--prompt", "x", "--max-tokens", "0"}, "flag --max-tokens"},
+		{[]string{"generate", "--local", path, "--prompt", "x", "--max-tokens", "300"}, "context is full"},
+		{[]string{"generate", "--local", filepath.Join(t.TempDir(), "none.gguf"), "--prompt", "x"}, "no such file"},
+	} {
+		r := neurod(t, nil, tc.args...)
+		if r.code == 0 || !strings.Contains(r.stderr, tc.want) {
+			t.Errorf("%v: exit %d, stderr %q, want %q", tc.args, r.code, r.stderr, tc.want)
+		}
+	}
+}

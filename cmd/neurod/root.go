@@ -48,6 +48,7 @@ variables, overridden by flags. The home is --home, else $NEURO_HOME, else
 		newIDCmd(g),
 		newTestnetCmd(g),
 		newModelCmd(),
+		newGenerateCmd(),
 		newVersionCmd(),
 	)
 	return root

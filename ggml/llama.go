@@ -1,0 +1,275 @@
+package ggml
+
+/*
+#include <stdlib.h>
+#include "llama.h"
+*/
+import "C"
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"runtime"
+	"unsafe"
+
+	"github.com/neuro-p2p/neuro/model"
+)
+
+// ErrContextFull means a prompt and the tokens to generate do not fit the
+// context.
+var ErrContextFull = errors.New("context is full")
+
+// Llama is a whole GGUF model loaded by llama.cpp: the reference path that
+// every distributed computation is checked against.
+type Llama struct {
+	m      *C.struct_llama_model
+	vocab  *C.struct_llama_vocab
+	nVocab int
+	path   string
+}
+
+// LoadLlama loads the model at path on the CPU. The file is checked with
+// neuro's own GGUF reader first, so that a bad file gets an error naming
+// what is wrong rather than llama.cpp's log.
+func LoadLlama(path string) (*Llama, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("load %s: %w", path, err)
+	}
+	st, err := f.Stat()
+	if err == nil {
+		_, err = model.ReadFile(f, st.Size())
+	}
+	f.Close()
+	if err != nil {
+		return nil, fmt.Errorf("load %s: %w", path, err)
+	}
+	initBackend()
+	params := C.llama_model_default_params()
+	params.n_gpu_layers = 0
+	cpath := C.CString(path)
+	defer C.free(unsafe.Pointer(cpath))
+	m := C.llama_model_load_from_file(cpath, params)
+	if m == nil {
+		return nil, fmt.Errorf("load %s: llama.cpp could not load the model (see its log at debug level)", path)
+	}
+	l := &Llama{m: m, vocab: C.llama_model_get_vocab(m), path: path}
+	l.nVocab = int(C.llama_vocab_n_tokens(l.vocab))
+	return l, nil
+}
+
+// Close frees the model. It is safe to call more than once.
+func (l *Llama) Close() error {
+	if l.m != nil {
+		C.llama_model_free(l.m)
+		l.m = nil
+	}
+	return nil
+}
+
+// NVocab is the vocabulary size.
+func (l *Llama) NVocab() int { return l.nVocab }
+
+// ContextLength is the context the model was trained with.
+func (l *Llama) ContextLength() int { return int(C.llama_model_n_ctx_train(l.m)) }
+
+// Tokenize turns text into token IDs, adding BOS where the model asks.
+func (l *Llama) Tokenize(text string, addSpecial bool) ([]int32, error) {
+	ctext := C.CString(text)
+	defer C.free(unsafe.Pointer(ctext))
+	n := len(text) + 8
+	for range 2 {
+		toks := make([]int32, n)
+		got := C.llama_tokenize(l.vocab, ctext, C.int32_t(len(text)), (*C.llama_token)(unsafe.Pointer(&toks[0])),
+			C.int32_t(n), C.bool(addSpecial), C.bool(false))
+		if got >= 0 {
+			return toks[:got], nil
+		}
+		n = int(-got)
+	}
+	return nil, fmt.Errorf("tokenize: llama.cpp needs %d tokens for %d bytes", n, len(text))
+}
+
+// Detokenize turns token IDs into text, dropping control tokens.
+func (l *Llama) Detokenize(tokens []int32) string {
+	if len(tokens) == 0 {
+		return ""
+	}
+	for _, t := range tokens {
+		if t < 0 || int(t) >= l.nVocab {
+			return ""
+		}
+	}
+	n := 16*len(tokens) + 16
+	for range 2 {
+		buf := make([]byte, n)
+		got := C.llama_detokenize(l.vocab, (*C.llama_token)(unsafe.Pointer(&tokens[0])), C.int32_t(len(tokens)),
+			(*C.char)(unsafe.Pointer(&buf[0])), C.int32_t(n), C.bool(true), C.bool(false))
+		if got >= 0 {
+			return string(buf[:got])
+		}
+		n = int(-got)
+	}
+	return ""
+}
+
+// IsEOG reports whether tok ends a generation.
+func (l *Llama) IsEOG(tok int32) bool { return bool(C.llama_vocab_is_eog(l.vocab, C.llama_token(tok))) }
+
+// ContextOptions configures a LlamaContext.
+type ContextOptions struct {
+	// Context is the context size in tokens (default: the model's, at
+	// most 4096).
+	Context int
+	// Threads is the number of compute threads (default GOMAXPROCS).
+	Threads int
+}
+
+// LlamaContext is one generation's state: the KV cache and the logits of
+// the last decode. Not safe for concurrent use.
+type LlamaContext struct {
+	l    *Llama
+	c    *C.struct_llama_context
+	nCtx int
+	nPos int
+}
+
+// NewContext makes a context. Flash attention is off and the KV cache is
+// F16 (llama.cpp's default type), so that the split path can reproduce the
+// arithmetic exactly.
+func (l *Llama) NewContext(o ContextOptions) (*LlamaContext, error) {
+	if o.Context <= 0 {
+		o.Context = min(l.ContextLength(), 4096)
+	}
+	if o.Threads <= 0 {
+		o.Threads = runtime.GOMAXPROCS(0)
+	}
+	p := C.llama_context_default_params()
+	p.n_ctx = C.uint32_t(o.Context)
+	p.n_batch = C.uint32_t(o.Context)
+	p.n_ubatch = C.uint32_t(o.Context)
+	p.n_seq_max = 1
+	p.n_threads = C.int32_t(o.Threads)
+	p.n_threads_batch = C.int32_t(o.Threads)
+	p.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+	p.no_perf = true
+	c := C.llama_init_from_model(l.m, p)
+	if c == nil {
+		return nil, fmt.Errorf("llama.cpp: could not make a context of %d tokens", o.Context)
+	}
+	return &LlamaContext{l: l, c: c, nCtx: int(C.llama_n_ctx(c))}, nil
+}
+
+// Close frees the context. It is safe to call more than once.
+func (c *LlamaContext) Close() error {
+	if c.c != nil {
+		C.llama_free(c.c)
+		c.c = nil
+	}
+	return nil
+}
+
+// Len is the number of tokens decoded so far.
+func (c *LlamaContext) Len() int { return c.nPos }
+
+// Decode runs tokens through the model after those already decoded.
+func (c *LlamaContext) Decode(tokens []int32) error {
+	if len(tokens) == 0 {
+		return errors.New("decode: no tokens")
+	}
+	if c.nPos+len(tokens) > c.nCtx {
+		return fmt.Errorf("decode %d tokens after %d: %w (%d tokens)", len(tokens), c.nPos, ErrContextFull, c.nCtx)
+	}
+	for _, t := range tokens {
+		if t < 0 || int(t) >= c.l.nVocab {
+			return fmt.Errorf("decode: token %d outside the vocabulary of %d", t, c.l.nVocab)
+		}
+	}
+	pinned := make([]C.llama_token, len(tokens))
+	for i, t := range tokens {
+		pinned[i] = C.llama_token(t)
+	}
+	batch := C.llama_batch_get_one(&pinned[0], C.int32_t(len(tokens)))
+	if rc := C.llama_decode(c.c, batch); rc != 0 {
+		return fmt.Errorf("decode: llama.cpp returned %d", int(rc))
+	}
+	c.nPos += len(tokens)
+	return nil
+}
+
+// Logits returns a copy of the last decoded token's logits.
+func (c *LlamaContext) Logits() []float32 {
+	p := C.llama_get_logits_ith(c.c, -1)
+	if p == nil {
+		return nil
+	}
+	return append([]float32(nil), unsafe.Slice((*float32)(unsafe.Pointer(p)), c.l.nVocab)...)
+}
+
+// Generation is the result of a greedy generation.
+type Generation struct {
+	// Prompt is the tokenized prompt (with BOS).
+	Prompt []int32
+	// Tokens are the generated tokens (an end-of-generation token stops
+	// the generation and is not included).
+	Tokens []int32
+	Text   string
+	// Logits are the logits after each step: Logits[i] chose Tokens[i].
+	Logits [][]float32
+}
+
+// Argmax returns the index of the largest value (the first on ties), as
+// greedy sampling does.
+func Argmax(x []float32) int32 {
+	best := 0
+	for i, v := range x {
+		if v > x[best] {
+			best = i
+		}
+	}
+	return int32(best)
+}
+
+// GenerateGreedy decodes the prompt and then up to maxTokens tokens, each
+// the argmax of the logits, through llama.cpp. keepLogits keeps every
+// step's logits.
+func (l *Llama) GenerateGreedy(prompt string, maxTokens int, o ContextOptions, keepLogits bool) (*Generation, error) {
+	if maxTokens < 1 {
+		return nil, fmt.Errorf("max tokens %d: must be at least 1", maxTokens)
+	}
+	toks, err := l.Tokenize(prompt, true)
+	if err != nil {
+		return nil, err
+	}
+	if o.Context <= 0 {
+		o.Context = min(l.ContextLength(), 4096)
+	}
+	if len(toks)+maxTokens > o.Context {
+		return nil, fmt.Errorf("prompt of %d tokens + %d new tokens: %w (%d tokens)", len(toks), maxTokens, ErrContextFull, o.Context)
+	}
+	ctx, err := l.NewContext(o)
+	if err != nil {
+		return nil, err
+	}
+	defer ctx.Close()
+	g := &Generation{Prompt: toks}
+	next := toks
+	for range maxTokens {
+		if err := ctx.Decode(next); err != nil {
+			return nil, err
+		}
+		logits := ctx.Logits()
+		tok := Argmax(logits)
+		if keepLogits {
+			g.Logits = append(g.Logits, logits)
+		}
+		if l.IsEOG(tok) {
+			break
+		}
+		g.Tokens = append(g.Tokens, tok)
+		next = []int32{tok}
+	}
+	g.Text = l.Detokenize(g.Tokens)
+	return g, nil
+}

@@ -1,0 +1,106 @@
+package ggml
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/neuro-p2p/neuro/model"
+)
+
+func tinyModel(t *testing.T, dt model.DType, seed uint64) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "tiny.gguf")
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := model.Generate(f, model.Presets["tiny"], dt, seed); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func TestLlamaGenerateGreedy(t *testing.T) {
+	path := tinyModel(t, model.Q8_0, 21)
+	l, err := LoadLlama(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if l.NVocab() != model.Presets["tiny"].Vocab {
+		t.Fatalf("vocab %d", l.NVocab())
+	}
+	toks, err := l.Tokenize("hello world", true)
+	if err != nil || len(toks) < 2 || toks[0] != 1 {
+		t.Fatalf("tokenize: %v %v", toks, err)
+	}
+	if got := l.Detokenize(toks[1:]); got != "hello world" {
+		t.Fatalf("detokenize: %q", got)
+	}
+	opts := ContextOptions{Threads: 2}
+	a, err := l.GenerateGreedy("once upon a time", 24, opts, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(a.Tokens) == 0 || len(a.Logits) < len(a.Tokens) {
+		t.Fatalf("generated %d tokens, %d logits", len(a.Tokens), len(a.Logits))
+	}
+	for i, tok := range a.Tokens {
+		if Argmax(a.Logits[i]) != tok {
+			t.Fatalf("token %d is not the argmax of its logits", i)
+		}
+	}
+	b, err := l.GenerateGreedy("once upon a time", 24, opts, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(b.Tokens) != len(a.Tokens) || b.Text != a.Text {
+		t.Fatalf("greedy generation is not repeatable: %v vs %v", a.Tokens, b.Tokens)
+	}
+	for i := range a.Tokens {
+		if a.Tokens[i] != b.Tokens[i] {
+			t.Fatalf("greedy generation is not repeatable at %d", i)
+		}
+	}
+}
+
+func TestLlamaBadInput(t *testing.T) {
+	dir := t.TempDir()
+	notGGUF := filepath.Join(dir, "x.gguf")
+	os.WriteFile(notGGUF, []byte("definitely not a model"), 0o644)
+	if _, err := LoadLlama(notGGUF); !errors.Is(err, model.ErrFormat) {
+		t.Errorf("not a gguf: %v", err)
+	}
+	if _, err := LoadLlama(filepath.Join(dir, "missing.gguf")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("missing file: %v", err)
+	}
+	l, err := LoadLlama(tinyModel(t, model.F32, 2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	long := make([]byte, 0, 4000)
+	for len(long) < 3000 {
+		long = append(long, "hello world "...)
+	}
+	if _, err := l.GenerateGreedy(string(long), 4, ContextOptions{}, false); !errors.Is(err, ErrContextFull) {
+		t.Errorf("prompt over the context: %v", err)
+	}
+	if _, err := l.GenerateGreedy("hi", 0, ContextOptions{}, false); err == nil {
+		t.Error("accepted max tokens 0")
+	}
+	c, err := l.NewContext(ContextOptions{Context: 16, Threads: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Decode([]int32{1, 99999}); err == nil {
+		t.Error("decoded a token outside the vocabulary")
+	}
+	if err := c.Decode(nil); err == nil {
+		t.Error("decoded an empty batch")
+	}
+}
