@@ -32,7 +32,13 @@ type Llama struct {
 // LoadLlama loads the model at path on the CPU. The file is checked with
 // neuro's own GGUF reader first, so that a bad file gets an error naming
 // what is wrong rather than llama.cpp's log.
-func LoadLlama(path string) (*Llama, error) {
+func LoadLlama(path string) (*Llama, error) { return loadLlama(path, false) }
+
+// LoadVocab loads only the tokenizer of the GGUF at path (a gating shard
+// carries the model's whole tokenizer).
+func LoadVocab(path string) (*Llama, error) { return loadLlama(path, true) }
+
+func loadLlama(path string, vocabOnly bool) (*Llama, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("load %s: %w", path, err)
@@ -48,6 +54,7 @@ func LoadLlama(path string) (*Llama, error) {
 	initBackend()
 	params := C.llama_model_default_params()
 	params.n_gpu_layers = 0
+	params.vocab_only = C.bool(vocabOnly)
 	cpath := C.CString(path)
 	defer C.free(unsafe.Pointer(cpath))
 	m := C.llama_model_load_from_file(cpath, params)
@@ -253,13 +260,24 @@ func (l *Llama) GenerateGreedy(prompt string, maxTokens int, o ContextOptions, k
 		return nil, err
 	}
 	defer ctx.Close()
-	g := &Generation{Prompt: toks}
-	next := toks
-	for range maxTokens {
+	return l.greedy(toks, maxTokens, keepLogits, func(next []int32) ([]float32, error) {
 		if err := ctx.Decode(next); err != nil {
 			return nil, err
 		}
-		logits := ctx.Logits()
+		return ctx.Logits(), nil
+	})
+}
+
+// greedy decodes the prompt, then up to maxTokens argmax tokens, with
+// step running one batch and returning the last token's logits.
+func (l *Llama) greedy(toks []int32, maxTokens int, keepLogits bool, step func([]int32) ([]float32, error)) (*Generation, error) {
+	g := &Generation{Prompt: toks}
+	next := toks
+	for range maxTokens {
+		logits, err := step(next)
+		if err != nil {
+			return nil, err
+		}
 		tok := Argmax(logits)
 		if keepLogits {
 			g.Logits = append(g.Logits, logits)

@@ -31,6 +31,7 @@ struct neuro_expert {
     ggml_gallocr_t galloc;
     size_t meta_size;
     void * meta;
+    int32_t * zeros; // expert ids of a batch: all 0
 };
 
 // build_graph builds the expert's graph for n tokens in a context that
@@ -43,13 +44,18 @@ static struct ggml_cgraph * build_graph(neuro_expert * e, int n, struct ggml_con
         return NULL;
     }
     struct ggml_cgraph * gf = ggml_new_graph_custom(ctx, EXPERT_MAX_NODES, false);
-    *x = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, e->n_embd, n);
+    // The ops of llama.cpp's build_moe_ffn, so that the arithmetic is the
+    // same: the weights are a stack of one expert, every token is routed
+    // to it through mul_mat_id, and silu(gate) * up is the fused swiglu.
+    *x = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, e->n_embd, 1, n);
     ggml_set_input(*x);
-    struct ggml_tensor * g = ggml_mul_mat(ctx, e->gate, *x); // [n_ff, n]
-    struct ggml_tensor * u = ggml_mul_mat(ctx, e->up, *x);   // [n_ff, n]
-    // The fused op llama.cpp's build_moe_ffn uses, for identical arithmetic.
+    struct ggml_tensor * ids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 1, n);
+    ggml_set_name(ids, "ids");
+    ggml_set_input(ids);
+    struct ggml_tensor * g = ggml_mul_mat_id(ctx, e->gate, *x, ids); // [n_ff, 1, n]
+    struct ggml_tensor * u = ggml_mul_mat_id(ctx, e->up, *x, ids);   // [n_ff, 1, n]
     struct ggml_tensor * h = ggml_swiglu_split(ctx, g, u);
-    *out = ggml_mul_mat(ctx, e->down, h); // [n_embd, n]
+    *out = ggml_mul_mat_id(ctx, e->down, h, ids); // [n_embd, 1, n]
     ggml_set_output(*out);
     ggml_build_forward_expand(gf, *out);
     *ctx_out = ctx;
@@ -66,6 +72,7 @@ void neuro_expert_free(neuro_expert * e) {
     if (e->backend) ggml_backend_free(e->backend);
     if (e->threadpool) ggml_threadpool_free(e->threadpool);
     free(e->meta);
+    free(e->zeros);
     free(e);
 }
 
@@ -87,6 +94,7 @@ neuro_expert * neuro_expert_new(int n_embd, int n_ff, int type,
         goto fail;
     }
     struct ggml_threadpool_params tpp = ggml_threadpool_params_default(n_threads);
+    tpp.poll = 0; // idle workers sleep: a node holds many experts, each with its own pool
     e->threadpool = ggml_threadpool_new(&tpp);
     if (e->threadpool == NULL) {
         snprintf(err, err_len, "ggml threadpool of %d threads failed", n_threads);
@@ -101,9 +109,9 @@ neuro_expert * neuro_expert_new(int n_embd, int n_ff, int type,
         snprintf(err, err_len, "ggml weight context failed");
         goto fail;
     }
-    e->gate = ggml_new_tensor_2d(e->wctx, (enum ggml_type) type, n_embd, n_ff);
-    e->up = ggml_new_tensor_2d(e->wctx, (enum ggml_type) type, n_embd, n_ff);
-    e->down = ggml_new_tensor_2d(e->wctx, (enum ggml_type) type, n_ff, n_embd);
+    e->gate = ggml_new_tensor_3d(e->wctx, (enum ggml_type) type, n_embd, n_ff, 1);
+    e->up = ggml_new_tensor_3d(e->wctx, (enum ggml_type) type, n_embd, n_ff, 1);
+    e->down = ggml_new_tensor_3d(e->wctx, (enum ggml_type) type, n_ff, n_embd, 1);
     e->wbuf = ggml_backend_alloc_ctx_tensors(e->wctx, e->backend);
     if (e->wbuf == NULL) {
         snprintf(err, err_len, "allocating %zu bytes of expert weights failed",
@@ -116,7 +124,8 @@ neuro_expert * neuro_expert_new(int n_embd, int n_ff, int type,
 
     e->meta_size = EXPERT_MAX_NODES * ggml_tensor_overhead() + ggml_graph_overhead_custom(EXPERT_MAX_NODES, false);
     e->meta = malloc(e->meta_size);
-    if (e->meta == NULL) {
+    e->zeros = calloc(max_batch, sizeof(int32_t));
+    if (e->meta == NULL || e->zeros == NULL) {
         snprintf(err, err_len, "out of memory");
         goto fail;
     }
@@ -154,6 +163,12 @@ int neuro_expert_compute(neuro_expert * e, const float * xdata, int n, float * o
         goto done;
     }
     ggml_backend_tensor_set(x, xdata, 0, ggml_nbytes(x));
+    struct ggml_tensor * ids = ggml_get_tensor(ctx, "ids");
+    if (e->zeros == NULL) {
+        rc = 5;
+        goto done;
+    }
+    ggml_backend_tensor_set(ids, e->zeros, 0, ggml_nbytes(ids));
     if (ggml_backend_graph_compute(e->backend, gf) != GGML_STATUS_SUCCESS) {
         rc = 4;
         goto done;

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <stddef.h>
+#include <stdint.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -28,6 +29,55 @@ neuro_expert * neuro_expert_new(int n_embd, int n_ff, int type,
 int neuro_expert_compute(neuro_expert * e, const float * x, int n_tokens, float * out);
 
 void neuro_expert_free(neuro_expert * e);
+
+
+// Hyper-parameters of a llama-architecture MoE model.
+typedef struct {
+    int   n_layer, n_embd, n_head, n_head_kv, n_rot;
+    int   n_expert, n_expert_used, n_vocab, n_ctx_train;
+    float rope_freq_base, rms_eps;
+} neuro_hparams;
+
+// One weight tensor handed to neuro_gating_new (ggml order, ne0 first).
+typedef struct {
+    const char * name;
+    int          type;
+    int          n_dims;
+    int64_t      ne[4];
+    const void * data;
+    size_t       size;
+} neuro_weight;
+
+// neuro_gating holds the gating part of a model (embeddings, attention,
+// norms, router, output head) and computes it exactly as llama.cpp's
+// llm_build_llama does, one MoE layer at a time. Not thread-safe.
+typedef struct neuro_gating neuro_gating;
+
+// neuro_session is one sequence's KV cache (F16, V transposed, as
+// llama.cpp keeps it without flash attention).
+typedef struct neuro_session neuro_session;
+
+neuro_gating * neuro_gating_new(const neuro_hparams * hp, const neuro_weight * ws, int n_ws,
+                                int n_threads, char * err, size_t err_len);
+void neuro_gating_free(neuro_gating * g);
+
+neuro_session * neuro_session_new(neuro_gating * g, int n_ctx, char * err, size_t err_len);
+void neuro_session_free(neuro_session * s);
+
+// neuro_embed writes the n tokens' embeddings (n x n_embd floats) to out.
+int neuro_embed(neuro_session * s, const int32_t * tokens, int n, float * out);
+
+// neuro_layer runs layer il's attention (storing K and V for positions
+// pos0..pos0+n-1), the residual add and the router. With last_only, only
+// the last token continues past attention (llama.cpp's output rows), so
+// n_out = 1; else n_out = n. Outputs: ffn_inp and moe_in (n_out x n_embd),
+// selected (n_out x n_expert_used expert ids) and weights (n_out x
+// n_expert_used, normalised). Returns 0 on success.
+int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, int last_only,
+                float * ffn_inp, float * moe_in, int32_t * selected, float * weights);
+
+// neuro_output applies the final norm and output head to n_out rows of x.
+int neuro_output(neuro_session * s, const float * x, int n_out, float * logits);
 
 #ifdef __cplusplus
 }

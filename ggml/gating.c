@@ -1,0 +1,436 @@
+// The gating part of a llama-architecture MoE model, built op for op as
+// llama.cpp's llm_build_llama, build_attn (KV cache, no flash attention)
+// and build_moe_ffn (softmax router, top-k, normalised weights) build it,
+// so that a split forward pass reproduces llama.cpp's arithmetic.
+#include "neuro.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ggml.h"
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
+#include "ggml-cpu.h"
+
+#define GATING_MAX_NODES 512
+#define NEURO_MAX_LAYERS 1024
+
+struct gating_layer {
+    struct ggml_tensor * attn_norm;
+    struct ggml_tensor * wq;
+    struct ggml_tensor * wk;
+    struct ggml_tensor * wv;
+    struct ggml_tensor * wo;
+    struct ggml_tensor * ffn_norm;
+    struct ggml_tensor * gate_inp;
+};
+
+struct neuro_gating {
+    neuro_hparams hp;
+    ggml_backend_t backend;
+    struct ggml_threadpool * threadpool;
+    struct ggml_context * wctx;
+    ggml_backend_buffer_t wbuf;
+    struct ggml_tensor * tok_embd;
+    struct ggml_tensor * output_norm;
+    struct ggml_tensor * output;
+    struct gating_layer * layers;
+    ggml_gallocr_t galloc;
+    size_t meta_size;
+    void * meta;
+};
+
+struct neuro_session {
+    neuro_gating * g;
+    int n_ctx;
+    struct ggml_context * kvctx;
+    ggml_backend_buffer_t kvbuf;
+    struct ggml_tensor ** k; // [n_embd_k_gqa, n_ctx] F16 per layer
+    struct ggml_tensor ** v; // n_embd_v_gqa * n_ctx F16 per layer, transposed
+};
+
+static struct ggml_tensor * find_weight(neuro_gating * g, const neuro_weight * ws, int n_ws, const char * name,
+                                        char * err, size_t err_len) {
+    for (int i = 0; i < n_ws; i++) {
+        if (strcmp(ws[i].name, name) == 0) {
+            struct ggml_tensor * t = ggml_new_tensor(g->wctx, (enum ggml_type) ws[i].type, ws[i].n_dims, ws[i].ne);
+            ggml_set_name(t, name);
+            if (ggml_nbytes(t) != ws[i].size) {
+                snprintf(err, err_len, "tensor %s: %zu bytes, want %zu", name, ws[i].size, ggml_nbytes(t));
+                return NULL;
+            }
+            return t;
+        }
+    }
+    snprintf(err, err_len, "missing tensor %s", name);
+    return NULL;
+}
+
+void neuro_gating_free(neuro_gating * g) {
+    if (g == NULL) {
+        return;
+    }
+    if (g->galloc) ggml_gallocr_free(g->galloc);
+    if (g->wbuf) ggml_backend_buffer_free(g->wbuf);
+    if (g->wctx) ggml_free(g->wctx);
+    if (g->backend) ggml_backend_free(g->backend);
+    if (g->threadpool) ggml_threadpool_free(g->threadpool);
+    free(g->layers);
+    free(g->meta);
+    free(g);
+}
+
+neuro_gating * neuro_gating_new(const neuro_hparams * hp, const neuro_weight * ws, int n_ws,
+                                int n_threads, char * err, size_t err_len) {
+    if (hp->n_layer < 1 || hp->n_layer > NEURO_MAX_LAYERS) {
+        snprintf(err, err_len, "%d layers", hp->n_layer);
+        return NULL;
+    }
+    neuro_gating * g = calloc(1, sizeof(*g));
+    if (g == NULL) {
+        snprintf(err, err_len, "out of memory");
+        return NULL;
+    }
+    g->hp = *hp;
+    g->layers = calloc(hp->n_layer, sizeof(struct gating_layer));
+    g->backend = ggml_backend_cpu_init();
+    struct ggml_threadpool_params tpp = ggml_threadpool_params_default(n_threads);
+    tpp.poll = 0; // idle workers sleep: a node holds many experts, each with its own pool
+    g->threadpool = ggml_threadpool_new(&tpp);
+    if (g->layers == NULL || g->backend == NULL || g->threadpool == NULL) {
+        snprintf(err, err_len, "ggml CPU backend init failed");
+        goto fail;
+    }
+    ggml_backend_cpu_set_n_threads(g->backend, n_threads);
+    ggml_backend_cpu_set_threadpool(g->backend, g->threadpool);
+
+    struct ggml_init_params wp = { (size_t) (8 + 8 * hp->n_layer) * ggml_tensor_overhead(), NULL, true };
+    g->wctx = ggml_init(wp);
+    if (g->wctx == NULL) {
+        snprintf(err, err_len, "ggml weight context failed");
+        goto fail;
+    }
+    char name[128];
+#define WEIGHT(dst, ...)                                                   \
+    do {                                                                   \
+        snprintf(name, sizeof(name), __VA_ARGS__);                         \
+        if (((dst) = find_weight(g, ws, n_ws, name, err, err_len)) == NULL) \
+            goto fail;                                                     \
+    } while (0)
+    WEIGHT(g->tok_embd, "token_embd.weight");
+    WEIGHT(g->output_norm, "output_norm.weight");
+    WEIGHT(g->output, "output.weight");
+    for (int il = 0; il < hp->n_layer; il++) {
+        struct gating_layer * l = &g->layers[il];
+        WEIGHT(l->attn_norm, "blk.%d.attn_norm.weight", il);
+        WEIGHT(l->wq, "blk.%d.attn_q.weight", il);
+        WEIGHT(l->wk, "blk.%d.attn_k.weight", il);
+        WEIGHT(l->wv, "blk.%d.attn_v.weight", il);
+        WEIGHT(l->wo, "blk.%d.attn_output.weight", il);
+        WEIGHT(l->ffn_norm, "blk.%d.ffn_norm.weight", il);
+        WEIGHT(l->gate_inp, "blk.%d.ffn_gate_inp.weight", il);
+    }
+#undef WEIGHT
+    g->wbuf = ggml_backend_alloc_ctx_tensors(g->wctx, g->backend);
+    if (g->wbuf == NULL) {
+        snprintf(err, err_len, "allocating the gating weights failed");
+        goto fail;
+    }
+    for (struct ggml_tensor * t = ggml_get_first_tensor(g->wctx); t != NULL; t = ggml_get_next_tensor(g->wctx, t)) {
+        for (int i = 0; i < n_ws; i++) {
+            if (strcmp(ws[i].name, ggml_get_name(t)) == 0) {
+                ggml_backend_tensor_set(t, ws[i].data, 0, ws[i].size);
+                break;
+            }
+        }
+    }
+    g->meta_size = GATING_MAX_NODES * ggml_tensor_overhead() + ggml_graph_overhead_custom(GATING_MAX_NODES, false);
+    g->meta = malloc(g->meta_size);
+    g->galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(g->backend));
+    if (g->meta == NULL || g->galloc == NULL) {
+        snprintf(err, err_len, "out of memory");
+        goto fail;
+    }
+    return g;
+fail:
+    neuro_gating_free(g);
+    return NULL;
+}
+
+void neuro_session_free(neuro_session * s) {
+    if (s == NULL) {
+        return;
+    }
+    if (s->kvbuf) ggml_backend_buffer_free(s->kvbuf);
+    if (s->kvctx) ggml_free(s->kvctx);
+    free(s->k);
+    free(s->v);
+    free(s);
+}
+
+neuro_session * neuro_session_new(neuro_gating * g, int n_ctx, char * err, size_t err_len) {
+    const neuro_hparams * hp = &g->hp;
+    neuro_session * s = calloc(1, sizeof(*s));
+    if (s == NULL) {
+        snprintf(err, err_len, "out of memory");
+        return NULL;
+    }
+    s->g = g;
+    s->n_ctx = n_ctx;
+    s->k = calloc(hp->n_layer, sizeof(*s->k));
+    s->v = calloc(hp->n_layer, sizeof(*s->v));
+    struct ggml_init_params p = { (size_t) (2 * hp->n_layer + 2) * ggml_tensor_overhead(), NULL, true };
+    s->kvctx = ggml_init(p);
+    if (s->k == NULL || s->v == NULL || s->kvctx == NULL) {
+        snprintf(err, err_len, "out of memory");
+        goto fail;
+    }
+    const int64_t n_embd_gqa = (int64_t) hp->n_embd / hp->n_head * hp->n_head_kv;
+    for (int il = 0; il < hp->n_layer; il++) {
+        s->k[il] = ggml_new_tensor_2d(s->kvctx, GGML_TYPE_F16, n_embd_gqa, n_ctx);
+        s->v[il] = ggml_new_tensor_2d(s->kvctx, GGML_TYPE_F16, n_embd_gqa, n_ctx);
+    }
+    s->kvbuf = ggml_backend_alloc_ctx_tensors(s->kvctx, g->backend);
+    if (s->kvbuf == NULL) {
+        snprintf(err, err_len, "allocating a KV cache of %d tokens failed", n_ctx);
+        goto fail;
+    }
+    ggml_backend_buffer_clear(s->kvbuf, 0);
+    return s;
+fail:
+    neuro_session_free(s);
+    return NULL;
+}
+
+static struct ggml_context * graph_ctx(neuro_gating * g) {
+    struct ggml_init_params p = { g->meta_size, g->meta, true };
+    return ggml_init(p);
+}
+
+// run allocates and computes gf after set_inputs has filled its inputs.
+static int run(neuro_gating * g, struct ggml_cgraph * gf) {
+    if (!ggml_gallocr_alloc_graph(g->galloc, gf)) {
+        return 3;
+    }
+    return 0;
+}
+
+static int compute(neuro_gating * g, struct ggml_cgraph * gf) {
+    return ggml_backend_graph_compute(g->backend, gf) == GGML_STATUS_SUCCESS ? 0 : 4;
+}
+
+static struct ggml_tensor * rms_norm(struct ggml_context * ctx, struct ggml_tensor * x, struct ggml_tensor * w, float eps) {
+    return ggml_mul(ctx, ggml_rms_norm(ctx, x, eps), w);
+}
+
+int neuro_embed(neuro_session * s, const int32_t * tokens, int n, float * out) {
+    neuro_gating * g = s->g;
+    struct ggml_context * ctx = graph_ctx(g);
+    if (ctx == NULL) return 2;
+    struct ggml_cgraph * gf = ggml_new_graph_custom(ctx, GATING_MAX_NODES, false);
+    struct ggml_tensor * toks = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
+    ggml_set_input(toks);
+    struct ggml_tensor * x = ggml_get_rows(ctx, g->tok_embd, toks);
+    ggml_set_output(x);
+    ggml_build_forward_expand(gf, x);
+    int rc = run(g, gf);
+    if (rc == 0) {
+        ggml_backend_tensor_set(toks, tokens, 0, ggml_nbytes(toks));
+        rc = compute(g, gf);
+    }
+    if (rc == 0) ggml_backend_tensor_get(x, out, 0, ggml_nbytes(x));
+    ggml_free(ctx);
+    return rc;
+}
+
+// kv_len is llama.cpp's n_kv: the cache cells attention looks at, padded
+// to 256 so that graphs keep their shape (llama_kv_cache::get_n_kv).
+static int kv_len(int n_ctx, int used) {
+    int pad = 256;
+    int padded = (used + pad - 1) / pad * pad;
+    int n = padded > pad ? padded : pad;
+    return n < n_ctx ? n : n_ctx;
+}
+
+int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, int last_only,
+                float * ffn_inp_out, float * moe_in_out, int32_t * selected_ids, float * weights_out) {
+    neuro_gating * g = s->g;
+    const neuro_hparams * hp = &g->hp;
+    const struct gating_layer * L = &g->layers[il];
+    if (il < 0 || il >= hp->n_layer || n < 1 || pos0 < 0 || pos0 + n > s->n_ctx) {
+        return 1;
+    }
+    const int64_t n_embd_head = hp->n_embd / hp->n_head;
+    const int64_t n_embd_gqa = n_embd_head * hp->n_head_kv;
+    const int n_kv = kv_len(s->n_ctx, pos0 + n);
+    const int n_out = last_only ? 1 : n;
+
+    struct ggml_context * ctx = graph_ctx(g);
+    if (ctx == NULL) return 2;
+    struct ggml_cgraph * gf = ggml_new_graph_custom(ctx, GATING_MAX_NODES, false);
+
+    struct ggml_tensor * inpL = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, hp->n_embd, n);
+    ggml_set_input(inpL);
+    struct ggml_tensor * pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
+    ggml_set_input(pos);
+    struct ggml_tensor * k_idxs = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n);
+    ggml_set_input(k_idxs);
+    struct ggml_tensor * v_idxs = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n * n_embd_gqa);
+    ggml_set_input(v_idxs);
+    struct ggml_tensor * mask = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, n_kv, n, 1, 1);
+    ggml_set_input(mask);
+    struct ggml_tensor * out_ids = NULL; // llama.cpp's inp_out_ids: the last layer keeps only the output row
+    if (last_only) {
+        out_ids = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, 1);
+        ggml_set_input(out_ids);
+    }
+
+    // attention
+    struct ggml_tensor * cur = rms_norm(ctx, inpL, L->attn_norm, hp->rms_eps);
+    struct ggml_tensor * q = ggml_mul_mat(ctx, L->wq, cur);
+    struct ggml_tensor * k = ggml_mul_mat(ctx, L->wk, cur);
+    struct ggml_tensor * v = ggml_mul_mat(ctx, L->wv, cur);
+    q = ggml_reshape_3d(ctx, q, n_embd_head, hp->n_head, n);
+    k = ggml_reshape_3d(ctx, k, n_embd_head, hp->n_head_kv, n);
+    v = ggml_reshape_3d(ctx, v, n_embd_head, hp->n_head_kv, n);
+    q = ggml_rope_ext(ctx, q, pos, NULL, hp->n_rot, 0 /* LLAMA_ROPE_TYPE_NORM */, hp->n_ctx_train,
+                      hp->rope_freq_base, 1.0f, 0.0f, 1.0f, 32.0f, 1.0f);
+    k = ggml_rope_ext(ctx, k, pos, NULL, hp->n_rot, 0, hp->n_ctx_train,
+                      hp->rope_freq_base, 1.0f, 0.0f, 1.0f, 32.0f, 1.0f);
+    ggml_build_forward_expand(gf, q);
+    ggml_build_forward_expand(gf, k);
+    ggml_build_forward_expand(gf, v);
+
+    // store K and V (llama_kv_cache::cpy_k / cpy_v with a transposed V)
+    struct ggml_tensor * kc = s->k[il];
+    struct ggml_tensor * vc = s->v[il];
+    struct ggml_tensor * k2 = ggml_view_2d(ctx, k, n_embd_gqa, n, k->nb[2], 0);
+    ggml_build_forward_expand(gf, ggml_set_rows(ctx, kc, k2, k_idxs));
+    struct ggml_tensor * v2 = ggml_reshape_2d(ctx, v, n_embd_gqa, n);
+    struct ggml_tensor * v_view = ggml_reshape_2d(ctx, vc, 1, ggml_nelements(vc));
+    v2 = ggml_reshape_2d(ctx, v2, 1, ggml_nelements(v2));
+    ggml_build_forward_expand(gf, ggml_set_rows(ctx, v_view, v2, v_idxs));
+
+    // read the cache (llama_kv_cache::get_k / get_v)
+    struct ggml_tensor * kk = ggml_view_4d(ctx, kc, n_embd_head, hp->n_head_kv, n_kv, 1,
+                                           ggml_row_size(kc->type, n_embd_head),
+                                           ggml_row_size(kc->type, n_embd_gqa),
+                                           ggml_row_size(kc->type, n_embd_gqa * s->n_ctx), 0);
+    struct ggml_tensor * vv = ggml_view_4d(ctx, vc, n_kv, hp->n_head_kv, n_embd_head, 1,
+                                           ggml_row_size(vc->type, (int64_t) s->n_ctx * n_embd_head),
+                                           ggml_row_size(vc->type, s->n_ctx),
+                                           ggml_row_size(vc->type, (int64_t) s->n_ctx * n_embd_gqa), 0);
+
+    // build_attn_mha without flash attention
+    struct ggml_tensor * qp = ggml_permute(ctx, q, 0, 2, 1, 3);
+    struct ggml_tensor * kp = ggml_permute(ctx, kk, 0, 2, 1, 3);
+    struct ggml_tensor * vp = ggml_permute(ctx, vv, 0, 2, 1, 3);
+    struct ggml_tensor * kq = ggml_mul_mat(ctx, kp, qp);
+    ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
+    kq = ggml_soft_max_ext(ctx, kq, mask, 1.0f / sqrtf((float) n_embd_head), 0.0f);
+    struct ggml_tensor * kqv = ggml_mul_mat(ctx, vp, kq);
+    cur = ggml_permute(ctx, kqv, 0, 2, 1, 3);
+    cur = ggml_cont_2d(ctx, cur, cur->ne[0] * cur->ne[1], cur->ne[2] * cur->ne[3]);
+    ggml_build_forward_expand(gf, cur);
+    cur = ggml_mul_mat(ctx, L->wo, cur);
+
+    struct ggml_tensor * inpSA = inpL;
+    if (last_only) {
+        cur = ggml_get_rows(ctx, cur, out_ids);
+        inpSA = ggml_get_rows(ctx, inpSA, out_ids);
+    }
+    struct ggml_tensor * ffn_inp = ggml_add(ctx, cur, inpSA);
+    ggml_set_output(ffn_inp);
+
+    // build_moe_ffn up to the expert calls: softmax router, top-k,
+    // weights normalised by their (clamped) sum
+    struct ggml_tensor * moe_in = rms_norm(ctx, ffn_inp, L->ffn_norm, hp->rms_eps);
+    ggml_set_output(moe_in);
+    struct ggml_tensor * logits = ggml_mul_mat(ctx, L->gate_inp, moe_in); // [n_expert, n_out]
+    struct ggml_tensor * probs = ggml_soft_max(ctx, logits);
+    struct ggml_tensor * selected = ggml_argsort_top_k(ctx, probs, hp->n_expert_used); // [n_used, n_out], a view
+    // A contiguous copy to read back: the view's parent is freed for reuse
+    // once the graph no longer needs it.
+    struct ggml_tensor * selected_out = ggml_cont(ctx, selected);
+    ggml_set_output(selected_out);
+    probs = ggml_reshape_3d(ctx, probs, 1, hp->n_expert, n_out);
+    struct ggml_tensor * weights = ggml_get_rows(ctx, probs, selected); // [1, n_used, n_out]
+    weights = ggml_reshape_2d(ctx, weights, hp->n_expert_used, n_out);
+    struct ggml_tensor * wsum = ggml_sum_rows(ctx, weights);
+    wsum = ggml_clamp(ctx, wsum, 6.103515625e-5f, INFINITY);
+    weights = ggml_div(ctx, weights, wsum);
+    ggml_set_output(weights);
+
+    ggml_build_forward_expand(gf, ffn_inp);
+    ggml_build_forward_expand(gf, moe_in);
+    ggml_build_forward_expand(gf, selected_out);
+    ggml_build_forward_expand(gf, weights);
+
+    int rc = run(g, gf);
+    if (rc == 0) {
+        ggml_backend_tensor_set(inpL, inp, 0, ggml_nbytes(inpL));
+        int32_t * p = malloc(sizeof(int32_t) * n);
+        int64_t * ki = malloc(sizeof(int64_t) * n);
+        int64_t * vi = malloc(sizeof(int64_t) * n * n_embd_gqa);
+        float * m = malloc(sizeof(float) * n_kv * n);
+        if (p == NULL || ki == NULL || vi == NULL || m == NULL) {
+            rc = 5;
+        } else {
+            for (int t = 0; t < n; t++) {
+                p[t] = pos0 + t;
+                ki[t] = pos0 + t;
+                for (int64_t d = 0; d < n_embd_gqa; d++) {
+                    vi[t * n_embd_gqa + d] = d * s->n_ctx + (pos0 + t);
+                }
+                for (int c = 0; c < n_kv; c++) {
+                    // causal: a cell is visible to a token at or after its position
+                    m[(int64_t) t * n_kv + c] = (c <= pos0 + t) ? 0.0f : -INFINITY;
+                }
+            }
+            int32_t last = n - 1;
+            ggml_backend_tensor_set(pos, p, 0, ggml_nbytes(pos));
+            ggml_backend_tensor_set(k_idxs, ki, 0, ggml_nbytes(k_idxs));
+            ggml_backend_tensor_set(v_idxs, vi, 0, ggml_nbytes(v_idxs));
+            ggml_backend_tensor_set(mask, m, 0, ggml_nbytes(mask));
+            if (out_ids != NULL) {
+                ggml_backend_tensor_set(out_ids, &last, 0, sizeof(last));
+            }
+            rc = compute(g, gf);
+        }
+        free(p);
+        free(ki);
+        free(vi);
+        free(m);
+    }
+    if (rc == 0) {
+        ggml_backend_tensor_get(ffn_inp, ffn_inp_out, 0, ggml_nbytes(ffn_inp));
+        ggml_backend_tensor_get(moe_in, moe_in_out, 0, ggml_nbytes(moe_in));
+        ggml_backend_tensor_get(selected_out, selected_ids, 0, ggml_nbytes(selected_out));
+        ggml_backend_tensor_get(weights, weights_out, 0, ggml_nbytes(weights));
+    }
+    ggml_free(ctx);
+    return rc;
+}
+
+int neuro_output(neuro_session * s, const float * x, int n_out, float * logits_out) {
+    neuro_gating * g = s->g;
+    struct ggml_context * ctx = graph_ctx(g);
+    if (ctx == NULL) return 2;
+    struct ggml_cgraph * gf = ggml_new_graph_custom(ctx, GATING_MAX_NODES, false);
+    struct ggml_tensor * in = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, g->hp.n_embd, n_out);
+    ggml_set_input(in);
+    struct ggml_tensor * cur = rms_norm(ctx, in, g->output_norm, g->hp.rms_eps);
+    cur = ggml_mul_mat(ctx, g->output, cur);
+    ggml_set_output(cur);
+    ggml_build_forward_expand(gf, cur);
+    int rc = run(g, gf);
+    if (rc == 0) {
+        ggml_backend_tensor_set(in, x, 0, ggml_nbytes(in));
+        rc = compute(g, gf);
+    }
+    if (rc == 0) ggml_backend_tensor_get(cur, logits_out, 0, ggml_nbytes(cur));
+    ggml_free(ctx);
+    return rc;
+}

@@ -1,0 +1,107 @@
+package ggml
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/ipfs/go-cid"
+
+	"github.com/neuro-p2p/neuro/model"
+)
+
+// SplitModel is a model run from its shards in one process: the gating
+// compute, every expert as a LocalExperts, and llama.cpp's tokenizer read
+// from the gating shard. It is the single-machine form of the distributed
+// forward pass.
+type SplitModel struct {
+	Vocab   *Llama
+	Gating  *Gating
+	Experts *LocalExperts
+}
+
+// LoadSplit loads the split model in dir (verifying the manifest against
+// want, if defined, and every shard against its CID).
+func LoadSplit(dir string, want cid.Cid, threads int) (_ *SplitModel, err error) {
+	m, _, err := model.LoadManifest(dir, want)
+	if err != nil {
+		return nil, err
+	}
+	gs, err := model.OpenShard(dir, m.GetGating())
+	if err != nil {
+		return nil, fmt.Errorf("gating %w", err)
+	}
+	hp, err := HparamsOf(m, gs)
+	if err != nil {
+		return nil, err
+	}
+	sm := &SplitModel{Experts: &LocalExperts{Embd: hp.Embd, Used: hp.ExpertsUsed, Experts: map[[2]int]*Expert{}}}
+	defer func() {
+		if err != nil {
+			err = errors.Join(err, sm.Close())
+		}
+	}()
+	c, _ := cid.Cast(m.GetGating().GetCid())
+	if sm.Vocab, err = LoadVocab(model.ShardPath(dir, c)); err != nil {
+		return nil, err
+	}
+	if sm.Gating, err = NewGating(hp, gs, threads); err != nil {
+		return nil, err
+	}
+	for _, ref := range m.GetExperts() {
+		s, err := model.OpenShard(dir, ref.GetShard())
+		if err != nil {
+			return nil, fmt.Errorf("expert %d:%d: %w", ref.GetLayer(), ref.GetExpert(), err)
+		}
+		e, err := NewExpertFromShard(s, int(ref.GetLayer()), ExpertOptions{Threads: threads})
+		if err != nil {
+			return nil, fmt.Errorf("expert %d:%d: %w", ref.GetLayer(), ref.GetExpert(), err)
+		}
+		sm.Experts.Experts[[2]int{int(ref.GetLayer()), int(ref.GetExpert())}] = e
+	}
+	return sm, nil
+}
+
+// Close frees everything.
+func (sm *SplitModel) Close() error {
+	var errs []error
+	if sm.Experts != nil {
+		errs = append(errs, sm.Experts.Close())
+	}
+	if sm.Gating != nil {
+		errs = append(errs, sm.Gating.Close())
+	}
+	if sm.Vocab != nil {
+		errs = append(errs, sm.Vocab.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// GenerateGreedy generates as Llama.GenerateGreedy does, through the
+// gating compute and experts (sm.Experts when experts is nil).
+func (sm *SplitModel) GenerateGreedy(ctx context.Context, prompt string, maxTokens, nCtx int, experts Experts, keepLogits bool) (*Generation, error) {
+	if maxTokens < 1 {
+		return nil, fmt.Errorf("max tokens %d: must be at least 1", maxTokens)
+	}
+	if experts == nil {
+		experts = sm.Experts
+	}
+	toks, err := sm.Vocab.Tokenize(prompt, true)
+	if err != nil {
+		return nil, err
+	}
+	if nCtx <= 0 {
+		nCtx = min(sm.Gating.Hparams().CtxLen, 4096)
+	}
+	if len(toks)+maxTokens > nCtx {
+		return nil, fmt.Errorf("prompt of %d tokens + %d new tokens: %w (%d tokens)", len(toks), maxTokens, ErrContextFull, nCtx)
+	}
+	s, err := sm.Gating.NewSession(nCtx)
+	if err != nil {
+		return nil, err
+	}
+	defer s.Close()
+	return sm.Vocab.greedy(toks, maxTokens, keepLogits, func(next []int32) ([]float32, error) {
+		return s.Forward(ctx, next, experts)
+	})
+}
