@@ -68,9 +68,12 @@ proto:
 proto-check: proto
 	git diff --exit-code -- proto/
 
-## bench: run the benchmarks and print their figures
+## bench: run the benchmarks and print their figures (a few minutes)
 bench:
-	$(GO) test -run '^$$' -bench . -benchtime 2000x ./...
+	$(GO) test -run '^$$' -bench . -benchtime 2000x ./testnet/
+	$(GO) test -run '^$$' -bench ExpertFFN -benchtime 20x ./ggml/
+	$(GO) test -run '^$$' -bench LlamaCppExpertMatmul -benchtime 50x ./ggml/
+	$(GO) test -run '^$$' -bench Generate -benchtime 3x ./ggml/
 
 ## testnet: build neurod and run a local network of NODES processes until Ctrl-C
 testnet: build

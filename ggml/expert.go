@@ -9,7 +9,6 @@ import "C"
 import (
 	"errors"
 	"fmt"
-	"runtime"
 	"sync"
 	"unsafe"
 
@@ -68,13 +67,16 @@ func NewExpert(dtype model.DType, embd, ff int, gate, up, down []byte, o ExpertO
 			return nil, fmt.Errorf("expert: %s weights are %d bytes, want %d for %s [%d x %d]", w.name, len(w.b), want, dtype, embd, ff)
 		}
 	}
-	if o.Threads <= 0 {
-		o.Threads = runtime.GOMAXPROCS(0)
+	if o.Threads <= 0 || o.Threads > poolThreads {
+		o.Threads = poolThreads
 	}
 	if o.MaxBatch <= 0 {
 		o.MaxBatch = 512
 	}
 	initBackend()
+	computeMu.Lock()
+	defer computeMu.Unlock()
+	C.neuro_pool(C.int(poolThreads))
 	var errbuf [256]C.char
 	c := C.neuro_expert_new(C.int(embd), C.int(ff), C.int(dtype),
 		unsafe.Pointer(&gate[0]), unsafe.Pointer(&up[0]), unsafe.Pointer(&down[0]),
@@ -135,6 +137,8 @@ func (e *Expert) Compute(x []float32, n int, out []float32) error {
 	if e.c == nil {
 		return ErrClosed
 	}
+	computeMu.Lock()
+	defer computeMu.Unlock()
 	if rc := C.neuro_expert_compute(e.c, (*C.float)(&x[0]), C.int(n), (*C.float)(&out[0])); rc != 0 {
 		return fmt.Errorf("expert: ggml compute failed (code %d)", int(rc))
 	}

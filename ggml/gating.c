@@ -30,7 +30,6 @@ struct gating_layer {
 struct neuro_gating {
     neuro_hparams hp;
     ggml_backend_t backend;
-    struct ggml_threadpool * threadpool;
     struct ggml_context * wctx;
     ggml_backend_buffer_t wbuf;
     struct ggml_tensor * tok_embd;
@@ -76,7 +75,6 @@ void neuro_gating_free(neuro_gating * g) {
     if (g->wbuf) ggml_backend_buffer_free(g->wbuf);
     if (g->wctx) ggml_free(g->wctx);
     if (g->backend) ggml_backend_free(g->backend);
-    if (g->threadpool) ggml_threadpool_free(g->threadpool);
     free(g->layers);
     free(g->meta);
     free(g);
@@ -96,15 +94,13 @@ neuro_gating * neuro_gating_new(const neuro_hparams * hp, const neuro_weight * w
     g->hp = *hp;
     g->layers = calloc(hp->n_layer, sizeof(struct gating_layer));
     g->backend = ggml_backend_cpu_init();
-    struct ggml_threadpool_params tpp = ggml_threadpool_params_default(n_threads);
-    tpp.poll = 0; // idle workers sleep: a node holds many experts, each with its own pool
-    g->threadpool = ggml_threadpool_new(&tpp);
-    if (g->layers == NULL || g->backend == NULL || g->threadpool == NULL) {
+    struct ggml_threadpool * tp = neuro_pool(n_threads);
+    if (g->layers == NULL || g->backend == NULL || tp == NULL) {
         snprintf(err, err_len, "ggml CPU backend init failed");
         goto fail;
     }
     ggml_backend_cpu_set_n_threads(g->backend, n_threads);
-    ggml_backend_cpu_set_threadpool(g->backend, g->threadpool);
+    ggml_backend_cpu_set_threadpool(g->backend, tp);
 
     struct ggml_init_params wp = { (size_t) (8 + 8 * hp->n_layer) * ggml_tensor_overhead(), NULL, true };
     g->wctx = ggml_init(wp);

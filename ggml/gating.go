@@ -112,8 +112,8 @@ type Gating struct {
 // NewGating copies the gating shard's tensors into ggml memory, checking
 // each against the shape the hyper-parameters imply.
 func NewGating(hp Hparams, shard *model.Shard, threads int) (*Gating, error) {
-	if threads <= 0 {
-		threads = runtime.GOMAXPROCS(0)
+	if threads <= 0 || threads > poolThreads {
+		threads = poolThreads
 	}
 	kv := hp.Embd / hp.Heads * hp.KVHeads
 	want := map[string][]uint64{
@@ -174,6 +174,9 @@ func NewGating(hp Hparams, shard *model.Shard, threads int) (*Gating, error) {
 		rope_freq_base: C.float(hp.RopeFreqBase), rms_eps: C.float(hp.RMSEps),
 	}
 	initBackend()
+	computeMu.Lock()
+	defer computeMu.Unlock()
+	C.neuro_pool(C.int(poolThreads))
 	var errbuf [256]C.char
 	c := C.neuro_gating_new(&chp, &ws[0], C.int(len(ws)), C.int(threads), &errbuf[0], C.size_t(len(errbuf)))
 	if c == nil {
@@ -310,6 +313,8 @@ func (s *Session) Forward(ctx context.Context, tokens []int32, experts Experts) 
 func (s *Session) call(f func() C.int) error {
 	s.g.mu.Lock()
 	defer s.g.mu.Unlock()
+	computeMu.Lock()
+	defer computeMu.Unlock()
 	if s.g.c == nil || s.c == nil {
 		return ErrClosed
 	}

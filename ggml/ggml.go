@@ -20,12 +20,21 @@ package ggml
 import "C"
 
 import (
+	"runtime"
 	"sync"
 
 	_ "github.com/ollama/ollama/llama/llama.cpp/src"
 )
 
 var initOnce sync.Once
+
+// computeMu serialises every ggml compute and construction of this
+// process: they share one threadpool (see neuro_pool), and one graph at a
+// time is what the cores can run anyway.
+var computeMu sync.Mutex
+
+// poolThreads is the size of the shared threadpool: every core.
+var poolThreads = runtime.NumCPU()
 
 // initBackend initializes llama.cpp once and routes its logs to slog.
 func initBackend() {

@@ -16,13 +16,22 @@ void neuro_log_install(void) {
     llama_log_set((ggml_log_callback) neuroLog, NULL);
 }
 
+static struct ggml_threadpool * pool;
+
+struct ggml_threadpool * neuro_pool(int n_threads) {
+    if (pool == NULL) {
+        struct ggml_threadpool_params tpp = ggml_threadpool_params_default(n_threads);
+        pool = ggml_threadpool_new(&tpp);
+    }
+    return pool;
+}
+
 // Graph metadata: a handful of tensors and one graph.
 #define EXPERT_MAX_NODES 16
 
 struct neuro_expert {
     int n_embd, n_ff, max_batch;
     ggml_backend_t backend;
-    struct ggml_threadpool * threadpool;
     struct ggml_context * wctx;
     ggml_backend_buffer_t wbuf;
     struct ggml_tensor * gate;
@@ -70,7 +79,6 @@ void neuro_expert_free(neuro_expert * e) {
     if (e->wbuf) ggml_backend_buffer_free(e->wbuf);
     if (e->wctx) ggml_free(e->wctx);
     if (e->backend) ggml_backend_free(e->backend);
-    if (e->threadpool) ggml_threadpool_free(e->threadpool);
     free(e->meta);
     free(e->zeros);
     free(e);
@@ -93,15 +101,13 @@ neuro_expert * neuro_expert_new(int n_embd, int n_ff, int type,
         snprintf(err, err_len, "ggml CPU backend init failed");
         goto fail;
     }
-    struct ggml_threadpool_params tpp = ggml_threadpool_params_default(n_threads);
-    tpp.poll = 0; // idle workers sleep: a node holds many experts, each with its own pool
-    e->threadpool = ggml_threadpool_new(&tpp);
-    if (e->threadpool == NULL) {
+    struct ggml_threadpool * tp = neuro_pool(n_threads);
+    if (tp == NULL) {
         snprintf(err, err_len, "ggml threadpool of %d threads failed", n_threads);
         goto fail;
     }
     ggml_backend_cpu_set_n_threads(e->backend, n_threads);
-    ggml_backend_cpu_set_threadpool(e->backend, e->threadpool);
+    ggml_backend_cpu_set_threadpool(e->backend, tp);
 
     struct ggml_init_params wp = { 4 * ggml_tensor_overhead(), NULL, true };
     e->wctx = ggml_init(wp);

@@ -12,6 +12,12 @@ extern "C" {
 // Routes llama.cpp's and ggml's logs to Go (neuroLog in log.go).
 void neuro_log_install(void);
 
+// neuro_pool returns the process's one ggml threadpool, creating it with
+// n_threads workers on the first call. Every backend computes on it, one
+// graph at a time (the Go side holds a lock), so that the cores are never
+// oversubscribed and workers stay warm between graphs.
+struct ggml_threadpool * neuro_pool(int n_threads);
+
 // neuro_expert computes one MoE expert's feed-forward block,
 // down(silu(gate x) * (up x)), on ggml's CPU backend. Not thread-safe.
 typedef struct neuro_expert neuro_expert;

@@ -4,11 +4,14 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
 	"time"
 
+	"github.com/ipfs/go-cid"
 	"github.com/spf13/cobra"
 
 	"github.com/neuro-p2p/neuro/ggml"
+	"github.com/neuro-p2p/neuro/model"
 )
 
 // generateOutput is the JSON of `neurod generate --json`.
@@ -23,25 +26,32 @@ type generateOutput struct {
 
 func newGenerateCmd() *cobra.Command {
 	var (
-		local, prompt string
+		local, split  string
+		prompt        string
 		maxTokens     int
 		threads       int
 		ctxSize       int
 		asJSON        bool
 	)
 	cmd := &cobra.Command{
-		Use:   "generate --local MODEL.gguf --prompt TEXT [--max-tokens N] [--json]",
+		Use:   "generate (--local|--split) MODEL --prompt TEXT [--max-tokens N] [--json]",
 		Short: "Generate text greedily from a prompt",
 		Long: `generate runs a prompt through a model and prints the continuation, picking
 the most likely token at each step (greedy decoding).
 
 --local runs the whole GGUF through llama.cpp on this machine: the
 single-machine mode, and the reference every distributed computation is
-checked against.`,
+checked against.
+
+--split runs the distributed forward pass in one process: the gating
+compute (embeddings, attention, router, output head) and the experts, each
+loaded from its CID-verified shard. MODEL is a GGUF file (split into a
+temporary directory first) or a directory written by 'neurod model split'.
+Its tokens equal --local's.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if local == "" {
-				return errors.New("flag --local: required (the model file)")
+			if (local == "") == (split == "") {
+				return errors.New("flags --local and --split: give exactly one (the model)")
 			}
 			if prompt == "" {
 				return errors.New("flag --prompt: required and non-empty")
@@ -49,15 +59,30 @@ checked against.`,
 			if maxTokens < 1 {
 				return fmt.Errorf("flag --max-tokens %d: must be at least 1", maxTokens)
 			}
-			l, err := ggml.LoadLlama(local)
-			if err != nil {
-				return err
-			}
-			defer l.Close()
-			start := time.Now()
-			g, err := l.GenerateGreedy(prompt, maxTokens, ggml.ContextOptions{Context: ctxSize, Threads: threads}, false)
-			if err != nil {
-				return fmt.Errorf("generate: %w", err)
+			var (
+				g     *ggml.Generation
+				start time.Time
+			)
+			if local != "" {
+				l, err := ggml.LoadLlama(local)
+				if err != nil {
+					return err
+				}
+				defer l.Close()
+				start = time.Now()
+				if g, err = l.GenerateGreedy(prompt, maxTokens, ggml.ContextOptions{Context: ctxSize, Threads: threads}, false); err != nil {
+					return fmt.Errorf("generate: %w", err)
+				}
+			} else {
+				sm, err := loadSplit(split, threads)
+				if err != nil {
+					return err
+				}
+				defer sm.Close()
+				start = time.Now()
+				if g, err = sm.GenerateGreedy(cmd.Context(), prompt, maxTokens, ctxSize, nil, false); err != nil {
+					return fmt.Errorf("generate: %w", err)
+				}
 			}
 			out := generateOutput{Tokens: g.Tokens, Text: g.Text, PromptTokens: len(g.Prompt),
 				TokensPerSecond: float64(len(g.Tokens)) / time.Since(start).Seconds()}
@@ -75,10 +100,31 @@ checked against.`,
 	}
 	f := cmd.Flags()
 	f.StringVar(&local, "local", "", "run this GGUF model through llama.cpp on this machine")
+	f.StringVar(&split, "split", "", "run this GGUF model (or split directory) through the gating compute with in-process experts")
 	f.StringVar(&prompt, "prompt", "", "the prompt")
 	f.IntVar(&maxTokens, "max-tokens", 32, "most tokens to generate")
 	f.IntVar(&threads, "threads", 0, "compute threads (default: all cores)")
 	f.IntVar(&ctxSize, "context", 0, "context size in tokens (default: the model's, at most 4096)")
 	f.BoolVar(&asJSON, "json", false, `print {"tokens": [...], "text": ...}`)
 	return cmd
+}
+
+// loadSplit loads a split model from a directory of shards, or splits a
+// GGUF file into a temporary directory first.
+func loadSplit(path string, threads int) (*ggml.SplitModel, error) {
+	st, err := os.Stat(path)
+	if err != nil {
+		return nil, fmt.Errorf("flag --split: %w", err)
+	}
+	dir := path
+	if !st.IsDir() {
+		if dir, err = os.MkdirTemp("", "neuro-split-"); err != nil {
+			return nil, err
+		}
+		defer os.RemoveAll(dir) // the loaded model keeps what it needs in memory
+		if _, err := model.Split(path, dir); err != nil {
+			return nil, err
+		}
+	}
+	return ggml.LoadSplit(dir, cid.Undef, threads)
 }

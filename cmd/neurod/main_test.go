@@ -426,8 +426,8 @@ func TestGenerateLocal(t *testing.T) {
 		t.Fatal(r.stderr)
 	}
 	var first []int32
-	for range 2 {
-		r := neurod(t, nil, "generate", "--local", path, "--prompt", "the model", "--max-tokens", "12", "--json")
+	for _, mode := range []string{"--local", "--split", "--local"} {
+		r := neurod(t, nil, "generate", mode, path, "--prompt", "the model", "--max-tokens", "12", "--json")
 		if r.code != 0 {
 			t.Fatalf("generate: %+v", r)
 		}
@@ -439,7 +439,7 @@ func TestGenerateLocal(t *testing.T) {
 			t.Fatalf("output %q: %v", r.stdout, err)
 		}
 		if first != nil && fmt.Sprint(first) != fmt.Sprint(out.Tokens) {
-			t.Fatalf("tokens differ between runs: %v vs %v", first, out.Tokens)
+			t.Fatalf("%s: tokens differ: %v vs %v", mode, first, out.Tokens)
 		}
 		first = out.Tokens
 	}
@@ -448,6 +448,8 @@ func TestGenerateLocal(t *testing.T) {
 		want string
 	}{
 		{[]string{"generate", "--local", path, "--prompt", ""}, "flag --prompt"},
+		{[]string{"generate", "--local", path, "--split", path, "--prompt", "x"}, "give exactly one"},
+		{[]string{"generate", "--split", path, "--prompt", "x", "--max-tokens", "300"}, "context is full"},
 		{[]string{"generate", "--local", path, "--prompt", "x", "--max-tokens", "0"}, "flag --max-tokens"},
 		{[]string{"generate", "--local", path, "--prompt", "x", "--max-tokens", "300"}, "context is full"},
 		{[]string{"generate", "--local", filepath.Join(t.TempDir(), "none.gguf"), "--prompt", "x"}, "no such file"},

@@ -1,0 +1,190 @@
+package ggml
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/ipfs/go-cid"
+
+	"github.com/neuro-p2p/neuro/model"
+)
+
+// Mixtral 8x7B's expert shape.
+const mixtralEmbd, mixtralFF = 4096, 14336
+
+// BenchmarkExpertFFN measures one expert's feed-forward block at Mixtral
+// size, as an expert node computes it: ms per call and effective GFLOP/s
+// (2 x 3 x embd x ff x batch).
+func BenchmarkExpertFFN(b *testing.B) {
+	for _, dt := range []model.DType{model.Q4_0, model.Q8_0} {
+		rng := rand.New(rand.NewPCG(1, 2))
+		gate, _ := randWeights(b, rng, dt, mixtralEmbd*mixtralFF, 0.02)
+		up, _ := randWeights(b, rng, dt, mixtralEmbd*mixtralFF, 0.02)
+		down, _ := randWeights(b, rng, dt, mixtralEmbd*mixtralFF, 0.02)
+		e, err := NewExpert(dt, mixtralEmbd, mixtralFF, gate, up, down, ExpertOptions{MaxBatch: 32})
+		if err != nil {
+			b.Fatal(err)
+		}
+		for _, batch := range []int{1, 32} {
+			b.Run(fmt.Sprintf("%s/batch=%d", dt, batch), func(b *testing.B) {
+				x := make([]float32, batch*mixtralEmbd)
+				for i := range x {
+					x[i] = 2*rng.Float32() - 1
+				}
+				out := make([]float32, len(x))
+				b.ResetTimer()
+				for range b.N {
+					if err := e.Compute(x, batch, out); err != nil {
+						b.Fatal(err)
+					}
+				}
+				per := b.Elapsed().Seconds() / float64(b.N)
+				b.ReportMetric(per*1e3, "ms/call")
+				b.ReportMetric(2*3*mixtralEmbd*mixtralFF*float64(batch)/per/1e9, "GFLOP/s")
+			})
+		}
+		e.Close()
+	}
+}
+
+// BenchmarkLlamaCppExpertMatmul puts the same expert matmul inside
+// llama.cpp's own full-model evaluation: a one-layer model with
+// Mixtral-size experts and top-1 routing, decoded one token at a time by
+// llama_decode. Everything but the expert (embedding, attention, router,
+// output head) is timed through the gating compute, which reproduces
+// llama.cpp's arithmetic; the difference is llama.cpp's time for the
+// expert: expert_ms.
+func BenchmarkLlamaCppExpertMatmul(b *testing.B) {
+	for _, dt := range []model.DType{model.Q4_0, model.Q8_0} {
+		b.Run(dt.String(), func(b *testing.B) {
+			dir := b.TempDir()
+			path := filepath.Join(dir, "m.gguf")
+			p := model.Params{Layers: 1, Experts: 2, ExpertsUsed: 1, Embd: mixtralEmbd, FF: mixtralFF, Heads: 32, KVHeads: 8,
+				Vocab: 512, Context: 512, RopeFreqBase: 1e6, RMSEps: 1e-5}
+			f, err := os.Create(path)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if err := model.Generate(f, p, dt, 3); err != nil {
+				b.Fatal(err)
+			}
+			f.Close()
+			l, err := LoadLlama(path)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer l.Close()
+			res, err := model.Split(path, filepath.Join(dir, "shards"))
+			if err != nil {
+				b.Fatal(err)
+			}
+			os.Remove(path) // keep the disk use down; llama.cpp has it mapped
+			sm, err := LoadSplit(filepath.Join(dir, "shards"), res.ModelCID, 0)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer sm.Close()
+			lc, err := l.NewContext(ContextOptions{Context: 512})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer lc.Close()
+			s, err := sm.Gating.NewSession(512)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer s.Close()
+			// Each engine runs alone: their threadpools would fight for the
+			// cores if the two were interleaved.
+			if b.N > 500 {
+				b.Fatal("context full: use -benchtime 500x or less")
+			}
+			tok := func(i int) []int32 { return []int32{int32(3 + i%400)} }
+			b.ResetTimer()
+			t0 := time.Now()
+			for i := range b.N {
+				if err := lc.Decode(tok(i)); err != nil {
+					b.Fatal(err)
+				}
+			}
+			local := time.Since(t0)
+			t1 := time.Now()
+			for i := range b.N {
+				if _, err := s.Forward(context.Background(), tok(i), noExperts{embd: p.Embd}); err != nil {
+					b.Fatal(err)
+				}
+			}
+			gating := time.Since(t1)
+			n := float64(b.N)
+			b.ReportMetric(float64(local.Microseconds())/n/1e3, "llama_ms/token")
+			b.ReportMetric(float64(gating.Microseconds())/n/1e3, "gating_ms/token")
+			b.ReportMetric(float64((local-gating).Microseconds())/n/1e3, "expert_ms")
+		})
+	}
+}
+
+// noExperts answers every MoE call with zeros, to time the gating compute
+// alone.
+type noExperts struct{ embd int }
+
+func (z noExperts) MoE(_ context.Context, _ int, _ []float32, n int, _ []int32, _ []float32) ([]float32, error) {
+	return make([]float32, n*z.embd), nil
+}
+
+// BenchmarkGenerate compares tokens per second of llama.cpp's own forward
+// pass with the split forward pass (gating compute + in-process experts)
+// on a model of the bench preset's shape with fewer layers (NEURO_BENCH_MODEL
+// names a GGUF to use instead, e.g. `neurod model make --preset bench`).
+func BenchmarkGenerate(b *testing.B) {
+	path := os.Getenv("NEURO_BENCH_MODEL")
+	if path == "" {
+		path = filepath.Join(b.TempDir(), "m.gguf")
+		p := model.Presets["bench"]
+		p.Layers = 4
+		f, err := os.Create(path)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := model.Generate(f, p, model.Q8_0, 5); err != nil {
+			b.Fatal(err)
+		}
+		f.Close()
+	}
+	dir := filepath.Join(b.TempDir(), "shards")
+	if _, err := model.Split(path, dir); err != nil {
+		b.Fatal(err)
+	}
+	const tokens = 64
+	b.Run("local", func(b *testing.B) {
+		l, err := LoadLlama(path)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer l.Close()
+		for range b.N {
+			if _, err := l.GenerateGreedy("hello world", tokens, ContextOptions{}, false); err != nil {
+				b.Fatal(err)
+			}
+		}
+		b.ReportMetric(float64(tokens*b.N)/b.Elapsed().Seconds(), "tokens/s")
+	})
+	b.Run("split", func(b *testing.B) {
+		sm, err := LoadSplit(dir, cid.Undef, 0)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer sm.Close()
+		b.ResetTimer()
+		for range b.N {
+			if _, err := sm.GenerateGreedy(context.Background(), "hello world", tokens, 0, nil, false); err != nil {
+				b.Fatal(err)
+			}
+		}
+		b.ReportMetric(float64(tokens*b.N)/b.Elapsed().Seconds(), "tokens/s")
+	})
+}
