@@ -26,12 +26,12 @@ type generateOutput struct {
 
 func newGenerateCmd() *cobra.Command {
 	var (
-		local, split  string
-		prompt        string
-		maxTokens     int
-		threads       int
-		ctxSize       int
-		asJSON        bool
+		local, split string
+		prompt       string
+		maxTokens    int
+		threads      int
+		ctxSize      int
+		asJSON       bool
 	)
 	cmd := &cobra.Command{
 		Use:   "generate (--local|--split) MODEL --prompt TEXT [--max-tokens N] [--json]",
