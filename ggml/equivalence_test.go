@@ -1,9 +1,16 @@
 package ggml
 
 import (
+	"context"
+	"errors"
 	"math"
 	"path/filepath"
+	"strings"
 	"testing"
+
+	"google.golang.org/protobuf/proto"
+
+	neuropb "github.com/neuro-p2p/neuro/proto"
 
 	"github.com/neuro-p2p/neuro/model"
 )
@@ -65,4 +72,66 @@ func TestSplitMatchesLlamaCpp(t *testing.T) {
 			}
 		})
 	}
+}
+
+func TestGatingBadInput(t *testing.T) {
+	path := tinyModel(t, model.F32, 8)
+	dir := filepath.Join(t.TempDir(), "shards")
+	res, err := model.Split(path, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gs, err := model.OpenShard(dir, res.Manifest.GetGating())
+	if err != nil {
+		t.Fatal(err)
+	}
+	hp, err := HparamsOf(res.Manifest, gs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A shard that lacks a tensor, or whose tensor has another shape.
+	bad := hp
+	bad.Layers++
+	if _, err := NewGating(bad, gs, 1); err == nil || !strings.Contains(err.Error(), "no tensor blk.2.") {
+		t.Errorf("missing tensor: %v", err)
+	}
+	bad = hp
+	bad.Experts = 5
+	if _, err := NewGating(bad, gs, 1); err == nil || !strings.Contains(err.Error(), "ffn_gate_inp") {
+		t.Errorf("shape mismatch: %v", err)
+	}
+	other := proto.Clone(res.Manifest).(*neuropb.Manifest)
+	other.Architecture = "qwen3moe"
+	if _, err := HparamsOf(other, gs); err == nil || !strings.Contains(err.Error(), "not supported") {
+		t.Errorf("unsupported architecture: %v", err)
+	}
+	g, err := NewGating(hp, gs, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	s, err := g.NewSession(16)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	z := noExperts{embd: hp.Embd}
+	if _, err := s.Forward(t.Context(), make([]int32, 17), z); !errors.Is(err, ErrContextFull) {
+		t.Errorf("over the context: %v", err)
+	}
+	if _, err := s.Forward(t.Context(), []int32{int32(hp.Vocab)}, z); err == nil {
+		t.Error("accepted a token outside the vocabulary")
+	}
+	if _, err := s.Forward(t.Context(), nil, z); err == nil {
+		t.Error("accepted no tokens")
+	}
+	if _, err := s.Forward(t.Context(), []int32{1, 5}, shortExperts{}); err == nil || !strings.Contains(err.Error(), "returned") {
+		t.Errorf("experts returning the wrong size: %v", err)
+	}
+}
+
+type shortExperts struct{}
+
+func (shortExperts) MoE(context.Context, int, []float32, int, []int32, []float32) ([]float32, error) {
+	return make([]float32, 3), nil
 }

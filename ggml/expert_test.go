@@ -154,6 +154,112 @@ func TestExpertMatchesReference(t *testing.T) {
 	}
 }
 
+// K-quants go through ggml's own quantizer; the reference dequantizes with
+// ggml and rounds activations through Q8_K, ggml's vec_dot_type for them.
+func TestExpertQ4K(t *testing.T) {
+	const embd, ff, batch = 256, 512, 3
+	rng := rand.New(rand.NewPCG(9, 9))
+	enc := func() ([]byte, []float32) {
+		x := make([]float32, embd*ff)
+		for i := range x {
+			x[i] = 0.1 * (2*rng.Float32() - 1)
+		}
+		b, err := Quantize(model.Q4_K, x, embd)
+		if err != nil {
+			t.Fatal(err)
+		}
+		y, err := Dequantize(model.Q4_K, b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b, y
+	}
+	gb, g := enc()
+	ub, u := enc()
+	// down is [ff, embd]: rows of ff values.
+	dx := make([]float32, embd*ff)
+	for i := range dx {
+		dx[i] = 0.1 * (2*rng.Float32() - 1)
+	}
+	db, err := Quantize(model.Q4_K, dx, ff)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, _ := Dequantize(model.Q4_K, db)
+	e, err := NewExpert(model.Q4_K, embd, ff, gb, ub, db, ExpertOptions{MaxBatch: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	x := make([]float32, batch*embd)
+	for i := range x {
+		x[i] = 2*rng.Float32() - 1
+	}
+	out := make([]float32, len(x))
+	if err := e.Compute(x, batch, out); err != nil {
+		t.Fatal(err)
+	}
+	act := func(v []float32) []float32 {
+		b, err := Quantize(model.Q8_K, v, len(v))
+		if err != nil {
+			t.Fatal(err)
+		}
+		y, err := model.Decode(model.Q8_K, b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return y
+	}
+	var worst float64
+	for tok := range batch {
+		want := referenceFFN(g, u, d, embd, ff, x[tok*embd:(tok+1)*embd], act)
+		worst = max(worst, maxRelErr(out[tok*embd:(tok+1)*embd], want))
+	}
+	t.Logf("q4_k: max relative error vs float64 reference %.2e", worst)
+	if worst > 1e-4 {
+		t.Fatalf("q4_k: relative error %.2e above 1e-4", worst)
+	}
+}
+
+// A token's result does not depend on the batch it shares: every output
+// element is one dot product over a whole row (mul_mat_id). So batching
+// requests on an expert node never changes an answer.
+func TestExpertBatchIndependent(t *testing.T) {
+	const embd, ff, batch = 64, 128, 512
+	rng := rand.New(rand.NewPCG(3, 4))
+	gb, _ := randWeights(t, rng, model.Q8_0, embd*ff, 0.1)
+	ub, _ := randWeights(t, rng, model.Q8_0, embd*ff, 0.1)
+	db, _ := randWeights(t, rng, model.Q8_0, embd*ff, 0.1)
+	e, err := NewExpert(model.Q8_0, embd, ff, gb, ub, db, ExpertOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	x := make([]float32, batch*embd)
+	for i := range x {
+		x[i] = 2*rng.Float32() - 1
+	}
+	all := make([]float32, len(x))
+	if err := e.Compute(x, batch, all); err != nil {
+		t.Fatal(err)
+	}
+	one := make([]float32, embd)
+	for _, tok := range []int{0, 1, 31, 32, 255, 511} {
+		if err := e.Compute(x[tok*embd:(tok+1)*embd], 1, one); err != nil {
+			t.Fatal(err)
+		}
+		for i := range one {
+			if one[i] != all[tok*embd+i] {
+				t.Fatalf("token %d: alone %v, in a batch of %d %v", tok, one[i], batch, all[tok*embd+i])
+			}
+		}
+	}
+	// Steady state allocates nothing on the Go side.
+	if a := testing.AllocsPerRun(20, func() { _ = e.Compute(x[:embd], 1, one) }); a != 0 {
+		t.Fatalf("%v allocations per call", a)
+	}
+}
+
 func TestExpertFromShard(t *testing.T) {
 	dir := t.TempDir()
 	src := filepath.Join(dir, "m.gguf")

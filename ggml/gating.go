@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"sort"
 	"sync"
 	"unsafe"
 
@@ -136,8 +137,13 @@ func NewGating(hp Hparams, shard *model.Shard, threads int) (*Gating, error) {
 	defer C.free(unsafe.Pointer(&ws[0]))
 	var pinner runtime.Pinner
 	defer pinner.Unpin()
-	i := 0
-	for name, shape := range want {
+	names := make([]string, 0, len(want))
+	for name := range want {
+		names = append(names, name)
+	}
+	sort.Strings(names) // a stable order, so that errors are the same on every run
+	for i, name := range names {
+		shape := want[name]
 		b, t, err := shard.TensorBytes(name)
 		if err != nil {
 			return nil, fmt.Errorf("gating compute: %w", err)
@@ -165,7 +171,6 @@ func NewGating(hp Hparams, shard *model.Shard, threads int) (*Gating, error) {
 			}
 		}
 		w.data, w.size = unsafe.Pointer(&b[0]), C.size_t(len(b))
-		i++
 	}
 	chp := C.neuro_hparams{
 		n_layer: C.int(hp.Layers), n_embd: C.int(hp.Embd), n_head: C.int(hp.Heads), n_head_kv: C.int(hp.KVHeads),

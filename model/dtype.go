@@ -23,6 +23,8 @@ const (
 	Q4_K DType = 12
 	Q5_K DType = 13
 	Q6_K DType = 14
+	// Q8_K is the activation type ggml pairs with k-quant weights.
+	Q8_K DType = 15
 	BF16 DType = 30
 )
 
@@ -49,6 +51,7 @@ var dtypes = map[DType]dtypeInfo{
 	Q4_K: {"q4_k", 256, 144},
 	Q5_K: {"q5_k", 256, 176},
 	Q6_K: {"q6_k", 256, 210},
+	Q8_K: {"q8_k", 256, 292},
 }
 
 // Known reports whether neuro handles the type.

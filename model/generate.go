@@ -86,6 +86,17 @@ var fileTypes = map[DType]uint32{F32: 0, F16: 1, Q4_0: 2, Q8_0: 7}
 // dtype and seed always give the same bytes. Large weights use dtype; norms
 // and the router stay F32, as llama.cpp's quantizer leaves them.
 func Generate(w io.Writer, p Params, dtype DType, seed uint64) error {
+	return GenerateArch(w, "llama", p, dtype, seed)
+}
+
+// GenerateArch is Generate for another layout: "llama" (Mixtral) or
+// "qwen3moe" (Qwen3-MoE: per-head Q/K norms and the expert size under
+// expert_feed_forward_length). Qwen3-MoE files are for the shard path; a
+// llama.cpp-loadable Qwen3 tokenizer (GPT-2 BPE) is not generated.
+func GenerateArch(w io.Writer, arch string, p Params, dtype DType, seed uint64) error {
+	if arch != "llama" && arch != "qwen3moe" {
+		return fmt.Errorf("generate: architecture %q: want llama or qwen3moe", arch)
+	}
 	if err := p.Validate(); err != nil {
 		return fmt.Errorf("generate: %w", err)
 	}
@@ -95,23 +106,28 @@ func Generate(w io.Writer, p Params, dtype DType, seed uint64) error {
 	}
 	tokens, scores, types := vocabulary(p.Vocab)
 	u32 := func(n int) uint32 { return uint32(n) }
+	a := arch + "."
+	ffKey := "feed_forward_length"
+	if arch == "qwen3moe" {
+		ffKey = "expert_feed_forward_length"
+	}
 	kvs := []KV{
-		{"general.architecture", "llama"},
+		{"general.architecture", arch},
 		{"general.name", "neuro-test"},
 		{"general.file_type", ft},
 		{"general.seed", seed},
-		{"llama.block_count", u32(p.Layers)},
-		{"llama.context_length", u32(p.Context)},
-		{"llama.embedding_length", u32(p.Embd)},
-		{"llama.feed_forward_length", u32(p.FF)},
-		{"llama.attention.head_count", u32(p.Heads)},
-		{"llama.attention.head_count_kv", u32(p.KVHeads)},
-		{"llama.rope.freq_base", p.RopeFreqBase},
-		{"llama.rope.dimension_count", u32(p.HeadDim())},
-		{"llama.attention.layer_norm_rms_epsilon", p.RMSEps},
-		{"llama.expert_count", u32(p.Experts)},
-		{"llama.expert_used_count", u32(p.ExpertsUsed)},
-		{"llama.vocab_size", u32(p.Vocab)},
+		{a + "block_count", u32(p.Layers)},
+		{a + "context_length", u32(p.Context)},
+		{a + "embedding_length", u32(p.Embd)},
+		{a + ffKey, u32(p.FF)},
+		{a + "attention.head_count", u32(p.Heads)},
+		{a + "attention.head_count_kv", u32(p.KVHeads)},
+		{a + "rope.freq_base", p.RopeFreqBase},
+		{a + "rope.dimension_count", u32(p.HeadDim())},
+		{a + "attention.layer_norm_rms_epsilon", p.RMSEps},
+		{a + "expert_count", u32(p.Experts)},
+		{a + "expert_used_count", u32(p.ExpertsUsed)},
+		{a + "vocab_size", u32(p.Vocab)},
 		{"tokenizer.ggml.model", "llama"},
 		{"tokenizer.ggml.tokens", tokens},
 		{"tokenizer.ggml.scores", scores},
@@ -148,6 +164,10 @@ func Generate(w io.Writer, p Params, dtype DType, seed uint64) error {
 		add(b+"attn_k.weight", dtype, 0, inv(e), e, kvDim)
 		add(b+"attn_v.weight", dtype, 0, inv(e), e, kvDim)
 		add(b+"attn_output.weight", dtype, 0, inv(e), e, e)
+		if arch == "qwen3moe" {
+			add(b+"attn_q_norm.weight", F32, 1, 0.1, uint64(p.HeadDim()))
+			add(b+"attn_k_norm.weight", F32, 1, 0.1, uint64(p.HeadDim()))
+		}
 		add(b+"ffn_norm.weight", F32, 1, 0.1, e)
 		add(b+"ffn_gate_inp.weight", F32, 0, 4*inv(e), e, uint64(p.Experts))
 		add(b+"ffn_gate_exps.weight", dtype, 0, inv(e), e, f, uint64(p.Experts))

@@ -126,8 +126,8 @@ func Encode(t DType, x []float32) ([]byte, error) {
 // roundf rounds half away from zero, like C's roundf.
 func roundf(v float32) float32 { return float32(math.Round(float64(v))) }
 
-// Decode converts t's byte layout back to float32 values. F32, F16, Q8_0
-// and Q4_0 are supported; len(b) must be a whole number of blocks.
+// Decode converts t's byte layout back to float32 values. F32, F16, Q8_0,
+// Q4_0 and Q8_K are supported; len(b) must be a whole number of blocks.
 func Decode(t DType, b []byte) ([]float32, error) {
 	bs := t.RowSize(t.BlockSize())
 	if bs == 0 || uint64(len(b))%bs != 0 {
@@ -162,8 +162,17 @@ func Decode(t DType, b []byte) ([]float32, error) {
 				out[32*blk+16+j] = d * float32(int(src[2+j]>>4)-8)
 			}
 		}
+	case Q8_K:
+		// float32 d, 256 int8 quants, 16 int16 block sums (unused here)
+		for blk := 0; blk < len(out)/256; blk++ {
+			src := b[292*blk:]
+			d := math.Float32frombits(le.Uint32(src))
+			for j := range 256 {
+				out[256*blk+j] = d * float32(int8(src[4+j]))
+			}
+		}
 	default:
-		return nil, fmt.Errorf("decode: %w %s (want f32, f16, q8_0 or q4_0)", ErrUnsupportedDType, t)
+		return nil, fmt.Errorf("decode: %w %s (want f32, f16, q8_0, q4_0 or q8_k)", ErrUnsupportedDType, t)
 	}
 	return out, nil
 }

@@ -130,3 +130,31 @@ func TestCorruptShardsAndManifestsAreRefused(t *testing.T) {
 		t.Errorf("garbage manifest: %v", err)
 	}
 }
+
+// The Qwen3-MoE layout splits and joins like Mixtral's.
+func TestSplitQwen3MoE(t *testing.T) {
+	dir := t.TempDir()
+	src := filepath.Join(dir, "q.gguf")
+	var buf bytes.Buffer
+	p := Presets["tiny"]
+	p.Experts, p.ExpertsUsed = 8, 2
+	if err := GenerateArch(&buf, "qwen3moe", p, Q8_0, 3); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(src, buf.Bytes(), 0o644)
+	res, err := Split(src, filepath.Join(dir, "s"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Manifest.GetArchitecture() != "qwen3moe" || res.Manifest.GetParams().GetExperts() != 8 ||
+		res.Manifest.GetParams().GetFf() != uint32(p.FF) || len(res.Manifest.GetExperts()) != 8*p.Layers {
+		t.Fatalf("manifest: %v", res.Manifest.GetParams())
+	}
+	out := filepath.Join(dir, "j.gguf")
+	if err := Join(filepath.Join(dir, "s"), res.ModelCID, out); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(out); !bytes.Equal(b, buf.Bytes()) {
+		t.Fatal("joined qwen3moe model differs")
+	}
+}
