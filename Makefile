@@ -58,6 +58,7 @@ fuzz-smoke:
 	$(GO) test ./proto/ -run '^$$' -fuzz FuzzHeartbeat -fuzztime 10s
 	$(GO) test ./node/ -run '^$$' -fuzz FuzzDecodeConfig -fuzztime 10s
 	$(GO) test ./model/ -run '^$$' -fuzz FuzzReadFile -fuzztime 10s
+	$(GO) test ./p2p/wire/ -run '^$$' -fuzz FuzzExpertRequest -fuzztime 10s
 
 ## proto: regenerate the protobuf Go code in proto/ (needs protoc: apt-get install protobuf-compiler)
 proto:
@@ -74,6 +75,7 @@ bench:
 	$(GO) test -run '^$$' -bench ExpertFFN -benchtime 20x ./ggml/
 	$(GO) test -run '^$$' -bench LlamaCppExpertMatmul -benchtime 50x ./ggml/
 	$(GO) test -run '^$$' -bench Generate -benchtime 3x ./ggml/
+	$(GO) test -run '^$$' -bench 'RoundTrip|Throughput' -benchtime 256x ./expert/
 
 ## testnet: build neurod and run a local network of NODES processes until Ctrl-C
 testnet: build

@@ -22,6 +22,8 @@ import (
 	quic "github.com/libp2p/go-libp2p/p2p/transport/quic"
 	"github.com/libp2p/go-libp2p/p2p/transport/tcp"
 	ma "github.com/multiformats/go-multiaddr"
+
+	neuropb "github.com/neuro-p2p/neuro/proto"
 )
 
 // RelayMode says when a node serves circuit relay v2 for others.
@@ -59,7 +61,19 @@ func (l Limits) resourceLimits() rcmgr.ConcreteLimitConfig {
 		Memory:         rcmgr.LimitVal64(l.MaxMemory),
 		FD:             rcmgr.LimitVal(l.MaxConns),
 	}
-	partial := rcmgr.PartialLimitConfig{System: sys}
+	partial := rcmgr.PartialLimitConfig{
+		System: sys,
+		// Expert compute holds hidden states of up to MaxExpertMessageSize
+		// in and out per request: a stream may carry a few at once, and
+		// the service as a whole half of the node's memory.
+		Stream: rcmgr.ResourceLimits{Memory: rcmgr.LimitVal64(4 * neuropb.MaxExpertMessageSize)},
+		Service: map[string]rcmgr.ResourceLimits{
+			neuropb.ExpertService: {
+				Memory:         rcmgr.LimitVal64(max(l.MaxMemory/2, 4*neuropb.MaxExpertMessageSize)),
+				StreamsInbound: rcmgr.LimitVal(max(1, l.MaxStreams/4)),
+			},
+		},
+	}
 	return partial.Build(rcmgr.DefaultLimits.AutoScale())
 }
 

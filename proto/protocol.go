@@ -35,3 +35,20 @@ const (
 // MaxManifestSize bounds an encoded Manifest (a model with thousands of
 // experts fits in well under a megabyte).
 const MaxManifestSize = 16 << 20
+
+// ExpertProtocol is the stream protocol of expert compute.
+const ExpertProtocol protocol.ID = "/neuro/expert/1.0.0"
+
+// ExpertService is the resource-manager service of expert streams.
+const ExpertService = "neuro.expert"
+
+// Expert protocol limits.
+const (
+	// MaxExpertMessageSize bounds one ExpertRequest or ExpertResponse:
+	// 512 tokens of a 8192-wide hidden state in F32, plus headroom.
+	MaxExpertMessageSize = 17 << 20
+	// MaxExpertTokens bounds the tokens of one request.
+	MaxExpertTokens = 512
+	// MaxEmbd bounds the hidden size.
+	MaxEmbd = 65536
+)

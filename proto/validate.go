@@ -135,3 +135,46 @@ func (s *ShardRef) validate(what string) error {
 	}
 	return nil
 }
+
+// Rows returns the tensor's row count and width after checking that its
+// data holds exactly rows x cols values of its dtype.
+func (t *Tensor) Rows() (rows, cols int, err error) {
+	if t == nil {
+		return 0, 0, invalid("tensor: missing")
+	}
+	if len(t.GetShape()) != 2 {
+		return 0, 0, invalid("tensor: shape %v, want [rows, cols]", t.GetShape())
+	}
+	rows, cols = int(t.GetShape()[0]), int(t.GetShape()[1])
+	if rows < 1 || cols < 1 || cols > MaxEmbd || rows > MaxExpertTokens {
+		return 0, 0, invalid("tensor: shape %v out of range", t.GetShape())
+	}
+	var size int
+	switch t.GetDtype() {
+	case WireDType_WIRE_DTYPE_F32:
+		size = 4
+	case WireDType_WIRE_DTYPE_F16:
+		size = 2
+	default:
+		return 0, 0, invalid("tensor: dtype %v", t.GetDtype())
+	}
+	if len(t.GetData()) != rows*cols*size {
+		return 0, 0, invalid("tensor: %d bytes, want %d for %v %v", len(t.GetData()), rows*cols*size, t.GetDtype(), t.GetShape())
+	}
+	return rows, cols, nil
+}
+
+// Validate checks an ExpertRequest's fields (not whether the model or
+// expert is hosted).
+func (r *ExpertRequest) Validate() error {
+	if r == nil {
+		return invalid("expert request: nil")
+	}
+	if _, err := cid.Cast(r.GetModel()); err != nil {
+		return invalid("expert request: model cid: %v", err)
+	}
+	if _, _, err := r.GetHidden().Rows(); err != nil {
+		return fmt.Errorf("expert request: hidden: %w", err)
+	}
+	return nil
+}

@@ -1,0 +1,346 @@
+package expert
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/neuro-p2p/neuro/ggml"
+	"github.com/neuro-p2p/neuro/model"
+	"github.com/neuro-p2p/neuro/p2p/wire"
+	neuropb "github.com/neuro-p2p/neuro/proto"
+)
+
+func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+// hostPair returns two connected libp2p hosts on loopback.
+func hostPair(t testing.TB) (server, client host.Host) {
+	t.Helper()
+	mk := func() host.Host {
+		h, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { h.Close() })
+		return h
+	}
+	server, client = mk(), mk()
+	if err := client.Connect(t.Context(), peer.AddrInfo{ID: server.ID(), Addrs: server.Addrs()}); err != nil {
+		t.Fatal(err)
+	}
+	return server, client
+}
+
+// tinyShards splits a tiny model and returns its CID, manifest and dir.
+func tinyShards(t *testing.T, dt model.DType) (cid.Cid, *neuropb.Manifest, string) {
+	t.Helper()
+	dir := t.TempDir()
+	src := filepath.Join(dir, "m.gguf")
+	f, err := os.Create(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := model.Generate(f, model.Presets["tiny"], dt, 77); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	res, err := model.Split(src, filepath.Join(dir, "shards"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return res.ModelCID, res.Manifest, filepath.Join(dir, "shards")
+}
+
+func loadExpert(t *testing.T, dir string, ref *neuropb.ExpertShardRef) *ggml.Expert {
+	t.Helper()
+	s, err := model.OpenShard(dir, ref.GetShard())
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := ggml.NewExpertFromShard(s, int(ref.GetLayer()), ggml.ExpertOptions{Threads: 2, MaxBatch: 64})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.Close() })
+	return e
+}
+
+func startServer(t *testing.T, h host.Host, cfg Config) *Server {
+	t.Helper()
+	s, err := NewServer(h, cfg, quiet())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func randomHidden(rng *rand.Rand, n, embd int) []float32 {
+	x := make([]float32, n*embd)
+	for i := range x {
+		x[i] = 2*rng.Float32() - 1
+	}
+	return x
+}
+
+// Expert calls over the network return exactly what the local engine
+// computes: bit-identical in F32; in F16, identical to local compute on the
+// F16-rounded input, rounded to F16.
+func TestRemoteEqualsLocal(t *testing.T) {
+	mc, m, dir := tinyShards(t, model.Q8_0)
+	sh, ch := hostPair(t)
+	srv := startServer(t, sh, DefaultConfig())
+	for _, ref := range m.GetExperts() {
+		if err := srv.Add(mc, int(ref.GetLayer()), int(ref.GetExpert()), loadExpert(t, dir, ref)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	srv.Start()
+	cl := NewClient(ch, quiet())
+	defer cl.Close()
+	embd := int(m.GetParams().GetEmbd())
+	rng := rand.New(rand.NewPCG(5, 6))
+	round := func(x []float32) []float32 {
+		out := make([]float32, len(x))
+		for i, v := range x {
+			out[i] = model.Float16ToFloat32(model.Float32ToFloat16(v))
+		}
+		return out
+	}
+	for _, ref := range m.GetExperts() {
+		local := loadExpert(t, dir, ref) // a separate instance from the same shard
+		for _, dt := range []neuropb.WireDType{neuropb.WireDType_WIRE_DTYPE_F32, neuropb.WireDType_WIRE_DTYPE_F16} {
+			const n = 3
+			x := randomHidden(rng, n, embd)
+			resp, err := cl.Call(t.Context(), sh.ID(), Request{Model: mc, Layer: int(ref.GetLayer()), Expert: int(ref.GetExpert()),
+				Hidden: x, N: n, DType: dt})
+			if err != nil {
+				t.Fatal(err)
+			}
+			in := x
+			if dt == neuropb.WireDType_WIRE_DTYPE_F16 {
+				in = round(x)
+			}
+			want := make([]float32, len(x))
+			if err := local.Compute(in, n, want); err != nil {
+				t.Fatal(err)
+			}
+			if dt == neuropb.WireDType_WIRE_DTYPE_F16 {
+				want = round(want)
+			}
+			for i := range want {
+				if resp.Output[i] != want[i] {
+					t.Fatalf("expert %d:%d %s: value %d: remote %v, local %v", ref.GetLayer(), ref.GetExpert(), dt, i, resp.Output[i], want[i])
+				}
+			}
+		}
+	}
+}
+
+// Every bad request gets its typed error, and the stream goes on working.
+func TestBadRequestsKeepStreamUsable(t *testing.T) {
+	mc, m, dir := tinyShards(t, model.F32)
+	sh, ch := hostPair(t)
+	srv := startServer(t, sh, DefaultConfig())
+	ref := m.GetExperts()[0]
+	if err := srv.Add(mc, 0, 0, loadExpert(t, dir, ref)); err != nil {
+		t.Fatal(err)
+	}
+	srv.Start()
+	st, err := ch.NewStream(t.Context(), sh.ID(), neuropb.ExpertProtocol)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	r := wire.NewReader(st, neuropb.MaxExpertMessageSize)
+	// The test writes with a larger limit, to send an oversized message.
+	w := wire.NewWriter(st, 4*neuropb.MaxExpertMessageSize)
+	embd := int(m.GetParams().GetEmbd())
+	good := func(id uint64) *neuropb.ExpertRequest {
+		return &neuropb.ExpertRequest{RequestId: id, Model: mc.Bytes(), Layer: 0, Expert: 0,
+			Hidden: EncodeFloats(make([]float32, 2*embd), 2, embd, neuropb.WireDType_WIRE_DTYPE_F32)}
+	}
+	other, _ := cid.Decode("bafkreihghcrt42q3xioms6eynwvep4ler7m5wmr6owaafrwl27hvacwvee")
+	tests := []struct {
+		name   string
+		mutate func(*neuropb.ExpertRequest)
+		code   neuropb.ExpertError_Code
+	}{
+		{"unknown model", func(q *neuropb.ExpertRequest) { q.Model = other.Bytes() }, neuropb.ExpertError_CODE_UNKNOWN_MODEL},
+		{"unknown expert", func(q *neuropb.ExpertRequest) { q.Expert = 3 }, neuropb.ExpertError_CODE_UNKNOWN_EXPERT},
+		{"wrong hidden size", func(q *neuropb.ExpertRequest) {
+			q.Hidden = EncodeFloats(make([]float32, 2*(embd+32)), 2, embd+32, neuropb.WireDType_WIRE_DTYPE_F32)
+		}, neuropb.ExpertError_CODE_WRONG_SHAPE},
+		{"wrong dtype", func(q *neuropb.ExpertRequest) { q.Hidden.Dtype = neuropb.WireDType_WIRE_DTYPE_UNSPECIFIED }, neuropb.ExpertError_CODE_BAD_REQUEST},
+		{"data does not match shape", func(q *neuropb.ExpertRequest) { q.Hidden.Data = q.Hidden.Data[:7] }, neuropb.ExpertError_CODE_BAD_REQUEST},
+		{"bad model cid", func(q *neuropb.ExpertRequest) { q.Model = []byte{1, 2, 3} }, neuropb.ExpertError_CODE_BAD_REQUEST},
+		{"expired deadline", func(q *neuropb.ExpertRequest) { q.DeadlineUnixMs = time.Now().Add(-time.Second).UnixMilli() }, neuropb.ExpertError_CODE_DEADLINE_EXCEEDED},
+		{"oversized", func(q *neuropb.ExpertRequest) {
+			q.Hidden.Data = make([]byte, neuropb.MaxExpertMessageSize+1)
+		}, neuropb.ExpertError_CODE_TOO_LARGE},
+	}
+	for i, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			id := uint64(100 + i)
+			q := good(id)
+			tc.mutate(q)
+			if err := w.Write(q); err != nil {
+				t.Fatal(err)
+			}
+			var resp neuropb.ExpertResponse
+			_ = st.SetReadDeadline(time.Now().Add(10 * time.Second))
+			if err := r.Read(&resp); err != nil {
+				t.Fatal(err)
+			}
+			if resp.GetError().GetCode() != tc.code {
+				t.Fatalf("response %v, want %s", &resp, tc.code)
+			}
+			wantID := id
+			if tc.code == neuropb.ExpertError_CODE_TOO_LARGE {
+				wantID = 0 // the message was skipped unread
+			}
+			if resp.GetRequestId() != wantID {
+				t.Fatalf("request id %d, want %d", resp.GetRequestId(), wantID)
+			}
+			// The same stream still serves a good request.
+			if err := w.Write(good(id + 1000)); err != nil {
+				t.Fatal(err)
+			}
+			resp.Reset()
+			if err := r.Read(&resp); err != nil || resp.GetError() != nil || resp.GetRequestId() != id+1000 {
+				t.Fatalf("good request after %s: %v %v", tc.name, &resp, err)
+			}
+		})
+	}
+}
+
+// gated blocks every compute until released, to hold the queue still.
+type gated struct {
+	*ggml.Expert
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (g *gated) Compute(x []float32, n int, out []float32) error {
+	g.entered <- struct{}{}
+	<-g.release
+	return g.Expert.Compute(x, n, out)
+}
+
+// A full queue answers busy at once; requests that waited while the
+// expert computed are served together in one batch.
+func TestBusyAndBatching(t *testing.T) {
+	mc, m, dir := tinyShards(t, model.Q4_0)
+	sh, ch := hostPair(t)
+	cfg := DefaultConfig()
+	cfg.MaxQueue = 4
+	srv := startServer(t, sh, cfg)
+	g := &gated{Expert: loadExpert(t, dir, m.GetExperts()[1]), entered: make(chan struct{}, 16), release: make(chan struct{})}
+	if err := srv.Add(mc, 0, 1, g); err != nil {
+		t.Fatal(err)
+	}
+	srv.Start()
+	cl := NewClient(ch, quiet())
+	defer cl.Close()
+	embd := int(m.GetParams().GetEmbd())
+	call := func() (*Response, error) {
+		ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+		defer cancel()
+		return cl.Call(ctx, sh.ID(), Request{Model: mc, Layer: 0, Expert: 1, Hidden: make([]float32, embd), N: 1})
+	}
+	type out struct {
+		r   *Response
+		err error
+	}
+	results := make(chan out, 16)
+	go func() { r, err := call(); results <- out{r, err} }()
+	select { // the first request is computing; the queue is empty
+	case <-g.entered:
+	case o := <-results:
+		t.Fatalf("first call returned before computing: %v", o.err)
+	case <-time.After(20 * time.Second):
+		t.Fatal("first call never reached the expert")
+	}
+	var wg sync.WaitGroup
+	for range 4 { // fill the queue
+		wg.Add(1)
+		go func() { defer wg.Done(); r, err := call(); results <- out{r, err} }()
+	}
+	// Wait (bounded) until the four are queued, then overflow.
+	b := srv.batchers[expertKey{string(mc.Bytes()), 0, 1}]
+	for i := 0; len(b.queue) < 4; i++ {
+		if i > 1000 {
+			t.Fatal("requests never queued")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	_, err := call()
+	var re *RemoteError
+	if !errors.As(err, &re) || re.Code != neuropb.ExpertError_CODE_BUSY {
+		t.Fatalf("overflow: %v, want busy", err)
+	}
+	close(g.release) // let everything through
+	wg.Wait()
+	batched := 0
+	for range 5 {
+		o := <-results
+		if o.err != nil {
+			t.Fatal(o.err)
+		}
+		if o.r.BatchTokens == 4 {
+			batched++
+		}
+	}
+	if batched != 4 {
+		t.Fatalf("%d requests were served in the batch of 4, want 4", batched)
+	}
+}
+
+// A node that dies mid-request leaves the caller an error at once, not a
+// hang.
+func TestServerDiesMidCall(t *testing.T) {
+	mc, m, dir := tinyShards(t, model.F32)
+	sh, ch := hostPair(t)
+	srv := startServer(t, sh, DefaultConfig())
+	g := &gated{Expert: loadExpert(t, dir, m.GetExperts()[0]), entered: make(chan struct{}, 1), release: make(chan struct{})}
+	if err := srv.Add(mc, 0, 0, g); err != nil {
+		t.Fatal(err)
+	}
+	srv.Start()
+	cl := NewClient(ch, quiet())
+	defer cl.Close()
+	errc := make(chan error, 1)
+	go func() {
+		_, err := cl.Call(t.Context(), sh.ID(), Request{Model: mc, Hidden: make([]float32, m.GetParams().GetEmbd()), N: 1})
+		errc <- err
+	}()
+	select {
+	case <-g.entered:
+	case err := <-errc:
+		t.Fatalf("call returned before computing: %v", err)
+	case <-time.After(20 * time.Second):
+		t.Fatal("call never reached the expert")
+	}
+	sh.Close() // the node goes away mid-request
+	select {
+	case err := <-errc:
+		if !errors.Is(err, ErrStreamClosed) {
+			t.Fatalf("error %v, want ErrStreamClosed", err)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("call still hanging 15 s after the node died")
+	}
+	close(g.release)
+}

@@ -1,0 +1,47 @@
+package expert
+
+import (
+	"encoding/binary"
+	"math"
+
+	"github.com/neuro-p2p/neuro/model"
+	neuropb "github.com/neuro-p2p/neuro/proto"
+)
+
+// EncodeFloats packs rows x cols values as a wire tensor of dtype (F16
+// rounds to nearest even).
+func EncodeFloats(x []float32, rows, cols int, dtype neuropb.WireDType) *neuropb.Tensor {
+	t := &neuropb.Tensor{Dtype: dtype, Shape: []uint32{uint32(rows), uint32(cols)}}
+	le := binary.LittleEndian
+	if dtype == neuropb.WireDType_WIRE_DTYPE_F16 {
+		t.Data = make([]byte, 2*len(x))
+		for i, v := range x {
+			le.PutUint16(t.Data[2*i:], model.Float32ToFloat16(v))
+		}
+		return t
+	}
+	t.Dtype = neuropb.WireDType_WIRE_DTYPE_F32
+	t.Data = make([]byte, 4*len(x))
+	for i, v := range x {
+		le.PutUint32(t.Data[4*i:], math.Float32bits(v))
+	}
+	return t
+}
+
+// DecodeFloats unpacks a wire tensor checked by Tensor.Rows.
+func DecodeFloats(t *neuropb.Tensor) []float32 {
+	le := binary.LittleEndian
+	d := t.GetData()
+	if t.GetDtype() == neuropb.WireDType_WIRE_DTYPE_F16 {
+		out := make([]float32, len(d)/2)
+		for i := range out {
+			out[i] = model.Float16ToFloat32(le.Uint16(d[2*i:]))
+		}
+		return out
+	}
+	out := make([]float32, len(d)/4)
+	for i := range out {
+		out[i] = math.Float32frombits(le.Uint32(d[4*i:]))
+	}
+	return out
+}
