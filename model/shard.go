@@ -284,18 +284,41 @@ func LoadManifest(dir string, want cid.Cid) (*neuropb.Manifest, cid.Cid, error) 
 	if len(raw) > neuropb.MaxManifestSize {
 		return nil, cid.Undef, fmt.Errorf("manifest %s: larger than %d bytes", path, neuropb.MaxManifestSize)
 	}
-	got := CIDOf(raw)
-	if want.Defined() && !got.Equals(want) {
-		return nil, cid.Undef, fmt.Errorf("manifest %s: %w: got %s, want %s", path, ErrCIDMismatch, got, want)
-	}
-	m := &neuropb.Manifest{}
-	if err := proto.Unmarshal(raw, m); err != nil {
-		return nil, cid.Undef, fmt.Errorf("manifest %s: %w: %v", path, neuropb.ErrInvalid, err)
-	}
-	if err := m.Validate(); err != nil {
+	m, got, err := ParseManifest(raw, want)
+	if err != nil {
 		return nil, cid.Undef, fmt.Errorf("manifest %s: %w", path, err)
 	}
 	return m, got, nil
+}
+
+// ParseManifest decodes and checks an encoded manifest. If want is
+// defined, the bytes must hash to it.
+func ParseManifest(raw []byte, want cid.Cid) (*neuropb.Manifest, cid.Cid, error) {
+	if len(raw) > neuropb.MaxManifestSize {
+		return nil, cid.Undef, fmt.Errorf("larger than %d bytes", neuropb.MaxManifestSize)
+	}
+	got := CIDOf(raw)
+	if want.Defined() && !got.Equals(want) {
+		return nil, cid.Undef, fmt.Errorf("%w: got %s, want %s", ErrCIDMismatch, got, want)
+	}
+	m := &neuropb.Manifest{}
+	if err := proto.Unmarshal(raw, m); err != nil {
+		return nil, cid.Undef, fmt.Errorf("%w: %v", neuropb.ErrInvalid, err)
+	}
+	if err := m.Validate(); err != nil {
+		return nil, cid.Undef, err
+	}
+	return m, got, nil
+}
+
+// ShardRefs lists a manifest's shards: the gating shard, then the experts
+// in order.
+func ShardRefs(m *neuropb.Manifest) []*neuropb.ShardRef {
+	refs := []*neuropb.ShardRef{m.GetGating()}
+	for _, e := range m.GetExperts() {
+		refs = append(refs, e.GetShard())
+	}
+	return refs
 }
 
 // Shard is a verified shard loaded into memory.
@@ -325,7 +348,15 @@ func OpenShard(dir string, ref *neuropb.ShardRef) (*Shard, error) {
 	if err != nil {
 		return nil, fmt.Errorf("shard: bad cid: %w", err)
 	}
-	path := ShardPath(dir, c)
+	return OpenShardFile(ShardPath(dir, c), ref)
+}
+
+// OpenShardFile is OpenShard for a shard at path.
+func OpenShardFile(path string, ref *neuropb.ShardRef) (*Shard, error) {
+	c, err := cid.Cast(ref.GetCid())
+	if err != nil {
+		return nil, fmt.Errorf("shard: bad cid: %w", err)
+	}
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("shard %s: %w", c, err)

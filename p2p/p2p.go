@@ -99,9 +99,10 @@ type Host struct {
 	dht  *dht.IpfsDHT
 	ps   *pubsub.PubSub
 
-	routing *Topic[*neuropb.Heartbeat]
-	peers   *PeerTable
-	rej     *Rejections
+	routing   *Topic[*neuropb.Heartbeat]
+	peers     *PeerTable
+	rej       *Rejections
+	provCache providerCache
 
 	started time.Time
 	hbSeq   uint64 // owned by the heartbeat loop

@@ -52,3 +52,16 @@ const (
 	// MaxEmbd bounds the hidden size.
 	MaxEmbd = 65536
 )
+
+// ShardProtocol is the stream protocol that moves shards and manifests.
+const ShardProtocol protocol.ID = "/neuro/shard/1.0.0"
+
+// ShardService is the resource-manager service of shard streams.
+const ShardService = "neuro.shard"
+
+// MaxShardHeaderSize bounds a ShardRequest or ShardResponse.
+const MaxShardHeaderSize = 4 << 10
+
+// MaxBlobSize bounds one blob: an expert of the largest MoE models in F16
+// is a few GiB.
+const MaxBlobSize = 16 << 30

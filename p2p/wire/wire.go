@@ -80,3 +80,7 @@ func (w *Writer) Write(m proto.Message) error {
 	}
 	return w.w.Flush()
 }
+
+// Raw returns the reader under the framing, for a protocol whose framed
+// header is followed by raw bytes; it holds whatever Read buffered.
+func (r *Reader) Raw() io.Reader { return r.r }

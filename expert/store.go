@@ -1,0 +1,263 @@
+package expert
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/ipfs/go-cid"
+	mh "github.com/multiformats/go-multihash"
+
+	"github.com/neuro-p2p/neuro/model"
+	neuropb "github.com/neuro-p2p/neuro/proto"
+)
+
+// Store holds content-addressed blobs (shards and manifests) in a
+// directory, each named by its CID (<cid>.blob). A blob is written to a partial file
+// while its hash is computed, and renamed into place only when the hash
+// matches the CID; a partial file survives an interrupted transfer so that
+// the next fetch resumes it.
+type Store struct {
+	dir string
+}
+
+// Suffixes of store files.
+const (
+	blobExt    = ".blob"
+	partialExt = ".partial"
+)
+
+// ErrNotFound means the store does not hold the blob.
+var ErrNotFound = errors.New("not in the store")
+
+// OpenStore opens (creating) the store in dir.
+func OpenStore(dir string) (*Store, error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("store %s: %w", dir, err)
+	}
+	return &Store{dir: dir}, nil
+}
+
+// Dir is the store's directory.
+func (s *Store) Dir() string { return s.dir }
+
+// OpenShard loads and verifies a stored shard.
+func (s *Store) OpenShard(ref *neuropb.ShardRef) (*model.Shard, error) {
+	c, err := cid.Cast(ref.GetCid())
+	if err != nil {
+		return nil, fmt.Errorf("shard: bad cid: %w", err)
+	}
+	return model.OpenShardFile(s.path(c), ref)
+}
+
+// Manifest loads and verifies a stored manifest by model CID.
+func (s *Store) Manifest(c cid.Cid) (*neuropb.Manifest, error) {
+	raw, err := s.ReadAll(c, neuropb.MaxManifestSize)
+	if err != nil {
+		return nil, err
+	}
+	m, _, err := model.ParseManifest(raw, c)
+	if err != nil {
+		return nil, fmt.Errorf("manifest %s: %w", c, err)
+	}
+	return m, nil
+}
+
+func (s *Store) path(c cid.Cid) string    { return filepath.Join(s.dir, c.String()+blobExt) }
+func (s *Store) partial(c cid.Cid) string { return filepath.Join(s.dir, c.String()+partialExt) }
+
+// Has reports whether the store holds the blob.
+func (s *Store) Has(c cid.Cid) bool {
+	_, err := os.Stat(s.path(c))
+	return err == nil
+}
+
+// Open opens a stored blob for reading.
+func (s *Store) Open(c cid.Cid) (*os.File, int64, error) {
+	f, err := os.Open(s.path(c))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, 0, fmt.Errorf("blob %s: %w", c, ErrNotFound)
+	}
+	if err != nil {
+		return nil, 0, fmt.Errorf("blob %s: %w", c, err)
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, 0, fmt.Errorf("blob %s: %w", c, err)
+	}
+	return f, st.Size(), nil
+}
+
+// ReadAll returns a stored blob's bytes after checking them against c
+// (bounded by max bytes).
+func (s *Store) ReadAll(c cid.Cid, max int64) ([]byte, error) {
+	f, size, err := s.Open(c)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	if size > max {
+		return nil, fmt.Errorf("blob %s: %d bytes, at most %d", c, size, max)
+	}
+	b, err := io.ReadAll(f)
+	if err != nil {
+		return nil, fmt.Errorf("blob %s: %w", c, err)
+	}
+	if got := model.CIDOf(b); !got.Equals(c) {
+		return nil, fmt.Errorf("blob %s: %w", c, model.ErrCIDMismatch)
+	}
+	return b, nil
+}
+
+// List returns the CIDs of every stored blob.
+func (s *Store) List() ([]cid.Cid, error) {
+	entries, err := os.ReadDir(s.dir)
+	if err != nil {
+		return nil, fmt.Errorf("store %s: %w", s.dir, err)
+	}
+	var out []cid.Cid
+	for _, e := range entries {
+		name, ok := strings.CutSuffix(e.Name(), blobExt)
+		if !ok {
+			continue
+		}
+		if c, err := cid.Decode(name); err == nil {
+			out = append(out, c)
+		}
+	}
+	return out, nil
+}
+
+// Writer receives one blob's bytes, resuming from what an earlier
+// interrupted write left.
+type Writer struct {
+	s    *Store
+	c    cid.Cid
+	f    *os.File
+	h    hash.Hash
+	size int64
+	done bool
+}
+
+// NewWriter starts (or resumes) writing blob c. Offset is where the data
+// must continue; the bytes already there have been hashed.
+func (s *Store) NewWriter(c cid.Cid) (*Writer, error) {
+	pref := c.Prefix()
+	if pref.MhType != mh.SHA2_256 || c.Version() != 1 {
+		return nil, fmt.Errorf("blob %s: not a CIDv1 sha2-256", c)
+	}
+	f, err := os.OpenFile(s.partial(c), os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("blob %s: %w", c, err)
+	}
+	h := sha256.New()
+	n, err := io.Copy(h, f) // re-hash what an earlier attempt wrote
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("blob %s: resume: %w", c, err)
+	}
+	return &Writer{s: s, c: c, f: f, h: h, size: n}, nil
+}
+
+// Offset is how many bytes the blob has so far.
+func (w *Writer) Offset() int64 { return w.size }
+
+// Write appends data, hashing it on the way.
+func (w *Writer) Write(p []byte) (int, error) {
+	n, err := w.f.Write(p)
+	w.h.Write(p[:n])
+	w.size += int64(n)
+	return n, err
+}
+
+// Commit checks the whole blob against its CID and moves it into place. On
+// a mismatch the partial data is discarded (it cannot be told which bytes
+// were bad) and model.ErrCIDMismatch returned.
+func (w *Writer) Commit() error {
+	w.done = true
+	if err := w.f.Sync(); err != nil {
+		w.f.Close()
+		return fmt.Errorf("blob %s: %w", w.c, err)
+	}
+	if err := w.f.Close(); err != nil {
+		return fmt.Errorf("blob %s: %w", w.c, err)
+	}
+	h, err := mh.Encode(w.h.Sum(nil), mh.SHA2_256)
+	if err != nil {
+		return fmt.Errorf("blob %s: %w", w.c, err)
+	}
+	if got := cid.NewCidV1(w.c.Type(), h); !got.Equals(w.c) {
+		os.Remove(w.s.partial(w.c))
+		return fmt.Errorf("blob %s (%d bytes): %w: the bytes hash to %s", w.c, w.size, model.ErrCIDMismatch, got)
+	}
+	if err := os.Rename(w.s.partial(w.c), w.s.path(w.c)); err != nil {
+		return fmt.Errorf("blob %s: %w", w.c, err)
+	}
+	return nil
+}
+
+// Close keeps the partial data for a later resume (unless committed).
+func (w *Writer) Close() error {
+	if w.done {
+		return nil
+	}
+	w.done = true
+	return w.f.Close()
+}
+
+// Put stores the blob read from r, checking it against c.
+func (s *Store) Put(c cid.Cid, r io.Reader) error {
+	os.Remove(s.partial(c)) // a fresh write, not a resume
+	w, err := s.NewWriter(c)
+	if err != nil {
+		return err
+	}
+	defer w.Close()
+	if _, err := io.Copy(w, r); err != nil {
+		return fmt.Errorf("blob %s: %w", c, err)
+	}
+	return w.Commit()
+}
+
+// ImportSplit copies a split model directory (model.Split's output) into
+// the store: the manifest under the model CID, then every shard. It
+// returns the model CID.
+func (s *Store) ImportSplit(dir string) (cid.Cid, error) {
+	m, mc, err := model.LoadManifest(dir, cid.Undef)
+	if err != nil {
+		return cid.Undef, err
+	}
+	raw, err := os.ReadFile(filepath.Join(dir, model.ManifestFile))
+	if err != nil {
+		return cid.Undef, err
+	}
+	if err := s.Put(mc, bytes.NewReader(raw)); err != nil {
+		return cid.Undef, err
+	}
+	for _, ref := range model.ShardRefs(m) {
+		c, err := cid.Cast(ref.GetCid())
+		if err != nil {
+			return cid.Undef, err
+		}
+		if s.Has(c) {
+			continue
+		}
+		f, err := os.Open(model.ShardPath(dir, c))
+		if err != nil {
+			return cid.Undef, fmt.Errorf("import: %w", err)
+		}
+		err = s.Put(c, f)
+		f.Close()
+		if err != nil {
+			return cid.Undef, fmt.Errorf("import: %w", err)
+		}
+	}
+	return mc, nil
+}
