@@ -51,6 +51,10 @@ type HeardPeer struct {
 	LastSeenMsAgo int64    `json:"last_seen_ms_ago"`
 	// DelayMs is sender clock to receipt for the last heartbeat.
 	DelayMs float64 `json:"delay_ms"`
+	// HostedExperts counts the experts the peer announces, over all models.
+	HostedExperts   int     `json:"hosted_experts"`
+	QueueDepth      uint32  `json:"queue_depth"`
+	TokensPerSecond float32 `json:"tokens_per_second"`
 }
 
 // RoleNames converts roles to their short names.
@@ -85,15 +89,22 @@ func (n *Node) Status() Status {
 		st.RoutingTable = append(st.RoutingTable, p.String())
 	}
 	for _, e := range h.Peers().Snapshot(now) {
+		hosted := 0
+		for _, hm := range e.Hosted {
+			hosted += len(hm.GetExperts())
+		}
 		st.Heard = append(st.Heard, HeardPeer{
-			PeerID:        e.ID.String(),
-			Roles:         RoleNames(e.Roles),
-			Version:       e.Version,
-			Seq:           e.Seq,
-			UptimeS:       e.UptimeS,
-			Heartbeats:    e.Heard,
-			LastSeenMsAgo: now.Sub(e.LastSeen).Milliseconds(),
-			DelayMs:       float64(e.Delay.Microseconds()) / 1000,
+			HostedExperts:   hosted,
+			QueueDepth:      e.Capacity.GetQueueDepth(),
+			TokensPerSecond: e.Capacity.GetTokensPerSecond(),
+			PeerID:          e.ID.String(),
+			Roles:           RoleNames(e.Roles),
+			Version:         e.Version,
+			Seq:             e.Seq,
+			UptimeS:         e.UptimeS,
+			Heartbeats:      e.Heard,
+			LastSeenMsAgo:   now.Sub(e.LastSeen).Milliseconds(),
+			DelayMs:         float64(e.Delay.Microseconds()) / 1000,
 		})
 	}
 	return st

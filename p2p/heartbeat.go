@@ -41,7 +41,7 @@ func (h *Host) heartbeat(now time.Time) *neuropb.Heartbeat {
 	for _, c := range h.host.Network().Conns() {
 		streams += len(c.GetStreams())
 	}
-	return &neuropb.Heartbeat{
+	hb := &neuropb.Heartbeat{
 		PeerId:     []byte(h.host.ID()),
 		Seq:        h.hbSeq,
 		SentUnixMs: now.UnixMilli(),
@@ -56,6 +56,10 @@ func (h *Host) heartbeat(now time.Time) *neuropb.Heartbeat {
 		Version: Version,
 		Addrs:   raw,
 	}
+	if h.hbExtra != nil {
+		h.hbExtra(hb)
+	}
+	return hb
 }
 
 // publishHeartbeats publishes a heartbeat at once and then every interval
@@ -64,7 +68,9 @@ func (h *Host) publishHeartbeats(ctx context.Context) {
 	t := time.NewTicker(h.cfg.HeartbeatInterval)
 	defer t.Stop()
 	for {
+		h.hbMu.Lock()
 		hb := h.heartbeat(time.Now())
+		h.hbMu.Unlock()
 		if err := h.routing.Publish(ctx, hb); err != nil && ctx.Err() == nil {
 			h.log.Warn("publish heartbeat", "err", err)
 		}

@@ -68,6 +68,18 @@ type Option func(*options) error
 type options struct {
 	log      *slog.Logger
 	appScore func(peer.ID) float64
+	hbExtra  func(*neuropb.Heartbeat)
+}
+
+// WithHeartbeatExtra lets the node add to each heartbeat before it is
+// published: the hosted experts and capacity of an expert node. f runs on
+// the heartbeat loop; it must be quick and safe for concurrent use with
+// the node's other work.
+func WithHeartbeatExtra(f func(*neuropb.Heartbeat)) Option {
+	return func(o *options) error {
+		o.hbExtra = f
+		return nil
+	}
 }
 
 // WithLogger sets the logger (default slog.Default()).
@@ -99,13 +111,15 @@ type Host struct {
 	dht  *dht.IpfsDHT
 	ps   *pubsub.PubSub
 
+	hbExtra   func(*neuropb.Heartbeat)
 	routing   *Topic[*neuropb.Heartbeat]
 	peers     *PeerTable
 	rej       *Rejections
 	provCache providerCache
 
 	started time.Time
-	hbSeq   uint64 // owned by the heartbeat loop
+	hbMu    sync.Mutex // guards hbSeq
+	hbSeq   uint64
 
 	ctx       context.Context // bounds the loops; cancelled first by Close
 	cancel    context.CancelFunc
@@ -130,10 +144,11 @@ func New(key crypto.PrivKey, cfg Config, opts ...Option) (_ *Host, err error) {
 		return nil, errors.New("p2p config: heartbeat interval, peer table size, peer expiry and bootstrap timeout must be positive")
 	}
 	h := &Host{
-		cfg:   cfg,
-		log:   o.log,
-		peers: NewPeerTable(cfg.PeerTableSize, cfg.PeerExpiry),
-		rej:   &Rejections{},
+		cfg:     cfg,
+		log:     o.log,
+		hbExtra: o.hbExtra,
+		peers:   NewPeerTable(cfg.PeerTableSize, cfg.PeerExpiry),
+		rej:     &Rejections{},
 	}
 	h.ctx, h.cancel = context.WithCancel(context.Background())
 	psCtx, psCancel := context.WithCancel(context.Background())
@@ -352,6 +367,15 @@ func (h *Host) Peers() *PeerTable { return h.peers }
 
 // Rejections counts rejected gossip messages.
 func (h *Host) Rejections() *Rejections { return h.rej }
+
+// PublishHeartbeat publishes a heartbeat now, out of turn: a node that has
+// just chosen experts to host tells the others at once.
+func (h *Host) PublishHeartbeat(ctx context.Context) error {
+	h.hbMu.Lock()
+	hb := h.heartbeat(time.Now())
+	h.hbMu.Unlock()
+	return h.routing.Publish(ctx, hb)
+}
 
 // RoutingTable lists the peers in the DHT routing table.
 func (h *Host) RoutingTable() []peer.ID { return h.dht.RoutingTable().ListPeers() }

@@ -40,13 +40,15 @@ func testConfig() Config {
 
 func quietLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
 
-func newTestHost(t *testing.T, cfg Config) *Host {
+func newTestHost(t *testing.T, cfg Config) *Host { return newTestHostOpts(t, cfg) }
+
+func newTestHostOpts(t *testing.T, cfg Config, opts ...Option) *Host {
 	t.Helper()
 	key, _, err := crypto.GenerateEd25519Key(nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	h, err := New(key, cfg, WithLogger(quietLogger()))
+	h, err := New(key, cfg, append([]Option{WithLogger(quietLogger())}, opts...)...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -158,7 +160,12 @@ func TestHeartbeatsReachPeers(t *testing.T) {
 	cfg := testConfig()
 	cfg.Roles = []neuropb.Role{neuropb.Role_ROLE_EXPERT}
 	cfg.Bootstrap = []peer.AddrInfo{{ID: a.ID(), Addrs: a.Addrs()}}
-	b := newTestHost(t, cfg)
+	hosted := &neuropb.HostedModel{Model: []byte{1, 0x55, 0x12, 0x20, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,
+		17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32}, Experts: []uint32{1<<16 | 3, 2}}
+	b := newTestHostOpts(t, cfg, WithHeartbeatExtra(func(hb *neuropb.Heartbeat) {
+		hb.Hosted = []*neuropb.HostedModel{hosted}
+		hb.Capacity = &neuropb.Capacity{QueueDepth: 4, TokensPerSecond: 120}
+	}))
 	waitUntil(t, func() bool { _, ok := a.Peers().Get(b.ID(), time.Now()); return ok }, "a to hear b")
 	e, _ := a.Peers().Get(b.ID(), time.Now())
 	if len(e.Roles) != 1 || e.Roles[0] != neuropb.Role_ROLE_EXPERT || e.Version != Version || len(e.Addrs) == 0 {
@@ -166,6 +173,9 @@ func TestHeartbeatsReachPeers(t *testing.T) {
 	}
 	if e.Load == nil || e.Load.GetPeers() == 0 {
 		t.Fatalf("load = %v", e.Load)
+	}
+	if len(e.Hosted) != 1 || len(e.Hosted[0].GetExperts()) != 2 || e.Capacity.GetQueueDepth() != 4 {
+		t.Fatalf("hosted %v, capacity %v", e.Hosted, e.Capacity)
 	}
 	waitUntil(t, func() bool { return len(a.RoutingTable()) == 1 && len(b.RoutingTable()) == 1 }, "routing tables")
 }

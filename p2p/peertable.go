@@ -29,6 +29,9 @@ type PeerInfo struct {
 	// Delay is how long the last heartbeat took from the sender's clock to
 	// ours (meaningful only where clocks agree, e.g. on one machine).
 	Delay time.Duration
+	// Hosted and Capacity are the expert node's announcements, if any.
+	Hosted   []*neuropb.HostedModel
+	Capacity *neuropb.Capacity
 }
 
 // PeerTable remembers the latest heartbeat of each peer: at most max
@@ -80,6 +83,8 @@ func (t *PeerTable) Observe(author peer.ID, hb *neuropb.Heartbeat, now time.Time
 	e.LastSeen = now
 	e.Heard++
 	e.SentUnixMs = hb.GetSentUnixMs()
+	e.Hosted = hb.GetHosted()
+	e.Capacity = hb.GetCapacity()
 	e.Delay = now.Sub(time.UnixMilli(hb.GetSentUnixMs()))
 	return true
 }

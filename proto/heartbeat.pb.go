@@ -104,7 +104,11 @@ type Heartbeat struct {
 	// Software version of the sender, e.g. "0.1.0".
 	Version string `protobuf:"bytes,7,opt,name=version,proto3" json:"version,omitempty"`
 	// Binary multiaddrs the sender can be reached on.
-	Addrs         [][]byte `protobuf:"bytes,8,rep,name=addrs,proto3" json:"addrs,omitempty"`
+	Addrs [][]byte `protobuf:"bytes,8,rep,name=addrs,proto3" json:"addrs,omitempty"`
+	// The experts this node hosts (or is fetching to host), per model.
+	Hosted []*HostedModel `protobuf:"bytes,9,rep,name=hosted,proto3" json:"hosted,omitempty"`
+	// What the node can still take and how fast it computes.
+	Capacity      *Capacity `protobuf:"bytes,10,opt,name=capacity,proto3" json:"capacity,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -195,6 +199,226 @@ func (x *Heartbeat) GetAddrs() [][]byte {
 	return nil
 }
 
+func (x *Heartbeat) GetHosted() []*HostedModel {
+	if x != nil {
+		return x.Hosted
+	}
+	return nil
+}
+
+func (x *Heartbeat) GetCapacity() *Capacity {
+	if x != nil {
+		return x.Capacity
+	}
+	return nil
+}
+
+// HostedModel lists the experts of one model a node hosts.
+type HostedModel struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Model CID (binary).
+	Model []byte `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	// Each expert as layer << 16 | expert.
+	Experts       []uint32 `protobuf:"varint,2,rep,packed,name=experts,proto3" json:"experts,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HostedModel) Reset() {
+	*x = HostedModel{}
+	mi := &file_heartbeat_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HostedModel) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HostedModel) ProtoMessage() {}
+
+func (x *HostedModel) ProtoReflect() protoreflect.Message {
+	mi := &file_heartbeat_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HostedModel.ProtoReflect.Descriptor instead.
+func (*HostedModel) Descriptor() ([]byte, []int) {
+	return file_heartbeat_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *HostedModel) GetModel() []byte {
+	if x != nil {
+		return x.Model
+	}
+	return nil
+}
+
+func (x *HostedModel) GetExperts() []uint32 {
+	if x != nil {
+		return x.Experts
+	}
+	return nil
+}
+
+// Capacity describes a node's room and speed for expert compute.
+type Capacity struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Memory budget left for more experts, in bytes.
+	FreeMemoryBytes uint64 `protobuf:"varint,1,opt,name=free_memory_bytes,json=freeMemoryBytes,proto3" json:"free_memory_bytes,omitempty"`
+	// Requests waiting in the node's expert queues.
+	QueueDepth uint32 `protobuf:"varint,2,opt,name=queue_depth,json=queueDepth,proto3" json:"queue_depth,omitempty"`
+	// Expert compute speed from a start-up micro-benchmark: tokens per
+	// second through one expert of the hosted model, batch 1.
+	TokensPerSecond float32   `protobuf:"fixed32,3,opt,name=tokens_per_second,json=tokensPerSecond,proto3" json:"tokens_per_second,omitempty"`
+	Hardware        *Hardware `protobuf:"bytes,4,opt,name=hardware,proto3" json:"hardware,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *Capacity) Reset() {
+	*x = Capacity{}
+	mi := &file_heartbeat_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Capacity) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Capacity) ProtoMessage() {}
+
+func (x *Capacity) ProtoReflect() protoreflect.Message {
+	mi := &file_heartbeat_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Capacity.ProtoReflect.Descriptor instead.
+func (*Capacity) Descriptor() ([]byte, []int) {
+	return file_heartbeat_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *Capacity) GetFreeMemoryBytes() uint64 {
+	if x != nil {
+		return x.FreeMemoryBytes
+	}
+	return 0
+}
+
+func (x *Capacity) GetQueueDepth() uint32 {
+	if x != nil {
+		return x.QueueDepth
+	}
+	return 0
+}
+
+func (x *Capacity) GetTokensPerSecond() float32 {
+	if x != nil {
+		return x.TokensPerSecond
+	}
+	return 0
+}
+
+func (x *Capacity) GetHardware() *Hardware {
+	if x != nil {
+		return x.Hardware
+	}
+	return nil
+}
+
+// Hardware is what the node runs on.
+type Hardware struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Cpu         string                 `protobuf:"bytes,1,opt,name=cpu,proto3" json:"cpu,omitempty"`
+	Cores       uint32                 `protobuf:"varint,2,opt,name=cores,proto3" json:"cores,omitempty"`
+	MemoryBytes uint64                 `protobuf:"varint,3,opt,name=memory_bytes,json=memoryBytes,proto3" json:"memory_bytes,omitempty"`
+	// Empty without a GPU.
+	Gpu           string `protobuf:"bytes,4,opt,name=gpu,proto3" json:"gpu,omitempty"`
+	VramBytes     uint64 `protobuf:"varint,5,opt,name=vram_bytes,json=vramBytes,proto3" json:"vram_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Hardware) Reset() {
+	*x = Hardware{}
+	mi := &file_heartbeat_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Hardware) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Hardware) ProtoMessage() {}
+
+func (x *Hardware) ProtoReflect() protoreflect.Message {
+	mi := &file_heartbeat_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Hardware.ProtoReflect.Descriptor instead.
+func (*Hardware) Descriptor() ([]byte, []int) {
+	return file_heartbeat_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *Hardware) GetCpu() string {
+	if x != nil {
+		return x.Cpu
+	}
+	return ""
+}
+
+func (x *Hardware) GetCores() uint32 {
+	if x != nil {
+		return x.Cores
+	}
+	return 0
+}
+
+func (x *Hardware) GetMemoryBytes() uint64 {
+	if x != nil {
+		return x.MemoryBytes
+	}
+	return 0
+}
+
+func (x *Hardware) GetGpu() string {
+	if x != nil {
+		return x.Gpu
+	}
+	return ""
+}
+
+func (x *Hardware) GetVramBytes() uint64 {
+	if x != nil {
+		return x.VramBytes
+	}
+	return 0
+}
+
 // Load is how busy a node is right now.
 type Load struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -212,7 +436,7 @@ type Load struct {
 
 func (x *Load) Reset() {
 	*x = Load{}
-	mi := &file_heartbeat_proto_msgTypes[1]
+	mi := &file_heartbeat_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -224,7 +448,7 @@ func (x *Load) String() string {
 func (*Load) ProtoMessage() {}
 
 func (x *Load) ProtoReflect() protoreflect.Message {
-	mi := &file_heartbeat_proto_msgTypes[1]
+	mi := &file_heartbeat_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -237,7 +461,7 @@ func (x *Load) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Load.ProtoReflect.Descriptor instead.
 func (*Load) Descriptor() ([]byte, []int) {
-	return file_heartbeat_proto_rawDescGZIP(), []int{1}
+	return file_heartbeat_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Load) GetPeers() uint32 {
@@ -272,7 +496,7 @@ var File_heartbeat_proto protoreflect.FileDescriptor
 
 const file_heartbeat_proto_rawDesc = "" +
 	"\n" +
-	"\x0fheartbeat.proto\x12\bneuro.v1\"\xed\x01\n" +
+	"\x0fheartbeat.proto\x12\bneuro.v1\"\xcc\x02\n" +
 	"\tHeartbeat\x12\x17\n" +
 	"\apeer_id\x18\x01 \x01(\fR\x06peerId\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12 \n" +
@@ -282,7 +506,26 @@ const file_heartbeat_proto_rawDesc = "" +
 	"\buptime_s\x18\x05 \x01(\x04R\auptimeS\x12\"\n" +
 	"\x04load\x18\x06 \x01(\v2\x0e.neuro.v1.LoadR\x04load\x12\x18\n" +
 	"\aversion\x18\a \x01(\tR\aversion\x12\x14\n" +
-	"\x05addrs\x18\b \x03(\fR\x05addrs\"{\n" +
+	"\x05addrs\x18\b \x03(\fR\x05addrs\x12-\n" +
+	"\x06hosted\x18\t \x03(\v2\x15.neuro.v1.HostedModelR\x06hosted\x12.\n" +
+	"\bcapacity\x18\n" +
+	" \x01(\v2\x12.neuro.v1.CapacityR\bcapacity\"=\n" +
+	"\vHostedModel\x12\x14\n" +
+	"\x05model\x18\x01 \x01(\fR\x05model\x12\x18\n" +
+	"\aexperts\x18\x02 \x03(\rR\aexperts\"\xb3\x01\n" +
+	"\bCapacity\x12*\n" +
+	"\x11free_memory_bytes\x18\x01 \x01(\x04R\x0ffreeMemoryBytes\x12\x1f\n" +
+	"\vqueue_depth\x18\x02 \x01(\rR\n" +
+	"queueDepth\x12*\n" +
+	"\x11tokens_per_second\x18\x03 \x01(\x02R\x0ftokensPerSecond\x12.\n" +
+	"\bhardware\x18\x04 \x01(\v2\x12.neuro.v1.HardwareR\bhardware\"\x86\x01\n" +
+	"\bHardware\x12\x10\n" +
+	"\x03cpu\x18\x01 \x01(\tR\x03cpu\x12\x14\n" +
+	"\x05cores\x18\x02 \x01(\rR\x05cores\x12!\n" +
+	"\fmemory_bytes\x18\x03 \x01(\x04R\vmemoryBytes\x12\x10\n" +
+	"\x03gpu\x18\x04 \x01(\tR\x03gpu\x12\x1d\n" +
+	"\n" +
+	"vram_bytes\x18\x05 \x01(\x04R\tvramBytes\"{\n" +
 	"\x04Load\x12\x14\n" +
 	"\x05peers\x18\x01 \x01(\rR\x05peers\x12\x18\n" +
 	"\astreams\x18\x02 \x01(\rR\astreams\x12&\n" +
@@ -309,20 +552,26 @@ func file_heartbeat_proto_rawDescGZIP() []byte {
 }
 
 var file_heartbeat_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_heartbeat_proto_msgTypes = make([]protoimpl.MessageInfo, 2)
+var file_heartbeat_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
 var file_heartbeat_proto_goTypes = []any{
-	(Role)(0),         // 0: neuro.v1.Role
-	(*Heartbeat)(nil), // 1: neuro.v1.Heartbeat
-	(*Load)(nil),      // 2: neuro.v1.Load
+	(Role)(0),           // 0: neuro.v1.Role
+	(*Heartbeat)(nil),   // 1: neuro.v1.Heartbeat
+	(*HostedModel)(nil), // 2: neuro.v1.HostedModel
+	(*Capacity)(nil),    // 3: neuro.v1.Capacity
+	(*Hardware)(nil),    // 4: neuro.v1.Hardware
+	(*Load)(nil),        // 5: neuro.v1.Load
 }
 var file_heartbeat_proto_depIdxs = []int32{
 	0, // 0: neuro.v1.Heartbeat.roles:type_name -> neuro.v1.Role
-	2, // 1: neuro.v1.Heartbeat.load:type_name -> neuro.v1.Load
-	2, // [2:2] is the sub-list for method output_type
-	2, // [2:2] is the sub-list for method input_type
-	2, // [2:2] is the sub-list for extension type_name
-	2, // [2:2] is the sub-list for extension extendee
-	0, // [0:2] is the sub-list for field type_name
+	5, // 1: neuro.v1.Heartbeat.load:type_name -> neuro.v1.Load
+	2, // 2: neuro.v1.Heartbeat.hosted:type_name -> neuro.v1.HostedModel
+	3, // 3: neuro.v1.Heartbeat.capacity:type_name -> neuro.v1.Capacity
+	4, // 4: neuro.v1.Capacity.hardware:type_name -> neuro.v1.Hardware
+	5, // [5:5] is the sub-list for method output_type
+	5, // [5:5] is the sub-list for method input_type
+	5, // [5:5] is the sub-list for extension type_name
+	5, // [5:5] is the sub-list for extension extendee
+	0, // [0:5] is the sub-list for field type_name
 }
 
 func init() { file_heartbeat_proto_init() }
@@ -336,7 +585,7 @@ func file_heartbeat_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_heartbeat_proto_rawDesc), len(file_heartbeat_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   2,
+			NumMessages:   5,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

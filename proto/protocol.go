@@ -21,8 +21,12 @@ const (
 	// MaxGossipRPCSize bounds one GossipSub RPC frame (all topics). Larger
 	// frames make pubsub reset the stream.
 	MaxGossipRPCSize = 1 << 20
-	// MaxHeartbeatSize bounds one encoded Heartbeat.
-	MaxHeartbeatSize = 4 << 10
+	// MaxHeartbeatSize bounds one encoded Heartbeat (hosted expert lists
+	// included).
+	MaxHeartbeatSize = 64 << 10
+	// MaxHostedModels and MaxHostedExperts bound Heartbeat.hosted.
+	MaxHostedModels  = 16
+	MaxHostedExperts = 16384
 
 	// MaxHeartbeatAddrs bounds Heartbeat.addrs; MaxAddrLen one address.
 	MaxHeartbeatAddrs = 32

@@ -50,6 +50,27 @@ func (h *Heartbeat) Validate() error {
 			return invalid("heartbeat: addrs[%d]: %v", i, err)
 		}
 	}
+	if len(h.GetHosted()) > MaxHostedModels {
+		return invalid("heartbeat: %d hosted models, at most %d", len(h.GetHosted()), MaxHostedModels)
+	}
+	total := 0
+	for i, hm := range h.GetHosted() {
+		if _, err := cid.Cast(hm.GetModel()); err != nil {
+			return invalid("heartbeat: hosted[%d]: model cid: %v", i, err)
+		}
+		total += len(hm.GetExperts())
+	}
+	if total > MaxHostedExperts {
+		return invalid("heartbeat: %d hosted experts, at most %d", total, MaxHostedExperts)
+	}
+	if c := h.GetCapacity(); c != nil {
+		if tps := c.GetTokensPerSecond(); tps < 0 || tps != tps {
+			return invalid("heartbeat: tokens per second %v", tps)
+		}
+		if hw := c.GetHardware(); len(hw.GetCpu()) > MaxVersionLen*2 || len(hw.GetGpu()) > MaxVersionLen*2 {
+			return invalid("heartbeat: hardware names too long")
+		}
+	}
 	return nil
 }
 

@@ -43,6 +43,9 @@ func TestHeartbeatValidate(t *testing.T) {
 		{"long version", func(h *Heartbeat) { h.Version = strings.Repeat("v", MaxVersionLen+1) }, "version"},
 		{"bad addr", func(h *Heartbeat) { h.Addrs = [][]byte{{0xff, 0xff}} }, "addrs[0]"},
 		{"long addr", func(h *Heartbeat) { h.Addrs = [][]byte{make([]byte, MaxAddrLen+1)} }, "addrs[0]"},
+		{"bad hosted model", func(h *Heartbeat) { h.Hosted = []*HostedModel{{Model: []byte{9, 9}}} }, "hosted[0]"},
+		{"too many hosted models", func(h *Heartbeat) { h.Hosted = make([]*HostedModel, MaxHostedModels+1) }, "hosted models"},
+		{"negative speed", func(h *Heartbeat) { h.Capacity = &Capacity{TokensPerSecond: -1} }, "tokens per second"},
 		{"too many addrs", func(h *Heartbeat) {
 			h.Addrs = make([][]byte, MaxHeartbeatAddrs+1)
 			for i := range h.Addrs {

@@ -1,0 +1,182 @@
+package expert
+
+import (
+	"cmp"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	neuropb "github.com/neuro-p2p/neuro/proto"
+)
+
+// Key names one expert of a model: (layer, expert).
+type Key struct{ Layer, Expert int }
+
+func (k Key) String() string { return fmt.Sprintf("%d:%d", k.Layer, k.Expert) }
+
+// Spec says which experts a node hosts: a list, or Auto.
+type Spec struct {
+	Auto bool
+	// Experts, when not Auto: every (layer, expert) listed.
+	Experts []Key
+	// wildcard layers ("1:*") are resolved against the manifest.
+	wholeLayers []int
+}
+
+// ParseSpec parses an --experts value: "auto", or a comma-separated list
+// of layer:expert items where expert may be * (the whole layer), e.g.
+// "0:3,0:5,1:*".
+func ParseSpec(s string) (Spec, error) {
+	s = strings.TrimSpace(s)
+	if s == "auto" {
+		return Spec{Auto: true}, nil
+	}
+	if s == "" {
+		return Spec{}, errors.New("empty expert list (want e.g. 0:3,1:* or auto)")
+	}
+	var sp Spec
+	seen := map[Key]bool{}
+	for _, item := range strings.Split(s, ",") {
+		item = strings.TrimSpace(item)
+		ls, es, ok := strings.Cut(item, ":")
+		if !ok {
+			return Spec{}, fmt.Errorf("%q: want layer:expert", item)
+		}
+		layer, err := strconv.Atoi(ls)
+		if err != nil || layer < 0 {
+			return Spec{}, fmt.Errorf("%q: layer %q is not a non-negative number", item, ls)
+		}
+		if es == "*" {
+			sp.wholeLayers = append(sp.wholeLayers, layer)
+			continue
+		}
+		e, err := strconv.Atoi(es)
+		if err != nil || e < 0 {
+			return Spec{}, fmt.Errorf("%q: expert %q is not a non-negative number or *", item, es)
+		}
+		k := Key{layer, e}
+		if !seen[k] {
+			seen[k] = true
+			sp.Experts = append(sp.Experts, k)
+		}
+	}
+	return sp, nil
+}
+
+// Resolve lists the spec's experts for a model, checking them against its
+// manifest. Auto specs are resolved by Choose instead.
+func (sp Spec) Resolve(m *neuropb.Manifest) ([]Key, error) {
+	if sp.Auto {
+		return nil, errors.New("auto: use Choose")
+	}
+	layers, experts := int(m.GetParams().GetLayers()), int(m.GetParams().GetExperts())
+	seen := map[Key]bool{}
+	var out []Key
+	add := func(k Key) error {
+		if k.Layer >= layers || k.Expert >= experts {
+			return fmt.Errorf("expert %s: the model has %d layers of %d experts", k, layers, experts)
+		}
+		if !seen[k] {
+			seen[k] = true
+			out = append(out, k)
+		}
+		return nil
+	}
+	for _, l := range sp.wholeLayers {
+		for e := range experts {
+			if err := add(Key{l, e}); err != nil {
+				return nil, err
+			}
+		}
+	}
+	for _, k := range sp.Experts {
+		if err := add(k); err != nil {
+			return nil, err
+		}
+	}
+	slices.SortFunc(out, func(a, b Key) int { return cmp.Or(cmp.Compare(a.Layer, b.Layer), cmp.Compare(a.Expert, b.Expert)) })
+	return out, nil
+}
+
+// Choice is the input of one automatic hosting step.
+type Choice struct {
+	Manifest *neuropb.Manifest
+	// Providers counts the other nodes known to host each expert (DHT
+	// provider records and heartbeats).
+	Providers map[Key]int
+	// Hosted are the experts this node already hosts.
+	Hosted map[Key]bool
+	// Budget is the memory left for expert weights, in bytes.
+	Budget int64
+	// Self orders ties differently on every node, so that nodes choosing
+	// at the same time spread over the experts.
+	Self peer.ID
+}
+
+// Choose returns what to host next: the experts with the fewest providers
+// that fit the budget. It prefers a whole layer (all of its experts not yet
+// hosted) when one fits, because a token's top-k experts in a layer then
+// cost one round trip instead of k; otherwise it takes the single expert
+// with the fewest providers. Nil means nothing more fits or is needed.
+// Call it repeatedly, publishing what was chosen in between, so that other
+// nodes see the choice.
+func Choose(c Choice) []Key {
+	p := c.Manifest.GetParams()
+	layers, experts := int(p.GetLayers()), int(p.GetExperts())
+	size := func(k Key) int64 {
+		return int64(c.Manifest.GetExperts()[k.Layer*experts+k.Expert].GetShard().GetSize())
+	}
+	tie := func(k Key) uint64 {
+		h := sha256.Sum256([]byte(fmt.Sprintf("%s/%d/%d", c.Self, k.Layer, k.Expert)))
+		return binary.BigEndian.Uint64(h[:8])
+	}
+	// Whole layers first: the layer whose least-provided expert has the
+	// fewest providers, if all of its missing experts fit.
+	type layerCand struct {
+		layer, minProv int
+		need           []Key
+		bytes          int64
+		tie            uint64
+	}
+	var lc []layerCand
+	for l := range layers {
+		cand := layerCand{layer: l, minProv: int(^uint(0) >> 1), tie: tie(Key{l, -1})}
+		for e := range experts {
+			k := Key{l, e}
+			cand.minProv = min(cand.minProv, c.Providers[k])
+			if !c.Hosted[k] {
+				cand.need = append(cand.need, k)
+				cand.bytes += size(k)
+			}
+		}
+		if len(cand.need) > 0 && cand.bytes <= c.Budget {
+			lc = append(lc, cand)
+		}
+	}
+	if len(lc) > 0 {
+		best := slices.MinFunc(lc, func(a, b layerCand) int { return cmp.Or(cmp.Compare(a.minProv, b.minProv), cmp.Compare(a.tie, b.tie)) })
+		return best.need
+	}
+	var singles []Key
+	for l := range layers {
+		for e := range experts {
+			k := Key{l, e}
+			if !c.Hosted[k] && size(k) <= c.Budget {
+				singles = append(singles, k)
+			}
+		}
+	}
+	if len(singles) == 0 {
+		return nil
+	}
+	best := slices.MinFunc(singles, func(a, b Key) int {
+		return cmp.Or(cmp.Compare(c.Providers[a], c.Providers[b]), cmp.Compare(tie(a), tie(b)))
+	})
+	return []Key{best}
+}

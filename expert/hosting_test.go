@@ -1,0 +1,154 @@
+package expert
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	neuropb "github.com/neuro-p2p/neuro/proto"
+)
+
+// manifestOf fakes a manifest of layers x experts shards of size bytes.
+func manifestOf(layers, experts int, size uint64) *neuropb.Manifest {
+	m := &neuropb.Manifest{Params: &neuropb.ModelParams{Layers: uint32(layers), Experts: uint32(experts)}}
+	for l := range layers {
+		for e := range experts {
+			m.Experts = append(m.Experts, &neuropb.ExpertShardRef{Layer: uint32(l), Expert: uint32(e),
+				Shard: &neuropb.ShardRef{Size: size}})
+		}
+	}
+	return m
+}
+
+func TestParseSpec(t *testing.T) {
+	m := manifestOf(3, 4, 10)
+	tests := []struct {
+		in, want, err string
+	}{
+		{"auto", "auto", ""},
+		{"0:3,0:1", "[0:1 0:3]", ""},
+		{"1:*,0:2,1:2", "[0:2 1:0 1:1 1:2 1:3]", ""},
+		{" 2:0 , 2:0 ", "[2:0]", ""},
+		{"", "", "empty"},
+		{"3", "", "want layer:expert"},
+		{"a:1", "", "layer"},
+		{"1:x", "", "expert"},
+		{"-1:0", "", "layer"},
+		{"3:0", "", "3 layers of 4 experts"},
+		{"0:4", "", "3 layers of 4 experts"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.in, func(t *testing.T) {
+			sp, err := ParseSpec(tc.in)
+			var got string
+			if err == nil {
+				if sp.Auto {
+					got = "auto"
+				} else {
+					var keys []Key
+					keys, err = sp.Resolve(m)
+					got = fmt.Sprint(keys)
+				}
+			}
+			if tc.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.err) {
+					t.Fatalf("error %v, want one containing %q", err, tc.err)
+				}
+				return
+			}
+			if err != nil || got != tc.want {
+				t.Fatalf("got %s, %v; want %s", got, err, tc.want)
+			}
+		})
+	}
+}
+
+func TestChoose(t *testing.T) {
+	m := manifestOf(2, 4, 100)
+	k := func(l, e int) Key { return Key{l, e} }
+	tests := []struct {
+		name   string
+		prov   map[Key]int
+		hosted map[Key]bool
+		budget int64
+		want   string
+	}{
+		{"whole layer when it fits, least provided first", map[Key]int{k(0, 0): 1}, nil, 400, "[1:0 1:1 1:2 1:3]"},
+		{"rest of a partly hosted layer", map[Key]int{k(0, 0): 2, k(0, 1): 2, k(0, 2): 2, k(0, 3): 2},
+			map[Key]bool{k(1, 0): true, k(1, 1): true}, 250, "[1:2 1:3]"},
+		{"single expert when no layer fits", map[Key]int{k(0, 0): 1, k(0, 1): 1, k(0, 2): 1, k(0, 3): 1, k(1, 0): 1, k(1, 1): 0, k(1, 2): 1, k(1, 3): 1},
+			nil, 150, "[1:1]"},
+		{"nothing fits", nil, nil, 50, "[]"},
+		{"everything hosted", nil, map[Key]bool{k(0, 0): true, k(0, 1): true, k(0, 2): true, k(0, 3): true,
+			k(1, 0): true, k(1, 1): true, k(1, 2): true, k(1, 3): true}, 1000, "[]"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got := Choose(Choice{Manifest: m, Providers: tc.prov, Hosted: tc.hosted, Budget: tc.budget, Self: "a"})
+			if fmt.Sprint(got) != tc.want && !(tc.want == "[]" && got == nil) {
+				t.Fatalf("Choose = %v, want %s", got, tc.want)
+			}
+		})
+	}
+}
+
+// Nodes that choose one step at a time, each seeing the others' earlier
+// choices, cover every expert at least twice when the budgets allow it.
+func TestChooseSpreadsNodes(t *testing.T) {
+	m := manifestOf(2, 4, 100)
+	nodes := []peer.ID{"n1", "n2", "n3"}
+	hosted := make([]map[Key]bool, len(nodes))
+	for i := range hosted {
+		hosted[i] = map[Key]bool{}
+	}
+	budget := make([]int64, len(nodes))
+	for i := range budget {
+		budget[i] = 600 // six of the eight experts each: 18 slots for 16 needed
+	}
+	for round := 0; round < 20; round++ {
+		progress := false
+		for i, self := range nodes {
+			prov := map[Key]int{}
+			for j := range nodes {
+				if j != i {
+					for key := range hosted[j] {
+						prov[key]++
+					}
+				}
+			}
+			// Stop adding once every expert has two other providers.
+			need := false
+			for l := range 2 {
+				for e := range 4 {
+					need = need || (!hosted[i][Key{l, e}] && prov[Key{l, e}] < 2)
+				}
+			}
+			if !need {
+				continue
+			}
+			for _, key := range Choose(Choice{Manifest: m, Providers: prov, Hosted: hosted[i], Budget: budget[i], Self: self}) {
+				hosted[i][key] = true
+				budget[i] -= 100
+				progress = true
+			}
+		}
+		if !progress {
+			break
+		}
+	}
+	for l := range 2 {
+		for e := range 4 {
+			n := 0
+			for i := range nodes {
+				if hosted[i][Key{l, e}] {
+					n++
+				}
+			}
+			if n < 2 {
+				t.Errorf("expert %d:%d on %d nodes, want at least 2 (hosted: %v)", l, e, n, hosted)
+			}
+		}
+	}
+}
