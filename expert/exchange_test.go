@@ -19,7 +19,6 @@ import (
 	"github.com/neuro-p2p/neuro/model"
 	"github.com/neuro-p2p/neuro/p2p/wire"
 	neuropb "github.com/neuro-p2p/neuro/proto"
-	"github.com/neuro-p2p/neuro/testnet"
 )
 
 func openStore(t *testing.T) *Store {
@@ -36,16 +35,9 @@ func openStore(t *testing.T) *Store {
 func TestFetchThroughDHT(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 90*time.Second)
 	defer cancel()
-	c, err := testnet.NewCluster(ctx, 3, testnet.ClusterOptions{Log: quiet()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	if err := c.WaitHealthy(ctx); err != nil {
-		t.Fatal(err)
-	}
+	hs := p2pCluster(t, ctx, 3)
 	mc, m, dir := tinyShards(t, model.Q8_0)
-	src, dst := c.Nodes()[0].P2P(), c.Nodes()[2].P2P()
+	src, dst := hs[0], hs[2]
 	srcStore := openStore(t)
 	if got, err := srcStore.ImportSplit(dir); err != nil || !got.Equals(mc) {
 		t.Fatalf("import: %v %v", got, err)

@@ -101,14 +101,34 @@ func (s *Server) Add(model cid.Cid, layer, expert int, c Computer) error {
 		return fmt.Errorf("expert %d:%d of %s: hidden size %d, the model's other experts have %d", layer, expert, model, c.Embd(), e)
 	}
 	s.embd[k.model] = c.Embd()
-	b := &batcher{c: c, queue: make(chan *job, s.cfg.MaxQueue), window: s.cfg.BatchWindow}
+	ctx, cancel := context.WithCancel(s.ctx)
+	b := &batcher{c: c, queue: make(chan *job, s.cfg.MaxQueue), window: s.cfg.BatchWindow, cancel: cancel, done: make(chan struct{})}
 	s.batchers[k] = b
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
-		b.run(s.ctx)
+		defer close(b.done)
+		b.run(ctx)
+		b.drain()
 	}()
 	return nil
+}
+
+// Remove stops serving an expert. Requests still queued for it are
+// answered unknown-expert. It returns the expert's Computer, no longer in
+// use, for the caller to free.
+func (s *Server) Remove(model cid.Cid, layer, expert int) (Computer, error) {
+	k := expertKey{string(model.Bytes()), uint32(layer), uint32(expert)}
+	s.mu.Lock()
+	b := s.batchers[k]
+	delete(s.batchers, k)
+	s.mu.Unlock()
+	if b == nil {
+		return nil, fmt.Errorf("expert %d:%d of %s is not hosted", layer, expert, model)
+	}
+	b.cancel()
+	<-b.done
+	return b.c, nil
 }
 
 // Start serves the protocol.
@@ -260,6 +280,23 @@ type batcher struct {
 	queue  chan *job
 	window time.Duration
 	next   *job // a job that did not fit the last batch
+	cancel context.CancelFunc
+	done   chan struct{} // closed when run has returned and drained
+}
+
+// drain answers the jobs left when the batcher stops.
+func (b *batcher) drain() {
+	if b.next != nil {
+		b.next.reply(errorResponse(b.next.id, neuropb.ExpertError_CODE_UNKNOWN_EXPERT, "expert no longer hosted"))
+	}
+	for {
+		select {
+		case j := <-b.queue:
+			j.reply(errorResponse(j.id, neuropb.ExpertError_CODE_UNKNOWN_EXPERT, "expert no longer hosted"))
+		default:
+			return
+		}
+	}
 }
 
 func (b *batcher) enqueue(j *job) bool {

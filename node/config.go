@@ -10,10 +10,12 @@ import (
 	"strings"
 	"time"
 
+	"github.com/ipfs/go-cid"
 	"github.com/libp2p/go-libp2p/core/peer"
 	ma "github.com/multiformats/go-multiaddr"
 	"github.com/pelletier/go-toml/v2"
 
+	"github.com/neuro-p2p/neuro/expert"
 	"github.com/neuro-p2p/neuro/p2p"
 	neuropb "github.com/neuro-p2p/neuro/proto"
 )
@@ -27,8 +29,22 @@ import (
 type Config struct {
 	P2P    P2PConfig    `toml:"p2p"`
 	Gossip GossipConfig `toml:"gossip"`
+	Expert ExpertConfig `toml:"expert"`
 	API    APIConfig    `toml:"api"`
 	Log    LogConfig    `toml:"log"`
+}
+
+// ExpertConfig says which experts the node hosts. Every node with a home
+// keeps a store of shards (<home>/store) and serves it to peers.
+type ExpertConfig struct {
+	// Model is the CID of the model to host experts of; empty hosts none.
+	Model string `toml:"model"`
+	// Experts is "auto" or a list such as "0:3,0:5,1:*".
+	Experts string `toml:"experts"`
+	// MemoryMB bounds the expert weights the node loads.
+	MemoryMB int `toml:"memory_mb"`
+	// Threads for expert compute; 0 uses every core.
+	Threads int `toml:"threads"`
 }
 
 // P2PConfig configures the libp2p host and the DHT.
@@ -119,8 +135,9 @@ func DefaultConfig() Config {
 			PeerTableSize:     4096,
 			PeerExpiry:        Duration(30 * time.Second),
 		},
-		API: APIConfig{Listen: "127.0.0.1:0"},
-		Log: LogConfig{Level: "info", Format: "text"},
+		Expert: ExpertConfig{Experts: "auto", MemoryMB: 4096},
+		API:    APIConfig{Listen: "127.0.0.1:0"},
+		Log:    LogConfig{Level: "info", Format: "text"},
 	}
 }
 
@@ -182,6 +199,18 @@ heartbeat_interval = "5s"
 # How many peers' heartbeats to remember, and for how long after the last one.
 peer_table_size = 4096
 peer_expiry = "30s"
+
+[expert]
+# CID of the model whose experts this node hosts (printed by
+# 'neurod model import'). Empty: host none, only keep and serve shards.
+model = ""
+# Which experts: "auto" (those with the fewest providers, within the memory
+# budget, whole layers when they fit) or a list such as "0:3,0:5,1:*".
+experts = "auto"
+# Memory for expert weights, in MiB.
+memory_mb = 4096
+# Threads for expert compute; 0 uses every core.
+threads = 0
 
 [api]
 # Local control API (neurod status, the testnet launcher), as host:port.
@@ -312,6 +341,20 @@ func (c *Config) Validate() error {
 	if c.Gossip.PeerExpiry <= c.Gossip.HeartbeatInterval {
 		return fieldErr("gossip.peer_expiry", "%v must be longer than gossip.heartbeat_interval %v",
 			c.Gossip.PeerExpiry, c.Gossip.HeartbeatInterval)
+	}
+	if c.Expert.Model != "" {
+		if _, err := cid.Decode(c.Expert.Model); err != nil {
+			return fieldErr("expert.model", "%q: not a CID: %v", c.Expert.Model, err)
+		}
+	}
+	if _, err := expert.ParseSpec(c.Expert.Experts); err != nil {
+		return fieldErr("expert.experts", "%v", err)
+	}
+	if c.Expert.MemoryMB <= 0 {
+		return fieldErr("expert.memory_mb", "must be positive, got %d", c.Expert.MemoryMB)
+	}
+	if c.Expert.Threads < 0 {
+		return fieldErr("expert.threads", "must not be negative, got %d", c.Expert.Threads)
 	}
 	if c.API.Listen != "" {
 		host, _, err := net.SplitHostPort(c.API.Listen)

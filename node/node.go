@@ -17,9 +17,11 @@ import (
 	"sync"
 	"time"
 
+	"github.com/ipfs/go-cid"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/peer"
 
+	"github.com/neuro-p2p/neuro/expert"
 	"github.com/neuro-p2p/neuro/p2p"
 )
 
@@ -73,6 +75,7 @@ type Node struct {
 	log    *slog.Logger
 	home   string
 	p2p    *p2p.Host
+	expert *expert.Service
 	unlock func() error
 
 	apiLn  net.Listener
@@ -125,6 +128,12 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 		return nil, err
 	}
 	n.log = n.log.With("peer", n.p2p.ID())
+	if n.home != "" {
+		if n.expert, err = newExpertService(n.p2p, cfg.Expert, filepath.Join(n.home, StoreDir), n.log); err != nil {
+			return nil, err
+		}
+		n.p2p.SetHeartbeatExtra(n.expert.HeartbeatExtra)
+	}
 	if cfg.API.Listen != "" {
 		n.apiLn, err = net.Listen("tcp", cfg.API.Listen)
 		if err != nil {
@@ -144,6 +153,9 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 func (n *Node) Start(ctx context.Context) error {
 	if err := n.p2p.Start(ctx); err != nil {
 		return err
+	}
+	if n.expert != nil {
+		n.expert.Start()
 	}
 	if n.apiLn != nil {
 		n.wg.Add(1)
@@ -181,6 +193,9 @@ func (n *Node) Close() error {
 				errs = append(errs, err)
 			}
 		}
+		if n.expert != nil {
+			errs = append(errs, n.expert.Close())
+		}
 		if n.p2p != nil {
 			errs = append(errs, n.p2p.Close())
 		}
@@ -204,6 +219,26 @@ func (n *Node) APIAddr() string {
 		return ""
 	}
 	return n.apiLn.Addr().String()
+}
+
+// StoreDir is the directory of a home that holds its shards.
+const StoreDir = "store"
+
+// newExpertService builds the node's expert service from its config.
+func newExpertService(h *p2p.Host, cfg ExpertConfig, store string, log *slog.Logger) (*expert.Service, error) {
+	sc := expert.ServiceConfig{StoreDir: store, MemoryBudget: int64(cfg.MemoryMB) << 20, Threads: cfg.Threads,
+		Server: expert.DefaultConfig()}
+	if cfg.Model != "" {
+		c, err := cid.Decode(cfg.Model)
+		if err != nil {
+			return nil, fmt.Errorf("expert.model: %w", err)
+		}
+		if sc.Spec, err = expert.ParseSpec(cfg.Experts); err != nil {
+			return nil, fmt.Errorf("expert.experts: %w", err)
+		}
+		sc.Model = c
+	}
+	return expert.NewService(h, sc, log)
 }
 
 // NewLogger builds the slog logger that cfg asks for, writing to w.

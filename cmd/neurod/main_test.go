@@ -242,6 +242,10 @@ func TestBadInputs(t *testing.T) {
 		{name: "port in use", args: []string{"run", "--listen", "/ip4/" + strings.ReplaceAll(busy.Addr().String(), ":", "/tcp/")},
 			want: "address already in use"},
 		{name: "init twice", args: []string{"init"}, want: "already exists (use --force"},
+		{name: "bad model cid", args: []string{"run", "--model", "notacid"}, want: "flag --model: \"notacid\": not a CID"},
+		{name: "bad expert list", args: []string{"run", "--model", "bafkreihghcrt42q3xioms6eynwvep4ler7m5wmr6owaafrwl27hvacwvee", "--experts", "0-1"}, want: "flag --experts"},
+		{name: "bad memory", args: []string{"run", "--memory", "lots"}, want: "flag --memory: \"lots\": want a size"},
+		{name: "import a missing file", args: []string{"model", "import", "/nonexistent.gguf"}, want: "no such file"},
 		{name: "bad testnet size", args: []string{"testnet", "--nodes", "0"}, want: "flag --nodes 0"},
 		{name: "unknown command", args: []string{"fly"}, want: `unknown command "fly"`},
 	}
@@ -458,5 +462,23 @@ func TestGenerateLocal(t *testing.T) {
 		if r.code == 0 || !strings.Contains(r.stderr, tc.want) {
 			t.Errorf("%v: exit %d, stderr %q, want %q", tc.args, r.code, r.stderr, tc.want)
 		}
+	}
+}
+
+// model import puts the manifest and every shard in the node's store.
+func TestModelImport(t *testing.T) {
+	home := initHome(t)
+	path := filepath.Join(t.TempDir(), "m.gguf")
+	if r := neurod(t, nil, "model", "make", "--preset", "tiny", "--seed", "3", "--out", path); r.code != 0 {
+		t.Fatal(r.stderr)
+	}
+	r := neurod(t, nil, "model", "import", path, "--home", home)
+	lines := strings.Split(strings.TrimSpace(r.stdout), "\n")
+	if r.code != 0 || !strings.HasPrefix(lines[len(lines)-1], "bafkrei") {
+		t.Fatalf("import: %+v", r)
+	}
+	entries, _ := os.ReadDir(filepath.Join(home, node.StoreDir))
+	if len(entries) != 1+1+8 { // manifest, gating shard, 2 layers x 4 experts
+		t.Fatalf("%d blobs in the store", len(entries))
 	}
 }

@@ -12,10 +12,12 @@ import (
 	"github.com/ipfs/go-cid"
 	"github.com/spf13/cobra"
 
+	"github.com/neuro-p2p/neuro/expert"
 	"github.com/neuro-p2p/neuro/model"
+	"github.com/neuro-p2p/neuro/node"
 )
 
-func newModelCmd() *cobra.Command {
+func newModelCmd(g *globalFlags) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "model",
 		Short: "Make, split and join MoE model files",
@@ -24,8 +26,51 @@ for tests and benchmarks, split cuts a model into content-addressed shards
 (one per layer and expert, plus the gating shard) and a manifest whose CID is
 the model's ID, and join rebuilds the GGUF from the shards.`,
 	}
-	cmd.AddCommand(newModelMakeCmd(), newModelSplitCmd(), newModelJoinCmd())
+	cmd.AddCommand(newModelMakeCmd(), newModelSplitCmd(), newModelJoinCmd(), newModelImportCmd(g))
 	return cmd
+}
+
+func newModelImportCmd(g *globalFlags) *cobra.Command {
+	return &cobra.Command{
+		Use:   "import MODEL.gguf [--home DIR]",
+		Short: "Split a model into the node's store; it spreads through the network by CID",
+		Long: `import splits MODEL.gguf and puts the manifest and every shard, verified
+by CID, into the node's store (<home>/store). The node announces them in the
+DHT (a running node picks them up within seconds), and other nodes fetch
+what they host from it: no other node needs the GGUF. Prints the model CID
+last.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			home, err := g.homeDir()
+			if err != nil {
+				return err
+			}
+			if _, err := os.Stat(filepath.Join(home, node.ConfigFile)); err != nil {
+				return fmt.Errorf("home %s: %w (run 'neurod init' first)", home, node.ErrNotInitialized)
+			}
+			tmp, err := os.MkdirTemp("", "neuro-import-")
+			if err != nil {
+				return err
+			}
+			defer os.RemoveAll(tmp)
+			res, err := model.Split(args[0], tmp)
+			if err != nil {
+				return err
+			}
+			store, err := expert.OpenStore(filepath.Join(home, node.StoreDir))
+			if err != nil {
+				return err
+			}
+			mc, err := store.ImportSplit(tmp)
+			if err != nil {
+				return err
+			}
+			p := res.Manifest.GetParams()
+			fmt.Fprintf(cmd.OutOrStdout(), "imported %s: %d layers x %d experts into %s\n%s\n",
+				args[0], p.GetLayers(), p.GetExperts(), store.Dir(), mc)
+			return nil
+		},
+	}
 }
 
 func presetNames() string {

@@ -47,7 +47,7 @@ variables, overridden by flags. The home is --home, else $NEURO_HOME, else
 		newRunCmd(g),
 		newIDCmd(g),
 		newTestnetCmd(g),
-		newModelCmd(),
+		newModelCmd(g),
 		newGenerateCmd(),
 		newVersionCmd(),
 	)

@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"os"
+	"strconv"
 	"strings"
 
 	"github.com/spf13/cobra"
@@ -16,6 +17,7 @@ func newRunCmd(g *globalFlags) *cobra.Command {
 		listen, bootstrap, roles []string
 		dhtMode, api             string
 		heartbeat                node.Duration
+		modelID, experts, memory string
 	)
 	cmd := &cobra.Command{
 		Use:   "run",
@@ -41,6 +43,13 @@ Flags override NEURO_* environment variables, which override the config.`,
 				{"heartbeat-interval", "gossip.heartbeat_interval", func(c *node.Config, _ *pflag.FlagSet) error {
 					c.Gossip.HeartbeatInterval = heartbeat
 					return nil
+				}},
+				{"model", "expert.model", func(c *node.Config, _ *pflag.FlagSet) error { c.Expert.Model = modelID; return nil }},
+				{"experts", "expert.experts", func(c *node.Config, _ *pflag.FlagSet) error { c.Expert.Experts = experts; return nil }},
+				{"memory", "expert.memory_mb", func(c *node.Config, _ *pflag.FlagSet) error {
+					mb, err := parseMiB(memory)
+					c.Expert.MemoryMB = mb
+					return err
 				}},
 			})
 			if err != nil {
@@ -79,6 +88,9 @@ Flags override NEURO_* environment variables, which override the config.`,
 	f.StringVar(&dhtMode, "dht-mode", "", "DHT mode: auto, server or client")
 	f.StringVar(&api, "api", "", "control API host:port on loopback; empty string disables it")
 	f.Var(&durationFlag{&heartbeat}, "heartbeat-interval", "how often to publish a heartbeat (e.g. 5s)")
+	f.StringVar(&modelID, "model", "", "CID of the model whose experts to host")
+	f.StringVar(&experts, "experts", "", `experts to host: "auto" or e.g. "0:3,0:5,1:*"`)
+	f.StringVar(&memory, "memory", "", "memory for expert weights, e.g. 8GiB or 512MiB")
 	return cmd
 }
 
@@ -101,3 +113,19 @@ func (f *durationFlag) String() string {
 }
 func (f *durationFlag) Set(s string) error { return f.d.UnmarshalText([]byte(s)) }
 func (f *durationFlag) Type() string       { return "duration" }
+
+// parseMiB parses a size such as "8GiB", "512MiB" or "2048" (MiB).
+func parseMiB(s string) (int, error) {
+	num, mult := s, 1
+	switch {
+	case strings.HasSuffix(s, "GiB"):
+		num, mult = strings.TrimSuffix(s, "GiB"), 1024
+	case strings.HasSuffix(s, "MiB"):
+		num = strings.TrimSuffix(s, "MiB")
+	}
+	n, err := strconv.Atoi(strings.TrimSpace(num))
+	if err != nil || n <= 0 {
+		return 0, fmt.Errorf("%q: want a size such as 8GiB or 512MiB", s)
+	}
+	return n * mult, nil
+}

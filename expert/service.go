@@ -1,0 +1,443 @@
+package expert
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/ipfs/go-cid"
+
+	"github.com/neuro-p2p/neuro/ggml"
+	"github.com/neuro-p2p/neuro/p2p"
+	neuropb "github.com/neuro-p2p/neuro/proto"
+)
+
+// ServiceConfig configures an expert node.
+type ServiceConfig struct {
+	// StoreDir holds the node's shards and manifests.
+	StoreDir string
+	// Model is the model to host experts of (cid.Undef: none; the node
+	// still stores and serves blobs).
+	Model cid.Cid
+	// Spec says which experts to host.
+	Spec Spec
+	// MemoryBudget bounds the expert weights the node loads, in bytes.
+	MemoryBudget int64
+	// Threads for ggml (0: every core).
+	Threads int
+	Server  Config
+	// Step is the pause between two automatic hosting steps (jittered),
+	// long enough for a heartbeat to announce the last choice.
+	Step time.Duration
+}
+
+// Service is an expert node: it keeps a store of shards, serves them to
+// peers, announces them in the DHT, and hosts experts of a model.
+type Service struct {
+	cfg     ServiceConfig
+	p2p     *p2p.Host
+	log     *slog.Logger
+	store   *Store
+	shards  *ShardServer
+	server  *Server
+	fetcher *Fetcher
+
+	mu       sync.Mutex
+	manifest *neuropb.Manifest
+	hosted   map[Key]bool // chosen (fetching or serving)
+	loaded   map[Key]*ggml.Expert
+	used     int64
+	speed    float32
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	once   sync.Once
+}
+
+// NewService builds an expert node on h. It starts nothing.
+func NewService(h *p2p.Host, cfg ServiceConfig, log *slog.Logger) (*Service, error) {
+	if log == nil {
+		log = slog.Default()
+	}
+	if cfg.Step <= 0 {
+		cfg.Step = time.Second
+	}
+	store, err := OpenStore(cfg.StoreDir)
+	if err != nil {
+		return nil, err
+	}
+	srv, err := NewServer(h.LibP2P(), cfg.Server, log)
+	if err != nil {
+		return nil, err
+	}
+	s := &Service{cfg: cfg, p2p: h, log: log.With("component", "expert-node"), store: store, server: srv,
+		shards: NewShardServer(h.LibP2P(), store, log), hosted: map[Key]bool{}, loaded: map[Key]*ggml.Expert{}}
+	s.fetcher = NewFetcher(h.LibP2P(), store, nil, log)
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	return s, nil
+}
+
+// Store is the node's blob store.
+func (s *Service) Store() *Store { return s.store }
+
+// Start serves shards and experts, announces the stored blobs and, if a
+// model is set, starts hosting its experts in the background.
+func (s *Service) Start() {
+	s.shards.Start()
+	s.server.Start()
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		s.announce(s.ctx)
+	}()
+	if s.cfg.Model.Defined() {
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			if err := s.host(s.ctx); err != nil && s.ctx.Err() == nil {
+				s.log.Error("hosting stopped", "err", err)
+			}
+		}()
+	}
+}
+
+// Close stops everything and frees the experts. Safe to call twice.
+func (s *Service) Close() error {
+	s.once.Do(func() {
+		s.cancel()
+		s.wg.Wait()
+		s.shards.Close()
+		s.server.Close()
+		s.mu.Lock()
+		for _, e := range s.loaded {
+			e.Close()
+		}
+		s.mu.Unlock()
+	})
+	return nil
+}
+
+// announce provides every stored blob, then rescans for new ones (an
+// import while the node runs).
+func (s *Service) announce(ctx context.Context) {
+	done := map[cid.Cid]bool{}
+	for {
+		blobs, err := s.store.List()
+		if err != nil {
+			s.log.Warn("list store", "err", err)
+		}
+		for _, c := range blobs {
+			if done[c] {
+				continue
+			}
+			pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			err := s.p2p.Provide(pctx, c)
+			cancel()
+			if err == nil {
+				done[c] = true
+			} else if ctx.Err() == nil {
+				s.log.Debug("provide", "cid", c, "err", err)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(5 * time.Second):
+		}
+	}
+}
+
+// fetch gets blob c from its providers, retrying until ctx ends.
+func (s *Service) fetch(ctx context.Context, c cid.Cid) error {
+	for attempt := 0; ; attempt++ {
+		if s.store.Has(c) {
+			return nil
+		}
+		provs, err := s.p2p.FindProviders(ctx, c, 5, 10*time.Second)
+		if err == nil && len(provs) > 0 {
+			if err = s.fetcher.Fetch(ctx, c, provs); err == nil {
+				return nil
+			}
+		}
+		if attempt%10 == 9 {
+			s.log.Warn("still fetching", "cid", c, "attempts", attempt+1, "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("fetch %s: %w", c, ctx.Err())
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+func (s *Service) host(ctx context.Context) error {
+	if err := s.fetch(ctx, s.cfg.Model); err != nil {
+		return err
+	}
+	m, err := s.store.Manifest(s.cfg.Model)
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	s.manifest = m
+	s.mu.Unlock()
+	if !s.cfg.Spec.Auto {
+		keys, err := s.cfg.Spec.Resolve(m)
+		if err != nil {
+			return err
+		}
+		for _, k := range keys {
+			if err := s.add(ctx, m, k); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	// Nodes that start together would choose together: spread the first
+	// choices out.
+	first := time.Duration(rand.Float64() * float64(3*s.cfg.Step))
+	select {
+	case <-ctx.Done():
+		return nil
+	case <-time.After(first):
+	}
+	for {
+		s.mu.Lock()
+		choice := Choice{Manifest: m, Providers: s.providerCounts(m), Hosted: cloneSet(s.hosted),
+			Budget: s.cfg.MemoryBudget - s.used, Self: s.p2p.ID()}
+		s.mu.Unlock()
+		keys := Choose(choice)
+		if len(keys) == 0 {
+			s.rebalance(ctx, m, choice)
+		}
+		for _, k := range keys {
+			if err := s.add(ctx, m, k); err != nil {
+				return err
+			}
+		}
+		jitter := time.Duration(float64(s.cfg.Step) * (0.5 + rand.Float64()))
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(jitter):
+		}
+	}
+}
+
+// rebalance runs when nothing more fits: if an expert this node lacks has
+// fewer than two other providers, it drops one of its own experts that
+// keeps at least two, freeing room for the next step to take the missing
+// one. Choices made at the same moment by several nodes are undone this
+// way.
+func (s *Service) rebalance(ctx context.Context, m *neuropb.Manifest, c Choice) {
+	experts := int(m.GetParams().GetExperts())
+	missing := false
+	for l := range int(m.GetParams().GetLayers()) {
+		for e := range experts {
+			k := Key{l, e}
+			missing = missing || (!c.Hosted[k] && c.Providers[k] < 2)
+		}
+	}
+	if !missing {
+		return
+	}
+	var drop *Key
+	for k := range c.Hosted {
+		if c.Providers[k] >= 2 && (drop == nil || c.Providers[k] > c.Providers[*drop]) {
+			kk := k
+			drop = &kk
+		}
+	}
+	if drop == nil {
+		return
+	}
+	s.mu.Lock()
+	if _, ok := s.loaded[*drop]; !ok { // still fetching: leave it
+		s.mu.Unlock()
+		return
+	}
+	delete(s.loaded, *drop)
+	delete(s.hosted, *drop)
+	s.used -= int64(m.GetExperts()[drop.Layer*experts+drop.Expert].GetShard().GetSize())
+	s.mu.Unlock()
+	if comp, err := s.server.Remove(s.cfg.Model, drop.Layer, drop.Expert); err == nil {
+		if e, ok := comp.(*ggml.Expert); ok {
+			e.Close()
+		}
+	}
+	s.log.Info("dropped a well-provided expert to make room", "expert", drop.String())
+	if err := s.p2p.PublishHeartbeat(ctx); err != nil {
+		s.log.Debug("announce drop", "err", err)
+	}
+}
+
+// providerCounts counts, per expert, the other nodes whose heartbeats say
+// they host it.
+func (s *Service) providerCounts(m *neuropb.Manifest) map[Key]int {
+	out := map[Key]int{}
+	model := string(s.cfg.Model.Bytes())
+	for _, e := range s.p2p.Peers().Snapshot(time.Now()) {
+		for _, hm := range e.Hosted {
+			if string(hm.GetModel()) != model {
+				continue
+			}
+			for _, packed := range hm.GetExperts() {
+				out[Key{int(packed >> 16), int(packed & 0xffff)}]++
+			}
+		}
+	}
+	return out
+}
+
+// add hosts expert k: announces the choice, fetches and verifies the
+// shard, loads it into ggml, serves it and provides it.
+func (s *Service) add(ctx context.Context, m *neuropb.Manifest, k Key) error {
+	ref := m.GetExperts()[k.Layer*int(m.GetParams().GetExperts())+k.Expert].GetShard()
+	s.mu.Lock()
+	if s.hosted[k] {
+		s.mu.Unlock()
+		return nil
+	}
+	s.hosted[k] = true
+	s.used += int64(ref.GetSize())
+	s.mu.Unlock()
+	if err := s.p2p.PublishHeartbeat(ctx); err != nil {
+		s.log.Debug("announce choice", "err", err)
+	}
+	c, err := cid.Cast(ref.GetCid())
+	if err != nil {
+		return err
+	}
+	if err := s.fetch(ctx, c); err != nil {
+		return err
+	}
+	shard, err := s.store.OpenShard(ref)
+	if err != nil {
+		return fmt.Errorf("expert %s: %w", k, err)
+	}
+	e, err := ggml.NewExpertFromShard(shard, k.Layer, ggml.ExpertOptions{Threads: s.cfg.Threads})
+	if err != nil {
+		return fmt.Errorf("expert %s: %w", k, err)
+	}
+	if err := s.server.Add(s.cfg.Model, k.Layer, k.Expert, e); err != nil {
+		e.Close()
+		return err
+	}
+	s.mu.Lock()
+	s.loaded[k] = e
+	if s.speed == 0 {
+		s.speed = measure(e)
+	}
+	s.mu.Unlock()
+	if err := s.p2p.Provide(ctx, c); err != nil && ctx.Err() == nil {
+		s.log.Debug("provide", "cid", c, "err", err)
+	}
+	s.log.Info("hosting expert", "expert", k.String(), "cid", c)
+	return nil
+}
+
+// Loaded returns the experts that are served.
+func (s *Service) Loaded() []Key {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []Key
+	for k := range s.loaded {
+		out = append(out, k)
+	}
+	return out
+}
+
+// measure times one token through e: the node's speed, for heartbeats.
+func measure(e *ggml.Expert) float32 {
+	x := make([]float32, e.Embd())
+	out := make([]float32, e.Embd())
+	start := time.Now()
+	const runs = 3
+	for range runs {
+		if err := e.Compute(x, 1, out); err != nil {
+			return 0
+		}
+	}
+	return float32(runs / time.Since(start).Seconds())
+}
+
+// HeartbeatExtra adds the hosted experts and capacity to a heartbeat.
+func (s *Service) HeartbeatExtra(hb *neuropb.Heartbeat) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cfg.Model.Defined() && len(s.hosted) > 0 {
+		hm := &neuropb.HostedModel{Model: s.cfg.Model.Bytes()}
+		for k := range s.hosted {
+			hm.Experts = append(hm.Experts, uint32(k.Layer)<<16|uint32(k.Expert))
+		}
+		hb.Hosted = []*neuropb.HostedModel{hm}
+	}
+	queue := 0
+	s.server.mu.RLock()
+	for _, b := range s.server.batchers {
+		queue += len(b.queue)
+	}
+	s.server.mu.RUnlock()
+	hb.Capacity = &neuropb.Capacity{
+		FreeMemoryBytes: uint64(max(0, s.cfg.MemoryBudget-s.used)),
+		QueueDepth:      uint32(queue),
+		TokensPerSecond: s.speed,
+		Hardware:        hardware(),
+	}
+}
+
+func cloneSet(m map[Key]bool) map[Key]bool {
+	out := make(map[Key]bool, len(m))
+	for k, v := range m {
+		out[k] = v
+	}
+	return out
+}
+
+var (
+	hwOnce sync.Once
+	hw     *neuropb.Hardware
+)
+
+// hardware describes this machine (Linux /proc; fields stay empty
+// elsewhere).
+func hardware() *neuropb.Hardware {
+	hwOnce.Do(func() {
+		hw = &neuropb.Hardware{Cores: uint32(runtime.NumCPU())}
+		if f, err := os.Open("/proc/cpuinfo"); err == nil {
+			sc := bufio.NewScanner(f)
+			for sc.Scan() {
+				if k, v, ok := strings.Cut(sc.Text(), ":"); ok && strings.TrimSpace(k) == "model name" {
+					hw.Cpu = strings.TrimSpace(v)
+					if len(hw.Cpu) > 100 {
+						hw.Cpu = hw.Cpu[:100]
+					}
+					break
+				}
+			}
+			f.Close()
+		}
+		if f, err := os.Open("/proc/meminfo"); err == nil {
+			sc := bufio.NewScanner(f)
+			for sc.Scan() {
+				if rest, ok := strings.CutPrefix(sc.Text(), "MemTotal:"); ok {
+					if kb, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 10, 64); err == nil {
+						hw.MemoryBytes = kb << 10
+					}
+					break
+				}
+			}
+			f.Close()
+		}
+	})
+	return hw
+}
