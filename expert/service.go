@@ -37,6 +37,11 @@ type ServiceConfig struct {
 	// Step is the pause between two automatic hosting steps (jittered),
 	// long enough for a heartbeat to announce the last choice.
 	Step time.Duration
+	// Progress, if set, is told how fetches advance (TerminalProgress).
+	Progress Progress
+	// Reprovide is how often every stored blob is announced again in the
+	// DHT, well within the life of a provider record (default 12 h).
+	Reprovide time.Duration
 }
 
 // Service is an expert node: it keeps a store of shards, serves them to
@@ -71,6 +76,9 @@ func NewService(h *p2p.Host, cfg ServiceConfig, log *slog.Logger) (*Service, err
 	if cfg.Step <= 0 {
 		cfg.Step = time.Second
 	}
+	if cfg.Reprovide <= 0 {
+		cfg.Reprovide = 12 * time.Hour
+	}
 	store, err := OpenStore(cfg.StoreDir)
 	if err != nil {
 		return nil, err
@@ -81,7 +89,7 @@ func NewService(h *p2p.Host, cfg ServiceConfig, log *slog.Logger) (*Service, err
 	}
 	s := &Service{cfg: cfg, p2p: h, log: log.With("component", "expert-node"), store: store, server: srv,
 		shards: NewShardServer(h.LibP2P(), store, log), hosted: map[Key]bool{}, loaded: map[Key]*ggml.Expert{}}
-	s.fetcher = NewFetcher(h.LibP2P(), store, nil, log)
+	s.fetcher = NewFetcher(h.LibP2P(), store, cfg.Progress, log)
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	return s, nil
 }
@@ -126,24 +134,25 @@ func (s *Service) Close() error {
 	return nil
 }
 
-// announce provides every stored blob, then rescans for new ones (an
-// import while the node runs).
+// announce provides every stored blob, rescans for new ones (an import
+// while the node runs) and provides each again every Reprovide. It stops
+// with the node.
 func (s *Service) announce(ctx context.Context) {
-	done := map[cid.Cid]bool{}
+	provided := map[cid.Cid]time.Time{}
 	for {
 		blobs, err := s.store.List()
 		if err != nil {
 			s.log.Warn("list store", "err", err)
 		}
 		for _, c := range blobs {
-			if done[c] {
+			if at, ok := provided[c]; ok && time.Since(at) < s.cfg.Reprovide {
 				continue
 			}
 			pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 			err := s.p2p.Provide(pctx, c)
 			cancel()
 			if err == nil {
-				done[c] = true
+				provided[c] = time.Now()
 			} else if ctx.Err() == nil {
 				s.log.Debug("provide", "cid", c, "err", err)
 			}

@@ -29,9 +29,19 @@ import (
 type Option func(*options) error
 
 type options struct {
-	log  *slog.Logger
-	home string
-	key  crypto.PrivKey
+	log      *slog.Logger
+	home     string
+	key      crypto.PrivKey
+	progress expert.Progress
+}
+
+// WithProgress shows shard fetches (expert.TerminalProgress on a
+// terminal).
+func WithProgress(p expert.Progress) Option {
+	return func(o *options) error {
+		o.progress = p
+		return nil
+	}
 }
 
 // WithLogger sets the logger (default slog.Default()).
@@ -129,7 +139,7 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 	}
 	n.log = n.log.With("peer", n.p2p.ID())
 	if n.home != "" {
-		if n.expert, err = newExpertService(n.p2p, cfg.Expert, filepath.Join(n.home, StoreDir), n.log); err != nil {
+		if n.expert, err = newExpertService(n.p2p, cfg.Expert, filepath.Join(n.home, StoreDir), o.progress, n.log); err != nil {
 			return nil, err
 		}
 		n.p2p.SetHeartbeatExtra(n.expert.HeartbeatExtra)
@@ -225,9 +235,9 @@ func (n *Node) APIAddr() string {
 const StoreDir = "store"
 
 // newExpertService builds the node's expert service from its config.
-func newExpertService(h *p2p.Host, cfg ExpertConfig, store string, log *slog.Logger) (*expert.Service, error) {
+func newExpertService(h *p2p.Host, cfg ExpertConfig, store string, progress expert.Progress, log *slog.Logger) (*expert.Service, error) {
 	sc := expert.ServiceConfig{StoreDir: store, MemoryBudget: int64(cfg.MemoryMB) << 20, Threads: cfg.Threads,
-		Server: expert.DefaultConfig()}
+		Server: expert.DefaultConfig(), Progress: progress}
 	if cfg.Model != "" {
 		c, err := cid.Decode(cfg.Model)
 		if err != nil {

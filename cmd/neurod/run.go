@@ -8,6 +8,9 @@ import (
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
+	"golang.org/x/term"
+
+	"github.com/neuro-p2p/neuro/expert"
 
 	"github.com/neuro-p2p/neuro/node"
 )
@@ -59,7 +62,11 @@ Flags override NEURO_* environment variables, which override the config.`,
 			if err != nil {
 				return err
 			}
-			n, err := node.New(cfg, node.WithHome(home), node.WithLogger(log))
+			opts := []node.Option{node.WithHome(home), node.WithLogger(log)}
+			if f, ok := cmd.ErrOrStderr().(*os.File); ok && term.IsTerminal(int(f.Fd())) {
+				opts = append(opts, node.WithProgress(expert.TerminalProgress(f)))
+			}
+			n, err := node.New(cfg, opts...)
 			if err != nil {
 				return err
 			}
