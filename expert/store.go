@@ -69,7 +69,11 @@ func (s *Store) Manifest(c cid.Cid) (*neuropb.Manifest, error) {
 	return m, nil
 }
 
-func (s *Store) path(c cid.Cid) string    { return filepath.Join(s.dir, c.String()+blobExt) }
+func (s *Store) path(c cid.Cid) string { return filepath.Join(s.dir, c.String()+blobExt) }
+
+// Path is where a stored blob lies (for readers that take a file, such as
+// llama.cpp's tokenizer loader).
+func (s *Store) Path(c cid.Cid) string    { return s.path(c) }
 func (s *Store) partial(c cid.Cid) string { return filepath.Join(s.dir, c.String()+partialExt) }
 
 // Has reports whether the store holds the blob.

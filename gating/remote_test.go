@@ -1,0 +1,165 @@
+package gating
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/peer"
+	ma "github.com/multiformats/go-multiaddr"
+
+	"github.com/neuro-p2p/neuro/expert"
+	"github.com/neuro-p2p/neuro/ggml"
+	"github.com/neuro-p2p/neuro/model"
+	"github.com/neuro-p2p/neuro/p2p"
+	neuropb "github.com/neuro-p2p/neuro/proto"
+)
+
+func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+// cluster starts n p2p hosts on loopback that know only the first.
+func cluster(t *testing.T, ctx context.Context, n int) []*p2p.Host {
+	t.Helper()
+	cfg := p2p.Config{
+		Listen:            []ma.Multiaddr{ma.StringCast("/ip4/127.0.0.1/tcp/0")},
+		BootstrapTimeout:  10 * time.Second,
+		DHTMode:           p2p.DHTServer,
+		RelayService:      p2p.RelayOff,
+		Limits:            p2p.Limits{ConnsLow: 16, ConnsHigh: 64, ConnsGrace: time.Minute, MaxConns: 128, MaxStreams: 1024, MaxMemory: 1 << 30},
+		HeartbeatInterval: 500 * time.Millisecond,
+		PeerTableSize:     64,
+		PeerExpiry:        5 * time.Second,
+	}
+	var hs []*p2p.Host
+	for i := range n {
+		key, _, _ := crypto.GenerateEd25519Key(nil)
+		h, err := p2p.New(key, cfg, p2p.WithLogger(quiet()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { h.Close() })
+		if err := h.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+		hs = append(hs, h)
+		if i == 0 {
+			cfg.Bootstrap = []peer.AddrInfo{{ID: h.ID(), Addrs: h.Addrs()}}
+		}
+	}
+	return hs
+}
+
+// A prompt answered by experts on three other nodes gives llama.cpp's
+// tokens; with the node that hosts every expert gone, the same prompt gives
+// the same tokens through the others.
+func TestGenerateThroughNetworkEqualsLlamaCpp(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 120*time.Second)
+	defer cancel()
+	dir := t.TempDir()
+	src := filepath.Join(dir, "m.gguf")
+	f, err := os.Create(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := model.Presets["tiny"]
+	p.Layers = 3
+	if err := model.Generate(f, p, model.Q8_0, 2025); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	res, err := model.Split(src, filepath.Join(dir, "shards"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mc := res.ModelCID
+
+	hs := cluster(t, ctx, 4)
+	origin, err := expert.NewService(hs[0], expert.ServiceConfig{StoreDir: filepath.Join(dir, "s0"), Server: expert.DefaultConfig()}, quiet())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { origin.Close() })
+	if _, err := origin.Store().ImportSplit(filepath.Join(dir, "shards")); err != nil {
+		t.Fatal(err)
+	}
+	origin.Start()
+	// Node 1 hosts layers 0 and 1, node 2 layers 1 and 2, node 3 all.
+	specs := []string{"0:*,1:*", "1:*,2:*", "0:*,1:*,2:*"}
+	var svcs []*expert.Service
+	for i, s := range specs {
+		spec, err := expert.ParseSpec(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		svc, err := expert.NewService(hs[i+1], expert.ServiceConfig{StoreDir: filepath.Join(dir, fmt.Sprint("s", i+1)), Model: mc,
+			Spec: spec, MemoryBudget: 1 << 30, Threads: 1, Server: expert.DefaultConfig()}, quiet())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { svc.Close() })
+		hs[i+1].SetHeartbeatExtra(svc.HeartbeatExtra)
+		svc.Start()
+		svcs = append(svcs, svc)
+	}
+	providers := HeartbeatProviders(hs[0], mc)
+	for {
+		ready := true
+		for l := range p.Layers {
+			for e := range p.Experts {
+				ready = ready && len(providers(expert.Key{Layer: l, Expert: e})) >= 2
+			}
+		}
+		for _, s := range svcs {
+			ready = ready && len(s.Loaded()) > 0
+		}
+		if ready {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatal("experts not hosted in time")
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+
+	ref, err := ggml.LoadLlama(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ref.Close()
+	const prompt, maxTokens = "the expert network once upon a time", 32
+	want, err := ref.GenerateGreedy(prompt, maxTokens, ggml.ContextOptions{}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sm, err := Load(origin.Store(), mc, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sm.Close()
+	client := expert.NewClient(hs[0].LibP2P(), quiet())
+	defer client.Close()
+	remote := &RemoteExperts{Client: client, Model: mc, Embd: p.Embd, Used: p.ExpertsUsed, Providers: providers,
+		DType: neuropb.WireDType_WIRE_DTYPE_F32, CallTimeout: 10 * time.Second}
+	check := func(what string) {
+		got, err := sm.GenerateGreedy(ctx, prompt, maxTokens, 0, remote, false)
+		if err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		if fmt.Sprint(got.Tokens) != fmt.Sprint(want.Tokens) {
+			t.Fatalf("%s: tokens %v, llama.cpp %v", what, got.Tokens, want.Tokens)
+		}
+	}
+	check("all nodes up")
+	// The node hosting every expert dies; heartbeats still list it for a
+	// while, so calls to it fail and go to the next provider.
+	svcs[2].Close()
+	hs[3].Close()
+	check("node 3 dead")
+}
