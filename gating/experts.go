@@ -73,39 +73,25 @@ var _ ggml.Experts = (*RemoteExperts)(nil)
 // MoE implements ggml.Experts.
 func (r *RemoteExperts) MoE(ctx context.Context, layer int, x []float32, n int, selected []int32, weights []float32) ([]float32, error) {
 	outs := make([]float32, n*r.Used*r.Embd)
-	slots := map[int32][]int{}
-	var order []int32
-	for slot, e := range selected {
-		if _, ok := slots[e]; !ok {
-			order = append(order, e)
-		}
-		slots[e] = append(slots[e], slot)
-	}
+	routing := ggml.Route(selected)
 	var (
 		wg   sync.WaitGroup
 		mu   sync.Mutex
 		errs []error
 	)
-	for _, e := range order {
+	for _, e := range routing.Experts {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			rows := slots[e]
-			in := make([]float32, len(rows)*r.Embd)
-			for i, slot := range rows {
-				t := slot / r.Used
-				copy(in[i*r.Embd:], x[t*r.Embd:(t+1)*r.Embd])
-			}
-			out, err := r.call(ctx, expert.Key{Layer: layer, Expert: int(e)}, in, len(rows))
+			slots := routing.Slots[e]
+			out, err := r.call(ctx, expert.Key{Layer: layer, Expert: int(e)}, ggml.Gather(x, slots, r.Used, r.Embd), len(slots))
 			if err != nil {
 				mu.Lock()
 				errs = append(errs, err)
 				mu.Unlock()
 				return
 			}
-			for i, slot := range rows {
-				copy(outs[slot*r.Embd:(slot+1)*r.Embd], out[i*r.Embd:(i+1)*r.Embd])
-			}
+			ggml.Scatter(outs, out, slots, r.Embd)
 		}()
 	}
 	wg.Wait()

@@ -337,29 +337,57 @@ type LocalExperts struct {
 	Experts map[[2]int]*Expert
 }
 
+// Routing is one layer's tokens grouped by the expert they go to.
+type Routing struct {
+	// Experts in order of first use.
+	Experts []int32
+	// Slots of each expert: indexes t*used+j of selected.
+	Slots map[int32][]int
+}
+
+// Route groups the slots of selected (n tokens x used experts) by expert.
+func Route(selected []int32) Routing {
+	r := Routing{Slots: map[int32][]int{}}
+	for slot, e := range selected {
+		if _, ok := r.Slots[e]; !ok {
+			r.Experts = append(r.Experts, e)
+		}
+		r.Slots[e] = append(r.Slots[e], slot)
+	}
+	return r
+}
+
+// Gather returns the hidden states (rows of embd floats of x) of the
+// tokens in slots, one row per slot, for a request to one expert.
+func Gather(x []float32, slots []int, used, embd int) []float32 {
+	in := make([]float32, len(slots)*embd)
+	for i, slot := range slots {
+		t := slot / used
+		copy(in[i*embd:], x[t*embd:(t+1)*embd])
+	}
+	return in
+}
+
+// Scatter puts one expert's outputs (a row per slot) into outs, the
+// token-major n x used x embd array Combine reads.
+func Scatter(outs, out []float32, slots []int, embd int) {
+	for i, slot := range slots {
+		copy(outs[slot*embd:(slot+1)*embd], out[i*embd:(i+1)*embd])
+	}
+}
+
 // MoE implements Experts: each expert gets the batch of tokens routed to
 // it in one call, and Combine weighs and sums the results.
 func (le *LocalExperts) MoE(_ context.Context, layer int, x []float32, n int, selected []int32, weights []float32) ([]float32, error) {
 	outs := make([]float32, n*le.Used*le.Embd)
-	rows := map[int32][]int{} // expert -> slots (t*Used+j) routed to it
-	var order []int32
-	for slot, e := range selected {
-		if _, ok := rows[e]; !ok {
-			order = append(order, e)
-		}
-		rows[e] = append(rows[e], slot)
-	}
-	for _, e := range order {
+	r := Route(selected)
+	for _, e := range r.Experts {
 		ex := le.Experts[[2]int{layer, int(e)}]
 		if ex == nil {
 			return nil, fmt.Errorf("no expert %d:%d", layer, e)
 		}
-		slots := rows[e]
-		in := make([]float32, len(slots)*le.Embd)
-		for i, slot := range slots {
-			t := slot / le.Used
-			copy(in[i*le.Embd:], x[t*le.Embd:(t+1)*le.Embd])
-		}
+		slots := r.Slots[e]
+		in := Gather(x, slots, le.Used, le.Embd)
 		out := make([]float32, len(in))
 		for start := 0; start < len(slots); start += ex.MaxBatch() {
 			end := min(start+ex.MaxBatch(), len(slots))
@@ -367,9 +395,7 @@ func (le *LocalExperts) MoE(_ context.Context, layer int, x []float32, n int, se
 				return nil, fmt.Errorf("expert %d:%d: %w", layer, e, err)
 			}
 		}
-		for i, slot := range slots {
-			copy(outs[slot*le.Embd:(slot+1)*le.Embd], out[i*le.Embd:(i+1)*le.Embd])
-		}
+		Scatter(outs, out, slots, le.Embd)
 	}
 	return Combine(outs, weights, n, le.Used, le.Embd), nil
 }

@@ -565,42 +565,44 @@ func putValue(w io.Writer, v any, withType bool) error {
 		_ = binary.Write(w, le, v)
 	case []string:
 		arr(typeString, len(v), func(i int) { putString(w, v[i]) })
-	case []uint8, []int8, []uint16, []int16, []uint32, []int32, []float32, []bool, []uint64, []int64, []float64:
-		et, n := sliceType(v)
+	default:
+		et, n, ok := sliceType(v)
+		if !ok {
+			return fmt.Errorf("unsupported value type %T", v)
+		}
 		tag(typeArray)
 		_ = binary.Write(w, le, et)
 		_ = binary.Write(w, le, uint64(n))
-		_ = binary.Write(w, le, v)
-	default:
-		return fmt.Errorf("unsupported value type %T", v)
+		_ = binary.Write(w, le, v) // a slice of fixed-size values, little-endian
 	}
 	return nil
 }
 
-func sliceType(v any) (uint32, int) {
+// sliceType is the GGUF element type and length of a numeric slice.
+func sliceType(v any) (uint32, int, bool) {
 	switch v := v.(type) {
 	case []uint8:
-		return typeUint8, len(v)
+		return typeUint8, len(v), true
 	case []int8:
-		return typeInt8, len(v)
+		return typeInt8, len(v), true
 	case []uint16:
-		return typeUint16, len(v)
+		return typeUint16, len(v), true
 	case []int16:
-		return typeInt16, len(v)
+		return typeInt16, len(v), true
 	case []uint32:
-		return typeUint32, len(v)
+		return typeUint32, len(v), true
 	case []int32:
-		return typeInt32, len(v)
+		return typeInt32, len(v), true
 	case []float32:
-		return typeFloat32, len(v)
+		return typeFloat32, len(v), true
 	case []bool:
-		return typeBool, len(v)
+		return typeBool, len(v), true
 	case []uint64:
-		return typeUint64, len(v)
+		return typeUint64, len(v), true
 	case []int64:
-		return typeInt64, len(v)
+		return typeInt64, len(v), true
 	case []float64:
-		return typeFloat64, len(v)
+		return typeFloat64, len(v), true
 	}
-	return 0, 0
+	return 0, 0, false
 }
