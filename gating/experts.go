@@ -9,7 +9,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ipfs/go-cid"
@@ -66,7 +68,18 @@ type RemoteExperts struct {
 	DType neuropb.WireDType
 	// CallTimeout bounds one expert call (default 30 s).
 	CallTimeout time.Duration
+	// Selector ranks providers and times hedges; nil tries them in the
+	// order Providers gives, without hedging.
+	Selector *Selector
+
+	hedges, redispatches atomic.Int64
 }
+
+// Hedges counts calls sent to a second provider because the first was slow.
+func (r *RemoteExperts) Hedges() int64 { return r.hedges.Load() }
+
+// Redispatches counts calls sent again because a provider failed.
+func (r *RemoteExperts) Redispatches() int64 { return r.redispatches.Load() }
 
 var _ ggml.Experts = (*RemoteExperts)(nil)
 
@@ -74,6 +87,24 @@ var _ ggml.Experts = (*RemoteExperts)(nil)
 func (r *RemoteExperts) MoE(ctx context.Context, layer int, x []float32, n int, selected []int32, weights []float32) ([]float32, error) {
 	outs := make([]float32, n*r.Used*r.Embd)
 	routing := ggml.Route(selected)
+	// Peers that host every expert this layer needs serve them all in one
+	// round trip each: prefer them.
+	providers := make(map[int32][]peer.ID, len(routing.Experts))
+	preferred := map[peer.ID]bool{}
+	for i, e := range routing.Experts {
+		providers[e] = r.Providers(expert.Key{Layer: layer, Expert: int(e)})
+		if i == 0 {
+			for _, p := range providers[e] {
+				preferred[p] = true
+			}
+			continue
+		}
+		for p := range preferred {
+			if !slices.Contains(providers[e], p) {
+				delete(preferred, p)
+			}
+		}
+	}
 	var (
 		wg   sync.WaitGroup
 		mu   sync.Mutex
@@ -84,7 +115,8 @@ func (r *RemoteExperts) MoE(ctx context.Context, layer int, x []float32, n int, 
 		go func() {
 			defer wg.Done()
 			slots := routing.Slots[e]
-			out, err := r.call(ctx, expert.Key{Layer: layer, Expert: int(e)}, ggml.Gather(x, slots, r.Used, r.Embd), len(slots))
+			out, err := r.call(ctx, expert.Key{Layer: layer, Expert: int(e)}, ggml.Gather(x, slots, r.Used, r.Embd), len(slots),
+				providers[e], preferred)
 			if err != nil {
 				mu.Lock()
 				errs = append(errs, err)
@@ -101,29 +133,88 @@ func (r *RemoteExperts) MoE(ctx context.Context, layer int, x []float32, n int, 
 	return ggml.Combine(outs, weights, n, r.Used, r.Embd), nil
 }
 
-// call asks the providers of k in turn until one answers.
-func (r *RemoteExperts) call(ctx context.Context, k expert.Key, in []float32, n int) ([]float32, error) {
+// call asks the best provider of k; if it has not answered by its p95
+// latency it asks the next one too (a hedge), and a failed call goes to
+// the next at once. The first answer wins; the others are cancelled.
+func (r *RemoteExperts) call(ctx context.Context, k expert.Key, in []float32, n int, providers []peer.ID, preferred map[peer.ID]bool) ([]float32, error) {
 	timeout := r.CallTimeout
 	if timeout <= 0 {
 		timeout = 30 * time.Second
 	}
-	providers := r.Providers(k)
-	var errs []error
-	for _, p := range providers {
-		cctx, cancel := context.WithTimeout(ctx, timeout)
-		resp, err := r.Client.Call(cctx, p, expert.Request{Model: r.Model, Layer: k.Layer, Expert: k.Expert,
-			Hidden: in, N: n, DType: r.DType})
-		cancel()
-		if err == nil {
-			return resp.Output, nil
-		}
-		errs = append(errs, fmt.Errorf("%s: %w", p, err))
-		if ctx.Err() != nil {
-			break
-		}
+	if r.Selector != nil {
+		providers = r.Selector.Rank(k, providers, preferred)
 	}
-	if len(errs) == 0 {
+	if len(providers) == 0 {
 		return nil, fmt.Errorf("expert %s: %w (no node announces it)", k, ErrNoProvider)
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel() // stops the losers
+	type result struct {
+		out []float32
+		err error
+		p   peer.ID
+	}
+	results := make(chan result, len(providers))
+	next, inflight := 0, 0
+	launch := func() bool {
+		if next >= len(providers) {
+			return false
+		}
+		p := providers[next]
+		next++
+		inflight++
+		go func() {
+			start := time.Now()
+			cctx, ccancel := context.WithTimeout(ctx, timeout)
+			defer ccancel()
+			resp, err := r.Client.Call(cctx, p, expert.Request{Model: r.Model, Layer: k.Layer, Expert: k.Expert,
+				Hidden: in, N: n, DType: r.DType})
+			if r.Selector != nil {
+				switch {
+				case err == nil:
+					r.Selector.Observe(p, time.Since(start), resp.Compute, nil)
+				case ctx.Err() != nil:
+					// Lost to a faster provider: it took at least this long.
+					r.Selector.Observe(p, time.Since(start), 0, nil)
+				default:
+					r.Selector.Observe(p, 0, 0, err)
+				}
+			}
+			var out []float32
+			if resp != nil {
+				out = resp.Output
+			}
+			results <- result{out: out, err: err, p: p}
+		}()
+		return true
+	}
+	launch()
+	var errs []error
+	for inflight > 0 {
+		var hedge <-chan time.Time
+		if r.Selector != nil && next < len(providers) {
+			hedge = time.After(r.Selector.HedgeAfter(providers[next-1]))
+		}
+		select {
+		case res := <-results:
+			inflight--
+			if res.err == nil {
+				return res.out, nil
+			}
+			errs = append(errs, fmt.Errorf("%s: %w", res.p, res.err))
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			if launch() {
+				r.redispatches.Add(1)
+			}
+		case <-hedge:
+			if launch() {
+				r.hedges.Add(1)
+			}
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
 	}
 	return nil, fmt.Errorf("expert %s: %w: every provider failed: %w", k, ErrNoProvider, errors.Join(errs...))
 }

@@ -163,3 +163,97 @@ func TestGenerateThroughNetworkEqualsLlamaCpp(t *testing.T) {
 	hs[3].Close()
 	check("node 3 dead")
 }
+
+// slow delays every compute, to play a straggler.
+type slow struct {
+	*ggml.Expert
+	delay time.Duration
+}
+
+func (s slow) Compute(x []float32, n int, out []float32) error {
+	time.Sleep(s.delay)
+	return s.Expert.Compute(x, n, out)
+}
+
+// With every expert on a fast node and a slow one, the slow node's calls
+// are hedged to the fast one, the tokens stay llama.cpp's, and the
+// selector learns to go to the fast node first.
+func TestHedgingAroundASlowNode(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 120*time.Second)
+	defer cancel()
+	dir := t.TempDir()
+	src := filepath.Join(dir, "m.gguf")
+	f, _ := os.Create(src)
+	p := model.Presets["tiny"]
+	if err := model.Generate(f, p, model.F32, 77); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	res, err := model.Split(src, filepath.Join(dir, "shards"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := cluster(t, ctx, 3) // 0: gating, 1: slow, 2: fast
+	for i, delay := range []time.Duration{300 * time.Millisecond, 0} {
+		srv, err := expert.NewServer(hs[i+1].LibP2P(), expert.DefaultConfig(), quiet())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { srv.Close() })
+		for _, ref := range res.Manifest.GetExperts() {
+			s, err := model.OpenShard(filepath.Join(dir, "shards"), ref.GetShard())
+			if err != nil {
+				t.Fatal(err)
+			}
+			e, err := ggml.NewExpertFromShard(s, int(ref.GetLayer()), ggml.ExpertOptions{Threads: 1, MaxBatch: 64})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { e.Close() })
+			var c expert.Computer = e
+			if delay > 0 {
+				c = slow{e, delay}
+			}
+			if err := srv.Add(res.ModelCID, int(ref.GetLayer()), int(ref.GetExpert()), c); err != nil {
+				t.Fatal(err)
+			}
+		}
+		srv.Start()
+	}
+	ref, err := ggml.LoadLlama(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ref.Close()
+	const prompt, maxTokens = "hello world the expert", 12
+	want, err := ref.GenerateGreedy(prompt, maxTokens, ggml.ContextOptions{}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sm, err := ggml.LoadSplit(filepath.Join(dir, "shards"), res.ModelCID, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sm.Close()
+	client := expert.NewClient(hs[0].LibP2P(), quiet())
+	defer client.Close()
+	slowPeer, fastPeer := hs[1].ID(), hs[2].ID()
+	sel := NewSelector(nil)
+	remote := &RemoteExperts{Client: client, Model: res.ModelCID, Embd: p.Embd, Used: p.ExpertsUsed,
+		Providers: func(expert.Key) []peer.ID { return []peer.ID{slowPeer, fastPeer} }, // the slow one listed first
+		DType:     neuropb.WireDType_WIRE_DTYPE_F32, Selector: sel}
+	got, err := sm.GenerateGreedy(ctx, prompt, maxTokens, 0, remote, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(got.Tokens) != fmt.Sprint(want.Tokens) {
+		t.Fatalf("tokens %v, llama.cpp %v", got.Tokens, want.Tokens)
+	}
+	if remote.Hedges() == 0 {
+		t.Fatal("no call was hedged")
+	}
+	if first := sel.Rank(expert.Key{}, []peer.ID{slowPeer, fastPeer}, nil)[0]; first != fastPeer {
+		t.Fatalf("selector still prefers the slow node")
+	}
+	t.Logf("%d hedges, %d re-dispatches", remote.Hedges(), remote.Redispatches())
+}

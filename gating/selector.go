@@ -1,0 +1,175 @@
+package gating
+
+import (
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/neuro-p2p/neuro/expert"
+)
+
+// Scorer gives a peer's reputation in [0, 1]. The trust issue supplies the
+// real one; NeutralScorer trusts everyone equally.
+type Scorer interface {
+	Score(p peer.ID) float64
+}
+
+// NeutralScorer scores every peer 1.
+type NeutralScorer struct{}
+
+// Score implements Scorer.
+func (NeutralScorer) Score(peer.ID) float64 { return 1 }
+
+// Selector ranks an expert's providers by what calls to them have cost:
+// round-trip time (an EWMA), the compute time they report and their
+// queue, divided by their reputation. It sticks to the peer it used last
+// for an expert unless another is clearly better, and gives the p95 of a
+// peer's recent latencies as the time to hedge a call to it. Safe for
+// concurrent use.
+type Selector struct {
+	scorer Scorer
+
+	mu     sync.Mutex
+	stats  map[peer.ID]*peerStats
+	sticky map[expert.Key]peer.ID
+}
+
+// Tunables of the selector.
+const (
+	ewmaAlpha = 0.2
+	// window holds each peer's last latencies, for the p95.
+	window = 64
+	// switchRatio: another peer must cost less than this fraction of the
+	// sticky one to take its place.
+	switchRatio = 0.7
+	// unknownCost is what an unmeasured peer is assumed to cost, low
+	// enough that new peers get tried.
+	unknownCost = 2 * time.Millisecond
+	// failurePenalty multiplies a peer's cost per recent failure.
+	failurePenalty = 4.0
+	// minHedge and defaultHedge bound the hedge delay.
+	minHedge     = time.Millisecond
+	defaultHedge = 50 * time.Millisecond
+)
+
+type peerStats struct {
+	rtt, compute float64 // EWMA, seconds
+	recent       []time.Duration
+	failures     float64 // decays on success
+	queue        int
+}
+
+// NewSelector makes a selector; scorer nil means NeutralScorer.
+func NewSelector(scorer Scorer) *Selector {
+	if scorer == nil {
+		scorer = NeutralScorer{}
+	}
+	return &Selector{scorer: scorer, stats: map[peer.ID]*peerStats{}, sticky: map[expert.Key]peer.ID{}}
+}
+
+func (s *Selector) stat(p peer.ID) *peerStats {
+	st := s.stats[p]
+	if st == nil {
+		st = &peerStats{}
+		s.stats[p] = st
+	}
+	return st
+}
+
+// Observe records a call's outcome: its round-trip time and the compute
+// time the node reported, or its failure.
+func (s *Selector) Observe(p peer.ID, rtt, compute time.Duration, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.stat(p)
+	if err != nil {
+		st.failures++
+		return
+	}
+	st.failures *= 0.5
+	if st.rtt == 0 {
+		st.rtt, st.compute = rtt.Seconds(), compute.Seconds()
+	} else {
+		st.rtt += ewmaAlpha * (rtt.Seconds() - st.rtt)
+		st.compute += ewmaAlpha * (compute.Seconds() - st.compute)
+	}
+	st.recent = append(st.recent, rtt)
+	if len(st.recent) > window {
+		st.recent = st.recent[1:]
+	}
+}
+
+// SetQueue records a peer's announced queue depth.
+func (s *Selector) SetQueue(p peer.ID, depth int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.stat(p).queue = depth
+}
+
+// cost is the expected cost of a call to p, in seconds (lower is better).
+func (s *Selector) cost(p peer.ID) float64 {
+	st := s.stats[p]
+	c := unknownCost.Seconds()
+	if st != nil && st.rtt > 0 {
+		c = st.rtt + st.compute
+	}
+	if st != nil {
+		c *= 1 + float64(st.queue)/4
+		for range int(st.failures + 0.5) {
+			c *= failurePenalty
+		}
+	}
+	return c / max(s.scorer.Score(p), 0.05)
+}
+
+// Rank orders the providers of k, best first. preferred peers (those that
+// host all of the token's experts in this layer) count at half their cost,
+// since one round trip then serves them all. The peer used last for k
+// stays first unless another costs less than switchRatio of it.
+func (s *Selector) Rank(k expert.Key, providers []peer.ID, preferred map[peer.ID]bool) []peer.ID {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := slices.Clone(providers)
+	cost := make(map[peer.ID]float64, len(out))
+	for _, p := range out {
+		c := s.cost(p)
+		if preferred[p] {
+			c /= 2
+		}
+		cost[p] = c
+	}
+	slices.SortStableFunc(out, func(a, b peer.ID) int {
+		switch {
+		case cost[a] < cost[b]:
+			return -1
+		case cost[a] > cost[b]:
+			return 1
+		}
+		return 0
+	})
+	if last, ok := s.sticky[k]; ok && len(out) > 0 && out[0] != last {
+		if i := slices.Index(out, last); i > 0 && cost[out[0]] >= switchRatio*cost[last] {
+			out = append([]peer.ID{last}, slices.Delete(out, i, i+1)...)
+		}
+	}
+	if len(out) > 0 {
+		s.sticky[k] = out[0]
+	}
+	return out
+}
+
+// HedgeAfter is how long to wait for p before asking the next provider
+// too: the p95 of its recent latencies.
+func (s *Selector) HedgeAfter(p peer.ID) time.Duration {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.stats[p]
+	if st == nil || len(st.recent) < 5 {
+		return defaultHedge
+	}
+	sorted := slices.Clone(st.recent)
+	slices.Sort(sorted)
+	return max(sorted[len(sorted)*95/100], minHedge)
+}

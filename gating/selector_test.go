@@ -1,0 +1,98 @@
+package gating
+
+import (
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/neuro-p2p/neuro/expert"
+)
+
+type fixedScores map[peer.ID]float64
+
+func (f fixedScores) Score(p peer.ID) float64 { return f[p] }
+
+func TestSelectorRank(t *testing.T) {
+	k := expert.Key{Layer: 1, Expert: 2}
+	ms := time.Millisecond
+	tests := []struct {
+		name      string
+		observe   func(s *Selector)
+		scores    Scorer
+		preferred map[peer.ID]bool
+		want      peer.ID
+	}{
+		{"fastest wins", func(s *Selector) {
+			s.Observe("a", 10*ms, 5*ms, nil)
+			s.Observe("b", 2*ms, 1*ms, nil)
+		}, nil, nil, "b"},
+		{"reputation divides cost", func(s *Selector) {
+			s.Observe("a", 10*ms, 0, nil)
+			s.Observe("b", 2*ms, 0, nil)
+		}, fixedScores{"a": 1, "b": 0.1}, nil, "a"},
+		{"failures penalise", func(s *Selector) {
+			s.Observe("a", 10*ms, 0, nil)
+			s.Observe("b", 2*ms, 0, nil)
+			s.Observe("b", 0, 0, errors.New("reset"))
+			s.Observe("b", 0, 0, errors.New("reset"))
+		}, nil, nil, "a"},
+		{"queue counts", func(s *Selector) {
+			s.Observe("a", 4*ms, 0, nil)
+			s.Observe("b", 2*ms, 0, nil)
+			s.SetQueue("b", 20)
+		}, nil, nil, "a"},
+		{"a peer hosting the whole layer is preferred", func(s *Selector) {
+			s.Observe("a", 3*ms, 0, nil)
+			s.Observe("b", 2*ms, 0, nil)
+		}, nil, map[peer.ID]bool{"a": true}, "a"},
+		{"unmeasured peers get tried", func(s *Selector) {
+			s.Observe("a", 30*ms, 0, nil)
+		}, nil, nil, "b"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			s := NewSelector(tc.scores)
+			tc.observe(s)
+			if got := s.Rank(k, []peer.ID{"a", "b"}, tc.preferred); got[0] != tc.want {
+				t.Fatalf("Rank = %v, want %s first", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestSelectorSticksUnlessClearlyBetter(t *testing.T) {
+	k := expert.Key{}
+	s := NewSelector(nil)
+	s.Observe("a", 10*time.Millisecond, 0, nil)
+	s.Observe("b", 12*time.Millisecond, 0, nil)
+	if got := s.Rank(k, []peer.ID{"a", "b"}, nil); got[0] != "a" {
+		t.Fatalf("first choice %v", got)
+	}
+	for range 20 { // b becomes a little faster than a: not enough to switch
+		s.Observe("b", 9*time.Millisecond, 0, nil)
+	}
+	if got := s.Rank(k, []peer.ID{"a", "b"}, nil); got[0] != "a" {
+		t.Fatalf("switched for a small gain: %v", got)
+	}
+	for range 30 { // now clearly better
+		s.Observe("b", 3*time.Millisecond, 0, nil)
+	}
+	if got := s.Rank(k, []peer.ID{"a", "b"}, nil); got[0] != "b" {
+		t.Fatalf("did not switch to a clearly better peer: %v", got)
+	}
+}
+
+func TestHedgeAfterIsP95(t *testing.T) {
+	s := NewSelector(nil)
+	if got := s.HedgeAfter("x"); got != defaultHedge {
+		t.Fatalf("unmeasured: %v", got)
+	}
+	for i := 1; i <= 20; i++ {
+		s.Observe("x", time.Duration(i)*time.Millisecond, 0, nil)
+	}
+	if got := s.HedgeAfter("x"); got != 20*time.Millisecond {
+		t.Fatalf("p95 of 1..20 ms = %v, want 20ms", got)
+	}
+}
