@@ -18,6 +18,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/neuro-p2p/neuro/model"
+	"github.com/neuro-p2p/neuro/p2p/p2ptest"
 	"github.com/neuro-p2p/neuro/p2p/wire"
 	neuropb "github.com/neuro-p2p/neuro/proto"
 )
@@ -36,7 +37,7 @@ func openStore(t *testing.T) *Store {
 func TestFetchThroughDHT(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 90*time.Second)
 	defer cancel()
-	hs := p2pCluster(t, ctx, 3)
+	hs := p2ptest.Cluster(t, ctx, 3, p2ptest.Config(time.Second))
 	mc, m, dir := tinyShards(t, model.Q8_0)
 	src, dst := hs[0], hs[2]
 	srcStore := openStore(t)

@@ -12,6 +12,7 @@ import (
 	"github.com/ipfs/go-cid"
 
 	"github.com/neuro-p2p/neuro/model"
+	"github.com/neuro-p2p/neuro/p2p/p2ptest"
 )
 
 // Import a tiny model on one node; three other nodes with automatic
@@ -20,7 +21,7 @@ import (
 func TestAutoHostingCoversEveryExpertTwice(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 	defer cancel()
-	nodes := p2pCluster(t, ctx, 4)
+	nodes := p2ptest.Cluster(t, ctx, 4, p2ptest.Config(time.Second))
 	mc, m, dir := tinyShards(t, model.Q8_0)
 	origin, err := NewService(nodes[0], ServiceConfig{StoreDir: t.TempDir(), Server: DefaultConfig()}, quiet())
 	if err != nil {

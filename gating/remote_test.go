@@ -10,50 +10,16 @@ import (
 	"testing"
 	"time"
 
-	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/peer"
-	ma "github.com/multiformats/go-multiaddr"
 
 	"github.com/neuro-p2p/neuro/expert"
 	"github.com/neuro-p2p/neuro/ggml"
 	"github.com/neuro-p2p/neuro/model"
-	"github.com/neuro-p2p/neuro/p2p"
+	"github.com/neuro-p2p/neuro/p2p/p2ptest"
 	neuropb "github.com/neuro-p2p/neuro/proto"
 )
 
 func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
-
-// cluster starts n p2p hosts on loopback that know only the first.
-func cluster(t *testing.T, ctx context.Context, n int) []*p2p.Host {
-	t.Helper()
-	cfg := p2p.Config{
-		Listen:            []ma.Multiaddr{ma.StringCast("/ip4/127.0.0.1/tcp/0")},
-		BootstrapTimeout:  10 * time.Second,
-		DHTMode:           p2p.DHTServer,
-		RelayService:      p2p.RelayOff,
-		Limits:            p2p.Limits{ConnsLow: 16, ConnsHigh: 64, ConnsGrace: time.Minute, MaxConns: 128, MaxStreams: 1024, MaxMemory: 1 << 30},
-		HeartbeatInterval: 500 * time.Millisecond,
-		PeerTableSize:     64,
-		PeerExpiry:        5 * time.Second,
-	}
-	var hs []*p2p.Host
-	for i := range n {
-		key, _, _ := crypto.GenerateEd25519Key(nil)
-		h, err := p2p.New(key, cfg, p2p.WithLogger(quiet()))
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { h.Close() })
-		if err := h.Start(ctx); err != nil {
-			t.Fatal(err)
-		}
-		hs = append(hs, h)
-		if i == 0 {
-			cfg.Bootstrap = []peer.AddrInfo{{ID: h.ID(), Addrs: h.Addrs()}}
-		}
-	}
-	return hs
-}
 
 // A prompt answered by experts on three other nodes gives llama.cpp's
 // tokens; with the node that hosts every expert gone, the same prompt gives
@@ -79,7 +45,7 @@ func TestGenerateThroughNetworkEqualsLlamaCpp(t *testing.T) {
 	}
 	mc := res.ModelCID
 
-	hs := cluster(t, ctx, 4)
+	hs := p2ptest.Cluster(t, ctx, 4, p2ptest.Config(500*time.Millisecond))
 	origin, err := expert.NewService(hs[0], expert.ServiceConfig{StoreDir: filepath.Join(dir, "s0"), Server: expert.DefaultConfig()}, quiet())
 	if err != nil {
 		t.Fatal(err)
@@ -193,7 +159,7 @@ func TestHedgingAroundASlowNode(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	hs := cluster(t, ctx, 3) // 0: gating, 1: slow, 2: fast
+	hs := p2ptest.Cluster(t, ctx, 3, p2ptest.Config(500*time.Millisecond)) // 0: gating, 1: slow, 2: fast
 	for i, delay := range []time.Duration{300 * time.Millisecond, 0} {
 		srv, err := expert.NewServer(hs[i+1].LibP2P(), expert.DefaultConfig(), quiet())
 		if err != nil {

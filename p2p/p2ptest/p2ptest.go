@@ -1,7 +1,11 @@
-package expert
+// Package p2ptest starts p2p hosts on loopback for the tests of packages
+// below node (testnet's cluster builds whole nodes, which import them).
+package p2ptest
 
 import (
 	"context"
+	"io"
+	"log/slog"
 	"testing"
 	"time"
 
@@ -12,26 +16,34 @@ import (
 	"github.com/neuro-p2p/neuro/p2p"
 )
 
-// p2pCluster starts n p2p hosts on loopback (DHT servers, fast heartbeat)
-// that know only the first one, and waits (bounded) until each has every
-// other in its routing table. (testnet's cluster builds whole nodes, which
-// import this package.)
-func p2pCluster(t *testing.T, ctx context.Context, n int) []*p2p.Host {
-	t.Helper()
-	cfg := p2p.Config{
+// Config is a loopback host config: TCP on 127.0.0.1, DHT server, no NAT
+// services, a heartbeat every interval.
+func Config(interval time.Duration) p2p.Config {
+	return p2p.Config{
 		Listen:            []ma.Multiaddr{ma.StringCast("/ip4/127.0.0.1/tcp/0")},
 		BootstrapTimeout:  10 * time.Second,
 		DHTMode:           p2p.DHTServer,
 		RelayService:      p2p.RelayOff,
 		Limits:            p2p.Limits{ConnsLow: 16, ConnsHigh: 64, ConnsGrace: time.Minute, MaxConns: 128, MaxStreams: 1024, MaxMemory: 1 << 30},
-		HeartbeatInterval: time.Second,
+		HeartbeatInterval: interval,
 		PeerTableSize:     64,
-		PeerExpiry:        10 * time.Second,
+		PeerExpiry:        10 * interval,
 	}
+}
+
+// Cluster starts n hosts with cfg that know only the first one, closes
+// them at the end of the test, and waits (bounded by ctx) until each has
+// every other in its DHT routing table.
+func Cluster(t testing.TB, ctx context.Context, n int, cfg p2p.Config) []*p2p.Host {
+	t.Helper()
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	var hs []*p2p.Host
 	for i := range n {
-		key, _, _ := crypto.GenerateEd25519Key(nil)
-		h, err := p2p.New(key, cfg, p2p.WithLogger(quiet()))
+		key, _, err := crypto.GenerateEd25519Key(nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		h, err := p2p.New(key, cfg, p2p.WithLogger(log))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -54,7 +66,7 @@ func p2pCluster(t *testing.T, ctx context.Context, n int) []*p2p.Host {
 		}
 		select {
 		case <-ctx.Done():
-			t.Fatal("cluster did not converge")
+			t.Fatal("p2p cluster did not converge")
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
