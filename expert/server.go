@@ -44,6 +44,9 @@ type Config struct {
 	IdleTimeout time.Duration
 	// WriteTimeout bounds writing one response.
 	WriteTimeout time.Duration
+	// SlowDown delays every compute by this much: a test-only knob that
+	// makes a node a straggler (neurod run --test-slow-compute).
+	SlowDown time.Duration
 }
 
 // DefaultConfig returns the defaults. The batch window is 0: requests
@@ -102,7 +105,7 @@ func (s *Server) Add(model cid.Cid, layer, expert int, c Computer) error {
 	}
 	s.embd[k.model] = c.Embd()
 	ctx, cancel := context.WithCancel(s.ctx)
-	b := &batcher{c: c, queue: make(chan *job, s.cfg.MaxQueue), window: s.cfg.BatchWindow, cancel: cancel, done: make(chan struct{})}
+	b := &batcher{c: c, queue: make(chan *job, s.cfg.MaxQueue), window: s.cfg.BatchWindow, slow: s.cfg.SlowDown, cancel: cancel, done: make(chan struct{})}
 	s.batchers[k] = b
 	s.wg.Add(1)
 	go func() {
@@ -279,6 +282,7 @@ type batcher struct {
 	c      Computer
 	queue  chan *job
 	window time.Duration
+	slow   time.Duration
 	next   *job // a job that did not fit the last batch
 	cancel context.CancelFunc
 	done   chan struct{} // closed when run has returned and drained
@@ -378,6 +382,9 @@ func (b *batcher) compute(jobs []*job) {
 	}
 	out := make([]float32, len(x))
 	start := time.Now()
+	if b.slow > 0 {
+		time.Sleep(b.slow)
+	}
 	err := b.c.Compute(x, tokens, out)
 	took := time.Since(start)
 	off = 0

@@ -144,6 +144,13 @@ func (s *Service) announce(ctx context.Context) {
 		if err != nil {
 			s.log.Warn("list store", "err", err)
 		}
+		// The experts served, under their expert keys, so that gating
+		// nodes find them in the DHT as well as in heartbeats.
+		if s.cfg.Model.Defined() {
+			for _, k := range s.Loaded() {
+				blobs = append(blobs, neuropb.ExpertKey(s.cfg.Model, k.Layer, k.Expert))
+			}
+		}
 		for _, c := range blobs {
 			if at, ok := provided[c]; ok && time.Since(at) < s.cfg.Reprovide {
 				continue
@@ -164,6 +171,11 @@ func (s *Service) announce(ctx context.Context) {
 		}
 	}
 }
+
+// Fetch gets blob c (a manifest or a shard) into the store from its
+// providers, retrying until ctx ends. It returns at once if the store has
+// it.
+func (s *Service) Fetch(ctx context.Context, c cid.Cid) error { return s.fetch(ctx, c) }
 
 // fetch gets blob c from its providers, retrying until ctx ends.
 func (s *Service) fetch(ctx context.Context, c cid.Cid) error {
@@ -349,6 +361,9 @@ func (s *Service) add(ctx context.Context, m *neuropb.Manifest, k Key) error {
 	s.mu.Unlock()
 	if err := s.p2p.Provide(ctx, c); err != nil && ctx.Err() == nil {
 		s.log.Debug("provide", "cid", c, "err", err)
+	}
+	if err := s.p2p.Provide(ctx, neuropb.ExpertKey(s.cfg.Model, k.Layer, k.Expert)); err != nil && ctx.Err() == nil {
+		s.log.Debug("provide expert", "expert", k.String(), "err", err)
 	}
 	s.log.Info("hosting expert", "expert", k.String(), "cid", c)
 	return nil

@@ -75,6 +75,29 @@ type RemoteExperts struct {
 	hedges, redispatches atomic.Int64
 }
 
+// CallStats add up what a generation's expert calls cost. Attach one to a
+// context with WithCallStats; RemoteExperts adds to it.
+type CallStats struct {
+	// MoEWall is the time spent in MoE (all layers, all passes);
+	// MoECompute the compute time the slowest call of each layer reported.
+	MoEWall, MoECompute atomic.Int64 // nanoseconds
+	MoELayers           atomic.Int64
+	Calls, Bytes        atomic.Int64
+	Hedges, Redispatch  atomic.Int64
+}
+
+type statsKey struct{}
+
+// WithCallStats returns a context whose expert calls add to s.
+func WithCallStats(ctx context.Context, s *CallStats) context.Context {
+	return context.WithValue(ctx, statsKey{}, s)
+}
+
+func callStats(ctx context.Context) *CallStats {
+	s, _ := ctx.Value(statsKey{}).(*CallStats)
+	return s
+}
+
 // Hedges counts calls sent to a second provider because the first was slow.
 func (r *RemoteExperts) Hedges() int64 { return r.hedges.Load() }
 
@@ -85,6 +108,8 @@ var _ ggml.Experts = (*RemoteExperts)(nil)
 
 // MoE implements ggml.Experts.
 func (r *RemoteExperts) MoE(ctx context.Context, layer int, x []float32, n int, selected []int32, weights []float32) ([]float32, error) {
+	start := time.Now()
+	stats := callStats(ctx)
 	outs := make([]float32, n*r.Used*r.Embd)
 	routing := ggml.Route(selected)
 	// Peers that host every expert this layer needs serve them all in one
@@ -106,29 +131,36 @@ func (r *RemoteExperts) MoE(ctx context.Context, layer int, x []float32, n int, 
 		}
 	}
 	var (
-		wg   sync.WaitGroup
-		mu   sync.Mutex
-		errs []error
+		wg         sync.WaitGroup
+		mu         sync.Mutex
+		errs       []error
+		maxCompute time.Duration
 	)
 	for _, e := range routing.Experts {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			slots := routing.Slots[e]
-			out, err := r.call(ctx, expert.Key{Layer: layer, Expert: int(e)}, ggml.Gather(x, slots, r.Used, r.Embd), len(slots),
+			resp, err := r.call(ctx, expert.Key{Layer: layer, Expert: int(e)}, ggml.Gather(x, slots, r.Used, r.Embd), len(slots),
 				providers[e], preferred)
+			mu.Lock()
+			defer mu.Unlock()
 			if err != nil {
-				mu.Lock()
 				errs = append(errs, err)
-				mu.Unlock()
 				return
 			}
-			ggml.Scatter(outs, out, slots, r.Embd)
+			maxCompute = max(maxCompute, resp.Compute)
+			ggml.Scatter(outs, resp.Output, slots, r.Embd)
 		}()
 	}
 	wg.Wait()
 	if err := errors.Join(errs...); err != nil {
 		return nil, err
+	}
+	if stats != nil {
+		stats.MoEWall.Add(int64(time.Since(start)))
+		stats.MoECompute.Add(int64(maxCompute))
+		stats.MoELayers.Add(1)
 	}
 	return ggml.Combine(outs, weights, n, r.Used, r.Embd), nil
 }
@@ -136,7 +168,8 @@ func (r *RemoteExperts) MoE(ctx context.Context, layer int, x []float32, n int, 
 // call asks the best provider of k; if it has not answered by its p95
 // latency it asks the next one too (a hedge), and a failed call goes to
 // the next at once. The first answer wins; the others are cancelled.
-func (r *RemoteExperts) call(ctx context.Context, k expert.Key, in []float32, n int, providers []peer.ID, preferred map[peer.ID]bool) ([]float32, error) {
+func (r *RemoteExperts) call(ctx context.Context, k expert.Key, in []float32, n int, providers []peer.ID, preferred map[peer.ID]bool) (*expert.Response, error) {
+	stats := callStats(ctx)
 	timeout := r.CallTimeout
 	if timeout <= 0 {
 		timeout = 30 * time.Second
@@ -150,9 +183,9 @@ func (r *RemoteExperts) call(ctx context.Context, k expert.Key, in []float32, n 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel() // stops the losers
 	type result struct {
-		out []float32
-		err error
-		p   peer.ID
+		resp *expert.Response
+		err  error
+		p    peer.ID
 	}
 	results := make(chan result, len(providers))
 	next, inflight := 0, 0
@@ -180,11 +213,13 @@ func (r *RemoteExperts) call(ctx context.Context, k expert.Key, in []float32, n 
 					r.Selector.Observe(p, 0, 0, err)
 				}
 			}
-			var out []float32
-			if resp != nil {
-				out = resp.Output
+			if stats != nil {
+				stats.Calls.Add(1)
+				if resp != nil {
+					stats.Bytes.Add(int64(resp.WireBytes))
+				}
 			}
-			results <- result{out: out, err: err, p: p}
+			results <- result{resp: resp, err: err, p: p}
 		}()
 		return true
 	}
@@ -199,7 +234,7 @@ func (r *RemoteExperts) call(ctx context.Context, k expert.Key, in []float32, n 
 		case res := <-results:
 			inflight--
 			if res.err == nil {
-				return res.out, nil
+				return res.resp, nil
 			}
 			errs = append(errs, fmt.Errorf("%s: %w", res.p, res.err))
 			if ctx.Err() != nil {
@@ -207,10 +242,16 @@ func (r *RemoteExperts) call(ctx context.Context, k expert.Key, in []float32, n 
 			}
 			if launch() {
 				r.redispatches.Add(1)
+				if stats != nil {
+					stats.Redispatch.Add(1)
+				}
 			}
 		case <-hedge:
 			if launch() {
 				r.hedges.Add(1)
+				if stats != nil {
+					stats.Hedges.Add(1)
+				}
 			}
 		case <-ctx.Done():
 			return nil, ctx.Err()

@@ -291,3 +291,44 @@ func (l *Llama) greedy(toks []int32, maxTokens int, keepLogits bool, step func([
 	g.Text = l.Detokenize(g.Tokens)
 	return g, nil
 }
+
+// ChatMessage is one turn of a chat.
+type ChatMessage struct{ Role, Content string }
+
+// ApplyChatTemplate formats a chat into a prompt with the model's chat
+// template (tokenizer.chat_template), or ChatML where the model has none,
+// ending with the start of the assistant's turn. Only the templates
+// llama.cpp recognises are supported; another gives an error.
+func (l *Llama) ApplyChatTemplate(msgs []ChatMessage) (string, error) {
+	if len(msgs) == 0 {
+		return "", errors.New("chat template: no messages")
+	}
+	tmpl := C.llama_model_chat_template(l.m, nil)
+	if tmpl == nil {
+		tmpl = C.CString("chatml")
+		defer C.free(unsafe.Pointer(tmpl))
+	}
+	cmsgs := (*[1 << 20]C.struct_llama_chat_message)(C.malloc(C.size_t(len(msgs)) * C.size_t(unsafe.Sizeof(C.struct_llama_chat_message{}))))[:len(msgs):len(msgs)]
+	defer C.free(unsafe.Pointer(&cmsgs[0]))
+	total := 0
+	for i, m := range msgs {
+		cmsgs[i].role = C.CString(m.Role)
+		cmsgs[i].content = C.CString(m.Content)
+		defer C.free(unsafe.Pointer(cmsgs[i].role))
+		defer C.free(unsafe.Pointer(cmsgs[i].content))
+		total += len(m.Role) + len(m.Content)
+	}
+	n := 2*total + 256
+	for range 2 {
+		buf := make([]byte, n)
+		got := C.llama_chat_apply_template(tmpl, &cmsgs[0], C.size_t(len(msgs)), true, (*C.char)(unsafe.Pointer(&buf[0])), C.int32_t(n))
+		if got < 0 {
+			return "", fmt.Errorf("chat template %q is not supported by llama.cpp", C.GoString(tmpl))
+		}
+		if int(got) <= n {
+			return string(buf[:got]), nil
+		}
+		n = int(got)
+	}
+	return "", errors.New("chat template: output keeps growing")
+}

@@ -104,3 +104,23 @@ func TestLlamaBadInput(t *testing.T) {
 		t.Error("decoded an empty batch")
 	}
 }
+
+// A model without a chat template gets ChatML.
+func TestApplyChatTemplate(t *testing.T) {
+	l, err := LoadVocab(tinyModel(t, model.F32, 3))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	got, err := l.ApplyChatTemplate([]ChatMessage{{"system", "be brief"}, {"user", "hello"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+	if got != want {
+		t.Fatalf("chat prompt %q, want %q", got, want)
+	}
+	if _, err := l.ApplyChatTemplate(nil); err == nil {
+		t.Fatal("no messages: no error")
+	}
+}

@@ -69,3 +69,25 @@ const MaxShardHeaderSize = 4 << 10
 // MaxBlobSize bounds one blob: an expert of the largest MoE models in F16
 // is a few GiB.
 const MaxBlobSize = 16 << 30
+
+// InferProtocol is the stream protocol between a client and a gating
+// node.
+const InferProtocol protocol.ID = "/neuro/infer/1.0.0"
+
+// InferService is the resource-manager service of infer streams.
+const InferService = "neuro.infer"
+
+// Infer protocol limits.
+const (
+	// MaxInferRequestSize bounds one InferRequest; MaxInferResponseSize
+	// one InferResponse (a done message carries the whole text).
+	MaxInferRequestSize  = 1 << 20
+	MaxInferResponseSize = 1 << 20
+	// MaxChatMessages bounds InferRequest.messages.
+	MaxChatMessages = 1024
+	// MaxStopStrings and MaxStopLen bound Sampling.stop.
+	MaxStopStrings = 8
+	MaxStopLen     = 256
+	// MaxGenerateTokens bounds Sampling.max_tokens.
+	MaxGenerateTokens = 1 << 16
+)

@@ -199,3 +199,50 @@ func (r *ExpertRequest) Validate() error {
 	}
 	return nil
 }
+
+// Validate checks a decoded InferRequest: a model CID, exactly one of
+// prompt and messages, and sampling values in range. It does not check
+// the prompt against a model's context; the gating node does.
+func (r *InferRequest) Validate() error {
+	if r == nil {
+		return invalid("infer request: nil")
+	}
+	if _, err := cid.Cast(r.GetModel()); err != nil {
+		return invalid("infer request: model cid: %v", err)
+	}
+	switch {
+	case r.GetPrompt() == "" && len(r.GetMessages()) == 0:
+		return invalid("infer request: empty prompt (set prompt or messages)")
+	case r.GetPrompt() != "" && len(r.GetMessages()) > 0:
+		return invalid("infer request: both prompt and messages are set")
+	case len(r.GetMessages()) > MaxChatMessages:
+		return invalid("infer request: %d messages, at most %d", len(r.GetMessages()), MaxChatMessages)
+	}
+	for i, m := range r.GetMessages() {
+		switch m.GetRole() {
+		case "system", "user", "assistant":
+		default:
+			return invalid("infer request: messages[%d]: role %q (want system, user or assistant)", i, m.GetRole())
+		}
+	}
+	s := r.GetSampling()
+	switch t := s.GetTemperature(); {
+	case t != t || t < 0 || t > 100: // t != t: NaN
+		return invalid("infer request: temperature %v outside [0, 100]", t)
+	}
+	if p := s.GetTopP(); p != p || p < 0 || p > 1 {
+		return invalid("infer request: top_p %v outside [0, 1]", p)
+	}
+	if s.GetMaxTokens() > MaxGenerateTokens {
+		return invalid("infer request: max_tokens %d, at most %d", s.GetMaxTokens(), MaxGenerateTokens)
+	}
+	if len(s.GetStop()) > MaxStopStrings {
+		return invalid("infer request: %d stop strings, at most %d", len(s.GetStop()), MaxStopStrings)
+	}
+	for i, st := range s.GetStop() {
+		if st == "" || len(st) > MaxStopLen {
+			return invalid("infer request: stop[%d] is %d bytes (want 1 to %d)", i, len(st), MaxStopLen)
+		}
+	}
+	return nil
+}

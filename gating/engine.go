@@ -1,0 +1,601 @@
+package gating
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+	"unicode/utf8"
+
+	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/core/peerstore"
+
+	"github.com/neuro-p2p/neuro/expert"
+	"github.com/neuro-p2p/neuro/ggml"
+	"github.com/neuro-p2p/neuro/p2p"
+	neuropb "github.com/neuro-p2p/neuro/proto"
+)
+
+// EngineConfig tunes a gating node.
+type EngineConfig struct {
+	// Threads for the gating compute (0: every core).
+	Threads int
+	// MaxSessions bounds the generations that run at once; one more is
+	// answered busy, so that its client tries another gating node.
+	MaxSessions int
+	// Context is the KV cache of a session in tokens (0: the model's
+	// context, at most 4096).
+	Context int
+	// DefaultMaxTokens is the limit of a request that sets none.
+	DefaultMaxTokens int
+	// DType of hidden states on the wire: F32 keeps the results identical
+	// to llama.cpp's; F16 halves the bytes.
+	DType neuropb.WireDType
+	// CallTimeout bounds one expert call.
+	CallTimeout time.Duration
+	// Scorer rates peers' reputation for expert selection (nil: neutral).
+	Scorer Scorer
+}
+
+// DefaultEngineConfig returns the defaults.
+func DefaultEngineConfig() EngineConfig {
+	return EngineConfig{MaxSessions: 4, DefaultMaxTokens: 256, DType: neuropb.WireDType_WIRE_DTYPE_F32,
+		CallTimeout: 30 * time.Second}
+}
+
+// Fetcher gets a blob (manifest or shard) into the store the engine reads.
+type Fetcher interface {
+	Fetch(ctx context.Context, c cid.Cid) error
+	Store() *expert.Store
+}
+
+// Engine is a gating node: it loads the gating part of the models it
+// serves, runs generations for clients (the infer protocol, the HTTP API)
+// and sends each MoE layer to the experts on other nodes.
+type Engine struct {
+	cfg     EngineConfig
+	log     *slog.Logger
+	h       *p2p.Host
+	fetcher Fetcher
+	client  *expert.Client
+	sel     *Selector
+	slots   chan struct{}
+
+	mu     sync.Mutex
+	models map[cid.Cid]*served
+
+	active, generated atomic.Int64
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	once   sync.Once
+}
+
+// served is one model a gating node serves.
+type served struct {
+	cid      cid.Cid
+	loaded   chan struct{} // closed when sm is set or err is
+	sm       *ggml.SplitModel
+	err      error
+	remote   *RemoteExperts
+	dht      *dhtProviders
+	hp       ggml.Hparams
+	manifest *neuropb.Manifest
+}
+
+// NewEngine builds a gating node on h, fetching blobs with f. It starts
+// nothing.
+func NewEngine(h *p2p.Host, f Fetcher, cfg EngineConfig, log *slog.Logger) (*Engine, error) {
+	if log == nil {
+		log = slog.Default()
+	}
+	d := DefaultEngineConfig()
+	if cfg.MaxSessions <= 0 {
+		cfg.MaxSessions = d.MaxSessions
+	}
+	if cfg.DefaultMaxTokens <= 0 {
+		cfg.DefaultMaxTokens = d.DefaultMaxTokens
+	}
+	if cfg.DType == neuropb.WireDType_WIRE_DTYPE_UNSPECIFIED {
+		cfg.DType = d.DType
+	}
+	if cfg.CallTimeout <= 0 {
+		cfg.CallTimeout = d.CallTimeout
+	}
+	if cfg.Context < 0 {
+		return nil, fmt.Errorf("gating: context %d tokens", cfg.Context)
+	}
+	e := &Engine{cfg: cfg, log: log.With("component", "gating"), h: h, fetcher: f,
+		client: expert.NewClient(h.LibP2P(), log), sel: NewSelector(cfg.Scorer),
+		slots: make(chan struct{}, cfg.MaxSessions), models: map[cid.Cid]*served{}}
+	e.ctx, e.cancel = context.WithCancel(context.Background())
+	return e, nil
+}
+
+// Start serves the infer protocol.
+func (e *Engine) Start() {
+	e.h.LibP2P().SetStreamHandler(neuropb.InferProtocol, e.handleStream)
+}
+
+// Close stops serving, waits for the running generations to end and frees
+// the models.
+func (e *Engine) Close() error {
+	e.once.Do(func() {
+		e.h.LibP2P().RemoveStreamHandler(neuropb.InferProtocol)
+		e.cancel()
+		e.wg.Wait()
+		e.client.Close()
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		for _, m := range e.models {
+			if m.sm != nil {
+				m.sm.Close()
+			}
+		}
+	})
+	return nil
+}
+
+// Serve starts serving model c in the background: it fetches the manifest
+// and the gating shard from the network (or finds them in the store),
+// loads them, and provides the model's gating key in the DHT so that
+// clients find this node. Ready reports when it is done.
+func (e *Engine) Serve(c cid.Cid) {
+	e.mu.Lock()
+	if _, ok := e.models[c]; ok {
+		e.mu.Unlock()
+		return
+	}
+	m := &served{cid: c, loaded: make(chan struct{})}
+	e.models[c] = m
+	e.mu.Unlock()
+	e.wg.Add(1)
+	go func() {
+		defer e.wg.Done()
+		err := e.load(e.ctx, m)
+		e.mu.Lock()
+		m.err = err
+		e.mu.Unlock()
+		close(m.loaded)
+		if err != nil {
+			if e.ctx.Err() == nil {
+				e.log.Error("cannot serve model", "model", c, "err", err)
+			}
+			return
+		}
+		e.log.Info("serving model", "model", c, "layers", m.hp.Layers, "experts", m.hp.Experts)
+		e.announce(e.ctx, m)
+	}()
+}
+
+func (e *Engine) load(ctx context.Context, m *served) error {
+	if err := e.fetcher.Fetch(ctx, m.cid); err != nil {
+		return fmt.Errorf("manifest: %w", err)
+	}
+	man, err := e.fetcher.Store().Manifest(m.cid)
+	if err != nil {
+		return err
+	}
+	gc, err := cid.Cast(man.GetGating().GetCid())
+	if err != nil {
+		return fmt.Errorf("manifest: gating cid: %w", err)
+	}
+	if err := e.fetcher.Fetch(ctx, gc); err != nil {
+		return fmt.Errorf("gating shard: %w", err)
+	}
+	sm, err := Load(e.fetcher.Store(), m.cid, e.cfg.Threads)
+	if err != nil {
+		return err
+	}
+	hp := sm.Gating.Hparams()
+	dp := &dhtProviders{h: e.h, model: m.cid, found: map[expert.Key][]peer.ID{}}
+	hb := HeartbeatProviders(e.h, m.cid)
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	m.sm, m.hp, m.manifest, m.dht = sm, hp, man, dp
+	m.remote = &RemoteExperts{Client: e.client, Model: m.cid, Embd: hp.Embd, Used: hp.ExpertsUsed,
+		DType: e.cfg.DType, CallTimeout: e.cfg.CallTimeout, Selector: e.sel,
+		Providers: func(k expert.Key) []peer.ID {
+			ps := hb(k)
+			for _, p := range dp.get(k) {
+				if !slices.Contains(ps, p) {
+					ps = append(ps, p)
+				}
+			}
+			return ps
+		}}
+	return nil
+}
+
+// announce provides the model's gating key now and twice a day, and keeps
+// the DHT's list of each expert's providers fresh, until ctx ends.
+func (e *Engine) announce(ctx context.Context, m *served) {
+	key := neuropb.GatingKey(m.cid)
+	var provided time.Time
+	for {
+		if time.Since(provided) > 12*time.Hour {
+			pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			if err := e.h.Provide(pctx, key); err == nil {
+				provided = time.Now()
+			} else if ctx.Err() == nil {
+				e.log.Debug("provide gating key", "model", m.cid, "err", err)
+			}
+			cancel()
+		}
+		m.dht.refresh(ctx, m.hp)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(10 * time.Second):
+		}
+	}
+}
+
+// dhtProviders keeps, per expert, the peers that provide its expert key in
+// the DHT: the providers a gating node knows of besides the heartbeats it
+// has heard (a peer it has no gossip mesh path to yet, a heartbeat lost).
+type dhtProviders struct {
+	h     *p2p.Host
+	model cid.Cid
+	mu    sync.Mutex
+	found map[expert.Key][]peer.ID
+}
+
+func (d *dhtProviders) get(k expert.Key) []peer.ID {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.found[k]
+}
+
+// refresh looks every expert up, four at a time.
+func (d *dhtProviders) refresh(ctx context.Context, hp ggml.Hparams) {
+	sem := make(chan struct{}, 4)
+	var wg sync.WaitGroup
+	for l := range hp.Layers {
+		for x := range hp.Experts {
+			k := expert.Key{Layer: l, Expert: x}
+			select {
+			case sem <- struct{}{}:
+			case <-ctx.Done():
+				wg.Wait()
+				return
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer func() { <-sem }()
+				infos, err := d.h.FindProviders(ctx, neuropb.ExpertKey(d.model, l, x), 20, 10*time.Second)
+				if err != nil {
+					return
+				}
+				var ps []peer.ID
+				for _, ai := range infos {
+					if ai.ID == d.h.ID() {
+						continue
+					}
+					d.h.LibP2P().Peerstore().AddAddrs(ai.ID, ai.Addrs, peerstore.AddressTTL)
+					ps = append(ps, ai.ID)
+				}
+				d.mu.Lock()
+				d.found[k] = ps
+				d.mu.Unlock()
+			}()
+		}
+	}
+	wg.Wait()
+}
+
+// ModelInfo describes a served model.
+type ModelInfo struct {
+	CID     cid.Cid
+	Ready   bool
+	Err     error
+	Context int
+	// MinProviders is the fewest live providers any expert has.
+	MinProviders int
+	// Missing lists experts without a live provider.
+	Missing []expert.Key
+}
+
+// Models lists the models this node serves, with whether each is loaded
+// and how well its experts are covered.
+func (e *Engine) Models() []ModelInfo {
+	e.mu.Lock()
+	ms := make([]*served, 0, len(e.models))
+	for _, m := range e.models {
+		ms = append(ms, m)
+	}
+	e.mu.Unlock()
+	slices.SortFunc(ms, func(a, b *served) int { return strings.Compare(a.cid.String(), b.cid.String()) })
+	var out []ModelInfo
+	for _, m := range ms {
+		e.mu.Lock()
+		info := ModelInfo{CID: m.cid, Ready: m.sm != nil, Err: m.err}
+		remote, hp := m.remote, m.hp
+		e.mu.Unlock()
+		if info.Ready {
+			info.Context = e.nCtx(hp)
+			info.MinProviders = -1
+			for l := range hp.Layers {
+				for x := range hp.Experts {
+					k := expert.Key{Layer: l, Expert: x}
+					n := len(remote.Providers(k))
+					if n == 0 {
+						info.Missing = append(info.Missing, k)
+					}
+					if info.MinProviders < 0 || n < info.MinProviders {
+						info.MinProviders = n
+					}
+				}
+			}
+		}
+		out = append(out, info)
+	}
+	return out
+}
+
+// Active is the number of generations running; Generated the tokens
+// generated since the start.
+func (e *Engine) Active() int64    { return e.active.Load() }
+func (e *Engine) Generated() int64 { return e.generated.Load() }
+
+// Hedges and Redispatches count expert calls sent to a second provider.
+func (e *Engine) Hedges() (n int64) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for _, m := range e.models {
+		if m.remote != nil {
+			n += m.remote.Hedges()
+		}
+	}
+	return n
+}
+
+func (e *Engine) nCtx(hp ggml.Hparams) int {
+	if e.cfg.Context > 0 {
+		return min(e.cfg.Context, hp.CtxLen)
+	}
+	return min(hp.CtxLen, 4096)
+}
+
+// Error is a failed request, with the protocol's code.
+type Error struct {
+	Code neuropb.InferError_Code
+	Msg  string
+}
+
+func (e *Error) Error() string { return e.Msg }
+
+func errorf(code neuropb.InferError_Code, format string, args ...any) *Error {
+	return &Error{Code: code, Msg: fmt.Sprintf(format, args...)}
+}
+
+// Token is one generated token.
+type Token struct {
+	ID int32
+	// Text is what the token adds to the text; see neuropb.InferToken.
+	Text    string
+	Elapsed time.Duration
+}
+
+// Result is a finished generation.
+type Result struct {
+	Reason       neuropb.FinishReason
+	PromptTokens int
+	Tokens       []int32
+	Text         string
+	// Rest is the end of Text that no token's delta carried.
+	Rest    string
+	Prefill time.Duration
+	Stats   *neuropb.InferStats
+}
+
+// Callbacks receive a generation as it goes. Either may be nil; an error
+// from one stops the generation.
+type Callbacks struct {
+	Start func(promptTokens int, prefill time.Duration) error
+	Token func(Token) error
+}
+
+// Generate runs one request on this node. Its errors are *Error.
+func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Callbacks) (*Result, error) {
+	if err := req.Validate(); err != nil {
+		return nil, errorf(neuropb.InferError_CODE_BAD_REQUEST, "%v", err)
+	}
+	mc, _ := cid.Cast(req.GetModel())
+	e.mu.Lock()
+	m := e.models[mc]
+	e.mu.Unlock()
+	if m == nil {
+		return nil, errorf(neuropb.InferError_CODE_UNKNOWN_MODEL, "model %s is not served by this gating node", mc)
+	}
+	select {
+	case <-m.loaded:
+	default:
+		return nil, errorf(neuropb.InferError_CODE_BUSY, "model %s is still loading on this gating node", mc)
+	}
+	if m.err != nil {
+		return nil, errorf(neuropb.InferError_CODE_UNKNOWN_MODEL, "model %s failed to load on this gating node: %v", mc, m.err)
+	}
+	select {
+	case e.slots <- struct{}{}:
+		defer func() { <-e.slots }()
+	default:
+		return nil, errorf(neuropb.InferError_CODE_BUSY, "all %d sessions of this gating node are busy", cap(e.slots))
+	}
+	e.active.Add(1)
+	defer e.active.Add(-1)
+
+	vocab := m.sm.Vocab
+	text := req.GetPrompt()
+	if msgs := req.GetMessages(); len(msgs) > 0 {
+		cm := make([]ggml.ChatMessage, len(msgs))
+		for i, x := range msgs {
+			cm[i] = ggml.ChatMessage{Role: x.GetRole(), Content: x.GetContent()}
+		}
+		var err error
+		if text, err = vocab.ApplyChatTemplate(cm); err != nil {
+			return nil, errorf(neuropb.InferError_CODE_BAD_REQUEST, "%v", err)
+		}
+	}
+	prompt, err := vocab.Tokenize(text, true)
+	if err != nil {
+		return nil, errorf(neuropb.InferError_CODE_BAD_REQUEST, "%v", err)
+	}
+	nCtx := e.nCtx(m.hp)
+	s := req.GetSampling()
+	maxTokens := int(s.GetMaxTokens())
+	if maxTokens == 0 {
+		maxTokens = min(e.cfg.DefaultMaxTokens, nCtx-len(prompt))
+		if maxTokens < 1 {
+			return nil, errorf(neuropb.InferError_CODE_BAD_REQUEST,
+				"prompt of %d tokens exceeds the context of %d tokens", len(prompt), nCtx)
+		}
+	}
+	if len(prompt)+maxTokens > nCtx {
+		return nil, errorf(neuropb.InferError_CODE_BAD_REQUEST,
+			"prompt of %d tokens + %d new tokens exceeds the context of %d tokens", len(prompt), maxTokens, nCtx)
+	}
+	seed := rand.Uint64()
+	if s != nil && s.Seed != nil {
+		seed = s.GetSeed()
+	}
+	sampler := NewSampler(s.GetTemperature(), int(s.GetTopK()), s.GetTopP(), seed)
+	sess, err := m.sm.Gating.NewSession(nCtx)
+	if err != nil {
+		return nil, errorf(neuropb.InferError_CODE_INTERNAL, "%v", err)
+	}
+	defer sess.Close()
+
+	stats := &CallStats{}
+	ctx = WithCallStats(ctx, stats)
+	res := &Result{PromptTokens: len(prompt), Reason: neuropb.FinishReason_FINISH_REASON_LENGTH}
+	out := newTextStream(s.GetStop())
+	next := prompt
+	for i := range maxTokens {
+		start := time.Now()
+		logits, err := sess.Forward(ctx, next, m.remote)
+		if err != nil {
+			return nil, forwardError(ctx, err)
+		}
+		tok := sampler.Sample(logits)
+		took := time.Since(start)
+		if i == 0 {
+			res.Prefill = took
+			if cb.Start != nil {
+				if err := cb.Start(len(prompt), took); err != nil {
+					return nil, err
+				}
+			}
+		}
+		if vocab.IsEOG(tok) {
+			res.Reason = neuropb.FinishReason_FINISH_REASON_EOS
+			break
+		}
+		res.Tokens = append(res.Tokens, tok)
+		e.generated.Add(1)
+		delta, stopped := out.add(vocab.Detokenize(res.Tokens))
+		if cb.Token != nil {
+			if err := cb.Token(Token{ID: tok, Text: delta, Elapsed: took}); err != nil {
+				return nil, err
+			}
+		}
+		if stopped {
+			res.Reason = neuropb.FinishReason_FINISH_REASON_STOP
+			break
+		}
+		next = []int32{tok}
+	}
+	res.Text = out.text()
+	res.Rest = res.Text[min(out.sent, len(res.Text)):]
+	res.Stats = &neuropb.InferStats{
+		MoeWallUs:    uint64(stats.MoEWall.Load() / 1e3),
+		MoeComputeUs: uint64(stats.MoECompute.Load() / 1e3),
+		MoeLayers:    uint64(stats.MoELayers.Load()),
+		ExpertCalls:  uint64(stats.Calls.Load()),
+		ExpertBytes:  uint64(stats.Bytes.Load()),
+		Hedges:       uint64(stats.Hedges.Load()),
+		Redispatches: uint64(stats.Redispatch.Load()),
+	}
+	return res, nil
+}
+
+// forwardError gives a failed forward pass its protocol code.
+func forwardError(ctx context.Context, err error) error {
+	switch {
+	case errors.Is(err, ErrNoProvider):
+		return errorf(neuropb.InferError_CODE_NO_PROVIDER, "%v", err)
+	case ctx.Err() != nil:
+		return fmt.Errorf("generation stopped: %w", context.Cause(ctx))
+	}
+	return errorf(neuropb.InferError_CODE_INTERNAL, "%v", err)
+}
+
+// textStream turns the detokenized text of a growing generation into the
+// deltas sent with each token: it holds back an unfinished UTF-8
+// character and any tail that might begin a stop string, and cuts the
+// text before the first stop string.
+type textStream struct {
+	stop []string
+	full string // the text so far, cut at a stop string once one is found
+	sent int    // bytes of full already given out
+}
+
+func newTextStream(stop []string) *textStream { return &textStream{stop: stop} }
+
+// add takes the whole text so far and returns what to send now, and
+// whether a stop string ended the text.
+func (t *textStream) add(full string) (string, bool) {
+	t.full = full
+	cut := -1
+	for _, s := range t.stop {
+		// Search from a little before the sent part: a stop string may
+		// straddle it.
+		from := max(0, t.sent-len(s)+1)
+		if i := strings.Index(full[from:], s); i >= 0 && (cut < 0 || from+i < cut) {
+			cut = from + i
+		}
+	}
+	if cut >= 0 {
+		t.full = full[:cut]
+		delta := t.full[min(t.sent, len(t.full)):]
+		t.sent = len(t.full)
+		return delta, true
+	}
+	safe := len(full)
+	for _, s := range t.stop {
+		// The longest tail of full that begins s.
+		for n := min(len(s)-1, len(full)); n > 0; n-- {
+			if strings.HasPrefix(s, full[len(full)-n:]) {
+				safe = min(safe, len(full)-n)
+				break
+			}
+		}
+	}
+	// Do not split a UTF-8 character: end before an unfinished one.
+	for start := safe - 1; start >= max(t.sent, safe-utf8.UTFMax); start-- {
+		if utf8.RuneStart(full[start]) {
+			if !utf8.FullRuneInString(full[start:safe]) {
+				safe = start
+			}
+			break
+		}
+	}
+	if safe <= t.sent {
+		return "", false
+	}
+	delta := full[t.sent:safe]
+	t.sent = safe
+	return delta, false
+}
+
+// text is the final text: everything, the held-back tail included.
+func (t *textStream) text() string { return t.full }

@@ -1,0 +1,410 @@
+package gating
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ipfs/go-cid"
+	"github.com/multiformats/go-multihash"
+
+	"github.com/neuro-p2p/neuro/client"
+	"github.com/neuro-p2p/neuro/expert"
+	"github.com/neuro-p2p/neuro/ggml"
+	"github.com/neuro-p2p/neuro/model"
+	"github.com/neuro-p2p/neuro/p2p"
+	"github.com/neuro-p2p/neuro/p2p/p2ptest"
+	neuropb "github.com/neuro-p2p/neuro/proto"
+)
+
+// gatingNet is a gating node (host 0, which also holds every shard) and
+// expert nodes, in one process on loopback.
+type gatingNet struct {
+	src    string // the GGUF file
+	model  cid.Cid
+	hosts  []*p2p.Host
+	engine *Engine
+}
+
+// newGatingNet starts a gating node and one expert node per spec, and
+// waits until the gating node knows a provider of every expert and has
+// loaded the model.
+func newGatingNet(t *testing.T, ctx context.Context, p model.Params, dt model.DType, seed uint64, specs []string) *gatingNet {
+	t.Helper()
+	dir := t.TempDir()
+	src := filepath.Join(dir, "m.gguf")
+	f, err := os.Create(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := model.Generate(f, p, dt, seed); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	res, err := model.Split(src, filepath.Join(dir, "shards"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := p2ptest.Cluster(t, ctx, 1+len(specs), p2ptest.Config(300*time.Millisecond))
+	origin, err := expert.NewService(hs[0], expert.ServiceConfig{StoreDir: filepath.Join(dir, "s0"), Server: expert.DefaultConfig()}, quiet())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { origin.Close() })
+	if _, err := origin.Store().ImportSplit(filepath.Join(dir, "shards")); err != nil {
+		t.Fatal(err)
+	}
+	origin.Start()
+	for i, s := range specs {
+		spec, err := expert.ParseSpec(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		svc, err := expert.NewService(hs[i+1], expert.ServiceConfig{StoreDir: filepath.Join(dir, fmt.Sprint("s", i+1)),
+			Model: res.ModelCID, Spec: spec, MemoryBudget: 1 << 30, Threads: 1, Server: expert.DefaultConfig()}, quiet())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { svc.Close() })
+		hs[i+1].SetHeartbeatExtra(svc.HeartbeatExtra)
+		svc.Start()
+	}
+	eng, err := NewEngine(hs[0], origin, EngineConfig{Threads: 1}, quiet())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { eng.Close() })
+	eng.Start()
+	eng.Serve(res.ModelCID)
+	for {
+		ms := eng.Models()
+		if len(ms) == 1 && ms[0].Err != nil {
+			t.Fatal(ms[0].Err)
+		}
+		if len(ms) == 1 && ms[0].Ready && ms[0].MinProviders >= 1 {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("gating node not ready: %+v", ms)
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	return &gatingNet{src: src, model: res.ModelCID, hosts: hs, engine: eng}
+}
+
+func (n *gatingNet) reference(t *testing.T, prompt string, maxTokens int) *ggml.Generation {
+	t.Helper()
+	ref, err := ggml.LoadLlama(n.src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ref.Close()
+	g, err := ref.GenerateGreedy(prompt, maxTokens, ggml.ContextOptions{}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return g
+}
+
+func (n *gatingNet) addr(i int) string {
+	return fmt.Sprintf("%s/p2p/%s", n.hosts[i].Addrs()[0], n.hosts[i].ID())
+}
+
+// A client that knows only the bootstrap finds the gating node in the DHT
+// and streams llama.cpp's greedy tokens; the deltas add up to the text.
+func TestClientGeneratesLlamaCppTokens(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 120*time.Second)
+	defer cancel()
+	p := model.Presets["tiny"]
+	net := newGatingNet(t, ctx, p, model.Q8_0, 4242, []string{"0:*", "1:*"})
+	const prompt, maxTokens = "a client asks the network", 24
+	want := net.reference(t, prompt, maxTokens)
+
+	c, err := client.New(ctx, client.WithBootstrap(net.addr(0)), client.WithLogger(quiet()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var nodes int
+	for nodes == 0 { // the gating key is provided once the model is loaded
+		infos, err := c.GatingNodes(ctx, net.model)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if nodes = len(infos); nodes == 0 {
+			select {
+			case <-ctx.Done():
+				t.Fatal("no gating node found in the DHT")
+			case <-time.After(200 * time.Millisecond):
+			}
+		}
+	}
+	s, err := c.Generate(ctx, client.Request{Model: net.model, Prompt: prompt, MaxTokens: maxTokens})
+	if err != nil {
+		t.Fatal(err)
+	}
+	toks, done, err := s.Collect()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []int32
+	var text strings.Builder
+	for _, tk := range toks {
+		ids = append(ids, tk.ID)
+		text.WriteString(tk.Text)
+	}
+	text.WriteString(done.Rest)
+	if fmt.Sprint(ids) != fmt.Sprint(want.Tokens) {
+		t.Fatalf("tokens %v, llama.cpp %v", ids, want.Tokens)
+	}
+	if done.Text != want.Text || text.String() != want.Text {
+		t.Fatalf("text %q, deltas %q, llama.cpp %q", done.Text, text.String(), want.Text)
+	}
+	if done.PromptTokens != len(want.Prompt) || done.CompletionTokens != len(ids) || s.PromptTokens() != len(want.Prompt) {
+		t.Fatalf("done %+v, prompt %d", done, len(want.Prompt))
+	}
+	if done.Stats.GetExpertCalls() == 0 || done.Stats.GetExpertBytes() == 0 || done.Stats.GetMoeLayers() != uint64(p.Layers*(len(ids)+1)) &&
+		done.Stats.GetMoeLayers() != uint64(p.Layers*len(ids)) {
+		t.Fatalf("stats %v for %d tokens", done.Stats, len(ids))
+	}
+
+	// A stop string cuts the text before it; the same seed samples the
+	// same tokens.
+	if len(want.Text) > 8 {
+		stop := want.Text[4:8]
+		s, err := c.Generate(ctx, client.Request{Model: net.model, Prompt: prompt, MaxTokens: maxTokens, Stop: []string{stop}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, done, err := s.Collect()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if wantText := want.Text[:strings.Index(want.Text, stop)]; done.Text != wantText || done.Reason != neuropb.FinishReason_FINISH_REASON_STOP {
+			t.Fatalf("stop %q: text %q reason %v, want %q", stop, done.Text, done.Reason, wantText)
+		}
+	}
+	seed := uint64(99)
+	sample := func() string {
+		s, err := c.Generate(ctx, client.Request{Model: net.model, Prompt: prompt, MaxTokens: 16, Temperature: 0.9, TopK: 40, TopP: 0.95, Seed: &seed})
+		if err != nil {
+			t.Fatal(err)
+		}
+		toks, _, err := s.Collect()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ids []int32
+		for _, tk := range toks {
+			ids = append(ids, tk.ID)
+		}
+		return fmt.Sprint(ids)
+	}
+	if a, b := sample(), sample(); a != b {
+		t.Fatalf("seeded sampling differs: %s vs %s", a, b)
+	}
+}
+
+// Bad requests get errors that say what is wrong, and are not retried.
+func TestBadInferRequests(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 120*time.Second)
+	defer cancel()
+	net := newGatingNet(t, ctx, model.Presets["tiny"], model.F32, 5, []string{"0:*,1:*"})
+	c, err := client.New(ctx, client.WithGatingNodes(net.addr(0)), client.WithLogger(quiet()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	mh, _ := multihash.Sum([]byte("no such model"), multihash.SHA2_256, -1)
+	unknown := cid.NewCidV1(cid.DagProtobuf, mh)
+	cases := []struct {
+		req  client.Request
+		code neuropb.InferError_Code
+		msg  string
+	}{
+		{client.Request{Model: unknown, Prompt: "hi"}, neuropb.InferError_CODE_UNKNOWN_MODEL, "not served"},
+		{client.Request{Model: net.model, Prompt: "hi", MaxTokens: 10000}, neuropb.InferError_CODE_BAD_REQUEST, "exceeds the context of 256 tokens"},
+		{client.Request{Model: net.model, Prompt: strings.Repeat("word ", 300)}, neuropb.InferError_CODE_BAD_REQUEST, "exceeds the context"},
+	}
+	for _, tc := range cases {
+		_, err := c.Generate(ctx, tc.req)
+		var e *client.Error
+		if !errors.As(err, &e) || e.Code != tc.code || !strings.Contains(err.Error(), tc.msg) {
+			t.Errorf("%+v: error %v, want code %v with %q", tc.req.MaxTokens, err, tc.code, tc.msg)
+		}
+	}
+	// Checked before anything is sent.
+	for _, req := range []client.Request{
+		{Model: net.model},
+		{Model: net.model, Prompt: "x", Temperature: -1},
+		{Model: net.model, Prompt: "x", TopP: 2},
+		{Model: net.model, Prompt: "x", Stop: []string{""}},
+		{Model: net.model, Prompt: "x", Messages: []client.Message{{Role: "user", Content: "y"}}},
+		{Model: net.model, Messages: []client.Message{{Role: "robot", Content: "y"}}},
+	} {
+		if _, err := c.Generate(ctx, req); !errors.Is(err, neuropb.ErrInvalid) {
+			t.Errorf("%+v: error %v, want invalid", req, err)
+		}
+	}
+	// A bootstrap-less client with no gating node cannot start.
+	if _, err := client.New(ctx); err == nil {
+		t.Error("client without peers: no error")
+	}
+	if _, err := client.New(ctx, client.WithBootstrap("/ip4/127.0.0.1/tcp/1")); err == nil || !strings.Contains(err.Error(), "/p2p/") {
+		t.Errorf("bootstrap without peer ID: %v", err)
+	}
+}
+
+// The OpenAI-compatible API answers completions and chats, streamed and
+// not, with llama.cpp's tokens at temperature 0, and OpenAI's error shape.
+func TestOpenAIAPI(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 120*time.Second)
+	defer cancel()
+	net := newGatingNet(t, ctx, model.Presets["tiny"], model.F32, 11, []string{"0:*,1:*"})
+	srv := httptest.NewServer(HTTPHandler(net.engine, quiet()))
+	defer srv.Close()
+	const prompt = "the open api"
+	want := net.reference(t, prompt, 12)
+	// JSON carries text as UTF-8: each invalid byte of a random model's
+	// output becomes U+FFFD.
+	jb, _ := json.Marshal(want.Text)
+	_ = json.Unmarshal(jb, &want.Text)
+	post := func(path, body string) (*http.Response, []byte) {
+		t.Helper()
+		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, srv.URL+path, strings.NewReader(body))
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		return resp, b
+	}
+	m := net.model.String()
+
+	resp, body := post("/v1/completions", fmt.Sprintf(`{"model":%q,"prompt":%q,"max_tokens":12,"temperature":0}`, m, prompt))
+	var cr struct {
+		Object  string
+		Choices []struct {
+			Text         string
+			FinishReason string `json:"finish_reason"`
+		}
+		Usage struct {
+			PromptTokens     int `json:"prompt_tokens"`
+			CompletionTokens int `json:"completion_tokens"`
+		}
+	}
+	if err := json.Unmarshal(body, &cr); err != nil || resp.StatusCode != 200 {
+		t.Fatalf("completion: %d %s", resp.StatusCode, body)
+	}
+	if cr.Object != "text_completion" || len(cr.Choices) != 1 || cr.Choices[0].Text != want.Text ||
+		cr.Usage.PromptTokens != len(want.Prompt) || cr.Usage.CompletionTokens != len(want.Tokens) {
+		t.Fatalf("completion %s; want text %q", body, want.Text)
+	}
+
+	// Streaming: the deltas add up to the same text, then [DONE].
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, srv.URL+"/v1/completions",
+		strings.NewReader(fmt.Sprintf(`{"model":%q,"prompt":%q,"max_tokens":12,"temperature":0,"stream":true}`, m, prompt)))
+	sresp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ct := sresp.Header.Get("Content-Type"); ct != "text/event-stream" {
+		t.Fatalf("stream content type %q", ct)
+	}
+	var text strings.Builder
+	var sawDone bool
+	events := 0
+	sc := bufio.NewScanner(sresp.Body)
+	for sc.Scan() {
+		line, ok := strings.CutPrefix(sc.Text(), "data: ")
+		if !ok {
+			continue
+		}
+		if line == "[DONE]" {
+			sawDone = true
+			break
+		}
+		var ch struct {
+			Choices []struct{ Text string }
+		}
+		if err := json.Unmarshal([]byte(line), &ch); err != nil || len(ch.Choices) != 1 {
+			t.Fatalf("event %q: %v", line, err)
+		}
+		text.WriteString(ch.Choices[0].Text)
+		events++
+	}
+	sresp.Body.Close()
+	if !sawDone || text.String() != want.Text || events < 2 {
+		t.Fatalf("stream: %d events, done %v, text %q, want %q", events, sawDone, text.String(), want.Text)
+	}
+
+	// Chat, streamed: role first, then content.
+	req, _ = http.NewRequestWithContext(ctx, http.MethodPost, srv.URL+"/v1/chat/completions",
+		strings.NewReader(fmt.Sprintf(`{"model":%q,"messages":[{"role":"user","content":"hello"}],"max_tokens":8,"temperature":0,"stream":true}`, m)))
+	sresp, err = http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, _ := io.ReadAll(sresp.Body)
+	sresp.Body.Close()
+	if sresp.StatusCode != 200 || !strings.Contains(string(raw), `"object":"chat.completion.chunk"`) ||
+		!strings.Contains(string(raw), `"role":"assistant"`) || !strings.HasSuffix(string(raw), "data: [DONE]\n\n") {
+		t.Fatalf("chat stream: %d %s", sresp.StatusCode, raw)
+	}
+	resp, body = post("/v1/chat/completions", fmt.Sprintf(`{"model":%q,"messages":[{"role":"user","content":"hello"}],"max_tokens":8,"temperature":0}`, m))
+	if resp.StatusCode != 200 || !strings.Contains(string(body), `"object":"chat.completion"`) || !strings.Contains(string(body), `"role":"assistant"`) {
+		t.Fatalf("chat: %d %s", resp.StatusCode, body)
+	}
+
+	// Errors.
+	for _, tc := range []struct {
+		path, body string
+		status     int
+		contains   string
+	}{
+		{"/v1/completions", `{"model":`, 400, "malformed JSON"},
+		{"/v1/completions", fmt.Sprintf(`{"model":%q,"prompt":""}`, m), 400, "prompt is empty"},
+		{"/v1/completions", fmt.Sprintf(`{"model":%q,"prompt":"x","max_tokens":100000}`, m), 400, "max_tokens"},
+		{"/v1/completions", fmt.Sprintf(`{"model":%q,"prompt":"x","max_tokens":1000}`, m), 400, "exceeds the context"},
+		{"/v1/completions", `{"model":"bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy","prompt":"x"}`, 404, "model_not_found"},
+		{"/v1/completions", `{"model":"gpt-4","prompt":"x"}`, 400, "not a CID"},
+		{"/v1/chat/completions", fmt.Sprintf(`{"model":%q,"messages":[]}`, m), 400, "messages is empty"},
+		{"/v1/chat/completions", fmt.Sprintf(`{"model":%q,"messages":[{"role":"user","content":"x"}],"n":2}`, m), 400, "one choice"},
+	} {
+		resp, body := post(tc.path, tc.body)
+		var e struct {
+			Error struct {
+				Message string
+				Type    string
+			}
+		}
+		if resp.StatusCode != tc.status || json.Unmarshal(body, &e) != nil || e.Error.Message == "" || !strings.Contains(string(body), tc.contains) {
+			t.Errorf("%s %s: %d %s; want %d with %q", tc.path, tc.body, resp.StatusCode, body, tc.status, tc.contains)
+		}
+	}
+	gresp, err := http.Get(srv.URL + "/v1/models")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(gresp.Body)
+	gresp.Body.Close()
+	if !strings.Contains(string(b), m) || !strings.Contains(string(b), `"object":"list"`) {
+		t.Fatalf("models: %s", b)
+	}
+	if resp, _ := http.Get(srv.URL + "/v1/completions"); resp.StatusCode != http.StatusMethodNotAllowed {
+		t.Fatalf("GET completions: %d", resp.StatusCode)
+	}
+}

@@ -1,0 +1,113 @@
+package gating
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/network"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/neuro-p2p/neuro/p2p/wire"
+	neuropb "github.com/neuro-p2p/neuro/proto"
+)
+
+// Timeouts of the infer protocol.
+const (
+	// inferReadTimeout bounds reading the request.
+	inferReadTimeout = 30 * time.Second
+	// inferWriteTimeout bounds writing one response: a client that stops
+	// reading for this long loses its generation.
+	inferWriteTimeout = 30 * time.Second
+)
+
+// handleStream serves one /neuro/infer/1.0.0 stream: one request, then its
+// answer. The generation stops when the client resets the stream or stops
+// reading.
+func (e *Engine) handleStream(st network.Stream) {
+	log := e.log.With("client", st.Conn().RemotePeer())
+	if err := st.Scope().SetService(neuropb.InferService); err != nil {
+		log.Debug("infer stream refused by the resource manager", "err", err)
+		st.Reset()
+		return
+	}
+	e.wg.Add(1)
+	defer e.wg.Done()
+	r := wire.NewReader(st, neuropb.MaxInferRequestSize)
+	w := wire.NewWriter(st, neuropb.MaxInferResponseSize)
+	failed := false
+	send := func(resp *neuropb.InferResponse) error {
+		_ = st.SetWriteDeadline(time.Now().Add(inferWriteTimeout))
+		err := w.Write(resp)
+		if err != nil {
+			failed = true
+		}
+		return err
+	}
+	sendError := func(code neuropb.InferError_Code, msg string) {
+		_ = send(&neuropb.InferResponse{Event: &neuropb.InferResponse_Error{Error: &neuropb.InferError{Code: code, Message: msg}}})
+	}
+	defer func() {
+		if failed {
+			st.Reset()
+		} else {
+			st.Close()
+		}
+	}()
+
+	_ = st.SetReadDeadline(time.Now().Add(inferReadTimeout))
+	req := &neuropb.InferRequest{}
+	if err := r.Read(req); err != nil {
+		var tl *wire.TooLargeError
+		if errors.As(err, &tl) && tl.Skipped {
+			sendError(neuropb.InferError_CODE_BAD_REQUEST, "request: "+tl.Error())
+			return
+		}
+		log.Debug("infer stream: read", "err", err)
+		failed = true
+		return
+	}
+	_ = st.SetReadDeadline(time.Time{})
+
+	ctx, cancel := context.WithCancel(e.ctx)
+	defer cancel()
+	start := time.Now()
+	res, err := e.Generate(ctx, req, Callbacks{
+		Start: func(n int, prefill time.Duration) error {
+			return send(&neuropb.InferResponse{Event: &neuropb.InferResponse_Start{Start: &neuropb.InferStart{
+				PromptTokens: uint32(n), PrefillUs: uint64(prefill.Microseconds())}}})
+		},
+		Token: func(t Token) error {
+			return send(&neuropb.InferResponse{Event: &neuropb.InferResponse_Token{Token: &neuropb.InferToken{
+				Id: t.ID, Text: []byte(t.Text), ElapsedUs: uint64(t.Elapsed.Microseconds())}}})
+		},
+	})
+	if err != nil {
+		if failed {
+			log.Debug("infer stream: client gone", "err", err)
+			return
+		}
+		var ge *Error
+		if errors.As(err, &ge) {
+			log.Info("request refused", "code", ge.Code.String(), "err", ge.Msg)
+			sendError(ge.Code, ge.Msg)
+			return
+		}
+		log.Warn("generation failed", "err", err)
+		sendError(neuropb.InferError_CODE_INTERNAL, err.Error())
+		return
+	}
+	done := &neuropb.InferDone{Reason: res.Reason, PromptTokens: uint32(res.PromptTokens),
+		CompletionTokens: uint32(len(res.Tokens)), Text: []byte(res.Text), Rest: []byte(res.Rest), Stats: res.Stats}
+	resp := &neuropb.InferResponse{Event: &neuropb.InferResponse_Done{Done: done}}
+	if proto.Size(resp) > neuropb.MaxInferResponseSize {
+		// The client has the text from the tokens' deltas.
+		done.Text = nil
+	}
+	if err := send(resp); err != nil {
+		log.Debug("infer stream: write done", "err", err)
+		return
+	}
+	log.Info("generated", "prompt_tokens", res.PromptTokens, "tokens", len(res.Tokens),
+		"reason", res.Reason.String(), "took", time.Since(start).Round(time.Millisecond))
+}
