@@ -29,16 +29,19 @@ type Spec struct {
 	wholeLayers []int
 }
 
-// ParseSpec parses an --experts value: "auto", or a comma-separated list
-// of layer:expert items where expert may be * (the whole layer), e.g.
-// "0:3,0:5,1:*".
+// ParseSpec parses an --experts value: "auto", "none", or a
+// comma-separated list of layer:expert items where expert may be * (the
+// whole layer), e.g. "0:3,0:5,1:*".
 func ParseSpec(s string) (Spec, error) {
 	s = strings.TrimSpace(s)
-	if s == "auto" {
+	switch s {
+	case "auto":
 		return Spec{Auto: true}, nil
+	case "none":
+		return Spec{}, nil
 	}
 	if s == "" {
-		return Spec{}, errors.New("empty expert list (want e.g. 0:3,1:* or auto)")
+		return Spec{}, errors.New("empty expert list (want e.g. 0:3,1:*, auto or none)")
 	}
 	var sp Spec
 	seen := map[Key]bool{}

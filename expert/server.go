@@ -11,6 +11,7 @@ import (
 	"io"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ipfs/go-cid"
@@ -57,6 +58,9 @@ func DefaultConfig() Config {
 	return Config{BatchWindow: 0, MaxQueue: 64, IdleTimeout: 5 * time.Minute, WriteTimeout: 10 * time.Second}
 }
 
+// Served counts the expert calls answered with an output.
+func (s *Server) Served() int64 { return s.served.Load() }
+
 // Server serves the experts added to it.
 type Server struct {
 	h   host.Host
@@ -66,6 +70,7 @@ type Server struct {
 	mu       sync.RWMutex
 	batchers map[expertKey]*batcher
 	embd     map[string]int // model CID bytes -> hidden size
+	served   atomic.Int64
 
 	ctx       context.Context
 	cancel    context.CancelFunc
@@ -105,7 +110,7 @@ func (s *Server) Add(model cid.Cid, layer, expert int, c Computer) error {
 	}
 	s.embd[k.model] = c.Embd()
 	ctx, cancel := context.WithCancel(s.ctx)
-	b := &batcher{c: c, queue: make(chan *job, s.cfg.MaxQueue), window: s.cfg.BatchWindow, slow: s.cfg.SlowDown, cancel: cancel, done: make(chan struct{})}
+	b := &batcher{c: c, queue: make(chan *job, s.cfg.MaxQueue), window: s.cfg.BatchWindow, slow: s.cfg.SlowDown, served: &s.served, cancel: cancel, done: make(chan struct{})}
 	s.batchers[k] = b
 	s.wg.Add(1)
 	go func() {
@@ -283,7 +288,8 @@ type batcher struct {
 	queue  chan *job
 	window time.Duration
 	slow   time.Duration
-	next   *job // a job that did not fit the last batch
+	served *atomic.Int64 // the server's count of answered calls
+	next   *job          // a job that did not fit the last batch
 	cancel context.CancelFunc
 	done   chan struct{} // closed when run has returned and drained
 }
@@ -394,6 +400,7 @@ func (b *batcher) compute(jobs []*job) {
 			continue
 		}
 		n := j.n * embd
+		b.served.Add(1)
 		j.reply(&neuropb.ExpertResponse{
 			RequestId:   j.id,
 			Output:      EncodeFloats(out[off:off+n], j.n, embd, j.dtype),

@@ -369,6 +369,9 @@ func (s *Service) add(ctx context.Context, m *neuropb.Manifest, k Key) error {
 	return nil
 }
 
+// Served counts the expert calls this node has answered.
+func (s *Service) Served() int64 { return s.server.Served() }
+
 // Loaded returns the experts that are served.
 func (s *Service) Loaded() []Key {
 	s.mu.Lock()

@@ -30,6 +30,7 @@ type Config struct {
 	P2P    P2PConfig    `toml:"p2p"`
 	Gossip GossipConfig `toml:"gossip"`
 	Expert ExpertConfig `toml:"expert"`
+	Gating GatingConfig `toml:"gating"`
 	API    APIConfig    `toml:"api"`
 	Log    LogConfig    `toml:"log"`
 }
@@ -45,6 +46,29 @@ type ExpertConfig struct {
 	MemoryMB int `toml:"memory_mb"`
 	// Threads for expert compute; 0 uses every core.
 	Threads int `toml:"threads"`
+}
+
+// GatingConfig makes the node a gating node of a model.
+type GatingConfig struct {
+	Enabled bool `toml:"enabled"`
+	// Model is the CID of the model to serve; empty uses expert.model.
+	Model string `toml:"model"`
+	// HTTP is the OpenAI-compatible API's host:port; empty disables it.
+	HTTP        string   `toml:"http"`
+	MaxSessions int      `toml:"max_sessions"`
+	Context     int      `toml:"context"`
+	MaxTokens   int      `toml:"max_tokens"`
+	WireDType   string   `toml:"wire_dtype"`
+	CallTimeout Duration `toml:"call_timeout"`
+	Threads     int      `toml:"threads"`
+}
+
+// ModelCID is the model the gating node serves.
+func (g GatingConfig) ModelCID(c Config) string {
+	if g.Model != "" {
+		return g.Model
+	}
+	return c.Expert.Model
 }
 
 // P2PConfig configures the libp2p host and the DHT.
@@ -136,6 +160,7 @@ func DefaultConfig() Config {
 			PeerExpiry:        Duration(30 * time.Second),
 		},
 		Expert: ExpertConfig{Experts: "auto", MemoryMB: 4096},
+		Gating: GatingConfig{MaxSessions: 4, MaxTokens: 256, WireDType: "f32", CallTimeout: Duration(30 * time.Second)},
 		API:    APIConfig{Listen: "127.0.0.1:0"},
 		Log:    LogConfig{Level: "info", Format: "text"},
 	}
@@ -205,11 +230,37 @@ peer_expiry = "30s"
 # 'neurod model import'). Empty: host none, only keep and serve shards.
 model = ""
 # Which experts: "auto" (those with the fewest providers, within the memory
-# budget, whole layers when they fit) or a list such as "0:3,0:5,1:*".
+# budget, whole layers when they fit), "none", or a list such as
+# "0:3,0:5,1:*".
 experts = "auto"
 # Memory for expert weights, in MiB.
 memory_mb = 4096
 # Threads for expert compute; 0 uses every core.
+threads = 0
+
+[gating]
+# Serve a model as a gating node: run its embeddings, attention and router
+# here, send each layer's hidden states to the expert nodes, and answer
+# clients (the /neuro/infer/1.0.0 protocol, and the HTTP API below).
+enabled = false
+# CID of the model to serve; empty: expert.model.
+model = ""
+# OpenAI-compatible HTTP API (/v1/models, /v1/completions,
+# /v1/chat/completions) as host:port. Empty disables it. It has no
+# authentication: keep it on loopback or behind a proxy that has.
+http = ""
+# Generations that run at once; one more is answered busy.
+max_sessions = 4
+# KV cache of a session in tokens; 0: the model's context, at most 4096.
+context = 0
+# Tokens generated when a request sets no limit.
+max_tokens = 256
+# Hidden states on the wire: "f32" (results identical to llama.cpp) or
+# "f16" (half the bytes).
+wire_dtype = "f32"
+# Longest wait for one expert call before it is sent elsewhere.
+call_timeout = "30s"
+# Threads for the gating compute; 0 uses every core.
 threads = 0
 
 [api]
@@ -356,6 +407,9 @@ func (c *Config) Validate() error {
 	if c.Expert.Threads < 0 {
 		return fieldErr("expert.threads", "must not be negative, got %d", c.Expert.Threads)
 	}
+	if err := c.validateGating(); err != nil {
+		return err
+	}
 	if c.API.Listen != "" {
 		host, _, err := net.SplitHostPort(c.API.Listen)
 		if err != nil {
@@ -370,6 +424,47 @@ func (c *Config) Validate() error {
 	}
 	if !oneOf(c.Log.Format, "text", "json") {
 		return fieldErr("log.format", "%q: want text or json", c.Log.Format)
+	}
+	return nil
+}
+
+func (c *Config) validateGating() error {
+	g := c.Gating
+	if g.Model != "" {
+		if _, err := cid.Decode(g.Model); err != nil {
+			return fieldErr("gating.model", "%q: not a CID: %v", g.Model, err)
+		}
+	}
+	if g.Enabled && g.ModelCID(*c) == "" {
+		return fieldErr("gating.model", "a gating node needs a model (set gating.model or expert.model, or use --model)")
+	}
+	if g.HTTP != "" {
+		if !g.Enabled {
+			return fieldErr("gating.http", "the HTTP API runs on a gating node: set gating.enabled (--gating) too")
+		}
+		if _, _, err := net.SplitHostPort(g.HTTP); err != nil {
+			return fieldErr("gating.http", "%q: want host:port: %v", g.HTTP, err)
+		}
+	}
+	for _, f := range []struct {
+		key string
+		v   int
+	}{{"gating.max_sessions", g.MaxSessions}, {"gating.max_tokens", g.MaxTokens}} {
+		if f.v <= 0 {
+			return fieldErr(f.key, "must be positive, got %d", f.v)
+		}
+	}
+	if g.Context < 0 {
+		return fieldErr("gating.context", "must not be negative, got %d", g.Context)
+	}
+	if g.Threads < 0 {
+		return fieldErr("gating.threads", "must not be negative, got %d", g.Threads)
+	}
+	if !oneOf(g.WireDType, "f32", "f16") {
+		return fieldErr("gating.wire_dtype", "%q: want f32 or f16", g.WireDType)
+	}
+	if g.CallTimeout <= 0 {
+		return fieldErr("gating.call_timeout", "must be positive, got %v", g.CallTimeout)
 	}
 	return nil
 }

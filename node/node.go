@@ -14,6 +14,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -22,7 +23,9 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/neuro-p2p/neuro/expert"
+	"github.com/neuro-p2p/neuro/gating"
 	"github.com/neuro-p2p/neuro/p2p"
+	neuropb "github.com/neuro-p2p/neuro/proto"
 )
 
 // Option sets a dependency of Node.
@@ -33,6 +36,19 @@ type options struct {
 	home     string
 	key      crypto.PrivKey
 	progress expert.Progress
+	slowDown time.Duration
+}
+
+// WithExpertSlowDown delays every expert compute by d: a test-only knob
+// that makes the node a straggler.
+func WithExpertSlowDown(d time.Duration) Option {
+	return func(o *options) error {
+		if d < 0 {
+			return fmt.Errorf("slow-down %v is negative", d)
+		}
+		o.slowDown = d
+		return nil
+	}
 }
 
 // WithProgress shows shard fetches (expert.TerminalProgress on a
@@ -86,10 +102,13 @@ type Node struct {
 	home   string
 	p2p    *p2p.Host
 	expert *expert.Service
+	gating *gating.Engine
 	unlock func() error
 
-	apiLn  net.Listener
-	apiSrv *http.Server
+	apiLn   net.Listener
+	apiSrv  *http.Server
+	httpLn  net.Listener
+	httpSrv *http.Server
 
 	wg        sync.WaitGroup
 	closeOnce sync.Once
@@ -129,6 +148,13 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 	if key == nil {
 		return nil, errors.New("node: no identity (use WithHome or WithIdentity)")
 	}
+	if cfg.Gating.Enabled && !slices.Contains(cfg.P2P.Roles, "gating") {
+		cfg.P2P.Roles = append(slices.Clone(cfg.P2P.Roles), "gating")
+	}
+	if cfg.Expert.Model != "" && cfg.Expert.Experts != "none" && !slices.Contains(cfg.P2P.Roles, "expert") {
+		cfg.P2P.Roles = append(slices.Clone(cfg.P2P.Roles), "expert")
+	}
+	n.cfg = cfg
 	pcfg, err := cfg.ToP2P()
 	if err != nil {
 		return nil, err
@@ -139,10 +165,35 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 	}
 	n.log = n.log.With("peer", n.p2p.ID())
 	if n.home != "" {
-		if n.expert, err = newExpertService(n.p2p, cfg.Expert, filepath.Join(n.home, StoreDir), o.progress, n.log); err != nil {
+		if n.expert, err = newExpertService(n.p2p, cfg.Expert, filepath.Join(n.home, StoreDir), o.progress, o.slowDown, n.log); err != nil {
 			return nil, err
 		}
 		n.p2p.SetHeartbeatExtra(n.expert.HeartbeatExtra)
+	}
+	if cfg.Gating.Enabled {
+		if n.expert == nil {
+			return nil, errors.New("gating: a gating node needs a home (its store holds the model's gating shard)")
+		}
+		dt := neuropb.WireDType_WIRE_DTYPE_F32
+		if cfg.Gating.WireDType == "f16" {
+			dt = neuropb.WireDType_WIRE_DTYPE_F16
+		}
+		n.gating, err = gating.NewEngine(n.p2p, n.expert, gating.EngineConfig{Threads: cfg.Gating.Threads,
+			MaxSessions: cfg.Gating.MaxSessions, Context: cfg.Gating.Context, DefaultMaxTokens: cfg.Gating.MaxTokens,
+			DType: dt, CallTimeout: time.Duration(cfg.Gating.CallTimeout)}, n.log)
+		if err != nil {
+			return nil, err
+		}
+		if cfg.Gating.HTTP != "" {
+			if n.httpLn, err = net.Listen("tcp", cfg.Gating.HTTP); err != nil {
+				return nil, fmt.Errorf("gating.http %s: %w", cfg.Gating.HTTP, err)
+			}
+			n.httpSrv = &http.Server{
+				Handler:           gating.HTTPHandler(n.gating, n.log),
+				ReadHeaderTimeout: 10 * time.Second,
+				ErrorLog:          slog.NewLogLogger(n.log.Handler(), slog.LevelWarn),
+			}
+		}
 	}
 	if cfg.API.Listen != "" {
 		n.apiLn, err = net.Listen("tcp", cfg.API.Listen)
@@ -166,6 +217,24 @@ func (n *Node) Start(ctx context.Context) error {
 	}
 	if n.expert != nil {
 		n.expert.Start()
+	}
+	if n.gating != nil {
+		mc, err := cid.Decode(n.cfg.Gating.ModelCID(n.cfg))
+		if err != nil {
+			return fmt.Errorf("gating.model: %w", err)
+		}
+		n.gating.Start()
+		n.gating.Serve(mc)
+	}
+	if n.httpLn != nil {
+		n.wg.Add(1)
+		go func() {
+			defer n.wg.Done()
+			if err := n.httpSrv.Serve(n.httpLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				n.log.Error("http api stopped", "err", err)
+			}
+		}()
+		n.log.Info("OpenAI-compatible API listening", "url", "http://"+n.httpLn.Addr().String()+"/v1")
 	}
 	if n.apiLn != nil {
 		n.wg.Add(1)
@@ -197,11 +266,24 @@ func (n *Node) Close() error {
 		} else if n.apiLn != nil {
 			errs = append(errs, n.apiLn.Close())
 		}
+		if n.httpSrv != nil {
+			// Streams in progress end when the gating engine closes.
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			if err := n.httpSrv.Shutdown(ctx); err != nil {
+				n.httpSrv.Close()
+			}
+			cancel()
+		} else if n.httpLn != nil {
+			errs = append(errs, n.httpLn.Close())
+		}
 		n.wg.Wait()
 		if n.home != "" && n.apiLn != nil {
 			if err := os.Remove(filepath.Join(n.home, APIFile)); err != nil && !errors.Is(err, os.ErrNotExist) {
 				errs = append(errs, err)
 			}
+		}
+		if n.gating != nil {
+			errs = append(errs, n.gating.Close())
 		}
 		if n.expert != nil {
 			errs = append(errs, n.expert.Close())
@@ -223,6 +305,21 @@ func (n *Node) ID() peer.ID { return n.p2p.ID() }
 // P2P is the node's p2p stack.
 func (n *Node) P2P() *p2p.Host { return n.p2p }
 
+// HTTPAddr is the OpenAI-compatible API's host:port, or "" when it is
+// off.
+func (n *Node) HTTPAddr() string {
+	if n.httpLn == nil {
+		return ""
+	}
+	return n.httpLn.Addr().String()
+}
+
+// Gating is the node's gating engine (nil unless gating.enabled).
+func (n *Node) Gating() *gating.Engine { return n.gating }
+
+// Expert is the node's expert service (nil without a home).
+func (n *Node) Expert() *expert.Service { return n.expert }
+
 // APIAddr is the control API's host:port, or "" when it is off.
 func (n *Node) APIAddr() string {
 	if n.apiLn == nil {
@@ -235,9 +332,10 @@ func (n *Node) APIAddr() string {
 const StoreDir = "store"
 
 // newExpertService builds the node's expert service from its config.
-func newExpertService(h *p2p.Host, cfg ExpertConfig, store string, progress expert.Progress, log *slog.Logger) (*expert.Service, error) {
+func newExpertService(h *p2p.Host, cfg ExpertConfig, store string, progress expert.Progress, slow time.Duration, log *slog.Logger) (*expert.Service, error) {
 	sc := expert.ServiceConfig{StoreDir: store, MemoryBudget: int64(cfg.MemoryMB) << 20, Threads: cfg.Threads,
 		Server: expert.DefaultConfig(), Progress: progress}
+	sc.Server.SlowDown = slow
 	if cfg.Model != "" {
 		c, err := cid.Decode(cfg.Model)
 		if err != nil {

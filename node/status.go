@@ -1,14 +1,17 @@
 package node
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
 	"os"
+	"slices"
 	"time"
 
+	"github.com/neuro-p2p/neuro/expert"
 	"github.com/neuro-p2p/neuro/p2p"
 	neuropb "github.com/neuro-p2p/neuro/proto"
 )
@@ -38,6 +41,38 @@ type Status struct {
 	Heard []HeardPeer `json:"heard"`
 	// GossipRejected counts rejected gossip messages: topic -> reason -> n.
 	GossipRejected map[string]map[string]uint64 `json:"gossip_rejected"`
+	// Experts lists the experts this node serves ("layer:expert"), and
+	// ExpertCalls the calls it has answered.
+	Experts     []string `json:"experts"`
+	ExpertCalls int64    `json:"expert_calls"`
+	// Gating is the gating node's state (absent on other nodes).
+	Gating *GatingStatus `json:"gating,omitempty"`
+}
+
+// GatingStatus is a gating node's state.
+type GatingStatus struct {
+	// HTTP is the OpenAI-compatible API's host:port ("" when off).
+	HTTP string `json:"http"`
+	// Active generations, tokens generated since the start, and expert
+	// calls hedged to a second provider.
+	Active    int64         `json:"active"`
+	Generated int64         `json:"generated"`
+	Hedges    int64         `json:"hedges"`
+	Models    []GatingModel `json:"models"`
+}
+
+// GatingModel is one model a gating node serves.
+type GatingModel struct {
+	Model string `json:"model"`
+	// Ready once the gating shard is loaded; Error if that failed.
+	Ready bool   `json:"ready"`
+	Error string `json:"error,omitempty"`
+	// Context is a session's KV cache in tokens.
+	Context int `json:"context"`
+	// MinProviders is the fewest live providers of any expert; Missing
+	// lists the experts that have none.
+	MinProviders int      `json:"min_providers"`
+	Missing      []string `json:"missing"`
 }
 
 // HeardPeer is one entry of the heartbeat table.
@@ -87,6 +122,31 @@ func (n *Node) Status() Status {
 	}
 	for _, p := range h.RoutingTable() {
 		st.RoutingTable = append(st.RoutingTable, p.String())
+	}
+	st.Experts = []string{}
+	if n.expert != nil {
+		keys := n.expert.Loaded()
+		slices.SortFunc(keys, func(a, b expert.Key) int {
+			return cmp.Or(cmp.Compare(a.Layer, b.Layer), cmp.Compare(a.Expert, b.Expert))
+		})
+		for _, k := range keys {
+			st.Experts = append(st.Experts, k.String())
+		}
+		st.ExpertCalls = n.expert.Served()
+	}
+	if g := n.gating; g != nil {
+		gs := &GatingStatus{HTTP: n.HTTPAddr(), Active: g.Active(), Generated: g.Generated(), Hedges: g.Hedges(), Models: []GatingModel{}}
+		for _, m := range g.Models() {
+			gm := GatingModel{Model: m.CID.String(), Ready: m.Ready, Context: m.Context, MinProviders: m.MinProviders, Missing: []string{}}
+			if m.Err != nil {
+				gm.Error = m.Err.Error()
+			}
+			for _, k := range m.Missing {
+				gm.Missing = append(gm.Missing, k.String())
+			}
+			gs.Models = append(gs.Models, gm)
+		}
+		st.Gating = gs
 	}
 	for _, e := range h.Peers().Snapshot(now) {
 		hosted := 0

@@ -3,6 +3,7 @@ package testnet
 import (
 	"fmt"
 	"slices"
+	"strings"
 
 	"github.com/neuro-p2p/neuro/node"
 )
@@ -39,4 +40,38 @@ func short(id string) string {
 		return "…" + id[len(id)-8:]
 	}
 	return id
+}
+
+// Coverage counts, for each expert "layer:expert" of a model with layers x
+// experts, the nodes whose status lists it as served.
+func Coverage(sts []node.Status, layers, experts int) map[string]int {
+	out := make(map[string]int, layers*experts)
+	for l := range layers {
+		for e := range experts {
+			out[fmt.Sprintf("%d:%d", l, e)] = 0
+		}
+	}
+	for _, st := range sts {
+		for _, k := range st.Experts {
+			if _, ok := out[k]; ok {
+				out[k]++
+			}
+		}
+	}
+	return out
+}
+
+// Covered checks that every expert has at least want providers.
+func Covered(cov map[string]int, want int) error {
+	var short []string
+	for k, n := range cov {
+		if n < want {
+			short = append(short, fmt.Sprintf("%s (%d)", k, n))
+		}
+	}
+	if len(short) > 0 {
+		slices.Sort(short)
+		return fmt.Errorf("%d experts have fewer than %d providers: %s", len(short), want, strings.Join(short, ", "))
+	}
+	return nil
 }

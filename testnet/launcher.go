@@ -32,6 +32,13 @@ type LaunchOptions struct {
 	// Timeout bounds the start and the health check.
 	Timeout time.Duration
 	Log     *slog.Logger
+	// Args, if set, gives extra `neurod run` flags for node i.
+	Args func(i int) []string
+	// Config, if set, adjusts node i's config when its home is made.
+	Config func(i int, cfg *node.Config)
+	// BeforeStart, if set, runs once every home exists and before any
+	// process starts (to import a model into a node's store).
+	BeforeStart func(homes []string) error
 }
 
 // Process is one running neurod of a testnet.
@@ -42,6 +49,7 @@ type Process struct {
 	cmd     *exec.Cmd
 	done    chan struct{} // closed when the process has exited
 	exitErr error         // valid after done
+	killed  bool          // ended by Kill
 
 	// Set once its control API answers.
 	APIAddr string
@@ -84,12 +92,23 @@ func Launch(ctx context.Context, opts LaunchOptions) (_ *Network, err error) {
 	ctx, cancel := context.WithTimeout(ctx, opts.Timeout)
 	defer cancel()
 
+	var homes []string
 	for i := 0; i < opts.Nodes; i++ {
 		home := filepath.Join(opts.Dir, fmt.Sprintf("node-%d", i))
-		if err := prepareHome(home, i == 0); err != nil {
+		var adjust func(*node.Config)
+		if opts.Config != nil {
+			adjust = func(c *node.Config) { opts.Config(i, c) }
+		}
+		if err := prepareHome(home, i == 0, adjust); err != nil {
 			return nil, fmt.Errorf("testnet: node %d: %w", i, err)
 		}
+		homes = append(homes, home)
 		nw.procs = append(nw.procs, &Process{Index: i, Home: home, LogPath: filepath.Join(home, "neurod.log")})
+	}
+	if opts.BeforeStart != nil {
+		if err := opts.BeforeStart(homes); err != nil {
+			return nil, fmt.Errorf("testnet: %w", err)
+		}
 	}
 	start := time.Now()
 	boot := nw.procs[0]
@@ -127,18 +146,22 @@ func Launch(ctx context.Context, opts LaunchOptions) (_ *Network, err error) {
 
 // prepareHome makes a node's home unless it exists, with the loopback
 // config; the bootstrap node also serves as the testnet's relay.
-func prepareHome(home string, bootstrap bool) error {
-	if _, err := os.Stat(filepath.Join(home, node.IdentityFile)); err == nil {
-		return nil
+func prepareHome(home string, bootstrap bool, adjust func(*node.Config)) error {
+	if _, err := os.Stat(filepath.Join(home, node.IdentityFile)); err != nil {
+		if _, err := node.Init(home, false); err != nil {
+			return err
+		}
 	}
-	if _, err := node.Init(home, false); err != nil {
-		return err
-	}
+	// The config is rewritten on every launch: a reused home keeps its
+	// identity and store, and gets this launch's settings.
 	cfg := LoopbackConfig()
 	cfg.Log.Format = "json"
 	if bootstrap {
 		cfg.P2P.Roles = []string{"bootstrap", "relay"}
 		cfg.P2P.NAT.RelayService = "on"
+	}
+	if adjust != nil {
+		adjust(&cfg)
 	}
 	body, err := toml.Marshal(cfg)
 	if err != nil {
@@ -154,6 +177,9 @@ func prepareHome(home string, bootstrap bool) error {
 // reaches only the launcher, which then stops the nodes in order.
 func (nw *Network) start(p *Process, bootstrap []string) error {
 	args := []string{"run", "--home", p.Home}
+	if nw.opts.Args != nil {
+		args = append(args, nw.opts.Args(p.Index)...)
+	}
 	for _, b := range bootstrap {
 		args = append(args, "--bootstrap", b)
 	}
@@ -229,6 +255,9 @@ type backoffStop struct{ error }
 func (nw *Network) Refresh(ctx context.Context) error {
 	var errs []error
 	for _, p := range nw.procs {
+		if p.killed {
+			continue
+		}
 		rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 		st, err := node.FetchStatus(rctx, p.APIAddr)
 		cancel()
@@ -277,6 +306,36 @@ func (nw *Network) Statuses() []node.Status {
 	return out
 }
 
+// Signal sends sig to the process.
+func (p *Process) Signal(sig os.Signal) error {
+	if p.cmd == nil {
+		return errors.New("not started")
+	}
+	if sig == syscall.SIGKILL {
+		p.killed = true
+	}
+	return p.cmd.Process.Signal(sig)
+}
+
+// Kill sends SIGKILL to the process (a crash, for fault tests) and waits
+// for it to die.
+func (p *Process) Kill() error {
+	if p.cmd == nil {
+		return errors.New("not started")
+	}
+	p.killed = true
+	select {
+	case <-p.done:
+		return nil
+	default:
+	}
+	if err := p.cmd.Process.Kill(); err != nil && !errors.Is(err, os.ErrProcessDone) {
+		return err
+	}
+	<-p.done
+	return nil
+}
+
 // ExitReport says how one process ended.
 type ExitReport struct {
 	Index int
@@ -285,7 +344,9 @@ type ExitReport struct {
 	Clean bool
 	// Killed is true when it ignored SIGTERM and was killed.
 	Killed bool
-	Err    error
+	// Crashed is true when Kill ended it before the stop.
+	Crashed bool
+	Err     error
 }
 
 // Stop sends SIGTERM to every node, waits up to 15 s for them to shut down
@@ -302,7 +363,7 @@ func (nw *Network) Stop() []ExitReport {
 		if p.cmd == nil {
 			continue
 		}
-		r := ExitReport{Index: p.Index, PID: p.cmd.Process.Pid}
+		r := ExitReport{Index: p.Index, PID: p.cmd.Process.Pid, Crashed: p.killed}
 		select {
 		case <-p.done:
 		case <-deadline:

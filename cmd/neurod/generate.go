@@ -22,6 +22,11 @@ type generateOutput struct {
 	// TokensPerSecond counts generated tokens over the generation's wall
 	// time (prompt included).
 	TokensPerSecond float64 `json:"tokens_per_second"`
+	// With --network: each token's latency as the client saw it, the
+	// gating node that answered and why the generation ended.
+	PerTokenMs   []float64 `json:"per_token_ms,omitempty"`
+	Gating       string    `json:"gating,omitempty"`
+	FinishReason string    `json:"finish_reason,omitempty"`
 }
 
 func newGenerateCmd() *cobra.Command {
@@ -32,10 +37,19 @@ func newGenerateCmd() *cobra.Command {
 		threads      int
 		ctxSize      int
 		asJSON       bool
+		network      bool
+		modelCID     string
+		bootstrap    []string
+		gatingAddrs  []string
+		temperature  float32
+		topK         int
+		topP         float32
+		seed         int64
+		stop         []string
 	)
 	cmd := &cobra.Command{
-		Use:   "generate (--local|--split) MODEL --prompt TEXT [--max-tokens N] [--json]",
-		Short: "Generate text greedily from a prompt",
+		Use:   "generate (--local MODEL|--split MODEL|--network --model CID) --prompt TEXT [--max-tokens N] [--json]",
+		Short: "Generate text from a prompt, on this machine or through the network",
 		Long: `generate runs a prompt through a model and prints the continuation, picking
 the most likely token at each step (greedy decoding).
 
@@ -47,11 +61,39 @@ checked against.
 compute (embeddings, attention, router, output head) and the experts, each
 loaded from its CID-verified shard. MODEL is a GGUF file (split into a
 temporary directory first) or a directory written by 'neurod model split'.
-Its tokens equal --local's.`,
+Its tokens equal --local's.
+
+--network asks the network: it joins as a light client through the
+--bootstrap peers, finds a gating node of the model (--model CID) in the
+DHT, and streams the tokens as the experts on other nodes compute them.
+Only --network samples (--temperature, --top-k, --top-p, --seed, --stop);
+at temperature 0, the default, its tokens equal --local's.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if (local == "") == (split == "") {
-				return errors.New("flags --local and --split: give exactly one (the model)")
+			modes := 0
+			for _, on := range []bool{local != "", split != "", network} {
+				if on {
+					modes++
+				}
+			}
+			if modes != 1 {
+				return errors.New("flags --local, --split and --network: give exactly one")
+			}
+			if prompt == "" {
+				return errors.New("flag --prompt: required and non-empty")
+			}
+			if maxTokens < 1 {
+				return fmt.Errorf("flag --max-tokens %d: must be at least 1", maxTokens)
+			}
+			if network {
+				return generateNetwork(cmd, networkRequest{model: modelCID, bootstrap: bootstrap, gating: gatingAddrs,
+					prompt: prompt, maxTokens: maxTokens, temperature: temperature, topK: topK, topP: topP,
+					seed: seed, seedSet: cmd.Flags().Changed("seed"), stop: stop, json: asJSON})
+			}
+			for _, name := range []string{"model", "bootstrap", "gating", "temperature", "top-k", "top-p", "seed", "stop"} {
+				if cmd.Flags().Changed(name) {
+					return fmt.Errorf("flag --%s: only with --network", name)
+				}
 			}
 			if prompt == "" {
 				return errors.New("flag --prompt: required and non-empty")
@@ -106,6 +148,15 @@ Its tokens equal --local's.`,
 	f.IntVar(&threads, "threads", 0, "compute threads (default: all cores)")
 	f.IntVar(&ctxSize, "context", 0, "context size in tokens (default: the model's, at most 4096)")
 	f.BoolVar(&asJSON, "json", false, `print {"tokens": [...], "text": ...}`)
+	f.BoolVar(&network, "network", false, "ask the network's gating nodes (needs --model and --bootstrap or --gating)")
+	f.StringVar(&modelCID, "model", "", "with --network: the model's CID (printed by 'neurod model import')")
+	f.StringArrayVar(&bootstrap, "bootstrap", nil, "with --network: bootstrap peer multiaddr ending in /p2p/<peer ID> (repeatable)")
+	f.StringArrayVar(&gatingAddrs, "gating", nil, "with --network: a gating node's multiaddr to try first (repeatable)")
+	f.Float32Var(&temperature, "temperature", 0, "with --network: sampling temperature (0: greedy)")
+	f.IntVar(&topK, "top-k", 0, "with --network: sample from the k most likely tokens (0: all)")
+	f.Float32Var(&topP, "top-p", 0, "with --network: sample from the nucleus of this probability (0: all)")
+	f.Int64Var(&seed, "seed", 0, "with --network: sampling seed (default: random)")
+	f.StringArrayVar(&stop, "stop", nil, "with --network: stop before this string (repeatable)")
 	return cmd
 }
 

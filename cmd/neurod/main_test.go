@@ -318,33 +318,22 @@ func keys(m map[string]string) []string {
 
 // `neurod testnet --nodes 5 --check --json` brings up five real processes,
 // reports them healthy, and leaves no process behind.
+// The README's main command: a gating node and 4 expert nodes as real
+// processes answer a prompt with the generated tiny model, exactly as
+// llama.cpp does, and every process is gone afterwards.
 func TestTestnetCheck(t *testing.T) {
 	dir := t.TempDir()
-	r := neurod(t, nil, "testnet", "--nodes", "5", "--check", "--json", "--dir", dir)
+	r := neurod(t, nil, "testnet", "--nodes", "4", "--check", "--json", "--dir", dir, "--max-tokens", "24")
 	if r.code != 0 {
 		t.Fatalf("exit %d\nstdout:\n%s\nstderr:\n%s", r.code, r.stdout, r.stderr)
 	}
-	var rep struct {
-		Healthy bool `json:"healthy"`
-		Nodes   []struct {
-			PeerID string   `json:"peer_id"`
-			Addrs  []string `json:"addrs"`
-			Roles  []string `json:"roles"`
-			PID    int      `json:"pid"`
-		} `json:"nodes"`
-		Stopped []struct {
-			Clean bool `json:"clean"`
-		} `json:"stopped"`
-	}
-	if err := json.Unmarshal([]byte(r.stdout), &rep); err != nil {
-		t.Fatalf("stdout is not the JSON report: %v\n%s", err, r.stdout)
-	}
+	rep := parseTestnet(t, r.stdout)
 	if !rep.Healthy || len(rep.Nodes) != 5 || len(rep.Stopped) != 5 {
 		t.Fatalf("report: %+v", rep)
 	}
 	ids := map[string]bool{}
 	for i, n := range rep.Nodes {
-		if _, err := peer.Decode(n.PeerID); err != nil || len(n.Addrs) == 0 || n.Roles == nil {
+		if _, err := peer.Decode(n.PeerID); err != nil || len(n.Addrs) == 0 || n.Roles == nil || n.Experts == nil {
 			t.Errorf("node %d: %+v", i, n)
 		}
 		ids[n.PeerID] = true
@@ -352,22 +341,27 @@ func TestTestnetCheck(t *testing.T) {
 			t.Errorf("node %d (pid %d) still exists after the testnet: %v", i, n.PID, err)
 		}
 	}
-	if len(ids) != 5 || strings.Join(rep.Nodes[0].Roles, ",") != "bootstrap,relay" {
+	if len(ids) != 5 || strings.Join(rep.Nodes[0].Roles, ",") != "bootstrap,relay,gating" || len(rep.Nodes[0].Experts) != 0 {
 		t.Fatalf("nodes: %+v", rep.Nodes)
 	}
+	checkCoverage(t, rep, 2, 4, 2)
 	for i, s := range rep.Stopped {
 		if !s.Clean {
 			t.Errorf("node %d did not shut down cleanly", i)
 		}
 	}
+	// The generated model stays in --dir: the tokens are llama.cpp's on it.
+	want := generateLocal(t, filepath.Join(dir, "model.gguf"), "Once upon a time", 24)
+	if fmt.Sprint(rep.Tokens) != fmt.Sprint(want) || len(rep.PerTokenMs) != len(rep.Tokens) {
+		t.Fatalf("testnet tokens %v (%d latencies), generate --local %v", rep.Tokens, len(rep.PerTokenMs), want)
+	}
 	// The homes and logs stay in --dir, and a second run reuses them.
-	r2 := neurod(t, nil, "testnet", "--nodes", "5", "--check", "--json", "--dir", dir)
+	r2 := neurod(t, nil, "testnet", "--nodes", "4", "--check", "--json", "--dir", dir, "--max-tokens", "4")
 	if r2.code != 0 || !strings.Contains(r2.stdout, rep.Nodes[3].PeerID) {
 		t.Fatalf("second run on the same --dir: exit %d\n%s\n%s", r2.code, r2.stdout, r2.stderr)
 	}
 }
 
-// A testnet that cannot come up in time exits 1 and leaves nothing running.
 func TestTestnetCheckFails(t *testing.T) {
 	r := neurod(t, nil, "testnet", "--nodes", "3", "--check", "--json", "--timeout", "50ms")
 	if r.code != 1 || !strings.Contains(r.stdout, `"healthy": false`) {

@@ -5,6 +5,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
@@ -21,6 +22,9 @@ func newRunCmd(g *globalFlags) *cobra.Command {
 		dhtMode, api             string
 		heartbeat                node.Duration
 		modelID, experts, memory string
+		gatingOn                 bool
+		httpAddr                 string
+		slowCompute              time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "run",
@@ -54,6 +58,8 @@ Flags override NEURO_* environment variables, which override the config.`,
 					c.Expert.MemoryMB = mb
 					return err
 				}},
+				{"gating", "gating.enabled", func(c *node.Config, _ *pflag.FlagSet) error { c.Gating.Enabled = gatingOn; return nil }},
+				{"http", "gating.http", func(c *node.Config, _ *pflag.FlagSet) error { c.Gating.HTTP = httpAddr; return nil }},
 			})
 			if err != nil {
 				return err
@@ -62,7 +68,7 @@ Flags override NEURO_* environment variables, which override the config.`,
 			if err != nil {
 				return err
 			}
-			opts := []node.Option{node.WithHome(home), node.WithLogger(log)}
+			opts := []node.Option{node.WithHome(home), node.WithLogger(log), node.WithExpertSlowDown(slowCompute)}
 			if f, ok := cmd.ErrOrStderr().(*os.File); ok && term.IsTerminal(int(f.Fd())) {
 				opts = append(opts, node.WithProgress(expert.TerminalProgress(f)))
 			}
@@ -78,6 +84,9 @@ Flags override NEURO_* environment variables, which override the config.`,
 			fmt.Fprintf(cmd.OutOrStdout(), "neurod %s running\npeer ID: %s\n", st.Version, st.PeerID)
 			for _, a := range st.Addrs {
 				fmt.Fprintf(cmd.OutOrStdout(), "listening on %s/p2p/%s\n", a, st.PeerID)
+			}
+			if a := n.HTTPAddr(); a != "" {
+				fmt.Fprintf(cmd.OutOrStdout(), "OpenAI-compatible API on http://%s/v1\n", a)
 			}
 			<-ctx.Done()
 			log.Info("shutting down")
@@ -95,8 +104,12 @@ Flags override NEURO_* environment variables, which override the config.`,
 	f.StringVar(&dhtMode, "dht-mode", "", "DHT mode: auto, server or client")
 	f.StringVar(&api, "api", "", "control API host:port on loopback; empty string disables it")
 	f.Var(&durationFlag{&heartbeat}, "heartbeat-interval", "how often to publish a heartbeat (e.g. 5s)")
-	f.StringVar(&modelID, "model", "", "CID of the model whose experts to host")
-	f.StringVar(&experts, "experts", "", `experts to host: "auto" or e.g. "0:3,0:5,1:*"`)
+	f.StringVar(&modelID, "model", "", "CID of the model to work on: host its experts and, with --gating, serve it")
+	f.StringVar(&experts, "experts", "", `experts to host: "auto", "none" or e.g. "0:3,0:5,1:*"`)
+	f.BoolVar(&gatingOn, "gating", false, "be a gating node of the model: answer prompts, sending each layer to the expert nodes")
+	f.StringVar(&httpAddr, "http", "", "serve the OpenAI-compatible API on this host:port (gating nodes; off by default)")
+	f.DurationVar(&slowCompute, "test-slow-compute", 0, "test only: delay every expert compute by this much")
+	_ = f.MarkHidden("test-slow-compute")
 	f.StringVar(&memory, "memory", "", "memory for expert weights, e.g. 8GiB or 512MiB")
 	return cmd
 }

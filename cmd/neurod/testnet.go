@@ -8,12 +8,17 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
 
+	"github.com/neuro-p2p/neuro/expert"
+	"github.com/neuro-p2p/neuro/node"
 	"github.com/neuro-p2p/neuro/testnet"
 )
 
@@ -27,6 +32,44 @@ type testnetReport struct {
 	Nodes   []testnetNode `json:"nodes"`
 	// Stopped is filled in once the nodes have been stopped (--check).
 	Stopped []testnetExit `json:"stopped,omitempty"`
+
+	// The prompt answered through the network.
+	Model string `json:"model,omitempty"`
+	// ModelFile is the GGUF the network serves.
+	ModelFile string `json:"model_file,omitempty"`
+	// ReadyMs is the time from healthy until the gating node had loaded the
+	// model and every expert had its providers.
+	ReadyMs int64   `json:"ready_ms"`
+	Tokens  []int32 `json:"tokens"`
+	Text    string  `json:"text"`
+	// PerTokenMs is each token's latency as the client saw it (the first
+	// includes the prompt).
+	PerTokenMs      []float64 `json:"per_token_ms"`
+	PromptTokens    int       `json:"prompt_tokens"`
+	TokensPerSecond float64   `json:"tokens_per_second"`
+	FinishReason    string    `json:"finish_reason,omitempty"`
+	// Killed lists the nodes SIGKILLed by --kill, and after which token.
+	Killed      []int         `json:"killed,omitempty"`
+	KilledAfter int           `json:"killed_after,omitempty"`
+	Stats       *testnetStats `json:"stats,omitempty"`
+	// HTTP is the gating node's OpenAI-compatible API.
+	HTTP string `json:"http,omitempty"`
+}
+
+// testnetStats are the gating node's measurements of the generation.
+type testnetStats struct {
+	PrefillMs      float64 `json:"prefill_ms"`
+	PerTokenP50Ms  float64 `json:"per_token_p50_ms"`
+	PerTokenP99Ms  float64 `json:"per_token_p99_ms"`
+	ExpertCalls    uint64  `json:"expert_calls"`
+	ExpertBytes    uint64  `json:"expert_bytes"`
+	BytesPerToken  float64 `json:"bytes_per_token"`
+	MoELayers      uint64  `json:"moe_layers"`
+	MoEWallMs      float64 `json:"moe_wall_ms"`
+	MoEComputeMs   float64 `json:"moe_compute_ms"`
+	DispatchPerLay float64 `json:"dispatch_overhead_per_layer_us"`
+	Hedges         uint64  `json:"hedges"`
+	Redispatches   uint64  `json:"redispatches"`
 }
 
 type testnetNode struct {
@@ -40,65 +83,132 @@ type testnetNode struct {
 	RSSBytes         uint64   `json:"rss_bytes"`
 	RoutingTableSize int      `json:"routing_table_size"`
 	HeardPeers       int      `json:"heard_peers"`
+	// Experts lists the experts the node serves ("layer:expert").
+	Experts     []string `json:"experts"`
+	ExpertCalls int64    `json:"expert_calls"`
 }
 
 type testnetExit struct {
-	Index  int    `json:"index"`
-	PID    int    `json:"pid"`
-	Clean  bool   `json:"clean"`
-	Killed bool   `json:"killed"`
-	Error  string `json:"error,omitempty"`
+	Index  int  `json:"index"`
+	PID    int  `json:"pid"`
+	Clean  bool `json:"clean"`
+	Killed bool `json:"killed"`
+	// Crashed is true for the nodes --kill SIGKILLed.
+	Crashed bool   `json:"crashed,omitempty"`
+	Error   string `json:"error,omitempty"`
 }
 
 func newTestnetCmd(g *globalFlags) *cobra.Command {
-	var (
-		nodes   int
-		dir     string
-		asJSON  bool
-		check   bool
-		timeout time.Duration
-	)
+	var a testnetArgs
+	var kill, slow string
 	cmd := &cobra.Command{
 		Use:   "testnet",
-		Short: "Start a local network of real neurod processes on 127.0.0.1",
-		Long: `testnet starts --nodes real neurod processes on 127.0.0.1. Node 0 is the
-bootstrap (and relay) node; the others know only its address. It waits
-until every node has every other in its DHT routing table and has heard a
-GossipSub heartbeat from every other, prints the nodes, and keeps the
-network running until Ctrl-C; then it stops every node and reports.
+		Short: "Start a local network of real neurod processes that answers a prompt",
+		Long: `testnet starts a local network of real neurod processes on 127.0.0.1 and
+answers a prompt through it.
 
-With --check it exits after the health check: status 0 when healthy, 1 when
-not. --json prints a machine-readable report on stdout. Node homes and logs
-are in --dir (default: a temporary directory, removed afterwards).`,
+It generates the tiny test model (or takes --model FILE.gguf), splits it
+into content-addressed shards and imports them into node 0. Node 0 is the
+bootstrap, relay and gating node; nodes 1 to --nodes are expert nodes,
+which know only node 0's address, fetch the experts they choose by CID and
+serve them. Once every node has every other in its DHT routing table and
+has heard a GossipSub heartbeat from each, and every expert is served by
+two nodes, testnet asks the network for --prompt through the client
+library (a light DHT client, as any user's program would be) and prints
+the text with each token's latency. Then it keeps the network up until
+Ctrl-C, with the gating node's OpenAI-compatible API on loopback, and
+stops every node.
+
+With --check it exits after answering: status 0 when all went well, 1 when
+not. --json prints a machine-readable report on stdout. --kill K@T SIGKILLs
+the K busiest expert nodes after token T: the generation goes on through
+the others. Decoding is greedy, so the tokens equal
+'neurod generate --local FILE.gguf' on the same prompt. Node homes and
+logs are in --dir (default: a temporary directory, removed afterwards).`,
+		Example: `  neurod testnet
+  neurod testnet --nodes 4 --prompt "Once upon a time" --max-tokens 32 --check --json
+  neurod testnet --model mixtral.gguf --kill 1@8 --check`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if nodes < 1 {
-				return fmt.Errorf("flag --nodes %d: need at least 1", nodes)
+			if a.nodes < 1 {
+				return fmt.Errorf("flag --nodes %d: need at least 1 expert node", a.nodes)
 			}
-			if timeout <= 0 {
-				return fmt.Errorf("flag --timeout %v: must be positive", timeout)
+			if a.timeout <= 0 {
+				return fmt.Errorf("flag --timeout %v: must be positive", a.timeout)
 			}
-			return runTestnet(cmd.Context(), cmd.OutOrStdout(), cmd.ErrOrStderr(), g, testnetArgs{
-				nodes: nodes, dir: dir, json: asJSON, check: check, timeout: timeout,
-			})
+			if a.prompt == "" {
+				return errors.New("flag --prompt: must not be empty")
+			}
+			if a.maxTokens < 1 {
+				return fmt.Errorf("flag --max-tokens %d: must be at least 1", a.maxTokens)
+			}
+			if a.model != "" {
+				if _, err := os.Stat(a.model); err != nil {
+					return fmt.Errorf("flag --model: %w", err)
+				}
+			}
+			if kill != "" {
+				k, t, ok := strings.Cut(kill, "@")
+				var err1, err2 error
+				a.killNodes, err1 = strconv.Atoi(k)
+				a.killAfter, err2 = strconv.Atoi(t)
+				if !ok || err1 != nil || err2 != nil || a.killNodes < 1 || a.killAfter < 1 {
+					return fmt.Errorf("flag --kill %q: want K@T, e.g. 1@8: kill K expert nodes after token T", kill)
+				}
+				if a.killNodes >= a.nodes {
+					return fmt.Errorf("flag --kill %q: %d of %d expert nodes would leave none", kill, a.killNodes, a.nodes)
+				}
+				if a.killAfter >= a.maxTokens {
+					return fmt.Errorf("flag --kill %q: token %d is not before the last (--max-tokens %d)", kill, a.killAfter, a.maxTokens)
+				}
+			}
+			if slow != "" {
+				n, d, ok := strings.Cut(slow, ":")
+				var err1, err2 error
+				a.slowNode, err1 = strconv.Atoi(n)
+				a.slowBy, err2 = time.ParseDuration(d)
+				if !ok || err1 != nil || err2 != nil || a.slowNode < 1 || a.slowNode > a.nodes || a.slowBy <= 0 {
+					return fmt.Errorf("flag --test-slow-node %q: want NODE:DURATION, NODE an expert node (1 to %d)", slow, a.nodes)
+				}
+			}
+			return runTestnet(cmd.Context(), cmd.OutOrStdout(), cmd.ErrOrStderr(), g, a)
 		},
 	}
 	f := cmd.Flags()
-	f.IntVar(&nodes, "nodes", 5, "number of neurod processes")
-	f.StringVar(&dir, "dir", "", "directory for the node homes and logs (kept afterwards; default: a temporary one, removed)")
-	f.BoolVar(&asJSON, "json", false, "print a machine-readable report on stdout")
-	f.BoolVar(&check, "check", false, "exit after the health check: 0 when healthy, 1 otherwise")
-	f.DurationVar(&timeout, "timeout", 60*time.Second, "how long to wait for the network to be up and healthy")
+	f.IntVar(&a.nodes, "nodes", 4, "number of expert nodes (plus the gating node, node 0)")
+	f.StringVar(&a.dir, "dir", "", "directory for the node homes and logs (kept afterwards; default: a temporary one, removed)")
+	f.BoolVar(&a.json, "json", false, "print a machine-readable report on stdout")
+	f.BoolVar(&a.check, "check", false, "exit after answering the prompt: 0 when all went well, 1 otherwise")
+	f.DurationVar(&a.timeout, "timeout", 120*time.Second, "how long to wait for the network to be up, healthy and serving the model")
+	f.StringVar(&a.model, "model", "", "GGUF MoE model to serve (default: the generated tiny model)")
+	f.StringVar(&a.prompt, "prompt", "Once upon a time", "the prompt to answer")
+	f.IntVar(&a.maxTokens, "max-tokens", 32, "most tokens to generate")
+	f.StringVar(&kill, "kill", "", "K@T: SIGKILL the K busiest expert nodes after token T")
+	f.StringVar(&slow, "test-slow-node", "", "test only: NODE:DURATION delays every expert compute of that node")
+	_ = f.MarkHidden("test-slow-node")
 	return cmd
 }
 
 type testnetArgs struct {
-	nodes   int
-	dir     string
-	json    bool
-	check   bool
-	timeout time.Duration
+	nodes     int
+	dir       string
+	json      bool
+	check     bool
+	timeout   time.Duration
+	model     string
+	prompt    string
+	maxTokens int
+	killNodes int
+	killAfter int
+	slowNode  int
+	slowBy    time.Duration
 }
+
+// Seed and preset of the model testnet generates when given none.
+const (
+	testnetSeed   = 1
+	testnetPreset = "tiny"
+)
 
 func runTestnet(ctx context.Context, stdout, stderr io.Writer, g *globalFlags, a testnetArgs) (err error) {
 	level := slog.LevelInfo
@@ -125,53 +235,129 @@ func runTestnet(ctx context.Context, stdout, stderr io.Writer, g *globalFlags, a
 	} else if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fmt.Errorf("flag --dir %s: %w", dir, err)
 	}
-
-	rep := testnetReport{Dir: dir, Nodes: []testnetNode{}}
-	log.Info("starting testnet", "nodes", a.nodes, "dir", dir)
-	nw, err := testnet.Launch(ctx, testnet.LaunchOptions{Nodes: a.nodes, Dir: dir, Binary: bin, Timeout: a.timeout, Log: log})
-	if err != nil {
+	rep := testnetReport{Dir: dir, Nodes: []testnetNode{}, Tokens: []int32{}, PerTokenMs: []float64{}}
+	fail := func(err error) error {
 		rep.Error = err.Error()
 		if a.json {
 			writeJSON(stdout, rep)
 		}
 		return &exitError{code: 1, err: err}
 	}
-	healthErr := nw.WaitHealthy(ctx)
-	rep.Healthy = healthErr == nil
-	rep.TookMs = nw.Took.Milliseconds()
-	for _, p := range nw.Processes() {
-		st := p.Status
-		rep.Nodes = append(rep.Nodes, testnetNode{
-			Index: p.Index, PeerID: st.PeerID, Addrs: st.Addrs, Roles: st.Roles, PID: p.PID(),
-			Home: p.Home, API: p.APIAddr, RSSBytes: st.RSSBytes,
-			RoutingTableSize: len(st.RoutingTable), HeardPeers: len(st.Heard),
-		})
+
+	mf, err := prepareModel(dir, a.model, log)
+	if err != nil {
+		return fail(err)
 	}
-	if healthErr != nil {
-		rep.Error = healthErr.Error()
+	rep.Model, rep.ModelFile = mf.cid.String(), mf.path
+	layers, experts := int(mf.manifest.GetParams().GetLayers()), int(mf.manifest.GetParams().GetExperts())
+
+	threads := max(1, runtime.NumCPU()/(a.nodes+1))
+	log.Info("starting testnet", "expert_nodes", a.nodes, "model", mf.cid, "layers", layers, "experts", experts, "dir", dir)
+	nw, err := testnet.Launch(ctx, testnet.LaunchOptions{Nodes: a.nodes + 1, Dir: dir, Binary: bin, Timeout: a.timeout, Log: log,
+		Config: func(i int, c *node.Config) {
+			c.Expert.Threads = threads
+			c.Gating.Threads = max(1, runtime.NumCPU()/2)
+		},
+		Args: func(i int) []string {
+			if i == 0 {
+				return []string{"--gating", "--model", mf.cid.String(), "--experts", "none", "--http", "127.0.0.1:0"}
+			}
+			args := []string{"--model", mf.cid.String()}
+			if i == a.slowNode {
+				args = append(args, "--test-slow-compute", a.slowBy.String())
+			}
+			return args
+		},
+		BeforeStart: func(homes []string) error {
+			store, err := expert.OpenStore(filepath.Join(homes[0], node.StoreDir))
+			if err != nil {
+				return err
+			}
+			_, err = store.ImportSplit(mf.shards)
+			return err
+		},
+	})
+	if err != nil {
+		return fail(err)
+	}
+	stopped := false
+	stop := func() {
+		if !stopped {
+			stopped = true
+			rep.Stopped = stopNetwork(nw, log)
+		}
+	}
+	defer stop()
+	fillNodes := func() {
+		rep.Nodes = rep.Nodes[:0]
+		for _, p := range nw.Processes() {
+			st := p.Status
+			rep.Nodes = append(rep.Nodes, testnetNode{
+				Index: p.Index, PeerID: st.PeerID, Addrs: st.Addrs, Roles: st.Roles, PID: p.PID(),
+				Home: p.Home, API: p.APIAddr, RSSBytes: st.RSSBytes,
+				RoutingTableSize: len(st.RoutingTable), HeardPeers: len(st.Heard),
+				Experts: append([]string{}, st.Experts...), ExpertCalls: st.ExpertCalls,
+			})
+		}
+	}
+	failNet := func(err error) error {
+		fillNodes()
 		for _, p := range nw.Processes() {
 			fmt.Fprint(stderr, p.LogTail(10))
 		}
+		stop()
+		return fail(err)
 	}
+
+	if err := nw.WaitHealthy(ctx); err != nil {
+		return failNet(fmt.Errorf("testnet unhealthy: %w", err))
+	}
+	rep.Healthy = true
+	rep.TookMs = nw.Took.Milliseconds()
+	log.Info("network healthy", "took", nw.Took.Round(time.Millisecond))
+	readyStart := time.Now()
+	if err := waitServing(ctx, nw, a.timeout, layers, experts, min(2, a.nodes)); err != nil {
+		return failNet(err)
+	}
+	rep.ReadyMs = time.Since(readyStart).Milliseconds()
+	fillNodes()
+	gst := nw.Processes()[0].Status
+	if gst.Gating != nil {
+		rep.HTTP = gst.Gating.HTTP
+	}
+	log.Info("model served", "took", time.Since(readyStart).Round(time.Millisecond))
 	if !a.json {
 		printNodes(stdout, rep)
 	}
-	if a.check || healthErr != nil {
-		rep.Stopped = stopNetwork(nw, log)
+
+	if err := askNetwork(ctx, stdout, nw, mf.cid, a, &rep, log); err != nil {
+		return failNet(err)
+	}
+	if a.check {
+		stop()
+		for _, e := range rep.Stopped {
+			if !e.Clean && !e.Crashed {
+				err := fmt.Errorf("node %d did not stop cleanly: %s", e.Index, e.Error)
+				return fail(err)
+			}
+		}
 		if a.json {
 			writeJSON(stdout, rep)
-		}
-		if healthErr != nil {
-			return &exitError{code: 1, err: fmt.Errorf("testnet unhealthy: %w", healthErr)}
 		}
 		return nil
 	}
 	if a.json {
 		writeJSON(stdout, rep)
 	}
-	fmt.Fprintln(stderr, "testnet is up; press Ctrl-C to stop it")
+	boot := nw.Processes()[0].Status
+	fmt.Fprintf(stderr, "\ntestnet is up; press Ctrl-C to stop it. Ask it yourself:\n")
+	if len(boot.Addrs) > 0 {
+		fmt.Fprintf(stderr, "  %s generate --network --bootstrap %s/p2p/%s --model %s --prompt 'Hello'\n", bin, boot.Addrs[0], boot.PeerID, mf.cid)
+	}
+	if rep.HTTP != "" {
+		fmt.Fprintf(stderr, "  curl -s http://%s/v1/completions -d '{\"model\": \"%s\", \"prompt\": \"Hello\", \"max_tokens\": 16}'\n", rep.HTTP, mf.cid)
+	}
 	<-ctx.Done()
-	stopNetwork(nw, log)
 	return nil
 }
 
@@ -180,13 +366,13 @@ func stopNetwork(nw *testnet.Network, log *slog.Logger) []testnetExit {
 	var out []testnetExit
 	clean := 0
 	for _, r := range nw.Stop() {
-		e := testnetExit{Index: r.Index, PID: r.PID, Clean: r.Clean, Killed: r.Killed}
+		e := testnetExit{Index: r.Index, PID: r.PID, Clean: r.Clean, Killed: r.Killed, Crashed: r.Crashed}
 		if r.Err != nil {
 			e.Error = r.Err.Error()
 		}
 		if r.Clean {
 			clean++
-		} else {
+		} else if !r.Crashed {
 			log.Warn("node did not stop cleanly", "node", r.Index, "pid", r.PID, "killed", r.Killed, "err", r.Err)
 		}
 		out = append(out, e)
@@ -200,10 +386,10 @@ func printNodes(w io.Writer, rep testnetReport) {
 	if !rep.Healthy {
 		state = "NOT healthy: " + rep.Error
 	}
-	fmt.Fprintf(w, "neuro testnet: %d nodes, %s (%.1fs), homes in %s\n\n", len(rep.Nodes), state,
-		float64(rep.TookMs)/1000, rep.Dir)
+	fmt.Fprintf(w, "neuro testnet: %d nodes, %s (%.1fs), serving model %s (%.1fs more), homes in %s\n\n", len(rep.Nodes), state,
+		float64(rep.TookMs)/1000, rep.Model, float64(rep.ReadyMs)/1000, rep.Dir)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "#\tPEER ID\tROLES\tPID\tADDRESSES")
+	fmt.Fprintln(tw, "#\tPEER ID\tROLES\tPID\tEXPERTS\tADDRESSES")
 	for _, n := range rep.Nodes {
 		roles := strings.Join(n.Roles, ",")
 		if roles == "" {
@@ -213,9 +399,9 @@ func printNodes(w io.Writer, rep testnetReport) {
 		if len(n.Addrs) > 0 {
 			first = n.Addrs[0]
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%d\t%s\n", n.Index, n.PeerID, roles, n.PID, first)
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%d\t%d\t%s\n", n.Index, n.PeerID, roles, n.PID, len(n.Experts), first)
 		for _, a := range n.Addrs[min(1, len(n.Addrs)):] {
-			fmt.Fprintf(tw, "\t\t\t\t%s\n", a)
+			fmt.Fprintf(tw, "\t\t\t\t\t%s\n", a)
 		}
 	}
 	tw.Flush()

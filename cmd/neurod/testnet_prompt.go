@@ -1,0 +1,291 @@
+package main
+
+import (
+	"bytes"
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"sort"
+	"syscall"
+	"time"
+
+	"github.com/ipfs/go-cid"
+
+	"github.com/neuro-p2p/neuro/client"
+	"github.com/neuro-p2p/neuro/internal/atomicfile"
+	"github.com/neuro-p2p/neuro/model"
+	neuropb "github.com/neuro-p2p/neuro/proto"
+	"github.com/neuro-p2p/neuro/testnet"
+)
+
+// testnetModel is the model a testnet serves, split for node 0's store.
+type testnetModel struct {
+	path     string
+	cid      cid.Cid
+	manifest *neuropb.Manifest
+	shards   string
+}
+
+// prepareModel splits the GGUF at path into dir/shards; with no path it
+// first generates the tiny model at dir/model.gguf (kept across runs of
+// the same --dir).
+func prepareModel(dir, path string, log *slog.Logger) (*testnetModel, error) {
+	if path == "" {
+		path = filepath.Join(dir, "model.gguf")
+		if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+			log.Info("generating the tiny test model", "preset", testnetPreset, "seed", testnetSeed, "file", path)
+			var buf bytes.Buffer
+			if err := model.Generate(&buf, model.Presets[testnetPreset], model.Q8_0, testnetSeed); err != nil {
+				return nil, fmt.Errorf("testnet: generate model: %w", err)
+			}
+			if err := atomicfile.Write(path, buf.Bytes(), 0o644); err != nil {
+				return nil, fmt.Errorf("testnet: generate model: %w", err)
+			}
+		}
+	}
+	shards := filepath.Join(dir, "shards")
+	if err := os.RemoveAll(shards); err != nil {
+		return nil, fmt.Errorf("testnet: %w", err)
+	}
+	res, err := model.Split(path, shards)
+	if err != nil {
+		return nil, fmt.Errorf("testnet: model %s: %w", path, err)
+	}
+	return &testnetModel{path: path, cid: res.ModelCID, manifest: res.Manifest, shards: shards}, nil
+}
+
+// waitServing waits until the gating node (node 0) has loaded the model,
+// every expert is served by want expert nodes, and the gating node knows
+// of want providers for each.
+func waitServing(ctx context.Context, nw *testnet.Network, timeout time.Duration, layers, experts, want int) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	var last error
+	for {
+		err := nw.Refresh(ctx)
+		if err == nil {
+			err = serving(nw, layers, experts, want)
+			var fatal *fatalError
+			if errors.As(err, &fatal) {
+				return err
+			}
+		}
+		if err == nil {
+			return nil
+		}
+		last = err
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("testnet: model not served after %v: %w", timeout, last)
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+type fatalError struct{ error }
+
+func serving(nw *testnet.Network, layers, experts, want int) error {
+	sts := nw.Statuses()
+	g := sts[0].Gating
+	if g == nil || len(g.Models) != 1 {
+		return errors.New("gating node: no model")
+	}
+	m := g.Models[0]
+	if m.Error != "" {
+		return &fatalError{fmt.Errorf("gating node cannot serve the model: %s", m.Error)}
+	}
+	if !m.Ready {
+		return errors.New("gating node: model loading")
+	}
+	if err := testnet.Covered(testnet.Coverage(sts[1:], layers, experts), want); err != nil {
+		return err
+	}
+	if m.MinProviders < want {
+		return fmt.Errorf("gating node knows %d providers of some expert (missing: %v), want %d", m.MinProviders, m.Missing, want)
+	}
+	return nil
+}
+
+// askNetwork answers the prompt through the client library, streaming the
+// text to stdout (unless --json), and SIGKILLs expert nodes if --kill asks.
+func askNetwork(ctx context.Context, stdout io.Writer, nw *testnet.Network, mc cid.Cid, a testnetArgs, rep *testnetReport, log *slog.Logger) error {
+	boot := nw.Processes()[0].Status
+	var addrs []string
+	for _, ad := range boot.Addrs {
+		addrs = append(addrs, ad+"/p2p/"+boot.PeerID)
+	}
+	cctx, cancel := context.WithTimeout(ctx, a.timeout)
+	defer cancel()
+	c, err := client.New(cctx, client.WithBootstrap(addrs...), client.WithLogger(log))
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	// The gating node provides its key once the model is loaded; the
+	// client may look before the record has spread.
+	for {
+		nodes, err := c.GatingNodes(cctx, mc)
+		if err != nil {
+			return err
+		}
+		if len(nodes) > 0 {
+			break
+		}
+		select {
+		case <-cctx.Done():
+			return fmt.Errorf("testnet: no gating node of %s found in the DHT: %w", mc, cctx.Err())
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+	var doomed []*testnet.Process
+	if a.killNodes > 0 {
+		doomed = victims(nw, a.killNodes, log)
+	}
+	start := time.Now()
+	s, err := c.Generate(cctx, client.Request{Model: mc, Prompt: a.prompt, MaxTokens: a.maxTokens})
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	if !a.json {
+		fmt.Fprintf(stdout, "prompt: %s\n\n%s", a.prompt, a.prompt)
+	}
+	for {
+		t, err := s.Next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return fmt.Errorf("generation failed after %d tokens: %w", len(rep.Tokens), err)
+		}
+		rep.Tokens = append(rep.Tokens, t.ID)
+		rep.PerTokenMs = append(rep.PerTokenMs, float64(t.Latency.Microseconds())/1000)
+		if !a.json {
+			fmt.Fprint(stdout, t.Text)
+		}
+		if a.killNodes > 0 && len(rep.Tokens) == a.killAfter {
+			if err := kill(doomed, rep, log); err != nil {
+				return err
+			}
+			rep.KilledAfter = a.killAfter
+		}
+	}
+	took := time.Since(start)
+	d := s.Done()
+	rep.Text = d.Text
+	rep.PromptTokens = d.PromptTokens
+	rep.TokensPerSecond = float64(len(rep.Tokens)) / took.Seconds()
+	rep.FinishReason = "stop"
+	if d.Reason == neuropb.FinishReason_FINISH_REASON_LENGTH {
+		rep.FinishReason = "length"
+	}
+	st := d.Stats
+	ts := &testnetStats{PrefillMs: float64(d.Prefill.Microseconds()) / 1000,
+		ExpertCalls: st.GetExpertCalls(), ExpertBytes: st.GetExpertBytes(), MoELayers: st.GetMoeLayers(),
+		MoEWallMs: float64(st.GetMoeWallUs()) / 1000, MoEComputeMs: float64(st.GetMoeComputeUs()) / 1000,
+		Hedges: st.GetHedges(), Redispatches: st.GetRedispatches()}
+	if n := len(rep.Tokens); n > 0 {
+		ts.BytesPerToken = float64(st.GetExpertBytes()) / float64(n)
+	}
+	if st.GetMoeLayers() > 0 {
+		ts.DispatchPerLay = float64(st.GetMoeWallUs()-min(st.GetMoeWallUs(), st.GetMoeComputeUs())) / float64(st.GetMoeLayers())
+	}
+	if len(rep.PerTokenMs) > 1 {
+		// The first token's latency includes the prompt.
+		decode := slices.Clone(rep.PerTokenMs[1:])
+		sort.Float64s(decode)
+		ts.PerTokenP50Ms = percentile(decode, 0.50)
+		ts.PerTokenP99Ms = percentile(decode, 0.99)
+	}
+	rep.Stats = ts
+	if !a.json {
+		fmt.Fprintf(stdout, "%s\n\n%d tokens in %.2fs (%.1f tokens/s) from gating node %s; prompt %d tokens in %.1f ms\n",
+			d.Rest, len(rep.Tokens), took.Seconds(), rep.TokensPerSecond, d.Gating, d.PromptTokens, ts.PrefillMs)
+		fmt.Fprintf(stdout, "per-token latency: p50 %.2f ms, p99 %.2f ms; %d expert calls, %.0f bytes/token, dispatch overhead %.0f µs/layer, %d hedged, %d re-sent\n",
+			ts.PerTokenP50Ms, ts.PerTokenP99Ms, ts.ExpertCalls, ts.BytesPerToken, ts.DispatchPerLay, ts.Hedges, ts.Redispatches)
+		fmt.Fprintf(stdout, "latency of each token (ms): %v\n", rep.PerTokenMs)
+		if len(rep.Killed) > 0 {
+			fmt.Fprintf(stdout, "expert nodes %v were SIGKILLed after token %d\n", rep.Killed, rep.KilledAfter)
+		}
+	}
+	return nil
+}
+
+// percentile of sorted values (nearest rank).
+func percentile(sorted []float64, q float64) float64 {
+	if len(sorted) == 0 {
+		return 0
+	}
+	i := int(q*float64(len(sorted))+0.5) - 1
+	return sorted[min(max(i, 0), len(sorted)-1)]
+}
+
+// victims picks the k expert nodes to kill: those that serve the most
+// experts, which the gating node prefers (one peer for all of a layer's
+// experts), so that the kill hits the nodes in use; but while it can, it
+// spares a node whose death would leave an expert with no provider, so
+// that the generation can go on.
+func victims(nw *testnet.Network, k int, log *slog.Logger) []*testnet.Process {
+	procs := slices.Clone(nw.Processes()[1:])
+	slices.SortStableFunc(procs, func(a, b *testnet.Process) int {
+		return cmp.Compare(len(b.Status.Experts), len(a.Status.Experts))
+	})
+	providers := map[string]int{}
+	for _, p := range procs {
+		for _, e := range p.Status.Experts {
+			providers[e]++
+		}
+	}
+	var out []*testnet.Process
+	chosen := map[*testnet.Process]bool{}
+	for _, p := range procs {
+		if len(out) == k {
+			break
+		}
+		orphans := false
+		for _, e := range p.Status.Experts {
+			orphans = orphans || providers[e] == 1
+		}
+		if orphans {
+			continue
+		}
+		for _, e := range p.Status.Experts {
+			providers[e]--
+		}
+		out = append(out, p)
+		chosen[p] = true
+	}
+	for _, p := range procs {
+		if len(out) == k {
+			break
+		}
+		if !chosen[p] {
+			log.Warn("--kill: this node is the last provider of some expert; the generation will fail", "node", p.Index)
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// kill SIGKILLs the victims all at once, then waits for them to die.
+func kill(procs []*testnet.Process, rep *testnetReport, log *slog.Logger) error {
+	for _, p := range procs {
+		if err := p.Signal(syscall.SIGKILL); err != nil {
+			return fmt.Errorf("testnet: --kill node %d: %w", p.Index, err)
+		}
+	}
+	for _, p := range procs {
+		if err := p.Kill(); err != nil {
+			return fmt.Errorf("testnet: --kill node %d: %w", p.Index, err)
+		}
+		log.Info("SIGKILLed expert node", "node", p.Index, "pid", p.PID(), "experts", len(p.Status.Experts))
+		rep.Killed = append(rep.Killed, p.Index)
+	}
+	return nil
+}
