@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/multiformats/go-multihash"
 
 	"github.com/neuro-p2p/neuro/client"
@@ -24,6 +25,7 @@ import (
 	"github.com/neuro-p2p/neuro/model"
 	"github.com/neuro-p2p/neuro/p2p"
 	"github.com/neuro-p2p/neuro/p2p/p2ptest"
+	"github.com/neuro-p2p/neuro/p2p/wire"
 	neuropb "github.com/neuro-p2p/neuro/proto"
 )
 
@@ -406,5 +408,66 @@ func TestOpenAIAPI(t *testing.T) {
 	}
 	if resp, _ := http.Get(srv.URL + "/v1/completions"); resp.StatusCode != http.StatusMethodNotAllowed {
 		t.Fatalf("GET completions: %d", resp.StatusCode)
+	}
+}
+
+// A gating node that dies before its first token, one that does not speak
+// the protocol and one that is busy are each skipped: the client moves to
+// the next and gets llama.cpp's tokens.
+func TestClientRetriesAnotherGatingNode(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 120*time.Second)
+	defer cancel()
+	net := newGatingNet(t, ctx, model.Presets["tiny"], model.Q8_0, 606, []string{"0:*,1:*"})
+	extra := p2ptest.Cluster(t, ctx, 4, p2ptest.Config(time.Second))
+	// extra[0] reads the request and resets the stream: a crash after the
+	// request. extra[1] has no infer handler. extra[2] is always busy.
+	// extra[3] evaluates the prompt, then dies before its first token.
+	extra[0].LibP2P().SetStreamHandler(neuropb.InferProtocol, func(st network.Stream) {
+		_, _ = io.ReadAll(io.LimitReader(st, 1<<20))
+		st.Reset()
+	})
+	extra[2].LibP2P().SetStreamHandler(neuropb.InferProtocol, func(st network.Stream) {
+		w := wire.NewWriter(st, neuropb.MaxInferResponseSize)
+		_ = w.Write(&neuropb.InferResponse{Event: &neuropb.InferResponse_Error{Error: &neuropb.InferError{
+			Code: neuropb.InferError_CODE_BUSY, Message: "all 1 sessions are busy"}}})
+		st.Close()
+	})
+	extra[3].LibP2P().SetStreamHandler(neuropb.InferProtocol, func(st network.Stream) {
+		w := wire.NewWriter(st, neuropb.MaxInferResponseSize)
+		_ = w.Write(&neuropb.InferResponse{Event: &neuropb.InferResponse_Start{Start: &neuropb.InferStart{PromptTokens: 5}}})
+		st.Reset()
+	})
+	addr := func(h *p2p.Host) string { return fmt.Sprintf("%s/p2p/%s", h.Addrs()[0], h.ID()) }
+	c, err := client.New(ctx, client.WithGatingNodes(addr(extra[3]), addr(extra[0]), addr(extra[1]), addr(extra[2]), net.addr(0)), client.WithLogger(quiet()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	const prompt = "try the next one"
+	want := net.reference(t, prompt, 10)
+	s, err := c.Generate(ctx, client.Request{Model: net.model, Prompt: prompt, MaxTokens: 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	toks, done, err := s.Collect()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []int32
+	for _, tk := range toks {
+		ids = append(ids, tk.ID)
+	}
+	if fmt.Sprint(ids) != fmt.Sprint(want.Tokens) || done.Gating != net.hosts[0].ID() {
+		t.Fatalf("tokens %v from %s, want %v from the gating node", ids, done.Gating, want.Tokens)
+	}
+	// With only failing nodes, the error lists each.
+	c2, err := client.New(ctx, client.WithGatingNodes(addr(extra[0]), addr(extra[2])), client.WithLogger(quiet()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	_, err = c2.Generate(ctx, client.Request{Model: net.model, Prompt: prompt, MaxTokens: 10})
+	if !errors.Is(err, client.ErrNoGatingNode) || !strings.Contains(err.Error(), "busy") || !strings.Contains(err.Error(), "reset") {
+		t.Fatalf("error %v", err)
 	}
 }
