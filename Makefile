@@ -6,7 +6,7 @@
 GO        ?= go
 BIN       := bin/neurod
 TOOLS     := $(CURDIR)/.tools
-NODES     ?= 5
+NODES     ?= 4
 # llama.cpp and ggml are compiled by cgo from the pinned ollama module; its
 # headers are found there, never copied into this repository. ggml's SIMD
 # paths are compiled only with -march=x86-64-v3 (or native): without it
@@ -76,8 +76,9 @@ bench:
 	$(GO) test -run '^$$' -bench LlamaCppExpertMatmul -benchtime 50x ./ggml/
 	$(GO) test -run '^$$' -bench Generate -benchtime 3x ./ggml/
 	$(GO) test -run '^$$' -bench 'RoundTrip|Throughput' -benchtime 256x ./expert/
+	$(GO) test -run '^$$' -bench 'SlowNode|Testnet$$' -benchtime 1x -timeout 60m ./cmd/neurod/
 
-## testnet: build neurod and run a local network of NODES processes until Ctrl-C
+## testnet: build neurod; a gating node and NODES expert nodes answer a prompt, then run until Ctrl-C
 testnet: build
 	$(BIN) testnet --nodes $(NODES)
 

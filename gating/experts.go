@@ -198,7 +198,11 @@ func (r *RemoteExperts) call(ctx context.Context, k expert.Key, in []float32, n 
 		inflight++
 		go func() {
 			start := time.Now()
-			cctx, ccancel := context.WithTimeout(ctx, timeout)
+			d := timeout
+			if r.Selector != nil {
+				d = r.Selector.Deadline(p, timeout)
+			}
+			cctx, ccancel := context.WithTimeout(ctx, d)
 			defer ccancel()
 			resp, err := r.Client.Call(cctx, p, expert.Request{Model: r.Model, Layer: k.Layer, Expert: k.Expert,
 				Hidden: in, N: n, DType: r.DType})

@@ -52,6 +52,12 @@ const (
 	// minHedge and defaultHedge bound the hedge delay.
 	minHedge     = time.Millisecond
 	defaultHedge = 50 * time.Millisecond
+	// A call's deadline is deadlineFactor times the peer's p95, at least
+	// minDeadline (and at most the gating node's call timeout): a peer
+	// that died without a reset (a QUIC peer gone silent) fails its calls
+	// in seconds, not at the call timeout.
+	deadlineFactor = 20
+	minDeadline    = 2 * time.Second
 )
 
 type peerStats struct {
@@ -158,6 +164,19 @@ func (s *Selector) Rank(k expert.Key, providers []peer.ID, preferred map[peer.ID
 		s.sticky[k] = out[0]
 	}
 	return out
+}
+
+// Deadline is how long a call to p may take before it counts as failed:
+// deadlineFactor times its p95 latency, at least minDeadline, at most max.
+func (s *Selector) Deadline(p peer.ID, max time.Duration) time.Duration {
+	s.mu.Lock()
+	st := s.stats[p]
+	known := st != nil && len(st.recent) >= 5
+	s.mu.Unlock()
+	if !known {
+		return max
+	}
+	return min(max, deadlineFactor*s.HedgeAfter(p)+minDeadline)
 }
 
 // HedgeAfter is how long to wait for p before asking the next provider

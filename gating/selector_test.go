@@ -96,3 +96,21 @@ func TestHedgeAfterIsP95(t *testing.T) {
 		t.Fatalf("p95 of 1..20 ms = %v, want 20ms", got)
 	}
 }
+
+// A call's deadline follows the peer's latency, within the call timeout.
+func TestSelectorDeadline(t *testing.T) {
+	s := NewSelector(nil)
+	p := peer.ID("a")
+	if d := s.Deadline(p, 30*time.Second); d != 30*time.Second {
+		t.Fatalf("unmeasured peer: deadline %v, want the call timeout", d)
+	}
+	for range 20 {
+		s.Observe(p, 10*time.Millisecond, 5*time.Millisecond, nil)
+	}
+	if d := s.Deadline(p, 30*time.Second); d != deadlineFactor*10*time.Millisecond+minDeadline {
+		t.Fatalf("deadline %v", d)
+	}
+	if d := s.Deadline(p, time.Second); d != time.Second {
+		t.Fatalf("deadline %v above the call timeout", d)
+	}
+}

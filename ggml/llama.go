@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"time"
 	"unsafe"
 
 	"github.com/neuro-p2p/neuro/model"
@@ -224,6 +225,9 @@ type Generation struct {
 	Text   string
 	// Logits are the logits after each step: Logits[i] chose Tokens[i].
 	Logits [][]float32
+	// Steps are the times of the forward passes: Steps[i] chose Tokens[i]
+	// (Steps[0] evaluated the prompt).
+	Steps []time.Duration
 }
 
 // Argmax returns the index of the largest value (the first on ties), as
@@ -274,10 +278,12 @@ func (l *Llama) greedy(toks []int32, maxTokens int, keepLogits bool, step func([
 	g := &Generation{Prompt: toks}
 	next := toks
 	for range maxTokens {
+		start := time.Now()
 		logits, err := step(next)
 		if err != nil {
 			return nil, err
 		}
+		g.Steps = append(g.Steps, time.Since(start))
 		tok := Argmax(logits)
 		if keepLogits {
 			g.Logits = append(g.Logits, logits)

@@ -22,9 +22,10 @@ type generateOutput struct {
 	// TokensPerSecond counts generated tokens over the generation's wall
 	// time (prompt included).
 	TokensPerSecond float64 `json:"tokens_per_second"`
-	// With --network: each token's latency as the client saw it, the
-	// gating node that answered and why the generation ended.
-	PerTokenMs   []float64 `json:"per_token_ms,omitempty"`
+	// PerTokenMs is each token's latency (the first includes the prompt);
+	// with --network as the client saw it. Gating is the gating node that
+	// answered (--network) and FinishReason why the generation ended.
+	PerTokenMs   []float64 `json:"per_token_ms"`
 	Gating       string    `json:"gating,omitempty"`
 	FinishReason string    `json:"finish_reason,omitempty"`
 }
@@ -127,7 +128,10 @@ at temperature 0, the default, its tokens equal --local's.`,
 				}
 			}
 			out := generateOutput{Tokens: g.Tokens, Text: g.Text, PromptTokens: len(g.Prompt),
-				TokensPerSecond: float64(len(g.Tokens)) / time.Since(start).Seconds()}
+				TokensPerSecond: float64(len(g.Tokens)) / time.Since(start).Seconds(), PerTokenMs: []float64{}}
+			for _, d := range g.Steps[:len(g.Tokens)] {
+				out.PerTokenMs = append(out.PerTokenMs, float64(d.Microseconds())/1000)
+			}
 			if out.Tokens == nil {
 				out.Tokens = []int32{}
 			}

@@ -322,6 +322,7 @@ func keys(m map[string]string) []string {
 // processes answer a prompt with the generated tiny model, exactly as
 // llama.cpp does, and every process is gone afterwards.
 func TestTestnetCheck(t *testing.T) {
+	t.Parallel() // mostly waiting: the testnets overlap well
 	dir := t.TempDir()
 	r := neurod(t, nil, "testnet", "--nodes", "4", "--check", "--json", "--dir", dir, "--max-tokens", "24")
 	if r.code != 0 {

@@ -60,13 +60,24 @@ func prepareModel(dir, path string, log *slog.Logger) (*testnetModel, error) {
 	return &testnetModel{path: path, cid: res.ModelCID, manifest: res.Manifest, shards: shards}, nil
 }
 
+// settle is how long the expert nodes' choices must stay the same before
+// the testnet asks its prompt: automatic hosting goes on loading experts
+// after every expert has its two providers, and a prompt answered while
+// nodes fetch and load would measure that, not the network.
+const settle = 3 * time.Second
+
 // waitServing waits until the gating node (node 0) has loaded the model,
-// every expert is served by want expert nodes, and the gating node knows
-// of want providers for each.
+// every expert is served by want expert nodes, the gating node knows of
+// want providers for each, and no expert node has changed what it serves
+// for settle.
 func waitServing(ctx context.Context, nw *testnet.Network, timeout time.Duration, layers, experts, want int) error {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	var last error
+	var (
+		last    error
+		hosting string
+		since   time.Time
+	)
 	for {
 		err := nw.Refresh(ctx)
 		if err == nil {
@@ -77,7 +88,17 @@ func waitServing(ctx context.Context, nw *testnet.Network, timeout time.Duration
 			}
 		}
 		if err == nil {
-			return nil
+			h := ""
+			for _, st := range nw.Statuses()[1:] {
+				h += fmt.Sprint(st.Experts)
+			}
+			if h != hosting {
+				hosting, since = h, time.Now()
+			}
+			if time.Since(since) >= settle {
+				return nil
+			}
+			err = errors.New("expert nodes still choosing experts")
 		}
 		last = err
 		select {

@@ -100,6 +100,7 @@ func makeModel(t *testing.T, args ...string) string {
 // F32 and Q8_0 models of shapes the defaults do not use; with the busiest
 // expert node SIGKILLed mid-generation it still does.
 func TestTestnetEqualsLocal(t *testing.T) {
+	t.Parallel() // mostly waiting: the testnets overlap well
 	for _, tc := range []struct {
 		name string
 		make []string
@@ -109,6 +110,7 @@ func TestTestnetEqualsLocal(t *testing.T) {
 		{"q8_0-kill", []string{"--preset", "tiny", "--type", "q8_0", "--seed", "8", "--embd", "128", "--ff", "96", "--experts", "8", "--experts-used", "2"}, "1@8"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
 			path := makeModel(t, tc.make...)
 			const prompt = "a network of experts"
 			want := generateLocal(t, path, prompt, 32)
@@ -148,6 +150,7 @@ func TestTestnetEqualsLocal(t *testing.T) {
 // still llama.cpp's (hedging sends the slow calls to the fast node; the
 // figures are in BenchmarkTestnet's notes, not asserted here).
 func TestTestnetSlowNode(t *testing.T) {
+	t.Parallel() // mostly waiting: the testnets overlap well
 	path := makeModel(t, "--preset", "tiny", "--type", "q8_0", "--seed", "13")
 	want := generateLocal(t, path, "slow and steady", 16)
 	r := neurod(t, nil, "testnet", "--nodes", "2", "--model", path, "--prompt", "slow and steady", "--max-tokens", "16",
@@ -163,6 +166,7 @@ func TestTestnetSlowNode(t *testing.T) {
 // A testnet left running answers `neurod generate --network` and the
 // OpenAI-compatible API, and stops cleanly on SIGINT.
 func TestTestnetServesClients(t *testing.T) {
+	t.Parallel() // mostly waiting: the testnets overlap well
 	ctx, cancel := context.WithTimeout(t.Context(), 120*time.Second)
 	defer cancel()
 	dir := t.TempDir()
