@@ -8,19 +8,14 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/neuro-p2p/neuro/expert"
+	"github.com/neuro-p2p/neuro/reputation"
 )
 
-// Scorer gives a peer's reputation in [0, 1]. The trust issue supplies the
-// real one; NeutralScorer trusts everyone equally.
-type Scorer interface {
-	Score(p peer.ID) float64
-}
+// Scorer gives a peer's reputation in [0, 1] (package reputation).
+type Scorer = reputation.Scorer
 
 // NeutralScorer scores every peer 1.
-type NeutralScorer struct{}
-
-// Score implements Scorer.
-func (NeutralScorer) Score(peer.ID) float64 { return 1 }
+type NeutralScorer = reputation.Neutral
 
 // Selector ranks an expert's providers by what calls to them have cost:
 // round-trip time (an EWMA), the compute time they report and their
