@@ -29,19 +29,18 @@ import (
 	neuropb "github.com/neuro-p2p/neuro/proto"
 )
 
-// gatingNet is a gating node (host 0, which also holds every shard) and
-// expert nodes, in one process on loopback.
-type gatingNet struct {
+// expertNet is a host that holds every shard (host 0) and expert nodes,
+// one per spec, in one process on loopback.
+type expertNet struct {
 	src    string // the GGUF file
+	dir    string // its shards
 	model  cid.Cid
 	hosts  []*p2p.Host
-	engine *Engine
+	origin *expert.Service
+	svcs   []*expert.Service
 }
 
-// newGatingNet starts a gating node and one expert node per spec, and
-// waits until the gating node knows a provider of every expert and has
-// loaded the model.
-func newGatingNet(t *testing.T, ctx context.Context, p model.Params, dt model.DType, seed uint64, specs []string) *gatingNet {
+func newExpertNet(t *testing.T, ctx context.Context, p model.Params, dt model.DType, seed uint64, specs []string) *expertNet {
 	t.Helper()
 	dir := t.TempDir()
 	src := filepath.Join(dir, "m.gguf")
@@ -67,6 +66,7 @@ func newGatingNet(t *testing.T, ctx context.Context, p model.Params, dt model.DT
 		t.Fatal(err)
 	}
 	origin.Start()
+	n := &expertNet{src: src, dir: filepath.Join(dir, "shards"), model: res.ModelCID, hosts: hs, origin: origin}
 	for i, s := range specs {
 		spec, err := expert.ParseSpec(s)
 		if err != nil {
@@ -80,14 +80,30 @@ func newGatingNet(t *testing.T, ctx context.Context, p model.Params, dt model.DT
 		t.Cleanup(func() { svc.Close() })
 		hs[i+1].SetHeartbeatExtra(svc.HeartbeatExtra)
 		svc.Start()
+		n.svcs = append(n.svcs, svc)
 	}
-	eng, err := NewEngine(hs[0], origin, EngineConfig{Threads: 1}, quiet())
+	return n
+}
+
+// gatingNet is an expertNet whose host 0 is also a gating node.
+type gatingNet struct {
+	*expertNet
+	engine *Engine
+}
+
+// newGatingNet starts a gating node and one expert node per spec, and
+// waits until the gating node knows a provider of every expert and has
+// loaded the model.
+func newGatingNet(t *testing.T, ctx context.Context, p model.Params, dt model.DType, seed uint64, specs []string) *gatingNet {
+	t.Helper()
+	xn := newExpertNet(t, ctx, p, dt, seed, specs)
+	eng, err := NewEngine(xn.hosts[0], xn.origin, EngineConfig{Threads: 1}, quiet())
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { eng.Close() })
 	eng.Start()
-	eng.Serve(res.ModelCID)
+	eng.Serve(xn.model)
 	for {
 		ms := eng.Models()
 		if len(ms) == 1 && ms[0].Err != nil {
@@ -102,10 +118,19 @@ func newGatingNet(t *testing.T, ctx context.Context, p model.Params, dt model.DT
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
-	return &gatingNet{src: src, model: res.ModelCID, hosts: hs, engine: eng}
+	return &gatingNet{expertNet: xn, engine: eng}
 }
 
-func (n *gatingNet) reference(t *testing.T, prompt string, maxTokens int) *ggml.Generation {
+// tokenIDs are the IDs of streamed tokens.
+func tokenIDs(toks []client.Token) []int32 {
+	ids := []int32{}
+	for _, tk := range toks {
+		ids = append(ids, tk.ID)
+	}
+	return ids
+}
+
+func (n *expertNet) reference(t *testing.T, prompt string, maxTokens int) *ggml.Generation {
 	t.Helper()
 	ref, err := ggml.LoadLlama(n.src)
 	if err != nil {
@@ -119,7 +144,7 @@ func (n *gatingNet) reference(t *testing.T, prompt string, maxTokens int) *ggml.
 	return g
 }
 
-func (n *gatingNet) addr(i int) string {
+func (n *expertNet) addr(i int) string {
 	return fmt.Sprintf("%s/p2p/%s", n.hosts[i].Addrs()[0], n.hosts[i].ID())
 }
 
@@ -160,10 +185,9 @@ func TestClientGeneratesLlamaCppTokens(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var ids []int32
+	ids := tokenIDs(toks)
 	var text strings.Builder
 	for _, tk := range toks {
-		ids = append(ids, tk.ID)
 		text.WriteString(tk.Text)
 	}
 	text.WriteString(done.Rest)
@@ -207,11 +231,7 @@ func TestClientGeneratesLlamaCppTokens(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		var ids []int32
-		for _, tk := range toks {
-			ids = append(ids, tk.ID)
-		}
-		return fmt.Sprint(ids)
+		return fmt.Sprint(tokenIDs(toks))
 	}
 	if a, b := sample(), sample(); a != b {
 		t.Fatalf("seeded sampling differs: %s vs %s", a, b)
@@ -453,10 +473,7 @@ func TestClientRetriesAnotherGatingNode(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var ids []int32
-	for _, tk := range toks {
-		ids = append(ids, tk.ID)
-	}
+	ids := tokenIDs(toks)
 	if fmt.Sprint(ids) != fmt.Sprint(want.Tokens) || done.Gating != net.hosts[0].ID() {
 		t.Fatalf("tokens %v from %s, want %v from the gating node", ids, done.Gating, want.Tokens)
 	}

@@ -27,52 +27,11 @@ func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)
 func TestGenerateThroughNetworkEqualsLlamaCpp(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 120*time.Second)
 	defer cancel()
-	dir := t.TempDir()
-	src := filepath.Join(dir, "m.gguf")
-	f, err := os.Create(src)
-	if err != nil {
-		t.Fatal(err)
-	}
 	p := model.Presets["tiny"]
 	p.Layers = 3
-	if err := model.Generate(f, p, model.Q8_0, 2025); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
-	res, err := model.Split(src, filepath.Join(dir, "shards"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	mc := res.ModelCID
-
-	hs := p2ptest.Cluster(t, ctx, 4, p2ptest.Config(500*time.Millisecond))
-	origin, err := expert.NewService(hs[0], expert.ServiceConfig{StoreDir: filepath.Join(dir, "s0"), Server: expert.DefaultConfig()}, quiet())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { origin.Close() })
-	if _, err := origin.Store().ImportSplit(filepath.Join(dir, "shards")); err != nil {
-		t.Fatal(err)
-	}
-	origin.Start()
 	// Node 1 hosts layers 0 and 1, node 2 layers 1 and 2, node 3 all.
-	specs := []string{"0:*,1:*", "1:*,2:*", "0:*,1:*,2:*"}
-	var svcs []*expert.Service
-	for i, s := range specs {
-		spec, err := expert.ParseSpec(s)
-		if err != nil {
-			t.Fatal(err)
-		}
-		svc, err := expert.NewService(hs[i+1], expert.ServiceConfig{StoreDir: filepath.Join(dir, fmt.Sprint("s", i+1)), Model: mc,
-			Spec: spec, MemoryBudget: 1 << 30, Threads: 1, Server: expert.DefaultConfig()}, quiet())
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { svc.Close() })
-		hs[i+1].SetHeartbeatExtra(svc.HeartbeatExtra)
-		svc.Start()
-		svcs = append(svcs, svc)
-	}
+	xn := newExpertNet(t, ctx, p, model.Q8_0, 2025, []string{"0:*,1:*", "1:*,2:*", "0:*,1:*,2:*"})
+	hs, svcs, mc, origin := xn.hosts, xn.svcs, xn.model, xn.origin
 	providers := HeartbeatProviders(hs[0], mc)
 	for {
 		ready := true
@@ -94,16 +53,8 @@ func TestGenerateThroughNetworkEqualsLlamaCpp(t *testing.T) {
 		}
 	}
 
-	ref, err := ggml.LoadLlama(src)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ref.Close()
 	const prompt, maxTokens = "the expert network once upon a time", 32
-	want, err := ref.GenerateGreedy(prompt, maxTokens, ggml.ContextOptions{}, false)
-	if err != nil {
-		t.Fatal(err)
-	}
+	want := xn.reference(t, prompt, maxTokens)
 	sm, err := Load(origin.Store(), mc, 0)
 	if err != nil {
 		t.Fatal(err)
