@@ -66,7 +66,15 @@ type Token struct {
 	// time since the previous token (or since the request, for the first)
 	// as the client saw it.
 	Compute, Latency time.Duration
+	// Rewind, when set, makes this no token but a correction: drop every
+	// token after the first Rewind.Keep and the text after its first
+	// Rewind.KeepText bytes (an expert result they came from was found
+	// wrong); the tokens that follow replace them. Collect applies it.
+	Rewind *Rewind
 }
+
+// Rewind withdraws the end of a generation; see Token.Rewind.
+type Rewind struct{ Keep, KeepText int }
 
 // Done is the end of a successful generation.
 type Done struct {
@@ -286,6 +294,8 @@ func (s *Stream) Next() (Token, error) {
 			s.last = now
 			s.tokens++
 			return t, nil
+		case *neuropb.InferResponse_Rewind:
+			return Token{ID: -1, Rewind: &Rewind{Keep: int(ev.Rewind.GetKeepTokens()), KeepText: int(ev.Rewind.GetKeepTextBytes())}}, nil
 		case *neuropb.InferResponse_Done:
 			d := ev.Done
 			s.done = &Done{Reason: d.GetReason(), PromptTokens: int(d.GetPromptTokens()),
@@ -333,7 +343,8 @@ func (s *Stream) Close() error {
 	return nil
 }
 
-// Collect reads the whole stream: the tokens and the summary.
+// Collect reads the whole stream: the final tokens (rewinds applied) and
+// the summary.
 func (s *Stream) Collect() ([]Token, *Done, error) {
 	var toks []Token
 	for {
@@ -343,6 +354,10 @@ func (s *Stream) Collect() ([]Token, *Done, error) {
 		}
 		if err != nil {
 			return toks, nil, err
+		}
+		if t.Rewind != nil {
+			toks = toks[:min(t.Rewind.Keep, len(toks))]
+			continue
 		}
 		toks = append(toks, t)
 	}

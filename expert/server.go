@@ -48,6 +48,8 @@ type Config struct {
 	// SlowDown delays every compute by this much: a test-only knob that
 	// makes a node a straggler (neurod run --test-slow-compute).
 	SlowDown time.Duration
+	// drop resets every stream that sends a request (FaultDrop).
+	drop bool
 }
 
 // DefaultConfig returns the defaults. The batch window is 0: requests
@@ -200,6 +202,10 @@ func (s *Server) handle(st network.Stream) {
 			return
 		default:
 			s.log.Debug("expert stream: read", "peer", st.Conn().RemotePeer(), "err", err)
+			st.Reset()
+			return
+		}
+		if s.cfg.drop {
 			st.Reset()
 			return
 		}

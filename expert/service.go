@@ -42,6 +42,9 @@ type ServiceConfig struct {
 	// Reprovide is how often every stored blob is announced again in the
 	// DHT, well within the life of a provider record (default 12 h).
 	Reprovide time.Duration
+	// Fault makes the node misbehave on purpose (adversarial testnets
+	// only).
+	Fault Fault
 }
 
 // Service is an expert node: it keeps a store of shards, serves them to
@@ -82,6 +85,12 @@ func NewService(h *p2p.Host, cfg ServiceConfig, log *slog.Logger) (*Service, err
 	store, err := OpenStore(cfg.StoreDir)
 	if err != nil {
 		return nil, err
+	}
+	switch cfg.Fault {
+	case FaultSlow:
+		cfg.Server.SlowDown = max(cfg.Server.SlowDown, SlowFaultDelay)
+	case FaultDrop:
+		cfg.Server.drop = true
 	}
 	srv, err := NewServer(h.LibP2P(), cfg.Server, log)
 	if err != nil {
@@ -345,11 +354,16 @@ func (s *Service) add(ctx context.Context, m *neuropb.Manifest, k Key) error {
 	if err != nil {
 		return fmt.Errorf("expert %s: %w", k, err)
 	}
-	e, err := ggml.NewExpertFromShard(shard, k.Layer, ggml.ExpertOptions{Threads: s.cfg.Threads})
+	var e *ggml.Expert
+	if s.cfg.Fault == FaultLowPrec {
+		e, err = lowPrecExpert(shard, k.Layer, ggml.ExpertOptions{Threads: s.cfg.Threads})
+	} else {
+		e, err = ggml.NewExpertFromShard(shard, k.Layer, ggml.ExpertOptions{Threads: s.cfg.Threads})
+	}
 	if err != nil {
 		return fmt.Errorf("expert %s: %w", k, err)
 	}
-	if err := s.server.Add(s.cfg.Model, k.Layer, k.Expert, e); err != nil {
+	if err := s.server.Add(s.cfg.Model, k.Layer, k.Expert, withFault(e, s.cfg.Fault)); err != nil {
 		e.Close()
 		return err
 	}

@@ -21,6 +21,7 @@ import (
 	"github.com/neuro-p2p/neuro/ggml"
 	"github.com/neuro-p2p/neuro/p2p"
 	neuropb "github.com/neuro-p2p/neuro/proto"
+	"github.com/neuro-p2p/neuro/reputation"
 )
 
 // EngineConfig tunes a gating node.
@@ -40,8 +41,11 @@ type EngineConfig struct {
 	DType neuropb.WireDType
 	// CallTimeout bounds one expert call.
 	CallTimeout time.Duration
-	// Scorer rates peers' reputation for expert selection (nil: neutral).
-	Scorer Scorer
+	// Book, if set, is the node's reputation record: it ranks providers,
+	// keeps excluded ones out, and a sample of every peer's results is
+	// re-executed elsewhere to keep it honest (without it, all peers are
+	// trusted alike and nothing is checked).
+	Book *reputation.Book
 }
 
 // DefaultEngineConfig returns the defaults.
@@ -66,6 +70,7 @@ type Engine struct {
 	fetcher Fetcher
 	client  *expert.Client
 	sel     *Selector
+	val     *Validator
 	slots   chan struct{}
 
 	mu     sync.Mutex
@@ -114,11 +119,18 @@ func NewEngine(h *p2p.Host, f Fetcher, cfg EngineConfig, log *slog.Logger) (*Eng
 		return nil, fmt.Errorf("gating: context %d tokens", cfg.Context)
 	}
 	e := &Engine{cfg: cfg, log: log.With("component", "gating"), h: h, fetcher: f,
-		client: expert.NewClient(h.LibP2P(), log), sel: NewSelector(cfg.Scorer),
+		client: expert.NewClient(h.LibP2P(), log), sel: NewSelector(nil),
 		slots: make(chan struct{}, cfg.MaxSessions), models: map[cid.Cid]*served{}}
+	if cfg.Book != nil {
+		e.sel = NewSelector(cfg.Book)
+		e.val = NewValidator(cfg.Book, e.log)
+	}
 	e.ctx, e.cancel = context.WithCancel(context.Background())
 	return e, nil
 }
+
+// Validator is the engine's result checker (nil without a Book).
+func (e *Engine) Validator() *Validator { return e.val }
 
 // Start serves the infer protocol.
 func (e *Engine) Start() {
@@ -132,6 +144,9 @@ func (e *Engine) Close() error {
 		e.h.LibP2P().RemoveStreamHandler(neuropb.InferProtocol)
 		e.cancel()
 		e.wg.Wait()
+		if e.val != nil {
+			e.val.Wait()
+		}
 		e.client.Close()
 		e.mu.Lock()
 		defer e.mu.Unlock()
@@ -202,7 +217,7 @@ func (e *Engine) load(ctx context.Context, m *served) error {
 	defer e.mu.Unlock()
 	m.sm, m.hp, m.manifest, m.dht = sm, hp, man, dp
 	m.remote = &RemoteExperts{Client: e.client, Model: m.cid, Embd: hp.Embd, Used: hp.ExpertsUsed,
-		DType: e.cfg.DType, CallTimeout: e.cfg.CallTimeout, Selector: e.sel,
+		DType: e.cfg.DType, CallTimeout: e.cfg.CallTimeout, Selector: e.sel, Validator: e.val,
 		Providers: func(k expert.Key) []peer.ID {
 			ps := hb(k)
 			for _, p := range dp.get(k) {
@@ -395,6 +410,9 @@ type Result struct {
 	// Rest is the end of Text that no token's delta carried.
 	Rest    string
 	Prefill time.Duration
+	// Rewinds counts the times the generation went back past a result
+	// found wrong.
+	Rewinds int
 	Stats   *neuropb.InferStats
 }
 
@@ -403,6 +421,10 @@ type Result struct {
 type Callbacks struct {
 	Start func(promptTokens int, prefill time.Duration) error
 	Token func(Token) error
+	// Rewind says that the tokens after the first keep, and the text
+	// after its first textBytes bytes, are withdrawn: a result they were
+	// computed from was found wrong. Generation goes on from there.
+	Rewind func(keep, textBytes int) error
 }
 
 // Generate runs one request on this node. Its errors are *Error.
@@ -477,18 +499,63 @@ func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Cal
 
 	stats := &CallStats{}
 	ctx = WithCallStats(ctx, stats)
+	checks := NewChecks()
+	ctx = WithChecks(ctx, checks)
+	epoch := 0
 	res := &Result{PromptTokens: len(prompt), Reason: neuropb.FinishReason_FINISH_REASON_LENGTH}
 	out := newTextStream(s.GetStop())
 	next := prompt
-	for i := range maxTokens {
+	started := false
+	// rewind goes back to before forward pass step, whose expert results
+	// were found wrong: the tokens from step on are generated again.
+	rewind := func(step int) error {
+		keep, pos := step, len(prompt)+step-1
+		next = nil
+		if step == 0 {
+			pos = 0
+			next = prompt
+		} else {
+			next = []int32{res.Tokens[step-1]}
+		}
+		if err := sess.Rewind(pos); err != nil {
+			return errorf(neuropb.InferError_CODE_INTERNAL, "%v", err)
+		}
+		res.Tokens = res.Tokens[:keep]
+		res.Rewinds++
+		epoch = checks.Rewound()
+		textBytes := out.rewind(vocab.Detokenize(res.Tokens))
+		e.log.Info("rewound a generation past a wrong expert result", "to_token", keep)
+		if cb.Rewind != nil {
+			return cb.Rewind(keep, textBytes)
+		}
+		return nil
+	}
+	for i := 0; ; {
+		if bad := checks.Bad(); bad >= 0 && bad <= i {
+			if err := rewind(bad); err != nil {
+				return nil, err
+			}
+			i = bad
+		}
+		done := i >= maxTokens || res.Reason != neuropb.FinishReason_FINISH_REASON_LENGTH
+		if done {
+			// The answer is final once every check of it has come back.
+			checks.Wait(ctx)
+			if bad := checks.Bad(); bad >= 0 {
+				res.Reason = neuropb.FinishReason_FINISH_REASON_LENGTH
+				continue
+			}
+			break
+		}
 		start := time.Now()
-		logits, err := sess.Forward(ctx, next, m.remote)
+		logits, err := sess.Forward(WithStep(ctx, epoch, i), next, m.remote)
 		if err != nil {
 			return nil, forwardError(ctx, err)
 		}
 		tok := sampler.Sample(logits)
 		took := time.Since(start)
-		if i == 0 {
+		if !started {
+			started = true
 			res.Prefill = took
 			if cb.Start != nil {
 				if err := cb.Start(len(prompt), took); err != nil {
@@ -496,9 +563,10 @@ func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Cal
 				}
 			}
 		}
+		i++
 		if vocab.IsEOG(tok) {
 			res.Reason = neuropb.FinishReason_FINISH_REASON_EOS
-			break
+			continue
 		}
 		res.Tokens = append(res.Tokens, tok)
 		e.generated.Add(1)
@@ -510,7 +578,7 @@ func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Cal
 		}
 		if stopped {
 			res.Reason = neuropb.FinishReason_FINISH_REASON_STOP
-			break
+			continue
 		}
 		next = []int32{tok}
 	}
@@ -524,6 +592,7 @@ func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Cal
 		ExpertBytes:  uint64(stats.Bytes.Load()),
 		Hedges:       uint64(stats.Hedges.Load()),
 		Redispatches: uint64(stats.Redispatch.Load()),
+		Rewinds:      uint32(res.Rewinds),
 	}
 	return res, nil
 }
@@ -595,6 +664,14 @@ func (t *textStream) add(full string) (string, bool) {
 	delta := full[t.sent:safe]
 	t.sent = safe
 	return delta, false
+}
+
+// rewind restarts the stream at the text of the tokens kept, and returns
+// how many bytes of what was given out stay valid.
+func (t *textStream) rewind(full string) int {
+	t.full = full
+	t.sent = min(t.sent, len(full))
+	return t.sent
 }
 
 // text is the final text: everything, the held-back tail included.

@@ -42,6 +42,13 @@ type expertNet struct {
 
 func newExpertNet(t *testing.T, ctx context.Context, p model.Params, dt model.DType, seed uint64, specs []string) *expertNet {
 	t.Helper()
+	return newFaultyNet(t, ctx, p, dt, seed, specs, nil)
+}
+
+// newFaultyNet is newExpertNet with faulty expert nodes: faults[i] is the
+// mode of expert node i (host i+1).
+func newFaultyNet(t *testing.T, ctx context.Context, p model.Params, dt model.DType, seed uint64, specs []string, faults map[int]expert.Fault) *expertNet {
+	t.Helper()
 	dir := t.TempDir()
 	src := filepath.Join(dir, "m.gguf")
 	f, err := os.Create(src)
@@ -73,7 +80,7 @@ func newExpertNet(t *testing.T, ctx context.Context, p model.Params, dt model.DT
 			t.Fatal(err)
 		}
 		svc, err := expert.NewService(hs[i+1], expert.ServiceConfig{StoreDir: filepath.Join(dir, fmt.Sprint("s", i+1)),
-			Model: res.ModelCID, Spec: spec, MemoryBudget: 1 << 30, Threads: 1, Server: expert.DefaultConfig()}, quiet())
+			Model: res.ModelCID, Spec: spec, MemoryBudget: 1 << 30, Threads: 1, Server: expert.DefaultConfig(), Fault: faults[i]}, quiet())
 		if err != nil {
 			t.Fatal(err)
 		}

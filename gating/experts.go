@@ -71,6 +71,9 @@ type RemoteExperts struct {
 	// Selector ranks providers and times hedges; nil tries them in the
 	// order Providers gives, without hedging.
 	Selector *Selector
+	// Validator, if set, keeps excluded peers out and re-executes a sample
+	// of the answers on other providers.
+	Validator *Validator
 
 	hedges, redispatches atomic.Int64
 }
@@ -174,10 +177,17 @@ func (r *RemoteExperts) call(ctx context.Context, k expert.Key, in []float32, n 
 	if timeout <= 0 {
 		timeout = 30 * time.Second
 	}
+	var excluded []peer.ID
+	if r.Validator != nil {
+		providers, excluded = r.Validator.trusted(providers)
+	}
 	if r.Selector != nil {
 		providers = r.Selector.Rank(k, providers, preferred)
 	}
 	if len(providers) == 0 {
+		if len(excluded) > 0 {
+			return nil, fmt.Errorf("expert %s: %w (its %d providers are excluded for wrong results)", k, ErrNoProvider, len(excluded))
+		}
 		return nil, fmt.Errorf("expert %s: %w (no node announces it)", k, ErrNoProvider)
 	}
 	ctx, cancel := context.WithCancel(ctx)
@@ -217,6 +227,13 @@ func (r *RemoteExperts) call(ctx context.Context, k expert.Key, in []float32, n 
 					r.Selector.Observe(p, 0, 0, err)
 				}
 			}
+			if r.Validator != nil && ctx.Err() == nil {
+				var compute time.Duration
+				if resp != nil {
+					compute = resp.Compute
+				}
+				r.Validator.Book.Call(p, err == nil, compute, 0)
+			}
 			if stats != nil {
 				stats.Calls.Add(1)
 				if resp != nil {
@@ -238,6 +255,25 @@ func (r *RemoteExperts) call(ctx context.Context, k expert.Key, in []float32, n 
 		case res := <-results:
 			inflight--
 			if res.err == nil {
+				if r.Validator != nil {
+					others := make([]peer.ID, 0, len(providers))
+					for _, q := range providers {
+						if q != res.p {
+							others = append(others, q)
+						}
+					}
+					r.Validator.after(ctx, k, in, n, res.p, res.resp.Output, others, excluded,
+						func(cctx context.Context, q peer.ID) ([]float32, error) {
+							cctx, cancel := context.WithTimeout(cctx, timeout)
+							defer cancel()
+							resp, err := r.Client.Call(cctx, q, expert.Request{Model: r.Model, Layer: k.Layer, Expert: k.Expert,
+								Hidden: in, N: n, DType: r.DType})
+							if err != nil {
+								return nil, err
+							}
+							return resp.Output, nil
+						})
+				}
 				return res.resp, nil
 			}
 			errs = append(errs, fmt.Errorf("%s: %w", res.p, res.err))

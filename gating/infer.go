@@ -81,6 +81,10 @@ func (e *Engine) handleStream(st network.Stream) {
 			return send(&neuropb.InferResponse{Event: &neuropb.InferResponse_Token{Token: &neuropb.InferToken{
 				Id: t.ID, Text: []byte(t.Text), ElapsedUs: uint64(t.Elapsed.Microseconds())}}})
 		},
+		Rewind: func(keep, textBytes int) error {
+			return send(&neuropb.InferResponse{Event: &neuropb.InferResponse_Rewind{Rewind: &neuropb.InferRewind{
+				KeepTokens: uint32(keep), KeepTextBytes: uint32(textBytes)}}})
+		},
 	})
 	if err != nil {
 		if failed {

@@ -424,6 +424,11 @@ func (a *httpAPI) run(w http.ResponseWriter, r *http.Request, ir *neuropb.InferR
 			}
 			return event(chunk(t.Text, false, nil))
 		},
+		// Server-sent events cannot take text back.
+		Rewind: func(keep, _ int) error {
+			return fmt.Errorf("an expert result behind the streamed text after token %d was found wrong by a later check; "+
+				"the stream cannot take it back: send the request again (or without \"stream\")", keep)
+		},
 	})
 	if err != nil {
 		if !started {

@@ -407,3 +407,14 @@ func (le *LocalExperts) Close() error {
 	}
 	return nil
 }
+
+// Rewind drops the tokens after the first pos from the session: the next
+// Forward continues at position pos (the KV cache entries past it are
+// overwritten).
+func (s *Session) Rewind(pos int) error {
+	if pos < 0 || pos > s.pos {
+		return fmt.Errorf("rewind to %d: the session holds %d tokens", pos, s.pos)
+	}
+	s.pos = pos
+	return nil
+}

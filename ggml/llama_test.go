@@ -1,10 +1,13 @@
 package ggml
 
 import (
+	"context"
 	"errors"
 	"os"
 	"path/filepath"
 	"testing"
+
+	"github.com/ipfs/go-cid"
 
 	"github.com/neuro-p2p/neuro/model"
 )
@@ -122,5 +125,51 @@ func TestApplyChatTemplate(t *testing.T) {
 	}
 	if _, err := l.ApplyChatTemplate(nil); err == nil {
 		t.Fatal("no messages: no error")
+	}
+}
+
+// A rewound session computes what a fresh one does: the KV cache entries
+// past the rewind point are overwritten, never read.
+func TestSessionRewind(t *testing.T) {
+	path := tinyModel(t, model.Q8_0, 17)
+	dir := filepath.Join(t.TempDir(), "shards")
+	if _, err := model.Split(path, dir); err != nil {
+		t.Fatal(err)
+	}
+	sm, err := LoadSplit(dir, cid.Undef, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sm.Close()
+	ctx := context.Background()
+	prompt := []int32{1, 40, 41, 42}
+	run := func(s *Session, toks ...int32) []float32 {
+		t.Helper()
+		l, err := s.Forward(ctx, toks, sm.Experts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return l
+	}
+	fresh, _ := sm.Gating.NewSession(0)
+	defer fresh.Close()
+	run(fresh, prompt...)
+	want := run(fresh, 7)
+	s, _ := sm.Gating.NewSession(0)
+	defer s.Close()
+	run(s, prompt...)
+	run(s, 9)
+	run(s, 10)
+	if err := s.Rewind(len(prompt)); err != nil {
+		t.Fatal(err)
+	}
+	got := run(s, 7)
+	for i := range want {
+		if got[i] != want[i] {
+			t.Fatalf("logit %d after a rewind: %v, fresh session %v", i, got[i], want[i])
+		}
+	}
+	if err := s.Rewind(s.Len() + 1); err == nil {
+		t.Fatal("rewind past the end: no error")
 	}
 }

@@ -505,7 +505,9 @@ type InferStats struct {
 	Hedges       uint64 `protobuf:"varint,5,opt,name=hedges,proto3" json:"hedges,omitempty"`
 	Redispatches uint64 `protobuf:"varint,6,opt,name=redispatches,proto3" json:"redispatches,omitempty"`
 	// MoE layer evaluations (layers x forward passes).
-	MoeLayers     uint64 `protobuf:"varint,7,opt,name=moe_layers,json=moeLayers,proto3" json:"moe_layers,omitempty"`
+	MoeLayers uint64 `protobuf:"varint,7,opt,name=moe_layers,json=moeLayers,proto3" json:"moe_layers,omitempty"`
+	// Times the generation went back past a result found wrong.
+	Rewinds       uint32 `protobuf:"varint,8,opt,name=rewinds,proto3" json:"rewinds,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -585,6 +587,13 @@ func (x *InferStats) GetRedispatches() uint64 {
 func (x *InferStats) GetMoeLayers() uint64 {
 	if x != nil {
 		return x.MoeLayers
+	}
+	return 0
+}
+
+func (x *InferStats) GetRewinds() uint32 {
+	if x != nil {
+		return x.Rewinds
 	}
 	return 0
 }
@@ -731,6 +740,61 @@ func (x *InferError) GetMessage() string {
 	return ""
 }
 
+// InferRewind withdraws the tokens after the first keep_tokens, and the
+// text after its first keep_text_bytes bytes: an expert result they were
+// computed from was found wrong by a later check. Tokens from there follow.
+type InferRewind struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	KeepTokens    uint32                 `protobuf:"varint,1,opt,name=keep_tokens,json=keepTokens,proto3" json:"keep_tokens,omitempty"`
+	KeepTextBytes uint32                 `protobuf:"varint,2,opt,name=keep_text_bytes,json=keepTextBytes,proto3" json:"keep_text_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *InferRewind) Reset() {
+	*x = InferRewind{}
+	mi := &file_infer_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *InferRewind) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*InferRewind) ProtoMessage() {}
+
+func (x *InferRewind) ProtoReflect() protoreflect.Message {
+	mi := &file_infer_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use InferRewind.ProtoReflect.Descriptor instead.
+func (*InferRewind) Descriptor() ([]byte, []int) {
+	return file_infer_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *InferRewind) GetKeepTokens() uint32 {
+	if x != nil {
+		return x.KeepTokens
+	}
+	return 0
+}
+
+func (x *InferRewind) GetKeepTextBytes() uint32 {
+	if x != nil {
+		return x.KeepTextBytes
+	}
+	return 0
+}
+
 // InferResponse is one message of the answer stream.
 type InferResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -740,6 +804,7 @@ type InferResponse struct {
 	//	*InferResponse_Token
 	//	*InferResponse_Done
 	//	*InferResponse_Error
+	//	*InferResponse_Rewind
 	Event         isInferResponse_Event `protobuf_oneof:"event"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -747,7 +812,7 @@ type InferResponse struct {
 
 func (x *InferResponse) Reset() {
 	*x = InferResponse{}
-	mi := &file_infer_proto_msgTypes[8]
+	mi := &file_infer_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -759,7 +824,7 @@ func (x *InferResponse) String() string {
 func (*InferResponse) ProtoMessage() {}
 
 func (x *InferResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_infer_proto_msgTypes[8]
+	mi := &file_infer_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -772,7 +837,7 @@ func (x *InferResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InferResponse.ProtoReflect.Descriptor instead.
 func (*InferResponse) Descriptor() ([]byte, []int) {
-	return file_infer_proto_rawDescGZIP(), []int{8}
+	return file_infer_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *InferResponse) GetEvent() isInferResponse_Event {
@@ -818,6 +883,15 @@ func (x *InferResponse) GetError() *InferError {
 	return nil
 }
 
+func (x *InferResponse) GetRewind() *InferRewind {
+	if x != nil {
+		if x, ok := x.Event.(*InferResponse_Rewind); ok {
+			return x.Rewind
+		}
+	}
+	return nil
+}
+
 type isInferResponse_Event interface {
 	isInferResponse_Event()
 }
@@ -838,6 +912,10 @@ type InferResponse_Error struct {
 	Error *InferError `protobuf:"bytes,4,opt,name=error,proto3,oneof"`
 }
 
+type InferResponse_Rewind struct {
+	Rewind *InferRewind `protobuf:"bytes,5,opt,name=rewind,proto3,oneof"`
+}
+
 func (*InferResponse_Start) isInferResponse_Event() {}
 
 func (*InferResponse_Token) isInferResponse_Event() {}
@@ -845,6 +923,8 @@ func (*InferResponse_Token) isInferResponse_Event() {}
 func (*InferResponse_Done) isInferResponse_Event() {}
 
 func (*InferResponse_Error) isInferResponse_Event() {}
+
+func (*InferResponse_Rewind) isInferResponse_Event() {}
 
 var File_infer_proto protoreflect.FileDescriptor
 
@@ -878,7 +958,7 @@ const file_infer_proto_rawDesc = "" +
 	"\x02id\x18\x01 \x01(\x05R\x02id\x12\x12\n" +
 	"\x04text\x18\x02 \x01(\fR\x04text\x12\x1d\n" +
 	"\n" +
-	"elapsed_us\x18\x03 \x01(\x04R\telapsedUs\"\xf3\x01\n" +
+	"elapsed_us\x18\x03 \x01(\x04R\telapsedUs\"\x8d\x02\n" +
 	"\n" +
 	"InferStats\x12\x1e\n" +
 	"\vmoe_wall_us\x18\x01 \x01(\x04R\tmoeWallUs\x12$\n" +
@@ -888,7 +968,8 @@ const file_infer_proto_rawDesc = "" +
 	"\x06hedges\x18\x05 \x01(\x04R\x06hedges\x12\"\n" +
 	"\fredispatches\x18\x06 \x01(\x04R\fredispatches\x12\x1d\n" +
 	"\n" +
-	"moe_layers\x18\a \x01(\x04R\tmoeLayers\"\xe1\x01\n" +
+	"moe_layers\x18\a \x01(\x04R\tmoeLayers\x12\x18\n" +
+	"\arewinds\x18\b \x01(\rR\arewinds\"\xe1\x01\n" +
 	"\tInferDone\x12.\n" +
 	"\x06reason\x18\x01 \x01(\x0e2\x16.neuro.v1.FinishReasonR\x06reason\x12#\n" +
 	"\rprompt_tokens\x18\x02 \x01(\rR\fpromptTokens\x12+\n" +
@@ -906,12 +987,17 @@ const file_infer_proto_rawDesc = "" +
 	"\x12CODE_UNKNOWN_MODEL\x10\x02\x12\r\n" +
 	"\tCODE_BUSY\x10\x03\x12\x14\n" +
 	"\x10CODE_NO_PROVIDER\x10\x04\x12\x11\n" +
-	"\rCODE_INTERNAL\x10\x05\"\xcd\x01\n" +
+	"\rCODE_INTERNAL\x10\x05\"V\n" +
+	"\vInferRewind\x12\x1f\n" +
+	"\vkeep_tokens\x18\x01 \x01(\rR\n" +
+	"keepTokens\x12&\n" +
+	"\x0fkeep_text_bytes\x18\x02 \x01(\rR\rkeepTextBytes\"\xfe\x01\n" +
 	"\rInferResponse\x12,\n" +
 	"\x05start\x18\x01 \x01(\v2\x14.neuro.v1.InferStartH\x00R\x05start\x12,\n" +
 	"\x05token\x18\x02 \x01(\v2\x14.neuro.v1.InferTokenH\x00R\x05token\x12)\n" +
 	"\x04done\x18\x03 \x01(\v2\x13.neuro.v1.InferDoneH\x00R\x04done\x12,\n" +
-	"\x05error\x18\x04 \x01(\v2\x14.neuro.v1.InferErrorH\x00R\x05errorB\a\n" +
+	"\x05error\x18\x04 \x01(\v2\x14.neuro.v1.InferErrorH\x00R\x05error\x12/\n" +
+	"\x06rewind\x18\x05 \x01(\v2\x15.neuro.v1.InferRewindH\x00R\x06rewindB\a\n" +
 	"\x05event*v\n" +
 	"\fFinishReason\x12\x1d\n" +
 	"\x19FINISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n" +
@@ -932,7 +1018,7 @@ func file_infer_proto_rawDescGZIP() []byte {
 }
 
 var file_infer_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_infer_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
+var file_infer_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
 var file_infer_proto_goTypes = []any{
 	(FinishReason)(0),     // 0: neuro.v1.FinishReason
 	(InferError_Code)(0),  // 1: neuro.v1.InferError.Code
@@ -944,23 +1030,25 @@ var file_infer_proto_goTypes = []any{
 	(*InferStats)(nil),    // 7: neuro.v1.InferStats
 	(*InferDone)(nil),     // 8: neuro.v1.InferDone
 	(*InferError)(nil),    // 9: neuro.v1.InferError
-	(*InferResponse)(nil), // 10: neuro.v1.InferResponse
+	(*InferRewind)(nil),   // 10: neuro.v1.InferRewind
+	(*InferResponse)(nil), // 11: neuro.v1.InferResponse
 }
 var file_infer_proto_depIdxs = []int32{
-	2, // 0: neuro.v1.InferRequest.messages:type_name -> neuro.v1.ChatMessage
-	3, // 1: neuro.v1.InferRequest.sampling:type_name -> neuro.v1.Sampling
-	0, // 2: neuro.v1.InferDone.reason:type_name -> neuro.v1.FinishReason
-	7, // 3: neuro.v1.InferDone.stats:type_name -> neuro.v1.InferStats
-	1, // 4: neuro.v1.InferError.code:type_name -> neuro.v1.InferError.Code
-	5, // 5: neuro.v1.InferResponse.start:type_name -> neuro.v1.InferStart
-	6, // 6: neuro.v1.InferResponse.token:type_name -> neuro.v1.InferToken
-	8, // 7: neuro.v1.InferResponse.done:type_name -> neuro.v1.InferDone
-	9, // 8: neuro.v1.InferResponse.error:type_name -> neuro.v1.InferError
-	9, // [9:9] is the sub-list for method output_type
-	9, // [9:9] is the sub-list for method input_type
-	9, // [9:9] is the sub-list for extension type_name
-	9, // [9:9] is the sub-list for extension extendee
-	0, // [0:9] is the sub-list for field type_name
+	2,  // 0: neuro.v1.InferRequest.messages:type_name -> neuro.v1.ChatMessage
+	3,  // 1: neuro.v1.InferRequest.sampling:type_name -> neuro.v1.Sampling
+	0,  // 2: neuro.v1.InferDone.reason:type_name -> neuro.v1.FinishReason
+	7,  // 3: neuro.v1.InferDone.stats:type_name -> neuro.v1.InferStats
+	1,  // 4: neuro.v1.InferError.code:type_name -> neuro.v1.InferError.Code
+	5,  // 5: neuro.v1.InferResponse.start:type_name -> neuro.v1.InferStart
+	6,  // 6: neuro.v1.InferResponse.token:type_name -> neuro.v1.InferToken
+	8,  // 7: neuro.v1.InferResponse.done:type_name -> neuro.v1.InferDone
+	9,  // 8: neuro.v1.InferResponse.error:type_name -> neuro.v1.InferError
+	10, // 9: neuro.v1.InferResponse.rewind:type_name -> neuro.v1.InferRewind
+	10, // [10:10] is the sub-list for method output_type
+	10, // [10:10] is the sub-list for method input_type
+	10, // [10:10] is the sub-list for extension type_name
+	10, // [10:10] is the sub-list for extension extendee
+	0,  // [0:10] is the sub-list for field type_name
 }
 
 func init() { file_infer_proto_init() }
@@ -969,11 +1057,12 @@ func file_infer_proto_init() {
 		return
 	}
 	file_infer_proto_msgTypes[1].OneofWrappers = []any{}
-	file_infer_proto_msgTypes[8].OneofWrappers = []any{
+	file_infer_proto_msgTypes[9].OneofWrappers = []any{
 		(*InferResponse_Start)(nil),
 		(*InferResponse_Token)(nil),
 		(*InferResponse_Done)(nil),
 		(*InferResponse_Error)(nil),
+		(*InferResponse_Rewind)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -981,7 +1070,7 @@ func file_infer_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_infer_proto_rawDesc), len(file_infer_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   9,
+			NumMessages:   10,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

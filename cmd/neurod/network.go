@@ -83,6 +83,15 @@ func generateNetwork(cmd *cobra.Command, r networkRequest) error {
 		if err != nil {
 			return fmt.Errorf("generate: after %d tokens: %w", len(out.Tokens), err)
 		}
+		if t.Rewind != nil {
+			// The terminal already shows the withdrawn text: say so.
+			out.Tokens = out.Tokens[:min(t.Rewind.Keep, len(out.Tokens))]
+			out.PerTokenMs = out.PerTokenMs[:min(t.Rewind.Keep, len(out.PerTokenMs))]
+			if !r.json {
+				fmt.Fprintf(cmd.OutOrStdout(), "\n[a wrong expert result was caught: generating again after token %d]\n", t.Rewind.Keep)
+			}
+			continue
+		}
 		out.Tokens = append(out.Tokens, t.ID)
 		out.PerTokenMs = append(out.PerTokenMs, float64(t.Latency.Microseconds())/1000)
 		if !r.json {

@@ -49,9 +49,12 @@ type testnetReport struct {
 	TokensPerSecond float64   `json:"tokens_per_second"`
 	FinishReason    string    `json:"finish_reason,omitempty"`
 	// Killed lists the nodes SIGKILLed by --kill, and after which token.
-	Killed      []int         `json:"killed,omitempty"`
-	KilledAfter int           `json:"killed_after,omitempty"`
-	Stats       *testnetStats `json:"stats,omitempty"`
+	Killed      []int `json:"killed,omitempty"`
+	KilledAfter int   `json:"killed_after,omitempty"`
+	// Rewinds counts the times the gating node withdrew tokens computed
+	// from an expert result that a later check found wrong.
+	Rewinds int           `json:"rewinds"`
+	Stats   *testnetStats `json:"stats,omitempty"`
 	// HTTP is the gating node's OpenAI-compatible API.
 	HTTP string `json:"http,omitempty"`
 }

@@ -185,6 +185,15 @@ func askNetwork(ctx context.Context, stdout io.Writer, nw *testnet.Network, mc c
 		if err != nil {
 			return fmt.Errorf("generation failed after %d tokens: %w", len(rep.Tokens), err)
 		}
+		if t.Rewind != nil {
+			rep.Tokens = rep.Tokens[:min(t.Rewind.Keep, len(rep.Tokens))]
+			rep.PerTokenMs = rep.PerTokenMs[:min(t.Rewind.Keep, len(rep.PerTokenMs))]
+			rep.Rewinds++
+			if !a.json {
+				fmt.Fprintf(stdout, "\n[a wrong expert result was caught: generating again after token %d]\n", t.Rewind.Keep)
+			}
+			continue
+		}
 		rep.Tokens = append(rep.Tokens, t.ID)
 		rep.PerTokenMs = append(rep.PerTokenMs, float64(t.Latency.Microseconds())/1000)
 		if !a.json {
