@@ -152,12 +152,28 @@ func (v *Validator) after(ctx context.Context, k expert.Key, in []float32, n int
 	// The checker is drawn at random among the other providers, so that
 	// no peer can tell which of its answers will be compared with whose,
 	// and standby providers get checked too.
+	// Providers never checked go first: each new peer is vetted by its
+	// first checks, whether or not it is selected.
 	order := slices.Clone(others)
 	v.mu.Lock()
 	v.rng.Shuffle(len(order), func(i, j int) { order[i], order[j] = order[j], order[i] })
 	v.mu.Unlock()
+	slices.SortStableFunc(order, func(a, b peer.ID) int {
+		va, vb := v.Book.Vetted(a), v.Book.Vetted(b)
+		switch {
+		case !va && vb:
+			return -1
+		case va && !vb:
+			return 1
+		}
+		return 0
+	})
+	second := order[0]
+	// The decider is the most proven peer: new peers, which might collude
+	// with a new checker, decide only when no proven one is left.
+	third := slices.Clone(order[1:])
+	slices.SortStableFunc(third, func(a, b peer.ID) int { return v.Book.Streak(b) - v.Book.Streak(a) })
 	v.spawn(checks, func(bg context.Context) {
-		second, third := order[0], order[1:]
 		got, err := call(bg, second)
 		v.checks.Add(1)
 		if err != nil {

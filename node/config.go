@@ -61,6 +61,7 @@ type GatingConfig struct {
 	WireDType   string   `toml:"wire_dtype"`
 	CallTimeout Duration `toml:"call_timeout"`
 	Threads     int      `toml:"threads"`
+	Validate    bool     `toml:"validate"`
 }
 
 // ModelCID is the model the gating node serves.
@@ -160,7 +161,7 @@ func DefaultConfig() Config {
 			PeerExpiry:        Duration(30 * time.Second),
 		},
 		Expert: ExpertConfig{Experts: "auto", MemoryMB: 4096},
-		Gating: GatingConfig{MaxSessions: 4, MaxTokens: 256, WireDType: "f32", CallTimeout: Duration(30 * time.Second)},
+		Gating: GatingConfig{MaxSessions: 4, MaxTokens: 256, WireDType: "f32", CallTimeout: Duration(30 * time.Second), Validate: true},
 		API:    APIConfig{Listen: "127.0.0.1:0"},
 		Log:    LogConfig{Level: "info", Format: "text"},
 	}
@@ -262,6 +263,10 @@ wire_dtype = "f32"
 call_timeout = "30s"
 # Threads for the gating compute; 0 uses every core.
 threads = 0
+# Re-execute a sample of the experts' results on other providers and keep
+# peers whose results are found wrong out (reputation in
+# <home>/reputation.json). Off trusts every expert node.
+validate = true
 
 [api]
 # Local control API (neurod status, the testnet launcher), as host:port.

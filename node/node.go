@@ -26,6 +26,7 @@ import (
 	"github.com/neuro-p2p/neuro/gating"
 	"github.com/neuro-p2p/neuro/p2p"
 	neuropb "github.com/neuro-p2p/neuro/proto"
+	"github.com/neuro-p2p/neuro/reputation"
 )
 
 // Option sets a dependency of Node.
@@ -37,6 +38,16 @@ type options struct {
 	key      crypto.PrivKey
 	progress expert.Progress
 	slowDown time.Duration
+	fault    expert.Fault
+}
+
+// WithFault makes the node's experts misbehave on purpose: adversarial
+// testnets only (neurod run --testnet --faulty MODE).
+func WithFault(f expert.Fault) Option {
+	return func(o *options) error {
+		o.fault = f
+		return nil
+	}
 }
 
 // WithExpertSlowDown delays every expert compute by d: a test-only knob
@@ -103,6 +114,7 @@ type Node struct {
 	p2p    *p2p.Host
 	expert *expert.Service
 	gating *gating.Engine
+	book   *reputation.Book
 	unlock func() error
 
 	apiLn   net.Listener
@@ -110,6 +122,8 @@ type Node struct {
 	httpLn  net.Listener
 	httpSrv *http.Server
 
+	bgCtx     context.Context
+	bgCancel  context.CancelFunc
 	wg        sync.WaitGroup
 	closeOnce sync.Once
 	closeErr  error
@@ -159,13 +173,20 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 	if err != nil {
 		return nil, err
 	}
-	n.p2p, err = p2p.New(key, pcfg, p2p.WithLogger(n.log))
+	popts := []p2p.Option{p2p.WithLogger(n.log)}
+	if n.home != "" {
+		if n.book, err = reputation.Open(reputation.Config{Path: filepath.Join(n.home, ReputationFile)}); err != nil {
+			return nil, err
+		}
+		popts = append(popts, p2p.WithAppScore(n.book.GossipScore))
+	}
+	n.p2p, err = p2p.New(key, pcfg, popts...)
 	if err != nil {
 		return nil, err
 	}
 	n.log = n.log.With("peer", n.p2p.ID())
 	if n.home != "" {
-		if n.expert, err = newExpertService(n.p2p, cfg.Expert, filepath.Join(n.home, StoreDir), o.progress, o.slowDown, n.log); err != nil {
+		if n.expert, err = newExpertService(n.p2p, cfg.Expert, filepath.Join(n.home, StoreDir), o.progress, o.slowDown, o.fault, n.log); err != nil {
 			return nil, err
 		}
 		n.p2p.SetHeartbeatExtra(n.expert.HeartbeatExtra)
@@ -178,9 +199,13 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 		if cfg.Gating.WireDType == "f16" {
 			dt = neuropb.WireDType_WIRE_DTYPE_F16
 		}
+		var book *reputation.Book
+		if cfg.Gating.Validate {
+			book = n.book
+		}
 		n.gating, err = gating.NewEngine(n.p2p, n.expert, gating.EngineConfig{Threads: cfg.Gating.Threads,
 			MaxSessions: cfg.Gating.MaxSessions, Context: cfg.Gating.Context, DefaultMaxTokens: cfg.Gating.MaxTokens,
-			DType: dt, CallTimeout: time.Duration(cfg.Gating.CallTimeout)}, n.log)
+			DType: dt, CallTimeout: time.Duration(cfg.Gating.CallTimeout), Book: book}, n.log)
 		if err != nil {
 			return nil, err
 		}
@@ -217,6 +242,14 @@ func (n *Node) Start(ctx context.Context) error {
 	}
 	if n.expert != nil {
 		n.expert.Start()
+	}
+	if n.book != nil {
+		n.bgCtx, n.bgCancel = context.WithCancel(context.Background())
+		n.wg.Add(1)
+		go func() {
+			defer n.wg.Done()
+			n.keepBook(n.bgCtx)
+		}()
 	}
 	if n.gating != nil {
 		mc, err := cid.Decode(n.cfg.Gating.ModelCID(n.cfg))
@@ -276,6 +309,9 @@ func (n *Node) Close() error {
 		} else if n.httpLn != nil {
 			errs = append(errs, n.httpLn.Close())
 		}
+		if n.bgCancel != nil {
+			n.bgCancel()
+		}
 		n.wg.Wait()
 		if n.home != "" && n.apiLn != nil {
 			if err := os.Remove(filepath.Join(n.home, APIFile)); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -284,6 +320,9 @@ func (n *Node) Close() error {
 		}
 		if n.gating != nil {
 			errs = append(errs, n.gating.Close())
+		}
+		if n.book != nil {
+			errs = append(errs, n.book.Save())
 		}
 		if n.expert != nil {
 			errs = append(errs, n.expert.Close())
@@ -328,13 +367,39 @@ func (n *Node) APIAddr() string {
 	return n.apiLn.Addr().String()
 }
 
-// StoreDir is the directory of a home that holds its shards.
-const StoreDir = "store"
+// StoreDir is the directory of a home that holds its shards;
+// ReputationFile the file of its reputation book.
+const (
+	StoreDir       = "store"
+	ReputationFile = "reputation.json"
+)
+
+// keepBook records which known peers are alive (their heartbeats) and
+// saves the reputation book, every 10 s until ctx ends.
+func (n *Node) keepBook(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(10 * time.Second):
+		}
+		heard := map[peer.ID]bool{}
+		for _, e := range n.p2p.Peers().Snapshot(time.Now()) {
+			heard[e.ID] = true
+		}
+		for _, e := range n.book.Snapshot() {
+			n.book.Seen(e.Peer, heard[e.Peer])
+		}
+		if err := n.book.Save(); err != nil {
+			n.log.Warn("save reputation", "err", err)
+		}
+	}
+}
 
 // newExpertService builds the node's expert service from its config.
-func newExpertService(h *p2p.Host, cfg ExpertConfig, store string, progress expert.Progress, slow time.Duration, log *slog.Logger) (*expert.Service, error) {
+func newExpertService(h *p2p.Host, cfg ExpertConfig, store string, progress expert.Progress, slow time.Duration, fault expert.Fault, log *slog.Logger) (*expert.Service, error) {
 	sc := expert.ServiceConfig{StoreDir: store, MemoryBudget: int64(cfg.MemoryMB) << 20, Threads: cfg.Threads,
-		Server: expert.DefaultConfig(), Progress: progress}
+		Server: expert.DefaultConfig(), Progress: progress, Fault: fault}
 	sc.Server.SlowDown = slow
 	if cfg.Model != "" {
 		c, err := cid.Decode(cfg.Model)

@@ -59,6 +59,34 @@ type GatingStatus struct {
 	Generated int64         `json:"generated"`
 	Hedges    int64         `json:"hedges"`
 	Models    []GatingModel `json:"models"`
+	// Validation counts the expert answers used, the extra calls made to
+	// check them, and the results found wrong (absent when off).
+	Validation *ValidationStatus `json:"validation,omitempty"`
+	// Reputation is this gating node's record of each expert peer.
+	Reputation []PeerReputation `json:"reputation"`
+}
+
+// ValidationStatus counts a gating node's checks.
+type ValidationStatus struct {
+	Calls  int64 `json:"calls"`
+	Checks int64 `json:"checks"`
+	Wrong  int64 `json:"wrong"`
+}
+
+// PeerReputation is one peer's reputation record.
+type PeerReputation struct {
+	PeerID       string  `json:"peer_id"`
+	Score        float64 `json:"score"`
+	Correctness  float64 `json:"correctness"`
+	Timeliness   float64 `json:"timeliness"`
+	Speed        float64 `json:"speed"`
+	Availability float64 `json:"availability"`
+	Checked      uint64  `json:"checked"`
+	Failed       uint64  `json:"failed"`
+	Excluded     bool    `json:"excluded"`
+	// ExcludedAt is how many of its results had been checked when it was
+	// excluded.
+	ExcludedAt uint64 `json:"excluded_at"`
 }
 
 // GatingModel is one model a gating node serves.
@@ -145,6 +173,16 @@ func (n *Node) Status() Status {
 				gm.Missing = append(gm.Missing, k.String())
 			}
 			gs.Models = append(gs.Models, gm)
+		}
+		gs.Reputation = []PeerReputation{}
+		if v := g.Validator(); v != nil {
+			calls, checks, wrong := v.Stats()
+			gs.Validation = &ValidationStatus{Calls: calls, Checks: checks, Wrong: wrong}
+			for _, e := range v.Book.Snapshot() {
+				gs.Reputation = append(gs.Reputation, PeerReputation{PeerID: e.Peer.String(), Score: e.Score,
+					Correctness: e.Correctness, Timeliness: e.Timeliness, Speed: e.Speed, Availability: e.Availability,
+					Checked: e.Checked, Failed: e.Failed, Excluded: e.Excluded, ExcludedAt: e.ExcludedAt})
+			}
 		}
 		st.Gating = gs
 	}

@@ -198,12 +198,48 @@ func (b *Book) Score(p peer.ID) float64 {
 	return w.Correctness*r.Correctness + w.Timeliness*r.Timeliness + w.Speed*r.Speed + w.Availability*r.Availability
 }
 
+// GossipScore is p's reputation as a GossipSub application score (the
+// p2p package weighs it by 10): 0 for a peer the book has no record of,
+// -60 for an excluded one (below the gossip threshold: its gossip is not
+// relayed), and between -1 and 1 otherwise.
+func (b *Book) GossipScore(p peer.ID) float64 {
+	b.mu.Lock()
+	_, known := b.recs[p]
+	b.mu.Unlock()
+	if !known {
+		return 0
+	}
+	if b.Excluded(p) {
+		return -60
+	}
+	return 2 * (b.Score(p) - 0.5)
+}
+
 // Excluded reports whether p is kept out of selection.
 func (b *Book) Excluded(p peer.ID) bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	r := b.recs[p]
 	return r != nil && r.Excluded
+}
+
+// Streak is p's run of validated results since its last failure (0 for
+// a peer never checked).
+func (b *Book) Streak(p peer.ID) int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if r := b.recs[p]; r != nil {
+		return r.Streak
+	}
+	return 0
+}
+
+// Vetted reports whether any result of p has been checked.
+func (b *Book) Vetted(p peer.ID) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	r := b.recs[p]
+	return r != nil && r.Checked > 0
 }
 
 // CheckRate is the probability that one of p's results is re-executed

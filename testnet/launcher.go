@@ -176,7 +176,7 @@ func prepareHome(home string, bootstrap bool, adjust func(*node.Config)) error {
 // signal) and has its own process group, so that Ctrl-C on the terminal
 // reaches only the launcher, which then stops the nodes in order.
 func (nw *Network) start(p *Process, bootstrap []string) error {
-	args := []string{"run", "--home", p.Home}
+	args := []string{"run", "--home", p.Home, "--testnet"}
 	if nw.opts.Args != nil {
 		args = append(args, nw.opts.Args(p.Index)...)
 	}

@@ -227,6 +227,11 @@ func TestBadInputs(t *testing.T) {
 		want   string
 	}{
 		{name: "missing config", noInit: true, args: []string{"run"}, want: "not initialized (run 'neurod init' first)"},
+		{name: "faulty without testnet", args: []string{"run", "--faulty", "wrong"}, want: "only with --testnet"},
+		{name: "unknown faulty mode", args: []string{"run", "--testnet", "--faulty", "evil"}, want: `faulty mode "evil": want one of wrong, lowprec, slow, drop, flaky`},
+		{name: "too many faulty", noInit: true, args: []string{"testnet", "--nodes", "3", "--faulty", "2:wrong"}, want: "at least 2 must stay honest"},
+		{name: "bad kill", noInit: true, args: []string{"testnet", "--kill", "x"}, want: "want K@T"},
+		{name: "gating without model", args: []string{"run", "--gating"}, want: "gating.model: a gating node needs a model"},
 		{name: "malformed config", setup: writeConfig("[p2p\nlisten = [\n"), args: []string{"run"}, want: "config.toml: line 1"},
 		{name: "unknown key", setup: writeConfig("[p2p]\nlisen = []\n"), args: []string{"run"}, want: `unknown key "p2p.lisen"`},
 		{name: "invalid value in file", setup: writeConfig("[p2p.dht]\nmode = \"both\"\n"), args: []string{"run"}, want: "config.toml: p2p.dht.mode"},

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"strconv"
@@ -25,6 +26,8 @@ func newRunCmd(g *globalFlags) *cobra.Command {
 		gatingOn                 bool
 		httpAddr                 string
 		slowCompute              time.Duration
+		testnetMode              bool
+		faulty                   string
 	)
 	cmd := &cobra.Command{
 		Use:   "run",
@@ -68,7 +71,14 @@ Flags override NEURO_* environment variables, which override the config.`,
 			if err != nil {
 				return err
 			}
-			opts := []node.Option{node.WithHome(home), node.WithLogger(log), node.WithExpertSlowDown(slowCompute)}
+			fault, err := expert.ParseFault(faulty)
+			if err != nil {
+				return fmt.Errorf("flag --faulty: %w", err)
+			}
+			if (fault != expert.FaultNone || slowCompute > 0) && !testnetMode {
+				return errors.New("flags --faulty and --test-slow-compute make a node misbehave on purpose: only with --testnet")
+			}
+			opts := []node.Option{node.WithHome(home), node.WithLogger(log), node.WithExpertSlowDown(slowCompute), node.WithFault(fault)}
 			if f, ok := cmd.ErrOrStderr().(*os.File); ok && term.IsTerminal(int(f.Fd())) {
 				opts = append(opts, node.WithProgress(expert.TerminalProgress(f)))
 			}
@@ -109,7 +119,11 @@ Flags override NEURO_* environment variables, which override the config.`,
 	f.BoolVar(&gatingOn, "gating", false, "be a gating node of the model: answer prompts, sending each layer to the expert nodes")
 	f.StringVar(&httpAddr, "http", "", "serve the OpenAI-compatible API on this host:port (gating nodes; off by default)")
 	f.DurationVar(&slowCompute, "test-slow-compute", 0, "test only: delay every expert compute by this much")
-	_ = f.MarkHidden("test-slow-compute")
+	f.BoolVar(&testnetMode, "testnet", false, "this node is part of a local test network (allows the test-only flags)")
+	f.StringVar(&faulty, "faulty", "", "test only (with --testnet): misbehave on purpose: wrong, lowprec, slow, drop or flaky")
+	for _, name := range []string{"test-slow-compute", "testnet", "faulty"} {
+		_ = f.MarkHidden(name)
+	}
 	f.StringVar(&memory, "memory", "", "memory for expert weights, e.g. 8GiB or 512MiB")
 	return cmd
 }

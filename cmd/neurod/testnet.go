@@ -57,6 +57,12 @@ type testnetReport struct {
 	Stats   *testnetStats `json:"stats,omitempty"`
 	// HTTP is the gating node's OpenAI-compatible API.
 	HTTP string `json:"http,omitempty"`
+	// Requests is how many times the prompt was answered (--requests);
+	// every answer had the same tokens.
+	Requests int `json:"requests"`
+	// Validation counts the answers the gating node used, the extra calls
+	// it made to check them, and the results found wrong.
+	Validation *node.ValidationStatus `json:"validation,omitempty"`
 }
 
 // testnetStats are the gating node's measurements of the generation.
@@ -89,6 +95,17 @@ type testnetNode struct {
 	// Experts lists the experts the node serves ("layer:expert").
 	Experts     []string `json:"experts"`
 	ExpertCalls int64    `json:"expert_calls"`
+	// Faulty is the node's misbehaviour (--faulty), "" for an honest node.
+	// Score, Checked, Failed and Excluded are the gating node's record of
+	// it after the workload.
+	Faulty   string  `json:"faulty"`
+	Score    float64 `json:"score"`
+	Checked  uint64  `json:"checked"`
+	Failed   uint64  `json:"failed"`
+	Excluded bool    `json:"excluded"`
+	// ExcludedAt is how many of its results had been checked when it was
+	// excluded (0: never excluded).
+	ExcludedAt uint64 `json:"excluded_at"`
 }
 
 type testnetExit struct {
@@ -103,7 +120,7 @@ type testnetExit struct {
 
 func newTestnetCmd(g *globalFlags) *cobra.Command {
 	var a testnetArgs
-	var kill, slow string
+	var kill, slow, faulty string
 	cmd := &cobra.Command{
 		Use:   "testnet",
 		Short: "Start a local network of real neurod processes that answers a prompt",
@@ -174,6 +191,15 @@ logs are in --dir (default: a temporary directory, removed afterwards).`,
 					return fmt.Errorf("flag --test-slow-node %q: want NODE:DURATION, NODE an expert node (1 to %d)", slow, a.nodes)
 				}
 			}
+			if a.requests < 1 {
+				return fmt.Errorf("flag --requests %d: must be at least 1", a.requests)
+			}
+			if faulty != "" {
+				var err error
+				if a.faults, err = parseFaulty(faulty, a.nodes); err != nil {
+					return fmt.Errorf("flag --faulty %q: %w", faulty, err)
+				}
+			}
 			return runTestnet(cmd.Context(), cmd.OutOrStdout(), cmd.ErrOrStderr(), g, a)
 		},
 	}
@@ -188,6 +214,8 @@ logs are in --dir (default: a temporary directory, removed afterwards).`,
 	f.IntVar(&a.maxTokens, "max-tokens", 32, "most tokens to generate")
 	f.StringVar(&kill, "kill", "", "K@T: SIGKILL the K busiest expert nodes after token T")
 	f.StringVar(&slow, "test-slow-node", "", "test only: NODE:DURATION delays every expert compute of that node")
+	f.StringVar(&faulty, "faulty", "", "make expert nodes misbehave: K:MODE,... with MODE wrong, lowprec, slow, drop or flaky (the last nodes)")
+	f.IntVar(&a.requests, "requests", 1, "answer the prompt this many times (a workload for the checks)")
 	_ = f.MarkHidden("test-slow-node")
 	return cmd
 }
@@ -205,6 +233,39 @@ type testnetArgs struct {
 	killAfter int
 	slowNode  int
 	slowBy    time.Duration
+	requests  int
+	// faults[i] is the mode of node i (1 to nodes).
+	faults map[int]expert.Fault
+}
+
+// parseFaulty parses --faulty: K:MODE items, given to the last expert
+// nodes (node N down). At least two expert nodes stay honest, so that a
+// wrong result can be outvoted.
+func parseFaulty(s string, nodes int) (map[int]expert.Fault, error) {
+	out := map[int]expert.Fault{}
+	next := nodes
+	for _, item := range strings.Split(s, ",") {
+		ks, ms, ok := strings.Cut(strings.TrimSpace(item), ":")
+		k, err := strconv.Atoi(ks)
+		if !ok || err != nil || k < 1 {
+			return nil, fmt.Errorf("%q: want K:MODE, e.g. 2:wrong", item)
+		}
+		f, err := expert.ParseFault(ms)
+		if err != nil {
+			return nil, err
+		}
+		if f == expert.FaultNone {
+			return nil, fmt.Errorf("%q: no mode", item)
+		}
+		for range k {
+			out[next] = f
+			next--
+		}
+	}
+	if honest := nodes - len(out); honest < 2 {
+		return nil, fmt.Errorf("%d faulty of %d expert nodes: at least 2 must stay honest", len(out), nodes)
+	}
+	return out, nil
 }
 
 // Seed and preset of the model testnet generates when given none.
@@ -266,6 +327,9 @@ func runTestnet(ctx context.Context, stdout, stderr io.Writer, g *globalFlags, a
 				return []string{"--gating", "--model", mf.cid.String(), "--experts", "none", "--http", "127.0.0.1:0"}
 			}
 			args := []string{"--model", mf.cid.String()}
+			if f := a.faults[i]; f != expert.FaultNone {
+				args = append(args, "--faulty", string(f))
+			}
 			if i == a.slowNode {
 				args = append(args, "--test-slow-compute", a.slowBy.String())
 			}
@@ -319,7 +383,7 @@ func runTestnet(ctx context.Context, stdout, stderr io.Writer, g *globalFlags, a
 	rep.TookMs = nw.Took.Milliseconds()
 	log.Info("network healthy", "took", nw.Took.Round(time.Millisecond))
 	readyStart := time.Now()
-	if err := waitServing(ctx, nw, a.timeout, layers, experts, min(2, a.nodes)); err != nil {
+	if err := waitServing(ctx, nw, a.timeout, layers, experts, min(2, a.nodes-len(a.faults)), a.faults); err != nil {
 		return failNet(err)
 	}
 	rep.ReadyMs = time.Since(readyStart).Milliseconds()
@@ -335,6 +399,14 @@ func runTestnet(ctx context.Context, stdout, stderr io.Writer, g *globalFlags, a
 
 	if err := askNetwork(ctx, stdout, nw, mf.cid, a, &rep, log); err != nil {
 		return failNet(err)
+	}
+	if err := nw.Refresh(ctx); err != nil {
+		log.Warn("status after the workload", "err", err)
+	}
+	fillNodes()
+	fillTrust(&rep, nw, a.faults)
+	if !a.json && (len(a.faults) > 0 || a.requests > 1) {
+		printTrust(stdout, rep)
 	}
 	if a.check {
 		stop()

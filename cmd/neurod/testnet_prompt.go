@@ -13,13 +13,16 @@ import (
 	"slices"
 	"sort"
 	"syscall"
+	"text/tabwriter"
 	"time"
 
 	"github.com/ipfs/go-cid"
 
 	"github.com/neuro-p2p/neuro/client"
+	"github.com/neuro-p2p/neuro/expert"
 	"github.com/neuro-p2p/neuro/internal/atomicfile"
 	"github.com/neuro-p2p/neuro/model"
+	"github.com/neuro-p2p/neuro/node"
 	neuropb "github.com/neuro-p2p/neuro/proto"
 	"github.com/neuro-p2p/neuro/testnet"
 )
@@ -70,7 +73,7 @@ const settle = 3 * time.Second
 // every expert is served by want expert nodes, the gating node knows of
 // want providers for each, and no expert node has changed what it serves
 // for settle.
-func waitServing(ctx context.Context, nw *testnet.Network, timeout time.Duration, layers, experts, want int) error {
+func waitServing(ctx context.Context, nw *testnet.Network, timeout time.Duration, layers, experts, want int, faults map[int]expert.Fault) error {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	var (
@@ -81,7 +84,7 @@ func waitServing(ctx context.Context, nw *testnet.Network, timeout time.Duration
 	for {
 		err := nw.Refresh(ctx)
 		if err == nil {
-			err = serving(nw, layers, experts, want)
+			err = serving(nw, layers, experts, want, faults)
 			var fatal *fatalError
 			if errors.As(err, &fatal) {
 				return err
@@ -111,8 +114,16 @@ func waitServing(ctx context.Context, nw *testnet.Network, timeout time.Duration
 
 type fatalError struct{ error }
 
-func serving(nw *testnet.Network, layers, experts, want int) error {
+// serving checks that the model is served; want counts honest providers
+// (a faulty node's results do not count towards an expert's cover).
+func serving(nw *testnet.Network, layers, experts, want int, faults map[int]expert.Fault) error {
 	sts := nw.Statuses()
+	var honest []node.Status
+	for i, st := range sts[1:] {
+		if faults[i+1] == expert.FaultNone {
+			honest = append(honest, st)
+		}
+	}
 	g := sts[0].Gating
 	if g == nil || len(g.Models) != 1 {
 		return errors.New("gating node: no model")
@@ -124,7 +135,7 @@ func serving(nw *testnet.Network, layers, experts, want int) error {
 	if !m.Ready {
 		return errors.New("gating node: model loading")
 	}
-	if err := testnet.Covered(testnet.Coverage(sts[1:], layers, experts), want); err != nil {
+	if err := testnet.Covered(testnet.Coverage(honest, layers, experts), want); err != nil {
 		return err
 	}
 	if m.MinProviders < want {
@@ -168,43 +179,58 @@ func askNetwork(ctx context.Context, stdout io.Writer, nw *testnet.Network, mc c
 	if a.killNodes > 0 {
 		doomed = victims(nw, a.killNodes, log)
 	}
-	start := time.Now()
-	s, err := c.Generate(cctx, client.Request{Model: mc, Prompt: a.prompt, MaxTokens: a.maxTokens})
-	if err != nil {
-		return err
-	}
-	defer s.Close()
-	if !a.json {
-		fmt.Fprintf(stdout, "prompt: %s\n\n%s", a.prompt, a.prompt)
-	}
-	for {
-		t, err := s.Next()
-		if err == io.EOF {
-			break
-		}
+	var (
+		start time.Time
+		s     *client.Stream
+		first []int32
+	)
+	for req := range a.requests {
+		last := req == a.requests-1
+		rep.Tokens, rep.PerTokenMs, rep.Text = rep.Tokens[:0], rep.PerTokenMs[:0], ""
+		start = time.Now()
+		s, err = c.Generate(cctx, client.Request{Model: mc, Prompt: a.prompt, MaxTokens: a.maxTokens})
 		if err != nil {
-			return fmt.Errorf("generation failed after %d tokens: %w", len(rep.Tokens), err)
+			return fmt.Errorf("request %d: %w", req+1, err)
 		}
-		if t.Rewind != nil {
-			rep.Tokens = rep.Tokens[:min(t.Rewind.Keep, len(rep.Tokens))]
-			rep.PerTokenMs = rep.PerTokenMs[:min(t.Rewind.Keep, len(rep.PerTokenMs))]
-			rep.Rewinds++
-			if !a.json {
-				fmt.Fprintf(stdout, "\n[a wrong expert result was caught: generating again after token %d]\n", t.Rewind.Keep)
+		defer s.Close()
+		if !a.json && last {
+			fmt.Fprintf(stdout, "prompt: %s\n\n%s", a.prompt, a.prompt)
+		}
+		for {
+			t, err := s.Next()
+			if err == io.EOF {
+				break
 			}
-			continue
-		}
-		rep.Tokens = append(rep.Tokens, t.ID)
-		rep.PerTokenMs = append(rep.PerTokenMs, float64(t.Latency.Microseconds())/1000)
-		if !a.json {
-			fmt.Fprint(stdout, t.Text)
-		}
-		if a.killNodes > 0 && len(rep.Tokens) == a.killAfter {
-			if err := kill(doomed, rep, log); err != nil {
-				return err
+			if err != nil {
+				return fmt.Errorf("request %d: generation failed after %d tokens: %w", req+1, len(rep.Tokens), err)
 			}
-			rep.KilledAfter = a.killAfter
+			if t.Rewind != nil {
+				rep.Tokens = rep.Tokens[:min(t.Rewind.Keep, len(rep.Tokens))]
+				rep.PerTokenMs = rep.PerTokenMs[:min(t.Rewind.Keep, len(rep.PerTokenMs))]
+				rep.Rewinds++
+				if !a.json && last {
+					fmt.Fprintf(stdout, "\n[a wrong expert result was caught: generating again after token %d]\n", t.Rewind.Keep)
+				}
+				continue
+			}
+			rep.Tokens = append(rep.Tokens, t.ID)
+			rep.PerTokenMs = append(rep.PerTokenMs, float64(t.Latency.Microseconds())/1000)
+			if !a.json && last {
+				fmt.Fprint(stdout, t.Text)
+			}
+			if a.killNodes > 0 && req == 0 && len(rep.Tokens) == a.killAfter {
+				if err := kill(doomed, rep, log); err != nil {
+					return err
+				}
+				rep.KilledAfter = a.killAfter
+			}
 		}
+		if req == 0 {
+			first = slices.Clone(rep.Tokens)
+		} else if fmt.Sprint(first) != fmt.Sprint(rep.Tokens) {
+			return fmt.Errorf("request %d answered %v, request 1 %v: the same greedy prompt must give the same tokens", req+1, rep.Tokens, first)
+		}
+		rep.Requests++
 	}
 	took := time.Since(start)
 	d := s.Done()
@@ -318,4 +344,43 @@ func kill(procs []*testnet.Process, rep *testnetReport, log *slog.Logger) error 
 		rep.Killed = append(rep.Killed, p.Index)
 	}
 	return nil
+}
+
+// fillTrust adds each expert node's faulty mode and the gating node's
+// record of it to the report.
+func fillTrust(rep *testnetReport, nw *testnet.Network, faults map[int]expert.Fault) {
+	g := nw.Processes()[0].Status.Gating
+	recs := map[string]node.PeerReputation{}
+	if g != nil {
+		rep.Validation = g.Validation
+		for _, r := range g.Reputation {
+			recs[r.PeerID] = r
+		}
+	}
+	for i := range rep.Nodes {
+		n := &rep.Nodes[i]
+		n.Faulty = string(faults[n.Index])
+		if r, ok := recs[n.PeerID]; ok {
+			n.Score, n.Checked, n.Failed, n.Excluded, n.ExcludedAt = r.Score, r.Checked, r.Failed, r.Excluded, r.ExcludedAt
+		}
+	}
+}
+
+// printTrust prints each expert node's record after the workload.
+func printTrust(w io.Writer, rep testnetReport) {
+	fmt.Fprintf(w, "\nafter %d requests, the gating node's record of each expert node:\n", rep.Requests)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "#\tPEER ID\tFAULTY\tSCORE\tCHECKED\tFAILED\tEXCLUDED")
+	for _, n := range rep.Nodes[1:] {
+		f := n.Faulty
+		if f == "" {
+			f = "-"
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%.2f\t%d\t%d\t%v\n", n.Index, n.PeerID, f, n.Score, n.Checked, n.Failed, n.Excluded)
+	}
+	tw.Flush()
+	if v := rep.Validation; v != nil && v.Calls > 0 {
+		fmt.Fprintf(w, "%d expert answers used, %d extra calls to check them (%.1f%%), %d results found wrong, %d rewinds\n",
+			v.Calls, v.Checks, 100*float64(v.Checks)/float64(v.Calls), v.Wrong, rep.Rewinds)
+	}
 }

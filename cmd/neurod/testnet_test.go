@@ -271,3 +271,56 @@ func TestTestnetServesClients(t *testing.T) {
 		t.Fatalf("not every node stopped cleanly:\n%s", stderr.String())
 	}
 }
+
+// An adversarial testnet: with two wrong and one low-precision expert node
+// of seven, the answers are still llama.cpp's, every faulty node ends
+// excluded by the gating node, and no honest one does.
+func TestTestnetFaulty(t *testing.T) {
+	t.Parallel()
+	path := makeModel(t, "--preset", "tiny", "--type", "q8_0", "--seed", "64", "--layers", "3")
+	const prompt = "liars in the network"
+	want := generateLocal(t, path, prompt, 24)
+	r := neurod(t, nil, "testnet", "--nodes", "7", "--faulty", "2:wrong,1:lowprec", "--model", path, "--prompt", prompt,
+		"--max-tokens", "24", "--requests", "3", "--check", "--json")
+	if r.code != 0 {
+		t.Fatalf("exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
+	}
+	var rep struct {
+		Tokens   []int32 `json:"tokens"`
+		Requests int     `json:"requests"`
+		Nodes    []struct {
+			Index    int     `json:"index"`
+			Faulty   *string `json:"faulty"`
+			Score    float64 `json:"score"`
+			Checked  int     `json:"checked"`
+			Failed   int     `json:"failed"`
+			Excluded bool    `json:"excluded"`
+		} `json:"nodes"`
+	}
+	if err := json.Unmarshal([]byte(r.stdout), &rep); err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(rep.Tokens) != fmt.Sprint(want) || rep.Requests != 3 {
+		t.Fatalf("tokens %v after %d requests, llama.cpp %v", rep.Tokens, rep.Requests, want)
+	}
+	faulty := 0
+	for _, n := range rep.Nodes[1:] {
+		if n.Faulty == nil {
+			t.Fatalf("node %d: no faulty field", n.Index)
+		}
+		switch *n.Faulty {
+		case "wrong", "lowprec":
+			faulty++
+			if !n.Excluded || n.Failed == 0 || n.Score != 0 {
+				t.Errorf("faulty node %d (%s) not excluded: %+v", n.Index, *n.Faulty, n)
+			}
+		case "":
+			if n.Excluded || n.Failed != 0 {
+				t.Errorf("honest node %d accused: %+v", n.Index, n)
+			}
+		}
+	}
+	if faulty != 3 {
+		t.Fatalf("%d faulty nodes in the report, want 3", faulty)
+	}
+}
