@@ -69,6 +69,9 @@ type faultyComputer struct {
 	// offset puts a flaky node's bad results at a different point of its
 	// period on every expert, so that they are not all at call 1.
 	offset int64
+	// scale and shift make each liar's perturbation its own: independent
+	// liars do not agree with each other (collusion is another matter).
+	scale, shift float32
 }
 
 func (f *faultyComputer) Compute(x []float32, n int, out []float32) error {
@@ -77,24 +80,21 @@ func (f *faultyComputer) Compute(x []float32, n int, out []float32) error {
 	}
 	c := f.calls.Add(1)
 	if f.fault == FaultWrong || (f.fault == FaultFlaky && (c+f.offset)%FlakyEvery == 0) {
-		perturb(out)
+		for i, v := range out {
+			out[i] = f.scale*v + f.shift
+		}
 	}
 	return nil
-}
-
-// perturb changes out by about half its own size: far outside any honest
-// difference, yet finite and plausible-looking.
-func perturb(out []float32) {
-	for i, v := range out {
-		out[i] = 1.5*v + 0.01
-	}
 }
 
 // withFault wraps c with fault (a no-op for the modes that act elsewhere).
 func withFault(c Computer, fault Fault) Computer {
 	switch fault {
 	case FaultWrong, FaultFlaky:
-		return &faultyComputer{Computer: c, fault: fault, offset: rand.Int64N(FlakyEvery)}
+		// Off by 30% to 70% of its size: far outside any honest difference,
+		// yet finite and plausible-looking.
+		return &faultyComputer{Computer: c, fault: fault, offset: rand.Int64N(FlakyEvery),
+			scale: 1.3 + 0.4*rand.Float32(), shift: 0.02 * (rand.Float32() - 0.5)}
 	}
 	return c
 }

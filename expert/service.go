@@ -383,6 +383,30 @@ func (s *Service) add(ctx context.Context, m *neuropb.Manifest, k Key) error {
 	return nil
 }
 
+// Compute runs expert (layer, expert) of model on n rows of hidden states
+// with this node's own copy, outside the server (to re-run a task a
+// verdict is about). It fails unless the node serves that expert.
+func (s *Service) Compute(model cid.Cid, layer, expert int, x []float32, n int) ([]float32, error) {
+	s.mu.Lock()
+	e := s.loaded[Key{layer, expert}]
+	s.mu.Unlock()
+	if e == nil || !s.cfg.Model.Equals(model) {
+		return nil, fmt.Errorf("expert %d:%d of %s is not served here", layer, expert, model)
+	}
+	if n < 1 || len(x) != n*e.Embd() {
+		return nil, fmt.Errorf("expert %d:%d: %d floats for %d tokens of %d", layer, expert, len(x), n, e.Embd())
+	}
+	out := make([]float32, len(x))
+	embd := e.Embd()
+	for start := 0; start < n; start += e.MaxBatch() {
+		end := min(start+e.MaxBatch(), n)
+		if err := e.Compute(x[start*embd:end*embd], end-start, out[start*embd:end*embd]); err != nil {
+			return nil, fmt.Errorf("expert %d:%d: %w", layer, expert, err)
+		}
+	}
+	return out, nil
+}
+
 // Served counts the expert calls this node has answered.
 func (s *Service) Served() int64 { return s.server.Served() }
 

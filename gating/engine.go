@@ -71,6 +71,7 @@ type Engine struct {
 	client  *expert.Client
 	sel     *Selector
 	val     *Validator
+	local   *localJudge
 	slots   chan struct{}
 
 	mu     sync.Mutex
@@ -123,7 +124,9 @@ func NewEngine(h *p2p.Host, f Fetcher, cfg EngineConfig, log *slog.Logger) (*Eng
 		slots: make(chan struct{}, cfg.MaxSessions), models: map[cid.Cid]*served{}}
 	if cfg.Book != nil {
 		e.sel = NewSelector(cfg.Book)
-		e.val = NewValidator(cfg.Book, e.log)
+		e.val = NewValidator(h.ID(), cfg.Book, e.log)
+		e.local = newLocalJudge(f, cfg.Threads)
+		e.val.Local = e.local.compute
 	}
 	e.ctx, e.cancel = context.WithCancel(context.Background())
 	return e, nil
@@ -146,6 +149,7 @@ func (e *Engine) Close() error {
 		e.wg.Wait()
 		if e.val != nil {
 			e.val.Wait()
+			e.local.Close()
 		}
 		e.client.Close()
 		e.mu.Lock()

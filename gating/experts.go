@@ -262,7 +262,7 @@ func (r *RemoteExperts) call(ctx context.Context, k expert.Key, in []float32, n 
 							others = append(others, q)
 						}
 					}
-					r.Validator.after(ctx, k, in, n, res.p, res.resp.Output, others, excluded,
+					r.Validator.after(ctx, r.Model, k, in, n, res.p, res.resp.Output, others, excluded,
 						func(cctx context.Context, q peer.ID) ([]float32, error) {
 							cctx, cancel := context.WithTimeout(cctx, timeout)
 							defer cancel()

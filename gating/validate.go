@@ -4,13 +4,13 @@ import (
 	"context"
 	crand "crypto/rand"
 	"log/slog"
-	"math"
 	"math/rand/v2"
 	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/ipfs/go-cid"
 	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/neuro-p2p/neuro/expert"
@@ -18,37 +18,11 @@ import (
 )
 
 // Tolerance is the relative L2 distance under which two results of the
-// same expert task agree. Honest differences measured on this project's
-// machines (TestToleranceSeparatesHonestFromCheap): 0 between thread
-// counts and between nodes (ggml computes each output row on one thread),
-// 2.1e-4 to 2.3e-4 from F16 on the wire; a node that computes in Q4_0
-// instead of the shard's Q8_0 or F16 is 0.15 off. 1e-2 sits 40x above
-// the first and 15x below the second.
-const Tolerance = 1e-2
+// same expert task agree (see reputation.Tolerance).
+const Tolerance = reputation.Tolerance
 
-// RelL2 is ||a - b|| / ||b||: how far a is from the reference b. Lengths
-// that differ, or a NaN or Inf anywhere, are infinitely far.
-func RelL2(a, b []float32) float64 {
-	if len(a) != len(b) {
-		return math.Inf(1)
-	}
-	var num, den float64
-	for i := range a {
-		d := float64(a[i]) - float64(b[i])
-		num += d * d
-		den += float64(b[i]) * float64(b[i])
-	}
-	if math.IsNaN(num) || math.IsInf(num, 0) || math.IsNaN(den) || math.IsInf(den, 0) {
-		return math.Inf(1)
-	}
-	if den == 0 {
-		if num == 0 {
-			return 0
-		}
-		return math.Inf(1)
-	}
-	return math.Sqrt(num / den)
-}
+// RelL2 is reputation.RelL2.
+func RelL2(a, b []float32) float64 { return reputation.RelL2(a, b) }
 
 // Validator re-executes a sample of expert calls on other providers after
 // their answers have been used (BOINC's quorum, adapted to low latency):
@@ -66,9 +40,13 @@ type Validator struct {
 	// OnWrong, if set, is told of each result found wrong, with the task
 	// and the results that outvoted it (a verdict).
 	OnWrong func(Verdict)
+	// Local, if set, computes a task on this node: the judge of new peers
+	// and of disagreements.
+	Local LocalFunc
 
-	mu  sync.Mutex
-	rng *rand.Rand
+	self peer.ID
+	mu   sync.Mutex
+	rng  *rand.Rand
 
 	calls, checks, wrong atomic.Int64
 	wg                   sync.WaitGroup
@@ -77,6 +55,7 @@ type Validator struct {
 // Verdict is a decided disagreement: Accused's output for the task was
 // outvoted by two others that agreed.
 type Verdict struct {
+	Model    cid.Cid
 	Key      expert.Key
 	Input    []float32
 	N        int
@@ -86,14 +65,14 @@ type Verdict struct {
 	Right    []float32
 }
 
-// NewValidator makes a validator over book.
-func NewValidator(book *reputation.Book, log *slog.Logger) *Validator {
+// NewValidator makes a validator over book for the gating node self.
+func NewValidator(self peer.ID, book *reputation.Book, log *slog.Logger) *Validator {
 	if log == nil {
 		log = slog.Default()
 	}
 	var seed [32]byte
 	_, _ = crand.Read(seed[:])
-	return &Validator{Book: book, Log: log, ProbeRate: 0.02, rng: rand.New(rand.NewChaCha8(seed))}
+	return &Validator{Book: book, Log: log, ProbeRate: 0.1, self: self, rng: rand.New(rand.NewChaCha8(seed))}
 }
 
 func (v *Validator) draw() float64 {
@@ -126,53 +105,120 @@ func (v *Validator) trusted(ps []peer.ID) (ok, excluded []peer.ID) {
 // checker is how the validator calls a provider.
 type checker func(ctx context.Context, p peer.ID) ([]float32, error)
 
+// LocalFunc computes an expert task on the gating node itself, from the
+// expert's shard (verified by CID): the judge that colluding peers cannot
+// outvote.
+type LocalFunc func(ctx context.Context, model cid.Cid, k expert.Key, in []float32, n int) ([]float32, error)
+
 // after is called with every answer used: out, computed by used for task
-// k. others are the other trusted providers, best first; excluded the
-// excluded ones. It starts the check in the background; a result found
-// wrong is reported to the generation through ctx's Checks.
-func (v *Validator) after(ctx context.Context, k expert.Key, in []float32, n int, used peer.ID, out []float32,
+// k. others are the other trusted providers; excluded the excluded ones.
+// It starts the checks in the background; a result found wrong is
+// reported to the generation through ctx's Checks.
+//
+// A peer whose results were never checked (a new one) is checked against
+// the gating node's own computation when it has one (v.Local): two new
+// peers that lie alike cannot vouch for each other. A proven peer is
+// checked by another provider drawn at random, proven ones first; when
+// the two disagree, the local computation decides, or else the most
+// proven third provider. Providers that are new and unused, or excluded,
+// are probed now and then so that they can earn (back) their place.
+func (v *Validator) after(ctx context.Context, model cid.Cid, k expert.Key, in []float32, n int, used peer.ID, out []float32,
 	others, excluded []peer.ID, call checker) {
 	v.calls.Add(1)
 	checks := checksFrom(ctx)
 	epoch, step := stepFrom(ctx)
-	if len(excluded) > 0 && v.draw() < v.ProbeRate {
-		x := excluded[int(v.draw()*float64(len(excluded)))%len(excluded)]
+	local := func(bg context.Context) ([]float32, bool) {
+		if v.Local == nil {
+			return nil, false
+		}
+		ref, err := v.Local(bg, model, k, in, n)
+		if err != nil {
+			v.Log.Debug("local check", "expert", k.String(), "err", err)
+			return nil, false
+		}
+		return ref, true
+	}
+	wrongUsed := func(judges [2]peer.ID, right []float32) {
+		v.wrong.Add(1)
+		v.Log.Warn("expert result found wrong", "peer", used, "expert", k.String(), "off", RelL2(out, right))
+		if checks != nil {
+			checks.bad(epoch, step)
+		}
+		if v.OnWrong != nil {
+			v.OnWrong(Verdict{Model: model, Key: k, Input: in, N: n, Accused: used, Wrong: out, Agreeing: judges, Right: right})
+		}
+	}
+
+	// Probes of unproven providers, whose answers are not used.
+	var unproven []peer.ID
+	for _, p := range others {
+		if !v.Book.Vetted(p) {
+			unproven = append(unproven, p)
+		}
+	}
+	unproven = append(unproven, excluded...)
+	if len(unproven) > 0 && v.draw() < v.ProbeRate {
+		x := unproven[int(v.draw()*float64(len(unproven)))%len(unproven)]
+		usedProven := v.Book.Vetted(used) && !v.Book.Excluded(used)
 		v.spawn(checks, func(bg context.Context) {
+			ref, judged := local(bg)
+			if !judged {
+				if !usedProven {
+					return // nothing trustworthy to compare with
+				}
+				ref = out
+			}
 			got, err := call(bg, x)
 			v.checks.Add(1)
 			if err != nil {
 				return
 			}
-			v.Book.Validated(x, RelL2(got, out) <= Tolerance)
+			ok := RelL2(got, ref) <= Tolerance
+			// A verdict on a peer already excluded adds no news.
+			was := v.Book.Excluded(x)
+			v.Book.Validated(x, ok)
+			if !ok && judged && !was {
+				v.wrong.Add(1)
+				v.Log.Warn("expert result found wrong", "peer", x, "expert", k.String(), "off", RelL2(got, ref), "probe", true)
+				if v.OnWrong != nil {
+					v.OnWrong(Verdict{Model: model, Key: k, Input: in, N: n, Accused: x, Wrong: got, Agreeing: [2]peer.ID{v.self, v.self}, Right: ref})
+				}
+			}
 		})
 	}
-	if len(others) == 0 || v.draw() >= v.Book.CheckRate(used) {
+
+	if v.draw() >= v.Book.CheckRate(used) {
 		return
 	}
-	// The checker is drawn at random among the other providers, so that
-	// no peer can tell which of its answers will be compared with whose,
-	// and standby providers get checked too.
-	// Providers never checked go first: each new peer is vetted by its
-	// first checks, whether or not it is selected.
+	if !v.Book.Vetted(used) && v.Local != nil {
+		v.spawn(checks, func(bg context.Context) {
+			ref, ok := local(bg)
+			if !ok {
+				return
+			}
+			v.checks.Add(1)
+			if RelL2(out, ref) <= Tolerance {
+				v.Book.Validated(used, true)
+				return
+			}
+			v.Book.Validated(used, false)
+			wrongUsed([2]peer.ID{v.self, v.self}, ref)
+		})
+		return
+	}
+	if len(others) == 0 {
+		return
+	}
+	// The checker is drawn at random among the other providers, proven
+	// ones first, so that no peer can tell whose answer its own will be
+	// compared with.
 	order := slices.Clone(others)
 	v.mu.Lock()
 	v.rng.Shuffle(len(order), func(i, j int) { order[i], order[j] = order[j], order[i] })
 	v.mu.Unlock()
-	slices.SortStableFunc(order, func(a, b peer.ID) int {
-		va, vb := v.Book.Vetted(a), v.Book.Vetted(b)
-		switch {
-		case !va && vb:
-			return -1
-		case va && !vb:
-			return 1
-		}
-		return 0
-	})
+	slices.SortStableFunc(order, func(a, b peer.ID) int { return v.Book.Streak(b) - v.Book.Streak(a) })
 	second := order[0]
-	// The decider is the most proven peer: new peers, which might collude
-	// with a new checker, decide only when no proven one is left.
-	third := slices.Clone(order[1:])
-	slices.SortStableFunc(third, func(a, b peer.ID) int { return v.Book.Streak(b) - v.Book.Streak(a) })
+	third := order[1:]
 	v.spawn(checks, func(bg context.Context) {
 		got, err := call(bg, second)
 		v.checks.Add(1)
@@ -184,39 +230,41 @@ func (v *Validator) after(ctx context.Context, k expert.Key, in []float32, n int
 			v.Book.Validated(second, true)
 			return
 		}
-		for _, r := range third {
-			dec, err := call(bg, r)
-			v.checks.Add(1)
-			if err != nil {
-				continue
+		dec, decider, ok := []float32(nil), v.self, false
+		if dec, ok = local(bg); !ok {
+			for _, r := range third {
+				if d, err := call(bg, r); err == nil {
+					v.checks.Add(1)
+					dec, decider, ok = d, r, true
+					break
+				}
 			}
-			agreeUsed, agreeSecond := RelL2(dec, out) <= Tolerance, RelL2(dec, got) <= Tolerance
-			switch {
-			case agreeSecond && !agreeUsed:
-				v.wrong.Add(1)
-				v.Book.Validated(used, false)
-				v.Book.Validated(second, true)
-				v.Book.Validated(r, true)
-				v.Log.Warn("expert result found wrong", "peer", used, "expert", k.String(), "off", RelL2(out, dec))
-				if checks != nil {
-					checks.bad(epoch, step)
-				}
-				if v.OnWrong != nil {
-					v.OnWrong(Verdict{Key: k, Input: in, N: n, Accused: used, Wrong: out, Agreeing: [2]peer.ID{second, r}, Right: dec})
-				}
-			case agreeUsed && !agreeSecond:
-				v.wrong.Add(1)
-				v.Book.Validated(second, false)
-				v.Book.Validated(used, true)
-				v.Book.Validated(r, true)
-				v.Log.Warn("expert result found wrong", "peer", second, "expert", k.String(), "off", RelL2(got, dec))
-				if v.OnWrong != nil {
-					v.OnWrong(Verdict{Key: k, Input: in, N: n, Accused: second, Wrong: got, Agreeing: [2]peer.ID{used, r}, Right: dec})
-				}
-			default:
-				v.Log.Info("expert check undecided", "expert", k.String(), "peers", []peer.ID{used, second, r})
-			}
+		}
+		if !ok {
 			return
+		}
+		agreeUsed, agreeSecond := RelL2(dec, out) <= Tolerance, RelL2(dec, got) <= Tolerance
+		switch {
+		case agreeSecond && !agreeUsed:
+			v.Book.Validated(used, false)
+			v.Book.Validated(second, true)
+			if decider != v.self {
+				v.Book.Validated(decider, true)
+			}
+			wrongUsed([2]peer.ID{second, decider}, dec)
+		case agreeUsed && !agreeSecond:
+			v.wrong.Add(1)
+			v.Book.Validated(second, false)
+			v.Book.Validated(used, true)
+			if decider != v.self {
+				v.Book.Validated(decider, true)
+			}
+			v.Log.Warn("expert result found wrong", "peer", second, "expert", k.String(), "off", RelL2(got, dec))
+			if v.OnWrong != nil {
+				v.OnWrong(Verdict{Model: model, Key: k, Input: in, N: n, Accused: second, Wrong: got, Agreeing: [2]peer.ID{used, decider}, Right: dec})
+			}
+		default:
+			v.Log.Info("expert check undecided", "expert", k.String(), "peers", []peer.ID{used, second, decider})
 		}
 	})
 }

@@ -108,14 +108,15 @@ func WithIdentity(key crypto.PrivKey) Option {
 
 // Node is a running neurod.
 type Node struct {
-	cfg    Config
-	log    *slog.Logger
-	home   string
-	p2p    *p2p.Host
-	expert *expert.Service
-	gating *gating.Engine
-	book   *reputation.Book
-	unlock func() error
+	cfg      Config
+	log      *slog.Logger
+	home     string
+	p2p      *p2p.Host
+	expert   *expert.Service
+	gating   *gating.Engine
+	book     *reputation.Book
+	verdicts *verdicts
+	unlock   func() error
 
 	apiLn   net.Listener
 	apiSrv  *http.Server
@@ -173,13 +174,16 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 	if err != nil {
 		return nil, err
 	}
-	popts := []p2p.Option{p2p.WithLogger(n.log)}
+	// The reputation book lives in the home; a node without one (in-process
+	// test networks) keeps it in memory.
+	bc := reputation.Config{}
 	if n.home != "" {
-		if n.book, err = reputation.Open(reputation.Config{Path: filepath.Join(n.home, ReputationFile)}); err != nil {
-			return nil, err
-		}
-		popts = append(popts, p2p.WithAppScore(n.book.GossipScore))
+		bc.Path = filepath.Join(n.home, ReputationFile)
 	}
+	if n.book, err = reputation.Open(bc); err != nil {
+		return nil, err
+	}
+	popts := []p2p.Option{p2p.WithLogger(n.log), p2p.WithAppScore(n.book.GossipScore)}
 	n.p2p, err = p2p.New(key, pcfg, popts...)
 	if err != nil {
 		return nil, err
@@ -190,6 +194,9 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 			return nil, err
 		}
 		n.p2p.SetHeartbeatExtra(n.expert.HeartbeatExtra)
+	}
+	if n.verdicts, err = newVerdicts(n); err != nil {
+		return nil, err
 	}
 	if cfg.Gating.Enabled {
 		if n.expert == nil {
@@ -208,6 +215,9 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 			DType: dt, CallTimeout: time.Duration(cfg.Gating.CallTimeout), Book: book}, n.log)
 		if err != nil {
 			return nil, err
+		}
+		if v := n.gating.Validator(); v != nil && n.verdicts != nil {
+			v.OnWrong = func(w gating.Verdict) { n.verdicts.publish(context.Background(), w) }
 		}
 		if cfg.Gating.HTTP != "" {
 			if n.httpLn, err = net.Listen("tcp", cfg.Gating.HTTP); err != nil {
@@ -249,6 +259,11 @@ func (n *Node) Start(ctx context.Context) error {
 		go func() {
 			defer n.wg.Done()
 			n.keepBook(n.bgCtx)
+		}()
+		n.wg.Add(1)
+		go func() {
+			defer n.wg.Done()
+			n.verdicts.receive(n.bgCtx)
 		}()
 	}
 	if n.gating != nil {
@@ -340,6 +355,9 @@ func (n *Node) Close() error {
 
 // ID is the node's peer ID.
 func (n *Node) ID() peer.ID { return n.p2p.ID() }
+
+// Book is the node's reputation book.
+func (n *Node) Book() *reputation.Book { return n.book }
 
 // P2P is the node's p2p stack.
 func (n *Node) P2P() *p2p.Host { return n.p2p }

@@ -47,6 +47,8 @@ type Status struct {
 	ExpertCalls int64    `json:"expert_calls"`
 	// Gating is the gating node's state (absent on other nodes).
 	Gating *GatingStatus `json:"gating,omitempty"`
+	// Verdicts counts the verdicts this node published and received.
+	Verdicts *VerdictStatus `json:"verdicts,omitempty"`
 }
 
 // GatingStatus is a gating node's state.
@@ -161,6 +163,9 @@ func (n *Node) Status() Status {
 			st.Experts = append(st.Experts, k.String())
 		}
 		st.ExpertCalls = n.expert.Served()
+	}
+	if n.verdicts != nil {
+		st.Verdicts = n.verdicts.status()
 	}
 	if g := n.gating; g != nil {
 		gs := &GatingStatus{HTTP: n.HTTPAddr(), Active: g.Active(), Generated: g.Generated(), Hedges: g.Hedges(), Models: []GatingModel{}}

@@ -91,3 +91,10 @@ const (
 	// MaxGenerateTokens bounds Sampling.max_tokens.
 	MaxGenerateTokens = 1 << 16
 )
+
+// MaxVerdictSize bounds an encoded Verdict: three tensors of up to
+// MaxVerdictFloats floats each, plus headroom.
+const (
+	MaxVerdictFloats = 16384
+	MaxVerdictSize   = 3*4*MaxVerdictFloats + 4<<10
+)

@@ -106,6 +106,9 @@ type testnetNode struct {
 	// ExcludedAt is how many of its results had been checked when it was
 	// excluded (0: never excluded).
 	ExcludedAt uint64 `json:"excluded_at"`
+	// Verdicts counts the verdicts the node published (the gating node)
+	// or received and re-checked (expert nodes).
+	Verdicts *node.VerdictStatus `json:"verdicts,omitempty"`
 }
 
 type testnetExit struct {
@@ -363,7 +366,7 @@ func runTestnet(ctx context.Context, stdout, stderr io.Writer, g *globalFlags, a
 				Index: p.Index, PeerID: st.PeerID, Addrs: st.Addrs, Roles: st.Roles, PID: p.PID(),
 				Home: p.Home, API: p.APIAddr, RSSBytes: st.RSSBytes,
 				RoutingTableSize: len(st.RoutingTable), HeardPeers: len(st.Heard),
-				Experts: append([]string{}, st.Experts...), ExpertCalls: st.ExpertCalls,
+				Experts: append([]string{}, st.Experts...), ExpertCalls: st.ExpertCalls, Verdicts: st.Verdicts,
 			})
 		}
 	}

@@ -295,10 +295,20 @@ func TestTestnetFaulty(t *testing.T) {
 			Checked  int     `json:"checked"`
 			Failed   int     `json:"failed"`
 			Excluded bool    `json:"excluded"`
+			Verdicts struct {
+				Published int `json:"published"`
+				Confirmed int `json:"confirmed"`
+				Refuted   int `json:"refuted"`
+			} `json:"verdicts"`
 		} `json:"nodes"`
 	}
 	if err := json.Unmarshal([]byte(r.stdout), &rep); err != nil {
 		t.Fatal(err)
+	}
+	// The gating node published its verdicts; honest expert nodes re-ran
+	// them and confirmed them, never refuted one.
+	if rep.Nodes[0].Verdicts.Published == 0 {
+		t.Errorf("no verdict published: %+v", rep.Nodes[0])
 	}
 	if fmt.Sprint(rep.Tokens) != fmt.Sprint(want) || rep.Requests != 3 {
 		t.Fatalf("tokens %v after %d requests, llama.cpp %v", rep.Tokens, rep.Requests, want)
@@ -317,6 +327,9 @@ func TestTestnetFaulty(t *testing.T) {
 		case "":
 			if n.Excluded || n.Failed != 0 {
 				t.Errorf("honest node %d accused: %+v", n.Index, n)
+			}
+			if n.Verdicts.Refuted != 0 || n.Verdicts.Confirmed == 0 {
+				t.Errorf("honest node %d: verdicts %+v", n.Index, n.Verdicts)
 			}
 		}
 	}

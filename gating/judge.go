@@ -1,0 +1,142 @@
+package gating
+
+import (
+	"context"
+	"fmt"
+	"sync"
+
+	"github.com/ipfs/go-cid"
+
+	"github.com/neuro-p2p/neuro/expert"
+	"github.com/neuro-p2p/neuro/ggml"
+)
+
+// maxJudged bounds the experts a gating node keeps loaded to judge with.
+const maxJudged = 16
+
+// localJudge computes expert tasks on the gating node from the experts'
+// shards, fetched by CID (and so verified) when the store lacks them. It
+// keeps the last maxJudged experts loaded.
+type localJudge struct {
+	f       Fetcher
+	threads int
+
+	mu     sync.Mutex
+	loaded map[judgedKey]*ggml.Expert
+	order  []judgedKey // least recently used first
+}
+
+type judgedKey struct {
+	model cid.Cid
+	k     expert.Key
+}
+
+func newLocalJudge(f Fetcher, threads int) *localJudge {
+	return &localJudge{f: f, threads: max(1, threads), loaded: map[judgedKey]*ggml.Expert{}}
+}
+
+func (j *localJudge) get(ctx context.Context, model cid.Cid, k expert.Key) (*ggml.Expert, error) {
+	key := judgedKey{model, k}
+	j.mu.Lock()
+	if e := j.loaded[key]; e != nil {
+		j.touch(key)
+		j.mu.Unlock()
+		return e, nil
+	}
+	j.mu.Unlock()
+	m, err := j.f.Store().Manifest(model)
+	if err != nil {
+		return nil, err
+	}
+	per := int(m.GetParams().GetExperts())
+	i := k.Layer*per + k.Expert
+	if k.Layer < 0 || k.Expert < 0 || k.Expert >= per || i >= len(m.GetExperts()) {
+		return nil, fmt.Errorf("expert %s: not in the manifest", k)
+	}
+	ref := m.GetExperts()[i].GetShard()
+	c, err := cid.Cast(ref.GetCid())
+	if err != nil {
+		return nil, err
+	}
+	if err := j.f.Fetch(ctx, c); err != nil {
+		return nil, err
+	}
+	shard, err := j.f.Store().OpenShard(ref)
+	if err != nil {
+		return nil, err
+	}
+	e, err := ggml.NewExpertFromShard(shard, k.Layer, ggml.ExpertOptions{Threads: j.threads})
+	if err != nil {
+		return nil, err
+	}
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if old := j.loaded[key]; old != nil { // loaded meanwhile
+		e.Close()
+		j.touch(key)
+		return old, nil
+	}
+	j.loaded[key] = e
+	j.order = append(j.order, key)
+	for len(j.order) > maxJudged {
+		j.loaded[j.order[0]].Close()
+		delete(j.loaded, j.order[0])
+		j.order = j.order[1:]
+	}
+	return e, nil
+}
+
+// touch marks key most recently used. Hold mu.
+func (j *localJudge) touch(key judgedKey) {
+	for i, x := range j.order {
+		if x == key {
+			j.order = append(append(j.order[:i:i], j.order[i+1:]...), key)
+			return
+		}
+	}
+}
+
+// compute implements LocalFunc.
+func (j *localJudge) compute(ctx context.Context, model cid.Cid, k expert.Key, in []float32, n int) ([]float32, error) {
+	var e *ggml.Expert
+	for attempt := 0; ; attempt++ {
+		var err error
+		if e, err = j.get(ctx, model, k); err != nil {
+			return nil, fmt.Errorf("judge %s: %w", k, err)
+		}
+		// Compute under mu, so that no eviction closes the expert meanwhile;
+		// if one did before the lock, load it again.
+		j.mu.Lock()
+		if j.loaded[judgedKey{model, k}] == e {
+			break
+		}
+		j.mu.Unlock()
+		if attempt == 2 {
+			return nil, fmt.Errorf("judge %s: evicted while loading", k)
+		}
+	}
+	defer j.mu.Unlock()
+	if len(in) != n*e.Embd() {
+		return nil, fmt.Errorf("judge %s: %d floats for %d tokens of %d", k, len(in), n, e.Embd())
+	}
+	out := make([]float32, len(in))
+	embd := e.Embd()
+	for start := 0; start < n; start += e.MaxBatch() {
+		end := min(start+e.MaxBatch(), n)
+		if err := e.Compute(in[start*embd:end*embd], end-start, out[start*embd:end*embd]); err != nil {
+			return nil, fmt.Errorf("judge %s: %w", k, err)
+		}
+	}
+	return out, nil
+}
+
+// Close frees the loaded experts.
+func (j *localJudge) Close() {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	for _, e := range j.loaded {
+		e.Close()
+	}
+	j.loaded = map[judgedKey]*ggml.Expert{}
+	j.order = nil
+}

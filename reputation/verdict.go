@@ -1,0 +1,231 @@
+package reputation
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"math"
+	"time"
+
+	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"google.golang.org/protobuf/proto"
+
+	neuropb "github.com/neuro-p2p/neuro/proto"
+)
+
+// Tolerance is the relative L2 distance under which two results of the
+// same expert task agree. Honest differences measured on this project's
+// machines (gating's TestToleranceSeparatesHonestFromCheap): 0 between
+// thread counts and between nodes (ggml computes each output row on one
+// thread), 2.1e-4 to 2.3e-4 from F16 on the wire; a node that computes in
+// Q4_0 instead of the shard's Q8_0 or F16 is 0.15 off. 1e-2 sits 40x above
+// the first and 15x below the second.
+const Tolerance = 1e-2
+
+// RelL2 is ||a - b|| / ||b||: how far a is from the reference b. Lengths
+// that differ, or a NaN or Inf anywhere, are infinitely far.
+func RelL2(a, b []float32) float64 {
+	if len(a) != len(b) {
+		return math.Inf(1)
+	}
+	var num, den float64
+	for i := range a {
+		d := float64(a[i]) - float64(b[i])
+		num += d * d
+		den += float64(b[i]) * float64(b[i])
+	}
+	if math.IsNaN(num) || math.IsInf(num, 0) || math.IsNaN(den) || math.IsInf(den, 0) {
+		return math.Inf(1)
+	}
+	if den == 0 {
+		if num == 0 {
+			return 0
+		}
+		return math.Inf(1)
+	}
+	return math.Sqrt(num / den)
+}
+
+// Task is an expert computation: what a verdict is about.
+type Task struct {
+	Model         cid.Cid
+	Layer, Expert int
+	// Input holds N rows of hidden states.
+	Input []float32
+	N     int
+}
+
+func f32Tensor(x []float32, rows int) *neuropb.Tensor {
+	b := make([]byte, 4*len(x))
+	for i, v := range x {
+		binary.LittleEndian.PutUint32(b[4*i:], math.Float32bits(v))
+	}
+	return &neuropb.Tensor{Data: b, Dtype: neuropb.WireDType_WIRE_DTYPE_F32, Shape: []uint32{uint32(rows), uint32(len(x) / max(rows, 1))}}
+}
+
+// floats decodes an F32 tensor of a verdict, checking its shape.
+func floats(t *neuropb.Tensor, what string) ([]float32, int, error) {
+	rows, cols, err := t.Rows()
+	if err != nil {
+		return nil, 0, fmt.Errorf("%s: %w", what, err)
+	}
+	if t.GetDtype() != neuropb.WireDType_WIRE_DTYPE_F32 || len(t.GetData()) != 4*rows*cols {
+		return nil, 0, fmt.Errorf("%s: want F32 data of %dx%d", what, rows, cols)
+	}
+	x := make([]float32, rows*cols)
+	for i := range x {
+		x[i] = math.Float32frombits(binary.LittleEndian.Uint32(t.GetData()[4*i:]))
+	}
+	return x, rows, nil
+}
+
+func digest(t *neuropb.Tensor) []byte {
+	d := sha256.Sum256(t.GetData())
+	return d[:]
+}
+
+// ErrVerdictTooLarge means a task is too big to carry in a verdict.
+var ErrVerdictTooLarge = errors.New("task too large for a verdict")
+
+// NewVerdict builds a verdict on task and signs it with the judge's key.
+func NewVerdict(key crypto.PrivKey, t Task, accused peer.ID, wrong []float32, agreeing [2]peer.ID, right []float32, now time.Time) (*neuropb.Verdict, error) {
+	if len(t.Input) > neuropb.MaxVerdictFloats || len(wrong) > neuropb.MaxVerdictFloats || len(right) > neuropb.MaxVerdictFloats {
+		return nil, ErrVerdictTooLarge
+	}
+	judge, err := peer.IDFromPrivateKey(key)
+	if err != nil {
+		return nil, fmt.Errorf("verdict: %w", err)
+	}
+	v := &neuropb.Verdict{
+		Model: t.Model.Bytes(), Layer: uint32(t.Layer), Expert: uint32(t.Expert),
+		Input:   f32Tensor(t.Input, t.N),
+		Accused: []byte(accused), AccusedOutput: f32Tensor(wrong, t.N),
+		Agreeing:        [][]byte{[]byte(agreeing[0]), []byte(agreeing[1])},
+		ReferenceOutput: f32Tensor(right, t.N),
+		Judge:           []byte(judge), UnixMs: now.UnixMilli(),
+	}
+	v.InputDigest, v.AccusedDigest, v.ReferenceDigest = digest(v.Input), digest(v.AccusedOutput), digest(v.ReferenceOutput)
+	msg, err := proto.MarshalOptions{Deterministic: true}.Marshal(v)
+	if err != nil {
+		return nil, fmt.Errorf("verdict: %w", err)
+	}
+	if v.Signature, err = key.Sign(msg); err != nil {
+		return nil, fmt.Errorf("verdict: sign: %w", err)
+	}
+	return v, nil
+}
+
+// VerifyVerdict checks a verdict's fields, its digests and the judge's
+// signature, and returns its task and outputs.
+func VerifyVerdict(v *neuropb.Verdict) (t Task, accused peer.ID, wrong, right []float32, err error) {
+	fail := func(format string, args ...any) (Task, peer.ID, []float32, []float32, error) {
+		return Task{}, "", nil, nil, fmt.Errorf("%w: verdict: %s", neuropb.ErrInvalid, fmt.Sprintf(format, args...))
+	}
+	if t.Model, err = cid.Cast(v.GetModel()); err != nil {
+		return fail("model: %v", err)
+	}
+	t.Layer, t.Expert = int(v.GetLayer()), int(v.GetExpert())
+	if accused, err = peer.IDFromBytes(v.GetAccused()); err != nil {
+		return fail("accused: %v", err)
+	}
+	judge, err := peer.IDFromBytes(v.GetJudge())
+	if err != nil {
+		return fail("judge: %v", err)
+	}
+	if len(v.GetAgreeing()) != 2 {
+		return fail("%d agreeing peers, want 2", len(v.GetAgreeing()))
+	}
+	for _, a := range v.GetAgreeing() {
+		p, err := peer.IDFromBytes(a)
+		if err != nil {
+			return fail("agreeing: %v", err)
+		}
+		if p == accused {
+			return fail("the accused is among the agreeing peers")
+		}
+	}
+	if t.Input, t.N, err = floats(v.GetInput(), "input"); err != nil {
+		return fail("%v", err)
+	}
+	var n int
+	if wrong, n, err = floats(v.GetAccusedOutput(), "accused output"); err != nil || n != t.N || len(wrong) != len(t.Input) {
+		return fail("accused output: %v (want the input's shape)", err)
+	}
+	if right, n, err = floats(v.GetReferenceOutput(), "reference output"); err != nil || n != t.N || len(right) != len(t.Input) {
+		return fail("reference output: %v (want the input's shape)", err)
+	}
+	for _, d := range []struct {
+		t    *neuropb.Tensor
+		want []byte
+		what string
+	}{{v.GetInput(), v.GetInputDigest(), "input"}, {v.GetAccusedOutput(), v.GetAccusedDigest(), "accused output"},
+		{v.GetReferenceOutput(), v.GetReferenceDigest(), "reference output"}} {
+		if !bytes.Equal(digest(d.t), d.want) {
+			return fail("%s digest does not match", d.what)
+		}
+	}
+	pub, err := judge.ExtractPublicKey()
+	if err != nil {
+		return fail("judge key: %v", err)
+	}
+	unsigned := proto.Clone(v).(*neuropb.Verdict)
+	unsigned.Signature = nil
+	msg, err := proto.MarshalOptions{Deterministic: true}.Marshal(unsigned)
+	if err != nil {
+		return fail("%v", err)
+	}
+	if ok, err := pub.Verify(msg, v.GetSignature()); err != nil || !ok {
+		return fail("bad signature of judge %s", judge)
+	}
+	return t, accused, wrong, right, nil
+}
+
+// Outcome is what a node made of a verdict.
+type Outcome int
+
+// The outcomes of Judge.
+const (
+	// Unchecked: the node cannot re-run the task (it does not host the
+	// expert); it keeps the verdict as evidence but changes no score.
+	Unchecked Outcome = iota
+	// Confirmed: re-running gave the reference output; the accused loses
+	// correctness in this node's book.
+	Confirmed
+	// Refuted: re-running gave the accused's output; the judge loses
+	// correctness for a false accusation.
+	Refuted
+	// Undecided: re-running matched neither.
+	Undecided
+)
+
+func (o Outcome) String() string {
+	return [...]string{"unchecked", "confirmed", "refuted", "undecided"}[o]
+}
+
+// Judge re-runs a verified verdict's task with rerun (nil, or an error,
+// when this node cannot) and records the outcome in the book: against the
+// accused when confirmed, against the judge when refuted.
+func (b *Book) Judge(v *neuropb.Verdict, t Task, accused peer.ID, wrong, right []float32, rerun func(Task) ([]float32, error)) Outcome {
+	if rerun == nil {
+		return Unchecked
+	}
+	got, err := rerun(t)
+	if err != nil {
+		return Unchecked
+	}
+	judge, _ := peer.IDFromBytes(v.GetJudge())
+	matchRight, matchWrong := RelL2(got, right) <= Tolerance, RelL2(got, wrong) <= Tolerance
+	switch {
+	case matchRight && !matchWrong:
+		b.Validated(accused, false)
+		return Confirmed
+	case matchWrong && !matchRight:
+		b.Refuted(judge)
+		return Refuted
+	}
+	return Undecided
+}

@@ -1,0 +1,84 @@
+package reputation
+
+import (
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/multiformats/go-multihash"
+
+	"github.com/ipfs/go-cid"
+	"google.golang.org/protobuf/proto"
+
+	neuropb "github.com/neuro-p2p/neuro/proto"
+)
+
+func newPeer(t *testing.T) (crypto.PrivKey, peer.ID) {
+	t.Helper()
+	k, _, err := crypto.GenerateEd25519Key(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, _ := peer.IDFromPrivateKey(k)
+	return k, id
+}
+
+func TestVerdicts(t *testing.T) {
+	judgeKey, judge := newPeer(t)
+	_, accused := newPeer(t)
+	_, a1 := newPeer(t)
+	_, a2 := newPeer(t)
+	mh, _ := multihash.Sum([]byte("m"), multihash.SHA2_256, -1)
+	task := Task{Model: cid.NewCidV1(cid.Raw, mh), Layer: 1, Expert: 2, Input: []float32{1, 2, 3, 4}, N: 1}
+	right := []float32{0.5, 0.25, -1, 2}
+	wrong := []float32{0.75, 0.375, -1.5, 3}
+	v, err := NewVerdict(judgeKey, task, accused, wrong, [2]peer.ID{a1, a2}, right, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	gotTask, gotAccused, gotWrong, gotRight, err := VerifyVerdict(v)
+	if err != nil || gotAccused != accused || gotTask.Layer != 1 || gotTask.N != 1 || gotWrong[3] != 3 || gotRight[2] != -1 {
+		t.Fatalf("verify: %v %+v", err, gotTask)
+	}
+
+	// Tampering with any field breaks the signature or a digest.
+	for name, tamper := range map[string]func(*neuropb.Verdict){
+		"accused":   func(v *neuropb.Verdict) { v.Accused = []byte(a1) },
+		"layer":     func(v *neuropb.Verdict) { v.Layer = 7 },
+		"input":     func(v *neuropb.Verdict) { v.Input.Data[0] ^= 1 },
+		"signature": func(v *neuropb.Verdict) { v.Signature[3] ^= 1 },
+		"digest":    func(v *neuropb.Verdict) { v.ReferenceDigest[0] ^= 1 },
+		"judge": func(v *neuropb.Verdict) {
+			_, other := newPeer(t)
+			v.Judge = []byte(other)
+		},
+	} {
+		c := cloneVerdict(v)
+		tamper(c)
+		if _, _, _, _, err := VerifyVerdict(c); !errors.Is(err, neuropb.ErrInvalid) {
+			t.Errorf("tampered %s: error %v", name, err)
+		}
+	}
+
+	// A node that re-runs the task and gets the reference confirms the
+	// verdict; one that gets the accused's output refutes it and marks
+	// the judge down.
+	book, _ := Open(Config{})
+	rerunRight := func(Task) ([]float32, error) { return right, nil }
+	if o := book.Judge(v, gotTask, gotAccused, gotWrong, gotRight, rerunRight); o != Confirmed || !book.Excluded(accused) {
+		t.Fatalf("confirmed verdict: %v, accused excluded %v", o, book.Excluded(accused))
+	}
+	book2, _ := Open(Config{})
+	before := book2.Score(judge)
+	rerunWrong := func(Task) ([]float32, error) { return wrong, nil }
+	if o := book2.Judge(v, gotTask, gotAccused, gotWrong, gotRight, rerunWrong); o != Refuted || book2.Score(judge) >= before || book2.Excluded(accused) {
+		t.Fatalf("refuted verdict: %v, judge score %v -> %v", o, before, book2.Score(judge))
+	}
+	if o := book2.Judge(v, gotTask, gotAccused, gotWrong, gotRight, nil); o != Unchecked {
+		t.Fatalf("no re-run: %v", o)
+	}
+}
+
+func cloneVerdict(v *neuropb.Verdict) *neuropb.Verdict { return proto.Clone(v).(*neuropb.Verdict) }
