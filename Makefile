@@ -77,6 +77,7 @@ bench:
 	$(GO) test -run '^$$' -bench Generate -benchtime 3x ./ggml/
 	$(GO) test -run '^$$' -bench 'RoundTrip|Throughput' -benchtime 256x ./expert/
 	$(GO) test -run '^$$' -bench 'SlowNode|Testnet$$' -benchtime 1x -timeout 60m ./cmd/neurod/
+	$(GO) test -run '^$$' -bench 'Validation|FalseAccusations' -benchtime 1x -timeout 60m ./gating/
 
 ## testnet: build neurod; a gating node and NODES expert nodes answer a prompt, then run until Ctrl-C
 testnet: build

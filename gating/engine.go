@@ -385,6 +385,9 @@ func (e *Engine) nCtx(hp ggml.Hparams) int {
 	return min(hp.CtxLen, 4096)
 }
 
+// checkWait bounds how long a finished generation waits for its checks.
+const checkWait = 5 * time.Second
+
 // Error is a failed request, with the protocol's code.
 type Error struct {
 	Code neuropb.InferError_Code
@@ -543,8 +546,12 @@ func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Cal
 		}
 		done := i >= maxTokens || res.Reason != neuropb.FinishReason_FINISH_REASON_LENGTH
 		if done {
-			// The answer is final once every check of it has come back.
-			checks.Wait(ctx)
+			// The answer is final once every check of it has come back, or
+			// checkWait has passed (a late check still scores the peers, but
+			// can no longer correct this answer).
+			wctx, wcancel := context.WithTimeout(ctx, checkWait)
+			checks.Wait(wctx)
+			wcancel()
 			if bad := checks.Bad(); bad >= 0 {
 				res.Reason = neuropb.FinishReason_FINISH_REASON_LENGTH
 				continue

@@ -40,14 +40,14 @@ type expertNet struct {
 	svcs   []*expert.Service
 }
 
-func newExpertNet(t *testing.T, ctx context.Context, p model.Params, dt model.DType, seed uint64, specs []string) *expertNet {
+func newExpertNet(t testing.TB, ctx context.Context, p model.Params, dt model.DType, seed uint64, specs []string) *expertNet {
 	t.Helper()
 	return newFaultyNet(t, ctx, p, dt, seed, specs, nil)
 }
 
 // newFaultyNet is newExpertNet with faulty expert nodes: faults[i] is the
 // mode of expert node i (host i+1).
-func newFaultyNet(t *testing.T, ctx context.Context, p model.Params, dt model.DType, seed uint64, specs []string, faults map[int]expert.Fault) *expertNet {
+func newFaultyNet(t testing.TB, ctx context.Context, p model.Params, dt model.DType, seed uint64, specs []string, faults map[int]expert.Fault) *expertNet {
 	t.Helper()
 	dir := t.TempDir()
 	src := filepath.Join(dir, "m.gguf")
@@ -137,7 +137,7 @@ func tokenIDs(toks []client.Token) []int32 {
 	return ids
 }
 
-func (n *expertNet) reference(t *testing.T, prompt string, maxTokens int) *ggml.Generation {
+func (n *expertNet) reference(t testing.TB, prompt string, maxTokens int) *ggml.Generation {
 	t.Helper()
 	ref, err := ggml.LoadLlama(n.src)
 	if err != nil {

@@ -264,7 +264,11 @@ func (r *RemoteExperts) call(ctx context.Context, k expert.Key, in []float32, n 
 					}
 					r.Validator.after(ctx, r.Model, k, in, n, res.p, res.resp.Output, others, excluded,
 						func(cctx context.Context, q peer.ID) ([]float32, error) {
-							cctx, cancel := context.WithTimeout(cctx, timeout)
+							d := timeout
+							if r.Selector != nil {
+								d = r.Selector.Deadline(q, timeout)
+							}
+							cctx, cancel := context.WithTimeout(cctx, d)
 							defer cancel()
 							resp, err := r.Client.Call(cctx, q, expert.Request{Model: r.Model, Layer: k.Layer, Expert: k.Expert,
 								Hidden: in, N: n, DType: r.DType})

@@ -34,8 +34,8 @@ func RelL2(a, b []float32) float64 { return reputation.RelL2(a, b) }
 type Validator struct {
 	Book *reputation.Book
 	Log  *slog.Logger
-	// ProbeRate is the chance that a call also probes one excluded
-	// provider of its expert.
+	// ProbeRate is the chance that a call also probes one provider of its
+	// expert never checked yet; a tenth of it, one excluded provider.
 	ProbeRate float64
 	// OnWrong, if set, is told of each result found wrong, with the task
 	// and the results that outvoted it (a verdict).
@@ -149,15 +149,19 @@ func (v *Validator) after(ctx context.Context, model cid.Cid, k expert.Key, in [
 		}
 	}
 
-	// Probes of unproven providers, whose answers are not used.
+	// Probes of unproven providers, whose answers are not used: new ones
+	// often, so that they are vetted soon, excluded ones rarely.
 	var unproven []peer.ID
 	for _, p := range others {
 		if !v.Book.Vetted(p) {
 			unproven = append(unproven, p)
 		}
 	}
-	unproven = append(unproven, excluded...)
-	if len(unproven) > 0 && v.draw() < v.ProbeRate {
+	rate := v.ProbeRate
+	if len(unproven) == 0 {
+		unproven, rate = excluded, v.ProbeRate/10
+	}
+	if len(unproven) > 0 && v.draw() < rate {
 		x := unproven[int(v.draw()*float64(len(unproven)))%len(unproven)]
 		usedProven := v.Book.Vetted(used) && !v.Book.Excluded(used)
 		v.spawn(checks, func(bg context.Context) {
