@@ -74,6 +74,9 @@ type RemoteExperts struct {
 	// Validator, if set, keeps excluded peers out and re-executes a sample
 	// of the answers on other providers.
 	Validator *Validator
+	// Advertised, if set, gives the compute time per token a peer's
+	// heartbeat advertises (0: unknown), to score its speed against.
+	Advertised func(peer.ID) time.Duration
 
 	hedges, redispatches atomic.Int64
 }
@@ -228,11 +231,14 @@ func (r *RemoteExperts) call(ctx context.Context, k expert.Key, in []float32, n 
 				}
 			}
 			if r.Validator != nil && ctx.Err() == nil {
-				var compute time.Duration
+				var perToken, advertised time.Duration
 				if resp != nil {
-					compute = resp.Compute
+					perToken = resp.Compute / time.Duration(max(n, 1))
 				}
-				r.Validator.Book.Call(p, err == nil, compute, 0)
+				if r.Advertised != nil {
+					advertised = r.Advertised(p)
+				}
+				r.Validator.Book.Call(p, err == nil, perToken, advertised)
 			}
 			if stats != nil {
 				stats.Calls.Add(1)
