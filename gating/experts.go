@@ -171,6 +171,14 @@ func (r *RemoteExperts) MoE(ctx context.Context, layer int, x []float32, n int, 
 	return ggml.Combine(outs, weights, n, r.Used, r.Embd), nil
 }
 
+// deadline bounds a call to p: its latency deadline, at most timeout.
+func (r *RemoteExperts) deadline(p peer.ID, timeout time.Duration) time.Duration {
+	if r.Selector != nil {
+		return r.Selector.Deadline(p, timeout)
+	}
+	return timeout
+}
+
 // call asks the best provider of k; if it has not answered by its p95
 // latency it asks the next one too (a hedge), and a failed call goes to
 // the next at once. The first answer wins; the others are cancelled.
@@ -211,11 +219,7 @@ func (r *RemoteExperts) call(ctx context.Context, k expert.Key, in []float32, n 
 		inflight++
 		go func() {
 			start := time.Now()
-			d := timeout
-			if r.Selector != nil {
-				d = r.Selector.Deadline(p, timeout)
-			}
-			cctx, ccancel := context.WithTimeout(ctx, d)
+			cctx, ccancel := context.WithTimeout(ctx, r.deadline(p, timeout))
 			defer ccancel()
 			resp, err := r.Client.Call(cctx, p, expert.Request{Model: r.Model, Layer: k.Layer, Expert: k.Expert,
 				Hidden: in, N: n, DType: r.DType})
@@ -270,11 +274,7 @@ func (r *RemoteExperts) call(ctx context.Context, k expert.Key, in []float32, n 
 					}
 					r.Validator.after(ctx, r.Model, k, in, n, res.p, res.resp.Output, others, excluded,
 						func(cctx context.Context, q peer.ID) ([]float32, error) {
-							d := timeout
-							if r.Selector != nil {
-								d = r.Selector.Deadline(q, timeout)
-							}
-							cctx, cancel := context.WithTimeout(cctx, d)
+							cctx, cancel := context.WithTimeout(cctx, r.deadline(q, timeout))
 							defer cancel()
 							resp, err := r.Client.Call(cctx, q, expert.Request{Model: r.Model, Layer: k.Layer, Expert: k.Expert,
 								Hidden: in, N: n, DType: r.DType})

@@ -138,14 +138,16 @@ func (v *Validator) after(ctx context.Context, model cid.Cid, k expert.Key, in [
 		}
 		return ref, true
 	}
-	wrongUsed := func(judges [2]peer.ID, right []float32) {
+	// convict reports a result found wrong: as a verdict, and to the
+	// generation when it had used the result.
+	convict := func(accused peer.ID, wrong []float32, judges [2]peer.ID, right []float32, probe bool) {
 		v.wrong.Add(1)
-		v.Log.Warn("expert result found wrong", "peer", used, "expert", k.String(), "off", RelL2(out, right))
-		if checks != nil {
+		v.Log.Warn("expert result found wrong", "peer", accused, "expert", k.String(), "off", RelL2(wrong, right), "probe", probe)
+		if accused == used && checks != nil {
 			checks.bad(epoch, step)
 		}
 		if v.OnWrong != nil {
-			v.OnWrong(Verdict{Model: model, Key: k, Input: in, N: n, Accused: used, Wrong: out, Agreeing: judges, Right: right})
+			v.OnWrong(Verdict{Model: model, Key: k, Input: in, N: n, Accused: accused, Wrong: wrong, Agreeing: judges, Right: right})
 		}
 	}
 
@@ -182,11 +184,7 @@ func (v *Validator) after(ctx context.Context, model cid.Cid, k expert.Key, in [
 			was := v.Book.Excluded(x)
 			v.Book.Validated(x, ok)
 			if !ok && judged && !was {
-				v.wrong.Add(1)
-				v.Log.Warn("expert result found wrong", "peer", x, "expert", k.String(), "off", RelL2(got, ref), "probe", true)
-				if v.OnWrong != nil {
-					v.OnWrong(Verdict{Model: model, Key: k, Input: in, N: n, Accused: x, Wrong: got, Agreeing: [2]peer.ID{v.self, v.self}, Right: ref})
-				}
+				convict(x, got, [2]peer.ID{v.self, v.self}, ref, true)
 			}
 		})
 	}
@@ -206,7 +204,7 @@ func (v *Validator) after(ctx context.Context, model cid.Cid, k expert.Key, in [
 				return
 			}
 			v.Book.Validated(used, false)
-			wrongUsed([2]peer.ID{v.self, v.self}, ref)
+			convict(used, out, [2]peer.ID{v.self, v.self}, ref, false)
 		})
 		return
 	}
@@ -255,18 +253,14 @@ func (v *Validator) after(ctx context.Context, model cid.Cid, k expert.Key, in [
 			if decider != v.self {
 				v.Book.Validated(decider, true)
 			}
-			wrongUsed([2]peer.ID{second, decider}, dec)
+			convict(used, out, [2]peer.ID{second, decider}, dec, false)
 		case agreeUsed && !agreeSecond:
-			v.wrong.Add(1)
 			v.Book.Validated(second, false)
 			v.Book.Validated(used, true)
 			if decider != v.self {
 				v.Book.Validated(decider, true)
 			}
-			v.Log.Warn("expert result found wrong", "peer", second, "expert", k.String(), "off", RelL2(got, dec))
-			if v.OnWrong != nil {
-				v.OnWrong(Verdict{Model: model, Key: k, Input: in, N: n, Accused: second, Wrong: got, Agreeing: [2]peer.ID{used, decider}, Right: dec})
-			}
+			convict(second, got, [2]peer.ID{used, decider}, dec, false)
 		default:
 			v.Log.Info("expert check undecided", "expert", k.String(), "peers", []peer.ID{used, second, decider})
 		}
