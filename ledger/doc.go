@@ -1,4 +1,15 @@
-// Package ledger will hold the NEURO token ledger: a deterministic CometBFT
-// application for payments, stake, slashing, treasury, burn and emissions
-// for verified work. It is built by the ledger issue; today it has no code.
+// Package ledger is the NEURO token ledger: a deterministic state machine
+// (State: accounts keyed by libp2p peer ID, stakes with unbonding,
+// inference escrows settled by signed usage receipts, slashing on signed
+// verdicts, stake-weighted governance, a treasury cut of fees of which
+// part is burned, and per-epoch emissions on a halving schedule paid only
+// for settled expert work) exposed as a CometBFT ABCI application (App).
+// Amounts are integers in base units; nothing in it uses floating point,
+// and maps are serialised with sorted keys, so the same blocks give the
+// same app hash everywhere. The supply invariant, checked in tests after
+// every block: genesis supply + emitted − burned = balances + stakes +
+// unbonding + escrows + treasury.
+//
+// Running it under CometBFT consensus inside neurod, the ledger topic, the
+// CLI and the testnet wiring are not built yet (issue 7 is open).
 package ledger

@@ -98,3 +98,10 @@ const (
 	MaxVerdictFloats = 16384
 	MaxVerdictSize   = 3*4*MaxVerdictFloats + 4<<10
 )
+
+// MaxLedgerTxSize bounds one ledger transaction (a settlement of many
+// receipts, or a slash with its verdict).
+const MaxLedgerTxSize = MaxVerdictSize + 64<<10
+
+// MaxReceipts bounds the receipts of one settlement.
+const MaxReceipts = 256

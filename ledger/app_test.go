@@ -1,0 +1,367 @@
+package ledger
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"strings"
+	"testing"
+	"time"
+
+	abci "github.com/cometbft/cometbft/abci/types"
+	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/multiformats/go-multihash"
+
+	neuropb "github.com/neuro-p2p/neuro/proto"
+	"github.com/neuro-p2p/neuro/reputation"
+)
+
+type actor struct {
+	key   crypto.PrivKey
+	id    peer.ID
+	nonce uint64
+}
+
+func newActors(t testing.TB, n int, rng *rand.Rand) []*actor {
+	out := make([]*actor, n)
+	for i := range out {
+		seed := make([]byte, 32)
+		for j := range seed {
+			seed[j] = byte(rng.Uint32())
+		}
+		k, _, err := crypto.GenerateEd25519Key(bytes.NewReader(seed))
+		if err != nil {
+			t.Fatal(err)
+		}
+		id, _ := peer.IDFromPrivateKey(k)
+		out[i] = &actor{key: k, id: id}
+	}
+	return out
+}
+
+func (a *actor) tx(t testing.TB, body func(*neuropb.LedgerTx)) []byte {
+	t.Helper()
+	a.nonce++
+	tx := &neuropb.LedgerTx{Nonce: a.nonce}
+	body(tx)
+	if err := SignTx(a.key, tx); err != nil {
+		t.Fatal(err)
+	}
+	b, err := EncodeTx(tx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func testModel() cid.Cid {
+	mh, _ := multihash.Sum([]byte("model"), multihash.SHA2_256, -1)
+	return cid.NewCidV1(cid.Raw, mh)
+}
+
+func genesisFor(actors []*actor) *neuropb.LedgerGenesis {
+	g := &neuropb.LedgerGenesis{Params: DefaultParams(), Models: [][]byte{testModel().Bytes()}}
+	g.Params.EpochBlocks, g.Params.UnbondingBlocks, g.Params.VotingBlocks = 10, 5, 5
+	for _, a := range actors {
+		g.Accounts = append(g.Accounts, &neuropb.LedgerGenesis_Account{Peer: []byte(a.id), Balance: 10_000 * BaseUnits, Stake: 200 * BaseUnits})
+	}
+	return g
+}
+
+// block runs one block through every app and checks they agree.
+func block(t testing.TB, apps []*App, h int64, txs [][]byte) []*abci.ExecTxResult {
+	t.Helper()
+	var hash []byte
+	var results []*abci.ExecTxResult
+	for i, a := range apps {
+		resp, err := a.FinalizeBlock(context.Background(), &abci.FinalizeBlockRequest{Height: h, Txs: txs})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := a.Commit(context.Background(), &abci.CommitRequest{}); err != nil {
+			t.Fatal(err)
+		}
+		if i == 0 {
+			hash, results = resp.AppHash, resp.TxResults
+		} else if !bytes.Equal(hash, resp.AppHash) {
+			t.Fatalf("height %d: app %d hash %x, app 0 %x", h, i, resp.AppHash, hash)
+		}
+	}
+	return results
+}
+
+// A randomized workload of every transaction type, valid and not, across
+// four replicas of the application: every block gives the same app hash
+// everywhere, and the supply invariant holds after every block.
+func TestRandomWorkloadKeepsSupplyAndAgreement(t *testing.T) {
+	rng := rand.New(rand.NewPCG(7, 11))
+	actors := newActors(t, 8, rng)
+	g := genesisFor(actors)
+	var apps []*App
+	for range 4 {
+		a, err := NewApp("", g)
+		if err != nil {
+			t.Fatal(err)
+		}
+		a.AfterBlock = func(s *State) {
+			if err := s.CheckInvariant(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		apps = append(apps, a)
+	}
+	judge := actors[0]
+	counts := map[uint32]int{}
+	applied := 0
+	const blocks, perBlock = 120, 25
+	for h := int64(1); h <= blocks; h++ {
+		var txs [][]byte
+		for range perBlock {
+			a := actors[rng.IntN(len(actors))]
+			other := actors[rng.IntN(len(actors))]
+			amt := uint64(rng.IntN(500)+1) * BaseUnits / 10
+			switch k := rng.IntN(10); k {
+			case 0, 1:
+				txs = append(txs, a.tx(t, func(tx *neuropb.LedgerTx) {
+					tx.Body = &neuropb.LedgerTx_Transfer{Transfer: &neuropb.Transfer{To: []byte(other.id), Amount: amt}}
+				}))
+			case 2:
+				txs = append(txs, a.tx(t, func(tx *neuropb.LedgerTx) { tx.Body = &neuropb.LedgerTx_Stake{Stake: &neuropb.Stake{Amount: amt}} }))
+			case 3:
+				txs = append(txs, a.tx(t, func(tx *neuropb.LedgerTx) {
+					tx.Body = &neuropb.LedgerTx_Unstake{Unstake: &neuropb.Unstake{Amount: amt / 4}}
+				}))
+			case 4:
+				txs = append(txs, a.tx(t, func(tx *neuropb.LedgerTx) {
+					tx.Body = &neuropb.LedgerTx_OpenEscrow{OpenEscrow: &neuropb.OpenEscrow{Model: testModel().Bytes(), Gating: []byte(other.id), Amount: amt}}
+				}))
+			case 5, 6:
+				// Settle an escrow opened earlier, by its gating node, with
+				// receipts from random experts.
+				s := apps[0].State()
+				if len(s.Escrows) == 0 {
+					continue
+				}
+				ids := sortedKeys(s.Escrows)
+				eid := ids[rng.IntN(len(ids))]
+				var gating *actor
+				for _, x := range actors {
+					if x.id.String() == s.Escrows[eid].Gating {
+						gating = x
+					}
+				}
+				var receipts []*neuropb.UsageReceipt
+				for range rng.IntN(4) + 1 {
+					ex := actors[rng.IntN(len(actors))]
+					r := &neuropb.UsageReceipt{Escrow: eid, Layer: 1, ExpertIndex: 2, Tokens: 16, Flops: uint64(rng.IntN(1e9) + 1)}
+					if err := SignReceipt(ex.key, r); err != nil {
+						t.Fatal(err)
+					}
+					receipts = append(receipts, r)
+				}
+				txs = append(txs, gating.tx(t, func(tx *neuropb.LedgerTx) {
+					tx.Body = &neuropb.LedgerTx_Settle{Settle: &neuropb.Settle{Escrow: eid, Receipts: receipts}}
+				}))
+			case 7:
+				// A slash on a verdict the staked judge signed.
+				v, err := reputation.NewVerdict(judge.key, reputation.Task{Model: testModel(), Layer: 1, Expert: 1,
+					Input: []float32{float32(h), float32(rng.IntN(1000))}, N: 1},
+					other.id, []float32{1, 2}, [2]peer.ID{judge.id, a.id}, []float32{3, 4}, time.Unix(0, 0))
+				if err != nil || other == judge || other == a {
+					continue
+				}
+				txs = append(txs, a.tx(t, func(tx *neuropb.LedgerTx) { tx.Body = &neuropb.LedgerTx_Slash{Slash: &neuropb.Slash{Verdict: v}} }))
+			case 8:
+				txs = append(txs, a.tx(t, func(tx *neuropb.LedgerTx) {
+					tx.Body = &neuropb.LedgerTx_Propose{Propose: &neuropb.Propose{Change: &neuropb.Propose_AddModel{AddModel: testModel().Bytes()}}}
+				}))
+			case 9:
+				txs = append(txs, a.tx(t, func(tx *neuropb.LedgerTx) {
+					tx.Body = &neuropb.LedgerTx_Vote{Vote: &neuropb.Vote{Proposal: uint64(rng.IntN(5) + 1), Yes: rng.IntN(2) == 0}}
+				}))
+			}
+		}
+		for _, r := range block(t, apps, h, txs) {
+			counts[r.Code]++
+			if r.Code == 0 {
+				applied++
+			}
+		}
+		// A refused transaction does not use its nonce, so a sender's later
+		// ones in the block fail too: resync every actor with the chain.
+		s := apps[0].State()
+		for _, a := range actors {
+			if acc := s.Accounts[a.id.String()]; acc != nil {
+				a.nonce = acc.Nonce
+			}
+		}
+	}
+	s := apps[0].State()
+	t.Logf("%d blocks, %d transactions applied; result codes %v; treasury %d, burned %d, emitted %d",
+		blocks, applied, counts, s.Treasury, s.Burned, s.Emitted)
+	if applied < blocks*perBlock/3 || s.Burned == 0 || s.Emitted == 0 || s.Treasury == 0 {
+		t.Fatalf("the workload exercised too little: %d applied, %+v", applied, counts)
+	}
+}
+
+// The same account sends two conflicting transfers with the same nonce:
+// exactly one is applied, whichever comes first.
+func TestDoubleSpend(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 1))
+	actors := newActors(t, 3, rng)
+	app, err := NewApp("", genesisFor(actors))
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := actors[0]
+	all := uint64(10_000 * BaseUnits)
+	t1 := a.tx(t, func(tx *neuropb.LedgerTx) {
+		tx.Body = &neuropb.LedgerTx_Transfer{Transfer: &neuropb.Transfer{To: []byte(actors[1].id), Amount: all}}
+	})
+	a.nonce--
+	t2 := a.tx(t, func(tx *neuropb.LedgerTx) {
+		tx.Body = &neuropb.LedgerTx_Transfer{Transfer: &neuropb.Transfer{To: []byte(actors[2].id), Amount: all}}
+	})
+	// Both pass CheckTx on two different validators' mempools...
+	other, _ := NewApp("", genesisFor(actors))
+	for i, pair := range []struct {
+		app *App
+		tx  []byte
+	}{{app, t1}, {other, t2}} {
+		r, _ := pair.app.CheckTx(context.Background(), &abci.CheckTxRequest{Tx: pair.tx})
+		if r.Code != 0 {
+			t.Fatalf("tx %d refused by its validator's mempool: %s", i, r.Log)
+		}
+	}
+	// ...and the block that orders them applies the first only.
+	res := block(t, []*App{app, other}, 1, [][]byte{t2, t1})
+	if res[0].Code != 0 || res[1].Code != CodeBadNonce {
+		t.Fatalf("results %v", res)
+	}
+	s := app.State()
+	if s.Accounts[actors[2].id.String()].Balance != 2*all || s.Accounts[actors[1].id.String()].Balance != all {
+		t.Fatalf("balances after the double spend: %+v", s.Accounts)
+	}
+}
+
+// Bad transactions are refused by CheckTx with a clear code and log, and
+// never change the state.
+func TestBadTransactions(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 3))
+	actors := newActors(t, 3, rng)
+	g := genesisFor(actors)
+	stranger := newActors(t, 1, rng)[0]
+	app, err := NewApp("", g)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := actors[0]
+	signed := func(who *actor, nonce uint64, body func(*neuropb.LedgerTx)) []byte {
+		who.nonce = nonce - 1
+		return who.tx(t, body)
+	}
+	transfer := func(amt uint64) func(*neuropb.LedgerTx) {
+		return func(tx *neuropb.LedgerTx) {
+			tx.Body = &neuropb.LedgerTx_Transfer{Transfer: &neuropb.Transfer{To: []byte(actors[1].id), Amount: amt}}
+		}
+	}
+	badSig := signed(a, 1, transfer(1))
+	badSig[len(badSig)-1] ^= 1
+	forged, _ := reputation.NewVerdict(stranger.key, reputation.Task{Model: testModel(), Input: []float32{1}, N: 1},
+		actors[1].id, []float32{1}, [2]peer.ID{a.id, actors[2].id}, []float32{2}, time.Unix(0, 0))
+	cases := []struct {
+		name string
+		tx   []byte
+		code uint32
+		log  string
+	}{
+		{"bad signature", badSig, CodeBadSignature, "bad signature"},
+		{"wrong nonce", signed(a, 5, transfer(1)), CodeBadNonce, "nonce 5, want 1"},
+		{"overdraft", signed(a, 1, transfer(20_000*BaseUnits)), CodeInsufficient, "balance of"},
+		{"unstake more than staked", signed(a, 1, func(tx *neuropb.LedgerTx) {
+			tx.Body = &neuropb.LedgerTx_Unstake{Unstake: &neuropb.Unstake{Amount: 300 * BaseUnits}}
+		}), CodeInsufficient, "with a stake of"},
+		{"slash without valid evidence", signed(a, 1, func(tx *neuropb.LedgerTx) {
+			tx.Body = &neuropb.LedgerTx_Slash{Slash: &neuropb.Slash{Verdict: &neuropb.Verdict{Model: []byte("x")}}}
+		}), CodeBadEvidence, "evidence"},
+		{"slash by an unstaked judge", signed(a, 1, func(tx *neuropb.LedgerTx) {
+			tx.Body = &neuropb.LedgerTx_Slash{Slash: &neuropb.Slash{Verdict: forged}}
+		}), CodeBadEvidence, "is not staked"},
+		{"vote from a non-staker", signed(stranger, 1, func(tx *neuropb.LedgerTx) {
+			tx.Body = &neuropb.LedgerTx_Vote{Vote: &neuropb.Vote{Proposal: 1, Yes: true}}
+		}), CodeUnknown, "no open proposal"},
+		{"escrow for an unknown model", signed(a, 1, func(tx *neuropb.LedgerTx) {
+			mh, _ := multihash.Sum([]byte("other"), multihash.SHA2_256, -1)
+			tx.Body = &neuropb.LedgerTx_OpenEscrow{OpenEscrow: &neuropb.OpenEscrow{Model: cid.NewCidV1(cid.Raw, mh).Bytes(), Gating: []byte(a.id), Amount: 1}}
+		}), CodeNotAllowed, "not on the ledger"},
+		{"malformed", []byte{0xff, 0xff, 0xff}, CodeMalformed, "malformed"},
+		{"oversized", make([]byte, neuropb.MaxLedgerTxSize+1), CodeMalformed, "exceeds"},
+	}
+	before := app.State().Hash()
+	for _, tc := range cases {
+		r, err := app.CheckTx(context.Background(), &abci.CheckTxRequest{Tx: tc.tx})
+		if err != nil || r.Code != tc.code || !strings.Contains(r.Log, tc.log) {
+			t.Errorf("%s: code %d log %q, want %d with %q", tc.name, r.Code, r.Log, tc.code, tc.log)
+		}
+	}
+	// Through a block as well: refused, state unchanged but for the height.
+	var txs [][]byte
+	for _, tc := range cases {
+		txs = append(txs, tc.tx)
+	}
+	for i, r := range block(t, []*App{app}, 1, txs) {
+		if r.Code == 0 {
+			t.Errorf("%s applied in a block", cases[i].name)
+		}
+	}
+	s := app.State()
+	s.Height = 0
+	if !bytes.Equal(s.Hash(), before) {
+		t.Fatal("refused transactions changed the state")
+	}
+	// A vote by a non-staker on an open proposal is refused too.
+	p := actors[1]
+	p.nonce = 0
+	block(t, []*App{app}, 2, [][]byte{p.tx(t, func(tx *neuropb.LedgerTx) {
+		tx.Body = &neuropb.LedgerTx_Propose{Propose: &neuropb.Propose{Change: &neuropb.Propose_AddModel{AddModel: testModel().Bytes()}}}
+	})})
+	stranger.nonce = 0
+	r, _ := app.CheckTx(context.Background(), &abci.CheckTxRequest{Tx: stranger.tx(t, func(tx *neuropb.LedgerTx) {
+		tx.Body = &neuropb.LedgerTx_Vote{Vote: &neuropb.Vote{Proposal: 1, Yes: true}}
+	})})
+	if r.Code != CodeNotAllowed || !strings.Contains(r.Log, "only stakers vote") {
+		t.Fatalf("non-staker vote: %d %s", r.Code, r.Log)
+	}
+}
+
+// The committed state survives a restart: the app reopens at the same
+// height and app hash, which CometBFT's handshake compares.
+func TestStatePersists(t *testing.T) {
+	rng := rand.New(rand.NewPCG(5, 5))
+	actors := newActors(t, 2, rng)
+	dir := t.TempDir()
+	app, err := NewApp(dir, genesisFor(actors))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for h := int64(1); h <= 3; h++ {
+		block(t, []*App{app}, h, [][]byte{actors[0].tx(t, func(tx *neuropb.LedgerTx) {
+			tx.Body = &neuropb.LedgerTx_Transfer{Transfer: &neuropb.Transfer{To: []byte(actors[1].id), Amount: BaseUnits}}
+		})})
+	}
+	info, _ := app.Info(context.Background(), &abci.InfoRequest{})
+	again, err := NewApp(dir, genesisFor(actors))
+	if err != nil {
+		t.Fatal(err)
+	}
+	info2, _ := again.Info(context.Background(), &abci.InfoRequest{})
+	if info2.LastBlockHeight != 3 || !bytes.Equal(info.LastBlockAppHash, info2.LastBlockAppHash) {
+		t.Fatalf("reopened at %d %x, was %d %x", info2.LastBlockHeight, info2.LastBlockAppHash, info.LastBlockHeight, info.LastBlockAppHash)
+	}
+	if got := fmt.Sprint(again.State().Accounts[actors[1].id.String()].Balance); got != fmt.Sprint(10_003*BaseUnits) {
+		t.Fatalf("balance after restart %s", got)
+	}
+}
