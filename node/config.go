@@ -31,6 +31,7 @@ type Config struct {
 	Gossip GossipConfig `toml:"gossip"`
 	Expert ExpertConfig `toml:"expert"`
 	Gating GatingConfig `toml:"gating"`
+	Ledger LedgerConfig `toml:"ledger"`
 	API    APIConfig    `toml:"api"`
 	Log    LogConfig    `toml:"log"`
 }
@@ -70,6 +71,18 @@ func (g GatingConfig) ModelCID(c Config) string {
 		return g.Model
 	}
 	return c.Expert.Model
+}
+
+// LedgerConfig puts the node on a NEURO chain.
+type LedgerConfig struct {
+	// Genesis is the chain's genesis file; empty: no ledger.
+	Genesis string `toml:"genesis"`
+	// Listen is CometBFT's p2p address, and Peers the other validators
+	// ("nodeid@host:port"): used when the genesis names this node a
+	// validator.
+	Listen        string   `toml:"listen"`
+	Peers         []string `toml:"peers"`
+	BlockInterval Duration `toml:"block_interval"`
 }
 
 // P2PConfig configures the libp2p host and the DHT.
@@ -161,6 +174,7 @@ func DefaultConfig() Config {
 			PeerExpiry:        Duration(30 * time.Second),
 		},
 		Expert: ExpertConfig{Experts: "auto", MemoryMB: 4096},
+		Ledger: LedgerConfig{Listen: "tcp://0.0.0.0:26656", Peers: []string{}, BlockInterval: Duration(time.Second)},
 		Gating: GatingConfig{MaxSessions: 4, MaxTokens: 256, WireDType: "f32", CallTimeout: Duration(30 * time.Second), Validate: true},
 		API:    APIConfig{Listen: "127.0.0.1:0"},
 		Log:    LogConfig{Level: "info", Format: "text"},
@@ -267,6 +281,18 @@ threads = 0
 # peers whose results are found wrong out (reputation in
 # <home>/reputation.json). Off trusts every expert node.
 validate = true
+
+[ledger]
+# The NEURO chain's genesis file; empty: this node takes no part in the
+# ledger. A node the genesis names a validator runs the chain (CometBFT,
+# in process); the others submit transactions over the ledger topic and
+# ask validators for balances.
+genesis = ""
+# Validators only: CometBFT's own p2p address, the other validators as
+# "nodeid@host:port", and the pause between blocks.
+listen = "tcp://0.0.0.0:26656"
+peers = []
+block_interval = "1s"
 
 [api]
 # Local control API (neurod status, the testnet launcher), as host:port.
@@ -414,6 +440,9 @@ func (c *Config) Validate() error {
 	}
 	if err := c.validateGating(); err != nil {
 		return err
+	}
+	if c.Ledger.Genesis != "" && c.Ledger.BlockInterval <= 0 {
+		return fieldErr("ledger.block_interval", "must be positive, got %v", c.Ledger.BlockInterval)
 	}
 	if c.API.Listen != "" {
 		host, _, err := net.SplitHostPort(c.API.Listen)

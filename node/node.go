@@ -24,6 +24,7 @@ import (
 
 	"github.com/neuro-p2p/neuro/expert"
 	"github.com/neuro-p2p/neuro/gating"
+	"github.com/neuro-p2p/neuro/ledger"
 	"github.com/neuro-p2p/neuro/p2p"
 	neuropb "github.com/neuro-p2p/neuro/proto"
 	"github.com/neuro-p2p/neuro/reputation"
@@ -116,6 +117,7 @@ type Node struct {
 	gating   *gating.Engine
 	book     *reputation.Book
 	verdicts *verdicts
+	ledger   *ledger.Service
 	unlock   func() error
 
 	apiLn   net.Listener
@@ -198,6 +200,23 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 	if n.verdicts, err = newVerdicts(n); err != nil {
 		return nil, err
 	}
+	if cfg.Ledger.Genesis != "" {
+		g, err := ledger.ReadGenesis(cfg.Ledger.Genesis)
+		if err != nil {
+			return nil, &FieldError{Key: "ledger.genesis", Err: err}
+		}
+		dir := ""
+		if n.home != "" {
+			dir = filepath.Join(n.home, "ledger")
+		}
+		if g.IsValidator(n.p2p.ID()) && dir == "" {
+			return nil, errors.New("ledger: a validator needs a home for the chain's data")
+		}
+		if n.ledger, err = ledger.NewService(n.p2p, key, ledger.ServiceConfig{Dir: dir, Genesis: g, Listen: cfg.Ledger.Listen,
+			Peers: cfg.Ledger.Peers, BlockInterval: time.Duration(cfg.Ledger.BlockInterval)}, n.log); err != nil {
+			return nil, err
+		}
+	}
 	if cfg.Gating.Enabled {
 		if n.expert == nil {
 			return nil, errors.New("gating: a gating node needs a home (its store holds the model's gating shard)")
@@ -252,6 +271,9 @@ func (n *Node) Start(ctx context.Context) error {
 	}
 	if n.expert != nil {
 		n.expert.Start()
+	}
+	if n.ledger != nil {
+		n.ledger.Start()
 	}
 	if n.book != nil {
 		n.bgCtx, n.bgCancel = context.WithCancel(context.Background())
@@ -336,6 +358,9 @@ func (n *Node) Close() error {
 		if n.gating != nil {
 			errs = append(errs, n.gating.Close())
 		}
+		if n.ledger != nil {
+			errs = append(errs, n.ledger.Close())
+		}
 		if n.book != nil {
 			errs = append(errs, n.book.Save())
 		}
@@ -355,6 +380,9 @@ func (n *Node) Close() error {
 
 // ID is the node's peer ID.
 func (n *Node) ID() peer.ID { return n.p2p.ID() }
+
+// Ledger is the node's part in the ledger (nil without ledger.genesis).
+func (n *Node) Ledger() *ledger.Service { return n.ledger }
 
 // Book is the node's reputation book.
 func (n *Node) Book() *reputation.Book { return n.book }

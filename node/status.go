@@ -215,6 +215,7 @@ func (n *Node) Status() Status {
 
 func (n *Node) apiHandler() http.Handler {
 	mux := http.NewServeMux()
+	mux.HandleFunc(LedgerPath, n.serveLedger)
 	mux.HandleFunc("GET "+StatusPath, func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		if err := json.NewEncoder(w).Encode(n.Status()); err != nil {

@@ -980,6 +980,194 @@ func (x *LedgerGenesis) GetModels() [][]byte {
 	return nil
 }
 
+// The /neuro/ledger/query/1.0.0 protocol: any node asks a validator for
+// the chain's status and an account's funds.
+type LedgerQuery struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Peer          []byte                 `protobuf:"bytes,1,opt,name=peer,proto3" json:"peer,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LedgerQuery) Reset() {
+	*x = LedgerQuery{}
+	mi := &file_ledger_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LedgerQuery) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LedgerQuery) ProtoMessage() {}
+
+func (x *LedgerQuery) ProtoReflect() protoreflect.Message {
+	mi := &file_ledger_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LedgerQuery.ProtoReflect.Descriptor instead.
+func (*LedgerQuery) Descriptor() ([]byte, []int) {
+	return file_ledger_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *LedgerQuery) GetPeer() []byte {
+	if x != nil {
+		return x.Peer
+	}
+	return nil
+}
+
+type LedgerStatus struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Height    int64                  `protobuf:"varint,1,opt,name=height,proto3" json:"height,omitempty"`
+	AppHash   []byte                 `protobuf:"bytes,2,opt,name=app_hash,json=appHash,proto3" json:"app_hash,omitempty"`
+	Balance   uint64                 `protobuf:"varint,3,opt,name=balance,proto3" json:"balance,omitempty"`
+	Staked    uint64                 `protobuf:"varint,4,opt,name=staked,proto3" json:"staked,omitempty"`
+	Unbonding uint64                 `protobuf:"varint,5,opt,name=unbonding,proto3" json:"unbonding,omitempty"`
+	Nonce     uint64                 `protobuf:"varint,6,opt,name=nonce,proto3" json:"nonce,omitempty"`
+	Treasury  uint64                 `protobuf:"varint,7,opt,name=treasury,proto3" json:"treasury,omitempty"`
+	Burned    uint64                 `protobuf:"varint,8,opt,name=burned,proto3" json:"burned,omitempty"`
+	Emitted   uint64                 `protobuf:"varint,9,opt,name=emitted,proto3" json:"emitted,omitempty"`
+	// genesis + emitted - burned, and what is held: equal when the supply
+	// invariant holds.
+	Supply        uint64 `protobuf:"varint,10,opt,name=supply,proto3" json:"supply,omitempty"`
+	Held          uint64 `protobuf:"varint,11,opt,name=held,proto3" json:"held,omitempty"`
+	ChainId       string `protobuf:"bytes,12,opt,name=chain_id,json=chainId,proto3" json:"chain_id,omitempty"`
+	Error         string `protobuf:"bytes,13,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LedgerStatus) Reset() {
+	*x = LedgerStatus{}
+	mi := &file_ledger_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LedgerStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LedgerStatus) ProtoMessage() {}
+
+func (x *LedgerStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_ledger_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LedgerStatus.ProtoReflect.Descriptor instead.
+func (*LedgerStatus) Descriptor() ([]byte, []int) {
+	return file_ledger_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *LedgerStatus) GetHeight() int64 {
+	if x != nil {
+		return x.Height
+	}
+	return 0
+}
+
+func (x *LedgerStatus) GetAppHash() []byte {
+	if x != nil {
+		return x.AppHash
+	}
+	return nil
+}
+
+func (x *LedgerStatus) GetBalance() uint64 {
+	if x != nil {
+		return x.Balance
+	}
+	return 0
+}
+
+func (x *LedgerStatus) GetStaked() uint64 {
+	if x != nil {
+		return x.Staked
+	}
+	return 0
+}
+
+func (x *LedgerStatus) GetUnbonding() uint64 {
+	if x != nil {
+		return x.Unbonding
+	}
+	return 0
+}
+
+func (x *LedgerStatus) GetNonce() uint64 {
+	if x != nil {
+		return x.Nonce
+	}
+	return 0
+}
+
+func (x *LedgerStatus) GetTreasury() uint64 {
+	if x != nil {
+		return x.Treasury
+	}
+	return 0
+}
+
+func (x *LedgerStatus) GetBurned() uint64 {
+	if x != nil {
+		return x.Burned
+	}
+	return 0
+}
+
+func (x *LedgerStatus) GetEmitted() uint64 {
+	if x != nil {
+		return x.Emitted
+	}
+	return 0
+}
+
+func (x *LedgerStatus) GetSupply() uint64 {
+	if x != nil {
+		return x.Supply
+	}
+	return 0
+}
+
+func (x *LedgerStatus) GetHeld() uint64 {
+	if x != nil {
+		return x.Held
+	}
+	return 0
+}
+
+func (x *LedgerStatus) GetChainId() string {
+	if x != nil {
+		return x.ChainId
+	}
+	return ""
+}
+
+func (x *LedgerStatus) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
 type LedgerGenesis_Account struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Peer          []byte                 `protobuf:"bytes,1,opt,name=peer,proto3" json:"peer,omitempty"`
@@ -991,7 +1179,7 @@ type LedgerGenesis_Account struct {
 
 func (x *LedgerGenesis_Account) Reset() {
 	*x = LedgerGenesis_Account{}
-	mi := &file_ledger_proto_msgTypes[12]
+	mi := &file_ledger_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1003,7 +1191,7 @@ func (x *LedgerGenesis_Account) String() string {
 func (*LedgerGenesis_Account) ProtoMessage() {}
 
 func (x *LedgerGenesis_Account) ProtoReflect() protoreflect.Message {
-	mi := &file_ledger_proto_msgTypes[12]
+	mi := &file_ledger_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1115,7 +1303,24 @@ const file_ledger_proto_rawDesc = "" +
 	"\aAccount\x12\x12\n" +
 	"\x04peer\x18\x01 \x01(\fR\x04peer\x12\x18\n" +
 	"\abalance\x18\x02 \x01(\x04R\abalance\x12\x14\n" +
-	"\x05stake\x18\x03 \x01(\x04R\x05stakeB*Z(github.com/neuro-p2p/neuro/proto;neuropbb\x06proto3"
+	"\x05stake\x18\x03 \x01(\x04R\x05stake\"!\n" +
+	"\vLedgerQuery\x12\x12\n" +
+	"\x04peer\x18\x01 \x01(\fR\x04peer\"\xd2\x02\n" +
+	"\fLedgerStatus\x12\x16\n" +
+	"\x06height\x18\x01 \x01(\x03R\x06height\x12\x19\n" +
+	"\bapp_hash\x18\x02 \x01(\fR\aappHash\x12\x18\n" +
+	"\abalance\x18\x03 \x01(\x04R\abalance\x12\x16\n" +
+	"\x06staked\x18\x04 \x01(\x04R\x06staked\x12\x1c\n" +
+	"\tunbonding\x18\x05 \x01(\x04R\tunbonding\x12\x14\n" +
+	"\x05nonce\x18\x06 \x01(\x04R\x05nonce\x12\x1a\n" +
+	"\btreasury\x18\a \x01(\x04R\btreasury\x12\x16\n" +
+	"\x06burned\x18\b \x01(\x04R\x06burned\x12\x18\n" +
+	"\aemitted\x18\t \x01(\x04R\aemitted\x12\x16\n" +
+	"\x06supply\x18\n" +
+	" \x01(\x04R\x06supply\x12\x12\n" +
+	"\x04held\x18\v \x01(\x04R\x04held\x12\x19\n" +
+	"\bchain_id\x18\f \x01(\tR\achainId\x12\x14\n" +
+	"\x05error\x18\r \x01(\tR\x05errorB*Z(github.com/neuro-p2p/neuro/proto;neuropbb\x06proto3"
 
 var (
 	file_ledger_proto_rawDescOnce sync.Once
@@ -1129,7 +1334,7 @@ func file_ledger_proto_rawDescGZIP() []byte {
 	return file_ledger_proto_rawDescData
 }
 
-var file_ledger_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
+var file_ledger_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
 var file_ledger_proto_goTypes = []any{
 	(*LedgerTx)(nil),              // 0: neuro.v1.LedgerTx
 	(*Transfer)(nil),              // 1: neuro.v1.Transfer
@@ -1143,8 +1348,10 @@ var file_ledger_proto_goTypes = []any{
 	(*Propose)(nil),               // 9: neuro.v1.Propose
 	(*Vote)(nil),                  // 10: neuro.v1.Vote
 	(*LedgerGenesis)(nil),         // 11: neuro.v1.LedgerGenesis
-	(*LedgerGenesis_Account)(nil), // 12: neuro.v1.LedgerGenesis.Account
-	(*Verdict)(nil),               // 13: neuro.v1.Verdict
+	(*LedgerQuery)(nil),           // 12: neuro.v1.LedgerQuery
+	(*LedgerStatus)(nil),          // 13: neuro.v1.LedgerStatus
+	(*LedgerGenesis_Account)(nil), // 14: neuro.v1.LedgerGenesis.Account
+	(*Verdict)(nil),               // 15: neuro.v1.Verdict
 }
 var file_ledger_proto_depIdxs = []int32{
 	1,  // 0: neuro.v1.LedgerTx.transfer:type_name -> neuro.v1.Transfer
@@ -1156,9 +1363,9 @@ var file_ledger_proto_depIdxs = []int32{
 	9,  // 6: neuro.v1.LedgerTx.propose:type_name -> neuro.v1.Propose
 	10, // 7: neuro.v1.LedgerTx.vote:type_name -> neuro.v1.Vote
 	5,  // 8: neuro.v1.Settle.receipts:type_name -> neuro.v1.UsageReceipt
-	13, // 9: neuro.v1.Slash.verdict:type_name -> neuro.v1.Verdict
+	15, // 9: neuro.v1.Slash.verdict:type_name -> neuro.v1.Verdict
 	8,  // 10: neuro.v1.Propose.params:type_name -> neuro.v1.LedgerParams
-	12, // 11: neuro.v1.LedgerGenesis.accounts:type_name -> neuro.v1.LedgerGenesis.Account
+	14, // 11: neuro.v1.LedgerGenesis.accounts:type_name -> neuro.v1.LedgerGenesis.Account
 	8,  // 12: neuro.v1.LedgerGenesis.params:type_name -> neuro.v1.LedgerParams
 	13, // [13:13] is the sub-list for method output_type
 	13, // [13:13] is the sub-list for method input_type
@@ -1193,7 +1400,7 @@ func file_ledger_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ledger_proto_rawDesc), len(file_ledger_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   13,
+			NumMessages:   15,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

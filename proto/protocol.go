@@ -105,3 +105,10 @@ const MaxLedgerTxSize = MaxVerdictSize + 64<<10
 
 // MaxReceipts bounds the receipts of one settlement.
 const MaxReceipts = 256
+
+// LedgerQueryProtocol is the stream protocol of ledger queries to
+// validators.
+const LedgerQueryProtocol protocol.ID = "/neuro/ledger/query/1.0.0"
+
+// MaxLedgerQuerySize bounds a LedgerQuery or LedgerStatus.
+const MaxLedgerQuerySize = 4 << 10

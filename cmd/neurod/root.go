@@ -49,6 +49,7 @@ variables, overridden by flags. The home is --home, else $NEURO_HOME, else
 		newTestnetCmd(g),
 		newModelCmd(g),
 		newGenerateCmd(),
+		newLedgerCmd(g),
 		newVersionCmd(),
 	)
 	return root

@@ -63,6 +63,21 @@ type testnetReport struct {
 	// Validation counts the answers the gating node used, the extra calls
 	// it made to check them, and the results found wrong.
 	Validation *node.ValidationStatus `json:"validation,omitempty"`
+	// Ledger is the testnet's chain (node 0 validates) before and after
+	// the generation.
+	Ledger *testnetLedger `json:"ledger,omitempty"`
+}
+
+// testnetLedger is the chain's state around the generation. Balances are
+// in base units, by peer ID.
+type testnetLedger struct {
+	Height         int64             `json:"height"`
+	AppHash        string            `json:"app_hash"`
+	BalancesBefore map[string]uint64 `json:"balances_before"`
+	BalancesAfter  map[string]uint64 `json:"balances_after"`
+	Treasury       uint64            `json:"treasury"`
+	Burned         uint64            `json:"burned"`
+	SupplyOK       bool              `json:"supply_ok"`
 }
 
 // testnetStats are the gating node's measurements of the generation.
@@ -319,11 +334,19 @@ func runTestnet(ctx context.Context, stdout, stderr io.Writer, g *globalFlags, a
 	layers, experts := int(mf.manifest.GetParams().GetLayers()), int(mf.manifest.GetParams().GetExperts())
 
 	threads := max(1, runtime.NumCPU()/(a.nodes+1))
+	genesisPath := filepath.Join(dir, "genesis.json")
+	cometPort, err := freeTCPPort()
+	if err != nil {
+		return fail(err)
+	}
 	log.Info("starting testnet", "expert_nodes", a.nodes, "model", mf.cid, "layers", layers, "experts", experts, "dir", dir)
 	nw, err := testnet.Launch(ctx, testnet.LaunchOptions{Nodes: a.nodes + 1, Dir: dir, Binary: bin, Timeout: a.timeout, Log: log,
 		Config: func(i int, c *node.Config) {
 			c.Expert.Threads = threads
 			c.Gating.Threads = max(1, runtime.NumCPU()/2)
+			c.Ledger.Genesis = genesisPath
+			c.Ledger.Listen = fmt.Sprintf("tcp://127.0.0.1:%d", cometPort)
+			c.Ledger.BlockInterval = node.Duration(200 * time.Millisecond)
 		},
 		Args: func(i int) []string {
 			if i == 0 {
@@ -339,6 +362,9 @@ func runTestnet(ctx context.Context, stdout, stderr io.Writer, g *globalFlags, a
 			return args
 		},
 		BeforeStart: func(homes []string) error {
+			if err := writeTestnetGenesis(genesisPath, homes, mf.cid); err != nil {
+				return err
+			}
 			store, err := expert.OpenStore(filepath.Join(homes[0], node.StoreDir))
 			if err != nil {
 				return err
@@ -400,9 +426,31 @@ func runTestnet(ctx context.Context, stdout, stderr io.Writer, g *globalFlags, a
 		printNodes(stdout, rep)
 	}
 
+	balances := func() (map[string]uint64, *node.LedgerInfo, error) {
+		out := map[string]uint64{}
+		var last *node.LedgerInfo
+		for _, p := range nw.Processes() {
+			info, err := node.FetchLedger(ctx, nw.Processes()[0].APIAddr, p.Status.PeerID)
+			if err != nil {
+				return nil, nil, err
+			}
+			out[p.Status.PeerID], last = info.Balance, info
+		}
+		return out, last, nil
+	}
+	before, _, err := balances()
+	if err != nil {
+		return failNet(fmt.Errorf("ledger: %w", err))
+	}
 	if err := askNetwork(ctx, stdout, nw, mf.cid, a, &rep, log); err != nil {
 		return failNet(err)
 	}
+	after, info, err := balances()
+	if err != nil {
+		return failNet(fmt.Errorf("ledger: %w", err))
+	}
+	rep.Ledger = &testnetLedger{Height: info.Height, AppHash: info.AppHash, BalancesBefore: before, BalancesAfter: after,
+		Treasury: info.Treasury, Burned: info.Burned, SupplyOK: info.SupplyOK}
 	if err := nw.Refresh(ctx); err != nil {
 		log.Warn("status after the workload", "err", err)
 	}

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -17,10 +18,12 @@ import (
 	"time"
 
 	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/neuro-p2p/neuro/client"
 	"github.com/neuro-p2p/neuro/expert"
 	"github.com/neuro-p2p/neuro/internal/atomicfile"
+	"github.com/neuro-p2p/neuro/ledger"
 	"github.com/neuro-p2p/neuro/model"
 	"github.com/neuro-p2p/neuro/node"
 	neuropb "github.com/neuro-p2p/neuro/proto"
@@ -383,4 +386,39 @@ func printTrust(w io.Writer, rep testnetReport) {
 		fmt.Fprintf(w, "%d expert answers used, %d extra calls to check them (%.1f%%), %d results found wrong, %d rewinds\n",
 			v.Calls, v.Checks, 100*float64(v.Checks)/float64(v.Calls), v.Wrong, rep.Rewinds)
 	}
+}
+
+// freeTCPPort finds a free loopback port (for the chain's CometBFT p2p).
+func freeTCPPort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, fmt.Errorf("testnet: %w", err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// writeTestnetGenesis writes the testnet chain's genesis: node 0 is the
+// validator; every node starts with 10,000 NEURO and 200 staked (above the
+// minimum stake an expert needs to be paid), and the model is on the
+// ledger from the start.
+func writeTestnetGenesis(path string, homes []string, model cid.Cid) error {
+	g := ledger.ChainGenesis{ChainID: "neuro-testnet", Time: time.Now().UTC().Truncate(time.Second),
+		Ledger: &neuropb.LedgerGenesis{Params: ledger.DefaultParams(), Models: [][]byte{model.Bytes()}}}
+	for i, home := range homes {
+		key, err := node.LoadIdentity(home)
+		if err != nil {
+			return err
+		}
+		id, err := peer.IDFromPrivateKey(key)
+		if err != nil {
+			return err
+		}
+		if i == 0 {
+			g.Validators = append(g.Validators, ledger.Validator{Peer: id, Power: 10})
+		}
+		g.Ledger.Accounts = append(g.Ledger.Accounts, &neuropb.LedgerGenesis_Account{Peer: []byte(id),
+			Balance: 10_000 * ledger.BaseUnits, Stake: 200 * ledger.BaseUnits})
+	}
+	return ledger.WriteGenesis(path, g)
 }

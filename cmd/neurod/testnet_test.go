@@ -261,6 +261,45 @@ func TestTestnetServesClients(t *testing.T) {
 		t.Fatalf("malformed JSON: %d %s", resp.StatusCode, raw)
 	}
 
+	// The ledger through a running node: node 1 (not a validator) sends
+	// node 2 some NEURO over the ledger topic; node 0's chain applies it.
+	r = neurod(t, nil, "ledger", "status", "--json", "--home", filepath.Join(dir, "node-1"))
+	var st struct {
+		Height   int64  `json:"height"`
+		Balance  uint64 `json:"balance"`
+		Staked   uint64 `json:"staked"`
+		SupplyOK bool   `json:"supply_ok"`
+	}
+	if r.code != 0 || json.Unmarshal([]byte(r.stdout), &st) != nil || st.Height < 1 || st.Balance != 10_000_000_000 || st.Staked != 200_000_000 || !st.SupplyOK {
+		t.Fatalf("ledger status: %+v %+v", r, st)
+	}
+	if r := neurod(t, nil, "ledger", "send", rep.Nodes[2].PeerID, "12.5", "--home", filepath.Join(dir, "node-1")); r.code != 0 {
+		t.Fatalf("ledger send: %+v", r)
+	}
+	for i := 0; ; i++ {
+		r := neurod(t, nil, "ledger", "balance", rep.Nodes[2].PeerID, "--json", "--home", filepath.Join(dir, "node-0"))
+		if json.Unmarshal([]byte(r.stdout), &st) == nil && st.Balance == 10_012_500_000 {
+			break
+		}
+		if i == 50 {
+			t.Fatalf("transfer not applied: %+v", r)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"ledger", "send", rep.Nodes[2].PeerID, "999999", "--home", filepath.Join(dir, "node-1")}, "with a balance of"},
+		{[]string{"ledger", "stake", "0.0000001", "--home", filepath.Join(dir, "node-1")}, "at most 6 decimals"},
+		{[]string{"ledger", "unstake", "5000", "--home", filepath.Join(dir, "node-0")}, "with a stake of"},
+		{[]string{"ledger", "status", "--home", t.TempDir()}, "no node is running"},
+	} {
+		if r := neurod(t, nil, tc.args...); r.code == 0 || !strings.Contains(r.stderr, tc.want) {
+			t.Errorf("%v: exit %d, stderr %q, want %q", tc.args, r.code, r.stderr, tc.want)
+		}
+	}
+
 	if err := cmd.Process.Signal(syscall.SIGINT); err != nil {
 		t.Fatal(err)
 	}

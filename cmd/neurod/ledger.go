@@ -1,0 +1,153 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/spf13/cobra"
+
+	"github.com/neuro-p2p/neuro/ledger"
+	"github.com/neuro-p2p/neuro/node"
+)
+
+func newLedgerCmd(g *globalFlags) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "ledger",
+		Short: "NEURO balances, transfers and stake, through the running node",
+		Long: `ledger talks to the node running in --home (over its local control API).
+The node signs with its own key: its peer ID is its account. A validator
+answers from its chain; any other node asks a validator over libp2p.
+Amounts are in NEURO with up to six decimals (1 NEURO = 1,000,000 base
+units).`,
+	}
+	api := func() (string, error) {
+		home, err := g.homeDir()
+		if err != nil {
+			return "", err
+		}
+		return node.ReadAPIAddr(home)
+	}
+	var asJSON bool
+	show := func(cmd *cobra.Command, p string) error {
+		addr, err := api()
+		if err != nil {
+			return err
+		}
+		ctx, cancel := context.WithTimeout(cmd.Context(), 20*time.Second)
+		defer cancel()
+		info, err := node.FetchLedger(ctx, addr, p)
+		if err != nil {
+			return err
+		}
+		if asJSON {
+			writeJSON(cmd.OutOrStdout(), info)
+			return nil
+		}
+		fmt.Fprintf(cmd.OutOrStdout(), "chain %s at height %d (app hash %s)\naccount %s: balance %s NEURO, staked %s, unbonding %s, nonce %d\ntreasury %s, burned %s, emitted %s; supply %s (%s)\n",
+			info.ChainID, info.Height, info.AppHash, info.Peer, neuro(info.Balance), neuro(info.Staked), neuro(info.Unbonding), info.Nonce,
+			neuro(info.Treasury), neuro(info.Burned), neuro(info.Emitted), neuro(info.Supply), map[bool]string{true: "invariant holds", false: "INVARIANT BROKEN"}[info.SupplyOK])
+		return nil
+	}
+	status := &cobra.Command{
+		Use: "status [--json]", Short: "Chain height, app hash, and this node's balance and stake", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error { return show(cmd, "") },
+	}
+	balance := &cobra.Command{
+		Use: "balance [PEER] [--json]", Short: "A peer's balance and stake (default: this node's)", Args: cobra.MaximumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			p := ""
+			if len(args) == 1 {
+				if _, err := peer.Decode(args[0]); err != nil {
+					return fmt.Errorf("peer %q: %w", args[0], err)
+				}
+				p = args[0]
+			}
+			return show(cmd, p)
+		},
+	}
+	for _, c := range []*cobra.Command{status, balance} {
+		c.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	}
+	submit := func(cmd *cobra.Command, req node.LedgerTxRequest, amount string) error {
+		v, err := parseNeuro(amount)
+		if err != nil {
+			return err
+		}
+		req.Amount = v
+		addr, err := api()
+		if err != nil {
+			return err
+		}
+		ctx, cancel := context.WithTimeout(cmd.Context(), 20*time.Second)
+		defer cancel()
+		nonce, err := node.SubmitLedgerTx(ctx, addr, req)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(cmd.OutOrStdout(), "submitted %s of %s NEURO (nonce %d)\n", req.Type, neuro(v), nonce)
+		return nil
+	}
+	send := &cobra.Command{
+		Use: "send PEER AMOUNT", Short: "Transfer NEURO to a peer", Args: cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if _, err := peer.Decode(args[0]); err != nil {
+				return fmt.Errorf("peer %q: %w", args[0], err)
+			}
+			return submit(cmd, node.LedgerTxRequest{Type: "transfer", To: args[0]}, args[1])
+		},
+	}
+	stake := &cobra.Command{
+		Use: "stake AMOUNT", Short: "Bond NEURO as stake", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return submit(cmd, node.LedgerTxRequest{Type: "stake"}, args[0])
+		},
+	}
+	unstake := &cobra.Command{
+		Use: "unstake AMOUNT", Short: "Start unbonding stake (it returns after the unbonding period)", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return submit(cmd, node.LedgerTxRequest{Type: "unstake"}, args[0])
+		},
+	}
+	cmd.AddCommand(status, balance, send, stake, unstake)
+	return cmd
+}
+
+// neuro formats base units as NEURO.
+func neuro(v uint64) string {
+	s := fmt.Sprintf("%d.%06d", v/ledger.BaseUnits, v%ledger.BaseUnits)
+	s = strings.TrimRight(s, "0")
+	return strings.TrimSuffix(s, ".")
+}
+
+// parseNeuro parses "12", "0.5" or "1.000001" NEURO into base units.
+func parseNeuro(s string) (uint64, error) {
+	whole, frac, _ := strings.Cut(strings.TrimSpace(s), ".")
+	bad := fmt.Errorf("amount %q: want a positive number of NEURO with at most 6 decimals", s)
+	if whole == "" && frac == "" || len(frac) > 6 {
+		return 0, bad
+	}
+	w := uint64(0)
+	if whole != "" {
+		var err error
+		if w, err = strconv.ParseUint(whole, 10, 64); err != nil || w > (1<<64-1)/ledger.BaseUnits-1 {
+			return 0, bad
+		}
+	}
+	f := uint64(0)
+	if frac != "" {
+		v, err := strconv.ParseUint(frac+strings.Repeat("0", 6-len(frac)), 10, 64)
+		if err != nil {
+			return 0, bad
+		}
+		f = v
+	}
+	v := w*ledger.BaseUnits + f
+	if v == 0 {
+		return 0, bad
+	}
+	return v, nil
+}

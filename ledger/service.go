@@ -1,0 +1,263 @@
+package ledger
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/neuro-p2p/neuro/p2p"
+	"github.com/neuro-p2p/neuro/p2p/wire"
+	neuropb "github.com/neuro-p2p/neuro/proto"
+)
+
+// ServiceConfig configures a node's part in the ledger.
+type ServiceConfig struct {
+	// Dir holds the chain's data (validators only).
+	Dir     string
+	Genesis ChainGenesis
+	// Listen and Peers are CometBFT's p2p address and the other
+	// validators ("nodeid@host:port"), for validators.
+	Listen        string
+	Peers         []string
+	BlockInterval time.Duration
+}
+
+// Service is a node's part in the ledger. Every node publishes its signed
+// transactions on the ledger topic and asks validators for balances over
+// /neuro/ledger/query/1.0.0; a validator (named in genesis) also runs the
+// chain, puts the transactions it hears into its mempool and answers
+// queries.
+type Service struct {
+	h     *p2p.Host
+	key   crypto.PrivKey
+	cfg   ServiceConfig
+	log   *slog.Logger
+	chain *Chain
+	topic *p2p.Topic[*neuropb.LedgerTx]
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// NewService joins the ledger topic and, on a validator, starts the chain.
+func NewService(h *p2p.Host, key crypto.PrivKey, cfg ServiceConfig, log *slog.Logger) (_ *Service, err error) {
+	if log == nil {
+		log = slog.Default()
+	}
+	s := &Service{h: h, key: key, cfg: cfg, log: log.With("component", "ledger"), done: make(chan struct{})}
+	s.topic, err = p2p.JoinTopic(h.PubSub(), neuropb.TopicLedger, neuropb.MaxLedgerTxSize,
+		func() *neuropb.LedgerTx { return new(neuropb.LedgerTx) },
+		func(_ context.Context, author peer.ID, tx *neuropb.LedgerTx) error { return verifyTx(tx) }, h.Rejections())
+	if err != nil {
+		return nil, fmt.Errorf("ledger topic: %w", err)
+	}
+	if cfg.Genesis.IsValidator(h.ID()) {
+		if s.chain, err = StartChain(ChainConfig{Dir: cfg.Dir, Key: key, Genesis: cfg.Genesis, Listen: cfg.Listen,
+			Peers: cfg.Peers, BlockInterval: cfg.BlockInterval, Log: log}); err != nil {
+			return nil, err
+		}
+		h.LibP2P().SetStreamHandler(neuropb.LedgerQueryProtocol, s.serveQuery)
+	}
+	return s, nil
+}
+
+// Validator reports whether this node runs the chain.
+func (s *Service) Validator() bool { return s.chain != nil }
+
+// Start relays the transactions heard on the topic into the mempool (on a
+// validator).
+func (s *Service) Start() {
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	if s.chain == nil {
+		close(s.done)
+		return
+	}
+	sub, err := s.topic.Subscribe()
+	if err != nil {
+		s.log.Error("subscribe to the ledger topic", "err", err)
+		close(s.done)
+		return
+	}
+	go func() {
+		defer close(s.done)
+		for {
+			m, err := sub.Next(s.ctx)
+			if err != nil {
+				return
+			}
+			raw, err := EncodeTx(m.Msg)
+			if err != nil {
+				continue
+			}
+			if err := s.chain.Submit(raw); err != nil {
+				s.log.Debug("transaction from the topic refused", "from", m.Author, "err", err)
+			}
+		}
+	}()
+}
+
+// Close stops the chain.
+func (s *Service) Close() error {
+	if s.cancel != nil {
+		s.cancel()
+		<-s.done
+	}
+	if s.chain != nil {
+		s.h.LibP2P().RemoveStreamHandler(neuropb.LedgerQueryProtocol)
+		return s.chain.Stop()
+	}
+	return nil
+}
+
+// precheck refuses a transaction the sender's funds cannot pay for, with
+// the chain's own error.
+func precheck(st *neuropb.LedgerStatus, tx *neuropb.LedgerTx) error {
+	acc := &Account{Balance: st.GetBalance(), Staked: st.GetStaked(), Nonce: st.GetNonce()}
+	probe := &State{Accounts: map[string]*Account{}, Escrows: map[uint64]*Escrow{}, Proposals: map[uint64]*Proposal{},
+		Models: map[string]bool{}, Work: map[string]uint64{}, Slashed: map[string]bool{}, params: DefaultParams()}
+	switch b := tx.GetBody().(type) {
+	case *neuropb.LedgerTx_Transfer, *neuropb.LedgerTx_Stake, *neuropb.LedgerTx_Unstake:
+		return probe.apply(peer.ID(tx.GetSender()).String(), acc, tx)
+	case *neuropb.LedgerTx_OpenEscrow:
+		if b.OpenEscrow.GetAmount() > acc.Balance {
+			return txErr(CodeInsufficient, "escrow of %d with a balance of %d", b.OpenEscrow.GetAmount(), acc.Balance)
+		}
+	}
+	return nil
+}
+
+func verifyTx(tx *neuropb.LedgerTx) error {
+	raw, err := proto.Marshal(tx)
+	if err != nil {
+		return err
+	}
+	_, err = DecodeTx(raw)
+	return err
+}
+
+// Send signs a transaction with this node's key and its next nonce and
+// submits it: into the mempool on a validator, on the ledger topic
+// elsewhere.
+func (s *Service) Send(ctx context.Context, body func(*neuropb.LedgerTx)) (*neuropb.LedgerTx, error) {
+	st, err := s.Status(ctx, s.h.ID())
+	if err != nil {
+		return nil, err
+	}
+	tx := &neuropb.LedgerTx{Nonce: st.GetNonce() + 1}
+	body(tx)
+	if err := SignTx(s.key, tx); err != nil {
+		return nil, err
+	}
+	if s.chain != nil {
+		raw, err := EncodeTx(tx)
+		if err != nil {
+			return nil, err
+		}
+		if err := s.chain.Submit(raw); err != nil {
+			return nil, err
+		}
+		return tx, nil
+	}
+	if err := verifyTx(tx); err != nil {
+		return nil, err
+	}
+	// A validator refuses a bad transaction silently when it comes over
+	// the topic: refuse what the account's funds already rule out here.
+	if err := precheck(st, tx); err != nil {
+		return nil, err
+	}
+	if err := s.topic.Publish(ctx, tx); err != nil {
+		return nil, fmt.Errorf("ledger: publish: %w", err)
+	}
+	return tx, nil
+}
+
+// Status is the chain's status and p's account, from the local chain or
+// from a validator.
+func (s *Service) Status(ctx context.Context, p peer.ID) (*neuropb.LedgerStatus, error) {
+	if s.chain != nil {
+		return s.status(p), nil
+	}
+	var errs []error
+	for _, v := range s.cfg.Genesis.Validators {
+		st, err := s.query(ctx, v.Peer, p)
+		if err == nil {
+			return st, nil
+		}
+		errs = append(errs, err)
+	}
+	return nil, fmt.Errorf("ledger: no validator answered: %w", errors.Join(errs...))
+}
+
+func (s *Service) status(p peer.ID) *neuropb.LedgerStatus {
+	st := s.chain.App.State()
+	out := &neuropb.LedgerStatus{Height: st.Height, AppHash: st.Hash(), Treasury: st.Treasury, Burned: st.Burned,
+		Emitted: st.Emitted, Supply: st.Supply(), Held: st.Held(), ChainId: s.cfg.Genesis.ChainID}
+	if a := st.Accounts[p.String()]; a != nil {
+		out.Balance, out.Staked, out.Nonce = a.Balance, a.Staked, a.Nonce
+		for _, u := range a.Unbonding {
+			out.Unbonding += u.Amount
+		}
+	}
+	return out
+}
+
+func (s *Service) query(ctx context.Context, validator, p peer.ID) (*neuropb.LedgerStatus, error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if s.h.LibP2P().Network().Connectedness(validator) != network.Connected {
+		ai, err := s.h.DHT().FindPeer(ctx, validator)
+		if err != nil {
+			return nil, fmt.Errorf("validator %s: %w", validator, err)
+		}
+		if err := s.h.LibP2P().Connect(ctx, ai); err != nil {
+			return nil, fmt.Errorf("validator %s: %w", validator, err)
+		}
+	}
+	st, err := s.h.LibP2P().NewStream(ctx, validator, neuropb.LedgerQueryProtocol)
+	if err != nil {
+		return nil, fmt.Errorf("validator %s: %w", validator, err)
+	}
+	defer st.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		_ = st.SetDeadline(dl)
+	}
+	if err := wire.NewWriter(st, neuropb.MaxLedgerQuerySize).Write(&neuropb.LedgerQuery{Peer: []byte(p)}); err != nil {
+		st.Reset()
+		return nil, fmt.Errorf("validator %s: %w", validator, err)
+	}
+	_ = st.CloseWrite()
+	out := &neuropb.LedgerStatus{}
+	if err := wire.NewReader(st, neuropb.MaxLedgerQuerySize).Read(out); err != nil {
+		return nil, fmt.Errorf("validator %s: %w", validator, err)
+	}
+	if out.GetError() != "" {
+		return nil, fmt.Errorf("validator %s: %s", validator, out.GetError())
+	}
+	return out, nil
+}
+
+func (s *Service) serveQuery(st network.Stream) {
+	defer st.Close()
+	_ = st.SetDeadline(time.Now().Add(10 * time.Second))
+	q := &neuropb.LedgerQuery{}
+	w := wire.NewWriter(st, neuropb.MaxLedgerQuerySize)
+	if err := wire.NewReader(st, neuropb.MaxLedgerQuerySize).Read(q); err != nil {
+		st.Reset()
+		return
+	}
+	p, err := peer.IDFromBytes(q.GetPeer())
+	if err != nil {
+		_ = w.Write(&neuropb.LedgerStatus{Error: fmt.Sprintf("peer: %v", err)})
+		return
+	}
+	_ = w.Write(s.status(p))
+}

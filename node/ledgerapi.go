@@ -1,0 +1,177 @@
+package node
+
+import (
+	"bytes"
+	"context"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	neuropb "github.com/neuro-p2p/neuro/proto"
+)
+
+// LedgerPath is the control API's ledger endpoint: GET for the chain's
+// status and an account (?peer=ID, default this node), POST a LedgerTxRequest
+// to sign and submit a transaction with this node's key.
+const LedgerPath = "/api/v1/ledger"
+
+// LedgerInfo is the ledger part of the control API.
+type LedgerInfo struct {
+	ChainID   string `json:"chain_id"`
+	Validator bool   `json:"validator"`
+	Height    int64  `json:"height"`
+	AppHash   string `json:"app_hash"`
+	Peer      string `json:"peer"`
+	Balance   uint64 `json:"balance"`
+	Staked    uint64 `json:"staked"`
+	Unbonding uint64 `json:"unbonding"`
+	Nonce     uint64 `json:"nonce"`
+	Treasury  uint64 `json:"treasury"`
+	Burned    uint64 `json:"burned"`
+	Emitted   uint64 `json:"emitted"`
+	Supply    uint64 `json:"supply"`
+	// SupplyOK is true when genesis + emitted − burned equals everything
+	// held.
+	SupplyOK bool `json:"supply_ok"`
+}
+
+// LedgerTxRequest asks the node to sign and submit a transaction.
+type LedgerTxRequest struct {
+	// Type is transfer, stake or unstake.
+	Type   string `json:"type"`
+	To     string `json:"to,omitempty"`
+	Amount uint64 `json:"amount"`
+}
+
+func (n *Node) ledgerInfo(ctx context.Context, p peer.ID) (*LedgerInfo, error) {
+	if n.ledger == nil {
+		return nil, errors.New("this node takes no part in a ledger (set ledger.genesis)")
+	}
+	st, err := n.ledger.Status(ctx, p)
+	if err != nil {
+		return nil, err
+	}
+	return &LedgerInfo{ChainID: st.GetChainId(), Validator: n.ledger.Validator(), Height: st.GetHeight(),
+		AppHash: hex.EncodeToString(st.GetAppHash()), Peer: p.String(), Balance: st.GetBalance(), Staked: st.GetStaked(),
+		Unbonding: st.GetUnbonding(), Nonce: st.GetNonce(), Treasury: st.GetTreasury(), Burned: st.GetBurned(),
+		Emitted: st.GetEmitted(), Supply: st.GetSupply(), SupplyOK: st.GetSupply() == st.GetHeld()}, nil
+}
+
+func (n *Node) serveLedger(w http.ResponseWriter, r *http.Request) {
+	ctx, cancel := context.WithTimeout(r.Context(), 15*time.Second)
+	defer cancel()
+	fail := func(status int, err error) {
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(status)
+		_ = json.NewEncoder(w).Encode(map[string]string{"error": err.Error()})
+	}
+	p := n.p2p.ID()
+	if s := r.URL.Query().Get("peer"); s != "" {
+		var err error
+		if p, err = peer.Decode(s); err != nil {
+			fail(http.StatusBadRequest, fmt.Errorf("peer %q: %w", s, err))
+			return
+		}
+	}
+	if r.Method == http.MethodPost {
+		var req LedgerTxRequest
+		if err := json.NewDecoder(io.LimitReader(r.Body, 64<<10)).Decode(&req); err != nil {
+			fail(http.StatusBadRequest, fmt.Errorf("request: %w", err))
+			return
+		}
+		if n.ledger == nil {
+			fail(http.StatusConflict, errors.New("this node takes no part in a ledger (set ledger.genesis)"))
+			return
+		}
+		var to peer.ID
+		if req.Type == "transfer" {
+			var err error
+			if to, err = peer.Decode(req.To); err != nil {
+				fail(http.StatusBadRequest, fmt.Errorf("to %q: %w", req.To, err))
+				return
+			}
+		}
+		tx, err := n.ledger.Send(ctx, func(tx *neuropb.LedgerTx) {
+			switch req.Type {
+			case "transfer":
+				tx.Body = &neuropb.LedgerTx_Transfer{Transfer: &neuropb.Transfer{To: []byte(to), Amount: req.Amount}}
+			case "stake":
+				tx.Body = &neuropb.LedgerTx_Stake{Stake: &neuropb.Stake{Amount: req.Amount}}
+			case "unstake":
+				tx.Body = &neuropb.LedgerTx_Unstake{Unstake: &neuropb.Unstake{Amount: req.Amount}}
+			}
+		})
+		if err != nil {
+			fail(http.StatusBadRequest, err)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(map[string]any{"submitted": true, "nonce": tx.GetNonce()})
+		return
+	}
+	info, err := n.ledgerInfo(ctx, p)
+	if err != nil {
+		fail(http.StatusServiceUnavailable, err)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(info)
+}
+
+// FetchLedger asks the node whose control API listens on addr for the
+// ledger status of peer ("" for the node itself).
+func FetchLedger(ctx context.Context, addr, p string) (*LedgerInfo, error) {
+	url := "http://" + addr + LedgerPath
+	if p != "" {
+		url += "?peer=" + p
+	}
+	var info LedgerInfo
+	if err := apiCall(ctx, http.MethodGet, url, nil, &info); err != nil {
+		return nil, err
+	}
+	return &info, nil
+}
+
+// SubmitLedgerTx asks the node at addr to sign and submit req.
+func SubmitLedgerTx(ctx context.Context, addr string, req LedgerTxRequest) (uint64, error) {
+	body, _ := json.Marshal(req)
+	var out struct {
+		Nonce uint64 `json:"nonce"`
+	}
+	if err := apiCall(ctx, http.MethodPost, "http://"+addr+LedgerPath, body, &out); err != nil {
+		return 0, err
+	}
+	return out.Nonce, nil
+}
+
+func apiCall(ctx context.Context, method, url string, body []byte, out any) error {
+	req, err := http.NewRequestWithContext(ctx, method, url, bytes.NewReader(body))
+	if err != nil {
+		return err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return fmt.Errorf("ledger: %w", err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil {
+		return fmt.Errorf("ledger: %w", err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		var e struct {
+			Error string `json:"error"`
+		}
+		if json.Unmarshal(b, &e) == nil && e.Error != "" {
+			return fmt.Errorf("ledger: %s", e.Error)
+		}
+		return fmt.Errorf("ledger: HTTP %s", resp.Status)
+	}
+	return json.Unmarshal(b, out)
+}
