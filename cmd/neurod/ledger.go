@@ -112,7 +112,53 @@ units).`,
 			return submit(cmd, node.LedgerTxRequest{Type: "unstake"}, args[0])
 		},
 	}
-	cmd.AddCommand(status, balance, send, stake, unstake)
+	cmd.AddCommand(status, balance, send, stake, unstake, newLedgerSimulateCmd())
+	return cmd
+}
+
+func newLedgerSimulateCmd() *cobra.Command {
+	var o ledger.SimulateOptions
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "simulate [--epochs N] [--json]",
+		Short: "Run the ledger's state machine under a constant demand and print supply, treasury and burn by epoch",
+		Long: `simulate runs the real state machine (signed escrows and settlements,
+the default economics) without a network: every block, clients pay for
+--inferences inferences of --tokens tokens at --flops-per-token, spread
+over --experts expert nodes. It prints, at the end of every epoch, the
+supply, the treasury, what was burned and emitted, the fees paid and what
+the experts earned from them; the supply invariant is checked after every
+block.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if o.Epochs < 1 || o.Experts < 1 || o.InferencesPerBlock < 1 || o.TokensPerInference < 1 || o.FlopsPerToken < 1 {
+				return fmt.Errorf("every flag must be positive")
+			}
+			rows, err := ledger.Simulate(o)
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				writeJSON(cmd.OutOrStdout(), rows)
+				return nil
+			}
+			w := cmd.OutOrStdout()
+			fmt.Fprintf(w, "%6s %16s %14s %14s %16s %16s %16s\n", "epoch", "supply", "treasury", "burned", "emitted", "fees", "experts earned")
+			for _, r := range rows {
+				fmt.Fprintf(w, "%6d %16s %14s %14s %16s %16s %16s\n", r.Epoch, neuro(r.Supply), neuro(r.Treasury), neuro(r.Burned),
+					neuro(r.Emitted), neuro(r.Fees), neuro(r.ExpertsEarned))
+			}
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.IntVar(&o.Epochs, "epochs", 100, "epochs to simulate (100 blocks each)")
+	f.IntVar(&o.Experts, "experts", 20, "staked expert nodes sharing the work")
+	f.IntVar(&o.InferencesPerBlock, "inferences", 4, "inferences settled per block")
+	f.IntVar(&o.TokensPerInference, "tokens", 256, "tokens per inference")
+	f.Uint64Var(&o.FlopsPerToken, "flops-per-token", 22_500_000_000, "expert FLOPs per token (default: Mixtral 8x7B, 2 experts x 32 layers)")
+	f.Uint64Var(&o.Seed, "seed", 1, "seed of the simulated peers' keys")
+	f.BoolVar(&asJSON, "json", false, "print JSON")
 	return cmd
 }
 
