@@ -39,6 +39,9 @@ type Request struct {
 	MaxTokens int
 	// Stop ends the generation before the first of these strings.
 	Stop []string
+	// Escrow is the ledger escrow that pays the experts (0: none), opened
+	// by the client naming the gating node.
+	Escrow uint64
 }
 
 // Proto is the request as sent on the wire.
@@ -51,7 +54,7 @@ func (r Request) Proto() *neuropb.InferRequest {
 	if r.Model.Defined() {
 		model = r.Model.Bytes()
 	}
-	return &neuropb.InferRequest{Model: model, Prompt: r.Prompt, Messages: msgs, Sampling: &neuropb.Sampling{
+	return &neuropb.InferRequest{Model: model, Prompt: r.Prompt, Messages: msgs, Escrow: r.Escrow, Sampling: &neuropb.Sampling{
 		Temperature: r.Temperature, TopK: uint32(max(0, r.TopK)), TopP: r.TopP, Seed: r.Seed,
 		MaxTokens: uint32(max(0, r.MaxTokens)), Stop: r.Stop}}
 }

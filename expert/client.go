@@ -40,6 +40,9 @@ type Request struct {
 	N      int
 	// DType on the wire (default F16).
 	DType neuropb.WireDType
+	// Escrow, if not 0, is the ledger escrow that pays: the answer carries
+	// the node's signed receipt.
+	Escrow uint64
 	// Deadline, if set, is sent to the node, which drops the request once
 	// it passes.
 	Deadline time.Time
@@ -53,6 +56,9 @@ type Response struct {
 	BatchTokens int
 	// WireBytes counts request and response bytes on the stream.
 	WireBytes int
+	// Receipt is the node's signed receipt, when the request named an
+	// escrow (the caller checks the signature before it relies on it).
+	Receipt *neuropb.UsageReceipt
 }
 
 // Client calls experts on other nodes, keeping one stream per peer open
@@ -107,6 +113,7 @@ func (c *Client) Call(ctx context.Context, p peer.ID, req Request) (*Response, e
 	msg := &neuropb.ExpertRequest{
 		RequestId: id, Model: req.Model.Bytes(), Layer: uint32(req.Layer), Expert: uint32(req.Expert),
 		Hidden: EncodeFloats(req.Hidden, req.N, len(req.Hidden)/req.N, req.DType),
+		Escrow: req.Escrow,
 	}
 	if !req.Deadline.IsZero() {
 		msg.DeadlineUnixMs = req.Deadline.UnixMilli()
@@ -157,6 +164,7 @@ func (c *Client) Call(ctx context.Context, p peer.ID, req Request) (*Response, e
 			Queue:       time.Duration(r.resp.GetQueueUs()) * time.Microsecond,
 			BatchTokens: int(r.resp.GetBatchTokens()),
 			WireBytes:   len(msg.GetHidden().GetData()) + len(r.resp.GetOutput().GetData()),
+			Receipt:     r.resp.GetReceipt(),
 		}, nil
 	}
 }

@@ -74,6 +74,14 @@ type faultyComputer struct {
 	scale, shift float32
 }
 
+// FF is the wrapped expert's feed-forward size, for usage receipts.
+func (f *faultyComputer) FF() int {
+	if x, ok := f.Computer.(interface{ FF() int }); ok {
+		return x.FF()
+	}
+	return 0
+}
+
 func (f *faultyComputer) Compute(x []float32, n int, out []float32) error {
 	if err := f.Computer.Compute(x, n, out); err != nil {
 		return err

@@ -50,6 +50,9 @@ type Config struct {
 	SlowDown time.Duration
 	// drop resets every stream that sends a request (FaultDrop).
 	drop bool
+	// SignReceipt, if set, signs the usage receipt of each answer to a
+	// request that names an escrow (with the node's key).
+	SignReceipt func(*neuropb.UsageReceipt) error
 }
 
 // DefaultConfig returns the defaults. The batch window is 0: requests
@@ -112,7 +115,7 @@ func (s *Server) Add(model cid.Cid, layer, expert int, c Computer) error {
 	}
 	s.embd[k.model] = c.Embd()
 	ctx, cancel := context.WithCancel(s.ctx)
-	b := &batcher{c: c, queue: make(chan *job, s.cfg.MaxQueue), window: s.cfg.BatchWindow, slow: s.cfg.SlowDown, served: &s.served, cancel: cancel, done: make(chan struct{})}
+	b := &batcher{c: c, queue: make(chan *job, s.cfg.MaxQueue), window: s.cfg.BatchWindow, slow: s.cfg.SlowDown, served: &s.served, signer: s.cfg.SignReceipt, cancel: cancel, done: make(chan struct{})}
 	s.batchers[k] = b
 	s.wg.Add(1)
 	go func() {
@@ -272,7 +275,8 @@ func (s *Server) admit(req *neuropb.ExpertRequest, reply func(*neuropb.ExpertRes
 		}
 	}
 	return &job{b: b, id: id, x: DecodeFloats(req.GetHidden()), n: rows, dtype: req.GetHidden().GetDtype(),
-		deadline: deadline, queued: time.Now(), reply: reply}
+		deadline: deadline, queued: time.Now(), reply: reply,
+		escrow: req.GetEscrow(), layer: req.GetLayer(), expert: req.GetExpert()}
 }
 
 // job is one request waiting for its expert.
@@ -285,6 +289,9 @@ type job struct {
 	deadline time.Time
 	queued   time.Time
 	reply    func(*neuropb.ExpertResponse)
+	// escrow, if not 0, pays for the work: the answer carries a receipt.
+	escrow        uint64
+	layer, expert uint32
 }
 
 // batcher runs one expert: it takes queued requests, as many as fit in one
@@ -295,9 +302,28 @@ type batcher struct {
 	window time.Duration
 	slow   time.Duration
 	served *atomic.Int64 // the server's count of answered calls
-	next   *job          // a job that did not fit the last batch
+	signer func(*neuropb.UsageReceipt) error
+	next   *job // a job that did not fit the last batch
 	cancel context.CancelFunc
 	done   chan struct{} // closed when run has returned and drained
+}
+
+// receipt signs the usage receipt of a job that names an escrow: its
+// tokens and FLOPs (three matrix products of embd x ff per token).
+func (b *batcher) receipt(j *job) *neuropb.UsageReceipt {
+	if j.escrow == 0 || b.signer == nil {
+		return nil
+	}
+	ff := 0
+	if f, ok := b.c.(interface{ FF() int }); ok {
+		ff = f.FF()
+	}
+	r := &neuropb.UsageReceipt{Escrow: j.escrow, Layer: j.layer, ExpertIndex: j.expert, Tokens: uint64(j.n),
+		Flops: 6 * uint64(b.c.Embd()) * uint64(ff) * uint64(j.n)}
+	if err := b.signer(r); err != nil {
+		return nil
+	}
+	return r
 }
 
 // drain answers the jobs left when the batcher stops.
@@ -413,6 +439,7 @@ func (b *batcher) compute(jobs []*job) {
 			ComputeUs:   uint32(took.Microseconds()),
 			QueueUs:     uint32(start.Sub(j.queued).Microseconds()),
 			BatchTokens: uint32(tokens),
+			Receipt:     b.receipt(j),
 		})
 		off += n
 	}

@@ -41,6 +41,9 @@ type EngineConfig struct {
 	DType neuropb.WireDType
 	// CallTimeout bounds one expert call.
 	CallTimeout time.Duration
+	// OnReceipts, if set, is given the experts' signed usage receipts of a
+	// generation paid from an escrow, to settle on the ledger.
+	OnReceipts func(escrow uint64, receipts []*neuropb.UsageReceipt)
 	// Book, if set, is the node's reputation record: it ranks providers,
 	// keeps excluded ones out, and a sample of every peer's results is
 	// re-executed elsewhere to keep it honest (without it, all peers are
@@ -130,6 +133,11 @@ func NewEngine(h *p2p.Host, f Fetcher, cfg EngineConfig, log *slog.Logger) (*Eng
 	}
 	e.ctx, e.cancel = context.WithCancel(context.Background())
 	return e, nil
+}
+
+// SetOnReceipts sets EngineConfig.OnReceipts (before Start).
+func (e *Engine) SetOnReceipts(f func(escrow uint64, receipts []*neuropb.UsageReceipt)) {
+	e.cfg.OnReceipts = f
 }
 
 // Validator is the engine's result checker (nil without a Book).
@@ -513,6 +521,18 @@ func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Cal
 
 	stats := &CallStats{}
 	ctx = WithCallStats(ctx, stats)
+	if esc := req.GetEscrow(); esc != 0 {
+		receipts := &Receipts{Escrow: esc}
+		ctx = WithReceipts(ctx, receipts)
+		if e.cfg.OnReceipts != nil {
+			// Settle whatever was computed, even for a generation that fails.
+			defer func() {
+				if rs := receipts.Take(); len(rs) > 0 {
+					go e.cfg.OnReceipts(esc, rs)
+				}
+			}()
+		}
+	}
 	checks := NewChecks()
 	ctx = WithChecks(ctx, checks)
 	epoch := 0

@@ -16,6 +16,7 @@ import (
 
 	"github.com/ipfs/go-cid"
 	"github.com/libp2p/go-libp2p/core/peer"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/neuro-p2p/neuro/expert"
 	"github.com/neuro-p2p/neuro/ggml"
@@ -90,6 +91,50 @@ type CallStats struct {
 	MoELayers           atomic.Int64
 	Calls, Bytes        atomic.Int64
 	Hedges, Redispatch  atomic.Int64
+}
+
+// Receipts collects the signed usage receipts of the expert answers a
+// generation used, when it is paid from an escrow.
+type Receipts struct {
+	Escrow uint64
+	mu     sync.Mutex
+	list   []*neuropb.UsageReceipt
+}
+
+// Take returns the receipts collected.
+func (r *Receipts) Take() []*neuropb.UsageReceipt {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := r.list
+	r.list = nil
+	return out
+}
+
+type receiptsKey struct{}
+
+// WithReceipts returns a context whose expert calls name r's escrow and
+// collect their receipts into r.
+func WithReceipts(ctx context.Context, r *Receipts) context.Context {
+	return context.WithValue(ctx, receiptsKey{}, r)
+}
+
+// validReceipt checks that r is p's signed receipt for escrow.
+func validReceipt(r *neuropb.UsageReceipt, p peer.ID, escrow uint64) bool {
+	if r == nil || r.GetEscrow() != escrow || peer.ID(r.GetExpert()) != p {
+		return false
+	}
+	pub, err := p.ExtractPublicKey()
+	if err != nil {
+		return false
+	}
+	unsigned := proto.Clone(r).(*neuropb.UsageReceipt)
+	unsigned.Signature = nil
+	msg, err := proto.MarshalOptions{Deterministic: true}.Marshal(unsigned)
+	if err != nil {
+		return false
+	}
+	ok, err := pub.Verify(msg, r.GetSignature())
+	return err == nil && ok
 }
 
 type statsKey struct{}
@@ -184,6 +229,11 @@ func (r *RemoteExperts) deadline(p peer.ID, timeout time.Duration) time.Duration
 // the next at once. The first answer wins; the others are cancelled.
 func (r *RemoteExperts) call(ctx context.Context, k expert.Key, in []float32, n int, providers []peer.ID, preferred map[peer.ID]bool) (*expert.Response, error) {
 	stats := callStats(ctx)
+	receipts, _ := ctx.Value(receiptsKey{}).(*Receipts)
+	var escrow uint64
+	if receipts != nil {
+		escrow = receipts.Escrow
+	}
 	timeout := r.CallTimeout
 	if timeout <= 0 {
 		timeout = 30 * time.Second
@@ -222,7 +272,7 @@ func (r *RemoteExperts) call(ctx context.Context, k expert.Key, in []float32, n 
 			cctx, ccancel := context.WithTimeout(ctx, r.deadline(p, timeout))
 			defer ccancel()
 			resp, err := r.Client.Call(cctx, p, expert.Request{Model: r.Model, Layer: k.Layer, Expert: k.Expert,
-				Hidden: in, N: n, DType: r.DType})
+				Hidden: in, N: n, DType: r.DType, Escrow: escrow})
 			if r.Selector != nil {
 				switch {
 				case err == nil:
@@ -265,6 +315,11 @@ func (r *RemoteExperts) call(ctx context.Context, k expert.Key, in []float32, n 
 		case res := <-results:
 			inflight--
 			if res.err == nil {
+				if receipts != nil && validReceipt(res.resp.Receipt, res.p, escrow) {
+					receipts.mu.Lock()
+					receipts.list = append(receipts.list, res.resp.Receipt)
+					receipts.mu.Unlock()
+				}
 				if r.Validator != nil {
 					others := make([]peer.ID, 0, len(providers))
 					for _, q := range providers {

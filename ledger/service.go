@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/crypto"
@@ -45,6 +46,9 @@ type Service struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	done   chan struct{}
+
+	sendMu    sync.Mutex
+	lastNonce uint64 // the last nonce this node used
 }
 
 // NewService joins the ledger topic and, on a validator, starts the chain.
@@ -147,11 +151,14 @@ func verifyTx(tx *neuropb.LedgerTx) error {
 // submits it: into the mempool on a validator, on the ledger topic
 // elsewhere.
 func (s *Service) Send(ctx context.Context, body func(*neuropb.LedgerTx)) (*neuropb.LedgerTx, error) {
+	// Transactions sent before the last one's block: count nonces here.
+	s.sendMu.Lock()
+	defer s.sendMu.Unlock()
 	st, err := s.Status(ctx, s.h.ID())
 	if err != nil {
 		return nil, err
 	}
-	tx := &neuropb.LedgerTx{Nonce: st.GetNonce() + 1}
+	tx := &neuropb.LedgerTx{Nonce: max(st.GetNonce(), s.lastNonce) + 1}
 	body(tx)
 	if err := SignTx(s.key, tx); err != nil {
 		return nil, err
@@ -164,6 +171,7 @@ func (s *Service) Send(ctx context.Context, body func(*neuropb.LedgerTx)) (*neur
 		if err := s.chain.Submit(raw); err != nil {
 			return nil, err
 		}
+		s.lastNonce = tx.GetNonce()
 		return tx, nil
 	}
 	if err := verifyTx(tx); err != nil {
@@ -177,6 +185,7 @@ func (s *Service) Send(ctx context.Context, body func(*neuropb.LedgerTx)) (*neur
 	if err := s.topic.Publish(ctx, tx); err != nil {
 		return nil, fmt.Errorf("ledger: publish: %w", err)
 	}
+	s.lastNonce = tx.GetNonce()
 	return tx, nil
 }
 

@@ -84,7 +84,7 @@ func Simulate(o SimulateOptions) ([]EpochRow, error) {
 		for range o.InferencesPerBlock {
 			flops := uint64(o.TokensPerInference) * o.FlopsPerToken
 			deposit := mulDiv(flops, o.Params.GetPricePerMflop(), 1_000_000) + 1
-			id := s.NextEscrow
+			id := EscrowID(client, clientNonce+1)
 			if err := send(clientKey, &clientNonce, func(tx *neuropb.LedgerTx) {
 				tx.Body = &neuropb.LedgerTx_OpenEscrow{OpenEscrow: &neuropb.OpenEscrow{Model: model.Bytes(), Gating: []byte(gating), Amount: deposit}}
 			}); err != nil {

@@ -2,6 +2,7 @@ package ledger
 
 import (
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -19,6 +20,19 @@ import (
 
 // BaseUnits is how many base units make one NEURO.
 const BaseUnits = 1_000_000
+
+// EscrowID is the ID of the escrow that payer's transaction with nonce
+// opens: known as soon as the transaction is signed, so that a client can
+// name it in its requests before the block that applies it.
+func EscrowID(payer peer.ID, nonce uint64) uint64 {
+	h := sha256.New()
+	h.Write([]byte(payer))
+	var n [8]byte
+	binary.LittleEndian.PutUint64(n[:], nonce)
+	h.Write(n[:])
+	id := binary.BigEndian.Uint64(h.Sum(nil))
+	return max(id, 1) // 0 means no escrow
+}
 
 // DefaultParams are the economics of a new chain.
 func DefaultParams() *neuropb.LedgerParams {
@@ -96,7 +110,7 @@ type State struct {
 // NewState builds the genesis state.
 func NewState(g *neuropb.LedgerGenesis) (*State, error) {
 	s := &State{Accounts: map[string]*Account{}, Escrows: map[uint64]*Escrow{}, Proposals: map[uint64]*Proposal{},
-		Models: map[string]bool{}, Work: map[string]uint64{}, Slashed: map[string]bool{}, NextEscrow: 1, NextProposal: 1}
+		Models: map[string]bool{}, Work: map[string]uint64{}, Slashed: map[string]bool{}, NextProposal: 1}
 	p := g.GetParams()
 	if p == nil {
 		p = DefaultParams()
@@ -441,9 +455,12 @@ func (s *State) apply(sender string, acc *Account, tx *neuropb.LedgerTx) error {
 		if amt == 0 || acc.Balance < amt {
 			return txErr(CodeInsufficient, "escrow of %d with a balance of %d", amt, acc.Balance)
 		}
+		id := EscrowID(peer.ID(tx.GetSender()), tx.GetNonce())
+		if _, taken := s.Escrows[id]; taken {
+			return txErr(CodeNotAllowed, "escrow %d exists", id)
+		}
 		acc.Balance -= amt
-		s.Escrows[s.NextEscrow] = &Escrow{Payer: sender, Gating: g.String(), Model: m.String(), Remaining: amt}
-		s.NextEscrow++
+		s.Escrows[id] = &Escrow{Payer: sender, Gating: g.String(), Model: m.String(), Remaining: amt}
 	case *neuropb.LedgerTx_Settle:
 		return s.settle(sender, acc, b.Settle)
 	case *neuropb.LedgerTx_Slash:

@@ -11,8 +11,10 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/ipfs/go-cid"
 	"github.com/libp2p/go-libp2p/core/peer"
 
+	"github.com/neuro-p2p/neuro/ledger"
 	neuropb "github.com/neuro-p2p/neuro/proto"
 )
 
@@ -43,10 +45,21 @@ type LedgerInfo struct {
 
 // LedgerTxRequest asks the node to sign and submit a transaction.
 type LedgerTxRequest struct {
-	// Type is transfer, stake or unstake.
+	// Type is transfer, stake, unstake or escrow.
 	Type   string `json:"type"`
 	To     string `json:"to,omitempty"`
 	Amount uint64 `json:"amount"`
+	// Model and Gating (CID, peer ID) for an escrow.
+	Model  string `json:"model,omitempty"`
+	Gating string `json:"gating,omitempty"`
+}
+
+// LedgerTxResult is what submitting a transaction gave.
+type LedgerTxResult struct {
+	Submitted bool   `json:"submitted"`
+	Nonce     uint64 `json:"nonce"`
+	// Escrow is the ID of the escrow an escrow transaction opens.
+	Escrow uint64 `json:"escrow,omitempty"`
 }
 
 func (n *Node) ledgerInfo(ctx context.Context, p peer.ID) (*LedgerInfo, error) {
@@ -89,13 +102,28 @@ func (n *Node) serveLedger(w http.ResponseWriter, r *http.Request) {
 			fail(http.StatusConflict, errors.New("this node takes no part in a ledger (set ledger.genesis)"))
 			return
 		}
-		var to peer.ID
-		if req.Type == "transfer" {
-			var err error
+		var to, gatingPeer peer.ID
+		var model cid.Cid
+		var err error
+		switch req.Type {
+		case "transfer":
 			if to, err = peer.Decode(req.To); err != nil {
 				fail(http.StatusBadRequest, fmt.Errorf("to %q: %w", req.To, err))
 				return
 			}
+		case "escrow":
+			if model, err = cid.Decode(req.Model); err != nil {
+				fail(http.StatusBadRequest, fmt.Errorf("model %q: %w", req.Model, err))
+				return
+			}
+			if gatingPeer, err = peer.Decode(req.Gating); err != nil {
+				fail(http.StatusBadRequest, fmt.Errorf("gating %q: %w", req.Gating, err))
+				return
+			}
+		case "stake", "unstake":
+		default:
+			fail(http.StatusBadRequest, fmt.Errorf("transaction type %q: want transfer, stake, unstake or escrow", req.Type))
+			return
 		}
 		tx, err := n.ledger.Send(ctx, func(tx *neuropb.LedgerTx) {
 			switch req.Type {
@@ -105,14 +133,20 @@ func (n *Node) serveLedger(w http.ResponseWriter, r *http.Request) {
 				tx.Body = &neuropb.LedgerTx_Stake{Stake: &neuropb.Stake{Amount: req.Amount}}
 			case "unstake":
 				tx.Body = &neuropb.LedgerTx_Unstake{Unstake: &neuropb.Unstake{Amount: req.Amount}}
+			case "escrow":
+				tx.Body = &neuropb.LedgerTx_OpenEscrow{OpenEscrow: &neuropb.OpenEscrow{Model: model.Bytes(), Gating: []byte(gatingPeer), Amount: req.Amount}}
 			}
 		})
 		if err != nil {
 			fail(http.StatusBadRequest, err)
 			return
 		}
+		res := LedgerTxResult{Submitted: true, Nonce: tx.GetNonce()}
+		if req.Type == "escrow" {
+			res.Escrow = ledger.EscrowID(n.p2p.ID(), tx.GetNonce())
+		}
 		w.Header().Set("Content-Type", "application/json")
-		_ = json.NewEncoder(w).Encode(map[string]any{"submitted": true, "nonce": tx.GetNonce()})
+		_ = json.NewEncoder(w).Encode(res)
 		return
 	}
 	info, err := n.ledgerInfo(ctx, p)
@@ -139,15 +173,13 @@ func FetchLedger(ctx context.Context, addr, p string) (*LedgerInfo, error) {
 }
 
 // SubmitLedgerTx asks the node at addr to sign and submit req.
-func SubmitLedgerTx(ctx context.Context, addr string, req LedgerTxRequest) (uint64, error) {
+func SubmitLedgerTx(ctx context.Context, addr string, req LedgerTxRequest) (*LedgerTxResult, error) {
 	body, _ := json.Marshal(req)
-	var out struct {
-		Nonce uint64 `json:"nonce"`
-	}
+	var out LedgerTxResult
 	if err := apiCall(ctx, http.MethodPost, "http://"+addr+LedgerPath, body, &out); err != nil {
-		return 0, err
+		return nil, err
 	}
-	return out.Nonce, nil
+	return &out, nil
 }
 
 func apiCall(ctx context.Context, method, url string, body []byte, out any) error {

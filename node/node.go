@@ -192,7 +192,7 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 	}
 	n.log = n.log.With("peer", n.p2p.ID())
 	if n.home != "" {
-		if n.expert, err = newExpertService(n.p2p, cfg.Expert, filepath.Join(n.home, StoreDir), o.progress, o.slowDown, o.fault, n.log); err != nil {
+		if n.expert, err = newExpertService(n.p2p, key, cfg.Expert, filepath.Join(n.home, StoreDir), o.progress, o.slowDown, o.fault, n.log); err != nil {
 			return nil, err
 		}
 		n.p2p.SetHeartbeatExtra(n.expert.HeartbeatExtra)
@@ -234,6 +234,9 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 			DType: dt, CallTimeout: time.Duration(cfg.Gating.CallTimeout), Book: book}, n.log)
 		if err != nil {
 			return nil, err
+		}
+		if n.ledger != nil {
+			n.gating.SetOnReceipts(n.settle)
 		}
 		if v := n.gating.Validator(); v != nil && n.verdicts != nil {
 			v.OnWrong = func(w gating.Verdict) { n.verdicts.publish(context.Background(), w) }
@@ -420,6 +423,24 @@ const (
 	ReputationFile = "reputation.json"
 )
 
+// settle pays the receipts of a generation from its escrow: one settle
+// transaction per MaxReceipts receipts, signed by this gating node.
+func (n *Node) settle(escrow uint64, receipts []*neuropb.UsageReceipt) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for len(receipts) > 0 {
+		chunk := receipts[:min(len(receipts), neuropb.MaxReceipts)]
+		receipts = receipts[len(chunk):]
+		if _, err := n.ledger.Send(ctx, func(tx *neuropb.LedgerTx) {
+			tx.Body = &neuropb.LedgerTx_Settle{Settle: &neuropb.Settle{Escrow: escrow, Receipts: chunk}}
+		}); err != nil {
+			n.log.Warn("settle", "escrow", escrow, "receipts", len(chunk), "err", err)
+			return
+		}
+		n.log.Info("settled expert work", "escrow", escrow, "receipts", len(chunk))
+	}
+}
+
 // keepBook records which known peers are alive (their heartbeats) and
 // saves the reputation book, every 10 s until ctx ends.
 func (n *Node) keepBook(ctx context.Context) {
@@ -443,9 +464,10 @@ func (n *Node) keepBook(ctx context.Context) {
 }
 
 // newExpertService builds the node's expert service from its config.
-func newExpertService(h *p2p.Host, cfg ExpertConfig, store string, progress expert.Progress, slow time.Duration, fault expert.Fault, log *slog.Logger) (*expert.Service, error) {
+func newExpertService(h *p2p.Host, key crypto.PrivKey, cfg ExpertConfig, store string, progress expert.Progress, slow time.Duration, fault expert.Fault, log *slog.Logger) (*expert.Service, error) {
 	sc := expert.ServiceConfig{StoreDir: store, MemoryBudget: int64(cfg.MemoryMB) << 20, Threads: cfg.Threads,
 		Server: expert.DefaultConfig(), Progress: progress, Fault: fault}
+	sc.Server.SignReceipt = func(r *neuropb.UsageReceipt) error { return ledger.SignReceipt(key, r) }
 	sc.Server.SlowDown = slow
 	if cfg.Model != "" {
 		c, err := cid.Decode(cfg.Model)

@@ -225,8 +225,11 @@ type ExpertRequest struct {
 	Hidden *Tensor `protobuf:"bytes,5,opt,name=hidden,proto3" json:"hidden,omitempty"`
 	// The caller gives up at this time (Unix milliseconds); 0 means none.
 	DeadlineUnixMs int64 `protobuf:"varint,6,opt,name=deadline_unix_ms,json=deadlineUnixMs,proto3" json:"deadline_unix_ms,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// The ledger escrow that pays for this work (0: none). With one, the
+	// expert node signs a usage receipt for it.
+	Escrow        uint64 `protobuf:"varint,7,opt,name=escrow,proto3" json:"escrow,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ExpertRequest) Reset() {
@@ -301,6 +304,13 @@ func (x *ExpertRequest) GetDeadlineUnixMs() int64 {
 	return 0
 }
 
+func (x *ExpertRequest) GetEscrow() uint64 {
+	if x != nil {
+		return x.Escrow
+	}
+	return 0
+}
+
 // ExpertResponse answers one request, in the request's dtype. Responses on
 // a stream may come in any order.
 type ExpertResponse struct {
@@ -311,8 +321,11 @@ type ExpertResponse struct {
 	ComputeUs uint32 `protobuf:"varint,3,opt,name=compute_us,json=computeUs,proto3" json:"compute_us,omitempty"`
 	QueueUs   uint32 `protobuf:"varint,4,opt,name=queue_us,json=queueUs,proto3" json:"queue_us,omitempty"`
 	// Tokens in the ggml call that served this request (batching).
-	BatchTokens   uint32       `protobuf:"varint,5,opt,name=batch_tokens,json=batchTokens,proto3" json:"batch_tokens,omitempty"`
-	Error         *ExpertError `protobuf:"bytes,6,opt,name=error,proto3" json:"error,omitempty"`
+	BatchTokens uint32       `protobuf:"varint,5,opt,name=batch_tokens,json=batchTokens,proto3" json:"batch_tokens,omitempty"`
+	Error       *ExpertError `protobuf:"bytes,6,opt,name=error,proto3" json:"error,omitempty"`
+	// The expert node's signed receipt for this work, when the request
+	// named an escrow.
+	Receipt       *UsageReceipt `protobuf:"bytes,7,opt,name=receipt,proto3" json:"receipt,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -389,6 +402,13 @@ func (x *ExpertResponse) GetError() *ExpertError {
 	return nil
 }
 
+func (x *ExpertResponse) GetReceipt() *UsageReceipt {
+	if x != nil {
+		return x.Receipt
+	}
+	return nil
+}
+
 // ExpertError says why a request failed. The stream stays usable.
 type ExpertError struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -442,6 +462,101 @@ func (x *ExpertError) GetMessage() string {
 	return ""
 }
 
+// UsageReceipt is an expert node's signed record of work it did for an
+// escrow's gating node.
+type UsageReceipt struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Expert      []byte                 `protobuf:"bytes,1,opt,name=expert,proto3" json:"expert,omitempty"`
+	Escrow      uint64                 `protobuf:"varint,2,opt,name=escrow,proto3" json:"escrow,omitempty"`
+	Layer       uint32                 `protobuf:"varint,3,opt,name=layer,proto3" json:"layer,omitempty"`
+	ExpertIndex uint32                 `protobuf:"varint,4,opt,name=expert_index,json=expertIndex,proto3" json:"expert_index,omitempty"`
+	Tokens      uint64                 `protobuf:"varint,5,opt,name=tokens,proto3" json:"tokens,omitempty"`
+	Flops       uint64                 `protobuf:"varint,6,opt,name=flops,proto3" json:"flops,omitempty"`
+	// The expert's signature over the receipt with signature empty.
+	Signature     []byte `protobuf:"bytes,7,opt,name=signature,proto3" json:"signature,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UsageReceipt) Reset() {
+	*x = UsageReceipt{}
+	mi := &file_expert_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UsageReceipt) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UsageReceipt) ProtoMessage() {}
+
+func (x *UsageReceipt) ProtoReflect() protoreflect.Message {
+	mi := &file_expert_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UsageReceipt.ProtoReflect.Descriptor instead.
+func (*UsageReceipt) Descriptor() ([]byte, []int) {
+	return file_expert_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *UsageReceipt) GetExpert() []byte {
+	if x != nil {
+		return x.Expert
+	}
+	return nil
+}
+
+func (x *UsageReceipt) GetEscrow() uint64 {
+	if x != nil {
+		return x.Escrow
+	}
+	return 0
+}
+
+func (x *UsageReceipt) GetLayer() uint32 {
+	if x != nil {
+		return x.Layer
+	}
+	return 0
+}
+
+func (x *UsageReceipt) GetExpertIndex() uint32 {
+	if x != nil {
+		return x.ExpertIndex
+	}
+	return 0
+}
+
+func (x *UsageReceipt) GetTokens() uint64 {
+	if x != nil {
+		return x.Tokens
+	}
+	return 0
+}
+
+func (x *UsageReceipt) GetFlops() uint64 {
+	if x != nil {
+		return x.Flops
+	}
+	return 0
+}
+
+func (x *UsageReceipt) GetSignature() []byte {
+	if x != nil {
+		return x.Signature
+	}
+	return nil
+}
+
 var File_expert_proto protoreflect.FileDescriptor
 
 const file_expert_proto_rawDesc = "" +
@@ -450,7 +565,7 @@ const file_expert_proto_rawDesc = "" +
 	"\x06Tensor\x12\x12\n" +
 	"\x04data\x18\x01 \x01(\fR\x04data\x12)\n" +
 	"\x05dtype\x18\x02 \x01(\x0e2\x13.neuro.v1.WireDTypeR\x05dtype\x12\x14\n" +
-	"\x05shape\x18\x03 \x03(\rR\x05shape\"\xc6\x01\n" +
+	"\x05shape\x18\x03 \x03(\rR\x05shape\"\xde\x01\n" +
 	"\rExpertRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\x04R\trequestId\x12\x14\n" +
@@ -458,7 +573,8 @@ const file_expert_proto_rawDesc = "" +
 	"\x05layer\x18\x03 \x01(\rR\x05layer\x12\x16\n" +
 	"\x06expert\x18\x04 \x01(\rR\x06expert\x12(\n" +
 	"\x06hidden\x18\x05 \x01(\v2\x10.neuro.v1.TensorR\x06hidden\x12(\n" +
-	"\x10deadline_unix_ms\x18\x06 \x01(\x03R\x0edeadlineUnixMs\"\xe3\x01\n" +
+	"\x10deadline_unix_ms\x18\x06 \x01(\x03R\x0edeadlineUnixMs\x12\x16\n" +
+	"\x06escrow\x18\a \x01(\x04R\x06escrow\"\x95\x02\n" +
 	"\x0eExpertResponse\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\x04R\trequestId\x12(\n" +
@@ -467,7 +583,8 @@ const file_expert_proto_rawDesc = "" +
 	"compute_us\x18\x03 \x01(\rR\tcomputeUs\x12\x19\n" +
 	"\bqueue_us\x18\x04 \x01(\rR\aqueueUs\x12!\n" +
 	"\fbatch_tokens\x18\x05 \x01(\rR\vbatchTokens\x12+\n" +
-	"\x05error\x18\x06 \x01(\v2\x15.neuro.v1.ExpertErrorR\x05error\"\xa5\x02\n" +
+	"\x05error\x18\x06 \x01(\v2\x15.neuro.v1.ExpertErrorR\x05error\x120\n" +
+	"\areceipt\x18\a \x01(\v2\x16.neuro.v1.UsageReceiptR\areceipt\"\xa5\x02\n" +
 	"\vExpertError\x12.\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x1a.neuro.v1.ExpertError.CodeR\x04code\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\"\xcb\x01\n" +
@@ -480,7 +597,15 @@ const file_expert_proto_rawDesc = "" +
 	"\x0eCODE_TOO_LARGE\x10\x05\x12\x1a\n" +
 	"\x16CODE_DEADLINE_EXCEEDED\x10\x06\x12\r\n" +
 	"\tCODE_BUSY\x10\a\x12\x11\n" +
-	"\rCODE_INTERNAL\x10\b*O\n" +
+	"\rCODE_INTERNAL\x10\b\"\xc3\x01\n" +
+	"\fUsageReceipt\x12\x16\n" +
+	"\x06expert\x18\x01 \x01(\fR\x06expert\x12\x16\n" +
+	"\x06escrow\x18\x02 \x01(\x04R\x06escrow\x12\x14\n" +
+	"\x05layer\x18\x03 \x01(\rR\x05layer\x12!\n" +
+	"\fexpert_index\x18\x04 \x01(\rR\vexpertIndex\x12\x16\n" +
+	"\x06tokens\x18\x05 \x01(\x04R\x06tokens\x12\x14\n" +
+	"\x05flops\x18\x06 \x01(\x04R\x05flops\x12\x1c\n" +
+	"\tsignature\x18\a \x01(\fR\tsignature*O\n" +
 	"\tWireDType\x12\x1a\n" +
 	"\x16WIRE_DTYPE_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eWIRE_DTYPE_F32\x10\x01\x12\x12\n" +
@@ -499,7 +624,7 @@ func file_expert_proto_rawDescGZIP() []byte {
 }
 
 var file_expert_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_expert_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
+var file_expert_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
 var file_expert_proto_goTypes = []any{
 	(WireDType)(0),         // 0: neuro.v1.WireDType
 	(ExpertError_Code)(0),  // 1: neuro.v1.ExpertError.Code
@@ -507,18 +632,20 @@ var file_expert_proto_goTypes = []any{
 	(*ExpertRequest)(nil),  // 3: neuro.v1.ExpertRequest
 	(*ExpertResponse)(nil), // 4: neuro.v1.ExpertResponse
 	(*ExpertError)(nil),    // 5: neuro.v1.ExpertError
+	(*UsageReceipt)(nil),   // 6: neuro.v1.UsageReceipt
 }
 var file_expert_proto_depIdxs = []int32{
 	0, // 0: neuro.v1.Tensor.dtype:type_name -> neuro.v1.WireDType
 	2, // 1: neuro.v1.ExpertRequest.hidden:type_name -> neuro.v1.Tensor
 	2, // 2: neuro.v1.ExpertResponse.output:type_name -> neuro.v1.Tensor
 	5, // 3: neuro.v1.ExpertResponse.error:type_name -> neuro.v1.ExpertError
-	1, // 4: neuro.v1.ExpertError.code:type_name -> neuro.v1.ExpertError.Code
-	5, // [5:5] is the sub-list for method output_type
-	5, // [5:5] is the sub-list for method input_type
-	5, // [5:5] is the sub-list for extension type_name
-	5, // [5:5] is the sub-list for extension extendee
-	0, // [0:5] is the sub-list for field type_name
+	6, // 4: neuro.v1.ExpertResponse.receipt:type_name -> neuro.v1.UsageReceipt
+	1, // 5: neuro.v1.ExpertError.code:type_name -> neuro.v1.ExpertError.Code
+	6, // [6:6] is the sub-list for method output_type
+	6, // [6:6] is the sub-list for method input_type
+	6, // [6:6] is the sub-list for extension type_name
+	6, // [6:6] is the sub-list for extension extendee
+	0, // [0:6] is the sub-list for field type_name
 }
 
 func init() { file_expert_proto_init() }
@@ -532,7 +659,7 @@ func file_expert_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_expert_proto_rawDesc), len(file_expert_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   4,
+			NumMessages:   5,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -306,9 +306,13 @@ type InferRequest struct {
 	Model []byte `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
 	// The prompt, for a plain completion. Exactly one of prompt and
 	// messages is set.
-	Prompt        string         `protobuf:"bytes,2,opt,name=prompt,proto3" json:"prompt,omitempty"`
-	Messages      []*ChatMessage `protobuf:"bytes,3,rep,name=messages,proto3" json:"messages,omitempty"`
-	Sampling      *Sampling      `protobuf:"bytes,4,opt,name=sampling,proto3" json:"sampling,omitempty"`
+	Prompt   string         `protobuf:"bytes,2,opt,name=prompt,proto3" json:"prompt,omitempty"`
+	Messages []*ChatMessage `protobuf:"bytes,3,rep,name=messages,proto3" json:"messages,omitempty"`
+	Sampling *Sampling      `protobuf:"bytes,4,opt,name=sampling,proto3" json:"sampling,omitempty"`
+	// The ledger escrow that pays the experts (0: none): the client opened
+	// it naming this gating node, which settles the experts' receipts
+	// against it after the generation.
+	Escrow        uint64 `protobuf:"varint,5,opt,name=escrow,proto3" json:"escrow,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -369,6 +373,13 @@ func (x *InferRequest) GetSampling() *Sampling {
 		return x.Sampling
 	}
 	return nil
+}
+
+func (x *InferRequest) GetEscrow() uint64 {
+	if x != nil {
+		return x.Escrow
+	}
+	return 0
 }
 
 // InferStart says the request was accepted and the prompt evaluated.
@@ -942,12 +953,13 @@ const file_infer_proto_rawDesc = "" +
 	"\n" +
 	"max_tokens\x18\x05 \x01(\rR\tmaxTokens\x12\x12\n" +
 	"\x04stop\x18\x06 \x03(\tR\x04stopB\a\n" +
-	"\x05_seed\"\x9f\x01\n" +
+	"\x05_seed\"\xb7\x01\n" +
 	"\fInferRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\fR\x05model\x12\x16\n" +
 	"\x06prompt\x18\x02 \x01(\tR\x06prompt\x121\n" +
 	"\bmessages\x18\x03 \x03(\v2\x15.neuro.v1.ChatMessageR\bmessages\x12.\n" +
-	"\bsampling\x18\x04 \x01(\v2\x12.neuro.v1.SamplingR\bsampling\"P\n" +
+	"\bsampling\x18\x04 \x01(\v2\x12.neuro.v1.SamplingR\bsampling\x12\x16\n" +
+	"\x06escrow\x18\x05 \x01(\x04R\x06escrow\"P\n" +
 	"\n" +
 	"InferStart\x12#\n" +
 	"\rprompt_tokens\x18\x01 \x01(\rR\fpromptTokens\x12\x1d\n" +

@@ -441,101 +441,6 @@ func (x *OpenEscrow) GetAmount() uint64 {
 	return 0
 }
 
-// UsageReceipt is an expert node's signed record of work it did for an
-// escrow's gating node.
-type UsageReceipt struct {
-	state       protoimpl.MessageState `protogen:"open.v1"`
-	Expert      []byte                 `protobuf:"bytes,1,opt,name=expert,proto3" json:"expert,omitempty"`
-	Escrow      uint64                 `protobuf:"varint,2,opt,name=escrow,proto3" json:"escrow,omitempty"`
-	Layer       uint32                 `protobuf:"varint,3,opt,name=layer,proto3" json:"layer,omitempty"`
-	ExpertIndex uint32                 `protobuf:"varint,4,opt,name=expert_index,json=expertIndex,proto3" json:"expert_index,omitempty"`
-	Tokens      uint64                 `protobuf:"varint,5,opt,name=tokens,proto3" json:"tokens,omitempty"`
-	Flops       uint64                 `protobuf:"varint,6,opt,name=flops,proto3" json:"flops,omitempty"`
-	// The expert's signature over the receipt with signature empty.
-	Signature     []byte `protobuf:"bytes,7,opt,name=signature,proto3" json:"signature,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
-}
-
-func (x *UsageReceipt) Reset() {
-	*x = UsageReceipt{}
-	mi := &file_ledger_proto_msgTypes[5]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
-
-func (x *UsageReceipt) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*UsageReceipt) ProtoMessage() {}
-
-func (x *UsageReceipt) ProtoReflect() protoreflect.Message {
-	mi := &file_ledger_proto_msgTypes[5]
-	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
-	}
-	return mi.MessageOf(x)
-}
-
-// Deprecated: Use UsageReceipt.ProtoReflect.Descriptor instead.
-func (*UsageReceipt) Descriptor() ([]byte, []int) {
-	return file_ledger_proto_rawDescGZIP(), []int{5}
-}
-
-func (x *UsageReceipt) GetExpert() []byte {
-	if x != nil {
-		return x.Expert
-	}
-	return nil
-}
-
-func (x *UsageReceipt) GetEscrow() uint64 {
-	if x != nil {
-		return x.Escrow
-	}
-	return 0
-}
-
-func (x *UsageReceipt) GetLayer() uint32 {
-	if x != nil {
-		return x.Layer
-	}
-	return 0
-}
-
-func (x *UsageReceipt) GetExpertIndex() uint32 {
-	if x != nil {
-		return x.ExpertIndex
-	}
-	return 0
-}
-
-func (x *UsageReceipt) GetTokens() uint64 {
-	if x != nil {
-		return x.Tokens
-	}
-	return 0
-}
-
-func (x *UsageReceipt) GetFlops() uint64 {
-	if x != nil {
-		return x.Flops
-	}
-	return 0
-}
-
-func (x *UsageReceipt) GetSignature() []byte {
-	if x != nil {
-		return x.Signature
-	}
-	return nil
-}
-
 // Settle pays the receipts from an escrow: the gating node submits it.
 type Settle struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -547,7 +452,7 @@ type Settle struct {
 
 func (x *Settle) Reset() {
 	*x = Settle{}
-	mi := &file_ledger_proto_msgTypes[6]
+	mi := &file_ledger_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -559,7 +464,7 @@ func (x *Settle) String() string {
 func (*Settle) ProtoMessage() {}
 
 func (x *Settle) ProtoReflect() protoreflect.Message {
-	mi := &file_ledger_proto_msgTypes[6]
+	mi := &file_ledger_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -572,7 +477,7 @@ func (x *Settle) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Settle.ProtoReflect.Descriptor instead.
 func (*Settle) Descriptor() ([]byte, []int) {
-	return file_ledger_proto_rawDescGZIP(), []int{6}
+	return file_ledger_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Settle) GetEscrow() uint64 {
@@ -600,7 +505,7 @@ type Slash struct {
 
 func (x *Slash) Reset() {
 	*x = Slash{}
-	mi := &file_ledger_proto_msgTypes[7]
+	mi := &file_ledger_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -612,7 +517,7 @@ func (x *Slash) String() string {
 func (*Slash) ProtoMessage() {}
 
 func (x *Slash) ProtoReflect() protoreflect.Message {
-	mi := &file_ledger_proto_msgTypes[7]
+	mi := &file_ledger_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -625,7 +530,7 @@ func (x *Slash) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Slash.ProtoReflect.Descriptor instead.
 func (*Slash) Descriptor() ([]byte, []int) {
-	return file_ledger_proto_rawDescGZIP(), []int{7}
+	return file_ledger_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Slash) GetVerdict() *Verdict {
@@ -669,7 +574,7 @@ type LedgerParams struct {
 
 func (x *LedgerParams) Reset() {
 	*x = LedgerParams{}
-	mi := &file_ledger_proto_msgTypes[8]
+	mi := &file_ledger_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -681,7 +586,7 @@ func (x *LedgerParams) String() string {
 func (*LedgerParams) ProtoMessage() {}
 
 func (x *LedgerParams) ProtoReflect() protoreflect.Message {
-	mi := &file_ledger_proto_msgTypes[8]
+	mi := &file_ledger_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -694,7 +599,7 @@ func (x *LedgerParams) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LedgerParams.ProtoReflect.Descriptor instead.
 func (*LedgerParams) Descriptor() ([]byte, []int) {
-	return file_ledger_proto_rawDescGZIP(), []int{8}
+	return file_ledger_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *LedgerParams) GetTreasuryBps() uint32 {
@@ -795,7 +700,7 @@ type Propose struct {
 
 func (x *Propose) Reset() {
 	*x = Propose{}
-	mi := &file_ledger_proto_msgTypes[9]
+	mi := &file_ledger_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -807,7 +712,7 @@ func (x *Propose) String() string {
 func (*Propose) ProtoMessage() {}
 
 func (x *Propose) ProtoReflect() protoreflect.Message {
-	mi := &file_ledger_proto_msgTypes[9]
+	mi := &file_ledger_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -820,7 +725,7 @@ func (x *Propose) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Propose.ProtoReflect.Descriptor instead.
 func (*Propose) Descriptor() ([]byte, []int) {
-	return file_ledger_proto_rawDescGZIP(), []int{9}
+	return file_ledger_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Propose) GetChange() isPropose_Change {
@@ -876,7 +781,7 @@ type Vote struct {
 
 func (x *Vote) Reset() {
 	*x = Vote{}
-	mi := &file_ledger_proto_msgTypes[10]
+	mi := &file_ledger_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -888,7 +793,7 @@ func (x *Vote) String() string {
 func (*Vote) ProtoMessage() {}
 
 func (x *Vote) ProtoReflect() protoreflect.Message {
-	mi := &file_ledger_proto_msgTypes[10]
+	mi := &file_ledger_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -901,7 +806,7 @@ func (x *Vote) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Vote.ProtoReflect.Descriptor instead.
 func (*Vote) Descriptor() ([]byte, []int) {
-	return file_ledger_proto_rawDescGZIP(), []int{10}
+	return file_ledger_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Vote) GetProposal() uint64 {
@@ -931,7 +836,7 @@ type LedgerGenesis struct {
 
 func (x *LedgerGenesis) Reset() {
 	*x = LedgerGenesis{}
-	mi := &file_ledger_proto_msgTypes[11]
+	mi := &file_ledger_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -943,7 +848,7 @@ func (x *LedgerGenesis) String() string {
 func (*LedgerGenesis) ProtoMessage() {}
 
 func (x *LedgerGenesis) ProtoReflect() protoreflect.Message {
-	mi := &file_ledger_proto_msgTypes[11]
+	mi := &file_ledger_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -956,7 +861,7 @@ func (x *LedgerGenesis) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LedgerGenesis.ProtoReflect.Descriptor instead.
 func (*LedgerGenesis) Descriptor() ([]byte, []int) {
-	return file_ledger_proto_rawDescGZIP(), []int{11}
+	return file_ledger_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *LedgerGenesis) GetAccounts() []*LedgerGenesis_Account {
@@ -991,7 +896,7 @@ type LedgerQuery struct {
 
 func (x *LedgerQuery) Reset() {
 	*x = LedgerQuery{}
-	mi := &file_ledger_proto_msgTypes[12]
+	mi := &file_ledger_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1003,7 +908,7 @@ func (x *LedgerQuery) String() string {
 func (*LedgerQuery) ProtoMessage() {}
 
 func (x *LedgerQuery) ProtoReflect() protoreflect.Message {
-	mi := &file_ledger_proto_msgTypes[12]
+	mi := &file_ledger_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1016,7 +921,7 @@ func (x *LedgerQuery) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LedgerQuery.ProtoReflect.Descriptor instead.
 func (*LedgerQuery) Descriptor() ([]byte, []int) {
-	return file_ledger_proto_rawDescGZIP(), []int{12}
+	return file_ledger_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *LedgerQuery) GetPeer() []byte {
@@ -1049,7 +954,7 @@ type LedgerStatus struct {
 
 func (x *LedgerStatus) Reset() {
 	*x = LedgerStatus{}
-	mi := &file_ledger_proto_msgTypes[13]
+	mi := &file_ledger_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1061,7 +966,7 @@ func (x *LedgerStatus) String() string {
 func (*LedgerStatus) ProtoMessage() {}
 
 func (x *LedgerStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_ledger_proto_msgTypes[13]
+	mi := &file_ledger_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1074,7 +979,7 @@ func (x *LedgerStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LedgerStatus.ProtoReflect.Descriptor instead.
 func (*LedgerStatus) Descriptor() ([]byte, []int) {
-	return file_ledger_proto_rawDescGZIP(), []int{13}
+	return file_ledger_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *LedgerStatus) GetHeight() int64 {
@@ -1179,7 +1084,7 @@ type LedgerGenesis_Account struct {
 
 func (x *LedgerGenesis_Account) Reset() {
 	*x = LedgerGenesis_Account{}
-	mi := &file_ledger_proto_msgTypes[14]
+	mi := &file_ledger_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1191,7 +1096,7 @@ func (x *LedgerGenesis_Account) String() string {
 func (*LedgerGenesis_Account) ProtoMessage() {}
 
 func (x *LedgerGenesis_Account) ProtoReflect() protoreflect.Message {
-	mi := &file_ledger_proto_msgTypes[14]
+	mi := &file_ledger_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1204,7 +1109,7 @@ func (x *LedgerGenesis_Account) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LedgerGenesis_Account.ProtoReflect.Descriptor instead.
 func (*LedgerGenesis_Account) Descriptor() ([]byte, []int) {
-	return file_ledger_proto_rawDescGZIP(), []int{11, 0}
+	return file_ledger_proto_rawDescGZIP(), []int{10, 0}
 }
 
 func (x *LedgerGenesis_Account) GetPeer() []byte {
@@ -1232,7 +1137,7 @@ var File_ledger_proto protoreflect.FileDescriptor
 
 const file_ledger_proto_rawDesc = "" +
 	"\n" +
-	"\fledger.proto\x12\bneuro.v1\x1a\x10validation.proto\"\xcb\x03\n" +
+	"\fledger.proto\x12\bneuro.v1\x1a\fexpert.proto\x1a\x10validation.proto\"\xcb\x03\n" +
 	"\bLedgerTx\x12\x16\n" +
 	"\x06sender\x18\x01 \x01(\fR\x06sender\x12\x14\n" +
 	"\x05nonce\x18\x02 \x01(\x04R\x05nonce\x120\n" +
@@ -1259,15 +1164,7 @@ const file_ledger_proto_rawDesc = "" +
 	"OpenEscrow\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\fR\x05model\x12\x16\n" +
 	"\x06gating\x18\x02 \x01(\fR\x06gating\x12\x16\n" +
-	"\x06amount\x18\x03 \x01(\x04R\x06amount\"\xc3\x01\n" +
-	"\fUsageReceipt\x12\x16\n" +
-	"\x06expert\x18\x01 \x01(\fR\x06expert\x12\x16\n" +
-	"\x06escrow\x18\x02 \x01(\x04R\x06escrow\x12\x14\n" +
-	"\x05layer\x18\x03 \x01(\rR\x05layer\x12!\n" +
-	"\fexpert_index\x18\x04 \x01(\rR\vexpertIndex\x12\x16\n" +
-	"\x06tokens\x18\x05 \x01(\x04R\x06tokens\x12\x14\n" +
-	"\x05flops\x18\x06 \x01(\x04R\x05flops\x12\x1c\n" +
-	"\tsignature\x18\a \x01(\fR\tsignature\"T\n" +
+	"\x06amount\x18\x03 \x01(\x04R\x06amount\"T\n" +
 	"\x06Settle\x12\x16\n" +
 	"\x06escrow\x18\x01 \x01(\x04R\x06escrow\x122\n" +
 	"\breceipts\x18\x02 \x03(\v2\x16.neuro.v1.UsageReceiptR\breceipts\"4\n" +
@@ -1334,23 +1231,23 @@ func file_ledger_proto_rawDescGZIP() []byte {
 	return file_ledger_proto_rawDescData
 }
 
-var file_ledger_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
+var file_ledger_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
 var file_ledger_proto_goTypes = []any{
 	(*LedgerTx)(nil),              // 0: neuro.v1.LedgerTx
 	(*Transfer)(nil),              // 1: neuro.v1.Transfer
 	(*Stake)(nil),                 // 2: neuro.v1.Stake
 	(*Unstake)(nil),               // 3: neuro.v1.Unstake
 	(*OpenEscrow)(nil),            // 4: neuro.v1.OpenEscrow
-	(*UsageReceipt)(nil),          // 5: neuro.v1.UsageReceipt
-	(*Settle)(nil),                // 6: neuro.v1.Settle
-	(*Slash)(nil),                 // 7: neuro.v1.Slash
-	(*LedgerParams)(nil),          // 8: neuro.v1.LedgerParams
-	(*Propose)(nil),               // 9: neuro.v1.Propose
-	(*Vote)(nil),                  // 10: neuro.v1.Vote
-	(*LedgerGenesis)(nil),         // 11: neuro.v1.LedgerGenesis
-	(*LedgerQuery)(nil),           // 12: neuro.v1.LedgerQuery
-	(*LedgerStatus)(nil),          // 13: neuro.v1.LedgerStatus
-	(*LedgerGenesis_Account)(nil), // 14: neuro.v1.LedgerGenesis.Account
+	(*Settle)(nil),                // 5: neuro.v1.Settle
+	(*Slash)(nil),                 // 6: neuro.v1.Slash
+	(*LedgerParams)(nil),          // 7: neuro.v1.LedgerParams
+	(*Propose)(nil),               // 8: neuro.v1.Propose
+	(*Vote)(nil),                  // 9: neuro.v1.Vote
+	(*LedgerGenesis)(nil),         // 10: neuro.v1.LedgerGenesis
+	(*LedgerQuery)(nil),           // 11: neuro.v1.LedgerQuery
+	(*LedgerStatus)(nil),          // 12: neuro.v1.LedgerStatus
+	(*LedgerGenesis_Account)(nil), // 13: neuro.v1.LedgerGenesis.Account
+	(*UsageReceipt)(nil),          // 14: neuro.v1.UsageReceipt
 	(*Verdict)(nil),               // 15: neuro.v1.Verdict
 }
 var file_ledger_proto_depIdxs = []int32{
@@ -1358,15 +1255,15 @@ var file_ledger_proto_depIdxs = []int32{
 	2,  // 1: neuro.v1.LedgerTx.stake:type_name -> neuro.v1.Stake
 	3,  // 2: neuro.v1.LedgerTx.unstake:type_name -> neuro.v1.Unstake
 	4,  // 3: neuro.v1.LedgerTx.open_escrow:type_name -> neuro.v1.OpenEscrow
-	6,  // 4: neuro.v1.LedgerTx.settle:type_name -> neuro.v1.Settle
-	7,  // 5: neuro.v1.LedgerTx.slash:type_name -> neuro.v1.Slash
-	9,  // 6: neuro.v1.LedgerTx.propose:type_name -> neuro.v1.Propose
-	10, // 7: neuro.v1.LedgerTx.vote:type_name -> neuro.v1.Vote
-	5,  // 8: neuro.v1.Settle.receipts:type_name -> neuro.v1.UsageReceipt
+	5,  // 4: neuro.v1.LedgerTx.settle:type_name -> neuro.v1.Settle
+	6,  // 5: neuro.v1.LedgerTx.slash:type_name -> neuro.v1.Slash
+	8,  // 6: neuro.v1.LedgerTx.propose:type_name -> neuro.v1.Propose
+	9,  // 7: neuro.v1.LedgerTx.vote:type_name -> neuro.v1.Vote
+	14, // 8: neuro.v1.Settle.receipts:type_name -> neuro.v1.UsageReceipt
 	15, // 9: neuro.v1.Slash.verdict:type_name -> neuro.v1.Verdict
-	8,  // 10: neuro.v1.Propose.params:type_name -> neuro.v1.LedgerParams
-	14, // 11: neuro.v1.LedgerGenesis.accounts:type_name -> neuro.v1.LedgerGenesis.Account
-	8,  // 12: neuro.v1.LedgerGenesis.params:type_name -> neuro.v1.LedgerParams
+	7,  // 10: neuro.v1.Propose.params:type_name -> neuro.v1.LedgerParams
+	13, // 11: neuro.v1.LedgerGenesis.accounts:type_name -> neuro.v1.LedgerGenesis.Account
+	7,  // 12: neuro.v1.LedgerGenesis.params:type_name -> neuro.v1.LedgerParams
 	13, // [13:13] is the sub-list for method output_type
 	13, // [13:13] is the sub-list for method input_type
 	13, // [13:13] is the sub-list for extension type_name
@@ -1379,6 +1276,7 @@ func file_ledger_proto_init() {
 	if File_ledger_proto != nil {
 		return
 	}
+	file_expert_proto_init()
 	file_validation_proto_init()
 	file_ledger_proto_msgTypes[0].OneofWrappers = []any{
 		(*LedgerTx_Transfer)(nil),
@@ -1390,7 +1288,7 @@ func file_ledger_proto_init() {
 		(*LedgerTx_Propose)(nil),
 		(*LedgerTx_Vote)(nil),
 	}
-	file_ledger_proto_msgTypes[9].OneofWrappers = []any{
+	file_ledger_proto_msgTypes[8].OneofWrappers = []any{
 		(*Propose_AddModel)(nil),
 		(*Propose_Params)(nil),
 	}
@@ -1400,7 +1298,7 @@ func file_ledger_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ledger_proto_rawDesc), len(file_ledger_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   15,
+			NumMessages:   14,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

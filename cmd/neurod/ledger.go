@@ -84,11 +84,11 @@ units).`,
 		}
 		ctx, cancel := context.WithTimeout(cmd.Context(), 20*time.Second)
 		defer cancel()
-		nonce, err := node.SubmitLedgerTx(ctx, addr, req)
+		res, err := node.SubmitLedgerTx(ctx, addr, req)
 		if err != nil {
 			return err
 		}
-		fmt.Fprintf(cmd.OutOrStdout(), "submitted %s of %s NEURO (nonce %d)\n", req.Type, neuro(v), nonce)
+		fmt.Fprintf(cmd.OutOrStdout(), "submitted %s of %s NEURO (nonce %d)\n", req.Type, neuro(v), res.Nonce)
 		return nil
 	}
 	send := &cobra.Command{

@@ -361,6 +361,33 @@ func TestTestnetCheck(t *testing.T) {
 	if fmt.Sprint(rep.Tokens) != fmt.Sprint(want) || len(rep.PerTokenMs) != len(rep.Tokens) {
 		t.Fatalf("testnet tokens %v (%d latencies), generate --local %v", rep.Tokens, len(rep.PerTokenMs), want)
 	}
+	// The generation was paid: node 1 escrowed 100 NEURO; the gating node
+	// earned its share, some expert its part, the treasury its cut, and
+	// part of that cut was burned.
+	l := rep.Ledger
+	if l == nil || !l.SupplyOK || l.Height < 1 || l.Treasury == 0 || l.Burned == 0 {
+		t.Fatalf("ledger: %+v", l)
+	}
+	gating := rep.Nodes[0].PeerID
+	if l.BalancesAfter[gating] <= l.BalancesBefore[gating] {
+		t.Errorf("the gating node earned nothing: %d -> %d", l.BalancesBefore[gating], l.BalancesAfter[gating])
+	}
+	if payer := rep.Nodes[1].PeerID; l.BalancesAfter[payer] >= l.BalancesBefore[payer] {
+		t.Errorf("the payer paid nothing: %d -> %d", l.BalancesBefore[payer], l.BalancesAfter[payer])
+	}
+	// Node 1 is an expert too: its earnings are what it got back on top of
+	// the 100 NEURO it escrowed.
+	var earned int64
+	for i, n := range rep.Nodes[1:] {
+		d := int64(l.BalancesAfter[n.PeerID]) - int64(l.BalancesBefore[n.PeerID])
+		if i == 0 {
+			d += 100_000_000
+		}
+		earned += d
+	}
+	if earned <= 0 {
+		t.Errorf("the expert nodes earned nothing: %+v", l)
+	}
 	// The homes and logs stay in --dir, and a second run reuses them.
 	r2 := neurod(t, nil, "testnet", "--nodes", "4", "--check", "--json", "--dir", dir, "--max-tokens", "4")
 	if r2.code != 0 || !strings.Contains(r2.stdout, rep.Nodes[3].PeerID) {

@@ -252,6 +252,7 @@ type testnetArgs struct {
 	slowNode  int
 	slowBy    time.Duration
 	requests  int
+	escrow    uint64
 	// faults[i] is the mode of node i (1 to nodes).
 	faults map[int]expert.Fault
 }
@@ -442,7 +443,15 @@ func runTestnet(ctx context.Context, stdout, stderr io.Writer, g *globalFlags, a
 	if err != nil {
 		return failNet(fmt.Errorf("ledger: %w", err))
 	}
+	// Node 1 plays the user's wallet: it opens an escrow for the model with
+	// the gating node, which settles the experts' receipts against it.
+	if a.escrow, err = openEscrow(ctx, nw, mf.cid, log); err != nil {
+		return failNet(err)
+	}
 	if err := askNetwork(ctx, stdout, nw, mf.cid, a, &rep, log); err != nil {
+		return failNet(err)
+	}
+	if err := waitSettled(ctx, nw); err != nil {
 		return failNet(err)
 	}
 	after, info, err := balances()

@@ -191,7 +191,7 @@ func askNetwork(ctx context.Context, stdout io.Writer, nw *testnet.Network, mc c
 		last := req == a.requests-1
 		rep.Tokens, rep.PerTokenMs, rep.Text = rep.Tokens[:0], rep.PerTokenMs[:0], ""
 		start = time.Now()
-		s, err = c.Generate(cctx, client.Request{Model: mc, Prompt: a.prompt, MaxTokens: a.maxTokens})
+		s, err = c.Generate(cctx, client.Request{Model: mc, Prompt: a.prompt, MaxTokens: a.maxTokens, Escrow: a.escrow})
 		if err != nil {
 			return fmt.Errorf("request %d: %w", req+1, err)
 		}
@@ -403,8 +403,12 @@ func freeTCPPort() (int, error) {
 // minimum stake an expert needs to be paid), and the model is on the
 // ledger from the start.
 func writeTestnetGenesis(path string, homes []string, model cid.Cid) error {
+	params := ledger.DefaultParams()
+	// The tiny model does a few hundred kFLOPs a token: price it so that a
+	// prompt costs about a NEURO, and the treasury and burn show.
+	params.PricePerMflop = 100_000
 	g := ledger.ChainGenesis{ChainID: "neuro-testnet", Time: time.Now().UTC().Truncate(time.Second),
-		Ledger: &neuropb.LedgerGenesis{Params: ledger.DefaultParams(), Models: [][]byte{model.Bytes()}}}
+		Ledger: &neuropb.LedgerGenesis{Params: params, Models: [][]byte{model.Bytes()}}}
 	for i, home := range homes {
 		key, err := node.LoadIdentity(home)
 		if err != nil {
@@ -421,4 +425,51 @@ func writeTestnetGenesis(path string, homes []string, model cid.Cid) error {
 			Balance: 10_000 * ledger.BaseUnits, Stake: 200 * ledger.BaseUnits})
 	}
 	return ledger.WriteGenesis(path, g)
+}
+
+// escrowDeposit is what the testnet's user puts in escrow for its prompt.
+const escrowDeposit = 100 * ledger.BaseUnits
+
+// openEscrow has node 1 open an escrow for the model with node 0 (the
+// gating node) and waits until the chain has applied it.
+func openEscrow(ctx context.Context, nw *testnet.Network, model cid.Cid, log *slog.Logger) (uint64, error) {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	wallet, gating := nw.Processes()[1], nw.Processes()[0]
+	res, err := node.SubmitLedgerTx(ctx, wallet.APIAddr, node.LedgerTxRequest{Type: "escrow", Model: model.String(),
+		Gating: gating.Status.PeerID, Amount: escrowDeposit})
+	if err != nil {
+		return 0, fmt.Errorf("open escrow: %w", err)
+	}
+	for {
+		info, err := node.FetchLedger(ctx, gating.APIAddr, wallet.Status.PeerID)
+		if err == nil && info.Nonce >= res.Nonce {
+			log.Info("escrow open", "escrow", res.Escrow, "payer", wallet.Status.PeerID, "amount", neuro(escrowDeposit))
+			return res.Escrow, nil
+		}
+		select {
+		case <-ctx.Done():
+			return 0, fmt.Errorf("open escrow: not applied: %w", ctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// waitSettled waits until the gating node's settlements have been applied:
+// its nonce on the chain stops short of nothing it sent.
+func waitSettled(ctx context.Context, nw *testnet.Network) error {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	gating := nw.Processes()[0]
+	for {
+		info, err := node.FetchLedger(ctx, gating.APIAddr, "")
+		if err == nil && info.Treasury > 0 {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("ledger: the generation was not settled: %w", ctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
 }
