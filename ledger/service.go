@@ -48,8 +48,13 @@ type Service struct {
 	done   chan struct{}
 
 	sendMu    sync.Mutex
-	lastNonce uint64 // the last nonce this node used
+	lastNonce uint64    // the last nonce this node used
+	lastSent  time.Time // and when
 }
+
+// nonceGrace is how long a sent transaction may take to reach a block
+// before its nonce is taken to be free again (a validator refused it).
+const nonceGrace = 5 * time.Second
 
 // NewService joins the ledger topic and, on a validator, starts the chain.
 func NewService(h *p2p.Host, key crypto.PrivKey, cfg ServiceConfig, log *slog.Logger) (_ *Service, err error) {
@@ -158,7 +163,11 @@ func (s *Service) Send(ctx context.Context, body func(*neuropb.LedgerTx)) (*neur
 	if err != nil {
 		return nil, err
 	}
-	tx := &neuropb.LedgerTx{Nonce: max(st.GetNonce(), s.lastNonce) + 1}
+	next := st.GetNonce()
+	if s.lastNonce > next && time.Since(s.lastSent) < nonceGrace {
+		next = s.lastNonce // still in flight
+	}
+	tx := &neuropb.LedgerTx{Nonce: next + 1}
 	body(tx)
 	if err := SignTx(s.key, tx); err != nil {
 		return nil, err
@@ -171,7 +180,7 @@ func (s *Service) Send(ctx context.Context, body func(*neuropb.LedgerTx)) (*neur
 		if err := s.chain.Submit(raw); err != nil {
 			return nil, err
 		}
-		s.lastNonce = tx.GetNonce()
+		s.lastNonce, s.lastSent = tx.GetNonce(), time.Now()
 		return tx, nil
 	}
 	if err := verifyTx(tx); err != nil {
@@ -185,7 +194,7 @@ func (s *Service) Send(ctx context.Context, body func(*neuropb.LedgerTx)) (*neur
 	if err := s.topic.Publish(ctx, tx); err != nil {
 		return nil, fmt.Errorf("ledger: publish: %w", err)
 	}
-	s.lastNonce = tx.GetNonce()
+	s.lastNonce, s.lastSent = tx.GetNonce(), time.Now()
 	return tx, nil
 }
 

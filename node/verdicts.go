@@ -26,6 +26,7 @@ type verdicts struct {
 	published, tooLarge           atomic.Int64
 	confirmed, refuted, unchecked atomic.Int64
 	undecided, rejected           atomic.Int64
+	slashes                       atomic.Int64
 }
 
 // VerdictStatus counts verdicts.
@@ -38,11 +39,14 @@ type VerdictStatus struct {
 	Unchecked int64 `json:"unchecked"`
 	// Rejected verdicts failed verification (signature, digests, fields).
 	Rejected int64 `json:"rejected"`
+	// Slashes counts the verdicts this node (a judge) reported to the
+	// ledger.
+	Slashes int64 `json:"slashes"`
 }
 
 func (vd *verdicts) status() *VerdictStatus {
 	return &VerdictStatus{Published: vd.published.Load(), Confirmed: vd.confirmed.Load(), Refuted: vd.refuted.Load(),
-		Undecided: vd.undecided.Load(), Unchecked: vd.unchecked.Load(), Rejected: vd.rejected.Load()}
+		Undecided: vd.undecided.Load(), Unchecked: vd.unchecked.Load(), Rejected: vd.rejected.Load(), Slashes: vd.slashes.Load()}
 }
 
 func newVerdicts(n *Node) (*verdicts, error) {
@@ -93,6 +97,19 @@ func (vd *verdicts) publish(ctx context.Context, w gating.Verdict) {
 		return
 	}
 	vd.published.Add(1)
+	// The judge also reports the verdict to the ledger, which slashes the
+	// liar's stake when the judge is staked. (Other nodes re-run the
+	// verdict and adjust their own books; a refuted judge loses their
+	// trust, but a dispute on the chain is not built yet.)
+	if vd.n.ledger != nil {
+		if _, err := vd.n.ledger.Send(pctx, func(tx *neuropb.LedgerTx) {
+			tx.Body = &neuropb.LedgerTx_Slash{Slash: &neuropb.Slash{Verdict: v}}
+		}); err != nil {
+			vd.n.log.Warn("report verdict for slashing", "accused", w.Accused, "err", err)
+		} else {
+			vd.slashes.Add(1)
+		}
+	}
 	vd.n.log.Info("published verdict", "accused", w.Accused, "expert", w.Key.String())
 }
 

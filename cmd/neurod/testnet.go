@@ -78,6 +78,9 @@ type testnetLedger struct {
 	Treasury       uint64            `json:"treasury"`
 	Burned         uint64            `json:"burned"`
 	SupplyOK       bool              `json:"supply_ok"`
+	// StakesAfter is each node's stake after the run (slashing takes from
+	// it).
+	StakesAfter map[string]uint64 `json:"stakes_after"`
 }
 
 // testnetStats are the gating node's measurements of the generation.
@@ -427,6 +430,7 @@ func runTestnet(ctx context.Context, stdout, stderr io.Writer, g *globalFlags, a
 		printNodes(stdout, rep)
 	}
 
+	stakes := map[string]uint64{}
 	balances := func() (map[string]uint64, *node.LedgerInfo, error) {
 		out := map[string]uint64{}
 		var last *node.LedgerInfo
@@ -436,6 +440,7 @@ func runTestnet(ctx context.Context, stdout, stderr io.Writer, g *globalFlags, a
 				return nil, nil, err
 			}
 			out[p.Status.PeerID], last = info.Balance, info
+			stakes[p.Status.PeerID] = info.Staked
 		}
 		return out, last, nil
 	}
@@ -454,12 +459,19 @@ func runTestnet(ctx context.Context, stdout, stderr io.Writer, g *globalFlags, a
 	if err := waitSettled(ctx, nw); err != nil {
 		return failNet(err)
 	}
+	// Verdicts of the run are re-checked by the expert nodes, which report
+	// the confirmed ones for slashing: give those a few blocks.
+	if len(a.faults) > 0 {
+		if err := waitBlocks(ctx, nw, 10); err != nil {
+			return failNet(err)
+		}
+	}
 	after, info, err := balances()
 	if err != nil {
 		return failNet(fmt.Errorf("ledger: %w", err))
 	}
 	rep.Ledger = &testnetLedger{Height: info.Height, AppHash: info.AppHash, BalancesBefore: before, BalancesAfter: after,
-		Treasury: info.Treasury, Burned: info.Burned, SupplyOK: info.SupplyOK}
+		Treasury: info.Treasury, Burned: info.Burned, SupplyOK: info.SupplyOK, StakesAfter: stakes}
 	if err := nw.Refresh(ctx); err != nil {
 		log.Warn("status after the workload", "err", err)
 	}

@@ -473,3 +473,26 @@ func waitSettled(ctx context.Context, nw *testnet.Network) error {
 		}
 	}
 }
+
+// waitBlocks waits until the chain has committed n more blocks.
+func waitBlocks(ctx context.Context, nw *testnet.Network, n int64) error {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	start := int64(-1)
+	for {
+		info, err := node.FetchLedger(ctx, nw.Processes()[0].APIAddr, "")
+		if err == nil {
+			if start < 0 {
+				start = info.Height
+			}
+			if info.Height >= start+n {
+				return nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("ledger: %d blocks not committed: %w", n, ctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}

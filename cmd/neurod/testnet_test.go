@@ -363,6 +363,18 @@ func TestTestnetFaulty(t *testing.T) {
 	if err := json.Unmarshal([]byte(r.stdout), &rep); err != nil {
 		t.Fatal(err)
 	}
+	var led struct {
+		Ledger struct {
+			StakesAfter map[string]uint64 `json:"stakes_after"`
+			SupplyOK    bool              `json:"supply_ok"`
+		} `json:"ledger"`
+		Nodes []struct {
+			PeerID string `json:"peer_id"`
+		} `json:"nodes"`
+	}
+	if err := json.Unmarshal([]byte(r.stdout), &led); err != nil || !led.Ledger.SupplyOK {
+		t.Fatalf("ledger: %v %+v", err, led.Ledger)
+	}
 	// The gating node published its verdicts; honest expert nodes re-ran
 	// them and confirmed them, never refuted one.
 	if rep.Nodes[0].Verdicts.Published == 0 {
@@ -382,12 +394,20 @@ func TestTestnetFaulty(t *testing.T) {
 			if !n.Excluded || n.Failed == 0 || n.Score != 0 {
 				t.Errorf("faulty node %d (%s) not excluded: %+v", n.Index, *n.Faulty, n)
 			}
+			// Honest nodes re-ran its verdicts and reported them: the chain
+			// slashed its 200 NEURO stake.
+			if st := led.Ledger.StakesAfter[led.Nodes[n.Index].PeerID]; st >= 200_000_000 {
+				t.Errorf("faulty node %d (%s) not slashed: stake %d", n.Index, *n.Faulty, st)
+			}
 		case "":
 			if n.Excluded || n.Failed != 0 {
 				t.Errorf("honest node %d accused: %+v", n.Index, n)
 			}
 			if n.Verdicts.Refuted != 0 || n.Verdicts.Confirmed == 0 {
 				t.Errorf("honest node %d: verdicts %+v", n.Index, n.Verdicts)
+			}
+			if st := led.Ledger.StakesAfter[led.Nodes[n.Index].PeerID]; st != 200_000_000 {
+				t.Errorf("honest node %d slashed: stake %d", n.Index, st)
 			}
 		}
 	}
