@@ -8,6 +8,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/ipfs/go-cid"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -135,6 +136,10 @@ func precheck(st *neuropb.LedgerStatus, tx *neuropb.LedgerTx) error {
 	switch b := tx.GetBody().(type) {
 	case *neuropb.LedgerTx_Transfer, *neuropb.LedgerTx_Stake, *neuropb.LedgerTx_Unstake:
 		return probe.apply(peer.ID(tx.GetSender()).String(), acc, tx)
+	case *neuropb.LedgerTx_Propose, *neuropb.LedgerTx_Vote:
+		if acc.Staked == 0 {
+			return txErr(CodeNotAllowed, "only stakers propose and vote")
+		}
 	case *neuropb.LedgerTx_OpenEscrow:
 		if b.OpenEscrow.GetAmount() > acc.Balance {
 			return txErr(CodeInsufficient, "escrow of %d with a balance of %d", b.OpenEscrow.GetAmount(), acc.Balance)
@@ -219,6 +224,30 @@ func (s *Service) status(p peer.ID) *neuropb.LedgerStatus {
 	st := s.chain.App.State()
 	out := &neuropb.LedgerStatus{Height: st.Height, AppHash: st.Hash(), Treasury: st.Treasury, Burned: st.Burned,
 		Emitted: st.Emitted, Supply: st.Supply(), Held: st.Held(), ChainId: s.cfg.Genesis.ChainID}
+	for _, id := range sortedKeys(st.Proposals) {
+		pr := st.Proposals[id]
+		lp := &neuropb.LedgerProposal{Id: id, Ends: pr.Ends, Done: pr.Done, Passed: pr.Passed}
+		if who, err := peer.Decode(pr.Proposer); err == nil {
+			lp.Proposer = []byte(who)
+		}
+		if c, err := cid.Decode(pr.AddModel); err == nil {
+			lp.AddModel = c.Bytes()
+		}
+		if len(pr.Params) > 0 {
+			lp.Params = &neuropb.LedgerParams{}
+			_ = proto.Unmarshal(pr.Params, lp.Params)
+		}
+		for _, v := range sortedKeys(pr.Votes) {
+			if a := st.Accounts[v]; a != nil {
+				if pr.Votes[v] {
+					lp.YesStake += a.Staked
+				} else {
+					lp.NoStake += a.Staked
+				}
+			}
+		}
+		out.Proposals = append(out.Proposals, lp)
+	}
 	if a := st.Accounts[p.String()]; a != nil {
 		out.Balance, out.Staked, out.Nonce = a.Balance, a.Staked, a.Nonce
 		for _, u := range a.Unbonding {

@@ -41,6 +41,21 @@ type LedgerInfo struct {
 	// SupplyOK is true when genesis + emitted − burned equals everything
 	// held.
 	SupplyOK bool `json:"supply_ok"`
+	// Proposals are the chain's governance proposals.
+	Proposals []ProposalInfo `json:"proposals"`
+}
+
+// ProposalInfo is one governance proposal.
+type ProposalInfo struct {
+	ID       uint64 `json:"id"`
+	Proposer string `json:"proposer"`
+	AddModel string `json:"add_model,omitempty"`
+	Params   bool   `json:"params,omitempty"`
+	Ends     int64  `json:"ends"`
+	Done     bool   `json:"done"`
+	Passed   bool   `json:"passed"`
+	Yes      uint64 `json:"yes_stake"`
+	No       uint64 `json:"no_stake"`
 }
 
 // LedgerTxRequest asks the node to sign and submit a transaction.
@@ -49,9 +64,13 @@ type LedgerTxRequest struct {
 	Type   string `json:"type"`
 	To     string `json:"to,omitempty"`
 	Amount uint64 `json:"amount"`
-	// Model and Gating (CID, peer ID) for an escrow.
+	// Model and Gating (CID, peer ID) for an escrow; Model for a proposal
+	// to add it.
 	Model  string `json:"model,omitempty"`
 	Gating string `json:"gating,omitempty"`
+	// Proposal and Yes for a vote.
+	Proposal uint64 `json:"proposal,omitempty"`
+	Yes      bool   `json:"yes,omitempty"`
 }
 
 // LedgerTxResult is what submitting a transaction gave.
@@ -70,10 +89,19 @@ func (n *Node) ledgerInfo(ctx context.Context, p peer.ID) (*LedgerInfo, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &LedgerInfo{ChainID: st.GetChainId(), Validator: n.ledger.Validator(), Height: st.GetHeight(),
+	info := &LedgerInfo{ChainID: st.GetChainId(), Validator: n.ledger.Validator(), Height: st.GetHeight(),
 		AppHash: hex.EncodeToString(st.GetAppHash()), Peer: p.String(), Balance: st.GetBalance(), Staked: st.GetStaked(),
 		Unbonding: st.GetUnbonding(), Nonce: st.GetNonce(), Treasury: st.GetTreasury(), Burned: st.GetBurned(),
-		Emitted: st.GetEmitted(), Supply: st.GetSupply(), SupplyOK: st.GetSupply() == st.GetHeld()}, nil
+		Emitted: st.GetEmitted(), Supply: st.GetSupply(), SupplyOK: st.GetSupply() == st.GetHeld(), Proposals: []ProposalInfo{}}
+	for _, pr := range st.GetProposals() {
+		pi := ProposalInfo{ID: pr.GetId(), Proposer: peer.ID(pr.GetProposer()).String(), Params: pr.GetParams() != nil,
+			Ends: pr.GetEnds(), Done: pr.GetDone(), Passed: pr.GetPassed(), Yes: pr.GetYesStake(), No: pr.GetNoStake()}
+		if c, err := cid.Cast(pr.GetAddModel()); err == nil {
+			pi.AddModel = c.String()
+		}
+		info.Proposals = append(info.Proposals, pi)
+	}
+	return info, nil
 }
 
 func (n *Node) serveLedger(w http.ResponseWriter, r *http.Request) {
@@ -120,9 +148,14 @@ func (n *Node) serveLedger(w http.ResponseWriter, r *http.Request) {
 				fail(http.StatusBadRequest, fmt.Errorf("gating %q: %w", req.Gating, err))
 				return
 			}
-		case "stake", "unstake":
+		case "propose":
+			if model, err = cid.Decode(req.Model); err != nil {
+				fail(http.StatusBadRequest, fmt.Errorf("model %q: %w", req.Model, err))
+				return
+			}
+		case "stake", "unstake", "vote":
 		default:
-			fail(http.StatusBadRequest, fmt.Errorf("transaction type %q: want transfer, stake, unstake or escrow", req.Type))
+			fail(http.StatusBadRequest, fmt.Errorf("transaction type %q: want transfer, stake, unstake, escrow, propose or vote", req.Type))
 			return
 		}
 		tx, err := n.ledger.Send(ctx, func(tx *neuropb.LedgerTx) {
@@ -135,6 +168,10 @@ func (n *Node) serveLedger(w http.ResponseWriter, r *http.Request) {
 				tx.Body = &neuropb.LedgerTx_Unstake{Unstake: &neuropb.Unstake{Amount: req.Amount}}
 			case "escrow":
 				tx.Body = &neuropb.LedgerTx_OpenEscrow{OpenEscrow: &neuropb.OpenEscrow{Model: model.Bytes(), Gating: []byte(gatingPeer), Amount: req.Amount}}
+			case "propose":
+				tx.Body = &neuropb.LedgerTx_Propose{Propose: &neuropb.Propose{Change: &neuropb.Propose_AddModel{AddModel: model.Bytes()}}}
+			case "vote":
+				tx.Body = &neuropb.LedgerTx_Vote{Vote: &neuropb.Vote{Proposal: req.Proposal, Yes: req.Yes}}
 			}
 		})
 		if err != nil {

@@ -944,10 +944,12 @@ type LedgerStatus struct {
 	Emitted   uint64                 `protobuf:"varint,9,opt,name=emitted,proto3" json:"emitted,omitempty"`
 	// genesis + emitted - burned, and what is held: equal when the supply
 	// invariant holds.
-	Supply        uint64 `protobuf:"varint,10,opt,name=supply,proto3" json:"supply,omitempty"`
-	Held          uint64 `protobuf:"varint,11,opt,name=held,proto3" json:"held,omitempty"`
-	ChainId       string `protobuf:"bytes,12,opt,name=chain_id,json=chainId,proto3" json:"chain_id,omitempty"`
-	Error         string `protobuf:"bytes,13,opt,name=error,proto3" json:"error,omitempty"`
+	Supply  uint64 `protobuf:"varint,10,opt,name=supply,proto3" json:"supply,omitempty"`
+	Held    uint64 `protobuf:"varint,11,opt,name=held,proto3" json:"held,omitempty"`
+	ChainId string `protobuf:"bytes,12,opt,name=chain_id,json=chainId,proto3" json:"chain_id,omitempty"`
+	Error   string `protobuf:"bytes,13,opt,name=error,proto3" json:"error,omitempty"`
+	// Governance proposals, newest last.
+	Proposals     []*LedgerProposal `protobuf:"bytes,14,rep,name=proposals,proto3" json:"proposals,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1073,6 +1075,123 @@ func (x *LedgerStatus) GetError() string {
 	return ""
 }
 
+func (x *LedgerStatus) GetProposals() []*LedgerProposal {
+	if x != nil {
+		return x.Proposals
+	}
+	return nil
+}
+
+type LedgerProposal struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Id       uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	Proposer []byte                 `protobuf:"bytes,2,opt,name=proposer,proto3" json:"proposer,omitempty"`
+	// What it changes: a model CID to add, or new parameters.
+	AddModel []byte        `protobuf:"bytes,3,opt,name=add_model,json=addModel,proto3" json:"add_model,omitempty"`
+	Params   *LedgerParams `protobuf:"bytes,4,opt,name=params,proto3" json:"params,omitempty"`
+	Ends     int64         `protobuf:"varint,5,opt,name=ends,proto3" json:"ends,omitempty"`
+	Done     bool          `protobuf:"varint,6,opt,name=done,proto3" json:"done,omitempty"`
+	Passed   bool          `protobuf:"varint,7,opt,name=passed,proto3" json:"passed,omitempty"`
+	// Stake voting yes and no so far.
+	YesStake      uint64 `protobuf:"varint,8,opt,name=yes_stake,json=yesStake,proto3" json:"yes_stake,omitempty"`
+	NoStake       uint64 `protobuf:"varint,9,opt,name=no_stake,json=noStake,proto3" json:"no_stake,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LedgerProposal) Reset() {
+	*x = LedgerProposal{}
+	mi := &file_ledger_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LedgerProposal) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LedgerProposal) ProtoMessage() {}
+
+func (x *LedgerProposal) ProtoReflect() protoreflect.Message {
+	mi := &file_ledger_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LedgerProposal.ProtoReflect.Descriptor instead.
+func (*LedgerProposal) Descriptor() ([]byte, []int) {
+	return file_ledger_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *LedgerProposal) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *LedgerProposal) GetProposer() []byte {
+	if x != nil {
+		return x.Proposer
+	}
+	return nil
+}
+
+func (x *LedgerProposal) GetAddModel() []byte {
+	if x != nil {
+		return x.AddModel
+	}
+	return nil
+}
+
+func (x *LedgerProposal) GetParams() *LedgerParams {
+	if x != nil {
+		return x.Params
+	}
+	return nil
+}
+
+func (x *LedgerProposal) GetEnds() int64 {
+	if x != nil {
+		return x.Ends
+	}
+	return 0
+}
+
+func (x *LedgerProposal) GetDone() bool {
+	if x != nil {
+		return x.Done
+	}
+	return false
+}
+
+func (x *LedgerProposal) GetPassed() bool {
+	if x != nil {
+		return x.Passed
+	}
+	return false
+}
+
+func (x *LedgerProposal) GetYesStake() uint64 {
+	if x != nil {
+		return x.YesStake
+	}
+	return 0
+}
+
+func (x *LedgerProposal) GetNoStake() uint64 {
+	if x != nil {
+		return x.NoStake
+	}
+	return 0
+}
+
 type LedgerGenesis_Account struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Peer          []byte                 `protobuf:"bytes,1,opt,name=peer,proto3" json:"peer,omitempty"`
@@ -1084,7 +1203,7 @@ type LedgerGenesis_Account struct {
 
 func (x *LedgerGenesis_Account) Reset() {
 	*x = LedgerGenesis_Account{}
-	mi := &file_ledger_proto_msgTypes[13]
+	mi := &file_ledger_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1096,7 +1215,7 @@ func (x *LedgerGenesis_Account) String() string {
 func (*LedgerGenesis_Account) ProtoMessage() {}
 
 func (x *LedgerGenesis_Account) ProtoReflect() protoreflect.Message {
-	mi := &file_ledger_proto_msgTypes[13]
+	mi := &file_ledger_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1202,7 +1321,7 @@ const file_ledger_proto_rawDesc = "" +
 	"\abalance\x18\x02 \x01(\x04R\abalance\x12\x14\n" +
 	"\x05stake\x18\x03 \x01(\x04R\x05stake\"!\n" +
 	"\vLedgerQuery\x12\x12\n" +
-	"\x04peer\x18\x01 \x01(\fR\x04peer\"\xd2\x02\n" +
+	"\x04peer\x18\x01 \x01(\fR\x04peer\"\x8a\x03\n" +
 	"\fLedgerStatus\x12\x16\n" +
 	"\x06height\x18\x01 \x01(\x03R\x06height\x12\x19\n" +
 	"\bapp_hash\x18\x02 \x01(\fR\aappHash\x12\x18\n" +
@@ -1217,7 +1336,18 @@ const file_ledger_proto_rawDesc = "" +
 	" \x01(\x04R\x06supply\x12\x12\n" +
 	"\x04held\x18\v \x01(\x04R\x04held\x12\x19\n" +
 	"\bchain_id\x18\f \x01(\tR\achainId\x12\x14\n" +
-	"\x05error\x18\r \x01(\tR\x05errorB*Z(github.com/neuro-p2p/neuro/proto;neuropbb\x06proto3"
+	"\x05error\x18\r \x01(\tR\x05error\x126\n" +
+	"\tproposals\x18\x0e \x03(\v2\x18.neuro.v1.LedgerProposalR\tproposals\"\x81\x02\n" +
+	"\x0eLedgerProposal\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x1a\n" +
+	"\bproposer\x18\x02 \x01(\fR\bproposer\x12\x1b\n" +
+	"\tadd_model\x18\x03 \x01(\fR\baddModel\x12.\n" +
+	"\x06params\x18\x04 \x01(\v2\x16.neuro.v1.LedgerParamsR\x06params\x12\x12\n" +
+	"\x04ends\x18\x05 \x01(\x03R\x04ends\x12\x12\n" +
+	"\x04done\x18\x06 \x01(\bR\x04done\x12\x16\n" +
+	"\x06passed\x18\a \x01(\bR\x06passed\x12\x1b\n" +
+	"\tyes_stake\x18\b \x01(\x04R\byesStake\x12\x19\n" +
+	"\bno_stake\x18\t \x01(\x04R\anoStakeB*Z(github.com/neuro-p2p/neuro/proto;neuropbb\x06proto3"
 
 var (
 	file_ledger_proto_rawDescOnce sync.Once
@@ -1231,7 +1361,7 @@ func file_ledger_proto_rawDescGZIP() []byte {
 	return file_ledger_proto_rawDescData
 }
 
-var file_ledger_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
+var file_ledger_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
 var file_ledger_proto_goTypes = []any{
 	(*LedgerTx)(nil),              // 0: neuro.v1.LedgerTx
 	(*Transfer)(nil),              // 1: neuro.v1.Transfer
@@ -1246,9 +1376,10 @@ var file_ledger_proto_goTypes = []any{
 	(*LedgerGenesis)(nil),         // 10: neuro.v1.LedgerGenesis
 	(*LedgerQuery)(nil),           // 11: neuro.v1.LedgerQuery
 	(*LedgerStatus)(nil),          // 12: neuro.v1.LedgerStatus
-	(*LedgerGenesis_Account)(nil), // 13: neuro.v1.LedgerGenesis.Account
-	(*UsageReceipt)(nil),          // 14: neuro.v1.UsageReceipt
-	(*Verdict)(nil),               // 15: neuro.v1.Verdict
+	(*LedgerProposal)(nil),        // 13: neuro.v1.LedgerProposal
+	(*LedgerGenesis_Account)(nil), // 14: neuro.v1.LedgerGenesis.Account
+	(*UsageReceipt)(nil),          // 15: neuro.v1.UsageReceipt
+	(*Verdict)(nil),               // 16: neuro.v1.Verdict
 }
 var file_ledger_proto_depIdxs = []int32{
 	1,  // 0: neuro.v1.LedgerTx.transfer:type_name -> neuro.v1.Transfer
@@ -1259,16 +1390,18 @@ var file_ledger_proto_depIdxs = []int32{
 	6,  // 5: neuro.v1.LedgerTx.slash:type_name -> neuro.v1.Slash
 	8,  // 6: neuro.v1.LedgerTx.propose:type_name -> neuro.v1.Propose
 	9,  // 7: neuro.v1.LedgerTx.vote:type_name -> neuro.v1.Vote
-	14, // 8: neuro.v1.Settle.receipts:type_name -> neuro.v1.UsageReceipt
-	15, // 9: neuro.v1.Slash.verdict:type_name -> neuro.v1.Verdict
+	15, // 8: neuro.v1.Settle.receipts:type_name -> neuro.v1.UsageReceipt
+	16, // 9: neuro.v1.Slash.verdict:type_name -> neuro.v1.Verdict
 	7,  // 10: neuro.v1.Propose.params:type_name -> neuro.v1.LedgerParams
-	13, // 11: neuro.v1.LedgerGenesis.accounts:type_name -> neuro.v1.LedgerGenesis.Account
+	14, // 11: neuro.v1.LedgerGenesis.accounts:type_name -> neuro.v1.LedgerGenesis.Account
 	7,  // 12: neuro.v1.LedgerGenesis.params:type_name -> neuro.v1.LedgerParams
-	13, // [13:13] is the sub-list for method output_type
-	13, // [13:13] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	13, // 13: neuro.v1.LedgerStatus.proposals:type_name -> neuro.v1.LedgerProposal
+	7,  // 14: neuro.v1.LedgerProposal.params:type_name -> neuro.v1.LedgerParams
+	15, // [15:15] is the sub-list for method output_type
+	15, // [15:15] is the sub-list for method input_type
+	15, // [15:15] is the sub-list for extension type_name
+	15, // [15:15] is the sub-list for extension extendee
+	0,  // [0:15] is the sub-list for field type_name
 }
 
 func init() { file_ledger_proto_init() }
@@ -1298,7 +1431,7 @@ func file_ledger_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ledger_proto_rawDesc), len(file_ledger_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   14,
+			NumMessages:   15,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

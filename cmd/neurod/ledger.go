@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/ipfs/go-cid"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/spf13/cobra"
 
@@ -50,6 +51,17 @@ units).`,
 		fmt.Fprintf(cmd.OutOrStdout(), "chain %s at height %d (app hash %s)\naccount %s: balance %s NEURO, staked %s, unbonding %s, nonce %d\ntreasury %s, burned %s, emitted %s; supply %s (%s)\n",
 			info.ChainID, info.Height, info.AppHash, info.Peer, neuro(info.Balance), neuro(info.Staked), neuro(info.Unbonding), info.Nonce,
 			neuro(info.Treasury), neuro(info.Burned), neuro(info.Emitted), neuro(info.Supply), map[bool]string{true: "invariant holds", false: "INVARIANT BROKEN"}[info.SupplyOK])
+		for _, p := range info.Proposals {
+			what := "new parameters"
+			if p.AddModel != "" {
+				what = "add model " + p.AddModel
+			}
+			state := fmt.Sprintf("open until height %d", p.Ends)
+			if p.Done {
+				state = map[bool]string{true: "passed", false: "rejected"}[p.Passed]
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "proposal %d: %s (%s; yes %s, no %s staked NEURO)\n", p.ID, what, state, neuro(p.Yes), neuro(p.No))
+		}
 		return nil
 	}
 	status := &cobra.Command{
@@ -112,7 +124,33 @@ units).`,
 			return submit(cmd, node.LedgerTxRequest{Type: "unstake"}, args[0])
 		},
 	}
-	cmd.AddCommand(status, balance, send, stake, unstake, newLedgerSimulateCmd())
+	propose := &cobra.Command{
+		Use: "propose add-model CID", Short: "Propose a governance change: add a model escrows may pay for (needs the minimum stake)",
+		Args: cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if args[0] != "add-model" {
+				return fmt.Errorf("proposal %q: want add-model CID", args[0])
+			}
+			if _, err := cid.Decode(args[1]); err != nil {
+				return fmt.Errorf("model %q: %w", args[1], err)
+			}
+			return submitRaw(cmd, api, node.LedgerTxRequest{Type: "propose", Model: args[1]})
+		},
+	}
+	vote := &cobra.Command{
+		Use: "vote ID yes|no", Short: "Vote on a proposal with this node's stake", Args: cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			id, err := strconv.ParseUint(args[0], 10, 64)
+			if err != nil || id == 0 {
+				return fmt.Errorf("proposal %q: want its number (see 'neurod ledger status')", args[0])
+			}
+			if args[1] != "yes" && args[1] != "no" {
+				return fmt.Errorf("vote %q: want yes or no", args[1])
+			}
+			return submitRaw(cmd, api, node.LedgerTxRequest{Type: "vote", Proposal: id, Yes: args[1] == "yes"})
+		},
+	}
+	cmd.AddCommand(status, balance, send, stake, unstake, propose, vote, newLedgerSimulateCmd())
 	return cmd
 }
 
@@ -160,6 +198,22 @@ block.`,
 	f.Uint64Var(&o.Seed, "seed", 1, "seed of the simulated peers' keys")
 	f.BoolVar(&asJSON, "json", false, "print JSON")
 	return cmd
+}
+
+// submitRaw submits a transaction without an amount.
+func submitRaw(cmd *cobra.Command, api func() (string, error), req node.LedgerTxRequest) error {
+	addr, err := api()
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(cmd.Context(), 20*time.Second)
+	defer cancel()
+	res, err := node.SubmitLedgerTx(ctx, addr, req)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(cmd.OutOrStdout(), "submitted %s (nonce %d)\n", req.Type, res.Nonce)
+	return nil
 }
 
 // neuro formats base units as NEURO.

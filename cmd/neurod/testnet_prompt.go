@@ -407,6 +407,9 @@ func writeTestnetGenesis(path string, homes []string, model cid.Cid) error {
 	// The tiny model does a few hundred kFLOPs a token: price it so that a
 	// prompt costs about a NEURO, and the treasury and burn show.
 	params.PricePerMflop = 100_000
+	// Votes close after 2 s of 200 ms blocks, so that a user can try
+	// governance on the testnet.
+	params.VotingBlocks = 10
 	g := ledger.ChainGenesis{ChainID: "neuro-testnet", Time: time.Now().UTC().Truncate(time.Second),
 		Ledger: &neuropb.LedgerGenesis{Params: params, Models: [][]byte{model.Bytes()}}}
 	for i, home := range homes {

@@ -305,10 +305,62 @@ func TestTestnetServesClients(t *testing.T) {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
+	// Governance: node 1 proposes a model, nodes 0 and 2 vote for it, and
+	// it passes when the vote closes (10 blocks on the testnet).
+	newModel := "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy"
+	if r := neurod(t, nil, "ledger", "propose", "add-model", newModel, "--home", filepath.Join(dir, "node-1")); r.code != 0 {
+		t.Fatalf("ledger propose: %+v", r)
+	}
+	var gov struct {
+		Proposals []struct {
+			ID       uint64 `json:"id"`
+			AddModel string `json:"add_model"`
+			Done     bool   `json:"done"`
+			Passed   bool   `json:"passed"`
+		} `json:"proposals"`
+	}
+	proposals := func() {
+		t.Helper()
+		r := neurod(t, nil, "ledger", "status", "--json", "--home", filepath.Join(dir, "node-0"))
+		if r.code != 0 || json.Unmarshal([]byte(r.stdout), &gov) != nil {
+			t.Fatalf("ledger status: %+v", r)
+		}
+	}
+	for i := 0; ; i++ {
+		proposals()
+		if len(gov.Proposals) == 1 {
+			break
+		}
+		if i == 50 {
+			t.Fatalf("proposal not on the chain: %+v", gov)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	for _, h := range []string{"node-0", "node-2"} {
+		if r := neurod(t, nil, "ledger", "vote", fmt.Sprint(gov.Proposals[0].ID), "yes", "--home", filepath.Join(dir, h)); r.code != 0 {
+			t.Fatalf("ledger vote: %+v", r)
+		}
+	}
+	for i := 0; ; i++ {
+		proposals()
+		if gov.Proposals[0].Done {
+			break
+		}
+		if i == 100 {
+			t.Fatalf("vote never closed: %+v", gov)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if p := gov.Proposals[0]; !p.Passed || p.AddModel != newModel {
+		t.Fatalf("proposal: %+v", p)
+	}
 	for _, tc := range []struct {
 		args []string
 		want string
 	}{
+		{[]string{"ledger", "vote", "99", "yes", "--home", filepath.Join(dir, "node-0")}, "no open proposal 99"},
+		{[]string{"ledger", "vote", "1", "maybe", "--home", filepath.Join(dir, "node-0")}, "want yes or no"},
+		{[]string{"ledger", "propose", "add-model", "nonsense", "--home", filepath.Join(dir, "node-0")}, "model"},
 		{[]string{"ledger", "send", rep.Nodes[2].PeerID, "999999", "--home", filepath.Join(dir, "node-1")}, "with a balance of"},
 		{[]string{"ledger", "stake", "0.0000001", "--home", filepath.Join(dir, "node-1")}, "at most 6 decimals"},
 		{[]string{"ledger", "unstake", "5000", "--home", filepath.Join(dir, "node-0")}, "with a stake of"},
