@@ -480,6 +480,9 @@ func runTestnet(ctx context.Context, stdout, stderr io.Writer, g *globalFlags, a
 	if !a.json && (len(a.faults) > 0 || a.requests > 1) {
 		printTrust(stdout, rep)
 	}
+	if !a.json && rep.Ledger != nil {
+		printLedger(stdout, rep)
+	}
 	if a.check {
 		stop()
 		for _, e := range rep.Stopped {
@@ -560,5 +563,23 @@ func writeJSON(w io.Writer, v any) {
 	enc.SetIndent("", "  ")
 	if err := enc.Encode(v); err != nil && !errors.Is(err, os.ErrClosed) {
 		fmt.Fprintln(os.Stderr, "neurod: write json:", err)
+	}
+}
+
+// printLedger prints who paid and who earned NEURO for the run.
+func printLedger(w io.Writer, rep testnetReport) {
+	l := rep.Ledger
+	fmt.Fprintf(w, "\nledger at height %d (%s): treasury %s NEURO, burned %s\n", l.Height,
+		map[bool]string{true: "supply invariant holds", false: "SUPPLY INVARIANT BROKEN"}[l.SupplyOK], neuro(l.Treasury), neuro(l.Burned))
+	for _, n := range rep.Nodes {
+		before, after := l.BalancesBefore[n.PeerID], l.BalancesAfter[n.PeerID]
+		change := "+" + neuro(after-min(after, before))
+		if after < before {
+			change = "-" + neuro(before-after)
+		}
+		if after == before {
+			change = "0"
+		}
+		fmt.Fprintf(w, "  node %d %s: %s NEURO (%s), stake %s\n", n.Index, strings.Join(n.Roles, ","), neuro(after), change, neuro(l.StakesAfter[n.PeerID]))
 	}
 }
