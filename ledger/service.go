@@ -131,8 +131,8 @@ func (s *Service) Close() error {
 // the chain's own error.
 func precheck(st *neuropb.LedgerStatus, tx *neuropb.LedgerTx) error {
 	acc := &Account{Balance: st.GetBalance(), Staked: st.GetStaked(), Nonce: st.GetNonce()}
-	probe := &State{Accounts: map[string]*Account{}, Escrows: map[uint64]*Escrow{}, Proposals: map[uint64]*Proposal{},
-		Models: map[string]bool{}, Work: map[string]uint64{}, Slashed: map[string]bool{}, params: DefaultParams()}
+	probe := emptyState()
+	probe.params = DefaultParams()
 	switch b := tx.GetBody().(type) {
 	case *neuropb.LedgerTx_Transfer, *neuropb.LedgerTx_Stake, *neuropb.LedgerTx_Unstake:
 		return probe.apply(peer.ID(tx.GetSender()).String(), acc, tx)

@@ -109,8 +109,7 @@ type State struct {
 
 // NewState builds the genesis state.
 func NewState(g *neuropb.LedgerGenesis) (*State, error) {
-	s := &State{Accounts: map[string]*Account{}, Escrows: map[uint64]*Escrow{}, Proposals: map[uint64]*Proposal{},
-		Models: map[string]bool{}, Work: map[string]uint64{}, Slashed: map[string]bool{}, NextProposal: 1}
+	s := emptyState()
 	p := g.GetParams()
 	if p == nil {
 		p = DefaultParams()
@@ -147,6 +146,12 @@ func NewState(g *neuropb.LedgerGenesis) (*State, error) {
 		s.Models[c.String()] = true
 	}
 	return s, nil
+}
+
+// emptyState is a state with no accounts and no history.
+func emptyState() *State {
+	return &State{Accounts: map[string]*Account{}, Escrows: map[uint64]*Escrow{}, Proposals: map[uint64]*Proposal{},
+		Models: map[string]bool{}, Work: map[string]uint64{}, Slashed: map[string]bool{}, NextProposal: 1}
 }
 
 func checkParams(p *neuropb.LedgerParams) error {

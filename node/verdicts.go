@@ -139,8 +139,16 @@ func (vd *verdicts) receive(ctx context.Context) {
 			}
 		}
 		o := vd.n.book.Judge(m.Msg, t, accused, wrong, right, rerun)
-		map[reputation.Outcome]*atomic.Int64{reputation.Confirmed: &vd.confirmed, reputation.Refuted: &vd.refuted,
-			reputation.Undecided: &vd.undecided, reputation.Unchecked: &vd.unchecked}[o].Add(1)
+		switch o {
+		case reputation.Confirmed:
+			vd.confirmed.Add(1)
+		case reputation.Refuted:
+			vd.refuted.Add(1)
+		case reputation.Undecided:
+			vd.undecided.Add(1)
+		default:
+			vd.unchecked.Add(1)
+		}
 		vd.n.log.Info("verdict received", "judge", m.Author, "accused", accused, "expert", fmt.Sprintf("%d:%d", t.Layer, t.Expert), "outcome", o.String())
 	}
 }

@@ -83,19 +83,9 @@ func generateNetwork(cmd *cobra.Command, r networkRequest) error {
 		if err != nil {
 			return fmt.Errorf("generate: after %d tokens: %w", len(out.Tokens), err)
 		}
-		if t.Rewind != nil {
-			// The terminal already shows the withdrawn text: say so.
-			out.Tokens = out.Tokens[:min(t.Rewind.Keep, len(out.Tokens))]
-			out.PerTokenMs = out.PerTokenMs[:min(t.Rewind.Keep, len(out.PerTokenMs))]
-			if !r.json {
-				fmt.Fprintf(cmd.OutOrStdout(), "\n[a wrong expert result was caught: generating again after token %d]\n", t.Rewind.Keep)
-			}
-			continue
-		}
-		out.Tokens = append(out.Tokens, t.ID)
-		out.PerTokenMs = append(out.PerTokenMs, float64(t.Latency.Microseconds())/1000)
+		shown := streamToken(&out.Tokens, &out.PerTokenMs, t)
 		if !r.json {
-			fmt.Fprint(cmd.OutOrStdout(), t.Text)
+			fmt.Fprint(cmd.OutOrStdout(), shown)
 		}
 	}
 	d := s.Done()
@@ -111,4 +101,19 @@ func generateNetwork(cmd *cobra.Command, r networkRequest) error {
 	fmt.Fprintln(cmd.OutOrStdout(), d.Rest)
 	fmt.Fprintf(cmd.ErrOrStderr(), "%d tokens, %.1f tokens/s, from gating node %s\n", len(out.Tokens), out.TokensPerSecond, d.Gating)
 	return nil
+}
+
+// streamToken applies a streamed token, or a rewind, to the tokens and
+// latencies kept so far and returns what to print: the token's text, or
+// a line saying the text shown after token Keep was withdrawn (the
+// terminal cannot take it back).
+func streamToken(tokens *[]int32, perTokenMs *[]float64, t client.Token) string {
+	if t.Rewind != nil {
+		*tokens = (*tokens)[:min(t.Rewind.Keep, len(*tokens))]
+		*perTokenMs = (*perTokenMs)[:min(t.Rewind.Keep, len(*perTokenMs))]
+		return fmt.Sprintf("\n[a wrong expert result was caught: generating again after token %d]\n", t.Rewind.Keep)
+	}
+	*tokens = append(*tokens, t.ID)
+	*perTokenMs = append(*perTokenMs, float64(t.Latency.Microseconds())/1000)
+	return t.Text
 }

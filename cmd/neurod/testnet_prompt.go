@@ -208,18 +208,14 @@ func askNetwork(ctx context.Context, stdout io.Writer, nw *testnet.Network, mc c
 				return fmt.Errorf("request %d: generation failed after %d tokens: %w", req+1, len(rep.Tokens), err)
 			}
 			if t.Rewind != nil {
-				rep.Tokens = rep.Tokens[:min(t.Rewind.Keep, len(rep.Tokens))]
-				rep.PerTokenMs = rep.PerTokenMs[:min(t.Rewind.Keep, len(rep.PerTokenMs))]
 				rep.Rewinds++
-				if !a.json && last {
-					fmt.Fprintf(stdout, "\n[a wrong expert result was caught: generating again after token %d]\n", t.Rewind.Keep)
-				}
-				continue
 			}
-			rep.Tokens = append(rep.Tokens, t.ID)
-			rep.PerTokenMs = append(rep.PerTokenMs, float64(t.Latency.Microseconds())/1000)
+			shown := streamToken(&rep.Tokens, &rep.PerTokenMs, t)
 			if !a.json && last {
-				fmt.Fprint(stdout, t.Text)
+				fmt.Fprint(stdout, shown)
+			}
+			if t.Rewind != nil {
+				continue
 			}
 			if a.killNodes > 0 && req == 0 && len(rep.Tokens) == a.killAfter {
 				if err := kill(doomed, rep, log); err != nil {
