@@ -33,6 +33,7 @@ type App struct {
 
 	mu      sync.Mutex
 	state   *State // committed
+	prev    *State // committed before it
 	pending *State // being built by FinalizeBlock, committed by Commit
 	check   *State // the mempool's view
 	// AfterBlock, if set, is called with every finalized state (tests
@@ -81,6 +82,14 @@ func (a *App) State() *State {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return a.state.Clone()
+}
+
+// committed returns the last two committed states (prev nil before the
+// second commit). Committed states are never changed: share, do not edit.
+func (a *App) committed() (state, prev *State) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.state, a.prev
 }
 
 // Info implements abci.Application.
@@ -162,7 +171,7 @@ func (a *App) Commit(context.Context, *abci.CommitRequest) (*abci.CommitResponse
 			return nil, fmt.Errorf("ledger: commit: %w", err)
 		}
 	}
-	a.state, a.pending = a.pending, nil
+	a.prev, a.state, a.pending = a.state, a.pending, nil
 	a.check = a.state.Clone()
 	return &abci.CommitResponse{}, nil
 }

@@ -64,7 +64,7 @@ func testModel() cid.Cid {
 
 func genesisFor(actors []*actor) *neuropb.LedgerGenesis {
 	g := &neuropb.LedgerGenesis{Params: DefaultParams(), Models: [][]byte{testModel().Bytes()}}
-	g.Params.EpochBlocks, g.Params.UnbondingBlocks, g.Params.VotingBlocks = 10, 5, 5
+	g.Params.EpochBlocks, g.Params.UnbondingBlocks, g.Params.VotingBlocks, g.Params.EscrowBlocks = 10, 5, 5, 30
 	for _, a := range actors {
 		g.Accounts = append(g.Accounts, &neuropb.LedgerGenesis_Account{Peer: []byte(a.id), Balance: 10_000 * BaseUnits, Stake: 200 * BaseUnits})
 	}
@@ -244,6 +244,54 @@ func TestDoubleSpend(t *testing.T) {
 	s := app.State()
 	if s.Accounts[actors[2].id.String()].Balance != 2*all || s.Accounts[actors[1].id.String()].Balance != all {
 		t.Fatalf("balances after the double spend: %+v", s.Accounts)
+	}
+}
+
+// An escrow settles until it expires; then what is left returns to its
+// payer and a late settlement is refused.
+func TestEscrowExpires(t *testing.T) {
+	actors := newActors(t, 3, rand.New(rand.NewPCG(4, 4)))
+	app, err := NewApp("", genesisFor(actors))
+	if err != nil {
+		t.Fatal(err)
+	}
+	payer, gating, ex := actors[0], actors[1], actors[2]
+	open := payer.tx(t, func(tx *neuropb.LedgerTx) {
+		tx.Body = &neuropb.LedgerTx_OpenEscrow{OpenEscrow: &neuropb.OpenEscrow{Model: testModel().Bytes(), Gating: []byte(gating.id), Amount: 50 * BaseUnits}}
+	})
+	eid := EscrowID(payer.id, payer.nonce)
+	settle := func() []byte {
+		r := &neuropb.UsageReceipt{Escrow: eid, Layer: 1, Tokens: 4, Flops: 3_000_000_000}
+		if err := SignReceipt(ex.key, r); err != nil {
+			t.Fatal(err)
+		}
+		return gating.tx(t, func(tx *neuropb.LedgerTx) {
+			tx.Body = &neuropb.LedgerTx_Settle{Settle: &neuropb.Settle{Escrow: eid, Receipts: []*neuropb.UsageReceipt{r}}}
+		})
+	}
+	if res := block(t, []*App{app}, 1, [][]byte{open}); res[0].Code != 0 {
+		t.Fatal(res[0].Log)
+	}
+	if res := block(t, []*App{app}, 2, [][]byte{settle()}); res[0].Code != 0 {
+		t.Fatal(res[0].Log)
+	}
+	s := app.State()
+	left, before := s.Escrows[eid].Remaining, s.Accounts[payer.id.String()].Balance
+	if left != 50*BaseUnits-3000 || s.Escrows[eid].Expires != 31 {
+		t.Fatalf("escrow %+v", s.Escrows[eid])
+	}
+	for h := int64(3); h <= 31; h++ {
+		block(t, []*App{app}, h, nil)
+	}
+	s = app.State()
+	if s.Escrows[eid] != nil || s.Accounts[payer.id.String()].Balance != before+left {
+		t.Fatalf("after expiry: escrow %+v, payer balance %d (want %d)", s.Escrows[eid], s.Accounts[payer.id.String()].Balance, before+left)
+	}
+	if err := s.CheckInvariant(); err != nil {
+		t.Fatal(err)
+	}
+	if res := block(t, []*App{app}, 32, [][]byte{settle()}); res[0].Code != CodeUnknown {
+		t.Fatalf("settlement after expiry: code %d %s", res[0].Code, res[0].Log)
 	}
 }
 

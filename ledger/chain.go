@@ -2,6 +2,7 @@ package ledger
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -202,6 +203,34 @@ func (c *Chain) Submit(tx []byte) error {
 		return &TxError{Code: r.Code, Msg: r.Log}
 	}
 	return nil
+}
+
+// proven returns the newest committed state that a stored header commits
+// to (its app hash is in the header of the next block), with that header
+// and the commit that signs it, encoded.
+func (c *Chain) proven() (*State, []byte, []byte, error) {
+	state, prev := c.App.committed()
+	for _, st := range []*State{state, prev} {
+		if st == nil {
+			continue
+		}
+		bs := c.node.BlockStore()
+		meta, commit := bs.LoadBlockMeta(st.Height+1), bs.LoadSeenCommit(st.Height+1)
+		if meta == nil || commit == nil {
+			continue
+		}
+		hp := meta.Header.ToProto()
+		hdr, err := hp.Marshal()
+		if err != nil {
+			return nil, nil, nil, fmt.Errorf("ledger: header: %w", err)
+		}
+		cb, err := commit.ToProto().Marshal()
+		if err != nil {
+			return nil, nil, nil, fmt.Errorf("ledger: commit: %w", err)
+		}
+		return st, hdr, cb, nil
+	}
+	return nil, nil, nil, errors.New("ledger: no signed header yet for the committed state")
 }
 
 // Height is the last committed height.

@@ -10,6 +10,8 @@
 // every block: genesis supply + emitted − burned = balances + stakes +
 // unbonding + escrows + treasury.
 //
-// Running it under CometBFT consensus inside neurod, the ledger topic, the
-// CLI and the testnet wiring are not built yet (issue 7 is open).
+// StartChain runs it under CometBFT consensus inside neurod (chain.go);
+// Service is a node's part: validators put the transactions heard on the
+// ledger topic into the mempool and answer queries with proofs that
+// VerifyStatus checks against the validators' signed headers (proof.go).
 package ledger

@@ -98,20 +98,39 @@ func (s *Service) Start() {
 	}
 	go func() {
 		defer close(s.done)
+		held := newReorder(nonceGrace, 1024)
 		for {
 			m, err := sub.Next(s.ctx)
 			if err != nil {
 				return
 			}
-			raw, err := EncodeTx(m.Msg)
-			if err != nil {
-				continue
-			}
-			if err := s.chain.Submit(raw); err != nil {
-				s.log.Debug("transaction from the topic refused", "from", m.Author, "err", err)
-			}
+			relay(held, s.chain.Submit, m.Msg, s.log.With("from", m.Author))
 		}
 	}()
+}
+
+// relay puts a transaction from the topic into the mempool. One refused
+// for its nonce may have come ahead of its sender's previous one: it is
+// held and tried again after the sender's next accepted transaction.
+func relay(held *reorder, submit func([]byte) error, tx *neuropb.LedgerTx, log *slog.Logger) {
+	queue := []*neuropb.LedgerTx{tx}
+	for len(queue) > 0 {
+		tx, queue = queue[0], queue[1:]
+		raw, err := EncodeTx(tx)
+		if err != nil {
+			continue
+		}
+		err = submit(raw)
+		var te *TxError
+		switch {
+		case err == nil:
+			queue = append(queue, held.next(tx.GetSender(), time.Now())...)
+		case errors.As(err, &te) && te.Code == CodeBadNonce && held.hold(tx, time.Now()):
+			log.Debug("transaction from the topic held for its turn", "nonce", tx.GetNonce())
+		default:
+			log.Debug("transaction from the topic refused", "err", err)
+		}
+	}
 }
 
 // Close stops the chain.
@@ -207,7 +226,10 @@ func (s *Service) Send(ctx context.Context, body func(*neuropb.LedgerTx)) (*neur
 // from a validator.
 func (s *Service) Status(ctx context.Context, p peer.ID) (*neuropb.LedgerStatus, error) {
 	if s.chain != nil {
-		return s.status(p), nil
+		st := s.chain.App.State()
+		out := statusOf(st, st.Held(), s.cfg.Genesis.ChainID, p)
+		out.AppHash = st.Hash()
+		return out, nil
 	}
 	var errs []error
 	for _, v := range s.cfg.Genesis.Validators {
@@ -220,10 +242,25 @@ func (s *Service) Status(ctx context.Context, p peer.ID) (*neuropb.LedgerStatus,
 	return nil, fmt.Errorf("ledger: no validator answered: %w", errors.Join(errs...))
 }
 
+// status is this validator's answer for p: the status of the newest
+// state that a stored, signed header commits to, with its proof.
 func (s *Service) status(p peer.ID) *neuropb.LedgerStatus {
-	st := s.chain.App.State()
-	out := &neuropb.LedgerStatus{Height: st.Height, AppHash: st.Hash(), Treasury: st.Treasury, Burned: st.Burned,
-		Emitted: st.Emitted, Supply: st.Supply(), Held: st.Held(), ChainId: s.cfg.Genesis.ChainID}
+	st, hdr, commit, err := s.chain.proven()
+	if err != nil {
+		return &neuropb.LedgerStatus{Error: err.Error()}
+	}
+	out := statusOf(st, st.Held(), s.cfg.Genesis.ChainID, p)
+	out.AppHash = st.Hash()
+	out.Proof = st.prove(p)
+	out.Proof.Header, out.Proof.Commit = hdr, commit
+	return out
+}
+
+// statusOf is the status of p's account in st, whose accounts hold
+// held in all (st may hold only some accounts).
+func statusOf(st *State, held uint64, chainID string, p peer.ID) *neuropb.LedgerStatus {
+	out := &neuropb.LedgerStatus{Height: st.Height, Treasury: st.Treasury, Burned: st.Burned,
+		Emitted: st.Emitted, Supply: st.Supply(), Held: held, ChainId: chainID}
 	for _, id := range sortedKeys(st.Proposals) {
 		pr := st.Proposals[id]
 		lp := &neuropb.LedgerProposal{Id: id, Ends: pr.Ends, Done: pr.Done, Passed: pr.Passed}
@@ -289,7 +326,12 @@ func (s *Service) query(ctx context.Context, validator, p peer.ID) (*neuropb.Led
 	if out.GetError() != "" {
 		return nil, fmt.Errorf("validator %s: %s", validator, out.GetError())
 	}
-	return out, nil
+	proven, err := VerifyStatus(s.cfg.Genesis, p, out)
+	if err != nil {
+		return nil, fmt.Errorf("validator %s: %w", validator, err)
+	}
+	proven.Proof.Validator = []byte(validator)
+	return proven, nil
 }
 
 func (s *Service) serveQuery(st network.Stream) {

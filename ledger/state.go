@@ -41,7 +41,7 @@ func DefaultParams() *neuropb.LedgerParams {
 		PricePerMflop: 1, MinStake: 100 * BaseUnits,
 		SlashBps: 1000, BountyBps: 2000,
 		UnbondingBlocks: 100, EpochBlocks: 100, InitialEmission: 1000 * BaseUnits, HalvingEpochs: 1000,
-		VotingBlocks: 50,
+		VotingBlocks: 50, EscrowBlocks: 3600,
 	}
 }
 
@@ -65,6 +65,9 @@ type Escrow struct {
 	Gating    string `json:"gating"`
 	Model     string `json:"model"`
 	Remaining uint64 `json:"remaining"`
+	// Expires is the height at whose end what remains returns to the
+	// payer.
+	Expires int64 `json:"expires"`
 }
 
 // Proposal is a governance proposal.
@@ -160,8 +163,8 @@ func checkParams(p *neuropb.LedgerParams) error {
 		return errors.New("treasury and gating shares exceed 100%")
 	case p.GetBurnBps() > 10000 || p.GetSlashBps() > 10000 || p.GetBountyBps() > 10000:
 		return errors.New("a rate exceeds 100%")
-	case p.GetEpochBlocks() == 0 || p.GetHalvingEpochs() == 0 || p.GetVotingBlocks() == 0:
-		return errors.New("epoch, halving and voting periods must be positive")
+	case p.GetEpochBlocks() == 0 || p.GetHalvingEpochs() == 0 || p.GetVotingBlocks() == 0 || p.GetEscrowBlocks() == 0:
+		return errors.New("epoch, halving, voting and escrow periods must be positive")
 	}
 	return nil
 }
@@ -214,12 +217,6 @@ func (s *State) Encode() []byte {
 		panic(fmt.Sprintf("ledger: encode state: %v", err))
 	}
 	return b
-}
-
-// Hash is the app hash: SHA-256 of the encoded state.
-func (s *State) Hash() []byte {
-	h := sha256.Sum256(s.Encode())
-	return h[:]
 }
 
 // Clone is a deep copy (the mempool's scratch state).
@@ -465,7 +462,8 @@ func (s *State) apply(sender string, acc *Account, tx *neuropb.LedgerTx) error {
 			return txErr(CodeNotAllowed, "escrow %d exists", id)
 		}
 		acc.Balance -= amt
-		s.Escrows[id] = &Escrow{Payer: sender, Gating: g.String(), Model: m.String(), Remaining: amt}
+		s.Escrows[id] = &Escrow{Payer: sender, Gating: g.String(), Model: m.String(), Remaining: amt,
+			Expires: s.Height + int64(p.GetEscrowBlocks())}
 	case *neuropb.LedgerTx_Settle:
 		return s.settle(sender, acc, b.Settle)
 	case *neuropb.LedgerTx_Slash:
@@ -606,7 +604,7 @@ func (s *State) slash(reporter *Account, sl *neuropb.Slash) error {
 }
 
 // EndBlock runs the block's housekeeping at height h: releases unbonded
-// stake, closes votes, and at the end of an epoch pays the epoch's
+// stake, refunds expired escrows, closes votes, and at the end of an epoch pays the epoch's
 // emission to the peers whose work was settled in it, by FLOPs.
 func (s *State) EndBlock(h int64) {
 	s.Height = h
@@ -623,6 +621,12 @@ func (s *State) EndBlock(h int64) {
 		a.Unbonding = kept
 		if len(a.Unbonding) == 0 {
 			a.Unbonding = nil
+		}
+	}
+	for _, id := range sortedKeys(s.Escrows) {
+		if e := s.Escrows[id]; e.Expires <= h {
+			s.account(e.Payer).Balance += e.Remaining
+			delete(s.Escrows, id)
 		}
 	}
 	for _, id := range sortedKeys(s.Proposals) {

@@ -43,6 +43,11 @@ type LedgerInfo struct {
 	SupplyOK bool `json:"supply_ok"`
 	// Proposals are the chain's governance proposals.
 	Proposals []ProposalInfo `json:"proposals"`
+	// Source says where the figures come from: "local chain" on a
+	// validator, or on any other node "proven by validator PEER": a
+	// validator's answer checked against a header its peers signed (more
+	// than 2/3 of the genesis voting power) and Merkle proofs of the state.
+	Source string `json:"source"`
 }
 
 // ProposalInfo is one governance proposal.
@@ -92,7 +97,11 @@ func (n *Node) ledgerInfo(ctx context.Context, p peer.ID) (*LedgerInfo, error) {
 	info := &LedgerInfo{ChainID: st.GetChainId(), Validator: n.ledger.Validator(), Height: st.GetHeight(),
 		AppHash: hex.EncodeToString(st.GetAppHash()), Peer: p.String(), Balance: st.GetBalance(), Staked: st.GetStaked(),
 		Unbonding: st.GetUnbonding(), Nonce: st.GetNonce(), Treasury: st.GetTreasury(), Burned: st.GetBurned(),
-		Emitted: st.GetEmitted(), Supply: st.GetSupply(), SupplyOK: st.GetSupply() == st.GetHeld(), Proposals: []ProposalInfo{}}
+		Emitted: st.GetEmitted(), Supply: st.GetSupply(), SupplyOK: st.GetSupply() == st.GetHeld(), Proposals: []ProposalInfo{},
+		Source: "local chain"}
+	if from := st.GetProof().GetValidator(); from != nil {
+		info.Source = "proven by validator " + peer.ID(from).String()
+	}
 	for _, pr := range st.GetProposals() {
 		pi := ProposalInfo{ID: pr.GetId(), Proposer: peer.ID(pr.GetProposer()).String(), Params: pr.GetParams() != nil,
 			Ends: pr.GetEnds(), Done: pr.GetDone(), Passed: pr.GetPassed(), Yes: pr.GetYesStake(), No: pr.GetNoStake()}

@@ -567,7 +567,10 @@ type LedgerParams struct {
 	InitialEmission uint64 `protobuf:"varint,10,opt,name=initial_emission,json=initialEmission,proto3" json:"initial_emission,omitempty"`
 	HalvingEpochs   uint64 `protobuf:"varint,11,opt,name=halving_epochs,json=halvingEpochs,proto3" json:"halving_epochs,omitempty"`
 	// Blocks a proposal is open for votes.
-	VotingBlocks  uint64 `protobuf:"varint,12,opt,name=voting_blocks,json=votingBlocks,proto3" json:"voting_blocks,omitempty"`
+	VotingBlocks uint64 `protobuf:"varint,12,opt,name=voting_blocks,json=votingBlocks,proto3" json:"voting_blocks,omitempty"`
+	// Blocks an escrow stays open; at its end what is left returns to the
+	// payer.
+	EscrowBlocks  uint64 `protobuf:"varint,13,opt,name=escrow_blocks,json=escrowBlocks,proto3" json:"escrow_blocks,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -682,6 +685,13 @@ func (x *LedgerParams) GetHalvingEpochs() uint64 {
 func (x *LedgerParams) GetVotingBlocks() uint64 {
 	if x != nil {
 		return x.VotingBlocks
+	}
+	return 0
+}
+
+func (x *LedgerParams) GetEscrowBlocks() uint64 {
+	if x != nil {
+		return x.EscrowBlocks
 	}
 	return 0
 }
@@ -949,7 +959,10 @@ type LedgerStatus struct {
 	ChainId string `protobuf:"bytes,12,opt,name=chain_id,json=chainId,proto3" json:"chain_id,omitempty"`
 	Error   string `protobuf:"bytes,13,opt,name=error,proto3" json:"error,omitempty"`
 	// Governance proposals, newest last.
-	Proposals     []*LedgerProposal `protobuf:"bytes,14,rep,name=proposals,proto3" json:"proposals,omitempty"`
+	Proposals []*LedgerProposal `protobuf:"bytes,14,rep,name=proposals,proto3" json:"proposals,omitempty"`
+	// What a non-validator checks all of the above against: the chain's
+	// signed header and the state's Merkle proofs.
+	Proof         *LedgerProof `protobuf:"bytes,15,opt,name=proof,proto3" json:"proof,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1082,6 +1095,197 @@ func (x *LedgerStatus) GetProposals() []*LedgerProposal {
 	return nil
 }
 
+func (x *LedgerStatus) GetProof() *LedgerProof {
+	if x != nil {
+		return x.Proof
+	}
+	return nil
+}
+
+// LedgerProof proves a LedgerStatus. The ledger's app hash is the Merkle
+// root (CometBFT's crypto/merkle, RFC 6962 hashing) of its leaves, in key
+// order: one per account ("a/" + peer ID, the account as JSON) and last the
+// global leaf ("g", the rest of the state as JSON). The state of height H
+// is committed to by the app hash in the header of block H+1, which the
+// validators' commit signs.
+type LedgerProof struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The proven state's height.
+	Height int64 `protobuf:"varint,1,opt,name=height,proto3" json:"height,omitempty"`
+	// CometBFT's Header of block height+1 and the Commit that signs it
+	// (cometbft.types.v1 protobuf encoding).
+	Header []byte `protobuf:"bytes,2,opt,name=header,proto3" json:"header,omitempty"`
+	Commit []byte `protobuf:"bytes,3,opt,name=commit,proto3" json:"commit,omitempty"`
+	// The global leaf.
+	Global *MerkleLeaf `protobuf:"bytes,4,opt,name=global,proto3" json:"global,omitempty"`
+	// The queried account's leaf; where it has none, the two leaves either
+	// side of where it would be, which proves it absent.
+	Accounts []*MerkleLeaf `protobuf:"bytes,5,rep,name=accounts,proto3" json:"accounts,omitempty"`
+	// The accounts of the voters of open proposals, for their tallies.
+	Voters []*MerkleLeaf `protobuf:"bytes,6,rep,name=voters,proto3" json:"voters,omitempty"`
+	// The validator that answered (set by the node that checked the proof,
+	// not sent).
+	Validator     []byte `protobuf:"bytes,7,opt,name=validator,proto3" json:"validator,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LedgerProof) Reset() {
+	*x = LedgerProof{}
+	mi := &file_ledger_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LedgerProof) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LedgerProof) ProtoMessage() {}
+
+func (x *LedgerProof) ProtoReflect() protoreflect.Message {
+	mi := &file_ledger_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LedgerProof.ProtoReflect.Descriptor instead.
+func (*LedgerProof) Descriptor() ([]byte, []int) {
+	return file_ledger_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *LedgerProof) GetHeight() int64 {
+	if x != nil {
+		return x.Height
+	}
+	return 0
+}
+
+func (x *LedgerProof) GetHeader() []byte {
+	if x != nil {
+		return x.Header
+	}
+	return nil
+}
+
+func (x *LedgerProof) GetCommit() []byte {
+	if x != nil {
+		return x.Commit
+	}
+	return nil
+}
+
+func (x *LedgerProof) GetGlobal() *MerkleLeaf {
+	if x != nil {
+		return x.Global
+	}
+	return nil
+}
+
+func (x *LedgerProof) GetAccounts() []*MerkleLeaf {
+	if x != nil {
+		return x.Accounts
+	}
+	return nil
+}
+
+func (x *LedgerProof) GetVoters() []*MerkleLeaf {
+	if x != nil {
+		return x.Voters
+	}
+	return nil
+}
+
+func (x *LedgerProof) GetValidator() []byte {
+	if x != nil {
+		return x.Validator
+	}
+	return nil
+}
+
+// MerkleLeaf is one leaf with its proof (CometBFT's merkle.Proof).
+type MerkleLeaf struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Key           string                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	Value         []byte                 `protobuf:"bytes,2,opt,name=value,proto3" json:"value,omitempty"`
+	Total         int64                  `protobuf:"varint,3,opt,name=total,proto3" json:"total,omitempty"`
+	Index         int64                  `protobuf:"varint,4,opt,name=index,proto3" json:"index,omitempty"`
+	Aunts         [][]byte               `protobuf:"bytes,5,rep,name=aunts,proto3" json:"aunts,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MerkleLeaf) Reset() {
+	*x = MerkleLeaf{}
+	mi := &file_ledger_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MerkleLeaf) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MerkleLeaf) ProtoMessage() {}
+
+func (x *MerkleLeaf) ProtoReflect() protoreflect.Message {
+	mi := &file_ledger_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MerkleLeaf.ProtoReflect.Descriptor instead.
+func (*MerkleLeaf) Descriptor() ([]byte, []int) {
+	return file_ledger_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *MerkleLeaf) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+func (x *MerkleLeaf) GetValue() []byte {
+	if x != nil {
+		return x.Value
+	}
+	return nil
+}
+
+func (x *MerkleLeaf) GetTotal() int64 {
+	if x != nil {
+		return x.Total
+	}
+	return 0
+}
+
+func (x *MerkleLeaf) GetIndex() int64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *MerkleLeaf) GetAunts() [][]byte {
+	if x != nil {
+		return x.Aunts
+	}
+	return nil
+}
+
 type LedgerProposal struct {
 	state    protoimpl.MessageState `protogen:"open.v1"`
 	Id       uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -1101,7 +1305,7 @@ type LedgerProposal struct {
 
 func (x *LedgerProposal) Reset() {
 	*x = LedgerProposal{}
-	mi := &file_ledger_proto_msgTypes[13]
+	mi := &file_ledger_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1113,7 +1317,7 @@ func (x *LedgerProposal) String() string {
 func (*LedgerProposal) ProtoMessage() {}
 
 func (x *LedgerProposal) ProtoReflect() protoreflect.Message {
-	mi := &file_ledger_proto_msgTypes[13]
+	mi := &file_ledger_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1126,7 +1330,7 @@ func (x *LedgerProposal) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LedgerProposal.ProtoReflect.Descriptor instead.
 func (*LedgerProposal) Descriptor() ([]byte, []int) {
-	return file_ledger_proto_rawDescGZIP(), []int{13}
+	return file_ledger_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *LedgerProposal) GetId() uint64 {
@@ -1203,7 +1407,7 @@ type LedgerGenesis_Account struct {
 
 func (x *LedgerGenesis_Account) Reset() {
 	*x = LedgerGenesis_Account{}
-	mi := &file_ledger_proto_msgTypes[14]
+	mi := &file_ledger_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1215,7 +1419,7 @@ func (x *LedgerGenesis_Account) String() string {
 func (*LedgerGenesis_Account) ProtoMessage() {}
 
 func (x *LedgerGenesis_Account) ProtoReflect() protoreflect.Message {
-	mi := &file_ledger_proto_msgTypes[14]
+	mi := &file_ledger_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1288,7 +1492,7 @@ const file_ledger_proto_rawDesc = "" +
 	"\x06escrow\x18\x01 \x01(\x04R\x06escrow\x122\n" +
 	"\breceipts\x18\x02 \x03(\v2\x16.neuro.v1.UsageReceiptR\breceipts\"4\n" +
 	"\x05Slash\x12+\n" +
-	"\averdict\x18\x01 \x01(\v2\x11.neuro.v1.VerdictR\averdict\"\xb1\x03\n" +
+	"\averdict\x18\x01 \x01(\v2\x11.neuro.v1.VerdictR\averdict\"\xd6\x03\n" +
 	"\fLedgerParams\x12!\n" +
 	"\ftreasury_bps\x18\x01 \x01(\rR\vtreasuryBps\x12\x19\n" +
 	"\bburn_bps\x18\x02 \x01(\rR\aburnBps\x12\x1d\n" +
@@ -1304,7 +1508,8 @@ const file_ledger_proto_rawDesc = "" +
 	"\x10initial_emission\x18\n" +
 	" \x01(\x04R\x0finitialEmission\x12%\n" +
 	"\x0ehalving_epochs\x18\v \x01(\x04R\rhalvingEpochs\x12#\n" +
-	"\rvoting_blocks\x18\f \x01(\x04R\fvotingBlocks\"d\n" +
+	"\rvoting_blocks\x18\f \x01(\x04R\fvotingBlocks\x12#\n" +
+	"\rescrow_blocks\x18\r \x01(\x04R\fescrowBlocks\"d\n" +
 	"\aPropose\x12\x1d\n" +
 	"\tadd_model\x18\x01 \x01(\fH\x00R\baddModel\x120\n" +
 	"\x06params\x18\x02 \x01(\v2\x16.neuro.v1.LedgerParamsH\x00R\x06paramsB\b\n" +
@@ -1321,7 +1526,7 @@ const file_ledger_proto_rawDesc = "" +
 	"\abalance\x18\x02 \x01(\x04R\abalance\x12\x14\n" +
 	"\x05stake\x18\x03 \x01(\x04R\x05stake\"!\n" +
 	"\vLedgerQuery\x12\x12\n" +
-	"\x04peer\x18\x01 \x01(\fR\x04peer\"\x8a\x03\n" +
+	"\x04peer\x18\x01 \x01(\fR\x04peer\"\xb7\x03\n" +
 	"\fLedgerStatus\x12\x16\n" +
 	"\x06height\x18\x01 \x01(\x03R\x06height\x12\x19\n" +
 	"\bapp_hash\x18\x02 \x01(\fR\aappHash\x12\x18\n" +
@@ -1337,7 +1542,23 @@ const file_ledger_proto_rawDesc = "" +
 	"\x04held\x18\v \x01(\x04R\x04held\x12\x19\n" +
 	"\bchain_id\x18\f \x01(\tR\achainId\x12\x14\n" +
 	"\x05error\x18\r \x01(\tR\x05error\x126\n" +
-	"\tproposals\x18\x0e \x03(\v2\x18.neuro.v1.LedgerProposalR\tproposals\"\x81\x02\n" +
+	"\tproposals\x18\x0e \x03(\v2\x18.neuro.v1.LedgerProposalR\tproposals\x12+\n" +
+	"\x05proof\x18\x0f \x01(\v2\x15.neuro.v1.LedgerProofR\x05proof\"\x81\x02\n" +
+	"\vLedgerProof\x12\x16\n" +
+	"\x06height\x18\x01 \x01(\x03R\x06height\x12\x16\n" +
+	"\x06header\x18\x02 \x01(\fR\x06header\x12\x16\n" +
+	"\x06commit\x18\x03 \x01(\fR\x06commit\x12,\n" +
+	"\x06global\x18\x04 \x01(\v2\x14.neuro.v1.MerkleLeafR\x06global\x120\n" +
+	"\baccounts\x18\x05 \x03(\v2\x14.neuro.v1.MerkleLeafR\baccounts\x12,\n" +
+	"\x06voters\x18\x06 \x03(\v2\x14.neuro.v1.MerkleLeafR\x06voters\x12\x1c\n" +
+	"\tvalidator\x18\a \x01(\fR\tvalidator\"v\n" +
+	"\n" +
+	"MerkleLeaf\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\fR\x05value\x12\x14\n" +
+	"\x05total\x18\x03 \x01(\x03R\x05total\x12\x14\n" +
+	"\x05index\x18\x04 \x01(\x03R\x05index\x12\x14\n" +
+	"\x05aunts\x18\x05 \x03(\fR\x05aunts\"\x81\x02\n" +
 	"\x0eLedgerProposal\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x1a\n" +
 	"\bproposer\x18\x02 \x01(\fR\bproposer\x12\x1b\n" +
@@ -1361,7 +1582,7 @@ func file_ledger_proto_rawDescGZIP() []byte {
 	return file_ledger_proto_rawDescData
 }
 
-var file_ledger_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
+var file_ledger_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_ledger_proto_goTypes = []any{
 	(*LedgerTx)(nil),              // 0: neuro.v1.LedgerTx
 	(*Transfer)(nil),              // 1: neuro.v1.Transfer
@@ -1376,10 +1597,12 @@ var file_ledger_proto_goTypes = []any{
 	(*LedgerGenesis)(nil),         // 10: neuro.v1.LedgerGenesis
 	(*LedgerQuery)(nil),           // 11: neuro.v1.LedgerQuery
 	(*LedgerStatus)(nil),          // 12: neuro.v1.LedgerStatus
-	(*LedgerProposal)(nil),        // 13: neuro.v1.LedgerProposal
-	(*LedgerGenesis_Account)(nil), // 14: neuro.v1.LedgerGenesis.Account
-	(*UsageReceipt)(nil),          // 15: neuro.v1.UsageReceipt
-	(*Verdict)(nil),               // 16: neuro.v1.Verdict
+	(*LedgerProof)(nil),           // 13: neuro.v1.LedgerProof
+	(*MerkleLeaf)(nil),            // 14: neuro.v1.MerkleLeaf
+	(*LedgerProposal)(nil),        // 15: neuro.v1.LedgerProposal
+	(*LedgerGenesis_Account)(nil), // 16: neuro.v1.LedgerGenesis.Account
+	(*UsageReceipt)(nil),          // 17: neuro.v1.UsageReceipt
+	(*Verdict)(nil),               // 18: neuro.v1.Verdict
 }
 var file_ledger_proto_depIdxs = []int32{
 	1,  // 0: neuro.v1.LedgerTx.transfer:type_name -> neuro.v1.Transfer
@@ -1390,18 +1613,22 @@ var file_ledger_proto_depIdxs = []int32{
 	6,  // 5: neuro.v1.LedgerTx.slash:type_name -> neuro.v1.Slash
 	8,  // 6: neuro.v1.LedgerTx.propose:type_name -> neuro.v1.Propose
 	9,  // 7: neuro.v1.LedgerTx.vote:type_name -> neuro.v1.Vote
-	15, // 8: neuro.v1.Settle.receipts:type_name -> neuro.v1.UsageReceipt
-	16, // 9: neuro.v1.Slash.verdict:type_name -> neuro.v1.Verdict
+	17, // 8: neuro.v1.Settle.receipts:type_name -> neuro.v1.UsageReceipt
+	18, // 9: neuro.v1.Slash.verdict:type_name -> neuro.v1.Verdict
 	7,  // 10: neuro.v1.Propose.params:type_name -> neuro.v1.LedgerParams
-	14, // 11: neuro.v1.LedgerGenesis.accounts:type_name -> neuro.v1.LedgerGenesis.Account
+	16, // 11: neuro.v1.LedgerGenesis.accounts:type_name -> neuro.v1.LedgerGenesis.Account
 	7,  // 12: neuro.v1.LedgerGenesis.params:type_name -> neuro.v1.LedgerParams
-	13, // 13: neuro.v1.LedgerStatus.proposals:type_name -> neuro.v1.LedgerProposal
-	7,  // 14: neuro.v1.LedgerProposal.params:type_name -> neuro.v1.LedgerParams
-	15, // [15:15] is the sub-list for method output_type
-	15, // [15:15] is the sub-list for method input_type
-	15, // [15:15] is the sub-list for extension type_name
-	15, // [15:15] is the sub-list for extension extendee
-	0,  // [0:15] is the sub-list for field type_name
+	15, // 13: neuro.v1.LedgerStatus.proposals:type_name -> neuro.v1.LedgerProposal
+	13, // 14: neuro.v1.LedgerStatus.proof:type_name -> neuro.v1.LedgerProof
+	14, // 15: neuro.v1.LedgerProof.global:type_name -> neuro.v1.MerkleLeaf
+	14, // 16: neuro.v1.LedgerProof.accounts:type_name -> neuro.v1.MerkleLeaf
+	14, // 17: neuro.v1.LedgerProof.voters:type_name -> neuro.v1.MerkleLeaf
+	7,  // 18: neuro.v1.LedgerProposal.params:type_name -> neuro.v1.LedgerParams
+	19, // [19:19] is the sub-list for method output_type
+	19, // [19:19] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_ledger_proto_init() }
@@ -1431,7 +1658,7 @@ func file_ledger_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ledger_proto_rawDesc), len(file_ledger_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   15,
+			NumMessages:   17,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -110,5 +110,6 @@ const MaxReceipts = 256
 // validators.
 const LedgerQueryProtocol protocol.ID = "/neuro/ledger/query/1.0.0"
 
-// MaxLedgerQuerySize bounds a LedgerQuery or LedgerStatus.
-const MaxLedgerQuerySize = 4 << 10
+// MaxLedgerQuerySize bounds a LedgerQuery or LedgerStatus (with its
+// proof: a header, a commit and Merkle leaves).
+const MaxLedgerQuerySize = 1 << 20
