@@ -40,6 +40,7 @@ func TestFourValidators(t *testing.T) {
 	if testing.Short() {
 		t.Skip("a real four-validator chain")
 	}
+	t.Parallel() // mostly waiting for blocks
 	rng := rand.New(rand.NewPCG(9, 9))
 	actors := newActors(t, 4, rng)
 	g := ChainGenesis{ChainID: "neuro-test", Time: time.Unix(1_700_000_000, 0).UTC(), Ledger: genesisFor(actors)}
