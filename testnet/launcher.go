@@ -94,7 +94,7 @@ func Launch(ctx context.Context, opts LaunchOptions) (_ *Network, err error) {
 
 	var homes []string
 	for i := 0; i < opts.Nodes; i++ {
-		home := filepath.Join(opts.Dir, fmt.Sprintf("node-%d", i))
+		home := Home(opts.Dir, i)
 		var adjust func(*node.Config)
 		if opts.Config != nil {
 			adjust = func(c *node.Config) { opts.Config(i, c) }
@@ -143,6 +143,9 @@ func Launch(ctx context.Context, opts LaunchOptions) (_ *Network, err error) {
 	nw.Took = time.Since(start)
 	return nw, nil
 }
+
+// Home is node i's home in a testnet directory.
+func Home(dir string, i int) string { return filepath.Join(dir, fmt.Sprintf("node-%d", i)) }
 
 // prepareHome makes a node's home unless it exists, with the loopback
 // config; the bootstrap node also serves as the testnet's relay.

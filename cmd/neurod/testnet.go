@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -81,6 +82,8 @@ type testnetLedger struct {
 	// StakesAfter is each node's stake after the run (slashing takes from
 	// it).
 	StakesAfter map[string]uint64 `json:"stakes_after"`
+	// Validators are the peers that validate the chain (--validators).
+	Validators []string `json:"validators"`
 }
 
 // testnetStats are the gating node's measurements of the generation.
@@ -215,6 +218,12 @@ logs are in --dir (default: a temporary directory, removed afterwards).`,
 			if a.requests < 1 {
 				return fmt.Errorf("flag --requests %d: must be at least 1", a.requests)
 			}
+			if a.validators < 1 || a.validators > a.nodes+1 {
+				return fmt.Errorf("flag --validators %d: want 1 to %d (node 0 and the expert nodes)", a.validators, a.nodes+1)
+			}
+			if left := a.validators - min(a.killNodes, a.validators-1); a.validators > 1 && 3*left <= 2*a.validators {
+				return fmt.Errorf("flag --kill %q: killing %d of %d validators would leave no 2/3 majority: the chain would halt", kill, a.killNodes, a.validators)
+			}
 			if faulty != "" {
 				var err error
 				if a.faults, err = parseFaulty(faulty, a.nodes); err != nil {
@@ -236,6 +245,7 @@ logs are in --dir (default: a temporary directory, removed afterwards).`,
 	f.StringVar(&kill, "kill", "", "K@T: SIGKILL the K busiest expert nodes after token T")
 	f.StringVar(&slow, "test-slow-node", "", "test only: NODE:DURATION delays every expert compute of that node")
 	f.StringVar(&faulty, "faulty", "", "make expert nodes misbehave: K:MODE,... with MODE wrong, lowprec, slow, drop or flaky (the last nodes)")
+	f.IntVar(&a.validators, "validators", 1, "how many nodes validate the ledger's chain (node 0 and the first expert nodes); more than one runs CometBFT consensus among them")
 	f.IntVar(&a.requests, "requests", 1, "answer the prompt this many times (a workload for the checks)")
 	_ = f.MarkHidden("test-slow-node")
 	return cmd
@@ -256,6 +266,8 @@ type testnetArgs struct {
 	slowBy    time.Duration
 	requests  int
 	escrow    uint64
+	// validators is how many nodes (0 to validators-1) validate the chain.
+	validators int
 	// faults[i] is the mode of node i (1 to nodes).
 	faults map[int]expert.Fault
 }
@@ -339,7 +351,7 @@ func runTestnet(ctx context.Context, stdout, stderr io.Writer, g *globalFlags, a
 
 	threads := max(1, runtime.NumCPU()/(a.nodes+1))
 	genesisPath := filepath.Join(dir, "genesis.json")
-	cometPort, err := freeTCPPort()
+	cometPorts, cometPeers, err := testnetValidators(dir, a.validators)
 	if err != nil {
 		return fail(err)
 	}
@@ -349,7 +361,10 @@ func runTestnet(ctx context.Context, stdout, stderr io.Writer, g *globalFlags, a
 			c.Expert.Threads = threads
 			c.Gating.Threads = max(1, runtime.NumCPU()/2)
 			c.Ledger.Genesis = genesisPath
-			c.Ledger.Listen = fmt.Sprintf("tcp://127.0.0.1:%d", cometPort)
+			if i < a.validators {
+				c.Ledger.Listen = fmt.Sprintf("tcp://127.0.0.1:%d", cometPorts[i])
+				c.Ledger.Peers = slices.Concat(cometPeers[:i], cometPeers[i+1:])
+			}
 			c.Ledger.BlockInterval = node.Duration(200 * time.Millisecond)
 		},
 		Args: func(i int) []string {
@@ -366,7 +381,7 @@ func runTestnet(ctx context.Context, stdout, stderr io.Writer, g *globalFlags, a
 			return args
 		},
 		BeforeStart: func(homes []string) error {
-			if err := writeTestnetGenesis(genesisPath, homes, mf.cid); err != nil {
+			if err := writeTestnetGenesis(genesisPath, homes, mf.cid, a.validators); err != nil {
 				return err
 			}
 			store, err := expert.OpenStore(filepath.Join(homes[0], node.StoreDir))
@@ -472,6 +487,9 @@ func runTestnet(ctx context.Context, stdout, stderr io.Writer, g *globalFlags, a
 	}
 	rep.Ledger = &testnetLedger{Height: info.Height, AppHash: info.AppHash, BalancesBefore: before, BalancesAfter: after,
 		Treasury: info.Treasury, Burned: info.Burned, SupplyOK: info.SupplyOK, StakesAfter: stakes}
+	for _, p := range nw.Processes()[:a.validators] {
+		rep.Ledger.Validators = append(rep.Ledger.Validators, p.Status.PeerID)
+	}
 	if err := nw.Refresh(ctx); err != nil {
 		log.Warn("status after the workload", "err", err)
 	}

@@ -398,7 +398,7 @@ func freeTCPPort() (int, error) {
 // validator; every node starts with 10,000 NEURO and 200 staked (above the
 // minimum stake an expert needs to be paid), and the model is on the
 // ledger from the start.
-func writeTestnetGenesis(path string, homes []string, model cid.Cid) error {
+func writeTestnetGenesis(path string, homes []string, model cid.Cid, validators int) error {
 	params := ledger.DefaultParams()
 	// The tiny model does a few hundred kFLOPs a token: price it so that a
 	// prompt costs about a NEURO, and the treasury and burn show.
@@ -417,13 +417,46 @@ func writeTestnetGenesis(path string, homes []string, model cid.Cid) error {
 		if err != nil {
 			return err
 		}
-		if i == 0 {
+		if i < validators {
 			g.Validators = append(g.Validators, ledger.Validator{Peer: id, Power: 10})
 		}
 		g.Ledger.Accounts = append(g.Ledger.Accounts, &neuropb.LedgerGenesis_Account{Peer: []byte(id),
 			Balance: 10_000 * ledger.BaseUnits, Stake: 200 * ledger.BaseUnits})
 	}
 	return ledger.WriteGenesis(path, g)
+}
+
+// testnetValidators makes the homes of the first n nodes (their keys are
+// their validator keys) and returns a free CometBFT port for each and
+// each one's "nodeid@127.0.0.1:port", for the others' peer lists.
+func testnetValidators(dir string, n int) (ports []int, peers []string, err error) {
+	for i := range n {
+		home := testnet.Home(dir, i)
+		if _, err := os.Stat(filepath.Join(home, node.IdentityFile)); err != nil {
+			if _, err := node.Init(home, false); err != nil {
+				return nil, nil, fmt.Errorf("validator %d: %w", i, err)
+			}
+		}
+		key, err := node.LoadIdentity(home)
+		if err != nil {
+			return nil, nil, fmt.Errorf("validator %d: %w", i, err)
+		}
+		id, err := peer.IDFromPrivateKey(key)
+		if err != nil {
+			return nil, nil, fmt.Errorf("validator %d: %w", i, err)
+		}
+		nid, err := ledger.NodeID(id)
+		if err != nil {
+			return nil, nil, fmt.Errorf("validator %d: %w", i, err)
+		}
+		port, err := freeTCPPort()
+		if err != nil {
+			return nil, nil, err
+		}
+		ports = append(ports, port)
+		peers = append(peers, fmt.Sprintf("%s@127.0.0.1:%d", nid, port))
+	}
+	return ports, peers, nil
 }
 
 // escrowDeposit is what the testnet's user puts in escrow for its prompt.

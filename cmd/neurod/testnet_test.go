@@ -49,6 +49,7 @@ type testnetJSON struct {
 		Treasury       uint64            `json:"treasury"`
 		Burned         uint64            `json:"burned"`
 		SupplyOK       bool              `json:"supply_ok"`
+		Validators     []string          `json:"validators"`
 	} `json:"ledger"`
 }
 
@@ -106,7 +107,8 @@ func makeModel(t *testing.T, args ...string) string {
 
 // Through a 5-process testnet, greedy generation equals llama.cpp's, for
 // F32 and Q8_0 models of shapes the defaults do not use; with the busiest
-// expert node SIGKILLed mid-generation it still does.
+// expert node SIGKILLed mid-generation it still does, and when every node
+// validates the chain, the four left still settle the generation's escrow.
 func TestTestnetEqualsLocal(t *testing.T) {
 	t.Parallel() // mostly waiting: the testnets overlap well
 	for _, tc := range []struct {
@@ -124,7 +126,7 @@ func TestTestnetEqualsLocal(t *testing.T) {
 			want := generateLocal(t, path, prompt, 32)
 			args := []string{"testnet", "--nodes", "4", "--model", path, "--prompt", prompt, "--max-tokens", "32", "--check", "--json"}
 			if tc.kill != "" {
-				args = append(args, "--kill", tc.kill)
+				args = append(args, "--kill", tc.kill, "--validators", "5")
 			}
 			r := neurod(t, nil, args...)
 			if r.code != 0 {
@@ -143,6 +145,10 @@ func TestTestnetEqualsLocal(t *testing.T) {
 				}
 				if st := rep.Stopped[rep.Killed[0]]; !st.Crashed {
 					t.Fatalf("killed node's exit: %+v", st)
+				}
+				// The killed node was a validator: the others committed the settlement.
+				if l := rep.Ledger; l == nil || len(l.Validators) != 5 || !l.SupplyOK || l.Treasury == 0 || l.Burned == 0 {
+					t.Fatalf("ledger after killing a validator: %+v", l)
 				}
 			}
 			for _, n := range rep.Nodes {
@@ -277,11 +283,13 @@ func TestTestnetServesClients(t *testing.T) {
 		Balance  uint64 `json:"balance"`
 		Staked   uint64 `json:"staked"`
 		SupplyOK bool   `json:"supply_ok"`
+		Source   string `json:"source"`
 	}
 	// Node 1 started with 10,000 NEURO and 200 staked, and escrowed 100
 	// for the testnet's prompt (part of which came back as its earnings).
 	if r.code != 0 || json.Unmarshal([]byte(r.stdout), &st) != nil || st.Height < 1 || st.Balance < 9_900_000_000 ||
-		st.Balance >= 10_000_000_000 || st.Staked != 200_000_000 || !st.SupplyOK {
+		st.Balance >= 10_000_000_000 || st.Staked != 200_000_000 || !st.SupplyOK ||
+		st.Source != "proven by validator "+rep.Nodes[0].PeerID {
 		t.Fatalf("ledger status: %+v %+v", r, st)
 	}
 	balanceOf := func(p string) uint64 {
