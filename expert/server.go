@@ -50,8 +50,9 @@ type Config struct {
 	SlowDown time.Duration
 	// drop resets every stream that sends a request (FaultDrop).
 	drop bool
-	// SignReceipt, if set, signs the usage receipt of each answer to a
-	// request that names an escrow (with the node's key).
+	// SignReceipt, if set, signs the usage receipt of each answer (with
+	// the node's key): it pays when the request names an escrow, and it
+	// binds the node to its output.
 	SignReceipt func(*neuropb.UsageReceipt) error
 }
 
@@ -308,10 +309,11 @@ type batcher struct {
 	done   chan struct{} // closed when run has returned and drained
 }
 
-// receipt signs the usage receipt of a job that names an escrow: its
-// tokens and FLOPs (three matrix products of embd x ff per token).
-func (b *batcher) receipt(j *job) *neuropb.UsageReceipt {
-	if j.escrow == 0 || b.signer == nil {
+// receipt signs the usage receipt of a job: its tokens and FLOPs (three
+// matrix products of embd x ff per token), for the escrow it names (0:
+// none), and the digests of its input and of out as the caller decodes it.
+func (b *batcher) receipt(j *job, out *neuropb.Tensor) *neuropb.UsageReceipt {
+	if b.signer == nil {
 		return nil
 	}
 	ff := 0
@@ -319,7 +321,8 @@ func (b *batcher) receipt(j *job) *neuropb.UsageReceipt {
 		ff = f.FF()
 	}
 	r := &neuropb.UsageReceipt{Escrow: j.escrow, Layer: j.layer, ExpertIndex: j.expert, Tokens: uint64(j.n),
-		Flops: 6 * uint64(b.c.Embd()) * uint64(ff) * uint64(j.n)}
+		Flops: 6 * uint64(b.c.Embd()) * uint64(ff) * uint64(j.n), InputDigest: neuropb.FloatsDigest(j.x),
+		OutputDigest: neuropb.FloatsDigest(DecodeFloats(out))}
 	if err := b.signer(r); err != nil {
 		return nil
 	}
@@ -433,13 +436,14 @@ func (b *batcher) compute(jobs []*job) {
 		}
 		n := j.n * embd
 		b.served.Add(1)
+		enc := EncodeFloats(out[off:off+n], j.n, embd, j.dtype)
 		j.reply(&neuropb.ExpertResponse{
 			RequestId:   j.id,
-			Output:      EncodeFloats(out[off:off+n], j.n, embd, j.dtype),
+			Output:      enc,
 			ComputeUs:   uint32(took.Microseconds()),
 			QueueUs:     uint32(start.Sub(j.queued).Microseconds()),
 			BatchTokens: uint32(tokens),
-			Receipt:     b.receipt(j),
+			Receipt:     b.receipt(j, enc),
 		})
 		off += n
 	}

@@ -327,16 +327,21 @@ func (r *RemoteExperts) call(ctx context.Context, k expert.Key, in []float32, n 
 							others = append(others, q)
 						}
 					}
-					r.Validator.after(ctx, r.Model, k, in, n, res.p, res.resp.Output, others, excluded,
-						func(cctx context.Context, q peer.ID) ([]float32, error) {
+					// What the experts computed on: the input after the wire's rounding.
+					sent := in
+					if r.DType == neuropb.WireDType_WIRE_DTYPE_F16 {
+						sent = expert.DecodeFloats(expert.EncodeFloats(in, n, len(in)/max(n, 1), r.DType))
+					}
+					r.Validator.after(ctx, r.Model, k, sent, n, res.p, res.resp.Output, res.resp.Receipt, others, excluded,
+						func(cctx context.Context, q peer.ID) ([]float32, *neuropb.UsageReceipt, error) {
 							cctx, cancel := context.WithTimeout(cctx, r.deadline(q, timeout))
 							defer cancel()
 							resp, err := r.Client.Call(cctx, q, expert.Request{Model: r.Model, Layer: k.Layer, Expert: k.Expert,
 								Hidden: in, N: n, DType: r.DType})
 							if err != nil {
-								return nil, err
+								return nil, nil, err
 							}
-							return resp.Output, nil
+							return resp.Output, resp.Receipt, nil
 						})
 				}
 				return res.resp, nil

@@ -14,6 +14,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/neuro-p2p/neuro/expert"
+	neuropb "github.com/neuro-p2p/neuro/proto"
 	"github.com/neuro-p2p/neuro/reputation"
 )
 
@@ -63,6 +64,9 @@ type Verdict struct {
 	Wrong    []float32
 	Agreeing [2]peer.ID
 	Right    []float32
+	// Receipt is the accused's signed receipt for the call, when it sent
+	// one: the evidence that it gave Wrong for Input.
+	Receipt *neuropb.UsageReceipt
 }
 
 // NewValidator makes a validator over book for the gating node self.
@@ -103,7 +107,7 @@ func (v *Validator) trusted(ps []peer.ID) (ok, excluded []peer.ID) {
 }
 
 // checker is how the validator calls a provider.
-type checker func(ctx context.Context, p peer.ID) ([]float32, error)
+type checker func(ctx context.Context, p peer.ID) ([]float32, *neuropb.UsageReceipt, error)
 
 // LocalFunc computes an expert task on the gating node itself, from the
 // expert's shard (verified by CID): the judge that colluding peers cannot
@@ -123,7 +127,7 @@ type LocalFunc func(ctx context.Context, model cid.Cid, k expert.Key, in []float
 // proven third provider. Providers that are new and unused, or excluded,
 // are probed now and then so that they can earn (back) their place.
 func (v *Validator) after(ctx context.Context, model cid.Cid, k expert.Key, in []float32, n int, used peer.ID, out []float32,
-	others, excluded []peer.ID, call checker) {
+	receipt *neuropb.UsageReceipt, others, excluded []peer.ID, call checker) {
 	v.calls.Add(1)
 	checks := checksFrom(ctx)
 	epoch, step := stepFrom(ctx)
@@ -140,14 +144,14 @@ func (v *Validator) after(ctx context.Context, model cid.Cid, k expert.Key, in [
 	}
 	// convict reports a result found wrong: as a verdict, and to the
 	// generation when it had used the result.
-	convict := func(accused peer.ID, wrong []float32, judges [2]peer.ID, right []float32, probe bool) {
+	convict := func(accused peer.ID, wrong []float32, rc *neuropb.UsageReceipt, judges [2]peer.ID, right []float32, probe bool) {
 		v.wrong.Add(1)
 		v.Log.Warn("expert result found wrong", "peer", accused, "expert", k.String(), "off", RelL2(wrong, right), "probe", probe)
 		if accused == used && checks != nil {
 			checks.bad(epoch, step)
 		}
 		if v.OnWrong != nil {
-			v.OnWrong(Verdict{Model: model, Key: k, Input: in, N: n, Accused: accused, Wrong: wrong, Agreeing: judges, Right: right})
+			v.OnWrong(Verdict{Model: model, Key: k, Input: in, N: n, Accused: accused, Wrong: wrong, Agreeing: judges, Right: right, Receipt: rc})
 		}
 	}
 
@@ -174,7 +178,7 @@ func (v *Validator) after(ctx context.Context, model cid.Cid, k expert.Key, in [
 				}
 				ref = out
 			}
-			got, err := call(bg, x)
+			got, rc, err := call(bg, x)
 			v.checks.Add(1)
 			if err != nil {
 				return
@@ -184,7 +188,7 @@ func (v *Validator) after(ctx context.Context, model cid.Cid, k expert.Key, in [
 			was := v.Book.Excluded(x)
 			v.Book.Validated(x, ok)
 			if !ok && judged && !was {
-				convict(x, got, [2]peer.ID{v.self, v.self}, ref, true)
+				convict(x, got, rc, [2]peer.ID{v.self, v.self}, ref, true)
 			}
 		})
 	}
@@ -204,7 +208,7 @@ func (v *Validator) after(ctx context.Context, model cid.Cid, k expert.Key, in [
 				return
 			}
 			v.Book.Validated(used, false)
-			convict(used, out, [2]peer.ID{v.self, v.self}, ref, false)
+			convict(used, out, receipt, [2]peer.ID{v.self, v.self}, ref, false)
 		})
 		return
 	}
@@ -222,7 +226,7 @@ func (v *Validator) after(ctx context.Context, model cid.Cid, k expert.Key, in [
 	second := order[0]
 	third := order[1:]
 	v.spawn(checks, func(bg context.Context) {
-		got, err := call(bg, second)
+		got, rc, err := call(bg, second)
 		v.checks.Add(1)
 		if err != nil {
 			return // a failed check decides nothing; the call path scores failures
@@ -235,7 +239,7 @@ func (v *Validator) after(ctx context.Context, model cid.Cid, k expert.Key, in [
 		dec, decider, ok := []float32(nil), v.self, false
 		if dec, ok = local(bg); !ok {
 			for _, r := range third {
-				if d, err := call(bg, r); err == nil {
+				if d, _, err := call(bg, r); err == nil {
 					v.checks.Add(1)
 					dec, decider, ok = d, r, true
 					break
@@ -253,14 +257,14 @@ func (v *Validator) after(ctx context.Context, model cid.Cid, k expert.Key, in [
 			if decider != v.self {
 				v.Book.Validated(decider, true)
 			}
-			convict(used, out, [2]peer.ID{second, decider}, dec, false)
+			convict(used, out, receipt, [2]peer.ID{second, decider}, dec, false)
 		case agreeUsed && !agreeSecond:
 			v.Book.Validated(second, false)
 			v.Book.Validated(used, true)
 			if decider != v.self {
 				v.Book.Validated(decider, true)
 			}
-			convict(second, got, [2]peer.ID{used, decider}, dec, false)
+			convict(second, got, rc, [2]peer.ID{used, decider}, dec, false)
 		default:
 			v.Log.Info("expert check undecided", "expert", k.String(), "peers", []peer.ID{used, second, decider})
 		}

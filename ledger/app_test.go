@@ -71,6 +71,26 @@ func genesisFor(actors []*actor) *neuropb.LedgerGenesis {
 	return g
 }
 
+// testVerdict is judge's verdict that accused's output for input was
+// wrong, with accused's signed receipt for it when bound.
+func testVerdict(t testing.TB, judge, accused *actor, input []float32, agreeing [2]peer.ID, bound bool) (*neuropb.Verdict, error) {
+	t.Helper()
+	wrong, right := make([]float32, len(input)), make([]float32, len(input))
+	for i, x := range input {
+		wrong[i], right[i] = x+1, 2*x+3
+	}
+	var receipt *neuropb.UsageReceipt
+	if bound {
+		receipt = &neuropb.UsageReceipt{Layer: 1, ExpertIndex: 1, Tokens: 1, InputDigest: neuropb.FloatsDigest(input),
+			OutputDigest: neuropb.FloatsDigest(wrong)}
+		if err := SignReceipt(accused.key, receipt); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return reputation.NewVerdict(judge.key, reputation.Task{Model: testModel(), Layer: 1, Expert: 1, Input: input, N: 1},
+		accused.id, wrong, agreeing, right, receipt, time.Unix(0, 0))
+}
+
 // block runs one block through every app and checks they agree.
 func block(t testing.TB, apps []*App, h int64, txs [][]byte) []*abci.ExecTxResult {
 	t.Helper()
@@ -167,9 +187,7 @@ func TestRandomWorkloadKeepsSupplyAndAgreement(t *testing.T) {
 				}))
 			case 7:
 				// A slash on a verdict the staked judge signed.
-				v, err := reputation.NewVerdict(judge.key, reputation.Task{Model: testModel(), Layer: 1, Expert: 1,
-					Input: []float32{float32(h), float32(rng.IntN(1000))}, N: 1},
-					other.id, []float32{1, 2}, [2]peer.ID{judge.id, a.id}, []float32{3, 4}, time.Unix(0, 0))
+				v, err := testVerdict(t, judge, other, []float32{float32(h), float32(rng.IntN(1000))}, [2]peer.ID{judge.id, a.id}, true)
 				if err != nil || other == judge || other == a {
 					continue
 				}
@@ -318,8 +336,8 @@ func TestBadTransactions(t *testing.T) {
 	}
 	badSig := signed(a, 1, transfer(1))
 	badSig[len(badSig)-1] ^= 1
-	forged, _ := reputation.NewVerdict(stranger.key, reputation.Task{Model: testModel(), Input: []float32{1}, N: 1},
-		actors[1].id, []float32{1}, [2]peer.ID{a.id, actors[2].id}, []float32{2}, time.Unix(0, 0))
+	forged, _ := testVerdict(t, stranger, actors[1], []float32{1, 2}, [2]peer.ID{a.id, actors[2].id}, true)
+	unbound, _ := testVerdict(t, actors[2], actors[1], []float32{1, 2}, [2]peer.ID{a.id, actors[2].id}, false)
 	cases := []struct {
 		name string
 		tx   []byte
@@ -338,6 +356,9 @@ func TestBadTransactions(t *testing.T) {
 		{"slash by an unstaked judge", signed(a, 1, func(tx *neuropb.LedgerTx) {
 			tx.Body = &neuropb.LedgerTx_Slash{Slash: &neuropb.Slash{Verdict: forged}}
 		}), CodeBadEvidence, "is not staked"},
+		{"slash without the accused's receipt", signed(a, 1, func(tx *neuropb.LedgerTx) {
+			tx.Body = &neuropb.LedgerTx_Slash{Slash: &neuropb.Slash{Verdict: unbound}}
+		}), CodeBadEvidence, "no receipt of the accused"},
 		{"vote from a non-staker", signed(stranger, 1, func(tx *neuropb.LedgerTx) {
 			tx.Body = &neuropb.LedgerTx_Vote{Vote: &neuropb.Vote{Proposal: 1, Yes: true}}
 		}), CodeUnknown, "no open proposal"},

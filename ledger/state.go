@@ -325,17 +325,7 @@ func SignTx(key crypto.PrivKey, tx *neuropb.LedgerTx) error {
 
 // SignReceipt signs a usage receipt with the expert's key.
 func SignReceipt(key crypto.PrivKey, r *neuropb.UsageReceipt) error {
-	id, err := peer.IDFromPrivateKey(key)
-	if err != nil {
-		return err
-	}
-	r.Expert, r.Signature = []byte(id), nil
-	msg, err := proto.MarshalOptions{Deterministic: true}.Marshal(r)
-	if err != nil {
-		return err
-	}
-	r.Signature, err = key.Sign(msg)
-	return err
+	return reputation.SignReceipt(key, r)
 }
 
 func verifySig(signer []byte, m proto.Message, sig []byte) error {
@@ -574,13 +564,17 @@ func (s *State) settle(sender string, acc *Account, st *neuropb.Settle) error {
 }
 
 // slash takes slash_bps of the accused's stake on a verdict whose judge
-// holds the minimum stake, pays the reporter bounty_bps of it and burns
+// holds the minimum stake and which carries the accused's own signed
+// receipt for the output it convicts (so that no judge can frame a peer), pays the reporter bounty_bps of it and burns
 // the rest. A verdict slashes once.
 func (s *State) slash(reporter *Account, sl *neuropb.Slash) error {
 	v := sl.GetVerdict()
 	_, accused, _, _, err := reputation.VerifyVerdict(v)
 	if err != nil {
 		return txErr(CodeBadEvidence, "evidence: %v", err)
+	}
+	if v.GetAccusedReceipt() == nil {
+		return txErr(CodeBadEvidence, "evidence: no receipt of the accused binds it to the output")
 	}
 	judge := peer.ID(v.GetJudge()).String()
 	if a := s.Accounts[judge]; a == nil || a.Staked < s.params.GetMinStake() {

@@ -81,7 +81,7 @@ func (vd *verdicts) validate(_ context.Context, author peer.ID, v *neuropb.Verdi
 func (vd *verdicts) publish(ctx context.Context, w gating.Verdict) {
 	key := vd.n.p2p.LibP2P().Peerstore().PrivKey(vd.n.p2p.ID())
 	v, err := reputation.NewVerdict(key, reputation.Task{Model: w.Model, Layer: w.Key.Layer, Expert: w.Key.Expert, Input: w.Input, N: w.N},
-		w.Accused, w.Wrong, w.Agreeing, w.Right, time.Now())
+		w.Accused, w.Wrong, w.Agreeing, w.Right, w.Receipt, time.Now())
 	if errors.Is(err, reputation.ErrVerdictTooLarge) {
 		vd.tooLarge.Add(1)
 		return

@@ -462,8 +462,10 @@ func (x *ExpertError) GetMessage() string {
 	return ""
 }
 
-// UsageReceipt is an expert node's signed record of work it did for an
-// escrow's gating node.
+// UsageReceipt is an expert node's signed record of work it did: for an
+// escrow's gating node, it pays (escrow 0 pays nothing); with its digests
+// it binds the expert to the output it gave for an input, which is what
+// makes a verdict against it evidence for slashing.
 type UsageReceipt struct {
 	state       protoimpl.MessageState `protogen:"open.v1"`
 	Expert      []byte                 `protobuf:"bytes,1,opt,name=expert,proto3" json:"expert,omitempty"`
@@ -473,7 +475,11 @@ type UsageReceipt struct {
 	Tokens      uint64                 `protobuf:"varint,5,opt,name=tokens,proto3" json:"tokens,omitempty"`
 	Flops       uint64                 `protobuf:"varint,6,opt,name=flops,proto3" json:"flops,omitempty"`
 	// The expert's signature over the receipt with signature empty.
-	Signature     []byte `protobuf:"bytes,7,opt,name=signature,proto3" json:"signature,omitempty"`
+	Signature []byte `protobuf:"bytes,7,opt,name=signature,proto3" json:"signature,omitempty"`
+	// FloatsDigest of the input as the expert decoded it and of the output
+	// as the gating node decodes it (after the wire's rounding).
+	InputDigest   []byte `protobuf:"bytes,8,opt,name=input_digest,json=inputDigest,proto3" json:"input_digest,omitempty"`
+	OutputDigest  []byte `protobuf:"bytes,9,opt,name=output_digest,json=outputDigest,proto3" json:"output_digest,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -557,6 +563,20 @@ func (x *UsageReceipt) GetSignature() []byte {
 	return nil
 }
 
+func (x *UsageReceipt) GetInputDigest() []byte {
+	if x != nil {
+		return x.InputDigest
+	}
+	return nil
+}
+
+func (x *UsageReceipt) GetOutputDigest() []byte {
+	if x != nil {
+		return x.OutputDigest
+	}
+	return nil
+}
+
 var File_expert_proto protoreflect.FileDescriptor
 
 const file_expert_proto_rawDesc = "" +
@@ -597,7 +617,7 @@ const file_expert_proto_rawDesc = "" +
 	"\x0eCODE_TOO_LARGE\x10\x05\x12\x1a\n" +
 	"\x16CODE_DEADLINE_EXCEEDED\x10\x06\x12\r\n" +
 	"\tCODE_BUSY\x10\a\x12\x11\n" +
-	"\rCODE_INTERNAL\x10\b\"\xc3\x01\n" +
+	"\rCODE_INTERNAL\x10\b\"\x8b\x02\n" +
 	"\fUsageReceipt\x12\x16\n" +
 	"\x06expert\x18\x01 \x01(\fR\x06expert\x12\x16\n" +
 	"\x06escrow\x18\x02 \x01(\x04R\x06escrow\x12\x14\n" +
@@ -605,7 +625,9 @@ const file_expert_proto_rawDesc = "" +
 	"\fexpert_index\x18\x04 \x01(\rR\vexpertIndex\x12\x16\n" +
 	"\x06tokens\x18\x05 \x01(\x04R\x06tokens\x12\x14\n" +
 	"\x05flops\x18\x06 \x01(\x04R\x05flops\x12\x1c\n" +
-	"\tsignature\x18\a \x01(\fR\tsignature*O\n" +
+	"\tsignature\x18\a \x01(\fR\tsignature\x12!\n" +
+	"\finput_digest\x18\b \x01(\fR\vinputDigest\x12#\n" +
+	"\routput_digest\x18\t \x01(\fR\foutputDigest*O\n" +
 	"\tWireDType\x12\x1a\n" +
 	"\x16WIRE_DTYPE_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eWIRE_DTYPE_F32\x10\x01\x12\x12\n" +

@@ -1,8 +1,11 @@
 package neuropb
 
 import (
+	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
 	"strings"
 
 	"github.com/ipfs/go-cid"
@@ -245,4 +248,16 @@ func (r *InferRequest) Validate() error {
 		}
 	}
 	return nil
+}
+
+// FloatsDigest is the SHA-256 of x as little-endian F32: the digest of
+// hidden states in usage receipts and verdicts.
+func FloatsDigest(x []float32) []byte {
+	h := sha256.New()
+	var b [4]byte
+	for _, v := range x {
+		binary.LittleEndian.PutUint32(b[:], math.Float32bits(v))
+		h.Write(b[:])
+	}
+	return h.Sum(nil)
 }

@@ -53,11 +53,15 @@ type Verdict struct {
 	// The judge's peer ID, the time, and its signature (Ed25519 or what its
 	// key is) over the verdict serialised deterministically with signature
 	// empty.
-	Judge         []byte `protobuf:"bytes,12,opt,name=judge,proto3" json:"judge,omitempty"`
-	UnixMs        int64  `protobuf:"varint,13,opt,name=unix_ms,json=unixMs,proto3" json:"unix_ms,omitempty"`
-	Signature     []byte `protobuf:"bytes,14,opt,name=signature,proto3" json:"signature,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Judge     []byte `protobuf:"bytes,12,opt,name=judge,proto3" json:"judge,omitempty"`
+	UnixMs    int64  `protobuf:"varint,13,opt,name=unix_ms,json=unixMs,proto3" json:"unix_ms,omitempty"`
+	Signature []byte `protobuf:"bytes,14,opt,name=signature,proto3" json:"signature,omitempty"`
+	// The accused's receipt for the call: its signature over the input and
+	// output digests shows that it gave accused_output for input. The ledger
+	// slashes only on a verdict that carries it.
+	AccusedReceipt *UsageReceipt `protobuf:"bytes,15,opt,name=accused_receipt,json=accusedReceipt,proto3" json:"accused_receipt,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Verdict) Reset() {
@@ -188,11 +192,18 @@ func (x *Verdict) GetSignature() []byte {
 	return nil
 }
 
+func (x *Verdict) GetAccusedReceipt() *UsageReceipt {
+	if x != nil {
+		return x.AccusedReceipt
+	}
+	return nil
+}
+
 var File_validation_proto protoreflect.FileDescriptor
 
 const file_validation_proto_rawDesc = "" +
 	"\n" +
-	"\x10validation.proto\x12\bneuro.v1\x1a\fexpert.proto\"\xe3\x03\n" +
+	"\x10validation.proto\x12\bneuro.v1\x1a\fexpert.proto\"\xa4\x04\n" +
 	"\aVerdict\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\fR\x05model\x12\x14\n" +
 	"\x05layer\x18\x02 \x01(\rR\x05layer\x12\x16\n" +
@@ -208,7 +219,8 @@ const file_validation_proto_rawDesc = "" +
 	"\x10reference_digest\x18\v \x01(\fR\x0freferenceDigest\x12\x14\n" +
 	"\x05judge\x18\f \x01(\fR\x05judge\x12\x17\n" +
 	"\aunix_ms\x18\r \x01(\x03R\x06unixMs\x12\x1c\n" +
-	"\tsignature\x18\x0e \x01(\fR\tsignatureB*Z(github.com/neuro-p2p/neuro/proto;neuropbb\x06proto3"
+	"\tsignature\x18\x0e \x01(\fR\tsignature\x12?\n" +
+	"\x0faccused_receipt\x18\x0f \x01(\v2\x16.neuro.v1.UsageReceiptR\x0eaccusedReceiptB*Z(github.com/neuro-p2p/neuro/proto;neuropbb\x06proto3"
 
 var (
 	file_validation_proto_rawDescOnce sync.Once
@@ -224,18 +236,20 @@ func file_validation_proto_rawDescGZIP() []byte {
 
 var file_validation_proto_msgTypes = make([]protoimpl.MessageInfo, 1)
 var file_validation_proto_goTypes = []any{
-	(*Verdict)(nil), // 0: neuro.v1.Verdict
-	(*Tensor)(nil),  // 1: neuro.v1.Tensor
+	(*Verdict)(nil),      // 0: neuro.v1.Verdict
+	(*Tensor)(nil),       // 1: neuro.v1.Tensor
+	(*UsageReceipt)(nil), // 2: neuro.v1.UsageReceipt
 }
 var file_validation_proto_depIdxs = []int32{
 	1, // 0: neuro.v1.Verdict.input:type_name -> neuro.v1.Tensor
 	1, // 1: neuro.v1.Verdict.accused_output:type_name -> neuro.v1.Tensor
 	1, // 2: neuro.v1.Verdict.reference_output:type_name -> neuro.v1.Tensor
-	3, // [3:3] is the sub-list for method output_type
-	3, // [3:3] is the sub-list for method input_type
-	3, // [3:3] is the sub-list for extension type_name
-	3, // [3:3] is the sub-list for extension extendee
-	0, // [0:3] is the sub-list for field type_name
+	2, // 3: neuro.v1.Verdict.accused_receipt:type_name -> neuro.v1.UsageReceipt
+	4, // [4:4] is the sub-list for method output_type
+	4, // [4:4] is the sub-list for method input_type
+	4, // [4:4] is the sub-list for extension type_name
+	4, // [4:4] is the sub-list for extension extendee
+	0, // [0:4] is the sub-list for field type_name
 }
 
 func init() { file_validation_proto_init() }

@@ -92,7 +92,10 @@ func digest(t *neuropb.Tensor) []byte {
 var ErrVerdictTooLarge = errors.New("task too large for a verdict")
 
 // NewVerdict builds a verdict on task and signs it with the judge's key.
-func NewVerdict(key crypto.PrivKey, t Task, accused peer.ID, wrong []float32, agreeing [2]peer.ID, right []float32, now time.Time) (*neuropb.Verdict, error) {
+// receipt, if not nil, is the accused's signed receipt for the call
+// (Verdict.accused_receipt).
+func NewVerdict(key crypto.PrivKey, t Task, accused peer.ID, wrong []float32, agreeing [2]peer.ID, right []float32,
+	receipt *neuropb.UsageReceipt, now time.Time) (*neuropb.Verdict, error) {
 	if len(t.Input) > neuropb.MaxVerdictFloats || len(wrong) > neuropb.MaxVerdictFloats || len(right) > neuropb.MaxVerdictFloats {
 		return nil, ErrVerdictTooLarge
 	}
@@ -107,6 +110,7 @@ func NewVerdict(key crypto.PrivKey, t Task, accused peer.ID, wrong []float32, ag
 		Agreeing:        [][]byte{[]byte(agreeing[0]), []byte(agreeing[1])},
 		ReferenceOutput: f32Tensor(right, t.N),
 		Judge:           []byte(judge), UnixMs: now.UnixMilli(),
+		AccusedReceipt: receipt,
 	}
 	v.InputDigest, v.AccusedDigest, v.ReferenceDigest = digest(v.Input), digest(v.AccusedOutput), digest(v.ReferenceOutput)
 	msg, err := proto.MarshalOptions{Deterministic: true}.Marshal(v)
@@ -168,6 +172,21 @@ func VerifyVerdict(v *neuropb.Verdict) (t Task, accused peer.ID, wrong, right []
 			return fail("%s digest does not match", d.what)
 		}
 	}
+	if off := RelL2(wrong, right); !(off > Tolerance) {
+		return fail("the accused output is within tolerance of the reference (%.3g)", off)
+	}
+	if r := v.GetAccusedReceipt(); r != nil {
+		switch signer, err := VerifyReceipt(r); {
+		case err != nil:
+			return fail("accused receipt: %v", err)
+		case signer != accused:
+			return fail("accused receipt signed by %s, not the accused", signer)
+		case r.GetLayer() != v.GetLayer() || r.GetExpertIndex() != v.GetExpert():
+			return fail("accused receipt for expert %d:%d", r.GetLayer(), r.GetExpertIndex())
+		case !bytes.Equal(r.GetInputDigest(), v.GetInputDigest()) || !bytes.Equal(r.GetOutputDigest(), v.GetAccusedDigest()):
+			return fail("accused receipt is for another input or output")
+		}
+	}
 	pub, err := judge.ExtractPublicKey()
 	if err != nil {
 		return fail("judge key: %v", err)
@@ -182,6 +201,45 @@ func VerifyVerdict(v *neuropb.Verdict) (t Task, accused peer.ID, wrong, right []
 		return fail("bad signature of judge %s", judge)
 	}
 	return t, accused, wrong, right, nil
+}
+
+// SignReceipt signs a usage receipt with the expert's key (setting its
+// expert field).
+func SignReceipt(key crypto.PrivKey, r *neuropb.UsageReceipt) error {
+	id, err := peer.IDFromPrivateKey(key)
+	if err != nil {
+		return err
+	}
+	r.Expert, r.Signature = []byte(id), nil
+	msg, err := proto.MarshalOptions{Deterministic: true}.Marshal(r)
+	if err != nil {
+		return err
+	}
+	r.Signature, err = key.Sign(msg)
+	return err
+}
+
+// VerifyReceipt checks a usage receipt's signature and returns its
+// signer.
+func VerifyReceipt(r *neuropb.UsageReceipt) (peer.ID, error) {
+	id, err := peer.IDFromBytes(r.GetExpert())
+	if err != nil {
+		return "", fmt.Errorf("receipt signer: %w", err)
+	}
+	pub, err := id.ExtractPublicKey()
+	if err != nil {
+		return "", fmt.Errorf("receipt signer key: %w", err)
+	}
+	unsigned := proto.Clone(r).(*neuropb.UsageReceipt)
+	unsigned.Signature = nil
+	msg, err := proto.MarshalOptions{Deterministic: true}.Marshal(unsigned)
+	if err != nil {
+		return "", err
+	}
+	if ok, err := pub.Verify(msg, r.GetSignature()); err != nil || !ok {
+		return "", fmt.Errorf("bad receipt signature of %s", id)
+	}
+	return id, nil
 }
 
 // Outcome is what a node made of a verdict.

@@ -25,16 +25,34 @@ func newPeer(t *testing.T) (crypto.PrivKey, peer.ID) {
 	return k, id
 }
 
+// resign signs v again as its judge, after a change.
+func resign(t *testing.T, key crypto.PrivKey, v *neuropb.Verdict) {
+	t.Helper()
+	v.Signature = nil
+	msg, err := proto.MarshalOptions{Deterministic: true}.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.Signature, err = key.Sign(msg); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func TestVerdicts(t *testing.T) {
 	judgeKey, judge := newPeer(t)
-	_, accused := newPeer(t)
+	accusedKey, accused := newPeer(t)
 	_, a1 := newPeer(t)
 	_, a2 := newPeer(t)
 	mh, _ := multihash.Sum([]byte("m"), multihash.SHA2_256, -1)
 	task := Task{Model: cid.NewCidV1(cid.Raw, mh), Layer: 1, Expert: 2, Input: []float32{1, 2, 3, 4}, N: 1}
 	right := []float32{0.5, 0.25, -1, 2}
 	wrong := []float32{0.75, 0.375, -1.5, 3}
-	v, err := NewVerdict(judgeKey, task, accused, wrong, [2]peer.ID{a1, a2}, right, time.Now())
+	receipt := &neuropb.UsageReceipt{Layer: 1, ExpertIndex: 2, Tokens: 1, InputDigest: neuropb.FloatsDigest(task.Input),
+		OutputDigest: neuropb.FloatsDigest(wrong)}
+	if err := SignReceipt(accusedKey, receipt); err != nil {
+		t.Fatal(err)
+	}
+	v, err := NewVerdict(judgeKey, task, accused, wrong, [2]peer.ID{a1, a2}, right, receipt, time.Now())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -54,12 +72,37 @@ func TestVerdicts(t *testing.T) {
 			_, other := newPeer(t)
 			v.Judge = []byte(other)
 		},
+		// Re-signed by the judge, but the accused's receipt does not bind it.
+		"receipt for another output": func(v *neuropb.Verdict) {
+			v.AccusedReceipt.OutputDigest = neuropb.FloatsDigest(right)
+			_ = SignReceipt(accusedKey, v.AccusedReceipt)
+			resign(t, judgeKey, v)
+		},
+		"receipt signed by another": func(v *neuropb.Verdict) {
+			k, _ := newPeer(t)
+			_ = SignReceipt(k, v.AccusedReceipt)
+			resign(t, judgeKey, v)
+		},
+		"receipt signature": func(v *neuropb.Verdict) {
+			v.AccusedReceipt.Signature[0] ^= 1
+			resign(t, judgeKey, v)
+		},
 	} {
 		c := cloneVerdict(v)
 		tamper(c)
 		if _, _, _, _, err := VerifyVerdict(c); !errors.Is(err, neuropb.ErrInvalid) {
 			t.Errorf("tampered %s: error %v", name, err)
 		}
+	}
+	// Outputs that agree convict no one; without the accused's receipt a
+	// verdict is still well-formed (the ledger, not gossip, demands it).
+	same, _ := NewVerdict(judgeKey, task, accused, right, [2]peer.ID{a1, a2}, right, nil, time.Now())
+	if _, _, _, _, err := VerifyVerdict(same); !errors.Is(err, neuropb.ErrInvalid) {
+		t.Errorf("a verdict whose outputs agree: %v", err)
+	}
+	bare, _ := NewVerdict(judgeKey, task, accused, wrong, [2]peer.ID{a1, a2}, right, nil, time.Now())
+	if _, _, _, _, err := VerifyVerdict(bare); err != nil {
+		t.Errorf("a verdict without a receipt: %v", err)
 	}
 
 	// A node that re-runs the task and gets the reference confirms the

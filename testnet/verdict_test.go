@@ -48,7 +48,7 @@ func TestForgedVerdictIsRejected(t *testing.T) {
 	}
 	mh, _ := multihash.Sum([]byte("m"), multihash.SHA2_256, -1)
 	v, err := reputation.NewVerdict(key, reputation.Task{Model: cid.NewCidV1(cid.Raw, mh), Input: []float32{1, 2}, N: 1},
-		c.Nodes()[1].ID(), []float32{3, 4}, [2]peer.ID{a.ID(), forger.ID()}, []float32{5, 6}, time.Now())
+		c.Nodes()[1].ID(), []float32{3, 4}, [2]peer.ID{a.ID(), forger.ID()}, []float32{5, 6}, nil, time.Now())
 	if err != nil {
 		t.Fatal(err)
 	}
