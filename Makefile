@@ -78,6 +78,8 @@ bench:
 	$(GO) test -run '^$$' -bench 'RoundTrip|Throughput' -benchtime 256x ./expert/
 	$(GO) test -run '^$$' -bench 'SlowNode|Testnet$$' -benchtime 1x -timeout 60m ./cmd/neurod/
 	$(GO) test -run '^$$' -bench 'Validation|FalseAccusations' -benchtime 1x -timeout 60m ./gating/
+	$(GO) test -run '^$$' -bench ChainThroughput -benchtime 1x ./ledger/
+	$(GO) test -run '^$$' -bench SettleCost -benchtime 20x ./ledger/
 
 ## testnet: build neurod; a gating node and NODES expert nodes answer a prompt, then run until Ctrl-C
 testnet: build

@@ -116,3 +116,50 @@ func BenchmarkChainThroughput(b *testing.B) {
 	b.ReportMetric(lat[len(lat)/2], "p50-ms")
 	b.ReportMetric(lat[len(lat)*99/100], "p99-ms")
 }
+
+// BenchmarkSettleCost is what one settled inference costs the chain: the
+// bytes of a settlement of 128 receipts (one per expert call of a short
+// generation) and the time to check and apply it.
+func BenchmarkSettleCost(b *testing.B) {
+	const receipts = 128
+	rng := rand.New(rand.NewPCG(5, 5))
+	actors := newActors(b, 4, rng)
+	payer, gating := actors[0], actors[1]
+	var size int
+	var took time.Duration
+	for range b.N {
+		app, err := NewApp("", genesisFor(actors))
+		if err != nil {
+			b.Fatal(err)
+		}
+		payer.nonce, gating.nonce = 0, 0
+		open := payer.tx(b, func(tx *neuropb.LedgerTx) {
+			tx.Body = &neuropb.LedgerTx_OpenEscrow{OpenEscrow: &neuropb.OpenEscrow{Model: testModel().Bytes(), Gating: []byte(gating.id), Amount: 100 * BaseUnits}}
+		})
+		eid := EscrowID(payer.id, payer.nonce)
+		block(b, []*App{app}, 1, [][]byte{open})
+		var rs []*neuropb.UsageReceipt
+		for i := range receipts {
+			ex := actors[2+i%2]
+			in, out := []float32{rng.Float32()}, []float32{rng.Float32()}
+			r := &neuropb.UsageReceipt{Escrow: eid, Layer: uint32(i % 24), ExpertIndex: uint32(i % 8), Tokens: 1, Flops: 6 * 4096 * 14336,
+				InputDigest: neuropb.FloatsDigest(in), OutputDigest: neuropb.FloatsDigest(out)}
+			if err := SignReceipt(ex.key, r); err != nil {
+				b.Fatal(err)
+			}
+			rs = append(rs, r)
+		}
+		settle := gating.tx(b, func(tx *neuropb.LedgerTx) {
+			tx.Body = &neuropb.LedgerTx_Settle{Settle: &neuropb.Settle{Escrow: eid, Receipts: rs}}
+		})
+		size = len(settle)
+		start := time.Now()
+		if res := block(b, []*App{app}, 2, [][]byte{settle}); res[0].Code != 0 {
+			b.Fatal(res[0].Log)
+		}
+		took += time.Since(start)
+	}
+	b.ReportMetric(float64(size), "bytes/settlement")
+	b.ReportMetric(float64(size)/receipts, "bytes/receipt")
+	b.ReportMetric(float64(took.Microseconds())/float64(b.N), "µs/settlement")
+}
