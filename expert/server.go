@@ -18,6 +18,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 
+	"github.com/neuro-p2p/neuro/metrics"
 	"github.com/neuro-p2p/neuro/p2p/wire"
 	neuropb "github.com/neuro-p2p/neuro/proto"
 )
@@ -54,6 +55,8 @@ type Config struct {
 	// the node's key): it pays when the request names an escrow, and it
 	// binds the node to its output.
 	SignReceipt func(*neuropb.UsageReceipt) error
+	// Metrics, if set, records each batch: tokens, compute time, outcome.
+	Metrics *metrics.Metrics
 }
 
 // DefaultConfig returns the defaults. The batch window is 0: requests
@@ -77,6 +80,7 @@ type Server struct {
 	batchers map[expertKey]*batcher
 	embd     map[string]int // model CID bytes -> hidden size
 	served   atomic.Int64
+	paused   atomic.Bool
 
 	ctx       context.Context
 	cancel    context.CancelFunc
@@ -88,6 +92,10 @@ type expertKey struct {
 	model         string
 	layer, expert uint32
 }
+
+// SetPaused stops (true) or resumes taking requests: while paused every
+// request is answered busy, and the gating node sends it elsewhere.
+func (s *Server) SetPaused(p bool) { s.paused.Store(p) }
 
 // NewServer makes a server on h. Add experts, then Start.
 func NewServer(h host.Host, cfg Config, log *slog.Logger) (*Server, error) {
@@ -116,7 +124,7 @@ func (s *Server) Add(model cid.Cid, layer, expert int, c Computer) error {
 	}
 	s.embd[k.model] = c.Embd()
 	ctx, cancel := context.WithCancel(s.ctx)
-	b := &batcher{c: c, queue: make(chan *job, s.cfg.MaxQueue), window: s.cfg.BatchWindow, slow: s.cfg.SlowDown, served: &s.served, signer: s.cfg.SignReceipt, cancel: cancel, done: make(chan struct{})}
+	b := &batcher{c: c, queue: make(chan *job, s.cfg.MaxQueue), window: s.cfg.BatchWindow, slow: s.cfg.SlowDown, served: &s.served, signer: s.cfg.SignReceipt, metrics: s.cfg.Metrics, cancel: cancel, done: make(chan struct{})}
 	s.batchers[k] = b
 	s.wg.Add(1)
 	go func() {
@@ -213,6 +221,10 @@ func (s *Server) handle(st network.Stream) {
 			st.Reset()
 			return
 		}
+		if s.paused.Load() {
+			reply(errorResponse(req.GetRequestId(), neuropb.ExpertError_CODE_BUSY, "paused: the machine is busy with its owner's work"))
+			continue
+		}
 		if j := s.admit(req, reply); j != nil {
 			// What the request holds until answered: its decoded input, the
 			// output and the encoded response. Past the stream's, peer's or
@@ -298,15 +310,16 @@ type job struct {
 // batcher runs one expert: it takes queued requests, as many as fit in one
 // ggml call, and answers each.
 type batcher struct {
-	c      Computer
-	queue  chan *job
-	window time.Duration
-	slow   time.Duration
-	served *atomic.Int64 // the server's count of answered calls
-	signer func(*neuropb.UsageReceipt) error
-	next   *job // a job that did not fit the last batch
-	cancel context.CancelFunc
-	done   chan struct{} // closed when run has returned and drained
+	c       Computer
+	queue   chan *job
+	window  time.Duration
+	slow    time.Duration
+	served  *atomic.Int64 // the server's count of answered calls
+	signer  func(*neuropb.UsageReceipt) error
+	metrics *metrics.Metrics
+	next    *job // a job that did not fit the last batch
+	cancel  context.CancelFunc
+	done    chan struct{} // closed when run has returned and drained
 }
 
 // receipt signs the usage receipt of a job: its tokens and FLOPs (three
@@ -428,6 +441,11 @@ func (b *batcher) compute(jobs []*job) {
 	}
 	err := b.c.Compute(x, tokens, out)
 	took := time.Since(start)
+	outcome := "ok"
+	if err != nil {
+		outcome = "error"
+	}
+	b.metrics.Batch(tokens, len(live), took, outcome)
 	off = 0
 	for _, j := range live {
 		if err != nil {

@@ -410,6 +410,9 @@ func (s *Service) Compute(model cid.Cid, layer, expert int, x []float32, n int) 
 // Served counts the expert calls this node has answered.
 func (s *Service) Served() int64 { return s.server.Served() }
 
+// SetPaused stops or resumes taking expert requests (Server.SetPaused).
+func (s *Service) SetPaused(p bool) { s.server.SetPaused(p) }
+
 // Loaded returns the experts that are served.
 func (s *Service) Loaded() []Key {
 	s.mu.Lock()

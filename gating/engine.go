@@ -19,6 +19,7 @@ import (
 
 	"github.com/neuro-p2p/neuro/expert"
 	"github.com/neuro-p2p/neuro/ggml"
+	"github.com/neuro-p2p/neuro/metrics"
 	"github.com/neuro-p2p/neuro/p2p"
 	neuropb "github.com/neuro-p2p/neuro/proto"
 	"github.com/neuro-p2p/neuro/reputation"
@@ -41,6 +42,8 @@ type EngineConfig struct {
 	DType neuropb.WireDType
 	// CallTimeout bounds one expert call.
 	CallTimeout time.Duration
+	// Metrics, if set, records each expert call.
+	Metrics *metrics.Metrics
 	// OnReceipts, if set, is given the experts' signed usage receipts of a
 	// generation paid from an escrow, to settle on the ledger.
 	OnReceipts func(escrow uint64, receipts []*neuropb.UsageReceipt)
@@ -229,7 +232,7 @@ func (e *Engine) load(ctx context.Context, m *served) error {
 	defer e.mu.Unlock()
 	m.sm, m.hp, m.manifest, m.dht = sm, hp, man, dp
 	m.remote = &RemoteExperts{Client: e.client, Model: m.cid, Embd: hp.Embd, Used: hp.ExpertsUsed,
-		DType: e.cfg.DType, CallTimeout: e.cfg.CallTimeout, Selector: e.sel, Validator: e.val,
+		DType: e.cfg.DType, CallTimeout: e.cfg.CallTimeout, Selector: e.sel, Validator: e.val, Metrics: e.cfg.Metrics,
 		Advertised: func(p peer.ID) time.Duration {
 			info, ok := e.h.Peers().Get(p, time.Now())
 			if tps := info.Capacity.GetTokensPerSecond(); ok && tps > 0 {
@@ -239,8 +242,10 @@ func (e *Engine) load(ctx context.Context, m *served) error {
 		},
 		Providers: func(k expert.Key) []peer.ID {
 			ps := hb(k)
+			now := time.Now()
 			for _, p := range dp.get(k) {
-				if !slices.Contains(ps, p) {
+				// A DHT provider whose heartbeat says it paused is left out too.
+				if info, ok := e.h.Peers().Get(p, now); !slices.Contains(ps, p) && (!ok || !info.Paused) {
 					ps = append(ps, p)
 				}
 			}
@@ -381,13 +386,25 @@ func (e *Engine) Models() []ModelInfo {
 func (e *Engine) Active() int64    { return e.active.Load() }
 func (e *Engine) Generated() int64 { return e.generated.Load() }
 
-// Hedges and Redispatches count expert calls sent to a second provider.
+// Hedges and Redispatches count expert calls sent to a second provider:
+// because the first was slow, or because it failed.
 func (e *Engine) Hedges() (n int64) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	for _, m := range e.models {
 		if m.remote != nil {
 			n += m.remote.Hedges()
+		}
+	}
+	return n
+}
+
+func (e *Engine) Redispatches() (n int64) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for _, m := range e.models {
+		if m.remote != nil {
+			n += m.remote.Redispatches()
 		}
 	}
 	return n

@@ -20,6 +20,7 @@ import (
 
 	"github.com/neuro-p2p/neuro/expert"
 	"github.com/neuro-p2p/neuro/ggml"
+	"github.com/neuro-p2p/neuro/metrics"
 	"github.com/neuro-p2p/neuro/p2p"
 	neuropb "github.com/neuro-p2p/neuro/proto"
 )
@@ -31,13 +32,17 @@ var ErrNoProvider = errors.New("no live provider")
 type FindProviders func(k expert.Key) []peer.ID
 
 // HeartbeatProviders finds providers in the routing topic's heartbeats:
-// the peers whose last heartbeat lists the expert.
+// the peers whose last heartbeat lists the expert and does not say that
+// they have paused expert work.
 func HeartbeatProviders(h *p2p.Host, model cid.Cid) FindProviders {
 	want := string(model.Bytes())
 	return func(k expert.Key) []peer.ID {
 		packed := uint32(k.Layer)<<16 | uint32(k.Expert)
 		var out []peer.ID
 		for _, e := range h.Peers().Snapshot(time.Now()) {
+			if e.Paused {
+				continue
+			}
 			for _, hm := range e.Hosted {
 				if string(hm.GetModel()) != want {
 					continue
@@ -78,6 +83,8 @@ type RemoteExperts struct {
 	// Advertised, if set, gives the compute time per token a peer's
 	// heartbeat advertises (0: unknown), to score its speed against.
 	Advertised func(peer.ID) time.Duration
+	// Metrics, if set, records each call's outcome and latency.
+	Metrics *metrics.Metrics
 
 	hedges, redispatches atomic.Int64
 }
@@ -273,6 +280,14 @@ func (r *RemoteExperts) call(ctx context.Context, k expert.Key, in []float32, n 
 			defer ccancel()
 			resp, err := r.Client.Call(cctx, p, expert.Request{Model: r.Model, Layer: k.Layer, Expert: k.Expert,
 				Hidden: in, N: n, DType: r.DType, Escrow: escrow})
+			switch {
+			case err == nil:
+				r.Metrics.ExpertCall("ok", time.Since(start))
+			case ctx.Err() != nil:
+				r.Metrics.ExpertCall("cancelled", 0)
+			default:
+				r.Metrics.ExpertCall("error", 0)
+			}
 			if r.Selector != nil {
 				switch {
 				case err == nil:

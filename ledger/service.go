@@ -79,6 +79,23 @@ func NewService(h *p2p.Host, key crypto.PrivKey, cfg ServiceConfig, log *slog.Lo
 	return s, nil
 }
 
+// Height is the chain's last committed height on a validator (0 elsewhere).
+func (s *Service) Height() int64 {
+	if s.chain == nil {
+		return 0
+	}
+	return s.chain.Height()
+}
+
+// MempoolSize is how many transactions wait in a validator's mempool (0
+// elsewhere).
+func (s *Service) MempoolSize() int {
+	if s.chain == nil {
+		return 0
+	}
+	return s.chain.node.Mempool().Size()
+}
+
 // Validator reports whether this node runs the chain.
 func (s *Service) Validator() bool { return s.chain != nil }
 

@@ -53,8 +53,9 @@ func (h *Host) heartbeat(now time.Time) *neuropb.Heartbeat {
 			CpuLoad1Centi: readLoad1Centi(),
 			RssBytes:      ProcessRSS(),
 		},
-		Version: Version,
-		Addrs:   raw,
+		Version:      Version,
+		Addrs:        raw,
+		Reachability: h.Reachability(),
 	}
 	if h.hbExtra != nil {
 		h.hbExtra(hb)

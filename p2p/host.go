@@ -22,6 +22,7 @@ import (
 	quic "github.com/libp2p/go-libp2p/p2p/transport/quic"
 	"github.com/libp2p/go-libp2p/p2p/transport/tcp"
 	ma "github.com/multiformats/go-multiaddr"
+	"github.com/prometheus/client_golang/prometheus"
 
 	neuropb "github.com/neuro-p2p/neuro/proto"
 )
@@ -88,6 +89,7 @@ type hostOptions struct {
 	relayClient  bool
 	relayService RelayMode
 	staticRelays []peer.AddrInfo
+	metrics      prometheus.Registerer // nil: Prometheus' default registry
 }
 
 // newHost builds the libp2p host: TCP and QUIC; Noise and TLS; yamux; the
@@ -95,7 +97,16 @@ type hostOptions struct {
 // and port mapping as configured. It checks that every listen address was
 // bound: libp2p itself only fails when none was.
 func newHost(o hostOptions, log *slog.Logger) (host.Host, func() error, error) {
-	rm, err := rcmgr.NewResourceManager(rcmgr.NewFixedLimiter(o.limits.resourceLimits()))
+	str, err := rcmgr.NewStatsTraceReporter()
+	if err != nil {
+		return nil, nil, fmt.Errorf("resource manager metrics: %w", err)
+	}
+	reg := o.metrics
+	if reg == nil {
+		reg = prometheus.DefaultRegisterer
+	}
+	rcmgr.MustRegisterWith(reg)
+	rm, err := rcmgr.NewResourceManager(rcmgr.NewFixedLimiter(o.limits.resourceLimits()), rcmgr.WithTraceReporter(str))
 	if err != nil {
 		return nil, nil, fmt.Errorf("resource manager: %w", err)
 	}
@@ -114,6 +125,7 @@ func newHost(o hostOptions, log *slog.Logger) (host.Host, func() error, error) {
 		libp2p.ResourceManager(rm),
 		libp2p.ConnectionManager(cm),
 		libp2p.UserAgent("neurod/" + Version),
+		libp2p.PrometheusRegisterer(reg),
 	}
 	if o.portMap {
 		opts = append(opts, libp2p.NATPortMap())

@@ -41,3 +41,7 @@ func readLoad1Centi() uint32 {
 	}
 	return uint32(v * 100)
 }
+
+// Load1 is the machine's one-minute load average (0 where /proc is
+// missing).
+func Load1() float64 { return float64(readLoad1Centi()) / 100 }

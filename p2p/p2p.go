@@ -12,16 +12,20 @@ import (
 	"log/slog"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	dht "github.com/libp2p/go-libp2p-kad-dht"
 	pubsub "github.com/libp2p/go-libp2p-pubsub"
 	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/event"
 	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	drouting "github.com/libp2p/go-libp2p/p2p/discovery/routing"
 	"github.com/libp2p/go-libp2p/p2p/net/swarm"
 	ma "github.com/multiformats/go-multiaddr"
+	"github.com/prometheus/client_golang/prometheus"
 
 	neuropb "github.com/neuro-p2p/neuro/proto"
 )
@@ -69,6 +73,17 @@ type options struct {
 	log      *slog.Logger
 	appScore func(peer.ID) float64
 	hbExtra  func(*neuropb.Heartbeat)
+	metrics  prometheus.Registerer
+}
+
+// WithMetrics registers go-libp2p's metrics (swarm, identify, hole
+// punching, AutoNAT, relay, resource manager) on reg instead of
+// Prometheus' default registry.
+func WithMetrics(reg prometheus.Registerer) Option {
+	return func(o *options) error {
+		o.metrics = reg
+		return nil
+	}
 }
 
 // WithHeartbeatExtra lets the node add to each heartbeat before it is
@@ -118,7 +133,8 @@ type Host struct {
 	provCache providerCache
 
 	started time.Time
-	hbMu    sync.Mutex // guards hbSeq and hbExtra
+	reach   atomic.Int32 // neuropb.Reachability
+	hbMu    sync.Mutex   // guards hbSeq and hbExtra
 	hbSeq   uint64
 
 	ctx       context.Context // bounds the loops; cancelled first by Close
@@ -169,6 +185,7 @@ func New(key crypto.PrivKey, cfg Config, opts ...Option) (_ *Host, err error) {
 		relayClient:  cfg.RelayClient,
 		relayService: cfg.RelayService,
 		staticRelays: cfg.StaticRelays,
+		metrics:      o.metrics,
 	}, h.log)
 	if err != nil {
 		return nil, err
@@ -221,7 +238,28 @@ func (h *Host) Start(ctx context.Context) error {
 	if err := h.dht.Bootstrap(h.ctx); err != nil {
 		return fmt.Errorf("dht bootstrap: %w", err)
 	}
-	h.wg.Add(2)
+	reach, err := h.host.EventBus().Subscribe(new(event.EvtLocalReachabilityChanged))
+	if err != nil {
+		return fmt.Errorf("reachability events: %w", err)
+	}
+	h.wg.Add(3)
+	go func() {
+		defer h.wg.Done()
+		defer reach.Close()
+		for {
+			select {
+			case <-h.ctx.Done():
+				return
+			case ev, ok := <-reach.Out():
+				if !ok {
+					return
+				}
+				r := ev.(event.EvtLocalReachabilityChanged).Reachability
+				h.reach.Store(int32(reachabilityOf(r)))
+				h.log.Info("reachability", "is", r.String())
+			}
+		}
+	}()
 	go func() {
 		defer h.wg.Done()
 		h.publishHeartbeats(h.ctx)
@@ -361,6 +399,19 @@ func (h *Host) DHT() *dht.IpfsDHT { return h.dht }
 
 // PubSub is the GossipSub router, for joining further topics.
 func (h *Host) PubSub() *pubsub.PubSub { return h.ps }
+
+// Reachability is what AutoNAT found of this node.
+func (h *Host) Reachability() neuropb.Reachability { return neuropb.Reachability(h.reach.Load()) }
+
+func reachabilityOf(r network.Reachability) neuropb.Reachability {
+	switch r {
+	case network.ReachabilityPublic:
+		return neuropb.Reachability_REACHABILITY_PUBLIC
+	case network.ReachabilityPrivate:
+		return neuropb.Reachability_REACHABILITY_PRIVATE
+	}
+	return neuropb.Reachability_REACHABILITY_UNKNOWN
+}
 
 // Peers is the table of peers heard on the routing topic.
 func (h *Host) Peers() *PeerTable { return h.peers }

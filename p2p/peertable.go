@@ -32,6 +32,10 @@ type PeerInfo struct {
 	// Hosted and Capacity are the expert node's announcements, if any.
 	Hosted   []*neuropb.HostedModel
 	Capacity *neuropb.Capacity
+	// Reachability is what the peer's AutoNAT found; Paused says it takes
+	// no expert work now.
+	Reachability neuropb.Reachability
+	Paused       bool
 }
 
 // PeerTable remembers the latest heartbeat of each peer: at most max
@@ -85,6 +89,7 @@ func (t *PeerTable) Observe(author peer.ID, hb *neuropb.Heartbeat, now time.Time
 	e.SentUnixMs = hb.GetSentUnixMs()
 	e.Hosted = hb.GetHosted()
 	e.Capacity = hb.GetCapacity()
+	e.Reachability, e.Paused = hb.GetReachability(), hb.GetPaused()
 	e.Delay = now.Sub(time.UnixMilli(hb.GetSentUnixMs()))
 	return true
 }

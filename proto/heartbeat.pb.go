@@ -86,6 +86,55 @@ func (Role) EnumDescriptor() ([]byte, []int) {
 	return file_heartbeat_proto_rawDescGZIP(), []int{0}
 }
 
+type Reachability int32
+
+const (
+	Reachability_REACHABILITY_UNKNOWN Reachability = 0
+	Reachability_REACHABILITY_PUBLIC  Reachability = 1
+	Reachability_REACHABILITY_PRIVATE Reachability = 2
+)
+
+// Enum value maps for Reachability.
+var (
+	Reachability_name = map[int32]string{
+		0: "REACHABILITY_UNKNOWN",
+		1: "REACHABILITY_PUBLIC",
+		2: "REACHABILITY_PRIVATE",
+	}
+	Reachability_value = map[string]int32{
+		"REACHABILITY_UNKNOWN": 0,
+		"REACHABILITY_PUBLIC":  1,
+		"REACHABILITY_PRIVATE": 2,
+	}
+)
+
+func (x Reachability) Enum() *Reachability {
+	p := new(Reachability)
+	*p = x
+	return p
+}
+
+func (x Reachability) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (Reachability) Descriptor() protoreflect.EnumDescriptor {
+	return file_heartbeat_proto_enumTypes[1].Descriptor()
+}
+
+func (Reachability) Type() protoreflect.EnumType {
+	return &file_heartbeat_proto_enumTypes[1]
+}
+
+func (x Reachability) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use Reachability.Descriptor instead.
+func (Reachability) EnumDescriptor() ([]byte, []int) {
+	return file_heartbeat_proto_rawDescGZIP(), []int{1}
+}
+
 // Heartbeat is published by every node on the routing topic every few
 // seconds. It is carried in a GossipSub message signed by the sender
 // (StrictSign), and peer_id must equal that message's signer.
@@ -108,7 +157,12 @@ type Heartbeat struct {
 	// The experts this node hosts (or is fetching to host), per model.
 	Hosted []*HostedModel `protobuf:"bytes,9,rep,name=hosted,proto3" json:"hosted,omitempty"`
 	// What the node can still take and how fast it computes.
-	Capacity      *Capacity `protobuf:"bytes,10,opt,name=capacity,proto3" json:"capacity,omitempty"`
+	Capacity *Capacity `protobuf:"bytes,10,opt,name=capacity,proto3" json:"capacity,omitempty"`
+	// What AutoNAT found of the sender's reachability.
+	Reachability Reachability `protobuf:"varint,11,opt,name=reachability,proto3,enum=neuro.v1.Reachability" json:"reachability,omitempty"`
+	// The sender takes no expert work now (--idle-only or --max-load: its
+	// machine is busy with its owner's work); gating nodes route around it.
+	Paused        bool `protobuf:"varint,12,opt,name=paused,proto3" json:"paused,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -211,6 +265,20 @@ func (x *Heartbeat) GetCapacity() *Capacity {
 		return x.Capacity
 	}
 	return nil
+}
+
+func (x *Heartbeat) GetReachability() Reachability {
+	if x != nil {
+		return x.Reachability
+	}
+	return Reachability_REACHABILITY_UNKNOWN
+}
+
+func (x *Heartbeat) GetPaused() bool {
+	if x != nil {
+		return x.Paused
+	}
+	return false
 }
 
 // HostedModel lists the experts of one model a node hosts.
@@ -496,7 +564,7 @@ var File_heartbeat_proto protoreflect.FileDescriptor
 
 const file_heartbeat_proto_rawDesc = "" +
 	"\n" +
-	"\x0fheartbeat.proto\x12\bneuro.v1\"\xcc\x02\n" +
+	"\x0fheartbeat.proto\x12\bneuro.v1\"\xa0\x03\n" +
 	"\tHeartbeat\x12\x17\n" +
 	"\apeer_id\x18\x01 \x01(\fR\x06peerId\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12 \n" +
@@ -509,7 +577,9 @@ const file_heartbeat_proto_rawDesc = "" +
 	"\x05addrs\x18\b \x03(\fR\x05addrs\x12-\n" +
 	"\x06hosted\x18\t \x03(\v2\x15.neuro.v1.HostedModelR\x06hosted\x12.\n" +
 	"\bcapacity\x18\n" +
-	" \x01(\v2\x12.neuro.v1.CapacityR\bcapacity\"=\n" +
+	" \x01(\v2\x12.neuro.v1.CapacityR\bcapacity\x12:\n" +
+	"\freachability\x18\v \x01(\x0e2\x16.neuro.v1.ReachabilityR\freachability\x12\x16\n" +
+	"\x06paused\x18\f \x01(\bR\x06paused\"=\n" +
 	"\vHostedModel\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\fR\x05model\x12\x18\n" +
 	"\aexperts\x18\x02 \x03(\rR\aexperts\"\xb3\x01\n" +
@@ -537,7 +607,11 @@ const file_heartbeat_proto_rawDesc = "" +
 	"\n" +
 	"ROLE_RELAY\x10\x02\x12\x0f\n" +
 	"\vROLE_GATING\x10\x03\x12\x0f\n" +
-	"\vROLE_EXPERT\x10\x04B*Z(github.com/neuro-p2p/neuro/proto;neuropbb\x06proto3"
+	"\vROLE_EXPERT\x10\x04*[\n" +
+	"\fReachability\x12\x18\n" +
+	"\x14REACHABILITY_UNKNOWN\x10\x00\x12\x17\n" +
+	"\x13REACHABILITY_PUBLIC\x10\x01\x12\x18\n" +
+	"\x14REACHABILITY_PRIVATE\x10\x02B*Z(github.com/neuro-p2p/neuro/proto;neuropbb\x06proto3"
 
 var (
 	file_heartbeat_proto_rawDescOnce sync.Once
@@ -551,27 +625,29 @@ func file_heartbeat_proto_rawDescGZIP() []byte {
 	return file_heartbeat_proto_rawDescData
 }
 
-var file_heartbeat_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
+var file_heartbeat_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
 var file_heartbeat_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
 var file_heartbeat_proto_goTypes = []any{
 	(Role)(0),           // 0: neuro.v1.Role
-	(*Heartbeat)(nil),   // 1: neuro.v1.Heartbeat
-	(*HostedModel)(nil), // 2: neuro.v1.HostedModel
-	(*Capacity)(nil),    // 3: neuro.v1.Capacity
-	(*Hardware)(nil),    // 4: neuro.v1.Hardware
-	(*Load)(nil),        // 5: neuro.v1.Load
+	(Reachability)(0),   // 1: neuro.v1.Reachability
+	(*Heartbeat)(nil),   // 2: neuro.v1.Heartbeat
+	(*HostedModel)(nil), // 3: neuro.v1.HostedModel
+	(*Capacity)(nil),    // 4: neuro.v1.Capacity
+	(*Hardware)(nil),    // 5: neuro.v1.Hardware
+	(*Load)(nil),        // 6: neuro.v1.Load
 }
 var file_heartbeat_proto_depIdxs = []int32{
 	0, // 0: neuro.v1.Heartbeat.roles:type_name -> neuro.v1.Role
-	5, // 1: neuro.v1.Heartbeat.load:type_name -> neuro.v1.Load
-	2, // 2: neuro.v1.Heartbeat.hosted:type_name -> neuro.v1.HostedModel
-	3, // 3: neuro.v1.Heartbeat.capacity:type_name -> neuro.v1.Capacity
-	4, // 4: neuro.v1.Capacity.hardware:type_name -> neuro.v1.Hardware
-	5, // [5:5] is the sub-list for method output_type
-	5, // [5:5] is the sub-list for method input_type
-	5, // [5:5] is the sub-list for extension type_name
-	5, // [5:5] is the sub-list for extension extendee
-	0, // [0:5] is the sub-list for field type_name
+	6, // 1: neuro.v1.Heartbeat.load:type_name -> neuro.v1.Load
+	3, // 2: neuro.v1.Heartbeat.hosted:type_name -> neuro.v1.HostedModel
+	4, // 3: neuro.v1.Heartbeat.capacity:type_name -> neuro.v1.Capacity
+	1, // 4: neuro.v1.Heartbeat.reachability:type_name -> neuro.v1.Reachability
+	5, // 5: neuro.v1.Capacity.hardware:type_name -> neuro.v1.Hardware
+	6, // [6:6] is the sub-list for method output_type
+	6, // [6:6] is the sub-list for method input_type
+	6, // [6:6] is the sub-list for extension type_name
+	6, // [6:6] is the sub-list for extension extendee
+	0, // [0:6] is the sub-list for field type_name
 }
 
 func init() { file_heartbeat_proto_init() }
@@ -584,7 +660,7 @@ func file_heartbeat_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_heartbeat_proto_rawDesc), len(file_heartbeat_proto_rawDesc)),
-			NumEnums:      1,
+			NumEnums:      2,
 			NumMessages:   5,
 			NumExtensions: 0,
 			NumServices:   0,
