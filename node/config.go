@@ -32,6 +32,8 @@ type Config struct {
 	Expert ExpertConfig `toml:"expert"`
 	Gating GatingConfig `toml:"gating"`
 	Ledger LedgerConfig `toml:"ledger"`
+	HTTP   HTTPConfig   `toml:"http"`
+	Home   HomeConfig   `toml:"home"`
 	API    APIConfig    `toml:"api"`
 	Log    LogConfig    `toml:"log"`
 }
@@ -53,9 +55,7 @@ type ExpertConfig struct {
 type GatingConfig struct {
 	Enabled bool `toml:"enabled"`
 	// Model is the CID of the model to serve; empty uses expert.model.
-	Model string `toml:"model"`
-	// HTTP is the OpenAI-compatible API's host:port; empty disables it.
-	HTTP        string   `toml:"http"`
+	Model       string   `toml:"model"`
 	MaxSessions int      `toml:"max_sessions"`
 	Context     int      `toml:"context"`
 	MaxTokens   int      `toml:"max_tokens"`
@@ -129,6 +129,32 @@ type GossipConfig struct {
 	PeerExpiry        Duration `toml:"peer_expiry"`
 }
 
+// HTTPConfig is the node's public, read-only HTTP listener.
+type HTTPConfig struct {
+	// Listen is a host:port serving the dashboard (/), its data
+	// (/api/v1/state), Prometheus metrics (/metrics) and, on a gating
+	// node, the OpenAI-compatible API (/v1/...); empty disables it.
+	Listen string `toml:"listen"`
+}
+
+// HomeConfig caps what the node takes of a machine its owner also uses.
+type HomeConfig struct {
+	// Threads caps the compute threads (expert and gating); 0: every core.
+	Threads int `toml:"threads"`
+	// MemoryMB caps the expert weights (expert.memory_mb) and sets
+	// GOMEMLIMIT for Go's heap; 0: no cap.
+	MemoryMB int `toml:"memory_mb"`
+	// MaxLoad pauses expert work while the machine's 1-minute load per
+	// core is above it; 0: never.
+	MaxLoad float64 `toml:"max_load"`
+	// IdleOnly pauses expert work while other processes keep the CPU
+	// busier than IdleThreshold (a fraction of all cores) or use a GPU.
+	IdleOnly      bool    `toml:"idle_only"`
+	IdleThreshold float64 `toml:"idle_threshold"`
+	// IdleCheck is how often the load is sampled.
+	IdleCheck Duration `toml:"idle_check"`
+}
+
 // APIConfig configures the local control API (status for `neurod status`
 // and the testnet launcher).
 type APIConfig struct {
@@ -176,6 +202,7 @@ func DefaultConfig() Config {
 		Expert: ExpertConfig{Experts: "auto", MemoryMB: 4096},
 		Ledger: LedgerConfig{Listen: "tcp://0.0.0.0:26656", Peers: []string{}, BlockInterval: Duration(time.Second)},
 		Gating: GatingConfig{MaxSessions: 4, MaxTokens: 256, WireDType: "f32", CallTimeout: Duration(30 * time.Second), Validate: true},
+		Home:   HomeConfig{IdleThreshold: 0.5, IdleCheck: Duration(5 * time.Second)},
 		API:    APIConfig{Listen: "127.0.0.1:0"},
 		Log:    LogConfig{Level: "info", Format: "text"},
 	}
@@ -256,14 +283,11 @@ threads = 0
 [gating]
 # Serve a model as a gating node: run its embeddings, attention and router
 # here, send each layer's hidden states to the expert nodes, and answer
-# clients (the /neuro/infer/1.0.0 protocol, and the HTTP API below).
+# clients (the /neuro/infer/1.0.0 protocol, and the OpenAI-compatible API
+# on http.listen).
 enabled = false
 # CID of the model to serve; empty: expert.model.
 model = ""
-# OpenAI-compatible HTTP API (/v1/models, /v1/completions,
-# /v1/chat/completions) as host:port. Empty disables it. It has no
-# authentication: keep it on loopback or behind a proxy that has.
-http = ""
 # Generations that run at once; one more is answered busy.
 max_sessions = 4
 # KV cache of a session in tokens; 0: the model's context, at most 4096.
@@ -293,6 +317,32 @@ genesis = ""
 listen = "tcp://0.0.0.0:26656"
 peers = []
 block_interval = "1s"
+
+[http]
+# Public HTTP listener, as host:port: the dashboard (/), its data
+# (/api/v1/state), Prometheus metrics (/metrics) and, on a gating node, the
+# OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions).
+# Read-only, without authentication: on a gating node keep it on loopback or
+# behind a proxy that has. Empty disables it.
+listen = ""
+
+[home]
+# Caps for a machine its owner also uses. Threads for all compute (caps
+# expert.threads and gating.threads); 0: every core.
+threads = 0
+# Memory for the node in MiB: caps expert.memory_mb (the weights) and sets
+# GOMEMLIMIT (Go's heap, a soft limit). 0: no cap.
+memory_mb = 0
+# Pause expert work while the machine's 1-minute load average per core is
+# above this; 0: never.
+max_load = 0.0
+# Take expert work only while the machine is otherwise idle: pause while
+# other processes use more than idle_threshold of the CPU (0-1, of all
+# cores) or any GPU, and resume once it has been idle for three checks.
+# Paused nodes say so in their heartbeats and gating nodes route around them.
+idle_only = false
+idle_threshold = 0.5
+idle_check = "5s"
 
 [api]
 # Local control API (neurod status, the testnet launcher), as host:port.
@@ -424,6 +474,14 @@ func (c *Config) Validate() error {
 		return fieldErr("gossip.peer_expiry", "%v must be longer than gossip.heartbeat_interval %v",
 			c.Gossip.PeerExpiry, c.Gossip.HeartbeatInterval)
 	}
+	if c.HTTP.Listen != "" {
+		if _, _, err := net.SplitHostPort(c.HTTP.Listen); err != nil {
+			return fieldErr("http.listen", "%q: want host:port: %v", c.HTTP.Listen, err)
+		}
+	}
+	if err := c.Home.validate(); err != nil {
+		return err
+	}
 	if c.Expert.Model != "" {
 		if _, err := cid.Decode(c.Expert.Model); err != nil {
 			return fieldErr("expert.model", "%q: not a CID: %v", c.Expert.Model, err)
@@ -462,6 +520,24 @@ func (c *Config) Validate() error {
 	return nil
 }
 
+func (h HomeConfig) validate() error {
+	switch {
+	case h.Threads < 0:
+		return fieldErr("home.threads", "must not be negative, got %d", h.Threads)
+	case h.MemoryMB < 0:
+		return fieldErr("home.memory_mb", "must not be negative, got %d", h.MemoryMB)
+	case h.MemoryMB > 0 && h.MemoryMB < 256:
+		return fieldErr("home.memory_mb", "%d MiB is too little to run a node (at least 256)", h.MemoryMB)
+	case h.MaxLoad < 0:
+		return fieldErr("home.max_load", "must not be negative, got %g", h.MaxLoad)
+	case h.IdleThreshold <= 0 || h.IdleThreshold > 1:
+		return fieldErr("home.idle_threshold", "%g: want a fraction of the CPU above 0, at most 1", h.IdleThreshold)
+	case (h.IdleOnly || h.MaxLoad > 0) && h.IdleCheck < Duration(100*time.Millisecond):
+		return fieldErr("home.idle_check", "%v: at least 100ms", h.IdleCheck)
+	}
+	return nil
+}
+
 func (c *Config) validateGating() error {
 	g := c.Gating
 	if g.Model != "" {
@@ -471,14 +547,6 @@ func (c *Config) validateGating() error {
 	}
 	if g.Enabled && g.ModelCID(*c) == "" {
 		return fieldErr("gating.model", "a gating node needs a model (set gating.model or expert.model, or use --model)")
-	}
-	if g.HTTP != "" {
-		if !g.Enabled {
-			return fieldErr("gating.http", "the HTTP API runs on a gating node: set gating.enabled (--gating) too")
-		}
-		if _, _, err := net.SplitHostPort(g.HTTP); err != nil {
-			return fieldErr("gating.http", "%q: want host:port: %v", g.HTTP, err)
-		}
 	}
 	for _, f := range []struct {
 		key string

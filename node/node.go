@@ -25,6 +25,7 @@ import (
 	"github.com/neuro-p2p/neuro/expert"
 	"github.com/neuro-p2p/neuro/gating"
 	"github.com/neuro-p2p/neuro/ledger"
+	"github.com/neuro-p2p/neuro/metrics"
 	"github.com/neuro-p2p/neuro/p2p"
 	neuropb "github.com/neuro-p2p/neuro/proto"
 	"github.com/neuro-p2p/neuro/reputation"
@@ -40,6 +41,16 @@ type options struct {
 	progress expert.Progress
 	slowDown time.Duration
 	fault    expert.Fault
+	load     LoadSignal
+}
+
+// WithLoadSignal replaces the machine load readings that home.idle_only
+// and home.max_load act on (tests inject busy and idle spells).
+func WithLoadSignal(f LoadSignal) Option {
+	return func(o *options) error {
+		o.load = f
+		return nil
+	}
 }
 
 // WithFault makes the node's experts misbehave on purpose: adversarial
@@ -118,6 +129,9 @@ type Node struct {
 	book     *reputation.Book
 	verdicts *verdicts
 	ledger   *ledger.Service
+	metrics  *metrics.Metrics
+	idle     *idleGuard
+	web      webState
 	unlock   func() error
 
 	apiLn   net.Listener
@@ -130,6 +144,7 @@ type Node struct {
 	wg        sync.WaitGroup
 	closeOnce sync.Once
 	closeErr  error
+	started   time.Time
 }
 
 // New validates cfg, takes the home's lock and builds the p2p stack and the
@@ -145,7 +160,7 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	n := &Node{cfg: cfg, log: o.log, home: o.home}
+	n := &Node{cfg: cfg, log: o.log, home: o.home, metrics: metrics.New(), started: time.Now()}
 	defer func() {
 		if err != nil {
 			err = errors.Join(err, n.Close())
@@ -171,6 +186,10 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 	if cfg.Expert.Model != "" && cfg.Expert.Experts != "none" && !slices.Contains(cfg.P2P.Roles, "expert") {
 		cfg.P2P.Roles = append(slices.Clone(cfg.P2P.Roles), "expert")
 	}
+	cfg.Expert.Threads, cfg.Gating.Threads = capThreads(cfg.Expert.Threads, cfg.Home.Threads), capThreads(cfg.Gating.Threads, cfg.Home.Threads)
+	if m := cfg.Home.MemoryMB; m > 0 {
+		cfg.Expert.MemoryMB = min(cfg.Expert.MemoryMB, m)
+	}
 	n.cfg = cfg
 	pcfg, err := cfg.ToP2P()
 	if err != nil {
@@ -185,17 +204,22 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 	if n.book, err = reputation.Open(bc); err != nil {
 		return nil, err
 	}
-	popts := []p2p.Option{p2p.WithLogger(n.log), p2p.WithAppScore(n.book.GossipScore)}
+	popts := []p2p.Option{p2p.WithLogger(n.log), p2p.WithAppScore(n.book.GossipScore), p2p.WithMetrics(n.metrics.Registry)}
 	n.p2p, err = p2p.New(key, pcfg, popts...)
 	if err != nil {
 		return nil, err
 	}
 	n.log = n.log.With("peer", n.p2p.ID())
 	if n.home != "" {
-		if n.expert, err = newExpertService(n.p2p, key, cfg.Expert, filepath.Join(n.home, StoreDir), o.progress, o.slowDown, o.fault, n.log); err != nil {
+		if n.expert, err = newExpertService(n.p2p, key, cfg.Expert, filepath.Join(n.home, StoreDir), n.countFetched(o.progress),
+			o.slowDown, o.fault, n.metrics, n.log); err != nil {
 			return nil, err
 		}
-		n.p2p.SetHeartbeatExtra(n.expert.HeartbeatExtra)
+		n.idle = newIdleGuard(cfg.Home, o.load, n.expert.SetPaused, n.metrics, n.log)
+		n.p2p.SetHeartbeatExtra(func(hb *neuropb.Heartbeat) {
+			n.expert.HeartbeatExtra(hb)
+			hb.Paused = n.idle.Paused()
+		})
 	}
 	if n.verdicts, err = newVerdicts(n); err != nil {
 		return nil, err
@@ -231,7 +255,7 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 		}
 		n.gating, err = gating.NewEngine(n.p2p, n.expert, gating.EngineConfig{Threads: cfg.Gating.Threads,
 			MaxSessions: cfg.Gating.MaxSessions, Context: cfg.Gating.Context, DefaultMaxTokens: cfg.Gating.MaxTokens,
-			DType: dt, CallTimeout: time.Duration(cfg.Gating.CallTimeout), Book: book}, n.log)
+			DType: dt, CallTimeout: time.Duration(cfg.Gating.CallTimeout), Book: book, Metrics: n.metrics}, n.log)
 		if err != nil {
 			return nil, err
 		}
@@ -241,15 +265,16 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 		if v := n.gating.Validator(); v != nil && n.verdicts != nil {
 			v.OnWrong = func(w gating.Verdict) { n.verdicts.publish(context.Background(), w) }
 		}
-		if cfg.Gating.HTTP != "" {
-			if n.httpLn, err = net.Listen("tcp", cfg.Gating.HTTP); err != nil {
-				return nil, fmt.Errorf("gating.http %s: %w", cfg.Gating.HTTP, err)
-			}
-			n.httpSrv = &http.Server{
-				Handler:           gating.HTTPHandler(n.gating, n.log),
-				ReadHeaderTimeout: 10 * time.Second,
-				ErrorLog:          slog.NewLogLogger(n.log.Handler(), slog.LevelWarn),
-			}
+	}
+	n.registerMetrics()
+	if cfg.HTTP.Listen != "" {
+		if n.httpLn, err = net.Listen("tcp", cfg.HTTP.Listen); err != nil {
+			return nil, fmt.Errorf("http.listen %s: %w", cfg.HTTP.Listen, err)
+		}
+		n.httpSrv = &http.Server{
+			Handler:           n.webHandler(),
+			ReadHeaderTimeout: 10 * time.Second,
+			ErrorLog:          slog.NewLogLogger(n.log.Handler(), slog.LevelWarn),
 		}
 	}
 	if cfg.API.Listen != "" {
@@ -278,8 +303,20 @@ func (n *Node) Start(ctx context.Context) error {
 	if n.ledger != nil {
 		n.ledger.Start()
 	}
+	n.bgCtx, n.bgCancel = context.WithCancel(context.Background())
+	n.wg.Add(1)
+	go func() {
+		defer n.wg.Done()
+		n.sampleRates(n.bgCtx)
+	}()
+	if n.idle != nil && n.idle.enabled() {
+		n.wg.Add(1)
+		go func() {
+			defer n.wg.Done()
+			n.idle.run(n.bgCtx)
+		}()
+	}
 	if n.book != nil {
-		n.bgCtx, n.bgCancel = context.WithCancel(context.Background())
 		n.wg.Add(1)
 		go func() {
 			defer n.wg.Done()
@@ -307,7 +344,7 @@ func (n *Node) Start(ctx context.Context) error {
 				n.log.Error("http api stopped", "err", err)
 			}
 		}()
-		n.log.Info("OpenAI-compatible API listening", "url", "http://"+n.httpLn.Addr().String()+"/v1")
+		n.log.Info("dashboard and metrics listening", "url", "http://"+n.httpLn.Addr().String()+"/")
 	}
 	if n.apiLn != nil {
 		n.wg.Add(1)
@@ -393,8 +430,8 @@ func (n *Node) Book() *reputation.Book { return n.book }
 // P2P is the node's p2p stack.
 func (n *Node) P2P() *p2p.Host { return n.p2p }
 
-// HTTPAddr is the OpenAI-compatible API's host:port, or "" when it is
-// off.
+// HTTPAddr is the public HTTP listener's host:port (dashboard, metrics,
+// and on a gating node the OpenAI-compatible API), or "" when it is off.
 func (n *Node) HTTPAddr() string {
 	if n.httpLn == nil {
 		return ""
@@ -437,6 +474,7 @@ func (n *Node) settle(escrow uint64, receipts []*neuropb.UsageReceipt) {
 			n.log.Warn("settle", "escrow", escrow, "receipts", len(chunk), "err", err)
 			return
 		}
+		n.web.settled(escrow, chunk)
 		n.log.Info("settled expert work", "escrow", escrow, "receipts", len(chunk))
 	}
 }
@@ -464,9 +502,11 @@ func (n *Node) keepBook(ctx context.Context) {
 }
 
 // newExpertService builds the node's expert service from its config.
-func newExpertService(h *p2p.Host, key crypto.PrivKey, cfg ExpertConfig, store string, progress expert.Progress, slow time.Duration, fault expert.Fault, log *slog.Logger) (*expert.Service, error) {
+func newExpertService(h *p2p.Host, key crypto.PrivKey, cfg ExpertConfig, store string, progress expert.Progress, slow time.Duration,
+	fault expert.Fault, m *metrics.Metrics, log *slog.Logger) (*expert.Service, error) {
 	sc := expert.ServiceConfig{StoreDir: store, MemoryBudget: int64(cfg.MemoryMB) << 20, Threads: cfg.Threads,
 		Server: expert.DefaultConfig(), Progress: progress, Fault: fault}
+	sc.Server.Metrics = m
 	sc.Server.SignReceipt = func(r *neuropb.UsageReceipt) error { return ledger.SignReceipt(key, r) }
 	sc.Server.SlowDown = slow
 	if cfg.Model != "" {

@@ -216,6 +216,12 @@ func (n *Node) Status() Status {
 func (n *Node) apiHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc(LedgerPath, n.serveLedger)
+	mux.HandleFunc("GET "+StatePath, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		if err := json.NewEncoder(w).Encode(n.State(r.Context())); err != nil {
+			n.log.Debug("write state", "err", err)
+		}
+	})
 	mux.HandleFunc("GET "+StatusPath, func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		if err := json.NewEncoder(w).Encode(n.Status()); err != nil {
@@ -223,6 +229,35 @@ func (n *Node) apiHandler() http.Handler {
 		}
 	})
 	return mux
+}
+
+// FetchState asks the node whose control API (or HTTP listener) is on
+// addr for the network as it sees it (State).
+func FetchState(ctx context.Context, addr string) (State, error) {
+	var st State
+	if err := getJSON(ctx, addr, StatePath, &st); err != nil {
+		return State{}, fmt.Errorf("state %s: %w", addr, err)
+	}
+	return st, nil
+}
+
+func getJSON(ctx context.Context, addr, path string, v any) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+path, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("HTTP %s", resp.Status)
+	}
+	if err := json.NewDecoder(io.LimitReader(resp.Body, maxStatusSize)).Decode(v); err != nil {
+		return fmt.Errorf("decode: %w", err)
+	}
+	return nil
 }
 
 // FetchStatus asks the node whose control API listens on addr (host:port)

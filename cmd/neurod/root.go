@@ -45,6 +45,7 @@ variables, overridden by flags. The home is --home, else $NEURO_HOME, else
 	root.AddCommand(
 		newInitCmd(g),
 		newRunCmd(g),
+		newStatusCmd(g),
 		newIDCmd(g),
 		newTestnetCmd(g),
 		newModelCmd(g),

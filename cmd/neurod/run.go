@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"time"
@@ -25,6 +26,9 @@ func newRunCmd(g *globalFlags) *cobra.Command {
 		modelID, experts, memory string
 		gatingOn                 bool
 		httpAddr                 string
+		threads                  int
+		maxLoad                  float64
+		idleOnly                 bool
 		slowCompute              time.Duration
 		testnetMode              bool
 		faulty                   string
@@ -56,13 +60,16 @@ Flags override NEURO_* environment variables, which override the config.`,
 				}},
 				{"model", "expert.model", func(c *node.Config, _ *pflag.FlagSet) error { c.Expert.Model = modelID; return nil }},
 				{"experts", "expert.experts", func(c *node.Config, _ *pflag.FlagSet) error { c.Expert.Experts = experts; return nil }},
-				{"memory", "expert.memory_mb", func(c *node.Config, _ *pflag.FlagSet) error {
+				{"memory", "home.memory_mb", func(c *node.Config, _ *pflag.FlagSet) error {
 					mb, err := parseMiB(memory)
-					c.Expert.MemoryMB = mb
+					c.Home.MemoryMB, c.Expert.MemoryMB = mb, mb
 					return err
 				}},
+				{"threads", "home.threads", func(c *node.Config, _ *pflag.FlagSet) error { c.Home.Threads = threads; return nil }},
+				{"max-load", "home.max_load", func(c *node.Config, _ *pflag.FlagSet) error { c.Home.MaxLoad = maxLoad; return nil }},
+				{"idle-only", "home.idle_only", func(c *node.Config, _ *pflag.FlagSet) error { c.Home.IdleOnly = idleOnly; return nil }},
 				{"gating", "gating.enabled", func(c *node.Config, _ *pflag.FlagSet) error { c.Gating.Enabled = gatingOn; return nil }},
-				{"http", "gating.http", func(c *node.Config, _ *pflag.FlagSet) error { c.Gating.HTTP = httpAddr; return nil }},
+				{"http", "http.listen", func(c *node.Config, _ *pflag.FlagSet) error { c.HTTP.Listen = httpAddr; return nil }},
 			})
 			if err != nil {
 				return err
@@ -82,6 +89,11 @@ Flags override NEURO_* environment variables, which override the config.`,
 			if f, ok := cmd.ErrOrStderr().(*os.File); ok && term.IsTerminal(int(f.Fd())) {
 				opts = append(opts, node.WithProgress(expert.TerminalProgress(f)))
 			}
+			if cfg.Home.MemoryMB > 0 {
+				// A soft limit on Go's heap; the weights live outside it and
+				// are capped by expert.memory_mb.
+				debug.SetMemoryLimit(int64(cfg.Home.MemoryMB) << 20)
+			}
 			n, err := node.New(cfg, opts...)
 			if err != nil {
 				return err
@@ -96,7 +108,10 @@ Flags override NEURO_* environment variables, which override the config.`,
 				fmt.Fprintf(cmd.OutOrStdout(), "listening on %s/p2p/%s\n", a, st.PeerID)
 			}
 			if a := n.HTTPAddr(); a != "" {
-				fmt.Fprintf(cmd.OutOrStdout(), "OpenAI-compatible API on http://%s/v1\n", a)
+				fmt.Fprintf(cmd.OutOrStdout(), "dashboard on http://%s/ (metrics on /metrics)\n", a)
+				if n.Gating() != nil {
+					fmt.Fprintf(cmd.OutOrStdout(), "OpenAI-compatible API on http://%s/v1\n", a)
+				}
 			}
 			<-ctx.Done()
 			log.Info("shutting down")
@@ -117,14 +132,17 @@ Flags override NEURO_* environment variables, which override the config.`,
 	f.StringVar(&modelID, "model", "", "CID of the model to work on: host its experts and, with --gating, serve it")
 	f.StringVar(&experts, "experts", "", `experts to host: "auto", "none" or e.g. "0:3,0:5,1:*"`)
 	f.BoolVar(&gatingOn, "gating", false, "be a gating node of the model: answer prompts, sending each layer to the expert nodes")
-	f.StringVar(&httpAddr, "http", "", "serve the OpenAI-compatible API on this host:port (gating nodes; off by default)")
+	f.StringVar(&httpAddr, "http", "", "serve the dashboard (/), its data (/api/v1/state), Prometheus /metrics and, on a gating node, the OpenAI-compatible API (/v1) on this host:port (off by default)")
+	f.IntVar(&threads, "threads", 0, "most compute threads, expert and gating (0: every core)")
+	f.Float64Var(&maxLoad, "max-load", 0, "pause expert work while the 1-minute load average per core is above this (0: never)")
+	f.BoolVar(&idleOnly, "idle-only", false, "take expert work only while the machine is otherwise idle (other processes' CPU under home.idle_threshold, no GPU in use)")
 	f.DurationVar(&slowCompute, "test-slow-compute", 0, "test only: delay every expert compute by this much")
 	f.BoolVar(&testnetMode, "testnet", false, "this node is part of a local test network (allows the test-only flags)")
 	f.StringVar(&faulty, "faulty", "", "test only (with --testnet): misbehave on purpose: wrong, lowprec, slow, drop or flaky")
 	for _, name := range []string{"test-slow-compute", "testnet", "faulty"} {
 		_ = f.MarkHidden(name)
 	}
-	f.StringVar(&memory, "memory", "", "memory for expert weights, e.g. 8GiB or 512MiB")
+	f.StringVar(&memory, "memory", "", "memory the node may use, e.g. 8GiB or 512MiB: the expert weights' budget (expert.memory_mb), and GOMEMLIMIT for the rest")
 	return cmd
 }
 

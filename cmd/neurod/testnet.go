@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -56,7 +57,8 @@ type testnetReport struct {
 	// from an expert result that a later check found wrong.
 	Rewinds int           `json:"rewinds"`
 	Stats   *testnetStats `json:"stats,omitempty"`
-	// HTTP is the gating node's OpenAI-compatible API.
+	// HTTP is node 0's HTTP listener: the dashboard, /metrics and the
+	// gating node's OpenAI-compatible API.
 	HTTP string `json:"http,omitempty"`
 	// Requests is how many times the prompt was answered (--requests);
 	// every answer had the same tokens.
@@ -215,6 +217,9 @@ logs are in --dir (default: a temporary directory, removed afterwards).`,
 					return fmt.Errorf("flag --test-slow-node %q: want NODE:DURATION, NODE an expert node (1 to %d)", slow, a.nodes)
 				}
 			}
+			if _, _, err := net.SplitHostPort(a.dashboard); err != nil {
+				return fmt.Errorf("flag --dashboard %q: want host:port: %w", a.dashboard, err)
+			}
 			if a.requests < 1 {
 				return fmt.Errorf("flag --requests %d: must be at least 1", a.requests)
 			}
@@ -245,6 +250,7 @@ logs are in --dir (default: a temporary directory, removed afterwards).`,
 	f.StringVar(&kill, "kill", "", "K@T: SIGKILL the K busiest expert nodes after token T")
 	f.StringVar(&slow, "test-slow-node", "", "test only: NODE:DURATION delays every expert compute of that node")
 	f.StringVar(&faulty, "faulty", "", "make expert nodes misbehave: K:MODE,... with MODE wrong, lowprec, slow, drop or flaky (the last nodes)")
+	f.StringVar(&a.dashboard, "dashboard", "127.0.0.1:0", "host:port of node 0's dashboard, /metrics and OpenAI-compatible API")
 	f.IntVar(&a.validators, "validators", 1, "how many nodes validate the ledger's chain (node 0 and the first expert nodes); more than one runs CometBFT consensus among them")
 	f.IntVar(&a.requests, "requests", 1, "answer the prompt this many times (a workload for the checks)")
 	_ = f.MarkHidden("test-slow-node")
@@ -266,6 +272,8 @@ type testnetArgs struct {
 	slowBy    time.Duration
 	requests  int
 	escrow    uint64
+	// dashboard is node 0's HTTP listener (--dashboard).
+	dashboard string
 	// validators is how many nodes (0 to validators-1) validate the chain.
 	validators int
 	// faults[i] is the mode of node i (1 to nodes).
@@ -369,7 +377,7 @@ func runTestnet(ctx context.Context, stdout, stderr io.Writer, g *globalFlags, a
 		},
 		Args: func(i int) []string {
 			if i == 0 {
-				return []string{"--gating", "--model", mf.cid.String(), "--experts", "none", "--http", "127.0.0.1:0"}
+				return []string{"--gating", "--model", mf.cid.String(), "--experts", "none", "--http", a.dashboard}
 			}
 			args := []string{"--model", mf.cid.String()}
 			if f := a.faults[i]; f != expert.FaultNone {
@@ -438,7 +446,7 @@ func runTestnet(ctx context.Context, stdout, stderr io.Writer, g *globalFlags, a
 	fillNodes()
 	gst := nw.Processes()[0].Status
 	if gst.Gating != nil {
-		rep.HTTP = gst.Gating.HTTP
+		rep.HTTP = gst.Gating.HTTP // the node's HTTP listener
 	}
 	log.Info("model served", "took", time.Since(readyStart).Round(time.Millisecond))
 	if !a.json {
@@ -523,6 +531,7 @@ func runTestnet(ctx context.Context, stdout, stderr io.Writer, g *globalFlags, a
 		fmt.Fprintf(stderr, "  %s generate --network --bootstrap %s/p2p/%s --model %s --prompt 'Hello'\n", bin, boot.Addrs[0], boot.PeerID, mf.cid)
 	}
 	if rep.HTTP != "" {
+		fmt.Fprintf(stderr, "  open http://%s/ (the dashboard; metrics on /metrics)\n", rep.HTTP)
 		fmt.Fprintf(stderr, "  curl -s http://%s/v1/completions -d '{\"model\": \"%s\", \"prompt\": \"Hello\", \"max_tokens\": 16}'\n", rep.HTTP, mf.cid)
 	}
 	<-ctx.Done()
