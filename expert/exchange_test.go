@@ -6,7 +6,6 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -228,20 +227,4 @@ func (r *recordingStream) Read(p []byte) (int, error) {
 		}
 	}
 	return n, err
-}
-
-func TestTerminalProgress(t *testing.T) {
-	var buf bytes.Buffer
-	p := TerminalProgress(&buf)
-	c, _ := cid.Decode("bafkreihghcrt42q3xioms6eynwvep4ler7m5wmr6owaafrwl27hvacwvee")
-	p(c, 0, 2<<20)
-	p(c, 1<<20, 2<<20) // within 100 ms: skipped
-	p(c, 2<<20, 2<<20)
-	out := buf.String()
-	if !strings.Contains(out, "hvacwvee") || !strings.Contains(out, "100.0%") || !strings.HasSuffix(out, "\n") {
-		t.Fatalf("progress output %q", out)
-	}
-	if strings.Count(out, "\r") != 2 {
-		t.Fatalf("%d updates drawn, want 2 (throttled)", strings.Count(out, "\r"))
-	}
 }

@@ -37,7 +37,7 @@ type ServiceConfig struct {
 	// Step is the pause between two automatic hosting steps (jittered),
 	// long enough for a heartbeat to announce the last choice.
 	Step time.Duration
-	// Progress, if set, is told how fetches advance (TerminalProgress).
+	// Progress, if set, is told how fetches advance.
 	Progress Progress
 	// Reprovide is how often every stored blob is announced again in the
 	// DHT, well within the life of a provider record (default 12 h).

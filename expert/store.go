@@ -233,7 +233,14 @@ func (s *Store) Put(c cid.Cid, r io.Reader) error {
 // ImportSplit copies a split model directory (model.Split's output) into
 // the store: the manifest under the model CID, then every shard. It
 // returns the model CID.
-func (s *Store) ImportSplit(dir string) (cid.Cid, error) {
+func (s *Store) ImportSplit(dir string) (cid.Cid, error) { return s.ImportSplitProgress(dir, nil) }
+
+// ImportSplitProgress is ImportSplit that reports each shard stored (and
+// checked against its CID): done of total.
+func (s *Store) ImportSplitProgress(dir string, progress func(done, total int)) (cid.Cid, error) {
+	if progress == nil {
+		progress = func(int, int) {}
+	}
 	m, mc, err := model.LoadManifest(dir, cid.Undef)
 	if err != nil {
 		return cid.Undef, err
@@ -245,7 +252,9 @@ func (s *Store) ImportSplit(dir string) (cid.Cid, error) {
 	if err := s.Put(mc, bytes.NewReader(raw)); err != nil {
 		return cid.Undef, err
 	}
-	for _, ref := range model.ShardRefs(m) {
+	refs := model.ShardRefs(m)
+	for i, ref := range refs {
+		progress(i, len(refs))
 		c, err := cid.Cast(ref.GetCid())
 		if err != nil {
 			return cid.Undef, err
@@ -263,5 +272,6 @@ func (s *Store) ImportSplit(dir string) (cid.Cid, error) {
 			return cid.Undef, fmt.Errorf("import: %w", err)
 		}
 	}
+	progress(len(refs), len(refs))
 	return mc, nil
 }

@@ -77,7 +77,14 @@ type SplitResult struct {
 // one gating shard with everything else (and all metadata), and the
 // manifest. Shard files are named by their CID. The model CID is the CID of
 // the manifest.
-func Split(path, dir string) (*SplitResult, error) {
+func Split(path, dir string) (*SplitResult, error) { return SplitProgress(path, dir, nil) }
+
+// SplitProgress is Split that reports each shard written: done of total
+// (the gating shard and every expert's).
+func SplitProgress(path, dir string, progress func(done, total int)) (*SplitResult, error) {
+	if progress == nil {
+		progress = func(int, int) {}
+	}
 	src, err := os.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("split: %w", err)
@@ -136,9 +143,13 @@ func Split(path, dir string) (*SplitResult, error) {
 		}
 	}
 
+	total, done := 1+int(params.Layers)*int(params.Experts), 0
+	progress(0, total)
 	if m.Gating, err = writeShard(dir, f.KVs, gating); err != nil {
 		return nil, fmt.Errorf("split %s: gating shard: %w", path, err)
 	}
+	done++
+	progress(done, total)
 	for layer := range int(params.Layers) {
 		for e := range int(params.Experts) {
 			kvs := []KV{
@@ -161,6 +172,8 @@ func Split(path, dir string) (*SplitResult, error) {
 				return nil, fmt.Errorf("split %s: expert %d:%d: %w", path, layer, e, err)
 			}
 			m.Experts = append(m.Experts, &neuropb.ExpertShardRef{Layer: uint32(layer), Expert: uint32(e), Shard: ref})
+			done++
+			progress(done, total)
 		}
 	}
 	raw, err := MarshalManifest(m)

@@ -74,7 +74,7 @@ func WithExpertSlowDown(d time.Duration) Option {
 	}
 }
 
-// WithProgress shows shard fetches (expert.TerminalProgress on a
+// WithProgress shows shard fetches (progress.Reporter.Fetches on a
 // terminal).
 func WithProgress(p expert.Progress) Option {
 	return func(o *options) error {

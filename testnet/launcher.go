@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -36,6 +37,9 @@ type LaunchOptions struct {
 	Args func(i int) []string
 	// Config, if set, adjusts node i's config when its home is made.
 	Config func(i int, cfg *node.Config)
+	// Up, if set, is told how many nodes are up (their API answers) as
+	// each comes up.
+	Up func(n int)
 	// BeforeStart, if set, runs once every home exists and before any
 	// process starts (to import a model into a node's store).
 	BeforeStart func(homes []string) error
@@ -118,6 +122,13 @@ func Launch(ctx context.Context, opts LaunchOptions) (_ *Network, err error) {
 	if err := nw.waitAPI(ctx, boot); err != nil {
 		return nil, err
 	}
+	var upCount atomic.Int32
+	up := func() {
+		if opts.Up != nil {
+			opts.Up(int(upCount.Add(1)))
+		}
+	}
+	up()
 	var bootAddrs []string
 	for _, a := range boot.Status.Addrs {
 		bootAddrs = append(bootAddrs, a+"/p2p/"+boot.Status.PeerID)
@@ -133,7 +144,9 @@ func Launch(ctx context.Context, opts LaunchOptions) (_ *Network, err error) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			errs[i] = nw.waitAPI(ctx, p)
+			if errs[i] = nw.waitAPI(ctx, p); errs[i] == nil {
+				up()
+			}
 		}()
 	}
 	wg.Wait()

@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -13,6 +14,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/neuro-p2p/neuro/expert"
+	"github.com/neuro-p2p/neuro/internal/progress"
 	"github.com/neuro-p2p/neuro/model"
 	"github.com/neuro-p2p/neuro/node"
 )
@@ -53,7 +55,7 @@ last.`,
 				return err
 			}
 			defer os.RemoveAll(tmp)
-			res, err := model.Split(args[0], tmp)
+			res, err := splitShowing(cmd.ErrOrStderr(), args[0], tmp)
 			if err != nil {
 				return err
 			}
@@ -61,7 +63,12 @@ last.`,
 			if err != nil {
 				return err
 			}
-			mc, err := store.ImportSplit(tmp)
+			bar := progress.New(cmd.ErrOrStderr()).Bar(-1, "storing and checking shards", false)
+			mc, err := store.ImportSplitProgress(tmp, func(done, total int) {
+				bar.ChangeMax(total)
+				_ = bar.Set(done)
+			})
+			_ = bar.Finish()
 			if err != nil {
 				return err
 			}
@@ -71,6 +78,17 @@ last.`,
 			return nil
 		},
 	}
+}
+
+// splitShowing splits the model at path into dir with a progress bar on w
+// (a terminal only).
+func splitShowing(w io.Writer, path, dir string) (*model.SplitResult, error) {
+	bar := progress.New(w).Bar(-1, "splitting into shards", false)
+	defer bar.Finish()
+	return model.SplitProgress(path, dir, func(done, total int) {
+		bar.ChangeMax(total)
+		_ = bar.Set(done)
+	})
 }
 
 func presetNames() string {
@@ -184,7 +202,7 @@ the last line.`,
 			if out == "" {
 				return errors.New("flag --out: required")
 			}
-			res, err := model.Split(args[0], out)
+			res, err := splitShowing(cmd.ErrOrStderr(), args[0], out)
 			if err != nil {
 				return err
 			}

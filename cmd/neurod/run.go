@@ -9,11 +9,12 @@ import (
 	"strings"
 	"time"
 
+	"github.com/ipfs/go-cid"
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
-	"golang.org/x/term"
 
 	"github.com/neuro-p2p/neuro/expert"
+	"github.com/neuro-p2p/neuro/internal/progress"
 
 	"github.com/neuro-p2p/neuro/node"
 )
@@ -86,8 +87,9 @@ Flags override NEURO_* environment variables, which override the config.`,
 				return errors.New("flags --faulty and --test-slow-compute make a node misbehave on purpose: only with --testnet")
 			}
 			opts := []node.Option{node.WithHome(home), node.WithLogger(log), node.WithExpertSlowDown(slowCompute), node.WithFault(fault)}
-			if f, ok := cmd.ErrOrStderr().(*os.File); ok && term.IsTerminal(int(f.Fd())) {
-				opts = append(opts, node.WithProgress(expert.TerminalProgress(f)))
+			if pr := progress.New(cmd.ErrOrStderr()); pr.On() {
+				show := pr.Fetches()
+				opts = append(opts, node.WithProgress(func(c cid.Cid, done, total int64) { show(c.String(), done, total) }))
 			}
 			if cfg.Home.MemoryMB > 0 {
 				// A soft limit on Go's heap; the weights live outside it and

@@ -20,6 +20,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/neuro-p2p/neuro/expert"
+	"github.com/neuro-p2p/neuro/internal/progress"
 	"github.com/neuro-p2p/neuro/node"
 	"github.com/neuro-p2p/neuro/testnet"
 )
@@ -364,7 +365,10 @@ func runTestnet(ctx context.Context, stdout, stderr io.Writer, g *globalFlags, a
 		return fail(err)
 	}
 	log.Info("starting testnet", "expert_nodes", a.nodes, "model", mf.cid, "layers", layers, "experts", experts, "dir", dir)
+	show := progress.New(stderr)
+	up := show.Bar(int64(a.nodes+1), "nodes up", false)
 	nw, err := testnet.Launch(ctx, testnet.LaunchOptions{Nodes: a.nodes + 1, Dir: dir, Binary: bin, Timeout: a.timeout, Log: log,
+		Up: func(n int) { _ = up.Set(n) },
 		Config: func(i int, c *node.Config) {
 			c.Expert.Threads = threads
 			c.Gating.Threads = max(1, runtime.NumCPU()/2)
@@ -400,6 +404,7 @@ func runTestnet(ctx context.Context, stdout, stderr io.Writer, g *globalFlags, a
 			return err
 		},
 	})
+	_ = up.Finish()
 	if err != nil {
 		return fail(err)
 	}
@@ -439,7 +444,7 @@ func runTestnet(ctx context.Context, stdout, stderr io.Writer, g *globalFlags, a
 	rep.TookMs = nw.Took.Milliseconds()
 	log.Info("network healthy", "took", nw.Took.Round(time.Millisecond))
 	readyStart := time.Now()
-	if err := waitServing(ctx, nw, a.timeout, layers, experts, min(2, a.nodes-len(a.faults)), a.faults); err != nil {
+	if err := waitServing(ctx, nw, a.timeout, layers, experts, min(2, a.nodes-len(a.faults)), a.faults, show); err != nil {
 		return failNet(err)
 	}
 	rep.ReadyMs = time.Since(readyStart).Milliseconds()

@@ -23,6 +23,7 @@ import (
 	"github.com/neuro-p2p/neuro/client"
 	"github.com/neuro-p2p/neuro/expert"
 	"github.com/neuro-p2p/neuro/internal/atomicfile"
+	"github.com/neuro-p2p/neuro/internal/progress"
 	"github.com/neuro-p2p/neuro/ledger"
 	"github.com/neuro-p2p/neuro/model"
 	"github.com/neuro-p2p/neuro/node"
@@ -76,9 +77,12 @@ const settle = 3 * time.Second
 // every expert is served by want expert nodes, the gating node knows of
 // want providers for each, and no expert node has changed what it serves
 // for settle.
-func waitServing(ctx context.Context, nw *testnet.Network, timeout time.Duration, layers, experts, want int, faults map[int]expert.Fault) error {
+func waitServing(ctx context.Context, nw *testnet.Network, timeout time.Duration, layers, experts, want int, faults map[int]expert.Fault,
+	show *progress.Reporter) error {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
+	bar := show.Bar(int64(layers*experts), fmt.Sprintf("experts hosted by %d nodes", want), false)
+	defer bar.Finish()
 	var (
 		last    error
 		hosting string
@@ -87,6 +91,13 @@ func waitServing(ctx context.Context, nw *testnet.Network, timeout time.Duration
 	for {
 		err := nw.Refresh(ctx)
 		if err == nil {
+			covered := 0
+			for _, n := range testnet.Coverage(nw.Statuses()[1:], layers, experts) {
+				if n >= want {
+					covered++
+				}
+			}
+			_ = bar.Set(covered)
 			err = serving(nw, layers, experts, want, faults)
 			var fatal *fatalError
 			if errors.As(err, &fatal) {
