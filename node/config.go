@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -345,8 +346,9 @@ idle_threshold = 0.5
 idle_check = "5s"
 
 [api]
-# Local control API (neurod status, the testnet launcher), as host:port.
-# Keep it on loopback. Empty disables it.
+# Local control API (neurod status, the testnet launcher), as a loopback
+# host:port or a Unix socket "unix:/path/api.sock" (mode 0600). Empty
+# disables it.
 listen = "127.0.0.1:0"
 
 [log]
@@ -502,7 +504,11 @@ func (c *Config) Validate() error {
 	if c.Ledger.Genesis != "" && c.Ledger.BlockInterval <= 0 {
 		return fieldErr("ledger.block_interval", "must be positive, got %v", c.Ledger.BlockInterval)
 	}
-	if c.API.Listen != "" {
+	if path, ok := strings.CutPrefix(c.API.Listen, unixPrefix); ok {
+		if !filepath.IsAbs(path) {
+			return fieldErr("api.listen", "%q: want unix:/absolute/path", c.API.Listen)
+		}
+	} else if c.API.Listen != "" {
 		host, _, err := net.SplitHostPort(c.API.Listen)
 		if err != nil {
 			return fieldErr("api.listen", "%q: want host:port: %v", c.API.Listen, err)

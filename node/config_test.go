@@ -72,6 +72,7 @@ func TestValidate(t *testing.T) {
 		{"expiry below interval", func(c *Config) { c.Gossip.PeerExpiry = Duration(time.Second) }, "gossip.peer_expiry"},
 		{"public api", func(c *Config) { c.API.Listen = "0.0.0.0:5001" }, "api.listen"},
 		{"api no port", func(c *Config) { c.API.Listen = "127.0.0.1" }, "api.listen"},
+		{"api relative socket", func(c *Config) { c.API.Listen = "unix:api.sock" }, "api.listen"},
 		{"bad level", func(c *Config) { c.Log.Level = "loud" }, "log.level"},
 		{"bad format", func(c *Config) { c.Log.Format = "xml" }, "log.format"},
 	}

@@ -2,7 +2,10 @@ package node
 
 import (
 	"bytes"
+	"context"
 	"errors"
+	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -117,5 +120,45 @@ func TestWriteFileAtomic(t *testing.T) {
 	entries, _ := os.ReadDir(dir)
 	if len(entries) != 1 {
 		t.Fatalf("temp files left behind: %v", entries)
+	}
+}
+
+// The control API on a Unix socket: the home's api file names it, and the
+// status, state and ledger clients reach the node through it.
+func TestControlAPIOnUnixSocket(t *testing.T) {
+	home := t.TempDir()
+	if _, err := Init(home, false); err != nil {
+		t.Fatal(err)
+	}
+	cfg := DefaultConfig()
+	cfg.P2P.Listen = []string{"/ip4/127.0.0.1/tcp/0"}
+	cfg.P2P.NAT.PortMap, cfg.P2P.NAT.AutoNAT, cfg.P2P.NAT.RelayService = false, false, "off"
+	sock := filepath.Join(home, "api.sock")
+	cfg.API.Listen = "unix:" + sock
+	n, err := New(cfg, WithHome(home), WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close()
+	if err := n.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	addr, err := ReadAPIAddr(home)
+	if err != nil || addr != "unix:"+sock {
+		t.Fatalf("api file: %q %v", addr, err)
+	}
+	if fi, err := os.Stat(sock); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("socket %v %v", fi, err)
+	}
+	st, err := FetchStatus(context.Background(), addr)
+	if err != nil || st.PeerID != n.ID().String() {
+		t.Fatalf("status over the socket: %+v %v", st, err)
+	}
+	state, err := FetchState(context.Background(), addr)
+	if err != nil || state.PeerID != n.ID().String() || len(state.Nodes) != 1 {
+		t.Fatalf("state over the socket: %+v %v", state, err)
+	}
+	if _, err := FetchLedger(context.Background(), addr, ""); err == nil || !strings.Contains(err.Error(), "no part in a ledger") {
+		t.Fatalf("ledger over the socket: %v", err)
 	}
 }

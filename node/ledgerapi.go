@@ -207,12 +207,12 @@ func (n *Node) serveLedger(w http.ResponseWriter, r *http.Request) {
 // FetchLedger asks the node whose control API listens on addr for the
 // ledger status of peer ("" for the node itself).
 func FetchLedger(ctx context.Context, addr, p string) (*LedgerInfo, error) {
-	url := "http://" + addr + LedgerPath
+	path := LedgerPath
 	if p != "" {
-		url += "?peer=" + p
+		path += "?peer=" + p
 	}
 	var info LedgerInfo
-	if err := apiCall(ctx, http.MethodGet, url, nil, &info); err != nil {
+	if err := apiCall(ctx, addr, http.MethodGet, path, nil, &info); err != nil {
 		return nil, err
 	}
 	return &info, nil
@@ -222,18 +222,19 @@ func FetchLedger(ctx context.Context, addr, p string) (*LedgerInfo, error) {
 func SubmitLedgerTx(ctx context.Context, addr string, req LedgerTxRequest) (*LedgerTxResult, error) {
 	body, _ := json.Marshal(req)
 	var out LedgerTxResult
-	if err := apiCall(ctx, http.MethodPost, "http://"+addr+LedgerPath, body, &out); err != nil {
+	if err := apiCall(ctx, addr, http.MethodPost, LedgerPath, body, &out); err != nil {
 		return nil, err
 	}
 	return &out, nil
 }
 
-func apiCall(ctx context.Context, method, url string, body []byte, out any) error {
+func apiCall(ctx context.Context, addr, method, path string, body []byte, out any) error {
+	_, url := apiURL(addr, path)
 	req, err := http.NewRequestWithContext(ctx, method, url, bytes.NewReader(body))
 	if err != nil {
 		return err
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := apiDo(addr, req)
 	if err != nil {
 		return fmt.Errorf("ledger: %w", err)
 	}

@@ -278,7 +278,7 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 		}
 	}
 	if cfg.API.Listen != "" {
-		n.apiLn, err = net.Listen("tcp", cfg.API.Listen)
+		n.apiLn, err = listenAPI(cfg.API.Listen)
 		if err != nil {
 			return nil, fmt.Errorf("api.listen %s: %w", cfg.API.Listen, err)
 		}
@@ -355,7 +355,7 @@ func (n *Node) Start(ctx context.Context) error {
 			}
 		}()
 		if n.home != "" {
-			if err := WriteFileAtomic(filepath.Join(n.home, APIFile), []byte(n.apiLn.Addr().String()+"\n"), 0o600); err != nil {
+			if err := WriteFileAtomic(filepath.Join(n.home, APIFile), []byte(n.APIAddr()+"\n"), 0o600); err != nil {
 				return err
 			}
 		}
@@ -450,7 +450,7 @@ func (n *Node) APIAddr() string {
 	if n.apiLn == nil {
 		return ""
 	}
-	return n.apiLn.Addr().String()
+	return apiAddrOf(n.apiLn)
 }
 
 // StoreDir is the directory of a home that holds its shards;

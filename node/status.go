@@ -242,11 +242,12 @@ func FetchState(ctx context.Context, addr string) (State, error) {
 }
 
 func getJSON(ctx context.Context, addr, path string, v any) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+path, nil)
+	_, url := apiURL(addr, path)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
 		return err
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := apiDo(addr, req)
 	if err != nil {
 		return err
 	}
@@ -260,14 +261,16 @@ func getJSON(ctx context.Context, addr, path string, v any) error {
 	return nil
 }
 
-// FetchStatus asks the node whose control API listens on addr (host:port)
+// FetchStatus asks the node whose control API listens on addr (host:port
+// or unix:PATH)
 // for its status.
 func FetchStatus(ctx context.Context, addr string) (Status, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+StatusPath, nil)
+	_, url := apiURL(addr, StatusPath)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
 		return Status{}, fmt.Errorf("status %s: %w", addr, err)
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := apiDo(addr, req)
 	if err != nil {
 		return Status{}, fmt.Errorf("status %s: %w", addr, err)
 	}
