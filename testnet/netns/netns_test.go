@@ -1,0 +1,199 @@
+package netns
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+func needNamespaces(t *testing.T) {
+	t.Helper()
+	if err := Available(); err != nil {
+		if os.Getenv("NEURO_REQUIRE_NETNS") != "" {
+			t.Fatalf("network namespaces: %v", err)
+		}
+		t.Skipf("network namespaces unavailable here: %v", err)
+	}
+}
+
+// udpEcho listens on a public host and answers each datagram with the
+// address it came from, as the public segment saw it.
+func udpEcho(t *testing.T, h Host, port int) {
+	t.Helper()
+	var conn net.PacketConn
+	if err := h.Do(func() (err error) {
+		conn, err = net.ListenPacket("udp4", fmt.Sprintf("%s:%d", h.IP, port))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	go func() {
+		buf := make([]byte, 64)
+		for {
+			_, from, err := conn.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			_, _ = conn.WriteTo([]byte(from.String()), from)
+		}
+	}()
+}
+
+// observed sends from one UDP socket in home h to each of the servers and
+// returns how each saw the sender.
+func observed(t *testing.T, h Host, servers ...string) []string {
+	t.Helper()
+	var out []string
+	err := h.Do(func() error {
+		conn, err := net.ListenPacket("udp4", ":0")
+		if err != nil {
+			return err
+		}
+		defer conn.Close()
+		for _, s := range servers {
+			to, err := net.ResolveUDPAddr("udp4", s)
+			if err != nil {
+				return err
+			}
+			buf := make([]byte, 64)
+			var got string
+			for try := 0; try < 5 && got == ""; try++ { // bounded: UDP may drop
+				if _, err := conn.WriteTo([]byte("who am i"), to); err != nil {
+					return err
+				}
+				_ = conn.SetReadDeadline(time.Now().Add(time.Second))
+				if n, _, err := conn.ReadFrom(buf); err == nil {
+					got = string(buf[:n])
+				}
+			}
+			if got == "" {
+				return fmt.Errorf("no answer from %s", s)
+			}
+			out = append(out, got)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// A topology of one public host and two homes (cone, symmetric): homes
+// reach the public host through their NAT, which shows the router's
+// address; a cone NAT keeps one mapping for every destination and a
+// symmetric one makes a new one per destination; nothing reaches into a
+// home unasked; and the topology is sealed: no namespace has a default
+// route out, and a dial to an address outside fails at once. Close and
+// Cleanup leave no namespace behind.
+func TestTopology(t *testing.T) {
+	needNamespaces(t)
+	ctx := context.Background()
+	prefix := fmt.Sprintf("nt%d", os.Getpid()%100000)
+	n, err := Create(ctx, Topology{Prefix: prefix, Publics: 1, Homes: []NAT{Cone, Symmetric}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { n.Close() })
+	pub := n.Publics[0]
+	udpEcho(t, pub, 4001)
+	udpEcho(t, pub, 4002)
+	servers := []string{pub.IP.String() + ":4001", pub.IP.String() + ":4002"}
+
+	for _, h := range n.Homes {
+		got := observed(t, h.Host, servers...)
+		var ports []string
+		for _, g := range got {
+			host, port, _ := net.SplitHostPort(g)
+			if host != h.Router.IP.String() {
+				t.Fatalf("%s home: the public host saw %s, want the router's address %s", h.NAT, g, h.Router.IP)
+			}
+			ports = append(ports, port)
+		}
+		same := ports[0] == ports[1]
+		if (h.NAT == Cone) != same {
+			t.Fatalf("%s NAT: mappings %v (same for both destinations: %v)", h.NAT, got, same)
+		}
+		t.Logf("%s NAT: %v", h.NAT, got)
+	}
+
+	// Unasked traffic into a home: the public host has no route to the
+	// home's network, and a router drops what comes in unasked.
+	err = pub.Do(func() error {
+		c, err := net.DialTimeout("tcp", n.Homes[0].IP.String()+":22", 2*time.Second)
+		if err == nil {
+			c.Close()
+		}
+		return err
+	})
+	if err == nil {
+		t.Fatal("a public host reached into a home")
+	}
+
+	// Sealed: no default route but the homes' (to their router), and a
+	// dial to an address outside the topology fails at once.
+	for _, ns := range n.Namespaces() {
+		out, err := exec.Command("ip", "-n", ns, "route", "show", "default").Output()
+		if err != nil {
+			t.Fatal(err)
+		}
+		isHome := strings.Contains(ns, "-home")
+		if has := strings.TrimSpace(string(out)) != ""; has != isHome {
+			t.Fatalf("namespace %s: default route %q", ns, out)
+		}
+	}
+	outside := []string{"192.0.2.1:80", "8.8.8.8:53"}
+	if addrs, err := net.InterfaceAddrs(); err == nil { // this machine's own addresses
+		for _, a := range addrs {
+			if ipn, ok := a.(*net.IPNet); ok && ipn.IP.To4() != nil && !ipn.IP.IsLoopback() {
+				outside = append(outside, net.JoinHostPort(ipn.IP.String(), "22"))
+			}
+		}
+	}
+	for _, h := range []Host{pub, n.Homes[0].Host, n.Homes[1].Router} {
+		for _, addr := range outside {
+			start := time.Now()
+			err := h.Do(func() error {
+				c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+				if err == nil {
+					c.Close()
+				}
+				return err
+			})
+			var ne net.Error
+			if err == nil || (errors.As(err, &ne) && ne.Timeout()) ||
+				!(errors.Is(err, syscall.ENETUNREACH) || errors.Is(err, syscall.EHOSTUNREACH)) {
+				t.Fatalf("%s: dial %s: %v after %v (want unreachable at once)", h.NS, addr, err, time.Since(start))
+			}
+		}
+	}
+
+	// Close removes everything; Cleanup removes what a crashed run left.
+	if err := n.Close(); err != nil {
+		t.Fatal(err)
+	}
+	left, _ := exec.Command("ip", "netns", "list").Output()
+	if strings.Contains(string(left), prefix+"-") {
+		t.Fatalf("namespaces left after Close:\n%s", left)
+	}
+	crashed, err := Create(ctx, Topology{Prefix: prefix, Publics: 1, Homes: []NAT{Cone}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = crashed // its run "crashes": nobody calls Close
+	if err := Cleanup(ctx, prefix); err != nil {
+		t.Fatal(err)
+	}
+	left, _ = exec.Command("ip", "netns", "list").Output()
+	if strings.Contains(string(left), prefix+"-") {
+		t.Fatalf("namespaces left after Cleanup:\n%s", left)
+	}
+}
