@@ -165,6 +165,11 @@ func Create(ctx context.Context, t Topology) (_ *Net, err error) {
 		// Nothing enters a home unasked: only replies to what it sent.
 		b.exec(h.Router.NS, "iptables", "-A", "FORWARD", "-i", "wan", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
 		b.exec(h.Router.NS, "iptables", "-A", "FORWARD", "-i", "wan", "-j", "DROP")
+		// Unasked packets to the router itself are dropped silently, as home
+		// routers do, before conntrack confirms an entry for them: a peer's
+		// hole-punching packet that arrives before the home's own would
+		// otherwise hold the mapping's ports and make the NAT pick others.
+		b.exec(h.Router.NS, "iptables", "-A", "INPUT", "-i", "wan", "-m", "conntrack", "--ctstate", "NEW,INVALID", "-j", "DROP")
 		n.Homes = append(n.Homes, h)
 	}
 	if b.err != nil {

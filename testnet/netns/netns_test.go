@@ -125,6 +125,51 @@ func TestTopology(t *testing.T) {
 		t.Logf("%s NAT: %v", h.NAT, got)
 	}
 
+	// Hole punching by hand: two homes send UDP to each other's public
+	// mapping at once. Between two cone NATs the packets get through;
+	// a symmetric NAT maps the punch to another port, so they do not.
+	punch := func(a, b Home, port int) (got int) {
+		var ca, cb net.PacketConn
+		for _, x := range []struct {
+			h Home
+			c *net.PacketConn
+		}{{a, &ca}, {b, &cb}} {
+			if err := x.h.Do(func() (err error) {
+				*x.c, err = net.ListenPacket("udp4", fmt.Sprintf(":%d", port))
+				return err
+			}); err != nil {
+				t.Fatal(err)
+			}
+			defer (*x.c).Close()
+		}
+		toA := &net.UDPAddr{IP: a.Router.IP, Port: port}
+		toB := &net.UDPAddr{IP: b.Router.IP, Port: port}
+		for range 5 { // bounded
+			_, _ = ca.WriteTo([]byte("punch"), toB)
+			_, _ = cb.WriteTo([]byte("punch"), toA)
+			time.Sleep(50 * time.Millisecond)
+		}
+		buf := make([]byte, 16)
+		for _, c := range []net.PacketConn{ca, cb} {
+			_ = c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+			if _, _, err := c.ReadFrom(buf); err == nil {
+				got++
+			}
+		}
+		return got
+	}
+	cones, err := Create(ctx, Topology{Prefix: prefix + "c", Publics: 1, Homes: []NAT{Cone, Cone, Symmetric, Symmetric}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cones.Close() })
+	if got := punch(cones.Homes[0], cones.Homes[1], 4101); got != 2 {
+		t.Fatalf("cone to cone: %d of 2 homes heard the other", got)
+	}
+	if got := punch(cones.Homes[2], cones.Homes[3], 4102); got != 0 {
+		t.Fatalf("symmetric to symmetric: %d of 2 homes heard the other", got)
+	}
+
 	// Unasked traffic into a home: the public host has no route to the
 	// home's network, and a router drops what comes in unasked.
 	err = pub.Do(func() error {
