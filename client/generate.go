@@ -11,6 +11,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 
+	"github.com/neuro-p2p/neuro/p2p"
 	"github.com/neuro-p2p/neuro/p2p/wire"
 	neuropb "github.com/neuro-p2p/neuro/proto"
 )
@@ -220,7 +221,7 @@ func (s *Stream) try(ai peer.AddrInfo) error {
 			return fmt.Errorf("connect %s: %w", ai.ID, err)
 		}
 	}
-	st, err := s.c.h.NewStream(cctx, ai.ID, neuropb.InferProtocol)
+	st, err := p2p.NewStream(cctx, s.c.h, ai.ID, neuropb.InferProtocol)
 	if err != nil {
 		return fmt.Errorf("open stream to %s: %w", ai.ID, err)
 	}

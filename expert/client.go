@@ -14,6 +14,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 
+	"github.com/neuro-p2p/neuro/p2p"
 	"github.com/neuro-p2p/neuro/p2p/wire"
 	neuropb "github.com/neuro-p2p/neuro/proto"
 )
@@ -181,7 +182,7 @@ func (c *Client) session(ctx context.Context, p peer.ID) (*session, error) {
 		return s, nil
 	}
 	c.mu.Unlock()
-	st, err := c.h.NewStream(ctx, p, neuropb.ExpertProtocol)
+	st, err := p2p.NewStream(ctx, c.h, p, neuropb.ExpertProtocol)
 	if err != nil {
 		return nil, fmt.Errorf("expert stream to %s: %w", p, err)
 	}

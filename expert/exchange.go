@@ -13,6 +13,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 
+	"github.com/neuro-p2p/neuro/p2p"
 	"github.com/neuro-p2p/neuro/p2p/wire"
 	neuropb "github.com/neuro-p2p/neuro/proto"
 )
@@ -165,7 +166,7 @@ func (f *Fetcher) fetchFrom(ctx context.Context, c cid.Cid, p peer.ID) error {
 		return err
 	}
 	defer w.Close()
-	st, err := f.h.NewStream(ctx, p, neuropb.ShardProtocol)
+	st, err := p2p.NewStream(ctx, f.h, p, neuropb.ShardProtocol)
 	if err != nil {
 		return err
 	}

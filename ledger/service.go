@@ -323,7 +323,7 @@ func (s *Service) query(ctx context.Context, validator, p peer.ID) (*neuropb.Led
 			return nil, fmt.Errorf("validator %s: %w", validator, err)
 		}
 	}
-	st, err := s.h.LibP2P().NewStream(ctx, validator, neuropb.LedgerQueryProtocol)
+	st, err := p2p.NewStream(ctx, s.h.LibP2P(), validator, neuropb.LedgerQueryProtocol)
 	if err != nil {
 		return nil, fmt.Errorf("validator %s: %w", validator, err)
 	}

@@ -244,8 +244,10 @@ autonat = true
 hole_punching = true
 # Reserve slots on relays when we are not publicly reachable.
 relay_client = true
-# Serve circuit relay v2 for others: auto (only while publicly reachable),
-# on (always) or off.
+# Serve circuit relay v2 for others: auto (only while publicly reachable,
+# with libp2p's limits on a relayed connection, enough to hole-punch), on
+# (always, without limits: carries the traffic of homes that cannot punch
+# through) or off.
 relay_service = "auto"
 # Relays to use instead of discovering them from connected peers.
 static_relays = []

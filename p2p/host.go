@@ -5,12 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"time"
 
 	"github.com/libp2p/go-libp2p"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/p2p/host/autorelay"
 	rcmgr "github.com/libp2p/go-libp2p/p2p/host/resource-manager"
 	"github.com/libp2p/go-libp2p/p2p/muxer/yamux"
 	"github.com/libp2p/go-libp2p/p2p/net/connmgr"
@@ -22,6 +24,7 @@ import (
 	quic "github.com/libp2p/go-libp2p/p2p/transport/quic"
 	"github.com/libp2p/go-libp2p/p2p/transport/tcp"
 	ma "github.com/multiformats/go-multiaddr"
+	manet "github.com/multiformats/go-multiaddr/net"
 	"github.com/prometheus/client_golang/prometheus"
 
 	neuropb "github.com/neuro-p2p/neuro/proto"
@@ -31,9 +34,13 @@ import (
 type RelayMode int
 
 const (
-	// RelayAuto serves only while AutoNAT finds the node publicly reachable.
+	// RelayAuto serves only while AutoNAT finds the node publicly
+	// reachable, with libp2p's default limits on a relayed connection
+	// (2 minutes, 128 KiB each way): enough to hole-punch through.
 	RelayAuto RelayMode = iota
-	// RelayOn always serves.
+	// RelayOn always serves, without limits on a relayed connection's
+	// duration or data: a relay run to carry the traffic of homes whose
+	// NATs cannot be punched through (symmetric on both sides).
 	RelayOn
 	// RelayOff never serves.
 	RelayOff
@@ -139,17 +146,21 @@ func newHost(o hostOptions, log *slog.Logger) (host.Host, func() error, error) {
 	if o.relayService == RelayAuto {
 		opts = append(opts, libp2p.EnableRelayService())
 	}
+	// A neuro network has a few relays, not the thousands of the IPFS
+	// network: reserve a slot as soon as one relay is found, instead of
+	// libp2p's default of waiting for four candidates or three minutes.
+	autorelayOpts := []autorelay.Option{autorelay.WithMinCandidates(1), autorelay.WithBootDelay(10 * time.Second)}
 	// The peer source for AutoRelay needs the host, which does not exist
 	// yet; it reads it through this variable once New has returned.
 	var h host.Host
 	if o.relayClient {
 		opts = append(opts, libp2p.EnableRelay())
 		if len(o.staticRelays) > 0 {
-			opts = append(opts, libp2p.EnableAutoRelayWithStaticRelays(o.staticRelays))
+			opts = append(opts, libp2p.EnableAutoRelayWithStaticRelays(o.staticRelays, autorelayOpts...))
 		} else {
 			opts = append(opts, libp2p.EnableAutoRelayWithPeerSource(func(_ context.Context, n int) <-chan peer.AddrInfo {
 				return connectedPeers(h, n)
-			}))
+			}, autorelayOpts...))
 		}
 	} else {
 		opts = append(opts, libp2p.DisableRelay())
@@ -172,7 +183,7 @@ func newHost(o hostOptions, log *slog.Logger) (host.Host, func() error, error) {
 		return nil, nil, errors.Join(err, closeAll())
 	}
 	if o.relayService == RelayOn {
-		r, err := relayv2.New(h)
+		r, err := relayv2.New(h, relayv2.WithLimit(nil))
 		if err != nil {
 			return nil, nil, errors.Join(fmt.Errorf("relay service: %w", err), closeAll())
 		}
@@ -253,4 +264,20 @@ func connectedPeers(h host.Host, n int) <-chan peer.AddrInfo {
 		out <- peer.AddrInfo{ID: p, Addrs: h.Peerstore().Addrs(p)}
 	}
 	return out
+}
+
+// TreatDocumentationRangesAsPublic makes this process take addresses in
+// 198.51.100.0/24 and 203.0.113.0/24 (RFC 5737 documentation ranges) for
+// public ones. The netns testnet's sealed "internet" uses them, and
+// libp2p otherwise counts them unroutable: its AutoNAT, observed addresses
+// and hole punching would never see a public address. For `neurod run
+// --testnet` only; it changes go-multiaddr's process-wide tables.
+func TreatDocumentationRangesAsPublic() {
+	var keep []*net.IPNet
+	for _, n := range manet.Unroutable4 {
+		if s := n.String(); s != "198.51.100.0/24" && s != "203.0.113.0/24" {
+			keep = append(keep, n)
+		}
+	}
+	manet.Unroutable4 = keep
 }

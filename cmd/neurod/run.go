@@ -17,6 +17,7 @@ import (
 	"github.com/neuro-p2p/neuro/internal/progress"
 
 	"github.com/neuro-p2p/neuro/node"
+	"github.com/neuro-p2p/neuro/p2p"
 )
 
 func newRunCmd(g *globalFlags) *cobra.Command {
@@ -82,6 +83,10 @@ Flags override NEURO_* environment variables, which override the config.`,
 			fault, err := expert.ParseFault(faulty)
 			if err != nil {
 				return fmt.Errorf("flag --faulty: %w", err)
+			}
+			if testnetMode {
+				// The netns testnet's sealed internet uses documentation ranges.
+				p2p.TreatDocumentationRangesAsPublic()
 			}
 			if (fault != expert.FaultNone || slowCompute > 0) && !testnetMode {
 				return errors.New("flags --faulty and --test-slow-compute make a node misbehave on purpose: only with --testnet")
