@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sort"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -70,8 +71,50 @@ type Client struct {
 
 	mu       sync.Mutex
 	sessions map[peer.ID]*session
+	links    map[peer.ID]*Link
 	nextID   atomic.Uint64
 	closed   bool
+}
+
+// Link is how this client reaches an expert peer: over which connection
+// its session stream runs, and how many calls it answered.
+type Link struct {
+	Peer  peer.ID
+	Calls int64
+	// Direct: the stream runs on a direct connection (for a home behind
+	// NAT, one that hole punching opened); ViaRelay: through a relay.
+	Direct, ViaRelay bool
+	// Transport is the connection's: "tcp", "quic-v1", ….
+	Transport string
+}
+
+// Links lists the peers this client has called, by peer ID.
+func (c *Client) Links() []Link {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make([]Link, 0, len(c.links))
+	for _, l := range c.links {
+		out = append(out, *l)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Peer < out[j].Peer })
+	return out
+}
+
+// linkOf describes the connection a stream runs on.
+func linkOf(p peer.ID, st network.Stream) Link {
+	l := Link{Peer: p, ViaRelay: st.Conn().Stat().Limited}
+	for _, pr := range st.Conn().RemoteMultiaddr().Protocols() {
+		switch pr.Name {
+		case "p2p-circuit":
+			l.ViaRelay = true
+		case "tcp", "quic-v1", "quic", "webtransport", "webrtc-direct", "ws", "wss":
+			if l.Transport == "" || pr.Name != "tcp" {
+				l.Transport = pr.Name
+			}
+		}
+	}
+	l.Direct = !l.ViaRelay
+	return l
 }
 
 // NewClient makes a client on h.
@@ -91,6 +134,21 @@ type session struct {
 	mu      sync.Mutex
 	pending map[uint64]chan result
 	err     error // set once the stream broke
+	// relayed: the stream runs through a relay; retired: a direct
+	// connection appeared and a new session took its place, so the stream
+	// closes once its last call is answered.
+	relayed bool
+	retired bool
+}
+
+// retire closes the stream once no call waits on it.
+func (s *session) retireIfIdle() {
+	s.mu.Lock()
+	idle := s.retired && len(s.pending) == 0
+	s.mu.Unlock()
+	if idle {
+		_ = s.st.Close()
+	}
 }
 
 type result struct {
@@ -98,18 +156,37 @@ type result struct {
 	err  error
 }
 
-// Call sends req to p and waits for the answer or ctx.
+// Warm opens the session to p now, so that the first call finds it (and,
+// for a peer behind NAT, hole punching under way or done).
+func (c *Client) Warm(ctx context.Context, p peer.ID) error {
+	_, err := c.session(ctx, p)
+	return err
+}
+
+// Call sends req to p and waits for the answer or ctx. A call whose
+// relayed stream breaks (the relay connection goes once hole punching has
+// opened a direct one) is sent again, once, on a new stream: expert
+// compute has no side effects.
 func (c *Client) Call(ctx context.Context, p peer.ID, req Request) (*Response, error) {
+	resp, relayed, err := c.call(ctx, p, req)
+	if err != nil && relayed && errors.Is(err, ErrStreamClosed) && ctx.Err() == nil {
+		resp, _, err = c.call(ctx, p, req)
+	}
+	return resp, err
+}
+
+func (c *Client) call(ctx context.Context, p peer.ID, req Request) (_ *Response, relayed bool, err error) {
 	if req.N < 1 || len(req.Hidden)%req.N != 0 {
-		return nil, fmt.Errorf("expert call: %d floats for %d tokens", len(req.Hidden), req.N)
+		return nil, false, fmt.Errorf("expert call: %d floats for %d tokens", len(req.Hidden), req.N)
 	}
 	if req.DType == neuropb.WireDType_WIRE_DTYPE_UNSPECIFIED {
 		req.DType = neuropb.WireDType_WIRE_DTYPE_F16
 	}
 	s, err := c.session(ctx, p)
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
+	relayed = s.relayed
 	id := c.nextID.Add(1)
 	msg := &neuropb.ExpertRequest{
 		RequestId: id, Model: req.Model.Bytes(), Layer: uint32(req.Layer), Expert: uint32(req.Expert),
@@ -123,7 +200,7 @@ func (c *Client) Call(ctx context.Context, p peer.ID, req Request) (*Response, e
 	s.mu.Lock()
 	if s.err != nil {
 		s.mu.Unlock()
-		return nil, s.err
+		return nil, relayed, s.err
 	}
 	s.pending[id] = ch
 	s.mu.Unlock()
@@ -131,6 +208,7 @@ func (c *Client) Call(ctx context.Context, p peer.ID, req Request) (*Response, e
 		s.mu.Lock()
 		delete(s.pending, id)
 		s.mu.Unlock()
+		s.retireIfIdle()
 	}()
 	s.wmu.Lock()
 	if dl, ok := ctx.Deadline(); ok {
@@ -143,22 +221,27 @@ func (c *Client) Call(ctx context.Context, p peer.ID, req Request) (*Response, e
 	if err != nil {
 		s.fail(fmt.Errorf("%w: write: %v", ErrStreamClosed, err))
 		c.drop(p, s)
-		return nil, fmt.Errorf("expert call to %s: %w", p, err)
+		return nil, relayed, fmt.Errorf("expert call to %s: %w", p, err)
 	}
 	select {
 	case <-ctx.Done():
-		return nil, ctx.Err()
+		return nil, relayed, ctx.Err()
 	case r := <-ch:
 		if r.err != nil {
-			return nil, fmt.Errorf("expert call to %s: %w", p, r.err)
+			return nil, relayed, fmt.Errorf("expert call to %s: %w", p, r.err)
 		}
 		if e := r.resp.GetError(); e != nil {
-			return nil, &RemoteError{Code: e.GetCode(), Message: e.GetMessage()}
+			return nil, relayed, &RemoteError{Code: e.GetCode(), Message: e.GetMessage()}
 		}
 		rows, cols, err := r.resp.GetOutput().Rows()
 		if err != nil || rows != req.N || cols*req.N != len(req.Hidden) {
-			return nil, fmt.Errorf("expert call to %s: bad output shape %v: %v", p, r.resp.GetOutput().GetShape(), err)
+			return nil, relayed, fmt.Errorf("expert call to %s: bad output shape %v: %v", p, r.resp.GetOutput().GetShape(), err)
 		}
+		c.mu.Lock()
+		if l := c.links[p]; l != nil {
+			l.Calls++
+		}
+		c.mu.Unlock()
 		return &Response{
 			Output:      DecodeFloats(r.resp.GetOutput()),
 			Compute:     time.Duration(r.resp.GetComputeUs()) * time.Microsecond,
@@ -166,7 +249,7 @@ func (c *Client) Call(ctx context.Context, p peer.ID, req Request) (*Response, e
 			BatchTokens: int(r.resp.GetBatchTokens()),
 			WireBytes:   len(msg.GetHidden().GetData()) + len(r.resp.GetOutput().GetData()),
 			Receipt:     r.resp.GetReceipt(),
-		}, nil
+		}, relayed, nil
 	}
 }
 
@@ -178,15 +261,25 @@ func (c *Client) session(ctx context.Context, p peer.ID) (*session, error) {
 		return nil, errors.New("expert client closed")
 	}
 	if s := c.sessions[p]; s != nil {
-		c.mu.Unlock()
-		return s, nil
+		if !s.relayed || !c.direct(p) {
+			c.mu.Unlock()
+			return s, nil
+		}
+		// Hole punching opened a direct connection after this session
+		// went through the relay: new calls take the direct one.
+		delete(c.sessions, p)
+		s.mu.Lock()
+		s.retired = true
+		s.mu.Unlock()
+		go s.retireIfIdle()
 	}
 	c.mu.Unlock()
 	st, err := p2p.NewStream(ctx, c.h, p, neuropb.ExpertProtocol)
 	if err != nil {
 		return nil, fmt.Errorf("expert stream to %s: %w", p, err)
 	}
-	s := &session{st: st, w: wire.NewWriter(st, neuropb.MaxExpertMessageSize), pending: map[uint64]chan result{}}
+	s := &session{st: st, w: wire.NewWriter(st, neuropb.MaxExpertMessageSize), pending: map[uint64]chan result{},
+		relayed: linkOf(p, st).ViaRelay}
 	c.mu.Lock()
 	if old := c.sessions[p]; old != nil || c.closed { // another call won the race
 		c.mu.Unlock()
@@ -197,8 +290,19 @@ func (c *Client) session(ctx context.Context, p peer.ID) (*session, error) {
 		return old, nil
 	}
 	c.sessions[p] = s
+	if c.links == nil {
+		c.links = map[peer.ID]*Link{}
+	}
+	l := linkOf(p, st)
+	if old := c.links[p]; old != nil {
+		l.Calls = old.Calls
+	}
+	c.links[p] = &l
 	c.mu.Unlock()
 	go c.read(p, s)
+	if s.relayed {
+		go c.repunch(p, s)
+	}
 	return s, nil
 }
 
@@ -247,6 +351,57 @@ func (s *session) fail(err error) {
 		deliver(ch, result{err: err})
 		delete(s.pending, id)
 	}
+}
+
+// Hole punching through two cone NATs can lose a race (DCUtR runs on one
+// relayed connection, and the swarm may keep another); it is tried again
+// on the next relayed connection. repunch gives a relayed session
+// repunchTries more chances: when no direct connection came, it closes
+// the idle relayed connection, so that the next call dials the relay again
+// and the peer starts a new hole punch. Calls caught on the connection are
+// sent again (Call).
+const (
+	repunchTries = 3
+	repunchAfter = 3 * time.Second
+)
+
+func (c *Client) repunch(p peer.ID, s *session) {
+	for range repunchTries {
+		time.Sleep(repunchAfter)
+		c.mu.Lock()
+		closed, current := c.closed, c.sessions[p] == s
+		c.mu.Unlock()
+		if closed || !current || c.direct(p) {
+			return
+		}
+		s.mu.Lock()
+		idle := len(s.pending) == 0 && s.err == nil
+		if idle {
+			s.retired = true
+		}
+		s.mu.Unlock()
+		if !idle {
+			continue
+		}
+		c.drop(p, s)
+		for _, conn := range c.h.Network().ConnsToPeer(p) {
+			if conn.Stat().Limited {
+				_ = conn.Close()
+			}
+		}
+		c.log.Debug("relayed session closed to punch a hole again", "peer", p)
+		return
+	}
+}
+
+// direct says whether a direct (not relayed) connection to p is open.
+func (c *Client) direct(p peer.ID) bool {
+	for _, conn := range c.h.Network().ConnsToPeer(p) {
+		if !conn.Stat().Limited {
+			return true
+		}
+	}
+	return false
 }
 
 func (c *Client) drop(p peer.ID, s *session) {

@@ -270,12 +270,51 @@ func (e *Engine) announce(ctx context.Context, m *served) {
 			cancel()
 		}
 		m.dht.refresh(ctx, m.hp)
+		e.warm(ctx, m)
 		select {
 		case <-ctx.Done():
 			return
 		case <-time.After(10 * time.Second):
 		}
 	}
+}
+
+// maxWarm bounds the expert peers warm opens sessions to per round.
+const maxWarm = 64
+
+// warm opens a session to the expert peers of a loaded model ahead of the
+// first prompt: a home behind NAT is then reached directly by the time a
+// user asks, since hole punching (and its retries) has had its time.
+func (e *Engine) warm(ctx context.Context, m *served) {
+	e.mu.Lock()
+	remote, hp := m.remote, m.hp
+	e.mu.Unlock()
+	if remote == nil {
+		return
+	}
+	seen := map[peer.ID]bool{}
+	for l := range hp.Layers {
+		for x := range hp.Experts {
+			for _, p := range remote.Providers(expert.Key{Layer: l, Expert: x}) {
+				if len(seen) < maxWarm {
+					seen[p] = true
+				}
+			}
+		}
+	}
+	var wg sync.WaitGroup
+	for p := range seen {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			wctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+			defer cancel()
+			if err := e.client.Warm(wctx, p); err != nil && ctx.Err() == nil {
+				e.log.Debug("warm expert session", "peer", p, "err", err)
+			}
+		}()
+	}
+	wg.Wait()
 }
 
 // dhtProviders keeps, per expert, the peers that provide its expert key in
@@ -380,6 +419,9 @@ func (e *Engine) Models() []ModelInfo {
 	}
 	return out
 }
+
+// Links says how this gating node reaches each expert peer it called.
+func (e *Engine) Links() []expert.Link { return e.client.Links() }
 
 // Active is the number of generations running; Generated the tokens
 // generated since the start.

@@ -66,6 +66,19 @@ type GatingStatus struct {
 	Validation *ValidationStatus `json:"validation,omitempty"`
 	// Reputation is this gating node's record of each expert peer.
 	Reputation []PeerReputation `json:"reputation"`
+	// Links says how this gating node reaches each expert peer it called.
+	Links []ExpertLink `json:"links"`
+}
+
+// ExpertLink is how a gating node reaches an expert peer.
+type ExpertLink struct {
+	PeerID string `json:"peer_id"`
+	Calls  int64  `json:"calls"`
+	// Direct: over a direct connection (hole punched, for a home behind
+	// NAT); ViaRelay: through a relay.
+	Direct    bool   `json:"direct"`
+	ViaRelay  bool   `json:"via_relay"`
+	Transport string `json:"transport"`
 }
 
 // ValidationStatus counts a gating node's checks.
@@ -168,7 +181,11 @@ func (n *Node) Status() Status {
 		st.Verdicts = n.verdicts.status()
 	}
 	if g := n.gating; g != nil {
-		gs := &GatingStatus{HTTP: n.HTTPAddr(), Active: g.Active(), Generated: g.Generated(), Hedges: g.Hedges(), Models: []GatingModel{}}
+		gs := &GatingStatus{HTTP: n.HTTPAddr(), Active: g.Active(), Generated: g.Generated(), Hedges: g.Hedges(), Models: []GatingModel{},
+			Links: []ExpertLink{}}
+		for _, l := range g.Links() {
+			gs.Links = append(gs.Links, ExpertLink{PeerID: l.Peer.String(), Calls: l.Calls, Direct: l.Direct, ViaRelay: l.ViaRelay, Transport: l.Transport})
+		}
 		for _, m := range g.Models() {
 			gm := GatingModel{Model: m.CID.String(), Ready: m.Ready, Context: m.Context, MinProviders: m.MinProviders, Missing: []string{}}
 			if m.Err != nil {

@@ -4,9 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
+	ma "github.com/multiformats/go-multiaddr"
+	manet "github.com/multiformats/go-multiaddr/net"
 
 	neuropb "github.com/neuro-p2p/neuro/proto"
 )
@@ -27,7 +30,21 @@ func validateHeartbeat(_ context.Context, author peer.ID, hb *neuropb.Heartbeat)
 // heartbeat builds this node's next heartbeat.
 func (h *Host) heartbeat(now time.Time) *neuropb.Heartbeat {
 	h.hbSeq++
-	addrs := h.host.Addrs()
+	// Loopback addresses mean nothing to other machines (unless the node
+	// has no other: a testnet on 127.0.0.1); public and relayed ones
+	// first, so that a cap keeps what others can dial.
+	var addrs, loop []ma.Multiaddr
+	for _, a := range h.host.Addrs() {
+		if manet.IsIPLoopback(a) {
+			loop = append(loop, a)
+		} else {
+			addrs = append(addrs, a)
+		}
+	}
+	if len(addrs) == 0 {
+		addrs = loop
+	}
+	slices.SortStableFunc(addrs, func(a, b ma.Multiaddr) int { return addrRank(a) - addrRank(b) })
 	if len(addrs) > neuropb.MaxHeartbeatAddrs {
 		addrs = addrs[:neuropb.MaxHeartbeatAddrs]
 	}
@@ -61,6 +78,22 @@ func (h *Host) heartbeat(now time.Time) *neuropb.Heartbeat {
 		h.hbExtra(hb)
 	}
 	return hb
+}
+
+// addrRank orders a heartbeat's addresses: public, relayed, the rest.
+func addrRank(a ma.Multiaddr) int {
+	switch {
+	case manet.IsPublicAddr(a) && !isCircuit(a):
+		return 0
+	case isCircuit(a):
+		return 1
+	}
+	return 2
+}
+
+func isCircuit(a ma.Multiaddr) bool {
+	_, err := a.ValueForProtocol(ma.P_CIRCUIT)
+	return err == nil
 }
 
 // publishHeartbeats publishes a heartbeat at once and then every interval
@@ -101,6 +134,12 @@ func (h *Host) receiveHeartbeats(ctx context.Context, sub *Subscription[*neuropb
 		}
 		if h.peers.Observe(rcv.Author, rcv.Msg, rcv.At) {
 			h.log.Debug("heartbeat", "peer", rcv.Author, "seq", rcv.Msg.GetSeq())
+			// A heartbeat speaks for its signer: its addresses are the
+			// freshest we have (a home's relay addresses appear in them once
+			// it holds a reservation), for as long as the peer stays heard.
+			if info, ok := h.peers.Get(rcv.Author, rcv.At); ok && len(info.Addrs) > 0 {
+				h.host.Peerstore().AddAddrs(rcv.Author, info.Addrs, h.cfg.PeerExpiry)
+			}
 		}
 		if rcv.At.Sub(lastPrune) > h.cfg.PeerExpiry {
 			h.peers.Prune(rcv.At)

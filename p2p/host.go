@@ -19,6 +19,7 @@ import (
 	"github.com/libp2p/go-libp2p/p2p/net/swarm"
 	circuitproto "github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/proto"
 	relayv2 "github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/relay"
+	"github.com/libp2p/go-libp2p/p2p/protocol/holepunch"
 	"github.com/libp2p/go-libp2p/p2p/security/noise"
 	libp2ptls "github.com/libp2p/go-libp2p/p2p/security/tls"
 	quic "github.com/libp2p/go-libp2p/p2p/transport/quic"
@@ -141,7 +142,10 @@ func newHost(o hostOptions, log *slog.Logger) (host.Host, func() error, error) {
 		opts = append(opts, libp2p.EnableNATService(), libp2p.EnableAutoNATv2())
 	}
 	if o.holePunching {
-		opts = append(opts, libp2p.EnableHolePunching())
+		// The direct dial DCUtR tries before punching gives up after 2 s
+		// (libp2p: 5 s): a QUIC dial to a home's private address gets no
+		// answer, and the punch itself should not wait on it.
+		opts = append(opts, libp2p.EnableHolePunching(holepunch.DirectDialTimeout(2*time.Second)))
 	}
 	if o.relayService == RelayAuto {
 		opts = append(opts, libp2p.EnableRelayService())

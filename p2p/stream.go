@@ -12,9 +12,10 @@ import (
 )
 
 // DirectWait is how long NewStream waits for a direct connection to a
-// peer it reaches only through a relay (hole punching usually takes
-// a round trip or two) before it uses the relayed one.
-const DirectWait = 5 * time.Second
+// peer it reaches only through a relay before it uses the relayed one:
+// hole punching takes a round trip or two after DCUtR's first direct dial
+// (up to 2 s), and fails sooner where it cannot work.
+const DirectWait = 10 * time.Second
 
 // NewStream opens a stream to p, preferring a direct connection: when the
 // only connection is relayed (a home behind NAT), it waits up to
