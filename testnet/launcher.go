@@ -37,6 +37,12 @@ type LaunchOptions struct {
 	Args func(i int) []string
 	// Config, if set, adjusts node i's config when its home is made.
 	Config func(i int, cfg *node.Config)
+	// Wrap, if set, gives a command that runs node i's neurod (e.g.
+	// ip netns exec NS): the node runs as Wrap(i)... BINARY ARGS.
+	Wrap func(i int) []string
+	// BootAddrs, if set, picks the bootstrap node's addresses the others
+	// dial (default: all it listens on).
+	BootAddrs func(addrs []string) []string
 	// Up, if set, is told how many nodes are up (their API answers) as
 	// each comes up.
 	Up func(n int)
@@ -129,8 +135,12 @@ func Launch(ctx context.Context, opts LaunchOptions) (_ *Network, err error) {
 		}
 	}
 	up()
+	addrs := boot.Status.Addrs
+	if opts.BootAddrs != nil {
+		addrs = opts.BootAddrs(addrs)
+	}
 	var bootAddrs []string
-	for _, a := range boot.Status.Addrs {
+	for _, a := range addrs {
 		bootAddrs = append(bootAddrs, a+"/p2p/"+boot.Status.PeerID)
 	}
 	for _, p := range nw.procs[1:] {
@@ -208,6 +218,11 @@ func (nw *Network) start(p *Process, bootstrap []string) error {
 	// address; the node rewrites it once its API listens.
 	_ = os.Remove(filepath.Join(p.Home, node.APIFile))
 	cmd := exec.Command(nw.opts.Binary, args...)
+	if nw.opts.Wrap != nil {
+		if w := nw.opts.Wrap(p.Index); len(w) > 0 {
+			cmd = exec.Command(w[0], append(append(w[1:], nw.opts.Binary), args...)...)
+		}
+	}
 	cmd.Stdout = logf
 	cmd.Stderr = logf
 	cmd.Env = cleanEnv(os.Environ())

@@ -61,6 +61,10 @@ type testnetReport struct {
 	// HTTP is node 0's HTTP listener: the dashboard, /metrics and the
 	// gating node's OpenAI-compatible API.
 	HTTP string `json:"http,omitempty"`
+	// Topology and Connections (--netns): where each node runs, and how the
+	// pairs of nodes that exchanged expert traffic talked.
+	Topology    *testnetTopology `json:"topology,omitempty"`
+	Connections []testnetConn    `json:"connections,omitempty"`
 	// Requests is how many times the prompt was answered (--requests);
 	// every answer had the same tokens.
 	Requests int `json:"requests"`
@@ -147,7 +151,8 @@ type testnetExit struct {
 
 func newTestnetCmd(g *globalFlags) *cobra.Command {
 	var a testnetArgs
-	var kill, slow, faulty string
+	var kill, slow, faulty, nat, rtt string
+	var na netnsArgs
 	cmd := &cobra.Command{
 		Use:   "testnet",
 		Short: "Start a local network of real neurod processes that answers a prompt",
@@ -218,6 +223,29 @@ logs are in --dir (default: a temporary directory, removed afterwards).`,
 					return fmt.Errorf("flag --test-slow-node %q: want NODE:DURATION, NODE an expert node (1 to %d)", slow, a.nodes)
 				}
 			}
+			if a.netns {
+				if cmd.Flags().Changed("nodes") || kill != "" || faulty != "" || slow != "" || a.validators != 1 || a.requests != 1 || cmd.Flags().Changed("dashboard") {
+					return errors.New("flag --netns: the netns testnet has --homes, --publics and --nat instead of --nodes, and does not yet take --kill, --faulty, --validators, --requests or --dashboard")
+				}
+				if rtt != "" {
+					return errors.New("flag --rtt: the user-space delay line is not built yet (issue 8 is open); the netns testnet runs without added latency")
+				}
+				if na.homes < 2 {
+					return fmt.Errorf("flag --homes %d: need at least 2 (a gating node and an expert node, each behind its NAT)", na.homes)
+				}
+				if na.publics < 1 {
+					return fmt.Errorf("flag --publics %d: need at least 1", na.publics)
+				}
+				var err error
+				if na.nats, err = parseNATs(nat, na.homes); err != nil {
+					return fmt.Errorf("flag --nat %q: %w", nat, err)
+				}
+				log, err := testnetLogger(cmd.ErrOrStderr(), g)
+				if err != nil {
+					return err
+				}
+				return runNetnsTestnet(cmd.Context(), cmd.OutOrStdout(), cmd.ErrOrStderr(), a, na, log)
+			}
 			if _, _, err := net.SplitHostPort(a.dashboard); err != nil {
 				return fmt.Errorf("flag --dashboard %q: want host:port: %w", a.dashboard, err)
 			}
@@ -251,6 +279,11 @@ logs are in --dir (default: a temporary directory, removed afterwards).`,
 	f.StringVar(&kill, "kill", "", "K@T: SIGKILL the K busiest expert nodes after token T")
 	f.StringVar(&slow, "test-slow-node", "", "test only: NODE:DURATION delays every expert compute of that node")
 	f.StringVar(&faulty, "faulty", "", "make expert nodes misbehave: K:MODE,... with MODE wrong, lowprec, slow, drop or flaky (the last nodes)")
+	f.BoolVar(&a.netns, "netns", false, "run each node in its own network namespace on an emulated internet: public nodes, and homes behind NAT routers (needs root, iproute2, iptables)")
+	f.IntVar(&na.homes, "homes", 2, "with --netns: homes, each behind its own NAT; the first runs the gating node, the others expert nodes")
+	f.IntVar(&na.publics, "publics", 4, "with --netns: public nodes (node 0 is the bootstrap node and relay; libp2p trusts an address that four peers observed)")
+	f.StringVar(&nat, "nat", "cone", "with --netns: NAT kind of the homes, cone or symmetric: one for all, or one per home (cone,symmetric,...)")
+	f.StringVar(&rtt, "rtt", "", "with --netns: round-trip time added on the homes' links (not built yet)")
 	f.StringVar(&a.dashboard, "dashboard", "127.0.0.1:0", "host:port of node 0's dashboard, /metrics and OpenAI-compatible API")
 	f.IntVar(&a.validators, "validators", 1, "how many nodes validate the ledger's chain (node 0 and the first expert nodes); more than one runs CometBFT consensus among them")
 	f.IntVar(&a.requests, "requests", 1, "answer the prompt this many times (a workload for the checks)")
@@ -275,6 +308,8 @@ type testnetArgs struct {
 	escrow    uint64
 	// dashboard is node 0's HTTP listener (--dashboard).
 	dashboard string
+	// netns runs the nodes in network namespaces (--netns).
+	netns bool
 	// validators is how many nodes (0 to validators-1) validate the chain.
 	validators int
 	// faults[i] is the mode of node i (1 to nodes).
@@ -317,14 +352,22 @@ const (
 	testnetPreset = "tiny"
 )
 
-func runTestnet(ctx context.Context, stdout, stderr io.Writer, g *globalFlags, a testnetArgs) (err error) {
+// testnetLogger is the testnet's own logger, on stderr at --log-level.
+func testnetLogger(stderr io.Writer, g *globalFlags) (*slog.Logger, error) {
 	level := slog.LevelInfo
 	if g.logLevel != "" {
 		if err := level.UnmarshalText([]byte(g.logLevel)); err != nil {
-			return fmt.Errorf("flag --log-level %q: want debug, info, warn or error", g.logLevel)
+			return nil, fmt.Errorf("flag --log-level %q: want debug, info, warn or error", g.logLevel)
 		}
 	}
-	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	return slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level})), nil
+}
+
+func runTestnet(ctx context.Context, stdout, stderr io.Writer, g *globalFlags, a testnetArgs) (err error) {
+	log, err := testnetLogger(stderr, g)
+	if err != nil {
+		return err
+	}
 	bin, err := os.Executable()
 	if err != nil {
 		return fmt.Errorf("testnet: find neurod binary: %w", err)

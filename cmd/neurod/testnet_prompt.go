@@ -79,6 +79,13 @@ const settle = 3 * time.Second
 // for settle.
 func waitServing(ctx context.Context, nw *testnet.Network, timeout time.Duration, layers, experts, want int, faults map[int]expert.Fault,
 	show *progress.Reporter) error {
+	return waitServingBy(ctx, nw, timeout, layers, experts, want, faults, show, 0)
+}
+
+// waitServingBy is waitServing with the gating node at index gating; every
+// node after it is an expert node.
+func waitServingBy(ctx context.Context, nw *testnet.Network, timeout time.Duration, layers, experts, want int, faults map[int]expert.Fault,
+	show *progress.Reporter, gating int) error {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	bar := show.Bar(int64(layers*experts), fmt.Sprintf("experts hosted by %d nodes", want), false)
@@ -92,13 +99,13 @@ func waitServing(ctx context.Context, nw *testnet.Network, timeout time.Duration
 		err := nw.Refresh(ctx)
 		if err == nil {
 			covered := 0
-			for _, n := range testnet.Coverage(nw.Statuses()[1:], layers, experts) {
+			for _, n := range testnet.Coverage(nw.Statuses()[gating+1:], layers, experts) {
 				if n >= want {
 					covered++
 				}
 			}
 			_ = bar.Set(covered)
-			err = serving(nw, layers, experts, want, faults)
+			err = serving(nw, layers, experts, want, faults, gating)
 			var fatal *fatalError
 			if errors.As(err, &fatal) {
 				return err
@@ -106,7 +113,7 @@ func waitServing(ctx context.Context, nw *testnet.Network, timeout time.Duration
 		}
 		if err == nil {
 			h := ""
-			for _, st := range nw.Statuses()[1:] {
+			for _, st := range nw.Statuses()[gating+1:] {
 				h += fmt.Sprint(st.Experts)
 			}
 			if h != hosting {
@@ -130,15 +137,15 @@ type fatalError struct{ error }
 
 // serving checks that the model is served; want counts honest providers
 // (a faulty node's results do not count towards an expert's cover).
-func serving(nw *testnet.Network, layers, experts, want int, faults map[int]expert.Fault) error {
+func serving(nw *testnet.Network, layers, experts, want int, faults map[int]expert.Fault, gating int) error {
 	sts := nw.Statuses()
 	var honest []node.Status
-	for i, st := range sts[1:] {
-		if faults[i+1] == expert.FaultNone {
+	for i, st := range sts[gating+1:] {
+		if faults[gating+1+i] == expert.FaultNone {
 			honest = append(honest, st)
 		}
 	}
-	g := sts[0].Gating
+	g := sts[gating].Gating
 	if g == nil || len(g.Models) != 1 {
 		return errors.New("gating node: no model")
 	}

@@ -42,6 +42,23 @@ type testnetJSON struct {
 		Hedges       int `json:"hedges"`
 		Redispatches int `json:"redispatches"`
 	} `json:"stats"`
+	Connections []struct {
+		A         string    `json:"a"`
+		B         string    `json:"b"`
+		Direct    bool      `json:"direct"`
+		ViaRelay  bool      `json:"via_relay"`
+		Transport string    `json:"transport"`
+		Calls     int64     `json:"calls"`
+		NATs      [2]string `json:"nats"`
+	} `json:"connections"`
+	Topology *struct {
+		Publics []struct {
+			Namespace string `json:"namespace"`
+		} `json:"publics"`
+		Homes []struct {
+			Namespace string `json:"namespace"`
+		} `json:"homes"`
+	} `json:"topology"`
 	Ledger *struct {
 		Height         int64             `json:"height"`
 		BalancesBefore map[string]uint64 `json:"balances_before"`

@@ -1,0 +1,401 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/neuro-p2p/neuro/expert"
+	"github.com/neuro-p2p/neuro/internal/progress"
+	"github.com/neuro-p2p/neuro/node"
+	"github.com/neuro-p2p/neuro/testnet"
+	"github.com/neuro-p2p/neuro/testnet/netns"
+)
+
+// netnsArgs are the flags of `neurod testnet --netns`.
+type netnsArgs struct {
+	homes   int
+	publics int
+	nats    []netns.NAT
+}
+
+// testnetConn is how two nodes that exchanged expert traffic talk.
+type testnetConn struct {
+	A         string `json:"a"`
+	B         string `json:"b"`
+	Direct    bool   `json:"direct"`
+	ViaRelay  bool   `json:"via_relay"`
+	Transport string `json:"transport"`
+	Calls     int64  `json:"calls"`
+	// NATs are A's and B's NAT kinds ("" for a public node).
+	NATs [2]string `json:"nats"`
+}
+
+// testnetTopology describes the emulated internet.
+type testnetTopology struct {
+	Publics []testnetPlace `json:"publics"`
+	Homes   []testnetPlace `json:"homes"`
+}
+
+type testnetPlace struct {
+	Node      int    `json:"node"`
+	Namespace string `json:"namespace"`
+	IP        string `json:"ip"`
+	// PublicIP and NAT: a home's router's address and NAT kind.
+	PublicIP string `json:"public_ip,omitempty"`
+	NAT      string `json:"nat,omitempty"`
+}
+
+// parseNATs expands --nat: one kind for every home, or one per home.
+func parseNATs(s string, homes int) ([]netns.NAT, error) {
+	parts := strings.Split(s, ",")
+	if len(parts) != 1 && len(parts) != homes {
+		return nil, fmt.Errorf("%d kinds for %d homes: give one kind for all or one per home", len(parts), homes)
+	}
+	out := make([]netns.NAT, homes)
+	for i := range out {
+		k, err := netns.ParseNAT(strings.TrimSpace(parts[min(i, len(parts)-1)]))
+		if err != nil {
+			return nil, err
+		}
+		out[i] = k
+	}
+	return out, nil
+}
+
+// netnsPrefix names this process's namespaces; stale ones are those of
+// testnets whose process is gone.
+const netnsPrefix = "ntn"
+
+var stalePrefix = regexp.MustCompile(`^` + netnsPrefix + `(\d+)-`)
+
+// cleanupStale removes the namespaces of netns testnets that crashed.
+func cleanupStale(ctx context.Context, log *slog.Logger) {
+	out, err := exec.CommandContext(ctx, "ip", "netns", "list").Output()
+	if err != nil {
+		return
+	}
+	done := map[string]bool{}
+	for _, line := range strings.Split(string(out), "\n") {
+		m := stalePrefix.FindStringSubmatch(strings.TrimSpace(line))
+		if m == nil || done[m[1]] {
+			continue
+		}
+		done[m[1]] = true
+		pid, _ := strconv.Atoi(m[1])
+		if pid > 0 && syscall.Kill(pid, 0) == nil {
+			continue // a live testnet's
+		}
+		log.Info("removing the namespaces of a testnet that did not clean up", "pid", pid)
+		if err := netns.Cleanup(ctx, netnsPrefix+m[1]); err != nil {
+			log.Warn("cleanup", "err", err)
+		}
+	}
+}
+
+// runNetnsTestnet is `neurod testnet --netns`: public nodes on an emulated
+// internet, and homes behind NAT routers, each node a process in its own
+// network namespace. Node 0 is the bootstrap node, relay and validator;
+// the other public nodes are DHT servers (AutoNAT needs a few peers to
+// tell a home it is private, and libp2p trusts an observed address that
+// four peers saw); the first home is the gating node and the other homes
+// are expert nodes, so expert traffic crosses two NATs.
+func runNetnsTestnet(ctx context.Context, stdout, stderr io.Writer, a testnetArgs, na netnsArgs, log *slog.Logger) (err error) {
+	bin, err := os.Executable()
+	if err != nil {
+		return fmt.Errorf("testnet: find neurod binary: %w", err)
+	}
+	rep := testnetReport{Nodes: []testnetNode{}, Tokens: []int32{}, PerTokenMs: []float64{}}
+	fail := func(err error) error {
+		rep.Error = err.Error()
+		if a.json {
+			writeJSON(stdout, rep)
+		}
+		return &exitError{code: 1, err: err}
+	}
+	if err := netns.Available(); err != nil {
+		return fail(fmt.Errorf("--netns: %w", err))
+	}
+	dir := a.dir
+	if dir == "" {
+		if dir, err = os.MkdirTemp("", "neuro-testnet-"); err != nil {
+			return fail(err)
+		}
+		defer os.RemoveAll(dir)
+	} else if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fail(fmt.Errorf("flag --dir %s: %w", dir, err))
+	}
+	rep.Dir = dir
+	cleanupStale(ctx, log)
+	topo, err := netns.Create(ctx, netns.Topology{Prefix: fmt.Sprintf("%s%d", netnsPrefix, os.Getpid()), Publics: na.publics, Homes: na.nats})
+	if err != nil {
+		return fail(err)
+	}
+	defer func() {
+		if cerr := topo.Close(); cerr != nil {
+			log.Warn("remove the namespaces", "err", cerr)
+		}
+	}()
+	mf, err := prepareModel(dir, a.model, log)
+	if err != nil {
+		return fail(err)
+	}
+	rep.Model, rep.ModelFile = mf.cid.String(), mf.path
+	layers, experts := int(mf.manifest.GetParams().GetLayers()), int(mf.manifest.GetParams().GetExperts())
+
+	P, H := na.publics, na.homes
+	gating := P // the first home
+	nsOf := func(i int) string {
+		if i < P {
+			return topo.Publics[i].NS
+		}
+		return topo.Homes[i-P].NS
+	}
+	natOf := func(i int) string {
+		if i < P {
+			return ""
+		}
+		return string(topo.Homes[i-P].NAT)
+	}
+	topoRep := &testnetTopology{}
+	for i, h := range topo.Publics {
+		topoRep.Publics = append(topoRep.Publics, testnetPlace{Node: i, Namespace: h.NS, IP: h.IP.String()})
+	}
+	for i, h := range topo.Homes {
+		topoRep.Homes = append(topoRep.Homes, testnetPlace{Node: P + i, Namespace: h.NS, IP: h.IP.String(),
+			PublicIP: h.Router.IP.String(), NAT: string(h.NAT)})
+	}
+	rep.Topology = topoRep
+
+	genesisPath := filepath.Join(dir, "genesis.json")
+	threads := max(1, runtime.NumCPU()/(H+1))
+	log.Info("starting netns testnet", "publics", P, "homes", H, "nat", na.nats, "model", mf.cid, "dir", dir)
+	show := progress.New(stderr)
+	up := show.Bar(int64(P+H), "nodes up", false)
+	nw, err := testnet.Launch(ctx, testnet.LaunchOptions{Nodes: P + H, Dir: dir, Binary: bin, Timeout: a.timeout, Log: log,
+		Up:   func(n int) { _ = up.Set(n) },
+		Wrap: func(i int) []string { return []string{"ip", "netns", "exec", nsOf(i)} },
+		BootAddrs: func(addrs []string) []string {
+			var out []string
+			for _, ad := range addrs {
+				if strings.HasPrefix(ad, "/ip4/"+topo.Publics[0].IP.String()+"/") {
+					out = append(out, ad)
+				}
+			}
+			return out
+		},
+		Config: func(i int, c *node.Config) {
+			c.P2P.Listen = []string{"/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"}
+			c.P2P.NAT.AutoNAT, c.P2P.NAT.HolePunching, c.P2P.NAT.RelayClient, c.P2P.NAT.PortMap = true, true, true, false
+			c.API.Listen = "unix:" + filepath.Join(testnet.Home(dir, i), "api.sock")
+			c.Expert.Threads = threads
+			c.Gating.Threads = max(1, runtime.NumCPU()/2)
+			c.Ledger.Genesis = genesisPath
+			c.Ledger.Listen = "tcp://" + topo.Publics[0].IP.String() + ":26656"
+			c.Ledger.BlockInterval = node.Duration(200 * time.Millisecond)
+			switch {
+			case i == 0: // bootstrap (its relay is on: prepareHome)
+			case i < P:
+				c.P2P.DHT.Mode = "server"
+				c.P2P.NAT.RelayService = "off"
+			default:
+				c.P2P.DHT.Mode = "auto"
+				c.P2P.NAT.RelayService = "off"
+			}
+		},
+		Args: func(i int) []string {
+			switch {
+			case i == gating:
+				return []string{"--gating", "--model", mf.cid.String(), "--experts", "none"}
+			case i > gating:
+				return []string{"--model", mf.cid.String()}
+			}
+			return nil
+		},
+		BeforeStart: func(homes []string) error {
+			if err := writeTestnetGenesis(genesisPath, homes, mf.cid, 1); err != nil {
+				return err
+			}
+			store, err := expert.OpenStore(filepath.Join(homes[0], node.StoreDir))
+			if err != nil {
+				return err
+			}
+			_, err = store.ImportSplit(mf.shards)
+			return err
+		},
+	})
+	_ = up.Finish()
+	if err != nil {
+		return fail(err)
+	}
+	defer func() { rep.Stopped = stopNetwork(nw, log) }()
+	fill := func() {
+		rep.Nodes = rep.Nodes[:0]
+		for _, p := range nw.Processes() {
+			st := p.Status
+			rep.Nodes = append(rep.Nodes, testnetNode{Index: p.Index, PeerID: st.PeerID, Addrs: st.Addrs, Roles: st.Roles,
+				PID: p.PID(), Home: p.Home, API: p.APIAddr, RSSBytes: st.RSSBytes, RoutingTableSize: len(st.RoutingTable),
+				HeardPeers: len(st.Heard), Experts: append([]string{}, st.Experts...), ExpertCalls: st.ExpertCalls})
+		}
+	}
+	failNet := func(err error) error {
+		fill()
+		for _, p := range nw.Processes() {
+			fmt.Fprint(stderr, p.LogTail(10))
+		}
+		return fail(err)
+	}
+
+	// Healthy here: every node hears every other's heartbeats, and every
+	// home holds a relay reservation (its AutoNAT found it private).
+	start := time.Now()
+	hctx, cancel := context.WithTimeout(ctx, a.timeout)
+	defer cancel()
+	if err := waitUntil(hctx, func() error {
+		if err := nw.Refresh(hctx); err != nil {
+			return err
+		}
+		sts := nw.Statuses()
+		for i, st := range sts {
+			if len(st.Heard) < len(sts)-1 {
+				return fmt.Errorf("node %d hears %d of %d peers", i, len(st.Heard), len(sts)-1)
+			}
+			if i >= P && !slices.ContainsFunc(st.Addrs, func(ad string) bool { return strings.Contains(ad, "/p2p-circuit") }) {
+				return fmt.Errorf("home node %d has no relay reservation yet", i)
+			}
+		}
+		return nil
+	}); err != nil {
+		return failNet(fmt.Errorf("testnet unhealthy: %w", err))
+	}
+	rep.Healthy, rep.TookMs = true, (nw.Took + time.Since(start)).Milliseconds()
+	log.Info("network healthy: homes behind NAT hold relay reservations", "took", time.Since(start).Round(time.Millisecond))
+	readyStart := time.Now()
+	if err := waitServingBy(ctx, nw, a.timeout, layers, experts, min(2, H-1), nil, show, gating); err != nil {
+		return failNet(err)
+	}
+	// The gating node opens sessions to its experts ahead of a prompt
+	// (warm); give hole punching between cone NATs, with its retries, time
+	// to finish before asking, so that the prompt measures the network as
+	// it settles. A pair that stays relayed is reported as such.
+	pctx, pcancel := context.WithTimeout(ctx, 45*time.Second)
+	perr := waitUntil(pctx, func() error {
+		if err := nw.Refresh(pctx); err != nil {
+			return err
+		}
+		sts := nw.Statuses()
+		g := sts[gating].Gating
+		if g == nil {
+			return errors.New("gating node: no status")
+		}
+		links := map[string]node.ExpertLink{}
+		for _, l := range g.Links {
+			links[l.PeerID] = l
+		}
+		for i := gating + 1; i < len(sts); i++ {
+			l, ok := links[sts[i].PeerID]
+			if !ok {
+				return fmt.Errorf("no session to expert node %d yet", i)
+			}
+			if natOf(gating) == string(netns.Cone) && natOf(i) == string(netns.Cone) && !l.Direct {
+				return fmt.Errorf("expert node %d still reached through the relay", i)
+			}
+		}
+		return nil
+	})
+	pcancel()
+	if perr != nil {
+		log.Warn("links not settled", "err", perr)
+	}
+	rep.ReadyMs = time.Since(readyStart).Milliseconds()
+	fill()
+
+	// The prompt, asked from the gating node's home by `neurod generate
+	// --network` (this process cannot reach into the sealed topology).
+	boot := nw.Processes()[0].Status
+	bootAddr := fmt.Sprintf("/ip4/%s/tcp/4001/p2p/%s", topo.Publics[0].IP, boot.PeerID)
+	gctx, gcancel := context.WithTimeout(ctx, a.timeout)
+	defer gcancel()
+	cmd := exec.CommandContext(gctx, "ip", "netns", "exec", nsOf(gating), bin, "generate", "--network", "--bootstrap", bootAddr,
+		"--model", mf.cid.String(), "--prompt", a.prompt, "--max-tokens", strconv.Itoa(a.maxTokens), "--json")
+	var gerr strings.Builder
+	cmd.Stderr = &gerr
+	out, err := cmd.Output()
+	if err != nil {
+		return failNet(fmt.Errorf("generate from the gating node's home: %w: %s", err, strings.TrimSpace(gerr.String())))
+	}
+	var gen generateOutput
+	if err := json.Unmarshal(out, &gen); err != nil {
+		return failNet(fmt.Errorf("generate: %w", err))
+	}
+	rep.Tokens, rep.Text, rep.PerTokenMs, rep.PromptTokens = gen.Tokens, gen.Text, gen.PerTokenMs, gen.PromptTokens
+	rep.TokensPerSecond, rep.FinishReason, rep.Requests = gen.TokensPerSecond, gen.FinishReason, 1
+
+	// How the gating node reached each expert node it called.
+	if err := nw.Refresh(ctx); err != nil {
+		return failNet(err)
+	}
+	fill()
+	idx := map[string]int{}
+	for i, st := range nw.Statuses() {
+		idx[st.PeerID] = i
+	}
+	gst := nw.Statuses()[gating]
+	if gst.Gating != nil {
+		for _, l := range gst.Gating.Links {
+			rep.Connections = append(rep.Connections, testnetConn{A: gst.PeerID, B: l.PeerID, Direct: l.Direct, ViaRelay: l.ViaRelay,
+				Transport: l.Transport, Calls: l.Calls, NATs: [2]string{natOf(gating), natOf(idx[l.PeerID])}})
+		}
+	}
+	if a.json {
+		writeJSON(stdout, rep)
+	} else {
+		printNodes(stdout, rep)
+		fmt.Fprintf(stdout, "\n%s\n", rep.Text)
+		for _, c := range rep.Connections {
+			how := "direct (hole punched)"
+			if c.ViaRelay {
+				how = "through the relay"
+			}
+			fmt.Fprintf(stdout, "gating (%s NAT) -> %s (%s NAT): %s over %s, %d calls\n", c.NATs[0], c.B, c.NATs[1], how, c.Transport, c.Calls)
+		}
+	}
+	if a.check {
+		if len(rep.Tokens) == 0 {
+			return &exitError{code: 1, err: errors.New("no tokens")}
+		}
+		return nil
+	}
+	fmt.Fprintf(stderr, "\ntestnet is up; press Ctrl-C to stop it (the namespaces go with it). Ask it yourself:\n")
+	fmt.Fprintf(stderr, "  ip netns exec %s %s generate --network --bootstrap %s --model %s --prompt 'Hello'\n", nsOf(gating), bin, bootAddr, mf.cid)
+	<-ctx.Done()
+	return nil
+}
+
+// waitUntil polls check every 200 ms until it passes or ctx ends.
+func waitUntil(ctx context.Context, check func() error) error {
+	for {
+		err := check()
+		if err == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}

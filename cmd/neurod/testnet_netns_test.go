@@ -1,0 +1,69 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+
+	"github.com/neuro-p2p/neuro/testnet/netns"
+)
+
+// The netns testnet: two homes behind NAT, the gating node in one and an
+// expert node in the other, and four public nodes. Behind two cone NATs
+// hole punching opens a direct connection and the expert traffic uses it;
+// behind two symmetric NATs it cannot, and the traffic goes through the
+// relay. Either way the tokens are llama.cpp's, and no namespace is left.
+func TestTestnetNetns(t *testing.T) {
+	t.Parallel() // mostly waiting: the testnets overlap well
+	if err := netns.Available(); err != nil {
+		if os.Getenv("NEURO_REQUIRE_NETNS") != "" {
+			t.Fatalf("network namespaces: %v", err)
+		}
+		t.Skipf("network namespaces unavailable here: %v", err)
+	}
+	path := makeModel(t, "--preset", "tiny", "--type", "q8_0", "--seed", "77", "--layers", "3", "--experts", "5")
+	const prompt = "homes behind routers"
+	want := generateLocal(t, path, prompt, 16)
+	for _, tc := range []struct {
+		nat            string
+		direct, relay  bool
+		wantTransports []string
+	}{
+		{"cone", true, false, []string{"tcp", "quic-v1"}},
+		{"symmetric", false, true, []string{"tcp", "quic-v1"}},
+	} {
+		t.Run(tc.nat, func(t *testing.T) {
+			r := neurod(t, nil, "testnet", "--netns", "--homes", "2", "--nat", tc.nat, "--model", path, "--prompt", prompt,
+				"--max-tokens", "16", "--check", "--json")
+			if r.code != 0 {
+				t.Fatalf("exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
+			}
+			rep := parseTestnet(t, r.stdout)
+			if fmt.Sprint(rep.Tokens) != fmt.Sprint(want) {
+				t.Fatalf("netns testnet tokens %v\nllama.cpp          %v", rep.Tokens, want)
+			}
+			if len(rep.Connections) != 1 {
+				t.Fatalf("connections %+v", rep.Connections)
+			}
+			c := rep.Connections[0]
+			if c.Direct != tc.direct || c.ViaRelay != tc.relay || c.Calls == 0 || !strings.Contains(strings.Join(tc.wantTransports, " "), c.Transport) ||
+				c.NATs != [2]string{tc.nat, tc.nat} || c.A == c.B {
+				t.Fatalf("%s homes: connection %+v", tc.nat, c)
+			}
+			out, err := exec.Command("ip", "netns", "list").Output()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if rep.Topology == nil || len(rep.Topology.Publics) != 4 || len(rep.Topology.Homes) != 2 {
+				t.Fatalf("topology %+v", rep.Topology)
+			}
+			for _, h := range append(rep.Topology.Publics, rep.Topology.Homes...) {
+				if strings.Contains(string(out), h.Namespace) {
+					t.Fatalf("namespace %s left behind:\n%s", h.Namespace, out)
+				}
+			}
+		})
+	}
+}
