@@ -278,8 +278,9 @@ func (c *Client) session(ctx context.Context, p peer.ID) (*session, error) {
 	if err != nil {
 		return nil, fmt.Errorf("expert stream to %s: %w", p, err)
 	}
+	l := linkOf(p, st)
 	s := &session{st: st, w: wire.NewWriter(st, neuropb.MaxExpertMessageSize), pending: map[uint64]chan result{},
-		relayed: linkOf(p, st).ViaRelay}
+		relayed: l.ViaRelay}
 	c.mu.Lock()
 	if old := c.sessions[p]; old != nil || c.closed { // another call won the race
 		c.mu.Unlock()
@@ -293,7 +294,6 @@ func (c *Client) session(ctx context.Context, p peer.ID) (*session, error) {
 	if c.links == nil {
 		c.links = map[peer.ID]*Link{}
 	}
-	l := linkOf(p, st)
 	if old := c.links[p]; old != nil {
 		l.Calls = old.Calls
 	}

@@ -335,7 +335,7 @@ func (b *batcher) receipt(j *job, out *neuropb.Tensor) *neuropb.UsageReceipt {
 	}
 	r := &neuropb.UsageReceipt{Escrow: j.escrow, Layer: j.layer, ExpertIndex: j.expert, Tokens: uint64(j.n),
 		Flops: 6 * uint64(b.c.Embd()) * uint64(ff) * uint64(j.n), InputDigest: neuropb.FloatsDigest(j.x),
-		OutputDigest: neuropb.FloatsDigest(DecodeFloats(out))}
+		OutputDigest: TensorDigest(out)}
 	if err := b.signer(r); err != nil {
 		return nil
 	}

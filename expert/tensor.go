@@ -1,6 +1,7 @@
 package expert
 
 import (
+	"crypto/sha256"
 	"encoding/binary"
 	"math"
 
@@ -26,6 +27,16 @@ func EncodeFloats(x []float32, rows, cols int, dtype neuropb.WireDType) *neuropb
 		le.PutUint32(t.Data[4*i:], math.Float32bits(v))
 	}
 	return t
+}
+
+// TensorDigest is neuropb.FloatsDigest of the values t holds as its
+// receiver decodes them; an F32 tensor's bytes are already those values.
+func TensorDigest(t *neuropb.Tensor) []byte {
+	if t.GetDtype() == neuropb.WireDType_WIRE_DTYPE_F32 {
+		d := sha256.Sum256(t.GetData())
+		return d[:]
+	}
+	return neuropb.FloatsDigest(DecodeFloats(t))
 }
 
 // DecodeFloats unpacks a wire tensor checked by Tensor.Rows.

@@ -517,12 +517,11 @@ func (s *State) settle(sender string, acc *Account, st *neuropb.Settle) error {
 		if r.GetEscrow() != st.GetEscrow() {
 			return txErr(CodeMalformed, "receipt %d is for escrow %d", i, r.GetEscrow())
 		}
-		unsigned := proto.Clone(r).(*neuropb.UsageReceipt)
-		unsigned.Signature = nil
-		if err := verifySig(r.GetExpert(), unsigned, r.GetSignature()); err != nil {
+		signer, err := reputation.VerifyReceipt(r)
+		if err != nil {
 			return txErr(CodeBadSignature, "receipt %d: %v", i, err)
 		}
-		ex := peer.ID(r.GetExpert()).String()
+		ex := signer.String()
 		if a := s.Accounts[ex]; a == nil || a.Staked < p.GetMinStake() {
 			return txErr(CodeNotAllowed, "receipt %d: expert %s has less than the minimum stake %d", i, ex, p.GetMinStake())
 		}

@@ -279,25 +279,11 @@ func getJSON(ctx context.Context, addr, path string, v any) error {
 }
 
 // FetchStatus asks the node whose control API listens on addr (host:port
-// or unix:PATH)
-// for its status.
+// or unix:PATH) for its status.
 func FetchStatus(ctx context.Context, addr string) (Status, error) {
-	_, url := apiURL(addr, StatusPath)
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-	if err != nil {
-		return Status{}, fmt.Errorf("status %s: %w", addr, err)
-	}
-	resp, err := apiDo(addr, req)
-	if err != nil {
-		return Status{}, fmt.Errorf("status %s: %w", addr, err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return Status{}, fmt.Errorf("status %s: HTTP %s", addr, resp.Status)
-	}
 	var st Status
-	if err := json.NewDecoder(io.LimitReader(resp.Body, maxStatusSize)).Decode(&st); err != nil {
-		return Status{}, fmt.Errorf("status %s: decode: %w", addr, err)
+	if err := getJSON(ctx, addr, StatusPath, &st); err != nil {
+		return Status{}, fmt.Errorf("status %s: %w", addr, err)
 	}
 	return st, nil
 }

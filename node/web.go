@@ -156,13 +156,24 @@ func (w *webState) settled(escrow uint64, rs []*neuropb.UsageReceipt) {
 	}
 }
 
-// rates records a sample and returns the rates over the samples kept.
-func (w *webState) rates(now time.Time, tokens, calls int64) (tps, cps float64) {
+// record keeps a sample (sampleRates takes one a second), dropping those
+// older than 10 s.
+func (w *webState) record(now time.Time, tokens, calls int64) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	w.samples = append(w.samples, rateSample{now, tokens, calls})
 	for len(w.samples) > 1 && now.Sub(w.samples[0].at) > 10*time.Second {
 		w.samples = w.samples[1:]
+	}
+}
+
+// rates are the tokens and calls per second from the oldest sample kept
+// to the counts now.
+func (w *webState) rates(now time.Time, tokens, calls int64) (tps, cps float64) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if len(w.samples) == 0 {
+		return 0, 0
 	}
 	first := w.samples[0]
 	if dt := now.Sub(first.at).Seconds(); dt > 0 {
@@ -180,7 +191,7 @@ func (n *Node) sampleRates(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case now := <-t.C:
-			n.web.rates(now, n.generated(), n.served())
+			n.web.record(now, n.generated(), n.served())
 		}
 	}
 }
@@ -282,8 +293,9 @@ func (n *Node) State(ctx context.Context) State {
 	st := State{PeerID: h.ID().String(), Version: p2p.Version, UptimeS: now.Sub(n.started).Seconds(),
 		Reachability: reachString(h.Reachability()), Paused: n.idle.Paused(), PauseReason: n.idle.Reason(),
 		Nodes: []StateNode{}, Models: []StateModel{}, Coverage: []StateCoverage{}}
-	tps, cps := n.web.rates(now, n.generated(), n.served())
-	st.Throughput = StateThroughput{TokensPerS: tps, Generated: n.generated(), ExpertCallsPerS: cps, ExpertCalls: n.served()}
+	generated, served := n.generated(), n.served()
+	tps, cps := n.web.rates(now, generated, served)
+	st.Throughput = StateThroughput{TokensPerS: tps, Generated: generated, ExpertCallsPerS: cps, ExpertCalls: served}
 
 	// This node, then its peers by ID.
 	self := StateNode{PeerID: st.PeerID, Self: true, Roles: RoleNames(h.Roles()), Reachability: st.Reachability,

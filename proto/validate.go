@@ -254,10 +254,14 @@ func (r *InferRequest) Validate() error {
 // hidden states in usage receipts and verdicts.
 func FloatsDigest(x []float32) []byte {
 	h := sha256.New()
-	var b [4]byte
-	for _, v := range x {
-		binary.LittleEndian.PutUint32(b[:], math.Float32bits(v))
-		h.Write(b[:])
+	var buf [4096]byte
+	for len(x) > 0 {
+		n := min(len(x), len(buf)/4)
+		for i, v := range x[:n] {
+			binary.LittleEndian.PutUint32(buf[4*i:], math.Float32bits(v))
+		}
+		h.Write(buf[:4*n])
+		x = x[n:]
 	}
 	return h.Sum(nil)
 }

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -71,23 +70,7 @@ func TestDashboardInBrowser(t *testing.T) {
 		t.Fatal(err)
 	}
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	cmd := exec.CommandContext(ctx, neurodBin, "testnet", "--nodes", "4", "--dashboard", addr, "--json",
-		"--dir", t.TempDir(), "--max-tokens", "8")
-	cmd.Env = cleanEnv()
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer cmd.Process.Kill()
-	var rep testnetJSON
-	if err := json.NewDecoder(bufio.NewReader(stdout)).Decode(&rep); err != nil {
-		t.Fatalf("report: %v\n%s", err, stderr.String())
-	}
+	_, _, rep := runningTestnet(t, ctx, "--nodes", "4", "--dashboard", addr, "--dir", t.TempDir(), "--max-tokens", "8")
 	if rep.HTTP != addr {
 		t.Fatalf("the report's http %q, want the dashboard's %s", rep.HTTP, addr)
 	}

@@ -459,18 +459,7 @@ func runTestnet(ctx context.Context, stdout, stderr io.Writer, g *globalFlags, a
 		}
 	}
 	defer stop()
-	fillNodes := func() {
-		rep.Nodes = rep.Nodes[:0]
-		for _, p := range nw.Processes() {
-			st := p.Status
-			rep.Nodes = append(rep.Nodes, testnetNode{
-				Index: p.Index, PeerID: st.PeerID, Addrs: st.Addrs, Roles: st.Roles, PID: p.PID(),
-				Home: p.Home, API: p.APIAddr, RSSBytes: st.RSSBytes,
-				RoutingTableSize: len(st.RoutingTable), HeardPeers: len(st.Heard),
-				Experts: append([]string{}, st.Experts...), ExpertCalls: st.ExpertCalls, Verdicts: st.Verdicts,
-			})
-		}
-	}
+	fillNodes := func() { rep.Nodes = reportNodes(nw) }
 	failNet := func(err error) error {
 		fillNodes()
 		for _, p := range nw.Processes() {
@@ -487,7 +476,7 @@ func runTestnet(ctx context.Context, stdout, stderr io.Writer, g *globalFlags, a
 	rep.TookMs = nw.Took.Milliseconds()
 	log.Info("network healthy", "took", nw.Took.Round(time.Millisecond))
 	readyStart := time.Now()
-	if err := waitServing(ctx, nw, a.timeout, layers, experts, min(2, a.nodes-len(a.faults)), a.faults, show); err != nil {
+	if err := waitServing(ctx, nw, a.timeout, layers, experts, min(2, a.nodes-len(a.faults)), a.faults, show, 0); err != nil {
 		return failNet(err)
 	}
 	rep.ReadyMs = time.Since(readyStart).Milliseconds()
@@ -584,6 +573,21 @@ func runTestnet(ctx context.Context, stdout, stderr io.Writer, g *globalFlags, a
 	}
 	<-ctx.Done()
 	return nil
+}
+
+// reportNodes is the report's view of each node, from its last status.
+func reportNodes(nw *testnet.Network) []testnetNode {
+	out := []testnetNode{}
+	for _, p := range nw.Processes() {
+		st := p.Status
+		out = append(out, testnetNode{
+			Index: p.Index, PeerID: st.PeerID, Addrs: st.Addrs, Roles: st.Roles, PID: p.PID(),
+			Home: p.Home, API: p.APIAddr, RSSBytes: st.RSSBytes,
+			RoutingTableSize: len(st.RoutingTable), HeardPeers: len(st.Heard),
+			Experts: append([]string{}, st.Experts...), ExpertCalls: st.ExpertCalls, Verdicts: st.Verdicts,
+		})
+	}
+	return out
 }
 
 // stopNetwork stops every node and logs how each ended.

@@ -242,15 +242,7 @@ func runNetnsTestnet(ctx context.Context, stdout, stderr io.Writer, a testnetArg
 		return fail(err)
 	}
 	defer func() { rep.Stopped = stopNetwork(nw, log) }()
-	fill := func() {
-		rep.Nodes = rep.Nodes[:0]
-		for _, p := range nw.Processes() {
-			st := p.Status
-			rep.Nodes = append(rep.Nodes, testnetNode{Index: p.Index, PeerID: st.PeerID, Addrs: st.Addrs, Roles: st.Roles,
-				PID: p.PID(), Home: p.Home, API: p.APIAddr, RSSBytes: st.RSSBytes, RoutingTableSize: len(st.RoutingTable),
-				HeardPeers: len(st.Heard), Experts: append([]string{}, st.Experts...), ExpertCalls: st.ExpertCalls})
-		}
-	}
+	fill := func() { rep.Nodes = reportNodes(nw) }
 	failNet := func(err error) error {
 		fill()
 		for _, p := range nw.Processes() {
@@ -284,7 +276,7 @@ func runNetnsTestnet(ctx context.Context, stdout, stderr io.Writer, a testnetArg
 	rep.Healthy, rep.TookMs = true, (nw.Took + time.Since(start)).Milliseconds()
 	log.Info("network healthy: homes behind NAT hold relay reservations", "took", time.Since(start).Round(time.Millisecond))
 	readyStart := time.Now()
-	if err := waitServingBy(ctx, nw, a.timeout, layers, experts, min(2, H-1), nil, show, gating); err != nil {
+	if err := waitServing(ctx, nw, a.timeout, layers, experts, min(2, H-1), nil, show, gating); err != nil {
 		return failNet(err)
 	}
 	// The gating node opens sessions to its experts ahead of a prompt

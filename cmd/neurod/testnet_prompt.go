@@ -73,18 +73,11 @@ func prepareModel(dir, path string, log *slog.Logger) (*testnetModel, error) {
 // nodes fetch and load would measure that, not the network.
 const settle = 3 * time.Second
 
-// waitServing waits until the gating node (node 0) has loaded the model,
-// every expert is served by want expert nodes, the gating node knows of
-// want providers for each, and no expert node has changed what it serves
-// for settle.
+// waitServing waits until the gating node (node gating; the nodes after
+// it are the expert nodes) has loaded the model, every expert is served by
+// want expert nodes, the gating node knows of want providers for each, and
+// no expert node has changed what it serves for settle.
 func waitServing(ctx context.Context, nw *testnet.Network, timeout time.Duration, layers, experts, want int, faults map[int]expert.Fault,
-	show *progress.Reporter) error {
-	return waitServingBy(ctx, nw, timeout, layers, experts, want, faults, show, 0)
-}
-
-// waitServingBy is waitServing with the gating node at index gating; every
-// node after it is an expert node.
-func waitServingBy(ctx context.Context, nw *testnet.Network, timeout time.Duration, layers, experts, want int, faults map[int]expert.Fault,
 	show *progress.Reporter, gating int) error {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()

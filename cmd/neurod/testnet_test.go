@@ -70,6 +70,30 @@ type testnetJSON struct {
 	} `json:"ledger"`
 }
 
+// runningTestnet starts `neurod testnet ARGS --json`, which stays up after
+// its prompt, and returns it (killed when the test ends), its stderr and
+// its report.
+func runningTestnet(t *testing.T, ctx context.Context, args ...string) (*exec.Cmd, *strings.Builder, testnetJSON) {
+	t.Helper()
+	cmd := exec.CommandContext(ctx, neurodBin, append(append([]string{"testnet"}, args...), "--json")...)
+	cmd.Env = cleanEnv()
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stderr := &strings.Builder{}
+	cmd.Stderr = stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill() })
+	var rep testnetJSON
+	if err := json.NewDecoder(bufio.NewReader(stdout)).Decode(&rep); err != nil {
+		t.Fatalf("report: %v\n%s", err, stderr.String())
+	}
+	return cmd, stderr, rep
+}
+
 func parseTestnet(t *testing.T, stdout string) testnetJSON {
 	t.Helper()
 	var rep testnetJSON
@@ -201,22 +225,7 @@ func TestTestnetServesClients(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 120*time.Second)
 	defer cancel()
 	dir := t.TempDir()
-	cmd := exec.CommandContext(ctx, neurodBin, "testnet", "--nodes", "2", "--json", "--dir", dir, "--max-tokens", "4")
-	cmd.Env = cleanEnv()
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer cmd.Process.Kill()
-	var rep testnetJSON
-	if err := json.NewDecoder(bufio.NewReader(stdout)).Decode(&rep); err != nil {
-		t.Fatalf("report: %v\n%s", err, stderr.String())
-	}
+	cmd, stderr, rep := runningTestnet(t, ctx, "--nodes", "2", "--dir", dir, "--max-tokens", "4")
 	if rep.HTTP == "" || len(rep.Nodes) != 3 {
 		t.Fatalf("report: %+v", rep)
 	}
