@@ -122,7 +122,10 @@ Flags override NEURO_* environment variables, which override the config.`,
 			}
 			<-ctx.Done()
 			log.Info("shutting down")
-			if err := n.Close(); err != nil {
+			stopWatch := watchShutdown(log, shutdownStall)
+			err = n.Close()
+			stopWatch()
+			if err != nil {
 				return fmt.Errorf("shutdown: %w", err)
 			}
 			log.Info("shut down cleanly")

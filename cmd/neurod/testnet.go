@@ -65,6 +65,8 @@ type testnetReport struct {
 	// pairs of nodes that exchanged expert traffic talked.
 	Topology    *testnetTopology `json:"topology,omitempty"`
 	Connections []testnetConn    `json:"connections,omitempty"`
+	// Link (--netns with --rtt, --loss, ...): the homes' lines, asked and measured.
+	Link *testnetLink `json:"link,omitempty"`
 	// Requests is how many times the prompt was answered (--requests);
 	// every answer had the same tokens.
 	Requests int `json:"requests"`
@@ -151,7 +153,7 @@ type testnetExit struct {
 
 func newTestnetCmd(g *globalFlags) *cobra.Command {
 	var a testnetArgs
-	var kill, slow, faulty, nat, rtt string
+	var kill, slow, faulty, nat, rtt, jitter, loss, bandwidth string
 	var na netnsArgs
 	cmd := &cobra.Command{
 		Use:   "testnet",
@@ -179,7 +181,8 @@ the others. Decoding is greedy, so the tokens equal
 logs are in --dir (default: a temporary directory, removed afterwards).`,
 		Example: `  neurod testnet
   neurod testnet --nodes 4 --prompt "Once upon a time" --max-tokens 32 --check --json
-  neurod testnet --model mixtral.gguf --kill 1@8 --check`,
+  neurod testnet --model mixtral.gguf --kill 1@8 --check
+  sudo neurod testnet --netns --homes 3 --nat cone,symmetric,cone --rtt 50ms --check --json`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if a.nodes < 1 {
@@ -227,8 +230,9 @@ logs are in --dir (default: a temporary directory, removed afterwards).`,
 				if cmd.Flags().Changed("nodes") || kill != "" || faulty != "" || slow != "" || a.validators != 1 || a.requests != 1 || cmd.Flags().Changed("dashboard") {
 					return errors.New("flag --netns: the netns testnet has --homes, --publics and --nat instead of --nodes, and does not yet take --kill, --faulty, --validators, --requests or --dashboard")
 				}
-				if rtt != "" {
-					return errors.New("flag --rtt: the user-space delay line is not built yet (issue 8 is open); the netns testnet runs without added latency")
+				var err error
+				if na.link, err = parseLink(rtt, jitter, loss, bandwidth); err != nil {
+					return err
 				}
 				if na.homes < 2 {
 					return fmt.Errorf("flag --homes %d: need at least 2 (a gating node and an expert node, each behind its NAT)", na.homes)
@@ -236,7 +240,6 @@ logs are in --dir (default: a temporary directory, removed afterwards).`,
 				if na.publics < 1 {
 					return fmt.Errorf("flag --publics %d: need at least 1", na.publics)
 				}
-				var err error
 				if na.nats, err = parseNATs(nat, na.homes); err != nil {
 					return fmt.Errorf("flag --nat %q: %w", nat, err)
 				}
@@ -283,7 +286,10 @@ logs are in --dir (default: a temporary directory, removed afterwards).`,
 	f.IntVar(&na.homes, "homes", 2, "with --netns: homes, each behind its own NAT; the first runs the gating node, the others expert nodes")
 	f.IntVar(&na.publics, "publics", 4, "with --netns: public nodes (node 0 is the bootstrap node and relay; libp2p trusts an address that four peers observed)")
 	f.StringVar(&nat, "nat", "cone", "with --netns: NAT kind of the homes, cone or symmetric: one for all, or one per home (cone,symmetric,...)")
-	f.StringVar(&rtt, "rtt", "", "with --netns: round-trip time added on the homes' links (not built yet)")
+	f.StringVar(&rtt, "rtt", "", "with --netns: round-trip time between two homes, e.g. 50ms (each home's outgoing packets wait half of it on its line)")
+	f.StringVar(&jitter, "jitter", "", "with --rtt: spread each packet's wait by up to ± this (e.g. 2ms)")
+	f.StringVar(&loss, "loss", "", "with --netns: drop this share of each home's outgoing packets (e.g. 1% or 0.01)")
+	f.StringVar(&bandwidth, "bandwidth", "", "with --netns: cap each home's line, each way (e.g. 20mbit)")
 	f.StringVar(&a.dashboard, "dashboard", "127.0.0.1:0", "host:port of node 0's dashboard, /metrics and OpenAI-compatible API")
 	f.IntVar(&a.validators, "validators", 1, "how many nodes validate the ledger's chain (node 0 and the first expert nodes); more than one runs CometBFT consensus among them")
 	f.IntVar(&a.requests, "requests", 1, "answer the prompt this many times (a workload for the checks)")

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -30,7 +31,81 @@ type netnsArgs struct {
 	homes   int
 	publics int
 	nats    []netns.NAT
+	link    netns.Link
 }
+
+// parseLink reads --rtt, --jitter, --loss and --bandwidth.
+func parseLink(rtt, jitter, loss, bandwidth string) (netns.Link, error) {
+	var l netns.Link
+	var err error
+	if rtt != "" {
+		if l.RTT, err = time.ParseDuration(rtt); err != nil || l.RTT < 0 {
+			return l, fmt.Errorf("flag --rtt %q: want a duration such as 50ms", rtt)
+		}
+	}
+	if jitter != "" {
+		if l.Jitter, err = time.ParseDuration(jitter); err != nil || l.Jitter < 0 {
+			return l, fmt.Errorf("flag --jitter %q: want a duration such as 2ms", jitter)
+		}
+	}
+	if loss != "" {
+		v, pct := strings.CutSuffix(strings.TrimSpace(loss), "%")
+		if l.Loss, err = strconv.ParseFloat(v, 64); err != nil {
+			return l, fmt.Errorf("flag --loss %q: want a share such as 1%% or 0.01", loss)
+		}
+		if pct {
+			l.Loss /= 100
+		}
+	}
+	if bandwidth != "" {
+		if l.Bandwidth, err = netns.ParseBandwidth(bandwidth); err != nil {
+			return l, fmt.Errorf("flag --bandwidth: %w", err)
+		}
+	}
+	if err := l.Validate(); err != nil {
+		return l, fmt.Errorf("flags --rtt, --jitter, --loss, --bandwidth: %w", err)
+	}
+	return l, nil
+}
+
+// testnetLink is the report's view of the homes' lines: what was asked,
+// and what a ping measured before the nodes started.
+type testnetLink struct {
+	RTTMs        float64 `json:"rtt_ms"`
+	JitterMs     float64 `json:"jitter_ms"`
+	Loss         float64 `json:"loss"`
+	BandwidthBps int64   `json:"bandwidth_bps"`
+	// ToPublicMs is each home's median ping to the bootstrap node: half
+	// the RTT, since only a home's own line delays its packets.
+	ToPublicMs []float64 `json:"to_public_ms"`
+	// MeasuredRTTMs is the round trip between the first two homes, the
+	// sum of their pings to the public segment, and RTTError how far it is
+	// from what was asked (a share; within ±0.10 is the goal).
+	MeasuredRTTMs float64 `json:"measured_rtt_ms"`
+	RTTError      float64 `json:"rtt_error"`
+	// Lines counts the packets each home's line carried and dropped.
+	Lines []netns.LineStats `json:"lines,omitempty"`
+}
+
+// measureLink pings the bootstrap node from every home.
+func measureLink(ctx context.Context, topo *netns.Net) (*testnetLink, error) {
+	l := topo.Link
+	rep := &testnetLink{RTTMs: ms(l.RTT), JitterMs: ms(l.Jitter), Loss: l.Loss, BandwidthBps: l.Bandwidth}
+	for _, h := range topo.Homes {
+		rtts, err := h.Ping(ctx, topo.Publics[0].IP, 20, 10*time.Millisecond, l.RTT+time.Second)
+		if err != nil {
+			return nil, err
+		}
+		rep.ToPublicMs = append(rep.ToPublicMs, ms(rtts[len(rtts)/2]))
+	}
+	rep.MeasuredRTTMs = rep.ToPublicMs[0] + rep.ToPublicMs[1]
+	if l.RTT > 0 {
+		rep.RTTError = rep.MeasuredRTTMs/rep.RTTMs - 1
+	}
+	return rep, nil
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
 // testnetConn is how two nodes that exchanged expert traffic talk.
 type testnetConn struct {
@@ -140,7 +215,7 @@ func runNetnsTestnet(ctx context.Context, stdout, stderr io.Writer, a testnetArg
 	}
 	rep.Dir = dir
 	cleanupStale(ctx, log)
-	topo, err := netns.Create(ctx, netns.Topology{Prefix: fmt.Sprintf("%s%d", netnsPrefix, os.Getpid()), Publics: na.publics, Homes: na.nats})
+	topo, err := netns.Create(ctx, netns.Topology{Prefix: fmt.Sprintf("%s%d", netnsPrefix, os.Getpid()), Publics: na.publics, Homes: na.nats, Link: na.link})
 	if err != nil {
 		return fail(err)
 	}
@@ -149,6 +224,16 @@ func runNetnsTestnet(ctx context.Context, stdout, stderr io.Writer, a testnetArg
 			log.Warn("remove the namespaces", "err", cerr)
 		}
 	}()
+	if na.link.Shaped() {
+		if rep.Link, err = measureLink(ctx, topo); err != nil {
+			return fail(fmt.Errorf("measure the homes' lines: %w", err))
+		}
+		lr := rep.Link
+		log.Info("homes' lines measured", "rtt_asked", na.link.RTT, "rtt_measured_ms", lr.MeasuredRTTMs, "to_public_ms", lr.ToPublicMs)
+		if na.link.RTT > 0 && math.Abs(lr.RTTError) > 0.10 {
+			log.Warn("the emulated RTT is more than 10% off what was asked (a busy machine?)", "asked", na.link.RTT, "measured_ms", lr.MeasuredRTTMs)
+		}
+	}
 	mf, err := prepareModel(dir, a.model, log)
 	if err != nil {
 		return fail(err)
@@ -351,6 +436,9 @@ func runNetnsTestnet(ctx context.Context, stdout, stderr io.Writer, a testnetArg
 			rep.Connections = append(rep.Connections, testnetConn{A: gst.PeerID, B: l.PeerID, Direct: l.Direct, ViaRelay: l.ViaRelay,
 				Transport: l.Transport, Calls: l.Calls, NATs: [2]string{natOf(gating), natOf(idx[l.PeerID])}})
 		}
+	}
+	if rep.Link != nil {
+		rep.Link.Lines = topo.LineStats()
 	}
 	if a.json {
 		writeJSON(stdout, rep)

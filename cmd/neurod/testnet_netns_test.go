@@ -4,8 +4,10 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/neuro-p2p/neuro/testnet/netns"
 )
@@ -15,6 +17,9 @@ import (
 // hole punching opens a direct connection and the expert traffic uses it;
 // behind two symmetric NATs it cannot, and the traffic goes through the
 // relay. Either way the tokens are llama.cpp's, and no namespace is left.
+// With 50 ms between the homes (the user-space delay line) the tokens are
+// still llama.cpp's, and no token came sooner than its layers' round trips
+// allow: the line really delayed the expert traffic.
 func TestTestnetNetns(t *testing.T) {
 	t.Parallel() // mostly waiting: the testnets overlap well
 	if err := netns.Available(); err != nil {
@@ -23,20 +28,27 @@ func TestTestnetNetns(t *testing.T) {
 		}
 		t.Skipf("network namespaces unavailable here: %v", err)
 	}
-	path := makeModel(t, "--preset", "tiny", "--type", "q8_0", "--seed", "77", "--layers", "3", "--experts", "5")
+	const layers = 3
+	path := makeModel(t, "--preset", "tiny", "--type", "q8_0", "--seed", "77", "--layers", fmt.Sprint(layers), "--experts", "5")
 	const prompt = "homes behind routers"
 	want := generateLocal(t, path, prompt, 16)
 	for _, tc := range []struct {
-		nat            string
+		name, nat      string
+		rtt            time.Duration
 		direct, relay  bool
 		wantTransports []string
 	}{
-		{"cone", true, false, []string{"tcp", "quic-v1"}},
-		{"symmetric", false, true, []string{"tcp", "quic-v1"}},
+		{"cone", "cone", 0, true, false, []string{"tcp", "quic-v1"}},
+		{"symmetric", "symmetric", 0, false, true, []string{"tcp", "quic-v1"}},
+		{"cone-rtt50ms", "cone", 50 * time.Millisecond, true, false, []string{"tcp", "quic-v1"}},
 	} {
-		t.Run(tc.nat, func(t *testing.T) {
-			r := neurod(t, nil, "testnet", "--netns", "--homes", "2", "--nat", tc.nat, "--model", path, "--prompt", prompt,
-				"--max-tokens", "16", "--check", "--json")
+		t.Run(tc.name, func(t *testing.T) {
+			args := []string{"testnet", "--netns", "--homes", "2", "--nat", tc.nat, "--model", path, "--prompt", prompt,
+				"--max-tokens", "16", "--check", "--json"}
+			if tc.rtt > 0 {
+				args = append(args, "--rtt", tc.rtt.String(), "--jitter", "1ms")
+			}
+			r := neurod(t, nil, args...)
 			if r.code != 0 {
 				t.Fatalf("exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
 			}
@@ -51,6 +63,20 @@ func TestTestnetNetns(t *testing.T) {
 			if c.Direct != tc.direct || c.ViaRelay != tc.relay || c.Calls == 0 || !strings.Contains(strings.Join(tc.wantTransports, " "), c.Transport) ||
 				c.NATs != [2]string{tc.nat, tc.nat} || c.A == c.B {
 				t.Fatalf("%s homes: connection %+v", tc.nat, c)
+			}
+			if tc.rtt > 0 {
+				if l := rep.Link; l == nil || l.RTTMs != 50 || len(l.Lines) != 2 || l.Lines[0].Out == 0 || l.Lines[1].Out == 0 {
+					t.Fatalf("link report %+v", rep.Link)
+				}
+				// A lower bound only (a busy machine adds time, never takes
+				// it): each token waits for one round trip a layer, ±1 ms of
+				// jitter each way.
+				floor := float64(layers) * (float64(tc.rtt.Milliseconds()) - 2)
+				if m := slices.Min(rep.PerTokenMs); m < floor {
+					t.Fatalf("a token in %.1f ms, below %d layers' round trips (%.0f ms): the line did not delay", m, layers, floor)
+				}
+			} else if rep.Link != nil {
+				t.Fatalf("link report without --rtt: %+v", rep.Link)
 			}
 			out, err := exec.Command("ip", "netns", "list").Output()
 			if err != nil {

@@ -59,6 +59,13 @@ type testnetJSON struct {
 			Namespace string `json:"namespace"`
 		} `json:"homes"`
 	} `json:"topology"`
+	Link *struct {
+		RTTMs float64 `json:"rtt_ms"`
+		Lines []struct {
+			Out int64 `json:"out"`
+			In  int64 `json:"in"`
+		} `json:"lines"`
+	} `json:"link"`
 	Ledger *struct {
 		Height         int64             `json:"height"`
 		BalancesBefore map[string]uint64 `json:"balances_before"`

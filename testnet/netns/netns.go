@@ -5,7 +5,9 @@
 // endpoint-independent mapping ("cone": Linux keeps the source port) or
 // address-and-port-dependent mapping ("symmetric": --random-fully picks a
 // new port per destination). Nothing in it has a route to this machine's
-// real interfaces or to any address outside the topology. Namespaces are
+// real interfaces or to any address outside the topology. A home's line to
+// its router can be given a round-trip time, jitter, loss and bandwidth
+// (Link). Namespaces are
 // named by a prefix, so that a run that crashed is cleaned up by the next
 // (Cleanup). It needs root, iproute2 and iptables.
 package netns
@@ -50,6 +52,8 @@ type Topology struct {
 	Publics int
 	// Homes lists the NAT kind of each home.
 	Homes []NAT
+	// Link is how every home's line to its router behaves.
+	Link Link
 }
 
 // Host is a namespace a node can run in, and its address.
@@ -73,6 +77,8 @@ type Net struct {
 	Inet    string // the namespace of the public segment's bridge
 	Publics []Host
 	Homes   []Home
+	Link    Link
+	lines   []*line // one a home, when the link is shaped
 }
 
 // Addresses of the topology.
@@ -111,10 +117,13 @@ func Create(ctx context.Context, t Topology) (_ *Net, err error) {
 	if t.Publics < 1 || t.Publics > maxHosts || len(t.Homes) > maxHosts {
 		return nil, fmt.Errorf("netns: %d public hosts and %d homes: want 1 to %d of each", t.Publics, len(t.Homes), maxHosts)
 	}
+	if err := t.Link.Validate(); err != nil {
+		return nil, fmt.Errorf("netns: %w", err)
+	}
 	if err := Cleanup(ctx, t.Prefix); err != nil {
 		return nil, err
 	}
-	n := &Net{Prefix: t.Prefix, Inet: t.Prefix + "-inet"}
+	n := &Net{Prefix: t.Prefix, Inet: t.Prefix + "-inet", Link: t.Link}
 	defer func() {
 		if err != nil {
 			err = errors.Join(err, n.Close())
@@ -148,10 +157,33 @@ func Create(ctx context.Context, t Topology) (_ *Net, err error) {
 		b.addNS(h.Router.NS)
 		b.addNS(h.NS)
 		attach(h.Router.NS, "wan", fmt.Sprintf("r%d", i), h.Router.IP)
-		b.ip(h.NS, "link", "add", "eth0", "type", "veth", "peer", "name", "lan", "netns", h.Router.NS)
-		b.ip(h.Router.NS, "addr", "add", lanIP(i, 1).String()+"/24", "dev", "lan")
+		if t.Link.Shaped() {
+			// A point-to-point line of two TUN devices, joined by a delay
+			// line in this process.
+			var homeDev, routerDev *os.File
+			b.do(func() (err error) {
+				if err = h.Do(func() (err error) { homeDev, err = openTUN("eth0"); return err }); err != nil {
+					return err
+				}
+				if err = h.Router.Do(func() (err error) { routerDev, err = openTUN("lan"); return err }); err != nil {
+					homeDev.Close()
+					return err
+				}
+				n.lines = append(n.lines, startLine(homeDev, routerDev, t.Link, uint64(i)+1))
+				return nil
+			})
+			b.ip(h.Router.NS, "addr", "add", lanIP(i, 1).String(), "peer", h.IP.String()+"/32", "dev", "lan")
+			b.ip(h.NS, "addr", "add", h.IP.String(), "peer", lanIP(i, 1).String()+"/32", "dev", "eth0")
+			if t.Link.Bandwidth > 0 {
+				b.exec(h.NS, append([]string{"tc"}, tbfArgs("eth0", t.Link.Bandwidth)...)...)
+				b.exec(h.Router.NS, append([]string{"tc"}, tbfArgs("lan", t.Link.Bandwidth)...)...)
+			}
+		} else {
+			b.ip(h.NS, "link", "add", "eth0", "type", "veth", "peer", "name", "lan", "netns", h.Router.NS)
+			b.ip(h.Router.NS, "addr", "add", lanIP(i, 1).String()+"/24", "dev", "lan")
+			b.ip(h.NS, "addr", "add", h.IP.String()+"/24", "dev", "eth0")
+		}
 		b.ip(h.Router.NS, "link", "set", "lan", "up")
-		b.ip(h.NS, "addr", "add", h.IP.String()+"/24", "dev", "eth0")
 		b.ip(h.NS, "link", "set", "eth0", "up")
 		b.ip(h.NS, "route", "add", "default", "via", lanIP(i, 1).String())
 		// Forward, and say at once that an address outside the topology is
@@ -192,7 +224,24 @@ func (n *Net) Namespaces() []string {
 
 // Close deletes every namespace of the topology (and with them its
 // links, addresses, routes and NAT rules).
-func (n *Net) Close() error { return Cleanup(context.Background(), n.Prefix) }
+func (n *Net) Close() error {
+	var errs []error
+	for _, ln := range n.lines {
+		errs = append(errs, ln.close())
+	}
+	n.lines = nil
+	return errors.Join(append(errs, Cleanup(context.Background(), n.Prefix))...)
+}
+
+// LineStats says what each home's line carried (nil when the link is not
+// shaped).
+func (n *Net) LineStats() []LineStats {
+	var out []LineStats
+	for _, ln := range n.lines {
+		out = append(out, ln.stats())
+	}
+	return out
+}
 
 // Cleanup deletes every namespace whose name starts with prefix + "-":
 // what a run that crashed left behind.
@@ -258,6 +307,12 @@ func (h Host) Do(f func() error) error {
 type builder struct {
 	ctx context.Context
 	err error
+}
+
+func (b *builder) do(f func() error) {
+	if b.err == nil {
+		b.err = f()
+	}
 }
 
 func (b *builder) addNS(name string) {

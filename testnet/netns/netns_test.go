@@ -242,3 +242,111 @@ func TestTopology(t *testing.T) {
 		t.Fatalf("namespaces left after Cleanup:\n%s", left)
 	}
 }
+
+// A shaped line: packets from a home wait RTT/2 on its line, so a ping
+// from a home to a public host never comes back sooner than that; a lossy
+// line drops some of them and counts what it dropped; a capped line does
+// not carry a bulk transfer faster than its rate. (Only lower bounds are
+// checked: a busy machine may add time, never take it away.)
+func TestShapedLink(t *testing.T) {
+	needNamespaces(t)
+	ctx := context.Background()
+	prefix := fmt.Sprintf("nl%d", os.Getpid()%100000)
+	const rtt = 40 * time.Millisecond
+	n, err := Create(ctx, Topology{Prefix: prefix, Publics: 1, Homes: []NAT{Cone, Symmetric},
+		Link: Link{RTT: rtt, Jitter: 2 * time.Millisecond}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { n.Close() })
+	pub := n.Publics[0]
+	for _, h := range n.Homes {
+		rtts, err := h.Ping(ctx, pub.IP, 10, 20*time.Millisecond, time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rtts[0] < rtt/2-2*time.Millisecond {
+			t.Fatalf("%s home: ping %v, below the line's delay %v", h.NAT, rtts, rtt/2)
+		}
+		t.Logf("%s home to public host: median %v (line delay %v ± 2ms)", h.NAT, rtts[len(rtts)/2], rtt/2)
+	}
+	// The line carries NAT traffic both ways: the UDP echo answers.
+	udpEcho(t, pub, 4001)
+	if got := observed(t, n.Homes[0].Host, pub.IP.String()+":4001"); !strings.HasPrefix(got[0], n.Homes[0].Router.IP.String()+":") {
+		t.Fatalf("echo through the shaped line: %v", got)
+	}
+	st := n.LineStats()
+	if len(st) != 2 || st[0].Out < 10 || st[0].In < 10 || st[0].Dropped != 0 {
+		t.Fatalf("line stats %+v", st)
+	}
+
+	lossy, err := Create(ctx, Topology{Prefix: prefix + "l", Publics: 1, Homes: []NAT{Cone},
+		Link: Link{RTT: 2 * time.Millisecond, Loss: 0.5, Bandwidth: 8_000_000}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { lossy.Close() })
+	rtts, err := lossy.Homes[0].Ping(ctx, lossy.Publics[0].IP, 40, time.Millisecond, 100*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := lossy.LineStats()[0].Dropped; len(rtts) == 40 || d == 0 {
+		t.Fatalf("50%% loss: %d of 40 pings answered, %d packets dropped", len(rtts), d)
+	}
+	t.Logf("50%% loss: %d of 40 pings answered", len(rtts))
+
+	// 2 MB through an 8 Mbit/s line takes at least 2 s (less the bucket).
+	capped, err := Create(ctx, Topology{Prefix: prefix + "b", Publics: 1, Homes: []NAT{Cone}, Link: Link{Bandwidth: 8_000_000}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { capped.Close() })
+	cpub := capped.Publics[0]
+	var ln net.Listener
+	if err := cpub.Do(func() (err error) { ln, err = net.Listen("tcp4", cpub.IP.String()+":5001"); return err }); err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	const size = 2 << 20
+	got := make(chan int64, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			got <- -1
+			return
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(time.Minute))
+		var total int64
+		buf := make([]byte, 64<<10)
+		for {
+			k, err := c.Read(buf)
+			total += int64(k)
+			if err != nil {
+				got <- total
+				return
+			}
+		}
+	}()
+	start := time.Now()
+	if err := capped.Homes[0].Do(func() error {
+		c, err := net.DialTimeout("tcp4", cpub.IP.String()+":5001", 5*time.Second)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(time.Minute))
+		_, err = c.Write(make([]byte, size))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if n := <-got; n != size {
+		t.Fatalf("received %d of %d bytes", n, size)
+	}
+	took := time.Since(start)
+	if min := 1800 * time.Millisecond; took < min {
+		t.Fatalf("2 MB through an 8 Mbit/s line in %v: faster than the cap allows (%v)", took, min)
+	}
+	t.Logf("2 MB through an 8 Mbit/s line: %v (%.1f Mbit/s)", took, float64(size*8)/took.Seconds()/1e6)
+}
