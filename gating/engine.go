@@ -159,7 +159,7 @@ func (e *Engine) Close() error {
 		e.cancel()
 		e.wg.Wait()
 		if e.val != nil {
-			e.val.Wait()
+			e.val.Close()
 			e.local.Close()
 		}
 		e.client.Close()

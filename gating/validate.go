@@ -51,6 +51,9 @@ type Validator struct {
 
 	calls, checks, wrong atomic.Int64
 	wg                   sync.WaitGroup
+	// life ends the checks in flight when the validator closes.
+	life context.Context
+	stop context.CancelFunc
 }
 
 // Verdict is a decided disagreement: Accused's output for the task was
@@ -76,7 +79,8 @@ func NewValidator(self peer.ID, book *reputation.Book, log *slog.Logger) *Valida
 	}
 	var seed [32]byte
 	_, _ = crand.Read(seed[:])
-	return &Validator{Book: book, Log: log, ProbeRate: 0.1, self: self, rng: rand.New(rand.NewChaCha8(seed))}
+	life, stop := context.WithCancel(context.Background())
+	return &Validator{Book: book, Log: log, ProbeRate: 0.1, self: self, rng: rand.New(rand.NewChaCha8(seed)), life: life, stop: stop}
 }
 
 func (v *Validator) draw() float64 {
@@ -93,6 +97,13 @@ func (v *Validator) Stats() (calls, checks, wrong int64) {
 
 // Wait waits for the checks in flight.
 func (v *Validator) Wait() { v.wg.Wait() }
+
+// Close ends the checks in flight (a call to a peer that died would
+// otherwise hold them to their timeout) and waits for them.
+func (v *Validator) Close() {
+	v.stop()
+	v.wg.Wait()
+}
 
 // trusted keeps the providers that are not excluded.
 func (v *Validator) trusted(ps []peer.ID) (ok, excluded []peer.ID) {
@@ -283,7 +294,7 @@ func (v *Validator) spawn(checks *Checks, f func(context.Context)) {
 		if checks != nil {
 			defer checks.wg.Done()
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		ctx, cancel := context.WithTimeout(v.life, 30*time.Second)
 		defer cancel()
 		f(ctx)
 	}()

@@ -2,6 +2,7 @@ package gating
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"testing"
@@ -147,5 +148,24 @@ func TestLiarsAreCaughtAndAnswersStayRight(t *testing.T) {
 			t.Logf("%s: liar excluded at its checked result %d (%d of %d checks failed in all); %d rewinds; %d calls, %d checks, %d wrong",
 				fault, liarRec.ExcludedAt, liarRec.Failed, liarRec.Checked, rewinds, calls, checks, wrong)
 		})
+	}
+}
+
+// A check waiting on a peer that will never answer (one SIGKILLed
+// mid-generation) ends when the validator closes, cancelled, rather than
+// holding the node's shutdown to the check's timeout.
+func TestValidatorCloseEndsChecksInFlight(t *testing.T) {
+	v := NewValidator("self", nil, nil)
+	started := make(chan struct{})
+	ended := make(chan error, 1)
+	v.spawn(nil, func(ctx context.Context) {
+		close(started)
+		<-ctx.Done()
+		ended <- ctx.Err()
+	})
+	<-started
+	v.Close()
+	if err := <-ended; !errors.Is(err, context.Canceled) {
+		t.Fatalf("check ended with %v, want it cancelled by Close", err)
 	}
 }
