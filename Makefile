@@ -22,7 +22,7 @@ CGO_PKGS  = ./ggml/... ./cmd/...
 PURE_PKGS = $(shell $(GO) list ./... | grep -v -e '/ggml' -e '/cmd/')
 
 .DEFAULT_GOAL := help
-.PHONY: help env build test race lint fuzz-smoke proto proto-check bench testnet clean
+.PHONY: help env build test race lint fuzz-smoke proto proto-check bench bench-report testnet clean
 
 ## help: list the targets
 help:
@@ -68,6 +68,10 @@ proto:
 ## proto-check: regenerate the protobuf code and fail if it differs from the committed code
 proto-check: proto
 	git diff --exit-code -- proto/
+
+## bench-report: neurod bench on the bench model: llama.cpp, split, testnet, netns at RTT 0/20/50/100 ms -> bench-report/ (root for netns)
+bench-report: build
+	./bin/neurod bench --out bench-report
 
 ## bench: run the benchmarks and print their figures (a few minutes)
 bench:

@@ -79,33 +79,57 @@ type SplitResult struct {
 // the manifest.
 func Split(path, dir string) (*SplitResult, error) { return SplitProgress(path, dir, nil) }
 
+// ReadParams reads the shape of the MoE model in the GGUF file at path.
+func ReadParams(path string) (*neuropb.ModelParams, error) {
+	src, _, params, err := openMoE(path)
+	if err != nil {
+		return nil, err
+	}
+	src.Close()
+	return params, nil
+}
+
+// openMoE opens the GGUF file at path and reads its header and MoE shape.
+func openMoE(path string) (*os.File, *File, *neuropb.ModelParams, error) {
+	src, err := os.Open(path)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	fail := func(err error) (*os.File, *File, *neuropb.ModelParams, error) {
+		src.Close()
+		return nil, nil, nil, fmt.Errorf("%s: %w", path, err)
+	}
+	st, err := src.Stat()
+	if err != nil {
+		return fail(err)
+	}
+	f, err := ReadFile(src, st.Size())
+	if err != nil {
+		return fail(err)
+	}
+	arch, _ := f.Get("general.architecture").(string)
+	if !slices.Contains(SupportedArchitectures, arch) {
+		return fail(fmt.Errorf("architecture %q is not supported (want one of %v)", arch, SupportedArchitectures))
+	}
+	params, err := readParams(f, arch)
+	if err != nil {
+		return fail(err)
+	}
+	return src, f, params, nil
+}
+
 // SplitProgress is Split that reports each shard written: done of total
 // (the gating shard and every expert's).
 func SplitProgress(path, dir string, progress func(done, total int)) (*SplitResult, error) {
 	if progress == nil {
 		progress = func(int, int) {}
 	}
-	src, err := os.Open(path)
+	src, f, params, err := openMoE(path)
 	if err != nil {
 		return nil, fmt.Errorf("split: %w", err)
 	}
 	defer src.Close()
-	st, err := src.Stat()
-	if err != nil {
-		return nil, fmt.Errorf("split: %w", err)
-	}
-	f, err := ReadFile(src, st.Size())
-	if err != nil {
-		return nil, fmt.Errorf("split %s: %w", path, err)
-	}
 	arch, _ := f.Get("general.architecture").(string)
-	if !slices.Contains(SupportedArchitectures, arch) {
-		return nil, fmt.Errorf("split %s: architecture %q is not supported (want one of %v)", path, arch, SupportedArchitectures)
-	}
-	params, err := readParams(f, arch)
-	if err != nil {
-		return nil, fmt.Errorf("split %s: %w", path, err)
-	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("split: %w", err)
 	}

@@ -10,6 +10,8 @@ import (
 	"slices"
 	"testing"
 	"time"
+
+	"github.com/neuro-p2p/neuro/testnet/netns"
 )
 
 // runBench runs neurod for a benchmark (no time limit of its own but the
@@ -129,6 +131,64 @@ func BenchmarkSlowNode(b *testing.B) {
 			b.ReportMetric(pct(rep.PerTokenMs[1:], 0.99), name+"-p99-ms")
 			b.ReportMetric(slices.Max(rep.PerTokenMs[1:]), name+"-max-ms")
 			b.ReportMetric(float64(rep.Stats.Hedges), name+"-hedges")
+		}
+	}
+}
+
+// BenchmarkHolePunchMatrix counts how often hole punching opens a direct
+// connection between two homes, for each pair of NAT kinds, over
+// NEURO_PUNCH_RUNS netns testnets a side (default 7): in one, the gating
+// node is behind a cone NAT and six expert homes behind three cone and
+// three symmetric NATs; in the other, the gating node is behind a
+// symmetric NAT. Every home is a fresh process with fresh NAT mappings, so
+// each gating-to-expert pair is one attempt (DCUtR's own retries and the
+// expert client's three punch retries included). It reports the success
+// rate per pair of kinds, to set beside libp2p's published 70% ± 7% for
+// the internet at large. Needs root: go test ./cmd/neurod -run '^$'
+// -bench HolePunchMatrix -benchtime 1x -timeout 60m.
+func BenchmarkHolePunchMatrix(b *testing.B) {
+	if err := netns.Available(); err != nil {
+		b.Skipf("network namespaces: %v", err)
+	}
+	runs := 7
+	if s := os.Getenv("NEURO_PUNCH_RUNS"); s != "" {
+		if _, err := fmt.Sscan(s, &runs); err != nil || runs < 1 || runs > 100 {
+			b.Fatalf("NEURO_PUNCH_RUNS %q: want 1 to 100", s)
+		}
+	}
+	path := filepath.Join(b.TempDir(), "m.gguf")
+	if o, err := exec.Command(neurodBin, "model", "make", "--preset", "tiny", "--type", "q8_0", "--seed", "61", "--out", path).CombinedOutput(); err != nil {
+		b.Fatalf("model make: %v\n%s", err, o)
+	}
+	type tally struct{ direct, relayed, total int }
+	for range b.N {
+		pairs := map[string]*tally{}
+		for run := range runs {
+			for _, nats := range []string{"cone,cone,cone,cone,symmetric,symmetric,symmetric", "symmetric,symmetric,symmetric,symmetric,cone,cone,cone"} {
+				var rep testnetJSON
+				runBench(b, &rep, "testnet", "--netns", "--homes", "7", "--nat", nats, "--model", path, "--prompt", "punch through",
+					"--max-tokens", "4", "--check", "--json", "--timeout", "5m")
+				for _, c := range rep.Connections {
+					key := c.NATs[0] + "-" + c.NATs[1]
+					t := pairs[key]
+					if t == nil {
+						t = &tally{}
+						pairs[key] = t
+					}
+					t.total++
+					if c.Direct {
+						t.direct++
+					} else if c.ViaRelay {
+						t.relayed++
+					}
+				}
+				b.Logf("run %d (%s): %d connections", run+1, nats, len(rep.Connections))
+			}
+		}
+		for key, t := range pairs {
+			b.ReportMetric(100*float64(t.direct)/float64(t.total), key+"-direct-%")
+			b.ReportMetric(float64(t.total), key+"-attempts")
+			b.Logf("%s: %d of %d direct, %d relayed", key, t.direct, t.total, t.relayed)
 		}
 	}
 }

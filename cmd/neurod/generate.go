@@ -28,6 +28,8 @@ type generateOutput struct {
 	PerTokenMs   []float64 `json:"per_token_ms"`
 	Gating       string    `json:"gating,omitempty"`
 	FinishReason string    `json:"finish_reason,omitempty"`
+	// Stats (--network) are the gating node's measurements of it.
+	Stats *testnetStats `json:"stats,omitempty"`
 }
 
 func newGenerateCmd() *cobra.Command {

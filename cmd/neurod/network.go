@@ -95,6 +95,7 @@ func generateNetwork(cmd *cobra.Command, r networkRequest) error {
 		out.FinishReason = "length"
 	}
 	out.TokensPerSecond = float64(len(out.Tokens)) / time.Since(start).Seconds()
+	out.Stats = generationStats(d, out.PerTokenMs)
 	if r.json {
 		return json.NewEncoder(cmd.OutOrStdout()).Encode(out)
 	}

@@ -48,6 +48,7 @@ variables, overridden by flags. The home is --home, else $NEURO_HOME, else
 		newStatusCmd(g),
 		newIDCmd(g),
 		newTestnetCmd(g),
+		newBenchCmd(g),
 		newModelCmd(g),
 		newGenerateCmd(),
 		newLedgerCmd(g),

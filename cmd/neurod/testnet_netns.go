@@ -420,6 +420,7 @@ func runNetnsTestnet(ctx context.Context, stdout, stderr io.Writer, a testnetArg
 	}
 	rep.Tokens, rep.Text, rep.PerTokenMs, rep.PromptTokens = gen.Tokens, gen.Text, gen.PerTokenMs, gen.PromptTokens
 	rep.TokensPerSecond, rep.FinishReason, rep.Requests = gen.TokensPerSecond, gen.FinishReason, 1
+	rep.Stats = gen.Stats
 
 	// How the gating node reached each expert node it called.
 	if err := nw.Refresh(ctx); err != nil {

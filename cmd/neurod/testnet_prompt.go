@@ -251,24 +251,7 @@ func askNetwork(ctx context.Context, stdout io.Writer, nw *testnet.Network, mc c
 	if d.Reason == neuropb.FinishReason_FINISH_REASON_LENGTH {
 		rep.FinishReason = "length"
 	}
-	st := d.Stats
-	ts := &testnetStats{PrefillMs: float64(d.Prefill.Microseconds()) / 1000,
-		ExpertCalls: st.GetExpertCalls(), ExpertBytes: st.GetExpertBytes(), MoELayers: st.GetMoeLayers(),
-		MoEWallMs: float64(st.GetMoeWallUs()) / 1000, MoEComputeMs: float64(st.GetMoeComputeUs()) / 1000,
-		Hedges: st.GetHedges(), Redispatches: st.GetRedispatches()}
-	if n := len(rep.Tokens); n > 0 {
-		ts.BytesPerToken = float64(st.GetExpertBytes()) / float64(n)
-	}
-	if st.GetMoeLayers() > 0 {
-		ts.DispatchPerLay = float64(st.GetMoeWallUs()-min(st.GetMoeWallUs(), st.GetMoeComputeUs())) / float64(st.GetMoeLayers())
-	}
-	if len(rep.PerTokenMs) > 1 {
-		// The first token's latency includes the prompt.
-		decode := slices.Clone(rep.PerTokenMs[1:])
-		sort.Float64s(decode)
-		ts.PerTokenP50Ms = percentile(decode, 0.50)
-		ts.PerTokenP99Ms = percentile(decode, 0.99)
-	}
+	ts := generationStats(d, rep.PerTokenMs)
 	rep.Stats = ts
 	if !a.json {
 		fmt.Fprintf(stdout, "%s\n\n%d tokens in %.2fs (%.1f tokens/s) from gating node %s; prompt %d tokens in %.1f ms\n",
@@ -538,4 +521,28 @@ func waitBlocks(ctx context.Context, nw *testnet.Network, n int64) error {
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
+}
+
+// generationStats is what the gating node measured of a generation, with
+// the per-token latency the client saw (the first token, which carries the
+// prompt, is left out of the percentiles).
+func generationStats(d *client.Done, perTokenMs []float64) *testnetStats {
+	st := d.Stats
+	ts := &testnetStats{PrefillMs: float64(d.Prefill.Microseconds()) / 1000,
+		ExpertCalls: st.GetExpertCalls(), ExpertBytes: st.GetExpertBytes(), MoELayers: st.GetMoeLayers(),
+		MoEWallMs: float64(st.GetMoeWallUs()) / 1000, MoEComputeMs: float64(st.GetMoeComputeUs()) / 1000,
+		Hedges: st.GetHedges(), Redispatches: st.GetRedispatches()}
+	if n := len(perTokenMs); n > 0 {
+		ts.BytesPerToken = float64(st.GetExpertBytes()) / float64(n)
+	}
+	if st.GetMoeLayers() > 0 {
+		ts.DispatchPerLay = float64(st.GetMoeWallUs()-min(st.GetMoeWallUs(), st.GetMoeComputeUs())) / float64(st.GetMoeLayers())
+	}
+	if len(perTokenMs) > 1 {
+		decode := slices.Clone(perTokenMs[1:])
+		sort.Float64s(decode)
+		ts.PerTokenP50Ms = percentile(decode, 0.50)
+		ts.PerTokenP99Ms = percentile(decode, 0.99)
+	}
+	return ts
 }

@@ -1,0 +1,76 @@
+package main
+
+import (
+	"encoding/json"
+	"image/png"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/neuro-p2p/neuro/testnet/netns"
+)
+
+// `neurod bench` on a small model: every run gives llama.cpp's tokens (it
+// fails otherwise), and the report directory holds the table, a PNG plot
+// and the JSON. Over 20 ms of emulated RTT no token beats the layers'
+// round trips (a lower bound: a busy machine only adds time).
+func TestBenchReport(t *testing.T) {
+	t.Parallel() // mostly waiting
+	path := makeModel(t, "--preset", "tiny", "--type", "q8_0", "--seed", "41", "--layers", "3", "--experts", "6", "--embd", "96")
+	out := filepath.Join(t.TempDir(), "report")
+	args := []string{"bench", "--model", path, "--out", out, "--max-tokens", "8", "--rtt", "20ms", "--json"}
+	withNetns := netns.Available() == nil
+	if !withNetns {
+		if os.Getenv("NEURO_REQUIRE_NETNS") != "" {
+			t.Fatalf("network namespaces: %v", netns.Available())
+		}
+		args = append(args, "--no-netns")
+	}
+	r := neurod(t, nil, args...)
+	if r.code != 0 {
+		t.Fatalf("exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
+	}
+	var rep benchReport
+	if err := json.Unmarshal([]byte(r.stdout), &rep); err != nil {
+		t.Fatalf("%v\n%s", err, r.stdout)
+	}
+	names := []string{}
+	for _, row := range rep.Rows {
+		names = append(names, row.Name)
+	}
+	if strings.Join(names, ",") != "llama.cpp,split,testnet,netns 20 ms" || rep.Layers != 3 {
+		t.Fatalf("rows %v, layers %d", names, rep.Layers)
+	}
+	for _, row := range rep.Rows[:3] {
+		if row.TokensPerSecond <= 0 || row.PerTokenP50Ms <= 0 {
+			t.Fatalf("row %+v", row)
+		}
+	}
+	if n := rep.Rows[3]; withNetns {
+		if n.Skipped != "" || n.MeasuredRTTMs <= 0 || n.FloorMs <= 3*20 || n.RoundTripsPerToken != 3 || n.Direct == nil || !*n.Direct {
+			t.Fatalf("netns row %+v", n)
+		}
+		if n.PerTokenP50Ms < 3*(20-1) {
+			t.Fatalf("netns 20 ms: p50 %.1f ms per token, below 3 layers' round trips", n.PerTokenP50Ms)
+		}
+	} else if n.Skipped == "" {
+		t.Fatalf("netns row without namespaces: %+v", n)
+	}
+	md, err := os.ReadFile(filepath.Join(out, "report.md"))
+	if err != nil || !strings.Contains(string(md), "| netns 20 ms |") || !strings.Contains(string(md), "floor") {
+		t.Fatalf("report.md: %v\n%s", err, md)
+	}
+	f, err := os.Open(filepath.Join(out, "report.png"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	img, err := png.Decode(f)
+	if err != nil || img.Bounds().Dx() < 400 {
+		t.Fatalf("report.png: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(out, "report.json")); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -1,0 +1,123 @@
+package main
+
+import (
+	"fmt"
+	"image/color"
+	"os"
+	"strings"
+
+	"gonum.org/v1/plot"
+	"gonum.org/v1/plot/plotter"
+	"gonum.org/v1/plot/vg"
+	"gonum.org/v1/plot/vg/draw"
+	"gonum.org/v1/plot/vg/vgimg"
+)
+
+// benchPlot draws the netns runs against RTT: per-token latency (p50, p90
+// and the floor layers × RTT + compute) and tokens per second (with the
+// most the floor allows), the runs without a network as flat references.
+func benchPlot(rep *benchReport, path string) error {
+	var p50, p90, floor, tps, tpsFloor plotter.XYs
+	maxRTT := 0.0
+	for _, r := range rep.Rows {
+		if r.Skipped != "" || !strings.HasPrefix(r.Name, "netns") {
+			continue
+		}
+		p50 = append(p50, plotter.XY{X: r.RTTMs, Y: r.PerTokenP50Ms})
+		p90 = append(p90, plotter.XY{X: r.RTTMs, Y: r.PerTokenP90Ms})
+		floor = append(floor, plotter.XY{X: r.RTTMs, Y: r.FloorMs})
+		tps = append(tps, plotter.XY{X: r.RTTMs, Y: r.TokensPerSecond})
+		if r.FloorMs > 0 {
+			tpsFloor = append(tpsFloor, plotter.XY{X: r.RTTMs, Y: 1000 / r.FloorMs})
+		}
+		maxRTT = max(maxRTT, r.RTTMs)
+	}
+	lat := plot.New()
+	lat.Title.Text = "Per-token latency against RTT"
+	lat.X.Label.Text = "RTT between gating and expert node (ms)"
+	lat.Y.Label.Text = "ms per token"
+	thr := plot.New()
+	thr.Title.Text = "Tokens per second against RTT (log scale)"
+	thr.X.Label.Text = lat.X.Label.Text
+	thr.Y.Label.Text = "tokens/s"
+	blue, orange, grey := color.RGBA{31, 119, 180, 255}, color.RGBA{255, 127, 14, 255}, color.RGBA{90, 90, 90, 255}
+	series := func(p *plot.Plot, name string, xys plotter.XYs, c color.Color, dashed bool) error {
+		if len(xys) == 0 {
+			return nil
+		}
+		l, s, err := plotter.NewLinePoints(xys)
+		if err != nil {
+			return err
+		}
+		l.Color, s.Color = c, c
+		if dashed {
+			l.Dashes = []vg.Length{vg.Points(5), vg.Points(3)}
+		}
+		p.Add(l, s)
+		p.Legend.Add(name, l, s)
+		return nil
+	}
+	for _, s := range []struct {
+		p      *plot.Plot
+		name   string
+		xys    plotter.XYs
+		c      color.Color
+		dashed bool
+	}{
+		{lat, "netns p50", p50, blue, false},
+		{lat, "netns p90", p90, orange, false},
+		{lat, fmt.Sprintf("floor: %d layers x RTT + compute", rep.Layers), floor, grey, true},
+		{thr, "netns", tps, blue, false},
+		{thr, "most the floor allows", tpsFloor, grey, true},
+	} {
+		if err := series(s.p, s.name, s.xys, s.c, s.dashed); err != nil {
+			return fmt.Errorf("bench plot: %w", err)
+		}
+	}
+	// The runs on one machine, as flat references.
+	for i, r := range rep.Rows {
+		if r.Skipped != "" || strings.HasPrefix(r.Name, "netns") {
+			continue
+		}
+		c := color.RGBA{uint8(40 + 60*i), uint8(160 - 30*i), uint8(60 + 40*i), 255}
+		for _, x := range []struct {
+			p *plot.Plot
+			y float64
+		}{{lat, r.PerTokenP50Ms}, {thr, r.TokensPerSecond}} {
+			l, err := plotter.NewLine(plotter.XYs{{X: 0, Y: x.y}, {X: max(maxRTT, 1), Y: x.y}})
+			if err != nil {
+				return fmt.Errorf("bench plot: %w", err)
+			}
+			l.Color = c
+			l.Dashes = []vg.Length{vg.Points(1), vg.Points(3)}
+			x.p.Add(l)
+			x.p.Legend.Add(r.Name+" (no network)", l)
+		}
+	}
+	for _, p := range []*plot.Plot{lat, thr} {
+		p.Legend.Top, p.Legend.Left = true, true
+		p.Add(plotter.NewGrid())
+	}
+	lat.Y.Min = 0
+	// Throughput spans orders of magnitude between the runs on one
+	// machine and those across a network: a log scale.
+	thr.Y.Scale, thr.Y.Tick.Marker = plot.LogScale{}, plot.LogTicks{Prec: -1}
+	thr.Legend.Left = false
+	const w, h = 26 * vg.Centimeter, 11 * vg.Centimeter
+	img := vgimg.New(w, h)
+	dc := draw.New(img)
+	tiles := draw.Tiles{Rows: 1, Cols: 2, PadX: vg.Centimeter, PadTop: vg.Millimeter * 3, PadBottom: vg.Millimeter * 3,
+		PadLeft: vg.Millimeter * 3, PadRight: vg.Millimeter * 3}
+	canvases := plot.Align([][]*plot.Plot{{lat, thr}}, tiles, dc)
+	lat.Draw(canvases[0][0])
+	thr.Draw(canvases[0][1])
+	f, err := os.Create(path)
+	if err != nil {
+		return fmt.Errorf("bench plot: %w", err)
+	}
+	if _, err := (vgimg.PngCanvas{Canvas: img}).WriteTo(f); err != nil {
+		f.Close()
+		return fmt.Errorf("bench plot: %w", err)
+	}
+	return f.Close()
+}
