@@ -61,6 +61,8 @@ type Response struct {
 	// Receipt is the node's signed receipt, when the request named an
 	// escrow (the caller checks the signature before it relies on it).
 	Receipt *neuropb.UsageReceipt
+	// Peer is the node that answered.
+	Peer peer.ID
 }
 
 // Client calls experts on other nodes, keeping one stream per peer open
@@ -249,6 +251,7 @@ func (c *Client) call(ctx context.Context, p peer.ID, req Request) (_ *Response,
 			BatchTokens: int(r.resp.GetBatchTokens()),
 			WireBytes:   len(msg.GetHidden().GetData()) + len(r.resp.GetOutput().GetData()),
 			Receipt:     r.resp.GetReceipt(),
+			Peer:        p,
 		}, relayed, nil
 	}
 }

@@ -8,6 +8,8 @@ import (
 	"log/slog"
 	"time"
 
+	"golang.org/x/time/rate"
+
 	"github.com/ipfs/go-cid"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
@@ -109,6 +111,40 @@ func copyChunks(dst io.Writer, src io.Reader, n int64, setDeadline func(time.Tim
 	return nil
 }
 
+// rateKey carries a fetch's bandwidth cap in its context.
+type rateKey struct{}
+
+// WithRateLimit caps the fetches made with ctx at bytesPerSecond each, so
+// that a background transfer leaves the link (and the CPU that decrypts
+// it) to interactive traffic. The reader slows, and flow control slows the
+// sender.
+func WithRateLimit(ctx context.Context, bytesPerSecond int) context.Context {
+	return context.WithValue(ctx, rateKey{}, bytesPerSecond)
+}
+
+// rateWriter writes through a token bucket.
+type rateWriter struct {
+	ctx context.Context
+	w   io.Writer
+	lim *rate.Limiter
+}
+
+func (r *rateWriter) Write(b []byte) (int, error) {
+	done := 0
+	for done < len(b) {
+		n := min(len(b)-done, r.lim.Burst())
+		if err := r.lim.WaitN(r.ctx, n); err != nil {
+			return done, err
+		}
+		m, err := r.w.Write(b[done : done+n])
+		done += m
+		if err != nil {
+			return done, err
+		}
+	}
+	return done, nil
+}
+
 // Progress is told how a fetch advances: bytes done of total.
 type Progress func(c cid.Cid, done, total int64)
 
@@ -194,6 +230,9 @@ func (f *Fetcher) fetchFrom(ctx context.Context, c cid.Cid, p peer.ID) error {
 	dst := io.Writer(w)
 	if f.progress != nil {
 		dst = &progressWriter{w: w, c: c, done: w.Offset(), total: total, fn: f.progress}
+	}
+	if bps, _ := ctx.Value(rateKey{}).(int); bps > 0 {
+		dst = &rateWriter{ctx: ctx, w: dst, lim: rate.NewLimiter(rate.Limit(bps), min(bps, 64<<10))}
 	}
 	if err := copyChunks(dst, r.Raw(), total-w.Offset(), st.SetReadDeadline); err != nil {
 		st.Reset()

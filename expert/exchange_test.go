@@ -15,6 +15,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
+	"golang.org/x/time/rate"
 
 	"github.com/neuro-p2p/neuro/model"
 	"github.com/neuro-p2p/neuro/p2p/p2ptest"
@@ -227,4 +228,34 @@ func (r *recordingStream) Read(p []byte) (int, error) {
 		}
 	}
 	return n, err
+}
+
+// A capped fetch writes every byte, in order, and no faster than its cap
+// allows after the first bucketful (a lower bound: a busy machine only
+// slows it).
+func TestRateWriterCaps(t *testing.T) {
+	const bps, size = 128 << 10, 256 << 10
+	src := make([]byte, size)
+	for i := range src {
+		src[i] = byte(i * 7)
+	}
+	var dst bytes.Buffer
+	ctx := WithRateLimit(t.Context(), bps)
+	w := &rateWriter{ctx: ctx, w: &dst, lim: rate.NewLimiter(rate.Limit(bps), min(bps, 64<<10))}
+	start := time.Now()
+	for off := 0; off < size; off += 100 << 10 { // writes larger than the bucket are split
+		if _, err := w.Write(src[off:min(off+100<<10, size)]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	took := time.Since(start)
+	if !bytes.Equal(dst.Bytes(), src) {
+		t.Fatal("bytes differ")
+	}
+	if floor := time.Duration(float64(size-64<<10) / bps * float64(time.Second) * 0.9); took < floor {
+		t.Fatalf("256 KiB at 128 KiB/s in %v, faster than the cap allows (%v)", took, floor)
+	}
+	if v, _ := ctx.Value(rateKey{}).(int); v != bps {
+		t.Fatalf("context carries %d", v)
+	}
 }

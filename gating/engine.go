@@ -682,14 +682,15 @@ func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Cal
 	res.Text = out.text()
 	res.Rest = res.Text[min(out.sent, len(res.Text)):]
 	res.Stats = &neuropb.InferStats{
-		MoeWallUs:    uint64(stats.MoEWall.Load() / 1e3),
-		MoeComputeUs: uint64(stats.MoECompute.Load() / 1e3),
-		MoeLayers:    uint64(stats.MoELayers.Load()),
-		ExpertCalls:  uint64(stats.Calls.Load()),
-		ExpertBytes:  uint64(stats.Bytes.Load()),
-		Hedges:       uint64(stats.Hedges.Load()),
-		Redispatches: uint64(stats.Redispatch.Load()),
-		Rewinds:      uint32(res.Rewinds),
+		MoeWallUs:     uint64(stats.MoEWall.Load() / 1e3),
+		MoeComputeUs:  uint64(stats.MoECompute.Load() / 1e3),
+		MoeLayers:     uint64(stats.MoELayers.Load()),
+		OneNodeLayers: uint64(stats.OneNodeLayers.Load()),
+		ExpertCalls:   uint64(stats.Calls.Load()),
+		ExpertBytes:   uint64(stats.Bytes.Load()),
+		Hedges:        uint64(stats.Hedges.Load()),
+		Redispatches:  uint64(stats.Redispatch.Load()),
+		Rewinds:       uint32(res.Rewinds),
 	}
 	return res, nil
 }

@@ -96,8 +96,10 @@ type CallStats struct {
 	// MoECompute the compute time the slowest call of each layer reported.
 	MoEWall, MoECompute atomic.Int64 // nanoseconds
 	MoELayers           atomic.Int64
-	Calls, Bytes        atomic.Int64
-	Hedges, Redispatch  atomic.Int64
+	// OneNodeLayers counts the MoE layers whose calls one node answered.
+	OneNodeLayers      atomic.Int64
+	Calls, Bytes       atomic.Int64
+	Hedges, Redispatch atomic.Int64
 }
 
 // Receipts collects the signed usage receipts of the expert answers a
@@ -193,6 +195,7 @@ func (r *RemoteExperts) MoE(ctx context.Context, layer int, x []float32, n int, 
 		mu         sync.Mutex
 		errs       []error
 		maxCompute time.Duration
+		answered   = map[peer.ID]bool{}
 	)
 	for _, e := range routing.Experts {
 		wg.Add(1)
@@ -208,6 +211,7 @@ func (r *RemoteExperts) MoE(ctx context.Context, layer int, x []float32, n int, 
 				return
 			}
 			maxCompute = max(maxCompute, resp.Compute)
+			answered[resp.Peer] = true
 			ggml.Scatter(outs, resp.Output, slots, r.Embd)
 		}()
 	}
@@ -219,6 +223,9 @@ func (r *RemoteExperts) MoE(ctx context.Context, layer int, x []float32, n int, 
 		stats.MoEWall.Add(int64(time.Since(start)))
 		stats.MoECompute.Add(int64(maxCompute))
 		stats.MoELayers.Add(1)
+		if len(answered) == 1 {
+			stats.OneNodeLayers.Add(1)
+		}
 	}
 	return ggml.Combine(outs, weights, n, r.Used, r.Embd), nil
 }

@@ -2,6 +2,7 @@ package gating
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 
@@ -14,6 +15,14 @@ import (
 // maxJudged bounds the experts a gating node keeps loaded to judge with.
 const maxJudged = 16
 
+// judgeFetchRate caps the judge's shard fetches (bytes a second): they run
+// beside the generations, on the same links and cores as the expert calls.
+const judgeFetchRate = 4 << 20
+
+// errJudgeBusy: the judge is fetching another expert's shard; the check
+// that asked decides nothing this time, and a later one will.
+var errJudgeBusy = errors.New("fetching another expert's shard")
+
 // localJudge computes expert tasks on the gating node from the experts'
 // shards, fetched by CID (and so verified) when the store lacks them. It
 // keeps the last maxJudged experts loaded.
@@ -21,9 +30,10 @@ type localJudge struct {
 	f       Fetcher
 	threads int
 
-	mu     sync.Mutex
-	loaded map[judgedKey]*ggml.Expert
-	order  []judgedKey // least recently used first
+	mu       sync.Mutex
+	loaded   map[judgedKey]*ggml.Expert
+	order    []judgedKey // least recently used first
+	fetching bool        // one shard fetch at a time
 }
 
 type judgedKey struct {
@@ -58,8 +68,23 @@ func (j *localJudge) get(ctx context.Context, model cid.Cid, k expert.Key) (*ggm
 	if err != nil {
 		return nil, err
 	}
-	if err := j.f.Fetch(ctx, c); err != nil {
-		return nil, err
+	if !j.f.Store().Has(c) {
+		// One fetch at a time, capped: checks must not crowd out the
+		// expert calls they check.
+		j.mu.Lock()
+		if j.fetching {
+			j.mu.Unlock()
+			return nil, errJudgeBusy
+		}
+		j.fetching = true
+		j.mu.Unlock()
+		err := j.f.Fetch(expert.WithRateLimit(ctx, judgeFetchRate), c)
+		j.mu.Lock()
+		j.fetching = false
+		j.mu.Unlock()
+		if err != nil {
+			return nil, err
+		}
 	}
 	shard, err := j.f.Store().OpenShard(ref)
 	if err != nil {

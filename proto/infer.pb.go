@@ -518,7 +518,11 @@ type InferStats struct {
 	// MoE layer evaluations (layers x forward passes).
 	MoeLayers uint64 `protobuf:"varint,7,opt,name=moe_layers,json=moeLayers,proto3" json:"moe_layers,omitempty"`
 	// Times the generation went back past a result found wrong.
-	Rewinds       uint32 `protobuf:"varint,8,opt,name=rewinds,proto3" json:"rewinds,omitempty"`
+	Rewinds uint32 `protobuf:"varint,8,opt,name=rewinds,proto3" json:"rewinds,omitempty"`
+	// MoE layer evaluations whose expert calls were all answered by one
+	// node (a layer then waits on one peer's round trip, not the slowest
+	// of several).
+	OneNodeLayers uint64 `protobuf:"varint,9,opt,name=one_node_layers,json=oneNodeLayers,proto3" json:"one_node_layers,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -605,6 +609,13 @@ func (x *InferStats) GetMoeLayers() uint64 {
 func (x *InferStats) GetRewinds() uint32 {
 	if x != nil {
 		return x.Rewinds
+	}
+	return 0
+}
+
+func (x *InferStats) GetOneNodeLayers() uint64 {
+	if x != nil {
+		return x.OneNodeLayers
 	}
 	return 0
 }
@@ -970,7 +981,7 @@ const file_infer_proto_rawDesc = "" +
 	"\x02id\x18\x01 \x01(\x05R\x02id\x12\x12\n" +
 	"\x04text\x18\x02 \x01(\fR\x04text\x12\x1d\n" +
 	"\n" +
-	"elapsed_us\x18\x03 \x01(\x04R\telapsedUs\"\x8d\x02\n" +
+	"elapsed_us\x18\x03 \x01(\x04R\telapsedUs\"\xb5\x02\n" +
 	"\n" +
 	"InferStats\x12\x1e\n" +
 	"\vmoe_wall_us\x18\x01 \x01(\x04R\tmoeWallUs\x12$\n" +
@@ -981,7 +992,8 @@ const file_infer_proto_rawDesc = "" +
 	"\fredispatches\x18\x06 \x01(\x04R\fredispatches\x12\x1d\n" +
 	"\n" +
 	"moe_layers\x18\a \x01(\x04R\tmoeLayers\x12\x18\n" +
-	"\arewinds\x18\b \x01(\rR\arewinds\"\xe1\x01\n" +
+	"\arewinds\x18\b \x01(\rR\arewinds\x12&\n" +
+	"\x0fone_node_layers\x18\t \x01(\x04R\roneNodeLayers\"\xe1\x01\n" +
 	"\tInferDone\x12.\n" +
 	"\x06reason\x18\x01 \x01(\x0e2\x16.neuro.v1.FinishReasonR\x06reason\x12#\n" +
 	"\rprompt_tokens\x18\x02 \x01(\rR\fpromptTokens\x12+\n" +

@@ -25,6 +25,8 @@ import (
 // benchRow is one configuration's measurements in `neurod bench`.
 type benchRow struct {
 	Name string `json:"name"`
+	// Kind is local, split, testnet, netns (the RTT sweep) or placement.
+	Kind string `json:"kind"`
 	// RTTMs is the round trip between the gating node and its expert node
 	// (0 for the runs on one machine without emulated latency).
 	RTTMs float64 `json:"rtt_ms"`
@@ -44,8 +46,11 @@ type benchRow struct {
 	// CallsPerToken the expert calls (messages) it cost.
 	RoundTripsPerToken float64 `json:"round_trips_per_token,omitempty"`
 	CallsPerToken      float64 `json:"calls_per_token,omitempty"`
-	Direct             *bool   `json:"direct,omitempty"`
-	Skipped            string  `json:"skipped,omitempty"`
+	// OneNodeShare is the share of MoE layers whose expert calls one node
+	// answered.
+	OneNodeShare float64 `json:"one_node_share"`
+	Direct       *bool   `json:"direct,omitempty"`
+	Skipped      string  `json:"skipped,omitempty"`
 }
 
 // benchReport is `neurod bench --json` and report.json.
@@ -70,6 +75,8 @@ func newBenchCmd(g *globalFlags) *cobra.Command {
 		maxTokens            int
 		asJSON, noNetns      bool
 		timeout              time.Duration
+		placement            time.Duration
+		placementJitter      time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "bench [--model FILE.gguf] [--out DIR] [--rtt LIST] [--max-tokens N] [--json]",
@@ -86,6 +93,10 @@ ways, and checks that every way gives the same tokens:
   netns RTT      'neurod testnet --netns --rtt RTT': the gating node and the
                  expert node each in a home behind its NAT, hole punched,
                  RTT apart (one run per --rtt; needs root, else skipped)
+  placement      the same with two expert homes, --placement-rtt apart
+                 with --placement-jitter: once with both hosting every
+                 expert (a layer's calls go to one node), once with each
+                 expert on one home only (a layer often waits on two)
 
 For each it reports tokens per second, the per-token latency (p50 and p90
 of the decode steps) and, over the network, the floor a token cannot beat,
@@ -121,7 +132,11 @@ per-token latency against RTT, the floor drawn in) and report.json into
 			if err != nil {
 				return err
 			}
-			b := &bencher{log: log, stderr: cmd.ErrOrStderr(), timeout: timeout, maxTokens: maxTokens}
+			if placement < 0 || placementJitter < 0 || placementJitter > placement/2 {
+				return fmt.Errorf("flags --placement-rtt %v, --placement-jitter %v: want an RTT of 0 (leave out) or more, and jitter up to half of it", placement, placementJitter)
+			}
+			b := &bencher{log: log, stderr: cmd.ErrOrStderr(), timeout: timeout, maxTokens: maxTokens,
+				placementRTT: placement, placementJitter: placementJitter}
 			if !noNetns {
 				b.netnsErr = netns.Available()
 			} else {
@@ -149,6 +164,8 @@ per-token latency against RTT, the floor drawn in) and report.json into
 	f.BoolVar(&asJSON, "json", false, "print the report as JSON")
 	f.BoolVar(&noNetns, "no-netns", false, "leave out the netns runs")
 	f.DurationVar(&timeout, "timeout", 20*time.Minute, "how long each run may take")
+	f.DurationVar(&placement, "placement-rtt", 50*time.Millisecond, "RTT of the two placement runs (a layer's experts on one node or spread over two); 0 leaves them out")
+	f.DurationVar(&placementJitter, "placement-jitter", 5*time.Millisecond, "jitter of the two placement runs")
 	return cmd
 }
 
@@ -158,6 +175,9 @@ type bencher struct {
 	timeout   time.Duration
 	maxTokens int
 	netnsErr  error
+	// placementRTT (0: leave out) and placementJitter are the link of the
+	// two placement runs.
+	placementRTT, placementJitter time.Duration
 }
 
 // neurod runs this binary with args and decodes its JSON output into v.
@@ -232,13 +252,13 @@ func (b *bencher) run(ctx context.Context, modelPath, out string, rtts []time.Du
 		Link            *testnetLink  `json:"link"`
 	}
 	var want []int32
-	add := func(name string, rtt time.Duration, g gen) error {
+	add := func(name, kind string, rtt time.Duration, g gen) error {
 		if want == nil {
 			want = g.Tokens
 		} else if fmt.Sprint(g.Tokens) != fmt.Sprint(want) {
 			return fmt.Errorf("%s: tokens %v differ from llama.cpp's %v", name, g.Tokens, want)
 		}
-		row := benchRow{Name: name, RTTMs: ms(rtt), TokensPerSecond: g.TokensPerSecond}
+		row := benchRow{Name: name, Kind: kind, RTTMs: ms(rtt), TokensPerSecond: g.TokensPerSecond}
 		if len(g.PerTokenMs) > 1 {
 			decode := slices.Clone(g.PerTokenMs[1:])
 			slices.Sort(decode)
@@ -247,6 +267,9 @@ func (b *bencher) run(ctx context.Context, modelPath, out string, rtts []time.Du
 		if st := g.Stats; st != nil && len(g.Tokens) > 0 {
 			row.RoundTripsPerToken = float64(st.MoELayers) / float64(len(g.Tokens))
 			row.CallsPerToken = float64(st.ExpertCalls) / float64(len(g.Tokens))
+			if st.MoELayers > 0 {
+				row.OneNodeShare = float64(st.OneNodeLayers) / float64(st.MoELayers)
+			}
 		}
 		if len(g.Connections) > 0 {
 			d := g.Connections[0].Direct
@@ -265,7 +288,7 @@ func (b *bencher) run(ctx context.Context, modelPath, out string, rtts []time.Du
 	if err := b.neurod(ctx, &g, "generate", "--local", modelPath, "--prompt", benchPrompt, "--max-tokens", tokens, "--json"); err != nil {
 		return nil, err
 	}
-	if err := add("llama.cpp", 0, g); err != nil {
+	if err := add("llama.cpp", "local", 0, g); err != nil {
 		return nil, err
 	}
 	g = gen{}
@@ -273,7 +296,7 @@ func (b *bencher) run(ctx context.Context, modelPath, out string, rtts []time.Du
 	if err := b.neurod(ctx, &g, "generate", "--split", modelPath, "--prompt", benchPrompt, "--max-tokens", tokens, "--json"); err != nil {
 		return nil, err
 	}
-	if err := add("split", 0, g); err != nil {
+	if err := add("split", "split", 0, g); err != nil {
 		return nil, err
 	}
 	rep.ComputeMs = rep.Rows[1].PerTokenP50Ms
@@ -283,13 +306,13 @@ func (b *bencher) run(ctx context.Context, modelPath, out string, rtts []time.Du
 		"--check", "--json", "--timeout", b.timeout.String()); err != nil {
 		return nil, err
 	}
-	if err := add("testnet", 0, g); err != nil {
+	if err := add("testnet", "testnet", 0, g); err != nil {
 		return nil, err
 	}
 	for _, rtt := range rtts {
 		name := "netns " + fmtRTT(rtt)
 		if b.netnsErr != nil {
-			rep.Rows = append(rep.Rows, benchRow{Name: name, RTTMs: ms(rtt), Skipped: b.netnsErr.Error()})
+			rep.Rows = append(rep.Rows, benchRow{Name: name, Kind: "netns", RTTMs: ms(rtt), Skipped: b.netnsErr.Error()})
 			continue
 		}
 		g = gen{}
@@ -302,13 +325,42 @@ func (b *bencher) run(ctx context.Context, modelPath, out string, rtts []time.Du
 		if err := b.neurod(ctx, &g, args...); err != nil {
 			return nil, err
 		}
-		if err := add(name, rtt, g); err != nil {
+		if err := add(name, "netns", rtt, g); err != nil {
 			return nil, err
+		}
+	}
+	// Placement: two expert homes, the same latency with jitter; in one
+	// run both host every expert (the gating node sends a layer's calls
+	// to one of them), in the other each expert is on one home only.
+	if b.placementRTT > 0 {
+		for _, spread := range []bool{false, true} {
+			name := fmt.Sprintf("netns %s ±%s, 2 expert nodes, experts together", fmtRTT(b.placementRTT), fmtRTT(b.placementJitter))
+			if spread {
+				name = strings.Replace(name, "together", "spread", 1)
+			}
+			if b.netnsErr != nil {
+				rep.Rows = append(rep.Rows, benchRow{Name: name, Kind: "placement", RTTMs: ms(b.placementRTT), Skipped: b.netnsErr.Error()})
+				continue
+			}
+			g = gen{}
+			b.log.Info("bench: netns testnet, placement", "rtt", b.placementRTT, "spread", spread)
+			args := []string{"testnet", "--netns", "--homes", "3", "--nat", "cone", "--model", modelPath, "--prompt", benchPrompt,
+				"--max-tokens", tokens, "--check", "--json", "--timeout", b.timeout.String(),
+				"--rtt", b.placementRTT.String(), "--jitter", b.placementJitter.String()}
+			if spread {
+				args = append(args, "--spread")
+			}
+			if err := b.neurod(ctx, &g, args...); err != nil {
+				return nil, err
+			}
+			if err := add(name, "placement", b.placementRTT, g); err != nil {
+				return nil, err
+			}
 		}
 	}
 	for i := range rep.Rows {
 		r := &rep.Rows[i]
-		if r.Skipped != "" || i < 2 {
+		if r.Skipped != "" || r.Kind == "local" || r.Kind == "split" {
 			continue
 		}
 		r.FloorMs = float64(rep.Layers)*r.RTTMs + rep.ComputeMs
@@ -348,31 +400,32 @@ func benchMarkdown(rep *benchReport) string {
 	var sb strings.Builder
 	fmt.Fprintf(&sb, "Model: %s (%s). Prompt %q, %d tokens, greedy; every run gave the same tokens.\n", rep.Model, rep.Params, rep.Prompt, rep.MaxTokens)
 	fmt.Fprintf(&sb, "Machine: %s. %s.\n\n", rep.Machine, rep.When)
-	fmt.Fprintln(&sb, "| run | RTT (measured) | tokens/s | per token p50 | p90 | floor = layers × RTT + compute | p50 / floor | round trips / token | expert calls / token |")
-	fmt.Fprintln(&sb, "|---|---|---|---|---|---|---|---|---|")
+	fmt.Fprintln(&sb, "| run | RTT (measured) | tokens/s | per token p50 | p90 | floor = layers × RTT + compute | p50 / floor | round trips / token | expert calls / token | layers one node served |")
+	fmt.Fprintln(&sb, "|---|---|---|---|---|---|---|---|---|---|")
 	for _, r := range rep.Rows {
 		if r.Skipped != "" {
-			fmt.Fprintf(&sb, "| %s | %s | skipped: %s | | | | | | |\n", r.Name, fmtRTT(time.Duration(r.RTTMs*float64(time.Millisecond))), r.Skipped)
+			fmt.Fprintf(&sb, "| %s | %s | skipped: %s | | | | | | | |\n", r.Name, fmtRTT(time.Duration(r.RTTMs*float64(time.Millisecond))), r.Skipped)
 			continue
 		}
 		rtt := "–"
-		if strings.HasPrefix(r.Name, "netns") {
+		if r.Kind == "netns" || r.Kind == "placement" {
 			rtt = fmt.Sprintf("%.0f ms", r.RTTMs)
 			if r.MeasuredRTTMs > 0 {
 				rtt += fmt.Sprintf(" (%.1f)", r.MeasuredRTTMs)
 			}
 		}
-		floor, ratio, rt, calls := "–", "–", "–", "–"
+		floor, ratio, rt, calls, one := "–", "–", "–", "–", "–"
 		if r.FloorMs > 0 {
 			floor, ratio = fmt.Sprintf("%.1f ms", r.FloorMs), fmt.Sprintf("%.2f", r.Ratio)
 		}
 		if r.RoundTripsPerToken > 0 {
-			rt, calls = fmt.Sprintf("%.1f", r.RoundTripsPerToken), fmt.Sprintf("%.1f", r.CallsPerToken)
+			rt, calls, one = fmt.Sprintf("%.1f", r.RoundTripsPerToken), fmt.Sprintf("%.1f", r.CallsPerToken), fmt.Sprintf("%.0f%%", 100*r.OneNodeShare)
 		}
-		fmt.Fprintf(&sb, "| %s | %s | %.1f | %.1f ms | %.1f ms | %s | %s | %s | %s |\n", r.Name, rtt, r.TokensPerSecond,
-			r.PerTokenP50Ms, r.PerTokenP90Ms, floor, ratio, rt, calls)
+		fmt.Fprintf(&sb, "| %s | %s | %.1f | %.1f ms | %.1f ms | %s | %s | %s | %s | %s |\n", r.Name, rtt, r.TokensPerSecond,
+			r.PerTokenP50Ms, r.PerTokenP90Ms, floor, ratio, rt, calls, one)
 	}
-	fmt.Fprintf(&sb, "\ncompute = the split run's p50 (%.1f ms); %d MoE layers. The first token (the prompt) is left out of p50/p90.\n", rep.ComputeMs, rep.Layers)
+	fmt.Fprintf(&sb, "\ncompute = the split run's p50 (%.1f ms); %d MoE layers. The first token (the prompt) is left out of p50/p90. "+
+		"Round trips and calls per token count the prompt's pass too (a layer's expert calls go out at once: one round trip).\n", rep.ComputeMs, rep.Layers)
 	return sb.String()
 }
 

@@ -14,12 +14,14 @@ import (
 // `neurod bench` on a small model: every run gives llama.cpp's tokens (it
 // fails otherwise), and the report directory holds the table, a PNG plot
 // and the JSON. Over 20 ms of emulated RTT no token beats the layers'
-// round trips (a lower bound: a busy machine only adds time).
+// round trips (a lower bound: a busy machine only adds time). With each
+// expert on one of two homes, some layers need both.
 func TestBenchReport(t *testing.T) {
 	t.Parallel() // mostly waiting
 	path := makeModel(t, "--preset", "tiny", "--type", "q8_0", "--seed", "41", "--layers", "3", "--experts", "6", "--embd", "96")
 	out := filepath.Join(t.TempDir(), "report")
-	args := []string{"bench", "--model", path, "--out", out, "--max-tokens", "8", "--rtt", "20ms", "--json"}
+	args := []string{"bench", "--model", path, "--out", out, "--max-tokens", "8", "--rtt", "20ms", "--json",
+		"--placement-rtt", "20ms", "--placement-jitter", "2ms"}
 	withNetns := netns.Available() == nil
 	if !withNetns {
 		if os.Getenv("NEURO_REQUIRE_NETNS") != "" {
@@ -39,7 +41,8 @@ func TestBenchReport(t *testing.T) {
 	for _, row := range rep.Rows {
 		names = append(names, row.Name)
 	}
-	if strings.Join(names, ",") != "llama.cpp,split,testnet,netns 20 ms" || rep.Layers != 3 {
+	if strings.Join(names, ",") != "llama.cpp,split,testnet,netns 20 ms,"+
+		"netns 20 ms ±2 ms, 2 expert nodes, experts together,netns 20 ms ±2 ms, 2 expert nodes, experts spread" || rep.Layers != 3 {
 		t.Fatalf("rows %v, layers %d", names, rep.Layers)
 	}
 	for _, row := range rep.Rows[:3] {
@@ -54,8 +57,14 @@ func TestBenchReport(t *testing.T) {
 		if n.PerTokenP50Ms < 3*(20-1) {
 			t.Fatalf("netns 20 ms: p50 %.1f ms per token, below 3 layers' round trips", n.PerTokenP50Ms)
 		}
-	} else if n.Skipped == "" {
-		t.Fatalf("netns row without namespaces: %+v", n)
+		// Spread, each expert on one of two homes: the prompt's pass needs
+		// both in every layer, so not every layer is one node's.
+		together, spread := rep.Rows[4], rep.Rows[5]
+		if together.Skipped != "" || spread.Skipped != "" || together.OneNodeShare == 0 || spread.OneNodeShare >= 1 {
+			t.Fatalf("placement rows %+v\n%+v", together, spread)
+		}
+	} else if n.Skipped == "" || rep.Rows[5].Skipped == "" {
+		t.Fatalf("netns rows without namespaces: %+v", rep.Rows[3:])
 	}
 	md, err := os.ReadFile(filepath.Join(out, "report.md"))
 	if err != nil || !strings.Contains(string(md), "| netns 20 ms |") || !strings.Contains(string(md), "floor") {

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"image/color"
 	"os"
-	"strings"
 
 	"gonum.org/v1/plot"
 	"gonum.org/v1/plot/plotter"
@@ -20,7 +19,7 @@ func benchPlot(rep *benchReport, path string) error {
 	var p50, p90, floor, tps, tpsFloor plotter.XYs
 	maxRTT := 0.0
 	for _, r := range rep.Rows {
-		if r.Skipped != "" || !strings.HasPrefix(r.Name, "netns") {
+		if r.Skipped != "" || r.Kind != "netns" {
 			continue
 		}
 		p50 = append(p50, plotter.XY{X: r.RTTMs, Y: r.PerTokenP50Ms})
@@ -76,7 +75,7 @@ func benchPlot(rep *benchReport, path string) error {
 	}
 	// The runs on one machine, as flat references.
 	for i, r := range rep.Rows {
-		if r.Skipped != "" || strings.HasPrefix(r.Name, "netns") {
+		if r.Skipped != "" || r.Kind == "netns" || r.Kind == "placement" {
 			continue
 		}
 		c := color.RGBA{uint8(40 + 60*i), uint8(160 - 30*i), uint8(60 + 40*i), 255}

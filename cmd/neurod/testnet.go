@@ -97,13 +97,15 @@ type testnetLedger struct {
 
 // testnetStats are the gating node's measurements of the generation.
 type testnetStats struct {
-	PrefillMs      float64 `json:"prefill_ms"`
-	PerTokenP50Ms  float64 `json:"per_token_p50_ms"`
-	PerTokenP99Ms  float64 `json:"per_token_p99_ms"`
-	ExpertCalls    uint64  `json:"expert_calls"`
-	ExpertBytes    uint64  `json:"expert_bytes"`
-	BytesPerToken  float64 `json:"bytes_per_token"`
-	MoELayers      uint64  `json:"moe_layers"`
+	PrefillMs     float64 `json:"prefill_ms"`
+	PerTokenP50Ms float64 `json:"per_token_p50_ms"`
+	PerTokenP99Ms float64 `json:"per_token_p99_ms"`
+	ExpertCalls   uint64  `json:"expert_calls"`
+	ExpertBytes   uint64  `json:"expert_bytes"`
+	BytesPerToken float64 `json:"bytes_per_token"`
+	MoELayers     uint64  `json:"moe_layers"`
+	// OneNodeLayers: MoE layers whose expert calls one node answered.
+	OneNodeLayers  uint64  `json:"one_node_layers"`
 	MoEWallMs      float64 `json:"moe_wall_ms"`
 	MoEComputeMs   float64 `json:"moe_compute_ms"`
 	DispatchPerLay float64 `json:"dispatch_overhead_per_layer_us"`
@@ -289,6 +291,7 @@ logs are in --dir (default: a temporary directory, removed afterwards).`,
 	f.StringVar(&rtt, "rtt", "", "with --netns: round-trip time between two homes, e.g. 50ms (each home's outgoing packets wait half of it on its line)")
 	f.StringVar(&jitter, "jitter", "", "with --rtt: spread each packet's wait by up to ± this (e.g. 2ms)")
 	f.StringVar(&loss, "loss", "", "with --netns: drop this share of each home's outgoing packets (e.g. 1% or 0.01)")
+	f.BoolVar(&na.spread, "spread", false, "with --netns: each expert on one expert home only (round robin), so a token's experts in a layer are often on different nodes")
 	f.StringVar(&bandwidth, "bandwidth", "", "with --netns: cap each home's line, each way (e.g. 20mbit)")
 	f.StringVar(&a.dashboard, "dashboard", "127.0.0.1:0", "host:port of node 0's dashboard, /metrics and OpenAI-compatible API")
 	f.IntVar(&a.validators, "validators", 1, "how many nodes validate the ledger's chain (node 0 and the first expert nodes); more than one runs CometBFT consensus among them")

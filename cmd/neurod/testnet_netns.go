@@ -32,6 +32,9 @@ type netnsArgs struct {
 	publics int
 	nats    []netns.NAT
 	link    netns.Link
+	// spread places each expert on one expert home only, round robin, so
+	// that a token's experts in a layer are often on different nodes.
+	spread bool
 }
 
 // parseLink reads --rtt, --jitter, --loss and --bandwidth.
@@ -66,6 +69,18 @@ func parseLink(rtt, jitter, loss, bandwidth string) (netns.Link, error) {
 		return l, fmt.Errorf("flags --rtt, --jitter, --loss, --bandwidth: %w", err)
 	}
 	return l, nil
+}
+
+// spreadExperts is the --experts list of expert home j of n under
+// --spread: every layer's experts e with e mod n = j.
+func spreadExperts(layers, experts, j, n int) string {
+	var parts []string
+	for l := range layers {
+		for e := j; e < experts; e += n {
+			parts = append(parts, fmt.Sprintf("%d:%d", l, e))
+		}
+	}
+	return strings.Join(parts, ",")
 }
 
 // testnetLink is the report's view of the homes' lines: what was asked,
@@ -242,6 +257,9 @@ func runNetnsTestnet(ctx context.Context, stdout, stderr io.Writer, a testnetArg
 	layers, experts := int(mf.manifest.GetParams().GetLayers()), int(mf.manifest.GetParams().GetExperts())
 
 	P, H := na.publics, na.homes
+	if na.spread && H-1 > experts {
+		return fail(fmt.Errorf("flag --spread: %d expert homes for %d experts a layer would leave a home with none", H-1, experts))
+	}
 	gating := P // the first home
 	nsOf := func(i int) string {
 		if i < P {
@@ -305,6 +323,8 @@ func runNetnsTestnet(ctx context.Context, stdout, stderr io.Writer, a testnetArg
 			switch {
 			case i == gating:
 				return []string{"--gating", "--model", mf.cid.String(), "--experts", "none"}
+			case i > gating && na.spread:
+				return []string{"--model", mf.cid.String(), "--experts", spreadExperts(layers, experts, i-gating-1, H-1)}
 			case i > gating:
 				return []string{"--model", mf.cid.String()}
 			}
@@ -361,7 +381,11 @@ func runNetnsTestnet(ctx context.Context, stdout, stderr io.Writer, a testnetArg
 	rep.Healthy, rep.TookMs = true, (nw.Took + time.Since(start)).Milliseconds()
 	log.Info("network healthy: homes behind NAT hold relay reservations", "took", time.Since(start).Round(time.Millisecond))
 	readyStart := time.Now()
-	if err := waitServing(ctx, nw, a.timeout, layers, experts, min(2, H-1), nil, show, gating); err != nil {
+	minProviders := min(2, H-1)
+	if na.spread {
+		minProviders = 1
+	}
+	if err := waitServing(ctx, nw, a.timeout, layers, experts, minProviders, nil, show, gating); err != nil {
 		return failNet(err)
 	}
 	// The gating node opens sessions to its experts ahead of a prompt

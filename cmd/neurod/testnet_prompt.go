@@ -529,7 +529,7 @@ func waitBlocks(ctx context.Context, nw *testnet.Network, n int64) error {
 func generationStats(d *client.Done, perTokenMs []float64) *testnetStats {
 	st := d.Stats
 	ts := &testnetStats{PrefillMs: float64(d.Prefill.Microseconds()) / 1000,
-		ExpertCalls: st.GetExpertCalls(), ExpertBytes: st.GetExpertBytes(), MoELayers: st.GetMoeLayers(),
+		ExpertCalls: st.GetExpertCalls(), ExpertBytes: st.GetExpertBytes(), MoELayers: st.GetMoeLayers(), OneNodeLayers: st.GetOneNodeLayers(),
 		MoEWallMs: float64(st.GetMoeWallUs()) / 1000, MoEComputeMs: float64(st.GetMoeComputeUs()) / 1000,
 		Hedges: st.GetHedges(), Redispatches: st.GetRedispatches()}
 	if n := len(perTokenMs); n > 0 {
