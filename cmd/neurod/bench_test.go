@@ -140,7 +140,8 @@ func BenchmarkSlowNode(b *testing.B) {
 // NEURO_PUNCH_RUNS netns testnets a side (default 7): in one, the gating
 // node is behind a cone NAT and six expert homes behind three cone and
 // three symmetric NATs; in the other, the gating node is behind a
-// symmetric NAT. Every home is a fresh process with fresh NAT mappings, so
+// symmetric NAT. The experts are spread over the expert homes (--spread),
+// so the gating node opens a session to each. Every home is a fresh process with fresh NAT mappings, so
 // each gating-to-expert pair is one attempt (DCUtR's own retries and the
 // expert client's three punch retries included). It reports the success
 // rate per pair of kinds, to set beside libp2p's published 70% ± 7% for
@@ -157,7 +158,7 @@ func BenchmarkHolePunchMatrix(b *testing.B) {
 		}
 	}
 	path := filepath.Join(b.TempDir(), "m.gguf")
-	if o, err := exec.Command(neurodBin, "model", "make", "--preset", "tiny", "--type", "q8_0", "--seed", "61", "--out", path).CombinedOutput(); err != nil {
+	if o, err := exec.Command(neurodBin, "model", "make", "--preset", "tiny", "--type", "q8_0", "--seed", "61", "--experts", "12", "--out", path).CombinedOutput(); err != nil {
 		b.Fatalf("model make: %v\n%s", err, o)
 	}
 	type tally struct{ direct, relayed, total int }
@@ -166,7 +167,7 @@ func BenchmarkHolePunchMatrix(b *testing.B) {
 		for run := range runs {
 			for _, nats := range []string{"cone,cone,cone,cone,symmetric,symmetric,symmetric", "symmetric,symmetric,symmetric,symmetric,cone,cone,cone"} {
 				var rep testnetJSON
-				runBench(b, &rep, "testnet", "--netns", "--homes", "7", "--nat", nats, "--model", path, "--prompt", "punch through",
+				runBench(b, &rep, "testnet", "--netns", "--homes", "7", "--spread", "--nat", nats, "--model", path, "--prompt", "punch through",
 					"--max-tokens", "4", "--check", "--json", "--timeout", "5m")
 				for _, c := range rep.Connections {
 					key := c.NATs[0] + "-" + c.NATs[1]
