@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/neuro-p2p/neuro/testnet/netns"
 )
@@ -29,7 +30,7 @@ func TestBenchReport(t *testing.T) {
 		}
 		args = append(args, "--no-netns")
 	}
-	r := neurod(t, nil, args...)
+	r := neurodWithin(t, 6*time.Minute, nil, args...) // four testnets, three of them netns
 	if r.code != 0 {
 		t.Fatalf("exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
 	}

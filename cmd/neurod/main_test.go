@@ -59,7 +59,14 @@ type result struct {
 // neurod runs the binary with args and extra environment, bounded to 90 s.
 func neurod(t *testing.T, env []string, args ...string) result {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(t.Context(), 90*time.Second)
+	return neurodWithin(t, 90*time.Second, env, args...)
+}
+
+// neurodWithin is neurod bounded to limit, for commands that run several
+// testnets one after another.
+func neurodWithin(t *testing.T, limit time.Duration, env []string, args ...string) result {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), limit)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, neurodBin, args...)
 	cmd.Env = append(cleanEnv(), env...)
