@@ -76,6 +76,7 @@ func newBenchCmd(g *globalFlags) *cobra.Command {
 		asJSON, noNetns      bool
 		timeout              time.Duration
 		placement            time.Duration
+		placementFar         time.Duration
 		placementJitter      time.Duration
 	)
 	cmd := &cobra.Command{
@@ -93,10 +94,11 @@ ways, and checks that every way gives the same tokens:
   netns RTT      'neurod testnet --netns --rtt RTT': the gating node and the
                  expert node each in a home behind its NAT, hole punched,
                  RTT apart (one run per --rtt; needs root, else skipped)
-  placement      the same with two expert homes, --placement-rtt apart
-                 with --placement-jitter: once with both hosting every
-                 expert (a layer's calls go to one node), once with each
-                 expert on one home only (a layer often waits on two)
+  placement      two expert homes, one --placement-rtt from the gating
+                 node and one --placement-far (± --placement-jitter): once
+                 with both hosting every expert (a layer's calls go to
+                 the near node), once with each expert on one home only
+                 (a layer often waits on the far one)
 
 For each it reports tokens per second, the per-token latency (p50 and p90
 of the decode steps) and, over the network, the floor a token cannot beat,
@@ -132,11 +134,12 @@ per-token latency against RTT, the floor drawn in) and report.json into
 			if err != nil {
 				return err
 			}
-			if placement < 0 || placementJitter < 0 || placementJitter > placement/2 {
-				return fmt.Errorf("flags --placement-rtt %v, --placement-jitter %v: want an RTT of 0 (leave out) or more, and jitter up to half of it", placement, placementJitter)
+			if placement < 0 || placementFar < placement || placementJitter < 0 || placementJitter > placement/2 {
+				return fmt.Errorf("flags --placement-rtt %v, --placement-far %v, --placement-jitter %v: want an RTT of 0 (leave out) or more, a far one at least as long, and jitter up to half the RTT",
+					placement, placementFar, placementJitter)
 			}
 			b := &bencher{log: log, stderr: cmd.ErrOrStderr(), timeout: timeout, maxTokens: maxTokens,
-				placementRTT: placement, placementJitter: placementJitter}
+				placementRTT: placement, placementFar: placementFar, placementJitter: placementJitter}
 			if !noNetns {
 				b.netnsErr = netns.Available()
 			} else {
@@ -164,8 +167,9 @@ per-token latency against RTT, the floor drawn in) and report.json into
 	f.BoolVar(&asJSON, "json", false, "print the report as JSON")
 	f.BoolVar(&noNetns, "no-netns", false, "leave out the netns runs")
 	f.DurationVar(&timeout, "timeout", 20*time.Minute, "how long each run may take")
-	f.DurationVar(&placement, "placement-rtt", 50*time.Millisecond, "RTT of the two placement runs (a layer's experts on one node or spread over two); 0 leaves them out")
-	f.DurationVar(&placementJitter, "placement-jitter", 5*time.Millisecond, "jitter of the two placement runs")
+	f.DurationVar(&placement, "placement-rtt", 50*time.Millisecond, "placement runs (a layer's experts on one node, or spread over two): RTT from the gating node to the near expert home; 0 leaves them out")
+	f.DurationVar(&placementFar, "placement-far", 100*time.Millisecond, "placement runs: RTT from the gating node to the far expert home")
+	f.DurationVar(&placementJitter, "placement-jitter", 2*time.Millisecond, "placement runs: jitter on every home's line")
 	return cmd
 }
 
@@ -175,9 +179,10 @@ type bencher struct {
 	timeout   time.Duration
 	maxTokens int
 	netnsErr  error
-	// placementRTT (0: leave out) and placementJitter are the link of the
-	// two placement runs.
-	placementRTT, placementJitter time.Duration
+	// placementRTT (0: leave out) and placementFar are the RTTs from the
+	// gating node to the near and the far expert home in the two placement
+	// runs, with placementJitter on every line.
+	placementRTT, placementFar, placementJitter time.Duration
 }
 
 // neurod runs this binary with args and decodes its JSON output into v.
@@ -334,7 +339,7 @@ func (b *bencher) run(ctx context.Context, modelPath, out string, rtts []time.Du
 	// to one of them), in the other each expert is on one home only.
 	if b.placementRTT > 0 {
 		for _, spread := range []bool{false, true} {
-			name := fmt.Sprintf("netns %s ±%s, 2 expert nodes, experts together", fmtRTT(b.placementRTT), fmtRTT(b.placementJitter))
+			name := fmt.Sprintf("placement: expert nodes %s and %s away ±%s, experts together", fmtRTT(b.placementRTT), fmtRTT(b.placementFar), fmtRTT(b.placementJitter))
 			if spread {
 				name = strings.Replace(name, "together", "spread", 1)
 			}
@@ -343,10 +348,14 @@ func (b *bencher) run(ctx context.Context, modelPath, out string, rtts []time.Du
 				continue
 			}
 			g = gen{}
-			b.log.Info("bench: netns testnet, placement", "rtt", b.placementRTT, "spread", spread)
+			b.log.Info("bench: netns testnet, placement", "near", b.placementRTT, "far", b.placementFar, "spread", spread)
+			// Each home's line adds half its RTT each way: the gating home
+			// and the near one get the near RTT; the far one what puts it
+			// placementFar from the gating node.
+			far := 2*b.placementFar - b.placementRTT
 			args := []string{"testnet", "--netns", "--homes", "3", "--nat", "cone", "--model", modelPath, "--prompt", benchPrompt,
 				"--max-tokens", tokens, "--check", "--json", "--timeout", b.timeout.String(),
-				"--rtt", b.placementRTT.String(), "--jitter", b.placementJitter.String()}
+				"--rtt", b.placementRTT.String() + "," + b.placementRTT.String() + "," + far.String(), "--jitter", b.placementJitter.String()}
 			if spread {
 				args = append(args, "--spread")
 			}

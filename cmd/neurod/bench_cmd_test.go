@@ -22,7 +22,7 @@ func TestBenchReport(t *testing.T) {
 	path := makeModel(t, "--preset", "tiny", "--type", "q8_0", "--seed", "41", "--layers", "3", "--experts", "6", "--embd", "96")
 	out := filepath.Join(t.TempDir(), "report")
 	args := []string{"bench", "--model", path, "--out", out, "--max-tokens", "8", "--rtt", "20ms", "--json",
-		"--placement-rtt", "20ms", "--placement-jitter", "2ms"}
+		"--placement-rtt", "20ms", "--placement-far", "40ms", "--placement-jitter", "2ms"}
 	withNetns := netns.Available() == nil
 	if !withNetns {
 		if os.Getenv("NEURO_REQUIRE_NETNS") != "" {
@@ -43,7 +43,8 @@ func TestBenchReport(t *testing.T) {
 		names = append(names, row.Name)
 	}
 	if strings.Join(names, ",") != "llama.cpp,split,testnet,netns 20 ms,"+
-		"netns 20 ms ±2 ms, 2 expert nodes, experts together,netns 20 ms ±2 ms, 2 expert nodes, experts spread" || rep.Layers != 3 {
+		"placement: expert nodes 20 ms and 40 ms away ±2 ms, experts together,"+
+		"placement: expert nodes 20 ms and 40 ms away ±2 ms, experts spread" || rep.Layers != 3 {
 		t.Fatalf("rows %v, layers %d", names, rep.Layers)
 	}
 	for _, row := range rep.Rows[:3] {

@@ -233,7 +233,7 @@ logs are in --dir (default: a temporary directory, removed afterwards).`,
 					return errors.New("flag --netns: the netns testnet has --homes, --publics and --nat instead of --nodes, and does not yet take --kill, --faulty, --validators, --requests or --dashboard")
 				}
 				var err error
-				if na.link, err = parseLink(rtt, jitter, loss, bandwidth); err != nil {
+				if na.links, err = parseLinks(rtt, jitter, loss, bandwidth, na.homes); err != nil {
 					return err
 				}
 				if na.homes < 2 {
@@ -288,7 +288,7 @@ logs are in --dir (default: a temporary directory, removed afterwards).`,
 	f.IntVar(&na.homes, "homes", 2, "with --netns: homes, each behind its own NAT; the first runs the gating node, the others expert nodes")
 	f.IntVar(&na.publics, "publics", 4, "with --netns: public nodes (node 0 is the bootstrap node and relay; libp2p trusts an address that four peers observed)")
 	f.StringVar(&nat, "nat", "cone", "with --netns: NAT kind of the homes, cone or symmetric: one for all, or one per home (cone,symmetric,...)")
-	f.StringVar(&rtt, "rtt", "", "with --netns: round-trip time between two homes, e.g. 50ms (each home's outgoing packets wait half of it on its line)")
+	f.StringVar(&rtt, "rtt", "", "with --netns: round-trip time between two homes, e.g. 50ms, or one per home (20ms,20ms,100ms: two homes are the mean of theirs apart); each home's outgoing packets wait half of its value on its line")
 	f.StringVar(&jitter, "jitter", "", "with --rtt: spread each packet's wait by up to ± this (e.g. 2ms)")
 	f.StringVar(&loss, "loss", "", "with --netns: drop this share of each home's outgoing packets (e.g. 1% or 0.01)")
 	f.BoolVar(&na.spread, "spread", false, "with --netns: each expert on one expert home only (round robin), so a token's experts in a layer are often on different nodes")

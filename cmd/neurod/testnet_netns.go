@@ -31,30 +31,44 @@ type netnsArgs struct {
 	homes   int
 	publics int
 	nats    []netns.NAT
-	link    netns.Link
+	links   []netns.Link // nil: plain lines
 	// spread places each expert on one expert home only, round robin, so
 	// that a token's experts in a layer are often on different nodes.
 	spread bool
 }
 
-// parseLink reads --rtt, --jitter, --loss and --bandwidth.
-func parseLink(rtt, jitter, loss, bandwidth string) (netns.Link, error) {
+// parseLinks reads --rtt (one for every home, or one per home), --jitter,
+// --loss and --bandwidth into one link per home, or nil when none is set.
+func parseLinks(rtt, jitter, loss, bandwidth string, homes int) ([]netns.Link, error) {
+	if rtt == "" && jitter == "" && loss == "" && bandwidth == "" {
+		return nil, nil
+	}
 	var l netns.Link
 	var err error
+	rtts := []time.Duration{0}
 	if rtt != "" {
-		if l.RTT, err = time.ParseDuration(rtt); err != nil || l.RTT < 0 {
-			return l, fmt.Errorf("flag --rtt %q: want a duration such as 50ms", rtt)
+		parts := strings.Split(rtt, ",")
+		if len(parts) != 1 && len(parts) != homes {
+			return nil, fmt.Errorf("flag --rtt %q: %d values for %d homes: give one for all or one per home", rtt, len(parts), homes)
+		}
+		rtts = rtts[:0]
+		for _, p := range parts {
+			d, err := time.ParseDuration(strings.TrimSpace(p))
+			if err != nil || d < 0 {
+				return nil, fmt.Errorf("flag --rtt %q: want durations such as 50ms, or 20ms,50ms,... one per home", rtt)
+			}
+			rtts = append(rtts, d)
 		}
 	}
 	if jitter != "" {
 		if l.Jitter, err = time.ParseDuration(jitter); err != nil || l.Jitter < 0 {
-			return l, fmt.Errorf("flag --jitter %q: want a duration such as 2ms", jitter)
+			return nil, fmt.Errorf("flag --jitter %q: want a duration such as 2ms", jitter)
 		}
 	}
 	if loss != "" {
 		v, pct := strings.CutSuffix(strings.TrimSpace(loss), "%")
 		if l.Loss, err = strconv.ParseFloat(v, 64); err != nil {
-			return l, fmt.Errorf("flag --loss %q: want a share such as 1%% or 0.01", loss)
+			return nil, fmt.Errorf("flag --loss %q: want a share such as 1%% or 0.01", loss)
 		}
 		if pct {
 			l.Loss /= 100
@@ -62,13 +76,18 @@ func parseLink(rtt, jitter, loss, bandwidth string) (netns.Link, error) {
 	}
 	if bandwidth != "" {
 		if l.Bandwidth, err = netns.ParseBandwidth(bandwidth); err != nil {
-			return l, fmt.Errorf("flag --bandwidth: %w", err)
+			return nil, fmt.Errorf("flag --bandwidth: %w", err)
 		}
 	}
-	if err := l.Validate(); err != nil {
-		return l, fmt.Errorf("flags --rtt, --jitter, --loss, --bandwidth: %w", err)
+	out := make([]netns.Link, homes)
+	for i := range out {
+		out[i] = l
+		out[i].RTT = rtts[min(i, len(rtts)-1)]
+		if err := out[i].Validate(); err != nil {
+			return nil, fmt.Errorf("flags --rtt, --jitter, --loss, --bandwidth (home %d): %w", i, err)
+		}
 	}
-	return l, nil
+	return out, nil
 }
 
 // spreadExperts is the --experts list of expert home j of n under
@@ -86,12 +105,16 @@ func spreadExperts(layers, experts, j, n int) string {
 // testnetLink is the report's view of the homes' lines: what was asked,
 // and what a ping measured before the nodes started.
 type testnetLink struct {
-	RTTMs        float64 `json:"rtt_ms"`
-	JitterMs     float64 `json:"jitter_ms"`
-	Loss         float64 `json:"loss"`
-	BandwidthBps int64   `json:"bandwidth_bps"`
+	// RTTMs is the round trip asked between the first two homes; with one
+	// --rtt per home, HomeRTTMs are those (two homes are the mean of
+	// theirs apart).
+	RTTMs        float64   `json:"rtt_ms"`
+	HomeRTTMs    []float64 `json:"home_rtt_ms"`
+	JitterMs     float64   `json:"jitter_ms"`
+	Loss         float64   `json:"loss"`
+	BandwidthBps int64     `json:"bandwidth_bps"`
 	// ToPublicMs is each home's median ping to the bootstrap node: half
-	// the RTT, since only a home's own line delays its packets.
+	// its RTT, since only a home's own line delays its packets.
 	ToPublicMs []float64 `json:"to_public_ms"`
 	// MeasuredRTTMs is the round trip between the first two homes, the
 	// sum of their pings to the public segment, and RTTError how far it is
@@ -104,17 +127,18 @@ type testnetLink struct {
 
 // measureLink pings the bootstrap node from every home.
 func measureLink(ctx context.Context, topo *netns.Net) (*testnetLink, error) {
-	l := topo.Link
-	rep := &testnetLink{RTTMs: ms(l.RTT), JitterMs: ms(l.Jitter), Loss: l.Loss, BandwidthBps: l.Bandwidth}
-	for _, h := range topo.Homes {
-		rtts, err := h.Ping(ctx, topo.Publics[0].IP, 20, 10*time.Millisecond, l.RTT+time.Second)
+	l := topo.Links[0]
+	rep := &testnetLink{RTTMs: ms(topo.Links[0].RTT+topo.Links[1].RTT) / 2, JitterMs: ms(l.Jitter), Loss: l.Loss, BandwidthBps: l.Bandwidth}
+	for i, h := range topo.Homes {
+		rep.HomeRTTMs = append(rep.HomeRTTMs, ms(topo.Links[i].RTT))
+		rtts, err := h.Ping(ctx, topo.Publics[0].IP, 20, 10*time.Millisecond, topo.Links[i].RTT+time.Second)
 		if err != nil {
 			return nil, err
 		}
 		rep.ToPublicMs = append(rep.ToPublicMs, ms(rtts[len(rtts)/2]))
 	}
 	rep.MeasuredRTTMs = rep.ToPublicMs[0] + rep.ToPublicMs[1]
-	if l.RTT > 0 {
+	if rep.RTTMs > 0 {
 		rep.RTTError = rep.MeasuredRTTMs/rep.RTTMs - 1
 	}
 	return rep, nil
@@ -132,6 +156,8 @@ type testnetConn struct {
 	Calls     int64  `json:"calls"`
 	// NATs are A's and B's NAT kinds ("" for a public node).
 	NATs [2]string `json:"nats"`
+	// RTTMs is the round trip the lines put between A and B (--rtt).
+	RTTMs float64 `json:"rtt_ms,omitempty"`
 }
 
 // testnetTopology describes the emulated internet.
@@ -230,7 +256,7 @@ func runNetnsTestnet(ctx context.Context, stdout, stderr io.Writer, a testnetArg
 	}
 	rep.Dir = dir
 	cleanupStale(ctx, log)
-	topo, err := netns.Create(ctx, netns.Topology{Prefix: fmt.Sprintf("%s%d", netnsPrefix, os.Getpid()), Publics: na.publics, Homes: na.nats, Link: na.link})
+	topo, err := netns.Create(ctx, netns.Topology{Prefix: fmt.Sprintf("%s%d", netnsPrefix, os.Getpid()), Publics: na.publics, Homes: na.nats, Links: na.links})
 	if err != nil {
 		return fail(err)
 	}
@@ -239,14 +265,14 @@ func runNetnsTestnet(ctx context.Context, stdout, stderr io.Writer, a testnetArg
 			log.Warn("remove the namespaces", "err", cerr)
 		}
 	}()
-	if na.link.Shaped() {
+	if na.links != nil {
 		if rep.Link, err = measureLink(ctx, topo); err != nil {
 			return fail(fmt.Errorf("measure the homes' lines: %w", err))
 		}
 		lr := rep.Link
-		log.Info("homes' lines measured", "rtt_asked", na.link.RTT, "rtt_measured_ms", lr.MeasuredRTTMs, "to_public_ms", lr.ToPublicMs)
-		if na.link.RTT > 0 && math.Abs(lr.RTTError) > 0.10 {
-			log.Warn("the emulated RTT is more than 10% off what was asked (a busy machine?)", "asked", na.link.RTT, "measured_ms", lr.MeasuredRTTMs)
+		log.Info("homes' lines measured", "rtt_asked_ms", lr.RTTMs, "rtt_measured_ms", lr.MeasuredRTTMs, "to_public_ms", lr.ToPublicMs)
+		if lr.RTTMs > 0 && math.Abs(lr.RTTError) > 0.10 {
+			log.Warn("the emulated RTT is more than 10% off what was asked (a busy machine?)", "asked_ms", lr.RTTMs, "measured_ms", lr.MeasuredRTTMs)
 		}
 	}
 	mf, err := prepareModel(dir, a.model, log)
@@ -458,8 +484,12 @@ func runNetnsTestnet(ctx context.Context, stdout, stderr io.Writer, a testnetArg
 	gst := nw.Statuses()[gating]
 	if gst.Gating != nil {
 		for _, l := range gst.Gating.Links {
-			rep.Connections = append(rep.Connections, testnetConn{A: gst.PeerID, B: l.PeerID, Direct: l.Direct, ViaRelay: l.ViaRelay,
-				Transport: l.Transport, Calls: l.Calls, NATs: [2]string{natOf(gating), natOf(idx[l.PeerID])}})
+			c := testnetConn{A: gst.PeerID, B: l.PeerID, Direct: l.Direct, ViaRelay: l.ViaRelay,
+				Transport: l.Transport, Calls: l.Calls, NATs: [2]string{natOf(gating), natOf(idx[l.PeerID])}}
+			if j := idx[l.PeerID] - P; na.links != nil && j >= 0 {
+				c.RTTMs = ms(na.links[gating-P].RTT+na.links[j].RTT) / 2
+			}
+			rep.Connections = append(rep.Connections, c)
 		}
 	}
 	if rep.Link != nil {

@@ -17,7 +17,8 @@ import (
 // hole punching opens a direct connection and the expert traffic uses it;
 // behind two symmetric NATs it cannot, and the traffic goes through the
 // relay. Either way the tokens are llama.cpp's, and no namespace is left.
-// With 50 ms between the homes (the user-space delay line) the tokens are
+// With 50 ms between the homes (the user-space delay line, 40 and 60 ms
+// on their lines) the tokens are
 // still llama.cpp's, and no token came sooner than its layers' round trips
 // allow: the line really delayed the expert traffic.
 func TestTestnetNetns(t *testing.T) {
@@ -46,7 +47,8 @@ func TestTestnetNetns(t *testing.T) {
 			args := []string{"testnet", "--netns", "--homes", "2", "--nat", tc.nat, "--model", path, "--prompt", prompt,
 				"--max-tokens", "16", "--check", "--json"}
 			if tc.rtt > 0 {
-				args = append(args, "--rtt", tc.rtt.String(), "--jitter", "1ms")
+				// One RTT per home: 40 and 60 ms put the two homes 50 ms apart.
+				args = append(args, "--rtt", "40ms,60ms", "--jitter", "1ms")
 			}
 			r := neurod(t, nil, args...)
 			if r.code != 0 {
@@ -65,8 +67,9 @@ func TestTestnetNetns(t *testing.T) {
 				t.Fatalf("%s homes: connection %+v", tc.nat, c)
 			}
 			if tc.rtt > 0 {
-				if l := rep.Link; l == nil || l.RTTMs != 50 || len(l.Lines) != 2 || l.Lines[0].Out == 0 || l.Lines[1].Out == 0 {
-					t.Fatalf("link report %+v", rep.Link)
+				if l := rep.Link; l == nil || l.RTTMs != 50 || fmt.Sprint(l.HomeRTTMs) != "[40 60]" || len(l.Lines) != 2 ||
+					l.Lines[0].Out == 0 || l.Lines[1].Out == 0 || c.RTTMs != 50 {
+					t.Fatalf("link report %+v, connection %+v", rep.Link, c)
 				}
 				// A lower bound only (a busy machine adds time, never takes
 				// it): each token waits for one round trip a layer, ±1 ms of

@@ -50,6 +50,7 @@ type testnetJSON struct {
 		Transport string    `json:"transport"`
 		Calls     int64     `json:"calls"`
 		NATs      [2]string `json:"nats"`
+		RTTMs     float64   `json:"rtt_ms"`
 	} `json:"connections"`
 	Topology *struct {
 		Publics []struct {
@@ -60,8 +61,9 @@ type testnetJSON struct {
 		} `json:"homes"`
 	} `json:"topology"`
 	Link *struct {
-		RTTMs float64 `json:"rtt_ms"`
-		Lines []struct {
+		RTTMs     float64   `json:"rtt_ms"`
+		HomeRTTMs []float64 `json:"home_rtt_ms"`
+		Lines     []struct {
 			Out int64 `json:"out"`
 			In  int64 `json:"in"`
 		} `json:"lines"`

@@ -52,8 +52,20 @@ type Topology struct {
 	Publics int
 	// Homes lists the NAT kind of each home.
 	Homes []NAT
-	// Link is how every home's line to its router behaves.
-	Link Link
+	// Links is how each home's line to its router behaves: none (plain
+	// lines), one for every home, or one per home.
+	Links []Link
+}
+
+// linkOf is home i's line.
+func (t Topology) linkOf(i int) Link {
+	switch len(t.Links) {
+	case 0:
+		return Link{}
+	case 1:
+		return t.Links[0]
+	}
+	return t.Links[i]
 }
 
 // Host is a namespace a node can run in, and its address.
@@ -77,8 +89,9 @@ type Net struct {
 	Inet    string // the namespace of the public segment's bridge
 	Publics []Host
 	Homes   []Home
-	Link    Link
-	lines   []*line // one a home, when the link is shaped
+	// Links is each home's line (a zero Link for a plain one).
+	Links []Link
+	lines []*line // one a shaped home
 }
 
 // Addresses of the topology.
@@ -117,13 +130,18 @@ func Create(ctx context.Context, t Topology) (_ *Net, err error) {
 	if t.Publics < 1 || t.Publics > maxHosts || len(t.Homes) > maxHosts {
 		return nil, fmt.Errorf("netns: %d public hosts and %d homes: want 1 to %d of each", t.Publics, len(t.Homes), maxHosts)
 	}
-	if err := t.Link.Validate(); err != nil {
-		return nil, fmt.Errorf("netns: %w", err)
+	if len(t.Links) > 1 && len(t.Links) != len(t.Homes) {
+		return nil, fmt.Errorf("netns: %d links for %d homes: give none, one, or one per home", len(t.Links), len(t.Homes))
+	}
+	for i, l := range t.Links {
+		if err := l.Validate(); err != nil {
+			return nil, fmt.Errorf("netns: link %d: %w", i, err)
+		}
 	}
 	if err := Cleanup(ctx, t.Prefix); err != nil {
 		return nil, err
 	}
-	n := &Net{Prefix: t.Prefix, Inet: t.Prefix + "-inet", Link: t.Link}
+	n := &Net{Prefix: t.Prefix, Inet: t.Prefix + "-inet"}
 	defer func() {
 		if err != nil {
 			err = errors.Join(err, n.Close())
@@ -157,7 +175,9 @@ func Create(ctx context.Context, t Topology) (_ *Net, err error) {
 		b.addNS(h.Router.NS)
 		b.addNS(h.NS)
 		attach(h.Router.NS, "wan", fmt.Sprintf("r%d", i), h.Router.IP)
-		if t.Link.Shaped() {
+		link := t.linkOf(i)
+		n.Links = append(n.Links, link)
+		if link.Shaped() {
 			// A point-to-point line of two TUN devices, joined by a delay
 			// line in this process.
 			var homeDev, routerDev *os.File
@@ -169,14 +189,14 @@ func Create(ctx context.Context, t Topology) (_ *Net, err error) {
 					homeDev.Close()
 					return err
 				}
-				n.lines = append(n.lines, startLine(homeDev, routerDev, t.Link, uint64(i)+1))
+				n.lines = append(n.lines, startLine(homeDev, routerDev, link, uint64(i)+1))
 				return nil
 			})
 			b.ip(h.Router.NS, "addr", "add", lanIP(i, 1).String(), "peer", h.IP.String()+"/32", "dev", "lan")
 			b.ip(h.NS, "addr", "add", h.IP.String(), "peer", lanIP(i, 1).String()+"/32", "dev", "eth0")
-			if t.Link.Bandwidth > 0 {
-				b.exec(h.NS, append([]string{"tc"}, tbfArgs("eth0", t.Link.Bandwidth)...)...)
-				b.exec(h.Router.NS, append([]string{"tc"}, tbfArgs("lan", t.Link.Bandwidth)...)...)
+			if link.Bandwidth > 0 {
+				b.exec(h.NS, append([]string{"tc"}, tbfArgs("eth0", link.Bandwidth)...)...)
+				b.exec(h.Router.NS, append([]string{"tc"}, tbfArgs("lan", link.Bandwidth)...)...)
 			}
 		} else {
 			b.ip(h.NS, "link", "add", "eth0", "type", "veth", "peer", "name", "lan", "netns", h.Router.NS)
@@ -233,8 +253,7 @@ func (n *Net) Close() error {
 	return errors.Join(append(errs, Cleanup(context.Background(), n.Prefix))...)
 }
 
-// LineStats says what each home's line carried (nil when the link is not
-// shaped).
+// LineStats says what each shaped home's line carried, in home order.
 func (n *Net) LineStats() []LineStats {
 	var out []LineStats
 	for _, ln := range n.lines {

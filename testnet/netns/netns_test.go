@@ -252,23 +252,24 @@ func TestShapedLink(t *testing.T) {
 	needNamespaces(t)
 	ctx := context.Background()
 	prefix := fmt.Sprintf("nl%d", os.Getpid()%100000)
-	const rtt = 40 * time.Millisecond
-	n, err := Create(ctx, Topology{Prefix: prefix, Publics: 1, Homes: []NAT{Cone, Symmetric},
-		Link: Link{RTT: rtt, Jitter: 2 * time.Millisecond}})
+	// One line per home: 40 ms ± 2 ms, and 80 ms.
+	links := []Link{{RTT: 40 * time.Millisecond, Jitter: 2 * time.Millisecond}, {RTT: 80 * time.Millisecond}}
+	n, err := Create(ctx, Topology{Prefix: prefix, Publics: 1, Homes: []NAT{Cone, Symmetric}, Links: links})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { n.Close() })
 	pub := n.Publics[0]
-	for _, h := range n.Homes {
+	for i, h := range n.Homes {
 		rtts, err := h.Ping(ctx, pub.IP, 10, 20*time.Millisecond, time.Second)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if rtts[0] < rtt/2-2*time.Millisecond {
-			t.Fatalf("%s home: ping %v, below the line's delay %v", h.NAT, rtts, rtt/2)
+		delay := links[i].RTT / 2
+		if rtts[0] < delay-links[i].Jitter {
+			t.Fatalf("%s home: ping %v, below the line's delay %v", h.NAT, rtts, delay)
 		}
-		t.Logf("%s home to public host: median %v (line delay %v ± 2ms)", h.NAT, rtts[len(rtts)/2], rtt/2)
+		t.Logf("%s home to public host: median %v (line delay %v ± %v)", h.NAT, rtts[len(rtts)/2], delay, links[i].Jitter)
 	}
 	// The line carries NAT traffic both ways: the UDP echo answers.
 	udpEcho(t, pub, 4001)
@@ -281,7 +282,7 @@ func TestShapedLink(t *testing.T) {
 	}
 
 	lossy, err := Create(ctx, Topology{Prefix: prefix + "l", Publics: 1, Homes: []NAT{Cone},
-		Link: Link{RTT: 2 * time.Millisecond, Loss: 0.5, Bandwidth: 8_000_000}})
+		Links: []Link{{RTT: 2 * time.Millisecond, Loss: 0.5, Bandwidth: 8_000_000}}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -296,7 +297,7 @@ func TestShapedLink(t *testing.T) {
 	t.Logf("50%% loss: %d of 40 pings answered", len(rtts))
 
 	// 2 MB through an 8 Mbit/s line takes at least 2 s (less the bucket).
-	capped, err := Create(ctx, Topology{Prefix: prefix + "b", Publics: 1, Homes: []NAT{Cone}, Link: Link{Bandwidth: 8_000_000}})
+	capped, err := Create(ctx, Topology{Prefix: prefix + "b", Publics: 1, Homes: []NAT{Cone}, Links: []Link{{Bandwidth: 8_000_000}}})
 	if err != nil {
 		t.Fatal(err)
 	}
