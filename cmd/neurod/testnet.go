@@ -251,6 +251,11 @@ logs are in --dir (default: a temporary directory, removed afterwards).`,
 				}
 				return runNetnsTestnet(cmd.Context(), cmd.OutOrStdout(), cmd.ErrOrStderr(), a, na, log)
 			}
+			for _, name := range []string{"homes", "publics", "nat", "rtt", "jitter", "loss", "bandwidth", "spread"} {
+				if cmd.Flags().Changed(name) {
+					return fmt.Errorf("flag --%s: only with --netns (the loopback testnet has no homes, NAT or lines)", name)
+				}
+			}
 			if _, _, err := net.SplitHostPort(a.dashboard); err != nil {
 				return fmt.Errorf("flag --dashboard %q: want host:port: %w", a.dashboard, err)
 			}

@@ -79,6 +79,7 @@ const settle = 3 * time.Second
 // no expert node has changed what it serves for settle.
 func waitServing(ctx context.Context, nw *testnet.Network, timeout time.Duration, layers, experts, want int, faults map[int]expert.Fault,
 	show *progress.Reporter, gating int) error {
+	parent := ctx
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	bar := show.Bar(int64(layers*experts), fmt.Sprintf("experts hosted by %d nodes", want), false)
@@ -120,6 +121,9 @@ func waitServing(ctx context.Context, nw *testnet.Network, timeout time.Duration
 		last = err
 		select {
 		case <-ctx.Done():
+			if parent.Err() != nil {
+				return fmt.Errorf("testnet: interrupted while waiting for the model to be served: %w", parent.Err())
+			}
 			return fmt.Errorf("testnet: model not served after %v: %w", timeout, last)
 		case <-time.After(100 * time.Millisecond):
 		}
