@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -138,7 +137,7 @@ per-token latency against RTT, the floor drawn in) and report.json into
 				return fmt.Errorf("flags --placement-rtt %v, --placement-far %v, --placement-jitter %v: want an RTT of 0 (leave out) or more, a far one at least as long, and jitter up to half the RTT",
 					placement, placementFar, placementJitter)
 			}
-			b := &bencher{log: log, stderr: cmd.ErrOrStderr(), timeout: timeout, maxTokens: maxTokens,
+			b := &bencher{log: log, timeout: timeout, maxTokens: maxTokens,
 				placementRTT: placement, placementFar: placementFar, placementJitter: placementJitter}
 			if !noNetns {
 				b.netnsErr = netns.Available()
@@ -175,7 +174,6 @@ per-token latency against RTT, the floor drawn in) and report.json into
 
 type bencher struct {
 	log       *slog.Logger
-	stderr    io.Writer
 	timeout   time.Duration
 	maxTokens int
 	netnsErr  error
