@@ -484,6 +484,9 @@ func runTestnet(ctx context.Context, stdout, stderr io.Writer, g *globalFlags, a
 	}
 
 	if err := nw.WaitHealthy(ctx); err != nil {
+		if ctx.Err() != nil {
+			return failNet(fmt.Errorf("testnet: interrupted while the network came up: %w", ctx.Err()))
+		}
 		return failNet(fmt.Errorf("testnet unhealthy: %w", err))
 	}
 	rep.Healthy = true

@@ -402,6 +402,9 @@ func runNetnsTestnet(ctx context.Context, stdout, stderr io.Writer, a testnetArg
 		}
 		return nil
 	}); err != nil {
+		if ctx.Err() != nil {
+			return failNet(fmt.Errorf("testnet: interrupted while the network came up: %w", ctx.Err()))
+		}
 		return failNet(fmt.Errorf("testnet unhealthy: %w", err))
 	}
 	rep.Healthy, rep.TookMs = true, (nw.Took + time.Since(start)).Milliseconds()
