@@ -195,7 +195,9 @@ func (r *RemoteExperts) MoE(ctx context.Context, layer int, x []float32, n int, 
 		mu         sync.Mutex
 		errs       []error
 		maxCompute time.Duration
-		answered   = map[peer.ID]bool{}
+		answers    int
+		first      peer.ID // the first node that answered, and
+		several    bool    // whether another did too
 	)
 	for _, e := range routing.Experts {
 		wg.Add(1)
@@ -211,7 +213,11 @@ func (r *RemoteExperts) MoE(ctx context.Context, layer int, x []float32, n int, 
 				return
 			}
 			maxCompute = max(maxCompute, resp.Compute)
-			answered[resp.Peer] = true
+			if answers == 0 {
+				first = resp.Peer
+			}
+			several = several || resp.Peer != first
+			answers++
 			ggml.Scatter(outs, resp.Output, slots, r.Embd)
 		}()
 	}
@@ -223,7 +229,7 @@ func (r *RemoteExperts) MoE(ctx context.Context, layer int, x []float32, n int, 
 		stats.MoEWall.Add(int64(time.Since(start)))
 		stats.MoECompute.Add(int64(maxCompute))
 		stats.MoELayers.Add(1)
-		if len(answered) == 1 {
+		if answers > 0 && !several {
 			stats.OneNodeLayers.Add(1)
 		}
 	}

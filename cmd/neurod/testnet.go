@@ -449,17 +449,7 @@ func runTestnet(ctx context.Context, stdout, stderr io.Writer, g *globalFlags, a
 			}
 			return args
 		},
-		BeforeStart: func(homes []string) error {
-			if err := writeTestnetGenesis(genesisPath, homes, mf.cid, a.validators); err != nil {
-				return err
-			}
-			store, err := expert.OpenStore(filepath.Join(homes[0], node.StoreDir))
-			if err != nil {
-				return err
-			}
-			_, err = store.ImportSplit(mf.shards)
-			return err
-		},
+		BeforeStart: seedTestnet(genesisPath, mf, a.validators),
 	})
 	_ = up.Finish()
 	if err != nil {

@@ -19,7 +19,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/neuro-p2p/neuro/expert"
 	"github.com/neuro-p2p/neuro/internal/progress"
 	"github.com/neuro-p2p/neuro/node"
 	"github.com/neuro-p2p/neuro/testnet"
@@ -356,17 +355,7 @@ func runNetnsTestnet(ctx context.Context, stdout, stderr io.Writer, a testnetArg
 			}
 			return nil
 		},
-		BeforeStart: func(homes []string) error {
-			if err := writeTestnetGenesis(genesisPath, homes, mf.cid, 1); err != nil {
-				return err
-			}
-			store, err := expert.OpenStore(filepath.Join(homes[0], node.StoreDir))
-			if err != nil {
-				return err
-			}
-			_, err = store.ImportSplit(mf.shards)
-			return err
-		},
+		BeforeStart: seedTestnet(genesisPath, mf, 1),
 	})
 	_ = up.Finish()
 	if err != nil {

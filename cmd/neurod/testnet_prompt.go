@@ -392,6 +392,22 @@ func freeTCPPort() (int, error) {
 	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
+// seedTestnet is a testnet's BeforeStart: it writes the genesis (the first
+// validators nodes validate) and imports the model's shards into node 0.
+func seedTestnet(genesisPath string, mf *testnetModel, validators int) func(homes []string) error {
+	return func(homes []string) error {
+		if err := writeTestnetGenesis(genesisPath, homes, mf.cid, validators); err != nil {
+			return err
+		}
+		store, err := expert.OpenStore(filepath.Join(homes[0], node.StoreDir))
+		if err != nil {
+			return err
+		}
+		_, err = store.ImportSplit(mf.shards)
+		return err
+	}
+}
+
 // writeTestnetGenesis writes the testnet chain's genesis: node 0 is the
 // validator; every node starts with 10,000 NEURO and 200 staked (above the
 // minimum stake an expert needs to be paid), and the model is on the

@@ -21,6 +21,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"slices"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -91,7 +92,7 @@ type Net struct {
 	Homes   []Home
 	// Links is each home's line (a zero Link for a plain one).
 	Links []Link
-	lines []*line // one a shaped home
+	lines []*line // one a home, when any line is shaped
 }
 
 // Addresses of the topology.
@@ -166,6 +167,9 @@ func Create(ctx context.Context, t Topology) (_ *Net, err error) {
 		attach(h.NS, "eth0", fmt.Sprintf("p%d", i), h.IP)
 		n.Publics = append(n.Publics, h)
 	}
+	// Once one home's line is shaped, every home gets a user-space line (a
+	// zero Link passes packets at once), so that the lines match the homes.
+	shaped := slices.ContainsFunc(t.Links, Link.Shaped)
 	for i, kind := range t.Homes {
 		if _, err := ParseNAT(string(kind)); err != nil {
 			return nil, fmt.Errorf("netns: home %d: %w", i, err)
@@ -177,7 +181,7 @@ func Create(ctx context.Context, t Topology) (_ *Net, err error) {
 		attach(h.Router.NS, "wan", fmt.Sprintf("r%d", i), h.Router.IP)
 		link := t.linkOf(i)
 		n.Links = append(n.Links, link)
-		if link.Shaped() {
+		if shaped {
 			// A point-to-point line of two TUN devices, joined by a delay
 			// line in this process.
 			var homeDev, routerDev *os.File
@@ -253,7 +257,8 @@ func (n *Net) Close() error {
 	return errors.Join(append(errs, Cleanup(context.Background(), n.Prefix))...)
 }
 
-// LineStats says what each shaped home's line carried, in home order.
+// LineStats says what each home's line carried (nil when no line is
+// shaped).
 func (n *Net) LineStats() []LineStats {
 	var out []LineStats
 	for _, ln := range n.lines {
