@@ -15,11 +15,18 @@ OLLAMA_DIR := $(shell $(GO) mod download github.com/ollama/ollama >/dev/null 2>&
 export CGO_CPPFLAGS ?= -I$(OLLAMA_DIR)/llama/llama.cpp/include -I$(OLLAMA_DIR)/ml/backend/ggml/ggml/include
 export CGO_CFLAGS   ?= -O3 -march=x86-64-v3
 export CGO_CXXFLAGS ?= -O3 -march=x86-64-v3
-# Packages that link llama.cpp run their tests without the race detector
-# (it would compile the C++ a second time and adds nothing to C code);
-# every other package runs with it.
+# Only ggml/ and cmd/neurod link llama.cpp. Every other package is pure Go
+# (it computes through the moe interfaces) and runs its tests with the race
+# detector, which never compiles llama.cpp. The tests of those packages that
+# need ggml's real compute (llama.cpp's tokens through the network, the
+# validator's tolerances) are in files marked `//go:build ggml`; they run
+# once, without the race detector, beside ggml's and cmd's own tests, so
+# llama.cpp is compiled once.
 CGO_PKGS  = ./ggml/... ./cmd/...
-PURE_PKGS = $(shell $(GO) list ./... | grep -v -e '/ggml' -e '/cmd/')
+PURE_PKGS = $(shell $(GO) list ./... | grep -v -e '/ggml$$' -e '/cmd/')
+GGML_TEST_FILES := $(shell grep -l '^//go:build ggml$$' $$(find . -name '*_test.go' -not -path './ggml/*' -not -path './cmd/*'))
+GGML_TEST_PKGS  := $(sort $(addprefix ./,$(dir $(patsubst ./%,%,$(GGML_TEST_FILES)))))
+GGML_TESTS      := $(shell sed -n 's/^func \(Test[A-Za-z0-9_]*\)(t \*testing.T).*/\1/p' $(GGML_TEST_FILES) | paste -sd'|')
 
 .DEFAULT_GOAL := help
 .PHONY: help env build test race lint fuzz-smoke proto proto-check bench bench-report testnet clean
@@ -41,6 +48,7 @@ build:
 ## test: gofmt and vet checks, then every test (race detector on all but the cgo packages), shuffled
 test: lint
 	$(GO) test -race -shuffle=on -count=1 -timeout 20m $(PURE_PKGS)
+	$(GO) test -tags ggml -shuffle=on -count=1 -timeout 20m -run '^($(GGML_TESTS))$$' $(GGML_TEST_PKGS)
 	$(GO) test -shuffle=on -count=1 -timeout 20m $(CGO_PKGS)
 
 ## race: the non-cgo packages' tests with the race detector only (no lint)
@@ -52,6 +60,7 @@ lint:
 	@out=$$(gofmt -l .); \
 	if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+	$(GO) vet -tags ggml $(GGML_TEST_PKGS)
 
 ## fuzz-smoke: run every fuzz target for 10 s each
 fuzz-smoke:
@@ -79,9 +88,9 @@ bench:
 	$(GO) test -run '^$$' -bench ExpertFFN -benchtime 20x ./ggml/
 	$(GO) test -run '^$$' -bench LlamaCppExpertMatmul -benchtime 50x ./ggml/
 	$(GO) test -run '^$$' -bench Generate -benchtime 3x ./ggml/
-	$(GO) test -run '^$$' -bench 'RoundTrip|Throughput' -benchtime 256x ./expert/
+	$(GO) test -tags ggml -run '^$$' -bench 'RoundTrip|Throughput' -benchtime 256x ./expert/
 	$(GO) test -run '^$$' -bench 'SlowNode|Testnet$$' -benchtime 1x -timeout 60m ./cmd/neurod/
-	$(GO) test -run '^$$' -bench 'Validation|FalseAccusations' -benchtime 1x -timeout 60m ./gating/
+	$(GO) test -tags ggml -run '^$$' -bench 'Validation|FalseAccusations' -benchtime 1x -timeout 60m ./gating/
 	$(GO) test -run '^$$' -bench ChainThroughput -benchtime 1x ./ledger/
 	$(GO) test -run '^$$' -bench SettleCost -benchtime 20x ./ledger/
 

@@ -1,3 +1,5 @@
+//go:build ggml
+
 package expert
 
 import (
@@ -11,6 +13,7 @@ import (
 
 	"github.com/neuro-p2p/neuro/ggml"
 	"github.com/neuro-p2p/neuro/model"
+	"github.com/neuro-p2p/neuro/moe"
 	neuropb "github.com/neuro-p2p/neuro/proto"
 )
 
@@ -31,7 +34,8 @@ func benchExpert(b *testing.B, ff int) *ggml.Expert {
 		}
 		return q
 	}
-	e, err := ggml.NewExpert(model.Q4_0, embd, ff, w(), w(), w(), ggml.ExpertOptions{MaxBatch: 512})
+	e, err := ggml.NewExpert(moe.ExpertWeights{Embd: embd, FF: ff, Gate: moe.Tensor{Type: model.Q4_0, Data: w()},
+		Up: moe.Tensor{Type: model.Q4_0, Data: w()}, Down: moe.Tensor{Type: model.Q4_0, Data: w()}}, moe.ExpertOptions{MaxBatch: 512})
 	if err != nil {
 		b.Fatal(err)
 	}

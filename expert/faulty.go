@@ -7,8 +7,8 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/neuro-p2p/neuro/ggml"
 	"github.com/neuro-p2p/neuro/model"
+	"github.com/neuro-p2p/neuro/moe"
 )
 
 // Fault makes an expert node misbehave on purpose, for the adversarial
@@ -110,27 +110,26 @@ func withFault(c Computer, fault Fault) Computer {
 // lowPrecExpert builds an expert from a shard with its weights requantized
 // to Q4_0: what a node that cuts corners to save memory and time would
 // compute.
-func lowPrecExpert(s *model.Shard, layer int, o ggml.ExpertOptions) (*ggml.Expert, error) {
-	var parts [3][]byte
-	var info model.TensorInfo
-	for i, name := range []string{"gate", "up", "down"} {
-		b, t, err := s.TensorBytes(model.ExpertTensorName(layer, name))
-		if err != nil {
-			return nil, err
-		}
-		if t.Type == model.Q4_0 {
+func lowPrecExpert(c Compute, s *model.Shard, layer int, o moe.ExpertOptions) (moe.Expert, error) {
+	w, err := moe.ExpertWeightsOf(s, layer)
+	if err != nil {
+		return nil, err
+	}
+	for _, t := range []struct {
+		t      *moe.Tensor
+		rowLen int
+	}{{&w.Gate, w.Embd}, {&w.Up, w.Embd}, {&w.Down, w.FF}} {
+		if t.t.Type == model.Q4_0 {
 			return nil, fmt.Errorf("lowprec: shard %s is already Q4_0", s.CID)
 		}
-		w, err := ggml.Dequantize(t.Type, b)
+		x, err := c.Dequantize(t.t.Type, t.t.Data)
 		if err != nil {
 			return nil, fmt.Errorf("lowprec: %w", err)
 		}
-		if parts[i], err = ggml.Quantize(model.Q4_0, w, int(t.Shape[0])); err != nil {
+		if t.t.Data, err = c.Quantize(model.Q4_0, x, t.rowLen); err != nil {
 			return nil, fmt.Errorf("lowprec: %w", err)
 		}
-		if i == 0 {
-			info = t
-		}
+		t.t.Type = model.Q4_0
 	}
-	return ggml.NewExpert(model.Q4_0, int(info.Shape[0]), int(info.Shape[1]), parts[0], parts[1], parts[2], o)
+	return c.NewExpert(w, o)
 }

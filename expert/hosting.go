@@ -148,6 +148,7 @@ func Choose(c Choice) []Key {
 		tie            uint64
 	}
 	var lc []layerCand
+	neediest := int(^uint(0) >> 1) // the fewest providers of any expert this node lacks
 	for l := range layers {
 		cand := layerCand{layer: l, minProv: int(^uint(0) >> 1), tie: tie(Key{l, -1})}
 		for e := range experts {
@@ -156,12 +157,18 @@ func Choose(c Choice) []Key {
 			if !c.Hosted[k] {
 				cand.need = append(cand.need, k)
 				cand.bytes += size(k)
+				neediest = min(neediest, c.Providers[k])
 			}
 		}
 		if len(cand.need) > 0 && cand.bytes <= c.Budget {
 			lc = append(lc, cand)
 		}
 	}
+	// A whole layer only while it is among the neediest: when the neediest
+	// layer does not fit, take its experts one by one instead of a layer
+	// that is better provided (else a node that dropped one expert to
+	// make room would take the same expert back, round after round).
+	lc = slices.DeleteFunc(lc, func(x layerCand) bool { return x.minProv > neediest })
 	if len(lc) > 0 {
 		best := slices.MinFunc(lc, func(a, b layerCand) int { return cmp.Or(cmp.Compare(a.minProv, b.minProv), cmp.Compare(a.tie, b.tie)) })
 		return best.need

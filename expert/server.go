@@ -1,7 +1,10 @@
 // Package expert is the expert node: it serves MoE expert compute to gating
 // nodes over the /neuro/expert/1.0.0 stream protocol, batching requests
-// for the same (layer, expert) into one ggml call. Client is the calling
-// side that gating nodes use.
+// for the same (layer, expert) into one compute call. Client is the
+// calling side that gating nodes use. Service keeps the node's
+// content-addressed store, exchanges shards with peers and chooses which
+// experts to host; it loads them through the moe.ExpertLoader it is given
+// (ggml's in neurod, a pure-Go one in tests), so the package is pure Go.
 package expert
 
 import (
@@ -26,7 +29,7 @@ import (
 // ServiceName is the resource-manager service of expert streams.
 const ServiceName = neuropb.ExpertService
 
-// Computer computes one expert's feed-forward block (ggml.Expert).
+// Computer computes one expert's feed-forward block (a moe.Expert).
 type Computer interface {
 	Compute(x []float32, n int, out []float32) error
 	Embd() int

@@ -17,8 +17,9 @@ import (
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
 
-	"github.com/neuro-p2p/neuro/ggml"
 	"github.com/neuro-p2p/neuro/model"
+	"github.com/neuro-p2p/neuro/moe"
+	"github.com/neuro-p2p/neuro/moe/moetest"
 	"github.com/neuro-p2p/neuro/p2p/wire"
 	neuropb "github.com/neuro-p2p/neuro/proto"
 )
@@ -63,13 +64,15 @@ func tinyShards(t *testing.T, dt model.DType) (cid.Cid, *neuropb.Manifest, strin
 	return res.ModelCID, res.Manifest, filepath.Join(dir, "shards")
 }
 
-func loadExpert(t *testing.T, dir string, ref *neuropb.ExpertShardRef) *ggml.Expert {
+// loadExpert loads an expert with the pure-Go backend (these tests are of
+// the protocol; ggml's compute is tested in package ggml).
+func loadExpert(t *testing.T, dir string, ref *neuropb.ExpertShardRef) moe.Expert {
 	t.Helper()
 	s, err := model.OpenShard(dir, ref.GetShard())
 	if err != nil {
 		t.Fatal(err)
 	}
-	e, err := ggml.NewExpertFromShard(s, int(ref.GetLayer()), ggml.ExpertOptions{Threads: 2, MaxBatch: 64})
+	e, err := moe.NewExpertFromShard(moetest.Backend{}, s, int(ref.GetLayer()), moe.ExpertOptions{Threads: 2, MaxBatch: 64})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -228,7 +231,7 @@ func TestBadRequestsKeepStreamUsable(t *testing.T) {
 
 // gated blocks every compute until released, to hold the queue still.
 type gated struct {
-	*ggml.Expert
+	moe.Expert
 	entered chan struct{}
 	release chan struct{}
 }

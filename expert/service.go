@@ -15,7 +15,7 @@ import (
 
 	"github.com/ipfs/go-cid"
 
-	"github.com/neuro-p2p/neuro/ggml"
+	"github.com/neuro-p2p/neuro/moe"
 	"github.com/neuro-p2p/neuro/p2p"
 	neuropb "github.com/neuro-p2p/neuro/proto"
 )
@@ -45,6 +45,16 @@ type ServiceConfig struct {
 	// Fault makes the node misbehave on purpose (adversarial testnets
 	// only).
 	Fault Fault
+	// Compute loads the experts (the ggml backend in neurod). It is
+	// required when Model is set.
+	Compute Compute
+}
+
+// Compute is what an expert node computes with: it loads experts, and
+// requantizes weights for the lowprec fault.
+type Compute interface {
+	moe.ExpertLoader
+	moe.Quantizer
 }
 
 // Service is an expert node: it keeps a store of shards, serves them to
@@ -61,7 +71,7 @@ type Service struct {
 	mu       sync.Mutex
 	manifest *neuropb.Manifest
 	hosted   map[Key]bool // chosen (fetching or serving)
-	loaded   map[Key]*ggml.Expert
+	loaded   map[Key]moe.Expert
 	used     int64
 	speed    float32
 
@@ -82,6 +92,9 @@ func NewService(h *p2p.Host, cfg ServiceConfig, log *slog.Logger) (*Service, err
 	if cfg.Reprovide <= 0 {
 		cfg.Reprovide = 12 * time.Hour
 	}
+	if cfg.Model.Defined() && cfg.Compute == nil {
+		return nil, fmt.Errorf("expert node: hosting experts of %s: %w", cfg.Model, moe.ErrNoBackend)
+	}
 	store, err := OpenStore(cfg.StoreDir)
 	if err != nil {
 		return nil, err
@@ -97,7 +110,7 @@ func NewService(h *p2p.Host, cfg ServiceConfig, log *slog.Logger) (*Service, err
 		return nil, err
 	}
 	s := &Service{cfg: cfg, p2p: h, log: log.With("component", "expert-node"), store: store, server: srv,
-		shards: NewShardServer(h.LibP2P(), store, log), hosted: map[Key]bool{}, loaded: map[Key]*ggml.Expert{}}
+		shards: NewShardServer(h.LibP2P(), store, log), hosted: map[Key]bool{}, loaded: map[Key]moe.Expert{}}
 	s.fetcher = NewFetcher(h.LibP2P(), store, cfg.Progress, log)
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	return s, nil
@@ -291,7 +304,8 @@ func (s *Service) rebalance(ctx context.Context, m *neuropb.Manifest, c Choice) 
 		return
 	}
 	s.mu.Lock()
-	if _, ok := s.loaded[*drop]; !ok { // still fetching: leave it
+	dropped, ok := s.loaded[*drop]
+	if !ok { // still fetching: leave it
 		s.mu.Unlock()
 		return
 	}
@@ -299,9 +313,9 @@ func (s *Service) rebalance(ctx context.Context, m *neuropb.Manifest, c Choice) 
 	delete(s.hosted, *drop)
 	s.used -= int64(m.GetExperts()[drop.Layer*experts+drop.Expert].GetShard().GetSize())
 	s.mu.Unlock()
-	if comp, err := s.server.Remove(s.cfg.Model, drop.Layer, drop.Expert); err == nil {
-		if e, ok := comp.(*ggml.Expert); ok {
-			e.Close()
+	if _, err := s.server.Remove(s.cfg.Model, drop.Layer, drop.Expert); err == nil {
+		if err := dropped.Close(); err != nil {
+			s.log.Warn("free a dropped expert", "expert", drop.String(), "err", err)
 		}
 	}
 	s.log.Info("dropped a well-provided expert to make room", "expert", drop.String())
@@ -354,11 +368,11 @@ func (s *Service) add(ctx context.Context, m *neuropb.Manifest, k Key) error {
 	if err != nil {
 		return fmt.Errorf("expert %s: %w", k, err)
 	}
-	var e *ggml.Expert
+	var e moe.Expert
 	if s.cfg.Fault == FaultLowPrec {
-		e, err = lowPrecExpert(shard, k.Layer, ggml.ExpertOptions{Threads: s.cfg.Threads})
+		e, err = lowPrecExpert(s.cfg.Compute, shard, k.Layer, moe.ExpertOptions{Threads: s.cfg.Threads})
 	} else {
-		e, err = ggml.NewExpertFromShard(shard, k.Layer, ggml.ExpertOptions{Threads: s.cfg.Threads})
+		e, err = moe.NewExpertFromShard(s.cfg.Compute, shard, k.Layer, moe.ExpertOptions{Threads: s.cfg.Threads})
 	}
 	if err != nil {
 		return fmt.Errorf("expert %s: %w", k, err)
@@ -397,12 +411,8 @@ func (s *Service) Compute(model cid.Cid, layer, expert int, x []float32, n int) 
 		return nil, fmt.Errorf("expert %d:%d: %d floats for %d tokens of %d", layer, expert, len(x), n, e.Embd())
 	}
 	out := make([]float32, len(x))
-	embd := e.Embd()
-	for start := 0; start < n; start += e.MaxBatch() {
-		end := min(start+e.MaxBatch(), n)
-		if err := e.Compute(x[start*embd:end*embd], end-start, out[start*embd:end*embd]); err != nil {
-			return nil, fmt.Errorf("expert %d:%d: %w", layer, expert, err)
-		}
+	if err := moe.ComputeBatched(e, x, n, out); err != nil {
+		return nil, fmt.Errorf("expert %d:%d: %w", layer, expert, err)
 	}
 	return out, nil
 }
@@ -425,7 +435,7 @@ func (s *Service) Loaded() []Key {
 }
 
 // measure times one token through e: the node's speed, for heartbeats.
-func measure(e *ggml.Expert) float32 {
+func measure(e moe.Expert) float32 {
 	x := make([]float32, e.Embd())
 	out := make([]float32, e.Embd())
 	start := time.Now()

@@ -12,6 +12,7 @@ import (
 	"github.com/ipfs/go-cid"
 
 	"github.com/neuro-p2p/neuro/model"
+	"github.com/neuro-p2p/neuro/moe/moetest"
 	"github.com/neuro-p2p/neuro/p2p/p2ptest"
 )
 
@@ -35,7 +36,7 @@ func TestAutoHostingCoversEveryExpertTwice(t *testing.T) {
 	shardSize := int64(m.GetExperts()[0].GetShard().GetSize())
 	var svcs []*Service
 	for _, n := range nodes[1:] {
-		s, err := NewService(n, ServiceConfig{StoreDir: t.TempDir(), Model: mc, Spec: Spec{Auto: true},
+		s, err := NewService(n, ServiceConfig{StoreDir: t.TempDir(), Model: mc, Spec: Spec{Auto: true}, Compute: moetest.Backend{},
 			MemoryBudget: 6 * shardSize, Threads: 1, Server: DefaultConfig(), Step: 300 * time.Millisecond},
 			slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelInfo})).With("node", n.ID().String()[46:]))
 		if err != nil {

@@ -18,8 +18,8 @@ import (
 	"github.com/libp2p/go-libp2p/core/peerstore"
 
 	"github.com/neuro-p2p/neuro/expert"
-	"github.com/neuro-p2p/neuro/ggml"
 	"github.com/neuro-p2p/neuro/metrics"
+	"github.com/neuro-p2p/neuro/moe"
 	"github.com/neuro-p2p/neuro/p2p"
 	neuropb "github.com/neuro-p2p/neuro/proto"
 	"github.com/neuro-p2p/neuro/reputation"
@@ -52,6 +52,16 @@ type EngineConfig struct {
 	// re-executed elsewhere to keep it honest (without it, all peers are
 	// trusted alike and nothing is checked).
 	Book *reputation.Book
+	// Compute loads the gating compute, the tokenizer and, with a Book,
+	// the experts the node re-executes to judge results (the ggml backend
+	// in neurod). Required.
+	Compute Compute
+}
+
+// Compute is what a gating node computes with.
+type Compute interface {
+	moe.GatingLoader
+	moe.ExpertLoader
 }
 
 // DefaultEngineConfig returns the defaults.
@@ -95,11 +105,11 @@ type Engine struct {
 type served struct {
 	cid      cid.Cid
 	loaded   chan struct{} // closed when sm is set or err is
-	sm       *ggml.SplitModel
+	sm       *Model
 	err      error
 	remote   *RemoteExperts
 	dht      *dhtProviders
-	hp       ggml.Hparams
+	hp       moe.Hparams
 	manifest *neuropb.Manifest
 }
 
@@ -125,13 +135,16 @@ func NewEngine(h *p2p.Host, f Fetcher, cfg EngineConfig, log *slog.Logger) (*Eng
 	if cfg.Context < 0 {
 		return nil, fmt.Errorf("gating: context %d tokens", cfg.Context)
 	}
+	if cfg.Compute == nil {
+		return nil, fmt.Errorf("gating: %w", moe.ErrNoBackend)
+	}
 	e := &Engine{cfg: cfg, log: log.With("component", "gating"), h: h, fetcher: f,
 		client: expert.NewClient(h.LibP2P(), log), sel: NewSelector(nil),
 		slots: make(chan struct{}, cfg.MaxSessions), models: map[cid.Cid]*served{}}
 	if cfg.Book != nil {
 		e.sel = NewSelector(cfg.Book)
 		e.val = NewValidator(h.ID(), cfg.Book, e.log)
-		e.local = newLocalJudge(f, cfg.Threads)
+		e.local = newLocalJudge(f, cfg.Compute, cfg.Threads)
 		e.val.Local = e.local.compute
 	}
 	e.ctx, e.cancel = context.WithCancel(context.Background())
@@ -221,7 +234,7 @@ func (e *Engine) load(ctx context.Context, m *served) error {
 	if err := e.fetcher.Fetch(ctx, gc); err != nil {
 		return fmt.Errorf("gating shard: %w", err)
 	}
-	sm, err := Load(e.fetcher.Store(), m.cid, e.cfg.Threads)
+	sm, err := Load(e.cfg.Compute, e.fetcher.Store(), m.cid, e.cfg.Threads)
 	if err != nil {
 		return err
 	}
@@ -334,7 +347,7 @@ func (d *dhtProviders) get(k expert.Key) []peer.ID {
 }
 
 // refresh looks every expert up, four at a time.
-func (d *dhtProviders) refresh(ctx context.Context, hp ggml.Hparams) {
+func (d *dhtProviders) refresh(ctx context.Context, hp moe.Hparams) {
 	sem := make(chan struct{}, 4)
 	var wg sync.WaitGroup
 	for l := range hp.Layers {
@@ -452,7 +465,7 @@ func (e *Engine) Redispatches() (n int64) {
 	return n
 }
 
-func (e *Engine) nCtx(hp ggml.Hparams) int {
+func (e *Engine) nCtx(hp moe.Hparams) int {
 	if e.cfg.Context > 0 {
 		return min(e.cfg.Context, hp.CtxLen)
 	}
@@ -540,9 +553,9 @@ func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Cal
 	vocab := m.sm.Vocab
 	text := req.GetPrompt()
 	if msgs := req.GetMessages(); len(msgs) > 0 {
-		cm := make([]ggml.ChatMessage, len(msgs))
+		cm := make([]moe.ChatMessage, len(msgs))
 		for i, x := range msgs {
-			cm[i] = ggml.ChatMessage{Role: x.GetRole(), Content: x.GetContent()}
+			cm[i] = moe.ChatMessage{Role: x.GetRole(), Content: x.GetContent()}
 		}
 		var err error
 		if text, err = vocab.ApplyChatTemplate(cm); err != nil {

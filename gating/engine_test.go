@@ -1,3 +1,5 @@
+//go:build ggml
+
 package gating
 
 import (
@@ -80,7 +82,7 @@ func newFaultyNet(t testing.TB, ctx context.Context, p model.Params, dt model.DT
 			t.Fatal(err)
 		}
 		svc, err := expert.NewService(hs[i+1], expert.ServiceConfig{StoreDir: filepath.Join(dir, fmt.Sprint("s", i+1)),
-			Model: res.ModelCID, Spec: spec, MemoryBudget: 1 << 30, Threads: 1, Server: expert.DefaultConfig(), Fault: faults[i]}, quiet())
+			Model: res.ModelCID, Spec: spec, MemoryBudget: 1 << 30, Threads: 1, Server: expert.DefaultConfig(), Fault: faults[i], Compute: ggml.Backend{}}, quiet())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -104,7 +106,7 @@ type gatingNet struct {
 func newGatingNet(t *testing.T, ctx context.Context, p model.Params, dt model.DType, seed uint64, specs []string) *gatingNet {
 	t.Helper()
 	xn := newExpertNet(t, ctx, p, dt, seed, specs)
-	eng, err := NewEngine(xn.hosts[0], xn.origin, EngineConfig{Threads: 1}, quiet())
+	eng, err := NewEngine(xn.hosts[0], xn.origin, EngineConfig{Threads: 1, Compute: ggml.Backend{}}, quiet())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,8 +1,15 @@
 // Package gating is the gating node: it runs embeddings, attention and the
-// router itself (ggml.Gating) and sends each MoE layer's hidden states to
-// the experts on other nodes, combining their answers. Today it holds the
-// network side of the experts hook; selection by latency and reputation,
-// hedging, the inference protocol and the HTTP API follow (issue 5).
+// router itself (a moe.Gating from the compute backend it is given) and
+// sends each MoE layer's hidden states to the experts on other nodes
+// (RemoteExperts), choosing providers by latency and reputation (Selector),
+// hedging stragglers, re-dispatching failures and re-executing a sample of
+// the answers (Validator). Engine serves generations over the infer
+// protocol and the OpenAI-compatible HTTP API (OpenAI).
+//
+// The package is pure Go: the compute arrives through the moe interfaces
+// (EngineConfig.Compute), so it builds with CGO_ENABLED=0 and its tests run
+// under the race detector; the tests that compare with llama.cpp carry the
+// build tag ggml.
 package gating
 
 import (
@@ -19,8 +26,8 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/neuro-p2p/neuro/expert"
-	"github.com/neuro-p2p/neuro/ggml"
 	"github.com/neuro-p2p/neuro/metrics"
+	"github.com/neuro-p2p/neuro/moe"
 	"github.com/neuro-p2p/neuro/p2p"
 	neuropb "github.com/neuro-p2p/neuro/proto"
 )
@@ -62,7 +69,7 @@ func HeartbeatProviders(h *p2p.Host, model cid.Cid) FindProviders {
 // other nodes. For each expert a layer needs it sends the batch of tokens
 // routed to it in one request, all experts in parallel; a failed call goes
 // at once to the next provider. The outputs are combined exactly as
-// llama.cpp combines them (ggml.Combine).
+// llama.cpp combines them (moe.Combine).
 type RemoteExperts struct {
 	Client    *expert.Client
 	Model     cid.Cid
@@ -164,14 +171,14 @@ func (r *RemoteExperts) Hedges() int64 { return r.hedges.Load() }
 // Redispatches counts calls sent again because a provider failed.
 func (r *RemoteExperts) Redispatches() int64 { return r.redispatches.Load() }
 
-var _ ggml.Experts = (*RemoteExperts)(nil)
+var _ moe.Experts = (*RemoteExperts)(nil)
 
-// MoE implements ggml.Experts.
+// MoE implements moe.Experts.
 func (r *RemoteExperts) MoE(ctx context.Context, layer int, x []float32, n int, selected []int32, weights []float32) ([]float32, error) {
 	start := time.Now()
 	stats := callStats(ctx)
 	outs := make([]float32, n*r.Used*r.Embd)
-	routing := ggml.Route(selected)
+	routing := moe.Route(selected)
 	// Peers that host every expert this layer needs serve them all in one
 	// round trip each: prefer them.
 	providers := make(map[int32][]peer.ID, len(routing.Experts))
@@ -204,7 +211,7 @@ func (r *RemoteExperts) MoE(ctx context.Context, layer int, x []float32, n int, 
 		go func() {
 			defer wg.Done()
 			slots := routing.Slots[e]
-			resp, err := r.call(ctx, expert.Key{Layer: layer, Expert: int(e)}, ggml.Gather(x, slots, r.Used, r.Embd), len(slots),
+			resp, err := r.call(ctx, expert.Key{Layer: layer, Expert: int(e)}, moe.Gather(x, slots, r.Used, r.Embd), len(slots),
 				providers[e], preferred)
 			mu.Lock()
 			defer mu.Unlock()
@@ -218,7 +225,7 @@ func (r *RemoteExperts) MoE(ctx context.Context, layer int, x []float32, n int, 
 			}
 			several = several || resp.Peer != first
 			answers++
-			ggml.Scatter(outs, resp.Output, slots, r.Embd)
+			moe.Scatter(outs, resp.Output, slots, r.Embd)
 		}()
 	}
 	wg.Wait()
@@ -233,7 +240,7 @@ func (r *RemoteExperts) MoE(ctx context.Context, layer int, x []float32, n int, 
 			stats.OneNodeLayers.Add(1)
 		}
 	}
-	return ggml.Combine(outs, weights, n, r.Used, r.Embd), nil
+	return moe.Combine(outs, weights, n, r.Used, r.Embd), nil
 }
 
 // deadline bounds a call to p: its latency deadline, at most timeout.

@@ -9,7 +9,7 @@ import (
 	"github.com/ipfs/go-cid"
 
 	"github.com/neuro-p2p/neuro/expert"
-	"github.com/neuro-p2p/neuro/ggml"
+	"github.com/neuro-p2p/neuro/moe"
 )
 
 // maxJudged bounds the experts a gating node keeps loaded to judge with.
@@ -28,10 +28,11 @@ var errJudgeBusy = errors.New("fetching another expert's shard")
 // keeps the last maxJudged experts loaded.
 type localJudge struct {
 	f       Fetcher
+	loader  moe.ExpertLoader
 	threads int
 
 	mu       sync.Mutex
-	loaded   map[judgedKey]*ggml.Expert
+	loaded   map[judgedKey]moe.Expert
 	order    []judgedKey // least recently used first
 	fetching bool        // one shard fetch at a time
 }
@@ -41,11 +42,11 @@ type judgedKey struct {
 	k     expert.Key
 }
 
-func newLocalJudge(f Fetcher, threads int) *localJudge {
-	return &localJudge{f: f, threads: max(1, threads), loaded: map[judgedKey]*ggml.Expert{}}
+func newLocalJudge(f Fetcher, loader moe.ExpertLoader, threads int) *localJudge {
+	return &localJudge{f: f, loader: loader, threads: max(1, threads), loaded: map[judgedKey]moe.Expert{}}
 }
 
-func (j *localJudge) get(ctx context.Context, model cid.Cid, k expert.Key) (*ggml.Expert, error) {
+func (j *localJudge) get(ctx context.Context, model cid.Cid, k expert.Key) (moe.Expert, error) {
 	key := judgedKey{model, k}
 	j.mu.Lock()
 	if e := j.loaded[key]; e != nil {
@@ -90,7 +91,7 @@ func (j *localJudge) get(ctx context.Context, model cid.Cid, k expert.Key) (*ggm
 	if err != nil {
 		return nil, err
 	}
-	e, err := ggml.NewExpertFromShard(shard, k.Layer, ggml.ExpertOptions{Threads: j.threads})
+	e, err := moe.NewExpertFromShard(j.loader, shard, k.Layer, moe.ExpertOptions{Threads: j.threads})
 	if err != nil {
 		return nil, err
 	}
@@ -123,7 +124,7 @@ func (j *localJudge) touch(key judgedKey) {
 
 // compute implements LocalFunc.
 func (j *localJudge) compute(ctx context.Context, model cid.Cid, k expert.Key, in []float32, n int) ([]float32, error) {
-	var e *ggml.Expert
+	var e moe.Expert
 	for attempt := 0; ; attempt++ {
 		var err error
 		if e, err = j.get(ctx, model, k); err != nil {
@@ -145,23 +146,21 @@ func (j *localJudge) compute(ctx context.Context, model cid.Cid, k expert.Key, i
 		return nil, fmt.Errorf("judge %s: %d floats for %d tokens of %d", k, len(in), n, e.Embd())
 	}
 	out := make([]float32, len(in))
-	embd := e.Embd()
-	for start := 0; start < n; start += e.MaxBatch() {
-		end := min(start+e.MaxBatch(), n)
-		if err := e.Compute(in[start*embd:end*embd], end-start, out[start*embd:end*embd]); err != nil {
-			return nil, fmt.Errorf("judge %s: %w", k, err)
-		}
+	if err := moe.ComputeBatched(e, in, n, out); err != nil {
+		return nil, fmt.Errorf("judge %s: %w", k, err)
 	}
 	return out, nil
 }
 
 // Close frees the loaded experts.
-func (j *localJudge) Close() {
+func (j *localJudge) Close() error {
 	j.mu.Lock()
 	defer j.mu.Unlock()
+	var errs []error
 	for _, e := range j.loaded {
-		e.Close()
+		errs = append(errs, e.Close())
 	}
-	j.loaded = map[judgedKey]*ggml.Expert{}
+	j.loaded = map[judgedKey]moe.Expert{}
 	j.order = nil
+	return errors.Join(errs...)
 }

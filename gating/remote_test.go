@@ -1,10 +1,10 @@
+//go:build ggml
+
 package gating
 
 import (
 	"context"
 	"fmt"
-	"io"
-	"log/slog"
 	"os"
 	"path/filepath"
 	"testing"
@@ -15,11 +15,10 @@ import (
 	"github.com/neuro-p2p/neuro/expert"
 	"github.com/neuro-p2p/neuro/ggml"
 	"github.com/neuro-p2p/neuro/model"
+	"github.com/neuro-p2p/neuro/moe"
 	"github.com/neuro-p2p/neuro/p2p/p2ptest"
 	neuropb "github.com/neuro-p2p/neuro/proto"
 )
-
-func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
 
 // A prompt answered by experts on three other nodes gives llama.cpp's
 // tokens; with the node that hosts every expert gone, the same prompt gives
@@ -31,7 +30,7 @@ func TestGenerateThroughNetworkEqualsLlamaCpp(t *testing.T) {
 	p.Layers = 3
 	// Node 1 hosts layers 0 and 1, node 2 layers 1 and 2, node 3 all.
 	xn := newExpertNet(t, ctx, p, model.Q8_0, 2025, []string{"0:*,1:*", "1:*,2:*", "0:*,1:*,2:*"})
-	hs, svcs, mc, origin := xn.hosts, xn.svcs, xn.model, xn.origin
+	hs, svcs, mc := xn.hosts, xn.svcs, xn.model
 	providers := HeartbeatProviders(hs[0], mc)
 	for {
 		ready := true
@@ -55,7 +54,7 @@ func TestGenerateThroughNetworkEqualsLlamaCpp(t *testing.T) {
 
 	const prompt, maxTokens = "the expert network once upon a time", 32
 	want := xn.reference(t, prompt, maxTokens)
-	sm, err := Load(origin.Store(), mc, 0)
+	sm, err := ggml.LoadSplit(xn.dir, mc, 1)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -83,7 +82,7 @@ func TestGenerateThroughNetworkEqualsLlamaCpp(t *testing.T) {
 
 // slow delays every compute, to play a straggler.
 type slow struct {
-	*ggml.Expert
+	moe.Expert
 	delay time.Duration
 }
 
@@ -122,7 +121,7 @@ func TestHedgingAroundASlowNode(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			e, err := ggml.NewExpertFromShard(s, int(ref.GetLayer()), ggml.ExpertOptions{Threads: 1, MaxBatch: 64})
+			e, err := moe.NewExpertFromShard(ggml.Backend{}, s, int(ref.GetLayer()), moe.ExpertOptions{Threads: 1, MaxBatch: 64})
 			if err != nil {
 				t.Fatal(err)
 			}

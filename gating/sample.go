@@ -6,7 +6,7 @@ import (
 	"math/rand/v2"
 	"slices"
 
-	"github.com/neuro-p2p/neuro/ggml"
+	"github.com/neuro-p2p/neuro/moe"
 )
 
 // Sampler picks the next token from a forward pass's logits. With
@@ -42,7 +42,7 @@ func (s *Sampler) Greedy() bool { return s.temperature <= 0 || s.topK == 1 }
 // Sample returns the next token.
 func (s *Sampler) Sample(logits []float32) int32 {
 	if s.Greedy() {
-		return ggml.Argmax(logits)
+		return moe.Argmax(logits)
 	}
 	c := s.cand[:0]
 	for i, l := range logits {

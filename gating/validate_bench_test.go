@@ -1,3 +1,5 @@
+//go:build ggml
+
 package gating
 
 import (
@@ -9,6 +11,7 @@ import (
 
 	"github.com/neuro-p2p/neuro/client"
 	"github.com/neuro-p2p/neuro/expert"
+	"github.com/neuro-p2p/neuro/ggml"
 	"github.com/neuro-p2p/neuro/model"
 	"github.com/neuro-p2p/neuro/reputation"
 )
@@ -34,7 +37,7 @@ func validationRun(b *testing.B, experts, liars, requests int, validate bool) (b
 		liarIDs[xn.hosts[i+1].ID().String()] = true
 	}
 	book, _ = reputation.Open(reputation.Config{})
-	cfg := EngineConfig{Threads: 1}
+	cfg := EngineConfig{Threads: 1, Compute: ggml.Backend{}}
 	if validate {
 		cfg.Book = book
 	}

@@ -12,6 +12,7 @@ import (
 	"github.com/ipfs/go-cid"
 
 	"github.com/neuro-p2p/neuro/model"
+	"github.com/neuro-p2p/neuro/moe"
 )
 
 // Mixtral 8x7B's expert shape.
@@ -26,7 +27,7 @@ func BenchmarkExpertFFN(b *testing.B) {
 		gate, _ := randWeights(b, rng, dt, mixtralEmbd*mixtralFF, 0.02)
 		up, _ := randWeights(b, rng, dt, mixtralEmbd*mixtralFF, 0.02)
 		down, _ := randWeights(b, rng, dt, mixtralEmbd*mixtralFF, 0.02)
-		e, err := NewExpert(dt, mixtralEmbd, mixtralFF, gate, up, down, ExpertOptions{MaxBatch: 32})
+		e, err := newExpert(dt, mixtralEmbd, mixtralFF, gate, up, down, moe.ExpertOptions{MaxBatch: 32})
 		if err != nil {
 			b.Fatal(err)
 		}

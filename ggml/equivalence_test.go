@@ -13,6 +13,7 @@ import (
 	neuropb "github.com/neuro-p2p/neuro/proto"
 
 	"github.com/neuro-p2p/neuro/model"
+	"github.com/neuro-p2p/neuro/moe"
 )
 
 // The split forward pass (gating compute + in-process experts, loaded from
@@ -85,7 +86,7 @@ func TestGatingBadInput(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	hp, err := HparamsOf(res.Manifest, gs)
+	hp, err := moe.HparamsOf(res.Manifest, gs)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -102,7 +103,7 @@ func TestGatingBadInput(t *testing.T) {
 	}
 	other := proto.Clone(res.Manifest).(*neuropb.Manifest)
 	other.Architecture = "qwen3moe"
-	if _, err := HparamsOf(other, gs); err == nil || !strings.Contains(err.Error(), "not supported") {
+	if _, err := moe.HparamsOf(other, gs); err == nil || !strings.Contains(err.Error(), "not supported") {
 		t.Errorf("unsupported architecture: %v", err)
 	}
 	g, err := NewGating(hp, gs, 1)
@@ -116,7 +117,7 @@ func TestGatingBadInput(t *testing.T) {
 	}
 	defer s.Close()
 	z := noExperts{embd: hp.Embd}
-	if _, err := s.Forward(t.Context(), make([]int32, 17), z); !errors.Is(err, ErrContextFull) {
+	if _, err := s.Forward(t.Context(), make([]int32, 17), z); !errors.Is(err, moe.ErrContextFull) {
 		t.Errorf("over the context: %v", err)
 	}
 	if _, err := s.Forward(t.Context(), []int32{int32(hp.Vocab)}, z); err == nil {

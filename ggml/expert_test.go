@@ -8,6 +8,8 @@ import (
 	"testing"
 
 	"github.com/neuro-p2p/neuro/model"
+	"github.com/neuro-p2p/neuro/moe"
+	"github.com/neuro-p2p/neuro/moe/moetest"
 )
 
 // randWeights returns n values uniform in ±scale, encoded as dt, and their
@@ -111,7 +113,7 @@ func TestExpertMatchesReference(t *testing.T) {
 			gb, g := randWeights(t, rng, dt, embd*ff, 0.1)
 			ub, u := randWeights(t, rng, dt, embd*ff, 0.1)
 			db, d := randWeights(t, rng, dt, embd*ff, 0.1)
-			e, err := NewExpert(dt, embd, ff, gb, ub, db, ExpertOptions{Threads: 2, MaxBatch: 8})
+			e, err := newExpert(dt, embd, ff, gb, ub, db, moe.ExpertOptions{Threads: 2, MaxBatch: 8})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -186,7 +188,7 @@ func TestExpertQ4K(t *testing.T) {
 		t.Fatal(err)
 	}
 	d, _ := Dequantize(model.Q4_K, db)
-	e, err := NewExpert(model.Q4_K, embd, ff, gb, ub, db, ExpertOptions{MaxBatch: 4})
+	e, err := newExpert(model.Q4_K, embd, ff, gb, ub, db, moe.ExpertOptions{MaxBatch: 4})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -230,7 +232,7 @@ func TestExpertBatchIndependent(t *testing.T) {
 	gb, _ := randWeights(t, rng, model.Q8_0, embd*ff, 0.1)
 	ub, _ := randWeights(t, rng, model.Q8_0, embd*ff, 0.1)
 	db, _ := randWeights(t, rng, model.Q8_0, embd*ff, 0.1)
-	e, err := NewExpert(model.Q8_0, embd, ff, gb, ub, db, ExpertOptions{})
+	e, err := newExpert(model.Q8_0, embd, ff, gb, ub, db, moe.ExpertOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -280,7 +282,11 @@ func TestExpertFromShard(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e, err := NewExpertFromShard(s, int(ref.GetLayer()), ExpertOptions{Threads: 1, MaxBatch: 4})
+	w, err := moe.ExpertWeightsOf(s, int(ref.GetLayer()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := NewExpert(w, moe.ExpertOptions{Threads: 1, MaxBatch: 4})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -309,16 +315,16 @@ func TestExpertFromShard(t *testing.T) {
 func TestExpertBadInput(t *testing.T) {
 	const embd, ff = 64, 64
 	w := make([]byte, model.Q8_0.RowSize(embd)*ff)
-	if _, err := NewExpert(model.Q8_0, embd, ff, w, w, w[:10], ExpertOptions{}); err == nil {
+	if _, err := newExpert(model.Q8_0, embd, ff, w, w, w[:10], moe.ExpertOptions{}); err == nil {
 		t.Error("accepted short down weights")
 	}
-	if _, err := NewExpert(model.Q8_0, 48, ff, w, w, w, ExpertOptions{}); err == nil {
+	if _, err := newExpert(model.Q8_0, 48, ff, w, w, w, moe.ExpertOptions{}); err == nil {
 		t.Error("accepted embd that is not a multiple of the block")
 	}
-	if _, err := NewExpert(model.DType(99), embd, ff, w, w, w, ExpertOptions{}); err == nil {
+	if _, err := newExpert(model.DType(99), embd, ff, w, w, w, moe.ExpertOptions{}); err == nil {
 		t.Error("accepted an unknown dtype")
 	}
-	e, err := NewExpert(model.Q8_0, embd, ff, w, w, w, ExpertOptions{Threads: 1, MaxBatch: 4})
+	e, err := newExpert(model.Q8_0, embd, ff, w, w, w, moe.ExpertOptions{Threads: 1, MaxBatch: 4})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -333,8 +339,54 @@ func TestExpertBadInput(t *testing.T) {
 		t.Error("accepted an empty batch")
 	}
 	e.Close()
-	if err := e.Compute(make([]float32, embd), 1, out[:embd]); err != ErrClosed {
+	if err := e.Compute(make([]float32, embd), 1, out[:embd]); err != moe.ErrClosed {
 		t.Errorf("compute after close: %v", err)
 	}
 	e.Close()
+}
+
+// newExpert builds an expert whose three tensors share dtype.
+func newExpert(dtype model.DType, embd, ff int, gate, up, down []byte, o moe.ExpertOptions) (*Expert, error) {
+	return NewExpert(moe.ExpertWeights{Embd: embd, FF: ff,
+		Gate: moe.Tensor{Type: dtype, Data: gate}, Up: moe.Tensor{Type: dtype, Data: up}, Down: moe.Tensor{Type: dtype, Data: down}}, o)
+}
+
+// The pure-Go test backend (moetest), which the race-detector tests of the
+// packages above compute with, agrees with ggml on F32 weights up to float
+// summation order.
+func TestMoetestAgreesWithGGML(t *testing.T) {
+	const embd, ff, batch = 128, 256, 3
+	rng := rand.New(rand.NewPCG(9, 9))
+	gb, _ := randWeights(t, rng, model.F32, embd*ff, 0.1)
+	ub, _ := randWeights(t, rng, model.F32, embd*ff, 0.1)
+	db, _ := randWeights(t, rng, model.F32, embd*ff, 0.1)
+	w := moe.ExpertWeights{Embd: embd, FF: ff, Gate: moe.Tensor{Type: model.F32, Data: gb},
+		Up: moe.Tensor{Type: model.F32, Data: ub}, Down: moe.Tensor{Type: model.F32, Data: db}}
+	g, err := Backend{}.NewExpert(w, moe.ExpertOptions{Threads: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	m, err := moetest.Backend{}.NewExpert(w, moe.ExpertOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	x := make([]float32, batch*embd)
+	for i := range x {
+		x[i] = 2*rng.Float32() - 1
+	}
+	got, want := make([]float32, len(x)), make([]float32, len(x))
+	if err := g.Compute(x, batch, got); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Compute(x, batch, want); err != nil {
+		t.Fatal(err)
+	}
+	w64 := make([]float64, len(want))
+	for i, v := range want {
+		w64[i] = float64(v)
+	}
+	if e := maxRelErr(got, w64); e > 1e-5 {
+		t.Fatalf("ggml and moetest differ by %.2e (relative)", e)
+	}
 }

@@ -16,89 +16,8 @@ import (
 	"unsafe"
 
 	"github.com/neuro-p2p/neuro/model"
-	neuropb "github.com/neuro-p2p/neuro/proto"
+	"github.com/neuro-p2p/neuro/moe"
 )
-
-// Experts computes the MoE block of one layer for a batch of tokens. x
-// holds n rows of Embd floats (the layer's normalised hidden states);
-// selected and weights hold n rows of ExpertsUsed entries: the experts
-// llama.cpp's router chose for each token, best first, and their
-// normalised weights. It returns n rows of Embd floats: for each token the
-// weighted sum of its experts' outputs (see Combine for the exact order of
-// operations that reproduces llama.cpp).
-type Experts interface {
-	MoE(ctx context.Context, layer int, x []float32, n int, selected []int32, weights []float32) ([]float32, error)
-}
-
-// Combine returns, for each of n tokens, Σ_j outs[t][j] * weights[t][j]
-// with the slots added in order, rounding each product and each sum to
-// float32 exactly as llama.cpp's build_moe_ffn does (ggml_mul, then
-// ggml_add of the slots in order). outs holds n x used rows of embd floats
-// (token-major).
-func Combine(outs []float32, weights []float32, n, used, embd int) []float32 {
-	res := make([]float32, n*embd)
-	for t := range n {
-		dst := res[t*embd : (t+1)*embd]
-		for j := range used {
-			w := weights[t*used+j]
-			src := outs[(t*used+j)*embd : (t*used+j+1)*embd]
-			if j == 0 {
-				for i, v := range src {
-					dst[i] = float32(v * w)
-				}
-				continue
-			}
-			for i, v := range src {
-				// The conversions round each step and forbid a fused
-				// multiply-add, which would round once.
-				p := float32(v * w)
-				dst[i] = float32(dst[i] + p)
-			}
-		}
-	}
-	return res
-}
-
-// Hparams are what the gating compute needs to know of a model.
-type Hparams struct {
-	Layers, Embd, Heads, KVHeads, Rot   int
-	Experts, ExpertsUsed, Vocab, CtxLen int
-	RopeFreqBase, RMSEps                float32
-}
-
-// HparamsOf reads the hyper-parameters from a manifest and its gating
-// shard.
-func HparamsOf(m *neuropb.Manifest, gating *model.Shard) (Hparams, error) {
-	if m.GetArchitecture() != "llama" {
-		return Hparams{}, fmt.Errorf("gating compute: architecture %q is not supported yet (llama only)", m.GetArchitecture())
-	}
-	p := m.GetParams()
-	h := Hparams{
-		Layers: int(p.GetLayers()), Embd: int(p.GetEmbd()), Heads: int(p.GetHeads()), KVHeads: int(p.GetKvHeads()),
-		Experts: int(p.GetExperts()), ExpertsUsed: int(p.GetExpertsUsed()), Vocab: int(p.GetVocab()),
-		CtxLen: int(p.GetContext()), RopeFreqBase: p.GetRopeFreqBase(), RMSEps: p.GetRmsEps(),
-	}
-	if h.Heads == 0 || h.Embd%h.Heads != 0 || h.KVHeads == 0 || h.Heads%h.KVHeads != 0 {
-		return Hparams{}, fmt.Errorf("gating compute: %d heads, %d kv heads for embd %d", h.Heads, h.KVHeads, h.Embd)
-	}
-	h.Rot = h.Embd / h.Heads
-	if v, ok := gating.File.Get("llama.rope.dimension_count").(uint32); ok {
-		h.Rot = int(v)
-	}
-	if h.Rot != h.Embd/h.Heads {
-		return Hparams{}, fmt.Errorf("gating compute: rope dimension %d differs from the head size %d (not supported)", h.Rot, h.Embd/h.Heads)
-	}
-	if h.RopeFreqBase == 0 {
-		h.RopeFreqBase = 10000 // llama.cpp's default when the key is absent
-	}
-	if h.RMSEps == 0 {
-		return Hparams{}, errors.New("gating compute: llama.attention.layer_norm_rms_epsilon is missing")
-	}
-	if h.ExpertsUsed < 1 || h.ExpertsUsed > h.Experts || h.Vocab < 1 || h.CtxLen < 1 {
-		return Hparams{}, fmt.Errorf("gating compute: bad params %+v", h)
-	}
-	return h, nil
-}
 
 // Gating is the gating part of a model in ggml memory: embeddings,
 // attention, norms, router and output head. Its compute reproduces
@@ -107,12 +26,12 @@ func HparamsOf(m *neuropb.Manifest, gating *model.Shard) (Hparams, error) {
 type Gating struct {
 	mu sync.Mutex
 	c  *C.neuro_gating
-	hp Hparams
+	hp moe.Hparams
 }
 
 // NewGating copies the gating shard's tensors into ggml memory, checking
 // each against the shape the hyper-parameters imply.
-func NewGating(hp Hparams, shard *model.Shard, threads int) (*Gating, error) {
+func NewGating(hp moe.Hparams, shard *model.Shard, threads int) (*Gating, error) {
 	if threads <= 0 || threads > poolThreads {
 		threads = poolThreads
 	}
@@ -191,7 +110,7 @@ func NewGating(hp Hparams, shard *model.Shard, threads int) (*Gating, error) {
 }
 
 // Hparams returns the model's hyper-parameters.
-func (g *Gating) Hparams() Hparams { return g.hp }
+func (g *Gating) Hparams() moe.Hparams { return g.hp }
 
 // Close frees the ggml memory. Close the sessions first.
 func (g *Gating) Close() error {
@@ -220,7 +139,7 @@ func (g *Gating) NewSession(nCtx int) (*Session, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.c == nil {
-		return nil, ErrClosed
+		return nil, moe.ErrClosed
 	}
 	var errbuf [256]C.char
 	c := C.neuro_session_new(g.c, C.int(nCtx), &errbuf[0], C.size_t(len(errbuf)))
@@ -245,14 +164,14 @@ func (s *Session) Len() int { return s.pos }
 // Forward runs tokens through the model after those already in the
 // session, asking experts for each MoE layer's expert outputs, and returns
 // the last token's logits.
-func (s *Session) Forward(ctx context.Context, tokens []int32, experts Experts) ([]float32, error) {
+func (s *Session) Forward(ctx context.Context, tokens []int32, experts moe.Experts) ([]float32, error) {
 	hp := s.g.hp
 	n := len(tokens)
 	if n == 0 {
 		return nil, errors.New("forward: no tokens")
 	}
 	if s.pos+n > s.nCtx {
-		return nil, fmt.Errorf("forward %d tokens after %d: %w (%d tokens)", n, s.pos, ErrContextFull, s.nCtx)
+		return nil, fmt.Errorf("forward %d tokens after %d: %w (%d tokens)", n, s.pos, moe.ErrContextFull, s.nCtx)
 	}
 	for _, t := range tokens {
 		if t < 0 || int(t) >= hp.Vocab {
@@ -321,89 +240,10 @@ func (s *Session) call(f func() C.int) error {
 	computeMu.Lock()
 	defer computeMu.Unlock()
 	if s.g.c == nil || s.c == nil {
-		return ErrClosed
+		return moe.ErrClosed
 	}
 	if rc := f(); rc != 0 {
 		return fmt.Errorf("ggml compute failed (code %d)", int(rc))
-	}
-	return nil
-}
-
-// LocalExperts computes experts in this process (the single-machine split
-// path, and the oracle for networked experts).
-type LocalExperts struct {
-	Embd, Used int
-	// Experts maps (layer, expert) to its compute.
-	Experts map[[2]int]*Expert
-}
-
-// Routing is one layer's tokens grouped by the expert they go to.
-type Routing struct {
-	// Experts in order of first use.
-	Experts []int32
-	// Slots of each expert: indexes t*used+j of selected.
-	Slots map[int32][]int
-}
-
-// Route groups the slots of selected (n tokens x used experts) by expert.
-func Route(selected []int32) Routing {
-	r := Routing{Slots: map[int32][]int{}}
-	for slot, e := range selected {
-		if _, ok := r.Slots[e]; !ok {
-			r.Experts = append(r.Experts, e)
-		}
-		r.Slots[e] = append(r.Slots[e], slot)
-	}
-	return r
-}
-
-// Gather returns the hidden states (rows of embd floats of x) of the
-// tokens in slots, one row per slot, for a request to one expert.
-func Gather(x []float32, slots []int, used, embd int) []float32 {
-	in := make([]float32, len(slots)*embd)
-	for i, slot := range slots {
-		t := slot / used
-		copy(in[i*embd:], x[t*embd:(t+1)*embd])
-	}
-	return in
-}
-
-// Scatter puts one expert's outputs (a row per slot) into outs, the
-// token-major n x used x embd array Combine reads.
-func Scatter(outs, out []float32, slots []int, embd int) {
-	for i, slot := range slots {
-		copy(outs[slot*embd:(slot+1)*embd], out[i*embd:(i+1)*embd])
-	}
-}
-
-// MoE implements Experts: each expert gets the batch of tokens routed to
-// it in one call, and Combine weighs and sums the results.
-func (le *LocalExperts) MoE(_ context.Context, layer int, x []float32, n int, selected []int32, weights []float32) ([]float32, error) {
-	outs := make([]float32, n*le.Used*le.Embd)
-	r := Route(selected)
-	for _, e := range r.Experts {
-		ex := le.Experts[[2]int{layer, int(e)}]
-		if ex == nil {
-			return nil, fmt.Errorf("no expert %d:%d", layer, e)
-		}
-		slots := r.Slots[e]
-		in := Gather(x, slots, le.Used, le.Embd)
-		out := make([]float32, len(in))
-		for start := 0; start < len(slots); start += ex.MaxBatch() {
-			end := min(start+ex.MaxBatch(), len(slots))
-			if err := ex.Compute(in[start*le.Embd:end*le.Embd], end-start, out[start*le.Embd:end*le.Embd]); err != nil {
-				return nil, fmt.Errorf("expert %d:%d: %w", layer, e, err)
-			}
-		}
-		Scatter(outs, out, slots, le.Embd)
-	}
-	return Combine(outs, weights, n, le.Used, le.Embd), nil
-}
-
-// Close closes every expert.
-func (le *LocalExperts) Close() error {
-	for _, e := range le.Experts {
-		e.Close()
 	}
 	return nil
 }

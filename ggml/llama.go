@@ -15,11 +15,8 @@ import (
 	"unsafe"
 
 	"github.com/neuro-p2p/neuro/model"
+	"github.com/neuro-p2p/neuro/moe"
 )
-
-// ErrContextFull means a prompt and the tokens to generate do not fit the
-// context.
-var ErrContextFull = errors.New("context is full")
 
 // Llama is a whole GGUF model loaded by llama.cpp: the reference path that
 // every distributed computation is checked against.
@@ -187,7 +184,7 @@ func (c *LlamaContext) Decode(tokens []int32) error {
 		return errors.New("decode: no tokens")
 	}
 	if c.nPos+len(tokens) > c.nCtx {
-		return fmt.Errorf("decode %d tokens after %d: %w (%d tokens)", len(tokens), c.nPos, ErrContextFull, c.nCtx)
+		return fmt.Errorf("decode %d tokens after %d: %w (%d tokens)", len(tokens), c.nPos, moe.ErrContextFull, c.nCtx)
 	}
 	for _, t := range tokens {
 		if t < 0 || int(t) >= c.l.nVocab {
@@ -230,18 +227,6 @@ type Generation struct {
 	Steps []time.Duration
 }
 
-// Argmax returns the index of the largest value (the first on ties), as
-// greedy sampling does.
-func Argmax(x []float32) int32 {
-	best := 0
-	for i, v := range x {
-		if v > x[best] {
-			best = i
-		}
-	}
-	return int32(best)
-}
-
 // GenerateGreedy decodes the prompt and then up to maxTokens tokens, each
 // the argmax of the logits, through llama.cpp. keepLogits keeps every
 // step's logits.
@@ -257,7 +242,7 @@ func (l *Llama) GenerateGreedy(prompt string, maxTokens int, o ContextOptions, k
 		o.Context = min(l.ContextLength(), 4096)
 	}
 	if len(toks)+maxTokens > o.Context {
-		return nil, fmt.Errorf("prompt of %d tokens + %d new tokens: %w (%d tokens)", len(toks), maxTokens, ErrContextFull, o.Context)
+		return nil, fmt.Errorf("prompt of %d tokens + %d new tokens: %w (%d tokens)", len(toks), maxTokens, moe.ErrContextFull, o.Context)
 	}
 	ctx, err := l.NewContext(o)
 	if err != nil {
@@ -284,7 +269,7 @@ func (l *Llama) greedy(toks []int32, maxTokens int, keepLogits bool, step func([
 			return nil, err
 		}
 		g.Steps = append(g.Steps, time.Since(start))
-		tok := Argmax(logits)
+		tok := moe.Argmax(logits)
 		if keepLogits {
 			g.Logits = append(g.Logits, logits)
 		}
@@ -298,14 +283,11 @@ func (l *Llama) greedy(toks []int32, maxTokens int, keepLogits bool, step func([
 	return g, nil
 }
 
-// ChatMessage is one turn of a chat.
-type ChatMessage struct{ Role, Content string }
-
 // ApplyChatTemplate formats a chat into a prompt with the model's chat
 // template (tokenizer.chat_template), or ChatML where the model has none,
 // ending with the start of the assistant's turn. Only the templates
 // llama.cpp recognises are supported; another gives an error.
-func (l *Llama) ApplyChatTemplate(msgs []ChatMessage) (string, error) {
+func (l *Llama) ApplyChatTemplate(msgs []moe.ChatMessage) (string, error) {
 	if len(msgs) == 0 {
 		return "", errors.New("chat template: no messages")
 	}

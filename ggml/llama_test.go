@@ -10,6 +10,7 @@ import (
 	"github.com/ipfs/go-cid"
 
 	"github.com/neuro-p2p/neuro/model"
+	"github.com/neuro-p2p/neuro/moe"
 )
 
 func tinyModel(t *testing.T, dt model.DType, seed uint64) string {
@@ -52,7 +53,7 @@ func TestLlamaGenerateGreedy(t *testing.T) {
 		t.Fatalf("generated %d tokens, %d logits", len(a.Tokens), len(a.Logits))
 	}
 	for i, tok := range a.Tokens {
-		if Argmax(a.Logits[i]) != tok {
+		if moe.Argmax(a.Logits[i]) != tok {
 			t.Fatalf("token %d is not the argmax of its logits", i)
 		}
 	}
@@ -89,7 +90,7 @@ func TestLlamaBadInput(t *testing.T) {
 	for len(long) < 3000 {
 		long = append(long, "hello world "...)
 	}
-	if _, err := l.GenerateGreedy(string(long), 4, ContextOptions{}, false); !errors.Is(err, ErrContextFull) {
+	if _, err := l.GenerateGreedy(string(long), 4, ContextOptions{}, false); !errors.Is(err, moe.ErrContextFull) {
 		t.Errorf("prompt over the context: %v", err)
 	}
 	if _, err := l.GenerateGreedy("hi", 0, ContextOptions{}, false); err == nil {
@@ -115,7 +116,7 @@ func TestApplyChatTemplate(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer l.Close()
-	got, err := l.ApplyChatTemplate([]ChatMessage{{"system", "be brief"}, {"user", "hello"}})
+	got, err := l.ApplyChatTemplate([]moe.ChatMessage{{Role: "system", Content: "be brief"}, {Role: "user", Content: "hello"}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -8,16 +8,17 @@ import (
 	"github.com/ipfs/go-cid"
 
 	"github.com/neuro-p2p/neuro/model"
+	"github.com/neuro-p2p/neuro/moe"
 )
 
 // SplitModel is a model run from its shards in one process: the gating
-// compute, every expert as a LocalExperts, and llama.cpp's tokenizer read
+// compute, every expert as a moe.LocalExperts, and llama.cpp's tokenizer read
 // from the gating shard. It is the single-machine form of the distributed
 // forward pass.
 type SplitModel struct {
 	Vocab   *Llama
 	Gating  *Gating
-	Experts *LocalExperts
+	Experts *moe.LocalExperts
 }
 
 // LoadSplit loads the split model in dir (verifying the manifest against
@@ -31,11 +32,11 @@ func LoadSplit(dir string, want cid.Cid, threads int) (_ *SplitModel, err error)
 	if err != nil {
 		return nil, fmt.Errorf("gating %w", err)
 	}
-	hp, err := HparamsOf(m, gs)
+	hp, err := moe.HparamsOf(m, gs)
 	if err != nil {
 		return nil, err
 	}
-	sm := &SplitModel{Experts: &LocalExperts{Embd: hp.Embd, Used: hp.ExpertsUsed, Experts: map[[2]int]*Expert{}}}
+	sm := &SplitModel{Experts: &moe.LocalExperts{Embd: hp.Embd, Used: hp.ExpertsUsed, Experts: map[[2]int]moe.Expert{}}}
 	defer func() {
 		if err != nil {
 			err = errors.Join(err, sm.Close())
@@ -53,7 +54,7 @@ func LoadSplit(dir string, want cid.Cid, threads int) (_ *SplitModel, err error)
 		if err != nil {
 			return nil, fmt.Errorf("expert %d:%d: %w", ref.GetLayer(), ref.GetExpert(), err)
 		}
-		e, err := NewExpertFromShard(s, int(ref.GetLayer()), ExpertOptions{Threads: threads})
+		e, err := moe.NewExpertFromShard(Backend{}, s, int(ref.GetLayer()), moe.ExpertOptions{Threads: threads})
 		if err != nil {
 			return nil, fmt.Errorf("expert %d:%d: %w", ref.GetLayer(), ref.GetExpert(), err)
 		}
@@ -79,7 +80,7 @@ func (sm *SplitModel) Close() error {
 
 // GenerateGreedy generates as Llama.GenerateGreedy does, through the
 // gating compute and experts (sm.Experts when experts is nil).
-func (sm *SplitModel) GenerateGreedy(ctx context.Context, prompt string, maxTokens, nCtx int, experts Experts, keepLogits bool) (*Generation, error) {
+func (sm *SplitModel) GenerateGreedy(ctx context.Context, prompt string, maxTokens, nCtx int, experts moe.Experts, keepLogits bool) (*Generation, error) {
 	if maxTokens < 1 {
 		return nil, fmt.Errorf("max tokens %d: must be at least 1", maxTokens)
 	}
@@ -94,7 +95,7 @@ func (sm *SplitModel) GenerateGreedy(ctx context.Context, prompt string, maxToke
 		nCtx = min(sm.Gating.Hparams().CtxLen, 4096)
 	}
 	if len(toks)+maxTokens > nCtx {
-		return nil, fmt.Errorf("prompt of %d tokens + %d new tokens: %w (%d tokens)", len(toks), maxTokens, ErrContextFull, nCtx)
+		return nil, fmt.Errorf("prompt of %d tokens + %d new tokens: %w (%d tokens)", len(toks), maxTokens, moe.ErrContextFull, nCtx)
 	}
 	s, err := sm.Gating.NewSession(nCtx)
 	if err != nil {

@@ -1,7 +1,8 @@
 // Package node is the composition root of neurod: it turns a Config into a
 // running node (identity and home directory, the p2p stack, the local
 // control API) and shuts it down in order. It is the only package that
-// wires the others together.
+// wires the others together. It is pure Go: the compute backend (ggml in
+// neurod) is given to New with WithCompute.
 package node
 
 import (
@@ -26,6 +27,7 @@ import (
 	"github.com/neuro-p2p/neuro/gating"
 	"github.com/neuro-p2p/neuro/ledger"
 	"github.com/neuro-p2p/neuro/metrics"
+	"github.com/neuro-p2p/neuro/moe"
 	"github.com/neuro-p2p/neuro/p2p"
 	neuropb "github.com/neuro-p2p/neuro/proto"
 	"github.com/neuro-p2p/neuro/reputation"
@@ -42,6 +44,20 @@ type options struct {
 	slowDown time.Duration
 	fault    expert.Fault
 	load     LoadSignal
+	compute  moe.Backend
+}
+
+// WithCompute sets the compute backend the node's experts and gating
+// compute run on (neurod passes ggml's). A node that hosts experts or
+// serves as a gating node needs one.
+func WithCompute(b moe.Backend) Option {
+	return func(o *options) error {
+		if b == nil {
+			return errors.New("nil compute backend")
+		}
+		o.compute = b
+		return nil
+	}
 }
 
 // WithLoadSignal replaces the machine load readings that home.idle_only
@@ -212,7 +228,7 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 	n.log = n.log.With("peer", n.p2p.ID())
 	if n.home != "" {
 		if n.expert, err = newExpertService(n.p2p, key, cfg.Expert, filepath.Join(n.home, StoreDir), n.countFetched(o.progress),
-			o.slowDown, o.fault, n.metrics, n.log); err != nil {
+			o.slowDown, o.fault, o.compute, n.metrics, n.log); err != nil {
 			return nil, err
 		}
 		n.idle = newIdleGuard(cfg.Home, o.load, n.expert.SetPaused, n.metrics, n.log)
@@ -255,7 +271,7 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 		}
 		n.gating, err = gating.NewEngine(n.p2p, n.expert, gating.EngineConfig{Threads: cfg.Gating.Threads,
 			MaxSessions: cfg.Gating.MaxSessions, Context: cfg.Gating.Context, DefaultMaxTokens: cfg.Gating.MaxTokens,
-			DType: dt, CallTimeout: time.Duration(cfg.Gating.CallTimeout), Book: book, Metrics: n.metrics}, n.log)
+			DType: dt, CallTimeout: time.Duration(cfg.Gating.CallTimeout), Book: book, Metrics: n.metrics, Compute: o.compute}, n.log)
 		if err != nil {
 			return nil, err
 		}
@@ -503,9 +519,9 @@ func (n *Node) keepBook(ctx context.Context) {
 
 // newExpertService builds the node's expert service from its config.
 func newExpertService(h *p2p.Host, key crypto.PrivKey, cfg ExpertConfig, store string, progress expert.Progress, slow time.Duration,
-	fault expert.Fault, m *metrics.Metrics, log *slog.Logger) (*expert.Service, error) {
+	fault expert.Fault, compute moe.Backend, m *metrics.Metrics, log *slog.Logger) (*expert.Service, error) {
 	sc := expert.ServiceConfig{StoreDir: store, MemoryBudget: int64(cfg.MemoryMB) << 20, Threads: cfg.Threads,
-		Server: expert.DefaultConfig(), Progress: progress, Fault: fault}
+		Server: expert.DefaultConfig(), Progress: progress, Fault: fault, Compute: compute}
 	sc.Server.Metrics = m
 	sc.Server.SignReceipt = func(r *neuropb.UsageReceipt) error { return ledger.SignReceipt(key, r) }
 	sc.Server.SlowDown = slow

@@ -20,6 +20,7 @@ import (
 
 	"github.com/neuro-p2p/neuro/expert"
 	"github.com/neuro-p2p/neuro/model"
+	"github.com/neuro-p2p/neuro/moe/moetest"
 	"github.com/neuro-p2p/neuro/node"
 	"github.com/neuro-p2p/neuro/testnet"
 )
@@ -103,7 +104,9 @@ func TestDashboardStateMetricsAndIdleOnly(t *testing.T) {
 		cfg.Expert.Model = split.ModelCID.String()
 		cfg.Expert.Experts = "0:*,1:*,2:*"
 		cfg.P2P.Bootstrap = boot
-		opts := []node.Option{node.WithHome(home), node.WithLogger(log.With("node", i))}
+		// The pure-Go backend: the experts compute for real without
+		// llama.cpp, so that this test runs with the race detector.
+		opts := []node.Option{node.WithHome(home), node.WithLogger(log.With("node", i)), node.WithCompute(moetest.Backend{})}
 		switch i {
 		case 0:
 			store, err := expert.OpenStore(filepath.Join(home, node.StoreDir))

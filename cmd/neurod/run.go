@@ -14,6 +14,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/neuro-p2p/neuro/expert"
+	"github.com/neuro-p2p/neuro/ggml"
 	"github.com/neuro-p2p/neuro/internal/progress"
 
 	"github.com/neuro-p2p/neuro/node"
@@ -91,7 +92,8 @@ Flags override NEURO_* environment variables, which override the config.`,
 			if (fault != expert.FaultNone || slowCompute > 0) && !testnetMode {
 				return errors.New("flags --faulty and --test-slow-compute make a node misbehave on purpose: only with --testnet")
 			}
-			opts := []node.Option{node.WithHome(home), node.WithLogger(log), node.WithExpertSlowDown(slowCompute), node.WithFault(fault)}
+			opts := []node.Option{node.WithHome(home), node.WithLogger(log), node.WithExpertSlowDown(slowCompute), node.WithFault(fault),
+				node.WithCompute(ggml.Backend{})}
 			if pr := progress.New(cmd.ErrOrStderr()); pr.On() {
 				show := pr.Fetches()
 				opts = append(opts, node.WithProgress(func(c cid.Cid, done, total int64) { show(c.String(), done, total) }))

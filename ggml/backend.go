@@ -1,0 +1,66 @@
+package ggml
+
+import (
+	"github.com/neuro-p2p/neuro/model"
+	"github.com/neuro-p2p/neuro/moe"
+)
+
+// Backend is the ggml compute backend: experts, the gating compute and
+// llama.cpp's tokenizer. The binary hands it to the node at its
+// composition root; its zero value is ready to use.
+type Backend struct{}
+
+var _ moe.Backend = Backend{}
+
+// NewExpert implements moe.ExpertLoader.
+func (Backend) NewExpert(w moe.ExpertWeights, o moe.ExpertOptions) (moe.Expert, error) {
+	e, err := NewExpert(w, o)
+	if err != nil {
+		return nil, err
+	}
+	return e, nil
+}
+
+// NewGating implements moe.GatingLoader.
+func (Backend) NewGating(hp moe.Hparams, shard *model.Shard, threads int) (moe.Gating, error) {
+	g, err := NewGating(hp, shard, threads)
+	if err != nil {
+		return nil, err
+	}
+	return gatingIface{g}, nil
+}
+
+// LoadVocab implements moe.GatingLoader.
+func (Backend) LoadVocab(path string) (moe.Vocab, error) {
+	l, err := LoadVocab(path)
+	if err != nil {
+		return nil, err
+	}
+	return l, nil
+}
+
+// Quantize implements moe.Quantizer.
+func (Backend) Quantize(t model.DType, x []float32, rowLen int) ([]byte, error) {
+	return Quantize(t, x, rowLen)
+}
+
+// Dequantize implements moe.Quantizer.
+func (Backend) Dequantize(t model.DType, b []byte) ([]float32, error) { return Dequantize(t, b) }
+
+// gatingIface gives *Gating the moe.Gating method set (its NewSession
+// returns the concrete *Session).
+type gatingIface struct{ *Gating }
+
+func (g gatingIface) NewSession(nCtx int) (moe.Session, error) {
+	s, err := g.Gating.NewSession(nCtx)
+	if err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+var (
+	_ moe.Session = (*Session)(nil)
+	_ moe.Vocab   = (*Llama)(nil)
+	_ moe.Expert  = (*Expert)(nil)
+)

@@ -1,0 +1,182 @@
+package moe
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/neuro-p2p/neuro/model"
+)
+
+// Backend is a compute backend: everything a node computes with. Package
+// ggml implements it with llama.cpp's ggml; moetest has a pure-Go one for
+// tests. Consumers take the part they use (ExpertLoader, GatingLoader,
+// Quantizer).
+type Backend interface {
+	ExpertLoader
+	GatingLoader
+	Quantizer
+}
+
+// ExpertLoader loads experts.
+type ExpertLoader interface {
+	// NewExpert copies an expert's weights into the backend's memory.
+	NewExpert(w ExpertWeights, o ExpertOptions) (Expert, error)
+}
+
+// GatingLoader loads the gating part of a model and its tokenizer.
+type GatingLoader interface {
+	// NewGating copies the gating shard's tensors into the backend's
+	// memory, checking each against the shape hp implies.
+	NewGating(hp Hparams, shard *model.Shard, threads int) (Gating, error)
+	// LoadVocab loads the tokenizer of the GGUF file at path (a gating
+	// shard carries the model's whole tokenizer).
+	LoadVocab(path string) (Vocab, error)
+}
+
+// Quantizer converts between float32 and a dtype's encoding.
+type Quantizer interface {
+	// Quantize encodes rows of float32 values (each of rowLen values) as t.
+	Quantize(t model.DType, x []float32, rowLen int) ([]byte, error)
+	// Dequantize decodes t-encoded data to float32.
+	Dequantize(t model.DType, b []byte) ([]float32, error)
+}
+
+// Expert computes one MoE expert's feed-forward block,
+// down(silu(gate·x) ⊙ (up·x)). Implementations are safe for concurrent use.
+type Expert interface {
+	// Compute runs n token vectors (x holds n rows of Embd floats) through
+	// the expert and writes n rows of Embd floats to out.
+	Compute(x []float32, n int, out []float32) error
+	// Embd is the hidden size, FF the feed-forward size.
+	Embd() int
+	FF() int
+	// MaxBatch is the largest n Compute accepts.
+	MaxBatch() int
+	// Close frees the weights; it is safe to call more than once.
+	Close() error
+}
+
+// ExpertOptions tunes an expert.
+type ExpertOptions struct {
+	// Threads is the number of compute threads (default: every core).
+	Threads int
+	// MaxBatch is the largest batch Compute accepts (default 512); compute
+	// memory for it is reserved up front.
+	MaxBatch int
+}
+
+// Tensor is one weight tensor's encoded bytes.
+type Tensor struct {
+	Type model.DType
+	Data []byte
+}
+
+// ExpertWeights are one expert's three tensors: gate and up are
+// [Embd, FF] and down is [FF, Embd] (ggml order, ne0 first).
+type ExpertWeights struct {
+	Embd, FF       int
+	Gate, Up, Down Tensor
+}
+
+// Check verifies the shape and that each tensor holds the bytes its type
+// and shape need.
+func (w ExpertWeights) Check() error {
+	if w.Embd <= 0 || w.FF <= 0 {
+		return fmt.Errorf("expert: bad shape embd=%d ff=%d", w.Embd, w.FF)
+	}
+	for _, t := range []struct {
+		name       string
+		t          Tensor
+		rowLen, rs int
+	}{{"gate", w.Gate, w.Embd, w.FF}, {"up", w.Up, w.Embd, w.FF}, {"down", w.Down, w.FF, w.Embd}} {
+		if !t.t.Type.Known() || t.t.Type.BlockSize() == 0 {
+			return fmt.Errorf("expert: %s: %w %s", t.name, model.ErrUnsupportedDType, t.t.Type)
+		}
+		if uint64(t.rowLen)%t.t.Type.BlockSize() != 0 {
+			return fmt.Errorf("expert: %s rows of %d are not a multiple of %s's block of %d", t.name, t.rowLen, t.t.Type, t.t.Type.BlockSize())
+		}
+		want := t.t.Type.RowSize(uint64(t.rowLen)) * uint64(t.rs)
+		if uint64(len(t.t.Data)) != want {
+			return fmt.Errorf("expert: %s weights are %d bytes, want %d for %s [%d x %d]", t.name, len(t.t.Data), want, t.t.Type, t.rowLen, t.rs)
+		}
+	}
+	return nil
+}
+
+// ExpertWeightsOf reads expert weights of layer from a verified expert
+// shard, checking that the three tensors form an expert.
+func ExpertWeightsOf(s *model.Shard, layer int) (ExpertWeights, error) {
+	var ts [3]Tensor
+	var infos [3]model.TensorInfo
+	for i, name := range []string{"gate", "up", "down"} {
+		b, t, err := s.TensorBytes(model.ExpertTensorName(layer, name))
+		if err != nil {
+			return ExpertWeights{}, err
+		}
+		if len(t.Shape) != 2 {
+			return ExpertWeights{}, fmt.Errorf("shard %s: tensor %s has shape %v, want 2 dimensions", s.CID, t.Name, t.Shape)
+		}
+		ts[i], infos[i] = Tensor{Type: t.Type, Data: b}, t
+	}
+	g, u, d := infos[0], infos[1], infos[2]
+	if g.Shape[0] != u.Shape[0] || g.Shape[1] != u.Shape[1] || d.Shape[0] != g.Shape[1] || d.Shape[1] != g.Shape[0] {
+		return ExpertWeights{}, fmt.Errorf("shard %s: shapes gate %v up %v down %v do not form an expert", s.CID, g.Shape, u.Shape, d.Shape)
+	}
+	w := ExpertWeights{Embd: int(g.Shape[0]), FF: int(g.Shape[1]), Gate: ts[0], Up: ts[1], Down: ts[2]}
+	if err := w.Check(); err != nil {
+		return ExpertWeights{}, fmt.Errorf("shard %s: %w", s.CID, err)
+	}
+	return w, nil
+}
+
+// NewExpertFromShard loads expert weights of layer from a verified shard.
+func NewExpertFromShard(l ExpertLoader, s *model.Shard, layer int, o ExpertOptions) (Expert, error) {
+	w, err := ExpertWeightsOf(s, layer)
+	if err != nil {
+		return nil, err
+	}
+	return l.NewExpert(w, o)
+}
+
+// Gating is the gating part of a model in a backend's memory: embeddings,
+// attention, norms, router and output head. Sessions share it.
+type Gating interface {
+	// Hparams returns the model's hyper-parameters.
+	Hparams() Hparams
+	// NewSession makes a session with a KV cache of nCtx tokens (default:
+	// the model's context, at most 4096).
+	NewSession(nCtx int) (Session, error)
+	// Close frees the memory. Close the sessions first.
+	Close() error
+}
+
+// Session is one sequence: its KV cache and position. Not safe for
+// concurrent use.
+type Session interface {
+	// Forward runs tokens through the model after those already in the
+	// session, asking experts for each MoE layer's expert outputs, and
+	// returns the last token's logits.
+	Forward(ctx context.Context, tokens []int32, experts Experts) ([]float32, error)
+	// Rewind drops the tokens after the first pos: the next Forward
+	// continues at position pos.
+	Rewind(pos int) error
+	// Len is the number of tokens in the KV cache.
+	Len() int
+	// Close frees the KV cache; it is safe to call more than once.
+	Close() error
+}
+
+// ChatMessage is one turn of a chat.
+type ChatMessage struct{ Role, Content string }
+
+// Vocab is a model's tokenizer.
+type Vocab interface {
+	Tokenize(text string, addSpecial bool) ([]int32, error)
+	Detokenize(tokens []int32) string
+	// IsEOG reports whether tok ends a generation.
+	IsEOG(tok int32) bool
+	// ApplyChatTemplate formats a chat into a prompt with the model's chat
+	// template, ending with the start of the assistant's turn.
+	ApplyChatTemplate(msgs []ChatMessage) (string, error)
+	Close() error
+}

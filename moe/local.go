@@ -1,0 +1,70 @@
+package moe
+
+import (
+	"context"
+	"errors"
+	"fmt"
+)
+
+// LocalExperts computes experts in this process (the single-machine split
+// path, and the oracle for networked experts).
+type LocalExperts struct {
+	Embd, Used int
+	// Experts maps (layer, expert) to its compute.
+	Experts map[[2]int]Expert
+}
+
+var _ Experts = (*LocalExperts)(nil)
+
+// MoE implements Experts: each expert gets the batch of tokens routed to
+// it in one call, and Combine weighs and sums the results.
+func (le *LocalExperts) MoE(_ context.Context, layer int, x []float32, n int, selected []int32, weights []float32) ([]float32, error) {
+	outs := make([]float32, n*le.Used*le.Embd)
+	r := Route(selected)
+	for _, e := range r.Experts {
+		ex := le.Experts[[2]int{layer, int(e)}]
+		if ex == nil {
+			return nil, fmt.Errorf("no expert %d:%d", layer, e)
+		}
+		slots := r.Slots[e]
+		in := Gather(x, slots, le.Used, le.Embd)
+		out := make([]float32, len(in))
+		if err := ComputeBatched(ex, in, len(slots), out); err != nil {
+			return nil, fmt.Errorf("expert %d:%d: %w", layer, e, err)
+		}
+		Scatter(outs, out, slots, le.Embd)
+	}
+	return Combine(outs, weights, n, le.Used, le.Embd), nil
+}
+
+// Close closes every expert.
+func (le *LocalExperts) Close() error {
+	var errs []error
+	for _, e := range le.Experts {
+		errs = append(errs, e.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// Batcher is what ComputeBatched needs of an expert.
+type Batcher interface {
+	Compute(x []float32, n int, out []float32) error
+	Embd() int
+	MaxBatch() int
+}
+
+// ComputeBatched runs n rows of x through e in batches of at most
+// e.MaxBatch() rows, writing n rows to out.
+func ComputeBatched(e Batcher, x []float32, n int, out []float32) error {
+	embd, mb := e.Embd(), e.MaxBatch()
+	if mb < 1 {
+		return fmt.Errorf("expert: max batch %d", mb)
+	}
+	for start := 0; start < n; start += mb {
+		end := min(start+mb, n)
+		if err := e.Compute(x[start*embd:end*embd], end-start, out[start*embd:end*embd]); err != nil {
+			return err
+		}
+	}
+	return nil
+}

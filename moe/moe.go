@@ -1,0 +1,87 @@
+// Package moe is the pure-Go half of neuro's Mixture-of-Experts compute:
+// the hyper-parameters a gating node needs, how one MoE layer's tokens are
+// routed to experts and their outputs combined (exactly as llama.cpp's
+// build_moe_ffn does), and the interfaces behind which a compute backend
+// (ggml through cgo, in package ggml) loads experts, the gating part and
+// the tokenizer.
+//
+// The packages that move hidden states around (expert, gating, node,
+// testnet) depend on this package only, so they build with CGO_ENABLED=0
+// and race-test without compiling llama.cpp; the binary wires the ggml
+// backend in at its composition root (cmd/neurod), as ollama's ml/backend
+// interfaces do.
+package moe
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/neuro-p2p/neuro/model"
+	neuropb "github.com/neuro-p2p/neuro/proto"
+)
+
+// Errors a backend returns.
+var (
+	// ErrContextFull means a prompt and the tokens to generate do not fit
+	// the context.
+	ErrContextFull = errors.New("context is full")
+	// ErrClosed is returned by an expert, gating part or session that was
+	// closed.
+	ErrClosed = errors.New("closed")
+	// ErrNoBackend means a node was asked to compute without a compute
+	// backend.
+	ErrNoBackend = errors.New("no compute backend")
+)
+
+// Experts computes the MoE block of one layer for a batch of tokens. x
+// holds n rows of Embd floats (the layer's normalised hidden states);
+// selected and weights hold n rows of ExpertsUsed entries: the experts
+// llama.cpp's router chose for each token, best first, and their
+// normalised weights. It returns n rows of Embd floats: for each token the
+// weighted sum of its experts' outputs (see Combine for the exact order of
+// operations that reproduces llama.cpp).
+type Experts interface {
+	MoE(ctx context.Context, layer int, x []float32, n int, selected []int32, weights []float32) ([]float32, error)
+}
+
+// Hparams are what the gating compute needs to know of a model.
+type Hparams struct {
+	Layers, Embd, Heads, KVHeads, Rot   int
+	Experts, ExpertsUsed, Vocab, CtxLen int
+	RopeFreqBase, RMSEps                float32
+}
+
+// HparamsOf reads the hyper-parameters from a manifest and its gating
+// shard.
+func HparamsOf(m *neuropb.Manifest, gating *model.Shard) (Hparams, error) {
+	if m.GetArchitecture() != "llama" {
+		return Hparams{}, fmt.Errorf("gating compute: architecture %q is not supported yet (llama only)", m.GetArchitecture())
+	}
+	p := m.GetParams()
+	h := Hparams{
+		Layers: int(p.GetLayers()), Embd: int(p.GetEmbd()), Heads: int(p.GetHeads()), KVHeads: int(p.GetKvHeads()),
+		Experts: int(p.GetExperts()), ExpertsUsed: int(p.GetExpertsUsed()), Vocab: int(p.GetVocab()),
+		CtxLen: int(p.GetContext()), RopeFreqBase: p.GetRopeFreqBase(), RMSEps: p.GetRmsEps(),
+	}
+	if h.Heads == 0 || h.Embd%h.Heads != 0 || h.KVHeads == 0 || h.Heads%h.KVHeads != 0 {
+		return Hparams{}, fmt.Errorf("gating compute: %d heads, %d kv heads for embd %d", h.Heads, h.KVHeads, h.Embd)
+	}
+	h.Rot = h.Embd / h.Heads
+	if v, ok := gating.File.Get("llama.rope.dimension_count").(uint32); ok {
+		h.Rot = int(v)
+	}
+	if h.Rot != h.Embd/h.Heads {
+		return Hparams{}, fmt.Errorf("gating compute: rope dimension %d differs from the head size %d (not supported)", h.Rot, h.Embd/h.Heads)
+	}
+	if h.RopeFreqBase == 0 {
+		h.RopeFreqBase = 10000 // llama.cpp's default when the key is absent
+	}
+	if h.RMSEps == 0 {
+		return Hparams{}, errors.New("gating compute: llama.attention.layer_norm_rms_epsilon is missing")
+	}
+	if h.ExpertsUsed < 1 || h.ExpertsUsed > h.Experts || h.Vocab < 1 || h.CtxLen < 1 {
+		return Hparams{}, fmt.Errorf("gating compute: bad params %+v", h)
+	}
+	return h, nil
+}

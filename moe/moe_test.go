@@ -1,0 +1,151 @@
+package moe
+
+import (
+	"context"
+	"errors"
+	"math"
+	"strings"
+	"testing"
+
+	"github.com/neuro-p2p/neuro/model"
+)
+
+// scaleExpert multiplies its input by k: an expert whose output is known.
+type scaleExpert struct {
+	k        float32
+	embd, mb int
+	calls    []int // batch sizes
+	closed   bool
+}
+
+func (s *scaleExpert) Compute(x []float32, n int, out []float32) error {
+	if n > s.mb {
+		return errors.New("batch too big")
+	}
+	s.calls = append(s.calls, n)
+	for i, v := range x {
+		out[i] = s.k * v
+	}
+	return nil
+}
+func (s *scaleExpert) Embd() int     { return s.embd }
+func (s *scaleExpert) FF() int       { return 1 }
+func (s *scaleExpert) MaxBatch() int { return s.mb }
+func (s *scaleExpert) Close() error  { s.closed = true; return nil }
+
+// Three tokens, two experts each: LocalExperts routes each token to its
+// experts in one batch per expert, in order of first use, and combines
+// w0*f0(x) + w1*f1(x) per token, rounding each step to float32.
+func TestLocalExpertsRoutesAndCombines(t *testing.T) {
+	const embd, used, n = 4, 2, 3
+	x := []float32{1, 2, 3, 4, -1, -2, -3, -4, 0.5, 0.25, 0.125, 1}
+	selected := []int32{2, 0, 0, 1, 2, 1}
+	weights := []float32{0.7, 0.3, 0.6, 0.4, 0.5, 0.5}
+	ex := map[[2]int]Expert{}
+	scales := map[int32]*scaleExpert{}
+	for e, k := range []float32{10, 100, 1000} {
+		s := &scaleExpert{k: k, embd: embd, mb: 1}
+		scales[int32(e)] = s
+		ex[[2]int{5, e}] = s
+	}
+	le := &LocalExperts{Embd: embd, Used: used, Experts: ex}
+	got, err := le.MoE(context.Background(), 5, x, n, selected, weights)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for tok := range n {
+		for i := range embd {
+			v := x[tok*embd+i]
+			var want float32
+			for j := range used {
+				p := float32(scales[selected[tok*used+j]].k * v * weights[tok*used+j])
+				if j == 0 {
+					want = p
+				} else {
+					want = float32(want + p)
+				}
+			}
+			if got[tok*embd+i] != want {
+				t.Fatalf("token %d value %d: %v, want %v", tok, i, got[tok*embd+i], want)
+			}
+		}
+	}
+	// Expert 0 serves tokens 0 and 1 and expert 2 tokens 0 and 2: two rows
+	// each, in batches of MaxBatch (1).
+	if c := scales[0].calls; len(c) != 2 || c[0] != 1 {
+		t.Errorf("expert 0 computed batches %v, want [1 1]", c)
+	}
+	r := Route(selected)
+	if len(r.Experts) != 3 || r.Experts[0] != 2 || r.Experts[1] != 0 || r.Experts[2] != 1 {
+		t.Errorf("experts in order of first use: %v", r.Experts)
+	}
+	if _, err := le.MoE(context.Background(), 6, x, n, selected, weights); err == nil || !strings.Contains(err.Error(), "no expert 6:2") {
+		t.Errorf("missing expert: %v", err)
+	}
+	if err := le.Close(); err != nil || !scales[1].closed {
+		t.Errorf("close: %v, closed %v", err, scales[1].closed)
+	}
+}
+
+// Gather then Scatter puts every slot's row back where Combine reads it.
+func TestGatherScatterRoundTrip(t *testing.T) {
+	const embd, used = 3, 2
+	x := []float32{1, 2, 3, 4, 5, 6}
+	slots := []int{1, 2} // token 0's second expert, token 1's first
+	in := Gather(x, slots, used, embd)
+	if want := []float32{1, 2, 3, 4, 5, 6}; !equal(in, want) {
+		t.Fatalf("gather %v, want %v", in, want)
+	}
+	outs := make([]float32, 2*used*embd)
+	Scatter(outs, in, slots, embd)
+	if want := []float32{0, 0, 0, 1, 2, 3, 4, 5, 6, 0, 0, 0}; !equal(outs, want) {
+		t.Fatalf("scatter %v, want %v", outs, want)
+	}
+}
+
+func equal(a, b []float32) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+func TestArgmaxTakesFirstMaximum(t *testing.T) {
+	if got := Argmax([]float32{1, 3, float32(math.Inf(-1)), 3, 2}); got != 1 {
+		t.Fatalf("argmax %d, want 1", got)
+	}
+}
+
+func TestExpertWeightsCheck(t *testing.T) {
+	f32 := func(n int) Tensor { return Tensor{Type: model.F32, Data: make([]byte, 4*n)} }
+	good := ExpertWeights{Embd: 64, FF: 32, Gate: f32(64 * 32), Up: f32(64 * 32), Down: f32(64 * 32)}
+	if err := good.Check(); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		edit func(*ExpertWeights)
+		want string
+	}{
+		{"short down", func(w *ExpertWeights) { w.Down = f32(10) }, "down weights are 40 bytes"},
+		{"no shape", func(w *ExpertWeights) { w.FF = 0 }, "bad shape"},
+		{"unknown type", func(w *ExpertWeights) { w.Up.Type = model.DType(99) }, "up"},
+		{"q8_0 rows of 48", func(w *ExpertWeights) {
+			w.Embd = 48
+			w.Gate = Tensor{Type: model.Q8_0, Data: make([]byte, 2*34*32)}
+		}, "not a multiple of q8_0's block"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			w := good
+			tc.edit(&w)
+			if err := w.Check(); err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("%v, want an error with %q", err, tc.want)
+			}
+		})
+	}
+}
