@@ -23,13 +23,13 @@ import (
 
 	"github.com/ipfs/go-cid"
 	"github.com/libp2p/go-libp2p/core/peer"
-	"google.golang.org/protobuf/proto"
 
 	"github.com/neuro-p2p/neuro/expert"
 	"github.com/neuro-p2p/neuro/metrics"
 	"github.com/neuro-p2p/neuro/moe"
 	"github.com/neuro-p2p/neuro/p2p"
 	neuropb "github.com/neuro-p2p/neuro/proto"
+	"github.com/neuro-p2p/neuro/reputation"
 )
 
 // ErrNoProvider means no live node hosts an expert a token needs.
@@ -139,18 +139,8 @@ func validReceipt(r *neuropb.UsageReceipt, p peer.ID, escrow uint64) bool {
 	if r == nil || r.GetEscrow() != escrow || peer.ID(r.GetExpert()) != p {
 		return false
 	}
-	pub, err := p.ExtractPublicKey()
-	if err != nil {
-		return false
-	}
-	unsigned := proto.Clone(r).(*neuropb.UsageReceipt)
-	unsigned.Signature = nil
-	msg, err := proto.MarshalOptions{Deterministic: true}.Marshal(unsigned)
-	if err != nil {
-		return false
-	}
-	ok, err := pub.Verify(msg, r.GetSignature())
-	return err == nil && ok
+	signer, err := reputation.VerifyReceipt(r)
+	return err == nil && signer == p
 }
 
 type statsKey struct{}

@@ -16,6 +16,7 @@ import (
 
 	neuropb "github.com/neuro-p2p/neuro/proto"
 	"github.com/neuro-p2p/neuro/reputation"
+	"github.com/neuro-p2p/neuro/sign"
 )
 
 // BaseUnits is how many base units make one NEURO.
@@ -315,11 +316,7 @@ func SignTx(key crypto.PrivKey, tx *neuropb.LedgerTx) error {
 		return err
 	}
 	tx.Sender, tx.Signature = []byte(id), nil
-	msg, err := proto.MarshalOptions{Deterministic: true}.Marshal(tx)
-	if err != nil {
-		return err
-	}
-	tx.Signature, err = key.Sign(msg)
+	tx.Signature, err = sign.Sign(key, sign.LedgerTx, tx)
 	return err
 }
 
@@ -333,18 +330,7 @@ func verifySig(signer []byte, m proto.Message, sig []byte) error {
 	if err != nil {
 		return fmt.Errorf("signer: %w", err)
 	}
-	pub, err := id.ExtractPublicKey()
-	if err != nil {
-		return fmt.Errorf("signer key: %w", err)
-	}
-	msg, err := proto.MarshalOptions{Deterministic: true}.Marshal(m)
-	if err != nil {
-		return err
-	}
-	if ok, err := pub.Verify(msg, sig); err != nil || !ok {
-		return errors.New("bad signature")
-	}
-	return nil
+	return sign.Verify(id, sign.LedgerTx, m, sig)
 }
 
 // DecodeTx decodes and checks a transaction's form and signature (what

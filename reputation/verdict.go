@@ -15,6 +15,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	neuropb "github.com/neuro-p2p/neuro/proto"
+	"github.com/neuro-p2p/neuro/sign"
 )
 
 // Tolerance is the relative L2 distance under which two results of the
@@ -113,12 +114,8 @@ func NewVerdict(key crypto.PrivKey, t Task, accused peer.ID, wrong []float32, ag
 		AccusedReceipt: receipt,
 	}
 	v.InputDigest, v.AccusedDigest, v.ReferenceDigest = digest(v.Input), digest(v.AccusedOutput), digest(v.ReferenceOutput)
-	msg, err := proto.MarshalOptions{Deterministic: true}.Marshal(v)
-	if err != nil {
+	if v.Signature, err = sign.Sign(key, sign.Verdict, v); err != nil {
 		return nil, fmt.Errorf("verdict: %w", err)
-	}
-	if v.Signature, err = key.Sign(msg); err != nil {
-		return nil, fmt.Errorf("verdict: sign: %w", err)
 	}
 	return v, nil
 }
@@ -187,18 +184,10 @@ func VerifyVerdict(v *neuropb.Verdict) (t Task, accused peer.ID, wrong, right []
 			return fail("accused receipt is for another input or output")
 		}
 	}
-	pub, err := judge.ExtractPublicKey()
-	if err != nil {
-		return fail("judge key: %v", err)
-	}
 	unsigned := proto.Clone(v).(*neuropb.Verdict)
 	unsigned.Signature = nil
-	msg, err := proto.MarshalOptions{Deterministic: true}.Marshal(unsigned)
-	if err != nil {
-		return fail("%v", err)
-	}
-	if ok, err := pub.Verify(msg, v.GetSignature()); err != nil || !ok {
-		return fail("bad signature of judge %s", judge)
+	if err := sign.Verify(judge, sign.Verdict, unsigned, v.GetSignature()); err != nil {
+		return fail("judge: %v", err)
 	}
 	return t, accused, wrong, right, nil
 }
@@ -211,11 +200,7 @@ func SignReceipt(key crypto.PrivKey, r *neuropb.UsageReceipt) error {
 		return err
 	}
 	r.Expert, r.Signature = []byte(id), nil
-	msg, err := proto.MarshalOptions{Deterministic: true}.Marshal(r)
-	if err != nil {
-		return err
-	}
-	r.Signature, err = key.Sign(msg)
+	r.Signature, err = sign.Sign(key, sign.UsageReceipt, r)
 	return err
 }
 
@@ -226,18 +211,10 @@ func VerifyReceipt(r *neuropb.UsageReceipt) (peer.ID, error) {
 	if err != nil {
 		return "", fmt.Errorf("receipt signer: %w", err)
 	}
-	pub, err := id.ExtractPublicKey()
-	if err != nil {
-		return "", fmt.Errorf("receipt signer key: %w", err)
-	}
 	unsigned := proto.Clone(r).(*neuropb.UsageReceipt)
 	unsigned.Signature = nil
-	msg, err := proto.MarshalOptions{Deterministic: true}.Marshal(unsigned)
-	if err != nil {
-		return "", err
-	}
-	if ok, err := pub.Verify(msg, r.GetSignature()); err != nil || !ok {
-		return "", fmt.Errorf("bad receipt signature of %s", id)
+	if err := sign.Verify(id, sign.UsageReceipt, unsigned, r.GetSignature()); err != nil {
+		return "", fmt.Errorf("receipt: %w", err)
 	}
 	return id, nil
 }

@@ -13,6 +13,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	neuropb "github.com/neuro-p2p/neuro/proto"
+	"github.com/neuro-p2p/neuro/sign"
 )
 
 func newPeer(t *testing.T) (crypto.PrivKey, peer.ID) {
@@ -29,11 +30,8 @@ func newPeer(t *testing.T) (crypto.PrivKey, peer.ID) {
 func resign(t *testing.T, key crypto.PrivKey, v *neuropb.Verdict) {
 	t.Helper()
 	v.Signature = nil
-	msg, err := proto.MarshalOptions{Deterministic: true}.Marshal(v)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if v.Signature, err = key.Sign(msg); err != nil {
+	var err error
+	if v.Signature, err = sign.Sign(key, sign.Verdict, v); err != nil {
 		t.Fatal(err)
 	}
 }

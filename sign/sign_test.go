@@ -1,0 +1,99 @@
+package sign
+
+import (
+	"bytes"
+	"errors"
+	"testing"
+
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"google.golang.org/protobuf/proto"
+
+	neuropb "github.com/neuro-p2p/neuro/proto"
+)
+
+func key(t *testing.T) (crypto.PrivKey, peer.ID) {
+	t.Helper()
+	k, _, err := crypto.GenerateEd25519Key(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := peer.IDFromPrivateKey(k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k, id
+}
+
+// A signature made in one domain verifies in that domain only: it is
+// refused in every other, for the same message and the same key.
+func TestSignatureIsBoundToItsDomain(t *testing.T) {
+	k, id := key(t)
+	m := &neuropb.UsageReceipt{Escrow: 7, Layer: 1, ExpertIndex: 2, Tokens: 3}
+	for _, signed := range Domains {
+		sig, err := Sign(k, signed, m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, checked := range Domains {
+			err := Verify(id, checked, m, sig)
+			switch {
+			case checked == signed && err != nil:
+				t.Errorf("signed for %s, refused in its own domain: %v", signed, err)
+			case checked != signed && !errors.Is(err, ErrBadSignature):
+				t.Errorf("signed for %s, verified in %s: %v", signed, checked, err)
+			}
+		}
+	}
+}
+
+// The message type is covered too: two messages of different types whose
+// encodings are the same bytes do not share a signature.
+func TestSignatureIsBoundToItsType(t *testing.T) {
+	k, id := key(t)
+	a, b := &neuropb.UsageReceipt{}, &neuropb.Verdict{}
+	sig, err := Sign(k, Verdict, a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := Verify(id, Verdict, b, sig); !errors.Is(err, ErrBadSignature) {
+		t.Fatalf("a %T signature verified for a %T: %v", a, b, err)
+	}
+	ba, _ := Bytes(Verdict, a)
+	bb, _ := Bytes(Verdict, b)
+	if bytes.Equal(ba, bb) {
+		t.Fatal("the signed bytes do not name the type")
+	}
+}
+
+// A changed message, another signer or a plain signature over the payload
+// alone (the format before domains) is refused.
+func TestVerifyRefuses(t *testing.T) {
+	k, id := key(t)
+	_, other := key(t)
+	m := &neuropb.UsageReceipt{Escrow: 7}
+	sig, err := Sign(k, UsageReceipt, m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := Verify(other, UsageReceipt, m, sig); !errors.Is(err, ErrBadSignature) {
+		t.Errorf("another signer: %v", err)
+	}
+	if err := Verify(id, UsageReceipt, &neuropb.UsageReceipt{Escrow: 8}, sig); !errors.Is(err, ErrBadSignature) {
+		t.Errorf("changed message: %v", err)
+	}
+	payload, err := proto.MarshalOptions{Deterministic: true}.Marshal(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	plain, err := k.Sign(payload)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := Verify(id, UsageReceipt, m, plain); !errors.Is(err, ErrBadSignature) {
+		t.Errorf("a signature over the bare payload: %v", err)
+	}
+	if _, err := Bytes("", m); err == nil {
+		t.Error("an empty domain was accepted")
+	}
+}
