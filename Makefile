@@ -7,6 +7,8 @@ GO        ?= go
 BIN       := bin/neurod
 TOOLS     := $(CURDIR)/.tools
 NODES     ?= 4
+STATICCHECK_VERSION := v0.8.2
+STATICCHECK := $(TOOLS)/staticcheck-$(STATICCHECK_VERSION)
 # llama.cpp and ggml are compiled by cgo from the pinned ollama module; its
 # headers are found there, never copied into this repository. ggml's SIMD
 # paths are compiled only with -march=x86-64-v3 (or native): without it
@@ -55,12 +57,19 @@ test: lint
 race:
 	$(GO) test -race -count=1 $(PURE_PKGS)
 
-## lint: fail on unformatted code and on go vet findings
-lint:
+## lint: fail on unformatted code, go vet findings and staticcheck findings
+lint: $(STATICCHECK)
 	@out=$$(gofmt -l .); \
 	if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 	$(GO) vet -tags ggml $(GGML_TEST_PKGS)
+	$(STATICCHECK) ./...
+	$(STATICCHECK) -tags ggml $(GGML_TEST_PKGS)
+
+# staticcheck, pinned, installed from the Go module proxy into .tools.
+$(STATICCHECK):
+	GOBIN=$(TOOLS) $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
+	mv $(TOOLS)/staticcheck $@
 
 ## fuzz-smoke: run every fuzz target for 10 s each
 fuzz-smoke:

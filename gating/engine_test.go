@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -30,6 +31,8 @@ import (
 	"github.com/neuro-p2p/neuro/p2p/wire"
 	neuropb "github.com/neuro-p2p/neuro/proto"
 )
+
+func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
 
 // expertNet is a host that holds every shard (host 0) and expert nodes,
 // one per spec, in one process on loopback.

@@ -3,12 +3,8 @@ package gating
 import (
 	"context"
 	"errors"
-	"io"
-	"log/slog"
 	"testing"
 )
-
-func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
 
 // A check waiting on a peer that will never answer (one SIGKILLed
 // mid-generation) ends when the validator closes, cancelled, rather than

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"strings"
 	"testing"
@@ -432,5 +433,15 @@ func TestStatePersists(t *testing.T) {
 	}
 	if got := fmt.Sprint(again.State().Accounts[actors[1].id.String()].Balance); got != fmt.Sprint(10_003*BaseUnits) {
 		t.Fatalf("balance after restart %s", got)
+	}
+}
+
+// A genesis account whose balance plus stake overflows is refused (it
+// used to wrap, and the supply with it).
+func TestGenesisBalancePlusStakeOverflows(t *testing.T) {
+	g := genesisFor(newActors(t, 1, rand.New(rand.NewPCG(1, 2))))
+	g.Accounts[0].Balance, g.Accounts[0].Stake = math.MaxUint64-1, 5
+	if _, err := NewState(g); err == nil || !strings.Contains(err.Error(), "overflows") {
+		t.Fatalf("genesis of %d + %d: %v", g.Accounts[0].Balance, g.Accounts[0].Stake, err)
 	}
 }

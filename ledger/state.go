@@ -138,6 +138,9 @@ func NewState(g *neuropb.LedgerGenesis) (*State, error) {
 			return nil, errors.New("genesis: stake overflows")
 		}
 		total, ok := add(a.GetBalance(), a.GetStake())
+		if !ok {
+			return nil, errors.New("genesis: balance + stake overflows")
+		}
 		if s.GenesisSupply, ok = add(s.GenesisSupply, total); !ok {
 			return nil, errors.New("genesis: supply overflows")
 		}
