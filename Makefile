@@ -73,19 +73,19 @@ $(STATICCHECK):
 
 ## fuzz-smoke: run every fuzz target for 10 s each
 fuzz-smoke:
-	$(GO) test ./proto/ -run '^$$' -fuzz FuzzHeartbeat -fuzztime 10s
+	$(GO) test ./neuropb/ -run '^$$' -fuzz FuzzHeartbeat -fuzztime 10s
 	$(GO) test ./node/ -run '^$$' -fuzz FuzzDecodeConfig -fuzztime 10s
 	$(GO) test ./model/ -run '^$$' -fuzz FuzzReadFile -fuzztime 10s
 	$(GO) test ./p2p/wire/ -run '^$$' -fuzz FuzzExpertRequest -fuzztime 10s
 
-## proto: regenerate the protobuf Go code in proto/ (needs protoc: apt-get install protobuf-compiler)
+## proto: regenerate the protobuf Go code in neuropb/ (needs protoc: apt-get install protobuf-compiler)
 proto:
 	GOBIN=$(TOOLS) $(GO) install google.golang.org/protobuf/cmd/protoc-gen-go
-	cd proto && PATH=$(TOOLS):$$PATH $(GO) generate ./...
+	cd neuropb && PATH=$(TOOLS):$$PATH $(GO) generate ./...
 
 ## proto-check: regenerate the protobuf code and fail if it differs from the committed code
 proto-check: proto
-	git diff --exit-code -- proto/
+	git diff --exit-code -- neuropb/
 
 ## bench-report: neurod bench on the bench model: llama.cpp, split, testnet, netns at RTT 0/20/50/100 ms -> bench-report/ (root for netns)
 bench-report: build

@@ -15,9 +15,9 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 
+	"github.com/neuro-p2p/neuro/neuropb"
 	"github.com/neuro-p2p/neuro/p2p"
 	"github.com/neuro-p2p/neuro/p2p/wire"
-	neuropb "github.com/neuro-p2p/neuro/proto"
 )
 
 // chunk is how many bytes move between two deadline refreshes.

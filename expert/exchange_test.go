@@ -18,9 +18,9 @@ import (
 	"golang.org/x/time/rate"
 
 	"github.com/neuro-p2p/neuro/model"
+	"github.com/neuro-p2p/neuro/neuropb"
 	"github.com/neuro-p2p/neuro/p2p/p2ptest"
 	"github.com/neuro-p2p/neuro/p2p/wire"
-	neuropb "github.com/neuro-p2p/neuro/proto"
 )
 
 func openStore(t *testing.T) *Store {

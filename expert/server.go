@@ -22,8 +22,8 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 
 	"github.com/neuro-p2p/neuro/metrics"
+	"github.com/neuro-p2p/neuro/neuropb"
 	"github.com/neuro-p2p/neuro/p2p/wire"
-	neuropb "github.com/neuro-p2p/neuro/proto"
 )
 
 // ServiceName is the resource-manager service of expert streams.

@@ -16,8 +16,8 @@ import (
 	"github.com/ipfs/go-cid"
 
 	"github.com/neuro-p2p/neuro/moe"
+	"github.com/neuro-p2p/neuro/neuropb"
 	"github.com/neuro-p2p/neuro/p2p"
-	neuropb "github.com/neuro-p2p/neuro/proto"
 )
 
 // ServiceConfig configures an expert node.

@@ -15,7 +15,7 @@ import (
 	mh "github.com/multiformats/go-multihash"
 
 	"github.com/neuro-p2p/neuro/model"
-	neuropb "github.com/neuro-p2p/neuro/proto"
+	"github.com/neuro-p2p/neuro/neuropb"
 )
 
 // Store holds content-addressed blobs (shards and manifests) in a

@@ -6,7 +6,7 @@ import (
 	"math"
 
 	"github.com/neuro-p2p/neuro/model"
-	neuropb "github.com/neuro-p2p/neuro/proto"
+	"github.com/neuro-p2p/neuro/neuropb"
 )
 
 // EncodeFloats packs rows x cols values as a wire tensor of dtype (F16

@@ -5,7 +5,7 @@ import (
 	"math/rand/v2"
 	"testing"
 
-	neuropb "github.com/neuro-p2p/neuro/proto"
+	"github.com/neuro-p2p/neuro/neuropb"
 )
 
 // A tensor's digest is the digest of the values its receiver decodes, in

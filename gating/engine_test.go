@@ -26,10 +26,10 @@ import (
 	"github.com/neuro-p2p/neuro/expert"
 	"github.com/neuro-p2p/neuro/ggml"
 	"github.com/neuro-p2p/neuro/model"
+	"github.com/neuro-p2p/neuro/neuropb"
 	"github.com/neuro-p2p/neuro/p2p"
 	"github.com/neuro-p2p/neuro/p2p/p2ptest"
 	"github.com/neuro-p2p/neuro/p2p/wire"
-	neuropb "github.com/neuro-p2p/neuro/proto"
 )
 
 func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }

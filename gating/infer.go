@@ -8,8 +8,8 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/neuro-p2p/neuro/neuropb"
 	"github.com/neuro-p2p/neuro/p2p/wire"
-	neuropb "github.com/neuro-p2p/neuro/proto"
 )
 
 // Timeouts of the infer protocol.

@@ -15,7 +15,7 @@ import (
 
 	"github.com/ipfs/go-cid"
 
-	neuropb "github.com/neuro-p2p/neuro/proto"
+	"github.com/neuro-p2p/neuro/neuropb"
 )
 
 // maxHTTPBody bounds an HTTP API request body.

@@ -16,8 +16,8 @@ import (
 	"github.com/neuro-p2p/neuro/ggml"
 	"github.com/neuro-p2p/neuro/model"
 	"github.com/neuro-p2p/neuro/moe"
+	"github.com/neuro-p2p/neuro/neuropb"
 	"github.com/neuro-p2p/neuro/p2p/p2ptest"
-	neuropb "github.com/neuro-p2p/neuro/proto"
 )
 
 // A prompt answered by experts on three other nodes gives llama.cpp's

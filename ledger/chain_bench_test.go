@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	neuropb "github.com/neuro-p2p/neuro/proto"
+	"github.com/neuro-p2p/neuro/neuropb"
 )
 
 // BenchmarkChainThroughput submits 2,000 signed transfers from 20 accounts

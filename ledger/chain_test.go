@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	neuropb "github.com/neuro-p2p/neuro/proto"
+	"github.com/neuro-p2p/neuro/neuropb"
 )
 
 func freePort(t *testing.T) int {

@@ -19,7 +19,7 @@ import (
 	"testing"
 	"time"
 
-	neuropb "github.com/neuro-p2p/neuro/proto"
+	"github.com/neuro-p2p/neuro/neuropb"
 )
 
 // validatorEnv, when set, makes the test binary run one validator of the

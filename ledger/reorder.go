@@ -4,7 +4,7 @@ import (
 	"sort"
 	"time"
 
-	neuropb "github.com/neuro-p2p/neuro/proto"
+	"github.com/neuro-p2p/neuro/neuropb"
 )
 
 // reorder holds transactions that came over the ledger topic ahead of

@@ -10,7 +10,7 @@ import (
 
 	"github.com/ipfs/go-cid"
 
-	neuropb "github.com/neuro-p2p/neuro/proto"
+	"github.com/neuro-p2p/neuro/neuropb"
 )
 
 func writeTiny(t *testing.T, dt DType, seed uint64) string {

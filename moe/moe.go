@@ -18,7 +18,7 @@ import (
 	"fmt"
 
 	"github.com/neuro-p2p/neuro/model"
-	neuropb "github.com/neuro-p2p/neuro/proto"
+	"github.com/neuro-p2p/neuro/neuropb"
 )
 
 // Errors a backend returns.

@@ -17,8 +17,8 @@ import (
 	"github.com/pelletier/go-toml/v2"
 
 	"github.com/neuro-p2p/neuro/expert"
+	"github.com/neuro-p2p/neuro/neuropb"
 	"github.com/neuro-p2p/neuro/p2p"
-	neuropb "github.com/neuro-p2p/neuro/proto"
 )
 
 // Config is everything a user can set about a node. It is read from

@@ -28,8 +28,8 @@ import (
 	"github.com/neuro-p2p/neuro/ledger"
 	"github.com/neuro-p2p/neuro/metrics"
 	"github.com/neuro-p2p/neuro/moe"
+	"github.com/neuro-p2p/neuro/neuropb"
 	"github.com/neuro-p2p/neuro/p2p"
-	neuropb "github.com/neuro-p2p/neuro/proto"
 	"github.com/neuro-p2p/neuro/reputation"
 )
 

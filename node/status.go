@@ -12,8 +12,8 @@ import (
 	"time"
 
 	"github.com/neuro-p2p/neuro/expert"
+	"github.com/neuro-p2p/neuro/neuropb"
 	"github.com/neuro-p2p/neuro/p2p"
-	neuropb "github.com/neuro-p2p/neuro/proto"
 )
 
 // StatusPath is the control API's status endpoint.

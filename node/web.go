@@ -16,8 +16,8 @@ import (
 
 	"github.com/neuro-p2p/neuro/expert"
 	"github.com/neuro-p2p/neuro/gating"
+	"github.com/neuro-p2p/neuro/neuropb"
 	"github.com/neuro-p2p/neuro/p2p"
-	neuropb "github.com/neuro-p2p/neuro/proto"
 )
 
 // StatePath is the dashboard's data: the network as this node sees it.

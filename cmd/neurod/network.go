@@ -11,8 +11,8 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/neuro-p2p/neuro/client"
+	"github.com/neuro-p2p/neuro/neuropb"
 	"github.com/neuro-p2p/neuro/node"
-	neuropb "github.com/neuro-p2p/neuro/proto"
 )
 
 type networkRequest struct {

@@ -26,8 +26,8 @@ import (
 	"github.com/neuro-p2p/neuro/internal/progress"
 	"github.com/neuro-p2p/neuro/ledger"
 	"github.com/neuro-p2p/neuro/model"
+	"github.com/neuro-p2p/neuro/neuropb"
 	"github.com/neuro-p2p/neuro/node"
-	neuropb "github.com/neuro-p2p/neuro/proto"
 	"github.com/neuro-p2p/neuro/testnet"
 )
 

@@ -6,7 +6,7 @@ import (
 	"io"
 	"testing"
 
-	neuropb "github.com/neuro-p2p/neuro/proto"
+	"github.com/neuro-p2p/neuro/neuropb"
 )
 
 func TestRoundTripAndSkip(t *testing.T) {

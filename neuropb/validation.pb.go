@@ -220,7 +220,7 @@ const file_validation_proto_rawDesc = "" +
 	"\x05judge\x18\f \x01(\fR\x05judge\x12\x17\n" +
 	"\aunix_ms\x18\r \x01(\x03R\x06unixMs\x12\x1c\n" +
 	"\tsignature\x18\x0e \x01(\fR\tsignature\x12?\n" +
-	"\x0faccused_receipt\x18\x0f \x01(\v2\x16.neuro.v1.UsageReceiptR\x0eaccusedReceiptB*Z(github.com/neuro-p2p/neuro/proto;neuropbb\x06proto3"
+	"\x0faccused_receipt\x18\x0f \x01(\v2\x16.neuro.v1.UsageReceiptR\x0eaccusedReceiptB,Z*github.com/neuro-p2p/neuro/neuropb;neuropbb\x06proto3"
 
 var (
 	file_validation_proto_rawDescOnce sync.Once

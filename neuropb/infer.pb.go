@@ -1027,7 +1027,7 @@ const file_infer_proto_rawDesc = "" +
 	"\x19FINISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14FINISH_REASON_LENGTH\x10\x01\x12\x15\n" +
 	"\x11FINISH_REASON_EOS\x10\x02\x12\x16\n" +
-	"\x12FINISH_REASON_STOP\x10\x03B*Z(github.com/neuro-p2p/neuro/proto;neuropbb\x06proto3"
+	"\x12FINISH_REASON_STOP\x10\x03B,Z*github.com/neuro-p2p/neuro/neuropb;neuropbb\x06proto3"
 
 var (
 	file_infer_proto_rawDescOnce sync.Once

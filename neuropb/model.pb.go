@@ -477,7 +477,7 @@ const file_model_proto_rawDesc = "" +
 	"\x0eExpertShardRef\x12\x14\n" +
 	"\x05layer\x18\x01 \x01(\rR\x05layer\x12\x16\n" +
 	"\x06expert\x18\x02 \x01(\rR\x06expert\x12(\n" +
-	"\x05shard\x18\x03 \x01(\v2\x12.neuro.v1.ShardRefR\x05shardB*Z(github.com/neuro-p2p/neuro/proto;neuropbb\x06proto3"
+	"\x05shard\x18\x03 \x01(\v2\x12.neuro.v1.ShardRefR\x05shardB,Z*github.com/neuro-p2p/neuro/neuropb;neuropbb\x06proto3"
 
 var (
 	file_model_proto_rawDescOnce sync.Once

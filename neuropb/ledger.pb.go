@@ -1568,7 +1568,7 @@ const file_ledger_proto_rawDesc = "" +
 	"\x04done\x18\x06 \x01(\bR\x04done\x12\x16\n" +
 	"\x06passed\x18\a \x01(\bR\x06passed\x12\x1b\n" +
 	"\tyes_stake\x18\b \x01(\x04R\byesStake\x12\x19\n" +
-	"\bno_stake\x18\t \x01(\x04R\anoStakeB*Z(github.com/neuro-p2p/neuro/proto;neuropbb\x06proto3"
+	"\bno_stake\x18\t \x01(\x04R\anoStakeB,Z*github.com/neuro-p2p/neuro/neuropb;neuropbb\x06proto3"
 
 var (
 	file_ledger_proto_rawDescOnce sync.Once

@@ -611,7 +611,7 @@ const file_heartbeat_proto_rawDesc = "" +
 	"\fReachability\x12\x18\n" +
 	"\x14REACHABILITY_UNKNOWN\x10\x00\x12\x17\n" +
 	"\x13REACHABILITY_PUBLIC\x10\x01\x12\x18\n" +
-	"\x14REACHABILITY_PRIVATE\x10\x02B*Z(github.com/neuro-p2p/neuro/proto;neuropbb\x06proto3"
+	"\x14REACHABILITY_PRIVATE\x10\x02B,Z*github.com/neuro-p2p/neuro/neuropb;neuropbb\x06proto3"
 
 var (
 	file_heartbeat_proto_rawDescOnce sync.Once

@@ -147,7 +147,7 @@ const file_shard_proto_rawDesc = "" +
 	"\x06offset\x18\x02 \x01(\x04R\x06offset\"9\n" +
 	"\rShardResponse\x12\x12\n" +
 	"\x04size\x18\x01 \x01(\x04R\x04size\x12\x14\n" +
-	"\x05error\x18\x02 \x01(\tR\x05errorB*Z(github.com/neuro-p2p/neuro/proto;neuropbb\x06proto3"
+	"\x05error\x18\x02 \x01(\tR\x05errorB,Z*github.com/neuro-p2p/neuro/neuropb;neuropbb\x06proto3"
 
 var (
 	file_shard_proto_rawDescOnce sync.Once

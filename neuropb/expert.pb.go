@@ -631,7 +631,7 @@ const file_expert_proto_rawDesc = "" +
 	"\tWireDType\x12\x1a\n" +
 	"\x16WIRE_DTYPE_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eWIRE_DTYPE_F32\x10\x01\x12\x12\n" +
-	"\x0eWIRE_DTYPE_F16\x10\x02B*Z(github.com/neuro-p2p/neuro/proto;neuropbb\x06proto3"
+	"\x0eWIRE_DTYPE_F16\x10\x02B,Z*github.com/neuro-p2p/neuro/neuropb;neuropbb\x06proto3"
 
 var (
 	file_expert_proto_rawDescOnce sync.Once
