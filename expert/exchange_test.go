@@ -6,6 +6,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -164,7 +165,16 @@ func TestResumeAfterInterruptedTransfer(t *testing.T) {
 		t.Fatal(err)
 	}
 	half := len(raw) / 2
-	// hs[0] sends half the blob, then cuts the stream.
+	// The fetcher reports when it has written the first half to its store.
+	gotHalf := make(chan struct{})
+	var once sync.Once
+	progress := func(_ cid.Cid, done, _ int64) {
+		if done >= int64(half) {
+			once.Do(func() { close(gotHalf) })
+		}
+	}
+	// hs[0] sends half the blob, then cuts the stream once the fetcher has
+	// it (or after 30 s, which fails the test below).
 	hs[0].SetStreamHandler(neuropb.ShardProtocol, func(st network.Stream) {
 		var req neuropb.ShardRequest
 		if err := wire.NewReader(st, neuropb.MaxShardHeaderSize).Read(&req); err != nil {
@@ -173,7 +183,10 @@ func TestResumeAfterInterruptedTransfer(t *testing.T) {
 		}
 		wire.NewWriter(st, neuropb.MaxShardHeaderSize).Write(&neuropb.ShardResponse{Size: uint64(len(raw))})
 		st.Write(raw[:half])
-		time.Sleep(100 * time.Millisecond) // let the bytes arrive before the reset
+		select {
+		case <-gotHalf:
+		case <-time.After(30 * time.Second):
+		}
 		st.Reset()
 	})
 	// hs[1] serves the real blob and records the offset it was asked for.
@@ -186,7 +199,7 @@ func TestResumeAfterInterruptedTransfer(t *testing.T) {
 		asked.Store(rec.offset)
 	})
 	dst := openStore(t)
-	f := NewFetcher(hs[2], dst, nil, quiet())
+	f := NewFetcher(hs[2], dst, progress, quiet())
 	if err := f.Fetch(t.Context(), bc, []peer.AddrInfo{info(hs[0])}); err == nil {
 		t.Fatal("the cut transfer succeeded")
 	}
