@@ -591,22 +591,17 @@ func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Cal
 	}
 	defer sess.Close()
 
-	stats := &CallStats{}
-	ctx = WithCallStats(ctx, stats)
-	if esc := req.GetEscrow(); esc != 0 {
-		receipts := &Receipts{Escrow: esc}
-		ctx = WithReceipts(ctx, receipts)
-		if e.cfg.OnReceipts != nil {
-			// Settle whatever was computed, even for a generation that fails.
-			defer func() {
-				if rs := receipts.Take(); len(rs) > 0 {
-					go e.cfg.OnReceipts(esc, rs)
-				}
-			}()
-		}
+	gen := NewGeneration(req.GetEscrow())
+	stats, checks := &gen.Stats, gen.Checks
+	if gen.Receipts != nil && e.cfg.OnReceipts != nil {
+		// Settle whatever was computed, even for a generation that fails.
+		defer func() {
+			if rs := gen.Receipts.Take(); len(rs) > 0 {
+				go e.cfg.OnReceipts(gen.Receipts.Escrow, rs)
+			}
+		}()
 	}
-	checks := NewChecks()
-	ctx = WithChecks(ctx, checks)
+	experts := m.remote.For(gen)
 	epoch := 0
 	res := &Result{PromptTokens: len(prompt), Reason: neuropb.FinishReason_FINISH_REASON_LENGTH}
 	out := newTextStream(s.GetStop())
@@ -658,7 +653,8 @@ func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Cal
 			break
 		}
 		start := time.Now()
-		logits, err := sess.Forward(WithStep(ctx, epoch, i), next, m.remote)
+		gen.Step(epoch, i)
+		logits, err := sess.Forward(ctx, next, experts)
 		if err != nil {
 			return nil, forwardError(ctx, err)
 		}

@@ -96,8 +96,7 @@ type RemoteExperts struct {
 	hedges, redispatches atomic.Int64
 }
 
-// CallStats add up what a generation's expert calls cost. Attach one to a
-// context with WithCallStats; RemoteExperts adds to it.
+// CallStats add up what a generation's expert calls cost.
 type CallStats struct {
 	// MoEWall is the time spent in MoE (all layers, all passes);
 	// MoECompute the compute time the slowest call of each layer reported.
@@ -126,14 +125,6 @@ func (r *Receipts) Take() []*neuropb.UsageReceipt {
 	return out
 }
 
-type receiptsKey struct{}
-
-// WithReceipts returns a context whose expert calls name r's escrow and
-// collect their receipts into r.
-func WithReceipts(ctx context.Context, r *Receipts) context.Context {
-	return context.WithValue(ctx, receiptsKey{}, r)
-}
-
 // validReceipt checks that r is p's signed receipt for escrow.
 func validReceipt(r *neuropb.UsageReceipt, p peer.ID, escrow uint64) bool {
 	if r == nil || r.GetEscrow() != escrow || peer.ID(r.GetExpert()) != p {
@@ -143,16 +134,49 @@ func validReceipt(r *neuropb.UsageReceipt, p peer.ID, escrow uint64) bool {
 	return err == nil && signer == p
 }
 
-type statsKey struct{}
+// Generation is the state of one generation that its expert calls
+// report to, handed to them explicitly (RemoteExperts.For), never in a
+// context value: what the calls cost, the receipts of a paid generation,
+// the checks of its results, and the forward pass the calls belong to.
+type Generation struct {
+	Stats CallStats
+	// Receipts collects the experts' signed receipts when the generation
+	// is paid from an escrow (nil otherwise).
+	Receipts *Receipts
+	// Checks follows the re-executions of the results the generation used.
+	Checks *Checks
 
-// WithCallStats returns a context whose expert calls add to s.
-func WithCallStats(ctx context.Context, s *CallStats) context.Context {
-	return context.WithValue(ctx, statsKey{}, s)
+	epoch, step atomic.Int64
 }
 
-func callStats(ctx context.Context) *CallStats {
-	s, _ := ctx.Value(statsKey{}).(*CallStats)
-	return s
+// NewGeneration makes the state of a generation, paid from escrow when
+// escrow is not 0.
+func NewGeneration(escrow uint64) *Generation {
+	g := &Generation{Checks: NewChecks()}
+	if escrow != 0 {
+		g.Receipts = &Receipts{Escrow: escrow}
+	}
+	return g
+}
+
+// Step marks the forward pass that the next expert calls belong to: step
+// of epoch (the count of rewinds so far).
+func (g *Generation) Step(epoch, step int) {
+	g.epoch.Store(int64(epoch))
+	g.step.Store(int64(step))
+}
+
+// For returns r's experts bound to generation g: their calls report to
+// it.
+func (r *RemoteExperts) For(g *Generation) moe.Experts { return boundExperts{r: r, g: g} }
+
+type boundExperts struct {
+	r *RemoteExperts
+	g *Generation
+}
+
+func (b boundExperts) MoE(ctx context.Context, layer int, x []float32, n int, selected []int32, weights []float32) ([]float32, error) {
+	return b.r.moe(ctx, b.g, layer, x, n, selected, weights)
 }
 
 // Hedges counts calls sent to a second provider because the first was slow.
@@ -163,10 +187,28 @@ func (r *RemoteExperts) Redispatches() int64 { return r.redispatches.Load() }
 
 var _ moe.Experts = (*RemoteExperts)(nil)
 
-// MoE implements moe.Experts.
+// MoE implements moe.Experts for calls that belong to no generation (no
+// stats, receipts or checks reach a caller): For binds them to one.
 func (r *RemoteExperts) MoE(ctx context.Context, layer int, x []float32, n int, selected []int32, weights []float32) ([]float32, error) {
+	return r.moe(ctx, nil, layer, x, n, selected, weights)
+}
+
+// callState is where one expert call reports: its generation's stats,
+// receipts and checks, and the forward pass it belongs to.
+type callState struct {
+	stats       *CallStats
+	receipts    *Receipts
+	checks      *Checks
+	epoch, step int
+}
+
+func (r *RemoteExperts) moe(ctx context.Context, g *Generation, layer int, x []float32, n int, selected []int32, weights []float32) ([]float32, error) {
 	start := time.Now()
-	stats := callStats(ctx)
+	var cs callState
+	if g != nil {
+		cs = callState{stats: &g.Stats, receipts: g.Receipts, checks: g.Checks, epoch: int(g.epoch.Load()), step: int(g.step.Load())}
+	}
+	stats := cs.stats
 	outs := make([]float32, n*r.Used*r.Embd)
 	routing := moe.Route(selected)
 	// Peers that host every expert this layer needs serve them all in one
@@ -201,7 +243,7 @@ func (r *RemoteExperts) MoE(ctx context.Context, layer int, x []float32, n int, 
 		go func() {
 			defer wg.Done()
 			slots := routing.Slots[e]
-			resp, err := r.call(ctx, expert.Key{Layer: layer, Expert: int(e)}, moe.Gather(x, slots, r.Used, r.Embd), len(slots),
+			resp, err := r.call(ctx, cs, expert.Key{Layer: layer, Expert: int(e)}, moe.Gather(x, slots, r.Used, r.Embd), len(slots),
 				providers[e], preferred)
 			mu.Lock()
 			defer mu.Unlock()
@@ -244,9 +286,8 @@ func (r *RemoteExperts) deadline(p peer.ID, timeout time.Duration) time.Duration
 // call asks the best provider of k; if it has not answered by its p95
 // latency it asks the next one too (a hedge), and a failed call goes to
 // the next at once. The first answer wins; the others are cancelled.
-func (r *RemoteExperts) call(ctx context.Context, k expert.Key, in []float32, n int, providers []peer.ID, preferred map[peer.ID]bool) (*expert.Response, error) {
-	stats := callStats(ctx)
-	receipts, _ := ctx.Value(receiptsKey{}).(*Receipts)
+func (r *RemoteExperts) call(ctx context.Context, cs callState, k expert.Key, in []float32, n int, providers []peer.ID, preferred map[peer.ID]bool) (*expert.Response, error) {
+	stats, receipts := cs.stats, cs.receipts
 	var escrow uint64
 	if receipts != nil {
 		escrow = receipts.Escrow
@@ -357,7 +398,7 @@ func (r *RemoteExperts) call(ctx context.Context, k expert.Key, in []float32, n 
 					if r.DType == neuropb.WireDType_WIRE_DTYPE_F16 {
 						sent = expert.DecodeFloats(expert.EncodeFloats(in, n, len(in)/max(n, 1), r.DType))
 					}
-					r.Validator.after(ctx, r.Model, k, sent, n, res.p, res.resp.Output, res.resp.Receipt, others, excluded,
+					r.Validator.after(cs.checks, cs.epoch, cs.step, r.Model, k, sent, n, res.p, res.resp.Output, res.resp.Receipt, others, excluded,
 						func(cctx context.Context, q peer.ID) ([]float32, *neuropb.UsageReceipt, error) {
 							cctx, cancel := context.WithTimeout(cctx, r.deadline(q, timeout))
 							defer cancel()

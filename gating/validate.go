@@ -128,7 +128,8 @@ type LocalFunc func(ctx context.Context, model cid.Cid, k expert.Key, in []float
 // after is called with every answer used: out, computed by used for task
 // k. others are the other trusted providers; excluded the excluded ones.
 // It starts the checks in the background; a result found wrong is
-// reported to the generation through ctx's Checks.
+// reported to the generation's checks (nil: to no generation) as step of
+// epoch.
 //
 // A peer whose results were never checked (a new one) is checked against
 // the gating node's own computation when it has one (v.Local): two new
@@ -137,11 +138,9 @@ type LocalFunc func(ctx context.Context, model cid.Cid, k expert.Key, in []float
 // the two disagree, the local computation decides, or else the most
 // proven third provider. Providers that are new and unused, or excluded,
 // are probed now and then so that they can earn (back) their place.
-func (v *Validator) after(ctx context.Context, model cid.Cid, k expert.Key, in []float32, n int, used peer.ID, out []float32,
+func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expert.Key, in []float32, n int, used peer.ID, out []float32,
 	receipt *neuropb.UsageReceipt, others, excluded []peer.ID, call checker) {
 	v.calls.Add(1)
-	checks := checksFrom(ctx)
-	epoch, step := stepFrom(ctx)
 	local := func(bg context.Context) ([]float32, bool) {
 		if v.Local == nil {
 			return nil, false
@@ -349,29 +348,4 @@ func (c *Checks) Wait(ctx context.Context) {
 	case <-done:
 	case <-ctx.Done():
 	}
-}
-
-type checksKey struct{}
-type stepKey struct{}
-
-type stepVal struct{ epoch, step int }
-
-// WithChecks returns a context whose expert calls report to c.
-func WithChecks(ctx context.Context, c *Checks) context.Context {
-	return context.WithValue(ctx, checksKey{}, c)
-}
-
-// WithStep marks the forward pass that ctx's calls belong to.
-func WithStep(ctx context.Context, epoch, step int) context.Context {
-	return context.WithValue(ctx, stepKey{}, stepVal{epoch, step})
-}
-
-func checksFrom(ctx context.Context) *Checks {
-	c, _ := ctx.Value(checksKey{}).(*Checks)
-	return c
-}
-
-func stepFrom(ctx context.Context) (int, int) {
-	s, _ := ctx.Value(stepKey{}).(stepVal)
-	return s.epoch, s.step
 }
