@@ -72,10 +72,14 @@ type Client struct {
 	log *slog.Logger
 
 	mu       sync.Mutex
-	sessions map[peer.ID]*session
+	sessions map[peer.ID]*session // the session new calls to a peer take
+	live     map[*session]bool    // every session whose stream is open, retired ones too
 	links    map[peer.ID]*Link
 	nextID   atomic.Uint64
 	closed   bool
+
+	done chan struct{} // closed by Close
+	wg   sync.WaitGroup
 }
 
 // Link is how this client reaches an expert peer: over which connection
@@ -124,7 +128,8 @@ func NewClient(h host.Host, log *slog.Logger) *Client {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Client{h: h, log: log.With("component", "expert-client"), sessions: map[peer.ID]*session{}}
+	return &Client{h: h, log: log.With("component", "expert-client"), sessions: map[peer.ID]*session{},
+		live: map[*session]bool{}, done: make(chan struct{})}
 }
 
 // session is one open stream to one peer.
@@ -274,7 +279,11 @@ func (c *Client) session(ctx context.Context, p peer.ID) (*session, error) {
 		s.mu.Lock()
 		s.retired = true
 		s.mu.Unlock()
-		go s.retireIfIdle()
+		c.wg.Add(1)
+		go func() {
+			defer c.wg.Done()
+			s.retireIfIdle()
+		}()
 	}
 	c.mu.Unlock()
 	st, err := p2p.NewStream(ctx, c.h, p, neuropb.ExpertProtocol)
@@ -301,11 +310,20 @@ func (c *Client) session(ctx context.Context, p peer.ID) (*session, error) {
 		l.Calls = old.Calls
 	}
 	c.links[p] = &l
-	c.mu.Unlock()
-	go c.read(p, s)
+	c.live[s] = true
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		c.read(p, s)
+	}()
 	if s.relayed {
-		go c.repunch(p, s)
+		c.wg.Add(1)
+		go func() {
+			defer c.wg.Done()
+			c.repunch(p, s)
+		}()
 	}
+	c.mu.Unlock()
 	return s, nil
 }
 
@@ -319,6 +337,9 @@ func (c *Client) read(p peer.ID, s *session) {
 			s.fail(fmt.Errorf("%w: %v", ErrStreamClosed, err))
 			c.drop(p, s)
 			s.st.Reset()
+			c.mu.Lock()
+			delete(c.live, s)
+			c.mu.Unlock()
 			return
 		}
 		s.mu.Lock()
@@ -370,7 +391,11 @@ const (
 
 func (c *Client) repunch(p peer.ID, s *session) {
 	for range repunchTries {
-		time.Sleep(repunchAfter)
+		select {
+		case <-c.done:
+			return
+		case <-time.After(repunchAfter):
+		}
 		c.mu.Lock()
 		closed, current := c.closed, c.sessions[p] == s
 		c.mu.Unlock()
@@ -415,16 +440,24 @@ func (c *Client) drop(p peer.ID, s *session) {
 	}
 }
 
-// Close resets every stream. Pending calls fail.
+// Close resets every stream; pending calls fail. It returns once the
+// client's goroutines have ended, and is safe to call more than once.
 func (c *Client) Close() error {
 	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		c.wg.Wait()
+		return nil
+	}
 	c.closed = true
-	sessions := c.sessions
-	c.sessions = map[peer.ID]*session{}
+	close(c.done)
+	live := c.live
+	c.sessions, c.live = map[peer.ID]*session{}, map[*session]bool{}
 	c.mu.Unlock()
-	for _, s := range sessions {
+	for s := range live {
 		s.fail(ErrStreamClosed)
 		s.st.Reset()
 	}
+	c.wg.Wait()
 	return nil
 }

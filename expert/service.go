@@ -3,6 +3,7 @@ package expert
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
@@ -14,6 +15,8 @@ import (
 	"time"
 
 	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/neuro-p2p/neuro/moe"
 	"github.com/neuro-p2p/neuro/neuropb"
@@ -61,7 +64,7 @@ type Compute interface {
 // peers, announces them in the DHT, and hosts experts of a model.
 type Service struct {
 	cfg     ServiceConfig
-	p2p     *p2p.Host
+	p2p     Network
 	log     *slog.Logger
 	store   *Store
 	shards  *ShardServer
@@ -75,14 +78,29 @@ type Service struct {
 	used     int64
 	speed    float32
 
-	ctx    context.Context
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
-	once   sync.Once
+	ctx      context.Context
+	cancel   context.CancelFunc
+	wg       sync.WaitGroup
+	once     sync.Once
+	closeErr error
 }
 
-// NewService builds an expert node on h. It starts nothing.
-func NewService(h *p2p.Host, cfg ServiceConfig, log *slog.Logger) (*Service, error) {
+// Network is what an expert node uses of the p2p stack (*p2p.Host).
+type Network interface {
+	LibP2P() host.Host
+	ID() peer.ID
+	// Peers is the table of peers heard on the routing topic.
+	Peers() *p2p.PeerTable
+	Provide(ctx context.Context, c cid.Cid) error
+	FindProviders(ctx context.Context, c cid.Cid, n int, timeout time.Duration) ([]peer.AddrInfo, error)
+	// PublishHeartbeat tells the others at once what the node hosts.
+	PublishHeartbeat(ctx context.Context) error
+}
+
+var _ Network = (*p2p.Host)(nil)
+
+// NewService builds an expert node on h. It starts nothing: Start does.
+func NewService(h Network, cfg ServiceConfig, log *slog.Logger) (*Service, error) {
 	if log == nil {
 		log = slog.Default()
 	}
@@ -120,8 +138,9 @@ func NewService(h *p2p.Host, cfg ServiceConfig, log *slog.Logger) (*Service, err
 func (s *Service) Store() *Store { return s.store }
 
 // Start serves shards and experts, announces the stored blobs and, if a
-// model is set, starts hosting its experts in the background.
-func (s *Service) Start() {
+// model is set, starts hosting its experts in the background. Its
+// goroutines run until Close; ctx is not kept.
+func (s *Service) Start(context.Context) error {
 	s.shards.Start()
 	s.server.Start()
 	s.wg.Add(1)
@@ -138,22 +157,26 @@ func (s *Service) Start() {
 			}
 		}()
 	}
+	return nil
 }
 
-// Close stops everything and frees the experts. Safe to call twice.
+// Close stops everything and frees the experts; it returns once every
+// goroutine of the service has ended. Safe to call twice.
 func (s *Service) Close() error {
 	s.once.Do(func() {
 		s.cancel()
 		s.wg.Wait()
-		s.shards.Close()
-		s.server.Close()
+		errs := []error{s.shards.Close(), s.server.Close()}
 		s.mu.Lock()
-		for _, e := range s.loaded {
-			e.Close()
+		for k, e := range s.loaded {
+			if err := e.Close(); err != nil {
+				errs = append(errs, fmt.Errorf("expert %s: %w", k, err))
+			}
 		}
 		s.mu.Unlock()
+		s.closeErr = errors.Join(errs...)
 	})
-	return nil
+	return s.closeErr
 }
 
 // announce provides every stored blob, rescans for new ones (an import

@@ -22,7 +22,7 @@ import (
 func TestAutoHostingCoversEveryExpertTwice(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 	defer cancel()
-	nodes := p2ptest.Cluster(t, ctx, 4, p2ptest.Config(time.Second))
+	nodes, extras := p2ptest.ClusterWithExtras(t, ctx, 4, p2ptest.Config(time.Second))
 	mc, m, dir := tinyShards(t, model.Q8_0)
 	origin, err := NewService(nodes[0], ServiceConfig{StoreDir: t.TempDir(), Server: DefaultConfig()}, quiet())
 	if err != nil {
@@ -32,10 +32,12 @@ func TestAutoHostingCoversEveryExpertTwice(t *testing.T) {
 	if _, err := origin.Store().ImportSplit(dir); err != nil {
 		t.Fatal(err)
 	}
-	origin.Start()
+	if err := origin.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
 	shardSize := int64(m.GetExperts()[0].GetShard().GetSize())
 	var svcs []*Service
-	for _, n := range nodes[1:] {
+	for i, n := range nodes[1:] {
 		s, err := NewService(n, ServiceConfig{StoreDir: t.TempDir(), Model: mc, Spec: Spec{Auto: true}, Compute: moetest.Backend{},
 			MemoryBudget: 6 * shardSize, Threads: 1, Server: DefaultConfig(), Step: 300 * time.Millisecond},
 			slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelInfo})).With("node", n.ID().String()[46:]))
@@ -43,8 +45,10 @@ func TestAutoHostingCoversEveryExpertTwice(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { s.Close() })
-		n.SetHeartbeatExtra(s.HeartbeatExtra)
-		s.Start()
+		extras[i+1].Set(s.HeartbeatExtra)
+		if err := s.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
 		svcs = append(svcs, s)
 	}
 	experts := len(m.GetExperts())

@@ -14,6 +14,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/core/peerstore"
 
@@ -45,8 +46,13 @@ type EngineConfig struct {
 	// Metrics, if set, records each expert call.
 	Metrics *metrics.Metrics
 	// OnReceipts, if set, is given the experts' signed usage receipts of a
-	// generation paid from an escrow, to settle on the ledger.
+	// generation paid from an escrow, to settle on the ledger, when the
+	// generation ends (also when it fails). It must not block: it hands
+	// them to a service of its own (ledger.Settler).
 	OnReceipts func(escrow uint64, receipts []*neuropb.UsageReceipt)
+	// OnWrong, if set, is told of each expert result the validator found
+	// wrong (with a Book only). It must not block.
+	OnWrong func(Verdict)
 	// Book, if set, is the node's reputation record: it ranks providers,
 	// keeps excluded ones out, and a sample of every peer's results is
 	// re-executed elsewhere to keep it honest (without it, all peers are
@@ -70,6 +76,18 @@ func DefaultEngineConfig() EngineConfig {
 		CallTimeout: 30 * time.Second}
 }
 
+// Network is what a gating node uses of the p2p stack (*p2p.Host).
+type Network interface {
+	LibP2P() host.Host
+	ID() peer.ID
+	// Peers is the table of peers heard on the routing topic.
+	Peers() *p2p.PeerTable
+	Provide(ctx context.Context, c cid.Cid) error
+	FindProviders(ctx context.Context, c cid.Cid, n int, timeout time.Duration) ([]peer.AddrInfo, error)
+}
+
+var _ Network = (*p2p.Host)(nil)
+
 // Fetcher gets a blob (manifest or shard) into the store the engine reads.
 type Fetcher interface {
 	Fetch(ctx context.Context, c cid.Cid) error
@@ -82,7 +100,7 @@ type Fetcher interface {
 type Engine struct {
 	cfg     EngineConfig
 	log     *slog.Logger
-	h       *p2p.Host
+	h       Network
 	fetcher Fetcher
 	client  *expert.Client
 	sel     *Selector
@@ -95,10 +113,11 @@ type Engine struct {
 
 	active, generated atomic.Int64
 
-	ctx    context.Context
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
-	once   sync.Once
+	ctx      context.Context
+	cancel   context.CancelFunc
+	wg       sync.WaitGroup
+	once     sync.Once
+	closeErr error
 }
 
 // served is one model a gating node serves.
@@ -115,7 +134,7 @@ type served struct {
 
 // NewEngine builds a gating node on h, fetching blobs with f. It starts
 // nothing.
-func NewEngine(h *p2p.Host, f Fetcher, cfg EngineConfig, log *slog.Logger) (*Engine, error) {
+func NewEngine(h Network, f Fetcher, cfg EngineConfig, log *slog.Logger) (*Engine, error) {
 	if log == nil {
 		log = slog.Default()
 	}
@@ -143,48 +162,48 @@ func NewEngine(h *p2p.Host, f Fetcher, cfg EngineConfig, log *slog.Logger) (*Eng
 		slots: make(chan struct{}, cfg.MaxSessions), models: map[cid.Cid]*served{}}
 	if cfg.Book != nil {
 		e.sel = NewSelector(cfg.Book)
-		e.val = NewValidator(h.ID(), cfg.Book, e.log)
 		e.local = newLocalJudge(f, cfg.Compute, cfg.Threads)
-		e.val.Local = e.local.compute
+		e.val = NewValidator(h.ID(), cfg.Book, ValidatorConfig{OnWrong: cfg.OnWrong, Local: e.local.compute}, e.log)
 	}
 	e.ctx, e.cancel = context.WithCancel(context.Background())
 	return e, nil
 }
 
-// SetOnReceipts sets EngineConfig.OnReceipts (before Start).
-func (e *Engine) SetOnReceipts(f func(escrow uint64, receipts []*neuropb.UsageReceipt)) {
-	e.cfg.OnReceipts = f
-}
-
 // Validator is the engine's result checker (nil without a Book).
 func (e *Engine) Validator() *Validator { return e.val }
 
-// Start serves the infer protocol.
-func (e *Engine) Start() {
+// Start serves the infer protocol. The engine's goroutines run until
+// Close; ctx is not kept.
+func (e *Engine) Start(context.Context) error {
 	e.h.LibP2P().SetStreamHandler(neuropb.InferProtocol, e.handleStream)
+	return nil
 }
 
-// Close stops serving, waits for the running generations to end and frees
-// the models.
+// Close stops serving, waits for the running generations and the checks
+// of their results to end, and frees the models. It is safe to call more
+// than once.
 func (e *Engine) Close() error {
 	e.once.Do(func() {
 		e.h.LibP2P().RemoveStreamHandler(neuropb.InferProtocol)
 		e.cancel()
 		e.wg.Wait()
+		var errs []error
 		if e.val != nil {
-			e.val.Close()
-			e.local.Close()
+			errs = append(errs, e.val.Close(), e.local.Close())
 		}
-		e.client.Close()
+		errs = append(errs, e.client.Close())
 		e.mu.Lock()
 		defer e.mu.Unlock()
-		for _, m := range e.models {
+		for c, m := range e.models {
 			if m.sm != nil {
-				m.sm.Close()
+				if err := m.sm.Close(); err != nil {
+					errs = append(errs, fmt.Errorf("model %s: %w", c, err))
+				}
 			}
 		}
+		e.closeErr = errors.Join(errs...)
 	})
-	return nil
+	return e.closeErr
 }
 
 // Serve starts serving model c in the background: it fetches the manifest
@@ -334,7 +353,7 @@ func (e *Engine) warm(ctx context.Context, m *served) {
 // the DHT: the providers a gating node knows of besides the heartbeats it
 // has heard (a peer it has no gossip mesh path to yet, a heartbeat lost).
 type dhtProviders struct {
-	h     *p2p.Host
+	h     Network
 	model cid.Cid
 	mu    sync.Mutex
 	found map[expert.Key][]peer.ID
@@ -597,7 +616,7 @@ func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Cal
 		// Settle whatever was computed, even for a generation that fails.
 		defer func() {
 			if rs := gen.Receipts.Take(); len(rs) > 0 {
-				go e.cfg.OnReceipts(gen.Receipts.Escrow, rs)
+				e.cfg.OnReceipts(gen.Receipts.Escrow, rs)
 			}
 		}()
 	}

@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -31,8 +30,6 @@ import (
 	"github.com/neuro-p2p/neuro/p2p/p2ptest"
 	"github.com/neuro-p2p/neuro/p2p/wire"
 )
-
-func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
 
 // expertNet is a host that holds every shard (host 0) and expert nodes,
 // one per spec, in one process on loopback.
@@ -68,7 +65,7 @@ func newFaultyNet(t testing.TB, ctx context.Context, p model.Params, dt model.DT
 	if err != nil {
 		t.Fatal(err)
 	}
-	hs := p2ptest.Cluster(t, ctx, 1+len(specs), p2ptest.Config(300*time.Millisecond))
+	hs, extras := p2ptest.ClusterWithExtras(t, ctx, 1+len(specs), p2ptest.Config(300*time.Millisecond))
 	origin, err := expert.NewService(hs[0], expert.ServiceConfig{StoreDir: filepath.Join(dir, "s0"), Server: expert.DefaultConfig()}, quiet())
 	if err != nil {
 		t.Fatal(err)
@@ -77,7 +74,9 @@ func newFaultyNet(t testing.TB, ctx context.Context, p model.Params, dt model.DT
 	if _, err := origin.Store().ImportSplit(filepath.Join(dir, "shards")); err != nil {
 		t.Fatal(err)
 	}
-	origin.Start()
+	if err := origin.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
 	n := &expertNet{src: src, dir: filepath.Join(dir, "shards"), model: res.ModelCID, hosts: hs, origin: origin}
 	for i, s := range specs {
 		spec, err := expert.ParseSpec(s)
@@ -90,8 +89,10 @@ func newFaultyNet(t testing.TB, ctx context.Context, p model.Params, dt model.DT
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { svc.Close() })
-		hs[i+1].SetHeartbeatExtra(svc.HeartbeatExtra)
-		svc.Start()
+		extras[i+1].Set(svc.HeartbeatExtra)
+		if err := svc.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
 		n.svcs = append(n.svcs, svc)
 	}
 	return n
@@ -114,7 +115,9 @@ func newGatingNet(t *testing.T, ctx context.Context, p model.Params, dt model.DT
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { eng.Close() })
-	eng.Start()
+	if err := eng.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
 	eng.Serve(xn.model)
 	for {
 		ms := eng.Models()

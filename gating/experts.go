@@ -41,7 +41,7 @@ type FindProviders func(k expert.Key) []peer.ID
 // HeartbeatProviders finds providers in the routing topic's heartbeats:
 // the peers whose last heartbeat lists the expert and does not say that
 // they have paused expert work.
-func HeartbeatProviders(h *p2p.Host, model cid.Cid) FindProviders {
+func HeartbeatProviders(h interface{ Peers() *p2p.PeerTable }, model cid.Cid) FindProviders {
 	want := string(model.Bytes())
 	return func(k expert.Key) []peer.ID {
 		packed := uint32(k.Layer)<<16 | uint32(k.Expert)
@@ -358,7 +358,7 @@ func (r *RemoteExperts) call(ctx context.Context, cs callState, k expert.Key, in
 				if r.Advertised != nil {
 					advertised = r.Advertised(p)
 				}
-				r.Validator.Book.Call(p, err == nil, perToken, advertised)
+				r.Validator.Book().Call(p, err == nil, perToken, advertised)
 			}
 			if stats != nil {
 				stats.Calls.Add(1)

@@ -33,17 +33,9 @@ func RelL2(a, b []float32) float64 { return reputation.RelL2(a, b) }
 // wrong. Excluded peers are probed now and then with answers that are not
 // used, and re-admitted after a run of valid ones.
 type Validator struct {
-	Book *reputation.Book
-	Log  *slog.Logger
-	// ProbeRate is the chance that a call also probes one provider of its
-	// expert never checked yet; a tenth of it, one excluded provider.
-	ProbeRate float64
-	// OnWrong, if set, is told of each result found wrong, with the task
-	// and the results that outvoted it (a verdict).
-	OnWrong func(Verdict)
-	// Local, if set, computes a task on this node: the judge of new peers
-	// and of disagreements.
-	Local LocalFunc
+	book *reputation.Book
+	log  *slog.Logger
+	cfg  ValidatorConfig
 
 	self peer.ID
 	mu   sync.Mutex
@@ -72,16 +64,36 @@ type Verdict struct {
 	Receipt *neuropb.UsageReceipt
 }
 
+// ValidatorConfig tunes a Validator and gives it its callbacks.
+type ValidatorConfig struct {
+	// ProbeRate is the chance that a call also probes one provider of its
+	// expert never checked yet; a tenth of it, one excluded provider
+	// (default 0.1).
+	ProbeRate float64
+	// OnWrong, if set, is told of each result found wrong, with the task
+	// and the results that outvoted it (a verdict). It must not block.
+	OnWrong func(Verdict)
+	// Local, if set, computes a task on this node: the judge of new peers
+	// and of disagreements.
+	Local LocalFunc
+}
+
 // NewValidator makes a validator over book for the gating node self.
-func NewValidator(self peer.ID, book *reputation.Book, log *slog.Logger) *Validator {
+func NewValidator(self peer.ID, book *reputation.Book, cfg ValidatorConfig, log *slog.Logger) *Validator {
 	if log == nil {
 		log = slog.Default()
+	}
+	if cfg.ProbeRate <= 0 {
+		cfg.ProbeRate = 0.1
 	}
 	var seed [32]byte
 	_, _ = crand.Read(seed[:])
 	life, stop := context.WithCancel(context.Background())
-	return &Validator{Book: book, Log: log, ProbeRate: 0.1, self: self, rng: rand.New(rand.NewChaCha8(seed)), life: life, stop: stop}
+	return &Validator{book: book, log: log, cfg: cfg, self: self, rng: rand.New(rand.NewChaCha8(seed)), life: life, stop: stop}
 }
+
+// Book is the reputation book the validator records to.
+func (v *Validator) Book() *reputation.Book { return v.book }
 
 func (v *Validator) draw() float64 {
 	v.mu.Lock()
@@ -99,16 +111,18 @@ func (v *Validator) Stats() (calls, checks, wrong int64) {
 func (v *Validator) Wait() { v.wg.Wait() }
 
 // Close ends the checks in flight (a call to a peer that died would
-// otherwise hold them to their timeout) and waits for them.
-func (v *Validator) Close() {
+// otherwise hold them to their timeout) and waits for them. It is safe to
+// call more than once.
+func (v *Validator) Close() error {
 	v.stop()
 	v.wg.Wait()
+	return nil
 }
 
 // trusted keeps the providers that are not excluded.
 func (v *Validator) trusted(ps []peer.ID) (ok, excluded []peer.ID) {
 	for _, p := range ps {
-		if v.Book.Excluded(p) {
+		if v.book.Excluded(p) {
 			excluded = append(excluded, p)
 		} else {
 			ok = append(ok, p)
@@ -132,7 +146,7 @@ type LocalFunc func(ctx context.Context, model cid.Cid, k expert.Key, in []float
 // epoch.
 //
 // A peer whose results were never checked (a new one) is checked against
-// the gating node's own computation when it has one (v.Local): two new
+// the gating node's own computation when it has one (v.cfg.Local): two new
 // peers that lie alike cannot vouch for each other. A proven peer is
 // checked by another provider drawn at random, proven ones first; when
 // the two disagree, the local computation decides, or else the most
@@ -142,12 +156,12 @@ func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expe
 	receipt *neuropb.UsageReceipt, others, excluded []peer.ID, call checker) {
 	v.calls.Add(1)
 	local := func(bg context.Context) ([]float32, bool) {
-		if v.Local == nil {
+		if v.cfg.Local == nil {
 			return nil, false
 		}
-		ref, err := v.Local(bg, model, k, in, n)
+		ref, err := v.cfg.Local(bg, model, k, in, n)
 		if err != nil {
-			v.Log.Debug("local check", "expert", k.String(), "err", err)
+			v.log.Debug("local check", "expert", k.String(), "err", err)
 			return nil, false
 		}
 		return ref, true
@@ -156,12 +170,12 @@ func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expe
 	// generation when it had used the result.
 	convict := func(accused peer.ID, wrong []float32, rc *neuropb.UsageReceipt, judges [2]peer.ID, right []float32, probe bool) {
 		v.wrong.Add(1)
-		v.Log.Warn("expert result found wrong", "peer", accused, "expert", k.String(), "off", RelL2(wrong, right), "probe", probe)
+		v.log.Warn("expert result found wrong", "peer", accused, "expert", k.String(), "off", RelL2(wrong, right), "probe", probe)
 		if accused == used && checks != nil {
 			checks.bad(epoch, step)
 		}
-		if v.OnWrong != nil {
-			v.OnWrong(Verdict{Model: model, Key: k, Input: in, N: n, Accused: accused, Wrong: wrong, Agreeing: judges, Right: right, Receipt: rc})
+		if v.cfg.OnWrong != nil {
+			v.cfg.OnWrong(Verdict{Model: model, Key: k, Input: in, N: n, Accused: accused, Wrong: wrong, Agreeing: judges, Right: right, Receipt: rc})
 		}
 	}
 
@@ -169,17 +183,17 @@ func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expe
 	// often, so that they are vetted soon, excluded ones rarely.
 	var unproven []peer.ID
 	for _, p := range others {
-		if !v.Book.Vetted(p) {
+		if !v.book.Vetted(p) {
 			unproven = append(unproven, p)
 		}
 	}
-	rate := v.ProbeRate
+	rate := v.cfg.ProbeRate
 	if len(unproven) == 0 {
-		unproven, rate = excluded, v.ProbeRate/10
+		unproven, rate = excluded, v.cfg.ProbeRate/10
 	}
 	if len(unproven) > 0 && v.draw() < rate {
 		x := unproven[int(v.draw()*float64(len(unproven)))%len(unproven)]
-		usedProven := v.Book.Vetted(used) && !v.Book.Excluded(used)
+		usedProven := v.book.Vetted(used) && !v.book.Excluded(used)
 		v.spawn(checks, func(bg context.Context) {
 			ref, judged := local(bg)
 			if !judged {
@@ -195,18 +209,18 @@ func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expe
 			}
 			ok := RelL2(got, ref) <= Tolerance
 			// A verdict on a peer already excluded adds no news.
-			was := v.Book.Excluded(x)
-			v.Book.Validated(x, ok)
+			was := v.book.Excluded(x)
+			v.book.Validated(x, ok)
 			if !ok && judged && !was {
 				convict(x, got, rc, [2]peer.ID{v.self, v.self}, ref, true)
 			}
 		})
 	}
 
-	if v.draw() >= v.Book.CheckRate(used) {
+	if v.draw() >= v.book.CheckRate(used) {
 		return
 	}
-	if !v.Book.Vetted(used) && v.Local != nil {
+	if !v.book.Vetted(used) && v.cfg.Local != nil {
 		v.spawn(checks, func(bg context.Context) {
 			ref, ok := local(bg)
 			if !ok {
@@ -214,10 +228,10 @@ func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expe
 			}
 			v.checks.Add(1)
 			if RelL2(out, ref) <= Tolerance {
-				v.Book.Validated(used, true)
+				v.book.Validated(used, true)
 				return
 			}
-			v.Book.Validated(used, false)
+			v.book.Validated(used, false)
 			convict(used, out, receipt, [2]peer.ID{v.self, v.self}, ref, false)
 		})
 		return
@@ -232,7 +246,7 @@ func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expe
 	v.mu.Lock()
 	v.rng.Shuffle(len(order), func(i, j int) { order[i], order[j] = order[j], order[i] })
 	v.mu.Unlock()
-	slices.SortStableFunc(order, func(a, b peer.ID) int { return v.Book.Streak(b) - v.Book.Streak(a) })
+	slices.SortStableFunc(order, func(a, b peer.ID) int { return v.book.Streak(b) - v.book.Streak(a) })
 	second := order[0]
 	third := order[1:]
 	v.spawn(checks, func(bg context.Context) {
@@ -242,8 +256,8 @@ func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expe
 			return // a failed check decides nothing; the call path scores failures
 		}
 		if RelL2(got, out) <= Tolerance {
-			v.Book.Validated(used, true)
-			v.Book.Validated(second, true)
+			v.book.Validated(used, true)
+			v.book.Validated(second, true)
 			return
 		}
 		dec, decider, ok := []float32(nil), v.self, false
@@ -262,21 +276,21 @@ func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expe
 		agreeUsed, agreeSecond := RelL2(dec, out) <= Tolerance, RelL2(dec, got) <= Tolerance
 		switch {
 		case agreeSecond && !agreeUsed:
-			v.Book.Validated(used, false)
-			v.Book.Validated(second, true)
+			v.book.Validated(used, false)
+			v.book.Validated(second, true)
 			if decider != v.self {
-				v.Book.Validated(decider, true)
+				v.book.Validated(decider, true)
 			}
 			convict(used, out, receipt, [2]peer.ID{second, decider}, dec, false)
 		case agreeUsed && !agreeSecond:
-			v.Book.Validated(second, false)
-			v.Book.Validated(used, true)
+			v.book.Validated(second, false)
+			v.book.Validated(used, true)
 			if decider != v.self {
-				v.Book.Validated(decider, true)
+				v.book.Validated(decider, true)
 			}
 			convict(second, got, rc, [2]peer.ID{used, decider}, dec, false)
 		default:
-			v.Log.Info("expert check undecided", "expert", k.String(), "peers", []peer.ID{used, second, decider})
+			v.log.Info("expert check undecided", "expert", k.String(), "peers", []peer.ID{used, second, decider})
 		}
 	})
 }

@@ -46,7 +46,9 @@ func validationRun(b *testing.B, experts, liars, requests int, validate bool) (b
 		b.Fatal(err)
 	}
 	defer eng.Close()
-	eng.Start()
+	if err := eng.Start(ctx); err != nil {
+		b.Fatal(err)
+	}
 	eng.Serve(xn.model)
 	for {
 		ms := eng.Models()

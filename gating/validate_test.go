@@ -98,7 +98,9 @@ func TestLiarsAreCaughtAndAnswersStayRight(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer eng.Close()
-			eng.Start()
+			if err := eng.Start(ctx); err != nil {
+				t.Fatal(err)
+			}
 			eng.Serve(xn.model)
 			for {
 				ms := eng.Models()

@@ -9,7 +9,10 @@ import (
 	"time"
 
 	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p-kad-dht"
+	pubsub "github.com/libp2p/go-libp2p-pubsub"
 	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"google.golang.org/protobuf/proto"
@@ -37,16 +40,18 @@ type ServiceConfig struct {
 // chain, puts the transactions it hears into its mempool and answers
 // queries.
 type Service struct {
-	h     *p2p.Host
+	h     Network
 	key   crypto.PrivKey
 	cfg   ServiceConfig
 	log   *slog.Logger
 	chain *Chain
 	topic *p2p.Topic[*neuropb.LedgerTx]
 
-	ctx    context.Context
-	cancel context.CancelFunc
-	done   chan struct{}
+	ctx       context.Context
+	cancel    context.CancelFunc
+	done      chan struct{}
+	closeOnce sync.Once
+	closeErr  error
 
 	sendMu    sync.Mutex
 	lastNonce uint64    // the last nonce this node used
@@ -57,10 +62,25 @@ type Service struct {
 // before its nonce is taken to be free again (a validator refused it).
 const nonceGrace = 5 * time.Second
 
-// NewService joins the ledger topic and, on a validator, starts the chain.
-func NewService(h *p2p.Host, key crypto.PrivKey, cfg ServiceConfig, log *slog.Logger) (_ *Service, err error) {
+// Network is what the ledger service uses of the p2p stack (*p2p.Host).
+type Network interface {
+	LibP2P() host.Host
+	ID() peer.ID
+	PubSub() *pubsub.PubSub
+	Rejections() *p2p.Rejections
+	DHT() *dht.IpfsDHT
+}
+
+var _ Network = (*p2p.Host)(nil)
+
+// NewService joins the ledger topic. It starts nothing: Start runs the
+// chain on a validator.
+func NewService(h Network, key crypto.PrivKey, cfg ServiceConfig, log *slog.Logger) (_ *Service, err error) {
 	if log == nil {
 		log = slog.Default()
+	}
+	if key == nil {
+		return nil, errors.New("ledger: no key")
 	}
 	s := &Service{h: h, key: key, cfg: cfg, log: log.With("component", "ledger"), done: make(chan struct{})}
 	s.topic, err = p2p.JoinTopic(h.PubSub(), neuropb.TopicLedger, neuropb.MaxLedgerTxSize,
@@ -68,13 +88,6 @@ func NewService(h *p2p.Host, key crypto.PrivKey, cfg ServiceConfig, log *slog.Lo
 		func(_ context.Context, author peer.ID, tx *neuropb.LedgerTx) error { return verifyTx(tx) }, h.Rejections())
 	if err != nil {
 		return nil, fmt.Errorf("ledger topic: %w", err)
-	}
-	if cfg.Genesis.IsValidator(h.ID()) {
-		if s.chain, err = StartChain(ChainConfig{Dir: cfg.Dir, Key: key, Genesis: cfg.Genesis, Listen: cfg.Listen,
-			Peers: cfg.Peers, BlockInterval: cfg.BlockInterval, Log: log}); err != nil {
-			return nil, err
-		}
-		h.LibP2P().SetStreamHandler(neuropb.LedgerQueryProtocol, s.serveQuery)
 	}
 	return s, nil
 }
@@ -96,25 +109,33 @@ func (s *Service) MempoolSize() int {
 	return s.chain.node.Mempool().Size()
 }
 
-// Validator reports whether this node runs the chain.
-func (s *Service) Validator() bool { return s.chain != nil }
-
-// Start relays the transactions heard on the topic into the mempool (on a
+// Validator reports whether this node runs the chain (genesis names it a
 // validator).
-func (s *Service) Start() {
+func (s *Service) Validator() bool { return s.cfg.Genesis.IsValidator(s.h.ID()) }
+
+// Start runs the chain on a validator, answers ledger queries and relays
+// the transactions heard on the topic into the mempool. Its goroutines
+// run until Close; ctx is not kept.
+func (s *Service) Start(context.Context) (err error) {
 	s.ctx, s.cancel = context.WithCancel(context.Background())
-	if s.chain == nil {
+	if !s.Validator() {
 		close(s.done)
-		return
+		return nil
 	}
+	if s.chain, err = StartChain(ChainConfig{Dir: s.cfg.Dir, Key: s.key, Genesis: s.cfg.Genesis, Listen: s.cfg.Listen,
+		Peers: s.cfg.Peers, BlockInterval: s.cfg.BlockInterval, Log: s.log}); err != nil {
+		close(s.done)
+		return err
+	}
+	s.h.LibP2P().SetStreamHandler(neuropb.LedgerQueryProtocol, s.serveQuery)
 	sub, err := s.topic.Subscribe()
 	if err != nil {
-		s.log.Error("subscribe to the ledger topic", "err", err)
 		close(s.done)
-		return
+		return fmt.Errorf("subscribe to the ledger topic: %w", err)
 	}
 	go func() {
 		defer close(s.done)
+		defer sub.Cancel()
 		held := newReorder(nonceGrace, 1024)
 		for {
 			m, err := sub.Next(s.ctx)
@@ -124,6 +145,7 @@ func (s *Service) Start() {
 			relay(held, s.chain.Submit, m.Msg, s.log.With("from", m.Author))
 		}
 	}()
+	return nil
 }
 
 // relay puts a transaction from the topic into the mempool. One refused
@@ -150,17 +172,22 @@ func relay(held *reorder, submit func([]byte) error, tx *neuropb.LedgerTx, log *
 	}
 }
 
-// Close stops the chain.
+// Close stops relaying and the chain. It returns
+// once its goroutines have ended and is safe to call more than once.
 func (s *Service) Close() error {
-	if s.cancel != nil {
-		s.cancel()
-		<-s.done
-	}
-	if s.chain != nil {
-		s.h.LibP2P().RemoveStreamHandler(neuropb.LedgerQueryProtocol)
-		return s.chain.Stop()
-	}
-	return nil
+	s.closeOnce.Do(func() {
+		if s.cancel != nil {
+			s.cancel()
+			<-s.done
+		}
+		var errs []error
+		if s.chain != nil {
+			s.h.LibP2P().RemoveStreamHandler(neuropb.LedgerQueryProtocol)
+			errs = append(errs, s.chain.Stop())
+		}
+		s.closeErr = errors.Join(errs...)
+	})
+	return s.closeErr
 }
 
 // precheck refuses a transaction the sender's funds cannot pay for, with

@@ -31,6 +31,7 @@ import (
 	"github.com/neuro-p2p/neuro/neuropb"
 	"github.com/neuro-p2p/neuro/p2p"
 	"github.com/neuro-p2p/neuro/reputation"
+	"github.com/neuro-p2p/neuro/verdict"
 )
 
 // Option sets a dependency of Node.
@@ -143,8 +144,9 @@ type Node struct {
 	expert   *expert.Service
 	gating   *gating.Engine
 	book     *reputation.Book
-	verdicts *verdicts
+	verdicts *verdict.Service
 	ledger   *ledger.Service
+	settler  *ledger.Settler
 	metrics  *metrics.Metrics
 	idle     *idleGuard
 	web      webState
@@ -220,7 +222,8 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 	if n.book, err = reputation.Open(bc); err != nil {
 		return nil, err
 	}
-	popts := []p2p.Option{p2p.WithLogger(n.log), p2p.WithAppScore(n.book.GossipScore), p2p.WithMetrics(n.metrics.Registry)}
+	popts := []p2p.Option{p2p.WithLogger(n.log), p2p.WithAppScore(n.book.GossipScore), p2p.WithMetrics(n.metrics.Registry),
+		p2p.WithHeartbeatExtra(n.heartbeatExtra)}
 	n.p2p, err = p2p.New(key, pcfg, popts...)
 	if err != nil {
 		return nil, err
@@ -232,13 +235,6 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 			return nil, err
 		}
 		n.idle = newIdleGuard(cfg.Home, o.load, n.expert.SetPaused, n.metrics, n.log)
-		n.p2p.SetHeartbeatExtra(func(hb *neuropb.Heartbeat) {
-			n.expert.HeartbeatExtra(hb)
-			hb.Paused = n.idle.Paused()
-		})
-	}
-	if n.verdicts, err = newVerdicts(n); err != nil {
-		return nil, err
 	}
 	if cfg.Ledger.Genesis != "" {
 		g, err := ledger.ReadGenesis(cfg.Ledger.Genesis)
@@ -257,6 +253,18 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 			return nil, err
 		}
 	}
+	vc := verdict.Config{Key: key, Book: n.book}
+	if svc := n.expert; svc != nil {
+		vc.Rerun = func(t reputation.Task) ([]float32, error) {
+			return svc.Compute(t.Model, t.Layer, t.Expert, t.Input, t.N)
+		}
+	}
+	if n.ledger != nil {
+		vc.Slasher = n.ledger
+	}
+	if n.verdicts, err = verdict.New(n.p2p, vc, n.log); err != nil {
+		return nil, err
+	}
 	if cfg.Gating.Enabled {
 		if n.expert == nil {
 			return nil, errors.New("gating: a gating node needs a home (its store holds the model's gating shard)")
@@ -269,17 +277,21 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 		if cfg.Gating.Validate {
 			book = n.book
 		}
-		n.gating, err = gating.NewEngine(n.p2p, n.expert, gating.EngineConfig{Threads: cfg.Gating.Threads,
+		ec := gating.EngineConfig{Threads: cfg.Gating.Threads,
 			MaxSessions: cfg.Gating.MaxSessions, Context: cfg.Gating.Context, DefaultMaxTokens: cfg.Gating.MaxTokens,
-			DType: dt, CallTimeout: time.Duration(cfg.Gating.CallTimeout), Book: book, Metrics: n.metrics, Compute: o.compute}, n.log)
-		if err != nil {
-			return nil, err
-		}
+			DType: dt, CallTimeout: time.Duration(cfg.Gating.CallTimeout), Book: book, Metrics: n.metrics, Compute: o.compute,
+			OnWrong: func(w gating.Verdict) {
+				n.verdicts.Report(verdict.Wrong{Task: reputation.Task{Model: w.Model, Layer: w.Key.Layer, Expert: w.Key.Expert,
+					Input: w.Input, N: w.N}, Accused: w.Accused, Output: w.Wrong, Agreeing: w.Agreeing, Right: w.Right, Receipt: w.Receipt})
+			}}
 		if n.ledger != nil {
-			n.gating.SetOnReceipts(n.settle)
+			if n.settler, err = ledger.NewSettler(n.ledger, ledger.SettlerConfig{OnSettled: n.web.settled}, n.log); err != nil {
+				return nil, err
+			}
+			ec.OnReceipts = n.settler.Submit
 		}
-		if v := n.gating.Validator(); v != nil && n.verdicts != nil {
-			v.OnWrong = func(w gating.Verdict) { n.verdicts.publish(context.Background(), w) }
+		if n.gating, err = gating.NewEngine(n.p2p, n.expert, ec, n.log); err != nil {
+			return nil, err
 		}
 	}
 	n.registerMetrics()
@@ -313,11 +325,12 @@ func (n *Node) Start(ctx context.Context) error {
 	if err := n.p2p.Start(ctx); err != nil {
 		return err
 	}
-	if n.expert != nil {
-		n.expert.Start()
-	}
-	if n.ledger != nil {
-		n.ledger.Start()
+	// Each service in the order it depends on the others: the ledger
+	// before what sends to it, the experts before the gating node.
+	for _, svc := range n.services() {
+		if err := svc.Start(ctx); err != nil {
+			return err
+		}
 	}
 	n.bgCtx, n.bgCancel = context.WithCancel(context.Background())
 	n.wg.Add(1)
@@ -338,18 +351,12 @@ func (n *Node) Start(ctx context.Context) error {
 			defer n.wg.Done()
 			n.keepBook(n.bgCtx)
 		}()
-		n.wg.Add(1)
-		go func() {
-			defer n.wg.Done()
-			n.verdicts.receive(n.bgCtx)
-		}()
 	}
 	if n.gating != nil {
 		mc, err := cid.Decode(n.cfg.Gating.ModelCID(n.cfg))
 		if err != nil {
 			return fmt.Errorf("gating.model: %w", err)
 		}
-		n.gating.Start()
 		n.gating.Serve(mc)
 	}
 	if n.httpLn != nil {
@@ -411,17 +418,15 @@ func (n *Node) Close() error {
 				errs = append(errs, err)
 			}
 		}
-		if n.gating != nil {
-			errs = append(errs, n.gating.Close())
-		}
-		if n.ledger != nil {
-			errs = append(errs, n.ledger.Close())
+		// The services in the reverse order of Start: the gating node
+		// stops before the settler and verdicts it reports to, and those
+		// before the ledger they send to.
+		svcs := n.services()
+		for i := len(svcs) - 1; i >= 0; i-- {
+			errs = append(errs, svcs[i].Close())
 		}
 		if n.book != nil {
 			errs = append(errs, n.book.Save())
-		}
-		if n.expert != nil {
-			errs = append(errs, n.expert.Close())
 		}
 		if n.p2p != nil {
 			errs = append(errs, n.p2p.Close())
@@ -476,25 +481,6 @@ const (
 	ReputationFile = "reputation.json"
 )
 
-// settle pays the receipts of a generation from its escrow: one settle
-// transaction per MaxReceipts receipts, signed by this gating node.
-func (n *Node) settle(escrow uint64, receipts []*neuropb.UsageReceipt) {
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	for len(receipts) > 0 {
-		chunk := receipts[:min(len(receipts), neuropb.MaxReceipts)]
-		receipts = receipts[len(chunk):]
-		if _, err := n.ledger.Send(ctx, func(tx *neuropb.LedgerTx) {
-			tx.Body = &neuropb.LedgerTx_Settle{Settle: &neuropb.Settle{Escrow: escrow, Receipts: chunk}}
-		}); err != nil {
-			n.log.Warn("settle", "escrow", escrow, "receipts", len(chunk), "err", err)
-			return
-		}
-		n.web.settled(escrow, chunk)
-		n.log.Info("settled expert work", "escrow", escrow, "receipts", len(chunk))
-	}
-}
-
 // keepBook records which known peers are alive (their heartbeats) and
 // saves the reputation book, every 10 s until ctx ends.
 func (n *Node) keepBook(ctx context.Context) {
@@ -514,6 +500,48 @@ func (n *Node) keepBook(ctx context.Context) {
 		if err := n.book.Save(); err != nil {
 			n.log.Warn("save reputation", "err", err)
 		}
+	}
+}
+
+// service is the lifecycle every long-lived service of a node follows:
+// New takes every dependency and starts nothing; Start starts its
+// goroutines (ctx bounds the start only); Close ends them, returns only
+// once they have, joins every error and is safe to call more than once.
+type service interface {
+	Start(ctx context.Context) error
+	Close() error
+}
+
+// services lists the node's services in the order they start.
+func (n *Node) services() []service {
+	var out []service
+	if n.ledger != nil {
+		out = append(out, n.ledger)
+	}
+	if n.expert != nil {
+		out = append(out, n.expert)
+	}
+	if n.verdicts != nil {
+		out = append(out, n.verdicts)
+	}
+	if n.settler != nil {
+		out = append(out, n.settler)
+	}
+	if n.gating != nil {
+		out = append(out, n.gating)
+	}
+	return out
+}
+
+// heartbeatExtra adds the expert service's hosted experts and capacity and
+// the idle guard's pause to a heartbeat (both are built before Start, and
+// heartbeats begin at Start).
+func (n *Node) heartbeatExtra(hb *neuropb.Heartbeat) {
+	if n.expert != nil {
+		n.expert.HeartbeatExtra(hb)
+	}
+	if n.idle != nil {
+		hb.Paused = n.idle.Paused()
 	}
 }
 

@@ -14,6 +14,7 @@ import (
 	"github.com/neuro-p2p/neuro/expert"
 	"github.com/neuro-p2p/neuro/neuropb"
 	"github.com/neuro-p2p/neuro/p2p"
+	"github.com/neuro-p2p/neuro/verdict"
 )
 
 // StatusPath is the control API's status endpoint.
@@ -178,7 +179,8 @@ func (n *Node) Status() Status {
 		st.ExpertCalls = n.expert.Served()
 	}
 	if n.verdicts != nil {
-		st.Verdicts = n.verdicts.status()
+		vs := n.verdicts.Status()
+		st.Verdicts = &vs
 	}
 	if g := n.gating; g != nil {
 		gs := &GatingStatus{HTTP: n.HTTPAddr(), Active: g.Active(), Generated: g.Generated(), Hedges: g.Hedges(), Models: []GatingModel{},
@@ -200,7 +202,7 @@ func (n *Node) Status() Status {
 		if v := g.Validator(); v != nil {
 			calls, checks, wrong := v.Stats()
 			gs.Validation = &ValidationStatus{Calls: calls, Checks: checks, Wrong: wrong}
-			for _, e := range v.Book.Snapshot() {
+			for _, e := range v.Book().Snapshot() {
 				gs.Reputation = append(gs.Reputation, PeerReputation{PeerID: e.Peer.String(), Score: e.Score,
 					Correctness: e.Correctness, Timeliness: e.Timeliness, Speed: e.Speed, Availability: e.Availability,
 					Checked: e.Checked, Failed: e.Failed, Excluded: e.Excluded, ExcludedAt: e.ExcludedAt})
@@ -287,3 +289,6 @@ func FetchStatus(ctx context.Context, addr string) (Status, error) {
 	}
 	return st, nil
 }
+
+// VerdictStatus counts the verdicts a node published and received.
+type VerdictStatus = verdict.Status

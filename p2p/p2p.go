@@ -134,7 +134,7 @@ type Host struct {
 
 	started time.Time
 	reach   atomic.Int32 // neuropb.Reachability
-	hbMu    sync.Mutex   // guards hbSeq and hbExtra
+	hbMu    sync.Mutex   // guards hbSeq
 	hbSeq   uint64
 
 	ctx       context.Context // bounds the loops; cancelled first by Close
@@ -418,14 +418,6 @@ func (h *Host) Peers() *PeerTable { return h.peers }
 
 // Rejections counts rejected gossip messages.
 func (h *Host) Rejections() *Rejections { return h.rej }
-
-// SetHeartbeatExtra sets (or replaces) the function WithHeartbeatExtra
-// sets, for a service that starts after the host.
-func (h *Host) SetHeartbeatExtra(f func(*neuropb.Heartbeat)) {
-	h.hbMu.Lock()
-	defer h.hbMu.Unlock()
-	h.hbExtra = f
-}
 
 // PublishHeartbeat publishes a heartbeat now, out of turn: a node that has
 // just chosen experts to host tells the others at once.

@@ -6,6 +6,7 @@ import (
 	"context"
 	"io"
 	"log/slog"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -13,6 +14,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	ma "github.com/multiformats/go-multiaddr"
 
+	"github.com/neuro-p2p/neuro/neuropb"
 	"github.com/neuro-p2p/neuro/p2p"
 )
 
@@ -36,14 +38,41 @@ func Config(interval time.Duration) p2p.Config {
 // every other in its DHT routing table.
 func Cluster(t testing.TB, ctx context.Context, n int, cfg p2p.Config) []*p2p.Host {
 	t.Helper()
+	hs, _ := ClusterWithExtras(t, ctx, n, cfg)
+	return hs
+}
+
+// Extra is a host's heartbeat contribution that a test sets once the
+// service that makes it is built on the started host (a node passes its
+// own to p2p.WithHeartbeatExtra when it builds the host).
+type Extra struct {
+	f atomic.Pointer[func(*neuropb.Heartbeat)]
+}
+
+// Set makes f the contribution.
+func (e *Extra) Set(f func(*neuropb.Heartbeat)) { e.f.Store(&f) }
+
+func (e *Extra) fill(hb *neuropb.Heartbeat) {
+	if f := e.f.Load(); f != nil {
+		(*f)(hb)
+	}
+}
+
+// ClusterWithExtras is Cluster whose host i adds extras[i] to its
+// heartbeats.
+func ClusterWithExtras(t testing.TB, ctx context.Context, n int, cfg p2p.Config) ([]*p2p.Host, []*Extra) {
+	t.Helper()
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	var hs []*p2p.Host
+	var extras []*Extra
 	for i := range n {
 		key, _, err := crypto.GenerateEd25519Key(nil)
 		if err != nil {
 			t.Fatal(err)
 		}
-		h, err := p2p.New(key, cfg, p2p.WithLogger(log))
+		x := &Extra{}
+		extras = append(extras, x)
+		h, err := p2p.New(key, cfg, p2p.WithLogger(log), p2p.WithHeartbeatExtra(x.fill))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -62,7 +91,7 @@ func Cluster(t testing.TB, ctx context.Context, n int, cfg p2p.Config) []*p2p.Ho
 			ok = ok && len(h.RoutingTable()) == n-1
 		}
 		if ok {
-			return hs
+			return hs, extras
 		}
 		select {
 		case <-ctx.Done():
