@@ -71,12 +71,17 @@ $(STATICCHECK):
 	GOBIN=$(TOOLS) $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
 	mv $(TOOLS)/staticcheck $@
 
-## fuzz-smoke: run every fuzz target for 10 s each
+## fuzz-smoke: run every fuzz target for 10 s each (FUZZTIME=30s for longer)
+FUZZTIME ?= 10s
+FUZZ_TARGETS = \
+	./neuropb/:FuzzHeartbeat ./node/:FuzzDecodeConfig ./model/:FuzzReadFile ./model/:FuzzParseManifest \
+	./p2p/wire/:FuzzExpertRequest ./ledger/:FuzzDecodeTx ./ledger/:FuzzReadGenesis ./ledger/:FuzzVerifyStatus \
+	./reputation/:FuzzVerifyVerdict ./gating/:FuzzOpenAIBodies
 fuzz-smoke:
-	$(GO) test ./neuropb/ -run '^$$' -fuzz FuzzHeartbeat -fuzztime 10s
-	$(GO) test ./node/ -run '^$$' -fuzz FuzzDecodeConfig -fuzztime 10s
-	$(GO) test ./model/ -run '^$$' -fuzz FuzzReadFile -fuzztime 10s
-	$(GO) test ./p2p/wire/ -run '^$$' -fuzz FuzzExpertRequest -fuzztime 10s
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		pkg=$${t%%:*}; fn=$${t##*:}; echo "== $$fn ($$pkg)"; \
+		$(GO) test $$pkg -run '^$$' -fuzz "^$$fn\$$" -fuzztime $(FUZZTIME); \
+	done
 
 ## proto: regenerate the protobuf Go code in neuropb/ (needs protoc: apt-get install protobuf-compiler)
 proto:

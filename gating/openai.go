@@ -182,41 +182,108 @@ type chatRequest struct {
 	} `json:"messages"`
 }
 
-// decode reads a JSON body into v, answering the error itself.
-func decode(w http.ResponseWriter, r *http.Request, v any) bool {
+// readBody reads a request body of at most maxHTTPBody bytes, answering
+// the error itself.
+func readBody(w http.ResponseWriter, r *http.Request) ([]byte, bool) {
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxHTTPBody))
 	if err != nil {
 		var mb *http.MaxBytesError
 		if errors.As(err, &mb) {
 			writeError(w, http.StatusRequestEntityTooLarge, "invalid_request_error", "", fmt.Sprintf("request body over %d bytes", mb.Limit))
-			return false
+			return nil, false
 		}
 		writeError(w, http.StatusBadRequest, "invalid_request_error", "", "read request body: "+err.Error())
-		return false
+		return nil, false
 	}
-	if err := json.Unmarshal(body, v); err != nil {
-		writeError(w, http.StatusBadRequest, "invalid_request_error", "", "malformed JSON body: "+err.Error())
-		return false
+	return body, true
+}
+
+// requestError is a bad request body: the parameter at fault ("" for the
+// body as a whole) and why.
+type requestError struct {
+	param string
+	err   error
+}
+
+func (e *requestError) Error() string { return e.err.Error() }
+
+func badParam(param string, err error) *requestError { return &requestError{param: param, err: err} }
+
+// parseCompletion reads a /v1/completions body into the engine's request;
+// only is the model of a request that names none (cid.Undef: it must name
+// one).
+func parseCompletion(body []byte, only cid.Cid) (*neuropb.InferRequest, *completionRequest, *requestError) {
+	var req completionRequest
+	if err := json.Unmarshal(body, &req); err != nil {
+		return nil, nil, badParam("", fmt.Errorf("malformed JSON body: %w", err))
 	}
-	return true
+	ir, rerr := request(req.common, only)
+	if rerr != nil {
+		return nil, nil, rerr
+	}
+	if req.Prompt == nil || len(*req.Prompt) != 1 {
+		return nil, nil, badParam("prompt", errors.New("prompt must be one string"))
+	}
+	ir.Prompt = (*req.Prompt)[0]
+	if ir.Prompt == "" {
+		return nil, nil, badParam("prompt", errors.New("prompt is empty"))
+	}
+	if err := ir.Validate(); err != nil { // the limits of the infer protocol (stop strings, sizes)
+		return nil, nil, badParam("", err)
+	}
+	return ir, &req, nil
+}
+
+// parseChat reads a /v1/chat/completions body into the engine's request.
+func parseChat(body []byte, only cid.Cid) (*neuropb.InferRequest, *chatRequest, *requestError) {
+	var req chatRequest
+	if err := json.Unmarshal(body, &req); err != nil {
+		return nil, nil, badParam("", fmt.Errorf("malformed JSON body: %w", err))
+	}
+	ir, rerr := request(req.common, only)
+	if rerr != nil {
+		return nil, nil, rerr
+	}
+	if len(req.Messages) == 0 {
+		return nil, nil, badParam("messages", errors.New("messages is empty"))
+	}
+	for i, m := range req.Messages {
+		content, err := messageText(m.Content)
+		if err != nil {
+			return nil, nil, badParam(fmt.Sprintf("messages[%d].content", i), err)
+		}
+		ir.Messages = append(ir.Messages, &neuropb.ChatMessage{Role: m.Role, Content: content})
+	}
+	if err := ir.Validate(); err != nil { // the limits of the infer protocol (roles, sizes)
+		return nil, nil, badParam("", err)
+	}
+	return ir, &req, nil
+}
+
+// onlyModel is the model a request that names none gets: the one model
+// served, or none when there are several.
+func (a *httpAPI) onlyModel() cid.Cid {
+	if ms := a.e.Models(); len(ms) == 1 {
+		return ms[0].CID
+	}
+	return cid.Undef
 }
 
 // request builds the engine's request from the common fields.
-func (a *httpAPI) request(c common) (*neuropb.InferRequest, string, error) {
+func request(c common, only cid.Cid) (*neuropb.InferRequest, *requestError) {
 	if c.N != nil && *c.N != 1 {
-		return nil, "n", fmt.Errorf("n = %d: only one choice per request is supported", *c.N)
+		return nil, badParam("n", fmt.Errorf("n = %d: only one choice per request is supported", *c.N))
 	}
 	model := c.Model
 	if model == "" {
-		ms := a.e.Models()
-		if len(ms) != 1 {
-			return nil, "model", errors.New("model is required (GET /v1/models lists them)")
+		if !only.Defined() {
+			return nil, badParam("model", errors.New("model is required (GET /v1/models lists them)"))
 		}
-		model = ms[0].CID.String()
+		model = only.String()
 	}
 	mc, err := cid.Decode(model)
 	if err != nil {
-		return nil, "model", fmt.Errorf("model %q is not a CID (GET /v1/models lists the models served)", model)
+		return nil, badParam("model", fmt.Errorf("model %q is not a CID (GET /v1/models lists the models served)", model))
 	}
 	s := &neuropb.Sampling{Stop: c.Stop, Temperature: 1}
 	if c.Temperature != nil {
@@ -227,7 +294,7 @@ func (a *httpAPI) request(c common) (*neuropb.InferRequest, string, error) {
 	}
 	if c.TopK != nil {
 		if *c.TopK < 0 {
-			return nil, "top_k", fmt.Errorf("top_k %d is negative", *c.TopK)
+			return nil, badParam("top_k", fmt.Errorf("top_k %d is negative", *c.TopK))
 		}
 		s.TopK = uint32(*c.TopK)
 	}
@@ -241,58 +308,47 @@ func (a *httpAPI) request(c common) (*neuropb.InferRequest, string, error) {
 	}
 	if mt != nil {
 		if *mt < 1 || *mt > neuropb.MaxGenerateTokens {
-			return nil, "max_tokens", fmt.Errorf("max_tokens %d: want 1 to %d", *mt, neuropb.MaxGenerateTokens)
+			return nil, badParam("max_tokens", fmt.Errorf("max_tokens %d: want 1 to %d", *mt, neuropb.MaxGenerateTokens))
 		}
 		s.MaxTokens = uint32(*mt)
 	}
-	return &neuropb.InferRequest{Model: mc.Bytes(), Sampling: s}, "", nil
+	return &neuropb.InferRequest{Model: mc.Bytes(), Sampling: s}, nil
 }
 
 func (a *httpAPI) completions(w http.ResponseWriter, r *http.Request) {
-	var req completionRequest
-	if !decode(w, r, &req) {
+	body, ok := readBody(w, r)
+	if !ok {
 		return
 	}
-	ir, param, err := a.request(req.common)
-	if err != nil {
-		writeParamError(w, param, err)
-		return
-	}
-	if req.Prompt == nil || len(*req.Prompt) != 1 {
-		writeParamError(w, "prompt", errors.New("prompt must be one string"))
-		return
-	}
-	ir.Prompt = (*req.Prompt)[0]
-	if ir.Prompt == "" {
-		writeParamError(w, "prompt", errors.New("prompt is empty"))
+	ir, req, rerr := parseCompletion(body, a.onlyModel())
+	if rerr != nil {
+		writeRequestError(w, rerr)
 		return
 	}
 	a.run(w, r, ir, false, req.Model, req.Stream)
 }
 
 func (a *httpAPI) chat(w http.ResponseWriter, r *http.Request) {
-	var req chatRequest
-	if !decode(w, r, &req) {
+	body, ok := readBody(w, r)
+	if !ok {
 		return
 	}
-	ir, param, err := a.request(req.common)
-	if err != nil {
-		writeParamError(w, param, err)
+	ir, req, rerr := parseChat(body, a.onlyModel())
+	if rerr != nil {
+		writeRequestError(w, rerr)
 		return
-	}
-	if len(req.Messages) == 0 {
-		writeParamError(w, "messages", errors.New("messages is empty"))
-		return
-	}
-	for i, m := range req.Messages {
-		content, err := messageText(m.Content)
-		if err != nil {
-			writeParamError(w, fmt.Sprintf("messages[%d].content", i), err)
-			return
-		}
-		ir.Messages = append(ir.Messages, &neuropb.ChatMessage{Role: m.Role, Content: content})
 	}
 	a.run(w, r, ir, true, req.Model, req.Stream)
+}
+
+// writeRequestError answers a bad request body: 400 with OpenAI's error
+// shape, naming the parameter at fault.
+func writeRequestError(w http.ResponseWriter, e *requestError) {
+	if e.param == "" {
+		writeError(w, http.StatusBadRequest, "invalid_request_error", "", e.Error())
+		return
+	}
+	writeParamError(w, e.param, e.err)
 }
 
 // messageText reads a message's content: a string, or an array of parts

@@ -16,7 +16,7 @@ import (
 	"github.com/neuro-p2p/neuro/sign"
 )
 
-func newPeer(t *testing.T) (crypto.PrivKey, peer.ID) {
+func newPeer(t testing.TB) (crypto.PrivKey, peer.ID) {
 	t.Helper()
 	k, _, err := crypto.GenerateEd25519Key(nil)
 	if err != nil {
