@@ -1,6 +1,21 @@
-// Package testnet runs neuro networks on one machine: Cluster, N real nodes
-// on loopback inside one process (used by tests across packages), and
-// Launch, N real neurod processes (behind `neurod testnet`).
+// Package testnet runs neuro networks on one machine and owns the testnet
+// that `neurod testnet` and `neurod bench` drive:
+//
+//   - Scenario is one run in explicit stages (prepare the model → set up
+//     the topology → launch → wait healthy → wait serving → open an escrow
+//     → ask → settle → report → stop), with one exported Report used by the
+//     CLI, the bench and the tests.
+//   - Topology is where the nodes run, with two implementations: Loopback
+//     (processes on 127.0.0.1) and Netns (an emulated internet of network
+//     namespaces, package netns), as CometBFT's e2e infra providers serve
+//     docker and digitalocean.
+//   - Bench runs the same model on one machine, split, on the loopback
+//     testnet and over emulated latency, in this process.
+//   - Launch starts N real neurod processes; Cluster runs N real nodes on
+//     loopback inside one process (used by tests across packages).
+//
+// The package is pure Go: it never links llama.cpp (Bench is given the
+// on-machine runs by the binary).
 package testnet
 
 import (

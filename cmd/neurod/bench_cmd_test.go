@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"github.com/neuro-p2p/neuro/testnet"
 	"image/png"
 	"os"
 	"path/filepath"
@@ -34,7 +35,7 @@ func TestBenchReport(t *testing.T) {
 	if r.code != 0 {
 		t.Fatalf("exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
 	}
-	var rep benchReport
+	var rep testnet.BenchReport
 	if err := json.Unmarshal([]byte(r.stdout), &rep); err != nil {
 		t.Fatalf("%v\n%s", err, r.stdout)
 	}

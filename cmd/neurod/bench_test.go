@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/neuro-p2p/neuro/testnet"
 	"github.com/neuro-p2p/neuro/testnet/netns"
 )
 
@@ -38,7 +39,7 @@ func pct(ms []float64, q float64) float64 {
 	}
 	s := slices.Clone(ms)
 	slices.Sort(s)
-	return percentile(s, q)
+	return testnet.Percentile(s, q)
 }
 
 // BenchmarkTestnet answers one prompt on the bench model (about 1 B

@@ -10,12 +10,42 @@ import (
 	"gonum.org/v1/plot/vg"
 	"gonum.org/v1/plot/vg/draw"
 	"gonum.org/v1/plot/vg/vgimg"
+
+	"github.com/neuro-p2p/neuro/testnet"
 )
 
 // benchPlot draws the netns runs against RTT: per-token latency (p50, p90
 // and the floor layers × RTT + compute) and tokens per second (with the
 // most the floor allows), the runs without a network as flat references.
-func benchPlot(rep *benchReport, path string) error {
+func benchPlot(rep *testnet.BenchReport, path string) error {
+	lat, thr := plot.New(), plot.New()
+	lat.Title.Text = "Per-token latency against RTT"
+	lat.X.Label.Text = "RTT between gating and expert node (ms)"
+	lat.Y.Label.Text = "ms per token"
+	thr.Title.Text = "Tokens per second against RTT (log scale)"
+	thr.X.Label.Text = lat.X.Label.Text
+	thr.Y.Label.Text = "tokens/s"
+	maxRTT, err := plotNetns(rep, lat, thr)
+	if err != nil {
+		return fmt.Errorf("bench plot: %w", err)
+	}
+	if err := plotReferences(rep, lat, thr, maxRTT); err != nil {
+		return fmt.Errorf("bench plot: %w", err)
+	}
+	for _, p := range []*plot.Plot{lat, thr} {
+		p.Legend.Top, p.Legend.Left = true, true
+		p.Add(plotter.NewGrid())
+	}
+	lat.Y.Min = 0
+	// Throughput spans orders of magnitude between the runs on one
+	// machine and those across a network: a log scale.
+	thr.Y.Scale, thr.Y.Tick.Marker = plot.LogScale{}, plot.LogTicks{Prec: -1}
+	thr.Legend.Left = false
+	return writePlots(path, lat, thr)
+}
+
+// plotNetns draws the netns runs' series; it returns the largest RTT.
+func plotNetns(rep *testnet.BenchReport, lat, thr *plot.Plot) (float64, error) {
 	var p50, p90, floor, tps, tpsFloor plotter.XYs
 	maxRTT := 0.0
 	for _, r := range rep.Rows {
@@ -31,31 +61,7 @@ func benchPlot(rep *benchReport, path string) error {
 		}
 		maxRTT = max(maxRTT, r.RTTMs)
 	}
-	lat := plot.New()
-	lat.Title.Text = "Per-token latency against RTT"
-	lat.X.Label.Text = "RTT between gating and expert node (ms)"
-	lat.Y.Label.Text = "ms per token"
-	thr := plot.New()
-	thr.Title.Text = "Tokens per second against RTT (log scale)"
-	thr.X.Label.Text = lat.X.Label.Text
-	thr.Y.Label.Text = "tokens/s"
 	blue, orange, grey := color.RGBA{31, 119, 180, 255}, color.RGBA{255, 127, 14, 255}, color.RGBA{90, 90, 90, 255}
-	series := func(p *plot.Plot, name string, xys plotter.XYs, c color.Color, dashed bool) error {
-		if len(xys) == 0 {
-			return nil
-		}
-		l, s, err := plotter.NewLinePoints(xys)
-		if err != nil {
-			return err
-		}
-		l.Color, s.Color = c, c
-		if dashed {
-			l.Dashes = []vg.Length{vg.Points(5), vg.Points(3)}
-		}
-		p.Add(l, s)
-		p.Legend.Add(name, l, s)
-		return nil
-	}
 	for _, s := range []struct {
 		p      *plot.Plot
 		name   string
@@ -70,10 +76,32 @@ func benchPlot(rep *benchReport, path string) error {
 		{thr, "most the floor allows", tpsFloor, grey, true},
 	} {
 		if err := series(s.p, s.name, s.xys, s.c, s.dashed); err != nil {
-			return fmt.Errorf("bench plot: %w", err)
+			return 0, err
 		}
 	}
-	// The runs on one machine, as flat references.
+	return maxRTT, nil
+}
+
+// series adds a line with points, solid or dashed, and its legend.
+func series(p *plot.Plot, name string, xys plotter.XYs, c color.Color, dashed bool) error {
+	if len(xys) == 0 {
+		return nil
+	}
+	l, s, err := plotter.NewLinePoints(xys)
+	if err != nil {
+		return err
+	}
+	l.Color, s.Color = c, c
+	if dashed {
+		l.Dashes = []vg.Length{vg.Points(5), vg.Points(3)}
+	}
+	p.Add(l, s)
+	p.Legend.Add(name, l, s)
+	return nil
+}
+
+// plotReferences draws the runs on one machine as flat references.
+func plotReferences(rep *testnet.BenchReport, lat, thr *plot.Plot, maxRTT float64) error {
 	for i, r := range rep.Rows {
 		if r.Skipped != "" || r.Kind == "netns" || r.Kind == "placement" {
 			continue
@@ -85,7 +113,7 @@ func benchPlot(rep *benchReport, path string) error {
 		}{{lat, r.PerTokenP50Ms}, {thr, r.TokensPerSecond}} {
 			l, err := plotter.NewLine(plotter.XYs{{X: 0, Y: x.y}, {X: max(maxRTT, 1), Y: x.y}})
 			if err != nil {
-				return fmt.Errorf("bench plot: %w", err)
+				return err
 			}
 			l.Color = c
 			l.Dashes = []vg.Length{vg.Points(1), vg.Points(3)}
@@ -93,15 +121,11 @@ func benchPlot(rep *benchReport, path string) error {
 			x.p.Legend.Add(r.Name+" (no network)", l)
 		}
 	}
-	for _, p := range []*plot.Plot{lat, thr} {
-		p.Legend.Top, p.Legend.Left = true, true
-		p.Add(plotter.NewGrid())
-	}
-	lat.Y.Min = 0
-	// Throughput spans orders of magnitude between the runs on one
-	// machine and those across a network: a log scale.
-	thr.Y.Scale, thr.Y.Tick.Marker = plot.LogScale{}, plot.LogTicks{Prec: -1}
-	thr.Legend.Left = false
+	return nil
+}
+
+// writePlots draws the two plots side by side into a PNG at path.
+func writePlots(path string, lat, thr *plot.Plot) error {
 	const w, h = 26 * vg.Centimeter, 11 * vg.Centimeter
 	img := vgimg.New(w, h)
 	dc := draw.New(img)

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -9,9 +10,11 @@ import (
 
 	"github.com/ipfs/go-cid"
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/neuro-p2p/neuro/ggml"
 	"github.com/neuro-p2p/neuro/model"
+	"github.com/neuro-p2p/neuro/testnet"
 )
 
 // generateOutput is the JSON of `neurod generate --json`.
@@ -29,31 +32,11 @@ type generateOutput struct {
 	Gating       string    `json:"gating,omitempty"`
 	FinishReason string    `json:"finish_reason,omitempty"`
 	// Stats (--network) are the gating node's measurements of it.
-	Stats *testnetStats `json:"stats,omitempty"`
+	Stats *testnet.Stats `json:"stats,omitempty"`
 }
 
-func newGenerateCmd() *cobra.Command {
-	var (
-		local, split string
-		prompt       string
-		maxTokens    int
-		threads      int
-		ctxSize      int
-		asJSON       bool
-		network      bool
-		modelCID     string
-		bootstrap    []string
-		gatingAddrs  []string
-		temperature  float32
-		topK         int
-		topP         float32
-		seed         int64
-		stop         []string
-	)
-	cmd := &cobra.Command{
-		Use:   "generate (--local MODEL|--split MODEL|--network --model CID) --prompt TEXT [--max-tokens N] [--json]",
-		Short: "Generate text from a prompt, on this machine or through the network",
-		Long: `generate runs a prompt through a model and prints the continuation, picking
+// generateLong is `neurod generate --help`.
+const generateLong = `generate runs a prompt through a model and prints the continuation, picking
 the most likely token at each step (greedy decoding).
 
 --local runs the whole GGUF through llama.cpp on this machine: the
@@ -70,11 +53,37 @@ Its tokens equal --local's.
 --bootstrap peers, finds a gating node of the model (--model CID) in the
 DHT, and streams the tokens as the experts on other nodes compute them.
 Only --network samples (--temperature, --top-k, --top-p, --seed, --stop);
-at temperature 0, the default, its tokens equal --local's.`,
-		Args: cobra.NoArgs,
+at temperature 0, the default, its tokens equal --local's.`
+
+// generateFlags are the flags of `neurod generate`.
+type generateFlags struct {
+	local, split string
+	prompt       string
+	maxTokens    int
+	threads      int
+	ctxSize      int
+	asJSON       bool
+	network      bool
+	modelCID     string
+	bootstrap    []string
+	gatingAddrs  []string
+	temperature  float32
+	topK         int
+	topP         float32
+	seed         int64
+	stop         []string
+}
+
+func newGenerateCmd() *cobra.Command {
+	var gf generateFlags
+	cmd := &cobra.Command{
+		Use:   "generate (--local MODEL|--split MODEL|--network --model CID) --prompt TEXT [--max-tokens N] [--json]",
+		Short: "Generate text from a prompt, on this machine or through the network",
+		Long:  generateLong,
+		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			modes := 0
-			for _, on := range []bool{local != "", split != "", network} {
+			for _, on := range []bool{gf.local != "", gf.split != "", gf.network} {
 				if on {
 					modes++
 				}
@@ -82,88 +91,96 @@ at temperature 0, the default, its tokens equal --local's.`,
 			if modes != 1 {
 				return errors.New("flags --local, --split and --network: give exactly one")
 			}
-			if prompt == "" {
+			if gf.prompt == "" {
 				return errors.New("flag --prompt: required and non-empty")
 			}
-			if maxTokens < 1 {
-				return fmt.Errorf("flag --max-tokens %d: must be at least 1", maxTokens)
+			if gf.maxTokens < 1 {
+				return fmt.Errorf("flag --max-tokens %d: must be at least 1", gf.maxTokens)
 			}
-			if network {
-				return generateNetwork(cmd, networkRequest{model: modelCID, bootstrap: bootstrap, gating: gatingAddrs,
-					prompt: prompt, maxTokens: maxTokens, temperature: temperature, topK: topK, topP: topP,
-					seed: seed, seedSet: cmd.Flags().Changed("seed"), stop: stop, json: asJSON})
+			if gf.network {
+				return generateNetwork(cmd, networkRequest{model: gf.modelCID, bootstrap: gf.bootstrap, gating: gf.gatingAddrs,
+					prompt: gf.prompt, maxTokens: gf.maxTokens, temperature: gf.temperature, topK: gf.topK, topP: gf.topP,
+					seed: gf.seed, seedSet: cmd.Flags().Changed("seed"), stop: gf.stop, json: gf.asJSON})
 			}
 			for _, name := range []string{"model", "bootstrap", "gating", "temperature", "top-k", "top-p", "seed", "stop"} {
 				if cmd.Flags().Changed(name) {
 					return fmt.Errorf("flag --%s: only with --network", name)
 				}
 			}
-			if prompt == "" {
-				return errors.New("flag --prompt: required and non-empty")
+			out, err := generateOnMachine(cmd.Context(), gf.local, gf.split, gf.prompt, gf.maxTokens, gf.ctxSize, gf.threads)
+			if err != nil {
+				return err
 			}
-			if maxTokens < 1 {
-				return fmt.Errorf("flag --max-tokens %d: must be at least 1", maxTokens)
-			}
-			var (
-				g     *ggml.Generation
-				start time.Time
-			)
-			if local != "" {
-				l, err := ggml.LoadLlama(local)
-				if err != nil {
-					return err
-				}
-				defer l.Close()
-				start = time.Now()
-				if g, err = l.GenerateGreedy(prompt, maxTokens, ggml.ContextOptions{Context: ctxSize, Threads: threads}, false); err != nil {
-					return fmt.Errorf("generate: %w", err)
-				}
-			} else {
-				sm, err := loadSplit(split, threads)
-				if err != nil {
-					return err
-				}
-				defer sm.Close()
-				start = time.Now()
-				if g, err = sm.GenerateGreedy(cmd.Context(), prompt, maxTokens, ctxSize, nil, false); err != nil {
-					return fmt.Errorf("generate: %w", err)
-				}
-			}
-			out := generateOutput{Tokens: g.Tokens, Text: g.Text, PromptTokens: len(g.Prompt),
-				TokensPerSecond: float64(len(g.Tokens)) / time.Since(start).Seconds(), PerTokenMs: []float64{}}
-			for _, d := range g.Steps[:len(g.Tokens)] {
-				out.PerTokenMs = append(out.PerTokenMs, float64(d.Microseconds())/1000)
-			}
-			if out.Tokens == nil {
-				out.Tokens = []int32{}
-			}
-			if asJSON {
+			if gf.asJSON {
 				enc := json.NewEncoder(cmd.OutOrStdout())
 				return enc.Encode(out)
 			}
-			fmt.Fprintln(cmd.OutOrStdout(), prompt+g.Text)
-			fmt.Fprintf(cmd.ErrOrStderr(), "%d tokens, %.1f tokens/s\n", len(g.Tokens), out.TokensPerSecond)
+			fmt.Fprintln(cmd.OutOrStdout(), gf.prompt+out.Text)
+			fmt.Fprintf(cmd.ErrOrStderr(), "%d tokens, %.1f tokens/s\n", len(out.Tokens), out.TokensPerSecond)
 			return nil
 		},
 	}
-	f := cmd.Flags()
-	f.StringVar(&local, "local", "", "run this GGUF model through llama.cpp on this machine")
-	f.StringVar(&split, "split", "", "run this GGUF model (or split directory) through the gating compute with in-process experts")
-	f.StringVar(&prompt, "prompt", "", "the prompt")
-	f.IntVar(&maxTokens, "max-tokens", 32, "most tokens to generate")
-	f.IntVar(&threads, "threads", 0, "compute threads (default: all cores)")
-	f.IntVar(&ctxSize, "context", 0, "context size in tokens (default: the model's, at most 4096)")
-	f.BoolVar(&asJSON, "json", false, `print {"tokens": [...], "text": ...}`)
-	f.BoolVar(&network, "network", false, "ask the network's gating nodes (needs --model and --bootstrap or --gating)")
-	f.StringVar(&modelCID, "model", "", "with --network: the model's CID (printed by 'neurod model import')")
-	f.StringArrayVar(&bootstrap, "bootstrap", nil, "with --network: bootstrap peer multiaddr ending in /p2p/<peer ID> (repeatable)")
-	f.StringArrayVar(&gatingAddrs, "gating", nil, "with --network: a gating node's multiaddr to try first (repeatable)")
-	f.Float32Var(&temperature, "temperature", 0, "with --network: sampling temperature (0: greedy)")
-	f.IntVar(&topK, "top-k", 0, "with --network: sample from the k most likely tokens (0: all)")
-	f.Float32Var(&topP, "top-p", 0, "with --network: sample from the nucleus of this probability (0: all)")
-	f.Int64Var(&seed, "seed", 0, "with --network: sampling seed (default: random)")
-	f.StringArrayVar(&stop, "stop", nil, "with --network: stop before this string (repeatable)")
+	gf.register(cmd.Flags())
 	return cmd
+}
+
+func (gf *generateFlags) register(f *pflag.FlagSet) {
+	f.StringVar(&gf.local, "local", "", "run this GGUF model through llama.cpp on this machine")
+	f.StringVar(&gf.split, "split", "", "run this GGUF model (or split directory) through the gating compute with in-process experts")
+	f.StringVar(&gf.prompt, "prompt", "", "the prompt")
+	f.IntVar(&gf.maxTokens, "max-tokens", 32, "most tokens to generate")
+	f.IntVar(&gf.threads, "threads", 0, "compute threads (default: all cores)")
+	f.IntVar(&gf.ctxSize, "context", 0, "context size in tokens (default: the model's, at most 4096)")
+	f.BoolVar(&gf.asJSON, "json", false, `print {"tokens": [...], "text": ...}`)
+	f.BoolVar(&gf.network, "network", false, "ask the network's gating nodes (needs --model and --bootstrap or --gating)")
+	f.StringVar(&gf.modelCID, "model", "", "with --network: the model's CID (printed by 'neurod model import')")
+	f.StringArrayVar(&gf.bootstrap, "bootstrap", nil, "with --network: bootstrap peer multiaddr ending in /p2p/<peer ID> (repeatable)")
+	f.StringArrayVar(&gf.gatingAddrs, "gating", nil, "with --network: a gating node's multiaddr to try first (repeatable)")
+	f.Float32Var(&gf.temperature, "temperature", 0, "with --network: sampling temperature (0: greedy)")
+	f.IntVar(&gf.topK, "top-k", 0, "with --network: sample from the k most likely tokens (0: all)")
+	f.Float32Var(&gf.topP, "top-p", 0, "with --network: sample from the nucleus of this probability (0: all)")
+	f.Int64Var(&gf.seed, "seed", 0, "with --network: sampling seed (default: random)")
+	f.StringArrayVar(&gf.stop, "stop", nil, "with --network: stop before this string (repeatable)")
+}
+
+// generateOnMachine answers a prompt greedily on this machine: the whole
+// GGUF in llama.cpp (local), or the gating compute and in-process experts
+// from the shards (split).
+func generateOnMachine(ctx context.Context, local, split, prompt string, maxTokens, ctxSize, threads int) (*generateOutput, error) {
+	var (
+		g     *ggml.Generation
+		start time.Time
+	)
+	if local != "" {
+		l, err := ggml.LoadLlama(local)
+		if err != nil {
+			return nil, err
+		}
+		defer l.Close()
+		start = time.Now()
+		if g, err = l.GenerateGreedy(prompt, maxTokens, ggml.ContextOptions{Context: ctxSize, Threads: threads}, false); err != nil {
+			return nil, fmt.Errorf("generate: %w", err)
+		}
+	} else {
+		sm, err := loadSplit(split, threads)
+		if err != nil {
+			return nil, err
+		}
+		defer sm.Close()
+		start = time.Now()
+		if g, err = sm.GenerateGreedy(ctx, prompt, maxTokens, ctxSize, nil, false); err != nil {
+			return nil, fmt.Errorf("generate: %w", err)
+		}
+	}
+	out := &generateOutput{Tokens: g.Tokens, Text: g.Text, PromptTokens: len(g.Prompt),
+		TokensPerSecond: float64(len(g.Tokens)) / time.Since(start).Seconds(), PerTokenMs: []float64{}}
+	for _, d := range g.Steps[:len(g.Tokens)] {
+		out.PerTokenMs = append(out.PerTokenMs, float64(d.Microseconds())/1000)
+	}
+	if out.Tokens == nil {
+		out.Tokens = []int32{}
+	}
+	return out, nil
 }
 
 // loadSplit loads a split model from a directory of shards, or splits a

@@ -32,38 +32,16 @@ units).`,
 		}
 		return node.ReadAPIAddr(home)
 	}
+	cmd.AddCommand(ledgerQueryCmds(api)...)
+	cmd.AddCommand(ledgerTxCmds(api)...)
+	cmd.AddCommand(newLedgerSimulateCmd())
+	return cmd
+}
+
+// ledgerQueryCmds are `ledger status` and `ledger balance`.
+func ledgerQueryCmds(api func() (string, error)) []*cobra.Command {
 	var asJSON bool
-	show := func(cmd *cobra.Command, p string) error {
-		addr, err := api()
-		if err != nil {
-			return err
-		}
-		ctx, cancel := context.WithTimeout(cmd.Context(), 20*time.Second)
-		defer cancel()
-		info, err := node.FetchLedger(ctx, addr, p)
-		if err != nil {
-			return err
-		}
-		if asJSON {
-			writeJSON(cmd.OutOrStdout(), info)
-			return nil
-		}
-		fmt.Fprintf(cmd.OutOrStdout(), "chain %s at height %d (app hash %s; %s)\naccount %s: balance %s NEURO, staked %s, unbonding %s, nonce %d\ntreasury %s, burned %s, emitted %s; supply %s (%s)\n",
-			info.ChainID, info.Height, info.AppHash, info.Source, info.Peer, neuro(info.Balance), neuro(info.Staked), neuro(info.Unbonding), info.Nonce,
-			neuro(info.Treasury), neuro(info.Burned), neuro(info.Emitted), neuro(info.Supply), map[bool]string{true: "invariant holds", false: "INVARIANT BROKEN"}[info.SupplyOK])
-		for _, p := range info.Proposals {
-			what := "new parameters"
-			if p.AddModel != "" {
-				what = "add model " + p.AddModel
-			}
-			state := fmt.Sprintf("open until height %d", p.Ends)
-			if p.Done {
-				state = map[bool]string{true: "passed", false: "rejected"}[p.Passed]
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "proposal %d: %s (%s; yes %s, no %s staked NEURO)\n", p.ID, what, state, neuro(p.Yes), neuro(p.No))
-		}
-		return nil
-	}
+	show := func(cmd *cobra.Command, p string) error { return showLedger(cmd, api, p, asJSON) }
 	status := &cobra.Command{
 		Use: "status [--json]", Short: "Chain height, app hash, and this node's balance and stake", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error { return show(cmd, "") },
@@ -84,24 +62,46 @@ units).`,
 	for _, c := range []*cobra.Command{status, balance} {
 		c.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	}
-	submit := func(cmd *cobra.Command, req node.LedgerTxRequest, amount string) error {
-		v, err := parseNeuro(amount)
-		if err != nil {
-			return err
-		}
-		req.Amount = v
-		addr, err := api()
-		if err != nil {
-			return err
-		}
-		ctx, cancel := context.WithTimeout(cmd.Context(), 20*time.Second)
-		defer cancel()
-		res, err := node.SubmitLedgerTx(ctx, addr, req)
-		if err != nil {
-			return err
-		}
-		fmt.Fprintf(cmd.OutOrStdout(), "submitted %s of %s NEURO (nonce %d)\n", req.Type, neuro(v), res.Nonce)
+	return []*cobra.Command{status, balance}
+}
+
+// showLedger prints the chain and peer p's account (p "": this node's).
+func showLedger(cmd *cobra.Command, api func() (string, error), p string, asJSON bool) error {
+	addr, err := api()
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(cmd.Context(), 20*time.Second)
+	defer cancel()
+	info, err := node.FetchLedger(ctx, addr, p)
+	if err != nil {
+		return err
+	}
+	if asJSON {
+		writeJSON(cmd.OutOrStdout(), info)
 		return nil
+	}
+	fmt.Fprintf(cmd.OutOrStdout(), "chain %s at height %d (app hash %s; %s)\naccount %s: balance %s NEURO, staked %s, unbonding %s, nonce %d\ntreasury %s, burned %s, emitted %s; supply %s (%s)\n",
+		info.ChainID, info.Height, info.AppHash, info.Source, info.Peer, neuro(info.Balance), neuro(info.Staked), neuro(info.Unbonding), info.Nonce,
+		neuro(info.Treasury), neuro(info.Burned), neuro(info.Emitted), neuro(info.Supply), map[bool]string{true: "invariant holds", false: "INVARIANT BROKEN"}[info.SupplyOK])
+	for _, p := range info.Proposals {
+		what := "new parameters"
+		if p.AddModel != "" {
+			what = "add model " + p.AddModel
+		}
+		state := fmt.Sprintf("open until height %d", p.Ends)
+		if p.Done {
+			state = map[bool]string{true: "passed", false: "rejected"}[p.Passed]
+		}
+		fmt.Fprintf(cmd.OutOrStdout(), "proposal %d: %s (%s; yes %s, no %s staked NEURO)\n", p.ID, what, state, neuro(p.Yes), neuro(p.No))
+	}
+	return nil
+}
+
+// ledgerTxCmds are the commands that send a transaction.
+func ledgerTxCmds(api func() (string, error)) []*cobra.Command {
+	submit := func(cmd *cobra.Command, req node.LedgerTxRequest, amount string) error {
+		return submitAmount(cmd, api, req, amount)
 	}
 	send := &cobra.Command{
 		Use: "send PEER AMOUNT", Short: "Transfer NEURO to a peer", Args: cobra.ExactArgs(2),
@@ -150,8 +150,28 @@ units).`,
 			return submitRaw(cmd, api, node.LedgerTxRequest{Type: "vote", Proposal: id, Yes: args[1] == "yes"})
 		},
 	}
-	cmd.AddCommand(status, balance, send, stake, unstake, propose, vote, newLedgerSimulateCmd())
-	return cmd
+	return []*cobra.Command{send, stake, unstake, propose, vote}
+}
+
+// submitAmount sends a transaction of an amount of NEURO.
+func submitAmount(cmd *cobra.Command, api func() (string, error), req node.LedgerTxRequest, amount string) error {
+	v, err := parseNeuro(amount)
+	if err != nil {
+		return err
+	}
+	req.Amount = v
+	addr, err := api()
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(cmd.Context(), 20*time.Second)
+	defer cancel()
+	res, err := node.SubmitLedgerTx(ctx, addr, req)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(cmd.OutOrStdout(), "submitted %s of %s NEURO (nonce %d)\n", req.Type, neuro(v), res.Nonce)
+	return nil
 }
 
 func newLedgerSimulateCmd() *cobra.Command {

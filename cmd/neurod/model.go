@@ -12,6 +12,7 @@ import (
 
 	"github.com/ipfs/go-cid"
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/neuro-p2p/neuro/expert"
 	"github.com/neuro-p2p/neuro/internal/progress"
@@ -120,48 +121,16 @@ flags override the preset: tiny loads in milliseconds (tests), bench has about
 			if out == "" {
 				return errors.New("flag --out: required")
 			}
-			params, ok := model.Presets[preset]
-			if !ok {
-				return fmt.Errorf("flag --preset %q: want %s", preset, presetNames())
-			}
-			for _, f := range []struct {
-				name string
-				dst  *int
-				v    int
-			}{
-				{"layers", &params.Layers, p.Layers}, {"experts", &params.Experts, p.Experts},
-				{"experts-used", &params.ExpertsUsed, p.ExpertsUsed}, {"embd", &params.Embd, p.Embd},
-				{"ff", &params.FF, p.FF}, {"heads", &params.Heads, p.Heads}, {"kv-heads", &params.KVHeads, p.KVHeads},
-				{"vocab", &params.Vocab, p.Vocab}, {"context", &params.Context, p.Context},
-			} {
-				if cmd.Flags().Changed(f.name) {
-					*f.dst = f.v
-				}
-			}
-			if err := params.Validate(); err != nil {
-				return fmt.Errorf("model shape: %w", err)
+			params, err := modelShape(cmd.Flags(), preset, p)
+			if err != nil {
+				return err
 			}
 			dt, err := model.ParseDType(dtype)
 			if err != nil {
 				return fmt.Errorf("flag --type: %w", err)
 			}
-			if _, err := os.Stat(out); err == nil && !force {
-				return fmt.Errorf("flag --out %s: %w (use --force to replace it)", out, fs.ErrExist)
-			}
-			tmp, err := os.CreateTemp(filepath.Dir(out), "."+filepath.Base(out)+".tmp-*")
-			if err != nil {
-				return fmt.Errorf("flag --out %s: %w", out, err)
-			}
-			defer os.Remove(tmp.Name())
-			if err := model.Generate(tmp, params, dt, seed); err != nil {
-				tmp.Close()
+			if err := writeModel(out, params, dt, seed, force); err != nil {
 				return err
-			}
-			if err := tmp.Close(); err != nil {
-				return fmt.Errorf("write %s: %w", out, err)
-			}
-			if err := os.Rename(tmp.Name(), out); err != nil {
-				return fmt.Errorf("write %s: %w", out, err)
 			}
 			st, _ := os.Stat(out)
 			fmt.Fprintf(cmd.OutOrStdout(), "wrote %s: %.2f M parameters, %s, %.1f MiB, seed %d\n",
@@ -185,6 +154,57 @@ flags override the preset: tiny loads in milliseconds (tests), bench has about
 	f.IntVar(&p.Vocab, "vocab", 0, "vocabulary size")
 	f.IntVar(&p.Context, "context", 0, "context length")
 	return cmd
+}
+
+// modelShape is the preset's shape with the shape flags that were given.
+func modelShape(fs *pflag.FlagSet, preset string, p model.Params) (model.Params, error) {
+	params, ok := model.Presets[preset]
+	if !ok {
+		return params, fmt.Errorf("flag --preset %q: want %s", preset, presetNames())
+	}
+	for _, f := range []struct {
+		name string
+		dst  *int
+		v    int
+	}{
+		{"layers", &params.Layers, p.Layers}, {"experts", &params.Experts, p.Experts},
+		{"experts-used", &params.ExpertsUsed, p.ExpertsUsed}, {"embd", &params.Embd, p.Embd},
+		{"ff", &params.FF, p.FF}, {"heads", &params.Heads, p.Heads}, {"kv-heads", &params.KVHeads, p.KVHeads},
+		{"vocab", &params.Vocab, p.Vocab}, {"context", &params.Context, p.Context},
+	} {
+		if fs.Changed(f.name) {
+			*f.dst = f.v
+		}
+	}
+	if err := params.Validate(); err != nil {
+		return params, fmt.Errorf("model shape: %w", err)
+	}
+	return params, nil
+}
+
+// writeModel generates a model into out through a temporary file, so that
+// a failure leaves no half-written file (and, without force, replaces
+// none).
+func writeModel(out string, params model.Params, dt model.DType, seed uint64, force bool) error {
+	if _, err := os.Stat(out); err == nil && !force {
+		return fmt.Errorf("flag --out %s: %w (use --force to replace it)", out, fs.ErrExist)
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(out), "."+filepath.Base(out)+".tmp-*")
+	if err != nil {
+		return fmt.Errorf("flag --out %s: %w", out, err)
+	}
+	defer os.Remove(tmp.Name())
+	if err := model.Generate(tmp, params, dt, seed); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("write %s: %w", out, err)
+	}
+	if err := os.Rename(tmp.Name(), out); err != nil {
+		return fmt.Errorf("write %s: %w", out, err)
+	}
+	return nil
 }
 
 func newModelSplitCmd() *cobra.Command {

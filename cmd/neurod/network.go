@@ -13,6 +13,7 @@ import (
 	"github.com/neuro-p2p/neuro/client"
 	"github.com/neuro-p2p/neuro/neuropb"
 	"github.com/neuro-p2p/neuro/node"
+	"github.com/neuro-p2p/neuro/testnet"
 )
 
 type networkRequest struct {
@@ -42,19 +43,7 @@ func generateNetwork(cmd *cobra.Command, r networkRequest) error {
 	if len(r.bootstrap) == 0 && len(r.gating) == 0 {
 		return errors.New("flags --bootstrap and --gating: give at least one peer to join the network through")
 	}
-	ctx := cmd.Context()
-	log, err := node.NewLogger(cmd.ErrOrStderr(), node.LogConfig{Level: "warn", Format: "text"})
-	if err != nil {
-		return err
-	}
-	opts := []client.Option{client.WithLogger(log)}
-	if len(r.bootstrap) > 0 {
-		opts = append(opts, client.WithBootstrap(r.bootstrap...))
-	}
-	if len(r.gating) > 0 {
-		opts = append(opts, client.WithGatingNodes(r.gating...))
-	}
-	c, err := client.New(ctx, opts...)
+	c, err := r.client(cmd)
 	if err != nil {
 		return err
 	}
@@ -65,15 +54,37 @@ func generateNetwork(cmd *cobra.Command, r networkRequest) error {
 		s := uint64(r.seed)
 		req.Seed = &s
 	}
+	return streamGeneration(cmd, c, req, r.json)
+}
+
+// client joins the network as a light client.
+func (r networkRequest) client(cmd *cobra.Command) (*client.Client, error) {
+	log, err := node.NewLogger(cmd.ErrOrStderr(), node.LogConfig{Level: "warn", Format: "text"})
+	if err != nil {
+		return nil, err
+	}
+	opts := []client.Option{client.WithLogger(log)}
+	if len(r.bootstrap) > 0 {
+		opts = append(opts, client.WithBootstrap(r.bootstrap...))
+	}
+	if len(r.gating) > 0 {
+		opts = append(opts, client.WithGatingNodes(r.gating...))
+	}
+	return client.New(cmd.Context(), opts...)
+}
+
+// streamGeneration prints a generation as it streams (or its JSON at the
+// end).
+func streamGeneration(cmd *cobra.Command, c *client.Client, req client.Request, asJSON bool) error {
 	start := time.Now()
-	s, err := c.Generate(ctx, req)
+	s, err := c.Generate(cmd.Context(), req)
 	if err != nil {
 		return fmt.Errorf("generate: %w", err)
 	}
 	defer s.Close()
 	out := generateOutput{Tokens: []int32{}, PromptTokens: s.PromptTokens(), PerTokenMs: []float64{}, Gating: s.Gating().String()}
-	if !r.json {
-		fmt.Fprint(cmd.OutOrStdout(), r.prompt)
+	if !asJSON {
+		fmt.Fprint(cmd.OutOrStdout(), req.Prompt)
 	}
 	for {
 		t, err := s.Next()
@@ -83,8 +94,8 @@ func generateNetwork(cmd *cobra.Command, r networkRequest) error {
 		if err != nil {
 			return fmt.Errorf("generate: after %d tokens: %w", len(out.Tokens), err)
 		}
-		shown := streamToken(&out.Tokens, &out.PerTokenMs, t)
-		if !r.json {
+		shown := testnet.ApplyToken(&out.Tokens, &out.PerTokenMs, t)
+		if !asJSON {
 			fmt.Fprint(cmd.OutOrStdout(), shown)
 		}
 	}
@@ -95,26 +106,11 @@ func generateNetwork(cmd *cobra.Command, r networkRequest) error {
 		out.FinishReason = "length"
 	}
 	out.TokensPerSecond = float64(len(out.Tokens)) / time.Since(start).Seconds()
-	out.Stats = generationStats(d, out.PerTokenMs)
-	if r.json {
+	out.Stats = testnet.GenerationStats(d, out.PerTokenMs)
+	if asJSON {
 		return json.NewEncoder(cmd.OutOrStdout()).Encode(out)
 	}
 	fmt.Fprintln(cmd.OutOrStdout(), d.Rest)
 	fmt.Fprintf(cmd.ErrOrStderr(), "%d tokens, %.1f tokens/s, from gating node %s\n", len(out.Tokens), out.TokensPerSecond, d.Gating)
 	return nil
-}
-
-// streamToken applies a streamed token, or a rewind, to the tokens and
-// latencies kept so far and returns what to print: the token's text, or
-// a line saying the text shown after token Keep was withdrawn (the
-// terminal cannot take it back).
-func streamToken(tokens *[]int32, perTokenMs *[]float64, t client.Token) string {
-	if t.Rewind != nil {
-		*tokens = (*tokens)[:min(t.Rewind.Keep, len(*tokens))]
-		*perTokenMs = (*perTokenMs)[:min(t.Rewind.Keep, len(*perTokenMs))]
-		return fmt.Sprintf("\n[a wrong expert result was caught: generating again after token %d]\n", t.Rewind.Keep)
-	}
-	*tokens = append(*tokens, t.ID)
-	*perTokenMs = append(*perTokenMs, float64(t.Latency.Microseconds())/1000)
-	return t.Text
 }

@@ -21,21 +21,24 @@ import (
 	"github.com/neuro-p2p/neuro/p2p"
 )
 
+// runFlags are the flags of `neurod run`.
+type runFlags struct {
+	listen, bootstrap, roles []string
+	dhtMode, api             string
+	heartbeat                node.Duration
+	modelID, experts, memory string
+	gatingOn                 bool
+	httpAddr                 string
+	threads                  int
+	maxLoad                  float64
+	idleOnly                 bool
+	slowCompute              time.Duration
+	testnetMode              bool
+	faulty                   string
+}
+
 func newRunCmd(g *globalFlags) *cobra.Command {
-	var (
-		listen, bootstrap, roles []string
-		dhtMode, api             string
-		heartbeat                node.Duration
-		modelID, experts, memory string
-		gatingOn                 bool
-		httpAddr                 string
-		threads                  int
-		maxLoad                  float64
-		idleOnly                 bool
-		slowCompute              time.Duration
-		testnetMode              bool
-		faulty                   string
-	)
+	var rf runFlags
 	cmd := &cobra.Command{
 		Use:   "run",
 		Short: "Run a node until SIGINT or SIGTERM",
@@ -51,111 +54,125 @@ Flags override NEURO_* environment variables, which override the config.`,
 			if err != nil {
 				return err
 			}
-			cfg, err := loadConfig(home, cmd.Flags(), g, []flagKey{
-				{"listen", "p2p.listen", func(c *node.Config, _ *pflag.FlagSet) error { c.P2P.Listen = listen; return nil }},
-				{"bootstrap", "p2p.bootstrap", func(c *node.Config, _ *pflag.FlagSet) error { c.P2P.Bootstrap = bootstrap; return nil }},
-				{"roles", "p2p.roles", func(c *node.Config, _ *pflag.FlagSet) error { c.P2P.Roles = roles; return nil }},
-				{"dht-mode", "p2p.dht.mode", func(c *node.Config, _ *pflag.FlagSet) error { c.P2P.DHT.Mode = dhtMode; return nil }},
-				{"api", "api.listen", func(c *node.Config, _ *pflag.FlagSet) error { c.API.Listen = api; return nil }},
-				{"heartbeat-interval", "gossip.heartbeat_interval", func(c *node.Config, _ *pflag.FlagSet) error {
-					c.Gossip.HeartbeatInterval = heartbeat
-					return nil
-				}},
-				{"model", "expert.model", func(c *node.Config, _ *pflag.FlagSet) error { c.Expert.Model = modelID; return nil }},
-				{"experts", "expert.experts", func(c *node.Config, _ *pflag.FlagSet) error { c.Expert.Experts = experts; return nil }},
-				{"memory", "home.memory_mb", func(c *node.Config, _ *pflag.FlagSet) error {
-					mb, err := parseMiB(memory)
-					c.Home.MemoryMB, c.Expert.MemoryMB = mb, mb
-					return err
-				}},
-				{"threads", "home.threads", func(c *node.Config, _ *pflag.FlagSet) error { c.Home.Threads = threads; return nil }},
-				{"max-load", "home.max_load", func(c *node.Config, _ *pflag.FlagSet) error { c.Home.MaxLoad = maxLoad; return nil }},
-				{"idle-only", "home.idle_only", func(c *node.Config, _ *pflag.FlagSet) error { c.Home.IdleOnly = idleOnly; return nil }},
-				{"gating", "gating.enabled", func(c *node.Config, _ *pflag.FlagSet) error { c.Gating.Enabled = gatingOn; return nil }},
-				{"http", "http.listen", func(c *node.Config, _ *pflag.FlagSet) error { c.HTTP.Listen = httpAddr; return nil }},
-			})
+			cfg, err := loadConfig(home, cmd.Flags(), g, rf.keys())
 			if err != nil {
 				return err
 			}
-			log, err := node.NewLogger(cmd.ErrOrStderr(), cfg.Log)
-			if err != nil {
-				return err
-			}
-			fault, err := expert.ParseFault(faulty)
-			if err != nil {
-				return fmt.Errorf("flag --faulty: %w", err)
-			}
-			if testnetMode {
-				// The netns testnet's sealed internet uses documentation ranges.
-				p2p.TreatDocumentationRangesAsPublic()
-			}
-			if (fault != expert.FaultNone || slowCompute > 0) && !testnetMode {
-				return errors.New("flags --faulty and --test-slow-compute make a node misbehave on purpose: only with --testnet")
-			}
-			opts := []node.Option{node.WithHome(home), node.WithLogger(log), node.WithExpertSlowDown(slowCompute), node.WithFault(fault),
-				node.WithCompute(ggml.Backend{})}
-			if pr := progress.New(cmd.ErrOrStderr()); pr.On() {
-				show := pr.Fetches()
-				opts = append(opts, node.WithProgress(func(c cid.Cid, done, total int64) { show(c.String(), done, total) }))
-			}
-			if cfg.Home.MemoryMB > 0 {
-				// A soft limit on Go's heap; the weights live outside it and
-				// are capped by expert.memory_mb.
-				debug.SetMemoryLimit(int64(cfg.Home.MemoryMB) << 20)
-			}
-			n, err := node.New(cfg, opts...)
-			if err != nil {
-				return err
-			}
-			ctx := cmd.Context()
-			if err := n.Start(ctx); err != nil {
-				return joinClose(err, n)
-			}
-			st := n.Status()
-			fmt.Fprintf(cmd.OutOrStdout(), "neurod %s running\npeer ID: %s\n", st.Version, st.PeerID)
-			for _, a := range st.Addrs {
-				fmt.Fprintf(cmd.OutOrStdout(), "listening on %s/p2p/%s\n", a, st.PeerID)
-			}
-			if a := n.HTTPAddr(); a != "" {
-				fmt.Fprintf(cmd.OutOrStdout(), "dashboard on http://%s/ (metrics on /metrics)\n", a)
-				if n.Gating() != nil {
-					fmt.Fprintf(cmd.OutOrStdout(), "OpenAI-compatible API on http://%s/v1\n", a)
-				}
-			}
-			<-ctx.Done()
-			log.Info("shutting down")
-			stopWatch := watchShutdown(log, shutdownStall)
-			err = n.Close()
-			stopWatch()
-			if err != nil {
-				return fmt.Errorf("shutdown: %w", err)
-			}
-			log.Info("shut down cleanly")
-			return nil
+			return runNode(cmd, home, cfg, &rf)
 		},
 	}
-	f := cmd.Flags()
-	f.StringArrayVar(&listen, "listen", nil, "multiaddr to listen on (repeat for several; overrides p2p.listen)")
-	f.StringArrayVar(&bootstrap, "bootstrap", nil, "bootstrap peer multiaddr ending in /p2p/<peer ID> (repeat for several)")
-	f.StringSliceVar(&roles, "roles", nil, "roles to announce: bootstrap, relay, gating, expert (comma-separated)")
-	f.StringVar(&dhtMode, "dht-mode", "", "DHT mode: auto, server or client")
-	f.StringVar(&api, "api", "", "control API host:port on loopback; empty string disables it")
-	f.Var(&durationFlag{&heartbeat}, "heartbeat-interval", "how often to publish a heartbeat (e.g. 5s)")
-	f.StringVar(&modelID, "model", "", "CID of the model to work on: host its experts and, with --gating, serve it")
-	f.StringVar(&experts, "experts", "", `experts to host: "auto", "none" or e.g. "0:3,0:5,1:*"`)
-	f.BoolVar(&gatingOn, "gating", false, "be a gating node of the model: answer prompts, sending each layer to the expert nodes")
-	f.StringVar(&httpAddr, "http", "", "serve the dashboard (/), its data (/api/v1/state), Prometheus /metrics and, on a gating node, the OpenAI-compatible API (/v1) on this host:port (off by default)")
-	f.IntVar(&threads, "threads", 0, "most compute threads, expert and gating (0: every core)")
-	f.Float64Var(&maxLoad, "max-load", 0, "pause expert work while the 1-minute load average per core is above this (0: never)")
-	f.BoolVar(&idleOnly, "idle-only", false, "take expert work only while the machine is otherwise idle (other processes' CPU under home.idle_threshold, no GPU in use)")
-	f.DurationVar(&slowCompute, "test-slow-compute", 0, "test only: delay every expert compute by this much")
-	f.BoolVar(&testnetMode, "testnet", false, "this node is part of a local test network (allows the test-only flags)")
-	f.StringVar(&faulty, "faulty", "", "test only (with --testnet): misbehave on purpose: wrong, lowprec, slow, drop or flaky")
+	rf.register(cmd.Flags())
+	return cmd
+}
+
+// keys are the config keys the flags override.
+func (rf *runFlags) keys() []flagKey {
+	return []flagKey{
+		{"listen", "p2p.listen", func(c *node.Config, _ *pflag.FlagSet) error { c.P2P.Listen = rf.listen; return nil }},
+		{"bootstrap", "p2p.bootstrap", func(c *node.Config, _ *pflag.FlagSet) error { c.P2P.Bootstrap = rf.bootstrap; return nil }},
+		{"roles", "p2p.roles", func(c *node.Config, _ *pflag.FlagSet) error { c.P2P.Roles = rf.roles; return nil }},
+		{"dht-mode", "p2p.dht.mode", func(c *node.Config, _ *pflag.FlagSet) error { c.P2P.DHT.Mode = rf.dhtMode; return nil }},
+		{"api", "api.listen", func(c *node.Config, _ *pflag.FlagSet) error { c.API.Listen = rf.api; return nil }},
+		{"heartbeat-interval", "gossip.heartbeat_interval", func(c *node.Config, _ *pflag.FlagSet) error {
+			c.Gossip.HeartbeatInterval = rf.heartbeat
+			return nil
+		}},
+		{"model", "expert.model", func(c *node.Config, _ *pflag.FlagSet) error { c.Expert.Model = rf.modelID; return nil }},
+		{"experts", "expert.experts", func(c *node.Config, _ *pflag.FlagSet) error { c.Expert.Experts = rf.experts; return nil }},
+		{"memory", "home.memory_mb", func(c *node.Config, _ *pflag.FlagSet) error {
+			mb, err := parseMiB(rf.memory)
+			c.Home.MemoryMB, c.Expert.MemoryMB = mb, mb
+			return err
+		}},
+		{"threads", "home.threads", func(c *node.Config, _ *pflag.FlagSet) error { c.Home.Threads = rf.threads; return nil }},
+		{"max-load", "home.max_load", func(c *node.Config, _ *pflag.FlagSet) error { c.Home.MaxLoad = rf.maxLoad; return nil }},
+		{"idle-only", "home.idle_only", func(c *node.Config, _ *pflag.FlagSet) error { c.Home.IdleOnly = rf.idleOnly; return nil }},
+		{"gating", "gating.enabled", func(c *node.Config, _ *pflag.FlagSet) error { c.Gating.Enabled = rf.gatingOn; return nil }},
+		{"http", "http.listen", func(c *node.Config, _ *pflag.FlagSet) error { c.HTTP.Listen = rf.httpAddr; return nil }},
+	}
+}
+
+func (rf *runFlags) register(f *pflag.FlagSet) {
+	f.StringArrayVar(&rf.listen, "listen", nil, "multiaddr to listen on (repeat for several; overrides p2p.listen)")
+	f.StringArrayVar(&rf.bootstrap, "bootstrap", nil, "bootstrap peer multiaddr ending in /p2p/<peer ID> (repeat for several)")
+	f.StringSliceVar(&rf.roles, "roles", nil, "roles to announce: bootstrap, relay, gating, expert (comma-separated)")
+	f.StringVar(&rf.dhtMode, "dht-mode", "", "DHT mode: auto, server or client")
+	f.StringVar(&rf.api, "api", "", "control API host:port on loopback; empty string disables it")
+	f.Var(&durationFlag{&rf.heartbeat}, "heartbeat-interval", "how often to publish a heartbeat (e.g. 5s)")
+	f.StringVar(&rf.modelID, "model", "", "CID of the model to work on: host its experts and, with --gating, serve it")
+	f.StringVar(&rf.experts, "experts", "", `experts to host: "auto", "none" or e.g. "0:3,0:5,1:*"`)
+	f.BoolVar(&rf.gatingOn, "gating", false, "be a gating node of the model: answer prompts, sending each layer to the expert nodes")
+	f.StringVar(&rf.httpAddr, "http", "", "serve the dashboard (/), its data (/api/v1/state), Prometheus /metrics and, on a gating node, the OpenAI-compatible API (/v1) on this host:port (off by default)")
+	f.IntVar(&rf.threads, "threads", 0, "most compute threads, expert and gating (0: every core)")
+	f.Float64Var(&rf.maxLoad, "max-load", 0, "pause expert work while the 1-minute load average per core is above this (0: never)")
+	f.BoolVar(&rf.idleOnly, "idle-only", false, "take expert work only while the machine is otherwise idle (other processes' CPU under home.idle_threshold, no GPU in use)")
+	f.DurationVar(&rf.slowCompute, "test-slow-compute", 0, "test only: delay every expert compute by this much")
+	f.BoolVar(&rf.testnetMode, "testnet", false, "this node is part of a local test network (allows the test-only flags)")
+	f.StringVar(&rf.faulty, "faulty", "", "test only (with --testnet): misbehave on purpose: wrong, lowprec, slow, drop or flaky")
 	for _, name := range []string{"test-slow-compute", "testnet", "faulty"} {
 		_ = f.MarkHidden(name)
 	}
-	f.StringVar(&memory, "memory", "", "memory the node may use, e.g. 8GiB or 512MiB: the expert weights' budget (expert.memory_mb), and GOMEMLIMIT for the rest")
-	return cmd
+	f.StringVar(&rf.memory, "memory", "", "memory the node may use, e.g. 8GiB or 512MiB: the expert weights' budget (expert.memory_mb), and GOMEMLIMIT for the rest")
+}
+
+// runNode builds the node of cfg with the ggml backend, runs it until
+// the command's context ends and shuts it down.
+func runNode(cmd *cobra.Command, home string, cfg node.Config, rf *runFlags) error {
+	log, err := node.NewLogger(cmd.ErrOrStderr(), cfg.Log)
+	if err != nil {
+		return err
+	}
+	fault, err := expert.ParseFault(rf.faulty)
+	if err != nil {
+		return fmt.Errorf("flag --faulty: %w", err)
+	}
+	if rf.testnetMode {
+		// The netns testnet's sealed internet uses documentation ranges.
+		p2p.TreatDocumentationRangesAsPublic()
+	}
+	if (fault != expert.FaultNone || rf.slowCompute > 0) && !rf.testnetMode {
+		return errors.New("flags --faulty and --test-slow-compute make a node misbehave on purpose: only with --testnet")
+	}
+	opts := []node.Option{node.WithHome(home), node.WithLogger(log), node.WithExpertSlowDown(rf.slowCompute), node.WithFault(fault),
+		node.WithCompute(ggml.Backend{})}
+	if pr := progress.New(cmd.ErrOrStderr()); pr.On() {
+		show := pr.Fetches()
+		opts = append(opts, node.WithProgress(func(c cid.Cid, done, total int64) { show(c.String(), done, total) }))
+	}
+	if cfg.Home.MemoryMB > 0 {
+		// A soft limit on Go's heap; the weights live outside it and
+		// are capped by expert.memory_mb.
+		debug.SetMemoryLimit(int64(cfg.Home.MemoryMB) << 20)
+	}
+	n, err := node.New(cfg, opts...)
+	if err != nil {
+		return err
+	}
+	ctx := cmd.Context()
+	if err := n.Start(ctx); err != nil {
+		return joinClose(err, n)
+	}
+	st := n.Status()
+	fmt.Fprintf(cmd.OutOrStdout(), "neurod %s running\npeer ID: %s\n", st.Version, st.PeerID)
+	for _, a := range st.Addrs {
+		fmt.Fprintf(cmd.OutOrStdout(), "listening on %s/p2p/%s\n", a, st.PeerID)
+	}
+	if a := n.HTTPAddr(); a != "" {
+		fmt.Fprintf(cmd.OutOrStdout(), "dashboard on http://%s/ (metrics on /metrics)\n", a)
+		if n.Gating() != nil {
+			fmt.Fprintf(cmd.OutOrStdout(), "OpenAI-compatible API on http://%s/v1\n", a)
+		}
+	}
+	<-ctx.Done()
+	log.Info("shutting down")
+	stopWatch := watchShutdown(log, shutdownStall)
+	err = n.Close()
+	stopWatch()
+	if err != nil {
+		return fmt.Errorf("shutdown: %w", err)
+	}
+	log.Info("shut down cleanly")
+	return nil
 }
 
 // joinClose closes n after a failed start and keeps the start error first.

@@ -1,0 +1,317 @@
+package testnet
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/neuro-p2p/neuro/model"
+	"github.com/neuro-p2p/neuro/testnet/netns"
+)
+
+// BenchRow is one configuration's measurements in `neurod bench`.
+type BenchRow struct {
+	Name string `json:"name"`
+	// Kind is local, split, testnet, netns (the RTT sweep) or placement.
+	Kind string `json:"kind"`
+	// RTTMs is the round trip between the gating node and its expert node
+	// (0 for the runs on one machine without emulated latency).
+	RTTMs float64 `json:"rtt_ms"`
+	// MeasuredRTTMs: what a ping through the emulated lines measured.
+	MeasuredRTTMs   float64 `json:"measured_rtt_ms,omitempty"`
+	TokensPerSecond float64 `json:"tokens_per_second"`
+	// PerTokenP50Ms and P90: decode steps, the first token (which carries
+	// the prompt) left out.
+	PerTokenP50Ms float64 `json:"per_token_p50_ms"`
+	PerTokenP90Ms float64 `json:"per_token_p90_ms"`
+	// FloorMs is layers × RTT + compute, the least a token can take when
+	// each MoE layer waits for one round trip; Ratio is p50 / floor.
+	FloorMs float64 `json:"floor_ms"`
+	Ratio   float64 `json:"ratio"`
+	// RoundTripsPerToken are the MoE layers a token waited on the network
+	// for (each one round trip: a layer's experts are called at once), and
+	// CallsPerToken the expert calls (messages) it cost.
+	RoundTripsPerToken float64 `json:"round_trips_per_token,omitempty"`
+	CallsPerToken      float64 `json:"calls_per_token,omitempty"`
+	// OneNodeShare is the share of MoE layers whose expert calls one node
+	// answered.
+	OneNodeShare float64 `json:"one_node_share"`
+	Direct       *bool   `json:"direct,omitempty"`
+	Skipped      string  `json:"skipped,omitempty"`
+}
+
+// BenchReport is `neurod bench --json` and report.json.
+type BenchReport struct {
+	Model     string     `json:"model"`
+	Params    string     `json:"params"`
+	Prompt    string     `json:"prompt"`
+	MaxTokens int        `json:"max_tokens"`
+	Layers    int        `json:"layers"`
+	ComputeMs float64    `json:"compute_ms"`
+	Machine   string     `json:"machine"`
+	When      string     `json:"when"`
+	Rows      []BenchRow `json:"rows"`
+	Dir       string     `json:"dir"`
+}
+
+// BenchPrompt is the prompt every bench run answers.
+const BenchPrompt = "The history of distributed computing"
+
+// Bench answers BenchPrompt greedily on one model in every way neuro
+// runs it, in this process: the whole model in llama.cpp and split (both
+// through OnMachine, which the binary gives: package testnet does not link
+// llama.cpp), the loopback testnet, the netns testnet at each RTT, and
+// two placement runs; every way must give the same tokens. `neurod bench`
+// drives it and writes the report.
+type Bench struct {
+	Log       *slog.Logger
+	Timeout   time.Duration
+	MaxTokens int
+	// NetnsErr, if set, is why the netns runs are skipped.
+	NetnsErr error
+	// PlacementRTT (0: leave out) and PlacementFar are the RTTs from the
+	// gating node to the near and the far expert home in the two placement
+	// runs, with PlacementJitter on every line.
+	PlacementRTT, PlacementFar, PlacementJitter time.Duration
+	// Binary is the neurod executable the testnets' nodes run.
+	Binary string
+	// OnMachine answers the prompt on this machine: the whole GGUF in
+	// llama.cpp, or (split) the gating compute with in-process experts.
+	OnMachine func(ctx context.Context, model string, split bool, prompt string, maxTokens int) (*MachineRun, error)
+
+	model string
+	rep   *BenchReport
+	want  []int32 // llama.cpp's tokens, which every run must give
+}
+
+// MachineRun is what a run on one machine gave.
+type MachineRun struct {
+	Tokens          []int32
+	TokensPerSecond float64
+	PerTokenMs      []float64
+}
+
+// benchGen is what one run gave, whichever way it ran.
+type benchGen struct {
+	Tokens          []int32
+	TokensPerSecond float64
+	PerTokenMs      []float64
+	Stats           *Stats
+	Connections     []Conn
+	Link            *LinkReport
+}
+
+// Run runs every way at each of rtts into a report for directory out.
+func (b *Bench) Run(ctx context.Context, modelPath, out string, rtts []time.Duration) (*BenchReport, error) {
+	if b.OnMachine == nil || b.Binary == "" {
+		return nil, errors.New("bench: OnMachine and Binary are required")
+	}
+	if b.Log == nil {
+		b.Log = slog.Default()
+	}
+	cleanup, err := b.prepare(modelPath, out)
+	if err != nil {
+		return nil, err
+	}
+	defer cleanup()
+	if err := b.onMachine(ctx); err != nil {
+		return nil, err
+	}
+	b.Log.Info("bench: testnet on 127.0.0.1")
+	if err := b.scenario(ctx, "testnet", "testnet", 0, &Loopback{ExpertNodes: 1, Dashboard: "127.0.0.1:0"}); err != nil {
+		return nil, err
+	}
+	for _, rtt := range rtts {
+		b.Log.Info("bench: netns testnet", "rtt", rtt)
+		t := &Netns{Publics: 4, NATs: []netns.NAT{netns.Cone, netns.Cone}}
+		if rtt > 0 {
+			t.Links = []netns.Link{{RTT: rtt}, {RTT: rtt}}
+		}
+		if err := b.scenario(ctx, "netns "+FmtRTT(rtt), "netns", rtt, t); err != nil {
+			return nil, err
+		}
+	}
+	if err := b.placement(ctx); err != nil {
+		return nil, err
+	}
+	for i := range b.rep.Rows {
+		r := &b.rep.Rows[i]
+		if r.Skipped != "" || r.Kind == "local" || r.Kind == "split" {
+			continue
+		}
+		r.FloorMs = float64(b.rep.Layers)*r.RTTMs + b.rep.ComputeMs
+		if r.FloorMs > 0 {
+			r.Ratio = r.PerTokenP50Ms / r.FloorMs
+		}
+	}
+	return b.rep, nil
+}
+
+// prepare makes the report's directory and the bench model (unless given)
+// and reads its shape.
+func (b *Bench) prepare(modelPath, out string) (cleanup func(), err error) {
+	cleanup = func() {}
+	if err := os.MkdirAll(out, 0o755); err != nil {
+		return nil, fmt.Errorf("flag --out: %w", err)
+	}
+	abs, err := filepath.Abs(out)
+	if err != nil {
+		return nil, err
+	}
+	b.rep = &BenchReport{Prompt: BenchPrompt, MaxTokens: b.MaxTokens, Dir: abs, When: time.Now().UTC().Format(time.RFC3339),
+		Machine: machineLine(), Model: filepath.Base(modelPath)}
+	if modelPath == "" {
+		tmp, err := os.MkdirTemp("", "neuro-bench-")
+		if err != nil {
+			return nil, err
+		}
+		cleanup = func() { os.RemoveAll(tmp) }
+		modelPath = filepath.Join(tmp, "bench.gguf")
+		b.Log.Info("generating the bench model", "path", modelPath)
+		var buf bytes.Buffer
+		if err := model.Generate(&buf, model.Presets["bench"], model.Q8_0, 3); err != nil {
+			cleanup()
+			return nil, fmt.Errorf("bench model: %w", err)
+		}
+		if err := os.WriteFile(modelPath, buf.Bytes(), 0o644); err != nil {
+			cleanup()
+			return nil, fmt.Errorf("bench model: %w", err)
+		}
+		b.rep.Model = "bench preset, q8_0, seed 3"
+	}
+	b.model = modelPath
+	p, err := model.ReadParams(modelPath)
+	if err != nil {
+		cleanup()
+		return nil, fmt.Errorf("bench: %w", err)
+	}
+	b.rep.Layers = int(p.GetLayers())
+	b.rep.Params = fmt.Sprintf("%d layers, %d experts (top %d), embd %d, ff %d", p.GetLayers(), p.GetExperts(), p.GetExpertsUsed(),
+		p.GetEmbd(), p.GetFf())
+	return cleanup, nil
+}
+
+// onMachine runs the model in llama.cpp and split, in this process.
+func (b *Bench) onMachine(ctx context.Context) error {
+	for _, run := range []struct{ name, kind string }{{"llama.cpp", "local"}, {"split", "split"}} {
+		b.Log.Info("bench: " + run.name)
+		out, err := b.OnMachine(ctx, b.model, run.kind == "split", BenchPrompt, b.MaxTokens)
+		if err != nil {
+			return fmt.Errorf("%s: %w", run.name, err)
+		}
+		if err := b.add(run.name, run.kind, 0, benchGen{Tokens: out.Tokens, TokensPerSecond: out.TokensPerSecond, PerTokenMs: out.PerTokenMs}); err != nil {
+			return err
+		}
+	}
+	b.rep.ComputeMs = b.rep.Rows[1].PerTokenP50Ms
+	return nil
+}
+
+// scenario runs a testnet scenario on topology t, in this process, and
+// adds its row; a netns run is skipped where namespaces are not available.
+func (b *Bench) scenario(ctx context.Context, name, kind string, rtt time.Duration, t Topology) error {
+	if _, ok := t.(*Netns); ok && b.NetnsErr != nil {
+		b.rep.Rows = append(b.rep.Rows, BenchRow{Name: name, Kind: kind, RTTMs: ms(rtt), Skipped: b.NetnsErr.Error()})
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, b.Timeout)
+	defer cancel()
+	s := &Scenario{Topology: t, Binary: b.Binary, Model: b.model, Prompt: BenchPrompt, MaxTokens: b.MaxTokens,
+		Timeout: b.Timeout, Check: true, Log: b.Log}
+	rep, _, err := s.Run(ctx)
+	if err != nil {
+		return fmt.Errorf("%s: %w", name, err)
+	}
+	return b.add(name, kind, rtt, benchGen{Tokens: rep.Tokens, TokensPerSecond: rep.TokensPerSecond, PerTokenMs: rep.PerTokenMs,
+		Stats: rep.Stats, Connections: rep.Connections, Link: rep.Link})
+}
+
+// placement runs two expert homes, one near and one far, with jitter; in
+// one run both host every expert (the gating node sends a layer's calls
+// to one of them), in the other each expert is on one home only.
+func (b *Bench) placement(ctx context.Context) error {
+	if b.PlacementRTT <= 0 {
+		return nil
+	}
+	for _, spread := range []bool{false, true} {
+		name := fmt.Sprintf("placement: expert nodes %s and %s away ±%s, experts together", FmtRTT(b.PlacementRTT), FmtRTT(b.PlacementFar), FmtRTT(b.PlacementJitter))
+		if spread {
+			name = strings.Replace(name, "together", "spread", 1)
+		}
+		b.Log.Info("bench: netns testnet, placement", "near", b.PlacementRTT, "far", b.PlacementFar, "spread", spread)
+		// Each home's line adds half its RTT each way: the gating home and
+		// the near one get the near RTT; the far one what puts it
+		// placementFar from the gating node.
+		far := 2*b.PlacementFar - b.PlacementRTT
+		j := b.PlacementJitter
+		t := &Netns{Publics: 4, NATs: []netns.NAT{netns.Cone, netns.Cone, netns.Cone}, Spread: spread,
+			Links: []netns.Link{{RTT: b.PlacementRTT, Jitter: j}, {RTT: b.PlacementRTT, Jitter: j}, {RTT: far, Jitter: j}}}
+		if err := b.scenario(ctx, name, "placement", b.PlacementRTT, t); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// add checks a run's tokens against llama.cpp's and adds its row.
+func (b *Bench) add(name, kind string, rtt time.Duration, g benchGen) error {
+	if b.want == nil {
+		b.want = g.Tokens
+	} else if fmt.Sprint(g.Tokens) != fmt.Sprint(b.want) {
+		return fmt.Errorf("%s: tokens %v differ from llama.cpp's %v", name, g.Tokens, b.want)
+	}
+	row := BenchRow{Name: name, Kind: kind, RTTMs: ms(rtt), TokensPerSecond: g.TokensPerSecond}
+	if len(g.PerTokenMs) > 1 {
+		decode := slices.Clone(g.PerTokenMs[1:])
+		slices.Sort(decode)
+		row.PerTokenP50Ms, row.PerTokenP90Ms = Percentile(decode, 0.5), Percentile(decode, 0.9)
+	}
+	if st := g.Stats; st != nil && len(g.Tokens) > 0 {
+		row.RoundTripsPerToken = float64(st.MoELayers) / float64(len(g.Tokens))
+		row.CallsPerToken = float64(st.ExpertCalls) / float64(len(g.Tokens))
+		if st.MoELayers > 0 {
+			row.OneNodeShare = float64(st.OneNodeLayers) / float64(st.MoELayers)
+		}
+	}
+	if len(g.Connections) > 0 {
+		d := g.Connections[0].Direct
+		row.Direct = &d
+	}
+	if g.Link != nil {
+		row.MeasuredRTTMs = g.Link.MeasuredRTTMs
+	}
+	b.rep.Rows = append(b.rep.Rows, row)
+	b.Log.Info("bench run done", "run", name, "tokens_per_second", row.TokensPerSecond, "per_token_p50_ms", row.PerTokenP50Ms)
+	return nil
+}
+
+// FmtRTT writes an RTT for the report (0 ms, 20 ms).
+func FmtRTT(d time.Duration) string {
+	if d == 0 {
+		return "0 ms"
+	}
+	return strconv.FormatFloat(ms(d), 'f', -1, 64) + " ms"
+}
+
+// machineLine describes this machine for the report.
+func machineLine() string {
+	cpu := "unknown CPU"
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, l := range strings.Split(string(b), "\n") {
+			if k, v, ok := strings.Cut(l, ":"); ok && strings.TrimSpace(k) == "model name" {
+				cpu = strings.TrimSpace(v)
+				break
+			}
+		}
+	}
+	return fmt.Sprintf("%s, %d cores", cpu, runtime.NumCPU())
+}

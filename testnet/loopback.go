@@ -1,0 +1,251 @@
+package testnet
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"runtime"
+	"slices"
+	"time"
+
+	"github.com/neuro-p2p/neuro/client"
+	"github.com/neuro-p2p/neuro/expert"
+	"github.com/neuro-p2p/neuro/neuropb"
+	"github.com/neuro-p2p/neuro/node"
+)
+
+// Loopback is the testnet of real processes on 127.0.0.1: node 0 is the
+// bootstrap, relay and gating node, nodes 1 to ExpertNodes are expert
+// nodes. The first Validators nodes validate the ledger's chain; node 1
+// pays for the prompt from an escrow that the gating node settles.
+type Loopback struct {
+	ExpertNodes int
+	// Validators is how many nodes (0 to Validators-1) validate the
+	// chain (default 1).
+	Validators int
+	// Faults[i] makes expert node i misbehave.
+	Faults map[int]expert.Fault
+	// SlowNode, if not 0, delays every expert compute of that node by
+	// SlowBy.
+	SlowNode int
+	SlowBy   time.Duration
+	// KillNodes expert nodes are SIGKILLed after token KillAfter.
+	KillNodes, KillAfter int
+	// Dashboard is node 0's HTTP listener (host:port).
+	Dashboard string
+
+	cometPorts []int
+	cometPeers []string
+}
+
+var _ Topology = (*Loopback)(nil)
+
+func (l *Loopback) paid() bool { return true }
+
+// Gating implements Topology: node 0.
+func (l *Loopback) Gating() int { return 0 }
+
+// Setup implements Topology: the validators' homes and CometBFT ports.
+func (l *Loopback) Setup(_ context.Context, r *Run) error {
+	if l.Validators < 1 {
+		l.Validators = 1
+	}
+	var err error
+	l.cometPorts, l.cometPeers, err = validatorPorts(r.Dir, l.Validators)
+	return err
+}
+
+// Launch implements Topology.
+func (l *Loopback) Launch(r *Run, o *LaunchOptions) error {
+	m := r.Model
+	threads := max(1, runtime.NumCPU()/(l.ExpertNodes+1))
+	genesis := r.genesisPath()
+	r.log.Info("starting testnet", "expert_nodes", l.ExpertNodes, "model", m.CID, "layers", m.Layers(), "experts", m.Experts(), "dir", r.Dir)
+	o.Nodes = l.ExpertNodes + 1
+	o.Config = func(i int, c *node.Config) {
+		c.Expert.Threads = threads
+		c.Gating.Threads = max(1, runtime.NumCPU()/2)
+		c.Ledger.Genesis = genesis
+		if i < l.Validators {
+			c.Ledger.Listen = fmt.Sprintf("tcp://127.0.0.1:%d", l.cometPorts[i])
+			c.Ledger.Peers = slices.Concat(l.cometPeers[:i], l.cometPeers[i+1:])
+		}
+		c.Ledger.BlockInterval = node.Duration(200 * time.Millisecond)
+	}
+	o.Args = func(i int) []string {
+		if i == 0 {
+			return []string{"--gating", "--model", m.CID.String(), "--experts", "none", "--http", l.Dashboard}
+		}
+		args := []string{"--model", m.CID.String()}
+		if f := l.Faults[i]; f != expert.FaultNone {
+			args = append(args, "--faulty", string(f))
+		}
+		if i == l.SlowNode {
+			args = append(args, "--test-slow-compute", l.SlowBy.String())
+		}
+		return args
+	}
+	o.BeforeStart = seedTestnet(genesis, m, l.Validators)
+	return nil
+}
+
+// WaitHealthy implements Topology: every node has every other in its
+// routing table and has heard each one's heartbeat.
+func (l *Loopback) WaitHealthy(ctx context.Context, r *Run) error {
+	if err := r.Net.WaitHealthy(ctx); err != nil {
+		return err
+	}
+	r.Report.TookMs = r.Net.Took.Milliseconds()
+	r.log.Info("network healthy", "took", r.Net.Took.Round(time.Millisecond))
+	return nil
+}
+
+// Serving implements Topology: two honest providers per expert (fewer
+// when there are fewer honest nodes).
+func (l *Loopback) Serving() (int, map[int]expert.Fault) {
+	return min(2, l.ExpertNodes-len(l.Faults)), l.Faults
+}
+
+// Settle implements Topology: nothing to wait for.
+func (l *Loopback) Settle(context.Context, *Run) error { return nil }
+
+// Describe implements Topology: the chain's validators.
+func (l *Loopback) Describe(_ context.Context, r *Run) error {
+	if r.Report.Ledger != nil {
+		for _, p := range r.Net.Processes()[:l.Validators] {
+			r.Report.Ledger.Validators = append(r.Report.Ledger.Validators, p.Status.PeerID)
+		}
+	}
+	return nil
+}
+
+// Ask implements Topology: the prompt through the client library, as a
+// user's program would ask it, paid from the run's escrow; with KillNodes
+// it SIGKILLs the busiest expert nodes after token KillAfter.
+func (l *Loopback) Ask(ctx context.Context, r *Run) error {
+	c, err := r.connect(ctx)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	var doomed []*Process
+	if l.KillNodes > 0 {
+		doomed = victims(r.Net, l.KillNodes, r.log)
+	}
+	rep := r.Report
+	var first []int32
+	var took time.Duration
+	var d *client.Done
+	for req := range r.S.Requests {
+		last := req == r.S.Requests-1
+		rep.Tokens, rep.PerTokenMs, rep.Text = rep.Tokens[:0], rep.PerTokenMs[:0], ""
+		start := time.Now()
+		if d, err = l.generate(ctx, r, c, req, last, doomed); err != nil {
+			return err
+		}
+		took = time.Since(start)
+		if req == 0 {
+			first = slices.Clone(rep.Tokens)
+		} else if fmt.Sprint(first) != fmt.Sprint(rep.Tokens) {
+			return fmt.Errorf("request %d answered %v, request 1 %v: the same greedy prompt must give the same tokens", req+1, rep.Tokens, first)
+		}
+		rep.Requests++
+	}
+	rep.Text, rep.PromptTokens = d.Text, d.PromptTokens
+	rep.TokensPerSecond = float64(len(rep.Tokens)) / took.Seconds()
+	rep.FinishReason = "stop"
+	if d.Reason == neuropb.FinishReason_FINISH_REASON_LENGTH {
+		rep.FinishReason = "length"
+	}
+	rep.Stats = GenerationStats(d, rep.PerTokenMs)
+	if f := r.S.Events.Answered; f != nil {
+		f(rep, d, took)
+	}
+	return nil
+}
+
+// generate answers request req once, streaming the last one to the
+// events.
+func (l *Loopback) generate(ctx context.Context, r *Run, c *client.Client, req int, last bool, doomed []*Process) (*client.Done, error) {
+	rep, ev := r.Report, r.S.Events
+	cctx, cancel := context.WithTimeout(ctx, r.S.Timeout)
+	defer cancel()
+	s, err := c.Generate(cctx, client.Request{Model: r.Model.CID, Prompt: r.S.Prompt, MaxTokens: r.S.MaxTokens, Escrow: r.escrow})
+	if err != nil {
+		return nil, fmt.Errorf("request %d: %w", req+1, err)
+	}
+	defer s.Close()
+	if last && ev.Prompt != nil {
+		ev.Prompt(r.S.Prompt)
+	}
+	for {
+		t, err := s.Next()
+		if err == io.EOF {
+			return s.Done(), nil
+		}
+		if err != nil {
+			return nil, fmt.Errorf("request %d: generation failed after %d tokens: %w", req+1, len(rep.Tokens), err)
+		}
+		if t.Rewind != nil {
+			rep.Rewinds++
+		}
+		shown := ApplyToken(&rep.Tokens, &rep.PerTokenMs, t)
+		if last && ev.Token != nil {
+			ev.Token(shown)
+		}
+		if t.Rewind == nil && l.KillNodes > 0 && req == 0 && len(rep.Tokens) == l.KillAfter {
+			if err := kill(doomed, rep, r.log); err != nil {
+				return nil, err
+			}
+			rep.KilledAfter = l.KillAfter
+		}
+	}
+}
+
+// connect starts a client that knows only node 0 and waits until it finds
+// the gating node in the DHT.
+func (r *Run) connect(ctx context.Context) (*client.Client, error) {
+	boot := r.Net.Processes()[0].Status
+	var addrs []string
+	for _, ad := range boot.Addrs {
+		addrs = append(addrs, ad+"/p2p/"+boot.PeerID)
+	}
+	cctx, cancel := context.WithTimeout(ctx, r.S.Timeout)
+	defer cancel()
+	c, err := client.New(cctx, client.WithBootstrap(addrs...), client.WithLogger(r.log))
+	if err != nil {
+		return nil, err
+	}
+	// The gating node provides its key once the model is loaded; the
+	// client may look before the record has spread.
+	for {
+		nodes, err := c.GatingNodes(cctx, r.Model.CID)
+		if err != nil {
+			c.Close()
+			return nil, err
+		}
+		if len(nodes) > 0 {
+			return c, nil
+		}
+		select {
+		case <-cctx.Done():
+			c.Close()
+			return nil, fmt.Errorf("testnet: no gating node of %s found in the DHT: %w", r.Model.CID, cctx.Err())
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// Hint implements Topology.
+func (l *Loopback) Hint(r *Run) []string {
+	boot := r.Net.Processes()[0].Status
+	var out []string
+	if len(boot.Addrs) > 0 {
+		out = append(out, fmt.Sprintf("%s generate --network --bootstrap %s/p2p/%s --model %s --prompt 'Hello'", r.S.Binary, boot.Addrs[0], boot.PeerID, r.Model.CID))
+	}
+	if h := r.Report.HTTP; h != "" {
+		out = append(out, fmt.Sprintf("open http://%s/ (the dashboard; metrics on /metrics)", h),
+			fmt.Sprintf("curl -s http://%s/v1/completions -d '{\"model\": \"%s\", \"prompt\": \"Hello\", \"max_tokens\": 16}'", h, r.Model.CID))
+	}
+	return out
+}
