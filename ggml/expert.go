@@ -83,11 +83,8 @@ func (e *Expert) MaxBatch() int { return e.maxBatch }
 // Compute runs n token vectors (x holds n rows of Embd floats) through the
 // expert and writes n rows of Embd floats to out.
 func (e *Expert) Compute(x []float32, n int, out []float32) error {
-	if n < 1 || n > e.maxBatch {
-		return fmt.Errorf("expert: batch of %d, want 1 to %d", n, e.maxBatch)
-	}
-	if len(x) != n*e.embd || len(out) != n*e.embd {
-		return fmt.Errorf("expert: input %d and output %d floats, want %d (%d x %d)", len(x), len(out), n*e.embd, n, e.embd)
+	if err := moe.CheckBatch(x, n, out, e.embd, e.maxBatch); err != nil {
+		return err
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()

@@ -68,3 +68,15 @@ func ComputeBatched(e Batcher, x []float32, n int, out []float32) error {
 	}
 	return nil
 }
+
+// CheckBatch checks the arguments of Expert.Compute: n rows of embd floats
+// in x and out, n from 1 to maxBatch.
+func CheckBatch(x []float32, n int, out []float32, embd, maxBatch int) error {
+	if n < 1 || n > maxBatch {
+		return fmt.Errorf("expert: batch of %d, want 1 to %d", n, maxBatch)
+	}
+	if len(x) != n*embd || len(out) != n*embd {
+		return fmt.Errorf("expert: input %d and output %d floats, want %d (%d x %d)", len(x), len(out), n*embd, n, embd)
+	}
+	return nil
+}

@@ -160,13 +160,7 @@ func submitAmount(cmd *cobra.Command, api func() (string, error), req node.Ledge
 		return err
 	}
 	req.Amount = v
-	addr, err := api()
-	if err != nil {
-		return err
-	}
-	ctx, cancel := context.WithTimeout(cmd.Context(), 20*time.Second)
-	defer cancel()
-	res, err := node.SubmitLedgerTx(ctx, addr, req)
+	res, err := sendLedgerTx(cmd, api, req)
 	if err != nil {
 		return err
 	}
@@ -222,18 +216,23 @@ block.`,
 
 // submitRaw submits a transaction without an amount.
 func submitRaw(cmd *cobra.Command, api func() (string, error), req node.LedgerTxRequest) error {
-	addr, err := api()
-	if err != nil {
-		return err
-	}
-	ctx, cancel := context.WithTimeout(cmd.Context(), 20*time.Second)
-	defer cancel()
-	res, err := node.SubmitLedgerTx(ctx, addr, req)
+	res, err := sendLedgerTx(cmd, api, req)
 	if err != nil {
 		return err
 	}
 	fmt.Fprintf(cmd.OutOrStdout(), "submitted %s (nonce %d)\n", req.Type, res.Nonce)
 	return nil
+}
+
+// sendLedgerTx has the running node sign and submit req.
+func sendLedgerTx(cmd *cobra.Command, api func() (string, error), req node.LedgerTxRequest) (*node.LedgerTxResult, error) {
+	addr, err := api()
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(cmd.Context(), 20*time.Second)
+	defer cancel()
+	return node.SubmitLedgerTx(ctx, addr, req)
 }
 
 // neuro formats base units as NEURO.
