@@ -8,7 +8,10 @@ BIN       := bin/neurod
 TOOLS     := $(CURDIR)/.tools
 NODES     ?= 4
 STATICCHECK_VERSION := v0.8.2
-STATICCHECK := $(TOOLS)/staticcheck-$(STATICCHECK_VERSION)
+# Built once per machine, outside the work tree, keyed by its version and
+# the Go release that builds it.
+TOOL_CACHE  ?= $(HOME)/.cache/neuro-tools
+STATICCHECK := $(TOOL_CACHE)/staticcheck-$(STATICCHECK_VERSION)-$(shell $(GO) env GOVERSION)
 # llama.cpp and ggml are compiled by cgo from the pinned ollama module; its
 # headers are found there, never copied into this repository. ggml's SIMD
 # paths are compiled only with -march=x86-64-v3 (or native): without it
@@ -47,9 +50,18 @@ env:
 build:
 	$(GO) build -o $(BIN) ./cmd/neurod
 
-## test: gofmt and vet checks, then every test (race detector on all but the cgo packages), shuffled
-test: lint
+## test: gofmt, vet and staticcheck, then every test, shuffled: the race-detector run of the pure-Go packages beside the lint and the ggml run
+test:
+	@$(MAKE) --no-print-directory -j2 test-race lint-then-ggml
+
+# The race-detector build shares nothing with the others (every package is
+# compiled again with -race), so it runs beside them; the ggml tests reuse
+# what lint compiled, so they run after it.
+.PHONY: test-race lint-then-ggml
+test-race:
 	$(GO) test -race -shuffle=on -count=1 -timeout 20m $(PURE_PKGS)
+
+lint-then-ggml: lint
 	$(GO) test -tags ggml -shuffle=on -count=1 -timeout 20m -run '^($(GGML_TESTS))$$' $(GGML_TEST_PKGS)
 	$(GO) test -shuffle=on -count=1 -timeout 20m $(CGO_PKGS)
 
@@ -68,8 +80,9 @@ lint: $(STATICCHECK)
 
 # staticcheck, pinned, installed from the Go module proxy into .tools.
 $(STATICCHECK):
-	GOBIN=$(TOOLS) $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
-	mv $(TOOLS)/staticcheck $@
+	mkdir -p $(TOOL_CACHE)/.bin
+	GOBIN=$(TOOL_CACHE)/.bin $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
+	mv $(TOOL_CACHE)/.bin/staticcheck $@
 
 ## fuzz-smoke: run every fuzz target for 10 s each (FUZZTIME=30s for longer)
 FUZZTIME ?= 10s
