@@ -1,7 +1,10 @@
 // Package ggml is neuro's only cgo: bindings to llama.cpp and ggml (as
-// vendored by the pinned github.com/ollama/ollama module). It gives the
-// reference path (a whole GGUF through llama.cpp's own forward pass) and
-// the expert feed-forward compute that expert nodes serve.
+// vendored by the pinned github.com/ollama/ollama module). Backend
+// implements moe.Backend (the expert feed-forward compute, the gating
+// compute and llama.cpp's tokenizer), which the binary hands to the node;
+// no other package imports this one. It also gives the reference path (a
+// whole GGUF through llama.cpp's own forward pass) and SplitModel, the
+// distributed forward pass in one process.
 //
 // The C headers live in that module; the Makefile points cgo at them
 // (CGO_CPPFLAGS) and turns on ggml's SIMD paths (CGO_CFLAGS/CGO_CXXFLAGS).

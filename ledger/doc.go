@@ -13,5 +13,9 @@
 // StartChain runs it under CometBFT consensus inside neurod (chain.go);
 // Service is a node's part: validators put the transactions heard on the
 // ledger topic into the mempool and answer queries with proofs that
-// VerifyStatus checks against the validators' signed headers (proof.go).
+// VerifyStatus checks against the validators' signed headers (proof.go);
+// Settler pays a gating node's experts from its generations' escrows
+// (settle.go). Service and Settler follow the node's lifecycle: New starts
+// nothing, Start(ctx) starts CometBFT and the goroutines, Close ends them.
+// Transactions are signed in their own domain (package sign).
 package ledger

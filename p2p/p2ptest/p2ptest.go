@@ -1,5 +1,7 @@
 // Package p2ptest starts p2p hosts on loopback for the tests of packages
 // below node (testnet's cluster builds whole nodes, which import them).
+// ClusterWithExtras gives each host a heartbeat contribution (Extra) that a
+// test sets once it has built the service that makes it.
 package p2ptest
 
 import (
