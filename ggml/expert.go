@@ -31,23 +31,22 @@ type Expert struct {
 	dtype    model.DType
 }
 
-// NewExpert copies the weights into ggml memory. The three tensors must
-// share one dtype of ExpertDTypes.
+// NewExpert copies the weights into ggml memory. Each tensor may have its
+// own dtype of ExpertDTypes, as quantized files mix them (Q4_K_M keeps
+// gate and up in Q4_K and down in Q6_K in about half the layers).
 func NewExpert(w moe.ExpertWeights, o moe.ExpertOptions) (*Expert, error) {
 	if err := w.Check(); err != nil {
 		return nil, err
 	}
-	dtype := w.Gate.Type
-	if w.Up.Type != dtype || w.Down.Type != dtype {
-		return nil, fmt.Errorf("expert: mixed dtypes %s/%s/%s", w.Gate.Type, w.Up.Type, w.Down.Type)
-	}
-	if !slices.Contains(ExpertDTypes, dtype) {
-		return nil, fmt.Errorf("expert: %w %s", model.ErrUnsupportedDType, dtype)
+	for _, t := range []struct {
+		name string
+		t    model.DType
+	}{{"gate", w.Gate.Type}, {"up", w.Up.Type}, {"down", w.Down.Type}} {
+		if !slices.Contains(ExpertDTypes, t.t) {
+			return nil, fmt.Errorf("expert: %s: %w %s", t.name, model.ErrUnsupportedDType, t.t)
+		}
 	}
 	embd, ff := w.Embd, w.FF
-	if uint64(embd)%dtype.BlockSize() != 0 || uint64(ff)%dtype.BlockSize() != 0 {
-		return nil, fmt.Errorf("expert: embd %d and ff %d must be multiples of %s's block of %d", embd, ff, dtype, dtype.BlockSize())
-	}
 	if o.Threads <= 0 || o.Threads > poolThreads {
 		o.Threads = poolThreads
 	}
@@ -59,13 +58,13 @@ func NewExpert(w moe.ExpertWeights, o moe.ExpertOptions) (*Expert, error) {
 	defer computeMu.Unlock()
 	C.neuro_pool(C.int(poolThreads))
 	var errbuf [256]C.char
-	c := C.neuro_expert_new(C.int(embd), C.int(ff), C.int(dtype),
+	c := C.neuro_expert_new(C.int(embd), C.int(ff), C.int(w.Gate.Type), C.int(w.Up.Type), C.int(w.Down.Type),
 		unsafe.Pointer(&w.Gate.Data[0]), unsafe.Pointer(&w.Up.Data[0]), unsafe.Pointer(&w.Down.Data[0]),
 		C.int(o.Threads), C.int(o.MaxBatch), &errbuf[0], C.size_t(len(errbuf)))
 	if c == nil {
 		return nil, fmt.Errorf("expert: %s", C.GoString(&errbuf[0]))
 	}
-	return &Expert{c: c, embd: embd, ff: ff, maxBatch: o.MaxBatch, dtype: dtype}, nil
+	return &Expert{c: c, embd: embd, ff: ff, maxBatch: o.MaxBatch, dtype: w.Gate.Type}, nil
 }
 
 // Embd is the hidden size.
@@ -74,7 +73,7 @@ func (e *Expert) Embd() int { return e.embd }
 // FF is the feed-forward size.
 func (e *Expert) FF() int { return e.ff }
 
-// DType is the weights' type.
+// DType is the gate's type (up and down may have others).
 func (e *Expert) DType() model.DType { return e.dtype }
 
 // MaxBatch is the largest batch Compute accepts.

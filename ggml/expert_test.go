@@ -5,6 +5,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/neuro-p2p/neuro/model"
@@ -389,4 +390,74 @@ func TestMoetestAgreesWithGGML(t *testing.T) {
 	if e := maxRelErr(got, w64); e > 1e-5 {
 		t.Fatalf("ggml and moetest differ by %.2e (relative)", e)
 	}
+}
+
+// An expert whose tensors each have their own type, as a Q4_K_M file has
+// them (gate and up Q4_K, down Q6_K; both K-quants take Q8_K activations),
+// computes what the float64 reference does on the dequantized weights.
+func TestExpertMixedTypes(t *testing.T) {
+	const embd, ff, batch = 256, 512, 3
+	rng := rand.New(rand.NewPCG(11, 12))
+	enc := func(dt model.DType, rowLen int) ([]byte, []float32) {
+		x := make([]float32, embd*ff)
+		for i := range x {
+			x[i] = 0.1 * (2*rng.Float32() - 1)
+		}
+		b, err := Quantize(dt, x, rowLen)
+		if err != nil {
+			t.Fatal(err)
+		}
+		y, err := Dequantize(dt, b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b, y
+	}
+	gb, g := enc(model.Q4_K, embd)
+	ub, u := enc(model.Q4_K, embd)
+	db, d := enc(model.Q6_K, ff)
+	w := moe.ExpertWeights{Embd: embd, FF: ff, Gate: moe.Tensor{Type: model.Q4_K, Data: gb},
+		Up: moe.Tensor{Type: model.Q4_K, Data: ub}, Down: moe.Tensor{Type: model.Q6_K, Data: db}}
+	e, err := NewExpert(w, moe.ExpertOptions{MaxBatch: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	x := make([]float32, batch*embd)
+	for i := range x {
+		x[i] = 2*rng.Float32() - 1
+	}
+	out := make([]float32, len(x))
+	if err := e.Compute(x, batch, out); err != nil {
+		t.Fatal(err)
+	}
+	act := func(v []float32) []float32 { return roundTripQ8K(t, v) }
+	var worst float64
+	for tok := range batch {
+		want := referenceFFN(g, u, d, embd, ff, x[tok*embd:(tok+1)*embd], act)
+		worst = max(worst, maxRelErr(out[tok*embd:(tok+1)*embd], want))
+	}
+	t.Logf("q4_k/q4_k/q6_k: max relative error vs float64 reference %.2e", worst)
+	if worst > 1e-4 {
+		t.Fatalf("relative error %.2e above 1e-4", worst)
+	}
+	// A type ggml cannot compute is refused, naming the tensor.
+	w.Down.Type = model.Q8_K
+	if _, err := NewExpert(w, moe.ExpertOptions{}); err == nil || !strings.Contains(err.Error(), "down") {
+		t.Fatalf("an expert with a Q8_K down tensor: %v", err)
+	}
+}
+
+// roundTripQ8K passes x through Q8_K, the activation type of K-quants.
+func roundTripQ8K(t *testing.T, v []float32) []float32 {
+	t.Helper()
+	b, err := Quantize(model.Q8_K, v, len(v))
+	if err != nil {
+		t.Fatal(err)
+	}
+	y, err := model.Decode(model.Q8_K, b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return y
 }

@@ -84,7 +84,7 @@ void neuro_expert_free(neuro_expert * e) {
     free(e);
 }
 
-neuro_expert * neuro_expert_new(int n_embd, int n_ff, int type,
+neuro_expert * neuro_expert_new(int n_embd, int n_ff, int type_gate, int type_up, int type_down,
                                 const void * gate, const void * up, const void * down,
                                 int n_threads, int max_batch, char * err, size_t err_len) {
     neuro_expert * e = calloc(1, sizeof(*e));
@@ -115,9 +115,9 @@ neuro_expert * neuro_expert_new(int n_embd, int n_ff, int type,
         snprintf(err, err_len, "ggml weight context failed");
         goto fail;
     }
-    e->gate = ggml_new_tensor_3d(e->wctx, (enum ggml_type) type, n_embd, n_ff, 1);
-    e->up = ggml_new_tensor_3d(e->wctx, (enum ggml_type) type, n_embd, n_ff, 1);
-    e->down = ggml_new_tensor_3d(e->wctx, (enum ggml_type) type, n_ff, n_embd, 1);
+    e->gate = ggml_new_tensor_3d(e->wctx, (enum ggml_type) type_gate, n_embd, n_ff, 1);
+    e->up = ggml_new_tensor_3d(e->wctx, (enum ggml_type) type_up, n_embd, n_ff, 1);
+    e->down = ggml_new_tensor_3d(e->wctx, (enum ggml_type) type_down, n_ff, n_embd, 1);
     e->wbuf = ggml_backend_alloc_ctx_tensors(e->wctx, e->backend);
     if (e->wbuf == NULL) {
         snprintf(err, err_len, "allocating %zu bytes of expert weights failed",

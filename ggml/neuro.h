@@ -22,11 +22,12 @@ struct ggml_threadpool * neuro_pool(int n_threads);
 // down(silu(gate x) * (up x)), on ggml's CPU backend. Not thread-safe.
 typedef struct neuro_expert neuro_expert;
 
-// neuro_expert_new copies the three weight matrices (ggml type `type`;
-// gate and up are [n_embd, n_ff], down is [n_ff, n_embd], ne0 first) into
-// backend memory and reserves compute memory for batches up to max_batch.
-// On failure it returns NULL and writes a message to err.
-neuro_expert * neuro_expert_new(int n_embd, int n_ff, int type,
+// neuro_expert_new copies the three weight matrices (each of its own ggml
+// type, as quantized files mix them; gate and up are [n_embd, n_ff], down
+// is [n_ff, n_embd], ne0 first) into backend memory and reserves compute
+// memory for batches up to max_batch. On failure it returns NULL and
+// writes a message to err.
+neuro_expert * neuro_expert_new(int n_embd, int n_ff, int type_gate, int type_up, int type_down,
                                 const void * gate, const void * up, const void * down,
                                 int n_threads, int max_batch, char * err, size_t err_len);
 
