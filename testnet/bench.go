@@ -1,7 +1,6 @@
 package testnet
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -86,18 +85,11 @@ type Bench struct {
 	Binary string
 	// OnMachine answers the prompt on this machine: the whole GGUF in
 	// llama.cpp, or (split) the gating compute with in-process experts.
-	OnMachine func(ctx context.Context, model string, split bool, prompt string, maxTokens int) (*MachineRun, error)
+	OnMachine func(ctx context.Context, model string, split bool, prompt string, maxTokens int) (*Generation, error)
 
 	model string
 	rep   *BenchReport
 	want  []int32 // llama.cpp's tokens, which every run must give
-}
-
-// MachineRun is what a run on one machine gave.
-type MachineRun struct {
-	Tokens          []int32
-	TokensPerSecond float64
-	PerTokenMs      []float64
 }
 
 // benchGen is what one run gave, whichever way it ran.
@@ -177,14 +169,9 @@ func (b *Bench) prepare(modelPath, out string) (cleanup func(), err error) {
 		cleanup = func() { os.RemoveAll(tmp) }
 		modelPath = filepath.Join(tmp, "bench.gguf")
 		b.Log.Info("generating the bench model", "path", modelPath)
-		var buf bytes.Buffer
-		if err := model.Generate(&buf, model.Presets["bench"], model.Q8_0, 3); err != nil {
+		if err := writeBenchModel(modelPath); err != nil {
 			cleanup()
-			return nil, fmt.Errorf("bench model: %w", err)
-		}
-		if err := os.WriteFile(modelPath, buf.Bytes(), 0o644); err != nil {
-			cleanup()
-			return nil, fmt.Errorf("bench model: %w", err)
+			return nil, err
 		}
 		b.rep.Model = "bench preset, q8_0, seed 3"
 	}
@@ -198,6 +185,23 @@ func (b *Bench) prepare(modelPath, out string) (cleanup func(), err error) {
 	b.rep.Params = fmt.Sprintf("%d layers, %d experts (top %d), embd %d, ff %d", p.GetLayers(), p.GetExperts(), p.GetExpertsUsed(),
 		p.GetEmbd(), p.GetFf())
 	return cleanup, nil
+}
+
+// writeBenchModel generates the bench preset (about 1 GiB) straight into
+// path.
+func writeBenchModel(path string) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return fmt.Errorf("bench model: %w", err)
+	}
+	if err := model.Generate(f, model.Presets["bench"], model.Q8_0, 3); err != nil {
+		f.Close()
+		return fmt.Errorf("bench model: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("bench model: %w", err)
+	}
+	return nil
 }
 
 // onMachine runs the model in llama.cpp and split, in this process.

@@ -226,7 +226,7 @@ func (t *Netns) WaitHealthy(ctx context.Context, r *Run) error {
 	start := time.Now()
 	hctx, cancel := context.WithTimeout(ctx, r.S.Timeout)
 	defer cancel()
-	err := waitUntil(hctx, func() error {
+	err := waitFor(hctx, 200*time.Millisecond, func() error {
 		if err := r.Net.Refresh(hctx); err != nil {
 			return err
 		}
@@ -265,7 +265,7 @@ func (t *Netns) Settle(ctx context.Context, r *Run) error {
 	gating := t.Gating()
 	pctx, cancel := context.WithTimeout(ctx, 45*time.Second)
 	defer cancel()
-	err := waitUntil(pctx, func() error {
+	err := waitFor(pctx, 200*time.Millisecond, func() error {
 		if err := r.Net.Refresh(pctx); err != nil {
 			return err
 		}
@@ -300,17 +300,6 @@ func (t *Netns) bootAddr(r *Run) string {
 	return fmt.Sprintf("/ip4/%s/tcp/4001/p2p/%s", t.net.Publics[0].IP, r.Net.Processes()[0].Status.PeerID)
 }
 
-// generation is the part of `neurod generate --json` a netns run reads.
-type generation struct {
-	Tokens          []int32   `json:"tokens"`
-	Text            string    `json:"text"`
-	PromptTokens    int       `json:"prompt_tokens"`
-	TokensPerSecond float64   `json:"tokens_per_second"`
-	PerTokenMs      []float64 `json:"per_token_ms"`
-	FinishReason    string    `json:"finish_reason"`
-	Stats           *Stats    `json:"stats"`
-}
-
 // Ask implements Topology: `neurod generate --network` from the gating
 // node's home, so that the client's traffic crosses its NAT too.
 func (t *Netns) Ask(ctx context.Context, r *Run) error {
@@ -324,7 +313,7 @@ func (t *Netns) Ask(ctx context.Context, r *Run) error {
 	if err != nil {
 		return fmt.Errorf("generate from the gating node's home: %w: %s", err, strings.TrimSpace(gerr.String()))
 	}
-	var gen generation
+	var gen Generation
 	if err := json.Unmarshal(out, &gen); err != nil {
 		return fmt.Errorf("generate: %w", err)
 	}

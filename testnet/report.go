@@ -198,6 +198,26 @@ type Place struct {
 
 // parseNATs expands --nat: one kind for every home, or one per home.
 
+// Generation is one generation as `neurod generate --json` prints it: the
+// netns testnet reads it back from the generate it runs in the gating
+// node's home, and Bench gets the on-machine runs in it.
+type Generation struct {
+	Tokens       []int32 `json:"tokens"`
+	Text         string  `json:"text"`
+	PromptTokens int     `json:"prompt_tokens"`
+	// TokensPerSecond counts generated tokens over the generation's wall
+	// time (prompt included).
+	TokensPerSecond float64 `json:"tokens_per_second"`
+	// PerTokenMs is each token's latency (the first includes the prompt);
+	// with --network as the client saw it. Gating is the gating node that
+	// answered (--network) and FinishReason why the generation ended.
+	PerTokenMs   []float64 `json:"per_token_ms"`
+	Gating       string    `json:"gating,omitempty"`
+	FinishReason string    `json:"finish_reason,omitempty"`
+	// Stats (--network) are the gating node's measurements of it.
+	Stats *Stats `json:"stats,omitempty"`
+}
+
 // GenerationStats is what the gating node measured of a generation, with
 // the per-token latency the client saw (the first token, which carries the
 // prompt, is left out of the percentiles).

@@ -400,18 +400,3 @@ func stopNetwork(nw *Network, log *slog.Logger) []Exit {
 
 // genesisPath is where a run's chain genesis is written.
 func (r *Run) genesisPath() string { return filepath.Join(r.Dir, "genesis.json") }
-
-// waitUntil polls check every 200 ms until it passes or ctx ends.
-func waitUntil(ctx context.Context, check func() error) error {
-	for {
-		err := check()
-		if err == nil {
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return err
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
-}

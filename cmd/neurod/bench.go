@@ -142,16 +142,11 @@ func (f *benchFlags) bench(cmd *cobra.Command, g *globalFlags) (*testnet.Bench, 
 	}
 	b := &testnet.Bench{Log: log, Timeout: f.timeout, MaxTokens: f.maxTokens, Binary: bin,
 		PlacementRTT: f.placement, PlacementFar: f.placementFar, PlacementJitter: f.jitter,
-		OnMachine: func(ctx context.Context, model string, split bool, prompt string, maxTokens int) (*testnet.MachineRun, error) {
-			local, sp := model, ""
+		OnMachine: func(ctx context.Context, model string, split bool, prompt string, maxTokens int) (*testnet.Generation, error) {
 			if split {
-				local, sp = "", model
+				return generateOnMachine(ctx, "", model, prompt, maxTokens, 0, 0)
 			}
-			out, err := generateOnMachine(ctx, local, sp, prompt, maxTokens, 0, 0)
-			if err != nil {
-				return nil, err
-			}
-			return &testnet.MachineRun{Tokens: out.Tokens, TokensPerSecond: out.TokensPerSecond, PerTokenMs: out.PerTokenMs}, nil
+			return generateOnMachine(ctx, model, "", prompt, maxTokens, 0, 0)
 		}}
 	if b.NetnsErr = errors.New("--no-netns"); !f.noNetns {
 		b.NetnsErr = netns.Available()

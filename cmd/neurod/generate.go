@@ -17,24 +17,6 @@ import (
 	"github.com/neuro-p2p/neuro/testnet"
 )
 
-// generateOutput is the JSON of `neurod generate --json`.
-type generateOutput struct {
-	Tokens       []int32 `json:"tokens"`
-	Text         string  `json:"text"`
-	PromptTokens int     `json:"prompt_tokens"`
-	// TokensPerSecond counts generated tokens over the generation's wall
-	// time (prompt included).
-	TokensPerSecond float64 `json:"tokens_per_second"`
-	// PerTokenMs is each token's latency (the first includes the prompt);
-	// with --network as the client saw it. Gating is the gating node that
-	// answered (--network) and FinishReason why the generation ended.
-	PerTokenMs   []float64 `json:"per_token_ms"`
-	Gating       string    `json:"gating,omitempty"`
-	FinishReason string    `json:"finish_reason,omitempty"`
-	// Stats (--network) are the gating node's measurements of it.
-	Stats *testnet.Stats `json:"stats,omitempty"`
-}
-
 // generateLong is `neurod generate --help`.
 const generateLong = `generate runs a prompt through a model and prints the continuation, picking
 the most likely token at each step (greedy decoding).
@@ -146,7 +128,7 @@ func (gf *generateFlags) register(f *pflag.FlagSet) {
 // generateOnMachine answers a prompt greedily on this machine: the whole
 // GGUF in llama.cpp (local), or the gating compute and in-process experts
 // from the shards (split).
-func generateOnMachine(ctx context.Context, local, split, prompt string, maxTokens, ctxSize, threads int) (*generateOutput, error) {
+func generateOnMachine(ctx context.Context, local, split, prompt string, maxTokens, ctxSize, threads int) (*testnet.Generation, error) {
 	var (
 		g     *ggml.Generation
 		start time.Time
@@ -172,7 +154,7 @@ func generateOnMachine(ctx context.Context, local, split, prompt string, maxToke
 			return nil, fmt.Errorf("generate: %w", err)
 		}
 	}
-	out := &generateOutput{Tokens: g.Tokens, Text: g.Text, PromptTokens: len(g.Prompt),
+	out := &testnet.Generation{Tokens: g.Tokens, Text: g.Text, PromptTokens: len(g.Prompt),
 		TokensPerSecond: float64(len(g.Tokens)) / time.Since(start).Seconds(), PerTokenMs: []float64{}}
 	for _, d := range g.Steps[:len(g.Tokens)] {
 		out.PerTokenMs = append(out.PerTokenMs, float64(d.Microseconds())/1000)

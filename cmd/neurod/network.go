@@ -82,7 +82,7 @@ func streamGeneration(cmd *cobra.Command, c *client.Client, req client.Request, 
 		return fmt.Errorf("generate: %w", err)
 	}
 	defer s.Close()
-	out := generateOutput{Tokens: []int32{}, PromptTokens: s.PromptTokens(), PerTokenMs: []float64{}, Gating: s.Gating().String()}
+	out := testnet.Generation{Tokens: []int32{}, PromptTokens: s.PromptTokens(), PerTokenMs: []float64{}, Gating: s.Gating().String()}
 	if !asJSON {
 		fmt.Fprint(cmd.OutOrStdout(), req.Prompt)
 	}
