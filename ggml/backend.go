@@ -7,14 +7,17 @@ import (
 
 // Backend is the ggml compute backend: experts, the gating compute and
 // llama.cpp's tokenizer. The binary hands it to the node at its
-// composition root; its zero value is ready to use.
-type Backend struct{}
+// composition root; its zero value is ready to use and computes on the CPU.
+type Backend struct {
+	// Device is where experts and the gating compute run (SelectDevice).
+	Device Device
+}
 
 var _ moe.Backend = Backend{}
 
 // NewExpert implements moe.ExpertLoader.
-func (Backend) NewExpert(w moe.ExpertWeights, o moe.ExpertOptions) (moe.Expert, error) {
-	e, err := NewExpert(w, o)
+func (b Backend) NewExpert(w moe.ExpertWeights, o moe.ExpertOptions) (moe.Expert, error) {
+	e, err := NewExpertOn(b.Device, w, o)
 	if err != nil {
 		return nil, err
 	}
@@ -22,8 +25,8 @@ func (Backend) NewExpert(w moe.ExpertWeights, o moe.ExpertOptions) (moe.Expert, 
 }
 
 // NewGating implements moe.GatingLoader.
-func (Backend) NewGating(hp moe.Hparams, shard *model.Shard, threads int) (moe.Gating, error) {
-	g, err := NewGating(hp, shard, threads)
+func (b Backend) NewGating(hp moe.Hparams, shard *model.Shard, threads int) (moe.Gating, error) {
+	g, err := NewGatingOn(b.Device, hp, shard, threads)
 	if err != nil {
 		return nil, err
 	}

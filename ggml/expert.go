@@ -35,6 +35,12 @@ type Expert struct {
 // own dtype of ExpertDTypes, as quantized files mix them (Q4_K_M keeps
 // gate and up in Q4_K and down in Q6_K in about half the layers).
 func NewExpert(w moe.ExpertWeights, o moe.ExpertOptions) (*Expert, error) {
+	return NewExpertOn(Device{}, w, o)
+}
+
+// NewExpertOn is NewExpert on device dev (the zero Device: the CPU): the
+// weights are uploaded once and every batch runs there.
+func NewExpertOn(dev Device, w moe.ExpertWeights, o moe.ExpertOptions) (*Expert, error) {
 	if err := w.Check(); err != nil {
 		return nil, err
 	}
@@ -60,9 +66,9 @@ func NewExpert(w moe.ExpertWeights, o moe.ExpertOptions) (*Expert, error) {
 	var errbuf [256]C.char
 	c := C.neuro_expert_new(C.int(embd), C.int(ff), C.int(w.Gate.Type), C.int(w.Up.Type), C.int(w.Down.Type),
 		unsafe.Pointer(&w.Gate.Data[0]), unsafe.Pointer(&w.Up.Data[0]), unsafe.Pointer(&w.Down.Data[0]),
-		C.int(o.Threads), C.int(o.MaxBatch), &errbuf[0], C.size_t(len(errbuf)))
+		dev.index(), C.int(o.Threads), C.int(o.MaxBatch), &errbuf[0], C.size_t(len(errbuf)))
 	if c == nil {
-		return nil, fmt.Errorf("expert: %s", C.GoString(&errbuf[0]))
+		return nil, fmt.Errorf("expert on %s: %s", dev.Spec(), C.GoString(&errbuf[0]))
 	}
 	return &Expert{c: c, embd: embd, ff: ff, maxBatch: o.MaxBatch, dtype: w.Gate.Type}, nil
 }

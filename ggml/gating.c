@@ -2,6 +2,7 @@
 // llama.cpp's llm_build_llama, build_attn (KV cache, no flash attention)
 // and build_moe_ffn (softmax router, top-k, normalised weights) build it,
 // so that a split forward pass reproduces llama.cpp's arithmetic.
+#include "exec.h"
 #include "neuro.h"
 
 #include <math.h>
@@ -29,14 +30,13 @@ struct gating_layer {
 
 struct neuro_gating {
     neuro_hparams hp;
-    ggml_backend_t backend;
+    neuro_exec x;
     struct ggml_context * wctx;
     ggml_backend_buffer_t wbuf;
     struct ggml_tensor * tok_embd;
     struct ggml_tensor * output_norm;
     struct ggml_tensor * output;
     struct gating_layer * layers;
-    ggml_gallocr_t galloc;
     size_t meta_size;
     void * meta;
 };
@@ -71,17 +71,16 @@ void neuro_gating_free(neuro_gating * g) {
     if (g == NULL) {
         return;
     }
-    if (g->galloc) ggml_gallocr_free(g->galloc);
     if (g->wbuf) ggml_backend_buffer_free(g->wbuf);
     if (g->wctx) ggml_free(g->wctx);
-    if (g->backend) ggml_backend_free(g->backend);
+    exec_free(&g->x);
     free(g->layers);
     free(g->meta);
     free(g);
 }
 
 neuro_gating * neuro_gating_new(const neuro_hparams * hp, const neuro_weight * ws, int n_ws,
-                                int n_threads, char * err, size_t err_len) {
+                                int dev, int n_threads, char * err, size_t err_len) {
     if (hp->n_layer < 1 || hp->n_layer > NEURO_MAX_LAYERS) {
         snprintf(err, err_len, "%d layers", hp->n_layer);
         return NULL;
@@ -93,14 +92,13 @@ neuro_gating * neuro_gating_new(const neuro_hparams * hp, const neuro_weight * w
     }
     g->hp = *hp;
     g->layers = calloc(hp->n_layer, sizeof(struct gating_layer));
-    g->backend = ggml_backend_cpu_init();
-    struct ggml_threadpool * tp = neuro_pool(n_threads);
-    if (g->layers == NULL || g->backend == NULL || tp == NULL) {
-        snprintf(err, err_len, "ggml CPU backend init failed");
+    if (g->layers == NULL) {
+        snprintf(err, err_len, "out of memory");
         goto fail;
     }
-    ggml_backend_cpu_set_n_threads(g->backend, n_threads);
-    ggml_backend_cpu_set_threadpool(g->backend, tp);
+    if (!exec_init(&g->x, dev, n_threads, GATING_MAX_NODES, err, err_len)) {
+        goto fail;
+    }
 
     struct ggml_init_params wp = { (size_t) (8 + 8 * hp->n_layer) * ggml_tensor_overhead(), NULL, true };
     g->wctx = ggml_init(wp);
@@ -129,11 +127,13 @@ neuro_gating * neuro_gating_new(const neuro_hparams * hp, const neuro_weight * w
         WEIGHT(l->gate_inp, "blk.%d.ffn_gate_inp.weight", il);
     }
 #undef WEIGHT
-    g->wbuf = ggml_backend_alloc_ctx_tensors(g->wctx, g->backend);
+    g->wbuf = ggml_backend_alloc_ctx_tensors(g->wctx, g->x.backend);
     if (g->wbuf == NULL) {
-        snprintf(err, err_len, "allocating the gating weights failed");
+        snprintf(err, err_len, "allocating the gating weights on %s failed", ggml_backend_name(g->x.backend));
         goto fail;
     }
+    // Weights: the scheduler runs each op where its weights are.
+    ggml_backend_buffer_set_usage(g->wbuf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
     for (struct ggml_tensor * t = ggml_get_first_tensor(g->wctx); t != NULL; t = ggml_get_next_tensor(g->wctx, t)) {
         for (int i = 0; i < n_ws; i++) {
             if (strcmp(ws[i].name, ggml_get_name(t)) == 0) {
@@ -144,8 +144,7 @@ neuro_gating * neuro_gating_new(const neuro_hparams * hp, const neuro_weight * w
     }
     g->meta_size = GATING_MAX_NODES * ggml_tensor_overhead() + ggml_graph_overhead_custom(GATING_MAX_NODES, false);
     g->meta = malloc(g->meta_size);
-    g->galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(g->backend));
-    if (g->meta == NULL || g->galloc == NULL) {
+    if (g->meta == NULL) {
         snprintf(err, err_len, "out of memory");
         goto fail;
     }
@@ -188,9 +187,9 @@ neuro_session * neuro_session_new(neuro_gating * g, int n_ctx, char * err, size_
         s->k[il] = ggml_new_tensor_2d(s->kvctx, GGML_TYPE_F16, n_embd_gqa, n_ctx);
         s->v[il] = ggml_new_tensor_2d(s->kvctx, GGML_TYPE_F16, n_embd_gqa, n_ctx);
     }
-    s->kvbuf = ggml_backend_alloc_ctx_tensors(s->kvctx, g->backend);
+    s->kvbuf = ggml_backend_alloc_ctx_tensors(s->kvctx, g->x.backend);
     if (s->kvbuf == NULL) {
-        snprintf(err, err_len, "allocating a KV cache of %d tokens failed", n_ctx);
+        snprintf(err, err_len, "allocating a KV cache of %d tokens on %s failed", n_ctx, ggml_backend_name(g->x.backend));
         goto fail;
     }
     ggml_backend_buffer_clear(s->kvbuf, 0);
@@ -207,14 +206,14 @@ static struct ggml_context * graph_ctx(neuro_gating * g) {
 
 // run allocates and computes gf after set_inputs has filled its inputs.
 static int run(neuro_gating * g, struct ggml_cgraph * gf) {
-    if (!ggml_gallocr_alloc_graph(g->galloc, gf)) {
+    if (!exec_alloc(&g->x, gf)) {
         return 3;
     }
     return 0;
 }
 
 static int compute(neuro_gating * g, struct ggml_cgraph * gf) {
-    return ggml_backend_graph_compute(g->backend, gf) == GGML_STATUS_SUCCESS ? 0 : 4;
+    return exec_compute(&g->x, gf);
 }
 
 static struct ggml_tensor * rms_norm(struct ggml_context * ctx, struct ggml_tensor * x, struct ggml_tensor * w, float eps) {

@@ -32,6 +32,13 @@ type Gating struct {
 // NewGating copies the gating shard's tensors into ggml memory, checking
 // each against the shape the hyper-parameters imply.
 func NewGating(hp moe.Hparams, shard *model.Shard, threads int) (*Gating, error) {
+	return NewGatingOn(Device{}, hp, shard, threads)
+}
+
+// NewGatingOn is NewGating on device dev (the zero Device: the CPU): the
+// weights and every session's KV cache live there and each layer's graph
+// runs there, with the CPU only for ops the device lacks.
+func NewGatingOn(dev Device, hp moe.Hparams, shard *model.Shard, threads int) (*Gating, error) {
 	if threads <= 0 || threads > poolThreads {
 		threads = poolThreads
 	}
@@ -102,9 +109,9 @@ func NewGating(hp moe.Hparams, shard *model.Shard, threads int) (*Gating, error)
 	defer computeMu.Unlock()
 	C.neuro_pool(C.int(poolThreads))
 	var errbuf [256]C.char
-	c := C.neuro_gating_new(&chp, &ws[0], C.int(len(ws)), C.int(threads), &errbuf[0], C.size_t(len(errbuf)))
+	c := C.neuro_gating_new(&chp, &ws[0], C.int(len(ws)), dev.index(), C.int(threads), &errbuf[0], C.size_t(len(errbuf)))
 	if c == nil {
-		return nil, fmt.Errorf("gating compute: %s", C.GoString(&errbuf[0]))
+		return nil, fmt.Errorf("gating compute on %s: %s", dev.Spec(), C.GoString(&errbuf[0]))
 	}
 	return &Gating{c: c, hp: hp}, nil
 }

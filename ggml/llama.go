@@ -2,6 +2,7 @@ package ggml
 
 /*
 #include <stdlib.h>
+#include "ggml-backend.h"
 #include "llama.h"
 */
 import "C"
@@ -25,18 +26,23 @@ type Llama struct {
 	vocab  *C.struct_llama_vocab
 	nVocab int
 	path   string
+	dev    Device
 }
 
 // LoadLlama loads the model at path on the CPU. The file is checked with
 // neuro's own GGUF reader first, so that a bad file gets an error naming
 // what is wrong rather than llama.cpp's log.
-func LoadLlama(path string) (*Llama, error) { return loadLlama(path, false) }
+func LoadLlama(path string) (*Llama, error) { return loadLlama(Device{}, path, false) }
+
+// LoadLlamaOn loads the model at path with every layer and the output head
+// on device dev (the zero Device: the CPU, with no device offload at all).
+func LoadLlamaOn(dev Device, path string) (*Llama, error) { return loadLlama(dev, path, false) }
 
 // LoadVocab loads only the tokenizer of the GGUF at path (a gating shard
 // carries the model's whole tokenizer).
-func LoadVocab(path string) (*Llama, error) { return loadLlama(path, true) }
+func LoadVocab(path string) (*Llama, error) { return loadLlama(Device{}, path, true) }
 
-func loadLlama(path string, vocabOnly bool) (*Llama, error) {
+func loadLlama(dev Device, path string, vocabOnly bool) (*Llama, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("load %s: %w", path, err)
@@ -53,13 +59,23 @@ func loadLlama(path string, vocabOnly bool) (*Llama, error) {
 	params := C.llama_model_default_params()
 	params.n_gpu_layers = 0
 	params.vocab_only = C.bool(vocabOnly)
+	// A NULL-terminated device list: empty for the CPU (no offload to a
+	// GPU backend that happens to be loaded), else just dev.
+	devs := (*[2]C.ggml_backend_dev_t)(C.calloc(2, C.size_t(unsafe.Sizeof(C.ggml_backend_dev_t(nil)))))
+	defer C.free(unsafe.Pointer(devs))
+	if !dev.CPU() {
+		devs[0] = C.ggml_backend_dev_get(C.size_t(dev.Index))
+		params.n_gpu_layers = 999
+		params.split_mode = C.LLAMA_SPLIT_MODE_NONE
+	}
+	params.devices = &devs[0]
 	cpath := C.CString(path)
 	defer C.free(unsafe.Pointer(cpath))
 	m := C.llama_model_load_from_file(cpath, params)
 	if m == nil {
-		return nil, fmt.Errorf("load %s: llama.cpp could not load the model (see its log at debug level)", path)
+		return nil, fmt.Errorf("load %s on %s: llama.cpp could not load the model (see its log at debug level)", path, dev.Spec())
 	}
-	l := &Llama{m: m, vocab: C.llama_model_get_vocab(m), path: path}
+	l := &Llama{m: m, vocab: C.llama_model_get_vocab(m), path: path, dev: dev}
 	l.nVocab = int(C.llama_vocab_n_tokens(l.vocab))
 	return l, nil
 }
@@ -167,9 +183,20 @@ func (l *Llama) NewContext(o ContextOptions) (*LlamaContext, error) {
 }
 
 // Close frees the context. It is safe to call more than once.
+//
+// On CUDA the context is left allocated instead: in the pinned module,
+// ollama's patch to ggml_backend_sched_free calls each backend's reset,
+// and llama_context destroys its backends before its scheduler, so
+// llama_free reads a freed CUDA backend and crashes the process (seen on an
+// H200: ggml_backend_cuda_reset <- ggml_backend_sched_free <-
+// ~llama_context). Only the llama.cpp reference path (generate --local,
+// tests and benchmarks) makes such contexts; the node's own compute frees
+// its scheduler first (exec_free).
 func (c *LlamaContext) Close() error {
 	if c.c != nil {
-		C.llama_free(c.c)
+		if c.l.dev.Backend != "CUDA" {
+			C.llama_free(c.c)
+		}
 		c.c = nil
 	}
 	return nil

@@ -1,3 +1,4 @@
+#include "exec.h"
 #include "neuro.h"
 
 #include <stdio.h>
@@ -31,13 +32,12 @@ struct ggml_threadpool * neuro_pool(int n_threads) {
 
 struct neuro_expert {
     int n_embd, n_ff, max_batch;
-    ggml_backend_t backend;
+    neuro_exec x;
     struct ggml_context * wctx;
     ggml_backend_buffer_t wbuf;
     struct ggml_tensor * gate;
     struct ggml_tensor * up;
     struct ggml_tensor * down;
-    ggml_gallocr_t galloc;
     size_t meta_size;
     void * meta;
     int32_t * zeros; // expert ids of a batch: all 0
@@ -75,10 +75,9 @@ void neuro_expert_free(neuro_expert * e) {
     if (e == NULL) {
         return;
     }
-    if (e->galloc) ggml_gallocr_free(e->galloc);
     if (e->wbuf) ggml_backend_buffer_free(e->wbuf);
     if (e->wctx) ggml_free(e->wctx);
-    if (e->backend) ggml_backend_free(e->backend);
+    exec_free(&e->x);
     free(e->meta);
     free(e->zeros);
     free(e);
@@ -86,7 +85,7 @@ void neuro_expert_free(neuro_expert * e) {
 
 neuro_expert * neuro_expert_new(int n_embd, int n_ff, int type_gate, int type_up, int type_down,
                                 const void * gate, const void * up, const void * down,
-                                int n_threads, int max_batch, char * err, size_t err_len) {
+                                int dev, int n_threads, int max_batch, char * err, size_t err_len) {
     neuro_expert * e = calloc(1, sizeof(*e));
     if (e == NULL) {
         snprintf(err, err_len, "out of memory");
@@ -96,18 +95,9 @@ neuro_expert * neuro_expert_new(int n_embd, int n_ff, int type_gate, int type_up
     e->n_ff = n_ff;
     e->max_batch = max_batch;
 
-    e->backend = ggml_backend_cpu_init();
-    if (e->backend == NULL) {
-        snprintf(err, err_len, "ggml CPU backend init failed");
+    if (!exec_init(&e->x, dev, n_threads, EXPERT_MAX_NODES, err, err_len)) {
         goto fail;
     }
-    struct ggml_threadpool * tp = neuro_pool(n_threads);
-    if (tp == NULL) {
-        snprintf(err, err_len, "ggml threadpool of %d threads failed", n_threads);
-        goto fail;
-    }
-    ggml_backend_cpu_set_n_threads(e->backend, n_threads);
-    ggml_backend_cpu_set_threadpool(e->backend, tp);
 
     struct ggml_init_params wp = { 4 * ggml_tensor_overhead(), NULL, true };
     e->wctx = ggml_init(wp);
@@ -118,12 +108,14 @@ neuro_expert * neuro_expert_new(int n_embd, int n_ff, int type_gate, int type_up
     e->gate = ggml_new_tensor_3d(e->wctx, (enum ggml_type) type_gate, n_embd, n_ff, 1);
     e->up = ggml_new_tensor_3d(e->wctx, (enum ggml_type) type_up, n_embd, n_ff, 1);
     e->down = ggml_new_tensor_3d(e->wctx, (enum ggml_type) type_down, n_ff, n_embd, 1);
-    e->wbuf = ggml_backend_alloc_ctx_tensors(e->wctx, e->backend);
+    e->wbuf = ggml_backend_alloc_ctx_tensors(e->wctx, e->x.backend);
     if (e->wbuf == NULL) {
-        snprintf(err, err_len, "allocating %zu bytes of expert weights failed",
-                 ggml_nbytes(e->gate) + ggml_nbytes(e->up) + ggml_nbytes(e->down));
+        snprintf(err, err_len, "allocating %zu bytes of expert weights on %s failed",
+                 ggml_nbytes(e->gate) + ggml_nbytes(e->up) + ggml_nbytes(e->down), ggml_backend_name(e->x.backend));
         goto fail;
     }
+    // Weights: the scheduler runs each op where its weights are.
+    ggml_backend_buffer_set_usage(e->wbuf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
     ggml_backend_tensor_set(e->gate, gate, 0, ggml_nbytes(e->gate));
     ggml_backend_tensor_set(e->up, up, 0, ggml_nbytes(e->up));
     ggml_backend_tensor_set(e->down, down, 0, ggml_nbytes(e->down));
@@ -135,12 +127,11 @@ neuro_expert * neuro_expert_new(int n_embd, int n_ff, int type_gate, int type_up
         snprintf(err, err_len, "out of memory");
         goto fail;
     }
-    e->galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(e->backend));
     struct ggml_context * ctx;
     struct ggml_tensor * x;
     struct ggml_tensor * out;
     struct ggml_cgraph * gf = build_graph(e, max_batch, &ctx, &x, &out);
-    if (gf == NULL || !ggml_gallocr_reserve(e->galloc, gf)) {
+    if (gf == NULL || !exec_reserve(&e->x, gf)) {
         snprintf(err, err_len, "reserving compute memory for a batch of %d failed", max_batch);
         if (gf) ggml_free(ctx);
         goto fail;
@@ -164,7 +155,7 @@ int neuro_expert_compute(neuro_expert * e, const float * xdata, int n, float * o
         return 2;
     }
     int rc = 0;
-    if (!ggml_gallocr_alloc_graph(e->galloc, gf)) {
+    if (!exec_alloc(&e->x, gf)) {
         rc = 3;
         goto done;
     }
@@ -175,7 +166,7 @@ int neuro_expert_compute(neuro_expert * e, const float * xdata, int n, float * o
         goto done;
     }
     ggml_backend_tensor_set(ids, e->zeros, 0, ggml_nbytes(ids));
-    if (ggml_backend_graph_compute(e->backend, gf) != GGML_STATUS_SUCCESS) {
+    if (exec_compute(&e->x, gf) != 0) {
         rc = 4;
         goto done;
     }

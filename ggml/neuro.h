@@ -18,8 +18,25 @@ void neuro_log_install(void);
 // oversubscribed and workers stay warm between graphs.
 struct ggml_threadpool * neuro_pool(int n_threads);
 
+// Devices (device.c). neuro_backend_load opens a GPU backend library
+// (libggml-vulkan.so, libggml-cuda.so) and registers its devices.
+int neuro_backend_load(const char * path, char * err, size_t err_len);
+
+// One device of ggml's registry (the CPU, then each loaded backend's).
+typedef struct {
+    char   name[64];         // "CPU", "Vulkan0", "CUDA0"
+    char   description[256]; // the device's own name
+    char   backend[32];      // "CPU", "Vulkan", "CUDA"
+    size_t memory_free, memory_total;
+    int    type;             // enum ggml_backend_dev_type
+} neuro_device;
+
+int neuro_device_count(void);
+int neuro_device_info(int i, neuro_device * out);
+
 // neuro_expert computes one MoE expert's feed-forward block,
-// down(silu(gate x) * (up x)), on ggml's CPU backend. Not thread-safe.
+// down(silu(gate x) * (up x)), on device dev (-1: the CPU). Not
+// thread-safe.
 typedef struct neuro_expert neuro_expert;
 
 // neuro_expert_new copies the three weight matrices (each of its own ggml
@@ -29,7 +46,7 @@ typedef struct neuro_expert neuro_expert;
 // writes a message to err.
 neuro_expert * neuro_expert_new(int n_embd, int n_ff, int type_gate, int type_up, int type_down,
                                 const void * gate, const void * up, const void * down,
-                                int n_threads, int max_batch, char * err, size_t err_len);
+                                int dev, int n_threads, int max_batch, char * err, size_t err_len);
 
 // neuro_expert_compute reads n_tokens rows of n_embd floats from x and
 // writes n_tokens rows of n_embd floats to out. Returns 0 on success.
@@ -64,8 +81,9 @@ typedef struct neuro_gating neuro_gating;
 // llama.cpp keeps it without flash attention).
 typedef struct neuro_session neuro_session;
 
+// The weights, KV caches and graphs live on device dev (-1: the CPU).
 neuro_gating * neuro_gating_new(const neuro_hparams * hp, const neuro_weight * ws, int n_ws,
-                                int n_threads, char * err, size_t err_len);
+                                int dev, int n_threads, char * err, size_t err_len);
 void neuro_gating_free(neuro_gating * g);
 
 neuro_session * neuro_session_new(neuro_gating * g, int n_ctx, char * err, size_t err_len);

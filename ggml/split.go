@@ -24,6 +24,12 @@ type SplitModel struct {
 // LoadSplit loads the split model in dir (verifying the manifest against
 // want, if defined, and every shard against its CID).
 func LoadSplit(dir string, want cid.Cid, threads int) (_ *SplitModel, err error) {
+	return LoadSplitOn(Device{}, dir, want, threads)
+}
+
+// LoadSplitOn is LoadSplit with the gating compute and every expert on
+// device dev.
+func LoadSplitOn(dev Device, dir string, want cid.Cid, threads int) (_ *SplitModel, err error) {
 	m, _, err := model.LoadManifest(dir, want)
 	if err != nil {
 		return nil, err
@@ -46,7 +52,7 @@ func LoadSplit(dir string, want cid.Cid, threads int) (_ *SplitModel, err error)
 	if sm.Vocab, err = LoadVocab(model.ShardPath(dir, c)); err != nil {
 		return nil, err
 	}
-	if sm.Gating, err = NewGating(hp, gs, threads); err != nil {
+	if sm.Gating, err = NewGatingOn(dev, hp, gs, threads); err != nil {
 		return nil, err
 	}
 	for _, ref := range m.GetExperts() {
@@ -54,7 +60,7 @@ func LoadSplit(dir string, want cid.Cid, threads int) (_ *SplitModel, err error)
 		if err != nil {
 			return nil, fmt.Errorf("expert %d:%d: %w", ref.GetLayer(), ref.GetExpert(), err)
 		}
-		e, err := moe.NewExpertFromShard(Backend{}, s, int(ref.GetLayer()), moe.ExpertOptions{Threads: threads})
+		e, err := moe.NewExpertFromShard(Backend{Device: dev}, s, int(ref.GetLayer()), moe.ExpertOptions{Threads: threads})
 		if err != nil {
 			return nil, fmt.Errorf("expert %d:%d: %w", ref.GetLayer(), ref.GetExpert(), err)
 		}

@@ -1,0 +1,239 @@
+package ggml
+
+/*
+#cgo LDFLAGS: -rdynamic
+#include <stdlib.h>
+#include "ggml-backend.h"
+#include "neuro.h"
+*/
+import "C"
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"unsafe"
+)
+
+// neurod computes on the CPU with the ggml compiled into it. GPU backends
+// are separate libraries (libggml-vulkan.so, libggml-cuda.so, built by
+// `make vulkan` and `make cuda`) that it opens at run time when present;
+// their ggml symbols bind to the binary's own (it is linked with
+// -rdynamic), so both sides share one ggml.
+
+// BackendsEnv names the folders (colon-separated) searched for GPU
+// backends, instead of the binary's folder and ../lib/neuro beside it.
+const BackendsEnv = "NEURO_BACKENDS"
+
+// gpuBackends are the GPU backends neuro knows, in the order auto prefers.
+var gpuBackends = []string{"cuda", "vulkan"}
+
+// Device is one compute device ggml sees.
+type Device struct {
+	Index       int    `json:"-"`
+	Name        string `json:"name"`        // "CPU", "Vulkan0", "CUDA0"
+	Description string `json:"description"` // the device's own name
+	Backend     string `json:"backend"`     // "CPU", "Vulkan", "CUDA"
+	Type        string `json:"type"`        // cpu, gpu, igpu or accel
+	MemoryFree  uint64 `json:"memory_free"`
+	MemoryTotal uint64 `json:"memory_total"`
+}
+
+// CPU is the CPU device, which every build has; the zero Device means it too.
+func (d Device) CPU() bool { return d.Name == "" || d.Backend == "CPU" }
+
+// Spec is the --device value that names d: cpu, vulkan:N or cuda:N.
+func (d Device) Spec() string {
+	if d.CPU() {
+		return "cpu"
+	}
+	b := strings.ToLower(d.Backend)
+	return b + ":" + strings.TrimPrefix(strings.ToLower(d.Name), b)
+}
+
+// index is d's index in ggml's registry, or -1 for the CPU.
+func (d Device) index() C.int {
+	if d.CPU() {
+		return -1
+	}
+	return C.int(d.Index)
+}
+
+var (
+	loadOnce   sync.Once
+	loaded     []string // backend libraries opened
+	loadErrs   error
+	searchDirs []string
+)
+
+// BackendDirs are the folders searched for GPU backends: $NEURO_BACKENDS,
+// else the binary's folder and ../lib/neuro beside it.
+func BackendDirs() []string {
+	if v, ok := os.LookupEnv(BackendsEnv); ok {
+		return filepath.SplitList(v)
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		return nil
+	}
+	dir := filepath.Dir(exe)
+	return []string{dir, filepath.Join(dir, "..", "lib", "neuro")}
+}
+
+// LoadBackends opens the GPU backend libraries found in BackendDirs, once
+// per process, and returns the paths it opened. A library that fails to
+// open is logged and reported in the error; the others still load.
+func LoadBackends() ([]string, error) {
+	loadOnce.Do(func() {
+		initBackend()
+		searchDirs = BackendDirs()
+		seen := map[string]bool{}
+		for _, name := range gpuBackends {
+			for _, dir := range searchDirs {
+				p := filepath.Join(dir, "libggml-"+name+".so")
+				if _, err := os.Stat(p); err != nil || seen[name] {
+					continue
+				}
+				seen[name] = true
+				cp := C.CString(p)
+				var errbuf [512]C.char
+				computeMu.Lock()
+				rc := C.neuro_backend_load(cp, &errbuf[0], C.size_t(len(errbuf)))
+				computeMu.Unlock()
+				C.free(unsafe.Pointer(cp))
+				if rc != 0 {
+					err := errors.New(C.GoString(&errbuf[0]))
+					slog.Warn("GPU backend not loaded", "path", p, "err", err)
+					loadErrs = errors.Join(loadErrs, err)
+					continue
+				}
+				loaded = append(loaded, p)
+			}
+		}
+	})
+	return loaded, loadErrs
+}
+
+// Devices lists the devices of the CPU and of every loaded backend, with
+// their memory now.
+func Devices() []Device {
+	initBackend()
+	computeMu.Lock()
+	defer computeMu.Unlock()
+	n := int(C.neuro_device_count())
+	out := make([]Device, 0, n)
+	for i := range n {
+		var d C.neuro_device
+		if C.neuro_device_info(C.int(i), &d) != 0 {
+			continue
+		}
+		out = append(out, Device{
+			Index: i, Name: C.GoString(&d.name[0]), Description: C.GoString(&d.description[0]),
+			Backend: C.GoString(&d.backend[0]), Type: devType(int(d._type)),
+			MemoryFree: uint64(d.memory_free), MemoryTotal: uint64(d.memory_total),
+		})
+	}
+	return out
+}
+
+func devType(t int) string {
+	switch t {
+	case C.GGML_BACKEND_DEVICE_TYPE_CPU:
+		return "cpu"
+	case C.GGML_BACKEND_DEVICE_TYPE_GPU:
+		return "gpu"
+	case C.GGML_BACKEND_DEVICE_TYPE_IGPU:
+		return "igpu"
+	default:
+		return "accel"
+	}
+}
+
+// SelectDevice resolves a --device value: cpu, vulkan:N, cuda:N, or auto
+// (the first CUDA device, else the first discrete or integrated Vulkan GPU,
+// else the CPU; a software Vulkan device such as lavapipe is never chosen
+// by auto). It never falls back: a device that is asked for and missing is
+// an error that says what is missing.
+func SelectDevice(spec string) (Device, error) {
+	spec = strings.ToLower(strings.TrimSpace(spec))
+	if spec == "" || spec == "cpu" {
+		return Device{Name: "CPU", Backend: "CPU", Type: "cpu"}, nil
+	}
+	_, loadErr := LoadBackends()
+	devs := Devices()
+	if spec == "auto" {
+		for _, b := range gpuBackends {
+			for _, d := range devs {
+				if strings.EqualFold(d.Backend, b) && (d.Type == "gpu" || d.Type == "igpu") && !software(d) {
+					return d, nil
+				}
+			}
+		}
+		for _, d := range devs {
+			if d.CPU() {
+				return d, nil
+			}
+		}
+		return Device{Name: "CPU", Backend: "CPU", Type: "cpu"}, nil
+	}
+	kind, num, ok := strings.Cut(spec, ":")
+	n, err := strconv.Atoi(num)
+	if !ok || err != nil || n < 0 || (kind != "vulkan" && kind != "cuda") {
+		return Device{}, fmt.Errorf("device %q: want auto, cpu, vulkan:N or cuda:N", spec)
+	}
+	var same []Device
+	for _, d := range devs {
+		if strings.EqualFold(d.Backend, kind) {
+			same = append(same, d)
+		}
+	}
+	label := map[string]string{"vulkan": "Vulkan", "cuda": "CUDA"}[kind]
+	if len(same) == 0 {
+		lib := "libggml-" + kind + ".so"
+		if !backendLoaded(kind) {
+			why := fmt.Sprintf("no %s backend: %s is not in %s (build it with `make %s`, or set %s)",
+				label, lib, strings.Join(searchDirs, ", "), kind, BackendsEnv)
+			if loadErr != nil && strings.Contains(loadErr.Error(), lib) {
+				why = fmt.Sprintf("the %s backend did not load: %v", label, loadErr)
+			}
+			return Device{}, fmt.Errorf("device %s: %s", spec, why)
+		}
+		hint := ""
+		if kind == "vulkan" {
+			hint = " (a CPU-type Vulkan device such as lavapipe is shown only with GGML_VK_VISIBLE_DEVICES=0)"
+		}
+		return Device{}, fmt.Errorf("device %s: the %s backend is loaded but sees no device%s", spec, label, hint)
+	}
+	want := fmt.Sprintf("%s%d", label, n)
+	for _, d := range same {
+		if d.Name == want {
+			return d, nil
+		}
+	}
+	names := make([]string, len(same))
+	for i, d := range same {
+		names[i] = d.Spec() + " " + d.Description
+	}
+	return Device{}, fmt.Errorf("device %s: the %s backend sees %d device(s): %s", spec, label, len(same), strings.Join(names, "; "))
+}
+
+func backendLoaded(kind string) bool {
+	for _, p := range loaded {
+		if filepath.Base(p) == "libggml-"+kind+".so" {
+			return true
+		}
+	}
+	return false
+}
+
+// software reports a device that emulates a GPU on the CPU (Mesa's
+// lavapipe, llvmpipe, SwiftShader): slower than the CPU backend itself.
+func software(d Device) bool {
+	s := strings.ToLower(d.Description)
+	return strings.Contains(s, "llvmpipe") || strings.Contains(s, "lavapipe") || strings.Contains(s, "swiftshader")
+}
