@@ -265,6 +265,7 @@ func (e *Engine) load(ctx context.Context, m *served) error {
 	m.sm, m.hp, m.manifest, m.dht = sm, hp, man, dp
 	m.remote = &RemoteExperts{Client: e.client, Model: m.cid, Embd: hp.Embd, Used: hp.ExpertsUsed,
 		DType: e.cfg.DType, CallTimeout: e.cfg.CallTimeout, Selector: e.sel, Validator: e.val, Metrics: e.cfg.Metrics,
+		WeightTypes: ExpertWeightTypes(man),
 		Advertised: func(p peer.ID) time.Duration {
 			info, ok := e.h.Peers().Get(p, time.Now())
 			if tps := info.Capacity.GetTokensPerSecond(); ok && tps > 0 {

@@ -26,6 +26,7 @@ import (
 
 	"github.com/neuro-p2p/neuro/expert"
 	"github.com/neuro-p2p/neuro/metrics"
+	"github.com/neuro-p2p/neuro/model"
 	"github.com/neuro-p2p/neuro/moe"
 	"github.com/neuro-p2p/neuro/neuropb"
 	"github.com/neuro-p2p/neuro/p2p"
@@ -92,8 +93,18 @@ type RemoteExperts struct {
 	Advertised func(peer.ID) time.Duration
 	// Metrics, if set, records each call's outcome and latency.
 	Metrics *metrics.Metrics
+	// WeightTypes, if set, gives an expert's tensor types (the manifest's),
+	// which set the validator's tolerance.
+	WeightTypes func(expert.Key) []model.DType
 
 	hedges, redispatches atomic.Int64
+}
+
+func (r *RemoteExperts) weightTypes(k expert.Key) []model.DType {
+	if r.WeightTypes == nil {
+		return nil
+	}
+	return r.WeightTypes(k)
 }
 
 // CallStats add up what a generation's expert calls cost.
@@ -398,7 +409,7 @@ func (r *RemoteExperts) call(ctx context.Context, cs callState, k expert.Key, in
 					if r.DType == neuropb.WireDType_WIRE_DTYPE_F16 {
 						sent = expert.DecodeFloats(expert.EncodeFloats(in, n, len(in)/max(n, 1), r.DType))
 					}
-					r.Validator.after(cs.checks, cs.epoch, cs.step, r.Model, k, sent, n, res.p, res.resp.Output, res.resp.Receipt, others, excluded,
+					r.Validator.after(cs.checks, cs.epoch, cs.step, r.Model, k, r.weightTypes(k), sent, n, res.p, res.resp.Output, res.resp.Receipt, others, excluded,
 						func(cctx context.Context, q peer.ID) ([]float32, *neuropb.UsageReceipt, error) {
 							cctx, cancel := context.WithTimeout(cctx, r.deadline(q, timeout))
 							defer cancel()

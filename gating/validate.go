@@ -14,12 +14,14 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/neuro-p2p/neuro/expert"
+	"github.com/neuro-p2p/neuro/model"
 	"github.com/neuro-p2p/neuro/neuropb"
 	"github.com/neuro-p2p/neuro/reputation"
 )
 
 // Tolerance is the relative L2 distance under which two results of the
-// same expert task agree (see reputation.Tolerance).
+// same expert task agree when its weight types are unknown (see
+// reputation.Tolerance; the validator uses reputation.ToleranceFor).
 const Tolerance = reputation.Tolerance
 
 // RelL2 is reputation.RelL2.
@@ -62,6 +64,8 @@ type Verdict struct {
 	// Receipt is the accused's signed receipt for the call, when it sent
 	// one: the evidence that it gave Wrong for Input.
 	Receipt *neuropb.UsageReceipt
+	// DTypes are the expert's tensor types, which set the tolerance.
+	DTypes []model.DType
 }
 
 // ValidatorConfig tunes a Validator and gives it its callbacks.
@@ -152,9 +156,13 @@ type LocalFunc func(ctx context.Context, model cid.Cid, k expert.Key, in []float
 // the two disagree, the local computation decides, or else the most
 // proven third provider. Providers that are new and unused, or excluded,
 // are probed now and then so that they can earn (back) their place.
-func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expert.Key, in []float32, n int, used peer.ID, out []float32,
-	receipt *neuropb.UsageReceipt, others, excluded []peer.ID, call checker) {
+//
+// weights are the expert's tensor types (the manifest's): they set the
+// tolerance (reputation.ToleranceFor), since honest devices differ by type.
+func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expert.Key, weights []model.DType, in []float32, n int,
+	used peer.ID, out []float32, receipt *neuropb.UsageReceipt, others, excluded []peer.ID, call checker) {
 	v.calls.Add(1)
+	tol := reputation.ToleranceFor(weights...)
 	local := func(bg context.Context) ([]float32, bool) {
 		if v.cfg.Local == nil {
 			return nil, false
@@ -175,7 +183,7 @@ func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expe
 			checks.bad(epoch, step)
 		}
 		if v.cfg.OnWrong != nil {
-			v.cfg.OnWrong(Verdict{Model: model, Key: k, Input: in, N: n, Accused: accused, Wrong: wrong, Agreeing: judges, Right: right, Receipt: rc})
+			v.cfg.OnWrong(Verdict{Model: model, Key: k, Input: in, N: n, Accused: accused, Wrong: wrong, Agreeing: judges, Right: right, Receipt: rc, DTypes: weights})
 		}
 	}
 
@@ -207,7 +215,7 @@ func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expe
 			if err != nil {
 				return
 			}
-			ok := RelL2(got, ref) <= Tolerance
+			ok := RelL2(got, ref) <= tol
 			// A verdict on a peer already excluded adds no news.
 			was := v.book.Excluded(x)
 			v.book.Validated(x, ok)
@@ -227,7 +235,7 @@ func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expe
 				return
 			}
 			v.checks.Add(1)
-			if RelL2(out, ref) <= Tolerance {
+			if RelL2(out, ref) <= tol {
 				v.book.Validated(used, true)
 				return
 			}
@@ -255,7 +263,7 @@ func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expe
 		if err != nil {
 			return // a failed check decides nothing; the call path scores failures
 		}
-		if RelL2(got, out) <= Tolerance {
+		if RelL2(got, out) <= tol {
 			v.book.Validated(used, true)
 			v.book.Validated(second, true)
 			return
@@ -273,7 +281,7 @@ func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expe
 		if !ok {
 			return
 		}
-		agreeUsed, agreeSecond := RelL2(dec, out) <= Tolerance, RelL2(dec, got) <= Tolerance
+		agreeUsed, agreeSecond := RelL2(dec, out) <= tol, RelL2(dec, got) <= tol
 		switch {
 		case agreeSecond && !agreeUsed:
 			v.book.Validated(used, false)
@@ -362,4 +370,18 @@ func (c *Checks) Wait(ctx context.Context) {
 	case <-done:
 	case <-ctx.Done():
 	}
+}
+
+// ExpertWeightTypes returns, for a model's manifest, each expert's tensor
+// types (gate, up and down, as its shard lists them), for the tolerance.
+func ExpertWeightTypes(man *neuropb.Manifest) func(expert.Key) []model.DType {
+	types := map[expert.Key][]model.DType{}
+	for _, ref := range man.GetExperts() {
+		var ts []model.DType
+		for _, t := range ref.GetShard().GetTensors() {
+			ts = append(ts, model.DType(t.GetDtype()))
+		}
+		types[expert.Key{Layer: int(ref.GetLayer()), Expert: int(ref.GetExpert())}] = ts
+	}
+	return func(k expert.Key) []model.DType { return types[k] }
 }

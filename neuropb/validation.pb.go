@@ -60,8 +60,13 @@ type Verdict struct {
 	// output digests shows that it gave accused_output for input. The ledger
 	// slashes only on a verdict that carries it.
 	AccusedReceipt *UsageReceipt `protobuf:"bytes,15,opt,name=accused_receipt,json=accusedReceipt,proto3" json:"accused_receipt,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// The ggml types of the expert's gate, up and down tensors, as the
+	// model's manifest lists them. They set how far two honest results may
+	// be apart (reputation.ToleranceFor): kernels of different devices
+	// differ by type. Absent: reputation.Tolerance.
+	WeightDtypes  []uint32 `protobuf:"varint,16,rep,packed,name=weight_dtypes,json=weightDtypes,proto3" json:"weight_dtypes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Verdict) Reset() {
@@ -199,11 +204,18 @@ func (x *Verdict) GetAccusedReceipt() *UsageReceipt {
 	return nil
 }
 
+func (x *Verdict) GetWeightDtypes() []uint32 {
+	if x != nil {
+		return x.WeightDtypes
+	}
+	return nil
+}
+
 var File_validation_proto protoreflect.FileDescriptor
 
 const file_validation_proto_rawDesc = "" +
 	"\n" +
-	"\x10validation.proto\x12\bneuro.v1\x1a\fexpert.proto\"\xa4\x04\n" +
+	"\x10validation.proto\x12\bneuro.v1\x1a\fexpert.proto\"\xc9\x04\n" +
 	"\aVerdict\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\fR\x05model\x12\x14\n" +
 	"\x05layer\x18\x02 \x01(\rR\x05layer\x12\x16\n" +
@@ -220,7 +232,8 @@ const file_validation_proto_rawDesc = "" +
 	"\x05judge\x18\f \x01(\fR\x05judge\x12\x17\n" +
 	"\aunix_ms\x18\r \x01(\x03R\x06unixMs\x12\x1c\n" +
 	"\tsignature\x18\x0e \x01(\fR\tsignature\x12?\n" +
-	"\x0faccused_receipt\x18\x0f \x01(\v2\x16.neuro.v1.UsageReceiptR\x0eaccusedReceiptB,Z*github.com/neuro-p2p/neuro/neuropb;neuropbb\x06proto3"
+	"\x0faccused_receipt\x18\x0f \x01(\v2\x16.neuro.v1.UsageReceiptR\x0eaccusedReceipt\x12#\n" +
+	"\rweight_dtypes\x18\x10 \x03(\rR\fweightDtypesB,Z*github.com/neuro-p2p/neuro/neuropb;neuropbb\x06proto3"
 
 var (
 	file_validation_proto_rawDescOnce sync.Once

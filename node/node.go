@@ -282,7 +282,7 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 			DType: dt, CallTimeout: time.Duration(cfg.Gating.CallTimeout), Book: book, Metrics: n.metrics, Compute: o.compute,
 			OnWrong: func(w gating.Verdict) {
 				n.verdicts.Report(verdict.Wrong{Task: reputation.Task{Model: w.Model, Layer: w.Key.Layer, Expert: w.Key.Expert,
-					Input: w.Input, N: w.N}, Accused: w.Accused, Output: w.Wrong, Agreeing: w.Agreeing, Right: w.Right, Receipt: w.Receipt})
+					Input: w.Input, N: w.N, DTypes: w.DTypes}, Accused: w.Accused, Output: w.Wrong, Agreeing: w.Agreeing, Right: w.Right, Receipt: w.Receipt})
 			}}
 		if n.ledger != nil {
 			if n.settler, err = ledger.NewSettler(n.ledger, ledger.SettlerConfig{OnSettled: n.web.settled}, n.log); err != nil {

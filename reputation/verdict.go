@@ -14,18 +14,68 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/neuro-p2p/neuro/model"
 	"github.com/neuro-p2p/neuro/neuropb"
 	"github.com/neuro-p2p/neuro/sign"
 )
 
 // Tolerance is the relative L2 distance under which two results of the
-// same expert task agree. Honest differences measured on this project's
-// machines (gating's TestToleranceSeparatesHonestFromCheap): 0 between
-// thread counts and between nodes (ggml computes each output row on one
-// thread), 2.1e-4 to 2.3e-4 from F16 on the wire; a node that computes in
-// Q4_0 instead of the shard's Q8_0 or F16 is 0.15 off. 1e-2 sits 40x above
-// the first and 15x below the second.
+// same expert task agree when the expert's weight types are not known (a
+// verdict without them). Honest differences measured on one device
+// (gating's TestToleranceSeparatesHonestFromCheap): 0 between thread counts
+// and between nodes (ggml computes each output row on one thread), 2.1e-4
+// to 2.3e-4 from F16 on the wire; a node that computes in Q4_0 instead of
+// the shard's Q8_0 or F16 is 0.15 off. 1e-2 sits 40x above the first and
+// 15x below the second. Across devices honest results differ more (see
+// ToleranceFor), so the validator uses ToleranceFor.
 const Tolerance = 1e-2
+
+// tolerances are ToleranceFor's table. Each is the geometric mean of the
+// largest honest difference measured between devices for that type and the
+// smallest difference a cheaper type substituted for it makes, on experts
+// of 256x512 weights uniform in ±0.1 and activations in ±1, at batch 1 and
+// 32 (ggml's TestDeviceExpertMatchesCPU; docs/gpu.md has every figure).
+// Devices: the CPU (any thread count), Vulkan on Mesa's lavapipe and on an
+// NVIDIA H200, CUDA on the H200. The honest spread comes from where each
+// kernel rounds the activations (the CPU quantizes them to Q8_0 or Q8_K
+// for quantized weights; CUDA's vector kernels to Q8_1; Vulkan without
+// integer dot products keeps them in float), not from the weights.
+var tolerances = map[model.DType]float64{
+	// honest ≤ 4.9e-4 (lavapipe, batch 32); as Q8_0 instead: ≥ 7.6e-3
+	model.F32: 2e-3,
+	// honest ≤ 4.9e-3 (lavapipe, batch 32) and 3.3e-3 (BF16 on CUDA,
+	// batch 1); as Q4_0 instead: ≥ 0.11
+	model.F16:  2e-2,
+	model.BF16: 2e-2,
+	// honest ≤ 1.1e-2 (Vulkan: float activations against the CPU's Q8_0);
+	// as Q4_0 instead: ≥ 0.11
+	model.Q8_0: 3.5e-2,
+	// honest ≤ 3.0e-2 (Q4_1 on CUDA, batch 1); as Q2_K instead: ≥ 0.40
+	model.Q4_0: 0.1, model.Q4_1: 0.1, model.Q5_0: 0.1, model.Q5_1: 0.1,
+	// honest ≤ 2.3e-2 (Q5_K on CUDA, batch 32); as Q2_K instead ≥ 0.40, Q6_K
+	// as Q3_K 0.21
+	model.Q2_K: 7e-2, model.Q3_K: 7e-2, model.Q4_K: 7e-2, model.Q5_K: 7e-2, model.Q6_K: 7e-2,
+}
+
+// ToleranceFor is the relative L2 distance under which two results of an
+// expert whose tensors have these ggml types agree, whatever devices
+// computed them: the largest of the types' (an expert mixes them: Q4_K_M
+// keeps down in Q6_K). Types not measured yet, and none at all, get
+// Tolerance.
+func ToleranceFor(dtypes ...model.DType) float64 {
+	tol := 0.0
+	for _, t := range dtypes {
+		v, ok := tolerances[t]
+		if !ok {
+			v = Tolerance
+		}
+		tol = max(tol, v)
+	}
+	if tol == 0 {
+		return Tolerance
+	}
+	return tol
+}
 
 // RelL2 is ||a - b|| / ||b||: how far a is from the reference b. Lengths
 // that differ, or a NaN or Inf anywhere, are infinitely far.
@@ -58,6 +108,9 @@ type Task struct {
 	// Input holds N rows of hidden states.
 	Input []float32
 	N     int
+	// DTypes are the expert's gate, up and down types (the manifest's),
+	// which set the tolerance; empty: Tolerance.
+	DTypes []model.DType
 }
 
 func f32Tensor(x []float32, rows int) *neuropb.Tensor {
@@ -112,6 +165,9 @@ func NewVerdict(key crypto.PrivKey, t Task, accused peer.ID, wrong []float32, ag
 		ReferenceOutput: f32Tensor(right, t.N),
 		Judge:           []byte(judge), UnixMs: now.UnixMilli(),
 		AccusedReceipt: receipt,
+	}
+	for _, d := range t.DTypes {
+		v.WeightDtypes = append(v.WeightDtypes, uint32(d))
 	}
 	v.InputDigest, v.AccusedDigest, v.ReferenceDigest = digest(v.Input), digest(v.AccusedOutput), digest(v.ReferenceOutput)
 	if v.Signature, err = sign.Sign(key, sign.Verdict, v); err != nil {
@@ -169,8 +225,17 @@ func VerifyVerdict(v *neuropb.Verdict) (t Task, accused peer.ID, wrong, right []
 			return fail("%s digest does not match", d.what)
 		}
 	}
-	if off := RelL2(wrong, right); !(off > Tolerance) {
-		return fail("the accused output is within tolerance of the reference (%.3g)", off)
+	if len(v.GetWeightDtypes()) > 3 {
+		return fail("%d weight types, want at most 3", len(v.GetWeightDtypes()))
+	}
+	for _, d := range v.GetWeightDtypes() {
+		if !model.DType(d).Known() {
+			return fail("weight type %d is not a ggml type neuro reads", d)
+		}
+		t.DTypes = append(t.DTypes, model.DType(d))
+	}
+	if off, tol := RelL2(wrong, right), ToleranceFor(t.DTypes...); !(off > tol) {
+		return fail("the accused output is within tolerance (%.3g) of the reference (%.3g)", tol, off)
 	}
 	if r := v.GetAccusedReceipt(); r != nil {
 		switch signer, err := VerifyReceipt(r); {
@@ -253,7 +318,8 @@ func (b *Book) Judge(v *neuropb.Verdict, t Task, accused peer.ID, wrong, right [
 		return Unchecked
 	}
 	judge, _ := peer.IDFromBytes(v.GetJudge())
-	matchRight, matchWrong := RelL2(got, right) <= Tolerance, RelL2(got, wrong) <= Tolerance
+	tol := ToleranceFor(t.DTypes...)
+	matchRight, matchWrong := RelL2(got, right) <= tol, RelL2(got, wrong) <= tol
 	switch {
 	case matchRight && !matchWrong:
 		b.Validated(accused, false)

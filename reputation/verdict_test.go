@@ -12,6 +12,7 @@ import (
 	"github.com/ipfs/go-cid"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/neuro-p2p/neuro/model"
 	"github.com/neuro-p2p/neuro/neuropb"
 	"github.com/neuro-p2p/neuro/sign"
 )
@@ -123,3 +124,54 @@ func TestVerdicts(t *testing.T) {
 }
 
 func cloneVerdict(v *neuropb.Verdict) *neuropb.Verdict { return proto.Clone(v).(*neuropb.Verdict) }
+
+// The tolerance follows the expert's weight types: an output 5% off the
+// reference convicts an F16 expert's node but not a Q4_K one's, whose
+// honest results differ by up to 2.3% between devices; a verdict names the
+// types, and a forged list is refused.
+func TestVerdictToleranceByType(t *testing.T) {
+	if got := ToleranceFor(); got != Tolerance {
+		t.Fatalf("no types: %g, want Tolerance", got)
+	}
+	if ToleranceFor(model.Q4_K, model.Q4_K, model.Q6_K) != tolerances[model.Q6_K] || ToleranceFor(model.F16, model.Q8_0) != tolerances[model.Q8_0] {
+		t.Fatal("an expert's tolerance is not the largest of its types'")
+	}
+	for dt, tol := range tolerances {
+		if tol < Tolerance/10 || tol > 0.2 {
+			t.Errorf("%s: tolerance %g out of the measured range", dt, tol)
+		}
+	}
+	judgeKey, _ := newPeer(t)
+	_, accused := newPeer(t)
+	_, a1 := newPeer(t)
+	_, a2 := newPeer(t)
+	mh, _ := multihash.Sum([]byte("m"), multihash.SHA2_256, -1)
+	right := []float32{1, 1, 1, 1}
+	wrong := []float32{1.1, 1, 1, 1} // 5% off
+	for _, c := range []struct {
+		types   []model.DType
+		convict bool
+	}{{nil, true}, {[]model.DType{model.F16, model.F16, model.F16}, true}, {[]model.DType{model.Q4_K, model.Q4_K, model.Q6_K}, false}} {
+		task := Task{Model: cid.NewCidV1(cid.Raw, mh), Layer: 1, Expert: 2, Input: []float32{1, 2, 3, 4}, N: 1, DTypes: c.types}
+		v, err := NewVerdict(judgeKey, task, accused, wrong, [2]peer.ID{a1, a2}, right, nil, time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, _, _, _, err := VerifyVerdict(v)
+		if (err == nil) != c.convict {
+			t.Errorf("types %v: verify %v, want a conviction %v", c.types, err, c.convict)
+		}
+		if err == nil && len(got.DTypes) != len(c.types) {
+			t.Errorf("types %v: the verdict gave back %v", c.types, got.DTypes)
+		}
+	}
+	task := Task{Model: cid.NewCidV1(cid.Raw, mh), Layer: 1, Expert: 2, Input: []float32{1, 2, 3, 4}, N: 1}
+	for name, types := range map[string][]uint32{"four types": {1, 1, 1, 1}, "unknown type": {1, 9999, 1}} {
+		v, _ := NewVerdict(judgeKey, task, accused, wrong, [2]peer.ID{a1, a2}, right, nil, time.Now())
+		v.WeightDtypes = types
+		resign(t, judgeKey, v)
+		if _, _, _, _, err := VerifyVerdict(v); !errors.Is(err, neuropb.ErrInvalid) {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+}
