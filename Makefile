@@ -34,7 +34,7 @@ GGML_TEST_PKGS  := $(sort $(addprefix ./,$(dir $(patsubst ./%,%,$(GGML_TEST_FILE
 GGML_TESTS      := $(shell sed -n 's/^func \(Test[A-Za-z0-9_]*\)(t \*testing.T).*/\1/p' $(GGML_TEST_FILES) | paste -sd'|')
 
 .DEFAULT_GOAL := help
-.PHONY: help env build test race lint fuzz-smoke proto proto-check bench bench-report testnet clean
+.PHONY: help env build test race lint fuzz-smoke proto proto-check bench bench-report testnet clean vulkan cuda test-vulkan
 
 ## help: list the targets
 help:
@@ -50,9 +50,39 @@ env:
 build:
 	$(GO) build -o $(BIN) ./cmd/neurod
 
-## test: gofmt, vet and staticcheck, then every test, shuffled: the race-detector run of the pure-Go packages beside the lint and the ggml run
+## test: gofmt, vet and staticcheck, then every test, shuffled: the race-detector run of the pure-Go packages beside the lint and the ggml run, then the Vulkan tests on lavapipe
 test:
 	@$(MAKE) --no-print-directory -j2 test-race lint-then-ggml
+	@$(MAKE) --no-print-directory test-vulkan
+
+# GPU backends: libraries neurod opens at run time from its own folder
+# (bin/). Each is built once per machine into $(GPU_CACHE), keyed by the
+# pinned module's version and the build flags (scripts/gpu-backend.sh); a
+# plain `make build` never builds one.
+GPU_CACHE ?= $(HOME)/.cache/neuro-gpu
+export NEURO_GPU_CACHE := $(GPU_CACHE)
+
+## vulkan: build ggml's Vulkan backend (Debian's packages, about 3 minutes on 2 cores, cached) into bin/
+vulkan:
+	scripts/gpu-deps.sh vulkan
+	@mkdir -p bin
+	@lib=$$(scripts/gpu-backend.sh vulkan | tail -1) && cp -f $$lib/libggml-vulkan.so $$lib/libggml-base.so* bin/ && echo "bin/libggml-vulkan.so (from $$lib)"
+
+## cuda: build ggml's CUDA backend with nvcc for sm_75/86/89/90 (cached; CUDA_ARCHS to change) into bin/
+cuda:
+	scripts/gpu-deps.sh cuda
+	@mkdir -p bin
+	@lib=$$(scripts/gpu-backend.sh cuda | tail -1) && cp -f $$lib/libggml-cuda.so $$lib/libggml-base.so* bin/ && echo "bin/libggml-cuda.so (from $$lib)"
+
+# The GPU tests on Mesa's lavapipe, a Vulkan device on the CPU: each
+# shader's first use compiles for up to a minute there, so they are few and
+# share one process per package.
+VULKAN_ENV = NEURO_BACKENDS=$(CURDIR)/bin GGML_VK_VISIBLE_DEVICES=0 NEURO_TEST_DEVICES=vulkan:0 NEURO_REQUIRE_VULKAN=1
+
+## test-vulkan: the device tests on lavapipe: an expert per type family against the CPU, the split model's tokens, generate and a two-node testnet on vulkan:0
+test-vulkan: vulkan build
+	$(VULKAN_ENV) $(GO) test -count=1 -timeout 20m -run '^TestDevice(ExpertMatchesCPU|SplitMatchesLlamaCpp)$$' ./ggml/
+	$(VULKAN_ENV) $(GO) test -count=1 -timeout 20m -run '^TestVulkan' ./cmd/neurod/
 
 # The race-detector build shares nothing with the others (every package is
 # compiled again with -race), so it runs beside them; the ggml tests reuse

@@ -17,6 +17,7 @@ import (
 	"github.com/ipfs/go-cid"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/neuro-p2p/neuro/moe"
 	"github.com/neuro-p2p/neuro/neuropb"
@@ -488,12 +489,37 @@ func (s *Service) HeartbeatExtra(hb *neuropb.Heartbeat) {
 		queue += len(b.queue)
 	}
 	s.server.mu.RUnlock()
+	hw := proto.Clone(hardware()).(*neuropb.Hardware)
+	hw.Devices = s.devices()
 	hb.Capacity = &neuropb.Capacity{
 		FreeMemoryBytes: uint64(max(0, s.cfg.MemoryBudget-s.used)),
 		QueueDepth:      uint32(queue),
 		TokensPerSecond: s.speed,
-		Hardware:        hardware(),
+		Hardware:        hw,
 	}
+}
+
+// devices lists the compute backend's devices (when it can say), with the
+// measured expert speed on the one it computes on. Call with s.mu held.
+func (s *Service) devices() []*neuropb.Device {
+	dl, ok := s.cfg.Compute.(moe.DeviceLister)
+	if !ok {
+		return nil
+	}
+	var out []*neuropb.Device
+	for _, d := range dl.Devices() {
+		if len(out) == neuropb.MaxDevices {
+			break
+		}
+		free := min(d.MemoryFree, d.MemoryTotal)
+		pd := &neuropb.Device{Backend: d.Backend, Name: d.Name, Description: d.Description, Type: d.Type,
+			MemoryTotalBytes: d.MemoryTotal, MemoryFreeBytes: free, Selected: d.Selected}
+		if d.Selected {
+			pd.ExpertTokensPerSecond = s.speed
+		}
+		out = append(out, pd)
+	}
+	return out
 }
 
 func cloneSet(m map[Key]bool) map[Key]bool {

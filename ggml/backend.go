@@ -13,7 +13,22 @@ type Backend struct {
 	Device Device
 }
 
-var _ moe.Backend = Backend{}
+var (
+	_ moe.Backend      = Backend{}
+	_ moe.DeviceLister = Backend{}
+)
+
+// Devices implements moe.DeviceLister: every device ggml sees now (the
+// CPU, and those of the GPU backends loaded), the one b computes on
+// selected.
+func (b Backend) Devices() []moe.DeviceInfo {
+	var out []moe.DeviceInfo
+	for _, d := range Devices() {
+		out = append(out, moe.DeviceInfo{Backend: d.Backend, Name: d.Name, Description: d.Description, Type: d.Type,
+			MemoryFree: d.MemoryFree, MemoryTotal: d.MemoryTotal, Selected: d.Name == b.Device.Name || (d.CPU() && b.Device.CPU())})
+	}
+	return out
+}
 
 // NewExpert implements moe.ExpertLoader.
 func (b Backend) NewExpert(w moe.ExpertWeights, o moe.ExpertOptions) (moe.Expert, error) {

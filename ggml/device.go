@@ -237,3 +237,34 @@ func software(d Device) bool {
 	s := strings.ToLower(d.Description)
 	return strings.Contains(s, "llvmpipe") || strings.Contains(s, "lavapipe") || strings.Contains(s, "swiftshader")
 }
+
+// VulkanDevice is a device the Vulkan loader sees.
+type VulkanDevice struct {
+	Index int    // its index for GGML_VK_VISIBLE_DEVICES
+	Name  string // e.g. "llvmpipe (LLVM 15.0.6, 256 bits)"
+	Type  string // integrated, discrete, virtual, cpu or other
+}
+
+// VulkanDevices lists the Vulkan loader's devices, including those ggml's
+// Vulkan backend leaves out unless GGML_VK_VISIBLE_DEVICES names them (a
+// CPU-type device such as lavapipe). It returns nil without a Vulkan loader.
+func VulkanDevices() []VulkanDevice {
+	var buf [16]C.neuro_vk_device
+	n := int(C.neuro_vulkan_probe(&buf[0], C.int(len(buf))))
+	var out []VulkanDevice
+	for i := range max(n, 0) {
+		t := "other"
+		switch buf[i]._type {
+		case 1:
+			t = "integrated"
+		case 2:
+			t = "discrete"
+		case 3:
+			t = "virtual"
+		case 4:
+			t = "cpu"
+		}
+		out = append(out, VulkanDevice{Index: i, Name: C.GoString(&buf[i].name[0]), Type: t})
+	}
+	return out
+}

@@ -129,7 +129,11 @@ neuro_gating * neuro_gating_new(const neuro_hparams * hp, const neuro_weight * w
 #undef WEIGHT
     g->wbuf = ggml_backend_alloc_ctx_tensors(g->wctx, g->x.backend);
     if (g->wbuf == NULL) {
-        snprintf(err, err_len, "allocating the gating weights on %s failed", ggml_backend_name(g->x.backend));
+        size_t free = 0, total = 0;
+        ggml_backend_dev_t d = ggml_backend_get_device(g->x.backend);
+        if (d) ggml_backend_dev_memory(d, &free, &total);
+        snprintf(err, err_len, "%s: no room for the gating weights (%.1f MiB free of %.1f MiB)", ggml_backend_name(g->x.backend),
+                 free / 1048576.0, total / 1048576.0);
         goto fail;
     }
     // Weights: the scheduler runs each op where its weights are.

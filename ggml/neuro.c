@@ -110,8 +110,12 @@ neuro_expert * neuro_expert_new(int n_embd, int n_ff, int type_gate, int type_up
     e->down = ggml_new_tensor_3d(e->wctx, (enum ggml_type) type_down, n_ff, n_embd, 1);
     e->wbuf = ggml_backend_alloc_ctx_tensors(e->wctx, e->x.backend);
     if (e->wbuf == NULL) {
-        snprintf(err, err_len, "allocating %zu bytes of expert weights on %s failed",
-                 ggml_nbytes(e->gate) + ggml_nbytes(e->up) + ggml_nbytes(e->down), ggml_backend_name(e->x.backend));
+        size_t free = 0, total = 0;
+        ggml_backend_dev_t d = ggml_backend_get_device(e->x.backend);
+        if (d) ggml_backend_dev_memory(d, &free, &total);
+        snprintf(err, err_len, "%s: no room for this expert's %.1f MiB of weights (%.1f MiB free of %.1f MiB)",
+                 ggml_backend_name(e->x.backend), (ggml_nbytes(e->gate) + ggml_nbytes(e->up) + ggml_nbytes(e->down)) / 1048576.0,
+                 free / 1048576.0, total / 1048576.0);
         goto fail;
     }
     // Weights: the scheduler runs each op where its weights are.

@@ -32,6 +32,16 @@ typedef struct {
 } neuro_device;
 
 int neuro_device_count(void);
+
+// The Vulkan loader's devices (vkprobe.c): type is VkPhysicalDeviceType
+// (1 integrated, 2 discrete, 3 virtual, 4 CPU). Returns how many it wrote,
+// or -1 when there is no Vulkan loader or instance.
+typedef struct {
+    char name[256];
+    int  type;
+} neuro_vk_device;
+
+int neuro_vulkan_probe(neuro_vk_device * out, int max);
 int neuro_device_info(int i, neuro_device * out);
 
 // neuro_expert computes one MoE expert's feed-forward block,

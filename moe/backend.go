@@ -41,6 +41,24 @@ type Quantizer interface {
 	Dequantize(t model.DType, b []byte) ([]float32, error)
 }
 
+// DeviceInfo describes a compute device a backend sees.
+type DeviceInfo struct {
+	Backend     string // "CPU", "Vulkan", "CUDA"
+	Name        string // "CPU", "Vulkan0", "CUDA0"
+	Description string // the device's own name
+	Type        string // cpu, gpu, igpu or accel
+	MemoryFree  uint64
+	MemoryTotal uint64
+	// Selected marks the device the backend computes on.
+	Selected bool
+}
+
+// DeviceLister is a backend that can say which devices it sees (the
+// node's heartbeats and state carry them).
+type DeviceLister interface {
+	Devices() []DeviceInfo
+}
+
 // Expert computes one MoE expert's feed-forward block,
 // down(silu(gate·x) ⊙ (up·x)). Implementations are safe for concurrent use.
 type Expert interface {

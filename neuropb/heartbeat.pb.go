@@ -416,8 +416,11 @@ type Hardware struct {
 	Cores       uint32                 `protobuf:"varint,2,opt,name=cores,proto3" json:"cores,omitempty"`
 	MemoryBytes uint64                 `protobuf:"varint,3,opt,name=memory_bytes,json=memoryBytes,proto3" json:"memory_bytes,omitempty"`
 	// Empty without a GPU.
-	Gpu           string `protobuf:"bytes,4,opt,name=gpu,proto3" json:"gpu,omitempty"`
-	VramBytes     uint64 `protobuf:"varint,5,opt,name=vram_bytes,json=vramBytes,proto3" json:"vram_bytes,omitempty"`
+	Gpu       string `protobuf:"bytes,4,opt,name=gpu,proto3" json:"gpu,omitempty"`
+	VramBytes uint64 `protobuf:"varint,5,opt,name=vram_bytes,json=vramBytes,proto3" json:"vram_bytes,omitempty"`
+	// The compute devices the node sees (the CPU, and each GPU backend's),
+	// the one it computes on selected.
+	Devices       []*Device `protobuf:"bytes,6,rep,name=devices,proto3" json:"devices,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -487,6 +490,122 @@ func (x *Hardware) GetVramBytes() uint64 {
 	return 0
 }
 
+func (x *Hardware) GetDevices() []*Device {
+	if x != nil {
+		return x.Devices
+	}
+	return nil
+}
+
+// Device is one compute device of a node.
+type Device struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "CPU", "Vulkan", "CUDA".
+	Backend string `protobuf:"bytes,1,opt,name=backend,proto3" json:"backend,omitempty"`
+	// "CPU", "Vulkan0", "CUDA0".
+	Name string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	// The device's own name, e.g. "NVIDIA H200".
+	Description string `protobuf:"bytes,3,opt,name=description,proto3" json:"description,omitempty"`
+	// cpu, gpu, igpu or accel.
+	Type             string `protobuf:"bytes,4,opt,name=type,proto3" json:"type,omitempty"`
+	MemoryTotalBytes uint64 `protobuf:"varint,5,opt,name=memory_total_bytes,json=memoryTotalBytes,proto3" json:"memory_total_bytes,omitempty"`
+	MemoryFreeBytes  uint64 `protobuf:"varint,6,opt,name=memory_free_bytes,json=memoryFreeBytes,proto3" json:"memory_free_bytes,omitempty"`
+	// The node computes its experts (and gating) on this device.
+	Selected bool `protobuf:"varint,7,opt,name=selected,proto3" json:"selected,omitempty"`
+	// Measured expert throughput on it (the start-up micro-benchmark:
+	// tokens per second through one expert of the hosted model, batch 1);
+	// 0 when not measured.
+	ExpertTokensPerSecond float32 `protobuf:"fixed32,8,opt,name=expert_tokens_per_second,json=expertTokensPerSecond,proto3" json:"expert_tokens_per_second,omitempty"`
+	unknownFields         protoimpl.UnknownFields
+	sizeCache             protoimpl.SizeCache
+}
+
+func (x *Device) Reset() {
+	*x = Device{}
+	mi := &file_heartbeat_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Device) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Device) ProtoMessage() {}
+
+func (x *Device) ProtoReflect() protoreflect.Message {
+	mi := &file_heartbeat_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Device.ProtoReflect.Descriptor instead.
+func (*Device) Descriptor() ([]byte, []int) {
+	return file_heartbeat_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *Device) GetBackend() string {
+	if x != nil {
+		return x.Backend
+	}
+	return ""
+}
+
+func (x *Device) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Device) GetDescription() string {
+	if x != nil {
+		return x.Description
+	}
+	return ""
+}
+
+func (x *Device) GetType() string {
+	if x != nil {
+		return x.Type
+	}
+	return ""
+}
+
+func (x *Device) GetMemoryTotalBytes() uint64 {
+	if x != nil {
+		return x.MemoryTotalBytes
+	}
+	return 0
+}
+
+func (x *Device) GetMemoryFreeBytes() uint64 {
+	if x != nil {
+		return x.MemoryFreeBytes
+	}
+	return 0
+}
+
+func (x *Device) GetSelected() bool {
+	if x != nil {
+		return x.Selected
+	}
+	return false
+}
+
+func (x *Device) GetExpertTokensPerSecond() float32 {
+	if x != nil {
+		return x.ExpertTokensPerSecond
+	}
+	return 0
+}
+
 // Load is how busy a node is right now.
 type Load struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -504,7 +623,7 @@ type Load struct {
 
 func (x *Load) Reset() {
 	*x = Load{}
-	mi := &file_heartbeat_proto_msgTypes[4]
+	mi := &file_heartbeat_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -516,7 +635,7 @@ func (x *Load) String() string {
 func (*Load) ProtoMessage() {}
 
 func (x *Load) ProtoReflect() protoreflect.Message {
-	mi := &file_heartbeat_proto_msgTypes[4]
+	mi := &file_heartbeat_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -529,7 +648,7 @@ func (x *Load) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Load.ProtoReflect.Descriptor instead.
 func (*Load) Descriptor() ([]byte, []int) {
-	return file_heartbeat_proto_rawDescGZIP(), []int{4}
+	return file_heartbeat_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Load) GetPeers() uint32 {
@@ -588,14 +707,24 @@ const file_heartbeat_proto_rawDesc = "" +
 	"\vqueue_depth\x18\x02 \x01(\rR\n" +
 	"queueDepth\x12*\n" +
 	"\x11tokens_per_second\x18\x03 \x01(\x02R\x0ftokensPerSecond\x12.\n" +
-	"\bhardware\x18\x04 \x01(\v2\x12.neuro.v1.HardwareR\bhardware\"\x86\x01\n" +
+	"\bhardware\x18\x04 \x01(\v2\x12.neuro.v1.HardwareR\bhardware\"\xb2\x01\n" +
 	"\bHardware\x12\x10\n" +
 	"\x03cpu\x18\x01 \x01(\tR\x03cpu\x12\x14\n" +
 	"\x05cores\x18\x02 \x01(\rR\x05cores\x12!\n" +
 	"\fmemory_bytes\x18\x03 \x01(\x04R\vmemoryBytes\x12\x10\n" +
 	"\x03gpu\x18\x04 \x01(\tR\x03gpu\x12\x1d\n" +
 	"\n" +
-	"vram_bytes\x18\x05 \x01(\x04R\tvramBytes\"{\n" +
+	"vram_bytes\x18\x05 \x01(\x04R\tvramBytes\x12*\n" +
+	"\adevices\x18\x06 \x03(\v2\x10.neuro.v1.DeviceR\adevices\"\x9b\x02\n" +
+	"\x06Device\x12\x18\n" +
+	"\abackend\x18\x01 \x01(\tR\abackend\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12 \n" +
+	"\vdescription\x18\x03 \x01(\tR\vdescription\x12\x12\n" +
+	"\x04type\x18\x04 \x01(\tR\x04type\x12,\n" +
+	"\x12memory_total_bytes\x18\x05 \x01(\x04R\x10memoryTotalBytes\x12*\n" +
+	"\x11memory_free_bytes\x18\x06 \x01(\x04R\x0fmemoryFreeBytes\x12\x1a\n" +
+	"\bselected\x18\a \x01(\bR\bselected\x127\n" +
+	"\x18expert_tokens_per_second\x18\b \x01(\x02R\x15expertTokensPerSecond\"{\n" +
 	"\x04Load\x12\x14\n" +
 	"\x05peers\x18\x01 \x01(\rR\x05peers\x12\x18\n" +
 	"\astreams\x18\x02 \x01(\rR\astreams\x12&\n" +
@@ -626,7 +755,7 @@ func file_heartbeat_proto_rawDescGZIP() []byte {
 }
 
 var file_heartbeat_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_heartbeat_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
+var file_heartbeat_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
 var file_heartbeat_proto_goTypes = []any{
 	(Role)(0),           // 0: neuro.v1.Role
 	(Reachability)(0),   // 1: neuro.v1.Reachability
@@ -634,20 +763,22 @@ var file_heartbeat_proto_goTypes = []any{
 	(*HostedModel)(nil), // 3: neuro.v1.HostedModel
 	(*Capacity)(nil),    // 4: neuro.v1.Capacity
 	(*Hardware)(nil),    // 5: neuro.v1.Hardware
-	(*Load)(nil),        // 6: neuro.v1.Load
+	(*Device)(nil),      // 6: neuro.v1.Device
+	(*Load)(nil),        // 7: neuro.v1.Load
 }
 var file_heartbeat_proto_depIdxs = []int32{
 	0, // 0: neuro.v1.Heartbeat.roles:type_name -> neuro.v1.Role
-	6, // 1: neuro.v1.Heartbeat.load:type_name -> neuro.v1.Load
+	7, // 1: neuro.v1.Heartbeat.load:type_name -> neuro.v1.Load
 	3, // 2: neuro.v1.Heartbeat.hosted:type_name -> neuro.v1.HostedModel
 	4, // 3: neuro.v1.Heartbeat.capacity:type_name -> neuro.v1.Capacity
 	1, // 4: neuro.v1.Heartbeat.reachability:type_name -> neuro.v1.Reachability
 	5, // 5: neuro.v1.Capacity.hardware:type_name -> neuro.v1.Hardware
-	6, // [6:6] is the sub-list for method output_type
-	6, // [6:6] is the sub-list for method input_type
-	6, // [6:6] is the sub-list for extension type_name
-	6, // [6:6] is the sub-list for extension extendee
-	0, // [0:6] is the sub-list for field type_name
+	6, // 6: neuro.v1.Hardware.devices:type_name -> neuro.v1.Device
+	7, // [7:7] is the sub-list for method output_type
+	7, // [7:7] is the sub-list for method input_type
+	7, // [7:7] is the sub-list for extension type_name
+	7, // [7:7] is the sub-list for extension extendee
+	0, // [0:7] is the sub-list for field type_name
 }
 
 func init() { file_heartbeat_proto_init() }
@@ -661,7 +792,7 @@ func file_heartbeat_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_heartbeat_proto_rawDesc), len(file_heartbeat_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   5,
+			NumMessages:   6,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -73,6 +73,37 @@ func (h *Heartbeat) Validate() error {
 		if hw := c.GetHardware(); len(hw.GetCpu()) > MaxVersionLen*2 || len(hw.GetGpu()) > MaxVersionLen*2 {
 			return invalid("heartbeat: hardware names too long")
 		}
+		if err := validateDevices(c.GetHardware().GetDevices()); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// MaxDevices bounds the devices a heartbeat lists.
+const MaxDevices = 16
+
+func validateDevices(ds []*Device) error {
+	if len(ds) > MaxDevices {
+		return invalid("heartbeat: %d devices, at most %d", len(ds), MaxDevices)
+	}
+	selected := 0
+	for i, d := range ds {
+		if len(d.GetBackend()) > 32 || len(d.GetName()) > 64 || len(d.GetDescription()) > MaxVersionLen*2 || len(d.GetType()) > 16 {
+			return invalid("heartbeat: device %d: names too long", i)
+		}
+		if d.GetMemoryFreeBytes() > d.GetMemoryTotalBytes() {
+			return invalid("heartbeat: device %d: %d bytes free of %d", i, d.GetMemoryFreeBytes(), d.GetMemoryTotalBytes())
+		}
+		if tps := d.GetExpertTokensPerSecond(); tps < 0 || tps != tps {
+			return invalid("heartbeat: device %d: tokens per second %v", i, tps)
+		}
+		if d.GetSelected() {
+			selected++
+		}
+	}
+	if selected > 1 {
+		return invalid("heartbeat: %d devices selected, at most one", selected)
 	}
 	return nil
 }

@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"time"
 
@@ -154,6 +155,10 @@ type HomeConfig struct {
 	IdleThreshold float64 `toml:"idle_threshold"`
 	// IdleCheck is how often the load is sampled.
 	IdleCheck Duration `toml:"idle_check"`
+	// Device is where experts and the gating compute run: "cpu" (the
+	// default), "auto", "vulkan:N" or "cuda:N" (neurod resolves it; a
+	// device that is missing is an error, never a fall back).
+	Device string `toml:"device"`
 }
 
 // APIConfig configures the local control API (status for `neurod status`
@@ -203,7 +208,7 @@ func DefaultConfig() Config {
 		Expert: ExpertConfig{Experts: "auto", MemoryMB: 4096},
 		Ledger: LedgerConfig{Listen: "tcp://0.0.0.0:26656", Peers: []string{}, BlockInterval: Duration(time.Second)},
 		Gating: GatingConfig{MaxSessions: 4, MaxTokens: 256, WireDType: "f32", CallTimeout: Duration(30 * time.Second), Validate: true},
-		Home:   HomeConfig{IdleThreshold: 0.5, IdleCheck: Duration(5 * time.Second)},
+		Home:   HomeConfig{IdleThreshold: 0.5, IdleCheck: Duration(5 * time.Second), Device: "cpu"},
 		API:    APIConfig{Listen: "127.0.0.1:0"},
 		Log:    LogConfig{Level: "info", Format: "text"},
 	}
@@ -346,6 +351,13 @@ max_load = 0.0
 idle_only = false
 idle_threshold = 0.5
 idle_check = "5s"
+# Where experts and the gating compute run: "cpu", "auto" (the fastest
+# device there is), "vulkan:N" or "cuda:N" (a GPU backend that 'make vulkan'
+# or 'make cuda' put beside neurod; 'neurod version' lists the devices). A
+# device that is missing is an error, never a fall back to the CPU. On a GPU
+# with expert.memory_mb = 0, the experts get the device's free memory, less
+# room for the gating compute on a gating node.
+device = "cpu"
 
 [api]
 # Local control API (neurod status, the testnet launcher), as a loopback
@@ -528,6 +540,9 @@ func (c *Config) Validate() error {
 	return nil
 }
 
+// deviceSpec is a home.device value ("" is the CPU).
+var deviceSpec = regexp.MustCompile(`^(|cpu|auto|(vulkan|cuda):[0-9]{1,3})$`)
+
 func (h HomeConfig) validate() error {
 	switch {
 	case h.Threads < 0:
@@ -542,6 +557,8 @@ func (h HomeConfig) validate() error {
 		return fieldErr("home.idle_threshold", "%g: want a fraction of the CPU above 0, at most 1", h.IdleThreshold)
 	case (h.IdleOnly || h.MaxLoad > 0) && h.IdleCheck < Duration(100*time.Millisecond):
 		return fieldErr("home.idle_check", "%v: at least 100ms", h.IdleCheck)
+	case !deviceSpec.MatchString(h.Device):
+		return fieldErr("home.device", "%q: want cpu, auto, vulkan:N or cuda:N", h.Device)
 	}
 	return nil
 }

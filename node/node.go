@@ -149,6 +149,7 @@ type Node struct {
 	settler  *ledger.Settler
 	metrics  *metrics.Metrics
 	idle     *idleGuard
+	compute  moe.Backend
 	web      webState
 	unlock   func() error
 
@@ -178,7 +179,7 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	n := &Node{cfg: cfg, log: o.log, home: o.home, metrics: metrics.New(), started: time.Now()}
+	n := &Node{cfg: cfg, log: o.log, home: o.home, metrics: metrics.New(), started: time.Now(), compute: o.compute}
 	defer func() {
 		if err != nil {
 			err = errors.Join(err, n.Close())

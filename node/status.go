@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/neuro-p2p/neuro/expert"
+	"github.com/neuro-p2p/neuro/moe"
 	"github.com/neuro-p2p/neuro/neuropb"
 	"github.com/neuro-p2p/neuro/p2p"
 	"github.com/neuro-p2p/neuro/verdict"
@@ -50,6 +51,9 @@ type Status struct {
 	Gating *GatingStatus `json:"gating,omitempty"`
 	// Verdicts counts the verdicts this node published and received.
 	Verdicts *VerdictStatus `json:"verdicts,omitempty"`
+	// Devices are the compute devices the node sees, the one it computes
+	// on selected.
+	Devices []DeviceStatus `json:"devices"`
 }
 
 // GatingStatus is a gating node's state.
@@ -164,6 +168,7 @@ func (n *Node) Status() Status {
 	for _, a := range h.Addrs() {
 		st.Addrs = append(st.Addrs, a.String())
 	}
+	st.Devices = n.devices()
 	for _, p := range h.RoutingTable() {
 		st.RoutingTable = append(st.RoutingTable, p.String())
 	}
@@ -292,3 +297,23 @@ func FetchStatus(ctx context.Context, addr string) (Status, error) {
 
 // VerdictStatus counts the verdicts a node published and received.
 type VerdictStatus = verdict.Status
+
+// devices lists the compute backend's devices, with the expert speed the
+// expert service measured on the selected one.
+func (n *Node) devices() []DeviceStatus {
+	if n.expert != nil {
+		hb := &neuropb.Heartbeat{}
+		n.expert.HeartbeatExtra(hb)
+		if ds := hb.GetCapacity().GetHardware().GetDevices(); len(ds) > 0 {
+			return deviceStatuses(ds)
+		}
+	}
+	out := []DeviceStatus{}
+	if dl, ok := n.compute.(moe.DeviceLister); ok {
+		for _, d := range dl.Devices() {
+			out = append(out, DeviceStatus{Backend: d.Backend, Name: d.Name, Description: d.Description, Type: d.Type,
+				MemoryTotal: d.MemoryTotal, MemoryFree: d.MemoryFree, Selected: d.Selected})
+		}
+	}
+	return out
+}

@@ -71,6 +71,32 @@ type StateNode struct {
 	Paused          bool    `json:"paused"`
 	Version         string  `json:"version"`
 	LastSeenMsAgo   int64   `json:"last_seen_ms_ago"`
+	// Devices are the compute devices the node sees, from its heartbeat.
+	Devices []DeviceStatus `json:"devices"`
+}
+
+// DeviceStatus is one compute device of a node.
+type DeviceStatus struct {
+	Backend     string `json:"backend"`
+	Name        string `json:"name"`
+	Description string `json:"description"`
+	Type        string `json:"type"`
+	MemoryTotal uint64 `json:"memory_total"`
+	MemoryFree  uint64 `json:"memory_free"`
+	// Selected: the node computes on it; ExpertTokensPerSecond is the
+	// expert throughput it measured there (0: not measured).
+	Selected              bool    `json:"selected"`
+	ExpertTokensPerSecond float32 `json:"expert_tokens_per_second"`
+}
+
+func deviceStatuses(ds []*neuropb.Device) []DeviceStatus {
+	out := []DeviceStatus{}
+	for _, d := range ds {
+		out = append(out, DeviceStatus{Backend: d.GetBackend(), Name: d.GetName(), Description: d.GetDescription(), Type: d.GetType(),
+			MemoryTotal: d.GetMemoryTotalBytes(), MemoryFree: d.GetMemoryFreeBytes(), Selected: d.GetSelected(),
+			ExpertTokensPerSecond: d.GetExpertTokensPerSecond()})
+	}
+	return out
 }
 
 // StateModel is a model and its shape.
@@ -299,12 +325,13 @@ func (n *Node) State(ctx context.Context) State {
 
 	// This node, then its peers by ID.
 	self := StateNode{PeerID: st.PeerID, Self: true, Roles: RoleNames(h.Roles()), Reachability: st.Reachability,
-		Experts: []string{}, Score: 1, Paused: st.Paused, Version: p2p.Version, CPULoad: p2p.Load1()}
+		Experts: []string{}, Score: 1, Paused: st.Paused, Version: p2p.Version, CPULoad: p2p.Load1(), Devices: n.devices()}
 	hb := &neuropb.Heartbeat{}
 	if n.expert != nil {
 		n.expert.HeartbeatExtra(hb)
 		self.Experts = expertNames(hb.GetHosted())
 		self.QueueDepth, self.TokensPerSecond = hb.GetCapacity().GetQueueDepth(), hb.GetCapacity().GetTokensPerSecond()
+		self.Devices = deviceStatuses(hb.GetCapacity().GetHardware().GetDevices())
 	}
 	st.Nodes = append(st.Nodes, self)
 	peers := h.Peers().Snapshot(now)
@@ -339,7 +366,8 @@ func (n *Node) State(ctx context.Context) State {
 			RTTMs: float64(ps.LatencyEWMA(e.ID).Microseconds()) / 1000, Experts: expertNames(e.Hosted),
 			Score: n.book.Score(e.ID), CPULoad: float64(e.Load.GetCpuLoad1Centi()) / 100,
 			QueueDepth: e.Capacity.GetQueueDepth(), TokensPerSecond: e.Capacity.GetTokensPerSecond(),
-			Paused: e.Paused, Version: e.Version, LastSeenMsAgo: now.Sub(e.LastSeen).Milliseconds()}
+			Paused: e.Paused, Version: e.Version, LastSeenMsAgo: now.Sub(e.LastSeen).Milliseconds(),
+			Devices: deviceStatuses(e.Capacity.GetHardware().GetDevices())}
 		st.Nodes = append(st.Nodes, sn)
 		if !e.Paused {
 			count(e.Hosted)

@@ -240,12 +240,17 @@ func (nw *Network) start(p *Process, bootstrap []string) error {
 	return nil
 }
 
-// cleanEnv drops NEURO_* variables so that the launcher's environment does
-// not override the testnet's config files.
+// cleanEnv drops the NEURO_* variables that set config keys, so that the
+// launcher's environment does not override the testnet's config files;
+// the others (NEURO_BACKENDS, where GPU backends are) pass.
 func cleanEnv(env []string) []string {
+	keys := map[string]bool{}
+	for _, k := range node.ConfigKeys() {
+		keys[node.EnvVar(k)] = true
+	}
 	out := env[:0:0]
 	for _, kv := range env {
-		if !strings.HasPrefix(kv, node.EnvPrefix) {
+		if name, _, _ := strings.Cut(kv, "="); !keys[name] {
 			out = append(out, kv)
 		}
 	}

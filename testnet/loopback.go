@@ -33,6 +33,9 @@ type Loopback struct {
 	KillNodes, KillAfter int
 	// Dashboard is node 0's HTTP listener (host:port).
 	Dashboard string
+	// Device is where every node computes (home.device: cpu, vulkan:N,
+	// cuda:N); "" is the CPU.
+	Device string
 
 	cometPorts []int
 	cometPeers []string
@@ -71,6 +74,7 @@ func (l *Loopback) Launch(r *Run, o *LaunchOptions) error {
 			c.Ledger.Peers = slices.Concat(l.cometPeers[:i], l.cometPeers[i+1:])
 		}
 		c.Ledger.BlockInterval = node.Duration(200 * time.Millisecond)
+		c.Home.Device = l.Device
 	}
 	o.Args = func(i int) []string {
 		if i == 0 {

@@ -111,6 +111,9 @@ type NodeReport struct {
 	RSSBytes         uint64   `json:"rss_bytes"`
 	RoutingTableSize int      `json:"routing_table_size"`
 	HeardPeers       int      `json:"heard_peers"`
+	// Devices are the compute devices the node sees, the one it computes
+	// on selected.
+	Devices []node.DeviceStatus `json:"devices"`
 	// Experts lists the experts the node serves ("layer:expert").
 	Experts     []string `json:"experts"`
 	ExpertCalls int64    `json:"expert_calls"`
@@ -216,6 +219,8 @@ type Generation struct {
 	FinishReason string    `json:"finish_reason,omitempty"`
 	// Stats (--network) are the gating node's measurements of it.
 	Stats *Stats `json:"stats,omitempty"`
+	// Device is where --local or --split computed (cpu, vulkan:N, cuda:N).
+	Device string `json:"device,omitempty"`
 }
 
 // GenerationStats is what the gating node measured of a generation, with

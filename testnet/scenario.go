@@ -373,6 +373,7 @@ func reportNodes(nw *Network) []NodeReport {
 			Home: p.Home, API: p.APIAddr, RSSBytes: st.RSSBytes,
 			RoutingTableSize: len(st.RoutingTable), HeardPeers: len(st.Heard),
 			Experts: append([]string{}, st.Experts...), ExpertCalls: st.ExpertCalls, Verdicts: st.Verdicts,
+			Devices: append([]node.DeviceStatus{}, st.Devices...),
 		})
 	}
 	return out

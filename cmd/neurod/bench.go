@@ -12,6 +12,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/neuro-p2p/neuro/ggml"
 	"github.com/neuro-p2p/neuro/testnet"
 	"github.com/neuro-p2p/neuro/testnet/netns"
 )
@@ -144,9 +145,9 @@ func (f *benchFlags) bench(cmd *cobra.Command, g *globalFlags) (*testnet.Bench, 
 		PlacementRTT: f.placement, PlacementFar: f.placementFar, PlacementJitter: f.jitter,
 		OnMachine: func(ctx context.Context, model string, split bool, prompt string, maxTokens int) (*testnet.Generation, error) {
 			if split {
-				return generateOnMachine(ctx, "", model, prompt, maxTokens, 0, 0)
+				return generateOnMachine(ctx, ggml.Device{}, "", model, prompt, maxTokens, 0, 0)
 			}
-			return generateOnMachine(ctx, model, "", prompt, maxTokens, 0, 0)
+			return generateOnMachine(ctx, ggml.Device{}, model, "", prompt, maxTokens, 0, 0)
 		}}
 	if b.NetnsErr = errors.New("--no-netns"); !f.noNetns {
 		b.NetnsErr = netns.Available()

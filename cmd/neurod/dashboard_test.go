@@ -152,6 +152,10 @@ func TestDashboardInBrowser(t *testing.T) {
 	if n := strings.Count(dom, `class="cell ok"`); n != 8 {
 		t.Fatalf("%d green coverage cells, want 8", n)
 	}
+	// Every node says what it computes on (the CPU here), from heartbeats.
+	if n := len(regexp.MustCompile(`class="device"[^>]*>CPU `).FindAllString(dom, -1)); n != 5 {
+		t.Fatalf("%d nodes show their device (CPU), want 5:\n%s", n, dom)
+	}
 	shot := filepath.Join(artifactsDir(t), "dashboard.png")
 	chromium(t, ctx, browser, "http://"+addr+"/", "--screenshot="+shot)
 	if fi, err := os.Stat(shot); err != nil || fi.Size() < 10_000 {

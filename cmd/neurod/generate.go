@@ -31,6 +31,11 @@ loaded from its CID-verified shard. MODEL is a GGUF file (split into a
 temporary directory first) or a directory written by 'neurod model split'.
 Its tokens equal --local's.
 
+--device chooses where --local and --split compute: cpu (the default),
+vulkan:N or cuda:N (a GPU backend that 'make vulkan' or 'make cuda' built),
+or auto (the fastest device there is). A device that is asked for and
+missing is an error, never a silent fall back to the CPU.
+
 --network asks the network: it joins as a light client through the
 --bootstrap peers, finds a gating node of the model (--model CID) in the
 DHT, and streams the tokens as the experts on other nodes compute them.
@@ -54,6 +59,7 @@ type generateFlags struct {
 	topP         float32
 	seed         int64
 	stop         []string
+	device       string
 }
 
 func newGenerateCmd() *cobra.Command {
@@ -79,6 +85,9 @@ func newGenerateCmd() *cobra.Command {
 			if gf.maxTokens < 1 {
 				return fmt.Errorf("flag --max-tokens %d: must be at least 1", gf.maxTokens)
 			}
+			if gf.network && cmd.Flags().Changed("device") {
+				return errors.New("flag --device: only with --local or --split (the network's nodes choose their own)")
+			}
 			if gf.network {
 				return generateNetwork(cmd, networkRequest{model: gf.modelCID, bootstrap: gf.bootstrap, gating: gf.gatingAddrs,
 					prompt: gf.prompt, maxTokens: gf.maxTokens, temperature: gf.temperature, topK: gf.topK, topP: gf.topP,
@@ -89,7 +98,11 @@ func newGenerateCmd() *cobra.Command {
 					return fmt.Errorf("flag --%s: only with --network", name)
 				}
 			}
-			out, err := generateOnMachine(cmd.Context(), gf.local, gf.split, gf.prompt, gf.maxTokens, gf.ctxSize, gf.threads)
+			dev, err := ggml.SelectDevice(gf.device)
+			if err != nil {
+				return fmt.Errorf("flag --device: %w", err)
+			}
+			out, err := generateOnMachine(cmd.Context(), dev, gf.local, gf.split, gf.prompt, gf.maxTokens, gf.ctxSize, gf.threads)
 			if err != nil {
 				return err
 			}
@@ -123,18 +136,19 @@ func (gf *generateFlags) register(f *pflag.FlagSet) {
 	f.Float32Var(&gf.topP, "top-p", 0, "with --network: sample from the nucleus of this probability (0: all)")
 	f.Int64Var(&gf.seed, "seed", 0, "with --network: sampling seed (default: random)")
 	f.StringArrayVar(&gf.stop, "stop", nil, "with --network: stop before this string (repeatable)")
+	f.StringVar(&gf.device, "device", "cpu", deviceUsage)
 }
 
 // generateOnMachine answers a prompt greedily on this machine: the whole
 // GGUF in llama.cpp (local), or the gating compute and in-process experts
 // from the shards (split).
-func generateOnMachine(ctx context.Context, local, split, prompt string, maxTokens, ctxSize, threads int) (*testnet.Generation, error) {
+func generateOnMachine(ctx context.Context, dev ggml.Device, local, split, prompt string, maxTokens, ctxSize, threads int) (*testnet.Generation, error) {
 	var (
 		g     *ggml.Generation
 		start time.Time
 	)
 	if local != "" {
-		l, err := ggml.LoadLlama(local)
+		l, err := ggml.LoadLlamaOn(dev, local)
 		if err != nil {
 			return nil, err
 		}
@@ -144,7 +158,7 @@ func generateOnMachine(ctx context.Context, local, split, prompt string, maxToke
 			return nil, fmt.Errorf("generate: %w", err)
 		}
 	} else {
-		sm, err := loadSplit(split, threads)
+		sm, err := loadSplit(dev, split, threads)
 		if err != nil {
 			return nil, err
 		}
@@ -155,7 +169,7 @@ func generateOnMachine(ctx context.Context, local, split, prompt string, maxToke
 		}
 	}
 	out := &testnet.Generation{Tokens: g.Tokens, Text: g.Text, PromptTokens: len(g.Prompt),
-		TokensPerSecond: float64(len(g.Tokens)) / time.Since(start).Seconds(), PerTokenMs: []float64{}}
+		TokensPerSecond: float64(len(g.Tokens)) / time.Since(start).Seconds(), PerTokenMs: []float64{}, Device: dev.Spec()}
 	for _, d := range g.Steps[:len(g.Tokens)] {
 		out.PerTokenMs = append(out.PerTokenMs, float64(d.Microseconds())/1000)
 	}
@@ -167,7 +181,7 @@ func generateOnMachine(ctx context.Context, local, split, prompt string, maxToke
 
 // loadSplit loads a split model from a directory of shards, or splits a
 // GGUF file into a temporary directory first.
-func loadSplit(path string, threads int) (*ggml.SplitModel, error) {
+func loadSplit(dev ggml.Device, path string, threads int) (*ggml.SplitModel, error) {
 	st, err := os.Stat(path)
 	if err != nil {
 		return nil, fmt.Errorf("flag --split: %w", err)
@@ -182,5 +196,5 @@ func loadSplit(path string, threads int) (*ggml.SplitModel, error) {
 			return nil, err
 		}
 	}
-	return ggml.LoadSplit(dir, cid.Undef, threads)
+	return ggml.LoadSplitOn(dev, dir, cid.Undef, threads)
 }

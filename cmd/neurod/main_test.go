@@ -491,6 +491,11 @@ func TestGenerateLocal(t *testing.T) {
 		{[]string{"generate", "--local", path, "--prompt", "x", "--max-tokens", "0"}, "flag --max-tokens"},
 		{[]string{"generate", "--local", path, "--prompt", "x", "--max-tokens", "300"}, "context is full"},
 		{[]string{"generate", "--local", filepath.Join(t.TempDir(), "none.gguf"), "--prompt", "x"}, "no such file"},
+		// A device that is not there is an error naming it and what is
+		// missing, never a fall back to the CPU.
+		{[]string{"generate", "--split", path, "--prompt", "x", "--device", "cuda:0"}, "device cuda:0: no CUDA backend: libggml-cuda.so is not in"},
+		{[]string{"generate", "--local", path, "--prompt", "x", "--device", "gpu"}, "want auto, cpu, vulkan:N or cuda:N"},
+		{[]string{"testnet", "--nodes", "1", "--device", "vulkan:0"}, "device vulkan:0: no Vulkan backend"},
 	} {
 		r := neurod(t, nil, tc.args...)
 		if r.code == 0 || !strings.Contains(r.stderr, tc.want) {

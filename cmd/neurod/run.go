@@ -35,6 +35,7 @@ type runFlags struct {
 	slowCompute              time.Duration
 	testnetMode              bool
 	faulty                   string
+	device                   string
 }
 
 func newRunCmd(g *globalFlags) *cobra.Command {
@@ -89,6 +90,7 @@ func (rf *runFlags) keys() []flagKey {
 		{"idle-only", "home.idle_only", func(c *node.Config, _ *pflag.FlagSet) error { c.Home.IdleOnly = rf.idleOnly; return nil }},
 		{"gating", "gating.enabled", func(c *node.Config, _ *pflag.FlagSet) error { c.Gating.Enabled = rf.gatingOn; return nil }},
 		{"http", "http.listen", func(c *node.Config, _ *pflag.FlagSet) error { c.HTTP.Listen = rf.httpAddr; return nil }},
+		{"device", "home.device", func(c *node.Config, _ *pflag.FlagSet) error { c.Home.Device = rf.device; return nil }},
 	}
 }
 
@@ -112,6 +114,7 @@ func (rf *runFlags) register(f *pflag.FlagSet) {
 	for _, name := range []string{"test-slow-compute", "testnet", "faulty"} {
 		_ = f.MarkHidden(name)
 	}
+	f.StringVar(&rf.device, "device", "", deviceUsage+` (overrides home.device; default cpu)`)
 	f.StringVar(&rf.memory, "memory", "", "memory the node may use, e.g. 8GiB or 512MiB: the expert weights' budget (expert.memory_mb), and GOMEMLIMIT for the rest")
 }
 
@@ -133,8 +136,13 @@ func runNode(cmd *cobra.Command, home string, cfg node.Config, rf *runFlags) err
 	if (fault != expert.FaultNone || rf.slowCompute > 0) && !rf.testnetMode {
 		return errors.New("flags --faulty and --test-slow-compute make a node misbehave on purpose: only with --testnet")
 	}
+	dev, err := ggml.SelectDevice(cfg.Home.Device)
+	if err != nil {
+		return fmt.Errorf("home.device (--device): %w", err)
+	}
+	budgetDevice(&cfg, dev, log)
 	opts := []node.Option{node.WithHome(home), node.WithLogger(log), node.WithExpertSlowDown(rf.slowCompute), node.WithFault(fault),
-		node.WithCompute(ggml.Backend{})}
+		node.WithCompute(ggml.Backend{Device: dev})}
 	if pr := progress.New(cmd.ErrOrStderr()); pr.On() {
 		show := pr.Fetches()
 		opts = append(opts, node.WithProgress(func(c cid.Cid, done, total int64) { show(c.String(), done, total) }))
@@ -209,4 +217,28 @@ func parseMiB(s string) (int, error) {
 		return 0, fmt.Errorf("%q: want a size such as 8GiB or 512MiB", s)
 	}
 	return n * mult, nil
+}
+
+// budgetDevice sizes the expert weights' budget (expert.memory_mb) from a
+// GPU's free memory when none is set: what is free now, less room for the
+// gating compute (its weights and every session's KV cache) on a gating
+// node, less a margin for the compute buffers. The CPU keeps today's rule
+// (no budget unless set).
+func budgetDevice(cfg *node.Config, dev ggml.Device, log interface{ Info(string, ...any) }) {
+	if dev.CPU() || cfg.Expert.MemoryMB > 0 {
+		return
+	}
+	const mib = 1 << 20
+	free := int64(dev.MemoryFree)
+	reserve := max(int64(512*mib), free/20) // compute buffers, the driver's own
+	if cfg.Gating.Enabled {
+		// A gating node keeps its weights and every session's KV cache on
+		// the device too. The model's shape is not known before its
+		// manifest is fetched, so this is an estimate: a quarter of the
+		// free memory, at least 2 GiB.
+		reserve += max(int64(2048*mib), free/4)
+	}
+	cfg.Expert.MemoryMB = int(max(0, free-reserve) / mib)
+	log.Info("expert memory from the device", "device", dev.Spec(), "name", dev.Description,
+		"free_mib", free/mib, "expert_mib", cfg.Expert.MemoryMB, "gating_reserve", cfg.Gating.Enabled)
 }

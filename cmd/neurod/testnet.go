@@ -19,6 +19,7 @@ import (
 
 	"github.com/neuro-p2p/neuro/client"
 	"github.com/neuro-p2p/neuro/expert"
+	"github.com/neuro-p2p/neuro/ggml"
 	"github.com/neuro-p2p/neuro/internal/progress"
 	"github.com/neuro-p2p/neuro/testnet"
 	"github.com/neuro-p2p/neuro/testnet/netns"
@@ -29,7 +30,7 @@ import (
 type testnetFlags struct {
 	nodes, maxTokens, validators, requests, homes, publics int
 	dir, model, prompt, dashboard                          string
-	kill, slow, faulty                                     string
+	kill, slow, faulty, device                             string
 	nat, rtt, jitter, loss, bandwidth                      string
 	json, check, netns, spread                             bool
 	timeout                                                time.Duration
@@ -105,6 +106,7 @@ func (f *testnetFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&f.dashboard, "dashboard", "127.0.0.1:0", "host:port of node 0's dashboard, /metrics and OpenAI-compatible API")
 	fs.IntVar(&f.validators, "validators", 1, "how many nodes validate the ledger's chain (node 0 and the first expert nodes); more than one runs CometBFT consensus among them")
 	fs.IntVar(&f.requests, "requests", 1, "answer the prompt this many times (a workload for the checks)")
+	fs.StringVar(&f.device, "device", "cpu", deviceUsage+" (every node; loopback testnet only)")
 	_ = fs.MarkHidden("test-slow-node")
 }
 
@@ -151,7 +153,13 @@ func (f *testnetFlags) loopback(fs *pflag.FlagSet) (*testnet.Loopback, error) {
 			return nil, fmt.Errorf("flag --%s: only with --netns (the loopback testnet has no homes, NAT or lines)", name)
 		}
 	}
-	l := &testnet.Loopback{ExpertNodes: f.nodes, Validators: f.validators, Dashboard: f.dashboard}
+	// The device is resolved here, so that a missing one is one error
+	// before any node starts (and auto means one device for all).
+	dev, err := ggml.SelectDevice(f.device)
+	if err != nil {
+		return nil, fmt.Errorf("flag --device: %w", err)
+	}
+	l := &testnet.Loopback{ExpertNodes: f.nodes, Validators: f.validators, Dashboard: f.dashboard, Device: dev.Spec()}
 	if err := f.parseKill(l); err != nil {
 		return nil, err
 	}
@@ -208,6 +216,9 @@ func (f *testnetFlags) parseKill(l *testnet.Loopback) error {
 
 // netnsTopology checks the netns testnet's flags.
 func (f *testnetFlags) netnsTopology(fs *pflag.FlagSet) (*testnet.Netns, error) {
+	if fs.Changed("device") {
+		return nil, errors.New("flag --device: only with the loopback testnet (the netns testnet's nodes compute on the CPU)")
+	}
 	if fs.Changed("nodes") || f.kill != "" || f.faulty != "" || f.slow != "" || f.validators != 1 || f.requests != 1 || fs.Changed("dashboard") {
 		return nil, errors.New("flag --netns: the netns testnet has --homes, --publics and --nat instead of --nodes, and does not yet take --kill, --faulty, --validators, --requests or --dashboard")
 	}
