@@ -39,10 +39,10 @@ func testDevices(t *testing.T) []Device {
 
 // expertCase is one expert's type mix.
 type expertCase struct {
-	name             string
-	gate, up, down   model.DType
-	cheaper          model.DType // a cheaper type a dishonest node might compute with instead
-	family, lavapipe bool        // one per type family; run on lavapipe (whose first use of a shader compiles for a minute)
+	name           string
+	gate, up, down model.DType
+	cheaper        model.DType // a cheaper type a dishonest node might compute with instead
+	family         bool        // one per type family: the default set (lavapipe's first use of a shader compiles for a minute)
 }
 
 var expertCases = []expertCase{
