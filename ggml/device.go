@@ -93,6 +93,7 @@ func LoadBackends() ([]string, error) {
 		initBackend()
 		searchDirs = BackendDirs()
 		seen := map[string]bool{}
+		showSoftwareVulkan()
 		for _, name := range gpuBackends {
 			for _, dir := range searchDirs {
 				p := filepath.Join(dir, "libggml-"+name+".so")
@@ -169,7 +170,7 @@ func SelectDevice(spec string) (Device, error) {
 	if spec == "auto" {
 		for _, b := range gpuBackends {
 			for _, d := range devs {
-				if strings.EqualFold(d.Backend, b) && (d.Type == "gpu" || d.Type == "igpu") && !software(d) {
+				if strings.EqualFold(d.Backend, b) && (d.Type == "gpu" || d.Type == "igpu") && !Software(d) {
 					return d, nil
 				}
 			}
@@ -231,9 +232,10 @@ func backendLoaded(kind string) bool {
 	return false
 }
 
-// software reports a device that emulates a GPU on the CPU (Mesa's
-// lavapipe, llvmpipe, SwiftShader): slower than the CPU backend itself.
-func software(d Device) bool {
+// Software reports a device that emulates a GPU on the CPU (Mesa's
+// lavapipe, whose devices are named llvmpipe; SwiftShader): slower than the
+// CPU backend itself.
+func Software(d Device) bool {
 	s := strings.ToLower(d.Description)
 	return strings.Contains(s, "llvmpipe") || strings.Contains(s, "lavapipe") || strings.Contains(s, "swiftshader")
 }
@@ -267,4 +269,26 @@ func VulkanDevices() []VulkanDevice {
 		out = append(out, VulkanDevice{Index: i, Name: C.GoString(&buf[i].name[0]), Type: t})
 	}
 	return out
+}
+
+// showSoftwareVulkan makes a software Vulkan device (Mesa's lavapipe)
+// visible to ggml when it is the only kind there is: ggml's Vulkan backend
+// hides CPU-type devices unless GGML_VK_VISIBLE_DEVICES names them, which
+// on a machine without a GPU would leave vulkan:0 unusable. Where a real
+// GPU exists, or the variable is set, ggml's own choice stands; auto never
+// picks a software device either way.
+func showSoftwareVulkan() {
+	if _, set := os.LookupEnv("GGML_VK_VISIBLE_DEVICES"); set {
+		return
+	}
+	var cpu []string
+	for _, d := range VulkanDevices() {
+		if d.Type != "cpu" {
+			return
+		}
+		cpu = append(cpu, strconv.Itoa(d.Index))
+	}
+	if len(cpu) > 0 {
+		os.Setenv("GGML_VK_VISIBLE_DEVICES", strings.Join(cpu, ","))
+	}
 }

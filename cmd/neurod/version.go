@@ -58,8 +58,12 @@ func printDevices(out io.Writer) {
 	fmt.Fprintln(out, "devices:")
 	shown := map[string]bool{}
 	for _, d := range ggml.Devices() {
-		fmt.Fprintf(out, "  %-10s %-7s %-5s %s, %.1f of %.1f GiB free\n", d.Spec(), d.Backend, d.Type, d.Description,
-			float64(d.MemoryFree)/(1<<30), float64(d.MemoryTotal)/(1<<30))
+		soft := ""
+		if ggml.Software(d) {
+			soft = " (software: Mesa's lavapipe or the like, slower than the CPU backend)"
+		}
+		fmt.Fprintf(out, "  %-10s %-7s %-5s %s, %.1f of %.1f GiB free%s\n", d.Spec(), d.Backend, d.Type, d.Description,
+			float64(d.MemoryFree)/(1<<30), float64(d.MemoryTotal)/(1<<30), soft)
 		if d.Backend == "Vulkan" {
 			shown[d.Description] = true
 		}
