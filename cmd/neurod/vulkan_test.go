@@ -27,7 +27,11 @@ func vulkanEnv(t *testing.T) []string {
 		}
 		t.Skip("no Vulkan device to test on (make test-vulkan)")
 	}
-	return []string{"NEURO_BACKENDS=" + os.Getenv("NEURO_BACKENDS"), "GGML_VK_VISIBLE_DEVICES=" + os.Getenv("GGML_VK_VISIBLE_DEVICES")}
+	env := []string{"NEURO_BACKENDS=" + os.Getenv("NEURO_BACKENDS")}
+	if v, ok := os.LookupEnv("GGML_VK_VISIBLE_DEVICES"); ok {
+		env = append(env, "GGML_VK_VISIBLE_DEVICES="+v)
+	}
+	return env
 }
 
 // generate --local and --split on vulkan:0: 16 tokens each, the same ones
