@@ -152,3 +152,24 @@ func TestChooseSpreadsNodes(t *testing.T) {
 		}
 	}
 }
+
+// An explicit expert list larger than the budget is refused before anything
+// is fetched, naming where the budget came from (a GPU's free memory).
+func TestExplicitListMustFitTheBudget(t *testing.T) {
+	m := &neuropb.Manifest{Params: &neuropb.ModelParams{Layers: 1, Experts: 2}}
+	for e := range 2 {
+		m.Experts = append(m.Experts, &neuropb.ExpertShardRef{Layer: 0, Expert: uint32(e), Shard: &neuropb.ShardRef{Size: 800 << 10}})
+	}
+	s := &Service{cfg: ServiceConfig{MemoryBudget: 1 << 20, BudgetSource: "vulkan:0, Some GPU: 1536 MiB free"}}
+	err := s.fits(m, []Key{{0, 0}, {0, 1}})
+	if err == nil || !strings.Contains(err.Error(), "2 experts need 1.6 MiB, more than the 1.0 MiB for expert weights (vulkan:0, Some GPU") {
+		t.Fatalf("two experts over the budget: %v", err)
+	}
+	if err := s.fits(m, []Key{{0, 1}}); err != nil {
+		t.Fatalf("one expert within the budget: %v", err)
+	}
+	s.cfg.MemoryBudget = 0
+	if err := s.fits(m, []Key{{0, 0}, {0, 1}}); err != nil {
+		t.Fatalf("no budget: %v", err)
+	}
+}

@@ -33,8 +33,10 @@ type ServiceConfig struct {
 	Model cid.Cid
 	// Spec says which experts to host.
 	Spec Spec
-	// MemoryBudget bounds the expert weights the node loads, in bytes.
+	// MemoryBudget bounds the expert weights the node loads, in bytes
+	// (0: no bound); BudgetSource says where it came from, for errors.
 	MemoryBudget int64
+	BudgetSource string
 	// Threads for ggml (0: every core).
 	Threads int
 	Server  Config
@@ -262,6 +264,9 @@ func (s *Service) host(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
+		if err := s.fits(m, keys); err != nil {
+			return err
+		}
 		for _, k := range keys {
 			if err := s.add(ctx, m, k); err != nil {
 				return err
@@ -364,6 +369,23 @@ func (s *Service) providerCounts(m *neuropb.Manifest) map[Key]int {
 		}
 	}
 	return out
+}
+
+// fits checks that the experts of an explicit list fit the memory budget,
+// before any is fetched.
+func (s *Service) fits(m *neuropb.Manifest, keys []Key) error {
+	if s.cfg.MemoryBudget <= 0 {
+		return nil
+	}
+	var need int64
+	for _, k := range keys {
+		need += int64(m.GetExperts()[k.Layer*int(m.GetParams().GetExperts())+k.Expert].GetShard().GetSize())
+	}
+	if need > s.cfg.MemoryBudget {
+		return fmt.Errorf("expert list: %d experts need %.1f MiB, more than the %.1f MiB for expert weights (%s)",
+			len(keys), float64(need)/(1<<20), float64(s.cfg.MemoryBudget)/(1<<20), s.cfg.BudgetSource)
+	}
+	return nil
 }
 
 // add hosts expert k: announces the choice, fetches and verifies the

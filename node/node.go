@@ -46,6 +46,17 @@ type options struct {
 	fault    expert.Fault
 	load     LoadSignal
 	compute  moe.Backend
+	budget   string
+}
+
+// WithBudgetSource says where expert.memory_mb came from when the node did
+// not get it from its config (neurod: a GPU's free memory), for the error
+// when an expert list does not fit.
+func WithBudgetSource(s string) Option {
+	return func(o *options) error {
+		o.budget = s
+		return nil
+	}
 }
 
 // WithCompute sets the compute backend the node's experts and gating
@@ -232,7 +243,7 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 	n.log = n.log.With("peer", n.p2p.ID())
 	if n.home != "" {
 		if n.expert, err = newExpertService(n.p2p, key, cfg.Expert, filepath.Join(n.home, StoreDir), n.countFetched(o.progress),
-			o.slowDown, o.fault, o.compute, n.metrics, n.log); err != nil {
+			o.slowDown, o.fault, o.compute, o.budget, n.metrics, n.log); err != nil {
 			return nil, err
 		}
 		n.idle = newIdleGuard(cfg.Home, o.load, n.expert.SetPaused, n.metrics, n.log)
@@ -548,8 +559,11 @@ func (n *Node) heartbeatExtra(hb *neuropb.Heartbeat) {
 
 // newExpertService builds the node's expert service from its config.
 func newExpertService(h *p2p.Host, key crypto.PrivKey, cfg ExpertConfig, store string, progress expert.Progress, slow time.Duration,
-	fault expert.Fault, compute moe.Backend, m *metrics.Metrics, log *slog.Logger) (*expert.Service, error) {
-	sc := expert.ServiceConfig{StoreDir: store, MemoryBudget: int64(cfg.MemoryMB) << 20, Threads: cfg.Threads,
+	fault expert.Fault, compute moe.Backend, budget string, m *metrics.Metrics, log *slog.Logger) (*expert.Service, error) {
+	if budget == "" {
+		budget = "expert.memory_mb"
+	}
+	sc := expert.ServiceConfig{StoreDir: store, MemoryBudget: int64(cfg.MemoryMB) << 20, BudgetSource: budget, Threads: cfg.Threads,
 		Server: expert.DefaultConfig(), Progress: progress, Fault: fault, Compute: compute}
 	sc.Server.Metrics = m
 	sc.Server.SignReceipt = func(r *neuropb.UsageReceipt) error { return ledger.SignReceipt(key, r) }

@@ -140,9 +140,11 @@ func runNode(cmd *cobra.Command, home string, cfg node.Config, rf *runFlags) err
 	if err != nil {
 		return fmt.Errorf("home.device (--device): %w", err)
 	}
-	budgetDevice(&cfg, dev, log)
 	opts := []node.Option{node.WithHome(home), node.WithLogger(log), node.WithExpertSlowDown(rf.slowCompute), node.WithFault(fault),
 		node.WithCompute(ggml.Backend{Device: dev})}
+	if src := budgetDevice(&cfg, dev, log); src != "" {
+		opts = append(opts, node.WithBudgetSource(src))
+	}
 	if pr := progress.New(cmd.ErrOrStderr()); pr.On() {
 		show := pr.Fetches()
 		opts = append(opts, node.WithProgress(func(c cid.Cid, done, total int64) { show(c.String(), done, total) }))
@@ -224,9 +226,9 @@ func parseMiB(s string) (int, error) {
 // gating compute (its weights and every session's KV cache) on a gating
 // node, less a margin for the compute buffers. The CPU keeps today's rule
 // (no budget unless set).
-func budgetDevice(cfg *node.Config, dev ggml.Device, log interface{ Info(string, ...any) }) {
+func budgetDevice(cfg *node.Config, dev ggml.Device, log interface{ Info(string, ...any) }) string {
 	if dev.CPU() || cfg.Expert.MemoryMB > 0 {
-		return
+		return ""
 	}
 	const mib = 1 << 20
 	free := int64(dev.MemoryFree)
@@ -241,4 +243,6 @@ func budgetDevice(cfg *node.Config, dev ggml.Device, log interface{ Info(string,
 	cfg.Expert.MemoryMB = int(max(0, free-reserve) / mib)
 	log.Info("expert memory from the device", "device", dev.Spec(), "name", dev.Description,
 		"free_mib", free/mib, "expert_mib", cfg.Expert.MemoryMB, "gating_reserve", cfg.Gating.Enabled)
+	return fmt.Sprintf("%s, %s: %d MiB free, less %d MiB kept for compute buffers%s", dev.Spec(), dev.Description, free/mib,
+		reserve/mib, map[bool]string{true: " and the gating compute"}[cfg.Gating.Enabled])
 }
