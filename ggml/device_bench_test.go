@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/ipfs/go-cid"
 
@@ -141,6 +142,86 @@ func BenchmarkDeviceGenerate(b *testing.B) {
 				n += len(g.Tokens)
 			}
 			b.ReportMetric(float64(n)/b.Elapsed().Seconds(), "tokens/s")
+		})
+	}
+}
+
+// BenchmarkDeviceLlamaCppExpert: llama.cpp's own time for one Mixtral-size
+// expert (4096x14336, Q8_0) on each device, beside neuro's: a one-layer
+// model with two experts, one used per token, decoded token by token by
+// llama.cpp; the same layer's gating compute alone (no experts) on the
+// same device; the difference is the expert inside llama.cpp's decode.
+// BenchmarkDeviceExpertFFN's mixtral/q8_0/batch=1 is neuro's figure.
+func BenchmarkDeviceLlamaCppExpert(b *testing.B) {
+	dir := b.TempDir()
+	path := filepath.Join(dir, "m.gguf")
+	p := model.Params{Layers: 1, Experts: 2, ExpertsUsed: 1, Embd: mixtralEmbd, FF: mixtralFF, Heads: 32, KVHeads: 8,
+		Vocab: 512, Context: 512, RopeFreqBase: 1e6, RMSEps: 1e-5}
+	f, err := os.Create(path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := model.Generate(f, p, model.Q8_0, 3); err != nil {
+		b.Fatal(err)
+	}
+	f.Close()
+	res, err := model.Split(path, filepath.Join(dir, "shards"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	const tokens = 64
+	tok := func(i int) []int32 { return []int32{int32(3 + i%400)} }
+	for _, dev := range benchDevices(b) {
+		b.Run(dev.Spec(), func(b *testing.B) {
+			l, err := LoadLlamaOn(dev, path)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer l.Close()
+			sm, err := LoadSplitOn(dev, filepath.Join(dir, "shards"), res.ModelCID, 0)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer sm.Close()
+			// pass decodes tokens in a fresh llama.cpp context, then forwards
+			// them through the gating compute alone, and times both.
+			pass := func() (local, gating time.Duration) {
+				lc, err := l.NewContext(ContextOptions{Context: 512})
+				if err != nil {
+					b.Fatal(err)
+				}
+				defer lc.Close()
+				s, err := sm.Gating.NewSession(512)
+				if err != nil {
+					b.Fatal(err)
+				}
+				defer s.Close()
+				t0 := time.Now()
+				for i := range tokens {
+					if err := lc.Decode(tok(i)); err != nil {
+						b.Fatal(err)
+					}
+				}
+				local = time.Since(t0)
+				t1 := time.Now()
+				for i := range tokens {
+					if _, err := s.Forward(context.Background(), tok(i), noExperts{embd: p.Embd}); err != nil {
+						b.Fatal(err)
+					}
+				}
+				return local, time.Since(t1)
+			}
+			pass() // warm up: kernels, buffers
+			b.ResetTimer()
+			var local, gating time.Duration
+			for range b.N {
+				dl, dg := pass()
+				local, gating = local+dl, gating+dg
+			}
+			n := float64(b.N * tokens)
+			b.ReportMetric(local.Seconds()*1e3/n, "llama_ms/token")
+			b.ReportMetric(gating.Seconds()*1e3/n, "gating_ms/token")
+			b.ReportMetric((local-gating).Seconds()*1e3/n, "llama_expert_ms")
 		})
 	}
 }
