@@ -19,6 +19,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/neuro-p2p/neuro/model"
 	"github.com/neuro-p2p/neuro/moe"
 	"github.com/neuro-p2p/neuro/neuropb"
 	"github.com/neuro-p2p/neuro/p2p"
@@ -461,6 +462,26 @@ func (s *Service) Compute(model cid.Cid, layer, expert int, x []float32, n int) 
 		return nil, fmt.Errorf("expert %d:%d: %w", layer, expert, err)
 	}
 	return out, nil
+}
+
+// WeightTypes are the tensor types of expert (layer, expert) of model c as
+// its manifest lists them; false when this node has not the manifest.
+func (s *Service) WeightTypes(c cid.Cid, layer, expert int) ([]model.DType, bool) {
+	s.mu.Lock()
+	m := s.manifest
+	s.mu.Unlock()
+	if m == nil || !s.cfg.Model.Equals(c) {
+		return nil, false
+	}
+	i := layer*int(m.GetParams().GetExperts()) + expert
+	if layer < 0 || expert < 0 || expert >= int(m.GetParams().GetExperts()) || i >= len(m.GetExperts()) {
+		return nil, false
+	}
+	var out []model.DType
+	for _, t := range m.GetExperts()[i].GetShard().GetTensors() {
+		out = append(out, model.DType(t.GetDtype()))
+	}
+	return out, true
 }
 
 // Served counts the expert calls this node has answered.

@@ -268,6 +268,11 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 	vc := verdict.Config{Key: key, Book: n.book}
 	if svc := n.expert; svc != nil {
 		vc.Rerun = func(t reputation.Task) ([]float32, error) {
+			// The verdict's weight types set its tolerance; they must be
+			// the manifest's.
+			if types, ok := svc.WeightTypes(t.Model, t.Layer, t.Expert); ok && len(t.DTypes) > 0 && !slices.Equal(types, t.DTypes) {
+				return nil, fmt.Errorf("verdict on %d:%d names types %v, the manifest %v: %w", t.Layer, t.Expert, t.DTypes, types, reputation.ErrWrongWeightTypes)
+			}
 			return svc.Compute(t.Model, t.Layer, t.Expert, t.Input, t.N)
 		}
 	}

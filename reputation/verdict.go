@@ -306,6 +306,11 @@ func (o Outcome) String() string {
 	return [...]string{"unchecked", "confirmed", "refuted", "undecided"}[o]
 }
 
+// ErrWrongWeightTypes is what a re-run returns when the verdict names
+// other weight types than the model's manifest lists for the expert: the
+// judge signed a false tolerance, and Judge refutes the verdict.
+var ErrWrongWeightTypes = errors.New("the verdict's weight types are not the model's")
+
 // Judge re-runs a verified verdict's task with rerun (nil, or an error,
 // when this node cannot) and records the outcome in the book: against the
 // accused when confirmed, against the judge when refuted.
@@ -314,10 +319,14 @@ func (b *Book) Judge(v *neuropb.Verdict, t Task, accused peer.ID, wrong, right [
 		return Unchecked
 	}
 	got, err := rerun(t)
+	judge, _ := peer.IDFromBytes(v.GetJudge())
+	if errors.Is(err, ErrWrongWeightTypes) {
+		b.Refuted(judge)
+		return Refuted
+	}
 	if err != nil {
 		return Unchecked
 	}
-	judge, _ := peer.IDFromBytes(v.GetJudge())
 	tol := ToleranceFor(t.DTypes...)
 	matchRight, matchWrong := RelL2(got, right) <= tol, RelL2(got, wrong) <= tol
 	switch {

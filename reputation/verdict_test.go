@@ -2,6 +2,7 @@ package reputation
 
 import (
 	"errors"
+	"fmt"
 	"testing"
 	"time"
 
@@ -173,5 +174,31 @@ func TestVerdictToleranceByType(t *testing.T) {
 		if _, _, _, _, err := VerifyVerdict(v); !errors.Is(err, neuropb.ErrInvalid) {
 			t.Errorf("%s: %v", name, err)
 		}
+	}
+}
+
+// A node whose manifest lists other weight types than the verdict names
+// refutes it: the judge signed a false tolerance.
+func TestJudgeRefutesFalseWeightTypes(t *testing.T) {
+	judgeKey, judge := newPeer(t)
+	_, accused := newPeer(t)
+	_, a1 := newPeer(t)
+	_, a2 := newPeer(t)
+	mh, _ := multihash.Sum([]byte("m"), multihash.SHA2_256, -1)
+	task := Task{Model: cid.NewCidV1(cid.Raw, mh), Layer: 1, Expert: 2, Input: []float32{1, 2, 3, 4}, N: 1,
+		DTypes: []model.DType{model.F16, model.F16, model.F16}}
+	v, err := NewVerdict(judgeKey, task, accused, []float32{1.1, 1, 1, 1}, [2]peer.ID{a1, a2}, []float32{1, 1, 1, 1}, nil, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	gotTask, gotAccused, wrong, right, err := VerifyVerdict(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	book, _ := Open(Config{})
+	before := book.Score(judge)
+	lie := func(Task) ([]float32, error) { return nil, fmt.Errorf("types differ: %w", ErrWrongWeightTypes) }
+	if o := book.Judge(v, gotTask, gotAccused, wrong, right, lie); o != Refuted || book.Score(judge) >= before || book.Excluded(accused) {
+		t.Fatalf("a verdict with false types: %v, judge %v -> %v", o, before, book.Score(judge))
 	}
 }
