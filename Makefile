@@ -81,7 +81,7 @@ VULKAN_ENV = NEURO_BACKENDS=$(CURDIR)/bin GGML_VK_VISIBLE_DEVICES=0 NEURO_TEST_D
 
 ## test-vulkan: the device tests on lavapipe: an expert per type family against the CPU, the split model's tokens, generate and a two-node testnet on vulkan:0
 test-vulkan: vulkan build
-	$(VULKAN_ENV) $(GO) test -count=1 -timeout 20m -run '^TestDevice(ExpertMatchesCPU|SplitMatchesLlamaCpp)$$' ./ggml/
+	$(VULKAN_ENV) $(GO) test -count=1 -timeout 20m -run '^(TestDevice(ExpertMatchesCPU|SplitMatchesLlamaCpp)|TestAutoMeasuresTheDevices)$$' ./ggml/
 	$(VULKAN_ENV) $(GO) test -count=1 -timeout 20m -run '^TestVulkan' ./cmd/neurod/
 
 # The race-detector build shares nothing with the others (every package is

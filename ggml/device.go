@@ -12,12 +12,17 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 	"unsafe"
+
+	"github.com/neuro-p2p/neuro/model"
+	"github.com/neuro-p2p/neuro/moe"
 )
 
 // neurod computes on the CPU with the ggml compiled into it. GPU backends
@@ -156,31 +161,23 @@ func devType(t int) string {
 }
 
 // SelectDevice resolves a --device value: cpu, vulkan:N, cuda:N, or auto
-// (the first CUDA device, else the first discrete or integrated Vulkan GPU,
-// else the CPU; a software Vulkan device such as lavapipe is never chosen
-// by auto). It never falls back: a device that is asked for and missing is
-// an error that says what is missing.
+// (the fastest of the CPU and the GPUs, measured; a software Vulkan device
+// such as lavapipe is never a candidate). It never falls back: a device
+// that is asked for and missing is an error that says what is missing.
 func SelectDevice(spec string) (Device, error) {
 	spec = strings.ToLower(strings.TrimSpace(spec))
 	if spec == "" || spec == "cpu" {
-		return Device{Name: "CPU", Backend: "CPU", Type: "cpu"}, nil
-	}
-	_, loadErr := LoadBackends()
-	devs := Devices()
-	if spec == "auto" {
-		for _, b := range gpuBackends {
-			for _, d := range devs {
-				if strings.EqualFold(d.Backend, b) && (d.Type == "gpu" || d.Type == "igpu") && !Software(d) {
-					return d, nil
-				}
-			}
-		}
-		for _, d := range devs {
+		for _, d := range Devices() {
 			if d.CPU() {
 				return d, nil
 			}
 		}
 		return Device{Name: "CPU", Backend: "CPU", Type: "cpu"}, nil
+	}
+	_, loadErr := LoadBackends()
+	devs := Devices()
+	if spec == "auto" {
+		return fastest(devs), nil
 	}
 	kind, num, ok := strings.Cut(spec, ":")
 	n, err := strconv.Atoi(num)
@@ -291,4 +288,80 @@ func showSoftwareVulkan() {
 	if len(cpu) > 0 {
 		os.Setenv("GGML_VK_VISIBLE_DEVICES", strings.Join(cpu, ","))
 	}
+}
+
+// fastest times one expert of Qwen3-30B-A3B's shape (2048x768, Q8_0,
+// batch 1) on the CPU and on every GPU that is not a software one, and
+// returns the quickest. With no GPU it returns the CPU without measuring.
+func fastest(devs []Device) Device {
+	cpu := Device{Name: "CPU", Backend: "CPU", Type: "cpu"}
+	var cands []Device
+	for _, d := range devs {
+		if d.CPU() {
+			cpu = d
+		} else if (d.Type == "gpu" || d.Type == "igpu") && !Software(d) {
+			cands = append(cands, d)
+		}
+	}
+	if len(cands) == 0 {
+		return cpu
+	}
+	return fastestOf(append([]Device{cpu}, cands...))
+}
+
+// fastestOf measures each device (timeExpert) and returns the quickest;
+// the first one when none can be measured.
+func fastestOf(devs []Device) Device {
+	const embd, ff = 2048, 768
+	w := make([]float32, embd*ff)
+	for i := range w {
+		w[i] = float32(i%17-8) / 80
+	}
+	q, err := Quantize(model.Q8_0, w, embd)
+	qd, err2 := Quantize(model.Q8_0, w, ff)
+	if err != nil || err2 != nil {
+		return devs[0]
+	}
+	weights := moe.ExpertWeights{Embd: embd, FF: ff, Gate: moe.Tensor{Type: model.Q8_0, Data: q},
+		Up: moe.Tensor{Type: model.Q8_0, Data: q}, Down: moe.Tensor{Type: model.Q8_0, Data: qd}}
+	best, bestT := devs[0], time.Duration(math.MaxInt64)
+	for _, d := range devs {
+		t, err := timeExpert(d, weights)
+		if err != nil {
+			slog.Warn("auto device: not usable", "device", d.Spec(), "err", err)
+			continue
+		}
+		slog.Debug("auto device", "device", d.Spec(), "name", d.Description, "expert_us", t.Microseconds())
+		if t < bestT {
+			best, bestT = d, t
+		}
+	}
+	slog.Info("auto device", "chose", best.Spec(), "name", best.Description, "expert_us", bestT.Microseconds())
+	return best
+}
+
+// timeExpert is the best of 10 calls of an expert on d, after 3 that warm
+// it up (kernels compile on first use).
+func timeExpert(d Device, w moe.ExpertWeights) (time.Duration, error) {
+	e, err := NewExpertOn(d, w, moe.ExpertOptions{MaxBatch: 1})
+	if err != nil {
+		return 0, err
+	}
+	defer e.Close()
+	x := make([]float32, w.Embd)
+	for i := range x {
+		x[i] = float32(i%7-3) / 3
+	}
+	out := make([]float32, w.Embd)
+	best := time.Duration(math.MaxInt64)
+	for i := range 13 {
+		t0 := time.Now()
+		if err := e.Compute(x, 1, out); err != nil {
+			return 0, err
+		}
+		if i >= 3 {
+			best = min(best, time.Since(t0))
+		}
+	}
+	return best, nil
 }

@@ -236,3 +236,22 @@ func TestDeviceList(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// auto's measurement: each device times the same expert and the quickest
+// wins. On lavapipe against the CPU (no real GPU in CI) the CPU must win:
+// lavapipe runs the same arithmetic on the same cores through a shader
+// compiler, several times slower.
+func TestAutoMeasuresTheDevices(t *testing.T) {
+	for _, dev := range testDevices(t) {
+		if !Software(dev) {
+			continue
+		}
+		cpu, _ := SelectDevice("cpu")
+		if got := fastestOf([]Device{dev, cpu}); !got.CPU() {
+			t.Fatalf("auto between %s (%s) and the CPU chose %s", dev.Spec(), dev.Description, got.Spec())
+		}
+		if got, err := SelectDevice("auto"); err != nil || !got.CPU() {
+			t.Fatalf("auto with only a software GPU: %v %v, want the CPU", got.Spec(), err)
+		}
+	}
+}
