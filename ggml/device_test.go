@@ -60,6 +60,14 @@ var expertCases = []expertCase{
 	{name: "q5_k", gate: model.Q5_K, up: model.Q5_K, down: model.Q5_K, cheaper: model.Q2_K},
 	{name: "q6_k", gate: model.Q6_K, up: model.Q6_K, down: model.Q6_K, cheaper: model.Q3_K},
 	{name: "q4_k_m", gate: model.Q4_K, up: model.Q4_K, down: model.Q6_K, cheaper: model.Q2_K, family: true},
+	{name: "iq4_nl", gate: model.IQ4_NL, up: model.IQ4_NL, down: model.IQ4_NL, cheaper: model.Q2_K},
+	{name: "iq4_xs", gate: model.IQ4_XS, up: model.IQ4_XS, down: model.IQ4_XS, cheaper: model.Q2_K},
+	{name: "iq3_s", gate: model.IQ3_S, up: model.IQ3_S, down: model.IQ3_S, cheaper: model.Q2_K},
+	{name: "iq3_xxs", gate: model.IQ3_XXS, up: model.IQ3_XXS, down: model.IQ3_XXS, cheaper: model.Q2_K},
+	// TQ1_0 and TQ2_0 hold the same ternary values, packed differently.
+	{name: "tq2_0", gate: model.TQ2_0, up: model.TQ2_0, down: model.TQ2_0},
+	{name: "tq1_0", gate: model.TQ1_0, up: model.TQ1_0, down: model.TQ1_0},
+	{name: "mxfp4", gate: model.MXFP4, up: model.MXFP4, down: model.MXFP4, cheaper: model.Q2_K},
 }
 
 // deviceCases are the cases of NEURO_TEST_TYPES: "all", or by default one

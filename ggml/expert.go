@@ -16,9 +16,10 @@ import (
 	"github.com/neuro-p2p/neuro/moe"
 )
 
-// ExpertDTypes are the weight types Expert computes with.
-var ExpertDTypes = []model.DType{model.F32, model.F16, model.Q8_0, model.Q4_0, model.Q4_1, model.Q5_0,
-	model.Q5_1, model.Q2_K, model.Q3_K, model.Q4_K, model.Q5_K, model.Q6_K, model.BF16}
+// ExpertDTypes are the weight types Expert computes with: every type neuro
+// reads but Q8_K (an activation type), i-quants, ternary and MXFP4
+// included.
+var ExpertDTypes = slices.DeleteFunc(model.DTypes(), func(t model.DType) bool { return t == model.Q8_K })
 
 // Expert computes one MoE expert's feed-forward block,
 // down(silu(gate·x) ⊙ (up·x)), with ggml on the weights' own dtype. It is

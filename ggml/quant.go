@@ -16,19 +16,20 @@ import (
 	"github.com/neuro-p2p/neuro/model"
 )
 
-// quantizable are the types ggml_quantize_chunk handles without an
-// importance matrix; Q8_K (an activation type) goes through its reference
-// routine.
-var quantizable = map[model.DType]bool{
-	model.F32: true, model.F16: true, model.BF16: true, model.Q4_0: true, model.Q4_1: true, model.Q5_0: true,
-	model.Q5_1: true, model.Q8_0: true, model.Q2_K: true, model.Q3_K: true, model.Q4_K: true, model.Q5_K: true,
-	model.Q6_K: true, model.Q8_K: true,
+// quantizable reports whether ggml_quantize_chunk makes t without an
+// importance matrix (IQ2_XXS, IQ2_XS, IQ1_S and IQ1_M need one); Q8_K (an
+// activation type) goes through its reference routine instead.
+func quantizable(t model.DType) bool {
+	return t.Known() && t != model.Q8_K && !bool(C.ggml_quantize_requires_imatrix(C.enum_ggml_type(t)))
 }
 
 // Quantize converts rows of float32 values (each of rowLen values) to t
 // with ggml's own quantizer, k-quants included.
 func Quantize(t model.DType, x []float32, rowLen int) ([]byte, error) {
-	if !quantizable[t] {
+	if !quantizable(t) && t != model.Q8_K {
+		if t.Known() {
+			return nil, fmt.Errorf("quantize %s: ggml needs an importance matrix for it", t)
+		}
 		return nil, fmt.Errorf("quantize: %w %s", model.ErrUnsupportedDType, t)
 	}
 	if rowLen <= 0 || uint64(rowLen)%t.BlockSize() != 0 || len(x)%rowLen != 0 || len(x) == 0 {
@@ -66,4 +67,10 @@ func Dequantize(t model.DType, b []byte) ([]float32, error) {
 	}
 	C.ggml_dequantize(traits.to_float, unsafe.Pointer(&b[0]), (*C.float)(&out[0]), C.int64_t(n))
 	return out, nil
+}
+
+// ggmlTypeInfo is ggml's own block size, bytes per block and name of t.
+func ggmlTypeInfo(t model.DType) (blck, size int, name string) {
+	return int(C.ggml_blck_size(C.enum_ggml_type(t))), int(C.ggml_type_size(C.enum_ggml_type(t))),
+		C.GoString(C.ggml_type_name(C.enum_ggml_type(t)))
 }

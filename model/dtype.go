@@ -3,6 +3,7 @@ package model
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 )
 
@@ -24,8 +25,22 @@ const (
 	Q5_K DType = 13
 	Q6_K DType = 14
 	// Q8_K is the activation type ggml pairs with k-quant weights.
-	Q8_K DType = 15
-	BF16 DType = 30
+	Q8_K    DType = 15
+	IQ2_XXS DType = 16
+	IQ2_XS  DType = 17
+	IQ3_XXS DType = 18
+	IQ1_S   DType = 19
+	IQ4_NL  DType = 20
+	IQ3_S   DType = 21
+	IQ2_S   DType = 22
+	IQ4_XS  DType = 23
+	IQ1_M   DType = 29
+	BF16    DType = 30
+	TQ1_0   DType = 34
+	TQ2_0   DType = 35
+	// MXFP4 is gpt-oss's expert type: 32 4-bit floats with a shared
+	// 8-bit exponent.
+	MXFP4 DType = 39
 )
 
 // ErrUnsupportedDType is returned for a ggml type neuro does not handle.
@@ -52,6 +67,29 @@ var dtypes = map[DType]dtypeInfo{
 	Q5_K: {"q5_k", 256, 176},
 	Q6_K: {"q6_k", 256, 210},
 	Q8_K: {"q8_k", 256, 292},
+
+	IQ2_XXS: {"iq2_xxs", 256, 66},
+	IQ2_XS:  {"iq2_xs", 256, 74},
+	IQ3_XXS: {"iq3_xxs", 256, 98},
+	IQ1_S:   {"iq1_s", 256, 50},
+	IQ4_NL:  {"iq4_nl", 32, 18},
+	IQ3_S:   {"iq3_s", 256, 110},
+	IQ2_S:   {"iq2_s", 256, 82},
+	IQ4_XS:  {"iq4_xs", 256, 136},
+	IQ1_M:   {"iq1_m", 256, 56},
+	TQ1_0:   {"tq1_0", 256, 54},
+	TQ2_0:   {"tq2_0", 256, 66},
+	MXFP4:   {"mxfp4", 32, 17},
+}
+
+// DTypes lists every type neuro reads, in ggml's order.
+func DTypes() []DType {
+	out := make([]DType, 0, len(dtypes))
+	for t := range dtypes {
+		out = append(out, t)
+	}
+	slices.Sort(out)
+	return out
 }
 
 // Known reports whether neuro handles the type.

@@ -55,6 +55,14 @@ var tolerances = map[model.DType]float64{
 	// honest ≤ 2.3e-2 (Q5_K on CUDA, batch 32); as Q2_K instead ≥ 0.40, Q6_K
 	// as Q3_K 0.21
 	model.Q2_K: 7e-2, model.Q3_K: 7e-2, model.Q4_K: 7e-2, model.Q5_K: 7e-2, model.Q6_K: 7e-2,
+	// measured on lavapipe only (no GPU lease since): honest ≤ 1.7e-2
+	// (IQ4_XS, batch 32), 1.1e-2 for MXFP4; as Q2_K instead ≥ 0.39. The
+	// K-quants' value, whose CUDA figures ran 1.4x lavapipe's.
+	model.IQ4_NL: 7e-2, model.IQ4_XS: 7e-2, model.IQ3_S: 7e-2, model.IQ3_XXS: 7e-2, model.MXFP4: 7e-2,
+	// IQ2_*, IQ1_* (which need an importance matrix to make) and the
+	// ternary TQ1_0/TQ2_0 (ggml-vulkan has no ternary kernels: the
+	// scheduler ran them on the CPU, 0 apart) are not measured across
+	// devices yet: Tolerance.
 }
 
 // ToleranceFor is the relative L2 distance under which two results of an

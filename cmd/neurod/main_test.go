@@ -521,3 +521,57 @@ func TestModelImport(t *testing.T) {
 		t.Fatalf("%d blobs in the store", len(entries))
 	}
 }
+
+// model quantize makes the type mixes people download with llama.cpp's
+// quantizer; a Q4_K_M file (experts with Q6_K down tensors beside Q4_K
+// gate and up) gives the same tokens through llama.cpp, the split forward
+// pass and a testnet whose expert nodes serve those mixed experts.
+func TestModelQuantize(t *testing.T) {
+	dir := t.TempDir()
+	src, q := filepath.Join(dir, "f16.gguf"), filepath.Join(dir, "q4km.gguf")
+	if r := neurod(t, nil, "model", "make", "--preset", "tiny", "--type", "f16", "--seed", "12", "--layers", "3", "--embd", "256",
+		"--ff", "512", "--out", src); r.code != 0 {
+		t.Fatal(r.stderr)
+	}
+	if r := neurod(t, nil, "model", "quantize", src, "--type", "q4_k_m", "--out", q); r.code != 0 || !strings.Contains(r.stdout, "q4_k_m") {
+		t.Fatalf("quantize: %+v", r)
+	}
+	var first string
+	for _, mode := range []string{"--local", "--split"} {
+		r := neurod(t, nil, "generate", mode, q, "--prompt", "the model", "--max-tokens", "16", "--json")
+		var out struct {
+			Tokens []int32 `json:"tokens"`
+		}
+		if r.code != 0 || json.Unmarshal([]byte(r.stdout), &out) != nil || len(out.Tokens) == 0 {
+			t.Fatalf("generate %s: %+v", mode, r)
+		}
+		if first != "" && fmt.Sprint(out.Tokens) != first {
+			t.Fatalf("%s: %v, --local %s", mode, out.Tokens, first)
+		}
+		first = fmt.Sprint(out.Tokens)
+	}
+	r := neurodWithin(t, 3*time.Minute, testEnv, "testnet", "--nodes", "2", "--model", q, "--prompt", "the model", "--max-tokens", "16",
+		"--check", "--json", "--dir", t.TempDir())
+	var rep struct {
+		Tokens []int32 `json:"tokens"`
+	}
+	if r.code != 0 || json.Unmarshal([]byte(r.stdout), &rep) != nil || fmt.Sprint(rep.Tokens) != first {
+		t.Fatalf("testnet on the q4_k_m model: exit %d, tokens %v, want %s\n%s", r.code, rep.Tokens, first, r.stderr)
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"model", "quantize", src, "--out", filepath.Join(dir, "a.gguf")}, "flag --type: required"},
+		{[]string{"model", "quantize", src, "--type", "q9_k", "--out", filepath.Join(dir, "a.gguf")}, "want one of"},
+		{[]string{"model", "quantize", src, "--type", "iq2_xxs", "--out", filepath.Join(dir, "a.gguf")}, "importance matrix"},
+		{[]string{"model", "quantize", src, "--type", "q8_0", "--out", q}, "the file exists"},
+		{[]string{"model", "quantize", filepath.Join(dir, "none.gguf"), "--type", "q8_0", "--out", filepath.Join(dir, "b.gguf")}, "no such file"},
+		{[]string{"model", "make", "--type", "q4_k", "--out", filepath.Join(dir, "c.gguf")}, "neurod model quantize"},
+	} {
+		r := neurod(t, nil, tc.args...)
+		if r.code == 0 || !strings.Contains(r.stderr, tc.want) {
+			t.Errorf("%v: exit %d, stderr %q, want %q", tc.args, r.code, r.stderr, tc.want)
+		}
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 
@@ -15,6 +16,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/neuro-p2p/neuro/expert"
+	"github.com/neuro-p2p/neuro/ggml"
 	"github.com/neuro-p2p/neuro/internal/progress"
 	"github.com/neuro-p2p/neuro/model"
 	"github.com/neuro-p2p/neuro/node"
@@ -29,7 +31,7 @@ for tests and benchmarks, split cuts a model into content-addressed shards
 (one per layer and expert, plus the gating shard) and a manifest whose CID is
 the model's ID, and join rebuilds the GGUF from the shards.`,
 	}
-	cmd.AddCommand(newModelMakeCmd(), newModelSplitCmd(), newModelJoinCmd(), newModelImportCmd(g))
+	cmd.AddCommand(newModelMakeCmd(), newModelQuantizeCmd(), newModelSplitCmd(), newModelJoinCmd(), newModelImportCmd(g))
 	return cmd
 }
 
@@ -101,6 +103,51 @@ func presetNames() string {
 	return strings.Join(names, "|")
 }
 
+func newModelQuantizeCmd() *cobra.Command {
+	var (
+		out, typ string
+		threads  int
+		force    bool
+	)
+	cmd := &cobra.Command{
+		Use:   "quantize IN.gguf --type TYPE --out OUT.gguf",
+		Short: "Re-quantize a model with llama.cpp's quantizer (q4_k_m, q6_k, iq4_xs, mxfp4, …)",
+		Long: `quantize writes IN.gguf re-quantized to --type through llama.cpp's own
+quantizer (llama_model_quantize), so the file has the same type mix per tensor
+as the models people download: q4_k_m keeps gate and up experts in Q4_K and
+about half the layers' down experts in Q6_K; mxfp4 puts the experts in MXFP4.
+Tensors whose rows do not fit a type's blocks get llama.cpp's fallback type.
+Types: ` + strings.Join(ggml.FileTypes(), ", ") + `.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if out == "" {
+				return errors.New("flag --out: required")
+			}
+			if typ == "" {
+				return errors.New("flag --type: required (" + strings.Join(ggml.FileTypes(), ", ") + ")")
+			}
+			if _, err := os.Stat(out); err == nil && !force {
+				return fmt.Errorf("flag --out %s: the file exists (--force replaces it)", out)
+			}
+			if err := ggml.QuantizeModel(args[0], out, typ, threads); err != nil {
+				return err
+			}
+			st, err := os.Stat(out)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "wrote %s: %s, %.1f MiB\n", out, strings.ToLower(typ), float64(st.Size())/(1<<20))
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&out, "out", "", "output GGUF file (required)")
+	f.StringVar(&typ, "type", "", "file type: "+strings.Join(ggml.FileTypes(), "|"))
+	f.IntVar(&threads, "threads", 0, "quantization threads (0: every core)")
+	f.BoolVar(&force, "force", false, "replace an existing --out file")
+	return cmd
+}
+
 func newModelMakeCmd() *cobra.Command {
 	var (
 		out, preset, dtype string
@@ -126,8 +173,8 @@ flags override the preset: tiny loads in milliseconds (tests), bench has about
 				return err
 			}
 			dt, err := model.ParseDType(dtype)
-			if err != nil {
-				return fmt.Errorf("flag --type: %w", err)
+			if err != nil || !slices.Contains([]model.DType{model.F32, model.F16, model.Q8_0, model.Q4_0}, dt) {
+				return fmt.Errorf("flag --type %q: make writes f32, f16, q8_0 or q4_0; for q4_k_m, iq4_xs, mxfp4 and the rest, make f16 and run 'neurod model quantize'", dtype)
 			}
 			if err := writeModel(out, params, dt, seed, force); err != nil {
 				return err
@@ -141,7 +188,7 @@ flags override the preset: tiny loads in milliseconds (tests), bench has about
 	f := cmd.Flags()
 	f.StringVar(&out, "out", "", "output GGUF file (required)")
 	f.StringVar(&preset, "preset", "tiny", "shape preset: "+presetNames())
-	f.StringVar(&dtype, "type", "f32", "weight type: f32, f16, q8_0 or q4_0 (norms and router stay f32)")
+	f.StringVar(&dtype, "type", "f32", "weight type: f32, f16, q8_0 or q4_0 (norms and router stay f32); for other mixes, make f16 and 'neurod model quantize' it")
 	f.Uint64Var(&seed, "seed", 1, "random seed")
 	f.BoolVar(&force, "force", false, "replace an existing --out file")
 	f.IntVar(&p.Layers, "layers", 0, "MoE layers")
