@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"math"
+	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -102,8 +104,8 @@ func TestGatingBadInput(t *testing.T) {
 		t.Errorf("shape mismatch: %v", err)
 	}
 	other := proto.Clone(res.Manifest).(*neuropb.Manifest)
-	other.Architecture = "qwen3moe"
-	if _, err := moe.HparamsOf(other, gs); err == nil || !strings.Contains(err.Error(), "not supported") {
+	other.Architecture = "gpt-oss"
+	if _, err := moe.HparamsOf(other, gs); err == nil || !strings.Contains(err.Error(), `architecture "gpt-oss" is not supported yet (supported: llama, qwen3moe)`) {
 		t.Errorf("unsupported architecture: %v", err)
 	}
 	g, err := NewGating(hp, gs, 1)
@@ -135,4 +137,80 @@ type shortExperts struct{}
 
 func (shortExperts) MoE(context.Context, int, []float32, int, []int32, []float32) ([]float32, error) {
 	return make([]float32, 3), nil
+}
+
+// Qwen3-MoE's gating compute (per-head Q/K RMS norms, NEOX RoPE, a head
+// size other than embd/heads as Qwen3-30B-A3B has) against llama.cpp's
+// llm_build_qwen3moe: the same greedy tokens, logits identical, in f32, f16,
+// q8_0 and llama.cpp's q4_k_m mix.
+func TestQwen3MoeMatchesLlamaCpp(t *testing.T) {
+	const maxTokens = 32
+	prompt := "once upon a time the expert network"
+	p := model.Presets["tiny"]
+	p.Embd, p.FF, p.Heads, p.KVHeads, p.HeadSize, p.Layers = 256, 512, 4, 2, 128, 3 // q is 512 wide, embd 256
+	for _, typ := range []string{"f32", "f16", "q8_0", "q4_k_m", "q8_0-tied"} {
+		t.Run(typ, func(t *testing.T) {
+			p := p
+			typ, p.TiedOutput = strings.CutSuffix(typ, "-tied") // output head = token_embd
+			dir := t.TempDir()
+			path := filepath.Join(dir, "qwen3moe.gguf")
+			gen := model.F16
+			if typ == "f32" || typ == "q8_0" {
+				gen, _ = model.ParseDType(typ)
+			}
+			f, err := os.Create(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := model.GenerateArch(f, "qwen3moe", p, gen, 77); err != nil {
+				t.Fatal(err)
+			}
+			f.Close()
+			if typ == "q4_k_m" {
+				q := filepath.Join(dir, "q4km.gguf")
+				if err := QuantizeModel(path, q, typ, 2); err != nil {
+					t.Fatal(err)
+				}
+				path = q
+			}
+			ref, err := LoadLlama(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ref.Close()
+			want, err := ref.GenerateGreedy(prompt, maxTokens, ContextOptions{Threads: 2}, true)
+			if err != nil {
+				t.Fatal(err)
+			}
+			res, err := model.Split(path, filepath.Join(dir, "shards"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			sm, err := LoadSplit(filepath.Join(dir, "shards"), res.ModelCID, 2)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sm.Close()
+			if hp := sm.Gating.Hparams(); !hp.QKNorm || !hp.RopeNeox || hp.HeadDim != 128 {
+				t.Fatalf("hparams %+v", hp)
+			}
+			got, err := sm.GenerateGreedy(t.Context(), prompt, maxTokens, 0, nil, true)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !slices.Equal(got.Tokens, want.Tokens) {
+				t.Fatalf("split %v\nllama.cpp %v", got.Tokens, want.Tokens)
+			}
+			var worst float64
+			for step := range want.Logits {
+				for i := range want.Logits[step] {
+					worst = max(worst, math.Abs(float64(got.Logits[step][i]-want.Logits[step][i])))
+				}
+			}
+			t.Logf("qwen3moe %s (tied output %v): %d tokens identical, logits max |Δ| %.3g", typ, p.TiedOutput, len(want.Tokens), worst)
+			if worst != 0 {
+				t.Fatalf("logits differ by up to %.3g; the arithmetic is llama.cpp's, 0 expected", worst)
+			}
+		})
+	}
 }

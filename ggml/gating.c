@@ -20,6 +20,8 @@
 
 struct gating_layer {
     struct ggml_tensor * attn_norm;
+    struct ggml_tensor * q_norm; // qk_norm only
+    struct ggml_tensor * k_norm;
     struct ggml_tensor * wq;
     struct ggml_tensor * wk;
     struct ggml_tensor * wv;
@@ -100,7 +102,7 @@ neuro_gating * neuro_gating_new(const neuro_hparams * hp, const neuro_weight * w
         goto fail;
     }
 
-    struct ggml_init_params wp = { (size_t) (8 + 8 * hp->n_layer) * ggml_tensor_overhead(), NULL, true };
+    struct ggml_init_params wp = { (size_t) (8 + 10 * hp->n_layer) * ggml_tensor_overhead(), NULL, true };
     g->wctx = ggml_init(wp);
     if (g->wctx == NULL) {
         snprintf(err, err_len, "ggml weight context failed");
@@ -115,7 +117,11 @@ neuro_gating * neuro_gating_new(const neuro_hparams * hp, const neuro_weight * w
     } while (0)
     WEIGHT(g->tok_embd, "token_embd.weight");
     WEIGHT(g->output_norm, "output_norm.weight");
-    WEIGHT(g->output, "output.weight");
+    if (hp->tied_output) {
+        g->output = g->tok_embd;
+    } else {
+        WEIGHT(g->output, "output.weight");
+    }
     for (int il = 0; il < hp->n_layer; il++) {
         struct gating_layer * l = &g->layers[il];
         WEIGHT(l->attn_norm, "blk.%d.attn_norm.weight", il);
@@ -125,6 +131,10 @@ neuro_gating * neuro_gating_new(const neuro_hparams * hp, const neuro_weight * w
         WEIGHT(l->wo, "blk.%d.attn_output.weight", il);
         WEIGHT(l->ffn_norm, "blk.%d.ffn_norm.weight", il);
         WEIGHT(l->gate_inp, "blk.%d.ffn_gate_inp.weight", il);
+        if (hp->qk_norm) {
+            WEIGHT(l->q_norm, "blk.%d.attn_q_norm.weight", il);
+            WEIGHT(l->k_norm, "blk.%d.attn_k_norm.weight", il);
+        }
     }
 #undef WEIGHT
     g->wbuf = ggml_backend_alloc_ctx_tensors(g->wctx, g->x.backend);
@@ -186,7 +196,7 @@ neuro_session * neuro_session_new(neuro_gating * g, int n_ctx, char * err, size_
         snprintf(err, err_len, "out of memory");
         goto fail;
     }
-    const int64_t n_embd_gqa = (int64_t) hp->n_embd / hp->n_head * hp->n_head_kv;
+    const int64_t n_embd_gqa = (int64_t) hp->n_embd_head * hp->n_head_kv;
     for (int il = 0; il < hp->n_layer; il++) {
         s->k[il] = ggml_new_tensor_2d(s->kvctx, GGML_TYPE_F16, n_embd_gqa, n_ctx);
         s->v[il] = ggml_new_tensor_2d(s->kvctx, GGML_TYPE_F16, n_embd_gqa, n_ctx);
@@ -261,8 +271,9 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
     if (il < 0 || il >= hp->n_layer || n < 1 || pos0 < 0 || pos0 + n > s->n_ctx) {
         return 1;
     }
-    const int64_t n_embd_head = hp->n_embd / hp->n_head;
+    const int64_t n_embd_head = hp->n_embd_head;
     const int64_t n_embd_gqa = n_embd_head * hp->n_head_kv;
+    const int rope_type = hp->rope_neox ? 2 /* LLAMA_ROPE_TYPE_NEOX */ : 0 /* LLAMA_ROPE_TYPE_NORM */;
     const int n_kv = kv_len(s->n_ctx, pos0 + n);
     const int n_out = last_only ? 1 : n;
 
@@ -294,9 +305,14 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
     q = ggml_reshape_3d(ctx, q, n_embd_head, hp->n_head, n);
     k = ggml_reshape_3d(ctx, k, n_embd_head, hp->n_head_kv, n);
     v = ggml_reshape_3d(ctx, v, n_embd_head, hp->n_head_kv, n);
-    q = ggml_rope_ext(ctx, q, pos, NULL, hp->n_rot, 0 /* LLAMA_ROPE_TYPE_NORM */, hp->n_ctx_train,
+    if (hp->qk_norm) {
+        // llm_build_qwen3moe: each head of Q and K RMS-normed before RoPE
+        q = rms_norm(ctx, q, L->q_norm, hp->rms_eps);
+        k = rms_norm(ctx, k, L->k_norm, hp->rms_eps);
+    }
+    q = ggml_rope_ext(ctx, q, pos, NULL, hp->n_rot, rope_type, hp->n_ctx_train,
                       hp->rope_freq_base, 1.0f, 0.0f, 1.0f, 32.0f, 1.0f);
-    k = ggml_rope_ext(ctx, k, pos, NULL, hp->n_rot, 0, hp->n_ctx_train,
+    k = ggml_rope_ext(ctx, k, pos, NULL, hp->n_rot, rope_type, hp->n_ctx_train,
                       hp->rope_freq_base, 1.0f, 0.0f, 1.0f, 32.0f, 1.0f);
     ggml_build_forward_expand(gf, q);
     ggml_build_forward_expand(gf, k);

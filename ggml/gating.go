@@ -42,22 +42,31 @@ func NewGatingOn(dev Device, hp moe.Hparams, shard *model.Shard, threads int) (*
 	if threads <= 0 || threads > poolThreads {
 		threads = poolThreads
 	}
-	kv := hp.Embd / hp.Heads * hp.KVHeads
+	kv, q := hp.HeadDim*hp.KVHeads, hp.HeadDim*hp.Heads
 	want := map[string][]uint64{
 		"token_embd.weight":  {uint64(hp.Embd), uint64(hp.Vocab)},
 		"output_norm.weight": {uint64(hp.Embd)},
-		"output.weight":      {uint64(hp.Embd), uint64(hp.Vocab)},
+	}
+	// A model whose output head is tied to the embeddings has no
+	// output.weight: the gating compute uses token_embd for both.
+	tied := !shard.Has("output.weight")
+	if !tied {
+		want["output.weight"] = []uint64{uint64(hp.Embd), uint64(hp.Vocab)}
 	}
 	for l := range hp.Layers {
 		b := fmt.Sprintf("blk.%d.", l)
 		e := uint64(hp.Embd)
 		want[b+"attn_norm.weight"] = []uint64{e}
-		want[b+"attn_q.weight"] = []uint64{e, e}
+		want[b+"attn_q.weight"] = []uint64{e, uint64(q)}
 		want[b+"attn_k.weight"] = []uint64{e, uint64(kv)}
 		want[b+"attn_v.weight"] = []uint64{e, uint64(kv)}
-		want[b+"attn_output.weight"] = []uint64{e, e}
+		want[b+"attn_output.weight"] = []uint64{uint64(q), e}
 		want[b+"ffn_norm.weight"] = []uint64{e}
 		want[b+"ffn_gate_inp.weight"] = []uint64{e, uint64(hp.Experts)}
+		if hp.QKNorm {
+			want[b+"attn_q_norm.weight"] = []uint64{uint64(hp.HeadDim)}
+			want[b+"attn_k_norm.weight"] = []uint64{uint64(hp.HeadDim)}
+		}
 	}
 	ws := (*[1 << 20]C.neuro_weight)(C.malloc(C.size_t(len(want)) * C.size_t(unsafe.Sizeof(C.neuro_weight{}))))[:len(want):len(want)]
 	defer C.free(unsafe.Pointer(&ws[0]))
@@ -100,7 +109,8 @@ func NewGatingOn(dev Device, hp moe.Hparams, shard *model.Shard, threads int) (*
 	}
 	chp := C.neuro_hparams{
 		n_layer: C.int(hp.Layers), n_embd: C.int(hp.Embd), n_head: C.int(hp.Heads), n_head_kv: C.int(hp.KVHeads),
-		n_rot: C.int(hp.Rot), n_expert: C.int(hp.Experts), n_expert_used: C.int(hp.ExpertsUsed),
+		n_rot: C.int(hp.Rot), n_embd_head: C.int(hp.HeadDim), qk_norm: cbool(hp.QKNorm), rope_neox: cbool(hp.RopeNeox),
+		tied_output: cbool(tied), n_expert: C.int(hp.Experts), n_expert_used: C.int(hp.ExpertsUsed),
 		n_vocab: C.int(hp.Vocab), n_ctx_train: C.int(hp.CtxLen),
 		rope_freq_base: C.float(hp.RopeFreqBase), rms_eps: C.float(hp.RMSEps),
 	}
@@ -264,4 +274,11 @@ func (s *Session) Rewind(pos int) error {
 	}
 	s.pos = pos
 	return nil
+}
+
+func cbool(b bool) C.int {
+	if b {
+		return 1
+	}
+	return 0
 }

@@ -65,9 +65,13 @@ int neuro_expert_compute(neuro_expert * e, const float * x, int n_tokens, float 
 void neuro_expert_free(neuro_expert * e);
 
 
-// Hyper-parameters of a llama-architecture MoE model.
+// Hyper-parameters of a llama- or qwen3moe-architecture MoE model.
 typedef struct {
     int   n_layer, n_embd, n_head, n_head_kv, n_rot;
+    int   n_embd_head; // one head's size (Qwen3: not n_embd / n_head)
+    int   qk_norm;     // RMS norm on each head of Q and K before RoPE (Qwen3)
+    int   rope_neox;   // NEOX rotation (Qwen3) instead of llama's
+    int   tied_output; // no output.weight: the output head is token_embd
     int   n_expert, n_expert_used, n_vocab, n_ctx_train;
     float rope_freq_base, rms_eps;
 } neuro_hparams;
@@ -84,7 +88,8 @@ typedef struct {
 
 // neuro_gating holds the gating part of a model (embeddings, attention,
 // norms, router, output head) and computes it exactly as llama.cpp's
-// llm_build_llama does, one MoE layer at a time. Not thread-safe.
+// llm_build_llama (or llm_build_qwen3moe) does, one MoE layer at a time.
+// Not thread-safe.
 typedef struct neuro_gating neuro_gating;
 
 // neuro_session is one sequence's KV cache (F16, V transposed, as

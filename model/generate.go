@@ -25,6 +25,12 @@ type Params struct {
 	// llama.attention.layer_norm_rms_epsilon.
 	RopeFreqBase float32 `json:"rope_freq_base"`
 	RMSEps       float32 `json:"rms_eps"`
+	// HeadSize is one attention head's size when it is not Embd/Heads
+	// (Qwen3-30B-A3B: 32 heads of 128 in an embedding of 2048); 0: Embd/Heads.
+	HeadSize int `json:"head_size,omitempty"`
+	// TiedOutput leaves out output.weight: the output head is the token
+	// embeddings (as small Qwen3 models have it).
+	TiedOutput bool `json:"tied_output,omitempty"`
 }
 
 // Presets are the named shapes of `neurod model make --preset`.
@@ -54,8 +60,10 @@ func (p Params) Validate() error {
 		return fmt.Errorf("embd %d: want a positive multiple of 32", p.Embd)
 	case p.FF < 32 || p.FF%32 != 0:
 		return fmt.Errorf("ff %d: want a positive multiple of 32", p.FF)
-	case p.Heads < 1 || p.Embd%p.Heads != 0 || (p.Embd/p.Heads)%2 != 0:
+	case p.HeadSize == 0 && (p.Heads < 1 || p.Embd%p.Heads != 0 || (p.Embd/p.Heads)%2 != 0):
 		return fmt.Errorf("heads %d: must divide embd %d into an even head size", p.Heads, p.Embd)
+	case p.HeadSize != 0 && (p.Heads < 1 || p.HeadSize < 2 || p.HeadSize%2 != 0 || p.HeadSize > 1024):
+		return fmt.Errorf("head size %d: want an even size from 2 to 1024", p.HeadSize)
 	case p.KVHeads < 1 || p.Heads%p.KVHeads != 0:
 		return fmt.Errorf("kv heads %d: must divide heads %d", p.KVHeads, p.Heads)
 	case p.Vocab < minVocab || p.Vocab > 1<<20:
@@ -69,12 +77,17 @@ func (p Params) Validate() error {
 }
 
 // HeadDim is the size of one attention head.
-func (p Params) HeadDim() int { return p.Embd / p.Heads }
+func (p Params) HeadDim() int {
+	if p.HeadSize != 0 {
+		return p.HeadSize
+	}
+	return p.Embd / p.Heads
+}
 
 // ParamCount is the number of weights.
 func (p Params) ParamCount() int64 {
-	e, f, kv := int64(p.Embd), int64(p.FF), int64(p.KVHeads*p.HeadDim())
-	perLayer := 2*e + e*e*2 + e*kv*2 + e*int64(p.Experts) + 3*e*f*int64(p.Experts)
+	e, f, kv, q := int64(p.Embd), int64(p.FF), int64(p.KVHeads*p.HeadDim()), int64(p.Heads*p.HeadDim())
+	perLayer := 2*e + e*q*2 + e*kv*2 + e*int64(p.Experts) + 3*e*f*int64(p.Experts)
 	return int64(p.Layers)*perLayer + 2*e*int64(p.Vocab) + e
 }
 
@@ -96,6 +109,9 @@ func Generate(w io.Writer, p Params, dtype DType, seed uint64) error {
 func GenerateArch(w io.Writer, arch string, p Params, dtype DType, seed uint64) error {
 	if arch != "llama" && arch != "qwen3moe" {
 		return fmt.Errorf("generate: architecture %q: want llama or qwen3moe", arch)
+	}
+	if arch == "llama" && p.HeadSize != 0 && p.HeadSize*p.Heads != p.Embd {
+		return errors.New("generate: a head size other than embd/heads is for qwen3moe (llama's gating compute assumes embd/heads)")
 	}
 	if err := p.Validate(); err != nil {
 		return fmt.Errorf("generate: %w", err)
@@ -138,9 +154,13 @@ func GenerateArch(w io.Writer, arch string, p Params, dtype DType, seed uint64) 
 		{"tokenizer.ggml.add_bos_token", true},
 		{"tokenizer.ggml.add_eos_token", false},
 	}
+	if arch == "qwen3moe" {
+		// Qwen3's head size is its own (128), not embd/heads.
+		kvs = append(kvs, KV{a + "attention.key_length", u32(p.HeadDim())}, KV{a + "attention.value_length", u32(p.HeadDim())})
+	}
 
 	rng := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
-	e, f, kvDim := uint64(p.Embd), uint64(p.FF), uint64(p.KVHeads*p.HeadDim())
+	e, f, kvDim, qDim := uint64(p.Embd), uint64(p.FF), uint64(p.KVHeads*p.HeadDim()), uint64(p.Heads*p.HeadDim())
 	var tensors []TensorData
 	// add queues a tensor whose values are drawn when the writer reaches
 	// it, so that a large model never sits in memory whole. Values are
@@ -160,10 +180,10 @@ func GenerateArch(w io.Writer, arch string, p Params, dtype DType, seed uint64) 
 	for l := range p.Layers {
 		b := fmt.Sprintf("blk.%d.", l)
 		add(b+"attn_norm.weight", F32, 1, 0.1, e)
-		add(b+"attn_q.weight", dtype, 0, inv(e), e, e)
+		add(b+"attn_q.weight", dtype, 0, inv(e), e, qDim)
 		add(b+"attn_k.weight", dtype, 0, inv(e), e, kvDim)
 		add(b+"attn_v.weight", dtype, 0, inv(e), e, kvDim)
-		add(b+"attn_output.weight", dtype, 0, inv(e), e, e)
+		add(b+"attn_output.weight", dtype, 0, inv(qDim), qDim, e)
 		if arch == "qwen3moe" {
 			add(b+"attn_q_norm.weight", F32, 1, 0.1, uint64(p.HeadDim()))
 			add(b+"attn_k_norm.weight", F32, 1, 0.1, uint64(p.HeadDim()))
@@ -175,7 +195,9 @@ func GenerateArch(w io.Writer, arch string, p Params, dtype DType, seed uint64) 
 		add(b+"ffn_up_exps.weight", dtype, 0, inv(e), e, f, uint64(p.Experts))
 	}
 	add("output_norm.weight", F32, 1, 0.1, e)
-	add("output.weight", dtype, 0, 2*inv(e), e, uint64(p.Vocab))
+	if !p.TiedOutput {
+		add("output.weight", dtype, 0, 2*inv(e), e, uint64(p.Vocab))
+	}
 	if err := Write(w, kvs, tensors); err != nil {
 		return fmt.Errorf("generate: %w", err)
 	}

@@ -365,6 +365,12 @@ type Shard struct {
 	Data []byte
 }
 
+// Has reports whether the shard holds the named tensor.
+func (s *Shard) Has(name string) bool {
+	_, ok := s.File.Tensor(name)
+	return ok
+}
+
 // TensorBytes returns the bytes of the named tensor.
 func (s *Shard) TensorBytes(name string) ([]byte, TensorInfo, error) {
 	t, ok := s.File.Tensor(name)

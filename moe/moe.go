@@ -16,6 +16,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
+	"strings"
 
 	"github.com/neuro-p2p/neuro/model"
 	"github.com/neuro-p2p/neuro/neuropb"
@@ -50,35 +52,69 @@ type Hparams struct {
 	Layers, Embd, Heads, KVHeads, Rot   int
 	Experts, ExpertsUsed, Vocab, CtxLen int
 	RopeFreqBase, RMSEps                float32
+	// Arch is the GGUF architecture; HeadDim one attention head's size
+	// (Embd/Heads unless attention.key_length says otherwise); QKNorm: an
+	// RMS norm on each head of Q and K before RoPE (Qwen3); RopeNeox:
+	// NEOX-style rotation (rotating halves, not pairs).
+	Arch     string
+	HeadDim  int
+	QKNorm   bool
+	RopeNeox bool
 }
+
+// GatingArchitectures are the architectures the gating compute runs.
+var GatingArchitectures = []string{"llama", "qwen3moe"}
 
 // HparamsOf reads the hyper-parameters from a manifest and its gating
 // shard.
 func HparamsOf(m *neuropb.Manifest, gating *model.Shard) (Hparams, error) {
-	if m.GetArchitecture() != "llama" {
-		return Hparams{}, fmt.Errorf("gating compute: architecture %q is not supported yet (llama only)", m.GetArchitecture())
+	arch := m.GetArchitecture()
+	if !slices.Contains(GatingArchitectures, arch) {
+		return Hparams{}, fmt.Errorf("gating compute: architecture %q is not supported yet (supported: %s)", arch,
+			strings.Join(GatingArchitectures, ", "))
 	}
 	p := m.GetParams()
 	h := Hparams{
 		Layers: int(p.GetLayers()), Embd: int(p.GetEmbd()), Heads: int(p.GetHeads()), KVHeads: int(p.GetKvHeads()),
 		Experts: int(p.GetExperts()), ExpertsUsed: int(p.GetExpertsUsed()), Vocab: int(p.GetVocab()),
 		CtxLen: int(p.GetContext()), RopeFreqBase: p.GetRopeFreqBase(), RMSEps: p.GetRmsEps(),
+		Arch: arch, QKNorm: arch == "qwen3moe", RopeNeox: arch == "qwen3moe",
 	}
-	if h.Heads == 0 || h.Embd%h.Heads != 0 || h.KVHeads == 0 || h.Heads%h.KVHeads != 0 {
-		return Hparams{}, fmt.Errorf("gating compute: %d heads, %d kv heads for embd %d", h.Heads, h.KVHeads, h.Embd)
+	if h.Heads == 0 || h.KVHeads == 0 || h.Heads%h.KVHeads != 0 {
+		return Hparams{}, fmt.Errorf("gating compute: %d heads, %d kv heads", h.Heads, h.KVHeads)
 	}
-	h.Rot = h.Embd / h.Heads
-	if v, ok := gating.File.Get("llama.rope.dimension_count").(uint32); ok {
-		h.Rot = int(v)
+	u32 := func(key string) (int, bool) {
+		v, ok := gating.File.Get(arch + "." + key).(uint32)
+		return int(v), ok
 	}
-	if h.Rot != h.Embd/h.Heads {
-		return Hparams{}, fmt.Errorf("gating compute: rope dimension %d differs from the head size %d (not supported)", h.Rot, h.Embd/h.Heads)
+	h.HeadDim = 0
+	if h.Embd%h.Heads == 0 {
+		h.HeadDim = h.Embd / h.Heads
+	}
+	if k, ok := u32("attention.key_length"); ok {
+		if v, ok := u32("attention.value_length"); ok && v != k {
+			return Hparams{}, fmt.Errorf("gating compute: key length %d differs from value length %d (not supported)", k, v)
+		}
+		h.HeadDim = k
+	}
+	if h.HeadDim < 2 || h.HeadDim%2 != 0 {
+		return Hparams{}, fmt.Errorf("gating compute: head size %d for embd %d in %d heads", h.HeadDim, h.Embd, h.Heads)
+	}
+	if arch == "llama" && h.HeadDim*h.Heads != h.Embd {
+		return Hparams{}, fmt.Errorf("gating compute: llama with a head size %d other than embd/heads (not supported)", h.HeadDim)
+	}
+	h.Rot = h.HeadDim
+	if v, ok := u32("rope.dimension_count"); ok {
+		h.Rot = v
+	}
+	if h.Rot != h.HeadDim {
+		return Hparams{}, fmt.Errorf("gating compute: rope dimension %d differs from the head size %d (partial rotary: not supported yet)", h.Rot, h.HeadDim)
 	}
 	if h.RopeFreqBase == 0 {
 		h.RopeFreqBase = 10000 // llama.cpp's default when the key is absent
 	}
 	if h.RMSEps == 0 {
-		return Hparams{}, errors.New("gating compute: llama.attention.layer_norm_rms_epsilon is missing")
+		return Hparams{}, fmt.Errorf("gating compute: %s.attention.layer_norm_rms_epsilon is missing", arch)
 	}
 	if h.ExpertsUsed < 1 || h.ExpertsUsed > h.Experts || h.Vocab < 1 || h.CtxLen < 1 {
 		return Hparams{}, fmt.Errorf("gating compute: bad params %+v", h)

@@ -575,3 +575,40 @@ func TestModelQuantize(t *testing.T) {
 		}
 	}
 }
+
+// A Qwen3-MoE model (head size other than embd/heads, per-head Q/K norms,
+// NEOX RoPE) gives the same tokens through llama.cpp, the split forward pass
+// and a testnet; an architecture the gating compute lacks is named.
+func TestQwen3MoeModel(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "qwen.gguf")
+	if r := neurod(t, nil, "model", "make", "--arch", "qwen3moe", "--preset", "tiny", "--type", "q8_0", "--seed", "61", "--embd", "128",
+		"--heads", "4", "--head-size", "64", "--layers", "3", "--out", path); r.code != 0 || !strings.Contains(r.stdout, "qwen3moe") {
+		t.Fatalf("make: %+v", r)
+	}
+	var first string
+	for _, mode := range []string{"--local", "--split"} {
+		r := neurod(t, nil, "generate", mode, path, "--prompt", "the model", "--max-tokens", "16", "--json")
+		var out struct {
+			Tokens []int32 `json:"tokens"`
+		}
+		if r.code != 0 || json.Unmarshal([]byte(r.stdout), &out) != nil || len(out.Tokens) == 0 {
+			t.Fatalf("generate %s: %+v", mode, r)
+		}
+		if first != "" && fmt.Sprint(out.Tokens) != first {
+			t.Fatalf("%s: %v, --local %s", mode, out.Tokens, first)
+		}
+		first = fmt.Sprint(out.Tokens)
+	}
+	r := neurodWithin(t, 3*time.Minute, testEnv, "testnet", "--nodes", "2", "--model", path, "--prompt", "the model", "--max-tokens", "16",
+		"--check", "--json", "--dir", t.TempDir())
+	var rep struct {
+		Tokens []int32 `json:"tokens"`
+	}
+	if r.code != 0 || json.Unmarshal([]byte(r.stdout), &rep) != nil || fmt.Sprint(rep.Tokens) != first {
+		t.Fatalf("testnet on the qwen3moe model: exit %d, tokens %v, want %s\n%s", r.code, rep.Tokens, first, r.stderr)
+	}
+	if r := neurod(t, nil, "model", "make", "--arch", "gpt-oss", "--out", filepath.Join(t.TempDir(), "x.gguf")); r.code == 0 ||
+		!strings.Contains(r.stderr, `architecture "gpt-oss": want llama or qwen3moe`) {
+		t.Fatalf("an unknown layout: %+v", r)
+	}
+}

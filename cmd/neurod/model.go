@@ -150,10 +150,10 @@ Types: ` + strings.Join(ggml.FileTypes(), ", ") + `.`,
 
 func newModelMakeCmd() *cobra.Command {
 	var (
-		out, preset, dtype string
-		seed               uint64
-		force              bool
-		p                  model.Params
+		out, preset, dtype, arch string
+		seed                     uint64
+		force                    bool
+		p                        model.Params
 	)
 	cmd := &cobra.Command{
 		Use:   "make --out FILE [--preset tiny|bench] [shape flags] [--type f32|f16|q8_0|q4_0] [--seed N]",
@@ -176,18 +176,21 @@ flags override the preset: tiny loads in milliseconds (tests), bench has about
 			if err != nil || !slices.Contains([]model.DType{model.F32, model.F16, model.Q8_0, model.Q4_0}, dt) {
 				return fmt.Errorf("flag --type %q: make writes f32, f16, q8_0 or q4_0; for q4_k_m, iq4_xs, mxfp4 and the rest, make f16 and run 'neurod model quantize'", dtype)
 			}
-			if err := writeModel(out, params, dt, seed, force); err != nil {
+			if err := writeModel(out, arch, params, dt, seed, force); err != nil {
 				return err
 			}
 			st, _ := os.Stat(out)
-			fmt.Fprintf(cmd.OutOrStdout(), "wrote %s: %.2f M parameters, %s, %.1f MiB, seed %d\n",
-				out, float64(params.ParamCount())/1e6, dt, float64(st.Size())/(1<<20), seed)
+			fmt.Fprintf(cmd.OutOrStdout(), "wrote %s: %s, %.2f M parameters, %s, %.1f MiB, seed %d\n",
+				out, arch, float64(params.ParamCount())/1e6, dt, float64(st.Size())/(1<<20), seed)
 			return nil
 		},
 	}
 	f := cmd.Flags()
 	f.StringVar(&out, "out", "", "output GGUF file (required)")
 	f.StringVar(&preset, "preset", "tiny", "shape preset: "+presetNames())
+	f.StringVar(&arch, "arch", "llama", "layout: llama (Mixtral) or qwen3moe (per-head Q/K norms, NEOX RoPE, --head-size)")
+	f.IntVar(&p.HeadSize, "head-size", 0, "attention head size when not embd/heads (qwen3moe; Qwen3-30B-A3B has 128)")
+	f.BoolVar(&p.TiedOutput, "tied-output", false, "no output.weight: the output head is the token embeddings")
 	f.StringVar(&dtype, "type", "f32", "weight type: f32, f16, q8_0 or q4_0 (norms and router stay f32); for other mixes, make f16 and 'neurod model quantize' it")
 	f.Uint64Var(&seed, "seed", 1, "random seed")
 	f.BoolVar(&force, "force", false, "replace an existing --out file")
@@ -217,12 +220,13 @@ func modelShape(fs *pflag.FlagSet, preset string, p model.Params) (model.Params,
 		{"layers", &params.Layers, p.Layers}, {"experts", &params.Experts, p.Experts},
 		{"experts-used", &params.ExpertsUsed, p.ExpertsUsed}, {"embd", &params.Embd, p.Embd},
 		{"ff", &params.FF, p.FF}, {"heads", &params.Heads, p.Heads}, {"kv-heads", &params.KVHeads, p.KVHeads},
-		{"vocab", &params.Vocab, p.Vocab}, {"context", &params.Context, p.Context},
+		{"vocab", &params.Vocab, p.Vocab}, {"context", &params.Context, p.Context}, {"head-size", &params.HeadSize, p.HeadSize},
 	} {
 		if fs.Changed(f.name) {
 			*f.dst = f.v
 		}
 	}
+	params.TiedOutput = p.TiedOutput
 	if err := params.Validate(); err != nil {
 		return params, fmt.Errorf("model shape: %w", err)
 	}
@@ -232,7 +236,7 @@ func modelShape(fs *pflag.FlagSet, preset string, p model.Params) (model.Params,
 // writeModel generates a model into out through a temporary file, so that
 // a failure leaves no half-written file (and, without force, replaces
 // none).
-func writeModel(out string, params model.Params, dt model.DType, seed uint64, force bool) error {
+func writeModel(out, arch string, params model.Params, dt model.DType, seed uint64, force bool) error {
 	if _, err := os.Stat(out); err == nil && !force {
 		return fmt.Errorf("flag --out %s: %w (use --force to replace it)", out, fs.ErrExist)
 	}
@@ -241,7 +245,7 @@ func writeModel(out string, params model.Params, dt model.DType, seed uint64, fo
 		return fmt.Errorf("flag --out %s: %w", out, err)
 	}
 	defer os.Remove(tmp.Name())
-	if err := model.Generate(tmp, params, dt, seed); err != nil {
+	if err := model.GenerateArch(tmp, arch, params, dt, seed); err != nil {
 		tmp.Close()
 		return err
 	}
