@@ -18,6 +18,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/peer"
 
+	"github.com/neuro-p2p/neuro/model"
 	"github.com/neuro-p2p/neuro/node"
 )
 
@@ -519,6 +520,29 @@ func TestModelImport(t *testing.T) {
 	entries, _ := os.ReadDir(filepath.Join(home, node.StoreDir))
 	if len(entries) != 1+1+8 { // manifest, gating shard, 2 layers x 4 experts
 		t.Fatalf("%d blobs in the store", len(entries))
+	}
+	// model info by CID reads the manifest in the store; by file, the GGUF.
+	modelCID := lines[len(lines)-1]
+	var byCID, byFile model.Info
+	r = neurod(t, nil, "model", "info", modelCID, "--home", home, "--json")
+	if r.code != 0 || json.Unmarshal([]byte(r.stdout), &byCID) != nil {
+		t.Fatalf("info by CID: %+v", r)
+	}
+	r = neurod(t, nil, "model", "info", path, "--json")
+	if r.code != 0 || json.Unmarshal([]byte(r.stdout), &byFile) != nil {
+		t.Fatalf("info by file: %+v", r)
+	}
+	for _, in := range []model.Info{byCID, byFile} {
+		if in.Architecture != "llama" || in.Layers != 2 || in.MoELayers != 2 || in.Experts != 4 || in.ExpertsUsed != 2 ||
+			in.SharedExperts != 0 || in.Types["f32"] == 0 || in.ExpertTypes["f32/f32/f32"] != 8 || in.LayerExpertBytes < 4*in.ExpertBytesMin {
+			t.Fatalf("info: %+v", in)
+		}
+	}
+	if byCID.Shards != 9 {
+		t.Fatalf("info by CID: %d shards, want 9", byCID.Shards)
+	}
+	if r := neurod(t, nil, "model", "info", "nothing-here", "--home", home); r.code == 0 || !strings.Contains(r.stderr, "neither a file nor a model CID") {
+		t.Fatalf("info of nothing: %+v", r)
 	}
 }
 

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -31,7 +32,7 @@ for tests and benchmarks, split cuts a model into content-addressed shards
 (one per layer and expert, plus the gating shard) and a manifest whose CID is
 the model's ID, and join rebuilds the GGUF from the shards.`,
 	}
-	cmd.AddCommand(newModelMakeCmd(), newModelQuantizeCmd(), newModelSplitCmd(), newModelJoinCmd(), newModelImportCmd(g))
+	cmd.AddCommand(newModelMakeCmd(), newModelQuantizeCmd(), newModelInfoCmd(g), newModelSplitCmd(), newModelJoinCmd(), newModelImportCmd(g))
 	return cmd
 }
 
@@ -323,4 +324,95 @@ are byte-identical to the original's.`,
 	cmd.Flags().StringVar(&out, "out", "", "output GGUF file (required; must not exist)")
 	cmd.Flags().StringVar(&want, "model", "", "expected model CID")
 	return cmd
+}
+
+func newModelInfoCmd(g *globalFlags) *cobra.Command {
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "info FILE.gguf|CID [--json]",
+		Short: "A model's architecture, shape, tensor types and what hosting it takes",
+		Long: `info describes a GGUF file, or a model in the node's store by its CID:
+architecture, layers (MoE and dense), experts and experts used per token,
+shared experts, the tensors' types with their counts and the experts' type
+mixes, and sizes: the whole model, the gating part, one expert, and the
+largest layer's experts (what a node needs to host a whole layer).`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			in, err := modelInfo(g, args[0])
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				return json.NewEncoder(cmd.OutOrStdout()).Encode(in)
+			}
+			printInfo(cmd.OutOrStdout(), in)
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print the JSON object")
+	return cmd
+}
+
+// modelInfo reads a GGUF file, or a manifest from the node's store when arg
+// is a CID and no such file exists.
+func modelInfo(g *globalFlags, arg string) (*model.Info, error) {
+	if f, err := os.Open(arg); err == nil {
+		defer f.Close()
+		st, err := f.Stat()
+		if err != nil {
+			return nil, err
+		}
+		gf, err := model.ReadFile(f, st.Size())
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", arg, err)
+		}
+		return model.InfoOfFile(gf)
+	}
+	c, err := cid.Decode(arg)
+	if err != nil {
+		return nil, fmt.Errorf("%s: neither a file nor a model CID", arg)
+	}
+	home, err := g.homeDir()
+	if err != nil {
+		return nil, err
+	}
+	store, err := expert.OpenStore(filepath.Join(home, node.StoreDir))
+	if err != nil {
+		return nil, err
+	}
+	m, err := store.Manifest(c)
+	if err != nil {
+		return nil, fmt.Errorf("model %s: %w (import it, or run a node that fetches it)", c, err)
+	}
+	return model.InfoOfManifest(m), nil
+}
+
+func printInfo(w io.Writer, in *model.Info) {
+	mib := func(b uint64) string { return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20)) }
+	fmt.Fprintf(w, "architecture  %s\n", in.Architecture)
+	fmt.Fprintf(w, "layers        %d (%d MoE, %d dense)\n", in.Layers, in.MoELayers, in.DenseLayers)
+	fmt.Fprintf(w, "experts       %d per layer, %d used per token, %d shared\n", in.Experts, in.ExpertsUsed, in.SharedExperts)
+	fmt.Fprintf(w, "shape         embd %d, expert ff %d, heads %d (kv %d), vocab %d, context %d\n", in.Embd, in.FF, in.Heads, in.KVHeads, in.Vocab, in.Context)
+	names := make([]string, 0, len(in.Types))
+	for n := range in.Types {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	fmt.Fprint(w, "types        ")
+	for _, n := range names {
+		fmt.Fprintf(w, " %s×%d", n, in.Types[n])
+	}
+	fmt.Fprintln(w)
+	mixes := make([]string, 0, len(in.ExpertTypes))
+	for n := range in.ExpertTypes {
+		mixes = append(mixes, n)
+	}
+	sort.Strings(mixes)
+	fmt.Fprint(w, "expert types ")
+	for _, n := range mixes {
+		fmt.Fprintf(w, " %s×%d", n, in.ExpertTypes[n])
+	}
+	fmt.Fprintln(w, " (gate/up/down)")
+	fmt.Fprintf(w, "size          %s in all, gating %s, one expert %s to %s\n", mib(in.TotalBytes), mib(in.GatingBytes), mib(in.ExpertBytesMin), mib(in.ExpertBytesMax))
+	fmt.Fprintf(w, "to host       %s for the largest layer's experts\n", mib(in.LayerExpertBytes))
 }

@@ -1,0 +1,152 @@
+package model
+
+import (
+	"fmt"
+	"regexp"
+	"strconv"
+	"strings"
+
+	"github.com/neuro-p2p/neuro/neuropb"
+)
+
+// Info is what `neurod model info` prints of a model: its shape, its
+// tensor types and what hosting it takes.
+type Info struct {
+	Architecture string `json:"architecture"`
+	Layers       int    `json:"layers"`
+	// MoELayers have experts; DenseLayers (leading ones, in GLM and
+	// DeepSeek) have a plain feed-forward block instead.
+	MoELayers     int `json:"moe_layers"`
+	DenseLayers   int `json:"dense_layers"`
+	Experts       int `json:"experts"`
+	ExpertsUsed   int `json:"experts_used"`
+	SharedExperts int `json:"shared_experts"`
+	Embd          int `json:"embd"`
+	FF            int `json:"ff"`
+	Heads         int `json:"heads"`
+	KVHeads       int `json:"kv_heads"`
+	Vocab         int `json:"vocab"`
+	Context       int `json:"context"`
+	// Types counts the tensors of each type ("q4_k": 24).
+	Types map[string]int `json:"types"`
+	// ExpertTypes counts the experts by their gate/up/down types
+	// ("q4_k/q4_k/q6_k": 12).
+	ExpertTypes map[string]int `json:"expert_types"`
+	// Bytes: the whole model; the gating part (everything but the
+	// experts); one expert, smallest and largest; and the largest layer's
+	// experts, which is what a node needs to host a whole layer.
+	TotalBytes       uint64 `json:"total_bytes"`
+	GatingBytes      uint64 `json:"gating_bytes"`
+	ExpertBytesMin   uint64 `json:"expert_bytes_min"`
+	ExpertBytesMax   uint64 `json:"expert_bytes_max"`
+	LayerExpertBytes uint64 `json:"layer_expert_bytes"`
+	// Shards is how many shards a split makes (the gating one and one per
+	// expert); set from a manifest.
+	Shards int `json:"shards,omitempty"`
+}
+
+// InfoOfFile describes the GGUF f (sizes are of the tensor data; a shard
+// adds a small header).
+func InfoOfFile(f *File) (*Info, error) {
+	arch, _ := f.Get("general.architecture").(string)
+	p, err := readParams(f, arch)
+	if err != nil {
+		return nil, err
+	}
+	in := infoOfParams(arch, p)
+	in.SharedExperts = sharedExperts(f, arch)
+	// Per layer: the expert tensors' bytes, and each expert's types.
+	type layer struct {
+		bytes uint64
+		types [3]DType
+	}
+	layers := map[int]*layer{}
+	for _, t := range f.Tensors {
+		in.Types[t.Type.String()]++
+		in.TotalBytes += t.Size()
+		m := expertTensor.FindStringSubmatch(t.Name)
+		if m == nil {
+			in.GatingBytes += t.Size()
+			continue
+		}
+		l, _ := strconv.Atoi(m[1])
+		if layers[l] == nil {
+			layers[l] = &layer{}
+		}
+		layers[l].bytes += t.Size()
+		layers[l].types[map[string]int{"gate": 0, "up": 1, "down": 2}[m[2]]] = t.Type
+	}
+	in.MoELayers, in.DenseLayers = len(layers), in.Layers-len(layers)
+	for _, l := range layers {
+		per := l.bytes / uint64(max(in.Experts, 1))
+		in.LayerExpertBytes = max(in.LayerExpertBytes, l.bytes)
+		if in.ExpertBytesMin == 0 || per < in.ExpertBytesMin {
+			in.ExpertBytesMin = per
+		}
+		in.ExpertBytesMax = max(in.ExpertBytesMax, per)
+		in.ExpertTypes[fmt.Sprintf("%s/%s/%s", l.types[0], l.types[1], l.types[2])] += in.Experts
+	}
+	return in, nil
+}
+
+// InfoOfManifest describes a split model from its manifest (sizes are the
+// shards').
+func InfoOfManifest(m *neuropb.Manifest) *Info {
+	in := infoOfParams(m.GetArchitecture(), m.GetParams())
+	count := func(ref *neuropb.ShardRef) {
+		for _, t := range ref.GetTensors() {
+			in.Types[DType(t.GetDtype()).String()]++
+		}
+		in.TotalBytes += ref.GetSize()
+	}
+	count(m.GetGating())
+	in.GatingBytes = m.GetGating().GetSize()
+	for _, t := range m.GetGating().GetTensors() {
+		if sharedTensor.MatchString(t.GetName()) {
+			in.SharedExperts = max(in.SharedExperts, 1)
+		}
+	}
+	perLayer := map[uint32]uint64{}
+	for _, e := range m.GetExperts() {
+		count(e.GetShard())
+		size := e.GetShard().GetSize()
+		perLayer[e.GetLayer()] += size
+		if in.ExpertBytesMin == 0 || size < in.ExpertBytesMin {
+			in.ExpertBytesMin = size
+		}
+		in.ExpertBytesMax = max(in.ExpertBytesMax, size)
+		var ts []string
+		for _, t := range e.GetShard().GetTensors() {
+			ts = append(ts, DType(t.GetDtype()).String())
+		}
+		in.ExpertTypes[strings.Join(ts, "/")]++
+	}
+	for _, b := range perLayer {
+		in.LayerExpertBytes = max(in.LayerExpertBytes, b)
+	}
+	in.MoELayers, in.DenseLayers = len(perLayer), in.Layers-len(perLayer)
+	in.Shards = 1 + len(m.GetExperts())
+	return in
+}
+
+var sharedTensor = regexp.MustCompile(`^blk\.\d+\.ffn_(gate|up|down)_shexp\.weight$`)
+
+// sharedExperts is the model's shared expert count: the metadata's, else 1
+// when shared-expert tensors are there.
+func sharedExperts(f *File, arch string) int {
+	if v, ok := f.Get(arch + ".expert_shared_count").(uint32); ok {
+		return int(v)
+	}
+	for _, t := range f.Tensors {
+		if sharedTensor.MatchString(t.Name) {
+			return 1
+		}
+	}
+	return 0
+}
+
+func infoOfParams(arch string, p *neuropb.ModelParams) *Info {
+	return &Info{Architecture: arch, Layers: int(p.GetLayers()), Experts: int(p.GetExperts()), ExpertsUsed: int(p.GetExpertsUsed()),
+		Embd: int(p.GetEmbd()), FF: int(p.GetFf()), Heads: int(p.GetHeads()), KVHeads: int(p.GetKvHeads()),
+		Vocab: int(p.GetVocab()), Context: int(p.GetContext()), Types: map[string]int{}, ExpertTypes: map[string]int{}}
+}
