@@ -174,3 +174,43 @@ func TestSessionRewind(t *testing.T) {
 		t.Fatal("rewind past the end: no error")
 	}
 }
+
+// A generated Qwen3-MoE model carries a GPT-2 byte-level BPE tokenizer, as
+// Qwen3 does: llama.cpp loads it, no BOS is added, text of any script
+// round-trips byte for byte, and common words are single merged tokens.
+func TestQwen3MoeBPETokenizer(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "qwen.gguf")
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := model.Presets["tiny"]
+	if err := model.GenerateArch(f, "qwen3moe", p, model.Q8_0, 5); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	l, err := LoadLlama(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if l.NVocab() != p.Vocab {
+		t.Fatalf("vocab %d, want %d", l.NVocab(), p.Vocab)
+	}
+	for _, text := range []string{"naïve café 日本 🙂", "the expert network\nsaid: \"hello\"", "  two  spaces\ttab"} {
+		toks, err := l.Tokenize(text, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if back := l.Detokenize(toks); back != text {
+			t.Errorf("%q → %v → %q", text, toks, back)
+		}
+	}
+	toks, _ := l.Tokenize(" the", true)
+	if len(toks) != 1 {
+		t.Errorf("\" the\" is %v, want one merged token", toks)
+	}
+	if !l.IsEOG(int32(p.Vocab - 1)) {
+		t.Errorf("<|im_end|> (%d) does not end a generation", p.Vocab-1)
+	}
+}

@@ -144,15 +144,36 @@ func GenerateArch(w io.Writer, arch string, p Params, dtype DType, seed uint64) 
 		{a + "expert_count", u32(p.Experts)},
 		{a + "expert_used_count", u32(p.ExpertsUsed)},
 		{a + "vocab_size", u32(p.Vocab)},
-		{"tokenizer.ggml.model", "llama"},
-		{"tokenizer.ggml.tokens", tokens},
-		{"tokenizer.ggml.scores", scores},
-		{"tokenizer.ggml.token_type", types},
-		{"tokenizer.ggml.bos_token_id", uint32(1)},
-		{"tokenizer.ggml.eos_token_id", uint32(2)},
-		{"tokenizer.ggml.unknown_token_id", uint32(0)},
-		{"tokenizer.ggml.add_bos_token", true},
-		{"tokenizer.ggml.add_eos_token", false},
+	}
+	if arch == "llama" {
+		// Mixtral's SentencePiece tokenizer.
+		kvs = append(kvs, []KV{
+			{"tokenizer.ggml.model", "llama"},
+			{"tokenizer.ggml.tokens", tokens},
+			{"tokenizer.ggml.scores", scores},
+			{"tokenizer.ggml.token_type", types},
+			{"tokenizer.ggml.bos_token_id", uint32(1)},
+			{"tokenizer.ggml.eos_token_id", uint32(2)},
+			{"tokenizer.ggml.unknown_token_id", uint32(0)},
+			{"tokenizer.ggml.add_bos_token", true},
+			{"tokenizer.ggml.add_eos_token", false},
+		}...)
+	} else {
+		// Qwen3's GPT-2 byte-level BPE: no BOS is added; <|im_end|> ends
+		// a turn, <|endoftext|> the text.
+		btoks, btypes, merges := bpeVocabulary(p.Vocab)
+		end := uint32(len(btoks) - len(bpeControls))
+		kvs = append(kvs, []KV{
+			{"tokenizer.ggml.model", "gpt2"},
+			{"tokenizer.ggml.pre", "qwen2"},
+			{"tokenizer.ggml.tokens", btoks},
+			{"tokenizer.ggml.token_type", btypes},
+			{"tokenizer.ggml.merges", merges},
+			{"tokenizer.ggml.bos_token_id", end},
+			{"tokenizer.ggml.eos_token_id", end + 2},
+			{"tokenizer.ggml.padding_token_id", end},
+			{"tokenizer.ggml.add_bos_token", false},
+		}...)
 	}
 	if arch == "qwen3moe" {
 		// Qwen3's head size is its own (128), not embd/heads.

@@ -1,0 +1,80 @@
+package model
+
+import "fmt"
+
+// A GPT-2 byte-level BPE tokenizer, as Qwen3, gpt-oss, GLM and DeepSeek
+// ship (tokenizer.ggml.model = "gpt2"): every byte has a symbol (GPT-2's
+// bytes_to_unicode), merges join symbols into longer tokens, and control
+// tokens come last. What llama.cpp requires of it is in ../shared/MODELS.md.
+
+// byteSymbols is GPT-2's bytes_to_unicode: printable bytes stand for
+// themselves, the others (space, control bytes, …) for the runes from 256
+// up, in byte order ("Ġ" is the space, "Ċ" the newline).
+func byteSymbols() [256]string {
+	var out [256]string
+	next := 256
+	for b := range 256 {
+		if (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF) {
+			out[b] = string(rune(b))
+		} else {
+			out[b] = string(rune(next))
+			next++
+		}
+	}
+	return out
+}
+
+// bpeControls are the control tokens, Qwen's names, after every other token.
+var bpeControls = []string{"<|endoftext|>", "<|im_start|>", "<|im_end|>"}
+
+// bpeVocabulary makes n tokens: the 256 byte symbols, tokens merged from
+// them (common words with and without a leading space, then letter pairs,
+// then longer runs) with the merges that make them, and the control
+// tokens. The same n always gives the same vocabulary.
+func bpeVocabulary(n int) (tokens []string, types []int32, merges []string) {
+	sym := byteSymbols()
+	seen := map[string]bool{}
+	for _, s := range sym {
+		tokens, types = append(tokens, s), append(types, tokNormal)
+		seen[s] = true
+	}
+	room := n - len(bpeControls)
+	// merge adds the token a+b (and its merge) when both parts exist.
+	merge := func(a, b string) string {
+		t := a + b
+		if !seen[t] && seen[a] && seen[b] && len(tokens) < room {
+			seen[t] = true
+			tokens, types, merges = append(tokens, t), append(types, tokNormal), append(merges, a+" "+b)
+		}
+		return t
+	}
+	// word merges a word's symbols left to right ("Ġ t" → "Ġt", "Ġt h" →
+	// "Ġth", …), as BPE applies them.
+	word := func(w string) {
+		parts := []string{}
+		for _, c := range []byte(w) {
+			parts = append(parts, sym[c])
+		}
+		acc := parts[0]
+		for _, p := range parts[1:] {
+			acc = merge(acc, p)
+		}
+	}
+	for _, w := range commonWords {
+		word(" " + w)
+		word(w)
+	}
+	for c1 := 'a'; c1 <= 'z'; c1++ {
+		for c2 := 'a'; c2 <= 'z'; c2++ {
+			word(string(c1) + string(c2))
+			word(" " + string(c1) + string(c2))
+		}
+	}
+	for i := 0; len(tokens) < room; i++ {
+		word(fmt.Sprintf(" w%d", i))
+	}
+	for _, c := range bpeControls {
+		tokens, types = append(tokens, c), append(types, tokControl)
+	}
+	return tokens, types, merges
+}
