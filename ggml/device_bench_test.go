@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -37,15 +38,20 @@ func benchDevices(b *testing.B) []Device {
 
 // BenchmarkDeviceExpertFFN: one expert's feed-forward block on each device
 // at Mixtral's size (4096x14336) and Qwen3-30B-A3B's (2048x768), in Q8_0
-// and in Q4_K_M's mix (gate and up Q4_K, down Q6_K), at batch 1 and 32.
+// and in Q4_K_M's mix (gate and up Q4_K, down Q6_K), and at gpt-oss-120b's
+// (2880x2880) in MXFP4, at batch 1 and 32.
 func BenchmarkDeviceExpertFFN(b *testing.B) {
 	sizes := []struct {
 		name     string
 		embd, ff int
-	}{{"mixtral", mixtralEmbd, mixtralFF}, {"qwen3-30b-a3b", 2048, 768}}
-	types := []expertCase{expertCases[3], expertCases[len(expertCases)-1]}
+		types    []string
+	}{{"mixtral", mixtralEmbd, mixtralFF, []string{"q8_0", "q4_k_m"}}, {"qwen3-30b-a3b", 2048, 768, []string{"q8_0", "q4_k_m"}},
+		{"gpt-oss-120b", 2880, 2880, []string{"mxfp4"}}}
 	for _, sz := range sizes {
-		for _, c := range types {
+		for _, c := range expertCases {
+			if !slices.Contains(sz.types, c.name) {
+				continue
+			}
 			rng := rand.New(rand.NewPCG(5, 6))
 			w := randExpert(b, rng, sz.embd, sz.ff, c.gate, c.up, c.down)
 			for _, dev := range benchDevices(b) {
@@ -146,82 +152,105 @@ func BenchmarkDeviceGenerate(b *testing.B) {
 	}
 }
 
-// BenchmarkDeviceLlamaCppExpert: llama.cpp's own time for one Mixtral-size
-// expert (4096x14336, Q8_0) on each device, beside neuro's: a one-layer
-// model with two experts, one used per token, decoded token by token by
-// llama.cpp; the same layer's gating compute alone (no experts) on the
-// same device; the difference is the expert inside llama.cpp's decode.
-// BenchmarkDeviceExpertFFN's mixtral/q8_0/batch=1 is neuro's figure.
+// BenchmarkDeviceLlamaCppExpert: llama.cpp's own time for one expert, on
+// each device, beside neuro's (BenchmarkDeviceExpertFFN). Two one-expert
+// models that differ only in the expert's size (the real one, and 32 wide)
+// are decoded by llama.cpp in batches of 1 and of 32 tokens; the difference
+// per batch is the expert inside llama.cpp's decode, every fixed cost of a
+// decode cancelling out. Both layers compute the expert at the batch's size
+// but the last, which keeps only the last token's row (llama.cpp's output
+// rows), so a batch of 1 holds two experts at batch 1 and a batch of 32 one
+// at 32 and one at 1. Sizes: Mixtral (4096x14336, Q8_0), Qwen3-30B-A3B
+// (2048x768, Q8_0), gpt-oss-120b (2880x2880, MXFP4 through llama.cpp's
+// quantizer).
 func BenchmarkDeviceLlamaCppExpert(b *testing.B) {
-	dir := b.TempDir()
-	path := filepath.Join(dir, "m.gguf")
-	p := model.Params{Layers: 1, Experts: 2, ExpertsUsed: 1, Embd: mixtralEmbd, FF: mixtralFF, Heads: 32, KVHeads: 8,
-		Vocab: 512, Context: 512, RopeFreqBase: 1e6, RMSEps: 1e-5}
-	f, err := os.Create(path)
-	if err != nil {
-		b.Fatal(err)
-	}
-	if err := model.Generate(f, p, model.Q8_0, 3); err != nil {
-		b.Fatal(err)
-	}
-	f.Close()
-	res, err := model.Split(path, filepath.Join(dir, "shards"))
-	if err != nil {
-		b.Fatal(err)
-	}
-	const tokens = 64
-	tok := func(i int) []int32 { return []int32{int32(3 + i%400)} }
-	for _, dev := range benchDevices(b) {
-		b.Run(dev.Spec(), func(b *testing.B) {
-			l, err := LoadLlamaOn(dev, path)
+	for _, sz := range []struct {
+		name            string
+		embd, ff, heads int
+		typ             string
+	}{{"mixtral", mixtralEmbd, mixtralFF, 32, "q8_0"}, {"qwen3-30b-a3b", 2048, 768, 16, "q8_0"}, {"gpt-oss-120b", 2880, 2880, 24, "mxfp4"}} {
+		dir := b.TempDir()
+		var paths [2]string
+		for i, ff := range []int{sz.ff, 32} {
+			p := model.Params{Layers: 2, Experts: 1, ExpertsUsed: 1, Embd: sz.embd, FF: ff, Heads: sz.heads, KVHeads: 8,
+				Vocab: 512, Context: 512, RopeFreqBase: 1e6, RMSEps: 1e-5}
+			paths[i] = filepath.Join(dir, fmt.Sprintf("m%d.gguf", i))
+			f, err := os.Create(paths[i])
 			if err != nil {
 				b.Fatal(err)
 			}
-			defer l.Close()
-			sm, err := LoadSplitOn(dev, filepath.Join(dir, "shards"), res.ModelCID, 0)
-			if err != nil {
+			gen := model.Q8_0
+			if sz.typ != "q8_0" {
+				gen = model.F16
+			}
+			if err := model.Generate(f, p, gen, 3); err != nil {
 				b.Fatal(err)
 			}
-			defer sm.Close()
-			// pass decodes tokens in a fresh llama.cpp context, then forwards
-			// them through the gating compute alone, and times both.
-			pass := func() (local, gating time.Duration) {
-				lc, err := l.NewContext(ContextOptions{Context: 512})
-				if err != nil {
+			f.Close()
+			if sz.typ != "q8_0" {
+				q := filepath.Join(dir, fmt.Sprintf("q%d.gguf", i))
+				if err := QuantizeModel(paths[i], q, sz.typ, 0); err != nil {
 					b.Fatal(err)
 				}
-				defer lc.Close()
-				s, err := sm.Gating.NewSession(512)
-				if err != nil {
-					b.Fatal(err)
-				}
-				defer s.Close()
-				t0 := time.Now()
-				for i := range tokens {
-					if err := lc.Decode(tok(i)); err != nil {
-						b.Fatal(err)
-					}
-				}
-				local = time.Since(t0)
-				t1 := time.Now()
-				for i := range tokens {
-					if _, err := s.Forward(context.Background(), tok(i), noExperts{embd: p.Embd}); err != nil {
-						b.Fatal(err)
-					}
-				}
-				return local, time.Since(t1)
+				paths[i] = q
 			}
-			pass() // warm up: kernels, buffers
-			b.ResetTimer()
-			var local, gating time.Duration
-			for range b.N {
-				dl, dg := pass()
-				local, gating = local+dl, gating+dg
-			}
-			n := float64(b.N * tokens)
-			b.ReportMetric(local.Seconds()*1e3/n, "llama_ms/token")
-			b.ReportMetric(gating.Seconds()*1e3/n, "gating_ms/token")
-			b.ReportMetric((local-gating).Seconds()*1e3/n, "llama_expert_ms")
-		})
+		}
+		for _, dev := range benchDevices(b) {
+			b.Run(fmt.Sprintf("%s/%s/%s", sz.name, sz.typ, dev.Spec()), func(b *testing.B) {
+				benchLlamaCppExpert(b, dev, paths)
+			})
+		}
 	}
+}
+
+// benchLlamaCppExpert decodes batches of 1 and of 32 tokens with the model
+// of the real expert (paths[0]) and of the narrow one (paths[1]), and
+// reports the expert's time inside llama.cpp at batch 1 and at batch 32.
+func benchLlamaCppExpert(b *testing.B, dev Device, paths [2]string) {
+	var ls [2]*Llama
+	for i, p := range paths {
+		l, err := LoadLlamaOn(dev, p)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer l.Close()
+		ls[i] = l
+	}
+	const batches = 8
+	// decode times 8 batches of batch tokens in a fresh context of l, after
+	// one untimed token (a context's first decode allocates).
+	decode := func(l *Llama, batch int) time.Duration {
+		lc, err := l.NewContext(ContextOptions{Context: 512})
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer lc.Close()
+		if err := lc.Decode([]int32{3}); err != nil {
+			b.Fatal(err)
+		}
+		t0 := time.Now()
+		for i := range batches {
+			toks := make([]int32, batch)
+			for j := range toks {
+				toks[j] = int32(3 + (i*batch+j)%400)
+			}
+			if err := lc.Decode(toks); err != nil {
+				b.Fatal(err)
+			}
+		}
+		return time.Since(t0) / batches
+	}
+	pass := func(batch int) time.Duration { return decode(ls[0], batch) - decode(ls[1], batch) }
+	pass(1) // warm up
+	pass(32)
+	b.ResetTimer()
+	var one, many time.Duration
+	for range b.N {
+		one += pass(1)
+		many += pass(32)
+	}
+	e1 := one.Seconds() * 1e3 / float64(b.N) / 2 // two experts at batch 1
+	e32 := many.Seconds()*1e3/float64(b.N) - e1  // one at 32, one at 1
+	b.ReportMetric(e1, "llama_expert_ms_b1")
+	b.ReportMetric(e32, "llama_expert_ms_b32")
 }

@@ -83,6 +83,10 @@ func NewGatingOn(dev Device, hp moe.Hparams, shard *model.Shard, threads int) (*
 		if err != nil {
 			return nil, fmt.Errorf("gating compute: %w", err)
 		}
+		// GGUF writers drop trailing dimensions of 1 ([256 1] is [256]).
+		for len(shape) > 1 && shape[len(shape)-1] == 1 && len(t.Shape) < len(shape) {
+			shape = shape[:len(shape)-1]
+		}
 		if len(t.Shape) != len(shape) {
 			return nil, fmt.Errorf("gating compute: tensor %s has shape %v, want %v", name, t.Shape, shape)
 		}

@@ -114,3 +114,48 @@ func TestDTypesMatchGGML(t *testing.T) {
 		}
 	}
 }
+
+// llama.cpp's writer drops the trailing dimension of 1 from the expert
+// tensors of a one-expert model; the split takes them as one expert each.
+func TestSplitOneExpertModel(t *testing.T) {
+	dir := t.TempDir()
+	src, q := filepath.Join(dir, "f16.gguf"), filepath.Join(dir, "q.gguf")
+	p := model.Presets["tiny"]
+	p.Experts, p.ExpertsUsed, p.Embd, p.FF = 1, 1, 256, 256
+	f, err := os.Create(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := model.Generate(f, p, model.F16, 4); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	if err := QuantizeModel(src, q, "q8_0", 1); err != nil {
+		t.Fatal(err)
+	}
+	res, err := model.Split(q, filepath.Join(dir, "shards"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := len(res.Manifest.GetExperts()); n != p.Layers {
+		t.Fatalf("%d expert shards, want %d", n, p.Layers)
+	}
+	ref, err := LoadLlama(q)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ref.Close()
+	want, err := ref.GenerateGreedy("one expert", 8, ContextOptions{Threads: 1}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sm, err := LoadSplit(filepath.Join(dir, "shards"), res.ModelCID, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sm.Close()
+	got, err := sm.GenerateGreedy(t.Context(), "one expert", 8, 0, nil, false)
+	if err != nil || !slices.Equal(got.Tokens, want.Tokens) {
+		t.Fatalf("split %v (%v), llama.cpp %v", got.Tokens, err, want.Tokens)
+	}
+}

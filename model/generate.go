@@ -44,6 +44,27 @@ var Presets = map[string]Params{
 		RopeFreqBase: 1e6, RMSEps: 1e-5},
 }
 
+// ArchPresets are the shapes of presets that differ by architecture: a
+// qwen3moe bench model has Qwen3-30B-A3B's proportions (many small experts,
+// 8 of 64 used, heads of 128 wider than embd/heads, 8:1 grouped-query
+// attention) at about 1 B parameters.
+var ArchPresets = map[string]map[string]Params{
+	"qwen3moe": {
+		"bench": {Layers: 12, Experts: 64, ExpertsUsed: 8, Embd: 1024, FF: 384, Heads: 16, KVHeads: 2, HeadSize: 128,
+			Vocab: 32000, Context: 2048, RopeFreqBase: 1e6, RMSEps: 1e-6},
+	},
+}
+
+// Preset is the named shape for an architecture: its own when it has one
+// (ArchPresets), else the shared one (Presets).
+func Preset(arch, name string) (Params, bool) {
+	if p, ok := ArchPresets[arch][name]; ok {
+		return p, true
+	}
+	p, ok := Presets[name]
+	return p, ok
+}
+
 // minVocab holds the control and byte tokens plus a few words.
 const minVocab = 3 + 256 + 32
 

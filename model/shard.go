@@ -142,6 +142,10 @@ func SplitProgress(path, dir string, progress func(done, total int)) (*SplitResu
 		m.TensorOrder = append(m.TensorOrder, t.Name)
 		if g := expertTensor.FindStringSubmatch(t.Name); g != nil {
 			layer, _ := strconv.Atoi(g[1])
+			if len(t.Shape) == 2 && params.Experts == 1 {
+				// GGUF writers drop a trailing dimension of 1.
+				t.Shape = append(slices.Clone(t.Shape), 1)
+			}
 			if len(t.Shape) != 3 || t.Shape[2] != uint64(params.Experts) {
 				return nil, fmt.Errorf("split %s: tensor %s: shape %v, want 3 dimensions with %d experts", path, t.Name, t.Shape, params.Experts)
 			}

@@ -169,7 +169,7 @@ flags override the preset: tiny loads in milliseconds (tests), bench has about
 			if out == "" {
 				return errors.New("flag --out: required")
 			}
-			params, err := modelShape(cmd.Flags(), preset, p)
+			params, err := modelShape(cmd.Flags(), arch, preset, p)
 			if err != nil {
 				return err
 			}
@@ -208,8 +208,8 @@ flags override the preset: tiny loads in milliseconds (tests), bench has about
 }
 
 // modelShape is the preset's shape with the shape flags that were given.
-func modelShape(fs *pflag.FlagSet, preset string, p model.Params) (model.Params, error) {
-	params, ok := model.Presets[preset]
+func modelShape(fs *pflag.FlagSet, arch, preset string, p model.Params) (model.Params, error) {
+	params, ok := model.Preset(arch, preset)
 	if !ok {
 		return params, fmt.Errorf("flag --preset %q: want %s", preset, presetNames())
 	}
