@@ -68,7 +68,9 @@ func NewGatingOn(dev Device, hp moe.Hparams, shard *model.Shard, threads int) (*
 			want[b+"attn_k_norm.weight"] = []uint64{uint64(hp.HeadDim)}
 		}
 	}
-	ws := (*[1 << 20]C.neuro_weight)(C.malloc(C.size_t(len(want)) * C.size_t(unsafe.Sizeof(C.neuro_weight{}))))[:len(want):len(want)]
+	// Zeroed: storing Go pointers into it goes through the write barrier,
+	// which reads the old values.
+	ws := (*[1 << 20]C.neuro_weight)(C.calloc(C.size_t(len(want)), C.size_t(unsafe.Sizeof(C.neuro_weight{}))))[:len(want):len(want)]
 	defer C.free(unsafe.Pointer(&ws[0]))
 	var pinner runtime.Pinner
 	defer pinner.Unpin()
