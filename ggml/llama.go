@@ -323,7 +323,7 @@ func (l *Llama) ApplyChatTemplate(msgs []moe.ChatMessage) (string, error) {
 		tmpl = C.CString("chatml")
 		defer C.free(unsafe.Pointer(tmpl))
 	}
-	cmsgs := (*[1 << 20]C.struct_llama_chat_message)(C.malloc(C.size_t(len(msgs)) * C.size_t(unsafe.Sizeof(C.struct_llama_chat_message{}))))[:len(msgs):len(msgs)]
+	cmsgs := (*[1 << 20]C.struct_llama_chat_message)(C.calloc(C.size_t(len(msgs)), C.size_t(unsafe.Sizeof(C.struct_llama_chat_message{}))))[:len(msgs):len(msgs)] // zeroed: see NewGatingOn
 	defer C.free(unsafe.Pointer(&cmsgs[0]))
 	total := 0
 	for i, m := range msgs {
