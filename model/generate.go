@@ -31,6 +31,13 @@ type Params struct {
 	// TiedOutput leaves out output.weight: the output head is the token
 	// embeddings (as small Qwen3 models have it).
 	TiedOutput bool `json:"tied_output,omitempty"`
+	// glm4moe: DenseLead leading layers with a dense feed-forward block of
+	// DenseFF (no experts), SharedExperts experts every token uses, and a
+	// rotary part of RopeDim of each head (GLM-4.5: half).
+	DenseLead     int `json:"dense_lead,omitempty"`
+	DenseFF       int `json:"dense_ff,omitempty"`
+	SharedExperts int `json:"shared_experts,omitempty"`
+	RopeDim       int `json:"rope_dim,omitempty"`
 }
 
 // Presets are the named shapes of `neurod model make --preset`.
@@ -49,6 +56,12 @@ var Presets = map[string]Params{
 // 8 of 64 used, heads of 128 wider than embd/heads, 8:1 grouped-query
 // attention) at about 1 B parameters.
 var ArchPresets = map[string]map[string]Params{
+	"glm4moe": {
+		// GLM-4.5-Air's proportions, small: one dense leading layer, a
+		// shared expert, half of each head rotated.
+		"tiny": {Layers: 3, Experts: 8, ExpertsUsed: 2, Embd: 64, FF: 64, Heads: 4, KVHeads: 2, Vocab: 512, Context: 256,
+			RopeFreqBase: 1e6, RMSEps: 1e-5, DenseLead: 1, DenseFF: 256, SharedExperts: 1, RopeDim: 8},
+	},
 	"qwen3moe": {
 		"bench": {Layers: 12, Experts: 64, ExpertsUsed: 8, Embd: 1024, FF: 384, Heads: 16, KVHeads: 2, HeadSize: 128,
 			Vocab: 32000, Context: 2048, RopeFreqBase: 1e6, RMSEps: 1e-6},
@@ -108,8 +121,10 @@ func (p Params) HeadDim() int {
 // ParamCount is the number of weights.
 func (p Params) ParamCount() int64 {
 	e, f, kv, q := int64(p.Embd), int64(p.FF), int64(p.KVHeads*p.HeadDim()), int64(p.Heads*p.HeadDim())
-	perLayer := 2*e + e*q*2 + e*kv*2 + e*int64(p.Experts) + 3*e*f*int64(p.Experts)
-	return int64(p.Layers)*perLayer + 2*e*int64(p.Vocab) + e
+	attn := 2*e + e*q*2 + e*kv*2
+	moe := e*int64(p.Experts) + 3*e*f*int64(p.Experts+p.SharedExperts)
+	dense := 3 * e * int64(p.DenseFF)
+	return int64(p.Layers)*attn + int64(p.Layers-p.DenseLead)*moe + int64(p.DenseLead)*dense + 2*e*int64(p.Vocab) + e
 }
 
 // llama.cpp file types (general.file_type) for the types the generator
@@ -128,8 +143,15 @@ func Generate(w io.Writer, p Params, dtype DType, seed uint64) error {
 // expert_feed_forward_length). Qwen3-MoE files are for the shard path; a
 // llama.cpp-loadable Qwen3 tokenizer (GPT-2 BPE) is not generated.
 func GenerateArch(w io.Writer, arch string, p Params, dtype DType, seed uint64) error {
-	if arch != "llama" && arch != "qwen3moe" {
-		return fmt.Errorf("generate: architecture %q: want llama or qwen3moe", arch)
+	if arch != "llama" && arch != "qwen3moe" && arch != "glm4moe" {
+		return fmt.Errorf("generate: architecture %q: want llama, qwen3moe or glm4moe", arch)
+	}
+	if arch != "glm4moe" && (p.DenseLead != 0 || p.SharedExperts != 0 || p.RopeDim != 0) {
+		return fmt.Errorf("generate: dense leading layers, shared experts and a partial rotary dimension are glm4moe's, not %s's", arch)
+	}
+	if arch == "glm4moe" && (p.DenseLead >= p.Layers || p.DenseFF%32 != 0 || (p.DenseLead > 0 && p.DenseFF < 32) ||
+		p.RopeDim < 0 || p.RopeDim%2 != 0 || p.RopeDim > p.HeadDim()) {
+		return fmt.Errorf("generate: glm4moe: %d dense leading layers of ff %d, rope dim %d for heads of %d", p.DenseLead, p.DenseFF, p.RopeDim, p.HeadDim())
 	}
 	if arch == "llama" && p.HeadSize != 0 && p.HeadSize*p.Heads != p.Embd {
 		return errors.New("generate: a head size other than embd/heads is for qwen3moe (llama's gating compute assumes embd/heads)")
@@ -145,8 +167,12 @@ func GenerateArch(w io.Writer, arch string, p Params, dtype DType, seed uint64) 
 	u32 := func(n int) uint32 { return uint32(n) }
 	a := arch + "."
 	ffKey := "feed_forward_length"
-	if arch == "qwen3moe" {
+	if arch != "llama" {
 		ffKey = "expert_feed_forward_length"
+	}
+	ropeDim := p.HeadDim()
+	if p.RopeDim != 0 {
+		ropeDim = p.RopeDim
 	}
 	kvs := []KV{
 		{"general.architecture", arch},
@@ -160,7 +186,7 @@ func GenerateArch(w io.Writer, arch string, p Params, dtype DType, seed uint64) 
 		{a + "attention.head_count", u32(p.Heads)},
 		{a + "attention.head_count_kv", u32(p.KVHeads)},
 		{a + "rope.freq_base", p.RopeFreqBase},
-		{a + "rope.dimension_count", u32(p.HeadDim())},
+		{a + "rope.dimension_count", u32(ropeDim)},
 		{a + "attention.layer_norm_rms_epsilon", p.RMSEps},
 		{a + "expert_count", u32(p.Experts)},
 		{a + "expert_used_count", u32(p.ExpertsUsed)},
@@ -180,13 +206,14 @@ func GenerateArch(w io.Writer, arch string, p Params, dtype DType, seed uint64) 
 			{"tokenizer.ggml.add_eos_token", false},
 		}...)
 	} else {
-		// Qwen3's GPT-2 byte-level BPE: no BOS is added; <|im_end|> ends
-		// a turn, <|endoftext|> the text.
+		// Qwen3's (and GLM's) GPT-2 byte-level BPE: no BOS is added;
+		// <|im_end|> ends a turn, <|endoftext|> the text.
 		btoks, btypes, merges := bpeVocabulary(p.Vocab)
 		end := uint32(len(btoks) - len(bpeControls))
+		pre := map[string]string{"qwen3moe": "qwen2", "glm4moe": "glm4"}[arch]
 		kvs = append(kvs, []KV{
 			{"tokenizer.ggml.model", "gpt2"},
-			{"tokenizer.ggml.pre", "qwen2"},
+			{"tokenizer.ggml.pre", pre},
 			{"tokenizer.ggml.tokens", btoks},
 			{"tokenizer.ggml.token_type", btypes},
 			{"tokenizer.ggml.merges", merges},
@@ -196,9 +223,15 @@ func GenerateArch(w io.Writer, arch string, p Params, dtype DType, seed uint64) 
 			{"tokenizer.ggml.add_bos_token", false},
 		}...)
 	}
-	if arch == "qwen3moe" {
-		// Qwen3's head size is its own (128), not embd/heads.
+	if arch != "llama" {
+		// Qwen3's and GLM's head size is their own (128), not embd/heads.
 		kvs = append(kvs, KV{a + "attention.key_length", u32(p.HeadDim())}, KV{a + "attention.value_length", u32(p.HeadDim())})
+	}
+	if arch == "glm4moe" {
+		kvs = append(kvs, KV{a + "feed_forward_length", u32(p.DenseFF)}, KV{a + "leading_dense_block_count", u32(p.DenseLead)},
+			KV{a + "expert_shared_count", u32(p.SharedExperts)}, KV{a + "expert_weights_scale", float32(2.5)},
+			KV{a + "expert_weights_norm", true}, KV{a + "expert_gating_func", uint32(2)}, // sigmoid
+			KV{a + "nextn_predict_layers", uint32(0)})
 	}
 
 	rng := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
@@ -229,6 +262,10 @@ func GenerateArch(w io.Writer, arch string, p Params, dtype DType, seed uint64) 
 		if arch == "qwen3moe" {
 			add(b+"attn_q_norm.weight", F32, 1, 0.1, uint64(p.HeadDim()))
 			add(b+"attn_k_norm.weight", F32, 1, 0.1, uint64(p.HeadDim()))
+		}
+		if arch == "glm4moe" {
+			glmLayer(add, b, l, p, dtype)
+			continue
 		}
 		add(b+"ffn_norm.weight", F32, 1, 0.1, e)
 		add(b+"ffn_gate_inp.weight", F32, 0, 4*inv(e), e, uint64(p.Experts))
@@ -323,4 +360,36 @@ func vocabulary(n int) (tokens []string, scores []float32, types []int32) {
 		add(p, -float32(i), tokNormal)
 	}
 	return tokens, scores, types
+}
+
+// glmLayer adds the rest of a glm4moe layer after its attention weights:
+// Q/K/V biases, the post-attention norm, and either a dense feed-forward
+// block (the leading layers) or the router with its selection bias, the
+// experts and the shared experts.
+func glmLayer(add func(string, DType, float32, float32, ...uint64), b string, l int, p Params, dtype DType) {
+	e, f := uint64(p.Embd), uint64(p.FF)
+	hd := uint64(p.HeadDim())
+	inv := func(n uint64) float32 { return float32(1 / math.Sqrt(float64(n))) }
+	add(b+"attn_q.bias", F32, 0, 0.1, uint64(p.Heads)*hd)
+	add(b+"attn_k.bias", F32, 0, 0.1, uint64(p.KVHeads)*hd)
+	add(b+"attn_v.bias", F32, 0, 0.1, uint64(p.KVHeads)*hd)
+	add(b+"post_attention_norm.weight", F32, 1, 0.1, e) // LLM_TENSOR_ATTN_POST_NORM
+	if l < p.DenseLead {
+		d := uint64(p.DenseFF)
+		add(b+"ffn_gate.weight", dtype, 0, inv(e), e, d)
+		add(b+"ffn_down.weight", dtype, 0, inv(d), d, e)
+		add(b+"ffn_up.weight", dtype, 0, inv(e), e, d)
+		return
+	}
+	add(b+"ffn_gate_inp.weight", F32, 0, 4*inv(e), e, uint64(p.Experts))
+	add(b+"exp_probs_b.bias", F32, 0, 0.05, uint64(p.Experts))
+	add(b+"ffn_gate_exps.weight", dtype, 0, inv(e), e, f, uint64(p.Experts))
+	add(b+"ffn_down_exps.weight", dtype, 0, inv(f), f, e, uint64(p.Experts))
+	add(b+"ffn_up_exps.weight", dtype, 0, inv(e), e, f, uint64(p.Experts))
+	if p.SharedExperts > 0 {
+		sf := f * uint64(p.SharedExperts)
+		add(b+"ffn_gate_shexp.weight", dtype, 0, inv(e), e, sf)
+		add(b+"ffn_down_shexp.weight", dtype, 0, inv(sf), sf, e)
+		add(b+"ffn_up_shexp.weight", dtype, 0, inv(e), e, sf)
+	}
 }

@@ -282,8 +282,12 @@ func readParams(f *File, arch string) (*neuropb.ModelParams, error) {
 	if p.KvHeads, err = u("attention.head_count_kv"); err != nil {
 		p.KvHeads = p.Heads
 	}
-	if gate, ok := f.Tensor("blk.0.ffn_gate_exps.weight"); ok && len(gate.Shape) == 3 {
-		p.Ff = uint32(gate.Shape[1])
+	// The first MoE layer's expert size (leading layers may be dense).
+	for _, t := range f.Tensors {
+		if g := expertTensor.FindStringSubmatch(t.Name); g != nil && g[2] == "gate" && len(t.Shape) >= 2 {
+			p.Ff = uint32(t.Shape[1])
+			break
+		}
 	}
 	if toks, ok := f.Get("tokenizer.ggml.tokens").([]string); ok {
 		p.Vocab = uint32(len(toks))
