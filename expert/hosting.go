@@ -79,11 +79,15 @@ func (sp Spec) Resolve(m *neuropb.Manifest) ([]Key, error) {
 		return nil, errors.New("auto: use Choose")
 	}
 	layers, experts := int(m.GetParams().GetLayers()), int(m.GetParams().GetExperts())
+	first, _ := m.MoELayers()
 	seen := map[Key]bool{}
 	var out []Key
 	add := func(k Key) error {
 		if k.Layer >= layers || k.Expert >= experts {
 			return fmt.Errorf("expert %s: the model has %d layers of %d experts", k, layers, experts)
+		}
+		if k.Layer < first {
+			return fmt.Errorf("expert %s: layer %d is dense (the first %d layers have no experts)", k, k.Layer, first)
 		}
 		if !seen[k] {
 			seen[k] = true
@@ -130,10 +134,10 @@ type Choice struct {
 // Call it repeatedly, publishing what was chosen in between, so that other
 // nodes see the choice.
 func Choose(c Choice) []Key {
-	p := c.Manifest.GetParams()
-	layers, experts := int(p.GetLayers()), int(p.GetExperts())
+	experts := int(c.Manifest.GetParams().GetExperts())
+	first, end := c.Manifest.MoELayers()
 	size := func(k Key) int64 {
-		return int64(c.Manifest.GetExperts()[k.Layer*experts+k.Expert].GetShard().GetSize())
+		return int64(c.Manifest.ExpertRef(k.Layer, k.Expert).GetShard().GetSize())
 	}
 	tie := func(k Key) uint64 {
 		h := sha256.Sum256([]byte(fmt.Sprintf("%s/%d/%d", c.Self, k.Layer, k.Expert)))
@@ -149,7 +153,7 @@ func Choose(c Choice) []Key {
 	}
 	var lc []layerCand
 	neediest := int(^uint(0) >> 1) // the fewest providers of any expert this node lacks
-	for l := range layers {
+	for l := first; l < end; l++ {
 		cand := layerCand{layer: l, minProv: int(^uint(0) >> 1), tie: tie(Key{l, -1})}
 		for e := range experts {
 			k := Key{l, e}
@@ -174,7 +178,7 @@ func Choose(c Choice) []Key {
 		return best.need
 	}
 	var singles []Key
-	for l := range layers {
+	for l := first; l < end; l++ {
 		for e := range experts {
 			k := Key{l, e}
 			if !c.Hosted[k] && size(k) <= c.Budget {

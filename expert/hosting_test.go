@@ -173,3 +173,46 @@ func TestExplicitListMustFitTheBudget(t *testing.T) {
 		t.Fatalf("no budget: %v", err)
 	}
 }
+
+// A model whose leading layers are dense (GLM, DeepSeek) lists experts from
+// its first MoE layer: lists refuse the dense layers, auto-hosting never
+// picks them, and the manifest's lookup skips them.
+func TestDenseLeadingLayers(t *testing.T) {
+	m := &neuropb.Manifest{Params: &neuropb.ModelParams{Layers: 3, Experts: 2, DenseLead: 1}}
+	for l := 1; l < 3; l++ {
+		for e := range 2 {
+			m.Experts = append(m.Experts, &neuropb.ExpertShardRef{Layer: uint32(l), Expert: uint32(e),
+				Shard: &neuropb.ShardRef{Size: uint64(10 * (l*2 + e + 1))}})
+		}
+	}
+	if r := m.ExpertRef(0, 0); r != nil {
+		t.Fatalf("expert 0:0 of a dense layer: %v", r)
+	}
+	if r := m.ExpertRef(2, 1); r == nil || r.GetLayer() != 2 || r.GetExpert() != 1 {
+		t.Fatalf("expert 2:1: %v", r)
+	}
+	if r := m.ExpertRef(3, 0); r != nil {
+		t.Fatalf("expert 3:0 past the last layer: %v", r)
+	}
+	sp, _ := ParseSpec("0:*")
+	if _, err := sp.Resolve(m); err == nil || !strings.Contains(err.Error(), "layer 0 is dense") {
+		t.Fatalf("0:* on a dense layer: %v", err)
+	}
+	sp, _ = ParseSpec("1:*,2:0")
+	if keys, err := sp.Resolve(m); err != nil || fmt.Sprint(keys) != "[1:0 1:1 2:0]" {
+		t.Fatalf("1:*,2:0: %v %v", keys, err)
+	}
+	hosted := map[Key]bool{}
+	for range 8 {
+		keys := Choose(Choice{Manifest: m, Providers: map[Key]int{}, Hosted: hosted, Budget: 1 << 20, Self: peer.ID("a")})
+		for _, k := range keys {
+			if k.Layer == 0 {
+				t.Fatalf("auto-hosting chose %s of the dense layer", k)
+			}
+			hosted[k] = true
+		}
+	}
+	if len(hosted) != 4 {
+		t.Fatalf("hosted %v, want the 4 experts of layers 1 and 2", hosted)
+	}
+}

@@ -314,7 +314,8 @@ func (s *Service) host(ctx context.Context) error {
 func (s *Service) rebalance(ctx context.Context, m *neuropb.Manifest, c Choice) {
 	experts := int(m.GetParams().GetExperts())
 	missing := false
-	for l := range int(m.GetParams().GetLayers()) {
+	first, end := m.MoELayers()
+	for l := first; l < end; l++ {
 		for e := range experts {
 			k := Key{l, e}
 			missing = missing || (!c.Hosted[k] && c.Providers[k] < 2)
@@ -341,7 +342,7 @@ func (s *Service) rebalance(ctx context.Context, m *neuropb.Manifest, c Choice) 
 	}
 	delete(s.loaded, *drop)
 	delete(s.hosted, *drop)
-	s.used -= int64(m.GetExperts()[drop.Layer*experts+drop.Expert].GetShard().GetSize())
+	s.used -= int64(m.ExpertRef(drop.Layer, drop.Expert).GetShard().GetSize())
 	s.mu.Unlock()
 	if _, err := s.server.Remove(s.cfg.Model, drop.Layer, drop.Expert); err == nil {
 		if err := dropped.Close(); err != nil {
@@ -380,7 +381,7 @@ func (s *Service) fits(m *neuropb.Manifest, keys []Key) error {
 	}
 	var need int64
 	for _, k := range keys {
-		need += int64(m.GetExperts()[k.Layer*int(m.GetParams().GetExperts())+k.Expert].GetShard().GetSize())
+		need += int64(m.ExpertRef(k.Layer, k.Expert).GetShard().GetSize())
 	}
 	if need > s.cfg.MemoryBudget {
 		return fmt.Errorf("expert list: %d experts need %.1f MiB, more than the %.1f MiB for expert weights (%s)",
@@ -392,7 +393,11 @@ func (s *Service) fits(m *neuropb.Manifest, keys []Key) error {
 // add hosts expert k: announces the choice, fetches and verifies the
 // shard, loads it into ggml, serves it and provides it.
 func (s *Service) add(ctx context.Context, m *neuropb.Manifest, k Key) error {
-	ref := m.GetExperts()[k.Layer*int(m.GetParams().GetExperts())+k.Expert].GetShard()
+	er := m.ExpertRef(k.Layer, k.Expert)
+	if er == nil {
+		return fmt.Errorf("expert %s: not in the manifest", k)
+	}
+	ref := er.GetShard()
 	s.mu.Lock()
 	if s.hosted[k] {
 		s.mu.Unlock()
@@ -473,12 +478,12 @@ func (s *Service) WeightTypes(c cid.Cid, layer, expert int) ([]model.DType, bool
 	if m == nil || !s.cfg.Model.Equals(c) {
 		return nil, false
 	}
-	i := layer*int(m.GetParams().GetExperts()) + expert
-	if layer < 0 || expert < 0 || expert >= int(m.GetParams().GetExperts()) || i >= len(m.GetExperts()) {
+	er := m.ExpertRef(layer, expert)
+	if er == nil {
 		return nil, false
 	}
 	var out []model.DType
-	for _, t := range m.GetExperts()[i].GetShard().GetTensors() {
+	for _, t := range er.GetShard().GetTensors() {
 		out = append(out, model.DType(t.GetDtype()))
 	}
 	return out, true

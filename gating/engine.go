@@ -326,7 +326,7 @@ func (e *Engine) warm(ctx context.Context, m *served) {
 		return
 	}
 	seen := map[peer.ID]bool{}
-	for l := range hp.Layers {
+	for l := hp.DenseLead; l < hp.Layers; l++ {
 		for x := range hp.Experts {
 			for _, p := range remote.Providers(expert.Key{Layer: l, Expert: x}) {
 				if len(seen) < maxWarm {
@@ -370,7 +370,7 @@ func (d *dhtProviders) get(k expert.Key) []peer.ID {
 func (d *dhtProviders) refresh(ctx context.Context, hp moe.Hparams) {
 	sem := make(chan struct{}, 4)
 	var wg sync.WaitGroup
-	for l := range hp.Layers {
+	for l := hp.DenseLead; l < hp.Layers; l++ {
 		for x := range hp.Experts {
 			k := expert.Key{Layer: l, Expert: x}
 			select {
@@ -435,7 +435,7 @@ func (e *Engine) Models() []ModelInfo {
 		if info.Ready {
 			info.Context = e.nCtx(hp)
 			info.MinProviders = -1
-			for l := range hp.Layers {
+			for l := hp.DenseLead; l < hp.Layers; l++ {
 				for x := range hp.Experts {
 					k := expert.Key{Layer: l, Expert: x}
 					n := len(remote.Providers(k))

@@ -59,12 +59,11 @@ func (j *localJudge) get(ctx context.Context, model cid.Cid, k expert.Key) (moe.
 	if err != nil {
 		return nil, err
 	}
-	per := int(m.GetParams().GetExperts())
-	i := k.Layer*per + k.Expert
-	if k.Layer < 0 || k.Expert < 0 || k.Expert >= per || i >= len(m.GetExperts()) {
+	er := m.ExpertRef(k.Layer, k.Expert)
+	if er == nil {
 		return nil, fmt.Errorf("expert %s: not in the manifest", k)
 	}
-	ref := m.GetExperts()[i].GetShard()
+	ref := er.GetShard()
 	c, err := cid.Cast(ref.GetCid())
 	if err != nil {
 		return nil, err

@@ -60,6 +60,8 @@ type Hparams struct {
 	HeadDim  int
 	QKNorm   bool
 	RopeNeox bool
+	// DenseLead leading layers have no experts (GLM, DeepSeek).
+	DenseLead int
 }
 
 // GatingArchitectures are the architectures the gating compute runs.
@@ -78,7 +80,10 @@ func HparamsOf(m *neuropb.Manifest, gating *model.Shard) (Hparams, error) {
 		Layers: int(p.GetLayers()), Embd: int(p.GetEmbd()), Heads: int(p.GetHeads()), KVHeads: int(p.GetKvHeads()),
 		Experts: int(p.GetExperts()), ExpertsUsed: int(p.GetExpertsUsed()), Vocab: int(p.GetVocab()),
 		CtxLen: int(p.GetContext()), RopeFreqBase: p.GetRopeFreqBase(), RMSEps: p.GetRmsEps(),
-		Arch: arch, QKNorm: arch == "qwen3moe", RopeNeox: arch == "qwen3moe",
+		Arch: arch, QKNorm: arch == "qwen3moe", RopeNeox: arch == "qwen3moe", DenseLead: int(p.GetDenseLead()),
+	}
+	if h.DenseLead != 0 {
+		return Hparams{}, fmt.Errorf("gating compute: %d dense leading layers (not supported yet)", h.DenseLead)
 	}
 	if h.Heads == 0 || h.KVHeads == 0 || h.Heads%h.KVHeads != 0 {
 		return Hparams{}, fmt.Errorf("gating compute: %d heads, %d kv heads", h.Heads, h.KVHeads)

@@ -135,7 +135,10 @@ type ModelParams struct {
 	RopeFreqBase float32 `protobuf:"fixed32,10,opt,name=rope_freq_base,json=ropeFreqBase,proto3" json:"rope_freq_base,omitempty"`
 	RmsEps       float32 `protobuf:"fixed32,11,opt,name=rms_eps,json=rmsEps,proto3" json:"rms_eps,omitempty"`
 	// general.file_type of the original file.
-	FileType      uint32 `protobuf:"varint,12,opt,name=file_type,json=fileType,proto3" json:"file_type,omitempty"`
+	FileType uint32 `protobuf:"varint,12,opt,name=file_type,json=fileType,proto3" json:"file_type,omitempty"`
+	// Leading layers with a dense feed-forward block and no experts (GLM,
+	// DeepSeek): the experts list starts at this layer.
+	DenseLead     uint32 `protobuf:"varint,13,opt,name=dense_lead,json=denseLead,proto3" json:"dense_lead,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -250,6 +253,13 @@ func (x *ModelParams) GetRmsEps() float32 {
 func (x *ModelParams) GetFileType() uint32 {
 	if x != nil {
 		return x.FileType
+	}
+	return 0
+}
+
+func (x *ModelParams) GetDenseLead() uint32 {
+	if x != nil {
+		return x.DenseLead
 	}
 	return 0
 }
@@ -451,7 +461,7 @@ const file_model_proto_rawDesc = "" +
 	"\x06params\x18\x03 \x01(\v2\x15.neuro.v1.ModelParamsR\x06params\x12*\n" +
 	"\x06gating\x18\x04 \x01(\v2\x12.neuro.v1.ShardRefR\x06gating\x122\n" +
 	"\aexperts\x18\x05 \x03(\v2\x18.neuro.v1.ExpertShardRefR\aexperts\x12!\n" +
-	"\ftensor_order\x18\x06 \x03(\tR\vtensorOrder\"\xc3\x02\n" +
+	"\ftensor_order\x18\x06 \x03(\tR\vtensorOrder\"\xe2\x02\n" +
 	"\vModelParams\x12\x16\n" +
 	"\x06layers\x18\x01 \x01(\rR\x06layers\x12\x18\n" +
 	"\aexperts\x18\x02 \x01(\rR\aexperts\x12!\n" +
@@ -465,7 +475,9 @@ const file_model_proto_rawDesc = "" +
 	"\x0erope_freq_base\x18\n" +
 	" \x01(\x02R\fropeFreqBase\x12\x17\n" +
 	"\arms_eps\x18\v \x01(\x02R\x06rmsEps\x12\x1b\n" +
-	"\tfile_type\x18\f \x01(\rR\bfileType\"_\n" +
+	"\tfile_type\x18\f \x01(\rR\bfileType\x12\x1d\n" +
+	"\n" +
+	"dense_lead\x18\r \x01(\rR\tdenseLead\"_\n" +
 	"\bShardRef\x12\x10\n" +
 	"\x03cid\x18\x01 \x01(\fR\x03cid\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x04R\x04size\x12-\n" +

@@ -147,15 +147,18 @@ func (m *Manifest) Validate() error {
 		p.GetExpertsUsed() > p.GetExperts() || p.GetEmbd() == 0 || p.GetHeads() == 0 {
 		return invalid("manifest: params %v", p)
 	}
-	if uint64(p.GetLayers())*uint64(p.GetExperts()) != uint64(len(m.GetExperts())) {
-		return invalid("manifest: %d expert shards, want layers x experts = %d", len(m.GetExperts()),
-			uint64(p.GetLayers())*uint64(p.GetExperts()))
+	if p.GetDenseLead() >= p.GetLayers() {
+		return invalid("manifest: %d dense leading layers of %d", p.GetDenseLead(), p.GetLayers())
+	}
+	moe := uint64(p.GetLayers() - p.GetDenseLead())
+	if moe*uint64(p.GetExperts()) != uint64(len(m.GetExperts())) {
+		return invalid("manifest: %d expert shards, want MoE layers x experts = %d", len(m.GetExperts()), moe*uint64(p.GetExperts()))
 	}
 	if err := m.GetGating().validate("gating"); err != nil {
 		return err
 	}
 	for i, e := range m.GetExperts() {
-		wantL, wantE := uint32(i)/p.GetExperts(), uint32(i)%p.GetExperts()
+		wantL, wantE := p.GetDenseLead()+uint32(i)/p.GetExperts(), uint32(i)%p.GetExperts()
 		if e.GetLayer() != wantL || e.GetExpert() != wantE {
 			return invalid("manifest: experts[%d] is %d:%d, want %d:%d", i, e.GetLayer(), e.GetExpert(), wantL, wantE)
 		}
@@ -295,4 +298,24 @@ func FloatsDigest(x []float32) []byte {
 		x = x[n:]
 	}
 	return h.Sum(nil)
+}
+
+// MoELayers are the layers with experts: [first, end). Leading layers may
+// be dense (ModelParams.dense_lead).
+func (m *Manifest) MoELayers() (first, end int) {
+	return int(m.GetParams().GetDenseLead()), int(m.GetParams().GetLayers())
+}
+
+// ExpertRef is expert (layer, expert)'s entry, or nil when the model has
+// no such expert (a dense leading layer, or out of range).
+func (m *Manifest) ExpertRef(layer, expert int) *ExpertShardRef {
+	first, end := m.MoELayers()
+	per := int(m.GetParams().GetExperts())
+	if layer < first || layer >= end || expert < 0 || expert >= per {
+		return nil
+	}
+	if i := (layer-first)*per + expert; i < len(m.GetExperts()) {
+		return m.GetExperts()[i]
+	}
+	return nil
 }

@@ -5,9 +5,11 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/ipfs/go-cid"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/peer"
 	ma "github.com/multiformats/go-multiaddr"
+	"github.com/multiformats/go-multihash"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -118,4 +120,39 @@ func FuzzHeartbeat(f *testing.F) {
 			t.Fatalf("accepted a heartbeat with a bad peer id: %v", err)
 		}
 	})
+}
+
+// A manifest with dense leading layers lists experts from the first MoE
+// layer on; one that lists them from layer 0, or makes every layer dense,
+// is refused.
+func TestManifestDenseLead(t *testing.T) {
+	mk := func(first uint32, dense uint32) *Manifest {
+		m := &Manifest{Format: 1, Params: &ModelParams{Layers: 3, Experts: 2, ExpertsUsed: 1, Embd: 8, Heads: 1, DenseLead: dense},
+			Gating: testShard(t), TensorOrder: []string{"x"}}
+		for l := first; l < 3; l++ {
+			for e := range uint32(2) {
+				m.Experts = append(m.Experts, &ExpertShardRef{Layer: l, Expert: e, Shard: testShard(t)})
+			}
+		}
+		return m
+	}
+	if err := mk(1, 1).Validate(); err != nil {
+		t.Fatalf("one dense leading layer: %v", err)
+	}
+	if err := mk(0, 1).Validate(); err == nil {
+		t.Fatal("experts listed for the dense layer: accepted")
+	}
+	if err := mk(3, 3).Validate(); err == nil || !strings.Contains(err.Error(), "dense leading layers") {
+		t.Fatalf("every layer dense: %v", err)
+	}
+}
+
+// testShard is a valid shard reference (CIDv1 raw sha2-256, one tensor).
+func testShard(t *testing.T) *ShardRef {
+	t.Helper()
+	mh, err := multihash.Sum([]byte("shard"), multihash.SHA2_256, -1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &ShardRef{Cid: cid.NewCidV1(cid.Raw, mh).Bytes(), Size: 1, Tensors: []*TensorRef{{Name: "x", Dtype: 0, Shape: []uint64{1}}}}
 }

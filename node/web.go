@@ -107,6 +107,8 @@ type StateModel struct {
 	// Known says the shape comes from the manifest; otherwise it is the
 	// largest expert index heard.
 	Known bool `json:"known"`
+	// DenseLead leading layers have no experts.
+	DenseLead int `json:"dense_lead"`
 }
 
 // StateCoverage is one expert's live providers.
@@ -395,6 +397,7 @@ func (n *Node) State(ctx context.Context) State {
 		if c, err := cid.Decode(m); err == nil && n.expert != nil {
 			if man, err := n.expert.Store().Manifest(c); err == nil {
 				sm.Layers, sm.Experts, sm.Known = int(man.GetParams().GetLayers()), int(man.GetParams().GetExperts()), true
+				sm.DenseLead = int(man.GetParams().GetDenseLead())
 			}
 		}
 		if !sm.Known {
@@ -403,7 +406,7 @@ func (n *Node) State(ctx context.Context) State {
 			}
 		}
 		st.Models = append(st.Models, sm)
-		for l := range sm.Layers {
+		for l := sm.DenseLead; l < sm.Layers; l++ {
 			for x := range sm.Experts {
 				st.Coverage = append(st.Coverage, StateCoverage{Model: m, Layer: l, Expert: x, Providers: prov[m][uint32(l)<<16|uint32(x)]})
 			}
