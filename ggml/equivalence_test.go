@@ -105,7 +105,7 @@ func TestGatingBadInput(t *testing.T) {
 	}
 	other := proto.Clone(res.Manifest).(*neuropb.Manifest)
 	other.Architecture = "gpt-oss"
-	if _, err := moe.HparamsOf(other, gs); err == nil || !strings.Contains(err.Error(), `architecture "gpt-oss" is not supported yet (supported: llama, qwen3moe)`) {
+	if _, err := moe.HparamsOf(other, gs); err == nil || !strings.Contains(err.Error(), `architecture "gpt-oss" is not supported yet (supported: llama, qwen3moe, glm4moe)`) {
 		t.Errorf("unsupported architecture: %v", err)
 	}
 	g, err := NewGating(hp, gs, 1)
@@ -208,6 +208,85 @@ func TestQwen3MoeMatchesLlamaCpp(t *testing.T) {
 				}
 			}
 			t.Logf("qwen3moe %s (tied output %v): %d tokens identical, logits max |Δ| %.3g", typ, p.TiedOutput, len(want.Tokens), worst)
+			if worst != 0 {
+				t.Fatalf("logits differ by up to %.3g; the arithmetic is llama.cpp's, 0 expected", worst)
+			}
+		})
+	}
+}
+
+// GLM-4.5's gating compute (glm4moe: a dense leading layer, a shared
+// expert computed beside the routed ones, a sigmoid router with the
+// selection bias exp_probs_b, normalised and scaled weights, Q/K/V biases,
+// the post-attention norm, half of each head rotated, NEOX) against
+// llama.cpp's llm_build_glm4_moe: the same greedy tokens, logits identical,
+// in f32, f16, q8_0 and llama.cpp's q4_k_m mix.
+func TestGLM4MoeMatchesLlamaCpp(t *testing.T) {
+	const maxTokens = 32
+	prompt := "once upon a time the expert network"
+	p, _ := model.Preset("glm4moe", "tiny")
+	p.Embd, p.FF, p.DenseFF, p.HeadSize, p.RopeDim = 256, 256, 512, 64, 32 // K-quant rows of 256; heads of 64, half rotated
+	for _, typ := range []string{"f32", "f16", "q8_0", "q4_k_m"} {
+		t.Run(typ, func(t *testing.T) {
+			dir := t.TempDir()
+			path := filepath.Join(dir, "glm4moe.gguf")
+			gen := model.F16
+			if typ == "f32" || typ == "q8_0" {
+				gen, _ = model.ParseDType(typ)
+			}
+			f, err := os.Create(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := model.GenerateArch(f, "glm4moe", p, gen, 31); err != nil {
+				t.Fatal(err)
+			}
+			f.Close()
+			if typ == "q4_k_m" {
+				q := filepath.Join(dir, "q4km.gguf")
+				if err := QuantizeModel(path, q, typ, 2); err != nil {
+					t.Fatal(err)
+				}
+				path = q
+			}
+			ref, err := LoadLlama(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ref.Close()
+			want, err := ref.GenerateGreedy(prompt, maxTokens, ContextOptions{Threads: 2}, true)
+			if err != nil {
+				t.Fatal(err)
+			}
+			res, err := model.Split(path, filepath.Join(dir, "shards"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if n := len(res.Manifest.GetExperts()); n != (p.Layers-p.DenseLead)*p.Experts {
+				t.Fatalf("%d expert shards, want %d (no experts in the dense layer)", n, (p.Layers-p.DenseLead)*p.Experts)
+			}
+			sm, err := LoadSplit(filepath.Join(dir, "shards"), res.ModelCID, 2)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sm.Close()
+			if hp := sm.Gating.Hparams(); hp.DenseLead != 1 || hp.SharedFF != p.FF || !hp.Sigmoid || !hp.ProbsBias || hp.ScaleW != 2.5 || hp.Rot != 32 {
+				t.Fatalf("hparams %+v", hp)
+			}
+			got, err := sm.GenerateGreedy(t.Context(), prompt, maxTokens, 0, nil, true)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !slices.Equal(got.Tokens, want.Tokens) {
+				t.Fatalf("split %v\nllama.cpp %v", got.Tokens, want.Tokens)
+			}
+			var worst float64
+			for step := range want.Logits {
+				for i := range want.Logits[step] {
+					worst = max(worst, math.Abs(float64(got.Logits[step][i]-want.Logits[step][i])))
+				}
+			}
+			t.Logf("glm4moe %s: %d tokens identical, logits max |Δ| %.3g", typ, len(want.Tokens), worst)
 			if worst != 0 {
 				t.Fatalf("logits differ by up to %.3g; the arithmetic is llama.cpp's, 0 expected", worst)
 			}

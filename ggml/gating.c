@@ -22,6 +22,16 @@ struct gating_layer {
     struct ggml_tensor * attn_norm;
     struct ggml_tensor * q_norm; // qk_norm only
     struct ggml_tensor * k_norm;
+    struct ggml_tensor * bq; // qkv_bias only
+    struct ggml_tensor * bk;
+    struct ggml_tensor * bv;
+    struct ggml_tensor * ffn_gate; // dense leading layers
+    struct ggml_tensor * ffn_up;
+    struct ggml_tensor * ffn_down;
+    struct ggml_tensor * probs_b; // probs_bias only
+    struct ggml_tensor * sh_gate; // shared experts
+    struct ggml_tensor * sh_up;
+    struct ggml_tensor * sh_down;
     struct ggml_tensor * wq;
     struct ggml_tensor * wk;
     struct ggml_tensor * wv;
@@ -102,7 +112,7 @@ neuro_gating * neuro_gating_new(const neuro_hparams * hp, const neuro_weight * w
         goto fail;
     }
 
-    struct ggml_init_params wp = { (size_t) (8 + 10 * hp->n_layer) * ggml_tensor_overhead(), NULL, true };
+    struct ggml_init_params wp = { (size_t) (8 + 20 * hp->n_layer) * ggml_tensor_overhead(), NULL, true };
     g->wctx = ggml_init(wp);
     if (g->wctx == NULL) {
         snprintf(err, err_len, "ggml weight context failed");
@@ -129,11 +139,34 @@ neuro_gating * neuro_gating_new(const neuro_hparams * hp, const neuro_weight * w
         WEIGHT(l->wk, "blk.%d.attn_k.weight", il);
         WEIGHT(l->wv, "blk.%d.attn_v.weight", il);
         WEIGHT(l->wo, "blk.%d.attn_output.weight", il);
-        WEIGHT(l->ffn_norm, "blk.%d.ffn_norm.weight", il);
-        WEIGHT(l->gate_inp, "blk.%d.ffn_gate_inp.weight", il);
+        if (hp->post_norm) {
+            WEIGHT(l->ffn_norm, "blk.%d.post_attention_norm.weight", il);
+        } else {
+            WEIGHT(l->ffn_norm, "blk.%d.ffn_norm.weight", il);
+        }
         if (hp->qk_norm) {
             WEIGHT(l->q_norm, "blk.%d.attn_q_norm.weight", il);
             WEIGHT(l->k_norm, "blk.%d.attn_k_norm.weight", il);
+        }
+        if (hp->qkv_bias) {
+            WEIGHT(l->bq, "blk.%d.attn_q.bias", il);
+            WEIGHT(l->bk, "blk.%d.attn_k.bias", il);
+            WEIGHT(l->bv, "blk.%d.attn_v.bias", il);
+        }
+        if (il < hp->n_dense_lead) {
+            WEIGHT(l->ffn_gate, "blk.%d.ffn_gate.weight", il);
+            WEIGHT(l->ffn_up, "blk.%d.ffn_up.weight", il);
+            WEIGHT(l->ffn_down, "blk.%d.ffn_down.weight", il);
+            continue;
+        }
+        WEIGHT(l->gate_inp, "blk.%d.ffn_gate_inp.weight", il);
+        if (hp->probs_bias) {
+            WEIGHT(l->probs_b, "blk.%d.exp_probs_b.bias", il);
+        }
+        if (hp->n_ff_shared > 0) {
+            WEIGHT(l->sh_gate, "blk.%d.ffn_gate_shexp.weight", il);
+            WEIGHT(l->sh_up, "blk.%d.ffn_up_shexp.weight", il);
+            WEIGHT(l->sh_down, "blk.%d.ffn_down_shexp.weight", il);
         }
     }
 #undef WEIGHT
@@ -263,8 +296,20 @@ static int kv_len(int n_ctx, int used) {
     return n < n_ctx ? n : n_ctx;
 }
 
+// ffn builds llama.cpp's build_ffn with LLM_FFN_SILU and LLM_FFN_PAR:
+// down(swiglu(gate x, up x)).
+static struct ggml_tensor * ffn(struct ggml_context * ctx, struct ggml_tensor * x, struct ggml_tensor * gate,
+                                struct ggml_tensor * up, struct ggml_tensor * down) {
+    struct ggml_tensor * u = ggml_mul_mat(ctx, up, x);
+    struct ggml_tensor * g = ggml_mul_mat(ctx, gate, x);
+    struct ggml_tensor * h = ggml_swiglu_split(ctx, g, u);
+    struct ggml_tensor * out = ggml_mul_mat(ctx, down, h);
+    ggml_mul_mat_set_prec(out, GGML_PREC_F32); // as llama.cpp sets it for GLM-4
+    return out;
+}
+
 int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, int last_only,
-                float * ffn_inp_out, float * moe_in_out, int32_t * selected_ids, float * weights_out) {
+                float * ffn_inp_out, float * moe_in_out, int32_t * selected_ids, float * weights_out, float * extra_out) {
     neuro_gating * g = s->g;
     const neuro_hparams * hp = &g->hp;
     const struct gating_layer * L = &g->layers[il];
@@ -300,8 +345,11 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
     // attention
     struct ggml_tensor * cur = rms_norm(ctx, inpL, L->attn_norm, hp->rms_eps);
     struct ggml_tensor * q = ggml_mul_mat(ctx, L->wq, cur);
+    if (L->bq) q = ggml_add(ctx, q, L->bq);
     struct ggml_tensor * k = ggml_mul_mat(ctx, L->wk, cur);
+    if (L->bk) k = ggml_add(ctx, k, L->bk);
     struct ggml_tensor * v = ggml_mul_mat(ctx, L->wv, cur);
+    if (L->bv) v = ggml_add(ctx, v, L->bv);
     q = ggml_reshape_3d(ctx, q, n_embd_head, hp->n_head, n);
     k = ggml_reshape_3d(ctx, k, n_embd_head, hp->n_head_kv, n);
     v = ggml_reshape_3d(ctx, v, n_embd_head, hp->n_head_kv, n);
@@ -359,29 +407,49 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
     struct ggml_tensor * ffn_inp = ggml_add(ctx, cur, inpSA);
     ggml_set_output(ffn_inp);
 
-    // build_moe_ffn up to the expert calls: softmax router, top-k,
-    // weights normalised by their (clamped) sum
     struct ggml_tensor * moe_in = rms_norm(ctx, ffn_inp, L->ffn_norm, hp->rms_eps);
     ggml_set_output(moe_in);
-    struct ggml_tensor * logits = ggml_mul_mat(ctx, L->gate_inp, moe_in); // [n_expert, n_out]
-    struct ggml_tensor * probs = ggml_soft_max(ctx, logits);
-    struct ggml_tensor * selected = ggml_argsort_top_k(ctx, probs, hp->n_expert_used); // [n_used, n_out], a view
-    // A contiguous copy to read back: the view's parent is freed for reuse
-    // once the graph no longer needs it.
-    struct ggml_tensor * selected_out = ggml_cont(ctx, selected);
-    ggml_set_output(selected_out);
-    probs = ggml_reshape_3d(ctx, probs, 1, hp->n_expert, n_out);
-    struct ggml_tensor * weights = ggml_get_rows(ctx, probs, selected); // [1, n_used, n_out]
-    weights = ggml_reshape_2d(ctx, weights, hp->n_expert_used, n_out);
-    struct ggml_tensor * wsum = ggml_sum_rows(ctx, weights);
-    wsum = ggml_clamp(ctx, wsum, 6.103515625e-5f, INFINITY);
-    weights = ggml_div(ctx, weights, wsum);
-    ggml_set_output(weights);
-
     ggml_build_forward_expand(gf, ffn_inp);
     ggml_build_forward_expand(gf, moe_in);
-    ggml_build_forward_expand(gf, selected_out);
-    ggml_build_forward_expand(gf, weights);
+    struct ggml_tensor * selected_out = NULL;
+    struct ggml_tensor * weights = NULL;
+    struct ggml_tensor * extra = NULL;
+    if (il < hp->n_dense_lead) {
+        // a dense leading layer: its FFN here, no experts
+        extra = ffn(ctx, moe_in, L->ffn_gate, L->ffn_up, L->ffn_down);
+    } else {
+        // build_moe_ffn up to the expert calls: softmax or sigmoid router,
+        // the selection bias, top-k, weights normalised by their (clamped)
+        // sum and scaled
+        struct ggml_tensor * logits = ggml_mul_mat(ctx, L->gate_inp, moe_in); // [n_expert, n_out]
+        struct ggml_tensor * probs = hp->sigmoid ? ggml_sigmoid(ctx, logits) : ggml_soft_max(ctx, logits);
+        struct ggml_tensor * selection = probs;
+        if (L->probs_b) selection = ggml_add(ctx, probs, L->probs_b);
+        struct ggml_tensor * selected = ggml_argsort_top_k(ctx, selection, hp->n_expert_used); // [n_used, n_out], a view
+        // A contiguous copy to read back: the view's parent is freed for
+        // reuse once the graph no longer needs it.
+        selected_out = ggml_cont(ctx, selected);
+        ggml_set_output(selected_out);
+        probs = ggml_reshape_3d(ctx, probs, 1, hp->n_expert, n_out);
+        weights = ggml_get_rows(ctx, probs, selected); // [1, n_used, n_out]
+        weights = ggml_reshape_2d(ctx, weights, hp->n_expert_used, n_out);
+        if (hp->norm_w) {
+            struct ggml_tensor * wsum = ggml_sum_rows(ctx, weights);
+            wsum = ggml_clamp(ctx, wsum, 6.103515625e-5f, INFINITY);
+            weights = ggml_div(ctx, weights, wsum);
+        }
+        if (hp->scale_w != 0.0f) weights = ggml_scale(ctx, weights, hp->scale_w);
+        ggml_set_output(weights);
+        ggml_build_forward_expand(gf, selected_out);
+        ggml_build_forward_expand(gf, weights);
+        if (hp->n_ff_shared > 0) {
+            extra = ffn(ctx, moe_in, L->sh_gate, L->sh_up, L->sh_down);
+        }
+    }
+    if (extra) {
+        ggml_set_output(extra);
+        ggml_build_forward_expand(gf, extra);
+    }
 
     int rc = run(g, gf);
     if (rc == 0) {
@@ -422,8 +490,9 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
     if (rc == 0) {
         ggml_backend_tensor_get(ffn_inp, ffn_inp_out, 0, ggml_nbytes(ffn_inp));
         ggml_backend_tensor_get(moe_in, moe_in_out, 0, ggml_nbytes(moe_in));
-        ggml_backend_tensor_get(selected_out, selected_ids, 0, ggml_nbytes(selected_out));
-        ggml_backend_tensor_get(weights, weights_out, 0, ggml_nbytes(weights));
+        if (selected_out) ggml_backend_tensor_get(selected_out, selected_ids, 0, ggml_nbytes(selected_out));
+        if (weights) ggml_backend_tensor_get(weights, weights_out, 0, ggml_nbytes(weights));
+        if (extra) ggml_backend_tensor_get(extra, extra_out, 0, ggml_nbytes(extra));
     }
     ggml_free(ctx);
     return rc;

@@ -61,11 +61,36 @@ func NewGatingOn(dev Device, hp moe.Hparams, shard *model.Shard, threads int) (*
 		want[b+"attn_k.weight"] = []uint64{e, uint64(kv)}
 		want[b+"attn_v.weight"] = []uint64{e, uint64(kv)}
 		want[b+"attn_output.weight"] = []uint64{uint64(q), e}
-		want[b+"ffn_norm.weight"] = []uint64{e}
-		want[b+"ffn_gate_inp.weight"] = []uint64{e, uint64(hp.Experts)}
+		if hp.PostNorm {
+			want[b+"post_attention_norm.weight"] = []uint64{e}
+		} else {
+			want[b+"ffn_norm.weight"] = []uint64{e}
+		}
+		if hp.QKVBias {
+			want[b+"attn_q.bias"] = []uint64{uint64(q)}
+			want[b+"attn_k.bias"] = []uint64{uint64(kv)}
+			want[b+"attn_v.bias"] = []uint64{uint64(kv)}
+		}
 		if hp.QKNorm {
 			want[b+"attn_q_norm.weight"] = []uint64{uint64(hp.HeadDim)}
 			want[b+"attn_k_norm.weight"] = []uint64{uint64(hp.HeadDim)}
+		}
+		if l < hp.DenseLead {
+			d := uint64(hp.DenseFF)
+			want[b+"ffn_gate.weight"] = []uint64{e, d}
+			want[b+"ffn_up.weight"] = []uint64{e, d}
+			want[b+"ffn_down.weight"] = []uint64{d, e}
+			continue
+		}
+		want[b+"ffn_gate_inp.weight"] = []uint64{e, uint64(hp.Experts)}
+		if hp.ProbsBias {
+			want[b+"exp_probs_b.bias"] = []uint64{uint64(hp.Experts)}
+		}
+		if hp.SharedFF > 0 {
+			sf := uint64(hp.SharedFF)
+			want[b+"ffn_gate_shexp.weight"] = []uint64{e, sf}
+			want[b+"ffn_up_shexp.weight"] = []uint64{e, sf}
+			want[b+"ffn_down_shexp.weight"] = []uint64{sf, e}
 		}
 	}
 	// Zeroed: storing Go pointers into it goes through the write barrier,
@@ -98,7 +123,7 @@ func NewGatingOn(dev Device, hp moe.Hparams, shard *model.Shard, threads int) (*
 			}
 		}
 		if len(shape) == 1 && t.Type != model.F32 {
-			return nil, fmt.Errorf("gating compute: norm %s is %s, want f32", name, t.Type)
+			return nil, fmt.Errorf("gating compute: norm or bias %s is %s, want f32", name, t.Type)
 		}
 		pinner.Pin(&b[0])
 		cname := C.CString(name)
@@ -117,6 +142,9 @@ func NewGatingOn(dev Device, hp moe.Hparams, shard *model.Shard, threads int) (*
 		n_layer: C.int(hp.Layers), n_embd: C.int(hp.Embd), n_head: C.int(hp.Heads), n_head_kv: C.int(hp.KVHeads),
 		n_rot: C.int(hp.Rot), n_embd_head: C.int(hp.HeadDim), qk_norm: cbool(hp.QKNorm), rope_neox: cbool(hp.RopeNeox),
 		tied_output: cbool(tied), n_expert: C.int(hp.Experts), n_expert_used: C.int(hp.ExpertsUsed),
+		qkv_bias: cbool(hp.QKVBias), post_norm: cbool(hp.PostNorm), n_dense_lead: C.int(hp.DenseLead), n_ff_dense: C.int(hp.DenseFF),
+		n_ff_shared: C.int(hp.SharedFF), sigmoid: cbool(hp.Sigmoid), probs_bias: cbool(hp.ProbsBias), norm_w: cbool(hp.NormW),
+		scale_w: C.float(hp.ScaleW),
 		n_vocab: C.int(hp.Vocab), n_ctx_train: C.int(hp.CtxLen),
 		rope_freq_base: C.float(hp.RopeFreqBase), rms_eps: C.float(hp.RMSEps),
 	}
@@ -218,15 +246,25 @@ func (s *Session) Forward(ctx context.Context, tokens []int32, experts moe.Exper
 		moeIn := make([]float32, out*hp.Embd)
 		selected := make([]int32, out*hp.ExpertsUsed)
 		weights := make([]float32, out*hp.ExpertsUsed)
+		extra := make([]float32, out*hp.Embd) // a dense layer's FFN, or the shared experts' output
 		lastOnly := C.int(0)
 		if last {
 			lastOnly = 1
 		}
 		if err := s.call(func() C.int {
 			return C.neuro_layer(s.c, C.int(l), (*C.float)(&x[0]), C.int(rows), C.int(s.pos), lastOnly,
-				(*C.float)(&ffnInp[0]), (*C.float)(&moeIn[0]), (*C.int32_t)(unsafe.Pointer(&selected[0])), (*C.float)(&weights[0]))
+				(*C.float)(&ffnInp[0]), (*C.float)(&moeIn[0]), (*C.int32_t)(unsafe.Pointer(&selected[0])), (*C.float)(&weights[0]),
+				(*C.float)(&extra[0]))
 		}); err != nil {
 			return nil, fmt.Errorf("forward: layer %d: %w", l, err)
+		}
+		if l < hp.DenseLead {
+			// A dense leading layer (llama.cpp: ggml_add(ffn_out, ffn_inp)).
+			for i := range extra {
+				extra[i] = float32(extra[i] + ffnInp[i])
+			}
+			x, rows = extra, out
+			continue
 		}
 		for _, e := range selected {
 			if e < 0 || int(e) >= hp.Experts {
@@ -239,6 +277,12 @@ func (s *Session) Forward(ctx context.Context, tokens []int32, experts moe.Exper
 		}
 		if len(moe) != out*hp.Embd {
 			return nil, fmt.Errorf("forward: layer %d experts returned %d floats, want %d", l, len(moe), out*hp.Embd)
+		}
+		if hp.SharedFF > 0 {
+			// Shared experts (llama.cpp glm4moe: ggml_add(routed, shared)).
+			for i := range moe {
+				moe[i] = float32(moe[i] + extra[i])
+			}
 		}
 		// The residual add (llama.cpp: ggml_add(moe_out, ffn_inp)).
 		for i := range moe {

@@ -74,6 +74,16 @@ typedef struct {
     int   tied_output; // no output.weight: the output head is token_embd
     int   n_expert, n_expert_used, n_vocab, n_ctx_train;
     float rope_freq_base, rms_eps;
+    // glm4moe
+    int   qkv_bias;     // Q, K and V biases
+    int   post_norm;    // the FFN norm is post_attention_norm
+    int   n_dense_lead; // leading layers with a dense FFN of n_ff_dense
+    int   n_ff_dense;
+    int   n_ff_shared;  // shared experts' FFN size (0: none)
+    int   sigmoid;      // router: sigmoid instead of softmax
+    int   probs_bias;   // router: exp_probs_b added for selection
+    int   norm_w;       // router: weights divided by their sum
+    float scale_w;      // router: weights scaled (0: not)
 } neuro_hparams;
 
 // One weight tensor handed to neuro_gating_new (ggml order, ne0 first).
@@ -112,9 +122,11 @@ int neuro_embed(neuro_session * s, const int32_t * tokens, int n, float * out);
 // the last token continues past attention (llama.cpp's output rows), so
 // n_out = 1; else n_out = n. Outputs: ffn_inp and moe_in (n_out x n_embd),
 // selected (n_out x n_expert_used expert ids) and weights (n_out x
-// n_expert_used, normalised). Returns 0 on success.
+// n_expert_used, normalised), and extra (n_out x n_embd): in a dense
+// leading layer the dense FFN's output (selected and weights untouched),
+// in a MoE layer with shared experts their output. Returns 0 on success.
 int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, int last_only,
-                float * ffn_inp, float * moe_in, int32_t * selected, float * weights);
+                float * ffn_inp, float * moe_in, int32_t * selected, float * weights, float * extra);
 
 // neuro_output applies the final norm and output head to n_out rows of x.
 int neuro_output(neuro_session * s, const float * x, int n_out, float * logits);

@@ -38,7 +38,7 @@ var (
 // SupportedArchitectures are the MoE layouts Split understands: Mixtral's
 // (llama with experts) and Qwen3-MoE's. Both name their expert tensors
 // blk.N.ffn_{gate,up,down}_exps.weight.
-var SupportedArchitectures = []string{"llama", "qwen3moe"}
+var SupportedArchitectures = []string{"llama", "qwen3moe", "glm4moe"}
 
 // CIDOf returns the CIDv1 (raw codec, sha2-256) of data.
 func CIDOf(data []byte) cid.Cid {
@@ -165,20 +165,24 @@ func SplitProgress(path, dir string, progress func(done, total int)) (*SplitResu
 	}
 	for layer := range int(params.Layers) {
 		for _, part := range expertParts {
-			if _, ok := experts[layer][part]; !ok {
+			_, ok := experts[layer][part]
+			if dense := layer < int(params.DenseLead); ok == dense {
+				if dense {
+					return nil, fmt.Errorf("split %s: tensor blk.%d.ffn_%s_exps.weight in a dense leading layer (%d of them)", path, layer, part, params.DenseLead)
+				}
 				return nil, fmt.Errorf("split %s: missing tensor blk.%d.ffn_%s_exps.weight", path, layer, part)
 			}
 		}
 	}
 
-	total, done := 1+int(params.Layers)*int(params.Experts), 0
+	total, done := 1+int(params.Layers-params.DenseLead)*int(params.Experts), 0
 	progress(0, total)
 	if m.Gating, err = writeShard(dir, f.KVs, gating); err != nil {
 		return nil, fmt.Errorf("split %s: gating shard: %w", path, err)
 	}
 	done++
 	progress(done, total)
-	for layer := range int(params.Layers) {
+	for layer := int(params.DenseLead); layer < int(params.Layers); layer++ {
 		for e := range int(params.Experts) {
 			kvs := []KV{
 				{"general.architecture", arch},
@@ -295,7 +299,10 @@ func readParams(f *File, arch string) (*neuropb.ModelParams, error) {
 	p.RopeFreqBase, _ = f.Get(arch + ".rope.freq_base").(float32)
 	p.RmsEps, _ = f.Get(arch + ".attention.layer_norm_rms_epsilon").(float32)
 	p.FileType, _ = f.Get("general.file_type").(uint32)
-	if p.Experts == 0 || p.ExpertsUsed == 0 || p.ExpertsUsed > p.Experts || p.Layers == 0 {
+	if n, err := u("leading_dense_block_count"); err == nil {
+		p.DenseLead = n
+	}
+	if p.Experts == 0 || p.ExpertsUsed == 0 || p.ExpertsUsed > p.Experts || p.Layers == 0 || p.DenseLead >= p.Layers {
 		return nil, fmt.Errorf("%w: expert_count %d, expert_used_count %d, block_count %d", ErrNotMoE, p.Experts, p.ExpertsUsed, p.Layers)
 	}
 	return p, nil

@@ -60,12 +60,24 @@ type Hparams struct {
 	HeadDim  int
 	QKNorm   bool
 	RopeNeox bool
-	// DenseLead leading layers have no experts (GLM, DeepSeek).
-	DenseLead int
+	// DenseLead leading layers have no experts but a dense feed-forward
+	// block of DenseFF (GLM, DeepSeek).
+	DenseLead, DenseFF int
+	// SharedFF is the shared experts' feed-forward size (0: none); every
+	// token goes through them, beside the routed experts.
+	SharedFF int
+	// QKVBias: Q, K and V have biases (GLM). PostNorm: the feed-forward
+	// norm is named post_attention_norm (GLM), not ffn_norm.
+	QKVBias, PostNorm bool
+	// The router: Sigmoid probabilities instead of softmax, ProbsBias (a
+	// selection bias, exp_probs_b, added for choosing only), NormW (weights
+	// divided by their sum) and ScaleW (then multiplied; 0: not).
+	Sigmoid, ProbsBias, NormW bool
+	ScaleW                    float32
 }
 
 // GatingArchitectures are the architectures the gating compute runs.
-var GatingArchitectures = []string{"llama", "qwen3moe"}
+var GatingArchitectures = []string{"llama", "qwen3moe", "glm4moe"}
 
 // HparamsOf reads the hyper-parameters from a manifest and its gating
 // shard.
@@ -80,10 +92,14 @@ func HparamsOf(m *neuropb.Manifest, gating *model.Shard) (Hparams, error) {
 		Layers: int(p.GetLayers()), Embd: int(p.GetEmbd()), Heads: int(p.GetHeads()), KVHeads: int(p.GetKvHeads()),
 		Experts: int(p.GetExperts()), ExpertsUsed: int(p.GetExpertsUsed()), Vocab: int(p.GetVocab()),
 		CtxLen: int(p.GetContext()), RopeFreqBase: p.GetRopeFreqBase(), RMSEps: p.GetRmsEps(),
-		Arch: arch, QKNorm: arch == "qwen3moe", RopeNeox: arch == "qwen3moe", DenseLead: int(p.GetDenseLead()),
+		Arch: arch, QKNorm: arch == "qwen3moe", RopeNeox: arch != "llama", DenseLead: int(p.GetDenseLead()), NormW: true,
 	}
-	if h.DenseLead != 0 {
-		return Hparams{}, fmt.Errorf("gating compute: %d dense leading layers (not supported yet)", h.DenseLead)
+	if arch == "glm4moe" {
+		if err := glmHparams(&h, gating); err != nil {
+			return Hparams{}, err
+		}
+	} else if h.DenseLead != 0 {
+		return Hparams{}, fmt.Errorf("gating compute: %s with %d dense leading layers (not supported)", arch, h.DenseLead)
 	}
 	if h.Heads == 0 || h.KVHeads == 0 || h.Heads%h.KVHeads != 0 {
 		return Hparams{}, fmt.Errorf("gating compute: %d heads, %d kv heads", h.Heads, h.KVHeads)
@@ -112,8 +128,8 @@ func HparamsOf(m *neuropb.Manifest, gating *model.Shard) (Hparams, error) {
 	if v, ok := u32("rope.dimension_count"); ok {
 		h.Rot = v
 	}
-	if h.Rot != h.HeadDim {
-		return Hparams{}, fmt.Errorf("gating compute: rope dimension %d differs from the head size %d (partial rotary: not supported yet)", h.Rot, h.HeadDim)
+	if h.Rot != h.HeadDim && !(h.RopeNeox && h.Rot > 0 && h.Rot < h.HeadDim && h.Rot%2 == 0) {
+		return Hparams{}, fmt.Errorf("gating compute: rope dimension %d for a head of %d (partial rotary: NEOX only)", h.Rot, h.HeadDim)
 	}
 	if h.RopeFreqBase == 0 {
 		h.RopeFreqBase = 10000 // llama.cpp's default when the key is absent
@@ -125,4 +141,36 @@ func HparamsOf(m *neuropb.Manifest, gating *model.Shard) (Hparams, error) {
 		return Hparams{}, fmt.Errorf("gating compute: bad params %+v", h)
 	}
 	return h, nil
+}
+
+// glmHparams reads what glm4moe adds: dense leading layers, shared experts,
+// Q/K/V biases, the post-attention norm, and its router (sigmoid by
+// default, a selection bias, optional weight normalisation, a scale).
+func glmHparams(h *Hparams, gating *model.Shard) error {
+	a := h.Arch + "."
+	h.QKVBias, h.PostNorm, h.ProbsBias, h.Sigmoid = true, true, true, true
+	if v, ok := gating.File.Get(a + "expert_gating_func").(uint32); ok && v == 1 {
+		h.Sigmoid = false // softmax
+	}
+	h.NormW = false
+	if v, ok := gating.File.Get(a + "expert_weights_norm").(bool); ok {
+		h.NormW = v
+	}
+	if v, ok := gating.File.Get(a + "expert_weights_scale").(float32); ok {
+		h.ScaleW = v
+	}
+	if h.DenseLead > 0 {
+		t, ok := gating.File.Tensor("blk.0.ffn_gate.weight")
+		if !ok || len(t.Shape) != 2 {
+			return errors.New("gating compute: glm4moe dense layer 0 has no ffn_gate.weight")
+		}
+		h.DenseFF = int(t.Shape[1])
+	}
+	if t, ok := gating.File.Tensor(fmt.Sprintf("blk.%d.ffn_gate_shexp.weight", h.DenseLead)); ok && len(t.Shape) == 2 {
+		h.SharedFF = int(t.Shape[1])
+	}
+	if _, ok := gating.File.Tensor("blk.0.attn_q_norm.weight"); ok {
+		h.QKNorm = true
+	}
+	return nil
 }

@@ -198,7 +198,7 @@ func (t *Netns) Launch(r *Run, o *LaunchOptions) error {
 		case i == gating:
 			return []string{"--gating", "--model", m.CID.String(), "--experts", "none"}
 		case i > gating && t.Spread:
-			return []string{"--model", m.CID.String(), "--experts", SpreadExperts(m.Layers(), m.Experts(), i-gating-1, H-1)}
+			return []string{"--model", m.CID.String(), "--experts", SpreadExperts(m.FirstMoELayer(), m.Layers(), m.Experts(), i-gating-1, H-1)}
 		case i > gating:
 			return []string{"--model", m.CID.String()}
 		}
@@ -209,10 +209,10 @@ func (t *Netns) Launch(r *Run, o *LaunchOptions) error {
 }
 
 // SpreadExperts is the --experts list of expert home j of n under
-// --spread: every layer's experts e with e mod n = j.
-func SpreadExperts(layers, experts, j, n int) string {
+// --spread: every MoE layer's experts e with e mod n = j.
+func SpreadExperts(first, layers, experts, j, n int) string {
 	var parts []string
-	for l := range layers {
+	for l := first; l < layers; l++ {
 		for e := j; e < experts; e += n {
 			parts = append(parts, fmt.Sprintf("%d:%d", l, e))
 		}

@@ -42,11 +42,12 @@ func short(id string) string {
 	return id
 }
 
-// Coverage counts, for each expert "layer:expert" of a model with layers x
-// experts, the nodes whose status lists it as served.
-func Coverage(sts []node.Status, layers, experts int) map[string]int {
-	out := make(map[string]int, layers*experts)
-	for l := range layers {
+// Coverage counts, for each expert "layer:expert" of a model's MoE layers
+// [first, layers) of experts each, the nodes whose status lists it as
+// served.
+func Coverage(sts []node.Status, first, layers, experts int) map[string]int {
+	out := make(map[string]int, (layers-first)*experts)
+	for l := first; l < layers; l++ {
 		for e := range experts {
 			out[fmt.Sprintf("%d:%d", l, e)] = 0
 		}

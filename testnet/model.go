@@ -32,8 +32,12 @@ type Model struct {
 }
 
 // Layers and Experts are the model's MoE shape.
-func (m *Model) Layers() int  { return int(m.Manifest.GetParams().GetLayers()) }
-func (m *Model) Experts() int { return int(m.Manifest.GetParams().GetExperts()) }
+func (m *Model) Layers() int { return int(m.Manifest.GetParams().GetLayers()) }
+
+// FirstMoELayer is the first layer with experts (leading layers may be
+// dense).
+func (m *Model) FirstMoELayer() int { return int(m.Manifest.GetParams().GetDenseLead()) }
+func (m *Model) Experts() int       { return int(m.Manifest.GetParams().GetExperts()) }
 
 // PrepareModel splits the GGUF at path into dir/shards; with no path it
 // first generates the tiny model at dir/model.gguf (kept across runs of

@@ -186,7 +186,7 @@ func (r *Run) stages(ctx context.Context) error {
 	readyStart := time.Now()
 	want, faults := r.S.Topology.Serving()
 	gating := r.S.Topology.Gating()
-	if err := waitServing(ctx, r.Net, r.S.Timeout, m.Layers(), m.Experts(), want, faults, r.S.Progress, gating); err != nil {
+	if err := waitServing(ctx, r.Net, r.S.Timeout, m.FirstMoELayer(), m.Layers(), m.Experts(), want, faults, r.S.Progress, gating); err != nil {
 		return r.failNet(err)
 	}
 	if err := r.S.Topology.Settle(ctx, r); err != nil {

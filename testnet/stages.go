@@ -36,12 +36,12 @@ const settle = 3 * time.Second
 // it are the expert nodes) has loaded the model, every expert is served by
 // want expert nodes, the gating node knows of want providers for each, and
 // no expert node has changed what it serves for settle.
-func waitServing(ctx context.Context, nw *Network, timeout time.Duration, layers, experts, want int, faults map[int]expert.Fault,
+func waitServing(ctx context.Context, nw *Network, timeout time.Duration, first, layers, experts, want int, faults map[int]expert.Fault,
 	show *progress.Reporter, gating int) error {
 	parent := ctx
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	bar := show.Bar(int64(layers*experts), fmt.Sprintf("experts hosted by %d nodes", want), false)
+	bar := show.Bar(int64((layers-first)*experts), fmt.Sprintf("experts hosted by %d nodes", want), false)
 	defer bar.Finish()
 	var (
 		last    error
@@ -52,13 +52,13 @@ func waitServing(ctx context.Context, nw *Network, timeout time.Duration, layers
 		err := nw.Refresh(ctx)
 		if err == nil {
 			covered := 0
-			for _, n := range Coverage(nw.Statuses()[gating+1:], layers, experts) {
+			for _, n := range Coverage(nw.Statuses()[gating+1:], first, layers, experts) {
 				if n >= want {
 					covered++
 				}
 			}
 			_ = bar.Set(covered)
-			err = serving(nw, layers, experts, want, faults, gating)
+			err = serving(nw, first, layers, experts, want, faults, gating)
 			var fatal *fatalError
 			if errors.As(err, &fatal) {
 				return err
@@ -93,7 +93,7 @@ type fatalError struct{ error }
 
 // serving checks that the model is served; want counts honest providers
 // (a faulty node's results do not count towards an expert's cover).
-func serving(nw *Network, layers, experts, want int, faults map[int]expert.Fault, gating int) error {
+func serving(nw *Network, first, layers, experts, want int, faults map[int]expert.Fault, gating int) error {
 	sts := nw.Statuses()
 	var honest []node.Status
 	for i, st := range sts[gating+1:] {
@@ -112,7 +112,7 @@ func serving(nw *Network, layers, experts, want int, faults map[int]expert.Fault
 	if !m.Ready {
 		return errors.New("gating node: model loading")
 	}
-	if err := Covered(Coverage(honest, layers, experts), want); err != nil {
+	if err := Covered(Coverage(honest, first, layers, experts), want); err != nil {
 		return err
 	}
 	if m.MinProviders < want {

@@ -601,35 +601,54 @@ func TestModelQuantize(t *testing.T) {
 }
 
 // A Qwen3-MoE model (head size other than embd/heads, per-head Q/K norms,
-// NEOX RoPE) gives the same tokens through llama.cpp, the split forward pass
-// and a testnet; an architecture the gating compute lacks is named.
+// NEOX RoPE) and a GLM-4.5-style one (a dense leading layer, a shared
+// expert, a sigmoid router with a selection bias) give the same tokens
+// through llama.cpp, the split forward pass and a testnet; model info
+// describes them; an architecture the generator lacks is named.
 func TestQwen3MoeModel(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "qwen.gguf")
-	if r := neurod(t, nil, "model", "make", "--arch", "qwen3moe", "--preset", "tiny", "--type", "q8_0", "--seed", "61", "--embd", "128",
-		"--heads", "4", "--head-size", "64", "--layers", "3", "--out", path); r.code != 0 || !strings.Contains(r.stdout, "qwen3moe") {
-		t.Fatalf("make: %+v", r)
-	}
-	var first string
-	for _, mode := range []string{"--local", "--split"} {
-		r := neurod(t, nil, "generate", mode, path, "--prompt", "the model", "--max-tokens", "16", "--json")
-		var out struct {
-			Tokens []int32 `json:"tokens"`
-		}
-		if r.code != 0 || json.Unmarshal([]byte(r.stdout), &out) != nil || len(out.Tokens) == 0 {
-			t.Fatalf("generate %s: %+v", mode, r)
-		}
-		if first != "" && fmt.Sprint(out.Tokens) != first {
-			t.Fatalf("%s: %v, --local %s", mode, out.Tokens, first)
-		}
-		first = fmt.Sprint(out.Tokens)
-	}
-	r := neurodWithin(t, 3*time.Minute, testEnv, "testnet", "--nodes", "2", "--model", path, "--prompt", "the model", "--max-tokens", "16",
-		"--check", "--json", "--dir", t.TempDir())
-	var rep struct {
-		Tokens []int32 `json:"tokens"`
-	}
-	if r.code != 0 || json.Unmarshal([]byte(r.stdout), &rep) != nil || fmt.Sprint(rep.Tokens) != first {
-		t.Fatalf("testnet on the qwen3moe model: exit %d, tokens %v, want %s\n%s", r.code, rep.Tokens, first, r.stderr)
+	for _, tc := range []struct {
+		arch  string
+		extra []string
+		want  func(model.Info) bool
+	}{
+		{"qwen3moe", []string{"--heads", "4", "--head-size", "64"}, func(in model.Info) bool { return in.DenseLayers == 0 && in.SharedExperts == 0 }},
+		{"glm4moe", nil, func(in model.Info) bool { return in.DenseLayers == 1 && in.MoELayers == 2 && in.SharedExperts == 1 }},
+	} {
+		t.Run(tc.arch, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), tc.arch+".gguf")
+			args := append([]string{"model", "make", "--arch", tc.arch, "--preset", "tiny", "--type", "q8_0", "--seed", "61", "--embd", "128",
+				"--layers", "3", "--out", path}, tc.extra...)
+			if r := neurod(t, nil, args...); r.code != 0 || !strings.Contains(r.stdout, tc.arch) {
+				t.Fatalf("make: %+v", r)
+			}
+			var info model.Info
+			if r := neurod(t, nil, "model", "info", path, "--json"); r.code != 0 || json.Unmarshal([]byte(r.stdout), &info) != nil ||
+				info.Architecture != tc.arch || !tc.want(info) {
+				t.Fatalf("info: %+v", info)
+			}
+			var first string
+			for _, mode := range []string{"--local", "--split"} {
+				r := neurod(t, nil, "generate", mode, path, "--prompt", "the model", "--max-tokens", "16", "--json")
+				var out struct {
+					Tokens []int32 `json:"tokens"`
+				}
+				if r.code != 0 || json.Unmarshal([]byte(r.stdout), &out) != nil || len(out.Tokens) == 0 {
+					t.Fatalf("generate %s: %+v", mode, r)
+				}
+				if first != "" && fmt.Sprint(out.Tokens) != first {
+					t.Fatalf("%s: %v, --local %s", mode, out.Tokens, first)
+				}
+				first = fmt.Sprint(out.Tokens)
+			}
+			r := neurodWithin(t, 3*time.Minute, testEnv, "testnet", "--nodes", "2", "--model", path, "--prompt", "the model", "--max-tokens", "16",
+				"--check", "--json", "--dir", t.TempDir())
+			var rep struct {
+				Tokens []int32 `json:"tokens"`
+			}
+			if r.code != 0 || json.Unmarshal([]byte(r.stdout), &rep) != nil || fmt.Sprint(rep.Tokens) != first {
+				t.Fatalf("testnet on the %s model: exit %d, tokens %v, want %s\n%s", tc.arch, r.code, rep.Tokens, first, r.stderr)
+			}
+		})
 	}
 	if r := neurod(t, nil, "model", "make", "--arch", "gpt-oss", "--out", filepath.Join(t.TempDir(), "x.gguf")); r.code == 0 ||
 		!strings.Contains(r.stderr, `architecture "gpt-oss": want llama, qwen3moe or glm4moe`) {

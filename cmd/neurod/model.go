@@ -189,7 +189,7 @@ flags override the preset: tiny loads in milliseconds (tests), bench has about
 	f := cmd.Flags()
 	f.StringVar(&out, "out", "", "output GGUF file (required)")
 	f.StringVar(&preset, "preset", "tiny", "shape preset: "+presetNames())
-	f.StringVar(&arch, "arch", "llama", "layout: llama (Mixtral), qwen3moe (per-head Q/K norms, NEOX RoPE, --head-size) or glm4moe (GLM-4.5: dense leading layer, shared expert, sigmoid router; llama.cpp runs it, the split does not yet)")
+	f.StringVar(&arch, "arch", "llama", "layout: llama (Mixtral), qwen3moe (per-head Q/K norms, NEOX RoPE, --head-size) or glm4moe (GLM-4.5: dense leading layer, shared expert, sigmoid router, Q/K/V biases, partial rotary)")
 	f.IntVar(&p.HeadSize, "head-size", 0, "attention head size when not embd/heads (qwen3moe; Qwen3-30B-A3B has 128)")
 	f.BoolVar(&p.TiedOutput, "tied-output", false, "no output.weight: the output head is the token embeddings")
 	f.StringVar(&dtype, "type", "f32", "weight type: f32, f16, q8_0 or q4_0 (norms and router stay f32); for other mixes, make f16 and 'neurod model quantize' it")
