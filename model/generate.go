@@ -61,6 +61,11 @@ var ArchPresets = map[string]map[string]Params{
 		// shared expert, half of each head rotated.
 		"tiny": {Layers: 3, Experts: 8, ExpertsUsed: 2, Embd: 64, FF: 64, Heads: 4, KVHeads: 2, Vocab: 512, Context: 256,
 			RopeFreqBase: 1e6, RMSEps: 1e-5, DenseLead: 1, DenseFF: 256, SharedExperts: 1, RopeDim: 8},
+		// GLM-4.5-Air's proportions at about 0.9 B: 1 dense leading
+		// layer, 8 of 64 experts and a shared one, heads of 128 (64
+		// rotated) wider than embd/heads, 8:1 grouped-query attention.
+		"bench": {Layers: 12, Experts: 64, ExpertsUsed: 8, Embd: 1024, FF: 352, Heads: 16, KVHeads: 2, HeadSize: 128,
+			Vocab: 32000, Context: 2048, RopeFreqBase: 1e6, RMSEps: 1e-5, DenseLead: 1, DenseFF: 2816, SharedExperts: 1, RopeDim: 64},
 	},
 	"qwen3moe": {
 		"bench": {Layers: 12, Experts: 64, ExpertsUsed: 8, Embd: 1024, FF: 384, Heads: 16, KVHeads: 2, HeadSize: 128,
