@@ -214,3 +214,40 @@ func TestQwen3MoeBPETokenizer(t *testing.T) {
 		t.Errorf("<|im_end|> (%d) does not end a generation", p.Vocab-1)
 	}
 }
+
+// Generated Qwen3-MoE and GLM-4.5-style models carry their family's chat
+// template, which llama.cpp recognises: ChatML for Qwen, GLM-4's role tokens
+// (control tokens of the vocabulary, the next <|user|> ending a turn).
+func TestChatTemplatesPerArchitecture(t *testing.T) {
+	msgs := []moe.ChatMessage{{Role: "system", Content: "be brief"}, {Role: "user", Content: "hello"}}
+	for arch, want := range map[string]string{
+		"qwen3moe": "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n",
+		"glm4moe":  "[gMASK]<sop><|system|>\nbe brief<|user|>\nhello<|assistant|>\n",
+	} {
+		path := filepath.Join(t.TempDir(), arch+".gguf")
+		f, err := os.Create(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, _ := model.Preset(arch, "tiny")
+		if err := model.GenerateArch(f, arch, p, model.Q8_0, 2); err != nil {
+			t.Fatal(err)
+		}
+		f.Close()
+		l, err := LoadLlama(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := l.ApplyChatTemplate(msgs)
+		if err != nil || got != want {
+			t.Errorf("%s: chat prompt %q (%v), want %q", arch, got, err, want)
+		}
+		if arch == "glm4moe" {
+			// the control tokens close the vocabulary: …, <|user|>, <|assistant|>, <|observation|>
+			if user := int32(p.Vocab - 3); !l.IsEOG(user) || l.IsEOG(user+1) {
+				t.Errorf("glm4moe: <|user|> (%d) ends a generation %v, <|assistant|> %v", user, l.IsEOG(user), l.IsEOG(user+1))
+			}
+		}
+		l.Close()
+	}
+}

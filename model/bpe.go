@@ -24,21 +24,34 @@ func byteSymbols() [256]string {
 	return out
 }
 
-// bpeControls are the control tokens, Qwen's names, after every other token.
-var bpeControls = []string{"<|endoftext|>", "<|im_start|>", "<|im_end|>"}
+// bpeControls are each architecture's control tokens, after every other
+// token: Qwen's ChatML ones, GLM-4's role tokens.
+var bpeControls = map[string][]string{
+	"qwen3moe": {"<|endoftext|>", "<|im_start|>", "<|im_end|>"},
+	"glm4moe":  {"<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"},
+}
+
+// chatTemplates are short templates of each architecture's chat format:
+// llama.cpp recognises the family by its markers (ChatML's <|im_start|>,
+// GLM-4's [gMASK]<sop>) and formats the chat itself.
+var chatTemplates = map[string]string{
+	"qwen3moe": "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}" +
+		"{% if add_generation_prompt %}{{'<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n'}}{% endif %}",
+	"glm4moe": "[gMASK]<sop>{% for m in messages %}<|{{ m['role'] }}|>\\n{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}",
+}
 
 // bpeVocabulary makes n tokens: the 256 byte symbols, tokens merged from
 // them (common words with and without a leading space, then letter pairs,
 // then longer runs) with the merges that make them, and the control
 // tokens. The same n always gives the same vocabulary.
-func bpeVocabulary(n int) (tokens []string, types []int32, merges []string) {
+func bpeVocabulary(n int, controls []string) (tokens []string, types []int32, merges []string) {
 	sym := byteSymbols()
 	seen := map[string]bool{}
 	for _, s := range sym {
 		tokens, types = append(tokens, s), append(types, tokNormal)
 		seen[s] = true
 	}
-	room := n - len(bpeControls)
+	room := n - len(controls)
 	// merge adds the token a+b (and its merge) when both parts exist.
 	merge := func(a, b string) string {
 		t := a + b
@@ -73,7 +86,7 @@ func bpeVocabulary(n int) (tokens []string, types []int32, merges []string) {
 	for i := 0; len(tokens) < room; i++ {
 		word(fmt.Sprintf(" w%d", i))
 	}
-	for _, c := range bpeControls {
+	for _, c := range controls {
 		tokens, types = append(tokens, c), append(types, tokControl)
 	}
 	return tokens, types, merges

@@ -211,10 +211,16 @@ func GenerateArch(w io.Writer, arch string, p Params, dtype DType, seed uint64) 
 			{"tokenizer.ggml.add_eos_token", false},
 		}...)
 	} else {
-		// Qwen3's (and GLM's) GPT-2 byte-level BPE: no BOS is added;
-		// <|im_end|> ends a turn, <|endoftext|> the text.
-		btoks, btypes, merges := bpeVocabulary(p.Vocab)
-		end := uint32(len(btoks) - len(bpeControls))
+		// Qwen3's and GLM's GPT-2 byte-level BPE: no BOS is added; a turn
+		// ends with <|im_end|> (Qwen) or the next role token (GLM's
+		// <|user|>), the text with <|endoftext|>.
+		controls := bpeControls[arch]
+		btoks, btypes, merges := bpeVocabulary(p.Vocab, controls)
+		first := uint32(len(btoks) - len(controls))
+		eos := first + 2 // <|im_end|>
+		if arch == "glm4moe" {
+			eos = first + 4 // <|user|>
+		}
 		pre := map[string]string{"qwen3moe": "qwen2", "glm4moe": "glm4"}[arch]
 		kvs = append(kvs, []KV{
 			{"tokenizer.ggml.model", "gpt2"},
@@ -222,10 +228,11 @@ func GenerateArch(w io.Writer, arch string, p Params, dtype DType, seed uint64) 
 			{"tokenizer.ggml.tokens", btoks},
 			{"tokenizer.ggml.token_type", btypes},
 			{"tokenizer.ggml.merges", merges},
-			{"tokenizer.ggml.bos_token_id", end},
-			{"tokenizer.ggml.eos_token_id", end + 2},
-			{"tokenizer.ggml.padding_token_id", end},
+			{"tokenizer.ggml.bos_token_id", first},
+			{"tokenizer.ggml.eos_token_id", eos},
+			{"tokenizer.ggml.padding_token_id", first},
 			{"tokenizer.ggml.add_bos_token", false},
+			{"tokenizer.chat_template", chatTemplates[arch]},
 		}...)
 	}
 	if arch != "llama" {
