@@ -109,6 +109,8 @@ func (e *Expert) Compute(x []float32, n int, out []float32) error {
 func (e *Expert) Close() error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	computeMu.Lock() // as every allocation and free of device memory (see Gating.Close)
+	defer computeMu.Unlock()
 	C.neuro_expert_free(e.c)
 	e.c = nil
 	return nil

@@ -164,9 +164,17 @@ func NewGatingOn(dev Device, hp moe.Hparams, shard *model.Shard, threads int) (*
 func (g *Gating) Hparams() moe.Hparams { return g.hp }
 
 // Close frees the ggml memory. Close the sessions first.
+//
+// Every allocation and free of device memory happens under computeMu, like
+// every compute: a GPU backend's device-wide state (Vulkan's queues and
+// memory lists) is not safe against a free during another object's compute
+// (a gating node on lavapipe aborted with "double free or corruption" when
+// a session's KV cache was made while its validator computed an expert).
 func (g *Gating) Close() error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	computeMu.Lock()
+	defer computeMu.Unlock()
 	C.neuro_gating_free(g.c)
 	g.c = nil
 	return nil
@@ -192,6 +200,8 @@ func (g *Gating) NewSession(nCtx int) (*Session, error) {
 	if g.c == nil {
 		return nil, moe.ErrClosed
 	}
+	computeMu.Lock()
+	defer computeMu.Unlock()
 	var errbuf [256]C.char
 	c := C.neuro_session_new(g.c, C.int(nCtx), &errbuf[0], C.size_t(len(errbuf)))
 	if c == nil {
@@ -203,7 +213,9 @@ func (g *Gating) NewSession(nCtx int) (*Session, error) {
 // Close frees the KV cache. It is safe to call more than once.
 func (s *Session) Close() error {
 	if s.c != nil {
+		computeMu.Lock()
 		C.neuro_session_free(s.c)
+		computeMu.Unlock()
 		s.c = nil
 	}
 	return nil

@@ -71,7 +71,14 @@ func loadLlama(dev Device, path string, vocabOnly bool) (*Llama, error) {
 	params.devices = &devs[0]
 	cpath := C.CString(path)
 	defer C.free(unsafe.Pointer(cpath))
-	m := C.llama_model_load_from_file(cpath, params)
+	var m *C.struct_llama_model
+	if dev.CPU() {
+		m = C.llama_model_load_from_file(cpath, params)
+	} else { // device memory: see Gating.Close
+		computeMu.Lock()
+		m = C.llama_model_load_from_file(cpath, params)
+		computeMu.Unlock()
+	}
 	if m == nil {
 		return nil, fmt.Errorf("load %s on %s: llama.cpp could not load the model (see its log at debug level)", path, dev.Spec())
 	}
@@ -83,10 +90,24 @@ func loadLlama(dev Device, path string, vocabOnly bool) (*Llama, error) {
 // Close frees the model. It is safe to call more than once.
 func (l *Llama) Close() error {
 	if l.m != nil {
+		unlock := l.gpuLock()
 		C.llama_model_free(l.m)
+		unlock()
 		l.m = nil
 	}
 	return nil
+}
+
+// gpuLock takes computeMu when l is on a GPU: llama.cpp's allocations,
+// frees and computes there must not overlap neuro's on the same device
+// (see Gating.Close). On the CPU it takes nothing: a decode must not hold
+// up the node's expert compute.
+func (l *Llama) gpuLock() (unlock func()) {
+	if l.dev.CPU() {
+		return func() {}
+	}
+	computeMu.Lock()
+	return computeMu.Unlock
 }
 
 // NVocab is the vocabulary size.
@@ -175,7 +196,9 @@ func (l *Llama) NewContext(o ContextOptions) (*LlamaContext, error) {
 	p.n_threads_batch = C.int32_t(o.Threads)
 	p.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_DISABLED
 	p.no_perf = true
+	unlock := l.gpuLock()
 	c := C.llama_init_from_model(l.m, p)
+	unlock()
 	if c == nil {
 		return nil, fmt.Errorf("llama.cpp: could not make a context of %d tokens", o.Context)
 	}
@@ -195,7 +218,9 @@ func (l *Llama) NewContext(o ContextOptions) (*LlamaContext, error) {
 func (c *LlamaContext) Close() error {
 	if c.c != nil {
 		if c.l.dev.Backend != "CUDA" {
+			unlock := c.l.gpuLock()
 			C.llama_free(c.c)
+			unlock()
 		}
 		c.c = nil
 	}
@@ -223,7 +248,10 @@ func (c *LlamaContext) Decode(tokens []int32) error {
 		pinned[i] = C.llama_token(t)
 	}
 	batch := C.llama_batch_get_one(&pinned[0], C.int32_t(len(tokens)))
-	if rc := C.llama_decode(c.c, batch); rc != 0 {
+	unlock := c.l.gpuLock()
+	rc := C.llama_decode(c.c, batch)
+	unlock()
+	if rc != 0 {
 		return fmt.Errorf("decode: llama.cpp returned %d", int(rc))
 	}
 	c.nPos += len(tokens)
