@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -179,6 +180,11 @@ func startLine(home, router *os.File, l Link, seed uint64) *line {
 				time.Sleep(w)
 				// Steer: a late wake sleeps less next time, an early one more.
 				late = max(0, min(late+time.Since(d.due)/8, 2*time.Millisecond))
+			}
+			// Sleeping less may wake before the packet's time: never
+			// send it early (the rest is at most the 2 ms of steering).
+			for time.Now().Before(d.due) {
+				runtime.Gosched()
 			}
 			if _, err := router.Write(d.pkt); err != nil {
 				if errors.Is(err, os.ErrClosed) {
