@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"sync"
 	"time"
 	"unsafe"
 
@@ -27,6 +28,10 @@ type Llama struct {
 	nVocab int
 	path   string
 	dev    Device
+	// idle are closed contexts kept for reuse, by their options: they are
+	// never freed (see LlamaContext.Close).
+	poolMu sync.Mutex
+	idle   map[ContextOptions][]*C.struct_llama_context
 }
 
 // LoadLlama loads the model at path on the CPU. The file is checked with
@@ -173,6 +178,7 @@ type ContextOptions struct {
 type LlamaContext struct {
 	l    *Llama
 	c    *C.struct_llama_context
+	o    ContextOptions
 	nCtx int
 	nPos int
 }
@@ -187,6 +193,17 @@ func (l *Llama) NewContext(o ContextOptions) (*LlamaContext, error) {
 	if o.Threads <= 0 {
 		o.Threads = runtime.GOMAXPROCS(0)
 	}
+	l.poolMu.Lock()
+	if cs := l.idle[o]; len(cs) > 0 {
+		c := cs[len(cs)-1]
+		l.idle[o] = cs[:len(cs)-1]
+		l.poolMu.Unlock()
+		unlock := l.gpuLock()
+		C.llama_memory_clear(C.llama_get_memory(c), C.bool(true)) // a fresh sequence
+		unlock()
+		return &LlamaContext{l: l, c: c, nCtx: int(C.llama_n_ctx(c)), o: o}, nil
+	}
+	l.poolMu.Unlock()
 	p := C.llama_context_default_params()
 	p.n_ctx = C.uint32_t(o.Context)
 	p.n_batch = C.uint32_t(o.Context)
@@ -202,26 +219,29 @@ func (l *Llama) NewContext(o ContextOptions) (*LlamaContext, error) {
 	if c == nil {
 		return nil, fmt.Errorf("llama.cpp: could not make a context of %d tokens", o.Context)
 	}
-	return &LlamaContext{l: l, c: c, nCtx: int(C.llama_n_ctx(c))}, nil
+	return &LlamaContext{l: l, c: c, nCtx: int(C.llama_n_ctx(c)), o: o}, nil
 }
 
-// Close frees the context. It is safe to call more than once.
-//
-// On CUDA the context is left allocated instead: in the pinned module,
-// ollama's patch to ggml_backend_sched_free calls each backend's reset,
-// and llama_context destroys its backends before its scheduler, so
-// llama_free reads a freed CUDA backend and crashes the process (seen on an
-// H200: ggml_backend_cuda_reset <- ggml_backend_sched_free <-
-// ~llama_context). Only the llama.cpp reference path (generate --local,
-// tests and benchmarks) makes such contexts; the node's own compute frees
-// its scheduler first (exec_free).
+// Close gives the context back to its model for reuse; it is never freed.
+// In the pinned module llama_free is a use-after-free on every device:
+// ollama's patch to ggml_backend_sched_free reads each backend (for its
+// reset) after llama_context has destroyed its backends, which it does
+// before its scheduler. AddressSanitizer shows it (heap-use-after-free in
+// ggml_backend_sched_free <- ~llama_context); on CUDA, whose backend has a
+// reset, it crashed an H200 run, and on Vulkan it aborted make test with
+// "double free or corruption" now and then. So a model keeps at most the
+// contexts used at once, for the life of the process. Only the llama.cpp
+// reference path (generate --local, tests and benchmarks) makes them; the
+// node's own compute frees its scheduler first (exec_free). It is safe to
+// call more than once.
 func (c *LlamaContext) Close() error {
 	if c.c != nil {
-		if c.l.dev.Backend != "CUDA" {
-			unlock := c.l.gpuLock()
-			C.llama_free(c.c)
-			unlock()
+		c.l.poolMu.Lock()
+		if c.l.idle == nil {
+			c.l.idle = map[ContextOptions][]*C.struct_llama_context{}
 		}
+		c.l.idle[c.o] = append(c.l.idle[c.o], c.c)
+		c.l.poolMu.Unlock()
 		c.c = nil
 	}
 	return nil
