@@ -152,62 +152,11 @@ func TestQwen3MoeMatchesLlamaCpp(t *testing.T) {
 		t.Run(typ, func(t *testing.T) {
 			p := p
 			typ, p.TiedOutput = strings.CutSuffix(typ, "-tied") // output head = token_embd
-			dir := t.TempDir()
-			path := filepath.Join(dir, "qwen3moe.gguf")
-			gen := model.F16
-			if typ == "f32" || typ == "q8_0" {
-				gen, _ = model.ParseDType(typ)
-			}
-			f, err := os.Create(path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := model.GenerateArch(f, "qwen3moe", p, gen, 77); err != nil {
-				t.Fatal(err)
-			}
-			f.Close()
-			if typ == "q4_k_m" {
-				q := filepath.Join(dir, "q4km.gguf")
-				if err := QuantizeModel(path, q, typ, 2); err != nil {
-					t.Fatal(err)
-				}
-				path = q
-			}
-			ref, err := LoadLlama(path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer ref.Close()
-			want, err := ref.GenerateGreedy(prompt, maxTokens, ContextOptions{Threads: 2}, true)
-			if err != nil {
-				t.Fatal(err)
-			}
-			res, err := model.Split(path, filepath.Join(dir, "shards"))
-			if err != nil {
-				t.Fatal(err)
-			}
-			sm, err := LoadSplit(filepath.Join(dir, "shards"), res.ModelCID, 2)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer sm.Close()
+			sm, _, n, worst := splitMatchesLlamaCpp(t, archModel(t, t.TempDir(), "qwen3moe", p, typ, 77), prompt, maxTokens)
 			if hp := sm.Gating.Hparams(); !hp.QKNorm || !hp.RopeNeox || hp.HeadDim != 128 {
 				t.Fatalf("hparams %+v", hp)
 			}
-			got, err := sm.GenerateGreedy(t.Context(), prompt, maxTokens, 0, nil, true)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if !slices.Equal(got.Tokens, want.Tokens) {
-				t.Fatalf("split %v\nllama.cpp %v", got.Tokens, want.Tokens)
-			}
-			var worst float64
-			for step := range want.Logits {
-				for i := range want.Logits[step] {
-					worst = max(worst, math.Abs(float64(got.Logits[step][i]-want.Logits[step][i])))
-				}
-			}
-			t.Logf("qwen3moe %s (tied output %v): %d tokens identical, logits max |Δ| %.3g", typ, p.TiedOutput, len(want.Tokens), worst)
+			t.Logf("qwen3moe %s (tied output %v): %d tokens identical, logits max |Δ| %.3g", typ, p.TiedOutput, n, worst)
 			if worst != 0 {
 				t.Fatalf("logits differ by up to %.3g; the arithmetic is llama.cpp's, 0 expected", worst)
 			}
@@ -228,68 +177,87 @@ func TestGLM4MoeMatchesLlamaCpp(t *testing.T) {
 	p.Embd, p.FF, p.DenseFF, p.HeadSize, p.RopeDim = 256, 256, 512, 64, 32 // K-quant rows of 256; heads of 64, half rotated
 	for _, typ := range []string{"f32", "f16", "q8_0", "q4_k_m"} {
 		t.Run(typ, func(t *testing.T) {
-			dir := t.TempDir()
-			path := filepath.Join(dir, "glm4moe.gguf")
-			gen := model.F16
-			if typ == "f32" || typ == "q8_0" {
-				gen, _ = model.ParseDType(typ)
-			}
-			f, err := os.Create(path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := model.GenerateArch(f, "glm4moe", p, gen, 31); err != nil {
-				t.Fatal(err)
-			}
-			f.Close()
-			if typ == "q4_k_m" {
-				q := filepath.Join(dir, "q4km.gguf")
-				if err := QuantizeModel(path, q, typ, 2); err != nil {
-					t.Fatal(err)
-				}
-				path = q
-			}
-			ref, err := LoadLlama(path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer ref.Close()
-			want, err := ref.GenerateGreedy(prompt, maxTokens, ContextOptions{Threads: 2}, true)
-			if err != nil {
-				t.Fatal(err)
-			}
-			res, err := model.Split(path, filepath.Join(dir, "shards"))
-			if err != nil {
-				t.Fatal(err)
-			}
+			sm, res, n, worst := splitMatchesLlamaCpp(t, archModel(t, t.TempDir(), "glm4moe", p, typ, 31), prompt, maxTokens)
 			if n := len(res.Manifest.GetExperts()); n != (p.Layers-p.DenseLead)*p.Experts {
 				t.Fatalf("%d expert shards, want %d (no experts in the dense layer)", n, (p.Layers-p.DenseLead)*p.Experts)
 			}
-			sm, err := LoadSplit(filepath.Join(dir, "shards"), res.ModelCID, 2)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer sm.Close()
 			if hp := sm.Gating.Hparams(); hp.DenseLead != 1 || hp.SharedFF != p.FF || !hp.Sigmoid || !hp.ProbsBias || hp.ScaleW != 2.5 || hp.Rot != 32 {
 				t.Fatalf("hparams %+v", hp)
 			}
-			got, err := sm.GenerateGreedy(t.Context(), prompt, maxTokens, 0, nil, true)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if !slices.Equal(got.Tokens, want.Tokens) {
-				t.Fatalf("split %v\nllama.cpp %v", got.Tokens, want.Tokens)
-			}
-			var worst float64
-			for step := range want.Logits {
-				for i := range want.Logits[step] {
-					worst = max(worst, math.Abs(float64(got.Logits[step][i]-want.Logits[step][i])))
-				}
-			}
-			t.Logf("glm4moe %s: %d tokens identical, logits max |Δ| %.3g", typ, len(want.Tokens), worst)
+			t.Logf("glm4moe %s: %d tokens identical, logits max |Δ| %.3g", typ, n, worst)
 			if worst != 0 {
 				t.Fatalf("logits differ by up to %.3g; the arithmetic is llama.cpp's, 0 expected", worst)
 			}
 		})
 	}
+}
+
+// archModel writes a generated model of arch and shape p in typ (f32, f16,
+// q8_0 generated directly; any other type generated in F16 and put through
+// llama.cpp's quantizer) and returns its path.
+func archModel(t *testing.T, dir, arch string, p model.Params, typ string, seed uint64) string {
+	t.Helper()
+	path := filepath.Join(dir, arch+".gguf")
+	gen := model.F16
+	if typ == "f32" || typ == "q8_0" {
+		gen, _ = model.ParseDType(typ)
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := model.GenerateArch(f, arch, p, gen, seed); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	if gen.String() == typ {
+		return path
+	}
+	q := filepath.Join(dir, "q-"+typ+".gguf")
+	if err := QuantizeModel(path, q, typ, 2); err != nil {
+		t.Fatal(err)
+	}
+	return q
+}
+
+// splitMatchesLlamaCpp generates maxTokens greedy tokens of the GGUF at
+// path through llama.cpp and through the split forward pass of its shards,
+// fails unless the tokens are the same, and returns the split model (closed
+// with the test), how many tokens, and the largest logit difference at any
+// step.
+func splitMatchesLlamaCpp(t *testing.T, path, prompt string, maxTokens int) (*SplitModel, *model.SplitResult, int, float64) {
+	t.Helper()
+	ref, err := LoadLlama(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ref.Close()
+	want, err := ref.GenerateGreedy(prompt, maxTokens, ContextOptions{Threads: 2}, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(t.TempDir(), "shards")
+	res, err := model.Split(path, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sm, err := LoadSplit(dir, res.ModelCID, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sm.Close() })
+	got, err := sm.GenerateGreedy(t.Context(), prompt, maxTokens, 0, nil, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(got.Tokens, want.Tokens) {
+		t.Fatalf("split %v\nllama.cpp %v", got.Tokens, want.Tokens)
+	}
+	var worst float64
+	for step := range want.Logits {
+		for i := range want.Logits[step] {
+			worst = max(worst, math.Abs(float64(got.Logits[step][i]-want.Logits[step][i])))
+		}
+	}
+	return sm, res, len(want.Tokens), worst
 }
