@@ -49,6 +49,7 @@ type options struct {
 	bootstrap []peer.AddrInfo
 	gating    []peer.AddrInfo
 	key       crypto.PrivKey
+	wallet    crypto.PrivKey
 	log       *slog.Logger
 	timeout   time.Duration
 }
@@ -87,6 +88,23 @@ func WithIdentity(k crypto.PrivKey) Option {
 			return errors.New("nil identity key")
 		}
 		o.key = k
+		return nil
+	}
+}
+
+// WithWallet pays for every request from the ledger account of k (a
+// wallet's key, 'neurod wallet new'): before each request the client asks
+// the gating node for a quote, signs an escrow for the request's most
+// from the account, and sends it along; the gating node submits it,
+// settles the experts' work from it and returns the rest at once. The
+// wallet's key is also the client's identity, which is how the gating
+// node knows the escrow is the requester's own.
+func WithWallet(k crypto.PrivKey) Option {
+	return func(o *options) error {
+		if k == nil {
+			return errors.New("nil wallet key")
+		}
+		o.wallet, o.key = k, k
 		return nil
 	}
 }
@@ -137,6 +155,7 @@ type Client struct {
 	log     *slog.Logger
 	gating  []peer.AddrInfo
 	timeout time.Duration
+	wallet  crypto.PrivKey
 
 	mu    sync.Mutex
 	cache map[cid.Cid]cached
@@ -168,7 +187,11 @@ func New(ctx context.Context, opts ...Option) (_ *Client, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("client: libp2p host: %w", err)
 	}
-	c := &Client{h: h, log: o.log.With("component", "client"), gating: o.gating, timeout: o.timeout, cache: map[cid.Cid]cached{}}
+	if o.wallet != nil && o.key != o.wallet {
+		return nil, errors.New("client: WithWallet and WithIdentity name different keys (the wallet is the identity)")
+	}
+	c := &Client{h: h, log: o.log.With("component", "client"), gating: o.gating, timeout: o.timeout, wallet: o.wallet,
+		cache: map[cid.Cid]cached{}}
 	defer func() {
 		if err != nil {
 			err = errors.Join(err, c.Close())

@@ -92,6 +92,12 @@ type Done struct {
 	Stats   *neuropb.InferStats
 	// Gating is the node that generated.
 	Gating peer.ID
+	// Escrow paid for the generation (0: none), FLOPs is the expert work
+	// settled from it and Cost what that work cost, in base units
+	// (1 NEURO = 10^6).
+	Escrow uint64
+	FLOPs  uint64
+	Cost   uint64
 }
 
 // Error is a request a gating node refused or failed.
@@ -115,6 +121,8 @@ func codeName(c neuropb.InferError_Code) string {
 		return "busy"
 	case neuropb.InferError_CODE_NO_PROVIDER:
 		return "no provider"
+	case neuropb.InferError_CODE_PAYMENT_REQUIRED:
+		return "payment required"
 	}
 	return "error"
 }
@@ -132,7 +140,7 @@ func shortID(p peer.ID) string {
 func retryable(err error) bool {
 	var e *Error
 	if errors.As(err, &e) {
-		return e.Code != neuropb.InferError_CODE_BAD_REQUEST
+		return e.Code != neuropb.InferError_CODE_BAD_REQUEST && e.Code != neuropb.InferError_CODE_PAYMENT_REQUIRED
 	}
 	return true
 }
@@ -225,9 +233,17 @@ func (s *Stream) try(ai peer.AddrInfo) error {
 	if err != nil {
 		return fmt.Errorf("open stream to %s: %w", ai.ID, err)
 	}
+	req := s.req
+	if s.c.wallet != nil && req.GetEscrow() == 0 {
+		// An escrow for this gating node: sized from its quote.
+		if req, err = s.c.paidRequest(s.ctx, ai.ID, s.req); err != nil {
+			st.Reset()
+			return err
+		}
+	}
 	w := wire.NewWriter(st, neuropb.MaxInferRequestSize)
 	_ = st.SetWriteDeadline(time.Now().Add(s.c.timeout))
-	if err := w.Write(s.req); err != nil {
+	if err := w.Write(req); err != nil {
 		st.Reset()
 		return fmt.Errorf("send request to %s: %w", ai.ID, err)
 	}
@@ -304,7 +320,7 @@ func (s *Stream) Next() (Token, error) {
 			d := ev.Done
 			s.done = &Done{Reason: d.GetReason(), PromptTokens: int(d.GetPromptTokens()),
 				CompletionTokens: int(d.GetCompletionTokens()), Text: string(d.GetText()), Rest: string(d.GetRest()),
-				Prefill: s.prefill, Stats: d.GetStats(), Gating: s.peer}
+				Prefill: s.prefill, Stats: d.GetStats(), Gating: s.peer, Escrow: d.GetEscrow(), FLOPs: d.GetFlops(), Cost: d.GetCost()}
 			s.finish(io.EOF)
 			return Token{}, io.EOF
 		default:

@@ -20,6 +20,7 @@ import (
 	"github.com/ipfs/go-cid"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/neuro-p2p/neuro/metrics"
 	"github.com/neuro-p2p/neuro/neuropb"
@@ -60,7 +61,15 @@ type Config struct {
 	SignReceipt func(*neuropb.UsageReceipt) error
 	// Metrics, if set, records each batch: tokens, compute time, outcome.
 	Metrics *metrics.Metrics
+	// Payment, if set, must accept each request before it is computed
+	// (expert.require_escrow): from is the calling gating node, escrow
+	// what the request names, flops the work it asks for. A refusal is
+	// answered CODE_PAYMENT_REQUIRED.
+	Payment func(ctx context.Context, from peer.ID, escrow, flops uint64) error
 }
+
+// paymentTimeout bounds checking a request's payment.
+const paymentTimeout = 5 * time.Second
 
 // DefaultConfig returns the defaults. The batch window is 0: requests
 // that arrive while an expert computes form its next batch anyway, and on
@@ -228,7 +237,7 @@ func (s *Server) handle(st network.Stream) {
 			reply(errorResponse(req.GetRequestId(), neuropb.ExpertError_CODE_BUSY, "paused: the machine is busy with its owner's work"))
 			continue
 		}
-		if j := s.admit(req, reply); j != nil {
+		if j := s.admit(st.Conn().RemotePeer(), req, reply); j != nil {
 			// What the request holds until answered: its decoded input, the
 			// output and the encoded response. Past the stream's, peer's or
 			// service's limit the node is busy.
@@ -254,7 +263,7 @@ func (s *Server) handle(st network.Stream) {
 
 // admit checks a request and turns it into a job, or answers its error and
 // returns nil.
-func (s *Server) admit(req *neuropb.ExpertRequest, reply func(*neuropb.ExpertResponse)) *job {
+func (s *Server) admit(from peer.ID, req *neuropb.ExpertRequest, reply func(*neuropb.ExpertResponse)) *job {
 	id := req.GetRequestId()
 	if err := req.Validate(); err != nil {
 		reply(errorResponse(id, neuropb.ExpertError_CODE_BAD_REQUEST, "%v", err))
@@ -281,6 +290,15 @@ func (s *Server) admit(req *neuropb.ExpertRequest, reply func(*neuropb.ExpertRes
 	if rows > b.c.MaxBatch() {
 		reply(errorResponse(id, neuropb.ExpertError_CODE_BAD_REQUEST, "%d tokens, at most %d per request", rows, b.c.MaxBatch()))
 		return nil
+	}
+	if s.cfg.Payment != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), paymentTimeout)
+		err := s.cfg.Payment(ctx, from, req.GetEscrow(), flopsOf(b.c, rows))
+		cancel()
+		if err != nil {
+			reply(errorResponse(id, neuropb.ExpertError_CODE_PAYMENT_REQUIRED, "%v", err))
+			return nil
+		}
 	}
 	var deadline time.Time
 	if ms := req.GetDeadlineUnixMs(); ms != 0 {
@@ -332,17 +350,23 @@ func (b *batcher) receipt(j *job, out *neuropb.Tensor) *neuropb.UsageReceipt {
 	if b.signer == nil {
 		return nil
 	}
-	ff := 0
-	if f, ok := b.c.(interface{ FF() int }); ok {
-		ff = f.FF()
-	}
 	r := &neuropb.UsageReceipt{Escrow: j.escrow, Layer: j.layer, ExpertIndex: j.expert, Tokens: uint64(j.n),
-		Flops: 6 * uint64(b.c.Embd()) * uint64(ff) * uint64(j.n), InputDigest: neuropb.FloatsDigest(j.x),
+		Flops: flopsOf(b.c, j.n), InputDigest: neuropb.FloatsDigest(j.x),
 		OutputDigest: TensorDigest(out)}
 	if err := b.signer(r); err != nil {
 		return nil
 	}
 	return r
+}
+
+// flopsOf is the work of n tokens through expert c: three matrix products
+// of embd x ff per token.
+func flopsOf(c Computer, n int) uint64 {
+	ff := 0
+	if f, ok := c.(interface{ FF() int }); ok {
+		ff = f.FF()
+	}
+	return 6 * uint64(c.Embd()) * uint64(ff) * uint64(n)
 }
 
 // drain answers the jobs left when the batcher stops.

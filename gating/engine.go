@@ -50,6 +50,9 @@ type EngineConfig struct {
 	// generation ends (also when it fails). It must not block: it hands
 	// them to a service of its own (ledger.Settler).
 	OnReceipts func(escrow uint64, receipts []*neuropb.UsageReceipt)
+	// Payments, if set, decides how each request over the infer protocol
+	// is paid (without it, a request's escrow is used as it comes).
+	Payments Payments
 	// OnWrong, if set, is told of each expert result the validator found
 	// wrong (with a Book only). It must not block.
 	OnWrong func(Verdict)
@@ -62,6 +65,16 @@ type EngineConfig struct {
 	// the experts the node re-executes to judge results (the ggml backend
 	// in neurod). Required.
 	Compute Compute
+}
+
+// Payments is a gating node's payment policy for the infer protocol.
+type Payments interface {
+	// Bill is how the request of peer from is paid: a Bill (nil: it runs
+	// unpaid), or an error that refuses it (an *Error, else answered as
+	// CODE_PAYMENT_REQUIRED).
+	Bill(ctx context.Context, from peer.ID, req *neuropb.InferRequest) (Bill, error)
+	// Quote is what c would cost peer from.
+	Quote(ctx context.Context, from peer.ID, c Charge) (*neuropb.InferQuote, error)
 }
 
 // Compute is what a gating node computes with.
@@ -528,6 +541,12 @@ type Result struct {
 	// found wrong.
 	Rewinds int
 	Stats   *neuropb.InferStats
+	// Escrow paid for the generation (0: none); FLOPs is the expert work
+	// its receipts carry and Cost what the bill charged for it (base
+	// units; 0 without a Bill). Both are final once Generate returns.
+	Escrow uint64
+	FLOPs  uint64
+	Cost   uint64
 }
 
 // Callbacks receive a generation as it goes. Either may be nil; an error
@@ -539,10 +558,64 @@ type Callbacks struct {
 	// after its first textBytes bytes, are withdrawn: a result they were
 	// computed from was found wrong. Generation goes on from there.
 	Rewind func(keep, textBytes int) error
+	// Bill, if set, pays for the generation (it replaces the request's
+	// escrow).
+	Bill Bill
 }
 
-// Generate runs one request on this node. Its errors are *Error.
-func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Callbacks) (*Result, error) {
+// A Bill pays for one generation: the node's payment policy makes one for
+// each request it lets run (an API key's account, an escrow the client
+// opened, ...).
+type Bill interface {
+	// Open is called once the prompt is tokenized, before any expert
+	// works: it returns the escrow that pays for the charge (0: none), or
+	// an error that refuses the request (an *Error, or any error, which is
+	// answered as CODE_PAYMENT_REQUIRED).
+	Open(ctx context.Context, c Charge) (escrow uint64, err error)
+	// Close is called once when a generation Open let run has ended (also
+	// after a failure), after its receipts went to EngineConfig.OnReceipts,
+	// with the expert work those receipts carry; it returns what the
+	// generation cost in base units.
+	Close(flops uint64) (cost uint64)
+}
+
+// Charge is what a request may cost, before it runs.
+type Charge struct {
+	Model        cid.Cid
+	PromptTokens int
+	MaxTokens    int
+	// FLOPsPerToken is the expert work of one token (prompt or generated)
+	// of the model, as the experts' receipts count it.
+	FLOPsPerToken uint64
+}
+
+// Estimate tokenizes req and says what it may cost, without running it.
+func (e *Engine) Estimate(req *neuropb.InferRequest) (Charge, error) {
+	m, err := e.servedModel(req)
+	if err != nil {
+		return Charge{}, err
+	}
+	prompt, maxTokens, err := e.prepare(m, req)
+	if err != nil {
+		return Charge{}, err
+	}
+	return Charge{Model: m.cid, PromptTokens: len(prompt), MaxTokens: maxTokens, FLOPsPerToken: m.manifest.ExpertFLOPsPerToken()}, nil
+}
+
+// FLOPsPerToken is the expert work of one token of model mc (false when
+// it is not served or not loaded).
+func (e *Engine) FLOPsPerToken(mc cid.Cid) (uint64, bool) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	m := e.models[mc]
+	if m == nil || m.manifest == nil {
+		return 0, false
+	}
+	return m.manifest.ExpertFLOPsPerToken(), true
+}
+
+// servedModel is the loaded model a valid request asks for.
+func (e *Engine) servedModel(req *neuropb.InferRequest) (*served, error) {
 	if err := req.Validate(); err != nil {
 		return nil, errorf(neuropb.InferError_CODE_BAD_REQUEST, "%v", err)
 	}
@@ -561,6 +634,51 @@ func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Cal
 	if m.err != nil {
 		return nil, errorf(neuropb.InferError_CODE_UNKNOWN_MODEL, "model %s failed to load on this gating node: %v", mc, m.err)
 	}
+	return m, nil
+}
+
+// prepare tokenizes a request's prompt (or chat) and settles how many
+// tokens it may generate.
+func (e *Engine) prepare(m *served, req *neuropb.InferRequest) ([]int32, int, error) {
+	vocab := m.sm.Vocab
+	text := req.GetPrompt()
+	if msgs := req.GetMessages(); len(msgs) > 0 {
+		cm := make([]moe.ChatMessage, len(msgs))
+		for i, x := range msgs {
+			cm[i] = moe.ChatMessage{Role: x.GetRole(), Content: x.GetContent()}
+		}
+		var err error
+		if text, err = vocab.ApplyChatTemplate(cm); err != nil {
+			return nil, 0, errorf(neuropb.InferError_CODE_BAD_REQUEST, "%v", err)
+		}
+	}
+	prompt, err := vocab.Tokenize(text, true)
+	if err != nil {
+		return nil, 0, errorf(neuropb.InferError_CODE_BAD_REQUEST, "%v", err)
+	}
+	nCtx := e.nCtx(m.hp)
+	maxTokens := int(req.GetSampling().GetMaxTokens())
+	if maxTokens == 0 {
+		maxTokens = min(e.cfg.DefaultMaxTokens, nCtx-len(prompt))
+		if maxTokens < 1 {
+			return nil, 0, errorf(neuropb.InferError_CODE_BAD_REQUEST,
+				"prompt of %d tokens exceeds the context of %d tokens", len(prompt), nCtx)
+		}
+	}
+	if len(prompt)+maxTokens > nCtx {
+		return nil, 0, errorf(neuropb.InferError_CODE_BAD_REQUEST,
+			"prompt of %d tokens + %d new tokens exceeds the context of %d tokens", len(prompt), maxTokens, nCtx)
+	}
+	return prompt, maxTokens, nil
+}
+
+// Generate runs one request on this node, paid as cb.Bill says (without
+// one, from the escrow the request names, if any). Its errors are *Error.
+func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Callbacks) (_ *Result, err error) {
+	m, err := e.servedModel(req)
+	if err != nil {
+		return nil, err
+	}
 	select {
 	case e.slots <- struct{}{}:
 		defer func() { <-e.slots }()
@@ -571,59 +689,56 @@ func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Cal
 	defer e.active.Add(-1)
 
 	vocab := m.sm.Vocab
-	text := req.GetPrompt()
-	if msgs := req.GetMessages(); len(msgs) > 0 {
-		cm := make([]moe.ChatMessage, len(msgs))
-		for i, x := range msgs {
-			cm[i] = moe.ChatMessage{Role: x.GetRole(), Content: x.GetContent()}
-		}
-		var err error
-		if text, err = vocab.ApplyChatTemplate(cm); err != nil {
-			return nil, errorf(neuropb.InferError_CODE_BAD_REQUEST, "%v", err)
-		}
-	}
-	prompt, err := vocab.Tokenize(text, true)
+	prompt, maxTokens, err := e.prepare(m, req)
 	if err != nil {
-		return nil, errorf(neuropb.InferError_CODE_BAD_REQUEST, "%v", err)
+		return nil, err
 	}
 	nCtx := e.nCtx(m.hp)
 	s := req.GetSampling()
-	maxTokens := int(s.GetMaxTokens())
-	if maxTokens == 0 {
-		maxTokens = min(e.cfg.DefaultMaxTokens, nCtx-len(prompt))
-		if maxTokens < 1 {
-			return nil, errorf(neuropb.InferError_CODE_BAD_REQUEST,
-				"prompt of %d tokens exceeds the context of %d tokens", len(prompt), nCtx)
+	escrow := req.GetEscrow()
+	if cb.Bill != nil {
+		if escrow, err = cb.Bill.Open(ctx, Charge{Model: m.cid, PromptTokens: len(prompt), MaxTokens: maxTokens,
+			FLOPsPerToken: m.manifest.ExpertFLOPsPerToken()}); err != nil {
+			var ge *Error
+			if errors.As(err, &ge) {
+				return nil, err
+			}
+			return nil, errorf(neuropb.InferError_CODE_PAYMENT_REQUIRED, "%v", err)
 		}
-	}
-	if len(prompt)+maxTokens > nCtx {
-		return nil, errorf(neuropb.InferError_CODE_BAD_REQUEST,
-			"prompt of %d tokens + %d new tokens exceeds the context of %d tokens", len(prompt), maxTokens, nCtx)
 	}
 	seed := rand.Uint64()
 	if s != nil && s.Seed != nil {
 		seed = s.GetSeed()
 	}
 	sampler := NewSampler(s.GetTemperature(), int(s.GetTopK()), s.GetTopP(), seed)
+	res := &Result{PromptTokens: len(prompt), Reason: neuropb.FinishReason_FINISH_REASON_LENGTH, Escrow: escrow}
+	gen := NewGeneration(escrow)
+	// Settle whatever was computed, even for a generation that fails,
+	// then close the bill.
+	defer func() {
+		var rs []*neuropb.UsageReceipt
+		if gen.Receipts != nil {
+			rs = gen.Receipts.Take()
+		}
+		for _, r := range rs {
+			res.FLOPs += r.GetFlops()
+		}
+		if len(rs) > 0 && e.cfg.OnReceipts != nil {
+			e.cfg.OnReceipts(escrow, rs)
+		}
+		if cb.Bill != nil {
+			res.Cost = cb.Bill.Close(res.FLOPs)
+		}
+	}()
 	sess, err := m.sm.Gating.NewSession(nCtx)
 	if err != nil {
 		return nil, errorf(neuropb.InferError_CODE_INTERNAL, "%v", err)
 	}
 	defer sess.Close()
 
-	gen := NewGeneration(req.GetEscrow())
 	stats, checks := &gen.Stats, gen.Checks
-	if gen.Receipts != nil && e.cfg.OnReceipts != nil {
-		// Settle whatever was computed, even for a generation that fails.
-		defer func() {
-			if rs := gen.Receipts.Take(); len(rs) > 0 {
-				e.cfg.OnReceipts(gen.Receipts.Escrow, rs)
-			}
-		}()
-	}
 	experts := m.remote.For(gen)
 	epoch := 0
-	res := &Result{PromptTokens: len(prompt), Reason: neuropb.FinishReason_FINISH_REASON_LENGTH}
 	out := newTextStream(s.GetStop())
 	next := prompt
 	started := false

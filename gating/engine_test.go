@@ -309,7 +309,7 @@ func TestOpenAIAPI(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 120*time.Second)
 	defer cancel()
 	net := newGatingNet(t, ctx, model.Presets["tiny"], model.F32, 11, []string{"0:*,1:*"})
-	srv := httptest.NewServer(HTTPHandler(net.engine, quiet()))
+	srv := httptest.NewServer(HTTPHandler(net.engine, HTTPOptions{Log: quiet()}))
 	defer srv.Close()
 	const prompt = "the open api"
 	want := net.reference(t, prompt, 12)

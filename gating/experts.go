@@ -413,10 +413,18 @@ func (r *RemoteExperts) call(ctx context.Context, cs callState, k expert.Key, in
 						func(cctx context.Context, q peer.ID) ([]float32, *neuropb.UsageReceipt, error) {
 							cctx, cancel := context.WithTimeout(cctx, r.deadline(q, timeout))
 							defer cancel()
+							// A re-execution is paid from the generation's escrow
+							// like the work it checks (a check back after the
+							// generation was settled goes unpaid).
 							resp, err := r.Client.Call(cctx, q, expert.Request{Model: r.Model, Layer: k.Layer, Expert: k.Expert,
-								Hidden: in, N: n, DType: r.DType})
+								Hidden: in, N: n, DType: r.DType, Escrow: escrow})
 							if err != nil {
 								return nil, nil, err
+							}
+							if receipts != nil && validReceipt(resp.Receipt, q, escrow) {
+								receipts.mu.Lock()
+								receipts.list = append(receipts.list, resp.Receipt)
+								receipts.mu.Unlock()
 							}
 							return resp.Output, resp.Receipt, nil
 						})

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/neuro-p2p/neuro/neuropb"
@@ -47,6 +48,16 @@ func (e *Engine) handleStream(st network.Stream) {
 	sendError := func(code neuropb.InferError_Code, msg string) {
 		_ = send(&neuropb.InferResponse{Event: &neuropb.InferResponse_Error{Error: &neuropb.InferError{Code: code, Message: msg}}})
 	}
+	// refuse answers an error before or instead of a generation: an
+	// *Error with its code, any other as a payment refusal.
+	refuse := func(err error) {
+		var ge *Error
+		if !errors.As(err, &ge) {
+			ge = errorf(neuropb.InferError_CODE_PAYMENT_REQUIRED, "%v", err)
+		}
+		log.Info("request refused", "code", ge.Code.String(), "err", ge.Msg)
+		sendError(ge.Code, ge.Msg)
+	}
 	defer func() {
 		if failed {
 			st.Reset()
@@ -71,8 +82,27 @@ func (e *Engine) handleStream(st network.Stream) {
 
 	ctx, cancel := context.WithCancel(e.ctx)
 	defer cancel()
+	from := st.Conn().RemotePeer()
+	if req.GetQuoteOnly() {
+		q, err := e.quote(ctx, from, req)
+		if err != nil {
+			refuse(err)
+			return
+		}
+		_ = send(&neuropb.InferResponse{Event: &neuropb.InferResponse_Quote{Quote: q}})
+		return
+	}
+	var bill Bill
+	if e.cfg.Payments != nil {
+		var err error
+		if bill, err = e.cfg.Payments.Bill(ctx, from, req); err != nil {
+			refuse(err)
+			return
+		}
+	}
 	start := time.Now()
 	res, err := e.Generate(ctx, req, Callbacks{
+		Bill: bill,
 		Start: func(n int, prefill time.Duration) error {
 			return send(&neuropb.InferResponse{Event: &neuropb.InferResponse_Start{Start: &neuropb.InferStart{
 				PromptTokens: uint32(n), PrefillUs: uint64(prefill.Microseconds())}}})
@@ -93,8 +123,7 @@ func (e *Engine) handleStream(st network.Stream) {
 		}
 		var ge *Error
 		if errors.As(err, &ge) {
-			log.Info("request refused", "code", ge.Code.String(), "err", ge.Msg)
-			sendError(ge.Code, ge.Msg)
+			refuse(err)
 			return
 		}
 		log.Warn("generation failed", "err", err)
@@ -102,7 +131,8 @@ func (e *Engine) handleStream(st network.Stream) {
 		return
 	}
 	done := &neuropb.InferDone{Reason: res.Reason, PromptTokens: uint32(res.PromptTokens),
-		CompletionTokens: uint32(len(res.Tokens)), Text: []byte(res.Text), Rest: []byte(res.Rest), Stats: res.Stats}
+		CompletionTokens: uint32(len(res.Tokens)), Text: []byte(res.Text), Rest: []byte(res.Rest), Stats: res.Stats,
+		Escrow: res.Escrow, Flops: res.FLOPs, Cost: res.Cost}
 	resp := &neuropb.InferResponse{Event: &neuropb.InferResponse_Done{Done: done}}
 	if proto.Size(resp) > neuropb.MaxInferResponseSize {
 		// The client has the text from the tokens' deltas.
@@ -114,4 +144,17 @@ func (e *Engine) handleStream(st network.Stream) {
 	}
 	log.Info("generated", "prompt_tokens", res.PromptTokens, "tokens", len(res.Tokens),
 		"reason", res.Reason.String(), "took", time.Since(start).Round(time.Millisecond))
+}
+
+// quote answers a quote_only request.
+func (e *Engine) quote(ctx context.Context, from peer.ID, req *neuropb.InferRequest) (*neuropb.InferQuote, error) {
+	c, err := e.Estimate(req)
+	if err != nil {
+		return nil, err
+	}
+	if e.cfg.Payments == nil {
+		return &neuropb.InferQuote{Gating: []byte(e.h.ID()), FlopsPerToken: c.FLOPsPerToken,
+			PromptTokens: uint32(c.PromptTokens), MaxTokens: uint32(c.MaxTokens)}, nil
+	}
+	return e.cfg.Payments.Quote(ctx, from, c)
 }

@@ -2,6 +2,7 @@ package gating
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
@@ -9,17 +10,50 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
+	"math"
 	"net/http"
+	"slices"
+	"strconv"
 	"strings"
 	"time"
 
 	"github.com/ipfs/go-cid"
 
+	"github.com/neuro-p2p/neuro/billing"
 	"github.com/neuro-p2p/neuro/neuropb"
 )
 
 // maxHTTPBody bounds an HTTP API request body.
 const maxHTTPBody = 1 << 20
+
+// HTTPOptions configure the HTTP API.
+type HTTPOptions struct {
+	Log *slog.Logger
+	// Auth, if set, authorizes every /v1/ request before its body is
+	// read, and says who pays for it.
+	Auth HTTPAuth
+	// Price, if set, is the ledger's price of one MFLOP of expert work in
+	// base units (false: unknown), for /v1/models.
+	Price func() (uint64, bool)
+}
+
+// HTTPAuth authorizes requests to the HTTP API.
+type HTTPAuth interface {
+	// Authorize checks r's credentials before its body is read: the Bill
+	// that pays for it (nil: it runs unpaid), or the refusal to answer.
+	Authorize(r *http.Request) (Bill, *HTTPError)
+}
+
+// HTTPError is a refusal of an HTTP request, answered in OpenAI's error
+// shape.
+type HTTPError struct {
+	Status       int
+	Type, Code   string
+	Message      string
+	RetryAfter   time.Duration
+	Authenticate bool // ask for a bearer token (401)
+}
 
 // HTTPHandler serves the OpenAI-compatible API of a gating node:
 // GET /v1/models, POST /v1/completions and POST /v1/chat/completions,
@@ -27,16 +61,17 @@ const maxHTTPBody = 1 << 20
 // their CID; a request that names none uses the only model served, if
 // there is one. Errors have OpenAI's shape:
 // {"error": {"message", "type", "param", "code"}}.
-func HTTPHandler(e *Engine, log *slog.Logger) http.Handler {
+func HTTPHandler(e *Engine, o HTTPOptions) http.Handler {
+	log := o.Log
 	if log == nil {
 		log = slog.Default()
 	}
-	a := &httpAPI{e: e, log: log.With("component", "http-api"), created: time.Now().Unix()}
+	a := &httpAPI{e: e, log: log.With("component", "http-api"), created: time.Now().Unix(), o: o}
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /v1/models", a.models)
-	mux.HandleFunc("GET /v1/models/{id}", a.model)
-	mux.HandleFunc("POST /v1/completions", a.completions)
-	mux.HandleFunc("POST /v1/chat/completions", a.chat)
+	mux.HandleFunc("GET /v1/models", a.authorized(a.models))
+	mux.HandleFunc("GET /v1/models/{id}", a.authorized(a.model))
+	mux.HandleFunc("POST /v1/completions", a.authorized(a.completions))
+	mux.HandleFunc("POST /v1/chat/completions", a.authorized(a.chat))
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case "/v1/models", "/v1/completions", "/v1/chat/completions":
@@ -48,10 +83,42 @@ func HTTPHandler(e *Engine, log *slog.Logger) http.Handler {
 	return mux
 }
 
+type billKey struct{}
+
+// authorized runs h once Auth lets the request through, with its Bill.
+func (a *httpAPI) authorized(h func(http.ResponseWriter, *http.Request)) func(http.ResponseWriter, *http.Request) {
+	if a.o.Auth == nil {
+		return h
+	}
+	return func(w http.ResponseWriter, r *http.Request) {
+		bill, herr := a.o.Auth.Authorize(r)
+		if herr != nil {
+			if herr.RetryAfter > 0 {
+				w.Header().Set("Retry-After", strconv.Itoa(int(math.Ceil(herr.RetryAfter.Seconds()))))
+			}
+			if herr.Authenticate {
+				w.Header().Set("WWW-Authenticate", `Bearer realm="neuro"`)
+			}
+			writeError(w, herr.Status, herr.Type, herr.Code, herr.Message)
+			return
+		}
+		if bill != nil {
+			r = r.WithContext(context.WithValue(r.Context(), billKey{}, bill))
+		}
+		h(w, r)
+	}
+}
+
+func billOf(r *http.Request) Bill {
+	b, _ := r.Context().Value(billKey{}).(Bill)
+	return b
+}
+
 type httpAPI struct {
 	e       *Engine
 	log     *slog.Logger
 	created int64
+	o       HTTPOptions
 }
 
 type apiError struct {
@@ -94,6 +161,8 @@ func writeGenError(w http.ResponseWriter, err error) {
 		writeError(w, http.StatusServiceUnavailable, "server_error", "busy", ge.Msg)
 	case neuropb.InferError_CODE_NO_PROVIDER:
 		writeError(w, http.StatusServiceUnavailable, "server_error", "no_provider", ge.Msg)
+	case neuropb.InferError_CODE_PAYMENT_REQUIRED:
+		writeError(w, http.StatusPaymentRequired, "insufficient_quota", "insufficient_quota", ge.Msg)
 	default:
 		writeError(w, http.StatusInternalServerError, "server_error", "", ge.Msg)
 	}
@@ -104,16 +173,30 @@ type modelObject struct {
 	Object  string `json:"object"`
 	Created int64  `json:"created"`
 	OwnedBy string `json:"owned_by"`
-	// Ready and ContextLength are neuro's additions.
-	Ready         bool `json:"ready"`
-	ContextLength int  `json:"context_length,omitempty"`
+	// Ready and ContextLength are neuro's additions, and the price: what
+	// 1,000 tokens (prompt or generated) cost in NEURO at the ledger's
+	// price, and the expert work of one token (absent when unknown).
+	Ready            bool     `json:"ready"`
+	ContextLength    int      `json:"context_length,omitempty"`
+	PricePer1kTokens *float64 `json:"price_per_1k_tokens,omitempty"`
+	FLOPsPerToken    uint64   `json:"flops_per_token,omitempty"`
 }
 
 func (a *httpAPI) modelObjects() []modelObject {
 	out := []modelObject{}
 	for _, m := range a.e.Models() {
-		out = append(out, modelObject{ID: m.CID.String(), Object: "model", Created: a.created, OwnedBy: "neuro",
-			Ready: m.Ready, ContextLength: m.Context})
+		mo := modelObject{ID: m.CID.String(), Object: "model", Created: a.created, OwnedBy: "neuro",
+			Ready: m.Ready, ContextLength: m.Context}
+		if fpt, ok := a.e.FLOPsPerToken(m.CID); ok {
+			mo.FLOPsPerToken = fpt
+			if a.o.Price != nil {
+				if price, ok := a.o.Price(); ok {
+					v := float64(billing.PerThousand(fpt, price)) / 1e6
+					mo.PricePer1kTokens = &v
+				}
+			}
+		}
+		out = append(out, mo)
 	}
 	return out
 }
@@ -213,6 +296,9 @@ func badParam(param string, err error) *requestError { return &requestError{para
 // only is the model of a request that names none (cid.Undef: it must name
 // one).
 func parseCompletion(body []byte, only cid.Cid) (*neuropb.InferRequest, *completionRequest, *requestError) {
+	if rerr := checkParams(body, completionParams); rerr != nil {
+		return nil, nil, rerr
+	}
 	var req completionRequest
 	if err := json.Unmarshal(body, &req); err != nil {
 		return nil, nil, badParam("", fmt.Errorf("malformed JSON body: %w", err))
@@ -236,6 +322,9 @@ func parseCompletion(body []byte, only cid.Cid) (*neuropb.InferRequest, *complet
 
 // parseChat reads a /v1/chat/completions body into the engine's request.
 func parseChat(body []byte, only cid.Cid) (*neuropb.InferRequest, *chatRequest, *requestError) {
+	if rerr := checkParams(body, chatParams); rerr != nil {
+		return nil, nil, rerr
+	}
 	var req chatRequest
 	if err := json.Unmarshal(body, &req); err != nil {
 		return nil, nil, badParam("", fmt.Errorf("malformed JSON body: %w", err))
@@ -258,6 +347,78 @@ func parseChat(body []byte, only cid.Cid) (*neuropb.InferRequest, *chatRequest, 
 		return nil, nil, badParam("", err)
 	}
 	return ir, &req, nil
+}
+
+// A param is how a request body's field is taken: implemented, or known
+// to OpenAI's API but not implemented here, in which case only its
+// neutral value (the one that asks for nothing) is accepted.
+type param struct {
+	implemented bool
+	// neutral reports whether a value of an unimplemented parameter asks
+	// for nothing (null, false, 0, empty).
+	neutral func(json.RawMessage) bool
+}
+
+var (
+	implemented = param{implemented: true}
+	// unimplemented parameters whose null, false, 0, "" or empty value
+	// asks for nothing.
+	inert = param{neutral: func(v json.RawMessage) bool {
+		switch t := strings.TrimSpace(string(v)); t {
+		case "null", "false", "0", "0.0", `""`, "[]", "{}":
+			return true
+		}
+		return false
+	}}
+	commonParams = map[string]param{
+		"model": implemented, "max_tokens": implemented, "max_completion_tokens": implemented, "temperature": implemented,
+		"top_p": implemented, "top_k": implemented, "seed": implemented, "stop": implemented, "stream": implemented,
+		"n": implemented, "user": implemented, "stream_options": implemented,
+		"logprobs": inert, "top_logprobs": inert, "logit_bias": inert, "presence_penalty": inert,
+		"frequency_penalty": inert, "tools": inert, "functions": inert, "tool_choice": {neutral: func(v json.RawMessage) bool {
+			t := strings.TrimSpace(string(v))
+			return t == "null" || t == `"none"`
+		}}, "parallel_tool_calls": inert, "function_call": inert, "store": inert, "metadata": inert,
+		"response_format": {neutral: func(v json.RawMessage) bool {
+			var rf struct {
+				Type string `json:"type"`
+			}
+			return strings.TrimSpace(string(v)) == "null" || (json.Unmarshal(v, &rf) == nil && rf.Type == "text")
+		}},
+	}
+	completionParams = withParams(commonParams, map[string]param{"prompt": implemented, "echo": inert, "suffix": inert,
+		"best_of": {neutral: func(v json.RawMessage) bool {
+			t := strings.TrimSpace(string(v))
+			return t == "null" || t == "1"
+		}}})
+	chatParams = withParams(commonParams, map[string]param{"messages": implemented})
+)
+
+func withParams(a, b map[string]param) map[string]param {
+	out := make(map[string]param, len(a)+len(b))
+	maps.Copy(out, a)
+	maps.Copy(out, b)
+	return out
+}
+
+// checkParams refuses a body with a field this API does not know, or one
+// it knows but does not implement set to anything but its neutral value:
+// a client never gets a silent no for what it asked.
+func checkParams(body []byte, known map[string]param) *requestError {
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal(body, &fields); err != nil {
+		return badParam("", fmt.Errorf("malformed JSON body: %w", err))
+	}
+	for _, name := range slices.Sorted(maps.Keys(fields)) {
+		p, ok := known[name]
+		switch {
+		case !ok:
+			return badParam(name, fmt.Errorf("unknown parameter %q", name))
+		case !p.implemented && !p.neutral(fields[name]):
+			return badParam(name, fmt.Errorf("parameter %q is not supported by this server", name))
+		}
+	}
+	return nil
 }
 
 // onlyModel is the model a request that names none gets: the one model
@@ -287,9 +448,16 @@ func request(c common, only cid.Cid) (*neuropb.InferRequest, *requestError) {
 	}
 	s := &neuropb.Sampling{Stop: c.Stop, Temperature: 1}
 	if c.Temperature != nil {
+		// OpenAI's range.
+		if t := *c.Temperature; t != t || t < 0 || t > 2 {
+			return nil, badParam("temperature", fmt.Errorf("temperature %v: want 0 to 2", t))
+		}
 		s.Temperature = *c.Temperature
 	}
 	if c.TopP != nil {
+		if p := *c.TopP; p != p || p < 0 || p > 1 {
+			return nil, badParam("top_p", fmt.Errorf("top_p %v: want 0 to 1", p))
+		}
 		s.TopP = *c.TopP
 	}
 	if c.TopK != nil {
@@ -400,6 +568,16 @@ type usage struct {
 	PromptTokens     int `json:"prompt_tokens"`
 	CompletionTokens int `json:"completion_tokens"`
 	TotalTokens      int `json:"total_tokens"`
+	// Cost is what the request was charged, in NEURO (CostBaseUnits in
+	// base units), from Escrow (0: unpaid).
+	Cost          float64 `json:"cost"`
+	CostBaseUnits uint64  `json:"cost_base_units"`
+	Escrow        uint64  `json:"escrow,omitempty"`
+}
+
+func usageOf(res *Result) usage {
+	return usage{PromptTokens: res.PromptTokens, CompletionTokens: len(res.Tokens), TotalTokens: res.PromptTokens + len(res.Tokens),
+		Cost: float64(res.Cost) / 1e6, CostBaseUnits: res.Cost, Escrow: res.Escrow}
 }
 
 // run generates and answers, as one JSON object or as server-sent events.
@@ -414,7 +592,7 @@ func (a *httpAPI) run(w http.ResponseWriter, r *http.Request, ir *neuropb.InferR
 	}
 	created := time.Now().Unix()
 	if !stream {
-		res, err := a.e.Generate(r.Context(), ir, Callbacks{})
+		res, err := a.e.Generate(r.Context(), ir, Callbacks{Bill: billOf(r)})
 		if err != nil {
 			writeGenError(w, err)
 			return
@@ -427,7 +605,7 @@ func (a *httpAPI) run(w http.ResponseWriter, r *http.Request, ir *neuropb.InferR
 		}
 		writeJSON(w, http.StatusOK, map[string]any{"id": id, "object": object, "created": created, "model": model,
 			"choices": []any{choice},
-			"usage":   usage{res.PromptTokens, len(res.Tokens), res.PromptTokens + len(res.Tokens)}})
+			"usage":   usageOf(res)})
 		return
 	}
 	flusher, _ := w.(http.Flusher)
@@ -462,6 +640,7 @@ func (a *httpAPI) run(w http.ResponseWriter, r *http.Request, ir *neuropb.InferR
 		return map[string]any{"id": id, "object": chunkObject, "created": created, "model": model, "choices": []any{choice}}
 	}
 	res, err := a.e.Generate(r.Context(), ir, Callbacks{
+		Bill: billOf(r),
 		// Headers go out once the prompt is accepted, so that a refused
 		// request still gets an HTTP error status.
 		Start: func(int, time.Duration) error {
@@ -501,7 +680,7 @@ func (a *httpAPI) run(w http.ResponseWriter, r *http.Request, ir *neuropb.InferR
 	}
 	fr := finishReason(res.Reason)
 	last := chunk(res.Rest, false, &fr)
-	last["usage"] = usage{res.PromptTokens, len(res.Tokens), res.PromptTokens + len(res.Tokens)}
+	last["usage"] = usageOf(res)
 	if event(last) == nil {
 		_, _ = io.WriteString(w, "data: [DONE]\n\n")
 		if flusher != nil {

@@ -2,6 +2,7 @@ package ledger
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -334,6 +335,11 @@ func statusOf(st *State, held uint64, chainID string, p peer.ID) *neuropb.Ledger
 		for _, u := range a.Unbonding {
 			out.Unbonding += u.Amount
 		}
+		for _, sp := range sortedKeys(a.Allowances) {
+			if id, err := peer.Decode(sp); err == nil {
+				out.Allowances = append(out.Allowances, &neuropb.Allow{Spender: []byte(id), Amount: a.Allowances[sp]})
+			}
+		}
 	}
 	return out
 }
@@ -393,4 +399,107 @@ func (s *Service) serveQuery(st network.Stream) {
 		return
 	}
 	_ = w.Write(s.status(p))
+}
+
+// Submit submits a transaction someone else signed (a wallet's, relayed by
+// this node): into the mempool on a validator, on the ledger topic
+// elsewhere. It checks the signature, and what the sender's funds already
+// rule out, first.
+func (s *Service) Submit(ctx context.Context, tx *neuropb.LedgerTx) error {
+	raw, err := EncodeTx(tx)
+	if err != nil {
+		return fmt.Errorf("ledger: encode: %w", err)
+	}
+	if _, err := DecodeTx(raw); err != nil {
+		return err
+	}
+	sender, err := peer.IDFromBytes(tx.GetSender())
+	if err != nil {
+		return txErr(CodeMalformed, "sender: %v", err)
+	}
+	if s.chain != nil {
+		return s.chain.Submit(raw)
+	}
+	st, err := s.Status(ctx, sender)
+	if err != nil {
+		return err
+	}
+	if tx.GetNonce() != st.GetNonce()+1 {
+		return txErr(CodeBadNonce, "nonce %d, want %d", tx.GetNonce(), st.GetNonce()+1)
+	}
+	if err := precheck(st, tx); err != nil {
+		return err
+	}
+	if err := s.topic.Publish(ctx, tx); err != nil {
+		return fmt.Errorf("ledger: publish: %w", err)
+	}
+	return nil
+}
+
+// ChainView is the part of the chain's state that is not accounts, as this
+// node last learned it: the escrows and the parameters.
+type ChainView struct {
+	Height  int64
+	Escrows map[uint64]*Escrow
+	Params  *neuropb.LedgerParams
+}
+
+// ChainState is the chain's escrows and parameters in the newest state
+// that a signed header commits to (what every node can prove, so that an
+// escrow this node sees, its peers see too): from the local chain on a
+// validator, else from a validator's proven answer. Do not edit it.
+func (s *Service) ChainState(ctx context.Context) (*ChainView, error) {
+	if s.chain != nil {
+		st, _, _, err := s.chain.proven()
+		if err != nil {
+			return nil, err
+		}
+		return &ChainView{Height: st.Height, Escrows: st.Escrows, Params: st.params}, nil
+	}
+	st, err := s.Status(ctx, s.h.ID())
+	if err != nil {
+		return nil, err
+	}
+	var glob globalLeaf
+	if err := json.Unmarshal(st.GetProof().GetGlobal().GetValue(), &glob); err != nil {
+		return nil, fmt.Errorf("ledger: global leaf: %w", err)
+	}
+	state, err := LoadState(mustJSON(glob.State))
+	if err != nil {
+		return nil, fmt.Errorf("ledger: global leaf: %w", err)
+	}
+	return &ChainView{Height: state.Height, Escrows: state.Escrows, Params: state.params}, nil
+}
+
+// Escrow is escrow id as the chain holds it (nil: none, or not yet
+// applied).
+func (s *Service) Escrow(ctx context.Context, id uint64) (*Escrow, *neuropb.LedgerParams, error) {
+	c, err := s.ChainState(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	e := c.Escrows[id]
+	if e != nil {
+		cp := *e
+		e = &cp
+	}
+	return e, c.Params, nil
+}
+
+// WaitEscrow polls until escrow id is applied, for at most ctx's life.
+func (s *Service) WaitEscrow(ctx context.Context, id uint64) (*Escrow, *neuropb.LedgerParams, error) {
+	for {
+		e, p, err := s.Escrow(ctx, id)
+		if err == nil && e != nil {
+			return e, p, nil
+		}
+		select {
+		case <-ctx.Done():
+			if err == nil {
+				err = fmt.Errorf("escrow %d not applied: %w", id, ctx.Err())
+			}
+			return nil, nil, err
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
 }

@@ -52,6 +52,8 @@ type Settler struct {
 type settleJob struct {
 	escrow   uint64
 	receipts []*neuropb.UsageReceipt
+	// close ends the escrow with the job's last transaction.
+	close bool
 }
 
 // NewSettler makes a settler that sends with s. It starts nothing.
@@ -105,6 +107,28 @@ func (s *Settler) Submit(escrow uint64, receipts []*neuropb.UsageReceipt) {
 	}
 }
 
+// CloseEscrow queues the end of escrow, after the receipts queued for it: its
+// last settlement closes it (or, with none waiting, a settlement of no
+// receipts), and what is left returns to its payer at once.
+func (s *Settler) CloseEscrow(escrow uint64) {
+	s.mu.Lock()
+	queued := false
+	for i := len(s.queue) - 1; i >= 0; i-- {
+		if s.queue[i].escrow == escrow {
+			s.queue[i].close, queued = true, true
+			break
+		}
+	}
+	if !queued {
+		s.queue = append(s.queue, settleJob{escrow: escrow, close: true})
+	}
+	s.mu.Unlock()
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
 // next waits for the next job; false once the settler closes with nothing
 // queued.
 func (s *Settler) next() (settleJob, bool) {
@@ -135,19 +159,23 @@ func (s *Settler) settle(job settleJob) {
 	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.Timeout)
 	defer cancel()
 	receipts := job.receipts
-	for len(receipts) > 0 {
+	for first := true; first || len(receipts) > 0; first = false {
 		chunk := receipts[:min(len(receipts), neuropb.MaxReceipts)]
 		receipts = receipts[len(chunk):]
+		closing := job.close && len(receipts) == 0
+		if len(chunk) == 0 && !closing {
+			return
+		}
 		if _, err := s.send.Send(ctx, func(tx *neuropb.LedgerTx) {
-			tx.Body = &neuropb.LedgerTx_Settle{Settle: &neuropb.Settle{Escrow: job.escrow, Receipts: chunk}}
+			tx.Body = &neuropb.LedgerTx_Settle{Settle: &neuropb.Settle{Escrow: job.escrow, Receipts: chunk, Close: closing}}
 		}); err != nil {
 			s.log.Warn("settle", "escrow", job.escrow, "receipts", len(chunk), "err", err)
 			return
 		}
-		if s.cfg.OnSettled != nil {
+		if s.cfg.OnSettled != nil && len(chunk) > 0 {
 			s.cfg.OnSettled(job.escrow, chunk)
 		}
-		s.log.Info("settled expert work", "escrow", job.escrow, "receipts", len(chunk))
+		s.log.Info("settled expert work", "escrow", job.escrow, "receipts", len(chunk), "closed", closing)
 	}
 }
 

@@ -1,8 +1,6 @@
 package ledger
 
 import (
-	"crypto/sha256"
-	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -23,17 +21,8 @@ import (
 const BaseUnits = 1_000_000
 
 // EscrowID is the ID of the escrow that payer's transaction with nonce
-// opens: known as soon as the transaction is signed, so that a client can
-// name it in its requests before the block that applies it.
-func EscrowID(payer peer.ID, nonce uint64) uint64 {
-	h := sha256.New()
-	h.Write([]byte(payer))
-	var n [8]byte
-	binary.LittleEndian.PutUint64(n[:], nonce)
-	h.Write(n[:])
-	id := binary.BigEndian.Uint64(h.Sum(nil))
-	return max(id, 1) // 0 means no escrow
-}
+// opens (neuropb.EscrowID).
+func EscrowID(payer peer.ID, nonce uint64) uint64 { return neuropb.EscrowID([]byte(payer), nonce) }
 
 // DefaultParams are the economics of a new chain.
 func DefaultParams() *neuropb.LedgerParams {
@@ -52,6 +41,9 @@ type Account struct {
 	Nonce     uint64      `json:"nonce"`
 	Staked    uint64      `json:"staked"`
 	Unbonding []Unbonding `json:"unbonding,omitempty"`
+	// Allowances are what gating nodes (by peer ID) may draw from the
+	// balance into escrows they open for this account.
+	Allowances map[string]uint64 `json:"allowances,omitempty"`
 }
 
 // Unbonding is an unstaked amount waiting for its release height.
@@ -143,6 +135,13 @@ func NewState(g *neuropb.LedgerGenesis) (*State, error) {
 		}
 		if s.GenesisSupply, ok = add(s.GenesisSupply, total); !ok {
 			return nil, errors.New("genesis: supply overflows")
+		}
+		for _, al := range a.GetAllowances() {
+			sp, err := peer.IDFromBytes(al.GetSpender())
+			if err != nil {
+				return nil, fmt.Errorf("genesis allowance of %s: %w", id, err)
+			}
+			setAllowance(acc, sp.String(), al.GetAmount())
 		}
 	}
 	for _, m := range g.GetModels() {
@@ -420,6 +419,18 @@ func (s *State) apply(sender string, acc *Account, tx *neuropb.LedgerTx) error {
 		}
 		acc.Staked -= amt
 		acc.Unbonding = append(acc.Unbonding, Unbonding{Amount: amt, Release: s.Height + int64(p.GetUnbondingBlocks())})
+	case *neuropb.LedgerTx_Allow:
+		sp, err := peer.IDFromBytes(b.Allow.GetSpender())
+		if err != nil {
+			return txErr(CodeMalformed, "allowance spender: %v", err)
+		}
+		if sp.String() == sender {
+			return txErr(CodeMalformed, "an account cannot allow itself")
+		}
+		if len(acc.Allowances) >= maxAllowances && acc.Allowances[sp.String()] == 0 && b.Allow.GetAmount() > 0 {
+			return txErr(CodeNotAllowed, "at most %d allowances per account", maxAllowances)
+		}
+		setAllowance(acc, sp.String(), b.Allow.GetAmount())
 	case *neuropb.LedgerTx_OpenEscrow:
 		m, err := cid.Cast(b.OpenEscrow.GetModel())
 		if err != nil {
@@ -433,15 +444,39 @@ func (s *State) apply(sender string, acc *Account, tx *neuropb.LedgerTx) error {
 			return txErr(CodeMalformed, "escrow gating node: %v", err)
 		}
 		amt := b.OpenEscrow.GetAmount()
-		if amt == 0 || acc.Balance < amt {
-			return txErr(CodeInsufficient, "escrow of %d with a balance of %d", amt, acc.Balance)
+		payer, from := sender, acc
+		if raw := b.OpenEscrow.GetPayer(); len(raw) > 0 {
+			pp, err := peer.IDFromBytes(raw)
+			if err != nil {
+				return txErr(CodeMalformed, "escrow payer: %v", err)
+			}
+			if pp.String() != sender {
+				// The sender draws on the payer's allowance, as the
+				// escrow's gating node only.
+				if g.String() != sender {
+					return txErr(CodeNotAllowed, "only the escrow's gating node %s may open it from another account", g)
+				}
+				payer, from = pp.String(), s.Accounts[pp.String()]
+				if from == nil {
+					return txErr(CodeInsufficient, "escrow payer %s has no account", pp)
+				}
+				if allowed := from.Allowances[sender]; allowed < amt {
+					return txErr(CodeNotAllowed, "escrow of %d: %s allows %s only %d", amt, pp, sender, allowed)
+				}
+			}
+		}
+		if amt == 0 || from.Balance < amt {
+			return txErr(CodeInsufficient, "escrow of %d with a balance of %d", amt, from.Balance)
 		}
 		id := EscrowID(peer.ID(tx.GetSender()), tx.GetNonce())
 		if _, taken := s.Escrows[id]; taken {
 			return txErr(CodeNotAllowed, "escrow %d exists", id)
 		}
-		acc.Balance -= amt
-		s.Escrows[id] = &Escrow{Payer: sender, Gating: g.String(), Model: m.String(), Remaining: amt,
+		from.Balance -= amt
+		if from != acc {
+			setAllowance(from, sender, from.Allowances[sender]-amt)
+		}
+		s.Escrows[id] = &Escrow{Payer: payer, Gating: g.String(), Model: m.String(), Remaining: amt,
 			Expires: s.Height + int64(p.GetEscrowBlocks())}
 	case *neuropb.LedgerTx_Settle:
 		return s.settle(sender, acc, b.Settle)
@@ -496,8 +531,12 @@ func (s *State) settle(sender string, acc *Account, st *neuropb.Settle) error {
 	if e.Gating != sender {
 		return txErr(CodeNotAllowed, "escrow %d is settled by its gating node %s", st.GetEscrow(), e.Gating)
 	}
-	if n := len(st.GetReceipts()); n == 0 || n > neuropb.MaxReceipts {
+	if n := len(st.GetReceipts()); (n == 0 && !st.GetClose()) || n > neuropb.MaxReceipts {
 		return txErr(CodeMalformed, "%d receipts (want 1 to %d)", n, neuropb.MaxReceipts)
+	}
+	if len(st.GetReceipts()) == 0 {
+		s.closeEscrow(st.GetEscrow(), sender, acc)
+		return nil
 	}
 	p := s.params
 	flops := map[string]uint64{}
@@ -548,7 +587,41 @@ func (s *State) settle(sender string, acc *Account, st *neuropb.Settle) error {
 	}
 	// Rounding remainders go to the treasury, so nothing is lost.
 	s.Treasury += pool - paid
+	if st.GetClose() {
+		s.closeEscrow(st.GetEscrow(), sender, acc)
+	}
 	return nil
+}
+
+// closeEscrow returns what is left in escrow id to its payer and ends it;
+// sender (whose account is acc, perhaps not yet stored) settles it.
+func (s *State) closeEscrow(id uint64, sender string, acc *Account) {
+	e := s.Escrows[id]
+	if e.Payer == sender {
+		acc.Balance += e.Remaining
+	} else {
+		s.account(e.Payer).Balance += e.Remaining
+	}
+	delete(s.Escrows, id)
+}
+
+// maxAllowances bounds an account's allowances (each is state every node
+// keeps).
+const maxAllowances = 64
+
+// setAllowance sets acc's allowance to spender (0 removes it).
+func setAllowance(acc *Account, spender string, amount uint64) {
+	if amount == 0 {
+		delete(acc.Allowances, spender)
+		if len(acc.Allowances) == 0 {
+			acc.Allowances = nil
+		}
+		return
+	}
+	if acc.Allowances == nil {
+		acc.Allowances = map[string]uint64{}
+	}
+	acc.Allowances[spender] = amount
 }
 
 // slash takes slash_bps of the accused's stake on a verdict whose judge

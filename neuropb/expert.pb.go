@@ -96,6 +96,9 @@ const (
 	// The node's queue is full: try another provider.
 	ExpertError_CODE_BUSY     ExpertError_Code = 7
 	ExpertError_CODE_INTERNAL ExpertError_Code = 8
+	// The node requires payment (expert.require_escrow) and the request
+	// names no escrow with enough left for this gating node.
+	ExpertError_CODE_PAYMENT_REQUIRED ExpertError_Code = 9
 )
 
 // Enum value maps for ExpertError_Code.
@@ -110,6 +113,7 @@ var (
 		6: "CODE_DEADLINE_EXCEEDED",
 		7: "CODE_BUSY",
 		8: "CODE_INTERNAL",
+		9: "CODE_PAYMENT_REQUIRED",
 	}
 	ExpertError_Code_value = map[string]int32{
 		"CODE_UNSPECIFIED":       0,
@@ -121,6 +125,7 @@ var (
 		"CODE_DEADLINE_EXCEEDED": 6,
 		"CODE_BUSY":              7,
 		"CODE_INTERNAL":          8,
+		"CODE_PAYMENT_REQUIRED":  9,
 	}
 )
 
@@ -604,10 +609,10 @@ const file_expert_proto_rawDesc = "" +
 	"\bqueue_us\x18\x04 \x01(\rR\aqueueUs\x12!\n" +
 	"\fbatch_tokens\x18\x05 \x01(\rR\vbatchTokens\x12+\n" +
 	"\x05error\x18\x06 \x01(\v2\x15.neuro.v1.ExpertErrorR\x05error\x120\n" +
-	"\areceipt\x18\a \x01(\v2\x16.neuro.v1.UsageReceiptR\areceipt\"\xa5\x02\n" +
+	"\areceipt\x18\a \x01(\v2\x16.neuro.v1.UsageReceiptR\areceipt\"\xc0\x02\n" +
 	"\vExpertError\x12.\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x1a.neuro.v1.ExpertError.CodeR\x04code\x12\x18\n" +
-	"\amessage\x18\x02 \x01(\tR\amessage\"\xcb\x01\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\"\xe6\x01\n" +
 	"\x04Code\x12\x14\n" +
 	"\x10CODE_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10CODE_BAD_REQUEST\x10\x01\x12\x16\n" +
@@ -617,7 +622,8 @@ const file_expert_proto_rawDesc = "" +
 	"\x0eCODE_TOO_LARGE\x10\x05\x12\x1a\n" +
 	"\x16CODE_DEADLINE_EXCEEDED\x10\x06\x12\r\n" +
 	"\tCODE_BUSY\x10\a\x12\x11\n" +
-	"\rCODE_INTERNAL\x10\b\"\x8b\x02\n" +
+	"\rCODE_INTERNAL\x10\b\x12\x19\n" +
+	"\x15CODE_PAYMENT_REQUIRED\x10\t\"\x8b\x02\n" +
 	"\fUsageReceipt\x12\x16\n" +
 	"\x06expert\x18\x01 \x01(\fR\x06expert\x12\x16\n" +
 	"\x06escrow\x18\x02 \x01(\x04R\x06escrow\x12\x14\n" +

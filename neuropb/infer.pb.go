@@ -101,6 +101,9 @@ const (
 	InferError_CODE_NO_PROVIDER InferError_Code = 4
 	// Anything else.
 	InferError_CODE_INTERNAL InferError_Code = 5
+	// The request does not pay and this gating node requires payment, or
+	// the escrow it names cannot pay (unknown, someone else's, too small).
+	InferError_CODE_PAYMENT_REQUIRED InferError_Code = 6
 )
 
 // Enum value maps for InferError_Code.
@@ -112,14 +115,16 @@ var (
 		3: "CODE_BUSY",
 		4: "CODE_NO_PROVIDER",
 		5: "CODE_INTERNAL",
+		6: "CODE_PAYMENT_REQUIRED",
 	}
 	InferError_Code_value = map[string]int32{
-		"CODE_UNSPECIFIED":   0,
-		"CODE_BAD_REQUEST":   1,
-		"CODE_UNKNOWN_MODEL": 2,
-		"CODE_BUSY":          3,
-		"CODE_NO_PROVIDER":   4,
-		"CODE_INTERNAL":      5,
+		"CODE_UNSPECIFIED":      0,
+		"CODE_BAD_REQUEST":      1,
+		"CODE_UNKNOWN_MODEL":    2,
+		"CODE_BUSY":             3,
+		"CODE_NO_PROVIDER":      4,
+		"CODE_INTERNAL":         5,
+		"CODE_PAYMENT_REQUIRED": 6,
 	}
 )
 
@@ -147,7 +152,7 @@ func (x InferError_Code) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use InferError_Code.Descriptor instead.
 func (InferError_Code) EnumDescriptor() ([]byte, []int) {
-	return file_infer_proto_rawDescGZIP(), []int{7, 0}
+	return file_infer_proto_rawDescGZIP(), []int{8, 0}
 }
 
 // ChatMessage is one turn of a conversation, formatted into the prompt
@@ -312,7 +317,17 @@ type InferRequest struct {
 	// The ledger escrow that pays the experts (0: none): the client opened
 	// it naming this gating node, which settles the experts' receipts
 	// against it after the generation.
-	Escrow        uint64 `protobuf:"varint,5,opt,name=escrow,proto3" json:"escrow,omitempty"`
+	Escrow uint64 `protobuf:"varint,5,opt,name=escrow,proto3" json:"escrow,omitempty"`
+	// A signed ledger transaction that opens the escrow above (an
+	// OpenEscrow from the requesting peer naming this gating node and the
+	// model): the gating node submits it and waits for it to apply before
+	// any expert works. Such an escrow is for this request only: the
+	// gating node closes it after settling, and the rest returns at once.
+	EscrowTx []byte `protobuf:"bytes,6,opt,name=escrow_tx,json=escrowTx,proto3" json:"escrow_tx,omitempty"`
+	// Ask only for a quote: the gating node answers with one InferQuote
+	// (the price, the most this request can cost, the requester's ledger
+	// account) and runs nothing.
+	QuoteOnly     bool `protobuf:"varint,7,opt,name=quote_only,json=quoteOnly,proto3" json:"quote_only,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -382,6 +397,146 @@ func (x *InferRequest) GetEscrow() uint64 {
 	return 0
 }
 
+func (x *InferRequest) GetEscrowTx() []byte {
+	if x != nil {
+		return x.EscrowTx
+	}
+	return nil
+}
+
+func (x *InferRequest) GetQuoteOnly() bool {
+	if x != nil {
+		return x.QuoteOnly
+	}
+	return false
+}
+
+// InferQuote is what a request would cost. Amounts are in base units
+// (1 NEURO = 10^6).
+type InferQuote struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The gating node that would settle (its peer ID).
+	Gating []byte `protobuf:"bytes,1,opt,name=gating,proto3" json:"gating,omitempty"`
+	// The ledger's price of one MFLOP of expert work, and the expert work
+	// (FLOPs) of one token of this model.
+	PricePerMflop uint64 `protobuf:"varint,2,opt,name=price_per_mflop,json=pricePerMflop,proto3" json:"price_per_mflop,omitempty"`
+	FlopsPerToken uint64 `protobuf:"varint,3,opt,name=flops_per_token,json=flopsPerToken,proto3" json:"flops_per_token,omitempty"`
+	// What 1,000 tokens (prompt or generated) cost, and the most this
+	// request can cost (its prompt and max_tokens).
+	CostPer_1KTokens uint64 `protobuf:"varint,4,opt,name=cost_per_1k_tokens,json=costPer1kTokens,proto3" json:"cost_per_1k_tokens,omitempty"`
+	MaxCost          uint64 `protobuf:"varint,5,opt,name=max_cost,json=maxCost,proto3" json:"max_cost,omitempty"`
+	PromptTokens     uint32 `protobuf:"varint,6,opt,name=prompt_tokens,json=promptTokens,proto3" json:"prompt_tokens,omitempty"`
+	MaxTokens        uint32 `protobuf:"varint,7,opt,name=max_tokens,json=maxTokens,proto3" json:"max_tokens,omitempty"`
+	// The requesting peer's ledger account: its balance and the nonce its
+	// next transaction takes (one more than the last applied).
+	Balance   uint64 `protobuf:"varint,8,opt,name=balance,proto3" json:"balance,omitempty"`
+	NextNonce uint64 `protobuf:"varint,9,opt,name=next_nonce,json=nextNonce,proto3" json:"next_nonce,omitempty"`
+	// Whether this gating node refuses requests that do not pay.
+	PaymentRequired bool `protobuf:"varint,10,opt,name=payment_required,json=paymentRequired,proto3" json:"payment_required,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *InferQuote) Reset() {
+	*x = InferQuote{}
+	mi := &file_infer_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *InferQuote) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*InferQuote) ProtoMessage() {}
+
+func (x *InferQuote) ProtoReflect() protoreflect.Message {
+	mi := &file_infer_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use InferQuote.ProtoReflect.Descriptor instead.
+func (*InferQuote) Descriptor() ([]byte, []int) {
+	return file_infer_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *InferQuote) GetGating() []byte {
+	if x != nil {
+		return x.Gating
+	}
+	return nil
+}
+
+func (x *InferQuote) GetPricePerMflop() uint64 {
+	if x != nil {
+		return x.PricePerMflop
+	}
+	return 0
+}
+
+func (x *InferQuote) GetFlopsPerToken() uint64 {
+	if x != nil {
+		return x.FlopsPerToken
+	}
+	return 0
+}
+
+func (x *InferQuote) GetCostPer_1KTokens() uint64 {
+	if x != nil {
+		return x.CostPer_1KTokens
+	}
+	return 0
+}
+
+func (x *InferQuote) GetMaxCost() uint64 {
+	if x != nil {
+		return x.MaxCost
+	}
+	return 0
+}
+
+func (x *InferQuote) GetPromptTokens() uint32 {
+	if x != nil {
+		return x.PromptTokens
+	}
+	return 0
+}
+
+func (x *InferQuote) GetMaxTokens() uint32 {
+	if x != nil {
+		return x.MaxTokens
+	}
+	return 0
+}
+
+func (x *InferQuote) GetBalance() uint64 {
+	if x != nil {
+		return x.Balance
+	}
+	return 0
+}
+
+func (x *InferQuote) GetNextNonce() uint64 {
+	if x != nil {
+		return x.NextNonce
+	}
+	return 0
+}
+
+func (x *InferQuote) GetPaymentRequired() bool {
+	if x != nil {
+		return x.PaymentRequired
+	}
+	return false
+}
+
 // InferStart says the request was accepted and the prompt evaluated.
 type InferStart struct {
 	state        protoimpl.MessageState `protogen:"open.v1"`
@@ -394,7 +549,7 @@ type InferStart struct {
 
 func (x *InferStart) Reset() {
 	*x = InferStart{}
-	mi := &file_infer_proto_msgTypes[3]
+	mi := &file_infer_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -406,7 +561,7 @@ func (x *InferStart) String() string {
 func (*InferStart) ProtoMessage() {}
 
 func (x *InferStart) ProtoReflect() protoreflect.Message {
-	mi := &file_infer_proto_msgTypes[3]
+	mi := &file_infer_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -419,7 +574,7 @@ func (x *InferStart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InferStart.ProtoReflect.Descriptor instead.
 func (*InferStart) Descriptor() ([]byte, []int) {
-	return file_infer_proto_rawDescGZIP(), []int{3}
+	return file_infer_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *InferStart) GetPromptTokens() uint32 {
@@ -452,7 +607,7 @@ type InferToken struct {
 
 func (x *InferToken) Reset() {
 	*x = InferToken{}
-	mi := &file_infer_proto_msgTypes[4]
+	mi := &file_infer_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -464,7 +619,7 @@ func (x *InferToken) String() string {
 func (*InferToken) ProtoMessage() {}
 
 func (x *InferToken) ProtoReflect() protoreflect.Message {
-	mi := &file_infer_proto_msgTypes[4]
+	mi := &file_infer_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -477,7 +632,7 @@ func (x *InferToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InferToken.ProtoReflect.Descriptor instead.
 func (*InferToken) Descriptor() ([]byte, []int) {
-	return file_infer_proto_rawDescGZIP(), []int{4}
+	return file_infer_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *InferToken) GetId() int32 {
@@ -529,7 +684,7 @@ type InferStats struct {
 
 func (x *InferStats) Reset() {
 	*x = InferStats{}
-	mi := &file_infer_proto_msgTypes[5]
+	mi := &file_infer_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -541,7 +696,7 @@ func (x *InferStats) String() string {
 func (*InferStats) ProtoMessage() {}
 
 func (x *InferStats) ProtoReflect() protoreflect.Message {
-	mi := &file_infer_proto_msgTypes[5]
+	mi := &file_infer_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -554,7 +709,7 @@ func (x *InferStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InferStats.ProtoReflect.Descriptor instead.
 func (*InferStats) Descriptor() ([]byte, []int) {
-	return file_infer_proto_rawDescGZIP(), []int{5}
+	return file_infer_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *InferStats) GetMoeWallUs() uint64 {
@@ -632,14 +787,19 @@ type InferDone struct {
 	// The end of the text that no token's delta carried (held back as a
 	// possible start of a stop string or of a UTF-8 character): the deltas
 	// followed by rest are the text.
-	Rest          []byte `protobuf:"bytes,6,opt,name=rest,proto3" json:"rest,omitempty"`
+	Rest []byte `protobuf:"bytes,6,opt,name=rest,proto3" json:"rest,omitempty"`
+	// The escrow that paid (0: none), the expert work its receipts carry,
+	// and what it cost in base units (the ledger's fee for that work).
+	Escrow        uint64 `protobuf:"varint,7,opt,name=escrow,proto3" json:"escrow,omitempty"`
+	Flops         uint64 `protobuf:"varint,8,opt,name=flops,proto3" json:"flops,omitempty"`
+	Cost          uint64 `protobuf:"varint,9,opt,name=cost,proto3" json:"cost,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *InferDone) Reset() {
 	*x = InferDone{}
-	mi := &file_infer_proto_msgTypes[6]
+	mi := &file_infer_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -651,7 +811,7 @@ func (x *InferDone) String() string {
 func (*InferDone) ProtoMessage() {}
 
 func (x *InferDone) ProtoReflect() protoreflect.Message {
-	mi := &file_infer_proto_msgTypes[6]
+	mi := &file_infer_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -664,7 +824,7 @@ func (x *InferDone) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InferDone.ProtoReflect.Descriptor instead.
 func (*InferDone) Descriptor() ([]byte, []int) {
-	return file_infer_proto_rawDescGZIP(), []int{6}
+	return file_infer_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *InferDone) GetReason() FinishReason {
@@ -709,6 +869,27 @@ func (x *InferDone) GetRest() []byte {
 	return nil
 }
 
+func (x *InferDone) GetEscrow() uint64 {
+	if x != nil {
+		return x.Escrow
+	}
+	return 0
+}
+
+func (x *InferDone) GetFlops() uint64 {
+	if x != nil {
+		return x.Flops
+	}
+	return 0
+}
+
+func (x *InferDone) GetCost() uint64 {
+	if x != nil {
+		return x.Cost
+	}
+	return 0
+}
+
 // InferError ends a failed request.
 type InferError struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -720,7 +901,7 @@ type InferError struct {
 
 func (x *InferError) Reset() {
 	*x = InferError{}
-	mi := &file_infer_proto_msgTypes[7]
+	mi := &file_infer_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -732,7 +913,7 @@ func (x *InferError) String() string {
 func (*InferError) ProtoMessage() {}
 
 func (x *InferError) ProtoReflect() protoreflect.Message {
-	mi := &file_infer_proto_msgTypes[7]
+	mi := &file_infer_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -745,7 +926,7 @@ func (x *InferError) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InferError.ProtoReflect.Descriptor instead.
 func (*InferError) Descriptor() ([]byte, []int) {
-	return file_infer_proto_rawDescGZIP(), []int{7}
+	return file_infer_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *InferError) GetCode() InferError_Code {
@@ -775,7 +956,7 @@ type InferRewind struct {
 
 func (x *InferRewind) Reset() {
 	*x = InferRewind{}
-	mi := &file_infer_proto_msgTypes[8]
+	mi := &file_infer_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -787,7 +968,7 @@ func (x *InferRewind) String() string {
 func (*InferRewind) ProtoMessage() {}
 
 func (x *InferRewind) ProtoReflect() protoreflect.Message {
-	mi := &file_infer_proto_msgTypes[8]
+	mi := &file_infer_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -800,7 +981,7 @@ func (x *InferRewind) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InferRewind.ProtoReflect.Descriptor instead.
 func (*InferRewind) Descriptor() ([]byte, []int) {
-	return file_infer_proto_rawDescGZIP(), []int{8}
+	return file_infer_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *InferRewind) GetKeepTokens() uint32 {
@@ -827,6 +1008,7 @@ type InferResponse struct {
 	//	*InferResponse_Done
 	//	*InferResponse_Error
 	//	*InferResponse_Rewind
+	//	*InferResponse_Quote
 	Event         isInferResponse_Event `protobuf_oneof:"event"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -834,7 +1016,7 @@ type InferResponse struct {
 
 func (x *InferResponse) Reset() {
 	*x = InferResponse{}
-	mi := &file_infer_proto_msgTypes[9]
+	mi := &file_infer_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -846,7 +1028,7 @@ func (x *InferResponse) String() string {
 func (*InferResponse) ProtoMessage() {}
 
 func (x *InferResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_infer_proto_msgTypes[9]
+	mi := &file_infer_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -859,7 +1041,7 @@ func (x *InferResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InferResponse.ProtoReflect.Descriptor instead.
 func (*InferResponse) Descriptor() ([]byte, []int) {
-	return file_infer_proto_rawDescGZIP(), []int{9}
+	return file_infer_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *InferResponse) GetEvent() isInferResponse_Event {
@@ -914,6 +1096,15 @@ func (x *InferResponse) GetRewind() *InferRewind {
 	return nil
 }
 
+func (x *InferResponse) GetQuote() *InferQuote {
+	if x != nil {
+		if x, ok := x.Event.(*InferResponse_Quote); ok {
+			return x.Quote
+		}
+	}
+	return nil
+}
+
 type isInferResponse_Event interface {
 	isInferResponse_Event()
 }
@@ -938,6 +1129,10 @@ type InferResponse_Rewind struct {
 	Rewind *InferRewind `protobuf:"bytes,5,opt,name=rewind,proto3,oneof"`
 }
 
+type InferResponse_Quote struct {
+	Quote *InferQuote `protobuf:"bytes,6,opt,name=quote,proto3,oneof"`
+}
+
 func (*InferResponse_Start) isInferResponse_Event() {}
 
 func (*InferResponse_Token) isInferResponse_Event() {}
@@ -947,6 +1142,8 @@ func (*InferResponse_Done) isInferResponse_Event() {}
 func (*InferResponse_Error) isInferResponse_Event() {}
 
 func (*InferResponse_Rewind) isInferResponse_Event() {}
+
+func (*InferResponse_Quote) isInferResponse_Event() {}
 
 var File_infer_proto protoreflect.FileDescriptor
 
@@ -964,13 +1161,31 @@ const file_infer_proto_rawDesc = "" +
 	"\n" +
 	"max_tokens\x18\x05 \x01(\rR\tmaxTokens\x12\x12\n" +
 	"\x04stop\x18\x06 \x03(\tR\x04stopB\a\n" +
-	"\x05_seed\"\xb7\x01\n" +
+	"\x05_seed\"\xf3\x01\n" +
 	"\fInferRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\fR\x05model\x12\x16\n" +
 	"\x06prompt\x18\x02 \x01(\tR\x06prompt\x121\n" +
 	"\bmessages\x18\x03 \x03(\v2\x15.neuro.v1.ChatMessageR\bmessages\x12.\n" +
 	"\bsampling\x18\x04 \x01(\v2\x12.neuro.v1.SamplingR\bsampling\x12\x16\n" +
-	"\x06escrow\x18\x05 \x01(\x04R\x06escrow\"P\n" +
+	"\x06escrow\x18\x05 \x01(\x04R\x06escrow\x12\x1b\n" +
+	"\tescrow_tx\x18\x06 \x01(\fR\bescrowTx\x12\x1d\n" +
+	"\n" +
+	"quote_only\x18\a \x01(\bR\tquoteOnly\"\xe4\x02\n" +
+	"\n" +
+	"InferQuote\x12\x16\n" +
+	"\x06gating\x18\x01 \x01(\fR\x06gating\x12&\n" +
+	"\x0fprice_per_mflop\x18\x02 \x01(\x04R\rpricePerMflop\x12&\n" +
+	"\x0fflops_per_token\x18\x03 \x01(\x04R\rflopsPerToken\x12+\n" +
+	"\x12cost_per_1k_tokens\x18\x04 \x01(\x04R\x0fcostPer1kTokens\x12\x19\n" +
+	"\bmax_cost\x18\x05 \x01(\x04R\amaxCost\x12#\n" +
+	"\rprompt_tokens\x18\x06 \x01(\rR\fpromptTokens\x12\x1d\n" +
+	"\n" +
+	"max_tokens\x18\a \x01(\rR\tmaxTokens\x12\x18\n" +
+	"\abalance\x18\b \x01(\x04R\abalance\x12\x1d\n" +
+	"\n" +
+	"next_nonce\x18\t \x01(\x04R\tnextNonce\x12)\n" +
+	"\x10payment_required\x18\n" +
+	" \x01(\bR\x0fpaymentRequired\"P\n" +
 	"\n" +
 	"InferStart\x12#\n" +
 	"\rprompt_tokens\x18\x01 \x01(\rR\fpromptTokens\x12\x1d\n" +
@@ -993,35 +1208,40 @@ const file_infer_proto_rawDesc = "" +
 	"\n" +
 	"moe_layers\x18\a \x01(\x04R\tmoeLayers\x12\x18\n" +
 	"\arewinds\x18\b \x01(\rR\arewinds\x12&\n" +
-	"\x0fone_node_layers\x18\t \x01(\x04R\roneNodeLayers\"\xe1\x01\n" +
+	"\x0fone_node_layers\x18\t \x01(\x04R\roneNodeLayers\"\xa3\x02\n" +
 	"\tInferDone\x12.\n" +
 	"\x06reason\x18\x01 \x01(\x0e2\x16.neuro.v1.FinishReasonR\x06reason\x12#\n" +
 	"\rprompt_tokens\x18\x02 \x01(\rR\fpromptTokens\x12+\n" +
 	"\x11completion_tokens\x18\x03 \x01(\rR\x10completionTokens\x12\x12\n" +
 	"\x04text\x18\x04 \x01(\fR\x04text\x12*\n" +
 	"\x05stats\x18\x05 \x01(\v2\x14.neuro.v1.InferStatsR\x05stats\x12\x12\n" +
-	"\x04rest\x18\x06 \x01(\fR\x04rest\"\xda\x01\n" +
+	"\x04rest\x18\x06 \x01(\fR\x04rest\x12\x16\n" +
+	"\x06escrow\x18\a \x01(\x04R\x06escrow\x12\x14\n" +
+	"\x05flops\x18\b \x01(\x04R\x05flops\x12\x12\n" +
+	"\x04cost\x18\t \x01(\x04R\x04cost\"\xf5\x01\n" +
 	"\n" +
 	"InferError\x12-\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x19.neuro.v1.InferError.CodeR\x04code\x12\x18\n" +
-	"\amessage\x18\x02 \x01(\tR\amessage\"\x82\x01\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\"\x9d\x01\n" +
 	"\x04Code\x12\x14\n" +
 	"\x10CODE_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10CODE_BAD_REQUEST\x10\x01\x12\x16\n" +
 	"\x12CODE_UNKNOWN_MODEL\x10\x02\x12\r\n" +
 	"\tCODE_BUSY\x10\x03\x12\x14\n" +
 	"\x10CODE_NO_PROVIDER\x10\x04\x12\x11\n" +
-	"\rCODE_INTERNAL\x10\x05\"V\n" +
+	"\rCODE_INTERNAL\x10\x05\x12\x19\n" +
+	"\x15CODE_PAYMENT_REQUIRED\x10\x06\"V\n" +
 	"\vInferRewind\x12\x1f\n" +
 	"\vkeep_tokens\x18\x01 \x01(\rR\n" +
 	"keepTokens\x12&\n" +
-	"\x0fkeep_text_bytes\x18\x02 \x01(\rR\rkeepTextBytes\"\xfe\x01\n" +
+	"\x0fkeep_text_bytes\x18\x02 \x01(\rR\rkeepTextBytes\"\xac\x02\n" +
 	"\rInferResponse\x12,\n" +
 	"\x05start\x18\x01 \x01(\v2\x14.neuro.v1.InferStartH\x00R\x05start\x12,\n" +
 	"\x05token\x18\x02 \x01(\v2\x14.neuro.v1.InferTokenH\x00R\x05token\x12)\n" +
 	"\x04done\x18\x03 \x01(\v2\x13.neuro.v1.InferDoneH\x00R\x04done\x12,\n" +
 	"\x05error\x18\x04 \x01(\v2\x14.neuro.v1.InferErrorH\x00R\x05error\x12/\n" +
-	"\x06rewind\x18\x05 \x01(\v2\x15.neuro.v1.InferRewindH\x00R\x06rewindB\a\n" +
+	"\x06rewind\x18\x05 \x01(\v2\x15.neuro.v1.InferRewindH\x00R\x06rewind\x12,\n" +
+	"\x05quote\x18\x06 \x01(\v2\x14.neuro.v1.InferQuoteH\x00R\x05quoteB\a\n" +
 	"\x05event*v\n" +
 	"\fFinishReason\x12\x1d\n" +
 	"\x19FINISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n" +
@@ -1042,37 +1262,39 @@ func file_infer_proto_rawDescGZIP() []byte {
 }
 
 var file_infer_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_infer_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
+var file_infer_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
 var file_infer_proto_goTypes = []any{
 	(FinishReason)(0),     // 0: neuro.v1.FinishReason
 	(InferError_Code)(0),  // 1: neuro.v1.InferError.Code
 	(*ChatMessage)(nil),   // 2: neuro.v1.ChatMessage
 	(*Sampling)(nil),      // 3: neuro.v1.Sampling
 	(*InferRequest)(nil),  // 4: neuro.v1.InferRequest
-	(*InferStart)(nil),    // 5: neuro.v1.InferStart
-	(*InferToken)(nil),    // 6: neuro.v1.InferToken
-	(*InferStats)(nil),    // 7: neuro.v1.InferStats
-	(*InferDone)(nil),     // 8: neuro.v1.InferDone
-	(*InferError)(nil),    // 9: neuro.v1.InferError
-	(*InferRewind)(nil),   // 10: neuro.v1.InferRewind
-	(*InferResponse)(nil), // 11: neuro.v1.InferResponse
+	(*InferQuote)(nil),    // 5: neuro.v1.InferQuote
+	(*InferStart)(nil),    // 6: neuro.v1.InferStart
+	(*InferToken)(nil),    // 7: neuro.v1.InferToken
+	(*InferStats)(nil),    // 8: neuro.v1.InferStats
+	(*InferDone)(nil),     // 9: neuro.v1.InferDone
+	(*InferError)(nil),    // 10: neuro.v1.InferError
+	(*InferRewind)(nil),   // 11: neuro.v1.InferRewind
+	(*InferResponse)(nil), // 12: neuro.v1.InferResponse
 }
 var file_infer_proto_depIdxs = []int32{
 	2,  // 0: neuro.v1.InferRequest.messages:type_name -> neuro.v1.ChatMessage
 	3,  // 1: neuro.v1.InferRequest.sampling:type_name -> neuro.v1.Sampling
 	0,  // 2: neuro.v1.InferDone.reason:type_name -> neuro.v1.FinishReason
-	7,  // 3: neuro.v1.InferDone.stats:type_name -> neuro.v1.InferStats
+	8,  // 3: neuro.v1.InferDone.stats:type_name -> neuro.v1.InferStats
 	1,  // 4: neuro.v1.InferError.code:type_name -> neuro.v1.InferError.Code
-	5,  // 5: neuro.v1.InferResponse.start:type_name -> neuro.v1.InferStart
-	6,  // 6: neuro.v1.InferResponse.token:type_name -> neuro.v1.InferToken
-	8,  // 7: neuro.v1.InferResponse.done:type_name -> neuro.v1.InferDone
-	9,  // 8: neuro.v1.InferResponse.error:type_name -> neuro.v1.InferError
-	10, // 9: neuro.v1.InferResponse.rewind:type_name -> neuro.v1.InferRewind
-	10, // [10:10] is the sub-list for method output_type
-	10, // [10:10] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	6,  // 5: neuro.v1.InferResponse.start:type_name -> neuro.v1.InferStart
+	7,  // 6: neuro.v1.InferResponse.token:type_name -> neuro.v1.InferToken
+	9,  // 7: neuro.v1.InferResponse.done:type_name -> neuro.v1.InferDone
+	10, // 8: neuro.v1.InferResponse.error:type_name -> neuro.v1.InferError
+	11, // 9: neuro.v1.InferResponse.rewind:type_name -> neuro.v1.InferRewind
+	5,  // 10: neuro.v1.InferResponse.quote:type_name -> neuro.v1.InferQuote
+	11, // [11:11] is the sub-list for method output_type
+	11, // [11:11] is the sub-list for method input_type
+	11, // [11:11] is the sub-list for extension type_name
+	11, // [11:11] is the sub-list for extension extendee
+	0,  // [0:11] is the sub-list for field type_name
 }
 
 func init() { file_infer_proto_init() }
@@ -1081,12 +1303,13 @@ func file_infer_proto_init() {
 		return
 	}
 	file_infer_proto_msgTypes[1].OneofWrappers = []any{}
-	file_infer_proto_msgTypes[9].OneofWrappers = []any{
+	file_infer_proto_msgTypes[10].OneofWrappers = []any{
 		(*InferResponse_Start)(nil),
 		(*InferResponse_Token)(nil),
 		(*InferResponse_Done)(nil),
 		(*InferResponse_Error)(nil),
 		(*InferResponse_Rewind)(nil),
+		(*InferResponse_Quote)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -1094,7 +1317,7 @@ func file_infer_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_infer_proto_rawDesc), len(file_infer_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   10,
+			NumMessages:   11,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

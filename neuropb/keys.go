@@ -1,6 +1,8 @@
 package neuropb
 
 import (
+	"crypto/sha256"
+	"encoding/binary"
 	"fmt"
 
 	"github.com/ipfs/go-cid"
@@ -28,4 +30,18 @@ func ExpertKey(model cid.Cid, layer, expert int) cid.Cid {
 		panic(fmt.Sprintf("expert key: %v", err))
 	}
 	return cid.NewCidV1(cid.Raw, h)
+}
+
+// EscrowID is the ID of the escrow that the ledger transaction of sender
+// (a peer ID's bytes) with nonce opens: known as soon as the transaction
+// is signed, so that a client can name it in its requests before the
+// block that applies it.
+func EscrowID(sender []byte, nonce uint64) uint64 {
+	h := sha256.New()
+	h.Write(sender)
+	var n [8]byte
+	binary.LittleEndian.PutUint64(n[:], nonce)
+	h.Write(n[:])
+	id := binary.BigEndian.Uint64(h.Sum(nil))
+	return max(id, 1) // 0 means no escrow
 }

@@ -45,6 +45,7 @@ type LedgerTx struct {
 	//	*LedgerTx_Slash
 	//	*LedgerTx_Propose
 	//	*LedgerTx_Vote
+	//	*LedgerTx_Allow
 	Body isLedgerTx_Body `protobuf_oneof:"body"`
 	// The sender's signature over the transaction serialised
 	// deterministically with signature empty.
@@ -176,6 +177,15 @@ func (x *LedgerTx) GetVote() *Vote {
 	return nil
 }
 
+func (x *LedgerTx) GetAllow() *Allow {
+	if x != nil {
+		if x, ok := x.Body.(*LedgerTx_Allow); ok {
+			return x.Allow
+		}
+	}
+	return nil
+}
+
 func (x *LedgerTx) GetSignature() []byte {
 	if x != nil {
 		return x.Signature
@@ -219,6 +229,10 @@ type LedgerTx_Vote struct {
 	Vote *Vote `protobuf:"bytes,10,opt,name=vote,proto3,oneof"`
 }
 
+type LedgerTx_Allow struct {
+	Allow *Allow `protobuf:"bytes,11,opt,name=allow,proto3,oneof"`
+}
+
 func (*LedgerTx_Transfer) isLedgerTx_Body() {}
 
 func (*LedgerTx_Stake) isLedgerTx_Body() {}
@@ -234,6 +248,8 @@ func (*LedgerTx_Slash) isLedgerTx_Body() {}
 func (*LedgerTx_Propose) isLedgerTx_Body() {}
 
 func (*LedgerTx_Vote) isLedgerTx_Body() {}
+
+func (*LedgerTx_Allow) isLedgerTx_Body() {}
 
 type Transfer struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -381,11 +397,18 @@ func (x *Unstake) GetAmount() uint64 {
 
 // OpenEscrow deposits amount to pay for inference on a model through a
 // gating node, which may settle usage against it.
+//
+// With payer set to another account, the sender opens the escrow from the
+// payer's balance on the strength of the payer's allowance to it: the
+// sender must be the escrow's gating node (an API key's account pays
+// through the gating node that issued the key). The escrow's remainder
+// returns to the payer.
 type OpenEscrow struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Model         []byte                 `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
 	Gating        []byte                 `protobuf:"bytes,2,opt,name=gating,proto3" json:"gating,omitempty"`
 	Amount        uint64                 `protobuf:"varint,3,opt,name=amount,proto3" json:"amount,omitempty"`
+	Payer         []byte                 `protobuf:"bytes,4,opt,name=payer,proto3" json:"payer,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -441,18 +464,84 @@ func (x *OpenEscrow) GetAmount() uint64 {
 	return 0
 }
 
+func (x *OpenEscrow) GetPayer() []byte {
+	if x != nil {
+		return x.Payer
+	}
+	return nil
+}
+
+// Allow sets how much spender may draw from the sender's balance into
+// escrows it opens as their gating node (it replaces the allowance before;
+// 0 revokes it).
+type Allow struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Spender       []byte                 `protobuf:"bytes,1,opt,name=spender,proto3" json:"spender,omitempty"`
+	Amount        uint64                 `protobuf:"varint,2,opt,name=amount,proto3" json:"amount,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Allow) Reset() {
+	*x = Allow{}
+	mi := &file_ledger_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Allow) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Allow) ProtoMessage() {}
+
+func (x *Allow) ProtoReflect() protoreflect.Message {
+	mi := &file_ledger_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Allow.ProtoReflect.Descriptor instead.
+func (*Allow) Descriptor() ([]byte, []int) {
+	return file_ledger_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *Allow) GetSpender() []byte {
+	if x != nil {
+		return x.Spender
+	}
+	return nil
+}
+
+func (x *Allow) GetAmount() uint64 {
+	if x != nil {
+		return x.Amount
+	}
+	return 0
+}
+
 // Settle pays the receipts from an escrow: the gating node submits it.
+// With close set, what is left in the escrow after these receipts returns
+// to its payer at once and the escrow ends (receipts may then be empty):
+// the gating node closes an escrow opened for one request.
 type Settle struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Escrow        uint64                 `protobuf:"varint,1,opt,name=escrow,proto3" json:"escrow,omitempty"`
 	Receipts      []*UsageReceipt        `protobuf:"bytes,2,rep,name=receipts,proto3" json:"receipts,omitempty"`
+	Close         bool                   `protobuf:"varint,3,opt,name=close,proto3" json:"close,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Settle) Reset() {
 	*x = Settle{}
-	mi := &file_ledger_proto_msgTypes[5]
+	mi := &file_ledger_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -464,7 +553,7 @@ func (x *Settle) String() string {
 func (*Settle) ProtoMessage() {}
 
 func (x *Settle) ProtoReflect() protoreflect.Message {
-	mi := &file_ledger_proto_msgTypes[5]
+	mi := &file_ledger_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -477,7 +566,7 @@ func (x *Settle) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Settle.ProtoReflect.Descriptor instead.
 func (*Settle) Descriptor() ([]byte, []int) {
-	return file_ledger_proto_rawDescGZIP(), []int{5}
+	return file_ledger_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Settle) GetEscrow() uint64 {
@@ -494,6 +583,13 @@ func (x *Settle) GetReceipts() []*UsageReceipt {
 	return nil
 }
 
+func (x *Settle) GetClose() bool {
+	if x != nil {
+		return x.Close
+	}
+	return false
+}
+
 // Slash takes part of an accused expert's stake on the evidence of a
 // verdict whose judge is staked; the sender gets a bounty.
 type Slash struct {
@@ -505,7 +601,7 @@ type Slash struct {
 
 func (x *Slash) Reset() {
 	*x = Slash{}
-	mi := &file_ledger_proto_msgTypes[6]
+	mi := &file_ledger_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -517,7 +613,7 @@ func (x *Slash) String() string {
 func (*Slash) ProtoMessage() {}
 
 func (x *Slash) ProtoReflect() protoreflect.Message {
-	mi := &file_ledger_proto_msgTypes[6]
+	mi := &file_ledger_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -530,7 +626,7 @@ func (x *Slash) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Slash.ProtoReflect.Descriptor instead.
 func (*Slash) Descriptor() ([]byte, []int) {
-	return file_ledger_proto_rawDescGZIP(), []int{6}
+	return file_ledger_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Slash) GetVerdict() *Verdict {
@@ -577,7 +673,7 @@ type LedgerParams struct {
 
 func (x *LedgerParams) Reset() {
 	*x = LedgerParams{}
-	mi := &file_ledger_proto_msgTypes[7]
+	mi := &file_ledger_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -589,7 +685,7 @@ func (x *LedgerParams) String() string {
 func (*LedgerParams) ProtoMessage() {}
 
 func (x *LedgerParams) ProtoReflect() protoreflect.Message {
-	mi := &file_ledger_proto_msgTypes[7]
+	mi := &file_ledger_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -602,7 +698,7 @@ func (x *LedgerParams) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LedgerParams.ProtoReflect.Descriptor instead.
 func (*LedgerParams) Descriptor() ([]byte, []int) {
-	return file_ledger_proto_rawDescGZIP(), []int{7}
+	return file_ledger_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *LedgerParams) GetTreasuryBps() uint32 {
@@ -710,7 +806,7 @@ type Propose struct {
 
 func (x *Propose) Reset() {
 	*x = Propose{}
-	mi := &file_ledger_proto_msgTypes[8]
+	mi := &file_ledger_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -722,7 +818,7 @@ func (x *Propose) String() string {
 func (*Propose) ProtoMessage() {}
 
 func (x *Propose) ProtoReflect() protoreflect.Message {
-	mi := &file_ledger_proto_msgTypes[8]
+	mi := &file_ledger_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -735,7 +831,7 @@ func (x *Propose) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Propose.ProtoReflect.Descriptor instead.
 func (*Propose) Descriptor() ([]byte, []int) {
-	return file_ledger_proto_rawDescGZIP(), []int{8}
+	return file_ledger_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Propose) GetChange() isPropose_Change {
@@ -791,7 +887,7 @@ type Vote struct {
 
 func (x *Vote) Reset() {
 	*x = Vote{}
-	mi := &file_ledger_proto_msgTypes[9]
+	mi := &file_ledger_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -803,7 +899,7 @@ func (x *Vote) String() string {
 func (*Vote) ProtoMessage() {}
 
 func (x *Vote) ProtoReflect() protoreflect.Message {
-	mi := &file_ledger_proto_msgTypes[9]
+	mi := &file_ledger_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -816,7 +912,7 @@ func (x *Vote) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Vote.ProtoReflect.Descriptor instead.
 func (*Vote) Descriptor() ([]byte, []int) {
-	return file_ledger_proto_rawDescGZIP(), []int{9}
+	return file_ledger_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Vote) GetProposal() uint64 {
@@ -846,7 +942,7 @@ type LedgerGenesis struct {
 
 func (x *LedgerGenesis) Reset() {
 	*x = LedgerGenesis{}
-	mi := &file_ledger_proto_msgTypes[10]
+	mi := &file_ledger_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -858,7 +954,7 @@ func (x *LedgerGenesis) String() string {
 func (*LedgerGenesis) ProtoMessage() {}
 
 func (x *LedgerGenesis) ProtoReflect() protoreflect.Message {
-	mi := &file_ledger_proto_msgTypes[10]
+	mi := &file_ledger_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -871,7 +967,7 @@ func (x *LedgerGenesis) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LedgerGenesis.ProtoReflect.Descriptor instead.
 func (*LedgerGenesis) Descriptor() ([]byte, []int) {
-	return file_ledger_proto_rawDescGZIP(), []int{10}
+	return file_ledger_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *LedgerGenesis) GetAccounts() []*LedgerGenesis_Account {
@@ -906,7 +1002,7 @@ type LedgerQuery struct {
 
 func (x *LedgerQuery) Reset() {
 	*x = LedgerQuery{}
-	mi := &file_ledger_proto_msgTypes[11]
+	mi := &file_ledger_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -918,7 +1014,7 @@ func (x *LedgerQuery) String() string {
 func (*LedgerQuery) ProtoMessage() {}
 
 func (x *LedgerQuery) ProtoReflect() protoreflect.Message {
-	mi := &file_ledger_proto_msgTypes[11]
+	mi := &file_ledger_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -931,7 +1027,7 @@ func (x *LedgerQuery) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LedgerQuery.ProtoReflect.Descriptor instead.
 func (*LedgerQuery) Descriptor() ([]byte, []int) {
-	return file_ledger_proto_rawDescGZIP(), []int{11}
+	return file_ledger_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *LedgerQuery) GetPeer() []byte {
@@ -962,14 +1058,17 @@ type LedgerStatus struct {
 	Proposals []*LedgerProposal `protobuf:"bytes,14,rep,name=proposals,proto3" json:"proposals,omitempty"`
 	// What a non-validator checks all of the above against: the chain's
 	// signed header and the state's Merkle proofs.
-	Proof         *LedgerProof `protobuf:"bytes,15,opt,name=proof,proto3" json:"proof,omitempty"`
+	Proof *LedgerProof `protobuf:"bytes,15,opt,name=proof,proto3" json:"proof,omitempty"`
+	// What the account allows gating nodes to draw (proven with the
+	// account's leaf).
+	Allowances    []*Allow `protobuf:"bytes,16,rep,name=allowances,proto3" json:"allowances,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *LedgerStatus) Reset() {
 	*x = LedgerStatus{}
-	mi := &file_ledger_proto_msgTypes[12]
+	mi := &file_ledger_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -981,7 +1080,7 @@ func (x *LedgerStatus) String() string {
 func (*LedgerStatus) ProtoMessage() {}
 
 func (x *LedgerStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_ledger_proto_msgTypes[12]
+	mi := &file_ledger_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -994,7 +1093,7 @@ func (x *LedgerStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LedgerStatus.ProtoReflect.Descriptor instead.
 func (*LedgerStatus) Descriptor() ([]byte, []int) {
-	return file_ledger_proto_rawDescGZIP(), []int{12}
+	return file_ledger_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *LedgerStatus) GetHeight() int64 {
@@ -1102,6 +1201,13 @@ func (x *LedgerStatus) GetProof() *LedgerProof {
 	return nil
 }
 
+func (x *LedgerStatus) GetAllowances() []*Allow {
+	if x != nil {
+		return x.Allowances
+	}
+	return nil
+}
+
 // LedgerProof proves a LedgerStatus. The ledger's app hash is the Merkle
 // root (CometBFT's crypto/merkle, RFC 6962 hashing) of its leaves, in key
 // order: one per account ("a/" + peer ID, the account as JSON) and last the
@@ -1132,7 +1238,7 @@ type LedgerProof struct {
 
 func (x *LedgerProof) Reset() {
 	*x = LedgerProof{}
-	mi := &file_ledger_proto_msgTypes[13]
+	mi := &file_ledger_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1144,7 +1250,7 @@ func (x *LedgerProof) String() string {
 func (*LedgerProof) ProtoMessage() {}
 
 func (x *LedgerProof) ProtoReflect() protoreflect.Message {
-	mi := &file_ledger_proto_msgTypes[13]
+	mi := &file_ledger_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1157,7 +1263,7 @@ func (x *LedgerProof) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LedgerProof.ProtoReflect.Descriptor instead.
 func (*LedgerProof) Descriptor() ([]byte, []int) {
-	return file_ledger_proto_rawDescGZIP(), []int{13}
+	return file_ledger_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *LedgerProof) GetHeight() int64 {
@@ -1223,7 +1329,7 @@ type MerkleLeaf struct {
 
 func (x *MerkleLeaf) Reset() {
 	*x = MerkleLeaf{}
-	mi := &file_ledger_proto_msgTypes[14]
+	mi := &file_ledger_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1235,7 +1341,7 @@ func (x *MerkleLeaf) String() string {
 func (*MerkleLeaf) ProtoMessage() {}
 
 func (x *MerkleLeaf) ProtoReflect() protoreflect.Message {
-	mi := &file_ledger_proto_msgTypes[14]
+	mi := &file_ledger_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1248,7 +1354,7 @@ func (x *MerkleLeaf) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MerkleLeaf.ProtoReflect.Descriptor instead.
 func (*MerkleLeaf) Descriptor() ([]byte, []int) {
-	return file_ledger_proto_rawDescGZIP(), []int{14}
+	return file_ledger_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *MerkleLeaf) GetKey() string {
@@ -1305,7 +1411,7 @@ type LedgerProposal struct {
 
 func (x *LedgerProposal) Reset() {
 	*x = LedgerProposal{}
-	mi := &file_ledger_proto_msgTypes[15]
+	mi := &file_ledger_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1317,7 +1423,7 @@ func (x *LedgerProposal) String() string {
 func (*LedgerProposal) ProtoMessage() {}
 
 func (x *LedgerProposal) ProtoReflect() protoreflect.Message {
-	mi := &file_ledger_proto_msgTypes[15]
+	mi := &file_ledger_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1330,7 +1436,7 @@ func (x *LedgerProposal) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LedgerProposal.ProtoReflect.Descriptor instead.
 func (*LedgerProposal) Descriptor() ([]byte, []int) {
-	return file_ledger_proto_rawDescGZIP(), []int{15}
+	return file_ledger_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *LedgerProposal) GetId() uint64 {
@@ -1397,17 +1503,19 @@ func (x *LedgerProposal) GetNoStake() uint64 {
 }
 
 type LedgerGenesis_Account struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Peer          []byte                 `protobuf:"bytes,1,opt,name=peer,proto3" json:"peer,omitempty"`
-	Balance       uint64                 `protobuf:"varint,2,opt,name=balance,proto3" json:"balance,omitempty"`
-	Stake         uint64                 `protobuf:"varint,3,opt,name=stake,proto3" json:"stake,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Peer    []byte                 `protobuf:"bytes,1,opt,name=peer,proto3" json:"peer,omitempty"`
+	Balance uint64                 `protobuf:"varint,2,opt,name=balance,proto3" json:"balance,omitempty"`
+	Stake   uint64                 `protobuf:"varint,3,opt,name=stake,proto3" json:"stake,omitempty"`
+	// What the account allows gating nodes to draw into escrows.
+	Allowances    []*Allow `protobuf:"bytes,4,rep,name=allowances,proto3" json:"allowances,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *LedgerGenesis_Account) Reset() {
 	*x = LedgerGenesis_Account{}
-	mi := &file_ledger_proto_msgTypes[16]
+	mi := &file_ledger_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1419,7 +1527,7 @@ func (x *LedgerGenesis_Account) String() string {
 func (*LedgerGenesis_Account) ProtoMessage() {}
 
 func (x *LedgerGenesis_Account) ProtoReflect() protoreflect.Message {
-	mi := &file_ledger_proto_msgTypes[16]
+	mi := &file_ledger_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1432,7 +1540,7 @@ func (x *LedgerGenesis_Account) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LedgerGenesis_Account.ProtoReflect.Descriptor instead.
 func (*LedgerGenesis_Account) Descriptor() ([]byte, []int) {
-	return file_ledger_proto_rawDescGZIP(), []int{10, 0}
+	return file_ledger_proto_rawDescGZIP(), []int{11, 0}
 }
 
 func (x *LedgerGenesis_Account) GetPeer() []byte {
@@ -1456,11 +1564,18 @@ func (x *LedgerGenesis_Account) GetStake() uint64 {
 	return 0
 }
 
+func (x *LedgerGenesis_Account) GetAllowances() []*Allow {
+	if x != nil {
+		return x.Allowances
+	}
+	return nil
+}
+
 var File_ledger_proto protoreflect.FileDescriptor
 
 const file_ledger_proto_rawDesc = "" +
 	"\n" +
-	"\fledger.proto\x12\bneuro.v1\x1a\fexpert.proto\x1a\x10validation.proto\"\xcb\x03\n" +
+	"\fledger.proto\x12\bneuro.v1\x1a\fexpert.proto\x1a\x10validation.proto\"\xf4\x03\n" +
 	"\bLedgerTx\x12\x16\n" +
 	"\x06sender\x18\x01 \x01(\fR\x06sender\x12\x14\n" +
 	"\x05nonce\x18\x02 \x01(\x04R\x05nonce\x120\n" +
@@ -1473,7 +1588,8 @@ const file_ledger_proto_rawDesc = "" +
 	"\x05slash\x18\b \x01(\v2\x0f.neuro.v1.SlashH\x00R\x05slash\x12-\n" +
 	"\apropose\x18\t \x01(\v2\x11.neuro.v1.ProposeH\x00R\apropose\x12$\n" +
 	"\x04vote\x18\n" +
-	" \x01(\v2\x0e.neuro.v1.VoteH\x00R\x04vote\x12\x1c\n" +
+	" \x01(\v2\x0e.neuro.v1.VoteH\x00R\x04vote\x12'\n" +
+	"\x05allow\x18\v \x01(\v2\x0f.neuro.v1.AllowH\x00R\x05allow\x12\x1c\n" +
 	"\tsignature\x18\x0f \x01(\fR\tsignatureB\x06\n" +
 	"\x04body\"2\n" +
 	"\bTransfer\x12\x0e\n" +
@@ -1482,15 +1598,20 @@ const file_ledger_proto_rawDesc = "" +
 	"\x05Stake\x12\x16\n" +
 	"\x06amount\x18\x01 \x01(\x04R\x06amount\"!\n" +
 	"\aUnstake\x12\x16\n" +
-	"\x06amount\x18\x01 \x01(\x04R\x06amount\"R\n" +
+	"\x06amount\x18\x01 \x01(\x04R\x06amount\"h\n" +
 	"\n" +
 	"OpenEscrow\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\fR\x05model\x12\x16\n" +
 	"\x06gating\x18\x02 \x01(\fR\x06gating\x12\x16\n" +
-	"\x06amount\x18\x03 \x01(\x04R\x06amount\"T\n" +
+	"\x06amount\x18\x03 \x01(\x04R\x06amount\x12\x14\n" +
+	"\x05payer\x18\x04 \x01(\fR\x05payer\"9\n" +
+	"\x05Allow\x12\x18\n" +
+	"\aspender\x18\x01 \x01(\fR\aspender\x12\x16\n" +
+	"\x06amount\x18\x02 \x01(\x04R\x06amount\"j\n" +
 	"\x06Settle\x12\x16\n" +
 	"\x06escrow\x18\x01 \x01(\x04R\x06escrow\x122\n" +
-	"\breceipts\x18\x02 \x03(\v2\x16.neuro.v1.UsageReceiptR\breceipts\"4\n" +
+	"\breceipts\x18\x02 \x03(\v2\x16.neuro.v1.UsageReceiptR\breceipts\x12\x14\n" +
+	"\x05close\x18\x03 \x01(\bR\x05close\"4\n" +
 	"\x05Slash\x12+\n" +
 	"\averdict\x18\x01 \x01(\v2\x11.neuro.v1.VerdictR\averdict\"\xd6\x03\n" +
 	"\fLedgerParams\x12!\n" +
@@ -1516,17 +1637,20 @@ const file_ledger_proto_rawDesc = "" +
 	"\x06change\"4\n" +
 	"\x04Vote\x12\x1a\n" +
 	"\bproposal\x18\x01 \x01(\x04R\bproposal\x12\x10\n" +
-	"\x03yes\x18\x02 \x01(\bR\x03yes\"\xe3\x01\n" +
+	"\x03yes\x18\x02 \x01(\bR\x03yes\"\x94\x02\n" +
 	"\rLedgerGenesis\x12;\n" +
 	"\baccounts\x18\x01 \x03(\v2\x1f.neuro.v1.LedgerGenesis.AccountR\baccounts\x12.\n" +
 	"\x06params\x18\x02 \x01(\v2\x16.neuro.v1.LedgerParamsR\x06params\x12\x16\n" +
-	"\x06models\x18\x03 \x03(\fR\x06models\x1aM\n" +
+	"\x06models\x18\x03 \x03(\fR\x06models\x1a~\n" +
 	"\aAccount\x12\x12\n" +
 	"\x04peer\x18\x01 \x01(\fR\x04peer\x12\x18\n" +
 	"\abalance\x18\x02 \x01(\x04R\abalance\x12\x14\n" +
-	"\x05stake\x18\x03 \x01(\x04R\x05stake\"!\n" +
+	"\x05stake\x18\x03 \x01(\x04R\x05stake\x12/\n" +
+	"\n" +
+	"allowances\x18\x04 \x03(\v2\x0f.neuro.v1.AllowR\n" +
+	"allowances\"!\n" +
 	"\vLedgerQuery\x12\x12\n" +
-	"\x04peer\x18\x01 \x01(\fR\x04peer\"\xb7\x03\n" +
+	"\x04peer\x18\x01 \x01(\fR\x04peer\"\xe8\x03\n" +
 	"\fLedgerStatus\x12\x16\n" +
 	"\x06height\x18\x01 \x01(\x03R\x06height\x12\x19\n" +
 	"\bapp_hash\x18\x02 \x01(\fR\aappHash\x12\x18\n" +
@@ -1543,7 +1667,10 @@ const file_ledger_proto_rawDesc = "" +
 	"\bchain_id\x18\f \x01(\tR\achainId\x12\x14\n" +
 	"\x05error\x18\r \x01(\tR\x05error\x126\n" +
 	"\tproposals\x18\x0e \x03(\v2\x18.neuro.v1.LedgerProposalR\tproposals\x12+\n" +
-	"\x05proof\x18\x0f \x01(\v2\x15.neuro.v1.LedgerProofR\x05proof\"\x81\x02\n" +
+	"\x05proof\x18\x0f \x01(\v2\x15.neuro.v1.LedgerProofR\x05proof\x12/\n" +
+	"\n" +
+	"allowances\x18\x10 \x03(\v2\x0f.neuro.v1.AllowR\n" +
+	"allowances\"\x81\x02\n" +
 	"\vLedgerProof\x12\x16\n" +
 	"\x06height\x18\x01 \x01(\x03R\x06height\x12\x16\n" +
 	"\x06header\x18\x02 \x01(\fR\x06header\x12\x16\n" +
@@ -1582,53 +1709,57 @@ func file_ledger_proto_rawDescGZIP() []byte {
 	return file_ledger_proto_rawDescData
 }
 
-var file_ledger_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_ledger_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
 var file_ledger_proto_goTypes = []any{
 	(*LedgerTx)(nil),              // 0: neuro.v1.LedgerTx
 	(*Transfer)(nil),              // 1: neuro.v1.Transfer
 	(*Stake)(nil),                 // 2: neuro.v1.Stake
 	(*Unstake)(nil),               // 3: neuro.v1.Unstake
 	(*OpenEscrow)(nil),            // 4: neuro.v1.OpenEscrow
-	(*Settle)(nil),                // 5: neuro.v1.Settle
-	(*Slash)(nil),                 // 6: neuro.v1.Slash
-	(*LedgerParams)(nil),          // 7: neuro.v1.LedgerParams
-	(*Propose)(nil),               // 8: neuro.v1.Propose
-	(*Vote)(nil),                  // 9: neuro.v1.Vote
-	(*LedgerGenesis)(nil),         // 10: neuro.v1.LedgerGenesis
-	(*LedgerQuery)(nil),           // 11: neuro.v1.LedgerQuery
-	(*LedgerStatus)(nil),          // 12: neuro.v1.LedgerStatus
-	(*LedgerProof)(nil),           // 13: neuro.v1.LedgerProof
-	(*MerkleLeaf)(nil),            // 14: neuro.v1.MerkleLeaf
-	(*LedgerProposal)(nil),        // 15: neuro.v1.LedgerProposal
-	(*LedgerGenesis_Account)(nil), // 16: neuro.v1.LedgerGenesis.Account
-	(*UsageReceipt)(nil),          // 17: neuro.v1.UsageReceipt
-	(*Verdict)(nil),               // 18: neuro.v1.Verdict
+	(*Allow)(nil),                 // 5: neuro.v1.Allow
+	(*Settle)(nil),                // 6: neuro.v1.Settle
+	(*Slash)(nil),                 // 7: neuro.v1.Slash
+	(*LedgerParams)(nil),          // 8: neuro.v1.LedgerParams
+	(*Propose)(nil),               // 9: neuro.v1.Propose
+	(*Vote)(nil),                  // 10: neuro.v1.Vote
+	(*LedgerGenesis)(nil),         // 11: neuro.v1.LedgerGenesis
+	(*LedgerQuery)(nil),           // 12: neuro.v1.LedgerQuery
+	(*LedgerStatus)(nil),          // 13: neuro.v1.LedgerStatus
+	(*LedgerProof)(nil),           // 14: neuro.v1.LedgerProof
+	(*MerkleLeaf)(nil),            // 15: neuro.v1.MerkleLeaf
+	(*LedgerProposal)(nil),        // 16: neuro.v1.LedgerProposal
+	(*LedgerGenesis_Account)(nil), // 17: neuro.v1.LedgerGenesis.Account
+	(*UsageReceipt)(nil),          // 18: neuro.v1.UsageReceipt
+	(*Verdict)(nil),               // 19: neuro.v1.Verdict
 }
 var file_ledger_proto_depIdxs = []int32{
 	1,  // 0: neuro.v1.LedgerTx.transfer:type_name -> neuro.v1.Transfer
 	2,  // 1: neuro.v1.LedgerTx.stake:type_name -> neuro.v1.Stake
 	3,  // 2: neuro.v1.LedgerTx.unstake:type_name -> neuro.v1.Unstake
 	4,  // 3: neuro.v1.LedgerTx.open_escrow:type_name -> neuro.v1.OpenEscrow
-	5,  // 4: neuro.v1.LedgerTx.settle:type_name -> neuro.v1.Settle
-	6,  // 5: neuro.v1.LedgerTx.slash:type_name -> neuro.v1.Slash
-	8,  // 6: neuro.v1.LedgerTx.propose:type_name -> neuro.v1.Propose
-	9,  // 7: neuro.v1.LedgerTx.vote:type_name -> neuro.v1.Vote
-	17, // 8: neuro.v1.Settle.receipts:type_name -> neuro.v1.UsageReceipt
-	18, // 9: neuro.v1.Slash.verdict:type_name -> neuro.v1.Verdict
-	7,  // 10: neuro.v1.Propose.params:type_name -> neuro.v1.LedgerParams
-	16, // 11: neuro.v1.LedgerGenesis.accounts:type_name -> neuro.v1.LedgerGenesis.Account
-	7,  // 12: neuro.v1.LedgerGenesis.params:type_name -> neuro.v1.LedgerParams
-	15, // 13: neuro.v1.LedgerStatus.proposals:type_name -> neuro.v1.LedgerProposal
-	13, // 14: neuro.v1.LedgerStatus.proof:type_name -> neuro.v1.LedgerProof
-	14, // 15: neuro.v1.LedgerProof.global:type_name -> neuro.v1.MerkleLeaf
-	14, // 16: neuro.v1.LedgerProof.accounts:type_name -> neuro.v1.MerkleLeaf
-	14, // 17: neuro.v1.LedgerProof.voters:type_name -> neuro.v1.MerkleLeaf
-	7,  // 18: neuro.v1.LedgerProposal.params:type_name -> neuro.v1.LedgerParams
-	19, // [19:19] is the sub-list for method output_type
-	19, // [19:19] is the sub-list for method input_type
-	19, // [19:19] is the sub-list for extension type_name
-	19, // [19:19] is the sub-list for extension extendee
-	0,  // [0:19] is the sub-list for field type_name
+	6,  // 4: neuro.v1.LedgerTx.settle:type_name -> neuro.v1.Settle
+	7,  // 5: neuro.v1.LedgerTx.slash:type_name -> neuro.v1.Slash
+	9,  // 6: neuro.v1.LedgerTx.propose:type_name -> neuro.v1.Propose
+	10, // 7: neuro.v1.LedgerTx.vote:type_name -> neuro.v1.Vote
+	5,  // 8: neuro.v1.LedgerTx.allow:type_name -> neuro.v1.Allow
+	18, // 9: neuro.v1.Settle.receipts:type_name -> neuro.v1.UsageReceipt
+	19, // 10: neuro.v1.Slash.verdict:type_name -> neuro.v1.Verdict
+	8,  // 11: neuro.v1.Propose.params:type_name -> neuro.v1.LedgerParams
+	17, // 12: neuro.v1.LedgerGenesis.accounts:type_name -> neuro.v1.LedgerGenesis.Account
+	8,  // 13: neuro.v1.LedgerGenesis.params:type_name -> neuro.v1.LedgerParams
+	16, // 14: neuro.v1.LedgerStatus.proposals:type_name -> neuro.v1.LedgerProposal
+	14, // 15: neuro.v1.LedgerStatus.proof:type_name -> neuro.v1.LedgerProof
+	5,  // 16: neuro.v1.LedgerStatus.allowances:type_name -> neuro.v1.Allow
+	15, // 17: neuro.v1.LedgerProof.global:type_name -> neuro.v1.MerkleLeaf
+	15, // 18: neuro.v1.LedgerProof.accounts:type_name -> neuro.v1.MerkleLeaf
+	15, // 19: neuro.v1.LedgerProof.voters:type_name -> neuro.v1.MerkleLeaf
+	8,  // 20: neuro.v1.LedgerProposal.params:type_name -> neuro.v1.LedgerParams
+	5,  // 21: neuro.v1.LedgerGenesis.Account.allowances:type_name -> neuro.v1.Allow
+	22, // [22:22] is the sub-list for method output_type
+	22, // [22:22] is the sub-list for method input_type
+	22, // [22:22] is the sub-list for extension type_name
+	22, // [22:22] is the sub-list for extension extendee
+	0,  // [0:22] is the sub-list for field type_name
 }
 
 func init() { file_ledger_proto_init() }
@@ -1647,8 +1778,9 @@ func file_ledger_proto_init() {
 		(*LedgerTx_Slash)(nil),
 		(*LedgerTx_Propose)(nil),
 		(*LedgerTx_Vote)(nil),
+		(*LedgerTx_Allow)(nil),
 	}
-	file_ledger_proto_msgTypes[8].OneofWrappers = []any{
+	file_ledger_proto_msgTypes[9].OneofWrappers = []any{
 		(*Propose_AddModel)(nil),
 		(*Propose_Params)(nil),
 	}
@@ -1658,7 +1790,7 @@ func file_ledger_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ledger_proto_rawDesc), len(file_ledger_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   17,
+			NumMessages:   18,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

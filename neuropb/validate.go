@@ -306,6 +306,15 @@ func (m *Manifest) MoELayers() (first, end int) {
 	return int(m.GetParams().GetDenseLead()), int(m.GetParams().GetLayers())
 }
 
+// ExpertFLOPsPerToken is the expert work of one token of the model, as
+// expert nodes count it in their receipts: three matrix products of embd
+// x ff for each expert used in each MoE layer.
+func (m *Manifest) ExpertFLOPsPerToken() uint64 {
+	first, end := m.MoELayers()
+	p := m.GetParams()
+	return 6 * uint64(p.GetEmbd()) * uint64(p.GetFf()) * uint64(p.GetExpertsUsed()) * uint64(max(0, end-first))
+}
+
 // ExpertRef is expert (layer, expert)'s entry, or nil when the model has
 // no such expert (a dense leading layer, or out of range).
 func (m *Manifest) ExpertRef(layer, expert int) *ExpertShardRef {

@@ -51,6 +51,9 @@ type ExpertConfig struct {
 	MemoryMB int `toml:"memory_mb"`
 	// Threads for expert compute; 0 uses every core.
 	Threads int `toml:"threads"`
+	// RequireEscrow refuses expert calls that name no escrow with enough
+	// left for their gating node (on a node with a ledger).
+	RequireEscrow bool `toml:"require_escrow"`
 }
 
 // GatingConfig makes the node a gating node of a model.
@@ -65,6 +68,10 @@ type GatingConfig struct {
 	CallTimeout Duration `toml:"call_timeout"`
 	Threads     int      `toml:"threads"`
 	Validate    bool     `toml:"validate"`
+	// RequirePayment refuses requests that do not pay: over the infer
+	// protocol, one that names no escrow; on the HTTP API, one without an
+	// API key (on a node with a ledger).
+	RequirePayment bool `toml:"require_payment"`
 }
 
 // ModelCID is the model the gating node serves.
@@ -137,6 +144,13 @@ type HTTPConfig struct {
 	// (/api/v1/state), Prometheus metrics (/metrics) and, on a gating
 	// node, the OpenAI-compatible API (/v1/...); empty disables it.
 	Listen string `toml:"listen"`
+	// TLSCert and TLSKey, both set, serve HTTPS with this certificate
+	// and key (PEM files).
+	TLSCert string `toml:"tls_cert"`
+	TLSKey  string `toml:"tls_key"`
+	// AllowUnauthenticated lets a gating node without API keys listen on
+	// an address that is not loopback (its API then answers anyone).
+	AllowUnauthenticated bool `toml:"allow_unauthenticated"`
 }
 
 // HomeConfig caps what the node takes of a machine its owner also uses.
@@ -205,12 +219,13 @@ func DefaultConfig() Config {
 			PeerTableSize:     4096,
 			PeerExpiry:        Duration(30 * time.Second),
 		},
-		Expert: ExpertConfig{Experts: "auto", MemoryMB: 4096},
+		Expert: ExpertConfig{Experts: "auto", MemoryMB: 4096, RequireEscrow: true},
 		Ledger: LedgerConfig{Listen: "tcp://0.0.0.0:26656", Peers: []string{}, BlockInterval: Duration(time.Second)},
-		Gating: GatingConfig{MaxSessions: 4, MaxTokens: 256, WireDType: "f32", CallTimeout: Duration(30 * time.Second), Validate: true},
-		Home:   HomeConfig{IdleThreshold: 0.5, IdleCheck: Duration(5 * time.Second), Device: "cpu"},
-		API:    APIConfig{Listen: "127.0.0.1:0"},
-		Log:    LogConfig{Level: "info", Format: "text"},
+		Gating: GatingConfig{MaxSessions: 4, MaxTokens: 256, WireDType: "f32", CallTimeout: Duration(30 * time.Second), Validate: true,
+			RequirePayment: true},
+		Home: HomeConfig{IdleThreshold: 0.5, IdleCheck: Duration(5 * time.Second), Device: "cpu"},
+		API:  APIConfig{Listen: "127.0.0.1:0"},
+		Log:  LogConfig{Level: "info", Format: "text"},
 	}
 }
 
@@ -287,6 +302,9 @@ experts = "auto"
 memory_mb = 4096
 # Threads for expert compute; 0 uses every core.
 threads = 0
+# With a ledger: refuse to compute for a call that names no escrow with
+# enough left for the gating node that calls (no one computes for free).
+require_escrow = true
 
 [gating]
 # Serve a model as a gating node: run its embeddings, attention and router
@@ -313,6 +331,11 @@ threads = 0
 # peers whose results are found wrong out (reputation in
 # <home>/reputation.json). Off trusts every expert node.
 validate = true
+# With a ledger: refuse requests that do not pay. Over the infer protocol a
+# request must name an escrow (or carry the transaction that opens one); on
+# the HTTP API it must carry an API key ('neurod apikey create'), whose
+# account pays. Off runs unpaid requests for nothing.
+require_payment = true
 
 [ledger]
 # The NEURO chain's genesis file; empty: this node takes no part in the
@@ -330,9 +353,15 @@ block_interval = "1s"
 # Public HTTP listener, as host:port: the dashboard (/), its data
 # (/api/v1/state), Prometheus metrics (/metrics) and, on a gating node, the
 # OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions).
-# Read-only, without authentication: on a gating node keep it on loopback or
-# behind a proxy that has. Empty disables it.
+# Everything but /v1/ is read-only. Once the node has issued API keys
+# ('neurod apikey create'), every /v1/ request needs one
+# (Authorization: Bearer KEY); without keys a gating node listens on
+# loopback only, unless allow_unauthenticated is set. Empty disables it.
 listen = ""
+# Serve HTTPS: a PEM certificate (chain) and its key; both or neither.
+tls_cert = ""
+tls_key = ""
+allow_unauthenticated = false
 
 [home]
 # Caps for a machine its owner also uses. Threads for all compute (caps
@@ -489,6 +518,9 @@ func (c *Config) Validate() error {
 	if c.Gossip.PeerExpiry <= c.Gossip.HeartbeatInterval {
 		return fieldErr("gossip.peer_expiry", "%v must be longer than gossip.heartbeat_interval %v",
 			c.Gossip.PeerExpiry, c.Gossip.HeartbeatInterval)
+	}
+	if (c.HTTP.TLSCert == "") != (c.HTTP.TLSKey == "") {
+		return fieldErr("http.tls_cert", "set both http.tls_cert and http.tls_key, or neither")
 	}
 	if c.HTTP.Listen != "" {
 		if _, _, err := net.SplitHostPort(c.HTTP.Listen); err != nil {

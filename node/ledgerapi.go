@@ -43,6 +43,9 @@ type LedgerInfo struct {
 	SupplyOK bool `json:"supply_ok"`
 	// Proposals are the chain's governance proposals.
 	Proposals []ProposalInfo `json:"proposals"`
+	// Allowances are what the account lets gating nodes (by peer ID) draw
+	// into escrows for it, in base units.
+	Allowances map[string]uint64 `json:"allowances"`
 	// Source says where the figures come from: "local chain" on a
 	// validator, or on any other node "proven by validator PEER": a
 	// validator's answer checked against a header its peers signed (more
@@ -76,6 +79,9 @@ type LedgerTxRequest struct {
 	// Proposal and Yes for a vote.
 	Proposal uint64 `json:"proposal,omitempty"`
 	Yes      bool   `json:"yes,omitempty"`
+	// Signed is a transaction a wallet signed (Type "signed"): the node
+	// relays it as it is.
+	Signed []byte `json:"signed,omitempty"`
 }
 
 // LedgerTxResult is what submitting a transaction gave.
@@ -98,7 +104,10 @@ func (n *Node) ledgerInfo(ctx context.Context, p peer.ID) (*LedgerInfo, error) {
 		AppHash: hex.EncodeToString(st.GetAppHash()), Peer: p.String(), Balance: st.GetBalance(), Staked: st.GetStaked(),
 		Unbonding: st.GetUnbonding(), Nonce: st.GetNonce(), Treasury: st.GetTreasury(), Burned: st.GetBurned(),
 		Emitted: st.GetEmitted(), Supply: st.GetSupply(), SupplyOK: st.GetSupply() == st.GetHeld(), Proposals: []ProposalInfo{},
-		Source: "local chain"}
+		Source: "local chain", Allowances: map[string]uint64{}}
+	for _, a := range st.GetAllowances() {
+		info.Allowances[peer.ID(a.GetSpender()).String()] = a.GetAmount()
+	}
 	if from := st.GetProof().GetValidator(); from != nil {
 		info.Source = "proven by validator " + peer.ID(from).String()
 	}
@@ -139,11 +148,15 @@ func (n *Node) serveLedger(w http.ResponseWriter, r *http.Request) {
 			fail(http.StatusConflict, errors.New("this node takes no part in a ledger (set ledger.genesis)"))
 			return
 		}
+		if req.Type == "signed" {
+			n.relaySigned(ctx, w, req.Signed, fail)
+			return
+		}
 		var to, gatingPeer peer.ID
 		var model cid.Cid
 		var err error
 		switch req.Type {
-		case "transfer":
+		case "transfer", "allow":
 			if to, err = peer.Decode(req.To); err != nil {
 				fail(http.StatusBadRequest, fmt.Errorf("to %q: %w", req.To, err))
 				return
@@ -164,13 +177,15 @@ func (n *Node) serveLedger(w http.ResponseWriter, r *http.Request) {
 			}
 		case "stake", "unstake", "vote":
 		default:
-			fail(http.StatusBadRequest, fmt.Errorf("transaction type %q: want transfer, stake, unstake, escrow, propose or vote", req.Type))
+			fail(http.StatusBadRequest, fmt.Errorf("transaction type %q: want transfer, stake, unstake, escrow, allow, propose, vote or signed", req.Type))
 			return
 		}
 		tx, err := n.ledger.Send(ctx, func(tx *neuropb.LedgerTx) {
 			switch req.Type {
 			case "transfer":
 				tx.Body = &neuropb.LedgerTx_Transfer{Transfer: &neuropb.Transfer{To: []byte(to), Amount: req.Amount}}
+			case "allow":
+				tx.Body = &neuropb.LedgerTx_Allow{Allow: &neuropb.Allow{Spender: []byte(to), Amount: req.Amount}}
 			case "stake":
 				tx.Body = &neuropb.LedgerTx_Stake{Stake: &neuropb.Stake{Amount: req.Amount}}
 			case "unstake":
@@ -204,6 +219,25 @@ func (n *Node) serveLedger(w http.ResponseWriter, r *http.Request) {
 	_ = json.NewEncoder(w).Encode(info)
 }
 
+// relaySigned submits a transaction a wallet signed.
+func (n *Node) relaySigned(ctx context.Context, w http.ResponseWriter, raw []byte, fail func(int, error)) {
+	tx, err := ledger.DecodeTx(raw)
+	if err != nil {
+		fail(http.StatusBadRequest, err)
+		return
+	}
+	if err := n.ledger.Submit(ctx, tx); err != nil {
+		fail(http.StatusBadRequest, err)
+		return
+	}
+	res := LedgerTxResult{Submitted: true, Nonce: tx.GetNonce()}
+	if tx.GetOpenEscrow() != nil {
+		res.Escrow = ledger.EscrowID(peer.ID(tx.GetSender()), tx.GetNonce())
+	}
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(res)
+}
+
 // FetchLedger asks the node whose control API listens on addr for the
 // ledger status of peer ("" for the node itself).
 func FetchLedger(ctx context.Context, addr, p string) (*LedgerInfo, error) {
@@ -213,7 +247,7 @@ func FetchLedger(ctx context.Context, addr, p string) (*LedgerInfo, error) {
 	}
 	var info LedgerInfo
 	if err := apiCall(ctx, addr, http.MethodGet, path, nil, &info); err != nil {
-		return nil, err
+		return nil, fmt.Errorf("ledger: %w", err)
 	}
 	return &info, nil
 }
@@ -223,7 +257,7 @@ func SubmitLedgerTx(ctx context.Context, addr string, req LedgerTxRequest) (*Led
 	body, _ := json.Marshal(req)
 	var out LedgerTxResult
 	if err := apiCall(ctx, addr, http.MethodPost, LedgerPath, body, &out); err != nil {
-		return nil, err
+		return nil, fmt.Errorf("ledger: %w", err)
 	}
 	return &out, nil
 }
@@ -236,21 +270,21 @@ func apiCall(ctx context.Context, addr, method, path string, body []byte, out an
 	}
 	resp, err := apiDo(addr, req)
 	if err != nil {
-		return fmt.Errorf("ledger: %w", err)
+		return err
 	}
 	defer resp.Body.Close()
 	b, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 	if err != nil {
-		return fmt.Errorf("ledger: %w", err)
+		return err
 	}
 	if resp.StatusCode != http.StatusOK {
 		var e struct {
 			Error string `json:"error"`
 		}
 		if json.Unmarshal(b, &e) == nil && e.Error != "" {
-			return fmt.Errorf("ledger: %s", e.Error)
+			return errors.New(e.Error)
 		}
-		return fmt.Errorf("ledger: HTTP %s", resp.Status)
+		return fmt.Errorf("HTTP %s", resp.Status)
 	}
 	return json.Unmarshal(b, out)
 }

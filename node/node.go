@@ -7,6 +7,7 @@ package node
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -23,6 +24,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/peer"
 
+	"github.com/neuro-p2p/neuro/billing"
 	"github.com/neuro-p2p/neuro/expert"
 	"github.com/neuro-p2p/neuro/gating"
 	"github.com/neuro-p2p/neuro/ledger"
@@ -158,6 +160,7 @@ type Node struct {
 	verdicts *verdict.Service
 	ledger   *ledger.Service
 	settler  *ledger.Settler
+	pay      *payments
 	metrics  *metrics.Metrics
 	idle     *idleGuard
 	compute  moe.Backend
@@ -241,9 +244,16 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 		return nil, err
 	}
 	n.log = n.log.With("peer", n.p2p.ID())
+	// The payment policy: its ledger and settler are set below, before
+	// anything calls it.
+	n.pay = &payments{self: n.p2p.ID(), log: n.log.With("component", "payments")}
 	if n.home != "" {
+		var payment func(context.Context, peer.ID, uint64, uint64) error
+		if cfg.Expert.RequireEscrow && cfg.Ledger.Genesis != "" {
+			payment = n.pay.expertPayment
+		}
 		if n.expert, err = newExpertService(n.p2p, key, cfg.Expert, filepath.Join(n.home, StoreDir), n.countFetched(o.progress),
-			o.slowDown, o.fault, o.compute, o.budget, n.metrics, n.log); err != nil {
+			o.slowDown, o.fault, o.compute, o.budget, payment, n.metrics, n.log); err != nil {
 			return nil, err
 		}
 		n.idle = newIdleGuard(cfg.Home, o.load, n.expert.SetPaused, n.metrics, n.log)
@@ -264,6 +274,7 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 			Peers: cfg.Ledger.Peers, BlockInterval: time.Duration(cfg.Ledger.BlockInterval)}, n.log); err != nil {
 			return nil, err
 		}
+		n.pay.ledger = n.ledger
 	}
 	vc := verdict.Config{Key: key, Book: n.book}
 	if svc := n.expert; svc != nil {
@@ -306,19 +317,44 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 				return nil, err
 			}
 			ec.OnReceipts = n.settler.Submit
+			n.pay.settler = n.settler
+			n.pay.require = cfg.Gating.RequirePayment
 		}
+		if n.pay.keys, err = billing.Open(filepath.Join(n.home, APIKeysFile), n.p2p.ID()); err != nil {
+			return nil, err
+		}
+		ec.Payments = n.pay
 		if n.gating, err = gating.NewEngine(n.p2p, n.expert, ec, n.log); err != nil {
 			return nil, err
 		}
 	}
 	n.registerMetrics()
 	if cfg.HTTP.Listen != "" {
+		if err := n.checkHTTPExposure(); err != nil {
+			return nil, err
+		}
+		var tlsCfg *tls.Config
+		if cfg.HTTP.TLSCert != "" {
+			cert, err := tls.LoadX509KeyPair(cfg.HTTP.TLSCert, cfg.HTTP.TLSKey)
+			if err != nil {
+				return nil, &FieldError{Key: "http.tls_cert", Err: err}
+			}
+			tlsCfg = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+		}
 		if n.httpLn, err = net.Listen("tcp", cfg.HTTP.Listen); err != nil {
 			return nil, fmt.Errorf("http.listen %s: %w", cfg.HTTP.Listen, err)
 		}
+		if tlsCfg != nil {
+			n.httpLn = tls.NewListener(n.httpLn, tlsCfg)
+		}
+		// Bodies are at most 1 MiB and read at once; a stream's answer
+		// may take as long as its tokens do, so writes have no deadline.
 		n.httpSrv = &http.Server{
 			Handler:           n.webHandler(),
 			ReadHeaderTimeout: 10 * time.Second,
+			ReadTimeout:       30 * time.Second,
+			IdleTimeout:       2 * time.Minute,
+			MaxHeaderBytes:    64 << 10,
 			ErrorLog:          slog.NewLogLogger(n.log.Handler(), slog.LevelWarn),
 		}
 	}
@@ -564,7 +600,8 @@ func (n *Node) heartbeatExtra(hb *neuropb.Heartbeat) {
 
 // newExpertService builds the node's expert service from its config.
 func newExpertService(h *p2p.Host, key crypto.PrivKey, cfg ExpertConfig, store string, progress expert.Progress, slow time.Duration,
-	fault expert.Fault, compute moe.Backend, budget string, m *metrics.Metrics, log *slog.Logger) (*expert.Service, error) {
+	fault expert.Fault, compute moe.Backend, budget string, payment func(context.Context, peer.ID, uint64, uint64) error,
+	m *metrics.Metrics, log *slog.Logger) (*expert.Service, error) {
 	if budget == "" {
 		budget = "expert.memory_mb"
 	}
@@ -573,6 +610,7 @@ func newExpertService(h *p2p.Host, key crypto.PrivKey, cfg ExpertConfig, store s
 	sc.Server.Metrics = m
 	sc.Server.SignReceipt = func(r *neuropb.UsageReceipt) error { return ledger.SignReceipt(key, r) }
 	sc.Server.SlowDown = slow
+	sc.Server.Payment = payment
 	if cfg.Model != "" {
 		c, err := cid.Decode(cfg.Model)
 		if err != nil {
@@ -600,4 +638,22 @@ func NewLogger(w io.Writer, cfg LogConfig) (*slog.Logger, error) {
 		return slog.New(slog.NewTextHandler(w, hopts)), nil
 	}
 	return nil, fmt.Errorf("log format %q: want text or json", cfg.Format)
+}
+
+// checkHTTPExposure refuses to put a gating node's API, unauthenticated,
+// on an address that is not loopback: without API keys, anyone who
+// reaches it would use the network's experts on this node's account.
+func (n *Node) checkHTTPExposure() error {
+	if n.gating == nil || n.cfg.HTTP.AllowUnauthenticated || (n.pay.keys != nil && len(n.pay.keys.List()) > 0) {
+		return nil
+	}
+	host, _, _ := net.SplitHostPort(n.cfg.HTTP.Listen)
+	if host == "localhost" {
+		return nil
+	}
+	if ip := net.ParseIP(host); ip != nil && ip.IsLoopback() {
+		return nil
+	}
+	return &FieldError{Key: "http.listen", Err: fmt.Errorf("%q is not a loopback address and this gating node has no API keys: "+
+		"create one ('neurod apikey create'), listen on 127.0.0.1, or set http.allow_unauthenticated", n.cfg.HTTP.Listen)}
 }

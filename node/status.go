@@ -240,6 +240,8 @@ func (n *Node) Status() Status {
 func (n *Node) apiHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc(LedgerPath, n.serveLedger)
+	mux.HandleFunc(APIKeysPath, n.serveAPIKeys)
+	mux.HandleFunc(APIKeysPath+"/", n.serveAPIKeys)
 	mux.HandleFunc("GET "+StatePath, func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		if err := json.NewEncoder(w).Encode(n.State(r.Context())); err != nil {

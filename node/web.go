@@ -257,7 +257,7 @@ func (n *Node) webHandler() http.Handler {
 	})
 	mux.Handle("GET /metrics", n.metrics.Handler())
 	if n.gating != nil {
-		mux.Handle("/v1/", gating.HTTPHandler(n.gating, n.log))
+		mux.Handle("/v1/", gating.HTTPHandler(n.gating, gating.HTTPOptions{Log: n.log, Auth: n.pay, Price: n.pay.cachedPrice}))
 	}
 	return mux
 }

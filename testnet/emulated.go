@@ -204,7 +204,7 @@ func (t *Netns) Launch(r *Run, o *LaunchOptions) error {
 		}
 		return nil
 	}
-	o.BeforeStart = seedTestnet(genesis, m, 1)
+	o.BeforeStart = seedTestnet(genesis, m, 1, t.Gating())
 	return nil
 }
 

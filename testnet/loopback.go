@@ -4,9 +4,12 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"path/filepath"
 	"runtime"
 	"slices"
 	"time"
+
+	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/neuro-p2p/neuro/client"
 	"github.com/neuro-p2p/neuro/expert"
@@ -39,6 +42,7 @@ type Loopback struct {
 
 	cometPorts []int
 	cometPeers []string
+	userID     peer.ID
 }
 
 var _ Topology = (*Loopback)(nil)
@@ -54,6 +58,9 @@ func (l *Loopback) Setup(_ context.Context, r *Run) error {
 		l.Validators = 1
 	}
 	var err error
+	if r.user, l.userID, err = userWallet(r.Dir); err != nil {
+		return err
+	}
 	l.cometPorts, l.cometPeers, err = validatorPorts(r.Dir, l.Validators)
 	return err
 }
@@ -89,7 +96,7 @@ func (l *Loopback) Launch(r *Run, o *LaunchOptions) error {
 		}
 		return args
 	}
-	o.BeforeStart = seedTestnet(genesis, m, l.Validators)
+	o.BeforeStart = seedTestnet(genesis, m, l.Validators, l.Gating(), l.userID)
 	return nil
 }
 
@@ -124,7 +131,7 @@ func (l *Loopback) Describe(_ context.Context, r *Run) error {
 }
 
 // Ask implements Topology: the prompt through the client library, as a
-// user's program would ask it, paid from the run's escrow; with KillNodes
+// user's program would ask it, paid from the user's wallet; with KillNodes
 // it SIGKILLs the busiest expert nodes after token KillAfter.
 func (l *Loopback) Ask(ctx context.Context, r *Run) error {
 	c, err := r.connect(ctx)
@@ -174,7 +181,7 @@ func (l *Loopback) generate(ctx context.Context, r *Run, c *client.Client, req i
 	rep, ev := r.Report, r.S.Events
 	cctx, cancel := context.WithTimeout(ctx, r.S.Timeout)
 	defer cancel()
-	s, err := c.Generate(cctx, client.Request{Model: r.Model.CID, Prompt: r.S.Prompt, MaxTokens: r.S.MaxTokens, Escrow: r.escrow})
+	s, err := c.Generate(cctx, client.Request{Model: r.Model.CID, Prompt: r.S.Prompt, MaxTokens: r.S.MaxTokens})
 	if err != nil {
 		return nil, fmt.Errorf("request %d: %w", req+1, err)
 	}
@@ -216,7 +223,11 @@ func (r *Run) connect(ctx context.Context) (*client.Client, error) {
 	}
 	cctx, cancel := context.WithTimeout(ctx, r.S.Timeout)
 	defer cancel()
-	c, err := client.New(cctx, client.WithBootstrap(addrs...), client.WithLogger(r.log))
+	opts := []client.Option{client.WithBootstrap(addrs...), client.WithLogger(r.log)}
+	if r.user != nil && r.S.Topology.paid() {
+		opts = append(opts, client.WithWallet(r.user)) // the user pays for each request
+	}
+	c, err := client.New(cctx, opts...)
 	if err != nil {
 		return nil, err
 	}
@@ -245,11 +256,17 @@ func (l *Loopback) Hint(r *Run) []string {
 	boot := r.Net.Processes()[0].Status
 	var out []string
 	if len(boot.Addrs) > 0 {
-		out = append(out, fmt.Sprintf("%s generate --network --bootstrap %s/p2p/%s --model %s --prompt 'Hello'", r.S.Binary, boot.Addrs[0], boot.PeerID, r.Model.CID))
+		out = append(out, fmt.Sprintf("%s generate --network --bootstrap %s/p2p/%s --model %s --prompt 'Hello'", r.S.Binary, boot.Addrs[0], boot.PeerID, r.Model.CID),
+			fmt.Sprintf("%s generate --network --bootstrap %s/p2p/%s --model %s --prompt 'Hello' --wallet %s (paid from the user wallet)",
+				r.S.Binary, boot.Addrs[0], boot.PeerID, r.Model.CID, filepath.Join(r.Dir, UserWallet)))
 	}
 	if h := r.Report.HTTP; h != "" {
 		out = append(out, fmt.Sprintf("open http://%s/ (the dashboard; metrics on /metrics)", h),
 			fmt.Sprintf("curl -s http://%s/v1/completions -d '{\"model\": \"%s\", \"prompt\": \"Hello\", \"max_tokens\": 16}'", h, r.Model.CID))
+		if len(r.Net.Processes()) > 1 {
+			out = append(out, fmt.Sprintf("%s apikey create --home %s --account %s --budget 5 (then every /v1/ request needs 'Authorization: Bearer KEY', paid by that account)",
+				r.S.Binary, r.Net.Processes()[0].Home, r.Net.Processes()[1].Status.PeerID))
+		}
 	}
 	return out
 }

@@ -79,6 +79,9 @@ type LedgerReport struct {
 	StakesAfter map[string]uint64 `json:"stakes_after"`
 	// Validators are the peers that validate the chain (--validators).
 	Validators []string `json:"validators"`
+	// User is the wallet account that paid for the prompt (its balances
+	// are among the others).
+	User string `json:"user,omitempty"`
 }
 
 // Stats are the gating node's measurements of the generation.
@@ -221,6 +224,11 @@ type Generation struct {
 	Stats *Stats `json:"stats,omitempty"`
 	// Device is where --local or --split computed (cpu, vulkan:N, cuda:N).
 	Device string `json:"device,omitempty"`
+	// Escrow paid for a --network generation (0: unpaid), and what its
+	// expert work cost in NEURO (CostBaseUnits in base units).
+	Escrow        uint64  `json:"escrow,omitempty"`
+	Cost          float64 `json:"cost"`
+	CostBaseUnits uint64  `json:"cost_base_units"`
 }
 
 // GenerationStats is what the gating node measured of a generation, with

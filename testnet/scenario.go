@@ -6,6 +6,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/peer"
 	"os"
 	"path/filepath"
 	"time"
@@ -107,8 +110,9 @@ type Run struct {
 	Net    *Network
 	Report *Report
 
-	log     *slog.Logger
-	escrow  uint64
+	log *slog.Logger
+	// user is the wallet that pays for a paid scenario's prompts.
+	user    crypto.PrivKey
 	stopped bool
 	cleanup []func() error
 }
@@ -256,18 +260,14 @@ func (r *Run) launch(ctx context.Context) error {
 	return nil
 }
 
-// paidAsk is the loopback scenario's middle: balances, an escrow that
-// pays for the prompt, the prompt, its settlement and the ledger after.
+// paidAsk is the loopback scenario's middle: balances, the prompt paid
+// from the user's wallet (each request's escrow, which the gating node
+// settles and closes), its settlement and the ledger after.
 func (r *Run) paidAsk(ctx context.Context) error {
 	stakes := map[string]uint64{}
 	before, _, err := r.balances(ctx, stakes)
 	if err != nil {
 		return r.failNet(fmt.Errorf("ledger: %w", err))
-	}
-	// Node 1 plays the user's wallet: it opens an escrow for the model with
-	// the gating node, which settles the experts' receipts against it.
-	if r.escrow, err = openEscrow(ctx, r.Net, r.Model.CID, r.log); err != nil {
-		return r.failNet(err)
 	}
 	if err := r.S.Topology.Ask(ctx, r); err != nil {
 		return r.failNet(err)
@@ -289,6 +289,10 @@ func (r *Run) paidAsk(ctx context.Context) error {
 	}
 	r.Report.Ledger = &LedgerReport{Height: info.Height, AppHash: info.AppHash, BalancesBefore: before, BalancesAfter: after,
 		Treasury: info.Treasury, Burned: info.Burned, SupplyOK: info.SupplyOK, StakesAfter: stakes}
+	if r.user != nil {
+		id, _ := peer.IDFromPrivateKey(r.user)
+		r.Report.Ledger.User = id.String()
+	}
 	return r.report(ctx, faults)
 }
 
@@ -296,13 +300,21 @@ func (r *Run) paidAsk(ctx context.Context) error {
 func (r *Run) balances(ctx context.Context, stakes map[string]uint64) (map[string]uint64, *node.LedgerInfo, error) {
 	out := map[string]uint64{}
 	var last *node.LedgerInfo
+	accounts := []string{}
 	for _, p := range r.Net.Processes() {
-		info, err := node.FetchLedger(ctx, r.Net.Processes()[0].APIAddr, p.Status.PeerID)
+		accounts = append(accounts, p.Status.PeerID)
+	}
+	if r.user != nil {
+		id, _ := peer.IDFromPrivateKey(r.user)
+		accounts = append(accounts, id.String())
+	}
+	for _, a := range accounts {
+		info, err := node.FetchLedger(ctx, r.Net.Processes()[0].APIAddr, a)
 		if err != nil {
 			return nil, nil, err
 		}
-		out[p.Status.PeerID], last = info.Balance, info
-		stakes[p.Status.PeerID] = info.Staked
+		out[a], last = info.Balance, info
+		stakes[a] = info.Staked
 	}
 	return out, last, nil
 }

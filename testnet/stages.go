@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"math/rand/v2"
 	"net"
@@ -17,6 +18,7 @@ import (
 	"time"
 
 	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/neuro-p2p/neuro/expert"
@@ -253,9 +255,9 @@ func ephemeralLow() int {
 
 // seedTestnet is a testnet's BeforeStart: it writes the genesis (the first
 // validators nodes validate) and imports the model's shards into node 0.
-func seedTestnet(genesisPath string, mf *Model, validators int) func(homes []string) error {
+func seedTestnet(genesisPath string, mf *Model, validators, gating int, users ...peer.ID) func(homes []string) error {
 	return func(homes []string) error {
-		if err := writeGenesis(genesisPath, homes, mf.CID, validators); err != nil {
+		if err := writeGenesis(genesisPath, homes, mf.CID, validators, gating, users...); err != nil {
 			return err
 		}
 		store, err := expert.OpenStore(filepath.Join(homes[0], node.StoreDir))
@@ -267,11 +269,18 @@ func seedTestnet(genesisPath string, mf *Model, validators int) func(homes []str
 	}
 }
 
-// writeGenesis writes the testnet chain's genesis: node 0 is the
-// validator; every node starts with 10,000 NEURO and 200 staked (above the
-// minimum stake an expert needs to be paid), and the model is on the
-// ledger from the start.
-func writeGenesis(path string, homes []string, model cid.Cid, validators int) error {
+// testnetAllowance is what every testnet account allows the gating node
+// to draw into escrows: an API key the gating node issues for any node's
+// account is paid at once, without a transaction from the account first
+// (on a real chain its holder sends one: 'neurod wallet allow').
+const testnetAllowance = 1000 * ledger.BaseUnits
+
+// writeGenesis writes the testnet chain's genesis: the first validators
+// nodes validate; every node starts with 10,000 NEURO and 200 staked (above
+// the minimum stake an expert needs to be paid) and allows node gating
+// testnetAllowance; each user wallet starts with userFunds; and the model
+// is on the ledger from the start.
+func writeGenesis(path string, homes []string, model cid.Cid, validators, gating int, users ...peer.ID) error {
 	params := ledger.DefaultParams()
 	// The tiny model does a few hundred kFLOPs a token: price it so that a
 	// prompt costs about a NEURO, and the treasury and burn show.
@@ -281,20 +290,28 @@ func writeGenesis(path string, homes []string, model cid.Cid, validators int) er
 	params.VotingBlocks = 10
 	g := ledger.ChainGenesis{ChainID: "neuro-testnet", Time: time.Now().UTC().Truncate(time.Second),
 		Ledger: &neuropb.LedgerGenesis{Params: params, Models: [][]byte{model.Bytes()}}}
+	ids := make([]peer.ID, len(homes))
 	for i, home := range homes {
 		key, err := node.LoadIdentity(home)
 		if err != nil {
 			return err
 		}
-		id, err := peer.IDFromPrivateKey(key)
-		if err != nil {
+		if ids[i], err = peer.IDFromPrivateKey(key); err != nil {
 			return err
 		}
+	}
+	for i, id := range ids {
 		if i < validators {
 			g.Validators = append(g.Validators, ledger.Validator{Peer: id, Power: 10})
 		}
-		g.Ledger.Accounts = append(g.Ledger.Accounts, &neuropb.LedgerGenesis_Account{Peer: []byte(id),
-			Balance: 10_000 * ledger.BaseUnits, Stake: 200 * ledger.BaseUnits})
+		acc := &neuropb.LedgerGenesis_Account{Peer: []byte(id), Balance: 10_000 * ledger.BaseUnits, Stake: 200 * ledger.BaseUnits}
+		if i != gating && gating < len(ids) {
+			acc.Allowances = []*neuropb.Allow{{Spender: []byte(ids[gating]), Amount: testnetAllowance}}
+		}
+		g.Ledger.Accounts = append(g.Ledger.Accounts, acc)
+	}
+	for _, u := range users {
+		g.Ledger.Accounts = append(g.Ledger.Accounts, &neuropb.LedgerGenesis_Account{Peer: []byte(u), Balance: userFunds})
 	}
 	return ledger.WriteGenesis(path, g)
 }
@@ -332,32 +349,32 @@ func validatorPorts(dir string, n int) (ports []int, peers []string, err error) 
 	return ports, peers, nil
 }
 
-// escrowDeposit is what the testnet's user puts in escrow for its prompt.
-const escrowDeposit = 100 * ledger.BaseUnits
+// userFunds is what the testnet's user wallet starts with.
+const userFunds = 10_000 * ledger.BaseUnits
 
-// openEscrow has node 1 open an escrow for the model with node 0 (the
-// gating node) and waits until the chain has applied it.
-func openEscrow(ctx context.Context, nw *Network, model cid.Cid, log *slog.Logger) (uint64, error) {
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	wallet, gating := nw.Processes()[1], nw.Processes()[0]
-	res, err := node.SubmitLedgerTx(ctx, wallet.APIAddr, node.LedgerTxRequest{Type: "escrow", Model: model.String(),
-		Gating: gating.Status.PeerID, Amount: escrowDeposit})
+// UserWallet is the testnet's user wallet in its directory: the account
+// the loopback testnet's prompt is paid from ('neurod generate --network
+// --wallet DIR/user-wallet.key' pays from it too).
+const UserWallet = "user-wallet.key"
+
+// userWallet loads the testnet's user wallet in dir, making it the first
+// time.
+func userWallet(dir string) (crypto.PrivKey, peer.ID, error) {
+	path := filepath.Join(dir, UserWallet)
+	k, err := node.LoadKey(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		if k, _, err = crypto.GenerateEd25519Key(nil); err != nil {
+			return nil, "", err
+		}
+		if _, err = node.SaveKey(path, k, false); err != nil {
+			return nil, "", err
+		}
+	}
 	if err != nil {
-		return 0, fmt.Errorf("open escrow: %w", err)
+		return nil, "", fmt.Errorf("user wallet: %w", err)
 	}
-	for {
-		info, err := node.FetchLedger(ctx, gating.APIAddr, wallet.Status.PeerID)
-		if err == nil && info.Nonce >= res.Nonce {
-			log.Info("escrow open", "escrow", res.Escrow, "payer", wallet.Status.PeerID, "amount_base_units", escrowDeposit)
-			return res.Escrow, nil
-		}
-		select {
-		case <-ctx.Done():
-			return 0, fmt.Errorf("open escrow: not applied: %w", ctx.Err())
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
+	id, err := peer.IDFromPrivateKey(k)
+	return k, id, err
 }
 
 // waitSettled waits until the gating node's settlements have been applied:

@@ -40,7 +40,12 @@ missing is an error, never a silent fall back to the CPU.
 --bootstrap peers, finds a gating node of the model (--model CID) in the
 DHT, and streams the tokens as the experts on other nodes compute them.
 Only --network samples (--temperature, --top-k, --top-p, --seed, --stop);
-at temperature 0, the default, its tokens equal --local's.`
+at temperature 0, the default, its tokens equal --local's. --wallet FILE
+pays from that wallet's ledger account: the gating node quotes the
+request, the wallet signs an escrow for its most, and what the experts'
+work did not use returns at once; the cost is printed at the end.
+--dry-run prints the quote (price per 1,000 tokens, the request's most)
+and runs nothing.`
 
 // generateFlags are the flags of `neurod generate`.
 type generateFlags struct {
@@ -60,6 +65,8 @@ type generateFlags struct {
 	seed         int64
 	stop         []string
 	device       string
+	wallet       string
+	dryRun       bool
 }
 
 func newGenerateCmd() *cobra.Command {
@@ -91,9 +98,9 @@ func newGenerateCmd() *cobra.Command {
 			if gf.network {
 				return generateNetwork(cmd, networkRequest{model: gf.modelCID, bootstrap: gf.bootstrap, gating: gf.gatingAddrs,
 					prompt: gf.prompt, maxTokens: gf.maxTokens, temperature: gf.temperature, topK: gf.topK, topP: gf.topP,
-					seed: gf.seed, seedSet: cmd.Flags().Changed("seed"), stop: gf.stop, json: gf.asJSON})
+					seed: gf.seed, seedSet: cmd.Flags().Changed("seed"), stop: gf.stop, json: gf.asJSON, wallet: gf.wallet, dryRun: gf.dryRun})
 			}
-			for _, name := range []string{"model", "bootstrap", "gating", "temperature", "top-k", "top-p", "seed", "stop"} {
+			for _, name := range []string{"model", "bootstrap", "gating", "temperature", "top-k", "top-p", "seed", "stop", "wallet", "dry-run"} {
 				if cmd.Flags().Changed(name) {
 					return fmt.Errorf("flag --%s: only with --network", name)
 				}
@@ -137,6 +144,8 @@ func (gf *generateFlags) register(f *pflag.FlagSet) {
 	f.Int64Var(&gf.seed, "seed", 0, "with --network: sampling seed (default: random)")
 	f.StringArrayVar(&gf.stop, "stop", nil, "with --network: stop before this string (repeatable)")
 	f.StringVar(&gf.device, "device", "cpu", deviceUsage)
+	f.StringVar(&gf.wallet, "wallet", "", "with --network: pay from this wallet's account (a key file from 'neurod wallet new')")
+	f.BoolVar(&gf.dryRun, "dry-run", false, "with --network: print what the request would cost, and run nothing")
 }
 
 // generateOnMachine answers a prompt greedily on this machine: the whole

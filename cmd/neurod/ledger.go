@@ -150,7 +150,26 @@ func ledgerTxCmds(api func() (string, error)) []*cobra.Command {
 			return submitRaw(cmd, api, node.LedgerTxRequest{Type: "vote", Proposal: id, Yes: args[1] == "yes"})
 		},
 	}
-	return []*cobra.Command{send, stake, unstake, propose, vote}
+	allow := &cobra.Command{
+		Use: "allow GATING AMOUNT", Short: "Let a gating node draw up to AMOUNT NEURO from this node's account into escrows (API keys on it that name this account); 0 revokes",
+		Args: cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if _, err := peer.Decode(args[0]); err != nil {
+				return fmt.Errorf("gating node %q: %w", args[0], err)
+			}
+			v, err := parseNeuroOrZero(args[1])
+			if err != nil {
+				return err
+			}
+			res, err := sendLedgerTx(cmd, api, node.LedgerTxRequest{Type: "allow", To: args[0], Amount: v})
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "submitted allowance of %s NEURO to %s (nonce %d)\n", neuro(v), args[0], res.Nonce)
+			return nil
+		},
+	}
+	return []*cobra.Command{send, stake, unstake, propose, vote, allow}
 }
 
 // submitAmount sends a transaction of an amount of NEURO.
@@ -240,6 +259,14 @@ func neuro(v uint64) string {
 	s := fmt.Sprintf("%d.%06d", v/ledger.BaseUnits, v%ledger.BaseUnits)
 	s = strings.TrimRight(s, "0")
 	return strings.TrimSuffix(s, ".")
+}
+
+// parseNeuroOrZero is parseNeuro that also takes 0.
+func parseNeuroOrZero(s string) (uint64, error) {
+	if t := strings.Trim(strings.TrimSpace(s), "0."); t == "" && strings.ContainsAny(s, "0") {
+		return 0, nil
+	}
+	return parseNeuro(s)
 }
 
 // parseNeuro parses "12", "0.5" or "1.000001" NEURO into base units.

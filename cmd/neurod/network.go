@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strconv"
 	"time"
 
 	"github.com/ipfs/go-cid"
@@ -28,6 +29,25 @@ type networkRequest struct {
 	seedSet           bool
 	stop              []string
 	json              bool
+	// wallet pays (a key file); dryRun only asks for a quote.
+	wallet string
+	dryRun bool
+}
+
+// quoteOutput is the JSON of `generate --network --dry-run`.
+type quoteOutput struct {
+	Gating          string  `json:"gating"`
+	PricePerMFLOP   uint64  `json:"price_per_mflop"`
+	FLOPsPerToken   uint64  `json:"flops_per_token"`
+	CostPer1kTokens float64 `json:"cost_per_1k_tokens"`
+	MaxCost         float64 `json:"max_cost"`
+	MaxCostBase     uint64  `json:"max_cost_base_units"`
+	PromptTokens    int     `json:"prompt_tokens"`
+	MaxTokens       int     `json:"max_tokens"`
+	PaymentRequired bool    `json:"payment_required"`
+	// Account and Balance: the paying wallet's (with --wallet).
+	Account string   `json:"account,omitempty"`
+	Balance *float64 `json:"balance,omitempty"`
 }
 
 // generateNetwork runs `neurod generate --network`: a light client streams
@@ -54,7 +74,35 @@ func generateNetwork(cmd *cobra.Command, r networkRequest) error {
 		s := uint64(r.seed)
 		req.Seed = &s
 	}
+	if r.dryRun {
+		return printQuote(cmd, c, req, r.wallet != "", r.json)
+	}
 	return streamGeneration(cmd, c, req, r.json)
+}
+
+// printQuote prints what req would cost, running nothing.
+func printQuote(cmd *cobra.Command, c *client.Client, req client.Request, wallet, asJSON bool) error {
+	q, err := c.Quote(cmd.Context(), req)
+	if err != nil {
+		return err
+	}
+	out := quoteOutput{Gating: q.Gating.String(), PricePerMFLOP: q.PricePerMFLOP, FLOPsPerToken: q.FLOPsPerToken,
+		CostPer1kTokens: float64(q.CostPer1kTokens) / 1e6, MaxCost: float64(q.MaxCost) / 1e6, MaxCostBase: q.MaxCost,
+		PromptTokens: q.PromptTokens, MaxTokens: q.MaxTokens, PaymentRequired: q.PaymentRequired}
+	if wallet {
+		b := float64(q.Balance) / 1e6
+		out.Account, out.Balance = c.ID().String(), &b
+	}
+	if asJSON {
+		return json.NewEncoder(cmd.OutOrStdout()).Encode(out)
+	}
+	fmt.Fprintf(cmd.OutOrStdout(), "gating node %s: %s NEURO per 1,000 tokens (%s MFLOP of expert work a token at %d base units per MFLOP)\n"+
+		"this request: %d prompt tokens + up to %d new: at most %s NEURO (with re-executions for validation); payment required: %v\n",
+		out.Gating, neuro(q.CostPer1kTokens), strconv.FormatFloat(float64(q.FLOPsPerToken)/1e6, 'f', -1, 64), q.PricePerMFLOP, q.PromptTokens, q.MaxTokens, neuro(q.MaxCost), q.PaymentRequired)
+	if wallet {
+		fmt.Fprintf(cmd.OutOrStdout(), "wallet %s holds %s NEURO\n", out.Account, neuro(q.Balance))
+	}
+	return nil
 }
 
 // client joins the network as a light client.
@@ -64,6 +112,13 @@ func (r networkRequest) client(cmd *cobra.Command) (*client.Client, error) {
 		return nil, err
 	}
 	opts := []client.Option{client.WithLogger(log)}
+	if r.wallet != "" {
+		k, err := node.LoadKey(r.wallet)
+		if err != nil {
+			return nil, fmt.Errorf("flag --wallet: %w", err)
+		}
+		opts = append(opts, client.WithWallet(k))
+	}
 	if len(r.bootstrap) > 0 {
 		opts = append(opts, client.WithBootstrap(r.bootstrap...))
 	}
@@ -107,10 +162,15 @@ func streamGeneration(cmd *cobra.Command, c *client.Client, req client.Request, 
 	}
 	out.TokensPerSecond = float64(len(out.Tokens)) / time.Since(start).Seconds()
 	out.Stats = testnet.GenerationStats(d, out.PerTokenMs)
+	out.Escrow, out.Cost, out.CostBaseUnits = d.Escrow, float64(d.Cost)/1e6, d.Cost
 	if asJSON {
 		return json.NewEncoder(cmd.OutOrStdout()).Encode(out)
 	}
 	fmt.Fprintln(cmd.OutOrStdout(), d.Rest)
 	fmt.Fprintf(cmd.ErrOrStderr(), "%d tokens, %.1f tokens/s, from gating node %s\n", len(out.Tokens), out.TokensPerSecond, d.Gating)
+	if d.Escrow != 0 {
+		fmt.Fprintf(cmd.ErrOrStderr(), "paid %s NEURO from escrow %d for %s MFLOP of expert work\n", neuro(d.Cost), d.Escrow,
+			strconv.FormatFloat(float64(d.FLOPs)/1e6, 'f', -1, 64))
+	}
 	return nil
 }

@@ -52,6 +52,8 @@ variables, overridden by flags. The home is --home, else $NEURO_HOME, else
 		newModelCmd(g),
 		newGenerateCmd(),
 		newLedgerCmd(g),
+		newWalletCmd(g),
+		newAPIKeyCmd(g),
 		newVersionCmd(),
 	)
 	return root

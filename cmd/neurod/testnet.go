@@ -472,16 +472,22 @@ func printLedger(w io.Writer, rep testnet.Report) {
 	l := rep.Ledger
 	fmt.Fprintf(w, "\nledger at height %d (%s): treasury %s NEURO, burned %s\n", l.Height,
 		map[bool]string{true: "supply invariant holds", false: "SUPPLY INVARIANT BROKEN"}[l.SupplyOK], neuro(l.Treasury), neuro(l.Burned))
+	change := func(p string) string {
+		before, after := l.BalancesBefore[p], l.BalancesAfter[p]
+		switch {
+		case after < before:
+			return "-" + neuro(before-after)
+		case after == before:
+			return "0"
+		}
+		return "+" + neuro(after-before)
+	}
 	for _, n := range rep.Nodes {
-		before, after := l.BalancesBefore[n.PeerID], l.BalancesAfter[n.PeerID]
-		change := "+" + neuro(after-min(after, before))
-		if after < before {
-			change = "-" + neuro(before-after)
-		}
-		if after == before {
-			change = "0"
-		}
-		fmt.Fprintf(w, "  node %d %s: %s NEURO (%s), stake %s\n", n.Index, strings.Join(n.Roles, ","), neuro(after), change, neuro(l.StakesAfter[n.PeerID]))
+		fmt.Fprintf(w, "  node %d %s: %s NEURO (%s), stake %s\n", n.Index, strings.Join(n.Roles, ","), neuro(l.BalancesAfter[n.PeerID]),
+			change(n.PeerID), neuro(l.StakesAfter[n.PeerID]))
+	}
+	if l.User != "" {
+		fmt.Fprintf(w, "  user wallet %s (paid for the prompt): %s NEURO (%s)\n", l.User, neuro(l.BalancesAfter[l.User]), change(l.User))
 	}
 }
 

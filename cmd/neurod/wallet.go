@@ -1,0 +1,209 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/spf13/cobra"
+
+	"github.com/neuro-p2p/neuro/ledger"
+	"github.com/neuro-p2p/neuro/neuropb"
+	"github.com/neuro-p2p/neuro/node"
+)
+
+// walletOutput is the JSON of `neurod wallet new|show|import --json`.
+type walletOutput struct {
+	Account string `json:"account"`
+	File    string `json:"file"`
+	// From the running node in --home, when there is one.
+	Balance    *uint64           `json:"balance,omitempty"`
+	Nonce      *uint64           `json:"nonce,omitempty"`
+	Allowances map[string]uint64 `json:"allowances,omitempty"`
+}
+
+func newWalletCmd(g *globalFlags) *cobra.Command {
+	var file string
+	var force, asJSON bool
+	cmd := &cobra.Command{
+		Use:   "wallet",
+		Short: "A ledger account of your own, to pay for requests",
+		Long: `wallet keeps the key of a ledger account that pays for requests: an
+Ed25519 key in <home>/wallet.key (or --wallet FILE), mode 0600, like a
+node's identity. Its peer ID is the account.
+
+'generate --network --wallet FILE' pays from it: the gating node quotes
+the request, the wallet signs an escrow for its most, and the rest returns
+when the request ends. 'wallet allow GATING AMOUNT' lets a gating node
+draw on the account for the API keys it issues for it. Commands that need
+the ledger go through the node running in --home, which relays what the
+wallet signed; the node never holds the wallet's key.`,
+	}
+	path := func() (string, error) {
+		if file != "" {
+			return filepath.Abs(file)
+		}
+		home, err := g.homeDir()
+		if err != nil {
+			return "", err
+		}
+		return filepath.Join(home, node.WalletFile), nil
+	}
+	show := func(cmd *cobra.Command, p string, id peer.ID) error {
+		out := walletOutput{Account: id.String(), File: p}
+		if home, err := g.homeDir(); err == nil {
+			if addr, err := node.ReadAPIAddr(home); err == nil {
+				ctx, cancel := context.WithTimeout(cmd.Context(), 20*time.Second)
+				defer cancel()
+				if info, err := node.FetchLedger(ctx, addr, id.String()); err == nil {
+					out.Balance, out.Nonce, out.Allowances = &info.Balance, &info.Nonce, info.Allowances
+				}
+			}
+		}
+		if asJSON {
+			writeJSON(cmd.OutOrStdout(), out)
+			return nil
+		}
+		fmt.Fprintf(cmd.OutOrStdout(), "account: %s\nkey: %s\n", out.Account, out.File)
+		if out.Balance != nil {
+			fmt.Fprintf(cmd.OutOrStdout(), "balance: %s NEURO\n", neuro(*out.Balance))
+			for sp, v := range out.Allowances {
+				fmt.Fprintf(cmd.OutOrStdout(), "allows %s: %s NEURO\n", sp, neuro(v))
+			}
+		}
+		return nil
+	}
+	newCmd := &cobra.Command{
+		Use: "new [--wallet FILE] [--force]", Short: "Make a new wallet key", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			p, err := path()
+			if err != nil {
+				return err
+			}
+			k, _, err := crypto.GenerateEd25519Key(nil)
+			if err != nil {
+				return err
+			}
+			id, err := node.SaveKey(p, k, force)
+			if err != nil {
+				return err
+			}
+			return show(cmd, p, id)
+		},
+	}
+	showCmd := &cobra.Command{
+		Use: "show [--wallet FILE]", Short: "Print the wallet's account, and its funds through the running node", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			p, err := path()
+			if err != nil {
+				return err
+			}
+			k, err := node.LoadKey(p)
+			if err != nil {
+				return err
+			}
+			id, err := peer.IDFromPrivateKey(k)
+			if err != nil {
+				return err
+			}
+			return show(cmd, p, id)
+		},
+	}
+	importCmd := &cobra.Command{
+		Use: "import KEYFILE [--wallet FILE] [--force]", Short: "Take an existing key (another wallet's, or a node's identity.key) as the wallet",
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			k, err := node.LoadKey(args[0])
+			if err != nil {
+				return err
+			}
+			p, err := path()
+			if err != nil {
+				return err
+			}
+			id, err := node.SaveKey(p, k, force)
+			if err != nil {
+				return err
+			}
+			return show(cmd, p, id)
+		},
+	}
+	allowCmd := &cobra.Command{
+		Use: "allow GATING AMOUNT [--wallet FILE]", Short: "Let a gating node draw up to AMOUNT NEURO from the wallet into escrows (for API keys it issues for this account); 0 revokes",
+		Args: cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			gp, err := peer.Decode(args[0])
+			if err != nil {
+				return fmt.Errorf("gating node %q: %w", args[0], err)
+			}
+			amount, err := parseNeuroOrZero(args[1])
+			if err != nil {
+				return err
+			}
+			p, err := path()
+			if err != nil {
+				return err
+			}
+			k, err := node.LoadKey(p)
+			if err != nil {
+				return err
+			}
+			res, err := signAndRelay(cmd, g, k, func(tx *neuropb.LedgerTx) {
+				tx.Body = &neuropb.LedgerTx_Allow{Allow: &neuropb.Allow{Spender: []byte(gp), Amount: amount}}
+			})
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "submitted allowance of %s NEURO to %s (nonce %d)\n", neuro(amount), gp, res.Nonce)
+			return nil
+		},
+	}
+	for _, c := range []*cobra.Command{newCmd, showCmd, importCmd, allowCmd} {
+		c.Flags().StringVar(&file, "wallet", "", "the wallet's key file (default <home>/wallet.key)")
+	}
+	for _, c := range []*cobra.Command{newCmd, importCmd} {
+		c.Flags().BoolVar(&force, "force", false, "replace an existing wallet file (kept as FILE.bak)")
+	}
+	for _, c := range []*cobra.Command{newCmd, showCmd, importCmd} {
+		c.Flags().BoolVar(&asJSON, "json", false, `print {"account": ..., "file": ..., "balance": ...}`)
+	}
+	cmd.AddCommand(newCmd, showCmd, importCmd, allowCmd)
+	return cmd
+}
+
+// signAndRelay signs a transaction with key at the account's next nonce
+// (from the ledger, through the node in --home) and has that node relay
+// it.
+func signAndRelay(cmd *cobra.Command, g *globalFlags, key crypto.PrivKey, body func(*neuropb.LedgerTx)) (*node.LedgerTxResult, error) {
+	home, err := g.homeDir()
+	if err != nil {
+		return nil, err
+	}
+	addr, err := node.ReadAPIAddr(home)
+	if err != nil {
+		return nil, fmt.Errorf("%w: the wallet's transactions go through a running node", err)
+	}
+	id, err := peer.IDFromPrivateKey(key)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(cmd.Context(), 20*time.Second)
+	defer cancel()
+	info, err := node.FetchLedger(ctx, addr, id.String())
+	if err != nil {
+		return nil, err
+	}
+	tx := &neuropb.LedgerTx{Nonce: info.Nonce + 1}
+	body(tx)
+	if err := ledger.SignTx(key, tx); err != nil {
+		return nil, err
+	}
+	raw, err := ledger.EncodeTx(tx)
+	if err != nil {
+		return nil, err
+	}
+	return node.SubmitLedgerTx(ctx, addr, node.LedgerTxRequest{Type: "signed", Signed: raw})
+}

@@ -1,0 +1,422 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/neuro-p2p/neuro/billing"
+	"github.com/neuro-p2p/neuro/gating"
+	"github.com/neuro-p2p/neuro/ledger"
+	"github.com/neuro-p2p/neuro/neuropb"
+)
+
+// APIKeysFile holds a gating node's API keys (hashed) in its home.
+const APIKeysFile = "apikeys.json"
+
+// escrowWait bounds waiting for an escrow to apply before a request runs.
+const escrowWait = 30 * time.Second
+
+// priceTTL is how long the ledger's price is reused.
+const priceTTL = 10 * time.Second
+
+// payments is a gating node's payment policy: who pays for each request,
+// over the HTTP API (API keys, whose accounts pay through escrows the
+// node opens on their allowance) and over the infer protocol (escrows the
+// client opened, or whose opening transaction it sends along). It also
+// checks, for the node's expert server, that each call names an escrow
+// that can pay (expert.require_escrow).
+type payments struct {
+	self    peer.ID
+	ledger  *ledger.Service // nil: the node takes no part in a ledger
+	settler *ledger.Settler // nil unless a gating node with a ledger
+	keys    *billing.Store  // nil unless a gating node with a home
+	require bool            // gating.require_payment, on a node with a ledger
+	log     *slog.Logger
+
+	mu      sync.Mutex
+	price   uint64
+	priceAt time.Time
+	// escrows are escrows that paid expert calls lately, by ID.
+	escrows map[uint64]seenEscrow
+}
+
+type seenEscrow struct {
+	e  ledger.Escrow
+	at time.Time
+}
+
+var (
+	_ gating.HTTPAuth = (*payments)(nil)
+	_ gating.Payments = (*payments)(nil)
+)
+
+// pricePerMFLOP is the ledger's price of one MFLOP, cached for priceTTL.
+func (p *payments) pricePerMFLOP(ctx context.Context) (uint64, error) {
+	if p.ledger == nil {
+		return 0, errors.New("this node takes no part in a ledger")
+	}
+	p.mu.Lock()
+	if time.Since(p.priceAt) < priceTTL {
+		defer p.mu.Unlock()
+		return p.price, nil
+	}
+	p.mu.Unlock()
+	c, err := p.ledger.ChainState(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("ledger price: %w", err)
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.price, p.priceAt = c.Params.GetPricePerMflop(), time.Now()
+	return p.price, nil
+}
+
+// cachedPrice is the price for /v1/models, without asking the ledger
+// (false: not known yet).
+func (p *payments) cachedPrice() (uint64, bool) {
+	if p.ledger == nil {
+		return 0, false
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	v, err := p.pricePerMFLOP(ctx)
+	return v, err == nil
+}
+
+func httpErr(status int, typ, code, format string, args ...any) *gating.HTTPError {
+	return &gating.HTTPError{Status: status, Type: typ, Code: code, Message: fmt.Sprintf(format, args...)}
+}
+
+// bearer is the key of an "Authorization: Bearer KEY" header.
+func bearer(r *http.Request) (string, bool) {
+	h := r.Header.Values("Authorization")
+	if len(h) != 1 {
+		return "", false
+	}
+	scheme, key, ok := strings.Cut(strings.TrimSpace(h[0]), " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") {
+		return "", false
+	}
+	key = strings.TrimSpace(key)
+	return key, key != ""
+}
+
+// Authorize checks an HTTP API request's key: once the node has issued
+// keys, every request needs one that is live and within its rate; its
+// account pays. A node that never issued keys takes requests without one
+// (unpaid, unless gating.require_payment).
+func (p *payments) Authorize(r *http.Request) (gating.Bill, *gating.HTTPError) {
+	if p.keys == nil || len(p.keys.List()) == 0 {
+		if p.require && r.Method == http.MethodPost {
+			return nil, httpErr(http.StatusPaymentRequired, "insufficient_quota", "payment_required",
+				"this gating node requires payment and has issued no API keys: its operator creates them with 'neurod apikey create'")
+		}
+		return nil, nil
+	}
+	secret, ok := bearer(r)
+	if !ok {
+		e := httpErr(http.StatusUnauthorized, "invalid_request_error", "invalid_api_key",
+			"missing API key: send it as 'Authorization: Bearer KEY'")
+		e.Authenticate = true
+		return nil, e
+	}
+	k, err := p.keys.Authenticate(secret)
+	switch {
+	case errors.Is(err, billing.ErrRevoked):
+		e := httpErr(http.StatusUnauthorized, "invalid_request_error", "invalid_api_key", "API key revoked")
+		e.Authenticate = true
+		return nil, e
+	case err != nil:
+		e := httpErr(http.StatusUnauthorized, "invalid_request_error", "invalid_api_key", "invalid API key")
+		e.Authenticate = true
+		return nil, e
+	}
+	if ok, wait := p.keys.Allow(k.ID, time.Now()); !ok {
+		e := httpErr(http.StatusTooManyRequests, "requests", "rate_limit_exceeded",
+			"rate limit of %d requests a minute reached for this API key", k.RatePerMin)
+		e.RetryAfter = wait
+		return nil, e
+	}
+	if k.Left() == 0 {
+		return nil, httpErr(http.StatusPaymentRequired, "insufficient_quota", "insufficient_quota",
+			"API key budget of %s NEURO is spent", billing.Format(k.Budget))
+	}
+	if r.Method != http.MethodPost {
+		return nil, nil // listing models costs nothing
+	}
+	if p.ledger == nil || p.settler == nil {
+		return nil, httpErr(http.StatusServiceUnavailable, "server_error", "", "this gating node takes no part in a ledger: its keys cannot be charged")
+	}
+	account, err := peer.Decode(k.Account)
+	if err != nil {
+		return nil, httpErr(http.StatusInternalServerError, "server_error", "", "key account: %v", err)
+	}
+	return &keyBill{p: p, key: k.ID, account: account}, nil
+}
+
+func payErr(format string, args ...any) *gating.Error {
+	return &gating.Error{Code: neuropb.InferError_CODE_PAYMENT_REQUIRED, Msg: fmt.Sprintf(format, args...)}
+}
+
+// keyBill charges an API key's account: the gating node opens an escrow
+// from the account's allowance for the request's most, and closes it
+// after settling, so the rest returns at once.
+type keyBill struct {
+	p       *payments
+	key     string
+	account peer.ID
+
+	price, reserved, escrow uint64
+}
+
+func (b *keyBill) Open(ctx context.Context, c gating.Charge) (uint64, error) {
+	p := b.p
+	price, err := p.pricePerMFLOP(ctx)
+	if err != nil {
+		return 0, err
+	}
+	most := billing.MaxCost(c.PromptTokens, c.MaxTokens, c.FLOPsPerToken, price)
+	if err := p.keys.Reserve(b.key, most); err != nil {
+		return 0, payErr("%v (prompt of %d tokens + max_tokens %d at %s NEURO per 1,000 tokens, x%d for validation)", err,
+			c.PromptTokens, c.MaxTokens, billing.Format(billing.PerThousand(c.FLOPsPerToken, price)), billing.CheckMargin)
+	}
+	release := func() {
+		if err := p.keys.Charge(b.key, most, 0); err != nil {
+			p.log.Warn("api key: release a reservation", "key", b.key, "err", err)
+		}
+	}
+	st, err := p.ledger.Status(ctx, b.account)
+	if err != nil {
+		release()
+		return 0, fmt.Errorf("ledger: %w", err)
+	}
+	var allowed uint64
+	for _, a := range st.GetAllowances() {
+		if peer.ID(a.GetSpender()) == p.self {
+			allowed = a.GetAmount()
+		}
+	}
+	switch {
+	case allowed < most:
+		release()
+		return 0, payErr("account %s allows this gating node %s NEURO, the request may cost %s: the account's holder raises it with 'neurod wallet allow %s AMOUNT'",
+			b.account, billing.Format(allowed), billing.Format(most), p.self)
+	case st.GetBalance() < most:
+		release()
+		return 0, payErr("account %s holds %s NEURO, the request may cost %s", b.account, billing.Format(st.GetBalance()), billing.Format(most))
+	}
+	tx, err := p.ledger.Send(ctx, func(tx *neuropb.LedgerTx) {
+		tx.Body = &neuropb.LedgerTx_OpenEscrow{OpenEscrow: &neuropb.OpenEscrow{Model: c.Model.Bytes(), Gating: []byte(p.self),
+			Amount: most, Payer: []byte(b.account)}}
+	})
+	if err != nil {
+		release()
+		return 0, fmt.Errorf("open an escrow: %w", err)
+	}
+	id := ledger.EscrowID(p.self, tx.GetNonce())
+	wctx, cancel := context.WithTimeout(ctx, escrowWait)
+	defer cancel()
+	if _, _, err := p.ledger.WaitEscrow(wctx, id); err != nil {
+		release()
+		return 0, fmt.Errorf("escrow %d for account %s: %w", id, b.account, err)
+	}
+	b.price, b.reserved, b.escrow = price, most, id
+	return id, nil
+}
+
+func (b *keyBill) Close(flops uint64) uint64 {
+	cost := min(billing.Cost(flops, b.price), b.reserved)
+	if err := b.p.keys.Charge(b.key, b.reserved, cost); err != nil {
+		b.p.log.Error("api key: store what a request spent", "key", b.key, "cost", cost, "err", err)
+	}
+	b.p.settler.CloseEscrow(b.escrow)
+	return cost
+}
+
+// escrowBill pays from an escrow the client opened.
+type escrowBill struct {
+	p     *payments
+	from  peer.ID
+	model cid.Cid
+	// tx opens the escrow for this request only (nil: it exists).
+	tx     *neuropb.LedgerTx
+	escrow uint64
+
+	price, most uint64
+}
+
+// Bill decides how a request over the infer protocol is paid: from the
+// escrow it names, which must be the requesting peer's, for this node and
+// model, with enough left; or from the escrow whose opening transaction it
+// carries. Without either it runs unpaid, unless payment is required.
+func (p *payments) Bill(_ context.Context, from peer.ID, req *neuropb.InferRequest) (gating.Bill, error) {
+	model, _ := cid.Cast(req.GetModel())
+	if raw := req.GetEscrowTx(); len(raw) > 0 {
+		if p.ledger == nil || p.settler == nil {
+			return nil, payErr("this gating node takes no part in a ledger")
+		}
+		tx, err := ledger.DecodeTx(raw)
+		if err != nil {
+			return nil, payErr("escrow transaction: %v", err)
+		}
+		oe := tx.GetOpenEscrow()
+		switch {
+		case oe == nil:
+			return nil, payErr("escrow transaction: not an escrow")
+		case peer.ID(tx.GetSender()) != from:
+			return nil, payErr("escrow transaction: signed by %s, not by the requesting peer %s", peer.ID(tx.GetSender()), from)
+		case len(oe.GetPayer()) > 0 && peer.ID(oe.GetPayer()) != from:
+			return nil, payErr("escrow transaction: draws on another account")
+		case peer.ID(oe.GetGating()) != p.self:
+			return nil, payErr("escrow transaction: names gating node %s, not this one (%s)", peer.ID(oe.GetGating()), p.self)
+		case string(oe.GetModel()) != string(req.GetModel()):
+			return nil, payErr("escrow transaction: for another model")
+		}
+		id := ledger.EscrowID(from, tx.GetNonce())
+		if e := req.GetEscrow(); e != 0 && e != id {
+			return nil, payErr("escrow %d is not the one the transaction opens (%d)", e, id)
+		}
+		return &escrowBill{p: p, from: from, model: model, tx: tx, escrow: id}, nil
+	}
+	if e := req.GetEscrow(); e != 0 {
+		if p.ledger == nil || p.settler == nil {
+			return nil, payErr("this gating node takes no part in a ledger")
+		}
+		return &escrowBill{p: p, from: from, model: model, escrow: e}, nil
+	}
+	if p.require {
+		return nil, payErr("this gating node requires payment: name an escrow you opened for it (neurod generate --network --wallet FILE; client.WithWallet)")
+	}
+	return nil, nil
+}
+
+func (b *escrowBill) Open(ctx context.Context, c gating.Charge) (uint64, error) {
+	p := b.p
+	price, err := p.pricePerMFLOP(ctx)
+	if err != nil {
+		return 0, err
+	}
+	most := billing.MaxCost(c.PromptTokens, c.MaxTokens, c.FLOPsPerToken, price)
+	if b.tx != nil {
+		if amt := b.tx.GetOpenEscrow().GetAmount(); amt < most {
+			return 0, payErr("escrow of %s NEURO cannot cover this request's most, %s (ask for a quote first)", billing.Format(amt), billing.Format(most))
+		}
+		if err := p.ledger.Submit(ctx, b.tx); err != nil {
+			return 0, payErr("escrow transaction: %v", err)
+		}
+		wctx, cancel := context.WithTimeout(ctx, escrowWait)
+		defer cancel()
+		if _, _, err := p.ledger.WaitEscrow(wctx, b.escrow); err != nil {
+			return 0, payErr("escrow %d: %v", b.escrow, err)
+		}
+		b.price, b.most = price, b.tx.GetOpenEscrow().GetAmount()
+		return b.escrow, nil
+	}
+	e, _, err := p.ledger.Escrow(ctx, b.escrow)
+	switch {
+	case err != nil:
+		return 0, fmt.Errorf("ledger: %w", err)
+	case e == nil:
+		return 0, payErr("no escrow %d on the ledger (expired, closed, or not applied yet)", b.escrow)
+	case e.Payer != b.from.String():
+		return 0, payErr("escrow %d is not the requesting peer's", b.escrow)
+	case e.Gating != p.self.String():
+		return 0, payErr("escrow %d names gating node %s, not this one", b.escrow, e.Gating)
+	case e.Model != b.model.String():
+		return 0, payErr("escrow %d is for model %s", b.escrow, e.Model)
+	case e.Remaining < most:
+		return 0, payErr("escrow %d holds %s NEURO, the request may cost %s", b.escrow, billing.Format(e.Remaining), billing.Format(most))
+	}
+	b.price, b.most = price, e.Remaining
+	return b.escrow, nil
+}
+
+func (b *escrowBill) Close(flops uint64) uint64 {
+	if b.tx != nil {
+		b.p.settler.CloseEscrow(b.escrow)
+	}
+	return min(billing.Cost(flops, b.price), b.most)
+}
+
+// Quote says what c would cost peer from, with its account's balance and
+// next nonce, so that it can sign the escrow that pays.
+func (p *payments) Quote(ctx context.Context, from peer.ID, c gating.Charge) (*neuropb.InferQuote, error) {
+	q := &neuropb.InferQuote{Gating: []byte(p.self), FlopsPerToken: c.FLOPsPerToken,
+		PromptTokens: uint32(c.PromptTokens), MaxTokens: uint32(c.MaxTokens), PaymentRequired: p.require}
+	if p.ledger == nil {
+		return q, nil
+	}
+	price, err := p.pricePerMFLOP(ctx)
+	if err != nil {
+		return nil, &gating.Error{Code: neuropb.InferError_CODE_INTERNAL, Msg: err.Error()}
+	}
+	q.PricePerMflop = price
+	q.CostPer_1KTokens = billing.PerThousand(c.FLOPsPerToken, price)
+	q.MaxCost = billing.MaxCost(c.PromptTokens, c.MaxTokens, c.FLOPsPerToken, price)
+	st, err := p.ledger.Status(ctx, from)
+	if err != nil {
+		return nil, &gating.Error{Code: neuropb.InferError_CODE_INTERNAL, Msg: fmt.Sprintf("ledger: %v", err)}
+	}
+	q.Balance, q.NextNonce = st.GetBalance(), st.GetNonce()+1
+	return q, nil
+}
+
+// seenTTL is how long an escrow that paid an expert call is trusted to
+// pay the next ones without asking the ledger again.
+const seenTTL = 5 * time.Second
+
+// expertPayment accepts an expert call from gating node from that names
+// escrow for flops of work: the escrow must exist, name from as its
+// gating node and hold the work's fee. A new escrow may take a block to
+// be proven everywhere: it is asked for again for a few seconds.
+func (p *payments) expertPayment(ctx context.Context, from peer.ID, escrow, flops uint64) error {
+	if escrow == 0 {
+		return errors.New("this expert node requires payment: the call names no escrow")
+	}
+	check := func(e ledger.Escrow, price uint64) error {
+		if e.Gating != from.String() {
+			return fmt.Errorf("escrow %d names gating node %s, not the caller", escrow, e.Gating)
+		}
+		if fee := billing.Cost(flops, price); e.Remaining < fee {
+			return fmt.Errorf("escrow %d holds %s NEURO, the call costs %s", escrow, billing.Format(e.Remaining), billing.Format(fee))
+		}
+		return nil
+	}
+	p.mu.Lock()
+	seen, ok := p.escrows[escrow]
+	price := p.price
+	p.mu.Unlock()
+	if ok && time.Since(seen.at) < seenTTL {
+		return check(seen.e, price)
+	}
+	for {
+		e, params, err := p.ledger.Escrow(ctx, escrow)
+		if err == nil && e != nil {
+			p.mu.Lock()
+			if p.escrows == nil || len(p.escrows) > 4096 {
+				p.escrows = map[uint64]seenEscrow{}
+			}
+			p.escrows[escrow] = seenEscrow{e: *e, at: time.Now()}
+			p.price, p.priceAt = params.GetPricePerMflop(), time.Now()
+			p.mu.Unlock()
+			return check(*e, params.GetPricePerMflop())
+		}
+		select {
+		case <-ctx.Done():
+			if err != nil {
+				return fmt.Errorf("ledger: %w", err)
+			}
+			return fmt.Errorf("no escrow %d on the ledger", escrow)
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
