@@ -3,6 +3,7 @@ package expert
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"math/rand/v2"
@@ -346,4 +347,64 @@ func TestServerDiesMidCall(t *testing.T) {
 		t.Fatal("call still hanging 15 s after the node died")
 	}
 	close(g.release)
+}
+
+// With a payment check (expert.require_escrow), a call is computed only
+// when the check accepts it; it is told the calling peer, the escrow and
+// the call's work, and a refusal is CODE_PAYMENT_REQUIRED on a stream that
+// stays usable.
+func TestPaymentRequired(t *testing.T) {
+	mc, m, dir := tinyShards(t, model.F32)
+	sh, ch := hostPair(t)
+	type call struct {
+		from          string
+		escrow, flops uint64
+	}
+	var mu sync.Mutex
+	var calls []call
+	cfg := DefaultConfig()
+	cfg.Payment = func(_ context.Context, from peer.ID, escrow, flops uint64) error {
+		mu.Lock()
+		defer mu.Unlock()
+		calls = append(calls, call{from.String(), escrow, flops})
+		if escrow != 7 {
+			return errors.New("no escrow that pays")
+		}
+		return nil
+	}
+	srv := startServer(t, sh, cfg)
+	ref := m.GetExperts()[0]
+	e := loadExpert(t, dir, ref)
+	if err := srv.Add(mc, 0, 0, e); err != nil {
+		t.Fatal(err)
+	}
+	srv.Start()
+	st, err := ch.NewStream(t.Context(), sh.ID(), neuropb.ExpertProtocol)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	r, w := wire.NewReader(st, neuropb.MaxExpertMessageSize), wire.NewWriter(st, neuropb.MaxExpertMessageSize)
+	embd := int(m.GetParams().GetEmbd())
+	for i, escrow := range []uint64{0, 7} {
+		q := &neuropb.ExpertRequest{RequestId: uint64(i + 1), Model: mc.Bytes(), Escrow: escrow,
+			Hidden: EncodeFloats(make([]float32, 3*embd), 3, embd, neuropb.WireDType_WIRE_DTYPE_F32)}
+		if err := w.Write(q); err != nil {
+			t.Fatal(err)
+		}
+		var resp neuropb.ExpertResponse
+		_ = st.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if err := r.Read(&resp); err != nil {
+			t.Fatal(err)
+		}
+		paid := escrow == 7
+		if got := resp.GetError().GetCode(); (paid && resp.GetError() != nil) || (!paid && got != neuropb.ExpertError_CODE_PAYMENT_REQUIRED) {
+			t.Fatalf("escrow %d: %v", escrow, &resp)
+		}
+	}
+	ff := uint64(m.GetParams().GetFf())
+	want := []call{{ch.ID().String(), 0, 6 * uint64(embd) * ff * 3}, {ch.ID().String(), 7, 6 * uint64(embd) * ff * 3}}
+	if fmt.Sprint(calls) != fmt.Sprint(want) || ff == 0 {
+		t.Fatalf("payment checks %v, want %v", calls, want)
+	}
 }

@@ -42,17 +42,7 @@ type HTTPOptions struct {
 type HTTPAuth interface {
 	// Authorize checks r's credentials before its body is read: the Bill
 	// that pays for it (nil: it runs unpaid), or the refusal to answer.
-	Authorize(r *http.Request) (Bill, *HTTPError)
-}
-
-// HTTPError is a refusal of an HTTP request, answered in OpenAI's error
-// shape.
-type HTTPError struct {
-	Status       int
-	Type, Code   string
-	Message      string
-	RetryAfter   time.Duration
-	Authenticate bool // ask for a bearer token (401)
+	Authorize(r *http.Request) (Bill, *billing.Refusal)
 }
 
 // HTTPHandler serves the OpenAI-compatible API of a gating node:

@@ -59,6 +59,8 @@ func FuzzOpenAIBodies(f *testing.F) {
 		`{"model":"` + only.String() + `","prompt":["a"],"top_k":40,"top_p":0.9}`,
 		`{"messages":[{"role":"system","content":"be brief"},{"role":"user","content":[{"type":"text","text":"hi"}]}],"max_completion_tokens":4}`,
 		`{"messages":[],"n":2}`, `{"prompt":"x","max_tokens":0}`, `{"prompt":""}`, `{"model":"nope","prompt":"x"}`, `[`, `null`,
+		`{"prompt":"x","logprobs":false,"user":"u","response_format":{"type":"text"},"temperature":2}`,
+		`{"prompt":"x","logprobs":true}`, `{"prompt":"x","unknown":1}`, `{"prompt":"x","temperature":2.5}`,
 	} {
 		f.Add([]byte(seed))
 	}

@@ -644,7 +644,7 @@ func NewLogger(w io.Writer, cfg LogConfig) (*slog.Logger, error) {
 // on an address that is not loopback: without API keys, anyone who
 // reaches it would use the network's experts on this node's account.
 func (n *Node) checkHTTPExposure() error {
-	if n.gating == nil || n.cfg.HTTP.AllowUnauthenticated || (n.pay.keys != nil && len(n.pay.keys.List()) > 0) {
+	if n.gating == nil || n.cfg.HTTP.AllowUnauthenticated || (n.pay.keys != nil && n.pay.keys.Configured()) {
 		return nil
 	}
 	host, _, _ := net.SplitHostPort(n.cfg.HTTP.Listen)

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
-	"strings"
 	"sync"
 	"time"
 
@@ -92,63 +91,25 @@ func (p *payments) cachedPrice() (uint64, bool) {
 	return v, err == nil
 }
 
-func httpErr(status int, typ, code, format string, args ...any) *gating.HTTPError {
-	return &gating.HTTPError{Status: status, Type: typ, Code: code, Message: fmt.Sprintf(format, args...)}
-}
-
-// bearer is the key of an "Authorization: Bearer KEY" header.
-func bearer(r *http.Request) (string, bool) {
-	h := r.Header.Values("Authorization")
-	if len(h) != 1 {
-		return "", false
-	}
-	scheme, key, ok := strings.Cut(strings.TrimSpace(h[0]), " ")
-	if !ok || !strings.EqualFold(scheme, "Bearer") {
-		return "", false
-	}
-	key = strings.TrimSpace(key)
-	return key, key != ""
+func httpErr(status int, typ, code, format string, args ...any) *billing.Refusal {
+	return &billing.Refusal{Status: status, Type: typ, Code: code, Message: fmt.Sprintf(format, args...)}
 }
 
 // Authorize checks an HTTP API request's key: once the node has issued
 // keys, every request needs one that is live and within its rate; its
 // account pays. A node that never issued keys takes requests without one
 // (unpaid, unless gating.require_payment).
-func (p *payments) Authorize(r *http.Request) (gating.Bill, *gating.HTTPError) {
-	if p.keys == nil || len(p.keys.List()) == 0 {
+func (p *payments) Authorize(r *http.Request) (gating.Bill, *billing.Refusal) {
+	if p.keys == nil || !p.keys.Configured() {
 		if p.require && r.Method == http.MethodPost {
 			return nil, httpErr(http.StatusPaymentRequired, "insufficient_quota", "payment_required",
 				"this gating node requires payment and has issued no API keys: its operator creates them with 'neurod apikey create'")
 		}
 		return nil, nil
 	}
-	secret, ok := bearer(r)
-	if !ok {
-		e := httpErr(http.StatusUnauthorized, "invalid_request_error", "invalid_api_key",
-			"missing API key: send it as 'Authorization: Bearer KEY'")
-		e.Authenticate = true
-		return nil, e
-	}
-	k, err := p.keys.Authenticate(secret)
-	switch {
-	case errors.Is(err, billing.ErrRevoked):
-		e := httpErr(http.StatusUnauthorized, "invalid_request_error", "invalid_api_key", "API key revoked")
-		e.Authenticate = true
-		return nil, e
-	case err != nil:
-		e := httpErr(http.StatusUnauthorized, "invalid_request_error", "invalid_api_key", "invalid API key")
-		e.Authenticate = true
-		return nil, e
-	}
-	if ok, wait := p.keys.Allow(k.ID, time.Now()); !ok {
-		e := httpErr(http.StatusTooManyRequests, "requests", "rate_limit_exceeded",
-			"rate limit of %d requests a minute reached for this API key", k.RatePerMin)
-		e.RetryAfter = wait
-		return nil, e
-	}
-	if k.Left() == 0 {
-		return nil, httpErr(http.StatusPaymentRequired, "insufficient_quota", "insufficient_quota",
-			"API key budget of %s NEURO is spent", billing.Format(k.Budget))
+	k, refused := p.keys.Check(r, time.Now())
+	if refused != nil {
+		return nil, refused
 	}
 	if r.Method != http.MethodPost {
 		return nil, nil // listing models costs nothing
