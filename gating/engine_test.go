@@ -107,7 +107,7 @@ type gatingNet struct {
 // newGatingNet starts a gating node and one expert node per spec, and
 // waits until the gating node knows a provider of every expert and has
 // loaded the model.
-func newGatingNet(t *testing.T, ctx context.Context, p model.Params, dt model.DType, seed uint64, specs []string) *gatingNet {
+func newGatingNet(t testing.TB, ctx context.Context, p model.Params, dt model.DType, seed uint64, specs []string) *gatingNet {
 	t.Helper()
 	xn := newExpertNet(t, ctx, p, dt, seed, specs)
 	eng, err := NewEngine(xn.hosts[0], xn.origin, EngineConfig{Threads: 1, Compute: ggml.Backend{}}, quiet())

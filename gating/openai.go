@@ -24,8 +24,12 @@ import (
 	"github.com/neuro-p2p/neuro/neuropb"
 )
 
-// maxHTTPBody bounds an HTTP API request body.
-const maxHTTPBody = 1 << 20
+// maxHTTPBody bounds an HTTP API request body, and bodyTimeout the time
+// to read it.
+const (
+	maxHTTPBody = 1 << 20
+	bodyTimeout = 30 * time.Second
+)
 
 // HTTPOptions configure the HTTP API.
 type HTTPOptions struct {
@@ -258,7 +262,12 @@ type chatRequest struct {
 // readBody reads a request body of at most maxHTTPBody bytes, answering
 // the error itself.
 func readBody(w http.ResponseWriter, r *http.Request) ([]byte, bool) {
+	// The body within bodyTimeout; the deadline is lifted after, so that
+	// it never cuts the generation that follows.
+	rc := http.NewResponseController(w)
+	_ = rc.SetReadDeadline(time.Now().Add(bodyTimeout))
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxHTTPBody))
+	_ = rc.SetReadDeadline(time.Time{})
 	if err != nil {
 		var mb *http.MaxBytesError
 		if errors.As(err, &mb) {

@@ -43,6 +43,18 @@ type Info struct {
 	// Shards is how many shards a split makes (the gating one and one per
 	// expert); set from a manifest.
 	Shards int `json:"shards,omitempty"`
+	// ExpertFLOPsPerToken is the expert work of one token, as expert nodes
+	// count it in their receipts (what a request pays for): three matrix
+	// products of embd x ff per expert used in each MoE layer.
+	ExpertFLOPsPerToken uint64 `json:"expert_flops_per_token"`
+	// CostPer1kTokens is what 1,000 tokens cost at the ledger's default
+	// price, in NEURO (filled in by neurod).
+	CostPer1kTokens float64 `json:"cost_per_1k_tokens"`
+}
+
+// setFLOPs fills ExpertFLOPsPerToken once MoELayers is known.
+func (in *Info) setFLOPs() {
+	in.ExpertFLOPsPerToken = 6 * uint64(in.Embd) * uint64(in.FF) * uint64(in.ExpertsUsed) * uint64(in.MoELayers)
 }
 
 // InfoOfFile describes the GGUF f (sizes are of the tensor data; a shard
@@ -86,6 +98,7 @@ func InfoOfFile(f *File) (*Info, error) {
 		in.ExpertBytesMax = max(in.ExpertBytesMax, per)
 		in.ExpertTypes[fmt.Sprintf("%s/%s/%s", l.types[0], l.types[1], l.types[2])] += in.Experts
 	}
+	in.setFLOPs()
 	return in, nil
 }
 
@@ -126,6 +139,7 @@ func InfoOfManifest(m *neuropb.Manifest) *Info {
 	}
 	in.MoELayers, in.DenseLayers = len(perLayer), in.Layers-len(perLayer)
 	in.Shards = 1 + len(m.GetExperts())
+	in.setFLOPs()
 	return in
 }
 

@@ -347,12 +347,13 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 		if tlsCfg != nil {
 			n.httpLn = tls.NewListener(n.httpLn, tlsCfg)
 		}
-		// Bodies are at most 1 MiB and read at once; a stream's answer
-		// may take as long as its tokens do, so writes have no deadline.
+		// Headers within 10 s; the API bounds reading a body itself (at
+		// most 1 MiB in 30 s), since http.Server's ReadTimeout would also
+		// cancel a generation that outlives it. A stream's answer may take
+		// as long as its tokens do, so writes have no deadline.
 		n.httpSrv = &http.Server{
 			Handler:           n.webHandler(),
 			ReadHeaderTimeout: 10 * time.Second,
-			ReadTimeout:       30 * time.Second,
 			IdleTimeout:       2 * time.Minute,
 			MaxHeaderBytes:    64 << 10,
 			ErrorLog:          slog.NewLogLogger(n.log.Handler(), slog.LevelWarn),

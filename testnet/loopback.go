@@ -13,6 +13,7 @@ import (
 
 	"github.com/neuro-p2p/neuro/client"
 	"github.com/neuro-p2p/neuro/expert"
+	"github.com/neuro-p2p/neuro/ledger"
 	"github.com/neuro-p2p/neuro/neuropb"
 	"github.com/neuro-p2p/neuro/node"
 )
@@ -169,6 +170,11 @@ func (l *Loopback) Ask(ctx context.Context, r *Run) error {
 		rep.FinishReason = "length"
 	}
 	rep.Stats = GenerationStats(d, rep.PerTokenMs)
+	if d.Escrow != 0 {
+		rep.CostBaseUnits, rep.PricePerMFLOP = d.Cost, testnetPrice
+		tokens := d.PromptTokens + d.CompletionTokens
+		rep.CostPer1kTokens = float64(d.Cost) * 1000 / float64(max(tokens, 1)) * float64(ledger.DefaultParams().GetPricePerMflop()) / testnetPrice / 1e6
+	}
 	if f := r.S.Events.Answered; f != nil {
 		f(rep, d, took)
 	}

@@ -44,6 +44,13 @@ type Report struct {
 	// from an expert result that a later check found wrong.
 	Rewinds int    `json:"rewinds"`
 	Stats   *Stats `json:"stats,omitempty"`
+	// CostBaseUnits is what the last request cost its payer (the user
+	// wallet, at the testnet's price), PricePerMFLOP that price, and
+	// CostPer1kTokens the cost of 1,000 of its tokens (prompt and
+	// generated) at the ledger's default price.
+	CostBaseUnits   uint64  `json:"cost_base_units,omitempty"`
+	PricePerMFLOP   uint64  `json:"price_per_mflop,omitempty"`
+	CostPer1kTokens float64 `json:"cost_per_1k_tokens_default_price,omitempty"`
 	// HTTP is node 0's HTTP listener: the dashboard, /metrics and the
 	// gating node's OpenAI-compatible API.
 	HTTP string `json:"http,omitempty"`

@@ -269,6 +269,11 @@ func seedTestnet(genesisPath string, mf *Model, validators, gating int, users ..
 	}
 }
 
+// testnetPrice is the testnet's price of an MFLOP in base units: the tiny
+// model does a few hundred kFLOPs a token, so that a prompt costs about a
+// NEURO and the treasury and burn show.
+const testnetPrice = 100_000
+
 // testnetAllowance is what every testnet account allows the gating node
 // to draw into escrows: an API key the gating node issues for any node's
 // account is paid at once, without a transaction from the account first
@@ -282,9 +287,7 @@ const testnetAllowance = 1000 * ledger.BaseUnits
 // is on the ledger from the start.
 func writeGenesis(path string, homes []string, model cid.Cid, validators, gating int, users ...peer.ID) error {
 	params := ledger.DefaultParams()
-	// The tiny model does a few hundred kFLOPs a token: price it so that a
-	// prompt costs about a NEURO, and the treasury and burn show.
-	params.PricePerMflop = 100_000
+	params.PricePerMflop = testnetPrice
 	// Votes close after 2 s of 200 ms blocks, so that a user can try
 	// governance on the testnet.
 	params.VotingBlocks = 10

@@ -10,15 +10,18 @@ import (
 	"path/filepath"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 
 	"github.com/ipfs/go-cid"
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
+	"github.com/neuro-p2p/neuro/billing"
 	"github.com/neuro-p2p/neuro/expert"
 	"github.com/neuro-p2p/neuro/ggml"
 	"github.com/neuro-p2p/neuro/internal/progress"
+	"github.com/neuro-p2p/neuro/ledger"
 	"github.com/neuro-p2p/neuro/model"
 	"github.com/neuro-p2p/neuro/node"
 )
@@ -342,6 +345,7 @@ largest layer's experts (what a node needs to host a whole layer).`,
 			if err != nil {
 				return err
 			}
+			in.CostPer1kTokens = float64(billing.PerThousand(in.ExpertFLOPsPerToken, ledger.DefaultParams().GetPricePerMflop())) / 1e6
 			if asJSON {
 				return json.NewEncoder(cmd.OutOrStdout()).Encode(in)
 			}
@@ -415,4 +419,7 @@ func printInfo(w io.Writer, in *model.Info) {
 	fmt.Fprintln(w, " (gate/up/down)")
 	fmt.Fprintf(w, "size          %s in all, gating %s, one expert %s to %s\n", mib(in.TotalBytes), mib(in.GatingBytes), mib(in.ExpertBytesMin), mib(in.ExpertBytesMax))
 	fmt.Fprintf(w, "to host       %s for the largest layer's experts\n", mib(in.LayerExpertBytes))
+	fmt.Fprintf(w, "price         %s NEURO per 1,000 tokens at the default price (%s MFLOP of expert work a token, %d base unit per MFLOP)\n",
+		strconv.FormatFloat(in.CostPer1kTokens, 'f', -1, 64), strconv.FormatFloat(float64(in.ExpertFLOPsPerToken)/1e6, 'f', -1, 64),
+		ledger.DefaultParams().GetPricePerMflop())
 }
