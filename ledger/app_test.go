@@ -144,7 +144,7 @@ func TestRandomWorkloadKeepsSupplyAndAgreement(t *testing.T) {
 			a := actors[rng.IntN(len(actors))]
 			other := actors[rng.IntN(len(actors))]
 			amt := uint64(rng.IntN(500)+1) * BaseUnits / 10
-			switch k := rng.IntN(10); k {
+			switch k := rng.IntN(12); k {
 			case 0, 1:
 				txs = append(txs, a.tx(t, func(tx *neuropb.LedgerTx) {
 					tx.Body = &neuropb.LedgerTx_Transfer{Transfer: &neuropb.Transfer{To: []byte(other.id), Amount: amt}}
@@ -183,8 +183,9 @@ func TestRandomWorkloadKeepsSupplyAndAgreement(t *testing.T) {
 					}
 					receipts = append(receipts, r)
 				}
+				closing := rng.IntN(3) == 0 // the gating node ends it, and the rest returns
 				txs = append(txs, gating.tx(t, func(tx *neuropb.LedgerTx) {
-					tx.Body = &neuropb.LedgerTx_Settle{Settle: &neuropb.Settle{Escrow: eid, Receipts: receipts}}
+					tx.Body = &neuropb.LedgerTx_Settle{Settle: &neuropb.Settle{Escrow: eid, Receipts: receipts, Close: closing}}
 				}))
 			case 7:
 				// A slash on a verdict the staked judge signed.
@@ -200,6 +201,18 @@ func TestRandomWorkloadKeepsSupplyAndAgreement(t *testing.T) {
 			case 9:
 				txs = append(txs, a.tx(t, func(tx *neuropb.LedgerTx) {
 					tx.Body = &neuropb.LedgerTx_Vote{Vote: &neuropb.Vote{Proposal: uint64(rng.IntN(5) + 1), Yes: rng.IntN(2) == 0}}
+				}))
+			case 10:
+				// a lets other (a gating node) draw on it.
+				txs = append(txs, a.tx(t, func(tx *neuropb.LedgerTx) {
+					tx.Body = &neuropb.LedgerTx_Allow{Allow: &neuropb.Allow{Spender: []byte(other.id), Amount: amt * 2}}
+				}))
+			case 11:
+				// other opens an escrow from a's account on a's allowance
+				// (refused when there is none, or too little).
+				txs = append(txs, other.tx(t, func(tx *neuropb.LedgerTx) {
+					tx.Body = &neuropb.LedgerTx_OpenEscrow{OpenEscrow: &neuropb.OpenEscrow{Model: testModel().Bytes(), Gating: []byte(other.id),
+						Amount: amt, Payer: []byte(a.id)}}
 				}))
 			}
 		}

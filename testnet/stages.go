@@ -352,8 +352,9 @@ func validatorPorts(dir string, n int) (ports []int, peers []string, err error) 
 	return ports, peers, nil
 }
 
-// userFunds is what the testnet's user wallet starts with.
-const userFunds = 10_000 * ledger.BaseUnits
+// userFunds is what the testnet's user wallet starts with: enough for
+// the bench model's prompts at the testnet's price.
+const userFunds = 1_000_000_000 * ledger.BaseUnits
 
 // UserWallet is the testnet's user wallet in its directory: the account
 // the loopback testnet's prompt is paid from ('neurod generate --network

@@ -369,29 +369,24 @@ func TestTestnetCheck(t *testing.T) {
 	if fmt.Sprint(rep.Tokens) != fmt.Sprint(want) || len(rep.PerTokenMs) != len(rep.Tokens) {
 		t.Fatalf("testnet tokens %v (%d latencies), generate --local %v", rep.Tokens, len(rep.PerTokenMs), want)
 	}
-	// The generation was paid: node 1 escrowed 100 NEURO; the gating node
-	// earned its share, some expert its part, the treasury its cut, and
-	// part of that cut was burned.
+	// The generation was paid from the user's wallet: it paid exactly what
+	// the answer said it cost; the gating node earned its share, the
+	// expert nodes their part, the treasury its cut, and part of that cut
+	// was burned.
 	l := rep.Ledger
-	if l == nil || !l.SupplyOK || l.Height < 1 || l.Treasury == 0 || l.Burned == 0 {
+	if l == nil || !l.SupplyOK || l.Height < 1 || l.Treasury == 0 || l.Burned == 0 || l.User == "" {
 		t.Fatalf("ledger: %+v", l)
 	}
 	gating := rep.Nodes[0].PeerID
 	if l.BalancesAfter[gating] <= l.BalancesBefore[gating] {
 		t.Errorf("the gating node earned nothing: %d -> %d", l.BalancesBefore[gating], l.BalancesAfter[gating])
 	}
-	if payer := rep.Nodes[1].PeerID; l.BalancesAfter[payer] >= l.BalancesBefore[payer] {
-		t.Errorf("the payer paid nothing: %d -> %d", l.BalancesBefore[payer], l.BalancesAfter[payer])
+	if paid := int64(l.BalancesBefore[l.User]) - int64(l.BalancesAfter[l.User]); paid <= 0 || uint64(paid) != rep.CostBaseUnits {
+		t.Errorf("the user paid %d, the answer cost %d", paid, rep.CostBaseUnits)
 	}
-	// Node 1 is an expert too: its earnings are what it got back on top of
-	// the 100 NEURO it escrowed.
 	var earned int64
-	for i, n := range rep.Nodes[1:] {
-		d := int64(l.BalancesAfter[n.PeerID]) - int64(l.BalancesBefore[n.PeerID])
-		if i == 0 {
-			d += 100_000_000
-		}
-		earned += d
+	for _, n := range rep.Nodes[1:] {
+		earned += int64(l.BalancesAfter[n.PeerID]) - int64(l.BalancesBefore[n.PeerID])
 	}
 	if earned <= 0 {
 		t.Errorf("the expert nodes earned nothing: %+v", l)

@@ -76,7 +76,9 @@ type testnetJSON struct {
 		Burned         uint64            `json:"burned"`
 		SupplyOK       bool              `json:"supply_ok"`
 		Validators     []string          `json:"validators"`
+		User           string            `json:"user"`
 	} `json:"ledger"`
+	CostBaseUnits uint64 `json:"cost_base_units"`
 }
 
 // runningTestnet starts `neurod testnet ARGS --json`, which stays up after
