@@ -171,9 +171,10 @@ func (l *Loopback) Ask(ctx context.Context, r *Run) error {
 	}
 	rep.Stats = GenerationStats(d, rep.PerTokenMs)
 	if d.Escrow != 0 {
-		rep.CostBaseUnits, rep.PricePerMFLOP = d.Cost, testnetPrice
+		price := TestnetPrice(r.Model.Manifest.ExpertFLOPsPerToken())
+		rep.CostBaseUnits, rep.PricePerMFLOP = d.Cost, price
 		tokens := d.PromptTokens + d.CompletionTokens
-		rep.CostPer1kTokens = float64(d.Cost) * 1000 / float64(max(tokens, 1)) * float64(ledger.DefaultParams().GetPricePerMflop()) / testnetPrice / 1e6
+		rep.CostPer1kTokens = float64(d.Cost) * 1000 / float64(max(tokens, 1)) * float64(ledger.DefaultParams().GetPricePerMflop()) / float64(price) / 1e6
 	}
 	if f := r.S.Events.Answered; f != nil {
 		f(rep, d, took)

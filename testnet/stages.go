@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"math"
 	"math/rand/v2"
 	"net"
 	"os"
@@ -17,7 +18,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/ipfs/go-cid"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/peer"
 
@@ -257,7 +257,7 @@ func ephemeralLow() int {
 // validators nodes validate) and imports the model's shards into node 0.
 func seedTestnet(genesisPath string, mf *Model, validators, gating int, users ...peer.ID) func(homes []string) error {
 	return func(homes []string) error {
-		if err := writeGenesis(genesisPath, homes, mf.CID, validators, gating, users...); err != nil {
+		if err := writeGenesis(genesisPath, homes, mf, validators, gating, users...); err != nil {
 			return err
 		}
 		store, err := expert.OpenStore(filepath.Join(homes[0], node.StoreDir))
@@ -269,10 +269,18 @@ func seedTestnet(genesisPath string, mf *Model, validators, gating int, users ..
 	}
 }
 
-// testnetPrice is the testnet's price of an MFLOP in base units: the tiny
-// model does a few hundred kFLOPs a token, so that a prompt costs about a
-// NEURO and the treasury and burn show.
-const testnetPrice = 100_000
+// tokenPrice is what one token (prompt or generated) of any model costs on
+// the testnet: 0.005 NEURO, so that a prompt costs a fraction of a NEURO,
+// the treasury and burn show, and an API key with a budget of a few NEURO
+// pays for a few dozen requests whatever the model's size.
+const tokenPrice = 5000
+
+// TestnetPrice is the testnet's price of one MFLOP in base units for a
+// model whose token needs flopsPerToken of expert work: tokenPrice a
+// token, at least one base unit an MFLOP.
+func TestnetPrice(flopsPerToken uint64) uint64 {
+	return max(1, uint64(math.Round(float64(tokenPrice)*1e6/float64(max(flopsPerToken, 1)))))
+}
 
 // testnetAllowance is what every testnet account allows the gating node
 // to draw into escrows: an API key the gating node issues for any node's
@@ -285,14 +293,14 @@ const testnetAllowance = 1000 * ledger.BaseUnits
 // the minimum stake an expert needs to be paid) and allows node gating
 // testnetAllowance; each user wallet starts with userFunds; and the model
 // is on the ledger from the start.
-func writeGenesis(path string, homes []string, model cid.Cid, validators, gating int, users ...peer.ID) error {
+func writeGenesis(path string, homes []string, mf *Model, validators, gating int, users ...peer.ID) error {
 	params := ledger.DefaultParams()
-	params.PricePerMflop = testnetPrice
+	params.PricePerMflop = TestnetPrice(mf.Manifest.ExpertFLOPsPerToken())
 	// Votes close after 2 s of 200 ms blocks, so that a user can try
 	// governance on the testnet.
 	params.VotingBlocks = 10
 	g := ledger.ChainGenesis{ChainID: "neuro-testnet", Time: time.Now().UTC().Truncate(time.Second),
-		Ledger: &neuropb.LedgerGenesis{Params: params, Models: [][]byte{model.Bytes()}}}
+		Ledger: &neuropb.LedgerGenesis{Params: params, Models: [][]byte{mf.CID.Bytes()}}}
 	ids := make([]peer.ID, len(homes))
 	for i, home := range homes {
 		key, err := node.LoadIdentity(home)
@@ -352,9 +360,9 @@ func validatorPorts(dir string, n int) (ports []int, peers []string, err error) 
 	return ports, peers, nil
 }
 
-// userFunds is what the testnet's user wallet starts with: enough for
-// the bench model's prompts at the testnet's price.
-const userFunds = 1_000_000_000 * ledger.BaseUnits
+// userFunds is what the testnet's user wallet starts with: two million
+// tokens at the testnet's price.
+const userFunds = 10_000 * ledger.BaseUnits
 
 // UserWallet is the testnet's user wallet in its directory: the account
 // the loopback testnet's prompt is paid from ('neurod generate --network
