@@ -568,10 +568,11 @@ type usage struct {
 	CompletionTokens int `json:"completion_tokens"`
 	TotalTokens      int `json:"total_tokens"`
 	// Cost is what the request was charged, in NEURO (CostBaseUnits in
-	// base units), from Escrow (0: unpaid).
+	// base units), from Escrow (absent: unpaid; a string, since a 64-bit
+	// ID does not survive JavaScript's numbers).
 	Cost          float64 `json:"cost"`
 	CostBaseUnits uint64  `json:"cost_base_units"`
-	Escrow        uint64  `json:"escrow,omitempty"`
+	Escrow        uint64  `json:"escrow,omitempty,string"`
 }
 
 func usageOf(res *Result) usage {
