@@ -17,6 +17,9 @@
 //		fmt.Print(tok.Text)
 //	}
 //
+// With WithWallet, every request is paid from the wallet's ledger account
+// (Quote says what one would cost first).
+//
 // The package is pure Go: it does not link the model engine.
 package client
 
@@ -98,7 +101,8 @@ func WithIdentity(k crypto.PrivKey) Option {
 // from the account, and sends it along; the gating node submits it,
 // settles the experts' work from it and returns the rest at once. The
 // wallet's key is also the client's identity, which is how the gating
-// node knows the escrow is the requester's own.
+// node knows the escrow is the requester's own. Each escrow takes the
+// account's next nonce: run one paid request at a time per wallet.
 func WithWallet(k crypto.PrivKey) Option {
 	return func(o *options) error {
 		if k == nil {
