@@ -110,7 +110,8 @@ func (r *RemoteExperts) weightTypes(k expert.Key) []model.DType {
 // CallStats add up what a generation's expert calls cost.
 type CallStats struct {
 	// MoEWall is the time spent in MoE (all layers, all passes);
-	// MoECompute the compute time the slowest call of each layer reported.
+	// MoECompute the compute time the slowest call of each layer reported
+	// (with its wait for the node's other computes).
 	MoEWall, MoECompute atomic.Int64 // nanoseconds
 	MoELayers           atomic.Int64
 	// OneNodeLayers counts the MoE layers whose calls one node answered.
@@ -120,15 +121,47 @@ type CallStats struct {
 }
 
 // Receipts collects the signed usage receipts of the expert answers a
-// generation used, when it is paid from an escrow.
+// generation used, when it is paid from an escrow. Each is verified off
+// the caller's path (an Ed25519 verification costs about as much as the
+// network on loopback), before Take returns it.
 type Receipts struct {
-	Escrow uint64
-	mu     sync.Mutex
-	list   []*neuropb.UsageReceipt
+	Escrow  uint64
+	mu      sync.Mutex
+	list    []*neuropb.UsageReceipt
+	taken   bool
+	pending sync.WaitGroup
 }
 
-// Take returns the receipts collected.
+// add keeps r if it is p's signed receipt for the escrow, checked in the
+// background; after Take it is dropped (a late check's receipt misses the
+// settlement).
+func (r *Receipts) add(rc *neuropb.UsageReceipt, p peer.ID) {
+	if rc == nil {
+		return
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.taken {
+		return
+	}
+	r.pending.Add(1)
+	go func() {
+		defer r.pending.Done()
+		if validReceipt(rc, p, r.Escrow) {
+			r.mu.Lock()
+			r.list = append(r.list, rc)
+			r.mu.Unlock()
+		}
+	}()
+}
+
+// Take waits for the receipts being checked and returns those collected;
+// later ones are dropped.
 func (r *Receipts) Take() []*neuropb.UsageReceipt {
+	r.mu.Lock()
+	r.taken = true
+	r.mu.Unlock()
+	r.pending.Wait()
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	out := r.list
@@ -392,10 +425,8 @@ func (r *RemoteExperts) call(ctx context.Context, cs callState, k expert.Key, in
 		case res := <-results:
 			inflight--
 			if res.err == nil {
-				if receipts != nil && validReceipt(res.resp.Receipt, res.p, escrow) {
-					receipts.mu.Lock()
-					receipts.list = append(receipts.list, res.resp.Receipt)
-					receipts.mu.Unlock()
+				if receipts != nil {
+					receipts.add(res.resp.Receipt, res.p)
 				}
 				if r.Validator != nil {
 					others := make([]peer.ID, 0, len(providers))
@@ -421,10 +452,8 @@ func (r *RemoteExperts) call(ctx context.Context, cs callState, k expert.Key, in
 							if err != nil {
 								return nil, nil, err
 							}
-							if receipts != nil && validReceipt(resp.Receipt, q, escrow) {
-								receipts.mu.Lock()
-								receipts.list = append(receipts.list, resp.Receipt)
-								receipts.mu.Unlock()
+							if receipts != nil {
+								receipts.add(resp.Receipt, q)
 							}
 							return resp.Output, resp.Receipt, nil
 						})

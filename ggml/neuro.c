@@ -19,9 +19,19 @@ void neuro_log_install(void) {
 
 static struct ggml_threadpool * pool;
 
+// The threadpool's polling level (ggml's 0-100; -1: ggml's default).
+static int poll_level = -1;
+
+void neuro_set_poll(int level) {
+    poll_level = level;
+}
+
 struct ggml_threadpool * neuro_pool(int n_threads) {
     if (pool == NULL) {
         struct ggml_threadpool_params tpp = ggml_threadpool_params_default(n_threads);
+        if (poll_level >= 0) {
+            tpp.poll = (uint32_t) poll_level;
+        }
         pool = ggml_threadpool_new(&tpp);
     }
     return pool;

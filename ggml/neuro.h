@@ -15,8 +15,13 @@ void neuro_log_install(void);
 // neuro_pool returns the process's one ggml threadpool, creating it with
 // n_threads workers on the first call. Every backend computes on it, one
 // graph at a time (the Go side holds a lock), so that the cores are never
-// oversubscribed and workers stay warm between graphs.
+// oversubscribed; idle workers spin for the polling level (neuro_set_poll)
+// before they sleep.
 struct ggml_threadpool * neuro_pool(int n_threads);
+
+// neuro_set_poll sets the polling level (0-100) of the threadpool that
+// neuro_pool creates next; -1 keeps ggml's default.
+void neuro_set_poll(int level);
 
 // Devices (device.c). neuro_backend_load opens a GPU backend library
 // (libggml-vulkan.so, libggml-cuda.so) and registers its devices.

@@ -4,7 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"runtime/debug"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"time"
@@ -136,6 +138,9 @@ func runNode(cmd *cobra.Command, home string, cfg node.Config, rf *runFlags) err
 	if (fault != expert.FaultNone || rf.slowCompute > 0) && !rf.testnetMode {
 		return errors.New("flags --faulty and --test-slow-compute make a node misbehave on purpose: only with --testnet")
 	}
+	// A node computes a layer, then waits on the network for a process
+	// that needs the same cores: its idle compute threads sleep at once.
+	ggml.SetPolling(0)
 	dev, err := ggml.SelectDevice(cfg.Home.Device)
 	if err != nil {
 		return fmt.Errorf("home.device (--device): %w", err)
@@ -158,6 +163,11 @@ func runNode(cmd *cobra.Command, home string, cfg node.Config, rf *runFlags) err
 	if err != nil {
 		return err
 	}
+	stopProfile, err := startCPUProfile(home)
+	if err != nil {
+		return joinClose(err, n)
+	}
+	defer stopProfile()
 	ctx := cmd.Context()
 	if err := n.Start(ctx); err != nil {
 		return joinClose(err, n)
@@ -245,4 +255,28 @@ func budgetDevice(cfg *node.Config, dev ggml.Device, log interface{ Info(string,
 		"free_mib", free/mib, "expert_mib", cfg.Expert.MemoryMB, "gating_reserve", cfg.Gating.Enabled)
 	return fmt.Sprintf("%s, %s: %d MiB free, less %d MiB kept for compute buffers%s", dev.Spec(), dev.Description, free/mib,
 		reserve/mib, map[bool]string{true: " and the gating compute"}[cfg.Gating.Enabled])
+}
+
+// ProfileEnv names a directory: with it set, `neurod run` writes a CPU
+// profile of its whole run there (cpu-<home's name>.pprof), for `go tool
+// pprof`. The testnet's nodes inherit it.
+const ProfileEnv = "NEURO_CPUPROFILE_DIR"
+
+func startCPUProfile(home string) (stop func(), err error) {
+	dir := os.Getenv(ProfileEnv)
+	if dir == "" {
+		return func() {}, nil
+	}
+	f, err := os.Create(filepath.Join(dir, "cpu-"+filepath.Base(home)+".pprof"))
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", ProfileEnv, err)
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("%s: %w", ProfileEnv, err)
+	}
+	return func() {
+		pprof.StopCPUProfile()
+		f.Close()
+	}, nil
 }
