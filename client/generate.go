@@ -168,6 +168,7 @@ type Stream struct {
 	tokens  int
 	prefill time.Duration
 	prompt  int
+	queued  int // the last place in the gating node's queue (0: never queued)
 	done    *Done
 	err     error
 }
@@ -253,6 +254,12 @@ func (s *Stream) try(ai peer.AddrInfo) error {
 	stop := context.AfterFunc(s.ctx, func() { st.Reset() })
 	s.stop = stop
 	resp, err := s.read()
+	// A busy gating node may queue the request first: wait our turn.
+	for err == nil && resp.GetQueued() != nil {
+		s.queued = int(resp.GetQueued().GetPosition())
+		s.c.log.Debug("queued by the gating node", "peer", ai.ID, "position", s.queued)
+		resp, err = s.read()
+	}
 	if err != nil {
 		stop()
 		st.Reset()
@@ -348,6 +355,10 @@ func (s *Stream) finish(err error) {
 // Done is the summary of a generation that has ended (nil before Next
 // returned io.EOF).
 func (s *Stream) Done() *Done { return s.done }
+
+// Queued is the last place in line the gating node gave the request
+// before it started (0: it started at once).
+func (s *Stream) Queued() int { return s.queued }
 
 // PromptTokens is the length of the evaluated prompt.
 func (s *Stream) PromptTokens() int { return s.prompt }

@@ -30,6 +30,11 @@ import (
 type EngineConfig struct {
 	// Threads for the gating compute (0: every core).
 	Threads int
+	// MaxQueue bounds the requests that wait for a session while all are
+	// busy (one more is answered busy, so that its client tries another
+	// gating node), and QueueTimeout a request's wait.
+	MaxQueue     int
+	QueueTimeout time.Duration
 	// MaxSessions bounds the generations that run at once; one more is
 	// answered busy, so that its client tries another gating node.
 	MaxSessions int
@@ -85,7 +90,7 @@ type Compute interface {
 
 // DefaultEngineConfig returns the defaults.
 func DefaultEngineConfig() EngineConfig {
-	return EngineConfig{MaxSessions: 4, DefaultMaxTokens: 256, DType: neuropb.WireDType_WIRE_DTYPE_F32,
+	return EngineConfig{MaxSessions: 4, MaxQueue: 64, QueueTimeout: 2 * time.Minute, DefaultMaxTokens: 256, DType: neuropb.WireDType_WIRE_DTYPE_F32,
 		CallTimeout: 30 * time.Second}
 }
 
@@ -119,7 +124,7 @@ type Engine struct {
 	sel     *Selector
 	val     *Validator
 	local   *localJudge
-	slots   chan struct{}
+	queue   *sessionQueue
 
 	mu     sync.Mutex
 	models map[cid.Cid]*served
@@ -152,6 +157,12 @@ func NewEngine(h Network, f Fetcher, cfg EngineConfig, log *slog.Logger) (*Engin
 		log = slog.Default()
 	}
 	d := DefaultEngineConfig()
+	if cfg.MaxQueue <= 0 {
+		cfg.MaxQueue = d.MaxQueue
+	}
+	if cfg.QueueTimeout <= 0 {
+		cfg.QueueTimeout = d.QueueTimeout
+	}
 	if cfg.MaxSessions <= 0 {
 		cfg.MaxSessions = d.MaxSessions
 	}
@@ -172,7 +183,7 @@ func NewEngine(h Network, f Fetcher, cfg EngineConfig, log *slog.Logger) (*Engin
 	}
 	e := &Engine{cfg: cfg, log: log.With("component", "gating"), h: h, fetcher: f,
 		client: expert.NewClient(h.LibP2P(), log), sel: NewSelector(nil),
-		slots: make(chan struct{}, cfg.MaxSessions), models: map[cid.Cid]*served{}}
+		queue: newSessionQueue(cfg.MaxSessions, cfg.MaxQueue), models: map[cid.Cid]*served{}}
 	if cfg.Book != nil {
 		e.sel = NewSelector(cfg.Book)
 		e.local = newLocalJudge(f, cfg.Compute, cfg.Threads)
@@ -472,6 +483,9 @@ func (e *Engine) Links() []expert.Link { return e.client.Links() }
 // Active is the number of generations running; Generated the tokens
 // generated since the start.
 func (e *Engine) Active() int64    { return e.active.Load() }
+
+// Queued is how many requests wait for a session.
+func (e *Engine) Queued() int { return e.queue.Len() }
 func (e *Engine) Generated() int64 { return e.generated.Load() }
 
 // Hedges and Redispatches count expert calls sent to a second provider:
@@ -561,6 +575,9 @@ type Callbacks struct {
 	// Bill, if set, pays for the generation (it replaces the request's
 	// escrow).
 	Bill Bill
+	// Queued, if set, is told the request's place in the queue for a
+	// session (1: next) when it has to wait, and whenever it changes.
+	Queued func(position int) error
 }
 
 // A Bill pays for one generation: the node's payment policy makes one for
@@ -679,12 +696,19 @@ func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Cal
 	if err != nil {
 		return nil, err
 	}
-	select {
-	case e.slots <- struct{}{}:
-		defer func() { <-e.slots }()
-	default:
-		return nil, errorf(neuropb.InferError_CODE_BUSY, "all %d sessions of this gating node are busy", cap(e.slots))
+	if err := e.queue.acquire(ctx, e.cfg.QueueTimeout, cb.Queued); err != nil {
+		var qr *queueRefusal
+		switch {
+		case errors.As(err, &qr) && qr.full:
+			return nil, errorf(neuropb.InferError_CODE_BUSY, "all %d sessions of this gating node are busy and %d requests wait for one (gating.max_queue)",
+				e.cfg.MaxSessions, qr.waiting)
+		case errors.As(err, &qr):
+			return nil, errorf(neuropb.InferError_CODE_BUSY, "waited %s in this gating node's queue for a session (gating.queue_timeout)",
+				qr.waited.Round(time.Millisecond))
+		}
+		return nil, err
 	}
+	defer e.queue.release()
 	e.active.Add(1)
 	defer e.active.Add(-1)
 

@@ -103,6 +103,9 @@ func (e *Engine) handleStream(st network.Stream) {
 	start := time.Now()
 	res, err := e.Generate(ctx, req, Callbacks{
 		Bill: bill,
+		Queued: func(position int) error {
+			return send(&neuropb.InferResponse{Event: &neuropb.InferResponse_Queued{Queued: &neuropb.InferQueued{Position: uint32(position)}}})
+		},
 		Start: func(n int, prefill time.Duration) error {
 			return send(&neuropb.InferResponse{Event: &neuropb.InferResponse_Start{Start: &neuropb.InferStart{
 				PromptTokens: uint32(n), PrefillUs: uint64(prefill.Microseconds())}}})

@@ -152,7 +152,7 @@ func (x InferError_Code) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use InferError_Code.Descriptor instead.
 func (InferError_Code) EnumDescriptor() ([]byte, []int) {
-	return file_infer_proto_rawDescGZIP(), []int{8, 0}
+	return file_infer_proto_rawDescGZIP(), []int{9, 0}
 }
 
 // ChatMessage is one turn of a conversation, formatted into the prompt
@@ -537,6 +537,53 @@ func (x *InferQuote) GetPaymentRequired() bool {
 	return false
 }
 
+// InferQueued says the request waits for one of the gating node's
+// sessions: its place in line (1: next). It comes before the start, when
+// the request joins the queue and whenever its place changes.
+type InferQueued struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Position      uint32                 `protobuf:"varint,1,opt,name=position,proto3" json:"position,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *InferQueued) Reset() {
+	*x = InferQueued{}
+	mi := &file_infer_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *InferQueued) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*InferQueued) ProtoMessage() {}
+
+func (x *InferQueued) ProtoReflect() protoreflect.Message {
+	mi := &file_infer_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use InferQueued.ProtoReflect.Descriptor instead.
+func (*InferQueued) Descriptor() ([]byte, []int) {
+	return file_infer_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *InferQueued) GetPosition() uint32 {
+	if x != nil {
+		return x.Position
+	}
+	return 0
+}
+
 // InferStart says the request was accepted and the prompt evaluated.
 type InferStart struct {
 	state        protoimpl.MessageState `protogen:"open.v1"`
@@ -549,7 +596,7 @@ type InferStart struct {
 
 func (x *InferStart) Reset() {
 	*x = InferStart{}
-	mi := &file_infer_proto_msgTypes[4]
+	mi := &file_infer_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -561,7 +608,7 @@ func (x *InferStart) String() string {
 func (*InferStart) ProtoMessage() {}
 
 func (x *InferStart) ProtoReflect() protoreflect.Message {
-	mi := &file_infer_proto_msgTypes[4]
+	mi := &file_infer_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -574,7 +621,7 @@ func (x *InferStart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InferStart.ProtoReflect.Descriptor instead.
 func (*InferStart) Descriptor() ([]byte, []int) {
-	return file_infer_proto_rawDescGZIP(), []int{4}
+	return file_infer_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *InferStart) GetPromptTokens() uint32 {
@@ -607,7 +654,7 @@ type InferToken struct {
 
 func (x *InferToken) Reset() {
 	*x = InferToken{}
-	mi := &file_infer_proto_msgTypes[5]
+	mi := &file_infer_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -619,7 +666,7 @@ func (x *InferToken) String() string {
 func (*InferToken) ProtoMessage() {}
 
 func (x *InferToken) ProtoReflect() protoreflect.Message {
-	mi := &file_infer_proto_msgTypes[5]
+	mi := &file_infer_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -632,7 +679,7 @@ func (x *InferToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InferToken.ProtoReflect.Descriptor instead.
 func (*InferToken) Descriptor() ([]byte, []int) {
-	return file_infer_proto_rawDescGZIP(), []int{5}
+	return file_infer_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *InferToken) GetId() int32 {
@@ -684,7 +731,7 @@ type InferStats struct {
 
 func (x *InferStats) Reset() {
 	*x = InferStats{}
-	mi := &file_infer_proto_msgTypes[6]
+	mi := &file_infer_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -696,7 +743,7 @@ func (x *InferStats) String() string {
 func (*InferStats) ProtoMessage() {}
 
 func (x *InferStats) ProtoReflect() protoreflect.Message {
-	mi := &file_infer_proto_msgTypes[6]
+	mi := &file_infer_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -709,7 +756,7 @@ func (x *InferStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InferStats.ProtoReflect.Descriptor instead.
 func (*InferStats) Descriptor() ([]byte, []int) {
-	return file_infer_proto_rawDescGZIP(), []int{6}
+	return file_infer_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *InferStats) GetMoeWallUs() uint64 {
@@ -799,7 +846,7 @@ type InferDone struct {
 
 func (x *InferDone) Reset() {
 	*x = InferDone{}
-	mi := &file_infer_proto_msgTypes[7]
+	mi := &file_infer_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -811,7 +858,7 @@ func (x *InferDone) String() string {
 func (*InferDone) ProtoMessage() {}
 
 func (x *InferDone) ProtoReflect() protoreflect.Message {
-	mi := &file_infer_proto_msgTypes[7]
+	mi := &file_infer_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -824,7 +871,7 @@ func (x *InferDone) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InferDone.ProtoReflect.Descriptor instead.
 func (*InferDone) Descriptor() ([]byte, []int) {
-	return file_infer_proto_rawDescGZIP(), []int{7}
+	return file_infer_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *InferDone) GetReason() FinishReason {
@@ -901,7 +948,7 @@ type InferError struct {
 
 func (x *InferError) Reset() {
 	*x = InferError{}
-	mi := &file_infer_proto_msgTypes[8]
+	mi := &file_infer_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -913,7 +960,7 @@ func (x *InferError) String() string {
 func (*InferError) ProtoMessage() {}
 
 func (x *InferError) ProtoReflect() protoreflect.Message {
-	mi := &file_infer_proto_msgTypes[8]
+	mi := &file_infer_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -926,7 +973,7 @@ func (x *InferError) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InferError.ProtoReflect.Descriptor instead.
 func (*InferError) Descriptor() ([]byte, []int) {
-	return file_infer_proto_rawDescGZIP(), []int{8}
+	return file_infer_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *InferError) GetCode() InferError_Code {
@@ -956,7 +1003,7 @@ type InferRewind struct {
 
 func (x *InferRewind) Reset() {
 	*x = InferRewind{}
-	mi := &file_infer_proto_msgTypes[9]
+	mi := &file_infer_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -968,7 +1015,7 @@ func (x *InferRewind) String() string {
 func (*InferRewind) ProtoMessage() {}
 
 func (x *InferRewind) ProtoReflect() protoreflect.Message {
-	mi := &file_infer_proto_msgTypes[9]
+	mi := &file_infer_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -981,7 +1028,7 @@ func (x *InferRewind) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InferRewind.ProtoReflect.Descriptor instead.
 func (*InferRewind) Descriptor() ([]byte, []int) {
-	return file_infer_proto_rawDescGZIP(), []int{9}
+	return file_infer_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *InferRewind) GetKeepTokens() uint32 {
@@ -1009,6 +1056,7 @@ type InferResponse struct {
 	//	*InferResponse_Error
 	//	*InferResponse_Rewind
 	//	*InferResponse_Quote
+	//	*InferResponse_Queued
 	Event         isInferResponse_Event `protobuf_oneof:"event"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1016,7 +1064,7 @@ type InferResponse struct {
 
 func (x *InferResponse) Reset() {
 	*x = InferResponse{}
-	mi := &file_infer_proto_msgTypes[10]
+	mi := &file_infer_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1028,7 +1076,7 @@ func (x *InferResponse) String() string {
 func (*InferResponse) ProtoMessage() {}
 
 func (x *InferResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_infer_proto_msgTypes[10]
+	mi := &file_infer_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1041,7 +1089,7 @@ func (x *InferResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InferResponse.ProtoReflect.Descriptor instead.
 func (*InferResponse) Descriptor() ([]byte, []int) {
-	return file_infer_proto_rawDescGZIP(), []int{10}
+	return file_infer_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *InferResponse) GetEvent() isInferResponse_Event {
@@ -1105,6 +1153,15 @@ func (x *InferResponse) GetQuote() *InferQuote {
 	return nil
 }
 
+func (x *InferResponse) GetQueued() *InferQueued {
+	if x != nil {
+		if x, ok := x.Event.(*InferResponse_Queued); ok {
+			return x.Queued
+		}
+	}
+	return nil
+}
+
 type isInferResponse_Event interface {
 	isInferResponse_Event()
 }
@@ -1133,6 +1190,10 @@ type InferResponse_Quote struct {
 	Quote *InferQuote `protobuf:"bytes,6,opt,name=quote,proto3,oneof"`
 }
 
+type InferResponse_Queued struct {
+	Queued *InferQueued `protobuf:"bytes,7,opt,name=queued,proto3,oneof"`
+}
+
 func (*InferResponse_Start) isInferResponse_Event() {}
 
 func (*InferResponse_Token) isInferResponse_Event() {}
@@ -1144,6 +1205,8 @@ func (*InferResponse_Error) isInferResponse_Event() {}
 func (*InferResponse_Rewind) isInferResponse_Event() {}
 
 func (*InferResponse_Quote) isInferResponse_Event() {}
+
+func (*InferResponse_Queued) isInferResponse_Event() {}
 
 var File_infer_proto protoreflect.FileDescriptor
 
@@ -1185,7 +1248,9 @@ const file_infer_proto_rawDesc = "" +
 	"\n" +
 	"next_nonce\x18\t \x01(\x04R\tnextNonce\x12)\n" +
 	"\x10payment_required\x18\n" +
-	" \x01(\bR\x0fpaymentRequired\"P\n" +
+	" \x01(\bR\x0fpaymentRequired\")\n" +
+	"\vInferQueued\x12\x1a\n" +
+	"\bposition\x18\x01 \x01(\rR\bposition\"P\n" +
 	"\n" +
 	"InferStart\x12#\n" +
 	"\rprompt_tokens\x18\x01 \x01(\rR\fpromptTokens\x12\x1d\n" +
@@ -1234,14 +1299,15 @@ const file_infer_proto_rawDesc = "" +
 	"\vInferRewind\x12\x1f\n" +
 	"\vkeep_tokens\x18\x01 \x01(\rR\n" +
 	"keepTokens\x12&\n" +
-	"\x0fkeep_text_bytes\x18\x02 \x01(\rR\rkeepTextBytes\"\xac\x02\n" +
+	"\x0fkeep_text_bytes\x18\x02 \x01(\rR\rkeepTextBytes\"\xdd\x02\n" +
 	"\rInferResponse\x12,\n" +
 	"\x05start\x18\x01 \x01(\v2\x14.neuro.v1.InferStartH\x00R\x05start\x12,\n" +
 	"\x05token\x18\x02 \x01(\v2\x14.neuro.v1.InferTokenH\x00R\x05token\x12)\n" +
 	"\x04done\x18\x03 \x01(\v2\x13.neuro.v1.InferDoneH\x00R\x04done\x12,\n" +
 	"\x05error\x18\x04 \x01(\v2\x14.neuro.v1.InferErrorH\x00R\x05error\x12/\n" +
 	"\x06rewind\x18\x05 \x01(\v2\x15.neuro.v1.InferRewindH\x00R\x06rewind\x12,\n" +
-	"\x05quote\x18\x06 \x01(\v2\x14.neuro.v1.InferQuoteH\x00R\x05quoteB\a\n" +
+	"\x05quote\x18\x06 \x01(\v2\x14.neuro.v1.InferQuoteH\x00R\x05quote\x12/\n" +
+	"\x06queued\x18\a \x01(\v2\x15.neuro.v1.InferQueuedH\x00R\x06queuedB\a\n" +
 	"\x05event*v\n" +
 	"\fFinishReason\x12\x1d\n" +
 	"\x19FINISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n" +
@@ -1262,7 +1328,7 @@ func file_infer_proto_rawDescGZIP() []byte {
 }
 
 var file_infer_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_infer_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
+var file_infer_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
 var file_infer_proto_goTypes = []any{
 	(FinishReason)(0),     // 0: neuro.v1.FinishReason
 	(InferError_Code)(0),  // 1: neuro.v1.InferError.Code
@@ -1270,31 +1336,33 @@ var file_infer_proto_goTypes = []any{
 	(*Sampling)(nil),      // 3: neuro.v1.Sampling
 	(*InferRequest)(nil),  // 4: neuro.v1.InferRequest
 	(*InferQuote)(nil),    // 5: neuro.v1.InferQuote
-	(*InferStart)(nil),    // 6: neuro.v1.InferStart
-	(*InferToken)(nil),    // 7: neuro.v1.InferToken
-	(*InferStats)(nil),    // 8: neuro.v1.InferStats
-	(*InferDone)(nil),     // 9: neuro.v1.InferDone
-	(*InferError)(nil),    // 10: neuro.v1.InferError
-	(*InferRewind)(nil),   // 11: neuro.v1.InferRewind
-	(*InferResponse)(nil), // 12: neuro.v1.InferResponse
+	(*InferQueued)(nil),   // 6: neuro.v1.InferQueued
+	(*InferStart)(nil),    // 7: neuro.v1.InferStart
+	(*InferToken)(nil),    // 8: neuro.v1.InferToken
+	(*InferStats)(nil),    // 9: neuro.v1.InferStats
+	(*InferDone)(nil),     // 10: neuro.v1.InferDone
+	(*InferError)(nil),    // 11: neuro.v1.InferError
+	(*InferRewind)(nil),   // 12: neuro.v1.InferRewind
+	(*InferResponse)(nil), // 13: neuro.v1.InferResponse
 }
 var file_infer_proto_depIdxs = []int32{
 	2,  // 0: neuro.v1.InferRequest.messages:type_name -> neuro.v1.ChatMessage
 	3,  // 1: neuro.v1.InferRequest.sampling:type_name -> neuro.v1.Sampling
 	0,  // 2: neuro.v1.InferDone.reason:type_name -> neuro.v1.FinishReason
-	8,  // 3: neuro.v1.InferDone.stats:type_name -> neuro.v1.InferStats
+	9,  // 3: neuro.v1.InferDone.stats:type_name -> neuro.v1.InferStats
 	1,  // 4: neuro.v1.InferError.code:type_name -> neuro.v1.InferError.Code
-	6,  // 5: neuro.v1.InferResponse.start:type_name -> neuro.v1.InferStart
-	7,  // 6: neuro.v1.InferResponse.token:type_name -> neuro.v1.InferToken
-	9,  // 7: neuro.v1.InferResponse.done:type_name -> neuro.v1.InferDone
-	10, // 8: neuro.v1.InferResponse.error:type_name -> neuro.v1.InferError
-	11, // 9: neuro.v1.InferResponse.rewind:type_name -> neuro.v1.InferRewind
+	7,  // 5: neuro.v1.InferResponse.start:type_name -> neuro.v1.InferStart
+	8,  // 6: neuro.v1.InferResponse.token:type_name -> neuro.v1.InferToken
+	10, // 7: neuro.v1.InferResponse.done:type_name -> neuro.v1.InferDone
+	11, // 8: neuro.v1.InferResponse.error:type_name -> neuro.v1.InferError
+	12, // 9: neuro.v1.InferResponse.rewind:type_name -> neuro.v1.InferRewind
 	5,  // 10: neuro.v1.InferResponse.quote:type_name -> neuro.v1.InferQuote
-	11, // [11:11] is the sub-list for method output_type
-	11, // [11:11] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	6,  // 11: neuro.v1.InferResponse.queued:type_name -> neuro.v1.InferQueued
+	12, // [12:12] is the sub-list for method output_type
+	12, // [12:12] is the sub-list for method input_type
+	12, // [12:12] is the sub-list for extension type_name
+	12, // [12:12] is the sub-list for extension extendee
+	0,  // [0:12] is the sub-list for field type_name
 }
 
 func init() { file_infer_proto_init() }
@@ -1303,13 +1371,14 @@ func file_infer_proto_init() {
 		return
 	}
 	file_infer_proto_msgTypes[1].OneofWrappers = []any{}
-	file_infer_proto_msgTypes[10].OneofWrappers = []any{
+	file_infer_proto_msgTypes[11].OneofWrappers = []any{
 		(*InferResponse_Start)(nil),
 		(*InferResponse_Token)(nil),
 		(*InferResponse_Done)(nil),
 		(*InferResponse_Error)(nil),
 		(*InferResponse_Rewind)(nil),
 		(*InferResponse_Quote)(nil),
+		(*InferResponse_Queued)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -1317,7 +1386,7 @@ func file_infer_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_infer_proto_rawDesc), len(file_infer_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   11,
+			NumMessages:   12,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

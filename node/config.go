@@ -62,6 +62,10 @@ type GatingConfig struct {
 	// Model is the CID of the model to serve; empty uses expert.model.
 	Model       string   `toml:"model"`
 	MaxSessions int      `toml:"max_sessions"`
+	// MaxQueue requests wait, each at most QueueTimeout, while every
+	// session is busy.
+	MaxQueue     int      `toml:"max_queue"`
+	QueueTimeout Duration `toml:"queue_timeout"`
 	Context     int      `toml:"context"`
 	MaxTokens   int      `toml:"max_tokens"`
 	WireDType   string   `toml:"wire_dtype"`
@@ -221,7 +225,7 @@ func DefaultConfig() Config {
 		},
 		Expert: ExpertConfig{Experts: "auto", MemoryMB: 4096, RequireEscrow: true},
 		Ledger: LedgerConfig{Listen: "tcp://0.0.0.0:26656", Peers: []string{}, BlockInterval: Duration(time.Second)},
-		Gating: GatingConfig{MaxSessions: 4, MaxTokens: 256, WireDType: "f32", CallTimeout: Duration(30 * time.Second), Validate: true,
+		Gating: GatingConfig{MaxSessions: 4, MaxQueue: 64, QueueTimeout: Duration(2 * time.Minute), MaxTokens: 256, WireDType: "f32", CallTimeout: Duration(30 * time.Second), Validate: true,
 			RequirePayment: true},
 		Home: HomeConfig{IdleThreshold: 0.5, IdleCheck: Duration(5 * time.Second), Device: "cpu"},
 		API:  APIConfig{Listen: "127.0.0.1:0"},
@@ -314,8 +318,13 @@ require_escrow = true
 enabled = false
 # CID of the model to serve; empty: expert.model.
 model = ""
-# Generations that run at once; one more is answered busy.
+# Generations that run at once.
 max_sessions = 4
+# While every session is busy, up to max_queue requests wait for one, in
+# order, each for at most queue_timeout; one more is answered busy (its
+# client tries another gating node).
+max_queue = 64
+queue_timeout = "2m"
 # KV cache of a session in tokens; 0: the model's context, at most 4096.
 context = 0
 # Tokens generated when a request sets no limit.
@@ -608,10 +617,13 @@ func (c *Config) validateGating() error {
 	for _, f := range []struct {
 		key string
 		v   int
-	}{{"gating.max_sessions", g.MaxSessions}, {"gating.max_tokens", g.MaxTokens}} {
+	}{{"gating.max_sessions", g.MaxSessions}, {"gating.max_tokens", g.MaxTokens}, {"gating.max_queue", g.MaxQueue}} {
 		if f.v <= 0 {
 			return fieldErr(f.key, "must be positive, got %d", f.v)
 		}
+	}
+	if g.QueueTimeout <= 0 {
+		return fieldErr("gating.queue_timeout", "must be positive, got %v", g.QueueTimeout)
 	}
 	if g.Context < 0 {
 		return fieldErr("gating.context", "must not be negative, got %d", g.Context)

@@ -52,6 +52,7 @@ func (n *Node) registerMetrics() {
 		m.Counter("redispatches_total", "Expert calls sent again because a provider failed.", func() float64 { return float64(g.Redispatches()) })
 		m.Counter("generated_tokens_total", "Tokens this gating node generated.", func() float64 { return float64(g.Generated()) })
 		m.Gauge("active_generations", "Generations running now.", func() float64 { return float64(g.Active()) })
+		m.Gauge("queued_requests", "Requests waiting for a session.", func() float64 { return float64(g.Queued()) })
 		if v := g.Validator(); v != nil {
 			m.Counter("validation_checks_total", "Extra expert calls made to check answers.", func() float64 { _, c, _ := v.Stats(); return float64(c) })
 			m.Counter("validation_failures_total", "Expert answers found wrong.", func() float64 { _, _, w := v.Stats(); return float64(w) })

@@ -63,6 +63,7 @@ type GatingStatus struct {
 	// Active generations, tokens generated since the start, and expert
 	// calls hedged to a second provider.
 	Active    int64         `json:"active"`
+	Queued    int           `json:"queued"`
 	Generated int64         `json:"generated"`
 	Hedges    int64         `json:"hedges"`
 	Models    []GatingModel `json:"models"`
@@ -188,7 +189,7 @@ func (n *Node) Status() Status {
 		st.Verdicts = &vs
 	}
 	if g := n.gating; g != nil {
-		gs := &GatingStatus{HTTP: n.HTTPAddr(), Active: g.Active(), Generated: g.Generated(), Hedges: g.Hedges(), Models: []GatingModel{},
+		gs := &GatingStatus{HTTP: n.HTTPAddr(), Active: g.Active(), Queued: g.Queued(), Generated: g.Generated(), Hedges: g.Hedges(), Models: []GatingModel{},
 			Links: []ExpertLink{}}
 		for _, l := range g.Links() {
 			gs.Links = append(gs.Links, ExpertLink{PeerID: l.Peer.String(), Calls: l.Calls, Direct: l.Direct, ViaRelay: l.ViaRelay, Transport: l.Transport})

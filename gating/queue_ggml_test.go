@@ -1,0 +1,96 @@
+//go:build ggml
+
+package gating
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/neuro-p2p/neuro/client"
+	"github.com/neuro-p2p/neuro/model"
+)
+
+// With the default four sessions, 16 OpenAI-API streams and 6 clients of
+// the infer protocol at once all finish with llama.cpp's tokens: those
+// that find every session busy wait their turn (the clients are told
+// their place) instead of being refused.
+func TestConcurrentRequestsWaitTheirTurn(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 180*time.Second)
+	defer cancel()
+	net := newGatingNet(t, ctx, model.Presets["tiny"], model.F32, 23, []string{"0:*,1:*"})
+	srv := httptest.NewServer(HTTPHandler(net.engine, HTTPOptions{Log: quiet()}))
+	defer srv.Close()
+	const prompt, maxTokens = "many at once", 6
+	want := net.reference(t, prompt, maxTokens)
+	c, err := client.New(ctx, client.WithGatingNodes(net.addr(0)), client.WithLogger(quiet()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var wg sync.WaitGroup
+	errs := make(chan error, 32)
+	queued := make(chan int, 8)
+	for i := range 16 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			body := fmt.Sprintf(`{"model":%q,"prompt":%q,"max_tokens":%d,"temperature":0,"stream":true}`, net.model, prompt, maxTokens)
+			req, _ := http.NewRequestWithContext(ctx, http.MethodPost, srv.URL+"/v1/completions", strings.NewReader(body))
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				errs <- err
+				return
+			}
+			raw, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != 200 || !strings.HasSuffix(string(raw), "data: [DONE]\n\n") {
+				errs <- fmt.Errorf("stream %d: %d %s", i, resp.StatusCode, raw)
+			}
+		}()
+	}
+	for i := range 6 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s, err := c.Generate(ctx, client.Request{Model: net.model, Prompt: prompt, MaxTokens: maxTokens})
+			if err != nil {
+				errs <- fmt.Errorf("client %d: %w", i, err)
+				return
+			}
+			toks, _, err := s.Collect()
+			if err != nil {
+				errs <- fmt.Errorf("client %d: %w", i, err)
+				return
+			}
+			if fmt.Sprint(tokenIDs(toks)) != fmt.Sprint(want.Tokens) {
+				errs <- fmt.Errorf("client %d: tokens %v, llama.cpp %v", i, tokenIDs(toks), want.Tokens)
+			}
+			queued <- s.Queued()
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	close(queued)
+	for err := range errs {
+		t.Error(err)
+	}
+	waited := 0
+	for q := range queued {
+		if q > 0 {
+			waited++
+		}
+	}
+	if waited == 0 {
+		t.Error("22 requests on 4 sessions, and no client was told it waited in line")
+	}
+	if n := net.engine.Queued(); n != 0 {
+		t.Errorf("%d requests still queued", n)
+	}
+}
