@@ -482,10 +482,10 @@ func (e *Engine) Links() []expert.Link { return e.client.Links() }
 
 // Active is the number of generations running; Generated the tokens
 // generated since the start.
-func (e *Engine) Active() int64    { return e.active.Load() }
+func (e *Engine) Active() int64 { return e.active.Load() }
 
 // Queued is how many requests wait for a session.
-func (e *Engine) Queued() int { return e.queue.Len() }
+func (e *Engine) Queued() int      { return e.queue.Len() }
 func (e *Engine) Generated() int64 { return e.generated.Load() }
 
 // Hedges and Redispatches count expert calls sent to a second provider:

@@ -60,18 +60,18 @@ type ExpertConfig struct {
 type GatingConfig struct {
 	Enabled bool `toml:"enabled"`
 	// Model is the CID of the model to serve; empty uses expert.model.
-	Model       string   `toml:"model"`
-	MaxSessions int      `toml:"max_sessions"`
+	Model       string `toml:"model"`
+	MaxSessions int    `toml:"max_sessions"`
 	// MaxQueue requests wait, each at most QueueTimeout, while every
 	// session is busy.
 	MaxQueue     int      `toml:"max_queue"`
 	QueueTimeout Duration `toml:"queue_timeout"`
-	Context     int      `toml:"context"`
-	MaxTokens   int      `toml:"max_tokens"`
-	WireDType   string   `toml:"wire_dtype"`
-	CallTimeout Duration `toml:"call_timeout"`
-	Threads     int      `toml:"threads"`
-	Validate    bool     `toml:"validate"`
+	Context      int      `toml:"context"`
+	MaxTokens    int      `toml:"max_tokens"`
+	WireDType    string   `toml:"wire_dtype"`
+	CallTimeout  Duration `toml:"call_timeout"`
+	Threads      int      `toml:"threads"`
+	Validate     bool     `toml:"validate"`
 	// RequirePayment refuses requests that do not pay: over the infer
 	// protocol, one that names no escrow; on the HTTP API, one without an
 	// API key (on a node with a ledger).
