@@ -7,8 +7,10 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
+	"sync"
 	"time"
 
+	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/neuro-p2p/neuro/client"
@@ -43,7 +45,7 @@ type Loopback struct {
 
 	cometPorts []int
 	cometPeers []string
-	userID     peer.ID
+	userIDs    []peer.ID
 }
 
 var _ Topology = (*Loopback)(nil)
@@ -59,9 +61,19 @@ func (l *Loopback) Setup(_ context.Context, r *Run) error {
 		l.Validators = 1
 	}
 	var err error
-	if r.user, l.userID, err = userWallet(r.Dir); err != nil {
-		return err
+	// The user's wallet, and one for each concurrent request.
+	wallets := 1
+	if r.S.Concurrency > 1 {
+		wallets += r.S.Concurrency
 	}
+	for i := range wallets {
+		k, id, err := userWallet(r.Dir, i)
+		if err != nil {
+			return err
+		}
+		r.users, l.userIDs = append(r.users, k), append(l.userIDs, id)
+	}
+	r.user = r.users[0]
 	l.cometPorts, l.cometPeers, err = validatorPorts(r.Dir, l.Validators)
 	return err
 }
@@ -97,7 +109,7 @@ func (l *Loopback) Launch(r *Run, o *LaunchOptions) error {
 		}
 		return args
 	}
-	o.BeforeStart = seedTestnet(genesis, m, l.Validators, l.Gating(), l.userID)
+	o.BeforeStart = seedTestnet(genesis, m, l.Validators, l.Gating(), l.userIDs...)
 	return nil
 }
 
@@ -170,6 +182,11 @@ func (l *Loopback) Ask(ctx context.Context, r *Run) error {
 		rep.FinishReason = "length"
 	}
 	rep.Stats = GenerationStats(d, rep.PerTokenMs)
+	if r.S.Concurrency > 1 {
+		if err := l.concurrent(ctx, r, first); err != nil {
+			return err
+		}
+	}
 	if d.Escrow != 0 {
 		price := TestnetPrice(r.Model.Manifest.ExpertFLOPsPerToken())
 		rep.CostBaseUnits, rep.PricePerMFLOP = d.Cost, price
@@ -220,9 +237,78 @@ func (l *Loopback) generate(ctx context.Context, r *Run, c *client.Client, req i
 	}
 }
 
-// connect starts a client that knows only node 0 and waits until it finds
-// the gating node in the DHT.
+// concurrent asks the prompt Concurrency times at once, each through a
+// client of its own paid by a wallet of its own, and checks every answer
+// has want's tokens.
+func (l *Loopback) concurrent(ctx context.Context, r *Run, want []int32) error {
+	n := r.S.Concurrency
+	clients := make([]*client.Client, n)
+	for i := range n {
+		c, err := r.connectAs(ctx, r.users[i+1])
+		if err != nil {
+			return fmt.Errorf("concurrent client %d: %w", i+1, err)
+		}
+		defer c.Close()
+		clients[i] = c
+	}
+	cctx, cancel := context.WithTimeout(ctx, r.S.Timeout)
+	defer cancel()
+	results := make([]Result, n)
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for i, c := range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s, err := c.Generate(cctx, client.Request{Model: r.Model.CID, Prompt: r.S.Prompt, MaxTokens: r.S.MaxTokens})
+			if err != nil {
+				errs[i] = err
+				return
+			}
+			defer s.Close()
+			res := Result{Tokens: []int32{}, PerTokenMs: []float64{}}
+			for {
+				t, err := s.Next()
+				if err == io.EOF {
+					break
+				}
+				if err != nil {
+					errs[i] = err
+					return
+				}
+				ApplyToken(&res.Tokens, &res.PerTokenMs, t)
+			}
+			res.Queued = s.Queued()
+			results[i] = res
+		}()
+	}
+	wg.Wait()
+	took := time.Since(start)
+	total := 0
+	for i, res := range results {
+		if errs[i] != nil {
+			return fmt.Errorf("concurrent request %d of %d: %w", i+1, n, errs[i])
+		}
+		if fmt.Sprint(res.Tokens) != fmt.Sprint(want) {
+			return fmt.Errorf("concurrent request %d answered %v, the first request %v: the same greedy prompt must give the same tokens", i+1, res.Tokens, want)
+		}
+		total += len(res.Tokens)
+	}
+	r.Report.Results = results
+	r.Report.AggregateTokensPerS = float64(total) / took.Seconds()
+	r.log.Info("concurrent requests answered", "requests", n, "aggregate_tokens_per_s", r.Report.AggregateTokensPerS)
+	return nil
+}
+
+// connect starts a client that knows only node 0, paid by the user
+// wallet, and waits until it finds the gating node in the DHT.
 func (r *Run) connect(ctx context.Context) (*client.Client, error) {
+	return r.connectAs(ctx, r.user)
+}
+
+// connectAs is connect with wallet as the client's (nil: unpaid).
+func (r *Run) connectAs(ctx context.Context, wallet crypto.PrivKey) (*client.Client, error) {
 	boot := r.Net.Processes()[0].Status
 	var addrs []string
 	for _, ad := range boot.Addrs {
@@ -231,8 +317,8 @@ func (r *Run) connect(ctx context.Context) (*client.Client, error) {
 	cctx, cancel := context.WithTimeout(ctx, r.S.Timeout)
 	defer cancel()
 	opts := []client.Option{client.WithBootstrap(addrs...), client.WithLogger(r.log)}
-	if r.user != nil && r.S.Topology.paid() {
-		opts = append(opts, client.WithWallet(r.user)) // the user pays for each request
+	if wallet != nil && r.S.Topology.paid() {
+		opts = append(opts, client.WithWallet(wallet)) // the user pays for each request
 	}
 	c, err := client.New(cctx, opts...)
 	if err != nil {

@@ -51,6 +51,11 @@ type Report struct {
 	CostBaseUnits   uint64  `json:"cost_base_units,omitempty"`
 	PricePerMFLOP   uint64  `json:"price_per_mflop,omitempty"`
 	CostPer1kTokens float64 `json:"cost_per_1k_tokens_default_price,omitempty"`
+	// Results are the answers of the concurrent requests (Scenario.
+	// Concurrency), and AggregateTokensPerS their generated tokens over
+	// the wall time of the whole round.
+	Results             []Result `json:"results,omitempty"`
+	AggregateTokensPerS float64  `json:"aggregate_tokens_per_s,omitempty"`
 	// HTTP is node 0's HTTP listener: the dashboard, /metrics and the
 	// gating node's OpenAI-compatible API.
 	HTTP string `json:"http,omitempty"`
@@ -89,6 +94,15 @@ type LedgerReport struct {
 	// User is the wallet account that paid for the prompt (its balances
 	// are among the others).
 	User string `json:"user,omitempty"`
+}
+
+// Result is one of the concurrent requests' answers.
+type Result struct {
+	Tokens     []int32   `json:"tokens"`
+	PerTokenMs []float64 `json:"per_token_ms"`
+	// Queued is the last place in the gating node's queue the request was
+	// given before it started (0: it started at once).
+	Queued int `json:"queued"`
 }
 
 // Stats are the gating node's measurements of the generation.

@@ -43,6 +43,10 @@ type Scenario struct {
 	// Requests is how many times the prompt is answered (at least 1);
 	// every answer must have the same tokens.
 	Requests int
+	// Concurrency, above 1, then asks the prompt that many times at once,
+	// each through a client of its own paid by a wallet of its own
+	// (loopback testnet); every answer must have the same tokens.
+	Concurrency int
 	// Timeout bounds coming up, being healthy, serving the model and
 	// answering.
 	Timeout time.Duration
@@ -111,8 +115,10 @@ type Run struct {
 	Report *Report
 
 	log *slog.Logger
-	// user is the wallet that pays for a paid scenario's prompts.
+	// user is the wallet that pays for a paid scenario's prompts; users
+	// are it and then one for each concurrent request.
 	user    crypto.PrivKey
+	users   []crypto.PrivKey
 	stopped bool
 	cleanup []func() error
 }
@@ -304,8 +310,8 @@ func (r *Run) balances(ctx context.Context, stakes map[string]uint64) (map[strin
 	for _, p := range r.Net.Processes() {
 		accounts = append(accounts, p.Status.PeerID)
 	}
-	if r.user != nil {
-		id, _ := peer.IDFromPrivateKey(r.user)
+	for _, u := range r.users {
+		id, _ := peer.IDFromPrivateKey(u)
 		accounts = append(accounts, id.String())
 	}
 	for _, a := range accounts {

@@ -369,10 +369,13 @@ const userFunds = 10_000 * ledger.BaseUnits
 // --wallet DIR/user-wallet.key' pays from it too).
 const UserWallet = "user-wallet.key"
 
-// userWallet loads the testnet's user wallet in dir, making it the first
-// time.
-func userWallet(dir string) (crypto.PrivKey, peer.ID, error) {
+// userWallet loads the testnet's i-th user wallet in dir (0: UserWallet,
+// then user-wallet-2.key, ...), making it the first time.
+func userWallet(dir string, i int) (crypto.PrivKey, peer.ID, error) {
 	path := filepath.Join(dir, UserWallet)
+	if i > 0 {
+		path = filepath.Join(dir, fmt.Sprintf("user-wallet-%d.key", i+1))
+	}
 	k, err := node.LoadKey(path)
 	if errors.Is(err, fs.ErrNotExist) {
 		if k, _, err = crypto.GenerateEd25519Key(nil); err != nil {

@@ -337,7 +337,7 @@ func keys(m map[string]string) []string {
 func TestTestnetCheck(t *testing.T) {
 	t.Parallel() // mostly waiting: the testnets overlap well
 	dir := t.TempDir()
-	r := neurod(t, nil, "testnet", "--nodes", "4", "--check", "--json", "--dir", dir, "--max-tokens", "24")
+	r := neurod(t, nil, "testnet", "--nodes", "4", "--check", "--json", "--dir", dir, "--max-tokens", "24", "--concurrency", "3")
 	if r.code != 0 {
 		t.Fatalf("exit %d\nstdout:\n%s\nstderr:\n%s", r.code, r.stdout, r.stderr)
 	}
@@ -368,6 +368,15 @@ func TestTestnetCheck(t *testing.T) {
 	want := generateLocal(t, filepath.Join(dir, "model.gguf"), "Once upon a time", 24)
 	if fmt.Sprint(rep.Tokens) != fmt.Sprint(want) || len(rep.PerTokenMs) != len(rep.Tokens) {
 		t.Fatalf("testnet tokens %v (%d latencies), generate --local %v", rep.Tokens, len(rep.PerTokenMs), want)
+	}
+	// Three more at once, each paid by a wallet of its own.
+	if len(rep.Results) != 3 || rep.AggregateTokensPerS <= 0 {
+		t.Fatalf("concurrent results: %+v, aggregate %v", rep.Results, rep.AggregateTokensPerS)
+	}
+	for i, res := range rep.Results {
+		if fmt.Sprint(res.Tokens) != fmt.Sprint(want) || len(res.PerTokenMs) != len(want) {
+			t.Errorf("concurrent request %d: tokens %v (%d latencies), generate --local %v", i, res.Tokens, len(res.PerTokenMs), want)
+		}
 	}
 	// The generation was paid from the user's wallet: it paid exactly what
 	// the answer said it cost; the gating node earned its share, the

@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"strconv"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -29,6 +30,7 @@ import (
 // them into a testnet.Scenario.
 type testnetFlags struct {
 	nodes, maxTokens, validators, requests, homes, publics int
+	concurrency                                            int
 	dir, model, prompt, dashboard                          string
 	kill, slow, faulty, device                             string
 	nat, rtt, jitter, loss, bandwidth                      string
@@ -106,6 +108,7 @@ func (f *testnetFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&f.dashboard, "dashboard", "127.0.0.1:0", "host:port of node 0's dashboard, /metrics and OpenAI-compatible API")
 	fs.IntVar(&f.validators, "validators", 1, "how many nodes validate the ledger's chain (node 0 and the first expert nodes); more than one runs CometBFT consensus among them")
 	fs.IntVar(&f.requests, "requests", 1, "answer the prompt this many times (a workload for the checks)")
+	fs.IntVar(&f.concurrency, "concurrency", 1, "then ask the prompt this many times at once, each through a client of its own paid by a wallet of its own (loopback testnet): results[] and aggregate_tokens_per_s")
 	fs.StringVar(&f.device, "device", "cpu", deviceUsage+" (every node; loopback testnet only)")
 	_ = fs.MarkHidden("test-slow-node")
 }
@@ -134,7 +137,7 @@ func (f *testnetFlags) scenario(fs *pflag.FlagSet) (*testnet.Scenario, error) {
 		return nil, fmt.Errorf("testnet: find neurod binary: %w", err)
 	}
 	s := &testnet.Scenario{Dir: f.dir, Binary: bin, Model: f.model, Prompt: f.prompt, MaxTokens: f.maxTokens,
-		Requests: f.requests, Timeout: f.timeout, Check: f.check}
+		Requests: f.requests, Concurrency: f.concurrency, Timeout: f.timeout, Check: f.check}
 	if f.netns {
 		s.Topology, err = f.netnsTopology(fs)
 	} else {
@@ -178,6 +181,9 @@ func (f *testnetFlags) loopback(fs *pflag.FlagSet) (*testnet.Loopback, error) {
 	if f.requests < 1 {
 		return nil, fmt.Errorf("flag --requests %d: must be at least 1", f.requests)
 	}
+	if f.concurrency < 1 || f.concurrency > 256 {
+		return nil, fmt.Errorf("flag --concurrency %d: want 1 to 256", f.concurrency)
+	}
 	if f.validators < 1 || f.validators > f.nodes+1 {
 		return nil, fmt.Errorf("flag --validators %d: want 1 to %d (node 0 and the expert nodes)", f.validators, f.nodes+1)
 	}
@@ -219,8 +225,9 @@ func (f *testnetFlags) netnsTopology(fs *pflag.FlagSet) (*testnet.Netns, error) 
 	if fs.Changed("device") {
 		return nil, errors.New("flag --device: only with the loopback testnet (the netns testnet's nodes compute on the CPU)")
 	}
-	if fs.Changed("nodes") || f.kill != "" || f.faulty != "" || f.slow != "" || f.validators != 1 || f.requests != 1 || fs.Changed("dashboard") {
-		return nil, errors.New("flag --netns: the netns testnet has --homes, --publics and --nat instead of --nodes, and does not yet take --kill, --faulty, --validators, --requests or --dashboard")
+	if fs.Changed("nodes") || f.kill != "" || f.faulty != "" || f.slow != "" || f.validators != 1 || f.requests != 1 || fs.Changed("dashboard") ||
+		f.concurrency != 1 {
+		return nil, errors.New("flag --netns: the netns testnet has --homes, --publics and --nat instead of --nodes, and does not yet take --kill, --faulty, --validators, --requests, --concurrency or --dashboard")
 	}
 	t := &testnet.Netns{Publics: f.publics, Spread: f.spread}
 	var err error
@@ -315,10 +322,30 @@ func printResult(w io.Writer, rep *testnet.Report, s *testnet.Scenario, isNetns,
 		if l, ok := s.Topology.(*testnet.Loopback); ok && (len(l.Faults) > 0 || s.Requests > 1) {
 			printTrust(w, *rep)
 		}
+		if len(rep.Results) > 0 {
+			printConcurrent(w, *rep)
+		}
 		if rep.Ledger != nil {
 			printLedger(w, *rep)
 		}
 	}
+}
+
+// printConcurrent prints the round of concurrent requests.
+func printConcurrent(w io.Writer, rep testnet.Report) {
+	queued := 0
+	var firsts []float64
+	for _, r := range rep.Results {
+		if r.Queued > 0 {
+			queued++
+		}
+		if len(r.PerTokenMs) > 0 {
+			firsts = append(firsts, r.PerTokenMs[0])
+		}
+	}
+	slices.Sort(firsts)
+	fmt.Fprintf(w, "\n%d requests at once: %.1f tokens/s in all (one alone: %.1f); %d waited in the gating node's queue; first token after %.0f ms (median) to %.0f ms\n",
+		len(rep.Results), rep.AggregateTokensPerS, rep.TokensPerSecond, queued, firsts[len(firsts)/2], firsts[len(firsts)-1])
 }
 
 // parseFaulty parses --faulty: K:MODE items, given to the last expert

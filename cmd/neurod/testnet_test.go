@@ -79,6 +79,11 @@ type testnetJSON struct {
 		User           string            `json:"user"`
 	} `json:"ledger"`
 	CostBaseUnits uint64 `json:"cost_base_units"`
+	Results       []struct {
+		Tokens     []int32   `json:"tokens"`
+		PerTokenMs []float64 `json:"per_token_ms"`
+	} `json:"results"`
+	AggregateTokensPerS float64 `json:"aggregate_tokens_per_s"`
 }
 
 // runningTestnet starts `neurod testnet ARGS --json`, which stays up after
