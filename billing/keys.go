@@ -206,6 +206,17 @@ func (s *Store) Create(account peer.ID, budget uint64, perMin int) (string, Key,
 	return secret, *k, nil
 }
 
+// Get returns key id.
+func (s *Store) Get(id string) (Key, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	k := s.find(id)
+	if k == nil {
+		return Key{}, false
+	}
+	return *k, true
+}
+
 // List returns every key, oldest first.
 func (s *Store) List() []Key {
 	s.mu.Lock()

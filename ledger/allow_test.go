@@ -77,7 +77,7 @@ func TestAllowanceOpensEscrowsForTheGatingNodeOnly(t *testing.T) {
 		t.Fatalf("escrow %+v", st.Escrows[id])
 	}
 	u := st.Accounts[user.id.String()]
-	if u.Balance != 70*BaseUnits || u.Allowances[gating.id.String()] != 20*BaseUnits {
+	if u.Balance != 70*BaseUnits || u.Allowances[gating.id.String()] != 20*BaseUnits || !st.Escrows[id].Drawn {
 		t.Fatalf("user after the escrow: balance %d, allowance %d", u.Balance, u.Allowances[gating.id.String()])
 	}
 	// Settle one receipt and close: the expert is paid, the rest returns.
@@ -118,8 +118,22 @@ func TestAllowanceOpensEscrowsForTheGatingNodeOnly(t *testing.T) {
 	}); code == 0 {
 		t.Fatal("settling nothing without closing was applied")
 	}
-	if got := st.Accounts[user.id.String()].Allowances[gating.id.String()]; got != 10*BaseUnits {
-		t.Fatalf("allowance left %d, want %d (refunds do not restore it)", got, 10*BaseUnits)
+	// What a closed escrow returns goes back to the allowance too: 50
+	// allowed, 5,000 base units kept by the first escrow's settlement.
+	if got := st.Accounts[user.id.String()].Allowances[gating.id.String()]; got != 50*BaseUnits-fee {
+		t.Fatalf("allowance left %d, want %d (what was drawn and not kept returns)", got, 50*BaseUnits-fee)
+	}
+	// An escrow that expires returns to the balance and the allowance.
+	allowed := st.Accounts[user.id.String()].Allowances[gating.id.String()]
+	balance := st.Accounts[user.id.String()].Balance
+	_, id3 := open(gating, 3*BaseUnits)
+	if st.Accounts[user.id.String()].Allowances[gating.id.String()] != allowed-3*BaseUnits {
+		t.Fatal("an escrow did not draw on the allowance")
+	}
+	st.EndBlock(st.Escrows[id3].Expires)
+	if u := st.Accounts[user.id.String()]; st.Escrows[id3] != nil || u.Balance != balance || u.Allowances[gating.id.String()] != allowed {
+		t.Fatalf("after expiry: escrow %v, balance %d (want %d), allowance %d (want %d)", st.Escrows[id3], u.Balance, balance,
+			u.Allowances[gating.id.String()], allowed)
 	}
 	// Revoking ends it.
 	if code := allow(0); code != 0 || st.Accounts[user.id.String()].Allowances != nil {

@@ -330,6 +330,11 @@ func statusOf(st *State, held uint64, chainID string, p peer.ID) *neuropb.Ledger
 		}
 		out.Proposals = append(out.Proposals, lp)
 	}
+	for _, id := range sortedKeys(st.Escrows) {
+		if e := st.Escrows[id]; e.Payer == p.String() {
+			out.Escrowed += e.Remaining
+		}
+	}
 	if a := st.Accounts[p.String()]; a != nil {
 		out.Balance, out.Staked, out.Nonce = a.Balance, a.Staked, a.Nonce
 		for _, u := range a.Unbonding {
@@ -472,8 +477,8 @@ func (s *Service) ChainState(ctx context.Context) (*ChainView, error) {
 }
 
 // Escrow is escrow id as the chain holds it (nil: none, or not yet
-// applied).
-func (s *Service) Escrow(ctx context.Context, id uint64) (*Escrow, *neuropb.LedgerParams, error) {
+// applied), and the chain's view it comes from (height, parameters).
+func (s *Service) Escrow(ctx context.Context, id uint64) (*Escrow, *ChainView, error) {
 	c, err := s.ChainState(ctx)
 	if err != nil {
 		return nil, nil, err
@@ -483,11 +488,11 @@ func (s *Service) Escrow(ctx context.Context, id uint64) (*Escrow, *neuropb.Ledg
 		cp := *e
 		e = &cp
 	}
-	return e, c.Params, nil
+	return e, c, nil
 }
 
 // WaitEscrow polls until escrow id is applied, for at most ctx's life.
-func (s *Service) WaitEscrow(ctx context.Context, id uint64) (*Escrow, *neuropb.LedgerParams, error) {
+func (s *Service) WaitEscrow(ctx context.Context, id uint64) (*Escrow, *ChainView, error) {
 	for {
 		e, p, err := s.Escrow(ctx, id)
 		if err == nil && e != nil {

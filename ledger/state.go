@@ -61,6 +61,27 @@ type Escrow struct {
 	// Expires is the height at whose end what remains returns to the
 	// payer.
 	Expires int64 `json:"expires"`
+	// Drawn: the gating node opened it from the payer's allowance, to which
+	// what remains returns with the funds (the allowance bounds what the
+	// gating node may keep, not what it may hold in escrow for a while).
+	Drawn bool `json:"drawn,omitempty"`
+}
+
+// refund returns what is left in e to its payer (acc when the payer is
+// sender, whose account may not be stored yet), and to the allowance it
+// was drawn from.
+func (s *State) refund(e *Escrow, sender string, acc *Account) {
+	payer := acc
+	if e.Payer != sender {
+		payer = s.account(e.Payer)
+	}
+	payer.Balance += e.Remaining
+	if e.Drawn && e.Remaining > 0 {
+		if v, ok := add(payer.Allowances[e.Gating], e.Remaining); ok {
+			setAllowance(payer, e.Gating, v)
+		}
+	}
+	e.Remaining = 0
 }
 
 // Proposal is a governance proposal.
@@ -477,7 +498,7 @@ func (s *State) apply(sender string, acc *Account, tx *neuropb.LedgerTx) error {
 			setAllowance(from, sender, from.Allowances[sender]-amt)
 		}
 		s.Escrows[id] = &Escrow{Payer: payer, Gating: g.String(), Model: m.String(), Remaining: amt,
-			Expires: s.Height + int64(p.GetEscrowBlocks())}
+			Expires: s.Height + int64(p.GetEscrowBlocks()), Drawn: from != acc}
 	case *neuropb.LedgerTx_Settle:
 		return s.settle(sender, acc, b.Settle)
 	case *neuropb.LedgerTx_Slash:
@@ -596,12 +617,7 @@ func (s *State) settle(sender string, acc *Account, st *neuropb.Settle) error {
 // closeEscrow returns what is left in escrow id to its payer and ends it;
 // sender (whose account is acc, perhaps not yet stored) settles it.
 func (s *State) closeEscrow(id uint64, sender string, acc *Account) {
-	e := s.Escrows[id]
-	if e.Payer == sender {
-		acc.Balance += e.Remaining
-	} else {
-		s.account(e.Payer).Balance += e.Remaining
-	}
+	s.refund(s.Escrows[id], sender, acc)
 	delete(s.Escrows, id)
 }
 
@@ -680,7 +696,7 @@ func (s *State) EndBlock(h int64) {
 	}
 	for _, id := range sortedKeys(s.Escrows) {
 		if e := s.Escrows[id]; e.Expires <= h {
-			s.account(e.Payer).Balance += e.Remaining
+			s.refund(e, "", nil)
 			delete(s.Escrows, id)
 		}
 	}

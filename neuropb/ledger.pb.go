@@ -1061,7 +1061,10 @@ type LedgerStatus struct {
 	Proof *LedgerProof `protobuf:"bytes,15,opt,name=proof,proto3" json:"proof,omitempty"`
 	// What the account allows gating nodes to draw (proven with the
 	// account's leaf).
-	Allowances    []*Allow `protobuf:"bytes,16,rep,name=allowances,proto3" json:"allowances,omitempty"`
+	Allowances []*Allow `protobuf:"bytes,16,rep,name=allowances,proto3" json:"allowances,omitempty"`
+	// What the account holds in open escrows (it returns when they close
+	// or expire, less what they paid).
+	Escrowed      uint64 `protobuf:"varint,17,opt,name=escrowed,proto3" json:"escrowed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1206,6 +1209,13 @@ func (x *LedgerStatus) GetAllowances() []*Allow {
 		return x.Allowances
 	}
 	return nil
+}
+
+func (x *LedgerStatus) GetEscrowed() uint64 {
+	if x != nil {
+		return x.Escrowed
+	}
+	return 0
 }
 
 // LedgerProof proves a LedgerStatus. The ledger's app hash is the Merkle
@@ -1650,7 +1660,7 @@ const file_ledger_proto_rawDesc = "" +
 	"allowances\x18\x04 \x03(\v2\x0f.neuro.v1.AllowR\n" +
 	"allowances\"!\n" +
 	"\vLedgerQuery\x12\x12\n" +
-	"\x04peer\x18\x01 \x01(\fR\x04peer\"\xe8\x03\n" +
+	"\x04peer\x18\x01 \x01(\fR\x04peer\"\x84\x04\n" +
 	"\fLedgerStatus\x12\x16\n" +
 	"\x06height\x18\x01 \x01(\x03R\x06height\x12\x19\n" +
 	"\bapp_hash\x18\x02 \x01(\fR\aappHash\x12\x18\n" +
@@ -1670,7 +1680,8 @@ const file_ledger_proto_rawDesc = "" +
 	"\x05proof\x18\x0f \x01(\v2\x15.neuro.v1.LedgerProofR\x05proof\x12/\n" +
 	"\n" +
 	"allowances\x18\x10 \x03(\v2\x0f.neuro.v1.AllowR\n" +
-	"allowances\"\x81\x02\n" +
+	"allowances\x12\x1a\n" +
+	"\bescrowed\x18\x11 \x01(\x04R\bescrowed\"\x81\x02\n" +
 	"\vLedgerProof\x12\x16\n" +
 	"\x06height\x18\x01 \x01(\x03R\x06height\x12\x16\n" +
 	"\x06header\x18\x02 \x01(\fR\x06header\x12\x16\n" +

@@ -31,6 +31,8 @@ type LedgerInfo struct {
 	AppHash   string `json:"app_hash"`
 	Peer      string `json:"peer"`
 	Balance   uint64 `json:"balance"`
+	// Escrowed is what the account holds in open escrows.
+	Escrowed  uint64 `json:"escrowed"`
 	Staked    uint64 `json:"staked"`
 	Unbonding uint64 `json:"unbonding"`
 	Nonce     uint64 `json:"nonce"`
@@ -101,7 +103,7 @@ func (n *Node) ledgerInfo(ctx context.Context, p peer.ID) (*LedgerInfo, error) {
 		return nil, err
 	}
 	info := &LedgerInfo{ChainID: st.GetChainId(), Validator: n.ledger.Validator(), Height: st.GetHeight(),
-		AppHash: hex.EncodeToString(st.GetAppHash()), Peer: p.String(), Balance: st.GetBalance(), Staked: st.GetStaked(),
+		AppHash: hex.EncodeToString(st.GetAppHash()), Peer: p.String(), Balance: st.GetBalance(), Escrowed: st.GetEscrowed(), Staked: st.GetStaked(),
 		Unbonding: st.GetUnbonding(), Nonce: st.GetNonce(), Treasury: st.GetTreasury(), Burned: st.GetBurned(),
 		Emitted: st.GetEmitted(), Supply: st.GetSupply(), SupplyOK: st.GetSupply() == st.GetHeld(), Proposals: []ProposalInfo{},
 		Source: "local chain", Allowances: map[string]uint64{}}

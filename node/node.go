@@ -161,6 +161,7 @@ type Node struct {
 	ledger   *ledger.Service
 	settler  *ledger.Settler
 	pay      *payments
+	tabs     *tabService
 	metrics  *metrics.Metrics
 	idle     *idleGuard
 	compute  moe.Backend
@@ -246,7 +247,7 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 	n.log = n.log.With("peer", n.p2p.ID())
 	// The payment policy: its ledger and settler are set below, before
 	// anything calls it.
-	n.pay = &payments{self: n.p2p.ID(), log: n.log.With("component", "payments")}
+	n.pay = &payments{self: n.p2p.ID(), log: n.log.With("component", "payments"), tabs: map[string]*tab{}}
 	if n.home != "" {
 		var payment func(context.Context, peer.ID, uint64, uint64) error
 		if cfg.Expert.RequireEscrow && cfg.Ledger.Genesis != "" {
@@ -319,6 +320,7 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 			}
 			ec.OnReceipts = n.settler.Submit
 			n.pay.settler = n.settler
+			n.tabs = &tabService{p: n.pay}
 			n.pay.require = cfg.Gating.RequirePayment
 		}
 		if n.pay.keys, err = billing.Open(filepath.Join(n.home, APIKeysFile), n.p2p.ID()); err != nil {
@@ -581,6 +583,7 @@ func (n *Node) services() []service {
 	}
 	if n.settler != nil {
 		out = append(out, n.settler)
+		out = append(out, n.tabs)
 	}
 	if n.gating != nil {
 		out = append(out, n.gating)

@@ -46,6 +46,8 @@ type payments struct {
 	priceAt time.Time
 	// escrows are escrows that paid expert calls lately, by ID.
 	escrows map[uint64]seenEscrow
+	// tabs are the API keys' open escrows, by key ID and model.
+	tabs map[string]*tab
 }
 
 type seenEscrow struct {
@@ -128,16 +130,41 @@ func payErr(format string, args ...any) *gating.Error {
 	return &gating.Error{Code: neuropb.InferError_CODE_PAYMENT_REQUIRED, Msg: fmt.Sprintf(format, args...)}
 }
 
-// keyBill charges an API key's account: the gating node opens an escrow
-// from the account's allowance for the request's most, and closes it
-// after settling, so the rest returns at once.
+// keyBill charges an API key's account through the key's tab: an escrow
+// the gating node opened from the account's allowance for several
+// requests' most, which the key's requests share one after another (only
+// the first waits for an escrow to apply), each settling its receipts from
+// it; the tab is closed, and what is left returns to the account and its
+// allowance, once it is idle, old, too small, or the node stops.
 type keyBill struct {
 	p       *payments
 	key     string
 	account peer.ID
 
-	price, reserved, escrow uint64
+	price, reserved uint64
+	t               *tab
 }
+
+// tab is an API key's open escrow for one model.
+type tab struct {
+	escrow   uint64
+	amount   uint64 // deposited
+	held     uint64 // the most of the requests in flight, and what the finished ones cost
+	inflight int
+	opened   time.Time
+	last     time.Time
+	closing  bool
+}
+
+// Tabs: how many requests' most one holds, how long one is used and kept
+// idle, and how many blocks its escrow must have left to be shared (else
+// it pays for one request and is closed).
+const (
+	tabRequests  = 16
+	tabLife      = 5 * time.Minute
+	tabIdle      = time.Minute
+	tabMinBlocks = 600
+)
 
 func (b *keyBill) Open(ctx context.Context, c gating.Charge) (uint64, error) {
 	p := b.p
@@ -150,15 +177,49 @@ func (b *keyBill) Open(ctx context.Context, c gating.Charge) (uint64, error) {
 		return 0, payErr("%v (prompt of %d tokens + max_tokens %d at %s NEURO per 1,000 tokens, x%d for validation)", err,
 			c.PromptTokens, c.MaxTokens, billing.Format(billing.PerThousand(c.FLOPsPerToken, price)), billing.CheckMargin)
 	}
-	release := func() {
-		if err := p.keys.Charge(b.key, most, 0); err != nil {
-			p.log.Warn("api key: release a reservation", "key", b.key, "err", err)
+	b.price, b.reserved = price, most
+	name := b.key + "/" + c.Model.String()
+	now := time.Now()
+	p.mu.Lock()
+	if t := p.tabs[name]; t != nil && !t.closing && now.Sub(t.opened) < tabLife && t.amount-t.held >= most {
+		t.held += most
+		t.inflight++
+		t.last = now
+		b.t = t
+		p.mu.Unlock()
+		return t.escrow, nil
+	}
+	p.mu.Unlock()
+	t, err := b.openTab(ctx, c.Model, most)
+	if err != nil {
+		if cerr := p.keys.Charge(b.key, most, 0); cerr != nil {
+			p.log.Warn("api key: release a reservation", "key", b.key, "err", cerr)
+		}
+		return 0, err
+	}
+	p.mu.Lock()
+	if old := p.tabs[name]; old != nil {
+		old.closing = true
+		if old.inflight == 0 {
+			p.settler.CloseEscrow(old.escrow)
 		}
 	}
+	if !t.closing {
+		p.tabs[name] = t
+	}
+	p.mu.Unlock()
+	b.t = t
+	return t.escrow, nil
+}
+
+// openTab opens a tab for the key's account: for tabRequests times the
+// request's most, as far as the key's budget, the account's allowance to
+// this node and its balance go (at least the request's most).
+func (b *keyBill) openTab(ctx context.Context, model cid.Cid, most uint64) (*tab, error) {
+	p := b.p
 	st, err := p.ledger.Status(ctx, b.account)
 	if err != nil {
-		release()
-		return 0, fmt.Errorf("ledger: %w", err)
+		return nil, fmt.Errorf("ledger: %w", err)
 	}
 	var allowed uint64
 	for _, a := range st.GetAllowances() {
@@ -168,39 +229,113 @@ func (b *keyBill) Open(ctx context.Context, c gating.Charge) (uint64, error) {
 	}
 	switch {
 	case allowed < most:
-		release()
-		return 0, payErr("account %s allows this gating node %s NEURO, the request may cost %s: the account's holder raises it with 'neurod wallet allow %s AMOUNT'",
+		return nil, payErr("account %s allows this gating node %s NEURO, the request may cost %s: the account's holder raises it with 'neurod wallet allow %s AMOUNT'",
 			b.account, billing.Format(allowed), billing.Format(most), p.self)
 	case st.GetBalance() < most:
-		release()
-		return 0, payErr("account %s holds %s NEURO, the request may cost %s", b.account, billing.Format(st.GetBalance()), billing.Format(most))
+		return nil, payErr("account %s holds %s NEURO, the request may cost %s", b.account, billing.Format(st.GetBalance()), billing.Format(most))
 	}
+	size := min(tabRequests*most, allowed, st.GetBalance())
+	if k, ok := p.keys.Get(b.key); ok {
+		size = min(size, k.Left()+most) // Left no longer counts this request's reservation
+	}
+	size = max(size, most)
 	tx, err := p.ledger.Send(ctx, func(tx *neuropb.LedgerTx) {
-		tx.Body = &neuropb.LedgerTx_OpenEscrow{OpenEscrow: &neuropb.OpenEscrow{Model: c.Model.Bytes(), Gating: []byte(p.self),
-			Amount: most, Payer: []byte(b.account)}}
+		tx.Body = &neuropb.LedgerTx_OpenEscrow{OpenEscrow: &neuropb.OpenEscrow{Model: model.Bytes(), Gating: []byte(p.self),
+			Amount: size, Payer: []byte(b.account)}}
 	})
 	if err != nil {
-		release()
-		return 0, fmt.Errorf("open an escrow: %w", err)
+		return nil, fmt.Errorf("open an escrow: %w", err)
 	}
 	id := ledger.EscrowID(p.self, tx.GetNonce())
 	wctx, cancel := context.WithTimeout(ctx, escrowWait)
 	defer cancel()
-	if _, _, err := p.ledger.WaitEscrow(wctx, id); err != nil {
-		release()
-		return 0, fmt.Errorf("escrow %d for account %s: %w", id, b.account, err)
+	e, view, err := p.ledger.WaitEscrow(wctx, id)
+	if err != nil {
+		return nil, fmt.Errorf("escrow %d for account %s: %w", id, b.account, err)
 	}
-	b.price, b.reserved, b.escrow = price, most, id
-	return id, nil
+	now := time.Now()
+	return &tab{escrow: id, amount: size, held: most, inflight: 1, opened: now, last: now,
+		closing: e.Expires-view.Height < tabMinBlocks}, nil
 }
 
 func (b *keyBill) Close(flops uint64) uint64 {
+	p := b.p
 	cost := min(billing.Cost(flops, b.price), b.reserved)
-	if err := b.p.keys.Charge(b.key, b.reserved, cost); err != nil {
-		b.p.log.Error("api key: store what a request spent", "key", b.key, "cost", cost, "err", err)
+	if err := p.keys.Charge(b.key, b.reserved, cost); err != nil {
+		p.log.Error("api key: store what a request spent", "key", b.key, "cost", cost, "err", err)
 	}
-	b.p.settler.CloseEscrow(b.escrow)
+	p.mu.Lock()
+	t := b.t
+	t.held = t.held - b.reserved + cost
+	t.inflight--
+	if t.closing && t.inflight == 0 {
+		p.settler.CloseEscrow(t.escrow)
+	}
+	p.mu.Unlock()
 	return cost
+}
+
+// sweepTabs closes the tabs no request uses that are idle or old.
+func (p *payments) sweepTabs(now time.Time) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for name, t := range p.tabs {
+		if t.inflight == 0 && (now.Sub(t.last) >= tabIdle || now.Sub(t.opened) >= tabLife) {
+			delete(p.tabs, name)
+			p.settler.CloseEscrow(t.escrow)
+		}
+	}
+}
+
+// closeTabs closes every tab: the idle ones now, the others when their
+// last request ends.
+func (p *payments) closeTabs() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for name, t := range p.tabs {
+		delete(p.tabs, name)
+		t.closing = true
+		if t.inflight == 0 {
+			p.settler.CloseEscrow(t.escrow)
+		}
+	}
+}
+
+// tabService sweeps the API keys' tabs while the node runs and closes them
+// when it stops (before the settler, which sends the closes).
+type tabService struct {
+	p      *payments
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+func (s *tabService) Start(context.Context) error {
+	ctx, cancel := context.WithCancel(context.Background())
+	s.cancel, s.done = cancel, make(chan struct{})
+	go func() {
+		defer close(s.done)
+		tick := time.NewTicker(tabIdle / 4)
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case now := <-tick.C:
+				s.p.sweepTabs(now)
+			}
+		}
+	}()
+	return nil
+}
+
+func (s *tabService) Close() error {
+	if s.cancel != nil {
+		s.cancel()
+		<-s.done
+		s.cancel = nil
+	}
+	s.p.closeTabs()
+	return nil
 }
 
 // escrowBill pays from an escrow the client opened.
@@ -360,16 +495,17 @@ func (p *payments) expertPayment(ctx context.Context, from peer.ID, escrow, flop
 		return check(seen.e, price)
 	}
 	for {
-		e, params, err := p.ledger.Escrow(ctx, escrow)
+		e, view, err := p.ledger.Escrow(ctx, escrow)
 		if err == nil && e != nil {
+			price := view.Params.GetPricePerMflop()
 			p.mu.Lock()
 			if p.escrows == nil || len(p.escrows) > 4096 {
 				p.escrows = map[uint64]seenEscrow{}
 			}
 			p.escrows[escrow] = seenEscrow{e: *e, at: time.Now()}
-			p.price, p.priceAt = params.GetPricePerMflop(), time.Now()
+			p.price, p.priceAt = price, time.Now()
 			p.mu.Unlock()
-			return check(*e, params.GetPricePerMflop())
+			return check(*e, price)
 		}
 		select {
 		case <-ctx.Done():

@@ -87,11 +87,14 @@ func balance(t *testing.T, n *Node, p peer.ID) uint64 {
 	return st.GetBalance()
 }
 
-// An API key's request: the gating node opens an escrow from the key's
-// account on its allowance, the expert's call is accepted against it
-// (and refused without it, or for another gating node, or for more than
-// it holds), the receipts are settled and the escrow closed: the account
-// pays exactly the reported cost, and the key's spending records it.
+// An API key's requests: the gating node opens a tab (an escrow for
+// several requests' most) from the key's account on its allowance, the
+// expert's call is accepted against it (and refused without it, or for
+// another gating node, or for more than it holds), the receipts are
+// settled from it, the key's next request uses the same tab, and once the
+// tab is idle it is closed: the account pays exactly the reported costs,
+// its allowance gets back what the tab did not use, and the key's
+// spending records it.
 func TestKeyBillPaysThroughAnEscrow(t *testing.T) {
 	n, account, ex, model := paymentNode(t)
 	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
@@ -119,8 +122,8 @@ func TestKeyBillPaysThroughAnEscrow(t *testing.T) {
 	}
 	e, _, err := n.ledger.Escrow(ctx, escrow)
 	most := billing.MaxCost(10, 90, flopsPerToken, 1)
-	if err != nil || e == nil || e.Payer != aid.String() || e.Gating != self.String() || e.Remaining != most {
-		t.Fatalf("escrow %d: %+v %v (want %d from %s)", escrow, e, err, most, aid)
+	if err != nil || e == nil || e.Payer != aid.String() || e.Gating != self.String() || e.Remaining != tabRequests*most || !e.Drawn {
+		t.Fatalf("escrow %d: %+v %v (want %d from %s)", escrow, e, err, tabRequests*most, aid)
 	}
 	// The expert side: unpaid, someone else's, too big; then paid.
 	other, _ := peer.Decode("12D3KooWKT1H7JGZua5ziofxNSDHw65BxX9JPum3vnsTGmnmGFQj")
@@ -131,7 +134,7 @@ func TestKeyBillPaysThroughAnEscrow(t *testing.T) {
 	}{
 		{self, 0, 1, "names no escrow"},
 		{other, escrow, 1, "not the caller"},
-		{self, escrow, most*1_000_000 + 1_000_000, "the call costs"},
+		{self, escrow, tabRequests*most*1_000_000 + 1_000_000, "the call costs"},
 		{self, 12345, 1, "no escrow 12345"},
 	} {
 		cctx, ccancel := context.WithTimeout(ctx, time.Second)
@@ -154,12 +157,43 @@ func TestKeyBillPaysThroughAnEscrow(t *testing.T) {
 	if cost != billing.Cost(work, 1) || cost == 0 {
 		t.Fatalf("cost %d, want %d", cost, billing.Cost(work, 1))
 	}
+	// The key's next request pays from the same tab: no new escrow.
+	again, refused := n.pay.Authorize(req)
+	if refused != nil {
+		t.Fatal(refused)
+	}
+	if id, err := again.Open(ctx, gating.Charge{Model: model, PromptTokens: 10, MaxTokens: 90, FLOPsPerToken: flopsPerToken}); err != nil || id != escrow {
+		t.Fatalf("the second request: escrow %d %v, the tab is %d", id, err, escrow)
+	}
+	if again.Close(0) != 0 {
+		t.Fatal("no work cost something")
+	}
+	held := func() (uint64, uint64) {
+		st, err := n.ledger.Status(ctx, aid)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st.GetBalance(), st.GetEscrowed()
+	}
+	for b, e := held(); b+e != before-cost; b, e = held() {
+		select {
+		case <-ctx.Done():
+			t.Fatalf("account balance %d + escrowed %d, want %d (before %d, cost %d)", b, e, before-cost, before, cost)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	// Idle, the tab closes: what it did not pay returns.
+	n.pay.sweepTabs(time.Now().Add(tabIdle))
 	for balance(t, n, aid) != before-cost {
 		select {
 		case <-ctx.Done():
 			t.Fatalf("account balance %d, want %d (before %d, cost %d)", balance(t, n, aid), before-cost, before, cost)
 		case <-time.After(50 * time.Millisecond):
 		}
+	}
+	st, err := n.ledger.Status(ctx, aid)
+	if err != nil || len(st.GetAllowances()) != 1 || st.GetAllowances()[0].GetAmount() != 50*ledger.BaseUnits-cost || st.GetEscrowed() != 0 {
+		t.Fatalf("after the tab closed: %v %v", st, err)
 	}
 	for { // the proven state is a block behind the balance
 		e, _, err := n.ledger.Escrow(ctx, escrow)
@@ -172,7 +206,7 @@ func TestKeyBillPaysThroughAnEscrow(t *testing.T) {
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
-	if ks := n.pay.keys.List(); ks[0].ID != k.ID || ks[0].Spent != cost || ks[0].Reserved != 0 {
+	if ks := n.pay.keys.List(); ks[0].ID != k.ID || ks[0].Spent != cost || ks[0].Reserved != 0 || ks[0].Requests != 2 {
 		t.Fatalf("key after its request: %+v", ks[0])
 	}
 	// More than the allowance left (within the key's budget and the

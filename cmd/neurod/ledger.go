@@ -81,8 +81,8 @@ func showLedger(cmd *cobra.Command, api func() (string, error), p string, asJSON
 		writeJSON(cmd.OutOrStdout(), info)
 		return nil
 	}
-	fmt.Fprintf(cmd.OutOrStdout(), "chain %s at height %d (app hash %s; %s)\naccount %s: balance %s NEURO, staked %s, unbonding %s, nonce %d\ntreasury %s, burned %s, emitted %s; supply %s (%s)\n",
-		info.ChainID, info.Height, info.AppHash, info.Source, info.Peer, neuro(info.Balance), neuro(info.Staked), neuro(info.Unbonding), info.Nonce,
+	fmt.Fprintf(cmd.OutOrStdout(), "chain %s at height %d (app hash %s; %s)\naccount %s: balance %s NEURO, escrowed %s, staked %s, unbonding %s, nonce %d\ntreasury %s, burned %s, emitted %s; supply %s (%s)\n",
+		info.ChainID, info.Height, info.AppHash, info.Source, info.Peer, neuro(info.Balance), neuro(info.Escrowed), neuro(info.Staked), neuro(info.Unbonding), info.Nonce,
 		neuro(info.Treasury), neuro(info.Burned), neuro(info.Emitted), neuro(info.Supply), map[bool]string{true: "invariant holds", false: "INVARIANT BROKEN"}[info.SupplyOK])
 	for _, p := range info.Proposals {
 		what := "new parameters"

@@ -29,16 +29,19 @@ func checkPaidRequests(t *testing.T, ctx context.Context, dir string, rep testne
 	if r := neurod(t, nil, "wallet", "show", "--wallet", wallet, "--home", node1, "--json"); r.code != 0 || json.Unmarshal([]byte(r.stdout), &w) != nil || w.Balance == nil {
 		t.Fatalf("wallet show: %+v", r)
 	}
+	// What an account holds: its balance and what it has in open escrows
+	// (an API key's tab holds several requests' most until it closes).
 	balanceOf := func(p string) uint64 {
 		t.Helper()
 		r := neurod(t, nil, "ledger", "balance", p, "--json", "--home", node0)
 		var b struct {
-			Balance uint64 `json:"balance"`
+			Balance  uint64 `json:"balance"`
+			Escrowed uint64 `json:"escrowed"`
 		}
 		if r.code != 0 || json.Unmarshal([]byte(r.stdout), &b) != nil {
 			t.Fatalf("ledger balance: %+v", r)
 		}
-		return b.Balance
+		return b.Balance + b.Escrowed
 	}
 	// The balance settles once the gating node's settlement and close are
 	// applied: wait for it to reach the expected value.
