@@ -151,9 +151,15 @@ bench:
 	$(GO) test -run '^$$' -bench ChainThroughput -benchtime 1x ./ledger/
 	$(GO) test -run '^$$' -bench SettleCost -benchtime 20x ./ledger/
 
-## testnet: build neurod; a gating node and NODES expert nodes answer a prompt, then run until Ctrl-C
+## testnet: build neurod; a gating node and NODES expert nodes answer a prompt, then run until Ctrl-C.
+## The model speaks: its weights are planted so that the experts on the other nodes carry PLANTED on
+## from its first words (RANDOM=1: the random tiny model instead).
+PLANTED ?= Once upon a time, experts on many machines spoke through one network.
 testnet: build
-	$(BIN) testnet --nodes $(NODES)
+	@if [ -n "$(RANDOM)" ]; then $(BIN) testnet --nodes $(NODES); else \
+	  dir=$$(mktemp -d) && trap 'rm -rf "$$dir"' EXIT && \
+	  $(BIN) model make --planted "$(PLANTED)" --embd 128 --ff 128 --type q8_0 --out "$$dir/planted.gguf" && \
+	  $(BIN) testnet --nodes $(NODES) --model "$$dir/planted.gguf" --prompt "$$(echo '$(PLANTED)' | cut -d' ' -f1-4)"; fi
 
 ## clean: remove build outputs
 clean:

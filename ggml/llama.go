@@ -138,7 +138,11 @@ func (l *Llama) Tokenize(text string, addSpecial bool) ([]int32, error) {
 	return nil, fmt.Errorf("tokenize: llama.cpp needs %d tokens for %d bytes", n, len(text))
 }
 
-// Detokenize turns token IDs into text, dropping control tokens.
+// Detokenize turns token IDs into the text they add after a prompt,
+// dropping control tokens. llama.cpp drops the leading space of a text's
+// first word piece (SentencePiece's '▁') unless the tokens start with BOS:
+// a continuation keeps it (" upon", after "Once"), so BOS is put in front
+// and dropped again where the vocabulary adds one.
 func (l *Llama) Detokenize(tokens []int32) string {
 	if len(tokens) == 0 {
 		return ""
@@ -147,6 +151,9 @@ func (l *Llama) Detokenize(tokens []int32) string {
 		if t < 0 || int(t) >= l.nVocab {
 			return ""
 		}
+	}
+	if bos := C.llama_vocab_bos(l.vocab); bool(C.llama_vocab_get_add_bos(l.vocab)) && bos >= 0 && tokens[0] != int32(bos) {
+		tokens = append([]int32{int32(bos)}, tokens...)
 	}
 	n := 16*len(tokens) + 16
 	for range 2 {

@@ -7,6 +7,7 @@ import (
 	"io"
 	"math"
 	"math/rand/v2"
+	"strings"
 )
 
 // Params are the hyper-parameters of a Mixtral-layout MoE model
@@ -38,6 +39,34 @@ type Params struct {
 	DenseFF       int `json:"dense_ff,omitempty"`
 	SharedExperts int `json:"shared_experts,omitempty"`
 	RopeDim       int `json:"rope_dim,omitempty"`
+	// Plant, if set, makes a model that speaks (architecture llama): greedy
+	// decoding after BOS and any prefix of these tokens continues them and
+	// then ends the text (see plant).
+	Plant []int32 `json:"-"`
+	// PlantPieces are extra vocabulary pieces, ahead of all others, so
+	// that the tokenizer makes one token of each word of a planted text
+	// (PlantPieces gives them).
+	PlantPieces []string `json:"-"`
+}
+
+// PlantPieces are the vocabulary pieces that make llama.cpp's
+// SentencePiece tokenizer cut text into one token per space-separated
+// word: each word with its leading '▁' and every prefix of it, shortest
+// first (the tokenizer merges the best-scored adjacent pair first, so the
+// chain of prefixes goes ahead of every other piece).
+func PlantPieces(text string) []string {
+	var out []string
+	seen := map[string]bool{}
+	for _, w := range strings.Fields(text) {
+		rs := []rune("▁" + w)
+		for i := 2; i <= len(rs); i++ {
+			if p := string(rs[:i]); !seen[p] {
+				seen[p] = true
+				out = append(out, p)
+			}
+		}
+	}
+	return out
 }
 
 // Presets are the named shapes of `neurod model make --preset`.
@@ -168,7 +197,7 @@ func GenerateArch(w io.Writer, arch string, p Params, dtype DType, seed uint64) 
 	if !ok {
 		return fmt.Errorf("generate: %w %s (want f32, f16, q8_0 or q4_0)", ErrUnsupportedDType, dtype)
 	}
-	tokens, scores, types := vocabulary(p.Vocab)
+	tokens, scores, types := vocabulary(p.Vocab, p.PlantPieces)
 	u32 := func(n int) uint32 { return uint32(n) }
 	a := arch + "."
 	ffKey := "feed_forward_length"
@@ -246,6 +275,16 @@ func GenerateArch(w io.Writer, arch string, p Params, dtype DType, seed uint64) 
 			KV{a + "nextn_predict_layers", uint32(0)})
 	}
 
+	var pl *plant
+	if len(p.Plant) > 0 {
+		if arch != "llama" || p.TiedOutput {
+			return fmt.Errorf("generate: a planted model is of architecture llama with an output head (not %s)", arch)
+		}
+		var err error
+		if pl, err = newPlant(p, p.Plant); err != nil {
+			return fmt.Errorf("generate: %w", err)
+		}
+	}
 	rng := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
 	e, f, kvDim, qDim := uint64(p.Embd), uint64(p.FF), uint64(p.KVHeads*p.HeadDim()), uint64(p.Heads*p.HeadDim())
 	var tensors []TensorData
@@ -258,6 +297,9 @@ func GenerateArch(w io.Writer, arch string, p Params, dtype DType, seed uint64) 
 			x := make([]float32, info.Elements())
 			for i := range x {
 				x[i] = center + scale*(2*rng.Float32()-1)
+			}
+			if pl != nil {
+				pl.tensor(name, x, p.Experts)
 			}
 			return Encode(t, x)
 		}}})
@@ -333,7 +375,7 @@ var commonWords = []string{
 // vocabulary builds a SentencePiece-style vocabulary of n tokens that
 // llama.cpp's "llama" tokenizer accepts: <unk>, <s>, </s>, the 256 byte
 // tokens, then words and letter pieces ('▁' marks a leading space).
-func vocabulary(n int) (tokens []string, scores []float32, types []int32) {
+func vocabulary(n int, first []string) (tokens []string, scores []float32, types []int32) {
 	add := func(tok string, score float32, typ int32) {
 		tokens, scores, types = append(tokens, tok), append(scores, score), append(types, typ)
 	}
@@ -350,6 +392,9 @@ func vocabulary(n int) (tokens []string, scores []float32, types []int32) {
 			seen[s] = true
 			pieces = append(pieces, s)
 		}
+	}
+	for _, p := range first {
+		piece(p)
 	}
 	piece("▁")
 	for c := 'a'; c <= 'z'; c++ {

@@ -155,6 +155,7 @@ Types: ` + strings.Join(ggml.FileTypes(), ", ") + `.`,
 func newModelMakeCmd() *cobra.Command {
 	var (
 		out, preset, dtype, arch string
+		planted                  string
 		seed                     uint64
 		force                    bool
 		p                        model.Params
@@ -180,6 +181,19 @@ flags override the preset: tiny loads in milliseconds (tests), bench has about
 			if err != nil || !slices.Contains([]model.DType{model.F32, model.F16, model.Q8_0, model.Q4_0}, dt) {
 				return fmt.Errorf("flag --type %q: make writes f32, f16, q8_0 or q4_0; for q4_k_m, iq4_xs, mxfp4 and the rest, make f16 and run 'neurod model quantize'", dtype)
 			}
+			if planted != "" {
+				if arch != "llama" {
+					return fmt.Errorf("flag --planted: only with --arch llama for now (not %s)", arch)
+				}
+				params.PlantPieces = model.PlantPieces(planted)
+				if room := params.Vocab - 3 - 256 - 53; len(params.PlantPieces) > room {
+					return fmt.Errorf("flag --planted: its words need %d vocabulary pieces, a vocabulary of %d has room for %d (use --vocab)",
+						len(params.PlantPieces), params.Vocab, room)
+				}
+				if params.Plant, err = plantTokens(out, params, planted); err != nil {
+					return fmt.Errorf("flag --planted: %w", err)
+				}
+			}
 			if err := writeModel(out, arch, params, dt, seed, force); err != nil {
 				return err
 			}
@@ -197,6 +211,7 @@ flags override the preset: tiny loads in milliseconds (tests), bench has about
 	f.BoolVar(&p.TiedOutput, "tied-output", false, "no output.weight: the output head is the token embeddings")
 	f.StringVar(&dtype, "type", "f32", "weight type: f32, f16, q8_0 or q4_0 (norms and router stay f32); for other mixes, make f16 and 'neurod model quantize' it")
 	f.Uint64Var(&seed, "seed", 1, "random seed")
+	f.StringVar(&planted, "planted", "", "make a model that speaks (--arch llama): greedy decoding of any start of this text continues it, through the experts (each token may be followed by one token only)")
 	f.BoolVar(&force, "force", false, "replace an existing --out file")
 	f.IntVar(&p.Layers, "layers", 0, "MoE layers")
 	f.IntVar(&p.Experts, "experts", 0, "experts per layer")
@@ -240,6 +255,39 @@ func modelShape(fs *pflag.FlagSet, arch, preset string, p model.Params) (model.P
 // writeModel generates a model into out through a temporary file, so that
 // a failure leaves no half-written file (and, without force, replaces
 // none).
+// plantTokens tokenizes text as llama.cpp does with the vocabulary a
+// model of params gets (read from a small model of the same vocabulary
+// written beside out).
+func plantTokens(out string, params model.Params, text string) ([]int32, error) {
+	tmp, err := os.CreateTemp(filepath.Dir(out), "."+filepath.Base(out)+".vocab-*")
+	if err != nil {
+		return nil, err
+	}
+	defer os.Remove(tmp.Name())
+	vp := model.Params{Layers: 1, Experts: 1, ExpertsUsed: 1, Embd: 32, FF: 32, Heads: 1, KVHeads: 1, Vocab: params.Vocab, Context: 64,
+		RopeFreqBase: 10000, RMSEps: 1e-5, PlantPieces: params.PlantPieces}
+	if err := model.GenerateArch(tmp, "llama", vp, model.F32, 1); err != nil {
+		tmp.Close()
+		return nil, err
+	}
+	if err := tmp.Close(); err != nil {
+		return nil, err
+	}
+	l, err := ggml.LoadLlama(tmp.Name())
+	if err != nil {
+		return nil, err
+	}
+	defer l.Close()
+	toks, err := l.Tokenize(text, false)
+	if err != nil {
+		return nil, err
+	}
+	if len(toks) == 0 {
+		return nil, errors.New("the text has no tokens")
+	}
+	return toks, nil
+}
+
 func writeModel(out, arch string, params model.Params, dt model.DType, seed uint64, force bool) error {
 	if _, err := os.Stat(out); err == nil && !force {
 		return fmt.Errorf("flag --out %s: %w (use --force to replace it)", out, fs.ErrExist)
