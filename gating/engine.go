@@ -783,7 +783,7 @@ func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Cal
 		res.Tokens = res.Tokens[:keep]
 		res.Rewinds++
 		epoch = checks.Rewound()
-		textBytes := out.rewind(vocab.Detokenize(res.Tokens))
+		textBytes := out.rewind(vocab.Continue(res.Tokens))
 		e.log.Info("rewound a generation past a wrong expert result", "to_token", keep)
 		if cb.Rewind != nil {
 			return cb.Rewind(keep, textBytes)
@@ -835,7 +835,7 @@ func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Cal
 		}
 		res.Tokens = append(res.Tokens, tok)
 		e.generated.Add(1)
-		delta, stopped := out.add(vocab.Detokenize(res.Tokens))
+		delta, stopped := out.add(vocab.Continue(res.Tokens))
 		if cb.Token != nil {
 			if err := cb.Token(Token{ID: tok, Text: delta, Elapsed: took}); err != nil {
 				return nil, err

@@ -138,11 +138,19 @@ func (l *Llama) Tokenize(text string, addSpecial bool) ([]int32, error) {
 	return nil, fmt.Errorf("tokenize: llama.cpp needs %d tokens for %d bytes", n, len(text))
 }
 
-// Detokenize turns token IDs into the text they add after a prompt,
-// dropping control tokens. llama.cpp drops the leading space of a text's
-// first word piece (SentencePiece's '▁') unless the tokens start with BOS:
-// a continuation keeps it (" upon", after "Once"), so BOS is put in front
-// and dropped again where the vocabulary adds one.
+// Continue turns generated token IDs into the text they add after their
+// prompt, dropping control tokens. Detokenize drops the leading space of
+// a text's first word piece (SentencePiece's '▁'), as llama.cpp does for
+// a whole text; a continuation keeps it (" upon", after "Once"): BOS is
+// put in front, and dropped again, where the vocabulary adds one.
+func (l *Llama) Continue(tokens []int32) string {
+	if bos := C.llama_vocab_bos(l.vocab); len(tokens) > 0 && bool(C.llama_vocab_get_add_bos(l.vocab)) && bos >= 0 && tokens[0] != int32(bos) {
+		tokens = append([]int32{int32(bos)}, tokens...)
+	}
+	return l.Detokenize(tokens)
+}
+
+// Detokenize turns token IDs into text, dropping control tokens.
 func (l *Llama) Detokenize(tokens []int32) string {
 	if len(tokens) == 0 {
 		return ""
@@ -151,9 +159,6 @@ func (l *Llama) Detokenize(tokens []int32) string {
 		if t < 0 || int(t) >= l.nVocab {
 			return ""
 		}
-	}
-	if bos := C.llama_vocab_bos(l.vocab); bool(C.llama_vocab_get_add_bos(l.vocab)) && bos >= 0 && tokens[0] != int32(bos) {
-		tokens = append([]int32{int32(bos)}, tokens...)
 	}
 	n := 16*len(tokens) + 16
 	for range 2 {
@@ -361,7 +366,7 @@ func (l *Llama) greedy(toks []int32, maxTokens int, keepLogits bool, step func([
 		g.Tokens = append(g.Tokens, tok)
 		next = []int32{tok}
 	}
-	g.Text = l.Detokenize(g.Tokens)
+	g.Text = l.Continue(g.Tokens)
 	return g, nil
 }
 

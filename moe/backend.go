@@ -191,6 +191,9 @@ type ChatMessage struct{ Role, Content string }
 type Vocab interface {
 	Tokenize(text string, addSpecial bool) ([]int32, error)
 	Detokenize(tokens []int32) string
+	// Continue is the text generated tokens add after their prompt (a
+	// SentencePiece text's first word keeps its leading space).
+	Continue(tokens []int32) string
 	// IsEOG reports whether tok ends a generation.
 	IsEOG(tok int32) bool
 	// ApplyChatTemplate formats a chat into a prompt with the model's chat
