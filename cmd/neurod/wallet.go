@@ -21,6 +21,7 @@ type walletOutput struct {
 	File    string `json:"file"`
 	// From the running node in --home, when there is one.
 	Balance    *uint64           `json:"balance,omitempty"`
+	Escrowed   *uint64           `json:"escrowed,omitempty"`
 	Nonce      *uint64           `json:"nonce,omitempty"`
 	Allowances map[string]uint64 `json:"allowances,omitempty"`
 }
@@ -59,7 +60,7 @@ wallet signed; the node never holds the wallet's key.`,
 				ctx, cancel := context.WithTimeout(cmd.Context(), 20*time.Second)
 				defer cancel()
 				if info, err := node.FetchLedger(ctx, addr, id.String()); err == nil {
-					out.Balance, out.Nonce, out.Allowances = &info.Balance, &info.Nonce, info.Allowances
+					out.Balance, out.Escrowed, out.Nonce, out.Allowances = &info.Balance, &info.Escrowed, &info.Nonce, info.Allowances
 				}
 			}
 		}
@@ -69,7 +70,7 @@ wallet signed; the node never holds the wallet's key.`,
 		}
 		fmt.Fprintf(cmd.OutOrStdout(), "account: %s\nkey: %s\n", out.Account, out.File)
 		if out.Balance != nil {
-			fmt.Fprintf(cmd.OutOrStdout(), "balance: %s NEURO\n", neuro(*out.Balance))
+			fmt.Fprintf(cmd.OutOrStdout(), "balance: %s NEURO (and %s in open escrows)\n", neuro(*out.Balance), neuro(*out.Escrowed))
 			for sp, v := range out.Allowances {
 				fmt.Fprintf(cmd.OutOrStdout(), "allows %s: %s NEURO\n", sp, neuro(v))
 			}
