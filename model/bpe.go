@@ -41,10 +41,10 @@ var chatTemplates = map[string]string{
 }
 
 // bpeVocabulary makes n tokens: the 256 byte symbols, tokens merged from
-// them (common words with and without a leading space, then letter pairs,
+// them (first's words, common words with and without a leading space, then letter pairs,
 // then longer runs) with the merges that make them, and the control
 // tokens. The same n always gives the same vocabulary.
-func bpeVocabulary(n int, controls []string) (tokens []string, types []int32, merges []string) {
+func bpeVocabulary(n int, controls, first []string) (tokens []string, types []int32, merges []string) {
 	sym := byteSymbols()
 	seen := map[string]bool{}
 	for _, s := range sym {
@@ -72,6 +72,9 @@ func bpeVocabulary(n int, controls []string) (tokens []string, types []int32, me
 		for _, p := range parts[1:] {
 			acc = merge(acc, p)
 		}
+	}
+	for _, w := range first {
+		word(w)
 	}
 	for _, w := range commonWords {
 		word(" " + w)

@@ -8,6 +8,7 @@ import (
 	"math"
 	"math/rand/v2"
 	"strings"
+	"unicode"
 )
 
 // Params are the hyper-parameters of a Mixtral-layout MoE model
@@ -49,12 +50,56 @@ type Params struct {
 	PlantPieces []string `json:"-"`
 }
 
-// PlantPieces are the vocabulary pieces that make llama.cpp's
-// SentencePiece tokenizer cut text into one token per space-separated
-// word: each word with its leading '▁' and every prefix of it, shortest
-// first (the tokenizer merges the best-scored adjacent pair first, so the
-// chain of prefixes goes ahead of every other piece).
-func PlantPieces(text string) []string {
+// PlantPieces are what makes arch's generated tokenizer cut text into one
+// token per word: for the SentencePiece vocabulary (llama), each
+// space-separated word with its leading '▁' and every prefix of it,
+// shortest first (the tokenizer merges the best-scored adjacent pair
+// first, so the chain of prefixes goes ahead of every other piece); for
+// the GPT-2 BPE ones, the words as its pre-tokenizer cuts them (a letter,
+// digit or other run with the space before it), whose merges then rank
+// first.
+func PlantPieces(arch, text string) []string {
+	if arch != "llama" {
+		return preTokens(text)
+	}
+	return spmPieces(text)
+}
+
+// preTokens cuts text as GPT-2's pre-tokenizer regex does for plain
+// prose: an optional space, then a run of letters, of digits, or of other
+// non-space characters.
+func preTokens(text string) []string {
+	class := func(r rune) int {
+		switch {
+		case unicode.IsLetter(r):
+			return 1
+		case unicode.IsDigit(r):
+			return 2
+		case unicode.IsSpace(r):
+			return 0
+		}
+		return 3
+	}
+	var out []string
+	seen := map[string]bool{}
+	rs := []rune(text)
+	for i := 0; i < len(rs); {
+		start := i
+		if rs[i] == ' ' && i+1 < len(rs) && class(rs[i+1]) != 0 {
+			i++
+		}
+		c := class(rs[i])
+		for i++; i < len(rs) && c != 0 && class(rs[i]) == c; i++ {
+		}
+		if w := string(rs[start:i]); c != 0 && !seen[w] {
+			seen[w] = true
+			out = append(out, w)
+		}
+	}
+	return out
+}
+
+func spmPieces(text string) []string {
 	var out []string
 	seen := map[string]bool{}
 	for _, w := range strings.Fields(text) {
@@ -244,7 +289,7 @@ func GenerateArch(w io.Writer, arch string, p Params, dtype DType, seed uint64) 
 		// ends with <|im_end|> (Qwen) or the next role token (GLM's
 		// <|user|>), the text with <|endoftext|>.
 		controls := bpeControls[arch]
-		btoks, btypes, merges := bpeVocabulary(p.Vocab, controls)
+		btoks, btypes, merges := bpeVocabulary(p.Vocab, controls, p.PlantPieces)
 		first := uint32(len(btoks) - len(controls))
 		eos := first + 2 // <|im_end|>
 		if arch == "glm4moe" {
@@ -277,11 +322,11 @@ func GenerateArch(w io.Writer, arch string, p Params, dtype DType, seed uint64) 
 
 	var pl *plant
 	if len(p.Plant) > 0 {
-		if arch != "llama" || p.TiedOutput {
-			return fmt.Errorf("generate: a planted model is of architecture llama with an output head (not %s)", arch)
+		if p.TiedOutput {
+			return fmt.Errorf("generate: a planted model needs an output head of its own (not --tied-output)")
 		}
 		var err error
-		if pl, err = newPlant(p, p.Plant); err != nil {
+		if pl, err = newPlant(arch, p, p.Plant); err != nil {
 			return fmt.Errorf("generate: %w", err)
 		}
 	}

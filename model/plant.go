@@ -5,18 +5,27 @@ import (
 	"math"
 )
 
-// Token IDs of the generated SentencePiece vocabulary.
-const (
-	bosToken = 1
-	eosToken = 2
-)
+// plantEnds are the tokens a planted text starts after (-1: none) and
+// ends with, in arch's generated vocabulary of vocab tokens: the
+// SentencePiece vocabulary's BOS and EOS; Qwen's none and <|im_end|>;
+// GLM's none and <|user|>.
+func plantEnds(arch string, vocab int) (bos, eos int32) {
+	switch arch {
+	case "qwen3moe":
+		return -1, int32(vocab - len(bpeControls[arch]) + 2)
+	case "glm4moe":
+		return -1, int32(vocab - len(bpeControls[arch]) + 4)
+	}
+	return 1, 2
+}
 
 // plant holds the weights of a model that speaks: greedy decoding of any
 // prefix of its text (BOS first) continues the text and ends with EOS.
 // Each of the text's tokens t (and BOS) gets its own pair of basis
 // directions of the hidden state: a_t (its embedding) and b_t (its row of
 // the output head). Attention adds nothing (its output projection is
-// zero); every expert maps a_t to b_next(t) (a gate and an up unit per
+// zero, as are dense layers and shared experts); every expert maps a_t
+// to b_next(t) (a gate and an up unit per
 // token that fire on a_t, a down column that writes b_next(t)), so the
 // text comes through the experts' compute: an expert node that returned a
 // wrong output would change it. The other tokens' output rows are zero.
@@ -33,12 +42,16 @@ const (
 	plantOut  = 2
 )
 
-func newPlant(p Params, text []int32) (*plant, error) {
+func newPlant(arch string, p Params, text []int32) (*plant, error) {
 	if len(text) == 0 {
 		return nil, fmt.Errorf("planted text: no tokens")
 	}
 	pl := &plant{embd: p.Embd, ff: p.FF, slot: map[int32]int{}, next: map[int32]int32{}}
-	seq := append(append([]int32{bosToken}, text...), eosToken)
+	bos, eos := plantEnds(arch, p.Vocab)
+	seq := append(append([]int32{}, text...), eos)
+	if bos >= 0 {
+		seq = append([]int32{bos}, seq...)
+	}
 	for i, t := range seq {
 		if t < 0 || int(t) >= p.Vocab {
 			return nil, fmt.Errorf("planted text: token %d outside the vocabulary of %d", t, p.Vocab)
@@ -49,7 +62,7 @@ func newPlant(p Params, text []int32) (*plant, error) {
 		if i == len(seq)-1 {
 			break
 		}
-		if t == eosToken && i > 0 {
+		if t == eos {
 			return nil, fmt.Errorf("planted text: it holds the end-of-text token")
 		}
 		if n, ok := pl.next[t]; ok && n != seq[i+1] {
@@ -87,7 +100,10 @@ func (pl *plant) tensor(name string, x []float32, experts int) bool {
 		for t := range pl.slot {
 			x[int(t)*e+pl.b(t)] = 1
 		}
-	case hasSuffix(name, "attn_output.weight"):
+	case hasSuffix(name, "attn_output.weight"), hasSuffix(name, "_shexp.weight"),
+		hasSuffix(name, "ffn_gate.weight"), hasSuffix(name, "ffn_up.weight"), hasSuffix(name, "ffn_down.weight"):
+		// Attention, GLM's dense leading layers and shared experts add
+		// nothing: the signal is the routed experts'.
 		clear(x)
 	case hasSuffix(name, "_norm.weight"):
 		for i := range x {

@@ -182,15 +182,12 @@ flags override the preset: tiny loads in milliseconds (tests), bench has about
 				return fmt.Errorf("flag --type %q: make writes f32, f16, q8_0 or q4_0; for q4_k_m, iq4_xs, mxfp4 and the rest, make f16 and run 'neurod model quantize'", dtype)
 			}
 			if planted != "" {
-				if arch != "llama" {
-					return fmt.Errorf("flag --planted: only with --arch llama for now (not %s)", arch)
-				}
-				params.PlantPieces = model.PlantPieces(planted)
+				params.PlantPieces = model.PlantPieces(arch, planted)
 				if room := params.Vocab - 3 - 256 - 53; len(params.PlantPieces) > room {
 					return fmt.Errorf("flag --planted: its words need %d vocabulary pieces, a vocabulary of %d has room for %d (use --vocab)",
 						len(params.PlantPieces), params.Vocab, room)
 				}
-				if params.Plant, err = plantTokens(out, params, planted); err != nil {
+				if params.Plant, err = plantTokens(out, arch, params, planted); err != nil {
 					return fmt.Errorf("flag --planted: %w", err)
 				}
 			}
@@ -211,7 +208,7 @@ flags override the preset: tiny loads in milliseconds (tests), bench has about
 	f.BoolVar(&p.TiedOutput, "tied-output", false, "no output.weight: the output head is the token embeddings")
 	f.StringVar(&dtype, "type", "f32", "weight type: f32, f16, q8_0 or q4_0 (norms and router stay f32); for other mixes, make f16 and 'neurod model quantize' it")
 	f.Uint64Var(&seed, "seed", 1, "random seed")
-	f.StringVar(&planted, "planted", "", "make a model that speaks (--arch llama): greedy decoding of any start of this text continues it, through the experts (each token may be followed by one token only)")
+	f.StringVar(&planted, "planted", "", "make a model that speaks: greedy decoding of any start of this text continues it, through the experts (each token may be followed by one token only)")
 	f.BoolVar(&force, "force", false, "replace an existing --out file")
 	f.IntVar(&p.Layers, "layers", 0, "MoE layers")
 	f.IntVar(&p.Experts, "experts", 0, "experts per layer")
@@ -255,18 +252,18 @@ func modelShape(fs *pflag.FlagSet, arch, preset string, p model.Params) (model.P
 // writeModel generates a model into out through a temporary file, so that
 // a failure leaves no half-written file (and, without force, replaces
 // none).
-// plantTokens tokenizes text as llama.cpp does with the vocabulary a
-// model of params gets (read from a small model of the same vocabulary
-// written beside out).
-func plantTokens(out string, params model.Params, text string) ([]int32, error) {
+// plantTokens tokenizes text as llama.cpp does with the vocabulary an
+// arch model of params gets (read from a small model of the same
+// vocabulary written beside out).
+func plantTokens(out, arch string, params model.Params, text string) ([]int32, error) {
 	tmp, err := os.CreateTemp(filepath.Dir(out), "."+filepath.Base(out)+".vocab-*")
 	if err != nil {
 		return nil, err
 	}
 	defer os.Remove(tmp.Name())
-	vp := model.Params{Layers: 1, Experts: 1, ExpertsUsed: 1, Embd: 32, FF: 32, Heads: 1, KVHeads: 1, Vocab: params.Vocab, Context: 64,
-		RopeFreqBase: 10000, RMSEps: 1e-5, PlantPieces: params.PlantPieces}
-	if err := model.GenerateArch(tmp, "llama", vp, model.F32, 1); err != nil {
+	vp, _ := model.Preset(arch, "tiny")
+	vp.Vocab, vp.PlantPieces = params.Vocab, params.PlantPieces
+	if err := model.GenerateArch(tmp, arch, vp, model.F32, 1); err != nil {
 		tmp.Close()
 		return nil, err
 	}
