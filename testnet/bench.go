@@ -20,7 +20,8 @@ import (
 // BenchRow is one configuration's measurements in `neurod bench`.
 type BenchRow struct {
 	Name string `json:"name"`
-	// Kind is local, split, testnet, netns (the RTT sweep) or placement.
+	// Kind is local, split, testnet, concurrent (the loopback testnet with
+	// several users at once), netns (the RTT sweep) or placement.
 	Kind string `json:"kind"`
 	// RTTMs is the round trip between the gating node and its expert node
 	// (0 for the runs on one machine without emulated latency).
@@ -46,6 +47,11 @@ type BenchRow struct {
 	OneNodeShare float64 `json:"one_node_share"`
 	Direct       *bool   `json:"direct,omitempty"`
 	Skipped      string  `json:"skipped,omitempty"`
+	// Users asked at once (kind concurrent), each through a client of its
+	// own; TokensPerSecond is then all their generated tokens over the
+	// round's wall time, and the latencies are of the round's first
+	// request alone.
+	Users int `json:"users,omitempty"`
 }
 
 // BenchReport is `neurod bench --json` and report.json.
@@ -83,6 +89,9 @@ type Bench struct {
 	PlacementRTT, PlacementFar, PlacementJitter time.Duration
 	// Binary is the neurod executable the testnets' nodes run.
 	Binary string
+	// Concurrency lists the numbers of users the loopback testnet also
+	// serves at once (none: left out).
+	Concurrency []int
 	// OnMachine answers the prompt on this machine: the whole GGUF in
 	// llama.cpp, or (split) the gating compute with in-process experts.
 	OnMachine func(ctx context.Context, model string, split bool, prompt string, maxTokens int) (*Generation, error)
@@ -122,6 +131,12 @@ func (b *Bench) Run(ctx context.Context, modelPath, out string, rtts []time.Dura
 	if err := b.scenario(ctx, "testnet", "testnet", 0, &Loopback{ExpertNodes: 1, Dashboard: "127.0.0.1:0"}); err != nil {
 		return nil, err
 	}
+	for _, users := range b.Concurrency {
+		b.Log.Info("bench: testnet on 127.0.0.1, users at once", "users", users)
+		if err := b.concurrent(ctx, users); err != nil {
+			return nil, err
+		}
+	}
 	for _, rtt := range rtts {
 		b.Log.Info("bench: netns testnet", "rtt", rtt)
 		t := &Netns{Publics: 4, NATs: []netns.NAT{netns.Cone, netns.Cone}}
@@ -137,7 +152,7 @@ func (b *Bench) Run(ctx context.Context, modelPath, out string, rtts []time.Dura
 	}
 	for i := range b.rep.Rows {
 		r := &b.rep.Rows[i]
-		if r.Skipped != "" || r.Kind == "local" || r.Kind == "split" {
+		if r.Skipped != "" || r.Kind == "local" || r.Kind == "split" || r.Kind == "concurrent" {
 			continue
 		}
 		r.FloorMs = float64(b.rep.Layers)*r.RTTMs + b.rep.ComputeMs
@@ -237,6 +252,27 @@ func (b *Bench) scenario(ctx context.Context, name, kind string, rtt time.Durati
 	}
 	return b.add(name, kind, rtt, benchGen{Tokens: rep.Tokens, TokensPerSecond: rep.TokensPerSecond, PerTokenMs: rep.PerTokenMs,
 		Stats: rep.Stats, Connections: rep.Connections, Link: rep.Link})
+}
+
+// concurrent runs the loopback testnet (a gating node and one expert
+// node) with users asking at once, after one alone; every answer must be
+// llama.cpp's.
+func (b *Bench) concurrent(ctx context.Context, users int) error {
+	ctx, cancel := context.WithTimeout(ctx, b.Timeout)
+	defer cancel()
+	s := &Scenario{Topology: &Loopback{ExpertNodes: 1, Dashboard: "127.0.0.1:0"}, Binary: b.Binary, Model: b.model, Prompt: BenchPrompt,
+		MaxTokens: b.MaxTokens, Concurrency: users, Timeout: b.Timeout, Check: true, Log: b.Log}
+	rep, _, err := s.Run(ctx)
+	if err != nil {
+		return fmt.Errorf("testnet with %d users: %w", users, err)
+	}
+	name := fmt.Sprintf("testnet (1 expert node), %d users at once", users)
+	if err := b.add(name, "concurrent", 0, benchGen{Tokens: rep.Tokens, TokensPerSecond: rep.AggregateTokensPerS, PerTokenMs: rep.PerTokenMs,
+		Stats: rep.Stats}); err != nil {
+		return err
+	}
+	b.rep.Rows[len(b.rep.Rows)-1].Users = users
+	return nil
 }
 
 // placement runs two expert homes, one near and one far, with jitter; in

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -45,7 +46,7 @@ per-token latency against RTT, the floor drawn in) and report.json into
 
 // benchFlags are the flags of `neurod bench`.
 type benchFlags struct {
-	model, out, rtts                string
+	model, out, rtts, concurrency   string
 	maxTokens                       int
 	json, noNetns                   bool
 	timeout                         time.Duration
@@ -92,6 +93,7 @@ func newBenchCmd(g *globalFlags) *cobra.Command {
 	fs.StringVar(&f.out, "out", "bench-report", "directory to write report.md, report.png and report.json into")
 	fs.StringVar(&f.rtts, "rtt", "0,20ms,50ms,100ms", "round-trip times of the netns runs, comma-separated")
 	fs.IntVar(&f.maxTokens, "max-tokens", 32, "tokens to generate in each run")
+	fs.StringVar(&f.concurrency, "concurrency", "4,16", "users the loopback testnet also serves at once, comma-separated (each through a client and wallet of its own; the row's tokens/s are theirs in all); 0 leaves them out")
 	fs.BoolVar(&f.json, "json", false, "print the report as JSON")
 	fs.BoolVar(&f.noNetns, "no-netns", false, "leave out the netns runs")
 	fs.DurationVar(&f.timeout, "timeout", 20*time.Minute, "how long each run may take")
@@ -141,7 +143,11 @@ func (f *benchFlags) bench(cmd *cobra.Command, g *globalFlags) (*testnet.Bench, 
 	if err != nil {
 		return nil, err
 	}
-	b := &testnet.Bench{Log: log, Timeout: f.timeout, MaxTokens: f.maxTokens, Binary: bin,
+	users, err := parseUsers(f.concurrency)
+	if err != nil {
+		return nil, err
+	}
+	b := &testnet.Bench{Log: log, Timeout: f.timeout, MaxTokens: f.maxTokens, Binary: bin, Concurrency: users,
 		PlacementRTT: f.placement, PlacementFar: f.placementFar, PlacementJitter: f.jitter,
 		OnMachine: func(ctx context.Context, model string, split bool, prompt string, maxTokens int) (*testnet.Generation, error) {
 			if split {
@@ -201,4 +207,20 @@ func writeBenchReport(rep *testnet.BenchReport) error {
 		return fmt.Errorf("bench: %w", err)
 	}
 	return benchPlot(rep, filepath.Join(rep.Dir, "report.png"))
+}
+
+// parseUsers reads --concurrency: numbers of users from 2 to 256, or 0.
+func parseUsers(s string) ([]int, error) {
+	if strings.TrimSpace(s) == "0" || strings.TrimSpace(s) == "" {
+		return nil, nil
+	}
+	var out []int
+	for _, f := range strings.Split(s, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 2 || n > 256 {
+			return nil, fmt.Errorf("flag --concurrency %q: want numbers of users from 2 to 256, comma-separated, or 0", s)
+		}
+		out = append(out, n)
+	}
+	return out, nil
 }

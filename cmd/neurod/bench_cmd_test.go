@@ -22,7 +22,7 @@ func TestBenchReport(t *testing.T) {
 	t.Parallel() // mostly waiting
 	path := makeModel(t, "--preset", "tiny", "--type", "q8_0", "--seed", "41", "--layers", "3", "--experts", "6", "--embd", "96")
 	out := filepath.Join(t.TempDir(), "report")
-	args := []string{"bench", "--model", path, "--out", out, "--max-tokens", "8", "--rtt", "20ms", "--json",
+	args := []string{"bench", "--model", path, "--out", out, "--max-tokens", "8", "--rtt", "20ms", "--json", "--concurrency", "3",
 		"--placement-rtt", "20ms", "--placement-far", "40ms", "--placement-jitter", "2ms"}
 	withNetns := netns.Available() == nil
 	if !withNetns {
@@ -31,7 +31,7 @@ func TestBenchReport(t *testing.T) {
 		}
 		args = append(args, "--no-netns")
 	}
-	r := neurodWithin(t, 6*time.Minute, nil, args...) // four testnets, three of them netns
+	r := neurodWithin(t, 6*time.Minute, nil, args...) // five testnets, three of them netns
 	if r.code != 0 {
 		t.Fatalf("exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
 	}
@@ -43,7 +43,7 @@ func TestBenchReport(t *testing.T) {
 	for _, row := range rep.Rows {
 		names = append(names, row.Name)
 	}
-	if strings.Join(names, ",") != "llama.cpp,split,testnet,netns 20 ms,"+
+	if strings.Join(names, ",") != "llama.cpp,split,testnet,testnet (1 expert node), 3 users at once,netns 20 ms,"+
 		"placement: expert nodes 20 ms and 40 ms away ±2 ms, experts together,"+
 		"placement: expert nodes 20 ms and 40 ms away ±2 ms, experts spread" || rep.Layers != 3 {
 		t.Fatalf("rows %v, layers %d", names, rep.Layers)
@@ -53,7 +53,10 @@ func TestBenchReport(t *testing.T) {
 			t.Fatalf("row %+v", row)
 		}
 	}
-	if n := rep.Rows[3]; withNetns {
+	if c := rep.Rows[3]; c.Kind != "concurrent" || c.Users != 3 || c.TokensPerSecond <= 0 || c.PerTokenP50Ms <= 0 {
+		t.Fatalf("concurrent row %+v", c)
+	}
+	if n := rep.Rows[4]; withNetns {
 		if n.Skipped != "" || n.MeasuredRTTMs <= 0 || n.FloorMs <= 3*20 || n.RoundTripsPerToken != 3 || n.Direct == nil || !*n.Direct {
 			t.Fatalf("netns row %+v", n)
 		}
@@ -62,12 +65,12 @@ func TestBenchReport(t *testing.T) {
 		}
 		// Spread, each expert on one of two homes: the prompt's pass needs
 		// both in every layer, so not every layer is one node's.
-		together, spread := rep.Rows[4], rep.Rows[5]
+		together, spread := rep.Rows[5], rep.Rows[6]
 		if together.Skipped != "" || spread.Skipped != "" || together.OneNodeShare == 0 || spread.OneNodeShare >= 1 {
 			t.Fatalf("placement rows %+v\n%+v", together, spread)
 		}
-	} else if n.Skipped == "" || rep.Rows[5].Skipped == "" {
-		t.Fatalf("netns rows without namespaces: %+v", rep.Rows[3:])
+	} else if n.Skipped == "" || rep.Rows[6].Skipped == "" {
+		t.Fatalf("netns rows without namespaces: %+v", rep.Rows[4:])
 	}
 	md, err := os.ReadFile(filepath.Join(out, "report.md"))
 	if err != nil || !strings.Contains(string(md), "| netns 20 ms |") || !strings.Contains(string(md), "floor") {
