@@ -122,25 +122,6 @@ func Open(path string, self peer.ID) (*Store, error) {
 	return s, nil
 }
 
-// Reload rereads the file (keys created or revoked by another process
-// while the node was stopped, or by hand), keeping what is in flight.
-func (s *Store) Reload() error {
-	fresh, err := Open(s.path, s.node)
-	if err != nil {
-		return err
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	for _, k := range fresh.keys {
-		if old := s.find(k.ID); old != nil {
-			k.Reserved = old.Reserved
-			k.Spent = max(k.Spent, old.Spent)
-		}
-	}
-	s.keys = fresh.keys
-	return nil
-}
-
 func (s *Store) hash(secret string) string {
 	h := sha256.New()
 	h.Write([]byte(s.node))
@@ -226,20 +207,6 @@ func (s *Store) List() []Key {
 		out[i] = *k
 	}
 	return out
-}
-
-// Active is how many keys are not revoked: with none, the node's API
-// takes requests without keys (on loopback only).
-func (s *Store) Active() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	n := 0
-	for _, k := range s.keys {
-		if !k.Revoked {
-			n++
-		}
-	}
-	return n
 }
 
 // Revoke revokes key id (kept in the list, refused from now on).

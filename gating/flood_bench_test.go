@@ -22,18 +22,6 @@ import (
 	"github.com/neuro-p2p/neuro/model"
 )
 
-// storeAuth admits requests by their API key, as a gating node does
-// (billing.Store.Check), and lets the admitted run unpaid (the ledger's
-// part is not what this measures).
-type storeAuth struct{ s *billing.Store }
-
-func (a storeAuth) Authorize(r *http.Request) (Bill, *billing.Refusal) {
-	if _, refused := a.s.Check(r, time.Now()); refused != nil {
-		return nil, refused
-	}
-	return nil, nil
-}
-
 // BenchmarkRejectFlood measures what a bounded flood of requests that are
 // refused (bad keys: 401; a key over its rate: 429) costs a paying user:
 // the user's completion latency alone and during the flood, side by side
@@ -50,7 +38,7 @@ func BenchmarkRejectFlood(b *testing.B) {
 	account, _ := peer.Decode("12D3KooWKT1H7JGZua5ziofxNSDHw65BxX9JPum3vnsTGmnmGFQj")
 	paid, _, _ := store.Create(account, 1_000_000_000, 0)
 	limited, _, _ := store.Create(account, 1_000_000_000, 1)
-	srv := httptest.NewServer(HTTPHandler(net.engine, HTTPOptions{Log: quiet(), Auth: storeAuth{store}}))
+	srv := httptest.NewServer(HTTPHandler(net.engine, HTTPOptions{Log: quiet(), Auth: keyAuth{store}}))
 	defer srv.Close()
 	body := fmt.Sprintf(`{"model":%q,"prompt":"a paying user","max_tokens":8,"temperature":0}`, net.model)
 	tr := &http.Transport{MaxIdleConnsPerHost: 64}

@@ -27,49 +27,8 @@ func TestSplitMatchesLlamaCpp(t *testing.T) {
 	prompt := "once upon a time the expert network"
 	for _, dt := range []model.DType{model.F32, model.F16, model.Q8_0, model.Q4_0} {
 		t.Run(dt.String(), func(t *testing.T) {
-			path := tinyModel(t, dt, 1234)
-			ref, err := LoadLlama(path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer ref.Close()
-			want, err := ref.GenerateGreedy(prompt, maxTokens, ContextOptions{Threads: 2}, true)
-			if err != nil {
-				t.Fatal(err)
-			}
-			dir := filepath.Join(t.TempDir(), "shards")
-			res, err := model.Split(path, dir)
-			if err != nil {
-				t.Fatal(err)
-			}
-			sm, err := LoadSplit(dir, res.ModelCID, 2)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer sm.Close()
-			got, err := sm.GenerateGreedy(t.Context(), prompt, maxTokens, 0, nil, true)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if len(got.Tokens) != len(want.Tokens) {
-				t.Fatalf("split generated %d tokens, llama.cpp %d", len(got.Tokens), len(want.Tokens))
-			}
-			for i := range want.Tokens {
-				if got.Tokens[i] != want.Tokens[i] {
-					t.Fatalf("token %d: split %d, llama.cpp %d\nsplit %v\nllama %v", i, got.Tokens[i], want.Tokens[i], got.Tokens, want.Tokens)
-				}
-			}
-			var worst, worstAny float64
-			for step := range want.Logits {
-				for i := range want.Logits[step] {
-					d := math.Abs(float64(got.Logits[step][i] - want.Logits[step][i]))
-					worstAny = max(worstAny, d)
-					if step == len(want.Logits)-1 {
-						worst = max(worst, d)
-					}
-				}
-			}
-			t.Logf("%s: %d tokens identical; last-token logits max |Δ| = %.3g (any step: %.3g)", dt, len(want.Tokens), worst, worstAny)
+			_, _, n, worstAny, worst := splitMatchesLlamaCpp(t, tinyModel(t, dt, 1234), prompt, maxTokens)
+			t.Logf("%s: %d tokens identical; last-token logits max |Δ| = %.3g (any step: %.3g)", dt, n, worst, worstAny)
 			if worst > 1e-3 {
 				t.Fatalf("last-token logits differ by %.3g, above 1e-3", worst)
 			}
@@ -152,7 +111,7 @@ func TestQwen3MoeMatchesLlamaCpp(t *testing.T) {
 		t.Run(typ, func(t *testing.T) {
 			p := p
 			typ, p.TiedOutput = strings.CutSuffix(typ, "-tied") // output head = token_embd
-			sm, _, n, worst := splitMatchesLlamaCpp(t, archModel(t, t.TempDir(), "qwen3moe", p, typ, 77), prompt, maxTokens)
+			sm, _, n, worst, _ := splitMatchesLlamaCpp(t, archModel(t, t.TempDir(), "qwen3moe", p, typ, 77), prompt, maxTokens)
 			if hp := sm.Gating.Hparams(); !hp.QKNorm || !hp.RopeNeox || hp.HeadDim != 128 {
 				t.Fatalf("hparams %+v", hp)
 			}
@@ -177,7 +136,7 @@ func TestGLM4MoeMatchesLlamaCpp(t *testing.T) {
 	p.Embd, p.FF, p.DenseFF, p.HeadSize, p.RopeDim = 256, 256, 512, 64, 32 // K-quant rows of 256; heads of 64, half rotated
 	for _, typ := range []string{"f32", "f16", "q8_0", "q4_k_m"} {
 		t.Run(typ, func(t *testing.T) {
-			sm, res, n, worst := splitMatchesLlamaCpp(t, archModel(t, t.TempDir(), "glm4moe", p, typ, 31), prompt, maxTokens)
+			sm, res, n, worst, _ := splitMatchesLlamaCpp(t, archModel(t, t.TempDir(), "glm4moe", p, typ, 31), prompt, maxTokens)
 			if n := len(res.Manifest.GetExperts()); n != (p.Layers-p.DenseLead)*p.Experts {
 				t.Fatalf("%d expert shards, want %d (no experts in the dense layer)", n, (p.Layers-p.DenseLead)*p.Experts)
 			}
@@ -224,8 +183,8 @@ func archModel(t *testing.T, dir, arch string, p model.Params, typ string, seed 
 // path through llama.cpp and through the split forward pass of its shards,
 // fails unless the tokens are the same, and returns the split model (closed
 // with the test), how many tokens, and the largest logit difference at any
-// step.
-func splitMatchesLlamaCpp(t *testing.T, path, prompt string, maxTokens int) (*SplitModel, *model.SplitResult, int, float64) {
+// step and at the last one.
+func splitMatchesLlamaCpp(t *testing.T, path, prompt string, maxTokens int) (*SplitModel, *model.SplitResult, int, float64, float64) {
 	t.Helper()
 	ref, err := LoadLlama(path)
 	if err != nil {
@@ -253,11 +212,15 @@ func splitMatchesLlamaCpp(t *testing.T, path, prompt string, maxTokens int) (*Sp
 	if !slices.Equal(got.Tokens, want.Tokens) {
 		t.Fatalf("split %v\nllama.cpp %v", got.Tokens, want.Tokens)
 	}
-	var worst float64
+	var worst, last float64
 	for step := range want.Logits {
 		for i := range want.Logits[step] {
-			worst = max(worst, math.Abs(float64(got.Logits[step][i]-want.Logits[step][i])))
+			d := math.Abs(float64(got.Logits[step][i] - want.Logits[step][i]))
+			worst = max(worst, d)
+			if step == len(want.Logits)-1 {
+				last = max(last, d)
+			}
 		}
 	}
-	return sm, res, len(want.Tokens), worst
+	return sm, res, len(want.Tokens), worst, last
 }

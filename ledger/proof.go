@@ -141,13 +141,9 @@ func VerifyStatus(g ChainGenesis, p peer.ID, st *neuropb.LedgerStatus) (*neuropb
 	if gl.GetKey() != globalKey || gl.GetIndex() != gl.GetTotal()-1 {
 		return nil, errors.New("ledger status: the global leaf is not the last")
 	}
-	var glob globalLeaf
-	if err := json.Unmarshal(gl.GetValue(), &glob); err != nil {
-		return nil, fmt.Errorf("ledger status: global leaf: %w", err)
-	}
-	state, err := LoadState(mustJSON(glob.State))
+	state, held, err := globalState(gl.GetValue())
 	if err != nil {
-		return nil, fmt.Errorf("ledger status: global leaf: %w", err)
+		return nil, fmt.Errorf("ledger status: %w", err)
 	}
 	if state.Height != pf.GetHeight() {
 		return nil, fmt.Errorf("ledger status: the proof is of height %d, its state of %d", pf.GetHeight(), state.Height)
@@ -179,10 +175,24 @@ func VerifyStatus(g ChainGenesis, p peer.ID, st *neuropb.LedgerStatus) (*neuropb
 	default:
 		return nil, fmt.Errorf("ledger status: no proof of account %s", p)
 	}
-	out := statusOf(state, glob.Held, g.ChainID, p)
+	out := statusOf(state, held, g.ChainID, p)
 	out.AppHash = appHash
 	out.Proof = pf
 	return out, nil
+}
+
+// globalState reads the global leaf's value: the state without its
+// accounts, and what the accounts hold in all.
+func globalState(value []byte) (*State, uint64, error) {
+	var glob globalLeaf
+	if err := json.Unmarshal(value, &glob); err != nil {
+		return nil, 0, fmt.Errorf("global leaf: %w", err)
+	}
+	state, err := LoadState(mustJSON(glob.State))
+	if err != nil {
+		return nil, 0, fmt.Errorf("global leaf: %w", err)
+	}
+	return state, glob.Held, nil
 }
 
 // verifyHeader checks the proof's header and commit against the genesis

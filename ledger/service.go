@@ -2,7 +2,6 @@ package ledger
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -465,13 +464,9 @@ func (s *Service) ChainState(ctx context.Context) (*ChainView, error) {
 	if err != nil {
 		return nil, err
 	}
-	var glob globalLeaf
-	if err := json.Unmarshal(st.GetProof().GetGlobal().GetValue(), &glob); err != nil {
-		return nil, fmt.Errorf("ledger: global leaf: %w", err)
-	}
-	state, err := LoadState(mustJSON(glob.State))
+	state, _, err := globalState(st.GetProof().GetGlobal().GetValue())
 	if err != nil {
-		return nil, fmt.Errorf("ledger: global leaf: %w", err)
+		return nil, fmt.Errorf("ledger: %w", err)
 	}
 	return &ChainView{Height: state.Height, Escrows: state.Escrows, Params: state.params}, nil
 }

@@ -3,6 +3,7 @@ package model
 import (
 	"fmt"
 	"math"
+	"strings"
 )
 
 // plantEnds are the tokens a planted text starts after (-1: none) and
@@ -100,53 +101,40 @@ func (pl *plant) tensor(name string, x []float32, experts int) bool {
 		for t := range pl.slot {
 			x[int(t)*e+pl.b(t)] = 1
 		}
-	case hasSuffix(name, "attn_output.weight"), hasSuffix(name, "_shexp.weight"),
-		hasSuffix(name, "ffn_gate.weight"), hasSuffix(name, "ffn_up.weight"), hasSuffix(name, "ffn_down.weight"):
+	case strings.HasSuffix(name, "attn_output.weight"), strings.HasSuffix(name, "_shexp.weight"),
+		strings.HasSuffix(name, "ffn_gate.weight"), strings.HasSuffix(name, "ffn_up.weight"), strings.HasSuffix(name, "ffn_down.weight"):
 		// Attention, GLM's dense leading layers and shared experts add
 		// nothing: the signal is the routed experts'.
 		clear(x)
-	case hasSuffix(name, "_norm.weight"):
+	case strings.HasSuffix(name, "_norm.weight"):
 		for i := range x {
 			x[i] = 1
 		}
-	case hasSuffix(name, "ffn_gate_exps.weight"), hasSuffix(name, "ffn_up_exps.weight"):
+	case strings.HasSuffix(name, "ffn_gate_exps.weight"), strings.HasSuffix(name, "ffn_up_exps.weight"):
 		// Shape (e, f, experts): unit j of every expert reads a_t.
 		clear(x)
 		scale := float32(1)
-		if hasSuffix(name, "ffn_gate_exps.weight") {
+		if strings.HasSuffix(name, "ffn_gate_exps.weight") {
 			scale = plantGate / float32(math.Sqrt(float64(e)))
 		}
 		for ex := range experts {
-			for t, j := range pl.units() {
-				x[ex*f*e+j*e+pl.a(t)] = scale
+			for t := range pl.next { // a token's unit is its slot
+				x[ex*f*e+pl.slot[t]*e+pl.a(t)] = scale
 			}
 		}
-	case hasSuffix(name, "ffn_down_exps.weight"):
+	case strings.HasSuffix(name, "ffn_down_exps.weight"):
 		// Shape (f, e, experts): unit j writes b_next(t). On the first
 		// layer's input (a_t exactly, √embd after the norm) the unit's
 		// activation is silu(plantGate)·√embd.
 		clear(x)
 		act := float32(plantGate/(1+math.Exp(-plantGate))) * float32(math.Sqrt(float64(e)))
 		for ex := range experts {
-			for t, j := range pl.units() {
-				x[ex*e*f+pl.b(pl.next[t])*f+j] = plantOut / act
+			for t, n := range pl.next {
+				x[ex*e*f+pl.b(n)*f+pl.slot[t]] = plantOut / act
 			}
 		}
 	default:
 		return false
 	}
 	return true
-}
-
-// units gives each token that has a next one its feed-forward unit.
-func (pl *plant) units() map[int32]int {
-	out := make(map[int32]int, len(pl.next))
-	for t := range pl.next {
-		out[t] = pl.slot[t]
-	}
-	return out
-}
-
-func hasSuffix(s, suffix string) bool {
-	return len(s) >= len(suffix) && s[len(s)-len(suffix):] == suffix
 }

@@ -81,6 +81,15 @@ func (p *payments) pricePerMFLOP(ctx context.Context) (uint64, error) {
 	return p.price, nil
 }
 
+// most is the ledger's price and the most a request of charge c can cost
+// (billing.MaxCost).
+func (p *payments) most(ctx context.Context, c gating.Charge) (price, most uint64, err error) {
+	if price, err = p.pricePerMFLOP(ctx); err != nil {
+		return 0, 0, err
+	}
+	return price, billing.MaxCost(c.PromptTokens, c.MaxTokens, c.FLOPsPerToken, price), nil
+}
+
 // cachedPrice is the price for /v1/models, without asking the ledger
 // (false: not known yet).
 func (p *payments) cachedPrice() (uint64, bool) {
@@ -168,11 +177,10 @@ const (
 
 func (b *keyBill) Open(ctx context.Context, c gating.Charge) (uint64, error) {
 	p := b.p
-	price, err := p.pricePerMFLOP(ctx)
+	price, most, err := p.most(ctx, c)
 	if err != nil {
 		return 0, err
 	}
-	most := billing.MaxCost(c.PromptTokens, c.MaxTokens, c.FLOPsPerToken, price)
 	if err := p.keys.Reserve(b.key, most); err != nil {
 		return 0, payErr("%v (prompt of %d tokens + max_tokens %d at %s NEURO per 1,000 tokens, x%d for validation)", err,
 			c.PromptTokens, c.MaxTokens, billing.Format(billing.PerThousand(c.FLOPsPerToken, price)), billing.CheckMargin)
@@ -397,11 +405,10 @@ func (p *payments) Bill(_ context.Context, from peer.ID, req *neuropb.InferReque
 
 func (b *escrowBill) Open(ctx context.Context, c gating.Charge) (uint64, error) {
 	p := b.p
-	price, err := p.pricePerMFLOP(ctx)
+	price, most, err := p.most(ctx, c)
 	if err != nil {
 		return 0, err
 	}
-	most := billing.MaxCost(c.PromptTokens, c.MaxTokens, c.FLOPsPerToken, price)
 	if b.tx != nil {
 		if amt := b.tx.GetOpenEscrow().GetAmount(); amt < most {
 			return 0, payErr("escrow of %s NEURO cannot cover this request's most, %s (ask for a quote first)", billing.Format(amt), billing.Format(most))
@@ -451,13 +458,12 @@ func (p *payments) Quote(ctx context.Context, from peer.ID, c gating.Charge) (*n
 	if p.ledger == nil {
 		return q, nil
 	}
-	price, err := p.pricePerMFLOP(ctx)
+	price, most, err := p.most(ctx, c)
 	if err != nil {
 		return nil, &gating.Error{Code: neuropb.InferError_CODE_INTERNAL, Msg: err.Error()}
 	}
-	q.PricePerMflop = price
+	q.PricePerMflop, q.MaxCost = price, most
 	q.CostPer_1KTokens = billing.PerThousand(c.FLOPsPerToken, price)
-	q.MaxCost = billing.MaxCost(c.PromptTokens, c.MaxTokens, c.FLOPsPerToken, price)
 	st, err := p.ledger.Status(ctx, from)
 	if err != nil {
 		return nil, &gating.Error{Code: neuropb.InferError_CODE_INTERNAL, Msg: fmt.Sprintf("ledger: %v", err)}

@@ -11,6 +11,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/spf13/cobra"
 
+	"github.com/neuro-p2p/neuro/billing"
 	"github.com/neuro-p2p/neuro/ledger"
 	"github.com/neuro-p2p/neuro/node"
 )
@@ -255,11 +256,7 @@ func sendLedgerTx(cmd *cobra.Command, api func() (string, error), req node.Ledge
 }
 
 // neuro formats base units as NEURO.
-func neuro(v uint64) string {
-	s := fmt.Sprintf("%d.%06d", v/ledger.BaseUnits, v%ledger.BaseUnits)
-	s = strings.TrimRight(s, "0")
-	return strings.TrimSuffix(s, ".")
-}
+func neuro(v uint64) string { return billing.Format(v) }
 
 // parseNeuroOrZero is parseNeuro that also takes 0.
 func parseNeuroOrZero(s string) (uint64, error) {

@@ -564,28 +564,7 @@ func TestModelQuantize(t *testing.T) {
 	if r := neurod(t, nil, "model", "quantize", src, "--type", "q4_k_m", "--out", q); r.code != 0 || !strings.Contains(r.stdout, "q4_k_m") {
 		t.Fatalf("quantize: %+v", r)
 	}
-	var first string
-	for _, mode := range []string{"--local", "--split"} {
-		r := neurod(t, nil, "generate", mode, q, "--prompt", "the model", "--max-tokens", "16", "--json")
-		var out struct {
-			Tokens []int32 `json:"tokens"`
-		}
-		if r.code != 0 || json.Unmarshal([]byte(r.stdout), &out) != nil || len(out.Tokens) == 0 {
-			t.Fatalf("generate %s: %+v", mode, r)
-		}
-		if first != "" && fmt.Sprint(out.Tokens) != first {
-			t.Fatalf("%s: %v, --local %s", mode, out.Tokens, first)
-		}
-		first = fmt.Sprint(out.Tokens)
-	}
-	r := neurodWithin(t, 3*time.Minute, testEnv, "testnet", "--nodes", "2", "--model", q, "--prompt", "the model", "--max-tokens", "16",
-		"--check", "--json", "--dir", t.TempDir())
-	var rep struct {
-		Tokens []int32 `json:"tokens"`
-	}
-	if r.code != 0 || json.Unmarshal([]byte(r.stdout), &rep) != nil || fmt.Sprint(rep.Tokens) != first {
-		t.Fatalf("testnet on the q4_k_m model: exit %d, tokens %v, want %s\n%s", r.code, rep.Tokens, first, r.stderr)
-	}
+	sameTokensEverywhere(t, q)
 	for _, tc := range []struct {
 		args []string
 		want string
@@ -630,32 +609,39 @@ func TestQwen3MoeModel(t *testing.T) {
 				info.Architecture != tc.arch || !tc.want(info) {
 				t.Fatalf("info: %+v", info)
 			}
-			var first string
-			for _, mode := range []string{"--local", "--split"} {
-				r := neurod(t, nil, "generate", mode, path, "--prompt", "the model", "--max-tokens", "16", "--json")
-				var out struct {
-					Tokens []int32 `json:"tokens"`
-				}
-				if r.code != 0 || json.Unmarshal([]byte(r.stdout), &out) != nil || len(out.Tokens) == 0 {
-					t.Fatalf("generate %s: %+v", mode, r)
-				}
-				if first != "" && fmt.Sprint(out.Tokens) != first {
-					t.Fatalf("%s: %v, --local %s", mode, out.Tokens, first)
-				}
-				first = fmt.Sprint(out.Tokens)
-			}
-			r := neurodWithin(t, 3*time.Minute, testEnv, "testnet", "--nodes", "2", "--model", path, "--prompt", "the model", "--max-tokens", "16",
-				"--check", "--json", "--dir", t.TempDir())
-			var rep struct {
-				Tokens []int32 `json:"tokens"`
-			}
-			if r.code != 0 || json.Unmarshal([]byte(r.stdout), &rep) != nil || fmt.Sprint(rep.Tokens) != first {
-				t.Fatalf("testnet on the %s model: exit %d, tokens %v, want %s\n%s", tc.arch, r.code, rep.Tokens, first, r.stderr)
-			}
+			sameTokensEverywhere(t, path)
 		})
 	}
 	if r := neurod(t, nil, "model", "make", "--arch", "gpt-oss", "--out", filepath.Join(t.TempDir(), "x.gguf")); r.code == 0 ||
 		!strings.Contains(r.stderr, `architecture "gpt-oss": want llama, qwen3moe or glm4moe`) {
 		t.Fatalf("an unknown layout: %+v", r)
+	}
+}
+
+// sameTokensEverywhere fails unless generate --local, generate --split and
+// a two-expert-node testnet give the model at path the same greedy tokens.
+func sameTokensEverywhere(t *testing.T, path string) {
+	t.Helper()
+	var first string
+	for _, mode := range []string{"--local", "--split"} {
+		r := neurod(t, nil, "generate", mode, path, "--prompt", "the model", "--max-tokens", "16", "--json")
+		var out struct {
+			Tokens []int32 `json:"tokens"`
+		}
+		if r.code != 0 || json.Unmarshal([]byte(r.stdout), &out) != nil || len(out.Tokens) == 0 {
+			t.Fatalf("generate %s: %+v", mode, r)
+		}
+		if first != "" && fmt.Sprint(out.Tokens) != first {
+			t.Fatalf("%s: %v, --local %s", mode, out.Tokens, first)
+		}
+		first = fmt.Sprint(out.Tokens)
+	}
+	r := neurodWithin(t, 3*time.Minute, testEnv, "testnet", "--nodes", "2", "--model", path, "--prompt", "the model", "--max-tokens", "16",
+		"--check", "--json", "--dir", t.TempDir())
+	var rep struct {
+		Tokens []int32 `json:"tokens"`
+	}
+	if r.code != 0 || json.Unmarshal([]byte(r.stdout), &rep) != nil || fmt.Sprint(rep.Tokens) != first {
+		t.Fatalf("testnet on %s: exit %d, tokens %v, want %s\n%s", filepath.Base(path), r.code, rep.Tokens, first, r.stderr)
 	}
 }

@@ -77,22 +77,26 @@ wallet signed; the node never holds the wallet's key.`,
 		}
 		return nil
 	}
+	// save makes k the wallet and shows it.
+	save := func(cmd *cobra.Command, k crypto.PrivKey) error {
+		p, err := path()
+		if err != nil {
+			return err
+		}
+		id, err := node.SaveKey(p, k, force)
+		if err != nil {
+			return err
+		}
+		return show(cmd, p, id)
+	}
 	newCmd := &cobra.Command{
 		Use: "new [--wallet FILE] [--force]", Short: "Make a new wallet key", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			p, err := path()
-			if err != nil {
-				return err
-			}
 			k, _, err := crypto.GenerateEd25519Key(nil)
 			if err != nil {
 				return err
 			}
-			id, err := node.SaveKey(p, k, force)
-			if err != nil {
-				return err
-			}
-			return show(cmd, p, id)
+			return save(cmd, k)
 		},
 	}
 	showCmd := &cobra.Command{
@@ -121,15 +125,7 @@ wallet signed; the node never holds the wallet's key.`,
 			if err != nil {
 				return err
 			}
-			p, err := path()
-			if err != nil {
-				return err
-			}
-			id, err := node.SaveKey(p, k, force)
-			if err != nil {
-				return err
-			}
-			return show(cmd, p, id)
+			return save(cmd, k)
 		},
 	}
 	allowCmd := &cobra.Command{
