@@ -484,7 +484,9 @@ func (s *Service) WeightTypes(c cid.Cid, layer, expert int) ([]model.DType, bool
 	}
 	var out []model.DType
 	for _, t := range er.GetShard().GetTensors() {
-		out = append(out, model.DType(t.GetDtype()))
+		if strings.HasSuffix(t.GetName(), ".weight") { // not gpt-oss's f32 biases
+			out = append(out, model.DType(t.GetDtype()))
+		}
 	}
 	return out, true
 }

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -379,7 +380,9 @@ func ExpertWeightTypes(man *neuropb.Manifest) func(expert.Key) []model.DType {
 	for _, ref := range man.GetExperts() {
 		var ts []model.DType
 		for _, t := range ref.GetShard().GetTensors() {
-			ts = append(ts, model.DType(t.GetDtype()))
+			if strings.HasSuffix(t.GetName(), ".weight") { // not gpt-oss's f32 biases
+				ts = append(ts, model.DType(t.GetDtype()))
+			}
 		}
 		types[expert.Key{Layer: int(ref.GetLayer()), Expert: int(ref.GetExpert())}] = ts
 	}

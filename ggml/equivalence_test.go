@@ -63,8 +63,8 @@ func TestGatingBadInput(t *testing.T) {
 		t.Errorf("shape mismatch: %v", err)
 	}
 	other := proto.Clone(res.Manifest).(*neuropb.Manifest)
-	other.Architecture = "gpt-oss"
-	if _, err := moe.HparamsOf(other, gs); err == nil || !strings.Contains(err.Error(), `architecture "gpt-oss" is not supported yet (supported: llama, qwen3moe, glm4moe)`) {
+	other.Architecture = "deepseek2"
+	if _, err := moe.HparamsOf(other, gs); err == nil || !strings.Contains(err.Error(), `architecture "deepseek2" is not supported yet (supported: llama, qwen3moe, gpt-oss, glm4moe)`) {
 		t.Errorf("unsupported architecture: %v", err)
 	}
 	g, err := NewGating(hp, gs, 1)
@@ -144,6 +144,38 @@ func TestGLM4MoeMatchesLlamaCpp(t *testing.T) {
 				t.Fatalf("hparams %+v", hp)
 			}
 			t.Logf("glm4moe %s: %d tokens identical, logits max |Δ| %.3g", typ, n, worst)
+			if worst != 0 {
+				t.Fatalf("logits differ by up to %.3g; the arithmetic is llama.cpp's, 0 expected", worst)
+			}
+		})
+	}
+}
+
+// gpt-oss's gating compute (Q/K/V/output biases, attention sinks, a
+// sliding window of 16 on the even layers — the prompt and 32 tokens
+// reach past it —, YaRN, heads wider than embd/heads, the post-attention
+// norm, a router with a bias that softmaxes the top-k logits) and its
+// experts (swiglu_oai with per-expert biases, computed on the expert side
+// from what the shard carries) against llama.cpp's
+// llm_build_openai_moe_iswa: the same greedy tokens, logits identical, in
+// f32, f16, q8_0, llama.cpp's q4_k_m mix and MXFP4 experts.
+func TestGptOssMatchesLlamaCpp(t *testing.T) {
+	const maxTokens = 32
+	prompt := "once upon a time the expert network"
+	p, _ := model.Preset("gpt-oss", "tiny")
+	p.Embd, p.FF, p.HeadSize, p.Layers = 256, 256, 64, 3 // K-quant rows of 256; q is 256 wide in 4 heads of 64
+	for _, typ := range []string{"f32", "f16", "q8_0", "q4_k_m", "mxfp4"} {
+		t.Run(typ, func(t *testing.T) {
+			sm, res, n, worst, _ := splitMatchesLlamaCpp(t, archModel(t, t.TempDir(), "gpt-oss", p, typ, 53), prompt, maxTokens)
+			hp := sm.Gating.Hparams()
+			if !hp.Sinks || !hp.AttnOutBias || !hp.SoftmaxWeight || !hp.RouterBias || hp.SlidingWindow != 16 || !hp.IsSWA(0) || hp.IsSWA(1) ||
+				hp.RopeScaling != "yarn" || hp.RopeScale != 4 || hp.RopeOrigCtx != 64 || hp.HeadDim != 64 {
+				t.Fatalf("hparams %+v", hp)
+			}
+			if n := len(res.Manifest.GetExperts()[0].GetShard().GetTensors()); n != 6 {
+				t.Fatalf("an expert shard holds %d tensors, want 3 weights and 3 biases", n)
+			}
+			t.Logf("gpt-oss %s: %d tokens identical, logits max |Δ| %.3g", typ, n, worst)
 			if worst != 0 {
 				t.Fatalf("logits differ by up to %.3g; the arithmetic is llama.cpp's, 0 expected", worst)
 			}

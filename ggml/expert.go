@@ -22,7 +22,8 @@ import (
 var ExpertDTypes = slices.DeleteFunc(model.DTypes(), func(t model.DType) bool { return t == model.Q8_K })
 
 // Expert computes one MoE expert's feed-forward block,
-// down(silu(gate·x) ⊙ (up·x)), with ggml on the weights' own dtype. It is
+// down(silu(gate·x) ⊙ (up·x)) (or gpt-oss's swiglu_oai with biases: see
+// moe.ExpertWeights), with ggml on the weights' own dtype. It is
 // safe for concurrent use; calls run one at a time.
 type Expert struct {
 	mu       sync.Mutex
@@ -64,9 +65,20 @@ func NewExpertOn(dev Device, w moe.ExpertWeights, o moe.ExpertOptions) (*Expert,
 	computeMu.Lock()
 	defer computeMu.Unlock()
 	C.neuro_pool(C.int(poolThreads))
+	act := C.int(C.NEURO_ACT_SWIGLU)
+	if w.Activation() == model.ActSwiGLUOAI {
+		act = C.NEURO_ACT_SWIGLU_OAI
+	}
+	bias := func(b []float32) *C.float {
+		if b == nil {
+			return nil
+		}
+		return (*C.float)(&b[0])
+	}
 	var errbuf [256]C.char
 	c := C.neuro_expert_new(C.int(embd), C.int(ff), C.int(w.Gate.Type), C.int(w.Up.Type), C.int(w.Down.Type),
 		unsafe.Pointer(&w.Gate.Data[0]), unsafe.Pointer(&w.Up.Data[0]), unsafe.Pointer(&w.Down.Data[0]),
+		bias(w.GateBias), bias(w.UpBias), bias(w.DownBias), act,
 		dev.index(), C.int(o.Threads), C.int(o.MaxBatch), &errbuf[0], C.size_t(len(errbuf)))
 	if c == nil {
 		return nil, fmt.Errorf("expert on %s: %s", dev.Spec(), C.GoString(&errbuf[0]))

@@ -5,6 +5,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -361,34 +362,67 @@ func TestMoetestAgreesWithGGML(t *testing.T) {
 	gb, _ := randWeights(t, rng, model.F32, embd*ff, 0.1)
 	ub, _ := randWeights(t, rng, model.F32, embd*ff, 0.1)
 	db, _ := randWeights(t, rng, model.F32, embd*ff, 0.1)
-	w := moe.ExpertWeights{Embd: embd, FF: ff, Gate: moe.Tensor{Type: model.F32, Data: gb},
+	bias := func(n int) []float32 {
+		b := make([]float32, n)
+		for i := range b {
+			b[i] = 2*rng.Float32() - 1
+		}
+		return b
+	}
+	plain := moe.ExpertWeights{Embd: embd, FF: ff, Gate: moe.Tensor{Type: model.F32, Data: gb},
 		Up: moe.Tensor{Type: model.F32, Data: ub}, Down: moe.Tensor{Type: model.F32, Data: db}}
-	g, err := Backend{}.NewExpert(w, moe.ExpertOptions{Threads: 1})
-	if err != nil {
-		t.Fatal(err)
+	oai := plain // gpt-oss's: swiglu_oai and biases
+	oai.Act, oai.GateBias, oai.UpBias, oai.DownBias = model.ActSwiGLUOAI, bias(ff), bias(ff), bias(embd)
+	for _, tc := range []struct {
+		name  string
+		w     moe.ExpertWeights
+		scale float32 // of the input: gpt-oss's large enough to reach the clamps at ±7
+	}{{"swiglu", plain, 1}, {"swiglu_oai", oai, 30}} {
+		t.Run(tc.name, func(t *testing.T) {
+			g, err := Backend{}.NewExpert(tc.w, moe.ExpertOptions{Threads: 1})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer g.Close()
+			m, err := moetest.Backend{}.NewExpert(tc.w, moe.ExpertOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			x := make([]float32, batch*embd)
+			for i := range x {
+				x[i] = tc.scale * (2*rng.Float32() - 1)
+			}
+			got, want := make([]float32, len(x)), make([]float32, len(x))
+			if err := g.Compute(x, batch, got); err != nil {
+				t.Fatal(err)
+			}
+			if err := m.Compute(x, batch, want); err != nil {
+				t.Fatal(err)
+			}
+			w64 := make([]float64, len(want))
+			for i, v := range want {
+				w64[i] = float64(v)
+			}
+			if e := maxRelErr(got, w64); e > 1e-5 {
+				t.Fatalf("ggml and moetest differ by %.2e (relative)", e)
+			}
+		})
 	}
-	defer g.Close()
-	m, err := moetest.Backend{}.NewExpert(w, moe.ExpertOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	x := make([]float32, batch*embd)
+	// The same weights without the biases and activation differ: both
+	// backends compute what ExpertWeights names.
+	a, b := make([]float32, embd), make([]float32, embd)
+	x := make([]float32, embd)
 	for i := range x {
-		x[i] = 2*rng.Float32() - 1
+		x[i] = 30 * (2*rng.Float32() - 1)
 	}
-	got, want := make([]float32, len(x)), make([]float32, len(x))
-	if err := g.Compute(x, batch, got); err != nil {
-		t.Fatal(err)
-	}
-	if err := m.Compute(x, batch, want); err != nil {
-		t.Fatal(err)
-	}
-	w64 := make([]float64, len(want))
-	for i, v := range want {
-		w64[i] = float64(v)
-	}
-	if e := maxRelErr(got, w64); e > 1e-5 {
-		t.Fatalf("ggml and moetest differ by %.2e (relative)", e)
+	ge, _ := Backend{}.NewExpert(plain, moe.ExpertOptions{Threads: 1})
+	defer ge.Close()
+	go2, _ := Backend{}.NewExpert(oai, moe.ExpertOptions{Threads: 1})
+	defer go2.Close()
+	ge.Compute(x, 1, a)
+	go2.Compute(x, 1, b)
+	if slices.Equal(a, b) {
+		t.Fatal("swiglu_oai with biases computed what swiglu does")
 	}
 }
 

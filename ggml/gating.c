@@ -38,10 +38,15 @@ struct gating_layer {
     struct ggml_tensor * wo;
     struct ggml_tensor * ffn_norm;
     struct ggml_tensor * gate_inp;
+    struct ggml_tensor * gate_inp_b; // router_bias only
+    struct ggml_tensor * bo;         // attn_out_bias only
+    struct ggml_tensor * sinks;      // sinks only
 };
 
 struct neuro_gating {
     neuro_hparams hp;
+    // RoPE as llama.cpp's context computes it from the hyper-parameters
+    float freq_scale, ext_factor, attn_factor;
     neuro_exec x;
     struct ggml_context * wctx;
     ggml_backend_buffer_t wbuf;
@@ -79,6 +84,25 @@ static struct ggml_tensor * find_weight(neuro_gating * g, const neuro_weight * w
     return NULL;
 }
 
+// rope_params computes RoPE's frequency scale, YaRN's extrapolation mix
+// and attention factor in float, as llama_context's constructor does
+// (rope_yarn_log_mul, DeepSeek's, is not read: 0).
+static void rope_params(neuro_gating * g) {
+    const neuro_hparams * hp = &g->hp;
+    g->freq_scale = hp->rope_scale == 0.0f ? 1.0f : 1.0f / hp->rope_scale;
+    if (hp->rope_scaling == 0) {
+        g->freq_scale = 1.0f; // never scale if scaling type is none
+    }
+    g->ext_factor = hp->rope_scaling == 2 ? 1.0f : 0.0f;
+    g->attn_factor = 1.0f;
+    if (g->ext_factor != 0) {
+        const float factor = 1.0f / g->freq_scale;
+        g->attn_factor = factor <= 1.0f ? 1.0f : (0.1f * 1.0f * logf(factor) + 1.0f);
+        g->attn_factor *= 1.0f / (1.0f + 0.1f * logf(factor));
+    }
+    g->attn_factor *= hp->rope_attn_factor;
+}
+
 void neuro_gating_free(neuro_gating * g) {
     if (g == NULL) {
         return;
@@ -112,7 +136,7 @@ neuro_gating * neuro_gating_new(const neuro_hparams * hp, const neuro_weight * w
         goto fail;
     }
 
-    struct ggml_init_params wp = { (size_t) (8 + 20 * hp->n_layer) * ggml_tensor_overhead(), NULL, true };
+    struct ggml_init_params wp = { (size_t) (8 + 24 * hp->n_layer) * ggml_tensor_overhead(), NULL, true };
     g->wctx = ggml_init(wp);
     if (g->wctx == NULL) {
         snprintf(err, err_len, "ggml weight context failed");
@@ -153,6 +177,12 @@ neuro_gating * neuro_gating_new(const neuro_hparams * hp, const neuro_weight * w
             WEIGHT(l->bk, "blk.%d.attn_k.bias", il);
             WEIGHT(l->bv, "blk.%d.attn_v.bias", il);
         }
+        if (hp->attn_out_bias) {
+            WEIGHT(l->bo, "blk.%d.attn_output.bias", il);
+        }
+        if (hp->sinks) {
+            WEIGHT(l->sinks, "blk.%d.attn_sinks.weight", il);
+        }
         if (il < hp->n_dense_lead) {
             WEIGHT(l->ffn_gate, "blk.%d.ffn_gate.weight", il);
             WEIGHT(l->ffn_up, "blk.%d.ffn_up.weight", il);
@@ -160,6 +190,9 @@ neuro_gating * neuro_gating_new(const neuro_hparams * hp, const neuro_weight * w
             continue;
         }
         WEIGHT(l->gate_inp, "blk.%d.ffn_gate_inp.weight", il);
+        if (hp->router_bias) {
+            WEIGHT(l->gate_inp_b, "blk.%d.ffn_gate_inp.bias", il);
+        }
         if (hp->probs_bias) {
             WEIGHT(l->probs_b, "blk.%d.exp_probs_b.bias", il);
         }
@@ -189,6 +222,7 @@ neuro_gating * neuro_gating_new(const neuro_hparams * hp, const neuro_weight * w
             }
         }
     }
+    rope_params(g);
     g->meta_size = GATING_MAX_NODES * ggml_tensor_overhead() + ggml_graph_overhead_custom(GATING_MAX_NODES, false);
     g->meta = malloc(g->meta_size);
     if (g->meta == NULL) {
@@ -321,6 +355,7 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
     const int rope_type = hp->rope_neox ? 2 /* LLAMA_ROPE_TYPE_NEOX */ : 0 /* LLAMA_ROPE_TYPE_NORM */;
     const int n_kv = kv_len(s->n_ctx, pos0 + n);
     const int n_out = last_only ? 1 : n;
+    const int swa = hp->n_swa > 0 && hp->swa_pattern > 0 && il % hp->swa_pattern < hp->swa_pattern - 1;
 
     struct ggml_context * ctx = graph_ctx(g);
     if (ctx == NULL) return 2;
@@ -358,10 +393,11 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
         q = rms_norm(ctx, q, L->q_norm, hp->rms_eps);
         k = rms_norm(ctx, k, L->k_norm, hp->rms_eps);
     }
-    q = ggml_rope_ext(ctx, q, pos, NULL, hp->n_rot, rope_type, hp->n_ctx_train,
-                      hp->rope_freq_base, 1.0f, 0.0f, 1.0f, 32.0f, 1.0f);
-    k = ggml_rope_ext(ctx, k, pos, NULL, hp->n_rot, rope_type, hp->n_ctx_train,
-                      hp->rope_freq_base, 1.0f, 0.0f, 1.0f, 32.0f, 1.0f);
+    // llama.cpp's YaRN defaults: beta_fast 32, beta_slow 1
+    q = ggml_rope_ext(ctx, q, pos, NULL, hp->n_rot, rope_type, hp->n_ctx_orig,
+                      hp->rope_freq_base, g->freq_scale, g->ext_factor, g->attn_factor, 32.0f, 1.0f);
+    k = ggml_rope_ext(ctx, k, pos, NULL, hp->n_rot, rope_type, hp->n_ctx_orig,
+                      hp->rope_freq_base, g->freq_scale, g->ext_factor, g->attn_factor, 32.0f, 1.0f);
     ggml_build_forward_expand(gf, q);
     ggml_build_forward_expand(gf, k);
     ggml_build_forward_expand(gf, v);
@@ -393,11 +429,13 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
     struct ggml_tensor * kq = ggml_mul_mat(ctx, kp, qp);
     ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
     kq = ggml_soft_max_ext(ctx, kq, mask, 1.0f / sqrtf((float) n_embd_head), 0.0f);
+    if (L->sinks) ggml_soft_max_add_sinks(kq, L->sinks);
     struct ggml_tensor * kqv = ggml_mul_mat(ctx, vp, kq);
     cur = ggml_permute(ctx, kqv, 0, 2, 1, 3);
     cur = ggml_cont_2d(ctx, cur, cur->ne[0] * cur->ne[1], cur->ne[2] * cur->ne[3]);
     ggml_build_forward_expand(gf, cur);
     cur = ggml_mul_mat(ctx, L->wo, cur);
+    if (L->bo) cur = ggml_add(ctx, cur, L->bo);
 
     struct ggml_tensor * inpSA = inpL;
     if (last_only) {
@@ -422,7 +460,8 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
         // the selection bias, top-k, weights normalised by their (clamped)
         // sum and scaled
         struct ggml_tensor * logits = ggml_mul_mat(ctx, L->gate_inp, moe_in); // [n_expert, n_out]
-        struct ggml_tensor * probs = hp->sigmoid ? ggml_sigmoid(ctx, logits) : ggml_soft_max(ctx, logits);
+        if (L->gate_inp_b) logits = ggml_add(ctx, logits, L->gate_inp_b);
+        struct ggml_tensor * probs = hp->softmax_weight ? logits : hp->sigmoid ? ggml_sigmoid(ctx, logits) : ggml_soft_max(ctx, logits);
         struct ggml_tensor * selection = probs;
         if (L->probs_b) selection = ggml_add(ctx, probs, L->probs_b);
         struct ggml_tensor * selected = ggml_argsort_top_k(ctx, selection, hp->n_expert_used); // [n_used, n_out], a view
@@ -433,6 +472,7 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
         probs = ggml_reshape_3d(ctx, probs, 1, hp->n_expert, n_out);
         weights = ggml_get_rows(ctx, probs, selected); // [1, n_used, n_out]
         weights = ggml_reshape_2d(ctx, weights, hp->n_expert_used, n_out);
+        if (hp->softmax_weight) weights = ggml_soft_max(ctx, weights); // over the chosen experts' logits
         if (hp->norm_w) {
             struct ggml_tensor * wsum = ggml_sum_rows(ctx, weights);
             wsum = ggml_clamp(ctx, wsum, 6.103515625e-5f, INFINITY);
@@ -468,8 +508,12 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
                     vi[t * n_embd_gqa + d] = d * s->n_ctx + (pos0 + t);
                 }
                 for (int c = 0; c < n_kv; c++) {
-                    // causal: a cell is visible to a token at or after its position
-                    m[(int64_t) t * n_kv + c] = (c <= pos0 + t) ? 0.0f : -INFINITY;
+                    // causal: a cell is visible to a token at or after its
+                    // position; in a sliding-window layer, only the last
+                    // n_swa positions (llama_hparams::is_masked_swa)
+                    const int p1 = pos0 + t;
+                    const int visible = c <= p1 && !(swa && p1 - c >= hp->n_swa);
+                    m[(int64_t) t * n_kv + c] = visible ? 0.0f : -INFINITY;
                 }
             }
             int32_t last = n - 1;

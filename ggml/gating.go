@@ -71,6 +71,12 @@ func NewGatingOn(dev Device, hp moe.Hparams, shard *model.Shard, threads int) (*
 			want[b+"attn_k.bias"] = []uint64{uint64(kv)}
 			want[b+"attn_v.bias"] = []uint64{uint64(kv)}
 		}
+		if hp.AttnOutBias {
+			want[b+"attn_output.bias"] = []uint64{e}
+		}
+		if hp.Sinks {
+			want[b+"attn_sinks.weight"] = []uint64{uint64(hp.Heads)}
+		}
 		if hp.QKNorm {
 			want[b+"attn_q_norm.weight"] = []uint64{uint64(hp.HeadDim)}
 			want[b+"attn_k_norm.weight"] = []uint64{uint64(hp.HeadDim)}
@@ -83,6 +89,9 @@ func NewGatingOn(dev Device, hp moe.Hparams, shard *model.Shard, threads int) (*
 			continue
 		}
 		want[b+"ffn_gate_inp.weight"] = []uint64{e, uint64(hp.Experts)}
+		if hp.RouterBias {
+			want[b+"ffn_gate_inp.bias"] = []uint64{uint64(hp.Experts)}
+		}
 		if hp.ProbsBias {
 			want[b+"exp_probs_b.bias"] = []uint64{uint64(hp.Experts)}
 		}
@@ -138,14 +147,25 @@ func NewGatingOn(dev Device, hp moe.Hparams, shard *model.Shard, threads int) (*
 		}
 		w.data, w.size = unsafe.Pointer(&b[0]), C.size_t(len(b))
 	}
+	attnFactor, origCtx := hp.RopeAttnFactor, hp.RopeOrigCtx
+	if attnFactor == 0 {
+		attnFactor = 1 // Hparams made by hand: llama.cpp's default
+	}
+	if origCtx == 0 {
+		origCtx = hp.CtxLen
+	}
 	chp := C.neuro_hparams{
 		n_layer: C.int(hp.Layers), n_embd: C.int(hp.Embd), n_head: C.int(hp.Heads), n_head_kv: C.int(hp.KVHeads),
 		n_rot: C.int(hp.Rot), n_embd_head: C.int(hp.HeadDim), qk_norm: cbool(hp.QKNorm), rope_neox: cbool(hp.RopeNeox),
 		tied_output: cbool(tied), n_expert: C.int(hp.Experts), n_expert_used: C.int(hp.ExpertsUsed),
 		qkv_bias: cbool(hp.QKVBias), post_norm: cbool(hp.PostNorm), n_dense_lead: C.int(hp.DenseLead), n_ff_dense: C.int(hp.DenseFF),
 		n_ff_shared: C.int(hp.SharedFF), sigmoid: cbool(hp.Sigmoid), probs_bias: cbool(hp.ProbsBias), norm_w: cbool(hp.NormW),
-		scale_w: C.float(hp.ScaleW),
-		n_vocab: C.int(hp.Vocab), n_ctx_train: C.int(hp.CtxLen),
+		scale_w:       C.float(hp.ScaleW),
+		attn_out_bias: cbool(hp.AttnOutBias), sinks: cbool(hp.Sinks), n_swa: C.int(hp.SlidingWindow), swa_pattern: C.int(hp.SWAPattern),
+		router_bias: cbool(hp.RouterBias), softmax_weight: cbool(hp.SoftmaxWeight),
+		rope_scaling: C.int(ropeScalingType[hp.RopeScaling]), rope_scale: C.float(hp.RopeScale), n_ctx_orig: C.int(origCtx),
+		rope_attn_factor: C.float(attnFactor),
+		n_vocab:          C.int(hp.Vocab), n_ctx_train: C.int(hp.CtxLen),
 		rope_freq_base: C.float(hp.RopeFreqBase), rms_eps: C.float(hp.RMSEps),
 	}
 	initBackend()
@@ -337,6 +357,10 @@ func (s *Session) Rewind(pos int) error {
 	s.pos = pos
 	return nil
 }
+
+// ropeScalingType is llama_rope_scaling_type by name: llama.cpp reads an
+// absent rope.scaling.type as linear (with a factor of 1 unless given).
+var ropeScalingType = map[string]int{"none": 0, "": 1, "linear": 1, "yarn": 2}
 
 func cbool(b bool) C.int {
 	if b {

@@ -215,14 +215,17 @@ func TestQwen3MoeBPETokenizer(t *testing.T) {
 	}
 }
 
-// Generated Qwen3-MoE and GLM-4.5-style models carry their family's chat
-// template, which llama.cpp recognises: ChatML for Qwen, GLM-4's role tokens
-// (control tokens of the vocabulary, the next <|user|> ending a turn).
+// Generated Qwen3-MoE, gpt-oss and GLM-4.5-style models carry their
+// family's chat template, which llama.cpp recognises: ChatML for Qwen,
+// harmony for gpt-oss (<|return|> and <|call|> end a generation, <|end|>
+// only a message), GLM-4's role tokens (control tokens of the vocabulary,
+// the next <|user|> ending a turn).
 func TestChatTemplatesPerArchitecture(t *testing.T) {
 	msgs := []moe.ChatMessage{{Role: "system", Content: "be brief"}, {Role: "user", Content: "hello"}}
 	for arch, want := range map[string]string{
 		"qwen3moe": "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n",
 		"glm4moe":  "[gMASK]<sop><|system|>\nbe brief<|user|>\nhello<|assistant|>\n",
+		"gpt-oss":  "<|start|>system<|message|>be brief<|end|><|start|>user<|message|>hello<|end|><|start|>assistant",
 	} {
 		path := filepath.Join(t.TempDir(), arch+".gguf")
 		f, err := os.Create(path)
@@ -246,6 +249,13 @@ func TestChatTemplatesPerArchitecture(t *testing.T) {
 			// the control tokens close the vocabulary: …, <|user|>, <|assistant|>, <|observation|>
 			if user := int32(p.Vocab - 3); !l.IsEOG(user) || l.IsEOG(user+1) {
 				t.Errorf("glm4moe: <|user|> (%d) ends a generation %v, <|assistant|> %v", user, l.IsEOG(user), l.IsEOG(user+1))
+			}
+		}
+		if arch == "gpt-oss" {
+			// harmony: …, <|return|> (vocab-7), …, <|end|> (vocab-3), <|message|>, <|call|> (vocab-1)
+			ret, end, call := int32(p.Vocab-7), int32(p.Vocab-3), int32(p.Vocab-1)
+			if !l.IsEOG(ret) || !l.IsEOG(call) || l.IsEOG(end) {
+				t.Errorf("gpt-oss: <|return|> ends a generation %v, <|call|> %v, <|end|> %v (want true, true, false)", l.IsEOG(ret), l.IsEOG(call), l.IsEOG(end))
 			}
 		}
 		l.Close()

@@ -42,12 +42,16 @@ struct ggml_threadpool * neuro_pool(int n_threads) {
 
 struct neuro_expert {
     int n_embd, n_ff, max_batch;
+    int act; // NEURO_ACT_*
     neuro_exec x;
     struct ggml_context * wctx;
     ggml_backend_buffer_t wbuf;
     struct ggml_tensor * gate;
     struct ggml_tensor * up;
     struct ggml_tensor * down;
+    struct ggml_tensor * gate_b; // biases (gpt-oss), or NULL
+    struct ggml_tensor * up_b;
+    struct ggml_tensor * down_b;
     size_t meta_size;
     void * meta;
     int32_t * zeros; // expert ids of a batch: all 0
@@ -65,16 +69,20 @@ static struct ggml_cgraph * build_graph(neuro_expert * e, int n, struct ggml_con
     struct ggml_cgraph * gf = ggml_new_graph_custom(ctx, EXPERT_MAX_NODES, false);
     // The ops of llama.cpp's build_moe_ffn, so that the arithmetic is the
     // same: the weights are a stack of one expert, every token is routed
-    // to it through mul_mat_id, and silu(gate) * up is the fused swiglu.
+    // to it through mul_mat_id, biases are added by expert id (add_id),
+    // and silu(gate) * up is the fused swiglu (gpt-oss: swiglu_oai).
     *x = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, e->n_embd, 1, n);
     ggml_set_input(*x);
     struct ggml_tensor * ids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 1, n);
     ggml_set_name(ids, "ids");
     ggml_set_input(ids);
+    struct ggml_tensor * u = ggml_mul_mat_id(ctx, e->up, *x, ids); // [n_ff, 1, n]
+    if (e->up_b) u = ggml_add_id(ctx, u, e->up_b, ids);
     struct ggml_tensor * g = ggml_mul_mat_id(ctx, e->gate, *x, ids); // [n_ff, 1, n]
-    struct ggml_tensor * u = ggml_mul_mat_id(ctx, e->up, *x, ids);   // [n_ff, 1, n]
-    struct ggml_tensor * h = ggml_swiglu_split(ctx, g, u);
+    if (e->gate_b) g = ggml_add_id(ctx, g, e->gate_b, ids);
+    struct ggml_tensor * h = e->act == NEURO_ACT_SWIGLU_OAI ? ggml_swiglu_oai(ctx, g, u, 1.702f, 7.0f) : ggml_swiglu_split(ctx, g, u);
     *out = ggml_mul_mat_id(ctx, e->down, h, ids); // [n_embd, 1, n]
+    if (e->down_b) *out = ggml_add_id(ctx, *out, e->down_b, ids);
     ggml_set_output(*out);
     ggml_build_forward_expand(gf, *out);
     *ctx_out = ctx;
@@ -95,6 +103,7 @@ void neuro_expert_free(neuro_expert * e) {
 
 neuro_expert * neuro_expert_new(int n_embd, int n_ff, int type_gate, int type_up, int type_down,
                                 const void * gate, const void * up, const void * down,
+                                const float * gate_b, const float * up_b, const float * down_b, int act,
                                 int dev, int n_threads, int max_batch, char * err, size_t err_len) {
     neuro_expert * e = calloc(1, sizeof(*e));
     if (e == NULL) {
@@ -104,12 +113,13 @@ neuro_expert * neuro_expert_new(int n_embd, int n_ff, int type_gate, int type_up
     e->n_embd = n_embd;
     e->n_ff = n_ff;
     e->max_batch = max_batch;
+    e->act = act;
 
     if (!exec_init(&e->x, dev, n_threads, EXPERT_MAX_NODES, err, err_len)) {
         goto fail;
     }
 
-    struct ggml_init_params wp = { 4 * ggml_tensor_overhead(), NULL, true };
+    struct ggml_init_params wp = { 8 * ggml_tensor_overhead(), NULL, true };
     e->wctx = ggml_init(wp);
     if (e->wctx == NULL) {
         snprintf(err, err_len, "ggml weight context failed");
@@ -118,6 +128,9 @@ neuro_expert * neuro_expert_new(int n_embd, int n_ff, int type_gate, int type_up
     e->gate = ggml_new_tensor_3d(e->wctx, (enum ggml_type) type_gate, n_embd, n_ff, 1);
     e->up = ggml_new_tensor_3d(e->wctx, (enum ggml_type) type_up, n_embd, n_ff, 1);
     e->down = ggml_new_tensor_3d(e->wctx, (enum ggml_type) type_down, n_ff, n_embd, 1);
+    if (gate_b) e->gate_b = ggml_new_tensor_2d(e->wctx, GGML_TYPE_F32, n_ff, 1);
+    if (up_b) e->up_b = ggml_new_tensor_2d(e->wctx, GGML_TYPE_F32, n_ff, 1);
+    if (down_b) e->down_b = ggml_new_tensor_2d(e->wctx, GGML_TYPE_F32, n_embd, 1);
     e->wbuf = ggml_backend_alloc_ctx_tensors(e->wctx, e->x.backend);
     if (e->wbuf == NULL) {
         size_t free = 0, total = 0;
@@ -133,6 +146,9 @@ neuro_expert * neuro_expert_new(int n_embd, int n_ff, int type_gate, int type_up
     ggml_backend_tensor_set(e->gate, gate, 0, ggml_nbytes(e->gate));
     ggml_backend_tensor_set(e->up, up, 0, ggml_nbytes(e->up));
     ggml_backend_tensor_set(e->down, down, 0, ggml_nbytes(e->down));
+    if (e->gate_b) ggml_backend_tensor_set(e->gate_b, gate_b, 0, ggml_nbytes(e->gate_b));
+    if (e->up_b) ggml_backend_tensor_set(e->up_b, up_b, 0, ggml_nbytes(e->up_b));
+    if (e->down_b) ggml_backend_tensor_set(e->down_b, down_b, 0, ggml_nbytes(e->down_b));
 
     e->meta_size = EXPERT_MAX_NODES * ggml_tensor_overhead() + ggml_graph_overhead_custom(EXPERT_MAX_NODES, false);
     e->meta = malloc(e->meta_size);

@@ -50,17 +50,23 @@ int neuro_vulkan_probe(neuro_vk_device * out, int max);
 int neuro_device_info(int i, neuro_device * out);
 
 // neuro_expert computes one MoE expert's feed-forward block,
-// down(silu(gate x) * (up x)), on device dev (-1: the CPU). Not
-// thread-safe.
+// down(act(gate x + gate_b, up x + up_b)) + down_b, on device dev (-1: the
+// CPU). Not thread-safe.
 typedef struct neuro_expert neuro_expert;
+
+// Expert activations: silu(g) * u, or gpt-oss's swiglu_oai (alpha 1.702,
+// limit 7).
+enum { NEURO_ACT_SWIGLU = 0, NEURO_ACT_SWIGLU_OAI = 1 };
 
 // neuro_expert_new copies the three weight matrices (each of its own ggml
 // type, as quantized files mix them; gate and up are [n_embd, n_ff], down
-// is [n_ff, n_embd], ne0 first) into backend memory and reserves compute
-// memory for batches up to max_batch. On failure it returns NULL and
-// writes a message to err.
+// is [n_ff, n_embd], ne0 first) and the biases (n_ff, n_ff and n_embd
+// floats, each NULL when the expert has none) into backend memory and
+// reserves compute memory for batches up to max_batch. On failure it
+// returns NULL and writes a message to err.
 neuro_expert * neuro_expert_new(int n_embd, int n_ff, int type_gate, int type_up, int type_down,
                                 const void * gate, const void * up, const void * down,
+                                const float * gate_b, const float * up_b, const float * down_b, int act,
                                 int dev, int n_threads, int max_batch, char * err, size_t err_len);
 
 // neuro_expert_compute reads n_tokens rows of n_embd floats from x and
@@ -89,6 +95,19 @@ typedef struct {
     int   probs_bias;   // router: exp_probs_b added for selection
     int   norm_w;       // router: weights divided by their sum
     float scale_w;      // router: weights scaled (0: not)
+    // gpt-oss
+    int   attn_out_bias;  // attn_output.bias
+    int   sinks;          // attn_sinks: a logit per head in the softmax
+    int   n_swa;          // sliding window (0: none) in layers il % swa_pattern < swa_pattern - 1
+    int   swa_pattern;
+    int   router_bias;    // ffn_gate_inp.bias
+    int   softmax_weight; // router: top-k of the logits, then softmax of their weights
+    // RoPE scaling: 0 none, 1 linear, 2 yarn (llama_rope_scaling_type);
+    // the factor (0: 1), YaRN's original context and attention factor
+    int   rope_scaling;
+    float rope_scale;
+    int   n_ctx_orig;
+    float rope_attn_factor;
 } neuro_hparams;
 
 // One weight tensor handed to neuro_gating_new (ggml order, ne0 first).

@@ -28,7 +28,11 @@ func byteSymbols() [256]string {
 // token: Qwen's ChatML ones, GLM-4's role tokens.
 var bpeControls = map[string][]string{
 	"qwen3moe": {"<|endoftext|>", "<|im_start|>", "<|im_end|>"},
-	"glm4moe":  {"<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"},
+	// gpt-oss's harmony tokens (o200k_harmony): llama.cpp ends a
+	// generation at <|return|> or <|call|>, not at <|end|>.
+	"gpt-oss": {"<|startoftext|>", "<|endoftext|>", "<|return|>", "<|constrain|>", "<|channel|>", "<|start|>", "<|end|>",
+		"<|message|>", "<|call|>"},
+	"glm4moe": {"<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"},
 }
 
 // chatTemplates are short templates of each architecture's chat format:
@@ -37,6 +41,9 @@ var bpeControls = map[string][]string{
 var chatTemplates = map[string]string{
 	"qwen3moe": "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}" +
 		"{% if add_generation_prompt %}{{'<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n'}}{% endif %}",
+	// harmony: llama.cpp knows it by <|start|> and <|channel|>.
+	"gpt-oss": "{% for m in messages %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}<|end|>{% endfor %}" +
+		"{% if add_generation_prompt %}<|start|>assistant{% endif %}{# <|channel|>final #}",
 	"glm4moe": "[gMASK]<sop>{% for m in messages %}<|{{ m['role'] }}|>\\n{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}",
 }
 

@@ -7,6 +7,7 @@ import (
 	"io"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"unicode"
 )
@@ -40,6 +41,12 @@ type Params struct {
 	DenseFF       int `json:"dense_ff,omitempty"`
 	SharedExperts int `json:"shared_experts,omitempty"`
 	RopeDim       int `json:"rope_dim,omitempty"`
+	// gpt-oss: every other layer (the even ones) attends to the last
+	// SlidingWindow positions only, and RoPE is YaRN-scaled by
+	// RopeScale from RopeOrigCtx positions (gpt-oss: 32 from 4096).
+	SlidingWindow int     `json:"sliding_window,omitempty"`
+	RopeScale     float32 `json:"rope_scale,omitempty"`
+	RopeOrigCtx   int     `json:"rope_orig_ctx,omitempty"`
 	// Plant, if set, makes a model that speaks (architecture llama): greedy
 	// decoding after BOS and any prefix of these tokens continues them and
 	// then ends the text (see plant).
@@ -141,6 +148,18 @@ var ArchPresets = map[string]map[string]Params{
 		"bench": {Layers: 12, Experts: 64, ExpertsUsed: 8, Embd: 1024, FF: 352, Heads: 16, KVHeads: 2, HeadSize: 128,
 			Vocab: 32000, Context: 2048, RopeFreqBase: 1e6, RMSEps: 1e-5, DenseLead: 1, DenseFF: 2816, SharedExperts: 1, RopeDim: 64},
 	},
+	"gpt-oss": {
+		// gpt-oss's layout, small: one sliding-window and one full
+		// layer, heads wider than embd/heads, YaRN, a window of 16 so
+		// that short tests reach it.
+		"tiny": {Layers: 2, Experts: 4, ExpertsUsed: 2, Embd: 64, FF: 64, Heads: 4, KVHeads: 2, HeadSize: 32, Vocab: 512,
+			Context: 256, RopeFreqBase: 150000, RMSEps: 1e-5, SlidingWindow: 16, RopeScale: 4, RopeOrigCtx: 64},
+		// gpt-oss-20b's proportions at about 1 B: experts as wide as the
+		// embedding, 4 of 32 used, heads of 64 (8:1 grouped-query),
+		// sliding windows of 128 on alternate layers, YaRN 32 from 4096.
+		"bench": {Layers: 16, Experts: 32, ExpertsUsed: 4, Embd: 768, FF: 768, Heads: 16, KVHeads: 2, HeadSize: 64,
+			Vocab: 32000, Context: 131072, RopeFreqBase: 150000, RMSEps: 1e-5, SlidingWindow: 128, RopeScale: 32, RopeOrigCtx: 4096},
+	},
 	"qwen3moe": {
 		"bench": {Layers: 12, Experts: 64, ExpertsUsed: 8, Embd: 1024, FF: 384, Heads: 16, KVHeads: 2, HeadSize: 128,
 			Vocab: 32000, Context: 2048, RopeFreqBase: 1e6, RMSEps: 1e-6},
@@ -185,6 +204,8 @@ func (p Params) Validate() error {
 		return fmt.Errorf("context %d: want 8 to %d", p.Context, 1<<20)
 	case !(p.RopeFreqBase > 0) || !(p.RMSEps > 0):
 		return errors.New("rope freq base and rms eps must be positive")
+	case p.SlidingWindow < 0 || p.RopeOrigCtx < 0 || !(p.RopeScale >= 0) || (p.RopeScale > 0) != (p.RopeOrigCtx > 0):
+		return fmt.Errorf("sliding window %d, rope scale %g from %d positions: want a window ≥ 0 and a scale with its original context", p.SlidingWindow, p.RopeScale, p.RopeOrigCtx)
 	}
 	return nil
 }
@@ -203,6 +224,10 @@ func (p Params) ParamCount() int64 {
 	attn := 2*e + e*q*2 + e*kv*2
 	moe := e*int64(p.Experts) + 3*e*f*int64(p.Experts+p.SharedExperts)
 	dense := 3 * e * int64(p.DenseFF)
+	if p.SlidingWindow > 0 { // gpt-oss's biases and sinks
+		attn += q + 2*kv + e + int64(p.Heads)
+		moe += int64(p.Experts) * (1 + 2*f + e)
+	}
 	return int64(p.Layers)*attn + int64(p.Layers-p.DenseLead)*moe + int64(p.DenseLead)*dense + 2*e*int64(p.Vocab) + e
 }
 
@@ -217,13 +242,19 @@ func Generate(w io.Writer, p Params, dtype DType, seed uint64) error {
 	return GenerateArch(w, "llama", p, dtype, seed)
 }
 
+// GenerateArchitectures are the layouts GenerateArch writes.
+var GenerateArchitectures = []string{"llama", "qwen3moe", "gpt-oss", "glm4moe"}
+
 // GenerateArch is Generate for another layout: "llama" (Mixtral) or
 // "qwen3moe" (Qwen3-MoE: per-head Q/K norms and the expert size under
 // expert_feed_forward_length). Qwen3-MoE files are for the shard path; a
 // llama.cpp-loadable Qwen3 tokenizer (GPT-2 BPE) is not generated.
 func GenerateArch(w io.Writer, arch string, p Params, dtype DType, seed uint64) error {
-	if arch != "llama" && arch != "qwen3moe" && arch != "glm4moe" {
-		return fmt.Errorf("generate: architecture %q: want llama, qwen3moe or glm4moe", arch)
+	if !slices.Contains(GenerateArchitectures, arch) {
+		return fmt.Errorf("generate: architecture %q: want one of %s", arch, strings.Join(GenerateArchitectures, ", "))
+	}
+	if (arch == "gpt-oss") != (p.SlidingWindow > 0) || (arch != "gpt-oss" && p.RopeScale != 0) {
+		return fmt.Errorf("generate: a sliding window and YaRN are gpt-oss's (and it needs a window), not %s's", arch)
 	}
 	if arch != "glm4moe" && (p.DenseLead != 0 || p.SharedExperts != 0 || p.RopeDim != 0) {
 		return fmt.Errorf("generate: dense leading layers, shared experts and a partial rotary dimension are glm4moe's, not %s's", arch)
@@ -285,24 +316,28 @@ func GenerateArch(w io.Writer, arch string, p Params, dtype DType, seed uint64) 
 			{"tokenizer.ggml.add_eos_token", false},
 		}...)
 	} else {
-		// Qwen3's and GLM's GPT-2 byte-level BPE: no BOS is added; a turn
-		// ends with <|im_end|> (Qwen) or the next role token (GLM's
-		// <|user|>), the text with <|endoftext|>.
+		// Qwen3's, gpt-oss's and GLM's GPT-2 byte-level BPE: no BOS is
+		// added; a turn ends with <|im_end|> (Qwen), <|return|> (gpt-oss's
+		// harmony format) or the next role token (GLM's <|user|>), the
+		// text with <|endoftext|>.
 		controls := bpeControls[arch]
 		btoks, btypes, merges := bpeVocabulary(p.Vocab, controls, p.PlantPieces)
 		first := uint32(len(btoks) - len(controls))
-		eos := first + 2 // <|im_end|>
-		if arch == "glm4moe" {
+		bos, eos := first, first+2 // <|endoftext|>, <|im_end|>
+		switch arch {
+		case "glm4moe":
 			eos = first + 4 // <|user|>
+		case "gpt-oss":
+			eos = first + 2 // <|return|>, after <|startoftext|> and <|endoftext|>
 		}
-		pre := map[string]string{"qwen3moe": "qwen2", "glm4moe": "glm4"}[arch]
+		pre := map[string]string{"qwen3moe": "qwen2", "glm4moe": "glm4", "gpt-oss": "gpt-4o"}[arch]
 		kvs = append(kvs, []KV{
 			{"tokenizer.ggml.model", "gpt2"},
 			{"tokenizer.ggml.pre", pre},
 			{"tokenizer.ggml.tokens", btoks},
 			{"tokenizer.ggml.token_type", btypes},
 			{"tokenizer.ggml.merges", merges},
-			{"tokenizer.ggml.bos_token_id", first},
+			{"tokenizer.ggml.bos_token_id", bos},
 			{"tokenizer.ggml.eos_token_id", eos},
 			{"tokenizer.ggml.padding_token_id", first},
 			{"tokenizer.ggml.add_bos_token", false},
@@ -310,7 +345,8 @@ func GenerateArch(w io.Writer, arch string, p Params, dtype DType, seed uint64) 
 		}...)
 	}
 	if arch != "llama" {
-		// Qwen3's and GLM's head size is their own (128), not embd/heads.
+		// Qwen3's, gpt-oss's and GLM's head size is their own (128, 64),
+		// not embd/heads.
 		kvs = append(kvs, KV{a + "attention.key_length", u32(p.HeadDim())}, KV{a + "attention.value_length", u32(p.HeadDim())})
 	}
 	if arch == "glm4moe" {
@@ -318,6 +354,14 @@ func GenerateArch(w io.Writer, arch string, p Params, dtype DType, seed uint64) 
 			KV{a + "expert_shared_count", u32(p.SharedExperts)}, KV{a + "expert_weights_scale", float32(2.5)},
 			KV{a + "expert_weights_norm", true}, KV{a + "expert_gating_func", uint32(2)}, // sigmoid
 			KV{a + "nextn_predict_layers", uint32(0)})
+	}
+
+	if arch == "gpt-oss" {
+		kvs = append(kvs, KV{a + "attention.sliding_window", u32(p.SlidingWindow)})
+		if p.RopeScale > 0 {
+			kvs = append(kvs, KV{a + "rope.scaling.type", "yarn"}, KV{a + "rope.scaling.factor", p.RopeScale},
+				KV{a + "rope.scaling.original_context_length", u32(p.RopeOrigCtx)})
+		}
 	}
 
 	var pl *plant
@@ -364,6 +408,10 @@ func GenerateArch(w io.Writer, arch string, p Params, dtype DType, seed uint64) 
 		}
 		if arch == "glm4moe" {
 			glmLayer(add, b, l, p, dtype)
+			continue
+		}
+		if arch == "gpt-oss" {
+			ossLayer(add, b, p, dtype)
 			continue
 		}
 		add(b+"ffn_norm.weight", F32, 1, 0.1, e)
@@ -462,6 +510,29 @@ func vocabulary(n int, first []string) (tokens []string, scores []float32, types
 		add(p, -float32(i), tokNormal)
 	}
 	return tokens, scores, types
+}
+
+// ossLayer adds the rest of a gpt-oss layer after its attention weights:
+// the Q/K/V/output biases, the attention sinks, the post-attention norm,
+// the router with its bias, and the experts with theirs.
+func ossLayer(add func(string, DType, float32, float32, ...uint64), b string, p Params, dtype DType) {
+	e, f, n := uint64(p.Embd), uint64(p.FF), uint64(p.Experts)
+	hd := uint64(p.HeadDim())
+	inv := func(n uint64) float32 { return float32(1 / math.Sqrt(float64(n))) }
+	add(b+"attn_q.bias", F32, 0, 0.1, uint64(p.Heads)*hd)
+	add(b+"attn_k.bias", F32, 0, 0.1, uint64(p.KVHeads)*hd)
+	add(b+"attn_v.bias", F32, 0, 0.1, uint64(p.KVHeads)*hd)
+	add(b+"attn_output.bias", F32, 0, 0.1, e)
+	add(b+"attn_sinks.weight", F32, 0, 1, uint64(p.Heads))
+	add(b+"post_attention_norm.weight", F32, 1, 0.1, e) // LLM_TENSOR_ATTN_POST_NORM
+	add(b+"ffn_gate_inp.weight", F32, 0, 4*inv(e), e, n)
+	add(b+"ffn_gate_inp.bias", F32, 0, 0.1, n)
+	add(b+"ffn_gate_exps.weight", dtype, 0, inv(e), e, f, n)
+	add(b+"ffn_gate_exps.bias", F32, 0, 0.1, f, n)
+	add(b+"ffn_down_exps.weight", dtype, 0, inv(f), f, e, n)
+	add(b+"ffn_down_exps.bias", F32, 0, 0.1, e, n)
+	add(b+"ffn_up_exps.weight", dtype, 0, inv(e), e, f, n)
+	add(b+"ffn_up_exps.bias", F32, 0, 0.1, f, n)
 }
 
 // glmLayer adds the rest of a glm4moe layer after its attention weights:

@@ -86,7 +86,9 @@ func InfoOfFile(f *File) (*Info, error) {
 			layers[l] = &layer{}
 		}
 		layers[l].bytes += t.Size()
-		layers[l].types[map[string]int{"gate": 0, "up": 1, "down": 2}[m[2]]] = t.Type
+		if m[3] == "weight" { // the types of the weights, not of gpt-oss's f32 biases
+			layers[l].types[map[string]int{"gate": 0, "up": 1, "down": 2}[m[2]]] = t.Type
+		}
 	}
 	in.MoELayers, in.DenseLayers = len(layers), in.Layers-len(layers)
 	for _, l := range layers {
@@ -130,7 +132,9 @@ func InfoOfManifest(m *neuropb.Manifest) *Info {
 		in.ExpertBytesMax = max(in.ExpertBytesMax, size)
 		var ts []string
 		for _, t := range e.GetShard().GetTensors() {
-			ts = append(ts, DType(t.GetDtype()).String())
+			if strings.HasSuffix(t.GetName(), ".weight") { // not gpt-oss's f32 biases
+				ts = append(ts, DType(t.GetDtype()).String())
+			}
 		}
 		in.ExpertTypes[strings.Join(ts, "/")]++
 	}

@@ -16,6 +16,8 @@ func plantEnds(arch string, vocab int) (bos, eos int32) {
 		return -1, int32(vocab - len(bpeControls[arch]) + 2)
 	case "glm4moe":
 		return -1, int32(vocab - len(bpeControls[arch]) + 4)
+	case "gpt-oss":
+		return -1, int32(vocab - len(bpeControls[arch]) + 2) // <|return|>
 	}
 	return 1, 2
 }
@@ -32,6 +34,7 @@ func plantEnds(arch string, vocab int) (bos, eos int32) {
 // wrong output would change it. The other tokens' output rows are zero.
 type plant struct {
 	embd, ff int
+	oai      bool            // gpt-oss's experts: swiglu_oai and biases
 	slot     map[int32]int   // token -> its pair of directions
 	next     map[int32]int32 // token -> the token that follows it
 }
@@ -47,7 +50,7 @@ func newPlant(arch string, p Params, text []int32) (*plant, error) {
 	if len(text) == 0 {
 		return nil, fmt.Errorf("planted text: no tokens")
 	}
-	pl := &plant{embd: p.Embd, ff: p.FF, slot: map[int32]int{}, next: map[int32]int32{}}
+	pl := &plant{embd: p.Embd, ff: p.FF, oai: arch == "gpt-oss", slot: map[int32]int{}, next: map[int32]int32{}}
 	bos, eos := plantEnds(arch, p.Vocab)
 	seq := append(append([]int32{}, text...), eos)
 	if bos >= 0 {
@@ -101,10 +104,11 @@ func (pl *plant) tensor(name string, x []float32, experts int) bool {
 		for t := range pl.slot {
 			x[int(t)*e+pl.b(t)] = 1
 		}
-	case strings.HasSuffix(name, "attn_output.weight"), strings.HasSuffix(name, "_shexp.weight"),
+	case strings.HasSuffix(name, "attn_output.weight"), strings.HasSuffix(name, "attn_output.bias"),
+		strings.HasSuffix(name, "_exps.bias"), strings.HasSuffix(name, "_shexp.weight"),
 		strings.HasSuffix(name, "ffn_gate.weight"), strings.HasSuffix(name, "ffn_up.weight"), strings.HasSuffix(name, "ffn_down.weight"):
-		// Attention, GLM's dense leading layers and shared experts add
-		// nothing: the signal is the routed experts'.
+		// Attention, GLM's dense leading layers and shared experts and
+		// gpt-oss's biases add nothing: the signal is the routed experts'.
 		clear(x)
 	case strings.HasSuffix(name, "_norm.weight"):
 		for i := range x {
@@ -125,9 +129,14 @@ func (pl *plant) tensor(name string, x []float32, experts int) bool {
 	case strings.HasSuffix(name, "ffn_down_exps.weight"):
 		// Shape (f, e, experts): unit j writes b_next(t). On the first
 		// layer's input (a_t exactly, √embd after the norm) the unit's
-		// activation is silu(plantGate)·√embd.
+		// activation is silu(plantGate)·√embd, or with gpt-oss's
+		// swiglu_oai (gate clamped to 7, sigmoid of 1.702·gate, up
+		// clamped to ±7, plus 1) plantGate·σ(1.702·plantGate)·(min(√embd, 7)+1).
 		clear(x)
 		act := float32(plantGate/(1+math.Exp(-plantGate))) * float32(math.Sqrt(float64(e)))
+		if pl.oai {
+			act = float32(plantGate/(1+math.Exp(-1.702*plantGate))) * float32(min(math.Sqrt(float64(e)), 7)+1)
+		}
 		for ex := range experts {
 			for t, n := range pl.next {
 				x[ex*e*f+pl.b(n)*f+pl.slot[t]] = plantOut / act

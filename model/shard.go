@@ -38,7 +38,7 @@ var (
 // SupportedArchitectures are the MoE layouts Split understands: Mixtral's
 // (llama with experts) and Qwen3-MoE's. Both name their expert tensors
 // blk.N.ffn_{gate,up,down}_exps.weight.
-var SupportedArchitectures = []string{"llama", "qwen3moe", "glm4moe"}
+var SupportedArchitectures = []string{"llama", "qwen3moe", "gpt-oss", "glm4moe"}
 
 // CIDOf returns the CIDv1 (raw codec, sha2-256) of data.
 func CIDOf(data []byte) cid.Cid {
@@ -54,8 +54,9 @@ func cidFromSHA256(sum []byte) cid.Cid {
 	return cid.NewCidV1(cid.Raw, h)
 }
 
-// expertTensor matches the expert tensors of a MoE layer.
-var expertTensor = regexp.MustCompile(`^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$`)
+// expertTensor matches the expert tensors of a MoE layer: the weights and,
+// where the model has them (gpt-oss), the per-expert biases.
+var expertTensor = regexp.MustCompile(`^blk\.(\d+)\.ffn_(gate|up|down)_exps\.(weight|bias)$`)
 
 // expertParts are the three tensors of an expert, in shard order.
 var expertParts = []string{"gate", "up", "down"}
@@ -64,6 +65,38 @@ var expertParts = []string{"gate", "up", "down"}
 // dense-FFN name of its layer ("blk.3.ffn_up.weight").
 func ExpertTensorName(layer int, part string) string {
 	return fmt.Sprintf("blk.%d.ffn_%s.weight", layer, part)
+}
+
+// ExpertBiasName is the name of an expert's bias inside its shard
+// ("blk.3.ffn_up.bias"), for models whose experts have biases (gpt-oss).
+func ExpertBiasName(layer int, part string) string {
+	return fmt.Sprintf("blk.%d.ffn_%s.bias", layer, part)
+}
+
+// Expert activations: what an expert shard's KeyActivation says its
+// expert computes between its up and down projections. Every expert shard
+// carries it, so that an expert node computes what the model's own graph
+// does without knowing the architecture.
+const (
+	// KeyActivation is the expert shard's metadata key.
+	KeyActivation = "neuro.activation"
+	// ActSwiGLU is silu(gate) * up (llama.cpp's LLM_FFN_SILU).
+	ActSwiGLU = "swiglu"
+	// ActSwiGLUOAI is gpt-oss's swiglu_oai: g = min(gate, 7),
+	// g * sigmoid(1.702 g) * (clamp(up, -7, 7) + 1).
+	ActSwiGLUOAI = "swiglu_oai"
+)
+
+// expertActivations are the architectures whose experts do not compute
+// ActSwiGLU.
+var expertActivations = map[string]string{"gpt-oss": ActSwiGLUOAI}
+
+// ExpertActivation is the activation an architecture's experts compute.
+func ExpertActivation(arch string) string {
+	if a, ok := expertActivations[arch]; ok {
+		return a
+	}
+	return ActSwiGLU
 }
 
 // SplitResult is what Split wrote.
@@ -137,31 +170,41 @@ func SplitProgress(path, dir string, progress func(done, total int)) (*SplitResu
 
 	// Sort the tensors: expert tensors by layer, the rest to the gating shard.
 	experts := map[int]map[string]TensorInfo{} // layer -> part -> tensor
+	biases := map[int]map[string]TensorInfo{}  // layer -> part -> bias, where the experts have them
 	var gating []TensorData
 	for _, t := range f.Tensors {
 		m.TensorOrder = append(m.TensorOrder, t.Name)
 		if g := expertTensor.FindStringSubmatch(t.Name); g != nil {
 			layer, _ := strconv.Atoi(g[1])
-			if len(t.Shape) == 2 && params.Experts == 1 {
+			dims, into := 3, experts
+			if g[3] == "bias" {
+				dims, into = 2, biases
+			}
+			if len(t.Shape) == dims-1 && params.Experts == 1 {
 				// GGUF writers drop a trailing dimension of 1.
 				t.Shape = append(slices.Clone(t.Shape), 1)
 			}
-			if len(t.Shape) != 3 || t.Shape[2] != uint64(params.Experts) {
-				return nil, fmt.Errorf("split %s: tensor %s: shape %v, want 3 dimensions with %d experts", path, t.Name, t.Shape, params.Experts)
+			if len(t.Shape) != dims || t.Shape[dims-1] != uint64(params.Experts) {
+				return nil, fmt.Errorf("split %s: tensor %s: shape %v, want %d dimensions with %d experts", path, t.Name, t.Shape, dims, params.Experts)
 			}
 			if layer >= int(params.Layers) {
 				return nil, fmt.Errorf("split %s: tensor %s: layer %d beyond block_count %d", path, t.Name, layer, params.Layers)
 			}
-			if experts[layer] == nil {
-				experts[layer] = map[string]TensorInfo{}
+			if into[layer] == nil {
+				into[layer] = map[string]TensorInfo{}
 			}
-			experts[layer][g[2]] = t
+			into[layer][g[2]] = t
 			continue
 		}
 		gating = append(gating, TensorData{Info: t, Data: f.TensorReader(src, t)})
 	}
 	if len(experts) == 0 {
 		return nil, fmt.Errorf("split %s: %w (no blk.N.ffn_*_exps tensors)", path, ErrNotMoE)
+	}
+	for layer := range biases {
+		if layer < int(params.DenseLead) {
+			return nil, fmt.Errorf("split %s: expert biases in dense leading layer %d", path, layer)
+		}
 	}
 	for layer := range int(params.Layers) {
 		for _, part := range expertParts {
@@ -190,14 +233,26 @@ func SplitProgress(path, dir string, progress func(done, total int)) (*SplitResu
 				{"neuro.layer", uint32(layer)},
 				{"neuro.expert", uint32(e)},
 			}
+			if act := ExpertActivation(arch); act != ActSwiGLU {
+				kvs = append(kvs, KV{KeyActivation, act})
+			}
+			// expert e's slice of a stacked tensor: its last dimension
+			// counts the experts.
+			slice := func(t TensorInfo, name string) TensorData {
+				n := t.Size() / t.Shape[len(t.Shape)-1]
+				return TensorData{
+					Info: TensorInfo{Name: name, Type: t.Type, Shape: t.Shape[:len(t.Shape)-1]},
+					Data: io.NewSectionReader(src, f.DataOffset+int64(t.Offset)+int64(n)*int64(e), int64(n)),
+				}
+			}
 			var tds []TensorData
 			for _, part := range expertParts {
-				t := experts[layer][part]
-				slice := t.Size() / t.Shape[2]
-				tds = append(tds, TensorData{
-					Info: TensorInfo{Name: ExpertTensorName(layer, part), Type: t.Type, Shape: t.Shape[:2]},
-					Data: io.NewSectionReader(src, f.DataOffset+int64(t.Offset)+int64(slice)*int64(e), int64(slice)),
-				})
+				tds = append(tds, slice(experts[layer][part], ExpertTensorName(layer, part)))
+			}
+			for _, part := range expertParts {
+				if t, ok := biases[layer][part]; ok {
+					tds = append(tds, slice(t, ExpertBiasName(layer, part)))
+				}
 			}
 			ref, err := writeShard(dir, kvs, tds)
 			if err != nil {
@@ -288,7 +343,7 @@ func readParams(f *File, arch string) (*neuropb.ModelParams, error) {
 	}
 	// The first MoE layer's expert size (leading layers may be dense).
 	for _, t := range f.Tensors {
-		if g := expertTensor.FindStringSubmatch(t.Name); g != nil && g[2] == "gate" && len(t.Shape) >= 2 {
+		if g := expertTensor.FindStringSubmatch(t.Name); g != nil && g[2] == "gate" && g[3] == "weight" && len(t.Shape) >= 2 {
 			p.Ff = uint32(t.Shape[1])
 			break
 		}
@@ -472,6 +527,10 @@ func Join(dir string, want cid.Cid, out string) error {
 			return fmt.Errorf("join: tensor %s is in no shard", name)
 		}
 		layer, _ := strconv.Atoi(g[1])
+		inShard := ExpertTensorName(layer, g[2])
+		if g[3] == "bias" {
+			inShard = ExpertBiasName(layer, g[2])
+		}
 		var parts []io.Reader
 		var info TensorInfo
 		for e := range m.GetParams().GetExperts() {
@@ -479,7 +538,7 @@ func Join(dir string, want cid.Cid, out string) error {
 			if s == nil {
 				return fmt.Errorf("join: no shard for expert %d:%d", layer, e)
 			}
-			b, t, err := s.TensorBytes(ExpertTensorName(layer, g[2]))
+			b, t, err := s.TensorBytes(inShard)
 			if err != nil {
 				return fmt.Errorf("join: %w", err)
 			}

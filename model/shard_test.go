@@ -158,3 +158,68 @@ func TestSplitQwen3MoE(t *testing.T) {
 		t.Fatal("joined qwen3moe model differs")
 	}
 }
+
+// gpt-oss's experts have biases: each expert shard carries its slice of
+// the three stacked biases and names the activation its expert computes;
+// Join stacks the biases back, byte for byte.
+func TestSplitGptOssCarriesBiasesAndActivation(t *testing.T) {
+	dir := t.TempDir()
+	src := filepath.Join(dir, "g.gguf")
+	var buf bytes.Buffer
+	p, _ := Preset("gpt-oss", "tiny")
+	if err := GenerateArch(&buf, "gpt-oss", p, Q8_0, 5); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(src, buf.Bytes(), 0o644)
+	res, err := Split(src, filepath.Join(dir, "s"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Manifest.GetExperts()) != p.Layers*p.Experts {
+		t.Fatalf("%d expert shards", len(res.Manifest.GetExperts()))
+	}
+	ref := res.Manifest.GetExperts()[p.Experts+2] // layer 1, expert 2
+	s, err := OpenShard(filepath.Join(dir, "s"), ref.GetShard())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if act, _ := s.File.Get(KeyActivation).(string); act != ActSwiGLUOAI {
+		t.Fatalf("activation %q, want %s", act, ActSwiGLUOAI)
+	}
+	want := []struct {
+		name  string
+		shape uint64
+	}{{"blk.1.ffn_gate.weight", uint64(p.Embd)}, {"blk.1.ffn_up.weight", uint64(p.Embd)}, {"blk.1.ffn_down.weight", uint64(p.FF)},
+		{"blk.1.ffn_gate.bias", uint64(p.FF)}, {"blk.1.ffn_up.bias", uint64(p.FF)}, {"blk.1.ffn_down.bias", uint64(p.Embd)}}
+	if len(s.File.Tensors) != len(want) {
+		t.Fatalf("expert shard tensors: %+v", s.File.Tensors)
+	}
+	for i, w := range want {
+		if got := s.File.Tensors[i]; got.Name != w.name || got.Shape[0] != w.shape {
+			t.Fatalf("tensor %d: %s %v, want %s [%d …]", i, got.Name, got.Shape, w.name, w.shape)
+		}
+	}
+	// The bias slice is expert 2's column of the model's stacked bias.
+	f, err := ReadFile(bytes.NewReader(buf.Bytes()), int64(buf.Len()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	stacked, _ := f.Tensor("blk.1.ffn_down_exps.bias")
+	row := stacked.Size() / uint64(p.Experts)
+	start := uint64(f.DataOffset) + stacked.Offset + 2*row
+	got, _, _ := s.TensorBytes("blk.1.ffn_down.bias")
+	if !bytes.Equal(got, buf.Bytes()[start:start+row]) {
+		t.Fatal("expert 2's down bias is not its slice of the stacked bias")
+	}
+	// A llama expert shard names no activation (swiglu is the default).
+	if ExpertActivation("llama") != ActSwiGLU || ExpertActivation("gpt-oss") != ActSwiGLUOAI {
+		t.Fatal("ExpertActivation")
+	}
+	out := filepath.Join(dir, "j.gguf")
+	if err := Join(filepath.Join(dir, "s"), res.ModelCID, out); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(out); !bytes.Equal(b, buf.Bytes()) {
+		t.Fatal("joined gpt-oss model differs")
+	}
+}

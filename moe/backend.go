@@ -60,7 +60,8 @@ type DeviceLister interface {
 }
 
 // Expert computes one MoE expert's feed-forward block,
-// down(silu(gate·x) ⊙ (up·x)). Implementations are safe for concurrent use.
+// down(act(gate·x, up·x)) with the activation and biases its weights
+// name (ExpertWeights). Implementations are safe for concurrent use.
 type Expert interface {
 	// Compute runs n token vectors (x holds n rows of Embd floats) through
 	// the expert and writes n rows of Embd floats to out.
@@ -90,10 +91,26 @@ type Tensor struct {
 }
 
 // ExpertWeights are one expert's three tensors: gate and up are
-// [Embd, FF] and down is [FF, Embd] (ggml order, ne0 first).
+// [Embd, FF] and down is [FF, Embd] (ggml order, ne0 first); where the
+// model has them (gpt-oss), a bias after each (FF, FF and Embd floats;
+// nil: none); and the activation between the projections
+// (model.ActSwiGLU when empty, or model.ActSwiGLUOAI). The expert computes
+// down(act(gate·x + gate_b, up·x + up_b)) + down_b, as llama.cpp's
+// build_moe_ffn does.
 type ExpertWeights struct {
-	Embd, FF       int
-	Gate, Up, Down Tensor
+	Embd, FF                   int
+	Gate, Up, Down             Tensor
+	GateBias, UpBias, DownBias []float32
+	Act                        string
+}
+
+// Activation is the activation the expert computes (model.ActSwiGLU when
+// none is named).
+func (w ExpertWeights) Activation() string {
+	if w.Act == "" {
+		return model.ActSwiGLU
+	}
+	return w.Act
 }
 
 // Check verifies the shape and that each tensor holds the bytes its type
@@ -101,6 +118,18 @@ type ExpertWeights struct {
 func (w ExpertWeights) Check() error {
 	if w.Embd <= 0 || w.FF <= 0 {
 		return fmt.Errorf("expert: bad shape embd=%d ff=%d", w.Embd, w.FF)
+	}
+	if a := w.Activation(); a != model.ActSwiGLU && a != model.ActSwiGLUOAI {
+		return fmt.Errorf("expert: activation %q: want %s or %s", a, model.ActSwiGLU, model.ActSwiGLUOAI)
+	}
+	for _, b := range []struct {
+		name string
+		b    []float32
+		n    int
+	}{{"gate", w.GateBias, w.FF}, {"up", w.UpBias, w.FF}, {"down", w.DownBias, w.Embd}} {
+		if b.b != nil && len(b.b) != b.n {
+			return fmt.Errorf("expert: %s bias of %d floats, want %d", b.name, len(b.b), b.n)
+		}
 	}
 	for _, t := range []struct {
 		name       string
@@ -141,6 +170,30 @@ func ExpertWeightsOf(s *model.Shard, layer int) (ExpertWeights, error) {
 		return ExpertWeights{}, fmt.Errorf("shard %s: shapes gate %v up %v down %v do not form an expert", s.CID, g.Shape, u.Shape, d.Shape)
 	}
 	w := ExpertWeights{Embd: int(g.Shape[0]), FF: int(g.Shape[1]), Gate: ts[0], Up: ts[1], Down: ts[2]}
+	if a, ok := s.File.Get(model.KeyActivation).(string); ok {
+		w.Act = a
+	} else if s.File.Get(model.KeyActivation) != nil {
+		return ExpertWeights{}, fmt.Errorf("shard %s: %s is not a string", s.CID, model.KeyActivation)
+	}
+	for _, b := range []struct {
+		part string
+		dst  *[]float32
+	}{{"gate", &w.GateBias}, {"up", &w.UpBias}, {"down", &w.DownBias}} {
+		name := model.ExpertBiasName(layer, b.part)
+		if !s.Has(name) {
+			continue
+		}
+		raw, t, err := s.TensorBytes(name)
+		if err != nil {
+			return ExpertWeights{}, err
+		}
+		if t.Type != model.F32 || len(t.Shape) != 1 {
+			return ExpertWeights{}, fmt.Errorf("shard %s: bias %s is %s %v, want a row of f32", s.CID, name, t.Type, t.Shape)
+		}
+		if *b.dst, err = model.Decode(model.F32, raw); err != nil {
+			return ExpertWeights{}, fmt.Errorf("shard %s: bias %s: %w", s.CID, name, err)
+		}
+	}
 	if err := w.Check(); err != nil {
 		return ExpertWeights{}, fmt.Errorf("shard %s: %w", s.CID, err)
 	}

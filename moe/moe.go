@@ -74,10 +74,32 @@ type Hparams struct {
 	// divided by their sum) and ScaleW (then multiplied; 0: not).
 	Sigmoid, ProbsBias, NormW bool
 	ScaleW                    float32
+	// gpt-oss: an output projection bias (AttnOutBias), attention sinks
+	// (one logit per head that takes part in the softmax), sliding-window
+	// attention over the last SlidingWindow positions in the layers where
+	// il % SWAPattern < SWAPattern-1, and a router with a bias
+	// (RouterBias) that picks the top-k logits and then softmaxes their
+	// weights (SoftmaxWeight: llama.cpp's SOFTMAX_WEIGHT).
+	AttnOutBias, Sinks        bool
+	SlidingWindow, SWAPattern int
+	RouterBias, SoftmaxWeight bool
+	// RoPE scaling: RopeScaling is "" (none), "linear" or "yarn";
+	// RopeScale the factor (rope.scaling.factor), RopeOrigCtx the
+	// original context YaRN extends (rope.scaling.original_context_length),
+	// RopeAttnFactor rope.scaling.attn_factor (default 1).
+	RopeScaling    string
+	RopeScale      float32
+	RopeOrigCtx    int
+	RopeAttnFactor float32
+}
+
+// IsSWA reports whether layer il attends through a sliding window.
+func (h Hparams) IsSWA(il int) bool {
+	return h.SlidingWindow > 0 && h.SWAPattern > 0 && il%h.SWAPattern < h.SWAPattern-1
 }
 
 // GatingArchitectures are the architectures the gating compute runs.
-var GatingArchitectures = []string{"llama", "qwen3moe", "glm4moe"}
+var GatingArchitectures = []string{"llama", "qwen3moe", "gpt-oss", "glm4moe"}
 
 // HparamsOf reads the hyper-parameters from a manifest and its gating
 // shard.
@@ -134,6 +156,16 @@ func HparamsOf(m *neuropb.Manifest, gating *model.Shard) (Hparams, error) {
 	if h.RopeFreqBase == 0 {
 		h.RopeFreqBase = 10000 // llama.cpp's default when the key is absent
 	}
+	if arch == "gpt-oss" {
+		h.QKVBias, h.AttnOutBias, h.Sinks, h.PostNorm, h.RouterBias, h.SoftmaxWeight, h.NormW = true, true, true, true, true, true, false
+		h.SWAPattern = 2 // llama.cpp: set_swa_pattern(2), the even layers
+		if h.SlidingWindow, _ = u32("attention.sliding_window"); h.SlidingWindow < 1 {
+			return Hparams{}, fmt.Errorf("gating compute: gpt-oss without %s.attention.sliding_window", arch)
+		}
+	}
+	if err := ropeScaling(&h, gating); err != nil {
+		return Hparams{}, err
+	}
 	if h.RMSEps == 0 {
 		return Hparams{}, fmt.Errorf("gating compute: %s.attention.layer_norm_rms_epsilon is missing", arch)
 	}
@@ -141,6 +173,39 @@ func HparamsOf(m *neuropb.Manifest, gating *model.Shard) (Hparams, error) {
 		return Hparams{}, fmt.Errorf("gating compute: bad params %+v", h)
 	}
 	return h, nil
+}
+
+// ropeScaling reads the RoPE scaling keys as llama.cpp's load_hparams
+// does for every architecture.
+func ropeScaling(h *Hparams, gating *model.Shard) error {
+	a := h.Arch + ".rope.scaling."
+	h.RopeAttnFactor = 1
+	h.RopeOrigCtx = h.CtxLen
+	if v, ok := gating.File.Get(a + "original_context_length").(uint32); ok && v > 0 {
+		h.RopeOrigCtx = int(v)
+	}
+	if v, ok := gating.File.Get(a + "attn_factor").(float32); ok {
+		h.RopeAttnFactor = v
+	}
+	typ, _ := gating.File.Get(a + "type").(string)
+	switch typ {
+	case "", "none", "linear", "yarn":
+	default:
+		return fmt.Errorf("gating compute: rope scaling %q (supported: none, linear, yarn)", typ)
+	}
+	if typ == "none" {
+		h.RopeScaling = typ
+		return nil
+	}
+	f, _ := gating.File.Get(a + "factor").(float32)
+	if f == 0 {
+		f, _ = gating.File.Get(h.Arch + ".rope.scale_linear").(float32)
+	}
+	if f < 0 || f != f {
+		return fmt.Errorf("gating compute: rope scaling factor %g", f)
+	}
+	h.RopeScaling, h.RopeScale = typ, f
+	return nil
 }
 
 // glmHparams reads what glm4moe adds: dense leading layers, shared experts,

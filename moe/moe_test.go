@@ -1,9 +1,12 @@
 package moe
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"math"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -139,6 +142,9 @@ func TestExpertWeightsCheck(t *testing.T) {
 			w.Embd = 48
 			w.Gate = Tensor{Type: model.Q8_0, Data: make([]byte, 2*34*32)}
 		}, "not a multiple of q8_0's block"},
+		{"unknown activation", func(w *ExpertWeights) { w.Act = "gelu" }, `activation "gelu"`},
+		{"short up bias", func(w *ExpertWeights) { w.UpBias = make([]float32, 31) }, "up bias of 31 floats, want 32"},
+		{"down bias of ff", func(w *ExpertWeights) { w.DownBias = make([]float32, 32) }, "down bias of 32 floats, want 64"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			w := good
@@ -147,5 +153,70 @@ func TestExpertWeightsCheck(t *testing.T) {
 				t.Fatalf("%v, want an error with %q", err, tc.want)
 			}
 		})
+	}
+}
+
+// ExpertWeightsOf reads gpt-oss's expert shards whole: the three weights,
+// the three biases and the activation the shard names; a shard whose bias
+// is not a row of f32 or whose activation is unknown is refused.
+func TestExpertWeightsOfReadsBiasesAndActivation(t *testing.T) {
+	p, _ := model.Preset("gpt-oss", "tiny")
+	var buf bytes.Buffer
+	if err := model.GenerateArch(&buf, "gpt-oss", p, model.F16, 3); err != nil {
+		t.Fatal(err)
+	}
+	src := filepath.Join(t.TempDir(), "g.gguf")
+	os.WriteFile(src, buf.Bytes(), 0o644)
+	dir := t.TempDir()
+	res, err := model.Split(src, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := model.OpenShard(dir, res.Manifest.GetExperts()[1].GetShard())
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := ExpertWeightsOf(s, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w.Activation() != model.ActSwiGLUOAI || len(w.GateBias) != p.FF || len(w.UpBias) != p.FF || len(w.DownBias) != p.Embd || w.DownBias[0] == 0 {
+		t.Fatalf("weights: act %q, biases %d/%d/%d", w.Act, len(w.GateBias), len(w.UpBias), len(w.DownBias))
+	}
+	// Rewrite the shard with an edit and read it again.
+	rewrite := func(edit func(kvs []model.KV, tds []model.TensorData) ([]model.KV, []model.TensorData)) error {
+		var tds []model.TensorData
+		for _, ti := range s.File.Tensors {
+			b, _, _ := s.TensorBytes(ti.Name)
+			tds = append(tds, model.TensorData{Info: ti, Data: bytes.NewReader(b)})
+		}
+		kvs, tds := edit(append([]model.KV(nil), s.File.KVs...), tds)
+		var out bytes.Buffer
+		if err := model.Write(&out, kvs, tds); err != nil {
+			return err
+		}
+		f, err := model.ReadFile(bytes.NewReader(out.Bytes()), int64(out.Len()))
+		if err != nil {
+			return err
+		}
+		_, err = ExpertWeightsOf(&model.Shard{File: f, Data: out.Bytes()}, 0)
+		return err
+	}
+	if err := rewrite(func(kvs []model.KV, tds []model.TensorData) ([]model.KV, []model.TensorData) {
+		for i := range kvs {
+			if kvs[i].Key == model.KeyActivation {
+				kvs[i].Value = "gelu"
+			}
+		}
+		return kvs, tds
+	}); err == nil || !strings.Contains(err.Error(), `activation "gelu"`) {
+		t.Errorf("unknown activation: %v", err)
+	}
+	if err := rewrite(func(kvs []model.KV, tds []model.TensorData) ([]model.KV, []model.TensorData) {
+		last := &tds[len(tds)-1] // the down bias, as f16
+		last.Info.Type, last.Data = model.F16, bytes.NewReader(make([]byte, 2*p.Embd))
+		return kvs, tds
+	}); err == nil || !strings.Contains(err.Error(), "want a row of f32") {
+		t.Errorf("an f16 bias: %v", err)
 	}
 }

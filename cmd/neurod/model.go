@@ -203,7 +203,8 @@ flags override the preset: tiny loads in milliseconds (tests), bench has about
 	f := cmd.Flags()
 	f.StringVar(&out, "out", "", "output GGUF file (required)")
 	f.StringVar(&preset, "preset", "tiny", "shape preset: "+presetNames())
-	f.StringVar(&arch, "arch", "llama", "layout: llama (Mixtral), qwen3moe (per-head Q/K norms, NEOX RoPE, --head-size) or glm4moe (GLM-4.5: dense leading layer, shared expert, sigmoid router, Q/K/V biases, partial rotary)")
+	f.StringVar(&arch, "arch", "llama", "layout: llama (Mixtral), qwen3moe (per-head Q/K norms, NEOX RoPE, --head-size), gpt-oss (sliding-window layers, attention sinks, biases, YaRN, swiglu_oai experts with biases) or glm4moe (GLM-4.5: dense leading layer, shared expert, sigmoid router, Q/K/V biases, partial rotary)")
+	f.IntVar(&p.SlidingWindow, "sliding-window", 0, "gpt-oss: the window of its sliding-window (even) layers")
 	f.IntVar(&p.HeadSize, "head-size", 0, "attention head size when not embd/heads (qwen3moe; Qwen3-30B-A3B has 128)")
 	f.BoolVar(&p.TiedOutput, "tied-output", false, "no output.weight: the output head is the token embeddings")
 	f.StringVar(&dtype, "type", "f32", "weight type: f32, f16, q8_0 or q4_0 (norms and router stay f32); for other mixes, make f16 and 'neurod model quantize' it")
@@ -237,6 +238,7 @@ func modelShape(fs *pflag.FlagSet, arch, preset string, p model.Params) (model.P
 		{"experts-used", &params.ExpertsUsed, p.ExpertsUsed}, {"embd", &params.Embd, p.Embd},
 		{"ff", &params.FF, p.FF}, {"heads", &params.Heads, p.Heads}, {"kv-heads", &params.KVHeads, p.KVHeads},
 		{"vocab", &params.Vocab, p.Vocab}, {"context", &params.Context, p.Context}, {"head-size", &params.HeadSize, p.HeadSize},
+		{"sliding-window", &params.SlidingWindow, p.SlidingWindow},
 	} {
 		if fs.Changed(f.name) {
 			*f.dst = f.v

@@ -4,7 +4,8 @@
 // with the race detector and without llama.cpp. It has no gating compute:
 // tests of a whole forward pass use package ggml.
 //
-// Its results are real (down(silu(gate·x) ⊙ (up·x)), computed in float64
+// Its results are real (down(silu(gate·x) ⊙ (up·x)), or gpt-oss's
+// swiglu_oai with biases, computed in float64
 // and rounded), but not bit-identical to ggml's, which quantizes the
 // activations; compare with ggml only through the tolerance a validator
 // uses.
@@ -33,7 +34,8 @@ func (Backend) NewExpert(w moe.ExpertWeights, o moe.ExpertOptions) (moe.Expert, 
 	if err := w.Check(); err != nil {
 		return nil, err
 	}
-	e := &Expert{embd: w.Embd, ff: w.FF, maxBatch: o.MaxBatch}
+	e := &Expert{embd: w.Embd, ff: w.FF, maxBatch: o.MaxBatch, oai: w.Activation() == model.ActSwiGLUOAI,
+		gateB: w.GateBias, upB: w.UpBias, downB: w.DownBias}
 	if e.maxBatch <= 0 {
 		e.maxBatch = 512
 	}
@@ -73,6 +75,9 @@ type Expert struct {
 	embd, ff       int
 	maxBatch       int
 	gate, up, down []float32
+	// gpt-oss's experts: swiglu_oai and biases (nil: none).
+	oai               bool
+	gateB, upB, downB []float32
 }
 
 // Embd implements moe.Expert.
@@ -98,13 +103,19 @@ func (e *Expert) Compute(x []float32, n int, out []float32) error {
 	for t := range n {
 		xt := x[t*e.embd : (t+1)*e.embd]
 		for j := range e.ff {
-			g := dot(e.gate[j*e.embd:(j+1)*e.embd], xt)
-			u := dot(e.up[j*e.embd:(j+1)*e.embd], xt)
-			act[j] = g / (1 + math.Exp(-g)) * u
+			g := dot(e.gate[j*e.embd:(j+1)*e.embd], xt) + bias(e.gateB, j)
+			u := dot(e.up[j*e.embd:(j+1)*e.embd], xt) + bias(e.upB, j)
+			if e.oai {
+				// swiglu_oai (ggml's alpha 1.702, limit 7)
+				g = min(g, 7)
+				act[j] = g / (1 + math.Exp(-1.702*g)) * (max(min(u, 7), -7) + 1)
+			} else {
+				act[j] = g / (1 + math.Exp(-g)) * u
+			}
 		}
 		for i := range e.embd {
 			row := e.down[i*e.ff : (i+1)*e.ff]
-			var s float64
+			s := bias(e.downB, i)
 			for j, a := range act {
 				s += float64(row[j]) * a
 			}
@@ -112,6 +123,13 @@ func (e *Expert) Compute(x []float32, n int, out []float32) error {
 		}
 	}
 	return nil
+}
+
+func bias(b []float32, i int) float64 {
+	if b == nil {
+		return 0
+	}
+	return float64(b[i])
 }
 
 func dot(w, x []float32) float64 {
