@@ -63,8 +63,8 @@ func TestGatingBadInput(t *testing.T) {
 		t.Errorf("shape mismatch: %v", err)
 	}
 	other := proto.Clone(res.Manifest).(*neuropb.Manifest)
-	other.Architecture = "deepseek2"
-	if _, err := moe.HparamsOf(other, gs); err == nil || !strings.Contains(err.Error(), `architecture "deepseek2" is not supported yet (supported: llama, qwen3moe, gpt-oss, glm4moe)`) {
+	other.Architecture = "olmoe"
+	if _, err := moe.HparamsOf(other, gs); err == nil || !strings.Contains(err.Error(), `architecture "olmoe" is not supported yet (supported: llama, qwen3moe, gpt-oss, glm4moe, deepseek2)`) {
 		t.Errorf("unsupported architecture: %v", err)
 	}
 	g, err := NewGating(hp, gs, 1)
@@ -176,6 +176,38 @@ func TestGptOssMatchesLlamaCpp(t *testing.T) {
 				t.Fatalf("an expert shard holds %d tensors, want 3 weights and 3 biases", n)
 			}
 			t.Logf("gpt-oss %s: %d tokens identical, logits max |Δ| %.3g", typ, n, worst)
+			if worst != 0 {
+				t.Fatalf("logits differ by up to %.3g; the arithmetic is llama.cpp's, 0 expected", worst)
+			}
+		})
+	}
+}
+
+// DeepSeek-V3's gating compute (deepseek2: multi-head latent attention
+// with the absorption optimisation — Q through its low-rank bottleneck,
+// the compressed KV cache of kv rank + rope per token, per-head K and V
+// decompression —, NORM RoPE with YaRN and its log multiplier folded into
+// the attention scale, a dense leading layer, a shared expert, a sigmoid
+// router with the selection bias and group-limited top-k, normalised and
+// scaled weights) against llama.cpp's llm_build_deepseek2: the same greedy
+// tokens, logits identical, in f32, f16, q8_0 and llama.cpp's q4_k_m mix.
+func TestDeepSeek2MatchesLlamaCpp(t *testing.T) {
+	const maxTokens = 32
+	prompt := "once upon a time the expert network"
+	p, _ := model.Preset("deepseek2", "tiny")
+	p.Embd, p.FF, p.DenseFF = 256, 256, 512 // K-quant rows of 256
+	for _, typ := range []string{"f32", "f16", "q8_0", "q4_k_m"} {
+		t.Run(typ, func(t *testing.T) {
+			sm, res, n, worst, _ := splitMatchesLlamaCpp(t, archModel(t, t.TempDir(), "deepseek2", p, typ, 97), prompt, maxTokens)
+			if n := len(res.Manifest.GetExperts()); n != (p.Layers-p.DenseLead)*p.Experts {
+				t.Fatalf("%d expert shards, want %d (no experts in the dense layer)", n, (p.Layers-p.DenseLead)*p.Experts)
+			}
+			hp := sm.Gating.Hparams()
+			if !hp.MLA || hp.RopeNeox || hp.HeadDim != 48 || hp.HeadDimV != 32 || hp.KeyMLA != 48 || hp.ValueMLA != 32 || hp.QLoraRank != 32 ||
+				hp.ExpertGroups != 4 || hp.GroupsUsed != 2 || !hp.Sigmoid || !hp.ProbsBias || hp.SharedFF != p.FF || hp.YarnLogMul == 0 {
+				t.Fatalf("hparams %+v", hp)
+			}
+			t.Logf("deepseek2 %s: %d tokens identical, logits max |Δ| %.3g", typ, n, worst)
 			if worst != 0 {
 				t.Fatalf("logits differ by up to %.3g; the arithmetic is llama.cpp's, 0 expected", worst)
 			}

@@ -41,12 +41,21 @@ struct gating_layer {
     struct ggml_tensor * gate_inp_b; // router_bias only
     struct ggml_tensor * bo;         // attn_out_bias only
     struct ggml_tensor * sinks;      // sinks only
+    // mla only
+    struct ggml_tensor * wq_a;
+    struct ggml_tensor * q_a_norm;
+    struct ggml_tensor * wq_b;
+    struct ggml_tensor * wkv_a_mqa;
+    struct ggml_tensor * kv_a_norm;
+    struct ggml_tensor * wk_b;
+    struct ggml_tensor * wv_b;
 };
 
 struct neuro_gating {
     neuro_hparams hp;
-    // RoPE as llama.cpp's context computes it from the hyper-parameters
-    float freq_scale, ext_factor, attn_factor;
+    // RoPE as llama.cpp's context computes it from the hyper-parameters,
+    // and attention's scale
+    float freq_scale, ext_factor, attn_factor, kq_scale;
     neuro_exec x;
     struct ggml_context * wctx;
     ggml_backend_buffer_t wbuf;
@@ -64,7 +73,7 @@ struct neuro_session {
     struct ggml_context * kvctx;
     ggml_backend_buffer_t kvbuf;
     struct ggml_tensor ** k; // [n_embd_k_gqa, n_ctx] F16 per layer
-    struct ggml_tensor ** v; // n_embd_v_gqa * n_ctx F16 per layer, transposed
+    struct ggml_tensor ** v; // [n_embd_v_gqa * n_ctx] F16 per layer, transposed
 };
 
 static struct ggml_tensor * find_weight(neuro_gating * g, const neuro_weight * ws, int n_ws, const char * name,
@@ -84,6 +93,10 @@ static struct ggml_tensor * find_weight(neuro_gating * g, const neuro_weight * w
     return NULL;
 }
 
+static float get_mscale(float scale, float mscale) {
+    return scale <= 1.0f ? 1.0f : (0.1f * mscale * logf(scale) + 1.0f);
+}
+
 // rope_params computes RoPE's frequency scale, YaRN's extrapolation mix
 // and attention factor in float, as llama_context's constructor does
 // (rope_yarn_log_mul, DeepSeek's, is not read: 0).
@@ -95,12 +108,31 @@ static void rope_params(neuro_gating * g) {
     }
     g->ext_factor = hp->rope_scaling == 2 ? 1.0f : 0.0f;
     g->attn_factor = 1.0f;
+    // hparams.rope_yarn_log_mul: DeepSeek's key, with the convert
+    // script's factor 0.1 cancelled
+    const float log_mul = hp->mla ? hp->yarn_log_mul / 0.1f : 0.0f;
     if (g->ext_factor != 0) {
         const float factor = 1.0f / g->freq_scale;
-        g->attn_factor = factor <= 1.0f ? 1.0f : (0.1f * 1.0f * logf(factor) + 1.0f);
+        if (log_mul != 0.0f) {
+            float mscale = 1.0f;
+            const float mscale_all_dims = log_mul;
+            if (mscale_all_dims != 1.0f) {
+                mscale = mscale_all_dims; // llama.cpp's DeepSeek-V2 special case
+            }
+            g->attn_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dims);
+        } else {
+            g->attn_factor = get_mscale(factor, 1.0f);
+        }
         g->attn_factor *= 1.0f / (1.0f + 0.1f * logf(factor));
     }
     g->attn_factor *= hp->rope_attn_factor;
+    g->kq_scale = 1.0f / sqrtf((float) hp->n_embd_head);
+    if (hp->mla) {
+        // llm_build_deepseek2: the YaRN factor pre-scales kq_scale
+        const float attn_factor_org = g->attn_factor * (1.0f + 0.1f * logf(1.0f / g->freq_scale));
+        const float mscale = attn_factor_org * (1.0f + 0.1f * log_mul * logf(1.0f / g->freq_scale));
+        g->kq_scale = 1.0f * mscale * mscale / sqrtf((float) hp->n_embd_head_k_mla);
+    }
 }
 
 void neuro_gating_free(neuro_gating * g) {
@@ -159,9 +191,23 @@ neuro_gating * neuro_gating_new(const neuro_hparams * hp, const neuro_weight * w
     for (int il = 0; il < hp->n_layer; il++) {
         struct gating_layer * l = &g->layers[il];
         WEIGHT(l->attn_norm, "blk.%d.attn_norm.weight", il);
-        WEIGHT(l->wq, "blk.%d.attn_q.weight", il);
-        WEIGHT(l->wk, "blk.%d.attn_k.weight", il);
-        WEIGHT(l->wv, "blk.%d.attn_v.weight", il);
+        if (hp->mla) {
+            if (hp->n_lora_q > 0) {
+                WEIGHT(l->wq_a, "blk.%d.attn_q_a.weight", il);
+                WEIGHT(l->q_a_norm, "blk.%d.attn_q_a_norm.weight", il);
+                WEIGHT(l->wq_b, "blk.%d.attn_q_b.weight", il);
+            } else {
+                WEIGHT(l->wq, "blk.%d.attn_q.weight", il);
+            }
+            WEIGHT(l->wkv_a_mqa, "blk.%d.attn_kv_a_mqa.weight", il);
+            WEIGHT(l->kv_a_norm, "blk.%d.attn_kv_a_norm.weight", il);
+            WEIGHT(l->wk_b, "blk.%d.attn_k_b.weight", il);
+            WEIGHT(l->wv_b, "blk.%d.attn_v_b.weight", il);
+        } else {
+            WEIGHT(l->wq, "blk.%d.attn_q.weight", il);
+            WEIGHT(l->wk, "blk.%d.attn_k.weight", il);
+            WEIGHT(l->wv, "blk.%d.attn_v.weight", il);
+        }
         WEIGHT(l->wo, "blk.%d.attn_output.weight", il);
         if (hp->post_norm) {
             WEIGHT(l->ffn_norm, "blk.%d.post_attention_norm.weight", il);
@@ -263,10 +309,11 @@ neuro_session * neuro_session_new(neuro_gating * g, int n_ctx, char * err, size_
         snprintf(err, err_len, "out of memory");
         goto fail;
     }
-    const int64_t n_embd_gqa = (int64_t) hp->n_embd_head * hp->n_head_kv;
+    const int64_t n_embd_k_gqa = (int64_t) hp->n_embd_head * hp->n_head_kv;
+    const int64_t n_embd_v_gqa = (int64_t) hp->n_embd_head_v * hp->n_head_kv;
     for (int il = 0; il < hp->n_layer; il++) {
-        s->k[il] = ggml_new_tensor_2d(s->kvctx, GGML_TYPE_F16, n_embd_gqa, n_ctx);
-        s->v[il] = ggml_new_tensor_2d(s->kvctx, GGML_TYPE_F16, n_embd_gqa, n_ctx);
+        s->k[il] = ggml_new_tensor_2d(s->kvctx, GGML_TYPE_F16, n_embd_k_gqa, n_ctx);
+        s->v[il] = ggml_new_tensor_2d(s->kvctx, GGML_TYPE_F16, n_embd_v_gqa, n_ctx);
     }
     s->kvbuf = ggml_backend_alloc_ctx_tensors(s->kvctx, g->x.backend);
     if (s->kvbuf == NULL) {
@@ -333,13 +380,69 @@ static int kv_len(int n_ctx, int used) {
 // ffn builds llama.cpp's build_ffn with LLM_FFN_SILU and LLM_FFN_PAR:
 // down(swiglu(gate x, up x)).
 static struct ggml_tensor * ffn(struct ggml_context * ctx, struct ggml_tensor * x, struct ggml_tensor * gate,
-                                struct ggml_tensor * up, struct ggml_tensor * down) {
+                                struct ggml_tensor * up, struct ggml_tensor * down, int prec_f32) {
     struct ggml_tensor * u = ggml_mul_mat(ctx, up, x);
     struct ggml_tensor * g = ggml_mul_mat(ctx, gate, x);
     struct ggml_tensor * h = ggml_swiglu_split(ctx, g, u);
     struct ggml_tensor * out = ggml_mul_mat(ctx, down, h);
-    ggml_mul_mat_set_prec(out, GGML_PREC_F32); // as llama.cpp sets it for GLM-4
+    if (prec_f32) ggml_mul_mat_set_prec(out, GGML_PREC_F32); // as llama.cpp sets it for GLM-4
     return out;
+}
+
+// mla_qkv builds llm_build_deepseek2's latent attention inputs with the
+// absorption optimisation (MQA over the compressed KV): Q = [rope(q_pe),
+// wk_b q_nope] per head, K = [rope(k_pe), norm(kv)] and V = norm(kv) in
+// one KV head.
+static void mla_qkv(struct ggml_context * ctx, const neuro_gating * g, const struct gating_layer * L, struct ggml_tensor * cur,
+                    struct ggml_tensor * pos, int n, struct ggml_tensor ** q_out, struct ggml_tensor ** k_out, struct ggml_tensor ** v_out) {
+    const neuro_hparams * hp = &g->hp;
+    const int64_t n_head = hp->n_head, rope = hp->n_rot, kv_rank = hp->n_lora_kv;
+    const int64_t k_mla = hp->n_embd_head_k_mla, nope = k_mla - rope;
+    struct ggml_tensor * q;
+    if (L->wq_a) {
+        q = ggml_mul_mat(ctx, L->wq_a, cur);
+        q = rms_norm(ctx, q, L->q_a_norm, hp->rms_eps);
+        q = ggml_mul_mat(ctx, L->wq_b, q);
+    } else {
+        q = ggml_mul_mat(ctx, L->wq, cur);
+    }
+    struct ggml_tensor * q_nope = ggml_view_3d(ctx, q, nope, n_head, n, ggml_row_size(q->type, k_mla),
+                                               ggml_row_size(q->type, k_mla) * n_head, 0);
+    struct ggml_tensor * q_pe = ggml_view_3d(ctx, q, rope, n_head, n, ggml_row_size(q->type, k_mla),
+                                             ggml_row_size(q->type, k_mla) * n_head, ggml_row_size(q->type, nope));
+    struct ggml_tensor * kv_cmpr_pe = ggml_mul_mat(ctx, L->wkv_a_mqa, cur);
+    struct ggml_tensor * kv_cmpr = ggml_view_2d(ctx, kv_cmpr_pe, kv_rank, n, ggml_row_size(kv_cmpr_pe->type, kv_rank + rope), 0);
+    struct ggml_tensor * k_pe = ggml_view_3d(ctx, kv_cmpr_pe, rope, 1, n, ggml_row_size(kv_cmpr_pe->type, kv_rank + rope),
+                                             ggml_row_size(kv_cmpr_pe->type, kv_rank + rope), ggml_row_size(kv_cmpr_pe->type, kv_rank));
+    const int rope_type = hp->rope_neox ? 2 : 0;
+    q_pe = ggml_rope_ext(ctx, q_pe, pos, NULL, hp->n_rot, rope_type, hp->n_ctx_orig, hp->rope_freq_base, g->freq_scale,
+                         g->ext_factor, g->attn_factor, 32.0f, 1.0f);
+    k_pe = ggml_rope_ext(ctx, k_pe, pos, NULL, hp->n_rot, rope_type, hp->n_ctx_orig, hp->rope_freq_base, g->freq_scale,
+                         g->ext_factor, g->attn_factor, 32.0f, 1.0f);
+    kv_cmpr = rms_norm(ctx, kv_cmpr, L->kv_a_norm, hp->rms_eps);
+    q_nope = ggml_permute(ctx, q_nope, 0, 2, 1, 3);
+    struct ggml_tensor * q_abs = ggml_mul_mat(ctx, L->wk_b, q_nope);
+    q_abs = ggml_permute(ctx, q_abs, 0, 2, 1, 3);
+    *q_out = ggml_concat(ctx, q_pe, q_abs, 0); // rope first, as llama.cpp (context shifts rotate in place)
+    kv_cmpr = ggml_reshape_3d(ctx, kv_cmpr, kv_rank, 1, n);
+    *k_out = ggml_concat(ctx, k_pe, kv_cmpr, 0);
+    *v_out = kv_cmpr;
+}
+
+// group_topk is build_moe_ffn's group-limited selection (DeepSeek-V3):
+// the n_group_used groups with the best two scores keep their experts'
+// scores, the others' become -inf.
+static struct ggml_tensor * group_topk(struct ggml_context * ctx, const neuro_hparams * hp, struct ggml_tensor * sel, int n_tokens) {
+    const int64_t per_group = hp->n_expert / hp->n_expert_groups;
+    struct ggml_tensor * groups = ggml_reshape_3d(ctx, sel, per_group, hp->n_expert_groups, n_tokens);
+    struct ggml_tensor * scores = ggml_argsort_top_k(ctx, groups, 2);
+    scores = ggml_get_rows(ctx, ggml_reshape_4d(ctx, groups, 1, groups->ne[0], groups->ne[1], groups->ne[2]), scores);
+    scores = ggml_sum_rows(ctx, ggml_reshape_3d(ctx, scores, scores->ne[1], scores->ne[2], scores->ne[3]));
+    scores = ggml_reshape_2d(ctx, scores, scores->ne[1], scores->ne[2]);
+    struct ggml_tensor * chosen = ggml_argsort_top_k(ctx, scores, hp->n_group_used);
+    struct ggml_tensor * kept = ggml_get_rows(ctx, groups, chosen);
+    kept = ggml_set_rows(ctx, ggml_fill(ctx, groups, -INFINITY), kept, chosen);
+    return ggml_reshape_2d(ctx, kept, hp->n_expert, n_tokens);
 }
 
 int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, int last_only,
@@ -350,8 +453,10 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
     if (il < 0 || il >= hp->n_layer || n < 1 || pos0 < 0 || pos0 + n > s->n_ctx) {
         return 1;
     }
-    const int64_t n_embd_head = hp->n_embd_head;
+    const int64_t n_embd_head = hp->n_embd_head;     // the KV cache's key head
+    const int64_t n_embd_head_v = hp->n_embd_head_v; // and value head
     const int64_t n_embd_gqa = n_embd_head * hp->n_head_kv;
+    const int64_t n_embd_v_gqa = n_embd_head_v * hp->n_head_kv;
     const int rope_type = hp->rope_neox ? 2 /* LLAMA_ROPE_TYPE_NEOX */ : 0 /* LLAMA_ROPE_TYPE_NORM */;
     const int n_kv = kv_len(s->n_ctx, pos0 + n);
     const int n_out = last_only ? 1 : n;
@@ -367,7 +472,7 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
     ggml_set_input(pos);
     struct ggml_tensor * k_idxs = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n);
     ggml_set_input(k_idxs);
-    struct ggml_tensor * v_idxs = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n * n_embd_gqa);
+    struct ggml_tensor * v_idxs = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n * n_embd_v_gqa);
     ggml_set_input(v_idxs);
     struct ggml_tensor * mask = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, n_kv, n, 1, 1);
     ggml_set_input(mask);
@@ -379,25 +484,32 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
 
     // attention
     struct ggml_tensor * cur = rms_norm(ctx, inpL, L->attn_norm, hp->rms_eps);
-    struct ggml_tensor * q = ggml_mul_mat(ctx, L->wq, cur);
-    if (L->bq) q = ggml_add(ctx, q, L->bq);
-    struct ggml_tensor * k = ggml_mul_mat(ctx, L->wk, cur);
-    if (L->bk) k = ggml_add(ctx, k, L->bk);
-    struct ggml_tensor * v = ggml_mul_mat(ctx, L->wv, cur);
-    if (L->bv) v = ggml_add(ctx, v, L->bv);
-    q = ggml_reshape_3d(ctx, q, n_embd_head, hp->n_head, n);
-    k = ggml_reshape_3d(ctx, k, n_embd_head, hp->n_head_kv, n);
-    v = ggml_reshape_3d(ctx, v, n_embd_head, hp->n_head_kv, n);
-    if (hp->qk_norm) {
-        // llm_build_qwen3moe: each head of Q and K RMS-normed before RoPE
-        q = rms_norm(ctx, q, L->q_norm, hp->rms_eps);
-        k = rms_norm(ctx, k, L->k_norm, hp->rms_eps);
+    struct ggml_tensor * q;
+    struct ggml_tensor * k;
+    struct ggml_tensor * v;
+    if (hp->mla) {
+        mla_qkv(ctx, g, L, cur, pos, n, &q, &k, &v);
+    } else {
+        q = ggml_mul_mat(ctx, L->wq, cur);
+        if (L->bq) q = ggml_add(ctx, q, L->bq);
+        k = ggml_mul_mat(ctx, L->wk, cur);
+        if (L->bk) k = ggml_add(ctx, k, L->bk);
+        v = ggml_mul_mat(ctx, L->wv, cur);
+        if (L->bv) v = ggml_add(ctx, v, L->bv);
+        q = ggml_reshape_3d(ctx, q, n_embd_head, hp->n_head, n);
+        k = ggml_reshape_3d(ctx, k, n_embd_head, hp->n_head_kv, n);
+        v = ggml_reshape_3d(ctx, v, n_embd_head, hp->n_head_kv, n);
+        if (hp->qk_norm) {
+            // llm_build_qwen3moe: each head of Q and K RMS-normed before RoPE
+            q = rms_norm(ctx, q, L->q_norm, hp->rms_eps);
+            k = rms_norm(ctx, k, L->k_norm, hp->rms_eps);
+        }
+        // llama.cpp's YaRN defaults: beta_fast 32, beta_slow 1
+        q = ggml_rope_ext(ctx, q, pos, NULL, hp->n_rot, rope_type, hp->n_ctx_orig,
+                          hp->rope_freq_base, g->freq_scale, g->ext_factor, g->attn_factor, 32.0f, 1.0f);
+        k = ggml_rope_ext(ctx, k, pos, NULL, hp->n_rot, rope_type, hp->n_ctx_orig,
+                          hp->rope_freq_base, g->freq_scale, g->ext_factor, g->attn_factor, 32.0f, 1.0f);
     }
-    // llama.cpp's YaRN defaults: beta_fast 32, beta_slow 1
-    q = ggml_rope_ext(ctx, q, pos, NULL, hp->n_rot, rope_type, hp->n_ctx_orig,
-                      hp->rope_freq_base, g->freq_scale, g->ext_factor, g->attn_factor, 32.0f, 1.0f);
-    k = ggml_rope_ext(ctx, k, pos, NULL, hp->n_rot, rope_type, hp->n_ctx_orig,
-                      hp->rope_freq_base, g->freq_scale, g->ext_factor, g->attn_factor, 32.0f, 1.0f);
     ggml_build_forward_expand(gf, q);
     ggml_build_forward_expand(gf, k);
     ggml_build_forward_expand(gf, v);
@@ -407,7 +519,7 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
     struct ggml_tensor * vc = s->v[il];
     struct ggml_tensor * k2 = ggml_view_2d(ctx, k, n_embd_gqa, n, k->nb[2], 0);
     ggml_build_forward_expand(gf, ggml_set_rows(ctx, kc, k2, k_idxs));
-    struct ggml_tensor * v2 = ggml_reshape_2d(ctx, v, n_embd_gqa, n);
+    struct ggml_tensor * v2 = ggml_reshape_2d(ctx, v, n_embd_v_gqa, n);
     struct ggml_tensor * v_view = ggml_reshape_2d(ctx, vc, 1, ggml_nelements(vc));
     v2 = ggml_reshape_2d(ctx, v2, 1, ggml_nelements(v2));
     ggml_build_forward_expand(gf, ggml_set_rows(ctx, v_view, v2, v_idxs));
@@ -417,10 +529,10 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
                                            ggml_row_size(kc->type, n_embd_head),
                                            ggml_row_size(kc->type, n_embd_gqa),
                                            ggml_row_size(kc->type, n_embd_gqa * s->n_ctx), 0);
-    struct ggml_tensor * vv = ggml_view_4d(ctx, vc, n_kv, hp->n_head_kv, n_embd_head, 1,
-                                           ggml_row_size(vc->type, (int64_t) s->n_ctx * n_embd_head),
+    struct ggml_tensor * vv = ggml_view_4d(ctx, vc, n_kv, hp->n_head_kv, n_embd_head_v, 1,
+                                           ggml_row_size(vc->type, (int64_t) s->n_ctx * n_embd_head_v),
                                            ggml_row_size(vc->type, s->n_ctx),
-                                           ggml_row_size(vc->type, (int64_t) s->n_ctx * n_embd_gqa), 0);
+                                           ggml_row_size(vc->type, (int64_t) s->n_ctx * n_embd_v_gqa), 0);
 
     // build_attn_mha without flash attention
     struct ggml_tensor * qp = ggml_permute(ctx, q, 0, 2, 1, 3);
@@ -428,9 +540,10 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
     struct ggml_tensor * vp = ggml_permute(ctx, vv, 0, 2, 1, 3);
     struct ggml_tensor * kq = ggml_mul_mat(ctx, kp, qp);
     ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
-    kq = ggml_soft_max_ext(ctx, kq, mask, 1.0f / sqrtf((float) n_embd_head), 0.0f);
+    kq = ggml_soft_max_ext(ctx, kq, mask, g->kq_scale, 0.0f);
     if (L->sinks) ggml_soft_max_add_sinks(kq, L->sinks);
     struct ggml_tensor * kqv = ggml_mul_mat(ctx, vp, kq);
+    if (hp->mla) kqv = ggml_mul_mat(ctx, L->wv_b, kqv); // MLA: decompress each head's value
     cur = ggml_permute(ctx, kqv, 0, 2, 1, 3);
     cur = ggml_cont_2d(ctx, cur, cur->ne[0] * cur->ne[1], cur->ne[2] * cur->ne[3]);
     ggml_build_forward_expand(gf, cur);
@@ -454,7 +567,7 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
     struct ggml_tensor * extra = NULL;
     if (il < hp->n_dense_lead) {
         // a dense leading layer: its FFN here, no experts
-        extra = ffn(ctx, moe_in, L->ffn_gate, L->ffn_up, L->ffn_down);
+        extra = ffn(ctx, moe_in, L->ffn_gate, L->ffn_up, L->ffn_down, hp->ffn_prec_f32);
     } else {
         // build_moe_ffn up to the expert calls: softmax or sigmoid router,
         // the selection bias, top-k, weights normalised by their (clamped)
@@ -464,6 +577,7 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
         struct ggml_tensor * probs = hp->softmax_weight ? logits : hp->sigmoid ? ggml_sigmoid(ctx, logits) : ggml_soft_max(ctx, logits);
         struct ggml_tensor * selection = probs;
         if (L->probs_b) selection = ggml_add(ctx, probs, L->probs_b);
+        if (hp->n_expert_groups > 1) selection = group_topk(ctx, hp, selection, n_out);
         struct ggml_tensor * selected = ggml_argsort_top_k(ctx, selection, hp->n_expert_used); // [n_used, n_out], a view
         // A contiguous copy to read back: the view's parent is freed for
         // reuse once the graph no longer needs it.
@@ -483,7 +597,7 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
         ggml_build_forward_expand(gf, selected_out);
         ggml_build_forward_expand(gf, weights);
         if (hp->n_ff_shared > 0) {
-            extra = ffn(ctx, moe_in, L->sh_gate, L->sh_up, L->sh_down);
+            extra = ffn(ctx, moe_in, L->sh_gate, L->sh_up, L->sh_down, hp->ffn_prec_f32);
         }
     }
     if (extra) {
@@ -496,7 +610,7 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
         ggml_backend_tensor_set(inpL, inp, 0, ggml_nbytes(inpL));
         int32_t * p = malloc(sizeof(int32_t) * n);
         int64_t * ki = malloc(sizeof(int64_t) * n);
-        int64_t * vi = malloc(sizeof(int64_t) * n * n_embd_gqa);
+        int64_t * vi = malloc(sizeof(int64_t) * n * n_embd_v_gqa);
         float * m = malloc(sizeof(float) * n_kv * n);
         if (p == NULL || ki == NULL || vi == NULL || m == NULL) {
             rc = 5;
@@ -504,8 +618,8 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
             for (int t = 0; t < n; t++) {
                 p[t] = pos0 + t;
                 ki[t] = pos0 + t;
-                for (int64_t d = 0; d < n_embd_gqa; d++) {
-                    vi[t * n_embd_gqa + d] = d * s->n_ctx + (pos0 + t);
+                for (int64_t d = 0; d < n_embd_v_gqa; d++) {
+                    vi[t * n_embd_v_gqa + d] = d * s->n_ctx + (pos0 + t);
                 }
                 for (int c = 0; c < n_kv; c++) {
                     // causal: a cell is visible to a token at or after its

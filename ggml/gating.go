@@ -57,10 +57,14 @@ func NewGatingOn(dev Device, hp moe.Hparams, shard *model.Shard, threads int) (*
 		b := fmt.Sprintf("blk.%d.", l)
 		e := uint64(hp.Embd)
 		want[b+"attn_norm.weight"] = []uint64{e}
-		want[b+"attn_q.weight"] = []uint64{e, uint64(q)}
-		want[b+"attn_k.weight"] = []uint64{e, uint64(kv)}
-		want[b+"attn_v.weight"] = []uint64{e, uint64(kv)}
-		want[b+"attn_output.weight"] = []uint64{uint64(q), e}
+		if hp.MLA {
+			mlaWeights(want, b, hp)
+		} else {
+			want[b+"attn_q.weight"] = []uint64{e, uint64(q)}
+			want[b+"attn_k.weight"] = []uint64{e, uint64(kv)}
+			want[b+"attn_v.weight"] = []uint64{e, uint64(kv)}
+			want[b+"attn_output.weight"] = []uint64{uint64(q), e}
+		}
 		if hp.PostNorm {
 			want[b+"post_attention_norm.weight"] = []uint64{e}
 		} else {
@@ -147,7 +151,10 @@ func NewGatingOn(dev Device, hp moe.Hparams, shard *model.Shard, threads int) (*
 		}
 		w.data, w.size = unsafe.Pointer(&b[0]), C.size_t(len(b))
 	}
-	attnFactor, origCtx := hp.RopeAttnFactor, hp.RopeOrigCtx
+	attnFactor, origCtx, headV := hp.RopeAttnFactor, hp.RopeOrigCtx, hp.HeadDimV
+	if headV == 0 {
+		headV = hp.HeadDim
+	}
 	if attnFactor == 0 {
 		attnFactor = 1 // Hparams made by hand: llama.cpp's default
 	}
@@ -165,7 +172,10 @@ func NewGatingOn(dev Device, hp moe.Hparams, shard *model.Shard, threads int) (*
 		router_bias: cbool(hp.RouterBias), softmax_weight: cbool(hp.SoftmaxWeight),
 		rope_scaling: C.int(ropeScalingType[hp.RopeScaling]), rope_scale: C.float(hp.RopeScale), n_ctx_orig: C.int(origCtx),
 		rope_attn_factor: C.float(attnFactor),
-		n_vocab:          C.int(hp.Vocab), n_ctx_train: C.int(hp.CtxLen),
+		mla:              cbool(hp.MLA), n_lora_q: C.int(hp.QLoraRank), n_lora_kv: C.int(hp.KVLoraRank), n_embd_head_v: C.int(headV),
+		n_embd_head_k_mla: C.int(hp.KeyMLA), n_embd_head_v_mla: C.int(hp.ValueMLA), yarn_log_mul: C.float(hp.YarnLogMul),
+		n_expert_groups: C.int(hp.ExpertGroups), n_group_used: C.int(hp.GroupsUsed), ffn_prec_f32: cbool(hp.FFNPrecF32),
+		n_vocab: C.int(hp.Vocab), n_ctx_train: C.int(hp.CtxLen),
 		rope_freq_base: C.float(hp.RopeFreqBase), rms_eps: C.float(hp.RMSEps),
 	}
 	initBackend()
@@ -356,6 +366,26 @@ func (s *Session) Rewind(pos int) error {
 	}
 	s.pos = pos
 	return nil
+}
+
+// mlaWeights adds the shapes of a latent-attention layer's weights
+// (deepseek2, llama.cpp's create_tensor calls).
+func mlaWeights(want map[string][]uint64, b string, hp moe.Hparams) {
+	e, h := uint64(hp.Embd), uint64(hp.Heads)
+	kl, r, k, v := uint64(hp.KVLoraRank), uint64(hp.Rot), uint64(hp.KeyMLA), uint64(hp.ValueMLA)
+	if hp.QLoraRank > 0 {
+		ql := uint64(hp.QLoraRank)
+		want[b+"attn_q_a.weight"] = []uint64{e, ql}
+		want[b+"attn_q_a_norm.weight"] = []uint64{ql}
+		want[b+"attn_q_b.weight"] = []uint64{ql, h * k}
+	} else {
+		want[b+"attn_q.weight"] = []uint64{e, h * k}
+	}
+	want[b+"attn_kv_a_mqa.weight"] = []uint64{e, kl + r}
+	want[b+"attn_kv_a_norm.weight"] = []uint64{kl}
+	want[b+"attn_k_b.weight"] = []uint64{k - r, kl, h}
+	want[b+"attn_v_b.weight"] = []uint64{kl, v, h}
+	want[b+"attn_output.weight"] = []uint64{h * v, e}
 }
 
 // ropeScalingType is llama_rope_scaling_type by name: llama.cpp reads an

@@ -215,17 +215,20 @@ func TestQwen3MoeBPETokenizer(t *testing.T) {
 	}
 }
 
-// Generated Qwen3-MoE, gpt-oss and GLM-4.5-style models carry their
-// family's chat template, which llama.cpp recognises: ChatML for Qwen,
-// harmony for gpt-oss (<|return|> and <|call|> end a generation, <|end|>
-// only a message), GLM-4's role tokens (control tokens of the vocabulary,
-// the next <|user|> ending a turn).
+// Generated Qwen3-MoE, gpt-oss, DeepSeek-V3 and GLM-4.5-style models carry
+// their family's chat template, which llama.cpp recognises: ChatML for
+// Qwen, harmony for gpt-oss (<|return|> and <|call|> end a generation,
+// <|end|> only a message), DeepSeek's <｜User｜>/<｜Assistant｜>, GLM-4's
+// role tokens (control tokens of the vocabulary, the next <|user|> ending
+// a turn).
 func TestChatTemplatesPerArchitecture(t *testing.T) {
 	msgs := []moe.ChatMessage{{Role: "system", Content: "be brief"}, {Role: "user", Content: "hello"}}
 	for arch, want := range map[string]string{
 		"qwen3moe": "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n",
 		"glm4moe":  "[gMASK]<sop><|system|>\nbe brief<|user|>\nhello<|assistant|>\n",
 		"gpt-oss":  "<|start|>system<|message|>be brief<|end|><|start|>user<|message|>hello<|end|><|start|>assistant",
+		// DeepSeek-V3: BOS comes from the tokenizer (add_bos_token)
+		"deepseek2": "be brief\n\n<｜User｜>hello<｜Assistant｜>",
 	} {
 		path := filepath.Join(t.TempDir(), arch+".gguf")
 		f, err := os.Create(path)

@@ -108,6 +108,18 @@ typedef struct {
     float rope_scale;
     int   n_ctx_orig;
     float rope_attn_factor;
+    // deepseek2: multi-head latent attention. n_embd_head is then the KV
+    // cache's key (n_lora_kv + n_rot) and n_embd_head_v its value
+    // (n_lora_kv), in one KV head; a head's key is n_embd_head_k_mla and
+    // its value n_embd_head_v_mla; n_lora_q 0: one Q projection (lite).
+    int   mla;
+    int   n_lora_q, n_lora_kv;
+    int   n_embd_head_v;
+    int   n_embd_head_k_mla, n_embd_head_v_mla;
+    float yarn_log_mul;     // rope.scaling.yarn_log_multiplier as the GGUF has it
+    int   n_expert_groups;  // group-limited top-k (> 1), keeping n_group_used groups
+    int   n_group_used;
+    int   ffn_prec_f32;     // dense and shared FFN down projections at F32 precision (GLM-4)
 } neuro_hparams;
 
 // One weight tensor handed to neuro_gating_new (ggml order, ne0 first).

@@ -25,14 +25,17 @@ func byteSymbols() [256]string {
 }
 
 // bpeControls are each architecture's control tokens, after every other
-// token: Qwen's ChatML ones, GLM-4's role tokens.
+// token: Qwen's ChatML ones, gpt-oss's harmony ones, DeepSeek's, GLM-4's
+// role tokens.
 var bpeControls = map[string][]string{
 	"qwen3moe": {"<|endoftext|>", "<|im_start|>", "<|im_end|>"},
 	// gpt-oss's harmony tokens (o200k_harmony): llama.cpp ends a
 	// generation at <|return|> or <|call|>, not at <|end|>.
 	"gpt-oss": {"<|startoftext|>", "<|endoftext|>", "<|return|>", "<|constrain|>", "<|channel|>", "<|start|>", "<|end|>",
 		"<|message|>", "<|call|>"},
-	"glm4moe": {"<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"},
+	// DeepSeek-V3's (the fullwidth bars and ▁ are theirs).
+	"deepseek2": {"<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"},
+	"glm4moe":   {"<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"},
 }
 
 // chatTemplates are short templates of each architecture's chat format:
@@ -44,6 +47,11 @@ var chatTemplates = map[string]string{
 	// harmony: llama.cpp knows it by <|start|> and <|channel|>.
 	"gpt-oss": "{% for m in messages %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}<|end|>{% endfor %}" +
 		"{% if add_generation_prompt %}<|start|>assistant{% endif %}{# <|channel|>final #}",
+	// DeepSeek-V3's: llama.cpp knows it by <｜User｜>, <｜Assistant｜> and
+	// <｜end▁of▁sentence｜>.
+	"deepseek2": "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}" +
+		"{% elif m['role'] == 'assistant' %}<｜Assistant｜>{{ m['content'] }}<｜end▁of▁sentence｜>{% else %}{{ m['content'] }}\n\n{% endif %}" +
+		"{% endfor %}{% if add_generation_prompt %}<｜Assistant｜>{% endif %}",
 	"glm4moe": "[gMASK]<sop>{% for m in messages %}<|{{ m['role'] }}|>\\n{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}",
 }
 

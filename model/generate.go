@@ -47,6 +47,19 @@ type Params struct {
 	SlidingWindow int     `json:"sliding_window,omitempty"`
 	RopeScale     float32 `json:"rope_scale,omitempty"`
 	RopeOrigCtx   int     `json:"rope_orig_ctx,omitempty"`
+	// deepseek2: multi-head latent attention (Q through a rank-QLoraRank
+	// bottleneck; K and V compressed to KVLoraRank, which is all the KV
+	// cache holds, with RopeDim rotated dimensions beside it; HeadSize is
+	// a head's nope + rope size, VHeadSize its value size), expert groups
+	// (the top GroupsUsed of ExpertGroups groups are chosen first), and
+	// YaRN's log multiplier (rope.scaling.yarn_log_multiplier). Dense
+	// leading layers and shared experts as glm4moe's.
+	QLoraRank    int     `json:"q_lora_rank,omitempty"`
+	KVLoraRank   int     `json:"kv_lora_rank,omitempty"`
+	VHeadSize    int     `json:"v_head_size,omitempty"`
+	ExpertGroups int     `json:"expert_groups,omitempty"`
+	GroupsUsed   int     `json:"groups_used,omitempty"`
+	YarnLogMul   float32 `json:"yarn_log_mul,omitempty"`
 	// Plant, if set, makes a model that speaks (architecture llama): greedy
 	// decoding after BOS and any prefix of these tokens continues them and
 	// then ends the text (see plant).
@@ -148,6 +161,22 @@ var ArchPresets = map[string]map[string]Params{
 		"bench": {Layers: 12, Experts: 64, ExpertsUsed: 8, Embd: 1024, FF: 352, Heads: 16, KVHeads: 2, HeadSize: 128,
 			Vocab: 32000, Context: 2048, RopeFreqBase: 1e6, RMSEps: 1e-5, DenseLead: 1, DenseFF: 2816, SharedExperts: 1, RopeDim: 64},
 	},
+	"deepseek2": {
+		// DeepSeek-V3's layout, small: a dense leading layer, a shared
+		// expert, 8 experts in 4 groups (2 chosen), latent attention with
+		// a compressed KV cache of 32 + 16 per token, YaRN.
+		"tiny": {Layers: 3, Experts: 8, ExpertsUsed: 2, Embd: 64, FF: 64, Heads: 4, KVHeads: 1, HeadSize: 48, Vocab: 512,
+			Context: 256, RopeFreqBase: 10000, RMSEps: 1e-6, DenseLead: 1, DenseFF: 256, SharedExperts: 1, RopeDim: 16,
+			QLoraRank: 32, KVLoraRank: 32, VHeadSize: 32, ExpertGroups: 4, GroupsUsed: 2, RopeScale: 4, RopeOrigCtx: 64, YarnLogMul: 0.1},
+		// DeepSeek-V3's proportions at about 0.9 B: 1 dense leading
+		// layer, 8 of 64 experts in 8 groups (4 chosen) and a shared one,
+		// 16 heads of 64 + 32 (value 64) through a KV rank of 128,
+		// YaRN 40 from 4096.
+		"bench": {Layers: 14, Experts: 64, ExpertsUsed: 8, Embd: 1024, FF: 256, Heads: 16, KVHeads: 1, HeadSize: 96,
+			Vocab: 32000, Context: 163840, RopeFreqBase: 10000, RMSEps: 1e-6, DenseLead: 1, DenseFF: 2816, SharedExperts: 1,
+			RopeDim: 32, QLoraRank: 384, KVLoraRank: 128, VHeadSize: 64, ExpertGroups: 8, GroupsUsed: 4,
+			RopeScale: 40, RopeOrigCtx: 4096, YarnLogMul: 0.1},
+	},
 	"gpt-oss": {
 		// gpt-oss's layout, small: one sliding-window and one full
 		// layer, heads wider than embd/heads, YaRN, a window of 16 so
@@ -224,6 +253,11 @@ func (p Params) ParamCount() int64 {
 	attn := 2*e + e*q*2 + e*kv*2
 	moe := e*int64(p.Experts) + 3*e*f*int64(p.Experts+p.SharedExperts)
 	dense := 3 * e * int64(p.DenseFF)
+	if p.KVLoraRank > 0 { // deepseek2's latent attention
+		ql, kl, r, nope := int64(p.QLoraRank), int64(p.KVLoraRank), int64(p.RopeDim), int64(p.HeadSize-p.RopeDim)
+		h, v := int64(p.Heads), int64(p.VHeadSize)
+		attn = 2*e + ql + kl + e*ql + ql*h*int64(p.HeadSize) + e*(kl+r) + nope*kl*h + kl*v*h + h*v*e
+	}
 	if p.SlidingWindow > 0 { // gpt-oss's biases and sinks
 		attn += q + 2*kv + e + int64(p.Heads)
 		moe += int64(p.Experts) * (1 + 2*f + e)
@@ -243,7 +277,7 @@ func Generate(w io.Writer, p Params, dtype DType, seed uint64) error {
 }
 
 // GenerateArchitectures are the layouts GenerateArch writes.
-var GenerateArchitectures = []string{"llama", "qwen3moe", "gpt-oss", "glm4moe"}
+var GenerateArchitectures = []string{"llama", "qwen3moe", "gpt-oss", "glm4moe", "deepseek2"}
 
 // GenerateArch is Generate for another layout: "llama" (Mixtral) or
 // "qwen3moe" (Qwen3-MoE: per-head Q/K norms and the expert size under
@@ -253,15 +287,26 @@ func GenerateArch(w io.Writer, arch string, p Params, dtype DType, seed uint64) 
 	if !slices.Contains(GenerateArchitectures, arch) {
 		return fmt.Errorf("generate: architecture %q: want one of %s", arch, strings.Join(GenerateArchitectures, ", "))
 	}
-	if (arch == "gpt-oss") != (p.SlidingWindow > 0) || (arch != "gpt-oss" && p.RopeScale != 0) {
-		return fmt.Errorf("generate: a sliding window and YaRN are gpt-oss's (and it needs a window), not %s's", arch)
+	ds := arch == "deepseek2"
+	if (arch == "gpt-oss") != (p.SlidingWindow > 0) || (arch != "gpt-oss" && !ds && p.RopeScale != 0) {
+		return fmt.Errorf("generate: a sliding window is gpt-oss's (and it needs one), YaRN gpt-oss's and deepseek2's, not %s's", arch)
 	}
-	if arch != "glm4moe" && (p.DenseLead != 0 || p.SharedExperts != 0 || p.RopeDim != 0) {
-		return fmt.Errorf("generate: dense leading layers, shared experts and a partial rotary dimension are glm4moe's, not %s's", arch)
+	glmLike := arch == "glm4moe" || ds
+	if !glmLike && (p.DenseLead != 0 || p.SharedExperts != 0 || p.RopeDim != 0) {
+		return fmt.Errorf("generate: dense leading layers, shared experts and a partial rotary dimension are glm4moe's and deepseek2's, not %s's", arch)
 	}
-	if arch == "glm4moe" && (p.DenseLead >= p.Layers || p.DenseFF%32 != 0 || (p.DenseLead > 0 && p.DenseFF < 32) ||
+	if glmLike && (p.DenseLead >= p.Layers || p.DenseFF%32 != 0 || (p.DenseLead > 0 && p.DenseFF < 32) ||
 		p.RopeDim < 0 || p.RopeDim%2 != 0 || p.RopeDim > p.HeadDim()) {
-		return fmt.Errorf("generate: glm4moe: %d dense leading layers of ff %d, rope dim %d for heads of %d", p.DenseLead, p.DenseFF, p.RopeDim, p.HeadDim())
+		return fmt.Errorf("generate: %s: %d dense leading layers of ff %d, rope dim %d for heads of %d", arch, p.DenseLead, p.DenseFF, p.RopeDim, p.HeadDim())
+	}
+	if ds != (p.KVLoraRank > 0) || (!ds && (p.QLoraRank != 0 || p.VHeadSize != 0 || p.ExpertGroups != 0 || p.YarnLogMul != 0)) {
+		return fmt.Errorf("generate: latent attention (a KV rank) is deepseek2's, and deepseek2 needs it")
+	}
+	if ds && (p.QLoraRank < 1 || p.KVLoraRank%2 != 0 || p.VHeadSize < 1 || p.RopeDim < 2 || p.HeadSize <= p.RopeDim || p.KVHeads != 1 ||
+		p.ExpertGroups < 0 || (p.ExpertGroups > 1 && (p.Experts%p.ExpertGroups != 0 || p.GroupsUsed < 1 || p.GroupsUsed > p.ExpertGroups ||
+		p.ExpertsUsed > p.GroupsUsed*(p.Experts/p.ExpertGroups) || p.Experts/p.ExpertGroups < 2))) {
+		return fmt.Errorf("generate: deepseek2: q rank %d, kv rank %d, heads of %d (rope %d, value %d), %d kv heads, %d of %d expert groups",
+			p.QLoraRank, p.KVLoraRank, p.HeadSize, p.RopeDim, p.VHeadSize, p.KVHeads, p.GroupsUsed, p.ExpertGroups)
 	}
 	if arch == "llama" && p.HeadSize != 0 && p.HeadSize*p.Heads != p.Embd {
 		return errors.New("generate: a head size other than embd/heads is for qwen3moe (llama's gating compute assumes embd/heads)")
@@ -324,13 +369,16 @@ func GenerateArch(w io.Writer, arch string, p Params, dtype DType, seed uint64) 
 		btoks, btypes, merges := bpeVocabulary(p.Vocab, controls, p.PlantPieces)
 		first := uint32(len(btoks) - len(controls))
 		bos, eos := first, first+2 // <|endoftext|>, <|im_end|>
+		addBOS := false
 		switch arch {
+		case "deepseek2":
+			eos, addBOS = first+1, true // <｜end▁of▁sentence｜>; DeepSeek-V3 starts with <｜begin▁of▁sentence｜>
 		case "glm4moe":
 			eos = first + 4 // <|user|>
 		case "gpt-oss":
 			eos = first + 2 // <|return|>, after <|startoftext|> and <|endoftext|>
 		}
-		pre := map[string]string{"qwen3moe": "qwen2", "glm4moe": "glm4", "gpt-oss": "gpt-4o"}[arch]
+		pre := map[string]string{"qwen3moe": "qwen2", "glm4moe": "glm4", "gpt-oss": "gpt-4o", "deepseek2": "deepseek-v3"}[arch]
 		kvs = append(kvs, []KV{
 			{"tokenizer.ggml.model", "gpt2"},
 			{"tokenizer.ggml.pre", pre},
@@ -340,27 +388,42 @@ func GenerateArch(w io.Writer, arch string, p Params, dtype DType, seed uint64) 
 			{"tokenizer.ggml.bos_token_id", bos},
 			{"tokenizer.ggml.eos_token_id", eos},
 			{"tokenizer.ggml.padding_token_id", first},
-			{"tokenizer.ggml.add_bos_token", false},
+			{"tokenizer.ggml.add_bos_token", addBOS},
 			{"tokenizer.chat_template", chatTemplates[arch]},
 		}...)
 	}
-	if arch != "llama" {
+	switch {
+	case ds:
+		// The KV cache's "head" is the compressed KV and the rotated part
+		// (MQA: one KV head); a head's own sizes are the _mla lengths.
+		kvs = append(kvs, KV{a + "attention.key_length", u32(p.KVLoraRank + p.RopeDim)}, KV{a + "attention.value_length", u32(p.KVLoraRank)},
+			KV{a + "attention.key_length_mla", u32(p.HeadSize)}, KV{a + "attention.value_length_mla", u32(p.VHeadSize)},
+			KV{a + "attention.q_lora_rank", u32(p.QLoraRank)}, KV{a + "attention.kv_lora_rank", u32(p.KVLoraRank)})
+		if p.ExpertGroups > 1 {
+			kvs = append(kvs, KV{a + "expert_group_count", u32(p.ExpertGroups)}, KV{a + "expert_group_used_count", u32(p.GroupsUsed)})
+		}
+	case arch != "llama":
 		// Qwen3's, gpt-oss's and GLM's head size is their own (128, 64),
 		// not embd/heads.
 		kvs = append(kvs, KV{a + "attention.key_length", u32(p.HeadDim())}, KV{a + "attention.value_length", u32(p.HeadDim())})
 	}
-	if arch == "glm4moe" {
+	if glmLike {
 		kvs = append(kvs, KV{a + "feed_forward_length", u32(p.DenseFF)}, KV{a + "leading_dense_block_count", u32(p.DenseLead)},
 			KV{a + "expert_shared_count", u32(p.SharedExperts)}, KV{a + "expert_weights_scale", float32(2.5)},
-			KV{a + "expert_weights_norm", true}, KV{a + "expert_gating_func", uint32(2)}, // sigmoid
-			KV{a + "nextn_predict_layers", uint32(0)})
+			KV{a + "expert_weights_norm", true}, KV{a + "expert_gating_func", uint32(2)}) // sigmoid
+	}
+	if arch == "glm4moe" {
+		kvs = append(kvs, KV{a + "nextn_predict_layers", uint32(0)})
 	}
 
 	if arch == "gpt-oss" {
 		kvs = append(kvs, KV{a + "attention.sliding_window", u32(p.SlidingWindow)})
-		if p.RopeScale > 0 {
-			kvs = append(kvs, KV{a + "rope.scaling.type", "yarn"}, KV{a + "rope.scaling.factor", p.RopeScale},
-				KV{a + "rope.scaling.original_context_length", u32(p.RopeOrigCtx)})
+	}
+	if p.RopeScale > 0 {
+		kvs = append(kvs, KV{a + "rope.scaling.type", "yarn"}, KV{a + "rope.scaling.factor", p.RopeScale},
+			KV{a + "rope.scaling.original_context_length", u32(p.RopeOrigCtx)})
+		if p.YarnLogMul != 0 {
+			kvs = append(kvs, KV{a + "rope.scaling.yarn_log_multiplier", p.YarnLogMul})
 		}
 	}
 
@@ -398,6 +461,10 @@ func GenerateArch(w io.Writer, arch string, p Params, dtype DType, seed uint64) 
 	for l := range p.Layers {
 		b := fmt.Sprintf("blk.%d.", l)
 		add(b+"attn_norm.weight", F32, 1, 0.1, e)
+		if ds {
+			dsLayer(add, b, l, p, dtype)
+			continue
+		}
 		add(b+"attn_q.weight", dtype, 0, inv(e), e, qDim)
 		add(b+"attn_k.weight", dtype, 0, inv(e), e, kvDim)
 		add(b+"attn_v.weight", dtype, 0, inv(e), e, kvDim)
@@ -535,18 +602,46 @@ func ossLayer(add func(string, DType, float32, float32, ...uint64), b string, p 
 	add(b+"ffn_up_exps.bias", F32, 0, 0.1, f, n)
 }
 
+// dsLayer adds a deepseek2 layer after its attention norm: latent
+// attention (Q through its low-rank bottleneck and norm; the compressed KV
+// and the rotated key part; the per-head absorbed K and V projections),
+// then the rest as GLM's (a dense FFN, or the router, experts and shared
+// experts) but with ffn_norm.
+func dsLayer(add func(string, DType, float32, float32, ...uint64), b string, l int, p Params, dtype DType) {
+	e, h := uint64(p.Embd), uint64(p.Heads)
+	ql, kl, r := uint64(p.QLoraRank), uint64(p.KVLoraRank), uint64(p.RopeDim)
+	k, v := uint64(p.HeadSize), uint64(p.VHeadSize)
+	inv := func(n uint64) float32 { return float32(1 / math.Sqrt(float64(n))) }
+	add(b+"attn_q_a_norm.weight", F32, 1, 0.1, ql)
+	add(b+"attn_kv_a_norm.weight", F32, 1, 0.1, kl)
+	add(b+"attn_q_a.weight", dtype, 0, inv(e), e, ql)
+	add(b+"attn_q_b.weight", dtype, 0, inv(ql), ql, h*k)
+	add(b+"attn_kv_a_mqa.weight", dtype, 0, inv(e), e, kl+r)
+	add(b+"attn_k_b.weight", dtype, 0, inv(k-r), k-r, kl, h)
+	add(b+"attn_v_b.weight", dtype, 0, inv(kl), kl, v, h)
+	add(b+"attn_output.weight", dtype, 0, inv(h*v), h*v, e)
+	glmFFN(add, b, l, p, dtype, "ffn_norm.weight")
+}
+
 // glmLayer adds the rest of a glm4moe layer after its attention weights:
 // Q/K/V biases, the post-attention norm, and either a dense feed-forward
 // block (the leading layers) or the router with its selection bias, the
 // experts and the shared experts.
 func glmLayer(add func(string, DType, float32, float32, ...uint64), b string, l int, p Params, dtype DType) {
-	e, f := uint64(p.Embd), uint64(p.FF)
 	hd := uint64(p.HeadDim())
-	inv := func(n uint64) float32 { return float32(1 / math.Sqrt(float64(n))) }
 	add(b+"attn_q.bias", F32, 0, 0.1, uint64(p.Heads)*hd)
 	add(b+"attn_k.bias", F32, 0, 0.1, uint64(p.KVHeads)*hd)
 	add(b+"attn_v.bias", F32, 0, 0.1, uint64(p.KVHeads)*hd)
-	add(b+"post_attention_norm.weight", F32, 1, 0.1, e) // LLM_TENSOR_ATTN_POST_NORM
+	glmFFN(add, b, l, p, dtype, "post_attention_norm.weight") // LLM_TENSOR_ATTN_POST_NORM
+}
+
+// glmFFN adds the feed-forward norm (named norm) and either a dense
+// feed-forward block (the leading layers) or the router with its selection
+// bias, the experts and the shared experts.
+func glmFFN(add func(string, DType, float32, float32, ...uint64), b string, l int, p Params, dtype DType, norm string) {
+	e, f := uint64(p.Embd), uint64(p.FF)
+	inv := func(n uint64) float32 { return float32(1 / math.Sqrt(float64(n))) }
+	add(b+norm, F32, 1, 0.1, e)
 	if l < p.DenseLead {
 		d := uint64(p.DenseFF)
 		add(b+"ffn_gate.weight", dtype, 0, inv(e), e, d)

@@ -18,6 +18,9 @@ func plantEnds(arch string, vocab int) (bos, eos int32) {
 		return -1, int32(vocab - len(bpeControls[arch]) + 4)
 	case "gpt-oss":
 		return -1, int32(vocab - len(bpeControls[arch]) + 2) // <|return|>
+	case "deepseek2":
+		first := int32(vocab - len(bpeControls[arch]))
+		return first, first + 1 // <｜begin▁of▁sentence｜>, <｜end▁of▁sentence｜>
 	}
 	return 1, 2
 }

@@ -38,7 +38,7 @@ var (
 // SupportedArchitectures are the MoE layouts Split understands: Mixtral's
 // (llama with experts) and Qwen3-MoE's. Both name their expert tensors
 // blk.N.ffn_{gate,up,down}_exps.weight.
-var SupportedArchitectures = []string{"llama", "qwen3moe", "gpt-oss", "glm4moe"}
+var SupportedArchitectures = []string{"llama", "qwen3moe", "gpt-oss", "glm4moe", "deepseek2"}
 
 // CIDOf returns the CIDv1 (raw codec, sha2-256) of data.
 func CIDOf(data []byte) cid.Cid {

@@ -91,6 +91,25 @@ type Hparams struct {
 	RopeScale      float32
 	RopeOrigCtx    int
 	RopeAttnFactor float32
+	// deepseek2's multi-head latent attention (MLA): Q through a
+	// QLoraRank bottleneck (0: one projection, DeepSeek's "lite"
+	// models), K and V compressed to KVLoraRank plus Rot rotated
+	// dimensions — all the KV cache holds: HeadDim is KVLoraRank + Rot and
+	// HeadDimV KVLoraRank, in one KV head —, each head's key of KeyMLA
+	// (nope + rope) and value of ValueMLA; YarnLogMul is
+	// rope.scaling.yarn_log_multiplier. ExpertGroups > 1: the router
+	// first keeps the GroupsUsed groups with the best two scores.
+	MLA                   bool
+	QLoraRank, KVLoraRank int
+	HeadDimV              int
+	KeyMLA, ValueMLA      int
+	YarnLogMul            float32
+	ExpertGroups          int
+	GroupsUsed            int
+	// FFNPrecF32: the dense and shared FFNs' down projection at F32
+	// precision (llama.cpp sets it for GLM-4; the CPU computes in F32
+	// anyway).
+	FFNPrecF32 bool
 }
 
 // IsSWA reports whether layer il attends through a sliding window.
@@ -99,7 +118,7 @@ func (h Hparams) IsSWA(il int) bool {
 }
 
 // GatingArchitectures are the architectures the gating compute runs.
-var GatingArchitectures = []string{"llama", "qwen3moe", "gpt-oss", "glm4moe"}
+var GatingArchitectures = []string{"llama", "qwen3moe", "gpt-oss", "glm4moe", "deepseek2"}
 
 // HparamsOf reads the hyper-parameters from a manifest and its gating
 // shard.
@@ -114,13 +133,18 @@ func HparamsOf(m *neuropb.Manifest, gating *model.Shard) (Hparams, error) {
 		Layers: int(p.GetLayers()), Embd: int(p.GetEmbd()), Heads: int(p.GetHeads()), KVHeads: int(p.GetKvHeads()),
 		Experts: int(p.GetExperts()), ExpertsUsed: int(p.GetExpertsUsed()), Vocab: int(p.GetVocab()),
 		CtxLen: int(p.GetContext()), RopeFreqBase: p.GetRopeFreqBase(), RMSEps: p.GetRmsEps(),
-		Arch: arch, QKNorm: arch == "qwen3moe", RopeNeox: arch != "llama", DenseLead: int(p.GetDenseLead()), NormW: true,
+		Arch: arch, QKNorm: arch == "qwen3moe", RopeNeox: arch != "llama" && arch != "deepseek2", DenseLead: int(p.GetDenseLead()), NormW: true,
 	}
-	if arch == "glm4moe" {
+	switch {
+	case arch == "glm4moe":
 		if err := glmHparams(&h, gating); err != nil {
 			return Hparams{}, err
 		}
-	} else if h.DenseLead != 0 {
+	case arch == "deepseek2":
+		if err := deepseekHparams(&h, gating); err != nil {
+			return Hparams{}, err
+		}
+	case h.DenseLead != 0:
 		return Hparams{}, fmt.Errorf("gating compute: %s with %d dense leading layers (not supported)", arch, h.DenseLead)
 	}
 	if h.Heads == 0 || h.KVHeads == 0 || h.Heads%h.KVHeads != 0 {
@@ -135,10 +159,14 @@ func HparamsOf(m *neuropb.Manifest, gating *model.Shard) (Hparams, error) {
 		h.HeadDim = h.Embd / h.Heads
 	}
 	if k, ok := u32("attention.key_length"); ok {
-		if v, ok := u32("attention.value_length"); ok && v != k {
+		if v, ok := u32("attention.value_length"); ok && v != k && !h.MLA {
 			return Hparams{}, fmt.Errorf("gating compute: key length %d differs from value length %d (not supported)", k, v)
 		}
 		h.HeadDim = k
+	}
+	h.HeadDimV = h.HeadDim
+	if v, ok := u32("attention.value_length"); ok && h.MLA {
+		h.HeadDimV = v
 	}
 	if h.HeadDim < 2 || h.HeadDim%2 != 0 {
 		return Hparams{}, fmt.Errorf("gating compute: head size %d for embd %d in %d heads", h.HeadDim, h.Embd, h.Heads)
@@ -150,11 +178,22 @@ func HparamsOf(m *neuropb.Manifest, gating *model.Shard) (Hparams, error) {
 	if v, ok := u32("rope.dimension_count"); ok {
 		h.Rot = v
 	}
-	if h.Rot != h.HeadDim && !(h.RopeNeox && h.Rot > 0 && h.Rot < h.HeadDim && h.Rot%2 == 0) {
+	if h.MLA {
+		if err := mlaShape(&h); err != nil {
+			return Hparams{}, err
+		}
+	} else if h.Rot != h.HeadDim && !(h.RopeNeox && h.Rot > 0 && h.Rot < h.HeadDim && h.Rot%2 == 0) {
 		return Hparams{}, fmt.Errorf("gating compute: rope dimension %d for a head of %d (partial rotary: NEOX only)", h.Rot, h.HeadDim)
 	}
 	if h.RopeFreqBase == 0 {
 		h.RopeFreqBase = 10000 // llama.cpp's default when the key is absent
+	}
+	if v, ok := u32("expert_group_count"); ok && v > 1 {
+		h.ExpertGroups, _ = u32("expert_group_used_count")
+		h.ExpertGroups, h.GroupsUsed = v, h.ExpertGroups
+		if h.Experts%h.ExpertGroups != 0 || h.GroupsUsed < 1 || h.GroupsUsed > h.ExpertGroups || h.Experts/h.ExpertGroups < 2 {
+			return Hparams{}, fmt.Errorf("gating compute: %d experts in %d groups, %d used", h.Experts, h.ExpertGroups, h.GroupsUsed)
+		}
 	}
 	if arch == "gpt-oss" {
 		h.QKVBias, h.AttnOutBias, h.Sinks, h.PostNorm, h.RouterBias, h.SoftmaxWeight, h.NormW = true, true, true, true, true, true, false
@@ -208,6 +247,59 @@ func ropeScaling(h *Hparams, gating *model.Shard) error {
 	return nil
 }
 
+// deepseekHparams reads what deepseek2 adds: latent attention (MLA, as
+// current GGUFs have it: attn_k_b and attn_v_b), dense leading layers,
+// shared experts, and its router (softmax unless expert_gating_func says
+// sigmoid, the selection bias when exp_probs_b is there, normalised
+// weights if expert_weights_norm, always scaled).
+func deepseekHparams(h *Hparams, gating *model.Shard) error {
+	a := h.Arch + "."
+	u32 := func(key string) int {
+		v, _ := gating.File.Get(a + key).(uint32)
+		return int(v)
+	}
+	if !gating.Has("blk.0.attn_k_b.weight") {
+		return errors.New("gating compute: deepseek2 without multi-head latent attention (a legacy attn_kv_b file) is not supported; convert it again with a current llama.cpp")
+	}
+	h.MLA = true
+	h.KVLoraRank, h.KeyMLA, h.ValueMLA = u32("attention.kv_lora_rank"), u32("attention.key_length_mla"), u32("attention.value_length_mla")
+	if h.Layers != 26 && h.Layers != 27 { // llama.cpp's "lite" models have no Q bottleneck
+		h.QLoraRank = u32("attention.q_lora_rank")
+	}
+	h.YarnLogMul, _ = gating.File.Get(a + "rope.scaling.yarn_log_multiplier").(float32)
+	h.Sigmoid = u32("expert_gating_func") == 2
+	h.ProbsBias = gating.Has(fmt.Sprintf("blk.%d.exp_probs_b.bias", h.DenseLead))
+	h.NormW, _ = gating.File.Get(a + "expert_weights_norm").(bool)
+	h.ScaleW, _ = gating.File.Get(a + "expert_weights_scale").(float32)
+	return ffnShapes(h, gating)
+}
+
+// mlaShape checks latent attention's sizes against each other.
+func mlaShape(h *Hparams) error {
+	if h.KVHeads != 1 || h.KVLoraRank < 1 || h.Rot < 2 || h.Rot%2 != 0 || h.HeadDim != h.KVLoraRank+h.Rot || h.HeadDimV != h.KVLoraRank ||
+		h.KeyMLA <= h.Rot || h.ValueMLA < 1 || h.QLoraRank < 0 {
+		return fmt.Errorf("gating compute: latent attention with kv rank %d, rope %d, cache heads of %d/%d in %d kv heads, heads of %d/%d",
+			h.KVLoraRank, h.Rot, h.HeadDim, h.HeadDimV, h.KVHeads, h.KeyMLA, h.ValueMLA)
+	}
+	return nil
+}
+
+// ffnShapes reads the dense leading layers' and the shared experts' sizes
+// from their tensors.
+func ffnShapes(h *Hparams, gating *model.Shard) error {
+	if h.DenseLead > 0 {
+		t, ok := gating.File.Tensor("blk.0.ffn_gate.weight")
+		if !ok || len(t.Shape) != 2 {
+			return fmt.Errorf("gating compute: %s dense layer 0 has no ffn_gate.weight", h.Arch)
+		}
+		h.DenseFF = int(t.Shape[1])
+	}
+	if t, ok := gating.File.Tensor(fmt.Sprintf("blk.%d.ffn_gate_shexp.weight", h.DenseLead)); ok && len(t.Shape) == 2 {
+		h.SharedFF = int(t.Shape[1])
+	}
+	return nil
+}
+
 // glmHparams reads what glm4moe adds: dense leading layers, shared experts,
 // Q/K/V biases, the post-attention norm, and its router (sigmoid by
 // default, a selection bias, optional weight normalisation, a scale).
@@ -224,18 +316,9 @@ func glmHparams(h *Hparams, gating *model.Shard) error {
 	if v, ok := gating.File.Get(a + "expert_weights_scale").(float32); ok {
 		h.ScaleW = v
 	}
-	if h.DenseLead > 0 {
-		t, ok := gating.File.Tensor("blk.0.ffn_gate.weight")
-		if !ok || len(t.Shape) != 2 {
-			return errors.New("gating compute: glm4moe dense layer 0 has no ffn_gate.weight")
-		}
-		h.DenseFF = int(t.Shape[1])
-	}
-	if t, ok := gating.File.Tensor(fmt.Sprintf("blk.%d.ffn_gate_shexp.weight", h.DenseLead)); ok && len(t.Shape) == 2 {
-		h.SharedFF = int(t.Shape[1])
-	}
 	if _, ok := gating.File.Tensor("blk.0.attn_q_norm.weight"); ok {
 		h.QKNorm = true
 	}
-	return nil
+	h.FFNPrecF32 = true
+	return ffnShapes(h, gating)
 }

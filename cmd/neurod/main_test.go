@@ -585,8 +585,9 @@ func TestModelQuantize(t *testing.T) {
 
 // A Qwen3-MoE model (head size other than embd/heads, per-head Q/K norms,
 // NEOX RoPE), a GLM-4.5-style one (a dense leading layer, a shared
-// expert, a sigmoid router with a selection bias) and a gpt-oss one
-// (sliding windows, sinks, experts with biases) give the same tokens
+// expert, a sigmoid router with a selection bias), a DeepSeek-V3-style one
+// (latent attention, expert groups) and a gpt-oss one (sliding windows,
+// sinks, experts with biases) give the same tokens
 // through llama.cpp, the split forward pass and a testnet; model info
 // describes them; an architecture the generator lacks is named.
 func TestQwen3MoeModel(t *testing.T) {
@@ -597,6 +598,7 @@ func TestQwen3MoeModel(t *testing.T) {
 	}{
 		{"qwen3moe", []string{"--heads", "4", "--head-size", "64"}, func(in model.Info) bool { return in.DenseLayers == 0 && in.SharedExperts == 0 }},
 		{"glm4moe", nil, func(in model.Info) bool { return in.DenseLayers == 1 && in.MoELayers == 2 && in.SharedExperts == 1 }},
+		{"deepseek2", nil, func(in model.Info) bool { return in.DenseLayers == 1 && in.MoELayers == 2 && in.SharedExperts == 1 }},
 		{"gpt-oss", []string{"--sliding-window", "8"}, func(in model.Info) bool {
 			return in.DenseLayers == 0 && in.MoELayers == 3 && in.ExpertTypes["q8_0/q8_0/q8_0"] == 3*in.Experts
 		}},
@@ -616,8 +618,8 @@ func TestQwen3MoeModel(t *testing.T) {
 			sameTokensEverywhere(t, path)
 		})
 	}
-	if r := neurod(t, nil, "model", "make", "--arch", "deepseek2", "--out", filepath.Join(t.TempDir(), "x.gguf")); r.code == 0 ||
-		!strings.Contains(r.stderr, `architecture "deepseek2": want one of llama, qwen3moe, gpt-oss, glm4moe`) {
+	if r := neurod(t, nil, "model", "make", "--arch", "olmoe", "--out", filepath.Join(t.TempDir(), "x.gguf")); r.code == 0 ||
+		!strings.Contains(r.stderr, `architecture "olmoe": want one of llama, qwen3moe, gpt-oss, glm4moe, deepseek2`) {
 		t.Fatalf("an unknown layout: %+v", r)
 	}
 }

@@ -203,7 +203,7 @@ flags override the preset: tiny loads in milliseconds (tests), bench has about
 	f := cmd.Flags()
 	f.StringVar(&out, "out", "", "output GGUF file (required)")
 	f.StringVar(&preset, "preset", "tiny", "shape preset: "+presetNames())
-	f.StringVar(&arch, "arch", "llama", "layout: llama (Mixtral), qwen3moe (per-head Q/K norms, NEOX RoPE, --head-size), gpt-oss (sliding-window layers, attention sinks, biases, YaRN, swiglu_oai experts with biases) or glm4moe (GLM-4.5: dense leading layer, shared expert, sigmoid router, Q/K/V biases, partial rotary)")
+	f.StringVar(&arch, "arch", "llama", "layout: llama (Mixtral), qwen3moe (per-head Q/K norms, NEOX RoPE, --head-size), deepseek2 (DeepSeek-V3: latent attention, expert groups, dense leading layer, shared expert), gpt-oss (sliding-window layers, attention sinks, biases, YaRN, swiglu_oai experts with biases) or glm4moe (GLM-4.5: dense leading layer, shared expert, sigmoid router, Q/K/V biases, partial rotary)")
 	f.IntVar(&p.SlidingWindow, "sliding-window", 0, "gpt-oss: the window of its sliding-window (even) layers")
 	f.IntVar(&p.HeadSize, "head-size", 0, "attention head size when not embd/heads (qwen3moe; Qwen3-30B-A3B has 128)")
 	f.BoolVar(&p.TiedOutput, "tied-output", false, "no output.weight: the output head is the token embeddings")

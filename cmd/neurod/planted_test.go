@@ -17,7 +17,7 @@ func TestPlantedModelSpeaks(t *testing.T) {
 	const text = "Once upon a time, experts on many machines spoke through one network."
 	const prompt = "Once upon a time,"
 	rest := strings.TrimPrefix(text, prompt)
-	for _, arch := range []string{"llama", "qwen3moe", "gpt-oss", "glm4moe"} {
+	for _, arch := range []string{"llama", "qwen3moe", "gpt-oss", "glm4moe", "deepseek2"} {
 		t.Run(arch, func(t *testing.T) {
 			t.Parallel()
 			path := makeModel(t, "--arch", arch, "--planted", text, "--embd", "128", "--ff", "128", "--type", "q8_0", "--seed", "71")
