@@ -78,7 +78,7 @@ func (sp Spec) Resolve(m *neuropb.Manifest) ([]Key, error) {
 	if sp.Auto {
 		return nil, errors.New("auto: use Choose")
 	}
-	layers, experts := int(m.GetParams().GetLayers()), int(m.GetParams().GetExperts())
+	layers, experts := int(m.GetParams().GetLayers()), m.ExpertsPerLayer()
 	first, _ := m.MoELayers()
 	seen := map[Key]bool{}
 	var out []Key
@@ -134,7 +134,7 @@ type Choice struct {
 // Call it repeatedly, publishing what was chosen in between, so that other
 // nodes see the choice.
 func Choose(c Choice) []Key {
-	experts := int(c.Manifest.GetParams().GetExperts())
+	experts := c.Manifest.ExpertsPerLayer() // a hosted shared expert too
 	first, end := c.Manifest.MoELayers()
 	size := func(k Key) int64 {
 		return int64(c.Manifest.ExpertRef(k.Layer, k.Expert).GetShard().GetSize())

@@ -216,3 +216,36 @@ func TestDenseLeadingLayers(t *testing.T) {
 		t.Fatalf("hosted %v, want the 4 experts of layers 1 and 2", hosted)
 	}
 }
+
+// A model split with its shared experts hosted (expert params.experts of
+// each MoE layer): "1:*" and auto-hosting take them like routed ones, and
+// an expert past them is refused.
+func TestHostedSharedExperts(t *testing.T) {
+	m := &neuropb.Manifest{Params: &neuropb.ModelParams{Layers: 3, Experts: 2, DenseLead: 1}}
+	for l := 1; l < 3; l++ {
+		for e := range 2 {
+			m.Experts = append(m.Experts, &neuropb.ExpertShardRef{Layer: uint32(l), Expert: uint32(e), Shard: &neuropb.ShardRef{Size: 10}})
+		}
+		m.Shared = append(m.Shared, &neuropb.ExpertShardRef{Layer: uint32(l), Expert: 2, Shard: &neuropb.ShardRef{Size: 30}})
+	}
+	if r := m.ExpertRef(2, 2); r == nil || r != m.Shared[1] {
+		t.Fatalf("expert 2:2 (the shared one): %v", r)
+	}
+	sp, _ := ParseSpec("1:*,2:2")
+	if keys, err := sp.Resolve(m); err != nil || fmt.Sprint(keys) != "[1:0 1:1 1:2 2:2]" {
+		t.Fatalf("1:*,2:2: %v %v", keys, err)
+	}
+	sp, _ = ParseSpec("1:3")
+	if _, err := sp.Resolve(m); err == nil {
+		t.Fatal("expert 1:3 past the shared one was accepted")
+	}
+	hosted := map[Key]bool{}
+	for range 8 {
+		for _, k := range Choose(Choice{Manifest: m, Providers: map[Key]int{}, Hosted: hosted, Budget: 1 << 20, Self: peer.ID("a")}) {
+			hosted[k] = true
+		}
+	}
+	if len(hosted) != 6 || !hosted[Key{1, 2}] || !hosted[Key{2, 2}] {
+		t.Fatalf("hosted %v, want every expert of layers 1 and 2 with the shared ones", hosted)
+	}
+}

@@ -312,7 +312,7 @@ func (s *Service) host(ctx context.Context) error {
 // one. Choices made at the same moment by several nodes are undone this
 // way.
 func (s *Service) rebalance(ctx context.Context, m *neuropb.Manifest, c Choice) {
-	experts := int(m.GetParams().GetExperts())
+	experts := m.ExpertsPerLayer()
 	missing := false
 	first, end := m.MoELayers()
 	for l := first; l < end; l++ {

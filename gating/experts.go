@@ -253,7 +253,11 @@ func (r *RemoteExperts) moe(ctx context.Context, g *Generation, layer int, x []f
 		cs = callState{stats: &g.Stats, receipts: g.Receipts, checks: g.Checks, epoch: int(g.epoch.Load()), step: int(g.step.Load())}
 	}
 	stats := cs.stats
-	outs := make([]float32, n*r.Used*r.Embd)
+	used, err := moe.SlotsPerToken(x, n, selected, weights, r.Embd)
+	if err != nil {
+		return nil, err
+	}
+	outs := make([]float32, n*used*r.Embd)
 	routing := moe.Route(selected)
 	// Peers that host every expert this layer needs serve them all in one
 	// round trip each: prefer them.
@@ -287,7 +291,7 @@ func (r *RemoteExperts) moe(ctx context.Context, g *Generation, layer int, x []f
 		go func() {
 			defer wg.Done()
 			slots := routing.Slots[e]
-			resp, err := r.call(ctx, cs, expert.Key{Layer: layer, Expert: int(e)}, moe.Gather(x, slots, r.Used, r.Embd), len(slots),
+			resp, err := r.call(ctx, cs, expert.Key{Layer: layer, Expert: int(e)}, moe.Gather(x, slots, used, r.Embd), len(slots),
 				providers[e], preferred)
 			mu.Lock()
 			defer mu.Unlock()
@@ -316,7 +320,7 @@ func (r *RemoteExperts) moe(ctx context.Context, g *Generation, layer int, x []f
 			stats.OneNodeLayers.Add(1)
 		}
 	}
-	return moe.Combine(outs, weights, n, r.Used, r.Embd), nil
+	return moe.Combine(outs, weights, n, used, r.Embd), nil
 }
 
 // deadline bounds a call to p: its latency deadline, at most timeout.

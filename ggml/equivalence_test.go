@@ -134,16 +134,21 @@ func TestGLM4MoeMatchesLlamaCpp(t *testing.T) {
 	prompt := "once upon a time the expert network"
 	p, _ := model.Preset("glm4moe", "tiny")
 	p.Embd, p.FF, p.DenseFF, p.HeadSize, p.RopeDim = 256, 256, 512, 64, 32 // K-quant rows of 256; heads of 64, half rotated
-	for _, typ := range []string{"f32", "f16", "q8_0", "q4_k_m"} {
+	for _, typ := range []string{"f32", "f16", "q8_0", "q4_k_m", "f16-remote", "q4_k_m-remote"} {
 		t.Run(typ, func(t *testing.T) {
-			sm, res, n, worst, _ := splitMatchesLlamaCpp(t, archModel(t, t.TempDir(), "glm4moe", p, typ, 31), prompt, maxTokens)
+			typ, remote := strings.CutSuffix(typ, "-remote") // the shared expert hosted like a routed one
+			sm, res, n, worst, _ := splitMatchesLlamaCppWith(t, archModel(t, t.TempDir(), "glm4moe", p, typ, 31), prompt, maxTokens,
+				model.SplitOptions{SharedRemote: remote})
+			if hp := sm.Gating.Hparams(); hp.SharedRemote != remote || len(res.Manifest.GetShared()) != map[bool]int{true: p.Layers - p.DenseLead}[remote] {
+				t.Fatalf("shared experts remote %v: hparams %v, %d shared shards", remote, hp.SharedRemote, len(res.Manifest.GetShared()))
+			}
 			if n := len(res.Manifest.GetExperts()); n != (p.Layers-p.DenseLead)*p.Experts {
 				t.Fatalf("%d expert shards, want %d (no experts in the dense layer)", n, (p.Layers-p.DenseLead)*p.Experts)
 			}
 			if hp := sm.Gating.Hparams(); hp.DenseLead != 1 || hp.SharedFF != p.FF || !hp.Sigmoid || !hp.ProbsBias || hp.ScaleW != 2.5 || hp.Rot != 32 {
 				t.Fatalf("hparams %+v", hp)
 			}
-			t.Logf("glm4moe %s: %d tokens identical, logits max |Δ| %.3g", typ, n, worst)
+			t.Logf("glm4moe %s (shared expert hosted: %v): %d tokens identical, logits max |Δ| %.3g", typ, remote, n, worst)
 			if worst != 0 {
 				t.Fatalf("logits differ by up to %.3g; the arithmetic is llama.cpp's, 0 expected", worst)
 			}
@@ -196,9 +201,11 @@ func TestDeepSeek2MatchesLlamaCpp(t *testing.T) {
 	prompt := "once upon a time the expert network"
 	p, _ := model.Preset("deepseek2", "tiny")
 	p.Embd, p.FF, p.DenseFF = 256, 256, 512 // K-quant rows of 256
-	for _, typ := range []string{"f32", "f16", "q8_0", "q4_k_m"} {
+	for _, typ := range []string{"f32", "f16", "q8_0", "q4_k_m", "q8_0-remote"} {
 		t.Run(typ, func(t *testing.T) {
-			sm, res, n, worst, _ := splitMatchesLlamaCpp(t, archModel(t, t.TempDir(), "deepseek2", p, typ, 97), prompt, maxTokens)
+			typ, remote := strings.CutSuffix(typ, "-remote") // the shared expert hosted like a routed one
+			sm, res, n, worst, _ := splitMatchesLlamaCppWith(t, archModel(t, t.TempDir(), "deepseek2", p, typ, 97), prompt, maxTokens,
+				model.SplitOptions{SharedRemote: remote})
 			if n := len(res.Manifest.GetExperts()); n != (p.Layers-p.DenseLead)*p.Experts {
 				t.Fatalf("%d expert shards, want %d (no experts in the dense layer)", n, (p.Layers-p.DenseLead)*p.Experts)
 			}
@@ -207,7 +214,7 @@ func TestDeepSeek2MatchesLlamaCpp(t *testing.T) {
 				hp.ExpertGroups != 4 || hp.GroupsUsed != 2 || !hp.Sigmoid || !hp.ProbsBias || hp.SharedFF != p.FF || hp.YarnLogMul == 0 {
 				t.Fatalf("hparams %+v", hp)
 			}
-			t.Logf("deepseek2 %s: %d tokens identical, logits max |Δ| %.3g", typ, n, worst)
+			t.Logf("deepseek2 %s (shared expert hosted: %v): %d tokens identical, logits max |Δ| %.3g", typ, remote, n, worst)
 			if worst != 0 {
 				t.Fatalf("logits differ by up to %.3g; the arithmetic is llama.cpp's, 0 expected", worst)
 			}
@@ -250,6 +257,13 @@ func archModel(t *testing.T, dir, arch string, p model.Params, typ string, seed 
 // step and at the last one.
 func splitMatchesLlamaCpp(t *testing.T, path, prompt string, maxTokens int) (*SplitModel, *model.SplitResult, int, float64, float64) {
 	t.Helper()
+	return splitMatchesLlamaCppWith(t, path, prompt, maxTokens, model.SplitOptions{})
+}
+
+// splitMatchesLlamaCppWith is splitMatchesLlamaCpp for a model split with
+// options o.
+func splitMatchesLlamaCppWith(t *testing.T, path, prompt string, maxTokens int, o model.SplitOptions) (*SplitModel, *model.SplitResult, int, float64, float64) {
+	t.Helper()
 	ref, err := LoadLlama(path)
 	if err != nil {
 		t.Fatal(err)
@@ -260,7 +274,7 @@ func splitMatchesLlamaCpp(t *testing.T, path, prompt string, maxTokens int) (*Sp
 		t.Fatal(err)
 	}
 	dir := filepath.Join(t.TempDir(), "shards")
-	res, err := model.Split(path, dir)
+	res, err := model.SplitWith(path, dir, o)
 	if err != nil {
 		t.Fatal(err)
 	}

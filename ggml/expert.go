@@ -69,6 +69,13 @@ func NewExpertOn(dev Device, w moe.ExpertWeights, o moe.ExpertOptions) (*Expert,
 	if w.Activation() == model.ActSwiGLUOAI {
 		act = C.NEURO_ACT_SWIGLU_OAI
 	}
+	flags := C.int(0)
+	if w.Dense {
+		flags |= C.NEURO_EXPERT_DENSE
+	}
+	if w.DownPrecF32 {
+		flags |= C.NEURO_EXPERT_DOWN_PREC_F32
+	}
 	bias := func(b []float32) *C.float {
 		if b == nil {
 			return nil
@@ -78,7 +85,7 @@ func NewExpertOn(dev Device, w moe.ExpertWeights, o moe.ExpertOptions) (*Expert,
 	var errbuf [256]C.char
 	c := C.neuro_expert_new(C.int(embd), C.int(ff), C.int(w.Gate.Type), C.int(w.Up.Type), C.int(w.Down.Type),
 		unsafe.Pointer(&w.Gate.Data[0]), unsafe.Pointer(&w.Up.Data[0]), unsafe.Pointer(&w.Down.Data[0]),
-		bias(w.GateBias), bias(w.UpBias), bias(w.DownBias), act,
+		bias(w.GateBias), bias(w.UpBias), bias(w.DownBias), act, flags,
 		dev.index(), C.int(o.Threads), C.int(o.MaxBatch), &errbuf[0], C.size_t(len(errbuf)))
 	if c == nil {
 		return nil, fmt.Errorf("expert on %s: %s", dev.Spec(), C.GoString(&errbuf[0]))

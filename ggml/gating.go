@@ -99,7 +99,7 @@ func NewGatingOn(dev Device, hp moe.Hparams, shard *model.Shard, threads int) (*
 		if hp.ProbsBias {
 			want[b+"exp_probs_b.bias"] = []uint64{uint64(hp.Experts)}
 		}
-		if hp.SharedFF > 0 {
+		if hp.SharedFF > 0 && !hp.SharedRemote {
 			sf := uint64(hp.SharedFF)
 			want[b+"ffn_gate_shexp.weight"] = []uint64{e, sf}
 			want[b+"ffn_up_shexp.weight"] = []uint64{e, sf}
@@ -151,6 +151,10 @@ func NewGatingOn(dev Device, hp moe.Hparams, shard *model.Shard, threads int) (*
 		}
 		w.data, w.size = unsafe.Pointer(&b[0]), C.size_t(len(b))
 	}
+	sharedFF := hp.SharedFF
+	if hp.SharedRemote {
+		sharedFF = 0 // hosted: the gating compute has none
+	}
 	attnFactor, origCtx, headV := hp.RopeAttnFactor, hp.RopeOrigCtx, hp.HeadDimV
 	if headV == 0 {
 		headV = hp.HeadDim
@@ -166,7 +170,7 @@ func NewGatingOn(dev Device, hp moe.Hparams, shard *model.Shard, threads int) (*
 		n_rot: C.int(hp.Rot), n_embd_head: C.int(hp.HeadDim), qk_norm: cbool(hp.QKNorm), rope_neox: cbool(hp.RopeNeox),
 		tied_output: cbool(tied), n_expert: C.int(hp.Experts), n_expert_used: C.int(hp.ExpertsUsed),
 		qkv_bias: cbool(hp.QKVBias), post_norm: cbool(hp.PostNorm), n_dense_lead: C.int(hp.DenseLead), n_ff_dense: C.int(hp.DenseFF),
-		n_ff_shared: C.int(hp.SharedFF), sigmoid: cbool(hp.Sigmoid), probs_bias: cbool(hp.ProbsBias), norm_w: cbool(hp.NormW),
+		n_ff_shared: C.int(sharedFF), sigmoid: cbool(hp.Sigmoid), probs_bias: cbool(hp.ProbsBias), norm_w: cbool(hp.NormW),
 		scale_w:       C.float(hp.ScaleW),
 		attn_out_bias: cbool(hp.AttnOutBias), sinks: cbool(hp.Sinks), n_swa: C.int(hp.SlidingWindow), swa_pattern: C.int(hp.SWAPattern),
 		router_bias: cbool(hp.RouterBias), softmax_weight: cbool(hp.SoftmaxWeight),
@@ -313,6 +317,12 @@ func (s *Session) Forward(ctx context.Context, tokens []int32, experts moe.Exper
 				return nil, fmt.Errorf("forward: layer %d: router chose expert %d of %d", l, e, hp.Experts)
 			}
 		}
+		if hp.SharedFF > 0 && hp.SharedRemote {
+			// The hosted shared expert rides as one more expert of each
+			// token, weight 1: Combine then adds it after the routed sum,
+			// as llama.cpp's ggml_add(moe_out, ffn_shexp) does.
+			selected, weights = withShared(selected, weights, out, hp.ExpertsUsed, int32(hp.Experts))
+		}
 		moe, err := experts.MoE(ctx, l, moeIn, out, selected, weights)
 		if err != nil {
 			return nil, fmt.Errorf("forward: layer %d experts: %w", l, err)
@@ -320,7 +330,7 @@ func (s *Session) Forward(ctx context.Context, tokens []int32, experts moe.Exper
 		if len(moe) != out*hp.Embd {
 			return nil, fmt.Errorf("forward: layer %d experts returned %d floats, want %d", l, len(moe), out*hp.Embd)
 		}
-		if hp.SharedFF > 0 {
+		if hp.SharedFF > 0 && !hp.SharedRemote {
 			// Shared experts (llama.cpp glm4moe: ggml_add(routed, shared)).
 			for i := range moe {
 				moe[i] = float32(moe[i] + extra[i])
@@ -340,6 +350,18 @@ func (s *Session) Forward(ctx context.Context, tokens []int32, experts moe.Exper
 	}
 	s.pos += n
 	return logits, nil
+}
+
+// withShared appends expert shared with weight 1 to each of n tokens'
+// used experts.
+func withShared(selected []int32, weights []float32, n, used int, shared int32) ([]int32, []float32) {
+	sel := make([]int32, 0, n*(used+1))
+	w := make([]float32, 0, n*(used+1))
+	for t := range n {
+		sel = append(append(sel, selected[t*used:(t+1)*used]...), shared)
+		w = append(append(w, weights[t*used:(t+1)*used]...), 1)
+	}
+	return sel, w
 }
 
 // call runs one graph under the gating lock.

@@ -42,7 +42,9 @@ struct ggml_threadpool * neuro_pool(int n_threads) {
 
 struct neuro_expert {
     int n_embd, n_ff, max_batch;
-    int act; // NEURO_ACT_*
+    int act;   // NEURO_ACT_*
+    int dense; // NEURO_EXPERT_DENSE: plain matrix products (a shared expert)
+    int down_prec_f32;
     neuro_exec x;
     struct ggml_context * wctx;
     ggml_backend_buffer_t wbuf;
@@ -71,6 +73,23 @@ static struct ggml_cgraph * build_graph(neuro_expert * e, int n, struct ggml_con
     // same: the weights are a stack of one expert, every token is routed
     // to it through mul_mat_id, biases are added by expert id (add_id),
     // and silu(gate) * up is the fused swiglu (gpt-oss: swiglu_oai).
+    if (e->dense) {
+        // a layer's shared experts: llama.cpp's build_ffn (LLM_FFN_SILU,
+        // LLM_FFN_PAR), plain matrix products on 2-D weights
+        *x = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, e->n_embd, n);
+        ggml_set_input(*x);
+        struct ggml_tensor * up2 = ggml_view_2d(ctx, e->up, e->n_embd, e->n_ff, e->up->nb[1], 0);
+        struct ggml_tensor * gate2 = ggml_view_2d(ctx, e->gate, e->n_embd, e->n_ff, e->gate->nb[1], 0);
+        struct ggml_tensor * down2 = ggml_view_2d(ctx, e->down, e->n_ff, e->n_embd, e->down->nb[1], 0);
+        struct ggml_tensor * u = ggml_mul_mat(ctx, up2, *x);
+        struct ggml_tensor * g = ggml_mul_mat(ctx, gate2, *x);
+        *out = ggml_mul_mat(ctx, down2, ggml_swiglu_split(ctx, g, u));
+        if (e->down_prec_f32) ggml_mul_mat_set_prec(*out, GGML_PREC_F32);
+        ggml_set_output(*out);
+        ggml_build_forward_expand(gf, *out);
+        *ctx_out = ctx;
+        return gf;
+    }
     *x = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, e->n_embd, 1, n);
     ggml_set_input(*x);
     struct ggml_tensor * ids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 1, n);
@@ -103,7 +122,7 @@ void neuro_expert_free(neuro_expert * e) {
 
 neuro_expert * neuro_expert_new(int n_embd, int n_ff, int type_gate, int type_up, int type_down,
                                 const void * gate, const void * up, const void * down,
-                                const float * gate_b, const float * up_b, const float * down_b, int act,
+                                const float * gate_b, const float * up_b, const float * down_b, int act, int flags,
                                 int dev, int n_threads, int max_batch, char * err, size_t err_len) {
     neuro_expert * e = calloc(1, sizeof(*e));
     if (e == NULL) {
@@ -114,6 +133,8 @@ neuro_expert * neuro_expert_new(int n_embd, int n_ff, int type_gate, int type_up
     e->n_ff = n_ff;
     e->max_batch = max_batch;
     e->act = act;
+    e->dense = (flags & NEURO_EXPERT_DENSE) != 0;
+    e->down_prec_f32 = (flags & NEURO_EXPERT_DOWN_PREC_F32) != 0;
 
     if (!exec_init(&e->x, dev, n_threads, EXPERT_MAX_NODES, err, err_len)) {
         goto fail;
@@ -195,7 +216,7 @@ int neuro_expert_compute(neuro_expert * e, const float * xdata, int n, float * o
         rc = 5;
         goto done;
     }
-    ggml_backend_tensor_set(ids, e->zeros, 0, ggml_nbytes(ids));
+    if (ids) ggml_backend_tensor_set(ids, e->zeros, 0, ggml_nbytes(ids));
     if (exec_compute(&e->x, gf) != 0) {
         rc = 4;
         goto done;

@@ -58,6 +58,12 @@ typedef struct neuro_expert neuro_expert;
 // limit 7).
 enum { NEURO_ACT_SWIGLU = 0, NEURO_ACT_SWIGLU_OAI = 1 };
 
+// Expert flags: NEURO_EXPERT_DENSE computes a layer's shared experts as
+// llama.cpp's build_ffn does (plain matrix products, not the expert stack's
+// mul_mat_id); NEURO_EXPERT_DOWN_PREC_F32 sets the down projection's
+// precision to F32 (GLM-4).
+enum { NEURO_EXPERT_DENSE = 1, NEURO_EXPERT_DOWN_PREC_F32 = 2 };
+
 // neuro_expert_new copies the three weight matrices (each of its own ggml
 // type, as quantized files mix them; gate and up are [n_embd, n_ff], down
 // is [n_ff, n_embd], ne0 first) and the biases (n_ff, n_ff and n_embd
@@ -66,7 +72,7 @@ enum { NEURO_ACT_SWIGLU = 0, NEURO_ACT_SWIGLU_OAI = 1 };
 // returns NULL and writes a message to err.
 neuro_expert * neuro_expert_new(int n_embd, int n_ff, int type_gate, int type_up, int type_down,
                                 const void * gate, const void * up, const void * down,
-                                const float * gate_b, const float * up_b, const float * down_b, int act,
+                                const float * gate_b, const float * up_b, const float * down_b, int act, int flags,
                                 int dev, int n_threads, int max_batch, char * err, size_t err_len);
 
 // neuro_expert_compute reads n_tokens rows of n_embd floats from x and

@@ -55,7 +55,7 @@ func LoadSplitOn(dev Device, dir string, want cid.Cid, threads int) (_ *SplitMod
 	if sm.Gating, err = NewGatingOn(dev, hp, gs, threads); err != nil {
 		return nil, err
 	}
-	for _, ref := range m.GetExperts() {
+	for _, ref := range m.AllExperts() { // the hosted shared experts too
 		s, err := model.OpenShard(dir, ref.GetShard())
 		if err != nil {
 			return nil, fmt.Errorf("expert %d:%d: %w", ref.GetLayer(), ref.GetExpert(), err)

@@ -40,6 +40,9 @@ type Info struct {
 	ExpertBytesMin   uint64 `json:"expert_bytes_min"`
 	ExpertBytesMax   uint64 `json:"expert_bytes_max"`
 	LayerExpertBytes uint64 `json:"layer_expert_bytes"`
+	// SharedRemote: the shared experts have shards of their own, hosted
+	// and called like routed experts (set from a manifest).
+	SharedRemote bool `json:"shared_remote,omitempty"`
 	// Shards is how many shards a split makes (the gating one and one per
 	// expert); set from a manifest.
 	Shards int `json:"shards,omitempty"`
@@ -121,6 +124,11 @@ func InfoOfManifest(m *neuropb.Manifest) *Info {
 			in.SharedExperts = max(in.SharedExperts, 1)
 		}
 	}
+	for _, sh := range m.GetShared() { // shared experts hosted like routed ones
+		count(sh.GetShard())
+		in.SharedExperts = max(in.SharedExperts, 1)
+		in.SharedRemote = true
+	}
 	perLayer := map[uint32]uint64{}
 	for _, e := range m.GetExperts() {
 		count(e.GetShard())
@@ -142,8 +150,8 @@ func InfoOfManifest(m *neuropb.Manifest) *Info {
 		in.LayerExpertBytes = max(in.LayerExpertBytes, b)
 	}
 	in.MoELayers, in.DenseLayers = len(perLayer), in.Layers-len(perLayer)
-	in.Shards = 1 + len(m.GetExperts())
-	in.setFLOPs()
+	in.Shards = 1 + len(m.GetExperts()) + len(m.GetShared())
+	in.ExpertFLOPsPerToken = m.ExpertFLOPsPerToken() // with the hosted shared experts' work
 	return in
 }
 

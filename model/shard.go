@@ -87,6 +87,31 @@ const (
 	ActSwiGLUOAI = "swiglu_oai"
 )
 
+// KeyExpertKind marks an expert shard that holds a layer's shared experts
+// (ExpertKindShared): llama.cpp computes them as a dense feed-forward
+// block (build_ffn: plain matrix products), not through the expert
+// stack (mul_mat_id). KeyDownPrecF32 (a bool) asks for the down
+// projection at F32 precision, as llama.cpp's GLM-4 graph sets it.
+const (
+	KeyExpertKind    = "neuro.expert_kind"
+	ExpertKindShared = "shared"
+	KeyDownPrecF32   = "neuro.down_prec_f32"
+)
+
+// sharedTensorParts matches a layer's shared-expert tensors.
+var sharedExpertTensor = regexp.MustCompile(`^blk\.(\d+)\.ffn_(gate|up|down)_shexp\.weight$`)
+
+// SplitOptions tune Split.
+type SplitOptions struct {
+	// SharedRemote puts each MoE layer's shared experts (GLM, DeepSeek)
+	// in a shard of their own that expert nodes host and gating nodes
+	// call like a routed expert (the manifest's shared list), instead of
+	// in the gating shard.
+	SharedRemote bool
+	// Progress, if set, is told each shard written: done of total.
+	Progress func(done, total int)
+}
+
 // expertActivations are the architectures whose experts do not compute
 // ActSwiGLU.
 var expertActivations = map[string]string{"gpt-oss": ActSwiGLUOAI}
@@ -154,6 +179,12 @@ func openMoE(path string) (*os.File, *File, *neuropb.ModelParams, error) {
 // SplitProgress is Split that reports each shard written: done of total
 // (the gating shard and every expert's).
 func SplitProgress(path, dir string, progress func(done, total int)) (*SplitResult, error) {
+	return SplitWith(path, dir, SplitOptions{Progress: progress})
+}
+
+// SplitWith is Split with options.
+func SplitWith(path, dir string, o SplitOptions) (*SplitResult, error) {
+	progress := o.Progress
 	if progress == nil {
 		progress = func(int, int) {}
 	}
@@ -171,9 +202,21 @@ func SplitProgress(path, dir string, progress func(done, total int)) (*SplitResu
 	// Sort the tensors: expert tensors by layer, the rest to the gating shard.
 	experts := map[int]map[string]TensorInfo{} // layer -> part -> tensor
 	biases := map[int]map[string]TensorInfo{}  // layer -> part -> bias, where the experts have them
+	shared := map[int]map[string]TensorInfo{}  // layer -> part -> tensor, with o.SharedRemote
 	var gating []TensorData
 	for _, t := range f.Tensors {
 		m.TensorOrder = append(m.TensorOrder, t.Name)
+		if g := sharedExpertTensor.FindStringSubmatch(t.Name); g != nil && o.SharedRemote {
+			layer, _ := strconv.Atoi(g[1])
+			if len(t.Shape) != 2 || layer < int(params.DenseLead) || layer >= int(params.Layers) {
+				return nil, fmt.Errorf("split %s: shared expert tensor %s: shape %v in layer %d", path, t.Name, t.Shape, layer)
+			}
+			if shared[layer] == nil {
+				shared[layer] = map[string]TensorInfo{}
+			}
+			shared[layer][g[2]] = t
+			continue
+		}
 		if g := expertTensor.FindStringSubmatch(t.Name); g != nil {
 			layer, _ := strconv.Atoi(g[1])
 			dims, into := 3, experts
@@ -218,7 +261,17 @@ func SplitProgress(path, dir string, progress func(done, total int)) (*SplitResu
 		}
 	}
 
-	total, done := 1+int(params.Layers-params.DenseLead)*int(params.Experts), 0
+	if o.SharedRemote {
+		if len(shared) == 0 {
+			return nil, fmt.Errorf("split %s: --shared-experts remote: the model has no shared experts (blk.N.ffn_*_shexp)", path)
+		}
+		for layer := int(params.DenseLead); layer < int(params.Layers); layer++ {
+			if len(shared[layer]) != len(expertParts) {
+				return nil, fmt.Errorf("split %s: MoE layer %d has %d of the three shared expert tensors", path, layer, len(shared[layer]))
+			}
+		}
+	}
+	total, done := 1+int(params.Layers-params.DenseLead)*(int(params.Experts)+min(1, len(shared))), 0
 	progress(0, total)
 	if m.Gating, err = writeShard(dir, f.KVs, gating); err != nil {
 		return nil, fmt.Errorf("split %s: gating shard: %w", path, err)
@@ -262,6 +315,33 @@ func SplitProgress(path, dir string, progress func(done, total int)) (*SplitResu
 			done++
 			progress(done, total)
 		}
+	}
+	for layer := int(params.DenseLead); layer < int(params.Layers) && len(shared) > 0; layer++ {
+		// The layer's shared experts, as one expert numbered after the
+		// routed ones.
+		kvs := []KV{
+			{"general.architecture", arch},
+			{arch + ".block_count", uint32(layer + 1)},
+			{"neuro.layer", uint32(layer)},
+			{"neuro.expert", params.Experts},
+			{KeyExpertKind, ExpertKindShared},
+		}
+		if arch == "glm4moe" {
+			kvs = append(kvs, KV{KeyDownPrecF32, true})
+		}
+		var tds []TensorData
+		for _, part := range expertParts {
+			t := shared[layer][part]
+			tds = append(tds, TensorData{Info: TensorInfo{Name: ExpertTensorName(layer, part), Type: t.Type, Shape: t.Shape},
+				Data: f.TensorReader(src, t)})
+		}
+		ref, err := writeShard(dir, kvs, tds)
+		if err != nil {
+			return nil, fmt.Errorf("split %s: shared expert of layer %d: %w", path, layer, err)
+		}
+		m.Shared = append(m.Shared, &neuropb.ExpertShardRef{Layer: uint32(layer), Expert: params.Experts, Shard: ref})
+		done++
+		progress(done, total)
 	}
 	raw, err := MarshalManifest(m)
 	if err != nil {
@@ -419,10 +499,10 @@ func ParseManifest(raw []byte, want cid.Cid) (*neuropb.Manifest, cid.Cid, error)
 }
 
 // ShardRefs lists a manifest's shards: the gating shard, then the experts
-// in order.
+// in order (the hosted shared experts last).
 func ShardRefs(m *neuropb.Manifest) []*neuropb.ShardRef {
 	refs := []*neuropb.ShardRef{m.GetGating()}
-	for _, e := range m.GetExperts() {
+	for _, e := range m.AllExperts() {
 		refs = append(refs, e.GetShard())
 	}
 	return refs
@@ -508,7 +588,7 @@ func Join(dir string, want cid.Cid, out string) error {
 		return fmt.Errorf("join: gating %w", err)
 	}
 	shards := make(map[[2]uint32]*Shard, len(m.GetExperts()))
-	for _, ex := range m.GetExperts() {
+	for _, ex := range m.AllExperts() {
 		s, err := OpenShard(dir, ex.GetShard())
 		if err != nil {
 			return fmt.Errorf("join: expert %d:%d: %w", ex.GetLayer(), ex.GetExpert(), err)
@@ -519,6 +599,20 @@ func Join(dir string, want cid.Cid, out string) error {
 	for _, name := range m.GetTensorOrder() {
 		if t, ok := gating.File.Tensor(name); ok {
 			b, _, _ := gating.TensorBytes(name)
+			tds = append(tds, TensorData{Info: t, Data: bytes.NewReader(b)})
+			continue
+		}
+		if g := sharedExpertTensor.FindStringSubmatch(name); g != nil && m.SharedExpert() >= 0 {
+			layer, _ := strconv.Atoi(g[1])
+			s := shards[[2]uint32{uint32(layer), uint32(m.SharedExpert())}]
+			if s == nil {
+				return fmt.Errorf("join: no shard for the shared expert of layer %d", layer)
+			}
+			b, t, err := s.TensorBytes(ExpertTensorName(layer, g[2]))
+			if err != nil {
+				return fmt.Errorf("join: %w", err)
+			}
+			t.Name = name
 			tds = append(tds, TensorData{Info: t, Data: bytes.NewReader(b)})
 			continue
 		}

@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/ipfs/go-cid"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/neuro-p2p/neuro/neuropb"
 )
@@ -221,5 +222,78 @@ func TestSplitGptOssCarriesBiasesAndActivation(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(out); !bytes.Equal(b, buf.Bytes()) {
 		t.Fatal("joined gpt-oss model differs")
+	}
+}
+
+// --shared-experts remote: each MoE layer's shared experts get a shard of
+// their own (expert number params.experts, marked to compute as a dense
+// FFN), the gating shard holds none of them, ExpertRef finds them, the
+// join rebuilds the file byte for byte, and a manifest with the wrong
+// number of them is refused. A model without shared experts is refused.
+func TestSplitSharedExpertsRemote(t *testing.T) {
+	for _, arch := range []string{"glm4moe", "deepseek2"} {
+		t.Run(arch, func(t *testing.T) {
+			dir := t.TempDir()
+			src := filepath.Join(dir, "m.gguf")
+			var buf bytes.Buffer
+			p, _ := Preset(arch, "tiny")
+			if err := GenerateArch(&buf, arch, p, Q8_0, 7); err != nil {
+				t.Fatal(err)
+			}
+			os.WriteFile(src, buf.Bytes(), 0o644)
+			res, err := SplitWith(src, filepath.Join(dir, "s"), SplitOptions{SharedRemote: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			m := res.Manifest
+			moe := p.Layers - p.DenseLead
+			if len(m.GetShared()) != moe || len(m.GetExperts()) != moe*p.Experts || m.ExpertsPerLayer() != p.Experts+1 || m.SharedExpert() != p.Experts {
+				t.Fatalf("%d shared, %d experts, %d per layer", len(m.GetShared()), len(m.GetExperts()), m.ExpertsPerLayer())
+			}
+			for _, tr := range m.GetGating().GetTensors() {
+				if strings.Contains(tr.GetName(), "_shexp") {
+					t.Fatalf("the gating shard holds %s", tr.GetName())
+				}
+			}
+			ref := m.ExpertRef(p.DenseLead, p.Experts)
+			if ref == nil || ref != m.GetShared()[0] || m.ExpertRef(p.DenseLead, p.Experts+1) != nil {
+				t.Fatal("ExpertRef of the shared expert")
+			}
+			s, err := OpenShard(filepath.Join(dir, "s"), ref.GetShard())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if k, _ := s.File.Get(KeyExpertKind).(string); k != ExpertKindShared || !s.Has(ExpertTensorName(p.DenseLead, "down")) {
+				t.Fatalf("shared shard: kind %q, tensors %+v", k, s.File.Tensors)
+			}
+			if prec, _ := s.File.Get(KeyDownPrecF32).(bool); prec != (arch == "glm4moe") {
+				t.Fatalf("down precision f32 %v for %s", prec, arch)
+			}
+			routed := uint64(6 * p.Embd * p.FF * p.ExpertsUsed * moe)
+			if got := m.ExpertFLOPsPerToken(); got != routed+uint64(6*p.Embd*p.FF*p.SharedExperts*moe) {
+				t.Fatalf("FLOPs per token %d, routed alone %d", got, routed)
+			}
+			out := filepath.Join(dir, "j.gguf")
+			if err := Join(filepath.Join(dir, "s"), res.ModelCID, out); err != nil {
+				t.Fatal(err)
+			}
+			if b, _ := os.ReadFile(out); !bytes.Equal(b, buf.Bytes()) {
+				t.Fatal("joined model differs")
+			}
+			bad := proto.Clone(m).(*neuropb.Manifest)
+			bad.Shared = bad.Shared[:1]
+			if _, err := MarshalManifest(bad); err == nil || !strings.Contains(err.Error(), "shared expert shards") {
+				t.Fatalf("a manifest missing shared shards: %v", err)
+			}
+			bad = proto.Clone(m).(*neuropb.Manifest)
+			bad.Shared[0].Expert = 3
+			if _, err := MarshalManifest(bad); err == nil || !strings.Contains(err.Error(), "shared[0]") {
+				t.Fatalf("a shared shard with a routed expert's number: %v", err)
+			}
+		})
+	}
+	src := writeTiny(t, Q8_0, 3)
+	if _, err := SplitWith(src, t.TempDir(), SplitOptions{SharedRemote: true}); err == nil || !strings.Contains(err.Error(), "no shared experts") {
+		t.Fatalf("a model without shared experts: %v", err)
 	}
 }

@@ -2,6 +2,7 @@ package moe
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"github.com/neuro-p2p/neuro/model"
@@ -102,6 +103,11 @@ type ExpertWeights struct {
 	Gate, Up, Down             Tensor
 	GateBias, UpBias, DownBias []float32
 	Act                        string
+	// Dense: a layer's shared experts, which llama.cpp computes as a
+	// dense feed-forward block (plain matrix products, build_ffn), not
+	// through the expert stack; DownPrecF32: the down projection at F32
+	// precision (GLM-4's).
+	Dense, DownPrecF32 bool
 }
 
 // Activation is the activation the expert computes (model.ActSwiGLU when
@@ -121,6 +127,9 @@ func (w ExpertWeights) Check() error {
 	}
 	if a := w.Activation(); a != model.ActSwiGLU && a != model.ActSwiGLUOAI {
 		return fmt.Errorf("expert: activation %q: want %s or %s", a, model.ActSwiGLU, model.ActSwiGLUOAI)
+	}
+	if w.Dense && (w.Activation() != model.ActSwiGLU || w.GateBias != nil || w.UpBias != nil || w.DownBias != nil) {
+		return errors.New("expert: a shared (dense) expert computes swiglu without biases")
 	}
 	for _, b := range []struct {
 		name string
@@ -170,6 +179,13 @@ func ExpertWeightsOf(s *model.Shard, layer int) (ExpertWeights, error) {
 		return ExpertWeights{}, fmt.Errorf("shard %s: shapes gate %v up %v down %v do not form an expert", s.CID, g.Shape, u.Shape, d.Shape)
 	}
 	w := ExpertWeights{Embd: int(g.Shape[0]), FF: int(g.Shape[1]), Gate: ts[0], Up: ts[1], Down: ts[2]}
+	if k, ok := s.File.Get(model.KeyExpertKind).(string); ok {
+		if k != model.ExpertKindShared {
+			return ExpertWeights{}, fmt.Errorf("shard %s: expert kind %q: want %q or none", s.CID, k, model.ExpertKindShared)
+		}
+		w.Dense = true
+	}
+	w.DownPrecF32, _ = s.File.Get(model.KeyDownPrecF32).(bool)
 	if a, ok := s.File.Get(model.KeyActivation).(string); ok {
 		w.Act = a
 	} else if s.File.Get(model.KeyActivation) != nil {

@@ -9,6 +9,8 @@ import (
 // LocalExperts computes experts in this process (the single-machine split
 // path, and the oracle for networked experts).
 type LocalExperts struct {
+	// Used is the model's experts per token; a call may route a token to
+	// more (a hosted shared expert rides as one more, with weight 1).
 	Embd, Used int
 	// Experts maps (layer, expert) to its compute.
 	Experts map[[2]int]Expert
@@ -19,7 +21,11 @@ var _ Experts = (*LocalExperts)(nil)
 // MoE implements Experts: each expert gets the batch of tokens routed to
 // it in one call, and Combine weighs and sums the results.
 func (le *LocalExperts) MoE(_ context.Context, layer int, x []float32, n int, selected []int32, weights []float32) ([]float32, error) {
-	outs := make([]float32, n*le.Used*le.Embd)
+	used, err := SlotsPerToken(x, n, selected, weights, le.Embd)
+	if err != nil {
+		return nil, err
+	}
+	outs := make([]float32, n*used*le.Embd)
 	r := Route(selected)
 	for _, e := range r.Experts {
 		ex := le.Experts[[2]int{layer, int(e)}]
@@ -27,14 +33,24 @@ func (le *LocalExperts) MoE(_ context.Context, layer int, x []float32, n int, se
 			return nil, fmt.Errorf("no expert %d:%d", layer, e)
 		}
 		slots := r.Slots[e]
-		in := Gather(x, slots, le.Used, le.Embd)
+		in := Gather(x, slots, used, le.Embd)
 		out := make([]float32, len(in))
 		if err := ComputeBatched(ex, in, len(slots), out); err != nil {
 			return nil, fmt.Errorf("expert %d:%d: %w", layer, e, err)
 		}
 		Scatter(outs, out, slots, le.Embd)
 	}
-	return Combine(outs, weights, n, le.Used, le.Embd), nil
+	return Combine(outs, weights, n, used, le.Embd), nil
+}
+
+// SlotsPerToken checks one MoE call's arguments (n rows of embd floats in
+// x; selected and weights alike, a whole number of experts per token) and
+// returns the experts per token.
+func SlotsPerToken(x []float32, n int, selected []int32, weights []float32, embd int) (int, error) {
+	if n < 1 || len(x) != n*embd || len(selected) != len(weights) || len(selected) == 0 || len(selected)%n != 0 {
+		return 0, fmt.Errorf("moe: %d tokens of %d floats, %d experts and %d weights", n, len(x), len(selected), len(weights))
+	}
+	return len(selected) / n, nil
 }
 
 // Close closes every expert.

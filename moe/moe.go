@@ -64,8 +64,12 @@ type Hparams struct {
 	// block of DenseFF (GLM, DeepSeek).
 	DenseLead, DenseFF int
 	// SharedFF is the shared experts' feed-forward size (0: none); every
-	// token goes through them, beside the routed experts.
-	SharedFF int
+	// token goes through them, beside the routed experts. SharedRemote:
+	// they are hosted like routed experts (the manifest's shared list)
+	// and called as expert number Experts of their layer, with weight 1;
+	// else they run in the gating compute.
+	SharedFF     int
+	SharedRemote bool
 	// QKVBias: Q, K and V have biases (GLM). PostNorm: the feed-forward
 	// norm is named post_attention_norm (GLM), not ffn_norm.
 	QKVBias, PostNorm bool
@@ -205,6 +209,9 @@ func HparamsOf(m *neuropb.Manifest, gating *model.Shard) (Hparams, error) {
 	if err := ropeScaling(&h, gating); err != nil {
 		return Hparams{}, err
 	}
+	if err := sharedRemote(&h, m); err != nil {
+		return Hparams{}, err
+	}
 	if h.RMSEps == 0 {
 		return Hparams{}, fmt.Errorf("gating compute: %s.attention.layer_norm_rms_epsilon is missing", arch)
 	}
@@ -297,6 +304,22 @@ func ffnShapes(h *Hparams, gating *model.Shard) error {
 	if t, ok := gating.File.Tensor(fmt.Sprintf("blk.%d.ffn_gate_shexp.weight", h.DenseLead)); ok && len(t.Shape) == 2 {
 		h.SharedFF = int(t.Shape[1])
 	}
+	return nil
+}
+
+// sharedRemote reads the hosted shared experts' size from the manifest.
+func sharedRemote(h *Hparams, m *neuropb.Manifest) error {
+	if len(m.GetShared()) == 0 {
+		return nil
+	}
+	if h.SharedFF != 0 {
+		return errors.New("gating compute: the shared experts are both in the gating shard and hosted")
+	}
+	ts := m.GetShared()[0].GetShard().GetTensors()
+	if len(ts) == 0 || len(ts[0].GetShape()) != 2 || ts[0].GetShape()[0] != uint64(h.Embd) {
+		return fmt.Errorf("gating compute: the shared expert shard of layer %d is not an expert of embd %d", m.GetShared()[0].GetLayer(), h.Embd)
+	}
+	h.SharedFF, h.SharedRemote = int(ts[0].GetShape()[1]), true
 	return nil
 }
 

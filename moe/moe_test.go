@@ -85,6 +85,26 @@ func TestLocalExpertsRoutesAndCombines(t *testing.T) {
 	if _, err := le.MoE(context.Background(), 6, x, n, selected, weights); err == nil || !strings.Contains(err.Error(), "no expert 6:2") {
 		t.Errorf("missing expert: %v", err)
 	}
+	// A hosted shared expert rides as a third slot of weight 1: the result
+	// is the routed sum plus its output, added last.
+	sel3 := []int32{2, 0, 1, 0, 1, 1, 2, 1, 1}
+	w3 := []float32{0.7, 0.3, 1, 0.6, 0.4, 1, 0.5, 0.5, 1}
+	got3, err := le.MoE(context.Background(), 5, x, n, sel3, w3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for tok := range n {
+		v := x[tok*embd]
+		routed := float32(float32(scales[sel3[tok*3]].k*v*w3[tok*3]) + float32(scales[sel3[tok*3+1]].k*v*w3[tok*3+1]))
+		if want := float32(routed + 100*v); got3[tok*embd] != want {
+			t.Fatalf("token %d with the shared slot: %v, want %v", tok, got3[tok*embd], want)
+		}
+	}
+	for _, bad := range [][2]int{{5, 5}, {6, 3}, {0, 0}} { // a partial token; weights that disagree; nothing
+		if _, err := le.MoE(context.Background(), 5, x, n, make([]int32, bad[0]), make([]float32, bad[1])); err == nil {
+			t.Errorf("%d experts and %d weights for %d tokens accepted", bad[0], bad[1], n)
+		}
+	}
 	if err := le.Close(); err != nil || !scales[1].closed {
 		t.Errorf("close: %v, closed %v", err, scales[1].closed)
 	}

@@ -41,7 +41,12 @@ type Manifest struct {
 	Experts []*ExpertShardRef `protobuf:"bytes,5,rep,name=experts,proto3" json:"experts,omitempty"`
 	// Every tensor name of the original file, in its original order, so that
 	// joining the shards rebuilds the file.
-	TensorOrder   []string `protobuf:"bytes,6,rep,name=tensor_order,json=tensorOrder,proto3" json:"tensor_order,omitempty"`
+	TensorOrder []string `protobuf:"bytes,6,rep,name=tensor_order,json=tensorOrder,proto3" json:"tensor_order,omitempty"`
+	// Shared experts hosted like routed ones (GLM, DeepSeek; `model split
+	// --shared-experts remote`): one shard per MoE layer, called as expert
+	// number params.experts of its layer with weight 1. Empty: the shared
+	// experts are in the gating shard and run where the attention runs.
+	Shared        []*ExpertShardRef `protobuf:"bytes,7,rep,name=shared,proto3" json:"shared,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -114,6 +119,13 @@ func (x *Manifest) GetExperts() []*ExpertShardRef {
 func (x *Manifest) GetTensorOrder() []string {
 	if x != nil {
 		return x.TensorOrder
+	}
+	return nil
+}
+
+func (x *Manifest) GetShared() []*ExpertShardRef {
+	if x != nil {
+		return x.Shared
 	}
 	return nil
 }
@@ -454,14 +466,15 @@ var File_model_proto protoreflect.FileDescriptor
 
 const file_model_proto_rawDesc = "" +
 	"\n" +
-	"\vmodel.proto\x12\bneuro.v1\"\xf8\x01\n" +
+	"\vmodel.proto\x12\bneuro.v1\"\xaa\x02\n" +
 	"\bManifest\x12\x16\n" +
 	"\x06format\x18\x01 \x01(\rR\x06format\x12\"\n" +
 	"\farchitecture\x18\x02 \x01(\tR\farchitecture\x12-\n" +
 	"\x06params\x18\x03 \x01(\v2\x15.neuro.v1.ModelParamsR\x06params\x12*\n" +
 	"\x06gating\x18\x04 \x01(\v2\x12.neuro.v1.ShardRefR\x06gating\x122\n" +
 	"\aexperts\x18\x05 \x03(\v2\x18.neuro.v1.ExpertShardRefR\aexperts\x12!\n" +
-	"\ftensor_order\x18\x06 \x03(\tR\vtensorOrder\"\xe2\x02\n" +
+	"\ftensor_order\x18\x06 \x03(\tR\vtensorOrder\x120\n" +
+	"\x06shared\x18\a \x03(\v2\x18.neuro.v1.ExpertShardRefR\x06shared\"\xe2\x02\n" +
 	"\vModelParams\x12\x16\n" +
 	"\x06layers\x18\x01 \x01(\rR\x06layers\x12\x18\n" +
 	"\aexperts\x18\x02 \x01(\rR\aexperts\x12!\n" +
@@ -515,13 +528,14 @@ var file_model_proto_depIdxs = []int32{
 	1, // 0: neuro.v1.Manifest.params:type_name -> neuro.v1.ModelParams
 	2, // 1: neuro.v1.Manifest.gating:type_name -> neuro.v1.ShardRef
 	4, // 2: neuro.v1.Manifest.experts:type_name -> neuro.v1.ExpertShardRef
-	3, // 3: neuro.v1.ShardRef.tensors:type_name -> neuro.v1.TensorRef
-	2, // 4: neuro.v1.ExpertShardRef.shard:type_name -> neuro.v1.ShardRef
-	5, // [5:5] is the sub-list for method output_type
-	5, // [5:5] is the sub-list for method input_type
-	5, // [5:5] is the sub-list for extension type_name
-	5, // [5:5] is the sub-list for extension extendee
-	0, // [0:5] is the sub-list for field type_name
+	4, // 3: neuro.v1.Manifest.shared:type_name -> neuro.v1.ExpertShardRef
+	3, // 4: neuro.v1.ShardRef.tensors:type_name -> neuro.v1.TensorRef
+	2, // 5: neuro.v1.ExpertShardRef.shard:type_name -> neuro.v1.ShardRef
+	6, // [6:6] is the sub-list for method output_type
+	6, // [6:6] is the sub-list for method input_type
+	6, // [6:6] is the sub-list for extension type_name
+	6, // [6:6] is the sub-list for extension extendee
+	0, // [0:6] is the sub-list for field type_name
 }
 
 func init() { file_model_proto_init() }

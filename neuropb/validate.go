@@ -166,6 +166,18 @@ func (m *Manifest) Validate() error {
 			return err
 		}
 	}
+	if n := len(m.GetShared()); n != 0 && uint64(n) != moe {
+		return invalid("manifest: %d shared expert shards, want one per MoE layer (%d) or none", n, moe)
+	}
+	for i, e := range m.GetShared() {
+		wantL := p.GetDenseLead() + uint32(i)
+		if e.GetLayer() != wantL || e.GetExpert() != p.GetExperts() {
+			return invalid("manifest: shared[%d] is %d:%d, want %d:%d", i, e.GetLayer(), e.GetExpert(), wantL, p.GetExperts())
+		}
+		if err := e.GetShard().validate(fmt.Sprintf("shared expert %d:%d", wantL, p.GetExperts())); err != nil {
+			return err
+		}
+	}
 	if len(m.GetTensorOrder()) == 0 {
 		return invalid("manifest: empty tensor order")
 	}
@@ -312,15 +324,57 @@ func (m *Manifest) MoELayers() (first, end int) {
 func (m *Manifest) ExpertFLOPsPerToken() uint64 {
 	first, end := m.MoELayers()
 	p := m.GetParams()
-	return 6 * uint64(p.GetEmbd()) * uint64(p.GetFf()) * uint64(p.GetExpertsUsed()) * uint64(max(0, end-first))
+	flops := 6 * uint64(p.GetEmbd()) * uint64(p.GetFf()) * uint64(p.GetExpertsUsed()) * uint64(max(0, end-first))
+	for _, sh := range m.GetShared() { // remote shared experts are expert work too
+		if ts := sh.GetShard().GetTensors(); len(ts) > 0 && len(ts[0].GetShape()) == 2 {
+			flops += 6 * ts[0].GetShape()[0] * ts[0].GetShape()[1]
+		}
+	}
+	return flops
+}
+
+// ExpertsPerLayer is how many experts a MoE layer has on the network: the
+// routed ones, and the shared one when it is hosted (SharedExpert).
+func (m *Manifest) ExpertsPerLayer() int {
+	n := int(m.GetParams().GetExperts())
+	if len(m.GetShared()) > 0 {
+		n++
+	}
+	return n
+}
+
+// SharedExpert is the expert number of a MoE layer's hosted shared expert
+// (params.experts), or -1 when the shared experts are in the gating shard
+// or the model has none.
+func (m *Manifest) SharedExpert() int {
+	if len(m.GetShared()) == 0 {
+		return -1
+	}
+	return int(m.GetParams().GetExperts())
+}
+
+// AllExperts lists every hosted expert's entry: the routed ones, then the
+// shared ones.
+func (m *Manifest) AllExperts() []*ExpertShardRef {
+	if len(m.GetShared()) == 0 {
+		return m.GetExperts()
+	}
+	return append(append([]*ExpertShardRef(nil), m.GetExperts()...), m.GetShared()...)
 }
 
 // ExpertRef is expert (layer, expert)'s entry, or nil when the model has
-// no such expert (a dense leading layer, or out of range).
+// no such expert (a dense leading layer, or out of range). Expert
+// params.experts is the layer's hosted shared expert, if any.
 func (m *Manifest) ExpertRef(layer, expert int) *ExpertShardRef {
 	first, end := m.MoELayers()
 	per := int(m.GetParams().GetExperts())
-	if layer < first || layer >= end || expert < 0 || expert >= per {
+	if layer < first || layer >= end || expert < 0 || expert >= m.ExpertsPerLayer() {
+		return nil
+	}
+	if expert == per {
+		if i := layer - first; i < len(m.GetShared()) {
+			return m.GetShared()[i]
+		}
 		return nil
 	}
 	if i := (layer-first)*per + expert; i < len(m.GetExperts()) {

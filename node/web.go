@@ -396,7 +396,7 @@ func (n *Node) State(ctx context.Context) State {
 		sm := StateModel{Model: m}
 		if c, err := cid.Decode(m); err == nil && n.expert != nil {
 			if man, err := n.expert.Store().Manifest(c); err == nil {
-				sm.Layers, sm.Experts, sm.Known = int(man.GetParams().GetLayers()), int(man.GetParams().GetExperts()), true
+				sm.Layers, sm.Experts, sm.Known = int(man.GetParams().GetLayers()), man.ExpertsPerLayer(), true
 				sm.DenseLead = int(man.GetParams().GetDenseLead())
 			}
 		}

@@ -37,12 +37,12 @@ func (m *Model) Layers() int { return int(m.Manifest.GetParams().GetLayers()) }
 // FirstMoELayer is the first layer with experts (leading layers may be
 // dense).
 func (m *Model) FirstMoELayer() int { return int(m.Manifest.GetParams().GetDenseLead()) }
-func (m *Model) Experts() int       { return int(m.Manifest.GetParams().GetExperts()) }
+func (m *Model) Experts() int       { return m.Manifest.ExpertsPerLayer() } // a hosted shared expert too
 
 // PrepareModel splits the GGUF at path into dir/shards; with no path it
 // first generates the tiny model at dir/model.gguf (kept across runs of
 // the same dir).
-func PrepareModel(dir, path string, log *slog.Logger) (*Model, error) {
+func PrepareModel(dir, path string, log *slog.Logger, o model.SplitOptions) (*Model, error) {
 	if path == "" {
 		path = filepath.Join(dir, "model.gguf")
 		if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
@@ -60,7 +60,7 @@ func PrepareModel(dir, path string, log *slog.Logger) (*Model, error) {
 	if err := os.RemoveAll(shards); err != nil {
 		return nil, fmt.Errorf("testnet: %w", err)
 	}
-	res, err := model.Split(path, shards)
+	res, err := model.SplitWith(path, shards, o)
 	if err != nil {
 		return nil, fmt.Errorf("testnet: model %s: %w", path, err)
 	}

@@ -16,6 +16,7 @@ import (
 	"github.com/neuro-p2p/neuro/client"
 	"github.com/neuro-p2p/neuro/expert"
 	"github.com/neuro-p2p/neuro/internal/progress"
+	"github.com/neuro-p2p/neuro/model"
 	"github.com/neuro-p2p/neuro/node"
 )
 
@@ -37,9 +38,12 @@ type Scenario struct {
 	// Binary is the neurod executable the nodes run.
 	Binary string
 	// Model is the GGUF file served; "" generates the tiny model.
-	Model     string
-	Prompt    string
-	MaxTokens int
+	Model string
+	// SharedRemote splits the model with its shared experts hosted like
+	// routed ones (model.SplitOptions).
+	SharedRemote bool
+	Prompt       string
+	MaxTokens    int
 	// Requests is how many times the prompt is answered (at least 1);
 	// every answer must have the same tokens.
 	Requests int
@@ -178,7 +182,7 @@ func (r *Run) stages(ctx context.Context) error {
 	if err := r.S.Topology.Setup(ctx, r); err != nil {
 		return err
 	}
-	m, err := PrepareModel(r.Dir, r.S.Model, r.log)
+	m, err := PrepareModel(r.Dir, r.S.Model, r.log, model.SplitOptions{SharedRemote: r.S.SharedRemote})
 	if err != nil {
 		return err
 	}

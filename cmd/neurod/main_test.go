@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -616,6 +617,10 @@ func TestQwen3MoeModel(t *testing.T) {
 				t.Fatalf("info: %+v", info)
 			}
 			sameTokensEverywhere(t, path)
+			if tc.arch == "deepseek2" || tc.arch == "glm4moe" {
+				// The shared experts hosted and called like routed ones.
+				sameTokensEverywhere(t, path, "--shared-experts", "remote")
+			}
 		})
 	}
 	if r := neurod(t, nil, "model", "make", "--arch", "olmoe", "--out", filepath.Join(t.TempDir(), "x.gguf")); r.code == 0 ||
@@ -626,7 +631,7 @@ func TestQwen3MoeModel(t *testing.T) {
 
 // sameTokensEverywhere fails unless generate --local, generate --split and
 // a two-expert-node testnet give the model at path the same greedy tokens.
-func sameTokensEverywhere(t *testing.T, path string) {
+func sameTokensEverywhere(t *testing.T, path string, testnetArgs ...string) {
 	t.Helper()
 	var first string
 	for _, mode := range []string{"--local", "--split"} {
@@ -642,12 +647,26 @@ func sameTokensEverywhere(t *testing.T, path string) {
 		}
 		first = fmt.Sprint(out.Tokens)
 	}
-	r := neurodWithin(t, 3*time.Minute, testEnv, "testnet", "--nodes", "2", "--model", path, "--prompt", "the model", "--max-tokens", "16",
-		"--check", "--json", "--dir", t.TempDir())
+	args := append([]string{"testnet", "--nodes", "2", "--model", path, "--prompt", "the model", "--max-tokens", "16",
+		"--check", "--json", "--dir", t.TempDir()}, testnetArgs...)
+	r := neurodWithin(t, 3*time.Minute, testEnv, args...)
 	var rep struct {
 		Tokens []int32 `json:"tokens"`
+		Nodes  []struct {
+			Experts []string `json:"experts"`
+		} `json:"nodes"`
 	}
 	if r.code != 0 || json.Unmarshal([]byte(r.stdout), &rep) != nil || fmt.Sprint(rep.Tokens) != first {
-		t.Fatalf("testnet on %s: exit %d, tokens %v, want %s\n%s", filepath.Base(path), r.code, rep.Tokens, first, r.stderr)
+		t.Fatalf("testnet %v on %s: exit %d, tokens %v, want %s\n%s", testnetArgs, filepath.Base(path), r.code, rep.Tokens, first, r.stderr)
+	}
+	if slices.Contains(testnetArgs, "remote") {
+		// The shared expert (expert 8 of the tiny presets' 8) is hosted.
+		hosted := false
+		for _, n := range rep.Nodes {
+			hosted = hosted || slices.Contains(n.Experts, "1:8")
+		}
+		if !hosted {
+			t.Fatalf("no node hosts the shared expert 1:8: %+v", rep.Nodes)
+		}
 	}
 }

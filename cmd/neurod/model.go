@@ -40,7 +40,8 @@ the model's ID, and join rebuilds the GGUF from the shards.`,
 }
 
 func newModelImportCmd(g *globalFlags) *cobra.Command {
-	return &cobra.Command{
+	var shared string
+	cmd := &cobra.Command{
 		Use:   "import MODEL.gguf [--home DIR]",
 		Short: "Split a model into the node's store; it spreads through the network by CID",
 		Long: `import splits MODEL.gguf and puts the manifest and every shard, verified
@@ -62,7 +63,7 @@ last.`,
 				return err
 			}
 			defer os.RemoveAll(tmp)
-			res, err := splitShowing(cmd.ErrOrStderr(), args[0], tmp)
+			res, err := splitShowing(cmd.ErrOrStderr(), args[0], tmp, shared)
 			if err != nil {
 				return err
 			}
@@ -85,17 +86,37 @@ last.`,
 			return nil
 		},
 	}
+	cmd.Flags().StringVar(&shared, "shared-experts", "gating", sharedExpertsHelp)
+	return cmd
+}
+
+// sharedExpertsHelp is the --shared-experts flag's help.
+const sharedExpertsHelp = "where a model's shared experts (GLM, DeepSeek) run: gating (in the gating shard, computed where the attention runs) or remote (shards of their own, hosted and called like routed experts)"
+
+// sharedRemote parses --shared-experts.
+func sharedRemote(v string) (bool, error) {
+	switch v {
+	case "gating", "":
+		return false, nil
+	case "remote":
+		return true, nil
+	}
+	return false, fmt.Errorf("flag --shared-experts %q: want gating or remote", v)
 }
 
 // splitShowing splits the model at path into dir with a progress bar on w
 // (a terminal only).
-func splitShowing(w io.Writer, path, dir string) (*model.SplitResult, error) {
+func splitShowing(w io.Writer, path, dir, shared string) (*model.SplitResult, error) {
+	remote, err := sharedRemote(shared)
+	if err != nil {
+		return nil, err
+	}
 	bar := progress.New(w).Bar(-1, "splitting into shards", false)
 	defer bar.Finish()
-	return model.SplitProgress(path, dir, func(done, total int) {
+	return model.SplitWith(path, dir, model.SplitOptions{SharedRemote: remote, Progress: func(done, total int) {
 		bar.ChangeMax(total)
 		_ = bar.Set(done)
-	})
+	}})
 }
 
 func presetNames() string {
@@ -310,7 +331,7 @@ func writeModel(out, arch string, params model.Params, dt model.DType, seed uint
 }
 
 func newModelSplitCmd() *cobra.Command {
-	var out string
+	var out, shared string
 	cmd := &cobra.Command{
 		Use:   "split MODEL.gguf --out DIR",
 		Short: "Split a MoE model into content-addressed shards; prints the model CID last",
@@ -324,7 +345,7 @@ the last line.`,
 			if out == "" {
 				return errors.New("flag --out: required")
 			}
-			res, err := splitShowing(cmd.ErrOrStderr(), args[0], out)
+			res, err := splitShowing(cmd.ErrOrStderr(), args[0], out, shared)
 			if err != nil {
 				return err
 			}
@@ -332,12 +353,16 @@ the last line.`,
 			w := cmd.OutOrStdout()
 			fmt.Fprintf(w, "split %s (%s): %d layers x %d experts (top-%d) = %d expert shards + 1 gating shard in %s\n",
 				args[0], res.Manifest.GetArchitecture(), p.GetLayers(), p.GetExperts(), p.GetExpertsUsed(),
-				len(res.Manifest.GetExperts()), out)
+				len(res.Manifest.AllExperts()), out)
+			if n := len(res.Manifest.GetShared()); n > 0 {
+				fmt.Fprintf(w, "the shared experts are hosted like routed ones: %d of the expert shards, expert %d of each MoE layer\n", n, p.GetExperts())
+			}
 			fmt.Fprintln(w, res.ModelCID)
 			return nil
 		},
 	}
 	cmd.Flags().StringVar(&out, "out", "", "output directory (required)")
+	cmd.Flags().StringVar(&shared, "shared-experts", "gating", sharedExpertsHelp)
 	return cmd
 }
 

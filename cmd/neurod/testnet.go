@@ -32,7 +32,7 @@ type testnetFlags struct {
 	nodes, maxTokens, validators, requests, homes, publics int
 	concurrency                                            int
 	dir, model, prompt, dashboard                          string
-	kill, slow, faulty, device                             string
+	kill, slow, faulty, device, shared                     string
 	nat, rtt, jitter, loss, bandwidth                      string
 	json, check, netns, spread                             bool
 	timeout                                                time.Duration
@@ -91,6 +91,7 @@ func (f *testnetFlags) register(fs *pflag.FlagSet) {
 	fs.BoolVar(&f.check, "check", false, "exit after answering the prompt: 0 when all went well, 1 otherwise")
 	fs.DurationVar(&f.timeout, "timeout", 120*time.Second, "how long to wait for the network to be up, healthy and serving the model")
 	fs.StringVar(&f.model, "model", "", "GGUF MoE model to serve (default: the generated tiny model)")
+	fs.StringVar(&f.shared, "shared-experts", "gating", "where a model's shared experts (GLM, DeepSeek) run: gating (in the gating node's compute) or remote (hosted and called like routed experts)")
 	fs.StringVar(&f.prompt, "prompt", "Once upon a time", "the prompt to answer")
 	fs.IntVar(&f.maxTokens, "max-tokens", 32, "most tokens to generate")
 	fs.StringVar(&f.kill, "kill", "", "K@T: SIGKILL the K busiest expert nodes after token T")
@@ -136,7 +137,11 @@ func (f *testnetFlags) scenario(fs *pflag.FlagSet) (*testnet.Scenario, error) {
 	if err != nil {
 		return nil, fmt.Errorf("testnet: find neurod binary: %w", err)
 	}
-	s := &testnet.Scenario{Dir: f.dir, Binary: bin, Model: f.model, Prompt: f.prompt, MaxTokens: f.maxTokens,
+	remote, err := sharedRemote(f.shared)
+	if err != nil {
+		return nil, err
+	}
+	s := &testnet.Scenario{Dir: f.dir, Binary: bin, Model: f.model, SharedRemote: remote, Prompt: f.prompt, MaxTokens: f.maxTokens,
 		Requests: f.requests, Concurrency: f.concurrency, Timeout: f.timeout, Check: f.check}
 	if f.netns {
 		s.Topology, err = f.netnsTopology(fs)
