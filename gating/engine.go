@@ -631,6 +631,18 @@ func (e *Engine) FLOPsPerToken(mc cid.Cid) (uint64, bool) {
 	return m.manifest.ExpertFLOPsPerToken(), true
 }
 
+// ReasoningFormat is how model mc's answers mark their reasoning
+// (ReasoningThink, ReasoningHarmony; ReasoningNone when it is not served).
+func (e *Engine) ReasoningFormat(mc cid.Cid) string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	m := e.models[mc]
+	if m == nil || m.manifest == nil {
+		return ReasoningNone
+	}
+	return ReasoningFormat(m.manifest.GetArchitecture())
+}
+
 // servedModel is the loaded model a valid request asks for.
 func (e *Engine) servedModel(req *neuropb.InferRequest) (*served, error) {
 	if err := req.Validate(); err != nil {

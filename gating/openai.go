@@ -253,7 +253,11 @@ type completionRequest struct {
 
 type chatRequest struct {
 	common
-	Messages []struct {
+	// ReasoningFormat is llama.cpp server's: "none" returns the answer
+	// as the model wrote it; "auto" (the default) or "deepseek" put the
+	// reasoning in reasoning_content.
+	ReasoningFormat *string `json:"reasoning_format"`
+	Messages        []struct {
 		Role    string          `json:"role"`
 		Content json.RawMessage `json:"content"`
 	} `json:"messages"`
@@ -335,6 +339,9 @@ func parseChat(body []byte, only cid.Cid) (*neuropb.InferRequest, *chatRequest, 
 	if len(req.Messages) == 0 {
 		return nil, nil, badParam("messages", errors.New("messages is empty"))
 	}
+	if f := req.ReasoningFormat; f != nil && *f != "none" && *f != "auto" && *f != "deepseek" {
+		return nil, nil, badParam("reasoning_format", fmt.Errorf("%q: want none, auto or deepseek", *f))
+	}
 	for i, m := range req.Messages {
 		content, err := messageText(m.Content)
 		if err != nil {
@@ -390,7 +397,7 @@ var (
 			t := strings.TrimSpace(string(v))
 			return t == "null" || t == "1"
 		}}})
-	chatParams = withParams(commonParams, map[string]param{"messages": implemented})
+	chatParams = withParams(commonParams, map[string]param{"messages": implemented, "reasoning_format": implemented})
 )
 
 func withParams(a, b map[string]param) map[string]param {
@@ -505,7 +512,12 @@ func (a *httpAPI) chat(w http.ResponseWriter, r *http.Request) {
 		writeRequestError(w, rerr)
 		return
 	}
-	a.run(w, r, ir, true, req.Model, req.Stream)
+	format := ReasoningNone
+	if req.ReasoningFormat == nil || *req.ReasoningFormat != "none" {
+		c, _ := cid.Cast(ir.GetModel())
+		format = a.e.ReasoningFormat(c)
+	}
+	a.runSplit(w, r, ir, true, req.Model, req.Stream, format)
 }
 
 // writeRequestError answers a bad request body: 400 with OpenAI's error
@@ -582,6 +594,12 @@ func usageOf(res *Result) usage {
 
 // run generates and answers, as one JSON object or as server-sent events.
 func (a *httpAPI) run(w http.ResponseWriter, r *http.Request, ir *neuropb.InferRequest, chat bool, model string, stream bool) {
+	a.runSplit(w, r, ir, chat, model, stream, ReasoningNone)
+}
+
+// runSplit answers a request; a chat's answer is split into
+// reasoning_content and content as format says.
+func (a *httpAPI) runSplit(w http.ResponseWriter, r *http.Request, ir *neuropb.InferRequest, chat bool, model string, stream bool, format string) {
 	if model == "" {
 		c, _ := cid.Cast(ir.GetModel())
 		model = c.String()
@@ -599,7 +617,12 @@ func (a *httpAPI) run(w http.ResponseWriter, r *http.Request, ir *neuropb.InferR
 		}
 		choice := map[string]any{"index": 0, "finish_reason": finishReason(res.Reason), "logprobs": nil}
 		if chat {
-			choice["message"] = map[string]string{"role": "assistant", "content": res.Text}
+			reasoning, content := splitReasoning(format, false, res.Text)
+			msg := map[string]string{"role": "assistant", "content": content}
+			if reasoning = strings.TrimSpace(reasoning); reasoning != "" {
+				msg["reasoning_content"] = reasoning
+			}
+			choice["message"] = msg
 		} else {
 			choice["text"] = res.Text
 		}
@@ -623,21 +646,33 @@ func (a *httpAPI) run(w http.ResponseWriter, r *http.Request, ir *neuropb.InferR
 		}
 		return nil
 	}
-	chunk := func(delta string, first bool, finish *string) map[string]any {
+	split := newReasoningSplitter(format, false)
+	// chunk is the event of one delta; held reports a chat delta that the
+	// splitter holds back whole (a marker may be starting): no event.
+	chunk := func(delta string, first bool, finish *string) (_ map[string]any, held bool) {
 		choice := map[string]any{"index": 0, "finish_reason": finish, "logprobs": nil}
 		if chat {
 			d := map[string]string{}
 			if first {
 				d["role"] = "assistant"
 			}
-			if delta != "" || !first {
-				d["content"] = delta
+			reasoning, content := split.Push(delta)
+			if finish != nil {
+				r2, c2 := split.Flush()
+				reasoning, content = reasoning+r2, content+c2
+			}
+			if reasoning != "" {
+				d["reasoning_content"] = reasoning
+			}
+			if content != "" || (!first && reasoning == "") {
+				d["content"] = content
 			}
 			choice["delta"] = d
+			held = !first && finish == nil && reasoning == "" && content == ""
 		} else {
 			choice["text"] = delta
 		}
-		return map[string]any{"id": id, "object": chunkObject, "created": created, "model": model, "choices": []any{choice}}
+		return map[string]any{"id": id, "object": chunkObject, "created": created, "model": model, "choices": []any{choice}}, held
 	}
 	res, err := a.e.Generate(r.Context(), ir, Callbacks{
 		Bill: billOf(r),
@@ -649,7 +684,8 @@ func (a *httpAPI) run(w http.ResponseWriter, r *http.Request, ir *neuropb.InferR
 			w.WriteHeader(http.StatusOK)
 			started = true
 			if chat {
-				return event(chunk("", true, nil))
+				c, _ := chunk("", true, nil)
+				return event(c)
 			}
 			return nil
 		},
@@ -657,7 +693,11 @@ func (a *httpAPI) run(w http.ResponseWriter, r *http.Request, ir *neuropb.InferR
 			if t.Text == "" {
 				return nil
 			}
-			return event(chunk(t.Text, false, nil))
+			c, held := chunk(t.Text, false, nil)
+			if held {
+				return nil
+			}
+			return event(c)
 		},
 		// Server-sent events cannot take text back.
 		Rewind: func(keep, _ int) error {
@@ -679,7 +719,7 @@ func (a *httpAPI) run(w http.ResponseWriter, r *http.Request, ir *neuropb.InferR
 		w.WriteHeader(http.StatusOK)
 	}
 	fr := finishReason(res.Reason)
-	last := chunk(res.Rest, false, &fr)
+	last, _ := chunk(res.Rest, false, &fr)
 	last["usage"] = usageOf(res)
 	if event(last) == nil {
 		_, _ = io.WriteString(w, "data: [DONE]\n\n")

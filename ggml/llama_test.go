@@ -260,6 +260,16 @@ func TestChatTemplatesPerArchitecture(t *testing.T) {
 			if !l.IsEOG(ret) || !l.IsEOG(call) || l.IsEOG(end) {
 				t.Errorf("gpt-oss: <|return|> ends a generation %v, <|call|> %v, <|end|> %v (want true, true, false)", l.IsEOG(ret), l.IsEOG(call), l.IsEOG(end))
 			}
+			// llama.cpp makes the harmony markers user-defined tokens, so
+			// they stay in the generated text, where the OpenAI API splits
+			// the analysis channel off; other control tokens do not.
+			channel, message, eot := int32(p.Vocab-5), int32(p.Vocab-2), int32(p.Vocab-8)
+			words, _ := l.Tokenize("final", false)
+			hi, _ := l.Tokenize("Hi", false)
+			toks := append(append(append([]int32{channel}, words...), message), append(hi, eot)...)
+			if got := l.Continue(toks); got != "<|channel|>final<|message|>Hi" {
+				t.Errorf("gpt-oss: Continue %q", got)
+			}
 		}
 		l.Close()
 	}

@@ -38,6 +38,15 @@ var bpeControls = map[string][]string{
 	"glm4moe":   {"<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"},
 }
 
+// bpeUserTokens are each architecture's user-defined tokens, before the
+// control tokens: the thinking tags of the models that reason in them
+// (Qwen3, DeepSeek-R1, GLM-4.5), whole tokens that render as text.
+var bpeUserTokens = map[string][]string{
+	"qwen3moe":  {"<think>", "</think>"},
+	"deepseek2": {"<think>", "</think>"},
+	"glm4moe":   {"<think>", "</think>"},
+}
+
 // chatTemplates are short templates of each architecture's chat format:
 // llama.cpp recognises the family by its markers (ChatML's <|im_start|>,
 // GLM-4's [gMASK]<sop>) and formats the chat itself.
@@ -57,16 +66,16 @@ var chatTemplates = map[string]string{
 
 // bpeVocabulary makes n tokens: the 256 byte symbols, tokens merged from
 // them (first's words, common words with and without a leading space, then letter pairs,
-// then longer runs) with the merges that make them, and the control
-// tokens. The same n always gives the same vocabulary.
-func bpeVocabulary(n int, controls, first []string) (tokens []string, types []int32, merges []string) {
+// then longer runs) with the merges that make them, the user-defined
+// tokens and the control tokens. The same n always gives the same vocabulary.
+func bpeVocabulary(n int, user, controls, first []string) (tokens []string, types []int32, merges []string) {
 	sym := byteSymbols()
 	seen := map[string]bool{}
 	for _, s := range sym {
 		tokens, types = append(tokens, s), append(types, tokNormal)
 		seen[s] = true
 	}
-	room := n - len(controls)
+	room := n - len(user) - len(controls)
 	// merge adds the token a+b (and its merge) when both parts exist.
 	merge := func(a, b string) string {
 		t := a + b
@@ -103,6 +112,9 @@ func bpeVocabulary(n int, controls, first []string) (tokens []string, types []in
 	}
 	for i := 0; len(tokens) < room; i++ {
 		word(fmt.Sprintf(" w%d", i))
+	}
+	for _, u := range user {
+		tokens, types = append(tokens, u), append(types, tokUser)
 	}
 	for _, c := range controls {
 		tokens, types = append(tokens, c), append(types, tokControl)

@@ -77,12 +77,32 @@ type Params struct {
 // first, so the chain of prefixes goes ahead of every other piece); for
 // the GPT-2 BPE ones, the words as its pre-tokenizer cuts them (a letter,
 // digit or other run with the space before it), whose merges then rank
-// first.
+// first. The architecture's user-defined tokens (<think>, </think>) are
+// whole tokens already: the text between them is cut on its own, as
+// llama.cpp's tokenizer does.
 func PlantPieces(arch, text string) []string {
-	if arch != "llama" {
-		return preTokens(text)
+	if arch == "llama" {
+		return spmPieces(text)
 	}
-	return spmPieces(text)
+	frags := []string{text}
+	for _, u := range bpeUserTokens[arch] {
+		var next []string
+		for _, f := range frags {
+			next = append(next, strings.Split(f, u)...)
+		}
+		frags = next
+	}
+	var out []string
+	seen := map[string]bool{}
+	for _, f := range frags {
+		for _, w := range preTokens(f) {
+			if !seen[w] {
+				seen[w] = true
+				out = append(out, w)
+			}
+		}
+	}
+	return out
 }
 
 // preTokens cuts text as GPT-2's pre-tokenizer regex does for plain
@@ -366,7 +386,7 @@ func GenerateArch(w io.Writer, arch string, p Params, dtype DType, seed uint64) 
 		// harmony format) or the next role token (GLM's <|user|>), the
 		// text with <|endoftext|>.
 		controls := bpeControls[arch]
-		btoks, btypes, merges := bpeVocabulary(p.Vocab, controls, p.PlantPieces)
+		btoks, btypes, merges := bpeVocabulary(p.Vocab, bpeUserTokens[arch], controls, p.PlantPieces)
 		first := uint32(len(btoks) - len(controls))
 		bos, eos := first, first+2 // <|endoftext|>, <|im_end|>
 		addBOS := false
@@ -519,6 +539,7 @@ const (
 	tokNormal  int32 = 1
 	tokUnknown int32 = 2
 	tokControl int32 = 3
+	tokUser    int32 = 4 // user-defined: matched whole, rendered as text
 	tokByte    int32 = 6
 )
 

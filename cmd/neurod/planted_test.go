@@ -1,10 +1,14 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
+	"io"
+	"net/http"
 	"strings"
 	"testing"
+	"time"
 )
 
 // A planted model speaks, in every architecture the gating compute runs:
@@ -63,4 +67,81 @@ func TestPlantedModelSpeaks(t *testing.T) {
 			t.Fatalf("a word with two successors: %+v", r)
 		}
 	})
+}
+
+// A Qwen3-style model that reasons in <think> tags (user-defined tokens of
+// its vocabulary, as in Qwen3's), planted to answer any chat with
+// "<think>Greet them first!</think>Hello there, friend.": the OpenAI chat
+// API of a testnet returns the reasoning as reasoning_content and the rest
+// as content, streamed or not, and the raw text with reasoning_format
+// "none"; a completion keeps the raw text.
+func TestChatReasoningThroughTheNetwork(t *testing.T) {
+	t.Parallel()
+	const answer = "<think>Greet them first!</think>Hello there, friend."
+	path := makeModel(t, "--arch", "qwen3moe", "--planted", "assistant\n"+answer, "--embd", "128", "--ff", "128", "--type", "q8_0", "--seed", "5")
+	ctx, cancel := context.WithTimeout(t.Context(), 120*time.Second)
+	defer cancel()
+	_, _, rep := runningTestnet(t, ctx, "--nodes", "2", "--model", path, "--prompt", "assistant", "--max-tokens", "4")
+	post := func(path, body string) string {
+		t.Helper()
+		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+rep.HTTP+path, strings.NewReader(body))
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		raw, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != 200 {
+			t.Fatalf("%s: %d %s", path, resp.StatusCode, raw)
+		}
+		return string(raw)
+	}
+	chat := func(extra string) map[string]string {
+		var out struct {
+			Choices []struct {
+				Message map[string]string `json:"message"`
+			} `json:"choices"`
+		}
+		raw := post("/v1/chat/completions", `{"messages":[{"role":"user","content":"hi"}],"max_tokens":32,"temperature":0`+extra+`}`)
+		if err := json.Unmarshal([]byte(raw), &out); err != nil || len(out.Choices) != 1 {
+			t.Fatalf("chat: %v %s", err, raw)
+		}
+		return out.Choices[0].Message
+	}
+	if m := chat(""); m["reasoning_content"] != "Greet them first!" || m["content"] != "Hello there, friend." {
+		t.Fatalf("chat: %q", m)
+	}
+	if m := chat(`,"reasoning_format":"none"`); m["content"] != answer || m["reasoning_content"] != "" {
+		t.Fatalf("reasoning_format none: %q", m)
+	}
+	raw := post("/v1/chat/completions", `{"messages":[{"role":"user","content":"hi"}],"max_tokens":32,"temperature":0,"stream":true}`)
+	var reasoning, content string
+	for _, line := range strings.Split(raw, "\n") {
+		data, ok := strings.CutPrefix(line, "data: ")
+		if !ok || data == "[DONE]" {
+			continue
+		}
+		var ev struct {
+			Choices []struct {
+				Delta map[string]string `json:"delta"`
+			} `json:"choices"`
+		}
+		if err := json.Unmarshal([]byte(data), &ev); err != nil || len(ev.Choices) != 1 {
+			t.Fatalf("event %q: %v", data, err)
+		}
+		reasoning += ev.Choices[0].Delta["reasoning_content"]
+		content += ev.Choices[0].Delta["content"]
+	}
+	if reasoning != "Greet them first!" || content != "Hello there, friend." {
+		t.Fatalf("streamed: reasoning %q content %q\n%s", reasoning, content, raw)
+	}
+	var compl struct {
+		Choices []struct {
+			Text string `json:"text"`
+		} `json:"choices"`
+	}
+	raw = post("/v1/completions", `{"prompt":"assistant","max_tokens":32,"temperature":0}`)
+	if err := json.Unmarshal([]byte(raw), &compl); err != nil || len(compl.Choices) != 1 || compl.Choices[0].Text != "\n"+answer {
+		t.Fatalf("completion: %s", raw)
+	}
 }
