@@ -495,3 +495,56 @@ func roundTripQ8K(t *testing.T, v []float32) []float32 {
 	}
 	return y
 }
+
+// ComputeGroup gives each expert exactly what its own Compute gives (one
+// graph for all: the same ops), for a routed expert, gpt-oss's kind and a
+// dense shared one, and a call larger than an expert's MaxBatch (computed
+// in batches beside the group).
+func TestComputeGroupIsEachExpertsCompute(t *testing.T) {
+	const embd, ff = 64, 128
+	rng := rand.New(rand.NewPCG(3, 4))
+	weights := func() moe.ExpertWeights {
+		g, _ := randWeights(t, rng, model.Q8_0, embd*ff, 0.1)
+		u, _ := randWeights(t, rng, model.Q8_0, embd*ff, 0.1)
+		d, _ := randWeights(t, rng, model.Q8_0, embd*ff, 0.1)
+		return moe.ExpertWeights{Embd: embd, FF: ff, Gate: moe.Tensor{Type: model.Q8_0, Data: g},
+			Up: moe.Tensor{Type: model.Q8_0, Data: u}, Down: moe.Tensor{Type: model.Q8_0, Data: d}}
+	}
+	oai := weights()
+	oai.Act, oai.GateBias, oai.UpBias, oai.DownBias = model.ActSwiGLUOAI, make([]float32, ff), make([]float32, ff), make([]float32, embd)
+	for i := range oai.DownBias {
+		oai.DownBias[i] = float32(i) / 100
+	}
+	shared := weights()
+	shared.Dense = true
+	var calls, alone []moe.ExpertCall
+	for i, w := range []moe.ExpertWeights{weights(), oai, shared, weights()} {
+		mb := 8
+		if i == 3 {
+			mb = 2 // its call of 5 rows is over its MaxBatch
+		}
+		e, err := Backend{}.NewExpert(w, moe.ExpertOptions{Threads: 2, MaxBatch: mb})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer e.Close()
+		n := 1 + i + (i/3)*1
+		x := make([]float32, n*embd)
+		for j := range x {
+			x[j] = 2*rng.Float32() - 1
+		}
+		calls = append(calls, moe.ExpertCall{Expert: e, X: x, N: n, Out: make([]float32, len(x))})
+		alone = append(alone, moe.ExpertCall{Expert: e, X: x, N: n, Out: make([]float32, len(x))})
+	}
+	if err := (Backend{}).ComputeGroup(calls); err != nil {
+		t.Fatal(err)
+	}
+	for i, c := range alone {
+		if err := moe.ComputeBatched(c.Expert, c.X, c.N, c.Out); err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(c.Out, calls[i].Out) {
+			t.Fatalf("expert %d: the group's output differs from its own compute", i)
+		}
+	}
+}

@@ -61,18 +61,11 @@ struct neuro_expert {
 
 // build_graph builds the expert's graph for n tokens in a context that
 // lives in e->meta. *x and *out receive the input and output tensors.
-static struct ggml_cgraph * build_graph(neuro_expert * e, int n, struct ggml_context ** ctx_out,
-                                        struct ggml_tensor ** x, struct ggml_tensor ** out) {
-    struct ggml_init_params p = { e->meta_size, e->meta, true };
-    struct ggml_context * ctx = ggml_init(p);
-    if (ctx == NULL) {
-        return NULL;
-    }
-    struct ggml_cgraph * gf = ggml_new_graph_custom(ctx, EXPERT_MAX_NODES, false);
-    // The ops of llama.cpp's build_moe_ffn, so that the arithmetic is the
-    // same: the weights are a stack of one expert, every token is routed
-    // to it through mul_mat_id, biases are added by expert id (add_id),
-    // and silu(gate) * up is the fused swiglu (gpt-oss: swiglu_oai).
+// build_expert adds expert e's ops for n tokens to gf: *x is the input,
+// *ids the expert ids (NULL for a dense expert), *out the output.
+static void build_expert(struct ggml_context * ctx, struct ggml_cgraph * gf, neuro_expert * e, int n,
+                         struct ggml_tensor ** x, struct ggml_tensor ** ids_out, struct ggml_tensor ** out) {
+    *ids_out = NULL;
     if (e->dense) {
         // a layer's shared experts: llama.cpp's build_ffn (LLM_FFN_SILU,
         // LLM_FFN_PAR), plain matrix products on 2-D weights
@@ -87,13 +80,15 @@ static struct ggml_cgraph * build_graph(neuro_expert * e, int n, struct ggml_con
         if (e->down_prec_f32) ggml_mul_mat_set_prec(*out, GGML_PREC_F32);
         ggml_set_output(*out);
         ggml_build_forward_expand(gf, *out);
-        *ctx_out = ctx;
-        return gf;
+        return;
     }
+    // The ops of llama.cpp's build_moe_ffn, so that the arithmetic is the
+    // same: the weights are a stack of one expert, every token is routed
+    // to it through mul_mat_id, biases are added by expert id (add_id),
+    // and silu(gate) * up is the fused swiglu (gpt-oss: swiglu_oai).
     *x = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, e->n_embd, 1, n);
     ggml_set_input(*x);
     struct ggml_tensor * ids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 1, n);
-    ggml_set_name(ids, "ids");
     ggml_set_input(ids);
     struct ggml_tensor * u = ggml_mul_mat_id(ctx, e->up, *x, ids); // [n_ff, 1, n]
     if (e->up_b) u = ggml_add_id(ctx, u, e->up_b, ids);
@@ -104,6 +99,20 @@ static struct ggml_cgraph * build_graph(neuro_expert * e, int n, struct ggml_con
     if (e->down_b) *out = ggml_add_id(ctx, *out, e->down_b, ids);
     ggml_set_output(*out);
     ggml_build_forward_expand(gf, *out);
+    *ids_out = ids;
+}
+
+// build_graph builds the expert's graph for n tokens in a context that
+// lives in e->meta.
+static struct ggml_cgraph * build_graph(neuro_expert * e, int n, struct ggml_context ** ctx_out,
+                                        struct ggml_tensor ** x, struct ggml_tensor ** ids, struct ggml_tensor ** out) {
+    struct ggml_init_params p = { e->meta_size, e->meta, true };
+    struct ggml_context * ctx = ggml_init(p);
+    if (ctx == NULL) {
+        return NULL;
+    }
+    struct ggml_cgraph * gf = ggml_new_graph_custom(ctx, EXPERT_MAX_NODES, false);
+    build_expert(ctx, gf, e, n, x, ids, out);
     *ctx_out = ctx;
     return gf;
 }
@@ -180,8 +189,9 @@ neuro_expert * neuro_expert_new(int n_embd, int n_ff, int type_gate, int type_up
     }
     struct ggml_context * ctx;
     struct ggml_tensor * x;
+    struct ggml_tensor * ids;
     struct ggml_tensor * out;
-    struct ggml_cgraph * gf = build_graph(e, max_batch, &ctx, &x, &out);
+    struct ggml_cgraph * gf = build_graph(e, max_batch, &ctx, &x, &ids, &out);
     if (gf == NULL || !exec_reserve(&e->x, gf)) {
         snprintf(err, err_len, "reserving compute memory for a batch of %d failed", max_batch);
         if (gf) ggml_free(ctx);
@@ -200,8 +210,9 @@ int neuro_expert_compute(neuro_expert * e, const float * xdata, int n, float * o
     }
     struct ggml_context * ctx;
     struct ggml_tensor * x;
+    struct ggml_tensor * ids;
     struct ggml_tensor * out;
-    struct ggml_cgraph * gf = build_graph(e, n, &ctx, &x, &out);
+    struct ggml_cgraph * gf = build_graph(e, n, &ctx, &x, &ids, &out);
     if (gf == NULL) {
         return 2;
     }
@@ -211,11 +222,6 @@ int neuro_expert_compute(neuro_expert * e, const float * xdata, int n, float * o
         goto done;
     }
     ggml_backend_tensor_set(x, xdata, 0, ggml_nbytes(x));
-    struct ggml_tensor * ids = ggml_get_tensor(ctx, "ids");
-    if (e->zeros == NULL) {
-        rc = 5;
-        goto done;
-    }
     if (ids) ggml_backend_tensor_set(ids, e->zeros, 0, ggml_nbytes(ids));
     if (exec_compute(&e->x, gf) != 0) {
         rc = 4;
@@ -224,5 +230,60 @@ int neuro_expert_compute(neuro_expert * e, const float * xdata, int n, float * o
     ggml_backend_tensor_get(out, outdata, 0, ggml_nbytes(out));
 done:
     ggml_free(ctx);
+    return rc;
+}
+
+int neuro_experts_compute(neuro_expert ** es, int k, const float ** xs, const int * ns, float ** outs) {
+    if (k < 1 || k > NEURO_MAX_GROUP) {
+        return 1;
+    }
+    for (int i = 0; i < k; i++) {
+        if (ns[i] < 1 || ns[i] > es[i]->max_batch) {
+            return 1;
+        }
+        if (es[i]->x.sched != NULL) {
+            return 6; // on a device: one graph at a time (the caller falls back)
+        }
+    }
+    const size_t nodes = (size_t) k * EXPERT_MAX_NODES;
+    const size_t meta_size = nodes * ggml_tensor_overhead() + ggml_graph_overhead_custom(nodes, false);
+    void * meta = malloc(meta_size);
+    if (meta == NULL) {
+        return 5;
+    }
+    struct ggml_init_params p = { meta_size, meta, true };
+    struct ggml_context * ctx = ggml_init(p);
+    if (ctx == NULL) {
+        free(meta);
+        return 2;
+    }
+    struct ggml_cgraph * gf = ggml_new_graph_custom(ctx, nodes, false);
+    struct ggml_tensor * x[NEURO_MAX_GROUP];
+    struct ggml_tensor * ids[NEURO_MAX_GROUP];
+    struct ggml_tensor * out[NEURO_MAX_GROUP];
+    for (int i = 0; i < k; i++) {
+        build_expert(ctx, gf, es[i], ns[i], &x[i], &ids[i], &out[i]);
+    }
+    int rc = 0;
+    // The first expert's allocator holds the group's activations (it grows
+    // to the largest group it has seen); the weights are each expert's.
+    if (!exec_alloc(&es[0]->x, gf)) {
+        rc = 3;
+        goto done;
+    }
+    for (int i = 0; i < k; i++) {
+        ggml_backend_tensor_set(x[i], xs[i], 0, ggml_nbytes(x[i]));
+        if (ids[i]) ggml_backend_tensor_set(ids[i], es[i]->zeros, 0, ggml_nbytes(ids[i]));
+    }
+    if (exec_compute(&es[0]->x, gf) != 0) {
+        rc = 4;
+        goto done;
+    }
+    for (int i = 0; i < k; i++) {
+        ggml_backend_tensor_get(out[i], outs[i], 0, ggml_nbytes(out[i]));
+    }
+done:
+    ggml_free(ctx);
+    free(meta);
     return rc;
 }

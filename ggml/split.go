@@ -42,7 +42,7 @@ func LoadSplitOn(dev Device, dir string, want cid.Cid, threads int) (_ *SplitMod
 	if err != nil {
 		return nil, err
 	}
-	sm := &SplitModel{Experts: &moe.LocalExperts{Embd: hp.Embd, Used: hp.ExpertsUsed, Experts: map[[2]int]moe.Expert{}}}
+	sm := &SplitModel{Experts: &moe.LocalExperts{Embd: hp.Embd, Used: hp.ExpertsUsed, Experts: map[[2]int]moe.Expert{}, Group: Backend{Device: dev}}}
 	defer func() {
 		if err != nil {
 			err = errors.Join(err, sm.Close())

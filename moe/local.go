@@ -9,6 +9,8 @@ import (
 // LocalExperts computes experts in this process (the single-machine split
 // path, and the oracle for networked experts).
 type LocalExperts struct {
+	// Group, if set, computes each layer's experts in one pass.
+	Group GroupComputer
 	// Used is the model's experts per token; a call may route a token to
 	// more (a hosted shared expert rides as one more, with weight 1).
 	Embd, Used int
@@ -27,6 +29,7 @@ func (le *LocalExperts) MoE(_ context.Context, layer int, x []float32, n int, se
 	}
 	outs := make([]float32, n*used*le.Embd)
 	r := Route(selected)
+	calls := make([]ExpertCall, 0, len(r.Experts))
 	for _, e := range r.Experts {
 		ex := le.Experts[[2]int{layer, int(e)}]
 		if ex == nil {
@@ -34,13 +37,38 @@ func (le *LocalExperts) MoE(_ context.Context, layer int, x []float32, n int, se
 		}
 		slots := r.Slots[e]
 		in := Gather(x, slots, used, le.Embd)
-		out := make([]float32, len(in))
-		if err := ComputeBatched(ex, in, len(slots), out); err != nil {
-			return nil, fmt.Errorf("expert %d:%d: %w", layer, e, err)
+		calls = append(calls, ExpertCall{Expert: ex, X: in, N: len(slots), Out: make([]float32, len(in))})
+	}
+	if le.Group != nil {
+		if err := le.Group.ComputeGroup(calls); err != nil {
+			return nil, fmt.Errorf("experts of layer %d: %w", layer, err)
 		}
-		Scatter(outs, out, slots, le.Embd)
+	} else {
+		for i, c := range calls {
+			if err := ComputeBatched(c.Expert, c.X, c.N, c.Out); err != nil {
+				return nil, fmt.Errorf("expert %d:%d: %w", layer, r.Experts[i], err)
+			}
+		}
+	}
+	for i, c := range calls {
+		Scatter(outs, c.Out, r.Slots[r.Experts[i]], le.Embd)
 	}
 	return Combine(outs, weights, n, used, le.Embd), nil
+}
+
+// ExpertCall is one expert's share of a layer: N rows of X in, N rows to
+// Out.
+type ExpertCall struct {
+	Expert Expert
+	X      []float32
+	N      int
+	Out    []float32
+}
+
+// GroupComputer computes several experts at once, each exactly as its
+// own Compute would (a backend saves the launches).
+type GroupComputer interface {
+	ComputeGroup(calls []ExpertCall) error
 }
 
 // SlotsPerToken checks one MoE call's arguments (n rows of embd floats in

@@ -182,13 +182,16 @@ func newModelMakeCmd() *cobra.Command {
 		p                        model.Params
 	)
 	cmd := &cobra.Command{
-		Use:   "make --out FILE [--preset tiny|bench] [shape flags] [--type f32|f16|q8_0|q4_0] [--seed N]",
-		Short: "Generate a Mixtral-layout MoE model with seeded random weights",
-		Long: `make writes a GGUF model in the Mixtral layout (architecture llama with
-experts) with random weights drawn from --seed, and a tokenizer llama.cpp
-accepts. The same flags and seed always give a byte-identical file. Shape
-flags override the preset: tiny loads in milliseconds (tests), bench has about
-1 B parameters in Mixtral's proportions (benchmarks).`,
+		Use:   "make --out FILE [--arch A] [--preset tiny|bench] [shape flags] [--type f32|f16|q8_0|q4_0] [--seed N] [--planted TEXT]",
+		Short: "Generate a MoE model (Mixtral, Qwen3, gpt-oss, GLM-4.5 or DeepSeek-V3 layout) with seeded random weights",
+		Long: `make writes a GGUF MoE model in the layout of --arch (llama: Mixtral;
+qwen3moe; gpt-oss; glm4moe; deepseek2: DeepSeek-V3) with random weights drawn
+from --seed, and the family's tokenizer, control tokens and chat template,
+all of which llama.cpp loads. The same flags and seed always give a
+byte-identical file. Shape flags override the preset: tiny loads in
+milliseconds (tests), bench has about 1 B parameters in the real model's
+proportions (benchmarks). --planted TEXT makes a model whose greedy
+decoding continues TEXT from any of its first words, through its experts.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if out == "" {
@@ -339,7 +342,9 @@ func newModelSplitCmd() *cobra.Command {
 expert's gate, up and down tensors, one gating shard with everything else,
 and manifest.pb listing every shard's CID (CIDv1, raw, sha2-256), tensors and
 the model's hyper-parameters. The model's ID is the manifest's CID, printed on
-the last line.`,
+the last line. With --shared-experts remote, each MoE layer's shared experts
+(GLM, DeepSeek) get a shard of their own, hosted and called like a routed
+expert (number "experts" of its layer) instead of in the gating shard.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if out == "" {
