@@ -273,6 +273,10 @@ func TestSplitSharedExpertsRemote(t *testing.T) {
 			if got := m.ExpertFLOPsPerToken(); got != routed+uint64(6*p.Embd*p.FF*p.SharedExperts*moe) {
 				t.Fatalf("FLOPs per token %d, routed alone %d", got, routed)
 			}
+			if in := InfoOfManifest(m); in.SharedExperts != 1 || !in.SharedRemote || in.Shards != 1+len(m.GetExperts())+moe ||
+				in.ExpertFLOPsPerToken != m.ExpertFLOPsPerToken() || in.MoELayers != moe {
+				t.Fatalf("info: %+v", in)
+			}
 			out := filepath.Join(dir, "j.gguf")
 			if err := Join(filepath.Join(dir, "s"), res.ModelCID, out); err != nil {
 				t.Fatal(err)
