@@ -165,8 +165,8 @@ func (s *reasoningSplitter) harmonyStep(r, c *strings.Builder, end bool) int {
 				s.inHeader = true
 				s.header.Reset()
 			case hMessage:
-				if s.inHeader {
-					s.channel = strings.TrimSpace(strings.Fields(s.header.String() + " x")[0])
+				if f := strings.Fields(s.header.String()); s.inHeader && len(f) > 0 {
+					s.channel = f[0] // "commentary to=functions.get": the channel is the first word
 				}
 				s.inHeader = false
 			case hStart, hEnd, "<|return|>", "<|call|>":

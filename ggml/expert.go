@@ -7,6 +7,7 @@ package ggml
 import "C"
 
 import (
+	"cmp"
 	"fmt"
 	"runtime"
 	"slices"
@@ -163,9 +164,24 @@ func (Backend) ComputeGroup(calls []moe.ExpertCall) error {
 			return err
 		}
 		es[i] = c.Expert.(*Expert)
-		es[i].mu.Lock()
-		defer es[i].mu.Unlock()
-		if es[i].c == nil {
+	}
+	// Each expert's lock (against Close), taken in one order by every
+	// caller so that two groups never wait on each other; an expert twice
+	// in a group is computed call by call.
+	locks := slices.Clone(es)
+	slices.SortFunc(locks, func(a, b *Expert) int { return cmp.Compare(uintptr(unsafe.Pointer(a)), uintptr(unsafe.Pointer(b))) })
+	if len(slices.Compact(locks)) != len(es) {
+		for _, c := range group {
+			if err := c.Expert.Compute(c.X, c.N, c.Out); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	for _, e := range locks {
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		if e.c == nil {
 			return moe.ErrClosed
 		}
 	}

@@ -536,6 +536,14 @@ func TestComputeGroupIsEachExpertsCompute(t *testing.T) {
 		calls = append(calls, moe.ExpertCall{Expert: e, X: x, N: n, Out: make([]float32, len(x))})
 		alone = append(alone, moe.ExpertCall{Expert: e, X: x, N: n, Out: make([]float32, len(x))})
 	}
+	// The same expert twice in a group, too (computed call by call).
+	twice := append(slices.Clone(calls), moe.ExpertCall{Expert: calls[0].Expert, X: calls[0].X, N: calls[0].N, Out: make([]float32, len(calls[0].X))})
+	if err := (Backend{}).ComputeGroup(twice); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(twice[0].Out, twice[len(twice)-1].Out) {
+		t.Fatal("an expert twice in a group gave two outputs")
+	}
 	if err := (Backend{}).ComputeGroup(calls); err != nil {
 		t.Fatal(err)
 	}
