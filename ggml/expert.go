@@ -216,3 +216,144 @@ func (Backend) ComputeGroup(calls []moe.ExpertCall) error {
 	}
 	return nil
 }
+
+// Stack holds all the experts of one MoE layer in stacked tensors and
+// computes them as llama.cpp's build_moe_ffn does: one mul_mat_id per
+// projection for every token's chosen experts (moe.LayerComputer). It is
+// safe for concurrent use; calls run one at a time.
+type Stack struct {
+	mu             sync.Mutex
+	c              *C.neuro_expert
+	embd, n, kMax  int
+	maxBatch       int
+}
+
+// NewStack copies the experts' weights (the same shape, types, biases and
+// activation, as one layer's stacked tensors have them; ws[i] is expert i)
+// into one stack on device dev, with compute memory for batches of
+// o.MaxBatch tokens routed to up to kMax experts each.
+func NewStack(dev Device, ws []moe.ExpertWeights, kMax int, o moe.ExpertOptions) (*Stack, error) {
+	if len(ws) == 0 || kMax < 1 || kMax > len(ws) {
+		return nil, fmt.Errorf("expert stack: %d experts, %d per token", len(ws), kMax)
+	}
+	w0 := ws[0]
+	for i, w := range ws {
+		if err := w.Check(); err != nil {
+			return nil, fmt.Errorf("expert stack: expert %d: %w", i, err)
+		}
+		if w.Embd != w0.Embd || w.FF != w0.FF || w.Gate.Type != w0.Gate.Type || w.Up.Type != w0.Up.Type || w.Down.Type != w0.Down.Type ||
+			w.Activation() != w0.Activation() || (w.GateBias == nil) != (w0.GateBias == nil) || (w.UpBias == nil) != (w0.UpBias == nil) ||
+			(w.DownBias == nil) != (w0.DownBias == nil) || w.Dense || w.DownPrecF32 {
+			return nil, fmt.Errorf("expert stack: expert %d is not like expert 0 (shape, types, biases, activation), or is a shared one", i)
+		}
+		for _, t := range []model.DType{w.Gate.Type, w.Up.Type, w.Down.Type} {
+			if !slices.Contains(ExpertDTypes, t) {
+				return nil, fmt.Errorf("expert stack: %w %s", model.ErrUnsupportedDType, t)
+			}
+		}
+	}
+	if o.Threads <= 0 || o.Threads > poolThreads {
+		o.Threads = poolThreads
+	}
+	if o.MaxBatch <= 0 {
+		o.MaxBatch = 512
+	}
+	n := len(ws)
+	// C arrays of pointers to the Go weights, pinned for the copy.
+	ptrs := func() []unsafe.Pointer {
+		return (*[1 << 20]unsafe.Pointer)(C.calloc(C.size_t(n), C.size_t(unsafe.Sizeof(uintptr(0)))))[:n:n]
+	}
+	gate, up, down := ptrs(), ptrs(), ptrs()
+	defer C.free(unsafe.Pointer(&gate[0]))
+	defer C.free(unsafe.Pointer(&up[0]))
+	defer C.free(unsafe.Pointer(&down[0]))
+	var biases [3][]unsafe.Pointer
+	var pinner runtime.Pinner
+	defer pinner.Unpin()
+	for i, w := range ws {
+		for _, b := range [][]byte{w.Gate.Data, w.Up.Data, w.Down.Data} {
+			pinner.Pin(&b[0])
+		}
+		gate[i], up[i], down[i] = unsafe.Pointer(&w.Gate.Data[0]), unsafe.Pointer(&w.Up.Data[0]), unsafe.Pointer(&w.Down.Data[0])
+		for j, b := range [][]float32{w.GateBias, w.UpBias, w.DownBias} {
+			if b == nil {
+				continue
+			}
+			if biases[j] == nil {
+				biases[j] = ptrs()
+				defer C.free(unsafe.Pointer(&biases[j][0]))
+			}
+			pinner.Pin(&b[0])
+			biases[j][i] = unsafe.Pointer(&b[0])
+		}
+	}
+	cb := func(j int) **C.float {
+		if biases[j] == nil {
+			return nil
+		}
+		return (**C.float)(unsafe.Pointer(&biases[j][0]))
+	}
+	act := C.int(C.NEURO_ACT_SWIGLU)
+	if w0.Activation() == model.ActSwiGLUOAI {
+		act = C.NEURO_ACT_SWIGLU_OAI
+	}
+	initBackend()
+	computeMu.Lock()
+	defer computeMu.Unlock()
+	C.neuro_pool(C.int(poolThreads))
+	var errbuf [256]C.char
+	c := C.neuro_stack_new(C.int(w0.Embd), C.int(w0.FF), C.int(n), C.int(kMax), C.int(w0.Gate.Type), C.int(w0.Up.Type), C.int(w0.Down.Type),
+		&gate[0], &up[0], &down[0], cb(0), cb(1), cb(2), act, 0,
+		dev.index(), C.int(o.Threads), C.int(o.MaxBatch), &errbuf[0], C.size_t(len(errbuf)))
+	if c == nil {
+		return nil, fmt.Errorf("expert stack on %s: %s", dev.Spec(), C.GoString(&errbuf[0]))
+	}
+	return &Stack{c: c, embd: w0.Embd, n: n, kMax: kMax, maxBatch: o.MaxBatch}, nil
+}
+
+// Experts is how many experts the stack holds.
+func (s *Stack) Experts() int { return s.n }
+
+// ComputeLayer implements moe.LayerComputer: n rows of x, row t routed to
+// the k = len(selected)/n experts selected[t*k:(t+1)*k], each slot's output
+// (before its weight) to out, n x k rows, in batches of MaxBatch tokens.
+func (s *Stack) ComputeLayer(x []float32, n int, selected []int32, out []float32) error {
+	if n < 1 || len(selected)%n != 0 || len(x) != n*s.embd {
+		return fmt.Errorf("expert stack: %d tokens, %d floats, %d slots", n, len(x), len(selected))
+	}
+	k := len(selected) / n
+	if k < 1 || k > s.kMax || len(out) != n*k*s.embd {
+		return fmt.Errorf("expert stack: %d experts per token (at most %d), output of %d floats", k, s.kMax, len(out))
+	}
+	for _, e := range selected {
+		if e < 0 || int(e) >= s.n {
+			return fmt.Errorf("expert stack: expert %d of %d", e, s.n)
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.c == nil {
+		return moe.ErrClosed
+	}
+	computeMu.Lock()
+	defer computeMu.Unlock()
+	for start := 0; start < n; start += s.maxBatch {
+		end := min(start+s.maxBatch, n)
+		if rc := C.neuro_stack_compute(s.c, (*C.float)(&x[start*s.embd]), C.int(end-start), (*C.int32_t)(unsafe.Pointer(&selected[start*k])),
+			C.int(k), (*C.float)(&out[start*k*s.embd])); rc != 0 {
+			return fmt.Errorf("expert stack: ggml compute failed (code %d)", int(rc))
+		}
+	}
+	return nil
+}
+
+// Close frees the ggml memory. It is safe to call more than once.
+func (s *Stack) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	computeMu.Lock()
+	defer computeMu.Unlock()
+	C.neuro_expert_free(s.c)
+	s.c = nil
+	return nil
+}

@@ -42,6 +42,7 @@ struct ggml_threadpool * neuro_pool(int n_threads) {
 
 struct neuro_expert {
     int n_embd, n_ff, max_batch;
+    int n_exp, k_max; // a stack of n_exp experts, each token routed to at most k_max
     int act;   // NEURO_ACT_*
     int dense; // NEURO_EXPERT_DENSE: plain matrix products (a shared expert)
     int down_prec_f32;
@@ -63,8 +64,19 @@ struct neuro_expert {
 // lives in e->meta. *x and *out receive the input and output tensors.
 // build_expert adds expert e's ops for n tokens to gf: *x is the input,
 // *ids the expert ids (NULL for a dense expert), *out the output.
+static void build_expert_k(struct ggml_context * ctx, struct ggml_cgraph * gf, neuro_expert * e, int n, int k,
+                           struct ggml_tensor ** x, struct ggml_tensor ** ids_out, struct ggml_tensor ** out);
+
 static void build_expert(struct ggml_context * ctx, struct ggml_cgraph * gf, neuro_expert * e, int n,
                          struct ggml_tensor ** x, struct ggml_tensor ** ids_out, struct ggml_tensor ** out) {
+    build_expert_k(ctx, gf, e, n, 1, x, ids_out, out);
+}
+
+// build_expert_k adds the ops for n tokens, each routed to k of the
+// stack's experts (ids [k, n]; a single expert: k = 1, ids all 0); *out is
+// [n_embd, k, n], each slot's expert output before its weight.
+static void build_expert_k(struct ggml_context * ctx, struct ggml_cgraph * gf, neuro_expert * e, int n, int k,
+                           struct ggml_tensor ** x, struct ggml_tensor ** ids_out, struct ggml_tensor ** out) {
     *ids_out = NULL;
     if (e->dense) {
         // a layer's shared experts: llama.cpp's build_ffn (LLM_FFN_SILU,
@@ -88,14 +100,14 @@ static void build_expert(struct ggml_context * ctx, struct ggml_cgraph * gf, neu
     // and silu(gate) * up is the fused swiglu (gpt-oss: swiglu_oai).
     *x = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, e->n_embd, 1, n);
     ggml_set_input(*x);
-    struct ggml_tensor * ids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 1, n);
+    struct ggml_tensor * ids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, k, n);
     ggml_set_input(ids);
-    struct ggml_tensor * u = ggml_mul_mat_id(ctx, e->up, *x, ids); // [n_ff, 1, n]
+    struct ggml_tensor * u = ggml_mul_mat_id(ctx, e->up, *x, ids); // [n_ff, k, n]
     if (e->up_b) u = ggml_add_id(ctx, u, e->up_b, ids);
-    struct ggml_tensor * g = ggml_mul_mat_id(ctx, e->gate, *x, ids); // [n_ff, 1, n]
+    struct ggml_tensor * g = ggml_mul_mat_id(ctx, e->gate, *x, ids); // [n_ff, k, n]
     if (e->gate_b) g = ggml_add_id(ctx, g, e->gate_b, ids);
     struct ggml_tensor * h = e->act == NEURO_ACT_SWIGLU_OAI ? ggml_swiglu_oai(ctx, g, u, 1.702f, 7.0f) : ggml_swiglu_split(ctx, g, u);
-    *out = ggml_mul_mat_id(ctx, e->down, h, ids); // [n_embd, 1, n]
+    *out = ggml_mul_mat_id(ctx, e->down, h, ids); // [n_embd, k, n]
     if (e->down_b) *out = ggml_add_id(ctx, *out, e->down_b, ids);
     ggml_set_output(*out);
     ggml_build_forward_expand(gf, *out);
@@ -104,17 +116,22 @@ static void build_expert(struct ggml_context * ctx, struct ggml_cgraph * gf, neu
 
 // build_graph builds the expert's graph for n tokens in a context that
 // lives in e->meta.
-static struct ggml_cgraph * build_graph(neuro_expert * e, int n, struct ggml_context ** ctx_out,
-                                        struct ggml_tensor ** x, struct ggml_tensor ** ids, struct ggml_tensor ** out) {
+static struct ggml_cgraph * build_graph_k(neuro_expert * e, int n, int k, struct ggml_context ** ctx_out,
+                                          struct ggml_tensor ** x, struct ggml_tensor ** ids, struct ggml_tensor ** out) {
     struct ggml_init_params p = { e->meta_size, e->meta, true };
     struct ggml_context * ctx = ggml_init(p);
     if (ctx == NULL) {
         return NULL;
     }
     struct ggml_cgraph * gf = ggml_new_graph_custom(ctx, EXPERT_MAX_NODES, false);
-    build_expert(ctx, gf, e, n, x, ids, out);
+    build_expert_k(ctx, gf, e, n, k, x, ids, out);
     *ctx_out = ctx;
     return gf;
+}
+
+static struct ggml_cgraph * build_graph(neuro_expert * e, int n, struct ggml_context ** ctx_out,
+                                        struct ggml_tensor ** x, struct ggml_tensor ** ids, struct ggml_tensor ** out) {
+    return build_graph_k(e, n, 1, ctx_out, x, ids, out);
 }
 
 void neuro_expert_free(neuro_expert * e) {
@@ -133,6 +150,15 @@ neuro_expert * neuro_expert_new(int n_embd, int n_ff, int type_gate, int type_up
                                 const void * gate, const void * up, const void * down,
                                 const float * gate_b, const float * up_b, const float * down_b, int act, int flags,
                                 int dev, int n_threads, int max_batch, char * err, size_t err_len) {
+    return neuro_stack_new(n_embd, n_ff, 1, 1, type_gate, type_up, type_down, &gate, &up, &down,
+                           gate_b ? &gate_b : NULL, up_b ? &up_b : NULL, down_b ? &down_b : NULL, act, flags,
+                           dev, n_threads, max_batch, err, err_len);
+}
+
+neuro_expert * neuro_stack_new(int n_embd, int n_ff, int n_exp, int k_max, int type_gate, int type_up, int type_down,
+                               const void * const * gate, const void * const * up, const void * const * down,
+                               const float * const * gate_b, const float * const * up_b, const float * const * down_b,
+                               int act, int flags, int dev, int n_threads, int max_batch, char * err, size_t err_len) {
     neuro_expert * e = calloc(1, sizeof(*e));
     if (e == NULL) {
         snprintf(err, err_len, "out of memory");
@@ -140,6 +166,8 @@ neuro_expert * neuro_expert_new(int n_embd, int n_ff, int type_gate, int type_up
     }
     e->n_embd = n_embd;
     e->n_ff = n_ff;
+    e->n_exp = n_exp;
+    e->k_max = k_max;
     e->max_batch = max_batch;
     e->act = act;
     e->dense = (flags & NEURO_EXPERT_DENSE) != 0;
@@ -155,12 +183,12 @@ neuro_expert * neuro_expert_new(int n_embd, int n_ff, int type_gate, int type_up
         snprintf(err, err_len, "ggml weight context failed");
         goto fail;
     }
-    e->gate = ggml_new_tensor_3d(e->wctx, (enum ggml_type) type_gate, n_embd, n_ff, 1);
-    e->up = ggml_new_tensor_3d(e->wctx, (enum ggml_type) type_up, n_embd, n_ff, 1);
-    e->down = ggml_new_tensor_3d(e->wctx, (enum ggml_type) type_down, n_ff, n_embd, 1);
-    if (gate_b) e->gate_b = ggml_new_tensor_2d(e->wctx, GGML_TYPE_F32, n_ff, 1);
-    if (up_b) e->up_b = ggml_new_tensor_2d(e->wctx, GGML_TYPE_F32, n_ff, 1);
-    if (down_b) e->down_b = ggml_new_tensor_2d(e->wctx, GGML_TYPE_F32, n_embd, 1);
+    e->gate = ggml_new_tensor_3d(e->wctx, (enum ggml_type) type_gate, n_embd, n_ff, n_exp);
+    e->up = ggml_new_tensor_3d(e->wctx, (enum ggml_type) type_up, n_embd, n_ff, n_exp);
+    e->down = ggml_new_tensor_3d(e->wctx, (enum ggml_type) type_down, n_ff, n_embd, n_exp);
+    if (gate_b) e->gate_b = ggml_new_tensor_2d(e->wctx, GGML_TYPE_F32, n_ff, n_exp);
+    if (up_b) e->up_b = ggml_new_tensor_2d(e->wctx, GGML_TYPE_F32, n_ff, n_exp);
+    if (down_b) e->down_b = ggml_new_tensor_2d(e->wctx, GGML_TYPE_F32, n_embd, n_exp);
     e->wbuf = ggml_backend_alloc_ctx_tensors(e->wctx, e->x.backend);
     if (e->wbuf == NULL) {
         size_t free = 0, total = 0;
@@ -173,12 +201,15 @@ neuro_expert * neuro_expert_new(int n_embd, int n_ff, int type_gate, int type_up
     }
     // Weights: the scheduler runs each op where its weights are.
     ggml_backend_buffer_set_usage(e->wbuf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
-    ggml_backend_tensor_set(e->gate, gate, 0, ggml_nbytes(e->gate));
-    ggml_backend_tensor_set(e->up, up, 0, ggml_nbytes(e->up));
-    ggml_backend_tensor_set(e->down, down, 0, ggml_nbytes(e->down));
-    if (e->gate_b) ggml_backend_tensor_set(e->gate_b, gate_b, 0, ggml_nbytes(e->gate_b));
-    if (e->up_b) ggml_backend_tensor_set(e->up_b, up_b, 0, ggml_nbytes(e->up_b));
-    if (e->down_b) ggml_backend_tensor_set(e->down_b, down_b, 0, ggml_nbytes(e->down_b));
+    // expert i's slice of each stacked tensor (ne2 counts the experts)
+    for (int i = 0; i < n_exp; i++) {
+        ggml_backend_tensor_set(e->gate, gate[i], i * e->gate->nb[2], e->gate->nb[2]);
+        ggml_backend_tensor_set(e->up, up[i], i * e->up->nb[2], e->up->nb[2]);
+        ggml_backend_tensor_set(e->down, down[i], i * e->down->nb[2], e->down->nb[2]);
+        if (e->gate_b) ggml_backend_tensor_set(e->gate_b, gate_b[i], i * e->gate_b->nb[1], e->gate_b->nb[1]);
+        if (e->up_b) ggml_backend_tensor_set(e->up_b, up_b[i], i * e->up_b->nb[1], e->up_b->nb[1]);
+        if (e->down_b) ggml_backend_tensor_set(e->down_b, down_b[i], i * e->down_b->nb[1], e->down_b->nb[1]);
+    }
 
     e->meta_size = EXPERT_MAX_NODES * ggml_tensor_overhead() + ggml_graph_overhead_custom(EXPERT_MAX_NODES, false);
     e->meta = malloc(e->meta_size);
@@ -191,7 +222,7 @@ neuro_expert * neuro_expert_new(int n_embd, int n_ff, int type_gate, int type_up
     struct ggml_tensor * x;
     struct ggml_tensor * ids;
     struct ggml_tensor * out;
-    struct ggml_cgraph * gf = build_graph(e, max_batch, &ctx, &x, &ids, &out);
+    struct ggml_cgraph * gf = build_graph_k(e, max_batch, k_max, &ctx, &x, &ids, &out);
     if (gf == NULL || !exec_reserve(&e->x, gf)) {
         snprintf(err, err_len, "reserving compute memory for a batch of %d failed", max_batch);
         if (gf) ggml_free(ctx);
@@ -285,5 +316,39 @@ int neuro_experts_compute(neuro_expert ** es, int k, const float ** xs, const in
 done:
     ggml_free(ctx);
     free(meta);
+    return rc;
+}
+
+int neuro_stack_compute(neuro_expert * e, const float * xdata, int n, const int32_t * ids_data, int k, float * outdata) {
+    if (n < 1 || n > e->max_batch || k < 1 || k > e->k_max || e->dense) {
+        return 1;
+    }
+    for (int i = 0; i < n * k; i++) {
+        if (ids_data[i] < 0 || ids_data[i] >= e->n_exp) {
+            return 1;
+        }
+    }
+    struct ggml_context * ctx;
+    struct ggml_tensor * x;
+    struct ggml_tensor * ids;
+    struct ggml_tensor * out;
+    struct ggml_cgraph * gf = build_graph_k(e, n, k, &ctx, &x, &ids, &out);
+    if (gf == NULL) {
+        return 2;
+    }
+    int rc = 0;
+    if (!exec_alloc(&e->x, gf)) {
+        rc = 3;
+        goto done;
+    }
+    ggml_backend_tensor_set(x, xdata, 0, ggml_nbytes(x));
+    ggml_backend_tensor_set(ids, ids_data, 0, ggml_nbytes(ids));
+    if (exec_compute(&e->x, gf) != 0) {
+        rc = 4;
+        goto done;
+    }
+    ggml_backend_tensor_get(out, outdata, 0, ggml_nbytes(out));
+done:
+    ggml_free(ctx);
     return rc;
 }

@@ -75,6 +75,21 @@ neuro_expert * neuro_expert_new(int n_embd, int n_ff, int type_gate, int type_up
                                 const float * gate_b, const float * up_b, const float * down_b, int act, int flags,
                                 int dev, int n_threads, int max_batch, char * err, size_t err_len);
 
+// neuro_stack_new is neuro_expert_new for a stack of n_exp experts of one
+// layer (gate[i], up[i], down[i] and the biases, if any, are expert i's),
+// computed as llama.cpp's build_moe_ffn computes a layer: each token
+// routed to up to k_max of them through one mul_mat_id per projection.
+neuro_expert * neuro_stack_new(int n_embd, int n_ff, int n_exp, int k_max, int type_gate, int type_up, int type_down,
+                               const void * const * gate, const void * const * up, const void * const * down,
+                               const float * const * gate_b, const float * const * up_b, const float * const * down_b,
+                               int act, int flags, int dev, int n_threads, int max_batch, char * err, size_t err_len);
+
+// neuro_stack_compute reads n rows of n_embd floats from x, routes row t to
+// experts ids[t*k .. t*k+k-1] of the stack and writes each slot's output
+// (before its weight) to out: n x k rows of n_embd floats. Returns 0 on
+// success.
+int neuro_stack_compute(neuro_expert * e, const float * x, int n, const int32_t * ids, int k, float * out);
+
 // neuro_expert_compute reads n_tokens rows of n_embd floats from x and
 // writes n_tokens rows of n_embd floats to out. Returns 0 on success.
 int neuro_expert_compute(neuro_expert * e, const float * x, int n_tokens, float * out);

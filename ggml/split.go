@@ -42,7 +42,8 @@ func LoadSplitOn(dev Device, dir string, want cid.Cid, threads int) (_ *SplitMod
 	if err != nil {
 		return nil, err
 	}
-	sm := &SplitModel{Experts: &moe.LocalExperts{Embd: hp.Embd, Used: hp.ExpertsUsed, Experts: map[[2]int]moe.Expert{}, Group: Backend{Device: dev}}}
+	sm := &SplitModel{Experts: &moe.LocalExperts{Embd: hp.Embd, Used: hp.ExpertsUsed, Experts: map[[2]int]moe.Expert{},
+		Group: Backend{Device: dev}, Layers: map[int]moe.LayerComputer{}}}
 	defer func() {
 		if err != nil {
 			err = errors.Join(err, sm.Close())
@@ -55,14 +56,35 @@ func LoadSplitOn(dev Device, dir string, want cid.Cid, threads int) (_ *SplitMod
 	if sm.Gating, err = NewGatingOn(dev, hp, gs, threads); err != nil {
 		return nil, err
 	}
-	for _, ref := range m.AllExperts() { // the hosted shared experts too
+	// Each MoE layer's routed experts in one stack, computed as
+	// llama.cpp computes a layer; the hosted shared experts on their own.
+	layers := map[int][]moe.ExpertWeights{}
+	for _, ref := range m.GetExperts() {
 		s, err := model.OpenShard(dir, ref.GetShard())
 		if err != nil {
 			return nil, fmt.Errorf("expert %d:%d: %w", ref.GetLayer(), ref.GetExpert(), err)
 		}
-		e, err := moe.NewExpertFromShard(Backend{Device: dev}, s, int(ref.GetLayer()), moe.ExpertOptions{Threads: threads})
+		w, err := moe.ExpertWeightsOf(s, int(ref.GetLayer()))
 		if err != nil {
 			return nil, fmt.Errorf("expert %d:%d: %w", ref.GetLayer(), ref.GetExpert(), err)
+		}
+		layers[int(ref.GetLayer())] = append(layers[int(ref.GetLayer())], w)
+	}
+	for l, ws := range layers {
+		st, err := NewStack(dev, ws, hp.ExpertsUsed, moe.ExpertOptions{Threads: threads})
+		if err != nil {
+			return nil, fmt.Errorf("layer %d: %w", l, err)
+		}
+		sm.Experts.Layers[l] = st
+	}
+	for _, ref := range m.GetShared() {
+		s, err := model.OpenShard(dir, ref.GetShard())
+		if err != nil {
+			return nil, fmt.Errorf("shared expert %d:%d: %w", ref.GetLayer(), ref.GetExpert(), err)
+		}
+		e, err := moe.NewExpertFromShard(Backend{Device: dev}, s, int(ref.GetLayer()), moe.ExpertOptions{Threads: threads})
+		if err != nil {
+			return nil, fmt.Errorf("shared expert %d:%d: %w", ref.GetLayer(), ref.GetExpert(), err)
 		}
 		sm.Experts.Experts[[2]int{int(ref.GetLayer()), int(ref.GetExpert())}] = e
 	}

@@ -240,3 +240,69 @@ func TestExpertWeightsOfReadsBiasesAndActivation(t *testing.T) {
 		t.Errorf("an f16 bias: %v", err)
 	}
 }
+
+// scaleStack is a layer of scale experts computed at once.
+type scaleStack struct {
+	ks     []float32
+	embd   int
+	calls  int
+	closed bool
+}
+
+func (s *scaleStack) Experts() int { return len(s.ks) }
+func (s *scaleStack) Close() error { s.closed = true; return nil }
+func (s *scaleStack) ComputeLayer(x []float32, n int, selected []int32, out []float32) error {
+	s.calls++
+	k := len(selected) / n
+	for t := range n {
+		for j := range k {
+			for i := range s.embd {
+				out[(t*k+j)*s.embd+i] = s.ks[selected[t*k+j]] * x[t*s.embd+i]
+			}
+		}
+	}
+	return nil
+}
+
+// A layer with a stack computes in one call what the experts one by one
+// give, also with a hosted shared expert (numbered after the stack's) in
+// each token's last slot; Close closes the stacks.
+func TestLocalExpertsLayerStack(t *testing.T) {
+	const embd, n = 4, 3
+	x := []float32{1, 2, 3, 4, -1, -2, -3, -4, 0.5, 0.25, 0.125, 1}
+	ks := []float32{10, 100, 1000}
+	one := map[[2]int]Expert{}
+	for e, k := range append(ks, 7) { // expert 3 is the shared one
+		one[[2]int{5, e}] = &scaleExpert{k: k, embd: embd, mb: 8}
+	}
+	alone := &LocalExperts{Embd: embd, Used: 2, Experts: one}
+	st := &scaleStack{ks: ks, embd: embd}
+	stacked := &LocalExperts{Embd: embd, Used: 2, Experts: map[[2]int]Expert{{5, 3}: one[[2]int{5, 3}]}, Layers: map[int]LayerComputer{5: st}}
+	for _, c := range []struct {
+		sel []int32
+		w   []float32
+	}{
+		{[]int32{2, 0, 0, 1, 2, 1}, []float32{0.7, 0.3, 0.6, 0.4, 0.5, 0.5}},
+		{[]int32{2, 0, 3, 0, 1, 3, 2, 1, 3}, []float32{0.7, 0.3, 1, 0.6, 0.4, 1, 0.5, 0.5, 1}},
+	} {
+		want, err := alone.MoE(context.Background(), 5, x, n, c.sel, c.w)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := stacked.MoE(context.Background(), 5, x, n, c.sel, c.w)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := range want {
+			if got[i] != want[i] {
+				t.Fatalf("%v: value %d: %v, want %v", c.sel, i, got[i], want[i])
+			}
+		}
+	}
+	if st.calls != 2 {
+		t.Errorf("the stack computed %d times, want once a layer", st.calls)
+	}
+	if err := stacked.Close(); err != nil || !st.closed {
+		t.Errorf("close: %v, stack closed %v", err, st.closed)
+	}
+}
