@@ -222,10 +222,10 @@ func (Backend) ComputeGroup(calls []moe.ExpertCall) error {
 // projection for every token's chosen experts (moe.LayerComputer). It is
 // safe for concurrent use; calls run one at a time.
 type Stack struct {
-	mu             sync.Mutex
-	c              *C.neuro_expert
-	embd, n, kMax  int
-	maxBatch       int
+	mu            sync.Mutex
+	c             *C.neuro_expert
+	embd, n, kMax int
+	maxBatch      int
 }
 
 // NewStack copies the experts' weights (the same shape, types, biases and
