@@ -576,6 +576,9 @@ func TestModelQuantize(t *testing.T) {
 		{[]string{"model", "quantize", src, "--type", "q8_0", "--out", q}, "the file exists"},
 		{[]string{"model", "quantize", filepath.Join(dir, "none.gguf"), "--type", "q8_0", "--out", filepath.Join(dir, "b.gguf")}, "no such file"},
 		{[]string{"model", "make", "--type", "q4_k", "--out", filepath.Join(dir, "c.gguf")}, "neurod model quantize"},
+		{[]string{"model", "split", src, "--out", filepath.Join(dir, "s1"), "--shared-experts", "elsewhere"}, `flag --shared-experts "elsewhere": want gating or remote`},
+		{[]string{"model", "split", src, "--out", filepath.Join(dir, "s2"), "--shared-experts", "remote"}, "the model has no shared experts"},
+		{[]string{"testnet", "--model", src, "--shared-experts", "elsewhere"}, "want gating or remote"},
 	} {
 		r := neurod(t, nil, tc.args...)
 		if r.code == 0 || !strings.Contains(r.stderr, tc.want) {
