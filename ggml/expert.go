@@ -7,7 +7,6 @@ package ggml
 import "C"
 
 import (
-	"cmp"
 	"fmt"
 	"runtime"
 	"slices"
@@ -134,86 +133,6 @@ func (e *Expert) Close() error {
 	defer computeMu.Unlock()
 	C.neuro_expert_free(e.c)
 	e.c = nil
-	return nil
-}
-
-// ComputeGroup implements moe.GroupComputer: the calls' experts compute in
-// one ggml graph (one launch of the threadpool instead of one per
-// expert), each exactly as its Compute would. Experts of another backend,
-// on a GPU, or calls over an expert's MaxBatch compute one by one.
-func (Backend) ComputeGroup(calls []moe.ExpertCall) error {
-	var group []moe.ExpertCall
-	for _, c := range calls {
-		if e, ok := c.Expert.(*Expert); ok && c.N <= e.maxBatch && len(group) < C.NEURO_MAX_GROUP {
-			group = append(group, c)
-			continue
-		}
-		if err := moe.ComputeBatched(c.Expert, c.X, c.N, c.Out); err != nil {
-			return err
-		}
-	}
-	if len(group) == 0 {
-		return nil
-	}
-	if len(group) == 1 {
-		return group[0].Expert.Compute(group[0].X, group[0].N, group[0].Out)
-	}
-	es := make([]*Expert, len(group))
-	for i, c := range group {
-		if err := moe.CheckBatch(c.X, c.N, c.Out, c.Expert.Embd(), c.Expert.MaxBatch()); err != nil {
-			return err
-		}
-		es[i] = c.Expert.(*Expert)
-	}
-	// Each expert's lock (against Close), taken in one order by every
-	// caller so that two groups never wait on each other; an expert twice
-	// in a group is computed call by call.
-	locks := slices.Clone(es)
-	slices.SortFunc(locks, func(a, b *Expert) int { return cmp.Compare(uintptr(unsafe.Pointer(a)), uintptr(unsafe.Pointer(b))) })
-	if len(slices.Compact(locks)) != len(es) {
-		for _, c := range group {
-			if err := c.Expert.Compute(c.X, c.N, c.Out); err != nil {
-				return err
-			}
-		}
-		return nil
-	}
-	for _, e := range locks {
-		e.mu.Lock()
-		defer e.mu.Unlock()
-		if e.c == nil {
-			return moe.ErrClosed
-		}
-	}
-	// C arrays of the experts and their Go buffers, pinned for the call.
-	n := len(group)
-	ces := (*[C.NEURO_MAX_GROUP]*C.neuro_expert)(C.calloc(C.size_t(n), C.size_t(unsafe.Sizeof(uintptr(0)))))[:n:n]
-	defer C.free(unsafe.Pointer(&ces[0]))
-	xs := (*[C.NEURO_MAX_GROUP]*C.float)(C.calloc(C.size_t(n), C.size_t(unsafe.Sizeof(uintptr(0)))))[:n:n]
-	defer C.free(unsafe.Pointer(&xs[0]))
-	outs := (*[C.NEURO_MAX_GROUP]*C.float)(C.calloc(C.size_t(n), C.size_t(unsafe.Sizeof(uintptr(0)))))[:n:n]
-	defer C.free(unsafe.Pointer(&outs[0]))
-	ns := make([]C.int, n)
-	var pinner runtime.Pinner
-	defer pinner.Unpin()
-	for i, c := range group {
-		pinner.Pin(&c.X[0])
-		pinner.Pin(&c.Out[0])
-		ces[i], xs[i], outs[i], ns[i] = es[i].c, (*C.float)(&c.X[0]), (*C.float)(&c.Out[0]), C.int(c.N)
-	}
-	computeMu.Lock()
-	defer computeMu.Unlock()
-	rc := C.neuro_experts_compute(&ces[0], C.int(n), &xs[0], &ns[0], &outs[0])
-	if rc == 6 { // on a device: one by one (the experts' locks are held)
-		for i := range group {
-			if rc = C.neuro_expert_compute(ces[i], xs[i], ns[i], outs[i]); rc != 0 {
-				break
-			}
-		}
-	}
-	if rc != 0 {
-		return fmt.Errorf("experts: ggml compute failed (code %d)", int(rc))
-	}
 	return nil
 }
 

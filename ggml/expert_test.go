@@ -496,12 +496,12 @@ func roundTripQ8K(t *testing.T, v []float32) []float32 {
 	return y
 }
 
-// ComputeGroup gives each expert exactly what its own Compute gives (one
-// graph for all: the same ops), for a routed expert, gpt-oss's kind and a
-// dense shared one, and a call larger than an expert's MaxBatch (computed
-// in batches beside the group).
-func TestComputeGroupIsEachExpertsCompute(t *testing.T) {
-	const embd, ff = 64, 128
+// A layer's stack gives each slot exactly what its expert's own Compute
+// gives (the same ops, one expert-indexed product per projection), for
+// plain experts and gpt-oss's kind, with batches over MaxBatch; a stack
+// refuses a shared (dense) expert and experts unlike each other.
+func TestStackIsEachExpertsCompute(t *testing.T) {
+	const embd, ff, n, k = 64, 128, 5, 2
 	rng := rand.New(rand.NewPCG(3, 4))
 	weights := func() moe.ExpertWeights {
 		g, _ := randWeights(t, rng, model.Q8_0, embd*ff, 0.1)
@@ -510,49 +510,57 @@ func TestComputeGroupIsEachExpertsCompute(t *testing.T) {
 		return moe.ExpertWeights{Embd: embd, FF: ff, Gate: moe.Tensor{Type: model.Q8_0, Data: g},
 			Up: moe.Tensor{Type: model.Q8_0, Data: u}, Down: moe.Tensor{Type: model.Q8_0, Data: d}}
 	}
-	oai := weights()
-	oai.Act, oai.GateBias, oai.UpBias, oai.DownBias = model.ActSwiGLUOAI, make([]float32, ff), make([]float32, ff), make([]float32, embd)
-	for i := range oai.DownBias {
-		oai.DownBias[i] = float32(i) / 100
+	oai := func() moe.ExpertWeights {
+		w := weights()
+		w.Act, w.GateBias, w.UpBias, w.DownBias = model.ActSwiGLUOAI, make([]float32, ff), make([]float32, ff), make([]float32, embd)
+		for i := range w.DownBias {
+			w.DownBias[i] = float32(i) / 100
+		}
+		return w
+	}
+	x := make([]float32, n*embd)
+	for j := range x {
+		x[j] = 2*rng.Float32() - 1
+	}
+	selected := []int32{2, 0, 1, 2, 0, 1, 3, 0, 2, 3}
+	for name, mk := range map[string]func() moe.ExpertWeights{"swiglu": weights, "swiglu_oai": oai} {
+		t.Run(name, func(t *testing.T) {
+			ws := []moe.ExpertWeights{mk(), mk(), mk(), mk()}
+			st, err := NewStack(Device{}, ws, k, moe.ExpertOptions{Threads: 2, MaxBatch: 2}) // 5 tokens: batches of 2, 2, 1
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer st.Close()
+			got := make([]float32, n*k*embd)
+			if err := st.ComputeLayer(x, n, selected, got); err != nil {
+				t.Fatal(err)
+			}
+			for slot, e := range selected {
+				ex, err := Backend{}.NewExpert(ws[e], moe.ExpertOptions{Threads: 2})
+				if err != nil {
+					t.Fatal(err)
+				}
+				tok := slot / k
+				want := make([]float32, embd)
+				if err := ex.Compute(x[tok*embd:(tok+1)*embd], 1, want); err != nil {
+					t.Fatal(err)
+				}
+				ex.Close()
+				if !slices.Equal(got[slot*embd:(slot+1)*embd], want) {
+					t.Fatalf("slot %d (expert %d): the stack's output differs from the expert's own compute", slot, e)
+				}
+			}
+			if err := st.ComputeLayer(x, n, []int32{0, 4, 1, 1, 2, 2, 3, 3, 0, 0}, got); err == nil {
+				t.Fatal("expert 4 of a stack of 4 accepted")
+			}
+		})
 	}
 	shared := weights()
 	shared.Dense = true
-	var calls, alone []moe.ExpertCall
-	for i, w := range []moe.ExpertWeights{weights(), oai, shared, weights()} {
-		mb := 8
-		if i == 3 {
-			mb = 2 // its call of 5 rows is over its MaxBatch
-		}
-		e, err := Backend{}.NewExpert(w, moe.ExpertOptions{Threads: 2, MaxBatch: mb})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer e.Close()
-		n := 1 + i + (i/3)*1
-		x := make([]float32, n*embd)
-		for j := range x {
-			x[j] = 2*rng.Float32() - 1
-		}
-		calls = append(calls, moe.ExpertCall{Expert: e, X: x, N: n, Out: make([]float32, len(x))})
-		alone = append(alone, moe.ExpertCall{Expert: e, X: x, N: n, Out: make([]float32, len(x))})
+	if _, err := NewStack(Device{}, []moe.ExpertWeights{weights(), shared}, 1, moe.ExpertOptions{}); err == nil {
+		t.Fatal("a stack took a shared expert")
 	}
-	// The same expert twice in a group, too (computed call by call).
-	twice := append(slices.Clone(calls), moe.ExpertCall{Expert: calls[0].Expert, X: calls[0].X, N: calls[0].N, Out: make([]float32, len(calls[0].X))})
-	if err := (Backend{}).ComputeGroup(twice); err != nil {
-		t.Fatal(err)
-	}
-	if !slices.Equal(twice[0].Out, twice[len(twice)-1].Out) {
-		t.Fatal("an expert twice in a group gave two outputs")
-	}
-	if err := (Backend{}).ComputeGroup(calls); err != nil {
-		t.Fatal(err)
-	}
-	for i, c := range alone {
-		if err := moe.ComputeBatched(c.Expert, c.X, c.N, c.Out); err != nil {
-			t.Fatal(err)
-		}
-		if !slices.Equal(c.Out, calls[i].Out) {
-			t.Fatalf("expert %d: the group's output differs from its own compute", i)
-		}
+	if _, err := NewStack(Device{}, []moe.ExpertWeights{weights(), oai()}, 1, moe.ExpertOptions{}); err == nil {
+		t.Fatal("a stack took experts of two kinds")
 	}
 }

@@ -60,23 +60,12 @@ struct neuro_expert {
     int32_t * zeros; // expert ids of a batch: all 0
 };
 
-// build_graph builds the expert's graph for n tokens in a context that
-// lives in e->meta. *x and *out receive the input and output tensors.
-// build_expert adds expert e's ops for n tokens to gf: *x is the input,
-// *ids the expert ids (NULL for a dense expert), *out the output.
-static void build_expert_k(struct ggml_context * ctx, struct ggml_cgraph * gf, neuro_expert * e, int n, int k,
-                           struct ggml_tensor ** x, struct ggml_tensor ** ids_out, struct ggml_tensor ** out);
-
-static void build_expert(struct ggml_context * ctx, struct ggml_cgraph * gf, neuro_expert * e, int n,
+// build_expert adds the ops for n tokens, each routed to k of the stack's
+// experts, to gf: *x is the input, *ids_out the expert ids [k, n] (a single
+// expert: k = 1, ids all 0; a dense expert: NULL), *out [n_embd, k, n],
+// each slot's expert output before its weight.
+static void build_expert(struct ggml_context * ctx, struct ggml_cgraph * gf, neuro_expert * e, int n, int k,
                          struct ggml_tensor ** x, struct ggml_tensor ** ids_out, struct ggml_tensor ** out) {
-    build_expert_k(ctx, gf, e, n, 1, x, ids_out, out);
-}
-
-// build_expert_k adds the ops for n tokens, each routed to k of the
-// stack's experts (ids [k, n]; a single expert: k = 1, ids all 0); *out is
-// [n_embd, k, n], each slot's expert output before its weight.
-static void build_expert_k(struct ggml_context * ctx, struct ggml_cgraph * gf, neuro_expert * e, int n, int k,
-                           struct ggml_tensor ** x, struct ggml_tensor ** ids_out, struct ggml_tensor ** out) {
     *ids_out = NULL;
     if (e->dense) {
         // a layer's shared experts: llama.cpp's build_ffn (LLM_FFN_SILU,
@@ -116,22 +105,17 @@ static void build_expert_k(struct ggml_context * ctx, struct ggml_cgraph * gf, n
 
 // build_graph builds the expert's graph for n tokens in a context that
 // lives in e->meta.
-static struct ggml_cgraph * build_graph_k(neuro_expert * e, int n, int k, struct ggml_context ** ctx_out,
-                                          struct ggml_tensor ** x, struct ggml_tensor ** ids, struct ggml_tensor ** out) {
+static struct ggml_cgraph * build_graph(neuro_expert * e, int n, int k, struct ggml_context ** ctx_out,
+                                        struct ggml_tensor ** x, struct ggml_tensor ** ids, struct ggml_tensor ** out) {
     struct ggml_init_params p = { e->meta_size, e->meta, true };
     struct ggml_context * ctx = ggml_init(p);
     if (ctx == NULL) {
         return NULL;
     }
     struct ggml_cgraph * gf = ggml_new_graph_custom(ctx, EXPERT_MAX_NODES, false);
-    build_expert_k(ctx, gf, e, n, k, x, ids, out);
+    build_expert(ctx, gf, e, n, k, x, ids, out);
     *ctx_out = ctx;
     return gf;
-}
-
-static struct ggml_cgraph * build_graph(neuro_expert * e, int n, struct ggml_context ** ctx_out,
-                                        struct ggml_tensor ** x, struct ggml_tensor ** ids, struct ggml_tensor ** out) {
-    return build_graph_k(e, n, 1, ctx_out, x, ids, out);
 }
 
 void neuro_expert_free(neuro_expert * e) {
@@ -222,7 +206,7 @@ neuro_expert * neuro_stack_new(int n_embd, int n_ff, int n_exp, int k_max, int t
     struct ggml_tensor * x;
     struct ggml_tensor * ids;
     struct ggml_tensor * out;
-    struct ggml_cgraph * gf = build_graph_k(e, max_batch, k_max, &ctx, &x, &ids, &out);
+    struct ggml_cgraph * gf = build_graph(e, max_batch, k_max, &ctx, &x, &ids, &out);
     if (gf == NULL || !exec_reserve(&e->x, gf)) {
         snprintf(err, err_len, "reserving compute memory for a batch of %d failed", max_batch);
         if (gf) ggml_free(ctx);
@@ -235,15 +219,14 @@ fail:
     return NULL;
 }
 
-int neuro_expert_compute(neuro_expert * e, const float * xdata, int n, float * outdata) {
-    if (n < 1 || n > e->max_batch) {
-        return 1;
-    }
+// run_expert computes n tokens, each routed to k of the stack's experts
+// (ids_data: n x k ids; a dense expert reads none).
+static int run_expert(neuro_expert * e, const float * xdata, int n, const int32_t * ids_data, int k, float * outdata) {
     struct ggml_context * ctx;
     struct ggml_tensor * x;
     struct ggml_tensor * ids;
     struct ggml_tensor * out;
-    struct ggml_cgraph * gf = build_graph(e, n, &ctx, &x, &ids, &out);
+    struct ggml_cgraph * gf = build_graph(e, n, k, &ctx, &x, &ids, &out);
     if (gf == NULL) {
         return 2;
     }
@@ -253,7 +236,7 @@ int neuro_expert_compute(neuro_expert * e, const float * xdata, int n, float * o
         goto done;
     }
     ggml_backend_tensor_set(x, xdata, 0, ggml_nbytes(x));
-    if (ids) ggml_backend_tensor_set(ids, e->zeros, 0, ggml_nbytes(ids));
+    if (ids) ggml_backend_tensor_set(ids, ids_data, 0, ggml_nbytes(ids));
     if (exec_compute(&e->x, gf) != 0) {
         rc = 4;
         goto done;
@@ -264,59 +247,11 @@ done:
     return rc;
 }
 
-int neuro_experts_compute(neuro_expert ** es, int k, const float ** xs, const int * ns, float ** outs) {
-    if (k < 1 || k > NEURO_MAX_GROUP) {
+int neuro_expert_compute(neuro_expert * e, const float * xdata, int n, float * outdata) {
+    if (n < 1 || n > e->max_batch || e->zeros == NULL) {
         return 1;
     }
-    for (int i = 0; i < k; i++) {
-        if (ns[i] < 1 || ns[i] > es[i]->max_batch) {
-            return 1;
-        }
-        if (es[i]->x.sched != NULL) {
-            return 6; // on a device: one graph at a time (the caller falls back)
-        }
-    }
-    const size_t nodes = (size_t) k * EXPERT_MAX_NODES;
-    const size_t meta_size = nodes * ggml_tensor_overhead() + ggml_graph_overhead_custom(nodes, false);
-    void * meta = malloc(meta_size);
-    if (meta == NULL) {
-        return 5;
-    }
-    struct ggml_init_params p = { meta_size, meta, true };
-    struct ggml_context * ctx = ggml_init(p);
-    if (ctx == NULL) {
-        free(meta);
-        return 2;
-    }
-    struct ggml_cgraph * gf = ggml_new_graph_custom(ctx, nodes, false);
-    struct ggml_tensor * x[NEURO_MAX_GROUP];
-    struct ggml_tensor * ids[NEURO_MAX_GROUP];
-    struct ggml_tensor * out[NEURO_MAX_GROUP];
-    for (int i = 0; i < k; i++) {
-        build_expert(ctx, gf, es[i], ns[i], &x[i], &ids[i], &out[i]);
-    }
-    int rc = 0;
-    // The first expert's allocator holds the group's activations (it grows
-    // to the largest group it has seen); the weights are each expert's.
-    if (!exec_alloc(&es[0]->x, gf)) {
-        rc = 3;
-        goto done;
-    }
-    for (int i = 0; i < k; i++) {
-        ggml_backend_tensor_set(x[i], xs[i], 0, ggml_nbytes(x[i]));
-        if (ids[i]) ggml_backend_tensor_set(ids[i], es[i]->zeros, 0, ggml_nbytes(ids[i]));
-    }
-    if (exec_compute(&es[0]->x, gf) != 0) {
-        rc = 4;
-        goto done;
-    }
-    for (int i = 0; i < k; i++) {
-        ggml_backend_tensor_get(out[i], outs[i], 0, ggml_nbytes(out[i]));
-    }
-done:
-    ggml_free(ctx);
-    free(meta);
-    return rc;
+    return run_expert(e, xdata, n, e->zeros, 1, outdata);
 }
 
 int neuro_stack_compute(neuro_expert * e, const float * xdata, int n, const int32_t * ids_data, int k, float * outdata) {
@@ -328,27 +263,5 @@ int neuro_stack_compute(neuro_expert * e, const float * xdata, int n, const int3
             return 1;
         }
     }
-    struct ggml_context * ctx;
-    struct ggml_tensor * x;
-    struct ggml_tensor * ids;
-    struct ggml_tensor * out;
-    struct ggml_cgraph * gf = build_graph_k(e, n, k, &ctx, &x, &ids, &out);
-    if (gf == NULL) {
-        return 2;
-    }
-    int rc = 0;
-    if (!exec_alloc(&e->x, gf)) {
-        rc = 3;
-        goto done;
-    }
-    ggml_backend_tensor_set(x, xdata, 0, ggml_nbytes(x));
-    ggml_backend_tensor_set(ids, ids_data, 0, ggml_nbytes(ids));
-    if (exec_compute(&e->x, gf) != 0) {
-        rc = 4;
-        goto done;
-    }
-    ggml_backend_tensor_get(out, outdata, 0, ggml_nbytes(out));
-done:
-    ggml_free(ctx);
-    return rc;
+    return run_expert(e, xdata, n, ids_data, k, outdata);
 }

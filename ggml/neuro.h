@@ -96,14 +96,7 @@ int neuro_expert_compute(neuro_expert * e, const float * x, int n_tokens, float 
 
 void neuro_expert_free(neuro_expert * e);
 
-// neuro_experts_compute runs k experts (at most NEURO_MAX_GROUP, all on
-// the CPU) in one graph: expert i reads ns[i] rows from xs[i] and writes
-// them to outs[i]. Each expert's ops are those neuro_expert_compute runs,
-// so the results are the same; one graph saves k-1 graph launches.
-// Returns 0 on success, 6 when an expert is on another device (compute
-// them one by one).
-#define NEURO_MAX_GROUP 64
-int neuro_experts_compute(neuro_expert ** es, int k, const float ** xs, const int * ns, float ** outs);
+
 
 
 // Hyper-parameters of a llama- or qwen3moe-architecture MoE model.

@@ -43,7 +43,7 @@ func LoadSplitOn(dev Device, dir string, want cid.Cid, threads int) (_ *SplitMod
 		return nil, err
 	}
 	sm := &SplitModel{Experts: &moe.LocalExperts{Embd: hp.Embd, Used: hp.ExpertsUsed, Experts: map[[2]int]moe.Expert{},
-		Group: Backend{Device: dev}, Layers: map[int]moe.LayerComputer{}}}
+		Layers: map[int]moe.LayerComputer{}}}
 	defer func() {
 		if err != nil {
 			err = errors.Join(err, sm.Close())

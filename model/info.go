@@ -2,7 +2,6 @@ package model
 
 import (
 	"fmt"
-	"regexp"
 	"strconv"
 	"strings"
 
@@ -120,7 +119,7 @@ func InfoOfManifest(m *neuropb.Manifest) *Info {
 	count(m.GetGating())
 	in.GatingBytes = m.GetGating().GetSize()
 	for _, t := range m.GetGating().GetTensors() {
-		if sharedTensor.MatchString(t.GetName()) {
+		if sharedExpertTensor.MatchString(t.GetName()) {
 			in.SharedExperts = max(in.SharedExperts, 1)
 		}
 	}
@@ -155,8 +154,6 @@ func InfoOfManifest(m *neuropb.Manifest) *Info {
 	return in
 }
 
-var sharedTensor = regexp.MustCompile(`^blk\.\d+\.ffn_(gate|up|down)_shexp\.weight$`)
-
 // sharedExperts is the model's shared expert count: the metadata's, else 1
 // when shared-expert tensors are there.
 func sharedExperts(f *File, arch string) int {
@@ -164,7 +161,7 @@ func sharedExperts(f *File, arch string) int {
 		return int(v)
 	}
 	for _, t := range f.Tensors {
-		if sharedTensor.MatchString(t.Name) {
+		if sharedExpertTensor.MatchString(t.Name) {
 			return 1
 		}
 	}

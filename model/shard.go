@@ -98,7 +98,7 @@ const (
 	KeyDownPrecF32   = "neuro.down_prec_f32"
 )
 
-// sharedTensorParts matches a layer's shared-expert tensors.
+// sharedExpertTensor matches a layer's shared-expert tensors.
 var sharedExpertTensor = regexp.MustCompile(`^blk\.(\d+)\.ffn_(gate|up|down)_shexp\.weight$`)
 
 // SplitOptions tune Split.

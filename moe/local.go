@@ -9,12 +9,10 @@ import (
 // LocalExperts computes experts in this process (the single-machine split
 // path, and the oracle for networked experts).
 type LocalExperts struct {
-	// Group, if set, computes each layer's experts in one pass.
-	Group GroupComputer
-	// Layers, where set, compute a whole layer's routed experts at once
-	// (as llama.cpp's build_moe_ffn: one expert-indexed product per
+	// Layers, where set, compute a layer's routed experts at once (as
+	// llama.cpp's build_moe_ffn: one expert-indexed product per
 	// projection); Experts then holds only what they lack (a hosted
-	// shared expert).
+	// shared expert, numbered after them).
 	Layers map[int]LayerComputer
 	// Used is the model's experts per token; a call may route a token to
 	// more (a hosted shared expert rides as one more, with weight 1).
@@ -25,137 +23,55 @@ type LocalExperts struct {
 
 var _ Experts = (*LocalExperts)(nil)
 
-// MoE implements Experts: each expert gets the batch of tokens routed to
-// it in one call, and Combine weighs and sums the results.
+// MoE implements Experts: the layer's stack computes the slots of its
+// experts in one call, every other expert gets the batch of tokens routed
+// to it in one call, and Combine weighs and sums the results.
 func (le *LocalExperts) MoE(_ context.Context, layer int, x []float32, n int, selected []int32, weights []float32) ([]float32, error) {
 	used, err := SlotsPerToken(x, n, selected, weights, le.Embd)
 	if err != nil {
 		return nil, err
 	}
 	outs := make([]float32, n*used*le.Embd)
-	if lc := le.Layers[layer]; lc != nil {
-		if done, err := le.stacked(lc, layer, x, n, used, selected, outs); err != nil || done {
-			if err != nil {
-				return nil, err
-			}
-			return Combine(outs, weights, n, used, le.Embd), nil
+	lc := le.Layers[layer]
+	inStack := func(e int32) bool { return lc != nil && int(e) < lc.Experts() }
+	var stack []int // the slots the stack computes: as many for every token
+	for i, e := range selected {
+		if inStack(e) {
+			stack = append(stack, i)
 		}
 	}
+	if len(stack)%n != 0 {
+		stack, lc = nil, nil // uneven: expert by expert
+	}
+	if len(stack) > 0 {
+		sel := make([]int32, len(stack))
+		for j, i := range stack {
+			sel[j] = selected[i]
+		}
+		part := make([]float32, len(stack)*le.Embd)
+		if err := lc.ComputeLayer(x, n, sel, part); err != nil {
+			return nil, fmt.Errorf("experts of layer %d: %w", layer, err)
+		}
+		Scatter(outs, part, stack, le.Embd)
+	}
 	r := Route(selected)
-	calls := make([]ExpertCall, 0, len(r.Experts))
 	for _, e := range r.Experts {
+		if inStack(e) {
+			continue
+		}
 		ex := le.Experts[[2]int{layer, int(e)}]
 		if ex == nil {
 			return nil, fmt.Errorf("no expert %d:%d", layer, e)
 		}
 		slots := r.Slots[e]
 		in := Gather(x, slots, used, le.Embd)
-		calls = append(calls, ExpertCall{Expert: ex, X: in, N: len(slots), Out: make([]float32, len(in))})
-	}
-	if le.Group != nil {
-		if err := le.Group.ComputeGroup(calls); err != nil {
-			return nil, fmt.Errorf("experts of layer %d: %w", layer, err)
+		out := make([]float32, len(in))
+		if err := ComputeBatched(ex, in, len(slots), out); err != nil {
+			return nil, fmt.Errorf("expert %d:%d: %w", layer, e, err)
 		}
-	} else {
-		for i, c := range calls {
-			if err := ComputeBatched(c.Expert, c.X, c.N, c.Out); err != nil {
-				return nil, fmt.Errorf("expert %d:%d: %w", layer, r.Experts[i], err)
-			}
-		}
-	}
-	for i, c := range calls {
-		Scatter(outs, c.Out, r.Slots[r.Experts[i]], le.Embd)
+		Scatter(outs, out, slots, le.Embd)
 	}
 	return Combine(outs, weights, n, used, le.Embd), nil
-}
-
-// stacked computes a layer through its stack: all slots at once when every
-// expert is in it, else (a hosted shared expert, numbered after the
-// stack's) the stack's slots at once and the others one expert at a
-// time. It reports false when the layer has a slot it cannot compute.
-func (le *LocalExperts) stacked(lc LayerComputer, layer int, x []float32, n, used int, selected []int32, outs []float32) (bool, error) {
-	var in, out []int // slots in the stack, and out of it
-	for i, e := range selected {
-		if int(e) < lc.Experts() {
-			in = append(in, i)
-		} else {
-			out = append(out, i)
-		}
-	}
-	if len(out) == 0 {
-		if err := lc.ComputeLayer(x, n, selected, outs); err != nil {
-			return false, fmt.Errorf("experts of layer %d: %w", layer, err)
-		}
-		return true, nil
-	}
-	// Every token has the same slots out of the stack (the shared expert
-	// last): compute the stack's slots, then the rest.
-	k := len(in) / n
-	if k == 0 || len(in)%n != 0 {
-		return false, nil
-	}
-	sel := make([]int32, 0, len(in))
-	for _, i := range in {
-		sel = append(sel, selected[i])
-	}
-	part := make([]float32, len(in)*le.Embd)
-	if err := lc.ComputeLayer(x, n, sel, part); err != nil {
-		return false, fmt.Errorf("experts of layer %d: %w", layer, err)
-	}
-	for j, i := range in {
-		copy(outs[i*le.Embd:(i+1)*le.Embd], part[j*le.Embd:(j+1)*le.Embd])
-	}
-	r := Route(func() []int32 {
-		s := make([]int32, len(selected))
-		for i := range s {
-			s[i] = -1
-		}
-		for _, i := range out {
-			s[i] = selected[i]
-		}
-		return s
-	}())
-	for _, e := range r.Experts {
-		if e < 0 {
-			continue
-		}
-		ex := le.Experts[[2]int{layer, int(e)}]
-		if ex == nil {
-			return false, fmt.Errorf("no expert %d:%d", layer, e)
-		}
-		slots := r.Slots[e]
-		xin := Gather(x, slots, used, le.Embd)
-		o := make([]float32, len(xin))
-		if err := ComputeBatched(ex, xin, len(slots), o); err != nil {
-			return false, fmt.Errorf("expert %d:%d: %w", layer, e, err)
-		}
-		Scatter(outs, o, slots, le.Embd)
-	}
-	return true, nil
-}
-
-// LayerComputer computes a whole layer's routed experts: n rows of x, row t
-// routed to selected[t*k:(t+1)*k] (k = len(selected)/n), each slot's output
-// before its weight to out (n x k rows).
-type LayerComputer interface {
-	Experts() int
-	ComputeLayer(x []float32, n int, selected []int32, out []float32) error
-	Close() error
-}
-
-// ExpertCall is one expert's share of a layer: N rows of X in, N rows to
-// Out.
-type ExpertCall struct {
-	Expert Expert
-	X      []float32
-	N      int
-	Out    []float32
-}
-
-// GroupComputer computes several experts at once, each exactly as its
-// own Compute would (a backend saves the launches).
-type GroupComputer interface {
-	ComputeGroup(calls []ExpertCall) error
 }
 
 // SlotsPerToken checks one MoE call's arguments (n rows of embd floats in
@@ -166,6 +82,15 @@ func SlotsPerToken(x []float32, n int, selected []int32, weights []float32, embd
 		return 0, fmt.Errorf("moe: %d tokens of %d floats, %d experts and %d weights", n, len(x), len(selected), len(weights))
 	}
 	return len(selected) / n, nil
+}
+
+// LayerComputer computes a whole layer's routed experts: n rows of x, row t
+// routed to selected[t*k:(t+1)*k] (k = len(selected)/n), each slot's output
+// before its weight to out (n x k rows).
+type LayerComputer interface {
+	Experts() int
+	ComputeLayer(x []float32, n int, selected []int32, out []float32) error
+	Close() error
 }
 
 // Close closes every expert and layer.
