@@ -499,7 +499,7 @@ func (a *httpAPI) completions(w http.ResponseWriter, r *http.Request) {
 		writeRequestError(w, rerr)
 		return
 	}
-	a.run(w, r, ir, false, req.Model, req.Stream)
+	a.run(w, r, ir, false, req.Model, req.Stream, ReasoningNone)
 }
 
 func (a *httpAPI) chat(w http.ResponseWriter, r *http.Request) {
@@ -517,7 +517,7 @@ func (a *httpAPI) chat(w http.ResponseWriter, r *http.Request) {
 		c, _ := cid.Cast(ir.GetModel())
 		format = a.e.ReasoningFormat(c)
 	}
-	a.runSplit(w, r, ir, true, req.Model, req.Stream, format)
+	a.run(w, r, ir, true, req.Model, req.Stream, format)
 }
 
 // writeRequestError answers a bad request body: 400 with OpenAI's error
@@ -593,13 +593,9 @@ func usageOf(res *Result) usage {
 }
 
 // run generates and answers, as one JSON object or as server-sent events.
-func (a *httpAPI) run(w http.ResponseWriter, r *http.Request, ir *neuropb.InferRequest, chat bool, model string, stream bool) {
-	a.runSplit(w, r, ir, chat, model, stream, ReasoningNone)
-}
-
-// runSplit answers a request; a chat's answer is split into
-// reasoning_content and content as format says.
-func (a *httpAPI) runSplit(w http.ResponseWriter, r *http.Request, ir *neuropb.InferRequest, chat bool, model string, stream bool, format string) {
+// run answers a request; a chat's answer is split into reasoning_content
+// and content as format says.
+func (a *httpAPI) run(w http.ResponseWriter, r *http.Request, ir *neuropb.InferRequest, chat bool, model string, stream bool, format string) {
 	if model == "" {
 		c, _ := cid.Cast(ir.GetModel())
 		model = c.String()

@@ -193,8 +193,8 @@ func HparamsOf(m *neuropb.Manifest, gating *model.Shard) (Hparams, error) {
 		h.RopeFreqBase = 10000 // llama.cpp's default when the key is absent
 	}
 	if v, ok := u32("expert_group_count"); ok && v > 1 {
-		h.ExpertGroups, _ = u32("expert_group_used_count")
-		h.ExpertGroups, h.GroupsUsed = v, h.ExpertGroups
+		h.ExpertGroups = v
+		h.GroupsUsed, _ = u32("expert_group_used_count")
 		if h.Experts%h.ExpertGroups != 0 || h.GroupsUsed < 1 || h.GroupsUsed > h.ExpertGroups || h.Experts/h.ExpertGroups < 2 {
 			return Hparams{}, fmt.Errorf("gating compute: %d experts in %d groups, %d used", h.Experts, h.ExpertGroups, h.GroupsUsed)
 		}
