@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
@@ -141,6 +142,10 @@ func (z noExperts) MoE(_ context.Context, _ int, _ []float32, n int, _ []int32, 
 // pass with the split forward pass (gating compute + in-process experts)
 // on a model of the bench preset's shape with fewer layers (NEURO_BENCH_MODEL
 // names a GGUF to use instead, e.g. `neurod model make --preset bench`).
+// The two run in turns, alternating which goes first, so that a machine
+// whose speed drifts during the run slows both alike; it reports each
+// one's median tokens/s and split ÷ local of the medians, and checks that
+// both generated the same tokens.
 func BenchmarkGenerate(b *testing.B) {
 	path := os.Getenv("NEURO_BENCH_MODEL")
 	if path == "" {
@@ -161,31 +166,63 @@ func BenchmarkGenerate(b *testing.B) {
 		b.Fatal(err)
 	}
 	const tokens = 64
-	b.Run("local", func(b *testing.B) {
-		l, err := LoadLlama(path)
+	l, err := LoadLlama(path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer l.Close()
+	sm, err := LoadSplit(dir, cid.Undef, 0)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer sm.Close()
+	local := func() ([]int32, time.Duration) {
+		t0 := time.Now()
+		g, err := l.GenerateGreedy("hello world", tokens, ContextOptions{}, false)
 		if err != nil {
 			b.Fatal(err)
 		}
-		defer l.Close()
-		for range b.N {
-			if _, err := l.GenerateGreedy("hello world", tokens, ContextOptions{}, false); err != nil {
-				b.Fatal(err)
-			}
-		}
-		b.ReportMetric(float64(tokens*b.N)/b.Elapsed().Seconds(), "tokens/s")
-	})
-	b.Run("split", func(b *testing.B) {
-		sm, err := LoadSplit(dir, cid.Undef, 0)
+		return g.Tokens, time.Since(t0)
+	}
+	split := func() ([]int32, time.Duration) {
+		t0 := time.Now()
+		g, err := sm.GenerateGreedy(context.Background(), "hello world", tokens, 0, nil, false)
 		if err != nil {
 			b.Fatal(err)
 		}
-		defer sm.Close()
-		b.ResetTimer()
-		for range b.N {
-			if _, err := sm.GenerateGreedy(context.Background(), "hello world", tokens, 0, nil, false); err != nil {
-				b.Fatal(err)
-			}
+		return g.Tokens, time.Since(t0)
+	}
+	var tl, ts []time.Duration
+	b.ResetTimer()
+	for i := range b.N {
+		var lt, st []int32
+		var ld, sd time.Duration
+		if i%2 == 0 {
+			lt, ld = local()
+			st, sd = split()
+		} else {
+			st, sd = split()
+			lt, ld = local()
 		}
-		b.ReportMetric(float64(tokens*b.N)/b.Elapsed().Seconds(), "tokens/s")
-	})
+		if !slices.Equal(lt, st) {
+			b.Fatalf("split generated %v, llama.cpp %v", st, lt)
+		}
+		tl, ts = append(tl, ld), append(ts, sd)
+	}
+	ml, ms := median(tl), median(ts)
+	b.ReportMetric(tokens/ml.Seconds(), "local_tokens/s")
+	b.ReportMetric(tokens/ms.Seconds(), "split_tokens/s")
+	b.ReportMetric(ml.Seconds()/ms.Seconds(), "split/local")
+}
+
+// median returns the middle of ds (the mean of the middle two for an even
+// count).
+func median(ds []time.Duration) time.Duration {
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	n := len(s)
+	if n%2 == 1 {
+		return s[n/2]
+	}
+	return (s[n/2-1] + s[n/2]) / 2
 }
