@@ -188,6 +188,81 @@ func TestGptOssMatchesLlamaCpp(t *testing.T) {
 	}
 }
 
+// gpt-oss's sliding-window layers keep llama.cpp's smaller SWA cache
+// (llama_kv_cache_iswa): window + n_ubatch cells padded to 256, used as a
+// ring once the sequence outgrows it. With ubatches of 16 and a window of
+// 100 the ring has 256 cells; a prompt of over 512 tokens wraps it twice,
+// and the generated tokens' windows straddle its end. Tokens and logits
+// are llama.cpp's to the bit all the way (the cells' order decides the
+// order of attention's sums).
+func TestGptOssSlidingWindowRingMatchesLlamaCpp(t *testing.T) {
+	const maxTokens, ubatch = 24, 16
+	prompt := strings.Repeat("once upon a time the expert network carried every word ", 14)
+	p, _ := model.Preset("gpt-oss", "tiny")
+	// A window wider than ggml's SIMD step (32 floats): each sum over the
+	// window then depends on the order of its cells, and the ring's
+	// order differs from the full-size layout's where the window wraps.
+	p.Context, p.SlidingWindow = 1024, 100
+	// f16's logits show the cells' order (llama.cpp's full-size layout
+	// differs from the ring by up to 7e-4 here); q8_0's and q4_k_m's, whose
+	// activations are rounded to 8 bits before each product, did not.
+	for _, typ := range []string{"f16", "q8_0", "q4_k_m"} {
+		t.Run(typ, func(t *testing.T) {
+			path := archModel(t, t.TempDir(), "gpt-oss", p, typ, 62)
+			ref, err := LoadLlama(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ref.Close()
+			want, err := ref.GenerateGreedy(prompt, maxTokens, ContextOptions{Threads: 2, UBatch: ubatch}, true)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// the generated tokens' windows wrap around the ring's end:
+			// their cells are not in the order of their positions
+			if n := len(want.Prompt); n < 512 || n%256 >= p.SlidingWindow/2 {
+				t.Fatalf("a prompt of %d tokens: the generated tokens' windows do not straddle the ring's end", n)
+			}
+			dir := filepath.Join(t.TempDir(), "shards")
+			res, err := model.Split(path, dir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			sm, err := LoadSplit(dir, res.ModelCID, 2)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sm.Close()
+			s, err := sm.Gating.NewSessionUBatch(0, ubatch)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := s.SWACells(); got != 256 {
+				t.Fatalf("the sliding-window cache has %d cells, want llama.cpp's 256", got)
+			}
+			s.Close()
+			sm.UBatch = ubatch
+			got, err := sm.GenerateGreedy(t.Context(), prompt, maxTokens, 0, nil, true)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !slices.Equal(got.Tokens, want.Tokens) {
+				t.Fatalf("split %v\nllama.cpp %v", got.Tokens, want.Tokens)
+			}
+			worst := 0.0
+			for step := range want.Logits {
+				for i := range want.Logits[step] {
+					worst = max(worst, math.Abs(float64(got.Logits[step][i]-want.Logits[step][i])))
+				}
+			}
+			t.Logf("%s: prompt of %d tokens, %d generated, through a ring of 256 cells: logits max |Δ| %.3g", typ, len(want.Prompt), len(want.Tokens), worst)
+			if worst != 0 {
+				t.Fatalf("logits differ by up to %.3g; the arithmetic is llama.cpp's, 0 expected", worst)
+			}
+		})
+	}
+}
+
 // DeepSeek-V3's gating compute (deepseek2: multi-head latent attention
 // with the absorption optimisation — Q through its low-rank bottleneck,
 // the compressed KV cache of kv rank + rope per token, per-head K and V

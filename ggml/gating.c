@@ -70,11 +70,26 @@ struct neuro_gating {
 struct neuro_session {
     neuro_gating * g;
     int n_ctx;
+    // Sliding-window layers keep a smaller cache of n_swa_cells cells, used
+    // as a ring (llama_kv_cache_iswa's SWA cache): position p lives in cell
+    // p % n_swa_cells, where llama.cpp's find_slot puts it in a sequence
+    // that only grows. cellpos[c] is the position cell c holds (-1: none).
+    int n_swa_cells;
+    int32_t * cellpos;
     struct ggml_context * kvctx;
     ggml_backend_buffer_t kvbuf;
-    struct ggml_tensor ** k; // [n_embd_k_gqa, n_ctx] F16 per layer
-    struct ggml_tensor ** v; // [n_embd_v_gqa * n_ctx] F16 per layer, transposed
+    struct ggml_tensor ** k; // [n_embd_k_gqa, cells] F16 per layer
+    struct ggml_tensor ** v; // [n_embd_v_gqa * cells] F16 per layer, transposed
 };
+
+// is_swa says whether layer il attends through a sliding window.
+static int is_swa(const neuro_hparams * hp, int il) {
+    return hp->n_swa > 0 && hp->swa_pattern > 0 && il % hp->swa_pattern < hp->swa_pattern - 1;
+}
+
+static int pad256(int n) {
+    return (n + 255) / 256 * 256;
+}
 
 static struct ggml_tensor * find_weight(neuro_gating * g, const neuro_weight * ws, int n_ws, const char * name,
                                         char * err, size_t err_len) {
@@ -289,10 +304,11 @@ void neuro_session_free(neuro_session * s) {
     if (s->kvctx) ggml_free(s->kvctx);
     free(s->k);
     free(s->v);
+    free(s->cellpos);
     free(s);
 }
 
-neuro_session * neuro_session_new(neuro_gating * g, int n_ctx, char * err, size_t err_len) {
+neuro_session * neuro_session_new(neuro_gating * g, int n_ctx, int n_ubatch, char * err, size_t err_len) {
     const neuro_hparams * hp = &g->hp;
     neuro_session * s = calloc(1, sizeof(*s));
     if (s == NULL) {
@@ -301,6 +317,24 @@ neuro_session * neuro_session_new(neuro_gating * g, int n_ctx, char * err, size_
     }
     s->g = g;
     s->n_ctx = n_ctx;
+    if (hp->n_swa > 0) {
+        // llama_kv_cache_iswa: GGML_PAD(min(n_ctx, n_swa + n_ubatch), 256)
+        // cells, n_ctx being the context llama.cpp pads to 256
+        int base = pad256(n_ctx);
+        int want = hp->n_swa + n_ubatch;
+        s->n_swa_cells = pad256(base < want ? base : want);
+        if (s->n_swa_cells >= n_ctx) {
+            s->n_swa_cells = n_ctx; // never wraps: the full-size layout
+        }
+        s->cellpos = malloc(sizeof(int32_t) * s->n_swa_cells);
+        if (s->cellpos == NULL) {
+            snprintf(err, err_len, "out of memory");
+            goto fail;
+        }
+        for (int c = 0; c < s->n_swa_cells; c++) {
+            s->cellpos[c] = -1;
+        }
+    }
     s->k = calloc(hp->n_layer, sizeof(*s->k));
     s->v = calloc(hp->n_layer, sizeof(*s->v));
     struct ggml_init_params p = { (size_t) (2 * hp->n_layer + 2) * ggml_tensor_overhead(), NULL, true };
@@ -312,8 +346,9 @@ neuro_session * neuro_session_new(neuro_gating * g, int n_ctx, char * err, size_
     const int64_t n_embd_k_gqa = (int64_t) hp->n_embd_head * hp->n_head_kv;
     const int64_t n_embd_v_gqa = (int64_t) hp->n_embd_head_v * hp->n_head_kv;
     for (int il = 0; il < hp->n_layer; il++) {
-        s->k[il] = ggml_new_tensor_2d(s->kvctx, GGML_TYPE_F16, n_embd_k_gqa, n_ctx);
-        s->v[il] = ggml_new_tensor_2d(s->kvctx, GGML_TYPE_F16, n_embd_v_gqa, n_ctx);
+        const int cells = is_swa(hp, il) ? s->n_swa_cells : n_ctx;
+        s->k[il] = ggml_new_tensor_2d(s->kvctx, GGML_TYPE_F16, n_embd_k_gqa, cells);
+        s->v[il] = ggml_new_tensor_2d(s->kvctx, GGML_TYPE_F16, n_embd_v_gqa, cells);
     }
     s->kvbuf = ggml_backend_alloc_ctx_tensors(s->kvctx, g->x.backend);
     if (s->kvbuf == NULL) {
@@ -458,9 +493,14 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
     const int64_t n_embd_gqa = n_embd_head * hp->n_head_kv;
     const int64_t n_embd_v_gqa = n_embd_head_v * hp->n_head_kv;
     const int rope_type = hp->rope_neox ? 2 /* LLAMA_ROPE_TYPE_NEOX */ : 0 /* LLAMA_ROPE_TYPE_NORM */;
-    const int n_kv = kv_len(s->n_ctx, pos0 + n);
+    const int swa = is_swa(hp, il);
+    const int cells = swa ? s->n_swa_cells : s->n_ctx; // this layer's cache
+    if (swa && cells < s->n_ctx && n > cells - hp->n_swa) {
+        return 1; // the ubatch would overwrite cells its own window reads
+    }
+    const int used = pos0 + n < cells ? pos0 + n : cells;
+    const int n_kv = kv_len(cells, used);
     const int n_out = last_only ? 1 : n;
-    const int swa = hp->n_swa > 0 && hp->swa_pattern > 0 && il % hp->swa_pattern < hp->swa_pattern - 1;
 
     struct ggml_context * ctx = graph_ctx(g);
     if (ctx == NULL) return 2;
@@ -528,11 +568,11 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
     struct ggml_tensor * kk = ggml_view_4d(ctx, kc, n_embd_head, hp->n_head_kv, n_kv, 1,
                                            ggml_row_size(kc->type, n_embd_head),
                                            ggml_row_size(kc->type, n_embd_gqa),
-                                           ggml_row_size(kc->type, n_embd_gqa * s->n_ctx), 0);
+                                           ggml_row_size(kc->type, n_embd_gqa * cells), 0);
     struct ggml_tensor * vv = ggml_view_4d(ctx, vc, n_kv, hp->n_head_kv, n_embd_head_v, 1,
-                                           ggml_row_size(vc->type, (int64_t) s->n_ctx * n_embd_head_v),
-                                           ggml_row_size(vc->type, s->n_ctx),
-                                           ggml_row_size(vc->type, (int64_t) s->n_ctx * n_embd_v_gqa), 0);
+                                           ggml_row_size(vc->type, (int64_t) cells * n_embd_head_v),
+                                           ggml_row_size(vc->type, cells),
+                                           ggml_row_size(vc->type, (int64_t) cells * n_embd_v_gqa), 0);
 
     // build_attn_mha without flash attention
     struct ggml_tensor * qp = ggml_permute(ctx, q, 0, 2, 1, 3);
@@ -615,18 +655,27 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
         if (p == NULL || ki == NULL || vi == NULL || m == NULL) {
             rc = 5;
         } else {
+            if (swa) {
+                // the ubatch's cells, before attention reads them (as
+                // llama.cpp applies a ubatch to its cells first)
+                for (int t = 0; t < n; t++) {
+                    s->cellpos[(pos0 + t) % cells] = pos0 + t;
+                }
+            }
             for (int t = 0; t < n; t++) {
-                p[t] = pos0 + t;
-                ki[t] = pos0 + t;
+                const int p1 = pos0 + t;
+                const int cell = p1 % cells;
+                p[t] = p1;
+                ki[t] = cell;
                 for (int64_t d = 0; d < n_embd_v_gqa; d++) {
-                    vi[t * n_embd_v_gqa + d] = d * s->n_ctx + (pos0 + t);
+                    vi[t * n_embd_v_gqa + d] = d * cells + cell;
                 }
                 for (int c = 0; c < n_kv; c++) {
                     // causal: a cell is visible to a token at or after its
                     // position; in a sliding-window layer, only the last
                     // n_swa positions (llama_hparams::is_masked_swa)
-                    const int p1 = pos0 + t;
-                    const int visible = c <= p1 && !(swa && p1 - c >= hp->n_swa);
+                    const int pc = swa ? s->cellpos[c] : c;
+                    const int visible = pc >= 0 && pc <= p1 && !(swa && p1 - pc >= hp->n_swa);
                     m[(int64_t) t * n_kv + c] = visible ? 0.0f : -INFINITY;
                 }
             }
@@ -654,6 +703,29 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
     }
     ggml_free(ctx);
     return rc;
+}
+
+int neuro_session_swa_cells(const neuro_session * s) {
+    return s->n_swa_cells;
+}
+
+int neuro_rewind(neuro_session * s, int pos) {
+    if (s->cellpos == NULL) {
+        return 0;
+    }
+    const int cells = s->n_swa_cells;
+    // the window the token at pos attends to, besides itself
+    for (int x = pos - s->g->hp.n_swa + 1; x < pos; x++) {
+        if (x >= 0 && s->cellpos[x % cells] != x) {
+            return 1;
+        }
+    }
+    for (int c = 0; c < cells; c++) {
+        if (s->cellpos[c] >= pos) {
+            s->cellpos[c] = -1; // llama_kv_cache::seq_rm
+        }
+    }
+    return 0;
 }
 
 int neuro_output(neuro_session * s, const float * x, int n_out, float * logits_out) {

@@ -217,18 +217,36 @@ func (g *Gating) Close() error {
 // Session is one sequence: its KV cache and position. Not safe for
 // concurrent use.
 type Session struct {
-	g    *Gating
-	c    *C.neuro_session
-	nCtx int
-	pos  int
+	g      *Gating
+	c      *C.neuro_session
+	nCtx   int
+	ubatch int
+	pos    int
 }
 
+// DefaultUBatch is llama.cpp's default n_ubatch: a forward pass computes
+// at most this many tokens at a time.
+const DefaultUBatch = 512
+
 // NewSession makes a session with a KV cache of nCtx tokens (default: the
-// model's context, at most 4096).
+// model's context, at most 4096) that computes DefaultUBatch tokens at a
+// time.
 func (g *Gating) NewSession(nCtx int) (*Session, error) {
+	return g.NewSessionUBatch(nCtx, 0)
+}
+
+// NewSessionUBatch makes a session that computes at most ubatch tokens at
+// a time (llama.cpp's n_ubatch; 0: DefaultUBatch). A longer Forward runs in
+// pieces of ubatch tokens, as llama_decode splits a batch. Sliding-window
+// layers keep llama.cpp's smaller cache of about window + ubatch cells.
+func (g *Gating) NewSessionUBatch(nCtx, ubatch int) (*Session, error) {
 	if nCtx <= 0 {
 		nCtx = min(g.hp.CtxLen, 4096)
 	}
+	if ubatch <= 0 {
+		ubatch = DefaultUBatch
+	}
+	ubatch = min(ubatch, nCtx)
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.c == nil {
@@ -237,11 +255,11 @@ func (g *Gating) NewSession(nCtx int) (*Session, error) {
 	computeMu.Lock()
 	defer computeMu.Unlock()
 	var errbuf [256]C.char
-	c := C.neuro_session_new(g.c, C.int(nCtx), &errbuf[0], C.size_t(len(errbuf)))
+	c := C.neuro_session_new(g.c, C.int(nCtx), C.int(ubatch), &errbuf[0], C.size_t(len(errbuf)))
 	if c == nil {
 		return nil, fmt.Errorf("gating session: %s", C.GoString(&errbuf[0]))
 	}
-	return &Session{g: g, c: c, nCtx: nCtx}, nil
+	return &Session{g: g, c: c, nCtx: nCtx, ubatch: ubatch}, nil
 }
 
 // Close frees the KV cache. It is safe to call more than once.
@@ -253,6 +271,15 @@ func (s *Session) Close() error {
 		s.c = nil
 	}
 	return nil
+}
+
+// SWACells is the number of cells in the sliding-window layers' cache
+// (0: the model has none).
+func (s *Session) SWACells() int {
+	if s.c == nil || s.g.hp.SlidingWindow == 0 {
+		return 0
+	}
+	return int(C.neuro_session_swa_cells(s.c))
 }
 
 // Len is the number of tokens in the KV cache.
@@ -275,6 +302,39 @@ func (s *Session) Forward(ctx context.Context, tokens []int32, experts moe.Exper
 			return nil, fmt.Errorf("forward: token %d outside the vocabulary of %d", t, hp.Vocab)
 		}
 	}
+	start := s.pos
+	for len(tokens) > s.ubatch {
+		if _, err := s.forward(ctx, tokens[:s.ubatch], experts, false); err != nil {
+			return nil, s.undo(start, err)
+		}
+		tokens = tokens[s.ubatch:]
+	}
+	logits, err := s.forward(ctx, tokens, experts, true)
+	if err != nil {
+		return nil, s.undo(start, err)
+	}
+	return logits, nil
+}
+
+// undo puts the session back at position start after a Forward from
+// there failed with err. Should the window before start be gone too (a
+// failed pass of many pieces), it empties the session.
+func (s *Session) undo(start int, err error) error {
+	if s.pos == start {
+		return err
+	}
+	if rerr := s.Rewind(start); rerr != nil {
+		s.Rewind(0)
+		return errors.Join(err, rerr)
+	}
+	return err
+}
+
+// forward runs one piece of at most ubatch tokens; with logits, it returns
+// the last token's.
+func (s *Session) forward(ctx context.Context, tokens []int32, experts moe.Experts, logits bool) ([]float32, error) {
+	hp := s.g.hp
+	n := len(tokens)
 	x := make([]float32, n*hp.Embd)
 	if err := s.call(func() C.int {
 		return C.neuro_embed(s.c, (*C.int32_t)(unsafe.Pointer(&tokens[0])), C.int(n), (*C.float)(&x[0]))
@@ -283,7 +343,7 @@ func (s *Session) Forward(ctx context.Context, tokens []int32, experts moe.Exper
 	}
 	rows := n
 	for l := range hp.Layers {
-		last := l == hp.Layers-1
+		last := logits && l == hp.Layers-1
 		out := rows
 		if last {
 			out = 1
@@ -342,14 +402,18 @@ func (s *Session) Forward(ctx context.Context, tokens []int32, experts moe.Exper
 		}
 		x, rows = moe, out
 	}
-	logits := make([]float32, hp.Vocab)
+	if !logits {
+		s.pos += n
+		return nil, nil
+	}
+	out := make([]float32, hp.Vocab)
 	if err := s.call(func() C.int {
-		return C.neuro_output(s.c, (*C.float)(&x[0]), 1, (*C.float)(&logits[0]))
+		return C.neuro_output(s.c, (*C.float)(&x[0]), 1, (*C.float)(&out[0]))
 	}); err != nil {
 		return nil, fmt.Errorf("forward: output: %w", err)
 	}
 	s.pos += n
-	return logits, nil
+	return out, nil
 }
 
 // withShared appends expert shared with weight 1 to each of n tokens'
@@ -381,10 +445,21 @@ func (s *Session) call(f func() C.int) error {
 
 // Rewind drops the tokens after the first pos from the session: the next
 // Forward continues at position pos (the KV cache entries past it are
-// overwritten).
+// overwritten). In a model with sliding-window layers it fails with
+// moe.ErrWindowLost, changing nothing, when their ring of cells no longer
+// holds the window before pos: a rewind of up to the ring's size less the
+// window (ubatch tokens or more) always succeeds.
 func (s *Session) Rewind(pos int) error {
 	if pos < 0 || pos > s.pos {
 		return fmt.Errorf("rewind to %d: the session holds %d tokens", pos, s.pos)
+	}
+	s.g.mu.Lock()
+	defer s.g.mu.Unlock()
+	if s.c == nil {
+		return moe.ErrClosed
+	}
+	if C.neuro_rewind(s.c, C.int(pos)) != 0 {
+		return fmt.Errorf("rewind from %d to %d tokens: %w", s.pos, pos, moe.ErrWindowLost)
 	}
 	s.pos = pos
 	return nil

@@ -183,6 +183,10 @@ type ContextOptions struct {
 	Context int
 	// Threads is the number of compute threads (default GOMAXPROCS).
 	Threads int
+	// UBatch is llama.cpp's n_ubatch, the most tokens one graph computes
+	// (default DefaultUBatch, at most Context); it also sizes the
+	// sliding-window layers' cache.
+	UBatch int
 }
 
 // LlamaContext is one generation's state: the KV cache and the logits of
@@ -205,6 +209,10 @@ func (l *Llama) NewContext(o ContextOptions) (*LlamaContext, error) {
 	if o.Threads <= 0 {
 		o.Threads = runtime.GOMAXPROCS(0)
 	}
+	if o.UBatch <= 0 {
+		o.UBatch = DefaultUBatch
+	}
+	o.UBatch = min(o.UBatch, o.Context)
 	l.poolMu.Lock()
 	if cs := l.idle[o]; len(cs) > 0 {
 		c := cs[len(cs)-1]
@@ -219,11 +227,14 @@ func (l *Llama) NewContext(o ContextOptions) (*LlamaContext, error) {
 	p := C.llama_context_default_params()
 	p.n_ctx = C.uint32_t(o.Context)
 	p.n_batch = C.uint32_t(o.Context)
-	p.n_ubatch = C.uint32_t(o.Context)
+	p.n_ubatch = C.uint32_t(o.UBatch)
 	p.n_seq_max = 1
 	p.n_threads = C.int32_t(o.Threads)
 	p.n_threads_batch = C.int32_t(o.Threads)
 	p.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+	// the smaller sliding-window cache, as llama-server and llama-cli make
+	// it (common_params::swa_full = false; the library's default is full)
+	p.swa_full = false
 	p.no_perf = true
 	unlock := l.gpuLock()
 	c := C.llama_init_from_model(l.m, p)

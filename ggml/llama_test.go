@@ -3,8 +3,10 @@ package ggml
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 
 	"github.com/ipfs/go-cid"
@@ -172,6 +174,101 @@ func TestSessionRewind(t *testing.T) {
 	}
 	if err := s.Rewind(s.Len() + 1); err == nil {
 		t.Fatal("rewind past the end: no error")
+	}
+}
+
+// In a model with sliding-window layers, whose cache is a ring, a short
+// rewind computes what a fresh session does; one past what the ring still
+// holds fails with moe.ErrWindowLost and changes nothing; a rewind to the
+// start always works.
+func TestSessionRewindSlidingWindow(t *testing.T) {
+	const ubatch = 16
+	p, _ := model.Preset("gpt-oss", "tiny")
+	p.Context = 1024
+	path := archModel(t, t.TempDir(), "gpt-oss", p, "q8_0", 19)
+	dir := filepath.Join(t.TempDir(), "shards")
+	if _, err := model.Split(path, dir); err != nil {
+		t.Fatal(err)
+	}
+	sm, err := LoadSplit(dir, cid.Undef, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sm.Close()
+	ctx := context.Background()
+	prompt := make([]int32, 300) // wraps the ring of 256 cells
+	for i := range prompt {
+		prompt[i] = int32(3 + i*7%400)
+	}
+	run := func(s *Session, toks ...int32) []float32 {
+		t.Helper()
+		l, err := s.Forward(ctx, toks, sm.Experts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return l
+	}
+	same := func(what string, got, want []float32) {
+		t.Helper()
+		for i := range want {
+			if got[i] != want[i] {
+				t.Fatalf("%s: logit %d is %v, a fresh session's %v", what, i, got[i], want[i])
+			}
+		}
+	}
+	fresh, err := sm.Gating.NewSessionUBatch(0, ubatch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fresh.Close()
+	run(fresh, prompt...)
+	want := run(fresh, 7)
+	s, _ := sm.Gating.NewSessionUBatch(0, ubatch)
+	defer s.Close()
+	run(s, prompt...)
+	for i := range 20 {
+		run(s, int32(50+i))
+	}
+	if err := s.Rewind(len(prompt)); err != nil {
+		t.Fatalf("a rewind of 20 tokens: %v", err)
+	}
+	same("after a rewind of 20 tokens", run(s, 7), want)
+	// 300 + 1 tokens are in; the window before position 40 was overwritten
+	// by positions 296..
+	if err := s.Rewind(40); !errors.Is(err, moe.ErrWindowLost) {
+		t.Fatalf("a rewind past the ring: %v, want ErrWindowLost", err)
+	}
+	if s.Len() != len(prompt)+1 {
+		t.Fatalf("a refused rewind moved the session to %d", s.Len())
+	}
+	if err := s.Rewind(0); err != nil {
+		t.Fatal(err)
+	}
+	run(s, prompt...)
+	same("after a rewind to the start", run(s, 7), want)
+
+	// moe.RewindTo, as the gating node rewinds past a wrong expert result:
+	// one token back where the ring still holds the window, the whole
+	// sequence again where it does not.
+	gen := []int32{7}    // in the session
+	for i := range 250 { // past the ring: the window before the prompt's end is overwritten
+		gen = append(gen, int32(60+i%300))
+		run(s, gen[len(gen)-1])
+	}
+	for _, step := range []int{len(gen) - 3, 1} {
+		next, err := moe.RewindTo(s, prompt, gen, step)
+		if err != nil {
+			t.Fatal(err)
+		}
+		replayed := len(next) == len(prompt)+step
+		if want := step == 1; replayed != want || (!replayed && len(next) != 1) {
+			t.Fatalf("rewind to step %d: %d tokens to forward", step, len(next))
+		}
+		got := run(s, next...)
+		ref, _ := sm.Gating.NewSessionUBatch(0, ubatch)
+		ref.Forward(ctx, append(slices.Clone(prompt), gen[:step-1]...), sm.Experts)
+		same(fmt.Sprintf("rewound to step %d (replayed %v)", step, replayed), got, run(ref, gen[step-1]))
+		ref.Close()
 	}
 }
 

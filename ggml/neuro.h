@@ -170,7 +170,9 @@ neuro_gating * neuro_gating_new(const neuro_hparams * hp, const neuro_weight * w
                                 int dev, int n_threads, char * err, size_t err_len);
 void neuro_gating_free(neuro_gating * g);
 
-neuro_session * neuro_session_new(neuro_gating * g, int n_ctx, char * err, size_t err_len);
+// n_ubatch is the most tokens one neuro_layer call stores: sliding-window
+// layers keep llama.cpp's smaller SWA cache, sized from it.
+neuro_session * neuro_session_new(neuro_gating * g, int n_ctx, int n_ubatch, char * err, size_t err_len);
 void neuro_session_free(neuro_session * s);
 
 // neuro_embed writes the n tokens' embeddings (n x n_embd floats) to out.
@@ -186,6 +188,15 @@ int neuro_embed(neuro_session * s, const int32_t * tokens, int n, float * out);
 // in a MoE layer with shared experts their output. Returns 0 on success.
 int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, int last_only,
                 float * ffn_inp, float * moe_in, int32_t * selected, float * weights, float * extra);
+
+// neuro_session_swa_cells is the size of the sliding-window layers' cache.
+int neuro_session_swa_cells(const neuro_session * s);
+
+// neuro_rewind forgets positions pos and after. It returns 1, changing
+// nothing, when a sliding-window layer's cache no longer holds the window
+// before pos (newer positions overwrote it): the sequence must be computed
+// again from the start.
+int neuro_rewind(neuro_session * s, int pos);
 
 // neuro_output applies the final norm and output head to n_out rows of x.
 int neuro_output(neuro_session * s, const float * x, int n_out, float * logits);

@@ -19,6 +19,9 @@ type SplitModel struct {
 	Vocab   *Llama
 	Gating  *Gating
 	Experts *moe.LocalExperts
+	// UBatch is the most tokens GenerateGreedy's forward passes compute at
+	// a time (0: DefaultUBatch), as ContextOptions.UBatch for llama.cpp.
+	UBatch int
 }
 
 // LoadSplit loads the split model in dir (verifying the manifest against
@@ -125,7 +128,7 @@ func (sm *SplitModel) GenerateGreedy(ctx context.Context, prompt string, maxToke
 	if len(toks)+maxTokens > nCtx {
 		return nil, fmt.Errorf("prompt of %d tokens + %d new tokens: %w (%d tokens)", len(toks), maxTokens, moe.ErrContextFull, nCtx)
 	}
-	s, err := sm.Gating.NewSession(nCtx)
+	s, err := sm.Gating.NewSessionUBatch(nCtx, sm.UBatch)
 	if err != nil {
 		return nil, err
 	}

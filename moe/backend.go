@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 
 	"github.com/neuro-p2p/neuro/model"
 )
@@ -245,12 +246,40 @@ type Session interface {
 	// returns the last token's logits.
 	Forward(ctx context.Context, tokens []int32, experts Experts) ([]float32, error)
 	// Rewind drops the tokens after the first pos: the next Forward
-	// continues at position pos.
+	// continues at position pos. It fails with ErrWindowLost, changing
+	// nothing, when a sliding-window layer's cache no longer holds the
+	// positions before pos.
 	Rewind(pos int) error
 	// Len is the number of tokens in the KV cache.
 	Len() int
 	// Close frees the KV cache; it is safe to call more than once.
 	Close() error
+}
+
+// RewindTo puts a session that holds prompt and generated tokens (the
+// last one possibly not yet forwarded) back to before the forward pass
+// that produced tokens[step], and returns the tokens that pass must take:
+// the one before it, or, where a sliding-window layer's cache no longer
+// holds the window there (ErrWindowLost), the whole sequence again from
+// an empty session.
+func RewindTo(s Session, prompt, tokens []int32, step int) ([]int32, error) {
+	if step < 0 || step > len(tokens) {
+		return nil, fmt.Errorf("rewind to step %d of %d tokens", step, len(tokens))
+	}
+	if step == 0 {
+		return prompt, s.Rewind(0)
+	}
+	err := s.Rewind(len(prompt) + step - 1)
+	if errors.Is(err, ErrWindowLost) {
+		if err := s.Rewind(0); err != nil {
+			return nil, err
+		}
+		return append(slices.Clone(prompt), tokens[:step]...), nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	return []int32{tokens[step-1]}, nil
 }
 
 // ChatMessage is one turn of a chat.

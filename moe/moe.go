@@ -31,6 +31,11 @@ var (
 	// ErrClosed is returned by an expert, gating part or session that was
 	// closed.
 	ErrClosed = errors.New("closed")
+	// ErrWindowLost means a session cannot rewind that far: a
+	// sliding-window layer's cache (a ring) no longer holds the window
+	// before the position; the tokens must be computed again from the
+	// start.
+	ErrWindowLost = errors.New("the sliding window's cache no longer holds the positions before it")
 	// ErrNoBackend means a node was asked to compute without a compute
 	// backend.
 	ErrNoBackend = errors.New("no compute backend")

@@ -151,9 +151,9 @@ func (f *benchFlags) bench(cmd *cobra.Command, g *globalFlags) (*testnet.Bench, 
 		PlacementRTT: f.placement, PlacementFar: f.placementFar, PlacementJitter: f.jitter,
 		OnMachine: func(ctx context.Context, model string, split bool, prompt string, maxTokens int) (*testnet.Generation, error) {
 			if split {
-				return generateOnMachine(ctx, ggml.Device{}, "", model, prompt, maxTokens, 0, 0)
+				return generateOnMachine(ctx, ggml.Device{}, "", model, prompt, maxTokens, ggml.ContextOptions{})
 			}
-			return generateOnMachine(ctx, ggml.Device{}, model, "", prompt, maxTokens, 0, 0)
+			return generateOnMachine(ctx, ggml.Device{}, model, "", prompt, maxTokens, ggml.ContextOptions{})
 		}}
 	if b.NetnsErr = errors.New("--no-netns"); !f.noNetns {
 		b.NetnsErr = netns.Available()

@@ -54,6 +54,7 @@ type generateFlags struct {
 	maxTokens    int
 	threads      int
 	ctxSize      int
+	ubatch       int
 	asJSON       bool
 	network      bool
 	modelCID     string
@@ -92,6 +93,12 @@ func newGenerateCmd() *cobra.Command {
 			if gf.maxTokens < 1 {
 				return fmt.Errorf("flag --max-tokens %d: must be at least 1", gf.maxTokens)
 			}
+			if gf.ubatch < 0 {
+				return fmt.Errorf("flag --ubatch %d: must be positive (0: 512)", gf.ubatch)
+			}
+			if gf.network && cmd.Flags().Changed("ubatch") {
+				return errors.New("flag --ubatch: only with --local or --split (the network's gating nodes choose their own)")
+			}
 			if gf.network && cmd.Flags().Changed("device") {
 				return errors.New("flag --device: only with --local or --split (the network's nodes choose their own)")
 			}
@@ -109,7 +116,8 @@ func newGenerateCmd() *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("flag --device: %w", err)
 			}
-			out, err := generateOnMachine(cmd.Context(), dev, gf.local, gf.split, gf.prompt, gf.maxTokens, gf.ctxSize, gf.threads)
+			out, err := generateOnMachine(cmd.Context(), dev, gf.local, gf.split, gf.prompt, gf.maxTokens,
+				ggml.ContextOptions{Context: gf.ctxSize, Threads: gf.threads, UBatch: gf.ubatch})
 			if err != nil {
 				return err
 			}
@@ -133,6 +141,7 @@ func (gf *generateFlags) register(f *pflag.FlagSet) {
 	f.IntVar(&gf.maxTokens, "max-tokens", 32, "most tokens to generate")
 	f.IntVar(&gf.threads, "threads", 0, "compute threads (default: all cores)")
 	f.IntVar(&gf.ctxSize, "context", 0, "context size in tokens (default: the model's, at most 4096)")
+	f.IntVar(&gf.ubatch, "ubatch", 0, "most tokens computed at a time, llama.cpp's n_ubatch; it also sizes a sliding-window model's smaller cache (default 512)")
 	f.BoolVar(&gf.asJSON, "json", false, `print {"tokens": [...], "text": ...}`)
 	f.BoolVar(&gf.network, "network", false, "ask the network's gating nodes (needs --model and --bootstrap or --gating)")
 	f.StringVar(&gf.modelCID, "model", "", "with --network: the model's CID (printed by 'neurod model import')")
@@ -150,8 +159,8 @@ func (gf *generateFlags) register(f *pflag.FlagSet) {
 
 // generateOnMachine answers a prompt greedily on this machine: the whole
 // GGUF in llama.cpp (local), or the gating compute and in-process experts
-// from the shards (split).
-func generateOnMachine(ctx context.Context, dev ggml.Device, local, split, prompt string, maxTokens, ctxSize, threads int) (*testnet.Generation, error) {
+// from the shards (split), with the context size, threads and ubatch of o.
+func generateOnMachine(ctx context.Context, dev ggml.Device, local, split, prompt string, maxTokens int, o ggml.ContextOptions) (*testnet.Generation, error) {
 	var (
 		g     *ggml.Generation
 		start time.Time
@@ -163,17 +172,18 @@ func generateOnMachine(ctx context.Context, dev ggml.Device, local, split, promp
 		}
 		defer l.Close()
 		start = time.Now()
-		if g, err = l.GenerateGreedy(prompt, maxTokens, ggml.ContextOptions{Context: ctxSize, Threads: threads}, false); err != nil {
+		if g, err = l.GenerateGreedy(prompt, maxTokens, o, false); err != nil {
 			return nil, fmt.Errorf("generate: %w", err)
 		}
 	} else {
-		sm, err := loadSplit(dev, split, threads)
+		sm, err := loadSplit(dev, split, o.Threads)
 		if err != nil {
 			return nil, err
 		}
 		defer sm.Close()
+		sm.UBatch = o.UBatch
 		start = time.Now()
-		if g, err = sm.GenerateGreedy(ctx, prompt, maxTokens, ctxSize, nil, false); err != nil {
+		if g, err = sm.GenerateGreedy(ctx, prompt, maxTokens, o.Context, nil, false); err != nil {
 			return nil, fmt.Errorf("generate: %w", err)
 		}
 	}
