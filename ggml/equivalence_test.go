@@ -10,6 +10,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/ipfs/go-cid"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/neuro-p2p/neuro/neuropb"
@@ -376,4 +377,87 @@ func splitMatchesLlamaCppWith(t *testing.T, path, prompt string, maxTokens int, 
 		}
 	}
 	return sm, res, len(want.Tokens), worst, last
+}
+
+// ForwardEach, speculative decoding's verification, gives each token the
+// logits a one-token decode step gives it, to the bit, in every
+// architecture and type (ggml's matrix products sum in another order for
+// two rows or more: a plain Forward of the same tokens differs in F16 by
+// up to 1e-3), past a context long enough for attention's sums to show it.
+func TestForwardEachIsDecodeSteps(t *testing.T) {
+	ctx := t.Context()
+	for _, arch := range []string{"llama", "qwen3moe", "gpt-oss", "glm4moe", "deepseek2"} {
+		for _, typ := range []string{"f16", "q8_0", "q4_k_m"} {
+			t.Run(arch+"/"+typ, func(t *testing.T) {
+				p, _ := model.Preset(arch, "tiny")
+				p.Embd, p.FF = 256, 256
+				switch arch {
+				case "glm4moe", "deepseek2":
+					p.DenseFF = 512
+				case "gpt-oss":
+					p.HeadSize, p.Layers = 64, 3
+				}
+				path := archModel(t, t.TempDir(), arch, p, typ, 7)
+				dir := filepath.Join(t.TempDir(), "shards")
+				if _, err := model.Split(path, dir); err != nil {
+					t.Fatal(err)
+				}
+				sm, err := LoadSplit(dir, cid.Undef, 2)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer sm.Close()
+				prompt := make([]int32, 70)
+				for i := range prompt {
+					prompt[i] = int32(3 + i*11%300)
+				}
+				draft := []int32{50, 51, 52, 53, 54, 55}
+				steps, _ := sm.Gating.NewSession(0)
+				defer steps.Close()
+				if _, err := steps.Forward(ctx, prompt, sm.Experts); err != nil {
+					t.Fatal(err)
+				}
+				var want [][]float32
+				for _, tok := range draft {
+					l, err := steps.Forward(ctx, []int32{tok}, sm.Experts)
+					if err != nil {
+						t.Fatal(err)
+					}
+					want = append(want, l)
+				}
+				each, _ := sm.Gating.NewSession(0)
+				defer each.Close()
+				each.Forward(ctx, prompt, sm.Experts)
+				counting := &countingExperts{Experts: sm.Experts}
+				got, err := each.ForwardEach(ctx, draft, counting)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if moeLayers := p.Layers - p.DenseLead; counting.calls != moeLayers {
+					t.Fatalf("%d expert calls for %d tokens, want one per MoE layer (%d)", counting.calls, len(draft), moeLayers)
+				}
+				if each.Len() != steps.Len() {
+					t.Fatalf("session at %d, want %d", each.Len(), steps.Len())
+				}
+				for i := range want {
+					for j := range want[i] {
+						if got[i][j] != want[i][j] {
+							t.Fatalf("token %d logit %d: %v, a decode step's %v", i, j, got[i][j], want[i][j])
+						}
+					}
+				}
+			})
+		}
+	}
+}
+
+// countingExperts counts MoE calls.
+type countingExperts struct {
+	moe.Experts
+	calls int
+}
+
+func (c *countingExperts) MoE(ctx context.Context, layer int, x []float32, n int, selected []int32, weights []float32) ([]float32, error) {
+	c.calls++
+	return c.Experts.MoE(ctx, layer, x, n, selected, weights)
 }

@@ -304,17 +304,52 @@ func (s *Session) Forward(ctx context.Context, tokens []int32, experts moe.Exper
 	}
 	start := s.pos
 	for len(tokens) > s.ubatch {
-		if _, err := s.forward(ctx, tokens[:s.ubatch], experts, false); err != nil {
+		if _, err := s.forward(ctx, tokens[:s.ubatch], experts, logitsNone); err != nil {
 			return nil, s.undo(start, err)
 		}
 		tokens = tokens[s.ubatch:]
 	}
-	logits, err := s.forward(ctx, tokens, experts, true)
+	logits, err := s.forward(ctx, tokens, experts, logitsLast)
 	if err != nil {
 		return nil, s.undo(start, err)
 	}
-	return logits, nil
+	return logits[0], nil
 }
+
+// ForwardEach runs tokens through the model after those already in the
+// session as that many decode steps would — each token's logits are those
+// a Forward of it alone, after the ones before it, returns, to the bit —
+// but asks the experts once per layer for all of them: speculative
+// decoding verifies a draft of several tokens in one round trip per
+// layer. It takes at most the session's ubatch tokens.
+func (s *Session) ForwardEach(ctx context.Context, tokens []int32, experts moe.Experts) ([][]float32, error) {
+	hp := s.g.hp
+	n := len(tokens)
+	if n == 0 || n > s.ubatch {
+		return nil, fmt.Errorf("forward each: %d tokens, want 1 to %d", n, s.ubatch)
+	}
+	if s.pos+n > s.nCtx {
+		return nil, fmt.Errorf("forward %d tokens after %d: %w (%d tokens)", n, s.pos, moe.ErrContextFull, s.nCtx)
+	}
+	for _, t := range tokens {
+		if t < 0 || int(t) >= hp.Vocab {
+			return nil, fmt.Errorf("forward: token %d outside the vocabulary of %d", t, hp.Vocab)
+		}
+	}
+	return s.forward(ctx, tokens, experts, logitsEach)
+}
+
+// Which logits a forward pass returns.
+type logitsWanted int
+
+const (
+	logitsNone logitsWanted = iota // a piece of a long prompt
+	logitsLast                     // the last token's (llama.cpp's output row)
+	// every token's, each computed as a decode step of one token would
+	// compute it (one graph per token; ggml's matrix products take another
+	// path for two rows or more, which sums in another order)
+	logitsEach
+)
 
 // undo puts the session back at position start after a Forward from
 // there failed with err. Should the window before start be gone too (a
@@ -330,9 +365,9 @@ func (s *Session) undo(start int, err error) error {
 	return err
 }
 
-// forward runs one piece of at most ubatch tokens; with logits, it returns
-// the last token's.
-func (s *Session) forward(ctx context.Context, tokens []int32, experts moe.Experts, logits bool) ([]float32, error) {
+// forward runs one piece of at most ubatch tokens and returns the logits
+// wanted.
+func (s *Session) forward(ctx context.Context, tokens []int32, experts moe.Experts, want logitsWanted) ([][]float32, error) {
 	hp := s.g.hp
 	n := len(tokens)
 	x := make([]float32, n*hp.Embd)
@@ -343,7 +378,7 @@ func (s *Session) forward(ctx context.Context, tokens []int32, experts moe.Exper
 	}
 	rows := n
 	for l := range hp.Layers {
-		last := logits && l == hp.Layers-1
+		last := want == logitsLast && l == hp.Layers-1
 		out := rows
 		if last {
 			out = 1
@@ -357,11 +392,22 @@ func (s *Session) forward(ctx context.Context, tokens []int32, experts moe.Exper
 		if last {
 			lastOnly = 1
 		}
-		if err := s.call(func() C.int {
-			return C.neuro_layer(s.c, C.int(l), (*C.float)(&x[0]), C.int(rows), C.int(s.pos), lastOnly,
-				(*C.float)(&ffnInp[0]), (*C.float)(&moeIn[0]), (*C.int32_t)(unsafe.Pointer(&selected[0])), (*C.float)(&weights[0]),
-				(*C.float)(&extra[0]))
-		}); err != nil {
+		// one graph for all rows, or one per token from token t on
+		layer := func(t, n int) error {
+			e, u := t*hp.Embd, t*hp.ExpertsUsed
+			return s.call(func() C.int {
+				return C.neuro_layer(s.c, C.int(l), (*C.float)(&x[e]), C.int(n), C.int(s.pos+t), lastOnly,
+					(*C.float)(&ffnInp[e]), (*C.float)(&moeIn[e]), (*C.int32_t)(unsafe.Pointer(&selected[u])), (*C.float)(&weights[u]),
+					(*C.float)(&extra[e]))
+			})
+		}
+		if want == logitsEach {
+			for t := range rows {
+				if err := layer(t, 1); err != nil {
+					return nil, fmt.Errorf("forward: layer %d, token %d: %w", l, t, err)
+				}
+			}
+		} else if err := layer(0, rows); err != nil {
 			return nil, fmt.Errorf("forward: layer %d: %w", l, err)
 		}
 		if l < hp.DenseLead {
@@ -402,18 +448,20 @@ func (s *Session) forward(ctx context.Context, tokens []int32, experts moe.Exper
 		}
 		x, rows = moe, out
 	}
-	if !logits {
-		s.pos += n
-		return nil, nil
-	}
-	out := make([]float32, hp.Vocab)
-	if err := s.call(func() C.int {
-		return C.neuro_output(s.c, (*C.float)(&x[0]), 1, (*C.float)(&out[0]))
-	}); err != nil {
-		return nil, fmt.Errorf("forward: output: %w", err)
+	var logits [][]float32
+	if want != logitsNone {
+		logits = make([][]float32, rows)
+		for t := range rows {
+			logits[t] = make([]float32, hp.Vocab)
+			if err := s.call(func() C.int {
+				return C.neuro_output(s.c, (*C.float)(&x[t*hp.Embd]), 1, (*C.float)(&logits[t][0]))
+			}); err != nil {
+				return nil, fmt.Errorf("forward: output: %w", err)
+			}
+		}
 	}
 	s.pos += n
-	return out, nil
+	return logits, nil
 }
 
 // withShared appends expert shared with weight 1 to each of n tokens'

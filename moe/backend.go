@@ -245,6 +245,10 @@ type Session interface {
 	// session, asking experts for each MoE layer's expert outputs, and
 	// returns the last token's logits.
 	Forward(ctx context.Context, tokens []int32, experts Experts) ([]float32, error)
+	// ForwardEach runs tokens as that many one-token Forward calls would,
+	// each token's logits identical to theirs, with one expert call per
+	// layer for all of them (speculative decoding's verification).
+	ForwardEach(ctx context.Context, tokens []int32, experts Experts) ([][]float32, error)
 	// Rewind drops the tokens after the first pos: the next Forward
 	// continues at position pos. It fails with ErrWindowLost, changing
 	// nothing, when a sliding-window layer's cache no longer holds the
