@@ -70,7 +70,21 @@ type EngineConfig struct {
 	// the experts the node re-executes to judge results (the ggml backend
 	// in neurod). Required.
 	Compute Compute
+	// Speculate drafts tokens that one forward pass verifies, so that a
+	// MoE layer costs one round trip for several tokens: SpeculateOff
+	// (the default) or SpeculateNgram (prompt lookup: what followed the
+	// last few tokens where they appeared before, in the prompt or the
+	// text so far). SpeculateMax bounds a draft (default 8); its length
+	// adapts to how much of the drafts the model keeps.
+	Speculate    string
+	SpeculateMax int
 }
+
+// Speculative decoding's drafters.
+const (
+	SpeculateOff   = "off"
+	SpeculateNgram = "ngram"
+)
 
 // Payments is a gating node's payment policy for the infer protocol.
 type Payments interface {
@@ -168,6 +182,16 @@ func NewEngine(h Network, f Fetcher, cfg EngineConfig, log *slog.Logger) (*Engin
 	}
 	if cfg.DefaultMaxTokens <= 0 {
 		cfg.DefaultMaxTokens = d.DefaultMaxTokens
+	}
+	switch cfg.Speculate {
+	case "":
+		cfg.Speculate = SpeculateOff
+	case SpeculateOff, SpeculateNgram:
+	default:
+		return nil, fmt.Errorf("speculative decoding %q: want %s or %s", cfg.Speculate, SpeculateOff, SpeculateNgram)
+	}
+	if cfg.SpeculateMax < 0 {
+		return nil, fmt.Errorf("speculative decoding: a draft of at most %d tokens", cfg.SpeculateMax)
 	}
 	if cfg.DType == neuropb.WireDType_WIRE_DTYPE_UNSPECIFIED {
 		cfg.DType = d.DType
@@ -798,6 +822,30 @@ func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Cal
 		}
 		return nil
 	}
+	spec := newSpeculation(e.cfg.Speculate, e.cfg.SpeculateMax)
+	// emit takes the token a forward pass chose; it says whether the
+	// generation goes on.
+	emit := func(tok int32, took time.Duration) (bool, error) {
+		if vocab.IsEOG(tok) {
+			res.Reason = neuropb.FinishReason_FINISH_REASON_EOS
+			return false, nil
+		}
+		res.Tokens = append(res.Tokens, tok)
+		e.generated.Add(1)
+		delta, stopped := out.add(vocab.Continue(res.Tokens))
+		if cb.Token != nil {
+			if err := cb.Token(Token{ID: tok, Text: delta, Elapsed: took}); err != nil {
+				return false, err
+			}
+		}
+		if stopped {
+			res.Reason = neuropb.FinishReason_FINISH_REASON_STOP
+			return false, nil
+		}
+		return true, nil
+	}
+	// i counts the tokens chosen (the end-of-generation one too): a
+	// forward pass is checked as the step of the first token it chooses.
 	for i := 0; ; {
 		if bad := checks.Bad(); bad >= 0 && bad <= i {
 			if err := rewind(bad); err != nil {
@@ -821,52 +869,99 @@ func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Cal
 		}
 		start := time.Now()
 		gen.Step(epoch, i)
-		logits, err := sess.Forward(ctx, next, experts)
+		var draft []int32
+		if started && len(next) == 1 {
+			// at most the tokens left after this pass's own, and the room
+			// left in the context
+			room := min(maxTokens-i-1, nCtx-sess.Len()-1)
+			draft = spec.draft(prompt, res.Tokens, room)
+		}
+		if len(draft) == 0 {
+			logits, err := sess.Forward(ctx, next, experts)
+			if err != nil {
+				return nil, forwardError(ctx, err)
+			}
+			tok := sampler.Sample(logits)
+			took := time.Since(start)
+			if !started {
+				started = true
+				res.Prefill = took
+				if cb.Start != nil {
+					if err := cb.Start(len(prompt), took); err != nil {
+						return nil, err
+					}
+				}
+			}
+			i++
+			more, err := emit(tok, took)
+			if err != nil {
+				return nil, err
+			}
+			if more {
+				next = []int32{tok}
+			}
+			continue
+		}
+		// Verify the draft: one pass over the last token and the draft,
+		// each position's logits a decode step's; keep the draft up to
+		// the first token the model would not have chosen, and the
+		// model's own token there (or after the whole draft).
+		pos := sess.Len()
+		all, err := sess.ForwardEach(ctx, append(slices.Clone(next), draft...), experts)
 		if err != nil {
 			return nil, forwardError(ctx, err)
 		}
-		tok := sampler.Sample(logits)
 		took := time.Since(start)
-		if !started {
-			started = true
-			res.Prefill = took
-			if cb.Start != nil {
-				if err := cb.Start(len(prompt), took); err != nil {
-					return nil, err
+		kept := 0
+		var chosen []int32
+		for j, logits := range all {
+			if j < len(draft) {
+				tok, ok := sampler.SampleDraft(logits, draft[j])
+				chosen = append(chosen, tok)
+				if ok {
+					kept++
+					continue
 				}
+				break
 			}
+			chosen = append(chosen, sampler.Sample(logits))
 		}
-		i++
-		if vocab.IsEOG(tok) {
-			res.Reason = neuropb.FinishReason_FINISH_REASON_EOS
-			continue
+		spec.passed(len(draft), kept)
+		stats.SpecPasses.Add(1)
+		stats.Drafted.Add(int64(len(draft)))
+		stats.Accepted.Add(int64(kept))
+		// The cache holds the draft's rejected tokens past the kept ones.
+		if err := sess.Rewind(pos + 1 + kept); err != nil {
+			return nil, errorf(neuropb.InferError_CODE_INTERNAL, "%v", err)
 		}
-		res.Tokens = append(res.Tokens, tok)
-		e.generated.Add(1)
-		delta, stopped := out.add(vocab.Continue(res.Tokens))
-		if cb.Token != nil {
-			if err := cb.Token(Token{ID: tok, Text: delta, Elapsed: took}); err != nil {
+		each := took / time.Duration(len(chosen))
+		for _, tok := range chosen {
+			i++
+			more, err := emit(tok, each)
+			if err != nil {
 				return nil, err
 			}
+			if !more || i >= maxTokens {
+				break
+			}
+			next = []int32{tok}
 		}
-		if stopped {
-			res.Reason = neuropb.FinishReason_FINISH_REASON_STOP
-			continue
-		}
-		next = []int32{tok}
 	}
 	res.Text = out.text()
 	res.Rest = res.Text[min(out.sent, len(res.Text)):]
 	res.Stats = &neuropb.InferStats{
-		MoeWallUs:     uint64(stats.MoEWall.Load() / 1e3),
-		MoeComputeUs:  uint64(stats.MoECompute.Load() / 1e3),
-		MoeLayers:     uint64(stats.MoELayers.Load()),
-		OneNodeLayers: uint64(stats.OneNodeLayers.Load()),
-		ExpertCalls:   uint64(stats.Calls.Load()),
-		ExpertBytes:   uint64(stats.Bytes.Load()),
-		Hedges:        uint64(stats.Hedges.Load()),
-		Redispatches:  uint64(stats.Redispatch.Load()),
-		Rewinds:       uint32(res.Rewinds),
+		MoeWallUs:      uint64(stats.MoEWall.Load() / 1e3),
+		MoeComputeUs:   uint64(stats.MoECompute.Load() / 1e3),
+		MoeLayers:      uint64(stats.MoELayers.Load()),
+		OneNodeLayers:  uint64(stats.OneNodeLayers.Load()),
+		ExpertCalls:    uint64(stats.Calls.Load()),
+		ExpertBytes:    uint64(stats.Bytes.Load()),
+		Hedges:         uint64(stats.Hedges.Load()),
+		Redispatches:   uint64(stats.Redispatch.Load()),
+		Rewinds:        uint32(res.Rewinds),
+		SpecPasses:     uint64(stats.SpecPasses.Load()),
+		DraftTokens:    uint64(stats.Drafted.Load()),
+		AcceptedTokens: uint64(stats.Accepted.Load()),
 	}
 	return res, nil
 }

@@ -118,6 +118,9 @@ type CallStats struct {
 	OneNodeLayers      atomic.Int64
 	Calls, Bytes       atomic.Int64
 	Hedges, Redispatch atomic.Int64
+	// Speculative decoding: the passes that verified a draft, the tokens
+	// drafted and those the model kept.
+	SpecPasses, Drafted, Accepted atomic.Int64
 }
 
 // Receipts collects the signed usage receipts of the expert answers a

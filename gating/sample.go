@@ -44,6 +44,64 @@ func (s *Sampler) Sample(logits []float32) int32 {
 	if s.Greedy() {
 		return moe.Argmax(logits)
 	}
+	c := s.dist(logits)
+	if len(c) == 0 {
+		return 0
+	}
+	r := s.rng.Float64()
+	var cum float64
+	for _, x := range c {
+		cum += x.p
+		if r < cum {
+			return x.id
+		}
+	}
+	return c[len(c)-1].id
+}
+
+// SampleDraft is speculative sampling of a drafted token (a draft that is
+// certain, as prompt lookup's: q(draft) = 1): it keeps draft with the
+// model's probability of it, else samples from the model's distribution
+// without it, renormalised (max(0, p - q)), so that the token returned is
+// distributed as Sample's. Greedy: the most likely token, which keeps the
+// draft when it is the draft.
+func (s *Sampler) SampleDraft(logits []float32, draft int32) (tok int32, kept bool) {
+	if s.Greedy() {
+		tok = moe.Argmax(logits)
+		return tok, tok == draft
+	}
+	c := s.dist(logits)
+	if len(c) == 0 {
+		return 0, false
+	}
+	pd := 0.0
+	for _, x := range c {
+		if x.id == draft {
+			pd = x.p
+		}
+	}
+	if s.rng.Float64() < pd {
+		return draft, true
+	}
+	r := s.rng.Float64() * (1 - pd)
+	var cum float64
+	last := c[len(c)-1].id
+	for _, x := range c {
+		if x.id == draft {
+			continue
+		}
+		last = x.id
+		cum += x.p
+		if r < cum {
+			return x.id, false
+		}
+	}
+	return last, false
+}
+
+// dist is the distribution Sample draws from: the candidates after
+// temperature, top-k and top-p, most likely first, their p summing to 1.
+func (s *Sampler) dist(logits []float32) []candidate {
 	c := s.cand[:0]
 	for i, l := range logits {
 		if !math.IsNaN(float64(l)) {
@@ -52,7 +110,7 @@ func (s *Sampler) Sample(logits []float32) int32 {
 	}
 	s.cand = c
 	if len(c) == 0 {
-		return 0
+		return nil
 	}
 	// Most likely first; equal logits in token order, so that a seed gives
 	// the same draw everywhere.
@@ -88,13 +146,5 @@ func (s *Sampler) Sample(logits []float32) int32 {
 			c[i].p /= sum
 		}
 	}
-	r := s.rng.Float64()
-	var cum float64
-	for _, x := range c {
-		cum += x.p
-		if r < cum {
-			return x.id
-		}
-	}
-	return c[len(c)-1].id
+	return c
 }

@@ -725,8 +725,13 @@ type InferStats struct {
 	// node (a layer then waits on one peer's round trip, not the slowest
 	// of several).
 	OneNodeLayers uint64 `protobuf:"varint,9,opt,name=one_node_layers,json=oneNodeLayers,proto3" json:"one_node_layers,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// Speculative decoding: forward passes that verified a draft, the
+	// tokens drafted, and those kept (each kept token saved a pass).
+	SpecPasses     uint64 `protobuf:"varint,10,opt,name=spec_passes,json=specPasses,proto3" json:"spec_passes,omitempty"`
+	DraftTokens    uint64 `protobuf:"varint,11,opt,name=draft_tokens,json=draftTokens,proto3" json:"draft_tokens,omitempty"`
+	AcceptedTokens uint64 `protobuf:"varint,12,opt,name=accepted_tokens,json=acceptedTokens,proto3" json:"accepted_tokens,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *InferStats) Reset() {
@@ -818,6 +823,27 @@ func (x *InferStats) GetRewinds() uint32 {
 func (x *InferStats) GetOneNodeLayers() uint64 {
 	if x != nil {
 		return x.OneNodeLayers
+	}
+	return 0
+}
+
+func (x *InferStats) GetSpecPasses() uint64 {
+	if x != nil {
+		return x.SpecPasses
+	}
+	return 0
+}
+
+func (x *InferStats) GetDraftTokens() uint64 {
+	if x != nil {
+		return x.DraftTokens
+	}
+	return 0
+}
+
+func (x *InferStats) GetAcceptedTokens() uint64 {
+	if x != nil {
+		return x.AcceptedTokens
 	}
 	return 0
 }
@@ -1261,7 +1287,7 @@ const file_infer_proto_rawDesc = "" +
 	"\x02id\x18\x01 \x01(\x05R\x02id\x12\x12\n" +
 	"\x04text\x18\x02 \x01(\fR\x04text\x12\x1d\n" +
 	"\n" +
-	"elapsed_us\x18\x03 \x01(\x04R\telapsedUs\"\xb5\x02\n" +
+	"elapsed_us\x18\x03 \x01(\x04R\telapsedUs\"\xa2\x03\n" +
 	"\n" +
 	"InferStats\x12\x1e\n" +
 	"\vmoe_wall_us\x18\x01 \x01(\x04R\tmoeWallUs\x12$\n" +
@@ -1273,7 +1299,12 @@ const file_infer_proto_rawDesc = "" +
 	"\n" +
 	"moe_layers\x18\a \x01(\x04R\tmoeLayers\x12\x18\n" +
 	"\arewinds\x18\b \x01(\rR\arewinds\x12&\n" +
-	"\x0fone_node_layers\x18\t \x01(\x04R\roneNodeLayers\"\xa3\x02\n" +
+	"\x0fone_node_layers\x18\t \x01(\x04R\roneNodeLayers\x12\x1f\n" +
+	"\vspec_passes\x18\n" +
+	" \x01(\x04R\n" +
+	"specPasses\x12!\n" +
+	"\fdraft_tokens\x18\v \x01(\x04R\vdraftTokens\x12'\n" +
+	"\x0faccepted_tokens\x18\f \x01(\x04R\x0eacceptedTokens\"\xa3\x02\n" +
 	"\tInferDone\x12.\n" +
 	"\x06reason\x18\x01 \x01(\x0e2\x16.neuro.v1.FinishReasonR\x06reason\x12#\n" +
 	"\rprompt_tokens\x18\x02 \x01(\rR\fpromptTokens\x12+\n" +

@@ -76,6 +76,10 @@ type GatingConfig struct {
 	// protocol, one that names no escrow; on the HTTP API, one without an
 	// API key (on a node with a ledger).
 	RequirePayment bool `toml:"require_payment"`
+	// Speculate is speculative decoding's drafter: "off" or "ngram"
+	// (prompt lookup); SpeculateMax bounds a draft.
+	Speculate    string `toml:"speculate"`
+	SpeculateMax int    `toml:"speculate_max"`
 }
 
 // ModelCID is the model the gating node serves.
@@ -225,7 +229,7 @@ func DefaultConfig() Config {
 		},
 		Expert: ExpertConfig{Experts: "auto", MemoryMB: 4096, RequireEscrow: true},
 		Ledger: LedgerConfig{Listen: "tcp://0.0.0.0:26656", Peers: []string{}, BlockInterval: Duration(time.Second)},
-		Gating: GatingConfig{MaxSessions: 4, MaxQueue: 64, QueueTimeout: Duration(2 * time.Minute), MaxTokens: 256, WireDType: "f32", CallTimeout: Duration(30 * time.Second), Validate: true,
+		Gating: GatingConfig{MaxSessions: 4, MaxQueue: 64, QueueTimeout: Duration(2 * time.Minute), MaxTokens: 256, WireDType: "f32", Speculate: "off", SpeculateMax: 8, CallTimeout: Duration(30 * time.Second), Validate: true,
 			RequirePayment: true},
 		Home: HomeConfig{IdleThreshold: 0.5, IdleCheck: Duration(5 * time.Second), Device: "cpu"},
 		API:  APIConfig{Listen: "127.0.0.1:0"},
@@ -336,6 +340,13 @@ wire_dtype = "f32"
 call_timeout = "30s"
 # Threads for the gating compute; 0 uses every core.
 threads = 0
+# Speculative decoding: "ngram" drafts the tokens that followed the last few
+# where they appeared before (in the prompt or the text so far) and checks
+# up to speculate_max of them in one forward pass, one round trip per MoE
+# layer for all; greedy output is unchanged, sampled output keeps the
+# model's distribution. "off" makes one pass per token.
+speculate = "off"
+speculate_max = 8
 # Re-execute a sample of the experts' results on other providers and keep
 # peers whose results are found wrong out (reputation in
 # <home>/reputation.json). Off trusts every expert node.
@@ -633,6 +644,12 @@ func (c *Config) validateGating() error {
 	}
 	if !oneOf(g.WireDType, "f32", "f16") {
 		return fieldErr("gating.wire_dtype", "%q: want f32 or f16", g.WireDType)
+	}
+	if !oneOf(g.Speculate, "off", "ngram") {
+		return fieldErr("gating.speculate", "%q: want off or ngram", g.Speculate)
+	}
+	if g.SpeculateMax < 1 || g.SpeculateMax > 64 {
+		return fieldErr("gating.speculate_max", "%d: want 1 to 64", g.SpeculateMax)
 	}
 	if g.CallTimeout <= 0 {
 		return fieldErr("gating.call_timeout", "must be positive, got %v", g.CallTimeout)

@@ -121,6 +121,15 @@ type Stats struct {
 	DispatchPerLay float64 `json:"dispatch_overhead_per_layer_us"`
 	Hedges         uint64  `json:"hedges"`
 	Redispatches   uint64  `json:"redispatches"`
+	// Speculative decoding: the passes that verified a draft, the tokens
+	// drafted and kept, the kept tokens per such pass, and the expert
+	// round trips (MoE layer evaluations) per generated token — the
+	// number of MoE layers without speculation, fewer with it.
+	SpecPasses         uint64  `json:"spec_passes"`
+	DraftTokens        uint64  `json:"draft_tokens"`
+	AcceptedTokens     uint64  `json:"accepted_tokens"`
+	AcceptedPerPass    float64 `json:"accepted_per_pass"`
+	RoundTripsPerToken float64 `json:"round_trips_per_token"`
 }
 
 // NodeReport is one node as the report shows it.
@@ -261,8 +270,13 @@ func GenerationStats(d *client.Done, perTokenMs []float64) *Stats {
 		ExpertCalls: st.GetExpertCalls(), ExpertBytes: st.GetExpertBytes(), MoELayers: st.GetMoeLayers(), OneNodeLayers: st.GetOneNodeLayers(),
 		MoEWallMs: float64(st.GetMoeWallUs()) / 1000, MoEComputeMs: float64(st.GetMoeComputeUs()) / 1000,
 		Hedges: st.GetHedges(), Redispatches: st.GetRedispatches()}
+	ts.SpecPasses, ts.DraftTokens, ts.AcceptedTokens = st.GetSpecPasses(), st.GetDraftTokens(), st.GetAcceptedTokens()
+	if ts.SpecPasses > 0 {
+		ts.AcceptedPerPass = float64(ts.AcceptedTokens) / float64(ts.SpecPasses)
+	}
 	if n := len(perTokenMs); n > 0 {
 		ts.BytesPerToken = float64(st.GetExpertBytes()) / float64(n)
+		ts.RoundTripsPerToken = float64(st.GetMoeLayers()) / float64(n)
 	}
 	if st.GetMoeLayers() > 0 {
 		ts.DispatchPerLay = float64(st.GetMoeWallUs()-min(st.GetMoeWallUs(), st.GetMoeComputeUs())) / float64(st.GetMoeLayers())

@@ -42,8 +42,11 @@ type Scenario struct {
 	// SharedRemote splits the model with its shared experts hosted like
 	// routed ones (model.SplitOptions).
 	SharedRemote bool
-	Prompt       string
-	MaxTokens    int
+	// Speculate is the gating node's speculative decoding (gating.speculate:
+	// "" or "off", "ngram").
+	Speculate string
+	Prompt    string
+	MaxTokens int
 	// Requests is how many times the prompt is answered (at least 1);
 	// every answer must have the same tokens.
 	Requests int
@@ -258,6 +261,15 @@ func (r *Run) launch(ctx context.Context) error {
 	o := LaunchOptions{Dir: r.Dir, Binary: r.S.Binary, Timeout: r.S.Timeout, Log: r.log}
 	if err := r.S.Topology.Launch(r, &o); err != nil {
 		return err
+	}
+	if r.S.Speculate != "" {
+		topo := o.Config
+		o.Config = func(i int, c *node.Config) {
+			if topo != nil {
+				topo(i, c)
+			}
+			c.Gating.Speculate = r.S.Speculate
+		}
 	}
 	up := r.S.Progress.Bar(int64(o.Nodes), "nodes up", false)
 	o.Up = func(n int) { _ = up.Set(n) }

@@ -32,7 +32,7 @@ type testnetFlags struct {
 	nodes, maxTokens, validators, requests, homes, publics int
 	concurrency                                            int
 	dir, model, prompt, dashboard                          string
-	kill, slow, faulty, device, shared                     string
+	kill, slow, faulty, device, shared, speculate          string
 	nat, rtt, jitter, loss, bandwidth                      string
 	json, check, netns, spread                             bool
 	timeout                                                time.Duration
@@ -94,6 +94,7 @@ func (f *testnetFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&f.shared, "shared-experts", "gating", "where a model's shared experts (GLM, DeepSeek) run: gating (in the gating node's compute) or remote (hosted and called like routed experts)")
 	fs.StringVar(&f.prompt, "prompt", "Once upon a time", "the prompt to answer")
 	fs.IntVar(&f.maxTokens, "max-tokens", 32, "most tokens to generate")
+	fs.StringVar(&f.speculate, "speculate", "off", "the gating node's speculative decoding: off, or ngram (prompt lookup: drafts checked several tokens per forward pass, one expert round trip per MoE layer for all); the tokens stay the same")
 	fs.StringVar(&f.kill, "kill", "", "K@T: SIGKILL the K busiest expert nodes after token T")
 	fs.StringVar(&f.slow, "test-slow-node", "", "test only: NODE:DURATION delays every expert compute of that node")
 	fs.StringVar(&f.faulty, "faulty", "", "make expert nodes misbehave: K:MODE,... with MODE wrong, lowprec, slow, drop or flaky (the last nodes)")
@@ -141,7 +142,10 @@ func (f *testnetFlags) scenario(fs *pflag.FlagSet) (*testnet.Scenario, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &testnet.Scenario{Dir: f.dir, Binary: bin, Model: f.model, SharedRemote: remote, Prompt: f.prompt, MaxTokens: f.maxTokens,
+	if f.speculate != "off" && f.speculate != "ngram" {
+		return nil, fmt.Errorf("flag --speculate %q: want off or ngram", f.speculate)
+	}
+	s := &testnet.Scenario{Dir: f.dir, Binary: bin, Model: f.model, SharedRemote: remote, Speculate: f.speculate, Prompt: f.prompt, MaxTokens: f.maxTokens,
 		Requests: f.requests, Concurrency: f.concurrency, Timeout: f.timeout, Check: f.check}
 	if f.netns {
 		s.Topology, err = f.netnsTopology(fs)
