@@ -72,11 +72,15 @@ type EngineConfig struct {
 	Compute Compute
 	// Speculate drafts tokens that one forward pass verifies, so that a
 	// MoE layer costs one round trip for several tokens: SpeculateOff
-	// (the default) or SpeculateNgram (prompt lookup: what followed the
+	// (the default), SpeculateNgram (prompt lookup: what followed the
 	// last few tokens where they appeared before, in the prompt or the
-	// text so far). SpeculateMax bounds a draft (default 8); its length
-	// adapts to how much of the drafts the model keeps.
+	// text so far) or SpeculateDraft (the greedy continuation of the
+	// draft model at Draft, a GGUF file of the served model's vocabulary
+	// computed whole on this node; Compute must be a moe.DraftLoader).
+	// SpeculateMax bounds a draft (default 8); its length adapts to how
+	// much of the drafts the model keeps.
 	Speculate    string
+	Draft        string
 	SpeculateMax int
 }
 
@@ -84,6 +88,7 @@ type EngineConfig struct {
 const (
 	SpeculateOff   = "off"
 	SpeculateNgram = "ngram"
+	SpeculateDraft = "draft"
 )
 
 // Payments is a gating node's payment policy for the infer protocol.
@@ -187,8 +192,15 @@ func NewEngine(h Network, f Fetcher, cfg EngineConfig, log *slog.Logger) (*Engin
 	case "":
 		cfg.Speculate = SpeculateOff
 	case SpeculateOff, SpeculateNgram:
+	case SpeculateDraft:
+		if cfg.Draft == "" {
+			return nil, errors.New("speculative decoding with a draft model: no draft model given")
+		}
+		if _, ok := cfg.Compute.(moe.DraftLoader); !ok {
+			return nil, errors.New("speculative decoding with a draft model: the compute backend runs no draft model")
+		}
 	default:
-		return nil, fmt.Errorf("speculative decoding %q: want %s or %s", cfg.Speculate, SpeculateOff, SpeculateNgram)
+		return nil, fmt.Errorf("speculative decoding %q: want %s, %s or %s", cfg.Speculate, SpeculateOff, SpeculateNgram, SpeculateDraft)
 	}
 	if cfg.SpeculateMax < 0 {
 		return nil, fmt.Errorf("speculative decoding: a draft of at most %d tokens", cfg.SpeculateMax)
@@ -306,6 +318,14 @@ func (e *Engine) load(ctx context.Context, m *served) error {
 		return err
 	}
 	hp := sm.Gating.Hparams()
+	if e.cfg.Speculate == SpeculateDraft {
+		if sm.Draft, err = e.cfg.Compute.(moe.DraftLoader).LoadDraft(e.cfg.Draft, e.cfg.Threads); err != nil {
+			return errors.Join(err, sm.Close())
+		}
+		if v := sm.Draft.Vocab(); v != hp.Vocab {
+			return errors.Join(fmt.Errorf("draft model %s: a vocabulary of %d tokens, the model's has %d", e.cfg.Draft, v, hp.Vocab), sm.Close())
+		}
+	}
 	dp := &dhtProviders{h: e.h, model: m.cid, found: map[expert.Key][]peer.ID{}}
 	hb := HeartbeatProviders(e.h, m.cid)
 	e.mu.Lock()
@@ -822,7 +842,19 @@ func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Cal
 		}
 		return nil
 	}
-	spec := newSpeculation(e.cfg.Speculate, e.cfg.SpeculateMax)
+	var drafter moe.Drafter
+	if m.sm.Draft != nil {
+		if drafter, err = m.sm.Draft.NewDrafter(nCtx); err != nil {
+			return nil, errorf(neuropb.InferError_CODE_INTERNAL, "%v", err)
+		}
+		defer drafter.Close()
+	}
+	spec := newSpeculation(e.cfg.Speculate, e.cfg.SpeculateMax, drafter)
+	defer func() {
+		if spec.err != nil {
+			e.log.Warn("the draft model failed: this generation went on without drafts", "err", spec.err)
+		}
+	}()
 	// emit takes the token a forward pass chose; it says whether the
 	// generation goes on.
 	emit := func(tok int32, took time.Duration) (bool, error) {

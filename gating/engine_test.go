@@ -109,14 +109,15 @@ type gatingNet struct {
 // loaded the model.
 func newGatingNet(t testing.TB, ctx context.Context, p model.Params, dt model.DType, seed uint64, specs []string) *gatingNet {
 	t.Helper()
-	return newGatingNetWith(t, ctx, p, dt, seed, specs, EngineConfig{})
+	return newGatingNetWith(t, ctx, p, dt, seed, specs, func(*expertNet) EngineConfig { return EngineConfig{} })
 }
 
-// newGatingNetWith is newGatingNet with the gating node configured by cfg
-// (its threads and compute set here).
-func newGatingNetWith(t testing.TB, ctx context.Context, p model.Params, dt model.DType, seed uint64, specs []string, cfg EngineConfig) *gatingNet {
+// newGatingNetWith is newGatingNet with the gating node configured by
+// config (its threads and compute set here).
+func newGatingNetWith(t testing.TB, ctx context.Context, p model.Params, dt model.DType, seed uint64, specs []string, config func(*expertNet) EngineConfig) *gatingNet {
 	t.Helper()
 	xn := newExpertNet(t, ctx, p, dt, seed, specs)
+	cfg := config(xn)
 	cfg.Threads, cfg.Compute = 1, ggml.Backend{}
 	eng, err := NewEngine(xn.hosts[0], xn.origin, cfg, quiet())
 	if err != nil {
@@ -512,63 +513,79 @@ func TestClientRetriesAnotherGatingNode(t *testing.T) {
 	}
 }
 
-// Speculative decoding through the network (prompt lookup drafts, each
+// Speculative decoding through the network (prompt lookup drafts, or a
+// draft model's — here the model itself, whose drafts are all kept —, each
 // checked in one forward pass whose expert calls cover the whole draft)
-// gives llama.cpp's greedy tokens; its stats count the drafts, and a
-// repetitive answer needs fewer expert round trips than tokens times
-// layers. Sampling with it finishes with the tokens asked for.
+// gives llama.cpp's greedy tokens; its stats count the drafts, and the
+// expert round trips are one per MoE layer per pass, fewer than tokens
+// times layers. Sampling with it finishes with the tokens asked for.
 func TestSpeculativeDecodingKeepsTheTokens(t *testing.T) {
-	ctx, cancel := context.WithTimeout(t.Context(), 120*time.Second)
-	defer cancel()
-	p := model.Presets["tiny"]
-	net := newGatingNetWith(t, ctx, p, model.Q8_0, 4343, []string{"0:*", "1:*"}, EngineConfig{Speculate: SpeculateNgram, SpeculateMax: 6})
-	c, err := client.New(ctx, client.WithGatingNodes(net.addr(0)), client.WithLogger(quiet()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	var drafted, kept, passes uint64
-	for _, prompt := range []string{"a client asks the network", "one two three one two three one two", "the the the the"} {
-		const maxTokens = 40
-		want := net.reference(t, prompt, maxTokens)
-		s, err := c.Generate(ctx, client.Request{Model: net.model, Prompt: prompt, MaxTokens: maxTokens})
-		if err != nil {
-			t.Fatal(err)
-		}
-		toks, done, err := s.Collect()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if ids := tokenIDs(toks); fmt.Sprint(ids) != fmt.Sprint(want.Tokens) || done.Text != want.Text {
-			t.Fatalf("%q: tokens %v, llama.cpp %v", prompt, ids, want.Tokens)
-		}
-		st := done.Stats
-		t.Logf("%q: %d tokens, %d passes verified %d drafted tokens, kept %d; %d MoE round trips",
-			prompt, len(toks), st.GetSpecPasses(), st.GetDraftTokens(), st.GetAcceptedTokens(), st.GetMoeLayers())
-		// each pass chooses one token, and keeps its draft's accepted ones
-		forward := uint64(len(toks)) - st.GetAcceptedTokens()
-		if done.Reason == neuropb.FinishReason_FINISH_REASON_EOS {
-			forward++ // the pass that chose the end
-		}
-		if st.GetAcceptedTokens() > st.GetDraftTokens() || st.GetMoeLayers() != uint64(p.Layers)*forward {
-			t.Fatalf("stats %v for %d tokens (%v)", st, len(toks), done.Reason)
-		}
-		drafted, kept, passes = drafted+st.GetDraftTokens(), kept+st.GetAcceptedTokens(), passes+st.GetSpecPasses()
-	}
-	if passes == 0 || kept == 0 {
-		t.Fatalf("%d passes verified drafts, %d drafted tokens kept: nothing was speculated", passes, kept)
-	}
-	temp := float32(0.9)
-	seed := uint64(3)
-	s, err := c.Generate(ctx, client.Request{Model: net.model, Prompt: "one two three one two three one two", MaxTokens: 30, Temperature: temp, Seed: &seed})
-	if err != nil {
-		t.Fatal(err)
-	}
-	toks, done, err := s.Collect()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if done.Reason == neuropb.FinishReason_FINISH_REASON_LENGTH && len(toks) != 30 {
-		t.Fatalf("sampled %d tokens of 30 (%v)", len(toks), done.Reason)
+	for _, kind := range []string{SpeculateNgram, SpeculateDraft} {
+		t.Run(kind, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(t.Context(), 120*time.Second)
+			defer cancel()
+			p := model.Presets["tiny"]
+			net := newGatingNetWith(t, ctx, p, model.Q8_0, 4343, []string{"0:*", "1:*"}, func(xn *expertNet) EngineConfig {
+				cfg := EngineConfig{Speculate: kind, SpeculateMax: 6}
+				if kind == SpeculateDraft {
+					cfg.Draft = xn.src
+				}
+				return cfg
+			})
+			c, err := client.New(ctx, client.WithGatingNodes(net.addr(0)), client.WithLogger(quiet()))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			var tokens, kept, passes uint64
+			for _, prompt := range []string{"a client asks the network", "one two three one two three one two", "the the the the"} {
+				const maxTokens = 40
+				want := net.reference(t, prompt, maxTokens)
+				s, err := c.Generate(ctx, client.Request{Model: net.model, Prompt: prompt, MaxTokens: maxTokens})
+				if err != nil {
+					t.Fatal(err)
+				}
+				toks, done, err := s.Collect()
+				if err != nil {
+					t.Fatal(err)
+				}
+				if ids := tokenIDs(toks); fmt.Sprint(ids) != fmt.Sprint(want.Tokens) || done.Text != want.Text {
+					t.Fatalf("%q: tokens %v, llama.cpp %v", prompt, ids, want.Tokens)
+				}
+				st := done.Stats
+				t.Logf("%q: %d tokens, %d passes verified %d drafted tokens, kept %d; %d MoE round trips",
+					prompt, len(toks), st.GetSpecPasses(), st.GetDraftTokens(), st.GetAcceptedTokens(), st.GetMoeLayers())
+				// each pass chooses one token, and keeps its draft's accepted ones
+				forward := uint64(len(toks)) - st.GetAcceptedTokens()
+				if done.Reason == neuropb.FinishReason_FINISH_REASON_EOS {
+					forward++ // the pass that chose the end
+				}
+				if st.GetAcceptedTokens() > st.GetDraftTokens() || st.GetMoeLayers() != uint64(p.Layers)*forward {
+					t.Fatalf("stats %v for %d tokens (%v)", st, len(toks), done.Reason)
+				}
+				tokens, kept, passes = tokens+uint64(len(toks)), kept+st.GetAcceptedTokens(), passes+st.GetSpecPasses()
+			}
+			if passes == 0 || kept == 0 {
+				t.Fatalf("%d passes verified drafts, %d drafted tokens kept: nothing was speculated", passes, kept)
+			}
+			// the model drafting for itself: every drafted token is kept, so
+			// that most tokens cost no pass of their own
+			if kind == SpeculateDraft && kept < tokens/2 {
+				t.Fatalf("the model's own drafts: %d of %d tokens kept", kept, tokens)
+			}
+			temp := float32(0.9)
+			seed := uint64(3)
+			s, err := c.Generate(ctx, client.Request{Model: net.model, Prompt: "one two three one two three one two", MaxTokens: 30, Temperature: temp, Seed: &seed})
+			if err != nil {
+				t.Fatal(err)
+			}
+			toks, done, err := s.Collect()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if done.Reason == neuropb.FinishReason_FINISH_REASON_LENGTH && len(toks) != 30 {
+				t.Fatalf("sampled %d tokens of 30 (%v)", len(toks), done.Reason)
+			}
+		})
 	}
 }

@@ -15,6 +15,8 @@ import (
 type Model struct {
 	Vocab  moe.Vocab
 	Gating moe.Gating
+	// Draft is the draft model of speculative decoding, if any.
+	Draft moe.DraftModel
 }
 
 // Load loads a model's gating part from a node's store (the manifest and
@@ -56,6 +58,9 @@ func (m *Model) Close() error {
 	}
 	if m.Vocab != nil {
 		errs = append(errs, m.Vocab.Close())
+	}
+	if m.Draft != nil {
+		errs = append(errs, m.Draft.Close())
 	}
 	return errors.Join(errs...)
 }

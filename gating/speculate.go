@@ -1,32 +1,49 @@
 package gating
 
-import "slices"
+import (
+	"slices"
+
+	"github.com/neuro-p2p/neuro/moe"
+)
 
 // speculation drafts tokens for speculative decoding and adapts the
 // draft's length to how much of it the model keeps.
 type speculation struct {
-	on  bool
-	k   int // the next draft's length
-	max int
+	kind    string
+	drafter moe.Drafter // SpeculateDraft's
+	k       int         // the next draft's length
+	max     int
+	err     error // the drafter's failure, which ended the drafting
 }
 
 // newSpeculation returns the drafter kind names (off: one that never
-// drafts), drafting at most max tokens (0: 8).
-func newSpeculation(kind string, max int) *speculation {
+// drafts; draft: d's), drafting at most max tokens (0: 8).
+func newSpeculation(kind string, max int, d moe.Drafter) *speculation {
 	if max <= 0 {
 		max = 8
 	}
-	return &speculation{on: kind == SpeculateNgram, k: min(4, max), max: max}
+	if kind == SpeculateDraft && d == nil {
+		kind = SpeculateOff
+	}
+	return &speculation{kind: kind, drafter: d, k: min(4, max), max: max}
 }
 
 // draft proposes up to room tokens to follow prompt + tokens.
 func (s *speculation) draft(prompt, tokens []int32, room int) []int32 {
-	if !s.on || room <= 0 {
+	if s.kind == SpeculateOff || room <= 0 {
 		return nil
 	}
 	seq := make([]int32, 0, len(prompt)+len(tokens))
 	seq = append(append(seq, prompt...), tokens...)
-	return NgramDraft(seq, min(s.k, room), 1, 3)
+	if s.kind == SpeculateNgram {
+		return NgramDraft(seq, min(s.k, room), 1, 3)
+	}
+	d, err := s.drafter.Draft(seq, min(s.k, room))
+	if err != nil {
+		s.kind, s.err = SpeculateOff, err
+		return nil
+	}
+	return d
 }
 
 // passed adapts the draft's length: twice as long after a draft kept

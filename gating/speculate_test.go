@@ -37,14 +37,14 @@ func TestNgramDraft(t *testing.T) {
 // The draft's length doubles while drafts are kept whole, and falls to one
 // more than was kept.
 func TestSpeculationAdapts(t *testing.T) {
-	s := newSpeculation(SpeculateNgram, 8)
+	s := newSpeculation(SpeculateNgram, 8, nil)
 	for _, c := range []struct{ drafted, kept, want int }{{4, 4, 8}, {8, 8, 8}, {8, 2, 3}, {3, 0, 1}, {1, 1, 2}} {
 		s.passed(c.drafted, c.kept)
 		if s.k != c.want {
 			t.Fatalf("after %d of %d kept: k = %d, want %d", c.kept, c.drafted, s.k, c.want)
 		}
 	}
-	if d := newSpeculation(SpeculateOff, 8).draft([]int32{1, 2, 1}, nil, 4); d != nil {
+	if d := newSpeculation(SpeculateOff, 8, nil).draft([]int32{1, 2, 1}, nil, 4); d != nil {
 		t.Fatalf("off drafted %v", d)
 	}
 	if d := s.draft([]int32{1, 2, 3, 1, 2}, nil, 1); !slices.Equal(d, []int32{3}) {

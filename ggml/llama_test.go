@@ -371,3 +371,68 @@ func TestChatTemplatesPerArchitecture(t *testing.T) {
 		l.Close()
 	}
 }
+
+// A draft model drafts its own greedy continuation: drafting with the
+// model itself gives exactly its greedy tokens, in pieces (each draft
+// decodes only what is new: the accepted tokens, or a sequence that went
+// another way is rewound to what it shares).
+func TestDrafterDraftsTheGreedyContinuation(t *testing.T) {
+	path := tinyModel(t, model.Q8_0, 23)
+	l, err := LoadLlama(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	want, err := l.GenerateGreedy("the draft model drafts", 12, ContextOptions{}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dm, err := LoadDraft(Device{}, path, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dm.Close()
+	if dm.Vocab() != l.NVocab() {
+		t.Fatalf("vocab %d, want %d", dm.Vocab(), l.NVocab())
+	}
+	d, err := dm.NewDrafter(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	seq := slices.Clone(want.Prompt)
+	var got []int32
+	for len(got) < len(want.Tokens) {
+		draft, err := d.Draft(seq, 4)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(draft) == 0 {
+			break
+		}
+		// keep the first two, as a verification might
+		keep := draft[:min(2, len(draft))]
+		got = append(got, keep...)
+		seq = append(seq, keep...)
+	}
+	n := min(len(got), len(want.Tokens))
+	if n == 0 || !slices.Equal(got[:n], want.Tokens[:n]) {
+		t.Fatalf("drafts %v, greedy %v", got, want.Tokens)
+	}
+	// a sequence that went another way: the drafter rewinds to what it
+	// shares and drafts from there
+	other := append(slices.Clone(want.Prompt), 77)
+	a, err := d.Draft(other, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fresh, _ := dm.NewDrafter(0)
+	defer fresh.Close()
+	b, err := fresh.Draft(other, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(a, b) {
+		t.Fatalf("after another sequence: %v, a fresh drafter %v", a, b)
+	}
+}

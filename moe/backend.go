@@ -286,6 +286,34 @@ func RewindTo(s Session, prompt, tokens []int32, step int) ([]int32, error) {
 	return []int32{tokens[step-1]}, nil
 }
 
+// DraftLoader loads draft models for speculative decoding.
+type DraftLoader interface {
+	// LoadDraft loads the model at path (a GGUF file), computed with
+	// threads threads (0: every core).
+	LoadDraft(path string, threads int) (DraftModel, error)
+}
+
+// DraftModel is a small model of a served model's vocabulary whose greedy
+// continuation drafts tokens for speculative decoding.
+type DraftModel interface {
+	// Vocab is the number of tokens in its vocabulary.
+	Vocab() int
+	// NewDrafter makes one generation's drafter with a context of nCtx
+	// tokens.
+	NewDrafter(nCtx int) (Drafter, error)
+	Close() error
+}
+
+// Drafter drafts the tokens that follow a sequence. A draft is a function
+// of the sequence (no randomness), so that speculative sampling can keep
+// a drafted token with the model's probability of it.
+type Drafter interface {
+	// Draft returns up to k tokens to follow seq (the prompt and the
+	// tokens generated so far).
+	Draft(seq []int32, k int) ([]int32, error)
+	Close() error
+}
+
 // ChatMessage is one turn of a chat.
 type ChatMessage struct{ Role, Content string }
 

@@ -76,9 +76,11 @@ type GatingConfig struct {
 	// protocol, one that names no escrow; on the HTTP API, one without an
 	// API key (on a node with a ledger).
 	RequirePayment bool `toml:"require_payment"`
-	// Speculate is speculative decoding's drafter: "off" or "ngram"
-	// (prompt lookup); SpeculateMax bounds a draft.
+	// Speculate is speculative decoding's drafter: "off", "ngram" (prompt
+	// lookup) or "draft" (the draft model at Draft); SpeculateMax bounds
+	// a draft.
 	Speculate    string `toml:"speculate"`
+	Draft        string `toml:"draft"`
 	SpeculateMax int    `toml:"speculate_max"`
 }
 
@@ -344,8 +346,12 @@ threads = 0
 # where they appeared before (in the prompt or the text so far) and checks
 # up to speculate_max of them in one forward pass, one round trip per MoE
 # layer for all; greedy output is unchanged, sampled output keeps the
-# model's distribution. "off" makes one pass per token.
+# model's distribution. "draft" drafts with the greedy continuation of the
+# small model at draft (a GGUF file of the served model's vocabulary, for
+# example a smaller quantization of it), computed whole on this node. "off"
+# makes one pass per token.
 speculate = "off"
+draft = ""
 speculate_max = 8
 # Re-execute a sample of the experts' results on other providers and keep
 # peers whose results are found wrong out (reputation in
@@ -645,8 +651,16 @@ func (c *Config) validateGating() error {
 	if !oneOf(g.WireDType, "f32", "f16") {
 		return fieldErr("gating.wire_dtype", "%q: want f32 or f16", g.WireDType)
 	}
-	if !oneOf(g.Speculate, "off", "ngram") {
-		return fieldErr("gating.speculate", "%q: want off or ngram", g.Speculate)
+	if !oneOf(g.Speculate, "off", "ngram", "draft") {
+		return fieldErr("gating.speculate", "%q: want off, ngram or draft", g.Speculate)
+	}
+	if g.Speculate == "draft" {
+		if g.Draft == "" {
+			return fieldErr("gating.draft", "speculate = \"draft\" needs a draft model (a GGUF file of the model's vocabulary)")
+		}
+		if _, err := os.Stat(g.Draft); err != nil {
+			return fieldErr("gating.draft", "%v", err)
+		}
 	}
 	if g.SpeculateMax < 1 || g.SpeculateMax > 64 {
 		return fieldErr("gating.speculate_max", "%d: want 1 to 64", g.SpeculateMax)

@@ -309,7 +309,7 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 		ec := gating.EngineConfig{Threads: cfg.Gating.Threads,
 			MaxSessions: cfg.Gating.MaxSessions, MaxQueue: cfg.Gating.MaxQueue, QueueTimeout: time.Duration(cfg.Gating.QueueTimeout),
 			Context: cfg.Gating.Context, DefaultMaxTokens: cfg.Gating.MaxTokens,
-			Speculate: cfg.Gating.Speculate, SpeculateMax: cfg.Gating.SpeculateMax,
+			Speculate: cfg.Gating.Speculate, Draft: cfg.Gating.Draft, SpeculateMax: cfg.Gating.SpeculateMax,
 			DType: dt, CallTimeout: time.Duration(cfg.Gating.CallTimeout), Book: book, Metrics: n.metrics, Compute: o.compute,
 			OnWrong: func(w gating.Verdict) {
 				n.verdicts.Report(verdict.Wrong{Task: reputation.Task{Model: w.Model, Layer: w.Key.Layer, Expert: w.Key.Expert,

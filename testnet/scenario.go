@@ -43,10 +43,10 @@ type Scenario struct {
 	// routed ones (model.SplitOptions).
 	SharedRemote bool
 	// Speculate is the gating node's speculative decoding (gating.speculate:
-	// "" or "off", "ngram").
-	Speculate string
-	Prompt    string
-	MaxTokens int
+	// "" or "off", "ngram", "draft"), Draft its draft model (a GGUF file).
+	Speculate, Draft string
+	Prompt           string
+	MaxTokens        int
 	// Requests is how many times the prompt is answered (at least 1);
 	// every answer must have the same tokens.
 	Requests int
@@ -268,7 +268,7 @@ func (r *Run) launch(ctx context.Context) error {
 			if topo != nil {
 				topo(i, c)
 			}
-			c.Gating.Speculate = r.S.Speculate
+			c.Gating.Speculate, c.Gating.Draft = r.S.Speculate, r.S.Draft
 		}
 	}
 	up := r.S.Progress.Bar(int64(o.Nodes), "nodes up", false)

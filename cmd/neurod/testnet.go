@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -32,7 +33,7 @@ type testnetFlags struct {
 	nodes, maxTokens, validators, requests, homes, publics int
 	concurrency                                            int
 	dir, model, prompt, dashboard                          string
-	kill, slow, faulty, device, shared, speculate          string
+	kill, slow, faulty, device, shared, speculate, draft   string
 	nat, rtt, jitter, loss, bandwidth                      string
 	json, check, netns, spread                             bool
 	timeout                                                time.Duration
@@ -94,7 +95,8 @@ func (f *testnetFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&f.shared, "shared-experts", "gating", "where a model's shared experts (GLM, DeepSeek) run: gating (in the gating node's compute) or remote (hosted and called like routed experts)")
 	fs.StringVar(&f.prompt, "prompt", "Once upon a time", "the prompt to answer")
 	fs.IntVar(&f.maxTokens, "max-tokens", 32, "most tokens to generate")
-	fs.StringVar(&f.speculate, "speculate", "off", "the gating node's speculative decoding: off, or ngram (prompt lookup: drafts checked several tokens per forward pass, one expert round trip per MoE layer for all); the tokens stay the same")
+	fs.StringVar(&f.speculate, "speculate", "off", "the gating node's speculative decoding: off, ngram (prompt lookup: drafts checked several tokens per forward pass, one expert round trip per MoE layer for all) or draft (--draft's); the tokens stay the same")
+	fs.StringVar(&f.draft, "draft", "", "speculative decoding with this draft model (a GGUF file of the model's vocabulary, e.g. a smaller quantization of it), run whole on the gating node; implies --speculate draft")
 	fs.StringVar(&f.kill, "kill", "", "K@T: SIGKILL the K busiest expert nodes after token T")
 	fs.StringVar(&f.slow, "test-slow-node", "", "test only: NODE:DURATION delays every expert compute of that node")
 	fs.StringVar(&f.faulty, "faulty", "", "make expert nodes misbehave: K:MODE,... with MODE wrong, lowprec, slow, drop or flaky (the last nodes)")
@@ -142,10 +144,29 @@ func (f *testnetFlags) scenario(fs *pflag.FlagSet) (*testnet.Scenario, error) {
 	if err != nil {
 		return nil, err
 	}
-	if f.speculate != "off" && f.speculate != "ngram" {
-		return nil, fmt.Errorf("flag --speculate %q: want off or ngram", f.speculate)
+	if f.draft != "" {
+		if fs.Changed("speculate") && f.speculate != "draft" {
+			return nil, fmt.Errorf("flag --draft: speculative decoding with a draft model, but --speculate %s", f.speculate)
+		}
+		abs, err := filepath.Abs(f.draft)
+		if err != nil {
+			return nil, fmt.Errorf("flag --draft: %w", err)
+		}
+		if _, err := os.Stat(abs); err != nil {
+			return nil, fmt.Errorf("flag --draft: %w", err)
+		}
+		f.speculate, f.draft = "draft", abs
 	}
-	s := &testnet.Scenario{Dir: f.dir, Binary: bin, Model: f.model, SharedRemote: remote, Speculate: f.speculate, Prompt: f.prompt, MaxTokens: f.maxTokens,
+	switch f.speculate {
+	case "off", "ngram":
+	case "draft":
+		if f.draft == "" {
+			return nil, errors.New("flag --speculate draft: needs --draft FILE.gguf")
+		}
+	default:
+		return nil, fmt.Errorf("flag --speculate %q: want off, ngram or draft", f.speculate)
+	}
+	s := &testnet.Scenario{Dir: f.dir, Binary: bin, Model: f.model, SharedRemote: remote, Speculate: f.speculate, Draft: f.draft, Prompt: f.prompt, MaxTokens: f.maxTokens,
 		Requests: f.requests, Concurrency: f.concurrency, Timeout: f.timeout, Check: f.check}
 	if f.netns {
 		s.Topology, err = f.netnsTopology(fs)
