@@ -48,6 +48,8 @@ type Request struct {
 	// Deadline, if set, is sent to the node, which drops the request once
 	// it passes.
 	Deadline time.Time
+	// RowsApart asks for each row computed as a batch of one.
+	RowsApart bool
 }
 
 // Response is an expert's answer.
@@ -198,7 +200,7 @@ func (c *Client) call(ctx context.Context, p peer.ID, req Request) (_ *Response,
 	msg := &neuropb.ExpertRequest{
 		RequestId: id, Model: req.Model.Bytes(), Layer: uint32(req.Layer), Expert: uint32(req.Expert),
 		Hidden: EncodeFloats(req.Hidden, req.N, len(req.Hidden)/req.N, req.DType),
-		Escrow: req.Escrow,
+		Escrow: req.Escrow, RowsApart: req.RowsApart,
 	}
 	if !req.Deadline.IsZero() {
 		msg.DeadlineUnixMs = req.Deadline.UnixMilli()

@@ -82,6 +82,9 @@ func (f *faultyComputer) FF() int {
 	return 0
 }
 
+// RowsVary is the wrapped expert's (moe.RowVariant).
+func (f *faultyComputer) RowsVary() bool { return moe.RowsVary(f.Computer) }
+
 func (f *faultyComputer) Compute(x []float32, n int, out []float32) error {
 	if err := f.Computer.Compute(x, n, out); err != nil {
 		return err

@@ -23,6 +23,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/neuro-p2p/neuro/metrics"
+	"github.com/neuro-p2p/neuro/moe"
 	"github.com/neuro-p2p/neuro/neuropb"
 	"github.com/neuro-p2p/neuro/p2p/wire"
 )
@@ -136,7 +137,7 @@ func (s *Server) Add(model cid.Cid, layer, expert int, c Computer) error {
 	}
 	s.embd[k.model] = c.Embd()
 	ctx, cancel := context.WithCancel(s.ctx)
-	b := &batcher{c: c, queue: make(chan *job, s.cfg.MaxQueue), window: s.cfg.BatchWindow, slow: s.cfg.SlowDown, served: &s.served, signer: s.cfg.SignReceipt, metrics: s.cfg.Metrics, cancel: cancel, done: make(chan struct{})}
+	b := &batcher{c: c, vary: moe.RowsVary(c), queue: make(chan *job, s.cfg.MaxQueue), window: s.cfg.BatchWindow, slow: s.cfg.SlowDown, served: &s.served, signer: s.cfg.SignReceipt, metrics: s.cfg.Metrics, cancel: cancel, done: make(chan struct{})}
 	s.batchers[k] = b
 	s.wg.Add(1)
 	go func() {
@@ -309,7 +310,7 @@ func (s *Server) admit(from peer.ID, req *neuropb.ExpertRequest, reply func(*neu
 		}
 	}
 	return &job{b: b, id: id, x: DecodeFloats(req.GetHidden()), n: rows, dtype: req.GetHidden().GetDtype(),
-		deadline: deadline, queued: time.Now(), reply: reply,
+		deadline: deadline, queued: time.Now(), reply: reply, apart: req.GetRowsApart(),
 		escrow: req.GetEscrow(), layer: req.GetLayer(), expert: req.GetExpert()}
 }
 
@@ -326,12 +327,16 @@ type job struct {
 	// escrow, if not 0, pays for the work: the answer carries a receipt.
 	escrow        uint64
 	layer, expert uint32
+	apart         bool // each row computed as a batch of one
 }
 
 // batcher runs one expert: it takes queued requests, as many as fit in one
 // ggml call, and answers each.
 type batcher struct {
-	c       Computer
+	c Computer
+	// vary: c's rows depend on their batch (moe.RowsVary), so requests
+	// are computed each alone, as its sender's own batch.
+	vary    bool
 	queue   chan *job
 	window  time.Duration
 	slow    time.Duration
@@ -413,6 +418,9 @@ func (b *batcher) run(ctx context.Context) {
 // window for more, as long as the tokens fit one call.
 func (b *batcher) collect(first *job) []*job {
 	jobs, tokens := []*job{first}, first.n
+	if b.vary {
+		return jobs
+	}
 	var timer <-chan time.Time
 	for tokens < b.c.MaxBatch() {
 		var j *job
@@ -466,7 +474,14 @@ func (b *batcher) compute(jobs []*job) {
 	if b.slow > 0 {
 		time.Sleep(b.slow)
 	}
-	err := b.c.Compute(x, tokens, out)
+	var err error
+	if b.vary && live[0].apart {
+		for t := 0; t < tokens && err == nil; t++ {
+			err = b.c.Compute(x[t*embd:(t+1)*embd], 1, out[t*embd:(t+1)*embd])
+		}
+	} else {
+		err = b.c.Compute(x, tokens, out)
+	}
 	took := time.Since(start)
 	outcome := "ok"
 	if err != nil {

@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -406,5 +407,82 @@ func TestPaymentRequired(t *testing.T) {
 	want := []call{{ch.ID().String(), 0, 6 * uint64(embd) * ff * 3}, {ch.ID().String(), 7, 6 * uint64(embd) * ff * 3}}
 	if fmt.Sprint(calls) != fmt.Sprint(want) || ff == 0 {
 		t.Fatalf("payment checks %v, want %v", calls, want)
+	}
+}
+
+// rowRecorder doubles its input and records each compute's batch size; its
+// rows vary with their batch (moe.RowVariant), as a dense expert's do.
+type rowRecorder struct {
+	embd  int
+	mu    sync.Mutex
+	sizes []int
+}
+
+func (r *rowRecorder) Compute(x []float32, n int, out []float32) error {
+	r.mu.Lock()
+	r.sizes = append(r.sizes, n)
+	r.mu.Unlock()
+	for i, v := range x[:n*r.embd] {
+		out[i] = 2 * v
+	}
+	return nil
+}
+func (r *rowRecorder) Embd() int      { return r.embd }
+func (r *rowRecorder) MaxBatch() int  { return 64 }
+func (r *rowRecorder) RowsVary() bool { return true }
+
+// An expert whose rows vary with their batch computes each request alone
+// (its rows are its sender's batch, as in llama.cpp's own pass), and a
+// request with rows_apart row by row (a one-token decode step each).
+func TestRowVariantExpertsComputeRequestsApart(t *testing.T) {
+	mc, _, _ := tinyShards(t, model.Q4_0)
+	sh, ch := hostPair(t)
+	srv := startServer(t, sh, DefaultConfig())
+	const embd = 8
+	rec := &rowRecorder{embd: embd}
+	if err := srv.Add(mc, 0, 0, rec); err != nil {
+		t.Fatal(err)
+	}
+	srv.Start()
+	cl := NewClient(ch, quiet())
+	defer cl.Close()
+	call := func(n int, apart bool) error {
+		ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+		defer cancel()
+		x := make([]float32, n*embd)
+		for i := range x {
+			x[i] = float32(i)
+		}
+		r, err := cl.Call(ctx, sh.ID(), Request{Model: mc, Layer: 0, Expert: 0, Hidden: x, N: n, DType: neuropb.WireDType_WIRE_DTYPE_F32, RowsApart: apart})
+		if err != nil {
+			return err
+		}
+		for i, v := range r.Output {
+			if v != 2*x[i] {
+				return fmt.Errorf("output %d: %v, want %v", i, v, 2*x[i])
+			}
+		}
+		return nil
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for range 8 {
+		wg.Add(1)
+		go func() { defer wg.Done(); errs <- call(2, false) }()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := call(3, true); err != nil {
+		t.Fatal(err)
+	}
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	if want := []int{2, 2, 2, 2, 2, 2, 2, 2, 1, 1, 1}; !slices.Equal(rec.sizes, want) {
+		t.Fatalf("batch sizes %v, want %v (8 requests of 2 rows alone, then 3 rows apart)", rec.sizes, want)
 	}
 }

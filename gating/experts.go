@@ -223,7 +223,13 @@ type boundExperts struct {
 }
 
 func (b boundExperts) MoE(ctx context.Context, layer int, x []float32, n int, selected []int32, weights []float32) ([]float32, error) {
-	return b.r.moe(ctx, b.g, layer, x, n, selected, weights)
+	return b.r.moe(ctx, b.g, false, layer, x, n, selected, weights)
+}
+
+// MoEApart implements moe.ApartExperts: the expert nodes compute each row
+// as a batch of one where their results depend on the batch.
+func (b boundExperts) MoEApart(ctx context.Context, layer int, x []float32, n int, selected []int32, weights []float32) ([]float32, error) {
+	return b.r.moe(ctx, b.g, true, layer, x, n, selected, weights)
 }
 
 // Hedges counts calls sent to a second provider because the first was slow.
@@ -237,7 +243,7 @@ var _ moe.Experts = (*RemoteExperts)(nil)
 // MoE implements moe.Experts for calls that belong to no generation (no
 // stats, receipts or checks reach a caller): For binds them to one.
 func (r *RemoteExperts) MoE(ctx context.Context, layer int, x []float32, n int, selected []int32, weights []float32) ([]float32, error) {
-	return r.moe(ctx, nil, layer, x, n, selected, weights)
+	return r.moe(ctx, nil, false, layer, x, n, selected, weights)
 }
 
 // callState is where one expert call reports: its generation's stats,
@@ -247,13 +253,15 @@ type callState struct {
 	receipts    *Receipts
 	checks      *Checks
 	epoch, step int
+	// apart: each row computed as a batch of one (MoEApart)
+	apart bool
 }
 
-func (r *RemoteExperts) moe(ctx context.Context, g *Generation, layer int, x []float32, n int, selected []int32, weights []float32) ([]float32, error) {
+func (r *RemoteExperts) moe(ctx context.Context, g *Generation, apart bool, layer int, x []float32, n int, selected []int32, weights []float32) ([]float32, error) {
 	start := time.Now()
-	var cs callState
+	cs := callState{apart: apart}
 	if g != nil {
-		cs = callState{stats: &g.Stats, receipts: g.Receipts, checks: g.Checks, epoch: int(g.epoch.Load()), step: int(g.step.Load())}
+		cs = callState{stats: &g.Stats, receipts: g.Receipts, checks: g.Checks, epoch: int(g.epoch.Load()), step: int(g.step.Load()), apart: apart}
 	}
 	stats := cs.stats
 	used, err := moe.SlotsPerToken(x, n, selected, weights, r.Embd)
@@ -381,7 +389,7 @@ func (r *RemoteExperts) call(ctx context.Context, cs callState, k expert.Key, in
 			cctx, ccancel := context.WithTimeout(ctx, r.deadline(p, timeout))
 			defer ccancel()
 			resp, err := r.Client.Call(cctx, p, expert.Request{Model: r.Model, Layer: k.Layer, Expert: k.Expert,
-				Hidden: in, N: n, DType: r.DType, Escrow: escrow})
+				Hidden: in, N: n, DType: r.DType, Escrow: escrow, RowsApart: cs.apart})
 			switch {
 			case err == nil:
 				r.Metrics.ExpertCall("ok", time.Since(start))
@@ -455,7 +463,7 @@ func (r *RemoteExperts) call(ctx context.Context, cs callState, k expert.Key, in
 							// like the work it checks (a check back after the
 							// generation was settled goes unpaid).
 							resp, err := r.Client.Call(cctx, q, expert.Request{Model: r.Model, Layer: k.Layer, Expert: k.Expert,
-								Hidden: in, N: n, DType: r.DType, Escrow: escrow})
+								Hidden: in, N: n, DType: r.DType, Escrow: escrow, RowsApart: cs.apart})
 							if err != nil {
 								return nil, nil, err
 							}

@@ -383,12 +383,19 @@ func splitMatchesLlamaCppWith(t *testing.T, path, prompt string, maxTokens int, 
 // logits a one-token decode step gives it, to the bit, in every
 // architecture and type (ggml's matrix products sum in another order for
 // two rows or more: a plain Forward of the same tokens differs in F16 by
-// up to 1e-3), past a context long enough for attention's sums to show it.
+// up to 1e-3), past a context long enough for attention's sums to show it;
+// also with the shared experts hosted like routed ones (a dense product,
+// computed a row at a time: moe.ApartExperts).
 func TestForwardEachIsDecodeSteps(t *testing.T) {
 	ctx := t.Context()
 	for _, arch := range []string{"llama", "qwen3moe", "gpt-oss", "glm4moe", "deepseek2"} {
-		for _, typ := range []string{"f16", "q8_0", "q4_k_m"} {
+		types := []string{"f16", "q8_0", "q4_k_m"}
+		if arch == "glm4moe" || arch == "deepseek2" {
+			types = append(types, "f16-remote", "q8_0-remote")
+		}
+		for _, typ := range types {
 			t.Run(arch+"/"+typ, func(t *testing.T) {
+				typ, remote := strings.CutSuffix(typ, "-remote")
 				p, _ := model.Preset(arch, "tiny")
 				p.Embd, p.FF = 256, 256
 				switch arch {
@@ -399,7 +406,7 @@ func TestForwardEachIsDecodeSteps(t *testing.T) {
 				}
 				path := archModel(t, t.TempDir(), arch, p, typ, 7)
 				dir := filepath.Join(t.TempDir(), "shards")
-				if _, err := model.Split(path, dir); err != nil {
+				if _, err := model.SplitWith(path, dir, model.SplitOptions{SharedRemote: remote}); err != nil {
 					t.Fatal(err)
 				}
 				sm, err := LoadSplit(dir, cid.Undef, 2)
@@ -428,7 +435,7 @@ func TestForwardEachIsDecodeSteps(t *testing.T) {
 				each, _ := sm.Gating.NewSession(0)
 				defer each.Close()
 				each.Forward(ctx, prompt, sm.Experts)
-				counting := &countingExperts{Experts: sm.Experts}
+				counting := &countingExperts{LocalExperts: sm.Experts}
 				got, err := each.ForwardEach(ctx, draft, counting)
 				if err != nil {
 					t.Fatal(err)
@@ -453,11 +460,16 @@ func TestForwardEachIsDecodeSteps(t *testing.T) {
 
 // countingExperts counts MoE calls.
 type countingExperts struct {
-	moe.Experts
+	*moe.LocalExperts
 	calls int
 }
 
 func (c *countingExperts) MoE(ctx context.Context, layer int, x []float32, n int, selected []int32, weights []float32) ([]float32, error) {
 	c.calls++
-	return c.Experts.MoE(ctx, layer, x, n, selected, weights)
+	return c.LocalExperts.MoE(ctx, layer, x, n, selected, weights)
+}
+
+func (c *countingExperts) MoEApart(ctx context.Context, layer int, x []float32, n int, selected []int32, weights []float32) ([]float32, error) {
+	c.calls++
+	return c.LocalExperts.MoEApart(ctx, layer, x, n, selected, weights)
 }

@@ -32,6 +32,7 @@ type Expert struct {
 	embd, ff int
 	maxBatch int
 	dtype    model.DType
+	vary     bool
 }
 
 // NewExpert copies the weights into ggml memory. Each tensor may have its
@@ -91,8 +92,16 @@ func NewExpertOn(dev Device, w moe.ExpertWeights, o moe.ExpertOptions) (*Expert,
 	if c == nil {
 		return nil, fmt.Errorf("expert on %s: %s", dev.Spec(), C.GoString(&errbuf[0]))
 	}
-	return &Expert{c: c, embd: embd, ff: ff, maxBatch: o.MaxBatch, dtype: w.Gate.Type}, nil
+	// ggml's expert-indexed product computes each row alike on the CPU;
+	// its plain product (a dense expert) takes tinyBLAS for two rows or
+	// more, and a GPU's kernels differ by batch size.
+	vary := w.Dense || dev.Backend != "" && dev.Backend != "CPU"
+	return &Expert{c: c, embd: embd, ff: ff, maxBatch: o.MaxBatch, dtype: w.Gate.Type, vary: vary}, nil
 }
+
+// RowsVary reports whether a row's result depends on the batch it is
+// computed in (moe.RowVariant).
+func (e *Expert) RowsVary() bool { return e.vary }
 
 // Embd is the hidden size.
 func (e *Expert) Embd() int { return e.embd }

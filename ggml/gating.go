@@ -429,7 +429,11 @@ func (s *Session) forward(ctx context.Context, tokens []int32, experts moe.Exper
 			// as llama.cpp's ggml_add(moe_out, ffn_shexp) does.
 			selected, weights = withShared(selected, weights, out, hp.ExpertsUsed, int32(hp.Experts))
 		}
-		moe, err := experts.MoE(ctx, l, moeIn, out, selected, weights)
+		call := experts.MoE
+		if ae, ok := experts.(moe.ApartExperts); ok && want == logitsEach {
+			call = ae.MoEApart // each row as a decode step computes it
+		}
+		moe, err := call(ctx, l, moeIn, out, selected, weights)
 		if err != nil {
 			return nil, fmt.Errorf("forward: layer %d experts: %w", l, err)
 		}

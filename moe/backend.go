@@ -286,6 +286,28 @@ func RewindTo(s Session, prompt, tokens []int32, step int) ([]int32, error) {
 	return []int32{tokens[step-1]}, nil
 }
 
+// RowVariant is an Expert whose rows' results depend on the batch they
+// are computed in (a plain matrix product, which ggml computes another way
+// for two rows or more; a GPU's kernels): a row computed alone is what a
+// one-token decode step computes.
+type RowVariant interface {
+	RowsVary() bool
+}
+
+// RowsVary reports whether e is a RowVariant whose rows vary.
+func RowsVary(e any) bool {
+	v, ok := e.(RowVariant)
+	return ok && v.RowsVary()
+}
+
+// ApartExperts computes MoE calls whose rows are computed each as a batch
+// of one, as that many one-token decode steps would (speculative
+// decoding's verification).
+type ApartExperts interface {
+	Experts
+	MoEApart(ctx context.Context, layer int, x []float32, n int, selected []int32, weights []float32) ([]float32, error)
+}
+
 // DraftLoader loads draft models for speculative decoding.
 type DraftLoader interface {
 	// LoadDraft loads the model at path (a GGUF file), computed with

@@ -74,6 +74,23 @@ func (le *LocalExperts) MoE(_ context.Context, layer int, x []float32, n int, se
 	return Combine(outs, weights, n, used, le.Embd), nil
 }
 
+// MoEApart implements ApartExperts: one token at a time.
+func (le *LocalExperts) MoEApart(ctx context.Context, layer int, x []float32, n int, selected []int32, weights []float32) ([]float32, error) {
+	used, err := SlotsPerToken(x, n, selected, weights, le.Embd)
+	if err != nil {
+		return nil, err
+	}
+	res := make([]float32, 0, n*le.Embd)
+	for t := range n {
+		out, err := le.MoE(ctx, layer, x[t*le.Embd:(t+1)*le.Embd], 1, selected[t*used:(t+1)*used], weights[t*used:(t+1)*used])
+		if err != nil {
+			return nil, err
+		}
+		res = append(res, out...)
+	}
+	return res, nil
+}
+
 // SlotsPerToken checks one MoE call's arguments (n rows of embd floats in
 // x; selected and weights alike, a whole number of experts per token) and
 // returns the experts per token.

@@ -232,7 +232,11 @@ type ExpertRequest struct {
 	DeadlineUnixMs int64 `protobuf:"varint,6,opt,name=deadline_unix_ms,json=deadlineUnixMs,proto3" json:"deadline_unix_ms,omitempty"`
 	// The ledger escrow that pays for this work (0: none). With one, the
 	// expert node signs a usage receipt for it.
-	Escrow        uint64 `protobuf:"varint,7,opt,name=escrow,proto3" json:"escrow,omitempty"`
+	Escrow uint64 `protobuf:"varint,7,opt,name=escrow,proto3" json:"escrow,omitempty"`
+	// Compute each row as a batch of one, as a one-token decode step would
+	// (speculative decoding's verification), where the expert's results
+	// depend on the batch (a dense shared expert; a GPU).
+	RowsApart     bool `protobuf:"varint,8,opt,name=rows_apart,json=rowsApart,proto3" json:"rows_apart,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -314,6 +318,13 @@ func (x *ExpertRequest) GetEscrow() uint64 {
 		return x.Escrow
 	}
 	return 0
+}
+
+func (x *ExpertRequest) GetRowsApart() bool {
+	if x != nil {
+		return x.RowsApart
+	}
+	return false
 }
 
 // ExpertResponse answers one request, in the request's dtype. Responses on
@@ -590,7 +601,7 @@ const file_expert_proto_rawDesc = "" +
 	"\x06Tensor\x12\x12\n" +
 	"\x04data\x18\x01 \x01(\fR\x04data\x12)\n" +
 	"\x05dtype\x18\x02 \x01(\x0e2\x13.neuro.v1.WireDTypeR\x05dtype\x12\x14\n" +
-	"\x05shape\x18\x03 \x03(\rR\x05shape\"\xde\x01\n" +
+	"\x05shape\x18\x03 \x03(\rR\x05shape\"\xfd\x01\n" +
 	"\rExpertRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\x04R\trequestId\x12\x14\n" +
@@ -599,7 +610,9 @@ const file_expert_proto_rawDesc = "" +
 	"\x06expert\x18\x04 \x01(\rR\x06expert\x12(\n" +
 	"\x06hidden\x18\x05 \x01(\v2\x10.neuro.v1.TensorR\x06hidden\x12(\n" +
 	"\x10deadline_unix_ms\x18\x06 \x01(\x03R\x0edeadlineUnixMs\x12\x16\n" +
-	"\x06escrow\x18\a \x01(\x04R\x06escrow\"\x95\x02\n" +
+	"\x06escrow\x18\a \x01(\x04R\x06escrow\x12\x1d\n" +
+	"\n" +
+	"rows_apart\x18\b \x01(\bR\trowsApart\"\x95\x02\n" +
 	"\x0eExpertResponse\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\x04R\trequestId\x12(\n" +

@@ -52,6 +52,15 @@ type BenchRow struct {
 	// round's wall time, and the latencies are of the round's first
 	// request alone.
 	Users int `json:"users,omitempty"`
+	// Speculative decoding (kind speculate): the drafter (off, ngram,
+	// draft), the mean milliseconds a generated token took (the decode
+	// steps' time over their tokens: tokens of one pass come at once), and
+	// the drafted tokens kept per pass that checked a draft, of those
+	// drafted.
+	Speculate       string  `json:"speculate,omitempty"`
+	MsPerToken      float64 `json:"ms_per_token,omitempty"`
+	AcceptedPerPass float64 `json:"accepted_per_pass,omitempty"`
+	Acceptance      float64 `json:"acceptance,omitempty"`
 }
 
 // BenchReport is `neurod bench --json` and report.json.
@@ -92,6 +101,15 @@ type Bench struct {
 	// Concurrency lists the numbers of users the loopback testnet also
 	// serves at once (none: left out).
 	Concurrency []int
+	// SpeculateRTT, if positive, adds the speculative decoding runs: the
+	// netns testnet at that RTT (the loopback testnet where namespaces are
+	// unavailable) answering SpeculatePrompt with a model of the bench
+	// shape that speaks SpeculateText (it repeats the list the prompt
+	// starts), without speculation, with prompt lookup and with a draft
+	// model (the same model in q4_0); SpeculationModels (given by the
+	// binary) writes the two models into a directory.
+	SpeculateRTT      time.Duration
+	SpeculationModels func(dir string) (model, draft string, err error)
 	// OnMachine answers the prompt on this machine: the whole GGUF in
 	// llama.cpp, or (split) the gating compute with in-process experts.
 	OnMachine func(ctx context.Context, model string, split bool, prompt string, maxTokens int) (*Generation, error)
@@ -150,9 +168,12 @@ func (b *Bench) Run(ctx context.Context, modelPath, out string, rtts []time.Dura
 	if err := b.placement(ctx); err != nil {
 		return nil, err
 	}
+	if err := b.speculation(ctx); err != nil {
+		return nil, err
+	}
 	for i := range b.rep.Rows {
 		r := &b.rep.Rows[i]
-		if r.Skipped != "" || r.Kind == "local" || r.Kind == "split" || r.Kind == "concurrent" {
+		if r.Skipped != "" || r.Kind == "local" || r.Kind == "split" || r.Kind == "concurrent" || r.Kind == "speculate" {
 			continue
 		}
 		r.FloorMs = float64(b.rep.Layers)*r.RTTMs + b.rep.ComputeMs
@@ -298,6 +319,84 @@ func (b *Bench) placement(ctx context.Context) error {
 		if err := b.scenario(ctx, name, "placement", b.PlacementRTT, t); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+// SpeculateText is what the speculation runs' model says: a list, which
+// SpeculatePrompt gives once and begins again, so that the answer repeats
+// it (as answers that quote, list or edit their input do).
+const SpeculateText = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau upsilon phi chi psi omega " +
+	"one two three four five six seven eight nine ten eleven twelve"
+
+// SpeculatePrompt asks for SpeculateText again.
+const SpeculatePrompt = SpeculateText + " alpha beta"
+
+// speculation runs the speculative decoding rows: without it, with prompt
+// lookup and with a draft model, each giving llama.cpp's tokens.
+func (b *Bench) speculation(ctx context.Context) error {
+	if b.SpeculateRTT <= 0 || b.SpeculationModels == nil {
+		return nil
+	}
+	dir := filepath.Join(b.rep.Dir, "speculation")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	b.Log.Info("bench: speculation models")
+	m, draft, err := b.SpeculationModels(dir)
+	if err != nil {
+		return fmt.Errorf("speculation: %w", err)
+	}
+	ref, err := b.OnMachine(ctx, m, false, SpeculatePrompt, b.MaxTokens)
+	if err != nil {
+		return fmt.Errorf("speculation: llama.cpp: %w", err)
+	}
+	rtt := b.SpeculateRTT
+	where := "netns " + FmtRTT(rtt)
+	if b.NetnsErr != nil {
+		rtt, where = 0, "testnet"
+	}
+	for _, kind := range []string{"off", "ngram", "draft"} {
+		var t Topology = &Loopback{ExpertNodes: 1, Dashboard: "127.0.0.1:0"}
+		if rtt > 0 {
+			t = &Netns{Publics: 4, NATs: []netns.NAT{netns.Cone, netns.Cone}, Links: []netns.Link{{RTT: rtt}, {RTT: rtt}}}
+		}
+		name := fmt.Sprintf("speculation %s, %s, repeating a list", kind, where)
+		b.Log.Info("bench: "+name, "rtt", rtt)
+		rctx, cancel := context.WithTimeout(ctx, b.Timeout)
+		s := &Scenario{Topology: t, Binary: b.Binary, Model: m, Prompt: SpeculatePrompt, MaxTokens: b.MaxTokens, Speculate: kind,
+			Timeout: b.Timeout, Check: true, Log: b.Log}
+		if kind == "draft" {
+			s.Draft = draft
+		}
+		rep, _, err := s.Run(rctx)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("%s: %w", name, err)
+		}
+		if fmt.Sprint(rep.Tokens) != fmt.Sprint(ref.Tokens) {
+			return fmt.Errorf("%s: tokens %v differ from llama.cpp's %v", name, rep.Tokens, ref.Tokens)
+		}
+		row := BenchRow{Name: name, Kind: "speculate", RTTMs: ms(rtt), TokensPerSecond: rep.TokensPerSecond, Speculate: kind}
+		if n := len(rep.PerTokenMs); n > 1 {
+			decode := slices.Clone(rep.PerTokenMs[1:])
+			var sum float64
+			for _, d := range decode {
+				sum += d
+			}
+			row.MsPerToken = sum / float64(len(decode))
+			slices.Sort(decode)
+			row.PerTokenP50Ms, row.PerTokenP90Ms = Percentile(decode, 0.5), Percentile(decode, 0.9)
+		}
+		if st := rep.Stats; st != nil {
+			row.RoundTripsPerToken, row.AcceptedPerPass = st.RoundTripsPerToken, st.AcceptedPerPass
+			if st.DraftTokens > 0 {
+				row.Acceptance = float64(st.AcceptedTokens) / float64(st.DraftTokens)
+			}
+		}
+		b.rep.Rows = append(b.rep.Rows, row)
+		b.Log.Info("bench run done", "run", name, "ms_per_token", row.MsPerToken, "accepted_per_pass", row.AcceptedPerPass)
 	}
 	return nil
 }

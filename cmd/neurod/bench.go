@@ -14,6 +14,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/neuro-p2p/neuro/ggml"
+	"github.com/neuro-p2p/neuro/model"
 	"github.com/neuro-p2p/neuro/testnet"
 	"github.com/neuro-p2p/neuro/testnet/netns"
 )
@@ -51,6 +52,7 @@ type benchFlags struct {
 	json, noNetns                   bool
 	timeout                         time.Duration
 	placement, placementFar, jitter time.Duration
+	speculateRTT                    time.Duration
 }
 
 func newBenchCmd(g *globalFlags) *cobra.Command {
@@ -100,6 +102,7 @@ func newBenchCmd(g *globalFlags) *cobra.Command {
 	fs.DurationVar(&f.placement, "placement-rtt", 50*time.Millisecond, "placement runs (a layer's experts on one node, or spread over two): RTT from the gating node to the near expert home; 0 leaves them out")
 	fs.DurationVar(&f.placementFar, "placement-far", 100*time.Millisecond, "placement runs: RTT from the gating node to the far expert home")
 	fs.DurationVar(&f.jitter, "placement-jitter", 2*time.Millisecond, "placement runs: jitter on every home's line")
+	fs.DurationVar(&f.speculateRTT, "speculate-rtt", 50*time.Millisecond, "speculative decoding runs (a model of the bench shape repeating a list: without speculation, with prompt lookup, with a q4_0 draft model) in the netns testnet at this RTT (the loopback testnet without namespaces); 0 leaves them out")
 	return cmd
 }
 
@@ -124,6 +127,9 @@ func (f *benchFlags) check() ([]time.Duration, error) {
 		if _, err := os.Stat(f.model); err != nil {
 			return nil, fmt.Errorf("flag --model: %w", err)
 		}
+	}
+	if f.speculateRTT < 0 || f.speculateRTT > 2*time.Second {
+		return nil, fmt.Errorf("flag --speculate-rtt %v: want 0 (leave out) to 2s", f.speculateRTT)
 	}
 	if f.placement < 0 || f.placementFar < f.placement || f.jitter < 0 || f.jitter > f.placement/2 {
 		return nil, fmt.Errorf("flags --placement-rtt %v, --placement-far %v, --placement-jitter %v: want an RTT of 0 (leave out) or more, a far one at least as long, and jitter up to half the RTT",
@@ -154,11 +160,32 @@ func (f *benchFlags) bench(cmd *cobra.Command, g *globalFlags) (*testnet.Bench, 
 				return generateOnMachine(ctx, ggml.Device{}, "", model, prompt, maxTokens, ggml.ContextOptions{})
 			}
 			return generateOnMachine(ctx, ggml.Device{}, model, "", prompt, maxTokens, ggml.ContextOptions{})
-		}}
+		},
+		SpeculateRTT: f.speculateRTT, SpeculationModels: speculationModels}
 	if b.NetnsErr = errors.New("--no-netns"); !f.noNetns {
 		b.NetnsErr = netns.Available()
 	}
 	return b, nil
+}
+
+// speculationModels writes the bench's speculation models into dir: the
+// bench preset (llama) speaking testnet.SpeculateText in q8_0, and the same
+// weights in q4_0 as its draft model.
+func speculationModels(dir string) (string, string, error) {
+	params := model.Presets["bench"]
+	m, draft := filepath.Join(dir, "speaks.gguf"), filepath.Join(dir, "speaks-q4_0.gguf")
+	params.PlantPieces = model.PlantPieces("llama", testnet.SpeculateText)
+	var err error
+	if params.Plant, err = plantTokens(m, "llama", params, testnet.SpeculateText); err != nil {
+		return "", "", err
+	}
+	if err := writeModel(m, "llama", params, model.Q8_0, 11, true); err != nil {
+		return "", "", err
+	}
+	if err := writeModel(draft, "llama", params, model.Q4_0, 11, true); err != nil {
+		return "", "", err
+	}
+	return m, draft, nil
 }
 
 // benchMarkdown is the report's table.
@@ -168,7 +195,12 @@ func benchMarkdown(rep *testnet.BenchReport) string {
 	fmt.Fprintf(&sb, "Machine: %s. %s.\n\n", rep.Machine, rep.When)
 	fmt.Fprintln(&sb, "| run | RTT (measured) | tokens/s | per token p50 | p90 | floor = layers × RTT + compute | p50 / floor | round trips / token | expert calls / token | layers one node served |")
 	fmt.Fprintln(&sb, "|---|---|---|---|---|---|---|---|---|---|")
+	var spec []testnet.BenchRow
 	for _, r := range rep.Rows {
+		if r.Kind == "speculate" {
+			spec = append(spec, r)
+			continue
+		}
 		if r.Skipped != "" {
 			fmt.Fprintf(&sb, "| %s | %s | skipped: %s | | | | | | | |\n", r.Name, testnet.FmtRTT(time.Duration(r.RTTMs*float64(time.Millisecond))), r.Skipped)
 			continue
@@ -192,6 +224,24 @@ func benchMarkdown(rep *testnet.BenchReport) string {
 	}
 	fmt.Fprintf(&sb, "\ncompute = the split run's p50 (%.1f ms); %d MoE layers. The first token (the prompt) is left out of p50/p90. "+
 		"Round trips and calls per token count the prompt's pass too (a layer's expert calls go out at once: one round trip).\n", rep.ComputeMs, rep.Layers)
+	if len(spec) > 0 {
+		fmt.Fprintf(&sb, "\nSpeculative decoding: a model of the bench shape that repeats a list (%q, given once and begun again), q8_0; its draft model the same weights in q4_0. Every run gave llama.cpp's tokens.\n\n",
+			testnet.SpeculatePrompt)
+		fmt.Fprintln(&sb, "| run | ms / token | × fewer than without | per token p50 | round trips / token | drafted tokens kept / pass | of those drafted |")
+		fmt.Fprintln(&sb, "|---|---|---|---|---|---|---|")
+		base := spec[0].MsPerToken
+		for _, r := range spec {
+			gain, kept, acc := "–", "–", "–"
+			if r.MsPerToken > 0 && base > 0 {
+				gain = fmt.Sprintf("%.2f", base/r.MsPerToken)
+			}
+			if r.Speculate != "off" {
+				kept, acc = fmt.Sprintf("%.2f", r.AcceptedPerPass), fmt.Sprintf("%.0f%%", 100*r.Acceptance)
+			}
+			fmt.Fprintf(&sb, "| %s | %.1f ms | %s | %.1f ms | %.2f | %s | %s |\n", r.Name, r.MsPerToken, gain, r.PerTokenP50Ms, r.RoundTripsPerToken, kept, acc)
+		}
+		fmt.Fprintln(&sb, "\nms / token: the decode steps' time over their tokens (the tokens one pass keeps arrive at once, so p50 falls to almost 0).")
+	}
 	return sb.String()
 }
 

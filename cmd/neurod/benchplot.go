@@ -103,7 +103,7 @@ func series(p *plot.Plot, name string, xys plotter.XYs, c color.Color, dashed bo
 // plotReferences draws the runs on one machine as flat references.
 func plotReferences(rep *testnet.BenchReport, lat, thr *plot.Plot, maxRTT float64) error {
 	for i, r := range rep.Rows {
-		if r.Skipped != "" || r.Kind == "netns" || r.Kind == "placement" || r.Kind == "concurrent" {
+		if r.Skipped != "" || r.Kind == "netns" || r.Kind == "placement" || r.Kind == "concurrent" || r.Kind == "speculate" {
 			continue
 		}
 		c := color.RGBA{uint8(40 + 60*i), uint8(160 - 30*i), uint8(60 + 40*i), 255}
