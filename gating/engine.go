@@ -35,8 +35,11 @@ type EngineConfig struct {
 	// gating node), and QueueTimeout a request's wait.
 	MaxQueue     int
 	QueueTimeout time.Duration
-	// MaxSessions bounds the generations that run at once; one more is
-	// answered busy, so that its client tries another gating node.
+	// MaxSessions bounds the generations that run at once; one more
+	// waits in the queue. 0 sizes them from memory: as many sessions as
+	// the KV caches of the served model (Context tokens each) fit in half
+	// the memory free where they live (moe.SessionSizer), from 1 to
+	// MaxAutoSessions (4 where the gating compute cannot tell).
 	MaxSessions int
 	// Context is the KV cache of a session in tokens (0: the model's
 	// context, at most 4096).
@@ -109,7 +112,7 @@ type Compute interface {
 
 // DefaultEngineConfig returns the defaults.
 func DefaultEngineConfig() EngineConfig {
-	return EngineConfig{MaxSessions: 4, MaxQueue: 64, QueueTimeout: 2 * time.Minute, DefaultMaxTokens: 256, DType: neuropb.WireDType_WIRE_DTYPE_F32,
+	return EngineConfig{MaxQueue: 64, QueueTimeout: 2 * time.Minute, DefaultMaxTokens: 256, DType: neuropb.WireDType_WIRE_DTYPE_F32,
 		CallTimeout: 30 * time.Second}
 }
 
@@ -145,8 +148,9 @@ type Engine struct {
 	local   *localJudge
 	queue   *sessionQueue
 
-	mu     sync.Mutex
-	models map[cid.Cid]*served
+	mu           sync.Mutex
+	models       map[cid.Cid]*served
+	autoSessions int // the sessions sized from memory (0: not yet)
 
 	active, generated atomic.Int64
 
@@ -182,8 +186,8 @@ func NewEngine(h Network, f Fetcher, cfg EngineConfig, log *slog.Logger) (*Engin
 	if cfg.QueueTimeout <= 0 {
 		cfg.QueueTimeout = d.QueueTimeout
 	}
-	if cfg.MaxSessions <= 0 {
-		cfg.MaxSessions = d.MaxSessions
+	if cfg.MaxSessions < 0 {
+		return nil, fmt.Errorf("gating: %d sessions", cfg.MaxSessions)
 	}
 	if cfg.DefaultMaxTokens <= 0 {
 		cfg.DefaultMaxTokens = d.DefaultMaxTokens
@@ -219,7 +223,7 @@ func NewEngine(h Network, f Fetcher, cfg EngineConfig, log *slog.Logger) (*Engin
 	}
 	e := &Engine{cfg: cfg, log: log.With("component", "gating"), h: h, fetcher: f,
 		client: expert.NewClient(h.LibP2P(), log), sel: NewSelector(nil),
-		queue: newSessionQueue(cfg.MaxSessions, cfg.MaxQueue), models: map[cid.Cid]*served{}}
+		queue: newSessionQueue(max(cfg.MaxSessions, autoSessionsUnknown), cfg.MaxQueue), models: map[cid.Cid]*served{}}
 	if cfg.Book != nil {
 		e.sel = NewSelector(cfg.Book)
 		e.local = newLocalJudge(f, cfg.Compute, cfg.Threads)
@@ -318,6 +322,9 @@ func (e *Engine) load(ctx context.Context, m *served) error {
 		return err
 	}
 	hp := sm.Gating.Hparams()
+	if e.cfg.MaxSessions == 0 {
+		e.sizeSessions(sm.Gating, hp)
+	}
 	if e.cfg.Speculate == SpeculateDraft {
 		if sm.Draft, err = e.cfg.Compute.(moe.DraftLoader).LoadDraft(e.cfg.Draft, e.cfg.Threads); err != nil {
 			return errors.Join(err, sm.Close())
@@ -563,6 +570,36 @@ func (e *Engine) nCtx(hp moe.Hparams) int {
 	return min(hp.CtxLen, 4096)
 }
 
+// MaxAutoSessions bounds the sessions sized from memory; autoSessionsUnknown
+// is the count where the gating compute cannot tell its sessions' memory.
+const (
+	MaxAutoSessions     = 64
+	autoSessionsUnknown = 4
+)
+
+// sizeSessions sets the sessions from the memory a served model's KV
+// caches take (EngineConfig.MaxSessions 0); with several models, the most
+// demanding decides.
+func (e *Engine) sizeSessions(g moe.Gating, hp moe.Hparams) {
+	sz, ok := g.(moe.SessionSizer)
+	if !ok {
+		return
+	}
+	per, budget := sz.SessionBytes(e.nCtx(hp)), sz.SessionMemory()
+	if per <= 0 || budget <= 0 {
+		return
+	}
+	n := int(min(max(budget/per, 1), MaxAutoSessions))
+	e.mu.Lock()
+	if e.autoSessions > 0 {
+		n = min(n, e.autoSessions)
+	}
+	e.autoSessions = n
+	e.mu.Unlock()
+	e.queue.resize(n)
+	e.log.Info("sessions sized from memory", "sessions", n, "kv_cache_bytes_each", per, "memory_for_sessions", budget)
+}
+
 // checkWait bounds how long a finished generation waits for its checks.
 const checkWait = 5 * time.Second
 
@@ -757,7 +794,7 @@ func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Cal
 		switch {
 		case errors.As(err, &qr) && qr.full:
 			return nil, errorf(neuropb.InferError_CODE_BUSY, "all %d sessions of this gating node are busy and %d requests wait for one (gating.max_queue)",
-				e.cfg.MaxSessions, qr.waiting)
+				e.queue.Sessions(), qr.waiting)
 		case errors.As(err, &qr):
 			return nil, errorf(neuropb.InferError_CODE_BUSY, "waited %s in this gating node's queue for a session (gating.queue_timeout)",
 				qr.waited.Round(time.Millisecond))

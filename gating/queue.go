@@ -13,6 +13,7 @@ import (
 type sessionQueue struct {
 	mu      sync.Mutex
 	free    int
+	total   int // sessions in all
 	max     int
 	waiting []*ticket
 	// moved is closed, and replaced, whenever the queue moves.
@@ -32,7 +33,35 @@ type queueRefusal struct {
 func (q *queueRefusal) Error() string { return "no session" }
 
 func newSessionQueue(sessions, max int) *sessionQueue {
-	return &sessionQueue{free: sessions, max: max, moved: make(chan struct{})}
+	return &sessionQueue{free: sessions, total: sessions, max: max, moved: make(chan struct{})}
+}
+
+// Sessions is how many sessions there are.
+func (q *sessionQueue) Sessions() int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.total
+}
+
+// resize makes the sessions n in all (at least 1): new ones go to the
+// first in line; sessions in use beyond n are not handed on when they
+// come back.
+func (q *sessionQueue) resize(n int) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	n = max(n, 1)
+	q.free += n - q.total
+	q.total = n
+	granted := false
+	for q.free > 0 && len(q.waiting) > 0 {
+		close(q.waiting[0].granted)
+		q.waiting = q.waiting[1:]
+		q.free--
+		granted = true
+	}
+	if granted {
+		q.signal()
+	}
 }
 
 // Len is how many requests wait.

@@ -24,7 +24,8 @@ import (
 func TestConcurrentRequestsWaitTheirTurn(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 180*time.Second)
 	defer cancel()
-	net := newGatingNet(t, ctx, model.Presets["tiny"], model.F32, 23, []string{"0:*,1:*"})
+	net := newGatingNetWith(t, ctx, model.Presets["tiny"], model.F32, 23, []string{"0:*,1:*"},
+		func(*expertNet) EngineConfig { return EngineConfig{MaxSessions: 4} })
 	srv := httptest.NewServer(HTTPHandler(net.engine, HTTPOptions{Log: quiet()}))
 	defer srv.Close()
 	const prompt, maxTokens = "many at once", 6
@@ -92,5 +93,16 @@ func TestConcurrentRequestsWaitTheirTurn(t *testing.T) {
 	}
 	if n := net.engine.Queued(); n != 0 {
 		t.Errorf("%d requests still queued", n)
+	}
+}
+
+// With max_sessions 0 the sessions are sized from memory: the tiny model's
+// KV caches are a few hundred KiB, so the most (MaxAutoSessions).
+func TestSessionsSizedFromMemory(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+	defer cancel()
+	net := newGatingNet(t, ctx, model.Presets["tiny"], model.F32, 29, []string{"0:*,1:*"})
+	if n := net.engine.queue.Sessions(); n != MaxAutoSessions {
+		t.Fatalf("%d sessions, want %d", n, MaxAutoSessions)
 	}
 }

@@ -85,3 +85,41 @@ func TestSessionQueue(t *testing.T) {
 		}
 	})
 }
+
+// Resizing hands new sessions to those in line at once; sessions taken
+// away are not handed on when they come back.
+func TestSessionQueueResize(t *testing.T) {
+	q := newSessionQueue(1, 8)
+	if err := q.acquire(t.Context(), time.Second, nil); err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan error, 2)
+	for range 2 {
+		go func() { got <- q.acquire(t.Context(), 10*time.Second, nil) }()
+	}
+	for i := 0; q.Len() < 2; i++ {
+		if i > 1000 {
+			t.Fatal("the two never queued")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	q.resize(3)
+	for range 2 {
+		if err := <-got; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if q.Sessions() != 3 || q.Len() != 0 {
+		t.Fatalf("%d sessions, %d waiting", q.Sessions(), q.Len())
+	}
+	q.resize(1) // three in use, one session in all
+	q.release()
+	q.release()
+	if err := q.acquire(t.Context(), 10*time.Millisecond, nil); err == nil {
+		t.Fatal("a session beyond the one left was handed out")
+	}
+	q.release()
+	if err := q.acquire(t.Context(), time.Second, nil); err != nil {
+		t.Fatal(err)
+	}
+}

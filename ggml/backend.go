@@ -69,6 +69,8 @@ func (Backend) Dequantize(t model.DType, b []byte) ([]float32, error) { return D
 // returns the concrete *Session).
 type gatingIface struct{ *Gating }
 
+var _ moe.SessionSizer = gatingIface{}
+
 func (g gatingIface) NewSession(nCtx int) (moe.Session, error) {
 	s, err := g.Gating.NewSession(nCtx)
 	if err != nil {

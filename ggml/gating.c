@@ -91,6 +91,28 @@ static int pad256(int n) {
     return (n + 255) / 256 * 256;
 }
 
+// swa_cells is the size of the sliding-window layers' cache.
+static int swa_cells(const neuro_hparams * hp, int n_ctx, int n_ubatch) {
+    // llama_kv_cache_iswa: GGML_PAD(min(n_ctx, n_swa + n_ubatch), 256)
+    // cells, n_ctx being the context llama.cpp pads to 256
+    int base = pad256(n_ctx);
+    int want = hp->n_swa + n_ubatch;
+    int cells = pad256(base < want ? base : want);
+    return cells < n_ctx ? cells : n_ctx; // else it never wraps: the full-size layout
+}
+
+size_t neuro_session_bytes(const neuro_gating * g, int n_ctx, int n_ubatch) {
+    const neuro_hparams * hp = &g->hp;
+    const int64_t n_embd_k_gqa = (int64_t) hp->n_embd_head * hp->n_head_kv;
+    const int64_t n_embd_v_gqa = (int64_t) hp->n_embd_head_v * hp->n_head_kv;
+    size_t n = 0;
+    for (int il = 0; il < hp->n_layer; il++) {
+        const int cells = is_swa(hp, il) ? swa_cells(hp, n_ctx, n_ubatch) : n_ctx;
+        n += ggml_row_size(GGML_TYPE_F16, n_embd_k_gqa) * cells + ggml_row_size(GGML_TYPE_F16, n_embd_v_gqa) * cells;
+    }
+    return n;
+}
+
 static struct ggml_tensor * find_weight(neuro_gating * g, const neuro_weight * ws, int n_ws, const char * name,
                                         char * err, size_t err_len) {
     for (int i = 0; i < n_ws; i++) {
@@ -318,14 +340,7 @@ neuro_session * neuro_session_new(neuro_gating * g, int n_ctx, int n_ubatch, cha
     s->g = g;
     s->n_ctx = n_ctx;
     if (hp->n_swa > 0) {
-        // llama_kv_cache_iswa: GGML_PAD(min(n_ctx, n_swa + n_ubatch), 256)
-        // cells, n_ctx being the context llama.cpp pads to 256
-        int base = pad256(n_ctx);
-        int want = hp->n_swa + n_ubatch;
-        s->n_swa_cells = pad256(base < want ? base : want);
-        if (s->n_swa_cells >= n_ctx) {
-            s->n_swa_cells = n_ctx; // never wraps: the full-size layout
-        }
+        s->n_swa_cells = swa_cells(hp, n_ctx, n_ubatch);
         s->cellpos = malloc(sizeof(int32_t) * s->n_swa_cells);
         if (s->cellpos == NULL) {
             snprintf(err, err_len, "out of memory");
@@ -703,6 +718,14 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
     }
     ggml_free(ctx);
     return rc;
+}
+
+size_t neuro_session_kv_bytes(const neuro_session * s) {
+    size_t n = 0;
+    for (int il = 0; il < s->g->hp.n_layer; il++) {
+        n += ggml_nbytes(s->k[il]) + ggml_nbytes(s->v[il]);
+    }
+    return n;
 }
 
 int neuro_session_swa_cells(const neuro_session * s) {

@@ -10,8 +10,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"runtime"
 	"sort"
+	"strconv"
+	"strings"
 	"sync"
 	"unsafe"
 
@@ -24,9 +27,10 @@ import (
 // llama.cpp's (flash attention off, F16 KV cache). Sessions share it; one
 // graph runs at a time.
 type Gating struct {
-	mu sync.Mutex
-	c  *C.neuro_gating
-	hp moe.Hparams
+	mu  sync.Mutex
+	c   *C.neuro_gating
+	hp  moe.Hparams
+	dev Device
 }
 
 // NewGating copies the gating shard's tensors into ggml memory, checking
@@ -191,7 +195,50 @@ func NewGatingOn(dev Device, hp moe.Hparams, shard *model.Shard, threads int) (*
 	if c == nil {
 		return nil, fmt.Errorf("gating compute on %s: %s", dev.Spec(), C.GoString(&errbuf[0]))
 	}
-	return &Gating{c: c, hp: hp}, nil
+	return &Gating{c: c, hp: hp, dev: dev}, nil
+}
+
+// SessionBytes is the memory of the KV cache of a session of nCtx tokens
+// (0: the default) that computes DefaultUBatch tokens at a time.
+func (g *Gating) SessionBytes(nCtx int) int64 {
+	if nCtx <= 0 {
+		nCtx = min(g.hp.CtxLen, 4096)
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.c == nil {
+		return 0
+	}
+	return int64(C.neuro_session_bytes(g.c, C.int(nCtx), C.int(min(DefaultUBatch, nCtx))))
+}
+
+// SessionMemory is the memory the sessions' KV caches may take: half of
+// what is free where they live (the CPU's available memory, or the
+// device's free memory when it was selected).
+func (g *Gating) SessionMemory() int64 {
+	if g.dev.Backend != "" && g.dev.Backend != "CPU" {
+		return int64(g.dev.MemoryFree / 2)
+	}
+	return memAvailable() / 2
+}
+
+// memAvailable is Linux's estimate of the memory available for new work
+// (MemAvailable in /proc/meminfo), or 0 where it cannot be read.
+func memAvailable() int64 {
+	b, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "MemAvailable:"); ok {
+			kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+			if err != nil {
+				return 0
+			}
+			return kb * 1024
+		}
+	}
+	return 0
 }
 
 // Hparams returns the model's hyper-parameters.
@@ -271,6 +318,14 @@ func (s *Session) Close() error {
 		s.c = nil
 	}
 	return nil
+}
+
+// KVBytes is the memory of the session's KV cache tensors.
+func (s *Session) KVBytes() int64 {
+	if s.c == nil {
+		return 0
+	}
+	return int64(C.neuro_session_kv_bytes(s.c))
 }
 
 // SWACells is the number of cells in the sliding-window layers' cache

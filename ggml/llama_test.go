@@ -436,3 +436,36 @@ func TestDrafterDraftsTheGreedyContinuation(t *testing.T) {
 		t.Fatalf("after another sequence: %v, a fresh drafter %v", a, b)
 	}
 }
+
+// Gating.SessionBytes, which sizes a gating node's sessions, is what a
+// session's KV cache takes: full caches, a sliding-window ring, a latent
+// (MLA) cache.
+func TestSessionBytes(t *testing.T) {
+	for _, arch := range []string{"llama", "gpt-oss", "deepseek2"} {
+		p, _ := model.Preset(arch, "tiny")
+		p.Context = 2048
+		path := archModel(t, t.TempDir(), arch, p, "f32", 3)
+		dir := filepath.Join(t.TempDir(), "shards")
+		if _, err := model.Split(path, dir); err != nil {
+			t.Fatal(err)
+		}
+		sm, err := LoadSplit(dir, cid.Undef, 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, nCtx := range []int{0, 300, 2048} {
+			s, err := sm.Gating.NewSession(nCtx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got, want := sm.Gating.SessionBytes(nCtx), s.KVBytes(); got != want || want == 0 {
+				t.Errorf("%s, context %d: SessionBytes %d, the session's KV cache %d", arch, nCtx, got, want)
+			}
+			s.Close()
+		}
+		if sm.Gating.SessionMemory() <= 0 {
+			t.Errorf("session memory %d", sm.Gating.SessionMemory())
+		}
+		sm.Close()
+	}
+}

@@ -189,6 +189,11 @@ int neuro_embed(neuro_session * s, const int32_t * tokens, int n, float * out);
 int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, int last_only,
                 float * ffn_inp, float * moe_in, int32_t * selected, float * weights, float * extra);
 
+// neuro_session_bytes is the memory of a session's KV cache;
+// neuro_session_kv_bytes that of s's tensors.
+size_t neuro_session_bytes(const neuro_gating * g, int n_ctx, int n_ubatch);
+size_t neuro_session_kv_bytes(const neuro_session * s);
+
 // neuro_session_swa_cells is the size of the sliding-window layers' cache.
 int neuro_session_swa_cells(const neuro_session * s);
 

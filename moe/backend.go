@@ -238,6 +238,14 @@ type Gating interface {
 	Close() error
 }
 
+// SessionSizer is a Gating that knows its sessions' memory.
+type SessionSizer interface {
+	// SessionBytes is the memory of a session of nCtx tokens' KV cache.
+	SessionBytes(nCtx int) int64
+	// SessionMemory is the memory the sessions may take in all.
+	SessionMemory() int64
+}
+
 // Session is one sequence: its KV cache and position. Not safe for
 // concurrent use.
 type Session interface {

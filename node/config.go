@@ -231,7 +231,7 @@ func DefaultConfig() Config {
 		},
 		Expert: ExpertConfig{Experts: "auto", MemoryMB: 4096, RequireEscrow: true},
 		Ledger: LedgerConfig{Listen: "tcp://0.0.0.0:26656", Peers: []string{}, BlockInterval: Duration(time.Second)},
-		Gating: GatingConfig{MaxSessions: 4, MaxQueue: 64, QueueTimeout: Duration(2 * time.Minute), MaxTokens: 256, WireDType: "f32", Speculate: "off", SpeculateMax: 8, CallTimeout: Duration(30 * time.Second), Validate: true,
+		Gating: GatingConfig{MaxQueue: 64, QueueTimeout: Duration(2 * time.Minute), MaxTokens: 256, WireDType: "f32", Speculate: "off", SpeculateMax: 8, CallTimeout: Duration(30 * time.Second), Validate: true,
 			RequirePayment: true},
 		Home: HomeConfig{IdleThreshold: 0.5, IdleCheck: Duration(5 * time.Second), Device: "cpu"},
 		API:  APIConfig{Listen: "127.0.0.1:0"},
@@ -324,8 +324,10 @@ require_escrow = true
 enabled = false
 # CID of the model to serve; empty: expert.model.
 model = ""
-# Generations that run at once.
-max_sessions = 4
+# Generations that run at once; 0 sizes them from memory: as many as the
+# served model's KV caches (context tokens each) fit in half the memory free
+# where they live, at most 64.
+max_sessions = 0
 # While every session is busy, up to max_queue requests wait for one, in
 # order, each for at most queue_timeout; one more is answered busy (its
 # client tries another gating node).
@@ -634,13 +636,16 @@ func (c *Config) validateGating() error {
 	for _, f := range []struct {
 		key string
 		v   int
-	}{{"gating.max_sessions", g.MaxSessions}, {"gating.max_tokens", g.MaxTokens}, {"gating.max_queue", g.MaxQueue}} {
+	}{{"gating.max_tokens", g.MaxTokens}, {"gating.max_queue", g.MaxQueue}} {
 		if f.v <= 0 {
 			return fieldErr(f.key, "must be positive, got %d", f.v)
 		}
 	}
 	if g.QueueTimeout <= 0 {
 		return fieldErr("gating.queue_timeout", "must be positive, got %v", g.QueueTimeout)
+	}
+	if g.MaxSessions < 0 {
+		return fieldErr("gating.max_sessions", "must not be negative (0: sized from memory), got %d", g.MaxSessions)
 	}
 	if g.Context < 0 {
 		return fieldErr("gating.context", "must not be negative, got %d", g.Context)
