@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/neuro-p2p/neuro/model"
+	"github.com/neuro-p2p/neuro/neuropb"
 	"github.com/neuro-p2p/neuro/testnet/netns"
 )
 
@@ -104,17 +105,18 @@ type Bench struct {
 	// SpeculateRTT, if positive, adds the speculative decoding runs: the
 	// netns testnet at that RTT (the loopback testnet where namespaces are
 	// unavailable) answering SpeculatePrompt with a model of the bench
-	// shape that speaks SpeculateText (it repeats the list the prompt
-	// starts), without speculation, with prompt lookup and with a draft
-	// model (the same model in q4_0); SpeculationModels (given by the
-	// binary) writes the two models into a directory.
+	// model's shape that speaks SpeculateText (it repeats the list the
+	// prompt starts), without speculation, with prompt lookup and with a
+	// draft model (the same model in q4_0); SpeculationModels (given by
+	// the binary) writes the two models of that shape into a directory.
 	SpeculateRTT      time.Duration
-	SpeculationModels func(dir string) (model, draft string, err error)
+	SpeculationModels func(dir string, shape *neuropb.ModelParams) (model, draft string, err error)
 	// OnMachine answers the prompt on this machine: the whole GGUF in
 	// llama.cpp, or (split) the gating compute with in-process experts.
 	OnMachine func(ctx context.Context, model string, split bool, prompt string, maxTokens int) (*Generation, error)
 
 	model string
+	shape *neuropb.ModelParams // the bench model's
 	rep   *BenchReport
 	want  []int32 // llama.cpp's tokens, which every run must give
 }
@@ -217,6 +219,7 @@ func (b *Bench) prepare(modelPath, out string) (cleanup func(), err error) {
 		cleanup()
 		return nil, fmt.Errorf("bench: %w", err)
 	}
+	b.shape = p
 	b.rep.Layers = int(p.GetLayers())
 	b.rep.Params = fmt.Sprintf("%d layers, %d experts (top %d), embd %d, ff %d", p.GetLayers(), p.GetExperts(), p.GetExpertsUsed(),
 		p.GetEmbd(), p.GetFf())
@@ -344,7 +347,7 @@ func (b *Bench) speculation(ctx context.Context) error {
 	}
 	defer os.RemoveAll(dir)
 	b.Log.Info("bench: speculation models")
-	m, draft, err := b.SpeculationModels(dir)
+	m, draft, err := b.SpeculationModels(dir, b.shape)
 	if err != nil {
 		return fmt.Errorf("speculation: %w", err)
 	}

@@ -15,6 +15,7 @@ import (
 
 	"github.com/neuro-p2p/neuro/ggml"
 	"github.com/neuro-p2p/neuro/model"
+	"github.com/neuro-p2p/neuro/neuropb"
 	"github.com/neuro-p2p/neuro/testnet"
 	"github.com/neuro-p2p/neuro/testnet/netns"
 )
@@ -168,11 +169,14 @@ func (f *benchFlags) bench(cmd *cobra.Command, g *globalFlags) (*testnet.Bench, 
 	return b, nil
 }
 
-// speculationModels writes the bench's speculation models into dir: the
-// bench preset (llama) speaking testnet.SpeculateText in q8_0, and the same
-// weights in q4_0 as its draft model.
-func speculationModels(dir string) (string, string, error) {
+// speculationModels writes the bench's speculation models into dir: a
+// llama model of the bench model's shape speaking testnet.SpeculateText in
+// q8_0, and the same weights in q4_0 as its draft model.
+func speculationModels(dir string, shape *neuropb.ModelParams) (string, string, error) {
 	params := model.Presets["bench"]
+	params.Layers, params.Experts, params.ExpertsUsed = int(shape.GetLayers()), int(shape.GetExperts()), int(shape.GetExpertsUsed())
+	params.Embd, params.FF, params.Heads, params.KVHeads = int(shape.GetEmbd()), int(shape.GetFf()), int(shape.GetHeads()), int(shape.GetKvHeads())
+	params.Vocab, params.Context = int(shape.GetVocab()), int(shape.GetContext())
 	m, draft := filepath.Join(dir, "speaks.gguf"), filepath.Join(dir, "speaks-q4_0.gguf")
 	params.PlantPieces = model.PlantPieces("llama", testnet.SpeculateText)
 	var err error

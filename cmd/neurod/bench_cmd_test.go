@@ -17,13 +17,16 @@ import (
 // fails otherwise), and the report directory holds the table, a PNG plot
 // and the JSON. Over 20 ms of emulated RTT no token beats the layers'
 // round trips (a lower bound: a busy machine only adds time). With each
-// expert on one of two homes, some layers need both.
+// expert on one of two homes, some layers need both. Speculative decoding
+// on a model of the same shape that repeats a list keeps drafted tokens
+// and needs fewer round trips per token, with prompt lookup and with a
+// draft model.
 func TestBenchReport(t *testing.T) {
 	t.Parallel() // mostly waiting
 	path := makeModel(t, "--preset", "tiny", "--type", "q8_0", "--seed", "41", "--layers", "3", "--experts", "6", "--embd", "96")
 	out := filepath.Join(t.TempDir(), "report")
 	args := []string{"bench", "--model", path, "--out", out, "--max-tokens", "8", "--rtt", "20ms", "--json", "--concurrency", "3",
-		"--placement-rtt", "20ms", "--placement-far", "40ms", "--placement-jitter", "2ms"}
+		"--placement-rtt", "20ms", "--placement-far", "40ms", "--placement-jitter", "2ms", "--speculate-rtt", "20ms"}
 	withNetns := netns.Available() == nil
 	if !withNetns {
 		if os.Getenv("NEURO_REQUIRE_NETNS") != "" {
@@ -31,7 +34,7 @@ func TestBenchReport(t *testing.T) {
 		}
 		args = append(args, "--no-netns")
 	}
-	r := neurodWithin(t, 6*time.Minute, nil, args...) // five testnets, three of them netns
+	r := neurodWithin(t, 10*time.Minute, nil, args...) // eight testnets, six of them netns
 	if r.code != 0 {
 		t.Fatalf("exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
 	}
@@ -43,10 +46,27 @@ func TestBenchReport(t *testing.T) {
 	for _, row := range rep.Rows {
 		names = append(names, row.Name)
 	}
+	where := "netns 20 ms"
+	if !withNetns {
+		where = "testnet"
+	}
+	spec := ""
+	for _, kind := range []string{"off", "ngram", "draft"} {
+		spec += ",speculation " + kind + ", " + where + ", repeating a list"
+	}
 	if strings.Join(names, ",") != "llama.cpp,split,testnet,testnet (1 expert node), 3 users at once,netns 20 ms,"+
 		"placement: expert nodes 20 ms and 40 ms away ±2 ms, experts together,"+
-		"placement: expert nodes 20 ms and 40 ms away ±2 ms, experts spread" || rep.Layers != 3 {
+		"placement: expert nodes 20 ms and 40 ms away ±2 ms, experts spread"+spec || rep.Layers != 3 {
 		t.Fatalf("rows %v, layers %d", names, rep.Layers)
+	}
+	off := rep.Rows[7]
+	if off.Kind != "speculate" || off.RoundTripsPerToken != 3 || off.MsPerToken <= 0 || off.AcceptedPerPass != 0 {
+		t.Fatalf("speculation off: %+v", off)
+	}
+	for _, row := range rep.Rows[8:] {
+		if row.Kind != "speculate" || row.AcceptedPerPass <= 0 || row.Acceptance <= 0 || row.RoundTripsPerToken >= off.RoundTripsPerToken {
+			t.Fatalf("%s: %+v (without: %.2f round trips per token)", row.Name, row, off.RoundTripsPerToken)
+		}
 	}
 	for _, row := range rep.Rows[:3] {
 		if row.TokensPerSecond <= 0 || row.PerTokenP50Ms <= 0 {
