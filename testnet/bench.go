@@ -46,8 +46,14 @@ type BenchRow struct {
 	// OneNodeShare is the share of MoE layers whose expert calls one node
 	// answered.
 	OneNodeShare float64 `json:"one_node_share"`
-	Direct       *bool   `json:"direct,omitempty"`
-	Skipped      string  `json:"skipped,omitempty"`
+	// DispatchUsPerLayer is what an MoE layer's expert calls took beyond
+	// the experts' compute (network, encoding, queues, wake-ups), on
+	// average, and LocalRatio llama.cpp's per-token p50 over the run's
+	// (its decode tokens/s over llama.cpp's; testnet rows).
+	DispatchUsPerLayer float64 `json:"dispatch_overhead_per_layer_us,omitempty"`
+	LocalRatio         float64 `json:"local_ratio,omitempty"`
+	Direct             *bool   `json:"direct,omitempty"`
+	Skipped            string  `json:"skipped,omitempty"`
 	// Users asked at once (kind concurrent), each through a client of its
 	// own; TokensPerSecond is then all their generated tokens over the
 	// round's wall time, and the latencies are of the round's first
@@ -151,6 +157,11 @@ func (b *Bench) Run(ctx context.Context, modelPath, out string, rtts []time.Dura
 	if err := b.scenario(ctx, "testnet", "testnet", 0, &Loopback{ExpertNodes: 1, Dashboard: "127.0.0.1:0"}); err != nil {
 		return nil, err
 	}
+	b.Log.Info("bench: testnet on 127.0.0.1, each process pinned to a core")
+	if err := b.scenario(ctx, "testnet, pinned (a core and a thread each)", "testnet", 0,
+		&Loopback{ExpertNodes: 1, Dashboard: "127.0.0.1:0", Pin: true}); err != nil {
+		return nil, err
+	}
 	for _, users := range b.Concurrency {
 		b.Log.Info("bench: testnet on 127.0.0.1, users at once", "users", users)
 		if err := b.concurrent(ctx, users); err != nil {
@@ -175,6 +186,9 @@ func (b *Bench) Run(ctx context.Context, modelPath, out string, rtts []time.Dura
 	}
 	for i := range b.rep.Rows {
 		r := &b.rep.Rows[i]
+		if r.Kind == "testnet" && r.PerTokenP50Ms > 0 {
+			r.LocalRatio = b.rep.Rows[0].PerTokenP50Ms / r.PerTokenP50Ms
+		}
 		if r.Skipped != "" || r.Kind == "local" || r.Kind == "split" || r.Kind == "concurrent" || r.Kind == "speculate" {
 			continue
 		}
@@ -420,6 +434,7 @@ func (b *Bench) add(name, kind string, rtt time.Duration, g benchGen) error {
 	if st := g.Stats; st != nil && len(g.Tokens) > 0 {
 		row.RoundTripsPerToken = float64(st.MoELayers) / float64(len(g.Tokens))
 		row.CallsPerToken = float64(st.ExpertCalls) / float64(len(g.Tokens))
+		row.DispatchUsPerLayer = st.DispatchPerLay
 		if st.MoELayers > 0 {
 			row.OneNodeShare = float64(st.OneNodeLayers) / float64(st.MoELayers)
 		}

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
+	"strconv"
 	"sync"
 	"time"
 
@@ -42,6 +43,9 @@ type Loopback struct {
 	// Device is where every node computes (home.device: cpu, vulkan:N,
 	// cuda:N); "" is the CPU.
 	Device string
+	// Pin runs node i on core i (modulo the cores, taskset) with one
+	// compute thread, so that the processes do not compete for cores.
+	Pin bool
 
 	cometPorts []int
 	cometPeers []string
@@ -85,9 +89,16 @@ func (l *Loopback) Launch(r *Run, o *LaunchOptions) error {
 	genesis := r.genesisPath()
 	r.log.Info("starting testnet", "expert_nodes", l.ExpertNodes, "model", m.CID, "layers", m.Layers(), "experts", m.Experts(), "dir", r.Dir)
 	o.Nodes = l.ExpertNodes + 1
+	if l.Pin {
+		threads = 1
+		o.Wrap = func(i int) []string { return []string{"taskset", "-c", strconv.Itoa(i % runtime.NumCPU())} }
+	}
 	o.Config = func(i int, c *node.Config) {
 		c.Expert.Threads = threads
 		c.Gating.Threads = max(1, runtime.NumCPU()/2)
+		if l.Pin {
+			c.Gating.Threads = 1
+		}
 		c.Ledger.Genesis = genesis
 		if i < l.Validators {
 			c.Ledger.Listen = fmt.Sprintf("tcp://127.0.0.1:%d", l.cometPorts[i])

@@ -30,6 +30,8 @@ ways, and checks that every way gives the same tokens:
                  experts from their shards, in one process
   testnet        'neurod testnet': a gating node and one expert node,
                  processes on 127.0.0.1
+  testnet, pinned  the same with each process on a core of its own and one
+                 compute thread (taskset), so that they do not compete
   netns RTT      'neurod testnet --netns --rtt RTT': the gating node and the
                  expert node each in a home behind its NAT, hole punched,
                  RTT apart (one run per --rtt; needs root, else skipped)
@@ -38,9 +40,16 @@ ways, and checks that every way gives the same tokens:
                  with both hosting every expert (a layer's calls go to
                  the near node), once with each expert on one home only
                  (a layer often waits on the far one)
+  speculation    a model of the bench model's shape that repeats a list,
+                 in the netns testnet at --speculate-rtt: without
+                 speculative decoding, with prompt lookup (ngram) and with
+                 a q4_0 draft model of it (ms per token, round trips per
+                 token, drafted tokens kept per pass)
 
 For each it reports tokens per second, the per-token latency (p50 and p90
-of the decode steps) and, over the network, the floor a token cannot beat,
+of the decode steps), for the loopback testnets the dispatch overhead per
+MoE layer (its expert calls' time beyond the experts' compute) and
+llama.cpp's p50 over theirs, and, over the network, the floor a token cannot beat,
 layers × RTT + compute (compute: the split run's p50), and the latency's
 ratio to it. It writes report.md (the table), report.png (tokens/s and
 per-token latency against RTT, the floor drawn in) and report.json into
@@ -197,8 +206,8 @@ func benchMarkdown(rep *testnet.BenchReport) string {
 	var sb strings.Builder
 	fmt.Fprintf(&sb, "Model: %s (%s). Prompt %q, %d tokens, greedy; every run gave the same tokens.\n", rep.Model, rep.Params, rep.Prompt, rep.MaxTokens)
 	fmt.Fprintf(&sb, "Machine: %s. %s.\n\n", rep.Machine, rep.When)
-	fmt.Fprintln(&sb, "| run | RTT (measured) | tokens/s | per token p50 | p90 | floor = layers × RTT + compute | p50 / floor | round trips / token | expert calls / token | layers one node served |")
-	fmt.Fprintln(&sb, "|---|---|---|---|---|---|---|---|---|---|")
+	fmt.Fprintln(&sb, "| run | RTT (measured) | tokens/s | per token p50 | p90 | floor = layers × RTT + compute | p50 / floor | round trips / token | expert calls / token | layers one node served | dispatch overhead / layer | llama.cpp p50 ÷ p50 |")
+	fmt.Fprintln(&sb, "|---|---|---|---|---|---|---|---|---|---|---|---|")
 	var spec []testnet.BenchRow
 	for _, r := range rep.Rows {
 		if r.Kind == "speculate" {
@@ -206,7 +215,7 @@ func benchMarkdown(rep *testnet.BenchReport) string {
 			continue
 		}
 		if r.Skipped != "" {
-			fmt.Fprintf(&sb, "| %s | %s | skipped: %s | | | | | | | |\n", r.Name, testnet.FmtRTT(time.Duration(r.RTTMs*float64(time.Millisecond))), r.Skipped)
+			fmt.Fprintf(&sb, "| %s | %s | skipped: %s | | | | | | | | | |\n", r.Name, testnet.FmtRTT(time.Duration(r.RTTMs*float64(time.Millisecond))), r.Skipped)
 			continue
 		}
 		rtt := "–"
@@ -223,8 +232,15 @@ func benchMarkdown(rep *testnet.BenchReport) string {
 		if r.RoundTripsPerToken > 0 {
 			rt, calls, one = fmt.Sprintf("%.1f", r.RoundTripsPerToken), fmt.Sprintf("%.1f", r.CallsPerToken), fmt.Sprintf("%.0f%%", 100*r.OneNodeShare)
 		}
-		fmt.Fprintf(&sb, "| %s | %s | %.1f | %.1f ms | %.1f ms | %s | %s | %s | %s | %s |\n", r.Name, rtt, r.TokensPerSecond,
-			r.PerTokenP50Ms, r.PerTokenP90Ms, floor, ratio, rt, calls, one)
+		disp, lr := "–", "–"
+		if r.DispatchUsPerLayer > 0 {
+			disp = fmt.Sprintf("%.2f ms", r.DispatchUsPerLayer/1000)
+		}
+		if r.LocalRatio > 0 {
+			lr = fmt.Sprintf("%.2f", r.LocalRatio)
+		}
+		fmt.Fprintf(&sb, "| %s | %s | %.1f | %.1f ms | %.1f ms | %s | %s | %s | %s | %s | %s | %s |\n", r.Name, rtt, r.TokensPerSecond,
+			r.PerTokenP50Ms, r.PerTokenP90Ms, floor, ratio, rt, calls, one, disp, lr)
 	}
 	fmt.Fprintf(&sb, "\ncompute = the split run's p50 (%.1f ms); %d MoE layers. The first token (the prompt) is left out of p50/p90. "+
 		"Round trips and calls per token count the prompt's pass too (a layer's expert calls go out at once: one round trip).\n", rep.ComputeMs, rep.Layers)

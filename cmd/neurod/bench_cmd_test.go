@@ -54,29 +54,34 @@ func TestBenchReport(t *testing.T) {
 	for _, kind := range []string{"off", "ngram", "draft"} {
 		spec += ",speculation " + kind + ", " + where + ", repeating a list"
 	}
-	if strings.Join(names, ",") != "llama.cpp,split,testnet,testnet (1 expert node), 3 users at once,netns 20 ms,"+
+	if strings.Join(names, ",") != "llama.cpp,split,testnet,testnet, pinned (a core and a thread each),testnet (1 expert node), 3 users at once,netns 20 ms,"+
 		"placement: expert nodes 20 ms and 40 ms away ±2 ms, experts together,"+
 		"placement: expert nodes 20 ms and 40 ms away ±2 ms, experts spread"+spec || rep.Layers != 3 {
 		t.Fatalf("rows %v, layers %d", names, rep.Layers)
 	}
-	off := rep.Rows[7]
+	off := rep.Rows[8]
 	if off.Kind != "speculate" || off.RoundTripsPerToken != 3 || off.MsPerToken <= 0 || off.AcceptedPerPass != 0 {
 		t.Fatalf("speculation off: %+v", off)
 	}
-	for _, row := range rep.Rows[8:] {
+	for _, row := range rep.Rows[9:] {
 		if row.Kind != "speculate" || row.AcceptedPerPass <= 0 || row.Acceptance <= 0 || row.RoundTripsPerToken >= off.RoundTripsPerToken {
 			t.Fatalf("%s: %+v (without: %.2f round trips per token)", row.Name, row, off.RoundTripsPerToken)
 		}
 	}
-	for _, row := range rep.Rows[:3] {
+	for _, row := range rep.Rows[:4] {
 		if row.TokensPerSecond <= 0 || row.PerTokenP50Ms <= 0 {
 			t.Fatalf("row %+v", row)
 		}
 	}
-	if c := rep.Rows[3]; c.Kind != "concurrent" || c.Users != 3 || c.TokensPerSecond <= 0 || c.PerTokenP50Ms <= 0 {
+	for _, row := range rep.Rows[2:4] { // the loopback testnets, default and pinned
+		if row.Kind != "testnet" || row.DispatchUsPerLayer <= 0 || row.LocalRatio <= 0 {
+			t.Fatalf("testnet row %+v", row)
+		}
+	}
+	if c := rep.Rows[4]; c.Kind != "concurrent" || c.Users != 3 || c.TokensPerSecond <= 0 || c.PerTokenP50Ms <= 0 {
 		t.Fatalf("concurrent row %+v", c)
 	}
-	if n := rep.Rows[4]; withNetns {
+	if n := rep.Rows[5]; withNetns {
 		if n.Skipped != "" || n.MeasuredRTTMs <= 0 || n.FloorMs <= 3*20 || n.RoundTripsPerToken != 3 || n.Direct == nil || !*n.Direct {
 			t.Fatalf("netns row %+v", n)
 		}
@@ -85,12 +90,12 @@ func TestBenchReport(t *testing.T) {
 		}
 		// Spread, each expert on one of two homes: the prompt's pass needs
 		// both in every layer, so not every layer is one node's.
-		together, spread := rep.Rows[5], rep.Rows[6]
+		together, spread := rep.Rows[6], rep.Rows[7]
 		if together.Skipped != "" || spread.Skipped != "" || together.OneNodeShare == 0 || spread.OneNodeShare >= 1 {
 			t.Fatalf("placement rows %+v\n%+v", together, spread)
 		}
-	} else if n.Skipped == "" || rep.Rows[6].Skipped == "" {
-		t.Fatalf("netns rows without namespaces: %+v", rep.Rows[4:])
+	} else if n.Skipped == "" || rep.Rows[7].Skipped == "" {
+		t.Fatalf("netns rows without namespaces: %+v", rep.Rows[5:8])
 	}
 	md, err := os.ReadFile(filepath.Join(out, "report.md"))
 	if err != nil || !strings.Contains(string(md), "| netns 20 ms |") || !strings.Contains(string(md), "floor") {
