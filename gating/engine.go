@@ -862,20 +862,19 @@ func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Cal
 	// rewind goes back to before forward pass step, whose expert results
 	// were found wrong: the tokens from step on are generated again.
 	rewind := func(step int) error {
-		keep := step
 		var err error
 		if next, err = moe.RewindTo(sess, prompt, res.Tokens, step); err != nil {
 			return errorf(neuropb.InferError_CODE_INTERNAL, "%v", err)
 		}
-		res.Tokens = res.Tokens[:keep]
+		res.Tokens = res.Tokens[:step]
 		res.Rewinds++
 		epoch = checks.Rewound()
 		textBytes := out.rewind(vocab.Continue(res.Tokens))
-		// (a whole sequence to forward again where a sliding window's
-		// cache no longer reached back that far)
-		e.log.Info("rewound a generation past a wrong expert result", "to_token", keep, "forward_tokens", len(next))
+		// forward_tokens: 1, or the whole sequence where a sliding
+		// window's cache no longer reached back that far
+		e.log.Info("rewound a generation past a wrong expert result", "to_token", step, "forward_tokens", len(next))
 		if cb.Rewind != nil {
-			return cb.Rewind(keep, textBytes)
+			return cb.Rewind(step, textBytes)
 		}
 		return nil
 	}
