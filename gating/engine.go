@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -20,6 +22,7 @@ import (
 
 	"github.com/neuro-p2p/neuro/expert"
 	"github.com/neuro-p2p/neuro/metrics"
+	"github.com/neuro-p2p/neuro/model"
 	"github.com/neuro-p2p/neuro/moe"
 	"github.com/neuro-p2p/neuro/neuropb"
 	"github.com/neuro-p2p/neuro/p2p"
@@ -78,8 +81,10 @@ type EngineConfig struct {
 	// (the default), SpeculateNgram (prompt lookup: what followed the
 	// last few tokens where they appeared before, in the prompt or the
 	// text so far) or SpeculateDraft (the greedy continuation of the
-	// draft model at Draft, a GGUF file of the served model's vocabulary
-	// computed whole on this node; Compute must be a moe.DraftLoader).
+	// draft model Draft, a GGUF file of the served model's vocabulary or
+	// the CID of a model on the network, whose shards are fetched and
+	// joined into one file in the store once; computed whole on this
+	// node; Compute must be a moe.DraftLoader).
 	// SpeculateMax bounds a draft (default 8); its length adapts to how
 	// much of the drafts the model keeps.
 	Speculate    string
@@ -326,7 +331,11 @@ func (e *Engine) load(ctx context.Context, m *served) error {
 		e.sizeSessions(sm.Gating, hp)
 	}
 	if e.cfg.Speculate == SpeculateDraft {
-		if sm.Draft, err = e.cfg.Compute.(moe.DraftLoader).LoadDraft(e.cfg.Draft, e.cfg.Threads); err != nil {
+		path, err := e.draftFile(ctx)
+		if err != nil {
+			return errors.Join(err, sm.Close())
+		}
+		if sm.Draft, err = e.cfg.Compute.(moe.DraftLoader).LoadDraft(path, e.cfg.Threads); err != nil {
 			return errors.Join(err, sm.Close())
 		}
 		if v := sm.Draft.Vocab(); v != hp.Vocab {
@@ -568,6 +577,49 @@ func (e *Engine) nCtx(hp moe.Hparams) int {
 		return min(e.cfg.Context, hp.CtxLen)
 	}
 	return min(hp.CtxLen, 4096)
+}
+
+// draftFile is the draft model's GGUF file: EngineConfig.Draft when it is
+// a file; for a model CID, its shards fetched and joined into one file in
+// the store (kept for the next start).
+func (e *Engine) draftFile(ctx context.Context) (string, error) {
+	if _, err := os.Stat(e.cfg.Draft); err == nil {
+		return e.cfg.Draft, nil
+	}
+	c, err := cid.Decode(e.cfg.Draft)
+	if err != nil {
+		return "", fmt.Errorf("draft model %q: neither a file nor a model CID", e.cfg.Draft)
+	}
+	st := e.fetcher.Store()
+	out := filepath.Join(st.Dir(), "draft-"+c.String()+".gguf")
+	if _, err := os.Stat(out); err == nil {
+		return out, nil
+	}
+	if err := e.fetcher.Fetch(ctx, c); err != nil {
+		return "", fmt.Errorf("draft model %s: manifest: %w", c, err)
+	}
+	man, err := st.Manifest(c)
+	if err != nil {
+		return "", fmt.Errorf("draft model %s: %w", c, err)
+	}
+	refs := []*neuropb.ShardRef{man.GetGating()}
+	for _, ex := range man.AllExperts() {
+		refs = append(refs, ex.GetShard())
+	}
+	for _, ref := range refs {
+		sc, err := cid.Cast(ref.GetCid())
+		if err != nil {
+			return "", fmt.Errorf("draft model %s: %w", c, err)
+		}
+		if err := e.fetcher.Fetch(ctx, sc); err != nil {
+			return "", fmt.Errorf("draft model %s: shard %s: %w", c, sc, err)
+		}
+	}
+	if err := model.JoinShards(man, st.OpenShard, out); err != nil {
+		return "", fmt.Errorf("draft model %s: %w", c, err)
+	}
+	e.log.Info("draft model joined from its shards", "model", c, "file", out)
+	return out, nil
 }
 
 // MaxAutoSessions bounds the sessions sized from memory; autoSessionsUnknown

@@ -514,14 +514,16 @@ func TestClientRetriesAnotherGatingNode(t *testing.T) {
 }
 
 // Speculative decoding through the network (prompt lookup drafts, or a
-// draft model's — here the model itself, whose drafts are all kept —, each
+// draft model's — here the model itself, as a file or by its CID, whose
+// drafts are all kept —, each
 // checked in one forward pass whose expert calls cover the whole draft)
 // gives llama.cpp's greedy tokens; its stats count the drafts, and the
 // expert round trips are one per MoE layer per pass, fewer than tokens
 // times layers. Sampling with it finishes with the tokens asked for.
 func TestSpeculativeDecodingKeepsTheTokens(t *testing.T) {
-	for _, kind := range []string{SpeculateNgram, SpeculateDraft} {
+	for _, kind := range []string{SpeculateNgram, SpeculateDraft, SpeculateDraft + "-cid"} {
 		t.Run(kind, func(t *testing.T) {
+			kind, byCID := strings.CutSuffix(kind, "-cid")
 			ctx, cancel := context.WithTimeout(t.Context(), 120*time.Second)
 			defer cancel()
 			p := model.Presets["tiny"]
@@ -529,6 +531,9 @@ func TestSpeculativeDecodingKeepsTheTokens(t *testing.T) {
 				cfg := EngineConfig{Speculate: kind, SpeculateMax: 6}
 				if kind == SpeculateDraft {
 					cfg.Draft = xn.src
+				}
+				if byCID { // the model's own shards, fetched and joined
+					cfg.Draft = xn.model.String()
 				}
 				return cfg
 			})

@@ -583,13 +583,19 @@ func Join(dir string, want cid.Cid, out string) error {
 	if err != nil {
 		return err
 	}
-	gating, err := OpenShard(dir, m.GetGating())
+	return JoinShards(m, func(ref *neuropb.ShardRef) (*Shard, error) { return OpenShard(dir, ref) }, out)
+}
+
+// JoinShards is Join for a manifest whose shards open gives (each
+// verified against its CID).
+func JoinShards(m *neuropb.Manifest, open func(*neuropb.ShardRef) (*Shard, error), out string) error {
+	gating, err := open(m.GetGating())
 	if err != nil {
 		return fmt.Errorf("join: gating %w", err)
 	}
 	shards := make(map[[2]uint32]*Shard, len(m.GetExperts()))
 	for _, ex := range m.AllExperts() {
-		s, err := OpenShard(dir, ex.GetShard())
+		s, err := open(ex.GetShard())
 		if err != nil {
 			return fmt.Errorf("join: expert %d:%d: %w", ex.GetLayer(), ex.GetExpert(), err)
 		}

@@ -350,7 +350,9 @@ threads = 0
 # layer for all; greedy output is unchanged, sampled output keeps the
 # model's distribution. "draft" drafts with the greedy continuation of the
 # small model at draft (a GGUF file of the served model's vocabulary, for
-# example a smaller quantization of it), computed whole on this node. "off"
+# example a smaller quantization of it, or the CID of such a model imported
+# into the network: its shards are fetched and joined into one file in the
+# store), computed whole on this node. "off"
 # makes one pass per token.
 speculate = "off"
 draft = ""
@@ -661,10 +663,12 @@ func (c *Config) validateGating() error {
 	}
 	if g.Speculate == "draft" {
 		if g.Draft == "" {
-			return fieldErr("gating.draft", "speculate = \"draft\" needs a draft model (a GGUF file of the model's vocabulary)")
+			return fieldErr("gating.draft", "speculate = \"draft\" needs a draft model (a GGUF file of the model's vocabulary, or a model's CID)")
 		}
 		if _, err := os.Stat(g.Draft); err != nil {
-			return fieldErr("gating.draft", "%v", err)
+			if _, cerr := cid.Decode(g.Draft); cerr != nil {
+				return fieldErr("gating.draft", "%q: neither a file (%v) nor a model CID", g.Draft, err)
+			}
 		}
 	}
 	if g.SpeculateMax < 1 || g.SpeculateMax > 64 {

@@ -75,6 +75,11 @@ func TestValidate(t *testing.T) {
 		{"api relative socket", func(c *Config) { c.API.Listen = "unix:api.sock" }, "api.listen"},
 		{"bad level", func(c *Config) { c.Log.Level = "loud" }, "log.level"},
 		{"bad format", func(c *Config) { c.Log.Format = "xml" }, "log.format"},
+		{"bad speculate", func(c *Config) { c.Gating.Speculate = "lookahead" }, "gating.speculate"},
+		{"draft without a model", func(c *Config) { c.Gating.Speculate = "draft" }, "gating.draft"},
+		{"draft neither file nor cid", func(c *Config) { c.Gating.Speculate, c.Gating.Draft = "draft", "/no/such/draft.gguf" }, "gating.draft"},
+		{"no draft tokens", func(c *Config) { c.Gating.SpeculateMax = 0 }, "gating.speculate_max"},
+		{"negative sessions", func(c *Config) { c.Gating.MaxSessions = -1 }, "gating.max_sessions"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -86,6 +91,16 @@ func TestValidate(t *testing.T) {
 				t.Fatalf("error = %v, want a FieldError for %s", err, tc.key)
 			}
 		})
+	}
+}
+
+// A draft model named by CID passes validation (it is fetched when the
+// model loads), as a file does.
+func TestValidateDraftByCID(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.Gating.Speculate, cfg.Gating.Draft = "draft", "bafkreicvm5mlhmssm5dwbcgifdqvlbjjz2oxmqzjt5z27bxs6ypxpi4geu"
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
 	}
 }
 
