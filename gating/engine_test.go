@@ -447,7 +447,7 @@ func TestOpenAIAPI(t *testing.T) {
 	}
 	b, _ := io.ReadAll(gresp.Body)
 	gresp.Body.Close()
-	if !strings.Contains(string(b), m) || !strings.Contains(string(b), `"object":"list"`) {
+	if !strings.Contains(string(b), m) || !strings.Contains(string(b), `"object":"list"`) || !strings.Contains(string(b), `"min_providers":1`) {
 		t.Fatalf("models: %s", b)
 	}
 	if resp, _ := http.Get(srv.URL + "/v1/completions"); resp.StatusCode != http.StatusMethodNotAllowed {

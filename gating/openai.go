@@ -170,7 +170,11 @@ type modelObject struct {
 	// Ready and ContextLength are neuro's additions, and the price: what
 	// 1,000 tokens (prompt or generated) cost in NEURO at the ledger's
 	// price, and the expert work of one token (absent when unknown).
+	// Ready: the gating part is loaded; MinProviders: the fewest live
+	// providers any of its experts has (0 while some expert has none yet:
+	// a request then answers 503 no_provider).
 	Ready            bool     `json:"ready"`
+	MinProviders     int      `json:"min_providers"`
 	ContextLength    int      `json:"context_length,omitempty"`
 	PricePer1kTokens *float64 `json:"price_per_1k_tokens,omitempty"`
 	FLOPsPerToken    uint64   `json:"flops_per_token,omitempty"`
@@ -180,7 +184,7 @@ func (a *httpAPI) modelObjects() []modelObject {
 	out := []modelObject{}
 	for _, m := range a.e.Models() {
 		mo := modelObject{ID: m.CID.String(), Object: "model", Created: a.created, OwnedBy: "neuro",
-			Ready: m.Ready, ContextLength: m.Context}
+			Ready: m.Ready, ContextLength: m.Context, MinProviders: max(m.MinProviders, 0)}
 		if fpt, ok := a.e.FLOPsPerToken(m.CID); ok {
 			mo.FLOPsPerToken = fpt
 			if a.o.Price != nil {
