@@ -68,6 +68,8 @@ logs are in --dir (default: a temporary directory, removed afterwards).`,
 		Example: `  neurod testnet
   neurod testnet --nodes 4 --prompt "Once upon a time" --max-tokens 32 --check --json
   neurod testnet --model mixtral.gguf --kill 1@8 --check
+  neurod testnet --nodes 2 --model m.gguf --prompt "repeat: a b c a b" --speculate ngram --check --json
+  neurod testnet --nodes 2 --model m.gguf --draft m-q4_0.gguf --check --json
   sudo neurod testnet --netns --homes 3 --nat cone,symmetric,cone --rtt 50ms --check --json`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
