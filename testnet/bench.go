@@ -56,9 +56,10 @@ type BenchRow struct {
 	Skipped            string  `json:"skipped,omitempty"`
 	// Users asked at once (kind concurrent), each through a client of its
 	// own; TokensPerSecond is then all their generated tokens over the
-	// round's wall time, and the latencies are of the round's first
-	// request alone.
-	Users int `json:"users,omitempty"`
+	// round's wall time, AloneTokensPerSecond the round's first request's
+	// (asked alone, before), and the latencies are of that request.
+	Users                int     `json:"users,omitempty"`
+	AloneTokensPerSecond float64 `json:"alone_tokens_per_second,omitempty"`
 	// Speculative decoding (kind speculate): the drafter (off, ngram,
 	// draft), the mean milliseconds a generated token took (the decode
 	// steps' time over their tokens: tokens of one pass come at once), and
@@ -106,8 +107,10 @@ type Bench struct {
 	// Binary is the neurod executable the testnets' nodes run.
 	Binary string
 	// Concurrency lists the numbers of users the loopback testnet also
-	// serves at once (none: left out).
-	Concurrency []int
+	// serves at once (none: left out), and, at ConcurrencyRTT (0: left
+	// out), the netns testnet.
+	Concurrency    []int
+	ConcurrencyRTT time.Duration
 	// SpeculateRTT, if positive, adds the speculative decoding runs: the
 	// netns testnet at that RTT (the loopback testnet where namespaces are
 	// unavailable) answering SpeculatePrompt with a model of the bench
@@ -164,7 +167,7 @@ func (b *Bench) Run(ctx context.Context, modelPath, out string, rtts []time.Dura
 	}
 	for _, users := range b.Concurrency {
 		b.Log.Info("bench: testnet on 127.0.0.1, users at once", "users", users)
-		if err := b.concurrent(ctx, users); err != nil {
+		if err := b.concurrent(ctx, users, 0); err != nil {
 			return nil, err
 		}
 	}
@@ -180,6 +183,14 @@ func (b *Bench) Run(ctx context.Context, modelPath, out string, rtts []time.Dura
 	}
 	if err := b.placement(ctx); err != nil {
 		return nil, err
+	}
+	if b.ConcurrencyRTT > 0 {
+		for _, users := range b.Concurrency {
+			b.Log.Info("bench: netns testnet, users at once", "users", users, "rtt", b.ConcurrencyRTT)
+			if err := b.concurrent(ctx, users, b.ConcurrencyRTT); err != nil {
+				return nil, err
+			}
+		}
 	}
 	if err := b.speculation(ctx); err != nil {
 		return nil, err
@@ -292,24 +303,35 @@ func (b *Bench) scenario(ctx context.Context, name, kind string, rtt time.Durati
 		Stats: rep.Stats, Connections: rep.Connections, Link: rep.Link})
 }
 
-// concurrent runs the loopback testnet (a gating node and one expert
-// node) with users asking at once, after one alone; every answer must be
+// concurrent runs a gating node and one expert node with users asking at
+// once, after one alone — on 127.0.0.1, or (rtt > 0) in the netns testnet
+// at that RTT (skipped without namespaces); every answer must be
 // llama.cpp's.
-func (b *Bench) concurrent(ctx context.Context, users int) error {
+func (b *Bench) concurrent(ctx context.Context, users int, rtt time.Duration) error {
+	var t Topology = &Loopback{ExpertNodes: 1, Dashboard: "127.0.0.1:0"}
+	name := fmt.Sprintf("testnet (1 expert node), %d users at once", users)
+	if rtt > 0 {
+		name = fmt.Sprintf("netns %s, %d users at once", FmtRTT(rtt), users)
+		if b.NetnsErr != nil {
+			b.rep.Rows = append(b.rep.Rows, BenchRow{Name: name, Kind: "concurrent", RTTMs: ms(rtt), Users: users, Skipped: b.NetnsErr.Error()})
+			return nil
+		}
+		t = &Netns{Publics: 4, NATs: []netns.NAT{netns.Cone, netns.Cone}, Links: []netns.Link{{RTT: rtt}, {RTT: rtt}}}
+	}
 	ctx, cancel := context.WithTimeout(ctx, b.Timeout)
 	defer cancel()
-	s := &Scenario{Topology: &Loopback{ExpertNodes: 1, Dashboard: "127.0.0.1:0"}, Binary: b.Binary, Model: b.model, Prompt: BenchPrompt,
+	s := &Scenario{Topology: t, Binary: b.Binary, Model: b.model, Prompt: BenchPrompt,
 		MaxTokens: b.MaxTokens, Concurrency: users, Timeout: b.Timeout, Check: true, Log: b.Log}
 	rep, _, err := s.Run(ctx)
 	if err != nil {
-		return fmt.Errorf("testnet with %d users: %w", users, err)
+		return fmt.Errorf("%s: %w", name, err)
 	}
-	name := fmt.Sprintf("testnet (1 expert node), %d users at once", users)
-	if err := b.add(name, "concurrent", 0, benchGen{Tokens: rep.Tokens, TokensPerSecond: rep.AggregateTokensPerS, PerTokenMs: rep.PerTokenMs,
+	if err := b.add(name, "concurrent", rtt, benchGen{Tokens: rep.Tokens, TokensPerSecond: rep.AggregateTokensPerS, PerTokenMs: rep.PerTokenMs,
 		Stats: rep.Stats}); err != nil {
 		return err
 	}
-	b.rep.Rows[len(b.rep.Rows)-1].Users = users
+	row := &b.rep.Rows[len(b.rep.Rows)-1]
+	row.Users, row.AloneTokensPerSecond = users, rep.TokensPerSecond
 	return nil
 }
 

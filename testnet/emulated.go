@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -305,22 +306,77 @@ func (t *Netns) bootAddr(r *Run) string {
 func (t *Netns) Ask(ctx context.Context, r *Run) error {
 	gctx, cancel := context.WithTimeout(ctx, r.S.Timeout)
 	defer cancel()
-	cmd := exec.CommandContext(gctx, "ip", "netns", "exec", t.ns(t.Gating()), r.S.Binary, "generate", "--network", "--bootstrap", t.bootAddr(r),
-		"--model", r.Model.CID.String(), "--prompt", r.S.Prompt, "--max-tokens", strconv.Itoa(r.S.MaxTokens), "--json")
-	var gerr strings.Builder
-	cmd.Stderr = &gerr
-	out, err := cmd.Output()
+	gen, err := t.generate(gctx, r)
 	if err != nil {
-		return fmt.Errorf("generate from the gating node's home: %w: %s", err, strings.TrimSpace(gerr.String()))
-	}
-	var gen Generation
-	if err := json.Unmarshal(out, &gen); err != nil {
-		return fmt.Errorf("generate: %w", err)
+		return err
 	}
 	rep := r.Report
 	rep.Tokens, rep.Text, rep.PerTokenMs, rep.PromptTokens = gen.Tokens, gen.Text, gen.PerTokenMs, gen.PromptTokens
 	rep.TokensPerSecond, rep.FinishReason, rep.Requests = gen.TokensPerSecond, gen.FinishReason, 1
 	rep.Stats = gen.Stats
+	if r.S.Concurrency > 1 {
+		return t.concurrent(gctx, r, gen.Tokens)
+	}
+	return nil
+}
+
+// generate asks the prompt once from the gating node's home, through a
+// client of its own (neurod generate --network).
+func (t *Netns) generate(ctx context.Context, r *Run) (*Generation, error) {
+	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", t.ns(t.Gating()), r.S.Binary, "generate", "--network", "--bootstrap", t.bootAddr(r),
+		"--model", r.Model.CID.String(), "--prompt", r.S.Prompt, "--max-tokens", strconv.Itoa(r.S.MaxTokens), "--json")
+	var gerr strings.Builder
+	cmd.Stderr = &gerr
+	out, err := cmd.Output()
+	if err != nil {
+		return nil, fmt.Errorf("generate from the gating node's home: %w: %s", err, strings.TrimSpace(gerr.String()))
+	}
+	var gen Generation
+	if err := json.Unmarshal(out, &gen); err != nil {
+		return nil, fmt.Errorf("generate: %w", err)
+	}
+	return &gen, nil
+}
+
+// concurrent asks the prompt Concurrency times at once, each through a
+// client process of its own in the gating node's home (unpaid, as the
+// netns testnet runs), and checks every answer has want's tokens. The
+// aggregate is the tokens over the longest generation's time (each
+// client's start-up, its DHT lookup, left out).
+func (t *Netns) concurrent(ctx context.Context, r *Run, want []int32) error {
+	n := r.S.Concurrency
+	gens := make([]*Generation, n)
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			gens[i], errs[i] = t.generate(ctx, r)
+		}()
+	}
+	wg.Wait()
+	var results []Result
+	total, longest := 0, 0.0
+	for i, g := range gens {
+		if errs[i] != nil {
+			return fmt.Errorf("concurrent request %d of %d: %w", i+1, n, errs[i])
+		}
+		if fmt.Sprint(g.Tokens) != fmt.Sprint(want) {
+			return fmt.Errorf("concurrent request %d answered %v, the first request %v: the same greedy prompt must give the same tokens", i+1, g.Tokens, want)
+		}
+		var took float64 // seconds
+		for _, ms := range g.PerTokenMs {
+			took += ms / 1000
+		}
+		total, longest = total+len(g.Tokens), max(longest, took)
+		results = append(results, Result{Tokens: g.Tokens, PerTokenMs: g.PerTokenMs})
+	}
+	r.Report.Results = results
+	if longest > 0 {
+		r.Report.AggregateTokensPerS = float64(total) / longest
+	}
+	r.log.Info("concurrent requests answered", "requests", n, "aggregate_tokens_per_s", r.Report.AggregateTokensPerS)
 	return nil
 }
 

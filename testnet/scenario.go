@@ -51,8 +51,9 @@ type Scenario struct {
 	// every answer must have the same tokens.
 	Requests int
 	// Concurrency, above 1, then asks the prompt that many times at once,
-	// each through a client of its own paid by a wallet of its own
-	// (loopback testnet); every answer must have the same tokens.
+	// each through a client of its own (the loopback testnet's paid by a
+	// wallet of its own; the netns testnet's unpaid, from the gating
+	// node's home); every answer must have the same tokens.
 	Concurrency int
 	// Timeout bounds coming up, being healthy, serving the model and
 	// answering.

@@ -62,7 +62,7 @@ type benchFlags struct {
 	json, noNetns                   bool
 	timeout                         time.Duration
 	placement, placementFar, jitter time.Duration
-	speculateRTT                    time.Duration
+	speculateRTT, concurrencyRTT    time.Duration
 }
 
 func newBenchCmd(g *globalFlags) *cobra.Command {
@@ -112,6 +112,7 @@ func newBenchCmd(g *globalFlags) *cobra.Command {
 	fs.DurationVar(&f.placement, "placement-rtt", 50*time.Millisecond, "placement runs (a layer's experts on one node, or spread over two): RTT from the gating node to the near expert home; 0 leaves them out")
 	fs.DurationVar(&f.placementFar, "placement-far", 100*time.Millisecond, "placement runs: RTT from the gating node to the far expert home")
 	fs.DurationVar(&f.jitter, "placement-jitter", 2*time.Millisecond, "placement runs: jitter on every home's line")
+	fs.DurationVar(&f.concurrencyRTT, "concurrency-rtt", 50*time.Millisecond, "also run --concurrency's users in the netns testnet at this RTT; 0 leaves them out")
 	fs.DurationVar(&f.speculateRTT, "speculate-rtt", 50*time.Millisecond, "speculative decoding runs (a model of the bench shape repeating a list: without speculation, with prompt lookup, with a q4_0 draft model) in the netns testnet at this RTT (the loopback testnet without namespaces); 0 leaves them out")
 	return cmd
 }
@@ -140,6 +141,9 @@ func (f *benchFlags) check() ([]time.Duration, error) {
 	}
 	if f.speculateRTT < 0 || f.speculateRTT > 2*time.Second {
 		return nil, fmt.Errorf("flag --speculate-rtt %v: want 0 (leave out) to 2s", f.speculateRTT)
+	}
+	if f.concurrencyRTT < 0 || f.concurrencyRTT > 2*time.Second {
+		return nil, fmt.Errorf("flag --concurrency-rtt %v: want 0 (leave out) to 2s", f.concurrencyRTT)
 	}
 	if f.placement < 0 || f.placementFar < f.placement || f.jitter < 0 || f.jitter > f.placement/2 {
 		return nil, fmt.Errorf("flags --placement-rtt %v, --placement-far %v, --placement-jitter %v: want an RTT of 0 (leave out) or more, a far one at least as long, and jitter up to half the RTT",
@@ -171,7 +175,7 @@ func (f *benchFlags) bench(cmd *cobra.Command, g *globalFlags) (*testnet.Bench, 
 			}
 			return generateOnMachine(ctx, ggml.Device{}, model, "", prompt, maxTokens, ggml.ContextOptions{})
 		},
-		SpeculateRTT: f.speculateRTT, SpeculationModels: speculationModels}
+		SpeculateRTT: f.speculateRTT, SpeculationModels: speculationModels, ConcurrencyRTT: f.concurrencyRTT}
 	if b.NetnsErr = errors.New("--no-netns"); !f.noNetns {
 		b.NetnsErr = netns.Available()
 	}
@@ -219,7 +223,7 @@ func benchMarkdown(rep *testnet.BenchReport) string {
 			continue
 		}
 		rtt := "–"
-		if r.Kind == "netns" || r.Kind == "placement" {
+		if r.Kind == "netns" || r.Kind == "placement" || r.Kind == "concurrent" && r.RTTMs > 0 {
 			rtt = fmt.Sprintf("%.0f ms", r.RTTMs)
 			if r.MeasuredRTTMs > 0 {
 				rtt += fmt.Sprintf(" (%.1f)", r.MeasuredRTTMs)
@@ -239,7 +243,11 @@ func benchMarkdown(rep *testnet.BenchReport) string {
 		if r.LocalRatio > 0 {
 			lr = fmt.Sprintf("%.2f", r.LocalRatio)
 		}
-		fmt.Fprintf(&sb, "| %s | %s | %.1f | %.1f ms | %.1f ms | %s | %s | %s | %s | %s | %s | %s |\n", r.Name, rtt, r.TokensPerSecond,
+		tps := fmt.Sprintf("%.1f", r.TokensPerSecond)
+		if r.AloneTokensPerSecond > 0 {
+			tps += fmt.Sprintf(" (%.1f× one alone)", r.TokensPerSecond/r.AloneTokensPerSecond)
+		}
+		fmt.Fprintf(&sb, "| %s | %s | %s | %.1f ms | %.1f ms | %s | %s | %s | %s | %s | %s | %s |\n", r.Name, rtt, tps,
 			r.PerTokenP50Ms, r.PerTokenP90Ms, floor, ratio, rt, calls, one, disp, lr)
 	}
 	fmt.Fprintf(&sb, "\ncompute = the split run's p50 (%.1f ms); %d MoE layers. The first token (the prompt) is left out of p50/p90. "+

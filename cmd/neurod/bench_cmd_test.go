@@ -26,7 +26,7 @@ func TestBenchReport(t *testing.T) {
 	path := makeModel(t, "--preset", "tiny", "--type", "q8_0", "--seed", "41", "--layers", "3", "--experts", "6", "--embd", "96")
 	out := filepath.Join(t.TempDir(), "report")
 	args := []string{"bench", "--model", path, "--out", out, "--max-tokens", "8", "--rtt", "20ms", "--json", "--concurrency", "3",
-		"--placement-rtt", "20ms", "--placement-far", "40ms", "--placement-jitter", "2ms", "--speculate-rtt", "20ms"}
+		"--placement-rtt", "20ms", "--placement-far", "40ms", "--placement-jitter", "2ms", "--speculate-rtt", "20ms", "--concurrency-rtt", "20ms"}
 	withNetns := netns.Available() == nil
 	if !withNetns {
 		if os.Getenv("NEURO_REQUIRE_NETNS") != "" {
@@ -34,7 +34,7 @@ func TestBenchReport(t *testing.T) {
 		}
 		args = append(args, "--no-netns")
 	}
-	r := neurodWithin(t, 10*time.Minute, nil, args...) // eight testnets, six of them netns
+	r := neurodWithin(t, 12*time.Minute, nil, args...) // ten testnets, seven of them netns
 	if r.code != 0 {
 		t.Fatalf("exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
 	}
@@ -56,14 +56,18 @@ func TestBenchReport(t *testing.T) {
 	}
 	if strings.Join(names, ",") != "llama.cpp,split,testnet,testnet, pinned (a core and a thread each),testnet (1 expert node), 3 users at once,netns 20 ms,"+
 		"placement: expert nodes 20 ms and 40 ms away ±2 ms, experts together,"+
-		"placement: expert nodes 20 ms and 40 ms away ±2 ms, experts spread"+spec || rep.Layers != 3 {
+		"placement: expert nodes 20 ms and 40 ms away ±2 ms, experts spread,netns 20 ms, 3 users at once"+spec || rep.Layers != 3 {
 		t.Fatalf("rows %v, layers %d", names, rep.Layers)
 	}
-	off := rep.Rows[8]
+	if c := rep.Rows[8]; c.Kind != "concurrent" || c.Users != 3 || withNetns && (c.TokensPerSecond <= 0 || c.AloneTokensPerSecond <= 0 || c.RTTMs != 20) ||
+		!withNetns && c.Skipped == "" {
+		t.Fatalf("netns concurrent row %+v", c)
+	}
+	off := rep.Rows[9]
 	if off.Kind != "speculate" || off.RoundTripsPerToken != 3 || off.MsPerToken <= 0 || off.AcceptedPerPass != 0 {
 		t.Fatalf("speculation off: %+v", off)
 	}
-	for _, row := range rep.Rows[9:] {
+	for _, row := range rep.Rows[10:] {
 		if row.Kind != "speculate" || row.AcceptedPerPass <= 0 || row.Acceptance <= 0 || row.RoundTripsPerToken >= off.RoundTripsPerToken {
 			t.Fatalf("%s: %+v (without: %.2f round trips per token)", row.Name, row, off.RoundTripsPerToken)
 		}

@@ -114,7 +114,7 @@ func (f *testnetFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&f.dashboard, "dashboard", "127.0.0.1:0", "host:port of node 0's dashboard, /metrics and OpenAI-compatible API")
 	fs.IntVar(&f.validators, "validators", 1, "how many nodes validate the ledger's chain (node 0 and the first expert nodes); more than one runs CometBFT consensus among them")
 	fs.IntVar(&f.requests, "requests", 1, "answer the prompt this many times (a workload for the checks)")
-	fs.IntVar(&f.concurrency, "concurrency", 1, "then ask the prompt this many times at once, each through a client of its own paid by a wallet of its own (loopback testnet): results[] and aggregate_tokens_per_s")
+	fs.IntVar(&f.concurrency, "concurrency", 1, "then ask the prompt this many times at once, each through a client of its own (loopback: paid by a wallet of its own; netns: unpaid, from the gating node's home): results[] and aggregate_tokens_per_s")
 	fs.StringVar(&f.device, "device", "cpu", deviceUsage+" (every node; loopback testnet only)")
 	_ = fs.MarkHidden("test-slow-node")
 }
@@ -257,9 +257,8 @@ func (f *testnetFlags) netnsTopology(fs *pflag.FlagSet) (*testnet.Netns, error) 
 	if fs.Changed("device") {
 		return nil, errors.New("flag --device: only with the loopback testnet (the netns testnet's nodes compute on the CPU)")
 	}
-	if fs.Changed("nodes") || f.kill != "" || f.faulty != "" || f.slow != "" || f.validators != 1 || f.requests != 1 || fs.Changed("dashboard") ||
-		f.concurrency != 1 {
-		return nil, errors.New("flag --netns: the netns testnet has --homes, --publics and --nat instead of --nodes, and does not yet take --kill, --faulty, --validators, --requests, --concurrency or --dashboard")
+	if fs.Changed("nodes") || f.kill != "" || f.faulty != "" || f.slow != "" || f.validators != 1 || f.requests != 1 || fs.Changed("dashboard") {
+		return nil, errors.New("flag --netns: the netns testnet has --homes, --publics and --nat instead of --nodes, and does not yet take --kill, --faulty, --validators, --requests or --dashboard")
 	}
 	t := &testnet.Netns{Publics: f.publics, Spread: f.spread}
 	var err error
