@@ -19,6 +19,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"math"
 	"os"
@@ -163,11 +164,10 @@ func (s *Store) Create(account peer.ID, budget uint64, perMin int) (string, Key,
 	if perMin < 0 {
 		return "", Key{}, fmt.Errorf("rate %d/min: must not be negative", perMin)
 	}
-	var raw [32]byte
-	if _, err := rand.Read(raw[:]); err != nil {
+	secret, err := newSecret(rand.Reader)
+	if err != nil {
 		return "", Key{}, err
 	}
-	secret := KeyPrefix + base64.RawURLEncoding.EncodeToString(raw[:])
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if len(s.keys) >= maxKeys {
@@ -185,6 +185,24 @@ func (s *Store) Create(account peer.ID, budget uint64, perMin int) (string, Key,
 		return "", Key{}, err
 	}
 	return secret, *k, nil
+}
+
+// newSecret draws a key from r: KeyPrefix and 32 random bytes in
+// base64url, drawn again while its ID (its first 8 characters) would
+// begin with '-', which a command line takes for a flag ('neurod apikey
+// revoke -V5oLq9o' failed so).
+func newSecret(r io.Reader) (string, error) {
+	for range 64 {
+		var raw [32]byte
+		if _, err := io.ReadFull(r, raw[:]); err != nil {
+			return "", err
+		}
+		enc := base64.RawURLEncoding.EncodeToString(raw[:])
+		if enc[0] != '-' {
+			return KeyPrefix + enc, nil
+		}
+	}
+	return "", errors.New("no key drawn whose ID does not begin with '-'")
 }
 
 // Get returns key id.

@@ -1,6 +1,7 @@
 package billing
 
 import (
+	"bytes"
 	"errors"
 	"os"
 	"path/filepath"
@@ -150,5 +151,22 @@ func TestCost(t *testing.T) {
 	}
 	if got := MaxCost(1, 1, 1, 1); got != 1 {
 		t.Errorf("MaxCost of nearly nothing = %d, want 1", got)
+	}
+}
+
+// A key's ID never begins with '-' (a command line would take it for a
+// flag): a draw that would is drawn again.
+func TestKeyIDNeverStartsWithDash(t *testing.T) {
+	// 0xf8 encodes to '-' first; the second draw is all zeros ('A...').
+	r := bytes.NewReader(append(bytes.Repeat([]byte{0xf8}, 32), make([]byte, 32)...))
+	s, err := newSecret(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if id := s[len(KeyPrefix) : len(KeyPrefix)+8]; id != "AAAAAAAA" {
+		t.Fatalf("id %q, want the second draw's AAAAAAAA", id)
+	}
+	if _, err := newSecret(bytes.NewReader(bytes.Repeat([]byte{0xf8}, 32*64))); err == nil {
+		t.Fatal("64 draws all beginning with '-': no error")
 	}
 }
