@@ -9,7 +9,6 @@ import (
 	"math/rand/v2"
 	"os"
 	"runtime"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -19,6 +18,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/neuro-p2p/neuro/internal/meminfo"
 	"github.com/neuro-p2p/neuro/model"
 	"github.com/neuro-p2p/neuro/moe"
 	"github.com/neuro-p2p/neuro/neuropb"
@@ -603,18 +603,7 @@ func hardware() *neuropb.Hardware {
 			}
 			f.Close()
 		}
-		if f, err := os.Open("/proc/meminfo"); err == nil {
-			sc := bufio.NewScanner(f)
-			for sc.Scan() {
-				if rest, ok := strings.CutPrefix(sc.Text(), "MemTotal:"); ok {
-					if kb, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 10, 64); err == nil {
-						hw.MemoryBytes = kb << 10
-					}
-					break
-				}
-			}
-			f.Close()
-		}
+		hw.MemoryBytes, _ = meminfo.Bytes("MemTotal")
 	})
 	return hw
 }

@@ -10,7 +10,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/ipfs/go-cid"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/neuro-p2p/neuro/neuropb"
@@ -224,16 +223,7 @@ func TestGptOssSlidingWindowRingMatchesLlamaCpp(t *testing.T) {
 			if n := len(want.Prompt); n < 512 || n%256 >= p.SlidingWindow/2 {
 				t.Fatalf("a prompt of %d tokens: the generated tokens' windows do not straddle the ring's end", n)
 			}
-			dir := filepath.Join(t.TempDir(), "shards")
-			res, err := model.Split(path, dir)
-			if err != nil {
-				t.Fatal(err)
-			}
-			sm, err := LoadSplit(dir, res.ModelCID, 2)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer sm.Close()
+			sm := splitOf(t, path, model.SplitOptions{}, 2)
 			s, err := sm.Gating.NewSessionUBatch(0, ubatch)
 			if err != nil {
 				t.Fatal(err)
@@ -326,6 +316,23 @@ func archModel(t *testing.T, dir, arch string, p model.Params, typ string, seed 
 	return q
 }
 
+// splitOf splits the GGUF at path with o and loads its shards (threads
+// compute threads); the model is closed with the test.
+func splitOf(t *testing.T, path string, o model.SplitOptions, threads int) *SplitModel {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), "shards")
+	res, err := model.SplitWith(path, dir, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sm, err := LoadSplit(dir, res.ModelCID, threads)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sm.Close() })
+	return sm
+}
+
 // splitMatchesLlamaCpp generates maxTokens greedy tokens of the GGUF at
 // path through llama.cpp and through the split forward pass of its shards,
 // fails unless the tokens are the same, and returns the split model (closed
@@ -404,16 +411,7 @@ func TestForwardEachIsDecodeSteps(t *testing.T) {
 				case "gpt-oss":
 					p.HeadSize, p.Layers = 64, 3
 				}
-				path := archModel(t, t.TempDir(), arch, p, typ, 7)
-				dir := filepath.Join(t.TempDir(), "shards")
-				if _, err := model.SplitWith(path, dir, model.SplitOptions{SharedRemote: remote}); err != nil {
-					t.Fatal(err)
-				}
-				sm, err := LoadSplit(dir, cid.Undef, 2)
-				if err != nil {
-					t.Fatal(err)
-				}
-				defer sm.Close()
+				sm := splitOf(t, archModel(t, t.TempDir(), arch, p, typ, 7), model.SplitOptions{SharedRemote: remote}, 2)
 				prompt := make([]int32, 70)
 				for i := range prompt {
 					prompt[i] = int32(3 + i*11%300)

@@ -10,14 +10,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"runtime"
 	"sort"
-	"strconv"
-	"strings"
 	"sync"
 	"unsafe"
 
+	"github.com/neuro-p2p/neuro/internal/meminfo"
 	"github.com/neuro-p2p/neuro/model"
 	"github.com/neuro-p2p/neuro/moe"
 )
@@ -219,26 +217,10 @@ func (g *Gating) SessionMemory() int64 {
 	if g.dev.Backend != "" && g.dev.Backend != "CPU" {
 		return int64(g.dev.MemoryFree / 2)
 	}
-	return memAvailable() / 2
-}
-
-// memAvailable is Linux's estimate of the memory available for new work
-// (MemAvailable in /proc/meminfo), or 0 where it cannot be read.
-func memAvailable() int64 {
-	b, err := os.ReadFile("/proc/meminfo")
-	if err != nil {
-		return 0
-	}
-	for _, l := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(l, "MemAvailable:"); ok {
-			kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
-			if err != nil {
-				return 0
-			}
-			return kb * 1024
-		}
-	}
-	return 0
+	// Linux's estimate of the memory available for new work (0 where it
+	// cannot be read)
+	avail, _ := meminfo.Bytes("MemAvailable")
+	return int64(avail / 2)
 }
 
 // Hparams returns the model's hyper-parameters.
@@ -344,18 +326,8 @@ func (s *Session) Len() int { return s.pos }
 // session, asking experts for each MoE layer's expert outputs, and returns
 // the last token's logits.
 func (s *Session) Forward(ctx context.Context, tokens []int32, experts moe.Experts) ([]float32, error) {
-	hp := s.g.hp
-	n := len(tokens)
-	if n == 0 {
-		return nil, errors.New("forward: no tokens")
-	}
-	if s.pos+n > s.nCtx {
-		return nil, fmt.Errorf("forward %d tokens after %d: %w (%d tokens)", n, s.pos, moe.ErrContextFull, s.nCtx)
-	}
-	for _, t := range tokens {
-		if t < 0 || int(t) >= hp.Vocab {
-			return nil, fmt.Errorf("forward: token %d outside the vocabulary of %d", t, hp.Vocab)
-		}
+	if err := s.check(tokens); err != nil {
+		return nil, err
 	}
 	start := s.pos
 	for len(tokens) > s.ubatch {
@@ -378,20 +350,31 @@ func (s *Session) Forward(ctx context.Context, tokens []int32, experts moe.Exper
 // decoding verifies a draft of several tokens in one round trip per
 // layer. It takes at most the session's ubatch tokens.
 func (s *Session) ForwardEach(ctx context.Context, tokens []int32, experts moe.Experts) ([][]float32, error) {
-	hp := s.g.hp
-	n := len(tokens)
-	if n == 0 || n > s.ubatch {
-		return nil, fmt.Errorf("forward each: %d tokens, want 1 to %d", n, s.ubatch)
+	if len(tokens) > s.ubatch {
+		return nil, fmt.Errorf("forward each: %d tokens, at most %d", len(tokens), s.ubatch)
 	}
-	if s.pos+n > s.nCtx {
-		return nil, fmt.Errorf("forward %d tokens after %d: %w (%d tokens)", n, s.pos, moe.ErrContextFull, s.nCtx)
-	}
-	for _, t := range tokens {
-		if t < 0 || int(t) >= hp.Vocab {
-			return nil, fmt.Errorf("forward: token %d outside the vocabulary of %d", t, hp.Vocab)
-		}
+	if err := s.check(tokens); err != nil {
+		return nil, err
 	}
 	return s.forward(ctx, tokens, experts, logitsEach)
+}
+
+// check refuses no tokens, tokens past the context and tokens outside the
+// vocabulary.
+func (s *Session) check(tokens []int32) error {
+	n := len(tokens)
+	if n == 0 {
+		return errors.New("forward: no tokens")
+	}
+	if s.pos+n > s.nCtx {
+		return fmt.Errorf("forward %d tokens after %d: %w (%d tokens)", n, s.pos, moe.ErrContextFull, s.nCtx)
+	}
+	for _, t := range tokens {
+		if t < 0 || int(t) >= s.g.hp.Vocab {
+			return fmt.Errorf("forward: token %d outside the vocabulary of %d", t, s.g.hp.Vocab)
+		}
+	}
+	return nil
 }
 
 // Which logits a forward pass returns.

@@ -9,8 +9,6 @@ import (
 	"slices"
 	"testing"
 
-	"github.com/ipfs/go-cid"
-
 	"github.com/neuro-p2p/neuro/model"
 	"github.com/neuro-p2p/neuro/moe"
 )
@@ -134,16 +132,7 @@ func TestApplyChatTemplate(t *testing.T) {
 // A rewound session computes what a fresh one does: the KV cache entries
 // past the rewind point are overwritten, never read.
 func TestSessionRewind(t *testing.T) {
-	path := tinyModel(t, model.Q8_0, 17)
-	dir := filepath.Join(t.TempDir(), "shards")
-	if _, err := model.Split(path, dir); err != nil {
-		t.Fatal(err)
-	}
-	sm, err := LoadSplit(dir, cid.Undef, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sm.Close()
+	sm := splitOf(t, tinyModel(t, model.Q8_0, 17), model.SplitOptions{}, 1)
 	ctx := context.Background()
 	prompt := []int32{1, 40, 41, 42}
 	run := func(s *Session, toks ...int32) []float32 {
@@ -185,16 +174,7 @@ func TestSessionRewindSlidingWindow(t *testing.T) {
 	const ubatch = 16
 	p, _ := model.Preset("gpt-oss", "tiny")
 	p.Context = 1024
-	path := archModel(t, t.TempDir(), "gpt-oss", p, "q8_0", 19)
-	dir := filepath.Join(t.TempDir(), "shards")
-	if _, err := model.Split(path, dir); err != nil {
-		t.Fatal(err)
-	}
-	sm, err := LoadSplit(dir, cid.Undef, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sm.Close()
+	sm := splitOf(t, archModel(t, t.TempDir(), "gpt-oss", p, "q8_0", 19), model.SplitOptions{}, 1)
 	ctx := context.Background()
 	prompt := make([]int32, 300) // wraps the ring of 256 cells
 	for i := range prompt {
@@ -444,15 +424,7 @@ func TestSessionBytes(t *testing.T) {
 	for _, arch := range []string{"llama", "gpt-oss", "deepseek2"} {
 		p, _ := model.Preset(arch, "tiny")
 		p.Context = 2048
-		path := archModel(t, t.TempDir(), arch, p, "f32", 3)
-		dir := filepath.Join(t.TempDir(), "shards")
-		if _, err := model.Split(path, dir); err != nil {
-			t.Fatal(err)
-		}
-		sm, err := LoadSplit(dir, cid.Undef, 1)
-		if err != nil {
-			t.Fatal(err)
-		}
+		sm := splitOf(t, archModel(t, t.TempDir(), arch, p, "f32", 3), model.SplitOptions{}, 1)
 		for _, nCtx := range []int{0, 300, 2048} {
 			s, err := sm.Gating.NewSession(nCtx)
 			if err != nil {
@@ -466,6 +438,5 @@ func TestSessionBytes(t *testing.T) {
 		if sm.Gating.SessionMemory() <= 0 {
 			t.Errorf("session memory %d", sm.Gating.SessionMemory())
 		}
-		sm.Close()
 	}
 }

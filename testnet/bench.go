@@ -60,11 +60,11 @@ type BenchRow struct {
 	// (asked alone, before), and the latencies are of that request.
 	Users                int     `json:"users,omitempty"`
 	AloneTokensPerSecond float64 `json:"alone_tokens_per_second,omitempty"`
+	// MsPerToken is the decode steps' mean latency (with speculative
+	// decoding the tokens of one pass come at once, so p50 says little).
 	// Speculative decoding (kind speculate): the drafter (off, ngram,
-	// draft), the mean milliseconds a generated token took (the decode
-	// steps' time over their tokens: tokens of one pass come at once), and
-	// the drafted tokens kept per pass that checked a draft, of those
-	// drafted.
+	// draft), and the drafted tokens kept per pass that checked a draft,
+	// of those drafted.
 	Speculate       string  `json:"speculate,omitempty"`
 	MsPerToken      float64 `json:"ms_per_token,omitempty"`
 	AcceptedPerPass float64 `json:"accepted_per_pass,omitempty"`
@@ -418,16 +418,7 @@ func (b *Bench) speculation(ctx context.Context) error {
 			return fmt.Errorf("%s: tokens %v differ from llama.cpp's %v", name, rep.Tokens, ref.Tokens)
 		}
 		row := BenchRow{Name: name, Kind: "speculate", RTTMs: ms(rtt), TokensPerSecond: rep.TokensPerSecond, Speculate: kind}
-		if n := len(rep.PerTokenMs); n > 1 {
-			decode := slices.Clone(rep.PerTokenMs[1:])
-			var sum float64
-			for _, d := range decode {
-				sum += d
-			}
-			row.MsPerToken = sum / float64(len(decode))
-			slices.Sort(decode)
-			row.PerTokenP50Ms, row.PerTokenP90Ms = Percentile(decode, 0.5), Percentile(decode, 0.9)
-		}
+		row.decodeLatency(rep.PerTokenMs)
 		if st := rep.Stats; st != nil {
 			row.RoundTripsPerToken, row.AcceptedPerPass = st.RoundTripsPerToken, st.AcceptedPerPass
 			if st.DraftTokens > 0 {
@@ -448,11 +439,7 @@ func (b *Bench) add(name, kind string, rtt time.Duration, g benchGen) error {
 		return fmt.Errorf("%s: tokens %v differ from llama.cpp's %v", name, g.Tokens, b.want)
 	}
 	row := BenchRow{Name: name, Kind: kind, RTTMs: ms(rtt), TokensPerSecond: g.TokensPerSecond}
-	if len(g.PerTokenMs) > 1 {
-		decode := slices.Clone(g.PerTokenMs[1:])
-		slices.Sort(decode)
-		row.PerTokenP50Ms, row.PerTokenP90Ms = Percentile(decode, 0.5), Percentile(decode, 0.9)
-	}
+	row.decodeLatency(g.PerTokenMs)
 	if st := g.Stats; st != nil && len(g.Tokens) > 0 {
 		row.RoundTripsPerToken = float64(st.MoELayers) / float64(len(g.Tokens))
 		row.CallsPerToken = float64(st.ExpertCalls) / float64(len(g.Tokens))
@@ -471,6 +458,22 @@ func (b *Bench) add(name, kind string, rtt time.Duration, g benchGen) error {
 	b.rep.Rows = append(b.rep.Rows, row)
 	b.Log.Info("bench run done", "run", name, "tokens_per_second", row.TokensPerSecond, "per_token_p50_ms", row.PerTokenP50Ms)
 	return nil
+}
+
+// decodeLatency sets the row's p50, p90 and mean of the decode steps'
+// latencies (the first token, which carries the prompt, left out).
+func (row *BenchRow) decodeLatency(perTokenMs []float64) {
+	if len(perTokenMs) < 2 {
+		return
+	}
+	decode := slices.Clone(perTokenMs[1:])
+	var sum float64
+	for _, d := range decode {
+		sum += d
+	}
+	row.MsPerToken = sum / float64(len(decode))
+	slices.Sort(decode)
+	row.PerTokenP50Ms, row.PerTokenP90Ms = Percentile(decode, 0.5), Percentile(decode, 0.9)
 }
 
 // FmtRTT writes an RTT for the report (0 ms, 20 ms).

@@ -295,8 +295,14 @@ func (l *Loopback) concurrent(ctx context.Context, r *Run, want []int32) error {
 		}()
 	}
 	wg.Wait()
-	took := time.Since(start)
-	total := 0
+	return r.concurrentAnswers(results, errs, want, time.Since(start).Seconds())
+}
+
+// concurrentAnswers checks that every one of the concurrent requests was
+// answered with want's tokens and reports them, with their tokens over
+// seconds.
+func (r *Run) concurrentAnswers(results []Result, errs []error, want []int32, seconds float64) error {
+	n, total := len(results), 0
 	for i, res := range results {
 		if errs[i] != nil {
 			return fmt.Errorf("concurrent request %d of %d: %w", i+1, n, errs[i])
@@ -307,7 +313,9 @@ func (l *Loopback) concurrent(ctx context.Context, r *Run, want []int32) error {
 		total += len(res.Tokens)
 	}
 	r.Report.Results = results
-	r.Report.AggregateTokensPerS = float64(total) / took.Seconds()
+	if seconds > 0 {
+		r.Report.AggregateTokensPerS = float64(total) / seconds
+	}
 	r.log.Info("concurrent requests answered", "requests", n, "aggregate_tokens_per_s", r.Report.AggregateTokensPerS)
 	return nil
 }
