@@ -50,6 +50,17 @@ type Request struct {
 	Deadline time.Time
 	// RowsApart asks for each row computed as a batch of one.
 	RowsApart bool
+	// Segments, if given, split the rows among generations batched in one
+	// call: consecutive runs of rows, each paid from its own escrow (Escrow
+	// must then be 0) and computed as a call of its own would be; the
+	// answer carries a receipt per segment.
+	Segments []Segment
+}
+
+// Segment is one generation's run of rows in a batched call.
+type Segment struct {
+	Rows   int
+	Escrow uint64
 }
 
 // Response is an expert's answer.
@@ -63,6 +74,9 @@ type Response struct {
 	// Receipt is the node's signed receipt, when the request named an
 	// escrow (the caller checks the signature before it relies on it).
 	Receipt *neuropb.UsageReceipt
+	// Receipts are a batched call's, one per segment (nil when the node
+	// signs none).
+	Receipts []*neuropb.UsageReceipt
 	// Peer is the node that answered.
 	Peer peer.ID
 }
@@ -202,6 +216,19 @@ func (c *Client) call(ctx context.Context, p peer.ID, req Request) (_ *Response,
 		Hidden: EncodeFloats(req.Hidden, req.N, len(req.Hidden)/req.N, req.DType),
 		Escrow: req.Escrow, RowsApart: req.RowsApart,
 	}
+	if len(req.Segments) > 0 {
+		sum := 0
+		for _, sg := range req.Segments {
+			if sg.Rows < 1 {
+				return nil, false, fmt.Errorf("expert call: a segment of %d rows", sg.Rows)
+			}
+			sum += sg.Rows
+			msg.Segments = append(msg.Segments, &neuropb.Segment{Rows: uint32(sg.Rows), Escrow: sg.Escrow})
+		}
+		if sum != req.N || req.Escrow != 0 {
+			return nil, false, fmt.Errorf("expert call: segments of %d rows for %d tokens (escrow %d)", sum, req.N, req.Escrow)
+		}
+	}
 	if !req.Deadline.IsZero() {
 		msg.DeadlineUnixMs = req.Deadline.UnixMilli()
 	}
@@ -246,6 +273,10 @@ func (c *Client) call(ctx context.Context, p peer.ID, req Request) (_ *Response,
 		if err != nil || rows != req.N || cols*req.N != len(req.Hidden) {
 			return nil, relayed, fmt.Errorf("expert call to %s: bad output shape %v: %v", p, r.resp.GetOutput().GetShape(), err)
 		}
+		receipts := r.resp.GetReceipts()
+		if len(receipts) != 0 && len(receipts) != len(req.Segments) {
+			return nil, relayed, fmt.Errorf("expert call to %s: %d receipts for %d segments", p, len(receipts), len(req.Segments))
+		}
 		c.mu.Lock()
 		if l := c.links[p]; l != nil {
 			l.Calls++
@@ -258,6 +289,7 @@ func (c *Client) call(ctx context.Context, p peer.ID, req Request) (_ *Response,
 			BatchTokens: int(r.resp.GetBatchTokens()),
 			WireBytes:   len(msg.GetHidden().GetData()) + len(r.resp.GetOutput().GetData()),
 			Receipt:     r.resp.GetReceipt(),
+			Receipts:    receipts,
 			Peer:        p,
 		}, relayed, nil
 	}

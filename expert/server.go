@@ -292,15 +292,6 @@ func (s *Server) admit(from peer.ID, req *neuropb.ExpertRequest, reply func(*neu
 		reply(errorResponse(id, neuropb.ExpertError_CODE_BAD_REQUEST, "%d tokens, at most %d per request", rows, b.c.MaxBatch()))
 		return nil
 	}
-	if s.cfg.Payment != nil {
-		ctx, cancel := context.WithTimeout(context.Background(), paymentTimeout)
-		err := s.cfg.Payment(ctx, from, req.GetEscrow(), flopsOf(b.c, rows))
-		cancel()
-		if err != nil {
-			reply(errorResponse(id, neuropb.ExpertError_CODE_PAYMENT_REQUIRED, "%v", err))
-			return nil
-		}
-	}
 	var deadline time.Time
 	if ms := req.GetDeadlineUnixMs(); ms != 0 {
 		deadline = time.UnixMilli(ms)
@@ -309,9 +300,34 @@ func (s *Server) admit(from peer.ID, req *neuropb.ExpertRequest, reply func(*neu
 			return nil
 		}
 	}
-	return &job{b: b, id: id, x: DecodeFloats(req.GetHidden()), n: rows, dtype: req.GetHidden().GetDtype(),
+	segs := req.GetSegments()
+	if len(segs) == 0 {
+		segs = []*neuropb.Segment{{Rows: uint32(rows), Escrow: req.GetEscrow()}}
+	}
+	if s.cfg.Payment != nil {
+		for i, sg := range segs {
+			ctx, cancel := context.WithTimeout(context.Background(), paymentTimeout)
+			err := s.cfg.Payment(ctx, from, sg.GetEscrow(), flopsOf(b.c, int(sg.GetRows())))
+			cancel()
+			if err != nil {
+				if len(segs) > 1 {
+					err = fmt.Errorf("segment %d: %w", i, err)
+				}
+				reply(errorResponse(id, neuropb.ExpertError_CODE_PAYMENT_REQUIRED, "%v", err))
+				return nil
+			}
+		}
+	}
+	j := &job{b: b, id: id, x: DecodeFloats(req.GetHidden()), n: rows, dtype: req.GetHidden().GetDtype(),
 		deadline: deadline, queued: time.Now(), reply: reply, apart: req.GetRowsApart(),
 		escrow: req.GetEscrow(), layer: req.GetLayer(), expert: req.GetExpert()}
+	if len(req.GetSegments()) > 0 {
+		j.segs = make([]jobSegment, len(segs))
+		for i, sg := range segs {
+			j.segs[i] = jobSegment{n: int(sg.GetRows()), escrow: sg.GetEscrow()}
+		}
+	}
+	return j
 }
 
 // job is one request waiting for its expert.
@@ -328,6 +344,15 @@ type job struct {
 	escrow        uint64
 	layer, expert uint32
 	apart         bool // each row computed as a batch of one
+	// segs are a batched request's generations (nil: one): each is
+	// computed as a request of its own would be, and gets a receipt.
+	segs []jobSegment
+}
+
+// jobSegment is one generation's run of a job's rows.
+type jobSegment struct {
+	n      int
+	escrow uint64
 }
 
 // batcher runs one expert: it takes queued requests, as many as fit in one
@@ -348,15 +373,16 @@ type batcher struct {
 	done    chan struct{} // closed when run has returned and drained
 }
 
-// receipt signs the usage receipt of a job: its tokens and FLOPs (three
-// matrix products of embd x ff per token), for the escrow it names (0:
-// none), and the digests of its input and of out as the caller decodes it.
-func (b *batcher) receipt(j *job, out *neuropb.Tensor) *neuropb.UsageReceipt {
+// receipt signs the usage receipt of a job's rows x (n tokens) paid from
+// escrow (0: none): their tokens and FLOPs (three matrix products of embd
+// x ff per token), and the digests of x and of out as the caller decodes
+// it.
+func (b *batcher) receipt(j *job, escrow uint64, x []float32, n int, out *neuropb.Tensor) *neuropb.UsageReceipt {
 	if b.signer == nil {
 		return nil
 	}
-	r := &neuropb.UsageReceipt{Escrow: j.escrow, Layer: j.layer, ExpertIndex: j.expert, Tokens: uint64(j.n),
-		Flops: flopsOf(b.c, j.n), InputDigest: neuropb.FloatsDigest(j.x),
+	r := &neuropb.UsageReceipt{Escrow: escrow, Layer: j.layer, ExpertIndex: j.expert, Tokens: uint64(n),
+		Flops: flopsOf(b.c, n), InputDigest: neuropb.FloatsDigest(x),
 		OutputDigest: TensorDigest(out)}
 	if err := b.signer(r); err != nil {
 		return nil
@@ -475,11 +501,21 @@ func (b *batcher) compute(jobs []*job) {
 		time.Sleep(b.slow)
 	}
 	var err error
-	if b.vary && live[0].apart {
+	switch {
+	case b.vary && live[0].apart:
 		for t := 0; t < tokens && err == nil; t++ {
 			err = b.c.Compute(x[t*embd:(t+1)*embd], 1, out[t*embd:(t+1)*embd])
 		}
-	} else {
+	case b.vary && live[0].segs != nil:
+		// each generation's rows as its own batch
+		off := 0
+		for _, sg := range live[0].segs {
+			if err = b.c.Compute(x[off*embd:(off+sg.n)*embd], sg.n, out[off*embd:(off+sg.n)*embd]); err != nil {
+				break
+			}
+			off += sg.n
+		}
+	default:
 		err = b.c.Compute(x, tokens, out)
 	}
 	took := time.Since(start)
@@ -497,14 +533,37 @@ func (b *batcher) compute(jobs []*job) {
 		n := j.n * embd
 		b.served.Add(1)
 		enc := EncodeFloats(out[off:off+n], j.n, embd, j.dtype)
-		j.reply(&neuropb.ExpertResponse{
+		resp := &neuropb.ExpertResponse{
 			RequestId:   j.id,
 			Output:      enc,
 			ComputeUs:   uint32(took.Microseconds()),
 			QueueUs:     uint32(start.Sub(j.queued).Microseconds()),
 			BatchTokens: uint32(tokens),
-			Receipt:     b.receipt(j, enc),
-		})
+		}
+		if j.segs == nil {
+			resp.Receipt = b.receipt(j, j.escrow, j.x, j.n, enc)
+		} else {
+			resp.Receipts = b.segmentReceipts(j, out[off:off+n])
+		}
+		j.reply(resp)
 		off += n
 	}
+}
+
+// segmentReceipts signs a receipt for each segment of a batched job,
+// whose output is out (none when the node signs none).
+func (b *batcher) segmentReceipts(j *job, out []float32) []*neuropb.UsageReceipt {
+	embd := b.c.Embd()
+	rs := make([]*neuropb.UsageReceipt, 0, len(j.segs))
+	off := 0
+	for _, sg := range j.segs {
+		rows := out[off*embd : (off+sg.n)*embd]
+		r := b.receipt(j, sg.escrow, j.x[off*embd:(off+sg.n)*embd], sg.n, EncodeFloats(rows, sg.n, embd, j.dtype))
+		if r == nil {
+			return nil
+		}
+		rs = append(rs, r)
+		off += sg.n
+	}
+	return rs
 }

@@ -486,3 +486,138 @@ func TestRowVariantExpertsComputeRequestsApart(t *testing.T) {
 		t.Fatalf("batch sizes %v, want %v (8 requests of 2 rows alone, then 3 rows apart)", rec.sizes, want)
 	}
 }
+
+// countRecorder is rowRecorder whose rows do not vary with their batch.
+type countRecorder struct{ rowRecorder }
+
+func (r *countRecorder) RowsVary() bool { return false }
+
+// A batched request's segments (the rows of several generations) are each
+// paid from their own escrow, computed as their own requests would be —
+// alone for an expert whose rows vary with the batch, in one batch
+// otherwise — and each gets a receipt of its own for its rows; segments
+// that do not add up, or come with a request escrow, are refused and the
+// stream stays usable.
+func TestSegmentsArePaidAndComputedAsTheirOwnRequests(t *testing.T) {
+	mc, _, _ := tinyShards(t, model.Q4_0)
+	sh, ch := hostPair(t)
+	const embd = 8
+	var mu sync.Mutex
+	var paid []string
+	cfg := DefaultConfig()
+	cfg.Payment = func(_ context.Context, _ peer.ID, escrow, flops uint64) error {
+		mu.Lock()
+		defer mu.Unlock()
+		paid = append(paid, fmt.Sprintf("%d:%d", escrow, flops))
+		if escrow == 99 {
+			return errors.New("escrow 99 is spent")
+		}
+		return nil
+	}
+	cfg.SignReceipt = func(r *neuropb.UsageReceipt) error {
+		r.Signature = []byte("signed")
+		return nil
+	}
+	srv := startServer(t, sh, cfg)
+	vary := &rowRecorder{embd: embd}
+	same := &countRecorder{rowRecorder{embd: embd}}
+	if err := srv.Add(mc, 0, 0, vary); err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.Add(mc, 0, 1, same); err != nil {
+		t.Fatal(err)
+	}
+	srv.Start()
+	cl := NewClient(ch, quiet())
+	defer cl.Close()
+	segs := []Segment{{Rows: 2, Escrow: 5}, {Rows: 1, Escrow: 0}, {Rows: 3, Escrow: 6}}
+	x := make([]float32, 6*embd)
+	for i := range x {
+		x[i] = float32(i)
+	}
+	for e, rec := range []*rowRecorder{vary, &same.rowRecorder} {
+		ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+		r, err := cl.Call(ctx, sh.ID(), Request{Model: mc, Layer: 0, Expert: e, Hidden: x, N: 6, DType: neuropb.WireDType_WIRE_DTYPE_F32, Segments: segs})
+		cancel()
+		if err != nil {
+			t.Fatalf("expert %d: %v", e, err)
+		}
+		for i, v := range r.Output {
+			if v != 2*x[i] {
+				t.Fatalf("expert %d: output %d: %v, want %v", e, i, v, 2*x[i])
+			}
+		}
+		if len(r.Receipts) != len(segs) || r.Receipt != nil {
+			t.Fatalf("expert %d: %d receipts (and %v) for %d segments", e, len(r.Receipts), r.Receipt, len(segs))
+		}
+		off := 0
+		for i, sg := range segs {
+			rc := r.Receipts[i]
+			rows := x[off*embd : (off+sg.Rows)*embd]
+			out := EncodeFloats(r.Output[off*embd:(off+sg.Rows)*embd], sg.Rows, embd, neuropb.WireDType_WIRE_DTYPE_F32)
+			if rc.GetEscrow() != sg.Escrow || rc.GetTokens() != uint64(sg.Rows) || rc.GetExpertIndex() != uint32(e) ||
+				!slices.Equal(rc.GetInputDigest(), neuropb.FloatsDigest(rows)) || !slices.Equal(rc.GetOutputDigest(), TensorDigest(out)) {
+				t.Fatalf("expert %d: segment %d's receipt %v", e, i, rc)
+			}
+			off += sg.Rows
+		}
+		rec.mu.Lock()
+		sizes := slices.Clone(rec.sizes)
+		rec.mu.Unlock()
+		want := []int{2, 1, 3} // each segment alone
+		if rec == &same.rowRecorder {
+			want = []int{6} // one batch
+		}
+		if !slices.Equal(sizes, want) {
+			t.Fatalf("expert %d: batch sizes %v, want %v", e, sizes, want)
+		}
+	}
+	mu.Lock()
+	if want := "[5:0 0:0 6:0 5:0 0:0 6:0]"; fmt.Sprint(paid) != want {
+		t.Fatalf("payments %v, want %v (each segment, per expert)", paid, want)
+	}
+	mu.Unlock()
+
+	// Refused: a spent escrow in one segment refuses the request; segments
+	// that do not add up, a zero-row one, or one beside a request escrow
+	// are bad requests; the client refuses some itself.
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+	defer cancel()
+	_, err := cl.Call(ctx, sh.ID(), Request{Model: mc, Hidden: x, N: 6, DType: neuropb.WireDType_WIRE_DTYPE_F32,
+		Segments: []Segment{{Rows: 3, Escrow: 5}, {Rows: 3, Escrow: 99}}})
+	var re *RemoteError
+	if !errors.As(err, &re) || re.Code != neuropb.ExpertError_CODE_PAYMENT_REQUIRED {
+		t.Fatalf("a spent segment escrow: %v", err)
+	}
+	if _, err := cl.Call(ctx, sh.ID(), Request{Model: mc, Hidden: x, N: 6, Segments: []Segment{{Rows: 2}, {Rows: 3}}}); err == nil {
+		t.Fatal("segments of 5 rows for 6 accepted by the client")
+	}
+	st, err := ch.NewStream(ctx, sh.ID(), neuropb.ExpertProtocol)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	r, w := wire.NewReader(st, neuropb.MaxExpertMessageSize), wire.NewWriter(st, neuropb.MaxExpertMessageSize)
+	hidden := EncodeFloats(x, 6, embd, neuropb.WireDType_WIRE_DTYPE_F32)
+	for i, segs := range [][]*neuropb.Segment{
+		{{Rows: 2}, {Rows: 3}},
+		{{Rows: 6}, {Rows: 0}},
+		{{Rows: 6, Escrow: 5}},
+	} {
+		q := &neuropb.ExpertRequest{RequestId: uint64(i + 1), Model: mc.Bytes(), Hidden: hidden, Segments: segs}
+		if i == 2 {
+			q.Escrow = 5
+		}
+		if err := w.Write(q); err != nil {
+			t.Fatal(err)
+		}
+		var resp neuropb.ExpertResponse
+		_ = st.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if err := r.Read(&resp); err != nil {
+			t.Fatal(err)
+		}
+		if resp.GetError().GetCode() != neuropb.ExpertError_CODE_BAD_REQUEST {
+			t.Fatalf("segments %v: %v", segs, &resp)
+		}
+	}
+}

@@ -90,6 +90,12 @@ type EngineConfig struct {
 	Speculate    string
 	Draft        string
 	SpeculateMax int
+	// BatchWait is how long a generation's MoE call waits for those of
+	// the other generations inside a forward pass, to go out with them as
+	// one round of expert calls (continuous batching; a round leaves at
+	// once when every generation waits). 0: the default (10 ms); negative:
+	// every generation's calls go alone.
+	BatchWait time.Duration
 }
 
 // Speculative decoding's drafters.
@@ -118,7 +124,7 @@ type Compute interface {
 // DefaultEngineConfig returns the defaults.
 func DefaultEngineConfig() EngineConfig {
 	return EngineConfig{MaxQueue: 64, QueueTimeout: 2 * time.Minute, DefaultMaxTokens: 256, DType: neuropb.WireDType_WIRE_DTYPE_F32,
-		CallTimeout: 30 * time.Second}
+		CallTimeout: 30 * time.Second, BatchWait: 10 * time.Millisecond}
 }
 
 // Network is what a gating node uses of the p2p stack (*p2p.Host).
@@ -173,6 +179,7 @@ type served struct {
 	sm       *Model
 	err      error
 	remote   *RemoteExperts
+	batch    *Batcher
 	dht      *dhtProviders
 	hp       moe.Hparams
 	manifest *neuropb.Manifest
@@ -219,6 +226,9 @@ func NewEngine(h Network, f Fetcher, cfg EngineConfig, log *slog.Logger) (*Engin
 	}
 	if cfg.CallTimeout <= 0 {
 		cfg.CallTimeout = d.CallTimeout
+	}
+	if cfg.BatchWait == 0 {
+		cfg.BatchWait = d.BatchWait
 	}
 	if cfg.Context < 0 {
 		return nil, fmt.Errorf("gating: context %d tokens", cfg.Context)
@@ -368,6 +378,7 @@ func (e *Engine) load(ctx context.Context, m *served) error {
 			}
 			return ps
 		}}
+	m.batch = NewBatcher(m.remote, e.cfg.BatchWait)
 	return nil
 }
 
@@ -906,7 +917,7 @@ func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Cal
 	defer sess.Close()
 
 	stats, checks := &gen.Stats, gen.Checks
-	experts := m.remote.For(gen)
+	experts := m.batch.Join(gen)
 	epoch := 0
 	out := newTextStream(s.GetStop())
 	next := prompt
@@ -997,7 +1008,9 @@ func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Cal
 			draft = spec.draft(prompt, res.Tokens, room)
 		}
 		if len(draft) == 0 {
+			experts.Enter()
 			logits, err := sess.Forward(ctx, next, experts)
+			experts.Leave()
 			if err != nil {
 				return nil, forwardError(ctx, err)
 			}
@@ -1027,7 +1040,9 @@ func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Cal
 		// the first token the model would not have chosen, and the
 		// model's own token there (or after the whole draft).
 		pos := sess.Len()
+		experts.Enter()
 		all, err := sess.ForwardEach(ctx, append(slices.Clone(next), draft...), experts)
+		experts.Leave()
 		if err != nil {
 			return nil, forwardError(ctx, err)
 		}
@@ -1074,6 +1089,7 @@ func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Cal
 		MoeComputeUs:   uint64(stats.MoECompute.Load() / 1e3),
 		MoeLayers:      uint64(stats.MoELayers.Load()),
 		OneNodeLayers:  uint64(stats.OneNodeLayers.Load()),
+		SharedLayers:   uint64(stats.SharedLayers.Load()),
 		ExpertCalls:    uint64(stats.Calls.Load()),
 		ExpertBytes:    uint64(stats.Bytes.Load()),
 		Hedges:         uint64(stats.Hedges.Load()),

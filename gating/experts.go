@@ -114,10 +114,12 @@ type CallStats struct {
 	// (with its wait for the node's other computes).
 	MoEWall, MoECompute atomic.Int64 // nanoseconds
 	MoELayers           atomic.Int64
-	// OneNodeLayers counts the MoE layers whose calls one node answered.
-	OneNodeLayers      atomic.Int64
-	Calls, Bytes       atomic.Int64
-	Hedges, Redispatch atomic.Int64
+	// OneNodeLayers counts the MoE layers whose calls one node answered;
+	// SharedLayers those whose round carried other generations' tokens too
+	// (continuous batching).
+	OneNodeLayers, SharedLayers atomic.Int64
+	Calls, Bytes                atomic.Int64
+	Hedges, Redispatch          atomic.Int64
 	// Speculative decoding: the passes that verified a draft, the tokens
 	// drafted and those the model kept.
 	SpecPasses, Drafted, Accepted atomic.Int64
@@ -213,25 +215,6 @@ func (g *Generation) Step(epoch, step int) {
 	g.step.Store(int64(step))
 }
 
-// For returns r's experts bound to generation g: their calls report to
-// it.
-func (r *RemoteExperts) For(g *Generation) moe.Experts { return boundExperts{r: r, g: g} }
-
-type boundExperts struct {
-	r *RemoteExperts
-	g *Generation
-}
-
-func (b boundExperts) MoE(ctx context.Context, layer int, x []float32, n int, selected []int32, weights []float32) ([]float32, error) {
-	return b.r.moe(ctx, b.g, false, layer, x, n, selected, weights)
-}
-
-// MoEApart implements moe.ApartExperts: the expert nodes compute each row
-// as a batch of one where their results depend on the batch.
-func (b boundExperts) MoEApart(ctx context.Context, layer int, x []float32, n int, selected []int32, weights []float32) ([]float32, error) {
-	return b.r.moe(ctx, b.g, true, layer, x, n, selected, weights)
-}
-
 // Hedges counts calls sent to a second provider because the first was slow.
 func (r *RemoteExperts) Hedges() int64 { return r.hedges.Load() }
 
@@ -257,18 +240,91 @@ type callState struct {
 	apart bool
 }
 
+func (g *Generation) callState(apart bool) callState {
+	if g == nil {
+		return callState{apart: apart}
+	}
+	return callState{stats: &g.Stats, receipts: g.Receipts, checks: g.Checks, epoch: int(g.epoch.Load()), step: int(g.step.Load()), apart: apart}
+}
+
+func (cs callState) escrow() uint64 {
+	if cs.receipts == nil {
+		return 0
+	}
+	return cs.receipts.Escrow
+}
+
+// part is one generation's share of a layer's expert round: its tokens'
+// hidden states and routing.
+type part struct {
+	cs       callState
+	x        []float32
+	n        int
+	selected []int32
+	weights  []float32
+}
+
 func (r *RemoteExperts) moe(ctx context.Context, g *Generation, apart bool, layer int, x []float32, n int, selected []int32, weights []float32) ([]float32, error) {
 	start := time.Now()
-	cs := callState{apart: apart}
-	if g != nil {
-		cs = callState{stats: &g.Stats, receipts: g.Receipts, checks: g.Checks, epoch: int(g.epoch.Load()), step: int(g.step.Load()), apart: apart}
-	}
-	stats := cs.stats
-	used, err := moe.SlotsPerToken(x, n, selected, weights, r.Embd)
+	outs, err := r.round(ctx, layer, []part{{cs: g.callState(apart), x: x, n: n, selected: selected, weights: weights}})
 	if err != nil {
 		return nil, err
 	}
-	outs := make([]float32, n*used*r.Embd)
+	outs[0].account(time.Since(start))
+	return outs[0].out, nil
+}
+
+// partResult is what a round gave one part: its combined output, and
+// what its stats record.
+type partResult struct {
+	out        []float32
+	stats      *CallStats
+	maxCompute time.Duration
+	oneNode    bool
+}
+
+// account records a part's layer in its generation's stats, wall being
+// the time the generation waited for it.
+func (pr partResult) account(wall time.Duration) {
+	if pr.stats == nil {
+		return
+	}
+	pr.stats.MoEWall.Add(int64(wall))
+	pr.stats.MoECompute.Add(int64(pr.maxCompute))
+	pr.stats.MoELayers.Add(1)
+	if pr.oneNode {
+		pr.stats.OneNodeLayers.Add(1)
+	}
+}
+
+// round computes one layer's experts for the tokens of one or more
+// generations (parts, all with the same apart): the tokens routed to an
+// expert go in one request to it, each generation's rows a segment paid
+// from its own escrow, all experts in parallel.
+func (r *RemoteExperts) round(ctx context.Context, layer int, parts []part) ([]partResult, error) {
+	used := 0
+	rows := 0
+	for i, pt := range parts {
+		u, err := moe.SlotsPerToken(pt.x, pt.n, pt.selected, pt.weights, r.Embd)
+		if err != nil {
+			return nil, err
+		}
+		if i > 0 && u != used {
+			return nil, fmt.Errorf("moe layer %d: %d experts per token beside %d", layer, u, used)
+		}
+		used = u
+		rows += pt.n
+	}
+	x, selected := parts[0].x, parts[0].selected
+	if len(parts) > 1 {
+		x = make([]float32, 0, rows*r.Embd)
+		selected = make([]int32, 0, rows*used)
+		for _, pt := range parts {
+			x = append(x, pt.x...)
+			selected = append(selected, pt.selected...)
+		}
+	}
+	outs := make([]float32, rows*used*r.Embd)
 	routing := moe.Route(selected)
 	// Peers that host every expert this layer needs serve them all in one
 	// round trip each: prefer them.
@@ -292,46 +348,94 @@ func (r *RemoteExperts) moe(ctx context.Context, g *Generation, apart bool, laye
 		wg         sync.WaitGroup
 		mu         sync.Mutex
 		errs       []error
-		maxCompute time.Duration
-		answers    int
-		first      peer.ID // the first node that answered, and
-		several    bool    // whether another did too
+		maxCompute = make([]time.Duration, len(parts))
+		answered   = make([]peer.ID, len(parts)) // the first node that answered each part, and
+		several    = make([]bool, len(parts))    // whether another did too
 	)
 	for _, e := range routing.Experts {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			slots := routing.Slots[e]
-			resp, err := r.call(ctx, cs, expert.Key{Layer: layer, Expert: int(e)}, moe.Gather(x, slots, used, r.Embd), len(slots),
-				providers[e], preferred)
-			mu.Lock()
-			defer mu.Unlock()
-			if err != nil {
-				errs = append(errs, err)
-				return
-			}
-			maxCompute = max(maxCompute, resp.Compute)
-			if answers == 0 {
-				first = resp.Peer
-			}
-			several = several || resp.Peer != first
-			answers++
-			moe.Scatter(outs, resp.Output, slots, r.Embd)
-		}()
+		for _, c := range callsOf(routing.Slots[e], parts, used) {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				resp, err := r.call(ctx, c.segs, expert.Key{Layer: layer, Expert: int(e)}, moe.Gather(x, c.slots, used, r.Embd), len(c.slots),
+					providers[e], preferred)
+				mu.Lock()
+				defer mu.Unlock()
+				if err != nil {
+					errs = append(errs, err)
+					return
+				}
+				for _, sg := range c.segs {
+					maxCompute[sg.part] = max(maxCompute[sg.part], resp.Compute)
+					if answered[sg.part] == "" {
+						answered[sg.part] = resp.Peer
+					}
+					several[sg.part] = several[sg.part] || resp.Peer != answered[sg.part]
+				}
+				moe.Scatter(outs, resp.Output, c.slots, r.Embd)
+			}()
+		}
 	}
 	wg.Wait()
 	if err := errors.Join(errs...); err != nil {
 		return nil, err
 	}
-	if stats != nil {
-		stats.MoEWall.Add(int64(time.Since(start)))
-		stats.MoECompute.Add(int64(maxCompute))
-		stats.MoELayers.Add(1)
-		if answers > 0 && !several {
-			stats.OneNodeLayers.Add(1)
-		}
+	res := make([]partResult, len(parts))
+	off := 0
+	for i, pt := range parts {
+		n := pt.n * used * r.Embd
+		res[i] = partResult{out: moe.Combine(outs[off:off+n], pt.weights, pt.n, used, r.Embd), stats: pt.cs.stats,
+			maxCompute: maxCompute[i], oneNode: answered[i] != "" && !several[i]}
+		off += n
 	}
-	return moe.Combine(outs, weights, n, used, r.Embd), nil
+	return res, nil
+}
+
+// segment is one generation's run of the rows of an expert call.
+type segment struct {
+	part int
+	cs   callState
+	rows int
+}
+
+// maxCallRows bounds the rows of a call that batches generations: an
+// expert node's default largest batch (moe.ExpertOptions.MaxBatch). One
+// generation's rows go in one call, as they always have.
+const maxCallRows = 512
+
+// expertCall is one call to an expert: the slots it serves and the
+// generations they belong to.
+type expertCall struct {
+	slots []int
+	segs  []segment
+}
+
+// callsOf splits an expert's slots (in order) among the parts (each
+// part's a run of them) and into calls of at most maxCallRows rows.
+func callsOf(slots []int, parts []part, used int) []expertCall {
+	var out []expertCall
+	var cur expertCall
+	base, i := 0, 0
+	for pi, pt := range parts {
+		end := base + pt.n*used
+		j := i
+		for j < len(slots) && slots[j] < end {
+			j++
+		}
+		if n := j - i; n > 0 {
+			if len(cur.slots) > 0 && len(cur.slots)+n > maxCallRows {
+				out = append(out, cur)
+				cur = expertCall{}
+			}
+			cur.slots = slots[i-len(cur.slots) : j]
+			cur.segs = append(cur.segs, segment{part: pi, cs: pt.cs, rows: n})
+		}
+		i, base = j, end
+	}
+	if len(cur.slots) > 0 {
+		out = append(out, cur)
+	}
+	return out
 }
 
 // deadline bounds a call to p: its latency deadline, at most timeout.
@@ -342,14 +446,26 @@ func (r *RemoteExperts) deadline(p peer.ID, timeout time.Duration) time.Duration
 	return timeout
 }
 
-// call asks the best provider of k; if it has not answered by its p95
-// latency it asks the next one too (a hedge), and a failed call goes to
-// the next at once. The first answer wins; the others are cancelled.
-func (r *RemoteExperts) call(ctx context.Context, cs callState, k expert.Key, in []float32, n int, providers []peer.ID, preferred map[peer.ID]bool) (*expert.Response, error) {
-	stats, receipts := cs.stats, cs.receipts
-	var escrow uint64
-	if receipts != nil {
-		escrow = receipts.Escrow
+// call asks the best provider of k for the rows of segs (one
+// generation's each); if it has not answered by its p95 latency it asks
+// the next one too (a hedge), and a failed call goes to the next at once.
+// The first answer wins; the others are cancelled.
+func (r *RemoteExperts) call(ctx context.Context, segs []segment, k expert.Key, in []float32, n int, providers []peer.ID, preferred map[peer.ID]bool) (*expert.Response, error) {
+	req := expert.Request{Model: r.Model, Layer: k.Layer, Expert: k.Expert, Hidden: in, N: n, DType: r.DType, RowsApart: segs[0].cs.apart}
+	if len(segs) == 1 {
+		req.Escrow = segs[0].cs.escrow()
+	} else {
+		for _, sg := range segs {
+			req.Segments = append(req.Segments, expert.Segment{Rows: sg.rows, Escrow: sg.cs.escrow()})
+		}
+	}
+	// each adds to the stats of every generation in the call
+	each := func(f func(*CallStats)) {
+		for _, sg := range segs {
+			if sg.cs.stats != nil {
+				f(sg.cs.stats)
+			}
+		}
 	}
 	timeout := r.CallTimeout
 	if timeout <= 0 {
@@ -388,8 +504,7 @@ func (r *RemoteExperts) call(ctx context.Context, cs callState, k expert.Key, in
 			start := time.Now()
 			cctx, ccancel := context.WithTimeout(ctx, r.deadline(p, timeout))
 			defer ccancel()
-			resp, err := r.Client.Call(cctx, p, expert.Request{Model: r.Model, Layer: k.Layer, Expert: k.Expert,
-				Hidden: in, N: n, DType: r.DType, Escrow: escrow, RowsApart: cs.apart})
+			resp, err := r.Client.Call(cctx, p, req)
 			switch {
 			case err == nil:
 				r.Metrics.ExpertCall("ok", time.Since(start))
@@ -419,10 +534,13 @@ func (r *RemoteExperts) call(ctx context.Context, cs callState, k expert.Key, in
 				}
 				r.Validator.Book().Call(p, err == nil, perToken, advertised)
 			}
-			if stats != nil {
-				stats.Calls.Add(1)
-				if resp != nil {
-					stats.Bytes.Add(int64(resp.WireBytes))
+			// A batched call's bytes are shared out by rows.
+			for _, sg := range segs {
+				if sg.cs.stats != nil {
+					sg.cs.stats.Calls.Add(1)
+					if resp != nil {
+						sg.cs.stats.Bytes.Add(int64(resp.WireBytes * sg.rows / n))
+					}
 				}
 			}
 			results <- result{resp: resp, err: err, p: p}
@@ -440,38 +558,23 @@ func (r *RemoteExperts) call(ctx context.Context, cs callState, k expert.Key, in
 		case res := <-results:
 			inflight--
 			if res.err == nil {
-				if receipts != nil {
-					receipts.add(res.resp.Receipt, res.p)
-				}
-				if r.Validator != nil {
-					others := make([]peer.ID, 0, len(providers))
-					for _, q := range providers {
-						if q != res.p {
-							others = append(others, q)
+				off := 0
+				for i, sg := range segs {
+					rc := res.resp.Receipt
+					if len(segs) > 1 {
+						rc = nil
+						if i < len(res.resp.Receipts) {
+							rc = res.resp.Receipts[i]
 						}
 					}
-					// What the experts computed on: the input after the wire's rounding.
-					sent := in
-					if r.DType == neuropb.WireDType_WIRE_DTYPE_F16 {
-						sent = expert.DecodeFloats(expert.EncodeFloats(in, n, len(in)/max(n, 1), r.DType))
+					if sg.cs.receipts != nil {
+						sg.cs.receipts.add(rc, res.p)
 					}
-					r.Validator.after(cs.checks, cs.epoch, cs.step, r.Model, k, r.weightTypes(k), sent, n, res.p, res.resp.Output, res.resp.Receipt, others, excluded,
-						func(cctx context.Context, q peer.ID) ([]float32, *neuropb.UsageReceipt, error) {
-							cctx, cancel := context.WithTimeout(cctx, r.deadline(q, timeout))
-							defer cancel()
-							// A re-execution is paid from the generation's escrow
-							// like the work it checks (a check back after the
-							// generation was settled goes unpaid).
-							resp, err := r.Client.Call(cctx, q, expert.Request{Model: r.Model, Layer: k.Layer, Expert: k.Expert,
-								Hidden: in, N: n, DType: r.DType, Escrow: escrow, RowsApart: cs.apart})
-							if err != nil {
-								return nil, nil, err
-							}
-							if receipts != nil {
-								receipts.add(resp.Receipt, q)
-							}
-							return resp.Output, resp.Receipt, nil
-						})
+					if r.Validator != nil {
+						rows := in[off*r.Embd : (off+sg.rows)*r.Embd]
+						r.check(sg.cs, k, rows, sg.rows, res.p, res.resp.Output[off*r.Embd:(off+sg.rows)*r.Embd], rc, providers, excluded, timeout)
+					}
+					off += sg.rows
 				}
 				return res.resp, nil
 			}
@@ -481,20 +584,51 @@ func (r *RemoteExperts) call(ctx context.Context, cs callState, k expert.Key, in
 			}
 			if launch() {
 				r.redispatches.Add(1)
-				if stats != nil {
-					stats.Redispatch.Add(1)
-				}
+				each(func(s *CallStats) { s.Redispatch.Add(1) })
 			}
 		case <-hedge:
 			if launch() {
 				r.hedges.Add(1)
-				if stats != nil {
-					stats.Hedges.Add(1)
-				}
+				each(func(s *CallStats) { s.Hedges.Add(1) })
 			}
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		}
 	}
 	return nil, fmt.Errorf("expert %s: %w: every provider failed: %w", k, ErrNoProvider, errors.Join(errs...))
+}
+
+// check hands the validator one generation's rows of an answer p gave
+// (its receipt rc): a sample is re-executed on other providers, each
+// check a call of those rows alone, paid from the generation's escrow.
+func (r *RemoteExperts) check(cs callState, k expert.Key, in []float32, n int, p peer.ID, out []float32, rc *neuropb.UsageReceipt,
+	providers, excluded []peer.ID, timeout time.Duration) {
+	others := make([]peer.ID, 0, len(providers))
+	for _, q := range providers {
+		if q != p {
+			others = append(others, q)
+		}
+	}
+	// What the experts computed on: the input after the wire's rounding.
+	sent := in
+	if r.DType == neuropb.WireDType_WIRE_DTYPE_F16 {
+		sent = expert.DecodeFloats(expert.EncodeFloats(in, n, len(in)/max(n, 1), r.DType))
+	}
+	r.Validator.after(cs.checks, cs.epoch, cs.step, r.Model, k, r.weightTypes(k), sent, n, p, out, rc, others, excluded,
+		func(cctx context.Context, q peer.ID) ([]float32, *neuropb.UsageReceipt, error) {
+			cctx, cancel := context.WithTimeout(cctx, r.deadline(q, timeout))
+			defer cancel()
+			// A re-execution is paid from the generation's escrow like the
+			// work it checks (a check back after the generation was settled
+			// goes unpaid).
+			resp, err := r.Client.Call(cctx, q, expert.Request{Model: r.Model, Layer: k.Layer, Expert: k.Expert,
+				Hidden: in, N: n, DType: r.DType, Escrow: cs.escrow(), RowsApart: cs.apart})
+			if err != nil {
+				return nil, nil, err
+			}
+			if cs.receipts != nil {
+				cs.receipts.add(resp.Receipt, q)
+			}
+			return resp.Output, resp.Receipt, nil
+		})
 }

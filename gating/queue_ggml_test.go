@@ -106,3 +106,61 @@ func TestSessionsSizedFromMemory(t *testing.T) {
 		t.Fatalf("%d sessions, want %d", n, MaxAutoSessions)
 	}
 }
+
+// Generations of different prompts and lengths at once advance together
+// (continuous batching: their MoE layers share rounds of expert calls),
+// and each gets llama.cpp's tokens for its own prompt.
+func TestBatchedGenerationsKeepTheirTokens(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 180*time.Second)
+	defer cancel()
+	net := newGatingNetWith(t, ctx, model.Presets["tiny"], model.F32, 31, []string{"0:*,1:*"},
+		func(*expertNet) EngineConfig { return EngineConfig{MaxSessions: 4} })
+	prompts := []string{"one", "two words", "a prompt of several more words than the others", "four: the last one"}
+	maxTokens := []int{40, 33, 48, 36} // long enough to overlap
+	c, err := client.New(ctx, client.WithGatingNodes(net.addr(0)), client.WithLogger(quiet()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var wg sync.WaitGroup
+	errs := make(chan error, len(prompts))
+	shared := make(chan uint64, len(prompts))
+	wants := make([][]int32, len(prompts))
+	for i, prompt := range prompts {
+		wants[i] = net.reference(t, prompt, maxTokens[i]).Tokens
+	}
+	for i, prompt := range prompts {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s, err := c.Generate(ctx, client.Request{Model: net.model, Prompt: prompt, MaxTokens: maxTokens[i]})
+			if err != nil {
+				errs <- fmt.Errorf("prompt %d: %w", i, err)
+				return
+			}
+			toks, done, err := s.Collect()
+			if err != nil {
+				errs <- fmt.Errorf("prompt %d: %w", i, err)
+				return
+			}
+			if fmt.Sprint(tokenIDs(toks)) != fmt.Sprint(wants[i]) {
+				errs <- fmt.Errorf("prompt %d: tokens %v, llama.cpp %v", i, tokenIDs(toks), wants[i])
+			}
+			shared <- done.Stats.GetSharedLayers()
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	close(shared)
+	for err := range errs {
+		t.Error(err)
+	}
+	total := uint64(0)
+	for n := range shared {
+		total += n
+	}
+	if total == 0 {
+		t.Error("four generations at once, and no MoE layer shared a round of expert calls")
+	}
+	t.Logf("%d MoE layer evaluations shared a round", total)
+}

@@ -153,7 +153,7 @@ func (x ExpertError_Code) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ExpertError_Code.Descriptor instead.
 func (ExpertError_Code) EnumDescriptor() ([]byte, []int) {
-	return file_expert_proto_rawDescGZIP(), []int{3, 0}
+	return file_expert_proto_rawDescGZIP(), []int{4, 0}
 }
 
 // Tensor is a dense row-major matrix: shape [rows, cols], little-endian.
@@ -236,7 +236,14 @@ type ExpertRequest struct {
 	// Compute each row as a batch of one, as a one-token decode step would
 	// (speculative decoding's verification), where the expert's results
 	// depend on the batch (a dense shared expert; a GPU).
-	RowsApart     bool `protobuf:"varint,8,opt,name=rows_apart,json=rowsApart,proto3" json:"rows_apart,omitempty"`
+	RowsApart bool `protobuf:"varint,8,opt,name=rows_apart,json=rowsApart,proto3" json:"rows_apart,omitempty"`
+	// The rows of several generations in one request (the gating node's
+	// continuous batching): consecutive runs of the hidden rows, in order,
+	// each paid from its own escrow and computed as it would be alone (a
+	// batch of its own where the expert's results depend on the batch), with
+	// a receipt of its own. Empty: one run of every row, paid from escrow,
+	// which must be 0 when segments are given.
+	Segments      []*Segment `protobuf:"bytes,9,rep,name=segments,proto3" json:"segments,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -327,6 +334,67 @@ func (x *ExpertRequest) GetRowsApart() bool {
 	return false
 }
 
+func (x *ExpertRequest) GetSegments() []*Segment {
+	if x != nil {
+		return x.Segments
+	}
+	return nil
+}
+
+// Segment is one generation's run of rows in a batched expert request.
+type Segment struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Rows  uint32                 `protobuf:"varint,1,opt,name=rows,proto3" json:"rows,omitempty"`
+	// The ledger escrow that pays for these rows (0: none).
+	Escrow        uint64 `protobuf:"varint,2,opt,name=escrow,proto3" json:"escrow,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Segment) Reset() {
+	*x = Segment{}
+	mi := &file_expert_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Segment) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Segment) ProtoMessage() {}
+
+func (x *Segment) ProtoReflect() protoreflect.Message {
+	mi := &file_expert_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Segment.ProtoReflect.Descriptor instead.
+func (*Segment) Descriptor() ([]byte, []int) {
+	return file_expert_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *Segment) GetRows() uint32 {
+	if x != nil {
+		return x.Rows
+	}
+	return 0
+}
+
+func (x *Segment) GetEscrow() uint64 {
+	if x != nil {
+		return x.Escrow
+	}
+	return 0
+}
+
 // ExpertResponse answers one request, in the request's dtype. Responses on
 // a stream may come in any order.
 type ExpertResponse struct {
@@ -341,14 +409,17 @@ type ExpertResponse struct {
 	Error       *ExpertError `protobuf:"bytes,6,opt,name=error,proto3" json:"error,omitempty"`
 	// The expert node's signed receipt for this work, when the request
 	// named an escrow.
-	Receipt       *UsageReceipt `protobuf:"bytes,7,opt,name=receipt,proto3" json:"receipt,omitempty"`
+	Receipt *UsageReceipt `protobuf:"bytes,7,opt,name=receipt,proto3" json:"receipt,omitempty"`
+	// For a request with segments: one signed receipt per segment, in its
+	// order (receipt is unset).
+	Receipts      []*UsageReceipt `protobuf:"bytes,8,rep,name=receipts,proto3" json:"receipts,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ExpertResponse) Reset() {
 	*x = ExpertResponse{}
-	mi := &file_expert_proto_msgTypes[2]
+	mi := &file_expert_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -360,7 +431,7 @@ func (x *ExpertResponse) String() string {
 func (*ExpertResponse) ProtoMessage() {}
 
 func (x *ExpertResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_expert_proto_msgTypes[2]
+	mi := &file_expert_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -373,7 +444,7 @@ func (x *ExpertResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExpertResponse.ProtoReflect.Descriptor instead.
 func (*ExpertResponse) Descriptor() ([]byte, []int) {
-	return file_expert_proto_rawDescGZIP(), []int{2}
+	return file_expert_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *ExpertResponse) GetRequestId() uint64 {
@@ -425,6 +496,13 @@ func (x *ExpertResponse) GetReceipt() *UsageReceipt {
 	return nil
 }
 
+func (x *ExpertResponse) GetReceipts() []*UsageReceipt {
+	if x != nil {
+		return x.Receipts
+	}
+	return nil
+}
+
 // ExpertError says why a request failed. The stream stays usable.
 type ExpertError struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -436,7 +514,7 @@ type ExpertError struct {
 
 func (x *ExpertError) Reset() {
 	*x = ExpertError{}
-	mi := &file_expert_proto_msgTypes[3]
+	mi := &file_expert_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -448,7 +526,7 @@ func (x *ExpertError) String() string {
 func (*ExpertError) ProtoMessage() {}
 
 func (x *ExpertError) ProtoReflect() protoreflect.Message {
-	mi := &file_expert_proto_msgTypes[3]
+	mi := &file_expert_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -461,7 +539,7 @@ func (x *ExpertError) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExpertError.ProtoReflect.Descriptor instead.
 func (*ExpertError) Descriptor() ([]byte, []int) {
-	return file_expert_proto_rawDescGZIP(), []int{3}
+	return file_expert_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *ExpertError) GetCode() ExpertError_Code {
@@ -502,7 +580,7 @@ type UsageReceipt struct {
 
 func (x *UsageReceipt) Reset() {
 	*x = UsageReceipt{}
-	mi := &file_expert_proto_msgTypes[4]
+	mi := &file_expert_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -514,7 +592,7 @@ func (x *UsageReceipt) String() string {
 func (*UsageReceipt) ProtoMessage() {}
 
 func (x *UsageReceipt) ProtoReflect() protoreflect.Message {
-	mi := &file_expert_proto_msgTypes[4]
+	mi := &file_expert_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -527,7 +605,7 @@ func (x *UsageReceipt) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UsageReceipt.ProtoReflect.Descriptor instead.
 func (*UsageReceipt) Descriptor() ([]byte, []int) {
-	return file_expert_proto_rawDescGZIP(), []int{4}
+	return file_expert_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *UsageReceipt) GetExpert() []byte {
@@ -601,7 +679,7 @@ const file_expert_proto_rawDesc = "" +
 	"\x06Tensor\x12\x12\n" +
 	"\x04data\x18\x01 \x01(\fR\x04data\x12)\n" +
 	"\x05dtype\x18\x02 \x01(\x0e2\x13.neuro.v1.WireDTypeR\x05dtype\x12\x14\n" +
-	"\x05shape\x18\x03 \x03(\rR\x05shape\"\xfd\x01\n" +
+	"\x05shape\x18\x03 \x03(\rR\x05shape\"\xac\x02\n" +
 	"\rExpertRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\x04R\trequestId\x12\x14\n" +
@@ -612,7 +690,11 @@ const file_expert_proto_rawDesc = "" +
 	"\x10deadline_unix_ms\x18\x06 \x01(\x03R\x0edeadlineUnixMs\x12\x16\n" +
 	"\x06escrow\x18\a \x01(\x04R\x06escrow\x12\x1d\n" +
 	"\n" +
-	"rows_apart\x18\b \x01(\bR\trowsApart\"\x95\x02\n" +
+	"rows_apart\x18\b \x01(\bR\trowsApart\x12-\n" +
+	"\bsegments\x18\t \x03(\v2\x11.neuro.v1.SegmentR\bsegments\"5\n" +
+	"\aSegment\x12\x12\n" +
+	"\x04rows\x18\x01 \x01(\rR\x04rows\x12\x16\n" +
+	"\x06escrow\x18\x02 \x01(\x04R\x06escrow\"\xc9\x02\n" +
 	"\x0eExpertResponse\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\x04R\trequestId\x12(\n" +
@@ -622,7 +704,8 @@ const file_expert_proto_rawDesc = "" +
 	"\bqueue_us\x18\x04 \x01(\rR\aqueueUs\x12!\n" +
 	"\fbatch_tokens\x18\x05 \x01(\rR\vbatchTokens\x12+\n" +
 	"\x05error\x18\x06 \x01(\v2\x15.neuro.v1.ExpertErrorR\x05error\x120\n" +
-	"\areceipt\x18\a \x01(\v2\x16.neuro.v1.UsageReceiptR\areceipt\"\xc0\x02\n" +
+	"\areceipt\x18\a \x01(\v2\x16.neuro.v1.UsageReceiptR\areceipt\x122\n" +
+	"\breceipts\x18\b \x03(\v2\x16.neuro.v1.UsageReceiptR\breceipts\"\xc0\x02\n" +
 	"\vExpertError\x12.\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x1a.neuro.v1.ExpertError.CodeR\x04code\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\"\xe6\x01\n" +
@@ -665,28 +748,31 @@ func file_expert_proto_rawDescGZIP() []byte {
 }
 
 var file_expert_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_expert_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
+var file_expert_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
 var file_expert_proto_goTypes = []any{
 	(WireDType)(0),         // 0: neuro.v1.WireDType
 	(ExpertError_Code)(0),  // 1: neuro.v1.ExpertError.Code
 	(*Tensor)(nil),         // 2: neuro.v1.Tensor
 	(*ExpertRequest)(nil),  // 3: neuro.v1.ExpertRequest
-	(*ExpertResponse)(nil), // 4: neuro.v1.ExpertResponse
-	(*ExpertError)(nil),    // 5: neuro.v1.ExpertError
-	(*UsageReceipt)(nil),   // 6: neuro.v1.UsageReceipt
+	(*Segment)(nil),        // 4: neuro.v1.Segment
+	(*ExpertResponse)(nil), // 5: neuro.v1.ExpertResponse
+	(*ExpertError)(nil),    // 6: neuro.v1.ExpertError
+	(*UsageReceipt)(nil),   // 7: neuro.v1.UsageReceipt
 }
 var file_expert_proto_depIdxs = []int32{
 	0, // 0: neuro.v1.Tensor.dtype:type_name -> neuro.v1.WireDType
 	2, // 1: neuro.v1.ExpertRequest.hidden:type_name -> neuro.v1.Tensor
-	2, // 2: neuro.v1.ExpertResponse.output:type_name -> neuro.v1.Tensor
-	5, // 3: neuro.v1.ExpertResponse.error:type_name -> neuro.v1.ExpertError
-	6, // 4: neuro.v1.ExpertResponse.receipt:type_name -> neuro.v1.UsageReceipt
-	1, // 5: neuro.v1.ExpertError.code:type_name -> neuro.v1.ExpertError.Code
-	6, // [6:6] is the sub-list for method output_type
-	6, // [6:6] is the sub-list for method input_type
-	6, // [6:6] is the sub-list for extension type_name
-	6, // [6:6] is the sub-list for extension extendee
-	0, // [0:6] is the sub-list for field type_name
+	4, // 2: neuro.v1.ExpertRequest.segments:type_name -> neuro.v1.Segment
+	2, // 3: neuro.v1.ExpertResponse.output:type_name -> neuro.v1.Tensor
+	6, // 4: neuro.v1.ExpertResponse.error:type_name -> neuro.v1.ExpertError
+	7, // 5: neuro.v1.ExpertResponse.receipt:type_name -> neuro.v1.UsageReceipt
+	7, // 6: neuro.v1.ExpertResponse.receipts:type_name -> neuro.v1.UsageReceipt
+	1, // 7: neuro.v1.ExpertError.code:type_name -> neuro.v1.ExpertError.Code
+	8, // [8:8] is the sub-list for method output_type
+	8, // [8:8] is the sub-list for method input_type
+	8, // [8:8] is the sub-list for extension type_name
+	8, // [8:8] is the sub-list for extension extendee
+	0, // [0:8] is the sub-list for field type_name
 }
 
 func init() { file_expert_proto_init() }
@@ -700,7 +786,7 @@ func file_expert_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_expert_proto_rawDesc), len(file_expert_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   5,
+			NumMessages:   6,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

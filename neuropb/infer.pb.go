@@ -730,8 +730,11 @@ type InferStats struct {
 	SpecPasses     uint64 `protobuf:"varint,10,opt,name=spec_passes,json=specPasses,proto3" json:"spec_passes,omitempty"`
 	DraftTokens    uint64 `protobuf:"varint,11,opt,name=draft_tokens,json=draftTokens,proto3" json:"draft_tokens,omitempty"`
 	AcceptedTokens uint64 `protobuf:"varint,12,opt,name=accepted_tokens,json=acceptedTokens,proto3" json:"accepted_tokens,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Continuous batching: MoE layer evaluations whose round of expert calls
+	// carried other generations' tokens too.
+	SharedLayers  uint64 `protobuf:"varint,13,opt,name=shared_layers,json=sharedLayers,proto3" json:"shared_layers,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *InferStats) Reset() {
@@ -844,6 +847,13 @@ func (x *InferStats) GetDraftTokens() uint64 {
 func (x *InferStats) GetAcceptedTokens() uint64 {
 	if x != nil {
 		return x.AcceptedTokens
+	}
+	return 0
+}
+
+func (x *InferStats) GetSharedLayers() uint64 {
+	if x != nil {
+		return x.SharedLayers
 	}
 	return 0
 }
@@ -1287,7 +1297,7 @@ const file_infer_proto_rawDesc = "" +
 	"\x02id\x18\x01 \x01(\x05R\x02id\x12\x12\n" +
 	"\x04text\x18\x02 \x01(\fR\x04text\x12\x1d\n" +
 	"\n" +
-	"elapsed_us\x18\x03 \x01(\x04R\telapsedUs\"\xa2\x03\n" +
+	"elapsed_us\x18\x03 \x01(\x04R\telapsedUs\"\xc7\x03\n" +
 	"\n" +
 	"InferStats\x12\x1e\n" +
 	"\vmoe_wall_us\x18\x01 \x01(\x04R\tmoeWallUs\x12$\n" +
@@ -1304,7 +1314,8 @@ const file_infer_proto_rawDesc = "" +
 	" \x01(\x04R\n" +
 	"specPasses\x12!\n" +
 	"\fdraft_tokens\x18\v \x01(\x04R\vdraftTokens\x12'\n" +
-	"\x0faccepted_tokens\x18\f \x01(\x04R\x0eacceptedTokens\"\xa3\x02\n" +
+	"\x0faccepted_tokens\x18\f \x01(\x04R\x0eacceptedTokens\x12#\n" +
+	"\rshared_layers\x18\r \x01(\x04R\fsharedLayers\"\xa3\x02\n" +
 	"\tInferDone\x12.\n" +
 	"\x06reason\x18\x01 \x01(\x0e2\x16.neuro.v1.FinishReasonR\x06reason\x12#\n" +
 	"\rprompt_tokens\x18\x02 \x01(\rR\fpromptTokens\x12+\n" +

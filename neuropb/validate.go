@@ -83,6 +83,9 @@ func (h *Heartbeat) Validate() error {
 // MaxDevices bounds the devices a heartbeat lists.
 const MaxDevices = 16
 
+// MaxSegments bounds the generations batched in one expert request.
+const MaxSegments = 256
+
 func validateDevices(ds []*Device) error {
 	if len(ds) > MaxDevices {
 		return invalid("heartbeat: %d devices, at most %d", len(ds), MaxDevices)
@@ -243,8 +246,27 @@ func (r *ExpertRequest) Validate() error {
 	if _, err := cid.Cast(r.GetModel()); err != nil {
 		return invalid("expert request: model cid: %v", err)
 	}
-	if _, _, err := r.GetHidden().Rows(); err != nil {
+	rows, _, err := r.GetHidden().Rows()
+	if err != nil {
 		return fmt.Errorf("expert request: hidden: %w", err)
+	}
+	if segs := r.GetSegments(); len(segs) > 0 {
+		if len(segs) > MaxSegments {
+			return invalid("expert request: %d segments, at most %d", len(segs), MaxSegments)
+		}
+		if r.GetEscrow() != 0 {
+			return invalid("expert request: escrow %d with segments (each segment names its own)", r.GetEscrow())
+		}
+		sum := 0
+		for i, s := range segs {
+			if s.GetRows() == 0 {
+				return invalid("expert request: segment %d has no rows", i)
+			}
+			sum += int(s.GetRows())
+		}
+		if sum != rows {
+			return invalid("expert request: segments hold %d rows, hidden has %d", sum, rows)
+		}
 	}
 	return nil
 }

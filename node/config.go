@@ -82,6 +82,10 @@ type GatingConfig struct {
 	Speculate    string `toml:"speculate"`
 	Draft        string `toml:"draft"`
 	SpeculateMax int    `toml:"speculate_max"`
+	// BatchWait is how long a generation's MoE call waits for the other
+	// generations' to go out with them as one round of expert calls
+	// (continuous batching); 0 turns batching off.
+	BatchWait Duration `toml:"batch_wait"`
 }
 
 // ModelCID is the model the gating node serves.
@@ -231,7 +235,7 @@ func DefaultConfig() Config {
 		},
 		Expert: ExpertConfig{Experts: "auto", MemoryMB: 4096, RequireEscrow: true},
 		Ledger: LedgerConfig{Listen: "tcp://0.0.0.0:26656", Peers: []string{}, BlockInterval: Duration(time.Second)},
-		Gating: GatingConfig{MaxQueue: 64, QueueTimeout: Duration(2 * time.Minute), MaxTokens: 256, WireDType: "f32", Speculate: "off", SpeculateMax: 8, CallTimeout: Duration(30 * time.Second), Validate: true,
+		Gating: GatingConfig{MaxQueue: 64, QueueTimeout: Duration(2 * time.Minute), MaxTokens: 256, WireDType: "f32", Speculate: "off", SpeculateMax: 8, BatchWait: Duration(10 * time.Millisecond), CallTimeout: Duration(30 * time.Second), Validate: true,
 			RequirePayment: true},
 		Home: HomeConfig{IdleThreshold: 0.5, IdleCheck: Duration(5 * time.Second), Device: "cpu"},
 		API:  APIConfig{Listen: "127.0.0.1:0"},
@@ -357,6 +361,13 @@ threads = 0
 speculate = "off"
 draft = ""
 speculate_max = 8
+# Continuous batching: the generations inside a forward pass send each MoE
+# layer's tokens together, one request per expert holding every
+# generation's rows (each paid from its own escrow, computed as it would be
+# alone). A round leaves as soon as every generation waits for it, or after
+# batch_wait, so that one long prompt does not hold the others up. "0s"
+# sends every generation's calls alone.
+batch_wait = "10ms"
 # Re-execute a sample of the experts' results on other providers and keep
 # peers whose results are found wrong out (reputation in
 # <home>/reputation.json). Off trusts every expert node.
@@ -676,6 +687,9 @@ func (c *Config) validateGating() error {
 	}
 	if g.CallTimeout <= 0 {
 		return fieldErr("gating.call_timeout", "must be positive, got %v", g.CallTimeout)
+	}
+	if g.BatchWait < 0 || time.Duration(g.BatchWait) > time.Second {
+		return fieldErr("gating.batch_wait", "%v: want 0 (off) to 1s", time.Duration(g.BatchWait))
 	}
 	return nil
 }

@@ -79,6 +79,7 @@ func TestValidate(t *testing.T) {
 		{"draft without a model", func(c *Config) { c.Gating.Speculate = "draft" }, "gating.draft"},
 		{"draft neither file nor cid", func(c *Config) { c.Gating.Speculate, c.Gating.Draft = "draft", "/no/such/draft.gguf" }, "gating.draft"},
 		{"no draft tokens", func(c *Config) { c.Gating.SpeculateMax = 0 }, "gating.speculate_max"},
+		{"negative batch wait", func(c *Config) { c.Gating.BatchWait = Duration(-time.Millisecond) }, "gating.batch_wait"},
 		{"negative sessions", func(c *Config) { c.Gating.MaxSessions = -1 }, "gating.max_sessions"},
 	}
 	for _, tc := range tests {

@@ -310,7 +310,8 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 			MaxSessions: cfg.Gating.MaxSessions, MaxQueue: cfg.Gating.MaxQueue, QueueTimeout: time.Duration(cfg.Gating.QueueTimeout),
 			Context: cfg.Gating.Context, DefaultMaxTokens: cfg.Gating.MaxTokens,
 			Speculate: cfg.Gating.Speculate, Draft: cfg.Gating.Draft, SpeculateMax: cfg.Gating.SpeculateMax,
-			DType: dt, CallTimeout: time.Duration(cfg.Gating.CallTimeout), Book: book, Metrics: n.metrics, Compute: o.compute,
+			BatchWait: batchWait(cfg.Gating.BatchWait),
+			DType:     dt, CallTimeout: time.Duration(cfg.Gating.CallTimeout), Book: book, Metrics: n.metrics, Compute: o.compute,
 			OnWrong: func(w gating.Verdict) {
 				n.verdicts.Report(verdict.Wrong{Task: reputation.Task{Model: w.Model, Layer: w.Key.Layer, Expert: w.Key.Expert,
 					Input: w.Input, N: w.N, DTypes: w.DTypes}, Accused: w.Accused, Output: w.Wrong, Agreeing: w.Agreeing, Right: w.Right, Receipt: w.Receipt})
@@ -662,4 +663,13 @@ func (n *Node) checkHTTPExposure() error {
 	}
 	return &FieldError{Key: "http.listen", Err: fmt.Errorf("%q is not a loopback address and this gating node has no API keys: "+
 		"create one ('neurod apikey create'), listen on 127.0.0.1, or set http.allow_unauthenticated", n.cfg.HTTP.Listen)}
+}
+
+// batchWait is the engine's setting for gating.batch_wait: 0 there turns
+// batching off (the engine's 0 is its default).
+func batchWait(d Duration) time.Duration {
+	if d == 0 {
+		return -1
+	}
+	return time.Duration(d)
 }

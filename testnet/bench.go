@@ -60,6 +60,11 @@ type BenchRow struct {
 	// (asked alone, before), and the latencies are of that request.
 	Users                int     `json:"users,omitempty"`
 	AloneTokensPerSecond float64 `json:"alone_tokens_per_second,omitempty"`
+	// Batch says whether the gating node batched the users' MoE layers
+	// into shared rounds of expert calls ("on", "off"; kind concurrent),
+	// and SharedLayerShare the share of their layers that went out so.
+	Batch            string  `json:"batch,omitempty"`
+	SharedLayerShare float64 `json:"shared_layer_share,omitempty"`
 	// MsPerToken is the decode steps' mean latency (with speculative
 	// decoding the tokens of one pass come at once, so p50 says little).
 	// Speculative decoding (kind speculate): the drafter (off, ngram,
@@ -305,22 +310,42 @@ func (b *Bench) scenario(ctx context.Context, name, kind string, rtt time.Durati
 
 // concurrent runs a gating node and one expert node with users asking at
 // once, after one alone — on 127.0.0.1, or (rtt > 0) in the netns testnet
-// at that RTT (skipped without namespaces); every answer must be
-// llama.cpp's.
+// at that RTT (skipped without namespaces) — with the gating node's
+// continuous batching and, for several users, without it; every answer
+// must be llama.cpp's.
 func (b *Bench) concurrent(ctx context.Context, users int, rtt time.Duration) error {
+	for _, batch := range []bool{true, false} {
+		if !batch && users < 2 {
+			break
+		}
+		if err := b.concurrentRun(ctx, users, rtt, batch); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (b *Bench) concurrentRun(ctx context.Context, users int, rtt time.Duration, batch bool) error {
 	var t Topology = &Loopback{ExpertNodes: 1, Dashboard: "127.0.0.1:0"}
 	name := fmt.Sprintf("testnet (1 expert node), %d users at once", users)
 	if rtt > 0 {
 		name = fmt.Sprintf("netns %s, %d users at once", FmtRTT(rtt), users)
+	}
+	mode, wait := "on", time.Duration(0)
+	if !batch {
+		mode, wait = "off", -1
+		name += ", batching off"
+	}
+	if rtt > 0 {
 		if b.NetnsErr != nil {
-			b.rep.Rows = append(b.rep.Rows, BenchRow{Name: name, Kind: "concurrent", RTTMs: ms(rtt), Users: users, Skipped: b.NetnsErr.Error()})
+			b.rep.Rows = append(b.rep.Rows, BenchRow{Name: name, Kind: "concurrent", RTTMs: ms(rtt), Users: users, Batch: mode, Skipped: b.NetnsErr.Error()})
 			return nil
 		}
 		t = &Netns{Publics: 4, NATs: []netns.NAT{netns.Cone, netns.Cone}, Links: []netns.Link{{RTT: rtt}, {RTT: rtt}}}
 	}
 	ctx, cancel := context.WithTimeout(ctx, b.Timeout)
 	defer cancel()
-	s := &Scenario{Topology: t, Binary: b.Binary, Model: b.model, Prompt: BenchPrompt,
+	s := &Scenario{Topology: t, Binary: b.Binary, Model: b.model, Prompt: BenchPrompt, BatchWait: wait,
 		MaxTokens: b.MaxTokens, Concurrency: users, Timeout: b.Timeout, Check: true, Log: b.Log}
 	rep, _, err := s.Run(ctx)
 	if err != nil {
@@ -331,7 +356,7 @@ func (b *Bench) concurrent(ctx context.Context, users int, rtt time.Duration) er
 		return err
 	}
 	row := &b.rep.Rows[len(b.rep.Rows)-1]
-	row.Users, row.AloneTokensPerSecond = users, rep.TokensPerSecond
+	row.Users, row.AloneTokensPerSecond, row.Batch, row.SharedLayerShare = users, rep.TokensPerSecond, mode, rep.SharedLayerShare
 	return nil
 }
 

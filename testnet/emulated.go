@@ -368,6 +368,9 @@ func (t *Netns) concurrent(ctx context.Context, r *Run, want []int32) error {
 		}
 		longest = max(longest, took)
 		results[i] = Result{Tokens: g.Tokens, PerTokenMs: g.PerTokenMs}
+		if g.Stats != nil {
+			results[i].MoELayers, results[i].SharedLayers = g.Stats.MoELayers, g.Stats.SharedLayers
+		}
 	}
 	return r.concurrentAnswers(results, errs, want, longest)
 }

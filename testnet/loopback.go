@@ -291,6 +291,10 @@ func (l *Loopback) concurrent(ctx context.Context, r *Run, want []int32) error {
 				ApplyToken(&res.Tokens, &res.PerTokenMs, t)
 			}
 			res.Queued = s.Queued()
+			if d := s.Done(); d != nil {
+				res.MoELayers, res.SharedLayers = d.Stats.GetMoeLayers(), d.Stats.GetSharedLayers()
+				res.Escrow, res.FLOPs, res.Cost = d.Escrow, d.FLOPs, d.Cost
+			}
 			results[i] = res
 		}()
 	}
@@ -303,7 +307,10 @@ func (l *Loopback) concurrent(ctx context.Context, r *Run, want []int32) error {
 // seconds.
 func (r *Run) concurrentAnswers(results []Result, errs []error, want []int32, seconds float64) error {
 	n, total := len(results), 0
+	var layers, shared uint64
 	for i, res := range results {
+		layers += res.MoELayers
+		shared += res.SharedLayers
 		if errs[i] != nil {
 			return fmt.Errorf("concurrent request %d of %d: %w", i+1, n, errs[i])
 		}
@@ -313,10 +320,14 @@ func (r *Run) concurrentAnswers(results []Result, errs []error, want []int32, se
 		total += len(res.Tokens)
 	}
 	r.Report.Results = results
+	if layers > 0 {
+		r.Report.SharedLayerShare = float64(shared) / float64(layers)
+	}
 	if seconds > 0 {
 		r.Report.AggregateTokensPerS = float64(total) / seconds
 	}
-	r.log.Info("concurrent requests answered", "requests", n, "aggregate_tokens_per_s", r.Report.AggregateTokensPerS)
+	r.log.Info("concurrent requests answered", "requests", n, "aggregate_tokens_per_s", r.Report.AggregateTokensPerS,
+		"shared_layer_share", r.Report.SharedLayerShare)
 	return nil
 }
 

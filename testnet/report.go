@@ -56,6 +56,9 @@ type Report struct {
 	// the wall time of the whole round.
 	Results             []Result `json:"results,omitempty"`
 	AggregateTokensPerS float64  `json:"aggregate_tokens_per_s,omitempty"`
+	// SharedLayerShare is the share of the concurrent requests' MoE layer
+	// evaluations that went out in a round with other requests' tokens.
+	SharedLayerShare float64 `json:"shared_layer_share,omitempty"`
 	// HTTP is node 0's HTTP listener: the dashboard, /metrics and the
 	// gating node's OpenAI-compatible API.
 	HTTP string `json:"http,omitempty"`
@@ -103,6 +106,16 @@ type Result struct {
 	// Queued is the last place in the gating node's queue the request was
 	// given before it started (0: it started at once).
 	Queued int `json:"queued"`
+	// MoELayers are the request's MoE layer evaluations, SharedLayers
+	// those whose round of expert calls carried other requests' tokens
+	// too (the gating node's continuous batching).
+	MoELayers    uint64 `json:"moe_layers"`
+	SharedLayers uint64 `json:"shared_layers"`
+	// Escrow paid for the request (loopback: each its own wallet's), the
+	// expert work its receipts carried and what that cost (base units).
+	Escrow uint64 `json:"escrow,omitempty"`
+	FLOPs  uint64 `json:"flops,omitempty"`
+	Cost   uint64 `json:"cost_base_units,omitempty"`
 }
 
 // Stats are the gating node's measurements of the generation.
@@ -114,8 +127,11 @@ type Stats struct {
 	ExpertBytes   uint64  `json:"expert_bytes"`
 	BytesPerToken float64 `json:"bytes_per_token"`
 	MoELayers     uint64  `json:"moe_layers"`
-	// OneNodeLayers: MoE layers whose expert calls one node answered.
+	// OneNodeLayers: MoE layers whose expert calls one node answered;
+	// SharedLayers: those whose round carried other generations' tokens
+	// too (continuous batching).
 	OneNodeLayers  uint64  `json:"one_node_layers"`
+	SharedLayers   uint64  `json:"shared_layers"`
 	MoEWallMs      float64 `json:"moe_wall_ms"`
 	MoEComputeMs   float64 `json:"moe_compute_ms"`
 	DispatchPerLay float64 `json:"dispatch_overhead_per_layer_us"`
@@ -267,7 +283,7 @@ type Generation struct {
 func GenerationStats(d *client.Done, perTokenMs []float64) *Stats {
 	st := d.Stats
 	ts := &Stats{PrefillMs: float64(d.Prefill.Microseconds()) / 1000,
-		ExpertCalls: st.GetExpertCalls(), ExpertBytes: st.GetExpertBytes(), MoELayers: st.GetMoeLayers(), OneNodeLayers: st.GetOneNodeLayers(),
+		ExpertCalls: st.GetExpertCalls(), ExpertBytes: st.GetExpertBytes(), MoELayers: st.GetMoeLayers(), OneNodeLayers: st.GetOneNodeLayers(), SharedLayers: st.GetSharedLayers(),
 		MoEWallMs: float64(st.GetMoeWallUs()) / 1000, MoEComputeMs: float64(st.GetMoeComputeUs()) / 1000,
 		Hedges: st.GetHedges(), Redispatches: st.GetRedispatches()}
 	ts.SpecPasses, ts.DraftTokens, ts.AcceptedTokens = st.GetSpecPasses(), st.GetDraftTokens(), st.GetAcceptedTokens()

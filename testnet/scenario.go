@@ -45,8 +45,11 @@ type Scenario struct {
 	// Speculate is the gating node's speculative decoding (gating.speculate:
 	// "" or "off", "ngram", "draft"), Draft its draft model (a GGUF file).
 	Speculate, Draft string
-	Prompt           string
-	MaxTokens        int
+	// BatchWait is the gating node's gating.batch_wait (continuous
+	// batching): 0 leaves its default, negative turns batching off.
+	BatchWait time.Duration
+	Prompt    string
+	MaxTokens int
 	// Requests is how many times the prompt is answered (at least 1);
 	// every answer must have the same tokens.
 	Requests int
@@ -263,13 +266,18 @@ func (r *Run) launch(ctx context.Context) error {
 	if err := r.S.Topology.Launch(r, &o); err != nil {
 		return err
 	}
-	if r.S.Speculate != "" {
+	if r.S.Speculate != "" || r.S.BatchWait != 0 {
 		topo := o.Config
 		o.Config = func(i int, c *node.Config) {
 			if topo != nil {
 				topo(i, c)
 			}
-			c.Gating.Speculate, c.Gating.Draft = r.S.Speculate, r.S.Draft
+			if r.S.Speculate != "" {
+				c.Gating.Speculate, c.Gating.Draft = r.S.Speculate, r.S.Draft
+			}
+			if r.S.BatchWait != 0 {
+				c.Gating.BatchWait = node.Duration(max(r.S.BatchWait, 0))
+			}
 		}
 	}
 	up := r.S.Progress.Bar(int64(o.Nodes), "nodes up", false)

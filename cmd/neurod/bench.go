@@ -245,7 +245,11 @@ func benchMarkdown(rep *testnet.BenchReport) string {
 		}
 		tps := fmt.Sprintf("%.1f", r.TokensPerSecond)
 		if r.AloneTokensPerSecond > 0 {
-			tps += fmt.Sprintf(" (%.1f× one alone)", r.TokensPerSecond/r.AloneTokensPerSecond)
+			tps += fmt.Sprintf(" (%.1f× one alone", r.TokensPerSecond/r.AloneTokensPerSecond)
+			if r.Batch == "on" {
+				tps += fmt.Sprintf("; %.0f%% of layers in shared rounds", 100*r.SharedLayerShare)
+			}
+			tps += ")"
 		}
 		fmt.Fprintf(&sb, "| %s | %s | %s | %.1f ms | %.1f ms | %s | %s | %s | %s | %s | %s | %s |\n", r.Name, rtt, tps,
 			r.PerTokenP50Ms, r.PerTokenP90Ms, floor, ratio, rt, calls, one, disp, lr)

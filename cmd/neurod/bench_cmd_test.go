@@ -34,7 +34,7 @@ func TestBenchReport(t *testing.T) {
 		}
 		args = append(args, "--no-netns")
 	}
-	r := neurodWithin(t, 12*time.Minute, nil, args...) // ten testnets, seven of them netns
+	r := neurodWithin(t, 12*time.Minute, nil, args...) // twelve testnets, eight of them netns
 	if r.code != 0 {
 		t.Fatalf("exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
 	}
@@ -54,20 +54,28 @@ func TestBenchReport(t *testing.T) {
 	for _, kind := range []string{"off", "ngram", "draft"} {
 		spec += ",speculation " + kind + ", " + where + ", repeating a list"
 	}
-	if strings.Join(names, ",") != "llama.cpp,split,testnet,testnet, pinned (a core and a thread each),testnet (1 expert node), 3 users at once,netns 20 ms,"+
+	if strings.Join(names, ",") != "llama.cpp,split,testnet,testnet, pinned (a core and a thread each),"+
+		"testnet (1 expert node), 3 users at once,testnet (1 expert node), 3 users at once, batching off,netns 20 ms,"+
 		"placement: expert nodes 20 ms and 40 ms away ±2 ms, experts together,"+
-		"placement: expert nodes 20 ms and 40 ms away ±2 ms, experts spread,netns 20 ms, 3 users at once"+spec || rep.Layers != 3 {
+		"placement: expert nodes 20 ms and 40 ms away ±2 ms, experts spread,netns 20 ms, 3 users at once,netns 20 ms, 3 users at once, batching off"+spec || rep.Layers != 3 {
 		t.Fatalf("rows %v, layers %d", names, rep.Layers)
 	}
-	if c := rep.Rows[8]; c.Kind != "concurrent" || c.Users != 3 || withNetns && (c.TokensPerSecond <= 0 || c.AloneTokensPerSecond <= 0 || c.RTTMs != 20) ||
-		!withNetns && c.Skipped == "" {
-		t.Fatalf("netns concurrent row %+v", c)
+	for i, c := range rep.Rows[9:11] {
+		batch := []string{"on", "off"}[i]
+		if c.Kind != "concurrent" || c.Users != 3 || c.Batch != batch || withNetns && (c.TokensPerSecond <= 0 || c.AloneTokensPerSecond <= 0 || c.RTTMs != 20) ||
+			!withNetns && c.Skipped == "" {
+			t.Fatalf("netns concurrent row %+v", c)
+		}
+		// Without batching no layer goes out in a shared round.
+		if batch == "off" && c.SharedLayerShare != 0 {
+			t.Fatalf("batching off, and %.0f%% of layers shared a round: %+v", 100*c.SharedLayerShare, c)
+		}
 	}
-	off := rep.Rows[9]
+	off := rep.Rows[11]
 	if off.Kind != "speculate" || off.RoundTripsPerToken != 3 || off.MsPerToken <= 0 || off.AcceptedPerPass != 0 {
 		t.Fatalf("speculation off: %+v", off)
 	}
-	for _, row := range rep.Rows[10:] {
+	for _, row := range rep.Rows[12:] {
 		if row.Kind != "speculate" || row.AcceptedPerPass <= 0 || row.Acceptance <= 0 || row.RoundTripsPerToken >= off.RoundTripsPerToken {
 			t.Fatalf("%s: %+v (without: %.2f round trips per token)", row.Name, row, off.RoundTripsPerToken)
 		}
@@ -82,10 +90,15 @@ func TestBenchReport(t *testing.T) {
 			t.Fatalf("testnet row %+v", row)
 		}
 	}
-	if c := rep.Rows[4]; c.Kind != "concurrent" || c.Users != 3 || c.TokensPerSecond <= 0 || c.PerTokenP50Ms <= 0 {
-		t.Fatalf("concurrent row %+v", c)
+	for i, c := range rep.Rows[4:6] {
+		if c.Kind != "concurrent" || c.Users != 3 || c.Batch != []string{"on", "off"}[i] || c.TokensPerSecond <= 0 || c.PerTokenP50Ms <= 0 {
+			t.Fatalf("concurrent row %+v", c)
+		}
 	}
-	if n := rep.Rows[5]; withNetns {
+	if rep.Rows[5].SharedLayerShare != 0 {
+		t.Fatalf("batching off, and %.0f%% of layers shared a round", 100*rep.Rows[5].SharedLayerShare)
+	}
+	if n := rep.Rows[6]; withNetns {
 		if n.Skipped != "" || n.MeasuredRTTMs <= 0 || n.FloorMs <= 3*20 || n.RoundTripsPerToken != 3 || n.Direct == nil || !*n.Direct {
 			t.Fatalf("netns row %+v", n)
 		}
@@ -94,12 +107,12 @@ func TestBenchReport(t *testing.T) {
 		}
 		// Spread, each expert on one of two homes: the prompt's pass needs
 		// both in every layer, so not every layer is one node's.
-		together, spread := rep.Rows[6], rep.Rows[7]
+		together, spread := rep.Rows[7], rep.Rows[8]
 		if together.Skipped != "" || spread.Skipped != "" || together.OneNodeShare == 0 || spread.OneNodeShare >= 1 {
 			t.Fatalf("placement rows %+v\n%+v", together, spread)
 		}
-	} else if n.Skipped == "" || rep.Rows[7].Skipped == "" {
-		t.Fatalf("netns rows without namespaces: %+v", rep.Rows[5:8])
+	} else if n.Skipped == "" || rep.Rows[8].Skipped == "" {
+		t.Fatalf("netns rows without namespaces: %+v", rep.Rows[6:9])
 	}
 	md, err := os.ReadFile(filepath.Join(out, "report.md"))
 	if err != nil || !strings.Contains(string(md), "| netns 20 ms |") || !strings.Contains(string(md), "floor") {

@@ -374,10 +374,17 @@ func TestTestnetCheck(t *testing.T) {
 	if len(rep.Results) != 3 || rep.AggregateTokensPerS <= 0 {
 		t.Fatalf("concurrent results: %+v, aggregate %v", rep.Results, rep.AggregateTokensPerS)
 	}
+	escrows := map[uint64]bool{}
 	for i, res := range rep.Results {
 		if fmt.Sprint(res.Tokens) != fmt.Sprint(want) || len(res.PerTokenMs) != len(want) {
 			t.Errorf("concurrent request %d: tokens %v (%d latencies), generate --local %v", i, res.Tokens, len(res.PerTokenMs), want)
 		}
+		// Each paid from its own escrow for its own rows, also when its
+		// layers went out in rounds with the others' (continuous batching).
+		if res.Escrow == 0 || escrows[res.Escrow] || res.FLOPs == 0 || res.Cost == 0 || res.MoELayers == 0 {
+			t.Errorf("concurrent request %d: escrow %d (seen: %v), %d FLOPs, cost %d, %d MoE layers", i, res.Escrow, escrows, res.FLOPs, res.Cost, res.MoELayers)
+		}
+		escrows[res.Escrow] = true
 	}
 	// The generation was paid from the user's wallet: it paid exactly what
 	// the answer said it cost; the gating node earned its share, the

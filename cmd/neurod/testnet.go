@@ -36,7 +36,7 @@ type testnetFlags struct {
 	kill, slow, faulty, device, shared, speculate, draft   string
 	nat, rtt, jitter, loss, bandwidth                      string
 	json, check, netns, spread                             bool
-	timeout                                                time.Duration
+	timeout, batchWait                                     time.Duration
 }
 
 func newTestnetCmd(g *globalFlags) *cobra.Command {
@@ -116,6 +116,7 @@ func (f *testnetFlags) register(fs *pflag.FlagSet) {
 	fs.IntVar(&f.requests, "requests", 1, "answer the prompt this many times (a workload for the checks)")
 	fs.IntVar(&f.concurrency, "concurrency", 1, "then ask the prompt this many times at once, each through a client of its own (loopback: paid by a wallet of its own; netns: unpaid, from the gating node's home): results[] and aggregate_tokens_per_s")
 	fs.StringVar(&f.device, "device", "cpu", deviceUsage+" (every node; loopback testnet only)")
+	fs.DurationVar(&f.batchWait, "batch-wait", 10*time.Millisecond, "the gating node's continuous batching: how long a generation's MoE call waits for the other generations' to go out as one round of expert calls (gating.batch_wait); 0 sends each alone")
 	_ = fs.MarkHidden("test-slow-node")
 }
 
@@ -170,6 +171,9 @@ func (f *testnetFlags) scenario(fs *pflag.FlagSet) (*testnet.Scenario, error) {
 	}
 	s := &testnet.Scenario{Dir: f.dir, Binary: bin, Model: f.model, SharedRemote: remote, Speculate: f.speculate, Draft: f.draft, Prompt: f.prompt, MaxTokens: f.maxTokens,
 		Requests: f.requests, Concurrency: f.concurrency, Timeout: f.timeout, Check: f.check}
+	if s.BatchWait, err = batchWaitFlag(fs, f.batchWait); err != nil {
+		return nil, err
+	}
 	if f.netns {
 		s.Topology, err = f.netnsTopology(fs)
 	} else {
@@ -375,8 +379,8 @@ func printConcurrent(w io.Writer, rep testnet.Report) {
 		}
 	}
 	slices.Sort(firsts)
-	fmt.Fprintf(w, "\n%d requests at once: %.1f tokens/s in all (one alone: %.1f); %d waited in the gating node's queue; first token after %.0f ms (median) to %.0f ms\n",
-		len(rep.Results), rep.AggregateTokensPerS, rep.TokensPerSecond, queued, firsts[len(firsts)/2], firsts[len(firsts)-1])
+	fmt.Fprintf(w, "\n%d requests at once: %.1f tokens/s in all (one alone: %.1f); %d waited in the gating node's queue; first token after %.0f ms (median) to %.0f ms; %.0f%% of their MoE layers went out in a round with other requests' tokens\n",
+		len(rep.Results), rep.AggregateTokensPerS, rep.TokensPerSecond, queued, firsts[len(firsts)/2], firsts[len(firsts)-1], 100*rep.SharedLayerShare)
 }
 
 // parseFaulty parses --faulty: K:MODE items, given to the last expert
@@ -566,4 +570,18 @@ func printTrust(w io.Writer, rep testnet.Report) {
 		fmt.Fprintf(w, "%d expert answers used, %d extra calls to check them (%.1f%%), %d results found wrong, %d rewinds\n",
 			v.Calls, v.Checks, 100*float64(v.Checks)/float64(v.Calls), v.Wrong, rep.Rewinds)
 	}
+}
+
+// batchWaitFlag is the scenario's BatchWait for --batch-wait: 0 (the
+// node's default) unless the flag was given; given as 0, off.
+func batchWaitFlag(fs *pflag.FlagSet, d time.Duration) (time.Duration, error) {
+	switch {
+	case !fs.Changed("batch-wait"):
+		return 0, nil
+	case d < 0 || d > time.Second:
+		return 0, fmt.Errorf("flag --batch-wait %v: want 0 (off) to 1s", d)
+	case d == 0:
+		return -1, nil
+	}
+	return d, nil
 }

@@ -80,10 +80,16 @@ type testnetJSON struct {
 	} `json:"ledger"`
 	CostBaseUnits uint64 `json:"cost_base_units"`
 	Results       []struct {
-		Tokens     []int32   `json:"tokens"`
-		PerTokenMs []float64 `json:"per_token_ms"`
+		Tokens       []int32   `json:"tokens"`
+		PerTokenMs   []float64 `json:"per_token_ms"`
+		MoELayers    uint64    `json:"moe_layers"`
+		SharedLayers uint64    `json:"shared_layers"`
+		Escrow       uint64    `json:"escrow"`
+		FLOPs        uint64    `json:"flops"`
+		Cost         uint64    `json:"cost_base_units"`
 	} `json:"results"`
 	AggregateTokensPerS float64 `json:"aggregate_tokens_per_s"`
+	SharedLayerShare    float64 `json:"shared_layer_share"`
 }
 
 // runningTestnet starts `neurod testnet ARGS --json`, which stays up after
