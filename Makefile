@@ -50,10 +50,9 @@ env:
 build:
 	$(GO) build -o $(BIN) ./cmd/neurod
 
-## test: gofmt, vet and staticcheck, then every test, shuffled: the race-detector run of the pure-Go packages beside the lint and the ggml run, then the Vulkan tests on lavapipe
+## test: gofmt, vet and staticcheck, and every test, shuffled: the race-detector run of the pure-Go packages beside the build of neurod (llama.cpp, compiled once), then beside the lint, the ggml run and the Vulkan tests on lavapipe
 test:
-	@$(MAKE) --no-print-directory -j2 test-race lint-then-ggml
-	@$(MAKE) --no-print-directory test-vulkan
+	@$(MAKE) --no-print-directory -j4 test-race test-cgo
 
 # GPU backends: libraries neurod opens at run time from its own folder
 # (bin/). Each is built once per machine into $(GPU_CACHE), keyed by the
@@ -85,13 +84,18 @@ test-vulkan: vulkan build
 	$(VULKAN_ENV) $(GO) test -count=1 -timeout 20m -run '^TestVulkan' ./cmd/neurod/
 
 # The race-detector build shares nothing with the others (every package is
-# compiled again with -race), so it runs beside them; the ggml tests reuse
-# what lint compiled, so they run after it.
-.PHONY: test-race lint-then-ggml
+# compiled again with -race), so it runs beside them. The rest reuses what
+# building neurod compiled (llama.cpp above all), so it starts after that,
+# the three parts at once: the cgo tests mostly wait on their testnets'
+# processes and emulated round trips.
+.PHONY: test-race test-cgo test-ggml
 test-race:
 	$(GO) test -race -shuffle=on -count=1 -timeout 20m $(PURE_PKGS)
 
-lint-then-ggml: lint
+test-cgo: build
+	@$(MAKE) --no-print-directory lint test-ggml test-vulkan
+
+test-ggml: build
 	$(GO) test -tags ggml -shuffle=on -count=1 -timeout 20m -run '^($(GGML_TESTS))$$' $(GGML_TEST_PKGS)
 	$(GO) test -shuffle=on -count=1 -timeout 20m $(CGO_PKGS)
 

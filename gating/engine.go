@@ -91,10 +91,10 @@ type EngineConfig struct {
 	Draft        string
 	SpeculateMax int
 	// BatchWait is how long a generation's MoE call waits for those of
-	// the other generations inside a forward pass, to go out with them as
-	// one round of expert calls (continuous batching; a round leaves at
-	// once when every generation waits). 0: the default (10 ms); negative:
-	// every generation's calls go alone.
+	// the other generations computing toward the same layer, to go out
+	// with them as one round of expert calls (continuous batching; see
+	// Batcher). 0: the default (10 ms); negative: every generation's calls
+	// go alone.
 	BatchWait time.Duration
 }
 

@@ -184,7 +184,7 @@ func validReceipt(r *neuropb.UsageReceipt, p peer.ID, escrow uint64) bool {
 }
 
 // Generation is the state of one generation that its expert calls
-// report to, handed to them explicitly (RemoteExperts.For), never in a
+// report to, handed to them explicitly (Batcher.Join), never in a
 // context value: what the calls cost, the receipts of a paid generation,
 // the checks of its results, and the forward pass the calls belong to.
 type Generation struct {

@@ -361,10 +361,10 @@ threads = 0
 speculate = "off"
 draft = ""
 speculate_max = 8
-# Continuous batching: the generations inside a forward pass send each MoE
-# layer's tokens together, one request per expert holding every
-# generation's rows (each paid from its own escrow, computed as it would be
-# alone). A round leaves as soon as every generation waits for it, or after
+# Continuous batching: the generations that reach the same MoE layer send
+# its tokens together, one request per expert holding every generation's
+# rows (each paid from its own escrow, computed as it would be alone). A
+# call waits for the generations computing toward the same layer at most
 # batch_wait, so that one long prompt does not hold the others up. "0s"
 # sends every generation's calls alone.
 batch_wait = "10ms"

@@ -309,9 +309,8 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 		ec := gating.EngineConfig{Threads: cfg.Gating.Threads,
 			MaxSessions: cfg.Gating.MaxSessions, MaxQueue: cfg.Gating.MaxQueue, QueueTimeout: time.Duration(cfg.Gating.QueueTimeout),
 			Context: cfg.Gating.Context, DefaultMaxTokens: cfg.Gating.MaxTokens,
-			Speculate: cfg.Gating.Speculate, Draft: cfg.Gating.Draft, SpeculateMax: cfg.Gating.SpeculateMax,
-			BatchWait: batchWait(cfg.Gating.BatchWait),
-			DType:     dt, CallTimeout: time.Duration(cfg.Gating.CallTimeout), Book: book, Metrics: n.metrics, Compute: o.compute,
+			Speculate: cfg.Gating.Speculate, Draft: cfg.Gating.Draft, SpeculateMax: cfg.Gating.SpeculateMax, BatchWait: batchWait(cfg.Gating.BatchWait),
+			DType: dt, CallTimeout: time.Duration(cfg.Gating.CallTimeout), Book: book, Metrics: n.metrics, Compute: o.compute,
 			OnWrong: func(w gating.Verdict) {
 				n.verdicts.Report(verdict.Wrong{Task: reputation.Task{Model: w.Model, Layer: w.Key.Layer, Expert: w.Key.Expert,
 					Input: w.Input, N: w.N, DTypes: w.DTypes}, Accused: w.Accused, Output: w.Wrong, Agreeing: w.Agreeing, Right: w.Right, Receipt: w.Receipt})

@@ -1,6 +1,7 @@
 package testnet
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -14,7 +15,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
@@ -323,45 +323,52 @@ func (t *Netns) Ask(ctx context.Context, r *Run) error {
 // generate asks the prompt once from the gating node's home, through a
 // client of its own (neurod generate --network).
 func (t *Netns) generate(ctx context.Context, r *Run) (*Generation, error) {
+	gens, err := t.generateN(ctx, r, 1)
+	if err != nil {
+		return nil, err
+	}
+	return gens[0], nil
+}
+
+// generateN asks the prompt n times at once from the gating node's home
+// through one client process (neurod generate --network --concurrency):
+// clients of their own would each take a connection from one address,
+// and libp2p's resource manager admits 8 per address.
+func (t *Netns) generateN(ctx context.Context, r *Run, n int) ([]*Generation, error) {
 	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", t.ns(t.Gating()), r.S.Binary, "generate", "--network", "--bootstrap", t.bootAddr(r),
-		"--model", r.Model.CID.String(), "--prompt", r.S.Prompt, "--max-tokens", strconv.Itoa(r.S.MaxTokens), "--json")
+		"--model", r.Model.CID.String(), "--prompt", r.S.Prompt, "--max-tokens", strconv.Itoa(r.S.MaxTokens), "--json", "--concurrency", strconv.Itoa(n))
 	var gerr strings.Builder
 	cmd.Stderr = &gerr
 	out, err := cmd.Output()
 	if err != nil {
 		return nil, fmt.Errorf("generate from the gating node's home: %w: %s", err, strings.TrimSpace(gerr.String()))
 	}
-	var gen Generation
-	if err := json.Unmarshal(out, &gen); err != nil {
-		return nil, fmt.Errorf("generate: %w", err)
+	dec := json.NewDecoder(bytes.NewReader(out))
+	gens := make([]*Generation, n)
+	for i := range gens {
+		gens[i] = &Generation{}
+		if err := dec.Decode(gens[i]); err != nil {
+			return nil, fmt.Errorf("generate: generation %d of %d: %w", i+1, n, err)
+		}
 	}
-	return &gen, nil
+	return gens, nil
 }
 
-// concurrent asks the prompt Concurrency times at once, each through a
-// client process of its own in the gating node's home (unpaid, as the
-// netns testnet runs), and checks every answer has want's tokens. The
-// aggregate is the tokens over the longest generation's time (each
-// client's start-up, its DHT lookup, left out).
+// concurrent asks the prompt Concurrency times at once through one client
+// in the gating node's home (unpaid, as the netns testnet runs), and
+// checks every answer has want's tokens. The aggregate is the tokens over
+// the longest generation's time (the client's start-up, its DHT lookup,
+// left out).
 func (t *Netns) concurrent(ctx context.Context, r *Run, want []int32) error {
 	n := r.S.Concurrency
-	gens := make([]*Generation, n)
+	gens, err := t.generateN(ctx, r, n)
 	errs := make([]error, n)
-	var wg sync.WaitGroup
-	for i := range n {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			gens[i], errs[i] = t.generate(ctx, r)
-		}()
+	if err != nil {
+		return err
 	}
-	wg.Wait()
 	results := make([]Result, n)
 	longest := 0.0 // seconds
 	for i, g := range gens {
-		if g == nil {
-			continue
-		}
 		var took float64
 		for _, ms := range g.PerTokenMs {
 			took += ms / 1000

@@ -53,10 +53,10 @@ type Scenario struct {
 	// Requests is how many times the prompt is answered (at least 1);
 	// every answer must have the same tokens.
 	Requests int
-	// Concurrency, above 1, then asks the prompt that many times at once,
-	// each through a client of its own (the loopback testnet's paid by a
-	// wallet of its own; the netns testnet's unpaid, from the gating
-	// node's home); every answer must have the same tokens.
+	// Concurrency, above 1, then asks the prompt that many times at once
+	// (the loopback testnet's each through a client of its own, paid by a
+	// wallet of its own; the netns testnet's unpaid, through one client in
+	// the gating node's home); every answer must have the same tokens.
 	Concurrency int
 	// Timeout bounds coming up, being healthy, serving the model and
 	// answering.

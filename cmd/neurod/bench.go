@@ -103,7 +103,7 @@ func newBenchCmd(g *globalFlags) *cobra.Command {
 	fs := cmd.Flags()
 	fs.StringVar(&f.model, "model", "", "GGUF MoE model to run (default: the generated bench model)")
 	fs.StringVar(&f.out, "out", "bench-report", "directory to write report.md, report.png and report.json into")
-	fs.StringVar(&f.rtts, "rtt", "0,20ms,50ms,100ms", "round-trip times of the netns runs, comma-separated")
+	fs.StringVar(&f.rtts, "rtt", "0,20ms,50ms,100ms", "round-trip times of the netns runs, comma-separated (none: no plain netns run)")
 	fs.IntVar(&f.maxTokens, "max-tokens", 32, "tokens to generate in each run")
 	fs.StringVar(&f.concurrency, "concurrency", "4,16", "users the loopback testnet also serves at once, comma-separated (each through a client and wallet of its own; the row's tokens/s are theirs in all); 0 leaves them out")
 	fs.BoolVar(&f.json, "json", false, "print the report as JSON")
@@ -123,6 +123,9 @@ func (f *benchFlags) check() ([]time.Duration, error) {
 		return nil, fmt.Errorf("flag --max-tokens %d: want at least 2 (the first token carries the prompt)", f.maxTokens)
 	}
 	var list []time.Duration
+	if f.rtts == "none" {
+		return list, f.checkRest()
+	}
 	for _, s := range strings.Split(f.rtts, ",") {
 		s = strings.TrimSpace(s)
 		if s == "0" {
@@ -134,22 +137,27 @@ func (f *benchFlags) check() ([]time.Duration, error) {
 		}
 		list = append(list, d)
 	}
+	return list, f.checkRest()
+}
+
+// checkRest checks the flags other than --rtt.
+func (f *benchFlags) checkRest() error {
 	if f.model != "" {
 		if _, err := os.Stat(f.model); err != nil {
-			return nil, fmt.Errorf("flag --model: %w", err)
+			return fmt.Errorf("flag --model: %w", err)
 		}
 	}
 	if f.speculateRTT < 0 || f.speculateRTT > 2*time.Second {
-		return nil, fmt.Errorf("flag --speculate-rtt %v: want 0 (leave out) to 2s", f.speculateRTT)
+		return fmt.Errorf("flag --speculate-rtt %v: want 0 (leave out) to 2s", f.speculateRTT)
 	}
 	if f.concurrencyRTT < 0 || f.concurrencyRTT > 2*time.Second {
-		return nil, fmt.Errorf("flag --concurrency-rtt %v: want 0 (leave out) to 2s", f.concurrencyRTT)
+		return fmt.Errorf("flag --concurrency-rtt %v: want 0 (leave out) to 2s", f.concurrencyRTT)
 	}
 	if f.placement < 0 || f.placementFar < f.placement || f.jitter < 0 || f.jitter > f.placement/2 {
-		return nil, fmt.Errorf("flags --placement-rtt %v, --placement-far %v, --placement-jitter %v: want an RTT of 0 (leave out) or more, a far one at least as long, and jitter up to half the RTT",
+		return fmt.Errorf("flags --placement-rtt %v, --placement-far %v, --placement-jitter %v: want an RTT of 0 (leave out) or more, a far one at least as long, and jitter up to half the RTT",
 			f.placement, f.placementFar, f.jitter)
 	}
-	return list, nil
+	return nil
 }
 
 // bench is the testnet.Bench the flags ask for, computing on this machine

@@ -17,88 +17,82 @@ import (
 // fails otherwise), and the report directory holds the table, a PNG plot
 // and the JSON. Over 20 ms of emulated RTT no token beats the layers'
 // round trips (a lower bound: a busy machine only adds time). With each
-// expert on one of two homes, some layers need both. Speculative decoding
-// on a model of the same shape that repeats a list keeps drafted tokens
-// and needs fewer round trips per token, with prompt lookup and with a
-// draft model.
+// expert on one of two homes, some layers need both. Several users at
+// once are served with continuous batching and without. Speculative
+// decoding on a model of the same shape that repeats a list keeps drafted
+// tokens and needs fewer round trips per token, with prompt lookup and
+// with a draft model. The three parts run as three benches at once (each
+// mostly waits on its emulated round trips).
 func TestBenchReport(t *testing.T) {
 	t.Parallel() // mostly waiting
 	path := makeModel(t, "--preset", "tiny", "--type", "q8_0", "--seed", "41", "--layers", "3", "--experts", "6", "--embd", "96")
-	out := filepath.Join(t.TempDir(), "report")
-	args := []string{"bench", "--model", path, "--out", out, "--max-tokens", "8", "--rtt", "20ms", "--json", "--concurrency", "3",
-		"--placement-rtt", "20ms", "--placement-far", "40ms", "--placement-jitter", "2ms", "--speculate-rtt", "20ms", "--concurrency-rtt", "20ms"}
 	withNetns := netns.Available() == nil
-	if !withNetns {
-		if os.Getenv("NEURO_REQUIRE_NETNS") != "" {
-			t.Fatalf("network namespaces: %v", netns.Available())
-		}
-		args = append(args, "--no-netns")
-	}
-	r := neurodWithin(t, 12*time.Minute, nil, args...) // twelve testnets, eight of them netns
-	if r.code != 0 {
-		t.Fatalf("exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
-	}
-	var rep testnet.BenchReport
-	if err := json.Unmarshal([]byte(r.stdout), &rep); err != nil {
-		t.Fatalf("%v\n%s", err, r.stdout)
-	}
-	names := []string{}
-	for _, row := range rep.Rows {
-		names = append(names, row.Name)
+	if !withNetns && os.Getenv("NEURO_REQUIRE_NETNS") != "" {
+		t.Fatalf("network namespaces: %v", netns.Available())
 	}
 	where := "netns 20 ms"
 	if !withNetns {
 		where = "testnet"
 	}
-	spec := ""
-	for _, kind := range []string{"off", "ngram", "draft"} {
-		spec += ",speculation " + kind + ", " + where + ", repeating a list"
+	base := "llama.cpp,split,testnet,testnet, pinned (a core and a thread each)"
+	parts := []struct {
+		name string
+		args []string
+		rows string
+		test func(t *testing.T, rep testnet.BenchReport, out string)
+	}{
+		{"netns and placement", []string{"--rtt", "20ms", "--concurrency", "0", "--placement-rtt", "20ms", "--placement-far", "40ms", "--placement-jitter", "2ms", "--speculate-rtt", "0"},
+			base + ",netns 20 ms,placement: expert nodes 20 ms and 40 ms away ±2 ms, experts together,placement: expert nodes 20 ms and 40 ms away ±2 ms, experts spread",
+			func(t *testing.T, rep testnet.BenchReport, out string) { checkBenchNetns(t, rep, out, withNetns) }},
+		{"users at once", []string{"--rtt", "none", "--concurrency", "3", "--concurrency-rtt", "20ms", "--placement-rtt", "0", "--placement-jitter", "0", "--speculate-rtt", "0"},
+			base + ",testnet (1 expert node), 3 users at once,testnet (1 expert node), 3 users at once, batching off,netns 20 ms, 3 users at once,netns 20 ms, 3 users at once, batching off",
+			func(t *testing.T, rep testnet.BenchReport, _ string) { checkBenchUsers(t, rep, withNetns) }},
+		{"speculation", []string{"--rtt", "none", "--concurrency", "0", "--placement-rtt", "0", "--placement-jitter", "0", "--speculate-rtt", "20ms"},
+			base + ",speculation off, " + where + ", repeating a list,speculation ngram, " + where + ", repeating a list,speculation draft, " + where + ", repeating a list",
+			func(t *testing.T, rep testnet.BenchReport, _ string) { checkBenchSpeculation(t, rep) }},
 	}
-	if strings.Join(names, ",") != "llama.cpp,split,testnet,testnet, pinned (a core and a thread each),"+
-		"testnet (1 expert node), 3 users at once,testnet (1 expert node), 3 users at once, batching off,netns 20 ms,"+
-		"placement: expert nodes 20 ms and 40 ms away ±2 ms, experts together,"+
-		"placement: expert nodes 20 ms and 40 ms away ±2 ms, experts spread,netns 20 ms, 3 users at once,netns 20 ms, 3 users at once, batching off"+spec || rep.Layers != 3 {
-		t.Fatalf("rows %v, layers %d", names, rep.Layers)
+	for _, pt := range parts {
+		t.Run(pt.name, func(t *testing.T) {
+			t.Parallel()
+			out := filepath.Join(t.TempDir(), "report")
+			args := append([]string{"bench", "--model", path, "--out", out, "--max-tokens", "8", "--json"}, pt.args...)
+			if !withNetns {
+				args = append(args, "--no-netns")
+			}
+			r := neurodWithin(t, 12*time.Minute, nil, args...)
+			if r.code != 0 {
+				t.Fatalf("exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
+			}
+			var rep testnet.BenchReport
+			if err := json.Unmarshal([]byte(r.stdout), &rep); err != nil {
+				t.Fatalf("%v\n%s", err, r.stdout)
+			}
+			names := []string{}
+			for _, row := range rep.Rows {
+				names = append(names, row.Name)
+			}
+			if strings.Join(names, ",") != pt.rows || rep.Layers != 3 {
+				t.Fatalf("rows %v, layers %d", names, rep.Layers)
+			}
+			for _, row := range rep.Rows[:4] {
+				if row.TokensPerSecond <= 0 || row.PerTokenP50Ms <= 0 {
+					t.Fatalf("row %+v", row)
+				}
+			}
+			for _, row := range rep.Rows[2:4] { // the loopback testnets, default and pinned
+				if row.Kind != "testnet" || row.DispatchUsPerLayer <= 0 || row.LocalRatio <= 0 {
+					t.Fatalf("testnet row %+v", row)
+				}
+			}
+			pt.test(t, rep, out)
+		})
 	}
-	for i, c := range rep.Rows[9:11] {
-		batch := []string{"on", "off"}[i]
-		if c.Kind != "concurrent" || c.Users != 3 || c.Batch != batch || withNetns && (c.TokensPerSecond <= 0 || c.AloneTokensPerSecond <= 0 || c.RTTMs != 20) ||
-			!withNetns && c.Skipped == "" {
-			t.Fatalf("netns concurrent row %+v", c)
-		}
-		// Without batching no layer goes out in a shared round.
-		if batch == "off" && c.SharedLayerShare != 0 {
-			t.Fatalf("batching off, and %.0f%% of layers shared a round: %+v", 100*c.SharedLayerShare, c)
-		}
-	}
-	off := rep.Rows[11]
-	if off.Kind != "speculate" || off.RoundTripsPerToken != 3 || off.MsPerToken <= 0 || off.AcceptedPerPass != 0 {
-		t.Fatalf("speculation off: %+v", off)
-	}
-	for _, row := range rep.Rows[12:] {
-		if row.Kind != "speculate" || row.AcceptedPerPass <= 0 || row.Acceptance <= 0 || row.RoundTripsPerToken >= off.RoundTripsPerToken {
-			t.Fatalf("%s: %+v (without: %.2f round trips per token)", row.Name, row, off.RoundTripsPerToken)
-		}
-	}
-	for _, row := range rep.Rows[:4] {
-		if row.TokensPerSecond <= 0 || row.PerTokenP50Ms <= 0 {
-			t.Fatalf("row %+v", row)
-		}
-	}
-	for _, row := range rep.Rows[2:4] { // the loopback testnets, default and pinned
-		if row.Kind != "testnet" || row.DispatchUsPerLayer <= 0 || row.LocalRatio <= 0 {
-			t.Fatalf("testnet row %+v", row)
-		}
-	}
-	for i, c := range rep.Rows[4:6] {
-		if c.Kind != "concurrent" || c.Users != 3 || c.Batch != []string{"on", "off"}[i] || c.TokensPerSecond <= 0 || c.PerTokenP50Ms <= 0 {
-			t.Fatalf("concurrent row %+v", c)
-		}
-	}
-	if rep.Rows[5].SharedLayerShare != 0 {
-		t.Fatalf("batching off, and %.0f%% of layers shared a round", 100*rep.Rows[5].SharedLayerShare)
-	}
-	if n := rep.Rows[6]; withNetns {
+}
+
+// checkBenchNetns checks the netns and placement rows, and the report's
+// files.
+func checkBenchNetns(t *testing.T, rep testnet.BenchReport, out string, withNetns bool) {
+	if n := rep.Rows[4]; withNetns {
 		if n.Skipped != "" || n.MeasuredRTTMs <= 0 || n.FloorMs <= 3*20 || n.RoundTripsPerToken != 3 || n.Direct == nil || !*n.Direct {
 			t.Fatalf("netns row %+v", n)
 		}
@@ -107,12 +101,12 @@ func TestBenchReport(t *testing.T) {
 		}
 		// Spread, each expert on one of two homes: the prompt's pass needs
 		// both in every layer, so not every layer is one node's.
-		together, spread := rep.Rows[7], rep.Rows[8]
+		together, spread := rep.Rows[5], rep.Rows[6]
 		if together.Skipped != "" || spread.Skipped != "" || together.OneNodeShare == 0 || spread.OneNodeShare >= 1 {
 			t.Fatalf("placement rows %+v\n%+v", together, spread)
 		}
-	} else if n.Skipped == "" || rep.Rows[8].Skipped == "" {
-		t.Fatalf("netns rows without namespaces: %+v", rep.Rows[6:9])
+	} else if n.Skipped == "" || rep.Rows[6].Skipped == "" {
+		t.Fatalf("netns rows without namespaces: %+v", rep.Rows[4:7])
 	}
 	md, err := os.ReadFile(filepath.Join(out, "report.md"))
 	if err != nil || !strings.Contains(string(md), "| netns 20 ms |") || !strings.Contains(string(md), "floor") {
@@ -129,5 +123,41 @@ func TestBenchReport(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(out, "report.json")); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// checkBenchUsers checks the rows of several users at once, with
+// continuous batching and without: without it no layer shares a round.
+func checkBenchUsers(t *testing.T, rep testnet.BenchReport, withNetns bool) {
+	for i, c := range rep.Rows[4:8] {
+		batch := []string{"on", "off"}[i%2]
+		netnsRow := i >= 2
+		if c.Kind != "concurrent" || c.Users != 3 || c.Batch != batch {
+			t.Fatalf("concurrent row %+v", c)
+		}
+		if !netnsRow || withNetns {
+			if c.Skipped != "" || c.TokensPerSecond <= 0 || c.AloneTokensPerSecond <= 0 || c.PerTokenP50Ms <= 0 || netnsRow && c.RTTMs != 20 {
+				t.Fatalf("concurrent row %+v", c)
+			}
+		} else if c.Skipped == "" {
+			t.Fatalf("netns concurrent row without namespaces %+v", c)
+		}
+		if batch == "off" && c.SharedLayerShare != 0 {
+			t.Fatalf("batching off, and %.0f%% of layers shared a round: %+v", 100*c.SharedLayerShare, c)
+		}
+	}
+}
+
+// checkBenchSpeculation checks the speculation rows: prompt lookup and the
+// draft model keep drafted tokens and need fewer round trips per token.
+func checkBenchSpeculation(t *testing.T, rep testnet.BenchReport) {
+	off := rep.Rows[4]
+	if off.Kind != "speculate" || off.RoundTripsPerToken != 3 || off.MsPerToken <= 0 || off.AcceptedPerPass != 0 {
+		t.Fatalf("speculation off: %+v", off)
+	}
+	for _, row := range rep.Rows[5:] {
+		if row.Kind != "speculate" || row.AcceptedPerPass <= 0 || row.Acceptance <= 0 || row.RoundTripsPerToken >= off.RoundTripsPerToken {
+			t.Fatalf("%s: %+v (without: %.2f round trips per token)", row.Name, row, off.RoundTripsPerToken)
+		}
 	}
 }

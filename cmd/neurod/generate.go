@@ -57,6 +57,7 @@ type generateFlags struct {
 	ubatch       int
 	asJSON       bool
 	network      bool
+	concurrency  int
 	modelCID     string
 	bootstrap    []string
 	gatingAddrs  []string
@@ -103,11 +104,15 @@ func newGenerateCmd() *cobra.Command {
 				return errors.New("flag --device: only with --local or --split (the network's nodes choose their own)")
 			}
 			if gf.network {
+				if gf.concurrency < 1 || gf.concurrency > 256 || gf.concurrency > 1 && (!gf.asJSON || gf.dryRun) {
+					return fmt.Errorf("flag --concurrency %d: want 1 to 256, above 1 with --json and without --dry-run", gf.concurrency)
+				}
 				return generateNetwork(cmd, networkRequest{model: gf.modelCID, bootstrap: gf.bootstrap, gating: gf.gatingAddrs,
 					prompt: gf.prompt, maxTokens: gf.maxTokens, temperature: gf.temperature, topK: gf.topK, topP: gf.topP,
-					seed: gf.seed, seedSet: cmd.Flags().Changed("seed"), stop: gf.stop, json: gf.asJSON, wallet: gf.wallet, dryRun: gf.dryRun})
+					seed: gf.seed, seedSet: cmd.Flags().Changed("seed"), stop: gf.stop, json: gf.asJSON, wallet: gf.wallet, dryRun: gf.dryRun,
+					concurrency: gf.concurrency})
 			}
-			for _, name := range []string{"model", "bootstrap", "gating", "temperature", "top-k", "top-p", "seed", "stop", "wallet", "dry-run"} {
+			for _, name := range []string{"model", "bootstrap", "gating", "temperature", "top-k", "top-p", "seed", "stop", "wallet", "dry-run", "concurrency"} {
 				if cmd.Flags().Changed(name) {
 					return fmt.Errorf("flag --%s: only with --network", name)
 				}
@@ -155,6 +160,7 @@ func (gf *generateFlags) register(f *pflag.FlagSet) {
 	f.StringVar(&gf.device, "device", "cpu", deviceUsage)
 	f.StringVar(&gf.wallet, "wallet", "", "with --network: pay from this wallet's account (a key file from 'neurod wallet new')")
 	f.BoolVar(&gf.dryRun, "dry-run", false, "with --network: print what the request would cost, and run nothing")
+	f.IntVar(&gf.concurrency, "concurrency", 1, "with --network and --json: ask the prompt this many times at once through the one client, one generation's JSON per line")
 }
 
 // generateOnMachine answers a prompt greedily on this machine: the whole

@@ -1,11 +1,13 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/ipfs/go-cid"
@@ -32,6 +34,9 @@ type networkRequest struct {
 	// wallet pays (a key file); dryRun only asks for a quote.
 	wallet string
 	dryRun bool
+	// concurrency asks the prompt that many times at once through the one
+	// client (with json: one generation per line).
+	concurrency int
 }
 
 // quoteOutput is the JSON of `generate --network --dry-run`.
@@ -77,7 +82,39 @@ func generateNetwork(cmd *cobra.Command, r networkRequest) error {
 	if r.dryRun {
 		return printQuote(cmd, c, req, r.wallet != "", r.json)
 	}
+	if r.concurrency > 1 {
+		return concurrentGenerations(cmd, c, req, r.concurrency)
+	}
 	return streamGeneration(cmd, c, req, r.json)
+}
+
+// concurrentGenerations asks req n times at once through c and prints
+// each generation's JSON on a line of its own, in order.
+func concurrentGenerations(cmd *cobra.Command, c *client.Client, req client.Request, n int) error {
+	gens := make([]*testnet.Generation, n)
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			gens[i], _, errs[i] = collectGeneration(cmd.Context(), c, req, nil)
+			if errs[i] != nil {
+				errs[i] = fmt.Errorf("request %d of %d: %w", i+1, n, errs[i])
+			}
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	enc := json.NewEncoder(cmd.OutOrStdout())
+	for _, g := range gens {
+		if err := enc.Encode(g); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // printQuote prints what req would cost, running nothing.
@@ -131,27 +168,48 @@ func (r networkRequest) client(cmd *cobra.Command) (*client.Client, error) {
 // streamGeneration prints a generation as it streams (or its JSON at the
 // end).
 func streamGeneration(cmd *cobra.Command, c *client.Client, req client.Request, asJSON bool) error {
-	start := time.Now()
-	s, err := c.Generate(cmd.Context(), req)
-	if err != nil {
-		return fmt.Errorf("generate: %w", err)
-	}
-	defer s.Close()
-	out := testnet.Generation{Tokens: []int32{}, PromptTokens: s.PromptTokens(), PerTokenMs: []float64{}, Gating: s.Gating().String()}
+	var show func(string)
 	if !asJSON {
 		fmt.Fprint(cmd.OutOrStdout(), req.Prompt)
+		show = func(text string) { fmt.Fprint(cmd.OutOrStdout(), text) }
 	}
+	out, d, err := collectGeneration(cmd.Context(), c, req, show)
+	if err != nil {
+		return err
+	}
+	if asJSON {
+		return json.NewEncoder(cmd.OutOrStdout()).Encode(out)
+	}
+	fmt.Fprintln(cmd.OutOrStdout(), d.Rest)
+	fmt.Fprintf(cmd.ErrOrStderr(), "%d tokens, %.1f tokens/s, from gating node %s\n", len(out.Tokens), out.TokensPerSecond, d.Gating)
+	if d.Escrow != 0 {
+		fmt.Fprintf(cmd.ErrOrStderr(), "paid %s NEURO from escrow %d for %s MFLOP of expert work\n", neuro(d.Cost), d.Escrow,
+			strconv.FormatFloat(float64(d.FLOPs)/1e6, 'f', -1, 64))
+	}
+	return nil
+}
+
+// collectGeneration runs one generation through c, showing each token's
+// text as it comes when show is set.
+func collectGeneration(ctx context.Context, c *client.Client, req client.Request, show func(string)) (*testnet.Generation, *client.Done, error) {
+	start := time.Now()
+	s, err := c.Generate(ctx, req)
+	if err != nil {
+		return nil, nil, fmt.Errorf("generate: %w", err)
+	}
+	defer s.Close()
+	out := &testnet.Generation{Tokens: []int32{}, PromptTokens: s.PromptTokens(), PerTokenMs: []float64{}, Gating: s.Gating().String()}
 	for {
 		t, err := s.Next()
 		if err == io.EOF {
 			break
 		}
 		if err != nil {
-			return fmt.Errorf("generate: after %d tokens: %w", len(out.Tokens), err)
+			return nil, nil, fmt.Errorf("generate: after %d tokens: %w", len(out.Tokens), err)
 		}
 		shown := testnet.ApplyToken(&out.Tokens, &out.PerTokenMs, t)
-		if !asJSON {
-			fmt.Fprint(cmd.OutOrStdout(), shown)
+		if show != nil {
+			show(shown)
 		}
 	}
 	d := s.Done()
@@ -163,14 +221,5 @@ func streamGeneration(cmd *cobra.Command, c *client.Client, req client.Request, 
 	out.TokensPerSecond = float64(len(out.Tokens)) / time.Since(start).Seconds()
 	out.Stats = testnet.GenerationStats(d, out.PerTokenMs)
 	out.Escrow, out.Cost, out.CostBaseUnits = d.Escrow, float64(d.Cost)/1e6, d.Cost
-	if asJSON {
-		return json.NewEncoder(cmd.OutOrStdout()).Encode(out)
-	}
-	fmt.Fprintln(cmd.OutOrStdout(), d.Rest)
-	fmt.Fprintf(cmd.ErrOrStderr(), "%d tokens, %.1f tokens/s, from gating node %s\n", len(out.Tokens), out.TokensPerSecond, d.Gating)
-	if d.Escrow != 0 {
-		fmt.Fprintf(cmd.ErrOrStderr(), "paid %s NEURO from escrow %d for %s MFLOP of expert work\n", neuro(d.Cost), d.Escrow,
-			strconv.FormatFloat(float64(d.FLOPs)/1e6, 'f', -1, 64))
-	}
-	return nil
+	return out, d, nil
 }

@@ -114,7 +114,7 @@ func (f *testnetFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&f.dashboard, "dashboard", "127.0.0.1:0", "host:port of node 0's dashboard, /metrics and OpenAI-compatible API")
 	fs.IntVar(&f.validators, "validators", 1, "how many nodes validate the ledger's chain (node 0 and the first expert nodes); more than one runs CometBFT consensus among them")
 	fs.IntVar(&f.requests, "requests", 1, "answer the prompt this many times (a workload for the checks)")
-	fs.IntVar(&f.concurrency, "concurrency", 1, "then ask the prompt this many times at once, each through a client of its own (loopback: paid by a wallet of its own; netns: unpaid, from the gating node's home): results[] and aggregate_tokens_per_s")
+	fs.IntVar(&f.concurrency, "concurrency", 1, "then ask the prompt this many times at once (loopback: each through a client of its own, paid by a wallet of its own; netns: unpaid, through one client in the gating node's home): results[] and aggregate_tokens_per_s")
 	fs.StringVar(&f.device, "device", "cpu", deviceUsage+" (every node; loopback testnet only)")
 	fs.DurationVar(&f.batchWait, "batch-wait", 10*time.Millisecond, "the gating node's continuous batching: how long a generation's MoE call waits for the other generations' to go out as one round of expert calls (gating.batch_wait); 0 sends each alone")
 	_ = fs.MarkHidden("test-slow-node")
