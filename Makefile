@@ -88,16 +88,20 @@ test-vulkan: vulkan build
 # building neurod compiled (llama.cpp above all), so it starts after that,
 # the three parts at once: the cgo tests mostly wait on their testnets'
 # processes and emulated round trips.
-.PHONY: test-race test-cgo test-ggml
+.PHONY: test-race test-cgo test-cmd test-ggml
 test-race:
 	$(GO) test -race -shuffle=on -count=1 -timeout 20m $(PURE_PKGS)
 
 test-cgo: build
-	@$(MAKE) --no-print-directory lint test-ggml test-vulkan
+	@$(MAKE) --no-print-directory test-cmd test-ggml lint test-vulkan
+
+# cmd/neurod's tests (its testnets) take longest: they start first.
+test-cmd: build
+	$(GO) test -shuffle=on -count=1 -timeout 20m ./cmd/...
 
 test-ggml: build
 	$(GO) test -tags ggml -shuffle=on -count=1 -timeout 20m -run '^($(GGML_TESTS))$$' $(GGML_TEST_PKGS)
-	$(GO) test -shuffle=on -count=1 -timeout 20m $(CGO_PKGS)
+	$(GO) test -shuffle=on -count=1 -timeout 20m ./ggml/...
 
 ## race: the non-cgo packages' tests with the race detector only (no lint)
 race:
