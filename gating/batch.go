@@ -122,7 +122,7 @@ func (b *Batcher) call(ctx context.Context, m *Member, apart bool, layer int, x 
 	ready := b.readyLocked(start)
 	b.mu.Unlock()
 	switch {
-	case len(ready) == 1:
+	case len(ready) == 1 && ready[0] == c:
 		b.send(ready) // alone: no other goroutine
 	case ready != nil:
 		go b.send(ready)
@@ -153,17 +153,20 @@ func (b *Batcher) readyLocked(now time.Time) []*pendingCall {
 	if len(b.pending) == 0 {
 		return nil
 	}
-	coming := map[int]bool{} // phases some generation computes toward
-	for m := range b.inPass {
-		if !m.waiting {
-			coming[m.calls] = true
+	// coming: some generation computes toward the phase
+	coming := func(phase int) bool {
+		for m := range b.inPass {
+			if !m.waiting && m.calls == phase {
+				return true
+			}
 		}
+		return false
 	}
 	var ready, left []*pendingCall
 	var next time.Time
 	for _, c := range b.pending {
 		due := c.since.Add(b.wait)
-		if !coming[c.phase] || !now.Before(due) {
+		if !now.Before(due) || !coming(c.phase) {
 			ready = append(ready, c)
 			continue
 		}
