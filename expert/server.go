@@ -543,7 +543,7 @@ func (b *batcher) compute(jobs []*job) {
 		if j.segs == nil {
 			resp.Receipt = b.receipt(j, j.escrow, j.x, j.n, enc)
 		} else {
-			resp.Receipts = b.segmentReceipts(j, out[off:off+n])
+			resp.Receipts = b.segmentReceipts(j, enc)
 		}
 		j.reply(resp)
 		off += n
@@ -551,14 +551,15 @@ func (b *batcher) compute(jobs []*job) {
 }
 
 // segmentReceipts signs a receipt for each segment of a batched job,
-// whose output is out (none when the node signs none).
-func (b *batcher) segmentReceipts(j *job, out []float32) []*neuropb.UsageReceipt {
+// whose encoded output is enc (none when the node signs none).
+func (b *batcher) segmentReceipts(j *job, enc *neuropb.Tensor) []*neuropb.UsageReceipt {
 	embd := b.c.Embd()
+	rowBytes := len(enc.GetData()) / max(j.n, 1)
 	rs := make([]*neuropb.UsageReceipt, 0, len(j.segs))
 	off := 0
 	for _, sg := range j.segs {
-		rows := out[off*embd : (off+sg.n)*embd]
-		r := b.receipt(j, sg.escrow, j.x[off*embd:(off+sg.n)*embd], sg.n, EncodeFloats(rows, sg.n, embd, j.dtype))
+		part := &neuropb.Tensor{Data: enc.GetData()[off*rowBytes : (off+sg.n)*rowBytes], Dtype: enc.GetDtype(), Shape: []uint32{uint32(sg.n), uint32(embd)}}
+		r := b.receipt(j, sg.escrow, j.x[off*embd:(off+sg.n)*embd], sg.n, part)
 		if r == nil {
 			return nil
 		}

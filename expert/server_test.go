@@ -192,6 +192,11 @@ func TestBadRequestsKeepStreamUsable(t *testing.T) {
 		{"data does not match shape", func(q *neuropb.ExpertRequest) { q.Hidden.Data = q.Hidden.Data[:7] }, neuropb.ExpertError_CODE_BAD_REQUEST},
 		{"bad model cid", func(q *neuropb.ExpertRequest) { q.Model = []byte{1, 2, 3} }, neuropb.ExpertError_CODE_BAD_REQUEST},
 		{"expired deadline", func(q *neuropb.ExpertRequest) { q.DeadlineUnixMs = time.Now().Add(-time.Second).UnixMilli() }, neuropb.ExpertError_CODE_DEADLINE_EXCEEDED},
+		{"segments that do not add up", func(q *neuropb.ExpertRequest) { q.Segments = []*neuropb.Segment{{Rows: 1}, {Rows: 2}} }, neuropb.ExpertError_CODE_BAD_REQUEST},
+		{"a segment without rows", func(q *neuropb.ExpertRequest) { q.Segments = []*neuropb.Segment{{Rows: 2}, {Rows: 0}} }, neuropb.ExpertError_CODE_BAD_REQUEST},
+		{"segments beside a request escrow", func(q *neuropb.ExpertRequest) {
+			q.Segments, q.Escrow = []*neuropb.Segment{{Rows: 2, Escrow: 5}}, 5
+		}, neuropb.ExpertError_CODE_BAD_REQUEST},
 		{"oversized", func(q *neuropb.ExpertRequest) {
 			q.Hidden.Data = make([]byte, neuropb.MaxExpertMessageSize+1)
 		}, neuropb.ExpertError_CODE_TOO_LARGE},
@@ -496,8 +501,7 @@ func (r *countRecorder) RowsVary() bool { return false }
 // paid from their own escrow, computed as their own requests would be —
 // alone for an expert whose rows vary with the batch, in one batch
 // otherwise — and each gets a receipt of its own for its rows; segments
-// that do not add up, or come with a request escrow, are refused and the
-// stream stays usable.
+// that do not add up are refused.
 func TestSegmentsArePaidAndComputedAsTheirOwnRequests(t *testing.T) {
 	mc, _, _ := tinyShards(t, model.Q4_0)
 	sh, ch := hostPair(t)
@@ -578,9 +582,9 @@ func TestSegmentsArePaidAndComputedAsTheirOwnRequests(t *testing.T) {
 	}
 	mu.Unlock()
 
-	// Refused: a spent escrow in one segment refuses the request; segments
-	// that do not add up, a zero-row one, or one beside a request escrow
-	// are bad requests; the client refuses some itself.
+	// A spent escrow in one segment refuses the request; the client
+	// refuses segments that do not add up itself (the node's refusals are
+	// in TestBadRequestsKeepStreamUsable).
 	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
 	defer cancel()
 	_, err := cl.Call(ctx, sh.ID(), Request{Model: mc, Hidden: x, N: 6, DType: neuropb.WireDType_WIRE_DTYPE_F32,
@@ -591,33 +595,5 @@ func TestSegmentsArePaidAndComputedAsTheirOwnRequests(t *testing.T) {
 	}
 	if _, err := cl.Call(ctx, sh.ID(), Request{Model: mc, Hidden: x, N: 6, Segments: []Segment{{Rows: 2}, {Rows: 3}}}); err == nil {
 		t.Fatal("segments of 5 rows for 6 accepted by the client")
-	}
-	st, err := ch.NewStream(ctx, sh.ID(), neuropb.ExpertProtocol)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	r, w := wire.NewReader(st, neuropb.MaxExpertMessageSize), wire.NewWriter(st, neuropb.MaxExpertMessageSize)
-	hidden := EncodeFloats(x, 6, embd, neuropb.WireDType_WIRE_DTYPE_F32)
-	for i, segs := range [][]*neuropb.Segment{
-		{{Rows: 2}, {Rows: 3}},
-		{{Rows: 6}, {Rows: 0}},
-		{{Rows: 6, Escrow: 5}},
-	} {
-		q := &neuropb.ExpertRequest{RequestId: uint64(i + 1), Model: mc.Bytes(), Hidden: hidden, Segments: segs}
-		if i == 2 {
-			q.Escrow = 5
-		}
-		if err := w.Write(q); err != nil {
-			t.Fatal(err)
-		}
-		var resp neuropb.ExpertResponse
-		_ = st.SetReadDeadline(time.Now().Add(10 * time.Second))
-		if err := r.Read(&resp); err != nil {
-			t.Fatal(err)
-		}
-		if resp.GetError().GetCode() != neuropb.ExpertError_CODE_BAD_REQUEST {
-			t.Fatalf("segments %v: %v", segs, &resp)
-		}
 	}
 }

@@ -5,8 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"os"
-	"path/filepath"
 	"slices"
 	"sync"
 	"testing"
@@ -59,26 +57,12 @@ func rowsOf(segs []segment) []string {
 type batchNet struct {
 	remote *RemoteExperts
 	p      model.Params
-	signer peer.ID
 }
 
 func newBatchNet(t *testing.T, ctx context.Context) *batchNet {
 	t.Helper()
-	dir := t.TempDir()
-	src := filepath.Join(dir, "m.gguf")
-	f, err := os.Create(src)
-	if err != nil {
-		t.Fatal(err)
-	}
 	p := model.Presets["tiny"]
-	if err := model.Generate(f, p, model.F32, 4242); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
-	split, err := model.Split(src, filepath.Join(dir, "shards"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	dir, split := splitModel(t, p, model.F32, 4242)
 	hs := p2ptest.Cluster(t, ctx, 2, p2ptest.Config(300*time.Millisecond))
 	key := hs[1].LibP2P().Peerstore().PrivKey(hs[1].ID())
 	cfg := expert.DefaultConfig()
@@ -88,25 +72,12 @@ func newBatchNet(t *testing.T, ctx context.Context) *batchNet {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { srv.Close() })
-	for _, ref := range split.Manifest.GetExperts() {
-		s, err := model.OpenShard(filepath.Join(dir, "shards"), ref.GetShard())
-		if err != nil {
-			t.Fatal(err)
-		}
-		e, err := moe.NewExpertFromShard(moetest.Backend{}, s, int(ref.GetLayer()), moe.ExpertOptions{Threads: 1, MaxBatch: 64})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { e.Close() })
-		if err := srv.Add(split.ModelCID, int(ref.GetLayer()), int(ref.GetExpert()), e); err != nil {
-			t.Fatal(err)
-		}
-	}
+	serveExperts(t, srv, dir, split, moetest.Backend{}, nil)
 	srv.Start()
 	client := expert.NewClient(hs[0].LibP2P(), quiet())
 	t.Cleanup(func() { client.Close() })
 	expertNode := hs[1].ID()
-	return &batchNet{p: p, signer: expertNode, remote: &RemoteExperts{Client: client, Model: split.ModelCID, Embd: p.Embd, Used: p.ExpertsUsed,
+	return &batchNet{p: p, remote: &RemoteExperts{Client: client, Model: split.ModelCID, Embd: p.Embd, Used: p.ExpertsUsed,
 		DType: neuropb.WireDType_WIRE_DTYPE_F32, CallTimeout: 10 * time.Second,
 		Providers: func(expert.Key) []peer.ID { return []peer.ID{expertNode} }}}
 }

@@ -11,7 +11,6 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -51,20 +50,7 @@ func newExpertNet(t testing.TB, ctx context.Context, p model.Params, dt model.DT
 // mode of expert node i (host i+1).
 func newFaultyNet(t testing.TB, ctx context.Context, p model.Params, dt model.DType, seed uint64, specs []string, faults map[int]expert.Fault) *expertNet {
 	t.Helper()
-	dir := t.TempDir()
-	src := filepath.Join(dir, "m.gguf")
-	f, err := os.Create(src)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := model.Generate(f, p, dt, seed); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
-	res, err := model.Split(src, filepath.Join(dir, "shards"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	dir, res := splitModel(t, p, dt, seed)
 	hs, extras := p2ptest.ClusterWithExtras(t, ctx, 1+len(specs), p2ptest.Config(300*time.Millisecond))
 	origin, err := expert.NewService(hs[0], expert.ServiceConfig{StoreDir: filepath.Join(dir, "s0"), Server: expert.DefaultConfig()}, quiet())
 	if err != nil {
@@ -77,7 +63,7 @@ func newFaultyNet(t testing.TB, ctx context.Context, p model.Params, dt model.DT
 	if err := origin.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
-	n := &expertNet{src: src, dir: filepath.Join(dir, "shards"), model: res.ModelCID, hosts: hs, origin: origin}
+	n := &expertNet{src: filepath.Join(dir, "m.gguf"), dir: filepath.Join(dir, "shards"), model: res.ModelCID, hosts: hs, origin: origin}
 	for i, s := range specs {
 		spec, err := expert.ParseSpec(s)
 		if err != nil {

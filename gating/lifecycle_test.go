@@ -3,7 +3,6 @@ package gating
 import (
 	"context"
 	"errors"
-	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -28,20 +27,7 @@ func TestEngineCloseLeavesNoGoroutine(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
 	defer cancel()
 	hs := p2ptest.Cluster(t, ctx, 1, p2ptest.Config(300*time.Millisecond))
-	dir := t.TempDir()
-	src := filepath.Join(dir, "m.gguf")
-	f, err := os.Create(src)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := model.Generate(f, model.Presets["tiny"], model.F32, 3); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
-	split, err := model.Split(src, filepath.Join(dir, "shards"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	dir, split := splitModel(t, model.Presets["tiny"], model.F32, 3)
 	snap := leaktest.Take("github.com/neuro-p2p/neuro/gating", "github.com/neuro-p2p/neuro/expert")
 
 	store, err := expert.NewService(hs[0], expert.ServiceConfig{StoreDir: filepath.Join(dir, "store"), Server: expert.DefaultConfig()}, quiet())

@@ -5,7 +5,6 @@ package gating
 import (
 	"context"
 	"fmt"
-	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -97,18 +96,9 @@ func (s slow) Compute(x []float32, n int, out []float32) error {
 func TestHedgingAroundASlowNode(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 120*time.Second)
 	defer cancel()
-	dir := t.TempDir()
-	src := filepath.Join(dir, "m.gguf")
-	f, _ := os.Create(src)
 	p := model.Presets["tiny"]
-	if err := model.Generate(f, p, model.F32, 77); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
-	res, err := model.Split(src, filepath.Join(dir, "shards"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	dir, res := splitModel(t, p, model.F32, 77)
+	src := filepath.Join(dir, "m.gguf")
 	hs := p2ptest.Cluster(t, ctx, 3, p2ptest.Config(500*time.Millisecond)) // 0: gating, 1: slow, 2: fast
 	for i, delay := range []time.Duration{300 * time.Millisecond, 0} {
 		srv, err := expert.NewServer(hs[i+1].LibP2P(), expert.DefaultConfig(), quiet())
@@ -116,24 +106,11 @@ func TestHedgingAroundASlowNode(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { srv.Close() })
-		for _, ref := range res.Manifest.GetExperts() {
-			s, err := model.OpenShard(filepath.Join(dir, "shards"), ref.GetShard())
-			if err != nil {
-				t.Fatal(err)
-			}
-			e, err := moe.NewExpertFromShard(ggml.Backend{}, s, int(ref.GetLayer()), moe.ExpertOptions{Threads: 1, MaxBatch: 64})
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { e.Close() })
-			var c expert.Computer = e
-			if delay > 0 {
-				c = slow{e, delay}
-			}
-			if err := srv.Add(res.ModelCID, int(ref.GetLayer()), int(ref.GetExpert()), c); err != nil {
-				t.Fatal(err)
-			}
+		var wrap func(moe.Expert) expert.Computer
+		if delay > 0 {
+			wrap = func(e moe.Expert) expert.Computer { return slow{e, delay} }
 		}
+		serveExperts(t, srv, dir, res, ggml.Backend{}, wrap)
 		srv.Start()
 	}
 	ref, err := ggml.LoadLlama(src)

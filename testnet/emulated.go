@@ -362,7 +362,6 @@ func (t *Netns) generateN(ctx context.Context, r *Run, n int) ([]*Generation, er
 func (t *Netns) concurrent(ctx context.Context, r *Run, want []int32) error {
 	n := r.S.Concurrency
 	gens, err := t.generateN(ctx, r, n)
-	errs := make([]error, n)
 	if err != nil {
 		return err
 	}
@@ -379,7 +378,7 @@ func (t *Netns) concurrent(ctx context.Context, r *Run, want []int32) error {
 			results[i].MoELayers, results[i].SharedLayers = g.Stats.MoELayers, g.Stats.SharedLayers
 		}
 	}
-	return r.concurrentAnswers(results, errs, want, longest)
+	return r.concurrentAnswers(results, make([]error, n), want, longest)
 }
 
 // Describe implements Topology: how the gating node reached each expert
