@@ -199,20 +199,83 @@ func (c *Client) Call(ctx context.Context, p peer.ID, req Request) (*Response, e
 }
 
 func (c *Client) call(ctx context.Context, p peer.ID, req Request) (_ *Response, relayed bool, err error) {
-	if req.N < 1 || len(req.Hidden)%req.N != 0 {
-		return nil, false, fmt.Errorf("expert call: %d floats for %d tokens", len(req.Hidden), req.N)
-	}
-	if req.DType == neuropb.WireDType_WIRE_DTYPE_UNSPECIFIED {
-		req.DType = neuropb.WireDType_WIRE_DTYPE_F16
+	msg, err := message(&req)
+	if err != nil {
+		return nil, false, err
 	}
 	s, err := c.session(ctx, p)
 	if err != nil {
 		return nil, false, err
 	}
-	relayed = s.relayed
-	id := c.nextID.Add(1)
+	msg.RequestId = c.nextID.Add(1)
+	chs, err := c.send(ctx, p, s, msg)
+	if err != nil {
+		return nil, s.relayed, err
+	}
+	resp, err := c.wait(ctx, p, s, msg, req, chs[0])
+	return resp, s.relayed, err
+}
+
+// GroupResult is one member's outcome of CallGroup.
+type GroupResult struct {
+	Resp *Response
+	Err  error
+}
+
+// CallGroup asks p for several experts of one model and layer in one
+// message: the node computes them together and answers them in one
+// message. Each member succeeds or fails on its own, as a Call of it
+// would (a call whose relayed stream breaks is not sent again: the caller
+// has other providers).
+func (c *Client) CallGroup(ctx context.Context, p peer.ID, reqs []Request) []GroupResult {
+	res := make([]GroupResult, len(reqs))
+	fail := func(err error) []GroupResult {
+		for i := range res {
+			res[i].Err = err
+		}
+		return res
+	}
+	if len(reqs) == 0 || len(reqs) > neuropb.MaxGroup {
+		return fail(fmt.Errorf("expert call: a group of %d requests (1 to %d)", len(reqs), neuropb.MaxGroup))
+	}
+	msgs := make([]*neuropb.ExpertRequest, len(reqs))
+	for i := range reqs {
+		m, err := message(&reqs[i])
+		if err != nil {
+			return fail(err)
+		}
+		msgs[i] = m
+	}
+	s, err := c.session(ctx, p)
+	if err != nil {
+		return fail(err)
+	}
+	for _, m := range msgs {
+		m.RequestId = c.nextID.Add(1)
+	}
+	top := msgs[0]
+	top.Group = msgs[1:]
+	chs, err := c.send(ctx, p, s, msgs...)
+	top.Group = nil
+	if err != nil {
+		return fail(err)
+	}
+	for i := range reqs {
+		res[i].Resp, res[i].Err = c.wait(ctx, p, s, msgs[i], reqs[i], chs[i])
+	}
+	return res
+}
+
+// message checks req and makes its wire message (without its id).
+func message(req *Request) (*neuropb.ExpertRequest, error) {
+	if req.N < 1 || len(req.Hidden)%req.N != 0 {
+		return nil, fmt.Errorf("expert call: %d floats for %d tokens", len(req.Hidden), req.N)
+	}
+	if req.DType == neuropb.WireDType_WIRE_DTYPE_UNSPECIFIED {
+		req.DType = neuropb.WireDType_WIRE_DTYPE_F16
+	}
 	msg := &neuropb.ExpertRequest{
-		RequestId: id, Model: req.Model.Bytes(), Layer: uint32(req.Layer), Expert: uint32(req.Expert),
+		Model: req.Model.Bytes(), Layer: uint32(req.Layer), Expert: uint32(req.Expert),
 		Hidden: EncodeFloats(req.Hidden, req.N, len(req.Hidden)/req.N, req.DType),
 		Escrow: req.Escrow, RowsApart: req.RowsApart,
 	}
@@ -220,62 +283,82 @@ func (c *Client) call(ctx context.Context, p peer.ID, req Request) (_ *Response,
 		sum := 0
 		for _, sg := range req.Segments {
 			if sg.Rows < 1 {
-				return nil, false, fmt.Errorf("expert call: a segment of %d rows", sg.Rows)
+				return nil, fmt.Errorf("expert call: a segment of %d rows", sg.Rows)
 			}
 			sum += sg.Rows
 			msg.Segments = append(msg.Segments, &neuropb.Segment{Rows: uint32(sg.Rows), Escrow: sg.Escrow})
 		}
 		if sum != req.N || req.Escrow != 0 {
-			return nil, false, fmt.Errorf("expert call: segments of %d rows for %d tokens (escrow %d)", sum, req.N, req.Escrow)
+			return nil, fmt.Errorf("expert call: segments of %d rows for %d tokens (escrow %d)", sum, req.N, req.Escrow)
 		}
 	}
 	if !req.Deadline.IsZero() {
 		msg.DeadlineUnixMs = req.Deadline.UnixMilli()
 	}
-	ch := make(chan result, 1)
+	return msg, nil
+}
+
+// send registers a waiting call for each of ids (the message's and its
+// group's) and writes msg, the first of them, to s.
+func (c *Client) send(ctx context.Context, p peer.ID, s *session, ids ...*neuropb.ExpertRequest) ([]chan result, error) {
+	chs := make([]chan result, len(ids))
 	s.mu.Lock()
 	if s.err != nil {
 		s.mu.Unlock()
-		return nil, relayed, s.err
+		return nil, s.err
 	}
-	s.pending[id] = ch
+	for i, m := range ids {
+		chs[i] = make(chan result, 1)
+		s.pending[m.GetRequestId()] = chs[i]
+	}
 	s.mu.Unlock()
-	defer func() {
-		s.mu.Lock()
-		delete(s.pending, id)
-		s.mu.Unlock()
-		s.retireIfIdle()
-	}()
 	s.wmu.Lock()
 	if dl, ok := ctx.Deadline(); ok {
 		_ = s.st.SetWriteDeadline(dl)
 	} else {
 		_ = s.st.SetWriteDeadline(time.Now().Add(30 * time.Second))
 	}
-	err = s.w.Write(msg)
+	err := s.w.Write(ids[0])
 	s.wmu.Unlock()
 	if err != nil {
+		c.forget(s, ids...)
 		s.fail(fmt.Errorf("%w: write: %v", ErrStreamClosed, err))
 		c.drop(p, s)
-		return nil, relayed, fmt.Errorf("expert call to %s: %w", p, err)
+		return nil, fmt.Errorf("expert call to %s: %w", p, err)
 	}
+	return chs, nil
+}
+
+// forget drops the waiting calls of ids.
+func (c *Client) forget(s *session, ids ...*neuropb.ExpertRequest) {
+	s.mu.Lock()
+	for _, m := range ids {
+		delete(s.pending, m.GetRequestId())
+	}
+	s.mu.Unlock()
+	s.retireIfIdle()
+}
+
+// wait takes msg's answer from ch (req is what the caller asked).
+func (c *Client) wait(ctx context.Context, p peer.ID, s *session, msg *neuropb.ExpertRequest, req Request, ch chan result) (*Response, error) {
+	defer c.forget(s, msg)
 	select {
 	case <-ctx.Done():
-		return nil, relayed, ctx.Err()
+		return nil, ctx.Err()
 	case r := <-ch:
 		if r.err != nil {
-			return nil, relayed, fmt.Errorf("expert call to %s: %w", p, r.err)
+			return nil, fmt.Errorf("expert call to %s: %w", p, r.err)
 		}
 		if e := r.resp.GetError(); e != nil {
-			return nil, relayed, &RemoteError{Code: e.GetCode(), Message: e.GetMessage()}
+			return nil, &RemoteError{Code: e.GetCode(), Message: e.GetMessage()}
 		}
 		rows, cols, err := r.resp.GetOutput().Rows()
 		if err != nil || rows != req.N || cols*req.N != len(req.Hidden) {
-			return nil, relayed, fmt.Errorf("expert call to %s: bad output shape %v: %v", p, r.resp.GetOutput().GetShape(), err)
+			return nil, fmt.Errorf("expert call to %s: bad output shape %v: %v", p, r.resp.GetOutput().GetShape(), err)
 		}
 		receipts := r.resp.GetReceipts()
 		if len(receipts) != 0 && len(receipts) != len(req.Segments) {
-			return nil, relayed, fmt.Errorf("expert call to %s: %d receipts for %d segments", p, len(receipts), len(req.Segments))
+			return nil, fmt.Errorf("expert call to %s: %d receipts for %d segments", p, len(receipts), len(req.Segments))
 		}
 		c.mu.Lock()
 		if l := c.links[p]; l != nil {
@@ -291,7 +374,7 @@ func (c *Client) call(ctx context.Context, p peer.ID, req Request) (_ *Response,
 			Receipt:     r.resp.GetReceipt(),
 			Receipts:    receipts,
 			Peer:        p,
-		}, relayed, nil
+		}, nil
 	}
 }
 
@@ -376,16 +459,20 @@ func (c *Client) read(p peer.ID, s *session) {
 			c.mu.Unlock()
 			return
 		}
-		s.mu.Lock()
-		ch := s.pending[resp.GetRequestId()]
-		s.mu.Unlock()
-		if ch == nil {
-			if e := resp.GetError(); e != nil && resp.GetRequestId() == 0 {
-				c.log.Warn("expert node refused a message", "peer", p, "code", e.GetCode(), "msg", e.GetMessage())
+		group := resp.GetGroup()
+		resp.Group = nil
+		for _, r := range append([]*neuropb.ExpertResponse{resp}, group...) {
+			s.mu.Lock()
+			ch := s.pending[r.GetRequestId()]
+			s.mu.Unlock()
+			if ch == nil {
+				if e := r.GetError(); e != nil && r.GetRequestId() == 0 {
+					c.log.Warn("expert node refused a message", "peer", p, "code", e.GetCode(), "msg", e.GetMessage())
+				}
+				continue
 			}
-			continue
+			deliver(ch, result{resp: r})
 		}
-		deliver(ch, result{resp: resp})
 	}
 }
 

@@ -1,6 +1,8 @@
 // Package expert is the expert node: it serves MoE expert compute to gating
 // nodes over the /neuro/expert/1.0.0 stream protocol, batching requests
-// for the same (layer, expert) into one compute call. Client is the
+// for the same (layer, expert) into one compute call, and computing a
+// request's group (several experts of one layer, asked in one message)
+// together and answering it in one message. Client is the
 // calling side that gating nodes use. Service keeps the node's
 // content-addressed store, exchanges shards with peers and chooses which
 // experts to host; it loads them through the moe.ExpertLoader it is given
@@ -94,6 +96,8 @@ type Server struct {
 	embd     map[string]int // model CID bytes -> hidden size
 	served   atomic.Int64
 	paused   atomic.Bool
+	closed   bool           // under mu: no more groups start
+	groups   sync.WaitGroup // groups computing (serveGroup)
 
 	ctx       context.Context
 	cancel    context.CancelFunc
@@ -174,8 +178,12 @@ func (s *Server) Start() { s.h.SetStreamHandler(neuropb.ExpertProtocol, s.handle
 func (s *Server) Close() error {
 	s.closeOnce.Do(func() {
 		s.h.RemoveStreamHandler(neuropb.ExpertProtocol)
+		s.mu.Lock()
+		s.closed = true
+		s.mu.Unlock()
 		s.cancel()
 		s.wg.Wait()
+		s.groups.Wait()
 	})
 	return nil
 }
@@ -235,17 +243,21 @@ func (s *Server) handle(st network.Stream) {
 			return
 		}
 		if s.paused.Load() {
-			reply(errorResponse(req.GetRequestId(), neuropb.ExpertError_CODE_BUSY, "paused: the machine is busy with its owner's work"))
+			busy := errorResponse(req.GetRequestId(), neuropb.ExpertError_CODE_BUSY, "paused: the machine is busy with its owner's work")
+			for _, m := range req.GetGroup() {
+				busy.Group = append(busy.Group, errorResponse(m.GetRequestId(), busy.Error.Code, "%s", busy.Error.Message))
+			}
+			reply(busy)
 			continue
 		}
-		if j := s.admit(st.Conn().RemotePeer(), req, reply); j != nil {
-			// What the request holds until answered: its decoded input, the
-			// output and the encoded response. Past the stream's, peer's or
-			// service's limit the node is busy.
+		// hold keeps an admitted job's memory, within the stream's, peer's
+		// and service's limits (else answers it busy), until it is answered.
+		hold := func(j *job, req *neuropb.ExpertRequest) bool {
+			// its decoded input, the output and the encoded response
 			mem := len(j.x)*4*2 + len(req.GetHidden().GetData())
 			if err := st.Scope().ReserveMemory(mem, network.ReservationPriorityMedium); err != nil {
-				reply(errorResponse(req.GetRequestId(), neuropb.ExpertError_CODE_BUSY, "memory limit: %v", err))
-				continue
+				j.reply(errorResponse(req.GetRequestId(), neuropb.ExpertError_CODE_BUSY, "memory limit: %v", err))
+				return false
 			}
 			inflight.Add(1)
 			done := j.reply
@@ -254,11 +266,143 @@ func (s *Server) handle(st network.Stream) {
 				st.Scope().ReleaseMemory(mem)
 				inflight.Done()
 			}
-			if !j.b.enqueue(j) {
-				j.reply(errorResponse(req.GetRequestId(), neuropb.ExpertError_CODE_BUSY,
-					"expert %d:%d has %d requests queued", req.GetLayer(), req.GetExpert(), s.cfg.MaxQueue))
+			return true
+		}
+		if len(req.GetGroup()) > 0 {
+			s.serveGroup(st.Conn().RemotePeer(), req, reply, hold)
+			continue
+		}
+		if j := s.admit(st.Conn().RemotePeer(), req, reply); j != nil && hold(j, req) {
+			j.b.enqueueOrBusy(j, s.cfg.MaxQueue)
+		}
+	}
+}
+
+// enqueueOrBusy queues j, or answers it busy when the queue is full.
+func (b *batcher) enqueueOrBusy(j *job, maxQueue int) {
+	if !b.enqueue(j) {
+		j.reply(errorResponse(j.id, neuropb.ExpertError_CODE_BUSY, "expert %d:%d has %d requests queued", j.layer, j.expert, maxQueue))
+	}
+}
+
+// serveGroup serves a request with a group: each member is admitted as a
+// request of its own, those whose rows do not depend on their batch are
+// computed together in one call (moe.ComputeGroup), the others by their
+// experts' batchers, and every answer goes back in one response.
+func (s *Server) serveGroup(from peer.ID, req *neuropb.ExpertRequest, reply func(*neuropb.ExpertResponse), hold func(*job, *neuropb.ExpertRequest) bool) {
+	err := req.Validate()
+	members := append([]*neuropb.ExpertRequest{req}, req.GetGroup()...)
+	req.Group = nil
+	col := &collector{left: len(members), reply: reply}
+	if err != nil {
+		for _, m := range members {
+			col.add(errorResponse(m.GetRequestId(), neuropb.ExpertError_CODE_BAD_REQUEST, "%v", err))
+		}
+		return
+	}
+	var together []*job
+	for _, m := range members {
+		j := s.admit(from, m, col.add)
+		if j == nil || !hold(j, m) {
+			continue
+		}
+		if j.b.vary {
+			j.b.enqueueOrBusy(j, s.cfg.MaxQueue)
+			continue
+		}
+		together = append(together, j)
+	}
+	switch len(together) {
+	case 0:
+	case 1:
+		together[0].b.enqueueOrBusy(together[0], s.cfg.MaxQueue)
+	default:
+		s.mu.Lock()
+		if s.closed {
+			s.mu.Unlock()
+			for _, j := range together {
+				j.reply(errorResponse(j.id, neuropb.ExpertError_CODE_BUSY, "the node is shutting down"))
+			}
+			return
+		}
+		s.groups.Add(1)
+		s.mu.Unlock()
+		go func() {
+			defer s.groups.Done()
+			s.computeGroup(together)
+		}()
+	}
+}
+
+// collector gathers the answers of a group's members and sends them as
+// one response once the last is in.
+type collector struct {
+	mu    sync.Mutex
+	left  int
+	resps []*neuropb.ExpertResponse
+	reply func(*neuropb.ExpertResponse)
+}
+
+func (c *collector) add(r *neuropb.ExpertResponse) {
+	c.mu.Lock()
+	c.resps = append(c.resps, r)
+	c.left--
+	done := c.left == 0
+	c.mu.Unlock()
+	if done {
+		top := c.resps[0]
+		top.Group = c.resps[1:]
+		c.reply(top)
+	}
+}
+
+// computeGroup computes jobs of different experts in one call, where the
+// experts' backend can (moe.Grouper), and answers each as its batcher
+// would.
+func (s *Server) computeGroup(jobs []*job) {
+	now := time.Now()
+	live := jobs[:0]
+	tokens := 0
+	for _, j := range jobs {
+		if !j.deadline.IsZero() && now.After(j.deadline) {
+			j.reply(errorResponse(j.id, neuropb.ExpertError_CODE_DEADLINE_EXCEEDED, "deadline passed in the queue"))
+			continue
+		}
+		live, tokens = append(live, j), tokens+j.n
+	}
+	if len(live) == 0 {
+		return
+	}
+	xs, ns, outs := make([][]float32, len(live)), make([]int, len(live)), make([][]float32, len(live))
+	es := make([]moe.Expert, 0, len(live))
+	for i, j := range live {
+		xs[i], ns[i], outs[i] = j.x, j.n, make([]float32, len(j.x))
+		if e, ok := j.b.c.(moe.Expert); ok {
+			es = append(es, e)
+		}
+	}
+	start := time.Now()
+	if s.cfg.SlowDown > 0 {
+		time.Sleep(s.cfg.SlowDown)
+	}
+	var err error
+	if len(es) == len(live) {
+		err = moe.ComputeGroup(es, xs, ns, outs)
+	} else {
+		for i, j := range live {
+			if err = j.b.c.Compute(xs[i], ns[i], outs[i]); err != nil {
+				break
 			}
 		}
+	}
+	took := time.Since(start)
+	outcome := "ok"
+	if err != nil {
+		outcome = "error"
+	}
+	s.cfg.Metrics.Batch(tokens, len(live), took, outcome)
+	for i, j := range live {
+		j.b.answer(j, outs[i], err, start, took, tokens)
 	}
 }
 
@@ -526,28 +670,34 @@ func (b *batcher) compute(jobs []*job) {
 	b.metrics.Batch(tokens, len(live), took, outcome)
 	off = 0
 	for _, j := range live {
-		if err != nil {
-			j.reply(errorResponse(j.id, neuropb.ExpertError_CODE_INTERNAL, "compute: %v", err))
-			continue
-		}
 		n := j.n * embd
-		b.served.Add(1)
-		enc := EncodeFloats(out[off:off+n], j.n, embd, j.dtype)
-		resp := &neuropb.ExpertResponse{
-			RequestId:   j.id,
-			Output:      enc,
-			ComputeUs:   uint32(took.Microseconds()),
-			QueueUs:     uint32(start.Sub(j.queued).Microseconds()),
-			BatchTokens: uint32(tokens),
-		}
-		if j.segs == nil {
-			resp.Receipt = b.receipt(j, j.escrow, j.x, j.n, enc)
-		} else {
-			resp.Receipts = b.segmentReceipts(j, enc)
-		}
-		j.reply(resp)
+		b.answer(j, out[off:off+n], err, start, took, tokens)
 		off += n
 	}
+}
+
+// answer sends j its output out (its rows of a call of tokens rows that
+// started at start and took took), or the call's error.
+func (b *batcher) answer(j *job, out []float32, err error, start time.Time, took time.Duration, tokens int) {
+	if err != nil {
+		j.reply(errorResponse(j.id, neuropb.ExpertError_CODE_INTERNAL, "compute: %v", err))
+		return
+	}
+	b.served.Add(1)
+	enc := EncodeFloats(out, j.n, b.c.Embd(), j.dtype)
+	resp := &neuropb.ExpertResponse{
+		RequestId:   j.id,
+		Output:      enc,
+		ComputeUs:   uint32(took.Microseconds()),
+		QueueUs:     uint32(start.Sub(j.queued).Microseconds()),
+		BatchTokens: uint32(tokens),
+	}
+	if j.segs == nil {
+		resp.Receipt = b.receipt(j, j.escrow, j.x, j.n, enc)
+	} else {
+		resp.Receipts = b.segmentReceipts(j, enc)
+	}
+	j.reply(resp)
 }
 
 // segmentReceipts signs a receipt for each segment of a batched job,

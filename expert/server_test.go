@@ -597,3 +597,235 @@ func TestSegmentsArePaidAndComputedAsTheirOwnRequests(t *testing.T) {
 		t.Fatal("segments of 5 rows for 6 accepted by the client")
 	}
 }
+
+// groupExpert multiplies its rows by f; it computes with the other
+// groupExperts of a group in one call (moe.Grouper), which log records.
+type groupExpert struct {
+	embd int
+	f    float32
+	log  *groupLog
+}
+
+type groupLog struct {
+	mu     sync.Mutex
+	groups [][]float32 // the factors of each group's members
+}
+
+func (e *groupExpert) Compute(x []float32, n int, out []float32) error {
+	for i, v := range x[:n*e.embd] {
+		out[i] = e.f * v
+	}
+	return nil
+}
+
+func (e *groupExpert) ComputeGroup(es []moe.Expert, xs [][]float32, ns []int, outs [][]float32) error {
+	var fs []float32
+	for _, m := range es {
+		g, ok := m.(*groupExpert)
+		if !ok {
+			return moe.ErrNotGroupable
+		}
+		fs = append(fs, g.f)
+	}
+	e.log.mu.Lock()
+	e.log.groups = append(e.log.groups, fs)
+	e.log.mu.Unlock()
+	for i, m := range es {
+		if err := m.Compute(xs[i], ns[i], outs[i]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (e *groupExpert) Embd() int     { return e.embd }
+func (e *groupExpert) FF() int       { return 16 }
+func (e *groupExpert) MaxBatch() int { return 64 }
+func (e *groupExpert) Close() error  { return nil }
+
+// A request with a group is answered in one message: each member as a
+// request of its own (its payment, receipts, errors), the batch-invariant
+// ones computed together in one call, a row-variant one by its own
+// batcher; bad groups are refused member by member, and a paused node
+// answers every member busy. Client.CallGroup gives each member what a
+// Call of it gives.
+func TestGroupIsAnsweredInOneMessage(t *testing.T) {
+	mc, _, _ := tinyShards(t, model.Q4_0)
+	sh, ch := hostPair(t)
+	const embd = 8
+	cfg := DefaultConfig()
+	cfg.Payment = func(_ context.Context, _ peer.ID, escrow, _ uint64) error {
+		if escrow == 99 {
+			return errors.New("escrow 99 is spent")
+		}
+		return nil
+	}
+	cfg.SignReceipt = func(r *neuropb.UsageReceipt) error {
+		r.Signature = []byte("signed")
+		return nil
+	}
+	srv := startServer(t, sh, cfg)
+	log := &groupLog{}
+	for e, f := range []float32{2, 3, 4} {
+		if err := srv.Add(mc, 0, e, &groupExpert{embd: embd, f: f, log: log}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	vary := &rowRecorder{embd: embd}
+	if err := srv.Add(mc, 0, 3, vary); err != nil {
+		t.Fatal(err)
+	}
+	srv.Start()
+	rows := func(n int) []float32 {
+		x := make([]float32, n*embd)
+		for i := range x {
+			x[i] = float32(i + 1)
+		}
+		return x
+	}
+	req := func(id uint64, e, n int, escrow uint64) *neuropb.ExpertRequest {
+		return &neuropb.ExpertRequest{RequestId: id, Model: mc.Bytes(), Expert: uint32(e), Escrow: escrow,
+			Hidden: EncodeFloats(rows(n), n, embd, neuropb.WireDType_WIRE_DTYPE_F32)}
+	}
+	st, err := ch.NewStream(t.Context(), sh.ID(), neuropb.ExpertProtocol)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	r := wire.NewReader(st, neuropb.MaxExpertMessageSize)
+	w := wire.NewWriter(st, neuropb.MaxExpertMessageSize)
+	ask := func(q *neuropb.ExpertRequest) map[uint64]*neuropb.ExpertResponse {
+		t.Helper()
+		if err := w.Write(q); err != nil {
+			t.Fatal(err)
+		}
+		var resp neuropb.ExpertResponse
+		_ = st.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if err := r.Read(&resp); err != nil {
+			t.Fatal(err)
+		}
+		byID := map[uint64]*neuropb.ExpertResponse{}
+		for _, m := range append([]*neuropb.ExpertResponse{&resp}, resp.GetGroup()...) {
+			byID[m.GetRequestId()] = m
+		}
+		return byID
+	}
+
+	seg := req(2, 1, 3, 0)
+	seg.Segments = []*neuropb.Segment{{Rows: 1, Escrow: 6}, {Rows: 2, Escrow: 7}}
+	q := req(1, 0, 2, 5)
+	q.Group = []*neuropb.ExpertRequest{seg, req(3, 2, 1, 99), req(4, 3, 2, 0), req(5, 7, 1, 0)}
+	got := ask(q)
+	if len(got) != 5 {
+		t.Fatalf("%d answers in the message, want 5: %v", len(got), got)
+	}
+	for id, want := range map[uint64]struct {
+		f        float32
+		n        int
+		receipts int
+		code     neuropb.ExpertError_Code
+	}{
+		1: {2, 2, 1, 0}, 2: {3, 3, 2, 0}, 4: {2, 2, 1, 0},
+		3: {code: neuropb.ExpertError_CODE_PAYMENT_REQUIRED}, 5: {code: neuropb.ExpertError_CODE_UNKNOWN_EXPERT},
+	} {
+		a := got[id]
+		if a.GetError().GetCode() != want.code {
+			t.Fatalf("request %d: %v, want code %s", id, a, want.code)
+		}
+		if want.code != 0 {
+			continue
+		}
+		out := DecodeFloats(a.GetOutput())
+		for i, v := range rows(want.n) {
+			if out[i] != want.f*v {
+				t.Fatalf("request %d: output %d: %v, want %v", id, i, out[i], want.f*v)
+			}
+		}
+		receipts := len(a.GetReceipts())
+		if a.GetReceipt() != nil {
+			receipts++
+		}
+		if receipts != want.receipts {
+			t.Fatalf("request %d: %d receipts, want %d", id, receipts, want.receipts)
+		}
+	}
+	if rc := got[2].GetReceipts(); rc[0].GetEscrow() != 6 || rc[1].GetEscrow() != 7 || rc[1].GetTokens() != 2 || rc[0].GetExpertIndex() != 1 {
+		t.Fatalf("the segmented member's receipts: %v", rc)
+	}
+	log.mu.Lock()
+	groups := fmt.Sprint(log.groups)
+	log.mu.Unlock()
+	if groups != "[[2 3]]" {
+		t.Fatalf("groups computed: %s, want one of experts 0 and 1 ([[2 3]])", groups)
+	}
+	vary.mu.Lock()
+	sizes := fmt.Sprint(vary.sizes)
+	vary.mu.Unlock()
+	if sizes != "[2]" {
+		t.Fatalf("the row-variant member's batches: %s, want [2]", sizes)
+	}
+
+	// Bad groups: every member is refused.
+	for name, mutate := range map[string]func(q *neuropb.ExpertRequest){
+		"an expert twice":       func(q *neuropb.ExpertRequest) { q.Group[0].Expert = 0 },
+		"another layer":         func(q *neuropb.ExpertRequest) { q.Group[0].Layer = 1 },
+		"an id twice":           func(q *neuropb.ExpertRequest) { q.Group[0].RequestId = q.RequestId },
+		"a member with a group": func(q *neuropb.ExpertRequest) { q.Group[0].Group = []*neuropb.ExpertRequest{req(30, 2, 1, 0)} },
+		"a bad member":          func(q *neuropb.ExpertRequest) { q.Group[0].Hidden.Data = q.Group[0].Hidden.Data[:5] },
+	} {
+		q := req(10, 0, 1, 0)
+		q.Group = []*neuropb.ExpertRequest{req(11, 1, 1, 0), req(12, 2, 1, 0)}
+		mutate(q)
+		ids := map[uint64]bool{}
+		for _, m := range append([]*neuropb.ExpertRequest{q}, q.Group...) {
+			ids[m.GetRequestId()] = true
+		}
+		for id, a := range ask(q) {
+			if !ids[id] || a.GetError().GetCode() != neuropb.ExpertError_CODE_BAD_REQUEST {
+				t.Fatalf("%s: answer %d %v, want every member refused as a bad request", name, id, a)
+			}
+		}
+	}
+	tooMany := req(100, 0, 1, 0)
+	for i := range neuropb.MaxGroup {
+		tooMany.Group = append(tooMany.Group, req(uint64(101+i), 10+i, 1, 0))
+	}
+	if got := ask(tooMany); len(got) != neuropb.MaxGroup+1 || got[100].GetError().GetCode() != neuropb.ExpertError_CODE_BAD_REQUEST {
+		t.Fatalf("a group of %d: %d answers, the opener's %v", neuropb.MaxGroup+1, len(got), got[100])
+	}
+
+	// Through the client: each member gets what a call of it alone gets.
+	cl := NewClient(ch, quiet())
+	defer cl.Close()
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+	defer cancel()
+	reqs := []Request{
+		{Model: mc, Expert: 2, Hidden: rows(3), N: 3, DType: neuropb.WireDType_WIRE_DTYPE_F32, Escrow: 8},
+		{Model: mc, Expert: 0, Hidden: rows(1), N: 1, DType: neuropb.WireDType_WIRE_DTYPE_F32},
+		{Model: mc, Expert: 9, Hidden: rows(1), N: 1, DType: neuropb.WireDType_WIRE_DTYPE_F32},
+	}
+	res := cl.CallGroup(ctx, sh.ID(), reqs)
+	for i, rq := range reqs {
+		alone, err := cl.Call(ctx, sh.ID(), rq)
+		if (err == nil) != (res[i].Err == nil) {
+			t.Fatalf("member %d: %v in the group, %v alone", i, res[i].Err, err)
+		}
+		if err != nil {
+			continue
+		}
+		if !slices.Equal(res[i].Resp.Output, alone.Output) || (res[i].Resp.Receipt == nil) != (alone.Receipt == nil) {
+			t.Fatalf("member %d: %v in the group, %v alone", i, res[i].Resp, alone)
+		}
+	}
+	var re *RemoteError
+	if !errors.As(res[2].Err, &re) || re.Code != neuropb.ExpertError_CODE_UNKNOWN_EXPERT {
+		t.Fatalf("the unknown expert's member: %v", res[2].Err)
+	}
+
+	srv.SetPaused(true)
+	for id, a := range ask(q) {
+		if a.GetError().GetCode() != neuropb.ExpertError_CODE_BUSY {
+			t.Fatalf("paused: answer %d %v, want busy", id, a)
+		}
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"path/filepath"
 	"slices"
 	"sync"
 	"testing"
@@ -246,5 +247,101 @@ func TestBatcherWaitsBoundedAndCancels(t *testing.T) {
 	m3.Leave()
 	if rounds, _ := b3.Rounds(); rounds != 0 {
 		t.Fatalf("without batching, %d rounds", rounds)
+	}
+}
+
+// groupRecorder wraps an expert: it computes with the others of a group in
+// one call (moe.Grouper), and records the sizes of the groups and of the
+// calls alone it computed.
+type groupRecorder struct {
+	moe.Expert
+	log *groupSizes
+}
+
+type groupSizes struct {
+	mu            sync.Mutex
+	groups, alone []int
+}
+
+func (g *groupRecorder) Compute(x []float32, n int, out []float32) error {
+	g.log.mu.Lock()
+	g.log.alone = append(g.log.alone, n)
+	g.log.mu.Unlock()
+	return g.Expert.Compute(x, n, out)
+}
+
+func (g *groupRecorder) ComputeGroup(es []moe.Expert, xs [][]float32, ns []int, outs [][]float32) error {
+	g.log.mu.Lock()
+	g.log.groups = append(g.log.groups, len(es))
+	g.log.mu.Unlock()
+	for i, e := range es {
+		r, ok := e.(*groupRecorder)
+		if !ok {
+			return moe.ErrNotGroupable
+		}
+		if err := r.Expert.Compute(xs[i], ns[i], outs[i]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// A node that hosts every expert a layer's tokens go to gets the layer's
+// calls in one message (one group, computed together), and the layer's
+// output is what the experts give computed one by one.
+func TestRoundAsksANodeOnceALayer(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+	defer cancel()
+	p := model.Presets["tiny"]
+	dir, split := splitModel(t, p, model.F32, 4343)
+	hs := p2ptest.Cluster(t, ctx, 2, p2ptest.Config(300*time.Millisecond))
+	srv, err := expert.NewServer(hs[1].LibP2P(), expert.DefaultConfig(), quiet())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	log := &groupSizes{}
+	local := moe.LocalExperts{Embd: p.Embd, Used: p.ExpertsUsed, Experts: map[[2]int]moe.Expert{}}
+	serveExperts(t, srv, dir, split, moetest.Backend{}, func(e moe.Expert) expert.Computer {
+		return &groupRecorder{Expert: e, log: log}
+	})
+	for _, ref := range split.Manifest.GetExperts() {
+		s, err := model.OpenShard(filepath.Join(dir, "shards"), ref.GetShard())
+		if err != nil {
+			t.Fatal(err)
+		}
+		e, err := moe.NewExpertFromShard(moetest.Backend{}, s, int(ref.GetLayer()), moe.ExpertOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		local.Experts[[2]int{int(ref.GetLayer()), int(ref.GetExpert())}] = e
+	}
+	srv.Start()
+	client := expert.NewClient(hs[0].LibP2P(), quiet())
+	t.Cleanup(func() { client.Close() })
+	node := hs[1].ID()
+	remote := &RemoteExperts{Client: client, Model: split.ModelCID, Embd: p.Embd, Used: p.ExpertsUsed,
+		DType: neuropb.WireDType_WIRE_DTYPE_F32, CallTimeout: 10 * time.Second,
+		Providers: func(expert.Key) []peer.ID { return []peer.ID{node} }}
+	bn := &batchNet{p: p, remote: remote}
+	rng := rand.New(rand.NewPCG(7, 8))
+	for l := range p.Layers {
+		lt := bn.task(rng, 1)
+		got, err := remote.moe(ctx, nil, false, l, lt.x, lt.n, lt.selected, lt.weights)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, err := local.MoE(ctx, l, lt.x, lt.n, lt.selected, lt.weights)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(got, want) {
+			t.Fatalf("layer %d: the grouped calls' output differs from the experts' one by one", l)
+		}
+	}
+	log.mu.Lock()
+	defer log.mu.Unlock()
+	if want := slices.Repeat([]int{p.ExpertsUsed}, p.Layers); !slices.Equal(log.groups, want) || len(log.alone) != 0 {
+		t.Fatalf("groups of %v and %d calls alone, want groups of %v (one a layer) and none alone", log.groups, len(log.alone), want)
 	}
 }

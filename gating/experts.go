@@ -352,29 +352,56 @@ func (r *RemoteExperts) round(ctx context.Context, layer int, parts []part) ([]p
 		answered   = make([]peer.ID, len(parts)) // the first node that answered each part, and
 		several    = make([]bool, len(parts))    // whether another did too
 	)
+	type layerCall struct {
+		e int32
+		c expertCall
+	}
+	var calls []layerCall
 	for _, e := range routing.Experts {
 		for _, c := range callsOf(routing.Slots[e], parts, used) {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				resp, err := r.call(ctx, c.segs, expert.Key{Layer: layer, Expert: int(e)}, moe.Gather(x, c.slots, used, r.Embd), len(c.slots),
-					providers[e], preferred)
-				mu.Lock()
-				defer mu.Unlock()
-				if err != nil {
-					errs = append(errs, err)
-					return
-				}
-				for _, sg := range c.segs {
-					maxCompute[sg.part] = max(maxCompute[sg.part], resp.Compute)
-					if answered[sg.part] == "" {
-						answered[sg.part] = resp.Peer
-					}
-					several[sg.part] = several[sg.part] || resp.Peer != answered[sg.part]
-				}
-				moe.Scatter(outs, resp.Output, c.slots, r.Embd)
-			}()
+			calls = append(calls, layerCall{e, c})
 		}
+	}
+	gctx, gcancel := context.WithCancel(ctx)
+	defer gcancel() // the group's call, once every call has its answer
+	members := make([]*groupMember, len(calls))
+	if len(calls) > 1 {
+		grp := r.group(gctx, layer, providers[calls[0].e], preferred)
+		if grp != nil {
+			budget := maxGroupBytes
+			for i, lc := range calls {
+				size := len(lc.c.slots) * r.Embd * 4
+				if i > 0 && calls[i-1].e == lc.e || len(grp.outs) == neuropb.MaxGroup || size > budget {
+					continue // a group asks each expert once, within a size
+				}
+				budget -= size
+				members[i] = grp.add()
+			}
+			grp.ready()
+		}
+	}
+	for i, lc := range calls {
+		e, c := lc.e, lc.c
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			resp, err := r.call(ctx, c.segs, expert.Key{Layer: layer, Expert: int(e)}, moe.Gather(x, c.slots, used, r.Embd), len(c.slots),
+				providers[e], preferred, members[i])
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				errs = append(errs, err)
+				return
+			}
+			for _, sg := range c.segs {
+				maxCompute[sg.part] = max(maxCompute[sg.part], resp.Compute)
+				if answered[sg.part] == "" {
+					answered[sg.part] = resp.Peer
+				}
+				several[sg.part] = several[sg.part] || resp.Peer != answered[sg.part]
+			}
+			moe.Scatter(outs, resp.Output, c.slots, r.Embd)
+		}()
 	}
 	wg.Wait()
 	if err := errors.Join(errs...); err != nil {
@@ -389,6 +416,111 @@ func (r *RemoteExperts) round(ctx context.Context, layer int, parts []part) ([]p
 		off += n
 	}
 	return res, nil
+}
+
+// maxGroupBytes bounds the hidden rows (as float32) of one group of expert
+// calls: well inside an expert message's size limit.
+const maxGroupBytes = neuropb.MaxExpertMessageSize / 4
+
+// group makes the group of a round's calls that go to one node in one
+// message: the node the selector ranks first among those that host every
+// expert of the round (preferred), if any. The caller adds the members,
+// then calls ready.
+func (r *RemoteExperts) group(ctx context.Context, layer int, first []peer.ID, preferred map[peer.ID]bool) *layerGroup {
+	var hosts []peer.ID
+	for _, p := range first {
+		if preferred[p] {
+			hosts = append(hosts, p)
+		}
+	}
+	if r.Validator != nil {
+		hosts, _ = r.Validator.trusted(hosts)
+	}
+	if len(hosts) == 0 {
+		return nil
+	}
+	if r.Selector != nil {
+		hosts = r.Selector.rankOnly(hosts, preferred)
+	}
+	timeout := r.CallTimeout
+	if timeout <= 0 {
+		timeout = 30 * time.Second
+	}
+	return &layerGroup{ctx: ctx, client: r.Client, p: hosts[0], timeout: r.deadline(hosts[0], timeout)}
+}
+
+// layerGroup sends the first try of several calls of one round to one
+// node in one message (expert.Client.CallGroup), once each call has joined
+// (or declined: its ranking left the node out). Hedges and re-dispatches
+// go on per call, as for calls alone.
+type layerGroup struct {
+	ctx     context.Context
+	client  *expert.Client
+	p       peer.ID
+	timeout time.Duration
+
+	mu   sync.Mutex
+	reqs []*expert.Request // by member; nil: declined
+	left int
+	outs []chan expert.GroupResult
+}
+
+// groupMember is one call's place in a layerGroup.
+type groupMember struct {
+	g *layerGroup
+	i int
+}
+
+func (g *layerGroup) add() *groupMember {
+	g.outs = append(g.outs, make(chan expert.GroupResult, 1))
+	g.reqs = append(g.reqs, nil)
+	return &groupMember{g: g, i: len(g.outs) - 1}
+}
+
+// ready is called once every member is added.
+func (g *layerGroup) ready() { g.left = len(g.outs) }
+
+// join gives member i's request (nil: it declined); the last to join
+// sends the group.
+func (g *layerGroup) join(i int, req *expert.Request) {
+	g.mu.Lock()
+	g.reqs[i] = req
+	g.left--
+	last := g.left == 0
+	g.mu.Unlock()
+	if last {
+		go g.send()
+	}
+}
+
+func (g *layerGroup) send() {
+	var reqs []expert.Request
+	var idx []int
+	for i, r := range g.reqs {
+		if r != nil {
+			reqs, idx = append(reqs, *r), append(idx, i)
+		}
+	}
+	if len(reqs) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(g.ctx, g.timeout)
+	defer cancel()
+	for k, res := range g.client.CallGroup(ctx, g.p, reqs) {
+		g.outs[idx[k]] <- res
+	}
+}
+
+// call is member i's try at the group's node: req goes in the group's
+// message.
+func (g *layerGroup) call(ctx context.Context, i int, req expert.Request) (*expert.Response, error) {
+	g.join(i, &req)
+	select {
+	case res := <-g.outs[i]:
+		return res.Resp, res.Err
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
 }
 
 // segment is one generation's run of the rows of an expert call.
@@ -450,7 +582,8 @@ func (r *RemoteExperts) deadline(p peer.ID, timeout time.Duration) time.Duration
 // generation's each); if it has not answered by its p95 latency it asks
 // the next one too (a hedge), and a failed call goes to the next at once.
 // The first answer wins; the others are cancelled.
-func (r *RemoteExperts) call(ctx context.Context, segs []segment, k expert.Key, in []float32, n int, providers []peer.ID, preferred map[peer.ID]bool) (*expert.Response, error) {
+func (r *RemoteExperts) call(ctx context.Context, segs []segment, k expert.Key, in []float32, n int, providers []peer.ID, preferred map[peer.ID]bool,
+	gm *groupMember) (*expert.Response, error) {
 	req := expert.Request{Model: r.Model, Layer: k.Layer, Expert: k.Expert, Hidden: in, N: n, DType: r.DType, RowsApart: segs[0].cs.apart}
 	if len(segs) == 1 {
 		req.Escrow = segs[0].cs.escrow()
@@ -478,6 +611,16 @@ func (r *RemoteExperts) call(ctx context.Context, segs []segment, k expert.Key, 
 	if r.Selector != nil {
 		providers = r.Selector.Rank(k, providers, preferred)
 	}
+	if gm != nil {
+		// The group's node first: it answers this call with the layer's
+		// others.
+		if i := slices.Index(providers, gm.g.p); i >= 0 {
+			providers = append([]peer.ID{gm.g.p}, slices.Delete(slices.Clone(providers), i, i+1)...)
+		} else {
+			gm.g.join(gm.i, nil)
+			gm = nil
+		}
+	}
 	if len(providers) == 0 {
 		if len(excluded) > 0 {
 			return nil, fmt.Errorf("expert %s: %w (its %d providers are excluded for wrong results)", k, ErrNoProvider, len(excluded))
@@ -498,13 +641,20 @@ func (r *RemoteExperts) call(ctx context.Context, segs []segment, k expert.Key, 
 			return false
 		}
 		p := providers[next]
+		grouped := gm != nil && next == 0
 		next++
 		inflight++
 		go func() {
 			start := time.Now()
 			cctx, ccancel := context.WithTimeout(ctx, r.deadline(p, timeout))
 			defer ccancel()
-			resp, err := r.Client.Call(cctx, p, req)
+			var resp *expert.Response
+			var err error
+			if grouped {
+				resp, err = gm.g.call(cctx, gm.i, req)
+			} else {
+				resp, err = r.Client.Call(cctx, p, req)
+			}
 			switch {
 			case err == nil:
 				r.Metrics.ExpertCall("ok", time.Since(start))

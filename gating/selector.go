@@ -132,6 +132,29 @@ func (s *Selector) cost(p peer.ID) float64 {
 func (s *Selector) Rank(k expert.Key, providers []peer.ID, preferred map[peer.ID]bool) []peer.ID {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	out, cost := s.order(providers, preferred)
+	if last, ok := s.sticky[k]; ok && len(out) > 0 && out[0] != last {
+		if i := slices.Index(out, last); i > 0 && cost[out[0]] >= switchRatio*cost[last] {
+			out = append([]peer.ID{last}, slices.Delete(out, i, i+1)...)
+		}
+	}
+	if len(out) > 0 {
+		s.sticky[k] = out[0]
+	}
+	return out
+}
+
+// rankOnly orders providers by cost as Rank does, without an expert's
+// stickiness (and without moving it).
+func (s *Selector) rankOnly(providers []peer.ID, preferred map[peer.ID]bool) []peer.ID {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out, _ := s.order(providers, preferred)
+	return out
+}
+
+// order sorts a copy of providers by cost, preferred ones at half theirs.
+func (s *Selector) order(providers []peer.ID, preferred map[peer.ID]bool) ([]peer.ID, map[peer.ID]float64) {
 	out := slices.Clone(providers)
 	cost := make(map[peer.ID]float64, len(out))
 	for _, p := range out {
@@ -150,15 +173,7 @@ func (s *Selector) Rank(k expert.Key, providers []peer.ID, preferred map[peer.ID
 		}
 		return 0
 	})
-	if last, ok := s.sticky[k]; ok && len(out) > 0 && out[0] != last {
-		if i := slices.Index(out, last); i > 0 && cost[out[0]] >= switchRatio*cost[last] {
-			out = append([]peer.ID{last}, slices.Delete(out, i, i+1)...)
-		}
-	}
-	if len(out) > 0 {
-		s.sticky[k] = out[0]
-	}
-	return out
+	return out, cost
 }
 
 // Deadline is how long a call to p may take before it counts as failed:

@@ -226,3 +226,70 @@ func median(ds []time.Duration) time.Duration {
 	}
 	return (s[n/2-1] + s[n/2]) / 2
 }
+
+// BenchmarkExpertGroup: one token through 2 of a layer's 8 experts at the
+// bench model's shape (embd 1024, ff 3584, Q8_0), as an expert node
+// computes a layer's calls: each expert in a graph of its own (separate),
+// both in one graph (group: one request per node and layer) and as
+// llama.cpp does, one expert-indexed product over a stack of all 8
+// (stack); µs per layer.
+func BenchmarkExpertGroup(b *testing.B) {
+	const embd, ff, n = 1024, 3584, 8
+	rng := rand.New(rand.NewPCG(1, 2))
+	ws := make([]moe.ExpertWeights, n)
+	es := make([]moe.Expert, n)
+	for i := range ws {
+		g, _ := randWeights(b, rng, model.Q8_0, embd*ff, 0.02)
+		u, _ := randWeights(b, rng, model.Q8_0, embd*ff, 0.02)
+		d, _ := randWeights(b, rng, model.Q8_0, embd*ff, 0.02)
+		ws[i] = moe.ExpertWeights{Embd: embd, FF: ff, Gate: moe.Tensor{Type: model.Q8_0, Data: g},
+			Up: moe.Tensor{Type: model.Q8_0, Data: u}, Down: moe.Tensor{Type: model.Q8_0, Data: d}}
+		e, err := Backend{}.NewExpert(ws[i], moe.ExpertOptions{})
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer e.Close()
+		es[i] = e
+	}
+	st, err := NewStack(Device{}, ws, 2, moe.ExpertOptions{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer st.Close()
+	x := make([]float32, embd)
+	for i := range x {
+		x[i] = 2*rng.Float32() - 1
+	}
+	o1, o2, o12 := make([]float32, embd), make([]float32, embd), make([]float32, 2*embd)
+	// the experts of consecutive layers differ: cycle through the stack
+	pair := func(i int) (int, int) { return i % (n / 2), n/2 + i%(n/2) }
+	for _, c := range []struct {
+		name string
+		run  func(i int) error
+	}{
+		{"separate", func(i int) error {
+			a, z := pair(i)
+			if err := es[a].Compute(x, 1, o1); err != nil {
+				return err
+			}
+			return es[z].Compute(x, 1, o2)
+		}},
+		{"group", func(i int) error {
+			a, z := pair(i)
+			return moe.ComputeGroup([]moe.Expert{es[a], es[z]}, [][]float32{x, x}, []int{1, 1}, [][]float32{o1, o2})
+		}},
+		{"stack", func(i int) error {
+			a, z := pair(i)
+			return st.ComputeLayer(x, 1, []int32{int32(a), int32(z)}, o12)
+		}},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			for i := range b.N {
+				if err := c.run(i); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.ReportMetric(float64(b.Elapsed().Microseconds())/float64(b.N), "us/layer")
+		})
+	}
+}

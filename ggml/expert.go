@@ -134,6 +134,88 @@ func (e *Expert) Compute(x []float32, n int, out []float32) error {
 	return nil
 }
 
+// group is the process's neuro_group (ComputeGroup), made on first use
+// under computeMu.
+var group *C.neuro_group
+
+// ComputeGroup implements moe.Grouper: es[i] on ns[i] rows of xs[i] into
+// outs[i], in one ggml graph, each expert's rows as Compute gives them (the
+// same ops on the same data) with one threadpool dispatch for them all. It
+// takes distinct Experts on the CPU whose rows do not depend on their batch
+// (RowsVary false); others are moe.ErrNotGroupable.
+func (e *Expert) ComputeGroup(ms []moe.Expert, xs [][]float32, ns []int, outs [][]float32) error {
+	es := make([]*Expert, len(ms))
+	for i, m := range ms {
+		x, ok := m.(*Expert)
+		if !ok || x == nil || x.vary || slices.Contains(es[:i], x) {
+			return fmt.Errorf("expert group: expert %d: %w", i, moe.ErrNotGroupable)
+		}
+		es[i] = x
+	}
+	return computeGroup(es, xs, ns, outs)
+}
+
+func computeGroup(es []*Expert, xs [][]float32, ns []int, outs [][]float32) error {
+	if len(es) == 0 || len(xs) != len(es) || len(ns) != len(es) || len(outs) != len(es) {
+		return fmt.Errorf("expert group: %d experts, %d inputs, %d sizes, %d outputs", len(es), len(xs), len(ns), len(outs))
+	}
+	for i, e := range es {
+		if err := moe.CheckBatch(xs[i], ns[i], outs[i], e.embd, e.maxBatch); err != nil {
+			return fmt.Errorf("expert group: expert %d: %w", i, err)
+		}
+	}
+	// Each expert's lock in one order (their addresses), then computeMu.
+	order := slices.Clone(es)
+	slices.SortFunc(order, func(a, b *Expert) int {
+		return cmpPtr(unsafe.Pointer(a), unsafe.Pointer(b))
+	})
+	for _, e := range order {
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		if e.c == nil {
+			return moe.ErrClosed
+		}
+	}
+	computeMu.Lock()
+	defer computeMu.Unlock()
+	if group == nil {
+		var errbuf [256]C.char
+		if group = C.neuro_group_new(C.int(poolThreads), &errbuf[0], C.size_t(len(errbuf))); group == nil {
+			return fmt.Errorf("expert group: %s", C.GoString(&errbuf[0]))
+		}
+	}
+	n := len(es)
+	cs := (*[1 << 20]*C.neuro_expert)(C.calloc(C.size_t(n), C.size_t(unsafe.Sizeof(uintptr(0)))))[:n:n]
+	defer C.free(unsafe.Pointer(&cs[0]))
+	cx := (*[1 << 20]*C.float)(C.calloc(C.size_t(n), C.size_t(unsafe.Sizeof(uintptr(0)))))[:n:n]
+	defer C.free(unsafe.Pointer(&cx[0]))
+	cout := (*[1 << 20]*C.float)(C.calloc(C.size_t(n), C.size_t(unsafe.Sizeof(uintptr(0)))))[:n:n]
+	defer C.free(unsafe.Pointer(&cout[0]))
+	cn := (*[1 << 20]C.int)(C.calloc(C.size_t(n), C.size_t(unsafe.Sizeof(C.int(0)))))[:n:n]
+	defer C.free(unsafe.Pointer(&cn[0]))
+	var pinner runtime.Pinner
+	defer pinner.Unpin()
+	for i, e := range es {
+		pinner.Pin(&xs[i][0])
+		pinner.Pin(&outs[i][0])
+		cs[i], cx[i], cout[i], cn[i] = e.c, (*C.float)(&xs[i][0]), (*C.float)(&outs[i][0]), C.int(ns[i])
+	}
+	if rc := C.neuro_group_compute(group, &cs[0], C.int(n), &cx[0], &cn[0], &cout[0]); rc != 0 {
+		return fmt.Errorf("expert group: ggml compute failed (code %d)", int(rc))
+	}
+	return nil
+}
+
+func cmpPtr(a, b unsafe.Pointer) int {
+	switch {
+	case uintptr(a) < uintptr(b):
+		return -1
+	case uintptr(a) > uintptr(b):
+		return 1
+	}
+	return 0
+}
+
 // Close frees the ggml memory. It is safe to call more than once.
 func (e *Expert) Close() error {
 	e.mu.Lock()

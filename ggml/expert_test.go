@@ -1,6 +1,7 @@
 package ggml
 
 import (
+	"errors"
 	"math"
 	"math/rand/v2"
 	"os"
@@ -563,4 +564,93 @@ func TestStackIsEachExpertsCompute(t *testing.T) {
 	if _, err := NewStack(Device{}, []moe.ExpertWeights{weights(), oai()}, 1, moe.ExpertOptions{}); err == nil {
 		t.Fatal("a stack took experts of two kinds")
 	}
+}
+
+// A group of experts computed in one graph gives each expert's rows
+// exactly as its own Compute does (gpt-oss's kind and mixed batch sizes
+// too), one expert or a dozen; a shared (dense) expert, an expert twice
+// or another backend's expert is not groupable, and moe.ComputeGroup then
+// computes them one by one, with the same results.
+func TestGroupIsEachExpertsCompute(t *testing.T) {
+	const embd, ff = 64, 128
+	rng := rand.New(rand.NewPCG(5, 6))
+	weights := func(oai bool) moe.ExpertWeights {
+		g, _ := randWeights(t, rng, model.Q8_0, embd*ff, 0.1)
+		u, _ := randWeights(t, rng, model.Q4_0, embd*ff, 0.1)
+		d, _ := randWeights(t, rng, model.Q8_0, embd*ff, 0.1)
+		w := moe.ExpertWeights{Embd: embd, FF: ff, Gate: moe.Tensor{Type: model.Q8_0, Data: g},
+			Up: moe.Tensor{Type: model.Q4_0, Data: u}, Down: moe.Tensor{Type: model.Q8_0, Data: d}}
+		if oai {
+			w.Act, w.GateBias, w.UpBias, w.DownBias = model.ActSwiGLUOAI, make([]float32, ff), make([]float32, ff), make([]float32, embd)
+			for i := range w.UpBias {
+				w.UpBias[i] = float32(i%7) / 50
+			}
+		}
+		return w
+	}
+	var es []moe.Expert
+	for i := range 12 {
+		e, err := Backend{}.NewExpert(weights(i%3 == 2), moe.ExpertOptions{MaxBatch: 8})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer e.Close()
+		es = append(es, e)
+	}
+	input := func(n int) []float32 {
+		x := make([]float32, n*embd)
+		for j := range x {
+			x[j] = 2*rng.Float32() - 1
+		}
+		return x
+	}
+	check := func(t *testing.T, group []moe.Expert, wantGroupable bool) {
+		t.Helper()
+		xs, ns, outs := make([][]float32, len(group)), make([]int, len(group)), make([][]float32, len(group))
+		for i := range group {
+			ns[i] = 1 + (i*5)%8
+			xs[i], outs[i] = input(ns[i]), make([]float32, ns[i]*embd)
+		}
+		err := group[0].(moe.Grouper).ComputeGroup(group, xs, ns, outs)
+		if groupable := !errors.Is(err, moe.ErrNotGroupable); groupable != wantGroupable || (groupable && err != nil) {
+			t.Fatalf("ComputeGroup: %v (groupable: want %v)", err, wantGroupable)
+		}
+		if err := moe.ComputeGroup(group, xs, ns, outs); err != nil {
+			t.Fatal(err)
+		}
+		for i, e := range group {
+			want := make([]float32, len(outs[i]))
+			if err := e.Compute(xs[i], ns[i], want); err != nil {
+				t.Fatal(err)
+			}
+			if !slices.Equal(outs[i], want) {
+				t.Fatalf("member %d of %d: the group's output differs from the expert's own compute", i, len(group))
+			}
+		}
+	}
+	t.Run("one", func(t *testing.T) { check(t, es[:1], true) })
+	t.Run("two", func(t *testing.T) { check(t, es[3:5], true) })
+	t.Run("twelve", func(t *testing.T) { check(t, es, true) })
+	shared := weights(false)
+	shared.Dense = true
+	d, err := Backend{}.NewExpert(shared, moe.ExpertOptions{MaxBatch: 8})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	t.Run("dense", func(t *testing.T) { check(t, []moe.Expert{es[0], d}, false) })
+	t.Run("twice", func(t *testing.T) {
+		err := es[0].(moe.Grouper).ComputeGroup([]moe.Expert{es[0], es[0]}, [][]float32{input(1), input(1)}, []int{1, 1},
+			[][]float32{make([]float32, embd), make([]float32, embd)})
+		if !errors.Is(err, moe.ErrNotGroupable) {
+			t.Fatalf("an expert twice in a group: %v", err)
+		}
+	})
+	t.Run("too many rows", func(t *testing.T) {
+		err := es[0].(moe.Grouper).ComputeGroup(es[:2], [][]float32{input(1), input(9)}, []int{1, 9},
+			[][]float32{make([]float32, embd), make([]float32, 9*embd)})
+		if err == nil || errors.Is(err, moe.ErrNotGroupable) {
+			t.Fatalf("9 rows for a batch of 8: %v", err)
+		}
+	})
 }

@@ -265,3 +265,89 @@ int neuro_stack_compute(neuro_expert * e, const float * xdata, int n, const int3
     }
     return run_expert(e, xdata, n, ids_data, k, outdata);
 }
+
+struct neuro_group {
+    neuro_exec x;
+    size_t meta_size;
+    void * meta;
+};
+
+neuro_group * neuro_group_new(int n_threads, char * err, size_t err_len) {
+    neuro_group * g = calloc(1, sizeof(*g));
+    if (g == NULL) {
+        snprintf(err, err_len, "out of memory");
+        return NULL;
+    }
+    if (!exec_init(&g->x, -1, n_threads, EXPERT_MAX_NODES, err, err_len)) {
+        free(g);
+        return NULL;
+    }
+    return g;
+}
+
+void neuro_group_free(neuro_group * g) {
+    if (g == NULL) {
+        return;
+    }
+    exec_free(&g->x);
+    free(g->meta);
+    free(g);
+}
+
+int neuro_group_compute(neuro_group * g, neuro_expert * const * es, int count, const float * const * xdata, const int * n,
+                        float * const * outdata) {
+    if (count < 1) {
+        return 1;
+    }
+    for (int i = 0; i < count; i++) {
+        neuro_expert * e = es[i];
+        // experts of one (not stacks), on the CPU, whose ids are all 0
+        if (e == NULL || e->n_exp != 1 || e->zeros == NULL || n[i] < 1 || n[i] > e->max_batch || e->x.sched != NULL) {
+            return 1;
+        }
+    }
+    size_t nodes = (size_t) count * EXPERT_MAX_NODES;
+    size_t need = nodes * ggml_tensor_overhead() + ggml_graph_overhead_custom(nodes, false);
+    if (need > g->meta_size) {
+        void * m = realloc(g->meta, need);
+        if (m == NULL) {
+            return 2;
+        }
+        g->meta = m;
+        g->meta_size = need;
+    }
+    struct ggml_init_params p = { g->meta_size, g->meta, true };
+    struct ggml_context * ctx = ggml_init(p);
+    if (ctx == NULL) {
+        return 2;
+    }
+    struct ggml_tensor ** t = calloc((size_t) count * 3, sizeof(*t)); // x, ids, out of each
+    if (t == NULL) {
+        ggml_free(ctx);
+        return 2;
+    }
+    struct ggml_cgraph * gf = ggml_new_graph_custom(ctx, nodes, false);
+    for (int i = 0; i < count; i++) {
+        build_expert(ctx, gf, es[i], n[i], 1, &t[3 * i], &t[3 * i + 1], &t[3 * i + 2]);
+    }
+    int rc = 0;
+    if (!exec_alloc(&g->x, gf)) {
+        rc = 3;
+        goto done;
+    }
+    for (int i = 0; i < count; i++) {
+        ggml_backend_tensor_set(t[3 * i], xdata[i], 0, ggml_nbytes(t[3 * i]));
+        if (t[3 * i + 1]) ggml_backend_tensor_set(t[3 * i + 1], es[i]->zeros, 0, ggml_nbytes(t[3 * i + 1]));
+    }
+    if (exec_compute(&g->x, gf) != 0) {
+        rc = 4;
+        goto done;
+    }
+    for (int i = 0; i < count; i++) {
+        ggml_backend_tensor_get(t[3 * i + 2], outdata[i], 0, ggml_nbytes(t[3 * i + 2]));
+    }
+done:
+    free(t);
+    ggml_free(ctx);
+    return rc;
+}

@@ -96,6 +96,22 @@ int neuro_expert_compute(neuro_expert * e, const float * x, int n_tokens, float 
 
 void neuro_expert_free(neuro_expert * e);
 
+// neuro_group computes several experts (each made by neuro_expert_new, on
+// the CPU) in one graph: one threadpool dispatch and no return to the
+// caller between them. Its compute memory grows to the largest group.
+// Not thread-safe.
+typedef struct neuro_group neuro_group;
+
+neuro_group * neuro_group_new(int n_threads, char * err, size_t err_len);
+
+// neuro_group_compute computes expert es[i] on n[i] rows of x[i] into
+// out[i], for i < count, as neuro_expert_compute would each (the same ops
+// on the same data). Returns 0 on success.
+int neuro_group_compute(neuro_group * g, neuro_expert * const * es, int count, const float * const * x, const int * n,
+                        float * const * out);
+
+void neuro_group_free(neuro_group * g);
+
 
 
 

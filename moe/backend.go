@@ -308,6 +308,40 @@ func RowsVary(e any) bool {
 	return ok && v.RowsVary()
 }
 
+// Grouper is an Expert that computes together with other experts of its
+// backend in one call (ggml: one graph, one dispatch of its threadpool),
+// each expert's rows exactly as Compute gives them.
+type Grouper interface {
+	// ComputeGroup computes es[i] on ns[i] rows of xs[i] into outs[i]; es
+	// holds the receiver among others. It returns ErrNotGroupable, having
+	// computed nothing, when it cannot take them all in one call.
+	ComputeGroup(es []Expert, xs [][]float32, ns []int, outs [][]float32) error
+}
+
+// ErrNotGroupable: experts that cannot be computed in one call.
+var ErrNotGroupable = errors.New("experts cannot be computed in one call")
+
+// ComputeGroup computes es[i] on ns[i] rows of xs[i] into outs[i]: in one
+// call where es[0] is a Grouper that takes them all, else one by one.
+// Either way each expert's rows are what its Compute gives.
+func ComputeGroup(es []Expert, xs [][]float32, ns []int, outs [][]float32) error {
+	if len(xs) != len(es) || len(ns) != len(es) || len(outs) != len(es) {
+		return fmt.Errorf("expert group: %d experts, %d inputs, %d sizes, %d outputs", len(es), len(xs), len(ns), len(outs))
+	}
+	if g, ok := es[0].(Grouper); ok && len(es) > 1 {
+		err := g.ComputeGroup(es, xs, ns, outs)
+		if !errors.Is(err, ErrNotGroupable) {
+			return err
+		}
+	}
+	for i, e := range es {
+		if err := e.Compute(xs[i], ns[i], outs[i]); err != nil {
+			return fmt.Errorf("expert group: expert %d: %w", i, err)
+		}
+	}
+	return nil
+}
+
 // ApartExperts computes MoE calls whose rows are computed each as a batch
 // of one, as that many one-token decode steps would (speculative
 // decoding's verification).

@@ -243,7 +243,14 @@ type ExpertRequest struct {
 	// batch of its own where the expert's results depend on the batch), with
 	// a receipt of its own. Empty: one run of every row, paid from escrow,
 	// which must be 0 when segments are given.
-	Segments      []*Segment `protobuf:"bytes,9,rep,name=segments,proto3" json:"segments,omitempty"`
+	Segments []*Segment `protobuf:"bytes,9,rep,name=segments,proto3" json:"segments,omitempty"`
+	// More experts of the same model and layer for the same caller, sent in
+	// this one message so that the node computes them together (one ggml
+	// graph where their rows do not depend on the batch) and answers them in
+	// one response's group. Each member is a whole request of its own (its
+	// own id, rows, escrow or segments, receipts) but holds no group itself;
+	// at most MaxGroup members, each a different expert.
+	Group         []*ExpertRequest `protobuf:"bytes,10,rep,name=group,proto3" json:"group,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -341,6 +348,13 @@ func (x *ExpertRequest) GetSegments() []*Segment {
 	return nil
 }
 
+func (x *ExpertRequest) GetGroup() []*ExpertRequest {
+	if x != nil {
+		return x.Group
+	}
+	return nil
+}
+
 // Segment is one generation's run of rows in a batched expert request.
 type Segment struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -412,7 +426,10 @@ type ExpertResponse struct {
 	Receipt *UsageReceipt `protobuf:"bytes,7,opt,name=receipt,proto3" json:"receipt,omitempty"`
 	// For a request with segments: one signed receipt per segment, in its
 	// order (receipt is unset).
-	Receipts      []*UsageReceipt `protobuf:"bytes,8,rep,name=receipts,proto3" json:"receipts,omitempty"`
+	Receipts []*UsageReceipt `protobuf:"bytes,8,rep,name=receipts,proto3" json:"receipts,omitempty"`
+	// For a request with a group: the members' responses (each with its
+	// own request_id; errors too), in any order.
+	Group         []*ExpertResponse `protobuf:"bytes,9,rep,name=group,proto3" json:"group,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -499,6 +516,13 @@ func (x *ExpertResponse) GetReceipt() *UsageReceipt {
 func (x *ExpertResponse) GetReceipts() []*UsageReceipt {
 	if x != nil {
 		return x.Receipts
+	}
+	return nil
+}
+
+func (x *ExpertResponse) GetGroup() []*ExpertResponse {
+	if x != nil {
+		return x.Group
 	}
 	return nil
 }
@@ -679,7 +703,7 @@ const file_expert_proto_rawDesc = "" +
 	"\x06Tensor\x12\x12\n" +
 	"\x04data\x18\x01 \x01(\fR\x04data\x12)\n" +
 	"\x05dtype\x18\x02 \x01(\x0e2\x13.neuro.v1.WireDTypeR\x05dtype\x12\x14\n" +
-	"\x05shape\x18\x03 \x03(\rR\x05shape\"\xac\x02\n" +
+	"\x05shape\x18\x03 \x03(\rR\x05shape\"\xdb\x02\n" +
 	"\rExpertRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\x04R\trequestId\x12\x14\n" +
@@ -691,10 +715,12 @@ const file_expert_proto_rawDesc = "" +
 	"\x06escrow\x18\a \x01(\x04R\x06escrow\x12\x1d\n" +
 	"\n" +
 	"rows_apart\x18\b \x01(\bR\trowsApart\x12-\n" +
-	"\bsegments\x18\t \x03(\v2\x11.neuro.v1.SegmentR\bsegments\"5\n" +
+	"\bsegments\x18\t \x03(\v2\x11.neuro.v1.SegmentR\bsegments\x12-\n" +
+	"\x05group\x18\n" +
+	" \x03(\v2\x17.neuro.v1.ExpertRequestR\x05group\"5\n" +
 	"\aSegment\x12\x12\n" +
 	"\x04rows\x18\x01 \x01(\rR\x04rows\x12\x16\n" +
-	"\x06escrow\x18\x02 \x01(\x04R\x06escrow\"\xc9\x02\n" +
+	"\x06escrow\x18\x02 \x01(\x04R\x06escrow\"\xf9\x02\n" +
 	"\x0eExpertResponse\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\x04R\trequestId\x12(\n" +
@@ -705,7 +731,8 @@ const file_expert_proto_rawDesc = "" +
 	"\fbatch_tokens\x18\x05 \x01(\rR\vbatchTokens\x12+\n" +
 	"\x05error\x18\x06 \x01(\v2\x15.neuro.v1.ExpertErrorR\x05error\x120\n" +
 	"\areceipt\x18\a \x01(\v2\x16.neuro.v1.UsageReceiptR\areceipt\x122\n" +
-	"\breceipts\x18\b \x03(\v2\x16.neuro.v1.UsageReceiptR\breceipts\"\xc0\x02\n" +
+	"\breceipts\x18\b \x03(\v2\x16.neuro.v1.UsageReceiptR\breceipts\x12.\n" +
+	"\x05group\x18\t \x03(\v2\x18.neuro.v1.ExpertResponseR\x05group\"\xc0\x02\n" +
 	"\vExpertError\x12.\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x1a.neuro.v1.ExpertError.CodeR\x04code\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\"\xe6\x01\n" +
@@ -760,19 +787,21 @@ var file_expert_proto_goTypes = []any{
 	(*UsageReceipt)(nil),   // 7: neuro.v1.UsageReceipt
 }
 var file_expert_proto_depIdxs = []int32{
-	0, // 0: neuro.v1.Tensor.dtype:type_name -> neuro.v1.WireDType
-	2, // 1: neuro.v1.ExpertRequest.hidden:type_name -> neuro.v1.Tensor
-	4, // 2: neuro.v1.ExpertRequest.segments:type_name -> neuro.v1.Segment
-	2, // 3: neuro.v1.ExpertResponse.output:type_name -> neuro.v1.Tensor
-	6, // 4: neuro.v1.ExpertResponse.error:type_name -> neuro.v1.ExpertError
-	7, // 5: neuro.v1.ExpertResponse.receipt:type_name -> neuro.v1.UsageReceipt
-	7, // 6: neuro.v1.ExpertResponse.receipts:type_name -> neuro.v1.UsageReceipt
-	1, // 7: neuro.v1.ExpertError.code:type_name -> neuro.v1.ExpertError.Code
-	8, // [8:8] is the sub-list for method output_type
-	8, // [8:8] is the sub-list for method input_type
-	8, // [8:8] is the sub-list for extension type_name
-	8, // [8:8] is the sub-list for extension extendee
-	0, // [0:8] is the sub-list for field type_name
+	0,  // 0: neuro.v1.Tensor.dtype:type_name -> neuro.v1.WireDType
+	2,  // 1: neuro.v1.ExpertRequest.hidden:type_name -> neuro.v1.Tensor
+	4,  // 2: neuro.v1.ExpertRequest.segments:type_name -> neuro.v1.Segment
+	3,  // 3: neuro.v1.ExpertRequest.group:type_name -> neuro.v1.ExpertRequest
+	2,  // 4: neuro.v1.ExpertResponse.output:type_name -> neuro.v1.Tensor
+	6,  // 5: neuro.v1.ExpertResponse.error:type_name -> neuro.v1.ExpertError
+	7,  // 6: neuro.v1.ExpertResponse.receipt:type_name -> neuro.v1.UsageReceipt
+	7,  // 7: neuro.v1.ExpertResponse.receipts:type_name -> neuro.v1.UsageReceipt
+	5,  // 8: neuro.v1.ExpertResponse.group:type_name -> neuro.v1.ExpertResponse
+	1,  // 9: neuro.v1.ExpertError.code:type_name -> neuro.v1.ExpertError.Code
+	10, // [10:10] is the sub-list for method output_type
+	10, // [10:10] is the sub-list for method input_type
+	10, // [10:10] is the sub-list for extension type_name
+	10, // [10:10] is the sub-list for extension extendee
+	0,  // [0:10] is the sub-list for field type_name
 }
 
 func init() { file_expert_proto_init() }

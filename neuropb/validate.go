@@ -1,6 +1,7 @@
 package neuropb
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"encoding/binary"
 	"errors"
@@ -85,6 +86,10 @@ const MaxDevices = 16
 
 // MaxSegments bounds the generations batched in one expert request.
 const MaxSegments = 256
+
+// MaxGroup bounds the experts asked in one expert request's group (the
+// opener's expert and its members').
+const MaxGroup = 64
 
 func validateDevices(ds []*Device) error {
 	if len(ds) > MaxDevices {
@@ -240,6 +245,39 @@ func (t *Tensor) Rows() (rows, cols int, err error) {
 // Validate checks an ExpertRequest's fields (not whether the model or
 // expert is hosted).
 func (r *ExpertRequest) Validate() error {
+	if err := r.validate(); err != nil {
+		return err
+	}
+	g := r.GetGroup()
+	if len(g) == 0 {
+		return nil
+	}
+	if len(g)+1 > MaxGroup {
+		return invalid("expert request: a group of %d experts, at most %d", len(g)+1, MaxGroup)
+	}
+	seen := map[uint32]bool{r.GetExpert(): true}
+	ids := map[uint64]bool{r.GetRequestId(): true}
+	for i, m := range g {
+		if err := m.validate(); err != nil {
+			return fmt.Errorf("group member %d: %w", i, err)
+		}
+		switch {
+		case len(m.GetGroup()) > 0:
+			return invalid("expert request: group member %d holds a group", i)
+		case !bytes.Equal(m.GetModel(), r.GetModel()) || m.GetLayer() != r.GetLayer():
+			return invalid("expert request: group member %d asks layer %d of another model or layer than %d", i, m.GetLayer(), r.GetLayer())
+		case seen[m.GetExpert()]:
+			return invalid("expert request: expert %d twice in one group", m.GetExpert())
+		case ids[m.GetRequestId()]:
+			return invalid("expert request: request id %d twice in one group", m.GetRequestId())
+		}
+		seen[m.GetExpert()], ids[m.GetRequestId()] = true, true
+	}
+	return nil
+}
+
+// validate checks one request of a group (or one alone), not its members.
+func (r *ExpertRequest) validate() error {
 	if r == nil {
 		return invalid("expert request: nil")
 	}
