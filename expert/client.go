@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -229,26 +230,47 @@ type GroupResult struct {
 // has other providers).
 func (c *Client) CallGroup(ctx context.Context, p peer.ID, reqs []Request) []GroupResult {
 	res := make([]GroupResult, len(reqs))
-	fail := func(err error) []GroupResult {
-		for i := range res {
+	g, err := c.SendGroup(ctx, p, reqs)
+	for i := range res {
+		if err != nil {
 			res[i].Err = err
+			continue
 		}
-		return res
+		res[i].Resp, res[i].Err = g.Wait(ctx, i)
 	}
+	return res
+}
+
+// SentGroup is a group of calls written to a node (SendGroup) whose
+// answers are still to come: each member waits for its own.
+type SentGroup struct {
+	c    *Client
+	p    peer.ID
+	s    *session
+	msgs []*neuropb.ExpertRequest
+	reqs []Request
+	chs  []chan result
+}
+
+// SendGroup writes reqs to p in one message, as CallGroup does, and
+// returns without waiting: Wait takes each member's answer, Forget drops
+// a member that will not wait.
+func (c *Client) SendGroup(ctx context.Context, p peer.ID, reqs []Request) (*SentGroup, error) {
 	if len(reqs) == 0 || len(reqs) > neuropb.MaxGroup {
-		return fail(fmt.Errorf("expert call: a group of %d requests (1 to %d)", len(reqs), neuropb.MaxGroup))
+		return nil, fmt.Errorf("expert call: a group of %d requests (1 to %d)", len(reqs), neuropb.MaxGroup)
 	}
+	reqs = slices.Clone(reqs)
 	msgs := make([]*neuropb.ExpertRequest, len(reqs))
 	for i := range reqs {
 		m, err := message(&reqs[i])
 		if err != nil {
-			return fail(err)
+			return nil, err
 		}
 		msgs[i] = m
 	}
 	s, err := c.session(ctx, p)
 	if err != nil {
-		return fail(err)
+		return nil, err
 	}
 	for _, m := range msgs {
 		m.RequestId = c.nextID.Add(1)
@@ -258,13 +280,18 @@ func (c *Client) CallGroup(ctx context.Context, p peer.ID, reqs []Request) []Gro
 	chs, err := c.send(ctx, p, s, msgs...)
 	top.Group = nil
 	if err != nil {
-		return fail(err)
+		return nil, err
 	}
-	for i := range reqs {
-		res[i].Resp, res[i].Err = c.wait(ctx, p, s, msgs[i], reqs[i], chs[i])
-	}
-	return res
+	return &SentGroup{c: c, p: p, s: s, msgs: msgs, reqs: reqs, chs: chs}, nil
 }
+
+// Wait takes member i's answer (once), or gives up when ctx ends.
+func (g *SentGroup) Wait(ctx context.Context, i int) (*Response, error) {
+	return g.c.wait(ctx, g.p, g.s, g.msgs[i], g.reqs[i], g.chs[i])
+}
+
+// Forget drops member i, which will not Wait: its answer is discarded.
+func (g *SentGroup) Forget(i int) { g.c.forget(g.s, g.msgs[i]) }
 
 // message checks req and makes its wire message (without its id).
 func message(req *Request) (*neuropb.ExpertRequest, error) {

@@ -401,9 +401,17 @@ func (s *Server) computeGroup(jobs []*job) {
 		outcome = "error"
 	}
 	s.cfg.Metrics.Batch(tokens, len(live), took, outcome)
-	for i, j := range live {
-		j.b.answer(j, outs[i], err, start, took, tokens)
+	// Each member's answer is encoded and signed on a core of its own.
+	var wg sync.WaitGroup
+	for i, j := range live[1:] {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			j.b.answer(j, outs[i+1], err, start, took, tokens)
+		}()
 	}
+	live[0].b.answer(live[0], outs[0], err, start, took, tokens)
+	wg.Wait()
 }
 
 // admit checks a request and turns it into a job, or answers its error and

@@ -261,6 +261,7 @@ type groupRecorder struct {
 type groupSizes struct {
 	mu            sync.Mutex
 	groups, alone []int
+	fail          bool // groups fail, having computed nothing
 }
 
 func (g *groupRecorder) Compute(x []float32, n int, out []float32) error {
@@ -273,7 +274,11 @@ func (g *groupRecorder) Compute(x []float32, n int, out []float32) error {
 func (g *groupRecorder) ComputeGroup(es []moe.Expert, xs [][]float32, ns []int, outs [][]float32) error {
 	g.log.mu.Lock()
 	g.log.groups = append(g.log.groups, len(es))
+	fail := g.log.fail
 	g.log.mu.Unlock()
+	if fail {
+		return errors.New("the group's compute broke")
+	}
 	for i, e := range es {
 		r, ok := e.(*groupRecorder)
 		if !ok {
@@ -288,18 +293,26 @@ func (g *groupRecorder) ComputeGroup(es []moe.Expert, xs [][]float32, ns []int, 
 
 // A node that hosts every expert a layer's tokens go to gets the layer's
 // calls in one message (one group, computed together), and the layer's
-// output is what the experts give computed one by one.
+// output is what the experts give computed one by one. When the group
+// fails, each call goes on alone to the next provider.
 func TestRoundAsksANodeOnceALayer(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
 	defer cancel()
 	p := model.Presets["tiny"]
 	dir, split := splitModel(t, p, model.F32, 4343)
-	hs := p2ptest.Cluster(t, ctx, 2, p2ptest.Config(300*time.Millisecond))
+	hs := p2ptest.Cluster(t, ctx, 3, p2ptest.Config(300*time.Millisecond))
 	srv, err := expert.NewServer(hs[1].LibP2P(), expert.DefaultConfig(), quiet())
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { srv.Close() })
+	spare, err := expert.NewServer(hs[2].LibP2P(), expert.DefaultConfig(), quiet())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { spare.Close() })
+	serveExperts(t, spare, dir, split, moetest.Backend{}, nil)
+	spare.Start()
 	log := &groupSizes{}
 	local := moe.LocalExperts{Embd: p.Embd, Used: p.ExpertsUsed, Experts: map[[2]int]moe.Expert{}}
 	serveExperts(t, srv, dir, split, moetest.Backend{}, func(e moe.Expert) expert.Computer {
@@ -319,29 +332,39 @@ func TestRoundAsksANodeOnceALayer(t *testing.T) {
 	srv.Start()
 	client := expert.NewClient(hs[0].LibP2P(), quiet())
 	t.Cleanup(func() { client.Close() })
-	node := hs[1].ID()
+	providers := []peer.ID{hs[1].ID()}
 	remote := &RemoteExperts{Client: client, Model: split.ModelCID, Embd: p.Embd, Used: p.ExpertsUsed,
 		DType: neuropb.WireDType_WIRE_DTYPE_F32, CallTimeout: 10 * time.Second,
-		Providers: func(expert.Key) []peer.ID { return []peer.ID{node} }}
+		Providers: func(expert.Key) []peer.ID { return providers }}
 	bn := &batchNet{p: p, remote: remote}
 	rng := rand.New(rand.NewPCG(7, 8))
-	for l := range p.Layers {
-		lt := bn.task(rng, 1)
-		got, err := remote.moe(ctx, nil, false, l, lt.x, lt.n, lt.selected, lt.weights)
-		if err != nil {
-			t.Fatal(err)
-		}
-		want, err := local.MoE(ctx, l, lt.x, lt.n, lt.selected, lt.weights)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if !slices.Equal(got, want) {
-			t.Fatalf("layer %d: the grouped calls' output differs from the experts' one by one", l)
+	layers := func() {
+		t.Helper()
+		for l := range p.Layers {
+			lt := bn.task(rng, 1)
+			got, err := remote.moe(ctx, nil, false, l, lt.x, lt.n, lt.selected, lt.weights)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want, err := local.MoE(ctx, l, lt.x, lt.n, lt.selected, lt.weights)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !slices.Equal(got, want) {
+				t.Fatalf("layer %d: the grouped calls' output differs from the experts' one by one", l)
+			}
 		}
 	}
+	layers()
 	log.mu.Lock()
-	defer log.mu.Unlock()
 	if want := slices.Repeat([]int{p.ExpertsUsed}, p.Layers); !slices.Equal(log.groups, want) || len(log.alone) != 0 {
 		t.Fatalf("groups of %v and %d calls alone, want groups of %v (one a layer) and none alone", log.groups, len(log.alone), want)
+	}
+	log.fail = true
+	log.mu.Unlock()
+	providers = append(providers, hs[2].ID())
+	layers()
+	if got, want := spare.Served(), int64(p.Layers*p.ExpertsUsed); got != want || remote.redispatches.Load() != want {
+		t.Fatalf("after failed groups the spare node answered %d calls (%d re-dispatched), want %d", got, remote.redispatches.Load(), want)
 	}
 }

@@ -16,6 +16,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -126,51 +127,66 @@ type CallStats struct {
 }
 
 // Receipts collects the signed usage receipts of the expert answers a
-// generation used, when it is paid from an escrow. Each is verified off
-// the caller's path (an Ed25519 verification costs about as much as the
-// network on loopback), before Take returns it.
+// generation used, when it is paid from an escrow. They are verified when
+// the generation ends (Take), on every core at once: an Ed25519
+// verification costs about as much as the network on loopback, and
+// verifying each as it arrived took the cores from the next layer's
+// compute on a two-core machine (a layer's answers arrive together).
 type Receipts struct {
-	Escrow  uint64
-	mu      sync.Mutex
-	list    []*neuropb.UsageReceipt
-	taken   bool
-	pending sync.WaitGroup
+	Escrow uint64
+	mu     sync.Mutex
+	list   []heldReceipt
+	taken  bool
 }
 
-// add keeps r if it is p's signed receipt for the escrow, checked in the
-// background; after Take it is dropped (a late check's receipt misses the
-// settlement).
+// heldReceipt is a receipt not yet verified and the node that sent it.
+type heldReceipt struct {
+	rc *neuropb.UsageReceipt
+	p  peer.ID
+}
+
+// add keeps rc, p's receipt, to be verified by Take; after Take it is
+// dropped (a late check's receipt misses the settlement).
 func (r *Receipts) add(rc *neuropb.UsageReceipt, p peer.ID) {
 	if rc == nil {
 		return
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.taken {
-		return
+	if !r.taken {
+		r.list = append(r.list, heldReceipt{rc, p})
 	}
-	r.pending.Add(1)
-	go func() {
-		defer r.pending.Done()
-		if validReceipt(rc, p, r.Escrow) {
-			r.mu.Lock()
-			r.list = append(r.list, rc)
-			r.mu.Unlock()
-		}
-	}()
 }
 
-// Take waits for the receipts being checked and returns those collected;
-// later ones are dropped.
+// Take returns the receipts collected that are their senders' signed
+// receipts for the escrow, in order; later ones are dropped.
 func (r *Receipts) Take() []*neuropb.UsageReceipt {
 	r.mu.Lock()
 	r.taken = true
-	r.mu.Unlock()
-	r.pending.Wait()
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	out := r.list
+	held := r.list
 	r.list = nil
+	r.mu.Unlock()
+	valid := make([]bool, len(held))
+	var (
+		next atomic.Int64
+		wg   sync.WaitGroup
+	)
+	for range min(runtime.GOMAXPROCS(0), len(held)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := int(next.Add(1)) - 1; i < len(held); i = int(next.Add(1)) - 1 {
+				valid[i] = validReceipt(held[i].rc, held[i].p, r.Escrow)
+			}
+		}()
+	}
+	wg.Wait()
+	var out []*neuropb.UsageReceipt
+	for i, h := range held {
+		if valid[i] {
+			out = append(out, h.rc)
+		}
+	}
 	return out
 }
 
@@ -352,40 +368,26 @@ func (r *RemoteExperts) round(ctx context.Context, layer int, parts []part) ([]p
 		answered   = make([]peer.ID, len(parts)) // the first node that answered each part, and
 		several    = make([]bool, len(parts))    // whether another did too
 	)
-	type layerCall struct {
-		e int32
-		c expertCall
-	}
 	var calls []layerCall
 	for _, e := range routing.Experts {
 		for _, c := range callsOf(routing.Slots[e], parts, used) {
 			calls = append(calls, layerCall{e, c})
 		}
 	}
-	gctx, gcancel := context.WithCancel(ctx)
-	defer gcancel() // the group's call, once every call has its answer
+	ins := make([][]float32, len(calls))
+	for i, lc := range calls {
+		ins[i] = moe.Gather(x, lc.c.slots, used, r.Embd)
+	}
 	members := make([]*groupMember, len(calls))
 	if len(calls) > 1 {
-		grp := r.group(gctx, layer, providers[calls[0].e], preferred)
-		if grp != nil {
-			budget := maxGroupBytes
-			for i, lc := range calls {
-				size := len(lc.c.slots) * r.Embd * 4
-				if i > 0 && calls[i-1].e == lc.e || len(grp.outs) == neuropb.MaxGroup || size > budget {
-					continue // a group asks each expert once, within a size
-				}
-				budget -= size
-				members[i] = grp.add()
-			}
-			grp.ready()
-		}
+		r.sendGroup(ctx, layer, calls, providers, preferred, ins, members)
 	}
 	for i, lc := range calls {
 		e, c := lc.e, lc.c
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			resp, err := r.call(ctx, c.segs, expert.Key{Layer: layer, Expert: int(e)}, moe.Gather(x, c.slots, used, r.Embd), len(c.slots),
+			resp, err := r.call(ctx, c.segs, expert.Key{Layer: layer, Expert: int(e)}, ins[i], len(c.slots),
 				providers[e], preferred, members[i])
 			mu.Lock()
 			defer mu.Unlock()
@@ -422,13 +424,17 @@ func (r *RemoteExperts) round(ctx context.Context, layer int, parts []part) ([]p
 // calls: well inside an expert message's size limit.
 const maxGroupBytes = neuropb.MaxExpertMessageSize / 4
 
-// group makes the group of a round's calls that go to one node in one
-// message: the node the selector ranks first among those that host every
-// expert of the round (preferred), if any. The caller adds the members,
-// then calls ready.
-func (r *RemoteExperts) group(ctx context.Context, layer int, first []peer.ID, preferred map[peer.ID]bool) *layerGroup {
+// sendGroup sends the first try of a round's calls to one node in one
+// message (expert.Client.SendGroup): the node the selector ranks first
+// among those that host every expert of the round (preferred), if any,
+// each expert once (a second call of one expert goes alone), within
+// maxGroupBytes. members[i] is then call i's place in the group; each
+// call waits for its answer there (and hedges or re-dispatches on its own
+// as a call alone does).
+func (r *RemoteExperts) sendGroup(ctx context.Context, layer int, calls []layerCall, providers map[int32][]peer.ID, preferred map[peer.ID]bool,
+	ins [][]float32, members []*groupMember) {
 	var hosts []peer.ID
-	for _, p := range first {
+	for _, p := range providers[calls[0].e] {
 		if preferred[p] {
 			hosts = append(hosts, p)
 		}
@@ -437,90 +443,73 @@ func (r *RemoteExperts) group(ctx context.Context, layer int, first []peer.ID, p
 		hosts, _ = r.Validator.trusted(hosts)
 	}
 	if len(hosts) == 0 {
-		return nil
+		return
 	}
 	if r.Selector != nil {
 		hosts = r.Selector.rankOnly(hosts, preferred)
 	}
-	timeout := r.CallTimeout
-	if timeout <= 0 {
-		timeout = 30 * time.Second
-	}
-	return &layerGroup{ctx: ctx, client: r.Client, p: hosts[0], timeout: r.deadline(hosts[0], timeout)}
-}
-
-// layerGroup sends the first try of several calls of one round to one
-// node in one message (expert.Client.CallGroup), once each call has joined
-// (or declined: its ranking left the node out). Hedges and re-dispatches
-// go on per call, as for calls alone.
-type layerGroup struct {
-	ctx     context.Context
-	client  *expert.Client
-	p       peer.ID
-	timeout time.Duration
-
-	mu   sync.Mutex
-	reqs []*expert.Request // by member; nil: declined
-	left int
-	outs []chan expert.GroupResult
-}
-
-// groupMember is one call's place in a layerGroup.
-type groupMember struct {
-	g *layerGroup
-	i int
-}
-
-func (g *layerGroup) add() *groupMember {
-	g.outs = append(g.outs, make(chan expert.GroupResult, 1))
-	g.reqs = append(g.reqs, nil)
-	return &groupMember{g: g, i: len(g.outs) - 1}
-}
-
-// ready is called once every member is added.
-func (g *layerGroup) ready() { g.left = len(g.outs) }
-
-// join gives member i's request (nil: it declined); the last to join
-// sends the group.
-func (g *layerGroup) join(i int, req *expert.Request) {
-	g.mu.Lock()
-	g.reqs[i] = req
-	g.left--
-	last := g.left == 0
-	g.mu.Unlock()
-	if last {
-		go g.send()
-	}
-}
-
-func (g *layerGroup) send() {
-	var reqs []expert.Request
-	var idx []int
-	for i, r := range g.reqs {
-		if r != nil {
-			reqs, idx = append(reqs, *r), append(idx, i)
+	var (
+		reqs   []expert.Request
+		idx    []int
+		last   int32 = -1
+		budget       = maxGroupBytes
+	)
+	for i, lc := range calls {
+		e, c := lc.e, lc.c
+		size := len(ins[i]) * 4
+		if e == last || len(reqs) == neuropb.MaxGroup || size > budget {
+			continue
 		}
+		last, budget = e, budget-size
+		reqs = append(reqs, r.request(c.segs, expert.Key{Layer: layer, Expert: int(e)}, ins[i], len(c.slots)))
+		idx = append(idx, i)
 	}
-	if len(reqs) == 0 {
+	if len(reqs) < 2 {
 		return
 	}
-	ctx, cancel := context.WithTimeout(g.ctx, g.timeout)
+	sctx, cancel := context.WithTimeout(ctx, r.deadline(hosts[0], r.callTimeout()))
 	defer cancel()
-	for k, res := range g.client.CallGroup(ctx, g.p, reqs) {
-		g.outs[idx[k]] <- res
+	sent, err := r.Client.SendGroup(sctx, hosts[0], reqs)
+	if err != nil {
+		return // each call goes alone
+	}
+	for k, i := range idx {
+		members[i] = &groupMember{sent: sent, p: hosts[0], i: k}
 	}
 }
 
-// call is member i's try at the group's node: req goes in the group's
-// message.
-func (g *layerGroup) call(ctx context.Context, i int, req expert.Request) (*expert.Response, error) {
-	g.join(i, &req)
-	select {
-	case res := <-g.outs[i]:
-		return res.Resp, res.Err
-	case <-ctx.Done():
-		return nil, ctx.Err()
+// layerCall is one expert call of a round.
+type layerCall struct {
+	e int32
+	c expertCall
+}
+
+// groupMember is one call's place in a group sent to one node.
+type groupMember struct {
+	sent *expert.SentGroup
+	p    peer.ID
+	i    int
+}
+
+// callTimeout bounds an expert call.
+func (r *RemoteExperts) callTimeout() time.Duration {
+	if r.CallTimeout <= 0 {
+		return 30 * time.Second
 	}
+	return r.CallTimeout
+}
+
+// request is the call of segs' rows in to expert k.
+func (r *RemoteExperts) request(segs []segment, k expert.Key, in []float32, n int) expert.Request {
+	req := expert.Request{Model: r.Model, Layer: k.Layer, Expert: k.Expert, Hidden: in, N: n, DType: r.DType, RowsApart: segs[0].cs.apart}
+	if len(segs) == 1 {
+		req.Escrow = segs[0].cs.escrow()
+	} else {
+		for _, sg := range segs {
+			req.Segments = append(req.Segments, expert.Segment{Rows: sg.rows, Escrow: sg.cs.escrow()})
+		}
+	}
+	return req
 }
 
 // segment is one generation's run of the rows of an expert call.
@@ -584,14 +573,7 @@ func (r *RemoteExperts) deadline(p peer.ID, timeout time.Duration) time.Duration
 // The first answer wins; the others are cancelled.
 func (r *RemoteExperts) call(ctx context.Context, segs []segment, k expert.Key, in []float32, n int, providers []peer.ID, preferred map[peer.ID]bool,
 	gm *groupMember) (*expert.Response, error) {
-	req := expert.Request{Model: r.Model, Layer: k.Layer, Expert: k.Expert, Hidden: in, N: n, DType: r.DType, RowsApart: segs[0].cs.apart}
-	if len(segs) == 1 {
-		req.Escrow = segs[0].cs.escrow()
-	} else {
-		for _, sg := range segs {
-			req.Segments = append(req.Segments, expert.Segment{Rows: sg.rows, Escrow: sg.cs.escrow()})
-		}
-	}
+	req := r.request(segs, k, in, n)
 	// each adds to the stats of every generation in the call
 	each := func(f func(*CallStats)) {
 		for _, sg := range segs {
@@ -600,10 +582,7 @@ func (r *RemoteExperts) call(ctx context.Context, segs []segment, k expert.Key, 
 			}
 		}
 	}
-	timeout := r.CallTimeout
-	if timeout <= 0 {
-		timeout = 30 * time.Second
-	}
+	timeout := r.callTimeout()
 	var excluded []peer.ID
 	if r.Validator != nil {
 		providers, excluded = r.Validator.trusted(providers)
@@ -614,10 +593,10 @@ func (r *RemoteExperts) call(ctx context.Context, segs []segment, k expert.Key, 
 	if gm != nil {
 		// The group's node first: it answers this call with the layer's
 		// others.
-		if i := slices.Index(providers, gm.g.p); i >= 0 {
-			providers = append([]peer.ID{gm.g.p}, slices.Delete(slices.Clone(providers), i, i+1)...)
+		if i := slices.Index(providers, gm.p); i >= 0 {
+			providers = append([]peer.ID{gm.p}, slices.Delete(slices.Clone(providers), i, i+1)...)
 		} else {
-			gm.g.join(gm.i, nil)
+			gm.sent.Forget(gm.i)
 			gm = nil
 		}
 	}
@@ -651,7 +630,7 @@ func (r *RemoteExperts) call(ctx context.Context, segs []segment, k expert.Key, 
 			var resp *expert.Response
 			var err error
 			if grouped {
-				resp, err = gm.g.call(cctx, gm.i, req)
+				resp, err = gm.sent.Wait(cctx, gm.i)
 			} else {
 				resp, err = r.Client.Call(cctx, p, req)
 			}
