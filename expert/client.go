@@ -163,6 +163,8 @@ type session struct {
 	// closes once its last call is answered.
 	relayed bool
 	retired bool
+	// groups: the node speaks request groups (ExpertProtocol, not 1.0.0).
+	groups bool
 }
 
 // retire closes the stream once no call waits on it.
@@ -241,6 +243,10 @@ func (c *Client) CallGroup(ctx context.Context, p peer.ID, reqs []Request) []Gro
 	return res
 }
 
+// ErrNoGroups: the node speaks the expert protocol without request groups
+// (an older version); ask it call by call.
+var ErrNoGroups = errors.New("the node does not take request groups")
+
 // SentGroup is a group of calls written to a node (SendGroup) whose
 // answers are still to come: each member waits for its own.
 type SentGroup struct {
@@ -271,6 +277,9 @@ func (c *Client) SendGroup(ctx context.Context, p peer.ID, reqs []Request) (*Sen
 	s, err := c.session(ctx, p)
 	if err != nil {
 		return nil, err
+	}
+	if !s.groups {
+		return nil, fmt.Errorf("expert call to %s: %w", p, ErrNoGroups)
 	}
 	for _, m := range msgs {
 		m.RequestId = c.nextID.Add(1)
@@ -430,13 +439,13 @@ func (c *Client) session(ctx context.Context, p peer.ID) (*session, error) {
 		}()
 	}
 	c.mu.Unlock()
-	st, err := p2p.NewStream(ctx, c.h, p, neuropb.ExpertProtocol)
+	st, err := p2p.NewStream(ctx, c.h, p, neuropb.ExpertProtocol, neuropb.ExpertProtocol10)
 	if err != nil {
 		return nil, fmt.Errorf("expert stream to %s: %w", p, err)
 	}
 	l := linkOf(p, st)
 	s := &session{st: st, w: wire.NewWriter(st, neuropb.MaxExpertMessageSize), pending: map[uint64]chan result{},
-		relayed: l.ViaRelay}
+		relayed: l.ViaRelay, groups: st.Protocol() == neuropb.ExpertProtocol}
 	c.mu.Lock()
 	if old := c.sessions[p]; old != nil || c.closed { // another call won the race
 		c.mu.Unlock()

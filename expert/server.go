@@ -1,12 +1,13 @@
 // Package expert is the expert node: it serves MoE expert compute to gating
-// nodes over the /neuro/expert/1.0.0 stream protocol, batching requests
-// for the same (layer, expert) into one compute call, and computing a
+// nodes over the /neuro/expert/1.1.0 stream protocol (and 1.0.0, the same
+// without request groups, which older nodes speak), batching requests for
+// the same (layer, expert) into one compute call, and computing a
 // request's group (several experts of one layer, asked in one message)
-// together and answering it in one message. Client is the
-// calling side that gating nodes use. Service keeps the node's
-// content-addressed store, exchanges shards with peers and chooses which
-// experts to host; it loads them through the moe.ExpertLoader it is given
-// (ggml's in neurod, a pure-Go one in tests), so the package is pure Go.
+// together and answering it in one message. Client is the calling side
+// that gating nodes use. Service keeps the node's content-addressed store,
+// exchanges shards with peers and chooses which experts to host; it loads
+// them through the moe.ExpertLoader it is given (ggml's in neurod, a
+// pure-Go one in tests), so the package is pure Go.
 package expert
 
 import (
@@ -171,13 +172,17 @@ func (s *Server) Remove(model cid.Cid, layer, expert int) (Computer, error) {
 }
 
 // Start serves the protocol.
-func (s *Server) Start() { s.h.SetStreamHandler(neuropb.ExpertProtocol, s.handle) }
+func (s *Server) Start() {
+	s.h.SetStreamHandler(neuropb.ExpertProtocol, s.handle)
+	s.h.SetStreamHandler(neuropb.ExpertProtocol10, s.handle)
+}
 
 // Close stops serving and waits for the batchers. It is safe to call more
 // than once.
 func (s *Server) Close() error {
 	s.closeOnce.Do(func() {
 		s.h.RemoveStreamHandler(neuropb.ExpertProtocol)
+		s.h.RemoveStreamHandler(neuropb.ExpertProtocol10)
 		s.mu.Lock()
 		s.closed = true
 		s.mu.Unlock()

@@ -829,3 +829,33 @@ func TestGroupIsAnsweredInOneMessage(t *testing.T) {
 		}
 	}
 }
+
+// A node that speaks only the expert protocol's 1.0.0 (a version before
+// request groups) is never sent a group: SendGroup refuses with
+// ErrNoGroups, and calls alone still work.
+func TestNoGroupsForANodeWithoutThem(t *testing.T) {
+	mc, _, _ := tinyShards(t, model.Q4_0)
+	sh, ch := hostPair(t)
+	srv := startServer(t, sh, DefaultConfig())
+	const embd = 8
+	for e := range 2 {
+		if err := srv.Add(mc, 0, e, &groupExpert{embd: embd, f: 2, log: &groupLog{}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	srv.Start()
+	sh.RemoveStreamHandler(neuropb.ExpertProtocol) // an older node
+	cl := NewClient(ch, quiet())
+	defer cl.Close()
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+	defer cancel()
+	reqs := []Request{{Model: mc, Expert: 0, Hidden: make([]float32, embd), N: 1}, {Model: mc, Expert: 1, Hidden: make([]float32, embd), N: 1}}
+	if _, err := cl.SendGroup(ctx, sh.ID(), reqs); !errors.Is(err, ErrNoGroups) {
+		t.Fatalf("a group to a 1.0.0 node: %v", err)
+	}
+	for _, r := range reqs {
+		if _, err := cl.Call(ctx, sh.ID(), r); err != nil {
+			t.Fatalf("a call alone to a 1.0.0 node: %v", err)
+		}
+	}
+}

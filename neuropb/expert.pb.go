@@ -1,5 +1,6 @@
-// The /neuro/expert/1.0.0 protocol: a gating node sends hidden states to
-// an expert node and gets the expert's outputs back. One stream carries
+// The /neuro/expert/1.1.0 protocol (1.0.0: the same without request
+// groups): a gating node sends hidden states to an expert node and gets
+// the expert's outputs back. One stream carries
 // many requests; each message is length-prefixed (unsigned varint).
 //
 // Regenerate the Go code with `make proto`.

@@ -40,8 +40,15 @@ const (
 // experts fits in well under a megabyte).
 const MaxManifestSize = 16 << 20
 
-// ExpertProtocol is the stream protocol of expert compute.
-const ExpertProtocol protocol.ID = "/neuro/expert/1.0.0"
+// ExpertProtocol is the stream protocol of expert compute: 1.1.0 is
+// 1.0.0 (ExpertProtocol10) with request groups (ExpertRequest.group). A
+// node serves both; a caller asks for 1.1.0 first and sends groups only
+// on a stream that speaks it, so that a node of an older version is never
+// sent a group it would answer in part.
+const (
+	ExpertProtocol   protocol.ID = "/neuro/expert/1.1.0"
+	ExpertProtocol10 protocol.ID = "/neuro/expert/1.0.0"
+)
 
 // ExpertService is the resource-manager service of expert streams.
 const ExpertService = "neuro.expert"

@@ -383,6 +383,10 @@ type ExitReport struct {
 	// Crashed is true when Kill ended it before the stop.
 	Crashed bool
 	Err     error
+	// LogTail is the end of the log of a node that did not stop cleanly
+	// and was not killed on purpose (where a crash says why: a C abort's
+	// message, a panic).
+	LogTail string
 }
 
 // Stop sends SIGTERM to every node, waits up to 15 s for them to shut down
@@ -409,6 +413,9 @@ func (nw *Network) Stop() []ExitReport {
 		}
 		r.Err = p.exitErr
 		r.Clean = !r.Killed && p.exitErr == nil
+		if !r.Clean && !r.Crashed {
+			r.LogTail = p.LogTail(20)
+		}
 		reports = append(reports, r)
 	}
 	return reports

@@ -191,6 +191,9 @@ type Exit struct {
 	// Crashed is true for the nodes --kill SIGKILLed.
 	Crashed bool   `json:"crashed,omitempty"`
 	Error   string `json:"error,omitempty"`
+	// LogTail: the last lines of the log of a node that did not stop
+	// cleanly (not one --kill ended).
+	LogTail string `json:"log_tail,omitempty"`
 }
 
 // LinkReport is the report's view of the homes' lines: what was asked,

@@ -427,14 +427,14 @@ func stopNetwork(nw *Network, log *slog.Logger) []Exit {
 	var out []Exit
 	clean := 0
 	for _, r := range nw.Stop() {
-		e := Exit{Index: r.Index, PID: r.PID, Clean: r.Clean, Killed: r.Killed, Crashed: r.Crashed}
+		e := Exit{Index: r.Index, PID: r.PID, Clean: r.Clean, Killed: r.Killed, Crashed: r.Crashed, LogTail: r.LogTail}
 		if r.Err != nil {
 			e.Error = r.Err.Error()
 		}
 		if r.Clean {
 			clean++
 		} else if !r.Crashed {
-			log.Warn("node did not stop cleanly", "node", r.Index, "pid", r.PID, "killed", r.Killed, "err", r.Err)
+			log.Warn("node did not stop cleanly", "node", r.Index, "pid", r.PID, "killed", r.Killed, "err", r.Err, "log_tail", r.LogTail)
 		}
 		out = append(out, e)
 	}
