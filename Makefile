@@ -90,14 +90,11 @@ test-vulkan: vulkan build
 # with -race: CPU) and the rest (ggml tests, lint, Vulkan). A fresh clone:
 # 649 s, against 722 s with the race run beside the build of neurod (the
 # build then took 362 s instead of 191 s, and the testnets started later).
-.PHONY: test-race test-cgo test-cmd test-ggml test-rest
+.PHONY: test-race test-cmd test-ggml test-rest
 test-race:
 	$(GO) test -race -shuffle=on -count=1 -timeout 20m $(PURE_PKGS)
 
-test-cgo: build
-	@$(MAKE) --no-print-directory test-cmd test-ggml lint test-vulkan
-
-# What follows cmd/neurod's tests in test-cgo, one after the other.
+# Beside cmd/neurod's tests, one after the other.
 test-rest: build
 	@$(MAKE) --no-print-directory test-ggml lint test-vulkan
 
