@@ -99,6 +99,9 @@ type Server struct {
 	paused   atomic.Bool
 	closed   bool           // under mu: no more groups start
 	groups   sync.WaitGroup // groups computing (serveGroup)
+	// groupSlots bounds the groups computing or waiting to (MaxQueue, as a
+	// batcher's queue bounds its requests); beyond, a group is busy.
+	groupSlots chan struct{}
 
 	ctx       context.Context
 	cancel    context.CancelFunc
@@ -124,7 +127,7 @@ func NewServer(h host.Host, cfg Config, log *slog.Logger) (*Server, error) {
 		log = slog.Default()
 	}
 	s := &Server{h: h, cfg: cfg, log: log.With("component", "expert-server"),
-		batchers: map[expertKey]*batcher{}, embd: map[string]int{}}
+		batchers: map[expertKey]*batcher{}, embd: map[string]int{}, groupSlots: make(chan struct{}, cfg.MaxQueue)}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	return s, nil
 }
@@ -330,10 +333,20 @@ func (s *Server) serveGroup(from peer.ID, req *neuropb.ExpertRequest, reply func
 			}
 			return
 		}
+		select {
+		case s.groupSlots <- struct{}{}:
+		default:
+			s.mu.Unlock()
+			for _, j := range together {
+				j.reply(errorResponse(j.id, neuropb.ExpertError_CODE_BUSY, "%d groups are waiting to compute", s.cfg.MaxQueue))
+			}
+			return
+		}
 		s.groups.Add(1)
 		s.mu.Unlock()
 		go func() {
 			defer s.groups.Done()
+			defer func() { <-s.groupSlots }()
 			s.computeGroup(together)
 		}()
 	}

@@ -608,7 +608,8 @@ type groupExpert struct {
 
 type groupLog struct {
 	mu     sync.Mutex
-	groups [][]float32 // the factors of each group's members
+	groups [][]float32   // the factors of each group's members
+	hold   chan struct{} // if set, a group computes once it is closed
 }
 
 func (e *groupExpert) Compute(x []float32, n int, out []float32) error {
@@ -629,7 +630,11 @@ func (e *groupExpert) ComputeGroup(es []moe.Expert, xs [][]float32, ns []int, ou
 	}
 	e.log.mu.Lock()
 	e.log.groups = append(e.log.groups, fs)
+	hold := e.log.hold
 	e.log.mu.Unlock()
+	if hold != nil {
+		<-hold
+	}
 	for i, m := range es {
 		if err := m.Compute(xs[i], ns[i], outs[i]); err != nil {
 			return err
@@ -856,6 +861,63 @@ func TestNoGroupsForANodeWithoutThem(t *testing.T) {
 	for _, r := range reqs {
 		if _, err := cl.Call(ctx, sh.ID(), r); err != nil {
 			t.Fatalf("a call alone to a 1.0.0 node: %v", err)
+		}
+	}
+}
+
+// Groups waiting to compute are bounded as a batcher's queue is
+// (MaxQueue): past it a group's members are answered busy at once, and
+// once the node has room it computes groups again.
+func TestGroupsAreBounded(t *testing.T) {
+	mc, _, _ := tinyShards(t, model.Q4_0)
+	sh, ch := hostPair(t)
+	cfg := DefaultConfig()
+	cfg.MaxQueue = 1
+	srv := startServer(t, sh, cfg)
+	const embd = 8
+	log := &groupLog{hold: make(chan struct{})}
+	for e := range 2 {
+		if err := srv.Add(mc, 0, e, &groupExpert{embd: embd, f: 2, log: log}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	srv.Start()
+	cl := NewClient(ch, quiet())
+	defer cl.Close()
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+	defer cancel()
+	reqs := []Request{{Model: mc, Expert: 0, Hidden: make([]float32, embd), N: 1}, {Model: mc, Expert: 1, Hidden: make([]float32, embd), N: 1}}
+	first, err := cl.SendGroup(ctx, sh.ID(), reqs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The first holds the one slot (it computes once hold closes).
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+		log.mu.Lock()
+		n := len(log.groups)
+		log.mu.Unlock()
+		if n == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the first group never started computing")
+		}
+	}
+	for i, r := range cl.CallGroup(ctx, sh.ID(), reqs) {
+		var re *RemoteError
+		if !errors.As(r.Err, &re) || re.Code != neuropb.ExpertError_CODE_BUSY {
+			t.Fatalf("member %d of a group past the bound: %v, want busy", i, r.Err)
+		}
+	}
+	close(log.hold)
+	for i := range reqs {
+		if _, err := first.Wait(ctx, i); err != nil {
+			t.Fatalf("member %d of the first group: %v", i, err)
+		}
+	}
+	for i, r := range cl.CallGroup(ctx, sh.ID(), reqs) {
+		if r.Err != nil {
+			t.Fatalf("member %d of a group once there is room: %v", i, r.Err)
 		}
 	}
 }
