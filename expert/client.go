@@ -299,6 +299,9 @@ func (g *SentGroup) Wait(ctx context.Context, i int) (*Response, error) {
 	return g.c.wait(ctx, g.p, g.s, g.msgs[i], g.reqs[i], g.chs[i])
 }
 
+// Peer is the node the group went to.
+func (g *SentGroup) Peer() peer.ID { return g.p }
+
 // Forget drops member i, which will not Wait: its answer is discarded.
 func (g *SentGroup) Forget(i int) { g.c.forget(g.s, g.msgs[i]) }
 

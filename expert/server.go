@@ -378,47 +378,21 @@ func (c *collector) add(r *neuropb.ExpertResponse) {
 // experts' backend can (moe.Grouper), and answers each as its batcher
 // would.
 func (s *Server) computeGroup(jobs []*job) {
-	now := time.Now()
-	live := jobs[:0]
-	tokens := 0
-	for _, j := range jobs {
-		if !j.deadline.IsZero() && now.After(j.deadline) {
-			j.reply(errorResponse(j.id, neuropb.ExpertError_CODE_DEADLINE_EXCEEDED, "deadline passed in the queue"))
-			continue
-		}
-		live, tokens = append(live, j), tokens+j.n
-	}
+	live, tokens := unexpired(jobs)
 	if len(live) == 0 {
 		return
 	}
-	xs, ns, outs := make([][]float32, len(live)), make([]int, len(live)), make([][]float32, len(live))
-	es := make([]moe.Expert, 0, len(live))
+	es, xs, ns, outs := make([]moe.Computer, len(live)), make([][]float32, len(live)), make([]int, len(live)), make([][]float32, len(live))
 	for i, j := range live {
-		xs[i], ns[i], outs[i] = j.x, j.n, make([]float32, len(j.x))
-		if e, ok := j.b.c.(moe.Expert); ok {
-			es = append(es, e)
-		}
+		es[i], xs[i], ns[i], outs[i] = j.b.c, j.x, j.n, make([]float32, len(j.x))
 	}
 	start := time.Now()
 	if s.cfg.SlowDown > 0 {
 		time.Sleep(s.cfg.SlowDown)
 	}
-	var err error
-	if len(es) == len(live) {
-		err = moe.ComputeGroup(es, xs, ns, outs)
-	} else {
-		for i, j := range live {
-			if err = j.b.c.Compute(xs[i], ns[i], outs[i]); err != nil {
-				break
-			}
-		}
-	}
+	err := moe.ComputeGroup(es, xs, ns, outs)
 	took := time.Since(start)
-	outcome := "ok"
-	if err != nil {
-		outcome = "error"
-	}
-	s.cfg.Metrics.Batch(tokens, len(live), took, outcome)
+	s.cfg.Metrics.Batch(tokens, len(live), took, outcome(err))
 	// Each member's answer is encoded and signed on a core of its own.
 	var wg sync.WaitGroup
 	for i, j := range live[1:] {
@@ -644,10 +618,11 @@ func (b *batcher) collect(first *job) []*job {
 	return jobs
 }
 
-func (b *batcher) compute(jobs []*job) {
+// unexpired answers the jobs whose deadline passed in the queue and
+// returns the others and their rows.
+func unexpired(jobs []*job) (live []*job, tokens int) {
 	now := time.Now()
-	live := jobs[:0]
-	tokens := 0
+	live = jobs[:0]
 	for _, j := range jobs {
 		if !j.deadline.IsZero() && now.After(j.deadline) {
 			j.reply(errorResponse(j.id, neuropb.ExpertError_CODE_DEADLINE_EXCEEDED, "deadline passed in the queue"))
@@ -655,6 +630,19 @@ func (b *batcher) compute(jobs []*job) {
 		}
 		live, tokens = append(live, j), tokens+j.n
 	}
+	return live, tokens
+}
+
+// outcome is a compute's result for the metrics.
+func outcome(err error) string {
+	if err != nil {
+		return "error"
+	}
+	return "ok"
+}
+
+func (b *batcher) compute(jobs []*job) {
+	live, tokens := unexpired(jobs)
 	if len(live) == 0 {
 		return
 	}
@@ -689,11 +677,7 @@ func (b *batcher) compute(jobs []*job) {
 		err = b.c.Compute(x, tokens, out)
 	}
 	took := time.Since(start)
-	outcome := "ok"
-	if err != nil {
-		outcome = "error"
-	}
-	b.metrics.Batch(tokens, len(live), took, outcome)
+	b.metrics.Batch(tokens, len(live), took, outcome(err))
 	off = 0
 	for _, j := range live {
 		n := j.n * embd

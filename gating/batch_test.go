@@ -271,7 +271,7 @@ func (g *groupRecorder) Compute(x []float32, n int, out []float32) error {
 	return g.Expert.Compute(x, n, out)
 }
 
-func (g *groupRecorder) ComputeGroup(es []moe.Expert, xs [][]float32, ns []int, outs [][]float32) error {
+func (g *groupRecorder) ComputeGroup(es []moe.Computer, xs [][]float32, ns []int, outs [][]float32) error {
 	g.log.mu.Lock()
 	g.log.groups = append(g.log.groups, len(es))
 	fail := g.log.fail

@@ -474,7 +474,7 @@ func (r *RemoteExperts) sendGroup(ctx context.Context, layer int, calls []layerC
 		return // each call goes alone
 	}
 	for k, i := range idx {
-		members[i] = &groupMember{sent: sent, p: hosts[0], i: k}
+		members[i] = &groupMember{sent: sent, i: k}
 	}
 }
 
@@ -487,7 +487,6 @@ type layerCall struct {
 // groupMember is one call's place in a group sent to one node.
 type groupMember struct {
 	sent *expert.SentGroup
-	p    peer.ID
 	i    int
 }
 
@@ -593,8 +592,8 @@ func (r *RemoteExperts) call(ctx context.Context, segs []segment, k expert.Key, 
 	if gm != nil {
 		// The group's node first: it answers this call with the layer's
 		// others.
-		if i := slices.Index(providers, gm.p); i >= 0 {
-			providers = append([]peer.ID{gm.p}, slices.Delete(slices.Clone(providers), i, i+1)...)
+		if p := gm.sent.Peer(); slices.Contains(providers, p) {
+			providers = append([]peer.ID{p}, slices.DeleteFunc(slices.Clone(providers), func(q peer.ID) bool { return q == p })...)
 		} else {
 			gm.sent.Forget(gm.i)
 			gm = nil

@@ -276,7 +276,7 @@ func BenchmarkExpertGroup(b *testing.B) {
 		}},
 		{"group", func(i int) error {
 			a, z := pair(i)
-			return moe.ComputeGroup([]moe.Expert{es[a], es[z]}, [][]float32{x, x}, []int{1, 1}, [][]float32{o1, o2})
+			return moe.ComputeGroup([]moe.Computer{es[a], es[z]}, [][]float32{x, x}, []int{1, 1}, [][]float32{o1, o2})
 		}},
 		{"stack", func(i int) error {
 			a, z := pair(i)

@@ -7,6 +7,7 @@ package ggml
 import "C"
 
 import (
+	"cmp"
 	"fmt"
 	"runtime"
 	"slices"
@@ -143,31 +144,26 @@ var group *C.neuro_group
 // same ops on the same data) with one threadpool dispatch for them all. It
 // takes distinct Experts on the CPU whose rows do not depend on their batch
 // (RowsVary false); others are moe.ErrNotGroupable.
-func (e *Expert) ComputeGroup(ms []moe.Expert, xs [][]float32, ns []int, outs [][]float32) error {
-	es := make([]*Expert, len(ms))
+func (e *Expert) ComputeGroup(ms []moe.Computer, xs [][]float32, ns []int, outs [][]float32) error {
+	n := len(ms)
+	if n == 0 || len(xs) != n || len(ns) != n || len(outs) != n {
+		return fmt.Errorf("expert group: %d experts, %d inputs, %d sizes, %d outputs", n, len(xs), len(ns), len(outs))
+	}
+	es := make([]*Expert, n)
 	for i, m := range ms {
 		x, ok := m.(*Expert)
 		if !ok || x == nil || x.vary || slices.Contains(es[:i], x) {
 			return fmt.Errorf("expert group: expert %d: %w", i, moe.ErrNotGroupable)
 		}
-		es[i] = x
-	}
-	return computeGroup(es, xs, ns, outs)
-}
-
-func computeGroup(es []*Expert, xs [][]float32, ns []int, outs [][]float32) error {
-	if len(es) == 0 || len(xs) != len(es) || len(ns) != len(es) || len(outs) != len(es) {
-		return fmt.Errorf("expert group: %d experts, %d inputs, %d sizes, %d outputs", len(es), len(xs), len(ns), len(outs))
-	}
-	for i, e := range es {
-		if err := moe.CheckBatch(xs[i], ns[i], outs[i], e.embd, e.maxBatch); err != nil {
+		if err := moe.CheckBatch(xs[i], ns[i], outs[i], x.embd, x.maxBatch); err != nil {
 			return fmt.Errorf("expert group: expert %d: %w", i, err)
 		}
+		es[i] = x
 	}
 	// Each expert's lock in one order (their addresses), then computeMu.
 	order := slices.Clone(es)
 	slices.SortFunc(order, func(a, b *Expert) int {
-		return cmpPtr(unsafe.Pointer(a), unsafe.Pointer(b))
+		return cmp.Compare(uintptr(unsafe.Pointer(a)), uintptr(unsafe.Pointer(b)))
 	})
 	for _, e := range order {
 		e.mu.Lock()
@@ -184,14 +180,11 @@ func computeGroup(es []*Expert, xs [][]float32, ns []int, outs [][]float32) erro
 			return fmt.Errorf("expert group: %s", C.GoString(&errbuf[0]))
 		}
 	}
-	n := len(es)
-	cs := (*[1 << 20]*C.neuro_expert)(C.calloc(C.size_t(n), C.size_t(unsafe.Sizeof(uintptr(0)))))[:n:n]
+	// C arrays of the experts and of pointers to the pinned Go rows.
+	cs, cx, cout, cn := cArray[*C.neuro_expert](n), cArray[*C.float](n), cArray[*C.float](n), cArray[C.int](n)
 	defer C.free(unsafe.Pointer(&cs[0]))
-	cx := (*[1 << 20]*C.float)(C.calloc(C.size_t(n), C.size_t(unsafe.Sizeof(uintptr(0)))))[:n:n]
 	defer C.free(unsafe.Pointer(&cx[0]))
-	cout := (*[1 << 20]*C.float)(C.calloc(C.size_t(n), C.size_t(unsafe.Sizeof(uintptr(0)))))[:n:n]
 	defer C.free(unsafe.Pointer(&cout[0]))
-	cn := (*[1 << 20]C.int)(C.calloc(C.size_t(n), C.size_t(unsafe.Sizeof(C.int(0)))))[:n:n]
 	defer C.free(unsafe.Pointer(&cn[0]))
 	var pinner runtime.Pinner
 	defer pinner.Unpin()
@@ -206,14 +199,10 @@ func computeGroup(es []*Expert, xs [][]float32, ns []int, outs [][]float32) erro
 	return nil
 }
 
-func cmpPtr(a, b unsafe.Pointer) int {
-	switch {
-	case uintptr(a) < uintptr(b):
-		return -1
-	case uintptr(a) > uintptr(b):
-		return 1
-	}
-	return 0
+// cArray allocates n zeroed Ts in C memory (the caller frees &a[0]).
+func cArray[T any](n int) []T {
+	var zero T
+	return unsafe.Slice((*T)(C.calloc(C.size_t(n), C.size_t(unsafe.Sizeof(zero)))), n)
 }
 
 // Close frees the ggml memory. It is safe to call more than once.
@@ -270,9 +259,7 @@ func NewStack(dev Device, ws []moe.ExpertWeights, kMax int, o moe.ExpertOptions)
 	}
 	n := len(ws)
 	// C arrays of pointers to the Go weights, pinned for the copy.
-	ptrs := func() []unsafe.Pointer {
-		return (*[1 << 20]unsafe.Pointer)(C.calloc(C.size_t(n), C.size_t(unsafe.Sizeof(uintptr(0)))))[:n:n]
-	}
+	ptrs := func() []unsafe.Pointer { return cArray[unsafe.Pointer](n) }
 	gate, up, down := ptrs(), ptrs(), ptrs()
 	defer C.free(unsafe.Pointer(&gate[0]))
 	defer C.free(unsafe.Pointer(&up[0]))

@@ -588,7 +588,7 @@ func TestGroupIsEachExpertsCompute(t *testing.T) {
 		}
 		return w
 	}
-	var es []moe.Expert
+	var es []moe.Computer
 	for i := range 12 {
 		e, err := Backend{}.NewExpert(weights(i%3 == 2), moe.ExpertOptions{MaxBatch: 8})
 		if err != nil {
@@ -604,7 +604,7 @@ func TestGroupIsEachExpertsCompute(t *testing.T) {
 		}
 		return x
 	}
-	check := func(t *testing.T, group []moe.Expert, wantGroupable bool) {
+	check := func(t *testing.T, group []moe.Computer, wantGroupable bool) {
 		t.Helper()
 		xs, ns, outs := make([][]float32, len(group)), make([]int, len(group)), make([][]float32, len(group))
 		for i := range group {
@@ -638,9 +638,9 @@ func TestGroupIsEachExpertsCompute(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer d.Close()
-	t.Run("dense", func(t *testing.T) { check(t, []moe.Expert{es[0], d}, false) })
+	t.Run("dense", func(t *testing.T) { check(t, []moe.Computer{es[0], d}, false) })
 	t.Run("twice", func(t *testing.T) {
-		err := es[0].(moe.Grouper).ComputeGroup([]moe.Expert{es[0], es[0]}, [][]float32{input(1), input(1)}, []int{1, 1},
+		err := es[0].(moe.Grouper).ComputeGroup([]moe.Computer{es[0], es[0]}, [][]float32{input(1), input(1)}, []int{1, 1},
 			[][]float32{make([]float32, embd), make([]float32, embd)})
 		if !errors.Is(err, moe.ErrNotGroupable) {
 			t.Fatalf("an expert twice in a group: %v", err)

@@ -308,6 +308,11 @@ func RowsVary(e any) bool {
 	return ok && v.RowsVary()
 }
 
+// Computer is what a group computes with: an Expert's Compute.
+type Computer interface {
+	Compute(x []float32, n int, out []float32) error
+}
+
 // Grouper is an Expert that computes together with other experts of its
 // backend in one call (ggml: one graph, one dispatch of its threadpool),
 // each expert's rows exactly as Compute gives them.
@@ -315,7 +320,7 @@ type Grouper interface {
 	// ComputeGroup computes es[i] on ns[i] rows of xs[i] into outs[i]; es
 	// holds the receiver among others. It returns ErrNotGroupable, having
 	// computed nothing, when it cannot take them all in one call.
-	ComputeGroup(es []Expert, xs [][]float32, ns []int, outs [][]float32) error
+	ComputeGroup(es []Computer, xs [][]float32, ns []int, outs [][]float32) error
 }
 
 // ErrNotGroupable: experts that cannot be computed in one call.
@@ -324,7 +329,7 @@ var ErrNotGroupable = errors.New("experts cannot be computed in one call")
 // ComputeGroup computes es[i] on ns[i] rows of xs[i] into outs[i]: in one
 // call where es[0] is a Grouper that takes them all, else one by one.
 // Either way each expert's rows are what its Compute gives.
-func ComputeGroup(es []Expert, xs [][]float32, ns []int, outs [][]float32) error {
+func ComputeGroup(es []Computer, xs [][]float32, ns []int, outs [][]float32) error {
 	if len(xs) != len(es) || len(ns) != len(es) || len(outs) != len(es) {
 		return fmt.Errorf("expert group: %d experts, %d inputs, %d sizes, %d outputs", len(es), len(xs), len(ns), len(outs))
 	}
