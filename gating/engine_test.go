@@ -13,6 +13,7 @@ import (
 	"net/http/httptest"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -191,9 +192,34 @@ func TestClientGeneratesLlamaCppTokens(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The gating node protects the user's connection from the connection
+	// manager's trimming while the generation runs, and only then.
+	cm := net.engine.h.LibP2P().ConnManager()
+	var protected atomic.Bool
+	watching, stopWatching := context.WithCancel(ctx)
+	watched := make(chan struct{})
+	go func() {
+		defer close(watched)
+		for watching.Err() == nil && !protected.Load() {
+			protected.Store(cm.IsProtected(c.ID(), ""))
+			time.Sleep(time.Millisecond)
+		}
+	}()
 	toks, done, err := s.Collect()
+	stopWatching()
+	<-watched
 	if err != nil {
 		t.Fatal(err)
+	}
+	if !protected.Load() {
+		t.Fatal("the user's connection was not protected during the generation")
+	}
+	for cm.IsProtected(c.ID(), "") {
+		select {
+		case <-ctx.Done():
+			t.Fatal("the user's connection is still protected after the generation")
+		case <-time.After(10 * time.Millisecond):
+		}
 	}
 	ids := tokenIDs(toks)
 	var text strings.Builder
