@@ -97,6 +97,9 @@ type Network interface {
 	Peers() *p2p.PeerTable
 	Provide(ctx context.Context, c cid.Cid) error
 	FindProviders(ctx context.Context, c cid.Cid, n int, timeout time.Duration) ([]peer.AddrInfo, error)
+	// RoutingTableSize is the DHT routing table's size: a node provides
+	// again as the network it knows grows (p2p.Provision).
+	RoutingTableSize() int
 	// PublishHeartbeat tells the others at once what the node hosts.
 	PublishHeartbeat(ctx context.Context) error
 }
@@ -184,10 +187,11 @@ func (s *Service) Close() error {
 }
 
 // announce provides every stored blob, rescans for new ones (an import
-// while the node runs) and provides each again every Reprovide. It stops
-// with the node.
+// while the node runs) and provides each again every Reprovide, or sooner
+// when the routing table has doubled since (p2p.Provision). It stops with
+// the node.
 func (s *Service) announce(ctx context.Context) {
-	provided := map[cid.Cid]time.Time{}
+	provided := map[cid.Cid]p2p.Provision{}
 	for {
 		blobs, err := s.store.List()
 		if err != nil {
@@ -201,14 +205,15 @@ func (s *Service) announce(ctx context.Context) {
 			}
 		}
 		for _, c := range blobs {
-			if at, ok := provided[c]; ok && time.Since(at) < s.cfg.Reprovide {
+			rt := s.p2p.RoutingTableSize()
+			if !provided[c].Due(time.Now(), rt, s.cfg.Reprovide) {
 				continue
 			}
 			pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 			err := s.p2p.Provide(pctx, c)
 			cancel()
 			if err == nil {
-				provided[c] = time.Now()
+				provided[c] = p2p.Provision{At: time.Now(), RoutingTable: rt}
 			} else if ctx.Err() == nil {
 				s.log.Debug("provide", "cid", c, "err", err)
 			}

@@ -135,6 +135,8 @@ type Network interface {
 	Peers() *p2p.PeerTable
 	Provide(ctx context.Context, c cid.Cid) error
 	FindProviders(ctx context.Context, c cid.Cid, n int, timeout time.Duration) ([]peer.AddrInfo, error)
+	// RoutingTableSize is the DHT routing table's size (p2p.Provision).
+	RoutingTableSize() int
 }
 
 var _ Network = (*p2p.Host)(nil)
@@ -382,16 +384,17 @@ func (e *Engine) load(ctx context.Context, m *served) error {
 	return nil
 }
 
-// announce provides the model's gating key now and twice a day, and keeps
-// the DHT's list of each expert's providers fresh, until ctx ends.
+// announce provides the model's gating key now, twice a day and whenever
+// the routing table has doubled since (p2p.Provision), and keeps the DHT's
+// list of each expert's providers fresh, until ctx ends.
 func (e *Engine) announce(ctx context.Context, m *served) {
 	key := neuropb.GatingKey(m.cid)
-	var provided time.Time
+	var provided p2p.Provision
 	for {
-		if time.Since(provided) > 12*time.Hour {
+		if rt := e.h.RoutingTableSize(); provided.Due(time.Now(), rt, 12*time.Hour) {
 			pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 			if err := e.h.Provide(pctx, key); err == nil {
-				provided = time.Now()
+				provided = p2p.Provision{At: time.Now(), RoutingTable: rt}
 			} else if ctx.Err() == nil {
 				e.log.Debug("provide gating key", "model", m.cid, "err", err)
 			}

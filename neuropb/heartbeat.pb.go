@@ -162,7 +162,12 @@ type Heartbeat struct {
 	Reachability Reachability `protobuf:"varint,11,opt,name=reachability,proto3,enum=neuro.v1.Reachability" json:"reachability,omitempty"`
 	// The sender takes no expert work now (--idle-only or --max-load: its
 	// machine is busy with its owner's work); gating nodes route around it.
-	Paused        bool `protobuf:"varint,12,opt,name=paused,proto3" json:"paused,omitempty"`
+	Paused bool `protobuf:"varint,12,opt,name=paused,proto3" json:"paused,omitempty"`
+	// The sender's heartbeat interval now, in milliseconds: it stretches
+	// the interval as the network grows (gossip.heartbeat_rate), and
+	// receivers forget it after a few intervals without a heartbeat rather
+	// than after a fixed time. 0: the receiver's own interval.
+	IntervalMs    uint32 `protobuf:"varint,13,opt,name=interval_ms,json=intervalMs,proto3" json:"interval_ms,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -279,6 +284,13 @@ func (x *Heartbeat) GetPaused() bool {
 		return x.Paused
 	}
 	return false
+}
+
+func (x *Heartbeat) GetIntervalMs() uint32 {
+	if x != nil {
+		return x.IntervalMs
+	}
+	return 0
 }
 
 // HostedModel lists the experts of one model a node hosts.
@@ -683,7 +695,7 @@ var File_heartbeat_proto protoreflect.FileDescriptor
 
 const file_heartbeat_proto_rawDesc = "" +
 	"\n" +
-	"\x0fheartbeat.proto\x12\bneuro.v1\"\xa0\x03\n" +
+	"\x0fheartbeat.proto\x12\bneuro.v1\"\xc1\x03\n" +
 	"\tHeartbeat\x12\x17\n" +
 	"\apeer_id\x18\x01 \x01(\fR\x06peerId\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12 \n" +
@@ -698,7 +710,9 @@ const file_heartbeat_proto_rawDesc = "" +
 	"\bcapacity\x18\n" +
 	" \x01(\v2\x12.neuro.v1.CapacityR\bcapacity\x12:\n" +
 	"\freachability\x18\v \x01(\x0e2\x16.neuro.v1.ReachabilityR\freachability\x12\x16\n" +
-	"\x06paused\x18\f \x01(\bR\x06paused\"=\n" +
+	"\x06paused\x18\f \x01(\bR\x06paused\x12\x1f\n" +
+	"\vinterval_ms\x18\r \x01(\rR\n" +
+	"intervalMs\"=\n" +
 	"\vHostedModel\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\fR\x05model\x12\x18\n" +
 	"\aexperts\x18\x02 \x03(\rR\aexperts\"\xb3\x01\n" +

@@ -31,6 +31,9 @@ const (
 	// MaxHeartbeatAddrs bounds Heartbeat.addrs; MaxAddrLen one address.
 	MaxHeartbeatAddrs = 32
 	MaxAddrLen        = 256
+	// MaxHeartbeatIntervalMs bounds Heartbeat.interval_ms (an hour): a
+	// peer cannot make the others remember it for longer than a few.
+	MaxHeartbeatIntervalMs = 3600_000
 	// MaxRoles bounds Heartbeat.roles; MaxVersionLen Heartbeat.version.
 	MaxRoles      = 8
 	MaxVersionLen = 64

@@ -40,6 +40,9 @@ func (h *Heartbeat) Validate() error {
 			return invalid("heartbeat: unknown role %d", int32(r))
 		}
 	}
+	if h.GetIntervalMs() > MaxHeartbeatIntervalMs {
+		return invalid("heartbeat: interval %d ms, at most %d", h.GetIntervalMs(), MaxHeartbeatIntervalMs)
+	}
 	if len(h.GetVersion()) > MaxVersionLen {
 		return invalid("heartbeat: version is %d bytes, at most %d", len(h.GetVersion()), MaxVersionLen)
 	}

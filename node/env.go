@@ -110,6 +110,12 @@ func setValue(v reflect.Value, raw string) error {
 			return fmt.Errorf("%q: want an integer", raw)
 		}
 		v.SetInt(int64(n))
+	case reflect.Float64:
+		f, err := strconv.ParseFloat(raw, 64)
+		if err != nil {
+			return fmt.Errorf("%q: want a number", raw)
+		}
+		v.SetFloat(f)
 	case reflect.Slice:
 		var items []string
 		for _, s := range strings.Split(raw, ",") {

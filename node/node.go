@@ -49,6 +49,16 @@ type options struct {
 	load     LoadSignal
 	compute  moe.Backend
 	budget   string
+	p2p      []p2p.Option
+}
+
+// WithP2POptions passes options to the node's p2p host (a simulation's
+// in-process transport: p2p.WithTransport).
+func WithP2POptions(opts ...p2p.Option) Option {
+	return func(o *options) error {
+		o.p2p = append(o.p2p, opts...)
+		return nil
+	}
 }
 
 // WithBudgetSource says where expert.memory_mb came from when the node did
@@ -240,7 +250,7 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 	}
 	popts := []p2p.Option{p2p.WithLogger(n.log), p2p.WithAppScore(n.book.GossipScore), p2p.WithMetrics(n.metrics.Registry),
 		p2p.WithHeartbeatExtra(n.heartbeatExtra)}
-	n.p2p, err = p2p.New(key, pcfg, popts...)
+	n.p2p, err = p2p.New(key, pcfg, append(popts, o.p2p...)...)
 	if err != nil {
 		return nil, err
 	}

@@ -24,6 +24,7 @@ import (
 	libp2ptls "github.com/libp2p/go-libp2p/p2p/security/tls"
 	quic "github.com/libp2p/go-libp2p/p2p/transport/quic"
 	"github.com/libp2p/go-libp2p/p2p/transport/tcp"
+	"github.com/libp2p/go-libp2p/x/rate"
 	ma "github.com/multiformats/go-multiaddr"
 	manet "github.com/multiformats/go-multiaddr/net"
 	"github.com/prometheus/client_golang/prometheus"
@@ -98,6 +99,7 @@ type hostOptions struct {
 	relayService RelayMode
 	staticRelays []peer.AddrInfo
 	metrics      prometheus.Registerer // nil: Prometheus' default registry
+	transports   []any                 // more libp2p transports
 }
 
 // newHost builds the libp2p host: TCP and QUIC; Noise and TLS; yamux; the
@@ -114,7 +116,16 @@ func newHost(o hostOptions, log *slog.Logger) (host.Host, func() error, error) {
 		reg = prometheus.DefaultRegisterer
 	}
 	rcmgr.MustRegisterWith(reg)
-	rm, err := rcmgr.NewResourceManager(rcmgr.NewFixedLimiter(o.limits.resourceLimits()), rcmgr.WithTraceReporter(str))
+	rmOpts := []rcmgr.Option{rcmgr.WithTraceReporter(str)}
+	if len(o.transports) > 0 {
+		// An added transport's connections (a simulation's in-memory
+		// pipes) carry no IP address, and libp2p's limiter of new
+		// connections puts every one of those in one bucket (16 at
+		// once, then one per 5 s, dials included): hundreds of hosts in
+		// one process would be refused. They share one machine anyway.
+		rmOpts = append(rmOpts, rcmgr.WithConnRateLimiters(&rate.Limiter{}))
+	}
+	rm, err := rcmgr.NewResourceManager(rcmgr.NewFixedLimiter(o.limits.resourceLimits()), rmOpts...)
 	if err != nil {
 		return nil, nil, fmt.Errorf("resource manager: %w", err)
 	}
@@ -134,6 +145,9 @@ func newHost(o hostOptions, log *slog.Logger) (host.Host, func() error, error) {
 		libp2p.ConnectionManager(cm),
 		libp2p.UserAgent("neurod/" + Version),
 		libp2p.PrometheusRegisterer(reg),
+	}
+	for _, t := range o.transports {
+		opts = append(opts, libp2p.Transport(t))
 	}
 	if o.portMap {
 		opts = append(opts, libp2p.NATPortMap())

@@ -11,6 +11,10 @@ import (
 // warns "error providing rendezvous for topic ... failed to find any peer
 // in table" whenever it advertises a topic before the routing table has a
 // peer, which is the case at every node's start; it retries on its own.
+// Its tag tracer warns "error bumping delivery tag" for a message
+// delivered while the connection manager's queue of tag updates is full
+// (a busy node) or before the topic's tag exists: the update is dropped,
+// which only shades which connections the manager keeps.
 type demoteHandler struct {
 	slog.Handler
 	prefixes []string
@@ -43,6 +47,6 @@ func (h demoteHandler) WithGroup(name string) slog.Handler {
 func pubsubLogger(log *slog.Logger) *slog.Logger {
 	return slog.New(demoteHandler{
 		Handler:  log.With("component", "gossipsub").Handler(),
-		prefixes: []string{"bootstrap: error providing rendezvous"},
+		prefixes: []string{"bootstrap: error providing rendezvous", "error bumping delivery tag"},
 	})
 }

@@ -62,18 +62,38 @@ type Config struct {
 	Limits Limits
 
 	HeartbeatInterval time.Duration
-	PeerTableSize     int
-	PeerExpiry        time.Duration
+	// HeartbeatRate, if positive, stretches the heartbeat interval as the
+	// network grows: each node beats every max(HeartbeatInterval, peers
+	// heard / HeartbeatRate), so that the routing topic carries about
+	// HeartbeatRate heartbeats a second however many nodes there are.
+	HeartbeatRate float64
+	PeerTableSize int
+	PeerExpiry    time.Duration
 }
 
 // Option sets a dependency of Host.
 type Option func(*options) error
 
 type options struct {
-	log      *slog.Logger
-	appScore func(peer.ID) float64
-	hbExtra  func(*neuropb.Heartbeat)
-	metrics  prometheus.Registerer
+	log        *slog.Logger
+	appScore   func(peer.ID) float64
+	hbExtra    func(*neuropb.Heartbeat)
+	metrics    prometheus.Registerer
+	transports []any
+}
+
+// WithTransport adds a libp2p transport (a constructor for
+// libp2p.Transport) to TCP and QUIC: the in-process network of a
+// simulation (package testnet/simnet), whose /memory addresses the
+// config's listen addresses then name.
+func WithTransport(constructor any) Option {
+	return func(o *options) error {
+		if constructor == nil {
+			return errors.New("nil transport")
+		}
+		o.transports = append(o.transports, constructor)
+		return nil
+	}
 }
 
 // WithMetrics registers go-libp2p's metrics (swarm, identify, hole
@@ -130,6 +150,7 @@ type Host struct {
 	routing   *Topic[*neuropb.Heartbeat]
 	peers     *PeerTable
 	rej       *Rejections
+	traffic   trafficTracer
 	provCache providerCache
 
 	started time.Time
@@ -159,6 +180,9 @@ func New(key crypto.PrivKey, cfg Config, opts ...Option) (_ *Host, err error) {
 	if cfg.HeartbeatInterval <= 0 || cfg.PeerTableSize <= 0 || cfg.PeerExpiry <= 0 || cfg.BootstrapTimeout <= 0 {
 		return nil, errors.New("p2p config: heartbeat interval, peer table size, peer expiry and bootstrap timeout must be positive")
 	}
+	if cfg.HeartbeatRate < 0 {
+		return nil, fmt.Errorf("p2p config: heartbeat rate %v is negative", cfg.HeartbeatRate)
+	}
 	h := &Host{
 		cfg:     cfg,
 		log:     o.log,
@@ -186,6 +210,7 @@ func New(key crypto.PrivKey, cfg Config, opts ...Option) (_ *Host, err error) {
 		relayService: cfg.RelayService,
 		staticRelays: cfg.StaticRelays,
 		metrics:      o.metrics,
+		transports:   o.transports,
 	}, h.log)
 	if err != nil {
 		return nil, err
@@ -205,7 +230,7 @@ func New(key crypto.PrivKey, cfg Config, opts ...Option) (_ *Host, err error) {
 		appScore:     o.appScore,
 		peerExchange: slices.Contains(cfg.Roles, neuropb.Role_ROLE_BOOTSTRAP),
 		routing:      drouting.NewRoutingDiscovery(h.dht),
-		tracer:       rejectTracer{r: h.rej},
+		tracers:      []pubsub.RawTracer{rejectTracer{r: h.rej}, &h.traffic},
 	}, h.log)
 	if err != nil {
 		return nil, err
@@ -415,6 +440,9 @@ func reachabilityOf(r network.Reachability) neuropb.Reachability {
 
 // Peers is the table of peers heard on the routing topic.
 func (h *Host) Peers() *PeerTable { return h.peers }
+
+// Traffic is the host's GossipSub traffic since it started.
+func (h *Host) Traffic() Traffic { return h.traffic.snapshot() }
 
 // Rejections counts rejected gossip messages.
 func (h *Host) Rejections() *Rejections { return h.rej }

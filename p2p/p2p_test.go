@@ -258,3 +258,35 @@ func TestListenMatches(t *testing.T) {
 		}
 	}
 }
+
+// With a heartbeat rate, a node's interval stretches with the peers it
+// hears (and says so in its heartbeats); without, it stays put. GossipSub
+// traffic is counted both ways.
+func TestHeartbeatIntervalStretchesWithThePeersHeard(t *testing.T) {
+	cfg := testConfig()
+	cfg.HeartbeatRate = 2 // two heartbeats a second, network-wide
+	a := newTestHost(t, cfg)
+	cfg.Bootstrap = []peer.AddrInfo{{ID: a.ID(), Addrs: a.Addrs()}}
+	b := newTestHost(t, cfg)
+	c := newTestHost(t, cfg)
+	for _, h := range []*Host{a, b, c} {
+		waitUntil(t, func() bool { return h.Peers().Live(time.Now()) == 2 }, "every host to hear the two others")
+	}
+	// Three nodes at two a second: 1.5 s each, above the 200 ms set.
+	if d := a.interval(time.Now()); d != 1500*time.Millisecond {
+		t.Fatalf("interval %v, want 1.5s", d)
+	}
+	waitUntil(t, func() bool {
+		e, ok := b.Peers().Get(a.ID(), time.Now())
+		// Kept for the longer of the ttl (5 s) and three of a's intervals.
+		return ok && e.Interval == 1500*time.Millisecond && e.Expiry == max(cfg.PeerExpiry, 4500*time.Millisecond)
+	}, "b to hear a's stretched interval")
+	fixed := testConfig()
+	if d := (&Host{cfg: fixed, peers: a.peers}).interval(time.Now()); d != fixed.HeartbeatInterval {
+		t.Fatalf("no rate: interval %v, want %v", d, fixed.HeartbeatInterval)
+	}
+	tr := a.Traffic()
+	if tr.RPCsIn == 0 || tr.RPCsOut == 0 || tr.MsgsIn == 0 || tr.MsgsOut == 0 || tr.BytesIn <= tr.ControlIn || tr.BytesOut <= tr.ControlOut {
+		t.Fatalf("traffic %+v", tr)
+	}
+}

@@ -36,10 +36,22 @@ type PeerInfo struct {
 	// no expert work now.
 	Reachability neuropb.Reachability
 	Paused       bool
+	// Interval is the peer's heartbeat interval (its heartbeat's
+	// interval_ms; 0 when it did not say), and Expiry how long after
+	// LastSeen the table forgets it.
+	Interval time.Duration
+	Expiry   time.Duration
 }
 
+// MissedHeartbeats is how many of a peer's own heartbeat intervals pass
+// without a heartbeat before a table forgets the peer (never sooner than
+// the table's ttl).
+const MissedHeartbeats = 3
+
 // PeerTable remembers the latest heartbeat of each peer: at most max
-// peers, each forgotten ttl after its last heartbeat. When full, the peer
+// peers, each forgotten ttl after its last heartbeat, or MissedHeartbeats
+// of its own intervals when that is longer (a peer of a large network
+// beats slowly). When full, the peer
 // heard from longest ago makes room. Safe for concurrent use.
 type PeerTable struct {
 	mu      sync.Mutex
@@ -62,7 +74,7 @@ func (t *PeerTable) Observe(author peer.ID, hb *neuropb.Heartbeat, now time.Time
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	e, ok := t.entries[author]
-	if ok && now.Sub(e.LastSeen) <= t.ttl && !newer(hb, e) {
+	if ok && !e.expired(now) && !newer(hb, e) {
 		return false
 	}
 	if !ok {
@@ -91,8 +103,13 @@ func (t *PeerTable) Observe(author peer.ID, hb *neuropb.Heartbeat, now time.Time
 	e.Capacity = hb.GetCapacity()
 	e.Reachability, e.Paused = hb.GetReachability(), hb.GetPaused()
 	e.Delay = now.Sub(time.UnixMilli(hb.GetSentUnixMs()))
+	e.Interval = time.Duration(hb.GetIntervalMs()) * time.Millisecond
+	e.Expiry = max(t.ttl, MissedHeartbeats*e.Interval)
 	return true
 }
+
+// expired reports whether e is to be forgotten at now.
+func (e *PeerInfo) expired(now time.Time) bool { return now.Sub(e.LastSeen) > e.Expiry }
 
 func newer(hb *neuropb.Heartbeat, e *PeerInfo) bool {
 	if hb.GetSentUnixMs() != e.SentUnixMs {
@@ -106,7 +123,7 @@ func newer(hb *neuropb.Heartbeat, e *PeerInfo) bool {
 func (t *PeerTable) evictLocked(now time.Time) {
 	var oldest *PeerInfo
 	for id, e := range t.entries {
-		if now.Sub(e.LastSeen) > t.ttl {
+		if e.expired(now) {
 			delete(t.entries, id)
 			continue
 		}
@@ -124,7 +141,7 @@ func (t *PeerTable) Prune(now time.Time) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	for id, e := range t.entries {
-		if now.Sub(e.LastSeen) > t.ttl {
+		if e.expired(now) {
 			delete(t.entries, id)
 		}
 	}
@@ -135,7 +152,7 @@ func (t *PeerTable) Get(p peer.ID, now time.Time) (PeerInfo, bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	e, ok := t.entries[p]
-	if !ok || now.Sub(e.LastSeen) > t.ttl {
+	if !ok || e.expired(now) {
 		return PeerInfo{}, false
 	}
 	return *e, true
@@ -147,12 +164,25 @@ func (t *PeerTable) Snapshot(now time.Time) []PeerInfo {
 	defer t.mu.Unlock()
 	out := make([]PeerInfo, 0, len(t.entries))
 	for _, e := range t.entries {
-		if now.Sub(e.LastSeen) <= t.ttl {
+		if !e.expired(now) {
 			out = append(out, *e)
 		}
 	}
 	slices.SortFunc(out, func(a, b PeerInfo) int { return compareIDs(a.ID, b.ID) })
 	return out
+}
+
+// Live counts the entries not expired at now.
+func (t *PeerTable) Live(now time.Time) int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	n := 0
+	for _, e := range t.entries {
+		if !e.expired(now) {
+			n++
+		}
+	}
+	return n
 }
 
 // Len is the number of entries, live or not yet pruned.

@@ -85,3 +85,66 @@ func TestPeerTableBoundedAndExpiring(t *testing.T) {
 		t.Fatalf("live peer: %+v %v", e, ok)
 	}
 }
+
+// A peer that beats slowly (a large network) is kept for MissedHeartbeats
+// of its own intervals; one that beats fast, or does not say, for the
+// table's ttl.
+func TestPeerTableExpiryFollowsThePeersInterval(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	pt := NewPeerTable(10, 30*time.Second)
+	slow, fast, silent := hb(1, 1000), hb(1, 1000), hb(1, 1000)
+	slow.IntervalMs, fast.IntervalMs = 60_000, 1_000
+	pt.Observe("slow", slow, t0)
+	pt.Observe("fast", fast, t0)
+	pt.Observe("silent", silent, t0)
+	at := func(d time.Duration) []string {
+		var ids []string
+		for _, e := range pt.Snapshot(t0.Add(d)) {
+			ids = append(ids, string(e.ID))
+		}
+		return ids
+	}
+	if got := fmt.Sprint(at(29 * time.Second)); got != "[fast silent slow]" {
+		t.Fatalf("at 29 s: %s", got)
+	}
+	if got := fmt.Sprint(at(31 * time.Second)); got != "[slow]" {
+		t.Fatalf("at 31 s: %s (the ttl is the least)", got)
+	}
+	if got := fmt.Sprint(at(179 * time.Second)); got != "[slow]" {
+		t.Fatalf("at 179 s: %s", got)
+	}
+	if got := at(181 * time.Second); len(got) != 0 || pt.Live(t0.Add(181*time.Second)) != 0 {
+		t.Fatalf("at 181 s: %v (3 missed minutes)", got)
+	}
+	if e, ok := pt.Get("slow", t0.Add(100*time.Second)); !ok || e.Interval != time.Minute || e.Expiry != 3*time.Minute {
+		t.Fatalf("slow peer: %+v", e)
+	}
+}
+
+// A key is provided again every interval, and as soon as the routing
+// table has doubled since it was (its records sit on the closest peers of
+// a smaller network).
+func TestProvisionDue(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	p := Provision{At: t0, RoutingTable: 10}
+	for _, tc := range []struct {
+		after time.Duration
+		rt    int
+		due   bool
+	}{
+		{time.Minute, 10, false},
+		{time.Minute, 19, false},
+		{time.Minute, 20, true},
+		{12 * time.Hour, 10, true},
+	} {
+		if got := p.Due(t0.Add(tc.after), tc.rt, 12*time.Hour); got != tc.due {
+			t.Errorf("after %v with %d peers: due %v, want %v", tc.after, tc.rt, got, tc.due)
+		}
+	}
+	if !(Provision{}).Due(t0, 0, time.Hour) {
+		t.Error("never provided: not due")
+	}
+	if first := (Provision{At: t0}); !first.Due(t0.Add(time.Second), 2, time.Hour) || first.Due(t0.Add(time.Second), 1, time.Hour) {
+		t.Error("provided to an empty table: due once there are two peers")
+	}
+}

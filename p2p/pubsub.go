@@ -113,7 +113,7 @@ type pubsubOptions struct {
 	// hand newcomers other peers.
 	peerExchange bool
 	routing      *drouting.RoutingDiscovery
-	tracer       pubsub.RawTracer
+	tracers      []pubsub.RawTracer
 }
 
 // newPubSub starts GossipSub with strict signing (every message carries its
@@ -134,8 +134,8 @@ func newPubSub(ctx context.Context, h host.Host, o pubsubOptions, log *slog.Logg
 	if o.routing != nil {
 		opts = append(opts, pubsub.WithDiscovery(o.routing))
 	}
-	if o.tracer != nil {
-		opts = append(opts, pubsub.WithRawTracer(o.tracer))
+	for _, t := range o.tracers {
+		opts = append(opts, pubsub.WithRawTracer(t))
 	}
 	ps, err := pubsub.NewGossipSub(ctx, h, opts...)
 	if err != nil {

@@ -1,11 +1,13 @@
 package p2p
 
 import (
+	"sync/atomic"
 	"time"
 
 	pubsub "github.com/libp2p/go-libp2p-pubsub"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/core/protocol"
+	"google.golang.org/protobuf/proto"
 )
 
 // noopTracer implements pubsub.RawTracer with no-ops; tracers embed it and
@@ -32,3 +34,47 @@ func (noopTracer) SendRPC(*pubsub.RPC, peer.ID)                         {}
 func (noopTracer) SendRPCCompleted(*pubsub.RPC, peer.ID, time.Duration) {}
 func (noopTracer) DropRPC(*pubsub.RPC, peer.ID)                         {}
 func (noopTracer) UndeliverableMessage(*pubsub.Message)                 {}
+
+// Traffic counts a host's GossipSub RPCs (each carries messages, control
+// messages or both) and the messages and bytes in them, both ways, since
+// the host started.
+type Traffic struct {
+	RPCsIn, RPCsOut   uint64
+	MsgsIn, MsgsOut   uint64
+	BytesIn, BytesOut uint64
+	// ControlIn and ControlOut are the bytes of control messages (IHAVE,
+	// IWANT, GRAFT, PRUNE, IDONTWANT), part of BytesIn and BytesOut.
+	ControlIn, ControlOut uint64
+}
+
+// trafficTracer counts Traffic.
+type trafficTracer struct {
+	noopTracer
+	rpcsIn, rpcsOut   atomic.Uint64
+	msgsIn, msgsOut   atomic.Uint64
+	bytesIn, bytesOut atomic.Uint64
+	ctrlIn, ctrlOut   atomic.Uint64
+}
+
+func (t *trafficTracer) RecvRPC(rpc *pubsub.RPC) {
+	t.rpcsIn.Add(1)
+	t.msgsIn.Add(uint64(len(rpc.GetPublish())))
+	t.bytesIn.Add(uint64(proto.Size(&rpc.RPC)))
+	t.ctrlIn.Add(uint64(proto.Size(rpc.GetControl())))
+}
+
+func (t *trafficTracer) SendRPC(rpc *pubsub.RPC, _ peer.ID) {
+	t.rpcsOut.Add(1)
+	t.msgsOut.Add(uint64(len(rpc.GetPublish())))
+	t.bytesOut.Add(uint64(proto.Size(&rpc.RPC)))
+	t.ctrlOut.Add(uint64(proto.Size(rpc.GetControl())))
+}
+
+func (t *trafficTracer) snapshot() Traffic {
+	return Traffic{
+		RPCsIn: t.rpcsIn.Load(), RPCsOut: t.rpcsOut.Load(),
+		MsgsIn: t.msgsIn.Load(), MsgsOut: t.msgsOut.Load(),
+		BytesIn: t.bytesIn.Load(), BytesOut: t.bytesOut.Load(),
+		ControlIn: t.ctrlIn.Load(), ControlOut: t.ctrlOut.Load(),
+	}
+}

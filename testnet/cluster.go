@@ -43,6 +43,7 @@ func LoopbackConfig() node.Config {
 	cfg.P2P.NAT.RelayService = "off"
 	cfg.P2P.BootstrapTimeout = node.Duration(20 * time.Second)
 	cfg.Gossip.HeartbeatInterval = node.Duration(time.Second)
+	cfg.Gossip.HeartbeatRate = 0 // a few nodes: every second, always
 	cfg.Gossip.PeerExpiry = node.Duration(10 * time.Second)
 	// A testnet runs unpaid requests too (the dashboard's, the bench's, a
 	// user's curl) besides its paid prompt and API keys.
