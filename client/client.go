@@ -40,6 +40,8 @@ import (
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
+	rcmgr "github.com/libp2p/go-libp2p/p2p/host/resource-manager"
+	"github.com/libp2p/go-libp2p/x/rate"
 	ma "github.com/multiformats/go-multiaddr"
 
 	"github.com/neuro-p2p/neuro/neuropb"
@@ -55,6 +57,20 @@ type options struct {
 	wallet    crypto.PrivKey
 	log       *slog.Logger
 	timeout   time.Duration
+	transport any
+}
+
+// WithTransport makes the client dial through this libp2p transport (a
+// constructor for libp2p.Transport) instead of TCP, QUIC and the others:
+// a simulation's in-process network (package testnet/simnet).
+func WithTransport(constructor any) Option {
+	return func(o *options) error {
+		if constructor == nil {
+			return errors.New("nil transport")
+		}
+		o.transport = constructor
+		return nil
+	}
 }
 
 // WithBootstrap sets the bootstrap peers: multiaddrs that end in
@@ -186,6 +202,15 @@ func New(ctx context.Context, opts ...Option) (_ *Client, err error) {
 	lopts := []libp2p.Option{libp2p.NoListenAddrs, libp2p.EnableHolePunching(), libp2p.UserAgent("neuro-client")}
 	if o.key != nil {
 		lopts = append(lopts, libp2p.Identity(o.key))
+	}
+	if o.transport != nil {
+		// Its connections carry no IP address, and libp2p's limiter of
+		// new connections puts all of those in one small bucket.
+		rm, err := rcmgr.NewResourceManager(rcmgr.NewFixedLimiter(rcmgr.DefaultLimits.AutoScale()), rcmgr.WithConnRateLimiters(&rate.Limiter{}))
+		if err != nil {
+			return nil, fmt.Errorf("client: resource manager: %w", err)
+		}
+		lopts = append(lopts, libp2p.Transport(o.transport), libp2p.ResourceManager(rm))
 	}
 	h, err := libp2p.New(lopts...)
 	if err != nil {
