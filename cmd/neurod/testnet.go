@@ -84,6 +84,7 @@ logs are in --dir (default: a temporary directory, removed afterwards).`,
 		},
 	}
 	f.register(cmd.Flags())
+	cmd.AddCommand(newSimCmd(g))
 	return cmd
 }
 

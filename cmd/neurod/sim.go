@@ -1,0 +1,178 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"runtime/pprof"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/neuro-p2p/neuro/ggml"
+	"github.com/neuro-p2p/neuro/testnet"
+)
+
+func newSimCmd(g *globalFlags) *cobra.Command {
+	var (
+		sim      testnet.Sim
+		churn    string
+		dir      string
+		asJSON   bool
+		seed     uint64
+		duration time.Duration
+		profile  string
+	)
+	cmd := &cobra.Command{
+		Use:   "sim",
+		Short: "Simulate a network of hundreds of real nodes in this process",
+		Long: `sim runs a network of many real nodes inside one process, so that the
+network itself (the DHT, GossipSub heartbeats, automatic hosting, gating
+nodes finding providers, churn) can be measured at a size no machine could
+run as processes. Each node is a whole neurod node on its own libp2p host,
+with its own home and store; the hosts connect through an in-memory
+transport (Noise and yamux over a pipe that delays each write by
+--latency), so no node needs a socket. The model is a small generated
+one (4 MoE layers of 16 experts): its experts compute for real, in well
+under a millisecond.
+
+The first --bootstrap nodes are bootstrap nodes and hold the model; the
+next --gating nodes are gating nodes, each asked the same prompt every
+--ask-every by a user of its own through the client library; the others
+join --join-rate a second, knowing only the bootstrap nodes, and host
+experts chosen automatically (with a memory budget that gives each expert
+about four providers), fetched from the nodes that have them. With --churn,
+expert nodes are killed (closed without a word to the others) and new
+ones join at that rate.
+
+sim waits until the network is healthy (every expert served by two live
+nodes, every gating node loaded and seeing them, every routing table
+filled), runs it for --duration and prints what it measured: time to
+healthy, gossip per node, provider lookups in the DHT (latency, hops),
+coverage over time, prompts asked and answered, per-token latency, memory
+and CPU per node. It exits 1 when a prompt went unanswered or an expert
+ended with fewer than two providers.`,
+		Example: `  neurod testnet sim --nodes 100 --duration 1m
+  neurod testnet sim --nodes 300 --churn 10/min --duration 5m --json`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			rate, err := parseChurn(churn)
+			if err != nil {
+				return fmt.Errorf("flag --churn: %w", err)
+			}
+			sim.Churn, sim.Duration, sim.Seed = rate, duration, seed
+			if sim.Log, err = testnetLogger(cmd.ErrOrStderr(), g); err != nil {
+				return err
+			}
+			if dir == "" {
+				tmp, err := os.MkdirTemp("", "neuro-sim-")
+				if err != nil {
+					return err
+				}
+				defer os.RemoveAll(tmp)
+				sim.Dir = tmp
+			} else if sim.Dir, err = filepath.Abs(dir); err != nil {
+				return err
+			}
+			logf, err := os.Create(filepath.Join(sim.Dir, "nodes.log"))
+			if err != nil {
+				if err := os.MkdirAll(sim.Dir, 0o755); err != nil {
+					return err
+				}
+				if logf, err = os.Create(filepath.Join(sim.Dir, "nodes.log")); err != nil {
+					return err
+				}
+			}
+			defer logf.Close()
+			sim.NodeLog = slog.New(slog.NewTextHandler(logf, &slog.HandlerOptions{Level: slog.LevelWarn}))
+			ggml.SetPolling(0)
+			sim.Compute = ggml.Backend{}
+			if profile != "" {
+				f, err := os.Create(profile)
+				if err != nil {
+					return fmt.Errorf("flag --cpuprofile: %w", err)
+				}
+				defer f.Close()
+				if err := pprof.StartCPUProfile(f); err != nil {
+					return fmt.Errorf("flag --cpuprofile: %w", err)
+				}
+				defer pprof.StopCPUProfile()
+			}
+			rep, err := sim.Run(cmd.Context())
+			if err != nil {
+				return err
+			}
+			w := cmd.OutOrStdout()
+			if asJSON {
+				writeJSON(w, rep)
+			} else {
+				printSim(w, rep)
+			}
+			if rep.Answered != rep.Asked || rep.CoverageMin < 2 {
+				return fmt.Errorf("sim: %d of %d prompts answered, coverage %d at the end", rep.Answered, rep.Asked, rep.CoverageMin)
+			}
+			return nil
+		},
+	}
+	fs := cmd.Flags()
+	fs.IntVar(&sim.Nodes, "nodes", 50, "nodes in the network (the bootstrap node, the gating nodes and the expert nodes)")
+	fs.IntVar(&sim.Gating, "gating", 0, "gating nodes, each with a user asking prompts (default: 1 per 100 nodes, at least 1)")
+	fs.IntVar(&sim.Bootstrap, "bootstrap", 0, "bootstrap nodes, which every other node knows (default: 1 per 100 nodes, at least 1)")
+	fs.Float64Var(&sim.JoinRate, "join-rate", 4, "nodes that join a second while the network starts")
+	fs.StringVar(&churn, "churn", "0", "expert nodes replaced (one killed, one new) per minute: N/min, N/s or N/h")
+	fs.DurationVar(&duration, "duration", time.Minute, "how long the network runs once healthy")
+	fs.DurationVar(&sim.Latency, "latency", 0, "one-way delay of every link between two nodes (half the round trip), e.g. 25ms")
+	fs.DurationVar(&sim.Jitter, "jitter", 0, "with --latency: each pair of nodes' delay is spread by up to ± this")
+	fs.DurationVar(&sim.Sample, "sample", 5*time.Second, "interval of the samples over time")
+	fs.DurationVar(&sim.AskEvery, "ask-every", 3*time.Second, "each user asks its gating node the prompt this often")
+	fs.IntVar(&sim.MaxTokens, "max-tokens", 8, "tokens of each answer")
+	fs.Uint64Var(&seed, "seed", 1, "seed of the model and of the simulation's choices")
+	fs.DurationVar(&sim.Timeout, "timeout", 0, "how long the network may take to be healthy (default 2m + the time the nodes take to join)")
+	fs.StringVar(&dir, "dir", "", "directory for the homes and nodes.log (kept; default: a temporary one, removed)")
+	fs.BoolVar(&asJSON, "json", false, "print a machine-readable report on stdout")
+	fs.StringVar(&profile, "cpuprofile", "", "write the process's CPU profile (go tool pprof) to this file")
+	return cmd
+}
+
+// parseChurn reads a rate per minute: N, N/min, N/s or N/h.
+func parseChurn(s string) (float64, error) {
+	num, unit, per := strings.Cut(strings.TrimSpace(s), "/")
+	v, err := strconv.ParseFloat(num, 64)
+	if err != nil || v < 0 {
+		return 0, fmt.Errorf("%q: want a non-negative number a minute, e.g. 10/min", s)
+	}
+	switch {
+	case !per, unit == "min", unit == "m":
+		return v, nil
+	case unit == "s":
+		return v * 60, nil
+	case unit == "h":
+		return v / 60, nil
+	}
+	return 0, fmt.Errorf("%q: unit %q: want /s, /min or /h", s, unit)
+}
+
+// printSim prints a simulation's report for people.
+func printSim(w io.Writer, r *testnet.SimReport) {
+	fmt.Fprintf(w, "%d nodes (%d bootstrap, %d gating), churn %.3g/min: healthy after %.1f s, ran %.0f s (%d killed, %d joined)\n",
+		r.NodeCount, r.BootstrapNodes, r.GatingNodes, r.ChurnPerMin, r.HealthyS, r.DurationS, r.Killed, r.Joined)
+	fmt.Fprintf(w, "prompts: %d asked, %d answered; per-token latency p50 %.1f ms, p99 %.1f ms (%d tokens)\n",
+		r.Asked, r.Answered, r.TokenMs.P50, r.TokenMs.P99, r.TokenMs.N)
+	for _, e := range r.Errors {
+		fmt.Fprintf(w, "  error: %s\n", e)
+	}
+	fmt.Fprintf(w, "coverage: fewest live providers of an expert %d at the end (settled in %.1f s), %d at the lowest\n", r.CoverageMin, r.SettleS, r.CoverageLowest)
+	fmt.Fprintf(w, "DHT provider lookups: %d of %d found, p50 %.1f ms, p99 %.1f ms, hops p50 %.0f max %.0f, peers queried p50 %.0f\n",
+		r.DHT.Found, r.DHT.Lookups, r.DHT.Ms.P50, r.DHT.Ms.P99, r.DHT.Hops.P50, r.DHT.Hops.Max, r.DHT.Queried.P50)
+	fmt.Fprintf(w, "gossip per node: %.0f bytes/s, %.1f messages/s; per node: %.1f MB resident, %.2f%% of a core\n",
+		r.GossipBytesPerS, r.GossipMsgsPerS, float64(r.RSSBytesPerNode)/(1<<20), 100*r.CPUPerNode)
+	fmt.Fprintln(w, "\n  at_s   live  coverage  gossip_B/s/node  asked  answered  cpu_cores  rss_MB")
+	for _, s := range r.Samples {
+		fmt.Fprintf(w, "  %5.0f  %4d  %8d  %15.0f  %5d  %8d  %9.2f  %6.0f\n", s.AtS, s.Live, s.CoverageMin, s.GossipBytesPerS,
+			s.Asked, s.Answered, s.CPUCores, float64(s.RSSBytes)/(1<<20))
+	}
+}

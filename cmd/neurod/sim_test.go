@@ -1,0 +1,117 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+)
+
+type simJSON struct {
+	NodeCount   int     `json:"node_count"`
+	GatingNodes int     `json:"gating_nodes"`
+	HealthyS    float64 `json:"healthy_s"`
+	Killed      int     `json:"killed"`
+	Joined      int     `json:"joined"`
+	Asked       int     `json:"asked"`
+	Answered    int     `json:"answered"`
+	CoverageMin int     `json:"coverage_min"`
+	TokenMs     struct {
+		N   int     `json:"n"`
+		P50 float64 `json:"p50"`
+	} `json:"token_ms"`
+	DHT struct {
+		Lookups int `json:"lookups"`
+		Found   int `json:"found"`
+		Hops    struct {
+			Max float64 `json:"max"`
+		} `json:"hops"`
+	} `json:"dht"`
+	GossipBytesPerS float64 `json:"gossip_bytes_per_s"`
+	RSSBytes        uint64  `json:"rss_bytes"`
+	CPUPerNode      float64 `json:"cpu_per_node"`
+	Samples         []struct {
+		Live        int `json:"live"`
+		CoverageMin int `json:"coverage_min"`
+	} `json:"samples"`
+	Nodes []struct {
+		Index           int     `json:"index"`
+		Role            string  `json:"role"`
+		Alive           bool    `json:"alive"`
+		Experts         int     `json:"experts"`
+		GossipBytesPerS float64 `json:"gossip_bytes_per_s"`
+		RSSBytes        uint64  `json:"rss_bytes"`
+		RoutingTable    int     `json:"routing_table"`
+	} `json:"nodes"`
+}
+
+// A small simulated network under heavy churn: every prompt is answered,
+// killed nodes are replaced by new ones that choose experts and serve
+// them, and the report has the figures it promises.
+func TestSimUnderChurn(t *testing.T) {
+	if testing.Short() {
+		t.Skip("a simulated network of 16 nodes for half a minute")
+	}
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(t.Context(), 4*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, neurodBin, "testnet", "sim", "--nodes", "16", "--gating", "2", "--churn", "12/min",
+		"--duration", "20s", "--sample", "4s", "--ask-every", "2s", "--seed", "11", "--json")
+	cmd.Env = cleanEnv()
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("sim: %v\n%s\n%s", err, out, stderr.String())
+	}
+	var rep simJSON
+	if err := json.Unmarshal(out, &rep); err != nil {
+		t.Fatalf("report: %v\n%s", err, out)
+	}
+	if rep.NodeCount != 16 || rep.GatingNodes != 2 || rep.HealthyS <= 0 {
+		t.Fatalf("report: %+v", rep)
+	}
+	if rep.Asked < 4 || rep.Answered != rep.Asked || rep.TokenMs.N == 0 || rep.TokenMs.P50 <= 0 {
+		t.Fatalf("prompts: %d asked, %d answered, tokens %+v\n%s", rep.Asked, rep.Answered, rep.TokenMs, stderr.String())
+	}
+	if rep.CoverageMin < 2 || len(rep.Samples) < 4 {
+		t.Fatalf("coverage %d, %d samples", rep.CoverageMin, len(rep.Samples))
+	}
+	if rep.Killed < 3 || rep.Joined < rep.Killed-1 {
+		t.Fatalf("churn: %d killed, %d joined", rep.Killed, rep.Joined)
+	}
+	if rep.DHT.Lookups == 0 || rep.DHT.Found == 0 || rep.GossipBytesPerS <= 0 || rep.RSSBytes == 0 || rep.CPUPerNode <= 0 {
+		t.Fatalf("figures: %+v", rep)
+	}
+	dead, joinedServing := 0, 0
+	for _, n := range rep.Nodes {
+		if !n.Alive {
+			dead++
+			continue
+		}
+		if n.GossipBytesPerS <= 0 || n.RSSBytes == 0 || n.RoutingTable == 0 {
+			t.Fatalf("node %d: %+v", n.Index, n)
+		}
+		if n.Index >= 16 && n.Role == "expert" && n.Experts > 0 {
+			joinedServing++
+		}
+	}
+	if dead != rep.Killed || len(rep.Nodes) != 16+rep.Joined || joinedServing == 0 {
+		t.Fatalf("%d dead of %d killed, %d nodes for %d joined, %d joined nodes serving", dead, rep.Killed, len(rep.Nodes), rep.Joined, joinedServing)
+	}
+}
+
+func TestParseChurn(t *testing.T) {
+	for in, want := range map[string]float64{"0": 0, "10": 10, "10/min": 10, "2/s": 120, "30/h": 0.5, " 1.5/m ": 1.5} {
+		if got, err := parseChurn(in); err != nil || got != want {
+			t.Errorf("parseChurn(%q) = %v, %v; want %v", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "x", "-1", "3/day", "1/"} {
+		if _, err := parseChurn(in); err == nil {
+			t.Errorf("parseChurn(%q): no error", in)
+		}
+	}
+}

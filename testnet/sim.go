@@ -1,0 +1,1019 @@
+package testnet
+
+import (
+	"bytes"
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/core/routing"
+
+	"github.com/neuro-p2p/neuro/client"
+	"github.com/neuro-p2p/neuro/expert"
+	"github.com/neuro-p2p/neuro/model"
+	"github.com/neuro-p2p/neuro/moe"
+	"github.com/neuro-p2p/neuro/neuropb"
+	"github.com/neuro-p2p/neuro/node"
+	"github.com/neuro-p2p/neuro/p2p"
+	"github.com/neuro-p2p/neuro/testnet/simnet"
+)
+
+// Sim runs a network of many real nodes inside this process, so that what
+// is measured is the network (the DHT, GossipSub and its heartbeats,
+// automatic hosting, gating nodes finding providers) at a size no machine
+// could run as processes. Every node is a real node.Node on its own
+// libp2p host on 127.0.0.1 (TCP), with its own home and store; the
+// experts are a small real model (real compute, a fraction of a
+// millisecond a call), shared through the network as in any testnet.
+//
+// The first Bootstrap nodes are bootstrap nodes and hold the model; the
+// next Gating are gating nodes (holding it too), each asked prompts by a
+// user of its own through the client library; the rest join JoinRate a
+// second and host experts ("auto", with a memory budget sized so that each
+// expert would have about four providers), fetched from the others. With Churn, expert
+// nodes are killed (closed without warning the others: nothing in the
+// protocol says goodbye) and new ones join at that rate.
+type Sim struct {
+	// Nodes is every node of the network (at least Gating + 3).
+	Nodes int
+	// Gating nodes (default 1 per 100 nodes, at least 1), and bootstrap
+	// nodes (the same default): every other node knows the bootstrap
+	// nodes' addresses, as a real network's nodes know a few.
+	Gating    int
+	Bootstrap int
+	// JoinRate is how many nodes join a second while the network starts
+	// (default 4): a network grows, it does not start all at once.
+	JoinRate float64
+	// Churn is how many expert nodes are replaced a minute.
+	Churn float64
+	// Duration is how long the network runs once healthy (default 1m).
+	Duration time.Duration
+	// Sample is the interval of the samples over time (default 5s).
+	Sample time.Duration
+	// AskEvery is how often each gating node's user asks a prompt
+	// (default 3s), of MaxTokens tokens (default 8).
+	AskEvery  time.Duration
+	MaxTokens int
+	// Latency delays every link one way (half a round trip); Jitter
+	// spreads each link's delay uniformly by up to ± this.
+	Latency, Jitter time.Duration
+	// Seed makes the model and the choices of the simulation (whom to
+	// kill, which lookup to make) reproducible.
+	Seed uint64
+	// Timeout bounds the time to healthy (default 2m + 0.5s a node).
+	Timeout time.Duration
+	// Compute is the backend every node computes on (neurod: ggml).
+	Compute moe.Backend
+	// Dir holds the homes. Log tells the simulation's progress; NodeLog
+	// receives the nodes' own logs (both default: discarded).
+	Dir     string
+	Log     *slog.Logger
+	NodeLog *slog.Logger
+	// Progress, if set, is told of each sample as it is taken.
+	Progress func(SimSample)
+	// Config, if set, adjusts every node's config (tests).
+	Config func(*node.Config)
+}
+
+// SimSample is the network at one moment.
+type SimSample struct {
+	AtS  float64 `json:"at_s"`
+	Live int     `json:"live"`
+	// CoverageMin is the fewest live nodes serving any expert; Uncovered
+	// counts experts with fewer than two.
+	CoverageMin int `json:"coverage_min"`
+	Uncovered   int `json:"uncovered"`
+	// Gossip per live node and second over the last interval (both ways).
+	GossipBytesPerS float64 `json:"gossip_bytes_per_s"`
+	GossipMsgsPerS  float64 `json:"gossip_msgs_per_s"`
+	// GossipControlPerS is the part of the bytes that is GossipSub's
+	// control messages (IHAVE, IWANT, GRAFT, PRUNE).
+	GossipControlPerS float64 `json:"gossip_control_bytes_per_s"`
+	Asked             int     `json:"asked"`
+	Answered          int     `json:"answered"`
+	// The process: resident memory, cores used over the interval,
+	// goroutines.
+	RSSBytes   uint64  `json:"rss_bytes"`
+	CPUCores   float64 `json:"cpu_cores"`
+	Goroutines int     `json:"goroutines"`
+}
+
+// SimNode is one node of the simulation.
+type SimNode struct {
+	Index  int    `json:"index"`
+	PeerID string `json:"peer_id"`
+	Role   string `json:"role"` // bootstrap, gating or expert
+	Alive  bool   `json:"alive"`
+	// Experts it served at the end (or when it was killed).
+	Experts int     `json:"experts"`
+	UptimeS float64 `json:"uptime_s"`
+	// Gossip sent and received over its life, per second.
+	GossipBytesPerS float64 `json:"gossip_bytes_per_s"`
+	GossipMsgsPerS  float64 `json:"gossip_msgs_per_s"`
+	// RSSBytes is the node's share of the process's resident memory (the
+	// nodes share one process, whose memory cannot be told apart).
+	RSSBytes uint64 `json:"rss_bytes"`
+	// RoutingTable is the size of its DHT routing table at the end, and
+	// Conns the peers it had a connection to.
+	RoutingTable int `json:"routing_table"`
+	Conns        int `json:"conns"`
+}
+
+// Dist summarises a sample of values.
+type Dist struct {
+	N   int     `json:"n"`
+	P50 float64 `json:"p50"`
+	P99 float64 `json:"p99"`
+	Max float64 `json:"max"`
+}
+
+func distOf(v []float64) Dist {
+	if len(v) == 0 {
+		return Dist{}
+	}
+	s := slices.Sorted(slices.Values(v))
+	return Dist{N: len(s), P50: Percentile(s, 0.5), P99: Percentile(s, 0.99), Max: s[len(s)-1]}
+}
+
+// DHTLookups are the simulation's provider lookups: from a random live
+// node, the providers of a random expert (its DHT key), timed to the first
+// provider found. Hops is how far the lookup went: a peer the node knew is
+// one hop, a peer learnt from a peer of hop h is h+1.
+type DHTLookups struct {
+	Lookups int  `json:"lookups"`
+	Found   int  `json:"found"`
+	Ms      Dist `json:"ms"`
+	Hops    Dist `json:"hops"`
+	Queried Dist `json:"peers_queried"`
+}
+
+// SimReport is the outcome of a simulation.
+type SimReport struct {
+	NodeCount      int     `json:"node_count"`
+	BootstrapNodes int     `json:"bootstrap_nodes"`
+	GatingNodes    int     `json:"gating_nodes"`
+	ChurnPerMin    float64 `json:"churn_per_min"`
+	LatencyMs      float64 `json:"latency_ms"` // one way
+	DurationS      float64 `json:"duration_s"`
+	// HealthyS is the time from the first node's start until every node
+	// was up, every gating node had loaded the model and every expert had
+	// at least two live providers.
+	HealthyS float64 `json:"healthy_s"`
+	Killed   int     `json:"killed"`
+	Joined   int     `json:"joined"`
+	// Prompts asked and fully answered, the first errors, and the
+	// latency of every token after each answer's first.
+	Asked    int      `json:"asked"`
+	Answered int      `json:"answered"`
+	Errors   []string `json:"errors,omitempty"`
+	TokenMs  Dist     `json:"token_ms"`
+	// CoverageMin at the end, once churn has stopped and the network has
+	// settled (SettleS: how long that took, at most 90 s), and the lowest
+	// seen while it ran.
+	CoverageMin     int        `json:"coverage_min"`
+	SettleS         float64    `json:"settle_s"`
+	CoverageLowest  int        `json:"coverage_lowest"`
+	DHT             DHTLookups `json:"dht"`
+	GossipBytesPerS float64    `json:"gossip_bytes_per_s"` // mean per live node, once healthy
+	GossipMsgsPerS  float64    `json:"gossip_msgs_per_s"`
+	// The process: peak resident memory and its share per node, and the
+	// cores one node used (process CPU ÷ live nodes) once healthy.
+	RSSBytes        uint64      `json:"rss_bytes"`
+	RSSBytesPerNode uint64      `json:"rss_bytes_per_node"`
+	CPUPerNode      float64     `json:"cpu_per_node"`
+	Samples         []SimSample `json:"samples"`
+	Nodes           []SimNode   `json:"nodes"`
+}
+
+// simNode is one node the simulation started.
+type simNode struct {
+	SimNode
+	n       *node.Node
+	started time.Time
+	ended   time.Time
+	traffic p2p.Traffic // at the end
+}
+
+// simulation is one run of a Sim.
+type simulation struct {
+	s     *Sim
+	log   *slog.Logger
+	rng   *rand.Rand
+	model *Model
+	net   *simnet.Network
+	keys  []cid.Cid // every expert's DHT key
+	boot  []string
+	mem   int // expert.memory_mb of an expert node
+
+	mu    sync.Mutex
+	nodes []*simNode
+	rep   SimReport
+	tok   []float64
+	dht   []dhtLookup
+
+	closing sync.WaitGroup // nodes being killed
+}
+
+type dhtLookup struct {
+	found         bool
+	ms            float64
+	hops, queried int
+}
+
+// simParams is the simulation's model: 4 MoE layers of 16 experts, each
+// expert about 0.4 MB at q8_0 (a memory budget in whole MB then holds a
+// few), top-2 routing.
+var simParams = model.Params{Layers: 4, Experts: 16, ExpertsUsed: 2, Embd: 128, FF: 1024, Heads: 4, KVHeads: 2,
+	Vocab: 512, Context: 256, RopeFreqBase: 10000, RMSEps: 1e-5}
+
+// simPrompt is what every user asks.
+const simPrompt = "many small machines run one large model together"
+
+// Run runs the simulation: it starts the nodes, waits until the network
+// is healthy, runs it for Duration with churn, users and lookups, stops
+// every node and reports.
+func (s *Sim) Run(ctx context.Context) (*SimReport, error) {
+	if err := s.defaults(); err != nil {
+		return nil, err
+	}
+	if n, err := raiseFileLimit(); err != nil {
+		s.Log.Warn("sim: open files", "limit", n, "err", err)
+	} else {
+		s.Log.Debug("sim: open files", "limit", n)
+	}
+	sm := &simulation{s: s, log: s.Log, rng: rand.New(rand.NewPCG(s.Seed, 0x5eed)), net: simnet.New(s.latency())}
+	sm.rep = SimReport{NodeCount: s.Nodes, BootstrapNodes: s.Bootstrap, GatingNodes: s.Gating, ChurnPerMin: s.Churn, LatencyMs: ms(s.Latency), CoverageLowest: math.MaxInt}
+	defer sm.stopAll()
+	if err := sm.prepare(); err != nil {
+		return nil, err
+	}
+	t0 := time.Now()
+	hctx, cancel := context.WithTimeout(ctx, s.Timeout)
+	err := sm.launch(hctx)
+	if err == nil {
+		err = sm.waitHealthy(hctx)
+	}
+	cancel()
+	if err != nil {
+		return nil, fmt.Errorf("sim: %w", err)
+	}
+	sm.rep.HealthyS = time.Since(t0).Seconds()
+	sm.log.Info("sim: healthy", "nodes", s.Nodes, "took", time.Since(t0).Round(time.Millisecond))
+	if err := sm.run(ctx); err != nil {
+		return nil, fmt.Errorf("sim: %w", err)
+	}
+	sm.report()
+	return &sm.rep, nil
+}
+
+// latency is each link's one-way delay: Latency ± Jitter, fixed per
+// pair of hosts (a hash of the two), the same both ways.
+func (s *Sim) latency() func(a, b uint64) time.Duration {
+	if s.Latency <= 0 && s.Jitter <= 0 {
+		return nil
+	}
+	return func(a, b uint64) time.Duration {
+		if a > b {
+			a, b = b, a
+		}
+		r := rand.New(rand.NewPCG(a, b^s.Seed))
+		return max(0, s.Latency+time.Duration((2*r.Float64()-1)*float64(s.Jitter)))
+	}
+}
+
+func (s *Sim) defaults() error {
+	if s.Gating <= 0 {
+		s.Gating = max(1, s.Nodes/100)
+	}
+	if s.Bootstrap <= 0 {
+		s.Bootstrap = max(1, s.Nodes/100)
+	}
+	if s.Nodes < s.Bootstrap+s.Gating+2 {
+		return fmt.Errorf("sim: --nodes %d: need at least %d (%d bootstrap, %d gating, 2 expert nodes)", s.Nodes, s.Bootstrap+s.Gating+2, s.Bootstrap, s.Gating)
+	}
+	if s.JoinRate <= 0 {
+		s.JoinRate = 4
+	}
+	if s.Churn < 0 {
+		return fmt.Errorf("sim: churn %v a minute is negative", s.Churn)
+	}
+	if s.Compute == nil {
+		return errors.New("sim: no compute backend")
+	}
+	if s.Dir == "" {
+		return errors.New("sim: no directory")
+	}
+	if s.Duration <= 0 {
+		s.Duration = time.Minute
+	}
+	if s.Sample <= 0 {
+		s.Sample = 5 * time.Second
+	}
+	if s.AskEvery <= 0 {
+		s.AskEvery = 3 * time.Second
+	}
+	if s.MaxTokens <= 0 {
+		s.MaxTokens = 8
+	}
+	if s.Timeout <= 0 {
+		s.Timeout = 2*time.Minute + time.Duration(float64(s.Nodes)/s.JoinRate*float64(time.Second))
+	}
+	if s.Log == nil {
+		s.Log = slog.New(slog.DiscardHandler)
+	}
+	if s.NodeLog == nil {
+		s.NodeLog = slog.New(slog.DiscardHandler)
+	}
+	return nil
+}
+
+// prepare generates and splits the model, and sizes the expert nodes'
+// memory so that each expert would have about four providers.
+func (sm *simulation) prepare() error {
+	if err := os.MkdirAll(sm.s.Dir, 0o755); err != nil {
+		return fmt.Errorf("sim: %w", err)
+	}
+	path := filepath.Join(sm.s.Dir, "model.gguf")
+	var buf bytes.Buffer
+	if err := model.Generate(&buf, simParams, model.Q8_0, sm.s.Seed); err != nil {
+		return fmt.Errorf("sim: generate model: %w", err)
+	}
+	if err := os.WriteFile(path, buf.Bytes(), 0o644); err != nil {
+		return fmt.Errorf("sim: %w", err)
+	}
+	m, err := PrepareModel(sm.s.Dir, path, sm.log, model.SplitOptions{})
+	if err != nil {
+		return err
+	}
+	sm.model = m
+	first := m.FirstMoELayer()
+	var size int64
+	for l := first; l < m.Layers(); l++ {
+		for e := range m.Experts() {
+			sm.keys = append(sm.keys, neuropb.ExpertKey(m.CID, l, e))
+			size = max(size, int64(m.Manifest.ExpertRef(l, e).GetShard().GetSize()))
+		}
+	}
+	experts := sm.s.Nodes - sm.s.Bootstrap - sm.s.Gating
+	per := (4*len(sm.keys) + experts - 1) / experts
+	sm.mem = max(1, int((int64(per)*size+(1<<20)-1)>>20))
+	return nil
+}
+
+// config is node i's config.
+func (sm *simulation) config(i int) node.Config {
+	cfg := LoopbackConfig()
+	cfg.P2P.Listen = []string{sm.net.Addr().String()}
+	d := node.DefaultConfig()
+	cfg.Gossip = d.Gossip // the heartbeat a deployed node has
+	cfg.API.Listen = ""
+	cfg.HTTP.Listen = ""
+	cfg.Expert.Threads = 1
+	cfg.Gating.Threads = 1
+	cfg.Expert.Model = sm.model.CID.String()
+	switch sm.role(i) {
+	case "bootstrap":
+		cfg.P2P.Roles = []string{"bootstrap"}
+		cfg.Expert.Experts = "none"
+	case "gating":
+		cfg.Expert.Experts = "none"
+		cfg.Gating.Enabled = true
+		cfg.Gating.Model = sm.model.CID.String()
+		cfg.Gating.MaxSessions = 4
+	default:
+		cfg.Expert.Experts = "auto"
+		cfg.Expert.MemoryMB = sm.mem
+	}
+	cfg.P2P.Bootstrap = slices.Clone(sm.boot)
+	if sm.s.Config != nil {
+		sm.s.Config(&cfg)
+	}
+	return cfg
+}
+
+func (sm *simulation) role(i int) string {
+	switch {
+	case i < sm.s.Bootstrap:
+		return "bootstrap"
+	case i < sm.s.Bootstrap+sm.s.Gating:
+		return "gating"
+	}
+	return "expert"
+}
+
+// start makes node i's home and starts it.
+func (sm *simulation) start(ctx context.Context, i int) (*simNode, error) {
+	home := filepath.Join(sm.s.Dir, fmt.Sprintf("node-%d", i))
+	if err := os.RemoveAll(home); err != nil {
+		return nil, err
+	}
+	if _, err := node.Init(home, false); err != nil {
+		return nil, fmt.Errorf("node %d: %w", i, err)
+	}
+	if sm.role(i) != "expert" { // the bootstrap and gating nodes hold the model
+		store, err := expert.OpenStore(filepath.Join(home, node.StoreDir))
+		if err != nil {
+			return nil, err
+		}
+		if _, err := store.ImportSplit(sm.model.Shards); err != nil {
+			return nil, fmt.Errorf("node %d: %w", i, err)
+		}
+	}
+	n, err := node.New(sm.config(i), node.WithHome(home), node.WithLogger(sm.s.NodeLog.With("node", i)), node.WithCompute(sm.s.Compute),
+		node.WithP2POptions(p2p.WithTransport(sm.net.Transport())))
+	if err != nil {
+		return nil, fmt.Errorf("node %d: %w", i, err)
+	}
+	sn := &simNode{SimNode: SimNode{Index: i, PeerID: n.ID().String(), Role: sm.role(i), Alive: true}, n: n, started: time.Now()}
+	sm.mu.Lock()
+	sm.nodes = append(sm.nodes, sn)
+	sm.mu.Unlock()
+	if err := n.Start(ctx); err != nil {
+		return sn, fmt.Errorf("node %d: %w", i, err)
+	}
+	return sn, nil
+}
+
+// launch starts the bootstrap nodes (each knowing the ones before it),
+// then the others, JoinRate a second, each knowing every bootstrap node.
+func (sm *simulation) launch(ctx context.Context) error {
+	for i := range sm.s.Bootstrap {
+		n, err := sm.start(ctx, i)
+		if err != nil {
+			return err
+		}
+		for _, a := range n.n.P2P().Addrs() {
+			sm.boot = append(sm.boot, a.String()+"/p2p/"+n.n.ID().String())
+		}
+	}
+	every := time.Duration(float64(time.Second) / sm.s.JoinRate)
+	tick := time.NewTicker(every)
+	defer tick.Stop()
+	errs := make(chan error, sm.s.Nodes)
+	var started atomic.Int32
+	started.Store(int32(sm.s.Bootstrap))
+	var wg sync.WaitGroup
+	for i := sm.s.Bootstrap; i < sm.s.Nodes; i++ {
+		select {
+		case <-tick.C:
+		case <-ctx.Done():
+			wg.Wait()
+			return ctx.Err()
+		}
+		wg.Go(func() {
+			if _, err := sm.start(ctx, i); err != nil {
+				errs <- err
+				return
+			}
+			if up := started.Add(1); up%50 == 0 || int(up) == sm.s.Nodes {
+				sm.log.Info("sim: nodes started", "up", up, "of", sm.s.Nodes)
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	var all []error
+	for e := range errs {
+		all = append(all, e)
+	}
+	return errors.Join(all...)
+}
+
+// live returns the nodes alive now.
+func (sm *simulation) live() []*simNode {
+	sm.mu.Lock()
+	defer sm.mu.Unlock()
+	return slices.DeleteFunc(slices.Clone(sm.nodes), func(n *simNode) bool { return !n.Alive })
+}
+
+// coverage is the fewest live nodes serving any expert, and how many
+// experts have fewer than two.
+func (sm *simulation) coverage(live []*simNode) (least, uncovered int) {
+	count := make(map[string]int)
+	for _, n := range live {
+		if n.Role != "expert" {
+			continue
+		}
+		for _, k := range n.n.Expert().Loaded() {
+			count[k.String()]++
+		}
+	}
+	least = math.MaxInt
+	first := sm.model.FirstMoELayer()
+	for l := first; l < sm.model.Layers(); l++ {
+		for e := range sm.model.Experts() {
+			c := count[expert.Key{Layer: l, Expert: e}.String()]
+			least = min(least, c)
+			if c < 2 {
+				uncovered++
+			}
+		}
+	}
+	return least, uncovered
+}
+
+// waitHealthy waits until every gating node has the model loaded and
+// sees every expert served twice, every expert has two live providers,
+// and every node's routing table holds at least min(live-1, 10) peers.
+func (sm *simulation) waitHealthy(ctx context.Context) error {
+	told := time.Now()
+	return waitFor(ctx, 500*time.Millisecond, func() (err error) {
+		defer func() {
+			if err != nil && time.Since(told) > 10*time.Second {
+				sm.log.Info("sim: not healthy yet", "why", err)
+				told = time.Now()
+			}
+		}()
+		live := sm.live()
+		if least, _ := sm.coverage(live); least < 2 {
+			return fmt.Errorf("an expert has %d live providers", least)
+		}
+		want := min(len(live)-1, 10)
+		for _, n := range live {
+			if rt := len(n.n.P2P().RoutingTable()); rt < want {
+				return fmt.Errorf("node %d: %d peers in its routing table", n.Index, rt)
+			}
+			if n.Role != "gating" {
+				continue
+			}
+			st := n.n.Status()
+			if st.Gating == nil || len(st.Gating.Models) == 0 || !st.Gating.Models[0].Ready {
+				return fmt.Errorf("gating node %d: model not loaded", n.Index)
+			}
+			if m := st.Gating.Models[0]; m.MinProviders < 2 {
+				return fmt.Errorf("gating node %d: sees %d providers of an expert", n.Index, m.MinProviders)
+			}
+		}
+		return nil
+	})
+}
+
+// run runs the network for Duration: users ask, nodes churn, lookups
+// are made and samples taken.
+func (sm *simulation) run(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, sm.s.Duration)
+	defer cancel()
+	start := time.Now()
+	var wg sync.WaitGroup
+	for _, g := range sm.live() {
+		if g.Role == "gating" {
+			wg.Go(func() { sm.user(ctx, g) })
+		}
+	}
+	wg.Go(func() { sm.lookups(ctx) })
+	if sm.s.Churn > 0 {
+		wg.Go(func() { sm.churn(ctx) })
+	}
+	t := time.NewTicker(sm.s.Sample)
+	defer t.Stop()
+	prev := sm.snapshot(start)
+loop:
+	for {
+		select {
+		case <-ctx.Done():
+			break loop
+		case <-t.C:
+			cur := sm.snapshot(start)
+			sm.sample(prev, cur)
+			prev = cur
+		}
+	}
+	wg.Wait()
+	sm.rep.DurationS = time.Since(start).Seconds()
+	sm.settle(ctx, start)
+	return nil
+}
+
+// settle, once churn and users have stopped, gives the network up to
+// settleTimeout to serve every expert on two live nodes again (a node
+// killed in the last seconds is still counted by the others until its
+// heartbeats expire), and takes the final sample.
+func (sm *simulation) settle(ctx context.Context, start time.Time) {
+	t0 := time.Now()
+	prev := sm.snapshot(start)
+	err := waitFor(context.WithoutCancel(ctx), 500*time.Millisecond, func() error {
+		if least, _ := sm.coverage(sm.live()); least < 2 {
+			if time.Since(t0) > settleTimeout {
+				return backoffStop{fmt.Errorf("an expert has %d live providers", least)}
+			}
+			return errors.New("not covered")
+		}
+		return nil
+	})
+	sm.rep.SettleS = time.Since(t0).Seconds()
+	if err != nil {
+		sm.log.Warn("sim: not covered again after churn", "waited", time.Since(t0).Round(time.Second), "err", err)
+	}
+	time.Sleep(100 * time.Millisecond) // an interval for the rates
+	sm.sample(prev, sm.snapshot(start))
+}
+
+// settleTimeout bounds settle: the default peer expiry (30 s) and a few
+// hosting steps.
+const settleTimeout = 90 * time.Second
+
+// snap is what a sample is computed from.
+type snap struct {
+	at      time.Time
+	since   float64
+	cpu     time.Duration
+	traffic uint64
+	msgs    uint64
+	control uint64
+	live    []*simNode
+}
+
+func (sm *simulation) snapshot(start time.Time) snap {
+	s := snap{at: time.Now(), since: time.Since(start).Seconds(), cpu: processCPU(), live: sm.live()}
+	sm.mu.Lock()
+	nodes := slices.Clone(sm.nodes)
+	sm.mu.Unlock()
+	for _, n := range nodes {
+		tr := n.traffic
+		if n.Alive {
+			tr = n.n.P2P().Traffic()
+		}
+		s.traffic += tr.BytesIn + tr.BytesOut
+		s.msgs += tr.MsgsIn + tr.MsgsOut
+		s.control += tr.ControlIn + tr.ControlOut
+	}
+	return s
+}
+
+func (sm *simulation) sample(prev, cur snap) {
+	dt := cur.at.Sub(prev.at).Seconds()
+	nodes := float64(max(1, len(cur.live)))
+	least, uncovered := sm.coverage(cur.live)
+	sm.mu.Lock()
+	s := SimSample{
+		AtS: cur.since, Live: len(cur.live), CoverageMin: least, Uncovered: uncovered,
+		GossipBytesPerS:   float64(cur.traffic-prev.traffic) / dt / nodes,
+		GossipMsgsPerS:    float64(cur.msgs-prev.msgs) / dt / nodes,
+		GossipControlPerS: float64(cur.control-prev.control) / dt / nodes,
+		Asked:             sm.rep.Asked, Answered: sm.rep.Answered,
+		RSSBytes: p2p.ProcessRSS(), CPUCores: (cur.cpu - prev.cpu).Seconds() / dt, Goroutines: runtime.NumGoroutine(),
+	}
+	sm.rep.Samples = append(sm.rep.Samples, s)
+	sm.rep.CoverageLowest = min(sm.rep.CoverageLowest, least)
+	sm.mu.Unlock()
+	sm.log.Info("sim: sample", "at", time.Duration(cur.since*float64(time.Second)).Round(time.Second), "live", s.Live,
+		"coverage_min", least, "gossip_B/s/node", int(s.GossipBytesPerS), "control_B/s/node", int(s.GossipControlPerS), "msgs/s/node", int(s.GossipMsgsPerS), "asked", s.Asked, "answered", s.Answered,
+		"cpu_cores", fmt.Sprintf("%.2f", s.CPUCores))
+	if sm.s.Progress != nil {
+		sm.s.Progress(s)
+	}
+}
+
+// user asks gating node g the prompt every AskEvery, through a client of
+// its own that knows only the bootstrap node and g.
+func (sm *simulation) user(ctx context.Context, g *simNode) {
+	var addrs []string
+	for _, a := range g.n.P2P().Addrs() {
+		addrs = append(addrs, a.String()+"/p2p/"+g.PeerID)
+	}
+	c, err := client.New(ctx, client.WithBootstrap(sm.boot...), client.WithGatingNodes(addrs...), client.WithLogger(sm.s.NodeLog),
+		client.WithTransport(sm.net.Transport()))
+	if err != nil {
+		sm.fail(fmt.Errorf("user of gating node %d: %w", g.Index, err))
+		return
+	}
+	defer c.Close()
+	t := time.NewTicker(sm.s.AskEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		sm.mu.Lock()
+		sm.rep.Asked++
+		sm.mu.Unlock()
+		lat, err := sm.ask(ctx, c)
+		if err != nil {
+			sm.fail(fmt.Errorf("gating node %d: %w", g.Index, err))
+			continue
+		}
+		sm.mu.Lock()
+		sm.rep.Answered++
+		sm.tok = append(sm.tok, lat...)
+		sm.mu.Unlock()
+	}
+}
+
+// ask asks one prompt. A prompt under way when the simulation ends is
+// still answered (its own deadline is a minute).
+func (sm *simulation) ask(ctx context.Context, c *client.Client) ([]float64, error) {
+	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+	defer cancel()
+	s, err := c.Generate(actx, client.Request{Model: sm.model.CID, Prompt: simPrompt, MaxTokens: sm.s.MaxTokens})
+	if err != nil {
+		return nil, err
+	}
+	defer s.Close()
+	var lat []float64
+	for i := 0; ; i++ {
+		t, err := s.Next()
+		if err == io.EOF {
+			return lat, nil
+		}
+		if err != nil {
+			return nil, fmt.Errorf("after %d tokens: %w", i, err)
+		}
+		if i > 0 && t.Rewind == nil {
+			lat = append(lat, ms(t.Latency))
+		}
+	}
+}
+
+func (sm *simulation) fail(err error) {
+	sm.mu.Lock()
+	defer sm.mu.Unlock()
+	if len(sm.rep.Errors) < 10 {
+		sm.rep.Errors = append(sm.rep.Errors, err.Error())
+	}
+	sm.log.Warn("sim", "err", err)
+}
+
+// churn replaces an expert node every minute/Churn: the oldest-started
+// of a random pick is killed and a new node joins.
+func (sm *simulation) churn(ctx context.Context) {
+	every := time.Duration(float64(time.Minute) / sm.s.Churn)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	next := sm.s.Nodes
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		var experts []*simNode
+		for _, n := range sm.live() {
+			if n.Role == "expert" {
+				experts = append(experts, n)
+			}
+		}
+		if len(experts) > 2 {
+			sm.kill(experts[sm.rng.IntN(len(experts))])
+		}
+		i := next
+		next++
+		sm.closing.Go(func() {
+			sctx, cancel := context.WithTimeout(ctx, time.Minute)
+			defer cancel()
+			if _, err := sm.start(sctx, i); err != nil && ctx.Err() == nil {
+				sm.fail(fmt.Errorf("join: %w", err))
+				return
+			}
+			sm.mu.Lock()
+			sm.rep.Joined++
+			sm.mu.Unlock()
+		})
+	}
+}
+
+// kill takes n out of the network at once and closes it in the
+// background.
+func (sm *simulation) kill(n *simNode) {
+	sm.mu.Lock()
+	n.Alive = false
+	n.ended = time.Now()
+	n.traffic = n.n.P2P().Traffic()
+	if n.n.Expert() != nil {
+		n.Experts = len(n.n.Expert().Loaded())
+	}
+	sm.rep.Killed++
+	sm.mu.Unlock()
+	sm.closing.Go(func() {
+		if err := n.n.Close(); err != nil {
+			sm.log.Debug("sim: killed node", "node", n.Index, "err", err)
+		}
+	})
+}
+
+// lookups makes a provider lookup every 250 ms from a random live node.
+func (sm *simulation) lookups(ctx context.Context) {
+	t := time.NewTicker(250 * time.Millisecond)
+	defer t.Stop()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		live := sm.live()
+		n := live[sm.rng.IntN(len(live))]
+		key := sm.keys[sm.rng.IntN(len(sm.keys))]
+		wg.Go(func() {
+			l := lookup(ctx, n.n.P2P(), key)
+			if ctx.Err() != nil {
+				return
+			}
+			sm.mu.Lock()
+			sm.dht = append(sm.dht, l)
+			sm.mu.Unlock()
+		})
+	}
+}
+
+// lookup finds the first provider of key from h, with the query's hops.
+func lookup(ctx context.Context, h *p2p.Host, key cid.Cid) dhtLookup {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	qctx, events := routing.RegisterForQueryEvents(ctx)
+	depth := map[peer.ID]int{}
+	var mu sync.Mutex
+	maxDepth, queried := 0, 0
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for ev := range events {
+			mu.Lock()
+			switch ev.Type {
+			case routing.SendingQuery:
+				if _, ok := depth[ev.ID]; !ok {
+					depth[ev.ID] = 1
+				}
+				queried++
+			case routing.PeerResponse:
+				d := depth[ev.ID]
+				maxDepth = max(maxDepth, d)
+				for _, r := range ev.Responses {
+					if _, ok := depth[r.ID]; !ok {
+						depth[r.ID] = d + 1
+					}
+				}
+			}
+			mu.Unlock()
+		}
+	}()
+	t0 := time.Now()
+	var l dhtLookup
+	for range h.DHT().FindProvidersAsync(qctx, key, 1) {
+		l.found = true
+		l.ms = ms(time.Since(t0))
+		break
+	}
+	mu.Lock()
+	l.hops, l.queried = maxDepth, queried
+	mu.Unlock()
+	cancel()
+	<-done
+	return l
+}
+
+// report fills the report's totals from the samples and nodes.
+func (sm *simulation) report() {
+	sm.mu.Lock()
+	defer sm.mu.Unlock()
+	r := &sm.rep
+	r.TokenMs = distOf(sm.tok)
+	var ms, hops, queried []float64
+	for _, l := range sm.dht {
+		r.DHT.Lookups++
+		queried = append(queried, float64(l.queried))
+		if l.found {
+			r.DHT.Found++
+			ms = append(ms, l.ms)
+			hops = append(hops, float64(l.hops))
+		}
+	}
+	r.DHT.Ms, r.DHT.Hops, r.DHT.Queried = distOf(ms), distOf(hops), distOf(queried)
+	if len(r.Samples) > 0 {
+		last := r.Samples[len(r.Samples)-1]
+		r.CoverageMin = last.CoverageMin
+		var b, m, cpu float64
+		for _, s := range r.Samples {
+			b += s.GossipBytesPerS
+			m += s.GossipMsgsPerS
+			cpu += s.CPUCores / float64(max(1, s.Live))
+			r.RSSBytes = max(r.RSSBytes, s.RSSBytes)
+		}
+		k := float64(len(r.Samples))
+		r.GossipBytesPerS, r.GossipMsgsPerS, r.CPUPerNode = b/k, m/k, cpu/k
+		r.RSSBytesPerNode = r.RSSBytes / uint64(max(1, last.Live))
+	}
+	if r.CoverageLowest == math.MaxInt {
+		r.CoverageLowest = r.CoverageMin
+	}
+	live := 0
+	for _, n := range sm.nodes {
+		if n.Alive {
+			live++
+		}
+	}
+	rss := p2p.ProcessRSS()
+	now := time.Now()
+	for _, n := range sm.nodes {
+		if n.Alive {
+			n.ended = now
+			n.traffic = n.n.P2P().Traffic()
+			if n.n.Expert() != nil {
+				n.Experts = len(n.n.Expert().Loaded())
+			}
+			n.RoutingTable = len(n.n.P2P().RoutingTable())
+			n.Conns = len(n.n.P2P().LibP2P().Network().Peers())
+			n.RSSBytes = rss / uint64(max(1, live))
+		}
+		up := n.ended.Sub(n.started).Seconds()
+		n.UptimeS = up
+		if up > 0 {
+			n.GossipBytesPerS = float64(n.traffic.BytesIn+n.traffic.BytesOut) / up
+			n.GossipMsgsPerS = float64(n.traffic.MsgsIn+n.traffic.MsgsOut) / up
+		}
+		r.Nodes = append(r.Nodes, n.SimNode)
+	}
+	slices.SortFunc(r.Nodes, func(a, b SimNode) int { return cmp.Compare(a.Index, b.Index) })
+}
+
+// stopAll closes every node, all at once, and waits at most StopTimeout
+// for them (and for the nodes being killed) to be closed; it logs those
+// that were not.
+func (sm *simulation) stopAll() {
+	sm.mu.Lock()
+	nodes := slices.Clone(sm.nodes)
+	sm.mu.Unlock()
+	var left atomic.Int32
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		var wg sync.WaitGroup
+		for _, n := range nodes {
+			if n.Alive {
+				left.Add(1)
+				wg.Go(func() {
+					defer left.Add(-1)
+					if err := n.n.Close(); err != nil {
+						sm.log.Debug("sim: stop", "node", n.Index, "err", err)
+					}
+				})
+			}
+		}
+		wg.Wait()
+		sm.closing.Wait()
+	}()
+	select {
+	case <-done:
+	case <-time.After(simStopTimeout):
+		sm.log.Warn("sim: nodes did not stop in time; leaving them to the process's exit", "nodes", left.Load(), "waited", simStopTimeout)
+	}
+}
+
+// simStopTimeout bounds the wait for the nodes to close at the end.
+const simStopTimeout = time.Minute
+
+// processCPU is the CPU time this process has used.
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// raiseFileLimit lifts this process's limit of open files as far as it
+// may: every simulated node holds a listener, a socket per connection (two
+// in this process when both ends are simulated) and its store's files. Go
+// already raises the soft limit to the hard one; a privileged process
+// raises the hard limit too, to the kernel's nr_open.
+func raiseFileLimit() (uint64, error) {
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		return 0, err
+	}
+	want := lim.Max
+	if b, err := os.ReadFile("/proc/sys/fs/nr_open"); err == nil {
+		var n uint64
+		if _, err := fmt.Sscan(string(b), &n); err == nil && n > want {
+			want = n
+		}
+	}
+	if want > lim.Max {
+		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &syscall.Rlimit{Cur: want, Max: want}); err == nil {
+			return want, nil
+		}
+	}
+	lim.Cur = lim.Max
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		return lim.Cur, err
+	}
+	return lim.Cur, nil
+}
