@@ -167,7 +167,11 @@ type Heartbeat struct {
 	// the interval as the network grows (gossip.heartbeat_rate), and
 	// receivers forget it after a few intervals without a heartbeat rather
 	// than after a fixed time. 0: the receiver's own interval.
-	IntervalMs    uint32 `protobuf:"varint,13,opt,name=interval_ms,json=intervalMs,proto3" json:"interval_ms,omitempty"`
+	IntervalMs uint32 `protobuf:"varint,13,opt,name=interval_ms,json=intervalMs,proto3" json:"interval_ms,omitempty"`
+	// How many peers the sender hears on the routing topic: a node that has
+	// just joined sizes its interval by its peers' counts until it has heard
+	// them itself.
+	PeersHeard    uint32 `protobuf:"varint,14,opt,name=peers_heard,json=peersHeard,proto3" json:"peers_heard,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -289,6 +293,13 @@ func (x *Heartbeat) GetPaused() bool {
 func (x *Heartbeat) GetIntervalMs() uint32 {
 	if x != nil {
 		return x.IntervalMs
+	}
+	return 0
+}
+
+func (x *Heartbeat) GetPeersHeard() uint32 {
+	if x != nil {
+		return x.PeersHeard
 	}
 	return 0
 }
@@ -695,7 +706,7 @@ var File_heartbeat_proto protoreflect.FileDescriptor
 
 const file_heartbeat_proto_rawDesc = "" +
 	"\n" +
-	"\x0fheartbeat.proto\x12\bneuro.v1\"\xc1\x03\n" +
+	"\x0fheartbeat.proto\x12\bneuro.v1\"\xe2\x03\n" +
 	"\tHeartbeat\x12\x17\n" +
 	"\apeer_id\x18\x01 \x01(\fR\x06peerId\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12 \n" +
@@ -712,7 +723,9 @@ const file_heartbeat_proto_rawDesc = "" +
 	"\freachability\x18\v \x01(\x0e2\x16.neuro.v1.ReachabilityR\freachability\x12\x16\n" +
 	"\x06paused\x18\f \x01(\bR\x06paused\x12\x1f\n" +
 	"\vinterval_ms\x18\r \x01(\rR\n" +
-	"intervalMs\"=\n" +
+	"intervalMs\x12\x1f\n" +
+	"\vpeers_heard\x18\x0e \x01(\rR\n" +
+	"peersHeard\"=\n" +
 	"\vHostedModel\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\fR\x05model\x12\x18\n" +
 	"\aexperts\x18\x02 \x03(\rR\aexperts\"\xb3\x01\n" +

@@ -75,6 +75,7 @@ func (h *Host) heartbeat(now time.Time) *neuropb.Heartbeat {
 		Addrs:        raw,
 		Reachability: h.Reachability(),
 		IntervalMs:   uint32(h.interval(now).Milliseconds()),
+		PeersHeard:   uint32(h.peers.Live(now)),
 	}
 	if h.hbExtra != nil {
 		h.hbExtra(hb)
@@ -104,11 +105,20 @@ func isCircuit(a ma.Multiaddr) bool {
 // its size (each node's gossip load then stops growing with the network).
 // The interval goes out in the heartbeat, and receivers forget a peer
 // after MissedHeartbeats of its intervals.
+//
+// A node that has just joined hears the others only as they beat, one
+// interval for all of them: until then it counts the network by the median
+// of the counts its peers announce (peers_heard), so that it does not beat
+// at a small network's interval for a minute (measured: in a simulated
+// network of 200 nodes joining 4 a second, gossip per node was 3x what the
+// rate allows). The median, so that a few peers cannot slow everyone's
+// heartbeats; counts, not intervals, so that a shrinking network's
+// intervals shrink with it.
 func (h *Host) interval(now time.Time) time.Duration {
 	d := h.cfg.HeartbeatInterval
 	if r := h.cfg.HeartbeatRate; r > 0 {
-		n := h.peers.Live(now) + 1
-		d = max(d, time.Duration(float64(n)/r*float64(time.Second)))
+		n, median := h.peers.Stats(now)
+		d = max(d, time.Duration(float64(max(n, median)+1)/r*float64(time.Second)))
 	}
 	return min(d, time.Duration(neuropb.MaxHeartbeatIntervalMs)*time.Millisecond)
 }

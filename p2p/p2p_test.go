@@ -281,6 +281,16 @@ func TestHeartbeatIntervalStretchesWithThePeersHeard(t *testing.T) {
 		// Kept for the longer of the ttl (5 s) and three of a's intervals.
 		return ok && e.Interval == 1500*time.Millisecond && e.Expiry == max(cfg.PeerExpiry, 4500*time.Millisecond)
 	}, "b to hear a's stretched interval")
+	// A newcomer counts the network by what its peers hear, until it
+	// hears as many itself: five peers that hear 59 others each make 60
+	// nodes, 30 s at two a second.
+	hb := &neuropb.Heartbeat{PeerId: []byte("x"), SentUnixMs: time.Now().UnixMilli(), PeersHeard: 59}
+	for i := range 3 {
+		a.peers.Observe(peer.ID(fmt.Sprint("big", i)), hb, time.Now())
+	}
+	if d := a.interval(time.Now()); d != 30*time.Second {
+		t.Fatalf("with peers hearing 59: interval %v, want 30s", d)
+	}
 	fixed := testConfig()
 	if d := (&Host{cfg: fixed, peers: a.peers}).interval(time.Now()); d != fixed.HeartbeatInterval {
 		t.Fatalf("no rate: interval %v, want %v", d, fixed.HeartbeatInterval)

@@ -41,6 +41,9 @@ type PeerInfo struct {
 	// LastSeen the table forgets it.
 	Interval time.Duration
 	Expiry   time.Duration
+	// PeersHeard is how many peers the peer hears (its heartbeat's
+	// peers_heard).
+	PeersHeard int
 }
 
 // MissedHeartbeats is how many of a peer's own heartbeat intervals pass
@@ -104,6 +107,7 @@ func (t *PeerTable) Observe(author peer.ID, hb *neuropb.Heartbeat, now time.Time
 	e.Reachability, e.Paused = hb.GetReachability(), hb.GetPaused()
 	e.Delay = now.Sub(time.UnixMilli(hb.GetSentUnixMs()))
 	e.Interval = time.Duration(hb.GetIntervalMs()) * time.Millisecond
+	e.PeersHeard = int(hb.GetPeersHeard())
 	e.Expiry = max(t.ttl, MissedHeartbeats*e.Interval)
 	return true
 }
@@ -170,6 +174,28 @@ func (t *PeerTable) Snapshot(now time.Time) []PeerInfo {
 	}
 	slices.SortFunc(out, func(a, b PeerInfo) int { return compareIDs(a.ID, b.ID) })
 	return out
+}
+
+// Stats counts the entries not expired at now, and returns the median of
+// the peer counts they announced (0 when none did).
+func (t *PeerTable) Stats(now time.Time) (live, medianHeard int) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	var counts []int
+	for _, e := range t.entries {
+		if e.expired(now) {
+			continue
+		}
+		live++
+		if e.PeersHeard > 0 {
+			counts = append(counts, e.PeersHeard)
+		}
+	}
+	if len(counts) == 0 {
+		return live, 0
+	}
+	slices.Sort(counts)
+	return live, counts[len(counts)/2]
 }
 
 // Live counts the entries not expired at now.

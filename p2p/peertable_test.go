@@ -148,3 +148,20 @@ func TestProvisionDue(t *testing.T) {
 		t.Error("provided to an empty table: due once there are two peers")
 	}
 }
+
+func TestPeerTableStats(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	pt := NewPeerTable(10, 30*time.Second)
+	if n, m := pt.Stats(t0); n != 0 || m != 0 {
+		t.Fatalf("empty: %d, %d", n, m)
+	}
+	for i, heard := range []uint32{0, 40, 300, 300, 100000} {
+		b := hb(1, 1000)
+		b.PeersHeard = heard
+		pt.Observe(peer.ID(fmt.Sprint(i)), b, t0)
+	}
+	// Four announced a count: 40, 300, 300 and 100,000.
+	if n, m := pt.Stats(t0.Add(time.Second)); n != 5 || m != 300 {
+		t.Fatalf("stats %d, %d; want 5 peers, median 300", n, m)
+	}
+}
