@@ -176,6 +176,10 @@ type SimReport struct {
 	HealthyS float64 `json:"healthy_s"`
 	Killed   int     `json:"killed"`
 	Joined   int     `json:"joined"`
+	// JoinFailed counts the nodes that could not join while the network
+	// started (their bootstrap peers did not answer within
+	// p2p.bootstrap_timeout): they are left out.
+	JoinFailed int `json:"join_failed"`
 	// Prompts asked and fully answered, the first errors, and the
 	// latency of every token after each answer's first.
 	Asked    int      `json:"asked"`
@@ -190,7 +194,11 @@ type SimReport struct {
 	CoverageLowest  int        `json:"coverage_lowest"`
 	DHT             DHTLookups `json:"dht"`
 	GossipBytesPerS float64    `json:"gossip_bytes_per_s"` // mean per live node, once healthy
-	GossipMsgsPerS  float64    `json:"gossip_msgs_per_s"`
+	// GossipBytesPerSP50 is the median of the samples' (the mean carries
+	// the burst of the first seconds, when the last nodes to join choose
+	// experts and beat at a small network's pace).
+	GossipBytesPerSP50 float64 `json:"gossip_bytes_per_s_p50"`
+	GossipMsgsPerS     float64 `json:"gossip_msgs_per_s"`
 	// The process: peak resident memory and its share per node, and the
 	// cores one node used (process CPU ÷ live nodes) once healthy.
 	RSSBytes        uint64      `json:"rss_bytes"`
@@ -227,6 +235,8 @@ type simulation struct {
 	dht   []dhtLookup
 
 	closing sync.WaitGroup // nodes being killed
+	joining sync.WaitGroup // nodes joining under churn
+	settled bool           // settle has set the final coverage
 }
 
 type dhtLookup struct {
@@ -476,8 +486,20 @@ func (sm *simulation) launch(ctx context.Context) error {
 			return ctx.Err()
 		}
 		wg.Go(func() {
-			if _, err := sm.start(ctx, i); err != nil {
-				errs <- err
+			if n, err := sm.start(ctx, i); err != nil {
+				if ctx.Err() != nil || n == nil {
+					errs <- err
+					return
+				}
+				// A node that could not join (its bootstrap peers did
+				// not answer in time) is given up, as its owner would
+				// restart it: the network goes on without it.
+				sm.log.Warn("sim: a node failed to join", "node", i, "err", err)
+				sm.kill(n)
+				sm.mu.Lock()
+				sm.rep.Killed-- // not churn
+				sm.rep.JoinFailed++
+				sm.mu.Unlock()
 				return
 			}
 			if up := started.Add(1); up%50 == 0 || int(up) == sm.s.Nodes {
@@ -594,8 +616,9 @@ loop:
 		}
 	}
 	wg.Wait()
+	sm.joining.Wait() // each join is bounded by its own minute
 	sm.rep.DurationS = time.Since(start).Seconds()
-	sm.settle(ctx, start)
+	sm.settle(ctx)
 	return nil
 }
 
@@ -603,9 +626,8 @@ loop:
 // settleTimeout to serve every expert on two live nodes again (a node
 // killed in the last seconds is still counted by the others until its
 // heartbeats expire), and takes the final sample.
-func (sm *simulation) settle(ctx context.Context, start time.Time) {
+func (sm *simulation) settle(ctx context.Context) {
 	t0 := time.Now()
-	prev := sm.snapshot(start)
 	err := waitFor(context.WithoutCancel(ctx), 500*time.Millisecond, func() error {
 		if least, _ := sm.coverage(sm.live()); least < 2 {
 			if time.Since(t0) > settleTimeout {
@@ -619,8 +641,11 @@ func (sm *simulation) settle(ctx context.Context, start time.Time) {
 	if err != nil {
 		sm.log.Warn("sim: not covered again after churn", "waited", time.Since(t0).Round(time.Second), "err", err)
 	}
-	time.Sleep(100 * time.Millisecond) // an interval for the rates
-	sm.sample(prev, sm.snapshot(start))
+	least, _ := sm.coverage(sm.live())
+	sm.mu.Lock()
+	sm.rep.CoverageMin, sm.settled = least, true
+	sm.rep.CoverageLowest = min(sm.rep.CoverageLowest, least)
+	sm.mu.Unlock()
 }
 
 // settleTimeout bounds settle: the default peer expiry (30 s) and a few
@@ -774,11 +799,20 @@ func (sm *simulation) churn(ctx context.Context) {
 		}
 		i := next
 		next++
-		sm.closing.Go(func() {
-			sctx, cancel := context.WithTimeout(ctx, time.Minute)
+		sm.joining.Go(func() {
+			sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
 			defer cancel()
-			if _, err := sm.start(sctx, i); err != nil && ctx.Err() == nil {
-				sm.fail(fmt.Errorf("join: %w", err))
+			if n, err := sm.start(sctx, i); err != nil {
+				if n != nil {
+					sm.kill(n)
+					sm.mu.Lock()
+					sm.rep.Killed-- // not churn
+					sm.rep.JoinFailed++
+					sm.mu.Unlock()
+				}
+				if ctx.Err() == nil {
+					sm.log.Warn("sim: a node failed to join", "node", i, "err", err)
+				}
 				return
 			}
 			sm.mu.Lock()
@@ -899,16 +933,21 @@ func (sm *simulation) report() {
 	r.DHT.Ms, r.DHT.Hops, r.DHT.Queried = distOf(ms), distOf(hops), distOf(queried)
 	if len(r.Samples) > 0 {
 		last := r.Samples[len(r.Samples)-1]
-		r.CoverageMin = last.CoverageMin
+		if !sm.settled {
+			r.CoverageMin = last.CoverageMin
+		}
 		var b, m, cpu float64
+		var bs []float64
 		for _, s := range r.Samples {
 			b += s.GossipBytesPerS
+			bs = append(bs, s.GossipBytesPerS)
 			m += s.GossipMsgsPerS
 			cpu += s.CPUCores / float64(max(1, s.Live))
 			r.RSSBytes = max(r.RSSBytes, s.RSSBytes)
 		}
 		k := float64(len(r.Samples))
 		r.GossipBytesPerS, r.GossipMsgsPerS, r.CPUPerNode = b/k, m/k, cpu/k
+		r.GossipBytesPerSP50 = distOf(bs).P50
 		r.RSSBytesPerNode = r.RSSBytes / uint64(max(1, last.Live))
 	}
 	if r.CoverageLowest == math.MaxInt {

@@ -158,8 +158,8 @@ func parseChurn(s string) (float64, error) {
 
 // printSim prints a simulation's report for people.
 func printSim(w io.Writer, r *testnet.SimReport) {
-	fmt.Fprintf(w, "%d nodes (%d bootstrap, %d gating), churn %.3g/min: healthy after %.1f s, ran %.0f s (%d killed, %d joined)\n",
-		r.NodeCount, r.BootstrapNodes, r.GatingNodes, r.ChurnPerMin, r.HealthyS, r.DurationS, r.Killed, r.Joined)
+	fmt.Fprintf(w, "%d nodes (%d bootstrap, %d gating), churn %.3g/min: healthy after %.1f s, ran %.0f s (%d killed, %d joined, %d failed to join)\n",
+		r.NodeCount, r.BootstrapNodes, r.GatingNodes, r.ChurnPerMin, r.HealthyS, r.DurationS, r.Killed, r.Joined, r.JoinFailed)
 	fmt.Fprintf(w, "prompts: %d asked, %d answered; per-token latency p50 %.1f ms, p99 %.1f ms (%d tokens)\n",
 		r.Asked, r.Answered, r.TokenMs.P50, r.TokenMs.P99, r.TokenMs.N)
 	for _, e := range r.Errors {
@@ -168,8 +168,8 @@ func printSim(w io.Writer, r *testnet.SimReport) {
 	fmt.Fprintf(w, "coverage: fewest live providers of an expert %d at the end (settled in %.1f s), %d at the lowest\n", r.CoverageMin, r.SettleS, r.CoverageLowest)
 	fmt.Fprintf(w, "DHT provider lookups: %d of %d found, p50 %.1f ms, p99 %.1f ms, hops p50 %.0f max %.0f, peers queried p50 %.0f\n",
 		r.DHT.Found, r.DHT.Lookups, r.DHT.Ms.P50, r.DHT.Ms.P99, r.DHT.Hops.P50, r.DHT.Hops.Max, r.DHT.Queried.P50)
-	fmt.Fprintf(w, "gossip per node: %.0f bytes/s, %.1f messages/s; per node: %.1f MB resident, %.2f%% of a core\n",
-		r.GossipBytesPerS, r.GossipMsgsPerS, float64(r.RSSBytesPerNode)/(1<<20), 100*r.CPUPerNode)
+	fmt.Fprintf(w, "gossip per node: %.0f bytes/s (median of the samples %.0f), %.1f messages/s; per node: %.1f MB resident, %.2f%% of a core\n",
+		r.GossipBytesPerS, r.GossipBytesPerSP50, r.GossipMsgsPerS, float64(r.RSSBytesPerNode)/(1<<20), 100*r.CPUPerNode)
 	fmt.Fprintln(w, "\n  at_s   live  coverage  gossip_B/s/node  asked  answered  cpu_cores  rss_MB")
 	for _, s := range r.Samples {
 		fmt.Fprintf(w, "  %5.0f  %4d  %8d  %15.0f  %5d  %8d  %9.2f  %6.0f\n", s.AtS, s.Live, s.CoverageMin, s.GossipBytesPerS,
