@@ -204,8 +204,8 @@ func (s *Service) announce(ctx context.Context) {
 				blobs = append(blobs, neuropb.ExpertKey(s.cfg.Model, k.Layer, k.Expert))
 			}
 		}
+		rt := s.p2p.RoutingTableSize()
 		for _, c := range blobs {
-			rt := s.p2p.RoutingTableSize()
 			if !provided[c].Due(time.Now(), rt, s.cfg.Reprovide) {
 				continue
 			}

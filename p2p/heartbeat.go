@@ -74,9 +74,9 @@ func (h *Host) heartbeat(now time.Time) *neuropb.Heartbeat {
 		Version:      Version,
 		Addrs:        raw,
 		Reachability: h.Reachability(),
-		IntervalMs:   uint32(h.interval(now).Milliseconds()),
-		PeersHeard:   uint32(h.peers.Live(now)),
 	}
+	heard, median := h.peers.Stats(now)
+	hb.IntervalMs, hb.PeersHeard = uint32(h.intervalFor(heard, median).Milliseconds()), uint32(heard)
 	if h.hbExtra != nil {
 		h.hbExtra(hb)
 	}
@@ -114,11 +114,14 @@ func isCircuit(a ma.Multiaddr) bool {
 // rate allows). The median, so that a few peers cannot slow everyone's
 // heartbeats; counts, not intervals, so that a shrinking network's
 // intervals shrink with it.
-func (h *Host) interval(now time.Time) time.Duration {
+func (h *Host) interval(now time.Time) time.Duration { return h.intervalFor(h.peers.Stats(now)) }
+
+// intervalFor is interval with the peers heard and the median of their
+// counts already read from the table.
+func (h *Host) intervalFor(heard, median int) time.Duration {
 	d := h.cfg.HeartbeatInterval
 	if r := h.cfg.HeartbeatRate; r > 0 {
-		n, median := h.peers.Stats(now)
-		d = max(d, time.Duration(float64(max(n, median)+1)/r*float64(time.Second)))
+		d = max(d, time.Duration(float64(max(heard, median)+1)/r*float64(time.Second)))
 	}
 	return min(d, time.Duration(neuropb.MaxHeartbeatIntervalMs)*time.Millisecond)
 }

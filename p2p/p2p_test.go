@@ -270,7 +270,7 @@ func TestHeartbeatIntervalStretchesWithThePeersHeard(t *testing.T) {
 	b := newTestHost(t, cfg)
 	c := newTestHost(t, cfg)
 	for _, h := range []*Host{a, b, c} {
-		waitUntil(t, func() bool { return h.Peers().Live(time.Now()) == 2 }, "every host to hear the two others")
+		waitUntil(t, func() bool { n, _ := h.Peers().Stats(time.Now()); return n == 2 }, "every host to hear the two others")
 	}
 	// Three nodes at two a second: 1.5 s each, above the 200 ms set.
 	if d := a.interval(time.Now()); d != 1500*time.Millisecond {

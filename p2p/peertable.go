@@ -198,19 +198,6 @@ func (t *PeerTable) Stats(now time.Time) (live, medianHeard int) {
 	return live, counts[len(counts)/2]
 }
 
-// Live counts the entries not expired at now.
-func (t *PeerTable) Live(now time.Time) int {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	n := 0
-	for _, e := range t.entries {
-		if !e.expired(now) {
-			n++
-		}
-	}
-	return n
-}
-
 // Len is the number of entries, live or not yet pruned.
 func (t *PeerTable) Len() int {
 	t.mu.Lock()

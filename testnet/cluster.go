@@ -107,16 +107,23 @@ func NewCluster(ctx context.Context, n int, o ClusterOptions) (_ *Cluster, err e
 	if err != nil {
 		return nil, err
 	}
-	cfg.P2P.Bootstrap = nil
-	for _, a := range first.P2P().Addrs() {
-		cfg.P2P.Bootstrap = append(cfg.P2P.Bootstrap, a.String()+"/p2p/"+first.ID().String())
-	}
+	cfg.P2P.Bootstrap = dialAddrs(first)
 	for i := 1; i < n; i++ {
 		if _, err := start(cfg, i); err != nil {
 			return nil, err
 		}
 	}
 	return c, nil
+}
+
+// dialAddrs are n's addresses with its peer ID, as bootstrap addresses
+// and client.WithGatingNodes take them.
+func dialAddrs(n *node.Node) []string {
+	var out []string
+	for _, a := range n.P2P().Addrs() {
+		out = append(out, a.String()+"/p2p/"+n.ID().String())
+	}
+	return out
 }
 
 // Nodes returns the nodes, bootstrap first.

@@ -36,10 +36,11 @@ import (
 // Sim runs a network of many real nodes inside this process, so that what
 // is measured is the network (the DHT, GossipSub and its heartbeats,
 // automatic hosting, gating nodes finding providers) at a size no machine
-// could run as processes. Every node is a real node.Node on its own
-// libp2p host on 127.0.0.1 (TCP), with its own home and store; the
-// experts are a small real model (real compute, a fraction of a
-// millisecond a call), shared through the network as in any testnet.
+// could run as processes. Every node is a real node.Node with its own home
+// and store, on a libp2p host of an in-process network (testnet/simnet:
+// real Noise and yamux over in-memory pipes, each link delayed by
+// Latency); the experts are a small real model (real compute, a fraction
+// of a millisecond a call), shared through the network as in any testnet.
 //
 // The first Bootstrap nodes are bootstrap nodes and hold the model; the
 // next Gating are gating nodes (holding it too), each asked prompts by a
@@ -49,7 +50,7 @@ import (
 // nodes are killed (closed without warning the others: nothing in the
 // protocol says goodbye) and new ones join at that rate.
 type Sim struct {
-	// Nodes is every node of the network (at least Gating + 3).
+	// Nodes is every node of the network (at least Bootstrap + Gating + 2).
 	Nodes int
 	// Gating nodes (default 1 per 100 nodes, at least 1), and bootstrap
 	// nodes (the same default): every other node knows the bootstrap
@@ -84,10 +85,6 @@ type Sim struct {
 	Dir     string
 	Log     *slog.Logger
 	NodeLog *slog.Logger
-	// Progress, if set, is told of each sample as it is taken.
-	Progress func(SimSample)
-	// Config, if set, adjusts every node's config (tests).
-	Config func(*node.Config)
 }
 
 // SimSample is the network at one moment.
@@ -261,11 +258,6 @@ func (s *Sim) Run(ctx context.Context) (*SimReport, error) {
 	if err := s.defaults(); err != nil {
 		return nil, err
 	}
-	if n, err := raiseFileLimit(); err != nil {
-		s.Log.Warn("sim: open files", "limit", n, "err", err)
-	} else {
-		s.Log.Debug("sim: open files", "limit", n)
-	}
 	sm := &simulation{s: s, log: s.Log, rng: rand.New(rand.NewPCG(s.Seed, 0x5eed)), net: simnet.New(s.latency())}
 	sm.rep = SimReport{NodeCount: s.Nodes, BootstrapNodes: s.Bootstrap, GatingNodes: s.Gating, ChurnPerMin: s.Churn, LatencyMs: ms(s.Latency), CoverageLowest: math.MaxInt}
 	defer sm.stopAll()
@@ -410,9 +402,6 @@ func (sm *simulation) config(i int) node.Config {
 		cfg.Expert.MemoryMB = sm.mem
 	}
 	cfg.P2P.Bootstrap = slices.Clone(sm.boot)
-	if sm.s.Config != nil {
-		sm.s.Config(&cfg)
-	}
 	return cfg
 }
 
@@ -467,9 +456,7 @@ func (sm *simulation) launch(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		for _, a := range n.n.P2P().Addrs() {
-			sm.boot = append(sm.boot, a.String()+"/p2p/"+n.n.ID().String())
-		}
+		sm.boot = append(sm.boot, dialAddrs(n.n)...)
 	}
 	every := time.Duration(float64(time.Second) / sm.s.JoinRate)
 	tick := time.NewTicker(every)
@@ -491,15 +478,7 @@ func (sm *simulation) launch(ctx context.Context) error {
 					errs <- err
 					return
 				}
-				// A node that could not join (its bootstrap peers did
-				// not answer in time) is given up, as its owner would
-				// restart it: the network goes on without it.
-				sm.log.Warn("sim: a node failed to join", "node", i, "err", err)
-				sm.kill(n)
-				sm.mu.Lock()
-				sm.rep.Killed-- // not churn
-				sm.rep.JoinFailed++
-				sm.mu.Unlock()
+				sm.joinFailed(n, err)
 				return
 			}
 			if up := started.Add(1); up%50 == 0 || int(up) == sm.s.Nodes {
@@ -526,20 +505,20 @@ func (sm *simulation) live() []*simNode {
 // coverage is the fewest live nodes serving any expert, and how many
 // experts have fewer than two.
 func (sm *simulation) coverage(live []*simNode) (least, uncovered int) {
-	count := make(map[string]int)
+	count := make(map[expert.Key]int)
 	for _, n := range live {
 		if n.Role != "expert" {
 			continue
 		}
 		for _, k := range n.n.Expert().Loaded() {
-			count[k.String()]++
+			count[k]++
 		}
 	}
 	least = math.MaxInt
 	first := sm.model.FirstMoELayer()
 	for l := first; l < sm.model.Layers(); l++ {
 		for e := range sm.model.Experts() {
-			c := count[expert.Key{Layer: l, Expert: e}.String()]
+			c := count[expert.Key{Layer: l, Expert: e}]
 			least = min(least, c)
 			if c < 2 {
 				uncovered++
@@ -699,19 +678,12 @@ func (sm *simulation) sample(prev, cur snap) {
 	sm.log.Info("sim: sample", "at", time.Duration(cur.since*float64(time.Second)).Round(time.Second), "live", s.Live,
 		"coverage_min", least, "gossip_B/s/node", int(s.GossipBytesPerS), "control_B/s/node", int(s.GossipControlPerS), "msgs/s/node", int(s.GossipMsgsPerS), "asked", s.Asked, "answered", s.Answered,
 		"cpu_cores", fmt.Sprintf("%.2f", s.CPUCores))
-	if sm.s.Progress != nil {
-		sm.s.Progress(s)
-	}
 }
 
 // user asks gating node g the prompt every AskEvery, through a client of
 // its own that knows only the bootstrap node and g.
 func (sm *simulation) user(ctx context.Context, g *simNode) {
-	var addrs []string
-	for _, a := range g.n.P2P().Addrs() {
-		addrs = append(addrs, a.String()+"/p2p/"+g.PeerID)
-	}
-	c, err := client.New(ctx, client.WithBootstrap(sm.boot...), client.WithGatingNodes(addrs...), client.WithLogger(sm.s.NodeLog),
+	c, err := client.New(ctx, client.WithBootstrap(sm.boot...), client.WithGatingNodes(dialAddrs(g.n)...), client.WithLogger(sm.s.NodeLog),
 		client.WithTransport(sm.net.Transport()))
 	if err != nil {
 		sm.fail(fmt.Errorf("user of gating node %d: %w", g.Index, err))
@@ -775,8 +747,8 @@ func (sm *simulation) fail(err error) {
 	sm.log.Warn("sim", "err", err)
 }
 
-// churn replaces an expert node every minute/Churn: the oldest-started
-// of a random pick is killed and a new node joins.
+// churn replaces an expert node every minute/Churn: a random one is
+// killed and a new node joins.
 func (sm *simulation) churn(ctx context.Context) {
 	every := time.Duration(float64(time.Minute) / sm.s.Churn)
 	t := time.NewTicker(every)
@@ -804,13 +776,8 @@ func (sm *simulation) churn(ctx context.Context) {
 			defer cancel()
 			if n, err := sm.start(sctx, i); err != nil {
 				if n != nil {
-					sm.kill(n)
-					sm.mu.Lock()
-					sm.rep.Killed-- // not churn
-					sm.rep.JoinFailed++
-					sm.mu.Unlock()
-				}
-				if ctx.Err() == nil {
+					sm.joinFailed(n, err)
+				} else if ctx.Err() == nil {
 					sm.log.Warn("sim: a node failed to join", "node", i, "err", err)
 				}
 				return
@@ -822,9 +789,21 @@ func (sm *simulation) churn(ctx context.Context) {
 	}
 }
 
-// kill takes n out of the network at once and closes it in the
+// kill takes n out of the network at once (churn) and closes it in the
 // background.
-func (sm *simulation) kill(n *simNode) {
+func (sm *simulation) kill(n *simNode) { sm.retire(n, func(r *SimReport) { r.Killed++ }) }
+
+// joinFailed gives up a node that could not join (its bootstrap peers did
+// not answer in time), as its owner would restart it: the network goes on
+// without it.
+func (sm *simulation) joinFailed(n *simNode, err error) {
+	sm.log.Warn("sim: a node failed to join", "node", n.Index, "err", err)
+	sm.retire(n, func(r *SimReport) { r.JoinFailed++ })
+}
+
+// retire marks n dead, counts it with count and closes it in the
+// background.
+func (sm *simulation) retire(n *simNode, count func(*SimReport)) {
 	sm.mu.Lock()
 	n.Alive = false
 	n.ended = time.Now()
@@ -832,11 +811,11 @@ func (sm *simulation) kill(n *simNode) {
 	if n.n.Expert() != nil {
 		n.Experts = len(n.n.Expert().Loaded())
 	}
-	sm.rep.Killed++
+	count(&sm.rep)
 	sm.mu.Unlock()
 	sm.closing.Go(func() {
 		if err := n.n.Close(); err != nil {
-			sm.log.Debug("sim: killed node", "node", n.Index, "err", err)
+			sm.log.Debug("sim: closed node", "node", n.Index, "err", err)
 		}
 	})
 }
@@ -983,7 +962,7 @@ func (sm *simulation) report() {
 	slices.SortFunc(r.Nodes, func(a, b SimNode) int { return cmp.Compare(a.Index, b.Index) })
 }
 
-// stopAll closes every node, all at once, and waits at most StopTimeout
+// stopAll closes every node, all at once, and waits at most simStopTimeout
 // for them (and for the nodes being killed) to be closed; it logs those
 // that were not.
 func (sm *simulation) stopAll() {
@@ -1026,33 +1005,4 @@ func processCPU() time.Duration {
 		return 0
 	}
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-}
-
-// raiseFileLimit lifts this process's limit of open files as far as it
-// may: every simulated node holds a listener, a socket per connection (two
-// in this process when both ends are simulated) and its store's files. Go
-// already raises the soft limit to the hard one; a privileged process
-// raises the hard limit too, to the kernel's nr_open.
-func raiseFileLimit() (uint64, error) {
-	var lim syscall.Rlimit
-	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
-		return 0, err
-	}
-	want := lim.Max
-	if b, err := os.ReadFile("/proc/sys/fs/nr_open"); err == nil {
-		var n uint64
-		if _, err := fmt.Sscan(string(b), &n); err == nil && n > want {
-			want = n
-		}
-	}
-	if want > lim.Max {
-		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &syscall.Rlimit{Cur: want, Max: want}); err == nil {
-			return want, nil
-		}
-	}
-	lim.Cur = lim.Max
-	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
-		return lim.Cur, err
-	}
-	return lim.Cur, nil
 }

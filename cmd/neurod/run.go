@@ -267,13 +267,22 @@ func startCPUProfile(home string) (stop func(), err error) {
 	if dir == "" {
 		return func() {}, nil
 	}
-	f, err := os.Create(filepath.Join(dir, "cpu-"+filepath.Base(home)+".pprof"))
+	stop, err = cpuProfile(filepath.Join(dir, "cpu-"+filepath.Base(home)+".pprof"))
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", ProfileEnv, err)
 	}
+	return stop, nil
+}
+
+// cpuProfile writes this process's CPU profile to path until stop.
+func cpuProfile(path string) (stop func(), err error) {
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, err
+	}
 	if err := pprof.StartCPUProfile(f); err != nil {
 		f.Close()
-		return nil, fmt.Errorf("%s: %w", ProfileEnv, err)
+		return nil, err
 	}
 	return func() {
 		pprof.StopCPUProfile()

@@ -6,7 +6,6 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"runtime/pprof"
 	"strconv"
 	"strings"
 	"time"
@@ -68,39 +67,19 @@ ended with fewer than two providers.`,
 			if sim.Log, err = testnetLogger(cmd.ErrOrStderr(), g); err != nil {
 				return err
 			}
-			if dir == "" {
-				tmp, err := os.MkdirTemp("", "neuro-sim-")
-				if err != nil {
-					return err
-				}
-				defer os.RemoveAll(tmp)
-				sim.Dir = tmp
-			} else if sim.Dir, err = filepath.Abs(dir); err != nil {
+			cleanup, err := simDir(&sim, dir)
+			if err != nil {
 				return err
 			}
-			logf, err := os.Create(filepath.Join(sim.Dir, "nodes.log"))
-			if err != nil {
-				if err := os.MkdirAll(sim.Dir, 0o755); err != nil {
-					return err
-				}
-				if logf, err = os.Create(filepath.Join(sim.Dir, "nodes.log")); err != nil {
-					return err
-				}
-			}
-			defer logf.Close()
-			sim.NodeLog = slog.New(slog.NewTextHandler(logf, &slog.HandlerOptions{Level: slog.LevelWarn}))
+			defer cleanup()
 			ggml.SetPolling(0)
 			sim.Compute = ggml.Backend{}
 			if profile != "" {
-				f, err := os.Create(profile)
+				stop, err := cpuProfile(profile)
 				if err != nil {
 					return fmt.Errorf("flag --cpuprofile: %w", err)
 				}
-				defer f.Close()
-				if err := pprof.StartCPUProfile(f); err != nil {
-					return fmt.Errorf("flag --cpuprofile: %w", err)
-				}
-				defer pprof.StopCPUProfile()
+				defer stop()
 			}
 			rep, err := sim.Run(cmd.Context())
 			if err != nil {
@@ -136,6 +115,36 @@ ended with fewer than two providers.`,
 	fs.BoolVar(&asJSON, "json", false, "print a machine-readable report on stdout")
 	fs.StringVar(&profile, "cpuprofile", "", "write the process's CPU profile (go tool pprof) to this file")
 	return cmd
+}
+
+// simDir sets the simulation's directory (dir, else a temporary one,
+// removed by cleanup) and sends its nodes' warnings to nodes.log there.
+func simDir(sim *testnet.Sim, dir string) (cleanup func(), err error) {
+	removeTmp := func() {}
+	if dir == "" {
+		if dir, err = os.MkdirTemp("", "neuro-sim-"); err != nil {
+			return nil, err
+		}
+		tmp := dir
+		removeTmp = func() { os.RemoveAll(tmp) }
+	} else if dir, err = filepath.Abs(dir); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		removeTmp()
+		return nil, err
+	}
+	logf, err := os.Create(filepath.Join(dir, "nodes.log"))
+	if err != nil {
+		removeTmp()
+		return nil, err
+	}
+	sim.Dir = dir
+	sim.NodeLog = slog.New(slog.NewTextHandler(logf, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	return func() {
+		logf.Close()
+		removeTmp()
+	}, nil
 }
 
 // parseChurn reads a rate per minute: N, N/min, N/s or N/h.

@@ -33,8 +33,6 @@ type Network struct {
 	listeners map[uint64]*listener
 	next      uint64
 	latency   func(a, b uint64) time.Duration
-	// Bytes counts what crossed every pipe.
-	bytes atomic.Uint64
 }
 
 // New returns a network whose link from host a to host b (their /memory
@@ -49,11 +47,12 @@ func (n *Network) Addr() ma.Multiaddr {
 	defer n.mu.Unlock()
 	id := n.next
 	n.next++
-	return ma.StringCast("/memory/" + strconv.FormatUint(id, 10))
+	return memoryAddr(id)
 }
 
-// Bytes is what every connection has carried so far, both ways.
-func (n *Network) Bytes() uint64 { return n.bytes.Load() }
+func memoryAddr(id uint64) ma.Multiaddr {
+	return ma.StringCast("/memory/" + strconv.FormatUint(id, 10))
+}
 
 // Transport returns a constructor for libp2p.Transport.
 func (n *Network) Transport() func(transport.Upgrader, network.ResourceManager) (*Transport, error) {
@@ -138,11 +137,9 @@ func (t *Transport) dial(ctx context.Context, to uint64, raddr ma.Multiaddr, p p
 	}
 	var out, back time.Duration
 	if t.net.latency != nil {
-		self := t.self.Load()
-		out, back = t.net.latency(self, to), t.net.latency(to, self)
+		out, back = t.net.latency(from, to), t.net.latency(to, from)
 	}
-	local := ma.StringCast("/memory/" + strconv.FormatUint(from, 10))
-	a, b := pipe(local, raddr, out, back, &t.net.bytes)
+	a, b := pipe(memoryAddr(from), raddr, out, back)
 	// A listener's backlog is bounded, as a socket's: a host that does
 	// not accept is refused after a while instead of holding the dialer.
 	t0 := time.NewTimer(backlogWait)
@@ -224,11 +221,11 @@ type chunk struct {
 
 // pipe returns the two ends of a connection: what a writes reaches b
 // after ab, what b writes reaches a after ba.
-func pipe(aAddr, bAddr ma.Multiaddr, ab, ba time.Duration, bytes *atomic.Uint64) (*end, *end) {
+func pipe(aAddr, bAddr ma.Multiaddr, ab, ba time.Duration) (*end, *end) {
 	toB, toA := make(chan chunk, 64), make(chan chunk, 64)
 	aDone, bDone := make(chan struct{}), make(chan struct{})
-	a := &end{local: aAddr, remote: bAddr, in: toA, out: toB, delay: ab, done: aDone, peerDone: bDone, bytes: bytes}
-	b := &end{local: bAddr, remote: aAddr, in: toB, out: toA, delay: ba, done: bDone, peerDone: aDone, bytes: bytes}
+	a := &end{local: aAddr, remote: bAddr, in: toA, out: toB, delay: ab, done: aDone, peerDone: bDone}
+	b := &end{local: bAddr, remote: aAddr, in: toB, out: toA, delay: ba, done: bDone, peerDone: aDone}
 	a.rd.init()
 	a.wd.init()
 	b.rd.init()
@@ -247,7 +244,6 @@ type end struct {
 	peerDone      chan struct{} // closed by the other end's Close
 	once          sync.Once
 	rd, wd        deadline
-	bytes         *atomic.Uint64
 }
 
 var _ manet.Conn = (*end)(nil)
@@ -302,7 +298,6 @@ func (e *end) Write(b []byte) (int, error) {
 	}
 	select {
 	case e.out <- c:
-		e.bytes.Add(uint64(len(b)))
 		return len(b), nil
 	case <-e.done:
 		return 0, net.ErrClosed

@@ -28,16 +28,6 @@ func newHost(t *testing.T, n *simnet.Network) host.Host {
 	return h
 }
 
-func TestHostsConnect(t *testing.T) {
-	n := simnet.New(nil)
-	a, b := newHost(t, n), newHost(t, n)
-	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
-	defer cancel()
-	if err := a.Connect(ctx, peer.AddrInfo{ID: b.ID(), Addrs: b.Addrs()}); err != nil {
-		t.Fatal(err)
-	}
-}
-
 func TestManyHostsConnectAtOnce(t *testing.T) {
 	n := simnet.New(nil)
 	a := newHost(t, n)
@@ -55,9 +45,9 @@ func TestManyHostsConnectAtOnce(t *testing.T) {
 	}
 }
 
-// A connection's dialing side has the dialer's listen address, so that
-// what peers observe of it can be dialed.
-func TestDialerSideIsItsListenAddress(t *testing.T) {
+// Two hosts connect, and the connection's dialing side has the dialer's
+// listen address, so that what peers observe of it can be dialed.
+func TestHostsConnect(t *testing.T) {
 	n := simnet.New(nil)
 	a, b := newHost(t, n), newHost(t, n)
 	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
