@@ -105,6 +105,10 @@ type Bench struct {
 	MaxTokens int
 	// NetnsErr, if set, is why the netns runs are skipped.
 	NetnsErr error
+	// NoLoopback leaves out the two loopback testnet rows (default and
+	// pinned); llama.cpp's and the split rows always run: every other row
+	// is checked against their tokens and compute.
+	NoLoopback bool
 	// PlacementRTT (0: leave out) and PlacementFar are the RTTs from the
 	// gating node to the near and the far expert home in the two placement
 	// runs, with PlacementJitter on every line.
@@ -161,14 +165,16 @@ func (b *Bench) Run(ctx context.Context, modelPath, out string, rtts []time.Dura
 	if err := b.onMachine(ctx); err != nil {
 		return nil, err
 	}
-	b.Log.Info("bench: testnet on 127.0.0.1")
-	if err := b.scenario(ctx, "testnet", "testnet", 0, &Loopback{ExpertNodes: 1, Dashboard: "127.0.0.1:0"}); err != nil {
-		return nil, err
-	}
-	b.Log.Info("bench: testnet on 127.0.0.1, each process pinned to a core")
-	if err := b.scenario(ctx, "testnet, pinned (a core and a thread each)", "testnet", 0,
-		&Loopback{ExpertNodes: 1, Dashboard: "127.0.0.1:0", Pin: true}); err != nil {
-		return nil, err
+	if !b.NoLoopback {
+		b.Log.Info("bench: testnet on 127.0.0.1")
+		if err := b.scenario(ctx, "testnet", "testnet", 0, &Loopback{ExpertNodes: 1, Dashboard: "127.0.0.1:0"}); err != nil {
+			return nil, err
+		}
+		b.Log.Info("bench: testnet on 127.0.0.1, each process pinned to a core")
+		if err := b.scenario(ctx, "testnet, pinned (a core and a thread each)", "testnet", 0,
+			&Loopback{ExpertNodes: 1, Dashboard: "127.0.0.1:0", Pin: true}); err != nil {
+			return nil, err
+		}
 	}
 	for _, users := range b.Concurrency {
 		b.Log.Info("bench: testnet on 127.0.0.1, users at once", "users", users)

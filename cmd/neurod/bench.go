@@ -59,7 +59,7 @@ per-token latency against RTT, the floor drawn in) and report.json into
 type benchFlags struct {
 	model, out, rtts, concurrency   string
 	maxTokens                       int
-	json, noNetns                   bool
+	json, noNetns, noLoopback       bool
 	timeout                         time.Duration
 	placement, placementFar, jitter time.Duration
 	speculateRTT, concurrencyRTT    time.Duration
@@ -108,6 +108,7 @@ func newBenchCmd(g *globalFlags) *cobra.Command {
 	fs.StringVar(&f.concurrency, "concurrency", "4,16", "users the loopback testnet also serves at once, comma-separated (each through a client and wallet of its own; the row's tokens/s are theirs in all); 0 leaves them out")
 	fs.BoolVar(&f.json, "json", false, "print the report as JSON")
 	fs.BoolVar(&f.noNetns, "no-netns", false, "leave out the netns runs")
+	fs.BoolVar(&f.noLoopback, "no-loopback", false, "leave out the two loopback testnet rows (default and pinned)")
 	fs.DurationVar(&f.timeout, "timeout", 20*time.Minute, "how long each run may take")
 	fs.DurationVar(&f.placement, "placement-rtt", 50*time.Millisecond, "placement runs (a layer's experts on one node, or spread over two): RTT from the gating node to the near expert home; 0 leaves them out")
 	fs.DurationVar(&f.placementFar, "placement-far", 100*time.Millisecond, "placement runs: RTT from the gating node to the far expert home")
@@ -183,7 +184,8 @@ func (f *benchFlags) bench(cmd *cobra.Command, g *globalFlags) (*testnet.Bench, 
 			}
 			return generateOnMachine(ctx, ggml.Device{}, model, "", prompt, maxTokens, ggml.ContextOptions{})
 		},
-		SpeculateRTT: f.speculateRTT, SpeculationModels: speculationModels, ConcurrencyRTT: f.concurrencyRTT}
+		SpeculateRTT: f.speculateRTT, SpeculationModels: speculationModels, ConcurrencyRTT: f.concurrencyRTT,
+		NoLoopback: f.noLoopback}
 	if b.NetnsErr = errors.New("--no-netns"); !f.noNetns {
 		b.NetnsErr = netns.Available()
 	}

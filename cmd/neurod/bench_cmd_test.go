@@ -34,22 +34,25 @@ func TestBenchReport(t *testing.T) {
 	if !withNetns {
 		where = "testnet"
 	}
-	base := "llama.cpp,split,testnet,testnet, pinned (a core and a thread each)"
+	// The loopback testnet rows run in one part only: they are the same
+	// in every part.
+	base, loopback := "llama.cpp,split", ",testnet,testnet, pinned (a core and a thread each)"
 	parts := []struct {
-		name string
-		args []string
-		rows string
-		test func(t *testing.T, rep testnet.BenchReport, out string)
+		name     string
+		args     []string
+		loopback bool
+		rows     string
+		test     func(t *testing.T, rest []testnet.BenchRow, out string)
 	}{
 		{"netns and placement", []string{"--rtt", "20ms", "--concurrency", "0", "--placement-rtt", "20ms", "--placement-far", "40ms", "--placement-jitter", "2ms", "--speculate-rtt", "0"},
-			base + ",netns 20 ms,placement: expert nodes 20 ms and 40 ms away ±2 ms, experts together,placement: expert nodes 20 ms and 40 ms away ±2 ms, experts spread",
-			func(t *testing.T, rep testnet.BenchReport, out string) { checkBenchNetns(t, rep, out, withNetns) }},
+			false, ",netns 20 ms,placement: expert nodes 20 ms and 40 ms away ±2 ms, experts together,placement: expert nodes 20 ms and 40 ms away ±2 ms, experts spread",
+			func(t *testing.T, rest []testnet.BenchRow, out string) { checkBenchNetns(t, rest, out, withNetns) }},
 		{"users at once", []string{"--rtt", "none", "--concurrency", "3", "--concurrency-rtt", "20ms", "--placement-rtt", "0", "--placement-jitter", "0", "--speculate-rtt", "0"},
-			base + ",testnet (1 expert node), 3 users at once,testnet (1 expert node), 3 users at once, batching off,netns 20 ms, 3 users at once,netns 20 ms, 3 users at once, batching off",
-			func(t *testing.T, rep testnet.BenchReport, _ string) { checkBenchUsers(t, rep, withNetns) }},
+			false, ",testnet (1 expert node), 3 users at once,testnet (1 expert node), 3 users at once, batching off,netns 20 ms, 3 users at once,netns 20 ms, 3 users at once, batching off",
+			func(t *testing.T, rest []testnet.BenchRow, _ string) { checkBenchUsers(t, rest, withNetns) }},
 		{"speculation", []string{"--rtt", "none", "--concurrency", "0", "--placement-rtt", "0", "--placement-jitter", "0", "--speculate-rtt", "20ms"},
-			base + ",speculation off, " + where + ", repeating a list,speculation ngram, " + where + ", repeating a list,speculation draft, " + where + ", repeating a list",
-			func(t *testing.T, rep testnet.BenchReport, _ string) { checkBenchSpeculation(t, rep) }},
+			true, ",speculation off, " + where + ", repeating a list,speculation ngram, " + where + ", repeating a list,speculation draft, " + where + ", repeating a list",
+			func(t *testing.T, rest []testnet.BenchRow, _ string) { checkBenchSpeculation(t, rest) }},
 	}
 	for _, pt := range parts {
 		t.Run(pt.name, func(t *testing.T) {
@@ -58,6 +61,12 @@ func TestBenchReport(t *testing.T) {
 			args := append([]string{"bench", "--model", path, "--out", out, "--max-tokens", "8", "--json"}, pt.args...)
 			if !withNetns {
 				args = append(args, "--no-netns")
+			}
+			rows, first := base+pt.rows, 2
+			if pt.loopback {
+				rows, first = base+loopback+pt.rows, 4
+			} else {
+				args = append(args, "--no-loopback")
 			}
 			r := neurodWithin(t, 12*time.Minute, nil, args...)
 			if r.code != 0 {
@@ -71,28 +80,28 @@ func TestBenchReport(t *testing.T) {
 			for _, row := range rep.Rows {
 				names = append(names, row.Name)
 			}
-			if strings.Join(names, ",") != pt.rows || rep.Layers != 3 {
+			if strings.Join(names, ",") != rows || rep.Layers != 3 {
 				t.Fatalf("rows %v, layers %d", names, rep.Layers)
 			}
-			for _, row := range rep.Rows[:4] {
+			for _, row := range rep.Rows[:first] {
 				if row.TokensPerSecond <= 0 || row.PerTokenP50Ms <= 0 {
 					t.Fatalf("row %+v", row)
 				}
 			}
-			for _, row := range rep.Rows[2:4] { // the loopback testnets, default and pinned
+			for _, row := range rep.Rows[2:first] { // the loopback testnets, default and pinned
 				if row.Kind != "testnet" || row.DispatchUsPerLayer <= 0 || row.LocalRatio <= 0 {
 					t.Fatalf("testnet row %+v", row)
 				}
 			}
-			pt.test(t, rep, out)
+			pt.test(t, rep.Rows[first:], out)
 		})
 	}
 }
 
 // checkBenchNetns checks the netns and placement rows, and the report's
 // files.
-func checkBenchNetns(t *testing.T, rep testnet.BenchReport, out string, withNetns bool) {
-	if n := rep.Rows[4]; withNetns {
+func checkBenchNetns(t *testing.T, rest []testnet.BenchRow, out string, withNetns bool) {
+	if n := rest[0]; withNetns {
 		if n.Skipped != "" || n.MeasuredRTTMs <= 0 || n.FloorMs <= 3*20 || n.RoundTripsPerToken != 3 || n.Direct == nil || !*n.Direct {
 			t.Fatalf("netns row %+v", n)
 		}
@@ -101,12 +110,12 @@ func checkBenchNetns(t *testing.T, rep testnet.BenchReport, out string, withNetn
 		}
 		// Spread, each expert on one of two homes: the prompt's pass needs
 		// both in every layer, so not every layer is one node's.
-		together, spread := rep.Rows[5], rep.Rows[6]
+		together, spread := rest[1], rest[2]
 		if together.Skipped != "" || spread.Skipped != "" || together.OneNodeShare == 0 || spread.OneNodeShare >= 1 {
 			t.Fatalf("placement rows %+v\n%+v", together, spread)
 		}
-	} else if n.Skipped == "" || rep.Rows[6].Skipped == "" {
-		t.Fatalf("netns rows without namespaces: %+v", rep.Rows[4:7])
+	} else if n.Skipped == "" || rest[2].Skipped == "" {
+		t.Fatalf("netns rows without namespaces: %+v", rest[:3])
 	}
 	md, err := os.ReadFile(filepath.Join(out, "report.md"))
 	if err != nil || !strings.Contains(string(md), "| netns 20 ms |") || !strings.Contains(string(md), "floor") {
@@ -128,8 +137,8 @@ func checkBenchNetns(t *testing.T, rep testnet.BenchReport, out string, withNetn
 
 // checkBenchUsers checks the rows of several users at once, with
 // continuous batching and without: without it no layer shares a round.
-func checkBenchUsers(t *testing.T, rep testnet.BenchReport, withNetns bool) {
-	for i, c := range rep.Rows[4:8] {
+func checkBenchUsers(t *testing.T, rest []testnet.BenchRow, withNetns bool) {
+	for i, c := range rest[:4] {
 		batch := []string{"on", "off"}[i%2]
 		netnsRow := i >= 2
 		if c.Kind != "concurrent" || c.Users != 3 || c.Batch != batch {
@@ -150,12 +159,12 @@ func checkBenchUsers(t *testing.T, rep testnet.BenchReport, withNetns bool) {
 
 // checkBenchSpeculation checks the speculation rows: prompt lookup and the
 // draft model keep drafted tokens and need fewer round trips per token.
-func checkBenchSpeculation(t *testing.T, rep testnet.BenchReport) {
-	off := rep.Rows[4]
+func checkBenchSpeculation(t *testing.T, rest []testnet.BenchRow) {
+	off := rest[0]
 	if off.Kind != "speculate" || off.RoundTripsPerToken != 3 || off.MsPerToken <= 0 || off.AcceptedPerPass != 0 {
 		t.Fatalf("speculation off: %+v", off)
 	}
-	for _, row := range rep.Rows[5:] {
+	for _, row := range rest[1:] {
 		if row.Kind != "speculate" || row.AcceptedPerPass <= 0 || row.Acceptance <= 0 || row.RoundTripsPerToken >= off.RoundTripsPerToken {
 			t.Fatalf("%s: %+v (without: %.2f round trips per token)", row.Name, row, off.RoundTripsPerToken)
 		}
