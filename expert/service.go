@@ -364,16 +364,8 @@ func (s *Service) rebalance(ctx context.Context, m *neuropb.Manifest, c Choice) 
 // they host it.
 func (s *Service) providerCounts(m *neuropb.Manifest) map[Key]int {
 	out := map[Key]int{}
-	model := string(s.cfg.Model.Bytes())
-	for _, e := range s.p2p.Peers().Snapshot(time.Now()) {
-		for _, hm := range e.Hosted {
-			if string(hm.GetModel()) != model {
-				continue
-			}
-			for _, packed := range hm.GetExperts() {
-				out[Key{int(packed >> 16), int(packed & 0xffff)}]++
-			}
-		}
+	for packed, n := range s.p2p.Peers().HostingCounts(s.cfg.Model.Bytes(), time.Now()) {
+		out[Key{int(packed >> 16), int(packed & 0xffff)}] = n
 	}
 	return out
 }

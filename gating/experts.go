@@ -44,23 +44,12 @@ type FindProviders func(k expert.Key) []peer.ID
 // the peers whose last heartbeat lists the expert and does not say that
 // they have paused expert work.
 func HeartbeatProviders(h interface{ Peers() *p2p.PeerTable }, model cid.Cid) FindProviders {
-	want := string(model.Bytes())
+	want := model.Bytes()
 	return func(k expert.Key) []peer.ID {
-		packed := uint32(k.Layer)<<16 | uint32(k.Expert)
 		var out []peer.ID
-		for _, e := range h.Peers().Snapshot(time.Now()) {
-			if e.Paused {
-				continue
-			}
-			for _, hm := range e.Hosted {
-				if string(hm.GetModel()) != want {
-					continue
-				}
-				for _, x := range hm.GetExperts() {
-					if x == packed {
-						out = append(out, e.ID)
-					}
-				}
+		for _, e := range h.Peers().Hosting(want, uint32(k.Layer)<<16|uint32(k.Expert), time.Now()) {
+			if !e.Paused {
+				out = append(out, e.ID)
 			}
 		}
 		return out

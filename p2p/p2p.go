@@ -260,6 +260,7 @@ func (h *Host) Start(ctx context.Context) error {
 	if err := h.connectBootstrap(ctx); err != nil {
 		return err
 	}
+	h.seedRoutingTable()
 	if err := h.dht.Bootstrap(h.ctx); err != nil {
 		return fmt.Errorf("dht bootstrap: %w", err)
 	}
@@ -372,14 +373,54 @@ func (h *Host) maintain(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		if len(h.host.Network().Peers()) > 0 || len(h.cfg.Bootstrap) == 0 {
+		if len(h.cfg.Bootstrap) == 0 {
 			continue
 		}
-		h.log.Warn("no peers left; dialling bootstrap peers again")
-		if n, _ := h.dialBootstrap(ctx); n > 0 {
-			h.dht.RefreshRoutingTable()
+		if len(h.host.Network().Peers()) == 0 {
+			h.log.Warn("no peers left; dialling bootstrap peers again")
+			if n, _ := h.dialBootstrap(ctx); n > 0 {
+				h.seedRoutingTable()
+				h.dht.RefreshRoutingTable()
+			}
+		} else if h.dht.RoutingTable().Size() == 0 {
+			// Connected, yet no DHT peer: the DHT admits a peer only once it
+			// has answered a FIND_NODE check, and a bootstrap peer too busy
+			// to answer in time is left out until the DHT's own retry,
+			// minutes later. Meanwhile the node can find neither providers
+			// nor peers.
+			h.log.Info("DHT routing table empty; seeding it from the bootstrap peers")
+			h.dialBootstrap(ctx)
+			if h.seedRoutingTable() > 0 {
+				h.dht.RefreshRoutingTable()
+			}
 		}
 	}
+}
+
+// dhtProtocol is the protocol of neuro's DHT servers.
+const dhtProtocol = neuropb.DHTPrefix + "/kad/1.0.0"
+
+// seedRoutingTable puts the connected bootstrap peers that serve the DHT
+// into its routing table, and returns how many it added. The operator
+// named them, so they are taken without the liveness check the DHT makes
+// of peers it meets (which a busy bootstrap peer can fail, leaving a new
+// node with an empty table: about one node in a hundred in a simulated
+// network of 150); they leave the table like any other peer when they stop
+// answering.
+func (h *Host) seedRoutingTable() int {
+	added := 0
+	for _, ai := range h.cfg.Bootstrap {
+		if ai.ID == h.host.ID() || h.host.Network().Connectedness(ai.ID) != network.Connected {
+			continue
+		}
+		if ok, _ := h.host.Peerstore().SupportsProtocols(ai.ID, dhtProtocol); len(ok) == 0 {
+			continue
+		}
+		if ok, err := h.dht.RoutingTable().TryAddPeer(ai.ID, true, true); ok && err == nil {
+			added++
+		}
+	}
+	return added
 }
 
 // Close stops the loops, leaves the topics and closes pubsub, the DHT and the

@@ -16,6 +16,7 @@ import (
 	pubsub "github.com/libp2p/go-libp2p-pubsub"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	ma "github.com/multiformats/go-multiaddr"
 	"google.golang.org/protobuf/proto"
@@ -298,5 +299,23 @@ func TestHeartbeatIntervalStretchesWithThePeersHeard(t *testing.T) {
 	tr := a.Traffic()
 	if tr.RPCsIn == 0 || tr.RPCsOut == 0 || tr.MsgsIn == 0 || tr.MsgsOut == 0 || tr.BytesIn <= tr.ControlIn || tr.BytesOut <= tr.ControlOut {
 		t.Fatalf("traffic %+v", tr)
+	}
+}
+
+// A bootstrap peer too busy to answer the DHT's liveness check (here: it
+// never answers a DHT request) is still in a new node's routing table as
+// soon as Start returns: without it the node knows no DHT peer and finds
+// nothing until the DHT's own retry, minutes later.
+func TestBusyBootstrapPeerSeedsTheRoutingTable(t *testing.T) {
+	a := newTestHost(t, testConfig())
+	a.host.SetStreamHandler(dhtProtocol, func(s network.Stream) {
+		<-t.Context().Done()
+		s.Reset()
+	})
+	cfg := testConfig()
+	cfg.Bootstrap = []peer.AddrInfo{{ID: a.ID(), Addrs: a.Addrs()}}
+	b := newTestHost(t, cfg)
+	if rt := b.RoutingTable(); len(rt) != 1 || rt[0] != a.ID() {
+		t.Fatalf("routing table %v after Start, want the bootstrap peer %s", rt, a.ID())
 	}
 }

@@ -61,11 +61,56 @@ type PeerTable struct {
 	max     int
 	ttl     time.Duration
 	entries map[peer.ID]*PeerInfo
+	// hosting indexes the entries' Hosted lists: model (its CID's bytes)
+	// → expert (layer<<16 | expert) → the peers whose entry lists it,
+	// expired or not. Who hosts what is asked every second by every
+	// expert node and for every expert call by gating nodes; the index
+	// answers in time of the answer, not of the network's size.
+	hosting map[string]map[uint32]map[peer.ID]struct{}
 }
 
 // NewPeerTable returns an empty table.
 func NewPeerTable(max int, ttl time.Duration) *PeerTable {
-	return &PeerTable{max: max, ttl: ttl, entries: make(map[peer.ID]*PeerInfo)}
+	return &PeerTable{max: max, ttl: ttl, entries: make(map[peer.ID]*PeerInfo),
+		hosting: make(map[string]map[uint32]map[peer.ID]struct{})}
+}
+
+// index adds (add) or removes e's Hosted lists to or from t.hosting.
+func (t *PeerTable) index(e *PeerInfo, add bool) {
+	for _, hm := range e.Hosted {
+		model := string(hm.GetModel())
+		experts := t.hosting[model]
+		if experts == nil {
+			if !add {
+				continue
+			}
+			experts = make(map[uint32]map[peer.ID]struct{})
+			t.hosting[model] = experts
+		}
+		for _, x := range hm.GetExperts() {
+			peers := experts[x]
+			switch {
+			case add && peers == nil:
+				experts[x] = map[peer.ID]struct{}{e.ID: {}}
+			case add:
+				peers[e.ID] = struct{}{}
+			case peers != nil:
+				delete(peers, e.ID)
+				if len(peers) == 0 {
+					delete(experts, x)
+				}
+			}
+		}
+		if len(experts) == 0 {
+			delete(t.hosting, model)
+		}
+	}
+}
+
+// deleteLocked forgets e.
+func (t *PeerTable) deleteLocked(e *PeerInfo) {
+	t.index(e, false)
+	delete(t.entries, e.ID)
 }
 
 // Observe records a validated heartbeat from author, received at now. A
@@ -102,7 +147,9 @@ func (t *PeerTable) Observe(author peer.ID, hb *neuropb.Heartbeat, now time.Time
 	e.LastSeen = now
 	e.Heard++
 	e.SentUnixMs = hb.GetSentUnixMs()
+	t.index(e, false)
 	e.Hosted = hb.GetHosted()
+	t.index(e, true)
 	e.Capacity = hb.GetCapacity()
 	e.Reachability, e.Paused = hb.GetReachability(), hb.GetPaused()
 	e.Delay = now.Sub(time.UnixMilli(hb.GetSentUnixMs()))
@@ -126,9 +173,9 @@ func newer(hb *neuropb.Heartbeat, e *PeerInfo) bool {
 // from longest ago.
 func (t *PeerTable) evictLocked(now time.Time) {
 	var oldest *PeerInfo
-	for id, e := range t.entries {
+	for _, e := range t.entries {
 		if e.expired(now) {
-			delete(t.entries, id)
+			t.deleteLocked(e)
 			continue
 		}
 		if oldest == nil || e.LastSeen.Before(oldest.LastSeen) {
@@ -136,7 +183,7 @@ func (t *PeerTable) evictLocked(now time.Time) {
 		}
 	}
 	if len(t.entries) >= t.max && oldest != nil {
-		delete(t.entries, oldest.ID)
+		t.deleteLocked(oldest)
 	}
 }
 
@@ -144,11 +191,43 @@ func (t *PeerTable) evictLocked(now time.Time) {
 func (t *PeerTable) Prune(now time.Time) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	for id, e := range t.entries {
+	for _, e := range t.entries {
 		if e.expired(now) {
-			delete(t.entries, id)
+			t.deleteLocked(e)
 		}
 	}
+}
+
+// Hosting returns copies of the live entries whose last heartbeat lists
+// expert (layer<<16 | expert) of model (its CID's bytes), sorted by peer
+// ID.
+func (t *PeerTable) Hosting(model []byte, expert uint32, now time.Time) []PeerInfo {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	var out []PeerInfo
+	for p := range t.hosting[string(model)][expert] {
+		if e := t.entries[p]; e != nil && !e.expired(now) {
+			out = append(out, *e)
+		}
+	}
+	slices.SortFunc(out, func(a, b PeerInfo) int { return compareIDs(a.ID, b.ID) })
+	return out
+}
+
+// HostingCounts returns, for each expert (layer<<16 | expert) of model
+// (its CID's bytes) that a live entry lists, how many do.
+func (t *PeerTable) HostingCounts(model []byte, now time.Time) map[uint32]int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	out := make(map[uint32]int)
+	for x, peers := range t.hosting[string(model)] {
+		for p := range peers {
+			if e := t.entries[p]; e != nil && !e.expired(now) {
+				out[x]++
+			}
+		}
+	}
+	return out
 }
 
 // Get returns a copy of the live entry for p.

@@ -166,3 +166,50 @@ func TestPeerTableStats(t *testing.T) {
 		t.Fatalf("stats %d, %d; want 5 peers, median 300", n, m)
 	}
 }
+
+// Hosting and HostingCounts follow each peer's latest heartbeat: an
+// expert a peer stops listing, a peer that expires and a peer evicted to
+// make room are no longer counted; another model's experts never are.
+func TestPeerTableHosting(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	m, other := []byte("model"), []byte("other")
+	hosting := func(seq uint64, sent int64, experts ...uint32) *neuropb.Heartbeat {
+		h := hb(seq, sent)
+		h.Hosted = []*neuropb.HostedModel{{Model: m, Experts: experts}, {Model: other, Experts: []uint32{7}}}
+		return h
+	}
+	pt := NewPeerTable(3, 10*time.Second)
+	pt.Observe("a", hosting(1, 1000, 1<<16|2, 3), t0)
+	pt.Observe("b", hosting(1, 1000, 1<<16|2), t0.Add(time.Second))
+	ids := func(es []PeerInfo) (out []peer.ID) {
+		for _, e := range es {
+			out = append(out, e.ID)
+		}
+		return out
+	}
+	check := func(now time.Time, want map[uint32]int, providers []peer.ID) {
+		t.Helper()
+		if got := pt.HostingCounts(m, now); fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Fatalf("counts %v, want %v", got, want)
+		}
+		if got := ids(pt.Hosting(m, 1<<16|2, now)); fmt.Sprint(got) != fmt.Sprint(providers) {
+			t.Fatalf("providers of 1/2: %v, want %v", got, providers)
+		}
+	}
+	check(t0.Add(time.Second), map[uint32]int{1<<16 | 2: 2, 3: 1}, []peer.ID{"a", "b"})
+	pt.Observe("a", hosting(2, 1002, 3), t0.Add(2*time.Second)) // a drops 1/2
+	check(t0.Add(2*time.Second), map[uint32]int{1<<16 | 2: 1, 3: 1}, []peer.ID{"b"})
+	check(t0.Add(11500*time.Millisecond), map[uint32]int{3: 1}, nil)   // b expired
+	pt.Observe("b", hosting(2, 1012, 1<<16|2), t0.Add(12*time.Second)) // and is back
+	check(t0.Add(12*time.Second), map[uint32]int{1<<16 | 2: 1, 3: 1}, []peer.ID{"b"})
+	pt.Observe("c", hosting(1, 1013), t0.Add(13*time.Second))
+	pt.Observe("d", hosting(1, 1013), t0.Add(13*time.Second)) // a, heard longest ago, makes room
+	check(t0.Add(13*time.Second), map[uint32]int{1<<16 | 2: 1}, []peer.ID{"b"})
+	pt.Prune(t0.Add(time.Hour))
+	if len(pt.hosting) != 0 {
+		t.Fatalf("index after everyone expired: %v", pt.hosting)
+	}
+	if got := pt.HostingCounts(other, t0); len(got) != 0 {
+		t.Fatalf("other model: %v", got)
+	}
+}
