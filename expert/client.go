@@ -459,6 +459,9 @@ func (c *Client) session(ctx context.Context, p peer.ID) (*session, error) {
 		return old, nil
 	}
 	c.sessions[p] = s
+	// The connection carries calls: the connection manager trims it
+	// after the peers that carry none.
+	c.h.ConnManager().TagPeer(p, sessionTag, sessionTagWeight)
 	if c.links == nil {
 		c.links = map[peer.ID]*Link{}
 	}
@@ -597,8 +600,17 @@ func (c *Client) drop(p peer.ID, s *session) {
 	defer c.mu.Unlock()
 	if c.sessions[p] == s {
 		delete(c.sessions, p)
+		c.h.ConnManager().UntagPeer(p, sessionTag)
 	}
 }
+
+// sessionTag marks, in the connection manager, the peers this client has
+// a session with; sessionTagWeight is above what the DHT gives its
+// routing table's peers, below a GossipSub mesh peer's.
+const (
+	sessionTag       = "neuro-expert-session"
+	sessionTagWeight = 20
+)
 
 // Close resets every stream; pending calls fail. It returns once the
 // client's goroutines have ended, and is safe to call more than once.

@@ -231,8 +231,8 @@ func DefaultConfig() Config {
 				StaticRelays: []string{},
 			},
 			Limits: LimitsConfig{
-				ConnsLow:    64,
-				ConnsHigh:   192,
+				ConnsLow:    32, // Kubo's: a node needs its mesh, routing
+				ConnsHigh:   96, // table and sessions, not the whole network
 				ConnsGrace:  Duration(30 * time.Second),
 				MaxConns:    512,
 				MaxStreams:  4096,
@@ -300,9 +300,10 @@ static_relays = []
 
 [p2p.limits]
 # Connection manager: trim to conns_low when above conns_high; new
-# connections are safe from trimming for conns_grace.
-conns_low = 64
-conns_high = 192
+# connections are safe from trimming for conns_grace. Peers in a GossipSub
+# mesh, with an expert session or a generation in progress go last.
+conns_low = 32
+conns_high = 96
 conns_grace = "30s"
 # Resource manager hard limits for the whole node.
 max_conns = 512

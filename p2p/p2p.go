@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -80,6 +81,21 @@ type options struct {
 	hbExtra    func(*neuropb.Heartbeat)
 	metrics    prometheus.Registerer
 	transports []any
+	inspect    time.Duration
+}
+
+// WithScoreInspection has GossipSub report its scores of the peers every
+// period; Scores returns the latest. Computing them costs a score per
+// connected peer each period, so only hosts that are watched (a
+// simulation's) ask for it.
+func WithScoreInspection(period time.Duration) Option {
+	return func(o *options) error {
+		if period <= 0 {
+			return fmt.Errorf("score inspection period %v: must be positive", period)
+		}
+		o.inspect = period
+		return nil
+	}
 }
 
 // WithTransport adds a libp2p transport (a constructor for
@@ -151,6 +167,8 @@ type Host struct {
 	peers     *PeerTable
 	rej       *Rejections
 	traffic   trafficTracer
+	scoresMu  sync.Mutex
+	scores    map[peer.ID]float64 // GossipSub's, with WithScoreInspection
 	provCache providerCache
 
 	started time.Time
@@ -228,6 +246,8 @@ func New(key crypto.PrivKey, cfg Config, opts ...Option) (_ *Host, err error) {
 	}
 	h.ps, err = newPubSub(psCtx, h.host, pubsubOptions{
 		appScore:     o.appScore,
+		inspect:      o.inspect,
+		scores:       h.setScores,
 		peerExchange: slices.Contains(cfg.Roles, neuropb.Role_ROLE_BOOTSTRAP),
 		routing:      drouting.NewRoutingDiscovery(h.dht),
 		tracers:      []pubsub.RawTracer{rejectTracer{r: h.rej}, &h.traffic},
@@ -260,7 +280,7 @@ func (h *Host) Start(ctx context.Context) error {
 	if err := h.connectBootstrap(ctx); err != nil {
 		return err
 	}
-	h.seedRoutingTable()
+	_, _ = h.seedRoutingTable()
 	if err := h.dht.Bootstrap(h.ctx); err != nil {
 		return fmt.Errorf("dht bootstrap: %w", err)
 	}
@@ -379,7 +399,7 @@ func (h *Host) maintain(ctx context.Context) {
 		if len(h.host.Network().Peers()) == 0 {
 			h.log.Warn("no peers left; dialling bootstrap peers again")
 			if n, _ := h.dialBootstrap(ctx); n > 0 {
-				h.seedRoutingTable()
+				_, _ = h.seedRoutingTable()
 				h.dht.RefreshRoutingTable()
 			}
 		} else if h.dht.RoutingTable().Size() == 0 {
@@ -388,39 +408,64 @@ func (h *Host) maintain(ctx context.Context) {
 			// to answer in time is left out until the DHT's own retry,
 			// minutes later. Meanwhile the node can find neither providers
 			// nor peers.
-			h.log.Info("DHT routing table empty; seeding it from the bootstrap peers")
-			h.dialBootstrap(ctx)
-			if h.seedRoutingTable() > 0 {
+			n, errs := h.dialBootstrap(ctx)
+			added, why := h.seedRoutingTable()
+			h.log.Warn("DHT routing table empty; seeding it from the bootstrap peers", "connected", n, "added", added,
+				"err", errors.Join(append(errs, why...)...))
+			if added > 0 {
 				h.dht.RefreshRoutingTable()
 			}
 		}
 	}
 }
 
+// setScores keeps GossipSub's latest scores (WithScoreInspection).
+func (h *Host) setScores(m map[peer.ID]float64) {
+	h.scoresMu.Lock()
+	h.scores = m
+	h.scoresMu.Unlock()
+}
+
+// Scores returns GossipSub's latest scores of the connected peers; nil
+// unless the host was made WithScoreInspection.
+func (h *Host) Scores() map[peer.ID]float64 {
+	h.scoresMu.Lock()
+	defer h.scoresMu.Unlock()
+	return maps.Clone(h.scores)
+}
+
 // dhtProtocol is the protocol of neuro's DHT servers.
 const dhtProtocol = neuropb.DHTPrefix + "/kad/1.0.0"
 
 // seedRoutingTable puts the connected bootstrap peers that serve the DHT
-// into its routing table, and returns how many it added. The operator
-// named them, so they are taken without the liveness check the DHT makes
-// of peers it meets (which a busy bootstrap peer can fail, leaving a new
-// node with an empty table: about one node in a hundred in a simulated
-// network of 150); they leave the table like any other peer when they stop
-// answering.
-func (h *Host) seedRoutingTable() int {
-	added := 0
+// into its routing table, and returns how many it added and why the others
+// were not. The operator named them, so they are taken without the
+// liveness check the DHT makes of peers it meets (which a busy bootstrap
+// peer can fail, leaving a new node with an empty table: about one node in
+// a hundred in a simulated network of 150); they leave the table like any
+// other peer when they stop answering.
+func (h *Host) seedRoutingTable() (added int, why []error) {
 	for _, ai := range h.cfg.Bootstrap {
-		if ai.ID == h.host.ID() || h.host.Network().Connectedness(ai.ID) != network.Connected {
+		if ai.ID == h.host.ID() {
+			continue
+		}
+		if h.host.Network().Connectedness(ai.ID) != network.Connected {
+			why = append(why, fmt.Errorf("%s: not connected", ai.ID))
 			continue
 		}
 		if ok, _ := h.host.Peerstore().SupportsProtocols(ai.ID, dhtProtocol); len(ok) == 0 {
+			why = append(why, fmt.Errorf("%s: no DHT server", ai.ID))
 			continue
 		}
-		if ok, err := h.dht.RoutingTable().TryAddPeer(ai.ID, true, true); ok && err == nil {
+		ok, err := h.dht.RoutingTable().TryAddPeer(ai.ID, true, true)
+		switch {
+		case err != nil:
+			why = append(why, fmt.Errorf("%s: %w", ai.ID, err))
+		case ok:
 			added++
 		}
 	}
-	return added
+	return added, why
 }
 
 // Close stops the loops, leaves the topics and closes pubsub, the DHT and the

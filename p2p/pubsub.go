@@ -54,8 +54,10 @@ const (
 	gossipFactor = 0
 
 	gossipThreshold     = -500
+	// GraylistThreshold: every RPC from a peer scored at or below it is
+	// ignored.
 	publishThreshold    = -1000
-	graylistThreshold   = -2500
+	GraylistThreshold   = -2500
 	acceptPXThreshold   = 5
 	opportunisticGraft  = 3
 	appSpecificWeight   = 10
@@ -107,7 +109,7 @@ func peerScoreParams(appScore func(peer.ID) float64) (*pubsub.PeerScoreParams, *
 	thresholds := &pubsub.PeerScoreThresholds{
 		GossipThreshold:             gossipThreshold,
 		PublishThreshold:            publishThreshold,
-		GraylistThreshold:           graylistThreshold,
+		GraylistThreshold:           GraylistThreshold,
 		AcceptPXThreshold:           acceptPXThreshold,
 		OpportunisticGraftThreshold: opportunisticGraft,
 	}
@@ -122,6 +124,10 @@ type pubsubOptions struct {
 	peerExchange bool
 	routing      *drouting.RoutingDiscovery
 	tracers      []pubsub.RawTracer
+	// inspect, if positive, has scores receive every peer's score that
+	// often.
+	inspect time.Duration
+	scores  func(map[peer.ID]float64)
 }
 
 // newPubSub starts GossipSub with strict signing (every message carries its
@@ -147,6 +153,9 @@ func newPubSub(ctx context.Context, h host.Host, o pubsubOptions, log *slog.Logg
 	}
 	for _, t := range o.tracers {
 		opts = append(opts, pubsub.WithRawTracer(t))
+	}
+	if o.inspect > 0 {
+		opts = append(opts, pubsub.WithPeerScoreInspect(o.scores, o.inspect))
 	}
 	ps, err := pubsub.NewGossipSub(ctx, h, opts...)
 	if err != nil {

@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -53,8 +54,9 @@ type Sim struct {
 	// Nodes is every node of the network (at least Bootstrap + Gating + 2).
 	Nodes int
 	// Gating nodes (default 1 per 100 nodes, at least 1), and bootstrap
-	// nodes (the same default): every other node knows the bootstrap
-	// nodes' addresses, as a real network's nodes know a few.
+	// nodes (1 per 100 nodes, at least 2: one alone serves every newcomer
+	// and falls behind): every other node knows the bootstrap nodes'
+	// addresses, as a real network's nodes know a few.
 	Gating    int
 	Bootstrap int
 	// JoinRate is how many nodes join a second while the network starts
@@ -73,11 +75,17 @@ type Sim struct {
 	// Latency delays every link one way (half a round trip); Jitter
 	// spreads each link's delay uniformly by up to ± this.
 	Latency, Jitter time.Duration
+	// Sybils join once the honest network is healthy, JoinRate a second
+	// (SybilKinds says what each does); none by default.
+	Sybils int
 	// Seed makes the model and the choices of the simulation (whom to
 	// kill, which lookup to make) reproducible.
 	Seed uint64
 	// Timeout bounds the time to healthy (default 2m + 0.5s a node).
 	Timeout time.Duration
+	// HeapProfile, if set, is a file the process's heap profile is written
+	// to once the run ends, before the nodes stop (go tool pprof).
+	HeapProfile string
 	// Compute is the backend every node computes on (neurod: ggml).
 	Compute moe.Backend
 	// Dir holds the homes. Log tells the simulation's progress; NodeLog
@@ -203,6 +211,9 @@ type SimReport struct {
 	CPUPerNode      float64     `json:"cpu_per_node"`
 	Samples         []SimSample `json:"samples"`
 	Nodes           []SimNode   `json:"nodes"`
+	// Sybils is what the Sybils did and what the honest nodes made of
+	// them (with Sim.Sybils).
+	Sybils *SybilReport `json:"sybils,omitempty"`
 }
 
 // simNode is one node the simulation started.
@@ -222,8 +233,10 @@ type simulation struct {
 	model *Model
 	net   *simnet.Network
 	keys  []cid.Cid // every expert's DHT key
-	boot  []string
-	mem   int // expert.memory_mb of an expert node
+	// keyExperts are the experts of keys, as layer<<16 | expert.
+	keyExperts []uint32
+	boot       []string
+	mem        int // expert.memory_mb of an expert node
 
 	mu    sync.Mutex
 	nodes []*simNode
@@ -234,6 +247,9 @@ type simulation struct {
 	closing sync.WaitGroup // nodes being killed
 	joining sync.WaitGroup // nodes joining under churn
 	settled bool           // settle has set the final coverage
+
+	sybils   []*sybil
+	sybilRep SybilReport
 }
 
 type dhtLookup struct {
@@ -276,10 +292,19 @@ func (s *Sim) Run(ctx context.Context) (*SimReport, error) {
 	}
 	sm.rep.HealthyS = time.Since(t0).Seconds()
 	sm.log.Info("sim: healthy", "nodes", s.Nodes, "took", time.Since(t0).Round(time.Millisecond))
+	if err := sm.launchSybils(ctx); err != nil {
+		return nil, fmt.Errorf("sim: %w", err)
+	}
 	if err := sm.run(ctx); err != nil {
 		return nil, fmt.Errorf("sim: %w", err)
 	}
+	sm.sybilScores()
 	sm.report()
+	if s.HeapProfile != "" {
+		if err := writeHeapProfile(s.HeapProfile); err != nil {
+			return nil, fmt.Errorf("sim: %w", err)
+		}
+	}
 	return &sm.rep, nil
 }
 
@@ -303,7 +328,7 @@ func (s *Sim) defaults() error {
 		s.Gating = max(1, s.Nodes/100)
 	}
 	if s.Bootstrap <= 0 {
-		s.Bootstrap = max(1, s.Nodes/100)
+		s.Bootstrap = max(2, s.Nodes/100)
 	}
 	if s.Nodes < s.Bootstrap+s.Gating+2 {
 		return fmt.Errorf("sim: --nodes %d: need at least %d (%d bootstrap, %d gating, 2 expert nodes)", s.Nodes, s.Bootstrap+s.Gating+2, s.Bootstrap, s.Gating)
@@ -368,6 +393,7 @@ func (sm *simulation) prepare() error {
 	for l := first; l < m.Layers(); l++ {
 		for e := range m.Experts() {
 			sm.keys = append(sm.keys, neuropb.ExpertKey(m.CID, l, e))
+			sm.keyExperts = append(sm.keyExperts, uint32(l)<<16|uint32(e))
 			size = max(size, int64(m.Manifest.ExpertRef(l, e).GetShard().GetSize()))
 		}
 	}
@@ -405,6 +431,30 @@ func (sm *simulation) config(i int) node.Config {
 	return cfg
 }
 
+// writeHeapProfile writes the process's heap profile to path.
+func writeHeapProfile(path string) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return fmt.Errorf("heap profile: %w", err)
+	}
+	runtime.GC() // the profile's figures are of the last collection
+	if err := pprof.Lookup("heap").WriteTo(f, 0); err != nil {
+		f.Close()
+		return fmt.Errorf("heap profile: %w", err)
+	}
+	return f.Close()
+}
+
+// p2pOptions are the options of every honest node's host: the simulated
+// network's transport, and with Sybils, GossipSub's scores every 5 s.
+func (sm *simulation) p2pOptions() []p2p.Option {
+	opts := []p2p.Option{p2p.WithTransport(sm.net.Transport())}
+	if sm.s.Sybils > 0 {
+		opts = append(opts, p2p.WithScoreInspection(5*time.Second))
+	}
+	return opts
+}
+
 func (sm *simulation) role(i int) string {
 	switch {
 	case i < sm.s.Bootstrap:
@@ -434,7 +484,7 @@ func (sm *simulation) start(ctx context.Context, i int) (*simNode, error) {
 		}
 	}
 	n, err := node.New(sm.config(i), node.WithHome(home), node.WithLogger(sm.s.NodeLog.With("node", i)), node.WithCompute(sm.s.Compute),
-		node.WithP2POptions(p2p.WithTransport(sm.net.Transport())))
+		node.WithP2POptions(sm.p2pOptions()...))
 	if err != nil {
 		return nil, fmt.Errorf("node %d: %w", i, err)
 	}
@@ -898,6 +948,9 @@ func (sm *simulation) report() {
 	sm.mu.Lock()
 	defer sm.mu.Unlock()
 	r := &sm.rep
+	if sm.s.Sybils > 0 {
+		r.Sybils = &sm.sybilRep
+	}
 	r.TokenMs = distOf(sm.tok)
 	var ms, hops, queried []float64
 	for _, l := range sm.dht {
@@ -966,6 +1019,7 @@ func (sm *simulation) report() {
 // for them (and for the nodes being killed) to be closed; it logs those
 // that were not.
 func (sm *simulation) stopAll() {
+	sm.stopSybils()
 	sm.mu.Lock()
 	nodes := slices.Clone(sm.nodes)
 	sm.mu.Unlock()

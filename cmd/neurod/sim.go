@@ -104,7 +104,7 @@ ended with fewer than two providers.`,
 	fs := cmd.Flags()
 	fs.IntVar(&sim.Nodes, "nodes", 50, "nodes in the network (the bootstrap node, the gating nodes and the expert nodes)")
 	fs.IntVar(&sim.Gating, "gating", 0, "gating nodes, each with a user asking prompts (default: 1 per 100 nodes, at least 1)")
-	fs.IntVar(&sim.Bootstrap, "bootstrap", 0, "bootstrap nodes, which every other node knows (default: 1 per 100 nodes, at least 1)")
+	fs.IntVar(&sim.Bootstrap, "bootstrap", 0, "bootstrap nodes, which every other node knows (default: 1 per 100 nodes, at least 2)")
 	fs.Float64Var(&sim.JoinRate, "join-rate", 4, "nodes that join a second while the network starts")
 	fs.StringVar(&churn, "churn", "0", "expert nodes replaced (one killed, one new) per minute: N/min, N/s or N/h")
 	fs.DurationVar(&duration, "duration", time.Minute, "how long the network runs once healthy")
@@ -118,6 +118,8 @@ ended with fewer than two providers.`,
 	fs.StringVar(&dir, "dir", "", "directory for the homes and nodes.log (kept; default: a temporary one, removed)")
 	fs.BoolVar(&asJSON, "json", false, "print a machine-readable report on stdout")
 	fs.StringVar(&profile, "cpuprofile", "", "write the process's CPU profile (go tool pprof) to this file")
+	fs.StringVar(&sim.HeapProfile, "memprofile", "", "write the process's heap profile (go tool pprof) to this file when the run ends, before the nodes stop")
+	fs.IntVar(&sim.Sybils, "sybils", 0, "Sybil peers that join once the network is healthy: liars (claim every expert, never answer), junk (heartbeats others must reject), droppers (forward nothing) and eclipse (surround the first gating node), a quarter each")
 	fs.IntVar(&gogc, "gogc", 400, "the process's GOGC (100 is Go's default), under a soft memory limit of half the memory available at the start; the GOGC and GOMEMLIMIT variables, when set, win")
 	return cmd
 }
