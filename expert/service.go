@@ -289,8 +289,9 @@ func (s *Service) host(ctx context.Context) error {
 	case <-time.After(first):
 	}
 	for {
+		providers := s.providerCounts(m) // the peer table's lock, not ours
 		s.mu.Lock()
-		choice := Choice{Manifest: m, Providers: s.providerCounts(m), Hosted: cloneSet(s.hosted),
+		choice := Choice{Manifest: m, Providers: providers, Hosted: cloneSet(s.hosted),
 			Budget: s.cfg.MemoryBudget - s.used, Self: s.p2p.ID()}
 		s.mu.Unlock()
 		keys := Choose(choice)

@@ -386,10 +386,13 @@ func (e *Engine) load(ctx context.Context, m *served) error {
 
 // announce provides the model's gating key now, twice a day and whenever
 // the routing table has doubled since (p2p.Provision), and keeps the DHT's
-// list of each expert's providers fresh, until ctx ends.
+// providers fresh (of every expert every dhtFullRefresh, in between of
+// those fewer than two heartbeats announce), until ctx ends.
 func (e *Engine) announce(ctx context.Context, m *served) {
 	key := neuropb.GatingKey(m.cid)
 	var provided p2p.Provision
+	hb := HeartbeatProviders(e.h, m.cid)
+	var full time.Time
 	for {
 		if rt := e.h.RoutingTableSize(); provided.Due(time.Now(), rt, 12*time.Hour) {
 			pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
@@ -400,7 +403,14 @@ func (e *Engine) announce(ctx context.Context, m *served) {
 			}
 			cancel()
 		}
-		m.dht.refresh(ctx, m.hp)
+		// Every expert now and then; in between only those that fewer
+		// than two heartbeats announce (a model of thousands of experts
+		// would otherwise cost thousands of lookups every round).
+		all := time.Since(full) > dhtFullRefresh
+		m.dht.refresh(ctx, m.hp, func(k expert.Key) bool { return all || len(hb(k)) < 2 })
+		if all {
+			full = time.Now()
+		}
 		e.warm(ctx, m)
 		select {
 		case <-ctx.Done():
@@ -464,13 +474,20 @@ func (d *dhtProviders) get(k expert.Key) []peer.ID {
 	return d.found[k]
 }
 
-// refresh looks every expert up, four at a time.
-func (d *dhtProviders) refresh(ctx context.Context, hp moe.Hparams) {
+// dhtFullRefresh is how often a gating node looks up every expert's
+// providers in the DHT.
+const dhtFullRefresh = 10 * time.Minute
+
+// refresh looks up the experts need asks for, four at a time.
+func (d *dhtProviders) refresh(ctx context.Context, hp moe.Hparams, need func(expert.Key) bool) {
 	sem := make(chan struct{}, 4)
 	var wg sync.WaitGroup
 	for l := hp.DenseLead; l < hp.Layers; l++ {
 		for x := range hp.Experts {
 			k := expert.Key{Layer: l, Expert: x}
+			if !need(k) {
+				continue
+			}
 			select {
 			case sem <- struct{}{}:
 			case <-ctx.Done():

@@ -53,7 +53,7 @@ const (
 	// all gossip bytes.
 	gossipFactor = 0
 
-	gossipThreshold     = -500
+	gossipThreshold = -500
 	// GraylistThreshold: every RPC from a peer scored at or below it is
 	// ignored.
 	publishThreshold    = -1000

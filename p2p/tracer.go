@@ -1,6 +1,7 @@
 package p2p
 
 import (
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -45,6 +46,12 @@ type Traffic struct {
 	// ControlIn and ControlOut are the bytes of control messages (IHAVE,
 	// IWANT, GRAFT, PRUNE, IDONTWANT), part of BytesIn and BytesOut.
 	ControlIn, ControlOut uint64
+	// TopicMsgsIn counts the messages received per topic (duplicates
+	// included).
+	TopicMsgsIn map[string]uint64
+	// Delivered counts the distinct messages validated and delivered (a
+	// message once, however many peers sent it).
+	Delivered uint64
 }
 
 // trafficTracer counts Traffic.
@@ -54,13 +61,24 @@ type trafficTracer struct {
 	msgsIn, msgsOut   atomic.Uint64
 	bytesIn, bytesOut atomic.Uint64
 	ctrlIn, ctrlOut   atomic.Uint64
+	topics            sync.Map // topic → *atomic.Uint64 of messages in
+	delivered         atomic.Uint64
 }
+
+func (t *trafficTracer) DeliverMessage(*pubsub.Message) { t.delivered.Add(1) }
 
 func (t *trafficTracer) RecvRPC(rpc *pubsub.RPC) {
 	t.rpcsIn.Add(1)
 	t.msgsIn.Add(uint64(len(rpc.GetPublish())))
 	t.bytesIn.Add(uint64(proto.Size(&rpc.RPC)))
 	t.ctrlIn.Add(uint64(proto.Size(rpc.GetControl())))
+	for _, m := range rpc.GetPublish() {
+		c, ok := t.topics.Load(m.GetTopic())
+		if !ok {
+			c, _ = t.topics.LoadOrStore(m.GetTopic(), new(atomic.Uint64))
+		}
+		c.(*atomic.Uint64).Add(1)
+	}
 }
 
 func (t *trafficTracer) SendRPC(rpc *pubsub.RPC, _ peer.ID) {
@@ -76,5 +94,15 @@ func (t *trafficTracer) snapshot() Traffic {
 		MsgsIn: t.msgsIn.Load(), MsgsOut: t.msgsOut.Load(),
 		BytesIn: t.bytesIn.Load(), BytesOut: t.bytesOut.Load(),
 		ControlIn: t.ctrlIn.Load(), ControlOut: t.ctrlOut.Load(),
+		TopicMsgsIn: t.topicCounts(), Delivered: t.delivered.Load(),
 	}
+}
+
+func (t *trafficTracer) topicCounts() map[string]uint64 {
+	out := map[string]uint64{}
+	t.topics.Range(func(k, v any) bool {
+		out[k.(string)] = v.(*atomic.Uint64).Load()
+		return true
+	})
+	return out
 }

@@ -204,6 +204,11 @@ type SimReport struct {
 	// experts and beat at a small network's pace).
 	GossipBytesPerSP50 float64 `json:"gossip_bytes_per_s_p50"`
 	GossipMsgsPerS     float64 `json:"gossip_msgs_per_s"`
+	// TopicMsgsInPerS is the messages a node received a second, per topic
+	// (duplicates included; the mean over every node's life).
+	TopicMsgsInPerS map[string]float64 `json:"topic_msgs_in_per_s"`
+	// DeliveredPerS is the distinct messages a node received a second.
+	DeliveredPerS float64 `json:"delivered_per_s"`
 	// The process: peak resident memory and its share per node, and the
 	// cores one node used (process CPU ÷ live nodes) once healthy.
 	RSSBytes        uint64      `json:"rss_bytes"`
@@ -1009,6 +1014,13 @@ func (sm *simulation) report() {
 		if up > 0 {
 			n.GossipBytesPerS = float64(n.traffic.BytesIn+n.traffic.BytesOut) / up
 			n.GossipMsgsPerS = float64(n.traffic.MsgsIn+n.traffic.MsgsOut) / up
+			r.DeliveredPerS += float64(n.traffic.Delivered) / up / float64(len(sm.nodes))
+			for topic, c := range n.traffic.TopicMsgsIn {
+				if r.TopicMsgsInPerS == nil {
+					r.TopicMsgsInPerS = map[string]float64{}
+				}
+				r.TopicMsgsInPerS[topic] += float64(c) / up / float64(len(sm.nodes))
+			}
 		}
 		r.Nodes = append(r.Nodes, n.SimNode)
 	}

@@ -120,7 +120,7 @@ ended with fewer than two providers.`,
 	fs.StringVar(&profile, "cpuprofile", "", "write the process's CPU profile (go tool pprof) to this file")
 	fs.StringVar(&sim.HeapProfile, "memprofile", "", "write the process's heap profile (go tool pprof) to this file when the run ends, before the nodes stop")
 	fs.IntVar(&sim.Sybils, "sybils", 0, "Sybil peers that join once the network is healthy: liars (claim every expert, never answer), junk (heartbeats others must reject), droppers (forward nothing) and eclipse (surround the first gating node), a quarter each")
-	fs.IntVar(&gogc, "gogc", 400, "the process's GOGC (100 is Go's default), under a soft memory limit of half the memory available at the start; the GOGC and GOMEMLIMIT variables, when set, win")
+	fs.IntVar(&gogc, "gogc", 200, "the process's GOGC (100 is Go's default), under a soft memory limit of three quarters of the memory available at the start; the GOGC and GOMEMLIMIT variables, when set, win")
 	return cmd
 }
 
@@ -128,15 +128,16 @@ ended with fewer than two providers.`,
 // of the simulation allocates into one heap: with Go's default GOGC of 100
 // a quarter of the process's CPU went to collecting it (150 nodes), CPU
 // the nodes then lacked. With a higher GOGC the process trades memory for
-// that CPU, and a soft limit at half the available memory keeps the trade
-// from exhausting the machine (near the limit the collector runs as often
-// as it must).
+// that CPU, and a soft limit at three quarters of the available memory
+// keeps the trade from exhausting the machine (near the limit the
+// collector runs as often as it must; at 300 nodes, with a limit at half,
+// it ran back to back and the network stalled).
 func simGC(log *slog.Logger, gogc int) {
 	if os.Getenv("GOGC") == "" && gogc > 0 {
 		debug.SetGCPercent(gogc)
 	}
 	if avail, ok := meminfo.Bytes("MemAvailable"); ok && os.Getenv("GOMEMLIMIT") == "" {
-		debug.SetMemoryLimit(int64(avail / 2))
+		debug.SetMemoryLimit(int64(avail / 4 * 3))
 	}
 	percent := debug.SetGCPercent(-1) // reads it, and turns collection off:
 	debug.SetGCPercent(percent)       // on again

@@ -47,11 +47,26 @@ type simJSON struct {
 		RSSBytes        uint64  `json:"rss_bytes"`
 		RoutingTable    int     `json:"routing_table"`
 	} `json:"nodes"`
+	Sybils *struct {
+		Count        int            `json:"count"`
+		Kinds        map[string]int `json:"kinds"`
+		Published    int            `json:"published"`
+		HonestScores struct {
+			N   int     `json:"n"`
+			P50 float64 `json:"p50"`
+		} `json:"honest_scores"`
+		KindScores map[string]struct {
+			N   int     `json:"n"`
+			P50 float64 `json:"p50"`
+		} `json:"kind_scores"`
+	} `json:"sybils"`
 }
 
-// A small simulated network under heavy churn: every prompt is answered,
-// killed nodes are replaced by new ones that choose experts and serve
-// them, and the report has the figures it promises.
+// A small simulated network under heavy churn, with as many Sybils as
+// half its nodes: every prompt is answered, killed nodes are replaced by
+// new ones that choose experts and serve them, the honest nodes score
+// the Sybils that gossip junk below their honest peers, and the report
+// has the figures it promises.
 func TestSimUnderChurn(t *testing.T) {
 	if testing.Short() {
 		t.Skip("a simulated network of 16 nodes for half a minute")
@@ -60,7 +75,7 @@ func TestSimUnderChurn(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 4*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, neurodBin, "testnet", "sim", "--nodes", "16", "--gating", "2", "--churn", "12/min",
-		"--duration", "20s", "--sample", "4s", "--ask-every", "2s", "--seed", "11", "--json")
+		"--duration", "20s", "--sample", "4s", "--ask-every", "2s", "--seed", "11", "--sybils", "8", "--json")
 	cmd.Env = cleanEnv()
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
@@ -86,6 +101,12 @@ func TestSimUnderChurn(t *testing.T) {
 	}
 	if rep.DHT.Lookups == 0 || rep.DHT.Found == 0 || rep.GossipBytesPerS <= 0 || rep.RSSBytes == 0 || rep.CPUPerNode <= 0 {
 		t.Fatalf("figures: %+v", rep)
+	}
+	if y := rep.Sybils; y == nil || y.Count != 8 || len(y.Kinds) != 4 || y.Kinds["liar"] != 2 || y.Published == 0 {
+		t.Fatalf("sybils: %+v", y)
+	}
+	if y := rep.Sybils; y.HonestScores.N == 0 || y.HonestScores.P50 < 0 || y.KindScores["junk"].N == 0 || y.KindScores["junk"].P50 >= 0 {
+		t.Fatalf("scores: honest %+v, sybils %+v", y.HonestScores, y.KindScores)
 	}
 	dead, joinedServing := 0, 0
 	for _, n := range rep.Nodes {
