@@ -636,7 +636,7 @@ func (r *RemoteExperts) call(ctx context.Context, segs []segment, k expert.Key, 
 					r.Selector.Observe(p, time.Since(start), resp.Compute, nil)
 				case ctx.Err() != nil:
 					// Lost to a faster provider: it took at least this long.
-					r.Selector.Observe(p, time.Since(start), 0, nil)
+					r.Selector.ObserveLoss(p, time.Since(start))
 				default:
 					r.Selector.Observe(p, 0, 0, err)
 				}

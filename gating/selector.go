@@ -60,6 +60,7 @@ type peerStats struct {
 	recent       []time.Duration
 	failures     float64 // decays on success
 	queue        int
+	answers      int // calls it answered (a loser cancelled is none)
 }
 
 // NewSelector makes a selector; scorer nil means NeutralScorer.
@@ -90,6 +91,20 @@ func (s *Selector) Observe(p peer.ID, rtt, compute time.Duration, err error) {
 		return
 	}
 	st.failures *= 0.5
+	st.answers++
+	s.observe(st, rtt, compute)
+}
+
+// ObserveLoss records a call p had not answered when a faster provider
+// did: it took at least rtt. It is not an answer: a peer that never
+// answers (a liar announcing experts it does not serve) stays unproven.
+func (s *Selector) ObserveLoss(p peer.ID, rtt time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.observe(s.stat(p), rtt, 0)
+}
+
+func (s *Selector) observe(st *peerStats, rtt, compute time.Duration) {
 	if st.rtt == 0 {
 		st.rtt, st.compute = rtt.Seconds(), compute.Seconds()
 	} else {
@@ -153,7 +168,11 @@ func (s *Selector) rankOnly(providers []peer.ID, preferred map[peer.ID]bool) []p
 	return out
 }
 
-// order sorts a copy of providers by cost, preferred ones at half theirs.
+// order sorts a copy of providers by cost, preferred ones at half theirs,
+// and lets at most one peer that has never answered a call go before the
+// first that has: a new peer gets tried, but a crowd of new peers (Sybils
+// announcing every expert) cannot make a call wait through a hedge each
+// before a proven provider is asked.
 func (s *Selector) order(providers []peer.ID, preferred map[peer.ID]bool) ([]peer.ID, map[peer.ID]float64) {
 	out := slices.Clone(providers)
 	cost := make(map[peer.ID]float64, len(out))
@@ -173,6 +192,11 @@ func (s *Selector) order(providers []peer.ID, preferred map[peer.ID]bool) ([]pee
 		}
 		return 0
 	})
+	proven := func(p peer.ID) bool { st := s.stats[p]; return st != nil && st.answers > 0 }
+	if first := slices.IndexFunc(out, proven); first > 1 {
+		late := slices.Clone(out[1:first])
+		out = append(append(append(out[:1:1], out[first]), late...), out[first+1:]...)
+	}
 	return out, cost
 }
 

@@ -114,3 +114,22 @@ func TestSelectorDeadline(t *testing.T) {
 		t.Fatalf("deadline %v above the call timeout", d)
 	}
 }
+
+// Peers that announce an expert but have never answered a call (new
+// peers, or Sybils that announce everything and serve nothing) are tried
+// one at a time: however many there are, a proven provider is second.
+// A call one lost to a faster provider is not an answer.
+func TestSelectorTriesOneUnprovenPeerAtATime(t *testing.T) {
+	k := expert.Key{Layer: 1}
+	s := NewSelector(nil)
+	s.Observe("honest", 30*time.Millisecond, 0, nil)
+	s.ObserveLoss("liar-0", 50*time.Millisecond) // cancelled: never answered
+	crowd := []peer.ID{"liar-0", "liar-1", "liar-2", "liar-3", "liar-4", "honest"}
+	got := s.Rank(k, crowd, nil)
+	if len(got) != len(crowd) || got[1] != "honest" || got[0] == "honest" {
+		t.Fatalf("Rank = %v, want one unproven peer, then the honest one", got)
+	}
+	if got[0] == "liar-0" {
+		t.Fatalf("Rank = %v: a peer measured at 50 ms (lost a race) goes before the unmeasured ones", got)
+	}
+}
