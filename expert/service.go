@@ -433,10 +433,16 @@ func (s *Service) add(ctx context.Context, m *neuropb.Manifest, k Key) error {
 	}
 	s.mu.Lock()
 	s.loaded[k] = e
-	if s.speed == 0 {
-		s.speed = measure(e)
-	}
+	measured := s.speed != 0
 	s.mu.Unlock()
+	if !measured { // computing, outside the lock every heartbeat and lookup takes
+		speed := measure(e)
+		s.mu.Lock()
+		if s.speed == 0 {
+			s.speed = speed
+		}
+		s.mu.Unlock()
+	}
 	if err := s.p2p.Provide(ctx, c); err != nil && ctx.Err() == nil {
 		s.log.Debug("provide", "cid", c, "err", err)
 	}
@@ -522,6 +528,9 @@ func measure(e moe.Expert) float32 {
 
 // HeartbeatExtra adds the hosted experts and capacity to a heartbeat.
 func (s *Service) HeartbeatExtra(hb *neuropb.Heartbeat) {
+	// The devices' free memory comes from the compute backend, which may
+	// be busy: ask before taking the lock every call and lookup needs.
+	devices := s.devices()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.cfg.Model.Defined() && len(s.hosted) > 0 {
@@ -538,7 +547,12 @@ func (s *Service) HeartbeatExtra(hb *neuropb.Heartbeat) {
 	}
 	s.server.mu.RUnlock()
 	hw := proto.Clone(hardware()).(*neuropb.Hardware)
-	hw.Devices = s.devices()
+	for _, d := range devices {
+		if d.GetSelected() {
+			d.ExpertTokensPerSecond = s.speed
+		}
+	}
+	hw.Devices = devices
 	hb.Capacity = &neuropb.Capacity{
 		FreeMemoryBytes: uint64(max(0, s.cfg.MemoryBudget-s.used)),
 		QueueDepth:      uint32(queue),
@@ -547,8 +561,7 @@ func (s *Service) HeartbeatExtra(hb *neuropb.Heartbeat) {
 	}
 }
 
-// devices lists the compute backend's devices (when it can say), with the
-// measured expert speed on the one it computes on. Call with s.mu held.
+// devices lists the compute backend's devices (when it can say).
 func (s *Service) devices() []*neuropb.Device {
 	dl, ok := s.cfg.Compute.(moe.DeviceLister)
 	if !ok {
@@ -560,12 +573,8 @@ func (s *Service) devices() []*neuropb.Device {
 			break
 		}
 		free := min(d.MemoryFree, d.MemoryTotal)
-		pd := &neuropb.Device{Backend: d.Backend, Name: d.Name, Description: d.Description, Type: d.Type,
-			MemoryTotalBytes: d.MemoryTotal, MemoryFreeBytes: free, Selected: d.Selected}
-		if d.Selected {
-			pd.ExpertTokensPerSecond = s.speed
-		}
-		out = append(out, pd)
+		out = append(out, &neuropb.Device{Backend: d.Backend, Name: d.Name, Description: d.Description, Type: d.Type,
+			MemoryTotalBytes: d.MemoryTotal, MemoryFreeBytes: free, Selected: d.Selected})
 	}
 	return out
 }

@@ -75,11 +75,14 @@ type SybilReport struct {
 	Graylisted float64 `json:"graylisted"`
 	// Connections from honest nodes to Sybils, and to honest peers, at
 	// the end (per honest node, median), and the victim's.
-	HonestConnsToSybils  float64 `json:"honest_conns_to_sybils"`
-	HonestConnsToHonest  float64 `json:"honest_conns_to_honest"`
-	VictimConnsToSybils  int     `json:"victim_conns_to_sybils"`
-	VictimConnsToHonest  int     `json:"victim_conns_to_honest"`
-	ClaimedProvidersSeen Dist    `json:"claimed_providers_seen"`
+	HonestConnsToSybils float64 `json:"honest_conns_to_sybils"`
+	HonestConnsToHonest float64 `json:"honest_conns_to_honest"`
+	VictimConnsToSybils int     `json:"victim_conns_to_sybils"`
+	VictimConnsToHonest int     `json:"victim_conns_to_honest"`
+	// ClaimedProvidersSeen is, over the gating nodes, how many peers
+	// their heartbeat tables show hosting the model's first expert,
+	// honest and lying.
+	ClaimedProvidersSeen Dist `json:"claimed_providers_seen"`
 }
 
 // sybil is one Sybil peer.
