@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"time"
 
@@ -225,15 +226,13 @@ func (sm *simulation) stall(ctx context.Context, s network.Stream) {
 }
 
 // lie publishes y's heartbeats at an honest node's pace (one per
-// max(5 s, nodes ÷ 5 a second)) and, for liars, provides every expert's
-// key in the DHT.
+// max(5 s, nodes ÷ 5 a second)) and, for every kind but junk, provides a
+// few experts' keys in the DHT.
 func (sm *simulation) lie(ctx context.Context, y *sybil) {
 	rng := rand.New(rand.NewPCG(rand.Uint64(), 0))
-	var all []uint32
-	for _, k := range sm.keyExperts {
-		all = append(all, k)
-	}
-	if y.kind != sybilJunk {
+	all := slices.Clone(sm.keyExperts)
+	switch y.kind {
+	case sybilLiar, sybilDropper, sybilEclipse:
 		// A few keys each: hundreds of Sybils then poison every key's
 		// records (more Sybil records than honest ones), at a cost of DHT
 		// lookups this machine can pay.
