@@ -168,6 +168,14 @@ func (s *Selector) rankOnly(providers []peer.ID, preferred map[peer.ID]bool) []p
 	return out
 }
 
+// Proven reports whether p has answered a call.
+func (s *Selector) Proven(p peer.ID) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.stats[p]
+	return st != nil && st.answers > 0
+}
+
 // order sorts a copy of providers by cost, preferred ones at half theirs,
 // and lets at most one peer that has never answered a call go before the
 // first that has: a new peer gets tried, but a crowd of new peers (Sybils

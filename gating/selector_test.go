@@ -133,3 +133,15 @@ func TestSelectorTriesOneUnprovenPeerAtATime(t *testing.T) {
 		t.Fatalf("Rank = %v: a peer measured at 50 ms (lost a race) goes before the unmeasured ones", got)
 	}
 }
+
+func TestSelectorProven(t *testing.T) {
+	s := NewSelector(nil)
+	s.ObserveLoss("liar", 50*time.Millisecond)
+	s.Observe("failed", 0, 0, errors.New("reset"))
+	s.Observe("honest", 3*time.Millisecond, time.Millisecond, nil)
+	for p, want := range map[peer.ID]bool{"liar": false, "failed": false, "honest": true, "unknown": false} {
+		if got := s.Proven(p); got != want {
+			t.Errorf("Proven(%s) = %v, want %v", p, got, want)
+		}
+	}
+}
