@@ -172,6 +172,10 @@ func (s *Selector) rankOnly(providers []peer.ID, preferred map[peer.ID]bool) []p
 func (s *Selector) Proven(p peer.ID) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	return s.provenLocked(p)
+}
+
+func (s *Selector) provenLocked(p peer.ID) bool {
 	st := s.stats[p]
 	return st != nil && st.answers > 0
 }
@@ -200,10 +204,9 @@ func (s *Selector) order(providers []peer.ID, preferred map[peer.ID]bool) ([]pee
 		}
 		return 0
 	})
-	proven := func(p peer.ID) bool { st := s.stats[p]; return st != nil && st.answers > 0 }
-	if first := slices.IndexFunc(out, proven); first > 1 {
-		late := slices.Clone(out[1:first])
-		out = append(append(append(out[:1:1], out[first]), late...), out[first+1:]...)
+	if first := slices.IndexFunc(out, s.provenLocked); first > 1 {
+		p := out[first]
+		out = slices.Insert(slices.Delete(out, first, first+1), 1, p)
 	}
 	return out, cost
 }

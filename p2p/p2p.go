@@ -383,7 +383,8 @@ func (h *Host) dialBootstrap(ctx context.Context) (int, []error) {
 }
 
 // maintain reconnects to the bootstrap peers when the node has lost every
-// connection, and refreshes the DHT routing table then.
+// connection, and seeds the DHT routing table from them when it is empty
+// (refreshing it then), every 15 s until ctx ends.
 func (h *Host) maintain(ctx context.Context) {
 	t := time.NewTicker(15 * time.Second)
 	defer t.Stop()

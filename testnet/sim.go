@@ -998,6 +998,7 @@ func (sm *simulation) report() {
 	}
 	rss := p2p.ProcessRSS()
 	now := time.Now()
+	r.TopicMsgsInPerS = map[string]float64{}
 	for _, n := range sm.nodes {
 		if n.Alive {
 			n.ended = now
@@ -1016,9 +1017,6 @@ func (sm *simulation) report() {
 			n.GossipMsgsPerS = float64(n.traffic.MsgsIn+n.traffic.MsgsOut) / up
 			r.DeliveredPerS += float64(n.traffic.Delivered) / up / float64(len(sm.nodes))
 			for topic, c := range n.traffic.TopicMsgsIn {
-				if r.TopicMsgsInPerS == nil {
-					r.TopicMsgsInPerS = map[string]float64{}
-				}
 				r.TopicMsgsInPerS[topic] += float64(c) / up / float64(len(sm.nodes))
 			}
 		}

@@ -369,9 +369,7 @@ func (sm *simulation) sybilScores() {
 			sm.sybilRep.VictimConnsToSybils, sm.sybilRep.VictimConnsToHonest = s, h
 		}
 		if n.Role == "gating" {
-			for _, x := range sm.keyExperts[:1] {
-				claimed = append(claimed, float64(len(n.n.P2P().Peers().Hosting(sm.model.CID.Bytes(), x, time.Now()))))
-			}
+			claimed = append(claimed, float64(len(n.n.P2P().Peers().Hosting(sm.model.CID.Bytes(), sm.keyExperts[0], time.Now()))))
 		}
 	}
 	r := &sm.sybilRep
