@@ -415,8 +415,7 @@ const maxGroupBytes = neuropb.MaxExpertMessageSize / 4
 
 // sendGroup sends the first try of a round's calls to one node in one
 // message (expert.Client.SendGroup): the node the selector ranks first
-// among those that host every expert of the round (preferred) and have
-// answered calls before, if any,
+// among those that host every expert of the round (preferred), if any,
 // each expert once (a second call of one expert goes alone), within
 // maxGroupBytes. members[i] is then call i's place in the group; each
 // call waits for its answer there (and hedges or re-dispatches on its own
@@ -425,10 +424,7 @@ func (r *RemoteExperts) sendGroup(ctx context.Context, layer int, calls []layerC
 	ins [][]float32, members []*groupMember) {
 	var hosts []peer.ID
 	for _, p := range providers[calls[0].e] {
-		// Only a node that has answered calls before takes a whole layer:
-		// anyone can announce every expert (a Sybil does), and a group
-		// sent to one that never answers costs every call in it a hedge.
-		if preferred[p] && (r.Selector == nil || r.Selector.Proven(p)) {
+		if preferred[p] {
 			hosts = append(hosts, p)
 		}
 	}

@@ -101,7 +101,9 @@ func (s *Selector) Observe(p peer.ID, rtt, compute time.Duration, err error) {
 func (s *Selector) ObserveLoss(p peer.ID, rtt time.Duration) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.observe(s.stat(p), rtt, 0)
+	st := s.stat(p)
+	st.failures *= 0.5 // it did not fail: it was slower
+	s.observe(st, rtt, 0)
 }
 
 func (s *Selector) observe(st *peerStats, rtt, compute time.Duration) {
