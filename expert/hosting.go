@@ -27,6 +27,65 @@ type Spec struct {
 	Experts []Key
 	// wildcard layers ("1:*") are resolved against the manifest.
 	wholeLayers []int
+	// spanFirst, spanEnd: a span's layers, whose every expert is hosted
+	// (dense leading layers have none); spanAuto: chosen by ChooseSpan.
+	spanFirst, spanEnd int
+	spanAuto           bool
+}
+
+// WithSpan is sp with every expert of layers [first, end) added, the
+// experts a span of those layers computes (a dense leading layer among
+// them adds none).
+func (sp Spec) WithSpan(first, end int) Spec {
+	sp.spanFirst, sp.spanEnd = first, end
+	return sp
+}
+
+// WithAutoSpan is sp with the experts of a span the node chooses once it
+// has the manifest (ChooseSpan) added.
+func (sp Spec) WithAutoSpan() Spec {
+	sp.spanAuto = true
+	return sp
+}
+
+// ChooseSpan picks the layers [first, end) an automatic span node hosts:
+// the longest run of consecutive layers whose weights (the layer shard and
+// every expert of the layer) fit budget (0: no bound), among runs as long
+// those whose layers the fewest announced spans cover (spans: [first, end)
+// → providers), then the earliest. ok is false when not even one layer
+// fits.
+func ChooseSpan(m *neuropb.Manifest, budget int64, spans map[[2]int]int) (first, end int, ok bool) {
+	layers := int(m.GetParams().GetLayers())
+	cost := make([]int64, layers)
+	for l := range layers {
+		cost[l] = int64(m.LayerRef(l).GetSize())
+	}
+	for _, e := range m.AllExperts() {
+		cost[e.GetLayer()] += int64(e.GetShard().GetSize())
+	}
+	covered := make([]int, layers)
+	for r, n := range spans {
+		for l := max(r[0], 0); l < min(r[1], layers); l++ {
+			covered[l] += n
+		}
+	}
+	bestLen, bestCover := 0, 0
+	for a := range layers {
+		var used int64
+		cover := 0
+		for b := a; b < layers; b++ {
+			used += cost[b]
+			if budget > 0 && used > budget {
+				break
+			}
+			cover += covered[b]
+			n := b - a + 1
+			if n > bestLen || (n == bestLen && cover < bestCover) {
+				first, end, bestLen, bestCover = a, b+1, n, cover
+			}
+		}
+	}
+	return first, end, bestLen > 0
 }
 
 // ParseSpec parses an --experts value: "auto", "none", or a
@@ -105,6 +164,13 @@ func (sp Spec) Resolve(m *neuropb.Manifest) ([]Key, error) {
 	for _, k := range sp.Experts {
 		if err := add(k); err != nil {
 			return nil, err
+		}
+	}
+	for l := max(sp.spanFirst, first); l < sp.spanEnd; l++ {
+		for e := range experts {
+			if err := add(Key{l, e}); err != nil {
+				return nil, err
+			}
 		}
 	}
 	slices.SortFunc(out, func(a, b Key) int { return cmp.Or(cmp.Compare(a.Layer, b.Layer), cmp.Compare(a.Expert, b.Expert)) })

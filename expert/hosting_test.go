@@ -249,3 +249,37 @@ func TestHostedSharedExperts(t *testing.T) {
 		t.Fatalf("hosted %v, want every expert of layers 1 and 2 with the shared ones", hosted)
 	}
 }
+
+// ChooseSpan takes the longest run of layers that fits the budget, among
+// runs as long the one the fewest announced spans cover, then the
+// earliest; nothing when not one layer fits.
+func TestChooseSpan(t *testing.T) {
+	ref := func(size uint64) *neuropb.ShardRef { return &neuropb.ShardRef{Size: size} }
+	m := &neuropb.Manifest{Format: 2, Params: &neuropb.ModelParams{Layers: 4, Experts: 2}}
+	for l := range 4 {
+		m.Layers = append(m.Layers, &neuropb.LayerShardRef{Layer: uint32(l), Shard: ref(10)})
+		for e := range 2 {
+			m.Experts = append(m.Experts, &neuropb.ExpertShardRef{Layer: uint32(l), Expert: uint32(e), Shard: ref(45)})
+		}
+	}
+	// each layer costs 100
+	for _, c := range []struct {
+		budget     int64
+		spans      map[[2]int]int
+		first, end int
+		ok         bool
+	}{
+		{0, nil, 0, 4, true},
+		{400, nil, 0, 4, true},
+		{399, nil, 0, 3, true},
+		{399, map[[2]int]int{{0, 3}: 2}, 1, 4, true},
+		{250, map[[2]int]int{{0, 2}: 1, {2, 4}: 3}, 0, 2, true},
+		{250, map[[2]int]int{{0, 2}: 1, {3, 4}: 1}, 1, 3, true},
+		{99, nil, 0, 0, false},
+	} {
+		first, end, ok := ChooseSpan(m, c.budget, c.spans)
+		if first != c.first || end != c.end || ok != c.ok {
+			t.Errorf("budget %d, spans %v: [%d, %d) %v, want [%d, %d) %v", c.budget, c.spans, first, end, ok, c.first, c.end, c.ok)
+		}
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"golang.org/x/sync/errgroup"
 	"log/slog"
 	"math/rand/v2"
 	"os"
@@ -75,12 +76,21 @@ type Service struct {
 	server  *Server
 	fetcher *Fetcher
 
-	mu       sync.Mutex
+	mu sync.Mutex
+	// loading is held while a shard is loaded into the backend: fetches
+	// and announcements run several at once, loads one at a time.
+	loading  sync.Mutex
 	manifest *neuropb.Manifest
 	hosted   map[Key]bool // chosen (fetching or serving)
 	loaded   map[Key]moe.Expert
-	used     int64
-	speed    float32
+	// served are the loaded experts as the server computes them (in a
+	// faulty mode, --faulty, wrong), which a span's layers use too.
+	served map[Key]Computer
+	used   int64
+	// span is the layers [first, end) whose experts this node hosts for a
+	// span, once chosen (end 0: none).
+	span  [2]int
+	speed float32
 
 	ctx      context.Context
 	cancel   context.CancelFunc
@@ -135,7 +145,7 @@ func NewService(h Network, cfg ServiceConfig, log *slog.Logger) (*Service, error
 		return nil, err
 	}
 	s := &Service{cfg: cfg, p2p: h, log: log.With("component", "expert-node"), store: store, server: srv,
-		shards: NewShardServer(h.LibP2P(), store, log), hosted: map[Key]bool{}, loaded: map[Key]moe.Expert{}}
+		shards: NewShardServer(h.LibP2P(), store, log), hosted: map[Key]bool{}, loaded: map[Key]moe.Expert{}, served: map[Key]Computer{}}
 	s.fetcher = NewFetcher(h.LibP2P(), store, cfg.Progress, log)
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	return s, nil
@@ -265,20 +275,48 @@ func (s *Service) host(ctx context.Context) error {
 	s.mu.Lock()
 	s.manifest = m
 	s.mu.Unlock()
-	if !s.cfg.Spec.Auto {
-		keys, err := s.cfg.Spec.Resolve(m)
+	spec := s.cfg.Spec
+	if spec.spanAuto {
+		if m.GetFormat() < 2 {
+			return fmt.Errorf("a span: model %s was split without layer shards (manifest format %d): split it again", s.cfg.Model, m.GetFormat())
+		}
+		spans := map[[2]int]int{}
+		for r, ps := range s.p2p.Peers().Spans(s.cfg.Model.Bytes(), time.Now()) {
+			spans[r] = len(ps)
+		}
+		first, end, ok := ChooseSpan(m, s.cfg.MemoryBudget, spans)
+		if !ok {
+			return fmt.Errorf("a span: not one layer of %s fits the %.1f MiB for weights (%s)", s.cfg.Model,
+				float64(s.cfg.MemoryBudget)/(1<<20), s.cfg.BudgetSource)
+		}
+		spec.spanFirst, spec.spanEnd, spec.spanAuto = first, end, false
+		s.log.Info("chose a span", "layers", fmt.Sprintf("%d-%d", first, end-1))
+	}
+	if spec.spanEnd > spec.spanFirst {
+		s.mu.Lock()
+		s.span = [2]int{spec.spanFirst, spec.spanEnd}
+		s.mu.Unlock()
+	}
+	if spec.Auto && spec.spanEnd > spec.spanFirst {
+		// The span's experts first, then the automatic choice with
+		// what is left.
+		keys, err := Spec{}.WithSpan(spec.spanFirst, spec.spanEnd).Resolve(m)
+		if err != nil {
+			return err
+		}
+		if err := s.addAll(ctx, m, keys); err != nil {
+			return err
+		}
+	}
+	if !spec.Auto {
+		keys, err := spec.Resolve(m)
 		if err != nil {
 			return err
 		}
 		if err := s.fits(m, keys); err != nil {
 			return err
 		}
-		for _, k := range keys {
-			if err := s.add(ctx, m, k); err != nil {
-				return err
-			}
-		}
-		return nil
+		return s.addAll(ctx, m, keys)
 	}
 	// Nodes that start together would choose together: spread the first
 	// choices out.
@@ -314,30 +352,39 @@ func (s *Service) host(ctx context.Context) error {
 
 // rebalance runs when nothing more fits: if an expert this node lacks has
 // fewer than two other providers, it drops one of its own experts that
-// keeps at least two, freeing room for the next step to take the missing
-// one. Choices made at the same moment by several nodes are undone this
-// way.
+// keeps at least two and takes the missing one in its place. Choices made
+// at the same moment by several nodes are undone this way. (It used to
+// leave the room to the next step's Choose, which prefers to complete a
+// layer: it took the dropped expert back, and three nodes dropped and
+// took back experts for good while one stayed on a single node.)
 func (s *Service) rebalance(ctx context.Context, m *neuropb.Manifest, c Choice) {
 	experts := m.ExpertsPerLayer()
-	missing := false
+	var missing *Key
 	first, end := m.MoELayers()
 	for l := first; l < end; l++ {
 		for e := range experts {
 			k := Key{l, e}
-			missing = missing || (!c.Hosted[k] && c.Providers[k] < 2)
+			if !c.Hosted[k] && c.Providers[k] < 2 && (missing == nil || c.Providers[k] < c.Providers[*missing]) {
+				missing = &k
+			}
 		}
 	}
-	if !missing {
+	if missing == nil {
 		return
 	}
+	first, end, _ = s.SpanLayers() // a span's experts stay
 	var drop *Key
 	for k := range c.Hosted {
+		if k.Layer >= first && k.Layer < end {
+			continue
+		}
 		if c.Providers[k] >= 2 && (drop == nil || c.Providers[k] > c.Providers[*drop]) {
 			kk := k
 			drop = &kk
 		}
 	}
-	if drop == nil {
+	size := func(k Key) int64 { return int64(m.ExpertRef(k.Layer, k.Expert).GetShard().GetSize()) }
+	if drop == nil || c.Budget+size(*drop) < size(*missing) {
 		return
 	}
 	s.mu.Lock()
@@ -347,17 +394,18 @@ func (s *Service) rebalance(ctx context.Context, m *neuropb.Manifest, c Choice) 
 		return
 	}
 	delete(s.loaded, *drop)
+	delete(s.served, *drop)
 	delete(s.hosted, *drop)
-	s.used -= int64(m.ExpertRef(drop.Layer, drop.Expert).GetShard().GetSize())
+	s.used -= size(*drop)
 	s.mu.Unlock()
 	if _, err := s.server.Remove(s.cfg.Model, drop.Layer, drop.Expert); err == nil {
 		if err := dropped.Close(); err != nil {
 			s.log.Warn("free a dropped expert", "expert", drop.String(), "err", err)
 		}
 	}
-	s.log.Info("dropped a well-provided expert to make room", "expert", drop.String())
-	if err := s.p2p.PublishHeartbeat(ctx); err != nil {
-		s.log.Debug("announce drop", "err", err)
+	s.log.Info("dropped a well-provided expert to make room", "expert", drop.String(), "for", missing.String())
+	if err := s.add(ctx, m, *missing); err != nil {
+		s.log.Warn("host the missing expert", "expert", missing.String(), "err", err)
 	}
 }
 
@@ -388,8 +436,25 @@ func (s *Service) fits(m *neuropb.Manifest, keys []Key) error {
 	return nil
 }
 
+// hostParallel is how many experts addAll fetches and announces at once:
+// each costs round trips (the fetch, two DHT provider records), so that a
+// span node of hundreds of experts 50 ms from its peers would take
+// minutes one by one.
+const hostParallel = 8
+
+// addAll hosts keys, hostParallel at a time; the first error stops it.
+func (s *Service) addAll(ctx context.Context, m *neuropb.Manifest, keys []Key) error {
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(hostParallel)
+	for _, k := range keys {
+		g.Go(func() error { return s.add(gctx, m, k) })
+	}
+	return g.Wait()
+}
+
 // add hosts expert k: announces the choice, fetches and verifies the
-// shard, loads it into ggml, serves it and provides it.
+// shard, loads it into ggml, serves it and provides it. Several may run at
+// once; the loads take turns.
 func (s *Service) add(ctx context.Context, m *neuropb.Manifest, k Key) error {
 	er := m.ExpertRef(k.Layer, k.Expert)
 	if er == nil {
@@ -418,30 +483,8 @@ func (s *Service) add(ctx context.Context, m *neuropb.Manifest, k Key) error {
 	if err != nil {
 		return fmt.Errorf("expert %s: %w", k, err)
 	}
-	var e moe.Expert
-	if s.cfg.Fault == FaultLowPrec {
-		e, err = lowPrecExpert(s.cfg.Compute, shard, k.Layer, moe.ExpertOptions{Threads: s.cfg.Threads})
-	} else {
-		e, err = moe.NewExpertFromShard(s.cfg.Compute, shard, k.Layer, moe.ExpertOptions{Threads: s.cfg.Threads})
-	}
-	if err != nil {
-		return fmt.Errorf("expert %s: %w", k, err)
-	}
-	if err := s.server.Add(s.cfg.Model, k.Layer, k.Expert, withFault(e, s.cfg.Fault)); err != nil {
-		e.Close()
+	if err := s.load(shard, k); err != nil {
 		return err
-	}
-	s.mu.Lock()
-	s.loaded[k] = e
-	measured := s.speed != 0
-	s.mu.Unlock()
-	if !measured { // computing, outside the lock every heartbeat and lookup takes
-		speed := measure(e)
-		s.mu.Lock()
-		if s.speed == 0 {
-			s.speed = speed
-		}
-		s.mu.Unlock()
 	}
 	if err := s.p2p.Provide(ctx, c); err != nil && ctx.Err() == nil {
 		s.log.Debug("provide", "cid", c, "err", err)
@@ -453,24 +496,80 @@ func (s *Service) add(ctx context.Context, m *neuropb.Manifest, k Key) error {
 	return nil
 }
 
-// Compute runs expert (layer, expert) of model on n rows of hidden states
-// with this node's own copy, outside the server (to re-run a task a
-// verdict is about). It fails unless the node serves that expert.
-func (s *Service) Compute(model cid.Cid, layer, expert int, x []float32, n int) ([]float32, error) {
+// load loads expert k from its shard into the backend and serves it, one
+// load at a time; the first measures the node's speed.
+func (s *Service) load(shard *model.Shard, k Key) error {
+	s.loading.Lock()
+	defer s.loading.Unlock()
+	var e moe.Expert
+	var err error
+	if s.cfg.Fault == FaultLowPrec {
+		e, err = lowPrecExpert(s.cfg.Compute, shard, k.Layer, moe.ExpertOptions{Threads: s.cfg.Threads})
+	} else {
+		e, err = moe.NewExpertFromShard(s.cfg.Compute, shard, k.Layer, moe.ExpertOptions{Threads: s.cfg.Threads})
+	}
+	if err != nil {
+		return fmt.Errorf("expert %s: %w", k, err)
+	}
+	c := withFault(e, s.cfg.Fault)
+	if err := s.server.Add(s.cfg.Model, k.Layer, k.Expert, c); err != nil {
+		e.Close()
+		return err
+	}
 	s.mu.Lock()
-	e := s.loaded[Key{layer, expert}]
+	s.loaded[k], s.served[k] = e, c
+	measured := s.speed != 0
 	s.mu.Unlock()
-	if e == nil || !s.cfg.Model.Equals(model) {
-		return nil, fmt.Errorf("expert %d:%d of %s is not served here", layer, expert, model)
+	if !measured { // computing, outside the lock every heartbeat and lookup takes
+		speed := measure(e)
+		s.mu.Lock()
+		if s.speed == 0 {
+			s.speed = speed
+		}
+		s.mu.Unlock()
 	}
-	if n < 1 || len(x) != n*e.Embd() {
-		return nil, fmt.Errorf("expert %d:%d: %d floats for %d tokens of %d", layer, expert, len(x), n, e.Embd())
-	}
+	return nil
+}
+
+// Compute runs expert (layer, expert) of model on n rows of hidden states
+// with this node's own copy, outside the server and honestly whatever its
+// faulty mode (to re-run a task a verdict is about). It fails unless the
+// node serves that expert.
+func (s *Service) Compute(model cid.Cid, layer, expert int, x []float32, n int) ([]float32, error) {
 	out := make([]float32, len(x))
-	if err := moe.ComputeBatched(e, x, n, out); err != nil {
-		return nil, fmt.Errorf("expert %d:%d: %w", layer, expert, err)
+	if err := s.compute(model, Key{layer, expert}, x, n, out, false); err != nil {
+		return nil, err
 	}
 	return out, nil
+}
+
+// ComputeInto runs the expert as the server does (a node in a faulty mode
+// wrong, as its expert calls are), writing the n rows to out: a span's
+// layers compute their experts this way, with no copy.
+func (s *Service) ComputeInto(model cid.Cid, layer, expert int, x []float32, n int, out []float32) error {
+	return s.compute(model, Key{layer, expert}, x, n, out, true)
+}
+
+// compute runs expert k on n rows into out: the loaded copy, or (served)
+// the server's.
+func (s *Service) compute(model cid.Cid, k Key, x []float32, n int, out []float32, served bool) error {
+	s.mu.Lock()
+	e := s.loaded[k]
+	var c moe.Batcher = e
+	if served {
+		c = s.served[k]
+	}
+	s.mu.Unlock()
+	if e == nil || c == nil || !s.cfg.Model.Equals(model) {
+		return fmt.Errorf("expert %s of %s is not served here", k, model)
+	}
+	if n < 1 || len(x) != n*e.Embd() || len(out) != len(x) {
+		return fmt.Errorf("expert %s: %d floats in and %d out for %d tokens of %d", k, len(x), len(out), n, e.Embd())
+	}
+	if err := moe.ComputeBatched(c, x, n, out); err != nil {
+		return fmt.Errorf("expert %s: %w", k, err)
+	}
+	return nil
 }
 
 // WeightTypes are the tensor types of expert (layer, expert) of model c as
@@ -497,6 +596,14 @@ func (s *Service) WeightTypes(c cid.Cid, layer, expert int) ([]model.DType, bool
 
 // Served counts the expert calls this node has answered.
 func (s *Service) Served() int64 { return s.server.Served() }
+
+// SpanLayers is the span whose experts this node hosts, once chosen (a
+// fixed span at once; an automatic one when the manifest is in).
+func (s *Service) SpanLayers() (first, end int, ok bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.span[0], s.span[1], s.span[1] > s.span[0]
+}
 
 // SetPaused stops or resumes taking expert requests (Server.SetPaused).
 func (s *Service) SetPaused(p bool) { s.server.SetPaused(p) }
@@ -534,9 +641,16 @@ func (s *Service) HeartbeatExtra(hb *neuropb.Heartbeat) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.cfg.Model.Defined() && len(s.hosted) > 0 {
+		// Served experts, and those chosen but still being fetched or
+		// loaded: other nodes count both when they choose, gating nodes
+		// call only the first.
 		hm := &neuropb.HostedModel{Model: s.cfg.Model.Bytes()}
 		for k := range s.hosted {
-			hm.Experts = append(hm.Experts, uint32(k.Layer)<<16|uint32(k.Expert))
+			if s.loaded[k] != nil {
+				hm.Experts = append(hm.Experts, uint32(k.Layer)<<16|uint32(k.Expert))
+			} else {
+				hm.Loading = append(hm.Loading, uint32(k.Layer)<<16|uint32(k.Expert))
+			}
 		}
 		hb.Hosted = []*neuropb.HostedModel{hm}
 	}

@@ -27,12 +27,22 @@ import (
 	"github.com/neuro-p2p/neuro/neuropb"
 	"github.com/neuro-p2p/neuro/p2p"
 	"github.com/neuro-p2p/neuro/reputation"
+	"github.com/neuro-p2p/neuro/span"
 )
 
 // EngineConfig tunes a gating node.
 type EngineConfig struct {
 	// Threads for the gating compute (0: every core).
 	Threads int
+	// NoSpans keeps every forward pass here, its experts called layer by
+	// layer, even where span nodes that heartbeats announce cover every
+	// layer (by default a generation then runs through the chain of
+	// fewest spans: one round trip per span per forward pass).
+	NoSpans bool
+	// ProvenFirst ranks the providers that have answered before those
+	// that have not, calls and groups alike (with a Book, whose
+	// validator proves new providers by its probes; see ProvenFirst).
+	ProvenFirst bool
 	// MaxQueue bounds the requests that wait for a session while all are
 	// busy (one more is answered busy, so that its client tries another
 	// gating node), and QueueTimeout a request's wait.
@@ -157,6 +167,10 @@ type Engine struct {
 	fetcher Fetcher
 	client  *expert.Client
 	sel     *Selector
+	// spanSel orders each span's providers by the time their span
+	// requests took and their reputation (apart from sel: a span request
+	// is not an expert call).
+	spanSel *Selector
 	val     *Validator
 	local   *localJudge
 	queue   *sessionQueue
@@ -239,10 +253,17 @@ func NewEngine(h Network, f Fetcher, cfg EngineConfig, log *slog.Logger) (*Engin
 		return nil, fmt.Errorf("gating: %w", moe.ErrNoBackend)
 	}
 	e := &Engine{cfg: cfg, log: log.With("component", "gating"), h: h, fetcher: f,
-		client: expert.NewClient(h.LibP2P(), log), sel: NewSelector(nil),
+		client: expert.NewClient(h.LibP2P(), log), sel: NewSelector(nil), spanSel: NewSelector(nil),
 		queue: newSessionQueue(max(cfg.MaxSessions, autoSessionsUnknown), cfg.MaxQueue), models: map[cid.Cid]*served{}}
 	if cfg.Book != nil {
-		e.sel = NewSelector(cfg.Book)
+		// The validator probes new providers in the background, and the
+		// selector observes those answers: with ProvenFirst, calls go to
+		// proven providers.
+		var opts []SelectorOption
+		if cfg.ProvenFirst {
+			opts = append(opts, ProvenFirst())
+		}
+		e.sel, e.spanSel = NewSelector(cfg.Book, opts...), NewSelector(cfg.Book)
 		e.local = newLocalJudge(f, cfg.Compute, cfg.Threads)
 		e.val = NewValidator(h.ID(), cfg.Book, ValidatorConfig{OnWrong: cfg.OnWrong, Local: e.local.compute}, e.log)
 	}
@@ -930,7 +951,7 @@ func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Cal
 			res.Cost = cb.Bill.Close(res.FLOPs)
 		}
 	}()
-	sess, err := m.sm.Gating.NewSession(nCtx)
+	sess, err := e.newSession(m, nCtx, gen)
 	if err != nil {
 		return nil, errorf(neuropb.InferError_CODE_INTERNAL, "%v", err)
 	}
@@ -1119,8 +1140,87 @@ func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Cal
 		DraftTokens:    uint64(stats.Drafted.Load()),
 		AcceptedTokens: uint64(stats.Accepted.Load()),
 	}
+	if ss, ok := sess.(*span.Session); ok {
+		st := ss.Stats()
+		res.Stats.ForwardPasses, res.Stats.SpanRequests = uint64(st.Passes), uint64(st.Requests)
+		res.Stats.SpanReplays, res.Stats.SpanFailovers = uint64(st.Replays), uint64(st.Failovers)
+		res.Stats.SpanReplayBytes, res.Stats.SpanReplayUs = uint64(st.ReplayBytes), uint64(st.ReplayTime.Microseconds())
+		res.Stats.SpanRecoveryUs, res.Stats.SpanHedges = uint64(st.Recovery.Microseconds()), uint64(st.Hedges)
+	}
 	return res, nil
 }
+
+// newSession makes a generation's session: through the chain of fewest
+// spans where span nodes that heartbeats announce cover every layer (one
+// round trip per span per forward pass; the spans compute the experts),
+// else here, the experts called layer by layer.
+func (e *Engine) newSession(m *served, nCtx int, gen *Generation) (moe.Session, error) {
+	if !e.cfg.NoSpans {
+		spans := e.h.Peers().Spans(m.cid.Bytes(), time.Now())
+		if e.val != nil {
+			// Providers found wrong (and excluded) serve no span.
+			for r, ps := range spans {
+				if spans[r], _ = e.val.trusted(ps); len(spans[r]) == 0 {
+					delete(spans, r)
+				}
+			}
+		}
+		hops, ok := span.Plan(spans, 0, m.hp.Layers)
+		if ok && len(hops) > 0 {
+			// Each span's providers, the fastest and most trusted first
+			// (the peer ID orders those not measured yet).
+			for i := range hops {
+				hops[i].Providers = e.spanSel.rankOnly(hops[i].Providers, nil)
+			}
+			var c *span.Chain
+			var avoid func(peer.ID) bool
+			check := func(t span.CheckTask) {
+				e.spanSel.Observe(t.Provider, t.Took, nil)
+				if e.val == nil {
+					return
+				}
+				// A sample of the span answers is computed again on
+				// another provider of the span; one found wrong rewinds
+				// the generation to the step that used it, and the chain
+				// moves off its provider.
+				others, _ := e.val.trusted(slices.DeleteFunc(slices.Clone(t.Hop.Providers), func(p peer.ID) bool { return p == t.Provider }))
+				e.val.afterSpan(gen.Checks, int(gen.epoch.Load()), int(gen.step.Load()), t, others,
+					func(ctx context.Context, t span.CheckTask, p peer.ID) ([]float32, error) {
+						// Paid from the generation's escrow, as the work it
+						// checks (a check back after the settlement goes
+						// unpaid).
+						y, rcs, err := c.ReExecute(ctx, t, p)
+						if gen.Receipts != nil {
+							for _, rc := range rcs {
+								gen.Receipts.add(rc, p)
+							}
+						}
+						return y, err
+					})
+			}
+			if e.val != nil {
+				avoid = e.val.book.Excluded
+			}
+			c, err := span.NewChain(span.ChainConfig{Model: m.cid, Head: keepOpen{m.sm.Gating}, Part: moe.Part{Head: true}, Hops: hops,
+				Dialer: e.h.LibP2P(), Timeout: e.cfg.CallTimeout, Log: e.log, OnRequest: check, Avoid: avoid})
+			if err != nil {
+				return nil, err
+			}
+			e.log.Debug("generation through spans", "model", m.cid, "spans", len(hops))
+			if gen.Receipts != nil {
+				return c.NewPaidSession(nCtx, gen.Receipts.Escrow, gen.Receipts.add)
+			}
+			return c.NewSession(nCtx)
+		}
+	}
+	return m.sm.Gating.NewSession(nCtx)
+}
+
+// keepOpen is the served model's gating as a chain's head: a chain made
+// for one generation does not close it.
+type keepOpen struct{ moe.Gating }
+
+func (keepOpen) Close() error { return nil }
 
 // forwardError gives a failed forward pass its protocol code.
 func forwardError(ctx context.Context, err error) error {

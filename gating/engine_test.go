@@ -143,7 +143,13 @@ func tokenIDs(toks []client.Token) []int32 {
 
 func (n *expertNet) reference(t testing.TB, prompt string, maxTokens int) *ggml.Generation {
 	t.Helper()
-	ref, err := ggml.LoadLlama(n.src)
+	return llamaReference(t, n.src, prompt, maxTokens)
+}
+
+// llamaReference is llama.cpp's greedy generation of the whole model at src.
+func llamaReference(t testing.TB, src, prompt string, maxTokens int) *ggml.Generation {
+	t.Helper()
+	ref, err := ggml.LoadLlama(src)
 	if err != nil {
 		t.Fatal(err)
 	}

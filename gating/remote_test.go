@@ -6,9 +6,11 @@ import (
 	"context"
 	"fmt"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/neuro-p2p/neuro/expert"
@@ -16,7 +18,9 @@ import (
 	"github.com/neuro-p2p/neuro/model"
 	"github.com/neuro-p2p/neuro/moe"
 	"github.com/neuro-p2p/neuro/neuropb"
+	"github.com/neuro-p2p/neuro/p2p"
 	"github.com/neuro-p2p/neuro/p2p/p2ptest"
+	"github.com/neuro-p2p/neuro/p2p/wire"
 )
 
 // A prompt answered by experts on three other nodes gives llama.cpp's
@@ -98,36 +102,9 @@ func TestHedgingAroundASlowNode(t *testing.T) {
 	defer cancel()
 	p := model.Presets["tiny"]
 	dir, res := splitModel(t, p, model.F32, 77)
-	src := filepath.Join(dir, "m.gguf")
 	hs := p2ptest.Cluster(t, ctx, 3, p2ptest.Config(500*time.Millisecond)) // 0: gating, 1: slow, 2: fast
-	for i, delay := range []time.Duration{300 * time.Millisecond, 0} {
-		srv, err := expert.NewServer(hs[i+1].LibP2P(), expert.DefaultConfig(), quiet())
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { srv.Close() })
-		var wrap func(moe.Expert) expert.Computer
-		if delay > 0 {
-			wrap = func(e moe.Expert) expert.Computer { return slow{e, delay} }
-		}
-		serveExperts(t, srv, dir, res, ggml.Backend{}, wrap)
-		srv.Start()
-	}
-	ref, err := ggml.LoadLlama(src)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ref.Close()
-	const prompt, maxTokens = "hello world the expert", 12
-	want, err := ref.GenerateGreedy(prompt, maxTokens, ggml.ContextOptions{}, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sm, err := ggml.LoadSplit(filepath.Join(dir, "shards"), res.ModelCID, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sm.Close()
+	startExperts(t, hs[1], dir, res, func(e moe.Expert) expert.Computer { return slow{e, 300 * time.Millisecond} })
+	startExperts(t, hs[2], dir, res, nil)
 	client := expert.NewClient(hs[0].LibP2P(), quiet())
 	defer client.Close()
 	slowPeer, fastPeer := hs[1].ID(), hs[2].ID()
@@ -135,13 +112,7 @@ func TestHedgingAroundASlowNode(t *testing.T) {
 	remote := &RemoteExperts{Client: client, Model: res.ModelCID, Embd: p.Embd, Used: p.ExpertsUsed,
 		Providers: func(expert.Key) []peer.ID { return []peer.ID{slowPeer, fastPeer} }, // the slow one listed first
 		DType:     neuropb.WireDType_WIRE_DTYPE_F32, Selector: sel}
-	got, err := sm.GenerateGreedy(ctx, prompt, maxTokens, 0, remote, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if fmt.Sprint(got.Tokens) != fmt.Sprint(want.Tokens) {
-		t.Fatalf("tokens %v, llama.cpp %v", got.Tokens, want.Tokens)
-	}
+	generateLikeLlama(t, ctx, dir, res, remote)
 	if remote.Hedges() == 0 {
 		t.Fatal("no call was hedged")
 	}
@@ -149,4 +120,94 @@ func TestHedgingAroundASlowNode(t *testing.T) {
 		t.Fatalf("selector still prefers the slow node")
 	}
 	t.Logf("%d hedges, %d re-dispatches", remote.Hedges(), remote.Redispatches())
+}
+
+// With ProvenFirst (a gating node whose validator vets new peers in the
+// background), a node that announces every expert and never answers (a
+// Sybil) is asked only while no provider has answered yet. Before, it was
+// the only node hosting all of a round's experts (honest nodes host some
+// each), so every round's group went to it, and each call in the group
+// waited a hedge delay on it.
+func TestProvenProvidersFirst(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 120*time.Second)
+	defer cancel()
+	p := model.Presets["tiny"]
+	dir, res := splitModel(t, p, model.F32, 78)
+	hs := p2ptest.Cluster(t, ctx, 4, p2ptest.Config(500*time.Millisecond)) // 0: gating, 1: staller, 2 and 3: honest
+	var stalled, groups atomic.Int64                                       // calls alone and groups the staller was sent
+	hs[1].LibP2P().SetStreamHandler(neuropb.ExpertProtocol, func(s network.Stream) {
+		defer s.Reset()
+		r := wire.NewReader(s, neuropb.MaxExpertMessageSize)
+		for { // reads the requests, answers none
+			req := &neuropb.ExpertRequest{}
+			if r.Read(req) != nil {
+				return
+			}
+			if len(req.GetGroup()) > 0 {
+				groups.Add(1)
+			} else {
+				stalled.Add(1)
+			}
+		}
+	})
+	for _, h := range hs[2:] {
+		startExperts(t, h, dir, res, nil)
+	}
+	client := expert.NewClient(hs[0].LibP2P(), quiet())
+	defer client.Close()
+	staller := hs[1].ID()
+	// The staller announces every expert, each honest node half of them.
+	providers := func(k expert.Key) []peer.ID { return []peer.ID{staller, hs[2+k.Expert%2].ID()} }
+	remote := &RemoteExperts{Client: client, Model: res.ModelCID, Embd: p.Embd, Used: p.ExpertsUsed, Providers: providers,
+		DType: neuropb.WireDType_WIRE_DTYPE_F32, Selector: NewSelector(nil, ProvenFirst())}
+	generateLikeLlama(t, ctx, dir, res, remote)
+	// No group goes to a node that has never answered, once any provider
+	// of the round has (the first round's may). Calls alone go to it first
+	// only before any provider of their expert has answered (at most a
+	// round's worth for each honest node), and as a hedge when an honest
+	// answer is late.
+	if g := groups.Load(); g > 1 {
+		t.Fatalf("the staller was sent %d groups (%d calls alone, %d hedges)", g, stalled.Load(), remote.Hedges())
+	}
+	if n := stalled.Load() + groups.Load(); n > int64(2*p.ExpertsUsed)+remote.Hedges() {
+		t.Fatalf("the staller was asked %d calls in a generation of %d tokens, %d hedges", n, remoteTestTokens, remote.Hedges())
+	}
+	t.Logf("staller asked %d calls alone, %d hedges", stalled.Load(), remote.Hedges())
+}
+
+// remoteTestPrompt is what generateLikeLlama asks, for remoteTestTokens
+// tokens.
+const remoteTestPrompt, remoteTestTokens = "hello world the expert", 12
+
+// startExperts serves every expert of the split model at dir from h, each
+// wrapped by wrap (nil: as loaded), until the test ends.
+func startExperts(t *testing.T, h *p2p.Host, dir string, res *model.SplitResult, wrap func(moe.Expert) expert.Computer) {
+	t.Helper()
+	srv, err := expert.NewServer(h.LibP2P(), expert.DefaultConfig(), quiet())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	serveExperts(t, srv, dir, res, ggml.Backend{}, wrap)
+	srv.Start()
+}
+
+// generateLikeLlama generates remoteTestTokens greedy tokens through the
+// split model at dir with remote's experts, and fails t unless they are
+// llama.cpp's from the whole model (dir/m.gguf).
+func generateLikeLlama(t *testing.T, ctx context.Context, dir string, res *model.SplitResult, remote *RemoteExperts) {
+	t.Helper()
+	want := llamaReference(t, filepath.Join(dir, "m.gguf"), remoteTestPrompt, remoteTestTokens)
+	sm, err := ggml.LoadSplit(filepath.Join(dir, "shards"), res.ModelCID, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sm.Close()
+	got, err := sm.GenerateGreedy(ctx, remoteTestPrompt, remoteTestTokens, 0, remote, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(got.Tokens) != fmt.Sprint(want.Tokens) {
+		t.Fatalf("tokens %v, llama.cpp %v", got.Tokens, want.Tokens)
+	}
 }

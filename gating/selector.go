@@ -25,6 +25,9 @@ type NeutralScorer = reputation.Neutral
 // concurrent use.
 type Selector struct {
 	scorer Scorer
+	// provenFirst: no peer that has never answered goes before one that
+	// has (ProvenFirst).
+	provenFirst bool
 
 	mu     sync.Mutex
 	stats  map[peer.ID]*peerStats
@@ -56,19 +59,40 @@ const (
 )
 
 type peerStats struct {
-	rtt, compute float64 // EWMA, seconds
-	recent       []time.Duration
-	failures     float64 // decays on success
-	queue        int
-	answers      int // calls it answered (a loser cancelled is none)
+	// rtt is the EWMA of a call's whole time as the gating node sees it
+	// (network, queueing and the node's compute: what a call costs), in
+	// seconds.
+	rtt      float64
+	recent   []time.Duration
+	failures float64 // decays on success
+	queue    int
+	answers  int // calls it answered (a loser cancelled is none)
 }
 
+// SelectorOption configures a Selector.
+type SelectorOption func(*Selector)
+
+// ProvenFirst ranks every peer that has answered a call before every peer
+// that has not, for a gating node that proves new peers off the critical
+// path (the validator's probes, whose answers the selector observes):
+// a call then waits on an unproven peer only when no proven one is left.
+// Without it one unproven peer goes before the first proven one, so that
+// new peers get tried at all; with many Sybils announcing every expert
+// that cost a hedge on nearly every call (with the groups that went to
+// them: 134 ms a token at 30 nodes and 120 Sybils, against 8.3 ms with
+// ProvenFirst and 4.7 ms without Sybils).
+func ProvenFirst() SelectorOption { return func(s *Selector) { s.provenFirst = true } }
+
 // NewSelector makes a selector; scorer nil means NeutralScorer.
-func NewSelector(scorer Scorer) *Selector {
+func NewSelector(scorer Scorer, opts ...SelectorOption) *Selector {
 	if scorer == nil {
 		scorer = NeutralScorer{}
 	}
-	return &Selector{scorer: scorer, stats: map[peer.ID]*peerStats{}, sticky: map[expert.Key]peer.ID{}}
+	s := &Selector{scorer: scorer, stats: map[peer.ID]*peerStats{}, sticky: map[expert.Key]peer.ID{}}
+	for _, o := range opts {
+		o(s)
+	}
+	return s
 }
 
 func (s *Selector) stat(p peer.ID) *peerStats {
@@ -80,9 +104,9 @@ func (s *Selector) stat(p peer.ID) *peerStats {
 	return st
 }
 
-// Observe records a call's outcome: its round-trip time and the compute
-// time the node reported, or its failure.
-func (s *Selector) Observe(p peer.ID, rtt, compute time.Duration, err error) {
+// Observe records a call's outcome: its whole time (the node's compute
+// included), or its failure.
+func (s *Selector) Observe(p peer.ID, rtt time.Duration, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	st := s.stat(p)
@@ -92,26 +116,27 @@ func (s *Selector) Observe(p peer.ID, rtt, compute time.Duration, err error) {
 	}
 	st.failures *= 0.5
 	st.answers++
-	s.observe(st, rtt, compute)
+	s.observe(st, rtt)
 }
 
 // ObserveLoss records a call p had not answered when a faster provider
-// did: it took at least rtt. It is not an answer: a peer that never
+// did: it took at least rtt, on the same scale as the winner's time (a
+// loser started first, so its bound exceeds the winner's time by the
+// hedge delay, and it costs more). It is not an answer: a peer that never
 // answers (a liar announcing experts it does not serve) stays unproven.
 func (s *Selector) ObserveLoss(p peer.ID, rtt time.Duration) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	st := s.stat(p)
 	st.failures *= 0.5 // it did not fail: it was slower
-	s.observe(st, rtt, 0)
+	s.observe(st, rtt)
 }
 
-func (s *Selector) observe(st *peerStats, rtt, compute time.Duration) {
+func (s *Selector) observe(st *peerStats, rtt time.Duration) {
 	if st.rtt == 0 {
-		st.rtt, st.compute = rtt.Seconds(), compute.Seconds()
+		st.rtt = rtt.Seconds()
 	} else {
 		st.rtt += ewmaAlpha * (rtt.Seconds() - st.rtt)
-		st.compute += ewmaAlpha * (compute.Seconds() - st.compute)
 	}
 	st.recent = append(st.recent, rtt)
 	if len(st.recent) > window {
@@ -131,7 +156,7 @@ func (s *Selector) cost(p peer.ID) float64 {
 	st := s.stats[p]
 	c := unknownCost.Seconds()
 	if st != nil && st.rtt > 0 {
-		c = st.rtt + st.compute
+		c = st.rtt
 	}
 	if st != nil {
 		c *= 1 + float64(st.queue)/4
@@ -184,9 +209,9 @@ func (s *Selector) provenLocked(p peer.ID) bool {
 
 // order sorts a copy of providers by cost, preferred ones at half theirs,
 // and lets at most one peer that has never answered a call go before the
-// first that has: a new peer gets tried, but a crowd of new peers (Sybils
-// announcing every expert) cannot make a call wait through a hedge each
-// before a proven provider is asked.
+// first that has (none with provenFirst): a new peer gets tried, but a
+// crowd of new peers (Sybils announcing every expert) cannot make a call
+// wait through a hedge each before a proven provider is asked.
 func (s *Selector) order(providers []peer.ID, preferred map[peer.ID]bool) ([]peer.ID, map[peer.ID]float64) {
 	out := slices.Clone(providers)
 	cost := make(map[peer.ID]float64, len(out))
@@ -206,7 +231,12 @@ func (s *Selector) order(providers []peer.ID, preferred map[peer.ID]bool) ([]pee
 		}
 		return 0
 	})
-	if first := slices.IndexFunc(out, s.provenLocked); first > 1 {
+	switch first := slices.IndexFunc(out, s.provenLocked); {
+	case first > 0 && s.provenFirst:
+		// Stable: the proven in their order, then the unproven in theirs.
+		proven := slices.DeleteFunc(slices.Clone(out), func(p peer.ID) bool { return !s.provenLocked(p) })
+		out = append(proven, slices.DeleteFunc(out, s.provenLocked)...)
+	case first > 1:
 		p := out[first]
 		out = slices.Insert(slices.Delete(out, first, first+1), 1, p)
 	}

@@ -2,6 +2,7 @@ package gating
 
 import (
 	"errors"
+	"slices"
 	"testing"
 	"time"
 
@@ -25,30 +26,30 @@ func TestSelectorRank(t *testing.T) {
 		want      peer.ID
 	}{
 		{"fastest wins", func(s *Selector) {
-			s.Observe("a", 10*ms, 5*ms, nil)
-			s.Observe("b", 2*ms, 1*ms, nil)
+			s.Observe("a", 10*ms, nil)
+			s.Observe("b", 2*ms, nil)
 		}, nil, nil, "b"},
 		{"reputation divides cost", func(s *Selector) {
-			s.Observe("a", 10*ms, 0, nil)
-			s.Observe("b", 2*ms, 0, nil)
+			s.Observe("a", 10*ms, nil)
+			s.Observe("b", 2*ms, nil)
 		}, fixedScores{"a": 1, "b": 0.1}, nil, "a"},
 		{"failures penalise", func(s *Selector) {
-			s.Observe("a", 10*ms, 0, nil)
-			s.Observe("b", 2*ms, 0, nil)
-			s.Observe("b", 0, 0, errors.New("reset"))
-			s.Observe("b", 0, 0, errors.New("reset"))
+			s.Observe("a", 10*ms, nil)
+			s.Observe("b", 2*ms, nil)
+			s.Observe("b", 0, errors.New("reset"))
+			s.Observe("b", 0, errors.New("reset"))
 		}, nil, nil, "a"},
 		{"queue counts", func(s *Selector) {
-			s.Observe("a", 4*ms, 0, nil)
-			s.Observe("b", 2*ms, 0, nil)
+			s.Observe("a", 4*ms, nil)
+			s.Observe("b", 2*ms, nil)
 			s.SetQueue("b", 20)
 		}, nil, nil, "a"},
 		{"a peer hosting the whole layer is preferred", func(s *Selector) {
-			s.Observe("a", 3*ms, 0, nil)
-			s.Observe("b", 2*ms, 0, nil)
+			s.Observe("a", 3*ms, nil)
+			s.Observe("b", 2*ms, nil)
 		}, nil, map[peer.ID]bool{"a": true}, "a"},
 		{"unmeasured peers get tried", func(s *Selector) {
-			s.Observe("a", 30*ms, 0, nil)
+			s.Observe("a", 30*ms, nil)
 		}, nil, nil, "b"},
 	}
 	for _, tc := range tests {
@@ -65,19 +66,19 @@ func TestSelectorRank(t *testing.T) {
 func TestSelectorSticksUnlessClearlyBetter(t *testing.T) {
 	k := expert.Key{}
 	s := NewSelector(nil)
-	s.Observe("a", 10*time.Millisecond, 0, nil)
-	s.Observe("b", 12*time.Millisecond, 0, nil)
+	s.Observe("a", 10*time.Millisecond, nil)
+	s.Observe("b", 12*time.Millisecond, nil)
 	if got := s.Rank(k, []peer.ID{"a", "b"}, nil); got[0] != "a" {
 		t.Fatalf("first choice %v", got)
 	}
 	for range 20 { // b becomes a little faster than a: not enough to switch
-		s.Observe("b", 9*time.Millisecond, 0, nil)
+		s.Observe("b", 9*time.Millisecond, nil)
 	}
 	if got := s.Rank(k, []peer.ID{"a", "b"}, nil); got[0] != "a" {
 		t.Fatalf("switched for a small gain: %v", got)
 	}
 	for range 30 { // now clearly better
-		s.Observe("b", 3*time.Millisecond, 0, nil)
+		s.Observe("b", 3*time.Millisecond, nil)
 	}
 	if got := s.Rank(k, []peer.ID{"a", "b"}, nil); got[0] != "b" {
 		t.Fatalf("did not switch to a clearly better peer: %v", got)
@@ -90,7 +91,7 @@ func TestHedgeAfterIsP95(t *testing.T) {
 		t.Fatalf("unmeasured: %v", got)
 	}
 	for i := 1; i <= 20; i++ {
-		s.Observe("x", time.Duration(i)*time.Millisecond, 0, nil)
+		s.Observe("x", time.Duration(i)*time.Millisecond, nil)
 	}
 	if got := s.HedgeAfter("x"); got != 20*time.Millisecond {
 		t.Fatalf("p95 of 1..20 ms = %v, want 20ms", got)
@@ -105,7 +106,7 @@ func TestSelectorDeadline(t *testing.T) {
 		t.Fatalf("unmeasured peer: deadline %v, want the call timeout", d)
 	}
 	for range 20 {
-		s.Observe(p, 10*time.Millisecond, 5*time.Millisecond, nil)
+		s.Observe(p, 10*time.Millisecond, nil)
 	}
 	if d := s.Deadline(p, 30*time.Second); d != deadlineFactor*10*time.Millisecond+minDeadline {
 		t.Fatalf("deadline %v", d)
@@ -122,7 +123,7 @@ func TestSelectorDeadline(t *testing.T) {
 func TestSelectorTriesOneUnprovenPeerAtATime(t *testing.T) {
 	k := expert.Key{Layer: 1}
 	s := NewSelector(nil)
-	s.Observe("honest", 30*time.Millisecond, 0, nil)
+	s.Observe("honest", 30*time.Millisecond, nil)
 	s.ObserveLoss("liar-0", 50*time.Millisecond) // cancelled: never answered
 	crowd := []peer.ID{"liar-0", "liar-1", "liar-2", "liar-3", "liar-4", "honest"}
 	got := s.Rank(k, crowd, nil)
@@ -134,14 +135,55 @@ func TestSelectorTriesOneUnprovenPeerAtATime(t *testing.T) {
 	}
 }
 
+// With ProvenFirst (a gating node whose validator proves new peers off the
+// critical path) every proven provider goes before every unproven one,
+// however cheap the unproven look; with none proven, they are tried in
+// order of cost.
+func TestSelectorProvenFirst(t *testing.T) {
+	k := expert.Key{Layer: 1}
+	s := NewSelector(nil, ProvenFirst())
+	s.Observe("slow-honest", 80*time.Millisecond, nil)
+	s.Observe("honest", 30*time.Millisecond, nil)
+	s.ObserveLoss("liar-0", 50*time.Millisecond)
+	crowd := []peer.ID{"liar-0", "liar-1", "slow-honest", "liar-2", "honest"}
+	got := s.Rank(k, crowd, nil)
+	if want := []peer.ID{"honest", "slow-honest", "liar-1", "liar-2", "liar-0"}; !slices.Equal(got, want) {
+		t.Fatalf("Rank = %v, want %v", got, want)
+	}
+	if got := s.rankOnly([]peer.ID{"liar-1", "honest"}, map[peer.ID]bool{"liar-1": true}); got[0] != "honest" {
+		t.Fatalf("rankOnly = %v: a preferred unproven peer went before a proven one", got)
+	}
+	if got := s.Rank(expert.Key{Layer: 2}, []peer.ID{"liar-0", "liar-2", "liar-1"}, nil); got[2] != "liar-0" {
+		t.Fatalf("Rank = %v, want the peer that lost a race last", got)
+	}
+}
+
 func TestSelectorProven(t *testing.T) {
 	s := NewSelector(nil)
 	s.ObserveLoss("liar", 50*time.Millisecond)
-	s.Observe("failed", 0, 0, errors.New("reset"))
-	s.Observe("honest", 3*time.Millisecond, time.Millisecond, nil)
+	s.Observe("failed", 0, errors.New("reset"))
+	s.Observe("honest", 3*time.Millisecond, nil)
 	for p, want := range map[peer.ID]bool{"liar": false, "failed": false, "honest": true, "unknown": false} {
 		if got := s.Proven(p); got != want {
 			t.Errorf("Proven(%s) = %v, want %v", p, got, want)
 		}
+	}
+}
+
+// A provider that loses every race (its calls cancelled once a hedge to
+// another answered) never ranks above the one that won them, however much
+// of the winner's time was its compute: both are measured on the same
+// scale, the call's whole time, and the loser's bound is the winner's
+// time plus the hedge delay.
+func TestSelectorPrefersTheWinnerOverTheLoser(t *testing.T) {
+	s := NewSelector(nil)
+	k := expert.Key{Layer: 2}
+	for i := range 30 {
+		won := time.Duration(40+i%7*20) * time.Millisecond // a loaded machine: most of it compute
+		s.Observe("fast", won, nil)
+		s.ObserveLoss("slow", won+defaultHedge)
+	}
+	if got := s.Rank(k, []peer.ID{"slow", "fast"}, nil); got[0] != "fast" {
+		t.Fatalf("Rank = %v, want the winner first", got)
 	}
 }

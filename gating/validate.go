@@ -203,7 +203,12 @@ func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expe
 	if len(unproven) > 0 && v.draw() < rate {
 		x := unproven[int(v.draw()*float64(len(unproven)))%len(unproven)]
 		usedProven := v.book.Vetted(used) && !v.book.Excluded(used)
-		v.spawn(checks, func(bg context.Context) {
+		// A probe cannot change the generation's answer, so the generation
+		// does not wait for it: a peer that takes a probe and never answers
+		// (a Sybil announcing every expert) held every generation it was
+		// probed from to checkWait. A probe answered after its generation
+		// was settled goes unpaid, as a late check does.
+		v.spawn(nil, func(bg context.Context) {
 			ref, judged := local(bg)
 			if !judged {
 				if !usedProven {

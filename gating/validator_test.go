@@ -6,6 +6,15 @@ import (
 	"io"
 	"log/slog"
 	"testing"
+	"time"
+
+	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/neuro-p2p/neuro/expert"
+	"github.com/neuro-p2p/neuro/neuropb"
+	"github.com/neuro-p2p/neuro/reputation"
+	"github.com/neuro-p2p/neuro/span"
 )
 
 func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
@@ -26,5 +35,111 @@ func TestValidatorCloseEndsChecksInFlight(t *testing.T) {
 	v.Close()
 	if err := <-ended; !errors.Is(err, context.Canceled) {
 		t.Fatalf("check ended with %v, want it cancelled by Close", err)
+	}
+}
+
+// Span answers are checked as experts' are: a new provider's answer is
+// always re-executed on another provider of the span; when that one
+// disagrees, a third decides, and the odd one out is booked as wrong (its
+// answer excluded from later plans once its score falls); a check that
+// agrees validates both.
+func TestValidatorChecksSpans(t *testing.T) {
+	book, err := reputation.Open(reputation.DefaultConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := NewValidator("self", book, ValidatorConfig{}, quiet())
+	defer v.Close()
+	right := []float32{1, 2, 3, 4}
+	answers := map[peer.ID][]float32{"honest-1": right, "honest-2": right, "liar": {1, 2, 3, 40}}
+	reexec := func(_ context.Context, _ span.CheckTask, p peer.ID) ([]float32, error) {
+		if a, ok := answers[p]; ok {
+			return a, nil
+		}
+		return nil, errors.New("no such provider")
+	}
+	hop := span.Hop{First: 0, End: 4, Providers: []peer.ID{"liar", "honest-1", "honest-2"}}
+
+	// The liar's answer, used: honest-1 or honest-2 disagrees, the other decides.
+	checks := NewChecks()
+	v.afterSpan(checks, 0, 3, span.CheckTask{Hop: hop, Provider: "liar", Output: answers["liar"]}, []peer.ID{"honest-1", "honest-2"}, reexec)
+	v.Wait()
+	if bad := checks.Bad(); bad != 3 {
+		t.Fatalf("the generation's checks say step %d was wrong, want 3 (the liar's answer was used)", bad)
+	}
+	if calls, checks, wrong := v.Stats(); calls != 1 || checks != 2 || wrong != 1 {
+		t.Fatalf("stats: %d calls, %d checks, %d wrong", calls, checks, wrong)
+	}
+	for p, want := range map[peer.ID][2]uint64{"liar": {1, 1}, "honest-1": {1, 0}, "honest-2": {1, 0}} {
+		r := book.Snapshot()
+		var got [2]uint64
+		for _, e := range r {
+			if e.Peer == p {
+				got = [2]uint64{e.Checked, e.Failed}
+			}
+		}
+		if got != want {
+			t.Errorf("%s: checked %d, failed %d; want %v", p, got[0], got[1], want)
+		}
+	}
+
+	// An honest answer checked by the liar alone (if drawn: a peer once
+	// validated is checked half the time): no third provider decides, and
+	// nothing is booked as wrong.
+	v.afterSpan(nil, 0, 0, span.CheckTask{Hop: hop, Provider: "honest-1", Output: right}, []peer.ID{"liar"}, reexec)
+	v.Wait()
+	if _, _, wrong := v.Stats(); wrong != 1 {
+		t.Fatalf("%d found wrong: with no third provider to decide, the check is undecided", wrong)
+	}
+}
+
+// A generation waits for the checks of the answers it used, not for the
+// probes of providers it did not use: those cannot change its answer, and
+// a peer that takes a probe and never answers (a Sybil announcing every
+// expert) held every generation it was probed from to checkWait.
+func TestProbesDoNotHoldTheGeneration(t *testing.T) {
+	book, err := reputation.Open(reputation.DefaultConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	right := []float32{1, 2, 3, 4}
+	v := NewValidator("self", book, ValidatorConfig{ProbeRate: 1, Local: func(context.Context, cid.Cid, expert.Key, []float32, int) ([]float32, error) {
+		return right, nil
+	}}, quiet())
+	defer v.Close()
+	release := make(chan struct{})
+	probed, probeEnded := make(chan struct{}), make(chan struct{})
+	call := func(ctx context.Context, p peer.ID) ([]float32, *neuropb.UsageReceipt, error) {
+		if p != "stall" {
+			return nil, nil, errors.New("no such provider")
+		}
+		close(probed)
+		defer close(probeEnded)
+		select { // takes the probe, never answers until released
+		case <-release:
+		case <-ctx.Done():
+		}
+		return nil, nil, errors.New("stalled")
+	}
+	checks := NewChecks()
+	// "used" is new: the local judge checks its answer, and the probe goes
+	// to "stall", never checked yet (ProbeRate 1).
+	v.after(checks, 0, 0, cid.Cid{}, expert.Key{Layer: 1, Expert: 2}, nil, right, 1, "used", right, nil, []peer.ID{"stall"}, nil, call)
+	<-probed
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	checks.Wait(ctx)
+	select {
+	case <-probeEnded:
+		t.Fatal("the generation waited for a probe of a provider it did not use")
+	default:
+	}
+	if !book.Vetted("used") || checks.Bad() != -1 {
+		t.Fatalf("the used answer's own check: vetted %v, bad step %d", book.Vetted("used"), checks.Bad())
+	}
+	close(release)
+	v.Wait()
+	if _, n, _ := v.Stats(); n != 2 {
+		t.Fatalf("%d checks, want the local check and the probe", n)
 	}
 }

@@ -48,6 +48,15 @@ func (b Backend) NewGating(hp moe.Hparams, shard *model.Shard, threads int) (moe
 	return gatingIface{g}, nil
 }
 
+// NewGatingPart implements moe.PartLoader.
+func (b Backend) NewGatingPart(hp moe.Hparams, t moe.Tensors, part moe.Part, threads int) (moe.Gating, error) {
+	g, err := NewGatingPart(b.Device, hp, t, part, threads)
+	if err != nil {
+		return nil, err
+	}
+	return gatingIface{g}, nil
+}
+
 // LoadVocab implements moe.GatingLoader.
 func (Backend) LoadVocab(path string) (moe.Vocab, error) {
 	l, err := LoadVocab(path)
@@ -69,7 +78,11 @@ func (Backend) Dequantize(t model.DType, b []byte) ([]float32, error) { return D
 // returns the concrete *Session).
 type gatingIface struct{ *Gating }
 
-var _ moe.SessionSizer = gatingIface{}
+var (
+	_ moe.SessionSizer = gatingIface{}
+	_ moe.PartLoader   = Backend{}
+	_ moe.Steps        = (*Session)(nil)
+)
 
 func (g gatingIface) NewSession(nCtx int) (moe.Session, error) {
 	s, err := g.Gating.NewSession(nCtx)

@@ -63,6 +63,9 @@ struct neuro_gating {
     struct ggml_tensor * output_norm;
     struct ggml_tensor * output;
     struct gating_layer * layers;
+    // The part loaded: layers [first, end) (their weights and KV caches)
+    // and, with head, the embeddings, final norm and output head.
+    int first, end, head;
     size_t meta_size;
     void * meta;
 };
@@ -106,7 +109,7 @@ size_t neuro_session_bytes(const neuro_gating * g, int n_ctx, int n_ubatch) {
     const int64_t n_embd_k_gqa = (int64_t) hp->n_embd_head * hp->n_head_kv;
     const int64_t n_embd_v_gqa = (int64_t) hp->n_embd_head_v * hp->n_head_kv;
     size_t n = 0;
-    for (int il = 0; il < hp->n_layer; il++) {
+    for (int il = g->first; il < g->end; il++) {
         const int cells = is_swa(hp, il) ? swa_cells(hp, n_ctx, n_ubatch) : n_ctx;
         n += ggml_row_size(GGML_TYPE_F16, n_embd_k_gqa) * cells + ggml_row_size(GGML_TYPE_F16, n_embd_v_gqa) * cells;
     }
@@ -184,10 +187,14 @@ void neuro_gating_free(neuro_gating * g) {
     free(g);
 }
 
-neuro_gating * neuro_gating_new(const neuro_hparams * hp, const neuro_weight * ws, int n_ws,
-                                int dev, int n_threads, char * err, size_t err_len) {
+neuro_gating * neuro_gating_new(const neuro_hparams * hp, const neuro_weight * ws, int n_ws, int first, int end,
+                                int head, int dev, int n_threads, char * err, size_t err_len) {
     if (hp->n_layer < 1 || hp->n_layer > NEURO_MAX_LAYERS) {
         snprintf(err, err_len, "%d layers", hp->n_layer);
+        return NULL;
+    }
+    if (first < 0 || end > hp->n_layer || first > end || (first == end && !head)) {
+        snprintf(err, err_len, "layers [%d, %d) of %d%s", first, end, hp->n_layer, head ? " and the head" : "");
         return NULL;
     }
     neuro_gating * g = calloc(1, sizeof(*g));
@@ -196,6 +203,9 @@ neuro_gating * neuro_gating_new(const neuro_hparams * hp, const neuro_weight * w
         return NULL;
     }
     g->hp = *hp;
+    g->first = first;
+    g->end = end;
+    g->head = head;
     g->layers = calloc(hp->n_layer, sizeof(struct gating_layer));
     if (g->layers == NULL) {
         snprintf(err, err_len, "out of memory");
@@ -218,14 +228,16 @@ neuro_gating * neuro_gating_new(const neuro_hparams * hp, const neuro_weight * w
         if (((dst) = find_weight(g, ws, n_ws, name, err, err_len)) == NULL) \
             goto fail;                                                     \
     } while (0)
-    WEIGHT(g->tok_embd, "token_embd.weight");
-    WEIGHT(g->output_norm, "output_norm.weight");
-    if (hp->tied_output) {
-        g->output = g->tok_embd;
-    } else {
-        WEIGHT(g->output, "output.weight");
+    if (head) {
+        WEIGHT(g->tok_embd, "token_embd.weight");
+        WEIGHT(g->output_norm, "output_norm.weight");
+        if (hp->tied_output) {
+            g->output = g->tok_embd;
+        } else {
+            WEIGHT(g->output, "output.weight");
+        }
     }
-    for (int il = 0; il < hp->n_layer; il++) {
+    for (int il = first; il < end; il++) {
         struct gating_layer * l = &g->layers[il];
         WEIGHT(l->attn_norm, "blk.%d.attn_norm.weight", il);
         if (hp->mla) {
@@ -352,7 +364,7 @@ neuro_session * neuro_session_new(neuro_gating * g, int n_ctx, int n_ubatch, cha
     }
     s->k = calloc(hp->n_layer, sizeof(*s->k));
     s->v = calloc(hp->n_layer, sizeof(*s->v));
-    struct ggml_init_params p = { (size_t) (2 * hp->n_layer + 2) * ggml_tensor_overhead(), NULL, true };
+    struct ggml_init_params p = { (size_t) (2 * (g->end - g->first) + 2) * ggml_tensor_overhead(), NULL, true };
     s->kvctx = ggml_init(p);
     if (s->k == NULL || s->v == NULL || s->kvctx == NULL) {
         snprintf(err, err_len, "out of memory");
@@ -360,10 +372,13 @@ neuro_session * neuro_session_new(neuro_gating * g, int n_ctx, int n_ubatch, cha
     }
     const int64_t n_embd_k_gqa = (int64_t) hp->n_embd_head * hp->n_head_kv;
     const int64_t n_embd_v_gqa = (int64_t) hp->n_embd_head_v * hp->n_head_kv;
-    for (int il = 0; il < hp->n_layer; il++) {
+    for (int il = g->first; il < g->end; il++) {
         const int cells = is_swa(hp, il) ? s->n_swa_cells : n_ctx;
         s->k[il] = ggml_new_tensor_2d(s->kvctx, GGML_TYPE_F16, n_embd_k_gqa, cells);
         s->v[il] = ggml_new_tensor_2d(s->kvctx, GGML_TYPE_F16, n_embd_v_gqa, cells);
+    }
+    if (g->end == g->first) {
+        return s; // a head alone keeps no cache
     }
     s->kvbuf = ggml_backend_alloc_ctx_tensors(s->kvctx, g->x.backend);
     if (s->kvbuf == NULL) {
@@ -400,6 +415,7 @@ static struct ggml_tensor * rms_norm(struct ggml_context * ctx, struct ggml_tens
 
 int neuro_embed(neuro_session * s, const int32_t * tokens, int n, float * out) {
     neuro_gating * g = s->g;
+    if (!g->head) return 1;
     struct ggml_context * ctx = graph_ctx(g);
     if (ctx == NULL) return 2;
     struct ggml_cgraph * gf = ggml_new_graph_custom(ctx, GATING_MAX_NODES, false);
@@ -499,10 +515,10 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
                 float * ffn_inp_out, float * moe_in_out, int32_t * selected_ids, float * weights_out, float * extra_out) {
     neuro_gating * g = s->g;
     const neuro_hparams * hp = &g->hp;
-    const struct gating_layer * L = &g->layers[il];
-    if (il < 0 || il >= hp->n_layer || n < 1 || pos0 < 0 || pos0 + n > s->n_ctx) {
+    if (il < g->first || il >= g->end || n < 1 || pos0 < 0 || pos0 + n > s->n_ctx) {
         return 1;
     }
+    const struct gating_layer * L = &g->layers[il];
     const int64_t n_embd_head = hp->n_embd_head;     // the KV cache's key head
     const int64_t n_embd_head_v = hp->n_embd_head_v; // and value head
     const int64_t n_embd_gqa = n_embd_head * hp->n_head_kv;
@@ -722,7 +738,7 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
 
 size_t neuro_session_kv_bytes(const neuro_session * s) {
     size_t n = 0;
-    for (int il = 0; il < s->g->hp.n_layer; il++) {
+    for (int il = s->g->first; il < s->g->end; il++) {
         n += ggml_nbytes(s->k[il]) + ggml_nbytes(s->v[il]);
     }
     return n;
@@ -753,6 +769,7 @@ int neuro_rewind(neuro_session * s, int pos) {
 
 int neuro_output(neuro_session * s, const float * x, int n_out, float * logits_out) {
     neuro_gating * g = s->g;
+    if (!g->head) return 1;
     struct ggml_context * ctx = graph_ctx(g);
     if (ctx == NULL) return 2;
     struct ggml_cgraph * gf = ggml_new_graph_custom(ctx, GATING_MAX_NODES, false);

@@ -25,10 +25,11 @@ import (
 // llama.cpp's (flash attention off, F16 KV cache). Sessions share it; one
 // graph runs at a time.
 type Gating struct {
-	mu  sync.Mutex
-	c   *C.neuro_gating
-	hp  moe.Hparams
-	dev Device
+	mu   sync.Mutex
+	c    *C.neuro_gating
+	hp   moe.Hparams
+	part moe.Part
+	dev  Device
 }
 
 // NewGating copies the gating shard's tensors into ggml memory, checking
@@ -41,21 +42,32 @@ func NewGating(hp moe.Hparams, shard *model.Shard, threads int) (*Gating, error)
 // weights and every session's KV cache live there and each layer's graph
 // runs there, with the CPU only for ops the device lacks.
 func NewGatingOn(dev Device, hp moe.Hparams, shard *model.Shard, threads int) (*Gating, error) {
+	return NewGatingPart(dev, hp, shard, moe.WholePart(hp), threads)
+}
+
+// NewGatingPart is NewGatingOn for part of the model: the layers and head
+// it names, read from t (a gating shard, or format 2's layer and head
+// shards as model.Shards).
+func NewGatingPart(dev Device, hp moe.Hparams, t moe.Tensors, part moe.Part, threads int) (*Gating, error) {
+	if err := part.Check(hp); err != nil {
+		return nil, err
+	}
 	if threads <= 0 || threads > poolThreads {
 		threads = poolThreads
 	}
 	kv, q := hp.HeadDim*hp.KVHeads, hp.HeadDim*hp.Heads
-	want := map[string][]uint64{
-		"token_embd.weight":  {uint64(hp.Embd), uint64(hp.Vocab)},
-		"output_norm.weight": {uint64(hp.Embd)},
-	}
+	want := map[string][]uint64{}
 	// A model whose output head is tied to the embeddings has no
 	// output.weight: the gating compute uses token_embd for both.
-	tied := !shard.Has("output.weight")
-	if !tied {
-		want["output.weight"] = []uint64{uint64(hp.Embd), uint64(hp.Vocab)}
+	tied := !t.Has("output.weight")
+	if part.Head {
+		want["token_embd.weight"] = []uint64{uint64(hp.Embd), uint64(hp.Vocab)}
+		want["output_norm.weight"] = []uint64{uint64(hp.Embd)}
+		if !tied {
+			want["output.weight"] = []uint64{uint64(hp.Embd), uint64(hp.Vocab)}
+		}
 	}
-	for l := range hp.Layers {
+	for l := part.First; l < part.End; l++ {
 		b := fmt.Sprintf("blk.%d.", l)
 		e := uint64(hp.Embd)
 		want[b+"attn_norm.weight"] = []uint64{e}
@@ -121,30 +133,30 @@ func NewGatingOn(dev Device, hp moe.Hparams, shard *model.Shard, threads int) (*
 	sort.Strings(names) // a stable order, so that errors are the same on every run
 	for i, name := range names {
 		shape := want[name]
-		b, t, err := shard.TensorBytes(name)
+		b, ti, err := t.TensorBytes(name)
 		if err != nil {
 			return nil, fmt.Errorf("gating compute: %w", err)
 		}
 		// GGUF writers drop trailing dimensions of 1 ([256 1] is [256]).
-		for len(shape) > 1 && shape[len(shape)-1] == 1 && len(t.Shape) < len(shape) {
+		for len(shape) > 1 && shape[len(shape)-1] == 1 && len(ti.Shape) < len(shape) {
 			shape = shape[:len(shape)-1]
 		}
-		if len(t.Shape) != len(shape) {
-			return nil, fmt.Errorf("gating compute: tensor %s has shape %v, want %v", name, t.Shape, shape)
+		if len(ti.Shape) != len(shape) {
+			return nil, fmt.Errorf("gating compute: tensor %s has shape %v, want %v", name, ti.Shape, shape)
 		}
 		for d := range shape {
-			if t.Shape[d] != shape[d] {
-				return nil, fmt.Errorf("gating compute: tensor %s has shape %v, want %v", name, t.Shape, shape)
+			if ti.Shape[d] != shape[d] {
+				return nil, fmt.Errorf("gating compute: tensor %s has shape %v, want %v", name, ti.Shape, shape)
 			}
 		}
-		if len(shape) == 1 && t.Type != model.F32 {
-			return nil, fmt.Errorf("gating compute: norm or bias %s is %s, want f32", name, t.Type)
+		if len(shape) == 1 && ti.Type != model.F32 {
+			return nil, fmt.Errorf("gating compute: norm or bias %s is %s, want f32", name, ti.Type)
 		}
 		pinner.Pin(&b[0])
 		cname := C.CString(name)
 		defer C.free(unsafe.Pointer(cname))
 		w := &ws[i]
-		w.name, w._type, w.n_dims = cname, C.int(t.Type), C.int(len(shape))
+		w.name, w._type, w.n_dims = cname, C.int(ti.Type), C.int(len(shape))
 		for d := range 4 {
 			w.ne[d] = 1
 			if d < len(shape) {
@@ -189,11 +201,12 @@ func NewGatingOn(dev Device, hp moe.Hparams, shard *model.Shard, threads int) (*
 	defer computeMu.Unlock()
 	C.neuro_pool(C.int(poolThreads))
 	var errbuf [256]C.char
-	c := C.neuro_gating_new(&chp, &ws[0], C.int(len(ws)), dev.index(), C.int(threads), &errbuf[0], C.size_t(len(errbuf)))
+	c := C.neuro_gating_new(&chp, &ws[0], C.int(len(ws)), C.int(part.First), C.int(part.End), cbool(part.Head), dev.index(), C.int(threads),
+		&errbuf[0], C.size_t(len(errbuf)))
 	if c == nil {
-		return nil, fmt.Errorf("gating compute on %s: %s", dev.Spec(), C.GoString(&errbuf[0]))
+		return nil, fmt.Errorf("gating compute (%s) on %s: %s", part, dev.Spec(), C.GoString(&errbuf[0]))
 	}
-	return &Gating{c: c, hp: hp, dev: dev}, nil
+	return &Gating{c: c, hp: hp, part: part, dev: dev}, nil
 }
 
 // SessionBytes is the memory of the KV cache of a session of nCtx tokens
@@ -225,6 +238,9 @@ func (g *Gating) SessionMemory() int64 {
 
 // Hparams returns the model's hyper-parameters.
 func (g *Gating) Hparams() moe.Hparams { return g.hp }
+
+// Part is the part of the model loaded.
+func (g *Gating) Part() moe.Part { return g.part }
 
 // Close frees the ggml memory. Close the sessions first.
 //
@@ -330,17 +346,13 @@ func (s *Session) Forward(ctx context.Context, tokens []int32, experts moe.Exper
 		return nil, err
 	}
 	start := s.pos
-	for len(tokens) > s.ubatch {
-		if _, err := s.forward(ctx, tokens[:s.ubatch], experts, logitsNone); err != nil {
-			return nil, s.undo(start, err)
-		}
-		tokens = tokens[s.ubatch:]
-	}
-	logits, err := s.forward(ctx, tokens, experts, logitsLast)
+	logits, err := moe.InPieces(tokens, s.ubatch, func(piece []int32, want moe.Want) ([][]float32, error) {
+		return s.forward(ctx, piece, experts, want)
+	})
 	if err != nil {
 		return nil, s.undo(start, err)
 	}
-	return logits[0], nil
+	return logits, nil
 }
 
 // ForwardEach runs tokens through the model after those already in the
@@ -356,7 +368,7 @@ func (s *Session) ForwardEach(ctx context.Context, tokens []int32, experts moe.E
 	if err := s.check(tokens); err != nil {
 		return nil, err
 	}
-	return s.forward(ctx, tokens, experts, logitsEach)
+	return s.forward(ctx, tokens, experts, moe.WantEach)
 }
 
 // check refuses no tokens, tokens past the context and tokens outside the
@@ -377,18 +389,6 @@ func (s *Session) check(tokens []int32) error {
 	return nil
 }
 
-// Which logits a forward pass returns.
-type logitsWanted int
-
-const (
-	logitsNone logitsWanted = iota // a piece of a long prompt
-	logitsLast                     // the last token's (llama.cpp's output row)
-	// every token's, each computed as a decode step of one token would
-	// compute it (one graph per token; ggml's matrix products take another
-	// path for two rows or more, which sums in another order)
-	logitsEach
-)
-
 // undo puts the session back at position start after a Forward from
 // there failed with err. Should the window before start be gone too (a
 // failed pass of many pieces), it empties the session.
@@ -404,19 +404,64 @@ func (s *Session) undo(start int, err error) error {
 }
 
 // forward runs one piece of at most ubatch tokens and returns the logits
-// wanted.
-func (s *Session) forward(ctx context.Context, tokens []int32, experts moe.Experts, want logitsWanted) ([][]float32, error) {
-	hp := s.g.hp
-	n := len(tokens)
-	x := make([]float32, n*hp.Embd)
+// wanted: embeddings, the layers, the output head.
+func (s *Session) forward(ctx context.Context, tokens []int32, experts moe.Experts, want moe.Want) ([][]float32, error) {
+	x, err := s.Embed(tokens)
+	if err != nil {
+		return nil, fmt.Errorf("forward: %w", err)
+	}
+	x, rows, err := s.Layers(ctx, x, len(tokens), want, experts)
+	if err != nil {
+		return nil, fmt.Errorf("forward: %w", err)
+	}
+	if want == moe.WantAll {
+		return nil, nil
+	}
+	logits, err := s.Output(x, rows)
+	if err != nil {
+		return nil, fmt.Errorf("forward: %w", err)
+	}
+	return logits, nil
+}
+
+// Embed returns the tokens' embeddings (moe.Steps; a part with the head).
+func (s *Session) Embed(tokens []int32) ([]float32, error) {
+	if !s.g.part.Head {
+		return nil, fmt.Errorf("embed: the gating part is %s, without the head", s.g.part)
+	}
+	if len(tokens) == 0 {
+		return nil, errors.New("embed: no tokens")
+	}
+	for _, t := range tokens {
+		if t < 0 || int(t) >= s.g.hp.Vocab {
+			return nil, fmt.Errorf("embed: token %d outside the vocabulary of %d", t, s.g.hp.Vocab)
+		}
+	}
+	x := make([]float32, len(tokens)*s.g.hp.Embd)
 	if err := s.call(func() C.int {
-		return C.neuro_embed(s.c, (*C.int32_t)(unsafe.Pointer(&tokens[0])), C.int(n), (*C.float)(&x[0]))
+		return C.neuro_embed(s.c, (*C.int32_t)(unsafe.Pointer(&tokens[0])), C.int(len(tokens)), (*C.float)(&x[0]))
 	}); err != nil {
-		return nil, fmt.Errorf("forward: embed: %w", err)
+		return nil, fmt.Errorf("embed: %w", err)
+	}
+	return x, nil
+}
+
+// Layers runs n rows of x through the part's layers at positions Len()
+// on (moe.Steps). A part without layers (a head alone) hands x back.
+func (s *Session) Layers(ctx context.Context, x []float32, n int, want moe.Want, experts moe.Experts) ([]float32, int, error) {
+	hp, part := s.g.hp, s.g.part
+	if n < 1 || len(x) != n*hp.Embd {
+		return nil, 0, fmt.Errorf("layers: %d floats for %d rows of %d", len(x), n, hp.Embd)
+	}
+	if want == moe.WantEach && n > s.ubatch {
+		return nil, 0, fmt.Errorf("layers: %d rows computed apart, at most %d", n, s.ubatch)
+	}
+	if s.pos+n > s.nCtx {
+		return nil, 0, fmt.Errorf("layers: %d rows after %d: %w (%d tokens)", n, s.pos, moe.ErrContextFull, s.nCtx)
 	}
 	rows := n
-	for l := range hp.Layers {
-		last := want == logitsLast && l == hp.Layers-1
+	for l := part.First; l < part.End; l++ {
+		last := want == moe.WantLast && l == hp.Layers-1
 		out := rows
 		if last {
 			out = 1
@@ -439,14 +484,14 @@ func (s *Session) forward(ctx context.Context, tokens []int32, experts moe.Exper
 					(*C.float)(&extra[e]))
 			})
 		}
-		if want == logitsEach {
+		if want == moe.WantEach {
 			for t := range rows {
 				if err := layer(t, 1); err != nil {
-					return nil, fmt.Errorf("forward: layer %d, token %d: %w", l, t, err)
+					return nil, 0, fmt.Errorf("layer %d, token %d: %w", l, t, err)
 				}
 			}
 		} else if err := layer(0, rows); err != nil {
-			return nil, fmt.Errorf("forward: layer %d: %w", l, err)
+			return nil, 0, fmt.Errorf("layer %d: %w", l, err)
 		}
 		if l < hp.DenseLead {
 			// A dense leading layer (llama.cpp: ggml_add(ffn_out, ffn_inp)).
@@ -458,7 +503,7 @@ func (s *Session) forward(ctx context.Context, tokens []int32, experts moe.Exper
 		}
 		for _, e := range selected {
 			if e < 0 || int(e) >= hp.Experts {
-				return nil, fmt.Errorf("forward: layer %d: router chose expert %d of %d", l, e, hp.Experts)
+				return nil, 0, fmt.Errorf("layer %d: router chose expert %d of %d", l, e, hp.Experts)
 			}
 		}
 		if hp.SharedFF > 0 && hp.SharedRemote {
@@ -468,15 +513,15 @@ func (s *Session) forward(ctx context.Context, tokens []int32, experts moe.Exper
 			selected, weights = withShared(selected, weights, out, hp.ExpertsUsed, int32(hp.Experts))
 		}
 		call := experts.MoE
-		if ae, ok := experts.(moe.ApartExperts); ok && want == logitsEach {
+		if ae, ok := experts.(moe.ApartExperts); ok && want == moe.WantEach {
 			call = ae.MoEApart // each row as a decode step computes it
 		}
 		moe, err := call(ctx, l, moeIn, out, selected, weights)
 		if err != nil {
-			return nil, fmt.Errorf("forward: layer %d experts: %w", l, err)
+			return nil, 0, fmt.Errorf("layer %d experts: %w", l, err)
 		}
 		if len(moe) != out*hp.Embd {
-			return nil, fmt.Errorf("forward: layer %d experts returned %d floats, want %d", l, len(moe), out*hp.Embd)
+			return nil, 0, fmt.Errorf("layer %d experts returned %d floats, want %d", l, len(moe), out*hp.Embd)
 		}
 		if hp.SharedFF > 0 && !hp.SharedRemote {
 			// Shared experts (llama.cpp glm4moe: ggml_add(routed, shared)).
@@ -490,19 +535,29 @@ func (s *Session) forward(ctx context.Context, tokens []int32, experts moe.Exper
 		}
 		x, rows = moe, out
 	}
-	var logits [][]float32
-	if want != logitsNone {
-		logits = make([][]float32, rows)
-		for t := range rows {
-			logits[t] = make([]float32, hp.Vocab)
-			if err := s.call(func() C.int {
-				return C.neuro_output(s.c, (*C.float)(&x[t*hp.Embd]), 1, (*C.float)(&logits[t][0]))
-			}); err != nil {
-				return nil, fmt.Errorf("forward: output: %w", err)
-			}
+	s.pos += n
+	return x, rows, nil
+}
+
+// Output applies the final norm and the output head to rows rows of x
+// (moe.Steps; a part with the head).
+func (s *Session) Output(x []float32, rows int) ([][]float32, error) {
+	hp := s.g.hp
+	if !s.g.part.Head {
+		return nil, fmt.Errorf("output: the gating part is %s, without the head", s.g.part)
+	}
+	if rows < 1 || len(x) != rows*hp.Embd {
+		return nil, fmt.Errorf("output: %d floats for %d rows of %d", len(x), rows, hp.Embd)
+	}
+	logits := make([][]float32, rows)
+	for t := range rows {
+		logits[t] = make([]float32, hp.Vocab)
+		if err := s.call(func() C.int {
+			return C.neuro_output(s.c, (*C.float)(&x[t*hp.Embd]), 1, (*C.float)(&logits[t][0]))
+		}); err != nil {
+			return nil, fmt.Errorf("output: %w", err)
 		}
 	}
-	s.pos += n
 	return logits, nil
 }
 

@@ -181,9 +181,13 @@ typedef struct neuro_gating neuro_gating;
 // llama.cpp keeps it without flash attention).
 typedef struct neuro_session neuro_session;
 
-// The weights, KV caches and graphs live on device dev (-1: the CPU).
-neuro_gating * neuro_gating_new(const neuro_hparams * hp, const neuro_weight * ws, int n_ws,
-                                int dev, int n_threads, char * err, size_t err_len);
+// The weights, KV caches and graphs live on device dev (-1: the CPU). It
+// loads layers [first, end) and, with head, the embeddings, final norm and
+// output head (a span node's part has no head; a head alone no layers):
+// neuro_layer runs only those layers, neuro_embed and neuro_output only
+// with the head.
+neuro_gating * neuro_gating_new(const neuro_hparams * hp, const neuro_weight * ws, int n_ws, int first, int end,
+                                int head, int dev, int n_threads, char * err, size_t err_len);
 void neuro_gating_free(neuro_gating * g);
 
 // n_ubatch is the most tokens one neuro_layer call stores: sliding-window

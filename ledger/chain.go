@@ -181,7 +181,7 @@ func StartChain(cfg ChainConfig) (*Chain, error) {
 		return cmtnode.ChecksummedGenesisDoc{GenesisDoc: doc, Sha256Checksum: sum}, nil
 	}
 	n, err := cmtnode.NewNode(context.Background(), c, pv, nodeKey, proxy.NewLocalClientCreator(app), genesis,
-		cmtcfg.DefaultDBProvider, cmtnode.DefaultMetricsProvider(c.Instrumentation), slogAdapter{cfg.Log.With("component", "cometbft")})
+		closedReadsEmpty, cmtnode.DefaultMetricsProvider(c.Instrumentation), slogAdapter{cfg.Log.With("component", "cometbft")})
 	if err != nil {
 		return nil, fmt.Errorf("ledger: comet node: %w", err)
 	}

@@ -11,6 +11,7 @@ import (
 	"regexp"
 	"slices"
 	"strconv"
+	"strings"
 
 	"github.com/ipfs/go-cid"
 	mh "github.com/multiformats/go-multihash"
@@ -97,6 +98,9 @@ const (
 	ExpertKindShared = "shared"
 	KeyDownPrecF32   = "neuro.down_prec_f32"
 )
+
+// KeyLayer is the layer an expert or layer shard belongs to.
+const KeyLayer = "neuro.layer"
 
 // sharedExpertTensor matches a layer's shared-expert tensors.
 var sharedExpertTensor = regexp.MustCompile(`^blk\.(\d+)\.ffn_(gate|up|down)_shexp\.weight$`)
@@ -197,7 +201,7 @@ func SplitWith(path, dir string, o SplitOptions) (*SplitResult, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("split: %w", err)
 	}
-	m := &neuropb.Manifest{Format: 1, Architecture: arch, Params: params}
+	m := &neuropb.Manifest{Format: 2, Architecture: arch, Params: params}
 
 	// Sort the tensors: expert tensors by layer, the rest to the gating shard.
 	experts := map[int]map[string]TensorInfo{} // layer -> part -> tensor
@@ -271,19 +275,22 @@ func SplitWith(path, dir string, o SplitOptions) (*SplitResult, error) {
 			}
 		}
 	}
-	total, done := 1+int(params.Layers-params.DenseLead)*(int(params.Experts)+min(1, len(shared))), 0
+	total, done := 2+int(params.Layers)+int(params.Layers-params.DenseLead)*(int(params.Experts)+min(1, len(shared))), 0
 	progress(0, total)
 	if m.Gating, err = writeShard(dir, f.KVs, gating); err != nil {
 		return nil, fmt.Errorf("split %s: gating shard: %w", path, err)
 	}
 	done++
 	progress(done, total)
+	if m.Head, m.Layers, err = writeLayerShards(dir, f, src, gating, int(params.Layers), func() { done++; progress(done, total) }); err != nil {
+		return nil, fmt.Errorf("split %s: %w", path, err)
+	}
 	for layer := int(params.DenseLead); layer < int(params.Layers); layer++ {
 		for e := range int(params.Experts) {
 			kvs := []KV{
 				{"general.architecture", arch},
 				{arch + ".block_count", uint32(layer + 1)},
-				{"neuro.layer", uint32(layer)},
+				{KeyLayer, uint32(layer)},
 				{"neuro.expert", uint32(e)},
 			}
 			if act := ExpertActivation(arch); act != ActSwiGLU {
@@ -322,7 +329,7 @@ func SplitWith(path, dir string, o SplitOptions) (*SplitResult, error) {
 		kvs := []KV{
 			{"general.architecture", arch},
 			{arch + ".block_count", uint32(layer + 1)},
-			{"neuro.layer", uint32(layer)},
+			{KeyLayer, uint32(layer)},
 			{"neuro.expert", params.Experts},
 			{KeyExpertKind, ExpertKindShared},
 		}
@@ -351,6 +358,55 @@ func SplitWith(path, dir string, o SplitOptions) (*SplitResult, error) {
 		return nil, fmt.Errorf("split: %w", err)
 	}
 	return &SplitResult{ModelCID: CIDOf(raw), Manifest: m}, nil
+}
+
+// layerTensor matches a layer's tensors.
+var layerTensor = regexp.MustCompile(`^blk\.(\d+)\.`)
+
+// writeLayerShards writes the gating shard's tensors again as format 2's
+// head shard (the tensors of no layer, and all metadata) and one shard
+// per layer (its tensors, and the metadata but the tokenizer), calling
+// wrote after each.
+func writeLayerShards(dir string, f *File, src io.ReaderAt, gating []TensorData, layers int, wrote func()) (*neuropb.ShardRef, []*neuropb.LayerShardRef, error) {
+	var head []TensorData
+	per := make([][]TensorData, layers)
+	for _, t := range gating {
+		td := TensorData{Info: t.Info, Data: f.TensorReader(src, t.Info)}
+		g := layerTensor.FindStringSubmatch(t.Info.Name)
+		if g == nil {
+			head = append(head, td)
+			continue
+		}
+		l, err := strconv.Atoi(g[1])
+		if err != nil || l >= layers {
+			return nil, nil, fmt.Errorf("tensor %s: layer beyond block_count %d", t.Info.Name, layers)
+		}
+		per[l] = append(per[l], td)
+	}
+	headRef, err := writeShard(dir, f.KVs, head)
+	if err != nil {
+		return nil, nil, fmt.Errorf("head shard: %w", err)
+	}
+	wrote()
+	var meta []KV
+	for _, kv := range f.KVs {
+		if !strings.HasPrefix(kv.Key, "tokenizer.") {
+			meta = append(meta, kv)
+		}
+	}
+	refs := make([]*neuropb.LayerShardRef, layers)
+	for l, tds := range per {
+		if len(tds) == 0 {
+			return nil, nil, fmt.Errorf("layer %d has no attention tensors", l)
+		}
+		ref, err := writeShard(dir, append(slices.Clone(meta), KV{KeyLayer, uint32(l)}), tds)
+		if err != nil {
+			return nil, nil, fmt.Errorf("layer %d shard: %w", l, err)
+		}
+		refs[l] = &neuropb.LayerShardRef{Layer: uint32(l), Shard: ref}
+		wrote()
+	}
+	return headRef, refs, nil
 }
 
 // writeShard writes a GGUF shard to dir under a temporary name, then
@@ -499,13 +555,75 @@ func ParseManifest(raw []byte, want cid.Cid) (*neuropb.Manifest, cid.Cid, error)
 }
 
 // ShardRefs lists a manifest's shards: the gating shard, then the experts
-// in order (the hosted shared experts last).
+// in order (the hosted shared experts last), then format 2's head and
+// layer shards.
 func ShardRefs(m *neuropb.Manifest) []*neuropb.ShardRef {
 	refs := []*neuropb.ShardRef{m.GetGating()}
 	for _, e := range m.AllExperts() {
 		refs = append(refs, e.GetShard())
 	}
+	if m.GetHead() != nil {
+		refs = append(refs, m.GetHead())
+	}
+	for _, l := range m.GetLayers() {
+		refs = append(refs, l.GetShard())
+	}
 	return refs
+}
+
+// PartShards opens, with open (a directory's OpenShard, or a node's store
+// after a fetch), the shards of format 2 that a part of the gating compute
+// reads: layer shards first to end-1, then the head shard with head.
+func PartShards(m *neuropb.Manifest, first, end int, head bool, open func(*neuropb.ShardRef) (*Shard, error)) (Shards, error) {
+	var ss Shards
+	for l := first; l < end; l++ {
+		ref := m.LayerRef(l)
+		if ref == nil {
+			return nil, fmt.Errorf("layer %d: the manifest (format %d) has no shard for it", l, m.GetFormat())
+		}
+		s, err := open(ref)
+		if err != nil {
+			return nil, fmt.Errorf("layer %d shard: %w", l, err)
+		}
+		ss = append(ss, s)
+	}
+	if head {
+		if m.GetHead() == nil {
+			return nil, fmt.Errorf("the manifest (format %d) has no head shard", m.GetFormat())
+		}
+		s, err := open(m.GetHead())
+		if err != nil {
+			return nil, fmt.Errorf("head shard: %w", err)
+		}
+		ss = append(ss, s)
+	}
+	return ss, nil
+}
+
+// Shards reads tensors from several shards, each tensor from the first
+// shard that holds it: a span's layer shards and the head shard, read as
+// one gating shard.
+type Shards []*Shard
+
+// Has reports whether a shard holds the named tensor.
+func (ss Shards) Has(name string) bool {
+	for _, s := range ss {
+		if s.Has(name) {
+			return true
+		}
+	}
+	return false
+}
+
+// TensorBytes returns the named tensor's bytes from the first shard that
+// holds it.
+func (ss Shards) TensorBytes(name string) ([]byte, TensorInfo, error) {
+	for _, s := range ss {
+		if s.Has(name) {
+			return s.TensorBytes(name)
+		}
+	}
+	return nil, TensorInfo{}, fmt.Errorf("no shard holds tensor %s", name)
 }
 
 // Shard is a verified shard loaded into memory.

@@ -3,6 +3,7 @@ package model
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -299,5 +300,96 @@ func TestSplitSharedExpertsRemote(t *testing.T) {
 	src := writeTiny(t, Q8_0, 3)
 	if _, err := SplitWith(src, t.TempDir(), SplitOptions{SharedRemote: true}); err == nil || !strings.Contains(err.Error(), "no shared experts") {
 		t.Fatalf("a model without shared experts: %v", err)
+	}
+}
+
+// Format 2: the gating shard's tensors again as a head shard (no layer's
+// tensors, all metadata) and one shard per layer (that layer's tensors
+// only, the metadata but the tokenizer); a manifest whose layer shards are
+// missing, out of order or in format 1 is refused; and a format 1
+// manifest (a model split before layer shards) still loads.
+func TestSplitWritesLayerAndHeadShards(t *testing.T) {
+	src := writeTiny(t, Q8_0, 13)
+	dir := t.TempDir()
+	res, err := Split(src, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := res.Manifest
+	p := Presets["tiny"]
+	if m.GetFormat() != 2 || len(m.GetLayers()) != p.Layers {
+		t.Fatalf("format %d with %d layer shards, want 2 with %d", m.GetFormat(), len(m.GetLayers()), p.Layers)
+	}
+	gating, err := OpenShard(dir, m.GetGating())
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[string]bool{}
+	head, err := OpenShard(dir, m.GetHead())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ti := range head.File.Tensors {
+		if strings.HasPrefix(ti.Name, "blk.") {
+			t.Errorf("head shard holds layer tensor %s", ti.Name)
+		}
+		seen[ti.Name] = true
+	}
+	if head.File.Get("tokenizer.ggml.tokens") == nil {
+		t.Error("head shard without the tokenizer")
+	}
+	for l := range p.Layers {
+		s, err := OpenShard(dir, m.LayerRef(l))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if s.File.Get("tokenizer.ggml.tokens") != nil || s.File.Get("general.architecture") == nil || s.File.Get(KeyLayer) != uint32(l) {
+			t.Errorf("layer %d shard's metadata: tokenizer %v, architecture %v, layer %v", l,
+				s.File.Get("tokenizer.ggml.tokens") != nil, s.File.Get("general.architecture"), s.File.Get(KeyLayer))
+		}
+		for _, ti := range s.File.Tensors {
+			if !strings.HasPrefix(ti.Name, fmt.Sprintf("blk.%d.", l)) {
+				t.Errorf("layer %d shard holds %s", l, ti.Name)
+			}
+			seen[ti.Name] = true
+		}
+	}
+	// Together they are the gating shard, byte for byte.
+	all, err := PartShards(m, 0, p.Layers, true, func(ref *neuropb.ShardRef) (*Shard, error) { return OpenShard(dir, ref) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ti := range gating.File.Tensors {
+		want, _, _ := gating.TensorBytes(ti.Name)
+		got, _, err := all.TensorBytes(ti.Name)
+		if err != nil || !bytes.Equal(got, want) {
+			t.Errorf("tensor %s: %v", ti.Name, err)
+		}
+		delete(seen, ti.Name)
+	}
+	if len(seen) != 0 {
+		t.Errorf("tensors in the layer and head shards that the gating shard lacks: %v", seen)
+	}
+	if refs := ShardRefs(m); len(refs) != 2+p.Layers+len(m.GetExperts()) {
+		t.Errorf("%d shard refs", len(refs))
+	}
+
+	bad := func(what string, edit func(*neuropb.Manifest)) {
+		t.Helper()
+		c := proto.Clone(m).(*neuropb.Manifest)
+		edit(c)
+		if err := c.Validate(); !errors.Is(err, neuropb.ErrInvalid) {
+			t.Errorf("%s: %v", what, err)
+		}
+	}
+	bad("a layer shard missing", func(c *neuropb.Manifest) { c.Layers = c.Layers[1:] })
+	bad("layers out of order", func(c *neuropb.Manifest) { c.Layers[0], c.Layers[1] = c.Layers[1], c.Layers[0] })
+	bad("no head", func(c *neuropb.Manifest) { c.Head = nil })
+	bad("format 1 with layer shards", func(c *neuropb.Manifest) { c.Format = 1 })
+	bad("format 3", func(c *neuropb.Manifest) { c.Format = 3 })
+	old := proto.Clone(m).(*neuropb.Manifest)
+	old.Format, old.Head, old.Layers = 1, nil, nil
+	if err := old.Validate(); err != nil {
+		t.Errorf("format 1: %v", err)
 	}
 }

@@ -129,9 +129,12 @@ func (h Hparams) IsSWA(il int) bool {
 // GatingArchitectures are the architectures the gating compute runs.
 var GatingArchitectures = []string{"llama", "qwen3moe", "gpt-oss", "glm4moe", "deepseek2"}
 
-// HparamsOf reads the hyper-parameters from a manifest and its gating
-// shard.
-func HparamsOf(m *neuropb.Manifest, gating *model.Shard) (Hparams, error) {
+// HparamsOf reads the hyper-parameters from a manifest and a shard with
+// the model's metadata: the gating shard, or format 2's head or any of
+// its layer shards (the tensors it looks at are read from the manifest's
+// list of the gating shard's, so that every one of them gives the same).
+func HparamsOf(m *neuropb.Manifest, meta *model.Shard) (Hparams, error) {
+	src := newMeta(m, meta)
 	arch := m.GetArchitecture()
 	if !slices.Contains(GatingArchitectures, arch) {
 		return Hparams{}, fmt.Errorf("gating compute: architecture %q is not supported yet (supported: %s)", arch,
@@ -146,11 +149,11 @@ func HparamsOf(m *neuropb.Manifest, gating *model.Shard) (Hparams, error) {
 	}
 	switch {
 	case arch == "glm4moe":
-		if err := glmHparams(&h, gating); err != nil {
+		if err := glmHparams(&h, src); err != nil {
 			return Hparams{}, err
 		}
 	case arch == "deepseek2":
-		if err := deepseekHparams(&h, gating); err != nil {
+		if err := deepseekHparams(&h, src); err != nil {
 			return Hparams{}, err
 		}
 	case h.DenseLead != 0:
@@ -160,7 +163,7 @@ func HparamsOf(m *neuropb.Manifest, gating *model.Shard) (Hparams, error) {
 		return Hparams{}, fmt.Errorf("gating compute: %d heads, %d kv heads", h.Heads, h.KVHeads)
 	}
 	u32 := func(key string) (int, bool) {
-		v, ok := gating.File.Get(arch + "." + key).(uint32)
+		v, ok := src.Get(arch + "." + key).(uint32)
 		return int(v), ok
 	}
 	h.HeadDim = 0
@@ -211,7 +214,7 @@ func HparamsOf(m *neuropb.Manifest, gating *model.Shard) (Hparams, error) {
 			return Hparams{}, fmt.Errorf("gating compute: gpt-oss without %s.attention.sliding_window", arch)
 		}
 	}
-	if err := ropeScaling(&h, gating); err != nil {
+	if err := ropeScaling(&h, src); err != nil {
 		return Hparams{}, err
 	}
 	if err := sharedRemote(&h, m); err != nil {
@@ -228,17 +231,17 @@ func HparamsOf(m *neuropb.Manifest, gating *model.Shard) (Hparams, error) {
 
 // ropeScaling reads the RoPE scaling keys as llama.cpp's load_hparams
 // does for every architecture.
-func ropeScaling(h *Hparams, gating *model.Shard) error {
+func ropeScaling(h *Hparams, src meta) error {
 	a := h.Arch + ".rope.scaling."
 	h.RopeAttnFactor = 1
 	h.RopeOrigCtx = h.CtxLen
-	if v, ok := gating.File.Get(a + "original_context_length").(uint32); ok && v > 0 {
+	if v, ok := src.Get(a + "original_context_length").(uint32); ok && v > 0 {
 		h.RopeOrigCtx = int(v)
 	}
-	if v, ok := gating.File.Get(a + "attn_factor").(float32); ok {
+	if v, ok := src.Get(a + "attn_factor").(float32); ok {
 		h.RopeAttnFactor = v
 	}
-	typ, _ := gating.File.Get(a + "type").(string)
+	typ, _ := src.Get(a + "type").(string)
 	switch typ {
 	case "", "none", "linear", "yarn":
 	default:
@@ -248,9 +251,9 @@ func ropeScaling(h *Hparams, gating *model.Shard) error {
 		h.RopeScaling = typ
 		return nil
 	}
-	f, _ := gating.File.Get(a + "factor").(float32)
+	f, _ := src.Get(a + "factor").(float32)
 	if f == 0 {
-		f, _ = gating.File.Get(h.Arch + ".rope.scale_linear").(float32)
+		f, _ = src.Get(h.Arch + ".rope.scale_linear").(float32)
 	}
 	if f < 0 || f != f {
 		return fmt.Errorf("gating compute: rope scaling factor %g", f)
@@ -264,13 +267,13 @@ func ropeScaling(h *Hparams, gating *model.Shard) error {
 // shared experts, and its router (softmax unless expert_gating_func says
 // sigmoid, the selection bias when exp_probs_b is there, normalised
 // weights if expert_weights_norm, always scaled).
-func deepseekHparams(h *Hparams, gating *model.Shard) error {
+func deepseekHparams(h *Hparams, src meta) error {
 	a := h.Arch + "."
 	u32 := func(key string) int {
-		v, _ := gating.File.Get(a + key).(uint32)
+		v, _ := src.Get(a + key).(uint32)
 		return int(v)
 	}
-	if !gating.Has("blk.0.attn_k_b.weight") {
+	if !src.Has("blk.0.attn_k_b.weight") {
 		return errors.New("gating compute: deepseek2 without multi-head latent attention (a legacy attn_kv_b file) is not supported; convert it again with a current llama.cpp")
 	}
 	h.MLA = true
@@ -278,12 +281,12 @@ func deepseekHparams(h *Hparams, gating *model.Shard) error {
 	if h.Layers != 26 && h.Layers != 27 { // llama.cpp's "lite" models have no Q bottleneck
 		h.QLoraRank = u32("attention.q_lora_rank")
 	}
-	h.YarnLogMul, _ = gating.File.Get(a + "rope.scaling.yarn_log_multiplier").(float32)
+	h.YarnLogMul, _ = src.Get(a + "rope.scaling.yarn_log_multiplier").(float32)
 	h.Sigmoid = u32("expert_gating_func") == 2
-	h.ProbsBias = gating.Has(fmt.Sprintf("blk.%d.exp_probs_b.bias", h.DenseLead))
-	h.NormW, _ = gating.File.Get(a + "expert_weights_norm").(bool)
-	h.ScaleW, _ = gating.File.Get(a + "expert_weights_scale").(float32)
-	return ffnShapes(h, gating)
+	h.ProbsBias = src.Has(fmt.Sprintf("blk.%d.exp_probs_b.bias", h.DenseLead))
+	h.NormW, _ = src.Get(a + "expert_weights_norm").(bool)
+	h.ScaleW, _ = src.Get(a + "expert_weights_scale").(float32)
+	return ffnShapes(h, src)
 }
 
 // mlaShape checks latent attention's sizes against each other.
@@ -298,15 +301,15 @@ func mlaShape(h *Hparams) error {
 
 // ffnShapes reads the dense leading layers' and the shared experts' sizes
 // from their tensors.
-func ffnShapes(h *Hparams, gating *model.Shard) error {
+func ffnShapes(h *Hparams, src meta) error {
 	if h.DenseLead > 0 {
-		t, ok := gating.File.Tensor("blk.0.ffn_gate.weight")
+		t, ok := src.Tensor("blk.0.ffn_gate.weight")
 		if !ok || len(t.Shape) != 2 {
 			return fmt.Errorf("gating compute: %s dense layer 0 has no ffn_gate.weight", h.Arch)
 		}
 		h.DenseFF = int(t.Shape[1])
 	}
-	if t, ok := gating.File.Tensor(fmt.Sprintf("blk.%d.ffn_gate_shexp.weight", h.DenseLead)); ok && len(t.Shape) == 2 {
+	if t, ok := src.Tensor(fmt.Sprintf("blk.%d.ffn_gate_shexp.weight", h.DenseLead)); ok && len(t.Shape) == 2 {
 		h.SharedFF = int(t.Shape[1])
 	}
 	return nil
@@ -331,22 +334,22 @@ func sharedRemote(h *Hparams, m *neuropb.Manifest) error {
 // glmHparams reads what glm4moe adds: dense leading layers, shared experts,
 // Q/K/V biases, the post-attention norm, and its router (sigmoid by
 // default, a selection bias, optional weight normalisation, a scale).
-func glmHparams(h *Hparams, gating *model.Shard) error {
+func glmHparams(h *Hparams, src meta) error {
 	a := h.Arch + "."
 	h.QKVBias, h.PostNorm, h.ProbsBias, h.Sigmoid = true, true, true, true
-	if v, ok := gating.File.Get(a + "expert_gating_func").(uint32); ok && v == 1 {
+	if v, ok := src.Get(a + "expert_gating_func").(uint32); ok && v == 1 {
 		h.Sigmoid = false // softmax
 	}
 	h.NormW = false
-	if v, ok := gating.File.Get(a + "expert_weights_norm").(bool); ok {
+	if v, ok := src.Get(a + "expert_weights_norm").(bool); ok {
 		h.NormW = v
 	}
-	if v, ok := gating.File.Get(a + "expert_weights_scale").(float32); ok {
+	if v, ok := src.Get(a + "expert_weights_scale").(float32); ok {
 		h.ScaleW = v
 	}
-	if _, ok := gating.File.Tensor("blk.0.attn_q_norm.weight"); ok {
+	if _, ok := src.Tensor("blk.0.attn_q_norm.weight"); ok {
 		h.QKNorm = true
 	}
 	h.FFNPrecF32 = true
-	return ffnShapes(h, gating)
+	return ffnShapes(h, src)
 }

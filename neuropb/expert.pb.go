@@ -597,8 +597,12 @@ type UsageReceipt struct {
 	Signature []byte `protobuf:"bytes,7,opt,name=signature,proto3" json:"signature,omitempty"`
 	// FloatsDigest of the input as the expert decoded it and of the output
 	// as the gating node decodes it (after the wire's rounding).
-	InputDigest   []byte `protobuf:"bytes,8,opt,name=input_digest,json=inputDigest,proto3" json:"input_digest,omitempty"`
-	OutputDigest  []byte `protobuf:"bytes,9,opt,name=output_digest,json=outputDigest,proto3" json:"output_digest,omitempty"`
+	InputDigest  []byte `protobuf:"bytes,8,opt,name=input_digest,json=inputDigest,proto3" json:"input_digest,omitempty"`
+	OutputDigest []byte `protobuf:"bytes,9,opt,name=output_digest,json=outputDigest,proto3" json:"output_digest,omitempty"`
+	// A span's receipt (the span protocol): the work was layers [layer,
+	// span_end) of the model, attention and experts, and expert_index is
+	// 0. Unset on an expert's receipt.
+	SpanEnd       uint32 `protobuf:"varint,10,opt,name=span_end,json=spanEnd,proto3" json:"span_end,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -696,6 +700,13 @@ func (x *UsageReceipt) GetOutputDigest() []byte {
 	return nil
 }
 
+func (x *UsageReceipt) GetSpanEnd() uint32 {
+	if x != nil {
+		return x.SpanEnd
+	}
+	return 0
+}
+
 var File_expert_proto protoreflect.FileDescriptor
 
 const file_expert_proto_rawDesc = "" +
@@ -747,7 +758,7 @@ const file_expert_proto_rawDesc = "" +
 	"\x16CODE_DEADLINE_EXCEEDED\x10\x06\x12\r\n" +
 	"\tCODE_BUSY\x10\a\x12\x11\n" +
 	"\rCODE_INTERNAL\x10\b\x12\x19\n" +
-	"\x15CODE_PAYMENT_REQUIRED\x10\t\"\x8b\x02\n" +
+	"\x15CODE_PAYMENT_REQUIRED\x10\t\"\xa6\x02\n" +
 	"\fUsageReceipt\x12\x16\n" +
 	"\x06expert\x18\x01 \x01(\fR\x06expert\x12\x16\n" +
 	"\x06escrow\x18\x02 \x01(\x04R\x06escrow\x12\x14\n" +
@@ -757,7 +768,9 @@ const file_expert_proto_rawDesc = "" +
 	"\x05flops\x18\x06 \x01(\x04R\x05flops\x12\x1c\n" +
 	"\tsignature\x18\a \x01(\fR\tsignature\x12!\n" +
 	"\finput_digest\x18\b \x01(\fR\vinputDigest\x12#\n" +
-	"\routput_digest\x18\t \x01(\fR\foutputDigest*O\n" +
+	"\routput_digest\x18\t \x01(\fR\foutputDigest\x12\x19\n" +
+	"\bspan_end\x18\n" +
+	" \x01(\rR\aspanEnd*O\n" +
 	"\tWireDType\x12\x1a\n" +
 	"\x16WIRE_DTYPE_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eWIRE_DTYPE_F32\x10\x01\x12\x12\n" +

@@ -3,4 +3,4 @@
 // and GossipSub topic names, each declared once here.
 package neuropb
 
-//go:generate protoc --go_out=. --go_opt=paths=source_relative heartbeat.proto model.proto expert.proto shard.proto infer.proto validation.proto ledger.proto
+//go:generate protoc --go_out=. --go_opt=paths=source_relative heartbeat.proto model.proto expert.proto shard.proto infer.proto validation.proto ledger.proto span.proto

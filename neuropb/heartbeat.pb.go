@@ -310,7 +310,15 @@ type HostedModel struct {
 	// Model CID (binary).
 	Model []byte `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
 	// Each expert as layer << 16 | expert.
-	Experts       []uint32 `protobuf:"varint,2,rep,packed,name=experts,proto3" json:"experts,omitempty"`
+	Experts []uint32 `protobuf:"varint,2,rep,packed,name=experts,proto3" json:"experts,omitempty"`
+	// The layer spans the node serves on the span protocol (layers
+	// [first, end) with their experts), for heads that send a forward pass
+	// through spans instead of calling experts layer by layer.
+	Spans []*LayerRange `protobuf:"bytes,3,rep,name=spans,proto3" json:"spans,omitempty"`
+	// Experts the node has chosen and is fetching or loading (layer << 16 |
+	// expert): not served yet, so never called, but counted by nodes that
+	// choose what to host, so that two do not choose alike.
+	Loading       []uint32 `protobuf:"varint,4,rep,packed,name=loading,proto3" json:"loading,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -359,6 +367,73 @@ func (x *HostedModel) GetExperts() []uint32 {
 	return nil
 }
 
+func (x *HostedModel) GetSpans() []*LayerRange {
+	if x != nil {
+		return x.Spans
+	}
+	return nil
+}
+
+func (x *HostedModel) GetLoading() []uint32 {
+	if x != nil {
+		return x.Loading
+	}
+	return nil
+}
+
+// LayerRange is layers [first, end) of a model.
+type LayerRange struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	First         uint32                 `protobuf:"varint,1,opt,name=first,proto3" json:"first,omitempty"`
+	End           uint32                 `protobuf:"varint,2,opt,name=end,proto3" json:"end,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LayerRange) Reset() {
+	*x = LayerRange{}
+	mi := &file_heartbeat_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LayerRange) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LayerRange) ProtoMessage() {}
+
+func (x *LayerRange) ProtoReflect() protoreflect.Message {
+	mi := &file_heartbeat_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LayerRange.ProtoReflect.Descriptor instead.
+func (*LayerRange) Descriptor() ([]byte, []int) {
+	return file_heartbeat_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *LayerRange) GetFirst() uint32 {
+	if x != nil {
+		return x.First
+	}
+	return 0
+}
+
+func (x *LayerRange) GetEnd() uint32 {
+	if x != nil {
+		return x.End
+	}
+	return 0
+}
+
 // Capacity describes a node's room and speed for expert compute.
 type Capacity struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -376,7 +451,7 @@ type Capacity struct {
 
 func (x *Capacity) Reset() {
 	*x = Capacity{}
-	mi := &file_heartbeat_proto_msgTypes[2]
+	mi := &file_heartbeat_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -388,7 +463,7 @@ func (x *Capacity) String() string {
 func (*Capacity) ProtoMessage() {}
 
 func (x *Capacity) ProtoReflect() protoreflect.Message {
-	mi := &file_heartbeat_proto_msgTypes[2]
+	mi := &file_heartbeat_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -401,7 +476,7 @@ func (x *Capacity) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Capacity.ProtoReflect.Descriptor instead.
 func (*Capacity) Descriptor() ([]byte, []int) {
-	return file_heartbeat_proto_rawDescGZIP(), []int{2}
+	return file_heartbeat_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *Capacity) GetFreeMemoryBytes() uint64 {
@@ -450,7 +525,7 @@ type Hardware struct {
 
 func (x *Hardware) Reset() {
 	*x = Hardware{}
-	mi := &file_heartbeat_proto_msgTypes[3]
+	mi := &file_heartbeat_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -462,7 +537,7 @@ func (x *Hardware) String() string {
 func (*Hardware) ProtoMessage() {}
 
 func (x *Hardware) ProtoReflect() protoreflect.Message {
-	mi := &file_heartbeat_proto_msgTypes[3]
+	mi := &file_heartbeat_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -475,7 +550,7 @@ func (x *Hardware) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Hardware.ProtoReflect.Descriptor instead.
 func (*Hardware) Descriptor() ([]byte, []int) {
-	return file_heartbeat_proto_rawDescGZIP(), []int{3}
+	return file_heartbeat_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Hardware) GetCpu() string {
@@ -545,7 +620,7 @@ type Device struct {
 
 func (x *Device) Reset() {
 	*x = Device{}
-	mi := &file_heartbeat_proto_msgTypes[4]
+	mi := &file_heartbeat_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -557,7 +632,7 @@ func (x *Device) String() string {
 func (*Device) ProtoMessage() {}
 
 func (x *Device) ProtoReflect() protoreflect.Message {
-	mi := &file_heartbeat_proto_msgTypes[4]
+	mi := &file_heartbeat_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -570,7 +645,7 @@ func (x *Device) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Device.ProtoReflect.Descriptor instead.
 func (*Device) Descriptor() ([]byte, []int) {
-	return file_heartbeat_proto_rawDescGZIP(), []int{4}
+	return file_heartbeat_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Device) GetBackend() string {
@@ -646,7 +721,7 @@ type Load struct {
 
 func (x *Load) Reset() {
 	*x = Load{}
-	mi := &file_heartbeat_proto_msgTypes[5]
+	mi := &file_heartbeat_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -658,7 +733,7 @@ func (x *Load) String() string {
 func (*Load) ProtoMessage() {}
 
 func (x *Load) ProtoReflect() protoreflect.Message {
-	mi := &file_heartbeat_proto_msgTypes[5]
+	mi := &file_heartbeat_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -671,7 +746,7 @@ func (x *Load) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Load.ProtoReflect.Descriptor instead.
 func (*Load) Descriptor() ([]byte, []int) {
-	return file_heartbeat_proto_rawDescGZIP(), []int{5}
+	return file_heartbeat_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Load) GetPeers() uint32 {
@@ -725,10 +800,16 @@ const file_heartbeat_proto_rawDesc = "" +
 	"\vinterval_ms\x18\r \x01(\rR\n" +
 	"intervalMs\x12\x1f\n" +
 	"\vpeers_heard\x18\x0e \x01(\rR\n" +
-	"peersHeard\"=\n" +
+	"peersHeard\"\x83\x01\n" +
 	"\vHostedModel\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\fR\x05model\x12\x18\n" +
-	"\aexperts\x18\x02 \x03(\rR\aexperts\"\xb3\x01\n" +
+	"\aexperts\x18\x02 \x03(\rR\aexperts\x12*\n" +
+	"\x05spans\x18\x03 \x03(\v2\x14.neuro.v1.LayerRangeR\x05spans\x12\x18\n" +
+	"\aloading\x18\x04 \x03(\rR\aloading\"4\n" +
+	"\n" +
+	"LayerRange\x12\x14\n" +
+	"\x05first\x18\x01 \x01(\rR\x05first\x12\x10\n" +
+	"\x03end\x18\x02 \x01(\rR\x03end\"\xb3\x01\n" +
 	"\bCapacity\x12*\n" +
 	"\x11free_memory_bytes\x18\x01 \x01(\x04R\x0ffreeMemoryBytes\x12\x1f\n" +
 	"\vqueue_depth\x18\x02 \x01(\rR\n" +
@@ -782,30 +863,32 @@ func file_heartbeat_proto_rawDescGZIP() []byte {
 }
 
 var file_heartbeat_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_heartbeat_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
+var file_heartbeat_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
 var file_heartbeat_proto_goTypes = []any{
 	(Role)(0),           // 0: neuro.v1.Role
 	(Reachability)(0),   // 1: neuro.v1.Reachability
 	(*Heartbeat)(nil),   // 2: neuro.v1.Heartbeat
 	(*HostedModel)(nil), // 3: neuro.v1.HostedModel
-	(*Capacity)(nil),    // 4: neuro.v1.Capacity
-	(*Hardware)(nil),    // 5: neuro.v1.Hardware
-	(*Device)(nil),      // 6: neuro.v1.Device
-	(*Load)(nil),        // 7: neuro.v1.Load
+	(*LayerRange)(nil),  // 4: neuro.v1.LayerRange
+	(*Capacity)(nil),    // 5: neuro.v1.Capacity
+	(*Hardware)(nil),    // 6: neuro.v1.Hardware
+	(*Device)(nil),      // 7: neuro.v1.Device
+	(*Load)(nil),        // 8: neuro.v1.Load
 }
 var file_heartbeat_proto_depIdxs = []int32{
 	0, // 0: neuro.v1.Heartbeat.roles:type_name -> neuro.v1.Role
-	7, // 1: neuro.v1.Heartbeat.load:type_name -> neuro.v1.Load
+	8, // 1: neuro.v1.Heartbeat.load:type_name -> neuro.v1.Load
 	3, // 2: neuro.v1.Heartbeat.hosted:type_name -> neuro.v1.HostedModel
-	4, // 3: neuro.v1.Heartbeat.capacity:type_name -> neuro.v1.Capacity
+	5, // 3: neuro.v1.Heartbeat.capacity:type_name -> neuro.v1.Capacity
 	1, // 4: neuro.v1.Heartbeat.reachability:type_name -> neuro.v1.Reachability
-	5, // 5: neuro.v1.Capacity.hardware:type_name -> neuro.v1.Hardware
-	6, // 6: neuro.v1.Hardware.devices:type_name -> neuro.v1.Device
-	7, // [7:7] is the sub-list for method output_type
-	7, // [7:7] is the sub-list for method input_type
-	7, // [7:7] is the sub-list for extension type_name
-	7, // [7:7] is the sub-list for extension extendee
-	0, // [0:7] is the sub-list for field type_name
+	4, // 5: neuro.v1.HostedModel.spans:type_name -> neuro.v1.LayerRange
+	6, // 6: neuro.v1.Capacity.hardware:type_name -> neuro.v1.Hardware
+	7, // 7: neuro.v1.Hardware.devices:type_name -> neuro.v1.Device
+	8, // [8:8] is the sub-list for method output_type
+	8, // [8:8] is the sub-list for method input_type
+	8, // [8:8] is the sub-list for extension type_name
+	8, // [8:8] is the sub-list for extension extendee
+	0, // [0:8] is the sub-list for field type_name
 }
 
 func init() { file_heartbeat_proto_init() }
@@ -819,7 +902,7 @@ func file_heartbeat_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_heartbeat_proto_rawDesc), len(file_heartbeat_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   6,
+			NumMessages:   7,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

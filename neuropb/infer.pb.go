@@ -732,7 +732,24 @@ type InferStats struct {
 	AcceptedTokens uint64 `protobuf:"varint,12,opt,name=accepted_tokens,json=acceptedTokens,proto3" json:"accepted_tokens,omitempty"`
 	// Continuous batching: MoE layer evaluations whose round of expert calls
 	// carried other generations' tokens too.
-	SharedLayers  uint64 `protobuf:"varint,13,opt,name=shared_layers,json=sharedLayers,proto3" json:"shared_layers,omitempty"`
+	SharedLayers uint64 `protobuf:"varint,13,opt,name=shared_layers,json=sharedLayers,proto3" json:"shared_layers,omitempty"`
+	// Layer spans (the head sent forward passes through span nodes instead
+	// of calling experts layer by layer): forward passes, span requests
+	// (one per span per pass), requests sent again to a provider that
+	// lacked the session's earlier tokens, and moves to another provider.
+	ForwardPasses uint64 `protobuf:"varint,14,opt,name=forward_passes,json=forwardPasses,proto3" json:"forward_passes,omitempty"`
+	SpanRequests  uint64 `protobuf:"varint,15,opt,name=span_requests,json=spanRequests,proto3" json:"span_requests,omitempty"`
+	SpanReplays   uint64 `protobuf:"varint,16,opt,name=span_replays,json=spanReplays,proto3" json:"span_replays,omitempty"`
+	SpanFailovers uint64 `protobuf:"varint,17,opt,name=span_failovers,json=spanFailovers,proto3" json:"span_failovers,omitempty"`
+	// What the failovers cost: the hidden-state bytes replayed, the
+	// replays' round trips, and the time from the start of each request
+	// whose provider failed until the next provider answered it.
+	SpanReplayBytes uint64 `protobuf:"varint,18,opt,name=span_replay_bytes,json=spanReplayBytes,proto3" json:"span_replay_bytes,omitempty"`
+	SpanReplayUs    uint64 `protobuf:"varint,19,opt,name=span_replay_us,json=spanReplayUs,proto3" json:"span_replay_us,omitempty"`
+	SpanRecoveryUs  uint64 `protobuf:"varint,20,opt,name=span_recovery_us,json=spanRecoveryUs,proto3" json:"span_recovery_us,omitempty"`
+	// Span requests also sent to the span's next provider because the one
+	// in use was slow to answer (the first answer won).
+	SpanHedges    uint64 `protobuf:"varint,21,opt,name=span_hedges,json=spanHedges,proto3" json:"span_hedges,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -854,6 +871,62 @@ func (x *InferStats) GetAcceptedTokens() uint64 {
 func (x *InferStats) GetSharedLayers() uint64 {
 	if x != nil {
 		return x.SharedLayers
+	}
+	return 0
+}
+
+func (x *InferStats) GetForwardPasses() uint64 {
+	if x != nil {
+		return x.ForwardPasses
+	}
+	return 0
+}
+
+func (x *InferStats) GetSpanRequests() uint64 {
+	if x != nil {
+		return x.SpanRequests
+	}
+	return 0
+}
+
+func (x *InferStats) GetSpanReplays() uint64 {
+	if x != nil {
+		return x.SpanReplays
+	}
+	return 0
+}
+
+func (x *InferStats) GetSpanFailovers() uint64 {
+	if x != nil {
+		return x.SpanFailovers
+	}
+	return 0
+}
+
+func (x *InferStats) GetSpanReplayBytes() uint64 {
+	if x != nil {
+		return x.SpanReplayBytes
+	}
+	return 0
+}
+
+func (x *InferStats) GetSpanReplayUs() uint64 {
+	if x != nil {
+		return x.SpanReplayUs
+	}
+	return 0
+}
+
+func (x *InferStats) GetSpanRecoveryUs() uint64 {
+	if x != nil {
+		return x.SpanRecoveryUs
+	}
+	return 0
+}
+
+func (x *InferStats) GetSpanHedges() uint64 {
+	if x != nil {
+		return x.SpanHedges
 	}
 	return 0
 }
@@ -1297,7 +1370,7 @@ const file_infer_proto_rawDesc = "" +
 	"\x02id\x18\x01 \x01(\x05R\x02id\x12\x12\n" +
 	"\x04text\x18\x02 \x01(\fR\x04text\x12\x1d\n" +
 	"\n" +
-	"elapsed_us\x18\x03 \x01(\x04R\telapsedUs\"\xc7\x03\n" +
+	"elapsed_us\x18\x03 \x01(\x04R\telapsedUs\"\xfa\x05\n" +
 	"\n" +
 	"InferStats\x12\x1e\n" +
 	"\vmoe_wall_us\x18\x01 \x01(\x04R\tmoeWallUs\x12$\n" +
@@ -1315,7 +1388,16 @@ const file_infer_proto_rawDesc = "" +
 	"specPasses\x12!\n" +
 	"\fdraft_tokens\x18\v \x01(\x04R\vdraftTokens\x12'\n" +
 	"\x0faccepted_tokens\x18\f \x01(\x04R\x0eacceptedTokens\x12#\n" +
-	"\rshared_layers\x18\r \x01(\x04R\fsharedLayers\"\xa3\x02\n" +
+	"\rshared_layers\x18\r \x01(\x04R\fsharedLayers\x12%\n" +
+	"\x0eforward_passes\x18\x0e \x01(\x04R\rforwardPasses\x12#\n" +
+	"\rspan_requests\x18\x0f \x01(\x04R\fspanRequests\x12!\n" +
+	"\fspan_replays\x18\x10 \x01(\x04R\vspanReplays\x12%\n" +
+	"\x0espan_failovers\x18\x11 \x01(\x04R\rspanFailovers\x12*\n" +
+	"\x11span_replay_bytes\x18\x12 \x01(\x04R\x0fspanReplayBytes\x12$\n" +
+	"\x0espan_replay_us\x18\x13 \x01(\x04R\fspanReplayUs\x12(\n" +
+	"\x10span_recovery_us\x18\x14 \x01(\x04R\x0espanRecoveryUs\x12\x1f\n" +
+	"\vspan_hedges\x18\x15 \x01(\x04R\n" +
+	"spanHedges\"\xa3\x02\n" +
 	"\tInferDone\x12.\n" +
 	"\x06reason\x18\x01 \x01(\x0e2\x16.neuro.v1.FinishReasonR\x06reason\x12#\n" +
 	"\rprompt_tokens\x18\x02 \x01(\rR\fpromptTokens\x12+\n" +

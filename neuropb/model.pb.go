@@ -29,7 +29,9 @@ const (
 // (v1, raw codec, sha2-256) of the manifest's deterministic encoding.
 type Manifest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Manifest format; this is format 1.
+	// Manifest format: 1, or 2 with the layer and head shards (a model split
+	// for span nodes; its gating shard is still there, so that a node that
+	// does not know spans runs it as before).
 	Format uint32 `protobuf:"varint,1,opt,name=format,proto3" json:"format,omitempty"`
 	// general.architecture of the model, e.g. "llama" or "qwen3moe".
 	Architecture string       `protobuf:"bytes,2,opt,name=architecture,proto3" json:"architecture,omitempty"`
@@ -46,7 +48,15 @@ type Manifest struct {
 	// --shared-experts remote`): one shard per MoE layer, called as expert
 	// number params.experts of its layer with weight 1. Empty: the shared
 	// experts are in the gating shard and run where the attention runs.
-	Shared        []*ExpertShardRef `protobuf:"bytes,7,rep,name=shared,proto3" json:"shared,omitempty"`
+	Shared []*ExpertShardRef `protobuf:"bytes,7,rep,name=shared,proto3" json:"shared,omitempty"`
+	// Format 2: the gating shard's tensors again, split so that a span node
+	// fetches only its layers. head holds the embeddings, the final norm,
+	// the output head and all of the model's metadata (tokenizer included);
+	// layers one shard per layer (attention, norms, router, a dense
+	// leading layer's or the shared experts' feed-forward block), in order,
+	// each with the model's metadata but the tokenizer.
+	Head          *ShardRef        `protobuf:"bytes,8,opt,name=head,proto3" json:"head,omitempty"`
+	Layers        []*LayerShardRef `protobuf:"bytes,9,rep,name=layers,proto3" json:"layers,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -130,6 +140,73 @@ func (x *Manifest) GetShared() []*ExpertShardRef {
 	return nil
 }
 
+func (x *Manifest) GetHead() *ShardRef {
+	if x != nil {
+		return x.Head
+	}
+	return nil
+}
+
+func (x *Manifest) GetLayers() []*LayerShardRef {
+	if x != nil {
+		return x.Layers
+	}
+	return nil
+}
+
+// LayerShardRef is the shard of one layer's gating part.
+type LayerShardRef struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Layer         uint32                 `protobuf:"varint,1,opt,name=layer,proto3" json:"layer,omitempty"`
+	Shard         *ShardRef              `protobuf:"bytes,2,opt,name=shard,proto3" json:"shard,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LayerShardRef) Reset() {
+	*x = LayerShardRef{}
+	mi := &file_model_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LayerShardRef) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LayerShardRef) ProtoMessage() {}
+
+func (x *LayerShardRef) ProtoReflect() protoreflect.Message {
+	mi := &file_model_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LayerShardRef.ProtoReflect.Descriptor instead.
+func (*LayerShardRef) Descriptor() ([]byte, []int) {
+	return file_model_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *LayerShardRef) GetLayer() uint32 {
+	if x != nil {
+		return x.Layer
+	}
+	return 0
+}
+
+func (x *LayerShardRef) GetShard() *ShardRef {
+	if x != nil {
+		return x.Shard
+	}
+	return nil
+}
+
 // ModelParams are the hyper-parameters a node needs before it fetches
 // anything.
 type ModelParams struct {
@@ -157,7 +234,7 @@ type ModelParams struct {
 
 func (x *ModelParams) Reset() {
 	*x = ModelParams{}
-	mi := &file_model_proto_msgTypes[1]
+	mi := &file_model_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -169,7 +246,7 @@ func (x *ModelParams) String() string {
 func (*ModelParams) ProtoMessage() {}
 
 func (x *ModelParams) ProtoReflect() protoreflect.Message {
-	mi := &file_model_proto_msgTypes[1]
+	mi := &file_model_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -182,7 +259,7 @@ func (x *ModelParams) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelParams.ProtoReflect.Descriptor instead.
 func (*ModelParams) Descriptor() ([]byte, []int) {
-	return file_model_proto_rawDescGZIP(), []int{1}
+	return file_model_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *ModelParams) GetLayers() uint32 {
@@ -289,7 +366,7 @@ type ShardRef struct {
 
 func (x *ShardRef) Reset() {
 	*x = ShardRef{}
-	mi := &file_model_proto_msgTypes[2]
+	mi := &file_model_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -301,7 +378,7 @@ func (x *ShardRef) String() string {
 func (*ShardRef) ProtoMessage() {}
 
 func (x *ShardRef) ProtoReflect() protoreflect.Message {
-	mi := &file_model_proto_msgTypes[2]
+	mi := &file_model_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -314,7 +391,7 @@ func (x *ShardRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShardRef.ProtoReflect.Descriptor instead.
 func (*ShardRef) Descriptor() ([]byte, []int) {
-	return file_model_proto_rawDescGZIP(), []int{2}
+	return file_model_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *ShardRef) GetCid() []byte {
@@ -352,7 +429,7 @@ type TensorRef struct {
 
 func (x *TensorRef) Reset() {
 	*x = TensorRef{}
-	mi := &file_model_proto_msgTypes[3]
+	mi := &file_model_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -364,7 +441,7 @@ func (x *TensorRef) String() string {
 func (*TensorRef) ProtoMessage() {}
 
 func (x *TensorRef) ProtoReflect() protoreflect.Message {
-	mi := &file_model_proto_msgTypes[3]
+	mi := &file_model_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -377,7 +454,7 @@ func (x *TensorRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TensorRef.ProtoReflect.Descriptor instead.
 func (*TensorRef) Descriptor() ([]byte, []int) {
-	return file_model_proto_rawDescGZIP(), []int{3}
+	return file_model_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *TensorRef) GetName() string {
@@ -413,7 +490,7 @@ type ExpertShardRef struct {
 
 func (x *ExpertShardRef) Reset() {
 	*x = ExpertShardRef{}
-	mi := &file_model_proto_msgTypes[4]
+	mi := &file_model_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -425,7 +502,7 @@ func (x *ExpertShardRef) String() string {
 func (*ExpertShardRef) ProtoMessage() {}
 
 func (x *ExpertShardRef) ProtoReflect() protoreflect.Message {
-	mi := &file_model_proto_msgTypes[4]
+	mi := &file_model_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -438,7 +515,7 @@ func (x *ExpertShardRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExpertShardRef.ProtoReflect.Descriptor instead.
 func (*ExpertShardRef) Descriptor() ([]byte, []int) {
-	return file_model_proto_rawDescGZIP(), []int{4}
+	return file_model_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *ExpertShardRef) GetLayer() uint32 {
@@ -466,7 +543,7 @@ var File_model_proto protoreflect.FileDescriptor
 
 const file_model_proto_rawDesc = "" +
 	"\n" +
-	"\vmodel.proto\x12\bneuro.v1\"\xaa\x02\n" +
+	"\vmodel.proto\x12\bneuro.v1\"\x83\x03\n" +
 	"\bManifest\x12\x16\n" +
 	"\x06format\x18\x01 \x01(\rR\x06format\x12\"\n" +
 	"\farchitecture\x18\x02 \x01(\tR\farchitecture\x12-\n" +
@@ -474,7 +551,12 @@ const file_model_proto_rawDesc = "" +
 	"\x06gating\x18\x04 \x01(\v2\x12.neuro.v1.ShardRefR\x06gating\x122\n" +
 	"\aexperts\x18\x05 \x03(\v2\x18.neuro.v1.ExpertShardRefR\aexperts\x12!\n" +
 	"\ftensor_order\x18\x06 \x03(\tR\vtensorOrder\x120\n" +
-	"\x06shared\x18\a \x03(\v2\x18.neuro.v1.ExpertShardRefR\x06shared\"\xe2\x02\n" +
+	"\x06shared\x18\a \x03(\v2\x18.neuro.v1.ExpertShardRefR\x06shared\x12&\n" +
+	"\x04head\x18\b \x01(\v2\x12.neuro.v1.ShardRefR\x04head\x12/\n" +
+	"\x06layers\x18\t \x03(\v2\x17.neuro.v1.LayerShardRefR\x06layers\"O\n" +
+	"\rLayerShardRef\x12\x14\n" +
+	"\x05layer\x18\x01 \x01(\rR\x05layer\x12(\n" +
+	"\x05shard\x18\x02 \x01(\v2\x12.neuro.v1.ShardRefR\x05shard\"\xe2\x02\n" +
 	"\vModelParams\x12\x16\n" +
 	"\x06layers\x18\x01 \x01(\rR\x06layers\x12\x18\n" +
 	"\aexperts\x18\x02 \x01(\rR\aexperts\x12!\n" +
@@ -516,26 +598,30 @@ func file_model_proto_rawDescGZIP() []byte {
 	return file_model_proto_rawDescData
 }
 
-var file_model_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
+var file_model_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
 var file_model_proto_goTypes = []any{
 	(*Manifest)(nil),       // 0: neuro.v1.Manifest
-	(*ModelParams)(nil),    // 1: neuro.v1.ModelParams
-	(*ShardRef)(nil),       // 2: neuro.v1.ShardRef
-	(*TensorRef)(nil),      // 3: neuro.v1.TensorRef
-	(*ExpertShardRef)(nil), // 4: neuro.v1.ExpertShardRef
+	(*LayerShardRef)(nil),  // 1: neuro.v1.LayerShardRef
+	(*ModelParams)(nil),    // 2: neuro.v1.ModelParams
+	(*ShardRef)(nil),       // 3: neuro.v1.ShardRef
+	(*TensorRef)(nil),      // 4: neuro.v1.TensorRef
+	(*ExpertShardRef)(nil), // 5: neuro.v1.ExpertShardRef
 }
 var file_model_proto_depIdxs = []int32{
-	1, // 0: neuro.v1.Manifest.params:type_name -> neuro.v1.ModelParams
-	2, // 1: neuro.v1.Manifest.gating:type_name -> neuro.v1.ShardRef
-	4, // 2: neuro.v1.Manifest.experts:type_name -> neuro.v1.ExpertShardRef
-	4, // 3: neuro.v1.Manifest.shared:type_name -> neuro.v1.ExpertShardRef
-	3, // 4: neuro.v1.ShardRef.tensors:type_name -> neuro.v1.TensorRef
-	2, // 5: neuro.v1.ExpertShardRef.shard:type_name -> neuro.v1.ShardRef
-	6, // [6:6] is the sub-list for method output_type
-	6, // [6:6] is the sub-list for method input_type
-	6, // [6:6] is the sub-list for extension type_name
-	6, // [6:6] is the sub-list for extension extendee
-	0, // [0:6] is the sub-list for field type_name
+	2, // 0: neuro.v1.Manifest.params:type_name -> neuro.v1.ModelParams
+	3, // 1: neuro.v1.Manifest.gating:type_name -> neuro.v1.ShardRef
+	5, // 2: neuro.v1.Manifest.experts:type_name -> neuro.v1.ExpertShardRef
+	5, // 3: neuro.v1.Manifest.shared:type_name -> neuro.v1.ExpertShardRef
+	3, // 4: neuro.v1.Manifest.head:type_name -> neuro.v1.ShardRef
+	1, // 5: neuro.v1.Manifest.layers:type_name -> neuro.v1.LayerShardRef
+	3, // 6: neuro.v1.LayerShardRef.shard:type_name -> neuro.v1.ShardRef
+	4, // 7: neuro.v1.ShardRef.tensors:type_name -> neuro.v1.TensorRef
+	3, // 8: neuro.v1.ExpertShardRef.shard:type_name -> neuro.v1.ShardRef
+	9, // [9:9] is the sub-list for method output_type
+	9, // [9:9] is the sub-list for method input_type
+	9, // [9:9] is the sub-list for extension type_name
+	9, // [9:9] is the sub-list for extension extendee
+	0, // [0:9] is the sub-list for field type_name
 }
 
 func init() { file_model_proto_init() }
@@ -549,7 +635,7 @@ func file_model_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_model_proto_rawDesc), len(file_model_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   5,
+			NumMessages:   6,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -27,6 +27,8 @@ const (
 	// MaxHostedModels and MaxHostedExperts bound Heartbeat.hosted.
 	MaxHostedModels  = 16
 	MaxHostedExperts = 16384
+	// MaxHostedSpans bounds HostedModel.spans.
+	MaxHostedSpans = 16
 
 	// MaxHeartbeatAddrs bounds Heartbeat.addrs; MaxAddrLen one address.
 	MaxHeartbeatAddrs = 32
@@ -65,6 +67,21 @@ const (
 	MaxExpertTokens = 512
 	// MaxEmbd bounds the hidden size.
 	MaxEmbd = 65536
+)
+
+// SpanProtocol is the stream protocol of layer spans: a head sends the
+// hidden states entering a run of layers to the node that hosts it.
+const SpanProtocol protocol.ID = "/neuro/span/1.0.0"
+
+// SpanService is the resource-manager service of span streams.
+const SpanService = "neuro.span"
+
+// Span protocol limits: a request carries at most MaxExpertTokens rows of
+// at most MaxEmbd floats, like an expert request.
+const (
+	MaxSpanMessageSize = MaxExpertMessageSize
+	// SessionIDLen is the length of a head's session name.
+	SessionIDLen = 16
 )
 
 // ShardProtocol is the stream protocol that moves shards and manifests.

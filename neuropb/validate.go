@@ -65,7 +65,15 @@ func (h *Heartbeat) Validate() error {
 		if _, err := cid.Cast(hm.GetModel()); err != nil {
 			return invalid("heartbeat: hosted[%d]: model cid: %v", i, err)
 		}
-		total += len(hm.GetExperts())
+		total += len(hm.GetExperts()) + len(hm.GetLoading())
+		if len(hm.GetSpans()) > MaxHostedSpans {
+			return invalid("heartbeat: hosted[%d]: %d spans, at most %d", i, len(hm.GetSpans()), MaxHostedSpans)
+		}
+		for j, sp := range hm.GetSpans() {
+			if sp.GetFirst() >= sp.GetEnd() || sp.GetEnd() > 1<<16 {
+				return invalid("heartbeat: hosted[%d]: span %d is layers [%d, %d)", i, j, sp.GetFirst(), sp.GetEnd())
+			}
+		}
 	}
 	if total > MaxHostedExperts {
 		return invalid("heartbeat: %d hosted experts, at most %d", total, MaxHostedExperts)
@@ -150,8 +158,8 @@ func (m *Manifest) Validate() error {
 	if m == nil {
 		return invalid("manifest: nil")
 	}
-	if m.GetFormat() != 1 {
-		return invalid("manifest: format %d, want 1", m.GetFormat())
+	if f := m.GetFormat(); f != 1 && f != 2 {
+		return invalid("manifest: format %d, want 1 or 2", f)
 	}
 	p := m.GetParams()
 	if p == nil || p.GetLayers() == 0 || p.GetExperts() == 0 || p.GetExpertsUsed() == 0 ||
@@ -192,7 +200,42 @@ func (m *Manifest) Validate() error {
 	if len(m.GetTensorOrder()) == 0 {
 		return invalid("manifest: empty tensor order")
 	}
+	return m.validateLayers()
+}
+
+// validateLayers checks format 2's head and layer shards (format 1 has
+// none).
+func (m *Manifest) validateLayers() error {
+	if m.GetFormat() == 1 {
+		if m.GetHead() != nil || len(m.GetLayers()) != 0 {
+			return invalid("manifest: format 1 with layer shards")
+		}
+		return nil
+	}
+	if err := m.GetHead().validate("head"); err != nil {
+		return err
+	}
+	if n, want := len(m.GetLayers()), m.GetParams().GetLayers(); uint64(n) != uint64(want) {
+		return invalid("manifest: %d layer shards, want one per layer (%d)", n, want)
+	}
+	for i, l := range m.GetLayers() {
+		if l.GetLayer() != uint32(i) {
+			return invalid("manifest: layers[%d] is layer %d", i, l.GetLayer())
+		}
+		if err := l.GetShard().validate(fmt.Sprintf("layer %d", i)); err != nil {
+			return err
+		}
+	}
 	return nil
+}
+
+// LayerRef is layer l's shard entry, or nil when the manifest has none
+// (format 1, or l out of range).
+func (m *Manifest) LayerRef(l int) *ShardRef {
+	if l < 0 || l >= len(m.GetLayers()) {
+		return nil
+	}
+	return m.GetLayers()[l].GetShard()
 }
 
 func (s *ShardRef) validate(what string) error {
@@ -442,6 +485,39 @@ func (m *Manifest) ExpertRef(layer, expert int) *ExpertShardRef {
 	}
 	if i := (layer-first)*per + expert; i < len(m.GetExperts()) {
 		return m.GetExperts()[i]
+	}
+	return nil
+}
+
+// Validate checks a decoded SpanRequest: a model CID, a non-empty range of
+// layers, a session name, and (unless it closes the session) F32 rows.
+func (r *SpanRequest) Validate() error {
+	if r == nil {
+		return invalid("span request: nil")
+	}
+	if _, err := cid.Cast(r.GetModel()); err != nil {
+		return invalid("span request: model cid: %v", err)
+	}
+	if r.GetFirst() >= r.GetEnd() {
+		return invalid("span request: layers [%d, %d)", r.GetFirst(), r.GetEnd())
+	}
+	if len(r.GetSession()) != SessionIDLen {
+		return invalid("span request: a session name of %d bytes, want %d", len(r.GetSession()), SessionIDLen)
+	}
+	if r.GetWant() < SpanWant_SPAN_WANT_ALL || r.GetWant() > SpanWant_SPAN_WANT_EACH {
+		return invalid("span request: want %d", r.GetWant())
+	}
+	if r.GetClose() {
+		if r.GetHidden() != nil {
+			return invalid("span request: a close with rows")
+		}
+		return nil
+	}
+	if r.GetHidden().GetDtype() != WireDType_WIRE_DTYPE_F32 {
+		return invalid("span request: hidden states in %s, want F32", r.GetHidden().GetDtype())
+	}
+	if _, _, err := r.GetHidden().Rows(); err != nil {
+		return fmt.Errorf("span request: hidden: %w", err)
 	}
 	return nil
 }

@@ -48,6 +48,15 @@ func TestHeartbeatValidate(t *testing.T) {
 		{"bad hosted model", func(h *Heartbeat) { h.Hosted = []*HostedModel{{Model: []byte{9, 9}}} }, "hosted[0]"},
 		{"too many hosted models", func(h *Heartbeat) { h.Hosted = make([]*HostedModel, MaxHostedModels+1) }, "hosted models"},
 		{"negative speed", func(h *Heartbeat) { h.Capacity = &Capacity{TokensPerSecond: -1} }, "tokens per second"},
+		{"valid span", func(h *Heartbeat) {
+			h.Hosted = []*HostedModel{{Model: testShard(t).GetCid(), Spans: []*LayerRange{{First: 0, End: 12}}}}
+		}, ""},
+		{"empty span", func(h *Heartbeat) {
+			h.Hosted = []*HostedModel{{Model: testShard(t).GetCid(), Spans: []*LayerRange{{First: 3, End: 3}}}}
+		}, "span 0"},
+		{"too many spans", func(h *Heartbeat) {
+			h.Hosted = []*HostedModel{{Model: testShard(t).GetCid(), Spans: make([]*LayerRange, MaxHostedSpans+1)}}
+		}, "spans"},
 		{"too many addrs", func(h *Heartbeat) {
 			h.Addrs = make([][]byte, MaxHeartbeatAddrs+1)
 			for i := range h.Addrs {

@@ -55,6 +55,10 @@ type ExpertConfig struct {
 	// RequireEscrow refuses expert calls that name no escrow with enough
 	// left for their gating node (on a node with a ledger).
 	RequireEscrow bool `toml:"require_escrow"`
+	// Spans is a run of layers "A-B" (inclusive) the node serves on the
+	// span protocol, attention and every expert of those layers, or
+	// "auto" (expert.ChooseSpan); empty: none.
+	Spans string `toml:"spans"`
 }
 
 // GatingConfig makes the node a gating node of a model.
@@ -73,6 +77,16 @@ type GatingConfig struct {
 	CallTimeout  Duration `toml:"call_timeout"`
 	Threads      int      `toml:"threads"`
 	Validate     bool     `toml:"validate"`
+	// Spans sends forward passes through span nodes where the spans
+	// announced cover every layer.
+	Spans bool `toml:"spans"`
+	// ProvenFirst sends calls and a layer's group to providers that have
+	// answered before any that has not (new ones are proven by the
+	// validator's probes, off the generation's path): with many Sybils
+	// announcing every expert, tokens came 20x faster. Off by default:
+	// in the Vulkan testnet on lavapipe the changed first rounds met a
+	// heap corruption inside the driver (not yet explained).
+	ProvenFirst bool `toml:"proven_first"`
 	// RequirePayment refuses requests that do not pay: over the infer
 	// protocol, one that names no escrow; on the HTTP API, one without an
 	// API key (on a node with a ledger).
@@ -247,7 +261,7 @@ func DefaultConfig() Config {
 		},
 		Expert: ExpertConfig{Experts: "auto", MemoryMB: 4096, RequireEscrow: true},
 		Ledger: LedgerConfig{Listen: "tcp://0.0.0.0:26656", Peers: []string{}, BlockInterval: Duration(time.Second)},
-		Gating: GatingConfig{MaxQueue: 64, QueueTimeout: Duration(2 * time.Minute), MaxTokens: 256, WireDType: "f32", Speculate: "off", SpeculateMax: 8, BatchWait: Duration(10 * time.Millisecond), CallTimeout: Duration(30 * time.Second), Validate: true,
+		Gating: GatingConfig{MaxQueue: 64, QueueTimeout: Duration(2 * time.Minute), MaxTokens: 256, WireDType: "f32", Speculate: "off", SpeculateMax: 8, BatchWait: Duration(10 * time.Millisecond), CallTimeout: Duration(30 * time.Second), Validate: true, Spans: true,
 			RequirePayment: true},
 		Home: HomeConfig{IdleThreshold: 0.5, IdleCheck: Duration(5 * time.Second), Device: "cpu"},
 		API:  APIConfig{Listen: "127.0.0.1:0"},
@@ -336,6 +350,13 @@ threads = 0
 # With a ledger: refuse to compute for a call that names no escrow with
 # enough left for the gating node that calls (no one computes for free).
 require_escrow = true
+# Serve a span of layers "A-B" (inclusive, e.g. "12-23"): their attention,
+# norms and routers (the model's layer shards) and every expert of them
+# (besides the experts above), so that a head sends a forward pass through
+# them in one round trip instead of one per layer. "auto": the longest run
+# of layers that fits memory_mb, among those the fewest announced spans
+# cover. Empty: none. Needs a model split in format 2.
+spans = ""
 
 [gating]
 # Serve a model as a gating node: run its embeddings, attention and router
@@ -389,6 +410,16 @@ batch_wait = "10ms"
 # peers whose results are found wrong out (reputation in
 # <home>/reputation.json). Off trusts every expert node.
 validate = true
+# Where span nodes (expert.spans on other nodes) cover every layer, send
+# each forward pass through the chain of fewest spans: one round trip per
+# span instead of one per MoE layer. Off: always call experts layer by
+# layer from here.
+spans = true
+# Send expert calls (and a layer's calls grouped for one node) to providers
+# that have answered before any that has not; new providers are proven by
+# the validator's probes meanwhile (with validate). Many Sybils announcing
+# every expert then cost nothing per call. Off for now: see the README.
+proven_first = false
 # With a ledger: refuse requests that do not pay. Over the infer protocol a
 # request must name an escrow (or carry the transaction that opens one); on
 # the HTTP API it must carry an API key ('neurod apikey create'), whose
@@ -598,6 +629,11 @@ func (c *Config) Validate() error {
 	}
 	if _, err := expert.ParseSpec(c.Expert.Experts); err != nil {
 		return fieldErr("expert.experts", "%v", err)
+	}
+	if sp, auto, err := ParseSpans(c.Expert.Spans); err != nil {
+		return fieldErr("expert.spans", "%v", err)
+	} else if (sp.Layers() > 0 || auto) && c.Expert.Model == "" {
+		return fieldErr("expert.spans", "a span needs expert.model")
 	}
 	if c.Expert.MemoryMB <= 0 {
 		return fieldErr("expert.memory_mb", "must be positive, got %d", c.Expert.MemoryMB)

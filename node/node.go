@@ -165,6 +165,7 @@ type Node struct {
 	home     string
 	p2p      *p2p.Host
 	expert   *expert.Service
+	spans    *spanHost
 	gating   *gating.Engine
 	book     *reputation.Book
 	verdicts *verdict.Service
@@ -268,6 +269,13 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 			return nil, err
 		}
 		n.idle = newIdleGuard(cfg.Home, o.load, n.expert.SetPaused, n.metrics, n.log)
+		if sp, auto, _ := ParseSpans(cfg.Expert.Spans); sp.Layers() > 0 || auto {
+			mc, _ := cid.Decode(cfg.Expert.Model)
+			sign := func(r *neuropb.UsageReceipt) error { return ledger.SignReceipt(key, r) }
+			if n.spans, err = newSpanHost(n.expert, n.p2p.LibP2P(), o.compute, mc, cfg.Expert.Threads, n.p2p.ID(), sign, payment, n.log); err != nil {
+				return nil, err
+			}
+		}
 	}
 	if cfg.Ledger.Genesis != "" {
 		g, err := ledger.ReadGenesis(cfg.Ledger.Genesis)
@@ -316,7 +324,7 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 		if cfg.Gating.Validate {
 			book = n.book
 		}
-		ec := gating.EngineConfig{Threads: cfg.Gating.Threads,
+		ec := gating.EngineConfig{Threads: cfg.Gating.Threads, NoSpans: !cfg.Gating.Spans, ProvenFirst: cfg.Gating.ProvenFirst,
 			MaxSessions: cfg.Gating.MaxSessions, MaxQueue: cfg.Gating.MaxQueue, QueueTimeout: time.Duration(cfg.Gating.QueueTimeout),
 			Context: cfg.Gating.Context, DefaultMaxTokens: cfg.Gating.MaxTokens,
 			Speculate: cfg.Gating.Speculate, Draft: cfg.Gating.Draft, SpeculateMax: cfg.Gating.SpeculateMax, BatchWait: batchWait(cfg.Gating.BatchWait),
@@ -589,6 +597,9 @@ func (n *Node) services() []service {
 	if n.expert != nil {
 		out = append(out, n.expert)
 	}
+	if n.spans != nil {
+		out = append(out, n.spans)
+	}
 	if n.verdicts != nil {
 		out = append(out, n.verdicts)
 	}
@@ -608,6 +619,9 @@ func (n *Node) services() []service {
 func (n *Node) heartbeatExtra(hb *neuropb.Heartbeat) {
 	if n.expert != nil {
 		n.expert.HeartbeatExtra(hb)
+	}
+	if n.spans != nil {
+		n.spans.heartbeatExtra(hb)
 	}
 	if n.idle != nil {
 		hb.Paused = n.idle.Paused()
@@ -634,6 +648,13 @@ func newExpertService(h *p2p.Host, key crypto.PrivKey, cfg ExpertConfig, store s
 		}
 		if sc.Spec, err = expert.ParseSpec(cfg.Experts); err != nil {
 			return nil, fmt.Errorf("expert.experts: %w", err)
+		}
+		if sp, auto, err := ParseSpans(cfg.Spans); err != nil {
+			return nil, fmt.Errorf("expert.spans: %w", err)
+		} else if auto {
+			sc.Spec = sc.Spec.WithAutoSpan()
+		} else if sp.Layers() > 0 {
+			sc.Spec = sc.Spec.WithSpan(sp.First, sp.End)
 		}
 		sc.Model = c
 	}

@@ -47,6 +47,9 @@ type Status struct {
 	// ExpertCalls the calls it has answered.
 	Experts     []string `json:"experts"`
 	ExpertCalls int64    `json:"expert_calls"`
+	// Spans lists the layer spans this node serves ("first-last",
+	// inclusive), once served.
+	Spans []string `json:"spans"`
 	// Gating is the gating node's state (absent on other nodes).
 	Gating *GatingStatus `json:"gating,omitempty"`
 	// Verdicts counts the verdicts this node published and received.
@@ -136,9 +139,11 @@ type HeardPeer struct {
 	// DelayMs is sender clock to receipt for the last heartbeat.
 	DelayMs float64 `json:"delay_ms"`
 	// HostedExperts counts the experts the peer announces, over all models.
-	HostedExperts   int     `json:"hosted_experts"`
-	QueueDepth      uint32  `json:"queue_depth"`
-	TokensPerSecond float32 `json:"tokens_per_second"`
+	HostedExperts int `json:"hosted_experts"`
+	// Spans lists the layer spans the peer announces ("first-last").
+	Spans           []string `json:"spans"`
+	QueueDepth      uint32   `json:"queue_depth"`
+	TokensPerSecond float32  `json:"tokens_per_second"`
 }
 
 // RoleNames converts roles to their short names.
@@ -184,6 +189,12 @@ func (n *Node) Status() Status {
 		}
 		st.ExpertCalls = n.expert.Served()
 	}
+	st.Spans = []string{}
+	if n.spans != nil {
+		if p, ok := n.spans.Serving(); ok {
+			st.Spans = append(st.Spans, fmt.Sprintf("%d-%d", p.First, p.End-1))
+		}
+	}
 	if n.verdicts != nil {
 		vs := n.verdicts.Status()
 		st.Verdicts = &vs
@@ -218,11 +229,16 @@ func (n *Node) Status() Status {
 	}
 	for _, e := range h.Peers().Snapshot(now) {
 		hosted := 0
+		spans := []string{}
 		for _, hm := range e.Hosted {
 			hosted += len(hm.GetExperts())
+			for _, sp := range hm.GetSpans() {
+				spans = append(spans, fmt.Sprintf("%d-%d", sp.GetFirst(), sp.GetEnd()-1))
+			}
 		}
 		st.Heard = append(st.Heard, HeardPeer{
 			HostedExperts:   hosted,
+			Spans:           spans,
 			QueueDepth:      e.Capacity.GetQueueDepth(),
 			TokensPerSecond: e.Capacity.GetTokensPerSecond(),
 			PeerID:          e.ID.String(),

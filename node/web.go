@@ -1,9 +1,11 @@
 package node
 
 import (
+	"cmp"
 	"context"
 	_ "embed"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"slices"
 	"sort"
@@ -41,8 +43,11 @@ type State struct {
 	Nodes []StateNode `json:"nodes"`
 	// Models are the models the node knows of, and Coverage each expert's
 	// live providers (an expert with fewer than two is at risk).
-	Models     []StateModel    `json:"models"`
-	Coverage   []StateCoverage `json:"coverage"`
+	Models   []StateModel    `json:"models"`
+	Coverage []StateCoverage `json:"coverage"`
+	// Spans are the layer spans served (by this node and the peers it
+	// hears), each with its providers.
+	Spans      []StateSpan     `json:"spans"`
 	Throughput StateThroughput `json:"throughput"`
 	Ledger     *StateLedger    `json:"ledger,omitempty"`
 }
@@ -58,8 +63,10 @@ type StateNode struct {
 	Reachability string `json:"reachability"`
 	// RTTMs is libp2p's measured round trip to the peer (0: not measured).
 	RTTMs float64 `json:"rtt_ms"`
-	// Experts are the experts it hosts ("layer:expert", all models).
+	// Experts are the experts it hosts ("layer:expert", all models), and
+	// Spans the runs of layers it serves ("A-B", inclusive).
 	Experts []string `json:"experts"`
+	Spans   []string `json:"spans"`
 	// Score is its reputation in this node's book (0 to 1; the prior for
 	// peers never checked).
 	Score float64 `json:"score"`
@@ -109,6 +116,15 @@ type StateModel struct {
 	Known bool `json:"known"`
 	// DenseLead leading layers have no experts.
 	DenseLead int `json:"dense_lead"`
+}
+
+// StateSpan is one span of layers [First, Last] of a model and the
+// nodes that serve it (not paused).
+type StateSpan struct {
+	Model     string   `json:"model"`
+	First     int      `json:"first"`
+	Last      int      `json:"last"`
+	Providers []string `json:"providers"`
 }
 
 // StateCoverage is one expert's live providers.
@@ -304,6 +320,17 @@ func isRelayed(c network.Conn) bool {
 	return false
 }
 
+// spanNames names the spans a node's heartbeat announces ("A-B").
+func spanNames(hosted []*neuropb.HostedModel) []string {
+	out := []string{}
+	for _, hm := range hosted {
+		for _, sp := range hm.GetSpans() {
+			out = append(out, fmt.Sprintf("%d-%d", sp.GetFirst(), sp.GetEnd()-1))
+		}
+	}
+	return out
+}
+
 func expertNames(hosted []*neuropb.HostedModel) []string {
 	out := []string{}
 	for _, hm := range hosted {
@@ -320,18 +347,18 @@ func (n *Node) State(ctx context.Context) State {
 	h := n.p2p
 	st := State{PeerID: h.ID().String(), Version: p2p.Version, UptimeS: now.Sub(n.started).Seconds(),
 		Reachability: reachString(h.Reachability()), Paused: n.idle.Paused(), PauseReason: n.idle.Reason(),
-		Nodes: []StateNode{}, Models: []StateModel{}, Coverage: []StateCoverage{}}
+		Nodes: []StateNode{}, Models: []StateModel{}, Coverage: []StateCoverage{}, Spans: []StateSpan{}}
 	generated, served := n.generated(), n.served()
 	tps, cps := n.web.rates(now, generated, served)
 	st.Throughput = StateThroughput{TokensPerS: tps, Generated: generated, ExpertCallsPerS: cps, ExpertCalls: served}
 
 	// This node, then its peers by ID.
 	self := StateNode{PeerID: st.PeerID, Self: true, Roles: RoleNames(h.Roles()), Reachability: st.Reachability,
-		Experts: []string{}, Score: 1, Paused: st.Paused, Version: p2p.Version, CPULoad: p2p.Load1(), Devices: n.devices()}
+		Experts: []string{}, Spans: []string{}, Score: 1, Paused: st.Paused, Version: p2p.Version, CPULoad: p2p.Load1(), Devices: n.devices()}
 	hb := &neuropb.Heartbeat{}
 	if n.expert != nil {
 		n.expert.HeartbeatExtra(hb)
-		self.Experts = expertNames(hb.GetHosted())
+		self.Experts, self.Spans = expertNames(hb.GetHosted()), spanNames(hb.GetHosted())
 		self.QueueDepth, self.TokensPerSecond = hb.GetCapacity().GetQueueDepth(), hb.GetCapacity().GetTokensPerSecond()
 		self.Devices = deviceStatuses(hb.GetCapacity().GetHardware().GetDevices())
 	}
@@ -340,7 +367,12 @@ func (n *Node) State(ctx context.Context) State {
 	ps := h.LibP2P().Peerstore()
 	// Providers of each expert, by model: the peers that are not paused.
 	prov := map[string]map[uint32]int{}
-	count := func(hosted []*neuropb.HostedModel) {
+	type spanKey struct {
+		model       string
+		first, last int
+	}
+	spans := map[spanKey][]string{}
+	count := func(p string, hosted []*neuropb.HostedModel) {
 		for _, hm := range hosted {
 			m := cid.Undef
 			if c, err := cid.Cast(hm.GetModel()); err == nil {
@@ -355,27 +387,38 @@ func (n *Node) State(ctx context.Context) State {
 			for _, x := range hm.GetExperts() {
 				prov[m.String()][x]++
 			}
+			for _, sp := range hm.GetSpans() {
+				k := spanKey{m.String(), int(sp.GetFirst()), int(sp.GetEnd()) - 1}
+				spans[k] = append(spans[k], p)
+			}
 		}
 	}
 	if !st.Paused {
-		count(hb.GetHosted())
+		count(st.PeerID, hb.GetHosted())
 	}
 	for _, e := range peers {
 		if e.ID == h.ID() {
 			continue
 		}
 		sn := StateNode{PeerID: e.ID.String(), Roles: RoleNames(e.Roles), Reachability: n.peerReach(e.ID, e.Reachability),
-			RTTMs: float64(ps.LatencyEWMA(e.ID).Microseconds()) / 1000, Experts: expertNames(e.Hosted),
+			RTTMs: float64(ps.LatencyEWMA(e.ID).Microseconds()) / 1000, Experts: expertNames(e.Hosted), Spans: spanNames(e.Hosted),
 			Score: n.book.Score(e.ID), CPULoad: float64(e.Load.GetCpuLoad1Centi()) / 100,
 			QueueDepth: e.Capacity.GetQueueDepth(), TokensPerSecond: e.Capacity.GetTokensPerSecond(),
 			Paused: e.Paused, Version: e.Version, LastSeenMsAgo: now.Sub(e.LastSeen).Milliseconds(),
 			Devices: deviceStatuses(e.Capacity.GetHardware().GetDevices())}
 		st.Nodes = append(st.Nodes, sn)
 		if !e.Paused {
-			count(e.Hosted)
+			count(e.ID.String(), e.Hosted)
 		}
 	}
 	sort.Slice(st.Nodes[1:], func(i, j int) bool { return st.Nodes[1+i].PeerID < st.Nodes[1+j].PeerID })
+	for k, ps := range spans {
+		slices.Sort(ps)
+		st.Spans = append(st.Spans, StateSpan{Model: k.model, First: k.first, Last: k.last, Providers: ps})
+	}
+	slices.SortFunc(st.Spans, func(a, b StateSpan) int {
+		return cmp.Or(cmp.Compare(a.Model, b.Model), cmp.Compare(a.First, b.First), cmp.Compare(a.Last, b.Last))
+	})
 
 	// Models: those this node serves or hosts, and those heard of.
 	models := map[string]bool{}

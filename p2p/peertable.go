@@ -67,43 +67,53 @@ type PeerTable struct {
 	// expert node and for every expert call by gating nodes; the index
 	// answers in time of the answer, not of the network's size.
 	hosting map[string]map[uint32]map[peer.ID]struct{}
+	// loading indexes the experts entries are still loading
+	// (HostedModel.loading): counted, never called.
+	loading map[string]map[uint32]map[peer.ID]struct{}
 }
 
 // NewPeerTable returns an empty table.
 func NewPeerTable(max int, ttl time.Duration) *PeerTable {
 	return &PeerTable{max: max, ttl: ttl, entries: make(map[peer.ID]*PeerInfo),
-		hosting: make(map[string]map[uint32]map[peer.ID]struct{})}
+		hosting: make(map[string]map[uint32]map[peer.ID]struct{}), loading: make(map[string]map[uint32]map[peer.ID]struct{})}
 }
 
-// index adds (add) or removes e's Hosted lists to or from t.hosting.
+// index adds (add) or removes e's Hosted lists to or from t.hosting (the
+// experts it serves) and t.loading (those it is loading).
 func (t *PeerTable) index(e *PeerInfo, add bool) {
 	for _, hm := range e.Hosted {
-		model := string(hm.GetModel())
-		experts := t.hosting[model]
-		if experts == nil {
-			if !add {
-				continue
+		indexExperts(t.hosting, string(hm.GetModel()), hm.GetExperts(), e.ID, add)
+		indexExperts(t.loading, string(hm.GetModel()), hm.GetLoading(), e.ID, add)
+	}
+}
+
+// indexExperts adds (add) or removes p as a holder of list's experts of
+// model in idx.
+func indexExperts(idx map[string]map[uint32]map[peer.ID]struct{}, model string, list []uint32, p peer.ID, add bool) {
+	experts := idx[model]
+	if experts == nil {
+		if !add || len(list) == 0 {
+			return
+		}
+		experts = make(map[uint32]map[peer.ID]struct{})
+		idx[model] = experts
+	}
+	for _, x := range list {
+		peers := experts[x]
+		switch {
+		case add && peers == nil:
+			experts[x] = map[peer.ID]struct{}{p: {}}
+		case add:
+			peers[p] = struct{}{}
+		case peers != nil:
+			delete(peers, p)
+			if len(peers) == 0 {
+				delete(experts, x)
 			}
-			experts = make(map[uint32]map[peer.ID]struct{})
-			t.hosting[model] = experts
 		}
-		for _, x := range hm.GetExperts() {
-			peers := experts[x]
-			switch {
-			case add && peers == nil:
-				experts[x] = map[peer.ID]struct{}{e.ID: {}}
-			case add:
-				peers[e.ID] = struct{}{}
-			case peers != nil:
-				delete(peers, e.ID)
-				if len(peers) == 0 {
-					delete(experts, x)
-				}
-			}
-		}
-		if len(experts) == 0 {
-			delete(t.hosting, model)
-		}
+	}
+	if len(experts) == 0 {
+		delete(idx, model)
 	}
 }
 
@@ -215,17 +225,48 @@ func (t *PeerTable) Hosting(model []byte, expert uint32, now time.Time) []PeerIn
 }
 
 // HostingCounts returns, for each expert (layer<<16 | expert) of model
-// (its CID's bytes) that a live entry lists, how many do.
+// (its CID's bytes) that a live entry serves or is loading, how many do:
+// what a node choosing experts to host counts.
 func (t *PeerTable) HostingCounts(model []byte, now time.Time) map[uint32]int {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	out := make(map[uint32]int)
-	for x, peers := range t.hosting[string(model)] {
-		for p := range peers {
-			if e := t.entries[p]; e != nil && !e.expired(now) {
-				out[x]++
+	for _, idx := range []map[string]map[uint32]map[peer.ID]struct{}{t.hosting, t.loading} {
+		for x, peers := range idx[string(model)] {
+			for p := range peers {
+				if e := t.entries[p]; e != nil && !e.expired(now) {
+					out[x]++
+				}
 			}
 		}
+	}
+	return out
+}
+
+// Spans returns the layer spans of model (its CID's bytes) that live
+// entries announce — [first, end) → the peers serving it, sorted by peer
+// ID — leaving out paused peers. It reads every entry: a head asks once
+// per generation, not per token.
+func (t *PeerTable) Spans(model []byte, now time.Time) map[[2]int][]peer.ID {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	out := map[[2]int][]peer.ID{}
+	for _, e := range t.entries {
+		if e.expired(now) || e.Paused {
+			continue
+		}
+		for _, hm := range e.Hosted {
+			if string(hm.GetModel()) != string(model) {
+				continue
+			}
+			for _, sp := range hm.GetSpans() {
+				k := [2]int{int(sp.GetFirst()), int(sp.GetEnd())}
+				out[k] = append(out[k], e.ID)
+			}
+		}
+	}
+	for _, ps := range out {
+		slices.SortFunc(ps, compareIDs)
 	}
 	return out
 }

@@ -205,11 +205,46 @@ func TestPeerTableHosting(t *testing.T) {
 	pt.Observe("c", hosting(1, 1013), t0.Add(13*time.Second))
 	pt.Observe("d", hosting(1, 1013), t0.Add(13*time.Second)) // a, heard longest ago, makes room
 	check(t0.Add(13*time.Second), map[uint32]int{1<<16 | 2: 1}, []peer.ID{"b"})
+	// An expert a peer is still loading is counted (a node choosing what
+	// to host sees it taken) but the peer is not its provider yet; once
+	// loaded, it is.
+	loading := hosting(2, 1014)
+	loading.Hosted[0].Loading = []uint32{1<<16 | 2}
+	pt.Observe("c", loading, t0.Add(14*time.Second))
+	check(t0.Add(14*time.Second), map[uint32]int{1<<16 | 2: 2}, []peer.ID{"b"})
+	pt.Observe("c", hosting(3, 1015, 1<<16|2), t0.Add(15*time.Second))
+	check(t0.Add(15*time.Second), map[uint32]int{1<<16 | 2: 2}, []peer.ID{"b", "c"})
 	pt.Prune(t0.Add(time.Hour))
-	if len(pt.hosting) != 0 {
-		t.Fatalf("index after everyone expired: %v", pt.hosting)
+	if len(pt.hosting) != 0 || len(pt.loading) != 0 {
+		t.Fatalf("index after everyone expired: %v, loading %v", pt.hosting, pt.loading)
 	}
 	if got := pt.HostingCounts(other, t0); len(got) != 0 {
 		t.Fatalf("other model: %v", got)
+	}
+}
+
+// Spans lists the live, unpaused peers announcing each span of a model.
+func TestPeerTableSpans(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	m := []byte("model")
+	spans := func(seq uint64, sent int64, paused bool, rs ...[2]uint32) *neuropb.Heartbeat {
+		h := hb(seq, sent)
+		hm := &neuropb.HostedModel{Model: m}
+		for _, r := range rs {
+			hm.Spans = append(hm.Spans, &neuropb.LayerRange{First: r[0], End: r[1]})
+		}
+		h.Hosted, h.Paused = []*neuropb.HostedModel{hm, {Model: []byte("other"), Spans: []*neuropb.LayerRange{{First: 0, End: 9}}}}, paused
+		return h
+	}
+	pt := NewPeerTable(8, 10*time.Second)
+	pt.Observe("b", spans(1, 1000, false, [2]uint32{0, 2}, [2]uint32{2, 4}), t0)
+	pt.Observe("a", spans(1, 1000, false, [2]uint32{0, 2}), t0)
+	pt.Observe("c", spans(1, 1000, true, [2]uint32{2, 4}), t0)
+	want := map[[2]int][]peer.ID{{0, 2}: {"a", "b"}, {2, 4}: {"b"}}
+	if got := pt.Spans(m, t0.Add(time.Second)); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("spans %v, want %v", got, want)
+	}
+	if got := pt.Spans(m, t0.Add(time.Minute)); len(got) != 0 {
+		t.Fatalf("spans after everyone expired: %v", got)
 	}
 }

@@ -22,7 +22,8 @@ import (
 type BenchRow struct {
 	Name string `json:"name"`
 	// Kind is local, split, testnet, concurrent (the loopback testnet with
-	// several users at once), netns (the RTT sweep) or placement.
+	// several users at once), netns (the RTT sweep), placement, speculate
+	// or spans.
 	Kind string `json:"kind"`
 	// RTTMs is the round trip between the gating node and its expert node
 	// (0 for the runs on one machine without emulated latency).
@@ -74,6 +75,23 @@ type BenchRow struct {
 	MsPerToken      float64 `json:"ms_per_token,omitempty"`
 	AcceptedPerPass float64 `json:"accepted_per_pass,omitempty"`
 	Acceptance      float64 `json:"acceptance,omitempty"`
+	// Layer spans (kind spans): the row's model's MoE layers, the spans a
+	// forward pass went through, the failovers and hedged requests, what
+	// the failovers cost (replayed
+	// bytes and time, the time from a failed request's start until the
+	// next provider answered it), the token after which a span node was
+	// killed and that token's latency, and the row's p50 over the layer by
+	// layer row's (goal: at most 1/8 with 4 spans of 12 layers).
+	Layers            int     `json:"layers,omitempty"`
+	SpansPerToken     float64 `json:"spans_per_token,omitempty"`
+	SpanFailovers     uint64  `json:"span_failovers,omitempty"`
+	SpanHedges        uint64  `json:"span_hedges,omitempty"`
+	SpanReplayBytes   uint64  `json:"span_replay_bytes,omitempty"`
+	SpanReplayMs      float64 `json:"span_replay_ms,omitempty"`
+	SpanRecoveryMs    float64 `json:"span_recovery_ms,omitempty"`
+	KilledAfter       int     `json:"killed_after,omitempty"`
+	KillTokenMs       float64 `json:"kill_token_ms,omitempty"`
+	LayerByLayerRatio float64 `json:"layer_by_layer_ratio,omitempty"`
 }
 
 // BenchReport is `neurod bench --json` and report.json.
@@ -129,6 +147,11 @@ type Bench struct {
 	// the binary) writes the two models of that shape into a directory.
 	SpeculateRTT      time.Duration
 	SpeculationModels func(dir string, shape *neuropb.ModelParams) (model, draft string, err error)
+	// SpansRTT, if positive, adds the layer-span runs (Bench.spans): a
+	// model of SpansLayers MoE layers (default 48) on SpansHomes expert
+	// homes (default 4) at that RTT, layer by layer and through spans.
+	SpansRTT                time.Duration
+	SpansLayers, SpansHomes int
 	// OnMachine answers the prompt on this machine: the whole GGUF in
 	// llama.cpp, or (split) the gating compute with in-process experts.
 	OnMachine func(ctx context.Context, model string, split bool, prompt string, maxTokens int) (*Generation, error)
@@ -206,12 +229,15 @@ func (b *Bench) Run(ctx context.Context, modelPath, out string, rtts []time.Dura
 	if err := b.speculation(ctx); err != nil {
 		return nil, err
 	}
+	if err := b.spans(ctx); err != nil {
+		return nil, err
+	}
 	for i := range b.rep.Rows {
 		r := &b.rep.Rows[i]
 		if r.Kind == "testnet" && r.PerTokenP50Ms > 0 {
 			r.LocalRatio = b.rep.Rows[0].PerTokenP50Ms / r.PerTokenP50Ms
 		}
-		if r.Skipped != "" || r.Kind == "local" || r.Kind == "split" || r.Kind == "concurrent" || r.Kind == "speculate" {
+		if r.Skipped != "" || r.Kind == "local" || r.Kind == "split" || r.Kind == "concurrent" || r.Kind == "speculate" || r.Kind == "spans" {
 			continue
 		}
 		r.FloorMs = float64(b.rep.Layers)*r.RTTMs + b.rep.ComputeMs
@@ -434,19 +460,13 @@ func (b *Bench) speculation(ctx context.Context) error {
 		}
 		name := fmt.Sprintf("speculation %s, %s, repeating a list", kind, where)
 		b.Log.Info("bench: "+name, "rtt", rtt)
-		rctx, cancel := context.WithTimeout(ctx, b.Timeout)
-		s := &Scenario{Topology: t, Binary: b.Binary, Model: m, Prompt: SpeculatePrompt, MaxTokens: b.MaxTokens, Speculate: kind,
-			Timeout: b.Timeout, Check: true, Log: b.Log}
+		s := &Scenario{Topology: t, Model: m, Prompt: SpeculatePrompt, Speculate: kind}
 		if kind == "draft" {
 			s.Draft = draft
 		}
-		rep, _, err := s.Run(rctx)
-		cancel()
+		rep, err := b.runChecked(ctx, name, s, ref.Tokens)
 		if err != nil {
-			return fmt.Errorf("%s: %w", name, err)
-		}
-		if fmt.Sprint(rep.Tokens) != fmt.Sprint(ref.Tokens) {
-			return fmt.Errorf("%s: tokens %v differ from llama.cpp's %v", name, rep.Tokens, ref.Tokens)
+			return err
 		}
 		row := BenchRow{Name: name, Kind: "speculate", RTTMs: ms(rtt), TokensPerSecond: rep.TokensPerSecond, Speculate: kind}
 		row.decodeLatency(rep.PerTokenMs)
@@ -460,6 +480,23 @@ func (b *Bench) speculation(ctx context.Context) error {
 		b.Log.Info("bench run done", "run", name, "ms_per_token", row.MsPerToken, "accepted_per_pass", row.AcceptedPerPass)
 	}
 	return nil
+}
+
+// runChecked runs scenario s (its binary, tokens, timeout and log the
+// bench's) within the bench's timeout, and checks that it gave want,
+// llama.cpp's tokens for its model and prompt.
+func (b *Bench) runChecked(ctx context.Context, name string, s *Scenario, want []int32) (*Report, error) {
+	ctx, cancel := context.WithTimeout(ctx, b.Timeout)
+	defer cancel()
+	s.Binary, s.MaxTokens, s.Timeout, s.Check, s.Log = b.Binary, b.MaxTokens, b.Timeout, true, b.Log
+	rep, _, err := s.Run(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	if fmt.Sprint(rep.Tokens) != fmt.Sprint(want) {
+		return nil, fmt.Errorf("%s: tokens %v differ from llama.cpp's %v", name, rep.Tokens, want)
+	}
+	return rep, nil
 }
 
 // add checks a run's tokens against llama.cpp's and adds its row.

@@ -1,6 +1,7 @@
 package testnet
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -36,6 +37,12 @@ type Netns struct {
 	// Spread places each expert on one expert home only, round robin, so
 	// that a token's experts in a layer are often on different nodes.
 	Spread bool
+	// Spans is every expert home's expert.spans, or one per expert home
+	// (as Loopback.Spans).
+	Spans string
+	// KillNodes expert homes' nodes are SIGKILLed once the generation
+	// holds KillAfter tokens (as Loopback's).
+	KillNodes, KillAfter int
 
 	net *netns.Net
 }
@@ -200,6 +207,8 @@ func (t *Netns) Launch(r *Run, o *LaunchOptions) error {
 			return []string{"--gating", "--model", m.CID.String(), "--experts", "none"}
 		case i > gating && t.Spread:
 			return []string{"--model", m.CID.String(), "--experts", SpreadExperts(m.FirstMoELayer(), m.Layers(), m.Experts(), i-gating-1, H-1)}
+		case i > gating && t.Spans != "":
+			return append([]string{"--model", m.CID.String()}, spanArgs(t.Spans, i-gating-1)...)
 		case i > gating:
 			return []string{"--model", m.CID.String()}
 		}
@@ -208,6 +217,9 @@ func (t *Netns) Launch(r *Run, o *LaunchOptions) error {
 	o.BeforeStart = seedTestnet(genesis, m, 1, t.Gating())
 	return nil
 }
+
+// SpansWanted says whether the expert homes serve spans.
+func (t *Netns) SpansWanted() bool { return t.Spans != "" }
 
 // SpreadExperts is the --experts list of expert home j of n under
 // --spread: every MoE layer's experts e with e mod n = j.
@@ -256,7 +268,7 @@ func (t *Netns) Serving() (int, map[int]expert.Fault) {
 	if t.Spread {
 		return 1, nil
 	}
-	return min(2, t.homes()-1), nil
+	return min(2, t.homes()-1, spanProviders(t.Spans)), nil
 }
 
 // Settle implements Topology: it waits (at most 45 s, then only warns)
@@ -306,7 +318,13 @@ func (t *Netns) bootAddr(r *Run) string {
 func (t *Netns) Ask(ctx context.Context, r *Run) error {
 	gctx, cancel := context.WithTimeout(ctx, r.S.Timeout)
 	defer cancel()
-	gen, err := t.generate(gctx, r)
+	var gen *Generation
+	var err error
+	if t.KillNodes > 0 {
+		gen, err = t.generateKilling(gctx, r)
+	} else {
+		gen, err = t.generate(gctx, r)
+	}
 	if err != nil {
 		return err
 	}
@@ -330,13 +348,71 @@ func (t *Netns) generate(ctx context.Context, r *Run) (*Generation, error) {
 	return gens[0], nil
 }
 
+// generateCmd is `neurod generate --network --json` of the prompt, run in
+// the gating node's home, with more flags.
+func (t *Netns) generateCmd(ctx context.Context, r *Run, more ...string) *exec.Cmd {
+	args := append([]string{"netns", "exec", t.ns(t.Gating()), r.S.Binary, "generate", "--network", "--bootstrap", t.bootAddr(r),
+		"--model", r.Model.CID.String(), "--prompt", r.S.Prompt, "--max-tokens", strconv.Itoa(r.S.MaxTokens), "--json"}, more...)
+	return exec.CommandContext(ctx, "ip", args...)
+}
+
+// generateKilling asks the prompt once from the gating node's home,
+// following the generation token by token (generate --progress), and
+// SIGKILLs KillNodes expert nodes once it holds KillAfter tokens.
+func (t *Netns) generateKilling(ctx context.Context, r *Run) (*Generation, error) {
+	doomed := victims(r.Net.Processes()[t.Gating()+1:], t.KillNodes, r.log)
+	cmd := t.generateCmd(ctx, r, "--progress")
+	var out bytes.Buffer
+	cmd.Stdout = &out
+	pipe, err := cmd.StderrPipe()
+	if err != nil {
+		return nil, err
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("generate from the gating node's home: %w", err)
+	}
+	// The client's own log lines pass through, kept for the error.
+	var gerr strings.Builder
+	var killErr error
+	sc := bufio.NewScanner(pipe)
+	for sc.Scan() {
+		var p struct {
+			Tokens *int `json:"tokens"`
+			Rewind bool `json:"rewind"`
+		}
+		if json.Unmarshal(sc.Bytes(), &p) != nil || p.Tokens == nil {
+			gerr.Write(sc.Bytes())
+			gerr.WriteByte('\n')
+			continue
+		}
+		if !p.Rewind && *p.Tokens == t.KillAfter && r.Report.KilledAfter == 0 && killErr == nil {
+			if killErr = kill(doomed, r.Report, r.log); killErr == nil {
+				r.Report.KilledAfter = t.KillAfter
+			}
+		}
+	}
+	if err := cmd.Wait(); err != nil {
+		return nil, errors.Join(killErr, fmt.Errorf("generate from the gating node's home: %w: %s", err, strings.TrimSpace(gerr.String())))
+	}
+	if killErr != nil {
+		return nil, killErr
+	}
+	if r.Report.KilledAfter == 0 {
+		return nil, fmt.Errorf("--kill %d@%d: the generation never held %d tokens", t.KillNodes, t.KillAfter, t.KillAfter)
+	}
+	var gen Generation
+	if err := json.Unmarshal(out.Bytes(), &gen); err != nil {
+		return nil, fmt.Errorf("generate: %w", err)
+	}
+	return &gen, nil
+}
+
 // generateN asks the prompt n times at once from the gating node's home
 // through one client process (neurod generate --network --concurrency):
 // clients of their own would each take a connection from one address,
 // and libp2p's resource manager admits 8 per address.
 func (t *Netns) generateN(ctx context.Context, r *Run, n int) ([]*Generation, error) {
-	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", t.ns(t.Gating()), r.S.Binary, "generate", "--network", "--bootstrap", t.bootAddr(r),
-		"--model", r.Model.CID.String(), "--prompt", r.S.Prompt, "--max-tokens", strconv.Itoa(r.S.MaxTokens), "--json", "--concurrency", strconv.Itoa(n))
+	cmd := t.generateCmd(ctx, r, "--concurrency", strconv.Itoa(n))
 	var gerr strings.Builder
 	cmd.Stderr = &gerr
 	out, err := cmd.Output()

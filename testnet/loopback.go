@@ -4,10 +4,12 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"math"
 	"path/filepath"
 	"runtime"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -46,6 +48,10 @@ type Loopback struct {
 	// Pin runs node i on core i (modulo the cores, taskset) with one
 	// compute thread, so that the processes do not compete for cores.
 	Pin bool
+	// Spans is every expert node's expert.spans ("auto" or "A-B"; ""
+	// none), or one per expert node, comma-separated (spanOf): the gating
+	// node then sends each forward pass through the chain of fewest spans.
+	Spans string
 
 	cometPorts []int
 	cometPeers []string
@@ -112,6 +118,9 @@ func (l *Loopback) Launch(r *Run, o *LaunchOptions) error {
 			return []string{"--gating", "--model", m.CID.String(), "--experts", "none", "--http", l.Dashboard}
 		}
 		args := []string{"--model", m.CID.String()}
+		if l.Spans != "" {
+			args = append(args, spanArgs(l.Spans, i-1)...)
+		}
 		if f := l.Faults[i]; f != expert.FaultNone {
 			args = append(args, "--faulty", string(f))
 		}
@@ -123,6 +132,74 @@ func (l *Loopback) Launch(r *Run, o *LaunchOptions) error {
 	o.BeforeStart = seedTestnet(genesis, m, l.Validators, l.Gating(), l.userIDs...)
 	return nil
 }
+
+// spanOf is expert node j's span of a testnet's spans: the one span all
+// serve ("auto", "A-B"), or the j-th of a comma-separated list.
+func spanOf(spans string, j int) string {
+	if !strings.Contains(spans, ",") {
+		return spans
+	}
+	return strings.Split(spans, ",")[j]
+}
+
+// spanArgs are expert node j's flags for a testnet's spans: one span for
+// all leaves the node to host more experts as it would anyway; with one
+// span each, a node hosts its span only (--experts none), as a network
+// laid out span by span would.
+func spanArgs(spans string, j int) []string {
+	if strings.Contains(spans, ",") {
+		return []string{"--spans", spanOf(spans, j), "--experts", "none"}
+	}
+	return []string{"--spans", spans}
+}
+
+// spanProviders is how many nodes serve the least served layer when each
+// expert node hosts its own span only (a comma-separated list); without
+// such a list, no limit.
+func spanProviders(spans string) int {
+	if !strings.Contains(spans, ",") {
+		return math.MaxInt
+	}
+	cover := map[int]int{}
+	last := 0
+	for _, sp := range strings.Split(spans, ",") {
+		part, _, err := node.ParseSpans(sp)
+		if err != nil {
+			return math.MaxInt // CheckSpans refuses it
+		}
+		for l := part.First; l < part.End; l++ {
+			cover[l]++
+		}
+		last = max(last, part.End)
+	}
+	least := math.MaxInt
+	for l := range last {
+		least = min(least, cover[l])
+	}
+	return max(least, 1)
+}
+
+// CheckSpans checks a testnet's spans for this many expert nodes: one
+// span for all, or one for each.
+func CheckSpans(spans string, experts int) error {
+	if spans == "" {
+		return nil
+	}
+	list := strings.Split(spans, ",")
+	if len(list) > 1 && len(list) != experts {
+		return fmt.Errorf("%q: %d spans for %d expert nodes (give one for all, or one each)", spans, len(list), experts)
+	}
+	for _, sp := range list {
+		if _, _, err := node.ParseSpans(sp); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// SpansWanted says whether the expert nodes serve spans, so that the
+// model is served once the gating node has heard them.
+func (l *Loopback) SpansWanted() bool { return l.Spans != "" }
 
 // WaitHealthy implements Topology: every node has every other in its
 // routing table and has heard each one's heartbeat.
@@ -138,7 +215,7 @@ func (l *Loopback) WaitHealthy(ctx context.Context, r *Run) error {
 // Serving implements Topology: two honest providers per expert (fewer
 // when there are fewer honest nodes).
 func (l *Loopback) Serving() (int, map[int]expert.Fault) {
-	return min(2, l.ExpertNodes-len(l.Faults)), l.Faults
+	return min(2, l.ExpertNodes-len(l.Faults), spanProviders(l.Spans)), l.Faults
 }
 
 // Settle implements Topology: nothing to wait for.
@@ -165,7 +242,7 @@ func (l *Loopback) Ask(ctx context.Context, r *Run) error {
 	defer c.Close()
 	var doomed []*Process
 	if l.KillNodes > 0 {
-		doomed = victims(r.Net, l.KillNodes, r.log)
+		doomed = victims(r.Net.Processes()[1:], l.KillNodes, r.log)
 	}
 	rep := r.Report
 	var first []int32

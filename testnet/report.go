@@ -146,6 +146,25 @@ type Stats struct {
 	AcceptedTokens     uint64  `json:"accepted_tokens"`
 	AcceptedPerPass    float64 `json:"accepted_per_pass"`
 	RoundTripsPerToken float64 `json:"round_trips_per_token"`
+	// Layer spans: forward passes, span requests (one per span per pass)
+	// and spans per forward pass (hops), requests replayed to a new
+	// provider and moves to another provider. A generation through spans
+	// waits on one round trip per span per pass: round_trips_per_token
+	// counts them beside the MoE layers' expert rounds.
+	ForwardPasses uint64  `json:"forward_passes"`
+	SpanRequests  uint64  `json:"span_requests"`
+	SpansPerToken float64 `json:"spans_per_token"`
+	SpanReplays   uint64  `json:"span_replays"`
+	SpanFailovers uint64  `json:"span_failovers"`
+	// What the failovers cost: the hidden states replayed (bytes), the
+	// replays' round trips, and the time from the start of each request
+	// whose provider failed until the next one answered it.
+	SpanReplayBytes uint64  `json:"span_replay_bytes"`
+	SpanReplayMs    float64 `json:"span_replay_ms"`
+	SpanRecoveryMs  float64 `json:"span_recovery_ms"`
+	// SpanHedges: span requests also sent to the span's next provider
+	// because the one in use was slow.
+	SpanHedges uint64 `json:"span_hedges"`
 }
 
 // NodeReport is one node as the report shows it.
@@ -166,6 +185,8 @@ type NodeReport struct {
 	// Experts lists the experts the node serves ("layer:expert").
 	Experts     []string `json:"experts"`
 	ExpertCalls int64    `json:"expert_calls"`
+	// Spans lists the layer spans the node serves ("first-last").
+	Spans []string `json:"spans"`
 	// Faulty is the node's misbehaviour (--faulty), "" for an honest node.
 	// Score, Checked, Failed and Excluded are the gating node's record of
 	// it after the workload.
@@ -293,9 +314,15 @@ func GenerationStats(d *client.Done, perTokenMs []float64) *Stats {
 	if ts.SpecPasses > 0 {
 		ts.AcceptedPerPass = float64(ts.AcceptedTokens) / float64(ts.SpecPasses)
 	}
+	ts.ForwardPasses, ts.SpanRequests, ts.SpanReplays, ts.SpanFailovers = st.GetForwardPasses(), st.GetSpanRequests(), st.GetSpanReplays(), st.GetSpanFailovers()
+	ts.SpanReplayBytes, ts.SpanHedges = st.GetSpanReplayBytes(), st.GetSpanHedges()
+	ts.SpanReplayMs, ts.SpanRecoveryMs = float64(st.GetSpanReplayUs())/1000, float64(st.GetSpanRecoveryUs())/1000
+	if ts.ForwardPasses > 0 {
+		ts.SpansPerToken = float64(ts.SpanRequests) / float64(ts.ForwardPasses)
+	}
 	if n := len(perTokenMs); n > 0 {
 		ts.BytesPerToken = float64(st.GetExpertBytes()) / float64(n)
-		ts.RoundTripsPerToken = float64(st.GetMoeLayers()) / float64(n)
+		ts.RoundTripsPerToken = float64(st.GetMoeLayers()+st.GetSpanRequests()) / float64(n)
 	}
 	if st.GetMoeLayers() > 0 {
 		ts.DispatchPerLay = float64(st.GetMoeWallUs()-min(st.GetMoeWallUs(), st.GetMoeComputeUs())) / float64(st.GetMoeLayers())

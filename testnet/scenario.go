@@ -48,8 +48,12 @@ type Scenario struct {
 	// BatchWait is the gating node's gating.batch_wait (continuous
 	// batching): 0 leaves its default, negative turns batching off.
 	BatchWait time.Duration
-	Prompt    string
-	MaxTokens int
+	// LayerByLayer turns the gating node's spans off (gating.spans): it
+	// calls the experts layer by layer even where span nodes cover the
+	// model, as a node without spans does.
+	LayerByLayer bool
+	Prompt       string
+	MaxTokens    int
 	// Requests is how many times the prompt is answered (at least 1);
 	// every answer must have the same tokens.
 	Requests int
@@ -104,6 +108,9 @@ type Topology interface {
 	// Serving is how many honest providers each expert needs before the
 	// prompt is asked, and which nodes are faulty.
 	Serving() (providers int, faults map[int]expert.Fault)
+	// SpansWanted says whether the expert nodes serve layer spans: the
+	// model is served once the gating node has heard them.
+	SpansWanted() bool
 	// Ask answers the prompt and fills in the report's generation.
 	Ask(ctx context.Context, r *Run) error
 	// Settle waits, once the model is served, for what the topology needs
@@ -207,7 +214,8 @@ func (r *Run) stages(ctx context.Context) error {
 	readyStart := time.Now()
 	want, faults := r.S.Topology.Serving()
 	gating := r.S.Topology.Gating()
-	if err := waitServing(ctx, r.Net, r.S.Timeout, m.FirstMoELayer(), m.Layers(), m.Experts(), want, faults, r.S.Progress, gating); err != nil {
+	if err := waitServing(ctx, r.Net, r.S.Timeout, m.FirstMoELayer(), m.Layers(), m.Experts(), want, faults, r.S.Progress, gating,
+		r.S.Topology.SpansWanted()); err != nil {
 		return r.failNet(err)
 	}
 	if err := r.S.Topology.Settle(ctx, r); err != nil {
@@ -266,7 +274,7 @@ func (r *Run) launch(ctx context.Context) error {
 	if err := r.S.Topology.Launch(r, &o); err != nil {
 		return err
 	}
-	if r.S.Speculate != "" || r.S.BatchWait != 0 {
+	if r.S.Speculate != "" || r.S.BatchWait != 0 || r.S.LayerByLayer {
 		topo := o.Config
 		o.Config = func(i int, c *node.Config) {
 			if topo != nil {
@@ -277,6 +285,9 @@ func (r *Run) launch(ctx context.Context) error {
 			}
 			if r.S.BatchWait != 0 {
 				c.Gating.BatchWait = node.Duration(max(r.S.BatchWait, 0))
+			}
+			if r.S.LayerByLayer {
+				c.Gating.Spans = false
 			}
 		}
 	}
@@ -415,7 +426,7 @@ func reportNodes(nw *Network) []NodeReport {
 			Index: p.Index, PeerID: st.PeerID, Addrs: st.Addrs, Roles: st.Roles, PID: p.PID(),
 			Home: p.Home, API: p.APIAddr, RSSBytes: st.RSSBytes,
 			RoutingTableSize: len(st.RoutingTable), HeardPeers: len(st.Heard),
-			Experts: append([]string{}, st.Experts...), ExpertCalls: st.ExpertCalls, Verdicts: st.Verdicts,
+			Experts: append([]string{}, st.Experts...), Spans: append([]string{}, st.Spans...), ExpertCalls: st.ExpertCalls, Verdicts: st.Verdicts,
 			Devices: append([]node.DeviceStatus{}, st.Devices...),
 		})
 	}

@@ -72,6 +72,17 @@ type Sim struct {
 	// (default 3s), of MaxTokens tokens (default 8).
 	AskEvery  time.Duration
 	MaxTokens int
+	// PromptTimeout is how long a user waits for a whole answer before it
+	// counts the prompt unanswered (default 1m). The nodes of a simulation
+	// share one machine: one busy with other work answers slowly, not
+	// wrongly, and a test of what is answered waits longer.
+	PromptTimeout time.Duration
+	// MinAsks, if set, keeps the users asking past Duration until each
+	// has asked this many prompts (at most MinAsksWait more; churn stops
+	// at Duration): on a machine slow enough that prompts take longer than
+	// AskEvery, a run still sees the prompts it was meant to see, however
+	// long they take, rather than fewer of them.
+	MinAsks int
 	// Latency delays every link one way (half a round trip); Jitter
 	// spreads each link's delay uniformly by up to ± this.
 	Latency, Jitter time.Duration
@@ -224,7 +235,10 @@ type SimReport struct {
 // simNode is one node the simulation started.
 type simNode struct {
 	SimNode
-	n       *node.Node
+	n *node.Node
+	// up: the node has started (joined); churn kills only such nodes, so
+	// that a node is counted once, as joined or as failed to join.
+	up      atomic.Bool
 	started time.Time
 	ended   time.Time
 	traffic p2p.Traffic // at the end
@@ -362,6 +376,15 @@ func (s *Sim) defaults() error {
 	if s.MaxTokens <= 0 {
 		s.MaxTokens = 8
 	}
+	if s.PromptTimeout < 0 {
+		return fmt.Errorf("sim: a prompt timeout of %v is negative", s.PromptTimeout)
+	}
+	if s.PromptTimeout == 0 {
+		s.PromptTimeout = time.Minute
+	}
+	if s.MinAsks < 0 {
+		return fmt.Errorf("sim: %d prompts a user is negative", s.MinAsks)
+	}
 	if s.Timeout <= 0 {
 		s.Timeout = 2*time.Minute + time.Duration(float64(s.Nodes)/s.JoinRate*float64(time.Second))
 	}
@@ -418,6 +441,7 @@ func (sm *simulation) config(i int) node.Config {
 	cfg.HTTP.Listen = ""
 	cfg.Expert.Threads = 1
 	cfg.Gating.Threads = 1
+	cfg.Gating.ProvenFirst = true // CPU only: the Vulkan case that keeps it off does not arise
 	cfg.Expert.Model = sm.model.CID.String()
 	switch sm.role(i) {
 	case "bootstrap":
@@ -500,6 +524,7 @@ func (sm *simulation) start(ctx context.Context, i int) (*simNode, error) {
 	if err := n.Start(ctx); err != nil {
 		return sn, fmt.Errorf("node %d: %w", i, err)
 	}
+	sn.up.Store(true)
 	return sn, nil
 }
 
@@ -619,21 +644,56 @@ func (sm *simulation) waitHealthy(ctx context.Context) error {
 	})
 }
 
-// run runs the network for Duration: users ask, nodes churn, lookups
-// are made and samples taken.
+// run runs the network for Duration (and on until every user has asked
+// MinAsks prompts): users ask, nodes churn, lookups are made and samples
+// taken.
 func (sm *simulation) run(ctx context.Context) error {
-	ctx, cancel := context.WithTimeout(ctx, sm.s.Duration)
-	defer cancel()
+	ctx, stop := context.WithTimeout(ctx, sm.s.Duration+MinAsksWait)
+	defer stop()
 	start := time.Now()
 	var wg sync.WaitGroup
+	var users []*atomic.Int64
 	for _, g := range sm.live() {
 		if g.Role == "gating" {
-			wg.Go(func() { sm.user(ctx, g) })
+			asked := new(atomic.Int64)
+			users = append(users, asked)
+			wg.Go(func() { sm.user(ctx, g, asked) })
 		}
 	}
+	// The run ends after Duration once every user has asked MinAsks.
+	enough := func() bool {
+		if time.Since(start) < sm.s.Duration {
+			return false
+		}
+		for _, a := range users {
+			if a.Load() < int64(sm.s.MinAsks) {
+				return false
+			}
+		}
+		return true
+	}
+	wg.Go(func() {
+		t := time.NewTicker(100 * time.Millisecond)
+		defer t.Stop()
+		for !enough() {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+		}
+		if time.Since(start) > sm.s.Duration+time.Second {
+			sm.log.Info("sim: ran past the duration until every user had asked its prompts", "prompts", sm.s.MinAsks, "ran", time.Since(start).Round(time.Second))
+		}
+		stop()
+	})
 	wg.Go(func() { sm.lookups(ctx) })
 	if sm.s.Churn > 0 {
-		wg.Go(func() { sm.churn(ctx) })
+		// Churn stops at Duration: the users who ask on past it (MinAsks)
+		// ask a network that churned as long as asked for.
+		cctx, cancel := context.WithTimeout(ctx, sm.s.Duration)
+		defer cancel()
+		wg.Go(func() { sm.churn(cctx) })
 	}
 	t := time.NewTicker(sm.s.Sample)
 	defer t.Stop()
@@ -681,6 +741,10 @@ func (sm *simulation) settle(ctx context.Context) {
 	sm.rep.CoverageLowest = min(sm.rep.CoverageLowest, least)
 	sm.mu.Unlock()
 }
+
+// MinAsksWait bounds how long a run goes on past its Duration for
+// MinAsks.
+const MinAsksWait = 3 * time.Minute
 
 // settleTimeout bounds settle: the default peer expiry (30 s) and a few
 // hosting steps.
@@ -737,7 +801,7 @@ func (sm *simulation) sample(prev, cur snap) {
 
 // user asks gating node g the prompt every AskEvery, through a client of
 // its own that knows only the bootstrap node and g.
-func (sm *simulation) user(ctx context.Context, g *simNode) {
+func (sm *simulation) user(ctx context.Context, g *simNode, asked *atomic.Int64) {
 	c, err := client.New(ctx, client.WithBootstrap(sm.boot...), client.WithGatingNodes(dialAddrs(g.n)...), client.WithLogger(sm.s.NodeLog),
 		client.WithTransport(sm.net.Transport()))
 	if err != nil {
@@ -756,6 +820,7 @@ func (sm *simulation) user(ctx context.Context, g *simNode) {
 		sm.mu.Lock()
 		sm.rep.Asked++
 		sm.mu.Unlock()
+		asked.Add(1)
 		lat, err := sm.ask(ctx, c)
 		if err != nil {
 			sm.fail(fmt.Errorf("gating node %d: %w", g.Index, err))
@@ -769,9 +834,9 @@ func (sm *simulation) user(ctx context.Context, g *simNode) {
 }
 
 // ask asks one prompt. A prompt under way when the simulation ends is
-// still answered (its own deadline is a minute).
+// still answered (its own deadline is PromptTimeout).
 func (sm *simulation) ask(ctx context.Context, c *client.Client) ([]float64, error) {
-	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), sm.s.PromptTimeout)
 	defer cancel()
 	s, err := c.Generate(actx, client.Request{Model: sm.model.CID, Prompt: simPrompt, MaxTokens: sm.s.MaxTokens})
 	if err != nil {
@@ -802,8 +867,8 @@ func (sm *simulation) fail(err error) {
 	sm.log.Warn("sim", "err", err)
 }
 
-// churn replaces an expert node every minute/Churn: a random one is
-// killed and a new node joins.
+// churn replaces an expert node every minute/Churn: a random one that has
+// joined is killed and a new node joins.
 func (sm *simulation) churn(ctx context.Context) {
 	every := time.Duration(float64(time.Minute) / sm.s.Churn)
 	t := time.NewTicker(every)
@@ -817,7 +882,7 @@ func (sm *simulation) churn(ctx context.Context) {
 		}
 		var experts []*simNode
 		for _, n := range sm.live() {
-			if n.Role == "expert" {
+			if n.Role == "expert" && n.up.Load() {
 				experts = append(experts, n)
 			}
 		}

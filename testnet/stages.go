@@ -39,7 +39,7 @@ const settle = 3 * time.Second
 // want expert nodes, the gating node knows of want providers for each, and
 // no expert node has changed what it serves for settle.
 func waitServing(ctx context.Context, nw *Network, timeout time.Duration, first, layers, experts, want int, faults map[int]expert.Fault,
-	show *progress.Reporter, gating int) error {
+	show *progress.Reporter, gating int, spans bool) error {
 	parent := ctx
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
@@ -60,7 +60,7 @@ func waitServing(ctx context.Context, nw *Network, timeout time.Duration, first,
 				}
 			}
 			_ = bar.Set(covered)
-			err = serving(nw, first, layers, experts, want, faults, gating)
+			err = serving(nw, first, layers, experts, want, faults, gating, spans)
 			var fatal *fatalError
 			if errors.As(err, &fatal) {
 				return err
@@ -95,7 +95,7 @@ type fatalError struct{ error }
 
 // serving checks that the model is served; want counts honest providers
 // (a faulty node's results do not count towards an expert's cover).
-func serving(nw *Network, first, layers, experts, want int, faults map[int]expert.Fault, gating int) error {
+func serving(nw *Network, first, layers, experts, want int, faults map[int]expert.Fault, gating int, spans bool) error {
 	sts := nw.Statuses()
 	var honest []node.Status
 	for i, st := range sts[gating+1:] {
@@ -120,18 +120,49 @@ func serving(nw *Network, first, layers, experts, want int, faults map[int]exper
 	if m.MinProviders < want {
 		return fmt.Errorf("gating node knows %d providers of some expert (missing: %v), want %d", m.MinProviders, m.Missing, want)
 	}
+	if spans {
+		return spansHeard(sts[gating], honest)
+	}
 	return nil
 }
 
-// victims picks the k expert nodes to kill: those that serve the most
+// spansHeard checks that every honest expert node serves a span and that
+// the gating node has heard it announced.
+func spansHeard(g node.Status, honest []node.Status) error {
+	heard := map[string][]string{}
+	for _, h := range g.Heard {
+		heard[h.PeerID] = h.Spans
+	}
+	for _, st := range honest {
+		if len(st.Spans) == 0 {
+			return fmt.Errorf("node %s: no span served yet", short(st.PeerID))
+		}
+		if len(heard[st.PeerID]) == 0 {
+			return fmt.Errorf("gating node: no span heard from %s yet", short(st.PeerID))
+		}
+	}
+	return nil
+}
+
+// victims picks the k of the expert nodes to kill: those that serve the most
 // experts, which the gating node prefers (one peer for all of a layer's
-// experts), so that the kill hits the nodes in use; but while it can, it
-// spares a node whose death would leave an expert with no provider, so
-// that the generation can go on.
-func victims(nw *Network, k int, log *slog.Logger) []*Process {
-	procs := slices.Clone(nw.Processes()[1:])
+// experts), so that the kill hits the nodes in use — among span nodes, the
+// one a chain tries first (the lowest peer ID of a span's providers); but
+// while it can, it spares a node whose death would leave an expert with no
+// provider, so that the generation can go on.
+func victims(experts []*Process, k int, log *slog.Logger) []*Process {
+	procs := slices.Clone(experts)
+	chainOrder := func(a, b *Process) int {
+		if len(a.Status.Spans) == 0 || len(b.Status.Spans) == 0 {
+			return 0
+		}
+		ia, _ := peer.Decode(a.Status.PeerID)
+		ib, _ := peer.Decode(b.Status.PeerID)
+		return cmp.Compare(ia, ib)
+	}
 	slices.SortStableFunc(procs, func(a, b *Process) int {
-		return cmp.Compare(len(b.Status.Experts), len(a.Status.Experts))
+		return cmp.Or(cmp.Compare(len(b.Status.Spans), len(a.Status.Spans)), cmp.Compare(len(b.Status.Experts), len(a.Status.Experts)),
+			chainOrder(a, b))
 	})
 	providers := map[string]int{}
 	for _, p := range procs {

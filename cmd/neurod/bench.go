@@ -45,6 +45,14 @@ ways, and checks that every way gives the same tokens:
                  speculative decoding, with prompt lookup (ngram) and with
                  a q4_0 draft model of it (ms per token, round trips per
                  token, drafted tokens kept per pass)
+  spans          a model of --spans-layers MoE layers in Qwen3-30B-A3B's
+                 proportions, scaled down, on --spans-homes expert homes
+                 at --spans-rtt, each home serving a run of consecutive
+                 layers: layer by layer (one round trip a layer), through
+                 the spans (one a span), through the spans with the node
+                 of the first span in use SIGKILLed mid-generation (a
+                 spare serves that span too: recovery and replay cost),
+                 and through the spans with speculative decoding
 
 For each it reports tokens per second, the per-token latency (p50 and p90
 of the decode steps), for the loopback testnets the dispatch overhead per
@@ -63,6 +71,8 @@ type benchFlags struct {
 	timeout                         time.Duration
 	placement, placementFar, jitter time.Duration
 	speculateRTT, concurrencyRTT    time.Duration
+	spansRTT                        time.Duration
+	spansLayers, spansHomes         int
 }
 
 func newBenchCmd(g *globalFlags) *cobra.Command {
@@ -115,6 +125,9 @@ func newBenchCmd(g *globalFlags) *cobra.Command {
 	fs.DurationVar(&f.jitter, "placement-jitter", 2*time.Millisecond, "placement runs: jitter on every home's line")
 	fs.DurationVar(&f.concurrencyRTT, "concurrency-rtt", 50*time.Millisecond, "also run --concurrency's users in the netns testnet at this RTT; 0 leaves them out")
 	fs.DurationVar(&f.speculateRTT, "speculate-rtt", 50*time.Millisecond, "speculative decoding runs (a model of the bench shape repeating a list: without speculation, with prompt lookup, with a q4_0 draft model) in the netns testnet at this RTT (the loopback testnet without namespaces); 0 leaves them out")
+	fs.DurationVar(&f.spansRTT, "spans-rtt", 50*time.Millisecond, "layer-span runs (layer by layer against spans of consecutive layers, and a span node killed) in the netns testnet at this RTT; 0 leaves them out")
+	fs.IntVar(&f.spansLayers, "spans-layers", 48, "layer-span runs: MoE layers of their model")
+	fs.IntVar(&f.spansHomes, "spans-homes", 4, "layer-span runs: expert homes, each serving layers/homes consecutive layers")
 	return cmd
 }
 
@@ -151,6 +164,15 @@ func (f *benchFlags) checkRest() error {
 	if f.speculateRTT < 0 || f.speculateRTT > 2*time.Second {
 		return fmt.Errorf("flag --speculate-rtt %v: want 0 (leave out) to 2s", f.speculateRTT)
 	}
+	if f.spansRTT < 0 || f.spansRTT > 2*time.Second {
+		return fmt.Errorf("flag --spans-rtt %v: want 0 (leave out) to 2s", f.spansRTT)
+	}
+	if f.spansLayers < 2 || f.spansLayers > 256 {
+		return fmt.Errorf("flag --spans-layers %d: want 2 to 256", f.spansLayers)
+	}
+	if f.spansHomes < 1 || f.spansHomes > f.spansLayers || f.spansHomes > 16 {
+		return fmt.Errorf("flag --spans-homes %d: want 1 to 16, at most one a layer", f.spansHomes)
+	}
 	if f.concurrencyRTT < 0 || f.concurrencyRTT > 2*time.Second {
 		return fmt.Errorf("flag --concurrency-rtt %v: want 0 (leave out) to 2s", f.concurrencyRTT)
 	}
@@ -185,6 +207,7 @@ func (f *benchFlags) bench(cmd *cobra.Command, g *globalFlags) (*testnet.Bench, 
 			return generateOnMachine(ctx, ggml.Device{}, model, "", prompt, maxTokens, ggml.ContextOptions{})
 		},
 		SpeculateRTT: f.speculateRTT, SpeculationModels: speculationModels, ConcurrencyRTT: f.concurrencyRTT,
+		SpansRTT: f.spansRTT, SpansLayers: f.spansLayers, SpansHomes: f.spansHomes,
 		NoLoopback: f.noLoopback}
 	if b.NetnsErr = errors.New("--no-netns"); !f.noNetns {
 		b.NetnsErr = netns.Available()
@@ -222,10 +245,14 @@ func benchMarkdown(rep *testnet.BenchReport) string {
 	fmt.Fprintf(&sb, "Machine: %s. %s.\n\n", rep.Machine, rep.When)
 	fmt.Fprintln(&sb, "| run | RTT (measured) | tokens/s | per token p50 | p90 | floor = layers × RTT + compute | p50 / floor | round trips / token | expert calls / token | layers one node served | dispatch overhead / layer | llama.cpp p50 ÷ p50 |")
 	fmt.Fprintln(&sb, "|---|---|---|---|---|---|---|---|---|---|---|---|")
-	var spec []testnet.BenchRow
+	var spec, spans []testnet.BenchRow
 	for _, r := range rep.Rows {
 		if r.Kind == "speculate" {
 			spec = append(spec, r)
+			continue
+		}
+		if r.Kind == "spans" {
+			spans = append(spans, r)
 			continue
 		}
 		if r.Skipped != "" {
@@ -284,7 +311,49 @@ func benchMarkdown(rep *testnet.BenchReport) string {
 		}
 		fmt.Fprintln(&sb, "\nms / token: the decode steps' time over their tokens (the tokens one pass keeps arrive at once, so p50 falls to almost 0).")
 	}
+	if len(spans) > 0 {
+		spansMarkdown(&sb, spans)
+	}
 	return sb.String()
+}
+
+// spansMarkdown is the report's table of the layer-span rows.
+func spansMarkdown(sb *strings.Builder, rows []testnet.BenchRow) {
+	fmt.Fprintf(sb, "\nLayer spans: a model of %d MoE layers in Qwen3-30B-A3B's proportions, scaled down (%s), q8_0. Every run gave llama.cpp's tokens.\n\n",
+		rows[0].Layers, spansShapeLine(rows[0].Layers))
+	fmt.Fprintln(sb, "| run | per token p50 | p90 | tokens/s | round trips / token | spans / pass | p50 ÷ layer by layer | failovers (hedged requests) | kill token | recovery | replayed |")
+	fmt.Fprintln(sb, "|---|---|---|---|---|---|---|---|---|---|---|")
+	for _, r := range rows {
+		if r.Skipped != "" {
+			fmt.Fprintf(sb, "| %s | skipped: %s | | | | | | | | | |\n", r.Name, r.Skipped)
+			continue
+		}
+		ratio, kill, rec, replay := "–", "–", "–", "–"
+		if r.LayerByLayerRatio > 0 {
+			ratio = fmt.Sprintf("%.3f (1/%.1f)", r.LayerByLayerRatio, 1/r.LayerByLayerRatio)
+		}
+		if r.Speculate != "" {
+			// Tokens kept from a pass arrive at once: p50 says little; the
+			// mean and the drafted tokens kept per pass say what it gained.
+			ratio += fmt.Sprintf("; %.1f ms a token on average, %.2f drafted tokens kept a pass", r.MsPerToken, r.AcceptedPerPass)
+		}
+		if r.KilledAfter > 0 {
+			kill = fmt.Sprintf("after token %d: %.0f ms", r.KilledAfter, r.KillTokenMs)
+		}
+		if r.SpanFailovers > 0 {
+			rec = fmt.Sprintf("%.0f ms", r.SpanRecoveryMs)
+			replay = fmt.Sprintf("%.1f KiB in %.0f ms", float64(r.SpanReplayBytes)/1024, r.SpanReplayMs)
+		}
+		fmt.Fprintf(sb, "| %s | %.1f ms | %.1f ms | %.2f | %.1f | %.1f | %s | %d (%d) | %s | %s | %s |\n", r.Name, r.PerTokenP50Ms, r.PerTokenP90Ms,
+			r.TokensPerSecond, r.RoundTripsPerToken, r.SpansPerToken, ratio, r.SpanFailovers, r.SpanHedges, kill, rec, replay)
+	}
+	fmt.Fprintln(sb, "\nrecovery: from the start of the request whose provider was killed until the spare answered it (the hedge delay or the deadline, a new stream, the replay); replayed: the session's earlier inputs sent to the spare, and their round trips.")
+}
+
+// spansShapeLine describes the spans runs' model.
+func spansShapeLine(layers int) string {
+	p := testnet.SpansShape(layers)
+	return fmt.Sprintf("embd %d, %d of %d experts of ff %d, %d heads of %d over %d KV heads", p.Embd, p.ExpertsUsed, p.Experts, p.FF, p.Heads, p.HeadSize, p.KVHeads)
 }
 
 func writeBenchReport(rep *testnet.BenchReport) error {

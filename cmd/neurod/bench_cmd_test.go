@@ -44,15 +44,21 @@ func TestBenchReport(t *testing.T) {
 		rows     string
 		test     func(t *testing.T, rest []testnet.BenchRow, out string)
 	}{
-		{"netns and placement", []string{"--rtt", "20ms", "--concurrency", "0", "--placement-rtt", "20ms", "--placement-far", "40ms", "--placement-jitter", "2ms", "--speculate-rtt", "0"},
+		{"netns and placement", []string{"--rtt", "20ms", "--concurrency", "0", "--placement-rtt", "20ms", "--placement-far", "40ms", "--placement-jitter", "2ms", "--speculate-rtt", "0", "--spans-rtt", "0"},
 			false, ",netns 20 ms,placement: expert nodes 20 ms and 40 ms away ±2 ms, experts together,placement: expert nodes 20 ms and 40 ms away ±2 ms, experts spread",
 			func(t *testing.T, rest []testnet.BenchRow, out string) { checkBenchNetns(t, rest, out, withNetns) }},
-		{"users at once", []string{"--rtt", "none", "--concurrency", "3", "--concurrency-rtt", "20ms", "--placement-rtt", "0", "--placement-jitter", "0", "--speculate-rtt", "0"},
+		{"users at once", []string{"--rtt", "none", "--concurrency", "3", "--concurrency-rtt", "20ms", "--placement-rtt", "0", "--placement-jitter", "0", "--speculate-rtt", "0", "--spans-rtt", "0"},
 			false, ",testnet (1 expert node), 3 users at once,testnet (1 expert node), 3 users at once, batching off,netns 20 ms, 3 users at once,netns 20 ms, 3 users at once, batching off",
 			func(t *testing.T, rest []testnet.BenchRow, _ string) { checkBenchUsers(t, rest, withNetns) }},
-		{"speculation", []string{"--rtt", "none", "--concurrency", "0", "--placement-rtt", "0", "--placement-jitter", "0", "--speculate-rtt", "20ms"},
+		{"speculation", []string{"--rtt", "none", "--concurrency", "0", "--placement-rtt", "0", "--placement-jitter", "0", "--speculate-rtt", "20ms", "--spans-rtt", "0"},
 			true, ",speculation off, " + where + ", repeating a list,speculation ngram, " + where + ", repeating a list,speculation draft, " + where + ", repeating a list",
 			func(t *testing.T, rest []testnet.BenchRow, _ string) { checkBenchSpeculation(t, rest) }},
+		{"spans", []string{"--rtt", "none", "--concurrency", "0", "--placement-rtt", "0", "--placement-jitter", "0", "--speculate-rtt", "0",
+			"--spans-rtt", "20ms", "--spans-layers", "8", "--spans-homes", "2"},
+			false, ",spans: 8 layers, 2 expert homes, netns 20 ms, layer by layer,spans: 8 layers, 2 expert homes, netns 20 ms, through 2 spans of 4 layers," +
+				"spans: 8 layers, 2 expert homes, netns 20 ms, through the spans, the first span's node in use killed mid-generation (a spare serves it too)," +
+				"spans: 8 layers, 2 expert homes, netns 20 ms, through the spans, with speculative decoding (prompt lookup)",
+			func(t *testing.T, rest []testnet.BenchRow, _ string) { checkBenchSpans(t, rest, withNetns) }},
 	}
 	for _, pt := range parts {
 		t.Run(pt.name, func(t *testing.T) {
@@ -159,6 +165,39 @@ func checkBenchUsers(t *testing.T, rest []testnet.BenchRow, withNetns bool) {
 
 // checkBenchSpeculation checks the speculation rows: prompt lookup and the
 // draft model keep drafted tokens and need fewer round trips per token.
+// checkBenchSpans checks the layer-span rows: 8 MoE layers on two homes
+// of 4 layers each, 20 ms away. Layer by layer a token waits on 8 round
+// trips, through the spans on 2 (lower bounds only: a busy machine adds
+// time); the kill costs a failover, with the session's inputs replayed
+// to the spare (whole rows of embd 256 floats).
+func checkBenchSpans(t *testing.T, rest []testnet.BenchRow, withNetns bool) {
+	if !withNetns {
+		for _, row := range rest {
+			if row.Skipped == "" {
+				t.Fatalf("spans row without namespaces: %+v", row)
+			}
+		}
+		return
+	}
+	lbl, spans, killed, spec := rest[0], rest[1], rest[2], rest[3]
+	if spec.Speculate != "ngram" || spec.SpansPerToken != 2 || spec.RoundTripsPerToken <= 0 || spec.RoundTripsPerToken > 2 {
+		t.Fatalf("spans with speculation: %+v", spec)
+	}
+	if lbl.RoundTripsPerToken != 8 || lbl.SpansPerToken != 0 || lbl.Layers != 8 || lbl.PerTokenP50Ms < 8*19 {
+		t.Fatalf("layer by layer: %+v", lbl)
+	}
+	for _, row := range []testnet.BenchRow{spans, killed} {
+		if row.RoundTripsPerToken != 2 || row.SpansPerToken != 2 || row.PerTokenP50Ms < 2*19 || row.LayerByLayerRatio <= 0 {
+			t.Fatalf("%s: %+v", row.Name, row)
+		}
+	}
+	const rowBytes = 256 * 4
+	if spans.SpanFailovers != 0 || killed.SpanFailovers < 1 || killed.KilledAfter != 4 || killed.KillTokenMs <= 0 ||
+		killed.SpanReplayBytes < 4*rowBytes || killed.SpanReplayBytes%rowBytes != 0 || killed.SpanReplayMs <= 0 || killed.SpanRecoveryMs < killed.SpanReplayMs {
+		t.Fatalf("failover rows: %+v\n%+v", spans, killed)
+	}
+}
+
 func checkBenchSpeculation(t *testing.T, rest []testnet.BenchRow) {
 	off := rest[0]
 	if off.Kind != "speculate" || off.RoundTripsPerToken != 3 || off.MsPerToken <= 0 || off.AcceptedPerPass != 0 {

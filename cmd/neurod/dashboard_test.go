@@ -51,10 +51,13 @@ func chromium(t *testing.T, ctx context.Context, bin, url string, action ...stri
 	return string(out)
 }
 
-// The dashboard of `neurod testnet --nodes 4 --dashboard ADDR`, loaded in a
-// real browser (headless Chromium): the page renders the network's node
-// count and full coverage, and a screenshot is saved in artifacts/. Its
-// JSON and /metrics are checked as the contract reads them.
+// The dashboard of `neurod testnet --nodes 4 --spans 0-0 --dashboard
+// ADDR`, loaded in a real browser (headless Chromium): the page renders
+// the network's node count, full coverage and the span of the first layer
+// with its four providers (a span that covers part of the model only: the
+// gating node still calls the experts layer by layer), and a screenshot
+// is saved in artifacts/. Its JSON and /metrics are checked as the
+// contract reads them.
 func TestDashboardInBrowser(t *testing.T) {
 	t.Parallel() // mostly waiting: the testnets overlap well
 	browser, err := exec.LookPath("chromium")
@@ -71,7 +74,7 @@ func TestDashboardInBrowser(t *testing.T) {
 		t.Fatal(err)
 	}
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	_, _, rep := runningTestnet(t, ctx, "--nodes", "4", "--dashboard", addr, "--dir", t.TempDir(), "--max-tokens", "8")
+	_, _, rep := runningTestnet(t, ctx, "--nodes", "4", "--spans", "0-0", "--dashboard", addr, "--dir", t.TempDir(), "--max-tokens", "8")
 	if rep.HTTP != addr {
 		t.Fatalf("the report's http %q, want the dashboard's %s", rep.HTTP, addr)
 	}
@@ -84,8 +87,14 @@ func TestDashboardInBrowser(t *testing.T) {
 			Reachability string   `json:"reachability"`
 			RTTMs        *float64 `json:"rtt_ms"`
 			Experts      []string `json:"experts"`
+			Spans        []string `json:"spans"`
 			Score        *float64 `json:"score"`
 		} `json:"nodes"`
+		Spans []struct {
+			First     int      `json:"first"`
+			Last      int      `json:"last"`
+			Providers []string `json:"providers"`
+		} `json:"spans"`
 		Coverage []struct {
 			Layer     *int `json:"layer"`
 			Expert    *int `json:"expert"`
@@ -101,10 +110,17 @@ func TestDashboardInBrowser(t *testing.T) {
 	if err != nil || len(st.Nodes) != 5 || len(st.Coverage) != 8 {
 		t.Fatalf("state: %v %+v", err, st)
 	}
+	spanNodes := 0
 	for _, n := range st.Nodes {
-		if n.PeerID == "" || len(n.Roles) == 0 || n.Reachability == "" || n.RTTMs == nil || n.Experts == nil || n.Score == nil {
+		if n.PeerID == "" || len(n.Roles) == 0 || n.Reachability == "" || n.RTTMs == nil || n.Experts == nil || n.Score == nil || n.Spans == nil {
 			t.Fatalf("node in the state: %+v", n)
 		}
+		if strings.Join(n.Spans, ",") == "0-0" {
+			spanNodes++
+		}
+	}
+	if len(st.Spans) != 1 || st.Spans[0].First != 0 || st.Spans[0].Last != 0 || len(st.Spans[0].Providers) != 4 || spanNodes != 4 {
+		t.Fatalf("spans %+v, %d nodes serving 0-0: want the span of layer 0 from the 4 expert nodes", st.Spans, spanNodes)
 	}
 	for _, c := range st.Coverage {
 		if c.Layer == nil || c.Expert == nil || c.Providers < 2 {
@@ -151,6 +167,9 @@ func TestDashboardInBrowser(t *testing.T) {
 	}
 	if n := strings.Count(dom, `class="cell ok"`); n != 8 {
 		t.Fatalf("%d green coverage cells, want 8", n)
+	}
+	if !regexp.MustCompile(`(?s)data-span="0-0">.*?\(4\)</td>`).MatchString(dom) {
+		t.Fatalf("the page shows no span 0-0 with 4 providers:\n%s", dom)
 	}
 	// Every node says what it computes on (the CPU here), from heartbeats.
 	if n := len(regexp.MustCompile(`class="device"[^>]*>CPU `).FindAllString(dom, -1)); n != 5 {

@@ -58,6 +58,7 @@ type generateFlags struct {
 	asJSON       bool
 	network      bool
 	concurrency  int
+	progress     bool
 	modelCID     string
 	bootstrap    []string
 	gatingAddrs  []string
@@ -103,6 +104,9 @@ func newGenerateCmd() *cobra.Command {
 			if gf.network && cmd.Flags().Changed("device") {
 				return errors.New("flag --device: only with --local or --split (the network's nodes choose their own)")
 			}
+			if gf.progress && (!gf.network || gf.concurrency > 1 || gf.dryRun) {
+				return errors.New("flag --progress: only with --network, one generation at a time and without --dry-run")
+			}
 			if gf.network {
 				if gf.concurrency < 1 || gf.concurrency > 256 || gf.concurrency > 1 && (!gf.asJSON || gf.dryRun) {
 					return fmt.Errorf("flag --concurrency %d: want 1 to 256, above 1 with --json and without --dry-run", gf.concurrency)
@@ -110,7 +114,7 @@ func newGenerateCmd() *cobra.Command {
 				return generateNetwork(cmd, networkRequest{model: gf.modelCID, bootstrap: gf.bootstrap, gating: gf.gatingAddrs,
 					prompt: gf.prompt, maxTokens: gf.maxTokens, temperature: gf.temperature, topK: gf.topK, topP: gf.topP,
 					seed: gf.seed, seedSet: cmd.Flags().Changed("seed"), stop: gf.stop, json: gf.asJSON, wallet: gf.wallet, dryRun: gf.dryRun,
-					concurrency: gf.concurrency})
+					concurrency: gf.concurrency, progress: gf.progress})
 			}
 			for _, name := range []string{"model", "bootstrap", "gating", "temperature", "top-k", "top-p", "seed", "stop", "wallet", "dry-run", "concurrency"} {
 				if cmd.Flags().Changed(name) {
@@ -160,6 +164,7 @@ func (gf *generateFlags) register(f *pflag.FlagSet) {
 	f.StringVar(&gf.device, "device", "cpu", deviceUsage)
 	f.StringVar(&gf.wallet, "wallet", "", "with --network: pay from this wallet's account (a key file from 'neurod wallet new')")
 	f.BoolVar(&gf.dryRun, "dry-run", false, "with --network: print what the request would cost, and run nothing")
+	f.BoolVar(&gf.progress, "progress", false, `with --network: write {"tokens": N, "rewind": false} to stderr as each token arrives, for a program following the generation`)
 	f.IntVar(&gf.concurrency, "concurrency", 1, "with --network and --json: ask the prompt this many times at once through the one client, one generation's JSON per line")
 }
 

@@ -509,6 +509,9 @@ func TestGenerateLocal(t *testing.T) {
 		{[]string{"generate", "--split", path, "--prompt", "x", "--device", "cuda:0"}, "device cuda:0: no CUDA backend: libggml-cuda.so is not in"},
 		{[]string{"generate", "--local", path, "--prompt", "x", "--device", "gpu"}, "want auto, cpu, vulkan:N or cuda:N"},
 		{[]string{"testnet", "--nodes", "1", "--device", "vulkan:0"}, "device vulkan:0: no Vulkan backend"},
+		{[]string{"generate", "--local", path, "--prompt", "x", "--progress"}, "flag --progress: only with --network"},
+		{[]string{"testnet", "--netns", "--homes", "2", "--kill", "1@4"}, "flag --kill \"1@4\": 1 of 1 expert nodes would leave none"},
+		{[]string{"testnet", "--netns", "--homes", "3", "--kill", "1@4", "--concurrency", "2"}, "flag --kill: not with --concurrency"},
 	} {
 		r := neurod(t, nil, tc.args...)
 		if r.code == 0 || !strings.Contains(r.stderr, tc.want) {
@@ -530,7 +533,7 @@ func TestModelImport(t *testing.T) {
 		t.Fatalf("import: %+v", r)
 	}
 	entries, _ := os.ReadDir(filepath.Join(home, node.StoreDir))
-	if len(entries) != 1+1+8 { // manifest, gating shard, 2 layers x 4 experts
+	if len(entries) != 1+1+1+2+8 { // manifest, gating shard, head shard, 2 layer shards, 2 layers x 4 experts
 		t.Fatalf("%d blobs in the store", len(entries))
 	}
 	// model info by CID reads the manifest in the store; by file, the GGUF.

@@ -37,6 +37,16 @@ type networkRequest struct {
 	// concurrency asks the prompt that many times at once through the one
 	// client (with json: one generation per line).
 	concurrency int
+	// progress writes a JSON line to stderr as each token arrives.
+	progress bool
+}
+
+// progressLine is what --progress writes to stderr for each token: how
+// many the generation holds now, and whether this one rewound earlier
+// ones (speculative decoding's correction).
+type progressLine struct {
+	Tokens int  `json:"tokens"`
+	Rewind bool `json:"rewind"`
 }
 
 // quoteOutput is the JSON of `generate --network --dry-run`.
@@ -85,7 +95,7 @@ func generateNetwork(cmd *cobra.Command, r networkRequest) error {
 	if r.concurrency > 1 {
 		return concurrentGenerations(cmd, c, req, r.concurrency)
 	}
-	return streamGeneration(cmd, c, req, r.json)
+	return streamGeneration(cmd, c, req, r.json, r.progress)
 }
 
 // concurrentGenerations asks req n times at once through c and prints
@@ -98,7 +108,7 @@ func concurrentGenerations(cmd *cobra.Command, c *client.Client, req client.Requ
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			gens[i], _, errs[i] = collectGeneration(cmd.Context(), c, req, nil)
+			gens[i], _, errs[i] = collectGeneration(cmd.Context(), c, req, nil, nil)
 			if errs[i] != nil {
 				errs[i] = fmt.Errorf("request %d of %d: %w", i+1, n, errs[i])
 			}
@@ -167,13 +177,18 @@ func (r networkRequest) client(cmd *cobra.Command) (*client.Client, error) {
 
 // streamGeneration prints a generation as it streams (or its JSON at the
 // end).
-func streamGeneration(cmd *cobra.Command, c *client.Client, req client.Request, asJSON bool) error {
+func streamGeneration(cmd *cobra.Command, c *client.Client, req client.Request, asJSON, progress bool) error {
 	var show func(string)
 	if !asJSON {
 		fmt.Fprint(cmd.OutOrStdout(), req.Prompt)
 		show = func(text string) { fmt.Fprint(cmd.OutOrStdout(), text) }
 	}
-	out, d, err := collectGeneration(cmd.Context(), c, req, show)
+	var each func(progressLine)
+	if progress {
+		enc := json.NewEncoder(cmd.ErrOrStderr())
+		each = func(l progressLine) { _ = enc.Encode(l) }
+	}
+	out, d, err := collectGeneration(cmd.Context(), c, req, show, each)
 	if err != nil {
 		return err
 	}
@@ -190,8 +205,8 @@ func streamGeneration(cmd *cobra.Command, c *client.Client, req client.Request, 
 }
 
 // collectGeneration runs one generation through c, showing each token's
-// text as it comes when show is set.
-func collectGeneration(ctx context.Context, c *client.Client, req client.Request, show func(string)) (*testnet.Generation, *client.Done, error) {
+// text as it comes when show is set, and telling progress of each.
+func collectGeneration(ctx context.Context, c *client.Client, req client.Request, show func(string), progress func(progressLine)) (*testnet.Generation, *client.Done, error) {
 	start := time.Now()
 	s, err := c.Generate(ctx, req)
 	if err != nil {
@@ -210,6 +225,9 @@ func collectGeneration(ctx context.Context, c *client.Client, req client.Request
 		shown := testnet.ApplyToken(&out.Tokens, &out.PerTokenMs, t)
 		if show != nil {
 			show(shown)
+		}
+		if progress != nil {
+			progress(progressLine{Tokens: len(out.Tokens), Rewind: t.Rewind != nil})
 		}
 	}
 	d := s.Done()

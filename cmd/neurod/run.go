@@ -29,6 +29,7 @@ type runFlags struct {
 	dhtMode, api             string
 	heartbeat                node.Duration
 	modelID, experts, memory string
+	spans                    string
 	gatingOn                 bool
 	httpAddr                 string
 	threads                  int
@@ -82,6 +83,7 @@ func (rf *runFlags) keys() []flagKey {
 		}},
 		{"model", "expert.model", func(c *node.Config, _ *pflag.FlagSet) error { c.Expert.Model = rf.modelID; return nil }},
 		{"experts", "expert.experts", func(c *node.Config, _ *pflag.FlagSet) error { c.Expert.Experts = rf.experts; return nil }},
+		{"spans", "expert.spans", func(c *node.Config, _ *pflag.FlagSet) error { c.Expert.Spans = rf.spans; return nil }},
 		{"memory", "home.memory_mb", func(c *node.Config, _ *pflag.FlagSet) error {
 			mb, err := parseMiB(rf.memory)
 			c.Home.MemoryMB, c.Expert.MemoryMB = mb, mb
@@ -105,6 +107,7 @@ func (rf *runFlags) register(f *pflag.FlagSet) {
 	f.Var(&durationFlag{&rf.heartbeat}, "heartbeat-interval", "how often to publish a heartbeat (e.g. 5s)")
 	f.StringVar(&rf.modelID, "model", "", "CID of the model to work on: host its experts and, with --gating, serve it")
 	f.StringVar(&rf.experts, "experts", "", `experts to host: "auto", "none" or e.g. "0:3,0:5,1:*"`)
+	f.StringVar(&rf.spans, "spans", "", `serve a span of layers on the span protocol, with every expert of them: "auto" or e.g. "12-23"`)
 	f.BoolVar(&rf.gatingOn, "gating", false, "be a gating node of the model: answer prompts, sending each layer to the expert nodes")
 	f.StringVar(&rf.httpAddr, "http", "", "serve the dashboard (/), its data (/api/v1/state), Prometheus /metrics and, on a gating node, the OpenAI-compatible API (/v1) on this host:port (off by default)")
 	f.IntVar(&rf.threads, "threads", 0, "most compute threads, expert and gating (0: every core)")

@@ -72,10 +72,17 @@ func TestSimUnderChurn(t *testing.T) {
 		t.Skip("a simulated network of 16 nodes for half a minute")
 	}
 	t.Parallel()
-	ctx, cancel := context.WithTimeout(t.Context(), 4*time.Minute)
+	// Healthy within 5 min, 20 s of churn and on until each user has
+	// asked two prompts (at most 3 min more), settled within 90 s. What is
+	// tested is that every prompt is answered, not how fast: the 24 hosts
+	// share this process, and beside make test's other work on 2 cores
+	// they got a fifth of a core (healthy after 121 s, a token in 1 to 9
+	// s), so a user waits up to 4 min for an answer.
+	ctx, cancel := context.WithTimeout(t.Context(), 12*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, neurodBin, "testnet", "sim", "--nodes", "16", "--gating", "2", "--churn", "12/min",
-		"--duration", "20s", "--sample", "4s", "--ask-every", "2s", "--seed", "11", "--sybils", "8", "--json")
+		"--duration", "20s", "--sample", "4s", "--ask-every", "2s", "--min-asks", "2", "--seed", "11", "--sybils", "8",
+		"--timeout", "5m", "--prompt-timeout", "4m", "--json")
 	cmd.Env = cleanEnv()
 	var stderr strings.Builder
 	cmd.Stderr = &stderr

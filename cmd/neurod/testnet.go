@@ -34,6 +34,7 @@ type testnetFlags struct {
 	concurrency                                            int
 	dir, model, prompt, dashboard                          string
 	kill, slow, faulty, device, shared, speculate, draft   string
+	spans                                                  string
 	nat, rtt, jitter, loss, bandwidth                      string
 	json, check, netns, spread                             bool
 	timeout, batchWait                                     time.Duration
@@ -101,6 +102,7 @@ func (f *testnetFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&f.speculate, "speculate", "off", "the gating node's speculative decoding: off, ngram (prompt lookup: drafts checked several tokens per forward pass, one expert round trip per MoE layer for all) or draft (--draft's); the tokens stay the same")
 	fs.StringVar(&f.draft, "draft", "", "speculative decoding with this draft model (a GGUF file of the model's vocabulary, e.g. a smaller quantization of it), run whole on the gating node; implies --speculate draft")
 	fs.StringVar(&f.kill, "kill", "", "K@T: SIGKILL the K busiest expert nodes after token T")
+	fs.StringVar(&f.spans, "spans", "", `every expert node serves a span of layers ("auto", or e.g. "0-11"; or one per expert node, each hosting its span only: "0-11,12-23"), and the gating node sends each forward pass through the chain of fewest spans`)
 	fs.StringVar(&f.slow, "test-slow-node", "", "test only: NODE:DURATION delays every expert compute of that node")
 	fs.StringVar(&f.faulty, "faulty", "", "make expert nodes misbehave: K:MODE,... with MODE wrong, lowprec, slow, drop or flaky (the last nodes)")
 	fs.BoolVar(&f.netns, "netns", false, "run each node in its own network namespace on an emulated internet: public nodes, and homes behind NAT routers (needs root, iproute2, iptables)")
@@ -199,8 +201,11 @@ func (f *testnetFlags) loopback(fs *pflag.FlagSet) (*testnet.Loopback, error) {
 	if err != nil {
 		return nil, fmt.Errorf("flag --device: %w", err)
 	}
-	l := &testnet.Loopback{ExpertNodes: f.nodes, Validators: f.validators, Dashboard: f.dashboard, Device: dev.Spec()}
-	if err := f.parseKill(l); err != nil {
+	l := &testnet.Loopback{ExpertNodes: f.nodes, Validators: f.validators, Dashboard: f.dashboard, Device: dev.Spec(), Spans: f.spans}
+	if err := testnet.CheckSpans(f.spans, f.nodes); err != nil {
+		return nil, fmt.Errorf("flag --spans: %w", err)
+	}
+	if l.KillNodes, l.KillAfter, err = f.parseKill(f.nodes); err != nil {
 		return nil, err
 	}
 	if f.slow != "" {
@@ -236,25 +241,25 @@ func (f *testnetFlags) loopback(fs *pflag.FlagSet) (*testnet.Loopback, error) {
 	return l, nil
 }
 
-// parseKill reads --kill K@T.
-func (f *testnetFlags) parseKill(l *testnet.Loopback) error {
+// parseKill reads --kill K@T, for a testnet of this many expert nodes.
+func (f *testnetFlags) parseKill(experts int) (nodes, after int, err error) {
 	if f.kill == "" {
-		return nil
+		return 0, 0, nil
 	}
 	k, t, ok := strings.Cut(f.kill, "@")
 	var err1, err2 error
-	l.KillNodes, err1 = strconv.Atoi(k)
-	l.KillAfter, err2 = strconv.Atoi(t)
-	if !ok || err1 != nil || err2 != nil || l.KillNodes < 1 || l.KillAfter < 1 {
-		return fmt.Errorf("flag --kill %q: want K@T, e.g. 1@8: kill K expert nodes after token T", f.kill)
+	nodes, err1 = strconv.Atoi(k)
+	after, err2 = strconv.Atoi(t)
+	if !ok || err1 != nil || err2 != nil || nodes < 1 || after < 1 {
+		return 0, 0, fmt.Errorf("flag --kill %q: want K@T, e.g. 1@8: kill K expert nodes after token T", f.kill)
 	}
-	if l.KillNodes >= f.nodes {
-		return fmt.Errorf("flag --kill %q: %d of %d expert nodes would leave none", f.kill, l.KillNodes, f.nodes)
+	if nodes >= experts {
+		return 0, 0, fmt.Errorf("flag --kill %q: %d of %d expert nodes would leave none", f.kill, nodes, experts)
 	}
-	if l.KillAfter >= f.maxTokens {
-		return fmt.Errorf("flag --kill %q: token %d is not before the last (--max-tokens %d)", f.kill, l.KillAfter, f.maxTokens)
+	if after >= f.maxTokens {
+		return 0, 0, fmt.Errorf("flag --kill %q: token %d is not before the last (--max-tokens %d)", f.kill, after, f.maxTokens)
 	}
-	return nil
+	return nodes, after, nil
 }
 
 // netnsTopology checks the netns testnet's flags.
@@ -262,11 +267,23 @@ func (f *testnetFlags) netnsTopology(fs *pflag.FlagSet) (*testnet.Netns, error) 
 	if fs.Changed("device") {
 		return nil, errors.New("flag --device: only with the loopback testnet (the netns testnet's nodes compute on the CPU)")
 	}
-	if fs.Changed("nodes") || f.kill != "" || f.faulty != "" || f.slow != "" || f.validators != 1 || f.requests != 1 || fs.Changed("dashboard") {
-		return nil, errors.New("flag --netns: the netns testnet has --homes, --publics and --nat instead of --nodes, and does not yet take --kill, --faulty, --validators, --requests or --dashboard")
+	if err := testnet.CheckSpans(f.spans, f.homes-1); err != nil {
+		return nil, fmt.Errorf("flag --spans: %w", err)
 	}
-	t := &testnet.Netns{Publics: f.publics, Spread: f.spread}
+	if f.spans != "" && f.spread {
+		return nil, errors.New("flag --spans: not with --spread (a span hosts every expert of its layers)")
+	}
+	if fs.Changed("nodes") || f.faulty != "" || f.slow != "" || f.validators != 1 || f.requests != 1 || fs.Changed("dashboard") {
+		return nil, errors.New("flag --netns: the netns testnet has --homes, --publics and --nat instead of --nodes, and does not yet take --faulty, --validators, --requests or --dashboard")
+	}
+	if f.kill != "" && f.concurrency > 1 {
+		return nil, errors.New("flag --kill: not with --concurrency in the netns testnet (it follows one generation)")
+	}
+	t := &testnet.Netns{Publics: f.publics, Spread: f.spread, Spans: f.spans}
 	var err error
+	if t.KillNodes, t.KillAfter, err = f.parseKill(f.homes - 1); err != nil {
+		return nil, err
+	}
 	if t.Links, err = parseLinks(f.rtt, f.jitter, f.loss, f.bandwidth, f.homes); err != nil {
 		return nil, err
 	}

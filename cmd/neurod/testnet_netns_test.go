@@ -96,3 +96,46 @@ func TestTestnetNetns(t *testing.T) {
 		})
 	}
 }
+
+// Spans over the emulated internet: two span nodes behind their NATs,
+// 30 ms from the gating node's home, each serving the whole model; the
+// one the chain uses is SIGKILLed mid-generation, and the other takes
+// over by replaying the session's inputs: llama.cpp's tokens, one round
+// trip a token, and no token faster than that round trip.
+func TestTestnetNetnsSpansSurviveAKill(t *testing.T) {
+	t.Parallel()
+	if err := netns.Available(); err != nil {
+		if os.Getenv("NEURO_REQUIRE_NETNS") != "" {
+			t.Fatalf("network namespaces: %v", err)
+		}
+		t.Skipf("network namespaces unavailable here: %v", err)
+	}
+	rep := spanTestnet(t, 29, "a span behind a router", 16, "--netns", "--homes", "3", "--rtt", "30ms", "--kill", "1@6")
+	if len(rep.Killed) != 1 || rep.KilledAfter != 6 || rep.Killed[0] < 5 {
+		t.Fatalf("killed %v after %d: want one expert home's node after token 6", rep.Killed, rep.KilledAfter)
+	}
+	if st := rep.Stats; st.SpansPerToken != 1 || st.RoundTripsPerToken != 1 || st.SpanFailovers < 1 || st.SpanReplays < 6 {
+		t.Fatalf("stats %+v: want one span and one round trip a token, a failover replaying the tokens before it", st)
+	}
+	if n := rep.Nodes; len(n) != 7 || !slices.Equal(n[5].Spans, []string{"0-3"}) || !slices.Equal(n[6].Spans, []string{"0-3"}) {
+		t.Fatalf("nodes %+v: want the two expert homes serving 0-3", n)
+	}
+	// Every home's line is 30 ms, so two homes are 30 ms apart: each token
+	// waits for one round trip after the one before. The client sees the
+	// gaps between tokens as they arrive, and one delivered late (a busy
+	// machine) makes the next gap look shorter by as much, so the bound is
+	// on the median gap, not on every one (2 ms for rounding).
+	if m := median(rep.PerTokenMs[1:]); m < 28 {
+		t.Fatalf("tokens %.1f ms apart (median), below one round trip of 30 ms: the line did not delay", m)
+	}
+}
+
+// median is the middle of xs (the mean of the two middle ones).
+func median(xs []float64) float64 {
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	if n := len(s); n%2 == 1 {
+		return s[n/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}

@@ -23,6 +23,7 @@ import (
 	"runtime"
 	"slices"
 	"strings"
+	"sync"
 
 	"golang.org/x/sys/unix"
 )
@@ -106,8 +107,14 @@ func lanIP(home, host int) net.IP {
 	return net.IPv4(10, byte(home+1), 0, byte(host))
 }
 
-// Available says why namespaces cannot be built here, or nil.
-func Available() error {
+// Available says why namespaces cannot be built here, or nil. It probes
+// once per process: tests running at once each asked, and two probes of
+// one process (one name) collided ("File exists").
+func Available() error { return available() }
+
+var available = sync.OnceValue(probeAvailable)
+
+func probeAvailable() error {
 	if os.Geteuid() != 0 {
 		return errors.New("network namespaces need root")
 	}

@@ -20,7 +20,11 @@ func newHost(t *testing.T, n *simnet.Network) host.Host {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h, err := libp2p.New(libp2p.ListenAddrs(n.Addr()), libp2p.Transport(n.Transport()), libp2p.ResourceManager(rm))
+	// A dial may take as long as the test allows: on a loaded machine
+	// (the race detector, other tests) thirty handshakes at once take
+	// seconds, and what is tested is that they all succeed, not how fast.
+	h, err := libp2p.New(libp2p.ListenAddrs(n.Addr()), libp2p.Transport(n.Transport()), libp2p.ResourceManager(rm),
+		libp2p.WithDialTimeout(time.Minute))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -31,7 +35,7 @@ func newHost(t *testing.T, n *simnet.Network) host.Host {
 func TestManyHostsConnectAtOnce(t *testing.T) {
 	n := simnet.New(nil)
 	a := newHost(t, n)
-	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
 	defer cancel()
 	errs := make(chan error, 30)
 	for range 30 {

@@ -1,0 +1,252 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/neuro-p2p/neuro/expert"
+	"github.com/neuro-p2p/neuro/model"
+	"github.com/neuro-p2p/neuro/moe"
+	"github.com/neuro-p2p/neuro/neuropb"
+	"github.com/neuro-p2p/neuro/span"
+)
+
+// ParseSpans parses expert.spans: "" (none), "auto" (the node chooses
+// when it has the manifest: expert.ChooseSpan) or "A-B", layers A to B
+// inclusive.
+func ParseSpans(s string) (part moe.Part, auto bool, err error) {
+	s = strings.TrimSpace(s)
+	switch s {
+	case "":
+		return moe.Part{}, false, nil
+	case "auto":
+		return moe.Part{}, true, nil
+	}
+	a, b, ok := strings.Cut(s, "-")
+	first, err1 := strconv.Atoi(strings.TrimSpace(a))
+	last, err2 := strconv.Atoi(strings.TrimSpace(b))
+	if !ok || err1 != nil || err2 != nil || first < 0 || last < first || last >= 1<<16 {
+		return moe.Part{}, false, fmt.Errorf("%q: want auto or a run of layers such as 12-23 (first-last, inclusive)", s)
+	}
+	return moe.Part{First: first, End: last + 1}, false, nil
+}
+
+// spanHost serves a span of layers: their gating part loaded from the
+// model's layer shards, their experts the expert service's. It waits for
+// the expert service to host every expert of the span before it serves.
+type spanHost struct {
+	svc     *expert.Service
+	h       span.Host
+	compute moe.Backend
+	model   cid.Cid
+	threads int
+	self    peer.ID
+	sign    func(*neuropb.UsageReceipt) error
+	// payment checks a request's escrow (expert.require_escrow), if set.
+	payment func(context.Context, peer.ID, uint64, uint64) error
+	log     *slog.Logger
+
+	mu      sync.Mutex
+	part    moe.Part // once the expert service has chosen it
+	server  *span.Server
+	gating  moe.Gating
+	serving bool
+
+	cancel context.CancelFunc
+	done   chan struct{}
+	closeO sync.Once
+	err    error
+}
+
+func newSpanHost(svc *expert.Service, h span.Host, compute moe.Backend, model cid.Cid, threads int, self peer.ID,
+	sign func(*neuropb.UsageReceipt) error, payment func(context.Context, peer.ID, uint64, uint64) error, log *slog.Logger) (*spanHost, error) {
+	if _, ok := compute.(moe.PartLoader); !ok {
+		return nil, errors.New("expert.spans: the compute backend cannot load part of a model")
+	}
+	return &spanHost{svc: svc, h: h, compute: compute, model: model, threads: threads, self: self, sign: sign, payment: payment,
+		log: log.With("component", "span")}, nil
+}
+
+// Start loads and serves the span in the background.
+func (s *spanHost) Start(context.Context) error {
+	ctx, cancel := context.WithCancel(context.Background())
+	s.cancel, s.done = cancel, make(chan struct{})
+	go func() {
+		defer close(s.done)
+		if err := s.run(ctx); err != nil && ctx.Err() == nil {
+			s.log.Error("cannot serve the span", "err", err)
+		}
+	}()
+	return nil
+}
+
+// Close stops serving and frees the span's memory; it is idempotent.
+func (s *spanHost) Close() error {
+	s.closeO.Do(func() {
+		if s.cancel != nil {
+			s.cancel()
+			<-s.done
+		}
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		var errs []error
+		if s.server != nil {
+			errs = append(errs, s.server.Close())
+		}
+		if s.gating != nil {
+			errs = append(errs, s.gating.Close())
+		}
+		s.serving = false
+		s.err = errors.Join(errs...)
+	})
+	return s.err
+}
+
+// Serving returns the span served (and so announced), if any.
+func (s *spanHost) Serving() (moe.Part, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.part, s.serving
+}
+
+// run waits for the span's experts, fetches the layer shards and serves.
+func (s *spanHost) run(ctx context.Context) error {
+	m, part, err := s.waitExperts(ctx)
+	if err != nil {
+		return err
+	}
+	if m.GetFormat() < 2 {
+		return fmt.Errorf("model %s was split without layer shards (manifest format %d): split it again", s.model, m.GetFormat())
+	}
+	if part.End > int(m.GetParams().GetLayers()) {
+		return fmt.Errorf("%s: the model has %d layers", part, m.GetParams().GetLayers())
+	}
+	shards, err := model.PartShards(m, part.First, part.End, false, func(ref *neuropb.ShardRef) (*model.Shard, error) {
+		c, err := cid.Cast(ref.GetCid())
+		if err != nil {
+			return nil, err
+		}
+		if err := s.svc.Fetch(ctx, c); err != nil {
+			return nil, err
+		}
+		return s.svc.Store().OpenShard(ref)
+	})
+	if err != nil {
+		return err
+	}
+	hp, err := moe.HparamsOf(m, shards[0])
+	if err != nil {
+		return err
+	}
+	g, err := s.compute.(moe.PartLoader).NewGatingPart(hp, shards, part, s.threads)
+	if err != nil {
+		return err
+	}
+	experts := &moe.LocalExperts{Embd: hp.Embd, Used: hp.ExpertsUsed, Experts: map[[2]int]moe.Expert{}}
+	for _, ref := range m.AllExperts() {
+		if l := int(ref.GetLayer()); part.Has(l) {
+			ff := ref.GetShard().GetTensors()[0].GetShape()
+			experts.Experts[[2]int{l, int(ref.GetExpert())}] = &serviceExpert{svc: s.svc, model: s.model, layer: l, expert: int(ref.GetExpert()),
+				embd: hp.Embd, ff: int(ff[len(ff)-1])}
+		}
+	}
+	// The span's share of the model's expert work per token, as its
+	// experts' receipts would count it.
+	var flops uint64
+	if first, end := m.MoELayers(); end > first {
+		in := max(0, min(end, part.End)-max(first, part.First))
+		flops = m.ExpertFLOPsPerToken() * uint64(in) / uint64(end-first)
+	}
+	srv, err := span.NewServer(s.h, span.ServerConfig{Model: s.model, Gating: g, Part: part, Log: s.log,
+		Self: s.self, SignReceipt: s.sign, FLOPsPerToken: flops, Payment: s.payment,
+		Experts: func(peer.ID) moe.Experts { return experts }})
+	if err != nil {
+		return errors.Join(err, g.Close())
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if ctx.Err() != nil {
+		return errors.Join(ctx.Err(), g.Close())
+	}
+	if err := srv.Start(ctx); err != nil {
+		return errors.Join(err, g.Close())
+	}
+	s.server, s.gating, s.part, s.serving = srv, g, part, true
+	s.log.Info("serving span", "model", s.model, "layers", part.String())
+	return nil
+}
+
+// waitExperts waits until the expert service has chosen the span and
+// hosts every expert of its layers, and returns the manifest and the span.
+func (s *spanHost) waitExperts(ctx context.Context) (*neuropb.Manifest, moe.Part, error) {
+	t := time.NewTicker(200 * time.Millisecond)
+	defer t.Stop()
+	for {
+		first, end, chosen := s.svc.SpanLayers()
+		part := moe.Part{First: first, End: end}
+		if m, err := s.svc.Store().Manifest(s.model); err == nil && chosen {
+			loaded := map[expert.Key]bool{}
+			for _, k := range s.svc.Loaded() {
+				loaded[k] = true
+			}
+			all := true
+			for _, ref := range m.AllExperts() {
+				if l := int(ref.GetLayer()); part.Has(l) && !loaded[expert.Key{Layer: l, Expert: int(ref.GetExpert())}] {
+					all = false
+				}
+			}
+			if all {
+				return m, part, nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return nil, moe.Part{}, ctx.Err()
+		case <-t.C:
+		}
+	}
+}
+
+// heartbeatExtra announces the span once it is served.
+func (s *spanHost) heartbeatExtra(hb *neuropb.Heartbeat) {
+	part, ok := s.Serving()
+	if !ok {
+		return
+	}
+	r := &neuropb.LayerRange{First: uint32(part.First), End: uint32(part.End)}
+	for _, hm := range hb.GetHosted() {
+		if string(hm.GetModel()) == string(s.model.Bytes()) {
+			hm.Spans = append(hm.Spans, r)
+			return
+		}
+	}
+	hb.Hosted = append(hb.Hosted, &neuropb.HostedModel{Model: s.model.Bytes(), Spans: []*neuropb.LayerRange{r}})
+}
+
+// serviceExpert is one of the expert service's experts as a moe.Expert:
+// a span computes its layers' experts as an expert node computes them for
+// a gating node.
+type serviceExpert struct {
+	svc           *expert.Service
+	model         cid.Cid
+	layer, expert int
+	embd, ff      int
+}
+
+func (e *serviceExpert) Compute(x []float32, n int, out []float32) error {
+	return e.svc.ComputeInto(e.model, e.layer, e.expert, x, n, out)
+}
+
+func (e *serviceExpert) Embd() int     { return e.embd }
+func (e *serviceExpert) FF() int       { return e.ff }
+func (e *serviceExpert) MaxBatch() int { return neuropb.MaxExpertTokens }
+func (e *serviceExpert) Close() error  { return nil }
