@@ -1222,6 +1222,15 @@ type keepOpen struct{ moe.Gating }
 
 func (keepOpen) Close() error { return nil }
 
+// NewHeadSession implements moe.HeadSessioner where the gating does: a
+// chain's sessions then keep no KV cache on the head.
+func (k keepOpen) NewHeadSession(nCtx int) (moe.Session, error) {
+	if h, ok := k.Gating.(moe.HeadSessioner); ok {
+		return h.NewHeadSession(nCtx)
+	}
+	return k.Gating.NewSession(nCtx)
+}
+
 // forwardError gives a failed forward pass its protocol code.
 func forwardError(ctx context.Context, err error) error {
 	switch {

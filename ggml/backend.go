@@ -79,13 +79,23 @@ func (Backend) Dequantize(t model.DType, b []byte) ([]float32, error) { return D
 type gatingIface struct{ *Gating }
 
 var (
-	_ moe.SessionSizer = gatingIface{}
-	_ moe.PartLoader   = Backend{}
-	_ moe.Steps        = (*Session)(nil)
+	_ moe.SessionSizer  = gatingIface{}
+	_ moe.HeadSessioner = gatingIface{}
+	_ moe.PartLoader    = Backend{}
+	_ moe.Steps         = (*Session)(nil)
 )
 
 func (g gatingIface) NewSession(nCtx int) (moe.Session, error) {
 	s, err := g.Gating.NewSession(nCtx)
+	if err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// NewHeadSession implements moe.HeadSessioner.
+func (g gatingIface) NewHeadSession(nCtx int) (moe.Session, error) {
+	s, err := g.Gating.NewHeadSession(nCtx)
 	if err != nil {
 		return nil, err
 	}

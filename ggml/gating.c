@@ -342,8 +342,12 @@ void neuro_session_free(neuro_session * s) {
     free(s);
 }
 
-neuro_session * neuro_session_new(neuro_gating * g, int n_ctx, int n_ubatch, char * err, size_t err_len) {
+neuro_session * neuro_session_new(neuro_gating * g, int n_ctx, int n_ubatch, int layers, char * err, size_t err_len) {
     const neuro_hparams * hp = &g->hp;
+    if (!layers && !g->head) {
+        snprintf(err, err_len, "a session without layers needs the head");
+        return NULL;
+    }
     neuro_session * s = calloc(1, sizeof(*s));
     if (s == NULL) {
         snprintf(err, err_len, "out of memory");
@@ -351,7 +355,9 @@ neuro_session * neuro_session_new(neuro_gating * g, int n_ctx, int n_ubatch, cha
     }
     s->g = g;
     s->n_ctx = n_ctx;
-    if (hp->n_swa > 0) {
+    // The layers this session caches: none for a head alone.
+    const int first = layers ? g->first : 0, end = layers ? g->end : 0;
+    if (hp->n_swa > 0 && end > first) {
         s->n_swa_cells = swa_cells(hp, n_ctx, n_ubatch);
         s->cellpos = malloc(sizeof(int32_t) * s->n_swa_cells);
         if (s->cellpos == NULL) {
@@ -364,7 +370,7 @@ neuro_session * neuro_session_new(neuro_gating * g, int n_ctx, int n_ubatch, cha
     }
     s->k = calloc(hp->n_layer, sizeof(*s->k));
     s->v = calloc(hp->n_layer, sizeof(*s->v));
-    struct ggml_init_params p = { (size_t) (2 * (g->end - g->first) + 2) * ggml_tensor_overhead(), NULL, true };
+    struct ggml_init_params p = { (size_t) (2 * (end - first) + 2) * ggml_tensor_overhead(), NULL, true };
     s->kvctx = ggml_init(p);
     if (s->k == NULL || s->v == NULL || s->kvctx == NULL) {
         snprintf(err, err_len, "out of memory");
@@ -372,12 +378,12 @@ neuro_session * neuro_session_new(neuro_gating * g, int n_ctx, int n_ubatch, cha
     }
     const int64_t n_embd_k_gqa = (int64_t) hp->n_embd_head * hp->n_head_kv;
     const int64_t n_embd_v_gqa = (int64_t) hp->n_embd_head_v * hp->n_head_kv;
-    for (int il = g->first; il < g->end; il++) {
+    for (int il = first; il < end; il++) {
         const int cells = is_swa(hp, il) ? s->n_swa_cells : n_ctx;
         s->k[il] = ggml_new_tensor_2d(s->kvctx, GGML_TYPE_F16, n_embd_k_gqa, cells);
         s->v[il] = ggml_new_tensor_2d(s->kvctx, GGML_TYPE_F16, n_embd_v_gqa, cells);
     }
-    if (g->end == g->first) {
+    if (end == first) {
         return s; // a head alone keeps no cache
     }
     s->kvbuf = ggml_backend_alloc_ctx_tensors(s->kvctx, g->x.backend);
@@ -515,7 +521,7 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
                 float * ffn_inp_out, float * moe_in_out, int32_t * selected_ids, float * weights_out, float * extra_out) {
     neuro_gating * g = s->g;
     const neuro_hparams * hp = &g->hp;
-    if (il < g->first || il >= g->end || n < 1 || pos0 < 0 || pos0 + n > s->n_ctx) {
+    if (il < g->first || il >= g->end || s->k[il] == NULL || n < 1 || pos0 < 0 || pos0 + n > s->n_ctx) {
         return 1;
     }
     const struct gating_layer * L = &g->layers[il];
@@ -739,7 +745,9 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
 size_t neuro_session_kv_bytes(const neuro_session * s) {
     size_t n = 0;
     for (int il = s->g->first; il < s->g->end; il++) {
-        n += ggml_nbytes(s->k[il]) + ggml_nbytes(s->v[il]);
+        if (s->k[il] != NULL) {
+            n += ggml_nbytes(s->k[il]) + ggml_nbytes(s->v[il]);
+        }
     }
     return n;
 }

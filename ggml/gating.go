@@ -267,6 +267,9 @@ type Session struct {
 	nCtx   int
 	ubatch int
 	pos    int
+	// headOnly: a session of the head alone (NewHeadSession), without a
+	// KV cache, whatever layers its gating holds.
+	headOnly bool
 }
 
 // DefaultUBatch is llama.cpp's default n_ubatch: a forward pass computes
@@ -285,6 +288,20 @@ func (g *Gating) NewSession(nCtx int) (*Session, error) {
 // pieces of ubatch tokens, as llama_decode splits a batch. Sliding-window
 // layers keep llama.cpp's smaller cache of about window + ubatch cells.
 func (g *Gating) NewSessionUBatch(nCtx, ubatch int) (*Session, error) {
+	return g.newSession(nCtx, ubatch, true)
+}
+
+// NewHeadSession makes a session of the head alone (moe.HeadSessioner):
+// embeddings and the output head, without a KV cache, for a head whose
+// layers all run on span nodes. Its Layers refuses to compute.
+func (g *Gating) NewHeadSession(nCtx int) (*Session, error) {
+	if !g.part.Head {
+		return nil, fmt.Errorf("gating session: the gating part is %s, without the head", g.part)
+	}
+	return g.newSession(nCtx, 0, false)
+}
+
+func (g *Gating) newSession(nCtx, ubatch int, layers bool) (*Session, error) {
 	if nCtx <= 0 {
 		nCtx = min(g.hp.CtxLen, 4096)
 	}
@@ -300,11 +317,11 @@ func (g *Gating) NewSessionUBatch(nCtx, ubatch int) (*Session, error) {
 	computeMu.Lock()
 	defer computeMu.Unlock()
 	var errbuf [256]C.char
-	c := C.neuro_session_new(g.c, C.int(nCtx), C.int(ubatch), &errbuf[0], C.size_t(len(errbuf)))
+	c := C.neuro_session_new(g.c, C.int(nCtx), C.int(ubatch), cbool(layers), &errbuf[0], C.size_t(len(errbuf)))
 	if c == nil {
 		return nil, fmt.Errorf("gating session: %s", C.GoString(&errbuf[0]))
 	}
-	return &Session{g: g, c: c, nCtx: nCtx, ubatch: ubatch}, nil
+	return &Session{g: g, c: c, nCtx: nCtx, ubatch: ubatch, headOnly: !layers}, nil
 }
 
 // Close frees the KV cache. It is safe to call more than once.
@@ -452,6 +469,9 @@ func (s *Session) Layers(ctx context.Context, x []float32, n int, want moe.Want,
 	hp, part := s.g.hp, s.g.part
 	if n < 1 || len(x) != n*hp.Embd {
 		return nil, 0, fmt.Errorf("layers: %d floats for %d rows of %d", len(x), n, hp.Embd)
+	}
+	if s.headOnly && part.Layers() > 0 {
+		return nil, 0, errors.New("layers: a session of the head alone computes no layers (it has no KV cache)")
 	}
 	if want == moe.WantEach && n > s.ubatch {
 		return nil, 0, fmt.Errorf("layers: %d rows computed apart, at most %d", n, s.ubatch)

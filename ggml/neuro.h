@@ -191,8 +191,10 @@ neuro_gating * neuro_gating_new(const neuro_hparams * hp, const neuro_weight * w
 void neuro_gating_free(neuro_gating * g);
 
 // n_ubatch is the most tokens one neuro_layer call stores: sliding-window
-// layers keep llama.cpp's smaller SWA cache, sized from it.
-neuro_session * neuro_session_new(neuro_gating * g, int n_ctx, int n_ubatch, char * err, size_t err_len);
+// layers keep llama.cpp's smaller SWA cache, sized from it. Without
+// layers the session has no KV cache and runs only the head (neuro_embed,
+// neuro_output): a head whose layers all run on span nodes.
+neuro_session * neuro_session_new(neuro_gating * g, int n_ctx, int n_ubatch, int layers, char * err, size_t err_len);
 void neuro_session_free(neuro_session * s);
 
 // neuro_embed writes the n tokens' embeddings (n x n_embd floats) to out.

@@ -80,11 +80,28 @@ func TestSpansMatchTheWholeGating(t *testing.T) {
 			if _, err := a.Embed([]int32{1}); err == nil {
 				t.Fatal("a span without the head embedded tokens")
 			}
+			// The whole gating's session of the head alone (what a head
+			// whose layers all run on spans uses): no KV cache, no layers,
+			// the same embeddings and logits as the head's own part.
+			wholeHead, err := whole.Gating.NewHeadSession(0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer wholeHead.Close()
+			if n := wholeHead.KVBytes(); n != 0 {
+				t.Fatalf("a session of the head alone holds a KV cache of %d bytes", n)
+			}
+			if _, _, err := wholeHead.Layers(ctx, make([]float32, hp.Embd), 1, moe.WantLast, whole.Experts); err == nil {
+				t.Fatal("a session of the head alone computed layers")
+			}
 			chain := func(tokens []int32, want moe.Want) [][]float32 {
 				t.Helper()
 				x, err := head.Embed(tokens)
 				if err != nil {
 					t.Fatal(err)
+				}
+				if x2, err := wholeHead.Embed(tokens); err != nil || !slices.Equal(x2, x) {
+					t.Fatalf("the whole gating's head session embeds otherwise (%v)", err)
 				}
 				rows := len(tokens)
 				for _, s := range []*Session{a, b} {
@@ -96,6 +113,15 @@ func TestSpansMatchTheWholeGating(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
+				l2, err := wholeHead.Output(x, rows)
+				if err != nil || len(l2) != len(logits) {
+					t.Fatalf("the whole gating's head session: %d rows of logits, want %d (%v)", len(l2), len(logits), err)
+				}
+				for i := range l2 {
+					if !slices.Equal(l2[i], logits[i]) {
+						t.Fatalf("the whole gating's head session's logits differ from the head part's (row %d)", i)
+					}
+				}
 				return logits
 			}
 			ref, err := whole.Gating.NewSession(0)
@@ -103,6 +129,9 @@ func TestSpansMatchTheWholeGating(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer ref.Close()
+			if n := ref.KVBytes(); n <= 0 {
+				t.Fatalf("the whole gating's session holds a KV cache of %d bytes", n)
+			}
 			prompt := make([]int32, 40)
 			for i := range prompt {
 				prompt[i] = int32(3 + i*11%300)

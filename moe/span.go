@@ -94,6 +94,13 @@ type PartLoader interface {
 	NewGatingPart(hp Hparams, t Tensors, part Part, threads int) (Gating, error)
 }
 
+// HeadSessioner is a Gating with the head that makes sessions of the
+// head alone: embeddings and the output head (Steps' Embed and Output),
+// without a KV cache, for a head whose layers all run on span nodes.
+type HeadSessioner interface {
+	NewHeadSession(nCtx int) (Session, error)
+}
+
 // Want says which rows a forward pass keeps and how its layers compute
 // them.
 type Want int

@@ -128,7 +128,14 @@ func (c *Chain) NewPaidSession(nCtx int, escrow uint64, receipt func(*neuropb.Us
 	if nCtx <= 0 {
 		nCtx = min(c.hp.CtxLen, 4096)
 	}
-	hs, err := c.cfg.Head.NewSession(nCtx)
+	// A head that runs no layer itself keeps no KV cache where it can.
+	var hs moe.Session
+	var err error
+	if h, ok := c.cfg.Head.(moe.HeadSessioner); ok && c.cfg.Part.Layers() == 0 {
+		hs, err = h.NewHeadSession(nCtx)
+	} else {
+		hs, err = c.cfg.Head.NewSession(nCtx)
+	}
 	if err != nil {
 		return nil, err
 	}
