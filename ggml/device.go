@@ -306,12 +306,15 @@ func fastest(devs []Device) Device {
 	if len(cands) == 0 {
 		return cpu
 	}
-	return fastestOf(append([]Device{cpu}, cands...))
+	best, _ := fastestOf(append([]Device{cpu}, cands...))
+	return best
 }
 
-// fastestOf measures each device (timeExpert) and returns the quickest;
-// the first one when none can be measured.
-func fastestOf(devs []Device) Device {
+// fastestOf measures each device (timeExpert) and returns the quickest,
+// with the time of each (0 for one that could not be measured); the first
+// device when none can be measured.
+func fastestOf(devs []Device) (Device, []time.Duration) {
+	times := make([]time.Duration, len(devs))
 	const embd, ff = 2048, 768
 	w := make([]float32, embd*ff)
 	for i := range w {
@@ -320,24 +323,25 @@ func fastestOf(devs []Device) Device {
 	q, err := Quantize(model.Q8_0, w, embd)
 	qd, err2 := Quantize(model.Q8_0, w, ff)
 	if err != nil || err2 != nil {
-		return devs[0]
+		return devs[0], times
 	}
 	weights := moe.ExpertWeights{Embd: embd, FF: ff, Gate: moe.Tensor{Type: model.Q8_0, Data: q},
 		Up: moe.Tensor{Type: model.Q8_0, Data: q}, Down: moe.Tensor{Type: model.Q8_0, Data: qd}}
 	best, bestT := devs[0], time.Duration(math.MaxInt64)
-	for _, d := range devs {
+	for i, d := range devs {
 		t, err := timeExpert(d, weights)
 		if err != nil {
 			slog.Warn("auto device: not usable", "device", d.Spec(), "err", err)
 			continue
 		}
+		times[i] = t
 		slog.Debug("auto device", "device", d.Spec(), "name", d.Description, "expert_us", t.Microseconds())
 		if t < bestT {
 			best, bestT = d, t
 		}
 	}
 	slog.Info("auto device", "chose", best.Spec(), "name", best.Description, "expert_us", bestT.Microseconds())
-	return best
+	return best, times
 }
 
 // timeExpert is the best of 10 calls of an expert on d, after 3 that warm

@@ -85,6 +85,39 @@ if [ "$kind" = vulkan ]; then
 		echo "$0: the VK_EXT_layer_settings guard did not apply: the pinned sources changed" >&2
 		exit 1
 	}
+	# ggml_vk_load_shaders compiles pipelines on std::async threads (as many
+	# at once as there are cores) and each appends itself to the device's
+	# all_pipelines without a lock: a data race on a std::vector (later
+	# llama.cpp appends under a lock). So does this copy, with
+	# compile_count_mutex (the caller holds device->mutex while it waits for
+	# the compiles).
+	perl -0pi -e 's/\n    device->all_pipelines\.push_back\(pipeline\);\n/\n    {\n        std::lock_guard<std::mutex> guard(compile_count_mutex);\n        device->all_pipelines.push_back(pipeline);\n    }\n/' \
+		"$work/ggml/src/ggml-vulkan/ggml-vulkan.cpp"
+	grep -B1 'device->all_pipelines.push_back(pipeline);' "$work/ggml/src/ggml-vulkan/ggml-vulkan.cpp" | grep -q 'guard(compile_count_mutex)' || {
+		echo "$0: the all_pipelines lock did not apply: the pinned sources changed" >&2
+		exit 1
+	}
+	# Every pipeline's descriptor set layout has MAX_PARAMETER_COUNT (12)
+	# storage-buffer bindings, and a dispatch writes only the first
+	# parameter_count of the set it takes from the context's pool (reused
+	# by every graph): the others keep the buffers of an earlier graph,
+	# which may have been freed since (a compute buffer grown, a KV cache
+	# dropped, a model unloaded). Vulkan allows that while the shader does
+	# not use them; Debian bookworm's lavapipe (Mesa 22.3.6) does not: it
+	# takes a reference on every binding of a bound set, freed buffers
+	# included, and later frees them again or calls through them (seen in
+	# CI as "Unsupported command VK_CMD_NEXT_SUBPASS" and a segfault, and
+	# here as "double free or corruption" in lavapipe's queue thread, in
+	# about 1 run in 30 of the device tests beside other work). Each
+	# dispatch now writes every binding, the unused ones with its first
+	# buffer.
+	perl -0pi -e 's/(\n    vk::WriteDescriptorSet write_descriptor_set\{ descriptor_set, 0, 0, )pipeline->parameter_count(, vk::DescriptorType::eStorageBuffer, nullptr, )descriptor_buffer_infos\.begin\(\)( \};\n)/\n    std::array<vk::DescriptorBufferInfo, MAX_PARAMETER_COUNT> all_buffer_infos;\n    {\n        size_t i = 0;\n        for (const auto & info : descriptor_buffer_infos) {\n            all_buffer_infos[i++] = info;\n        }\n        for (; i < MAX_PARAMETER_COUNT; i++) {\n            all_buffer_infos[i] = *descriptor_buffer_infos.begin();\n        }\n    }$1MAX_PARAMETER_COUNT$2all_buffer_infos.data()$3/' \
+		"$work/ggml/src/ggml-vulkan/ggml-vulkan.cpp"
+	grep -q 'write_descriptor_set{ descriptor_set, 0, 0, MAX_PARAMETER_COUNT, vk::DescriptorType::eStorageBuffer, nullptr, all_buffer_infos.data() }' \
+		"$work/ggml/src/ggml-vulkan/ggml-vulkan.cpp" || {
+		echo "$0: the descriptor writes of every binding did not apply: the pinned sources changed" >&2
+		exit 1
+	}
 fi
 
 gen=()
