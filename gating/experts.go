@@ -87,7 +87,7 @@ type RemoteExperts struct {
 	// which set the validator's tolerance.
 	WeightTypes func(expert.Key) []model.DType
 
-	hedges, redispatches atomic.Int64
+	hedges, redispatches, lastResorts atomic.Int64
 }
 
 func (r *RemoteExperts) weightTypes(k expert.Key) []model.DType {
@@ -225,6 +225,11 @@ func (r *RemoteExperts) Hedges() int64 { return r.hedges.Load() }
 
 // Redispatches counts calls sent again because a provider failed.
 func (r *RemoteExperts) Redispatches() int64 { return r.redispatches.Load() }
+
+// LastResorts counts the calls whose every provider outran the deadline
+// its recent pace set and that were then asked again, each given the
+// whole call timeout.
+func (r *RemoteExperts) LastResorts() int64 { return r.lastResorts.Load() }
 
 var _ moe.Experts = (*RemoteExperts)(nil)
 
@@ -627,9 +632,15 @@ func (r *RemoteExperts) call(ctx context.Context, segs []segment, k expert.Key, 
 		resp *expert.Response
 		err  error
 		p    peer.ID
+		// cut: the call outran the deadline the selector set from the
+		// peer's recent pace, shorter than the call timeout.
+		cut bool
 	}
-	results := make(chan result, len(providers))
+	ranked := providers // checks draw from every provider, whichever pass answered
+	results := make(chan result, 2*len(providers))
 	next, inflight := 0, 0
+	// patient: the last resort's calls wait the whole call timeout.
+	patient := false
 	launch := func() bool {
 		if next >= len(providers) {
 			return false
@@ -638,9 +649,13 @@ func (r *RemoteExperts) call(ctx context.Context, segs []segment, k expert.Key, 
 		grouped := gm != nil && next == 0
 		next++
 		inflight++
+		deadline := timeout
+		if !patient {
+			deadline = r.deadline(p, timeout)
+		}
 		go func() {
 			start := time.Now()
-			cctx, ccancel := context.WithTimeout(ctx, r.deadline(p, timeout))
+			cctx, ccancel := context.WithTimeout(ctx, deadline)
 			defer ccancel()
 			var resp *expert.Response
 			var err error
@@ -687,13 +702,28 @@ func (r *RemoteExperts) call(ctx context.Context, segs []segment, k expert.Key, 
 					}
 				}
 			}
-			results <- result{resp: resp, err: err, p: p}
+			cut := err != nil && ctx.Err() == nil && deadline < timeout && errors.Is(cctx.Err(), context.DeadlineExceeded)
+			results <- result{resp: resp, err: err, p: p, cut: cut}
 		}()
 		return true
 	}
 	launch()
 	var errs []error
-	for inflight > 0 {
+	var cut []peer.ID
+	for inflight > 0 || (!patient && len(cut) > 0) {
+		if inflight == 0 {
+			// Every provider failed, and some only because they outran
+			// the deadline their recent pace set (a node compiling a new
+			// shape's kernels on its first call of that size takes
+			// seconds where it took milliseconds). With no one left to
+			// ask, they are asked again, each given the whole call
+			// timeout (hedged as before).
+			patient, providers, next, gm = true, cut, 0, nil
+			r.lastResorts.Add(1)
+			each(func(s *CallStats) { s.Redispatch.Add(1) })
+			launch()
+			continue
+		}
 		var hedge <-chan time.Time
 		if r.Selector != nil && next < len(providers) {
 			hedge = time.After(r.Selector.HedgeAfter(providers[next-1]))
@@ -716,7 +746,7 @@ func (r *RemoteExperts) call(ctx context.Context, segs []segment, k expert.Key, 
 					}
 					if r.Validator != nil {
 						rows := in[off*r.Embd : (off+sg.rows)*r.Embd]
-						r.check(sg.cs, k, rows, sg.rows, res.p, res.resp.Output[off*r.Embd:(off+sg.rows)*r.Embd], rc, providers, excluded, timeout)
+						r.check(sg.cs, k, rows, sg.rows, res.p, res.resp.Output[off*r.Embd:(off+sg.rows)*r.Embd], rc, ranked, excluded, timeout)
 					}
 					off += sg.rows
 				}
@@ -725,6 +755,9 @@ func (r *RemoteExperts) call(ctx context.Context, segs []segment, k expert.Key, 
 			errs = append(errs, fmt.Errorf("%s: %w", res.p, res.err))
 			if ctx.Err() != nil {
 				return nil, ctx.Err()
+			}
+			if res.cut && !patient {
+				cut = append(cut, res.p)
 			}
 			if launch() {
 				r.redispatches.Add(1)

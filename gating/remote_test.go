@@ -122,6 +122,58 @@ func TestHedgingAroundASlowNode(t *testing.T) {
 	t.Logf("%d hedges, %d re-dispatches", remote.Hedges(), remote.Redispatches())
 }
 
+// stallOnce stalls one compute of a node (the first that starts after
+// after calls have started), as a GPU node does on the first batch of a
+// new size while it compiles that size's kernels.
+type stallOnce struct {
+	moe.Expert
+	calls *atomic.Int64
+	after int64
+	delay time.Duration
+}
+
+func (s stallOnce) Compute(x []float32, n int, out []float32) error {
+	if s.calls.Add(1) == s.after {
+		time.Sleep(s.delay)
+	}
+	return s.Expert.Compute(x, n, out)
+}
+
+// A call whose every provider outruns the deadline the selector sets from
+// its recent pace (20 × its p95 + 2 s) is asked again with the whole call
+// timeout: before, the generation failed with "no live provider" (seen in
+// the Vulkan testnet: an expert node compiling a new batch size's kernels
+// on lavapipe). The tokens stay llama.cpp's.
+func TestStallPastThePaceDeadlineIsWaitedOut(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 120*time.Second)
+	defer cancel()
+	p := model.Presets["tiny"]
+	dir, res := splitModel(t, p, model.F32, 78)
+	hs := p2ptest.Cluster(t, ctx, 2, p2ptest.Config(500*time.Millisecond)) // 0: gating, 1: the only expert node
+	var calls atomic.Int64
+	startExperts(t, hs[1], dir, res, func(e moe.Expert) expert.Computer {
+		return stallOnce{Expert: e, calls: &calls, after: 40, delay: 3 * time.Second}
+	})
+	client := expert.NewClient(hs[0].LibP2P(), quiet())
+	defer client.Close()
+	node := hs[1].ID()
+	sel := NewSelector(nil)
+	remote := &RemoteExperts{Client: client, Model: res.ModelCID, Embd: p.Embd, Used: p.ExpertsUsed,
+		Providers: func(expert.Key) []peer.ID { return []peer.ID{node} },
+		DType:     neuropb.WireDType_WIRE_DTYPE_F32, Selector: sel}
+	generateLikeLlama(t, ctx, dir, res, remote)
+	if calls.Load() < 40 {
+		t.Fatalf("%d computes: the stall never came", calls.Load())
+	}
+	if d := sel.Deadline(node, time.Minute); d >= 3*time.Second {
+		t.Fatalf("the node's pace deadline is %v: the stall of 3 s did not outrun it", d)
+	}
+	if remote.LastResorts() == 0 {
+		t.Fatal("no call was asked again with the whole call timeout")
+	}
+	t.Logf("%d computes, %d last resorts, pace deadline %v", calls.Load(), remote.LastResorts(), sel.Deadline(node, time.Minute))
+}
+
 // With ProvenFirst (a gating node whose validator vets new peers in the
 // background), a node that announces every expert and never answers (a
 // Sybil) is asked only while no provider has answered yet. Before, it was
