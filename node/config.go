@@ -83,9 +83,10 @@ type GatingConfig struct {
 	// ProvenFirst sends calls and a layer's group to providers that have
 	// answered before any that has not (new ones are proven by the
 	// validator's probes, off the generation's path): with many Sybils
-	// announcing every expert, tokens came 20x faster. Off by default:
-	// in the Vulkan testnet on lavapipe the changed first rounds met a
-	// heap corruption inside the driver (not yet explained).
+	// announcing every expert, tokens came 20x faster. Off by default
+	// until its effect on a network with a slow node under load is
+	// measured (the lavapipe crash it once exposed was stale Vulkan
+	// descriptors, fixed in the backend's build).
 	ProvenFirst bool `toml:"proven_first"`
 	// RequirePayment refuses requests that do not pay: over the infer
 	// protocol, one that names no escrow; on the HTTP API, one without an
