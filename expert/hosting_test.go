@@ -283,3 +283,43 @@ func TestChooseSpan(t *testing.T) {
 		}
 	}
 }
+
+// rebalance's choice compares provider counts, so that Sybils claiming
+// every expert (the same number added to every count) do not hide an
+// expert that churn left on one live node: the node takes it in place of
+// one of its own with more providers, never one that would end worse off
+// than the missing one, and never a span's.
+func TestRebalancePick(t *testing.T) {
+	m := manifestOf(2, 4, 100)
+	k := func(l, e int) Key { return Key{l, e} }
+	hosted := map[Key]bool{k(0, 0): true, k(0, 1): true, k(1, 0): true}
+	for _, sybils := range []int{0, 6} {
+		// Other honest providers: 1:3 has one (it lost one to churn); this
+		// node's 0:1 has two besides it, 0:0 and 1:0 one each.
+		honest := map[Key]int{k(0, 0): 1, k(0, 1): 2, k(0, 2): 2, k(0, 3): 2, k(1, 0): 1, k(1, 1): 2, k(1, 2): 2, k(1, 3): 1}
+		prov := map[Key]int{}
+		for key, n := range honest {
+			prov[key] = n + sybils
+		}
+		c := Choice{Manifest: m, Providers: prov, Hosted: hosted, Self: "a"}
+		missing, drop := rebalancePick(m, c, 0, 0)
+		if missing == nil || drop == nil || *missing != k(1, 3) || *drop != k(0, 1) {
+			t.Fatalf("with %d Sybils: rebalance takes %v for %v, want 1:3 for 0:1", sybils, missing, drop)
+		}
+		// The span's experts stay.
+		if _, drop := rebalancePick(m, c, 0, 1); drop != nil {
+			t.Fatalf("with %d Sybils: rebalance drops %v of the span", sybils, drop)
+		}
+		// Balanced: nothing to gain.
+		even := map[Key]int{}
+		for key := range honest {
+			even[key] = 2 + sybils
+		}
+		for key := range hosted {
+			even[key] = 1 + sybils
+		}
+		if missing, drop := rebalancePick(m, Choice{Manifest: m, Providers: even, Hosted: hosted, Self: "a"}, 0, 0); drop != nil {
+			t.Fatalf("with %d Sybils and every expert on 2 nodes: rebalance takes %v for %v", sybils, missing, drop)
+		}
+	}
+}

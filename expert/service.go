@@ -350,41 +350,27 @@ func (s *Service) host(ctx context.Context) error {
 	}
 }
 
-// rebalance runs when nothing more fits: if an expert this node lacks has
-// fewer than two other providers, it drops one of its own experts that
-// keeps at least two and takes the missing one in its place. Choices made
-// at the same moment by several nodes are undone this way. (It used to
-// leave the room to the next step's Choose, which prefers to complete a
-// layer: it took the dropped expert back, and three nodes dropped and
-// took back experts for good while one stayed on a single node.)
+// rebalance runs when nothing more fits: it takes the expert this node
+// lacks that has the fewest providers in place of one of its own with
+// more other providers than that one has (so that the two end at least as
+// well provided as the missing one was plus one: the spread of provider
+// counts shrinks, and a swap is never undone by the same rule). Choices
+// made at the same moment by several nodes are undone this way. (It used
+// to leave the room to the next step's Choose, which prefers to complete
+// a layer: it took the dropped expert back, and three nodes dropped and
+// took back experts for good while one stayed on a single node.) The
+// rule compares counts instead of asking for two providers: Sybils that
+// claim every expert in their heartbeats add the same to every count, and
+// with the threshold no node took an expert that churn had left on one
+// live node (TestSimUnderChurn: coverage 1 for the whole 90 s settle).
 func (s *Service) rebalance(ctx context.Context, m *neuropb.Manifest, c Choice) {
-	experts := m.ExpertsPerLayer()
-	var missing *Key
-	first, end := m.MoELayers()
-	for l := first; l < end; l++ {
-		for e := range experts {
-			k := Key{l, e}
-			if !c.Hosted[k] && c.Providers[k] < 2 && (missing == nil || c.Providers[k] < c.Providers[*missing]) {
-				missing = &k
-			}
-		}
-	}
-	if missing == nil {
+	first, end, _ := s.SpanLayers() // a span's experts stay
+	missing, drop := rebalancePick(m, c, first, end)
+	if missing == nil || drop == nil {
 		return
 	}
-	first, end, _ = s.SpanLayers() // a span's experts stay
-	var drop *Key
-	for k := range c.Hosted {
-		if k.Layer >= first && k.Layer < end {
-			continue
-		}
-		if c.Providers[k] >= 2 && (drop == nil || c.Providers[k] > c.Providers[*drop]) {
-			kk := k
-			drop = &kk
-		}
-	}
 	size := func(k Key) int64 { return int64(m.ExpertRef(k.Layer, k.Expert).GetShard().GetSize()) }
-	if drop == nil || c.Budget+size(*drop) < size(*missing) {
+	if c.Budget+size(*drop) < size(*missing) {
 		return
 	}
 	s.mu.Lock()
@@ -408,6 +394,42 @@ func (s *Service) rebalance(ctx context.Context, m *neuropb.Manifest, c Choice) 
 		s.log.Warn("host the missing expert", "expert", missing.String(), "err", err)
 	}
 }
+
+// rebalancePick is rebalance's choice: the expert the node lacks with the
+// fewest providers, and the one of its own outside the span [spanFirst,
+// spanEnd) with the most other providers, more than the missing one has;
+// either is nil when there is none.
+func rebalancePick(m *neuropb.Manifest, c Choice, spanFirst, spanEnd int) (missing, drop *Key) {
+	experts := m.ExpertsPerLayer()
+	first, end := m.MoELayers()
+	for l := first; l < end; l++ {
+		for e := range experts {
+			k := Key{l, e}
+			if !c.Hosted[k] && (missing == nil || c.Providers[k] < c.Providers[*missing]) {
+				missing = &k
+			}
+		}
+	}
+	if missing == nil {
+		return nil, nil
+	}
+	for k := range c.Hosted {
+		if k.Layer >= spanFirst && k.Layer < spanEnd {
+			continue
+		}
+		// k's providers: c.Providers[k] others and this node; after the
+		// swap, c.Providers[k] for k and c.Providers[missing]+1 for the
+		// missing one.
+		if c.Providers[k] > c.Providers[*missing] && (drop == nil || c.Providers[k] > c.Providers[*drop] ||
+			(c.Providers[k] == c.Providers[*drop] && keyLess(k, *drop))) {
+			kk := k
+			drop = &kk
+		}
+	}
+	return missing, drop
+}
+
+func keyLess(a, b Key) bool { return a.Layer < b.Layer || (a.Layer == b.Layer && a.Expert < b.Expert) }
 
 // providerCounts counts, per expert, the other nodes whose heartbeats say
 // they host it.
