@@ -20,6 +20,11 @@ type Key struct{ Layer, Expert int }
 
 func (k Key) String() string { return fmt.Sprintf("%d:%d", k.Layer, k.Expert) }
 
+// compareKeys orders keys by layer, then expert.
+func compareKeys(a, b Key) int {
+	return cmp.Or(cmp.Compare(a.Layer, b.Layer), cmp.Compare(a.Expert, b.Expert))
+}
+
 // Spec says which experts a node hosts: a list, or Auto.
 type Spec struct {
 	Auto bool
@@ -173,7 +178,7 @@ func (sp Spec) Resolve(m *neuropb.Manifest) ([]Key, error) {
 			}
 		}
 	}
-	slices.SortFunc(out, func(a, b Key) int { return cmp.Or(cmp.Compare(a.Layer, b.Layer), cmp.Compare(a.Expert, b.Expert)) })
+	slices.SortFunc(out, compareKeys)
 	return out, nil
 }
 

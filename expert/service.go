@@ -421,15 +421,13 @@ func rebalancePick(m *neuropb.Manifest, c Choice, spanFirst, spanEnd int) (missi
 		// swap, c.Providers[k] for k and c.Providers[missing]+1 for the
 		// missing one.
 		if c.Providers[k] > c.Providers[*missing] && (drop == nil || c.Providers[k] > c.Providers[*drop] ||
-			(c.Providers[k] == c.Providers[*drop] && keyLess(k, *drop))) {
+			(c.Providers[k] == c.Providers[*drop] && compareKeys(k, *drop) < 0)) {
 			kk := k
 			drop = &kk
 		}
 	}
 	return missing, drop
 }
-
-func keyLess(a, b Key) bool { return a.Layer < b.Layer || (a.Layer == b.Layer && a.Expert < b.Expert) }
 
 // providerCounts counts, per expert, the other nodes whose heartbeats say
 // they host it.
