@@ -1185,7 +1185,7 @@ func (e *Engine) newSession(m *served, nCtx int, gen *Generation) (moe.Session, 
 				// moves off its provider.
 				others, _ := e.val.trusted(slices.DeleteFunc(slices.Clone(t.Hop.Providers), func(p peer.ID) bool { return p == t.Provider }))
 				e.val.afterSpan(gen.Checks, int(gen.epoch.Load()), int(gen.step.Load()), t, others,
-					func(ctx context.Context, t span.CheckTask, p peer.ID) ([]float32, error) {
+					func(ctx context.Context, t span.CheckTask, p peer.ID) ([]float32, *neuropb.UsageReceipt, error) {
 						// Paid from the generation's escrow, as the work it
 						// checks (a check back after the settlement goes
 						// unpaid).
@@ -1195,7 +1195,11 @@ func (e *Engine) newSession(m *served, nCtx int, gen *Generation) (moe.Session, 
 								gen.Receipts.add(rc, p)
 							}
 						}
-						return y, err
+						var last *neuropb.UsageReceipt
+						if err == nil && len(rcs) > 0 {
+							last = rcs[len(rcs)-1]
+						}
+						return y, last, err
 					})
 			}
 			if e.val != nil {

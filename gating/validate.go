@@ -67,6 +67,10 @@ type Verdict struct {
 	Receipt *neuropb.UsageReceipt
 	// DTypes are the expert's tensor types, which set the tolerance.
 	DTypes []model.DType
+	// Span, if set, makes the verdict a span request's: Key.Layer is the
+	// span's first layer, and Input the request's rows after the
+	// session's earlier ones (Span.History).
+	Span *reputation.SpanTask
 }
 
 // ValidatorConfig tunes a Validator and gives it its callbacks.

@@ -7,13 +7,16 @@ import (
 
 	"github.com/libp2p/go-libp2p/core/peer"
 
+	"github.com/neuro-p2p/neuro/expert"
+	"github.com/neuro-p2p/neuro/neuropb"
 	"github.com/neuro-p2p/neuro/reputation"
 	"github.com/neuro-p2p/neuro/span"
 )
 
 // spanReExecutor computes a span request again on another provider (as
-// span.Chain.ReExecute does).
-type spanReExecutor func(ctx context.Context, task span.CheckTask, p peer.ID) ([]float32, error)
+// span.Chain.ReExecute does), and returns its answer with its receipt for
+// the request, if it signed one.
+type spanReExecutor func(ctx context.Context, task span.CheckTask, p peer.ID) ([]float32, *neuropb.UsageReceipt, error)
 
 // afterSpan is called with every span answer a generation used: it is
 // checked as an expert's answer is (BOINC's adaptive replication), with
@@ -23,10 +26,11 @@ type spanReExecutor func(ctx context.Context, task span.CheckTask, p peer.ID) ([
 // session of its own (the span's earlier inputs replayed); when the two
 // disagree beyond the tolerance, a third provider decides, and the odd one
 // out is recorded as wrong in the book (and so excluded from spans and
-// experts alike once its score falls). A span's answer depends on the
-// whole session before it, so no verdict is published for it: the
-// evidence a verdict carries (one input and its output) cannot convict a
-// span.
+// experts alike once its score falls), and reported as a verdict
+// (ValidatorConfig.OnWrong) whose task is the span request: its rows, the
+// session's earlier rows and their digest chain, on which the accused's
+// span receipt is signed (neuropb.SpanRequestDigest), so that the ledger
+// can slash on it as on an expert's.
 //
 // When the answer the generation used is found wrong, the generation's
 // checks (nil: none) learn that its step of epoch was wrong, and it
@@ -55,9 +59,23 @@ func (v *Validator) afterSpan(checks *Checks, epoch, step int, task span.CheckTa
 	})
 	tol := reputation.Tolerance
 	layers := fmt.Sprintf("%d-%d", task.Hop.First, task.Hop.End-1)
+	convict := func(accused peer.ID, wrong []float32, rc *neuropb.UsageReceipt, judges [2]peer.ID, right []float32) {
+		v.wrong.Add(1)
+		v.log.Warn("span result found wrong", "peer", accused, "layers", layers, "pos", task.Pos, "off", RelL2(wrong, right))
+		if accused == used && checks != nil {
+			checks.bad(epoch, step)
+		}
+		if v.cfg.OnWrong == nil {
+			return
+		}
+		history, prior := task.History()
+		v.cfg.OnWrong(Verdict{Model: task.Model, Key: expert.Key{Layer: task.Hop.First}, Input: task.Input, N: task.Rows,
+			Accused: accused, Wrong: wrong, Agreeing: judges, Right: right, Receipt: rc,
+			Span: &reputation.SpanTask{End: task.Hop.End, Prior: prior, History: history, Want: task.Want()}})
+	}
 	v.spawn(checks, func(bg context.Context) {
 		second := order[0]
-		got, err := reexec(bg, task, second)
+		got, secondRc, err := reexec(bg, task, second)
 		v.checks.Add(1)
 		if err != nil {
 			v.log.Debug("span check failed", "layers", layers, "peer", second, "err", err)
@@ -69,7 +87,7 @@ func (v *Validator) afterSpan(checks *Checks, epoch, step int, task span.CheckTa
 			return
 		}
 		for _, third := range order[1:] {
-			dec, err := reexec(bg, task, third)
+			dec, _, err := reexec(bg, task, third)
 			if err != nil {
 				continue
 			}
@@ -80,17 +98,12 @@ func (v *Validator) afterSpan(checks *Checks, epoch, step int, task span.CheckTa
 				v.book.Validated(used, false)
 				v.book.Validated(second, true)
 				v.book.Validated(third, true)
-				v.wrong.Add(1)
-				if checks != nil {
-					checks.bad(epoch, step)
-				}
-				v.log.Warn("span result found wrong", "peer", used, "layers", layers, "pos", task.Pos, "off", RelL2(task.Output, dec))
+				convict(used, task.Output, task.Receipt, [2]peer.ID{second, third}, dec)
 			case agreeUsed && !agreeSecond:
 				v.book.Validated(second, false)
 				v.book.Validated(used, true)
 				v.book.Validated(third, true)
-				v.wrong.Add(1)
-				v.log.Warn("span result found wrong", "peer", second, "layers", layers, "pos", task.Pos, "off", RelL2(got, dec))
+				convict(second, got, secondRc, [2]peer.ID{used, third}, dec)
 			default:
 				v.log.Info("span check undecided", "layers", layers, "peers", []peer.ID{used, second, third})
 			}

@@ -48,15 +48,16 @@ func TestValidatorChecksSpans(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	v := NewValidator("self", book, ValidatorConfig{}, quiet())
+	verdicts := make(chan Verdict, 4)
+	v := NewValidator("self", book, ValidatorConfig{OnWrong: func(w Verdict) { verdicts <- w }}, quiet())
 	defer v.Close()
 	right := []float32{1, 2, 3, 4}
 	answers := map[peer.ID][]float32{"honest-1": right, "honest-2": right, "liar": {1, 2, 3, 40}}
-	reexec := func(_ context.Context, _ span.CheckTask, p peer.ID) ([]float32, error) {
+	reexec := func(_ context.Context, _ span.CheckTask, p peer.ID) ([]float32, *neuropb.UsageReceipt, error) {
 		if a, ok := answers[p]; ok {
-			return a, nil
+			return a, nil, nil
 		}
-		return nil, errors.New("no such provider")
+		return nil, nil, errors.New("no such provider")
 	}
 	hop := span.Hop{First: 0, End: 4, Providers: []peer.ID{"liar", "honest-1", "honest-2"}}
 
@@ -66,6 +67,15 @@ func TestValidatorChecksSpans(t *testing.T) {
 	v.Wait()
 	if bad := checks.Bad(); bad != 3 {
 		t.Fatalf("the generation's checks say step %d was wrong, want 3 (the liar's answer was used)", bad)
+	}
+	// It is reported as a verdict on the span request, for the ledger.
+	select {
+	case w := <-verdicts:
+		if w.Accused != "liar" || w.Span == nil || w.Span.End != 4 || w.Key.Layer != 0 || w.Right[3] != 4 || w.Wrong[3] != 40 || w.Span.Prior != neuropb.SpanChainStart() {
+			t.Fatalf("verdict %+v (span %+v)", w, w.Span)
+		}
+	default:
+		t.Fatal("no verdict reported")
 	}
 	if calls, checks, wrong := v.Stats(); calls != 1 || checks != 2 || wrong != 1 {
 		t.Fatalf("stats: %d calls, %d checks, %d wrong", calls, checks, wrong)

@@ -542,8 +542,10 @@ func (s *State) apply(sender string, acc *Account, tx *neuropb.LedgerTx) error {
 
 // settle pays receipts from an escrow: the treasury's cut (part of it
 // burned), the gating node's share, and the experts by FLOPs. Every
-// receipt must be signed by its expert, be for this escrow, and the
-// expert must hold the minimum stake.
+// receipt must be signed by its expert and be for this escrow. Receipts of
+// an expert below the minimum stake (one slashed since, perhaps during the
+// very generation that used its answers) are not paid: their work stays in
+// the escrow, and the others' settle.
 func (s *State) settle(sender string, acc *Account, st *neuropb.Settle) error {
 	e := s.Escrows[st.GetEscrow()]
 	if e == nil {
@@ -562,6 +564,7 @@ func (s *State) settle(sender string, acc *Account, st *neuropb.Settle) error {
 	p := s.params
 	flops := map[string]uint64{}
 	var total uint64
+	var unstaked []string
 	for i, r := range st.GetReceipts() {
 		if r.GetEscrow() != st.GetEscrow() {
 			return txErr(CodeMalformed, "receipt %d is for escrow %d", i, r.GetEscrow())
@@ -572,7 +575,8 @@ func (s *State) settle(sender string, acc *Account, st *neuropb.Settle) error {
 		}
 		ex := signer.String()
 		if a := s.Accounts[ex]; a == nil || a.Staked < p.GetMinStake() {
-			return txErr(CodeNotAllowed, "receipt %d: expert %s has less than the minimum stake %d", i, ex, p.GetMinStake())
+			unstaked = append(unstaked, ex)
+			continue
 		}
 		var ok bool
 		if flops[ex], ok = add(flops[ex], r.GetFlops()); !ok {
@@ -581,6 +585,13 @@ func (s *State) settle(sender string, acc *Account, st *neuropb.Settle) error {
 		if total, ok = add(total, r.GetFlops()); !ok {
 			return txErr(CodeMalformed, "receipt %d: FLOPs overflow", i)
 		}
+	}
+	if total == 0 && len(unstaked) > 0 {
+		if !st.GetClose() {
+			return txErr(CodeNotAllowed, "every receipt is of an expert with less than the minimum stake %d (%s)", p.GetMinStake(), unstaked[0])
+		}
+		s.closeEscrow(st.GetEscrow(), sender, acc)
+		return nil
 	}
 	if total == 0 {
 		return txErr(CodeMalformed, "receipts for no work")

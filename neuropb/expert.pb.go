@@ -596,7 +596,9 @@ type UsageReceipt struct {
 	// The expert's signature over the receipt with signature empty.
 	Signature []byte `protobuf:"bytes,7,opt,name=signature,proto3" json:"signature,omitempty"`
 	// FloatsDigest of the input as the expert decoded it and of the output
-	// as the gating node decodes it (after the wire's rounding).
+	// as the gating node decodes it (after the wire's rounding). A span's
+	// receipt: SpanRequestDigest of the session's rows before the request
+	// (their SpanChain), its want and its rows.
 	InputDigest  []byte `protobuf:"bytes,8,opt,name=input_digest,json=inputDigest,proto3" json:"input_digest,omitempty"`
 	OutputDigest []byte `protobuf:"bytes,9,opt,name=output_digest,json=outputDigest,proto3" json:"output_digest,omitempty"`
 	// A span's receipt (the span protocol): the work was layers [layer,

@@ -119,11 +119,12 @@ const (
 	MaxGenerateTokens = 1 << 16
 )
 
-// MaxVerdictSize bounds an encoded Verdict: three tensors of up to
-// MaxVerdictFloats floats each, plus headroom.
+// MaxVerdictSize bounds an encoded Verdict: four tensors of up to
+// MaxVerdictFloats floats each (the input, two outputs, and a span
+// verdict's history), plus headroom.
 const (
 	MaxVerdictFloats = 16384
-	MaxVerdictSize   = 3*4*MaxVerdictFloats + 4<<10
+	MaxVerdictSize   = 4*4*MaxVerdictFloats + 4<<10
 )
 
 // MaxLedgerTxSize bounds one ledger transaction (a settlement of many

@@ -521,3 +521,50 @@ func (r *SpanRequest) Validate() error {
 	}
 	return nil
 }
+
+// SpanChain is the digest of the rows a session has sent a span, in
+// order: the chain of no rows is SHA-256("neuro/span-chain/v1"), and each
+// row (embd F32, little-endian) extends it to SHA-256(chain ‖ row). A
+// span node keeps the chain at every position of a session's cache, so
+// that a rewind cuts it where it cuts the cache; its receipt for a request
+// signs SpanRequestDigest of the chain before the request, which binds
+// the answer to every row the session sent before it.
+type SpanChain [sha256.Size]byte
+
+// SpanChainStart is the chain of no rows.
+func SpanChainStart() SpanChain {
+	return sha256.Sum256([]byte("neuro/span-chain/v1"))
+}
+
+// Next returns the chain after the rows of x (row-major, embd floats a
+// row), one row at a time. embd must divide len(x).
+func (c SpanChain) Next(x []float32, embd int) SpanChain {
+	if embd <= 0 {
+		return c
+	}
+	buf := make([]byte, 4*embd)
+	for ; len(x) >= embd; x = x[embd:] {
+		for i, v := range x[:embd] {
+			binary.LittleEndian.PutUint32(buf[4*i:], math.Float32bits(v))
+		}
+		h := sha256.New()
+		h.Write(c[:])
+		h.Write(buf)
+		h.Sum(c[:0])
+	}
+	return c
+}
+
+// SpanRequestDigest is the input digest of a span request (in its
+// receipt and in a span verdict): the rows x sent after the rows whose
+// chain is prior, and what the request kept (want).
+func SpanRequestDigest(prior SpanChain, want SpanWant, x []float32) []byte {
+	h := sha256.New()
+	h.Write([]byte("neuro/span-request/v1"))
+	h.Write(prior[:])
+	var w [4]byte
+	binary.LittleEndian.PutUint32(w[:], uint32(want))
+	h.Write(w[:])
+	h.Write(FloatsDigest(x))
+	return h.Sum(nil)
+}

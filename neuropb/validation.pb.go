@@ -31,6 +31,12 @@ const (
 // gating node that ran the check) signs it; anyone who hosts the expert
 // can re-run the task from the input it carries. Verdicts are the
 // evidence a ledger can slash stake with.
+//
+// A span verdict (span_end set) is about a span request instead: layers
+// [layer, span_end) run on input (the request's rows) after the rows the
+// session had sent the span before (span_prior, their digest chain: see
+// neuropb.SpanChain), so that input_digest is SpanRequestDigest(span_prior,
+// span_want, input), which the accused's span receipt signs.
 type Verdict struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The task: model CID, layer, expert, and the hidden states (F32,
@@ -64,7 +70,18 @@ type Verdict struct {
 	// model's manifest lists them. They set how far two honest results may
 	// be apart (reputation.ToleranceFor): kernels of different devices
 	// differ by type. Absent: reputation.Tolerance.
-	WeightDtypes  []uint32 `protobuf:"varint,16,rep,packed,name=weight_dtypes,json=weightDtypes,proto3" json:"weight_dtypes,omitempty"`
+	WeightDtypes []uint32 `protobuf:"varint,16,rep,packed,name=weight_dtypes,json=weightDtypes,proto3" json:"weight_dtypes,omitempty"`
+	// A span verdict: the span's end layer (layers [layer, span_end);
+	// expert is 0), the digest chain of the rows the session sent the span
+	// before the request (32 bytes: SpanChain after them), those rows when
+	// they fit ([pos, embd] F32, chaining to span_prior; without them only
+	// the digests bind the request, and nodes cannot re-run it), and what
+	// the request kept (the outputs have the input's rows, or one row with
+	// SPAN_WANT_LAST).
+	SpanEnd       uint32   `protobuf:"varint,17,opt,name=span_end,json=spanEnd,proto3" json:"span_end,omitempty"`
+	SpanPrior     []byte   `protobuf:"bytes,18,opt,name=span_prior,json=spanPrior,proto3" json:"span_prior,omitempty"`
+	SpanHistory   *Tensor  `protobuf:"bytes,19,opt,name=span_history,json=spanHistory,proto3" json:"span_history,omitempty"`
+	SpanWant      SpanWant `protobuf:"varint,20,opt,name=span_want,json=spanWant,proto3,enum=neuro.v1.SpanWant" json:"span_want,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -211,11 +228,40 @@ func (x *Verdict) GetWeightDtypes() []uint32 {
 	return nil
 }
 
+func (x *Verdict) GetSpanEnd() uint32 {
+	if x != nil {
+		return x.SpanEnd
+	}
+	return 0
+}
+
+func (x *Verdict) GetSpanPrior() []byte {
+	if x != nil {
+		return x.SpanPrior
+	}
+	return nil
+}
+
+func (x *Verdict) GetSpanHistory() *Tensor {
+	if x != nil {
+		return x.SpanHistory
+	}
+	return nil
+}
+
+func (x *Verdict) GetSpanWant() SpanWant {
+	if x != nil {
+		return x.SpanWant
+	}
+	return SpanWant_SPAN_WANT_ALL
+}
+
 var File_validation_proto protoreflect.FileDescriptor
 
 const file_validation_proto_rawDesc = "" +
 	"\n" +
-	"\x10validation.proto\x12\bneuro.v1\x1a\fexpert.proto\"\xc9\x04\n" +
+	"\x10validation.proto\x12\bneuro.v1\x1a\fexpert.proto\x1a\n" +
+	"span.proto\"\xe9\x05\n" +
 	"\aVerdict\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\fR\x05model\x12\x14\n" +
 	"\x05layer\x18\x02 \x01(\rR\x05layer\x12\x16\n" +
@@ -233,7 +279,12 @@ const file_validation_proto_rawDesc = "" +
 	"\aunix_ms\x18\r \x01(\x03R\x06unixMs\x12\x1c\n" +
 	"\tsignature\x18\x0e \x01(\fR\tsignature\x12?\n" +
 	"\x0faccused_receipt\x18\x0f \x01(\v2\x16.neuro.v1.UsageReceiptR\x0eaccusedReceipt\x12#\n" +
-	"\rweight_dtypes\x18\x10 \x03(\rR\fweightDtypesB,Z*github.com/neuro-p2p/neuro/neuropb;neuropbb\x06proto3"
+	"\rweight_dtypes\x18\x10 \x03(\rR\fweightDtypes\x12\x19\n" +
+	"\bspan_end\x18\x11 \x01(\rR\aspanEnd\x12\x1d\n" +
+	"\n" +
+	"span_prior\x18\x12 \x01(\fR\tspanPrior\x123\n" +
+	"\fspan_history\x18\x13 \x01(\v2\x10.neuro.v1.TensorR\vspanHistory\x12/\n" +
+	"\tspan_want\x18\x14 \x01(\x0e2\x12.neuro.v1.SpanWantR\bspanWantB,Z*github.com/neuro-p2p/neuro/neuropb;neuropbb\x06proto3"
 
 var (
 	file_validation_proto_rawDescOnce sync.Once
@@ -252,17 +303,20 @@ var file_validation_proto_goTypes = []any{
 	(*Verdict)(nil),      // 0: neuro.v1.Verdict
 	(*Tensor)(nil),       // 1: neuro.v1.Tensor
 	(*UsageReceipt)(nil), // 2: neuro.v1.UsageReceipt
+	(SpanWant)(0),        // 3: neuro.v1.SpanWant
 }
 var file_validation_proto_depIdxs = []int32{
 	1, // 0: neuro.v1.Verdict.input:type_name -> neuro.v1.Tensor
 	1, // 1: neuro.v1.Verdict.accused_output:type_name -> neuro.v1.Tensor
 	1, // 2: neuro.v1.Verdict.reference_output:type_name -> neuro.v1.Tensor
 	2, // 3: neuro.v1.Verdict.accused_receipt:type_name -> neuro.v1.UsageReceipt
-	4, // [4:4] is the sub-list for method output_type
-	4, // [4:4] is the sub-list for method input_type
-	4, // [4:4] is the sub-list for extension type_name
-	4, // [4:4] is the sub-list for extension extendee
-	0, // [0:4] is the sub-list for field type_name
+	1, // 4: neuro.v1.Verdict.span_history:type_name -> neuro.v1.Tensor
+	3, // 5: neuro.v1.Verdict.span_want:type_name -> neuro.v1.SpanWant
+	6, // [6:6] is the sub-list for method output_type
+	6, // [6:6] is the sub-list for method input_type
+	6, // [6:6] is the sub-list for extension type_name
+	6, // [6:6] is the sub-list for extension extendee
+	0, // [0:6] is the sub-list for field type_name
 }
 
 func init() { file_validation_proto_init() }
@@ -271,6 +325,7 @@ func file_validation_proto_init() {
 		return
 	}
 	file_expert_proto_init()
+	file_span_proto_init()
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{

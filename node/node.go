@@ -298,6 +298,12 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 	vc := verdict.Config{Key: key, Book: n.book}
 	if svc := n.expert; svc != nil {
 		vc.Rerun = func(t reputation.Task) ([]float32, error) {
+			if t.Span != nil {
+				if n.spans == nil {
+					return nil, errors.New("this node serves no span")
+				}
+				return n.spans.rerun(t)
+			}
 			// The verdict's weight types set its tolerance; they must be
 			// the manifest's.
 			if types, ok := svc.WeightTypes(t.Model, t.Layer, t.Expert); ok && len(t.DTypes) > 0 && !slices.Equal(types, t.DTypes) {
@@ -331,7 +337,7 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 			DType: dt, CallTimeout: time.Duration(cfg.Gating.CallTimeout), Book: book, Metrics: n.metrics, Compute: o.compute,
 			OnWrong: func(w gating.Verdict) {
 				n.verdicts.Report(verdict.Wrong{Task: reputation.Task{Model: w.Model, Layer: w.Key.Layer, Expert: w.Key.Expert,
-					Input: w.Input, N: w.N, DTypes: w.DTypes}, Accused: w.Accused, Output: w.Wrong, Agreeing: w.Agreeing, Right: w.Right, Receipt: w.Receipt})
+					Input: w.Input, N: w.N, DTypes: w.DTypes, Span: w.Span}, Accused: w.Accused, Output: w.Wrong, Agreeing: w.Agreeing, Right: w.Right, Receipt: w.Receipt})
 			}}
 		if n.ledger != nil {
 			if n.settler, err = ledger.NewSettler(n.ledger, ledger.SettlerConfig{OnSettled: n.web.settled}, n.log); err != nil {

@@ -17,6 +17,7 @@ import (
 	"github.com/neuro-p2p/neuro/model"
 	"github.com/neuro-p2p/neuro/moe"
 	"github.com/neuro-p2p/neuro/neuropb"
+	"github.com/neuro-p2p/neuro/reputation"
 	"github.com/neuro-p2p/neuro/span"
 )
 
@@ -214,6 +215,25 @@ func (s *spanHost) waitExperts(ctx context.Context) (*neuropb.Manifest, moe.Part
 		case <-t.C:
 		}
 	}
+}
+
+// rerun computes a span verdict's request again (span.Server.Rerun), if
+// this node serves that span of that model and the verdict carries the
+// session's earlier rows.
+func (s *spanHost) rerun(t reputation.Task) ([]float32, error) {
+	s.mu.Lock()
+	srv, part, serving := s.server, s.part, s.serving
+	s.mu.Unlock()
+	sp := t.Span
+	switch {
+	case !serving || !t.Model.Equals(s.model) || part.First != t.Layer || part.End != sp.End:
+		return nil, fmt.Errorf("this node does not serve layers [%d, %d) of %s", t.Layer, sp.End, t.Model)
+	case sp.History == nil && sp.Prior != neuropb.SpanChainStart():
+		return nil, errors.New("the verdict does not carry the session's earlier rows")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	return srv.Rerun(ctx, s.self, sp.History, t.Input, sp.Want)
 }
 
 // heartbeatExtra announces the span once it is served.

@@ -43,6 +43,17 @@ func FuzzVerifyVerdict(f *testing.F) {
 		}
 		f.Add(b)
 	}
+	// A span verdict, with the session's earlier rows.
+	history := []float32{1, 2, 3, 4, 5, 6, 7, 8}
+	spanTask := Task{Model: task.Model, Layer: 1, Input: task.Input, N: 1,
+		Span: &SpanTask{End: 3, Prior: neuropb.SpanChainStart().Next(history, 4), History: history, Want: neuropb.SpanWant_SPAN_WANT_LAST}}
+	sv, err := NewVerdict(judgeKey, spanTask, accused, wrong, [2]peer.ID{a1, a2}, right, nil, time.Unix(1_700_000_000, 0))
+	if err != nil {
+		f.Fatal(err)
+	}
+	if b, err := proto.Marshal(sv); err == nil {
+		f.Add(b)
+	}
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, raw []byte) {
 		v := &neuropb.Verdict{}
@@ -69,7 +80,8 @@ func FuzzVerifyVerdict(f *testing.F) {
 			t.Fatalf("an accepted verdict, encoded again, is refused: %v", err)
 		}
 		if !t2.Model.Equals(gotTask.Model) || t2.Layer != gotTask.Layer || t2.Expert != gotTask.Expert || t2.N != gotTask.N ||
-			!slices.Equal(t2.Input, gotTask.Input) || a2 != gotAccused || !slices.Equal(w2, gotWrong) || !slices.Equal(r2, gotRight) {
+			!slices.Equal(t2.Input, gotTask.Input) || a2 != gotAccused || !slices.Equal(w2, gotWrong) || !slices.Equal(r2, gotRight) ||
+			(t2.Span == nil) != (gotTask.Span == nil) || !slices.Equal(t2.InputDigest(), gotTask.InputDigest()) {
 			t.Fatal("an accepted verdict reads differently once encoded again")
 		}
 	})

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 	"time"
 
 	"github.com/ipfs/go-cid"
@@ -121,6 +122,31 @@ type Task struct {
 	// DTypes are the expert's gate, up and down types (the manifest's),
 	// which set the tolerance; empty: Tolerance.
 	DTypes []model.DType
+	// Span, if set, makes the task a span request: layers [Layer,
+	// Span.End) on Input after the session's earlier rows (Expert is 0).
+	Span *SpanTask
+}
+
+// SpanTask is what a span request adds to a task: the rows the session
+// sent the span before it, and what it kept.
+type SpanTask struct {
+	End int
+	// Prior is the digest chain of the earlier rows; History those rows
+	// (row-major), when known: a verdict carries them if they fit
+	// (MaxVerdictFloats), and only a verdict that carries them can be
+	// re-run.
+	Prior   neuropb.SpanChain
+	History []float32
+	Want    neuropb.SpanWant
+}
+
+// InputDigest is the digest a task's input is known by: the SHA-256 of
+// an expert task's input, SpanRequestDigest of a span request's.
+func (t Task) InputDigest() []byte {
+	if t.Span != nil {
+		return neuropb.SpanRequestDigest(t.Span.Prior, t.Span.Want, t.Input)
+	}
+	return neuropb.FloatsDigest(t.Input)
 }
 
 func f32Tensor(x []float32, rows int) *neuropb.Tensor {
@@ -147,6 +173,55 @@ func floats(t *neuropb.Tensor, what string) ([]float32, int, error) {
 	return x, rows, nil
 }
 
+// floatsLike decodes an F32 tensor that must have rows rows and n floats.
+func floatsLike(t *neuropb.Tensor, what string, rows, n int) ([]float32, error) {
+	x, r, err := floats(t, what)
+	if err != nil || r != rows || len(x) != n {
+		return nil, fmt.Errorf("%s: %v (want the accused output's shape)", what, err)
+	}
+	return x, nil
+}
+
+// spanTask checks a verdict's span fields (all absent on an expert's
+// verdict) and returns its span task, nil for an expert's; embd is the
+// input's row width.
+func spanTask(v *neuropb.Verdict, embd int) (*SpanTask, error) {
+	if v.GetSpanEnd() == 0 {
+		if len(v.GetSpanPrior()) != 0 || v.GetSpanHistory() != nil || v.GetSpanWant() != 0 {
+			return nil, errors.New("span fields on an expert's verdict")
+		}
+		return nil, nil
+	}
+	sp := &SpanTask{End: int(v.GetSpanEnd()), Want: v.GetSpanWant()}
+	switch {
+	case sp.End <= int(v.GetLayer()):
+		return nil, fmt.Errorf("span [%d, %d) is empty", v.GetLayer(), sp.End)
+	case v.GetExpert() != 0:
+		return nil, fmt.Errorf("a span verdict names expert %d", v.GetExpert())
+	case len(v.GetSpanPrior()) != len(sp.Prior):
+		return nil, fmt.Errorf("span prior of %d bytes, want %d", len(v.GetSpanPrior()), len(sp.Prior))
+	case neuropb.SpanWant_name[int32(sp.Want)] == "":
+		return nil, fmt.Errorf("span want %d", sp.Want)
+	case len(v.GetWeightDtypes()) != 0:
+		return nil, errors.New("weight types on a span verdict")
+	}
+	copy(sp.Prior[:], v.GetSpanPrior())
+	if h := v.GetSpanHistory(); h != nil {
+		x, _, err := floats(h, "span history")
+		if err != nil {
+			return nil, err
+		}
+		if _, cols, _ := h.Rows(); cols != embd {
+			return nil, fmt.Errorf("span history rows of %d floats, the input's are %d", cols, embd)
+		}
+		if neuropb.SpanChainStart().Next(x, embd) != sp.Prior {
+			return nil, errors.New("span history does not chain to span prior")
+		}
+		sp.History = x
+	}
+	return sp, nil
+}
+
 func digest(t *neuropb.Tensor) []byte {
 	d := sha256.Sum256(t.GetData())
 	return d[:]
@@ -167,12 +242,16 @@ func NewVerdict(key crypto.PrivKey, t Task, accused peer.ID, wrong []float32, ag
 	if err != nil {
 		return nil, fmt.Errorf("verdict: %w", err)
 	}
+	outRows := t.N
+	if t.Span != nil && len(wrong) < len(t.Input) {
+		outRows = 1 // SPAN_WANT_LAST
+	}
 	v := &neuropb.Verdict{
 		Model: t.Model.Bytes(), Layer: uint32(t.Layer), Expert: uint32(t.Expert),
 		Input:   f32Tensor(t.Input, t.N),
-		Accused: []byte(accused), AccusedOutput: f32Tensor(wrong, t.N),
+		Accused: []byte(accused), AccusedOutput: f32Tensor(wrong, outRows),
 		Agreeing:        [][]byte{[]byte(agreeing[0]), []byte(agreeing[1])},
-		ReferenceOutput: f32Tensor(right, t.N),
+		ReferenceOutput: f32Tensor(right, outRows),
 		Judge:           []byte(judge), UnixMs: now.UnixMilli(),
 		AccusedReceipt: receipt,
 	}
@@ -180,6 +259,16 @@ func NewVerdict(key crypto.PrivKey, t Task, accused peer.ID, wrong []float32, ag
 		v.WeightDtypes = append(v.WeightDtypes, uint32(d))
 	}
 	v.InputDigest, v.AccusedDigest, v.ReferenceDigest = digest(v.Input), digest(v.AccusedOutput), digest(v.ReferenceOutput)
+	if sp := t.Span; sp != nil {
+		v.SpanEnd, v.SpanPrior, v.SpanWant = uint32(sp.End), append([]byte(nil), sp.Prior[:]...), sp.Want
+		v.InputDigest = t.InputDigest()
+		// The history when it fits: without it the digests still bind
+		// the accused's answer, but nobody can re-run the request.
+		if embd := len(t.Input) / max(t.N, 1); len(sp.History) > 0 && len(sp.History) <= neuropb.MaxVerdictFloats &&
+			len(sp.History)%embd == 0 && len(sp.History)/embd <= neuropb.MaxExpertTokens {
+			v.SpanHistory = f32Tensor(sp.History, len(sp.History)/embd)
+		}
+	}
 	if v.Signature, err = sign.Sign(key, sign.Verdict, v); err != nil {
 		return nil, fmt.Errorf("verdict: %w", err)
 	}
@@ -218,20 +307,33 @@ func VerifyVerdict(v *neuropb.Verdict) (t Task, accused peer.ID, wrong, right []
 	if t.Input, t.N, err = floats(v.GetInput(), "input"); err != nil {
 		return fail("%v", err)
 	}
+	if t.Span, err = spanTask(v, len(t.Input)/t.N); err != nil {
+		return fail("%v", err)
+	}
+	// The outputs have the input's shape (a span request that kept the
+	// last row only: one row of it).
+	outRows := []int{t.N}
+	if t.Span != nil && t.Span.Want == neuropb.SpanWant_SPAN_WANT_LAST {
+		outRows = append(outRows, 1)
+	}
 	var n int
-	if wrong, n, err = floats(v.GetAccusedOutput(), "accused output"); err != nil || n != t.N || len(wrong) != len(t.Input) {
+	if wrong, n, err = floats(v.GetAccusedOutput(), "accused output"); err != nil || !slices.Contains(outRows, n) || len(wrong) != n*len(t.Input)/t.N {
 		return fail("accused output: %v (want the input's shape)", err)
 	}
-	if right, n, err = floats(v.GetReferenceOutput(), "reference output"); err != nil || n != t.N || len(right) != len(t.Input) {
-		return fail("reference output: %v (want the input's shape)", err)
+	if right, err = floatsLike(v.GetReferenceOutput(), "reference output", n, len(wrong)); err != nil {
+		return fail("%v", err)
+	}
+	inputDigest := digest(v.GetInput())
+	if t.Span != nil {
+		inputDigest = t.InputDigest()
 	}
 	for _, d := range []struct {
-		t    *neuropb.Tensor
+		got  []byte
 		want []byte
 		what string
-	}{{v.GetInput(), v.GetInputDigest(), "input"}, {v.GetAccusedOutput(), v.GetAccusedDigest(), "accused output"},
-		{v.GetReferenceOutput(), v.GetReferenceDigest(), "reference output"}} {
-		if !bytes.Equal(digest(d.t), d.want) {
+	}{{inputDigest, v.GetInputDigest(), "input"}, {digest(v.GetAccusedOutput()), v.GetAccusedDigest(), "accused output"},
+		{digest(v.GetReferenceOutput()), v.GetReferenceDigest(), "reference output"}} {
+		if !bytes.Equal(d.got, d.want) {
 			return fail("%s digest does not match", d.what)
 		}
 	}
@@ -253,8 +355,8 @@ func VerifyVerdict(v *neuropb.Verdict) (t Task, accused peer.ID, wrong, right []
 			return fail("accused receipt: %v", err)
 		case signer != accused:
 			return fail("accused receipt signed by %s, not the accused", signer)
-		case r.GetLayer() != v.GetLayer() || r.GetExpertIndex() != v.GetExpert():
-			return fail("accused receipt for expert %d:%d", r.GetLayer(), r.GetExpertIndex())
+		case r.GetLayer() != v.GetLayer() || r.GetExpertIndex() != v.GetExpert() || r.GetSpanEnd() != v.GetSpanEnd():
+			return fail("accused receipt for expert %d:%d (span end %d)", r.GetLayer(), r.GetExpertIndex(), r.GetSpanEnd())
 		case !bytes.Equal(r.GetInputDigest(), v.GetInputDigest()) || !bytes.Equal(r.GetOutputDigest(), v.GetAccusedDigest()):
 			return fail("accused receipt is for another input or output")
 		}

@@ -313,6 +313,7 @@ func (s *Session) Close() error {
 // another provider can rebuild the span's KV cache and compute the same
 // request again (ReExecute).
 type CheckTask struct {
+	Model    cid.Cid
 	Hop      Hop
 	Provider peer.ID
 	// Pos is the request's position in the session and Rows its rows;
@@ -331,6 +332,24 @@ type CheckTask struct {
 	in      sent
 	escrow  uint64
 }
+
+// History returns the rows the session sent the span before the request
+// (Pos of them, row-major) and their digest chain (neuropb.SpanChain), on
+// which the provider's receipt for the request is signed.
+func (t CheckTask) History() ([]float32, neuropb.SpanChain) {
+	var x []float32
+	for _, h := range t.earlier {
+		x = append(x, h.x...)
+	}
+	embd := 0
+	if t.Rows > 0 {
+		embd = len(t.Input) / t.Rows
+	}
+	return x, neuropb.SpanChainStart().Next(x, embd)
+}
+
+// Want is what the request kept of its rows.
+func (t CheckTask) Want() neuropb.SpanWant { return wireWant(t.in.want) }
 
 // ReExecute computes task again on provider p, in a session of its own:
 // the inputs the task's session sent the span before it, in the same
@@ -517,7 +536,7 @@ func (l *link) run(ctx context.Context, pos int, want moe.Want, x []float32, row
 				if n := len(a.out.receipts); n > 0 {
 					rc = a.out.receipts[n-1] // the request's own, after any replay's
 				}
-				f(CheckTask{Hop: l.hop, Provider: a.c.p, Pos: pos, Rows: rows, Input: x, Output: a.y, Receipt: rc, Took: time.Since(start),
+				f(CheckTask{Model: l.s.c.cfg.Model, Hop: l.hop, Provider: a.c.p, Pos: pos, Rows: rows, Input: x, Output: a.y, Receipt: rc, Took: time.Since(start),
 					earlier: l.history[:len(l.history):len(l.history)], in: in, escrow: l.s.escrow})
 			}
 			l.history = append(l.history, in)

@@ -91,6 +91,9 @@ type session struct {
 	s   moe.Session
 	st  moe.Steps
 	exp moe.Experts
+	// chain[i] is the digest chain of the session's first i rows
+	// (neuropb.SpanChain): one more entry than the cache holds tokens.
+	chain []neuropb.SpanChain
 	// last is when the session was last used (Unix nanoseconds): read
 	// without mu, so that the janitor and eviction never wait on a
 	// session's compute.
@@ -310,6 +313,7 @@ func (s *Server) serve(owner peer.ID, req *neuropb.SpanRequest) *neuropb.SpanRes
 	} else if pos < n {
 		if err := ss.s.Rewind(pos); err != nil {
 			// the window before pos is gone: start over
+			ss.chain = ss.chain[:1]
 			if err := ss.s.Rewind(0); err != nil {
 				return spanError(id, neuropb.SpanError_CODE_INTERNAL, "rewind: %v", err)
 			}
@@ -323,9 +327,20 @@ func (s *Server) serve(owner peer.ID, req *neuropb.SpanRequest) *neuropb.SpanRes
 		ctx, cancel = context.WithDeadline(ctx, time.UnixMilli(d))
 		defer cancel()
 	}
+	if pos >= len(ss.chain) {
+		// cannot happen (the chain follows the cache); start over rather
+		// than sign a digest of rows this node did not see
+		ss.chain = ss.chain[:1]
+		if err := ss.s.Rewind(0); err != nil {
+			return spanError(id, neuropb.SpanError_CODE_INTERNAL, "rewind: %v", err)
+		}
+		return &neuropb.SpanResponse{RequestId: id, Error: &neuropb.SpanError{Code: neuropb.SpanError_CODE_SESSION_BEHIND, Message: "the session's digests were lost"}}
+	}
+	ss.chain = ss.chain[:pos+1]
 	counting := &countingExperts{Experts: ss.exp}
+	x := expert.DecodeFloats(req.GetHidden())
 	start := time.Now()
-	y, out, err := ss.st.Layers(ctx, expert.DecodeFloats(req.GetHidden()), rows, wantOf(req.GetWant()), counting.with())
+	y, out, err := ss.st.Layers(ctx, x, rows, wantOf(req.GetWant()), counting.with())
 	took := time.Since(start)
 	switch {
 	case errors.Is(err, moe.ErrContextFull):
@@ -337,12 +352,17 @@ func (s *Server) serve(owner peer.ID, req *neuropb.SpanRequest) *neuropb.SpanRes
 		ss.s.Rewind(pos)
 		return spanError(id, neuropb.SpanError_CODE_INTERNAL, "%v", err)
 	}
+	prior := ss.chain[pos]
+	for r := range rows {
+		ss.chain = append(ss.chain, ss.chain[len(ss.chain)-1].Next(x[r*hp.Embd:(r+1)*hp.Embd], hp.Embd))
+	}
 	answer := &neuropb.SpanResponse{RequestId: id, Hidden: expert.EncodeFloats(y, out, hp.Embd, neuropb.WireDType_WIRE_DTYPE_F32),
 		ComputeUs: uint32(min(took.Microseconds(), 1<<32-1)), Len: uint32(ss.s.Len()), ExpertCalls: uint32(counting.n())}
 	if esc := req.GetEscrow(); esc != 0 && s.cfg.SignReceipt != nil {
 		rc := &neuropb.UsageReceipt{Expert: []byte(s.cfg.Self), Escrow: esc, Layer: uint32(s.cfg.Part.First), SpanEnd: uint32(s.cfg.Part.End),
 			Tokens: uint64(rows), Flops: uint64(rows) * s.cfg.FLOPsPerToken,
-			InputDigest: expert.TensorDigest(req.GetHidden()), OutputDigest: expert.TensorDigest(answer.GetHidden())}
+			InputDigest:  neuropb.SpanRequestDigest(prior, req.GetWant(), x),
+			OutputDigest: expert.TensorDigest(answer.GetHidden())}
 		if err := s.cfg.SignReceipt(rc); err != nil {
 			s.log.Warn("sign a span receipt", "err", err)
 		} else {
@@ -350,6 +370,49 @@ func (s *Server) serve(owner peer.ID, req *neuropb.SpanRequest) *neuropb.SpanRes
 		}
 	}
 	return answer
+}
+
+// rerunPiece is how many earlier rows Rerun runs at once.
+const rerunPiece = 64
+
+// Rerun computes a span request again in a session of its own — the
+// session's earlier rows (history), rerunPiece at a time, then the
+// request's rows (x) kept as want says — and returns the request's
+// answer: how a node that serves the span judges a span verdict
+// (reputation.SpanTask). Its experts are those a session of self gets.
+func (s *Server) Rerun(ctx context.Context, self peer.ID, history, x []float32, want neuropb.SpanWant) ([]float32, error) {
+	embd := s.cfg.Gating.Hparams().Embd
+	if len(x) == 0 || len(x)%embd != 0 || len(history)%embd != 0 {
+		return nil, fmt.Errorf("span rerun: rows of %d floats wanted", embd)
+	}
+	s.mu.Lock()
+	closed := s.closed
+	s.mu.Unlock()
+	if closed {
+		return nil, errors.New("span rerun: the server is closed")
+	}
+	ms, err := s.cfg.Gating.NewSession(s.cfg.NCtx)
+	if err != nil {
+		return nil, fmt.Errorf("span rerun: %w", err)
+	}
+	defer ms.Close()
+	st, ok := ms.(moe.Steps)
+	if !ok {
+		return nil, errors.New("span rerun: the backend's sessions do not run layers alone")
+	}
+	exp := s.cfg.Experts(self)
+	for len(history) > 0 {
+		n := min(len(history)/embd, rerunPiece)
+		if _, _, err := st.Layers(ctx, history[:n*embd], n, moe.WantAll, exp); err != nil {
+			return nil, fmt.Errorf("span rerun: the earlier rows: %w", err)
+		}
+		history = history[n*embd:]
+	}
+	y, _, err := st.Layers(ctx, x, len(x)/embd, wantOf(want), exp)
+	if err != nil {
+		return nil, fmt.Errorf("span rerun: %w", err)
+	}
+	return y, nil
 }
 
 // session finds or makes key's session. A request for a session the
@@ -379,7 +442,7 @@ func (s *Server) session(key sessionKey, owner peer.ID, pos int, id uint64) (*se
 		ms.Close()
 		return nil, spanError(id, neuropb.SpanError_CODE_INTERNAL, "the backend's sessions do not run layers alone")
 	}
-	ss := &session{s: ms, st: st, exp: s.cfg.Experts(owner)}
+	ss := &session{s: ms, st: st, exp: s.cfg.Experts(owner), chain: []neuropb.SpanChain{neuropb.SpanChainStart()}}
 	ss.last.Store(time.Now().UnixNano())
 	s.sessions[key] = ss
 	return ss, nil

@@ -1,6 +1,7 @@
 package span
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -533,7 +534,7 @@ func TestSpanHedging(t *testing.T) {
 func TestSpanReExecution(t *testing.T) {
 	head := newHost(t)
 	_, a := serve(t, head, 0, 6, nil)
-	_, b := serve(t, head, 0, 6, nil)
+	bSrv, b := serve(t, head, 0, 6, nil)
 	_, liar := serve(t, head, 0, 6, func(c *ServerConfig) {
 		g := newFake(moe.Part{First: 0, End: 6})
 		g.lieFrom = 6
@@ -541,6 +542,7 @@ func TestSpanReExecution(t *testing.T) {
 	})
 	_, paid := serve(t, head, 0, 6, func(c *ServerConfig) {
 		c.FLOPsPerToken = 100
+		c.SignReceipt = func(r *neuropb.UsageReceipt) error { r.Signature = []byte("signed"); return nil }
 		c.Payment = func(_ context.Context, _ peer.ID, escrow, _ uint64) error {
 			if escrow != 7 {
 				return errors.New("no escrow")
@@ -567,6 +569,15 @@ func TestSpanReExecution(t *testing.T) {
 		got, _, err := c.ReExecute(t.Context(), task, b.ID())
 		if err != nil || !slices.Equal(got, task.Output) {
 			t.Fatalf("task %d (pos %d) on another honest provider: %v, %v; want %v", i, task.Pos, got, err, task.Output)
+		}
+		// A node serving the span re-runs a verdict's request from the
+		// earlier rows the task gives (as one batch: the same here).
+		history, prior := task.History()
+		if len(history) != task.Pos*4 || prior != neuropb.SpanChainStart().Next(history, 4) {
+			t.Fatalf("task %d: %d earlier floats for position %d", i, len(history), task.Pos)
+		}
+		if got, err := bSrv.Rerun(t.Context(), head.ID(), history, task.Input, task.Want()); err != nil || !slices.Equal(got, task.Output) {
+			t.Fatalf("task %d: rerun %v, %v; want %v", i, got, err, task.Output)
 		}
 		lie, _, err := c.ReExecute(t.Context(), task, liar.ID())
 		if err != nil {
@@ -596,8 +607,21 @@ func TestSpanReExecution(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if got, _, err := pc.ReExecute(t.Context(), paidTasks[1], paid.ID()); err != nil || !slices.Equal(got, paidTasks[1].Output) {
+	got, rcs, err := pc.ReExecute(t.Context(), paidTasks[1], paid.ID())
+	if err != nil || !slices.Equal(got, paidTasks[1].Output) {
 		t.Fatalf("a paid session's check: %v, %v; want %v", got, err, paidTasks[1].Output)
+	}
+	// Each receipt signs its request's rows after the digest chain of the
+	// session's earlier ones: the check's last receipt, in a session of its
+	// own, signs what the task's did.
+	for i, task := range paidTasks {
+		_, prior := task.History()
+		if rc := task.Receipt; rc == nil || !bytes.Equal(rc.GetInputDigest(), neuropb.SpanRequestDigest(prior, task.Want(), task.Input)) || rc.GetSpanEnd() != 6 {
+			t.Fatalf("task %d's receipt %v does not bind the session's rows", i, rc)
+		}
+	}
+	if len(rcs) == 0 || !bytes.Equal(rcs[len(rcs)-1].GetInputDigest(), paidTasks[1].Receipt.GetInputDigest()) {
+		t.Fatalf("the check's receipts %v: the last is not for the task's request", rcs)
 	}
 }
 

@@ -231,7 +231,7 @@ func (s *Service) publish(w Wrong) {
 			s.slashes.Add(1)
 		}
 	}
-	s.log.Info("published verdict", "accused", w.Accused, "expert", fmt.Sprintf("%d:%d", w.Task.Layer, w.Task.Expert))
+	s.log.Info("published verdict", "accused", w.Accused, "task", taskName(w.Task))
 }
 
 // receive judges the verdicts of other nodes until the service closes.
@@ -259,6 +259,15 @@ func (s *Service) receive(sub *p2p.Subscription[*neuropb.Verdict]) {
 		default:
 			s.unchecked.Add(1)
 		}
-		s.log.Info("verdict received", "judge", m.Author, "accused", accused, "expert", fmt.Sprintf("%d:%d", t.Layer, t.Expert), "outcome", o.String())
+		s.log.Info("verdict received", "judge", m.Author, "accused", accused, "task", taskName(t), "outcome", o.String())
 	}
+}
+
+// taskName names a verdict's task in logs: "expert 3:5", or "layers 0-11"
+// for a span request.
+func taskName(t reputation.Task) string {
+	if t.Span != nil {
+		return fmt.Sprintf("layers %d-%d", t.Layer, t.Span.End-1)
+	}
+	return fmt.Sprintf("expert %d:%d", t.Layer, t.Expert)
 }

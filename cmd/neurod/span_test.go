@@ -180,11 +180,18 @@ type spanReport struct {
 	KilledAfter int       `json:"killed_after"`
 	Nodes       []struct {
 		Index    int      `json:"index"`
+		PeerID   string   `json:"peer_id"`
 		Faulty   string   `json:"faulty"`
 		Checked  int      `json:"checked"`
 		Failed   int      `json:"failed"`
 		Excluded bool     `json:"excluded"`
 		Spans    []string `json:"spans"`
+		Verdicts struct {
+			Published int `json:"published"`
+			Confirmed int `json:"confirmed"`
+			Refuted   int `json:"refuted"`
+			Slashes   int `json:"slashes"`
+		} `json:"verdicts"`
 	} `json:"nodes"`
 	Stats struct {
 		SpansPerToken      float64 `json:"spans_per_token"`
@@ -194,7 +201,8 @@ type spanReport struct {
 		MoELayers          int     `json:"moe_layers"`
 	} `json:"stats"`
 	Ledger struct {
-		Treasury uint64 `json:"treasury"`
+		Treasury    uint64            `json:"treasury"`
+		StakesAfter map[string]uint64 `json:"stakes_after"`
 	} `json:"ledger"`
 	Validation struct {
 		Wrong int `json:"wrong"`
@@ -230,7 +238,10 @@ func spanTestnet(t *testing.T, seed int, prompt string, tokens int, args ...stri
 // by another provider, disagree, a third decides, and it is found wrong
 // and excluded; the honest ones never are. Whether or not the chain used
 // it first (then the generation rewinds and goes on through another), the
-// tokens are llama.cpp's.
+// tokens are llama.cpp's. The gating node publishes a verdict on the span
+// request with the liar's span receipt and the session's earlier rows: the
+// honest span nodes re-run it and confirm it, and the chain slashes the
+// liar's stake (and no one else's).
 func TestTestnetSpansCatchALiar(t *testing.T) {
 	t.Parallel()
 	rep := spanTestnet(t, 37, "trust but verify", 16, "--nodes", "3", "--faulty", "1:wrong")
@@ -243,8 +254,15 @@ func TestTestnetSpansCatchALiar(t *testing.T) {
 			t.Errorf("node %d serves spans %v, want 0-3", n.Index, n.Spans)
 		case n.Faulty == "wrong" && (!n.Excluded || n.Failed == 0):
 			t.Errorf("the liar, node %d, was not found out: %+v", n.Index, n)
+		case n.Faulty == "wrong" && rep.Ledger.StakesAfter[n.PeerID] >= 200_000_000:
+			t.Errorf("the liar, node %d, was not slashed: stake %d", n.Index, rep.Ledger.StakesAfter[n.PeerID])
 		case n.Faulty == "" && (n.Excluded || n.Failed != 0 || n.Checked == 0):
 			t.Errorf("honest node %d: %+v", n.Index, n)
+		case n.Faulty == "" && (rep.Ledger.StakesAfter[n.PeerID] != 200_000_000 || n.Verdicts.Refuted != 0 || n.Verdicts.Confirmed == 0):
+			t.Errorf("honest node %d: stake %d, verdicts %+v (want every verdict confirmed)", n.Index, rep.Ledger.StakesAfter[n.PeerID], n.Verdicts)
 		}
+	}
+	if v := rep.Nodes[0].Verdicts; v.Published == 0 || v.Slashes == 0 {
+		t.Errorf("the gating node's verdicts: %+v, want published and reported for slashing", v)
 	}
 }
