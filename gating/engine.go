@@ -39,6 +39,12 @@ type EngineConfig struct {
 	// layer (by default a generation then runs through the chain of
 	// fewest spans: one round trip per span per forward pass).
 	NoSpans bool
+	// LoadLayers loads a served model's layers (its gating shard) at
+	// start. Without it, a model split with layer shards loads its head
+	// shard alone, and its layers when a generation first computes them
+	// here (Layered): never, while spans cover the model. With NoSpans,
+	// or a model without layer shards, the layers load at start.
+	LoadLayers bool
 	// ProvenFirst ranks the providers that have answered before those
 	// that have not, calls and groups alike (with a Book, whose
 	// validator proves new providers by its probes; see ProvenFirst).
@@ -340,6 +346,39 @@ func (e *Engine) Serve(c cid.Cid) {
 	}()
 }
 
+// loadLayers fetches a served model's gating shard and loads it whole (a
+// Layered model's layers, the first time a generation computes them
+// here), and sizes the sessions from it.
+func (e *Engine) loadLayers(mc, gc cid.Cid) (moe.Gating, error) {
+	ctx, cancel := context.WithTimeout(e.ctx, 10*time.Minute)
+	defer cancel()
+	start := time.Now()
+	if err := e.fetcher.Fetch(ctx, gc); err != nil {
+		return nil, fmt.Errorf("gating shard: %w", err)
+	}
+	man, err := e.fetcher.Store().Manifest(mc)
+	if err != nil {
+		return nil, err
+	}
+	gs, err := e.fetcher.Store().OpenShard(man.GetGating())
+	if err != nil {
+		return nil, fmt.Errorf("gating %w", err)
+	}
+	hp, err := moe.HparamsOf(man, gs)
+	if err != nil {
+		return nil, err
+	}
+	g, err := e.cfg.Compute.NewGating(hp, gs, e.cfg.Threads)
+	if err != nil {
+		return nil, err
+	}
+	if e.cfg.MaxSessions == 0 {
+		e.sizeSessions(g, hp)
+	}
+	e.log.Info("loaded the model's layers", "model", mc, "took", time.Since(start))
+	return g, nil
+}
+
 func (e *Engine) load(ctx context.Context, m *served) error {
 	if err := e.fetcher.Fetch(ctx, m.cid); err != nil {
 		return fmt.Errorf("manifest: %w", err)
@@ -352,17 +391,30 @@ func (e *Engine) load(ctx context.Context, m *served) error {
 	if err != nil {
 		return fmt.Errorf("manifest: gating cid: %w", err)
 	}
-	if err := e.fetcher.Fetch(ctx, gc); err != nil {
-		return fmt.Errorf("gating shard: %w", err)
+	_, parts := e.cfg.Compute.(moe.PartLoader)
+	var sm *Model
+	if hc, herr := cid.Cast(man.GetHead().GetCid()); !e.cfg.LoadLayers && !e.cfg.NoSpans && parts && herr == nil {
+		// The head now; the layers when a generation first computes them
+		// here.
+		if err := e.fetcher.Fetch(ctx, hc); err != nil {
+			return fmt.Errorf("head shard: %w", err)
+		}
+		sm, err = LoadHead(e.cfg.Compute, e.fetcher.Store(), m.cid, e.cfg.Threads, func() (moe.Gating, error) {
+			return e.loadLayers(m.cid, gc)
+		})
+	} else {
+		if err := e.fetcher.Fetch(ctx, gc); err != nil {
+			return fmt.Errorf("gating shard: %w", err)
+		}
+		sm, err = Load(e.cfg.Compute, e.fetcher.Store(), m.cid, e.cfg.Threads)
+		if err == nil && e.cfg.MaxSessions == 0 {
+			e.sizeSessions(sm.Gating, sm.Gating.Hparams())
+		}
 	}
-	sm, err := Load(e.cfg.Compute, e.fetcher.Store(), m.cid, e.cfg.Threads)
 	if err != nil {
 		return err
 	}
 	hp := sm.Gating.Hparams()
-	if e.cfg.MaxSessions == 0 {
-		e.sizeSessions(sm.Gating, hp)
-	}
 	if e.cfg.Speculate == SpeculateDraft {
 		path, err := e.draftFile(ctx)
 		if err != nil {
@@ -546,6 +598,10 @@ type ModelInfo struct {
 	Ready   bool
 	Err     error
 	Context int
+	// LayersLoaded says whether the layers' weights (the gating shard)
+	// are loaded: a head whose generations all went through spans holds
+	// the head shard's alone (EngineConfig.LoadLayers).
+	LayersLoaded bool
 	// MinProviders is the fewest live providers any expert has.
 	MinProviders int
 	// Missing lists experts without a live provider.
@@ -566,6 +622,10 @@ func (e *Engine) Models() []ModelInfo {
 	for _, m := range ms {
 		e.mu.Lock()
 		info := ModelInfo{CID: m.cid, Ready: m.sm != nil, Err: m.err}
+		if m.sm != nil {
+			l, lazy := m.sm.Gating.(*Layered)
+			info.LayersLoaded = !lazy || l.LayersLoaded()
+		}
 		remote, hp := m.remote, m.hp
 		e.mu.Unlock()
 		if info.Ready {

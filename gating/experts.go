@@ -86,6 +86,10 @@ type RemoteExperts struct {
 	// WeightTypes, if set, gives an expert's tensor types (the manifest's),
 	// which set the validator's tolerance.
 	WeightTypes func(expert.Key) []model.DType
+	// Local, if set, gives the experts this node computes itself (a span
+	// node's own): their calls never leave the process, and nil for the
+	// others, which are called on other nodes.
+	Local func(expert.Key) moe.Expert
 
 	hedges, redispatches, lastResorts atomic.Int64
 }
@@ -336,11 +340,23 @@ func (r *RemoteExperts) round(ctx context.Context, layer int, parts []part) ([]p
 	}
 	outs := make([]float32, rows*used*r.Embd)
 	routing := moe.Route(selected)
+	// The experts this node computes itself, and the others'.
+	local := map[int32]moe.Expert{}
+	var remote []int32
+	for _, e := range routing.Experts {
+		if r.Local != nil {
+			if le := r.Local(expert.Key{Layer: layer, Expert: int(e)}); le != nil {
+				local[e] = le
+				continue
+			}
+		}
+		remote = append(remote, e)
+	}
 	// Peers that host every expert this layer needs serve them all in one
 	// round trip each: prefer them.
-	providers := make(map[int32][]peer.ID, len(routing.Experts))
+	providers := make(map[int32][]peer.ID, len(remote))
 	preferred := map[peer.ID]bool{}
-	for i, e := range routing.Experts {
+	for i, e := range remote {
 		providers[e] = r.Providers(expert.Key{Layer: layer, Expert: int(e)})
 		if i == 0 {
 			for _, p := range providers[e] {
@@ -363,7 +379,7 @@ func (r *RemoteExperts) round(ctx context.Context, layer int, parts []part) ([]p
 		several    = make([]bool, len(parts))    // whether another did too
 	)
 	var calls []layerCall
-	for _, e := range routing.Experts {
+	for _, e := range remote {
 		for _, c := range callsOf(routing.Slots[e], parts, used) {
 			calls = append(calls, layerCall{e, c})
 		}
@@ -371,6 +387,27 @@ func (r *RemoteExperts) round(ctx context.Context, layer int, parts []part) ([]p
 	ins := make([][]float32, len(calls))
 	for i, lc := range calls {
 		ins[i] = moe.Gather(x, lc.c.slots, used, r.Embd)
+	}
+	for e, le := range local {
+		for _, c := range callsOf(routing.Slots[e], parts, used) {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				start := time.Now()
+				out, err := computeLocal(le, moe.Gather(x, c.slots, used, r.Embd), len(c.slots), r.Embd, c.segs[0].cs.apart)
+				took := time.Since(start)
+				mu.Lock()
+				defer mu.Unlock()
+				if err != nil {
+					errs = append(errs, fmt.Errorf("expert %d:%d here: %w", layer, e, err))
+					return
+				}
+				for _, sg := range c.segs {
+					maxCompute[sg.part] = max(maxCompute[sg.part], took)
+				}
+				moe.Scatter(outs, out, c.slots, r.Embd)
+			}()
+		}
 	}
 	members := make([]*groupMember, len(calls))
 	if len(calls) > 1 {
@@ -412,6 +449,23 @@ func (r *RemoteExperts) round(ctx context.Context, layer int, parts []part) ([]p
 		off += n
 	}
 	return res, nil
+}
+
+// computeLocal runs n rows of x through an expert of this node's, at most
+// its largest batch at once, or each row alone (apart).
+func computeLocal(le moe.Expert, x []float32, n, embd int, apart bool) ([]float32, error) {
+	out := make([]float32, n*embd)
+	step := max(1, le.MaxBatch())
+	if apart {
+		step = 1
+	}
+	for i := 0; i < n; i += step {
+		m := min(step, n-i)
+		if err := le.Compute(x[i*embd:(i+m)*embd], m, out[i*embd:(i+m)*embd]); err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
 }
 
 // maxGroupBytes bounds the hidden rows (as float32) of one group of expert

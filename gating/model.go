@@ -3,10 +3,12 @@ package gating
 import (
 	"errors"
 	"fmt"
+	"sync"
 
 	"github.com/ipfs/go-cid"
 
 	"github.com/neuro-p2p/neuro/expert"
+	"github.com/neuro-p2p/neuro/model"
 	"github.com/neuro-p2p/neuro/moe"
 )
 
@@ -61,6 +63,127 @@ func (m *Model) Close() error {
 	}
 	if m.Draft != nil {
 		errs = append(errs, m.Draft.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// LoadHead loads a model's head alone — the head shard's embeddings, final
+// norm and output head, and its tokenizer — and leaves the layers' weights
+// (the gating shard) to be loaded when a session first needs them
+// (layers): a head whose generations all go through spans never loads
+// them. The model's Gating is then a *Layered. The manifest must have
+// layer shards (format 2) and backend must load parts.
+func LoadHead(backend moe.GatingLoader, store *expert.Store, mc cid.Cid, threads int, layers func() (moe.Gating, error)) (_ *Model, err error) {
+	pl, ok := backend.(moe.PartLoader)
+	if !ok {
+		return nil, errors.New("the compute backend cannot load part of a model")
+	}
+	m, err := store.Manifest(mc)
+	if err != nil {
+		return nil, err
+	}
+	if m.GetHead() == nil {
+		return nil, fmt.Errorf("model %s was split without layer shards (manifest format %d)", mc, m.GetFormat())
+	}
+	hs, err := store.OpenShard(m.GetHead())
+	if err != nil {
+		return nil, fmt.Errorf("head %w", err)
+	}
+	hp, err := moe.HparamsOf(m, hs)
+	if err != nil {
+		return nil, err
+	}
+	hc, _ := cid.Cast(m.GetHead().GetCid())
+	sm := &Model{}
+	defer func() {
+		if err != nil {
+			err = errors.Join(err, sm.Close())
+		}
+	}()
+	if sm.Vocab, err = backend.LoadVocab(store.Path(hc)); err != nil {
+		return nil, err
+	}
+	head, err := pl.NewGatingPart(hp, model.Shards{hs}, moe.Part{Head: true}, threads)
+	if err != nil {
+		return nil, err
+	}
+	sm.Gating = &Layered{head: head, load: layers}
+	return sm, nil
+}
+
+// Layered is a model's gating whose head is loaded and whose layers are
+// loaded the first time a session needs them: a head session
+// (moe.HeadSessioner, a chain of spans' head) needs the head only; any
+// other session, the whole gating part.
+type Layered struct {
+	head moe.Gating
+	load func() (moe.Gating, error)
+
+	mu     sync.Mutex
+	layers moe.Gating
+	closed bool
+}
+
+var (
+	_ moe.Gating        = (*Layered)(nil)
+	_ moe.HeadSessioner = (*Layered)(nil)
+)
+
+// Hparams returns the model's hyper-parameters.
+func (l *Layered) Hparams() moe.Hparams { return l.head.Hparams() }
+
+// NewHeadSession makes a session of the head alone (no KV cache, no
+// layers).
+func (l *Layered) NewHeadSession(nCtx int) (moe.Session, error) {
+	if hs, ok := l.head.(moe.HeadSessioner); ok {
+		return hs.NewHeadSession(nCtx)
+	}
+	return l.head.NewSession(nCtx)
+}
+
+// NewSession makes a session of the whole gating part, loading its layers
+// first if they are not yet (the caller waits for that once).
+func (l *Layered) NewSession(nCtx int) (moe.Session, error) {
+	g, err := l.Layers()
+	if err != nil {
+		return nil, err
+	}
+	return g.NewSession(nCtx)
+}
+
+// Layers returns the whole gating part, loading it if it is not yet.
+func (l *Layered) Layers() (moe.Gating, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return nil, errors.New("the model is closed")
+	}
+	if l.layers == nil {
+		g, err := l.load()
+		if err != nil {
+			return nil, fmt.Errorf("load the model's layers: %w", err)
+		}
+		l.layers = g
+	}
+	return l.layers, nil
+}
+
+// LayersLoaded says whether the layers' weights are loaded.
+func (l *Layered) LayersLoaded() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.layers != nil
+}
+
+// Close frees the head and the layers, if loaded.
+func (l *Layered) Close() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.closed = true
+	errs := []error{l.head.Close()}
+	if l.layers != nil {
+		errs = append(errs, l.layers.Close())
+		l.layers = nil
 	}
 	return errors.Join(errs...)
 }

@@ -80,6 +80,11 @@ type GatingConfig struct {
 	// Spans sends forward passes through span nodes where the spans
 	// announced cover every layer.
 	Spans bool `toml:"spans"`
+	// Layers is when the served model's layers (the gating shard's
+	// attention and routers) are loaded: "auto", when a generation first
+	// computes them here (never while spans cover the model); "load", at
+	// start.
+	Layers string `toml:"layers"`
 	// ProvenFirst sends calls and a layer's group to providers that have
 	// answered before any that has not (new ones are proven by the
 	// validator's probes, off the generation's path): with many Sybils
@@ -262,7 +267,7 @@ func DefaultConfig() Config {
 		},
 		Expert: ExpertConfig{Experts: "auto", MemoryMB: 4096, RequireEscrow: true},
 		Ledger: LedgerConfig{Listen: "tcp://0.0.0.0:26656", Peers: []string{}, BlockInterval: Duration(time.Second)},
-		Gating: GatingConfig{MaxQueue: 64, QueueTimeout: Duration(2 * time.Minute), MaxTokens: 256, WireDType: "f32", Speculate: "off", SpeculateMax: 8, BatchWait: Duration(10 * time.Millisecond), CallTimeout: Duration(30 * time.Second), Validate: true, Spans: true,
+		Gating: GatingConfig{MaxQueue: 64, QueueTimeout: Duration(2 * time.Minute), MaxTokens: 256, WireDType: "f32", Speculate: "off", SpeculateMax: 8, BatchWait: Duration(10 * time.Millisecond), CallTimeout: Duration(30 * time.Second), Validate: true, Spans: true, Layers: "auto",
 			RequirePayment: true},
 		Home: HomeConfig{IdleThreshold: 0.5, IdleCheck: Duration(5 * time.Second), Device: "cpu"},
 		API:  APIConfig{Listen: "127.0.0.1:0"},
@@ -416,6 +421,11 @@ validate = true
 # span instead of one per MoE layer. Off: always call experts layer by
 # layer from here.
 spans = true
+# When the model's layers (attention and routers: the gating shard) are
+# loaded: "auto" when a generation first computes them here, so that a head
+# whose generations all go through spans holds its embeddings and output
+# head only; "load" at start.
+layers = "auto"
 # Send expert calls (and a layer's calls grouped for one node) to providers
 # that have answered before any that has not; new providers are proven by
 # the validator's probes meanwhile (with validate). Many Sybils announcing
@@ -725,6 +735,9 @@ func (c *Config) validateGating() error {
 	}
 	if !oneOf(g.WireDType, "f32", "f16") {
 		return fieldErr("gating.wire_dtype", "%q: want f32 or f16", g.WireDType)
+	}
+	if !oneOf(g.Layers, "auto", "load") {
+		return fieldErr("gating.layers", "%q: want auto or load", g.Layers)
 	}
 	if !oneOf(g.Speculate, "off", "ngram", "draft") {
 		return fieldErr("gating.speculate", "%q: want off, ngram or draft", g.Speculate)

@@ -330,7 +330,7 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 		if cfg.Gating.Validate {
 			book = n.book
 		}
-		ec := gating.EngineConfig{Threads: cfg.Gating.Threads, NoSpans: !cfg.Gating.Spans, ProvenFirst: cfg.Gating.ProvenFirst,
+		ec := gating.EngineConfig{Threads: cfg.Gating.Threads, NoSpans: !cfg.Gating.Spans, LoadLayers: cfg.Gating.Layers == "load", ProvenFirst: cfg.Gating.ProvenFirst,
 			MaxSessions: cfg.Gating.MaxSessions, MaxQueue: cfg.Gating.MaxQueue, QueueTimeout: time.Duration(cfg.Gating.QueueTimeout),
 			Context: cfg.Gating.Context, DefaultMaxTokens: cfg.Gating.MaxTokens,
 			Speculate: cfg.Gating.Speculate, Draft: cfg.Gating.Draft, SpeculateMax: cfg.Gating.SpeculateMax, BatchWait: batchWait(cfg.Gating.BatchWait),

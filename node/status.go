@@ -121,6 +121,10 @@ type GatingModel struct {
 	Error string `json:"error,omitempty"`
 	// Context is a session's KV cache in tokens.
 	Context int `json:"context"`
+	// LayersLoaded says whether the layers' weights are loaded (false: a
+	// head whose generations have all gone through spans, gating.layers
+	// "auto").
+	LayersLoaded bool `json:"layers_loaded"`
 	// MinProviders is the fewest live providers of any expert; Missing
 	// lists the experts that have none.
 	MinProviders int      `json:"min_providers"`
@@ -206,7 +210,7 @@ func (n *Node) Status() Status {
 			gs.Links = append(gs.Links, ExpertLink{PeerID: l.Peer.String(), Calls: l.Calls, Direct: l.Direct, ViaRelay: l.ViaRelay, Transport: l.Transport})
 		}
 		for _, m := range g.Models() {
-			gm := GatingModel{Model: m.CID.String(), Ready: m.Ready, Context: m.Context, MinProviders: m.MinProviders, Missing: []string{}}
+			gm := GatingModel{Model: m.CID.String(), Ready: m.Ready, Context: m.Context, LayersLoaded: m.LayersLoaded, MinProviders: m.MinProviders, Missing: []string{}}
 			if m.Err != nil {
 				gm.Error = m.Err.Error()
 			}

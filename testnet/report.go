@@ -187,6 +187,10 @@ type NodeReport struct {
 	ExpertCalls int64    `json:"expert_calls"`
 	// Spans lists the layer spans the node serves ("first-last").
 	Spans []string `json:"spans"`
+	// LayersLoaded, on a gating node, says whether it loaded the model's
+	// layers (false: every generation went through spans, and it holds
+	// the head shard's weights alone).
+	LayersLoaded *bool `json:"layers_loaded,omitempty"`
 	// Faulty is the node's misbehaviour (--faulty), "" for an honest node.
 	// Score, Checked, Failed and Excluded are the gating node's record of
 	// it after the workload.

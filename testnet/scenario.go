@@ -422,8 +422,13 @@ func reportNodes(nw *Network) []NodeReport {
 	out := []NodeReport{}
 	for _, p := range nw.Processes() {
 		st := p.Status
+		var layers *bool
+		if st.Gating != nil && len(st.Gating.Models) > 0 {
+			layers = &st.Gating.Models[0].LayersLoaded
+		}
 		out = append(out, NodeReport{
-			Index: p.Index, PeerID: st.PeerID, Addrs: st.Addrs, Roles: st.Roles, PID: p.PID(),
+			LayersLoaded: layers,
+			Index:        p.Index, PeerID: st.PeerID, Addrs: st.Addrs, Roles: st.Roles, PID: p.PID(),
 			Home: p.Home, API: p.APIAddr, RSSBytes: st.RSSBytes,
 			RoutingTableSize: len(st.RoutingTable), HeardPeers: len(st.Heard),
 			Experts: append([]string{}, st.Experts...), Spans: append([]string{}, st.Spans...), ExpertCalls: st.ExpertCalls, Verdicts: st.Verdicts,

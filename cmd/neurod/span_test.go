@@ -170,6 +170,11 @@ func TestTestnetSpans(t *testing.T) {
 	if rep.Ledger.Treasury == 0 {
 		t.Error("the span work was not settled: the treasury is empty")
 	}
+	// Every generation went through spans: the head never loaded the
+	// layers' weights (gating.layers "auto").
+	if l := rep.Nodes[0].LayersLoaded; l == nil || *l {
+		t.Errorf("the gating node's layers loaded: %v, want false", l)
+	}
 }
 
 // spanReport is what the span testnet tests read of a testnet's JSON.
@@ -179,14 +184,15 @@ type spanReport struct {
 	Killed      []int     `json:"killed"`
 	KilledAfter int       `json:"killed_after"`
 	Nodes       []struct {
-		Index    int      `json:"index"`
-		PeerID   string   `json:"peer_id"`
-		Faulty   string   `json:"faulty"`
-		Checked  int      `json:"checked"`
-		Failed   int      `json:"failed"`
-		Excluded bool     `json:"excluded"`
-		Spans    []string `json:"spans"`
-		Verdicts struct {
+		Index        int      `json:"index"`
+		PeerID       string   `json:"peer_id"`
+		Faulty       string   `json:"faulty"`
+		Checked      int      `json:"checked"`
+		Failed       int      `json:"failed"`
+		Excluded     bool     `json:"excluded"`
+		Spans        []string `json:"spans"`
+		LayersLoaded *bool    `json:"layers_loaded"`
+		Verdicts     struct {
 			Published int `json:"published"`
 			Confirmed int `json:"confirmed"`
 			Refuted   int `json:"refuted"`

@@ -30,6 +30,8 @@ type testnetJSON struct {
 		Roles   []string `json:"roles"`
 		PID     int      `json:"pid"`
 		Experts []string `json:"experts"`
+		// LayersLoaded: whether the gating node loaded the layers.
+		LayersLoaded *bool `json:"layers_loaded"`
 	} `json:"nodes"`
 	Stopped []struct {
 		Clean   bool `json:"clean"`
@@ -204,6 +206,11 @@ func TestTestnetEqualsLocal(t *testing.T) {
 			}
 			if rep.Text == nil || rep.Stats.ExpertCalls == 0 || len(rep.PerTokenMs) != len(want) {
 				t.Fatalf("report: %+v", rep)
+			}
+			// No spans: the gating node loaded the layers for its first
+			// generation (gating.layers "auto").
+			if l := rep.Nodes[0].LayersLoaded; l == nil || !*l {
+				t.Fatalf("the gating node's layers loaded: %v, want true", l)
 			}
 			if tc.kill != "" {
 				if len(rep.Killed) != 1 || rep.KilledAfter != 8 {
