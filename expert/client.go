@@ -56,6 +56,9 @@ type Request struct {
 	// must then be 0) and computed as a call of its own would be; the
 	// answer carries a receipt per segment.
 	Segments []Segment
+	// Delegations let the caller spend from escrows other nodes opened
+	// (SignDelegation): a span node's calls for a head.
+	Delegations []*neuropb.EscrowDelegation
 }
 
 // Segment is one generation's run of rows in a batched call.
@@ -316,7 +319,7 @@ func message(req *Request) (*neuropb.ExpertRequest, error) {
 	msg := &neuropb.ExpertRequest{
 		Model: req.Model.Bytes(), Layer: uint32(req.Layer), Expert: uint32(req.Expert),
 		Hidden: EncodeFloats(req.Hidden, req.N, len(req.Hidden)/req.N, req.DType),
-		Escrow: req.Escrow, RowsApart: req.RowsApart,
+		Escrow: req.Escrow, RowsApart: req.RowsApart, Delegations: req.Delegations,
 	}
 	if len(req.Segments) > 0 {
 		sum := 0

@@ -36,6 +36,18 @@ type Spec struct {
 	// (dense leading layers have none); spanAuto: chosen by ChooseSpan.
 	spanFirst, spanEnd int
 	spanAuto           bool
+	// spanElsewhere: the span's experts are not added; the span node
+	// calls those it does not host on other nodes.
+	spanElsewhere bool
+}
+
+// WithSpanExpertsElsewhere is sp whose span (WithSpan, WithAutoSpan) adds
+// no expert: the span node computes its layers' attention and routers,
+// and calls the experts it does not host anyway on other nodes (an
+// automatic span is then chosen by the layer shards' size alone).
+func (sp Spec) WithSpanExpertsElsewhere() Spec {
+	sp.spanElsewhere = true
+	return sp
 }
 
 // WithSpan is sp with every expert of layers [first, end) added, the
@@ -54,19 +66,21 @@ func (sp Spec) WithAutoSpan() Spec {
 }
 
 // ChooseSpan picks the layers [first, end) an automatic span node hosts:
-// the longest run of consecutive layers whose weights (the layer shard and
-// every expert of the layer) fit budget (0: no bound), among runs as long
-// those whose layers the fewest announced spans cover (spans: [first, end)
-// → providers), then the earliest. ok is false when not even one layer
-// fits.
-func ChooseSpan(m *neuropb.Manifest, budget int64, spans map[[2]int]int) (first, end int, ok bool) {
+// the longest run of consecutive layers whose weights (the layer shard and,
+// withExperts, every expert of the layer) fit budget (0: no bound), among
+// runs as long those whose layers the fewest announced spans cover (spans:
+// [first, end) → providers), then the earliest. ok is false when not even
+// one layer fits.
+func ChooseSpan(m *neuropb.Manifest, budget int64, spans map[[2]int]int, withExperts bool) (first, end int, ok bool) {
 	layers := int(m.GetParams().GetLayers())
 	cost := make([]int64, layers)
 	for l := range layers {
 		cost[l] = int64(m.LayerRef(l).GetSize())
 	}
 	for _, e := range m.AllExperts() {
-		cost[e.GetLayer()] += int64(e.GetShard().GetSize())
+		if withExperts {
+			cost[e.GetLayer()] += int64(e.GetShard().GetSize())
+		}
 	}
 	covered := make([]int, layers)
 	for r, n := range spans {
@@ -171,7 +185,7 @@ func (sp Spec) Resolve(m *neuropb.Manifest) ([]Key, error) {
 			return nil, err
 		}
 	}
-	for l := max(sp.spanFirst, first); l < sp.spanEnd; l++ {
+	for l := max(sp.spanFirst, first); l < sp.spanEnd && !sp.spanElsewhere; l++ {
 		for e := range experts {
 			if err := add(Key{l, e}); err != nil {
 				return nil, err

@@ -277,10 +277,23 @@ func TestChooseSpan(t *testing.T) {
 		{250, map[[2]int]int{{0, 2}: 1, {3, 4}: 1}, 1, 3, true},
 		{99, nil, 0, 0, false},
 	} {
-		first, end, ok := ChooseSpan(m, c.budget, c.spans)
+		first, end, ok := ChooseSpan(m, c.budget, c.spans, true)
 		if first != c.first || end != c.end || ok != c.ok {
 			t.Errorf("budget %d, spans %v: [%d, %d) %v, want [%d, %d) %v", c.budget, c.spans, first, end, ok, c.first, c.end, c.ok)
 		}
+	}
+	// A span whose experts are elsewhere counts the layer shards alone:
+	// 10 a layer.
+	if first, end, ok := ChooseSpan(m, 35, nil, false); first != 0 || end != 3 || !ok {
+		t.Errorf("layer shards alone, budget 35: [%d, %d) %v, want [0, 3)", first, end, ok)
+	}
+	// Nor does it add the span's experts to the node's list.
+	keys, err := Spec{}.WithSpan(1, 3).WithSpanExpertsElsewhere().Resolve(m)
+	if err != nil || len(keys) != 0 {
+		t.Errorf("a span with its experts elsewhere hosts %v (%v)", keys, err)
+	}
+	if keys, _ := (Spec{}).WithSpan(1, 3).Resolve(m); len(keys) != 4 {
+		t.Errorf("a span with its experts hosts %v, want the 4 of layers 1 and 2", keys)
 	}
 }
 

@@ -450,8 +450,19 @@ func (s *Server) admit(from peer.ID, req *neuropb.ExpertRequest, reply func(*neu
 	}
 	if s.cfg.Payment != nil {
 		for i, sg := range segs {
+			// A delegated escrow is charged to the gating node that
+			// opened it and signed the delegation.
+			payer := from
+			if d := delegationFor(req.GetDelegations(), sg.GetEscrow()); d != nil && sg.GetEscrow() != 0 {
+				p, err := VerifyDelegation(d, from, sg.GetEscrow(), time.Now())
+				if err != nil {
+					reply(errorResponse(id, neuropb.ExpertError_CODE_PAYMENT_REQUIRED, "%v", err))
+					return nil
+				}
+				payer = p
+			}
 			ctx, cancel := context.WithTimeout(context.Background(), paymentTimeout)
-			err := s.cfg.Payment(ctx, from, sg.GetEscrow(), flopsOf(b.c, int(sg.GetRows())))
+			err := s.cfg.Payment(ctx, payer, sg.GetEscrow(), flopsOf(b.c, int(sg.GetRows())))
 			cancel()
 			if err != nil {
 				if len(segs) > 1 {

@@ -10,12 +10,14 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/ipfs/go-cid"
 	"github.com/libp2p/go-libp2p"
+	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
 
@@ -930,4 +932,77 @@ func paidConfig(paid func(escrow, flops uint64)) Config {
 		return nil
 	}
 	return cfg
+}
+
+// A span node pays the experts it calls for a head from the head's
+// escrow: the head signs it a delegation (SignDelegation), which the call
+// carries, and the expert node charges the call to the head (its payment
+// check sees the head as the payer). A call without one is charged to its
+// caller; a delegation to another node, of another escrow, expired, or
+// not signed by the node it names is refused.
+func TestDelegatedEscrow(t *testing.T) {
+	mc, m, dir := tinyShards(t, model.F32)
+	sh, ch := hostPair(t)
+	headKey, _, err := crypto.GenerateEd25519Key(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	head, _ := peer.IDFromPrivateKey(headKey)
+	otherKey, _, _ := crypto.GenerateEd25519Key(nil)
+	var mu sync.Mutex
+	var payers []peer.ID
+	cfg := DefaultConfig()
+	cfg.Payment = func(_ context.Context, from peer.ID, escrow, _ uint64) error {
+		mu.Lock()
+		defer mu.Unlock()
+		payers = append(payers, from)
+		if from != head || escrow != 7 {
+			return errors.New("escrow 7 is the head's")
+		}
+		return nil
+	}
+	srv := startServer(t, sh, cfg)
+	if err := srv.Add(mc, 0, 0, loadExpert(t, dir, m.GetExperts()[0])); err != nil {
+		t.Fatal(err)
+	}
+	srv.Start()
+	c := NewClient(ch, quiet())
+	defer c.Close()
+	embd := int(m.GetParams().GetEmbd())
+	hour := time.Now().Add(time.Hour)
+	good, _ := SignDelegation(headKey, 7, ch.ID(), hour)
+	forged, _ := SignDelegation(otherKey, 7, ch.ID(), hour)
+	forged.Signer = []byte(head) // names the head, signed by another
+	for _, tc := range []struct {
+		name string
+		d    func() *neuropb.EscrowDelegation
+		ok   bool
+	}{
+		{"none", func() *neuropb.EscrowDelegation { return nil }, false},
+		{"the head's", func() *neuropb.EscrowDelegation { return good }, true},
+		{"to another node", func() *neuropb.EscrowDelegation { d, _ := SignDelegation(headKey, 7, sh.ID(), hour); return d }, false},
+		{"of another escrow", func() *neuropb.EscrowDelegation { d, _ := SignDelegation(headKey, 8, ch.ID(), hour); return d }, false},
+		{"expired", func() *neuropb.EscrowDelegation {
+			d, _ := SignDelegation(headKey, 7, ch.ID(), time.Now().Add(-time.Second))
+			return d
+		}, false},
+		{"forged", func() *neuropb.EscrowDelegation { return forged }, false},
+	} {
+		req := Request{Model: mc, Hidden: make([]float32, 2*embd), N: 2, Escrow: 7, DType: neuropb.WireDType_WIRE_DTYPE_F32}
+		if d := tc.d(); d != nil {
+			req.Delegations = []*neuropb.EscrowDelegation{d}
+		}
+		_, err := c.Call(t.Context(), sh.ID(), req)
+		if (err == nil) != tc.ok || (!tc.ok && !strings.Contains(err.Error(), "PAYMENT_REQUIRED")) {
+			t.Errorf("%s: %v, want paid %v", tc.name, err, tc.ok)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	// The head paid for the delegated call; the caller was asked for the
+	// calls without a delegation of their escrow (none, another escrow's);
+	// the bad delegations of it never reached the payment check.
+	if fmt.Sprint(payers) != fmt.Sprint([]peer.ID{ch.ID(), head, ch.ID()}) {
+		t.Fatalf("payers %v, want the caller, the head, the caller", payers)
+	}
 }

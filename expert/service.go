@@ -284,7 +284,7 @@ func (s *Service) host(ctx context.Context) error {
 		for r, ps := range s.p2p.Peers().Spans(s.cfg.Model.Bytes(), time.Now()) {
 			spans[r] = len(ps)
 		}
-		first, end, ok := ChooseSpan(m, s.cfg.MemoryBudget, spans)
+		first, end, ok := ChooseSpan(m, s.cfg.MemoryBudget, spans, !spec.spanElsewhere)
 		if !ok {
 			return fmt.Errorf("a span: not one layer of %s fits the %.1f MiB for weights (%s)", s.cfg.Model,
 				float64(s.cfg.MemoryBudget)/(1<<20), s.cfg.BudgetSource)
@@ -297,7 +297,7 @@ func (s *Service) host(ctx context.Context) error {
 		s.span = [2]int{spec.spanFirst, spec.spanEnd}
 		s.mu.Unlock()
 	}
-	if spec.Auto && spec.spanEnd > spec.spanFirst {
+	if spec.Auto && spec.spanEnd > spec.spanFirst && !spec.spanElsewhere {
 		// The span's experts first, then the automatic choice with
 		// what is left.
 		keys, err := Spec{}.WithSpan(spec.spanFirst, spec.spanEnd).Resolve(m)
@@ -629,6 +629,14 @@ func (s *Service) SpanLayers() (first, end int, ok bool) {
 func (s *Service) SetPaused(p bool) { s.server.SetPaused(p) }
 
 // Loaded returns the experts that are served.
+// Has says whether the node has expert k loaded.
+func (s *Service) Has(k Key) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.loaded[k] != nil
+}
+
+// Loaded lists the experts the node has loaded.
 func (s *Service) Loaded() []Key {
 	s.mu.Lock()
 	defer s.mu.Unlock()

@@ -1078,7 +1078,19 @@ func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Cal
 	}
 	// i counts the tokens chosen (the end-of-generation one too): a
 	// forward pass is checked as the step of the first token it chooses.
+	// A span node that calls experts on other nodes checks their results
+	// too, and says which position they made wrong (a span.Session):
+	// the forward pass that computed it rewinds as for a check of ours.
+	spanWrong := func(w int) {
+		if w >= 0 {
+			checks.bad(epoch, max(0, w-len(prompt)+1))
+		}
+	}
+	spanSess, _ := sess.(*span.Session)
 	for i := 0; ; {
+		if spanSess != nil {
+			spanWrong(spanSess.WrongFrom())
+		}
 		if bad := checks.Bad(); bad >= 0 && bad <= i {
 			if err := rewind(bad); err != nil {
 				return nil, err
@@ -1091,6 +1103,9 @@ func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Cal
 			// checkWait has passed (a late check still scores the peers, but
 			// can no longer correct this answer).
 			wctx, wcancel := context.WithTimeout(ctx, checkWait)
+			if spanSess != nil {
+				spanWrong(spanSess.Sync(wctx))
+			}
 			checks.Wait(wctx)
 			wcancel()
 			if bad := checks.Bad(); bad >= 0 {
@@ -1266,7 +1281,7 @@ func (e *Engine) newSession(m *served, nCtx int, gen *Generation) (moe.Session, 
 				avoid = e.val.book.Excluded
 			}
 			c, err := span.NewChain(span.ChainConfig{Model: m.cid, Head: keepOpen{m.sm.Gating}, Part: moe.Part{Head: true}, Hops: hops,
-				Dialer: e.h.LibP2P(), Timeout: e.cfg.CallTimeout, Log: e.log, OnRequest: check, Avoid: avoid})
+				Dialer: e.h.LibP2P(), Timeout: e.cfg.CallTimeout, Log: e.log, OnRequest: check, Avoid: avoid, Delegate: e.delegate})
 			if err != nil {
 				return nil, err
 			}
@@ -1278,6 +1293,21 @@ func (e *Engine) newSession(m *served, nCtx int, gen *Generation) (moe.Session, 
 		}
 	}
 	return m.sm.Gating.NewSession(nCtx)
+}
+
+// delegationTTL is how long a span node may pay its expert calls from a
+// session's escrow: longer than any generation, shorter than an escrow's
+// life.
+const delegationTTL = time.Hour
+
+// delegate lets span node p pay the experts it calls for a session from
+// the session's escrow, which this node opened as gating node.
+func (e *Engine) delegate(escrow uint64, p peer.ID) (*neuropb.EscrowDelegation, error) {
+	key := e.h.LibP2P().Peerstore().PrivKey(e.h.ID())
+	if key == nil {
+		return nil, errors.New("no private key for this node")
+	}
+	return expert.SignDelegation(key, escrow, p, time.Now().Add(delegationTTL))
 }
 
 // keepOpen is the served model's gating as a chain's head: a chain made

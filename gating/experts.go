@@ -117,6 +117,9 @@ type CallStats struct {
 	// Speculative decoding: the passes that verified a draft, the tokens
 	// drafted and those the model kept.
 	SpecPasses, Drafted, Accepted atomic.Int64
+	// LocalFLOPs is the work of the experts computed on this node
+	// (RemoteExperts.Local), as an expert's receipt would count it.
+	LocalFLOPs atomic.Int64
 }
 
 // Receipts collects the signed usage receipts of the expert answers a
@@ -149,6 +152,20 @@ func (r *Receipts) add(rc *neuropb.UsageReceipt, p peer.ID) {
 	if !r.taken {
 		r.list = append(r.list, heldReceipt{rc, p})
 	}
+}
+
+// Drain returns the receipts collected since the last Drain, unverified,
+// and goes on collecting: a span node hands its experts' receipts to the
+// head with each answer, and the head verifies them when it settles.
+func (r *Receipts) Drain() []*neuropb.UsageReceipt {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]*neuropb.UsageReceipt, 0, len(r.list))
+	for _, h := range r.list {
+		out = append(out, h.rc)
+	}
+	r.list = nil
+	return out
 }
 
 // Take returns the receipts collected that are their senders' signed
@@ -203,6 +220,9 @@ type Generation struct {
 	Receipts *Receipts
 	// Checks follows the re-executions of the results the generation used.
 	Checks *Checks
+	// Delegation, if set, lets this node pay the calls from an escrow
+	// another node opened (a span node's session for a head).
+	Delegation *neuropb.EscrowDelegation
 
 	epoch, step atomic.Int64
 }
@@ -252,13 +272,16 @@ type callState struct {
 	epoch, step int
 	// apart: each row computed as a batch of one (MoEApart)
 	apart bool
+	// delegation of the escrow, if another node opened it
+	delegation *neuropb.EscrowDelegation
 }
 
 func (g *Generation) callState(apart bool) callState {
 	if g == nil {
 		return callState{apart: apart}
 	}
-	return callState{stats: &g.Stats, receipts: g.Receipts, checks: g.Checks, epoch: int(g.epoch.Load()), step: int(g.step.Load()), apart: apart}
+	return callState{stats: &g.Stats, receipts: g.Receipts, checks: g.Checks, epoch: int(g.epoch.Load()), step: int(g.step.Load()), apart: apart,
+		delegation: g.Delegation}
 }
 
 func (cs callState) escrow() uint64 {
@@ -404,6 +427,9 @@ func (r *RemoteExperts) round(ctx context.Context, layer int, parts []part) ([]p
 				}
 				for _, sg := range c.segs {
 					maxCompute[sg.part] = max(maxCompute[sg.part], took)
+					if sg.cs.stats != nil {
+						sg.cs.stats.LocalFLOPs.Add(int64(sg.rows) * 6 * int64(r.Embd) * int64(le.FF()))
+					}
 				}
 				moe.Scatter(outs, out, c.slots, r.Embd)
 			}()
@@ -576,6 +602,11 @@ func (r *RemoteExperts) callTimeout() time.Duration {
 // request is the call of segs' rows in to expert k.
 func (r *RemoteExperts) request(segs []segment, k expert.Key, in []float32, n int) expert.Request {
 	req := expert.Request{Model: r.Model, Layer: k.Layer, Expert: k.Expert, Hidden: in, N: n, DType: r.DType, RowsApart: segs[0].cs.apart}
+	for _, sg := range segs {
+		if d := sg.cs.delegation; d != nil && sg.cs.escrow() == d.GetEscrow() && !slices.Contains(req.Delegations, d) {
+			req.Delegations = append(req.Delegations, d)
+		}
+	}
 	if len(segs) == 1 {
 		req.Escrow = segs[0].cs.escrow()
 	} else {
@@ -853,8 +884,12 @@ func (r *RemoteExperts) check(cs callState, k expert.Key, in []float32, n int, p
 			// work it checks (a check back after the generation was settled
 			// goes unpaid).
 			start := time.Now()
-			resp, err := r.Client.Call(cctx, q, expert.Request{Model: r.Model, Layer: k.Layer, Expert: k.Expert,
-				Hidden: in, N: n, DType: r.DType, Escrow: cs.escrow(), RowsApart: cs.apart})
+			creq := expert.Request{Model: r.Model, Layer: k.Layer, Expert: k.Expert,
+				Hidden: in, N: n, DType: r.DType, Escrow: cs.escrow(), RowsApart: cs.apart}
+			if d := cs.delegation; d != nil && d.GetEscrow() == creq.Escrow {
+				creq.Delegations = []*neuropb.EscrowDelegation{d}
+			}
+			resp, err := r.Client.Call(cctx, q, creq)
 			// A check is a call like any other: its answer proves the peer
 			// to the selector (new providers are proven this way, off the
 			// generation's path), its failure counts against it (a check

@@ -76,6 +76,43 @@ func TestGenerateThroughNetworkEqualsLlamaCpp(t *testing.T) {
 		}
 	}
 	check("all nodes up")
+	// A span node's way: layer 1's experts computed here (RemoteExperts.
+	// Local), the others called; the tokens are the same.
+	man, _, err := model.LoadManifest(xn.dir, mc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	layer1 := map[int]moe.Expert{}
+	for _, ref := range man.GetExperts() {
+		if ref.GetLayer() != 1 {
+			continue
+		}
+		sh, err := model.OpenShard(xn.dir, ref.GetShard())
+		if err != nil {
+			t.Fatal(err)
+		}
+		e, err := moe.NewExpertFromShard(ggml.Backend{}, sh, 1, moe.ExpertOptions{Threads: 1, MaxBatch: 64})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer e.Close()
+		layer1[int(ref.GetExpert())] = e
+	}
+	gen := NewGeneration(0)
+	remote.Local = func(k expert.Key) moe.Expert {
+		if k.Layer == 1 {
+			return layer1[k.Expert]
+		}
+		return nil
+	}
+	got, err := sm.GenerateGreedy(ctx, prompt, maxTokens, 0, NewBatcher(remote, 0).Join(gen), false)
+	if err != nil || fmt.Sprint(got.Tokens) != fmt.Sprint(want.Tokens) {
+		t.Fatalf("layer 1 here: tokens %v (%v), llama.cpp %v", got.Tokens, err, want.Tokens)
+	}
+	if gen.Stats.LocalFLOPs.Load() == 0 || gen.Stats.Calls.Load() == 0 {
+		t.Fatalf("layer 1 here: %d local FLOPs, %d calls: want both", gen.Stats.LocalFLOPs.Load(), gen.Stats.Calls.Load())
+	}
+	remote.Local = nil
 	// The node hosting every expert dies; heartbeats still list it for a
 	// while, so calls to it fail and go to the next provider.
 	svcs[2].Close()

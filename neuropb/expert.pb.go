@@ -154,7 +154,7 @@ func (x ExpertError_Code) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ExpertError_Code.Descriptor instead.
 func (ExpertError_Code) EnumDescriptor() ([]byte, []int) {
-	return file_expert_proto_rawDescGZIP(), []int{4, 0}
+	return file_expert_proto_rawDescGZIP(), []int{5, 0}
 }
 
 // Tensor is a dense row-major matrix: shape [rows, cols], little-endian.
@@ -251,7 +251,12 @@ type ExpertRequest struct {
 	// one response's group. Each member is a whole request of its own (its
 	// own id, rows, escrow or segments, receipts) but holds no group itself;
 	// at most MaxGroup members, each a different expert.
-	Group         []*ExpertRequest `protobuf:"bytes,10,rep,name=group,proto3" json:"group,omitempty"`
+	Group []*ExpertRequest `protobuf:"bytes,10,rep,name=group,proto3" json:"group,omitempty"`
+	// Escrows the caller may spend from although another node opened them
+	// (a span node calling experts for a head): each signed by the escrow's
+	// gating node for the caller. The node charges the escrows this request
+	// (or its segments) names to their gating nodes when one covers them.
+	Delegations   []*EscrowDelegation `protobuf:"bytes,11,rep,name=delegations,proto3" json:"delegations,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -356,6 +361,97 @@ func (x *ExpertRequest) GetGroup() []*ExpertRequest {
 	return nil
 }
 
+func (x *ExpertRequest) GetDelegations() []*EscrowDelegation {
+	if x != nil {
+		return x.Delegations
+	}
+	return nil
+}
+
+// EscrowDelegation lets delegate name escrow, which signer (its gating
+// node) opened, in its own expert calls until expires: a head lets the
+// span nodes it sends a paid session to pay the experts they call from
+// the session's escrow. An expert node that requires payment charges a
+// delegated call to the signer (the escrow must name the signer as its
+// gating node and hold the fee), and the receipts it signs go back to the
+// head through the span node.
+type EscrowDelegation struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Escrow        uint64                 `protobuf:"varint,1,opt,name=escrow,proto3" json:"escrow,omitempty"`
+	Delegate      []byte                 `protobuf:"bytes,2,opt,name=delegate,proto3" json:"delegate,omitempty"`
+	ExpiresUnixMs int64                  `protobuf:"varint,3,opt,name=expires_unix_ms,json=expiresUnixMs,proto3" json:"expires_unix_ms,omitempty"`
+	Signer        []byte                 `protobuf:"bytes,4,opt,name=signer,proto3" json:"signer,omitempty"`
+	// The signer's signature (sign.EscrowDelegation) with signature empty.
+	Signature     []byte `protobuf:"bytes,5,opt,name=signature,proto3" json:"signature,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EscrowDelegation) Reset() {
+	*x = EscrowDelegation{}
+	mi := &file_expert_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EscrowDelegation) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EscrowDelegation) ProtoMessage() {}
+
+func (x *EscrowDelegation) ProtoReflect() protoreflect.Message {
+	mi := &file_expert_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EscrowDelegation.ProtoReflect.Descriptor instead.
+func (*EscrowDelegation) Descriptor() ([]byte, []int) {
+	return file_expert_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *EscrowDelegation) GetEscrow() uint64 {
+	if x != nil {
+		return x.Escrow
+	}
+	return 0
+}
+
+func (x *EscrowDelegation) GetDelegate() []byte {
+	if x != nil {
+		return x.Delegate
+	}
+	return nil
+}
+
+func (x *EscrowDelegation) GetExpiresUnixMs() int64 {
+	if x != nil {
+		return x.ExpiresUnixMs
+	}
+	return 0
+}
+
+func (x *EscrowDelegation) GetSigner() []byte {
+	if x != nil {
+		return x.Signer
+	}
+	return nil
+}
+
+func (x *EscrowDelegation) GetSignature() []byte {
+	if x != nil {
+		return x.Signature
+	}
+	return nil
+}
+
 // Segment is one generation's run of rows in a batched expert request.
 type Segment struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -368,7 +464,7 @@ type Segment struct {
 
 func (x *Segment) Reset() {
 	*x = Segment{}
-	mi := &file_expert_proto_msgTypes[2]
+	mi := &file_expert_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -380,7 +476,7 @@ func (x *Segment) String() string {
 func (*Segment) ProtoMessage() {}
 
 func (x *Segment) ProtoReflect() protoreflect.Message {
-	mi := &file_expert_proto_msgTypes[2]
+	mi := &file_expert_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -393,7 +489,7 @@ func (x *Segment) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Segment.ProtoReflect.Descriptor instead.
 func (*Segment) Descriptor() ([]byte, []int) {
-	return file_expert_proto_rawDescGZIP(), []int{2}
+	return file_expert_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *Segment) GetRows() uint32 {
@@ -437,7 +533,7 @@ type ExpertResponse struct {
 
 func (x *ExpertResponse) Reset() {
 	*x = ExpertResponse{}
-	mi := &file_expert_proto_msgTypes[3]
+	mi := &file_expert_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -449,7 +545,7 @@ func (x *ExpertResponse) String() string {
 func (*ExpertResponse) ProtoMessage() {}
 
 func (x *ExpertResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_expert_proto_msgTypes[3]
+	mi := &file_expert_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -462,7 +558,7 @@ func (x *ExpertResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExpertResponse.ProtoReflect.Descriptor instead.
 func (*ExpertResponse) Descriptor() ([]byte, []int) {
-	return file_expert_proto_rawDescGZIP(), []int{3}
+	return file_expert_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *ExpertResponse) GetRequestId() uint64 {
@@ -539,7 +635,7 @@ type ExpertError struct {
 
 func (x *ExpertError) Reset() {
 	*x = ExpertError{}
-	mi := &file_expert_proto_msgTypes[4]
+	mi := &file_expert_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -551,7 +647,7 @@ func (x *ExpertError) String() string {
 func (*ExpertError) ProtoMessage() {}
 
 func (x *ExpertError) ProtoReflect() protoreflect.Message {
-	mi := &file_expert_proto_msgTypes[4]
+	mi := &file_expert_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -564,7 +660,7 @@ func (x *ExpertError) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExpertError.ProtoReflect.Descriptor instead.
 func (*ExpertError) Descriptor() ([]byte, []int) {
-	return file_expert_proto_rawDescGZIP(), []int{4}
+	return file_expert_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *ExpertError) GetCode() ExpertError_Code {
@@ -611,7 +707,7 @@ type UsageReceipt struct {
 
 func (x *UsageReceipt) Reset() {
 	*x = UsageReceipt{}
-	mi := &file_expert_proto_msgTypes[5]
+	mi := &file_expert_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -623,7 +719,7 @@ func (x *UsageReceipt) String() string {
 func (*UsageReceipt) ProtoMessage() {}
 
 func (x *UsageReceipt) ProtoReflect() protoreflect.Message {
-	mi := &file_expert_proto_msgTypes[5]
+	mi := &file_expert_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -636,7 +732,7 @@ func (x *UsageReceipt) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UsageReceipt.ProtoReflect.Descriptor instead.
 func (*UsageReceipt) Descriptor() ([]byte, []int) {
-	return file_expert_proto_rawDescGZIP(), []int{5}
+	return file_expert_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *UsageReceipt) GetExpert() []byte {
@@ -717,7 +813,7 @@ const file_expert_proto_rawDesc = "" +
 	"\x06Tensor\x12\x12\n" +
 	"\x04data\x18\x01 \x01(\fR\x04data\x12)\n" +
 	"\x05dtype\x18\x02 \x01(\x0e2\x13.neuro.v1.WireDTypeR\x05dtype\x12\x14\n" +
-	"\x05shape\x18\x03 \x03(\rR\x05shape\"\xdb\x02\n" +
+	"\x05shape\x18\x03 \x03(\rR\x05shape\"\x99\x03\n" +
 	"\rExpertRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\x04R\trequestId\x12\x14\n" +
@@ -731,7 +827,14 @@ const file_expert_proto_rawDesc = "" +
 	"rows_apart\x18\b \x01(\bR\trowsApart\x12-\n" +
 	"\bsegments\x18\t \x03(\v2\x11.neuro.v1.SegmentR\bsegments\x12-\n" +
 	"\x05group\x18\n" +
-	" \x03(\v2\x17.neuro.v1.ExpertRequestR\x05group\"5\n" +
+	" \x03(\v2\x17.neuro.v1.ExpertRequestR\x05group\x12<\n" +
+	"\vdelegations\x18\v \x03(\v2\x1a.neuro.v1.EscrowDelegationR\vdelegations\"\xa4\x01\n" +
+	"\x10EscrowDelegation\x12\x16\n" +
+	"\x06escrow\x18\x01 \x01(\x04R\x06escrow\x12\x1a\n" +
+	"\bdelegate\x18\x02 \x01(\fR\bdelegate\x12&\n" +
+	"\x0fexpires_unix_ms\x18\x03 \x01(\x03R\rexpiresUnixMs\x12\x16\n" +
+	"\x06signer\x18\x04 \x01(\fR\x06signer\x12\x1c\n" +
+	"\tsignature\x18\x05 \x01(\fR\tsignature\"5\n" +
 	"\aSegment\x12\x12\n" +
 	"\x04rows\x18\x01 \x01(\rR\x04rows\x12\x16\n" +
 	"\x06escrow\x18\x02 \x01(\x04R\x06escrow\"\xf9\x02\n" +
@@ -791,33 +894,35 @@ func file_expert_proto_rawDescGZIP() []byte {
 }
 
 var file_expert_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_expert_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
+var file_expert_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
 var file_expert_proto_goTypes = []any{
-	(WireDType)(0),         // 0: neuro.v1.WireDType
-	(ExpertError_Code)(0),  // 1: neuro.v1.ExpertError.Code
-	(*Tensor)(nil),         // 2: neuro.v1.Tensor
-	(*ExpertRequest)(nil),  // 3: neuro.v1.ExpertRequest
-	(*Segment)(nil),        // 4: neuro.v1.Segment
-	(*ExpertResponse)(nil), // 5: neuro.v1.ExpertResponse
-	(*ExpertError)(nil),    // 6: neuro.v1.ExpertError
-	(*UsageReceipt)(nil),   // 7: neuro.v1.UsageReceipt
+	(WireDType)(0),           // 0: neuro.v1.WireDType
+	(ExpertError_Code)(0),    // 1: neuro.v1.ExpertError.Code
+	(*Tensor)(nil),           // 2: neuro.v1.Tensor
+	(*ExpertRequest)(nil),    // 3: neuro.v1.ExpertRequest
+	(*EscrowDelegation)(nil), // 4: neuro.v1.EscrowDelegation
+	(*Segment)(nil),          // 5: neuro.v1.Segment
+	(*ExpertResponse)(nil),   // 6: neuro.v1.ExpertResponse
+	(*ExpertError)(nil),      // 7: neuro.v1.ExpertError
+	(*UsageReceipt)(nil),     // 8: neuro.v1.UsageReceipt
 }
 var file_expert_proto_depIdxs = []int32{
 	0,  // 0: neuro.v1.Tensor.dtype:type_name -> neuro.v1.WireDType
 	2,  // 1: neuro.v1.ExpertRequest.hidden:type_name -> neuro.v1.Tensor
-	4,  // 2: neuro.v1.ExpertRequest.segments:type_name -> neuro.v1.Segment
+	5,  // 2: neuro.v1.ExpertRequest.segments:type_name -> neuro.v1.Segment
 	3,  // 3: neuro.v1.ExpertRequest.group:type_name -> neuro.v1.ExpertRequest
-	2,  // 4: neuro.v1.ExpertResponse.output:type_name -> neuro.v1.Tensor
-	6,  // 5: neuro.v1.ExpertResponse.error:type_name -> neuro.v1.ExpertError
-	7,  // 6: neuro.v1.ExpertResponse.receipt:type_name -> neuro.v1.UsageReceipt
-	7,  // 7: neuro.v1.ExpertResponse.receipts:type_name -> neuro.v1.UsageReceipt
-	5,  // 8: neuro.v1.ExpertResponse.group:type_name -> neuro.v1.ExpertResponse
-	1,  // 9: neuro.v1.ExpertError.code:type_name -> neuro.v1.ExpertError.Code
-	10, // [10:10] is the sub-list for method output_type
-	10, // [10:10] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	4,  // 4: neuro.v1.ExpertRequest.delegations:type_name -> neuro.v1.EscrowDelegation
+	2,  // 5: neuro.v1.ExpertResponse.output:type_name -> neuro.v1.Tensor
+	7,  // 6: neuro.v1.ExpertResponse.error:type_name -> neuro.v1.ExpertError
+	8,  // 7: neuro.v1.ExpertResponse.receipt:type_name -> neuro.v1.UsageReceipt
+	8,  // 8: neuro.v1.ExpertResponse.receipts:type_name -> neuro.v1.UsageReceipt
+	6,  // 9: neuro.v1.ExpertResponse.group:type_name -> neuro.v1.ExpertResponse
+	1,  // 10: neuro.v1.ExpertError.code:type_name -> neuro.v1.ExpertError.Code
+	11, // [11:11] is the sub-list for method output_type
+	11, // [11:11] is the sub-list for method input_type
+	11, // [11:11] is the sub-list for extension type_name
+	11, // [11:11] is the sub-list for extension extendee
+	0,  // [0:11] is the sub-list for field type_name
 }
 
 func init() { file_expert_proto_init() }
@@ -831,7 +936,7 @@ func file_expert_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_expert_proto_rawDesc), len(file_expert_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   6,
+			NumMessages:   7,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -65,6 +65,8 @@ const (
 	MaxExpertMessageSize = 17 << 20
 	// MaxExpertTokens bounds the tokens of one request.
 	MaxExpertTokens = 512
+	// MaxDelegations bounds the escrow delegations of one request.
+	MaxDelegations = 16
 	// MaxEmbd bounds the hidden size.
 	MaxEmbd = 65536
 )

@@ -198,7 +198,17 @@ type SpanRequest struct {
 	Close bool `protobuf:"varint,10,opt,name=close,proto3" json:"close,omitempty"`
 	// The ledger escrow that pays for this work (0: none). With one, the
 	// span node signs a usage receipt for it.
-	Escrow        uint64 `protobuf:"varint,11,opt,name=escrow,proto3" json:"escrow,omitempty"`
+	Escrow uint64 `protobuf:"varint,11,opt,name=escrow,proto3" json:"escrow,omitempty"`
+	// Wait for the span node's checks of the expert results the session's
+	// answers used (a span node that calls experts on other nodes checks a
+	// sample, as a gating node does) and answer with wrong_from and the
+	// experts' receipts; nothing is computed (hidden empty). A head sends it
+	// before it calls a generation done.
+	Sync bool `protobuf:"varint,12,opt,name=sync,proto3" json:"sync,omitempty"`
+	// With an escrow: the head's delegation of it to this span node, so
+	// that the experts the span node calls for the session are paid from it
+	// (EscrowDelegation).
+	Delegation    *EscrowDelegation `protobuf:"bytes,13,opt,name=delegation,proto3" json:"delegation,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -310,6 +320,20 @@ func (x *SpanRequest) GetEscrow() uint64 {
 	return 0
 }
 
+func (x *SpanRequest) GetSync() bool {
+	if x != nil {
+		return x.Sync
+	}
+	return false
+}
+
+func (x *SpanRequest) GetDelegation() *EscrowDelegation {
+	if x != nil {
+		return x.Delegation
+	}
+	return nil
+}
+
 // SpanResponse answers one request.
 type SpanResponse struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
@@ -326,8 +350,22 @@ type SpanResponse struct {
 	// experts or other nodes').
 	ExpertCalls uint32 `protobuf:"varint,6,opt,name=expert_calls,json=expertCalls,proto3" json:"expert_calls,omitempty"`
 	// The span node's signed receipt for this work, when the request named
-	// an escrow: tokens are the rows, FLOPs those of the layers' experts.
-	Receipt       *UsageReceipt `protobuf:"bytes,7,opt,name=receipt,proto3" json:"receipt,omitempty"`
+	// an escrow: tokens are the rows, FLOPs those of the layers' experts it
+	// computed itself.
+	Receipt *UsageReceipt `protobuf:"bytes,7,opt,name=receipt,proto3" json:"receipt,omitempty"`
+	// Set when an expert result that one of the session's answers used was
+	// found wrong since: the first position whose row it changed. The span
+	// node's cache is good before it; the head rewinds its generation there
+	// (and so sends the span the rows from there again).
+	WrongFrom *uint32 `protobuf:"varint,8,opt,name=wrong_from,json=wrongFrom,proto3,oneof" json:"wrong_from,omitempty"`
+	// The receipts of the other nodes' experts the span called for the
+	// session since its last answer, signed for the request's escrow: the
+	// head settles them with its own.
+	ExpertReceipts []*UsageReceipt `protobuf:"bytes,9,rep,name=expert_receipts,json=expertReceipts,proto3" json:"expert_receipts,omitempty"`
+	// The span node calls experts on other nodes for this session and
+	// checks their results: a head syncs with it (SpanRequest.sync) before
+	// it calls a generation done. Unset: there is nothing to wait for.
+	Checking      bool `protobuf:"varint,10,opt,name=checking,proto3" json:"checking,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -411,6 +449,27 @@ func (x *SpanResponse) GetReceipt() *UsageReceipt {
 	return nil
 }
 
+func (x *SpanResponse) GetWrongFrom() uint32 {
+	if x != nil && x.WrongFrom != nil {
+		return *x.WrongFrom
+	}
+	return 0
+}
+
+func (x *SpanResponse) GetExpertReceipts() []*UsageReceipt {
+	if x != nil {
+		return x.ExpertReceipts
+	}
+	return nil
+}
+
+func (x *SpanResponse) GetChecking() bool {
+	if x != nil {
+		return x.Checking
+	}
+	return false
+}
+
 // SpanError says why a span request failed. The stream stays usable.
 type SpanError struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -469,7 +528,7 @@ var File_span_proto protoreflect.FileDescriptor
 const file_span_proto_rawDesc = "" +
 	"\n" +
 	"\n" +
-	"span.proto\x12\bneuro.v1\x1a\fexpert.proto\"\xc0\x02\n" +
+	"span.proto\x12\bneuro.v1\x1a\fexpert.proto\"\x90\x03\n" +
 	"\vSpanRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\x04R\trequestId\x12\x14\n" +
@@ -483,7 +542,11 @@ const file_span_proto_rawDesc = "" +
 	"\x10deadline_unix_ms\x18\t \x01(\x03R\x0edeadlineUnixMs\x12\x14\n" +
 	"\x05close\x18\n" +
 	" \x01(\bR\x05close\x12\x16\n" +
-	"\x06escrow\x18\v \x01(\x04R\x06escrow\"\x88\x02\n" +
+	"\x06escrow\x18\v \x01(\x04R\x06escrow\x12\x12\n" +
+	"\x04sync\x18\f \x01(\bR\x04sync\x12:\n" +
+	"\n" +
+	"delegation\x18\r \x01(\v2\x1a.neuro.v1.EscrowDelegationR\n" +
+	"delegation\"\x98\x03\n" +
 	"\fSpanResponse\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\x04R\trequestId\x12(\n" +
@@ -493,7 +556,13 @@ const file_span_proto_rawDesc = "" +
 	"compute_us\x18\x04 \x01(\rR\tcomputeUs\x12\x10\n" +
 	"\x03len\x18\x05 \x01(\rR\x03len\x12!\n" +
 	"\fexpert_calls\x18\x06 \x01(\rR\vexpertCalls\x120\n" +
-	"\areceipt\x18\a \x01(\v2\x16.neuro.v1.UsageReceiptR\areceipt\"\xbc\x02\n" +
+	"\areceipt\x18\a \x01(\v2\x16.neuro.v1.UsageReceiptR\areceipt\x12\"\n" +
+	"\n" +
+	"wrong_from\x18\b \x01(\rH\x00R\twrongFrom\x88\x01\x01\x12?\n" +
+	"\x0fexpert_receipts\x18\t \x03(\v2\x16.neuro.v1.UsageReceiptR\x0eexpertReceipts\x12\x1a\n" +
+	"\bchecking\x18\n" +
+	" \x01(\bR\bcheckingB\r\n" +
+	"\v_wrong_from\"\xbc\x02\n" +
 	"\tSpanError\x12,\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x18.neuro.v1.SpanError.CodeR\x04code\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\"\xe6\x01\n" +
@@ -528,26 +597,29 @@ func file_span_proto_rawDescGZIP() []byte {
 var file_span_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
 var file_span_proto_msgTypes = make([]protoimpl.MessageInfo, 3)
 var file_span_proto_goTypes = []any{
-	(SpanWant)(0),        // 0: neuro.v1.SpanWant
-	(SpanError_Code)(0),  // 1: neuro.v1.SpanError.Code
-	(*SpanRequest)(nil),  // 2: neuro.v1.SpanRequest
-	(*SpanResponse)(nil), // 3: neuro.v1.SpanResponse
-	(*SpanError)(nil),    // 4: neuro.v1.SpanError
-	(*Tensor)(nil),       // 5: neuro.v1.Tensor
-	(*UsageReceipt)(nil), // 6: neuro.v1.UsageReceipt
+	(SpanWant)(0),            // 0: neuro.v1.SpanWant
+	(SpanError_Code)(0),      // 1: neuro.v1.SpanError.Code
+	(*SpanRequest)(nil),      // 2: neuro.v1.SpanRequest
+	(*SpanResponse)(nil),     // 3: neuro.v1.SpanResponse
+	(*SpanError)(nil),        // 4: neuro.v1.SpanError
+	(*Tensor)(nil),           // 5: neuro.v1.Tensor
+	(*EscrowDelegation)(nil), // 6: neuro.v1.EscrowDelegation
+	(*UsageReceipt)(nil),     // 7: neuro.v1.UsageReceipt
 }
 var file_span_proto_depIdxs = []int32{
 	0, // 0: neuro.v1.SpanRequest.want:type_name -> neuro.v1.SpanWant
 	5, // 1: neuro.v1.SpanRequest.hidden:type_name -> neuro.v1.Tensor
-	5, // 2: neuro.v1.SpanResponse.hidden:type_name -> neuro.v1.Tensor
-	4, // 3: neuro.v1.SpanResponse.error:type_name -> neuro.v1.SpanError
-	6, // 4: neuro.v1.SpanResponse.receipt:type_name -> neuro.v1.UsageReceipt
-	1, // 5: neuro.v1.SpanError.code:type_name -> neuro.v1.SpanError.Code
-	6, // [6:6] is the sub-list for method output_type
-	6, // [6:6] is the sub-list for method input_type
-	6, // [6:6] is the sub-list for extension type_name
-	6, // [6:6] is the sub-list for extension extendee
-	0, // [0:6] is the sub-list for field type_name
+	6, // 2: neuro.v1.SpanRequest.delegation:type_name -> neuro.v1.EscrowDelegation
+	5, // 3: neuro.v1.SpanResponse.hidden:type_name -> neuro.v1.Tensor
+	4, // 4: neuro.v1.SpanResponse.error:type_name -> neuro.v1.SpanError
+	7, // 5: neuro.v1.SpanResponse.receipt:type_name -> neuro.v1.UsageReceipt
+	7, // 6: neuro.v1.SpanResponse.expert_receipts:type_name -> neuro.v1.UsageReceipt
+	1, // 7: neuro.v1.SpanError.code:type_name -> neuro.v1.SpanError.Code
+	8, // [8:8] is the sub-list for method output_type
+	8, // [8:8] is the sub-list for method input_type
+	8, // [8:8] is the sub-list for extension type_name
+	8, // [8:8] is the sub-list for extension extendee
+	0, // [0:8] is the sub-list for field type_name
 }
 
 func init() { file_span_proto_init() }
@@ -556,6 +628,7 @@ func file_span_proto_init() {
 		return
 	}
 	file_expert_proto_init()
+	file_span_proto_msgTypes[1].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{

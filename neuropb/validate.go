@@ -324,6 +324,9 @@ func (r *ExpertRequest) Validate() error {
 
 // validate checks one request of a group (or one alone), not its members.
 func (r *ExpertRequest) validate() error {
+	if n := len(r.GetDelegations()); n > MaxDelegations {
+		return invalid("expert request: %d delegations, at most %d", n, MaxDelegations)
+	}
 	if r == nil {
 		return invalid("expert request: nil")
 	}
@@ -507,9 +510,12 @@ func (r *SpanRequest) Validate() error {
 	if r.GetWant() < SpanWant_SPAN_WANT_ALL || r.GetWant() > SpanWant_SPAN_WANT_EACH {
 		return invalid("span request: want %d", r.GetWant())
 	}
-	if r.GetClose() {
+	if r.GetClose() || r.GetSync() {
 		if r.GetHidden() != nil {
-			return invalid("span request: a close with rows")
+			return invalid("span request: a close or sync with rows")
+		}
+		if r.GetClose() && r.GetSync() {
+			return invalid("span request: both close and sync")
 		}
 		return nil
 	}

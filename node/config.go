@@ -59,6 +59,12 @@ type ExpertConfig struct {
 	// span protocol, attention and every expert of those layers, or
 	// "auto" (expert.ChooseSpan); empty: none.
 	Spans string `toml:"spans"`
+	// SpanExperts is where a span's experts are computed: "host", every
+	// expert of the span's layers hosted here; "call", only those the
+	// experts setting hosts, the others called on other nodes as a gating
+	// node calls them (a span of attention and routers alone, for a node
+	// with little memory near the expert nodes).
+	SpanExperts string `toml:"span_experts"`
 }
 
 // GatingConfig makes the node a gating node of a model.
@@ -265,7 +271,7 @@ func DefaultConfig() Config {
 			PeerTableSize:     4096,
 			PeerExpiry:        Duration(30 * time.Second),
 		},
-		Expert: ExpertConfig{Experts: "auto", MemoryMB: 4096, RequireEscrow: true},
+		Expert: ExpertConfig{Experts: "auto", MemoryMB: 4096, RequireEscrow: true, SpanExperts: "host"},
 		Ledger: LedgerConfig{Listen: "tcp://0.0.0.0:26656", Peers: []string{}, BlockInterval: Duration(time.Second)},
 		Gating: GatingConfig{MaxQueue: 64, QueueTimeout: Duration(2 * time.Minute), MaxTokens: 256, WireDType: "f32", Speculate: "off", SpeculateMax: 8, BatchWait: Duration(10 * time.Millisecond), CallTimeout: Duration(30 * time.Second), Validate: true, Spans: true, Layers: "auto",
 			RequirePayment: true},
@@ -363,6 +369,13 @@ require_escrow = true
 # of layers that fits memory_mb, among those the fewest announced spans
 # cover. Empty: none. Needs a model split in format 2.
 spans = ""
+# Where the span's experts are computed: "host" hosts every expert of its
+# layers here; "call" hosts only those the experts setting lists and calls
+# the others on the nodes that host them, as a gating node does (choosing,
+# hedging and checking them): a span of attention and routers alone, for a
+# node with little memory near the expert nodes ("auto" spans then count
+# the layer shards alone against memory_mb).
+span_experts = "host"
 
 [gating]
 # Serve a model as a gating node: run its embeddings, attention and router
@@ -645,6 +658,9 @@ func (c *Config) Validate() error {
 		return fieldErr("expert.spans", "%v", err)
 	} else if (sp.Layers() > 0 || auto) && c.Expert.Model == "" {
 		return fieldErr("expert.spans", "a span needs expert.model")
+	}
+	if !oneOf(c.Expert.SpanExperts, "host", "call") {
+		return fieldErr("expert.span_experts", "%q: want host or call", c.Expert.SpanExperts)
 	}
 	if c.Expert.MemoryMB <= 0 {
 		return fieldErr("expert.memory_mb", "must be positive, got %d", c.Expert.MemoryMB)

@@ -275,6 +275,10 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 			if n.spans, err = newSpanHost(n.expert, n.p2p.LibP2P(), o.compute, mc, cfg.Expert.Threads, n.p2p.ID(), sign, payment, n.log); err != nil {
 				return nil, err
 			}
+			if cfg.Expert.SpanExperts == "call" {
+				n.spans.caller = &spanCaller{client: expert.NewClient(n.p2p.LibP2P(), n.log), peers: n.p2p, book: n.book, onWrong: n.reportWrong,
+					timeout: time.Duration(cfg.Gating.CallTimeout)}
+			}
 		}
 	}
 	if cfg.Ledger.Genesis != "" {
@@ -335,10 +339,7 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 			Context: cfg.Gating.Context, DefaultMaxTokens: cfg.Gating.MaxTokens,
 			Speculate: cfg.Gating.Speculate, Draft: cfg.Gating.Draft, SpeculateMax: cfg.Gating.SpeculateMax, BatchWait: batchWait(cfg.Gating.BatchWait),
 			DType: dt, CallTimeout: time.Duration(cfg.Gating.CallTimeout), Book: book, Metrics: n.metrics, Compute: o.compute,
-			OnWrong: func(w gating.Verdict) {
-				n.verdicts.Report(verdict.Wrong{Task: reputation.Task{Model: w.Model, Layer: w.Key.Layer, Expert: w.Key.Expert,
-					Input: w.Input, N: w.N, DTypes: w.DTypes, Span: w.Span}, Accused: w.Accused, Output: w.Wrong, Agreeing: w.Agreeing, Right: w.Right, Receipt: w.Receipt})
-			}}
+			OnWrong: n.reportWrong}
 		if n.ledger != nil {
 			if n.settler, err = ledger.NewSettler(n.ledger, ledger.SettlerConfig{OnSettled: n.web.settled}, n.log); err != nil {
 				return nil, err
@@ -619,6 +620,16 @@ func (n *Node) services() []service {
 	return out
 }
 
+// reportWrong publishes a result this node's checks found wrong (a gating
+// node's, or a span node's of the experts it calls) as a verdict.
+func (n *Node) reportWrong(w gating.Verdict) {
+	if n.verdicts == nil {
+		return
+	}
+	n.verdicts.Report(verdict.Wrong{Task: reputation.Task{Model: w.Model, Layer: w.Key.Layer, Expert: w.Key.Expert,
+		Input: w.Input, N: w.N, DTypes: w.DTypes, Span: w.Span}, Accused: w.Accused, Output: w.Wrong, Agreeing: w.Agreeing, Right: w.Right, Receipt: w.Receipt})
+}
+
 // heartbeatExtra adds the expert service's hosted experts and capacity and
 // the idle guard's pause to a heartbeat (both are built before Start, and
 // heartbeats begin at Start).
@@ -661,6 +672,9 @@ func newExpertService(h *p2p.Host, key crypto.PrivKey, cfg ExpertConfig, store s
 			sc.Spec = sc.Spec.WithAutoSpan()
 		} else if sp.Layers() > 0 {
 			sc.Spec = sc.Spec.WithSpan(sp.First, sp.End)
+		}
+		if cfg.SpanExperts == "call" {
+			sc.Spec = sc.Spec.WithSpanExpertsElsewhere()
 		}
 		sc.Model = c
 	}

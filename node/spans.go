@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -14,9 +15,11 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/neuro-p2p/neuro/expert"
+	"github.com/neuro-p2p/neuro/gating"
 	"github.com/neuro-p2p/neuro/model"
 	"github.com/neuro-p2p/neuro/moe"
 	"github.com/neuro-p2p/neuro/neuropb"
+	"github.com/neuro-p2p/neuro/p2p"
 	"github.com/neuro-p2p/neuro/reputation"
 	"github.com/neuro-p2p/neuro/span"
 )
@@ -54,13 +57,17 @@ type spanHost struct {
 	sign    func(*neuropb.UsageReceipt) error
 	// payment checks a request's escrow (expert.require_escrow), if set.
 	payment func(context.Context, peer.ID, uint64, uint64) error
-	log     *slog.Logger
+	// caller, if set, calls the span's experts this node does not host
+	// on other nodes (expert.span_experts "call").
+	caller *spanCaller
+	log    *slog.Logger
 
-	mu      sync.Mutex
-	part    moe.Part // once the expert service has chosen it
-	server  *span.Server
-	gating  moe.Gating
-	serving bool
+	mu        sync.Mutex
+	part      moe.Part // once the expert service has chosen it
+	server    *span.Server
+	gating    moe.Gating
+	validator *gating.Validator // with caller: checks the experts called
+	serving   bool
 
 	cancel context.CancelFunc
 	done   chan struct{}
@@ -105,6 +112,12 @@ func (s *spanHost) Close() error {
 		}
 		if s.gating != nil {
 			errs = append(errs, s.gating.Close())
+		}
+		if s.validator != nil {
+			errs = append(errs, s.validator.Close())
+		}
+		if s.caller != nil {
+			errs = append(errs, s.caller.client.Close())
 		}
 		s.serving = false
 		s.err = errors.Join(errs...)
@@ -152,14 +165,15 @@ func (s *spanHost) run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	experts := &moe.LocalExperts{Embd: hp.Embd, Used: hp.ExpertsUsed, Experts: map[[2]int]moe.Expert{}}
+	own := map[expert.Key]moe.Expert{}
 	for _, ref := range m.AllExperts() {
 		if l := int(ref.GetLayer()); part.Has(l) {
 			ff := ref.GetShard().GetTensors()[0].GetShape()
-			experts.Experts[[2]int{l, int(ref.GetExpert())}] = &serviceExpert{svc: s.svc, model: s.model, layer: l, expert: int(ref.GetExpert()),
+			own[expert.Key{Layer: l, Expert: int(ref.GetExpert())}] = &serviceExpert{svc: s.svc, model: s.model, layer: l, expert: int(ref.GetExpert()),
 				embd: hp.Embd, ff: int(ff[len(ff)-1])}
 		}
 	}
+	sessionExperts, val := s.experts(m, hp, own)
 	// The span's share of the model's expert work per token, as its
 	// experts' receipts would count it.
 	var flops uint64
@@ -167,34 +181,143 @@ func (s *spanHost) run(ctx context.Context) error {
 		in := max(0, min(end, part.End)-max(first, part.First))
 		flops = m.ExpertFLOPsPerToken() * uint64(in) / uint64(end-first)
 	}
-	srv, err := span.NewServer(s.h, span.ServerConfig{Model: s.model, Gating: g, Part: part, Log: s.log,
-		Self: s.self, SignReceipt: s.sign, FLOPsPerToken: flops, Payment: s.payment,
-		Experts: func(peer.ID) moe.Experts { return experts }})
-	if err != nil {
+	if s.caller != nil {
+		// Paid for the experts computed here only: the others sign
+		// receipts of their own, which the head settles.
+		flops = 0
+	}
+	closeAll := func(err error) error {
+		if val != nil {
+			err = errors.Join(err, val.Close())
+		}
 		return errors.Join(err, g.Close())
+	}
+	srv, err := span.NewServer(s.h, span.ServerConfig{Model: s.model, Gating: g, Part: part, Log: s.log,
+		Self: s.self, SignReceipt: s.sign, FLOPsPerToken: flops, Payment: s.payment, Experts: sessionExperts})
+	if err != nil {
+		return closeAll(err)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if ctx.Err() != nil {
-		return errors.Join(ctx.Err(), g.Close())
+		return closeAll(ctx.Err())
 	}
 	if err := srv.Start(ctx); err != nil {
-		return errors.Join(err, g.Close())
+		return closeAll(err)
 	}
-	s.server, s.gating, s.part, s.serving = srv, g, part, true
+	s.server, s.gating, s.validator, s.part, s.serving = srv, g, val, part, true
 	s.log.Info("serving span", "model", s.model, "layers", part.String())
 	return nil
 }
 
+// experts gives each session of the span its experts: the node's own
+// (own), or with a caller, those it hosts computed here and the others
+// called on other nodes as a gating node calls them — selection by
+// latency and reputation, hedging, re-dispatch, and a sample of the
+// results re-executed elsewhere (the returned validator's checks), each
+// session's checks reported to its head (span.SessionExperts).
+func (s *spanHost) experts(m *neuropb.Manifest, hp moe.Hparams, own map[expert.Key]moe.Expert) (func(peer.ID) moe.Experts, *gating.Validator) {
+	if s.caller == nil {
+		local := &moe.LocalExperts{Embd: hp.Embd, Used: hp.ExpertsUsed, Experts: map[[2]int]moe.Expert{}}
+		for k, e := range own {
+			local.Experts[[2]int{k.Layer, k.Expert}] = e
+		}
+		return func(peer.ID) moe.Experts { return local }, nil
+	}
+	c := s.caller
+	val := gating.NewValidator(s.self, c.book, gating.ValidatorConfig{OnWrong: c.onWrong}, s.log)
+	hb := gating.HeartbeatProviders(c.peers, s.model)
+	remote := &gating.RemoteExperts{Client: c.client, Model: s.model, Embd: hp.Embd, Used: hp.ExpertsUsed,
+		DType: neuropb.WireDType_WIRE_DTYPE_F32, CallTimeout: c.timeout, Selector: gating.NewSelector(c.book), Validator: val,
+		WeightTypes: gating.ExpertWeightTypes(m),
+		Providers: func(k expert.Key) []peer.ID {
+			return slices.DeleteFunc(hb(k), func(p peer.ID) bool { return p == s.self })
+		},
+		Local: func(k expert.Key) moe.Expert {
+			if e := own[k]; e != nil && s.svc.Has(k) {
+				return e
+			}
+			return nil
+		}}
+	batch := gating.NewBatcher(remote, 0)
+	return func(peer.ID) moe.Experts { return newCheckedExperts(batch) }, val
+}
+
+// spanCaller is what a span node that calls experts on other nodes uses
+// of the node: its expert client, the heartbeats that say who hosts
+// what, its reputation book, and where its verdicts go.
+type spanCaller struct {
+	client  *expert.Client
+	peers   interface{ Peers() *p2p.PeerTable }
+	book    *reputation.Book
+	onWrong func(gating.Verdict)
+	timeout time.Duration
+}
+
+// checkedExperts are one span session's experts when the span node calls
+// experts on other nodes: the calls belong to a generation of the
+// session's own, whose checks mark the positions they computed
+// (span.SessionExperts).
+type checkedExperts struct {
+	*gating.Member
+	gen *gating.Generation
+	// epoch counts the session's rewinds; reported is the wrong position
+	// last reported in this epoch (-1: none).
+	epoch, reported int
+}
+
+var _ span.SessionExperts = (*checkedExperts)(nil)
+
+func newCheckedExperts(b *gating.Batcher) *checkedExperts {
+	gen := gating.NewGeneration(0)
+	return &checkedExperts{Member: b.Join(gen), gen: gen, reported: -1}
+}
+
+func (c *checkedExperts) Step(pos int, rewound bool, escrow uint64, delegation *neuropb.EscrowDelegation) {
+	if escrow != 0 && c.gen.Receipts == nil {
+		c.gen.Receipts = &gating.Receipts{Escrow: escrow}
+	}
+	if delegation != nil && delegation.GetEscrow() == escrow {
+		c.gen.Delegation = delegation
+	}
+	if rewound {
+		c.epoch, c.reported = c.gen.Checks.Rewound(), -1
+	}
+	c.gen.Step(c.epoch, pos)
+}
+
+func (c *checkedExperts) WrongFrom() int {
+	b := c.gen.Checks.Bad()
+	if b < 0 || b == c.reported {
+		return -1
+	}
+	c.reported = b
+	return b
+}
+
+func (c *checkedExperts) Wait(ctx context.Context) { c.gen.Checks.Wait(ctx) }
+
+func (c *checkedExperts) Work() uint64 { return uint64(c.gen.Stats.LocalFLOPs.Swap(0)) }
+
+func (c *checkedExperts) Receipts(escrow uint64) []*neuropb.UsageReceipt {
+	if c.gen.Receipts == nil || c.gen.Receipts.Escrow != escrow {
+		return nil
+	}
+	return c.gen.Receipts.Drain()
+}
+
 // waitExperts waits until the expert service has chosen the span and
-// hosts every expert of its layers, and returns the manifest and the span.
+// hosts every expert of its layers (with a caller, until it has chosen
+// the span), and returns the manifest and the span.
 func (s *spanHost) waitExperts(ctx context.Context) (*neuropb.Manifest, moe.Part, error) {
 	t := time.NewTicker(200 * time.Millisecond)
 	defer t.Stop()
 	for {
 		first, end, chosen := s.svc.SpanLayers()
 		part := moe.Part{First: first, End: end}
-		if m, err := s.svc.Store().Manifest(s.model); err == nil && chosen {
+		if m, err := s.svc.Store().Manifest(s.model); err == nil && chosen && s.caller != nil {
+			return m, part, nil
+		} else if err == nil && chosen {
 			loaded := map[expert.Key]bool{}
 			for _, k := range s.svc.Loaded() {
 				loaded[k] = true

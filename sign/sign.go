@@ -37,10 +37,13 @@ const (
 	Verdict Domain = "neuro/verdict/v1"
 	// LedgerTx: a ledger transaction, signed by its sender.
 	LedgerTx Domain = "neuro/ledger-tx/v1"
+	// EscrowDelegation: a gating node's leave for another node to pay its
+	// expert calls from the gating node's escrow.
+	EscrowDelegation Domain = "neuro/escrow-delegation/v1"
 )
 
 // Domains lists every domain (for tests and documentation).
-var Domains = []Domain{UsageReceipt, Verdict, LedgerTx}
+var Domains = []Domain{UsageReceipt, Verdict, LedgerTx, EscrowDelegation}
 
 // ErrBadSignature means a signature does not verify.
 var ErrBadSignature = errors.New("bad signature")

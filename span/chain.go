@@ -57,6 +57,11 @@ type ChainConfig struct {
 	// a selector learns the providers' pace. It runs on the session's
 	// goroutine and must not block.
 	OnRequest func(CheckTask)
+	// Delegate, if set, lets a span provider pay the experts it calls for
+	// a paid session from the session's escrow: it signs the head's
+	// delegation of escrow to p (expert.SignDelegation), sent with each
+	// paid request.
+	Delegate func(escrow uint64, p peer.ID) (*neuropb.EscrowDelegation, error)
 	// Avoid, if set, says a provider is not to be used (a validator found
 	// its results wrong): a session moves off it at its next request, to
 	// the hop's next provider (replaying), unless it is the last.
@@ -146,7 +151,7 @@ func (c *Chain) NewPaidSession(nCtx int, escrow uint64, receipt func(*neuropb.Us
 	}
 	id := make([]byte, neuropb.SessionIDLen)
 	rand.Read(id)
-	s := &Session{c: c, head: hs, steps: st, id: id, nCtx: nCtx, ubatch: min(512, nCtx), escrow: escrow, receipt: receipt}
+	s := &Session{c: c, head: hs, steps: st, id: id, nCtx: nCtx, ubatch: min(512, nCtx), escrow: escrow, receipt: receipt, wrongFrom: -1}
 	for _, h := range c.cfg.Hops {
 		s.links = append(s.links, &link{s: s, hop: h})
 	}
@@ -164,9 +169,13 @@ type Session struct {
 	pos    int
 	links  []*link
 	stats  Stats
-	// escrow pays the span requests; receipt takes their receipts.
+	// escrow pays the span requests; receipt takes their receipts (and
+	// the receipts of the experts the span nodes called, forwarded).
 	escrow  uint64
 	receipt func(*neuropb.UsageReceipt, peer.ID)
+	// wrongFrom is the first position a span node found wrong since the
+	// last WrongFrom (-1: none).
+	wrongFrom int
 }
 
 // Stats count a session's span traffic.
@@ -191,6 +200,40 @@ type Stats struct {
 
 // Stats returns the session's counts so far.
 func (s *Session) Stats() Stats { return s.stats }
+
+// WrongFrom returns the first position from which a span node said its
+// answers were wrong since the last call (-1: none): a span node that
+// calls experts on other nodes checks their results after it has used
+// them, as a gating node does, and says so in its next answer. The
+// generation rewinds there (the spans recompute those rows).
+func (s *Session) WrongFrom() int {
+	w := s.wrongFrom
+	s.wrongFrom = -1
+	return w
+}
+
+// Sync waits until each span node in use has its checks of the session's
+// expert results back (at most its syncWait, or ctx), and returns
+// WrongFrom: what a generation does before it calls itself done. A span
+// node that does not answer decides nothing.
+func (s *Session) Sync(ctx context.Context) int {
+	for _, l := range s.links {
+		c := l.c
+		if c == nil || c.st == nil || !l.checking {
+			continue
+		}
+		resp, err := l.call(ctx, c, &neuropb.SpanRequest{Model: s.c.cfg.Model.Bytes(), First: uint32(l.hop.First), End: uint32(l.hop.End),
+			Session: s.id, Sync: true, Escrow: s.escrow})
+		if err != nil {
+			s.c.cfg.Log.Debug("span sync", "layers", fmt.Sprintf("%d-%d", l.hop.First, l.hop.End-1), "peer", c.p, "err", err)
+			continue
+		}
+		var out outcome
+		out.add(resp)
+		l.apply(c.p, out)
+	}
+	return s.WrongFrom()
+}
 
 // Len is the number of tokens in the session.
 func (s *Session) Len() int { return s.pos }
@@ -362,7 +405,7 @@ func (t CheckTask) Want() neuropb.SpanWant { return wireWant(t.in.want) }
 func (c *Chain) ReExecute(ctx context.Context, task CheckTask, p peer.ID) ([]float32, []*neuropb.UsageReceipt, error) {
 	id := make([]byte, neuropb.SessionIDLen)
 	rand.Read(id)
-	s := &Session{c: c, id: id, escrow: task.escrow}
+	s := &Session{c: c, id: id, escrow: task.escrow, wrongFrom: -1}
 	l := &link{s: s, hop: Hop{First: task.Hop.First, End: task.Hop.End, Providers: []peer.ID{p}}, history: task.earlier}
 	cn := &conn{p: p}
 	l.c = cn
@@ -393,6 +436,9 @@ type link struct {
 	standby *conn // to Providers[cur+1], if a hedge made one
 	history []sent
 	errs    []error
+	// checking: a provider said it checks the experts it calls for the
+	// session (Sync asks it).
+	checking bool
 }
 
 // conn is a link's stream to one provider, and that provider's recent
@@ -408,6 +454,9 @@ type conn struct {
 	// the next request's deadline and hedge; answered counts its answers.
 	slowest, slowestRow time.Duration
 	answered            int
+	// delegation is the session's escrow delegated to p (paid sessions
+	// with ChainConfig.Delegate).
+	delegation *neuropb.EscrowDelegation
 }
 
 // deadlineFactor times a provider's recent worst is how long a request
@@ -497,6 +546,43 @@ type outcome struct {
 	replays     int
 	replayBytes int64
 	replayTime  time.Duration
+	// expertReceipts are the receipts of the experts the span node
+	// called, forwarded; wrong1 is one more than the first position it
+	// found wrong (0: none).
+	expertReceipts []*neuropb.UsageReceipt
+	wrong1         int
+	checking       bool
+}
+
+// add takes what a response says besides its rows: its receipt, the
+// experts' receipts and a wrong position.
+func (o *outcome) add(resp *neuropb.SpanResponse) {
+	if rc := resp.GetReceipt(); rc != nil {
+		o.receipts = append(o.receipts, rc)
+	}
+	o.expertReceipts = append(o.expertReceipts, resp.GetExpertReceipts()...)
+	o.checking = o.checking || resp.GetChecking()
+	if resp.WrongFrom != nil {
+		o.wrong(int(resp.GetWrongFrom()))
+	}
+}
+
+// wrong records position w as found wrong.
+func (o *outcome) wrong(w int) {
+	if o.wrong1 == 0 || w+1 < o.wrong1 {
+		o.wrong1 = w + 1
+	}
+}
+
+// reports adds what o2 (a replay's, or the request's after a replay)
+// reported: receipts and a wrong position.
+func (o *outcome) reports(o2 outcome) {
+	o.receipts = append(o.receipts, o2.receipts...)
+	o.expertReceipts = append(o.expertReceipts, o2.expertReceipts...)
+	if o2.wrong1 > 0 {
+		o.wrong(o2.wrong1 - 1)
+	}
+	o.checking = o.checking || o2.checking
 }
 
 // attempt is one provider's answer to a request.
@@ -653,12 +739,39 @@ func (l *link) try(ctx context.Context, in sent) (*attempt, []attempt) {
 	return won, nil
 }
 
-// apply adds an attempt's receipts and replays to the session.
+// delegation is the head's delegation of the session's escrow to c's
+// provider (made once per provider), or nil.
+func (l *link) delegation(c *conn) *neuropb.EscrowDelegation {
+	if l.s.escrow == 0 || l.s.c.cfg.Delegate == nil {
+		return nil
+	}
+	if c.delegation == nil {
+		d, err := l.s.c.cfg.Delegate(l.s.escrow, c.p)
+		if err != nil {
+			l.s.c.cfg.Log.Warn("delegate the escrow to a span node", "peer", c.p, "err", err)
+			return nil
+		}
+		c.delegation = d
+	}
+	return c.delegation
+}
+
+// apply adds an attempt's receipts, replays and wrong position to the
+// session.
 func (l *link) apply(p peer.ID, o outcome) {
 	if l.s.receipt != nil {
 		for _, rc := range o.receipts {
 			l.s.receipt(rc, p)
 		}
+		// The experts' receipts are their own signers' (checked when the
+		// generation settles).
+		for _, rc := range o.expertReceipts {
+			l.s.receipt(rc, peer.ID(rc.GetExpert()))
+		}
+	}
+	l.checking = l.checking || o.checking
+	if o.wrong1 > 0 && (l.s.wrongFrom < 0 || o.wrong1-1 < l.s.wrongFrom) {
+		l.s.wrongFrom = o.wrong1 - 1
 	}
 	l.s.stats.Replays += o.replays
 	l.s.stats.ReplayBytes += o.replayBytes
@@ -673,14 +786,12 @@ type fatalError struct{ error }
 func (l *link) send(ctx context.Context, c *conn, in sent, replay bool) ([]float32, int, outcome, error) {
 	var out outcome
 	resp, err := l.call(ctx, c, &neuropb.SpanRequest{Model: l.s.c.cfg.Model.Bytes(), First: uint32(l.hop.First), End: uint32(l.hop.End),
-		Session: l.s.id, Pos: uint32(in.pos), Want: wireWant(in.want), Escrow: l.s.escrow,
+		Session: l.s.id, Pos: uint32(in.pos), Want: wireWant(in.want), Escrow: l.s.escrow, Delegation: l.delegation(c),
 		Hidden: expert.EncodeFloats(in.x, in.rows, l.s.c.hp.Embd, neuropb.WireDType_WIRE_DTYPE_F32)})
 	if err != nil {
 		return nil, 0, out, err
 	}
-	if rc := resp.GetReceipt(); rc != nil {
-		out.receipts = append(out.receipts, rc)
-	}
+	out.add(resp)
 	if e := resp.GetError(); e != nil {
 		switch e.GetCode() {
 		case neuropb.SpanError_CODE_SESSION_BEHIND:
@@ -691,7 +802,7 @@ func (l *link) send(ctx context.Context, c *conn, in sent, replay bool) ([]float
 				return nil, 0, out, err
 			}
 			y, n, more, err := l.send(ctx, c, in, false)
-			out.receipts = append(out.receipts, more.receipts...)
+			out.reports(more)
 			return y, n, out, err
 		case neuropb.SpanError_CODE_BAD_REQUEST, neuropb.SpanError_CODE_CONTEXT_FULL, neuropb.SpanError_CODE_PAYMENT_REQUIRED:
 			return nil, 0, out, fatalError{fmt.Errorf("span layers %d-%d: %s: %s", l.hop.First, l.hop.End-1, e.GetCode(), e.GetMessage())}
@@ -721,7 +832,7 @@ func (l *link) replay(ctx context.Context, c *conn, have int, out *outcome) erro
 	for _, h := range l.history[i:] {
 		start := time.Now()
 		_, _, o, err := l.send(ctx, c, h, false)
-		out.receipts = append(out.receipts, o.receipts...)
+		out.reports(o)
 		if err != nil {
 			return fmt.Errorf("replay of tokens %d-%d: %w", h.pos, h.pos+h.rows-1, err)
 		}

@@ -14,6 +14,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/core/protocol"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/neuro-p2p/neuro/expert"
 	"github.com/neuro-p2p/neuro/moe"
@@ -62,6 +63,31 @@ type ServerConfig struct {
 	Log     *slog.Logger
 }
 
+// SessionExperts are the experts of one session of a span node that calls
+// experts on other nodes (ServerConfig.Experts may return them): their
+// results are checked as a gating node checks its own (a sample
+// re-executed elsewhere), and their receipts go to the head.
+type SessionExperts interface {
+	moe.Experts
+	// Step marks the session's position whose rows the next calls
+	// compute; rewound says the session went back there (its checks of
+	// later positions no longer count); escrow is the request's, which
+	// pays the experts called, and delegation the head's leave to pay
+	// them from it (nil: none).
+	Step(pos int, rewound bool, escrow uint64, delegation *neuropb.EscrowDelegation)
+	// WrongFrom is the first position whose row used an expert result
+	// found wrong (-1: none); it is then forgotten.
+	WrongFrom() int
+	// Wait waits for the checks in flight (or ctx).
+	Wait(ctx context.Context)
+	// Receipts takes the receipts the experts signed for escrow since the
+	// last call.
+	Receipts(escrow uint64) []*neuropb.UsageReceipt
+	// Work takes the FLOPs of the experts computed on this node since the
+	// last call: what the span's own receipt is worth.
+	Work() uint64
+}
+
 // Server serves one span of one model on SpanProtocol (see the package
 // doc for its lifecycle).
 type Server struct {
@@ -94,6 +120,8 @@ type session struct {
 	// chain[i] is the digest chain of the session's first i rows
 	// (neuropb.SpanChain): one more entry than the cache holds tokens.
 	chain []neuropb.SpanChain
+	// rewound: the cache went back since the last request computed.
+	rewound bool
 	// last is when the session was last used (Unix nanoseconds): read
 	// without mu, so that the janitor and eviction never wait on a
 	// session's compute.
@@ -283,6 +311,9 @@ func (s *Server) serve(owner peer.ID, req *neuropb.SpanRequest) *neuropb.SpanRes
 		}
 		return &neuropb.SpanResponse{RequestId: id}
 	}
+	if req.GetSync() {
+		return s.sync(key, req)
+	}
 	hp := s.cfg.Gating.Hparams()
 	rows, cols, _ := req.GetHidden().Rows()
 	if cols != hp.Embd {
@@ -311,6 +342,7 @@ func (s *Server) serve(owner peer.ID, req *neuropb.SpanRequest) *neuropb.SpanRes
 		return &neuropb.SpanResponse{RequestId: id, Len: uint32(n), Error: &neuropb.SpanError{Code: neuropb.SpanError_CODE_SESSION_BEHIND,
 			Message: fmt.Sprintf("the session holds %d tokens, the request starts at %d", n, pos)}}
 	} else if pos < n {
+		ss.rewound = true
 		if err := ss.s.Rewind(pos); err != nil {
 			// the window before pos is gone: start over
 			ss.chain = ss.chain[:1]
@@ -337,6 +369,11 @@ func (s *Server) serve(owner peer.ID, req *neuropb.SpanRequest) *neuropb.SpanRes
 		return &neuropb.SpanResponse{RequestId: id, Error: &neuropb.SpanError{Code: neuropb.SpanError_CODE_SESSION_BEHIND, Message: "the session's digests were lost"}}
 	}
 	ss.chain = ss.chain[:pos+1]
+	se, checked := ss.exp.(SessionExperts)
+	if checked {
+		se.Step(pos, ss.rewound, req.GetEscrow(), req.GetDelegation())
+		ss.rewound = false
+	}
 	counting := &countingExperts{Experts: ss.exp}
 	x := expert.DecodeFloats(req.GetHidden())
 	start := time.Now()
@@ -347,9 +384,11 @@ func (s *Server) serve(owner peer.ID, req *neuropb.SpanRequest) *neuropb.SpanRes
 		return spanError(id, neuropb.SpanError_CODE_CONTEXT_FULL, "%v", err)
 	case ctx.Err() != nil:
 		ss.s.Rewind(pos)
+		ss.rewound = true
 		return spanError(id, neuropb.SpanError_CODE_DEADLINE_EXCEEDED, "%v", err)
 	case err != nil:
 		ss.s.Rewind(pos)
+		ss.rewound = true
 		return spanError(id, neuropb.SpanError_CODE_INTERNAL, "%v", err)
 	}
 	prior := ss.chain[pos]
@@ -358,9 +397,16 @@ func (s *Server) serve(owner peer.ID, req *neuropb.SpanRequest) *neuropb.SpanRes
 	}
 	answer := &neuropb.SpanResponse{RequestId: id, Hidden: expert.EncodeFloats(y, out, hp.Embd, neuropb.WireDType_WIRE_DTYPE_F32),
 		ComputeUs: uint32(min(took.Microseconds(), 1<<32-1)), Len: uint32(ss.s.Len()), ExpertCalls: uint32(counting.n())}
+	if checked {
+		ss.report(answer, se, req.GetEscrow())
+	}
 	if esc := req.GetEscrow(); esc != 0 && s.cfg.SignReceipt != nil {
+		flops := uint64(rows) * s.cfg.FLOPsPerToken
+		if checked {
+			flops = se.Work()
+		}
 		rc := &neuropb.UsageReceipt{Expert: []byte(s.cfg.Self), Escrow: esc, Layer: uint32(s.cfg.Part.First), SpanEnd: uint32(s.cfg.Part.End),
-			Tokens: uint64(rows), Flops: uint64(rows) * s.cfg.FLOPsPerToken,
+			Tokens: uint64(rows), Flops: flops,
 			InputDigest:  neuropb.SpanRequestDigest(prior, req.GetWant(), x),
 			OutputDigest: expert.TensorDigest(answer.GetHidden())}
 		if err := s.cfg.SignReceipt(rc); err != nil {
@@ -413,6 +459,63 @@ func (s *Server) Rerun(ctx context.Context, self peer.ID, history, x []float32, 
 		return nil, fmt.Errorf("span rerun: %w", err)
 	}
 	return y, nil
+}
+
+// report adds to an answer what a session's checked experts have to say:
+// a wrong result found since (the head rewinds there), and the other
+// nodes' receipts for the head's escrow.
+func (ss *session) report(answer *neuropb.SpanResponse, se SessionExperts, escrow uint64) {
+	answer.Checking = true
+	if w := se.WrongFrom(); w >= 0 {
+		answer.WrongFrom = proto.Uint32(uint32(w))
+		// The cache from there is wrong: the head sends those rows again.
+		if w < ss.s.Len() {
+			if err := ss.s.Rewind(w); err == nil {
+				ss.chain = ss.chain[:w+1]
+				ss.rewound = true
+			}
+		}
+	}
+	if escrow != 0 {
+		answer.ExpertReceipts = se.Receipts(escrow)
+	}
+}
+
+// syncWait bounds how long a sync request waits for a session's checks.
+const syncWait = 10 * time.Second
+
+// sync answers a sync request: once the session's checks are back (at
+// most syncWait, or the request's deadline), whether one found a result
+// its answers used wrong, and the experts' receipts.
+func (s *Server) sync(key sessionKey, req *neuropb.SpanRequest) *neuropb.SpanResponse {
+	id := req.GetRequestId()
+	s.mu.Lock()
+	ss := s.sessions[key]
+	s.mu.Unlock()
+	if ss == nil {
+		return &neuropb.SpanResponse{RequestId: id}
+	}
+	se, checked := ss.exp.(SessionExperts)
+	if !checked {
+		ss.mu.Lock()
+		defer ss.mu.Unlock()
+		return &neuropb.SpanResponse{RequestId: id, Len: uint32(ss.s.Len())}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), syncWait)
+	defer cancel()
+	if d := req.GetDeadlineUnixMs(); d > 0 {
+		ctx, cancel = context.WithDeadline(ctx, time.UnixMilli(d))
+		defer cancel()
+	}
+	se.Wait(ctx)
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	answer := &neuropb.SpanResponse{RequestId: id}
+	if !ss.dead {
+		ss.report(answer, se, req.GetEscrow())
+		answer.Len = uint32(ss.s.Len())
+	}
+	return answer
 }
 
 // session finds or makes key's session. A request for a session the

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -661,5 +662,148 @@ func TestSpanPaymentRequired(t *testing.T) {
 	defer paid.Close()
 	if _, err := paid.Forward(t.Context(), []int32{1, 2}, noExperts{}); err != nil {
 		t.Fatalf("paid: %v", err)
+	}
+}
+
+// checkedFake is SessionExperts for a span node that calls experts
+// elsewhere: it records the steps and delegations it is given, and
+// reports what the test sets (a wrong position, receipts, work).
+type checkedFake struct {
+	noExperts
+	mu          sync.Mutex
+	steps       []int
+	rewinds     int
+	delegations []*neuropb.EscrowDelegation
+	wrong       int
+	waited      int
+	receipts    []*neuropb.UsageReceipt
+}
+
+func (f *checkedFake) Step(pos int, rewound bool, _ uint64, d *neuropb.EscrowDelegation) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.steps = append(f.steps, pos)
+	if rewound {
+		f.rewinds++
+	}
+	f.delegations = append(f.delegations, d)
+}
+
+func (f *checkedFake) WrongFrom() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	w := f.wrong
+	f.wrong = -1
+	return w
+}
+
+func (f *checkedFake) Wait(context.Context) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.waited++
+}
+
+func (f *checkedFake) Receipts(uint64) []*neuropb.UsageReceipt {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	rcs := f.receipts
+	f.receipts = nil
+	return rcs
+}
+
+func (f *checkedFake) Work() uint64 { return 11 }
+
+func (f *checkedFake) set(wrong int, rcs ...*neuropb.UsageReceipt) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.wrong, f.receipts = wrong, rcs
+}
+
+// A span node that calls experts elsewhere (its session's experts are
+// span.SessionExperts) is told each request's position and the head's
+// delegation of the escrow; its answers carry the work of the experts it
+// computed itself, the other experts' receipts (which the head collects
+// as their signers') and a wrong position its checks found (the head's
+// session gives it once); the cache from that position is dropped, so the
+// head's next request there is computed again; a sync waits for its
+// checks. A span node whose experts are all its own is not synced.
+func TestSpanNodeChecksTheExpertsItCalls(t *testing.T) {
+	head := newHost(t)
+	f := &checkedFake{wrong: -1}
+	var own *neuropb.UsageReceipt
+	_, h := serve(t, head, 0, 6, func(c *ServerConfig) {
+		c.Experts = func(peer.ID) moe.Experts { return f }
+		c.FLOPsPerToken = 1000 // not used: the experts say what was computed here
+		c.SignReceipt = func(r *neuropb.UsageReceipt) error { own = r; r.Signature = []byte("signed"); return nil }
+	})
+	delegation := &neuropb.EscrowDelegation{Escrow: 7, Delegate: []byte(h.ID())}
+	c, err := NewChain(ChainConfig{Model: testModel, Head: newFake(moe.Part{Head: true}), Part: moe.Part{Head: true},
+		Hops: []Hop{{0, 6, []peer.ID{h.ID()}}}, Dialer: head, Timeout: 5 * time.Second,
+		Delegate: func(escrow uint64, p peer.ID) (*neuropb.EscrowDelegation, error) {
+			if escrow != 7 || p != h.ID() {
+				return nil, errors.New("not this one")
+			}
+			return delegation, nil
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	type got struct {
+		rc *neuropb.UsageReceipt
+		p  peer.ID
+	}
+	var receipts []got
+	s, err := c.NewPaidSession(0, 7, func(rc *neuropb.UsageReceipt, p peer.ID) { receipts = append(receipts, got{rc, p}) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ss := s
+	ctx := t.Context()
+	if _, err := s.Forward(ctx, []int32{1, 2, 3}, noExperts{}); err != nil {
+		t.Fatal(err)
+	}
+	if own == nil || own.GetFlops() != 11 || ss.WrongFrom() != -1 {
+		t.Fatalf("the span's receipt %v: want the 11 FLOPs its experts computed here", own)
+	}
+	// Position 1 found wrong, with another expert's receipt.
+	expertRc := &neuropb.UsageReceipt{Expert: []byte(h.ID()), Escrow: 7, Layer: 2, ExpertIndex: 3}
+	f.set(1, expertRc)
+	if _, err := s.Forward(ctx, []int32{1}, noExperts{}); err != nil {
+		t.Fatal(err)
+	}
+	if w := ss.WrongFrom(); w != 1 || ss.WrongFrom() != -1 {
+		t.Fatalf("wrong from %d, want 1, once", w)
+	}
+	forwarded := 0
+	for _, r := range receipts {
+		if r.rc.GetExpertIndex() == 3 && r.p == peer.ID(r.rc.GetExpert()) {
+			forwarded++
+		}
+	}
+	if len(receipts) != 3 || forwarded != 1 {
+		t.Fatalf("receipts %v: want the span's own two and the expert's, as its signer's", receipts)
+	}
+	// The head rewinds to 1: the span node dropped the rows from there,
+	// and computes them again.
+	if err := s.Rewind(1); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Forward(ctx, []int32{2, 3, 1}, noExperts{}); err != nil {
+		t.Fatal(err)
+	}
+	f.set(2)
+	if w := ss.Sync(ctx); w != 2 {
+		t.Fatalf("sync: wrong from %d, want 2", w)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.waited != 1 || !slices.Equal(f.steps, []int{0, 3, 1}) || f.rewinds != 1 {
+		t.Fatalf("the span node's experts: waited %d, steps %v, rewinds %d", f.waited, f.steps, f.rewinds)
+	}
+	for _, d := range f.delegations {
+		if d.GetEscrow() != 7 || !bytes.Equal(d.GetDelegate(), []byte(h.ID())) {
+			t.Fatalf("delegation %v", d)
+		}
 	}
 }

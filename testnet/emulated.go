@@ -40,6 +40,9 @@ type Netns struct {
 	// Spans is every expert home's expert.spans, or one per expert home
 	// (as Loopback.Spans).
 	Spans string
+	// SpanExperts is every span home's expert.span_experts (as
+	// Loopback.SpanExperts).
+	SpanExperts string
 	// KillNodes expert homes' nodes are SIGKILLed once the generation
 	// holds KillAfter tokens (as Loopback's).
 	KillNodes, KillAfter int
@@ -208,7 +211,7 @@ func (t *Netns) Launch(r *Run, o *LaunchOptions) error {
 		case i > gating && t.Spread:
 			return []string{"--model", m.CID.String(), "--experts", SpreadExperts(m.FirstMoELayer(), m.Layers(), m.Experts(), i-gating-1, H-1)}
 		case i > gating && t.Spans != "":
-			return append([]string{"--model", m.CID.String()}, spanArgs(t.Spans, i-gating-1)...)
+			return append([]string{"--model", m.CID.String()}, spanArgs(t.Spans, i-gating-1, t.SpanExperts)...)
 		case i > gating:
 			return []string{"--model", m.CID.String()}
 		}
@@ -219,7 +222,12 @@ func (t *Netns) Launch(r *Run, o *LaunchOptions) error {
 }
 
 // SpansWanted says whether the expert homes serve spans.
-func (t *Netns) SpansWanted() bool { return t.Spans != "" }
+func (t *Netns) SpansWanted() func(j int) bool {
+	if t.Spans == "" {
+		return nil
+	}
+	return func(j int) bool { return spanOf(t.Spans, j) != "" }
+}
 
 // SpreadExperts is the --experts list of expert home j of n under
 // --spread: every MoE layer's experts e with e mod n = j.

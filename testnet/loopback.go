@@ -52,6 +52,15 @@ type Loopback struct {
 	// none), or one per expert node, comma-separated (spanOf): the gating
 	// node then sends each forward pass through the chain of fewest spans.
 	Spans string
+	// SpanExperts is every span node's expert.span_experts ("" or "host":
+	// a span hosts every expert of its layers; "call": those it hosts
+	// anyway, the others called on other expert nodes).
+	SpanExperts string
+	// RequireEscrow makes the expert nodes refuse calls that do not pay
+	// from an escrow of their caller's, or one delegated to it
+	// (expert.require_escrow; off in a testnet, which also serves unpaid
+	// requests).
+	RequireEscrow bool
 
 	cometPorts []int
 	cometPeers []string
@@ -101,6 +110,7 @@ func (l *Loopback) Launch(r *Run, o *LaunchOptions) error {
 	}
 	o.Config = func(i int, c *node.Config) {
 		c.Expert.Threads = threads
+		c.Expert.RequireEscrow = l.RequireEscrow
 		c.Gating.Threads = max(1, runtime.NumCPU()/2)
 		if l.Pin {
 			c.Gating.Threads = 1
@@ -119,7 +129,7 @@ func (l *Loopback) Launch(r *Run, o *LaunchOptions) error {
 		}
 		args := []string{"--model", m.CID.String()}
 		if l.Spans != "" {
-			args = append(args, spanArgs(l.Spans, i-1)...)
+			args = append(args, spanArgs(l.Spans, i-1, l.SpanExperts)...)
 		}
 		if f := l.Faults[i]; f != expert.FaultNone {
 			args = append(args, "--faulty", string(f))
@@ -145,8 +155,24 @@ func spanOf(spans string, j int) string {
 // spanArgs are expert node j's flags for a testnet's spans: one span for
 // all leaves the node to host more experts as it would anyway; with one
 // span each, a node hosts its span only (--experts none), as a network
-// laid out span by span would.
-func spanArgs(spans string, j int) []string {
+// laid out span by span would. With spanExperts "call" the spans host
+// no expert of their own: each node hosts the experts it would anyway
+// and its span calls the others on the other nodes.
+//
+// An empty entry of the list is a node without a span (it hosts experts
+// as any expert node does): with "call", span nodes of a list host no
+// expert and call those nodes.
+func spanArgs(spans string, j int, spanExperts string) []string {
+	sp := spanOf(spans, j)
+	if sp == "" {
+		return nil
+	}
+	if spanExperts == "call" {
+		if strings.Contains(spans, ",") {
+			return []string{"--spans", sp, "--span-experts", "call", "--experts", "none"}
+		}
+		return []string{"--spans", sp, "--span-experts", "call"}
+	}
 	if strings.Contains(spans, ",") {
 		return []string{"--spans", spanOf(spans, j), "--experts", "none"}
 	}
@@ -199,7 +225,12 @@ func CheckSpans(spans string, experts int) error {
 
 // SpansWanted says whether the expert nodes serve spans, so that the
 // model is served once the gating node has heard them.
-func (l *Loopback) SpansWanted() bool { return l.Spans != "" }
+func (l *Loopback) SpansWanted() func(j int) bool {
+	if l.Spans == "" {
+		return nil
+	}
+	return func(j int) bool { return spanOf(l.Spans, j) != "" }
+}
 
 // WaitHealthy implements Topology: every node has every other in its
 // routing table and has heard each one's heartbeat.

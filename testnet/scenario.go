@@ -108,9 +108,10 @@ type Topology interface {
 	// Serving is how many honest providers each expert needs before the
 	// prompt is asked, and which nodes are faulty.
 	Serving() (providers int, faults map[int]expert.Fault)
-	// SpansWanted says whether the expert nodes serve layer spans: the
-	// model is served once the gating node has heard them.
-	SpansWanted() bool
+	// SpansWanted says which expert nodes serve layer spans (j counts
+	// the expert nodes from 0; nil: none): the model is served once the
+	// gating node has heard them.
+	SpansWanted() func(j int) bool
 	// Ask answers the prompt and fills in the report's generation.
 	Ask(ctx context.Context, r *Run) error
 	// Settle waits, once the model is served, for what the topology needs

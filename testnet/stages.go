@@ -39,7 +39,7 @@ const settle = 3 * time.Second
 // want expert nodes, the gating node knows of want providers for each, and
 // no expert node has changed what it serves for settle.
 func waitServing(ctx context.Context, nw *Network, timeout time.Duration, first, layers, experts, want int, faults map[int]expert.Fault,
-	show *progress.Reporter, gating int, spans bool) error {
+	show *progress.Reporter, gating int, spans func(j int) bool) error {
 	parent := ctx
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
@@ -95,12 +95,15 @@ type fatalError struct{ error }
 
 // serving checks that the model is served; want counts honest providers
 // (a faulty node's results do not count towards an expert's cover).
-func serving(nw *Network, first, layers, experts, want int, faults map[int]expert.Fault, gating int, spans bool) error {
+func serving(nw *Network, first, layers, experts, want int, faults map[int]expert.Fault, gating int, spans func(j int) bool) error {
 	sts := nw.Statuses()
-	var honest []node.Status
+	var honest, spanning []node.Status
 	for i, st := range sts[gating+1:] {
 		if faults[gating+1+i] == expert.FaultNone {
 			honest = append(honest, st)
+			if spans != nil && spans(i) {
+				spanning = append(spanning, st)
+			}
 		}
 	}
 	g := sts[gating].Gating
@@ -120,14 +123,14 @@ func serving(nw *Network, first, layers, experts, want int, faults map[int]exper
 	if m.MinProviders < want {
 		return fmt.Errorf("gating node knows %d providers of some expert (missing: %v), want %d", m.MinProviders, m.Missing, want)
 	}
-	if spans {
-		return spansHeard(sts[gating], honest)
+	if spans != nil {
+		return spansHeard(sts[gating], spanning)
 	}
 	return nil
 }
 
-// spansHeard checks that every honest expert node serves a span and that
-// the gating node has heard it announced.
+// spansHeard checks that every honest expert node meant to serve a span
+// (spanning) serves it and that the gating node has heard it announced.
 func spansHeard(g node.Status, honest []node.Status) error {
 	heard := map[string][]string{}
 	for _, h := range g.Heard {

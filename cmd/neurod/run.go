@@ -30,6 +30,7 @@ type runFlags struct {
 	heartbeat                node.Duration
 	modelID, experts, memory string
 	spans                    string
+	spanExperts              string
 	gatingOn                 bool
 	httpAddr                 string
 	threads                  int
@@ -84,6 +85,7 @@ func (rf *runFlags) keys() []flagKey {
 		{"model", "expert.model", func(c *node.Config, _ *pflag.FlagSet) error { c.Expert.Model = rf.modelID; return nil }},
 		{"experts", "expert.experts", func(c *node.Config, _ *pflag.FlagSet) error { c.Expert.Experts = rf.experts; return nil }},
 		{"spans", "expert.spans", func(c *node.Config, _ *pflag.FlagSet) error { c.Expert.Spans = rf.spans; return nil }},
+		{"span-experts", "expert.span_experts", func(c *node.Config, _ *pflag.FlagSet) error { c.Expert.SpanExperts = rf.spanExperts; return nil }},
 		{"memory", "home.memory_mb", func(c *node.Config, _ *pflag.FlagSet) error {
 			mb, err := parseMiB(rf.memory)
 			c.Home.MemoryMB, c.Expert.MemoryMB = mb, mb
@@ -108,6 +110,7 @@ func (rf *runFlags) register(f *pflag.FlagSet) {
 	f.StringVar(&rf.modelID, "model", "", "CID of the model to work on: host its experts and, with --gating, serve it")
 	f.StringVar(&rf.experts, "experts", "", `experts to host: "auto", "none" or e.g. "0:3,0:5,1:*"`)
 	f.StringVar(&rf.spans, "spans", "", `serve a span of layers on the span protocol, with every expert of them: "auto" or e.g. "12-23"`)
+	f.StringVar(&rf.spanExperts, "span-experts", "host", `where a span's experts are computed: "host" (every one hosted here) or "call" (those --experts lists here, the others called on other nodes)`)
 	f.BoolVar(&rf.gatingOn, "gating", false, "be a gating node of the model: answer prompts, sending each layer to the expert nodes")
 	f.StringVar(&rf.httpAddr, "http", "", "serve the dashboard (/), its data (/api/v1/state), Prometheus /metrics and, on a gating node, the OpenAI-compatible API (/v1) on this host:port (off by default)")
 	f.IntVar(&rf.threads, "threads", 0, "most compute threads, expert and gating (0: every core)")

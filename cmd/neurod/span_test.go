@@ -191,6 +191,9 @@ type spanReport struct {
 		Failed       int      `json:"failed"`
 		Excluded     bool     `json:"excluded"`
 		Spans        []string `json:"spans"`
+		Experts      int      `json:"-"`
+		ExpertList   []string `json:"experts"`
+		ExpertCalls  int      `json:"expert_calls"`
 		LayersLoaded *bool    `json:"layers_loaded"`
 		Verdicts     struct {
 			Published int `json:"published"`
@@ -233,6 +236,9 @@ func spanTestnet(t *testing.T, seed int, prompt string, tokens int, args ...stri
 	if err := json.Unmarshal([]byte(r.stdout), &rep); err != nil {
 		t.Fatal(err)
 	}
+	for i := range rep.Nodes {
+		rep.Nodes[i].Experts = len(rep.Nodes[i].ExpertList)
+	}
 	if !slices.Equal(rep.Tokens, want) {
 		t.Fatalf("testnet tokens %v\nllama.cpp      %v", rep.Tokens, want)
 	}
@@ -270,5 +276,53 @@ func TestTestnetSpansCatchALiar(t *testing.T) {
 	}
 	if v := rep.Nodes[0].Verdicts; v.Published == 0 || v.Slashes == 0 {
 		t.Errorf("the gating node's verdicts: %+v, want published and reported for slashing", v)
+	}
+}
+
+// Span nodes that call experts on other nodes (--span-experts call): two
+// span nodes host the attention and routers of every layer and no expert,
+// three expert nodes host the experts, the last of them computing wrong.
+// The span nodes call the experts as a gating node does — the liar's
+// answers among them — and check a sample elsewhere: they find the liar
+// out, tell the head the position its answers made wrong (the generation
+// rewinds and the tokens are llama.cpp's), publish verdicts with its
+// receipts, and the chain slashes it. The expert nodes require payment
+// (--require-escrow): they take the span nodes' calls on the head's
+// delegation of the prompt's escrow, and their receipts, forwarded by the
+// span nodes, are settled by the head. No honest node is slashed.
+func TestTestnetSpansCallExperts(t *testing.T) {
+	t.Parallel()
+	rep := spanTestnet(t, 41, "spans that call experts", 16, "--nodes", "5", "--spans", "0-3,0-3,,,", "--span-experts", "call", "--faulty", "1:wrong",
+		"--require-escrow")
+	if rep.Stats.SpansPerToken != 1 || rep.Stats.MoELayers != 0 {
+		t.Fatalf("stats %+v: want every pass through one span, no layer-by-layer calls from the head", rep.Stats)
+	}
+	published := 0
+	for _, n := range rep.Nodes[1:] {
+		stake := rep.Ledger.StakesAfter[n.PeerID]
+		switch {
+		case len(n.Spans) > 0:
+			if n.Experts != 0 {
+				t.Errorf("span node %d hosts %d experts, want none", n.Index, n.Experts)
+			}
+			published += n.Verdicts.Published
+			if stake != 200_000_000 {
+				t.Errorf("span node %d slashed: stake %d", n.Index, stake)
+			}
+		case n.Faulty == "wrong":
+			if stake >= 200_000_000 {
+				t.Errorf("the liar, node %d, was not slashed: stake %d", n.Index, stake)
+			}
+		default:
+			if n.ExpertCalls == 0 || stake != 200_000_000 || n.Verdicts.Refuted != 0 {
+				t.Errorf("expert node %d: %d calls, stake %d, verdicts %+v", n.Index, n.ExpertCalls, stake, n.Verdicts)
+			}
+		}
+	}
+	if published == 0 {
+		t.Error("no span node published a verdict on the liar")
+	}
+	if rep.Ledger.Treasury == 0 {
+		t.Error("the experts' work was not settled: the treasury is empty")
 	}
 }

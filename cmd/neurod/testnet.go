@@ -34,9 +34,9 @@ type testnetFlags struct {
 	concurrency                                            int
 	dir, model, prompt, dashboard                          string
 	kill, slow, faulty, device, shared, speculate, draft   string
-	spans                                                  string
+	spans, spanExperts                                     string
 	nat, rtt, jitter, loss, bandwidth                      string
-	json, check, netns, spread                             bool
+	json, check, netns, spread, requireEscrow              bool
 	timeout, batchWait                                     time.Duration
 }
 
@@ -102,6 +102,8 @@ func (f *testnetFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&f.speculate, "speculate", "off", "the gating node's speculative decoding: off, ngram (prompt lookup: drafts checked several tokens per forward pass, one expert round trip per MoE layer for all) or draft (--draft's); the tokens stay the same")
 	fs.StringVar(&f.draft, "draft", "", "speculative decoding with this draft model (a GGUF file of the model's vocabulary, e.g. a smaller quantization of it), run whole on the gating node; implies --speculate draft")
 	fs.StringVar(&f.kill, "kill", "", "K@T: SIGKILL the K busiest expert nodes after token T")
+	fs.BoolVar(&f.requireEscrow, "require-escrow", false, "expert nodes refuse calls not paid from an escrow (expert.require_escrow): the prompt's own, or one a span node was delegated")
+	fs.StringVar(&f.spanExperts, "span-experts", "host", `with --spans: "host" (each span hosts every expert of its layers) or "call" (each node hosts the experts it would anyway, and its span calls the others on the other nodes)`)
 	fs.StringVar(&f.spans, "spans", "", `every expert node serves a span of layers ("auto", or e.g. "0-11"; or one per expert node, each hosting its span only: "0-11,12-23"), and the gating node sends each forward pass through the chain of fewest spans`)
 	fs.StringVar(&f.slow, "test-slow-node", "", "test only: NODE:DURATION delays every expert compute of that node")
 	fs.StringVar(&f.faulty, "faulty", "", "make expert nodes misbehave: K:MODE,... with MODE wrong, lowprec, slow, drop or flaky (the last nodes)")
@@ -201,9 +203,12 @@ func (f *testnetFlags) loopback(fs *pflag.FlagSet) (*testnet.Loopback, error) {
 	if err != nil {
 		return nil, fmt.Errorf("flag --device: %w", err)
 	}
-	l := &testnet.Loopback{ExpertNodes: f.nodes, Validators: f.validators, Dashboard: f.dashboard, Device: dev.Spec(), Spans: f.spans}
+	l := &testnet.Loopback{ExpertNodes: f.nodes, Validators: f.validators, Dashboard: f.dashboard, Device: dev.Spec(), Spans: f.spans, SpanExperts: f.spanExperts, RequireEscrow: f.requireEscrow}
 	if err := testnet.CheckSpans(f.spans, f.nodes); err != nil {
 		return nil, fmt.Errorf("flag --spans: %w", err)
+	}
+	if err := f.checkSpanExperts(); err != nil {
+		return nil, err
 	}
 	if l.KillNodes, l.KillAfter, err = f.parseKill(f.nodes); err != nil {
 		return nil, err
@@ -270,6 +275,9 @@ func (f *testnetFlags) netnsTopology(fs *pflag.FlagSet) (*testnet.Netns, error) 
 	if err := testnet.CheckSpans(f.spans, f.homes-1); err != nil {
 		return nil, fmt.Errorf("flag --spans: %w", err)
 	}
+	if err := f.checkSpanExperts(); err != nil {
+		return nil, err
+	}
 	if f.spans != "" && f.spread {
 		return nil, errors.New("flag --spans: not with --spread (a span hosts every expert of its layers)")
 	}
@@ -279,7 +287,10 @@ func (f *testnetFlags) netnsTopology(fs *pflag.FlagSet) (*testnet.Netns, error) 
 	if f.kill != "" && f.concurrency > 1 {
 		return nil, errors.New("flag --kill: not with --concurrency in the netns testnet (it follows one generation)")
 	}
-	t := &testnet.Netns{Publics: f.publics, Spread: f.spread, Spans: f.spans}
+	if f.requireEscrow {
+		return nil, errors.New("flag --require-escrow: the loopback testnet's only, for now")
+	}
+	t := &testnet.Netns{Publics: f.publics, Spread: f.spread, Spans: f.spans, SpanExperts: f.spanExperts}
 	var err error
 	if t.KillNodes, t.KillAfter, err = f.parseKill(f.homes - 1); err != nil {
 		return nil, err
@@ -602,4 +613,15 @@ func batchWaitFlag(fs *pflag.FlagSet, d time.Duration) (time.Duration, error) {
 		return -1, nil
 	}
 	return d, nil
+}
+
+// checkSpanExperts checks --span-experts.
+func (f *testnetFlags) checkSpanExperts() error {
+	switch {
+	case f.spanExperts != "host" && f.spanExperts != "call":
+		return fmt.Errorf("flag --span-experts: %q: want host or call", f.spanExperts)
+	case f.spanExperts == "call" && f.spans == "":
+		return errors.New("flag --span-experts: call needs --spans")
+	}
+	return nil
 }
