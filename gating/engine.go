@@ -481,6 +481,17 @@ func (e *Engine) announce(ctx context.Context, m *served) {
 		// would otherwise cost thousands of lookups every round).
 		all := time.Since(full) > dhtFullRefresh
 		m.dht.refresh(ctx, m.hp, func(k expert.Key) bool { return all || len(hb(k)) < 2 })
+		// The spans heard of: more providers of each (those fewer than
+		// two heartbeats announce, and now and then every one).
+		if !e.cfg.NoSpans {
+			var ranges [][2]int
+			for r, ps := range e.h.Peers().Spans(m.cid.Bytes(), time.Now()) {
+				if all || len(ps) < 2 {
+					ranges = append(ranges, r)
+				}
+			}
+			m.dht.refreshSpans(ctx, ranges)
+		}
 		if all {
 			full = time.Now()
 		}
@@ -539,6 +550,59 @@ type dhtProviders struct {
 	model cid.Cid
 	mu    sync.Mutex
 	found map[expert.Key][]peer.ID
+	// spans are the providers of the spans heard of, found under their
+	// span keys.
+	spans map[[2]int][]peer.ID
+}
+
+// spanProviders returns the spans' providers found in the DHT.
+func (d *dhtProviders) spanProviders() map[[2]int][]peer.ID {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	out := make(map[[2]int][]peer.ID, len(d.spans))
+	for r, ps := range d.spans {
+		out[r] = slices.Clone(ps)
+	}
+	return out
+}
+
+// refreshSpans looks up the providers of the spans ranges lists (those
+// heartbeats tell of), four at a time.
+func (d *dhtProviders) refreshSpans(ctx context.Context, ranges [][2]int) {
+	sem := make(chan struct{}, 4)
+	var wg sync.WaitGroup
+	for _, r := range ranges {
+		select {
+		case sem <- struct{}{}:
+		case <-ctx.Done():
+			wg.Wait()
+			return
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			infos, err := d.h.FindProviders(ctx, neuropb.SpanKey(d.model, r[0], r[1]), 20, 10*time.Second)
+			if err != nil {
+				return
+			}
+			var ps []peer.ID
+			for _, ai := range infos {
+				if ai.ID == d.h.ID() {
+					continue
+				}
+				d.h.LibP2P().Peerstore().AddAddrs(ai.ID, ai.Addrs, peerstore.AddressTTL)
+				ps = append(ps, ai.ID)
+			}
+			d.mu.Lock()
+			if d.spans == nil {
+				d.spans = map[[2]int][]peer.ID{}
+			}
+			d.spans[r] = ps
+			d.mu.Unlock()
+		}()
+	}
+	wg.Wait()
 }
 
 func (d *dhtProviders) get(k expert.Key) []peer.ID {
@@ -861,11 +925,21 @@ func (e *Engine) Estimate(req *neuropb.InferRequest) (Charge, error) {
 	if err != nil {
 		return Charge{}, err
 	}
-	return Charge{Model: m.cid, PromptTokens: len(prompt), MaxTokens: maxTokens, FLOPsPerToken: m.manifest.ExpertFLOPsPerToken()}, nil
+	return Charge{Model: m.cid, PromptTokens: len(prompt), MaxTokens: maxTokens, FLOPsPerToken: e.workPerToken(m)}, nil
 }
 
-// FLOPsPerToken is the expert work of one token of model mc (false when
-// it is not served or not loaded).
+// workPerToken is the paid work of one token of m at most: its experts',
+// and with spans (which are paid for their layers too) its layers'.
+func (e *Engine) workPerToken(m *served) uint64 {
+	w := m.manifest.ExpertFLOPsPerToken()
+	if !e.cfg.NoSpans {
+		w += m.manifest.LayerFLOPsPerToken(0, int(m.manifest.GetParams().GetLayers()))
+	}
+	return w
+}
+
+// FLOPsPerToken is the paid work of one token of model mc at most (false
+// when it is not served or not loaded): workPerToken.
 func (e *Engine) FLOPsPerToken(mc cid.Cid) (uint64, bool) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -873,7 +947,7 @@ func (e *Engine) FLOPsPerToken(mc cid.Cid) (uint64, bool) {
 	if m == nil || m.manifest == nil {
 		return 0, false
 	}
-	return m.manifest.ExpertFLOPsPerToken(), true
+	return e.workPerToken(m), true
 }
 
 // ReasoningFormat is how model mc's answers mark their reasoning
@@ -979,7 +1053,7 @@ func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Cal
 	escrow := req.GetEscrow()
 	if cb.Bill != nil {
 		if escrow, err = cb.Bill.Open(ctx, Charge{Model: m.cid, PromptTokens: len(prompt), MaxTokens: maxTokens,
-			FLOPsPerToken: m.manifest.ExpertFLOPsPerToken()}); err != nil {
+			FLOPsPerToken: e.workPerToken(m)}); err != nil {
 			var ge *Error
 			if errors.As(err, &ge) {
 				return nil, err
@@ -1231,7 +1305,21 @@ func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Cal
 // else here, the experts called layer by layer.
 func (e *Engine) newSession(m *served, nCtx int, gen *Generation) (moe.Session, error) {
 	if !e.cfg.NoSpans {
-		spans := e.h.Peers().Spans(m.cid.Bytes(), time.Now())
+		now := time.Now()
+		spans := e.h.Peers().Spans(m.cid.Bytes(), now)
+		// Providers of the same spans found in the DHT (a large network's
+		// heartbeats tell of a few); one whose heartbeat says it paused is
+		// left out.
+		for r, ps := range m.dht.spanProviders() {
+			if _, heard := spans[r]; !heard {
+				continue
+			}
+			for _, p := range ps {
+				if info, ok := e.h.Peers().Get(p, now); !slices.Contains(spans[r], p) && (!ok || !info.Paused) {
+					spans[r] = append(spans[r], p)
+				}
+			}
+		}
 		if e.val != nil {
 			// Providers found wrong (and excluded) serve no span.
 			for r, ps := range spans {

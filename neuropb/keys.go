@@ -45,3 +45,14 @@ func EscrowID(sender []byte, nonce uint64) uint64 {
 	id := binary.BigEndian.Uint64(h.Sum(nil))
 	return max(id, 1) // 0 means no escrow
 }
+
+// SpanKey is the DHT key under which the nodes that serve layers
+// [first, end) of a model as a span provide themselves, so that a head
+// finds more providers of a span it has heard of than heartbeats tell.
+func SpanKey(model cid.Cid, first, end int) cid.Cid {
+	h, err := multihash.Sum([]byte(fmt.Sprintf("/neuro/span/%s/%d/%d", model, first, end)), multihash.SHA2_256, -1)
+	if err != nil {
+		panic(fmt.Sprintf("span key: %v", err))
+	}
+	return cid.NewCidV1(cid.Raw, h)
+}

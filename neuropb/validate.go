@@ -442,6 +442,25 @@ func (m *Manifest) ExpertFLOPsPerToken() uint64 {
 	return flops
 }
 
+// LayerFLOPsPerToken is the work of one token through layers [first,
+// end) outside their routed experts — attention, norms, router, a dense
+// layer's feed-forward, a shared expert the layer shard holds — as a span
+// node counts it in its receipts: a multiply and an add for each weight
+// of the layer shards' matrices (the attention over the context, which
+// grows with the position, is not counted). 0 for a manifest without
+// layer shards.
+func (m *Manifest) LayerFLOPsPerToken(first, end int) uint64 {
+	var flops uint64
+	for l := max(first, 0); l < end; l++ {
+		for _, t := range m.LayerRef(l).GetTensors() {
+			if sh := t.GetShape(); len(sh) == 2 {
+				flops += 2 * sh[0] * sh[1]
+			}
+		}
+	}
+	return flops
+}
+
 // ExpertsPerLayer is how many experts a MoE layer has on the network: the
 // routed ones, and the shared one when it is hosted (SharedExpert).
 func (m *Manifest) ExpertsPerLayer() int {

@@ -165,3 +165,29 @@ func testShard(t *testing.T) *ShardRef {
 	}
 	return &ShardRef{Cid: cid.NewCidV1(cid.Raw, mh).Bytes(), Size: 1, Tensors: []*TensorRef{{Name: "x", Dtype: 0, Shape: []uint64{1}}}}
 }
+
+// A span's layer work counts a multiply and an add per weight of its
+// layer shards' matrices (norms and other vectors are not matrix work);
+// layers out of the manifest's count nothing.
+func TestLayerFLOPsPerToken(t *testing.T) {
+	layer := func(l uint32, shapes ...[]uint64) *LayerShardRef {
+		ref := &ShardRef{}
+		for _, sh := range shapes {
+			ref.Tensors = append(ref.Tensors, &TensorRef{Shape: sh})
+		}
+		return &LayerShardRef{Layer: l, Shard: ref}
+	}
+	m := &Manifest{Layers: []*LayerShardRef{
+		layer(0, []uint64{64, 64}, []uint64{64}, []uint64{64, 16}),
+		layer(1, []uint64{64, 8}),
+	}}
+	if got, want := m.LayerFLOPsPerToken(0, 2), uint64(2*(64*64+64*16)+2*64*8); got != want {
+		t.Fatalf("both layers: %d, want %d", got, want)
+	}
+	if got := m.LayerFLOPsPerToken(1, 5); got != 2*64*8 {
+		t.Fatalf("layer 1 and beyond: %d", got)
+	}
+	if got := (&Manifest{}).LayerFLOPsPerToken(0, 4); got != 0 {
+		t.Fatalf("no layer shards: %d", got)
+	}
+}

@@ -275,6 +275,7 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 			if n.spans, err = newSpanHost(n.expert, n.p2p.LibP2P(), o.compute, mc, cfg.Expert.Threads, n.p2p.ID(), sign, payment, n.log); err != nil {
 				return nil, err
 			}
+			n.spans.dht = n.p2p
 			if cfg.Expert.SpanExperts == "call" {
 				n.spans.caller = &spanCaller{client: expert.NewClient(n.p2p.LibP2P(), n.log), peers: n.p2p, book: n.book, onWrong: n.reportWrong,
 					timeout: time.Duration(cfg.Gating.CallTimeout)}

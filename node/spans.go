@@ -60,7 +60,9 @@ type spanHost struct {
 	// caller, if set, calls the span's experts this node does not host
 	// on other nodes (expert.span_experts "call").
 	caller *spanCaller
-	log    *slog.Logger
+	// dht, if set, is where the span is provided (neuropb.SpanKey).
+	dht spanDHT
+	log *slog.Logger
 
 	mu        sync.Mutex
 	part      moe.Part // once the expert service has chosen it
@@ -84,17 +86,61 @@ func newSpanHost(svc *expert.Service, h span.Host, compute moe.Backend, model ci
 		log: log.With("component", "span")}, nil
 }
 
-// Start loads and serves the span in the background.
+// spanDHT is what a span host uses of the DHT (*p2p.Host).
+type spanDHT interface {
+	Provide(ctx context.Context, c cid.Cid) error
+	RoutingTableSize() int
+}
+
+// Start loads and serves the span in the background, and then provides
+// it in the DHT.
 func (s *spanHost) Start(context.Context) error {
 	ctx, cancel := context.WithCancel(context.Background())
 	s.cancel, s.done = cancel, make(chan struct{})
 	go func() {
 		defer close(s.done)
-		if err := s.run(ctx); err != nil && ctx.Err() == nil {
-			s.log.Error("cannot serve the span", "err", err)
+		if err := s.run(ctx); err != nil {
+			if ctx.Err() == nil {
+				s.log.Error("cannot serve the span", "err", err)
+			}
+			return
 		}
+		s.provide(ctx)
 	}()
 	return nil
+}
+
+// spanReprovide is how often a served span is provided again (sooner
+// when the routing table has doubled: p2p.Provision).
+const spanReprovide = 12 * time.Hour
+
+// provide keeps the span served provided in the DHT until ctx ends.
+func (s *spanHost) provide(ctx context.Context) {
+	if s.dht == nil {
+		return
+	}
+	part, ok := s.Serving()
+	if !ok {
+		return
+	}
+	key := neuropb.SpanKey(s.model, part.First, part.End)
+	var provided p2p.Provision
+	for {
+		if rt := s.dht.RoutingTableSize(); provided.Due(time.Now(), rt, spanReprovide) {
+			pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			if err := s.dht.Provide(pctx, key); err == nil {
+				provided = p2p.Provision{At: time.Now(), RoutingTable: rt}
+			} else if ctx.Err() == nil {
+				s.log.Debug("provide the span", "err", err)
+			}
+			cancel()
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(10 * time.Second):
+		}
+	}
 }
 
 // Close stops serving and frees the span's memory; it is idempotent.
@@ -174,17 +220,19 @@ func (s *spanHost) run(ctx context.Context) error {
 		}
 	}
 	sessionExperts, val := s.experts(m, hp, own)
-	// The span's share of the model's expert work per token, as its
-	// experts' receipts would count it.
-	var flops uint64
+	// The span's work per token: its layers' (attention, norms, routers)
+	// and its share of the model's expert work, as its experts' receipts
+	// would count it.
+	layers := m.LayerFLOPsPerToken(part.First, part.End)
+	flops := layers
 	if first, end := m.MoELayers(); end > first {
 		in := max(0, min(end, part.End)-max(first, part.First))
-		flops = m.ExpertFLOPsPerToken() * uint64(in) / uint64(end-first)
+		flops += m.ExpertFLOPsPerToken() * uint64(in) / uint64(end-first)
 	}
 	if s.caller != nil {
-		// Paid for the experts computed here only: the others sign
-		// receipts of their own, which the head settles.
-		flops = 0
+		// The layers, and the experts computed here only: the others
+		// sign receipts of their own, which the head settles.
+		flops = layers
 	}
 	closeAll := func(err error) error {
 		if val != nil {

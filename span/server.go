@@ -51,8 +51,10 @@ type ServerConfig struct {
 	// IdleTimeout).
 	StreamIdle time.Duration
 	// Self and SignReceipt sign a usage receipt for each request that
-	// names an escrow, worth FLOPsPerToken per row (the span's experts'
-	// FLOPs); without SignReceipt no receipt is signed.
+	// names an escrow, worth FLOPsPerToken per row (the span's layers'
+	// and experts' FLOPs; with SessionExperts, the layers' only, and the
+	// experts' computed here added); without SignReceipt no receipt is
+	// signed.
 	Self          peer.ID
 	SignReceipt   func(*neuropb.UsageReceipt) error
 	FLOPsPerToken uint64
@@ -403,7 +405,8 @@ func (s *Server) serve(owner peer.ID, req *neuropb.SpanRequest) *neuropb.SpanRes
 	if esc := req.GetEscrow(); esc != 0 && s.cfg.SignReceipt != nil {
 		flops := uint64(rows) * s.cfg.FLOPsPerToken
 		if checked {
-			flops = se.Work()
+			// the layers' work, and the experts' computed here
+			flops += se.Work()
 		}
 		rc := &neuropb.UsageReceipt{Expert: []byte(s.cfg.Self), Escrow: esc, Layer: uint32(s.cfg.Part.First), SpanEnd: uint32(s.cfg.Part.End),
 			Tokens: uint64(rows), Flops: flops,

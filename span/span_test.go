@@ -733,7 +733,7 @@ func TestSpanNodeChecksTheExpertsItCalls(t *testing.T) {
 	var own *neuropb.UsageReceipt
 	_, h := serve(t, head, 0, 6, func(c *ServerConfig) {
 		c.Experts = func(peer.ID) moe.Experts { return f }
-		c.FLOPsPerToken = 1000 // not used: the experts say what was computed here
+		c.FLOPsPerToken = 1000 // the layers' work a row; the experts say what they computed here
 		c.SignReceipt = func(r *neuropb.UsageReceipt) error { own = r; r.Signature = []byte("signed"); return nil }
 	})
 	delegation := &neuropb.EscrowDelegation{Escrow: 7, Delegate: []byte(h.ID())}
@@ -763,8 +763,8 @@ func TestSpanNodeChecksTheExpertsItCalls(t *testing.T) {
 	if _, err := s.Forward(ctx, []int32{1, 2, 3}, noExperts{}); err != nil {
 		t.Fatal(err)
 	}
-	if own == nil || own.GetFlops() != 11 || ss.WrongFrom() != -1 {
-		t.Fatalf("the span's receipt %v: want the 11 FLOPs its experts computed here", own)
+	if own == nil || own.GetFlops() != 3*1000+11 || ss.WrongFrom() != -1 {
+		t.Fatalf("the span's receipt %v: want its layers' 3 x 1000 FLOPs and the 11 its experts computed here", own)
 	}
 	// Position 1 found wrong, with another expert's receipt.
 	expertRc := &neuropb.UsageReceipt{Expert: []byte(h.ID()), Escrow: 7, Layer: 2, ExpertIndex: 3}
