@@ -402,6 +402,11 @@ func (e *Engine) load(ctx context.Context, m *served) error {
 		sm, err = LoadHead(e.cfg.Compute, e.fetcher.Store(), m.cid, e.cfg.Threads, func() (moe.Gating, error) {
 			return e.loadLayers(m.cid, gc)
 		})
+		if err == nil && e.cfg.MaxSessions == 0 {
+			// From head sessions (no KV cache) for now; from the layers'
+			// KV caches once a generation loads them (loadLayers).
+			e.sizeSessions(sm.Gating, sm.Gating.Hparams())
+		}
 	} else {
 		if err := e.fetcher.Fetch(ctx, gc); err != nil {
 			return fmt.Errorf("gating shard: %w", err)

@@ -127,7 +127,44 @@ type Layered struct {
 var (
 	_ moe.Gating        = (*Layered)(nil)
 	_ moe.HeadSessioner = (*Layered)(nil)
+	_ moe.SessionSizer  = (*Layered)(nil)
 )
+
+// sizer is the gating whose sessions size the memory: the layers' once
+// loaded (loaded), else the head's (a head session keeps no KV cache).
+func (l *Layered) sizer() (sz moe.SessionSizer, loaded bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if sz, ok := l.layers.(moe.SessionSizer); ok && l.layers != nil {
+		return sz, true
+	}
+	if sz, ok := l.head.(moe.SessionSizer); ok {
+		return sz, false
+	}
+	return nil, false
+}
+
+// SessionBytes is a session's memory: the layers' KV cache once they are
+// loaded, else a head session's, at least a byte (it keeps no cache: as
+// many as the engine allows).
+func (l *Layered) SessionBytes(nCtx int) int64 {
+	sz, loaded := l.sizer()
+	switch {
+	case loaded:
+		return sz.SessionBytes(nCtx)
+	case sz != nil:
+		return max(sz.SessionBytes(nCtx), 1)
+	}
+	return 1
+}
+
+// SessionMemory is the memory the sessions may take in all.
+func (l *Layered) SessionMemory() int64 {
+	if sz, _ := l.sizer(); sz != nil {
+		return sz.SessionMemory()
+	}
+	return 0
+}
 
 // Hparams returns the model's hyper-parameters.
 func (l *Layered) Hparams() moe.Hparams { return l.head.Hparams() }

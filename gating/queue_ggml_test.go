@@ -97,13 +97,34 @@ func TestConcurrentRequestsWaitTheirTurn(t *testing.T) {
 }
 
 // With max_sessions 0 the sessions are sized from memory: the tiny model's
-// KV caches are a few hundred KiB, so the most (MaxAutoSessions).
+// KV caches are a few hundred KiB, so the most (MaxAutoSessions); first
+// from the head's sessions (no cache), then from the layers' once loaded.
 func TestSessionsSizedFromMemory(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
 	defer cancel()
 	net := newGatingNet(t, ctx, model.Presets["tiny"], model.F32, 29, []string{"0:*,1:*"})
 	if n := net.engine.queue.Sessions(); n != MaxAutoSessions {
 		t.Fatalf("%d sessions, want %d", n, MaxAutoSessions)
+	}
+	// The head alone is loaded (gating.layers auto): sized from head
+	// sessions. Loading the layers sizes them again from their KV caches.
+	net.engine.mu.Lock()
+	l, lazy := net.engine.models[net.model].sm.Gating.(*Layered)
+	net.engine.mu.Unlock()
+	if !lazy || l.LayersLoaded() {
+		t.Fatalf("the model's gating: %T, layers loaded %v; want the head alone", l, lazy && l.LayersLoaded())
+	}
+	net.engine.mu.Lock()
+	net.engine.autoSessions = 0 // forget the head's sizing
+	net.engine.mu.Unlock()
+	if _, err := l.Layers(); err != nil {
+		t.Fatal(err)
+	}
+	net.engine.mu.Lock()
+	sized := net.engine.autoSessions
+	net.engine.mu.Unlock()
+	if n := net.engine.queue.Sessions(); n != MaxAutoSessions || sized != MaxAutoSessions || l.SessionBytes(0) <= 1 {
+		t.Fatalf("%d sessions (sized %d) from the layers' %d bytes a session, want %d", n, sized, l.SessionBytes(0), MaxAutoSessions)
 	}
 }
 
