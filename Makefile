@@ -34,7 +34,7 @@ GGML_TEST_PKGS  := $(sort $(addprefix ./,$(dir $(patsubst ./%,%,$(GGML_TEST_FILE
 GGML_TESTS      := $(shell sed -n 's/^func \(Test[A-Za-z0-9_]*\)(t \*testing.T).*/\1/p' $(GGML_TEST_FILES) | paste -sd'|')
 
 .DEFAULT_GOAL := help
-.PHONY: help env build test race lint fuzz-smoke proto proto-check bench bench-report testnet clean vulkan cuda test-vulkan
+.PHONY: help env build llamalib test race lint fuzz-smoke proto proto-check bench bench-report testnet clean vulkan cuda test-vulkan
 
 ## help: list the targets
 help:
@@ -46,9 +46,24 @@ env:
 	@echo export CGO_CFLAGS=\"$(CGO_CFLAGS)\"
 	@echo export CGO_CXXFLAGS=\"$(CGO_CXXFLAGS)\"
 
+# llama.cpp and ggml's CPU backend: compiled once per machine into a
+# static library outside the work tree (scripts/llama-lib.sh, keyed by the
+# pinned module's version, the compilers and the flags; about 95 s on 2
+# cores) and linked with -tags llamalib, so that an empty Go build cache
+# does not compile them again (a plain `go build` still compiles them
+# from the module). ggml/llamalib/ holds a link to it.
+LLAMA_CACHE ?= $(HOME)/.cache/neuro-llama
+export NEURO_LLAMA_CACHE := $(LLAMA_CACHE)
+TAGS := llamalib
+
+## llamalib: build llama.cpp and ggml into the cached static library the builds link (once per machine)
+llamalib:
+	@mkdir -p ggml/llamalib
+	@lib=$$(scripts/llama-lib.sh) && ln -sfn "$$lib/libneurollama.a" ggml/llamalib/libneurollama.a
+
 ## build: build neurod into bin/neurod
-build:
-	$(GO) build -o $(BIN) ./cmd/neurod
+build: llamalib
+	$(GO) build -tags $(TAGS) -o $(BIN) ./cmd/neurod
 
 ## test: gofmt, vet and staticcheck, and every test, shuffled: neurod built first (llama.cpp, compiled once), then at once cmd/neurod's testnets, the race-detector run of the pure-Go packages, and the ggml run, the lint and the Vulkan tests on lavapipe
 test: build
@@ -80,8 +95,8 @@ VULKAN_ENV = NEURO_BACKENDS=$(CURDIR)/bin GGML_VK_VISIBLE_DEVICES=0 NEURO_TEST_D
 
 ## test-vulkan: the device tests on lavapipe: an expert per type family against the CPU, the split model's tokens, generate and a two-node testnet on vulkan:0
 test-vulkan: vulkan build
-	$(VULKAN_ENV) $(GO) test -count=1 -timeout 20m -run '^(TestDevice(ExpertMatchesCPU|SplitMatchesLlamaCpp)|TestAutoMeasuresTheDevices)$$' ./ggml/
-	$(VULKAN_ENV) $(GO) test -count=1 -timeout 20m -run '^TestVulkan' ./cmd/neurod/
+	$(VULKAN_ENV) $(GO) test -tags $(TAGS) -count=1 -timeout 20m -run '^(TestDevice(ExpertMatchesCPU|SplitMatchesLlamaCpp)|TestAutoMeasuresTheDevices)$$' ./ggml/
+	$(VULKAN_ENV) $(GO) test -tags $(TAGS) -count=1 -timeout 20m -run '^TestVulkan' ./cmd/neurod/
 
 # make test builds neurod first, alone: everything else reuses what it
 # compiled (llama.cpp above all) or needs the binary. Then three at once:
@@ -103,11 +118,11 @@ test-rest: build
 # on their processes and emulated round trips: 407 s with two at once, 248
 # s with four, on 2 cores).
 test-cmd: build
-	$(GO) test -shuffle=on -count=1 -parallel 4 -timeout 20m ./cmd/...
+	$(GO) test -tags $(TAGS) -shuffle=on -count=1 -parallel 4 -timeout 20m ./cmd/...
 
 test-ggml: build
-	$(GO) test -tags ggml -shuffle=on -count=1 -timeout 20m -run '^($(GGML_TESTS))$$' $(GGML_TEST_PKGS)
-	$(GO) test -shuffle=on -count=1 -timeout 20m ./ggml/...
+	$(GO) test -tags ggml,$(TAGS) -shuffle=on -count=1 -timeout 20m -run '^($(GGML_TESTS))$$' $(GGML_TEST_PKGS)
+	$(GO) test -tags $(TAGS) -shuffle=on -count=1 -timeout 20m ./ggml/...
 
 ## race: the non-cgo packages' tests with the race detector only (no lint)
 race:
@@ -154,14 +169,14 @@ bench-report: build
 	./bin/neurod bench --out bench-report
 
 ## bench: run the benchmarks and print their figures (a few minutes)
-bench:
+bench: llamalib
 	$(GO) test -run '^$$' -bench . -benchtime 2000x ./testnet/
-	$(GO) test -run '^$$' -bench ExpertFFN -benchtime 20x ./ggml/
-	$(GO) test -run '^$$' -bench LlamaCppExpertMatmul -benchtime 50x ./ggml/
-	$(GO) test -run '^$$' -bench Generate -benchtime 3x ./ggml/
-	$(GO) test -tags ggml -run '^$$' -bench 'RoundTrip|Throughput' -benchtime 256x ./expert/
-	$(GO) test -run '^$$' -bench 'SlowNode|Testnet$$' -benchtime 1x -timeout 60m ./cmd/neurod/
-	$(GO) test -tags ggml -run '^$$' -bench 'Validation|FalseAccusations' -benchtime 1x -timeout 60m ./gating/
+	$(GO) test -tags $(TAGS) -run '^$$' -bench ExpertFFN -benchtime 20x ./ggml/
+	$(GO) test -tags $(TAGS) -run '^$$' -bench LlamaCppExpertMatmul -benchtime 50x ./ggml/
+	$(GO) test -tags $(TAGS) -run '^$$' -bench Generate -benchtime 3x ./ggml/
+	$(GO) test -tags ggml,$(TAGS) -run '^$$' -bench 'RoundTrip|Throughput' -benchtime 256x ./expert/
+	$(GO) test -tags $(TAGS) -run '^$$' -bench 'SlowNode|Testnet$$' -benchtime 1x -timeout 60m ./cmd/neurod/
+	$(GO) test -tags ggml,$(TAGS) -run '^$$' -bench 'Validation|FalseAccusations' -benchtime 1x -timeout 60m ./gating/
 	$(GO) test -run '^$$' -bench ChainThroughput -benchtime 1x ./ledger/
 	$(GO) test -run '^$$' -bench SettleCost -benchtime 20x ./ledger/
 
@@ -177,4 +192,4 @@ testnet: build
 
 ## clean: remove build outputs
 clean:
-	rm -rf bin $(TOOLS)
+	rm -rf bin $(TOOLS) ggml/llamalib

@@ -8,7 +8,12 @@
 //
 // The C headers live in that module; the Makefile points cgo at them
 // (CGO_CPPFLAGS) and turns on ggml's SIMD paths (CGO_CFLAGS/CGO_CXXFLAGS).
-// Build through make, or run `eval "$(make -s env)"` first.
+// Build through make, or run `eval "$(make -s env)"` first. A plain build
+// compiles llama.cpp and ggml through the module's cgo packages
+// (llama_src.go); with -tags llamalib, as the Makefile builds, the package
+// links them from a static library scripts/llama-lib.sh built once per
+// machine (llama_lib.go, CGO_LDFLAGS from make env), so that an empty Go
+// build cache does not compile them again.
 //
 // Every entry point checks dimensions and sizes in Go before calling C, so
 // bad input is an error, never a crash of the process.
@@ -25,8 +30,6 @@ import "C"
 import (
 	"runtime"
 	"sync"
-
-	_ "github.com/ollama/ollama/llama/llama.cpp/src"
 )
 
 var initOnce sync.Once

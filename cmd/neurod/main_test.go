@@ -33,7 +33,7 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	neurodBin = filepath.Join(dir, "neurod")
-	build := exec.Command("go", "build", "-o", neurodBin, ".")
+	build := exec.Command("go", "build", "-tags", buildTags, "-o", neurodBin, ".")
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
 	if err := build.Run(); err != nil {
 		fmt.Fprintln(os.Stderr, "build neurod:", err)
