@@ -572,22 +572,38 @@ func (d *dhtProviders) spanProviders() map[[2]int][]peer.ID {
 }
 
 // refreshSpans looks up the providers of the spans ranges lists (those
-// heartbeats tell of), four at a time.
+// heartbeats tell of).
 func (d *dhtProviders) refreshSpans(ctx context.Context, ranges [][2]int) {
+	keys := make([]cid.Cid, len(ranges))
+	for i, r := range ranges {
+		keys[i] = neuropb.SpanKey(d.model, r[0], r[1])
+	}
+	d.lookup(ctx, keys, func(i int, ps []peer.ID) {
+		if d.spans == nil {
+			d.spans = map[[2]int][]peer.ID{}
+		}
+		d.spans[ranges[i]] = ps
+	})
+}
+
+// lookup finds the providers of keys in the DHT, four at a time, and
+// hands each key's (this node left out; their addresses kept) to found,
+// under d.mu. A lookup that fails changes nothing.
+func (d *dhtProviders) lookup(ctx context.Context, keys []cid.Cid, found func(i int, ps []peer.ID)) {
 	sem := make(chan struct{}, 4)
 	var wg sync.WaitGroup
-	for _, r := range ranges {
+	defer wg.Wait()
+	for i, key := range keys {
 		select {
 		case sem <- struct{}{}:
 		case <-ctx.Done():
-			wg.Wait()
 			return
 		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
-			infos, err := d.h.FindProviders(ctx, neuropb.SpanKey(d.model, r[0], r[1]), 20, 10*time.Second)
+			infos, err := d.h.FindProviders(ctx, key, 20, 10*time.Second)
 			if err != nil {
 				return
 			}
@@ -600,14 +616,10 @@ func (d *dhtProviders) refreshSpans(ctx context.Context, ranges [][2]int) {
 				ps = append(ps, ai.ID)
 			}
 			d.mu.Lock()
-			if d.spans == nil {
-				d.spans = map[[2]int][]peer.ID{}
-			}
-			d.spans[r] = ps
+			found(i, ps)
 			d.mu.Unlock()
 		}()
 	}
-	wg.Wait()
 }
 
 func (d *dhtProviders) get(k expert.Key) []peer.ID {
@@ -622,43 +634,16 @@ const dhtFullRefresh = 10 * time.Minute
 
 // refresh looks up the experts need asks for, four at a time.
 func (d *dhtProviders) refresh(ctx context.Context, hp moe.Hparams, need func(expert.Key) bool) {
-	sem := make(chan struct{}, 4)
-	var wg sync.WaitGroup
+	var ks []expert.Key
+	var keys []cid.Cid
 	for l := hp.DenseLead; l < hp.Layers; l++ {
 		for x := range hp.Experts {
-			k := expert.Key{Layer: l, Expert: x}
-			if !need(k) {
-				continue
+			if k := (expert.Key{Layer: l, Expert: x}); need(k) {
+				ks, keys = append(ks, k), append(keys, neuropb.ExpertKey(d.model, l, x))
 			}
-			select {
-			case sem <- struct{}{}:
-			case <-ctx.Done():
-				wg.Wait()
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer func() { <-sem }()
-				infos, err := d.h.FindProviders(ctx, neuropb.ExpertKey(d.model, l, x), 20, 10*time.Second)
-				if err != nil {
-					return
-				}
-				var ps []peer.ID
-				for _, ai := range infos {
-					if ai.ID == d.h.ID() {
-						continue
-					}
-					d.h.LibP2P().Peerstore().AddAddrs(ai.ID, ai.Addrs, peerstore.AddressTTL)
-					ps = append(ps, ai.ID)
-				}
-				d.mu.Lock()
-				d.found[k] = ps
-				d.mu.Unlock()
-			}()
 		}
 	}
-	wg.Wait()
+	d.lookup(ctx, keys, func(i int, ps []peer.ID) { d.found[ks[i]] = ps })
 }
 
 // ModelInfo describes a served model.
