@@ -91,7 +91,7 @@ type RemoteExperts struct {
 	// others, which are called on other nodes.
 	Local func(expert.Key) moe.Expert
 
-	hedges, redispatches, lastResorts atomic.Int64
+	hedges, redispatches, lastResorts, coverageWaits atomic.Int64
 }
 
 func (r *RemoteExperts) weightTypes(k expert.Key) []model.DType {
@@ -672,11 +672,63 @@ func (r *RemoteExperts) deadline(p peer.ID, timeout time.Duration) time.Duration
 	return timeout
 }
 
-// call asks the best provider of k for the rows of segs (one
+// coverageRecheck is how often a call whose every provider failed looks
+// for a new one.
+const coverageRecheck = 250 * time.Millisecond
+
+// call asks the providers of k (callOnce). When every one failed, or none
+// announces k, it waits up to the call timeout for a provider it has not
+// asked yet to appear — under churn a node takes over an expert whose
+// providers all died within seconds (the expert service's rebalance) —
+// and asks it, instead of failing the generation.
+func (r *RemoteExperts) call(ctx context.Context, segs []segment, k expert.Key, in []float32, n int, providers []peer.ID, preferred map[peer.ID]bool,
+	gm *groupMember) (*expert.Response, error) {
+	resp, err := r.callOnce(ctx, segs, k, in, n, providers, preferred, gm)
+	if err == nil || !errors.Is(err, ErrNoProvider) || r.Providers == nil {
+		return resp, err
+	}
+	asked := map[peer.ID]bool{}
+	for _, p := range providers {
+		asked[p] = true
+	}
+	t := time.NewTicker(coverageRecheck)
+	defer t.Stop()
+	deadline := time.Now().Add(r.callTimeout())
+	for time.Now().Before(deadline) {
+		select {
+		case <-ctx.Done():
+			return nil, errors.Join(err, ctx.Err())
+		case <-t.C:
+		}
+		var fresh []peer.ID
+		for _, p := range r.Providers(k) {
+			if !asked[p] {
+				fresh = append(fresh, p)
+				asked[p] = true
+			}
+		}
+		if len(fresh) == 0 {
+			continue
+		}
+		r.coverageWaits.Add(1)
+		resp, err2 := r.callOnce(ctx, segs, k, in, n, fresh, preferred, nil)
+		if err2 == nil || !errors.Is(err2, ErrNoProvider) {
+			return resp, err2
+		}
+		err = errors.Join(err, err2)
+	}
+	return nil, err
+}
+
+// CoverageWaits counts the calls that, every provider of their expert
+// having failed, waited for a new one and asked it.
+func (r *RemoteExperts) CoverageWaits() int64 { return r.coverageWaits.Load() }
+
+// callOnce asks the best provider of k for the rows of segs (one
 // generation's each); if it has not answered by its p95 latency it asks
 // the next one too (a hedge), and a failed call goes to the next at once.
 // The first answer wins; the others are cancelled.
-func (r *RemoteExperts) call(ctx context.Context, segs []segment, k expert.Key, in []float32, n int, providers []peer.ID, preferred map[peer.ID]bool,
+func (r *RemoteExperts) callOnce(ctx context.Context, segs []segment, k expert.Key, in []float32, n int, providers []peer.ID, preferred map[peer.ID]bool,
 	gm *groupMember) (*expert.Response, error) {
 	req := r.request(segs, k, in, n)
 	// each adds to the stats of every generation in the call

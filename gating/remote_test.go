@@ -4,6 +4,7 @@ package gating
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"path/filepath"
 	"sync/atomic"
@@ -298,5 +299,57 @@ func generateLikeLlama(t *testing.T, ctx context.Context, dir string, res *model
 	}
 	if fmt.Sprint(got.Tokens) != fmt.Sprint(want.Tokens) {
 		t.Fatalf("tokens %v, llama.cpp %v", got.Tokens, want.Tokens)
+	}
+}
+
+// failAfter computes until its node has served after calls, then fails
+// every call (a node gone), and tells when it began to.
+type failAfter struct {
+	moe.Expert
+	calls  *atomic.Int64
+	after  int64
+	failed func()
+}
+
+func (f failAfter) Compute(x []float32, n int, out []float32) error {
+	if f.calls.Add(1) > f.after {
+		f.failed()
+		return errors.New("gone")
+	}
+	return f.Expert.Compute(x, n, out)
+}
+
+// When every provider of an expert fails (churn took them), the call waits
+// for a new provider to appear — a node that takes the expert over — and
+// asks it, instead of failing the generation: here the only node fails
+// after 40 computes and a second one is announced a second later; the
+// tokens are llama.cpp's.
+func TestCallWaitsForANewProvider(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 120*time.Second)
+	defer cancel()
+	p := model.Presets["tiny"]
+	dir, res := splitModel(t, p, model.F32, 79)
+	hs := p2ptest.Cluster(t, ctx, 3, p2ptest.Config(500*time.Millisecond)) // 0: gating, 1: fails, 2: announced later
+	var calls atomic.Int64
+	var failedAt atomic.Int64
+	startExperts(t, hs[1], dir, res, func(e moe.Expert) expert.Computer {
+		return failAfter{Expert: e, calls: &calls, after: 40, failed: func() { failedAt.CompareAndSwap(0, time.Now().UnixNano()) }}
+	})
+	startExperts(t, hs[2], dir, res, nil)
+	client := expert.NewClient(hs[0].LibP2P(), quiet())
+	defer client.Close()
+	remote := &RemoteExperts{Client: client, Model: res.ModelCID, Embd: p.Embd, Used: p.ExpertsUsed, CallTimeout: 10 * time.Second,
+		DType: neuropb.WireDType_WIRE_DTYPE_F32, Selector: NewSelector(nil),
+		Providers: func(expert.Key) []peer.ID {
+			// The failed node stays announced (its heartbeats have not
+			// expired); the new one is heard of a second after it failed.
+			if at := failedAt.Load(); at != 0 && time.Since(time.Unix(0, at)) > time.Second {
+				return []peer.ID{hs[1].ID(), hs[2].ID()}
+			}
+			return []peer.ID{hs[1].ID()}
+		}}
+	generateLikeLlama(t, ctx, dir, res, remote)
+	if failedAt.Load() == 0 || remote.CoverageWaits() == 0 {
+		t.Fatalf("failed %v, %d coverage waits: want the node to fail and a call to wait for the new one", failedAt.Load() != 0, remote.CoverageWaits())
 	}
 }
