@@ -59,7 +59,9 @@ TAGS := llamalib
 ## llamalib: build llama.cpp and ggml into the cached static library the builds link (once per machine)
 llamalib:
 	@mkdir -p ggml/llamalib
-	@lib=$$(scripts/llama-lib.sh) && ln -sfn "$$lib/libneurollama.a" ggml/llamalib/libneurollama.a
+	@lib=$$(scripts/llama-lib.sh) && ln -sfn "$$lib/libneurollama.a" ggml/llamalib/libneurollama.a && \
+	  key="// The library ggml/llamalib links (make llamalib), named in the package so that\n// Go's build cache relinks when it changes.\n#define NEURO_LLAMALIB \"$$(basename "$$lib")\"" && \
+	  if [ "$$(cat ggml/llamalib.h 2>/dev/null)" != "$$(printf "$$key")" ]; then printf "$$key\n" > ggml/llamalib.h; fi
 
 ## build: build neurod into bin/neurod
 build: llamalib
@@ -192,4 +194,4 @@ testnet: build
 
 ## clean: remove build outputs
 clean:
-	rm -rf bin $(TOOLS) ggml/llamalib
+	rm -rf bin $(TOOLS) ggml/llamalib ggml/llamalib.h
