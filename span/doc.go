@@ -9,6 +9,18 @@
 // (its own, or other nodes' as a gating node calls them), and returns the
 // hidden states leaving layer b-1.
 //
+// A span node that calls experts on other nodes gives each session
+// SessionExperts: its calls are checked as a gating node checks its own,
+// a result found wrong makes the span node drop its cache from the first
+// position it changed and say so in its next answer (wrong_from), which
+// the head rewinds to; a head syncs with such a node before it calls a
+// generation done, pays its expert calls through a delegation of the
+// session's escrow, and settles the experts' receipts the span node
+// forwards. A span node's receipts sign each request's rows after the
+// digest chain of the session's earlier ones (neuropb.SpanChain), which
+// makes a wrong span answer evidence for a verdict; Server.Rerun computes
+// one again from the rows it carries.
+//
 // A head (the node with the tokenizer, embeddings, output head and the
 // sessions) computes through a Chain, a moe.Gating whose sessions embed
 // locally, run any first layers the head hosts, send the rows through
