@@ -222,7 +222,10 @@ func (s *Session) Sync(ctx context.Context) int {
 		if c == nil || c.st == nil || !l.checking {
 			continue
 		}
-		resp, err := l.call(ctx, c, &neuropb.SpanRequest{Model: s.c.cfg.Model.Bytes(), First: uint32(l.hop.First), End: uint32(l.hop.End),
+		// Bounded by ctx alone (the generation's wait for its checks), not
+		// by the provider's pace, and not counted in it: the span node
+		// answers once its own checks are back.
+		resp, err := l.roundTrip(ctx, c, &neuropb.SpanRequest{Model: s.c.cfg.Model.Bytes(), First: uint32(l.hop.First), End: uint32(l.hop.End),
 			Session: s.id, Sync: true, Escrow: s.escrow})
 		if err != nil {
 			s.c.cfg.Log.Debug("span sync", "layers", fmt.Sprintf("%d-%d", l.hop.First, l.hop.End-1), "peer", c.p, "err", err)
