@@ -462,7 +462,7 @@ func (s *Server) admit(from peer.ID, req *neuropb.ExpertRequest, reply func(*neu
 				payer = p
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), paymentTimeout)
-			err := s.cfg.Payment(ctx, payer, sg.GetEscrow(), flopsOf(b.c, int(sg.GetRows())))
+			err := s.cfg.Payment(ctx, payer, sg.GetEscrow(), FLOPs(b.c, int(sg.GetRows())))
 			cancel()
 			if err != nil {
 				if len(segs) > 1 {
@@ -537,7 +537,7 @@ func (b *batcher) receipt(j *job, escrow uint64, x []float32, n int, out *neurop
 		return nil
 	}
 	r := &neuropb.UsageReceipt{Escrow: escrow, Layer: j.layer, ExpertIndex: j.expert, Tokens: uint64(n),
-		Flops: flopsOf(b.c, n), InputDigest: neuropb.FloatsDigest(x),
+		Flops: FLOPs(b.c, n), InputDigest: neuropb.FloatsDigest(x),
 		OutputDigest: TensorDigest(out)}
 	if err := b.signer(r); err != nil {
 		return nil
@@ -545,9 +545,10 @@ func (b *batcher) receipt(j *job, escrow uint64, x []float32, n int, out *neurop
 	return r
 }
 
-// flopsOf is the work of n tokens through expert c: three matrix products
+// FLOPs is the work of n tokens through expert c, as receipts count it
+// (and a span node its own experts'): three matrix products
 // of embd x ff per token.
-func flopsOf(c Computer, n int) uint64 {
+func FLOPs(c Computer, n int) uint64 {
 	ff := 0
 	if f, ok := c.(interface{ FF() int }); ok {
 		ff = f.FF()

@@ -50,6 +50,9 @@ type ServiceConfig struct {
 	// Reprovide is how often every stored blob is announced again in the
 	// DHT, well within the life of a provider record (default 12 h).
 	Reprovide time.Duration
+	// Announce, if set, gives more keys to provide as the blobs are (the
+	// span a node serves: neuropb.SpanKey).
+	Announce func() []cid.Cid
 	// Fault makes the node misbehave on purpose (adversarial testnets
 	// only).
 	Fault Fault
@@ -213,6 +216,9 @@ func (s *Service) announce(ctx context.Context) {
 			for _, k := range s.Loaded() {
 				blobs = append(blobs, neuropb.ExpertKey(s.cfg.Model, k.Layer, k.Expert))
 			}
+		}
+		if s.cfg.Announce != nil {
+			blobs = append(blobs, s.cfg.Announce()...)
 		}
 		rt := s.p2p.RoutingTableSize()
 		for _, c := range blobs {

@@ -356,24 +356,12 @@ func (e *Engine) loadLayers(mc, gc cid.Cid) (moe.Gating, error) {
 	if err := e.fetcher.Fetch(ctx, gc); err != nil {
 		return nil, fmt.Errorf("gating shard: %w", err)
 	}
-	man, err := e.fetcher.Store().Manifest(mc)
-	if err != nil {
-		return nil, err
-	}
-	gs, err := e.fetcher.Store().OpenShard(man.GetGating())
-	if err != nil {
-		return nil, fmt.Errorf("gating %w", err)
-	}
-	hp, err := moe.HparamsOf(man, gs)
-	if err != nil {
-		return nil, err
-	}
-	g, err := e.cfg.Compute.NewGating(hp, gs, e.cfg.Threads)
+	g, err := LoadGating(e.cfg.Compute, e.fetcher.Store(), mc, e.cfg.Threads)
 	if err != nil {
 		return nil, err
 	}
 	if e.cfg.MaxSessions == 0 {
-		e.sizeSessions(g, hp)
+		e.sizeSessions(g, g.Hparams())
 	}
 	e.log.Info("loaded the model's layers", "model", mc, "took", time.Since(start))
 	return g, nil
@@ -402,24 +390,21 @@ func (e *Engine) load(ctx context.Context, m *served) error {
 		sm, err = LoadHead(e.cfg.Compute, e.fetcher.Store(), m.cid, e.cfg.Threads, func() (moe.Gating, error) {
 			return e.loadLayers(m.cid, gc)
 		})
-		if err == nil && e.cfg.MaxSessions == 0 {
-			// From head sessions (no KV cache) for now; from the layers'
-			// KV caches once a generation loads them (loadLayers).
-			e.sizeSessions(sm.Gating, sm.Gating.Hparams())
-		}
 	} else {
 		if err := e.fetcher.Fetch(ctx, gc); err != nil {
 			return fmt.Errorf("gating shard: %w", err)
 		}
 		sm, err = Load(e.cfg.Compute, e.fetcher.Store(), m.cid, e.cfg.Threads)
-		if err == nil && e.cfg.MaxSessions == 0 {
-			e.sizeSessions(sm.Gating, sm.Gating.Hparams())
-		}
 	}
 	if err != nil {
 		return err
 	}
 	hp := sm.Gating.Hparams()
+	if e.cfg.MaxSessions == 0 {
+		// A Layered gating sizes them from head sessions (no KV cache)
+		// until a generation loads its layers (loadLayers sizes them again).
+		e.sizeSessions(sm.Gating, hp)
+	}
 	if e.cfg.Speculate == SpeculateDraft {
 		path, err := e.draftFile(ctx)
 		if err != nil {

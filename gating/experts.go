@@ -428,7 +428,7 @@ func (r *RemoteExperts) round(ctx context.Context, layer int, parts []part) ([]p
 				for _, sg := range c.segs {
 					maxCompute[sg.part] = max(maxCompute[sg.part], took)
 					if sg.cs.stats != nil {
-						sg.cs.stats.LocalFLOPs.Add(int64(sg.rows) * 6 * int64(r.Embd) * int64(le.FF()))
+						sg.cs.stats.LocalFLOPs.Add(int64(expert.FLOPs(le, sg.rows)))
 					}
 				}
 				moe.Scatter(outs, out, c.slots, r.Embd)
@@ -481,13 +481,14 @@ func (r *RemoteExperts) round(ctx context.Context, layer int, parts []part) ([]p
 // its largest batch at once, or each row alone (apart).
 func computeLocal(le moe.Expert, x []float32, n, embd int, apart bool) ([]float32, error) {
 	out := make([]float32, n*embd)
-	step := max(1, le.MaxBatch())
-	if apart {
-		step = 1
+	if !apart {
+		if err := moe.ComputeBatched(le, x, n, out); err != nil {
+			return nil, err
+		}
+		return out, nil
 	}
-	for i := 0; i < n; i += step {
-		m := min(step, n-i)
-		if err := le.Compute(x[i*embd:(i+m)*embd], m, out[i*embd:(i+m)*embd]); err != nil {
+	for i := range n {
+		if err := le.Compute(x[i*embd:(i+1)*embd], 1, out[i*embd:(i+1)*embd]); err != nil {
 			return nil, err
 		}
 	}

@@ -28,14 +28,6 @@ func Load(backend moe.GatingLoader, store *expert.Store, mc cid.Cid, threads int
 	if err != nil {
 		return nil, err
 	}
-	gs, err := store.OpenShard(m.GetGating())
-	if err != nil {
-		return nil, fmt.Errorf("gating %w", err)
-	}
-	hp, err := moe.HparamsOf(m, gs)
-	if err != nil {
-		return nil, err
-	}
 	gc, _ := cid.Cast(m.GetGating().GetCid())
 	sm := &Model{}
 	defer func() {
@@ -46,10 +38,28 @@ func Load(backend moe.GatingLoader, store *expert.Store, mc cid.Cid, threads int
 	if sm.Vocab, err = backend.LoadVocab(store.Path(gc)); err != nil {
 		return nil, err
 	}
-	if sm.Gating, err = backend.NewGating(hp, gs, threads); err != nil {
+	if sm.Gating, err = LoadGating(backend, store, mc, threads); err != nil {
 		return nil, err
 	}
 	return sm, nil
+}
+
+// LoadGating loads a model's whole gating part (every layer and the head)
+// from the gating shard in a node's store.
+func LoadGating(backend moe.GatingLoader, store *expert.Store, mc cid.Cid, threads int) (moe.Gating, error) {
+	m, err := store.Manifest(mc)
+	if err != nil {
+		return nil, err
+	}
+	gs, err := store.OpenShard(m.GetGating())
+	if err != nil {
+		return nil, fmt.Errorf("gating %w", err)
+	}
+	hp, err := moe.HparamsOf(m, gs)
+	if err != nil {
+		return nil, err
+	}
+	return backend.NewGating(hp, gs, threads)
 }
 
 // Close frees the gating compute and the tokenizer.

@@ -30,7 +30,7 @@ func TestSlashOnASpanVerdict(t *testing.T) {
 	wrong, right := []float32{9, 9}, []float32{1, 2}
 	verdict := func(prior neuropb.SpanChain) *neuropb.Verdict {
 		rc := &neuropb.UsageReceipt{Layer: 0, SpanEnd: 4, Tokens: 1, Escrow: 1,
-			InputDigest: neuropb.SpanRequestDigest(prior, neuropb.SpanWant_SPAN_WANT_ALL, in), OutputDigest: neuropb.FloatsDigest(wrong)}
+			InputDigest: neuropb.SpanRequestDigest(prior, neuropb.SpanWant_SPAN_WANT_ALL, prior.Next(in, embd)), OutputDigest: neuropb.FloatsDigest(wrong)}
 		if err := SignReceipt(accused.key, rc); err != nil {
 			t.Fatal(err)
 		}

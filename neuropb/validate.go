@@ -552,8 +552,8 @@ func (r *SpanRequest) Validate() error {
 // row (embd F32, little-endian) extends it to SHA-256(chain ‖ row). A
 // span node keeps the chain at every position of a session's cache, so
 // that a rewind cuts it where it cuts the cache; its receipt for a request
-// signs SpanRequestDigest of the chain before the request, which binds
-// the answer to every row the session sent before it.
+// signs SpanRequestDigest of the chains before and after the request's
+// rows, which binds the answer to every row the session sent up to it.
 type SpanChain [sha256.Size]byte
 
 // SpanChainStart is the chain of no rows.
@@ -567,29 +567,41 @@ func (c SpanChain) Next(x []float32, embd int) SpanChain {
 	if embd <= 0 {
 		return c
 	}
-	buf := make([]byte, 4*embd)
-	for ; len(x) >= embd; x = x[embd:] {
-		for i, v := range x[:embd] {
-			binary.LittleEndian.PutUint32(buf[4*i:], math.Float32bits(v))
-		}
-		h := sha256.New()
+	buf := make([]byte, 4*len(x))
+	for i, v := range x {
+		binary.LittleEndian.PutUint32(buf[4*i:], math.Float32bits(v))
+	}
+	return c.NextRow(buf, 4*embd)
+}
+
+// NextRow returns the chain after the rows of data, little-endian F32 rows
+// of rowBytes each (an F32 wire tensor's data, hashed as it came).
+func (c SpanChain) NextRow(data []byte, rowBytes int) SpanChain {
+	if rowBytes <= 0 {
+		return c
+	}
+	h := sha256.New()
+	for ; len(data) >= rowBytes; data = data[rowBytes:] {
+		h.Reset()
 		h.Write(c[:])
-		h.Write(buf)
+		h.Write(data[:rowBytes])
 		h.Sum(c[:0])
 	}
 	return c
 }
 
 // SpanRequestDigest is the input digest of a span request (in its
-// receipt and in a span verdict): the rows x sent after the rows whose
-// chain is prior, and what the request kept (want).
-func SpanRequestDigest(prior SpanChain, want SpanWant, x []float32) []byte {
+// receipt and in a span verdict): prior is the chain of the rows the
+// session sent before it, after the chain once the request's rows are
+// added (prior.Next of them), want what it kept. The rows are hashed
+// once, in the chain a span node keeps anyway.
+func SpanRequestDigest(prior SpanChain, want SpanWant, after SpanChain) []byte {
 	h := sha256.New()
-	h.Write([]byte("neuro/span-request/v1"))
+	h.Write([]byte("neuro/span-request/v2"))
 	h.Write(prior[:])
 	var w [4]byte
 	binary.LittleEndian.PutUint32(w[:], uint32(want))
 	h.Write(w[:])
-	h.Write(FloatsDigest(x))
+	h.Write(after[:])
 	return h.Sum(nil)
 }

@@ -265,7 +265,7 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 			payment = n.pay.expertPayment
 		}
 		if n.expert, err = newExpertService(n.p2p, key, cfg.Expert, filepath.Join(n.home, StoreDir), n.countFetched(o.progress),
-			o.slowDown, o.fault, o.compute, o.budget, payment, n.metrics, n.log); err != nil {
+			o.slowDown, o.fault, o.compute, o.budget, payment, n.spanKeys, n.metrics, n.log); err != nil {
 			return nil, err
 		}
 		n.idle = newIdleGuard(cfg.Home, o.load, n.expert.SetPaused, n.metrics, n.log)
@@ -275,7 +275,6 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 			if n.spans, err = newSpanHost(n.expert, n.p2p.LibP2P(), o.compute, mc, cfg.Expert.Threads, n.p2p.ID(), sign, payment, n.log); err != nil {
 				return nil, err
 			}
-			n.spans.dht = n.p2p
 			if cfg.Expert.SpanExperts == "call" {
 				n.spans.caller = &spanCaller{client: expert.NewClient(n.p2p.LibP2P(), n.log), peers: n.p2p, book: n.book, onWrong: n.reportWrong,
 					timeout: time.Duration(cfg.Gating.CallTimeout)}
@@ -621,6 +620,16 @@ func (n *Node) services() []service {
 	return out
 }
 
+// spanKeys are the DHT keys of the span this node serves, which its
+// expert service provides with its blobs (the span host is made after the
+// service, and serves only once started).
+func (n *Node) spanKeys() []cid.Cid {
+	if n.spans == nil {
+		return nil
+	}
+	return n.spans.keys()
+}
+
 // reportWrong publishes a result this node's checks found wrong (a gating
 // node's, or a span node's of the experts it calls) as a verdict.
 func (n *Node) reportWrong(w gating.Verdict) {
@@ -649,12 +658,12 @@ func (n *Node) heartbeatExtra(hb *neuropb.Heartbeat) {
 // newExpertService builds the node's expert service from its config.
 func newExpertService(h *p2p.Host, key crypto.PrivKey, cfg ExpertConfig, store string, progress expert.Progress, slow time.Duration,
 	fault expert.Fault, compute moe.Backend, budget string, payment func(context.Context, peer.ID, uint64, uint64) error,
-	m *metrics.Metrics, log *slog.Logger) (*expert.Service, error) {
+	announce func() []cid.Cid, m *metrics.Metrics, log *slog.Logger) (*expert.Service, error) {
 	if budget == "" {
 		budget = "expert.memory_mb"
 	}
 	sc := expert.ServiceConfig{StoreDir: store, MemoryBudget: int64(cfg.MemoryMB) << 20, BudgetSource: budget, Threads: cfg.Threads,
-		Server: expert.DefaultConfig(), Progress: progress, Fault: fault, Compute: compute}
+		Server: expert.DefaultConfig(), Progress: progress, Fault: fault, Compute: compute, Announce: announce}
 	sc.Server.Metrics = m
 	sc.Server.SignReceipt = func(r *neuropb.UsageReceipt) error { return ledger.SignReceipt(key, r) }
 	sc.Server.SlowDown = slow

@@ -60,9 +60,7 @@ type spanHost struct {
 	// caller, if set, calls the span's experts this node does not host
 	// on other nodes (expert.span_experts "call").
 	caller *spanCaller
-	// dht, if set, is where the span is provided (neuropb.SpanKey).
-	dht spanDHT
-	log *slog.Logger
+	log    *slog.Logger
 
 	mu        sync.Mutex
 	part      moe.Part // once the expert service has chosen it
@@ -86,61 +84,28 @@ func newSpanHost(svc *expert.Service, h span.Host, compute moe.Backend, model ci
 		log: log.With("component", "span")}, nil
 }
 
-// spanDHT is what a span host uses of the DHT (*p2p.Host).
-type spanDHT interface {
-	Provide(ctx context.Context, c cid.Cid) error
-	RoutingTableSize() int
-}
-
-// Start loads and serves the span in the background, and then provides
-// it in the DHT.
+// Start loads and serves the span in the background.
 func (s *spanHost) Start(context.Context) error {
 	ctx, cancel := context.WithCancel(context.Background())
 	s.cancel, s.done = cancel, make(chan struct{})
 	go func() {
 		defer close(s.done)
-		if err := s.run(ctx); err != nil {
-			if ctx.Err() == nil {
-				s.log.Error("cannot serve the span", "err", err)
-			}
-			return
+		if err := s.run(ctx); err != nil && ctx.Err() == nil {
+			s.log.Error("cannot serve the span", "err", err)
 		}
-		s.provide(ctx)
 	}()
 	return nil
 }
 
-// spanReprovide is how often a served span is provided again (sooner
-// when the routing table has doubled: p2p.Provision).
-const spanReprovide = 12 * time.Hour
-
-// provide keeps the span served provided in the DHT until ctx ends.
-func (s *spanHost) provide(ctx context.Context) {
-	if s.dht == nil {
-		return
-	}
+// keys are the DHT keys of the span served, if any (neuropb.SpanKey),
+// which the expert service provides with its blobs
+// (expert.ServiceConfig.Announce).
+func (s *spanHost) keys() []cid.Cid {
 	part, ok := s.Serving()
 	if !ok {
-		return
+		return nil
 	}
-	key := neuropb.SpanKey(s.model, part.First, part.End)
-	var provided p2p.Provision
-	for {
-		if rt := s.dht.RoutingTableSize(); provided.Due(time.Now(), rt, spanReprovide) {
-			pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-			if err := s.dht.Provide(pctx, key); err == nil {
-				provided = p2p.Provision{At: time.Now(), RoutingTable: rt}
-			} else if ctx.Err() == nil {
-				s.log.Debug("provide the span", "err", err)
-			}
-			cancel()
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(10 * time.Second):
-		}
-	}
+	return []cid.Cid{neuropb.SpanKey(s.model, part.First, part.End)}
 }
 
 // Close stops serving and frees the span's memory; it is idempotent.

@@ -144,7 +144,7 @@ type SpanTask struct {
 // an expert task's input, SpanRequestDigest of a span request's.
 func (t Task) InputDigest() []byte {
 	if t.Span != nil {
-		return neuropb.SpanRequestDigest(t.Span.Prior, t.Span.Want, t.Input)
+		return neuropb.SpanRequestDigest(t.Span.Prior, t.Span.Want, t.Span.Prior.Next(t.Input, len(t.Input)/max(t.N, 1)))
 	}
 	return neuropb.FloatsDigest(t.Input)
 }

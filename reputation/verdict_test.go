@@ -225,7 +225,7 @@ func TestSpanVerdicts(t *testing.T) {
 		Span: &SpanTask{End: 6, Prior: prior, History: history, Want: neuropb.SpanWant_SPAN_WANT_ALL}}
 	// What a span node signs (span.Server): the chain before the request.
 	receipt := &neuropb.UsageReceipt{Layer: 2, SpanEnd: 6, Tokens: 2,
-		InputDigest: neuropb.SpanRequestDigest(prior, neuropb.SpanWant_SPAN_WANT_ALL, in), OutputDigest: neuropb.FloatsDigest(wrong)}
+		InputDigest: neuropb.SpanRequestDigest(prior, neuropb.SpanWant_SPAN_WANT_ALL, prior.Next(in, embd)), OutputDigest: neuropb.FloatsDigest(wrong)}
 	if err := SignReceipt(accusedKey, receipt); err != nil {
 		t.Fatal(err)
 	}
@@ -270,7 +270,7 @@ func TestSpanVerdicts(t *testing.T) {
 		// The receipt of the same rows in a session that had sent other
 		// rows before: another request.
 		"receipt of another session": func(v *neuropb.Verdict) {
-			v.AccusedReceipt.InputDigest = neuropb.SpanRequestDigest(neuropb.SpanChainStart(), neuropb.SpanWant_SPAN_WANT_ALL, in)
+			v.AccusedReceipt.InputDigest = neuropb.SpanRequestDigest(neuropb.SpanChainStart(), neuropb.SpanWant_SPAN_WANT_ALL, neuropb.SpanChainStart().Next(in, embd))
 			_ = SignReceipt(accusedKey, v.AccusedReceipt)
 			resign(t, judgeKey, v)
 		},

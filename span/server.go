@@ -393,10 +393,12 @@ func (s *Server) serve(owner peer.ID, req *neuropb.SpanRequest) *neuropb.SpanRes
 		ss.rewound = true
 		return spanError(id, neuropb.SpanError_CODE_INTERNAL, "%v", err)
 	}
-	prior := ss.chain[pos]
+	// The rows hashed as they came (F32: Validate checked it).
+	data, rowBytes := req.GetHidden().GetData(), 4*hp.Embd
 	for r := range rows {
-		ss.chain = append(ss.chain, ss.chain[len(ss.chain)-1].Next(x[r*hp.Embd:(r+1)*hp.Embd], hp.Embd))
+		ss.chain = append(ss.chain, ss.chain[len(ss.chain)-1].NextRow(data[r*rowBytes:(r+1)*rowBytes], rowBytes))
 	}
+	prior, after := ss.chain[pos], ss.chain[pos+rows]
 	answer := &neuropb.SpanResponse{RequestId: id, Hidden: expert.EncodeFloats(y, out, hp.Embd, neuropb.WireDType_WIRE_DTYPE_F32),
 		ComputeUs: uint32(min(took.Microseconds(), 1<<32-1)), Len: uint32(ss.s.Len()), ExpertCalls: uint32(counting.n())}
 	if checked {
@@ -410,7 +412,7 @@ func (s *Server) serve(owner peer.ID, req *neuropb.SpanRequest) *neuropb.SpanRes
 		}
 		rc := &neuropb.UsageReceipt{Expert: []byte(s.cfg.Self), Escrow: esc, Layer: uint32(s.cfg.Part.First), SpanEnd: uint32(s.cfg.Part.End),
 			Tokens: uint64(rows), Flops: flops,
-			InputDigest:  neuropb.SpanRequestDigest(prior, req.GetWant(), x),
+			InputDigest:  neuropb.SpanRequestDigest(prior, req.GetWant(), after),
 			OutputDigest: expert.TensorDigest(answer.GetHidden())}
 		if err := s.cfg.SignReceipt(rc); err != nil {
 			s.log.Warn("sign a span receipt", "err", err)
