@@ -160,6 +160,7 @@ type NATConfig struct {
 	RelayClient  bool     `toml:"relay_client"`
 	RelayService string   `toml:"relay_service"`
 	StaticRelays []string `toml:"static_relays"`
+	Reachability string   `toml:"reachability"`
 }
 
 // LimitsConfig bounds what the node accepts from the network.
@@ -255,6 +256,7 @@ func DefaultConfig() Config {
 				RelayClient:  true,
 				RelayService: "auto",
 				StaticRelays: []string{},
+				Reachability: "auto",
 			},
 			Limits: LimitsConfig{
 				ConnsLow:    32, // Kubo's: a node needs its mesh, routing
@@ -323,6 +325,11 @@ relay_client = true
 relay_service = "auto"
 # Relays to use instead of discovering them from connected peers.
 static_relays = []
+# auto: AutoNAT finds out (its first probe waits 15 s; until then a home
+# behind NAT holds no relay reservation). private: this node knows it is
+# behind a NAT without port forwarding: DHT client and relay reservations
+# at once. public: it knows it is reachable at its addresses.
+reachability = "auto"
 
 [p2p.limits]
 # Connection manager: trim to conns_low when above conns_high; new
@@ -596,6 +603,9 @@ func (c *Config) Validate() error {
 	}
 	if !oneOf(c.P2P.NAT.RelayService, "auto", "on", "off") {
 		return fieldErr("p2p.nat.relay_service", "%q: want auto, on or off", c.P2P.NAT.RelayService)
+	}
+	if !oneOf(c.P2P.NAT.Reachability, "auto", "private", "public") {
+		return fieldErr("p2p.nat.reachability", "%q: want auto, private or public", c.P2P.NAT.Reachability)
 	}
 	if _, err := parseAddrInfos("p2p.nat.static_relays", c.P2P.NAT.StaticRelays); err != nil {
 		return err
@@ -889,6 +899,7 @@ func (c *Config) ToP2P() (p2p.Config, error) {
 		RelayClient:      c.P2P.NAT.RelayClient,
 		RelayService:     map[string]p2p.RelayMode{"auto": p2p.RelayAuto, "on": p2p.RelayOn, "off": p2p.RelayOff}[c.P2P.NAT.RelayService],
 		StaticRelays:     relays,
+		Reachability:     map[string]p2p.Reach{"auto": p2p.ReachAuto, "private": p2p.ReachPrivate, "public": p2p.ReachPublic}[c.P2P.NAT.Reachability],
 		Limits: p2p.Limits{
 			ConnsLow:   l.ConnsLow,
 			ConnsHigh:  l.ConnsHigh,

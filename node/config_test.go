@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/neuro-p2p/neuro/p2p"
 )
 
 // The commented config that init writes must say exactly what the code's
@@ -64,6 +66,7 @@ func TestValidate(t *testing.T) {
 		{"bad role", func(c *Config) { c.P2P.Roles = []string{"miner"} }, "p2p.roles[0]"},
 		{"bad dht mode", func(c *Config) { c.P2P.DHT.Mode = "both" }, "p2p.dht.mode"},
 		{"bad relay service", func(c *Config) { c.P2P.NAT.RelayService = "yes" }, "p2p.nat.relay_service"},
+		{"bad reachability", func(c *Config) { c.P2P.NAT.Reachability = "hidden" }, "p2p.nat.reachability"},
 		{"zero bootstrap timeout", func(c *Config) { c.P2P.BootstrapTimeout = 0 }, "p2p.bootstrap_timeout"},
 		{"low above high", func(c *Config) { c.P2P.Limits.ConnsLow = 500 }, "p2p.limits.conns_low"},
 		{"high above max", func(c *Config) { c.P2P.Limits.ConnsHigh = 1000 }, "p2p.limits.conns_high"},
@@ -179,8 +182,13 @@ func TestToP2P(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(pc.Listen) != 2 || len(pc.Roles) != 2 || pc.Limits.MaxMemory != 1024<<20 || pc.HeartbeatInterval != 5*time.Second {
+	if len(pc.Listen) != 2 || len(pc.Roles) != 2 || pc.Limits.MaxMemory != 1024<<20 || pc.HeartbeatInterval != 5*time.Second ||
+		pc.Reachability != p2p.ReachAuto {
 		t.Fatalf("ToP2P = %+v", pc)
+	}
+	cfg.P2P.NAT.Reachability = "private"
+	if pc, err := cfg.ToP2P(); err != nil || pc.Reachability != p2p.ReachPrivate {
+		t.Fatalf("reachability private: %v, %v", pc.Reachability, err)
 	}
 }
 

@@ -48,6 +48,22 @@ const (
 	RelayOff
 )
 
+// Reach is what a node knows of its own reachability.
+type Reach int
+
+const (
+	// ReachAuto leaves it to AutoNAT, whose first probe waits 15 s:
+	// until then a node behind NAT neither reserves relay slots nor
+	// settles its DHT mode.
+	ReachAuto Reach = iota
+	// ReachPrivate: behind a NAT without port forwarding (a home box).
+	// The node reserves relay slots and stays a DHT client at once.
+	ReachPrivate
+	// ReachPublic: reachable at its addresses (a server with a public
+	// IP).
+	ReachPublic
+)
+
 // Limits bounds what the node accepts from the network.
 type Limits struct {
 	ConnsLow, ConnsHigh int
@@ -98,6 +114,7 @@ type hostOptions struct {
 	relayClient  bool
 	relayService RelayMode
 	staticRelays []peer.AddrInfo
+	reach        Reach
 	metrics      prometheus.Registerer // nil: Prometheus' default registry
 	transports   []any                 // more libp2p transports
 }
@@ -155,6 +172,12 @@ func newHost(o hostOptions, log *slog.Logger) (host.Host, func() error, error) {
 	if o.autoNAT {
 		opts = append(opts, libp2p.EnableNATService(), libp2p.EnableAutoNATv2())
 	}
+	switch o.reach {
+	case ReachPrivate:
+		opts = append(opts, libp2p.ForceReachabilityPrivate())
+	case ReachPublic:
+		opts = append(opts, libp2p.ForceReachabilityPublic())
+	}
 	if o.holePunching {
 		// The direct dial DCUtR tries before punching gives up after 2 s
 		// (libp2p: 5 s): a QUIC dial to a home's private address gets no
@@ -167,7 +190,11 @@ func newHost(o hostOptions, log *slog.Logger) (host.Host, func() error, error) {
 	// A neuro network has a few relays, not the thousands of the IPFS
 	// network: reserve a slot as soon as one relay is found, instead of
 	// libp2p's default of waiting for four candidates or three minutes.
-	autorelayOpts := []autorelay.Option{autorelay.WithMinCandidates(1), autorelay.WithBootDelay(10 * time.Second)}
+	// Until one is found, look among the connected peers every 2 s (the
+	// default, 30 s, made a node that knows it is private from the start
+	// ask once before it had connected to anyone, then wait 30 s).
+	autorelayOpts := []autorelay.Option{autorelay.WithMinCandidates(1), autorelay.WithBootDelay(10 * time.Second),
+		autorelay.WithMinInterval(2 * time.Second)}
 	// The peer source for AutoRelay needs the host, which does not exist
 	// yet; it reads it through this variable once New has returned.
 	var h host.Host

@@ -59,6 +59,9 @@ type Config struct {
 	RelayClient  bool
 	RelayService RelayMode
 	StaticRelays []peer.AddrInfo
+	// Reachability, unless ReachAuto, is what the node knows of itself
+	// instead of what AutoNAT finds.
+	Reachability Reach
 
 	Limits Limits
 
@@ -227,6 +230,7 @@ func New(key crypto.PrivKey, cfg Config, opts ...Option) (_ *Host, err error) {
 		relayClient:  cfg.RelayClient,
 		relayService: cfg.RelayService,
 		staticRelays: cfg.StaticRelays,
+		reach:        cfg.Reachability,
 		metrics:      o.metrics,
 		transports:   o.transports,
 	}, h.log)

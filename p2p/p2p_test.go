@@ -319,3 +319,19 @@ func TestBusyBootstrapPeerSeedsTheRoutingTable(t *testing.T) {
 		t.Fatalf("routing table %v after Start, want the bootstrap peer %s", rt, a.ID())
 	}
 }
+
+// A node that says what it knows of its reachability has it at once: a
+// home behind NAT need not wait for AutoNAT's first probe (15 s) to
+// reserve relay slots.
+func TestKnownReachability(t *testing.T) {
+	for _, c := range []struct {
+		reach Reach
+		want  neuropb.Reachability
+	}{{ReachPrivate, neuropb.Reachability_REACHABILITY_PRIVATE}, {ReachPublic, neuropb.Reachability_REACHABILITY_PUBLIC}} {
+		cfg := testConfig()
+		cfg.AutoNAT = true
+		cfg.Reachability = c.reach
+		h := newTestHost(t, cfg)
+		waitUntil(t, func() bool { return h.Reachability() == c.want }, fmt.Sprintf("reachability %v", c.want))
+	}
+}
