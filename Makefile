@@ -131,13 +131,16 @@ race:
 	$(GO) test -race -count=1 $(PURE_PKGS)
 
 ## lint: fail on unformatted code, go vet findings and staticcheck findings
-lint: $(STATICCHECK)
+# With the build's tags: without llamalib, vet and staticcheck would need
+# ggml's dependencies compiled, llama.cpp included (a cold build cache
+# compiled it once more for them).
+lint: $(STATICCHECK) llamalib
 	@out=$$(gofmt -l .); \
 	if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
-	$(GO) vet ./...
-	$(GO) vet -tags ggml $(GGML_TEST_PKGS)
-	$(STATICCHECK) ./...
-	$(STATICCHECK) -tags ggml $(GGML_TEST_PKGS)
+	$(GO) vet -tags $(TAGS) ./...
+	$(GO) vet -tags ggml,$(TAGS) $(GGML_TEST_PKGS)
+	$(STATICCHECK) -tags $(TAGS) ./...
+	$(STATICCHECK) -tags ggml,$(TAGS) $(GGML_TEST_PKGS)
 
 # staticcheck, pinned, installed from the Go module proxy into .tools.
 $(STATICCHECK):

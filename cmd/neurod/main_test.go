@@ -566,6 +566,7 @@ func TestModelImport(t *testing.T) {
 // gate and up) gives the same tokens through llama.cpp, the split forward
 // pass and a testnet whose expert nodes serve those mixed experts.
 func TestModelQuantize(t *testing.T) {
+	t.Parallel() // mostly waiting on its testnet
 	dir := t.TempDir()
 	src, q := filepath.Join(dir, "f16.gguf"), filepath.Join(dir, "q4km.gguf")
 	if r := neurod(t, nil, "model", "make", "--preset", "tiny", "--type", "f16", "--seed", "12", "--layers", "3", "--embd", "256",
@@ -605,6 +606,7 @@ func TestModelQuantize(t *testing.T) {
 // through llama.cpp, the split forward pass and a testnet; model info
 // describes them; an architecture the generator lacks is named.
 func TestQwen3MoeModel(t *testing.T) {
+	t.Parallel() // mostly waiting on its testnets
 	for _, tc := range []struct {
 		arch  string
 		extra []string
@@ -618,6 +620,7 @@ func TestQwen3MoeModel(t *testing.T) {
 		}},
 	} {
 		t.Run(tc.arch, func(t *testing.T) {
+			t.Parallel()
 			path := filepath.Join(t.TempDir(), tc.arch+".gguf")
 			args := append([]string{"model", "make", "--arch", tc.arch, "--preset", "tiny", "--type", "q8_0", "--seed", "61", "--embd", "128",
 				"--layers", "3", "--out", path}, tc.extra...)

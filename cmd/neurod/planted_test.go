@@ -21,6 +21,7 @@ func TestPlantedModelSpeaks(t *testing.T) {
 	const text = "Once upon a time, experts on many machines spoke through one network."
 	const prompt = "Once upon a time,"
 	rest := strings.TrimPrefix(text, prompt)
+	t.Parallel() // mostly waiting on its testnets
 	for _, arch := range []string{"llama", "qwen3moe", "gpt-oss", "glm4moe", "deepseek2"} {
 		t.Run(arch, func(t *testing.T) {
 			t.Parallel()

@@ -44,6 +44,7 @@ func TestTestnetNetns(t *testing.T) {
 		{"cone-rtt50ms", "cone", 50 * time.Millisecond, true, false, []string{"tcp", "quic-v1"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel() // each testnet has namespaces of its own
 			args := []string{"testnet", "--netns", "--homes", "2", "--nat", tc.nat, "--model", path, "--prompt", prompt,
 				"--max-tokens", "16", "--check", "--json"}
 			if tc.rtt > 0 {
