@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"sync/atomic"
 	"time"
 
 	"github.com/libp2p/go-libp2p"
@@ -196,26 +197,31 @@ func newHost(o hostOptions, log *slog.Logger) (host.Host, func() error, error) {
 	autorelayOpts := []autorelay.Option{autorelay.WithMinCandidates(1), autorelay.WithBootDelay(10 * time.Second),
 		autorelay.WithMinInterval(2 * time.Second)}
 	// The peer source for AutoRelay needs the host, which does not exist
-	// yet; it reads it through this variable once New has returned.
-	var h host.Host
+	// yet: it finds it here once New has returned. AutoRelay may ask
+	// before (a node that knows it is private starts it inside New).
+	var built atomic.Pointer[host.Host]
 	if o.relayClient {
 		opts = append(opts, libp2p.EnableRelay())
 		if len(o.staticRelays) > 0 {
 			opts = append(opts, libp2p.EnableAutoRelayWithStaticRelays(o.staticRelays, autorelayOpts...))
 		} else {
 			opts = append(opts, libp2p.EnableAutoRelayWithPeerSource(func(_ context.Context, n int) <-chan peer.AddrInfo {
-				return connectedPeers(h, n)
+				if p := built.Load(); p != nil {
+					return connectedPeers(*p, n)
+				}
+				return connectedPeers(nil, n)
 			}, autorelayOpts...))
 		}
 	} else {
 		opts = append(opts, libp2p.DisableRelay())
 	}
-	h, err = libp2p.New(opts...)
+	h, err := libp2p.New(opts...)
 	if err != nil {
 		rm.Close()
 		cm.Close()
 		return nil, nil, fmt.Errorf("libp2p host: %w", err)
 	}
+	built.Store(&h)
 	closers := []func() error{h.Close}
 	closeAll := func() error {
 		var errs []error
