@@ -69,7 +69,7 @@ build: llamalib
 
 ## test: gofmt, vet and staticcheck, and every test, shuffled: neurod built first (llama.cpp, compiled once), then at once cmd/neurod's testnets, the race-detector run of the pure-Go packages, and the ggml run, the lint and the Vulkan tests on lavapipe
 test: build
-	@$(MAKE) --no-print-directory -j3 test-cmd test-race test-rest
+	@$(MAKE) --no-print-directory -j3 test-cmd-run test-race test-rest-run
 
 # GPU backends: libraries neurod opens at run time from its own folder
 # (bin/). Each is built once per machine into $(GPU_CACHE), keyed by the
@@ -96,7 +96,9 @@ cuda:
 VULKAN_ENV = NEURO_BACKENDS=$(CURDIR)/bin GGML_VK_VISIBLE_DEVICES=0 NEURO_TEST_DEVICES=vulkan:0 NEURO_REQUIRE_VULKAN=1
 
 ## test-vulkan: the device tests on lavapipe: an expert per type family against the CPU, the split model's tokens, generate and a two-node testnet on vulkan:0
-test-vulkan: vulkan build
+test-vulkan: build
+	@$(MAKE) --no-print-directory test-vulkan-run
+test-vulkan-run: vulkan
 	$(VULKAN_ENV) $(GO) test -tags $(TAGS) -count=1 -timeout 20m -run '^(TestDevice(ExpertMatchesCPU|SplitMatchesLlamaCpp)|TestAutoMeasuresTheDevices)$$' ./ggml/
 	$(VULKAN_ENV) $(GO) test -tags $(TAGS) -count=1 -timeout 20m -run '^TestVulkan' ./cmd/neurod/
 
@@ -107,22 +109,33 @@ test-vulkan: vulkan build
 # with -race: CPU) and the rest (ggml tests, lint, Vulkan). A fresh clone:
 # 649 s, against 722 s with the race run beside the build of neurod (the
 # build then took 362 s instead of 191 s, and the testnets started later).
-.PHONY: test-race test-cmd test-ggml test-rest
+#
+# The *-run targets are the parts without their `build` prerequisite,
+# which make test has met once before them: each `go build` of neurod
+# relinks it, and a prerequisite shared by jobs of one -j make has them
+# wait on it.
+.PHONY: test-race test-cmd test-ggml test-rest test-cmd-run test-ggml-run test-rest-run test-vulkan-run
 test-race:
 	$(GO) test -race -shuffle=on -count=1 -timeout 20m $(PURE_PKGS)
 
-# Beside cmd/neurod's tests, one after the other.
+# Beside cmd/neurod's tests.
 test-rest: build
-	@$(MAKE) --no-print-directory test-ggml lint test-vulkan
+	@$(MAKE) --no-print-directory test-rest-run
+test-rest-run:
+	@$(MAKE) --no-print-directory test-ggml-run lint test-vulkan-run
 
 # cmd/neurod's tests (its testnets) take longest: they start first, four
 # at once rather than go test's default of one per core (they mostly wait
 # on their processes and emulated round trips: 407 s with two at once, 248
 # s with four, on 2 cores).
 test-cmd: build
+	@$(MAKE) --no-print-directory test-cmd-run
+test-cmd-run:
 	$(GO) test -tags $(TAGS) -shuffle=on -count=1 -parallel 4 -timeout 20m ./cmd/...
 
 test-ggml: build
+	@$(MAKE) --no-print-directory test-ggml-run
+test-ggml-run:
 	$(GO) test -tags ggml,$(TAGS) -shuffle=on -count=1 -timeout 20m -run '^($(GGML_TESTS))$$' $(GGML_TEST_PKGS)
 	$(GO) test -tags $(TAGS) -shuffle=on -count=1 -timeout 20m ./ggml/...
 
