@@ -67,9 +67,10 @@ llamalib:
 build: llamalib
 	$(GO) build -tags $(TAGS) -o $(BIN) ./cmd/neurod
 
-## test: gofmt, vet and staticcheck, and every test, shuffled: neurod built first (llama.cpp, compiled once), then at once cmd/neurod's testnets, the race-detector run of the pure-Go packages, and the ggml run, the lint and the Vulkan tests on lavapipe
+## test: gofmt, vet and staticcheck, and every test, shuffled: neurod built first, then the race-detector run of the pure-Go packages beside the lint, then cmd/neurod's testnets, the ggml tests and the Vulkan tests on lavapipe at once
 test: build
-	@$(MAKE) --no-print-directory -j3 test-cmd-run test-race test-rest-run
+	@$(MAKE) --no-print-directory -j2 test-race lint
+	@$(MAKE) --no-print-directory -j3 test-cmd-run test-ggml-run test-vulkan-run
 
 # GPU backends: libraries neurod opens at run time from its own folder
 # (bin/). Each is built once per machine into $(GPU_CACHE), keyed by the
@@ -103,17 +104,21 @@ test-vulkan-run: vulkan
 	$(VULKAN_ENV) $(GO) test -tags $(TAGS) -count=1 -timeout 20m -run '^TestVulkan' ./cmd/neurod/
 
 # make test builds neurod first, alone: everything else reuses what it
-# compiled (llama.cpp above all) or needs the binary. Then three at once:
-# cmd/neurod's testnets, which mostly wait on their processes and emulated
-# round trips, beside the race-detector run (every package compiled again
-# with -race: CPU) and the rest (ggml tests, lint, Vulkan). A fresh clone:
-# 649 s, against 722 s with the race run beside the build of neurod (the
-# build then took 362 s instead of 191 s, and the testnets started later).
+# compiled or needs the binary. Then the work that is Go compiled and
+# analysed, at once: the race-detector run (every package compiled again
+# with -race) and the lint. Then the tests that compute with ggml and run
+# processes, at once: cmd/neurod's testnets (mostly waiting on their
+# processes and emulated round trips), the ggml tests and the Vulkan
+# tests. ggml's threads wait for each other at a barrier by spinning, so
+# beside a compile that keeps both cores busy its tests burned CPU for
+# nothing: with all three parts at once after the build a fresh clone took
+# 673 s and 1,271 CPU seconds; the ggml package's tests alone 282 s
+# instead of 23.
 #
 # The *-run targets are the parts without their `build` prerequisite,
 # which make test has met once before them: each `go build` of neurod
-# relinks it, and a prerequisite shared by jobs of one -j make has them
-# wait on it.
+# relinks it, and a prerequisite shared by jobs of one -j make can have
+# them wait on it.
 .PHONY: test-race test-cmd test-ggml test-rest test-cmd-run test-ggml-run test-rest-run test-vulkan-run
 test-race:
 	$(GO) test -race -shuffle=on -count=1 -timeout 20m $(PURE_PKGS)
