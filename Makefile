@@ -67,10 +67,9 @@ llamalib:
 build: llamalib
 	$(GO) build -tags $(TAGS) -o $(BIN) ./cmd/neurod
 
-## test: gofmt, vet and staticcheck, and every test, shuffled: neurod built first, then the race-detector run of the pure-Go packages beside the lint, then cmd/neurod's testnets, the ggml tests and the Vulkan tests on lavapipe at once
+## test: gofmt, vet and staticcheck, and every test, shuffled: neurod built first, then at once cmd/neurod's testnets, the race-detector run of the pure-Go packages, and the lint, the ggml tests and the Vulkan tests on lavapipe one after the other
 test: build
-	@$(MAKE) --no-print-directory -j2 test-race lint
-	@$(MAKE) --no-print-directory -j3 test-cmd-run test-ggml-run test-vulkan-run
+	@$(MAKE) --no-print-directory -j3 test-cmd-run test-race test-rest-run
 
 # GPU backends: libraries neurod opens at run time from its own folder
 # (bin/). Each is built once per machine into $(GPU_CACHE), keyed by the
@@ -104,16 +103,16 @@ test-vulkan-run: vulkan
 	$(VULKAN_ENV) $(GO) test -tags $(TAGS) -count=1 -timeout 20m -run '^TestVulkan' ./cmd/neurod/
 
 # make test builds neurod first, alone: everything else reuses what it
-# compiled or needs the binary. Then the work that is Go compiled and
-# analysed, at once: the race-detector run (every package compiled again
-# with -race) and the lint. Then the tests that compute with ggml and run
-# processes, at once: cmd/neurod's testnets (mostly waiting on their
-# processes and emulated round trips), the ggml tests and the Vulkan
-# tests. ggml's threads wait for each other at a barrier by spinning, so
-# beside a compile that keeps both cores busy its tests burned CPU for
-# nothing: with all three parts at once after the build a fresh clone took
-# 673 s and 1,271 CPU seconds; the ggml package's tests alone 282 s
-# instead of 23.
+# compiled or needs the binary. Then three at once: cmd/neurod's testnets
+# (the longest part: they mostly wait on their processes and emulated
+# round trips), the race-detector run (every package compiled again with
+# -race: CPU) and the rest one after the other: the lint first (Go, like
+# the race run's compile), then the ggml tests and the Vulkan tests. ggml's
+# threads wait for each other at a barrier by spinning, so beside a
+# compile that keeps both cores busy its tests burn CPU for nothing: with
+# the ggml tests first, a fresh clone took 673 s and 1,271 CPU seconds,
+# the ggml package's tests 282 s instead of 23. (The race run and the lint
+# first, then the rest at once: 713 s, the testnets starting at 415 s.)
 #
 # The *-run targets are the parts without their `build` prerequisite,
 # which make test has met once before them: each `go build` of neurod
@@ -127,7 +126,9 @@ test-race:
 test-rest: build
 	@$(MAKE) --no-print-directory test-rest-run
 test-rest-run:
-	@$(MAKE) --no-print-directory test-ggml-run lint test-vulkan-run
+	@$(MAKE) --no-print-directory lint
+	@$(MAKE) --no-print-directory test-ggml-run
+	@$(MAKE) --no-print-directory test-vulkan-run
 
 # cmd/neurod's tests (its testnets) take longest: they start first, four
 # at once rather than go test's default of one per core (they mostly wait
