@@ -251,25 +251,15 @@ func (s *State) Encode() []byte {
 // with the types' fields).
 func (s *State) Clone() *State {
 	c := *s
-	c.Accounts = make(map[string]*Account, len(s.Accounts))
-	for k, a := range s.Accounts {
-		ac := *a
-		ac.Unbonding = slices.Clone(a.Unbonding)
-		ac.Allowances = maps.Clone(a.Allowances)
-		c.Accounts[k] = &ac
-	}
-	c.Escrows = make(map[uint64]*Escrow, len(s.Escrows))
-	for k, e := range s.Escrows {
-		ec := *e
-		c.Escrows[k] = &ec
-	}
-	c.Proposals = make(map[uint64]*Proposal, len(s.Proposals))
-	for k, p := range s.Proposals {
-		pc := *p
-		pc.Params = slices.Clone(p.Params)
-		pc.Votes = maps.Clone(p.Votes)
-		c.Proposals[k] = &pc
-	}
+	c.Accounts = cloneEach(s.Accounts, func(a *Account) {
+		a.Unbonding = slices.Clone(a.Unbonding)
+		a.Allowances = maps.Clone(a.Allowances)
+	})
+	c.Escrows = cloneEach(s.Escrows, nil)
+	c.Proposals = cloneEach(s.Proposals, func(p *Proposal) {
+		p.Params = slices.Clone(p.Params)
+		p.Votes = maps.Clone(p.Votes)
+	})
 	c.Models = cloneOrEmpty(s.Models)
 	c.Work = cloneOrEmpty(s.Work)
 	c.Slashed = cloneOrEmpty(s.Slashed)
@@ -278,6 +268,20 @@ func (s *State) Clone() *State {
 		c.params = proto.Clone(s.params).(*neuropb.LedgerParams)
 	}
 	return &c
+}
+
+// cloneEach copies m and each value it points to, then has deep copy what
+// the copied value still shares (nil: nothing).
+func cloneEach[K comparable, V any](m map[K]*V, deep func(*V)) map[K]*V {
+	c := make(map[K]*V, len(m))
+	for k, v := range m {
+		vc := *v
+		if deep != nil {
+			deep(&vc)
+		}
+		c[k] = &vc
+	}
+	return c
 }
 
 // cloneOrEmpty copies m, making an empty map of a nil one (as LoadState
