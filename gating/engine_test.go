@@ -154,7 +154,7 @@ func llamaReference(t testing.TB, src, prompt string, maxTokens int) *ggml.Gener
 		t.Fatal(err)
 	}
 	defer ref.Close()
-	g, err := ref.GenerateGreedy(prompt, maxTokens, ggml.ContextOptions{}, false)
+	g, err := ref.GenerateGreedy(prompt, maxTokens, ggml.ContextOptions{Threads: 1}, false)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -200,7 +200,7 @@ func TestDeviceSplitMatchesLlamaCpp(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer ref.Close()
-			want, err := ref.GenerateGreedy(prompt, maxTokens, ContextOptions{Threads: 2}, true)
+			want, err := ref.GenerateGreedy(prompt, maxTokens, ContextOptions{Threads: testThreads}, true)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -209,7 +209,7 @@ func TestDeviceSplitMatchesLlamaCpp(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			sm, err := LoadSplitOn(dev, dir, res.ModelCID, 2)
+			sm, err := LoadSplitOn(dev, dir, res.ModelCID, testThreads)
 			if err != nil {
 				t.Fatal(err)
 			}

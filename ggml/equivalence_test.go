@@ -214,7 +214,7 @@ func TestGptOssSlidingWindowRingMatchesLlamaCpp(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer ref.Close()
-			want, err := ref.GenerateGreedy(prompt, maxTokens, ContextOptions{Threads: 2, UBatch: ubatch}, true)
+			want, err := ref.GenerateGreedy(prompt, maxTokens, ContextOptions{Threads: testThreads, UBatch: ubatch}, true)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -223,7 +223,7 @@ func TestGptOssSlidingWindowRingMatchesLlamaCpp(t *testing.T) {
 			if n := len(want.Prompt); n < 512 || n%256 >= p.SlidingWindow/2 {
 				t.Fatalf("a prompt of %d tokens: the generated tokens' windows do not straddle the ring's end", n)
 			}
-			sm := splitOf(t, path, model.SplitOptions{}, 2)
+			sm := splitOf(t, path, model.SplitOptions{}, testThreads)
 			s, err := sm.Gating.NewSessionUBatch(0, ubatch)
 			if err != nil {
 				t.Fatal(err)
@@ -352,7 +352,7 @@ func splitMatchesLlamaCppWith(t *testing.T, path, prompt string, maxTokens int, 
 		t.Fatal(err)
 	}
 	defer ref.Close()
-	want, err := ref.GenerateGreedy(prompt, maxTokens, ContextOptions{Threads: 2}, true)
+	want, err := ref.GenerateGreedy(prompt, maxTokens, ContextOptions{Threads: testThreads}, true)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -361,7 +361,7 @@ func splitMatchesLlamaCppWith(t *testing.T, path, prompt string, maxTokens int, 
 	if err != nil {
 		t.Fatal(err)
 	}
-	sm, err := LoadSplit(dir, res.ModelCID, 2)
+	sm, err := LoadSplit(dir, res.ModelCID, testThreads)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -411,7 +411,7 @@ func TestForwardEachIsDecodeSteps(t *testing.T) {
 				case "gpt-oss":
 					p.HeadSize, p.Layers = 64, 3
 				}
-				sm := splitOf(t, archModel(t, t.TempDir(), arch, p, typ, 7), model.SplitOptions{SharedRemote: remote}, 2)
+				sm := splitOf(t, archModel(t, t.TempDir(), arch, p, typ, 7), model.SplitOptions{SharedRemote: remote}, testThreads)
 				prompt := make([]int32, 70)
 				for i := range prompt {
 					prompt[i] = int32(3 + i*11%300)

@@ -44,7 +44,7 @@ func TestLlamaGenerateGreedy(t *testing.T) {
 	if got := l.Detokenize(toks[1:]); got != "hello world" {
 		t.Fatalf("detokenize: %q", got)
 	}
-	opts := ContextOptions{Threads: 2}
+	opts := ContextOptions{Threads: testThreads}
 	a, err := l.GenerateGreedy("once upon a time", 24, opts, true)
 	if err != nil {
 		t.Fatal(err)
@@ -363,7 +363,7 @@ func TestDrafterDraftsTheGreedyContinuation(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer l.Close()
-	want, err := l.GenerateGreedy("the draft model drafts", 12, ContextOptions{}, false)
+	want, err := l.GenerateGreedy("the draft model drafts", 12, ContextOptions{Threads: testThreads}, false)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -68,11 +68,11 @@ func TestQuantizedMixesMatchLlamaCpp(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer ref.Close()
-			want, err := ref.GenerateGreedy(prompt, maxTokens, ContextOptions{Threads: 2}, true)
+			want, err := ref.GenerateGreedy(prompt, maxTokens, ContextOptions{Threads: testThreads}, true)
 			if err != nil {
 				t.Fatal(err)
 			}
-			sm, err := LoadSplit(shards, res.ModelCID, 2)
+			sm, err := LoadSplit(shards, res.ModelCID, testThreads)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -39,7 +39,7 @@ func TestSpansMatchTheWholeGating(t *testing.T) {
 			if m.GetFormat() != 2 || len(m.GetLayers()) != p.Layers || m.GetHead() == nil {
 				t.Fatalf("manifest format %d with %d layer shards (head %v), want 2 with %d", m.GetFormat(), len(m.GetLayers()), m.GetHead() != nil, p.Layers)
 			}
-			whole, err := LoadSplit(dir, res.ModelCID, 2)
+			whole, err := LoadSplit(dir, res.ModelCID, testThreads)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -59,7 +59,7 @@ func TestSpansMatchTheWholeGating(t *testing.T) {
 				t.Fatalf("hyper-parameters from layer %d's shard: %+v, %v\nwant %+v", cut, got, err, hp)
 			}
 			load := func(ts moe.Tensors, part moe.Part) *Session {
-				g, err := NewGatingPart(Device{}, hp, ts, part, 2)
+				g, err := NewGatingPart(Device{}, hp, ts, part, testThreads)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -74,7 +74,7 @@ func TestSpansMatchTheWholeGating(t *testing.T) {
 			head := load(open(0, 0, true), moe.Part{Head: true})
 			a := load(first, moe.Part{First: 0, End: cut})
 			b := load(second, moe.Part{First: cut, End: p.Layers})
-			if _, err := NewGatingPart(Device{}, hp, first, moe.Part{First: 0, End: cut + 1}, 2); err == nil {
+			if _, err := NewGatingPart(Device{}, hp, first, moe.Part{First: 0, End: cut + 1}, testThreads); err == nil {
 				t.Fatal("a part whose layer's shard is missing loaded")
 			}
 			if _, err := a.Embed([]int32{1}); err == nil {

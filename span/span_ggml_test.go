@@ -41,7 +41,7 @@ func TestChainMatchesTheWholeModelInGgml(t *testing.T) {
 		t.Fatal(err)
 	}
 	m := res.Manifest
-	whole, err := ggml.LoadSplit(dir, res.ModelCID, 2)
+	whole, err := ggml.LoadSplit(dir, res.ModelCID, 1)
 	if err != nil {
 		t.Fatal(err)
 	}
