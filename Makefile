@@ -54,7 +54,14 @@ env:
 # from the module). ggml/llamalib/ holds a link to it.
 LLAMA_CACHE ?= $(HOME)/.cache/neuro-llama
 export NEURO_LLAMA_CACHE := $(LLAMA_CACHE)
-TAGS := llamalib
+# CometBFT's database package links pebble, whose zstd is DataDog's cgo
+# package: it compiles its bundled copy of zstd (40 C files, about 45 CPU
+# seconds on this machine, twice in make test: plain and for the race
+# detector) unless the system's libzstd is there (Debian: libzstd-dev;
+# .ci/run installs it). The ledger's chain uses goleveldb, so pebble's
+# zstd never runs in neurod either way.
+ZSTD_TAG := $(shell pkg-config --exists 'libzstd >= 1.4' 2>/dev/null && echo ,external_libzstd)
+TAGS := llamalib$(ZSTD_TAG)
 
 ## llamalib: build llama.cpp and ggml into the cached static library the builds link (once per machine)
 llamalib:
@@ -69,7 +76,7 @@ build: llamalib
 
 ## test: gofmt, vet and staticcheck, and every test, shuffled: neurod built first, then at once cmd/neurod's testnets, the race-detector run of the pure-Go packages, and the lint, the ggml tests and the Vulkan tests on lavapipe one after the other
 test: build
-	@$(MAKE) --no-print-directory -j3 test-cmd-run test-race test-rest-run
+	@$(MAKE) --no-print-directory -j3 TESTVET=-vet=off test-cmd-run test-race test-rest-run
 
 # GPU backends: libraries neurod opens at run time from its own folder
 # (bin/). Each is built once per machine into $(GPU_CACHE), keyed by the
@@ -99,8 +106,8 @@ VULKAN_ENV = NEURO_BACKENDS=$(CURDIR)/bin GGML_VK_VISIBLE_DEVICES=0 NEURO_TEST_D
 test-vulkan: build
 	@$(MAKE) --no-print-directory test-vulkan-run
 test-vulkan-run: vulkan
-	$(VULKAN_ENV) $(GO) test -tags $(TAGS) -count=1 -timeout 20m -run '^(TestDevice(ExpertMatchesCPU|SplitMatchesLlamaCpp)|TestAutoMeasuresTheDevices)$$' ./ggml/
-	$(VULKAN_ENV) $(GO) test -tags $(TAGS) -count=1 -timeout 20m -run '^TestVulkan' ./cmd/neurod/
+	$(VULKAN_ENV) $(GO) test $(TESTVET) -tags $(TAGS) -count=1 -timeout 20m -run '^(TestDevice(ExpertMatchesCPU|SplitMatchesLlamaCpp)|TestAutoMeasuresTheDevices)$$' ./ggml/
+	$(VULKAN_ENV) $(GO) test $(TESTVET) -tags $(TAGS) -count=1 -timeout 20m -run '^TestVulkan' ./cmd/neurod/
 
 # make test builds neurod first, alone: everything else reuses what it
 # compiled or needs the binary. Then three at once: cmd/neurod's testnets
@@ -114,13 +121,18 @@ test-vulkan-run: vulkan
 # the ggml package's tests 282 s instead of 23. (The race run and the lint
 # first, then the rest at once: 713 s, the testnets starting at 415 s.)
 #
+# go test's own vet (a subset of go vet's checks, with facts computed for
+# every dependency again: 43 CPU seconds in the race run's cold build) is
+# off in make test, whose lint runs the whole go vet over the same packages
+# with the same tags; make test-cmd, test-ggml and race keep it.
+#
 # The *-run targets are the parts without their `build` prerequisite,
 # which make test has met once before them: each `go build` of neurod
 # relinks it, and a prerequisite shared by jobs of one -j make can have
 # them wait on it.
 .PHONY: test-race test-cmd test-ggml test-rest test-cmd-run test-ggml-run test-rest-run test-vulkan-run
 test-race:
-	$(GO) test -race -shuffle=on -count=1 -timeout 20m $(PURE_PKGS)
+	$(GO) test -race $(TESTVET) -tags $(TAGS) -shuffle=on -count=1 -timeout 20m $(PURE_PKGS)
 
 # Beside cmd/neurod's tests.
 test-rest: build
@@ -137,17 +149,17 @@ test-rest-run:
 test-cmd: build
 	@$(MAKE) --no-print-directory test-cmd-run
 test-cmd-run:
-	$(GO) test -tags $(TAGS) -shuffle=on -count=1 -parallel 4 -timeout 20m ./cmd/...
+	$(GO) test $(TESTVET) -tags $(TAGS) -shuffle=on -count=1 -parallel 4 -timeout 20m ./cmd/...
 
 test-ggml: build
 	@$(MAKE) --no-print-directory test-ggml-run
 test-ggml-run:
-	$(GO) test -tags ggml,$(TAGS) -shuffle=on -count=1 -timeout 20m -run '^($(GGML_TESTS))$$' $(GGML_TEST_PKGS)
-	$(GO) test -tags $(TAGS) -shuffle=on -count=1 -timeout 20m ./ggml/...
+	$(GO) test $(TESTVET) -tags ggml,$(TAGS) -shuffle=on -count=1 -timeout 20m -run '^($(GGML_TESTS))$$' $(GGML_TEST_PKGS)
+	$(GO) test $(TESTVET) -tags $(TAGS) -shuffle=on -count=1 -timeout 20m ./ggml/...
 
 ## race: the non-cgo packages' tests with the race detector only (no lint)
 race:
-	$(GO) test -race -count=1 $(PURE_PKGS)
+	$(GO) test -race -tags $(TAGS) -count=1 $(PURE_PKGS)
 
 ## lint: fail on unformatted code, go vet findings and staticcheck findings
 # With the build's tags: without llamalib, vet and staticcheck would need

@@ -26,6 +26,11 @@ import (
 // neurodBin is the binary under test, built once by TestMain.
 var neurodBin string
 
+// buildTags are the tags this test binary was built with, which TestMain
+// builds neurod with too (tags_*_test.go add them), so that it reuses
+// what the test binary compiled.
+var buildTags []string
+
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "neurod-test-")
 	if err != nil {
@@ -33,7 +38,7 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	neurodBin = filepath.Join(dir, "neurod")
-	build := exec.Command("go", "build", "-tags", buildTags, "-o", neurodBin, ".")
+	build := exec.Command("go", "build", "-tags", strings.Join(buildTags, ","), "-o", neurodBin, ".")
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
 	if err := build.Run(); err != nil {
 		fmt.Fprintln(os.Stderr, "build neurod:", err)

@@ -2,7 +2,5 @@
 
 package main
 
-// buildTags are the tags this test binary was built with, which TestMain
-// builds neurod with too (the Makefile's: llama.cpp from the cached
-// library).
-const buildTags = "llamalib"
+// The Makefile's builds take llama.cpp from the cached library.
+func init() { buildTags = append(buildTags, "llamalib") }
