@@ -33,25 +33,40 @@ when none runs.`
 
 func newAPIKeyCmd(g *globalFlags) *cobra.Command {
 	cmd := &cobra.Command{Use: "apikey", Short: "Issue, list and revoke the API keys of a gating node's HTTP API", Long: apikeyLong}
-	var asJSON bool
-	var account, budget, rateSpec string
+	a := &apikeyFlags{g: g}
+	create, list, revoke := a.createCmd(), a.listCmd(), a.revokeCmd()
+	for _, c := range []*cobra.Command{create, list, revoke} {
+		c.Flags().BoolVar(&a.asJSON, "json", false, "print JSON")
+	}
+	cmd.AddCommand(create, list, revoke)
+	return cmd
+}
+
+// apikeyFlags are the apikey subcommands' flags.
+type apikeyFlags struct {
+	g                         *globalFlags
+	asJSON                    bool
+	account, budget, rateSpec string
+}
+
+func (a *apikeyFlags) createCmd() *cobra.Command {
 	create := &cobra.Command{
 		Use: "create --account PEER --budget NEURO [--rate N/min] [--json]", Short: "Issue a key (printed once)", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if _, err := peer.Decode(account); err != nil {
-				return fmt.Errorf("flag --account %q: %w", account, err)
+			if _, err := peer.Decode(a.account); err != nil {
+				return fmt.Errorf("flag --account %q: %w", a.account, err)
 			}
-			b, err := parseNeuro(budget)
+			b, err := parseNeuro(a.budget)
 			if err != nil {
 				return fmt.Errorf("flag --budget: %w", err)
 			}
-			perMin, err := parseRate(rateSpec)
+			perMin, err := parseRate(a.rateSpec)
 			if err != nil {
 				return fmt.Errorf("flag --rate: %w", err)
 			}
-			req := node.APIKeyRequest{Account: account, Budget: b, RatePerMin: perMin}
+			req := node.APIKeyRequest{Account: a.account, Budget: b, RatePerMin: perMin}
 			var info node.APIKeyInfo
-			err = withKeys(cmd, g, func(ctx context.Context, addr string) (err error) {
+			err = withKeys(cmd, a.g, func(ctx context.Context, addr string) (err error) {
 				info, err = node.CreateAPIKey(ctx, addr, req)
 				return err
 			}, func(s *billing.Store) (err error) {
@@ -61,7 +76,7 @@ func newAPIKeyCmd(g *globalFlags) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if asJSON {
+			if a.asJSON {
 				writeJSON(cmd.OutOrStdout(), info)
 				return nil
 			}
@@ -70,16 +85,20 @@ func newAPIKeyCmd(g *globalFlags) *cobra.Command {
 			return nil
 		},
 	}
-	create.Flags().StringVar(&account, "account", "", "the ledger account (peer ID) that pays")
-	create.Flags().StringVar(&budget, "budget", "", "the most the key may spend, in NEURO")
-	create.Flags().StringVar(&rateSpec, "rate", "60/min", "most requests: N/min, N/s, N/h, or 0 for no limit")
+	create.Flags().StringVar(&a.account, "account", "", "the ledger account (peer ID) that pays")
+	create.Flags().StringVar(&a.budget, "budget", "", "the most the key may spend, in NEURO")
+	create.Flags().StringVar(&a.rateSpec, "rate", "60/min", "most requests: N/min, N/s, N/h, or 0 for no limit")
 	_ = create.MarkFlagRequired("account")
 	_ = create.MarkFlagRequired("budget")
-	list := &cobra.Command{
+	return create
+}
+
+func (a *apikeyFlags) listCmd() *cobra.Command {
+	return &cobra.Command{
 		Use: "list [--json]", Short: "List the keys (never the keys themselves)", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			var out []node.APIKeyInfo
-			err := withKeys(cmd, g, func(ctx context.Context, addr string) (err error) {
+			err := withKeys(cmd, a.g, func(ctx context.Context, addr string) (err error) {
 				out, err = node.ListAPIKeys(ctx, addr)
 				return err
 			}, func(s *billing.Store) error {
@@ -94,7 +113,7 @@ func newAPIKeyCmd(g *globalFlags) *cobra.Command {
 			if out == nil {
 				out = []node.APIKeyInfo{}
 			}
-			if asJSON {
+			if a.asJSON {
 				writeJSON(cmd.OutOrStdout(), out)
 				return nil
 			}
@@ -109,11 +128,14 @@ func newAPIKeyCmd(g *globalFlags) *cobra.Command {
 			return nil
 		},
 	}
-	revoke := &cobra.Command{
+}
+
+func (a *apikeyFlags) revokeCmd() *cobra.Command {
+	return &cobra.Command{
 		Use: "revoke ID", Short: "Revoke a key: it is refused (401) from now on", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var info node.APIKeyInfo
-			err := withKeys(cmd, g, func(ctx context.Context, addr string) (err error) {
+			err := withKeys(cmd, a.g, func(ctx context.Context, addr string) (err error) {
 				info, err = node.RevokeAPIKey(ctx, addr, args[0])
 				return err
 			}, func(s *billing.Store) error {
@@ -124,7 +146,7 @@ func newAPIKeyCmd(g *globalFlags) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if asJSON {
+			if a.asJSON {
 				writeJSON(cmd.OutOrStdout(), info)
 				return nil
 			}
@@ -132,11 +154,6 @@ func newAPIKeyCmd(g *globalFlags) *cobra.Command {
 			return nil
 		},
 	}
-	for _, c := range []*cobra.Command{create, list, revoke} {
-		c.Flags().BoolVar(&asJSON, "json", false, "print JSON")
-	}
-	cmd.AddCommand(create, list, revoke)
-	return cmd
 }
 
 // withKeys runs online against the node running in --home, or offline on

@@ -255,66 +255,76 @@ func benchMarkdown(rep *testnet.BenchReport) string {
 			spans = append(spans, r)
 			continue
 		}
-		if r.Skipped != "" {
-			fmt.Fprintf(&sb, "| %s | %s | skipped: %s | | | | | | | | | |\n", r.Name, testnet.FmtRTT(time.Duration(r.RTTMs*float64(time.Millisecond))), r.Skipped)
-			continue
-		}
-		rtt := "–"
-		if r.Kind == "netns" || r.Kind == "placement" || r.Kind == "concurrent" && r.RTTMs > 0 {
-			rtt = fmt.Sprintf("%.0f ms", r.RTTMs)
-			if r.MeasuredRTTMs > 0 {
-				rtt += fmt.Sprintf(" (%.1f)", r.MeasuredRTTMs)
-			}
-		}
-		floor, ratio, rt, calls, one := "–", "–", "–", "–", "–"
-		if r.FloorMs > 0 {
-			floor, ratio = fmt.Sprintf("%.1f ms", r.FloorMs), fmt.Sprintf("%.2f", r.Ratio)
-		}
-		if r.RoundTripsPerToken > 0 {
-			rt, calls, one = fmt.Sprintf("%.1f", r.RoundTripsPerToken), fmt.Sprintf("%.1f", r.CallsPerToken), fmt.Sprintf("%.0f%%", 100*r.OneNodeShare)
-		}
-		disp, lr := "–", "–"
-		if r.DispatchUsPerLayer > 0 {
-			disp = fmt.Sprintf("%.2f ms", r.DispatchUsPerLayer/1000)
-		}
-		if r.LocalRatio > 0 {
-			lr = fmt.Sprintf("%.2f", r.LocalRatio)
-		}
-		tps := fmt.Sprintf("%.1f", r.TokensPerSecond)
-		if r.AloneTokensPerSecond > 0 {
-			tps += fmt.Sprintf(" (%.1f× one alone", r.TokensPerSecond/r.AloneTokensPerSecond)
-			if r.Batch == "on" {
-				tps += fmt.Sprintf("; %.0f%% of layers in shared rounds", 100*r.SharedLayerShare)
-			}
-			tps += ")"
-		}
-		fmt.Fprintf(&sb, "| %s | %s | %s | %.1f ms | %.1f ms | %s | %s | %s | %s | %s | %s | %s |\n", r.Name, rtt, tps,
-			r.PerTokenP50Ms, r.PerTokenP90Ms, floor, ratio, rt, calls, one, disp, lr)
+		benchRowMarkdown(&sb, r)
 	}
 	fmt.Fprintf(&sb, "\ncompute = the split run's p50 (%.1f ms); %d MoE layers. The first token (the prompt) is left out of p50/p90. "+
 		"Round trips and calls per token count the prompt's pass too (a layer's expert calls go out at once: one round trip).\n", rep.ComputeMs, rep.Layers)
 	if len(spec) > 0 {
-		fmt.Fprintf(&sb, "\nSpeculative decoding: a model of the bench shape that repeats a list (%q, given once and begun again), q8_0; its draft model the same weights in q4_0. Every run gave llama.cpp's tokens.\n\n",
-			testnet.SpeculatePrompt)
-		fmt.Fprintln(&sb, "| run | ms / token | × fewer than without | per token p50 | round trips / token | drafted tokens kept / pass | of those drafted |")
-		fmt.Fprintln(&sb, "|---|---|---|---|---|---|---|")
-		base := spec[0].MsPerToken
-		for _, r := range spec {
-			gain, kept, acc := "–", "–", "–"
-			if r.MsPerToken > 0 && base > 0 {
-				gain = fmt.Sprintf("%.2f", base/r.MsPerToken)
-			}
-			if r.Speculate != "off" {
-				kept, acc = fmt.Sprintf("%.2f", r.AcceptedPerPass), fmt.Sprintf("%.0f%%", 100*r.Acceptance)
-			}
-			fmt.Fprintf(&sb, "| %s | %.1f ms | %s | %.1f ms | %.2f | %s | %s |\n", r.Name, r.MsPerToken, gain, r.PerTokenP50Ms, r.RoundTripsPerToken, kept, acc)
-		}
-		fmt.Fprintln(&sb, "\nms / token: the decode steps' time over their tokens (the tokens one pass keeps arrive at once, so p50 falls to almost 0).")
+		speculateMarkdown(&sb, spec)
 	}
 	if len(spans) > 0 {
 		spansMarkdown(&sb, spans)
 	}
 	return sb.String()
+}
+
+// benchRowMarkdown is one row of the report's main table.
+func benchRowMarkdown(sb *strings.Builder, r testnet.BenchRow) {
+	if r.Skipped != "" {
+		fmt.Fprintf(sb, "| %s | %s | skipped: %s | | | | | | | | | |\n", r.Name, testnet.FmtRTT(time.Duration(r.RTTMs*float64(time.Millisecond))), r.Skipped)
+		return
+	}
+	rtt := "–"
+	if r.Kind == "netns" || r.Kind == "placement" || r.Kind == "concurrent" && r.RTTMs > 0 {
+		rtt = fmt.Sprintf("%.0f ms", r.RTTMs)
+		if r.MeasuredRTTMs > 0 {
+			rtt += fmt.Sprintf(" (%.1f)", r.MeasuredRTTMs)
+		}
+	}
+	floor, ratio, rt, calls, one := "–", "–", "–", "–", "–"
+	if r.FloorMs > 0 {
+		floor, ratio = fmt.Sprintf("%.1f ms", r.FloorMs), fmt.Sprintf("%.2f", r.Ratio)
+	}
+	if r.RoundTripsPerToken > 0 {
+		rt, calls, one = fmt.Sprintf("%.1f", r.RoundTripsPerToken), fmt.Sprintf("%.1f", r.CallsPerToken), fmt.Sprintf("%.0f%%", 100*r.OneNodeShare)
+	}
+	disp, lr := "–", "–"
+	if r.DispatchUsPerLayer > 0 {
+		disp = fmt.Sprintf("%.2f ms", r.DispatchUsPerLayer/1000)
+	}
+	if r.LocalRatio > 0 {
+		lr = fmt.Sprintf("%.2f", r.LocalRatio)
+	}
+	tps := fmt.Sprintf("%.1f", r.TokensPerSecond)
+	if r.AloneTokensPerSecond > 0 {
+		tps += fmt.Sprintf(" (%.1f× one alone", r.TokensPerSecond/r.AloneTokensPerSecond)
+		if r.Batch == "on" {
+			tps += fmt.Sprintf("; %.0f%% of layers in shared rounds", 100*r.SharedLayerShare)
+		}
+		tps += ")"
+	}
+	fmt.Fprintf(sb, "| %s | %s | %s | %.1f ms | %.1f ms | %s | %s | %s | %s | %s | %s | %s |\n", r.Name, rtt, tps,
+		r.PerTokenP50Ms, r.PerTokenP90Ms, floor, ratio, rt, calls, one, disp, lr)
+}
+
+// speculateMarkdown is the report's table of the speculative-decoding rows.
+func speculateMarkdown(sb *strings.Builder, spec []testnet.BenchRow) {
+	fmt.Fprintf(sb, "\nSpeculative decoding: a model of the bench shape that repeats a list (%q, given once and begun again), q8_0; its draft model the same weights in q4_0. Every run gave llama.cpp's tokens.\n\n",
+		testnet.SpeculatePrompt)
+	fmt.Fprintln(sb, "| run | ms / token | × fewer than without | per token p50 | round trips / token | drafted tokens kept / pass | of those drafted |")
+	fmt.Fprintln(sb, "|---|---|---|---|---|---|---|")
+	base := spec[0].MsPerToken
+	for _, r := range spec {
+		gain, kept, acc := "–", "–", "–"
+		if r.MsPerToken > 0 && base > 0 {
+			gain = fmt.Sprintf("%.2f", base/r.MsPerToken)
+		}
+		if r.Speculate != "off" {
+			kept, acc = fmt.Sprintf("%.2f", r.AcceptedPerPass), fmt.Sprintf("%.0f%%", 100*r.Acceptance)
+		}
+		fmt.Fprintf(sb, "| %s | %.1f ms | %s | %.1f ms | %.2f | %s | %s |\n", r.Name, r.MsPerToken, gain, r.PerTokenP50Ms, r.RoundTripsPerToken, kept, acc)
+	}
+	fmt.Fprintln(sb, "\nms / token: the decode steps' time over their tokens (the tokens one pass keeps arrive at once, so p50 falls to almost 0).")
 }
 
 // spansMarkdown is the report's table of the layer-span rows.

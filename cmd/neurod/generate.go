@@ -80,46 +80,14 @@ func newGenerateCmd() *cobra.Command {
 		Long:  generateLong,
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			modes := 0
-			for _, on := range []bool{gf.local != "", gf.split != "", gf.network} {
-				if on {
-					modes++
-				}
-			}
-			if modes != 1 {
-				return errors.New("flags --local, --split and --network: give exactly one")
-			}
-			if gf.prompt == "" {
-				return errors.New("flag --prompt: required and non-empty")
-			}
-			if gf.maxTokens < 1 {
-				return fmt.Errorf("flag --max-tokens %d: must be at least 1", gf.maxTokens)
-			}
-			if gf.ubatch < 0 {
-				return fmt.Errorf("flag --ubatch %d: must be positive (0: 512)", gf.ubatch)
-			}
-			if gf.network && cmd.Flags().Changed("ubatch") {
-				return errors.New("flag --ubatch: only with --local or --split (the network's gating nodes choose their own)")
-			}
-			if gf.network && cmd.Flags().Changed("device") {
-				return errors.New("flag --device: only with --local or --split (the network's nodes choose their own)")
-			}
-			if gf.progress && (!gf.network || gf.concurrency > 1 || gf.dryRun) {
-				return errors.New("flag --progress: only with --network, one generation at a time and without --dry-run")
+			if err := gf.validate(cmd.Flags()); err != nil {
+				return err
 			}
 			if gf.network {
-				if gf.concurrency < 1 || gf.concurrency > 256 || gf.concurrency > 1 && (!gf.asJSON || gf.dryRun) {
-					return fmt.Errorf("flag --concurrency %d: want 1 to 256, above 1 with --json and without --dry-run", gf.concurrency)
-				}
 				return generateNetwork(cmd, networkRequest{model: gf.modelCID, bootstrap: gf.bootstrap, gating: gf.gatingAddrs,
 					prompt: gf.prompt, maxTokens: gf.maxTokens, temperature: gf.temperature, topK: gf.topK, topP: gf.topP,
 					seed: gf.seed, seedSet: cmd.Flags().Changed("seed"), stop: gf.stop, json: gf.asJSON, wallet: gf.wallet, dryRun: gf.dryRun,
 					concurrency: gf.concurrency, progress: gf.progress})
-			}
-			for _, name := range []string{"model", "bootstrap", "gating", "temperature", "top-k", "top-p", "seed", "stop", "wallet", "dry-run", "concurrency"} {
-				if cmd.Flags().Changed(name) {
-					return fmt.Errorf("flag --%s: only with --network", name)
-				}
 			}
 			dev, err := ggml.SelectDevice(gf.device)
 			if err != nil {
@@ -141,6 +109,49 @@ func newGenerateCmd() *cobra.Command {
 	}
 	gf.register(cmd.Flags())
 	return cmd
+}
+
+// validate checks the flags' values and combinations.
+func (gf *generateFlags) validate(fs *pflag.FlagSet) error {
+	modes := 0
+	for _, on := range []bool{gf.local != "", gf.split != "", gf.network} {
+		if on {
+			modes++
+		}
+	}
+	if modes != 1 {
+		return errors.New("flags --local, --split and --network: give exactly one")
+	}
+	if gf.prompt == "" {
+		return errors.New("flag --prompt: required and non-empty")
+	}
+	if gf.maxTokens < 1 {
+		return fmt.Errorf("flag --max-tokens %d: must be at least 1", gf.maxTokens)
+	}
+	if gf.ubatch < 0 {
+		return fmt.Errorf("flag --ubatch %d: must be positive (0: 512)", gf.ubatch)
+	}
+	if gf.network && fs.Changed("ubatch") {
+		return errors.New("flag --ubatch: only with --local or --split (the network's gating nodes choose their own)")
+	}
+	if gf.network && fs.Changed("device") {
+		return errors.New("flag --device: only with --local or --split (the network's nodes choose their own)")
+	}
+	if gf.progress && (!gf.network || gf.concurrency > 1 || gf.dryRun) {
+		return errors.New("flag --progress: only with --network, one generation at a time and without --dry-run")
+	}
+	if gf.network {
+		if gf.concurrency < 1 || gf.concurrency > 256 || gf.concurrency > 1 && (!gf.asJSON || gf.dryRun) {
+			return fmt.Errorf("flag --concurrency %d: want 1 to 256, above 1 with --json and without --dry-run", gf.concurrency)
+		}
+		return nil
+	}
+	for _, name := range []string{"model", "bootstrap", "gating", "temperature", "top-k", "top-p", "seed", "stop", "wallet", "dry-run", "concurrency"} {
+		if fs.Changed(name) {
+			return fmt.Errorf("flag --%s: only with --network", name)
+		}
+	}
+	return nil
 }
 
 func (gf *generateFlags) register(f *pflag.FlagSet) {

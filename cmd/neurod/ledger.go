@@ -101,6 +101,11 @@ func showLedger(cmd *cobra.Command, api func() (string, error), p string, asJSON
 
 // ledgerTxCmds are the commands that send a transaction.
 func ledgerTxCmds(api func() (string, error)) []*cobra.Command {
+	return append(append(ledgerAmountCmds(api), ledgerGovCmds(api)...), ledgerAllowCmd(api))
+}
+
+// ledgerAmountCmds are send, stake and unstake.
+func ledgerAmountCmds(api func() (string, error)) []*cobra.Command {
 	submit := func(cmd *cobra.Command, req node.LedgerTxRequest, amount string) error {
 		return submitAmount(cmd, api, req, amount)
 	}
@@ -125,6 +130,11 @@ func ledgerTxCmds(api func() (string, error)) []*cobra.Command {
 			return submit(cmd, node.LedgerTxRequest{Type: "unstake"}, args[0])
 		},
 	}
+	return []*cobra.Command{send, stake, unstake}
+}
+
+// ledgerGovCmds are propose and vote.
+func ledgerGovCmds(api func() (string, error)) []*cobra.Command {
 	propose := &cobra.Command{
 		Use: "propose add-model CID", Short: "Propose a governance change: add a model escrows may pay for (needs the minimum stake)",
 		Args: cobra.ExactArgs(2),
@@ -151,7 +161,11 @@ func ledgerTxCmds(api func() (string, error)) []*cobra.Command {
 			return submitRaw(cmd, api, node.LedgerTxRequest{Type: "vote", Proposal: id, Yes: args[1] == "yes"})
 		},
 	}
-	allow := &cobra.Command{
+	return []*cobra.Command{propose, vote}
+}
+
+func ledgerAllowCmd(api func() (string, error)) *cobra.Command {
+	return &cobra.Command{
 		Use: "allow GATING AMOUNT", Short: "Let a gating node draw up to AMOUNT NEURO from this node's account into escrows (API keys on it that name this account); 0 revokes",
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -170,7 +184,6 @@ func ledgerTxCmds(api func() (string, error)) []*cobra.Command {
 			return nil
 		},
 	}
-	return []*cobra.Command{send, stake, unstake, propose, vote, allow}
 }
 
 // submitAmount sends a transaction of an amount of NEURO.

@@ -174,13 +174,7 @@ Types: ` + strings.Join(ggml.FileTypes(), ", ") + `.`,
 }
 
 func newModelMakeCmd() *cobra.Command {
-	var (
-		out, preset, dtype, arch string
-		planted                  string
-		seed                     uint64
-		force                    bool
-		p                        model.Params
-	)
+	m := &modelMakeFlags{}
 	cmd := &cobra.Command{
 		Use:   "make --out FILE [--arch A] [--preset tiny|bench] [shape flags] [--type f32|f16|q8_0|q4_0] [--seed N] [--planted TEXT]",
 		Short: "Generate a MoE model (Mixtral, Qwen3, gpt-oss, GLM-4.5 or DeepSeek-V3 layout) with seeded random weights",
@@ -193,58 +187,73 @@ milliseconds (tests), bench has about 1 B parameters in the real model's
 proportions (benchmarks). --planted TEXT makes a model whose greedy
 decoding continues TEXT from any of its first words, through its experts.`,
 		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			if out == "" {
-				return errors.New("flag --out: required")
-			}
-			params, err := modelShape(cmd.Flags(), arch, preset, p)
-			if err != nil {
-				return err
-			}
-			dt, err := model.ParseDType(dtype)
-			if err != nil || !slices.Contains([]model.DType{model.F32, model.F16, model.Q8_0, model.Q4_0}, dt) {
-				return fmt.Errorf("flag --type %q: make writes f32, f16, q8_0 or q4_0; for q4_k_m, iq4_xs, mxfp4 and the rest, make f16 and run 'neurod model quantize'", dtype)
-			}
-			if planted != "" {
-				params.PlantPieces = model.PlantPieces(arch, planted)
-				if room := params.Vocab - 3 - 256 - 53; len(params.PlantPieces) > room {
-					return fmt.Errorf("flag --planted: its words need %d vocabulary pieces, a vocabulary of %d has room for %d (use --vocab)",
-						len(params.PlantPieces), params.Vocab, room)
-				}
-				if params.Plant, err = plantTokens(out, arch, params, planted); err != nil {
-					return fmt.Errorf("flag --planted: %w", err)
-				}
-			}
-			if err := writeModel(out, arch, params, dt, seed, force); err != nil {
-				return err
-			}
-			st, _ := os.Stat(out)
-			fmt.Fprintf(cmd.OutOrStdout(), "wrote %s: %s, %.2f M parameters, %s, %.1f MiB, seed %d\n",
-				out, arch, float64(params.ParamCount())/1e6, dt, float64(st.Size())/(1<<20), seed)
-			return nil
-		},
+		RunE: func(cmd *cobra.Command, _ []string) error { return m.run(cmd) },
 	}
-	f := cmd.Flags()
-	f.StringVar(&out, "out", "", "output GGUF file (required)")
-	f.StringVar(&preset, "preset", "tiny", "shape preset: "+presetNames())
-	f.StringVar(&arch, "arch", "llama", "layout: llama (Mixtral), qwen3moe (per-head Q/K norms, NEOX RoPE, --head-size), deepseek2 (DeepSeek-V3: latent attention, expert groups, dense leading layer, shared expert), gpt-oss (sliding-window layers, attention sinks, biases, YaRN, swiglu_oai experts with biases) or glm4moe (GLM-4.5: dense leading layer, shared expert, sigmoid router, Q/K/V biases, partial rotary)")
-	f.IntVar(&p.SlidingWindow, "sliding-window", 0, "gpt-oss: the window of its sliding-window (even) layers")
-	f.IntVar(&p.HeadSize, "head-size", 0, "attention head size when not embd/heads (qwen3moe; Qwen3-30B-A3B has 128)")
-	f.BoolVar(&p.TiedOutput, "tied-output", false, "no output.weight: the output head is the token embeddings")
-	f.StringVar(&dtype, "type", "f32", "weight type: f32, f16, q8_0 or q4_0 (norms and router stay f32); for other mixes, make f16 and 'neurod model quantize' it")
-	f.Uint64Var(&seed, "seed", 1, "random seed")
-	f.StringVar(&planted, "planted", "", "make a model that speaks: greedy decoding of any start of this text continues it, through the experts (each token may be followed by one token only)")
-	f.BoolVar(&force, "force", false, "replace an existing --out file")
-	f.IntVar(&p.Layers, "layers", 0, "MoE layers")
-	f.IntVar(&p.Experts, "experts", 0, "experts per layer")
-	f.IntVar(&p.ExpertsUsed, "experts-used", 0, "experts each token is routed to (top-k)")
-	f.IntVar(&p.Embd, "embd", 0, "hidden size (multiple of 32)")
-	f.IntVar(&p.FF, "ff", 0, "expert feed-forward size (multiple of 32)")
-	f.IntVar(&p.Heads, "heads", 0, "attention heads")
-	f.IntVar(&p.KVHeads, "kv-heads", 0, "key/value heads (grouped-query attention)")
-	f.IntVar(&p.Vocab, "vocab", 0, "vocabulary size")
-	f.IntVar(&p.Context, "context", 0, "context length")
+	m.register(cmd.Flags())
 	return cmd
+}
+
+// modelMakeFlags are model make's flags.
+type modelMakeFlags struct {
+	out, preset, dtype, arch string
+	planted                  string
+	seed                     uint64
+	force                    bool
+	p                        model.Params
+}
+
+func (m *modelMakeFlags) register(fs *pflag.FlagSet) {
+	fs.StringVar(&m.out, "out", "", "output GGUF file (required)")
+	fs.StringVar(&m.preset, "preset", "tiny", "shape preset: "+presetNames())
+	fs.StringVar(&m.arch, "arch", "llama", "layout: llama (Mixtral), qwen3moe (per-head Q/K norms, NEOX RoPE, --head-size), deepseek2 (DeepSeek-V3: latent attention, expert groups, dense leading layer, shared expert), gpt-oss (sliding-window layers, attention sinks, biases, YaRN, swiglu_oai experts with biases) or glm4moe (GLM-4.5: dense leading layer, shared expert, sigmoid router, Q/K/V biases, partial rotary)")
+	fs.IntVar(&m.p.SlidingWindow, "sliding-window", 0, "gpt-oss: the window of its sliding-window (even) layers")
+	fs.IntVar(&m.p.HeadSize, "head-size", 0, "attention head size when not embd/heads (qwen3moe; Qwen3-30B-A3B has 128)")
+	fs.BoolVar(&m.p.TiedOutput, "tied-output", false, "no output.weight: the output head is the token embeddings")
+	fs.StringVar(&m.dtype, "type", "f32", "weight type: f32, f16, q8_0 or q4_0 (norms and router stay f32); for other mixes, make f16 and 'neurod model quantize' it")
+	fs.Uint64Var(&m.seed, "seed", 1, "random seed")
+	fs.StringVar(&m.planted, "planted", "", "make a model that speaks: greedy decoding of any start of this text continues it, through the experts (each token may be followed by one token only)")
+	fs.BoolVar(&m.force, "force", false, "replace an existing --out file")
+	fs.IntVar(&m.p.Layers, "layers", 0, "MoE layers")
+	fs.IntVar(&m.p.Experts, "experts", 0, "experts per layer")
+	fs.IntVar(&m.p.ExpertsUsed, "experts-used", 0, "experts each token is routed to (top-k)")
+	fs.IntVar(&m.p.Embd, "embd", 0, "hidden size (multiple of 32)")
+	fs.IntVar(&m.p.FF, "ff", 0, "expert feed-forward size (multiple of 32)")
+	fs.IntVar(&m.p.Heads, "heads", 0, "attention heads")
+	fs.IntVar(&m.p.KVHeads, "kv-heads", 0, "key/value heads (grouped-query attention)")
+	fs.IntVar(&m.p.Vocab, "vocab", 0, "vocabulary size")
+	fs.IntVar(&m.p.Context, "context", 0, "context length")
+}
+
+// run writes the model.
+func (m *modelMakeFlags) run(cmd *cobra.Command) error {
+	if m.out == "" {
+		return errors.New("flag --out: required")
+	}
+	params, err := modelShape(cmd.Flags(), m.arch, m.preset, m.p)
+	if err != nil {
+		return err
+	}
+	dt, err := model.ParseDType(m.dtype)
+	if err != nil || !slices.Contains([]model.DType{model.F32, model.F16, model.Q8_0, model.Q4_0}, dt) {
+		return fmt.Errorf("flag --type %q: make writes f32, f16, q8_0 or q4_0; for q4_k_m, iq4_xs, mxfp4 and the rest, make f16 and run 'neurod model quantize'", m.dtype)
+	}
+	if m.planted != "" {
+		params.PlantPieces = model.PlantPieces(m.arch, m.planted)
+		if room := params.Vocab - 3 - 256 - 53; len(params.PlantPieces) > room {
+			return fmt.Errorf("flag --planted: its words need %d vocabulary pieces, a vocabulary of %d has room for %d (use --vocab)",
+				len(params.PlantPieces), params.Vocab, room)
+		}
+		if params.Plant, err = plantTokens(m.out, m.arch, params, m.planted); err != nil {
+			return fmt.Errorf("flag --planted: %w", err)
+		}
+	}
+	if err := writeModel(m.out, m.arch, params, dt, m.seed, m.force); err != nil {
+		return err
+	}
+	st, _ := os.Stat(m.out)
+	fmt.Fprintf(cmd.OutOrStdout(), "wrote %s: %s, %.2f M parameters, %s, %.1f MiB, seed %d\n",
+		m.out, m.arch, float64(params.ParamCount())/1e6, dt, float64(st.Size())/(1<<20), m.seed)
+	return nil
 }
 
 // modelShape is the preset's shape with the shape flags that were given.

@@ -3,6 +3,8 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"runtime/debug"
@@ -144,26 +146,9 @@ func runNode(cmd *cobra.Command, home string, cfg node.Config, rf *runFlags) err
 	if (fault != expert.FaultNone || rf.slowCompute > 0) && !rf.testnetMode {
 		return errors.New("flags --faulty and --test-slow-compute make a node misbehave on purpose: only with --testnet")
 	}
-	// A node computes a layer, then waits on the network for a process
-	// that needs the same cores: its idle compute threads sleep at once.
-	ggml.SetPolling(0)
-	dev, err := ggml.SelectDevice(cfg.Home.Device)
+	opts, err := nodeOptions(cmd, home, &cfg, rf, fault, log)
 	if err != nil {
-		return fmt.Errorf("home.device (--device): %w", err)
-	}
-	opts := []node.Option{node.WithHome(home), node.WithLogger(log), node.WithExpertSlowDown(rf.slowCompute), node.WithFault(fault),
-		node.WithCompute(ggml.Backend{Device: dev})}
-	if src := budgetDevice(&cfg, dev, log); src != "" {
-		opts = append(opts, node.WithBudgetSource(src))
-	}
-	if pr := progress.New(cmd.ErrOrStderr()); pr.On() {
-		show := pr.Fetches()
-		opts = append(opts, node.WithProgress(func(c cid.Cid, done, total int64) { show(c.String(), done, total) }))
-	}
-	if cfg.Home.MemoryMB > 0 {
-		// A soft limit on Go's heap; the weights live outside it and
-		// are capped by expert.memory_mb.
-		debug.SetMemoryLimit(int64(cfg.Home.MemoryMB) << 20)
+		return err
 	}
 	n, err := node.New(cfg, opts...)
 	if err != nil {
@@ -178,17 +163,7 @@ func runNode(cmd *cobra.Command, home string, cfg node.Config, rf *runFlags) err
 	if err := n.Start(ctx); err != nil {
 		return joinClose(err, n)
 	}
-	st := n.Status()
-	fmt.Fprintf(cmd.OutOrStdout(), "neurod %s running\npeer ID: %s\n", st.Version, st.PeerID)
-	for _, a := range st.Addrs {
-		fmt.Fprintf(cmd.OutOrStdout(), "listening on %s/p2p/%s\n", a, st.PeerID)
-	}
-	if a := n.HTTPAddr(); a != "" {
-		fmt.Fprintf(cmd.OutOrStdout(), "dashboard on http://%s/ (metrics on /metrics)\n", a)
-		if n.Gating() != nil {
-			fmt.Fprintf(cmd.OutOrStdout(), "OpenAI-compatible API on http://%s/v1\n", a)
-		}
-	}
+	printRunning(cmd.OutOrStdout(), n)
 	<-ctx.Done()
 	log.Info("shutting down")
 	stopWatch := watchShutdown(log, shutdownStall)
@@ -199,6 +174,48 @@ func runNode(cmd *cobra.Command, home string, cfg node.Config, rf *runFlags) err
 	}
 	log.Info("shut down cleanly")
 	return nil
+}
+
+// nodeOptions are the node's options from its configuration and flags: the
+// compute device, the memory budget's source, fetch progress.
+func nodeOptions(cmd *cobra.Command, home string, cfg *node.Config, rf *runFlags, fault expert.Fault, log *slog.Logger) ([]node.Option, error) {
+	// A node computes a layer, then waits on the network for a process
+	// that needs the same cores: its idle compute threads sleep at once.
+	ggml.SetPolling(0)
+	dev, err := ggml.SelectDevice(cfg.Home.Device)
+	if err != nil {
+		return nil, fmt.Errorf("home.device (--device): %w", err)
+	}
+	opts := []node.Option{node.WithHome(home), node.WithLogger(log), node.WithExpertSlowDown(rf.slowCompute), node.WithFault(fault),
+		node.WithCompute(ggml.Backend{Device: dev})}
+	if src := budgetDevice(cfg, dev, log); src != "" {
+		opts = append(opts, node.WithBudgetSource(src))
+	}
+	if pr := progress.New(cmd.ErrOrStderr()); pr.On() {
+		show := pr.Fetches()
+		opts = append(opts, node.WithProgress(func(c cid.Cid, done, total int64) { show(c.String(), done, total) }))
+	}
+	if cfg.Home.MemoryMB > 0 {
+		// A soft limit on Go's heap; the weights live outside it and
+		// are capped by expert.memory_mb.
+		debug.SetMemoryLimit(int64(cfg.Home.MemoryMB) << 20)
+	}
+	return opts, nil
+}
+
+// printRunning prints what a started node listens on.
+func printRunning(w io.Writer, n *node.Node) {
+	st := n.Status()
+	fmt.Fprintf(w, "neurod %s running\npeer ID: %s\n", st.Version, st.PeerID)
+	for _, a := range st.Addrs {
+		fmt.Fprintf(w, "listening on %s/p2p/%s\n", a, st.PeerID)
+	}
+	if a := n.HTTPAddr(); a != "" {
+		fmt.Fprintf(w, "dashboard on http://%s/ (metrics on /metrics)\n", a)
+		if n.Gating() != nil {
+			fmt.Fprintf(w, "OpenAI-compatible API on http://%s/v1\n", a)
+		}
+	}
 }
 
 // joinClose closes n after a failed start and keeps the start error first.

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/neuro-p2p/neuro/ggml"
 	"github.com/neuro-p2p/neuro/internal/meminfo"
@@ -19,16 +20,7 @@ import (
 )
 
 func newSimCmd(g *globalFlags) *cobra.Command {
-	var (
-		sim      testnet.Sim
-		churn    string
-		dir      string
-		asJSON   bool
-		seed     uint64
-		duration time.Duration
-		profile  string
-		gogc     int
-	)
+	f := &simFlags{g: g}
 	cmd := &cobra.Command{
 		Use:   "sim",
 		Short: "Simulate a network of hundreds of real nodes in this process",
@@ -61,69 +53,88 @@ ended with fewer than two providers.`,
 		Example: `  neurod testnet sim --nodes 100 --duration 1m
   neurod testnet sim --nodes 300 --churn 10/min --duration 5m --json`,
 		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			rate, err := parseChurn(churn)
-			if err != nil {
-				return fmt.Errorf("flag --churn: %w", err)
-			}
-			sim.Churn, sim.Duration, sim.Seed = rate, duration, seed
-			if sim.Log, err = testnetLogger(cmd.ErrOrStderr(), g); err != nil {
-				return err
-			}
-			cleanup, err := simDir(&sim, dir)
-			if err != nil {
-				return err
-			}
-			defer cleanup()
-			ggml.SetPolling(0)
-			sim.Compute = ggml.Backend{}
-			simGC(sim.Log, gogc)
-			if profile != "" {
-				stop, err := cpuProfile(profile)
-				if err != nil {
-					return fmt.Errorf("flag --cpuprofile: %w", err)
-				}
-				defer stop()
-			}
-			rep, err := sim.Run(cmd.Context())
-			if err != nil {
-				return err
-			}
-			w := cmd.OutOrStdout()
-			if asJSON {
-				writeJSON(w, rep)
-			} else {
-				printSim(w, rep)
-			}
-			if rep.Answered != rep.Asked || rep.CoverageMin < 2 {
-				return fmt.Errorf("sim: %d of %d prompts answered, coverage %d at the end", rep.Answered, rep.Asked, rep.CoverageMin)
-			}
-			return nil
-		},
+		RunE: func(cmd *cobra.Command, _ []string) error { return f.run(cmd) },
 	}
-	fs := cmd.Flags()
-	fs.IntVar(&sim.Nodes, "nodes", 50, "nodes in the network (the bootstrap node, the gating nodes and the expert nodes)")
-	fs.IntVar(&sim.Gating, "gating", 0, "gating nodes, each with a user asking prompts (default: 1 per 100 nodes, at least 1)")
-	fs.IntVar(&sim.Bootstrap, "bootstrap", 0, "bootstrap nodes, which every other node knows (default: 1 per 100 nodes, at least 2)")
-	fs.Float64Var(&sim.JoinRate, "join-rate", 4, "nodes that join a second while the network starts")
-	fs.StringVar(&churn, "churn", "0", "expert nodes replaced (one killed, one new) per minute: N/min, N/s or N/h")
-	fs.DurationVar(&duration, "duration", time.Minute, "how long the network runs once healthy")
-	fs.DurationVar(&sim.Latency, "latency", 0, "one-way delay of every link between two nodes (half the round trip), e.g. 25ms")
-	fs.DurationVar(&sim.Jitter, "jitter", 0, "with --latency: each pair of nodes' delay is spread by up to ± this")
-	fs.DurationVar(&sim.Sample, "sample", 5*time.Second, "interval of the samples over time")
-	fs.DurationVar(&sim.AskEvery, "ask-every", 3*time.Second, "each user asks its gating node the prompt this often")
-	fs.IntVar(&sim.MinAsks, "min-asks", 0, "let the users ask past --duration (at most 3m more; churn stops at --duration) until each has asked this many prompts")
-	fs.IntVar(&sim.MaxTokens, "max-tokens", 8, "tokens of each answer")
-	fs.DurationVar(&sim.PromptTimeout, "prompt-timeout", time.Minute, "how long a user waits for a whole answer before counting its prompt unanswered")
-	fs.Uint64Var(&seed, "seed", 1, "seed of the model and of the simulation's choices")
-	fs.DurationVar(&sim.Timeout, "timeout", 0, "how long the network may take to be healthy (default 2m + the time the nodes take to join)")
-	fs.StringVar(&dir, "dir", "", "directory for the homes and nodes.log (kept; default: a temporary one, removed)")
-	fs.BoolVar(&asJSON, "json", false, "print a machine-readable report on stdout")
-	fs.StringVar(&profile, "cpuprofile", "", "write the process's CPU profile (go tool pprof) to this file")
-	fs.StringVar(&sim.HeapProfile, "memprofile", "", "write the process's heap profile (go tool pprof) to this file when the run ends, before the nodes stop")
-	fs.IntVar(&sim.Sybils, "sybils", 0, "Sybil peers that join once the network is healthy: liars (claim every expert, never answer), junk (heartbeats others must reject), droppers (forward nothing) and eclipse (surround the first gating node), a quarter each")
-	fs.IntVar(&gogc, "gogc", 200, "the process's GOGC (100 is Go's default), under a soft memory limit of three quarters of the memory available at the start; the GOGC and GOMEMLIMIT variables, when set, win")
+	f.register(cmd.Flags())
 	return cmd
+}
+
+// simFlags are testnet sim's flags.
+type simFlags struct {
+	g        *globalFlags
+	sim      testnet.Sim
+	churn    string
+	dir      string
+	asJSON   bool
+	seed     uint64
+	duration time.Duration
+	profile  string
+	gogc     int
+}
+
+func (f *simFlags) register(fs *pflag.FlagSet) {
+	fs.IntVar(&f.sim.Nodes, "nodes", 50, "nodes in the network (the bootstrap node, the gating nodes and the expert nodes)")
+	fs.IntVar(&f.sim.Gating, "gating", 0, "gating nodes, each with a user asking prompts (default: 1 per 100 nodes, at least 1)")
+	fs.IntVar(&f.sim.Bootstrap, "bootstrap", 0, "bootstrap nodes, which every other node knows (default: 1 per 100 nodes, at least 2)")
+	fs.Float64Var(&f.sim.JoinRate, "join-rate", 4, "nodes that join a second while the network starts")
+	fs.StringVar(&f.churn, "churn", "0", "expert nodes replaced (one killed, one new) per minute: N/min, N/s or N/h")
+	fs.DurationVar(&f.duration, "duration", time.Minute, "how long the network runs once healthy")
+	fs.DurationVar(&f.sim.Latency, "latency", 0, "one-way delay of every link between two nodes (half the round trip), e.g. 25ms")
+	fs.DurationVar(&f.sim.Jitter, "jitter", 0, "with --latency: each pair of nodes' delay is spread by up to ± this")
+	fs.DurationVar(&f.sim.Sample, "sample", 5*time.Second, "interval of the samples over time")
+	fs.DurationVar(&f.sim.AskEvery, "ask-every", 3*time.Second, "each user asks its gating node the prompt this often")
+	fs.IntVar(&f.sim.MinAsks, "min-asks", 0, "let the users ask past --duration (at most 3m more; churn stops at --duration) until each has asked this many prompts")
+	fs.IntVar(&f.sim.MaxTokens, "max-tokens", 8, "tokens of each answer")
+	fs.DurationVar(&f.sim.PromptTimeout, "prompt-timeout", time.Minute, "how long a user waits for a whole answer before counting its prompt unanswered")
+	fs.Uint64Var(&f.seed, "seed", 1, "seed of the model and of the simulation's choices")
+	fs.DurationVar(&f.sim.Timeout, "timeout", 0, "how long the network may take to be healthy (default 2m + the time the nodes take to join)")
+	fs.StringVar(&f.dir, "dir", "", "directory for the homes and nodes.log (kept; default: a temporary one, removed)")
+	fs.BoolVar(&f.asJSON, "json", false, "print a machine-readable report on stdout")
+	fs.StringVar(&f.profile, "cpuprofile", "", "write the process's CPU profile (go tool pprof) to this file")
+	fs.StringVar(&f.sim.HeapProfile, "memprofile", "", "write the process's heap profile (go tool pprof) to this file when the run ends, before the nodes stop")
+	fs.IntVar(&f.sim.Sybils, "sybils", 0, "Sybil peers that join once the network is healthy: liars (claim every expert, never answer), junk (heartbeats others must reject), droppers (forward nothing) and eclipse (surround the first gating node), a quarter each")
+	fs.IntVar(&f.gogc, "gogc", 200, "the process's GOGC (100 is Go's default), under a soft memory limit of three quarters of the memory available at the start; the GOGC and GOMEMLIMIT variables, when set, win")
+}
+
+// run simulates the network and prints its report.
+func (f *simFlags) run(cmd *cobra.Command) error {
+	rate, err := parseChurn(f.churn)
+	if err != nil {
+		return fmt.Errorf("flag --churn: %w", err)
+	}
+	f.sim.Churn, f.sim.Duration, f.sim.Seed = rate, f.duration, f.seed
+	if f.sim.Log, err = testnetLogger(cmd.ErrOrStderr(), f.g); err != nil {
+		return err
+	}
+	cleanup, err := simDir(&f.sim, f.dir)
+	if err != nil {
+		return err
+	}
+	defer cleanup()
+	ggml.SetPolling(0)
+	f.sim.Compute = ggml.Backend{}
+	simGC(f.sim.Log, f.gogc)
+	if f.profile != "" {
+		stop, err := cpuProfile(f.profile)
+		if err != nil {
+			return fmt.Errorf("flag --cpuprofile: %w", err)
+		}
+		defer stop()
+	}
+	rep, err := f.sim.Run(cmd.Context())
+	if err != nil {
+		return err
+	}
+	w := cmd.OutOrStdout()
+	if f.asJSON {
+		writeJSON(w, rep)
+	} else {
+		printSim(w, rep)
+	}
+	if rep.Answered != rep.Asked || rep.CoverageMin < 2 {
+		return fmt.Errorf("sim: %d of %d prompts answered, coverage %d at the end", rep.Answered, rep.Asked, rep.CoverageMin)
+	}
+	return nil
 }
 
 // simGC sets the garbage collector of the simulation's process. Every node

@@ -27,8 +27,7 @@ type walletOutput struct {
 }
 
 func newWalletCmd(g *globalFlags) *cobra.Command {
-	var file string
-	var force, asJSON bool
+	w := &walletFlags{g: g}
 	cmd := &cobra.Command{
 		Use:   "wallet",
 		Short: "A ledger account of your own, to pay for requests",
@@ -43,70 +42,107 @@ draw on the account for the API keys it issues for it. Commands that need
 the ledger go through the node running in --home, which relays what the
 wallet signed; the node never holds the wallet's key.`,
 	}
-	path := func() (string, error) {
-		if file != "" {
-			return filepath.Abs(file)
-		}
-		home, err := g.homeDir()
-		if err != nil {
-			return "", err
-		}
-		return filepath.Join(home, node.WalletFile), nil
+	newCmd, showCmd, importCmd, allowCmd := w.newCmd(), w.showCmd(), w.importCmd(), w.allowCmd()
+	for _, c := range []*cobra.Command{newCmd, showCmd, importCmd, allowCmd} {
+		c.Flags().StringVar(&w.file, "wallet", "", "the wallet's key file (default <home>/wallet.key)")
 	}
-	show := func(cmd *cobra.Command, p string, id peer.ID) error {
-		out := walletOutput{Account: id.String(), File: p}
-		if home, err := g.homeDir(); err == nil {
-			if addr, err := node.ReadAPIAddr(home); err == nil {
-				ctx, cancel := context.WithTimeout(cmd.Context(), 20*time.Second)
-				defer cancel()
-				if info, err := node.FetchLedger(ctx, addr, id.String()); err == nil {
-					out.Balance, out.Escrowed, out.Nonce, out.Allowances = &info.Balance, &info.Escrowed, &info.Nonce, info.Allowances
-				}
+	for _, c := range []*cobra.Command{newCmd, importCmd} {
+		c.Flags().BoolVar(&w.force, "force", false, "replace an existing wallet file (kept as FILE.bak)")
+	}
+	for _, c := range []*cobra.Command{newCmd, showCmd, importCmd} {
+		c.Flags().BoolVar(&w.asJSON, "json", false, `print {"account": ..., "file": ..., "balance": ...}`)
+	}
+	cmd.AddCommand(newCmd, showCmd, importCmd, allowCmd)
+	return cmd
+}
+
+// walletFlags are the wallet subcommands' flags.
+type walletFlags struct {
+	g             *globalFlags
+	file          string
+	force, asJSON bool
+}
+
+// path is the wallet's key file: --wallet, or <home>/wallet.key.
+func (w *walletFlags) path() (string, error) {
+	if w.file != "" {
+		return filepath.Abs(w.file)
+	}
+	home, err := w.g.homeDir()
+	if err != nil {
+		return "", err
+	}
+	return filepath.Join(home, node.WalletFile), nil
+}
+
+// load reads the wallet's key.
+func (w *walletFlags) load() (string, crypto.PrivKey, error) {
+	p, err := w.path()
+	if err != nil {
+		return "", nil, err
+	}
+	k, err := node.LoadKey(p)
+	return p, k, err
+}
+
+// show prints the wallet at p, with its funds when the node in --home
+// answers.
+func (w *walletFlags) show(cmd *cobra.Command, p string, id peer.ID) error {
+	out := walletOutput{Account: id.String(), File: p}
+	if home, err := w.g.homeDir(); err == nil {
+		if addr, err := node.ReadAPIAddr(home); err == nil {
+			ctx, cancel := context.WithTimeout(cmd.Context(), 20*time.Second)
+			defer cancel()
+			if info, err := node.FetchLedger(ctx, addr, id.String()); err == nil {
+				out.Balance, out.Escrowed, out.Nonce, out.Allowances = &info.Balance, &info.Escrowed, &info.Nonce, info.Allowances
 			}
 		}
-		if asJSON {
-			writeJSON(cmd.OutOrStdout(), out)
-			return nil
-		}
-		fmt.Fprintf(cmd.OutOrStdout(), "account: %s\nkey: %s\n", out.Account, out.File)
-		if out.Balance != nil {
-			fmt.Fprintf(cmd.OutOrStdout(), "balance: %s NEURO (and %s in open escrows)\n", neuro(*out.Balance), neuro(*out.Escrowed))
-			for sp, v := range out.Allowances {
-				fmt.Fprintf(cmd.OutOrStdout(), "allows %s: %s NEURO\n", sp, neuro(v))
-			}
-		}
+	}
+	if w.asJSON {
+		writeJSON(cmd.OutOrStdout(), out)
 		return nil
 	}
-	// save makes k the wallet and shows it.
-	save := func(cmd *cobra.Command, k crypto.PrivKey) error {
-		p, err := path()
-		if err != nil {
-			return err
+	fmt.Fprintf(cmd.OutOrStdout(), "account: %s\nkey: %s\n", out.Account, out.File)
+	if out.Balance != nil {
+		fmt.Fprintf(cmd.OutOrStdout(), "balance: %s NEURO (and %s in open escrows)\n", neuro(*out.Balance), neuro(*out.Escrowed))
+		for sp, v := range out.Allowances {
+			fmt.Fprintf(cmd.OutOrStdout(), "allows %s: %s NEURO\n", sp, neuro(v))
 		}
-		id, err := node.SaveKey(p, k, force)
-		if err != nil {
-			return err
-		}
-		return show(cmd, p, id)
 	}
-	newCmd := &cobra.Command{
+	return nil
+}
+
+// save makes k the wallet and shows it.
+func (w *walletFlags) save(cmd *cobra.Command, k crypto.PrivKey) error {
+	p, err := w.path()
+	if err != nil {
+		return err
+	}
+	id, err := node.SaveKey(p, k, w.force)
+	if err != nil {
+		return err
+	}
+	return w.show(cmd, p, id)
+}
+
+func (w *walletFlags) newCmd() *cobra.Command {
+	return &cobra.Command{
 		Use: "new [--wallet FILE] [--force]", Short: "Make a new wallet key", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			k, _, err := crypto.GenerateEd25519Key(nil)
 			if err != nil {
 				return err
 			}
-			return save(cmd, k)
+			return w.save(cmd, k)
 		},
 	}
-	showCmd := &cobra.Command{
+}
+
+func (w *walletFlags) showCmd() *cobra.Command {
+	return &cobra.Command{
 		Use: "show [--wallet FILE]", Short: "Print the wallet's account, and its funds through the running node", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			p, err := path()
-			if err != nil {
-				return err
-			}
-			k, err := node.LoadKey(p)
+			p, k, err := w.load()
 			if err != nil {
 				return err
 			}
@@ -114,10 +150,13 @@ wallet signed; the node never holds the wallet's key.`,
 			if err != nil {
 				return err
 			}
-			return show(cmd, p, id)
+			return w.show(cmd, p, id)
 		},
 	}
-	importCmd := &cobra.Command{
+}
+
+func (w *walletFlags) importCmd() *cobra.Command {
+	return &cobra.Command{
 		Use: "import KEYFILE [--wallet FILE] [--force]", Short: "Take an existing key (another wallet's, or a node's identity.key) as the wallet",
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -125,10 +164,13 @@ wallet signed; the node never holds the wallet's key.`,
 			if err != nil {
 				return err
 			}
-			return save(cmd, k)
+			return w.save(cmd, k)
 		},
 	}
-	allowCmd := &cobra.Command{
+}
+
+func (w *walletFlags) allowCmd() *cobra.Command {
+	return &cobra.Command{
 		Use: "allow GATING AMOUNT [--wallet FILE]", Short: "Let a gating node draw up to AMOUNT NEURO from the wallet into escrows (for API keys it issues for this account); 0 revokes",
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -140,15 +182,11 @@ wallet signed; the node never holds the wallet's key.`,
 			if err != nil {
 				return err
 			}
-			p, err := path()
+			_, k, err := w.load()
 			if err != nil {
 				return err
 			}
-			k, err := node.LoadKey(p)
-			if err != nil {
-				return err
-			}
-			res, err := signAndRelay(cmd, g, k, func(tx *neuropb.LedgerTx) {
+			res, err := signAndRelay(cmd, w.g, k, func(tx *neuropb.LedgerTx) {
 				tx.Body = &neuropb.LedgerTx_Allow{Allow: &neuropb.Allow{Spender: []byte(gp), Amount: amount}}
 			})
 			if err != nil {
@@ -158,17 +196,6 @@ wallet signed; the node never holds the wallet's key.`,
 			return nil
 		},
 	}
-	for _, c := range []*cobra.Command{newCmd, showCmd, importCmd, allowCmd} {
-		c.Flags().StringVar(&file, "wallet", "", "the wallet's key file (default <home>/wallet.key)")
-	}
-	for _, c := range []*cobra.Command{newCmd, importCmd} {
-		c.Flags().BoolVar(&force, "force", false, "replace an existing wallet file (kept as FILE.bak)")
-	}
-	for _, c := range []*cobra.Command{newCmd, showCmd, importCmd} {
-		c.Flags().BoolVar(&asJSON, "json", false, `print {"account": ..., "file": ..., "balance": ...}`)
-	}
-	cmd.AddCommand(newCmd, showCmd, importCmd, allowCmd)
-	return cmd
 }
 
 // signAndRelay signs a transaction with key at the account's next nonce
