@@ -118,6 +118,7 @@ func block(t testing.TB, apps []*App, h int64, txs [][]byte) []*abci.ExecTxResul
 // four replicas of the application: every block gives the same app hash
 // everywhere, and the supply invariant holds after every block.
 func TestRandomWorkloadKeepsSupplyAndAgreement(t *testing.T) {
+	t.Parallel() // beside the chains' tests, which mostly wait for blocks
 	rng := rand.New(rand.NewPCG(7, 11))
 	actors := newActors(t, 8, rng)
 	g := genesisFor(actors)
