@@ -116,10 +116,11 @@ test-vulkan-run: vulkan
 # -race: CPU) and the rest one after the other: the lint first (Go, like
 # the race run's compile), then the ggml tests and the Vulkan tests. ggml's
 # threads wait for each other at a barrier by spinning, so beside a
-# compile that keeps both cores busy its tests burn CPU for nothing: with
-# the ggml tests first, a fresh clone took 673 s and 1,271 CPU seconds,
-# the ggml package's tests 282 s instead of 23. (The race run and the lint
-# first, then the rest at once: 713 s, the testnets starting at 415 s.)
+# compile that keeps both cores busy a test computing with two threads
+# burns CPU for nothing (the ggml package's tests took 282 s instead of 23
+# beside the race run's compile): the ggml tests compute with one thread
+# (ggml/threads_test.go). (The race run and the lint first, then the rest
+# at once: 713 s, the testnets starting at 415 s.)
 #
 # go test's own vet (a subset of go vet's checks, with facts computed for
 # every dependency again: 43 CPU seconds in the race run's cold build) is
