@@ -247,26 +247,38 @@ func (t *Netns) WaitHealthy(ctx context.Context, r *Run) error {
 	start := time.Now()
 	hctx, cancel := context.WithTimeout(ctx, r.S.Timeout)
 	defer cancel()
+	said := start
 	err := waitFor(hctx, 200*time.Millisecond, func() error {
-		if err := r.Net.Refresh(hctx); err != nil {
-			return err
+		err := t.health(hctx, r)
+		if err != nil && time.Since(said) >= healthNag {
+			said = time.Now()
+			r.log.Info("network not healthy yet", "waited", time.Since(start).Round(time.Second), "why", err)
 		}
-		sts := r.Net.Statuses()
-		for i, st := range sts {
-			if len(st.Heard) < len(sts)-1 {
-				return fmt.Errorf("node %d hears %d of %d peers", i, len(st.Heard), len(sts)-1)
-			}
-			if i >= t.Publics && !slices.ContainsFunc(st.Addrs, func(ad string) bool { return strings.Contains(ad, "/p2p-circuit") }) {
-				return fmt.Errorf("home node %d has no relay reservation yet", i)
-			}
-		}
-		return nil
+		return err
 	})
 	if err != nil {
 		return err
 	}
 	r.Report.TookMs = (r.Net.Took + time.Since(start)).Milliseconds()
 	r.log.Info("network healthy: homes behind NAT hold relay reservations", "took", time.Since(start).Round(time.Millisecond))
+	return nil
+}
+
+// health is nil when every node hears every other and every home holds a
+// relay reservation.
+func (t *Netns) health(ctx context.Context, r *Run) error {
+	if err := r.Net.Refresh(ctx); err != nil {
+		return err
+	}
+	sts := r.Net.Statuses()
+	for i, st := range sts {
+		if len(st.Heard) < len(sts)-1 {
+			return fmt.Errorf("node %d hears %d of %d peers", i, len(st.Heard), len(sts)-1)
+		}
+		if i >= t.Publics && !slices.ContainsFunc(st.Addrs, func(ad string) bool { return strings.Contains(ad, "/p2p-circuit") }) {
+			return fmt.Errorf("home node %d has no relay reservation yet", i)
+		}
+	}
 	return nil
 }
 
