@@ -398,28 +398,46 @@ func (h *Host) maintain(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		if len(h.cfg.Bootstrap) == 0 {
-			continue
+		h.reseed(ctx)
+	}
+}
+
+// reseed is maintain's work on each tick: a node that knows no DHT peer
+// although it is connected to some seeds its routing table.
+func (h *Host) reseed(ctx context.Context) {
+	switch {
+	case len(h.cfg.Bootstrap) == 0:
+		// A node without bootstrap peers (a bootstrap node) admits the
+		// peers that dial it only once they have answered the DHT's check;
+		// one too busy to answer when it joined is left out until the
+		// DHT's own retry, minutes later. With no DHT peer at all, take
+		// the connected peers that serve the DHT.
+		if h.dht.RoutingTable().Size() > 0 {
+			return
 		}
-		if len(h.host.Network().Peers()) == 0 {
-			h.log.Warn("no peers left; dialling bootstrap peers again")
-			if n, _ := h.dialBootstrap(ctx); n > 0 {
-				_, _ = h.seedRoutingTable()
-				h.dht.RefreshRoutingTable()
-			}
-		} else if h.dht.RoutingTable().Size() == 0 {
-			// Connected, yet no DHT peer: the DHT admits a peer only once it
-			// has answered a FIND_NODE check, and a bootstrap peer too busy
-			// to answer in time is left out until the DHT's own retry,
-			// minutes later. Meanwhile the node can find neither providers
-			// nor peers.
-			n, errs := h.dialBootstrap(ctx)
-			added, why := h.seedRoutingTable()
-			h.log.Warn("DHT routing table empty; seeding it from the bootstrap peers", "connected", n, "added", added,
-				"err", errors.Join(append(errs, why...)...))
-			if added > 0 {
-				h.dht.RefreshRoutingTable()
-			}
+		added, why := h.seedRoutingTableFrom(h.host.Network().Peers())
+		if added > 0 {
+			h.log.Warn("DHT routing table empty; seeding it from the connected peers", "added", added, "err", errors.Join(why...))
+			h.dht.RefreshRoutingTable()
+		}
+	case len(h.host.Network().Peers()) == 0:
+		h.log.Warn("no peers left; dialling bootstrap peers again")
+		if n, _ := h.dialBootstrap(ctx); n > 0 {
+			_, _ = h.seedRoutingTable()
+			h.dht.RefreshRoutingTable()
+		}
+	case h.dht.RoutingTable().Size() == 0:
+		// Connected, yet no DHT peer: the DHT admits a peer only once it
+		// has answered a FIND_NODE check, and a bootstrap peer too busy
+		// to answer in time is left out until the DHT's own retry,
+		// minutes later. Meanwhile the node can find neither providers
+		// nor peers.
+		n, errs := h.dialBootstrap(ctx)
+		added, why := h.seedRoutingTable()
+		h.log.Warn("DHT routing table empty; seeding it from the bootstrap peers", "connected", n, "added", added,
+			"err", errors.Join(append(errs, why...)...))
+		if added > 0 {
+			h.dht.RefreshRoutingTable()
 		}
 	}
 }
@@ -450,22 +468,32 @@ const dhtProtocol = neuropb.DHTPrefix + "/kad/1.0.0"
 // a hundred in a simulated network of 150); they leave the table like any
 // other peer when they stop answering.
 func (h *Host) seedRoutingTable() (added int, why []error) {
+	ids := make([]peer.ID, 0, len(h.cfg.Bootstrap))
 	for _, ai := range h.cfg.Bootstrap {
-		if ai.ID == h.host.ID() {
+		ids = append(ids, ai.ID)
+	}
+	return h.seedRoutingTableFrom(ids)
+}
+
+// seedRoutingTableFrom adds the peers of ids that are connected and serve
+// the DHT to the routing table.
+func (h *Host) seedRoutingTableFrom(ids []peer.ID) (added int, why []error) {
+	for _, id := range ids {
+		if id == h.host.ID() {
 			continue
 		}
-		if h.host.Network().Connectedness(ai.ID) != network.Connected {
-			why = append(why, fmt.Errorf("%s: not connected", ai.ID))
+		if h.host.Network().Connectedness(id) != network.Connected {
+			why = append(why, fmt.Errorf("%s: not connected", id))
 			continue
 		}
-		if ok, _ := h.host.Peerstore().SupportsProtocols(ai.ID, dhtProtocol); len(ok) == 0 {
-			why = append(why, fmt.Errorf("%s: no DHT server", ai.ID))
+		if ok, _ := h.host.Peerstore().SupportsProtocols(id, dhtProtocol); len(ok) == 0 {
+			why = append(why, fmt.Errorf("%s: no DHT server", id))
 			continue
 		}
-		ok, err := h.dht.RoutingTable().TryAddPeer(ai.ID, true, true)
+		ok, err := h.dht.RoutingTable().TryAddPeer(id, true, true)
 		switch {
 		case err != nil:
-			why = append(why, fmt.Errorf("%s: %w", ai.ID, err))
+			why = append(why, fmt.Errorf("%s: %w", id, err))
 		case ok:
 			added++
 		}

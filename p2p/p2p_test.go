@@ -320,6 +320,33 @@ func TestBusyBootstrapPeerSeedsTheRoutingTable(t *testing.T) {
 	}
 }
 
+// The same on the bootstrap node's side: a node that dials it but is too
+// busy to answer the DHT's check (here: it never answers) is left out of
+// the bootstrap node's routing table, which then holds no DHT peer at all,
+// until maintain's next round takes the connected DHT servers.
+func TestBusyPeerOfABootstrapNodeSeedsItsRoutingTable(t *testing.T) {
+	a := newTestHost(t, testConfig())
+	b := newTestHost(t, testConfig())
+	b.host.SetStreamHandler(dhtProtocol, func(s network.Stream) {
+		<-t.Context().Done()
+		s.Reset()
+	})
+	if err := b.host.Connect(t.Context(), peer.AddrInfo{ID: a.ID(), Addrs: a.Addrs()}); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, func() bool {
+		ok, _ := a.host.Peerstore().SupportsProtocols(b.ID(), dhtProtocol)
+		return len(ok) > 0
+	}, "the bootstrap node to learn that the peer serves the DHT")
+	if rt := a.RoutingTable(); len(rt) != 0 {
+		t.Fatalf("routing table %v before the peer answered the DHT's check", rt)
+	}
+	a.reseed(t.Context())
+	if rt := a.RoutingTable(); len(rt) != 1 || rt[0] != b.ID() {
+		t.Fatalf("routing table %v after reseed, want the connected peer %s", rt, b.ID())
+	}
+}
+
 // A node that says what it knows of its reachability has it at once: a
 // home behind NAT need not wait for AutoNAT's first probe (15 s) to
 // reserve relay slots.
