@@ -11,8 +11,8 @@ import (
 // One: ggml's threads spin at every barrier of a graph, so on a shared
 // machine a thread burns its whole time slice waiting for a partner that
 // is not running. make test runs these tests beside a compile and the
-// testnets on 2 cores: this package's tests took 266 CPU seconds beside two
-// busy processes with 2 threads, 24 with 1 (alone: 32 and 20). The
+// testnets on 2 cores: this package's tests took 268 CPU seconds beside two
+// busy processes with 2 threads, 21 with 1 (alone: 35 and 23). The
 // comparisons are the same either way (llama.cpp and the split model get
 // the same threads); cmd/neurod's tests compare the two with every core.
 const testThreads = 1

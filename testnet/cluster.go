@@ -174,3 +174,23 @@ func waitFor(ctx context.Context, interval time.Duration, check func() error) er
 		}
 	}
 }
+
+// healthNag is how often a health wait logs why the network is not
+// healthy yet.
+const healthNag = 20 * time.Second
+
+// sayingWhy wraps a health check for waitFor: while it keeps failing, log
+// says why every healthNag, so that a network slow to become healthy
+// explains itself.
+func sayingWhy(log *slog.Logger, check func() error) func() error {
+	start := time.Now()
+	said := start
+	return func() error {
+		err := check()
+		if err != nil && time.Since(said) >= healthNag {
+			said = time.Now()
+			log.Info("network not healthy yet", "waited", time.Since(start).Round(time.Second), "why", err)
+		}
+		return err
+	}
+}

@@ -247,15 +247,7 @@ func (t *Netns) WaitHealthy(ctx context.Context, r *Run) error {
 	start := time.Now()
 	hctx, cancel := context.WithTimeout(ctx, r.S.Timeout)
 	defer cancel()
-	said := start
-	err := waitFor(hctx, 200*time.Millisecond, func() error {
-		err := t.health(hctx, r)
-		if err != nil && time.Since(said) >= healthNag {
-			said = time.Now()
-			r.log.Info("network not healthy yet", "waited", time.Since(start).Round(time.Second), "why", err)
-		}
-		return err
-	})
+	err := waitFor(hctx, 200*time.Millisecond, sayingWhy(r.log, func() error { return t.health(hctx, r) }))
 	if err != nil {
 		return err
 	}

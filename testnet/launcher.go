@@ -306,10 +306,6 @@ func (nw *Network) Refresh(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-// healthNag is how often WaitHealthy logs why the network is not healthy
-// yet.
-const healthNag = 20 * time.Second
-
 // WaitHealthy polls the nodes until Health passes or the launch timeout
 // (counted from now) runs out. Took is updated to the time from the first
 // start until healthy.
@@ -317,8 +313,7 @@ func (nw *Network) WaitHealthy(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, nw.opts.Timeout)
 	defer cancel()
 	start := time.Now()
-	said := start
-	err := waitFor(ctx, 100*time.Millisecond, func() error {
+	err := waitFor(ctx, 100*time.Millisecond, sayingWhy(nw.log, func() error {
 		for _, p := range nw.procs {
 			select {
 			case <-p.done:
@@ -326,17 +321,11 @@ func (nw *Network) WaitHealthy(ctx context.Context) error {
 			default:
 			}
 		}
-		err := nw.Refresh(ctx)
-		if err == nil {
-			err = Health(nw.Statuses())
+		if err := nw.Refresh(ctx); err != nil {
+			return err
 		}
-		// A network that takes long says why, while it waits.
-		if err != nil && time.Since(said) >= healthNag {
-			said = time.Now()
-			nw.log.Info("network not healthy yet", "waited", time.Since(start).Round(time.Second), "why", err)
-		}
-		return err
-	})
+		return Health(nw.Statuses())
+	}))
 	nw.Took += time.Since(start)
 	return err
 }
