@@ -53,8 +53,12 @@ func Quantize(t model.DType, x []float32, rowLen int) ([]byte, error) {
 }
 
 // Dequantize converts t-encoded data back to float32 with ggml's own
-// routine.
+// routine; F32, which ggml has none for (it is already float32), is read
+// as it is.
 func Dequantize(t model.DType, b []byte) ([]float32, error) {
+	if t == model.F32 {
+		return model.Decode(t, b)
+	}
 	block := t.RowSize(t.BlockSize())
 	if !t.Known() || block == 0 || len(b) == 0 || uint64(len(b))%block != 0 {
 		return nil, fmt.Errorf("dequantize %s: %d bytes", t, len(b))
