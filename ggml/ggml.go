@@ -28,8 +28,12 @@ package ggml
 import "C"
 
 import (
+	"fmt"
+	"os"
 	"runtime"
+	"strconv"
 	"sync"
+	"time"
 )
 
 var initOnce sync.Once
@@ -55,6 +59,34 @@ func SetPolling(level int) {
 	computeMu.Lock()
 	defer computeMu.Unlock()
 	C.neuro_set_poll(C.int(max(0, min(level, 100))))
+}
+
+// TimerSlack is the process's timer slack: how late Linux may wake a
+// timed sleep so as to wake it with others. The package sets it before the
+// Go runtime starts, for every thread (NEURO_TIMER_SLACK_US microseconds,
+// 1,000 by default; 0 keeps Linux's 50), because Go's sysmon thread,
+// polling every 20 µs after the process wakes from idle, otherwise
+// preempts a compute thread thousands of times a second (see neuro.c).
+func TimerSlack() time.Duration {
+	return time.Duration(C.neuro_timer_slack_ns())
+}
+
+// TimerSlackEnv is the variable that sets TimerSlack (read before the Go
+// runtime starts; a value that is not a whole number of microseconds from
+// 0 to 100,000 is ignored).
+const TimerSlackEnv = "NEURO_TIMER_SLACK_US"
+
+// CheckTimerSlackEnv says what is wrong with TimerSlackEnv's value, if it
+// is set and was ignored.
+func CheckTimerSlackEnv() error {
+	v, ok := os.LookupEnv(TimerSlackEnv)
+	if !ok || v == "" {
+		return nil
+	}
+	if n, err := strconv.Atoi(v); err != nil || n < 0 || n > 100000 {
+		return fmt.Errorf("%s=%q: not a number of microseconds from 0 to 100000; the timer slack is %v", TimerSlackEnv, v, TimerSlack())
+	}
+	return nil
 }
 
 // initBackend initializes llama.cpp once and routes its logs to slog.

@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 
 #include "ggml.h"
 #include "ggml-alloc.h"
@@ -15,6 +16,43 @@ extern void neuroLog(int level, char * text, void * user_data);
 
 void neuro_log_install(void) {
     llama_log_set((ggml_log_callback) neuroLog, NULL);
+}
+
+// neuro_timer_slack runs before the Go runtime starts (a constructor:
+// the binary is linked externally, and the C runtime runs these before it
+// calls the runtime's main), so that every thread the runtime creates,
+// sysmon first, inherits the process's timer slack: NEURO_TIMER_SLACK_US
+// microseconds (0 keeps Linux's 50), by default NEURO_TIMER_SLACK_DEFAULT_US.
+//
+// Why: Go's sysmon thread sleeps 20 µs at a time (plus the slack) for
+// the first millisecond after the process wakes from idle, and again
+// whenever it finds work. A node wakes from idle for every expert call;
+// during the call's compute both ggml threads hold both cores, so every
+// sysmon wake preempts one of them and the other spins at the next
+// barrier (measured on an expert node of the loopback testnet on 2 cores:
+// about 2,900 sysmon wakes and 113 ms of its CPU a second with Linux's
+// 50 µs, 840 and 63 ms with 1 ms). The slack only makes timed sleeps
+// wake later (by at most that much); wakes for data, locks and signals
+// stay immediate.
+#define NEURO_TIMER_SLACK_DEFAULT_US 1000L
+
+__attribute__((constructor)) static void neuro_timer_slack(void) {
+    long us = NEURO_TIMER_SLACK_DEFAULT_US;
+    const char * s = getenv("NEURO_TIMER_SLACK_US");
+    if (s != NULL && *s != 0) {
+        char * end = NULL;
+        long v = strtol(s, &end, 10);
+        if (end != NULL && *end == 0 && v >= 0 && v <= 100000) {
+            us = v;
+        }
+    }
+    if (us > 0) {
+        prctl(PR_SET_TIMERSLACK, (unsigned long) us * 1000UL, 0, 0, 0);
+    }
+}
+
+long neuro_timer_slack_ns(void) {
+    return (long) prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0);
 }
 
 static struct ggml_threadpool * pool;

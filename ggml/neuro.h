@@ -23,6 +23,10 @@ struct ggml_threadpool * neuro_pool(int n_threads);
 // neuro_pool creates next; -1 keeps ggml's default.
 void neuro_set_poll(int level);
 
+// neuro_timer_slack_ns is the calling thread's timer slack (see neuro.c:
+// set for the whole process before the Go runtime starts).
+long neuro_timer_slack_ns(void);
+
 // Devices (device.c). neuro_backend_load opens a GPU backend library
 // (libggml-vulkan.so, libggml-cuda.so) and registers its devices.
 int neuro_backend_load(const char * path, char * err, size_t err_len);

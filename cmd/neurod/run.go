@@ -182,6 +182,9 @@ func nodeOptions(cmd *cobra.Command, home string, cfg *node.Config, rf *runFlags
 	// A node computes a layer, then waits on the network for a process
 	// that needs the same cores: its idle compute threads sleep at once.
 	ggml.SetPolling(0)
+	if err := ggml.CheckTimerSlackEnv(); err != nil {
+		log.Warn("timer slack", "err", err)
+	}
 	dev, err := ggml.SelectDevice(cfg.Home.Device)
 	if err != nil {
 		return nil, fmt.Errorf("home.device (--device): %w", err)
