@@ -32,6 +32,7 @@ type Expert struct {
 	c        *C.neuro_expert
 	embd, ff int
 	maxBatch int
+	threads  int // its compute threads (ExpertOptions.Threads)
 	dtype    model.DType
 	vary     bool
 }
@@ -97,7 +98,7 @@ func NewExpertOn(dev Device, w moe.ExpertWeights, o moe.ExpertOptions) (*Expert,
 	// its plain product (a dense expert) takes tinyBLAS for two rows or
 	// more, and a GPU's kernels differ by batch size.
 	vary := w.Dense || dev.Backend != "" && dev.Backend != "CPU"
-	return &Expert{c: c, embd: embd, ff: ff, maxBatch: o.MaxBatch, dtype: w.Gate.Type, vary: vary}, nil
+	return &Expert{c: c, embd: embd, ff: ff, maxBatch: o.MaxBatch, threads: o.Threads, dtype: w.Gate.Type, vary: vary}, nil
 }
 
 // RowsVary reports whether a row's result depends on the batch it is
@@ -139,17 +140,26 @@ func (e *Expert) Compute(x []float32, n int, out []float32) error {
 // under computeMu.
 var group *C.neuro_group
 
+// lastGroupThreads is the threads of the last group's compute.
+func lastGroupThreads() int {
+	computeMu.Lock()
+	defer computeMu.Unlock()
+	return int(C.neuro_group_last_threads(group))
+}
+
 // ComputeGroup implements moe.Grouper: es[i] on ns[i] rows of xs[i] into
 // outs[i], in one ggml graph, each expert's rows as Compute gives them (the
 // same ops on the same data) with one threadpool dispatch for them all. It
 // takes distinct Experts on the CPU whose rows do not depend on their batch
-// (RowsVary false); others are moe.ErrNotGroupable.
+// (RowsVary false); others are moe.ErrNotGroupable. It computes with the
+// most threads any of them was given (ExpertOptions.Threads).
 func (e *Expert) ComputeGroup(ms []moe.Computer, xs [][]float32, ns []int, outs [][]float32) error {
 	n := len(ms)
 	if n == 0 || len(xs) != n || len(ns) != n || len(outs) != n {
 		return fmt.Errorf("expert group: %d experts, %d inputs, %d sizes, %d outputs", n, len(xs), len(ns), len(outs))
 	}
 	es := make([]*Expert, n)
+	threads := 1 // the most any member was given
 	for i, m := range ms {
 		x, ok := m.(*Expert)
 		if !ok || x == nil || x.vary || slices.Contains(es[:i], x) {
@@ -158,7 +168,7 @@ func (e *Expert) ComputeGroup(ms []moe.Computer, xs [][]float32, ns []int, outs 
 		if err := moe.CheckBatch(xs[i], ns[i], outs[i], x.embd, x.maxBatch); err != nil {
 			return fmt.Errorf("expert group: expert %d: %w", i, err)
 		}
-		es[i] = x
+		es[i], threads = x, max(threads, x.threads)
 	}
 	// Each expert's lock in one order (their addresses), then computeMu.
 	order := slices.Clone(es)
@@ -193,7 +203,7 @@ func (e *Expert) ComputeGroup(ms []moe.Computer, xs [][]float32, ns []int, outs 
 		pinner.Pin(&outs[i][0])
 		cs[i], cx[i], cout[i], cn[i] = e.c, (*C.float)(&xs[i][0]), (*C.float)(&outs[i][0]), C.int(ns[i])
 	}
-	if rc := C.neuro_group_compute(group, &cs[0], C.int(n), &cx[0], &cn[0], &cout[0]); rc != 0 {
+	if rc := C.neuro_group_compute(group, &cs[0], C.int(n), &cx[0], &cn[0], &cout[0], C.int(threads)); rc != 0 {
 		return fmt.Errorf("expert group: ggml compute failed (code %d)", int(rc))
 	}
 	return nil

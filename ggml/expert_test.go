@@ -685,3 +685,48 @@ func TestDequantizeFloatTypes(t *testing.T) {
 		}
 	}
 }
+
+// A group computes with its experts' threads (ExpertOptions.Threads; the
+// most any member was given), as each expert's own compute does: a node
+// configured for one expert thread (expert.threads) computed its groups
+// with every core.
+func TestGroupComputesWithItsExpertsThreads(t *testing.T) {
+	if poolThreads < 2 {
+		t.Skip("one core")
+	}
+	const embd, ff = 64, 128
+	rng := rand.New(rand.NewPCG(7, 8))
+	expert := func(threads int) moe.Computer {
+		g, _ := randWeights(t, rng, model.Q8_0, embd*ff, 0.1)
+		u, _ := randWeights(t, rng, model.Q8_0, embd*ff, 0.1)
+		d, _ := randWeights(t, rng, model.Q8_0, embd*ff, 0.1)
+		e, err := Backend{}.NewExpert(moe.ExpertWeights{Embd: embd, FF: ff, Gate: moe.Tensor{Type: model.Q8_0, Data: g},
+			Up: moe.Tensor{Type: model.Q8_0, Data: u}, Down: moe.Tensor{Type: model.Q8_0, Data: d}}, moe.ExpertOptions{Threads: threads})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { e.Close() })
+		return e
+	}
+	one, one2, all := expert(1), expert(1), expert(0)
+	x := make([]float32, embd)
+	for i := range x {
+		x[i] = 2*rng.Float32() - 1
+	}
+	for _, c := range []struct {
+		name  string
+		group []moe.Computer
+		want  int
+	}{
+		{"one thread each", []moe.Computer{one, one2}, 1},
+		{"one with every core", []moe.Computer{one, all}, poolThreads},
+	} {
+		outs := [][]float32{make([]float32, embd), make([]float32, embd)}
+		if err := c.group[0].(moe.Grouper).ComputeGroup(c.group, [][]float32{x, x}, []int{1, 1}, outs); err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		if got := lastGroupThreads(); got != c.want {
+			t.Errorf("%s: computed with %d threads, want %d", c.name, got, c.want)
+		}
+	}
+}

@@ -308,6 +308,7 @@ struct neuro_group {
     neuro_exec x;
     size_t meta_size;
     void * meta;
+    int last_threads; // of the last compute, for the tests
 };
 
 neuro_group * neuro_group_new(int n_threads, char * err, size_t err_len) {
@@ -323,6 +324,10 @@ neuro_group * neuro_group_new(int n_threads, char * err, size_t err_len) {
     return g;
 }
 
+int neuro_group_last_threads(const neuro_group * g) {
+    return g == NULL ? 0 : g->last_threads;
+}
+
 void neuro_group_free(neuro_group * g) {
     if (g == NULL) {
         return;
@@ -333,8 +338,8 @@ void neuro_group_free(neuro_group * g) {
 }
 
 int neuro_group_compute(neuro_group * g, neuro_expert * const * es, int count, const float * const * xdata, const int * n,
-                        float * const * outdata) {
-    if (count < 1) {
+                        float * const * outdata, int n_threads) {
+    if (count < 1 || n_threads < 1) {
         return 1;
     }
     for (int i = 0; i < count; i++) {
@@ -377,6 +382,8 @@ int neuro_group_compute(neuro_group * g, neuro_expert * const * es, int count, c
         ggml_backend_tensor_set(t[3 * i], xdata[i], 0, ggml_nbytes(t[3 * i]));
         if (t[3 * i + 1]) ggml_backend_tensor_set(t[3 * i + 1], es[i]->zeros, 0, ggml_nbytes(t[3 * i + 1]));
     }
+    ggml_backend_cpu_set_n_threads(g->x.cpu, n_threads);
+    g->last_threads = n_threads;
     if (exec_compute(&g->x, gf) != 0) {
         rc = 4;
         goto done;

@@ -110,9 +110,13 @@ neuro_group * neuro_group_new(int n_threads, char * err, size_t err_len);
 
 // neuro_group_compute computes expert es[i] on n[i] rows of x[i] into
 // out[i], for i < count, as neuro_expert_compute would each (the same ops
-// on the same data). Returns 0 on success.
+// on the same data), with n_threads threads of the pool. Returns 0 on
+// success.
 int neuro_group_compute(neuro_group * g, neuro_expert * const * es, int count, const float * const * x, const int * n,
-                        float * const * out);
+                        float * const * out, int n_threads);
+
+// neuro_group_last_threads is the threads of g's last compute.
+int neuro_group_last_threads(const neuro_group * g);
 
 void neuro_group_free(neuro_group * g);
 
