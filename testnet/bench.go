@@ -1,11 +1,14 @@
 package testnet
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"slices"
@@ -53,8 +56,12 @@ type BenchRow struct {
 	// (its decode tokens/s over llama.cpp's; testnet rows).
 	DispatchUsPerLayer float64 `json:"dispatch_overhead_per_layer_us,omitempty"`
 	LocalRatio         float64 `json:"local_ratio,omitempty"`
-	Direct             *bool   `json:"direct,omitempty"`
-	Skipped            string  `json:"skipped,omitempty"`
+	// PinnedLocalRatio is, for the pinned testnet, the pinned llama.cpp's
+	// per-token p50 (one process on one core with one thread) over the
+	// row's: the same cores per process on both sides.
+	PinnedLocalRatio float64 `json:"pinned_local_ratio,omitempty"`
+	Direct           *bool   `json:"direct,omitempty"`
+	Skipped          string  `json:"skipped,omitempty"`
 	// Users asked at once (kind concurrent), each through a client of its
 	// own; TokensPerSecond is then all their generated tokens over the
 	// round's wall time, AloneTokensPerSecond the round's first request's
@@ -193,8 +200,12 @@ func (b *Bench) Run(ctx context.Context, modelPath, out string, rtts []time.Dura
 		if err := b.scenario(ctx, "testnet", "testnet", 0, &Loopback{ExpertNodes: 1, Dashboard: "127.0.0.1:0"}); err != nil {
 			return nil, err
 		}
+		b.Log.Info("bench: llama.cpp pinned to a core, one thread")
+		if err := b.pinnedLocal(ctx); err != nil {
+			return nil, err
+		}
 		b.Log.Info("bench: testnet on 127.0.0.1, each process pinned to a core")
-		if err := b.scenario(ctx, "testnet, pinned (a core and a thread each)", "testnet", 0,
+		if err := b.scenario(ctx, PinnedTestnetRow, "testnet", 0,
 			&Loopback{ExpertNodes: 1, Dashboard: "127.0.0.1:0", Pin: true}); err != nil {
 			return nil, err
 		}
@@ -232,10 +243,14 @@ func (b *Bench) Run(ctx context.Context, modelPath, out string, rtts []time.Dura
 	if err := b.spans(ctx); err != nil {
 		return nil, err
 	}
+	pinned := b.rep.Row(PinnedLocalRow)
 	for i := range b.rep.Rows {
 		r := &b.rep.Rows[i]
 		if r.Kind == "testnet" && r.PerTokenP50Ms > 0 {
 			r.LocalRatio = b.rep.Rows[0].PerTokenP50Ms / r.PerTokenP50Ms
+			if r.Name == PinnedTestnetRow && pinned != nil && pinned.PerTokenP50Ms > 0 {
+				r.PinnedLocalRatio = pinned.PerTokenP50Ms / r.PerTokenP50Ms
+			}
 		}
 		if r.Skipped != "" || r.Kind == "local" || r.Kind == "split" || r.Kind == "concurrent" || r.Kind == "speculate" || r.Kind == "spans" {
 			continue
@@ -319,6 +334,50 @@ func (b *Bench) onMachine(ctx context.Context) error {
 	}
 	b.rep.ComputeMs = b.rep.Rows[1].PerTokenP50Ms
 	return nil
+}
+
+// The rows of the pinned runs: llama.cpp in a process of its own on one
+// core with one compute thread, and the loopback testnet with each
+// process so (Loopback.Pin).
+const (
+	PinnedLocalRow   = "llama.cpp, pinned (a core and a thread)"
+	PinnedTestnetRow = "testnet, pinned (a core and a thread each)"
+)
+
+// Row is the report's row of that name, or nil.
+func (r *BenchReport) Row(name string) *BenchRow {
+	for i := range r.Rows {
+		if r.Rows[i].Name == name {
+			return &r.Rows[i]
+		}
+	}
+	return nil
+}
+
+// pinnedLocal runs llama.cpp as the pinned testnet runs each of its
+// nodes: `neurod generate --local --threads 1` on core 0 (taskset), the
+// gating node's core. Its row is the pinned testnet's reference: two
+// processes of one thread each against one.
+func (b *Bench) pinnedLocal(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, b.Timeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "taskset", "-c", "0", b.Binary, "generate", "--local", b.model, "--threads", "1",
+		"--prompt", BenchPrompt, "--max-tokens", strconv.Itoa(b.MaxTokens), "--json")
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		msg := strings.TrimSpace(stderr.String())
+		if len(msg) > 600 {
+			msg = "…" + msg[len(msg)-600:]
+		}
+		return fmt.Errorf("%s: %w: %s", PinnedLocalRow, err, msg)
+	}
+	var g Generation
+	if err := json.Unmarshal(out, &g); err != nil {
+		return fmt.Errorf("%s: its output: %w", PinnedLocalRow, err)
+	}
+	return b.add(PinnedLocalRow, "local", 0, benchGen{Tokens: g.Tokens, TokensPerSecond: g.TokensPerSecond, PerTokenMs: g.PerTokenMs})
 }
 
 // scenario runs a testnet scenario on topology t, in this process, and

@@ -100,7 +100,12 @@ func (l *Loopback) Setup(_ context.Context, r *Run) error {
 // Launch implements Topology.
 func (l *Loopback) Launch(r *Run, o *LaunchOptions) error {
 	m := r.Model
-	threads := max(1, runtime.NumCPU()/(l.ExpertNodes+1))
+	// The expert nodes share the cores among themselves (a layer's
+	// experts on two nodes compute at once, and ggml's threads spin at
+	// barriers when there are more of them than cores), but not with the
+	// gating node, which waits while they compute: one expert node gets
+	// every core.
+	threads := max(1, runtime.NumCPU()/max(1, l.ExpertNodes))
 	genesis := r.genesisPath()
 	r.log.Info("starting testnet", "expert_nodes", l.ExpertNodes, "model", m.CID, "layers", m.Layers(), "experts", m.Experts(), "dir", r.Dir)
 	o.Nodes = l.ExpertNodes + 1

@@ -30,6 +30,8 @@ ways, and checks that every way gives the same tokens:
                  experts from their shards, in one process
   testnet        'neurod testnet': a gating node and one expert node,
                  processes on 127.0.0.1
+  llama.cpp, pinned  'neurod generate --local --threads 1' on one core
+                 (taskset): the pinned testnet's reference
   testnet, pinned  the same with each process on a core of its own and one
                  compute thread (taskset), so that they do not compete
   netns RTT      'neurod testnet --netns --rtt RTT': the gating node and the
@@ -57,7 +59,8 @@ ways, and checks that every way gives the same tokens:
 For each it reports tokens per second, the per-token latency (p50 and p90
 of the decode steps), for the loopback testnets the dispatch overhead per
 MoE layer (its expert calls' time beyond the experts' compute) and
-llama.cpp's p50 over theirs, and, over the network, the floor a token cannot beat,
+llama.cpp's p50 over theirs (for the pinned one also the pinned llama.cpp's),
+and, over the network, the floor a token cannot beat,
 layers × RTT + compute (compute: the split run's p50), and the latency's
 ratio to it. It writes report.md (the table), report.png (tokens/s and
 per-token latency against RTT, the floor drawn in) and report.json into
@@ -294,6 +297,9 @@ func benchRowMarkdown(sb *strings.Builder, r testnet.BenchRow) {
 	}
 	if r.LocalRatio > 0 {
 		lr = fmt.Sprintf("%.2f", r.LocalRatio)
+	}
+	if r.PinnedLocalRatio > 0 {
+		lr += fmt.Sprintf(" (pinned llama.cpp's: %.2f)", r.PinnedLocalRatio)
 	}
 	tps := fmt.Sprintf("%.1f", r.TokensPerSecond)
 	if r.AloneTokensPerSecond > 0 {

@@ -36,7 +36,7 @@ func TestBenchReport(t *testing.T) {
 	}
 	// The loopback testnet rows run in one part only: they are the same
 	// in every part.
-	base, loopback := "llama.cpp,split", ",testnet,testnet, pinned (a core and a thread each)"
+	base, loopback := "llama.cpp,split", ",testnet,"+testnet.PinnedLocalRow+","+testnet.PinnedTestnetRow
 	parts := []struct {
 		name     string
 		args     []string
@@ -70,7 +70,7 @@ func TestBenchReport(t *testing.T) {
 			}
 			rows, first := base+pt.rows, 2
 			if pt.loopback {
-				rows, first = base+loopback+pt.rows, 4
+				rows, first = base+loopback+pt.rows, 5
 			} else {
 				args = append(args, "--no-loopback")
 			}
@@ -94,8 +94,15 @@ func TestBenchReport(t *testing.T) {
 					t.Fatalf("row %+v", row)
 				}
 			}
-			for _, row := range rep.Rows[2:first] { // the loopback testnets, default and pinned
-				if row.Kind != "testnet" || row.DispatchUsPerLayer <= 0 || row.LocalRatio <= 0 {
+			for _, row := range rep.Rows[2:first] { // the loopback testnets, default and pinned, and the pinned llama.cpp
+				if row.Name == testnet.PinnedLocalRow {
+					if row.Kind != "local" {
+						t.Fatalf("pinned llama.cpp row %+v", row)
+					}
+					continue
+				}
+				if row.Kind != "testnet" || row.DispatchUsPerLayer <= 0 || row.LocalRatio <= 0 ||
+					(row.Name == testnet.PinnedTestnetRow) != (row.PinnedLocalRatio > 0) {
 					t.Fatalf("testnet row %+v", row)
 				}
 			}
