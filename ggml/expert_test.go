@@ -697,11 +697,8 @@ func TestGroupComputesWithItsExpertsThreads(t *testing.T) {
 	const embd, ff = 64, 128
 	rng := rand.New(rand.NewPCG(7, 8))
 	expert := func(threads int) moe.Computer {
-		g, _ := randWeights(t, rng, model.Q8_0, embd*ff, 0.1)
-		u, _ := randWeights(t, rng, model.Q8_0, embd*ff, 0.1)
-		d, _ := randWeights(t, rng, model.Q8_0, embd*ff, 0.1)
-		e, err := Backend{}.NewExpert(moe.ExpertWeights{Embd: embd, FF: ff, Gate: moe.Tensor{Type: model.Q8_0, Data: g},
-			Up: moe.Tensor{Type: model.Q8_0, Data: u}, Down: moe.Tensor{Type: model.Q8_0, Data: d}}, moe.ExpertOptions{Threads: threads})
+		w := randExpert(t, rng, embd, ff, model.Q8_0, model.Q8_0, model.Q8_0)
+		e, err := Backend{}.NewExpert(w, moe.ExpertOptions{Threads: threads})
 		if err != nil {
 			t.Fatal(err)
 		}
