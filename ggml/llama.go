@@ -8,6 +8,7 @@ package ggml
 import "C"
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -329,6 +330,13 @@ type Generation struct {
 // the argmax of the logits, through llama.cpp. keepLogits keeps every
 // step's logits.
 func (l *Llama) GenerateGreedy(prompt string, maxTokens int, o ContextOptions, keepLogits bool) (*Generation, error) {
+	return l.GenerateGreedyContext(context.Background(), prompt, maxTokens, o, keepLogits)
+}
+
+// GenerateGreedyContext is GenerateGreedy that stops between two decode
+// steps once ctx is done, with ctx's error (`generate --local` on SIGTERM
+// or Ctrl-C: it went on to its last token).
+func (l *Llama) GenerateGreedyContext(cctx context.Context, prompt string, maxTokens int, o ContextOptions, keepLogits bool) (*Generation, error) {
 	if maxTokens < 1 {
 		return nil, fmt.Errorf("max tokens %d: must be at least 1", maxTokens)
 	}
@@ -348,6 +356,9 @@ func (l *Llama) GenerateGreedy(prompt string, maxTokens int, o ContextOptions, k
 	}
 	defer ctx.Close()
 	return l.greedy(toks, maxTokens, keepLogits, func(next []int32) ([]float32, error) {
+		if err := cctx.Err(); err != nil {
+			return nil, fmt.Errorf("generation stopped: %w", err)
+		}
 		if err := ctx.Decode(next); err != nil {
 			return nil, err
 		}

@@ -96,6 +96,11 @@ func TestLlamaBadInput(t *testing.T) {
 	if _, err := l.GenerateGreedy("hi", 0, ContextOptions{}, false); err == nil {
 		t.Error("accepted max tokens 0")
 	}
+	stopped, cancel := context.WithCancel(t.Context())
+	cancel()
+	if _, err := l.GenerateGreedyContext(stopped, "hi", 4, ContextOptions{Threads: testThreads}, false); !errors.Is(err, context.Canceled) {
+		t.Errorf("a generation on a cancelled context: %v, want context.Canceled", err)
+	}
 	c, err := l.NewContext(ContextOptions{Context: 16, Threads: 1})
 	if err != nil {
 		t.Fatal(err)

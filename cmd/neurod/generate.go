@@ -194,7 +194,7 @@ func generateOnMachine(ctx context.Context, dev ggml.Device, local, split, promp
 		}
 		defer l.Close()
 		start = time.Now()
-		if g, err = l.GenerateGreedy(prompt, maxTokens, o, false); err != nil {
+		if g, err = l.GenerateGreedyContext(ctx, prompt, maxTokens, o, false); err != nil {
 			return nil, fmt.Errorf("generate: %w", err)
 		}
 	} else {
