@@ -31,7 +31,6 @@ import (
 	"fmt"
 	"os"
 	"runtime"
-	"strconv"
 	"sync"
 	"time"
 )
@@ -79,14 +78,11 @@ const TimerSlackEnv = "NEURO_TIMER_SLACK_US"
 // CheckTimerSlackEnv says what is wrong with TimerSlackEnv's value, if it
 // is set and was ignored.
 func CheckTimerSlackEnv() error {
-	v, ok := os.LookupEnv(TimerSlackEnv)
-	if !ok || v == "" {
+	if C.neuro_timer_slack_env_bad() == 0 {
 		return nil
 	}
-	if n, err := strconv.Atoi(v); err != nil || n < 0 || n > 100000 {
-		return fmt.Errorf("%s=%q: not a number of microseconds from 0 to 100000; the timer slack is %v", TimerSlackEnv, v, TimerSlack())
-	}
-	return nil
+	return fmt.Errorf("%s=%q: not a number of microseconds from 0 to 100000; the timer slack is %v",
+		TimerSlackEnv, os.Getenv(TimerSlackEnv), TimerSlack())
 }
 
 // initBackend initializes llama.cpp once and routes its logs to slog.

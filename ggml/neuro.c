@@ -36,6 +36,10 @@ void neuro_log_install(void) {
 // stay immediate.
 #define NEURO_TIMER_SLACK_DEFAULT_US 1000L
 
+// Whether NEURO_TIMER_SLACK_US was set to something the constructor
+// ignored (for neurod to warn about once it can log).
+static int timer_slack_env_bad;
+
 __attribute__((constructor)) static void neuro_timer_slack(void) {
     long us = NEURO_TIMER_SLACK_DEFAULT_US;
     const char * s = getenv("NEURO_TIMER_SLACK_US");
@@ -44,6 +48,8 @@ __attribute__((constructor)) static void neuro_timer_slack(void) {
         long v = strtol(s, &end, 10);
         if (end != NULL && *end == 0 && v >= 0 && v <= 100000) {
             us = v;
+        } else {
+            timer_slack_env_bad = 1;
         }
     }
     if (us > 0) {
@@ -53,6 +59,10 @@ __attribute__((constructor)) static void neuro_timer_slack(void) {
 
 long neuro_timer_slack_ns(void) {
     return (long) prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0);
+}
+
+int neuro_timer_slack_env_bad(void) {
+    return timer_slack_env_bad;
 }
 
 static struct ggml_threadpool * pool;

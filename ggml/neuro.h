@@ -27,6 +27,10 @@ void neuro_set_poll(int level);
 // set for the whole process before the Go runtime starts).
 long neuro_timer_slack_ns(void);
 
+// neuro_timer_slack_env_bad is 1 when NEURO_TIMER_SLACK_US held a value the
+// process ignored (not microseconds from 0 to 100,000).
+int neuro_timer_slack_env_bad(void);
+
 // Devices (device.c). neuro_backend_load opens a GPU backend library
 // (libggml-vulkan.so, libggml-cuda.so) and registers its devices.
 int neuro_backend_load(const char * path, char * err, size_t err_len);
