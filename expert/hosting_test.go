@@ -2,6 +2,7 @@ package expert
 
 import (
 	"fmt"
+	"math/rand/v2"
 	"strings"
 	"testing"
 
@@ -306,6 +307,7 @@ func TestRebalancePick(t *testing.T) {
 	m := manifestOf(2, 4, 100)
 	k := func(l, e int) Key { return Key{l, e} }
 	hosted := map[Key]bool{k(0, 0): true, k(0, 1): true, k(1, 0): true}
+	rng := rand.New(rand.NewPCG(1, 2))
 	for _, sybils := range []int{0, 6} {
 		// Other honest providers: 1:3 has one (it lost one to churn); this
 		// node's 0:1 has two besides it, 0:0 and 1:0 one each.
@@ -315,12 +317,15 @@ func TestRebalancePick(t *testing.T) {
 			prov[key] = n + sybils
 		}
 		c := Choice{Manifest: m, Providers: prov, Hosted: hosted, Self: "a"}
-		missing, drop := rebalancePick(m, c, 0, 0)
+		missing, drop, odds := rebalancePick(m, c, 0, 0, rng)
 		if missing == nil || drop == nil || *missing != k(1, 3) || *drop != k(0, 1) {
 			t.Fatalf("with %d Sybils: rebalance takes %v for %v, want 1:3 for 0:1", sybils, missing, drop)
 		}
+		if odds <= 0 || odds > 1 {
+			t.Fatalf("with %d Sybils: odds %v of the swap, want in (0, 1]", sybils, odds)
+		}
 		// The span's experts stay.
-		if _, drop := rebalancePick(m, c, 0, 1); drop != nil {
+		if _, drop, _ := rebalancePick(m, c, 0, 1, rng); drop != nil {
 			t.Fatalf("with %d Sybils: rebalance drops %v of the span", sybils, drop)
 		}
 		// Balanced: nothing to gain.
@@ -331,8 +336,97 @@ func TestRebalancePick(t *testing.T) {
 		for key := range hosted {
 			even[key] = 1 + sybils
 		}
-		if missing, drop := rebalancePick(m, Choice{Manifest: m, Providers: even, Hosted: hosted, Self: "a"}, 0, 0); drop != nil {
+		if missing, drop, _ := rebalancePick(m, Choice{Manifest: m, Providers: even, Hosted: hosted, Self: "a"}, 0, 0, rng); drop != nil {
 			t.Fatalf("with %d Sybils and every expert on 2 nodes: rebalance takes %v for %v", sybils, missing, drop)
 		}
 	}
+}
+
+// A hundred nodes that see the same provider counts and rebalance in the
+// same step must not all take the same missing expert: the network
+// converges in a few steps and then stops swapping. Without rebalance's
+// odds (every node swapping whenever the counts allow), the same network
+// still swapped after a hundred steps: the check below fails that way.
+func TestRebalanceConverges(t *testing.T) {
+	const layers, experts, nodes, each = 4, 16, 100, 3
+	m := manifestOf(layers, experts, 100)
+	run := func(alwaysSwap bool, seed uint64) (early, late, least int) {
+		rng := rand.New(rand.NewPCG(seed, 7))
+		hosted := make([]map[Key]bool, nodes)
+		for i := range hosted {
+			hosted[i] = map[Key]bool{}
+			for j := range each {
+				x := (i*each + j) % (layers * experts)
+				hosted[i][Key{x / experts, x % experts}] = true
+			}
+		}
+		// Churn took expert 0:0 down to one provider: the nodes that
+		// lost it hold other experts instead.
+		lost := 0
+		for i := 1; i < nodes && lost < 4; i++ {
+			if hosted[i][Key{0, 0}] {
+				delete(hosted[i], Key{0, 0})
+				hosted[i][Key{3, 15 - lost}] = true
+				lost++
+			}
+		}
+		for step := range 100 {
+			total := map[Key]int{}
+			for _, h := range hosted {
+				for k := range h {
+					total[k]++
+				}
+			}
+			type swap struct {
+				node          int
+				missing, drop Key
+			}
+			var swaps []swap
+			for i, h := range hosted {
+				prov := map[Key]int{}
+				for k, n := range total {
+					if h[k] {
+						n--
+					}
+					prov[k] = n
+				}
+				missing, drop, odds := rebalancePick(m, Choice{Manifest: m, Providers: prov, Hosted: h}, 0, 0, rng)
+				if drop != nil && (alwaysSwap || rng.Float64() < odds) {
+					swaps = append(swaps, swap{i, *missing, *drop})
+				}
+			}
+			for _, s := range swaps {
+				delete(hosted[s.node], s.drop)
+				hosted[s.node][s.missing] = true
+			}
+			if step < 50 {
+				early += len(swaps)
+			} else {
+				late += len(swaps)
+			}
+		}
+		least = nodes
+		for l := range layers {
+			for e := range experts {
+				n := 0
+				for _, h := range hosted {
+					if h[Key{l, e}] {
+						n++
+					}
+				}
+				least = min(least, n)
+			}
+		}
+		return early, late, least
+	}
+	for seed := range uint64(5) {
+		early, late, least := run(false, seed)
+		t.Logf("seed %d: %d swaps in the first 50 steps, %d in the next 50, fewest providers %d", seed, early, late, least)
+		if late != 0 || least < 4 || early > 40 {
+			t.Errorf("seed %d: %d swaps in the first 50 steps, %d in the next 50, fewest providers %d: want it settled (0 late swaps, at most 40 early) with every expert on 4 nodes or more",
+				seed, early, late, least)
+		}
+	}
+	early, late, least := run(true, 1)
+	t.Logf("every node swapping when it may: %d swaps in the first 50 steps, %d in the next 50, fewest providers %d", early, late, least)
 }

@@ -12,6 +12,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ipfs/go-cid"
@@ -90,6 +91,7 @@ type Service struct {
 	// faulty mode, --faulty, wrong), which a span's layers use too.
 	served map[Key]Computer
 	used   int64
+	swaps  atomic.Int64
 	// span is the layers [first, end) whose experts this node hosts for a
 	// span, once chosen (end 0: none).
 	span  [2]int
@@ -326,6 +328,7 @@ func (s *Service) host(ctx context.Context) error {
 	}
 	// Nodes that start together would choose together: spread the first
 	// choices out.
+	rng := rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64()))
 	first := time.Duration(rand.Float64() * float64(3*s.cfg.Step))
 	select {
 	case <-ctx.Done():
@@ -340,7 +343,7 @@ func (s *Service) host(ctx context.Context) error {
 		s.mu.Unlock()
 		keys := Choose(choice)
 		if len(keys) == 0 {
-			s.rebalance(ctx, m, choice)
+			s.rebalance(ctx, m, choice, rng)
 		}
 		for _, k := range keys {
 			if err := s.add(ctx, m, k); err != nil {
@@ -369,10 +372,18 @@ func (s *Service) host(ctx context.Context) error {
 // claim every expert in their heartbeats add the same to every count, and
 // with the threshold no node took an expert that churn had left on one
 // live node (TestSimUnderChurn: coverage 1 for the whole 90 s settle).
-func (s *Service) rebalance(ctx context.Context, m *neuropb.Manifest, c Choice) {
+//
+// Every node sees the same counts and steps every second, so each swaps
+// only with the odds rebalancePick gives (about as many nodes as the
+// missing expert lacks providers, network-wide); when every node swapped,
+// a hundred nodes took the same expert at once, dropped the same
+// well-provided ones, and swapped back and forth for good (testnet sim,
+// 100 nodes: 4 to 16 swaps a second, two thirds of the routing topic's
+// heartbeats out of turn, two cores busy).
+func (s *Service) rebalance(ctx context.Context, m *neuropb.Manifest, c Choice, rng *rand.Rand) {
 	first, end, _ := s.SpanLayers() // a span's experts stay
-	missing, drop := rebalancePick(m, c, first, end)
-	if missing == nil || drop == nil {
+	missing, drop, odds := rebalancePick(m, c, first, end, rng)
+	if missing == nil || drop == nil || rng.Float64() >= odds {
 		return
 	}
 	size := func(k Key) int64 { return int64(m.ExpertRef(k.Layer, k.Expert).GetShard().GetSize()) }
@@ -395,6 +406,7 @@ func (s *Service) rebalance(ctx context.Context, m *neuropb.Manifest, c Choice) 
 			s.log.Warn("free a dropped expert", "expert", drop.String(), "err", err)
 		}
 	}
+	s.swaps.Add(1)
 	s.log.Info("dropped a well-provided expert to make room", "expert", drop.String(), "for", missing.String())
 	if err := s.add(ctx, m, *missing); err != nil {
 		s.log.Warn("host the missing expert", "expert", missing.String(), "err", err)
@@ -402,22 +414,43 @@ func (s *Service) rebalance(ctx context.Context, m *neuropb.Manifest, c Choice) 
 }
 
 // rebalancePick is rebalance's choice: the expert the node lacks with the
-// fewest providers, and the one of its own outside the span [spanFirst,
-// spanEnd) with the most other providers, more than the missing one has;
-// either is nil when there is none.
-func rebalancePick(m *neuropb.Manifest, c Choice, spanFirst, spanEnd int) (missing, drop *Key) {
+// fewest providers (ties drawn with rng, so that nodes spread over them),
+// and the one of its own outside the span [spanFirst, spanEnd) with the
+// most other providers, more than the missing one has; either is nil when
+// there is none. odds is the chance this node should make the swap now:
+// every node lacking the expert sees the same counts, and about as many
+// of them should act as the expert lacks providers to reach the mean
+// (need, at least one), spread over the experts tied for fewest. The
+// nodes that could act are estimated from the counts: all providers
+// added up over the experts this node hosts each (Sybils that claim
+// every expert inflate it, which only slows the swaps).
+func rebalancePick(m *neuropb.Manifest, c Choice, spanFirst, spanEnd int, rng *rand.Rand) (missing, drop *Key, odds float64) {
 	experts := m.ExpertsPerLayer()
 	first, end := m.MoELayers()
+	var sum, n, ties int
 	for l := first; l < end; l++ {
 		for e := range experts {
 			k := Key{l, e}
-			if !c.Hosted[k] && (missing == nil || c.Providers[k] < c.Providers[*missing]) {
-				missing = &k
+			sum += c.Providers[k]
+			n++
+			if c.Hosted[k] {
+				sum++
+				continue
+			}
+			switch {
+			case missing == nil || c.Providers[k] < c.Providers[*missing]:
+				missing, ties = &k, 1
+			case c.Providers[k] == c.Providers[*missing]:
+				// Reservoir sampling: each of the tied experts is kept with
+				// the same chance.
+				if ties++; rng.IntN(ties) == 0 {
+					missing = &k
+				}
 			}
 		}
 	}
 	if missing == nil {
-		return nil, nil
+		return nil, nil, 0
 	}
 	for k := range c.Hosted {
 		if k.Layer >= spanFirst && k.Layer < spanEnd {
@@ -432,7 +465,14 @@ func rebalancePick(m *neuropb.Manifest, c Choice, spanFirst, spanEnd int) (missi
 			drop = &kk
 		}
 	}
-	return missing, drop
+	if drop == nil {
+		return missing, nil, 0
+	}
+	mean := float64(sum) / float64(max(1, n))
+	need := max(1, mean-float64(c.Providers[*missing]))
+	nodes := float64(sum) / float64(max(1, len(c.Hosted)))
+	could := max(1, nodes-float64(c.Providers[*missing]))
+	return missing, drop, min(1, need*float64(ties)/could)
 }
 
 // providerCounts counts, per expert, the other nodes whose heartbeats say
@@ -619,6 +659,10 @@ func (s *Service) WeightTypes(c cid.Cid, layer, expert int) ([]model.DType, bool
 	}
 	return out, true
 }
+
+// Swaps counts the experts automatic hosting dropped for a worse-provided
+// one (rebalance).
+func (s *Service) Swaps() int64 { return s.swaps.Load() }
 
 // Served counts the expert calls this node has answered.
 func (s *Service) Served() int64 { return s.server.Served() }

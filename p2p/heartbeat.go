@@ -140,6 +140,7 @@ func (h *Host) publishHeartbeats(ctx context.Context) {
 		h.hbMu.Lock()
 		hb := h.heartbeat(now)
 		h.hbMu.Unlock()
+		h.hbSent.Add(1)
 		if err := h.routing.Publish(ctx, hb); err != nil && ctx.Err() == nil {
 			h.log.Warn("publish heartbeat", "err", err)
 		}

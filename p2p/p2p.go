@@ -165,14 +165,17 @@ type Host struct {
 	dht  *dht.IpfsDHT
 	ps   *pubsub.PubSub
 
-	hbExtra   func(*neuropb.Heartbeat)
-	routing   *Topic[*neuropb.Heartbeat]
-	peers     *PeerTable
-	rej       *Rejections
-	traffic   trafficTracer
-	scoresMu  sync.Mutex
-	scores    map[peer.ID]float64 // GossipSub's, with WithScoreInspection
-	provCache providerCache
+	hbExtra func(*neuropb.Heartbeat)
+	routing *Topic[*neuropb.Heartbeat]
+	// hbSent counts heartbeats published, hbOutOfTurn those published by
+	// PublishHeartbeat.
+	hbSent, hbOutOfTurn atomic.Uint64
+	peers               *PeerTable
+	rej                 *Rejections
+	traffic             trafficTracer
+	scoresMu            sync.Mutex
+	scores              map[peer.ID]float64 // GossipSub's, with WithScoreInspection
+	provCache           providerCache
 
 	started time.Time
 	reach   atomic.Int32 // neuropb.Reachability
@@ -561,7 +564,11 @@ func reachabilityOf(r network.Reachability) neuropb.Reachability {
 func (h *Host) Peers() *PeerTable { return h.peers }
 
 // Traffic is the host's GossipSub traffic since it started.
-func (h *Host) Traffic() Traffic { return h.traffic.snapshot() }
+func (h *Host) Traffic() Traffic {
+	t := h.traffic.snapshot()
+	t.Heartbeats, t.HeartbeatsOutOfTurn = h.hbSent.Load(), h.hbOutOfTurn.Load()
+	return t
+}
 
 // Rejections counts rejected gossip messages.
 func (h *Host) Rejections() *Rejections { return h.rej }
@@ -572,6 +579,8 @@ func (h *Host) PublishHeartbeat(ctx context.Context) error {
 	h.hbMu.Lock()
 	hb := h.heartbeat(time.Now())
 	h.hbMu.Unlock()
+	h.hbSent.Add(1)
+	h.hbOutOfTurn.Add(1)
 	return h.routing.Publish(ctx, hb)
 }
 

@@ -52,6 +52,10 @@ type Traffic struct {
 	// Delivered counts the distinct messages validated and delivered (a
 	// message once, however many peers sent it).
 	Delivered uint64
+	// Heartbeats counts the heartbeats this node published; OutOfTurn the
+	// part published at once (a change of what it hosts), not on its
+	// interval.
+	Heartbeats, HeartbeatsOutOfTurn uint64
 }
 
 // trafficTracer counts Traffic.

@@ -94,6 +94,10 @@ type Sim struct {
 	Seed uint64
 	// Timeout bounds the time to healthy (default 2m + 0.5s a node).
 	Timeout time.Duration
+	// OnHealthy, if set, is called once the honest network is healthy,
+	// before Sybils join and the measured run starts (neurod starts its
+	// CPU profile there with --profile-healthy).
+	OnHealthy func()
 	// HeapProfile, if set, is a file the process's heap profile is written
 	// to once the run ends, before the nodes stop (go tool pprof).
 	HeapProfile string
@@ -120,8 +124,16 @@ type SimSample struct {
 	// GossipControlPerS is the part of the bytes that is GossipSub's
 	// control messages (IHAVE, IWANT, GRAFT, PRUNE).
 	GossipControlPerS float64 `json:"gossip_control_bytes_per_s"`
-	Asked             int     `json:"asked"`
-	Answered          int     `json:"answered"`
+	// HeartbeatsPerS is the heartbeats the whole network published a
+	// second over the interval; OutOfTurnPerS the part published at
+	// once because a node changed what it hosts.
+	HeartbeatsPerS float64 `json:"heartbeats_per_s"`
+	OutOfTurnPerS  float64 `json:"heartbeats_out_of_turn_per_s"`
+	// SwapsPerS is the experts the network's automatic hosting dropped a
+	// second for a worse-provided one: 0 once hosting has converged.
+	SwapsPerS float64 `json:"swaps_per_s"`
+	Asked     int     `json:"asked"`
+	Answered  int     `json:"answered"`
 	// The process: resident memory, cores used over the interval,
 	// goroutines.
 	RSSBytes   uint64  `json:"rss_bytes"`
@@ -236,6 +248,8 @@ type SimReport struct {
 type simNode struct {
 	SimNode
 	n *node.Node
+	// swaps is its expert service's Swaps when it was retired.
+	swaps int64
 	// up: the node has started (joined); churn kills only such nodes, so
 	// that a node is counted once, as joined or as failed to join.
 	up      atomic.Bool
@@ -311,6 +325,9 @@ func (s *Sim) Run(ctx context.Context) (*SimReport, error) {
 	}
 	sm.rep.HealthyS = time.Since(t0).Seconds()
 	sm.log.Info("sim: healthy", "nodes", s.Nodes, "took", time.Since(t0).Round(time.Millisecond))
+	if s.OnHealthy != nil {
+		s.OnHealthy()
+	}
 	if err := sm.launchSybils(ctx); err != nil {
 		return nil, fmt.Errorf("sim: %w", err)
 	}
@@ -758,6 +775,9 @@ type snap struct {
 	traffic uint64
 	msgs    uint64
 	control uint64
+	hbs     uint64
+	hbNow   uint64
+	swaps   int64
 	live    []*simNode
 }
 
@@ -767,13 +787,19 @@ func (sm *simulation) snapshot(start time.Time) snap {
 	nodes := slices.Clone(sm.nodes)
 	sm.mu.Unlock()
 	for _, n := range nodes {
-		tr := n.traffic
+		tr, swaps := n.traffic, n.swaps
 		if n.Alive {
 			tr = n.n.P2P().Traffic()
+			if n.n.Expert() != nil {
+				swaps = n.n.Expert().Swaps()
+			}
 		}
+		s.swaps += swaps
 		s.traffic += tr.BytesIn + tr.BytesOut
 		s.msgs += tr.MsgsIn + tr.MsgsOut
 		s.control += tr.ControlIn + tr.ControlOut
+		s.hbs += tr.Heartbeats
+		s.hbNow += tr.HeartbeatsOutOfTurn
 	}
 	return s
 }
@@ -788,6 +814,9 @@ func (sm *simulation) sample(prev, cur snap) {
 		GossipBytesPerS:   float64(cur.traffic-prev.traffic) / dt / nodes,
 		GossipMsgsPerS:    float64(cur.msgs-prev.msgs) / dt / nodes,
 		GossipControlPerS: float64(cur.control-prev.control) / dt / nodes,
+		HeartbeatsPerS:    float64(cur.hbs-prev.hbs) / dt,
+		OutOfTurnPerS:     float64(cur.hbNow-prev.hbNow) / dt,
+		SwapsPerS:         float64(cur.swaps-prev.swaps) / dt,
 		Asked:             sm.rep.Asked, Answered: sm.rep.Answered,
 		RSSBytes: p2p.ProcessRSS(), CPUCores: (cur.cpu - prev.cpu).Seconds() / dt, Goroutines: runtime.NumGoroutine(),
 	}
@@ -795,7 +824,8 @@ func (sm *simulation) sample(prev, cur snap) {
 	sm.rep.CoverageLowest = min(sm.rep.CoverageLowest, least)
 	sm.mu.Unlock()
 	sm.log.Info("sim: sample", "at", time.Duration(cur.since*float64(time.Second)).Round(time.Second), "live", s.Live,
-		"coverage_min", least, "gossip_B/s/node", int(s.GossipBytesPerS), "control_B/s/node", int(s.GossipControlPerS), "msgs/s/node", int(s.GossipMsgsPerS), "asked", s.Asked, "answered", s.Answered,
+		"coverage_min", least, "gossip_B/s/node", int(s.GossipBytesPerS), "control_B/s/node", int(s.GossipControlPerS), "msgs/s/node", int(s.GossipMsgsPerS),
+		"heartbeats/s", fmt.Sprintf("%.1f", s.HeartbeatsPerS), "out_of_turn/s", fmt.Sprintf("%.1f", s.OutOfTurnPerS), "swaps/s", fmt.Sprintf("%.1f", s.SwapsPerS), "asked", s.Asked, "answered", s.Answered,
 		"cpu_cores", fmt.Sprintf("%.2f", s.CPUCores))
 }
 
@@ -930,6 +960,7 @@ func (sm *simulation) retire(n *simNode, count func(*SimReport)) {
 	n.traffic = n.n.P2P().Traffic()
 	if n.n.Expert() != nil {
 		n.Experts = len(n.n.Expert().Loaded())
+		n.swaps = n.n.Expert().Swaps()
 	}
 	count(&sm.rep)
 	sm.mu.Unlock()

@@ -69,6 +69,7 @@ type simFlags struct {
 	seed     uint64
 	duration time.Duration
 	profile  string
+	healthy  bool
 	gogc     int
 }
 
@@ -91,6 +92,7 @@ func (f *simFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&f.dir, "dir", "", "directory for the homes and nodes.log (kept; default: a temporary one, removed)")
 	fs.BoolVar(&f.asJSON, "json", false, "print a machine-readable report on stdout")
 	fs.StringVar(&f.profile, "cpuprofile", "", "write the process's CPU profile (go tool pprof) to this file")
+	fs.BoolVar(&f.healthy, "profile-healthy", false, "start the --cpuprofile once the network is healthy (the steady state, without the joining)")
 	fs.StringVar(&f.sim.HeapProfile, "memprofile", "", "write the process's heap profile (go tool pprof) to this file when the run ends, before the nodes stop")
 	fs.IntVar(&f.sim.Sybils, "sybils", 0, "Sybil peers that join once the network is healthy: liars (claim every expert, never answer), junk (heartbeats others must reject), droppers (forward nothing) and eclipse (surround the first gating node), a quarter each")
 	fs.IntVar(&f.gogc, "gogc", 200, "the process's GOGC (100 is Go's default), under a soft memory limit of three quarters of the memory available at the start; the GOGC and GOMEMLIMIT variables, when set, win")
@@ -111,15 +113,32 @@ func (f *simFlags) run(cmd *cobra.Command) error {
 		return err
 	}
 	defer cleanup()
+	stopProfile := func() {}
 	ggml.SetPolling(0)
 	f.sim.Compute = ggml.Backend{}
 	simGC(f.sim.Log, f.gogc)
+	if f.healthy && f.profile == "" {
+		return fmt.Errorf("flag --profile-healthy: needs --cpuprofile")
+	}
 	if f.profile != "" {
-		stop, err := cpuProfile(f.profile)
-		if err != nil {
-			return fmt.Errorf("flag --cpuprofile: %w", err)
+		start := func() error {
+			stop, err := cpuProfile(f.profile)
+			if err != nil {
+				return fmt.Errorf("flag --cpuprofile: %w", err)
+			}
+			stopProfile = stop
+			return nil
 		}
-		defer stop()
+		defer func() { stopProfile() }()
+		if f.healthy {
+			f.sim.OnHealthy = func() {
+				if err := start(); err != nil {
+					f.sim.Log.Warn("sim: no CPU profile", "err", err)
+				}
+			}
+		} else if err := start(); err != nil {
+			return err
+		}
 	}
 	rep, err := f.sim.Run(cmd.Context())
 	if err != nil {
