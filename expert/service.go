@@ -92,6 +92,9 @@ type Service struct {
 	served map[Key]Computer
 	used   int64
 	swaps  atomic.Int64
+	// provided is when each key was last provided (announce and add).
+	provMu   sync.Mutex
+	provided map[cid.Cid]p2p.Provision
 	// span is the layers [first, end) whose experts this node hosts for a
 	// span, once chosen (end 0: none).
 	span  [2]int
@@ -112,9 +115,9 @@ type Network interface {
 	Peers() *p2p.PeerTable
 	Provide(ctx context.Context, c cid.Cid) error
 	FindProviders(ctx context.Context, c cid.Cid, n int, timeout time.Duration) ([]peer.AddrInfo, error)
-	// RoutingTableSize is the DHT routing table's size: a node provides
-	// again as the network it knows grows (p2p.Provision).
-	RoutingTableSize() int
+	// NetworkSize is how many nodes the network has: a node provides
+	// again as it grows (p2p.Provision).
+	NetworkSize() int
 	// PublishHeartbeat tells the others at once what the node hosts.
 	PublishHeartbeat(ctx context.Context) error
 }
@@ -150,7 +153,7 @@ func NewService(h Network, cfg ServiceConfig, log *slog.Logger) (*Service, error
 		return nil, err
 	}
 	s := &Service{cfg: cfg, p2p: h, log: log.With("component", "expert-node"), store: store, server: srv,
-		shards: NewShardServer(h.LibP2P(), store, log), hosted: map[Key]bool{}, loaded: map[Key]moe.Expert{}, served: map[Key]Computer{}}
+		shards: NewShardServer(h.LibP2P(), store, log), hosted: map[Key]bool{}, loaded: map[Key]moe.Expert{}, served: map[Key]Computer{}, provided: map[cid.Cid]p2p.Provision{}}
 	s.fetcher = NewFetcher(h.LibP2P(), store, cfg.Progress, log)
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	return s, nil
@@ -203,10 +206,18 @@ func (s *Service) Close() error {
 
 // announce provides every stored blob, rescans for new ones (an import
 // while the node runs) and provides each again every Reprovide, or sooner
-// when the routing table has doubled since (p2p.Provision). It stops with
+// when the network has doubled since (p2p.Provision). It stops with
 // the node.
 func (s *Service) announce(ctx context.Context) {
-	provided := map[cid.Cid]p2p.Provision{}
+	// A provide that failed (every lookup timed out on a loaded network) is
+	// tried again after a wait that doubles, not on the next round: the
+	// round is 5 s, and retrying every key every round added the lookups
+	// that kept the network loaded.
+	type retry struct {
+		at   time.Time
+		wait time.Duration
+	}
+	failed := map[cid.Cid]retry{}
 	for {
 		blobs, err := s.store.List()
 		if err != nil {
@@ -222,18 +233,24 @@ func (s *Service) announce(ctx context.Context) {
 		if s.cfg.Announce != nil {
 			blobs = append(blobs, s.cfg.Announce()...)
 		}
-		rt := s.p2p.RoutingTableSize()
+		size := s.p2p.NetworkSize()
 		for _, c := range blobs {
-			if !provided[c].Due(time.Now(), rt, s.cfg.Reprovide) {
+			s.provMu.Lock()
+			due := s.provided[c].Due(time.Now(), size, s.cfg.Reprovide)
+			s.provMu.Unlock()
+			if !due || time.Now().Before(failed[c].at) {
 				continue
 			}
+
 			pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-			err := s.p2p.Provide(pctx, c)
+			err := s.provide(pctx, c)
 			cancel()
 			if err == nil {
-				provided[c] = p2p.Provision{At: time.Now(), RoutingTable: rt}
+				delete(failed, c)
 			} else if ctx.Err() == nil {
-				s.log.Debug("provide", "cid", c, "err", err)
+				wait := min(max(2*failed[c].wait, provideRetry), maxProvideRetry)
+				failed[c] = retry{at: time.Now().Add(wait), wait: wait}
+				s.log.Debug("provide", "cid", c, "err", err, "again_in", wait)
 			}
 		}
 		select {
@@ -242,6 +259,27 @@ func (s *Service) announce(ctx context.Context) {
 		case <-time.After(5 * time.Second):
 		}
 	}
+}
+
+// provideRetry is the first wait before a failed provide is tried again,
+// doubling up to maxProvideRetry.
+const (
+	provideRetry    = 30 * time.Second
+	maxProvideRetry = 10 * time.Minute
+)
+
+// provide provides c in the DHT and records it, so that announce does not
+// provide it again before it is due (an expert just hosted was provided
+// twice: by add, then by announce's next round).
+func (s *Service) provide(ctx context.Context, c cid.Cid) error {
+	size := s.p2p.NetworkSize()
+	if err := s.p2p.Provide(ctx, c); err != nil {
+		return err
+	}
+	s.provMu.Lock()
+	s.provided[c] = p2p.Provision{At: time.Now(), Network: size}
+	s.provMu.Unlock()
+	return nil
 }
 
 // Fetch gets blob c (a manifest or a shard) into the store from its
@@ -552,10 +590,10 @@ func (s *Service) add(ctx context.Context, m *neuropb.Manifest, k Key) error {
 	if err := s.load(shard, k); err != nil {
 		return err
 	}
-	if err := s.p2p.Provide(ctx, c); err != nil && ctx.Err() == nil {
+	if err := s.provide(ctx, c); err != nil && ctx.Err() == nil {
 		s.log.Debug("provide", "cid", c, "err", err)
 	}
-	if err := s.p2p.Provide(ctx, neuropb.ExpertKey(s.cfg.Model, k.Layer, k.Expert)); err != nil && ctx.Err() == nil {
+	if err := s.provide(ctx, neuropb.ExpertKey(s.cfg.Model, k.Layer, k.Expert)); err != nil && ctx.Err() == nil {
 		s.log.Debug("provide expert", "expert", k.String(), "err", err)
 	}
 	s.log.Info("hosting expert", "expert", k.String(), "cid", c)

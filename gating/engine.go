@@ -151,8 +151,8 @@ type Network interface {
 	Peers() *p2p.PeerTable
 	Provide(ctx context.Context, c cid.Cid) error
 	FindProviders(ctx context.Context, c cid.Cid, n int, timeout time.Duration) ([]peer.AddrInfo, error)
-	// RoutingTableSize is the DHT routing table's size (p2p.Provision).
-	RoutingTableSize() int
+	// NetworkSize is how many nodes the network has (p2p.Provision).
+	NetworkSize() int
 }
 
 var _ Network = (*p2p.Host)(nil)
@@ -448,7 +448,7 @@ func (e *Engine) load(ctx context.Context, m *served) error {
 }
 
 // announce provides the model's gating key now, twice a day and whenever
-// the routing table has doubled since (p2p.Provision), and keeps the DHT's
+// the network has doubled since (p2p.Provision), and keeps the DHT's
 // providers fresh (of every expert every dhtFullRefresh, in between of
 // those fewer than two heartbeats announce), until ctx ends.
 func (e *Engine) announce(ctx context.Context, m *served) {
@@ -457,10 +457,10 @@ func (e *Engine) announce(ctx context.Context, m *served) {
 	hb := HeartbeatProviders(e.h, m.cid)
 	var full time.Time
 	for {
-		if rt := e.h.RoutingTableSize(); provided.Due(time.Now(), rt, 12*time.Hour) {
+		if size := e.h.NetworkSize(); provided.Due(time.Now(), size, 12*time.Hour) {
 			pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 			if err := e.h.Provide(pctx, key); err == nil {
-				provided = p2p.Provision{At: time.Now(), RoutingTable: rt}
+				provided = p2p.Provision{At: time.Now(), Network: size}
 			} else if ctx.Err() == nil {
 				e.log.Debug("provide gating key", "model", m.cid, "err", err)
 			}

@@ -256,7 +256,7 @@ func New(key crypto.PrivKey, cfg Config, opts ...Option) (_ *Host, err error) {
 		inspect:      o.inspect,
 		scores:       h.setScores,
 		peerExchange: slices.Contains(cfg.Roles, neuropb.Role_ROLE_BOOTSTRAP),
-		routing:      drouting.NewRoutingDiscovery(h.dht),
+		routing:      topicDiscovery{dht: drouting.NewRoutingDiscovery(h.dht), candidates: h.topicCandidates},
 		tracers:      []pubsub.RawTracer{rejectTracer{r: h.rej}, &h.traffic},
 	}, h.log)
 	if err != nil {

@@ -122,12 +122,12 @@ func TestPeerTableExpiryFollowsThePeersInterval(t *testing.T) {
 	}
 }
 
-// A key is provided again every interval, and as soon as the routing
-// table has doubled since it was (its records sit on the closest peers of
-// a smaller network).
+// A key is provided again every interval, and as soon as the network has
+// doubled since it was (its records sit on the closest peers of a smaller
+// network).
 func TestProvisionDue(t *testing.T) {
 	t0 := time.Unix(1000, 0)
-	p := Provision{At: t0, RoutingTable: 10}
+	p := Provision{At: t0, Network: 10}
 	for _, tc := range []struct {
 		after time.Duration
 		rt    int
@@ -146,7 +146,7 @@ func TestProvisionDue(t *testing.T) {
 		t.Error("never provided: not due")
 	}
 	if first := (Provision{At: t0}); !first.Due(t0.Add(time.Second), 2, time.Hour) || first.Due(t0.Add(time.Second), 1, time.Hour) {
-		t.Error("provided to an empty table: due once there are two peers")
+		t.Error("provided by a lone node: due once there are two nodes")
 	}
 }
 

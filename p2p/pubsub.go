@@ -8,9 +8,9 @@ import (
 	"time"
 
 	pubsub "github.com/libp2p/go-libp2p-pubsub"
+	"github.com/libp2p/go-libp2p/core/discovery"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
-	drouting "github.com/libp2p/go-libp2p/p2p/discovery/routing"
 
 	"github.com/neuro-p2p/neuro/neuropb"
 )
@@ -122,7 +122,7 @@ type pubsubOptions struct {
 	// peerExchange turns on PX in PRUNE messages; bootstrap nodes use it to
 	// hand newcomers other peers.
 	peerExchange bool
-	routing      *drouting.RoutingDiscovery
+	routing      discovery.Discovery
 	tracers      []pubsub.RawTracer
 	// inspect, if positive, has scores receive every peer's score that
 	// often.
@@ -132,7 +132,7 @@ type pubsubOptions struct {
 
 // newPubSub starts GossipSub with strict signing (every message carries its
 // author and signature, and unsigned ones are rejected), peer scoring, a
-// bound on RPC size, and topic discovery through the DHT so that nodes find
+// bound on RPC size, and topic discovery (topicDiscovery) so that nodes find
 // topic peers beyond their direct connections. ctx bounds the router's life;
 // the caller cancels it on Close.
 func newPubSub(ctx context.Context, h host.Host, o pubsubOptions, log *slog.Logger) (*pubsub.PubSub, error) {

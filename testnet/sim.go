@@ -132,6 +132,9 @@ type SimSample struct {
 	// SwapsPerS is the experts the network's automatic hosting dropped a
 	// second for a worse-provided one: 0 once hosting has converged.
 	SwapsPerS float64 `json:"swaps_per_s"`
+	// DialsPerS is the connections the whole network dialled a second
+	// (each a Noise handshake and an identify on both hosts).
+	DialsPerS float64 `json:"dials_per_s"`
 	Asked     int     `json:"asked"`
 	Answered  int     `json:"answered"`
 	// The process: resident memory, cores used over the interval,
@@ -778,11 +781,12 @@ type snap struct {
 	hbs     uint64
 	hbNow   uint64
 	swaps   int64
+	dials   uint64
 	live    []*simNode
 }
 
 func (sm *simulation) snapshot(start time.Time) snap {
-	s := snap{at: time.Now(), since: time.Since(start).Seconds(), cpu: processCPU(), live: sm.live()}
+	s := snap{at: time.Now(), since: time.Since(start).Seconds(), cpu: processCPU(), live: sm.live(), dials: sm.net.Dials()}
 	sm.mu.Lock()
 	nodes := slices.Clone(sm.nodes)
 	sm.mu.Unlock()
@@ -817,6 +821,7 @@ func (sm *simulation) sample(prev, cur snap) {
 		HeartbeatsPerS:    float64(cur.hbs-prev.hbs) / dt,
 		OutOfTurnPerS:     float64(cur.hbNow-prev.hbNow) / dt,
 		SwapsPerS:         float64(cur.swaps-prev.swaps) / dt,
+		DialsPerS:         float64(cur.dials-prev.dials) / dt,
 		Asked:             sm.rep.Asked, Answered: sm.rep.Answered,
 		RSSBytes: p2p.ProcessRSS(), CPUCores: (cur.cpu - prev.cpu).Seconds() / dt, Goroutines: runtime.NumGoroutine(),
 	}
@@ -825,7 +830,7 @@ func (sm *simulation) sample(prev, cur snap) {
 	sm.mu.Unlock()
 	sm.log.Info("sim: sample", "at", time.Duration(cur.since*float64(time.Second)).Round(time.Second), "live", s.Live,
 		"coverage_min", least, "gossip_B/s/node", int(s.GossipBytesPerS), "control_B/s/node", int(s.GossipControlPerS), "msgs/s/node", int(s.GossipMsgsPerS),
-		"heartbeats/s", fmt.Sprintf("%.1f", s.HeartbeatsPerS), "out_of_turn/s", fmt.Sprintf("%.1f", s.OutOfTurnPerS), "swaps/s", fmt.Sprintf("%.1f", s.SwapsPerS), "asked", s.Asked, "answered", s.Answered,
+		"heartbeats/s", fmt.Sprintf("%.1f", s.HeartbeatsPerS), "out_of_turn/s", fmt.Sprintf("%.1f", s.OutOfTurnPerS), "swaps/s", fmt.Sprintf("%.1f", s.SwapsPerS), "dials/s", int(s.DialsPerS), "asked", s.Asked, "answered", s.Answered,
 		"cpu_cores", fmt.Sprintf("%.2f", s.CPUCores))
 }
 

@@ -33,7 +33,12 @@ type Network struct {
 	listeners map[uint64]*listener
 	next      uint64
 	latency   func(a, b uint64) time.Duration
+	dials     atomic.Uint64
 }
+
+// Dials counts the connections dialled on the network so far (each costs
+// both hosts a handshake).
+func (n *Network) Dials() uint64 { return n.dials.Load() }
 
 // New returns a network whose link from host a to host b (their /memory
 // numbers) delays each write by latency(a, b) one way; nil: no delay.
@@ -135,6 +140,7 @@ func (t *Transport) dial(ctx context.Context, to uint64, raddr ma.Multiaddr, p p
 	if l == nil {
 		return nil, fmt.Errorf("simnet: dial %s: connection refused", raddr)
 	}
+	t.net.dials.Add(1)
 	var out, back time.Duration
 	if t.net.latency != nil {
 		out, back = t.net.latency(from, to), t.net.latency(to, from)
