@@ -265,7 +265,10 @@ func NewEngine(h Network, f Fetcher, cfg EngineConfig, log *slog.Logger) (*Engin
 		// The validator probes new providers in the background, and the
 		// selector observes those answers: with ProvenFirst, calls go to
 		// proven providers.
-		var opts []SelectorOption
+		opts := []SelectorOption{WithSeniority(func(p peer.ID) (time.Time, bool) {
+			info, ok := h.Peers().Get(p, time.Now())
+			return info.FirstSeen, ok
+		})}
 		if cfg.ProvenFirst {
 			opts = append(opts, ProvenFirst())
 		}
