@@ -33,7 +33,13 @@ func fakeGating(t *testing.T, events ...*neuropb.InferResponse) (host.Host, chan
 	}
 	t.Cleanup(func() { h.Close() })
 	got := make(chan *neuropb.InferRequest, 4)
-	h.SetStreamHandler(neuropb.InferProtocol, func(st network.Stream) {
+	h.SetStreamHandler(neuropb.InferProtocol, gatingHandler(got, events...))
+	return h, got
+}
+
+// gatingHandler reads a request into got and answers events.
+func gatingHandler(got chan *neuropb.InferRequest, events ...*neuropb.InferResponse) network.StreamHandler {
+	return func(st network.Stream) {
 		req := &neuropb.InferRequest{}
 		if err := wire.NewReader(st, neuropb.MaxInferRequestSize).Read(req); err != nil {
 			st.Reset()
@@ -48,8 +54,7 @@ func fakeGating(t *testing.T, events ...*neuropb.InferResponse) (host.Host, chan
 			}
 		}
 		st.Close()
-	})
-	return h, got
+	}
 }
 
 func addr(h host.Host) string { return fmt.Sprintf("%s/p2p/%s", h.Addrs()[0], h.ID()) }
@@ -170,5 +175,50 @@ func TestNewRefusesBadOptions(t *testing.T) {
 	_, err := New(ctx, WithBootstrap("/ip4/127.0.0.1/tcp/9/p2p/"+id.String()), WithConnectTimeout(time.Second), WithLogger(quiet()))
 	if err == nil || !strings.Contains(err.Error(), "bootstrap peers reachable") {
 		t.Fatalf("an unreachable bootstrap peer: %v", err)
+	}
+}
+
+// A gating node that cannot be reached yet (here: it does not serve the
+// protocol for its first half second) is asked again a second later
+// rather than the generation failing; one that answers with an error is
+// not asked again.
+func TestGenerateRetriesAnUnreachedGatingNode(t *testing.T) {
+	late, got := fakeGating(t, &neuropb.InferResponse{Event: &neuropb.InferResponse_Start{Start: &neuropb.InferStart{PromptTokens: 1}}},
+		tokenEvent(1, "x"), &neuropb.InferResponse{Event: &neuropb.InferResponse_Done{Done: &neuropb.InferDone{
+			Reason: neuropb.FinishReason_FINISH_REASON_EOS, CompletionTokens: 1, Text: []byte("x")}}})
+	late.RemoveStreamHandler(neuropb.InferProtocol)
+	ready := time.AfterFunc(500*time.Millisecond, func() {
+		late.SetStreamHandler(neuropb.InferProtocol, gatingHandler(got, &neuropb.InferResponse{Event: &neuropb.InferResponse_Start{Start: &neuropb.InferStart{PromptTokens: 1}}},
+			tokenEvent(1, "x"), &neuropb.InferResponse{Event: &neuropb.InferResponse_Done{Done: &neuropb.InferDone{
+				Reason: neuropb.FinishReason_FINISH_REASON_EOS, CompletionTokens: 1, Text: []byte("x")}}}))
+	})
+	defer ready.Stop()
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	c, err := New(ctx, WithGatingNodes(addr(late)), WithLogger(quiet()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	s, err := c.Generate(ctx, Request{Model: testModel(), Prompt: "x"})
+	if err != nil {
+		t.Fatalf("a gating node serving the protocol after 0.5 s: %v", err)
+	}
+	if toks, _, err := s.Collect(); err != nil || len(toks) != 1 {
+		t.Fatalf("after the retry: %d tokens, %v", len(toks), err)
+	}
+
+	busy, asked := fakeGating(t, &neuropb.InferResponse{Event: &neuropb.InferResponse_Error{Error: &neuropb.InferError{
+		Code: neuropb.InferError_CODE_BUSY, Message: "all sessions busy"}}})
+	c2, err := New(ctx, WithGatingNodes(addr(busy)), WithLogger(quiet()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	if _, err := c2.Generate(ctx, Request{Model: testModel(), Prompt: "x"}); err == nil || !strings.Contains(err.Error(), "all sessions busy") {
+		t.Fatalf("a busy gating node: %v", err)
+	}
+	if n := len(asked); n != 1 {
+		t.Fatalf("a gating node that answered busy was asked %d times", n)
 	}
 }

@@ -196,24 +196,54 @@ func (c *Client) Generate(ctx context.Context, req Request) (*Stream, error) {
 	return s, nil
 }
 
+// openRounds is how many times open goes through the gating nodes when
+// none of them could be reached (the connection or the stream's
+// negotiation failed, so no request was sent), waiting a second, then
+// two, between rounds, within the caller's context: a gating node too
+// busy to negotiate a stream within the client's timeout (seen in a
+// simulated network of 500 hosts on two cores) is asked again rather
+// than the generation failing.
+const openRounds = 3
+
+// unreachedError is a gating node that could not be reached: no request
+// went out.
+type unreachedError struct{ error }
+
+func (e unreachedError) Unwrap() error { return e.error }
+
 // open tries the gating nodes from s.next until one accepts the request
 // and sends its start.
 func (s *Stream) open() error {
-	for s.next < len(s.nodes) {
-		ai := s.nodes[s.next]
-		s.next++
-		err := s.try(ai)
-		if err == nil {
-			return nil
+	for round := 0; ; round++ {
+		unreached := true
+		for s.next < len(s.nodes) {
+			ai := s.nodes[s.next]
+			s.next++
+			err := s.try(ai)
+			if err == nil {
+				return nil
+			}
+			s.errs = append(s.errs, err)
+			s.c.log.Debug("gating node failed", "peer", ai.ID, "err", err)
+			if !retryable(err) {
+				return err
+			}
+			unreached = unreached && errors.As(err, new(unreachedError))
+			if s.ctx.Err() != nil {
+				break
+			}
 		}
-		s.errs = append(s.errs, err)
-		s.c.log.Debug("gating node failed", "peer", ai.ID, "err", err)
-		if !retryable(err) {
-			return err
+		if !unreached || round+1 >= openRounds || s.ctx.Err() != nil {
+			break
+		}
+		select {
+		case <-s.ctx.Done():
+		case <-time.After(time.Second << round):
 		}
 		if s.ctx.Err() != nil {
 			break
 		}
+		s.next = 0
 	}
 	s.c.forget(s.model)
 	if len(s.errs) == 1 {
@@ -227,12 +257,12 @@ func (s *Stream) try(ai peer.AddrInfo) error {
 	defer cancel()
 	if len(ai.Addrs) > 0 || s.c.h.Network().Connectedness(ai.ID) != network.Connected {
 		if err := s.c.h.Connect(cctx, ai); err != nil {
-			return fmt.Errorf("connect %s: %w", ai.ID, err)
+			return unreachedError{fmt.Errorf("connect %s: %w", ai.ID, err)}
 		}
 	}
 	st, err := p2p.NewStream(cctx, s.c.h, ai.ID, neuropb.InferProtocol)
 	if err != nil {
-		return fmt.Errorf("open stream to %s: %w", ai.ID, err)
+		return unreachedError{fmt.Errorf("open stream to %s: %w", ai.ID, err)}
 	}
 	req := s.req
 	if s.c.wallet != nil && req.GetEscrow() == 0 {
