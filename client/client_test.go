@@ -64,6 +64,29 @@ func testModel() cid.Cid {
 	return cid.NewCidV1(cid.Raw, mh)
 }
 
+// clientOf is a client that knows the gating nodes hs, closed with the
+// test.
+func clientOf(t *testing.T, ctx context.Context, hs ...host.Host) *Client {
+	t.Helper()
+	var addrs []string
+	for _, h := range hs {
+		addrs = append(addrs, addr(h))
+	}
+	c, err := New(ctx, WithGatingNodes(addrs...), WithLogger(quiet()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// oneToken is a generation of one token, "x".
+func oneToken() []*neuropb.InferResponse {
+	return []*neuropb.InferResponse{{Event: &neuropb.InferResponse_Start{Start: &neuropb.InferStart{PromptTokens: 1}}},
+		tokenEvent(1, "x"), {Event: &neuropb.InferResponse_Done{Done: &neuropb.InferDone{
+			Reason: neuropb.FinishReason_FINISH_REASON_EOS, CompletionTokens: 1, Text: []byte("x")}}}}
+}
+
 func tokenEvent(id int32, text string) *neuropb.InferResponse {
 	return &neuropb.InferResponse{Event: &neuropb.InferResponse_Token{Token: &neuropb.InferToken{Id: id, Text: []byte(text), ElapsedUs: 1500}}}
 }
@@ -114,9 +137,7 @@ func TestGenerateErrors(t *testing.T) {
 		Code: neuropb.InferError_CODE_BAD_REQUEST, Message: "prompt too long"}}})
 	busy, _ := fakeGating(t, &neuropb.InferResponse{Event: &neuropb.InferResponse_Error{Error: &neuropb.InferError{
 		Code: neuropb.InferError_CODE_BUSY, Message: "all sessions busy"}}})
-	ok, _ := fakeGating(t, &neuropb.InferResponse{Event: &neuropb.InferResponse_Start{Start: &neuropb.InferStart{PromptTokens: 1}}},
-		tokenEvent(1, "x"), &neuropb.InferResponse{Event: &neuropb.InferResponse_Done{Done: &neuropb.InferDone{
-			Reason: neuropb.FinishReason_FINISH_REASON_EOS, CompletionTokens: 1, Text: []byte("x")}}})
+	ok, _ := fakeGating(t, oneToken()...)
 	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 	defer cancel()
 
@@ -183,23 +204,15 @@ func TestNewRefusesBadOptions(t *testing.T) {
 // rather than the generation failing; one that answers with an error is
 // not asked again.
 func TestGenerateRetriesAnUnreachedGatingNode(t *testing.T) {
-	late, got := fakeGating(t, &neuropb.InferResponse{Event: &neuropb.InferResponse_Start{Start: &neuropb.InferStart{PromptTokens: 1}}},
-		tokenEvent(1, "x"), &neuropb.InferResponse{Event: &neuropb.InferResponse_Done{Done: &neuropb.InferDone{
-			Reason: neuropb.FinishReason_FINISH_REASON_EOS, CompletionTokens: 1, Text: []byte("x")}}})
+	late, got := fakeGating(t, oneToken()...)
 	late.RemoveStreamHandler(neuropb.InferProtocol)
 	ready := time.AfterFunc(500*time.Millisecond, func() {
-		late.SetStreamHandler(neuropb.InferProtocol, gatingHandler(got, &neuropb.InferResponse{Event: &neuropb.InferResponse_Start{Start: &neuropb.InferStart{PromptTokens: 1}}},
-			tokenEvent(1, "x"), &neuropb.InferResponse{Event: &neuropb.InferResponse_Done{Done: &neuropb.InferDone{
-				Reason: neuropb.FinishReason_FINISH_REASON_EOS, CompletionTokens: 1, Text: []byte("x")}}}))
+		late.SetStreamHandler(neuropb.InferProtocol, gatingHandler(got, oneToken()...))
 	})
 	defer ready.Stop()
 	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 	defer cancel()
-	c, err := New(ctx, WithGatingNodes(addr(late)), WithLogger(quiet()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := clientOf(t, ctx, late)
 	s, err := c.Generate(ctx, Request{Model: testModel(), Prompt: "x"})
 	if err != nil {
 		t.Fatalf("a gating node serving the protocol after 0.5 s: %v", err)
@@ -210,11 +223,7 @@ func TestGenerateRetriesAnUnreachedGatingNode(t *testing.T) {
 
 	busy, asked := fakeGating(t, &neuropb.InferResponse{Event: &neuropb.InferResponse_Error{Error: &neuropb.InferError{
 		Code: neuropb.InferError_CODE_BUSY, Message: "all sessions busy"}}})
-	c2, err := New(ctx, WithGatingNodes(addr(busy)), WithLogger(quiet()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c2.Close()
+	c2 := clientOf(t, ctx, busy)
 	if _, err := c2.Generate(ctx, Request{Model: testModel(), Prompt: "x"}); err == nil || !strings.Contains(err.Error(), "all sessions busy") {
 		t.Fatalf("a busy gating node: %v", err)
 	}
