@@ -265,10 +265,7 @@ func NewEngine(h Network, f Fetcher, cfg EngineConfig, log *slog.Logger) (*Engin
 		// The validator probes new providers in the background, and the
 		// selector observes those answers: with ProvenFirst, calls go to
 		// proven providers.
-		opts := []SelectorOption{WithSeniority(func(p peer.ID) (time.Time, bool) {
-			info, ok := h.Peers().Get(p, time.Now())
-			return info.FirstSeen, ok
-		})}
+		var opts []SelectorOption
 		if cfg.ProvenFirst {
 			opts = append(opts, ProvenFirst())
 		}
