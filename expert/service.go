@@ -455,8 +455,7 @@ func (s *Service) rebalance(ctx context.Context, m *neuropb.Manifest, c Choice, 
 // fewest providers (ties drawn with rng, so that nodes spread over them),
 // and the one of its own outside the span [spanFirst, spanEnd) with the
 // most other providers, more than the missing one has; either is nil when
-// there is none, and drop is nil too while the missing expert is within
-// one provider of the mean and has two. odds is the chance this node should make the swap now:
+// there is none. odds is the chance this node should make the swap now:
 // every node lacking the expert sees the same counts, and about as many
 // of them should act as the expert lacks providers to reach the mean
 // (need, at least one), spread over the experts tied for fewest. The
@@ -508,17 +507,10 @@ func rebalancePick(m *neuropb.Manifest, c Choice, spanFirst, spanEnd int, rng *r
 		return missing, nil, 0
 	}
 	mean := float64(sum) / float64(max(1, n))
-	need := mean - float64(c.Providers[*missing])
-	if need < 1 && c.Providers[*missing] >= 2 {
-		// Within one provider of the mean and covered: swapping would
-		// even out counts, not coverage, and costs a fetch, two provides
-		// and a heartbeat (300 simulated nodes under churn swapped four
-		// times as often as churn took experts away).
-		return missing, nil, 0
-	}
+	need := max(1, mean-float64(c.Providers[*missing]))
 	nodes := float64(sum) / float64(max(1, len(c.Hosted)))
 	could := max(1, nodes-float64(c.Providers[*missing]))
-	return missing, drop, min(1, max(1, need)*float64(ties)/could)
+	return missing, drop, min(1, need*float64(ties)/could)
 }
 
 // providerCounts counts, per expert, the other nodes whose heartbeats say
