@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/libp2p/go-libp2p"
+	coreconnmgr "github.com/libp2p/go-libp2p/core/connmgr"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -118,6 +119,7 @@ type hostOptions struct {
 	reach        Reach
 	metrics      prometheus.Registerer // nil: Prometheus' default registry
 	transports   []any                 // more libp2p transports
+	gater        coreconnmgr.ConnectionGater
 }
 
 // newHost builds the libp2p host: TCP and QUIC; Noise and TLS; yamux; the
@@ -166,6 +168,9 @@ func newHost(o hostOptions, log *slog.Logger) (host.Host, func() error, error) {
 	}
 	for _, t := range o.transports {
 		opts = append(opts, libp2p.Transport(t))
+	}
+	if o.gater != nil {
+		opts = append(opts, libp2p.ConnectionGater(o.gater))
 	}
 	if o.portMap {
 		opts = append(opts, libp2p.NATPortMap())

@@ -18,6 +18,7 @@ import (
 
 	dht "github.com/libp2p/go-libp2p-kad-dht"
 	pubsub "github.com/libp2p/go-libp2p-pubsub"
+	"github.com/libp2p/go-libp2p/core/connmgr"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/event"
 	"github.com/libp2p/go-libp2p/core/host"
@@ -85,6 +86,19 @@ type options struct {
 	metrics    prometheus.Registerer
 	transports []any
 	inspect    time.Duration
+	gater      connmgr.ConnectionGater
+}
+
+// WithConnectionGater has g approve every dial and accepted connection
+// (libp2p's connection gating): a simulation counts who dials.
+func WithConnectionGater(g connmgr.ConnectionGater) Option {
+	return func(o *options) error {
+		if g == nil {
+			return errors.New("nil connection gater")
+		}
+		o.gater = g
+		return nil
+	}
 }
 
 // WithScoreInspection has GossipSub report its scores of the peers every
@@ -236,6 +250,7 @@ func New(key crypto.PrivKey, cfg Config, opts ...Option) (_ *Host, err error) {
 		reach:        cfg.Reachability,
 		metrics:      o.metrics,
 		transports:   o.transports,
+		gater:        o.gater,
 	}, h.log)
 	if err != nil {
 		return nil, err

@@ -245,9 +245,20 @@ type SimReport struct {
 	CPUPerNode      float64     `json:"cpu_per_node"`
 	Samples         []SimSample `json:"samples"`
 	Nodes           []SimNode   `json:"nodes"`
+	// DialCallers is what the honest nodes dialled for once the network
+	// was healthy: the code that asked (simnet.DialCallers) and its dials
+	// a second, most first (the first 16). Dials to a node that is gone
+	// count too (refused at once, they cost no handshake).
+	DialCallers []DialCaller `json:"dial_callers"`
 	// Sybils is what the Sybils did and what the honest nodes made of
 	// them (with Sim.Sybils).
 	Sybils *SybilReport `json:"sybils,omitempty"`
+}
+
+// DialCaller is one caller of dials and its dials a second.
+type DialCaller struct {
+	Caller string  `json:"caller"`
+	PerS   float64 `json:"per_s"`
 }
 
 // simNode is one node the simulation started.
@@ -289,6 +300,12 @@ type simulation struct {
 
 	sybils   []*sybil
 	sybilRep SybilReport
+
+	// dials counts what the honest hosts dialled for; healthyDials is
+	// its count when the network became healthy, at healthyAt.
+	dials        *simnet.DialCallers
+	healthyAt    time.Time
+	healthyDials []simnet.Caller
 }
 
 type dhtLookup struct {
@@ -313,7 +330,8 @@ func (s *Sim) Run(ctx context.Context) (*SimReport, error) {
 	if err := s.defaults(); err != nil {
 		return nil, err
 	}
-	sm := &simulation{s: s, log: s.Log, rng: rand.New(rand.NewPCG(s.Seed, 0x5eed)), net: simnet.New(s.latency())}
+	sm := &simulation{s: s, log: s.Log, rng: rand.New(rand.NewPCG(s.Seed, 0x5eed)), net: simnet.New(s.latency()),
+		dials: simnet.NewDialCallers()}
 	sm.rep = SimReport{NodeCount: s.Nodes, BootstrapNodes: s.Bootstrap, GatingNodes: s.Gating, ChurnPerMin: s.Churn, LatencyMs: ms(s.Latency), CoverageLowest: math.MaxInt}
 	defer sm.stopAll()
 	if err := sm.prepare(); err != nil {
@@ -330,6 +348,7 @@ func (s *Sim) Run(ctx context.Context) (*SimReport, error) {
 		return nil, fmt.Errorf("sim: %w", err)
 	}
 	sm.rep.HealthyS = time.Since(t0).Seconds()
+	sm.healthyAt, sm.healthyDials = time.Now(), sm.dials.Counts()
 	sm.log.Info("sim: healthy", "nodes", s.Nodes, "took", time.Since(t0).Round(time.Millisecond))
 	if s.OnHealthy != nil {
 		s.OnHealthy()
@@ -498,9 +517,9 @@ func writeHeapProfile(path string) error {
 }
 
 // p2pOptions are the options of every honest node's host: the simulated
-// network's transport, and with Sybils, GossipSub's scores every 5 s.
+// network's transport, the count of what it dials for, and with Sybils, GossipSub's scores every 5 s.
 func (sm *simulation) p2pOptions() []p2p.Option {
-	opts := []p2p.Option{p2p.WithTransport(sm.net.Transport())}
+	opts := []p2p.Option{p2p.WithTransport(sm.net.Transport()), p2p.WithConnectionGater(sm.dials)}
 	if sm.s.Sybils > 0 {
 		opts = append(opts, p2p.WithScoreInspection(5*time.Second))
 	}
@@ -1127,6 +1146,27 @@ func (sm *simulation) report() {
 		r.Nodes = append(r.Nodes, n.SimNode)
 	}
 	slices.SortFunc(r.Nodes, func(a, b SimNode) int { return cmp.Compare(a.Index, b.Index) })
+	r.DialCallers = dialRates(sm.healthyDials, sm.dials.Counts(), now.Sub(sm.healthyAt))
+}
+
+// dialRates is the dials a second of each caller between two counts d
+// apart, most first, the first 16.
+func dialRates(before, after []simnet.Caller, d time.Duration) []DialCaller {
+	if d <= 0 {
+		return nil
+	}
+	had := map[string]uint64{}
+	for _, c := range before {
+		had[c.Caller] = c.Dials
+	}
+	var out []DialCaller
+	for _, c := range after {
+		if n := c.Dials - had[c.Caller]; n > 0 {
+			out = append(out, DialCaller{c.Caller, float64(n) / d.Seconds()})
+		}
+	}
+	slices.SortStableFunc(out, func(a, b DialCaller) int { return cmp.Compare(b.PerS, a.PerS) })
+	return out[:min(len(out), 16)]
 }
 
 // stopAll closes every node, all at once, and waits at most simStopTimeout

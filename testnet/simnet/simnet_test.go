@@ -2,6 +2,7 @@ package simnet_test
 
 import (
 	"context"
+	"slices"
 	"testing"
 	"time"
 
@@ -14,7 +15,7 @@ import (
 	"github.com/neuro-p2p/neuro/testnet/simnet"
 )
 
-func newHost(t *testing.T, n *simnet.Network) host.Host {
+func newHost(t *testing.T, n *simnet.Network, opts ...libp2p.Option) host.Host {
 	t.Helper()
 	rm, err := rcmgr.NewResourceManager(rcmgr.NewFixedLimiter(rcmgr.DefaultLimits.AutoScale()), rcmgr.WithConnRateLimiters(&rate.Limiter{}))
 	if err != nil {
@@ -23,8 +24,9 @@ func newHost(t *testing.T, n *simnet.Network) host.Host {
 	// A dial may take as long as the test allows: on a loaded machine
 	// (the race detector, other tests) thirty handshakes at once take
 	// seconds, and what is tested is that they all succeed, not how fast.
-	h, err := libp2p.New(libp2p.ListenAddrs(n.Addr()), libp2p.Transport(n.Transport()), libp2p.ResourceManager(rm),
+	opts = append(opts, libp2p.ListenAddrs(n.Addr()), libp2p.Transport(n.Transport()), libp2p.ResourceManager(rm),
 		libp2p.WithDialTimeout(time.Minute))
+	h, err := libp2p.New(opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -62,5 +64,41 @@ func TestHostsConnect(t *testing.T) {
 	conns := b.Network().ConnsToPeer(a.ID())
 	if len(conns) != 1 || !conns[0].RemoteMultiaddr().Equal(a.Addrs()[0]) {
 		t.Fatalf("b sees a at %v, a listens on %v", conns, a.Addrs())
+	}
+}
+
+// DialCallers counts a dial under the function that asked for it, the
+// first outside go-libp2p, and not a connect that found a connection.
+func TestDialCallers(t *testing.T) {
+	n := simnet.New(nil)
+	d := simnet.NewDialCallers()
+	a, b, c := newHost(t, n, libp2p.ConnectionGater(d)), newHost(t, n), newHost(t, n)
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	for _, to := range []host.Host{b, b, c} {
+		if err := a.Connect(ctx, peer.AddrInfo{ID: to.ID(), Addrs: to.Addrs()}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	connectFrom(ctx, t, a, b) // connected: no dial
+	want := []simnet.Caller{{Caller: "testnet/simnet_test.TestDialCallers", Dials: 2}}
+	if got := d.Counts(); !slices.Equal(got, want) {
+		t.Fatalf("Counts = %v, want %v", got, want)
+	}
+	a.Network().ClosePeer(b.ID())
+	go connectFrom(ctx, t, a, b)
+	deadline := time.Now().Add(10 * time.Second)
+	for len(d.Counts()) < 2 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	want = append(want, simnet.Caller{Caller: "testnet/simnet_test.connectFrom", Dials: 1})
+	if got := d.Counts(); !slices.Equal(got, want) {
+		t.Fatalf("Counts = %v, want %v", got, want)
+	}
+}
+
+func connectFrom(ctx context.Context, t *testing.T, a, b host.Host) {
+	if err := a.Connect(ctx, peer.AddrInfo{ID: b.ID(), Addrs: b.Addrs()}); err != nil {
+		t.Error(err)
 	}
 }
