@@ -265,7 +265,11 @@ func NewEngine(h Network, f Fetcher, cfg EngineConfig, log *slog.Logger) (*Engin
 		// The validator probes new providers in the background, and the
 		// selector observes those answers: with ProvenFirst, calls go to
 		// proven providers.
-		var opts []SelectorOption
+		opts := []SelectorOption{WithSeniority(func(p peer.ID) (time.Time, bool) {
+			now := time.Now()
+			info, ok := h.Peers().Get(p, now)
+			return info.FirstSeen, ok && !info.Overdue(now)
+		})}
 		if cfg.ProvenFirst {
 			opts = append(opts, ProvenFirst())
 		}

@@ -28,6 +28,9 @@ type Selector struct {
 	// provenFirst: no peer that has never answered goes before one that
 	// has (ProvenFirst).
 	provenFirst bool
+	// seniority, if set, says when this node first heard of a peer
+	// (WithSeniority).
+	seniority func(peer.ID) (time.Time, bool)
 
 	mu     sync.Mutex
 	stats  map[peer.ID]*peerStats
@@ -82,6 +85,17 @@ type SelectorOption func(*Selector)
 // them: 134 ms a token at 30 nodes and 120 Sybils, against 8.3 ms with
 // ProvenFirst and 4.7 ms without Sybils).
 func ProvenFirst() SelectorOption { return func(s *Selector) { s.provenFirst = true } }
+
+// WithSeniority orders the peers that have never answered a call by how
+// long this node has known them (first heard, a local observation no peer
+// can claim), longest first, those it has not heard of last. Sybils
+// announcing every expert all arrive at once and later than the network
+// they attack: in a simulated network of 100 nodes with 400 Sybils, one
+// expert had 229 announced providers of which 4 were honest, and a first
+// call waited through Sybil after Sybil.
+func WithSeniority(firstHeard func(peer.ID) (time.Time, bool)) SelectorOption {
+	return func(s *Selector) { s.seniority = firstHeard }
+}
 
 // NewSelector makes a selector; scorer nil means NeutralScorer.
 func NewSelector(scorer Scorer, opts ...SelectorOption) *Selector {
@@ -215,12 +229,24 @@ func (s *Selector) provenLocked(p peer.ID) bool {
 func (s *Selector) order(providers []peer.ID, preferred map[peer.ID]bool) ([]peer.ID, map[peer.ID]float64) {
 	out := slices.Clone(providers)
 	cost := make(map[peer.ID]float64, len(out))
+	var heard map[peer.ID]time.Time
 	for _, p := range out {
 		c := s.cost(p)
-		if preferred[p] {
+		proven := s.provenLocked(p)
+		// Hosting the whole layer is a claim until the peer has answered:
+		// a Sybil announcing every expert would be preferred everywhere.
+		if preferred[p] && (proven || s.seniority == nil) {
 			c /= 2
 		}
 		cost[p] = c
+		if s.seniority != nil && !proven {
+			if heard == nil {
+				heard = map[peer.ID]time.Time{}
+			}
+			if t, ok := s.seniority(p); ok {
+				heard[p] = t
+			}
+		}
 	}
 	slices.SortStableFunc(out, func(a, b peer.ID) int {
 		switch {
@@ -229,11 +255,26 @@ func (s *Selector) order(providers []peer.ID, preferred map[peer.ID]bool) ([]pee
 		case cost[a] > cost[b]:
 			return 1
 		}
+		if heard == nil {
+			return 0
+		}
+		ta, oka := heard[a]
+		tb, okb := heard[b]
+		switch {
+		case oka && okb:
+			return ta.Compare(tb)
+		case oka:
+			return -1
+		case okb:
+			return 1
+		}
 		return 0
 	})
 	switch first := slices.IndexFunc(out, s.provenLocked); {
-	case first > 0 && s.provenFirst:
-		// Stable: the proven in their order, then the unproven in theirs.
+	case first >= 0 && s.provenFirst:
+		// Stable: the proven in their order, then the unproven in theirs
+		// (also when the first is proven: an unproven peer cheaper than
+		// the second proven one went second).
 		proven := slices.DeleteFunc(slices.Clone(out), func(p peer.ID) bool { return !s.provenLocked(p) })
 		out = append(proven, slices.DeleteFunc(out, s.provenLocked)...)
 	case first > 1:

@@ -187,3 +187,27 @@ func TestSelectorPrefersTheWinnerOverTheLoser(t *testing.T) {
 		t.Fatalf("Rank = %v, want the winner first", got)
 	}
 }
+
+// WithSeniority: peers that have never answered go by how long the node
+// has known them, whatever they claim (a Sybil's claim to host the whole
+// layer counts for nothing until it has answered), those it has not heard
+// of last; proven peers keep their order by cost.
+func TestSelectorSeniority(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	heard := map[peer.ID]time.Time{"old": t0, "older": t0.Add(-time.Hour), "sybil-0": t0.Add(time.Minute), "sybil-1": t0.Add(2 * time.Minute)}
+	s := NewSelector(nil, ProvenFirst(), WithSeniority(func(p peer.ID) (time.Time, bool) {
+		at, ok := heard[p]
+		return at, ok
+	}))
+	k := expert.Key{Layer: 1}
+	crowd := []peer.ID{"sybil-1", "unheard", "sybil-0", "old", "older"}
+	everything := map[peer.ID]bool{"sybil-0": true, "sybil-1": true}
+	if got, want := s.Rank(k, crowd, everything), []peer.ID{"older", "old", "sybil-0", "sybil-1", "unheard"}; !slices.Equal(got, want) {
+		t.Fatalf("Rank = %v, want %v", got, want)
+	}
+	s.Observe("sybil-1", 3*time.Millisecond, nil) // it answered: proven, and its claim counts
+	s.Observe("old", 4*time.Millisecond, nil)
+	if got, want := s.rankOnly(crowd, everything), []peer.ID{"sybil-1", "old", "older", "sybil-0", "unheard"}; !slices.Equal(got, want) {
+		t.Fatalf("rankOnly = %v, want %v", got, want)
+	}
+}

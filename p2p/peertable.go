@@ -46,6 +46,20 @@ type PeerInfo struct {
 	PeersHeard int
 }
 
+// Overdue says whether the peer has missed a heartbeat at now: none for
+// twice its interval (a node waits between half and one and a half of it,
+// so a live one is late by that much only when its heartbeats are lost),
+// or for a third of its expiry when it did not say its interval. The table
+// keeps a peer MissedHeartbeats intervals: under churn the oldest entries
+// of a large network's table are often the dead, minutes after they died.
+func (i PeerInfo) Overdue(now time.Time) bool {
+	d := 2 * i.Interval
+	if d <= 0 {
+		d = i.Expiry / MissedHeartbeats
+	}
+	return d > 0 && now.Sub(i.LastSeen) > d
+}
+
 // MissedHeartbeats is how many of a peer's own heartbeat intervals pass
 // without a heartbeat before a table forgets the peer (never sooner than
 // the table's ttl).

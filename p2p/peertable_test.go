@@ -248,3 +248,25 @@ func TestPeerTableSpans(t *testing.T) {
 		t.Fatalf("spans after everyone expired: %v", got)
 	}
 }
+
+// A peer is overdue once it has been silent for twice its interval, or a
+// third of its expiry when it did not say its interval.
+func TestPeerInfoOverdue(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	for _, c := range []struct {
+		info   PeerInfo
+		silent time.Duration
+		want   bool
+	}{
+		{PeerInfo{Interval: time.Minute}, 90 * time.Second, false}, // within a wait's spread
+		{PeerInfo{Interval: time.Minute}, 121 * time.Second, true},
+		{PeerInfo{Expiry: 30 * time.Second}, 9 * time.Second, false},
+		{PeerInfo{Expiry: 30 * time.Second}, 11 * time.Second, true},
+		{PeerInfo{}, time.Hour, false}, // nothing to go by
+	} {
+		c.info.LastSeen = t0
+		if got := c.info.Overdue(t0.Add(c.silent)); got != c.want {
+			t.Errorf("%+v silent %v: Overdue = %v, want %v", c.info, c.silent, got, c.want)
+		}
+	}
+}
