@@ -120,6 +120,7 @@ type hostOptions struct {
 	metrics      prometheus.Registerer // nil: Prometheus' default registry
 	transports   []any                 // more libp2p transports
 	gater        coreconnmgr.ConnectionGater
+	noMetrics    bool // without go-libp2p's metrics
 }
 
 // newHost builds the libp2p host: TCP and QUIC; Noise and TLS; yamux; the
@@ -127,16 +128,19 @@ type hostOptions struct {
 // and port mapping as configured. It checks that every listen address was
 // bound: libp2p itself only fails when none was.
 func newHost(o hostOptions, log *slog.Logger) (host.Host, func() error, error) {
-	str, err := rcmgr.NewStatsTraceReporter()
-	if err != nil {
-		return nil, nil, fmt.Errorf("resource manager metrics: %w", err)
-	}
 	reg := o.metrics
 	if reg == nil {
 		reg = prometheus.DefaultRegisterer
 	}
-	rcmgr.MustRegisterWith(reg)
-	rmOpts := []rcmgr.Option{rcmgr.WithTraceReporter(str)}
+	var rmOpts []rcmgr.Option
+	if !o.noMetrics {
+		str, err := rcmgr.NewStatsTraceReporter()
+		if err != nil {
+			return nil, nil, fmt.Errorf("resource manager metrics: %w", err)
+		}
+		rcmgr.MustRegisterWith(reg)
+		rmOpts = append(rmOpts, rcmgr.WithTraceReporter(str))
+	}
 	if len(o.transports) > 0 {
 		// An added transport's connections (a simulation's in-memory
 		// pipes) carry no IP address, and libp2p's limiter of new
@@ -164,7 +168,11 @@ func newHost(o hostOptions, log *slog.Logger) (host.Host, func() error, error) {
 		libp2p.ResourceManager(rm),
 		libp2p.ConnectionManager(cm),
 		libp2p.UserAgent("neurod/" + Version),
-		libp2p.PrometheusRegisterer(reg),
+	}
+	if o.noMetrics {
+		opts = append(opts, libp2p.DisableMetrics())
+	} else {
+		opts = append(opts, libp2p.PrometheusRegisterer(reg))
 	}
 	for _, t := range o.transports {
 		opts = append(opts, libp2p.Transport(t))
