@@ -163,7 +163,7 @@ type SimNode struct {
 	// nodes share one process, whose memory cannot be told apart).
 	RSSBytes uint64 `json:"rss_bytes"`
 	// RoutingTable is the size of its DHT routing table at the end, and
-	// Conns the peers it had a connection to.
+	// Conns the peers it had a connection to (-1: not read in time).
 	RoutingTable int `json:"routing_table"`
 	Conns        int `json:"conns"`
 }
@@ -1137,6 +1137,7 @@ func (sm *simulation) report() {
 	}
 	rss := p2p.ProcessRSS()
 	now := time.Now()
+	sm.readTables()
 	r.TopicMsgsInPerS = map[string]float64{}
 	for _, n := range sm.nodes {
 		if n.Alive {
@@ -1145,8 +1146,6 @@ func (sm *simulation) report() {
 			if n.n.Expert() != nil {
 				n.Experts = len(n.n.Expert().Loaded())
 			}
-			n.RoutingTable = len(n.n.P2P().RoutingTable())
-			n.Conns = len(n.n.P2P().LibP2P().Network().Peers())
 			n.RSSBytes = rss / uint64(max(1, live))
 		}
 		up := n.ended.Sub(n.started).Seconds()
@@ -1163,6 +1162,44 @@ func (sm *simulation) report() {
 	}
 	slices.SortFunc(r.Nodes, func(a, b SimNode) int { return cmp.Compare(a.Index, b.Index) })
 	r.DialCallers = dialRates(sm.healthyDials, sm.dials.Counts(), now.Sub(sm.healthyAt))
+}
+
+// reportWait bounds how long the report waits for the nodes' routing
+// tables and connections.
+const reportWait = 30 * time.Second
+
+// readTables sets each live node's RoutingTable and Conns, or -1 where
+// they could not be read within reportWait: they sit behind the DHT's and
+// the swarm's locks, which a saturated machine was seen to hold for
+// minutes (a 300-node run's report waited on one until it was killed).
+func (sm *simulation) readTables() {
+	type view struct {
+		n         *simNode
+		rt, conns int
+	}
+	views := make(chan view, len(sm.nodes))
+	pending := 0
+	for _, n := range sm.nodes {
+		if !n.Alive {
+			continue
+		}
+		n.RoutingTable, n.Conns = -1, -1
+		pending++
+		go func() {
+			h := n.n.P2P()
+			views <- view{n, len(h.RoutingTable()), len(h.LibP2P().Network().Peers())}
+		}()
+	}
+	deadline := time.After(reportWait)
+	for ; pending > 0; pending-- {
+		select {
+		case v := <-views:
+			v.n.RoutingTable, v.n.Conns = v.rt, v.conns
+		case <-deadline:
+			sm.log.Warn("sim: left out of the report: routing tables and connections not read in time", "nodes", pending, "waited", reportWait)
+			return
+		}
+	}
 }
 
 // dialRates is the dials a second of each caller between two counts d
