@@ -3,16 +3,21 @@ package expert
 import (
 	"bytes"
 	"context"
+	"errors"
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/neuro-p2p/neuro/model"
+	"github.com/neuro-p2p/neuro/moe"
 	"github.com/neuro-p2p/neuro/moe/moetest"
+	"github.com/neuro-p2p/neuro/neuropb"
 	"github.com/neuro-p2p/neuro/p2p/p2ptest"
 )
 
@@ -88,5 +93,117 @@ func TestAutoHostingCoversEveryExpertTwice(t *testing.T) {
 				t.Fatalf("expert %s: stored shard differs from the split output: %v", k, err)
 			}
 		}
+	}
+}
+
+// noLookups is a node's network whose DHT finds no provider.
+type noLookups struct {
+	Network
+	lookups int
+}
+
+func (n *noLookups) FindProviders(context.Context, cid.Cid, int, time.Duration) ([]peer.AddrInfo, error) {
+	n.lookups++
+	return nil, errors.New("no DHT in this test")
+}
+
+// A node taking an expert fetches its shard from a peer whose heartbeats
+// say it serves the expert, without asking the DHT.
+func TestFetchExpertFromThePeerTable(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	nodes, extras := p2ptest.ClusterWithExtras(t, ctx, 2, p2ptest.Config(time.Second))
+	mc, m, dir := tinyShards(t, model.Q8_0)
+	k := Key{Layer: int(m.GetExperts()[0].GetLayer()), Expert: int(m.GetExperts()[0].GetExpert())}
+	origin, err := NewService(nodes[0], ServiceConfig{StoreDir: t.TempDir(), Model: mc, Spec: Spec{Experts: []Key{k}},
+		Compute: moetest.Backend{}, Threads: 1, Server: DefaultConfig()}, quiet())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { origin.Close() })
+	if _, err := origin.Store().ImportSplit(dir); err != nil {
+		t.Fatal(err)
+	}
+	extras[0].Set(origin.HeartbeatExtra)
+	if err := origin.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	net := &noLookups{Network: nodes[1]}
+	for len(nodes[1].Peers().Hosting(mc.Bytes(), uint32(k.Layer)<<16|uint32(k.Expert), time.Now())) == 0 {
+		select {
+		case <-ctx.Done():
+			t.Fatal("the origin's heartbeat never announced the expert")
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	s, err := NewService(net, ServiceConfig{StoreDir: t.TempDir(), Model: mc, Compute: moetest.Backend{}, Threads: 1, Server: DefaultConfig()}, quiet())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	ref := m.ExpertRef(k.Layer, k.Expert).GetShard()
+	c, _ := cid.Cast(ref.GetCid())
+	if err := s.fetchExpert(ctx, c, k); err != nil {
+		t.Fatal(err)
+	}
+	if !s.Store().Has(c) || net.lookups != 0 {
+		t.Fatalf("stored %v after %d DHT lookups, want the shard and none", s.Store().Has(c), net.lookups)
+	}
+}
+
+// busyDevices is a backend whose device list, after the first, waits
+// until busy is closed (a computation holding the backend's lock).
+type busyDevices struct {
+	moetest.Backend
+	calls atomic.Int32
+	busy  chan struct{}
+}
+
+func (b *busyDevices) Devices() []moe.DeviceInfo {
+	if b.calls.Add(1) > 1 {
+		<-b.busy
+	}
+	return []moe.DeviceInfo{{Backend: "CPU", Name: "CPU", Type: "cpu", MemoryFree: 1 << 30, MemoryTotal: 2 << 30, Selected: true}}
+}
+
+// A heartbeat carries the devices as last read and never waits for the
+// backend, even when a new read is due and the backend is busy.
+func TestHeartbeatDoesNotWaitForTheDevices(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	nodes, _ := p2ptest.ClusterWithExtras(t, ctx, 1, p2ptest.Config(time.Second))
+	b := &busyDevices{busy: make(chan struct{})}
+	defer close(b.busy)
+	s, err := NewService(nodes[0], ServiceConfig{StoreDir: t.TempDir(), Compute: b, Threads: 1, Server: DefaultConfig()}, quiet())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	s.devs.mu.Lock()
+	s.devs.at = time.Time{} // a new read is due
+	s.devs.mu.Unlock()
+	done := make(chan *neuropb.Heartbeat)
+	go func() {
+		for range 3 {
+			hb := &neuropb.Heartbeat{}
+			s.HeartbeatExtra(hb)
+			done <- hb
+		}
+	}()
+	for range 3 {
+		select {
+		case hb := <-done:
+			if ds := hb.GetCapacity().GetHardware().GetDevices(); len(ds) != 1 || ds[0].GetMemoryFreeBytes() != 1<<30 {
+				t.Fatalf("devices %v, want the CPU as first read", ds)
+			}
+		case <-ctx.Done():
+			t.Fatal("the heartbeat waited for the busy backend")
+		}
+	}
+	for b.calls.Load() < 2 && ctx.Err() == nil {
+		time.Sleep(time.Millisecond)
+	}
+	if n := b.calls.Load(); n != 2 {
+		t.Fatalf("%d device reads, want 2 (the first, and one in the background)", n)
 	}
 }
