@@ -97,6 +97,11 @@ type Sim struct {
 	// 5m51s, and a run given 2m plus the joining time, 3m15s, failed with
 	// one expert still on a single node).
 	Timeout time.Duration
+	// Warmup is how long the healthy network runs on its own (no users,
+	// no churn, no Sybils) before the measured run: the joining leaves
+	// work behind (provides, fetches, routing-table refreshes) that a
+	// saturated machine takes minutes to clear. 0: none.
+	Warmup time.Duration
 	// OnHealthy, if set, is called once the honest network is healthy,
 	// before Sybils join and the measured run starts (neurod starts its
 	// CPU profile there with --profile-healthy).
@@ -208,6 +213,9 @@ type SimReport struct {
 	// was up, every gating node had loaded the model and every expert had
 	// at least two live providers.
 	HealthyS float64 `json:"healthy_s"`
+	// WarmupS is how long the healthy network then ran before the
+	// measured run (Sim.Warmup).
+	WarmupS float64 `json:"warmup_s"`
 	Killed   int     `json:"killed"`
 	Joined   int     `json:"joined"`
 	// JoinFailed counts the nodes that could not join while the network
@@ -348,8 +356,17 @@ func (s *Sim) Run(ctx context.Context) (*SimReport, error) {
 		return nil, fmt.Errorf("sim: %w", err)
 	}
 	sm.rep.HealthyS = time.Since(t0).Seconds()
-	sm.healthyAt, sm.healthyDials = time.Now(), sm.dials.Counts()
 	sm.log.Info("sim: healthy", "nodes", s.Nodes, "took", time.Since(t0).Round(time.Millisecond))
+	if s.Warmup > 0 {
+		sm.log.Info("sim: warming up", "for", s.Warmup)
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("sim: %w", ctx.Err())
+		case <-time.After(s.Warmup):
+		}
+		sm.rep.WarmupS = s.Warmup.Seconds()
+	}
+	sm.healthyAt, sm.healthyDials = time.Now(), sm.dials.Counts()
 	if s.OnHealthy != nil {
 		s.OnHealthy()
 	}

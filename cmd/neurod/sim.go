@@ -89,6 +89,7 @@ func (f *simFlags) register(fs *pflag.FlagSet) {
 	fs.DurationVar(&f.sim.PromptTimeout, "prompt-timeout", time.Minute, "how long a user waits for a whole answer before counting its prompt unanswered")
 	fs.Uint64Var(&f.seed, "seed", 1, "seed of the model and of the simulation's choices")
 	fs.DurationVar(&f.sim.Timeout, "timeout", 0, "how long the network may take to be healthy (default 2m + 1s a node)")
+	fs.DurationVar(&f.sim.Warmup, "warmup", 0, "let the healthy network run this long on its own before the measured run (no users, churn or Sybils)")
 	fs.StringVar(&f.dir, "dir", "", "directory for the homes and nodes.log (kept; default: a temporary one, removed)")
 	fs.BoolVar(&f.asJSON, "json", false, "print a machine-readable report on stdout")
 	fs.StringVar(&f.profile, "cpuprofile", "", "write the process's CPU profile (go tool pprof) to this file")
