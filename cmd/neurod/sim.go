@@ -1,9 +1,14 @@
 package main
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
+	"net/http"
+	httppprof "net/http/pprof"
 	"os"
 	"path/filepath"
 	"runtime/debug"
@@ -70,7 +75,9 @@ type simFlags struct {
 	duration time.Duration
 	profile  string
 	healthy  bool
-	gogc     int
+	// pprofAddr serves net/http/pprof (--pprof).
+	pprofAddr string
+	gogc      int
 }
 
 func (f *simFlags) register(fs *pflag.FlagSet) {
@@ -93,6 +100,7 @@ func (f *simFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&f.dir, "dir", "", "directory for the homes and nodes.log (kept; default: a temporary one, removed)")
 	fs.BoolVar(&f.asJSON, "json", false, "print a machine-readable report on stdout")
 	fs.StringVar(&f.profile, "cpuprofile", "", "write the process's CPU profile (go tool pprof) to this file")
+	fs.StringVar(&f.pprofAddr, "pprof", "", "serve Go's profiles of the running simulation (net/http/pprof) on this address, e.g. 127.0.0.1:6060: goroutines and CPU of a run that is stuck or slow")
 	fs.BoolVar(&f.healthy, "profile-healthy", false, "start the --cpuprofile once the network is healthy (the steady state, without the joining)")
 	fs.StringVar(&f.sim.HeapProfile, "memprofile", "", "write the process's heap profile (go tool pprof) to this file when the run ends, before the nodes stop")
 	fs.IntVar(&f.sim.Sybils, "sybils", 0, "Sybil peers that join once the network is healthy: liars (claim every expert, never answer), junk (heartbeats others must reject), droppers (forward nothing) and eclipse (surround the first gating node), a quarter each")
@@ -114,6 +122,11 @@ func (f *simFlags) run(cmd *cobra.Command) error {
 		return err
 	}
 	defer cleanup()
+	if f.pprofAddr != "" {
+		if err := servePprof(cmd.Context(), f.pprofAddr, f.sim.Log); err != nil {
+			return fmt.Errorf("flag --pprof: %w", err)
+		}
+	}
 	stopProfile := func() {}
 	ggml.SetPolling(0)
 	f.sim.Compute = ggml.Backend{}
@@ -244,4 +257,29 @@ func printSim(w io.Writer, r *testnet.SimReport) {
 		fmt.Fprintf(w, "  %5.0f  %4d  %8d  %15.0f  %5d  %8d  %9.2f  %6.0f\n", s.AtS, s.Live, s.CoverageMin, s.GossipBytesPerS,
 			s.Asked, s.Answered, s.CPUCores, float64(s.RSSBytes)/(1<<20))
 	}
+}
+
+// servePprof serves net/http/pprof's handlers on addr until ctx ends.
+func servePprof(ctx context.Context, addr string, log *slog.Logger) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return err
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", httppprof.Index)
+	mux.HandleFunc("/debug/pprof/profile", httppprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", httppprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", httppprof.Trace)
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		<-ctx.Done()
+		srv.Close()
+	}()
+	go func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Warn("sim: pprof server", "err", err)
+		}
+	}()
+	log.Info("sim: serving Go's profiles", "url", "http://"+ln.Addr().String()+"/debug/pprof/")
+	return nil
 }
