@@ -216,8 +216,8 @@ type SimReport struct {
 	// WarmupS is how long the healthy network then ran before the
 	// measured run (Sim.Warmup).
 	WarmupS float64 `json:"warmup_s"`
-	Killed   int     `json:"killed"`
-	Joined   int     `json:"joined"`
+	Killed  int     `json:"killed"`
+	Joined  int     `json:"joined"`
 	// JoinFailed counts the nodes that could not join while the network
 	// started (their bootstrap peers did not answer within
 	// p2p.bootstrap_timeout): they are left out.
