@@ -253,8 +253,8 @@ type SimReport struct {
 	CPUPerNode      float64     `json:"cpu_per_node"`
 	Samples         []SimSample `json:"samples"`
 	Nodes           []SimNode   `json:"nodes"`
-	// DialCallers is what the honest nodes dialled for once the network
-	// was healthy: the code that asked (simnet.DialCallers) and its dials
+	// DialCallers is what the honest nodes dialled for during the
+	// measured run (after Warmup): the code that asked (simnet.DialCallers) and its dials
 	// a second, most first (the first 16). Dials to a node that is gone
 	// count too (refused at once, they cost no handshake).
 	DialCallers []DialCaller `json:"dial_callers"`
@@ -309,11 +309,11 @@ type simulation struct {
 	sybils   []*sybil
 	sybilRep SybilReport
 
-	// dials counts what the honest hosts dialled for; healthyDials is
-	// its count when the network became healthy, at healthyAt.
-	dials        *simnet.DialCallers
-	healthyAt    time.Time
-	healthyDials []simnet.Caller
+	// dials counts what the honest hosts dialled for; runDials is its
+	// count when the measured run started, at runAt (after any warmup).
+	dials    *simnet.DialCallers
+	runAt    time.Time
+	runDials []simnet.Caller
 }
 
 type dhtLookup struct {
@@ -366,7 +366,7 @@ func (s *Sim) Run(ctx context.Context) (*SimReport, error) {
 		}
 		sm.rep.WarmupS = s.Warmup.Seconds()
 	}
-	sm.healthyAt, sm.healthyDials = time.Now(), sm.dials.Counts()
+	sm.runAt, sm.runDials = time.Now(), sm.dials.Counts()
 	if s.OnHealthy != nil {
 		s.OnHealthy()
 	}
@@ -1179,7 +1179,7 @@ func (sm *simulation) report() {
 		r.Nodes = append(r.Nodes, n.SimNode)
 	}
 	slices.SortFunc(r.Nodes, func(a, b SimNode) int { return cmp.Compare(a.Index, b.Index) })
-	r.DialCallers = dialRates(sm.healthyDials, sm.dials.Counts(), now.Sub(sm.healthyAt))
+	r.DialCallers = dialRates(sm.runDials, sm.dials.Counts(), now.Sub(sm.runAt))
 }
 
 // reportWait bounds how long the report waits for the nodes' routing
