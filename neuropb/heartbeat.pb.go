@@ -171,7 +171,12 @@ type Heartbeat struct {
 	// How many peers the sender hears on the routing topic: a node that has
 	// just joined sizes its interval by its peers' counts until it has heard
 	// them itself.
-	PeersHeard    uint32 `protobuf:"varint,14,opt,name=peers_heard,json=peersHeard,proto3" json:"peers_heard,omitempty"`
+	PeersHeard uint32 `protobuf:"varint,14,opt,name=peers_heard,json=peersHeard,proto3" json:"peers_heard,omitempty"`
+	// The sender is shutting down: receivers forget it at once instead of
+	// after a few of its intervals (minutes in a large network), so that
+	// the experts it hosted count one provider fewer now and gating nodes
+	// stop calling it. A heartbeat speaks only for its signer.
+	Leaving       bool `protobuf:"varint,15,opt,name=leaving,proto3" json:"leaving,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -302,6 +307,13 @@ func (x *Heartbeat) GetPeersHeard() uint32 {
 		return x.PeersHeard
 	}
 	return 0
+}
+
+func (x *Heartbeat) GetLeaving() bool {
+	if x != nil {
+		return x.Leaving
+	}
+	return false
 }
 
 // HostedModel lists the experts of one model a node hosts.
@@ -781,7 +793,7 @@ var File_heartbeat_proto protoreflect.FileDescriptor
 
 const file_heartbeat_proto_rawDesc = "" +
 	"\n" +
-	"\x0fheartbeat.proto\x12\bneuro.v1\"\xe2\x03\n" +
+	"\x0fheartbeat.proto\x12\bneuro.v1\"\xfc\x03\n" +
 	"\tHeartbeat\x12\x17\n" +
 	"\apeer_id\x18\x01 \x01(\fR\x06peerId\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12 \n" +
@@ -800,7 +812,8 @@ const file_heartbeat_proto_rawDesc = "" +
 	"\vinterval_ms\x18\r \x01(\rR\n" +
 	"intervalMs\x12\x1f\n" +
 	"\vpeers_heard\x18\x0e \x01(\rR\n" +
-	"peersHeard\"\x83\x01\n" +
+	"peersHeard\x12\x18\n" +
+	"\aleaving\x18\x0f \x01(\bR\aleaving\"\x83\x01\n" +
 	"\vHostedModel\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\fR\x05model\x12\x18\n" +
 	"\aexperts\x18\x02 \x03(\rR\aexperts\x12*\n" +

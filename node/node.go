@@ -50,6 +50,18 @@ type options struct {
 	compute  moe.Backend
 	budget   string
 	p2p      []p2p.Option
+	// silent: Close does not tell the peers (WithoutLeaving).
+	silent bool
+}
+
+// WithoutLeaving makes Close stop the node without telling its peers that
+// it leaves, as a crash or a pulled cable would: they forget it after a
+// few of its heartbeat intervals instead (a simulation's churn).
+func WithoutLeaving() Option {
+	return func(o *options) error {
+		o.silent = true
+		return nil
+	}
 }
 
 // WithP2POptions passes options to the node's p2p host (a simulation's
@@ -163,6 +175,7 @@ type Node struct {
 	cfg      Config
 	log      *slog.Logger
 	home     string
+	silent   bool // WithoutLeaving
 	p2p      *p2p.Host
 	expert   *expert.Service
 	spans    *spanHost
@@ -205,7 +218,7 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	n := &Node{cfg: cfg, log: o.log, home: o.home, metrics: metrics.New(), started: time.Now(), compute: o.compute}
+	n := &Node{cfg: cfg, log: o.log, home: o.home, silent: o.silent, metrics: metrics.New(), started: time.Now(), compute: o.compute}
 	defer func() {
 		if err != nil {
 			err = errors.Join(err, n.Close())
@@ -500,6 +513,15 @@ func (n *Node) Close() error {
 			if err := os.Remove(filepath.Join(n.home, APIFile)); err != nil && !errors.Is(err, os.ErrNotExist) {
 				errs = append(errs, err)
 			}
+		}
+		// An expert node tells the others it is leaving, so that they stop
+		// counting and calling it now rather than minutes later.
+		if n.p2p != nil && n.expert != nil && !n.silent && len(n.expert.Loaded()) > 0 {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			if err := n.p2p.Leave(ctx); err != nil {
+				n.log.Debug("leave", "err", err)
+			}
+			cancel()
 		}
 		// The services in the reverse order of Start: the gating node
 		// stops before the settler and verdicts it reports to, and those

@@ -138,6 +138,10 @@ func (h *Host) publishHeartbeats(ctx context.Context) {
 	for {
 		now := time.Now()
 		h.hbMu.Lock()
+		if h.left.Load() { // Leave has said the last word
+			h.hbMu.Unlock()
+			return
+		}
 		hb := h.heartbeat(now)
 		h.hbMu.Unlock()
 		h.hbSent.Add(1)

@@ -195,12 +195,18 @@ type Host struct {
 	// hbSent counts heartbeats published, hbOutOfTurn those published by
 	// PublishHeartbeat.
 	hbSent, hbOutOfTurn atomic.Uint64
-	peers               *PeerTable
-	rej                 *Rejections
-	traffic             trafficTracer
-	scoresMu            sync.Mutex
-	scores              map[peer.ID]float64 // GossipSub's, with WithScoreInspection
-	provCache           providerCache
+	// provides and providerLookups count Traffic's Provides and
+	// ProviderLookups.
+	provides, providerLookups atomic.Uint64
+	// left is set by Leave: no heartbeat after the one saying so.
+	left atomic.Bool
+
+	peers     *PeerTable
+	rej       *Rejections
+	traffic   trafficTracer
+	scoresMu  sync.Mutex
+	scores    map[peer.ID]float64 // GossipSub's, with WithScoreInspection
+	provCache providerCache
 
 	started time.Time
 	reach   atomic.Int32 // neuropb.Reachability
@@ -594,8 +600,38 @@ func (h *Host) Peers() *PeerTable { return h.peers }
 func (h *Host) Traffic() Traffic {
 	t := h.traffic.snapshot()
 	t.Heartbeats, t.HeartbeatsOutOfTurn = h.hbSent.Load(), h.hbOutOfTurn.Load()
+	t.Provides, t.ProviderLookups = h.provides.Load(), h.providerLookups.Load()
 	return t
 }
+
+// Leave tells the peers that this node is shutting down (a heartbeat
+// saying so, which removes it from their tables; no other heartbeat
+// follows it), and gives GossipSub
+// leaveFlush to send it, or until ctx ends. Call it before Close; a node
+// that is killed is forgotten after a few of its heartbeat intervals
+// instead.
+func (h *Host) Leave(ctx context.Context) error {
+	if len(h.host.Network().Peers()) == 0 {
+		return nil
+	}
+	h.hbMu.Lock()
+	h.left.Store(true)
+	hb := h.heartbeat(time.Now())
+	h.hbMu.Unlock()
+	hb.Leaving, hb.Hosted = true, nil
+	if err := h.routing.Publish(ctx, hb); err != nil {
+		return fmt.Errorf("leaving heartbeat: %w", err)
+	}
+	select {
+	case <-ctx.Done():
+	case <-time.After(leaveFlush):
+	}
+	return nil
+}
+
+// leaveFlush is how long Leave waits for the leaving heartbeat to go out:
+// GossipSub queues it to the mesh peers' writers, which Close would stop.
+const leaveFlush = 100 * time.Millisecond
 
 // Rejections counts rejected gossip messages.
 func (h *Host) Rejections() *Rejections { return h.rej }
@@ -604,6 +640,10 @@ func (h *Host) Rejections() *Rejections { return h.rej }
 // just chosen experts to host tells the others at once.
 func (h *Host) PublishHeartbeat(ctx context.Context) error {
 	h.hbMu.Lock()
+	if h.left.Load() {
+		h.hbMu.Unlock()
+		return nil
+	}
 	hb := h.heartbeat(time.Now())
 	h.hbMu.Unlock()
 	h.hbSent.Add(1)

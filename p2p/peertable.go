@@ -84,11 +84,20 @@ type PeerTable struct {
 	// loading indexes the experts entries are still loading
 	// (HostedModel.loading): counted, never called.
 	loading map[string]map[uint32]map[peer.ID]struct{}
+	// left holds the peers that said they leave: their leaving heartbeat
+	// (to tell older heartbeats that gossip delivers late from a restart's
+	// newer ones), kept a ttl after it came.
+	left map[peer.ID]leftPeer
+}
+
+type leftPeer struct {
+	hb *neuropb.Heartbeat
+	at time.Time
 }
 
 // NewPeerTable returns an empty table.
 func NewPeerTable(max int, ttl time.Duration) *PeerTable {
-	return &PeerTable{max: max, ttl: ttl, entries: make(map[peer.ID]*PeerInfo),
+	return &PeerTable{max: max, ttl: ttl, entries: make(map[peer.ID]*PeerInfo), left: make(map[peer.ID]leftPeer),
 		hosting: make(map[string]map[uint32]map[peer.ID]struct{}), loading: make(map[string]map[uint32]map[peer.ID]struct{})}
 }
 
@@ -141,13 +150,29 @@ func (t *PeerTable) deleteLocked(e *PeerInfo) {
 // heartbeat that is not newer than the one held (by the sender's send time,
 // then seq) is ignored, so gossip that arrives out of order never rolls an
 // entry back; a restarted peer's heartbeats are newer by send time although
-// its seq starts again. It reports whether the table changed.
+// its seq starts again. A heartbeat saying the peer is leaving removes its
+// entry. It reports whether the table changed.
 func (t *PeerTable) Observe(author peer.ID, hb *neuropb.Heartbeat, now time.Time) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	e, ok := t.entries[author]
 	if ok && !e.expired(now) && !newer(hb, e) {
 		return false
+	}
+	if l, gone := t.left[author]; gone {
+		if !newer(hb, &PeerInfo{SentUnixMs: l.hb.GetSentUnixMs(), Seq: l.hb.GetSeq()}) {
+			return false // sent before it left
+		}
+		delete(t.left, author) // back, restarted
+	}
+	if hb.GetLeaving() {
+		if ok {
+			t.deleteLocked(e)
+		}
+		if len(t.left) < t.max {
+			t.left[author] = leftPeer{hb: hb, at: now}
+		}
+		return ok
 	}
 	if !ok {
 		if len(t.entries) >= t.max {
@@ -218,6 +243,11 @@ func (t *PeerTable) Prune(now time.Time) {
 	for _, e := range t.entries {
 		if e.expired(now) {
 			t.deleteLocked(e)
+		}
+	}
+	for p, l := range t.left {
+		if now.Sub(l.at) > t.ttl {
+			delete(t.left, p)
 		}
 	}
 }

@@ -270,3 +270,33 @@ func TestPeerInfoOverdue(t *testing.T) {
 		}
 	}
 }
+
+// A leaving heartbeat removes the peer; a heartbeat it sent before, which
+// gossip delivers late, does not bring it back; a restart's newer one
+// does.
+func TestPeerTableLeaving(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	a := peer.ID("a")
+	pt := NewPeerTable(10, 30*time.Second)
+	pt.Observe(a, hb(1, 10), t0)
+	leaving := hb(3, 30)
+	leaving.Leaving = true
+	if !pt.Observe(a, leaving, t0.Add(time.Second)) {
+		t.Fatal("the leaving heartbeat changed nothing")
+	}
+	if _, ok := pt.Get(a, t0.Add(time.Second)); ok {
+		t.Fatal("the peer is still in the table after leaving")
+	}
+	if pt.Observe(a, hb(2, 20), t0.Add(2*time.Second)) {
+		t.Fatal("a heartbeat sent before the leaving one brought the peer back")
+	}
+	if _, ok := pt.Get(a, t0.Add(2*time.Second)); ok {
+		t.Fatal("the peer is back after a late heartbeat")
+	}
+	if !pt.Observe(a, hb(1, 50), t0.Add(3*time.Second)) {
+		t.Fatal("the restarted peer's heartbeat was ignored")
+	}
+	if _, ok := pt.Get(a, t0.Add(3*time.Second)); !ok {
+		t.Fatal("the restarted peer is not in the table")
+	}
+}

@@ -13,6 +13,7 @@ import (
 // Provide announces in the DHT that this node serves c. The DHT
 // re-announces provider records on its own schedule while the node runs.
 func (h *Host) Provide(ctx context.Context, c cid.Cid) error {
+	h.provides.Add(1)
 	if err := h.dht.Provide(ctx, c, true); err != nil {
 		return fmt.Errorf("provide %s: %w", c, err)
 	}
@@ -78,6 +79,7 @@ func (h *Host) FindProviders(ctx context.Context, c cid.Cid, n int, timeout time
 		return e.peers[:n], nil
 	}
 	h.provCache.mu.Unlock()
+	h.providerLookups.Add(1)
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	var out []peer.AddrInfo

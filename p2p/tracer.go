@@ -56,6 +56,11 @@ type Traffic struct {
 	// part published at once (a change of what it hosts), not on its
 	// interval.
 	Heartbeats, HeartbeatsOutOfTurn uint64
+	// Provides counts the provider records this node put in the DHT (each
+	// a lookup and puts to the closest peers); ProviderLookups the
+	// provider lookups FindProviders made (answers from its cache left
+	// out).
+	Provides, ProviderLookups uint64
 }
 
 // trafficTracer counts Traffic.
