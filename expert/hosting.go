@@ -202,6 +202,11 @@ type Choice struct {
 	// Providers counts the other nodes known to host each expert (DHT
 	// provider records and heartbeats).
 	Providers map[Key]int
+	// FullHosts is how many of those claim every expert of the model
+	// (counted in each of Providers): a big node, or Sybils claiming
+	// everything. rebalance discounts them where a count, not a
+	// comparison of counts, matters.
+	FullHosts int
 	// Hosted are the experts this node already hosts.
 	Hosted map[Key]bool
 	// Budget is the memory left for expert weights, in bytes.

@@ -101,6 +101,11 @@ type Service struct {
 	speed float32
 	// devs is the device list as last read (cachedDevices).
 	devs deviceCache
+	// chose is closed once host has taken its first experts (or given
+	// up): announce waits for it, so as not to provide by CID the shards
+	// of experts about to be served (servedShards).
+	chose     chan struct{}
+	choseOnce sync.Once
 
 	ctx      context.Context
 	cancel   context.CancelFunc
@@ -122,6 +127,9 @@ type Network interface {
 	NetworkSize() int
 	// PublishHeartbeat tells the others at once what the node hosts.
 	PublishHeartbeat(ctx context.Context) error
+	// AwaitPeers waits until the peer table holds share of the network
+	// (bounded by the heartbeats' intervals).
+	AwaitPeers(ctx context.Context, share float64)
 }
 
 var _ Network = (*p2p.Host)(nil)
@@ -156,6 +164,7 @@ func NewService(h Network, cfg ServiceConfig, log *slog.Logger) (*Service, error
 	}
 	s := &Service{cfg: cfg, p2p: h, log: log.With("component", "expert-node"), store: store, server: srv,
 		shards: NewShardServer(h.LibP2P(), store, log), hosted: map[Key]bool{}, loaded: map[Key]moe.Expert{}, served: map[Key]Computer{}, provided: map[cid.Cid]p2p.Provision{}}
+	s.chose = make(chan struct{})
 	s.fetcher = NewFetcher(h.LibP2P(), store, cfg.Progress, log)
 	s.devs.list, s.devs.at = s.devices(), time.Now()
 	s.ctx, s.cancel = context.WithCancel(context.Background())
@@ -209,8 +218,9 @@ func (s *Service) Close() error {
 
 // announce provides every stored blob, rescans for new ones (an import
 // while the node runs) and provides each again every Reprovide, or sooner
-// when the network has doubled since (p2p.Provision). It stops with
-// the node.
+// when the network has grown since (p2p.Provision). It stops with the
+// node. The shard of an expert it serves is provided under the expert's
+// key alone (servedShards).
 func (s *Service) announce(ctx context.Context) {
 	// A provide that failed (every lookup timed out on a loaded network) is
 	// tried again after a wait that doubles, not on the next round: the
@@ -221,17 +231,30 @@ func (s *Service) announce(ctx context.Context) {
 		wait time.Duration
 	}
 	failed := map[cid.Cid]retry{}
+	if s.cfg.Model.Defined() {
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.chose:
+		}
+	}
 	for {
-		blobs, err := s.store.List()
+		stored, err := s.store.List()
 		if err != nil {
 			s.log.Warn("list store", "err", err)
 		}
-		// The experts served, under their expert keys, so that gating
-		// nodes find them in the DHT as well as in heartbeats.
-		if s.cfg.Model.Defined() {
-			for _, k := range s.Loaded() {
-				blobs = append(blobs, neuropb.ExpertKey(s.cfg.Model, k.Layer, k.Expert))
+		served := s.servedShards()
+		blobs := make([]cid.Cid, 0, len(stored)+len(served))
+		for _, c := range stored {
+			if _, ok := served[c]; !ok {
+				blobs = append(blobs, c)
 			}
+		}
+		// The experts served, under their expert keys, so that gating
+		// nodes find them in the DHT as well as in heartbeats, and nodes
+		// taking one find its shard.
+		for _, k := range served {
+			blobs = append(blobs, neuropb.ExpertKey(s.cfg.Model, k.Layer, k.Expert))
 		}
 		if s.cfg.Announce != nil {
 			blobs = append(blobs, s.cfg.Announce()...)
@@ -264,6 +287,36 @@ func (s *Service) announce(ctx context.Context) {
 	}
 }
 
+// awaitShare is the share of the network a node's peer table holds before
+// its first automatic choice (p2p.Host.AwaitPeers).
+const awaitShare = 0.9
+
+// markChosen closes chose once.
+func (s *Service) markChosen() { s.choseOnce.Do(func() { close(s.chose) }) }
+
+// servedShards maps the shard of each expert the node serves (or has
+// chosen and is loading) to the expert. Such a shard is not provided under its own CID: the expert's key
+// finds the same nodes (fetchExpert looks both up), and two records per
+// expert made two lookups and forty puts each time a node took one — in a
+// simulated network under churn, most of the dials.
+func (s *Service) servedShards() map[cid.Cid]Key {
+	out := map[cid.Cid]Key{}
+	s.mu.Lock()
+	m := s.manifest
+	s.mu.Unlock()
+	if m == nil || !s.cfg.Model.Defined() {
+		return out
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for k := range s.hosted {
+		if c, err := cid.Cast(m.ExpertRef(k.Layer, k.Expert).GetShard().GetCid()); err == nil {
+			out[c] = k
+		}
+	}
+	return out
+}
+
 // provideRetry is the first wait before a failed provide is tried again,
 // doubling up to maxProvideRetry.
 const (
@@ -292,9 +345,11 @@ func (s *Service) Fetch(ctx context.Context, c cid.Cid) error { return s.fetch(c
 
 // fetchExpert gets expert k's shard c: first from up to tableFetchPeers
 // peers whose heartbeats say they serve k (a node serves an expert from
-// its shard), then from the providers the DHT knows (fetch). Every node
-// that took an expert looked its shard up in the DHT, a lookup of some
-// twenty-five queries, most of them dials, for what its peer table
+// its shard), then from the providers the DHT knows of the expert's key
+// (the nodes serving it provide that key, not the shard's CID:
+// servedShards) or of the shard (a node storing the whole model).
+// Every node that took an expert looked its shard up in the DHT, a lookup
+// of some twenty-five queries, most of them dials, for what its peer table
 // already told it: under churn these lookups were a third of a simulated
 // network's DHT traffic.
 func (s *Service) fetchExpert(ctx context.Context, c cid.Cid, k Key) error {
@@ -319,7 +374,7 @@ func (s *Service) fetchExpert(ctx context.Context, c cid.Cid, k Key) error {
 		}
 		s.log.Debug("fetch from the peers serving the expert", "expert", k.String(), "err", err)
 	}
-	return s.fetch(ctx, c)
+	return s.fetchVia(ctx, c, neuropb.ExpertKey(s.cfg.Model, k.Layer, k.Expert), c)
 }
 
 // tableFetchPeers is how many of the peers announcing an expert fetchExpert
@@ -330,15 +385,23 @@ const (
 )
 
 // fetch gets blob c from its providers, retrying until ctx ends.
-func (s *Service) fetch(ctx context.Context, c cid.Cid) error {
+func (s *Service) fetch(ctx context.Context, c cid.Cid) error { return s.fetchVia(ctx, c, c) }
+
+// fetchVia gets blob c from the providers of keys, each looked up in
+// turn, retrying until ctx ends.
+func (s *Service) fetchVia(ctx context.Context, c cid.Cid, keys ...cid.Cid) error {
 	for attempt := 0; ; attempt++ {
 		if s.store.Has(c) {
 			return nil
 		}
-		provs, err := s.p2p.FindProviders(ctx, c, 5, 10*time.Second)
-		if err == nil && len(provs) > 0 {
-			if err = s.fetcher.Fetch(ctx, c, provs); err == nil {
-				return nil
+		var err error
+		for _, key := range keys {
+			var provs []peer.AddrInfo
+			provs, err = s.p2p.FindProviders(ctx, key, 5, 10*time.Second)
+			if err == nil && len(provs) > 0 {
+				if err = s.fetcher.Fetch(ctx, c, provs); err == nil {
+					return nil
+				}
 			}
 		}
 		if attempt%10 == 9 {
@@ -353,6 +416,7 @@ func (s *Service) fetch(ctx context.Context, c cid.Cid) error {
 }
 
 func (s *Service) host(ctx context.Context) error {
+	defer s.markChosen()
 	if err := s.fetch(ctx, s.cfg.Model); err != nil {
 		return err
 	}
@@ -406,6 +470,9 @@ func (s *Service) host(ctx context.Context) error {
 		}
 		return s.addAll(ctx, m, keys)
 	}
+	// Choose from what the network hosts, not from the few peers heard
+	// in the first seconds.
+	s.p2p.AwaitPeers(ctx, awaitShare)
 	// Nodes that start together would choose together: spread the first
 	// choices out.
 	rng := rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64()))
@@ -417,8 +484,10 @@ func (s *Service) host(ctx context.Context) error {
 	}
 	for {
 		providers := s.providerCounts(m) // the peer table's lock, not ours
+		first, end := m.MoELayers()
+		full := s.p2p.Peers().FullHosts(s.cfg.Model.Bytes(), m.ExpertsPerLayer()*(end-first), time.Now())
 		s.mu.Lock()
-		choice := Choice{Manifest: m, Providers: providers, Hosted: cloneSet(s.hosted),
+		choice := Choice{Manifest: m, Providers: providers, FullHosts: full, Hosted: cloneSet(s.hosted),
 			Budget: s.cfg.MemoryBudget - s.used, Self: s.p2p.ID()}
 		s.mu.Unlock()
 		keys := Choose(choice)
@@ -430,6 +499,7 @@ func (s *Service) host(ctx context.Context) error {
 				return err
 			}
 		}
+		s.markChosen()
 		jitter := time.Duration(float64(s.cfg.Step) * (0.5 + rand.Float64()))
 		select {
 		case <-ctx.Done():
@@ -487,7 +557,9 @@ func (s *Service) rebalance(ctx context.Context, m *neuropb.Manifest, c Choice, 
 		}
 	}
 	s.swaps.Add(1)
-	s.log.Info("dropped a well-provided expert to make room", "expert", drop.String(), "for", missing.String())
+	heard, _ := s.p2p.Peers().Stats(time.Now())
+	s.log.Info("dropped a well-provided expert to make room", "expert", drop.String(), "providers", c.Providers[*drop]+1,
+		"for", missing.String(), "its_providers", c.Providers[*missing], "odds", odds, "peers_heard", heard)
 	if err := s.add(ctx, m, *missing); err != nil {
 		s.log.Warn("host the missing expert", "expert", missing.String(), "err", err)
 	}
@@ -496,7 +568,9 @@ func (s *Service) rebalance(ctx context.Context, m *neuropb.Manifest, c Choice, 
 // rebalancePick is rebalance's choice: the expert the node lacks with the
 // fewest providers (ties drawn with rng, so that nodes spread over them),
 // and the one of its own outside the span [spanFirst, spanEnd) with the
-// most other providers, more than the missing one has; either is nil when
+// most other providers, one more than the missing one has when that has
+// fewer than two, two more when it has at most half the mean (no swap
+// otherwise; counts without the peers claiming every expert); either is nil when
 // there is none. odds is the chance this node should make the swap now:
 // every node lacking the expert sees the same counts, and about as many
 // of them should act as the expert lacks providers to reach the mean
@@ -532,6 +606,31 @@ func rebalancePick(m *neuropb.Manifest, c Choice, spanFirst, spanEnd int, rng *r
 	if missing == nil {
 		return nil, nil, 0
 	}
+	// Whether the missing expert is short enough to be worth a swap, and
+	// the gap in providers the swap needs between the one dropped (its
+	// other providers) and the missing one: one (totals 9 against 7,
+	// evened to 8 and 8) where the missing expert has fewer than two
+	// providers, two where it has at most half the mean; none otherwise.
+	// Both counted without the peers that claim every expert (Sybils
+	// claiming everything would hide a shortage). Evening out counts of
+	// 8 and 10 buys no coverage, and a node that has not yet heard of
+	// another's swap sees such gaps where there are none (the dropped
+	// expert one provider too many, the taken one one too few): a
+	// network of 300 under churn, swapping across every gap of two,
+	// swapped one to three experts a second, a fetch and a provide
+	// each, and each kill's shortfall drew swaps that the node joining
+	// in its place then made needless.
+	mean := float64(sum) / float64(max(1, n))
+	short := float64(c.Providers[*missing] - c.FullHosts)
+	var gap int
+	switch {
+	case short < 2:
+		gap = 1
+	case short <= (mean-float64(c.FullHosts))/2:
+		gap = 2
+	default:
+		return missing, nil, 0
+	}
 	for k := range c.Hosted {
 		if k.Layer >= spanFirst && k.Layer < spanEnd {
 			continue
@@ -539,7 +638,7 @@ func rebalancePick(m *neuropb.Manifest, c Choice, spanFirst, spanEnd int, rng *r
 		// k's providers: c.Providers[k] others and this node; after the
 		// swap, c.Providers[k] for k and c.Providers[missing]+1 for the
 		// missing one.
-		if c.Providers[k] > c.Providers[*missing] && (drop == nil || c.Providers[k] > c.Providers[*drop] ||
+		if c.Providers[k] >= c.Providers[*missing]+gap && (drop == nil || c.Providers[k] > c.Providers[*drop] ||
 			(c.Providers[k] == c.Providers[*drop] && compareKeys(k, *drop) < 0)) {
 			kk := k
 			drop = &kk
@@ -548,7 +647,6 @@ func rebalancePick(m *neuropb.Manifest, c Choice, spanFirst, spanEnd int, rng *r
 	if drop == nil {
 		return missing, nil, 0
 	}
-	mean := float64(sum) / float64(max(1, n))
 	need := max(1, mean-float64(c.Providers[*missing]))
 	nodes := float64(sum) / float64(max(1, len(c.Hosted)))
 	could := max(1, nodes-float64(c.Providers[*missing]))
@@ -631,9 +729,6 @@ func (s *Service) add(ctx context.Context, m *neuropb.Manifest, k Key) error {
 	}
 	if err := s.load(shard, k); err != nil {
 		return err
-	}
-	if err := s.provide(ctx, c); err != nil && ctx.Err() == nil {
-		s.log.Debug("provide", "cid", c, "err", err)
 	}
 	if err := s.provide(ctx, neuropb.ExpertKey(s.cfg.Model, k.Layer, k.Expert)); err != nil && ctx.Err() == nil {
 		s.log.Debug("provide expert", "expert", k.String(), "err", err)

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -18,6 +19,7 @@ import (
 	"github.com/neuro-p2p/neuro/moe"
 	"github.com/neuro-p2p/neuro/moe/moetest"
 	"github.com/neuro-p2p/neuro/neuropb"
+	"github.com/neuro-p2p/neuro/p2p"
 	"github.com/neuro-p2p/neuro/p2p/p2ptest"
 )
 
@@ -148,6 +150,91 @@ func TestFetchExpertFromThePeerTable(t *testing.T) {
 	}
 	if !s.Store().Has(c) || net.lookups != 0 {
 		t.Fatalf("stored %v after %d DHT lookups, want the shard and none", s.Store().Has(c), net.lookups)
+	}
+}
+
+// provides records the keys a node's network provided.
+type provides struct {
+	Network
+	mu   sync.Mutex
+	keys map[cid.Cid]bool
+}
+
+func (n *provides) Provide(ctx context.Context, c cid.Cid) error {
+	n.mu.Lock()
+	n.keys[c] = true
+	n.mu.Unlock()
+	return n.Network.Provide(ctx, c)
+}
+
+func (n *provides) provided(c cid.Cid) bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.keys[c]
+}
+
+// freshTable is a node's network whose peer table has heard no one: a
+// node that has just joined.
+type freshTable struct {
+	Network
+	table *p2p.PeerTable
+}
+
+func (n freshTable) Peers() *p2p.PeerTable { return n.table }
+
+// A node serving an expert provides its key and not its shard's CID (the
+// other shards it stores, which it serves to no one as experts, it
+// provides by CID); a node taking the expert without a peer table finds
+// the shard through the expert's key.
+func TestServedShardIsFoundUnderTheExpertKey(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+	defer cancel()
+	nodes, extras := p2ptest.ClusterWithExtras(t, ctx, 2, p2ptest.Config(time.Second))
+	mc, m, dir := tinyShards(t, model.Q8_0)
+	k := Key{Layer: int(m.GetExperts()[0].GetLayer()), Expert: int(m.GetExperts()[0].GetExpert())}
+	other := Key{Layer: int(m.GetExperts()[1].GetLayer()), Expert: int(m.GetExperts()[1].GetExpert())}
+	shard := func(k Key) cid.Cid {
+		c, err := cid.Cast(m.ExpertRef(k.Layer, k.Expert).GetShard().GetCid())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	rec := &provides{Network: nodes[0], keys: map[cid.Cid]bool{}}
+	origin, err := NewService(rec, ServiceConfig{StoreDir: t.TempDir(), Model: mc, Spec: Spec{Experts: []Key{k}},
+		Compute: moetest.Backend{}, Threads: 1, Server: DefaultConfig()}, quiet())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { origin.Close() })
+	if _, err := origin.Store().ImportSplit(dir); err != nil {
+		t.Fatal(err)
+	}
+	extras[0].Set(origin.HeartbeatExtra)
+	if err := origin.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for !rec.provided(neuropb.ExpertKey(mc, k.Layer, k.Expert)) || !rec.provided(shard(other)) {
+		select {
+		case <-ctx.Done():
+			t.Fatal("the origin never provided the expert's key and the other shards")
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	if rec.provided(shard(k)) {
+		t.Fatal("the origin provided the shard of the expert it serves under the shard's CID")
+	}
+	s, err := NewService(freshTable{Network: nodes[1], table: p2p.NewPeerTable(10, time.Minute)},
+		ServiceConfig{StoreDir: t.TempDir(), Model: mc, Compute: moetest.Backend{}, Threads: 1, Server: DefaultConfig()}, quiet())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	if err := s.fetchExpert(ctx, shard(k), k); err != nil {
+		t.Fatal(err)
+	}
+	if !s.Store().Has(shard(k)) {
+		t.Fatal("the shard is not in the store")
 	}
 }
 

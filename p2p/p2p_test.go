@@ -362,3 +362,63 @@ func TestKnownReachability(t *testing.T) {
 		waitUntil(t, func() bool { return h.Reachability() == c.want }, fmt.Sprintf("reachability %v", c.want))
 	}
 }
+
+// A node chooses what to host once it has heard most of the network: a
+// newcomer told by its peers that they hear 59 others waits for 90% of
+// them, or one and a half of the network's intervals; one that has heard
+// no one waits one configured interval, as it may be alone.
+func TestPeersHeard(t *testing.T) {
+	for _, c := range []struct {
+		heard, median int
+		ran, current  time.Duration
+		want          bool
+	}{
+		{0, 0, 0, time.Second, false},
+		{0, 0, 5 * time.Second, time.Second, true},
+		{1, 0, 0, time.Second, true},
+		{3, 59, 2 * time.Second, 30 * time.Second, false},
+		{52, 59, 20 * time.Second, 30 * time.Second, false},
+		{54, 59, 20 * time.Second, 30 * time.Second, true},
+		{3, 59, 45 * time.Second, 30 * time.Second, true},
+		{3, 59, 44 * time.Second, 30 * time.Second, false},
+	} {
+		if got := peersHeard(c.heard, c.median, 0.9, c.ran, 5*time.Second, c.current); got != c.want {
+			t.Errorf("heard %d of %d after %v (interval %v): %v, want %v", c.heard, c.median, c.ran, c.current, got, c.want)
+		}
+	}
+	// A node that hears its only peer stops waiting then, long before its
+	// own (here 10 s) interval.
+	cfg := testConfig()
+	a := newTestHost(t, cfg)
+	cfg.Bootstrap = []peer.AddrInfo{{ID: a.ID(), Addrs: a.Addrs()}}
+	cfg.HeartbeatInterval = 10 * time.Second
+	b := newTestHost(t, cfg)
+	ctx, cancel := context.WithTimeout(t.Context(), 8*time.Second)
+	defer cancel()
+	b.AwaitPeers(ctx, 0.9)
+	if ctx.Err() != nil {
+		t.Fatal("AwaitPeers did not return with the only peer heard")
+	}
+	if n, _ := b.Peers().Stats(time.Now()); n != 1 {
+		t.Fatalf("AwaitPeers returned with %d peers heard, want 1", n)
+	}
+}
+
+// A node that leaves is forgotten by its peers at once, not after a few
+// of its heartbeat intervals.
+func TestLeaveRemovesTheNodeFromItsPeersTables(t *testing.T) {
+	cfg := testConfig()
+	cfg.PeerExpiry = time.Hour
+	a := newTestHost(t, cfg)
+	cfg.Bootstrap = []peer.AddrInfo{{ID: a.ID(), Addrs: a.Addrs()}}
+	b := newTestHost(t, cfg)
+	waitUntil(t, func() bool { _, ok := a.Peers().Get(b.ID(), time.Now()); return ok }, "a to hear b")
+	waitUntil(t, func() bool { return len(a.ps.ListPeers(neuropb.TopicRouting)) == 1 }, "a and b to share the routing topic")
+	if err := b.Leave(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, func() bool { _, ok := a.Peers().Get(b.ID(), time.Now()); return !ok }, "a to forget b")
+}

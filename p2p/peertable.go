@@ -287,6 +287,31 @@ func (t *PeerTable) HostingCounts(model []byte, now time.Time) map[uint32]int {
 	return out
 }
 
+// FullHosts counts the live entries that claim (host or load) at least
+// experts distinct experts of model (its CID's bytes): with experts the
+// model's count, the peers that claim all of it. Every provider count
+// includes them, Sybils that claim everything among them.
+func (t *PeerTable) FullHosts(model []byte, experts int, now time.Time) int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	n := 0
+	for _, e := range t.entries {
+		if e.expired(now) {
+			continue
+		}
+		claimed := 0
+		for _, hm := range e.Hosted {
+			if string(hm.GetModel()) == string(model) {
+				claimed += len(hm.GetExperts()) + len(hm.GetLoading())
+			}
+		}
+		if claimed >= experts {
+			n++
+		}
+	}
+	return n
+}
+
 // Spans returns the layer spans of model (its CID's bytes) that live
 // entries announce — [first, end) → the peers serving it, sorted by peer
 // ID — leaving out paused peers. It reads every entry: a head asks once

@@ -123,8 +123,8 @@ func TestPeerTableExpiryFollowsThePeersInterval(t *testing.T) {
 }
 
 // A key is provided again every interval, and as soon as the network has
-// doubled since it was (its records sit on the closest peers of a smaller
-// network).
+// grown four times since it was (its records sit on the closest peers of a
+// smaller network).
 func TestProvisionDue(t *testing.T) {
 	t0 := time.Unix(1000, 0)
 	p := Provision{At: t0, Network: 10}
@@ -134,8 +134,9 @@ func TestProvisionDue(t *testing.T) {
 		due   bool
 	}{
 		{time.Minute, 10, false},
-		{time.Minute, 19, false},
-		{time.Minute, 20, true},
+		{time.Minute, 20, false},
+		{time.Minute, 39, false},
+		{time.Minute, 40, true},
 		{12 * time.Hour, 10, true},
 	} {
 		if got := p.Due(t0.Add(tc.after), tc.rt, 12*time.Hour); got != tc.due {
@@ -145,8 +146,8 @@ func TestProvisionDue(t *testing.T) {
 	if !(Provision{}).Due(t0, 0, time.Hour) {
 		t.Error("never provided: not due")
 	}
-	if first := (Provision{At: t0}); !first.Due(t0.Add(time.Second), 2, time.Hour) || first.Due(t0.Add(time.Second), 1, time.Hour) {
-		t.Error("provided by a lone node: due once there are two nodes")
+	if first := (Provision{At: t0}); !first.Due(t0.Add(time.Second), 4, time.Hour) || first.Due(t0.Add(time.Second), 3, time.Hour) {
+		t.Error("provided by a lone node: due once there are four nodes")
 	}
 }
 

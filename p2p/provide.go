@@ -41,20 +41,32 @@ type Provision struct {
 
 // Due reports whether a key provided as p is to be provided again at now,
 // in a network of size nodes: every interval, and as soon as the network
-// has doubled since. A record goes to the peers closest to the key in the
-// network of the day; provided while the network was small (the first
-// node of a network provides to nobody, or to the few peers there are), it
-// sits on peers that a lookup in today's larger network does not reach,
-// and would stay there until the next interval (measured: in a simulated
-// network of 300 nodes, shards provided by the first node could not be
-// found by the others). The network's size, not the routing table's: a
-// node that joins a large network fills its table from two peers to sixty
-// in its first seconds, and provided everything again at each doubling
-// (testnet sim, 200 nodes under churn: twenty provides a second, each a
-// lookup and twenty dials, most of the network's handshakes).
+// has grown reprovideGrowth times since. A record goes to the peers
+// closest to the key in the network of the day; provided while the
+// network was small (the first node of a network provides to nobody, or
+// to the few peers there are), it sits on peers that a lookup in today's
+// larger network does not reach, and would stay there until the next
+// interval (measured: in a simulated network of 300 nodes, shards
+// provided by the first node could not be found by the others). The
+// network's size, not the routing table's: a node that joins a large
+// network fills its table from two peers to sixty in its first seconds,
+// and provided everything again at each doubling (testnet sim, 200 nodes
+// under churn: twenty provides a second, each a lookup and twenty dials,
+// most of the network's handshakes).
 func (p Provision) Due(now time.Time, size int, interval time.Duration) bool {
-	return p.At.IsZero() || now.Sub(p.At) >= interval || size >= 2*max(1, p.Network)
+	return p.At.IsZero() || now.Sub(p.At) >= interval || size >= reprovideGrowth*max(1, p.Network)
 }
+
+// reprovideGrowth is how many times the network grows before a key is
+// provided again. Of the K (20) peers closest to a key in a network grown
+// g times, about K/g are among the K that held its record before (the
+// closest of a larger set include the closest of a subset in proportion):
+// 5 at 4 times, enough for a lookup, which asks all K. At 2 (until
+// 2026-12-02), a network starting from nothing provided every key again
+// at each doubling, eight times on the way to 300 nodes: in a simulated
+// network of 200, 15 to 54 provides a second for the first minute after
+// it was healthy, two cores busy.
+const reprovideGrowth = 4
 
 // providerCacheTTL is how long FindProviders reuses a lookup's answer.
 const providerCacheTTL = time.Minute
