@@ -62,8 +62,17 @@ type Sim struct {
 	// JoinRate is how many nodes join a second while the network starts
 	// (default 4): a network grows, it does not start all at once.
 	JoinRate float64
-	// Churn is how many expert nodes are replaced a minute.
-	Churn float64
+	// JoinLatency holds each joining node back (by up to three join
+	// intervals) while this process's scheduler latency, p90 over the
+	// last second, is above it (default 50ms; negative: never): the
+	// machine, not the network, is then what a node joining would meet.
+	JoinLatency time.Duration
+	// Churn is how many expert nodes are replaced a minute. A node
+	// killed stops without a word to its peers (a crash), unless
+	// ChurnLeaves: then it tells them it leaves, as a node stopped by its
+	// owner does (p2p.Host.Leave).
+	Churn       float64
+	ChurnLeaves bool
 	// Duration is how long the network runs once healthy (default 1m).
 	Duration time.Duration
 	// Sample is the interval of the samples over time (default 5s).
@@ -143,13 +152,22 @@ type SimSample struct {
 	// DialsPerS is the connections the whole network dialled a second
 	// (each a Noise handshake and an identify on both hosts).
 	DialsPerS float64 `json:"dials_per_s"`
-	Asked     int     `json:"asked"`
-	Answered  int     `json:"answered"`
+	// ProvidesPerS is the provider records the network put in the DHT a
+	// second, ProviderLookupsPerS the provider lookups it made (each a
+	// DHT lookup; most of the dials are theirs).
+	ProvidesPerS        float64 `json:"provides_per_s"`
+	ProviderLookupsPerS float64 `json:"provider_lookups_per_s"`
+	Asked               int     `json:"asked"`
+	Answered            int     `json:"answered"`
 	// The process: resident memory, cores used over the interval,
 	// goroutines.
 	RSSBytes   uint64  `json:"rss_bytes"`
 	CPUCores   float64 `json:"cpu_cores"`
 	Goroutines int     `json:"goroutines"`
+	// SchedP90Ms is how long the process's runnable goroutines waited
+	// for a core, p90 over the last second: above a few milliseconds the
+	// machine, not the simulated network, sets the pace.
+	SchedP90Ms float64 `json:"sched_p90_ms"`
 }
 
 // SimNode is one node of the simulation.
@@ -216,8 +234,11 @@ type SimReport struct {
 	// WarmupS is how long the healthy network then ran before the
 	// measured run (Sim.Warmup).
 	WarmupS float64 `json:"warmup_s"`
-	Killed  int     `json:"killed"`
-	Joined  int     `json:"joined"`
+	// JoinWaitedS is how long the starting nodes were held back, in all,
+	// for the scheduler's latency (Sim.JoinLatency).
+	JoinWaitedS float64 `json:"join_waited_s"`
+	Killed      int     `json:"killed"`
+	Joined      int     `json:"joined"`
 	// JoinFailed counts the nodes that could not join while the network
 	// started (their bootstrap peers did not answer within
 	// p2p.bootstrap_timeout): they are left out.
@@ -302,6 +323,7 @@ type simulation struct {
 	tok   []float64
 	dht   []dhtLookup
 
+	sched   schedLatency
 	closing sync.WaitGroup // nodes being killed
 	joining sync.WaitGroup // nodes joining under churn
 	settled bool           // settle has set the final coverage
@@ -345,6 +367,9 @@ func (s *Sim) Run(ctx context.Context) (*SimReport, error) {
 	if err := sm.prepare(); err != nil {
 		return nil, err
 	}
+	sctx, stopSched := context.WithCancel(ctx)
+	defer stopSched()
+	go sm.sched.run(sctx, time.Second)
 	t0 := time.Now()
 	hctx, cancel := context.WithTimeout(ctx, s.Timeout)
 	err := sm.launch(hctx)
@@ -413,6 +438,9 @@ func (s *Sim) defaults() error {
 	}
 	if s.JoinRate <= 0 {
 		s.JoinRate = 4
+	}
+	if s.JoinLatency == 0 {
+		s.JoinLatency = 50 * time.Millisecond
 	}
 	if s.Churn < 0 {
 		return fmt.Errorf("sim: churn %v a minute is negative", s.Churn)
@@ -572,8 +600,12 @@ func (sm *simulation) start(ctx context.Context, i int) (*simNode, error) {
 			return nil, fmt.Errorf("node %d: %w", i, err)
 		}
 	}
-	n, err := node.New(sm.config(i), node.WithHome(home), node.WithLogger(sm.s.NodeLog.With("node", i)), node.WithCompute(sm.s.Compute),
-		node.WithP2POptions(sm.p2pOptions()...))
+	opts := []node.Option{node.WithHome(home), node.WithLogger(sm.s.NodeLog.With("node", i)), node.WithCompute(sm.s.Compute),
+		node.WithP2POptions(sm.p2pOptions()...)}
+	if !sm.s.ChurnLeaves {
+		opts = append(opts, node.WithoutLeaving())
+	}
+	n, err := node.New(sm.config(i), opts...)
 	if err != nil {
 		return nil, fmt.Errorf("node %d: %w", i, err)
 	}
@@ -612,6 +644,7 @@ func (sm *simulation) launch(ctx context.Context) error {
 			wg.Wait()
 			return ctx.Err()
 		}
+		sm.awaitScheduler(ctx, 3*every)
 		wg.Go(func() {
 			if n, err := sm.start(ctx, i); err != nil {
 				if ctx.Err() != nil || n == nil {
@@ -633,6 +666,21 @@ func (sm *simulation) launch(ctx context.Context) error {
 		all = append(all, e)
 	}
 	return errors.Join(all...)
+}
+
+// awaitScheduler waits, up to most, while the scheduler latency is above
+// Sim.JoinLatency, and counts the wait in the report's join_waited_s.
+func (sm *simulation) awaitScheduler(ctx context.Context, most time.Duration) {
+	if sm.s.JoinLatency < 0 {
+		return
+	}
+	t0 := time.Now()
+	for sm.sched.P90() > sm.s.JoinLatency && time.Since(t0) < most && ctx.Err() == nil {
+		time.Sleep(50 * time.Millisecond)
+	}
+	sm.mu.Lock()
+	sm.rep.JoinWaitedS += time.Since(t0).Seconds()
+	sm.mu.Unlock()
 }
 
 // live returns the nodes alive now.
@@ -822,7 +870,9 @@ type snap struct {
 	hbNow   uint64
 	swaps   int64
 	dials   uint64
-	live    []*simNode
+	// provides and lookups: Traffic's Provides and ProviderLookups.
+	provides, lookups uint64
+	live              []*simNode
 }
 
 func (sm *simulation) snapshot(start time.Time) snap {
@@ -844,6 +894,8 @@ func (sm *simulation) snapshot(start time.Time) snap {
 		s.control += tr.ControlIn + tr.ControlOut
 		s.hbs += tr.Heartbeats
 		s.hbNow += tr.HeartbeatsOutOfTurn
+		s.provides += tr.Provides
+		s.lookups += tr.ProviderLookups
 	}
 	return s
 }
@@ -855,23 +907,27 @@ func (sm *simulation) sample(prev, cur snap) {
 	sm.mu.Lock()
 	s := SimSample{
 		AtS: cur.since, Live: len(cur.live), CoverageMin: least, Uncovered: uncovered,
-		GossipBytesPerS:   float64(cur.traffic-prev.traffic) / dt / nodes,
-		GossipMsgsPerS:    float64(cur.msgs-prev.msgs) / dt / nodes,
-		GossipControlPerS: float64(cur.control-prev.control) / dt / nodes,
-		HeartbeatsPerS:    float64(cur.hbs-prev.hbs) / dt,
-		OutOfTurnPerS:     float64(cur.hbNow-prev.hbNow) / dt,
-		SwapsPerS:         float64(cur.swaps-prev.swaps) / dt,
-		DialsPerS:         float64(cur.dials-prev.dials) / dt,
-		Asked:             sm.rep.Asked, Answered: sm.rep.Answered,
+		GossipBytesPerS:     float64(cur.traffic-prev.traffic) / dt / nodes,
+		GossipMsgsPerS:      float64(cur.msgs-prev.msgs) / dt / nodes,
+		GossipControlPerS:   float64(cur.control-prev.control) / dt / nodes,
+		HeartbeatsPerS:      float64(cur.hbs-prev.hbs) / dt,
+		OutOfTurnPerS:       float64(cur.hbNow-prev.hbNow) / dt,
+		SwapsPerS:           float64(cur.swaps-prev.swaps) / dt,
+		DialsPerS:           float64(cur.dials-prev.dials) / dt,
+		ProvidesPerS:        float64(cur.provides-prev.provides) / dt,
+		ProviderLookupsPerS: float64(cur.lookups-prev.lookups) / dt,
+		Asked:               sm.rep.Asked, Answered: sm.rep.Answered,
 		RSSBytes: p2p.ProcessRSS(), CPUCores: (cur.cpu - prev.cpu).Seconds() / dt, Goroutines: runtime.NumGoroutine(),
+		SchedP90Ms: ms(sm.sched.P90()),
 	}
 	sm.rep.Samples = append(sm.rep.Samples, s)
 	sm.rep.CoverageLowest = min(sm.rep.CoverageLowest, least)
 	sm.mu.Unlock()
 	sm.log.Info("sim: sample", "at", time.Duration(cur.since*float64(time.Second)).Round(time.Second), "live", s.Live,
 		"coverage_min", least, "gossip_B/s/node", int(s.GossipBytesPerS), "control_B/s/node", int(s.GossipControlPerS), "msgs/s/node", int(s.GossipMsgsPerS),
-		"heartbeats/s", fmt.Sprintf("%.1f", s.HeartbeatsPerS), "out_of_turn/s", fmt.Sprintf("%.1f", s.OutOfTurnPerS), "swaps/s", fmt.Sprintf("%.1f", s.SwapsPerS), "dials/s", int(s.DialsPerS), "asked", s.Asked, "answered", s.Answered,
-		"cpu_cores", fmt.Sprintf("%.2f", s.CPUCores))
+		"heartbeats/s", fmt.Sprintf("%.1f", s.HeartbeatsPerS), "out_of_turn/s", fmt.Sprintf("%.1f", s.OutOfTurnPerS), "swaps/s", fmt.Sprintf("%.1f", s.SwapsPerS), "dials/s", int(s.DialsPerS),
+		"provides/s", fmt.Sprintf("%.1f", s.ProvidesPerS), "lookups/s", fmt.Sprintf("%.1f", s.ProviderLookupsPerS), "asked", s.Asked, "answered", s.Answered,
+		"cpu_cores", fmt.Sprintf("%.2f", s.CPUCores), "sched_p90", sm.sched.P90().Round(time.Microsecond))
 }
 
 // user asks gating node g the prompt every AskEvery, through a client of

@@ -78,6 +78,8 @@ type simFlags struct {
 	// pprofAddr serves net/http/pprof (--pprof).
 	pprofAddr string
 	gogc      int
+	// nodeLevel is the nodes' log level in nodes.log (--node-log-level).
+	nodeLevel string
 }
 
 func (f *simFlags) register(fs *pflag.FlagSet) {
@@ -85,7 +87,9 @@ func (f *simFlags) register(fs *pflag.FlagSet) {
 	fs.IntVar(&f.sim.Gating, "gating", 0, "gating nodes, each with a user asking prompts (default: 1 per 100 nodes, at least 1)")
 	fs.IntVar(&f.sim.Bootstrap, "bootstrap", 0, "bootstrap nodes, which every other node knows (default: 1 per 100 nodes, at least 2)")
 	fs.Float64Var(&f.sim.JoinRate, "join-rate", 4, "nodes that join a second while the network starts")
+	fs.DurationVar(&f.sim.JoinLatency, "join-latency", 50*time.Millisecond, "while the network starts, hold each joining node back (by up to three join intervals) while the process's scheduler latency (p90 over the last second) is above this; negative: never")
 	fs.StringVar(&f.churn, "churn", "0", "expert nodes replaced (one killed, one new) per minute: N/min, N/s or N/h")
+	fs.BoolVar(&f.sim.ChurnLeaves, "churn-leaves", false, "churned nodes tell their peers they leave, as a node stopped by its owner does (default: they vanish, as in a crash)")
 	fs.DurationVar(&f.duration, "duration", time.Minute, "how long the network runs once healthy")
 	fs.DurationVar(&f.sim.Latency, "latency", 0, "one-way delay of every link between two nodes (half the round trip), e.g. 25ms")
 	fs.DurationVar(&f.sim.Jitter, "jitter", 0, "with --latency: each pair of nodes' delay is spread by up to ± this")
@@ -98,6 +102,7 @@ func (f *simFlags) register(fs *pflag.FlagSet) {
 	fs.DurationVar(&f.sim.Timeout, "timeout", 0, "how long the network may take to be healthy (default 2m + 1s a node)")
 	fs.DurationVar(&f.sim.Warmup, "warmup", 0, "let the healthy network run this long on its own before the measured run (no users, churn or Sybils)")
 	fs.StringVar(&f.dir, "dir", "", "directory for the homes and nodes.log (kept; default: a temporary one, removed)")
+	fs.StringVar(&f.nodeLevel, "node-log-level", "warn", "level of the nodes' log in the --dir's nodes.log: debug, info, warn or error")
 	fs.BoolVar(&f.asJSON, "json", false, "print a machine-readable report on stdout")
 	fs.StringVar(&f.profile, "cpuprofile", "", "write the process's CPU profile (go tool pprof) to this file")
 	fs.StringVar(&f.pprofAddr, "pprof", "", "serve Go's profiles of the running simulation (net/http/pprof) on this address, e.g. 127.0.0.1:6060: goroutines and CPU of a run that is stuck or slow")
@@ -117,7 +122,11 @@ func (f *simFlags) run(cmd *cobra.Command) error {
 	if f.sim.Log, err = testnetLogger(cmd.ErrOrStderr(), f.g); err != nil {
 		return err
 	}
-	cleanup, err := simDir(&f.sim, f.dir)
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(f.nodeLevel)); err != nil {
+		return fmt.Errorf("flag --node-log-level %q: debug, info, warn or error", f.nodeLevel)
+	}
+	cleanup, err := simDir(&f.sim, f.dir, level)
 	if err != nil {
 		return err
 	}
@@ -192,7 +201,7 @@ func simGC(log *slog.Logger, gogc int) {
 
 // simDir sets the simulation's directory (dir, else a temporary one,
 // removed by cleanup) and sends its nodes' warnings to nodes.log there.
-func simDir(sim *testnet.Sim, dir string) (cleanup func(), err error) {
+func simDir(sim *testnet.Sim, dir string, level slog.Level) (cleanup func(), err error) {
 	removeTmp := func() {}
 	if dir == "" {
 		if dir, err = os.MkdirTemp("", "neuro-sim-"); err != nil {
@@ -213,7 +222,7 @@ func simDir(sim *testnet.Sim, dir string) (cleanup func(), err error) {
 		return nil, err
 	}
 	sim.Dir = dir
-	sim.NodeLog = slog.New(slog.NewTextHandler(logf, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	sim.NodeLog = slog.New(slog.NewTextHandler(logf, &slog.HandlerOptions{Level: level}))
 	return func() {
 		logf.Close()
 		removeTmp()
