@@ -7,6 +7,7 @@ import (
 
 	"github.com/libp2p/go-libp2p/core/peer"
 	ma "github.com/multiformats/go-multiaddr"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/neuro-p2p/neuro/neuropb"
 )
@@ -84,6 +85,10 @@ type PeerTable struct {
 	// loading indexes the experts entries are still loading
 	// (HostedModel.loading): counted, never called.
 	loading map[string]map[uint32]map[peer.ID]struct{}
+	// hostingVer changes whenever what the entries host may have: an
+	// entry added or removed, or its Hosted lists changed
+	// (HostingVersion).
+	hostingVer uint64
 	// left holds the peers that said they leave: their leaving heartbeat
 	// (to tell older heartbeats that gossip delivers late from a restart's
 	// newer ones), kept a ttl after it came.
@@ -142,6 +147,7 @@ func indexExperts(idx map[string]map[uint32]map[peer.ID]struct{}, model string, 
 
 // deleteLocked forgets e.
 func (t *PeerTable) deleteLocked(e *PeerInfo) {
+	t.hostingVer++
 	t.index(e, false)
 	delete(t.entries, e.ID)
 }
@@ -180,6 +186,7 @@ func (t *PeerTable) Observe(author peer.ID, hb *neuropb.Heartbeat, now time.Time
 		}
 		e = &PeerInfo{ID: author, FirstSeen: now}
 		t.entries[author] = e
+		t.hostingVer++
 	}
 	addrs := make([]ma.Multiaddr, 0, len(hb.GetAddrs()))
 	for _, b := range hb.GetAddrs() {
@@ -196,6 +203,9 @@ func (t *PeerTable) Observe(author peer.ID, hb *neuropb.Heartbeat, now time.Time
 	e.LastSeen = now
 	e.Heard++
 	e.SentUnixMs = hb.GetSentUnixMs()
+	if !hostedEqual(e.Hosted, hb.GetHosted()) {
+		t.hostingVer++
+	}
 	t.index(e, false)
 	e.Hosted = hb.GetHosted()
 	t.index(e, true)
@@ -285,6 +295,20 @@ func (t *PeerTable) HostingCounts(model []byte, now time.Time) map[uint32]int {
 		}
 	}
 	return out
+}
+
+// HostingVersion changes whenever what the entries host may have changed
+// (an entry added, removed or announcing other experts); entries expiring
+// change it only once pruned. Counts read at one version can be reused
+// while it stays.
+func (t *PeerTable) HostingVersion() uint64 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.hostingVer
+}
+
+func hostedEqual(a, b []*neuropb.HostedModel) bool {
+	return slices.EqualFunc(a, b, func(x, y *neuropb.HostedModel) bool { return proto.Equal(x, y) })
 }
 
 // FullHosts counts the live entries that claim (host or load) at least

@@ -301,3 +301,34 @@ func TestPeerTableLeaving(t *testing.T) {
 		t.Fatal("the restarted peer is not in the table")
 	}
 }
+
+// The hosting version changes when what the peers host may have, not with
+// every heartbeat.
+func TestPeerTableHostingVersion(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	pt := NewPeerTable(10, 30*time.Second)
+	hosting := func(seq uint64, sent int64, experts ...uint32) *neuropb.Heartbeat {
+		h := hb(seq, sent)
+		h.Hosted = []*neuropb.HostedModel{{Model: []byte("m"), Experts: experts}}
+		return h
+	}
+	v0 := pt.HostingVersion()
+	pt.Observe("a", hosting(1, 10, 1, 2), t0)
+	v1 := pt.HostingVersion()
+	if v1 == v0 {
+		t.Fatal("a new peer did not change the version")
+	}
+	pt.Observe("a", hosting(2, 11, 1, 2), t0.Add(time.Second))
+	if pt.HostingVersion() != v1 {
+		t.Fatal("a heartbeat hosting the same changed the version")
+	}
+	pt.Observe("a", hosting(3, 12, 1, 3), t0.Add(2*time.Second))
+	v2 := pt.HostingVersion()
+	if v2 == v1 {
+		t.Fatal("a heartbeat hosting other experts did not change the version")
+	}
+	pt.Prune(t0.Add(time.Hour))
+	if pt.HostingVersion() == v2 {
+		t.Fatal("pruning the peer did not change the version")
+	}
+}
