@@ -109,15 +109,11 @@ func (n *noLookups) FindProviders(context.Context, cid.Cid, int, time.Duration) 
 	return nil, errors.New("no DHT in this test")
 }
 
-// A node taking an expert fetches its shard from a peer whose heartbeats
-// say it serves the expert, without asking the DHT.
-func TestFetchExpertFromThePeerTable(t *testing.T) {
-	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
-	defer cancel()
-	nodes, extras := p2ptest.ClusterWithExtras(t, ctx, 2, p2ptest.Config(time.Second))
-	mc, m, dir := tinyShards(t, model.Q8_0)
-	k := Key{Layer: int(m.GetExperts()[0].GetLayer()), Expert: int(m.GetExperts()[0].GetExpert())}
-	origin, err := NewService(nodes[0], ServiceConfig{StoreDir: t.TempDir(), Model: mc, Spec: Spec{Experts: []Key{k}},
+// startOrigin starts an expert service on net that stores the whole model
+// split into dir and serves expert k, its heartbeats through extra.
+func startOrigin(t *testing.T, ctx context.Context, net Network, extra *p2ptest.Extra, mc cid.Cid, dir string, k Key) *Service {
+	t.Helper()
+	origin, err := NewService(net, ServiceConfig{StoreDir: t.TempDir(), Model: mc, Spec: Spec{Experts: []Key{k}},
 		Compute: moetest.Backend{}, Threads: 1, Server: DefaultConfig()}, quiet())
 	if err != nil {
 		t.Fatal(err)
@@ -126,10 +122,22 @@ func TestFetchExpertFromThePeerTable(t *testing.T) {
 	if _, err := origin.Store().ImportSplit(dir); err != nil {
 		t.Fatal(err)
 	}
-	extras[0].Set(origin.HeartbeatExtra)
+	extra.Set(origin.HeartbeatExtra)
 	if err := origin.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
+	return origin
+}
+
+// A node taking an expert fetches its shard from a peer whose heartbeats
+// say it serves the expert, without asking the DHT.
+func TestFetchExpertFromThePeerTable(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	nodes, extras := p2ptest.ClusterWithExtras(t, ctx, 2, p2ptest.Config(time.Second))
+	mc, m, dir := tinyShards(t, model.Q8_0)
+	k := Key{Layer: int(m.GetExperts()[0].GetLayer()), Expert: int(m.GetExperts()[0].GetExpert())}
+	startOrigin(t, ctx, nodes[0], extras[0], mc, dir, k)
 	net := &noLookups{Network: nodes[1]}
 	for len(nodes[1].Peers().Hosting(mc.Bytes(), uint32(k.Layer)<<16|uint32(k.Expert), time.Now())) == 0 {
 		select {
@@ -201,19 +209,7 @@ func TestServedShardIsFoundUnderTheExpertKey(t *testing.T) {
 		return c
 	}
 	rec := &provides{Network: nodes[0], keys: map[cid.Cid]bool{}}
-	origin, err := NewService(rec, ServiceConfig{StoreDir: t.TempDir(), Model: mc, Spec: Spec{Experts: []Key{k}},
-		Compute: moetest.Backend{}, Threads: 1, Server: DefaultConfig()}, quiet())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { origin.Close() })
-	if _, err := origin.Store().ImportSplit(dir); err != nil {
-		t.Fatal(err)
-	}
-	extras[0].Set(origin.HeartbeatExtra)
-	if err := origin.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
+	startOrigin(t, ctx, rec, extras[0], mc, dir, k)
 	for !rec.provided(neuropb.ExpertKey(mc, k.Layer, k.Expert)) || !rec.provided(shard(other)) {
 		select {
 		case <-ctx.Done():
