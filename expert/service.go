@@ -232,10 +232,14 @@ func (s *Service) announce(ctx context.Context) {
 	}
 	failed := map[cid.Cid]retry{}
 	if s.cfg.Model.Defined() {
+		// Until the first choice, or chooseWait: a model whose manifest
+		// no one provides keeps the node from choosing, not from
+		// announcing what it stores.
 		select {
 		case <-ctx.Done():
 			return
 		case <-s.chose:
+		case <-time.After(chooseWait):
 		}
 	}
 	for {
@@ -287,6 +291,9 @@ func (s *Service) announce(ctx context.Context) {
 	}
 }
 
+// chooseWait bounds announce's wait for the first choice.
+const chooseWait = 2 * time.Minute
+
 // countsMaxAge bounds how long host reuses the provider counts it read.
 const countsMaxAge = 10 * time.Second
 
@@ -298,20 +305,19 @@ const awaitShare = 0.9
 func (s *Service) markChosen() { s.choseOnce.Do(func() { close(s.chose) }) }
 
 // servedShards maps the shard of each expert the node serves (or has
-// chosen and is loading) to the expert. Such a shard is not provided under its own CID: the expert's key
-// finds the same nodes (fetchExpert looks both up), and two records per
-// expert made two lookups and forty puts each time a node took one — in a
-// simulated network under churn, most of the dials.
+// chosen and is loading) to the expert. Such a shard is not provided
+// under its own CID: the expert's key finds the same nodes (fetchExpert
+// looks both up), and two records per expert made two lookups and forty
+// puts each time a node took one — in a simulated network under churn,
+// most of the dials.
 func (s *Service) servedShards() map[cid.Cid]Key {
 	out := map[cid.Cid]Key{}
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	m := s.manifest
-	s.mu.Unlock()
 	if m == nil || !s.cfg.Model.Defined() {
 		return out
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	for k := range s.hosted {
 		if c, err := cid.Cast(m.ExpertRef(k.Layer, k.Expert).GetShard().GetCid()); err == nil {
 			out[c] = k
