@@ -606,10 +606,9 @@ func (h *Host) Traffic() Traffic {
 
 // Leave tells the peers that this node is shutting down (a heartbeat
 // saying so, which removes it from their tables; no other heartbeat
-// follows it), and gives GossipSub
-// leaveFlush to send it, or until ctx ends. Call it before Close; a node
-// that is killed is forgotten after a few of its heartbeat intervals
-// instead.
+// follows it), and gives GossipSub leaveFlush to send it, or until ctx
+// ends. Call it before Close; a node that is killed is forgotten after a
+// few of its heartbeat intervals instead.
 func (h *Host) Leave(ctx context.Context) error {
 	if len(h.host.Network().Peers()) == 0 {
 		return nil

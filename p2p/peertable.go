@@ -89,15 +89,15 @@ type PeerTable struct {
 	// entry added or removed, or its Hosted lists changed
 	// (HostingVersion).
 	hostingVer uint64
-	// left holds the peers that said they leave: their leaving heartbeat
-	// (to tell older heartbeats that gossip delivers late from a restart's
-	// newer ones), kept a ttl after it came.
+	// left holds the peers that said they leave: their leaving
+	// heartbeat's send time and seq (to tell older heartbeats that gossip
+	// delivers late from a restart's newer ones), kept a ttl after it came.
 	left map[peer.ID]leftPeer
 }
 
 type leftPeer struct {
-	hb *neuropb.Heartbeat
-	at time.Time
+	sent PeerInfo // SentUnixMs and Seq, for newer
+	at   time.Time
 }
 
 // NewPeerTable returns an empty table.
@@ -166,7 +166,7 @@ func (t *PeerTable) Observe(author peer.ID, hb *neuropb.Heartbeat, now time.Time
 		return false
 	}
 	if l, gone := t.left[author]; gone {
-		if !newer(hb, &PeerInfo{SentUnixMs: l.hb.GetSentUnixMs(), Seq: l.hb.GetSeq()}) {
+		if !newer(hb, &l.sent) {
 			return false // sent before it left
 		}
 		delete(t.left, author) // back, restarted
@@ -176,7 +176,7 @@ func (t *PeerTable) Observe(author peer.ID, hb *neuropb.Heartbeat, now time.Time
 			t.deleteLocked(e)
 		}
 		if len(t.left) < t.max {
-			t.left[author] = leftPeer{hb: hb, at: now}
+			t.left[author] = leftPeer{sent: PeerInfo{SentUnixMs: hb.GetSentUnixMs(), Seq: hb.GetSeq()}, at: now}
 		}
 		return ok
 	}
@@ -205,10 +205,10 @@ func (t *PeerTable) Observe(author peer.ID, hb *neuropb.Heartbeat, now time.Time
 	e.SentUnixMs = hb.GetSentUnixMs()
 	if !hostedEqual(e.Hosted, hb.GetHosted()) {
 		t.hostingVer++
+		t.index(e, false)
+		e.Hosted = hb.GetHosted()
+		t.index(e, true)
 	}
-	t.index(e, false)
-	e.Hosted = hb.GetHosted()
-	t.index(e, true)
 	e.Capacity = hb.GetCapacity()
 	e.Reachability, e.Paused = hb.GetReachability(), hb.GetPaused()
 	e.Delay = now.Sub(time.UnixMilli(hb.GetSentUnixMs()))
@@ -312,8 +312,8 @@ func hostedEqual(a, b []*neuropb.HostedModel) bool {
 }
 
 // FullHosts counts the live entries that claim (host or load) at least
-// experts distinct experts of model (its CID's bytes): with experts the
-// model's count, the peers that claim all of it. Every provider count
+// experts experts of model (its CID's bytes): with experts the model's
+// count, the peers that claim all of it. Every provider count
 // includes them, Sybils that claim everything among them.
 func (t *PeerTable) FullHosts(model []byte, experts int, now time.Time) int {
 	t.mu.Lock()
