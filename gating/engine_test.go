@@ -199,7 +199,11 @@ func TestClientGeneratesLlamaCppTokens(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The gating node protects the user's connection from the connection
-	// manager's trimming while the generation runs, and only then.
+	// manager's trimming while the generation runs and answerGrace after
+	// (the answer's end may still be unread), and only then.
+	grace := answerGrace
+	answerGrace = 3 * time.Second
+	t.Cleanup(func() { answerGrace = grace })
 	cm := net.engine.h.LibP2P().ConnManager()
 	var protected atomic.Bool
 	watching, stopWatching := context.WithCancel(ctx)
@@ -219,6 +223,9 @@ func TestClientGeneratesLlamaCppTokens(t *testing.T) {
 	}
 	if !protected.Load() {
 		t.Fatal("the user's connection was not protected during the generation")
+	}
+	if !cm.IsProtected(c.ID(), "") {
+		t.Fatal("the user's connection was released as soon as the answer was written")
 	}
 	for cm.IsProtected(c.ID(), "") {
 		select {
