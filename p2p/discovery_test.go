@@ -3,6 +3,7 @@ package p2p
 import (
 	"context"
 	"fmt"
+	"slices"
 	"testing"
 	"time"
 
@@ -88,9 +89,38 @@ func TestTopicDiscovery(t *testing.T) {
 		t.Fatalf("ledger topic: advertised %v, looked up %v with limits %v; want the DHT, at most %d peers",
 			dht.advertised, dht.found, dht.limits, topicPeersWanted)
 	}
+	// Connected to some of the topic's peers: candidates make up the rest
+	// to topicPeersWanted, none of them already connected; connected to
+	// that many, none (GossipSub grafts from those).
+	var asked []string
+	connected := cands[:topicPeersWanted-3]
+	d.topicPeers = func(topic string) []peer.ID {
+		asked = append(asked, topic)
+		var ids []peer.ID
+		for _, ai := range connected {
+			ids = append(ids, ai.ID)
+		}
+		return ids
+	}
+	ch, _ := d.FindPeers(ctx, "floodsub:"+neuropb.TopicValidation)
+	if len(ch) != 3 || len(asked) != 1 || asked[0] != neuropb.TopicValidation {
+		t.Fatalf("connected to %d of the topic: %d candidates, topics asked %v; want 3 and %s",
+			len(connected), len(ch), asked, neuropb.TopicValidation)
+	}
+	for ai := range ch {
+		if slices.ContainsFunc(connected, func(c peer.AddrInfo) bool { return c.ID == ai.ID }) {
+			t.Fatalf("candidate %s is connected already", ai.ID)
+		}
+	}
+	connected = cands[:topicPeersWanted+5]
+	if ch, _ := d.FindPeers(ctx, "floodsub:"+neuropb.TopicRouting); len(ch) != 0 {
+		t.Fatalf("connected to %d of the topic: %d candidates, want none", len(connected), len(ch))
+	}
+	d.topicPeers = nil
+
 	// Few candidates: all of them.
 	cands = cands[:2]
-	ch, _ := d.FindPeers(ctx, "floodsub:"+neuropb.TopicRouting)
+	ch, _ = d.FindPeers(ctx, "floodsub:"+neuropb.TopicRouting)
 	if len(ch) != 2 {
 		t.Fatalf("two candidates: %d peers", len(ch))
 	}

@@ -198,6 +198,10 @@ type Host struct {
 	// provides and providerLookups count Traffic's Provides and
 	// ProviderLookups.
 	provides, providerLookups atomic.Uint64
+	// topicDiscoveries counts Traffic's TopicDiscoveries.
+	topicDiscoveries atomic.Uint64
+	// copies drops copies of gossip being validated.
+	copies *copyFilter
 	// left is set by Leave: no heartbeat after the one saying so.
 	left atomic.Bool
 
@@ -245,6 +249,7 @@ func New(key crypto.PrivKey, cfg Config, opts ...Option) (_ *Host, err error) {
 		peers:   NewPeerTable(cfg.PeerTableSize, cfg.PeerExpiry),
 		rej:     &Rejections{},
 	}
+	h.copies = newCopyFilter(h.traffic.dropped)
 	h.ctx, h.cancel = context.WithCancel(context.Background())
 	psCtx, psCancel := context.WithCancel(context.Background())
 	h.psCancel = psCancel
@@ -289,8 +294,10 @@ func New(key crypto.PrivKey, cfg Config, opts ...Option) (_ *Host, err error) {
 		inspect:      o.inspect,
 		scores:       h.setScores,
 		peerExchange: slices.Contains(cfg.Roles, neuropb.Role_ROLE_BOOTSTRAP),
-		routing:      topicDiscovery{dht: drouting.NewRoutingDiscovery(h.dht), candidates: h.topicCandidates},
-		tracers:      []pubsub.RawTracer{rejectTracer{r: h.rej}, &h.traffic},
+		routing: topicDiscovery{dht: drouting.NewRoutingDiscovery(h.dht), candidates: h.topicCandidates,
+			topicPeers: h.topicPeers, count: &h.topicDiscoveries},
+		tracers: []pubsub.RawTracer{rejectTracer{r: h.rej}, &h.traffic},
+		copies:  h.copies,
 	}, h.log)
 	if err != nil {
 		return nil, err
@@ -601,6 +608,8 @@ func (h *Host) Traffic() Traffic {
 	t := h.traffic.snapshot()
 	t.Heartbeats, t.HeartbeatsOutOfTurn = h.hbSent.Load(), h.hbOutOfTurn.Load()
 	t.Provides, t.ProviderLookups = h.provides.Load(), h.providerLookups.Load()
+	t.TopicDiscoveries = h.topicDiscoveries.Load()
+	t.CopiesDropped = h.copies.dropped.Load()
 	return t
 }
 

@@ -153,6 +153,9 @@ type pubsubOptions struct {
 	// often.
 	inspect time.Duration
 	scores  func(map[peer.ID]float64)
+	// copies, if not nil, drops copies of a message still being
+	// validated.
+	copies *copyFilter
 }
 
 // newPubSub starts GossipSub with strict signing (every message carries its
@@ -176,6 +179,9 @@ func newPubSub(ctx context.Context, h host.Host, o pubsubOptions, log *slog.Logg
 	}
 	if o.routing != nil {
 		opts = append(opts, pubsub.WithDiscovery(o.routing))
+	}
+	if o.copies != nil {
+		opts = append(opts, pubsub.WithAppSpecificRpcInspector(o.copies.inspect))
 	}
 	for _, t := range o.tracers {
 		opts = append(opts, pubsub.WithRawTracer(t))

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	pubsub "github.com/libp2p/go-libp2p-pubsub"
+	pb "github.com/libp2p/go-libp2p-pubsub/pb"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/core/protocol"
 	"google.golang.org/protobuf/proto"
@@ -61,6 +62,12 @@ type Traffic struct {
 	// provider lookups FindProviders made (answers from its cache left
 	// out).
 	Provides, ProviderLookups uint64
+	// TopicDiscoveries counts GossipSub's asks for more peers of a topic
+	// whose mesh is short (each a set of candidates its connector dials).
+	TopicDiscoveries uint64
+	// CopiesDropped counts the copies of messages dropped before
+	// validation because an identical copy had just arrived (copyFilter).
+	CopiesDropped uint64
 }
 
 // trafficTracer counts Traffic.
@@ -78,16 +85,28 @@ func (t *trafficTracer) DeliverMessage(*pubsub.Message) { t.delivered.Add(1) }
 
 func (t *trafficTracer) RecvRPC(rpc *pubsub.RPC) {
 	t.rpcsIn.Add(1)
-	t.msgsIn.Add(uint64(len(rpc.GetPublish())))
 	t.bytesIn.Add(uint64(proto.Size(&rpc.RPC)))
 	t.ctrlIn.Add(uint64(proto.Size(rpc.GetControl())))
-	for _, m := range rpc.GetPublish() {
+	t.received(rpc.GetPublish())
+}
+
+// received counts messages received, per topic.
+func (t *trafficTracer) received(msgs []*pb.Message) {
+	t.msgsIn.Add(uint64(len(msgs)))
+	for _, m := range msgs {
 		c, ok := t.topics.Load(m.GetTopic())
 		if !ok {
 			c, _ = t.topics.LoadOrStore(m.GetTopic(), new(atomic.Uint64))
 		}
 		c.(*atomic.Uint64).Add(1)
 	}
+}
+
+// dropped counts the copies copyFilter took out of a received RPC (bytes
+// their share of its size): they came over the wire all the same.
+func (t *trafficTracer) dropped(msgs []*pb.Message, bytes int) {
+	t.bytesIn.Add(uint64(bytes))
+	t.received(msgs)
 }
 
 func (t *trafficTracer) SendRPC(rpc *pubsub.RPC, _ peer.ID) {

@@ -157,8 +157,15 @@ type SimSample struct {
 	// DHT lookup; most of the dials are theirs).
 	ProvidesPerS        float64 `json:"provides_per_s"`
 	ProviderLookupsPerS float64 `json:"provider_lookups_per_s"`
-	Asked               int     `json:"asked"`
-	Answered            int     `json:"answered"`
+	// TopicDiscoveriesPerS is how often the network's GossipSub routers
+	// asked for more peers of a topic whose mesh was short.
+	TopicDiscoveriesPerS float64 `json:"topic_discoveries_per_s"`
+	// CopiesDroppedPerS is the copies of gossip messages a node dropped
+	// a second before validating them (an identical copy had just
+	// arrived).
+	CopiesDroppedPerS float64 `json:"copies_dropped_per_s"`
+	Asked             int     `json:"asked"`
+	Answered          int     `json:"answered"`
 	// The process: resident memory, cores used over the interval,
 	// goroutines.
 	RSSBytes   uint64  `json:"rss_bytes"`
@@ -872,6 +879,8 @@ type snap struct {
 	dials   uint64
 	// provides and lookups: Traffic's Provides and ProviderLookups.
 	provides, lookups uint64
+	discoveries       uint64
+	copiesDropped     uint64
 	live              []*simNode
 }
 
@@ -896,6 +905,8 @@ func (sm *simulation) snapshot(start time.Time) snap {
 		s.hbNow += tr.HeartbeatsOutOfTurn
 		s.provides += tr.Provides
 		s.lookups += tr.ProviderLookups
+		s.discoveries += tr.TopicDiscoveries
+		s.copiesDropped += tr.CopiesDropped
 	}
 	return s
 }
@@ -907,16 +918,18 @@ func (sm *simulation) sample(prev, cur snap) {
 	sm.mu.Lock()
 	s := SimSample{
 		AtS: cur.since, Live: len(cur.live), CoverageMin: least, Uncovered: uncovered,
-		GossipBytesPerS:     float64(cur.traffic-prev.traffic) / dt / nodes,
-		GossipMsgsPerS:      float64(cur.msgs-prev.msgs) / dt / nodes,
-		GossipControlPerS:   float64(cur.control-prev.control) / dt / nodes,
-		HeartbeatsPerS:      float64(cur.hbs-prev.hbs) / dt,
-		OutOfTurnPerS:       float64(cur.hbNow-prev.hbNow) / dt,
-		SwapsPerS:           float64(cur.swaps-prev.swaps) / dt,
-		DialsPerS:           float64(cur.dials-prev.dials) / dt,
-		ProvidesPerS:        float64(cur.provides-prev.provides) / dt,
-		ProviderLookupsPerS: float64(cur.lookups-prev.lookups) / dt,
-		Asked:               sm.rep.Asked, Answered: sm.rep.Answered,
+		GossipBytesPerS:      float64(cur.traffic-prev.traffic) / dt / nodes,
+		GossipMsgsPerS:       float64(cur.msgs-prev.msgs) / dt / nodes,
+		GossipControlPerS:    float64(cur.control-prev.control) / dt / nodes,
+		HeartbeatsPerS:       float64(cur.hbs-prev.hbs) / dt,
+		OutOfTurnPerS:        float64(cur.hbNow-prev.hbNow) / dt,
+		SwapsPerS:            float64(cur.swaps-prev.swaps) / dt,
+		DialsPerS:            float64(cur.dials-prev.dials) / dt,
+		ProvidesPerS:         float64(cur.provides-prev.provides) / dt,
+		ProviderLookupsPerS:  float64(cur.lookups-prev.lookups) / dt,
+		TopicDiscoveriesPerS: float64(cur.discoveries-prev.discoveries) / dt,
+		CopiesDroppedPerS:    float64(cur.copiesDropped-prev.copiesDropped) / dt / nodes,
+		Asked:                sm.rep.Asked, Answered: sm.rep.Answered,
 		RSSBytes: p2p.ProcessRSS(), CPUCores: (cur.cpu - prev.cpu).Seconds() / dt, Goroutines: runtime.NumGoroutine(),
 		SchedP90Ms: ms(sm.sched.P90()),
 	}
@@ -926,7 +939,8 @@ func (sm *simulation) sample(prev, cur snap) {
 	sm.log.Info("sim: sample", "at", time.Duration(cur.since*float64(time.Second)).Round(time.Second), "live", s.Live,
 		"coverage_min", least, "gossip_B/s/node", int(s.GossipBytesPerS), "control_B/s/node", int(s.GossipControlPerS), "msgs/s/node", int(s.GossipMsgsPerS),
 		"heartbeats/s", fmt.Sprintf("%.1f", s.HeartbeatsPerS), "out_of_turn/s", fmt.Sprintf("%.1f", s.OutOfTurnPerS), "swaps/s", fmt.Sprintf("%.1f", s.SwapsPerS), "dials/s", int(s.DialsPerS),
-		"provides/s", fmt.Sprintf("%.1f", s.ProvidesPerS), "lookups/s", fmt.Sprintf("%.1f", s.ProviderLookupsPerS), "asked", s.Asked, "answered", s.Answered,
+		"provides/s", fmt.Sprintf("%.1f", s.ProvidesPerS), "lookups/s", fmt.Sprintf("%.1f", s.ProviderLookupsPerS),
+		"discoveries/s", fmt.Sprintf("%.1f", s.TopicDiscoveriesPerS), "copies_dropped/s/node", fmt.Sprintf("%.1f", s.CopiesDroppedPerS), "asked", s.Asked, "answered", s.Answered,
 		"cpu_cores", fmt.Sprintf("%.2f", s.CPUCores), "sched_p90", sm.sched.P90().Round(time.Microsecond))
 }
 
