@@ -290,3 +290,66 @@ func TestHeartbeatDoesNotWaitForTheDevices(t *testing.T) {
 		t.Fatalf("%d device reads, want 2 (the first, and one in the background)", n)
 	}
 }
+
+// blockedProvides is a network whose provides wait until release is
+// closed, counting the provides under way.
+type blockedProvides struct {
+	Network
+	release        chan struct{}
+	calls, running atomic.Int32
+	most           atomic.Int32
+}
+
+func (n *blockedProvides) Provide(ctx context.Context, c cid.Cid) error {
+	n.calls.Add(1)
+	r := n.running.Add(1)
+	defer n.running.Add(-1)
+	for m := n.most.Load(); r > m && !n.most.CompareAndSwap(m, r); m = n.most.Load() {
+	}
+	select {
+	case <-n.release:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Two provides of one key at once (add and announce's round, for an
+// expert just hosted) make one provide in the DHT; both return its
+// result.
+func TestProvidesOfOneKeyAtOnceAreOne(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	nodes, _ := p2ptest.ClusterWithExtras(t, ctx, 1, p2ptest.Config(time.Second))
+	net := &blockedProvides{Network: nodes[0], release: make(chan struct{})}
+	s, err := NewService(net, ServiceConfig{StoreDir: t.TempDir(), Compute: moetest.Backend{}, Threads: 1, Server: DefaultConfig()}, quiet())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	key, _ := cid.Parse("bafkreie6rbzb5krt2xil65gefch6ioyecixkzh7fp5ugsra62uz4l6t3ye")
+	errs := make(chan error, 2)
+	for range 2 {
+		go func() { errs <- s.provide(ctx, key) }()
+	}
+	// Let both reach the network, or wait a while: without the join the
+	// second provide starts while the first waits.
+	for deadline := time.Now().Add(300 * time.Millisecond); net.calls.Load() < 2 && time.Now().Before(deadline); {
+		time.Sleep(5 * time.Millisecond)
+	}
+	close(net.release)
+	for range 2 {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if m := net.most.Load(); m != 1 {
+		t.Fatalf("%d provides of one key under way at once, want 1", m)
+	}
+	s.provMu.Lock()
+	p := s.provided[key]
+	s.provMu.Unlock()
+	if p.At.IsZero() {
+		t.Fatal("the provide is not recorded")
+	}
+}

@@ -725,7 +725,13 @@ func (sm *simulation) coverage(live []*simNode) (least, uncovered int) {
 
 // waitHealthy waits until every gating node has the model loaded and
 // sees every expert served twice, every expert has two live providers,
-// and every node's routing table holds at least min(live-1, 10) peers.
+// every node's routing table holds at least min(live-1, 10) peers, and
+// every expert node has taken its first experts (chosen, fetched, loaded
+// and provided them): two providers of each come long before the last
+// nodes to join have taken theirs, and prompts asked while a hundred
+// nodes still fetched and provided met a saturated machine (300 nodes:
+// 4 to 17 provides a second in the minute after the network was called
+// healthy, three prompts timed out there).
 func (sm *simulation) waitHealthy(ctx context.Context) error {
 	told := time.Now()
 	return waitFor(ctx, 500*time.Millisecond, func() (err error) {
@@ -738,6 +744,15 @@ func (sm *simulation) waitHealthy(ctx context.Context) error {
 		live := sm.live()
 		if least, _ := sm.coverage(live); least < 2 {
 			return fmt.Errorf("an expert has %d live providers", least)
+		}
+		taking := 0
+		for _, n := range live {
+			if x := n.n.Expert(); n.Role == "expert" && x != nil && !x.Chosen() {
+				taking++
+			}
+		}
+		if taking > 0 {
+			return fmt.Errorf("%d expert nodes still taking their first experts", taking)
 		}
 		want := min(len(live)-1, 10)
 		for _, n := range live {
