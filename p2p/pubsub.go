@@ -154,7 +154,7 @@ type pubsubOptions struct {
 	inspect time.Duration
 	scores  func(map[peer.ID]float64)
 	// copies, if not nil, drops copies of a message still being
-	// validated.
+	// validated (its inspector and a tracer).
 	copies *copyFilter
 }
 
@@ -181,7 +181,7 @@ func newPubSub(ctx context.Context, h host.Host, o pubsubOptions, log *slog.Logg
 		opts = append(opts, pubsub.WithDiscovery(o.routing))
 	}
 	if o.copies != nil {
-		opts = append(opts, pubsub.WithAppSpecificRpcInspector(o.copies.inspect))
+		opts = append(opts, pubsub.WithAppSpecificRpcInspector(o.copies.inspect), pubsub.WithRawTracer(o.copies))
 	}
 	for _, t := range o.tracers {
 		opts = append(opts, pubsub.WithRawTracer(t))

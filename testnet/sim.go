@@ -101,10 +101,12 @@ type Sim struct {
 	// Seed makes the model and the choices of the simulation (whom to
 	// kill, which lookup to make) reproducible.
 	Seed uint64
-	// Timeout bounds the time to healthy (default 2m + 1s a node: on a
+	// Timeout bounds the time to healthy (default 2m + 1.5s a node: on a
 	// 2-core machine, 300 nodes joining 4 a second were healthy after
 	// 5m51s, and a run given 2m plus the joining time, 3m15s, failed with
-	// one expert still on a single node).
+	// one expert still on a single node; healthy now also waits for the
+	// last nodes to take their experts, each after hearing most of the
+	// network, about one heartbeat interval: 5m39s at 300 nodes).
 	Timeout time.Duration
 	// Warmup is how long the healthy network runs on its own (no users,
 	// no churn, no Sybils) before the measured run: the joining leaves
@@ -480,7 +482,7 @@ func (s *Sim) defaults() error {
 		return fmt.Errorf("sim: %d prompts a user is negative", s.MinAsks)
 	}
 	if s.Timeout <= 0 {
-		s.Timeout = 2*time.Minute + time.Duration(s.Nodes)*time.Second
+		s.Timeout = 2*time.Minute + time.Duration(s.Nodes)*1500*time.Millisecond
 	}
 	if s.Log == nil {
 		s.Log = slog.New(slog.DiscardHandler)

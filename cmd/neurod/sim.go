@@ -99,7 +99,7 @@ func (f *simFlags) register(fs *pflag.FlagSet) {
 	fs.IntVar(&f.sim.MaxTokens, "max-tokens", 8, "tokens of each answer")
 	fs.DurationVar(&f.sim.PromptTimeout, "prompt-timeout", time.Minute, "how long a user waits for a whole answer before counting its prompt unanswered")
 	fs.Uint64Var(&f.seed, "seed", 1, "seed of the model and of the simulation's choices")
-	fs.DurationVar(&f.sim.Timeout, "timeout", 0, "how long the network may take to be healthy (default 2m + 1s a node)")
+	fs.DurationVar(&f.sim.Timeout, "timeout", 0, "how long the network may take to be healthy (default 2m + 1.5s a node)")
 	fs.DurationVar(&f.sim.Warmup, "warmup", 0, "let the healthy network run this long on its own before the measured run (no users, churn or Sybils)")
 	fs.StringVar(&f.dir, "dir", "", "directory for the homes and nodes.log (kept; default: a temporary one, removed)")
 	fs.StringVar(&f.nodeLevel, "node-log-level", "warn", "level of the nodes' log in the --dir's nodes.log: debug, info, warn or error")
