@@ -107,8 +107,12 @@ type Service struct {
 	// chose is closed once host has taken its first experts (or given
 	// up): announce waits for it, so as not to provide by CID the shards
 	// of experts about to be served (servedShards).
-	chose     chan struct{}
-	choseOnce sync.Once
+	chose chan struct{}
+	// announced is closed when announce has been through what the node
+	// stores once, after the first choice (Settled).
+	announced     chan struct{}
+	announcedOnce sync.Once
+	choseOnce     sync.Once
 
 	ctx      context.Context
 	cancel   context.CancelFunc
@@ -168,6 +172,7 @@ func NewService(h Network, cfg ServiceConfig, log *slog.Logger) (*Service, error
 	s := &Service{cfg: cfg, p2p: h, log: log.With("component", "expert-node"), store: store, server: srv,
 		shards: NewShardServer(h.LibP2P(), store, log), hosted: map[Key]bool{}, loaded: map[Key]moe.Expert{}, served: map[Key]Computer{}, provided: map[cid.Cid]p2p.Provision{}}
 	s.chose = make(chan struct{})
+	s.announced = make(chan struct{})
 	s.fetcher = NewFetcher(h.LibP2P(), store, cfg.Progress, log)
 	s.devs.list, s.devs.at = s.devices(), time.Now()
 	s.ctx, s.cancel = context.WithCancel(context.Background())
@@ -286,6 +291,7 @@ func (s *Service) announce(ctx context.Context) {
 				s.log.Debug("provide", "cid", c, "err", err, "again_in", wait)
 			}
 		}
+		s.announcedOnce.Do(func() { close(s.announced) })
 		select {
 		case <-ctx.Done():
 			return
@@ -307,12 +313,13 @@ const awaitShare = 0.9
 // markChosen closes chose once.
 func (s *Service) markChosen() { s.choseOnce.Do(func() { close(s.chose) }) }
 
-// Chosen reports whether the node has taken its first experts: chosen
-// them, fetched their shards, loaded them and provided their keys (or
-// given up trying).
-func (s *Service) Chosen() bool {
+// Settled reports whether the node has taken its first experts (chosen
+// them, fetched their shards, loaded them and provided their keys, or
+// given up trying) and then provided what else it stores once (the
+// manifest): the work of joining is done.
+func (s *Service) Settled() bool {
 	select {
-	case <-s.chose:
+	case <-s.announced:
 		return true
 	default:
 		return false

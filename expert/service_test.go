@@ -209,13 +209,18 @@ func TestServedShardIsFoundUnderTheExpertKey(t *testing.T) {
 		return c
 	}
 	rec := &provides{Network: nodes[0], keys: map[cid.Cid]bool{}}
-	startOrigin(t, ctx, rec, extras[0], mc, dir, k)
-	for !rec.provided(neuropb.ExpertKey(mc, k.Layer, k.Expert)) || !rec.provided(shard(other)) {
+	origin := startOrigin(t, ctx, rec, extras[0], mc, dir, k)
+	// Settled once it has provided both (its joining done).
+	for !origin.Settled() {
 		select {
 		case <-ctx.Done():
-			t.Fatal("the origin never provided the expert's key and the other shards")
+			t.Fatal("the origin never settled")
 		case <-time.After(50 * time.Millisecond):
 		}
+	}
+	if !rec.provided(neuropb.ExpertKey(mc, k.Layer, k.Expert)) || !rec.provided(shard(other)) {
+		t.Fatalf("settled without providing the expert's key (%v) and the other shards (%v)",
+			rec.provided(neuropb.ExpertKey(mc, k.Layer, k.Expert)), rec.provided(shard(other)))
 	}
 	if rec.provided(shard(k)) {
 		t.Fatal("the origin provided the shard of the expert it serves under the shard's CID")

@@ -728,12 +728,14 @@ func (sm *simulation) coverage(live []*simNode) (least, uncovered int) {
 // waitHealthy waits until every gating node has the model loaded and
 // sees every expert served twice, every expert has two live providers,
 // every node's routing table holds at least min(live-1, 10) peers, and
-// every expert node has taken its first experts (chosen, fetched, loaded
-// and provided them): two providers of each come long before the last
-// nodes to join have taken theirs, and prompts asked while a hundred
-// nodes still fetched and provided met a saturated machine (300 nodes:
-// 4 to 17 provides a second in the minute after the network was called
-// healthy, three prompts timed out there).
+// every expert node has settled (expert.Service.Settled: taken its first
+// experts — chosen, fetched, loaded and provided them — and provided the
+// rest of what it stores once): two providers of each expert come long
+// before the last nodes to join have taken theirs, and prompts asked
+// while a hundred nodes still fetched and provided met a saturated
+// machine (300 nodes: 4 to 17 provides a second in the minute after the
+// network was called healthy, three prompts timed out there; then, with
+// the experts taken, 9 to 18 a second of every node's manifest).
 func (sm *simulation) waitHealthy(ctx context.Context) error {
 	told := time.Now()
 	return waitFor(ctx, 500*time.Millisecond, func() (err error) {
@@ -749,12 +751,12 @@ func (sm *simulation) waitHealthy(ctx context.Context) error {
 		}
 		taking := 0
 		for _, n := range live {
-			if x := n.n.Expert(); n.Role == "expert" && x != nil && !x.Chosen() {
+			if x := n.n.Expert(); n.Role == "expert" && x != nil && !x.Settled() {
 				taking++
 			}
 		}
 		if taking > 0 {
-			return fmt.Errorf("%d expert nodes still taking their first experts", taking)
+			return fmt.Errorf("%d expert nodes still taking and providing their first experts", taking)
 		}
 		want := min(len(live)-1, 10)
 		for _, n := range live {
