@@ -107,12 +107,12 @@ type Service struct {
 	// chose is closed once host has taken its first experts (or given
 	// up): announce waits for it, so as not to provide by CID the shards
 	// of experts about to be served (servedShards).
-	chose chan struct{}
+	chose     chan struct{}
+	choseOnce sync.Once
 	// announced is closed when announce has been through what the node
 	// stores once, after the first choice (Settled).
 	announced     chan struct{}
 	announcedOnce sync.Once
-	choseOnce     sync.Once
 
 	ctx      context.Context
 	cancel   context.CancelFunc
@@ -374,7 +374,11 @@ func (s *Service) provideOnce(ctx context.Context, c cid.Cid) error {
 	s.provMu.Unlock()
 	start := time.Now()
 	err := s.p2p.Provide(ctx, c)
-	s.log.Debug("provide", "cid", c, "network", size, "before", prev.Network, "ago", time.Since(prev.At).Round(time.Second),
+	var ago time.Duration // 0: never provided before
+	if !prev.At.IsZero() {
+		ago = time.Since(prev.At).Round(time.Second)
+	}
+	s.log.Debug("provide", "cid", c, "network", size, "before", prev.Network, "ago", ago,
 		"took", time.Since(start).Round(time.Millisecond), "err", err)
 	if err != nil {
 		return err

@@ -19,6 +19,12 @@ import (
 // not the whole network (its connector dials every one it gets).
 const topicPeersWanted = 12
 
+// topicPeersNew is how many candidates a topic short of mesh peers gets
+// at least, however many of its peers are connected: some of those may
+// be peers its mesh will not take (scored below zero, Sybils around a
+// victim), and new ones keep it from being walled in by them.
+const topicPeersNew = 3
+
 // topicAdvertiseTTL is how long an advertisement of a topic every node
 // joins is good for (it costs nothing; GossipSub asks again after it).
 const topicAdvertiseTTL = time.Hour
@@ -45,9 +51,10 @@ type topicDiscovery struct {
 	// short of D_lo, also when it is connected to plenty of the topic's
 	// peers and only waits to graft them (or they are in their prune
 	// backoff): candidates make up the connected peers to
-	// topicPeersWanted, no more (measured: in a simulated network of 300
-	// nodes, 12 dials a second for each of a few hundred asks a minute,
-	// the connections then trimmed again, a fifth of all dials).
+	// topicPeersWanted, and are topicPeersNew at least (measured: in a
+	// simulated network of 300 nodes, 12 dials a second for each of a few
+	// hundred asks a minute, the connections then trimmed again, a fifth
+	// of all dials).
 	topicPeers func(topic string) []peer.ID
 	// count, if not nil, counts FindPeers.
 	count *atomic.Uint64
@@ -92,7 +99,7 @@ func (d topicDiscovery) FindPeers(ctx context.Context, ns string, opts ...discov
 	}
 	peers := slices.DeleteFunc(d.candidates(), func(ai peer.AddrInfo) bool { return have[ai.ID] })
 	rand.Shuffle(len(peers), func(i, j int) { peers[i], peers[j] = peers[j], peers[i] })
-	peers = peers[:max(0, min(limit-len(have), len(peers)))]
+	peers = peers[:min(max(limit-len(have), min(limit, topicPeersNew)), len(peers))]
 	ch := make(chan peer.AddrInfo, len(peers))
 	for _, p := range peers {
 		ch <- p

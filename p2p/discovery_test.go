@@ -91,9 +91,10 @@ func TestTopicDiscovery(t *testing.T) {
 	}
 	// Connected to some of the topic's peers: candidates make up the rest
 	// to topicPeersWanted, none of them already connected; connected to
-	// that many, none (GossipSub grafts from those).
+	// that many, topicPeersNew (some connected peers may be ones the mesh
+	// will not take).
 	var asked []string
-	connected := cands[:topicPeersWanted-3]
+	connected := cands[:topicPeersWanted-5]
 	d.topicPeers = func(topic string) []peer.ID {
 		asked = append(asked, topic)
 		var ids []peer.ID
@@ -103,8 +104,8 @@ func TestTopicDiscovery(t *testing.T) {
 		return ids
 	}
 	ch, _ := d.FindPeers(ctx, "floodsub:"+neuropb.TopicValidation)
-	if len(ch) != 3 || len(asked) != 1 || asked[0] != neuropb.TopicValidation {
-		t.Fatalf("connected to %d of the topic: %d candidates, topics asked %v; want 3 and %s",
+	if len(ch) != 5 || len(asked) != 1 || asked[0] != neuropb.TopicValidation {
+		t.Fatalf("connected to %d of the topic: %d candidates, topics asked %v; want 5 and %s",
 			len(connected), len(ch), asked, neuropb.TopicValidation)
 	}
 	for ai := range ch {
@@ -113,8 +114,11 @@ func TestTopicDiscovery(t *testing.T) {
 		}
 	}
 	connected = cands[:topicPeersWanted+5]
-	if ch, _ := d.FindPeers(ctx, "floodsub:"+neuropb.TopicRouting); len(ch) != 0 {
-		t.Fatalf("connected to %d of the topic: %d candidates, want none", len(connected), len(ch))
+	if ch, _ := d.FindPeers(ctx, "floodsub:"+neuropb.TopicRouting); len(ch) != topicPeersNew {
+		t.Fatalf("connected to %d of the topic: %d candidates, want %d", len(connected), len(ch), topicPeersNew)
+	}
+	if ch, _ := d.FindPeers(ctx, "floodsub:"+neuropb.TopicRouting, discovery.Limit(1)); len(ch) != 1 {
+		t.Fatalf("connected to %d of the topic, a limit of 1: %d candidates", len(connected), len(ch))
 	}
 	d.topicPeers = nil
 

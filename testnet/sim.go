@@ -163,8 +163,8 @@ type SimSample struct {
 	// asked for more peers of a topic whose mesh was short.
 	TopicDiscoveriesPerS float64 `json:"topic_discoveries_per_s"`
 	// CopiesDroppedPerS is the copies of gossip messages a node dropped
-	// a second before validating them (an identical copy had just
-	// arrived).
+	// a second before validating them (an identical copy was being
+	// validated or had just been delivered: p2p's copy filter).
 	CopiesDroppedPerS float64 `json:"copies_dropped_per_s"`
 	Asked             int     `json:"asked"`
 	Answered          int     `json:"answered"`
