@@ -1,6 +1,7 @@
 package p2p
 
 import (
+	"encoding/binary"
 	"hash/maphash"
 	"slices"
 	"sync"
@@ -144,18 +145,11 @@ func (f *copyFilter) RejectMessage(msg *pubsub.Message, _ string) { f.validated(
 func (f *copyFilter) key(m *pb.Message) uint64 {
 	var h maphash.Hash
 	h.SetSeed(f.seed)
-	field := func(b []byte) {
-		var n [8]byte
-		for i := range n {
-			n[i] = byte(len(b) >> (8 * i))
-		}
+	var n [8]byte
+	for _, b := range [][]byte{m.GetFrom(), m.GetSeqno(), []byte(m.GetTopic()), m.GetData(), m.GetSignature()} {
+		binary.LittleEndian.PutUint64(n[:], uint64(len(b)))
 		h.Write(n[:])
 		h.Write(b)
 	}
-	field(m.GetFrom())
-	field(m.GetSeqno())
-	field([]byte(m.GetTopic()))
-	field(m.GetData())
-	field(m.GetSignature())
 	return h.Sum64()
 }

@@ -66,7 +66,8 @@ type Traffic struct {
 	// whose mesh is short (each a set of candidates its connector dials).
 	TopicDiscoveries uint64
 	// CopiesDropped counts the copies of messages dropped before
-	// validation because an identical copy had just arrived (copyFilter).
+	// validation because an identical copy was being validated or had
+	// just been delivered (copyFilter).
 	CopiesDropped uint64
 }
 
