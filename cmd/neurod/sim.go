@@ -61,6 +61,7 @@ ended with fewer than two providers.`,
 		RunE: func(cmd *cobra.Command, _ []string) error { return f.run(cmd) },
 	}
 	f.register(cmd.Flags())
+	cmd.AddCommand(newSimPlotCmd())
 	return cmd
 }
 

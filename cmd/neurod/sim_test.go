@@ -3,10 +3,16 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"fmt"
+	"image/png"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/neuro-p2p/neuro/testnet"
 )
 
 type simJSON struct {
@@ -132,6 +138,105 @@ func TestSimUnderChurn(t *testing.T) {
 	}
 	if dead != rep.Killed+rep.JoinFailed || len(rep.Nodes) != 16+rep.Joined+rep.JoinFailed || joinedServing == 0 {
 		t.Fatalf("%d dead of %d killed, %d nodes for %d joined, %d joined nodes serving", dead, rep.Killed, len(rep.Nodes), rep.Joined, joinedServing)
+	}
+	checkSimPlot(t, out)
+}
+
+// checkSimPlot plots the report of a run with Sybils (left out) and the
+// same report without its Sybils (plotted).
+func checkSimPlot(t *testing.T, report []byte) {
+	t.Helper()
+	dir := t.TempDir()
+	withSybils, without := filepath.Join(dir, "sybils.json"), filepath.Join(dir, "honest.json")
+	var m map[string]any
+	if err := json.Unmarshal(report, &m); err != nil {
+		t.Fatal(err)
+	}
+	delete(m, "sybils")
+	b, err := json.Marshal(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(withSybils, report, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(without, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	pngPath := filepath.Join(dir, "scaling.png")
+	r := neurod(t, nil, "testnet", "sim", "plot", "--out", pngPath, withSybils)
+	if r.code == 0 || !strings.Contains(r.stderr, "no report without Sybils") {
+		t.Fatalf("plot of a run with Sybils only: %+v", r)
+	}
+	r = neurod(t, nil, "testnet", "sim", "plot", "--out", pngPath, withSybils, without)
+	if r.code != 0 || !strings.Contains(r.stderr, "sybils.json left out") || !strings.Contains(r.stdout, "(1 runs)") {
+		t.Fatalf("plot: %+v", r)
+	}
+	checkPNG(t, pngPath, 1600)
+}
+
+// checkPNG checks that path holds a PNG at least minWidth pixels wide.
+func checkPNG(t *testing.T, path string, minWidth int) {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	img, err := png.Decode(f)
+	if err != nil || img.Bounds().Dx() < minWidth {
+		t.Fatalf("%s: %v (%v)", path, err, img)
+	}
+}
+
+// sim plot draws reports at several sizes, a point for each run and a
+// line through the median of each size, and says what is wrong with a
+// file that is not a report.
+func TestSimPlot(t *testing.T) {
+	dir := t.TempDir()
+	var files []string
+	for i, n := range []int{50, 100, 100, 300} {
+		r := testnet.SimReport{NodeCount: n, HealthyS: float64(n) / 3, Asked: 10, Answered: 10 - i%2,
+			GossipBytesPerSP50: 30e3 + float64(i), RSSBytesPerNode: 30 << 20, CPUPerNode: 0.005, CoverageMin: 3, CoverageLowest: 2,
+			TokenMs: testnet.Dist{N: 10, P50: 3, P99: 40}, DHT: testnet.DHTLookups{Ms: testnet.Dist{P50: 0, P99: 12}},
+			Samples: []testnet.SimSample{{CPUCores: 0.3}, {CPUCores: 0.5}}}
+		b, err := json.Marshal(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		files = append(files, filepath.Join(dir, fmt.Sprintf("%d-%d.json", n, i)))
+		if err := os.WriteFile(files[i], b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pngPath := filepath.Join(dir, "out.png")
+	r := neurod(t, nil, append([]string{"testnet", "sim", "plot", "--out", pngPath}, files...)...)
+	if r.code != 0 || !strings.Contains(r.stdout, "(4 runs)") {
+		t.Fatalf("plot: %+v", r)
+	}
+	checkPNG(t, pngPath, 1600)
+
+	notJSON, noNodes := filepath.Join(dir, "x.json"), filepath.Join(dir, "empty.json")
+	if err := os.WriteFile(notJSON, []byte("healthy after 12 s\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(noNodes, []byte(`{"asked": 3}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{nil, "requires at least 1 arg"},
+		{[]string{filepath.Join(dir, "missing.json")}, "no such file"},
+		{[]string{files[0], notJSON}, "x.json is not a report of testnet sim --json"},
+		{[]string{noNodes}, "no node_count"},
+		{[]string{"--out", filepath.Join(dir, "no", "such", "dir.png"), files[0]}, "no such file"},
+	} {
+		r := neurod(t, nil, append([]string{"testnet", "sim", "plot"}, c.args...)...)
+		if r.code == 0 || !strings.Contains(r.stderr, c.want) {
+			t.Errorf("plot %v: %+v; want an error with %q", c.args, r, c.want)
+		}
 	}
 }
 
