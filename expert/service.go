@@ -94,8 +94,7 @@ type Service struct {
 	used   int64
 	swaps  atomic.Int64
 	// provided is when each key was last provided (announce and add).
-	provMu   sync.Mutex
-	provided map[cid.Cid]p2p.Provision
+	provided *p2p.Provisions
 	// providing joins the provides of one key under way at once.
 	providing singleflight.Group
 	// span is the layers [first, end) whose experts this node hosts for a
@@ -170,7 +169,7 @@ func NewService(h Network, cfg ServiceConfig, log *slog.Logger) (*Service, error
 		return nil, err
 	}
 	s := &Service{cfg: cfg, p2p: h, log: log.With("component", "expert-node"), store: store, server: srv,
-		shards: NewShardServer(h.LibP2P(), store, log), hosted: map[Key]bool{}, loaded: map[Key]moe.Expert{}, served: map[Key]Computer{}, provided: map[cid.Cid]p2p.Provision{}}
+		shards: NewShardServer(h.LibP2P(), store, log), hosted: map[Key]bool{}, loaded: map[Key]moe.Expert{}, served: map[Key]Computer{}, provided: p2p.NewProvisions(h.ID())}
 	s.chose = make(chan struct{})
 	s.announced = make(chan struct{})
 	s.fetcher = NewFetcher(h.LibP2P(), store, cfg.Progress, log)
@@ -273,9 +272,7 @@ func (s *Service) announce(ctx context.Context) {
 		}
 		size := s.p2p.NetworkSize()
 		for _, c := range blobs {
-			s.provMu.Lock()
-			due := s.provided[c].Due(time.Now(), size, s.cfg.Reprovide)
-			s.provMu.Unlock()
+			due := s.provided.Due(c, time.Now(), size, s.cfg.Reprovide)
 			if !due || time.Now().Before(failed[c].at) {
 				continue
 			}
@@ -369,9 +366,7 @@ func (s *Service) provide(ctx context.Context, c cid.Cid) error {
 // provideOnce is provide's work.
 func (s *Service) provideOnce(ctx context.Context, c cid.Cid) error {
 	size := s.p2p.NetworkSize()
-	s.provMu.Lock()
-	prev := s.provided[c]
-	s.provMu.Unlock()
+	prev := s.provided.Get(c)
 	start := time.Now()
 	err := s.p2p.Provide(ctx, c)
 	var ago time.Duration // 0: never provided before
@@ -383,9 +378,7 @@ func (s *Service) provideOnce(ctx context.Context, c cid.Cid) error {
 	if err != nil {
 		return err
 	}
-	s.provMu.Lock()
-	s.provided[c] = p2p.Provision{At: time.Now(), Network: size}
-	s.provMu.Unlock()
+	s.provided.Set(c, p2p.Provision{At: time.Now(), Network: size})
 	return nil
 }
 

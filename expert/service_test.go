@@ -351,10 +351,7 @@ func TestProvidesOfOneKeyAtOnceAreOne(t *testing.T) {
 	if m := net.most.Load(); m != 1 {
 		t.Fatalf("%d provides of one key under way at once, want 1", m)
 	}
-	s.provMu.Lock()
-	p := s.provided[key]
-	s.provMu.Unlock()
-	if p.At.IsZero() {
+	if p := s.provided.Get(key); p.At.IsZero() {
 		t.Fatal("the provide is not recorded")
 	}
 }

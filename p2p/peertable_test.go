@@ -5,7 +5,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ipfs/go-cid"
 	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/multiformats/go-multihash"
 
 	"github.com/neuro-p2p/neuro/neuropb"
 )
@@ -149,6 +151,90 @@ func TestProvisionDue(t *testing.T) {
 	if first := (Provision{At: t0}); !first.Due(t0.Add(time.Second), 4, time.Hour) || first.Due(t0.Add(time.Second), 3, time.Hour) {
 		t.Error("provided by a lone node: due once there are four nodes")
 	}
+}
+
+// Once the network has grown four times, a key is provided again after
+// its growth delay, counted from when the growth was first seen (and
+// forgotten if the network shrinks back); the delays of a node's keys
+// spread evenly within their bound: a share of the network's size, of
+// the record's age and of maxGrowthSpread.
+func TestProvisionsSpreadGrowthProvides(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	self := peer.ID("node-a")
+	key := func(i int) cid.Cid { return cid.NewCidV1(cid.Raw, mustHash(t, fmt.Appendf(nil, "key %d", i))) }
+	ps := NewProvisions(self)
+	c := key(0)
+	if !ps.Due(c, t0, 100, time.Hour) {
+		t.Fatal("never provided: not due")
+	}
+	ps.Set(c, Provision{At: t0, Network: 100})
+	grown := t0.Add(5 * time.Minute)
+	d := GrowthDelay(self, c, 100, 5*time.Minute)
+	if d <= 0 || d >= 5*time.Minute {
+		t.Fatalf("delay %v: not within (0, 5m)", d)
+	}
+	if ps.Due(c, grown, 399, time.Hour) {
+		t.Fatal("due before the network grew four times")
+	}
+	if ps.Due(c, grown, 400, time.Hour) || ps.Due(c, grown.Add(d-time.Millisecond), 400, time.Hour) {
+		t.Fatal("due before its growth delay")
+	}
+	if !ps.Due(c, grown.Add(d), 450, time.Hour) {
+		t.Fatal("not due after its growth delay")
+	}
+	// Shrunk back: the growth is forgotten, and counted again from when
+	// it is seen next.
+	if ps.Due(c, grown.Add(d), 300, time.Hour) || ps.Due(c, grown.Add(2*d), 400, time.Hour) || !ps.Due(c, grown.Add(3*d), 400, time.Hour) {
+		t.Fatal("a growth seen again is not counted from then")
+	}
+	if !ps.Due(c, t0.Add(time.Hour), 100, time.Hour) {
+		t.Fatal("not due after its interval")
+	}
+	ps.Set(c, Provision{At: grown, Network: 400})
+	if ps.Due(c, grown.Add(time.Minute), 400, time.Hour) || ps.Get(c).Network != 400 {
+		t.Fatal("provided again: still due")
+	}
+
+	// The bound: the record's age, 3 s a node, 10 min at most.
+	for _, tc := range []struct {
+		network int
+		age     time.Duration
+		bound   time.Duration
+	}{
+		{100, time.Hour, 5 * time.Minute},
+		{10, time.Hour, 30 * time.Second},
+		{1000, time.Hour, 10 * time.Minute},
+		{100, 20 * time.Second, 20 * time.Second},
+		{0, time.Hour, 3 * time.Second},
+		{100, -time.Second, 0},
+	} {
+		var lo, hi time.Duration = tc.bound, 0
+		for i := range 400 {
+			d := GrowthDelay(self, key(i), tc.network, tc.age)
+			if d < 0 || d > tc.bound || (tc.bound > 0 && d == tc.bound) {
+				t.Fatalf("network %d, age %v: delay %v outside [0, %v)", tc.network, tc.age, d, tc.bound)
+			}
+			if d != GrowthDelay(self, key(i), tc.network, tc.age) {
+				t.Fatal("a key's delay changes from call to call")
+			}
+			lo, hi = min(lo, d), max(hi, d)
+		}
+		if tc.bound > 0 && (lo > tc.bound/20 || hi < tc.bound*19/20) {
+			t.Errorf("network %d, age %v: 400 keys' delays within [%v, %v] of [0, %v)", tc.network, tc.age, lo, hi, tc.bound)
+		}
+	}
+	if GrowthDelay(self, c, 100, time.Hour) == GrowthDelay("node-b", c, 100, time.Hour) {
+		t.Error("two nodes wait as long for one key")
+	}
+}
+
+func mustHash(t *testing.T, b []byte) multihash.Multihash {
+	t.Helper()
+	h, err := multihash.Sum(b, multihash.SHA2_256, -1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return h
 }
 
 func TestPeerTableStats(t *testing.T) {
