@@ -96,7 +96,8 @@ type Sim struct {
 	// spreads each link's delay uniformly by up to ± this.
 	Latency, Jitter time.Duration
 	// Sybils join once the honest network is healthy, JoinRate a second
-	// (SybilKinds says what each does); none by default.
+	// (SybilKinds says what each does); the measured run starts once they
+	// have joined and provided their lies in the DHT. None by default.
 	Sybils int
 	// Seed makes the model and the choices of the simulation (whom to
 	// kill, which lookup to make) reproducible.

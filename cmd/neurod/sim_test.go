@@ -55,6 +55,7 @@ type simJSON struct {
 	} `json:"nodes"`
 	Sybils *struct {
 		Count        int            `json:"count"`
+		JoinS        float64        `json:"join_s"`
 		Kinds        map[string]int `json:"kinds"`
 		Published    int            `json:"published"`
 		HonestScores struct {
@@ -115,7 +116,7 @@ func TestSimUnderChurn(t *testing.T) {
 	if rep.DHT.Lookups == 0 || rep.DHT.Found == 0 || rep.GossipBytesPerS <= 0 || rep.RSSBytes == 0 || rep.CPUPerNode <= 0 {
 		t.Fatalf("figures: %+v", rep)
 	}
-	if y := rep.Sybils; y == nil || y.Count != 8 || len(y.Kinds) != 4 || y.Kinds["liar"] != 2 || y.Published == 0 {
+	if y := rep.Sybils; y == nil || y.Count != 8 || len(y.Kinds) != 4 || y.Kinds["liar"] != 2 || y.Published == 0 || y.JoinS <= 0 {
 		t.Fatalf("sybils: %+v", y)
 	}
 	if y := rep.Sybils; y.HonestScores.N == 0 || y.HonestScores.P50 < 0 || y.KindScores["junk"].N == 0 || y.KindScores["junk"].P50 >= 0 {
