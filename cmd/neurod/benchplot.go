@@ -41,7 +41,10 @@ func benchPlot(rep *testnet.BenchReport, path string) error {
 	// machine and those across a network: a log scale.
 	thr.Y.Scale, thr.Y.Tick.Marker = plot.LogScale{}, plot.LogTicks{Prec: -1}
 	thr.Legend.Left = false
-	return writePlots(path, lat, thr)
+	if err := writePlots(path, [][]*plot.Plot{{lat, thr}}, 13*vg.Centimeter, 11*vg.Centimeter); err != nil {
+		return fmt.Errorf("bench plot: %w", err)
+	}
+	return nil
 }
 
 // plotNetns draws the netns runs' series; it returns the largest RTT.
@@ -124,23 +127,29 @@ func plotReferences(rep *testnet.BenchReport, lat, thr *plot.Plot, maxRTT float6
 	return nil
 }
 
-// writePlots draws the two plots side by side into a PNG at path.
-func writePlots(path string, lat, thr *plot.Plot) error {
-	const w, h = 26 * vg.Centimeter, 11 * vg.Centimeter
-	img := vgimg.New(w, h)
-	dc := draw.New(img)
-	tiles := draw.Tiles{Rows: 1, Cols: 2, PadX: vg.Centimeter, PadTop: vg.Millimeter * 3, PadBottom: vg.Millimeter * 3,
-		PadLeft: vg.Millimeter * 3, PadRight: vg.Millimeter * 3}
-	canvases := plot.Align([][]*plot.Plot{{lat, thr}}, tiles, dc)
-	lat.Draw(canvases[0][0])
-	thr.Draw(canvases[0][1])
+// writePlots draws grid's plots, row by row, into a PNG at path, each
+// plot w × h.
+func writePlots(path string, grid [][]*plot.Plot, w, h vg.Length) error {
+	cols := 0
+	for _, row := range grid {
+		cols = max(cols, len(row))
+	}
+	img := vgimg.New(vg.Length(cols)*w, vg.Length(len(grid))*h)
+	tiles := draw.Tiles{Rows: len(grid), Cols: cols, PadX: vg.Centimeter, PadY: vg.Centimeter,
+		PadTop: vg.Millimeter * 3, PadBottom: vg.Millimeter * 3, PadLeft: vg.Millimeter * 3, PadRight: vg.Millimeter * 3}
+	canvases := plot.Align(grid, tiles, draw.New(img))
+	for r, row := range grid {
+		for c, p := range row {
+			p.Draw(canvases[r][c])
+		}
+	}
 	f, err := os.Create(path)
 	if err != nil {
-		return fmt.Errorf("bench plot: %w", err)
+		return err
 	}
 	if _, err := (vgimg.PngCanvas{Canvas: img}).WriteTo(f); err != nil {
 		f.Close()
-		return fmt.Errorf("bench plot: %w", err)
+		return fmt.Errorf("write %s: %w", path, err)
 	}
 	return f.Close()
 }

@@ -15,8 +15,6 @@ import (
 	"gonum.org/v1/plot"
 	"gonum.org/v1/plot/plotter"
 	"gonum.org/v1/plot/vg"
-	"gonum.org/v1/plot/vg/draw"
-	"gonum.org/v1/plot/vg/vgimg"
 
 	"github.com/neuro-p2p/neuro/testnet"
 )
@@ -149,25 +147,7 @@ func simPlot(reps []*testnet.SimReport, path string) error {
 		}
 		grid[i/cols] = append(grid[i/cols], p)
 	}
-	w, h := vg.Length(cols)*11*vg.Centimeter, vg.Length(rows)*9*vg.Centimeter
-	img := vgimg.New(w, h)
-	tiles := draw.Tiles{Rows: rows, Cols: cols, PadX: vg.Centimeter, PadY: vg.Centimeter,
-		PadTop: vg.Millimeter * 3, PadBottom: vg.Millimeter * 3, PadLeft: vg.Millimeter * 3, PadRight: vg.Millimeter * 3}
-	canvases := plot.Align(grid, tiles, draw.New(img))
-	for r, row := range grid {
-		for c, p := range row {
-			p.Draw(canvases[r][c])
-		}
-	}
-	f, err := os.Create(path)
-	if err != nil {
-		return fmt.Errorf("sim plot: %w", err)
-	}
-	if _, err := (vgimg.PngCanvas{Canvas: img}).WriteTo(f); err != nil {
-		f.Close()
-		return fmt.Errorf("sim plot: write %s: %w", path, err)
-	}
-	if err := f.Close(); err != nil {
+	if err := writePlots(path, grid, 11*vg.Centimeter, 9*vg.Centimeter); err != nil {
 		return fmt.Errorf("sim plot: %w", err)
 	}
 	return nil
