@@ -451,20 +451,21 @@ func (e *Engine) load(ctx context.Context, m *served) error {
 	return nil
 }
 
-// announce provides the model's gating key now, twice a day and whenever
-// the network has doubled since (p2p.Provision), and keeps the DHT's
+// announce provides the model's gating key now, twice a day and, after
+// its growth delay, whenever the network has grown four times since
+// (p2p.Provisions), and keeps the DHT's
 // providers fresh (of every expert every dhtFullRefresh, in between of
 // those fewer than two heartbeats announce), until ctx ends.
 func (e *Engine) announce(ctx context.Context, m *served) {
 	key := neuropb.GatingKey(m.cid)
-	var provided p2p.Provision
+	provided := p2p.NewProvisions(e.h.ID())
 	hb := HeartbeatProviders(e.h, m.cid)
 	var full time.Time
 	for {
-		if size := e.h.NetworkSize(); provided.Due(time.Now(), size, 12*time.Hour) {
+		if size := e.h.NetworkSize(); provided.Due(key, time.Now(), size, 12*time.Hour) {
 			pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 			if err := e.h.Provide(pctx, key); err == nil {
-				provided = p2p.Provision{At: time.Now(), Network: size}
+				provided.Set(key, p2p.Provision{At: time.Now(), Network: size})
 			} else if ctx.Err() == nil {
 				e.log.Debug("provide gating key", "model", m.cid, "err", err)
 			}

@@ -55,8 +55,17 @@ type Provision struct {
 // under churn: twenty provides a second, each a lookup and twenty dials,
 // most of the network's handshakes).
 func (p Provision) Due(now time.Time, size int, interval time.Duration) bool {
-	return p.At.IsZero() || now.Sub(p.At) >= interval || size >= reprovideGrowth*max(1, p.Network)
+	return p.expired(now, interval) || p.outgrown(size)
 }
+
+// expired reports whether the key was never provided, or interval ago.
+func (p Provision) expired(now time.Time, interval time.Duration) bool {
+	return p.At.IsZero() || now.Sub(p.At) >= interval
+}
+
+// outgrown reports whether the network has grown reprovideGrowth times
+// since the key was provided.
+func (p Provision) outgrown(size int) bool { return size >= reprovideGrowth*max(1, p.Network) }
 
 // Provisions remember when each key a node provides was last provided,
 // and when the network was first seen grown reprovideGrowth times since:
@@ -108,10 +117,10 @@ func (ps *Provisions) Due(c cid.Cid, now time.Time, size int, interval time.Dura
 	ps.mu.Lock()
 	defer ps.mu.Unlock()
 	p := ps.m[c]
-	if p.At.IsZero() || now.Sub(p.At) >= interval {
+	if p.expired(now, interval) {
 		return true
 	}
-	if size < reprovideGrowth*max(1, p.Network) {
+	if !p.outgrown(size) {
 		if !p.grew.IsZero() {
 			p.grew = time.Time{}
 			ps.m[c] = p
