@@ -100,12 +100,7 @@ func (l *Loopback) Setup(_ context.Context, r *Run) error {
 // Launch implements Topology.
 func (l *Loopback) Launch(r *Run, o *LaunchOptions) error {
 	m := r.Model
-	// The expert nodes share the cores among themselves (a layer's
-	// experts on two nodes compute at once, and ggml's threads spin at
-	// barriers when there are more of them than cores), but not with the
-	// gating node, which waits while they compute: one expert node gets
-	// every core.
-	threads := max(1, runtime.NumCPU()/max(1, l.ExpertNodes))
+	gatingThreads, threads := shareCores(runtime.NumCPU(), l.ExpertNodes)
 	genesis := r.genesisPath()
 	r.log.Info("starting testnet", "expert_nodes", l.ExpertNodes, "model", m.CID, "layers", m.Layers(), "experts", m.Experts(), "dir", r.Dir)
 	o.Nodes = l.ExpertNodes + 1
@@ -116,7 +111,7 @@ func (l *Loopback) Launch(r *Run, o *LaunchOptions) error {
 	o.Config = func(i int, c *node.Config) {
 		c.Expert.Threads = threads
 		c.Expert.RequireEscrow = l.RequireEscrow
-		c.Gating.Threads = max(1, runtime.NumCPU()/2)
+		c.Gating.Threads = gatingThreads
 		if l.Pin {
 			c.Gating.Threads = 1
 		}
@@ -505,4 +500,23 @@ func (l *Loopback) Hint(r *Run) []string {
 		}
 	}
 	return out
+}
+
+// shareCores gives the gating node and each of n expert nodes on one
+// machine of cores cores their compute threads: half the cores to the
+// gating node, the rest shared by the expert nodes, each at least one.
+// The gating node and its experts take turns (it waits while they
+// compute), but their threads must not outnumber the cores even so:
+// ggml's threads wait for each other at every op of a graph by spinning,
+// and a thread that loses its core to another process's (the other
+// node's network goroutines, a ledger block, the garbage collector)
+// makes its partner spin until it is back. On two cores, an expert node
+// of two threads beside a gating node of one took 0.9 ms for a layer's
+// experts at the median but 3.4 ms at p90 and up to 40 ms (two spinning
+// threads on one core, each op a time slice): 41-46 ms a token against
+// 26-30 ms with one thread each (bench model, loopback).
+func shareCores(cores, n int) (gating, expert int) {
+	gating = max(1, cores/2)
+	expert = max(1, (cores-gating)/max(1, n))
+	return gating, expert
 }

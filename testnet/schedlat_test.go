@@ -25,3 +25,19 @@ func TestQuantileSince(t *testing.T) {
 		t.Errorf("the unbounded bucket: %v, want its lower bound 0.1", got)
 	}
 }
+
+// The loopback testnet's nodes never have more compute threads than the
+// machine has cores (ggml's spinning barriers), and each has one.
+func TestShareCores(t *testing.T) {
+	for _, c := range []struct{ cores, n, gating, expert int }{
+		{1, 1, 1, 1}, {2, 1, 1, 1}, {2, 4, 1, 1}, {4, 1, 2, 2}, {16, 1, 8, 8}, {16, 4, 8, 2}, {16, 3, 8, 2}, {3, 1, 1, 2},
+	} {
+		g, e := shareCores(c.cores, c.n)
+		if g != c.gating || e != c.expert {
+			t.Errorf("shareCores(%d cores, %d expert nodes) = %d, %d; want %d, %d", c.cores, c.n, g, e, c.gating, c.expert)
+		}
+		if c.cores >= 1+c.n && g+c.n*e > c.cores {
+			t.Errorf("shareCores(%d, %d): %d threads on %d cores", c.cores, c.n, g+c.n*e, c.cores)
+		}
+	}
+}
