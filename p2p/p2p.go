@@ -242,6 +242,7 @@ func New(key crypto.PrivKey, cfg Config, opts ...Option) (_ *Host, err error) {
 	if cfg.HeartbeatRate < 0 {
 		return nil, fmt.Errorf("p2p config: heartbeat rate %v is negative", cfg.HeartbeatRate)
 	}
+	cfg.Bootstrap = mergeAddrInfos(cfg.Bootstrap)
 	h := &Host{
 		cfg:     cfg,
 		log:     o.log,
@@ -390,6 +391,31 @@ func (h *Host) connectBootstrap(ctx context.Context) error {
 		}
 		backoff = min(2*backoff, 5*time.Second)
 	}
+}
+
+// mergeAddrInfos joins the entries of one peer (a config lists each
+// address of a bootstrap node as an entry of its own), in the order each
+// peer first appears: a peer is dialled once, with all its addresses, so
+// that the dial ranker chooses among them (dialled one by one, a node's
+// TCP and QUIC addresses raced, and either connection could carry its
+// streams).
+func mergeAddrInfos(ais []peer.AddrInfo) []peer.AddrInfo {
+	var out []peer.AddrInfo
+	at := map[peer.ID]int{}
+	for _, ai := range ais {
+		i, ok := at[ai.ID]
+		if !ok {
+			at[ai.ID] = len(out)
+			out = append(out, peer.AddrInfo{ID: ai.ID})
+			i = len(out) - 1
+		}
+		for _, a := range ai.Addrs {
+			if !slices.ContainsFunc(out[i].Addrs, a.Equal) {
+				out[i].Addrs = append(out[i].Addrs, a)
+			}
+		}
+	}
+	return out
 }
 
 // dialBootstrap dials the bootstrap peers in parallel and returns how many

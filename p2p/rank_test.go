@@ -85,3 +85,25 @@ func TestLoopbackPeersConnectOverTCP(t *testing.T) {
 		}
 	}
 }
+
+// A bootstrap node listed once per address (as a config lists it) is
+// dialled once with all of them: one connection, over TCP.
+func TestBootstrapAddressesDialledTogether(t *testing.T) {
+	a := newTestHost(t, testConfig())
+	cfg := testConfig()
+	for _, ad := range a.Addrs() {
+		cfg.Bootstrap = append(cfg.Bootstrap, peer.AddrInfo{ID: a.ID(), Addrs: []ma.Multiaddr{ad}})
+	}
+	if len(cfg.Bootstrap) < 2 {
+		t.Fatalf("a listens on %v, want TCP and QUIC", a.Addrs())
+	}
+	b := newTestHost(t, cfg)
+	conns := b.LibP2P().Network().ConnsToPeer(a.ID())
+	if len(conns) != 1 || !isTCP(conns[0].RemoteMultiaddr()) {
+		var got []string
+		for _, c := range conns {
+			got = append(got, c.RemoteMultiaddr().String())
+		}
+		t.Errorf("connections to the bootstrap node: %v, want one over TCP", got)
+	}
+}
