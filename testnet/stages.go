@@ -330,9 +330,11 @@ const testnetAllowance = 1000 * ledger.BaseUnits
 func writeGenesis(path string, homes []string, mf *Model, validators, gating int, users ...peer.ID) error {
 	params := ledger.DefaultParams()
 	params.PricePerMflop = TestnetPrice(mf.Manifest.ExpertFLOPsPerToken())
-	// Votes close after 2 s of 200 ms blocks, so that a user can try
-	// governance on the testnet.
-	params.VotingBlocks = 10
+	// Votes close after 10 s of 200 ms blocks, so that a user can try
+	// governance on the testnet: time to vote from two nodes, even on a
+	// loaded machine (2 s was missed by a test's two votes while CI's
+	// other tests held the cores).
+	params.VotingBlocks = 50
 	g := ledger.ChainGenesis{ChainID: "neuro-testnet", Time: time.Now().UTC().Truncate(time.Second),
 		Ledger: &neuropb.LedgerGenesis{Params: params, Models: [][]byte{mf.CID.Bytes()}}}
 	ids := make([]peer.ID, len(homes))
