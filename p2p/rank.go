@@ -2,6 +2,7 @@ package p2p
 
 import (
 	"slices"
+	"time"
 
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/p2p/net/swarm"
@@ -11,9 +12,8 @@ import (
 
 // rankDials is the host's dial ranker: libp2p's (swarm.DefaultDialRanker),
 // except that among a peer's loopback and private-network addresses TCP
-// is dialled first and QUIC swarm.PrivateTCPDelay later, where libp2p
-// does the reverse, so that two nodes on one machine or one LAN talk
-// over TCP. There the network costs little and the stack's own work per
+// is dialled first and QUIC localQUICDelay later, where libp2p does the
+// reverse, so that two nodes on one machine or one LAN talk over TCP. There the network costs little and the stack's own work per
 // message decides an expert call's time: quic-go's per-packet work in
 // user space (a 4 KB hidden state is four packets, each encrypted and
 // sent by a goroutine of the connection's, then acknowledged) made a
@@ -49,12 +49,20 @@ func rankDials(addrs []ma.Multiaddr) []network.AddrDelay {
 			// TCP's dials keep their spacing, starting when QUIC's did.
 			ranked[i].Delay = d.Delay - tcp0 + quic0
 		case isQUIC(d.Addr):
-			ranked[i].Delay = d.Delay + swarm.PrivateTCPDelay
+			ranked[i].Delay = d.Delay + localQUICDelay
 		}
 	}
 	slices.SortStableFunc(ranked, func(a, b network.AddrDelay) int { return int(a.Delay - b.Delay) })
 	return ranked
 }
+
+// localQUICDelay is how long a local QUIC dial waits for the TCP dial
+// before it: a refused TCP dial starts it at once (the swarm dials the
+// next address when one fails), so the wait only counts where TCP is
+// filtered. libp2p's 30 ms for local addresses was too short on a loaded
+// machine: a TCP handshake (Noise, yamux) under the race detector with
+// CI's other tests took longer, and the QUIC connection won.
+const localQUICDelay = 250 * time.Millisecond
 
 // local: a direct loopback or private-network (RFC 1918, ULA) address.
 func local(a ma.Multiaddr) bool {

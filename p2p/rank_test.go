@@ -5,7 +5,6 @@ import (
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
-	"github.com/libp2p/go-libp2p/p2p/net/swarm"
 	ma "github.com/multiformats/go-multiaddr"
 )
 
@@ -38,8 +37,8 @@ func TestRankDials(t *testing.T) {
 		{"/ip6/::1/tcp/4001", "/ip6/::1/udp/4001/quic-v1"},
 	} {
 		d := delays(pair[0], pair[1])
-		if d[pair[0]] != 0 || d[pair[1]] != swarm.PrivateTCPDelay {
-			t.Errorf("local: %v, want TCP at once and QUIC after %v", d, swarm.PrivateTCPDelay)
+		if d[pair[0]] != 0 || d[pair[1]] != localQUICDelay {
+			t.Errorf("local: %v, want TCP at once and QUIC after %v", d, localQUICDelay)
 		}
 	}
 	pub := delays("/ip4/1.2.3.4/tcp/4001", "/ip4/1.2.3.4/udp/4001/quic-v1")
@@ -50,12 +49,12 @@ func TestRankDials(t *testing.T) {
 	// the relay address after both.
 	home := delays("/ip4/1.2.3.4/udp/4001/quic-v1", "/ip4/1.2.3.4/tcp/4001", "/ip4/10.0.0.2/tcp/4001", "/ip4/10.0.0.2/udp/4001/quic-v1",
 		"/ip4/5.6.7.8/tcp/4001/p2p/12D3KooWSeFd1ztpG1apzhKsjQVyCs97TXgDugQvMuDmpKgALfPp/p2p-circuit")
-	if home["/ip4/10.0.0.2/tcp/4001"] != 0 || home["/ip4/10.0.0.2/udp/4001/quic-v1"] != swarm.PrivateTCPDelay ||
+	if home["/ip4/10.0.0.2/tcp/4001"] != 0 || home["/ip4/10.0.0.2/udp/4001/quic-v1"] != localQUICDelay ||
 		home["/ip4/1.2.3.4/udp/4001/quic-v1"] != 0 || home["/ip4/1.2.3.4/tcp/4001"] <= 0 {
 		t.Errorf("home: %v", home)
 	}
 	for a, d := range home {
-		if m(a).String() != "" && isCircuit(m(a)) && d <= swarm.PrivateTCPDelay {
+		if m(a).String() != "" && isCircuit(m(a)) && d <= localQUICDelay {
 			t.Errorf("relay %s dialled after %v, before the direct addresses had their turn", a, d)
 		}
 	}
