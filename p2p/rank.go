@@ -1,6 +1,7 @@
 package p2p
 
 import (
+	"cmp"
 	"slices"
 	"time"
 
@@ -13,35 +14,33 @@ import (
 // rankDials is the host's dial ranker: libp2p's (swarm.DefaultDialRanker),
 // except that among a peer's loopback and private-network addresses TCP
 // is dialled first and QUIC localQUICDelay later, where libp2p does the
-// reverse, so that two nodes on one machine or one LAN talk over TCP. There the network costs little and the stack's own work per
-// message decides an expert call's time: quic-go's per-packet work in
-// user space (a 4 KB hidden state is four packets, each encrypted and
-// sent by a goroutine of the connection's, then acknowledged) made a
-// loopback round trip of the bench model's expert calls about twice what
-// TCP's took (a layer's write and read ~0.4 ms each way against ~0.2 ms;
-// 33-40 ms a token against 26-30 ms, two cores). Public addresses keep
-// libp2p's order (QUIC first: one round trip less to connect, and the
-// UDP hole punching of homes).
+// reverse, so that two nodes on one machine or one LAN talk over TCP.
+// There the network costs little and the stack's own work per message
+// decides an expert call's time: quic-go's per-packet work in user space
+// (a 4 KB hidden state is four packets, each encrypted and sent by a
+// goroutine of the connection's, then acknowledged) made a loopback round
+// trip of the bench model's expert calls about twice what TCP's took (a
+// layer's write and read ~0.4 ms each way against ~0.2 ms; 33-40 ms a
+// token against 26-30 ms, two cores). Public addresses keep libp2p's
+// order (QUIC first: one round trip less to connect, and the UDP hole
+// punching of homes).
 func rankDials(addrs []ma.Multiaddr) []network.AddrDelay {
 	ranked := swarm.DefaultDialRanker(addrs)
-	if !slices.ContainsFunc(addrs, func(a ma.Multiaddr) bool { return local(a) && isTCP(a) }) {
-		return ranked
-	}
-	// The earliest dial of a local TCP address, and of a local QUIC one.
-	firstTCP, firstQUIC := -1, -1
-	for i, d := range ranked {
+	// When libp2p dials the first local TCP address, and the first local
+	// QUIC one (-1: none).
+	tcp0, quic0 := time.Duration(-1), time.Duration(-1)
+	for _, d := range ranked {
 		switch {
 		case !local(d.Addr):
-		case isTCP(d.Addr) && (firstTCP < 0 || d.Delay < ranked[firstTCP].Delay):
-			firstTCP = i
-		case isQUIC(d.Addr) && (firstQUIC < 0 || d.Delay < ranked[firstQUIC].Delay):
-			firstQUIC = i
+		case isTCP(d.Addr) && (tcp0 < 0 || d.Delay < tcp0):
+			tcp0 = d.Delay
+		case isQUIC(d.Addr) && (quic0 < 0 || d.Delay < quic0):
+			quic0 = d.Delay
 		}
 	}
-	if firstQUIC < 0 || firstTCP < 0 {
+	if tcp0 < 0 || quic0 < 0 {
 		return ranked
 	}
-	tcp0, quic0 := ranked[firstTCP].Delay, ranked[firstQUIC].Delay
 	for i, d := range ranked {
 		switch {
 		case !local(d.Addr):
@@ -52,7 +51,7 @@ func rankDials(addrs []ma.Multiaddr) []network.AddrDelay {
 			ranked[i].Delay = d.Delay + localQUICDelay
 		}
 	}
-	slices.SortStableFunc(ranked, func(a, b network.AddrDelay) int { return int(a.Delay - b.Delay) })
+	slices.SortStableFunc(ranked, func(a, b network.AddrDelay) int { return cmp.Compare(a.Delay, b.Delay) })
 	return ranked
 }
 
