@@ -43,7 +43,9 @@ type ServiceConfig struct {
 	BudgetSource string
 	// Threads for ggml (0: every core).
 	Threads int
-	Server  Config
+	// Lanes: moe.ExpertOptions.Lanes.
+	Lanes  int
+	Server Config
 	// Step is the pause between two automatic hosting steps (jittered),
 	// long enough for a heartbeat to announce the last choice.
 	Step time.Duration
@@ -801,9 +803,9 @@ func (s *Service) load(shard *model.Shard, k Key) error {
 	var e moe.Expert
 	var err error
 	if s.cfg.Fault == FaultLowPrec {
-		e, err = lowPrecExpert(s.cfg.Compute, shard, k.Layer, moe.ExpertOptions{Threads: s.cfg.Threads})
+		e, err = lowPrecExpert(s.cfg.Compute, shard, k.Layer, moe.ExpertOptions{Threads: s.cfg.Threads, Lanes: s.cfg.Lanes})
 	} else {
-		e, err = moe.NewExpertFromShard(s.cfg.Compute, shard, k.Layer, moe.ExpertOptions{Threads: s.cfg.Threads})
+		e, err = moe.NewExpertFromShard(s.cfg.Compute, shard, k.Layer, moe.ExpertOptions{Threads: s.cfg.Threads, Lanes: s.cfg.Lanes})
 	}
 	if err != nil {
 		return fmt.Errorf("expert %s: %w", k, err)

@@ -230,26 +230,32 @@ func median(ds []time.Duration) time.Duration {
 // BenchmarkExpertGroup: one token through 2 of a layer's 8 experts at the
 // bench model's shape (embd 1024, ff 3584, Q8_0), as an expert node
 // computes a layer's calls: each expert in a graph of its own (separate),
-// both in one graph (group: one request per node and layer) and as
-// llama.cpp does, one expert-indexed product over a stack of all 8
-// (stack); µs per layer.
+// both in one graph (group: one request per node and layer), both in one
+// graph on one thread (group-1thread), each on a lane of one thread of its
+// own at the same time (lanes), and as llama.cpp does, one expert-indexed
+// product over a stack of all 8 (stack); µs per layer.
 func BenchmarkExpertGroup(b *testing.B) {
 	const embd, ff, n = 1024, 3584, 8
 	rng := rand.New(rand.NewPCG(1, 2))
 	ws := make([]moe.ExpertWeights, n)
-	es := make([]moe.Expert, n)
+	es, one, laned := make([]moe.Expert, n), make([]moe.Expert, n), make([]moe.Expert, n)
 	for i := range ws {
 		g, _ := randWeights(b, rng, model.Q8_0, embd*ff, 0.02)
 		u, _ := randWeights(b, rng, model.Q8_0, embd*ff, 0.02)
 		d, _ := randWeights(b, rng, model.Q8_0, embd*ff, 0.02)
 		ws[i] = moe.ExpertWeights{Embd: embd, FF: ff, Gate: moe.Tensor{Type: model.Q8_0, Data: g},
 			Up: moe.Tensor{Type: model.Q8_0, Data: u}, Down: moe.Tensor{Type: model.Q8_0, Data: d}}
-		e, err := Backend{}.NewExpert(ws[i], moe.ExpertOptions{})
-		if err != nil {
-			b.Fatal(err)
+		for _, c := range []struct {
+			to []moe.Expert
+			o  moe.ExpertOptions
+		}{{es, moe.ExpertOptions{}}, {one, moe.ExpertOptions{Threads: 1}}, {laned, moe.ExpertOptions{Threads: 1, Lanes: 2}}} {
+			e, err := Backend{}.NewExpert(ws[i], c.o)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer e.Close()
+			c.to[i] = e
 		}
-		defer e.Close()
-		es[i] = e
 	}
 	st, err := NewStack(Device{}, ws, 2, moe.ExpertOptions{})
 	if err != nil {
@@ -277,6 +283,14 @@ func BenchmarkExpertGroup(b *testing.B) {
 		{"group", func(i int) error {
 			a, z := pair(i)
 			return moe.ComputeGroup([]moe.Computer{es[a], es[z]}, [][]float32{x, x}, []int{1, 1}, [][]float32{o1, o2})
+		}},
+		{"group-1thread", func(i int) error {
+			a, z := pair(i)
+			return moe.ComputeGroup([]moe.Computer{one[a], one[z]}, [][]float32{x, x}, []int{1, 1}, [][]float32{o1, o2})
+		}},
+		{"lanes", func(i int) error {
+			a, z := pair(i)
+			return moe.ComputeGroup([]moe.Computer{laned[a], laned[z]}, [][]float32{x, x}, []int{1, 1}, [][]float32{o1, o2})
 		}},
 		{"stack", func(i int) error {
 			a, z := pair(i)

@@ -33,6 +33,7 @@ type Expert struct {
 	embd, ff int
 	maxBatch int
 	threads  int // its compute threads (ExpertOptions.Threads)
+	lanes    int // ExpertOptions.Lanes, at least 1
 	dtype    model.DType
 	vary     bool
 }
@@ -65,6 +66,8 @@ func NewExpertOn(dev Device, w moe.ExpertWeights, o moe.ExpertOptions) (*Expert,
 	if o.MaxBatch <= 0 {
 		o.MaxBatch = 512
 	}
+	// More lanes than the cores the process may run on would take turns.
+	o.Lanes = min(max(o.Lanes, 1), poolThreads, maxLanes)
 	initBackend()
 	computeMu.Lock()
 	defer computeMu.Unlock()
@@ -98,7 +101,10 @@ func NewExpertOn(dev Device, w moe.ExpertWeights, o moe.ExpertOptions) (*Expert,
 	// its plain product (a dense expert) takes tinyBLAS for two rows or
 	// more, and a GPU's kernels differ by batch size.
 	vary := w.Dense || dev.Backend != "" && dev.Backend != "CPU"
-	return &Expert{c: c, embd: embd, ff: ff, maxBatch: o.MaxBatch, threads: o.Threads, dtype: w.Gate.Type, vary: vary}, nil
+	if dev.Backend != "" && dev.Backend != "CPU" {
+		o.Lanes = 1 // a device's experts are not grouped (vary)
+	}
+	return &Expert{c: c, embd: embd, ff: ff, maxBatch: o.MaxBatch, threads: o.Threads, lanes: o.Lanes, dtype: w.Gate.Type, vary: vary}, nil
 }
 
 // RowsVary reports whether a row's result depends on the batch it is
@@ -140,6 +146,44 @@ func (e *Expert) Compute(x []float32, n int, out []float32) error {
 // under computeMu.
 var group *C.neuro_group
 
+// maxLanes bounds ExpertOptions.Lanes.
+const maxLanes = 64
+
+// laneKey names a set of lanes: how many, and the threads of each.
+type laneKey struct{ lanes, threads int }
+
+// laneSets are the process's lanes (neuro_lanes), made on first use under
+// computeMu and kept: a set's lanes other than the first are threads that
+// wait for their next share.
+var laneSets = map[laneKey]*C.neuro_lanes{}
+
+// lanesOf returns the set of lanes lanes of threads threads, made on first
+// use; computeMu held.
+func lanesOf(lanes, threads int) (*C.neuro_lanes, error) {
+	k := laneKey{lanes, threads}
+	if l := laneSets[k]; l != nil {
+		return l, nil
+	}
+	var errbuf [256]C.char
+	l := C.neuro_lanes_new(C.int(lanes), C.int(threads), &errbuf[0], C.size_t(len(errbuf)))
+	if l == nil {
+		return nil, fmt.Errorf("expert group: %d lanes: %s", lanes, C.GoString(&errbuf[0]))
+	}
+	laneSets[k] = l
+	return l, nil
+}
+
+// groupLanes is the lanes of the last group's compute (1: one graph on
+// the shared pool), under computeMu.
+var groupLanes int
+
+// lastLanes is the lanes of the last group's compute.
+func lastLanes() int {
+	computeMu.Lock()
+	defer computeMu.Unlock()
+	return groupLanes
+}
+
 // lastGroupThreads is the threads of the last group's compute.
 func lastGroupThreads() int {
 	computeMu.Lock()
@@ -159,7 +203,7 @@ func (e *Expert) ComputeGroup(ms []moe.Computer, xs [][]float32, ns []int, outs 
 		return fmt.Errorf("expert group: %d experts, %d inputs, %d sizes, %d outputs", n, len(xs), len(ns), len(outs))
 	}
 	es := make([]*Expert, n)
-	threads := 1 // the most any member was given
+	threads, lanes := 1, 1 // the most any member was given
 	for i, m := range ms {
 		x, ok := m.(*Expert)
 		if !ok || x == nil || x.vary || slices.Contains(es[:i], x) {
@@ -168,7 +212,7 @@ func (e *Expert) ComputeGroup(ms []moe.Computer, xs [][]float32, ns []int, outs 
 		if err := moe.CheckBatch(xs[i], ns[i], outs[i], x.embd, x.maxBatch); err != nil {
 			return fmt.Errorf("expert group: expert %d: %w", i, err)
 		}
-		es[i], threads = x, max(threads, x.threads)
+		es[i], threads, lanes = x, max(threads, x.threads), max(lanes, x.lanes)
 	}
 	// Each expert's lock in one order (their addresses), then computeMu.
 	order := slices.Clone(es)
@@ -184,26 +228,72 @@ func (e *Expert) ComputeGroup(ms []moe.Computer, xs [][]float32, ns []int, outs 
 	}
 	computeMu.Lock()
 	defer computeMu.Unlock()
+	var pinner runtime.Pinner
+	defer pinner.Unpin()
+	for i := range es {
+		pinner.Pin(&xs[i][0])
+		pinner.Pin(&outs[i][0])
+	}
+	groupLanes = min(lanes, n)
+	if groupLanes > 1 {
+		return computeLanes(es, xs, ns, outs, groupLanes, threads)
+	}
 	if group == nil {
 		var errbuf [256]C.char
 		if group = C.neuro_group_new(C.int(poolThreads), &errbuf[0], C.size_t(len(errbuf))); group == nil {
 			return fmt.Errorf("expert group: %s", C.GoString(&errbuf[0]))
 		}
 	}
+	return groupOn(group, es, xs, ns, outs, threads)
+}
+
+// computeLanes computes es's members in lanes lanes at the same time, each
+// lane on threads threads of its own; computeMu held, the rows pinned.
+// The members are dealt to the lanes by rows, the most first, each to the
+// lane with the fewest so far.
+func computeLanes(es []*Expert, xs [][]float32, ns []int, outs [][]float32, lanes, threads int) error {
+	l, err := lanesOf(lanes, threads)
+	if err != nil {
+		return err
+	}
+	n := len(es)
+	order := make([]int, n)
+	for i := range order {
+		order[i] = i
+	}
+	slices.SortStableFunc(order, func(a, b int) int { return cmp.Compare(ns[b], ns[a]) })
+	cs, cx, cout, cn, lane := cArray[*C.neuro_expert](n), cArray[*C.float](n), cArray[*C.float](n), cArray[C.int](n), cArray[C.int](n)
+	defer C.free(unsafe.Pointer(&cs[0]))
+	defer C.free(unsafe.Pointer(&cx[0]))
+	defer C.free(unsafe.Pointer(&cout[0]))
+	defer C.free(unsafe.Pointer(&cn[0]))
+	defer C.free(unsafe.Pointer(&lane[0]))
+	rows := make([]int, lanes)
+	for _, i := range order {
+		to := slices.Index(rows, slices.Min(rows))
+		rows[to] += ns[i]
+		cs[i], cx[i], cout[i], cn[i], lane[i] = es[i].c, (*C.float)(&xs[i][0]), (*C.float)(&outs[i][0]), C.int(ns[i]), C.int(to)
+	}
+	if rc := C.neuro_lanes_compute(l, &cs[0], C.int(n), &cx[0], &cn[0], &cout[0], &lane[0]); rc != 0 {
+		return fmt.Errorf("expert group: ggml compute on %d lanes failed (code %d)", lanes, int(rc))
+	}
+	return nil
+}
+
+// groupOn computes es[i] on ns[i] rows of xs[i] into outs[i] in one
+// graph of g with threads threads; the rows pinned.
+func groupOn(g *C.neuro_group, es []*Expert, xs [][]float32, ns []int, outs [][]float32, threads int) error {
+	n := len(es)
 	// C arrays of the experts and of pointers to the pinned Go rows.
 	cs, cx, cout, cn := cArray[*C.neuro_expert](n), cArray[*C.float](n), cArray[*C.float](n), cArray[C.int](n)
 	defer C.free(unsafe.Pointer(&cs[0]))
 	defer C.free(unsafe.Pointer(&cx[0]))
 	defer C.free(unsafe.Pointer(&cout[0]))
 	defer C.free(unsafe.Pointer(&cn[0]))
-	var pinner runtime.Pinner
-	defer pinner.Unpin()
 	for i, e := range es {
-		pinner.Pin(&xs[i][0])
-		pinner.Pin(&outs[i][0])
 		cs[i], cx[i], cout[i], cn[i] = e.c, (*C.float)(&xs[i][0]), (*C.float)(&outs[i][0]), C.int(ns[i])
 	}
-	if rc := C.neuro_group_compute(group, &cs[0], C.int(n), &cx[0], &cn[0], &cout[0], C.int(threads)); rc != 0 {
+	if rc := C.neuro_group_compute(g, &cs[0], C.int(n), &cx[0], &cn[0], &cout[0], C.int(threads)); rc != 0 {
 		return fmt.Errorf("expert group: ggml compute failed (code %d)", int(rc))
 	}
 	return nil

@@ -588,14 +588,22 @@ func TestGroupIsEachExpertsCompute(t *testing.T) {
 		}
 		return w
 	}
-	var es []moe.Computer
+	var es, laned []moe.Computer
 	for i := range 12 {
-		e, err := Backend{}.NewExpert(weights(i%3 == 2), moe.ExpertOptions{MaxBatch: 8})
+		w := weights(i%3 == 2)
+		e, err := Backend{}.NewExpert(w, moe.ExpertOptions{MaxBatch: 8})
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer e.Close()
 		es = append(es, e)
+		// the same expert on lanes of one thread (at most the cores)
+		l, err := Backend{}.NewExpert(w, moe.ExpertOptions{MaxBatch: 8, Threads: 1, Lanes: 3})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer l.Close()
+		laned = append(laned, l)
 	}
 	input := func(n int) []float32 {
 		x := make([]float32, n*embd)
@@ -631,6 +639,19 @@ func TestGroupIsEachExpertsCompute(t *testing.T) {
 	t.Run("one", func(t *testing.T) { check(t, es[:1], true) })
 	t.Run("two", func(t *testing.T) { check(t, es[3:5], true) })
 	t.Run("twelve", func(t *testing.T) { check(t, es, true) })
+	// On lanes, each lane's members in a graph of their own at the same
+	// time as the others'.
+	for _, c := range []struct {
+		name  string
+		group []moe.Computer
+	}{{"one on lanes", laned[:1]}, {"two on lanes", laned[3:5]}, {"twelve on lanes", laned}} {
+		t.Run(c.name, func(t *testing.T) {
+			check(t, c.group, true)
+			if want := min(3, len(c.group), poolThreads); lastLanes() != want {
+				t.Fatalf("computed on %d lanes, want %d", lastLanes(), want)
+			}
+		})
+	}
 	shared := weights(false)
 	shared.Dense = true
 	d, err := Backend{}.NewExpert(shared, moe.ExpertOptions{MaxBatch: 8})
@@ -639,6 +660,7 @@ func TestGroupIsEachExpertsCompute(t *testing.T) {
 	}
 	defer d.Close()
 	t.Run("dense", func(t *testing.T) { check(t, []moe.Computer{es[0], d}, false) })
+	t.Run("dense with lanes", func(t *testing.T) { check(t, []moe.Computer{laned[0], d}, false) })
 	t.Run("twice", func(t *testing.T) {
 		err := es[0].(moe.Grouper).ComputeGroup([]moe.Computer{es[0], es[0]}, [][]float32{input(1), input(1)}, []int{1, 1},
 			[][]float32{make([]float32, embd), make([]float32, embd)})

@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
 #include <sys/prctl.h>
 
 #include "ggml.h"
@@ -318,7 +319,8 @@ struct neuro_group {
     neuro_exec x;
     size_t meta_size;
     void * meta;
-    int last_threads; // of the last compute, for the tests
+    int last_threads;              // of the last compute, for the tests
+    struct ggml_threadpool * own; // a lane's own threadpool (neuro_lanes), or NULL: the shared one
 };
 
 neuro_group * neuro_group_new(int n_threads, char * err, size_t err_len) {
@@ -343,8 +345,221 @@ void neuro_group_free(neuro_group * g) {
         return;
     }
     exec_free(&g->x);
+    if (g->own) ggml_threadpool_free(g->own);
     free(g->meta);
     free(g);
+}
+
+static neuro_group * group_new_own(int n_threads, char * err, size_t err_len) {
+    neuro_group * g = neuro_group_new(n_threads, err, err_len);
+    if (g == NULL) {
+        return NULL;
+    }
+    struct ggml_threadpool_params tpp = ggml_threadpool_params_default(n_threads);
+    if (poll_level >= 0) {
+        tpp.poll = (uint32_t) poll_level;
+    }
+    g->own = ggml_threadpool_new(&tpp);
+    if (g->own == NULL) {
+        snprintf(err, err_len, "ggml threadpool of %d threads failed", n_threads);
+        neuro_group_free(g);
+        return NULL;
+    }
+    ggml_backend_cpu_set_threadpool(g->x.cpu, g->own);
+    return g;
+}
+
+// A lane's share of a compute: its members' experts, rows and outputs.
+struct lane_job {
+    neuro_expert ** es;
+    const float ** x;
+    int * n;
+    float ** out;
+    int count;
+    int rc;
+};
+
+struct neuro_lanes {
+    int lanes, n_threads;
+    neuro_group ** g; // lane i's group, with its own threadpool
+    pthread_t * th;   // lane i > 0's thread (th[0] unused: the caller's)
+    struct lane_job * jobs;
+    pthread_mutex_t mu;
+    pthread_cond_t start, done;
+    unsigned long gen; // bumped for each compute, under mu
+    int pending;       // workers still computing, under mu
+    int stop;
+};
+
+struct lane_arg {
+    neuro_lanes * l;
+    int i;
+};
+
+static void lane_run(neuro_lanes * l, int i) {
+    struct lane_job * j = &l->jobs[i];
+    j->rc = j->count == 0 ? 0
+                          : neuro_group_compute(l->g[i], (neuro_expert * const *) j->es, j->count,
+                                                (const float * const *) j->x, j->n, (float * const *) j->out, l->n_threads);
+}
+
+static void * lane_main(void * p) {
+    struct lane_arg a = *(struct lane_arg *) p;
+    free(p);
+    neuro_lanes * l = a.l;
+    unsigned long seen = 0;
+    pthread_mutex_lock(&l->mu);
+    for (;;) {
+        while (l->gen == seen && !l->stop) {
+            pthread_cond_wait(&l->start, &l->mu);
+        }
+        if (l->stop) {
+            break;
+        }
+        seen = l->gen;
+        pthread_mutex_unlock(&l->mu);
+        lane_run(l, a.i);
+        pthread_mutex_lock(&l->mu);
+        if (--l->pending == 0) {
+            pthread_cond_signal(&l->done);
+        }
+    }
+    pthread_mutex_unlock(&l->mu);
+    return NULL;
+}
+
+neuro_lanes * neuro_lanes_new(int lanes, int n_threads, char * err, size_t err_len) {
+    if (lanes < 2 || n_threads < 1) {
+        snprintf(err, err_len, "lanes: %d lanes of %d threads", lanes, n_threads);
+        return NULL;
+    }
+    neuro_lanes * l = calloc(1, sizeof(*l));
+    if (l == NULL) {
+        snprintf(err, err_len, "out of memory");
+        return NULL;
+    }
+    l->lanes = lanes;
+    l->n_threads = n_threads;
+    l->g = calloc((size_t) lanes, sizeof(*l->g));
+    l->th = calloc((size_t) lanes, sizeof(*l->th));
+    l->jobs = calloc((size_t) lanes, sizeof(*l->jobs));
+    pthread_mutex_init(&l->mu, NULL);
+    pthread_cond_init(&l->start, NULL);
+    pthread_cond_init(&l->done, NULL);
+    if (l->g == NULL || l->th == NULL || l->jobs == NULL) {
+        snprintf(err, err_len, "out of memory");
+        neuro_lanes_free(l);
+        return NULL;
+    }
+    for (int i = 0; i < lanes; i++) {
+        if ((l->g[i] = group_new_own(n_threads, err, err_len)) == NULL) {
+            neuro_lanes_free(l);
+            return NULL;
+        }
+    }
+    for (int i = 1; i < lanes; i++) {
+        struct lane_arg * a = malloc(sizeof(*a));
+        if (a == NULL) {
+            snprintf(err, err_len, "out of memory");
+            neuro_lanes_free(l);
+            return NULL;
+        }
+        a->l = l;
+        a->i = i;
+        int rc = pthread_create(&l->th[i], NULL, lane_main, a);
+        if (rc != 0) {
+            free(a);
+            l->th[i] = 0;
+            snprintf(err, err_len, "lane thread: error %d", rc);
+            neuro_lanes_free(l);
+            return NULL;
+        }
+    }
+    return l;
+}
+
+int neuro_lanes_compute(neuro_lanes * l, neuro_expert * const * es, int count, const float * const * xdata, const int * n,
+                        float * const * outdata, const int * lane_of) {
+    if (count < 1) {
+        return 1;
+    }
+    int rc = 0;
+    for (int i = 0; i < l->lanes; i++) {
+        struct lane_job * j = &l->jobs[i];
+        j->es = calloc((size_t) count, sizeof(*j->es));
+        j->x = calloc((size_t) count, sizeof(*j->x));
+        j->n = calloc((size_t) count, sizeof(*j->n));
+        j->out = calloc((size_t) count, sizeof(*j->out));
+        j->count = 0;
+        j->rc = 0;
+        if (j->es == NULL || j->x == NULL || j->n == NULL || j->out == NULL) {
+            rc = 2;
+        }
+    }
+    for (int m = 0; rc == 0 && m < count; m++) {
+        if (lane_of[m] < 0 || lane_of[m] >= l->lanes) {
+            rc = 1;
+            break;
+        }
+        struct lane_job * j = &l->jobs[lane_of[m]];
+        j->es[j->count] = es[m];
+        j->x[j->count] = xdata[m];
+        j->n[j->count] = n[m];
+        j->out[j->count] = outdata[m];
+        j->count++;
+    }
+    if (rc == 0) {
+        pthread_mutex_lock(&l->mu);
+        l->pending = l->lanes - 1;
+        l->gen++;
+        pthread_cond_broadcast(&l->start);
+        pthread_mutex_unlock(&l->mu);
+        lane_run(l, 0);
+        pthread_mutex_lock(&l->mu);
+        while (l->pending > 0) {
+            pthread_cond_wait(&l->done, &l->mu);
+        }
+        pthread_mutex_unlock(&l->mu);
+        for (int i = 0; i < l->lanes && rc == 0; i++) {
+            rc = l->jobs[i].rc;
+        }
+    }
+    for (int i = 0; i < l->lanes; i++) {
+        struct lane_job * j = &l->jobs[i];
+        free(j->es);
+        free(j->x);
+        free(j->n);
+        free(j->out);
+        memset(j, 0, sizeof(*j));
+    }
+    return rc;
+}
+
+void neuro_lanes_free(neuro_lanes * l) {
+    if (l == NULL) {
+        return;
+    }
+    if (l->th != NULL) {
+        pthread_mutex_lock(&l->mu);
+        l->stop = 1;
+        pthread_cond_broadcast(&l->start);
+        pthread_mutex_unlock(&l->mu);
+        for (int i = 1; i < l->lanes; i++) {
+            if (l->th[i]) pthread_join(l->th[i], NULL);
+        }
+    }
+    if (l->g != NULL) {
+        for (int i = 0; i < l->lanes; i++) {
+            neuro_group_free(l->g[i]);
+        }
+    }
+    pthread_mutex_destroy(&l->mu);
+    pthread_cond_destroy(&l->start);
+    pthread_cond_destroy(&l->done);
+    free(l->g);
+    free(l->th);
+    free(l->jobs);
+    free(l);
 }
 
 int neuro_group_compute(neuro_group * g, neuro_expert * const * es, int count, const float * const * xdata, const int * n,

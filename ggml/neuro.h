@@ -112,6 +112,7 @@ typedef struct neuro_group neuro_group;
 
 neuro_group * neuro_group_new(int n_threads, char * err, size_t err_len);
 
+
 // neuro_group_compute computes expert es[i] on n[i] rows of x[i] into
 // out[i], for i < count, as neuro_expert_compute would each (the same ops
 // on the same data), with n_threads threads of the pool. Returns 0 on
@@ -123,6 +124,22 @@ int neuro_group_compute(neuro_group * g, neuro_expert * const * es, int count, c
 int neuro_group_last_threads(const neuro_group * g);
 
 void neuro_group_free(neuro_group * g);
+
+// neuro_lanes computes a group's experts on lanes at the same time: lane 0
+// on the caller's thread, each other on a thread of its own, every lane
+// with a neuro_group and a threadpool of n_threads threads of its own, so
+// that no lane's thread waits at a barrier for another's. Not thread-safe.
+typedef struct neuro_lanes neuro_lanes;
+
+neuro_lanes * neuro_lanes_new(int lanes, int n_threads, char * err, size_t err_len);
+
+// neuro_lanes_compute computes expert es[i] on n[i] rows of x[i] into
+// out[i] on lane lane_of[i], for i < count, as neuro_group_compute would
+// (the same ops on the same data). Returns 0 on success.
+int neuro_lanes_compute(neuro_lanes * l, neuro_expert * const * es, int count, const float * const * x, const int * n,
+                        float * const * out, const int * lane_of);
+
+void neuro_lanes_free(neuro_lanes * l);
 
 
 

@@ -84,6 +84,13 @@ type ExpertOptions struct {
 	// MaxBatch is the largest batch Compute accepts (default 512); compute
 	// memory for it is reserved up front.
 	MaxBatch int
+	// Lanes is how many experts of a group (Grouper) are computed at the
+	// same time, each lane by Threads threads of its own (0 or 1: the
+	// group's experts in one graph on the shared threads). A node whose
+	// cores idle while a gating node beside it waits on the experts
+	// computes a layer's experts each on a core, with no barrier between
+	// them for a descheduled thread to hold up.
+	Lanes int
 }
 
 // Tensor is one weight tensor's encoded bytes.

@@ -52,6 +52,10 @@ type ExpertConfig struct {
 	MemoryMB int `toml:"memory_mb"`
 	// Threads for expert compute; 0 uses every core.
 	Threads int `toml:"threads"`
+	// Lanes is how many experts of one call group are computed at the same
+	// time, each on threads of its own (Threads each); 0 or 1: a group's
+	// experts in one graph on Threads threads.
+	Lanes int `toml:"lanes"`
 	// RequireEscrow refuses expert calls that name no escrow with enough
 	// left for their gating node (on a node with a ledger).
 	RequireEscrow bool `toml:"require_escrow"`
@@ -366,6 +370,12 @@ experts = "auto"
 memory_mb = 4096
 # Threads for expert compute; 0 uses every core.
 threads = 0
+# How many experts of one call group (a gating node's experts of a layer on
+# this node) compute at the same time, each on threads of its own (threads
+# each); 0 or 1: together in one graph. With threads = 1 and lanes = the
+# cores, a layer's experts each take a core and no thread waits for
+# another (ggml's threads spin at every op while they wait).
+lanes = 0
 # With a ledger: refuse to compute for a call that names no escrow with
 # enough left for the gating node that calls (no one computes for free).
 require_escrow = true
@@ -677,6 +687,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Expert.Threads < 0 {
 		return fieldErr("expert.threads", "must not be negative, got %d", c.Expert.Threads)
+	}
+	if c.Expert.Lanes < 0 {
+		return fieldErr("expert.lanes", "must not be negative, got %d", c.Expert.Lanes)
 	}
 	if err := c.validateGating(); err != nil {
 		return err

@@ -84,6 +84,7 @@ func TestValidate(t *testing.T) {
 		{"no draft tokens", func(c *Config) { c.Gating.SpeculateMax = 0 }, "gating.speculate_max"},
 		{"negative batch wait", func(c *Config) { c.Gating.BatchWait = Duration(-time.Millisecond) }, "gating.batch_wait"},
 		{"negative sessions", func(c *Config) { c.Gating.MaxSessions = -1 }, "gating.max_sessions"},
+		{"negative lanes", func(c *Config) { c.Expert.Lanes = -1 }, "expert.lanes"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -212,4 +213,16 @@ func FuzzDecodeConfig(f *testing.F) {
 			}
 		}
 	})
+}
+
+// home.threads caps the expert lanes' threads in all (lanes × threads),
+// as it caps each component's threads; without it lanes stay as set.
+func TestCapLanes(t *testing.T) {
+	for _, c := range []struct{ lanes, threads, limit, want int }{
+		{0, 1, 0, 0}, {4, 1, 0, 4}, {1, 2, 1, 1}, {4, 1, 2, 2}, {4, 2, 4, 2}, {4, 3, 2, 1}, {2, 1, 8, 2},
+	} {
+		if got := capLanes(c.lanes, c.threads, c.limit); got != c.want {
+			t.Errorf("capLanes(%d lanes, %d threads, home.threads %d) = %d, want %d", c.lanes, c.threads, c.limit, got, c.want)
+		}
+	}
 }

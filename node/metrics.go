@@ -21,6 +21,18 @@ func capThreads(threads, limit int) int {
 	return min(threads, limit)
 }
 
+// capLanes applies home.threads (0: no cap) to the expert lanes of threads
+// threads each (capThreads's): lanes × threads stay within it.
+func capLanes(lanes, threads, limit int) int {
+	if limit <= 0 || lanes <= 1 {
+		return lanes
+	}
+	if threads <= 0 {
+		threads = runtime.NumCPU()
+	}
+	return max(1, min(lanes, limit/threads))
+}
+
 // countFetched wraps a shard-fetch progress callback to count the bytes
 // fetched in the node's metrics.
 func (n *Node) countFetched(next expert.Progress) expert.Progress {

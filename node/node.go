@@ -245,6 +245,7 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 		cfg.P2P.Roles = append(slices.Clone(cfg.P2P.Roles), "expert")
 	}
 	cfg.Expert.Threads, cfg.Gating.Threads = capThreads(cfg.Expert.Threads, cfg.Home.Threads), capThreads(cfg.Gating.Threads, cfg.Home.Threads)
+	cfg.Expert.Lanes = capLanes(cfg.Expert.Lanes, cfg.Expert.Threads, cfg.Home.Threads)
 	if m := cfg.Home.MemoryMB; m > 0 {
 		cfg.Expert.MemoryMB = min(cfg.Expert.MemoryMB, m)
 	}
@@ -684,7 +685,7 @@ func newExpertService(h *p2p.Host, key crypto.PrivKey, cfg ExpertConfig, store s
 	if budget == "" {
 		budget = "expert.memory_mb"
 	}
-	sc := expert.ServiceConfig{StoreDir: store, MemoryBudget: int64(cfg.MemoryMB) << 20, BudgetSource: budget, Threads: cfg.Threads,
+	sc := expert.ServiceConfig{StoreDir: store, MemoryBudget: int64(cfg.MemoryMB) << 20, BudgetSource: budget, Threads: cfg.Threads, Lanes: cfg.Lanes,
 		Server: expert.DefaultConfig(), Progress: progress, Fault: fault, Compute: compute, Announce: announce}
 	sc.Server.Metrics = m
 	sc.Server.SignReceipt = func(r *neuropb.UsageReceipt) error { return ledger.SignReceipt(key, r) }

@@ -29,15 +29,21 @@ func TestQuantileSince(t *testing.T) {
 // The loopback testnet's nodes never have more compute threads than the
 // machine has cores (ggml's spinning barriers), and each has one.
 func TestShareCores(t *testing.T) {
-	for _, c := range []struct{ cores, n, gating, expert int }{
-		{1, 1, 1, 1}, {2, 1, 1, 1}, {2, 4, 1, 1}, {4, 1, 2, 2}, {16, 1, 8, 8}, {16, 4, 8, 2}, {16, 3, 8, 2}, {3, 1, 1, 2},
+	for _, c := range []struct{ cores, n, gating, expert, lanes int }{
+		{1, 1, 1, 1, 1}, {2, 1, 1, 1, 2}, {2, 4, 1, 1, 1}, {4, 1, 2, 2, 2}, {16, 1, 8, 8, 2}, {16, 4, 8, 2, 2},
+		{16, 3, 8, 2, 2}, {3, 1, 1, 2, 1}, {2, 2, 1, 1, 1}, {4, 2, 2, 1, 2},
 	} {
-		g, e := shareCores(c.cores, c.n)
-		if g != c.gating || e != c.expert {
-			t.Errorf("shareCores(%d cores, %d expert nodes) = %d, %d; want %d, %d", c.cores, c.n, g, e, c.gating, c.expert)
+		g, e, l := shareCores(c.cores, c.n)
+		if g != c.gating || e != c.expert || l != c.lanes {
+			t.Errorf("shareCores(%d cores, %d expert nodes) = %d, %d, %d; want %d, %d, %d", c.cores, c.n, g, e, l, c.gating, c.expert, c.lanes)
 		}
 		if c.cores >= 1+c.n && g+c.n*e > c.cores {
 			t.Errorf("shareCores(%d, %d): %d threads on %d cores", c.cores, c.n, g+c.n*e, c.cores)
+		}
+		// While the gating node waits, the expert nodes' lanes take the
+		// cores, and no more.
+		if c.cores >= c.n && c.n*e*l > c.cores {
+			t.Errorf("shareCores(%d, %d): %d lanes of %d threads on each of %d nodes, on %d cores", c.cores, c.n, l, e, c.n, c.cores)
 		}
 	}
 }
