@@ -172,6 +172,9 @@ func (t *Netns) Launch(r *Run, o *LaunchOptions) error {
 	}
 	genesis := r.genesisPath()
 	threads := max(1, runtime.NumCPU()/(H+1))
+	// As on loopback (shareCores): the expert homes' lanes take all the
+	// cores while the gating node waits for them.
+	lanes := max(1, runtime.NumCPU()/max(1, H-1)/threads)
 	r.log.Info("starting netns testnet", "publics", P, "homes", H, "nat", t.NATs, "model", m.CID, "dir", r.Dir)
 	o.Nodes = P + H
 	o.Wrap = func(i int) []string { return []string{"ip", "netns", "exec", t.ns(i)} }
@@ -188,7 +191,7 @@ func (t *Netns) Launch(r *Run, o *LaunchOptions) error {
 		c.P2P.Listen = []string{"/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"}
 		c.P2P.NAT.AutoNAT, c.P2P.NAT.HolePunching, c.P2P.NAT.RelayClient, c.P2P.NAT.PortMap = true, true, true, false
 		c.API.Listen = "unix:" + filepath.Join(Home(r.Dir, i), "api.sock")
-		c.Expert.Threads = threads
+		c.Expert.Threads, c.Expert.Lanes = threads, lanes
 		c.Gating.Threads = max(1, runtime.NumCPU()/2)
 		c.Ledger.Genesis = genesis
 		c.Ledger.Listen = "tcp://" + topo.Publics[0].IP.String() + ":26656"
