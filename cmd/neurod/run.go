@@ -284,8 +284,10 @@ func budgetDevice(cfg *node.Config, dev ggml.Device, log interface{ Info(string,
 }
 
 // ProfileEnv names a directory: with it set, `neurod run` writes a CPU
-// profile of its whole run there (cpu-<home's name>.pprof), for `go tool
-// pprof`. The testnet's nodes inherit it.
+// profile of its whole run there (cpu-<home's name>.pprof) and, as it
+// stops, the profile of what it allocated (allocs-<home's name>.pprof:
+// `go tool pprof -sample_index=alloc_space`), for `go tool pprof`. The
+// testnet's nodes inherit it.
 const ProfileEnv = "NEURO_CPUPROFILE_DIR"
 
 func startCPUProfile(home string) (stop func(), err error) {
@@ -293,11 +295,29 @@ func startCPUProfile(home string) (stop func(), err error) {
 	if dir == "" {
 		return func() {}, nil
 	}
-	stop, err = cpuProfile(filepath.Join(dir, "cpu-"+filepath.Base(home)+".pprof"))
+	stopCPU, err := cpuProfile(filepath.Join(dir, "cpu-"+filepath.Base(home)+".pprof"))
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", ProfileEnv, err)
 	}
-	return stop, nil
+	return func() {
+		stopCPU()
+		if err := writeProfile("allocs", filepath.Join(dir, "allocs-"+filepath.Base(home)+".pprof")); err != nil {
+			slog.Warn("allocation profile not written", "env", ProfileEnv, "err", err)
+		}
+	}, nil
+}
+
+// writeProfile writes the runtime profile name (pprof.Lookup) to path.
+func writeProfile(name, path string) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if err := pprof.Lookup(name).WriteTo(f, 0); err != nil {
+		f.Close()
+		return fmt.Errorf("%s profile: %w", name, err)
+	}
+	return f.Close()
 }
 
 // cpuProfile writes this process's CPU profile to path until stop.

@@ -2,6 +2,8 @@ package main
 
 import (
 	"log/slog"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -26,5 +28,30 @@ wait $pid`
 	rs := nw.Stop()
 	if len(rs) != 1 || rs[0].Clean || !strings.Contains(rs[0].LogTail, "GGML_ASSERT(view_src == NULL) failed") {
 		t.Fatalf("an aborted node's stop: %+v", rs)
+	}
+}
+
+// With NEURO_CPUPROFILE_DIR set, a node writes its CPU profile and, as it
+// stops, its allocations' (go tool pprof reads both).
+func TestNodeWritesItsProfiles(t *testing.T) {
+	dir := t.TempDir()
+	t.Setenv(ProfileEnv, dir)
+	nw, err := testnet.Launch(t.Context(), testnet.LaunchOptions{Nodes: 1, Dir: t.TempDir(), Binary: neurodBin, Timeout: time.Minute,
+		Log: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rs := nw.Stop(); len(rs) != 1 || !rs[0].Clean {
+		t.Fatalf("stop: %+v", rs)
+	}
+	for _, name := range []string{"cpu-node-0.pprof", "allocs-node-0.pprof"} {
+		b, err := os.ReadFile(filepath.Join(dir, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		// a gzipped profile.proto
+		if len(b) < 20 || b[0] != 0x1f || b[1] != 0x8b {
+			t.Fatalf("%s: %d bytes, not a gzipped profile", name, len(b))
+		}
 	}
 }
