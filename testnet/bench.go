@@ -60,8 +60,19 @@ type BenchRow struct {
 	// per-token p50 (one process on one core with one thread) over the
 	// row's: the same cores per process on both sides.
 	PinnedLocalRatio float64 `json:"pinned_local_ratio,omitempty"`
-	Direct           *bool   `json:"direct,omitempty"`
-	Skipped          string  `json:"skipped,omitempty"`
+	// With Bench.Rounds > 1, the loopback rows (llama.cpp, both testnets,
+	// llama.cpp pinned) ran that many times in turn: RoundsP50Ms holds each
+	// round's per-token p50 (the row's own fields are the first round's),
+	// LocalRatioRounds and PinnedLocalRatioRounds each round's ratios
+	// (llama.cpp's p50 of the same round over the row's) and the Median
+	// fields their medians: on a noisy host one run's ratio says little.
+	RoundsP50Ms            []float64 `json:"rounds_p50_ms,omitempty"`
+	LocalRatioRounds       []float64 `json:"local_ratio_rounds,omitempty"`
+	LocalRatioMedian       float64   `json:"local_ratio_median,omitempty"`
+	PinnedLocalRatioRounds []float64 `json:"pinned_local_ratio_rounds,omitempty"`
+	PinnedLocalRatioMedian float64   `json:"pinned_local_ratio_median,omitempty"`
+	Direct                 *bool     `json:"direct,omitempty"`
+	Skipped                string    `json:"skipped,omitempty"`
 	// Users asked at once (kind concurrent), each through a client of its
 	// own; TokensPerSecond is then all their generated tokens over the
 	// round's wall time, AloneTokensPerSecond the round's first request's
@@ -134,6 +145,10 @@ type Bench struct {
 	// pinned); llama.cpp's and the split rows always run: every other row
 	// is checked against their tokens and compute.
 	NoLoopback bool
+	// Rounds runs the loopback rows (llama.cpp, the testnet, llama.cpp
+	// pinned, the testnet pinned) this many times in turn (default 1), each
+	// round checked for llama.cpp's tokens (BenchRow.RoundsP50Ms).
+	Rounds int
 	// PlacementRTT (0: leave out) and PlacementFar are the RTTs from the
 	// gating node to the near and the far expert home in the two placement
 	// runs, with PlacementJitter on every line.
@@ -207,6 +222,9 @@ func (b *Bench) Run(ctx context.Context, modelPath, out string, rtts []time.Dura
 		b.Log.Info("bench: testnet on 127.0.0.1, each process pinned to a core")
 		if err := b.scenario(ctx, PinnedTestnetRow, "testnet", 0,
 			&Loopback{ExpertNodes: 1, Dashboard: "127.0.0.1:0", Pin: true}); err != nil {
+			return nil, err
+		}
+		if err := b.rounds(ctx); err != nil {
 			return nil, err
 		}
 	}
@@ -359,6 +377,16 @@ func (r *BenchReport) Row(name string) *BenchRow {
 // gating node's core. Its row is the pinned testnet's reference: two
 // processes of one thread each against one.
 func (b *Bench) pinnedLocal(ctx context.Context) error {
+	g, err := b.runPinnedLocal(ctx)
+	if err != nil {
+		return err
+	}
+	return b.add(PinnedLocalRow, "local", 0, g)
+}
+
+// runPinnedLocal answers the bench prompt once with llama.cpp on core 0
+// and one thread.
+func (b *Bench) runPinnedLocal(ctx context.Context) (benchGen, error) {
 	ctx, cancel := context.WithTimeout(ctx, b.Timeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "taskset", "-c", "0", b.Binary, "generate", "--local", b.model, "--threads", "1",
@@ -371,13 +399,93 @@ func (b *Bench) pinnedLocal(ctx context.Context) error {
 		if len(msg) > 600 {
 			msg = "…" + msg[len(msg)-600:]
 		}
-		return fmt.Errorf("%s: %w: %s", PinnedLocalRow, err, msg)
+		return benchGen{}, fmt.Errorf("%s: %w: %s", PinnedLocalRow, err, msg)
 	}
 	var g Generation
 	if err := json.Unmarshal(out, &g); err != nil {
-		return fmt.Errorf("%s: its output: %w", PinnedLocalRow, err)
+		return benchGen{}, fmt.Errorf("%s: its output: %w", PinnedLocalRow, err)
 	}
-	return b.add(PinnedLocalRow, "local", 0, benchGen{Tokens: g.Tokens, TokensPerSecond: g.TokensPerSecond, PerTokenMs: g.PerTokenMs})
+	return benchGen{Tokens: g.Tokens, TokensPerSecond: g.TokensPerSecond, PerTokenMs: g.PerTokenMs}, nil
+}
+
+// rounds runs the loopback rows Rounds-1 more times, in turn, into their
+// RoundsP50Ms, and sets their ratios' rounds and medians.
+func (b *Bench) rounds(ctx context.Context) error {
+	if b.Rounds <= 1 {
+		return nil
+	}
+	runs := []struct {
+		name string
+		run  func() (benchGen, error)
+	}{
+		{"llama.cpp", func() (benchGen, error) {
+			out, err := b.OnMachine(ctx, b.model, false, BenchPrompt, b.MaxTokens)
+			if err != nil {
+				return benchGen{}, err
+			}
+			return benchGen{Tokens: out.Tokens, TokensPerSecond: out.TokensPerSecond, PerTokenMs: out.PerTokenMs}, nil
+		}},
+		{"testnet", func() (benchGen, error) {
+			return b.runTestnet(ctx, &Loopback{ExpertNodes: 1, Dashboard: "127.0.0.1:0"})
+		}},
+		{PinnedLocalRow, func() (benchGen, error) { return b.runPinnedLocal(ctx) }},
+		{PinnedTestnetRow, func() (benchGen, error) {
+			return b.runTestnet(ctx, &Loopback{ExpertNodes: 1, Dashboard: "127.0.0.1:0", Pin: true})
+		}},
+	}
+	rows := make([]*BenchRow, len(runs))
+	for i, r := range runs {
+		if rows[i] = b.rep.Row(r.name); rows[i] == nil {
+			return fmt.Errorf("bench rounds: no row %q", r.name)
+		}
+		rows[i].RoundsP50Ms = []float64{rows[i].PerTokenP50Ms}
+	}
+	for round := 2; round <= b.Rounds; round++ {
+		for i, r := range runs {
+			b.Log.Info("bench: round", "round", round, "of", b.Rounds, "run", r.name)
+			g, err := r.run()
+			if err != nil {
+				return fmt.Errorf("%s, round %d: %w", r.name, round, err)
+			}
+			if fmt.Sprint(g.Tokens) != fmt.Sprint(b.want) {
+				return fmt.Errorf("%s, round %d: tokens %v differ from llama.cpp's %v", r.name, round, g.Tokens, b.want)
+			}
+			var one BenchRow
+			one.decodeLatency(g.PerTokenMs)
+			rows[i].RoundsP50Ms = append(rows[i].RoundsP50Ms, one.PerTokenP50Ms)
+		}
+	}
+	local, testnet, pinnedLocal, pinned := rows[0], rows[1], rows[2], rows[3]
+	for i := range b.Rounds {
+		testnet.LocalRatioRounds = append(testnet.LocalRatioRounds, ratio(local.RoundsP50Ms[i], testnet.RoundsP50Ms[i]))
+		pinned.LocalRatioRounds = append(pinned.LocalRatioRounds, ratio(local.RoundsP50Ms[i], pinned.RoundsP50Ms[i]))
+		pinned.PinnedLocalRatioRounds = append(pinned.PinnedLocalRatioRounds, ratio(pinnedLocal.RoundsP50Ms[i], pinned.RoundsP50Ms[i]))
+	}
+	testnet.LocalRatioMedian = medianOf(testnet.LocalRatioRounds)
+	pinned.LocalRatioMedian = medianOf(pinned.LocalRatioRounds)
+	pinned.PinnedLocalRatioMedian = medianOf(pinned.PinnedLocalRatioRounds)
+	return nil
+}
+
+// ratio is a / b, 0 when b is.
+func ratio(a, b float64) float64 {
+	if b <= 0 {
+		return 0
+	}
+	return a / b
+}
+
+// medianOf is the median of xs (0 for none).
+func medianOf(xs []float64) float64 {
+	if len(xs) == 0 {
+		return 0
+	}
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	if n := len(s); n%2 == 0 {
+		return (s[n/2-1] + s[n/2]) / 2
+	}
+	return s[len(s)/2]
 }
 
 // scenario runs a testnet scenario on topology t, in this process, and
@@ -387,16 +495,25 @@ func (b *Bench) scenario(ctx context.Context, name, kind string, rtt time.Durati
 		b.rep.Rows = append(b.rep.Rows, BenchRow{Name: name, Kind: kind, RTTMs: ms(rtt), Skipped: b.NetnsErr.Error()})
 		return nil
 	}
+	g, err := b.runTestnet(ctx, t)
+	if err != nil {
+		return fmt.Errorf("%s: %w", name, err)
+	}
+	return b.add(name, kind, rtt, g)
+}
+
+// runTestnet answers the bench prompt once on a testnet of topology t.
+func (b *Bench) runTestnet(ctx context.Context, t Topology) (benchGen, error) {
 	ctx, cancel := context.WithTimeout(ctx, b.Timeout)
 	defer cancel()
 	s := &Scenario{Topology: t, Binary: b.Binary, Model: b.model, Prompt: BenchPrompt, MaxTokens: b.MaxTokens,
 		Timeout: b.Timeout, Check: true, Log: b.Log}
 	rep, _, err := s.Run(ctx)
 	if err != nil {
-		return fmt.Errorf("%s: %w", name, err)
+		return benchGen{}, err
 	}
-	return b.add(name, kind, rtt, benchGen{Tokens: rep.Tokens, TokensPerSecond: rep.TokensPerSecond, PerTokenMs: rep.PerTokenMs,
-		Stats: rep.Stats, Connections: rep.Connections, Link: rep.Link})
+	return benchGen{Tokens: rep.Tokens, TokensPerSecond: rep.TokensPerSecond, PerTokenMs: rep.PerTokenMs,
+		Stats: rep.Stats, Connections: rep.Connections, Link: rep.Link}, nil
 }
 
 // concurrent runs a gating node and one expert node with users asking at

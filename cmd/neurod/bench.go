@@ -69,7 +69,7 @@ per-token latency against RTT, the floor drawn in) and report.json into
 // benchFlags are the flags of `neurod bench`.
 type benchFlags struct {
 	model, out, rtts, concurrency   string
-	maxTokens                       int
+	maxTokens, rounds               int
 	json, noNetns, noLoopback       bool
 	timeout                         time.Duration
 	placement, placementFar, jitter time.Duration
@@ -122,6 +122,7 @@ func newBenchCmd(g *globalFlags) *cobra.Command {
 	fs.BoolVar(&f.json, "json", false, "print the report as JSON")
 	fs.BoolVar(&f.noNetns, "no-netns", false, "leave out the netns runs")
 	fs.BoolVar(&f.noLoopback, "no-loopback", false, "leave out the two loopback testnet rows (default and pinned)")
+	fs.IntVar(&f.rounds, "rounds", 1, "run the loopback rows (llama.cpp, the testnet, both pinned) this many times in turn and report each round's p50 and the ratios' medians (a noisy host's single run says little)")
 	fs.DurationVar(&f.timeout, "timeout", 20*time.Minute, "how long each run may take")
 	fs.DurationVar(&f.placement, "placement-rtt", 50*time.Millisecond, "placement runs (a layer's experts on one node, or spread over two): RTT from the gating node to the near expert home; 0 leaves them out")
 	fs.DurationVar(&f.placementFar, "placement-far", 100*time.Millisecond, "placement runs: RTT from the gating node to the far expert home")
@@ -159,6 +160,9 @@ func (f *benchFlags) check() ([]time.Duration, error) {
 
 // checkRest checks the flags other than --rtt.
 func (f *benchFlags) checkRest() error {
+	if f.rounds < 1 || f.rounds > 20 {
+		return fmt.Errorf("flag --rounds %d: want 1 to 20", f.rounds)
+	}
 	if f.model != "" {
 		if _, err := os.Stat(f.model); err != nil {
 			return fmt.Errorf("flag --model: %w", err)
@@ -201,7 +205,7 @@ func (f *benchFlags) bench(cmd *cobra.Command, g *globalFlags) (*testnet.Bench, 
 	if err != nil {
 		return nil, err
 	}
-	b := &testnet.Bench{Log: log, Timeout: f.timeout, MaxTokens: f.maxTokens, Binary: bin, Concurrency: users,
+	b := &testnet.Bench{Log: log, Timeout: f.timeout, MaxTokens: f.maxTokens, Binary: bin, Concurrency: users, Rounds: f.rounds,
 		PlacementRTT: f.placement, PlacementFar: f.placementFar, PlacementJitter: f.jitter,
 		OnMachine: func(ctx context.Context, model string, split bool, prompt string, maxTokens int) (*testnet.Generation, error) {
 			if split {
@@ -301,6 +305,16 @@ func benchRowMarkdown(sb *strings.Builder, r testnet.BenchRow) {
 	if r.PinnedLocalRatio > 0 {
 		lr += fmt.Sprintf(" (pinned llama.cpp's: %.2f)", r.PinnedLocalRatio)
 	}
+	if len(r.LocalRatioRounds) > 1 {
+		lr += fmt.Sprintf("; median of %d rounds %.2f (%s)", len(r.LocalRatioRounds), r.LocalRatioMedian, joinFloats(r.LocalRatioRounds, "%.2f"))
+		if len(r.PinnedLocalRatioRounds) > 1 {
+			lr += fmt.Sprintf(", pinned llama.cpp's %.2f (%s)", r.PinnedLocalRatioMedian, joinFloats(r.PinnedLocalRatioRounds, "%.2f"))
+		}
+	}
+	p50 := fmt.Sprintf("%.1f ms", r.PerTokenP50Ms)
+	if len(r.RoundsP50Ms) > 1 {
+		p50 += " (rounds: " + joinFloats(r.RoundsP50Ms, "%.1f") + ")"
+	}
 	tps := fmt.Sprintf("%.1f", r.TokensPerSecond)
 	if r.AloneTokensPerSecond > 0 {
 		tps += fmt.Sprintf(" (%.1f× one alone", r.TokensPerSecond/r.AloneTokensPerSecond)
@@ -309,8 +323,17 @@ func benchRowMarkdown(sb *strings.Builder, r testnet.BenchRow) {
 		}
 		tps += ")"
 	}
-	fmt.Fprintf(sb, "| %s | %s | %s | %.1f ms | %.1f ms | %s | %s | %s | %s | %s | %s | %s |\n", r.Name, rtt, tps,
-		r.PerTokenP50Ms, r.PerTokenP90Ms, floor, ratio, rt, calls, one, disp, lr)
+	fmt.Fprintf(sb, "| %s | %s | %s | %s | %.1f ms | %s | %s | %s | %s | %s | %s | %s |\n", r.Name, rtt, tps,
+		p50, r.PerTokenP90Ms, floor, ratio, rt, calls, one, disp, lr)
+}
+
+// joinFloats formats xs with format, joined by " / ".
+func joinFloats(xs []float64, format string) string {
+	parts := make([]string, len(xs))
+	for i, x := range xs {
+		parts[i] = fmt.Sprintf(format, x)
+	}
+	return strings.Join(parts, " / ")
 }
 
 // speculateMarkdown is the report's table of the speculative-decoding rows.

@@ -50,7 +50,8 @@ func TestBenchReport(t *testing.T) {
 		{"users at once", []string{"--rtt", "none", "--concurrency", "3", "--concurrency-rtt", "20ms", "--placement-rtt", "0", "--placement-jitter", "0", "--speculate-rtt", "0", "--spans-rtt", "0"},
 			false, ",testnet (1 expert node), 3 users at once,testnet (1 expert node), 3 users at once, batching off,netns 20 ms, 3 users at once,netns 20 ms, 3 users at once, batching off",
 			func(t *testing.T, rest []testnet.BenchRow, _ string) { checkBenchUsers(t, rest, withNetns) }},
-		{"speculation", []string{"--rtt", "none", "--concurrency", "0", "--placement-rtt", "0", "--placement-jitter", "0", "--speculate-rtt", "20ms", "--spans-rtt", "0"},
+		{"speculation", []string{"--rtt", "none", "--concurrency", "0", "--placement-rtt", "0", "--placement-jitter", "0", "--speculate-rtt", "20ms", "--spans-rtt", "0",
+			"--rounds", "2"},
 			true, ",speculation off, " + where + ", repeating a list,speculation ngram, " + where + ", repeating a list,speculation draft, " + where + ", repeating a list",
 			func(t *testing.T, rest []testnet.BenchRow, _ string) { checkBenchSpeculation(t, rest) }},
 		{"spans", []string{"--rtt", "none", "--concurrency", "0", "--placement-rtt", "0", "--placement-jitter", "0", "--speculate-rtt", "0",
@@ -104,6 +105,22 @@ func TestBenchReport(t *testing.T) {
 				if row.Kind != "testnet" || row.DispatchUsPerLayer <= 0 || row.LocalRatio <= 0 ||
 					(row.Name == testnet.PinnedTestnetRow) != (row.PinnedLocalRatio > 0) {
 					t.Fatalf("testnet row %+v", row)
+				}
+			}
+			if pt.loopback { // --rounds 2: each loopback row twice, in turn
+				for _, row := range rep.Rows[:first] {
+					if row.Kind == "split" {
+						continue
+					}
+					testnetRow, pinned := row.Kind == "testnet", row.Name == testnet.PinnedTestnetRow
+					if len(row.RoundsP50Ms) != 2 || row.RoundsP50Ms[0] != row.PerTokenP50Ms || row.RoundsP50Ms[1] <= 0 ||
+						testnetRow != (len(row.LocalRatioRounds) == 2 && row.LocalRatioMedian > 0) ||
+						pinned != (len(row.PinnedLocalRatioRounds) == 2 && row.PinnedLocalRatioMedian > 0) {
+						t.Fatalf("row %q after 2 rounds: %+v", row.Name, row)
+					}
+				}
+				if md, err := os.ReadFile(filepath.Join(out, "report.md")); err != nil || !strings.Contains(string(md), "median of 2 rounds") {
+					t.Fatalf("report.md: %v\n%s", err, md)
 				}
 			}
 			pt.test(t, rep.Rows[first:], out)
