@@ -256,25 +256,35 @@ func computeLanes(es []*Expert, xs [][]float32, ns []int, outs [][]float32, lane
 	if err != nil {
 		return err
 	}
-	n := len(es)
-	order := make([]int, n)
+	order := make([]int, len(es))
 	for i := range order {
 		order[i] = i
 	}
 	slices.SortStableFunc(order, func(a, b int) int { return cmp.Compare(ns[b], ns[a]) })
-	cs, cx, cout, cn, lane := cArray[*C.neuro_expert](n), cArray[*C.float](n), cArray[*C.float](n), cArray[C.int](n), cArray[C.int](n)
+	members, rows := make([][]int, lanes), make([]int, lanes)
+	for _, i := range order {
+		to := slices.Index(rows, slices.Min(rows))
+		members[to] = append(members[to], i)
+		rows[to] += ns[i]
+	}
+	// C arrays of the members, lane by lane, and where each lane starts.
+	n := len(es)
+	cs, cx, cout, cn, start := cArray[*C.neuro_expert](n), cArray[*C.float](n), cArray[*C.float](n), cArray[C.int](n), cArray[C.int](lanes+1)
 	defer C.free(unsafe.Pointer(&cs[0]))
 	defer C.free(unsafe.Pointer(&cx[0]))
 	defer C.free(unsafe.Pointer(&cout[0]))
 	defer C.free(unsafe.Pointer(&cn[0]))
-	defer C.free(unsafe.Pointer(&lane[0]))
-	rows := make([]int, lanes)
-	for _, i := range order {
-		to := slices.Index(rows, slices.Min(rows))
-		rows[to] += ns[i]
-		cs[i], cx[i], cout[i], cn[i], lane[i] = es[i].c, (*C.float)(&xs[i][0]), (*C.float)(&outs[i][0]), C.int(ns[i]), C.int(to)
+	defer C.free(unsafe.Pointer(&start[0]))
+	at := 0
+	for k, m := range members {
+		start[k] = C.int(at)
+		for _, i := range m {
+			cs[at], cx[at], cout[at], cn[at] = es[i].c, (*C.float)(&xs[i][0]), (*C.float)(&outs[i][0]), C.int(ns[i])
+			at++
+		}
 	}
-	if rc := C.neuro_lanes_compute(l, &cs[0], C.int(n), &cx[0], &cn[0], &cout[0], &lane[0]); rc != 0 {
+	start[lanes] = C.int(at)
+	if rc := C.neuro_lanes_compute(l, &cs[0], &cx[0], &cn[0], &cout[0], &start[0]); rc != 0 {
 		return fmt.Errorf("expert group: ggml compute on %d lanes failed (code %d)", lanes, int(rc))
 	}
 	return nil

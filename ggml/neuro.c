@@ -75,13 +75,19 @@ void neuro_set_poll(int level) {
     poll_level = level;
 }
 
+// new_threadpool makes a threadpool of n_threads threads at the polling
+// level set (neuro_set_poll).
+static struct ggml_threadpool * new_threadpool(int n_threads) {
+    struct ggml_threadpool_params tpp = ggml_threadpool_params_default(n_threads);
+    if (poll_level >= 0) {
+        tpp.poll = (uint32_t) poll_level;
+    }
+    return ggml_threadpool_new(&tpp);
+}
+
 struct ggml_threadpool * neuro_pool(int n_threads) {
     if (pool == NULL) {
-        struct ggml_threadpool_params tpp = ggml_threadpool_params_default(n_threads);
-        if (poll_level >= 0) {
-            tpp.poll = (uint32_t) poll_level;
-        }
-        pool = ggml_threadpool_new(&tpp);
+        pool = new_threadpool(n_threads);
     }
     return pool;
 }
@@ -355,11 +361,7 @@ static neuro_group * group_new_own(int n_threads, char * err, size_t err_len) {
     if (g == NULL) {
         return NULL;
     }
-    struct ggml_threadpool_params tpp = ggml_threadpool_params_default(n_threads);
-    if (poll_level >= 0) {
-        tpp.poll = (uint32_t) poll_level;
-    }
-    g->own = ggml_threadpool_new(&tpp);
+    g->own = new_threadpool(n_threads);
     if (g->own == NULL) {
         snprintf(err, err_len, "ggml threadpool of %d threads failed", n_threads);
         neuro_group_free(g);
@@ -369,12 +371,13 @@ static neuro_group * group_new_own(int n_threads, char * err, size_t err_len) {
     return g;
 }
 
-// A lane's share of a compute: its members' experts, rows and outputs.
+// A lane's share of a compute: its members' experts, rows and outputs
+// (views of the caller's arrays).
 struct lane_job {
-    neuro_expert ** es;
-    const float ** x;
-    int * n;
-    float ** out;
+    neuro_expert * const * es;
+    const float * const * x;
+    const int * n;
+    float * const * out;
     int count;
     int rc;
 };
@@ -398,9 +401,7 @@ struct lane_arg {
 
 static void lane_run(neuro_lanes * l, int i) {
     struct lane_job * j = &l->jobs[i];
-    j->rc = j->count == 0 ? 0
-                          : neuro_group_compute(l->g[i], (neuro_expert * const *) j->es, j->count,
-                                                (const float * const *) j->x, j->n, (float * const *) j->out, l->n_threads);
+    j->rc = j->count == 0 ? 0 : neuro_group_compute(l->g[i], j->es, j->count, j->x, j->n, j->out, l->n_threads);
 }
 
 static void * lane_main(void * p) {
@@ -478,59 +479,34 @@ neuro_lanes * neuro_lanes_new(int lanes, int n_threads, char * err, size_t err_l
     return l;
 }
 
-int neuro_lanes_compute(neuro_lanes * l, neuro_expert * const * es, int count, const float * const * xdata, const int * n,
-                        float * const * outdata, const int * lane_of) {
-    if (count < 1) {
+int neuro_lanes_compute(neuro_lanes * l, neuro_expert * const * es, const float * const * xdata, const int * n,
+                        float * const * outdata, const int * start) {
+    for (int i = 0; i < l->lanes; i++) {
+        if (start[i] < 0 || start[i + 1] < start[i]) {
+            return 1;
+        }
+    }
+    if (start[l->lanes] < 1) {
         return 1;
     }
+    for (int i = 0; i < l->lanes; i++) {
+        int s = start[i];
+        l->jobs[i] = (struct lane_job) { es + s, xdata + s, n + s, outdata + s, start[i + 1] - s, 0 };
+    }
+    pthread_mutex_lock(&l->mu);
+    l->pending = l->lanes - 1;
+    l->gen++;
+    pthread_cond_broadcast(&l->start);
+    pthread_mutex_unlock(&l->mu);
+    lane_run(l, 0);
+    pthread_mutex_lock(&l->mu);
+    while (l->pending > 0) {
+        pthread_cond_wait(&l->done, &l->mu);
+    }
+    pthread_mutex_unlock(&l->mu);
     int rc = 0;
-    for (int i = 0; i < l->lanes; i++) {
-        struct lane_job * j = &l->jobs[i];
-        j->es = calloc((size_t) count, sizeof(*j->es));
-        j->x = calloc((size_t) count, sizeof(*j->x));
-        j->n = calloc((size_t) count, sizeof(*j->n));
-        j->out = calloc((size_t) count, sizeof(*j->out));
-        j->count = 0;
-        j->rc = 0;
-        if (j->es == NULL || j->x == NULL || j->n == NULL || j->out == NULL) {
-            rc = 2;
-        }
-    }
-    for (int m = 0; rc == 0 && m < count; m++) {
-        if (lane_of[m] < 0 || lane_of[m] >= l->lanes) {
-            rc = 1;
-            break;
-        }
-        struct lane_job * j = &l->jobs[lane_of[m]];
-        j->es[j->count] = es[m];
-        j->x[j->count] = xdata[m];
-        j->n[j->count] = n[m];
-        j->out[j->count] = outdata[m];
-        j->count++;
-    }
-    if (rc == 0) {
-        pthread_mutex_lock(&l->mu);
-        l->pending = l->lanes - 1;
-        l->gen++;
-        pthread_cond_broadcast(&l->start);
-        pthread_mutex_unlock(&l->mu);
-        lane_run(l, 0);
-        pthread_mutex_lock(&l->mu);
-        while (l->pending > 0) {
-            pthread_cond_wait(&l->done, &l->mu);
-        }
-        pthread_mutex_unlock(&l->mu);
-        for (int i = 0; i < l->lanes && rc == 0; i++) {
-            rc = l->jobs[i].rc;
-        }
-    }
-    for (int i = 0; i < l->lanes; i++) {
-        struct lane_job * j = &l->jobs[i];
-        free(j->es);
-        free(j->x);
-        free(j->n);
-        free(j->out);
-        memset(j, 0, sizeof(*j));
+    for (int i = 0; i < l->lanes && rc == 0; i++) {
+        rc = l->jobs[i].rc;
     }
     return rc;
 }

@@ -112,7 +112,6 @@ typedef struct neuro_group neuro_group;
 
 neuro_group * neuro_group_new(int n_threads, char * err, size_t err_len);
 
-
 // neuro_group_compute computes expert es[i] on n[i] rows of x[i] into
 // out[i], for i < count, as neuro_expert_compute would each (the same ops
 // on the same data), with n_threads threads of the pool. Returns 0 on
@@ -134,10 +133,11 @@ typedef struct neuro_lanes neuro_lanes;
 neuro_lanes * neuro_lanes_new(int lanes, int n_threads, char * err, size_t err_len);
 
 // neuro_lanes_compute computes expert es[i] on n[i] rows of x[i] into
-// out[i] on lane lane_of[i], for i < count, as neuro_group_compute would
-// (the same ops on the same data). Returns 0 on success.
-int neuro_lanes_compute(neuro_lanes * l, neuro_expert * const * es, int count, const float * const * x, const int * n,
-                        float * const * out, const int * lane_of);
+// out[i], as neuro_group_compute would (the same ops on the same data):
+// lane k takes the members start[k] to start[k+1] (start has lanes + 1
+// entries, the last the count). Returns 0 on success.
+int neuro_lanes_compute(neuro_lanes * l, neuro_expert * const * es, const float * const * x, const int * n,
+                        float * const * out, const int * start);
 
 void neuro_lanes_free(neuro_lanes * l);
 

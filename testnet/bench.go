@@ -346,7 +346,7 @@ func (b *Bench) onMachine(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("%s: %w", run.name, err)
 		}
-		if err := b.add(run.name, run.kind, 0, benchGen{Tokens: out.Tokens, TokensPerSecond: out.TokensPerSecond, PerTokenMs: out.PerTokenMs}); err != nil {
+		if err := b.add(run.name, run.kind, 0, genOf(out)); err != nil {
 			return err
 		}
 	}
@@ -405,7 +405,12 @@ func (b *Bench) runPinnedLocal(ctx context.Context) (benchGen, error) {
 	if err := json.Unmarshal(out, &g); err != nil {
 		return benchGen{}, fmt.Errorf("%s: its output: %w", PinnedLocalRow, err)
 	}
-	return benchGen{Tokens: g.Tokens, TokensPerSecond: g.TokensPerSecond, PerTokenMs: g.PerTokenMs}, nil
+	return genOf(&g), nil
+}
+
+// genOf is what a generation on this machine gave.
+func genOf(g *Generation) benchGen {
+	return benchGen{Tokens: g.Tokens, TokensPerSecond: g.TokensPerSecond, PerTokenMs: g.PerTokenMs}
 }
 
 // rounds runs the loopback rows Rounds-1 more times, in turn, into their
@@ -423,7 +428,7 @@ func (b *Bench) rounds(ctx context.Context) error {
 			if err != nil {
 				return benchGen{}, err
 			}
-			return benchGen{Tokens: out.Tokens, TokensPerSecond: out.TokensPerSecond, PerTokenMs: out.PerTokenMs}, nil
+			return genOf(out), nil
 		}},
 		{"testnet", func() (benchGen, error) {
 			return b.runTestnet(ctx, &Loopback{ExpertNodes: 1, Dashboard: "127.0.0.1:0"})
@@ -461,9 +466,10 @@ func (b *Bench) rounds(ctx context.Context) error {
 		pinned.LocalRatioRounds = append(pinned.LocalRatioRounds, ratio(local.RoundsP50Ms[i], pinned.RoundsP50Ms[i]))
 		pinned.PinnedLocalRatioRounds = append(pinned.PinnedLocalRatioRounds, ratio(pinnedLocal.RoundsP50Ms[i], pinned.RoundsP50Ms[i]))
 	}
-	testnet.LocalRatioMedian = medianOf(testnet.LocalRatioRounds)
-	pinned.LocalRatioMedian = medianOf(pinned.LocalRatioRounds)
-	pinned.PinnedLocalRatioMedian = medianOf(pinned.PinnedLocalRatioRounds)
+	median := func(xs []float64) float64 { return Percentile(slices.Sorted(slices.Values(xs)), 0.5) }
+	testnet.LocalRatioMedian = median(testnet.LocalRatioRounds)
+	pinned.LocalRatioMedian = median(pinned.LocalRatioRounds)
+	pinned.PinnedLocalRatioMedian = median(pinned.PinnedLocalRatioRounds)
 	return nil
 }
 
@@ -473,19 +479,6 @@ func ratio(a, b float64) float64 {
 		return 0
 	}
 	return a / b
-}
-
-// medianOf is the median of xs (0 for none).
-func medianOf(xs []float64) float64 {
-	if len(xs) == 0 {
-		return 0
-	}
-	s := slices.Clone(xs)
-	slices.Sort(s)
-	if n := len(s); n%2 == 0 {
-		return (s[n/2-1] + s[n/2]) / 2
-	}
-	return s[len(s)/2]
 }
 
 // scenario runs a testnet scenario on topology t, in this process, and

@@ -520,8 +520,8 @@ func (l *Loopback) Hint(r *Run) []string {
 // gets lanes (expert.lanes) for its share of all the cores, so that a
 // layer's experts on it compute at the same time, each on a lane of its
 // own threads with no barrier between the lanes (two experts on two
-// lanes of one thread: 0.79 ms, against 1.34 ms on one thread and 0.95
-// ms on two threads in one graph; BenchmarkExpertGroup).
+// lanes of one thread: 0.53-0.63 ms, against 1.06-1.33 ms on one thread
+// and 0.70-0.81 ms on two threads in one graph; BenchmarkExpertGroup).
 func shareCores(cores, n int) (gating, expert, lanes int) {
 	gating = max(1, cores/2)
 	expert = max(1, (cores-gating)/max(1, n))
