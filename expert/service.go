@@ -43,9 +43,10 @@ type ServiceConfig struct {
 	BudgetSource string
 	// Threads for ggml (0: every core).
 	Threads int
-	// Lanes: moe.ExpertOptions.Lanes.
-	Lanes  int
-	Server Config
+	// Lanes, LanePoll: moe.ExpertOptions's.
+	Lanes    int
+	LanePoll time.Duration
+	Server   Config
 	// Step is the pause between two automatic hosting steps (jittered),
 	// long enough for a heartbeat to announce the last choice.
 	Step time.Duration
@@ -797,15 +798,20 @@ func (s *Service) add(ctx context.Context, m *neuropb.Manifest, k Key) error {
 
 // load loads expert k from its shard into the backend and serves it, one
 // load at a time; the first measures the node's speed.
+// expertOptions are the options of the experts the service loads.
+func (s *Service) expertOptions() moe.ExpertOptions {
+	return moe.ExpertOptions{Threads: s.cfg.Threads, Lanes: s.cfg.Lanes, LanePoll: s.cfg.LanePoll}
+}
+
 func (s *Service) load(shard *model.Shard, k Key) error {
 	s.loading.Lock()
 	defer s.loading.Unlock()
 	var e moe.Expert
 	var err error
 	if s.cfg.Fault == FaultLowPrec {
-		e, err = lowPrecExpert(s.cfg.Compute, shard, k.Layer, moe.ExpertOptions{Threads: s.cfg.Threads, Lanes: s.cfg.Lanes})
+		e, err = lowPrecExpert(s.cfg.Compute, shard, k.Layer, s.expertOptions())
 	} else {
-		e, err = moe.NewExpertFromShard(s.cfg.Compute, shard, k.Layer, moe.ExpertOptions{Threads: s.cfg.Threads, Lanes: s.cfg.Lanes})
+		e, err = moe.NewExpertFromShard(s.cfg.Compute, shard, k.Layer, s.expertOptions())
 	}
 	if err != nil {
 		return fmt.Errorf("expert %s: %w", k, err)

@@ -238,7 +238,7 @@ func BenchmarkExpertGroup(b *testing.B) {
 	const embd, ff, n = 1024, 3584, 8
 	rng := rand.New(rand.NewPCG(1, 2))
 	ws := make([]moe.ExpertWeights, n)
-	es, one, laned := make([]moe.Expert, n), make([]moe.Expert, n), make([]moe.Expert, n)
+	es, one, laned, polled := make([]moe.Expert, n), make([]moe.Expert, n), make([]moe.Expert, n), make([]moe.Expert, n)
 	for i := range ws {
 		g, _ := randWeights(b, rng, model.Q8_0, embd*ff, 0.02)
 		u, _ := randWeights(b, rng, model.Q8_0, embd*ff, 0.02)
@@ -248,7 +248,8 @@ func BenchmarkExpertGroup(b *testing.B) {
 		for _, c := range []struct {
 			to []moe.Expert
 			o  moe.ExpertOptions
-		}{{es, moe.ExpertOptions{}}, {one, moe.ExpertOptions{Threads: 1}}, {laned, moe.ExpertOptions{Threads: 1, Lanes: 2}}} {
+		}{{es, moe.ExpertOptions{}}, {one, moe.ExpertOptions{Threads: 1}}, {laned, moe.ExpertOptions{Threads: 1, Lanes: 2}},
+			{polled, moe.ExpertOptions{Threads: 1, Lanes: 2, LanePoll: 2 * time.Millisecond}}} {
 			e, err := Backend{}.NewExpert(ws[i], c.o)
 			if err != nil {
 				b.Fatal(err)
@@ -292,6 +293,12 @@ func BenchmarkExpertGroup(b *testing.B) {
 			a, z := pair(i)
 			return moe.ComputeGroup([]moe.Computer{laned[a], laned[z]}, [][]float32{x, x}, []int{1, 1}, [][]float32{o1, o2})
 		}},
+		// lanes that poll 2 ms for the next group (expert.lane_poll_us's
+		// default)
+		{"lanes-poll", func(i int) error {
+			a, z := pair(i)
+			return moe.ComputeGroup([]moe.Computer{polled[a], polled[z]}, [][]float32{x, x}, []int{1, 1}, [][]float32{o1, o2})
+		}},
 		{"stack", func(i int) error {
 			a, z := pair(i)
 			return st.ComputeLayer(x, 1, []int32{int32(a), int32(z)}, o12)
@@ -304,6 +311,29 @@ func BenchmarkExpertGroup(b *testing.B) {
 				}
 			}
 			b.ReportMetric(float64(b.Elapsed().Microseconds())/float64(b.N), "us/layer")
+		})
+	}
+	// As in a decode step, the next layer's experts come a millisecond
+	// after the last (the gating node's attention, here this thread's
+	// spinning): idle lane threads have gone to sleep unless they poll.
+	// us/layer counts the experts' compute only.
+	for _, c := range []struct {
+		name string
+		es   []moe.Expert
+	}{{"lanes-gap", laned}, {"lanes-poll-gap", polled}} {
+		b.Run(c.name, func(b *testing.B) {
+			var took time.Duration
+			for i := range b.N {
+				for t := time.Now(); time.Since(t) < time.Millisecond; {
+				}
+				a, z := pair(i)
+				start := time.Now()
+				if err := moe.ComputeGroup([]moe.Computer{c.es[a], c.es[z]}, [][]float32{x, x}, []int{1, 1}, [][]float32{o1, o2}); err != nil {
+					b.Fatal(err)
+				}
+				took += time.Since(start)
+			}
+			b.ReportMetric(float64(took.Microseconds())/float64(b.N), "us/layer")
 		})
 	}
 }

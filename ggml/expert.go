@@ -12,6 +12,7 @@ import (
 	"runtime"
 	"slices"
 	"sync"
+	"time"
 	"unsafe"
 
 	"github.com/neuro-p2p/neuro/model"
@@ -34,6 +35,7 @@ type Expert struct {
 	maxBatch int
 	threads  int // its compute threads (ExpertOptions.Threads)
 	lanes    int // ExpertOptions.Lanes, at least 1
+	pollUS   int // ExpertOptions.LanePoll in microseconds
 	dtype    model.DType
 	vary     bool
 }
@@ -104,7 +106,8 @@ func NewExpertOn(dev Device, w moe.ExpertWeights, o moe.ExpertOptions) (*Expert,
 	if dev.Backend != "" && dev.Backend != "CPU" {
 		o.Lanes = 1 // a device's experts are not grouped (vary)
 	}
-	return &Expert{c: c, embd: embd, ff: ff, maxBatch: o.MaxBatch, threads: o.Threads, lanes: o.Lanes, dtype: w.Gate.Type, vary: vary}, nil
+	return &Expert{c: c, embd: embd, ff: ff, maxBatch: o.MaxBatch, threads: o.Threads, lanes: o.Lanes, pollUS: pollUS(o.LanePoll),
+		dtype: w.Gate.Type, vary: vary}, nil
 }
 
 // RowsVary reports whether a row's result depends on the batch it is
@@ -149,23 +152,32 @@ var group *C.neuro_group
 // maxLanes bounds ExpertOptions.Lanes.
 const maxLanes = 64
 
-// laneKey names a set of lanes: how many, and the threads of each.
-type laneKey struct{ lanes, threads int }
+// maxLanePoll bounds ExpertOptions.LanePoll.
+const maxLanePoll = time.Second
+
+// pollUS is a lane poll in whole microseconds, within [0, maxLanePoll].
+func pollUS(d time.Duration) int {
+	return int(min(max(d, 0), maxLanePoll) / time.Microsecond)
+}
+
+// laneKey names a set of lanes: how many, the threads of each, and how
+// long a finished lane polls (microseconds).
+type laneKey struct{ lanes, threads, pollUS int }
 
 // laneSets are the process's lanes (neuro_lanes), made on first use under
 // computeMu and kept: a set's lanes other than the first are threads that
 // wait for their next share.
 var laneSets = map[laneKey]*C.neuro_lanes{}
 
-// lanesOf returns the set of lanes lanes of threads threads, made on first
-// use; computeMu held.
-func lanesOf(lanes, threads int) (*C.neuro_lanes, error) {
-	k := laneKey{lanes, threads}
+// lanesOf returns the set of lanes lanes of threads threads that poll
+// pollUS microseconds, made on first use; computeMu held.
+func lanesOf(lanes, threads, pollUS int) (*C.neuro_lanes, error) {
+	k := laneKey{lanes, threads, pollUS}
 	if l := laneSets[k]; l != nil {
 		return l, nil
 	}
 	var errbuf [256]C.char
-	l := C.neuro_lanes_new(C.int(lanes), C.int(threads), &errbuf[0], C.size_t(len(errbuf)))
+	l := C.neuro_lanes_new(C.int(lanes), C.int(threads), C.int(pollUS), &errbuf[0], C.size_t(len(errbuf)))
 	if l == nil {
 		return nil, fmt.Errorf("expert group: %d lanes: %s", lanes, C.GoString(&errbuf[0]))
 	}
@@ -203,7 +215,7 @@ func (e *Expert) ComputeGroup(ms []moe.Computer, xs [][]float32, ns []int, outs 
 		return fmt.Errorf("expert group: %d experts, %d inputs, %d sizes, %d outputs", n, len(xs), len(ns), len(outs))
 	}
 	es := make([]*Expert, n)
-	threads, lanes := 1, 1 // the most any member was given
+	threads, lanes, poll := 1, 1, 0 // the most any member was given
 	for i, m := range ms {
 		x, ok := m.(*Expert)
 		if !ok || x == nil || x.vary || slices.Contains(es[:i], x) {
@@ -212,7 +224,7 @@ func (e *Expert) ComputeGroup(ms []moe.Computer, xs [][]float32, ns []int, outs 
 		if err := moe.CheckBatch(xs[i], ns[i], outs[i], x.embd, x.maxBatch); err != nil {
 			return fmt.Errorf("expert group: expert %d: %w", i, err)
 		}
-		es[i], threads, lanes = x, max(threads, x.threads), max(lanes, x.lanes)
+		es[i], threads, lanes, poll = x, max(threads, x.threads), max(lanes, x.lanes), max(poll, x.pollUS)
 	}
 	// Each expert's lock in one order (their addresses), then computeMu.
 	order := slices.Clone(es)
@@ -236,7 +248,7 @@ func (e *Expert) ComputeGroup(ms []moe.Computer, xs [][]float32, ns []int, outs 
 	}
 	groupLanes = min(lanes, n)
 	if groupLanes > 1 {
-		return computeLanes(es, xs, ns, outs, groupLanes, threads)
+		return computeLanes(es, xs, ns, outs, groupLanes, threads, poll)
 	}
 	if group == nil {
 		var errbuf [256]C.char
@@ -251,8 +263,8 @@ func (e *Expert) ComputeGroup(ms []moe.Computer, xs [][]float32, ns []int, outs 
 // lane on threads threads of its own; computeMu held, the rows pinned.
 // The members are dealt to the lanes by rows, the most first, each to the
 // lane with the fewest so far.
-func computeLanes(es []*Expert, xs [][]float32, ns []int, outs [][]float32, lanes, threads int) error {
-	l, err := lanesOf(lanes, threads)
+func computeLanes(es []*Expert, xs [][]float32, ns []int, outs [][]float32, lanes, threads, pollUS int) error {
+	l, err := lanesOf(lanes, threads, pollUS)
 	if err != nil {
 		return err
 	}

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/neuro-p2p/neuro/model"
 	"github.com/neuro-p2p/neuro/moe"
@@ -588,7 +589,7 @@ func TestGroupIsEachExpertsCompute(t *testing.T) {
 		}
 		return w
 	}
-	var es, laned []moe.Computer
+	var es, laned, polled []moe.Computer
 	for i := range 12 {
 		w := weights(i%3 == 2)
 		e, err := Backend{}.NewExpert(w, moe.ExpertOptions{MaxBatch: 8})
@@ -604,6 +605,13 @@ func TestGroupIsEachExpertsCompute(t *testing.T) {
 		}
 		defer l.Close()
 		laned = append(laned, l)
+		// and on lanes that poll for the next group
+		p, err := Backend{}.NewExpert(w, moe.ExpertOptions{MaxBatch: 8, Threads: 1, Lanes: 3, LanePoll: 20 * time.Millisecond})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer p.Close()
+		polled = append(polled, p)
 	}
 	input := func(n int) []float32 {
 		x := make([]float32, n*embd)
@@ -652,6 +660,19 @@ func TestGroupIsEachExpertsCompute(t *testing.T) {
 			}
 		})
 	}
+	// Lanes that poll take the next groups while they poll, and after it
+	// ended, from their sleep.
+	t.Run("on polling lanes", func(t *testing.T) {
+		for i := range 4 {
+			if i == 3 {
+				time.Sleep(50 * time.Millisecond)
+			}
+			check(t, polled[i:i+2+i%2], true)
+			if want := min(3, 2+i%2, poolThreads); lastLanes() != want {
+				t.Fatalf("computed on %d lanes, want %d", lastLanes(), want)
+			}
+		}
+	})
 	shared := weights(false)
 	shared.Dense = true
 	d, err := Backend{}.NewExpert(shared, moe.ExpertOptions{MaxBatch: 8})

@@ -5,7 +5,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <pthread.h>
+#include <sched.h>
 #include <sys/prctl.h>
+#include <time.h>
 
 #include "ggml.h"
 #include "ggml-alloc.h"
@@ -384,20 +386,48 @@ struct lane_job {
 
 struct neuro_lanes {
     int lanes, n_threads;
+    int poll_us;      // how long a finished lane polls before it sleeps
     neuro_group ** g; // lane i's group, with its own threadpool
     pthread_t * th;   // lane i > 0's thread (th[0] unused: the caller's)
     struct lane_job * jobs;
     pthread_mutex_t mu;
     pthread_cond_t start, done;
-    unsigned long gen; // bumped for each compute, under mu
-    int pending;       // workers still computing, under mu
-    int stop;
+    unsigned long gen; // bumped for each compute, under mu (read atomically by polling)
+    int pending;       // workers still computing, under mu (read atomically by polling)
+    int stop;          // set under mu (read atomically by polling)
 };
 
 struct lane_arg {
     neuro_lanes * l;
     int i;
 };
+
+static int64_t now_us(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t) ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+// poll_next spins, yielding the core to any thread that wants it, until
+// a compute after seen starts, the lanes stop or poll_us pass.
+static void poll_next(neuro_lanes * l, unsigned long seen) {
+    int64_t until = now_us() + l->poll_us;
+    while (__atomic_load_n(&l->gen, __ATOMIC_ACQUIRE) == seen && !__atomic_load_n(&l->stop, __ATOMIC_ACQUIRE) &&
+           now_us() < until) {
+        sched_yield();
+    }
+}
+
+// poll_zero spins as poll_next does until *word is 0.
+static void poll_zero(const int * word, int poll_us) {
+    if (poll_us <= 0) {
+        return;
+    }
+    int64_t until = now_us() + poll_us;
+    while (__atomic_load_n(word, __ATOMIC_ACQUIRE) > 0 && now_us() < until) {
+        sched_yield();
+    }
+}
 
 static void lane_run(neuro_lanes * l, int i) {
     struct lane_job * j = &l->jobs[i];
@@ -411,6 +441,13 @@ static void * lane_main(void * p) {
     unsigned long seen = 0;
     pthread_mutex_lock(&l->mu);
     for (;;) {
+        if (l->gen == seen && !l->stop && l->poll_us > 0) {
+            // The next compute usually comes before the poll ends: no
+            // wake from sleep.
+            pthread_mutex_unlock(&l->mu);
+            poll_next(l, seen);
+            pthread_mutex_lock(&l->mu);
+        }
         while (l->gen == seen && !l->stop) {
             pthread_cond_wait(&l->start, &l->mu);
         }
@@ -421,7 +458,7 @@ static void * lane_main(void * p) {
         pthread_mutex_unlock(&l->mu);
         lane_run(l, a.i);
         pthread_mutex_lock(&l->mu);
-        if (--l->pending == 0) {
+        if (__atomic_sub_fetch(&l->pending, 1, __ATOMIC_ACQ_REL) == 0) {
             pthread_cond_signal(&l->done);
         }
     }
@@ -429,9 +466,9 @@ static void * lane_main(void * p) {
     return NULL;
 }
 
-neuro_lanes * neuro_lanes_new(int lanes, int n_threads, char * err, size_t err_len) {
-    if (lanes < 2 || n_threads < 1) {
-        snprintf(err, err_len, "lanes: %d lanes of %d threads", lanes, n_threads);
+neuro_lanes * neuro_lanes_new(int lanes, int n_threads, int poll_us, char * err, size_t err_len) {
+    if (lanes < 2 || n_threads < 1 || poll_us < 0) {
+        snprintf(err, err_len, "lanes: %d lanes of %d threads polling %d us", lanes, n_threads, poll_us);
         return NULL;
     }
     neuro_lanes * l = calloc(1, sizeof(*l));
@@ -441,6 +478,7 @@ neuro_lanes * neuro_lanes_new(int lanes, int n_threads, char * err, size_t err_l
     }
     l->lanes = lanes;
     l->n_threads = n_threads;
+    l->poll_us = poll_us;
     l->g = calloc((size_t) lanes, sizeof(*l->g));
     l->th = calloc((size_t) lanes, sizeof(*l->th));
     l->jobs = calloc((size_t) lanes, sizeof(*l->jobs));
@@ -494,11 +532,13 @@ int neuro_lanes_compute(neuro_lanes * l, neuro_expert * const * es, const float 
         l->jobs[i] = (struct lane_job) { es + s, xdata + s, n + s, outdata + s, start[i + 1] - s, 0 };
     }
     pthread_mutex_lock(&l->mu);
-    l->pending = l->lanes - 1;
-    l->gen++;
+    __atomic_store_n(&l->pending, l->lanes - 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&l->gen, 1, __ATOMIC_RELEASE);
     pthread_cond_broadcast(&l->start);
     pthread_mutex_unlock(&l->mu);
     lane_run(l, 0);
+    // The other lanes' shares end about when this one does.
+    poll_zero(&l->pending, l->poll_us);
     pthread_mutex_lock(&l->mu);
     while (l->pending > 0) {
         pthread_cond_wait(&l->done, &l->mu);
@@ -517,7 +557,7 @@ void neuro_lanes_free(neuro_lanes * l) {
     }
     if (l->th != NULL) {
         pthread_mutex_lock(&l->mu);
-        l->stop = 1;
+        __atomic_store_n(&l->stop, 1, __ATOMIC_RELEASE);
         pthread_cond_broadcast(&l->start);
         pthread_mutex_unlock(&l->mu);
         for (int i = 1; i < l->lanes; i++) {

@@ -128,9 +128,15 @@ void neuro_group_free(neuro_group * g);
 // on the caller's thread, each other on a thread of its own, every lane
 // with a neuro_group and a threadpool of n_threads threads of its own, so
 // that no lane's thread waits at a barrier for another's. Not thread-safe.
+//
+// A lane's thread that finished its share polls for the next compute for
+// poll_us microseconds (yielding its core to any other thread that wants
+// it) before it sleeps, and so does the caller for the other lanes'
+// shares: waking a sleeping thread costs 50-250 us on a virtual machine's
+// idle core, and a decode step's next layer comes sooner. 0: sleep at once.
 typedef struct neuro_lanes neuro_lanes;
 
-neuro_lanes * neuro_lanes_new(int lanes, int n_threads, char * err, size_t err_len);
+neuro_lanes * neuro_lanes_new(int lanes, int n_threads, int poll_us, char * err, size_t err_len);
 
 // neuro_lanes_compute computes expert es[i] on n[i] rows of x[i] into
 // out[i], as neuro_group_compute would (the same ops on the same data):

@@ -56,6 +56,9 @@ type ExpertConfig struct {
 	// time, each on threads of its own (Threads each); 0 or 1: a group's
 	// experts in one graph on Threads threads.
 	Lanes int `toml:"lanes"`
+	// LanePollUS is how long, in microseconds, a lane that finished its
+	// share polls for the next group before it sleeps (0: at once).
+	LanePollUS int `toml:"lane_poll_us"`
 	// RequireEscrow refuses expert calls that name no escrow with enough
 	// left for their gating node (on a node with a ledger).
 	RequireEscrow bool `toml:"require_escrow"`
@@ -277,7 +280,7 @@ func DefaultConfig() Config {
 			PeerTableSize:     4096,
 			PeerExpiry:        Duration(30 * time.Second),
 		},
-		Expert: ExpertConfig{Experts: "auto", MemoryMB: 4096, RequireEscrow: true, SpanExperts: "host"},
+		Expert: ExpertConfig{Experts: "auto", MemoryMB: 4096, LanePollUS: DefaultLanePollUS, RequireEscrow: true, SpanExperts: "host"},
 		Ledger: LedgerConfig{Listen: "tcp://0.0.0.0:26656", Peers: []string{}, BlockInterval: Duration(time.Second)},
 		Gating: GatingConfig{MaxQueue: 64, QueueTimeout: Duration(2 * time.Minute), MaxTokens: 256, WireDType: "f32", Speculate: "off", SpeculateMax: 8, BatchWait: Duration(10 * time.Millisecond), CallTimeout: Duration(30 * time.Second), Validate: true, Spans: true, Layers: "auto",
 			RequirePayment: true},
@@ -286,6 +289,13 @@ func DefaultConfig() Config {
 		Log:  LogConfig{Level: "info", Format: "text"},
 	}
 }
+
+// DefaultLanePollUS is expert.lane_poll_us's default: a decode step's
+// layers on the bench model come about 1.5 ms apart on loopback.
+const DefaultLanePollUS = 2000
+
+// MaxLanePollUS bounds expert.lane_poll_us (one second).
+const MaxLanePollUS = 1_000_000
 
 // configTemplate is the commented config.toml that `neurod init` writes. A
 // test checks that it decodes to exactly DefaultConfig().
@@ -376,6 +386,13 @@ threads = 0
 # cores, a layer's experts each take a core and no thread waits for
 # another (ggml's threads spin at every op while they wait).
 lanes = 0
+# With lanes: how long (microseconds) a lane that finished its share keeps
+# polling for the next layer's experts, yielding its core to anything that
+# wants it, before it sleeps; 0: it sleeps at once. A decode step's next
+# layer usually comes within a millisecond or two, and a sleeping thread
+# takes far longer to wake on a virtual machine's idle core (200 us at the
+# mean) than a polling one takes to start (at most 1000000).
+lane_poll_us = 2000
 # With a ledger: refuse to compute for a call that names no escrow with
 # enough left for the gating node that calls (no one computes for free).
 require_escrow = true
@@ -690,6 +707,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Expert.Lanes < 0 {
 		return fieldErr("expert.lanes", "must not be negative, got %d", c.Expert.Lanes)
+	}
+	if c.Expert.LanePollUS < 0 || c.Expert.LanePollUS > MaxLanePollUS {
+		return fieldErr("expert.lane_poll_us", "must be 0 to %d, got %d", MaxLanePollUS, c.Expert.LanePollUS)
 	}
 	if err := c.validateGating(); err != nil {
 		return err

@@ -85,6 +85,8 @@ func TestValidate(t *testing.T) {
 		{"negative batch wait", func(c *Config) { c.Gating.BatchWait = Duration(-time.Millisecond) }, "gating.batch_wait"},
 		{"negative sessions", func(c *Config) { c.Gating.MaxSessions = -1 }, "gating.max_sessions"},
 		{"negative lanes", func(c *Config) { c.Expert.Lanes = -1 }, "expert.lanes"},
+		{"negative lane poll", func(c *Config) { c.Expert.LanePollUS = -1 }, "expert.lane_poll_us"},
+		{"lane poll over a second", func(c *Config) { c.Expert.LanePollUS = MaxLanePollUS + 1 }, "expert.lane_poll_us"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

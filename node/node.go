@@ -686,7 +686,8 @@ func newExpertService(h *p2p.Host, key crypto.PrivKey, cfg ExpertConfig, store s
 		budget = "expert.memory_mb"
 	}
 	sc := expert.ServiceConfig{StoreDir: store, MemoryBudget: int64(cfg.MemoryMB) << 20, BudgetSource: budget, Threads: cfg.Threads, Lanes: cfg.Lanes,
-		Server: expert.DefaultConfig(), Progress: progress, Fault: fault, Compute: compute, Announce: announce}
+		LanePoll: time.Duration(cfg.LanePollUS) * time.Microsecond,
+		Server:   expert.DefaultConfig(), Progress: progress, Fault: fault, Compute: compute, Announce: announce}
 	sc.Server.Metrics = m
 	sc.Server.SignReceipt = func(r *neuropb.UsageReceipt) error { return ledger.SignReceipt(key, r) }
 	sc.Server.SlowDown = slow
