@@ -666,12 +666,12 @@ func (e *Engine) Models() []ModelInfo {
 	for _, m := range ms {
 		e.mu.Lock()
 		info := ModelInfo{CID: m.cid, Ready: m.sm != nil, Err: m.err}
-		if m.sm != nil {
-			l, lazy := m.sm.Gating.(*Layered)
+		sm, remote, hp := m.sm, m.remote, m.hp
+		e.mu.Unlock()
+		if sm != nil {
+			l, lazy := sm.Gating.(*Layered)
 			info.LayersLoaded = !lazy || l.LayersLoaded()
 		}
-		remote, hp := m.remote, m.hp
-		e.mu.Unlock()
 		if info.Ready {
 			info.Context = e.nCtx(hp)
 			info.MinProviders = -1

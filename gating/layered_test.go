@@ -5,6 +5,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/neuro-p2p/neuro/moe"
 )
@@ -73,5 +74,52 @@ func TestLayeredLoadsTheLayersOnce(t *testing.T) {
 	}
 	if _, err := l.NewSession(0); err == nil {
 		t.Fatal("a session after Close")
+	}
+}
+
+// What asks about a Layered gating's state (whether its layers are
+// loaded, its sessions' memory) does not wait for a load in progress: the
+// engine asks under its lock, and a load sizes the engine's sessions
+// under that lock (16 first requests at once through the OpenAI API
+// deadlocked the gating node this way). Close during the load frees the
+// layers it brings.
+func TestLayeredStateDoesNotWaitForALoad(t *testing.T) {
+	head, layers := &namedGating{name: "head"}, &namedGating{name: "layers"}
+	started, release := make(chan struct{}), make(chan struct{})
+	l := &Layered{head: head, load: func() (moe.Gating, error) {
+		close(started)
+		<-release
+		return layers, nil
+	}}
+	done := make(chan error, 1)
+	go func() {
+		_, err := l.NewSession(0)
+		done <- err
+	}()
+	<-started
+	asked := make(chan bool, 1)
+	go func() {
+		l.SessionBytes(16)
+		l.SessionMemory()
+		asked <- l.LayersLoaded()
+	}()
+	select {
+	case loaded := <-asked:
+		if loaded {
+			t.Fatal("layers loaded before their load returned")
+		}
+	case <-time.After(10 * time.Second):
+		close(release)
+		t.Fatal("asking whether the layers are loaded waited for their load")
+	}
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	close(release)
+	if err := <-done; err == nil {
+		t.Fatal("a session from layers loaded after Close")
+	}
+	if !layers.closed.Load() || l.LayersLoaded() {
+		t.Fatalf("layers loaded after Close: closed %v, loaded %v", layers.closed.Load(), l.LayersLoaded())
 	}
 }

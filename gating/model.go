@@ -129,9 +129,16 @@ type Layered struct {
 	head moe.Gating
 	load func() (moe.Gating, error)
 
-	mu     sync.Mutex
-	layers moe.Gating
-	closed bool
+	// loading is held while the layers load (one load at a time); mu
+	// guards the state and is never held across a load, so that what
+	// asks whether the layers are loaded (a status, the models' list
+	// under the engine's lock) does not wait for a load that may itself
+	// wait for that lock (the engine sizes its sessions from the loaded
+	// layers).
+	loading sync.Mutex
+	mu      sync.Mutex
+	layers  moe.Gating
+	closed  bool
 }
 
 var (
@@ -200,19 +207,33 @@ func (l *Layered) NewSession(nCtx int) (moe.Session, error) {
 
 // Layers returns the whole gating part, loading it if it is not yet.
 func (l *Layered) Layers() (moe.Gating, error) {
+	loaded := func() (moe.Gating, error) {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		if l.closed {
+			return nil, errors.New("the model is closed")
+		}
+		return l.layers, nil
+	}
+	if g, err := loaded(); g != nil || err != nil {
+		return g, err
+	}
+	l.loading.Lock()
+	defer l.loading.Unlock()
+	if g, err := loaded(); g != nil || err != nil {
+		return g, err // another caller loaded them meanwhile
+	}
+	g, err := l.load()
+	if err != nil {
+		return nil, fmt.Errorf("load the model's layers: %w", err)
+	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.closed {
-		return nil, errors.New("the model is closed")
+		return nil, errors.Join(errors.New("the model is closed"), g.Close())
 	}
-	if l.layers == nil {
-		g, err := l.load()
-		if err != nil {
-			return nil, fmt.Errorf("load the model's layers: %w", err)
-		}
-		l.layers = g
-	}
-	return l.layers, nil
+	l.layers = g
+	return g, nil
 }
 
 // LayersLoaded says whether the layers' weights are loaded.
