@@ -270,6 +270,14 @@ func BenchmarkExpertGroup(b *testing.B) {
 	o1, o2, o12 := make([]float32, embd), make([]float32, embd), make([]float32, 2*embd)
 	// the experts of consecutive layers differ: cycle through the stack
 	pair := func(i int) (int, int) { return i % (n / 2), n/2 + i%(n/2) }
+	// group computes a layer's pair of experts, made with one of the
+	// options above, as one group
+	group := func(on []moe.Expert) func(i int) error {
+		return func(i int) error {
+			a, z := pair(i)
+			return moe.ComputeGroup([]moe.Computer{on[a], on[z]}, [][]float32{x, x}, []int{1, 1}, [][]float32{o1, o2})
+		}
+	}
 	for _, c := range []struct {
 		name string
 		run  func(i int) error
@@ -281,24 +289,12 @@ func BenchmarkExpertGroup(b *testing.B) {
 			}
 			return es[z].Compute(x, 1, o2)
 		}},
-		{"group", func(i int) error {
-			a, z := pair(i)
-			return moe.ComputeGroup([]moe.Computer{es[a], es[z]}, [][]float32{x, x}, []int{1, 1}, [][]float32{o1, o2})
-		}},
-		{"group-1thread", func(i int) error {
-			a, z := pair(i)
-			return moe.ComputeGroup([]moe.Computer{one[a], one[z]}, [][]float32{x, x}, []int{1, 1}, [][]float32{o1, o2})
-		}},
-		{"lanes", func(i int) error {
-			a, z := pair(i)
-			return moe.ComputeGroup([]moe.Computer{laned[a], laned[z]}, [][]float32{x, x}, []int{1, 1}, [][]float32{o1, o2})
-		}},
+		{"group", group(es)},
+		{"group-1thread", group(one)},
+		{"lanes", group(laned)},
 		// lanes that poll 2 ms for the next group (expert.lane_poll_us's
 		// default)
-		{"lanes-poll", func(i int) error {
-			a, z := pair(i)
-			return moe.ComputeGroup([]moe.Computer{polled[a], polled[z]}, [][]float32{x, x}, []int{1, 1}, [][]float32{o1, o2})
-		}},
+		{"lanes-poll", group(polled)},
 		{"stack", func(i int) error {
 			a, z := pair(i)
 			return st.ComputeLayer(x, 1, []int32{int32(a), int32(z)}, o12)
@@ -319,16 +315,15 @@ func BenchmarkExpertGroup(b *testing.B) {
 	// us/layer counts the experts' compute only.
 	for _, c := range []struct {
 		name string
-		es   []moe.Expert
-	}{{"lanes-gap", laned}, {"lanes-poll-gap", polled}} {
+		run  func(i int) error
+	}{{"lanes-gap", group(laned)}, {"lanes-poll-gap", group(polled)}} {
 		b.Run(c.name, func(b *testing.B) {
 			var took time.Duration
 			for i := range b.N {
 				for t := time.Now(); time.Since(t) < time.Millisecond; {
 				}
-				a, z := pair(i)
 				start := time.Now()
-				if err := moe.ComputeGroup([]moe.Computer{c.es[a], c.es[z]}, [][]float32{x, x}, []int{1, 1}, [][]float32{o1, o2}); err != nil {
+				if err := c.run(i); err != nil {
 					b.Fatal(err)
 				}
 				took += time.Since(start)

@@ -152,12 +152,10 @@ var group *C.neuro_group
 // maxLanes bounds ExpertOptions.Lanes.
 const maxLanes = 64
 
-// maxLanePoll bounds ExpertOptions.LanePoll.
-const maxLanePoll = time.Second
-
-// pollUS is a lane poll in whole microseconds, within [0, maxLanePoll].
+// pollUS is a lane poll in whole microseconds, within [0,
+// moe.MaxLanePoll].
 func pollUS(d time.Duration) int {
-	return int(min(max(d, 0), maxLanePoll) / time.Microsecond)
+	return int(min(max(d, 0), moe.MaxLanePoll) / time.Microsecond)
 }
 
 // laneKey names a set of lanes: how many, the threads of each, and how

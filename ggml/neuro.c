@@ -408,23 +408,25 @@ static int64_t now_us(void) {
     return (int64_t) ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
-// poll_next spins, yielding the core to any thread that wants it, until
-// a compute after seen starts, the lanes stop or poll_us pass.
-static void poll_next(neuro_lanes * l, unsigned long seen) {
-    int64_t until = now_us() + l->poll_us;
-    while (__atomic_load_n(&l->gen, __ATOMIC_ACQUIRE) == seen && !__atomic_load_n(&l->stop, __ATOMIC_ACQUIRE) &&
-           now_us() < until) {
-        sched_yield();
-    }
+// no_next: no compute after seen has started, and the lanes go on.
+static int no_next(const neuro_lanes * l, unsigned long seen) {
+    return __atomic_load_n(&l->gen, __ATOMIC_ACQUIRE) == seen && !__atomic_load_n(&l->stop, __ATOMIC_ACQUIRE);
 }
 
-// poll_zero spins as poll_next does until *word is 0.
-static void poll_zero(const int * word, int poll_us) {
-    if (poll_us <= 0) {
+// shares_left: another lane still computes its share.
+static int shares_left(const neuro_lanes * l, unsigned long unused) {
+    (void) unused;
+    return __atomic_load_n(&l->pending, __ATOMIC_ACQUIRE) > 0;
+}
+
+// poll spins while waiting(l, arg) holds, at most l->poll_us, yielding
+// the core to any thread that wants it.
+static void poll(neuro_lanes * l, int (*waiting)(const neuro_lanes *, unsigned long), unsigned long arg) {
+    if (l->poll_us <= 0) {
         return;
     }
-    int64_t until = now_us() + poll_us;
-    while (__atomic_load_n(word, __ATOMIC_ACQUIRE) > 0 && now_us() < until) {
+    int64_t until = now_us() + l->poll_us;
+    while (waiting(l, arg) && now_us() < until) {
         sched_yield();
     }
 }
@@ -445,7 +447,7 @@ static void * lane_main(void * p) {
             // The next compute usually comes before the poll ends: no
             // wake from sleep.
             pthread_mutex_unlock(&l->mu);
-            poll_next(l, seen);
+            poll(l, no_next, seen);
             pthread_mutex_lock(&l->mu);
         }
         while (l->gen == seen && !l->stop) {
@@ -538,7 +540,7 @@ int neuro_lanes_compute(neuro_lanes * l, neuro_expert * const * es, const float 
     pthread_mutex_unlock(&l->mu);
     lane_run(l, 0);
     // The other lanes' shares end about when this one does.
-    poll_zero(&l->pending, l->poll_us);
+    poll(l, shares_left, 0);
     pthread_mutex_lock(&l->mu);
     while (l->pending > 0) {
         pthread_cond_wait(&l->done, &l->mu);

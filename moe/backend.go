@@ -100,6 +100,9 @@ type ExpertOptions struct {
 	LanePoll time.Duration
 }
 
+// MaxLanePoll bounds ExpertOptions.LanePoll (and expert.lane_poll_us).
+const MaxLanePoll = time.Second
+
 // Tensor is one weight tensor's encoded bytes.
 type Tensor struct {
 	Type model.DType

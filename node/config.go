@@ -19,6 +19,7 @@ import (
 	"github.com/pelletier/go-toml/v2"
 
 	"github.com/neuro-p2p/neuro/expert"
+	"github.com/neuro-p2p/neuro/moe"
 	"github.com/neuro-p2p/neuro/neuropb"
 	"github.com/neuro-p2p/neuro/p2p"
 )
@@ -294,8 +295,8 @@ func DefaultConfig() Config {
 // layers on the bench model come about 1.5 ms apart on loopback.
 const DefaultLanePollUS = 2000
 
-// MaxLanePollUS bounds expert.lane_poll_us (one second).
-const MaxLanePollUS = 1_000_000
+// MaxLanePollUS bounds expert.lane_poll_us (moe.MaxLanePoll).
+const MaxLanePollUS = int(moe.MaxLanePoll / time.Microsecond)
 
 // configTemplate is the commented config.toml that `neurod init` writes. A
 // test checks that it decodes to exactly DefaultConfig().
