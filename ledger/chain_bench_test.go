@@ -27,7 +27,7 @@ func BenchmarkChainThroughput(b *testing.B) {
 	ports := make([]int, 4)
 	for i, v := range vals {
 		g.Validators = append(g.Validators, Validator{Peer: v.id, Power: 10})
-		l, _ := listenFree()
+		l, _ := FreePort()
 		ports[i] = l
 	}
 	var mu sync.Mutex

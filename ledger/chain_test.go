@@ -6,7 +6,6 @@ import (
 	"io"
 	"log/slog"
 	"math/rand/v2"
-	"net"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -17,20 +16,11 @@ import (
 
 func freePort(t *testing.T) int {
 	t.Helper()
-	p, err := listenFree()
+	p, err := FreePort()
 	if err != nil {
 		t.Fatal(err)
 	}
 	return p
-}
-
-func listenFree() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
 // Four validators on loopback commit blocks together: a transfer

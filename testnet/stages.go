@@ -8,13 +8,9 @@ import (
 	"io/fs"
 	"log/slog"
 	"math"
-	"math/rand/v2"
-	"net"
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
-	"strings"
 	"syscall"
 	"time"
 
@@ -241,52 +237,6 @@ func fillTrust(rep *Report, nw *Network, faults map[int]expert.Fault) {
 	}
 }
 
-// freeTCPPort finds a free loopback port for a validator's CometBFT p2p,
-// which must be known before the nodes start (the others' peer lists name
-// it). It is drawn below the kernel's ephemeral range: a port the kernel
-// hands out for port 0 could be taken meanwhile by a node's own libp2p
-// listener (which listens on port 0), and CometBFT would then fail to
-// bind it. Only when no such port is free does it fall back to port 0.
-func freeTCPPort() (int, error) {
-	low := ephemeralLow()
-	const from = 10000
-	for range 200 {
-		if low <= from {
-			break
-		}
-		port := from + rand.IntN(low-from)
-		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
-		if err == nil {
-			l.Close()
-			return port, nil
-		}
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, fmt.Errorf("testnet: %w", err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
-}
-
-// ephemeralLow is the first port of the kernel's ephemeral range (Linux's
-// default when it cannot be read).
-func ephemeralLow() int {
-	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
-	if err != nil {
-		return 32768
-	}
-	f := strings.Fields(string(b))
-	if len(f) == 0 {
-		return 32768
-	}
-	n, err := strconv.Atoi(f[0])
-	if err != nil || n < 1024 {
-		return 32768
-	}
-	return n
-}
-
 // seedTestnet is a testnet's BeforeStart: it writes the genesis (the first
 // validators nodes validate) and imports the model's shards into node 0.
 func seedTestnet(genesisPath string, mf *Model, validators, gating int, users ...peer.ID) func(homes []string) error {
@@ -386,7 +336,7 @@ func validatorPorts(dir string, n int) (ports []int, peers []string, err error) 
 		if err != nil {
 			return nil, nil, fmt.Errorf("validator %d: %w", i, err)
 		}
-		port, err := freeTCPPort()
+		port, err := ledger.FreePort()
 		if err != nil {
 			return nil, nil, err
 		}

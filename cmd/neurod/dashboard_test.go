@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -16,6 +15,8 @@ import (
 
 	"github.com/prometheus/common/expfmt"
 	prommodel "github.com/prometheus/common/model"
+
+	"github.com/neuro-p2p/neuro/ledger"
 )
 
 // artifactsDir is where tests leave what a person may want to look at
@@ -69,7 +70,7 @@ func TestDashboardInBrowser(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
 	defer cancel()
-	port, err := freeTCPPort()
+	port, err := ledger.FreePort()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -181,14 +182,4 @@ func TestDashboardInBrowser(t *testing.T) {
 		t.Fatalf("screenshot %s: %v", shot, err)
 	}
 	t.Logf("screenshot in %s", shot)
-}
-
-// freeTCPPort finds a free loopback port.
-func freeTCPPort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }
