@@ -170,15 +170,24 @@ type session struct {
 	groups bool
 }
 
-// retire closes the stream once no call waits on it.
+// retireIfIdle closes a retired session's stream once no call waits on
+// it. A call that took the session before it retired and writes after it
+// closed finds errRetired (the idle check and a call's registration are
+// under one lock), and is sent on the peer's new session.
 func (s *session) retireIfIdle() {
 	s.mu.Lock()
-	idle := s.retired && len(s.pending) == 0
+	idle := s.retired && len(s.pending) == 0 && s.err == nil
+	if idle {
+		s.err = errRetired
+	}
 	s.mu.Unlock()
 	if idle {
 		_ = s.st.Close()
 	}
 }
+
+// errRetired: a session closed, idle, after another took its place.
+var errRetired = fmt.Errorf("%w: replaced by a newer one", ErrStreamClosed)
 
 type result struct {
 	resp *neuropb.ExpertResponse
@@ -197,14 +206,17 @@ func (c *Client) Warm(ctx context.Context, p peer.ID) error {
 // opened a direct one) is sent again, once, on a new stream: expert
 // compute has no side effects.
 func (c *Client) Call(ctx context.Context, p peer.ID, req Request) (*Response, error) {
-	resp, relayed, err := c.call(ctx, p, req)
-	if err != nil && relayed && errors.Is(err, ErrStreamClosed) && ctx.Err() == nil {
+	resp, again, err := c.call(ctx, p, req)
+	if err != nil && again && errors.Is(err, ErrStreamClosed) && ctx.Err() == nil {
 		resp, _, err = c.call(ctx, p, req)
 	}
 	return resp, err
 }
 
-func (c *Client) call(ctx context.Context, p peer.ID, req Request) (_ *Response, relayed bool, err error) {
+// call makes one call; again says that a broken stream is worth one more
+// try: a relayed one (hole punching replaces it), or one retired before
+// the call was written on it.
+func (c *Client) call(ctx context.Context, p peer.ID, req Request) (_ *Response, again bool, err error) {
 	msg, err := message(&req)
 	if err != nil {
 		return nil, false, err
@@ -216,7 +228,7 @@ func (c *Client) call(ctx context.Context, p peer.ID, req Request) (_ *Response,
 	msg.RequestId = c.nextID.Add(1)
 	chs, err := c.send(ctx, p, s, msg)
 	if err != nil {
-		return nil, s.relayed, err
+		return nil, s.relayed || errors.Is(err, errRetired), err
 	}
 	resp, err := c.wait(ctx, p, s, msg, req, chs[0])
 	return resp, s.relayed, err
@@ -277,24 +289,31 @@ func (c *Client) SendGroup(ctx context.Context, p peer.ID, reqs []Request) (*Sen
 		}
 		msgs[i] = m
 	}
-	s, err := c.session(ctx, p)
-	if err != nil {
-		return nil, err
+	// A session retired between taking it and writing is taken again:
+	// nothing was sent on it.
+	for try := 0; ; try++ {
+		s, err := c.session(ctx, p)
+		if err != nil {
+			return nil, err
+		}
+		if !s.groups {
+			return nil, fmt.Errorf("expert call to %s: %w", p, ErrNoGroups)
+		}
+		for _, m := range msgs {
+			m.RequestId = c.nextID.Add(1)
+		}
+		top := msgs[0]
+		top.Group = msgs[1:]
+		chs, err := c.send(ctx, p, s, msgs...)
+		top.Group = nil
+		if errors.Is(err, errRetired) && try == 0 {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		return &SentGroup{c: c, p: p, s: s, msgs: msgs, reqs: reqs, chs: chs}, nil
 	}
-	if !s.groups {
-		return nil, fmt.Errorf("expert call to %s: %w", p, ErrNoGroups)
-	}
-	for _, m := range msgs {
-		m.RequestId = c.nextID.Add(1)
-	}
-	top := msgs[0]
-	top.Group = msgs[1:]
-	chs, err := c.send(ctx, p, s, msgs...)
-	top.Group = nil
-	if err != nil {
-		return nil, err
-	}
-	return &SentGroup{c: c, p: p, s: s, msgs: msgs, reqs: reqs, chs: chs}, nil
 }
 
 // Wait takes member i's answer (once), or gives up when ctx ends.
@@ -347,7 +366,7 @@ func (c *Client) send(ctx context.Context, p peer.ID, s *session, ids ...*neurop
 	s.mu.Lock()
 	if s.err != nil {
 		s.mu.Unlock()
-		return nil, s.err
+		return nil, fmt.Errorf("expert call to %s: %w", p, s.err)
 	}
 	for i, m := range ids {
 		chs[i] = make(chan result, 1)
@@ -364,7 +383,8 @@ func (c *Client) send(ctx context.Context, p peer.ID, s *session, ids ...*neurop
 	s.wmu.Unlock()
 	if err != nil {
 		c.forget(s, ids...)
-		s.fail(fmt.Errorf("%w: write: %v", ErrStreamClosed, err))
+		err = fmt.Errorf("%w: write: %v", ErrStreamClosed, err)
+		s.fail(err)
 		c.drop(p, s)
 		return nil, fmt.Errorf("expert call to %s: %w", p, err)
 	}

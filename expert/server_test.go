@@ -1019,3 +1019,66 @@ func TestDelegatedEscrow(t *testing.T) {
 		t.Fatalf("payers %v, want the caller, the head, the caller", payers)
 	}
 }
+
+// A session retired (a direct connection replaced its relayed one) while
+// a call that took it had yet to write: the call finds it retired rather
+// than writing on a closed stream, and is sent on the new session; a
+// stream that breaks under a write says ErrStreamClosed.
+func TestRetiredSessionSendsOnTheNewOne(t *testing.T) {
+	mc, m, dir := tinyShards(t, model.F32)
+	sh, ch := hostPair(t)
+	srv := startServer(t, sh, DefaultConfig())
+	if err := srv.Add(mc, 0, 0, loadExpert(t, dir, m.GetExperts()[0])); err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.Add(mc, 0, 1, loadExpert(t, dir, m.GetExperts()[1])); err != nil {
+		t.Fatal(err)
+	}
+	srv.Start()
+	cl := NewClient(ch, quiet())
+	defer cl.Close()
+	embd := int(m.GetParams().GetEmbd())
+	req := Request{Model: mc, Hidden: make([]float32, embd), N: 1}
+	if _, err := cl.Call(t.Context(), sh.ID(), req); err != nil {
+		t.Fatal(err)
+	}
+	retire := func() *session {
+		cl.mu.Lock()
+		s := cl.sessions[sh.ID()]
+		delete(cl.sessions, sh.ID())
+		cl.mu.Unlock()
+		s.mu.Lock()
+		s.retired = true
+		s.mu.Unlock()
+		s.retireIfIdle()
+		return s
+	}
+	s := retire()
+	msg, err := message(&req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cl.send(t.Context(), sh.ID(), s, msg); !errors.Is(err, errRetired) {
+		t.Fatalf("a write on a retired session: %v, want errRetired", err)
+	}
+	// Calls and groups then take a new session.
+	if _, err := cl.Call(t.Context(), sh.ID(), req); err != nil {
+		t.Fatal(err)
+	}
+	g, err := cl.SendGroup(t.Context(), sh.ID(), []Request{req, {Model: mc, Expert: 1, Hidden: make([]float32, embd), N: 1}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 2 {
+		if _, err := g.Wait(t.Context(), i); err != nil {
+			t.Fatalf("group member %d: %v", i, err)
+		}
+	}
+	cl.mu.Lock()
+	s = cl.sessions[sh.ID()]
+	cl.mu.Unlock()
+	s.st.Reset()
+	if _, err := cl.send(t.Context(), sh.ID(), s, msg); !errors.Is(err, ErrStreamClosed) {
+		t.Fatalf("a write on a broken stream: %v, want ErrStreamClosed", err)
+	}
+}
