@@ -11,6 +11,7 @@ import (
 	"io"
 
 	"google.golang.org/protobuf/encoding/protodelim"
+	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -59,26 +60,42 @@ func (r *Reader) Read(m proto.Message) error {
 	return err
 }
 
-// Writer writes length-prefixed messages to one stream.
+// Writer writes length-prefixed messages to one stream, each in one
+// write, from a buffer it keeps (a message's frame is not allocated
+// anew). Like the stream, it is not safe for concurrent writes.
 type Writer struct {
-	w   *bufio.Writer
+	w   io.Writer
 	max int
+	buf []byte
 }
+
+// keepBuf bounds the buffer a Writer keeps between messages: a larger
+// message's is dropped after it is written.
+const keepBuf = 1 << 20
 
 // NewWriter writes to w, refusing to send messages over max bytes.
 func NewWriter(w io.Writer, max int) *Writer {
-	return &Writer{w: bufio.NewWriterSize(w, 64<<10), max: max}
+	return &Writer{w: w, max: max}
 }
 
-// Write sends m and flushes.
+// Write sends m.
 func (w *Writer) Write(m proto.Message) error {
-	if size := proto.Size(m); size > w.max {
+	size := proto.Size(m)
+	if size > w.max {
 		return &TooLargeError{Size: uint64(size), Max: uint64(w.max)}
 	}
-	if _, err := protodelim.MarshalTo(w.w, m); err != nil {
+	buf := protowire.AppendVarint(w.buf[:0], uint64(size))
+	buf, err := proto.MarshalOptions{UseCachedSize: true}.MarshalAppend(buf, m)
+	if err != nil {
 		return err
 	}
-	return w.w.Flush()
+	if cap(buf) <= keepBuf {
+		w.buf = buf
+	} else {
+		w.buf = nil
+	}
+	_, err = w.w.Write(buf)
+	return err
 }
 
 // Raw returns the reader under the framing, for a protocol whose framed
