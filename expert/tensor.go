@@ -36,20 +36,17 @@ func TensorDigest(t *neuropb.Tensor) []byte {
 		d := sha256.Sum256(t.GetData())
 		return d[:]
 	}
-	// F16: widened to F32 a block at a time, as DecodeFloats would.
-	h := sha256.New()
-	var buf [4096]byte
+	// F16: widened to F32 a block at a time, as DecodeFloats does.
+	var h neuropb.FloatsHash
+	var block [1024]float32
 	d := t.GetData()
 	for len(d) >= 2 {
-		n := min(len(d)/2, len(buf)/4)
-		for i := range n {
-			v := model.Float16ToFloat32(binary.LittleEndian.Uint16(d[2*i:]))
-			binary.LittleEndian.PutUint32(buf[4*i:], math.Float32bits(v))
-		}
-		h.Write(buf[:4*n])
+		n := min(len(d)/2, len(block))
+		widenF16(block[:n], d)
+		h.Write(block[:n])
 		d = d[2*n:]
 	}
-	return h.Sum(nil)
+	return h.Sum()
 }
 
 // DecodeFloats unpacks a wire tensor checked by Tensor.Rows.
@@ -58,9 +55,7 @@ func DecodeFloats(t *neuropb.Tensor) []float32 {
 	d := t.GetData()
 	if t.GetDtype() == neuropb.WireDType_WIRE_DTYPE_F16 {
 		out := make([]float32, len(d)/2)
-		for i := range out {
-			out[i] = model.Float16ToFloat32(le.Uint16(d[2*i:]))
-		}
+		widenF16(out, d)
 		return out
 	}
 	out := make([]float32, len(d)/4)
@@ -68,4 +63,11 @@ func DecodeFloats(t *neuropb.Tensor) []float32 {
 		out[i] = math.Float32frombits(le.Uint32(d[4*i:]))
 	}
 	return out
+}
+
+// widenF16 decodes len(dst) little-endian F16 values from the front of d.
+func widenF16(dst []float32, d []byte) {
+	for i := range dst {
+		dst[i] = model.Float16ToFloat32(binary.LittleEndian.Uint16(d[2*i:]))
+	}
 }

@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash"
 	"math"
 	"strings"
 
@@ -408,17 +409,40 @@ func (r *InferRequest) Validate() error {
 // FloatsDigest is the SHA-256 of x as little-endian F32: the digest of
 // hidden states in usage receipts and verdicts.
 func FloatsDigest(x []float32) []byte {
-	h := sha256.New()
-	var buf [4096]byte
+	var h FloatsHash
+	h.Write(x)
+	return h.Sum()
+}
+
+// FloatsHash computes FloatsDigest over floats given a run at a time (a
+// tensor widened block by block, without a copy of the whole). The zero
+// value is ready to use.
+type FloatsHash struct {
+	h   hash.Hash
+	buf [4096]byte
+}
+
+// Write adds x to the hash.
+func (f *FloatsHash) Write(x []float32) {
+	if f.h == nil {
+		f.h = sha256.New()
+	}
 	for len(x) > 0 {
-		n := min(len(x), len(buf)/4)
+		n := min(len(x), len(f.buf)/4)
 		for i, v := range x[:n] {
-			binary.LittleEndian.PutUint32(buf[4*i:], math.Float32bits(v))
+			binary.LittleEndian.PutUint32(f.buf[4*i:], math.Float32bits(v))
 		}
-		h.Write(buf[:4*n])
+		f.h.Write(f.buf[:4*n])
 		x = x[n:]
 	}
-	return h.Sum(nil)
+}
+
+// Sum is the digest of the floats written.
+func (f *FloatsHash) Sum() []byte {
+	if f.h == nil {
+		f.h = sha256.New()
+	}
+	return f.h.Sum(nil)
 }
 
 // MoELayers are the layers with experts: [first, end). Leading layers may
