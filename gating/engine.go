@@ -1255,19 +1255,21 @@ func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Cal
 	res.Text = out.text()
 	res.Rest = res.Text[min(out.sent, len(res.Text)):]
 	res.Stats = &neuropb.InferStats{
-		MoeWallUs:      uint64(stats.MoEWall.Load() / 1e3),
-		MoeComputeUs:   uint64(stats.MoECompute.Load() / 1e3),
-		MoeLayers:      uint64(stats.MoELayers.Load()),
-		OneNodeLayers:  uint64(stats.OneNodeLayers.Load()),
-		SharedLayers:   uint64(stats.SharedLayers.Load()),
-		ExpertCalls:    uint64(stats.Calls.Load()),
-		ExpertBytes:    uint64(stats.Bytes.Load()),
-		Hedges:         uint64(stats.Hedges.Load()),
-		Redispatches:   uint64(stats.Redispatch.Load()),
-		Rewinds:        uint32(res.Rewinds),
-		SpecPasses:     uint64(stats.SpecPasses.Load()),
-		DraftTokens:    uint64(stats.Drafted.Load()),
-		AcceptedTokens: uint64(stats.Accepted.Load()),
+		MoeWallUs:        uint64(stats.MoEWall.Load() / 1e3),
+		MoeComputeUs:     uint64(stats.MoECompute.Load() / 1e3),
+		MoeLayers:        uint64(stats.MoELayers.Load()),
+		OneNodeLayers:    uint64(stats.OneNodeLayers.Load()),
+		SharedLayers:     uint64(stats.SharedLayers.Load()),
+		ExpertCalls:      uint64(stats.Calls.Load()),
+		ExpertBytes:      uint64(stats.Bytes.Load()),
+		Hedges:           uint64(stats.Hedges.Load()),
+		Redispatches:     uint64(stats.Redispatch.Load()),
+		Rewinds:          uint32(res.Rewinds),
+		SpecPasses:       uint64(stats.SpecPasses.Load()),
+		DraftTokens:      uint64(stats.Drafted.Load()),
+		AcceptedTokens:   uint64(stats.Accepted.Load()),
+		MoeOverheadP50Us: uint64(stats.Overhead.Quantile(0.5).Microseconds()),
+		MoeOverheadP90Us: uint64(stats.Overhead.Quantile(0.9).Microseconds()),
 	}
 	if ss, ok := sess.(*span.Session); ok {
 		st := ss.Stats()

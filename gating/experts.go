@@ -16,6 +16,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"runtime"
 	"slices"
 	"sync"
@@ -120,6 +121,57 @@ type CallStats struct {
 	// LocalFLOPs is the work of the experts computed on this node
 	// (RemoteExperts.Local), as an expert's receipt would count it.
 	LocalFLOPs atomic.Int64
+	// Overhead counts the MoE layers by their wall time beyond the
+	// slowest call's compute, to give its median and tail beside the mean
+	// MoEWall and MoECompute give.
+	Overhead OverheadHistogram
+}
+
+// OverheadHistogram counts durations in buckets of OverheadBucket, the
+// last bucket holding everything longer. Safe for concurrent use.
+type OverheadHistogram struct {
+	buckets [overheadBuckets]atomic.Int64
+}
+
+// OverheadBucket is the width of an OverheadHistogram's buckets.
+const OverheadBucket = 10 * time.Microsecond
+
+// overheadBuckets covers 0 to 5 ms; longer layers share the last bucket.
+const overheadBuckets = 500
+
+// Add counts d.
+func (h *OverheadHistogram) Add(d time.Duration) {
+	i := min(max(int(d/OverheadBucket), 0), overheadBuckets-1)
+	h.buckets[i].Add(1)
+}
+
+// Quantile returns the duration below which a share q (0 to 1) of the
+// counted durations lie, to OverheadBucket (the middle of its bucket;
+// the last bucket's lower edge when it lies beyond), and 0 when nothing
+// was counted.
+func (h *OverheadHistogram) Quantile(q float64) time.Duration {
+	var counts [overheadBuckets]int64
+	var total int64
+	for i := range counts {
+		counts[i] = h.buckets[i].Load()
+		total += counts[i]
+	}
+	if total == 0 {
+		return 0
+	}
+	rank := int64(math.Ceil(min(max(q, 0), 1) * float64(total)))
+	rank = max(rank, 1)
+	var seen int64
+	for i, c := range counts {
+		seen += c
+		if seen >= rank {
+			if i == overheadBuckets-1 {
+				return time.Duration(i) * OverheadBucket
+			}
+			return time.Duration(i)*OverheadBucket + OverheadBucket/2
+		}
+	}
+	return time.Duration(overheadBuckets-1) * OverheadBucket
 }
 
 // Receipts collects the signed usage receipts of the expert answers a
@@ -328,6 +380,7 @@ func (pr partResult) account(wall time.Duration) {
 	}
 	pr.stats.MoEWall.Add(int64(wall))
 	pr.stats.MoECompute.Add(int64(pr.maxCompute))
+	pr.stats.Overhead.Add(wall - min(wall, pr.maxCompute))
 	pr.stats.MoELayers.Add(1)
 	if pr.oneNode {
 		pr.stats.OneNodeLayers.Add(1)

@@ -749,9 +749,14 @@ type InferStats struct {
 	SpanRecoveryUs  uint64 `protobuf:"varint,20,opt,name=span_recovery_us,json=spanRecoveryUs,proto3" json:"span_recovery_us,omitempty"`
 	// Span requests also sent to the span's next provider because the one
 	// in use was slow to answer (the first answer won).
-	SpanHedges    uint64 `protobuf:"varint,21,opt,name=span_hedges,json=spanHedges,proto3" json:"span_hedges,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	SpanHedges uint64 `protobuf:"varint,21,opt,name=span_hedges,json=spanHedges,proto3" json:"span_hedges,omitempty"`
+	// The MoE layers' dispatch overhead (wall beyond the slowest call's
+	// compute) at the median and the 90th percentile, to 10 us: the mean is
+	// (moe_wall_us - moe_compute_us) / moe_layers.
+	MoeOverheadP50Us uint64 `protobuf:"varint,22,opt,name=moe_overhead_p50_us,json=moeOverheadP50Us,proto3" json:"moe_overhead_p50_us,omitempty"`
+	MoeOverheadP90Us uint64 `protobuf:"varint,23,opt,name=moe_overhead_p90_us,json=moeOverheadP90Us,proto3" json:"moe_overhead_p90_us,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *InferStats) Reset() {
@@ -927,6 +932,20 @@ func (x *InferStats) GetSpanRecoveryUs() uint64 {
 func (x *InferStats) GetSpanHedges() uint64 {
 	if x != nil {
 		return x.SpanHedges
+	}
+	return 0
+}
+
+func (x *InferStats) GetMoeOverheadP50Us() uint64 {
+	if x != nil {
+		return x.MoeOverheadP50Us
+	}
+	return 0
+}
+
+func (x *InferStats) GetMoeOverheadP90Us() uint64 {
+	if x != nil {
+		return x.MoeOverheadP90Us
 	}
 	return 0
 }
@@ -1370,7 +1389,7 @@ const file_infer_proto_rawDesc = "" +
 	"\x02id\x18\x01 \x01(\x05R\x02id\x12\x12\n" +
 	"\x04text\x18\x02 \x01(\fR\x04text\x12\x1d\n" +
 	"\n" +
-	"elapsed_us\x18\x03 \x01(\x04R\telapsedUs\"\xfa\x05\n" +
+	"elapsed_us\x18\x03 \x01(\x04R\telapsedUs\"\xd8\x06\n" +
 	"\n" +
 	"InferStats\x12\x1e\n" +
 	"\vmoe_wall_us\x18\x01 \x01(\x04R\tmoeWallUs\x12$\n" +
@@ -1397,7 +1416,9 @@ const file_infer_proto_rawDesc = "" +
 	"\x0espan_replay_us\x18\x13 \x01(\x04R\fspanReplayUs\x12(\n" +
 	"\x10span_recovery_us\x18\x14 \x01(\x04R\x0espanRecoveryUs\x12\x1f\n" +
 	"\vspan_hedges\x18\x15 \x01(\x04R\n" +
-	"spanHedges\"\xa3\x02\n" +
+	"spanHedges\x12-\n" +
+	"\x13moe_overhead_p50_us\x18\x16 \x01(\x04R\x10moeOverheadP50Us\x12-\n" +
+	"\x13moe_overhead_p90_us\x18\x17 \x01(\x04R\x10moeOverheadP90Us\"\xa3\x02\n" +
 	"\tInferDone\x12.\n" +
 	"\x06reason\x18\x01 \x01(\x0e2\x16.neuro.v1.FinishReasonR\x06reason\x12#\n" +
 	"\rprompt_tokens\x18\x02 \x01(\rR\fpromptTokens\x12+\n" +

@@ -135,8 +135,12 @@ type Stats struct {
 	MoEWallMs      float64 `json:"moe_wall_ms"`
 	MoEComputeMs   float64 `json:"moe_compute_ms"`
 	DispatchPerLay float64 `json:"dispatch_overhead_per_layer_us"`
-	Hedges         uint64  `json:"hedges"`
-	Redispatches   uint64  `json:"redispatches"`
+	// The per-layer dispatch overhead's median and 90th percentile (to
+	// 10 us), beside the mean above: how much of the mean is a tail.
+	DispatchP50Us uint64 `json:"dispatch_overhead_p50_us"`
+	DispatchP90Us uint64 `json:"dispatch_overhead_p90_us"`
+	Hedges        uint64 `json:"hedges"`
+	Redispatches  uint64 `json:"redispatches"`
 	// Speculative decoding: the passes that verified a draft, the tokens
 	// drafted and kept, the kept tokens per such pass, and the expert
 	// round trips (MoE layer evaluations) per generated token — the
@@ -313,7 +317,8 @@ func GenerationStats(d *client.Done, perTokenMs []float64) *Stats {
 	ts := &Stats{PrefillMs: float64(d.Prefill.Microseconds()) / 1000,
 		ExpertCalls: st.GetExpertCalls(), ExpertBytes: st.GetExpertBytes(), MoELayers: st.GetMoeLayers(), OneNodeLayers: st.GetOneNodeLayers(), SharedLayers: st.GetSharedLayers(),
 		MoEWallMs: float64(st.GetMoeWallUs()) / 1000, MoEComputeMs: float64(st.GetMoeComputeUs()) / 1000,
-		Hedges: st.GetHedges(), Redispatches: st.GetRedispatches()}
+		Hedges: st.GetHedges(), Redispatches: st.GetRedispatches(),
+		DispatchP50Us: st.GetMoeOverheadP50Us(), DispatchP90Us: st.GetMoeOverheadP90Us()}
 	ts.SpecPasses, ts.DraftTokens, ts.AcceptedTokens = st.GetSpecPasses(), st.GetDraftTokens(), st.GetAcceptedTokens()
 	if ts.SpecPasses > 0 {
 		ts.AcceptedPerPass = float64(ts.AcceptedTokens) / float64(ts.SpecPasses)

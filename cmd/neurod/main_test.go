@@ -517,6 +517,7 @@ func TestGenerateLocal(t *testing.T) {
 		{[]string{"generate", "--local", path, "--prompt", "x", "--progress"}, "flag --progress: only with --network"},
 		{[]string{"testnet", "--netns", "--homes", "2", "--kill", "1@4"}, "flag --kill \"1@4\": 1 of 1 expert nodes would leave none"},
 		{[]string{"testnet", "--netns", "--homes", "3", "--kill", "1@4", "--concurrency", "2"}, "flag --kill: not with --concurrency"},
+		{[]string{"testnet", "--netns", "--pin"}, "flag --pin: only with the loopback testnet"},
 	} {
 		r := neurod(t, nil, tc.args...)
 		if r.code == 0 || !strings.Contains(r.stderr, tc.want) {

@@ -36,7 +36,7 @@ type testnetFlags struct {
 	kill, slow, faulty, device, shared, speculate, draft   string
 	spans, spanExperts                                     string
 	nat, rtt, jitter, loss, bandwidth                      string
-	json, check, netns, spread, requireEscrow              bool
+	json, check, netns, spread, requireEscrow, pin         bool
 	timeout, batchWait                                     time.Duration
 }
 
@@ -122,6 +122,7 @@ func (f *testnetFlags) register(fs *pflag.FlagSet) {
 	fs.IntVar(&f.concurrency, "concurrency", 1, "then ask the prompt this many times at once (loopback: each through a client of its own, paid by a wallet of its own; netns: unpaid, through one client in the gating node's home): results[] and aggregate_tokens_per_s")
 	fs.StringVar(&f.device, "device", "cpu", deviceUsage+" (every node; loopback testnet only)")
 	fs.DurationVar(&f.batchWait, "batch-wait", 10*time.Millisecond, "the gating node's continuous batching: how long a generation's MoE call waits for the other generations' to go out as one round of expert calls (gating.batch_wait); 0 sends each alone")
+	fs.BoolVar(&f.pin, "pin", false, "loopback: run node i on core i (modulo the cores, with taskset) with one compute thread each, as neurod bench's pinned testnet row does")
 	_ = fs.MarkHidden("test-slow-node")
 }
 
@@ -203,7 +204,7 @@ func (f *testnetFlags) loopback(fs *pflag.FlagSet) (*testnet.Loopback, error) {
 	if err != nil {
 		return nil, fmt.Errorf("flag --device: %w", err)
 	}
-	l := &testnet.Loopback{ExpertNodes: f.nodes, Validators: f.validators, Dashboard: f.dashboard, Device: dev.Spec(), Spans: f.spans, SpanExperts: f.spanExperts, RequireEscrow: f.requireEscrow}
+	l := &testnet.Loopback{ExpertNodes: f.nodes, Validators: f.validators, Dashboard: f.dashboard, Device: dev.Spec(), Spans: f.spans, SpanExperts: f.spanExperts, RequireEscrow: f.requireEscrow, Pin: f.pin}
 	if err := testnet.CheckSpans(f.spans, f.nodes); err != nil {
 		return nil, fmt.Errorf("flag --spans: %w", err)
 	}
@@ -271,6 +272,9 @@ func (f *testnetFlags) parseKill(experts int) (nodes, after int, err error) {
 func (f *testnetFlags) netnsTopology(fs *pflag.FlagSet) (*testnet.Netns, error) {
 	if fs.Changed("device") {
 		return nil, errors.New("flag --device: only with the loopback testnet (the netns testnet's nodes compute on the CPU)")
+	}
+	if f.pin {
+		return nil, errors.New("flag --pin: only with the loopback testnet")
 	}
 	if err := testnet.CheckSpans(f.spans, f.homes-1); err != nil {
 		return nil, fmt.Errorf("flag --spans: %w", err)
@@ -357,8 +361,8 @@ func printEvents(w io.Writer) testnet.Events {
 			ts := rep.Stats
 			fmt.Fprintf(w, "%s\n\n%d tokens in %.2fs (%.1f tokens/s) from gating node %s; prompt %d tokens in %.1f ms\n",
 				d.Rest, len(rep.Tokens), took.Seconds(), rep.TokensPerSecond, d.Gating, d.PromptTokens, ts.PrefillMs)
-			fmt.Fprintf(w, "per-token latency: p50 %.2f ms, p99 %.2f ms; %d expert calls, %.0f bytes/token, dispatch overhead %.0f µs/layer, %d hedged, %d re-sent\n",
-				ts.PerTokenP50Ms, ts.PerTokenP99Ms, ts.ExpertCalls, ts.BytesPerToken, ts.DispatchPerLay, ts.Hedges, ts.Redispatches)
+			fmt.Fprintf(w, "per-token latency: p50 %.2f ms, p99 %.2f ms; %d expert calls, %.0f bytes/token, dispatch overhead %.0f µs/layer (p50 %d, p90 %d), %d hedged, %d re-sent\n",
+				ts.PerTokenP50Ms, ts.PerTokenP99Ms, ts.ExpertCalls, ts.BytesPerToken, ts.DispatchPerLay, ts.DispatchP50Us, ts.DispatchP90Us, ts.Hedges, ts.Redispatches)
 			fmt.Fprintf(w, "latency of each token (ms): %v\n", rep.PerTokenMs)
 			if len(rep.Killed) > 0 {
 				fmt.Fprintf(w, "expert nodes %v were SIGKILLed after token %d\n", rep.Killed, rep.KilledAfter)

@@ -46,6 +46,10 @@ type testnetJSON struct {
 		ExpertCalls  int `json:"expert_calls"`
 		Hedges       int `json:"hedges"`
 		Redispatches int `json:"redispatches"`
+		// The dispatch overhead's mean, median and 90th percentile a layer.
+		DispatchMean float64 `json:"dispatch_overhead_per_layer_us"`
+		DispatchP50  uint64  `json:"dispatch_overhead_p50_us"`
+		DispatchP90  uint64  `json:"dispatch_overhead_p90_us"`
 	} `json:"stats"`
 	Connections []struct {
 		A         string    `json:"a"`
@@ -206,6 +210,9 @@ func TestTestnetEqualsLocal(t *testing.T) {
 			}
 			if rep.Text == nil || rep.Stats.ExpertCalls == 0 || len(rep.PerTokenMs) != len(want) {
 				t.Fatalf("report: %+v", rep)
+			}
+			if st := rep.Stats; st.DispatchMean <= 0 || st.DispatchP50 == 0 || st.DispatchP90 < st.DispatchP50 {
+				t.Fatalf("dispatch overhead: mean %.0f us, p50 %d, p90 %d", st.DispatchMean, st.DispatchP50, st.DispatchP90)
 			}
 			// No spans: the gating node loaded the layers for its first
 			// generation (gating.layers "auto").
