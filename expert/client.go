@@ -112,6 +112,9 @@ type Link struct {
 	Direct, ViaRelay bool
 	// Transport is the connection's: "tcp", "quic-v1", ….
 	Transport string
+	// ThisMachine: the peer is on this machine (a loopback address, or
+	// one of its own; p2p.OnThisMachine).
+	ThisMachine bool
 }
 
 // Links lists the peers this client has called, by peer ID.
@@ -140,7 +143,22 @@ func linkOf(p peer.ID, st network.Stream) Link {
 		}
 	}
 	l.Direct = !l.ViaRelay
+	l.ThisMachine = l.Direct && p2p.OnThisMachine(st.Conn().RemoteMultiaddr())
 	return l
+}
+
+// Nearby reports whether an expert node this client has a session with
+// is on this machine: its compute needs the cores this node's would-be
+// pollers take.
+func (c *Client) Nearby() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for p := range c.sessions {
+		if l := c.links[p]; l != nil && l.ThisMachine {
+			return true
+		}
+	}
+	return false
 }
 
 // NewClient makes a client on h.

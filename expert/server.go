@@ -28,6 +28,7 @@ import (
 	"github.com/neuro-p2p/neuro/metrics"
 	"github.com/neuro-p2p/neuro/moe"
 	"github.com/neuro-p2p/neuro/neuropb"
+	"github.com/neuro-p2p/neuro/p2p"
 	"github.com/neuro-p2p/neuro/p2p/wire"
 )
 
@@ -70,6 +71,14 @@ type Config struct {
 	// what the request names, flops the work it asks for. A refusal is
 	// answered CODE_PAYMENT_REQUIRED.
 	Payment func(ctx context.Context, from peer.ID, escrow, flops uint64) error
+	// WaitPoll, if set, keeps a core awake for WaitPollFor after each
+	// answer, until the next request comes (moe.WaitPoller): for a node
+	// whose one lane would otherwise sleep between a gating node's layers.
+	// Unless WaitPollNearby, not after answering a caller on this machine
+	// (it needs the cores).
+	WaitPoll       moe.WaitPoller
+	WaitPollFor    time.Duration
+	WaitPollNearby bool
 }
 
 // paymentTimeout bounds checking a request's payment.
@@ -214,6 +223,7 @@ func (s *Server) handle(st network.Stream) {
 		broken   bool
 		inflight sync.WaitGroup
 	)
+	poll := s.cfg.WaitPoll != nil && s.cfg.WaitPollFor > 0 && (s.cfg.WaitPollNearby || !p2p.OnThisMachine(st.Conn().RemoteMultiaddr()))
 	reply := func(resp *neuropb.ExpertResponse) {
 		wmu.Lock()
 		defer wmu.Unlock()
@@ -225,12 +235,20 @@ func (s *Server) handle(st network.Stream) {
 			broken = true
 			s.log.Debug("expert stream: write", "peer", st.Conn().RemotePeer(), "err", err)
 			st.Reset()
+			return
+		}
+		if poll {
+			// the caller's next layer usually comes within the poll
+			s.cfg.WaitPoll.PollFor(s.cfg.WaitPollFor)
 		}
 	}
 	for {
 		_ = st.SetReadDeadline(time.Now().Add(s.cfg.IdleTimeout))
 		req := &neuropb.ExpertRequest{}
 		err := r.Read(req)
+		if poll {
+			s.cfg.WaitPoll.StopPolling()
+		}
 		var tl *wire.TooLargeError
 		switch {
 		case err == nil:

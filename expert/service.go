@@ -43,10 +43,14 @@ type ServiceConfig struct {
 	BudgetSource string
 	// Threads for ggml (0: every core).
 	Threads int
-	// Lanes, LanePoll: moe.ExpertOptions's.
-	Lanes    int
-	LanePoll time.Duration
-	Server   Config
+	// Lanes, LanePoll: moe.ExpertOptions's. With fewer than two lanes the
+	// node's one compute thread is Go's: the backend's wait poller (a
+	// moe.WaitPoller) polls for LanePoll after each answer instead, only
+	// after answering callers of other machines unless PollNearby.
+	Lanes      int
+	LanePoll   time.Duration
+	PollNearby bool
+	Server     Config
 	// Step is the pause between two automatic hosting steps (jittered),
 	// long enough for a heartbeat to announce the last choice.
 	Step time.Duration
@@ -166,6 +170,9 @@ func NewService(h Network, cfg ServiceConfig, log *slog.Logger) (*Service, error
 		cfg.Server.SlowDown = max(cfg.Server.SlowDown, SlowFaultDelay)
 	case FaultDrop:
 		cfg.Server.drop = true
+	}
+	if wp, ok := cfg.Compute.(moe.WaitPoller); ok && cfg.Lanes < 2 && cfg.LanePoll > 0 && cfg.Server.WaitPoll == nil {
+		cfg.Server.WaitPoll, cfg.Server.WaitPollFor, cfg.Server.WaitPollNearby = wp, cfg.LanePoll, cfg.PollNearby
 	}
 	srv, err := NewServer(h.LibP2P(), cfg.Server, log)
 	if err != nil {

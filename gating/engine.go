@@ -112,7 +112,19 @@ type EngineConfig struct {
 	// Batcher). 0: the default (10 ms); negative: every generation's calls
 	// go alone.
 	BatchWait time.Duration
+	// WaitPoll is how long at most the node keeps a core awake while a
+	// round of expert calls is out (Compute's moe.WaitPoller, if it is
+	// one): the answer then wakes a thread on a running core. 0: the
+	// default (DefaultWaitPoll); negative: never. Unless PollNearby, not
+	// while an expert node this node calls is on this machine: the poll
+	// would take a core its compute needs.
+	WaitPoll   time.Duration
+	PollNearby bool
 }
+
+// DefaultWaitPoll is EngineConfig.WaitPoll's default: a layer's experts
+// usually answer within it; a longer wait sleeps as before.
+const DefaultWaitPoll = 5 * time.Millisecond
 
 // Speculative decoding's drafters.
 const (
@@ -251,6 +263,9 @@ func NewEngine(h Network, f Fetcher, cfg EngineConfig, log *slog.Logger) (*Engin
 	}
 	if cfg.BatchWait == 0 {
 		cfg.BatchWait = d.BatchWait
+	}
+	if cfg.WaitPoll == 0 {
+		cfg.WaitPoll = DefaultWaitPoll
 	}
 	if cfg.Context < 0 {
 		return nil, fmt.Errorf("gating: context %d tokens", cfg.Context)
@@ -428,7 +443,7 @@ func (e *Engine) load(ctx context.Context, m *served) error {
 	m.sm, m.hp, m.manifest, m.dht = sm, hp, man, dp
 	m.remote = &RemoteExperts{Client: e.client, Model: m.cid, Embd: hp.Embd, Used: hp.ExpertsUsed,
 		DType: e.cfg.DType, CallTimeout: e.cfg.CallTimeout, Selector: e.sel, Validator: e.val, Metrics: e.cfg.Metrics,
-		WeightTypes: ExpertWeightTypes(man),
+		WeightTypes: ExpertWeightTypes(man), PollNearby: e.cfg.PollNearby,
 		Advertised: func(p peer.ID) time.Duration {
 			info, ok := e.h.Peers().Get(p, time.Now())
 			if tps := info.Capacity.GetTokensPerSecond(); ok && tps > 0 {
@@ -447,6 +462,9 @@ func (e *Engine) load(ctx context.Context, m *served) error {
 			}
 			return ps
 		}}
+	if wp, ok := e.cfg.Compute.(moe.WaitPoller); ok && e.cfg.WaitPoll > 0 {
+		m.remote.WaitPoll, m.remote.WaitPollFor = wp, e.cfg.WaitPoll
+	}
 	m.batch = NewBatcher(m.remote, e.cfg.BatchWait)
 	return nil
 }

@@ -91,8 +91,40 @@ type RemoteExperts struct {
 	// node's own): their calls never leave the process, and nil for the
 	// others, which are called on other nodes.
 	Local func(expert.Key) moe.Expert
+	// WaitPoll, if set, keeps a core awake while a round's calls are out,
+	// at most WaitPollFor a round (EngineConfig.WaitPoll), unless an
+	// expert node the client has a session with is on this machine and
+	// not PollNearby.
+	WaitPoll    moe.WaitPoller
+	WaitPollFor time.Duration
+	PollNearby  bool
 
 	hedges, redispatches, lastResorts, coverageWaits atomic.Int64
+
+	pollMu     sync.Mutex
+	pollRounds int // rounds out that poll
+}
+
+// startPoll keeps a core awake for a round that went out, if the node
+// polls; stopPoll, called as the round ends when startPoll returned
+// true, stops once no other round polls.
+func (r *RemoteExperts) startPoll() bool {
+	if r.WaitPoll == nil || r.WaitPollFor <= 0 || !r.PollNearby && r.Client.Nearby() {
+		return false
+	}
+	r.pollMu.Lock()
+	defer r.pollMu.Unlock()
+	r.pollRounds++
+	r.WaitPoll.PollFor(r.WaitPollFor)
+	return true
+}
+
+func (r *RemoteExperts) stopPoll() {
+	r.pollMu.Lock()
+	defer r.pollMu.Unlock()
+	if r.pollRounds--; r.pollRounds == 0 {
+		r.WaitPoll.StopPolling()
+	}
 }
 
 func (r *RemoteExperts) weightTypes(k expert.Key) []model.DType {
@@ -492,6 +524,9 @@ func (r *RemoteExperts) round(ctx context.Context, layer int, parts []part) ([]p
 	if len(calls) > 1 {
 		r.sendGroup(ctx, layer, calls, providers, preferred, ins, members)
 	}
+	// The round's remote calls are out: while nothing computes here, a
+	// core is kept awake for their answers.
+	polling := len(calls) > 0 && len(local) == 0 && r.startPoll()
 	for i, lc := range calls {
 		e, c := lc.e, lc.c
 		wg.Add(1)
@@ -516,6 +551,9 @@ func (r *RemoteExperts) round(ctx context.Context, layer int, parts []part) ([]p
 		}()
 	}
 	wg.Wait()
+	if polling {
+		r.stopPoll()
+	}
 	if err := errors.Join(errs...); err != nil {
 		return nil, err
 	}

@@ -16,6 +16,7 @@ type Backend struct {
 var (
 	_ moe.Backend      = Backend{}
 	_ moe.DeviceLister = Backend{}
+	_ moe.WaitPoller   = Backend{}
 )
 
 // Devices implements moe.DeviceLister: every device ggml sees now (the

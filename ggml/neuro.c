@@ -431,6 +431,72 @@ static void poll(neuro_lanes * l, int (*waiting)(const neuro_lanes *, unsigned l
     }
 }
 
+// The wait poller (neuro.h). until is the end of the poll (monotonic us;
+// 0: none), read by the thread without the lock.
+static struct {
+    pthread_once_t once;
+    int ok;
+    pthread_mutex_t mu;
+    pthread_cond_t wake;
+    int64_t until;
+    int sleeping; // under mu
+    long rounds;
+} waitpoll = { PTHREAD_ONCE_INIT, 0, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0 };
+
+static void * waitpoll_main(void * p) {
+    (void) p;
+    prctl(PR_SET_NAME, "neuro-waitpoll", 0, 0, 0);
+    for (;;) {
+        pthread_mutex_lock(&waitpoll.mu);
+        while (now_us() >= __atomic_load_n(&waitpoll.until, __ATOMIC_ACQUIRE)) {
+            waitpoll.sleeping = 1;
+            pthread_cond_wait(&waitpoll.wake, &waitpoll.mu);
+            waitpoll.sleeping = 0;
+        }
+        pthread_mutex_unlock(&waitpoll.mu);
+        __atomic_add_fetch(&waitpoll.rounds, 1, __ATOMIC_RELAXED);
+        while (now_us() < __atomic_load_n(&waitpoll.until, __ATOMIC_ACQUIRE)) {
+            sched_yield();
+        }
+    }
+    return NULL;
+}
+
+static void waitpoll_start(void) {
+    pthread_attr_t a;
+    pthread_t t;
+    if (pthread_attr_init(&a) != 0) {
+        return;
+    }
+    pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+    waitpoll.ok = pthread_create(&t, &a, waitpoll_main, NULL) == 0;
+    pthread_attr_destroy(&a);
+}
+
+void neuro_poll_for(int us) {
+    if (us <= 0) {
+        return;
+    }
+    pthread_once(&waitpoll.once, waitpoll_start);
+    if (!waitpoll.ok) {
+        return;
+    }
+    __atomic_store_n(&waitpoll.until, now_us() + us, __ATOMIC_RELEASE);
+    pthread_mutex_lock(&waitpoll.mu);
+    if (waitpoll.sleeping) {
+        pthread_cond_signal(&waitpoll.wake);
+    }
+    pthread_mutex_unlock(&waitpoll.mu);
+}
+
+void neuro_poll_stop(void) {
+    __atomic_store_n(&waitpoll.until, 0, __ATOMIC_RELEASE);
+}
+
+long neuro_poll_rounds(void) {
+    return __atomic_load_n(&waitpoll.rounds, __ATOMIC_RELAXED);
+}
+
 static void lane_run(neuro_lanes * l, int i) {
     struct lane_job * j = &l->jobs[i];
     j->rc = j->count == 0 ? 0 : neuro_group_compute(l->g[i], j->es, j->count, j->x, j->n, j->out, l->n_threads);

@@ -147,6 +147,17 @@ int neuro_lanes_compute(neuro_lanes * l, neuro_expert * const * es, const float 
 
 void neuro_lanes_free(neuro_lanes * l);
 
+// The wait poller: one thread of the process that keeps a core awake while
+// an answer is due, polling and yielding the core to any thread that wants
+// it, so that the thread the answer wakes starts on a running core instead
+// of one the hypervisor halted. neuro_poll_for polls until us microseconds
+// from now (starting the thread the first time), neuro_poll_stop stops at
+// once; the thread sleeps between. neuro_poll_rounds counts the polls
+// started (for tests).
+void neuro_poll_for(int us);
+void neuro_poll_stop(void);
+long neuro_poll_rounds(void);
+
 
 
 

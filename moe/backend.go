@@ -103,6 +103,21 @@ type ExpertOptions struct {
 // MaxLanePoll bounds ExpertOptions.LanePoll (and expert.lane_poll_us).
 const MaxLanePoll = time.Second
 
+// WaitPoller keeps one of the process's cores awake while an answer is
+// due (a backend's thread polls, yielding the core to any thread that
+// wants it): the thread the answer wakes then starts on a running core,
+// where a core the hypervisor halted takes 0.1-0.2 ms to wake on a
+// virtual machine. For a node whose cores would idle while it waits: a
+// gating node waiting on expert nodes of other machines, an expert node
+// with one lane between a gating node's layers.
+type WaitPoller interface {
+	// PollFor polls until d from now (at most MaxLanePoll), replacing an
+	// earlier call's end.
+	PollFor(d time.Duration)
+	// StopPolling stops the poll at once.
+	StopPolling()
+}
+
 // Tensor is one weight tensor's encoded bytes.
 type Tensor struct {
 	Type model.DType

@@ -60,6 +60,10 @@ type ExpertConfig struct {
 	// LanePollUS is how long, in microseconds, a lane that finished its
 	// share polls for the next group before it sleeps (0: at once).
 	LanePollUS int `toml:"lane_poll_us"`
+	// PollNearby: with fewer than two lanes, poll after answering callers
+	// on this machine too (by default only callers of other machines: one
+	// on this machine needs the cores).
+	PollNearby bool `toml:"poll_nearby"`
 	// RequireEscrow refuses expert calls that name no escrow with enough
 	// left for their gating node (on a node with a ledger).
 	RequireEscrow bool `toml:"require_escrow"`
@@ -121,6 +125,11 @@ type GatingConfig struct {
 	// generations' to go out with them as one round of expert calls
 	// (continuous batching); 0 turns batching off.
 	BatchWait Duration `toml:"batch_wait"`
+	// WaitPollUS is how long at most, in microseconds, a core is kept
+	// awake while a layer's expert calls are out (0: never); PollNearby
+	// polls while an expert node this node calls is on this machine too.
+	WaitPollUS int  `toml:"wait_poll_us"`
+	PollNearby bool `toml:"poll_nearby"`
 }
 
 // ModelCID is the model the gating node serves.
@@ -284,7 +293,7 @@ func DefaultConfig() Config {
 		Expert: ExpertConfig{Experts: "auto", MemoryMB: 4096, LanePollUS: DefaultLanePollUS, RequireEscrow: true, SpanExperts: "host"},
 		Ledger: LedgerConfig{Listen: "tcp://0.0.0.0:26656", Peers: []string{}, BlockInterval: Duration(time.Second)},
 		Gating: GatingConfig{MaxQueue: 64, QueueTimeout: Duration(2 * time.Minute), MaxTokens: 256, WireDType: "f32", Speculate: "off", SpeculateMax: 8, BatchWait: Duration(10 * time.Millisecond), CallTimeout: Duration(30 * time.Second), Validate: true, Spans: true, Layers: "auto",
-			RequirePayment: true},
+			RequirePayment: true, WaitPollUS: DefaultWaitPollUS},
 		Home: HomeConfig{IdleThreshold: 0.5, IdleCheck: Duration(5 * time.Second), Device: "cpu"},
 		API:  APIConfig{Listen: "127.0.0.1:0"},
 		Log:  LogConfig{Level: "info", Format: "text"},
@@ -295,8 +304,12 @@ func DefaultConfig() Config {
 // layers on the bench model come about 1.5 ms apart on loopback.
 const DefaultLanePollUS = 2000
 
-// MaxLanePollUS bounds expert.lane_poll_us (moe.MaxLanePoll).
+// MaxLanePollUS bounds expert.lane_poll_us and gating.wait_poll_us
+// (moe.MaxLanePoll).
 const MaxLanePollUS = int(moe.MaxLanePoll / time.Microsecond)
+
+// DefaultWaitPollUS is gating.wait_poll_us's default (gating.DefaultWaitPoll).
+const DefaultWaitPollUS = 5000
 
 // configTemplate is the commented config.toml that `neurod init` writes. A
 // test checks that it decodes to exactly DefaultConfig().
@@ -394,6 +407,12 @@ lanes = 0
 # takes far longer to wake on a virtual machine's idle core (200 us at the
 # mean) than a polling one takes to start (at most 1000000).
 lane_poll_us = 2000
+# With lanes below 2 the node's compute thread is Go's: a thread of its own
+# polls lane_poll_us after each answer instead, after answering callers of
+# other machines only unless poll_nearby (a caller on this machine needs
+# the cores; for nodes on cores of their own, as 'neurod testnet --pin'
+# runs them).
+poll_nearby = false
 # With a ledger: refuse to compute for a call that names no escrow with
 # enough left for the gating node that calls (no one computes for free).
 require_escrow = true
@@ -460,6 +479,15 @@ speculate_max = 8
 # batch_wait, so that one long prompt does not hold the others up. "0s"
 # sends every generation's calls alone.
 batch_wait = "10ms"
+# While a layer's expert calls are out, keep a core awake for their answers
+# at most this long (microseconds; 0: never): a thread polls, yielding the
+# core to anything that wants it, so the answer wakes a thread on a running
+# core (waking a core the hypervisor halted took 0.1-0.2 ms on a virtual
+# machine). Not while an expert node this node calls is on this machine
+# (it needs the cores), unless poll_nearby (for nodes on cores of their
+# own, as 'neurod testnet --pin' runs them).
+wait_poll_us = 5000
+poll_nearby = false
 # Re-execute a sample of the experts' results on other providers and keep
 # peers whose results are found wrong out (reputation in
 # <home>/reputation.json). Off trusts every expert node.
@@ -820,6 +848,9 @@ func (c *Config) validateGating() error {
 	}
 	if g.BatchWait < 0 || time.Duration(g.BatchWait) > time.Second {
 		return fieldErr("gating.batch_wait", "%v: want 0 (off) to 1s", time.Duration(g.BatchWait))
+	}
+	if g.WaitPollUS < 0 || g.WaitPollUS > MaxLanePollUS {
+		return fieldErr("gating.wait_poll_us", "must be 0 to %d, got %d", MaxLanePollUS, g.WaitPollUS)
 	}
 	return nil
 }

@@ -352,6 +352,7 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 			MaxSessions: cfg.Gating.MaxSessions, MaxQueue: cfg.Gating.MaxQueue, QueueTimeout: time.Duration(cfg.Gating.QueueTimeout),
 			Context: cfg.Gating.Context, DefaultMaxTokens: cfg.Gating.MaxTokens,
 			Speculate: cfg.Gating.Speculate, Draft: cfg.Gating.Draft, SpeculateMax: cfg.Gating.SpeculateMax, BatchWait: batchWait(cfg.Gating.BatchWait),
+			WaitPoll: waitPoll(cfg.Gating.WaitPollUS), PollNearby: cfg.Gating.PollNearby,
 			DType: dt, CallTimeout: time.Duration(cfg.Gating.CallTimeout), Book: book, Metrics: n.metrics, Compute: o.compute,
 			OnWrong: n.reportWrong}
 		if n.ledger != nil {
@@ -686,8 +687,8 @@ func newExpertService(h *p2p.Host, key crypto.PrivKey, cfg ExpertConfig, store s
 		budget = "expert.memory_mb"
 	}
 	sc := expert.ServiceConfig{StoreDir: store, MemoryBudget: int64(cfg.MemoryMB) << 20, BudgetSource: budget, Threads: cfg.Threads, Lanes: cfg.Lanes,
-		LanePoll: time.Duration(cfg.LanePollUS) * time.Microsecond,
-		Server:   expert.DefaultConfig(), Progress: progress, Fault: fault, Compute: compute, Announce: announce}
+		LanePoll: time.Duration(cfg.LanePollUS) * time.Microsecond, PollNearby: cfg.PollNearby,
+		Server: expert.DefaultConfig(), Progress: progress, Fault: fault, Compute: compute, Announce: announce}
 	sc.Server.Metrics = m
 	sc.Server.SignReceipt = func(r *neuropb.UsageReceipt) error { return ledger.SignReceipt(key, r) }
 	sc.Server.SlowDown = slow
@@ -747,6 +748,15 @@ func (n *Node) checkHTTPExposure() error {
 	}
 	return &FieldError{Key: "http.listen", Err: fmt.Errorf("%q is not a loopback address and this gating node has no API keys: "+
 		"create one ('neurod apikey create'), listen on 127.0.0.1, or set http.allow_unauthenticated", n.cfg.HTTP.Listen)}
+}
+
+// waitPoll is the engine's setting for gating.wait_poll_us: 0 there
+// turns polling off (the engine's 0 is its default).
+func waitPoll(us int) time.Duration {
+	if us == 0 {
+		return -1
+	}
+	return time.Duration(us) * time.Microsecond
 }
 
 // batchWait is the engine's setting for gating.batch_wait: 0 there turns

@@ -46,7 +46,9 @@ type Loopback struct {
 	// cuda:N); "" is the CPU.
 	Device string
 	// Pin runs node i on core i (modulo the cores, taskset) with one
-	// compute thread, so that the processes do not compete for cores.
+	// compute thread, so that the processes do not compete for cores; the
+	// nodes poll while they wait as on machines of their own
+	// (gating.poll_nearby, expert.poll_nearby).
 	Pin bool
 	// Spans is every expert node's expert.spans ("auto" or "A-B"; ""
 	// none), or one per expert node, comma-separated (spanOf): the gating
@@ -113,7 +115,10 @@ func (l *Loopback) Launch(r *Run, o *LaunchOptions) error {
 		c.Expert.RequireEscrow = l.RequireEscrow
 		c.Gating.Threads = gatingThreads
 		if l.Pin {
+			// Each node has a core of its own, as on machines of their
+			// own: they poll while they wait as such nodes do.
 			c.Gating.Threads = 1
+			c.Gating.PollNearby, c.Expert.PollNearby = true, true
 		}
 		c.Ledger.Genesis = genesis
 		if i < l.Validators {
