@@ -60,10 +60,12 @@ type Config struct {
 	SlowDown time.Duration
 	// drop resets every stream that sends a request (FaultDrop).
 	drop bool
-	// SignReceipt, if set, signs the usage receipt of each answer (with
-	// the node's key): it pays when the request names an escrow, and it
-	// binds the node to its output.
-	SignReceipt func(*neuropb.UsageReceipt) error
+	// SignReceipts, if set, signs the usage receipts of each answer
+	// (with the node's key; reputation.SignReceipts): a receipt pays when
+	// the request names an escrow, and it binds the node to its output. A
+	// response's receipts, a layer's group of experts' or a batched call's
+	// segments', are signed at once.
+	SignReceipts func([]*neuropb.UsageReceipt) error
 	// Metrics, if set, records each batch: tokens, compute time, outcome.
 	Metrics *metrics.Metrics
 	// Payment, if set, must accept each request before it is computed
@@ -154,7 +156,7 @@ func (s *Server) Add(model cid.Cid, layer, expert int, c Computer) error {
 	}
 	s.embd[k.model] = c.Embd()
 	ctx, cancel := context.WithCancel(s.ctx)
-	b := &batcher{c: c, vary: moe.RowsVary(c), queue: make(chan *job, s.cfg.MaxQueue), window: s.cfg.BatchWindow, slow: s.cfg.SlowDown, served: &s.served, signer: s.cfg.SignReceipt, metrics: s.cfg.Metrics, cancel: cancel, done: make(chan struct{})}
+	b := &batcher{c: c, vary: moe.RowsVary(c), queue: make(chan *job, s.cfg.MaxQueue), window: s.cfg.BatchWindow, slow: s.cfg.SlowDown, served: &s.served, signer: s.cfg.SignReceipts, metrics: s.cfg.Metrics, cancel: cancel, done: make(chan struct{})}
 	s.batchers[k] = b
 	s.wg.Add(1)
 	go func() {
@@ -411,17 +413,16 @@ func (s *Server) computeGroup(jobs []*job) {
 	err := moe.ComputeGroup(es, xs, ns, outs)
 	took := time.Since(start)
 	s.cfg.Metrics.Batch(tokens, len(live), took, outcome(err))
-	// Each member's answer is encoded and signed on a core of its own.
-	var wg sync.WaitGroup
-	for i, j := range live[1:] {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			j.b.answer(j, outs[i+1], err, start, took, tokens)
-		}()
+	// The members' receipts are signed at once: one signature for the
+	// group's answer (a signature costs more than encoding an answer).
+	resps := make([]*neuropb.ExpertResponse, len(live))
+	for i, j := range live {
+		resps[i] = j.b.response(j, outs[i], err, start, took, tokens)
 	}
-	live[0].b.answer(live[0], outs[0], err, start, took, tokens)
-	wg.Wait()
+	live[0].b.sign(resps...)
+	for i, j := range live {
+		j.reply(resps[i])
+	}
 }
 
 // admit checks a request and turns it into a job, or answers its error and
@@ -539,28 +540,47 @@ type batcher struct {
 	window  time.Duration
 	slow    time.Duration
 	served  *atomic.Int64 // the server's count of answered calls
-	signer  func(*neuropb.UsageReceipt) error
+	signer  func([]*neuropb.UsageReceipt) error
 	metrics *metrics.Metrics
 	next    *job // a job that did not fit the last batch
 	cancel  context.CancelFunc
 	done    chan struct{} // closed when run has returned and drained
 }
 
-// receipt signs the usage receipt of a job's rows x (n tokens) paid from
-// escrow (0: none): their tokens and FLOPs (three matrix products of embd
-// x ff per token), and the digests of x and of out as the caller decodes
-// it.
+// receipt is the usage receipt, unsigned, of a job's rows x (n tokens)
+// paid from escrow (0: none): their tokens and FLOPs (three matrix
+// products of embd x ff per token), and the digests of x and of out as the
+// caller decodes it. nil when the node signs none.
 func (b *batcher) receipt(j *job, escrow uint64, x []float32, n int, out *neuropb.Tensor) *neuropb.UsageReceipt {
 	if b.signer == nil {
 		return nil
 	}
-	r := &neuropb.UsageReceipt{Escrow: escrow, Layer: j.layer, ExpertIndex: j.expert, Tokens: uint64(n),
+	return &neuropb.UsageReceipt{Escrow: escrow, Layer: j.layer, ExpertIndex: j.expert, Tokens: uint64(n),
 		Flops: FLOPs(b.c, n), InputDigest: neuropb.FloatsDigest(x),
 		OutputDigest: TensorDigest(out)}
-	if err := b.signer(r); err != nil {
-		return nil
+}
+
+// sign signs the receipts of resps (their Receipt or Receipts) at once;
+// if that fails they go without.
+func (b *batcher) sign(resps ...*neuropb.ExpertResponse) {
+	if b.signer == nil {
+		return
 	}
-	return r
+	var rs []*neuropb.UsageReceipt
+	for _, r := range resps {
+		if r.Receipt != nil {
+			rs = append(rs, r.Receipt)
+		}
+		rs = append(rs, r.Receipts...)
+	}
+	if len(rs) == 0 {
+		return
+	}
+	if err := b.signer(rs); err != nil {
+		for _, r := range resps {
+			r.Receipt, r.Receipts = nil, nil
+		}
+	}
 }
 
 // FLOPs is the work of n tokens through expert c, as receipts count it
@@ -717,11 +737,18 @@ func (b *batcher) compute(jobs []*job) {
 }
 
 // answer sends j its output out (its rows of a call of tokens rows that
-// started at start and took took), or the call's error.
+// started at start and took took), or the call's error, its receipts
+// signed.
 func (b *batcher) answer(j *job, out []float32, err error, start time.Time, took time.Duration, tokens int) {
+	resp := b.response(j, out, err, start, took, tokens)
+	b.sign(resp)
+	j.reply(resp)
+}
+
+// response is j's answer (as answer's), its receipts unsigned.
+func (b *batcher) response(j *job, out []float32, err error, start time.Time, took time.Duration, tokens int) *neuropb.ExpertResponse {
 	if err != nil {
-		j.reply(errorResponse(j.id, neuropb.ExpertError_CODE_INTERNAL, "compute: %v", err))
-		return
+		return errorResponse(j.id, neuropb.ExpertError_CODE_INTERNAL, "compute: %v", err)
 	}
 	b.served.Add(1)
 	enc := EncodeFloats(out, j.n, b.c.Embd(), j.dtype)
@@ -737,11 +764,12 @@ func (b *batcher) answer(j *job, out []float32, err error, start time.Time, took
 	} else {
 		resp.Receipts = b.segmentReceipts(j, enc)
 	}
-	j.reply(resp)
+	return resp
 }
 
-// segmentReceipts signs a receipt for each segment of a batched job,
-// whose encoded output is enc (none when the node signs none).
+// segmentReceipts makes a receipt, unsigned, for each segment of a
+// batched job, whose encoded output is enc (none when the node signs
+// none).
 func (b *batcher) segmentReceipts(j *job, enc *neuropb.Tensor) []*neuropb.UsageReceipt {
 	embd := b.c.Embd()
 	rowBytes := len(enc.GetData()) / max(j.n, 1)

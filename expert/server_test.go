@@ -940,8 +940,10 @@ func paidConfig(paid func(escrow, flops uint64)) Config {
 		}
 		return nil
 	}
-	cfg.SignReceipt = func(r *neuropb.UsageReceipt) error {
-		r.Signature = []byte("signed")
+	cfg.SignReceipts = func(rs []*neuropb.UsageReceipt) error {
+		for _, r := range rs {
+			r.Signature = []byte("signed")
+		}
 		return nil
 	}
 	return cfg

@@ -67,7 +67,7 @@ func newBatchNet(t *testing.T, ctx context.Context) *batchNet {
 	hs := p2ptest.Cluster(t, ctx, 2, p2ptest.Config(300*time.Millisecond))
 	key := hs[1].LibP2P().Peerstore().PrivKey(hs[1].ID())
 	cfg := expert.DefaultConfig()
-	cfg.SignReceipt = func(r *neuropb.UsageReceipt) error { return reputation.SignReceipt(key, r) }
+	cfg.SignReceipts = func(rs []*neuropb.UsageReceipt) error { return reputation.SignReceipts(key, rs) }
 	srv, err := expert.NewServer(hs[1].LibP2P(), cfg, quiet())
 	if err != nil {
 		t.Fatal(err)
@@ -178,12 +178,18 @@ func TestBatcherSendsOneRoundPerLayerForAllGenerations(t *testing.T) {
 		if len(rs) != wantReceipts {
 			t.Fatalf("generation %d: %d receipts, want %d", g, len(rs), wantReceipts)
 		}
-		tokens := uint64(0)
+		tokens, batched := uint64(0), 0
 		for _, r := range rs {
 			if r.GetEscrow() != uint64(100+g) {
 				t.Fatalf("generation %d: a receipt for escrow %d", g, r.GetEscrow())
 			}
 			tokens += r.GetTokens()
+			if len(r.GetBatch()) > 1 {
+				batched++ // signed at once with others of its answer
+			}
+		}
+		if batched == 0 {
+			t.Fatalf("generation %d: no receipt signed in a batch of its answer's", g)
 		}
 		if want := uint64(layers * (1 + g) * bn.p.ExpertsUsed); tokens != want {
 			t.Fatalf("generation %d: receipts for %d rows, want %d", g, tokens, want)

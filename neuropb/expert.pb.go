@@ -700,7 +700,14 @@ type UsageReceipt struct {
 	// A span's receipt (the span protocol): the work was layers [layer,
 	// span_end) of the model, attention and experts, and expert_index is
 	// 0. Unset on an expert's receipt.
-	SpanEnd       uint32 `protobuf:"varint,10,opt,name=span_end,json=spanEnd,proto3" json:"span_end,omitempty"`
+	SpanEnd uint32 `protobuf:"varint,10,opt,name=span_end,json=spanEnd,proto3" json:"span_end,omitempty"`
+	// A receipt signed with the others of one answer (a layer's group of
+	// experts, a batched call's segments): the ReceiptDigest of each of
+	// them in order, this one's among them, at most MaxReceiptBatch. The
+	// signature then covers the ReceiptBatch of these digests (the
+	// usage-receipt-batch domain) instead of this receipt alone: one
+	// signature an answer instead of one an expert.
+	Batch         [][]byte `protobuf:"bytes,11,rep,name=batch,proto3" json:"batch,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -805,6 +812,59 @@ func (x *UsageReceipt) GetSpanEnd() uint32 {
 	return 0
 }
 
+func (x *UsageReceipt) GetBatch() [][]byte {
+	if x != nil {
+		return x.Batch
+	}
+	return nil
+}
+
+// ReceiptBatch is what a batch of usage receipts' one signature covers:
+// the ReceiptDigest of each, in order.
+type ReceiptBatch struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Digests       [][]byte               `protobuf:"bytes,1,rep,name=digests,proto3" json:"digests,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReceiptBatch) Reset() {
+	*x = ReceiptBatch{}
+	mi := &file_expert_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReceiptBatch) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReceiptBatch) ProtoMessage() {}
+
+func (x *ReceiptBatch) ProtoReflect() protoreflect.Message {
+	mi := &file_expert_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReceiptBatch.ProtoReflect.Descriptor instead.
+func (*ReceiptBatch) Descriptor() ([]byte, []int) {
+	return file_expert_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *ReceiptBatch) GetDigests() [][]byte {
+	if x != nil {
+		return x.Digests
+	}
+	return nil
+}
+
 var File_expert_proto protoreflect.FileDescriptor
 
 const file_expert_proto_rawDesc = "" +
@@ -863,7 +923,7 @@ const file_expert_proto_rawDesc = "" +
 	"\x16CODE_DEADLINE_EXCEEDED\x10\x06\x12\r\n" +
 	"\tCODE_BUSY\x10\a\x12\x11\n" +
 	"\rCODE_INTERNAL\x10\b\x12\x19\n" +
-	"\x15CODE_PAYMENT_REQUIRED\x10\t\"\xa6\x02\n" +
+	"\x15CODE_PAYMENT_REQUIRED\x10\t\"\xbc\x02\n" +
 	"\fUsageReceipt\x12\x16\n" +
 	"\x06expert\x18\x01 \x01(\fR\x06expert\x12\x16\n" +
 	"\x06escrow\x18\x02 \x01(\x04R\x06escrow\x12\x14\n" +
@@ -875,7 +935,10 @@ const file_expert_proto_rawDesc = "" +
 	"\finput_digest\x18\b \x01(\fR\vinputDigest\x12#\n" +
 	"\routput_digest\x18\t \x01(\fR\foutputDigest\x12\x19\n" +
 	"\bspan_end\x18\n" +
-	" \x01(\rR\aspanEnd*O\n" +
+	" \x01(\rR\aspanEnd\x12\x14\n" +
+	"\x05batch\x18\v \x03(\fR\x05batch\"(\n" +
+	"\fReceiptBatch\x12\x18\n" +
+	"\adigests\x18\x01 \x03(\fR\adigests*O\n" +
 	"\tWireDType\x12\x1a\n" +
 	"\x16WIRE_DTYPE_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eWIRE_DTYPE_F32\x10\x01\x12\x12\n" +
@@ -894,7 +957,7 @@ func file_expert_proto_rawDescGZIP() []byte {
 }
 
 var file_expert_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_expert_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
+var file_expert_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
 var file_expert_proto_goTypes = []any{
 	(WireDType)(0),           // 0: neuro.v1.WireDType
 	(ExpertError_Code)(0),    // 1: neuro.v1.ExpertError.Code
@@ -905,6 +968,7 @@ var file_expert_proto_goTypes = []any{
 	(*ExpertResponse)(nil),   // 6: neuro.v1.ExpertResponse
 	(*ExpertError)(nil),      // 7: neuro.v1.ExpertError
 	(*UsageReceipt)(nil),     // 8: neuro.v1.UsageReceipt
+	(*ReceiptBatch)(nil),     // 9: neuro.v1.ReceiptBatch
 }
 var file_expert_proto_depIdxs = []int32{
 	0,  // 0: neuro.v1.Tensor.dtype:type_name -> neuro.v1.WireDType
@@ -936,7 +1000,7 @@ func file_expert_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_expert_proto_rawDesc), len(file_expert_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   7,
+			NumMessages:   8,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

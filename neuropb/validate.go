@@ -103,6 +103,10 @@ const MaxSegments = 256
 // opener's expert and its members').
 const MaxGroup = 64
 
+// MaxReceiptBatch bounds the receipts signed at once (UsageReceipt.batch):
+// a settlement of MaxReceipts such receipts stays within MaxLedgerTxSize.
+const MaxReceiptBatch = 16
+
 func validateDevices(ds []*Device) error {
 	if len(ds) > MaxDevices {
 		return invalid("heartbeat: %d devices, at most %d", len(ds), MaxDevices)

@@ -690,7 +690,7 @@ func newExpertService(h *p2p.Host, key crypto.PrivKey, cfg ExpertConfig, store s
 		LanePoll: time.Duration(cfg.LanePollUS) * time.Microsecond, PollNearby: cfg.PollNearby,
 		Server: expert.DefaultConfig(), Progress: progress, Fault: fault, Compute: compute, Announce: announce}
 	sc.Server.Metrics = m
-	sc.Server.SignReceipt = func(r *neuropb.UsageReceipt) error { return ledger.SignReceipt(key, r) }
+	sc.Server.SignReceipts = func(rs []*neuropb.UsageReceipt) error { return reputation.SignReceipts(key, rs) }
 	sc.Server.SlowDown = slow
 	sc.Server.Payment = payment
 	if cfg.Model != "" {

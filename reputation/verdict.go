@@ -376,17 +376,84 @@ func SignReceipt(key crypto.PrivKey, r *neuropb.UsageReceipt) error {
 	if err != nil {
 		return err
 	}
-	r.Expert, r.Signature = []byte(id), nil
+	r.Expert, r.Signature, r.Batch = []byte(id), nil, nil
 	r.Signature, err = sign.Sign(key, sign.UsageReceipt, r)
 	return err
 }
 
-// VerifyReceipt checks a usage receipt's signature and returns its
-// signer.
+// SignReceipts signs the receipts of one answer with the expert's key
+// (setting their expert fields): one alone as SignReceipt does, more in
+// batches of at most neuropb.MaxReceiptBatch with one signature each, over
+// the batch's ReceiptDigests (UsageReceipt.batch). An expert node signs a
+// layer's group of experts once instead of once an expert (a signature
+// took about 20 us on the critical path).
+func SignReceipts(key crypto.PrivKey, rs []*neuropb.UsageReceipt) error {
+	if len(rs) == 1 {
+		return SignReceipt(key, rs[0])
+	}
+	id, err := peer.IDFromPrivateKey(key)
+	if err != nil {
+		return err
+	}
+	for len(rs) > 0 {
+		batch := rs[:min(len(rs), neuropb.MaxReceiptBatch)]
+		rs = rs[len(batch):]
+		digests := make([][]byte, len(batch))
+		for i, r := range batch {
+			r.Expert, r.Signature, r.Batch = []byte(id), nil, nil
+			if digests[i], err = ReceiptDigest(r); err != nil {
+				return err
+			}
+		}
+		sig, err := sign.Sign(key, sign.UsageReceiptBatch, &neuropb.ReceiptBatch{Digests: digests})
+		if err != nil {
+			return err
+		}
+		for _, r := range batch {
+			r.Signature, r.Batch = sig, digests
+		}
+	}
+	return nil
+}
+
+// ReceiptDigest is a receipt's digest in a batch: SHA-256 of its
+// deterministic encoding with signature and batch empty, in the
+// receipt-digest domain (sign.Bytes).
+func ReceiptDigest(r *neuropb.UsageReceipt) ([]byte, error) {
+	if len(r.GetSignature()) > 0 || len(r.GetBatch()) > 0 {
+		r = proto.Clone(r).(*neuropb.UsageReceipt)
+		r.Signature, r.Batch = nil, nil
+	}
+	b, err := sign.Bytes(sign.ReceiptDigest, r)
+	if err != nil {
+		return nil, err
+	}
+	d := sha256.Sum256(b)
+	return d[:], nil
+}
+
+// VerifyReceipt checks a usage receipt's signature, its own or its
+// batch's, and returns its signer.
 func VerifyReceipt(r *neuropb.UsageReceipt) (peer.ID, error) {
 	id, err := peer.IDFromBytes(r.GetExpert())
 	if err != nil {
 		return "", fmt.Errorf("receipt signer: %w", err)
+	}
+	if batch := r.GetBatch(); len(batch) > 0 {
+		if len(batch) > neuropb.MaxReceiptBatch {
+			return "", fmt.Errorf("receipt: a batch of %d, at most %d", len(batch), neuropb.MaxReceiptBatch)
+		}
+		d, err := ReceiptDigest(r)
+		if err != nil {
+			return "", fmt.Errorf("receipt: %w", err)
+		}
+		if !slices.ContainsFunc(batch, func(b []byte) bool { return bytes.Equal(b, d) }) {
+			return "", errors.New("receipt: not in its batch")
+		}
+		if err := sign.Verify(id, sign.UsageReceiptBatch, &neuropb.ReceiptBatch{Digests: batch}, r.GetSignature()); err != nil {
+			return "", fmt.Errorf("receipt batch: %w", err)
+		}
+		return id, nil
 	}
 	unsigned := proto.Clone(r).(*neuropb.UsageReceipt)
 	unsigned.Signature = nil

@@ -40,10 +40,16 @@ const (
 	// EscrowDelegation: a gating node's leave for another node to pay its
 	// expert calls from the gating node's escrow.
 	EscrowDelegation Domain = "neuro/escrow-delegation/v1"
+	// UsageReceiptBatch: an expert node's receipts for one answer, signed
+	// at once (a neuropb.ReceiptBatch of their digests).
+	UsageReceiptBatch Domain = "neuro/usage-receipt-batch/v1"
+	// ReceiptDigest: not a signature's domain but the hash of one receipt
+	// in a batch (neuropb.UsageReceipt.batch).
+	ReceiptDigest Domain = "neuro/receipt-digest/v1"
 )
 
 // Domains lists every domain (for tests and documentation).
-var Domains = []Domain{UsageReceipt, Verdict, LedgerTx, EscrowDelegation}
+var Domains = []Domain{UsageReceipt, Verdict, LedgerTx, EscrowDelegation, UsageReceiptBatch, ReceiptDigest}
 
 // ErrBadSignature means a signature does not verify.
 var ErrBadSignature = errors.New("bad signature")
