@@ -1288,6 +1288,8 @@ func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Cal
 		AcceptedTokens:   uint64(stats.Accepted.Load()),
 		MoeOverheadP50Us: uint64(stats.Overhead.Quantile(0.5).Microseconds()),
 		MoeOverheadP90Us: uint64(stats.Overhead.Quantile(0.9).Microseconds()),
+		DecodeLayers:     uint64(stats.DecodeLayers.Load()),
+		DecodeOverheadUs: uint64(stats.DecodeOverhead.Load() / 1e3),
 	}
 	if ss, ok := sess.(*span.Session); ok {
 		st := ss.Stats()

@@ -153,10 +153,14 @@ type CallStats struct {
 	// LocalFLOPs is the work of the experts computed on this node
 	// (RemoteExperts.Local), as an expert's receipt would count it.
 	LocalFLOPs atomic.Int64
-	// Overhead counts the MoE layers by their wall time beyond the
-	// slowest call's compute, to give its median and tail beside the mean
-	// MoEWall and MoECompute give.
-	Overhead OverheadHistogram
+	// Overhead counts the one-token MoE layers (decode steps; not a
+	// prompt's or a draft's many tokens) by their wall time beyond the
+	// slowest call's compute, to give its median and tail; DecodeOverhead
+	// and DecodeLayers add up their overhead (nanoseconds) and count them,
+	// for its mean, beside the mean of all layers MoEWall and MoECompute
+	// give.
+	Overhead                     OverheadHistogram
+	DecodeOverhead, DecodeLayers atomic.Int64
 }
 
 // OverheadHistogram counts durations in buckets of OverheadBucket, the
@@ -399,6 +403,7 @@ func (r *RemoteExperts) moe(ctx context.Context, g *Generation, apart bool, laye
 // what its stats record.
 type partResult struct {
 	out        []float32
+	n          int // the part's tokens
 	stats      *CallStats
 	maxCompute time.Duration
 	oneNode    bool
@@ -412,7 +417,12 @@ func (pr partResult) account(wall time.Duration) {
 	}
 	pr.stats.MoEWall.Add(int64(wall))
 	pr.stats.MoECompute.Add(int64(pr.maxCompute))
-	pr.stats.Overhead.Add(wall - min(wall, pr.maxCompute))
+	if pr.n == 1 {
+		over := wall - min(wall, pr.maxCompute)
+		pr.stats.Overhead.Add(over)
+		pr.stats.DecodeOverhead.Add(int64(over))
+		pr.stats.DecodeLayers.Add(1)
+	}
 	pr.stats.MoELayers.Add(1)
 	if pr.oneNode {
 		pr.stats.OneNodeLayers.Add(1)
@@ -561,7 +571,7 @@ func (r *RemoteExperts) round(ctx context.Context, layer int, parts []part) ([]p
 	off := 0
 	for i, pt := range parts {
 		n := pt.n * used * r.Embd
-		res[i] = partResult{out: moe.Combine(outs[off:off+n], pt.weights, pt.n, used, r.Embd), stats: pt.cs.stats,
+		res[i] = partResult{out: moe.Combine(outs[off:off+n], pt.weights, pt.n, used, r.Embd), n: pt.n, stats: pt.cs.stats,
 			maxCompute: maxCompute[i], oneNode: answered[i] != "" && !several[i]}
 		off += n
 	}

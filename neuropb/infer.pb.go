@@ -750,11 +750,15 @@ type InferStats struct {
 	// Span requests also sent to the span's next provider because the one
 	// in use was slow to answer (the first answer won).
 	SpanHedges uint64 `protobuf:"varint,21,opt,name=span_hedges,json=spanHedges,proto3" json:"span_hedges,omitempty"`
-	// The MoE layers' dispatch overhead (wall beyond the slowest call's
-	// compute) at the median and the 90th percentile, to 10 us: the mean is
+	// The dispatch overhead (wall beyond the slowest call's compute) of the
+	// one-token MoE layers (decode steps; not a prompt's or a draft's many
+	// tokens) at the median and the 90th percentile, to 10 us; the number
+	// of such layers and their overhead in all. The mean of all layers is
 	// (moe_wall_us - moe_compute_us) / moe_layers.
 	MoeOverheadP50Us uint64 `protobuf:"varint,22,opt,name=moe_overhead_p50_us,json=moeOverheadP50Us,proto3" json:"moe_overhead_p50_us,omitempty"`
 	MoeOverheadP90Us uint64 `protobuf:"varint,23,opt,name=moe_overhead_p90_us,json=moeOverheadP90Us,proto3" json:"moe_overhead_p90_us,omitempty"`
+	DecodeLayers     uint64 `protobuf:"varint,24,opt,name=decode_layers,json=decodeLayers,proto3" json:"decode_layers,omitempty"`
+	DecodeOverheadUs uint64 `protobuf:"varint,25,opt,name=decode_overhead_us,json=decodeOverheadUs,proto3" json:"decode_overhead_us,omitempty"`
 	unknownFields    protoimpl.UnknownFields
 	sizeCache        protoimpl.SizeCache
 }
@@ -946,6 +950,20 @@ func (x *InferStats) GetMoeOverheadP50Us() uint64 {
 func (x *InferStats) GetMoeOverheadP90Us() uint64 {
 	if x != nil {
 		return x.MoeOverheadP90Us
+	}
+	return 0
+}
+
+func (x *InferStats) GetDecodeLayers() uint64 {
+	if x != nil {
+		return x.DecodeLayers
+	}
+	return 0
+}
+
+func (x *InferStats) GetDecodeOverheadUs() uint64 {
+	if x != nil {
+		return x.DecodeOverheadUs
 	}
 	return 0
 }
@@ -1389,7 +1407,7 @@ const file_infer_proto_rawDesc = "" +
 	"\x02id\x18\x01 \x01(\x05R\x02id\x12\x12\n" +
 	"\x04text\x18\x02 \x01(\fR\x04text\x12\x1d\n" +
 	"\n" +
-	"elapsed_us\x18\x03 \x01(\x04R\telapsedUs\"\xd8\x06\n" +
+	"elapsed_us\x18\x03 \x01(\x04R\telapsedUs\"\xab\a\n" +
 	"\n" +
 	"InferStats\x12\x1e\n" +
 	"\vmoe_wall_us\x18\x01 \x01(\x04R\tmoeWallUs\x12$\n" +
@@ -1418,7 +1436,9 @@ const file_infer_proto_rawDesc = "" +
 	"\vspan_hedges\x18\x15 \x01(\x04R\n" +
 	"spanHedges\x12-\n" +
 	"\x13moe_overhead_p50_us\x18\x16 \x01(\x04R\x10moeOverheadP50Us\x12-\n" +
-	"\x13moe_overhead_p90_us\x18\x17 \x01(\x04R\x10moeOverheadP90Us\"\xa3\x02\n" +
+	"\x13moe_overhead_p90_us\x18\x17 \x01(\x04R\x10moeOverheadP90Us\x12#\n" +
+	"\rdecode_layers\x18\x18 \x01(\x04R\fdecodeLayers\x12,\n" +
+	"\x12decode_overhead_us\x18\x19 \x01(\x04R\x10decodeOverheadUs\"\xa3\x02\n" +
 	"\tInferDone\x12.\n" +
 	"\x06reason\x18\x01 \x01(\x0e2\x16.neuro.v1.FinishReasonR\x06reason\x12#\n" +
 	"\rprompt_tokens\x18\x02 \x01(\rR\fpromptTokens\x12+\n" +

@@ -55,11 +55,13 @@ type BenchRow struct {
 	// average, and LocalRatio llama.cpp's per-token p50 over the run's
 	// (its decode tokens/s over llama.cpp's; testnet rows).
 	DispatchUsPerLayer float64 `json:"dispatch_overhead_per_layer_us,omitempty"`
-	// DispatchP50Us and DispatchP90Us are the overhead's median and 90th
-	// percentile over the run's MoE layers (to 10 us).
-	DispatchP50Us uint64  `json:"dispatch_overhead_p50_us,omitempty"`
-	DispatchP90Us uint64  `json:"dispatch_overhead_p90_us,omitempty"`
-	LocalRatio    float64 `json:"local_ratio,omitempty"`
+	// DispatchDecodeUs, DispatchP50Us and DispatchP90Us are the
+	// overhead's mean, median and 90th percentile over the run's one-token
+	// (decode) MoE layers (to 10 us).
+	DispatchDecodeUs float64 `json:"dispatch_overhead_decode_us,omitempty"`
+	DispatchP50Us    uint64  `json:"dispatch_overhead_p50_us,omitempty"`
+	DispatchP90Us    uint64  `json:"dispatch_overhead_p90_us,omitempty"`
+	LocalRatio       float64 `json:"local_ratio,omitempty"`
 	// PinnedLocalRatio is, for the pinned testnet, the pinned llama.cpp's
 	// per-token p50 (one process on one core with one thread) over the
 	// row's: the same cores per process on both sides.
@@ -685,7 +687,7 @@ func (b *Bench) add(name, kind string, rtt time.Duration, g benchGen) error {
 		row.RoundTripsPerToken = float64(st.MoELayers) / float64(len(g.Tokens))
 		row.CallsPerToken = float64(st.ExpertCalls) / float64(len(g.Tokens))
 		row.DispatchUsPerLayer = st.DispatchPerLay
-		row.DispatchP50Us, row.DispatchP90Us = st.DispatchP50Us, st.DispatchP90Us
+		row.DispatchDecodeUs, row.DispatchP50Us, row.DispatchP90Us = st.DispatchDecodeUs, st.DispatchP50Us, st.DispatchP90Us
 		if st.MoELayers > 0 {
 			row.OneNodeShare = float64(st.OneNodeLayers) / float64(st.MoELayers)
 		}

@@ -135,12 +135,14 @@ type Stats struct {
 	MoEWallMs      float64 `json:"moe_wall_ms"`
 	MoEComputeMs   float64 `json:"moe_compute_ms"`
 	DispatchPerLay float64 `json:"dispatch_overhead_per_layer_us"`
-	// The per-layer dispatch overhead's median and 90th percentile (to
-	// 10 us), beside the mean above: how much of the mean is a tail.
-	DispatchP50Us uint64 `json:"dispatch_overhead_p50_us"`
-	DispatchP90Us uint64 `json:"dispatch_overhead_p90_us"`
-	Hedges        uint64 `json:"hedges"`
-	Redispatches  uint64 `json:"redispatches"`
+	// The dispatch overhead of the one-token (decode) layers: their mean,
+	// median and 90th percentile (to 10 us), beside the mean of all
+	// layers above (a prompt's layers carry its many tokens).
+	DispatchDecodeUs float64 `json:"dispatch_overhead_decode_us"`
+	DispatchP50Us    uint64  `json:"dispatch_overhead_p50_us"`
+	DispatchP90Us    uint64  `json:"dispatch_overhead_p90_us"`
+	Hedges           uint64  `json:"hedges"`
+	Redispatches     uint64  `json:"redispatches"`
 	// Speculative decoding: the passes that verified a draft, the tokens
 	// drafted and kept, the kept tokens per such pass, and the expert
 	// round trips (MoE layer evaluations) per generated token — the
@@ -332,6 +334,9 @@ func GenerationStats(d *client.Done, perTokenMs []float64) *Stats {
 	if n := len(perTokenMs); n > 0 {
 		ts.BytesPerToken = float64(st.GetExpertBytes()) / float64(n)
 		ts.RoundTripsPerToken = float64(st.GetMoeLayers()+st.GetSpanRequests()) / float64(n)
+	}
+	if st.GetDecodeLayers() > 0 {
+		ts.DispatchDecodeUs = float64(st.GetDecodeOverheadUs()) / float64(st.GetDecodeLayers())
 	}
 	if st.GetMoeLayers() > 0 {
 		ts.DispatchPerLay = float64(st.GetMoeWallUs()-min(st.GetMoeWallUs(), st.GetMoeComputeUs())) / float64(st.GetMoeLayers())

@@ -298,8 +298,8 @@ func benchRowMarkdown(sb *strings.Builder, r testnet.BenchRow) {
 	disp, lr := "–", "–"
 	if r.DispatchUsPerLayer > 0 {
 		disp = fmt.Sprintf("%.2f ms", r.DispatchUsPerLayer/1000)
-		if r.DispatchP50Us > 0 {
-			disp += fmt.Sprintf(" (p50 %.2f, p90 %.2f)", float64(r.DispatchP50Us)/1000, float64(r.DispatchP90Us)/1000)
+		if r.DispatchDecodeUs > 0 {
+			disp += fmt.Sprintf("; decode %.2f (p50 %.2f, p90 %.2f)", r.DispatchDecodeUs/1000, float64(r.DispatchP50Us)/1000, float64(r.DispatchP90Us)/1000)
 		}
 	}
 	if r.LocalRatio > 0 {

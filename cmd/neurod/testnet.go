@@ -361,8 +361,8 @@ func printEvents(w io.Writer) testnet.Events {
 			ts := rep.Stats
 			fmt.Fprintf(w, "%s\n\n%d tokens in %.2fs (%.1f tokens/s) from gating node %s; prompt %d tokens in %.1f ms\n",
 				d.Rest, len(rep.Tokens), took.Seconds(), rep.TokensPerSecond, d.Gating, d.PromptTokens, ts.PrefillMs)
-			fmt.Fprintf(w, "per-token latency: p50 %.2f ms, p99 %.2f ms; %d expert calls, %.0f bytes/token, dispatch overhead %.0f µs/layer (p50 %d, p90 %d), %d hedged, %d re-sent\n",
-				ts.PerTokenP50Ms, ts.PerTokenP99Ms, ts.ExpertCalls, ts.BytesPerToken, ts.DispatchPerLay, ts.DispatchP50Us, ts.DispatchP90Us, ts.Hedges, ts.Redispatches)
+			fmt.Fprintf(w, "per-token latency: p50 %.2f ms, p99 %.2f ms; %d expert calls, %.0f bytes/token, dispatch overhead %.0f µs/layer (decode: %.0f, p50 %d, p90 %d), %d hedged, %d re-sent\n",
+				ts.PerTokenP50Ms, ts.PerTokenP99Ms, ts.ExpertCalls, ts.BytesPerToken, ts.DispatchPerLay, ts.DispatchDecodeUs, ts.DispatchP50Us, ts.DispatchP90Us, ts.Hedges, ts.Redispatches)
 			fmt.Fprintf(w, "latency of each token (ms): %v\n", rep.PerTokenMs)
 			if len(rep.Killed) > 0 {
 				fmt.Fprintf(w, "expert nodes %v were SIGKILLed after token %d\n", rep.Killed, rep.KilledAfter)
