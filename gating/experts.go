@@ -106,10 +106,16 @@ type RemoteExperts struct {
 }
 
 // startPoll keeps a core awake for a round that went out, if the node
-// polls; stopPoll, called as the round ends when startPoll returned
-// true, stops once no other round polls.
-func (r *RemoteExperts) startPoll() bool {
+// polls: not when the node the round's group went to (to, if any)
+// usually answers later than the poll would last (an expert node across
+// the internet), where the core would sleep before the answer anyway.
+// stopPoll, called as the round ends when startPoll returned true, stops
+// once no other round polls.
+func (r *RemoteExperts) startPoll(to peer.ID) bool {
 	if r.WaitPoll == nil || r.WaitPollFor <= 0 || !r.PollNearby && r.Client.Nearby() {
+		return false
+	}
+	if to != "" && r.Selector != nil && r.Selector.Typical(to) > r.WaitPollFor {
 		return false
 	}
 	r.pollMu.Lock()
@@ -536,7 +542,7 @@ func (r *RemoteExperts) round(ctx context.Context, layer int, parts []part) ([]p
 	}
 	// The round's remote calls are out: while nothing computes here, a
 	// core is kept awake for their answers.
-	polling := len(calls) > 0 && len(local) == 0 && r.startPoll()
+	polling := len(calls) > 0 && len(local) == 0 && r.startPoll(groupPeer(members))
 	for i, lc := range calls {
 		e, c := lc.e, lc.c
 		wg.Add(1)
@@ -668,6 +674,16 @@ func (r *RemoteExperts) sendGroup(ctx context.Context, layer int, calls []layerC
 	for k, i := range idx {
 		members[i] = &groupMember{sent: sent, i: k}
 	}
+}
+
+// groupPeer is the node a round's group went to ("": none went).
+func groupPeer(members []*groupMember) peer.ID {
+	for _, m := range members {
+		if m != nil {
+			return m.sent.Peer()
+		}
+	}
+	return ""
 }
 
 // anyProven reports whether a provider of any of calls' experts has

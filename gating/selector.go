@@ -284,6 +284,18 @@ func (s *Selector) order(providers []peer.ID, preferred map[peer.ID]bool) ([]pee
 	return out, cost
 }
 
+// Typical is a call to p's usual whole time (the moving average of its
+// answers'), 0 while p has answered none.
+func (s *Selector) Typical(p peer.ID) time.Duration {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.stats[p]
+	if st == nil || st.answers == 0 {
+		return 0
+	}
+	return time.Duration(st.rtt * float64(time.Second))
+}
+
 // Deadline is how long a call to p may take before it counts as failed:
 // deadlineFactor times its p95 latency, at least minDeadline, at most max.
 func (s *Selector) Deadline(p peer.ID, max time.Duration) time.Duration {

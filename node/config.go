@@ -485,7 +485,8 @@ batch_wait = "10ms"
 # core (waking a core the hypervisor halted took 0.1-0.2 ms on a virtual
 # machine). Not while an expert node this node calls is on this machine
 # (it needs the cores), unless poll_nearby (for nodes on cores of their
-# own, as 'neurod testnet --pin' runs them).
+# own, as 'neurod testnet --pin' runs them), nor for a node that usually
+# answers later than the poll lasts.
 wait_poll_us = 5000
 poll_nearby = false
 # Re-execute a sample of the experts' results on other providers and keep
