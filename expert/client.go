@@ -97,6 +97,7 @@ type Client struct {
 	links    map[peer.ID]*Link
 	nextID   atomic.Uint64
 	closed   bool
+	nearby   atomic.Bool // Nearby
 
 	done chan struct{} // closed by Close
 	wg   sync.WaitGroup
@@ -149,16 +150,20 @@ func linkOf(p peer.ID, st network.Stream) Link {
 
 // Nearby reports whether an expert node this client has a session with
 // is on this machine: its compute needs the cores this node's would-be
-// pollers take.
-func (c *Client) Nearby() bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
+// pollers take. It is read for every round of calls, and kept as the
+// sessions change (sessionsChangedLocked).
+func (c *Client) Nearby() bool { return c.nearby.Load() }
+
+// sessionsChangedLocked sets Nearby after c.sessions changed (under c.mu).
+func (c *Client) sessionsChangedLocked() {
+	nearby := false
 	for p := range c.sessions {
 		if l := c.links[p]; l != nil && l.ThisMachine {
-			return true
+			nearby = true
+			break
 		}
 	}
-	return false
+	c.nearby.Store(nearby)
 }
 
 // NewClient makes a client on h.
@@ -473,6 +478,7 @@ func (c *Client) session(ctx context.Context, p peer.ID) (*session, error) {
 		// Hole punching opened a direct connection after this session
 		// went through the relay: new calls take the direct one.
 		delete(c.sessions, p)
+		c.sessionsChangedLocked()
 		s.mu.Lock()
 		s.retired = true
 		s.mu.Unlock()
@@ -510,6 +516,7 @@ func (c *Client) session(ctx context.Context, p peer.ID) (*session, error) {
 		l.Calls = old.Calls
 	}
 	c.links[p] = &l
+	c.sessionsChangedLocked()
 	c.live[s] = true
 	c.wg.Add(1)
 	go func() {
@@ -641,6 +648,7 @@ func (c *Client) drop(p peer.ID, s *session) {
 	defer c.mu.Unlock()
 	if c.sessions[p] == s {
 		delete(c.sessions, p)
+		c.sessionsChangedLocked()
 		c.h.ConnManager().UntagPeer(p, sessionTag)
 	}
 }
@@ -666,6 +674,7 @@ func (c *Client) Close() error {
 	close(c.done)
 	live := c.live
 	c.sessions, c.live = map[peer.ID]*session{}, map[*session]bool{}
+	c.sessionsChangedLocked()
 	c.mu.Unlock()
 	for s := range live {
 		s.fail(ErrStreamClosed)
