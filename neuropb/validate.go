@@ -9,6 +9,7 @@ import (
 	"hash"
 	"math"
 	"strings"
+	"unsafe"
 
 	"github.com/ipfs/go-cid"
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -413,9 +414,28 @@ func (r *InferRequest) Validate() error {
 // FloatsDigest is the SHA-256 of x as little-endian F32: the digest of
 // hidden states in usage receipts and verdicts.
 func FloatsDigest(x []float32) []byte {
+	if littleEndian {
+		// The floats' own bytes are the digest's input: no copy (a
+		// receipt digests every call's rows and answer).
+		d := sha256.Sum256(floatBytes(x))
+		return d[:]
+	}
 	var h FloatsHash
 	h.Write(x)
 	return h.Sum()
+}
+
+// littleEndian: this machine keeps a float32's bytes as FloatsDigest
+// reads them.
+var littleEndian = binary.NativeEndian.Uint32([]byte{1, 0, 0, 0}) == 1
+
+// floatBytes is x's memory as bytes (on a little-endian machine, x as
+// little-endian F32).
+func floatBytes(x []float32) []byte {
+	if len(x) == 0 {
+		return nil
+	}
+	return unsafe.Slice((*byte)(unsafe.Pointer(unsafe.SliceData(x))), 4*len(x))
 }
 
 // FloatsHash computes FloatsDigest over floats given a run at a time (a
@@ -430,6 +450,10 @@ type FloatsHash struct {
 func (f *FloatsHash) Write(x []float32) {
 	if f.h == nil {
 		f.h = sha256.New()
+	}
+	if littleEndian {
+		f.h.Write(floatBytes(x))
+		return
 	}
 	for len(x) > 0 {
 		n := min(len(x), len(f.buf)/4)
