@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"slices"
 	"strings"
 	"sync"
@@ -382,6 +383,10 @@ func (e *Engine) loadLayers(mc, gc cid.Cid) (moe.Gating, error) {
 	if e.cfg.MaxSessions == 0 {
 		e.sizeSessions(g, g.Hparams())
 	}
+	// The gating shard was read whole into the heap and copied into the
+	// backend: that memory goes back to the system now rather than a few
+	// pages at a time during the generations (expert.Service.addAll).
+	debug.FreeOSMemory()
 	e.log.Info("loaded the model's layers", "model", mc, "took", time.Since(start))
 	return g, nil
 }
