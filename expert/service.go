@@ -69,6 +69,11 @@ type ServiceConfig struct {
 	// Compute loads the experts (the ggml backend in neurod). It is
 	// required when Model is set.
 	Compute Compute
+	// KeepHeap leaves the heap that loading shards freed to the runtime's
+	// scavenger, for a process that runs other nodes too (a simulation's:
+	// returning it at once collects the whole process's heap each time).
+	// Otherwise it goes back to the system once the experts are loaded.
+	KeepHeap bool
 }
 
 // Compute is what an expert node computes with: it loads experts, and
@@ -567,7 +572,7 @@ func (s *Service) host(ctx context.Context) error {
 			}
 		}
 		if len(keys) > 0 {
-			debug.FreeOSMemory() // as addAll does
+			s.releaseHeap()
 		}
 		s.markChosen()
 		jitter := time.Duration(float64(s.cfg.Step) * (0.5 + rand.Float64()))
@@ -764,14 +769,20 @@ func (s *Service) addAll(ctx context.Context, m *neuropb.Manifest, keys []Key) e
 		g.Go(func() error { return s.add(gctx, m, k) })
 	}
 	err := g.Wait()
-	// Each shard was read whole into the heap, verified and copied into
-	// the backend: return that memory to the system now, at once, instead
-	// of leaving it to the runtime's background scavenger, which returns it
-	// a few pages at a time while the node serves (each madvise flushes
-	// the TLB: 2% of a core, in spikes, through a loopback testnet's
-	// decode).
-	debug.FreeOSMemory()
+	s.releaseHeap()
 	return err
+}
+
+// releaseHeap returns the heap that loading shards freed to the system,
+// unless KeepHeap: each shard was read whole into the heap, verified and
+// copied into the backend, and the runtime's background scavenger would
+// return that memory a few pages at a time while the node serves (each
+// madvise flushes the TLB: 2% of a core, in spikes, through a loopback
+// testnet's decode).
+func (s *Service) releaseHeap() {
+	if !s.cfg.KeepHeap {
+		debug.FreeOSMemory()
+	}
 }
 
 // add hosts expert k: announces the choice, fetches and verifies the

@@ -121,6 +121,10 @@ type EngineConfig struct {
 	// would take a core its compute needs.
 	WaitPoll   time.Duration
 	PollNearby bool
+	// KeepHeap leaves the heap that loading the gating shard freed to the
+	// runtime (expert.ServiceConfig.KeepHeap): other nodes run in this
+	// process.
+	KeepHeap bool
 }
 
 // DefaultWaitPoll is EngineConfig.WaitPoll's default: a layer's experts
@@ -385,8 +389,10 @@ func (e *Engine) loadLayers(mc, gc cid.Cid) (moe.Gating, error) {
 	}
 	// The gating shard was read whole into the heap and copied into the
 	// backend: that memory goes back to the system now rather than a few
-	// pages at a time during the generations (expert.Service.addAll).
-	debug.FreeOSMemory()
+	// pages at a time during the generations (expert.Service.releaseHeap).
+	if !e.cfg.KeepHeap {
+		debug.FreeOSMemory()
+	}
 	e.log.Info("loaded the model's layers", "model", mc, "took", time.Since(start))
 	return g, nil
 }

@@ -52,6 +52,8 @@ type options struct {
 	p2p      []p2p.Option
 	// silent: Close does not tell the peers (WithoutLeaving).
 	silent bool
+	// shared: other nodes run in this process (WithSharedProcess).
+	shared bool
 }
 
 // WithoutLeaving makes Close stop the node without telling its peers that
@@ -60,6 +62,17 @@ type options struct {
 func WithoutLeaving() Option {
 	return func(o *options) error {
 		o.silent = true
+		return nil
+	}
+}
+
+// WithSharedProcess says that other nodes run in this process (a
+// simulation's): the node leaves the heap that loading shards freed to the
+// runtime instead of returning it to the system at once, which takes a
+// collection of the whole process's heap each time one of them loads.
+func WithSharedProcess() Option {
+	return func(o *options) error {
+		o.shared = true
 		return nil
 	}
 }
@@ -279,7 +292,7 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 			payment = n.pay.expertPayment
 		}
 		if n.expert, err = newExpertService(n.p2p, key, cfg.Expert, filepath.Join(n.home, StoreDir), n.countFetched(o.progress),
-			o.slowDown, o.fault, o.compute, o.budget, payment, n.spanKeys, n.metrics, n.log); err != nil {
+			o.slowDown, o.fault, o.compute, o.budget, payment, n.spanKeys, o.shared, n.metrics, n.log); err != nil {
 			return nil, err
 		}
 		n.idle = newIdleGuard(cfg.Home, o.load, n.expert.SetPaused, n.metrics, n.log)
@@ -354,7 +367,7 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 			Speculate: cfg.Gating.Speculate, Draft: cfg.Gating.Draft, SpeculateMax: cfg.Gating.SpeculateMax, BatchWait: batchWait(cfg.Gating.BatchWait),
 			WaitPoll: waitPoll(cfg.Gating.WaitPollUS), PollNearby: cfg.Gating.PollNearby,
 			DType: dt, CallTimeout: time.Duration(cfg.Gating.CallTimeout), Book: book, Metrics: n.metrics, Compute: o.compute,
-			OnWrong: n.reportWrong}
+			OnWrong: n.reportWrong, KeepHeap: o.shared}
 		if n.ledger != nil {
 			if n.settler, err = ledger.NewSettler(n.ledger, ledger.SettlerConfig{OnSettled: n.web.settled}, n.log); err != nil {
 				return nil, err
@@ -682,13 +695,13 @@ func (n *Node) heartbeatExtra(hb *neuropb.Heartbeat) {
 // newExpertService builds the node's expert service from its config.
 func newExpertService(h *p2p.Host, key crypto.PrivKey, cfg ExpertConfig, store string, progress expert.Progress, slow time.Duration,
 	fault expert.Fault, compute moe.Backend, budget string, payment func(context.Context, peer.ID, uint64, uint64) error,
-	announce func() []cid.Cid, m *metrics.Metrics, log *slog.Logger) (*expert.Service, error) {
+	announce func() []cid.Cid, keepHeap bool, m *metrics.Metrics, log *slog.Logger) (*expert.Service, error) {
 	if budget == "" {
 		budget = "expert.memory_mb"
 	}
 	sc := expert.ServiceConfig{StoreDir: store, MemoryBudget: int64(cfg.MemoryMB) << 20, BudgetSource: budget, Threads: cfg.Threads, Lanes: cfg.Lanes,
 		LanePoll: time.Duration(cfg.LanePollUS) * time.Microsecond, PollNearby: cfg.PollNearby,
-		Server: expert.DefaultConfig(), Progress: progress, Fault: fault, Compute: compute, Announce: announce}
+		Server: expert.DefaultConfig(), Progress: progress, Fault: fault, Compute: compute, Announce: announce, KeepHeap: keepHeap}
 	sc.Server.Metrics = m
 	sc.Server.SignReceipts = func(rs []*neuropb.UsageReceipt) error { return reputation.SignReceipts(key, rs) }
 	sc.Server.SlowDown = slow

@@ -611,7 +611,7 @@ func (sm *simulation) start(ctx context.Context, i int) (*simNode, error) {
 		}
 	}
 	opts := []node.Option{node.WithHome(home), node.WithLogger(sm.s.NodeLog.With("node", i)), node.WithCompute(sm.s.Compute),
-		node.WithP2POptions(sm.p2pOptions()...)}
+		node.WithP2POptions(sm.p2pOptions()...), node.WithSharedProcess()}
 	if !sm.s.ChurnLeaves {
 		opts = append(opts, node.WithoutLeaving())
 	}
