@@ -59,6 +59,11 @@ type Request struct {
 	// Delegations let the caller spend from escrows other nodes opened
 	// (SignDelegation): a span node's calls for a head.
 	Delegations []*neuropb.EscrowDelegation
+	// LateReceipts takes the answer's receipts after it
+	// (ExpertRequest.late_receipts): the answer comes without waiting for
+	// the node's signature, and Response.TakeReceipts waits for them. A
+	// group follows its first request's.
+	LateReceipts bool
 }
 
 // Segment is one generation's run of rows in a batched call.
@@ -83,7 +88,64 @@ type Response struct {
 	Receipts []*neuropb.UsageReceipt
 	// Peer is the node that answered.
 	Peer peer.ID
+
+	// late, if set, brings Receipt and Receipts after the answer
+	// (Request.LateReceipts).
+	late *LateReceipts
 }
+
+// Late is the answer's receipts still to come (Request.LateReceipts), or
+// nil when they came with it.
+func (r *Response) Late() *LateReceipts { return r.late }
+
+// TakeReceipts returns the answer's receipt, or a batched call's
+// receipts (one per segment), as Receipt and Receipts hold them; when
+// they come after the answer (Request.LateReceipts), it waits for them
+// until ctx ends (LateReceipts.Take). No receipts and no error: the node
+// signs none.
+func (r *Response) TakeReceipts(ctx context.Context) (*neuropb.UsageReceipt, []*neuropb.UsageReceipt, error) {
+	if r.late == nil {
+		return r.Receipt, r.Receipts, nil
+	}
+	return r.late.Take(ctx)
+}
+
+// LateReceipts are an answer's receipts that come after it: small, so
+// that a caller keeps them to the settlement without keeping the answer.
+type LateReceipts struct {
+	peer     peer.ID
+	segments int           // the request's
+	done     chan struct{} // closed once they came, or err says why they will not
+	receipt  *neuropb.UsageReceipt
+	receipts []*neuropb.UsageReceipt
+	err      error
+}
+
+// Take waits until the receipts come or ctx ends, and returns them as
+// Response.Receipt and Receipts would hold them. An error says they will
+// not come (the stream broke, ctx ended, the node sent a wrong count).
+func (l *LateReceipts) Take(ctx context.Context) (*neuropb.UsageReceipt, []*neuropb.UsageReceipt, error) {
+	select {
+	case <-l.done:
+	case <-ctx.Done():
+		return nil, nil, fmt.Errorf("receipts from %s: %w", l.peer, ctx.Err())
+	}
+	if l.err != nil {
+		return nil, nil, fmt.Errorf("receipts from %s: %w", l.peer, l.err)
+	}
+	if len(l.receipts) != 0 && len(l.receipts) != l.segments {
+		return nil, nil, fmt.Errorf("receipts from %s: %d receipts for %d segments", l.peer, len(l.receipts), l.segments)
+	}
+	return l.receipt, l.receipts, nil
+}
+
+// maxLate bounds the answers whose receipts a session waits for; an
+// answer beyond it goes without its receipts (a node that never sends
+// them cannot grow the map).
+const maxLate = 4096
+
+// errNoLateRoom: the session already waits for maxLate answers' receipts.
+var errNoLateRoom = errors.New("too many answers' receipts outstanding")
 
 // Client calls experts on other nodes, keeping one stream per peer open
 // for many calls. Safe for concurrent use.
@@ -183,7 +245,9 @@ type session struct {
 
 	mu      sync.Mutex
 	pending map[uint64]chan result
-	err     error // set once the stream broke
+	// late holds the answers whose receipts come after them, by request id
+	late map[uint64]*LateReceipts
+	err  error // set once the stream broke
 	// relayed: the stream runs through a relay; retired: a direct
 	// connection appeared and a new session took its place, so the stream
 	// closes once its last call is answered.
@@ -199,7 +263,7 @@ type session struct {
 // under one lock), and is sent on the peer's new session.
 func (s *session) retireIfIdle() {
 	s.mu.Lock()
-	idle := s.retired && len(s.pending) == 0 && s.err == nil
+	idle := s.retired && len(s.pending) == 0 && len(s.late) == 0 && s.err == nil
 	if idle {
 		s.err = errRetired
 	}
@@ -214,6 +278,7 @@ var errRetired = fmt.Errorf("%w: replaced by a newer one", ErrStreamClosed)
 
 type result struct {
 	resp *neuropb.ExpertResponse
+	late *LateReceipts // the answer's receipts, when they come after it
 	err  error
 }
 
@@ -362,6 +427,7 @@ func message(req *Request) (*neuropb.ExpertRequest, error) {
 		Model: req.Model.Bytes(), Layer: uint32(req.Layer), Expert: uint32(req.Expert),
 		Hidden: EncodeFloats(req.Hidden, req.N, len(req.Hidden)/req.N, req.DType),
 		Escrow: req.Escrow, RowsApart: req.RowsApart, Delegations: req.Delegations,
+		LateReceipts: req.LateReceipts,
 	}
 	if len(req.Segments) > 0 {
 		sum := 0
@@ -442,6 +508,12 @@ func (c *Client) wait(ctx context.Context, p peer.ID, s *session, msg *neuropb.E
 			return nil, fmt.Errorf("expert call to %s: bad output shape %v: %v", p, r.resp.GetOutput().GetShape(), err)
 		}
 		receipts := r.resp.GetReceipts()
+		if r.resp.GetReceiptsFollow() && r.late == nil {
+			return nil, fmt.Errorf("expert call to %s: receipts follow an answer to a call that did not ask for them late", p)
+		}
+		if r.late != nil {
+			r.late.segments = len(req.Segments) // read once done closes, after this
+		}
 		if len(receipts) != 0 && len(receipts) != len(req.Segments) {
 			return nil, fmt.Errorf("expert call to %s: %d receipts for %d segments", p, len(receipts), len(req.Segments))
 		}
@@ -459,6 +531,7 @@ func (c *Client) wait(ctx context.Context, p peer.ID, s *session, msg *neuropb.E
 			Receipt:     r.resp.GetReceipt(),
 			Receipts:    receipts,
 			Peer:        p,
+			late:        r.late,
 		}, nil
 	}
 }
@@ -494,7 +567,7 @@ func (c *Client) session(ctx context.Context, p peer.ID) (*session, error) {
 		return nil, fmt.Errorf("expert stream to %s: %w", p, err)
 	}
 	l := linkOf(p, st)
-	s := &session{st: st, w: wire.NewWriter(st, neuropb.MaxExpertMessageSize), pending: map[uint64]chan result{},
+	s := &session{st: st, w: wire.NewWriter(st, neuropb.MaxExpertMessageSize), pending: map[uint64]chan result{}, late: map[uint64]*LateReceipts{},
 		relayed: l.ViaRelay, groups: st.Protocol() == neuropb.ExpertProtocol}
 	c.mu.Lock()
 	if old := c.sessions[p]; old != nil || c.closed { // another call won the race
@@ -549,11 +622,27 @@ func (c *Client) read(p peer.ID, s *session) {
 			c.mu.Unlock()
 			return
 		}
+		if len(resp.GetReceiptsFor()) > 0 {
+			s.receiptsCame(resp.GetReceiptsFor())
+			resp.ReceiptsFor = nil
+		}
 		group := resp.GetGroup()
 		resp.Group = nil
 		for _, r := range append([]*neuropb.ExpertResponse{resp}, group...) {
 			s.mu.Lock()
 			ch := s.pending[r.GetRequestId()]
+			var late *LateReceipts
+			if ch != nil && r.GetReceiptsFollow() && r.GetError() == nil {
+				// registered before the answer is handed over, and before
+				// this reader reads the message that brings them
+				late = &LateReceipts{peer: p, done: make(chan struct{})}
+				if _, dup := s.late[r.GetRequestId()]; dup || len(s.late) >= maxLate {
+					late.err = errNoLateRoom
+					close(late.done)
+				} else {
+					s.late[r.GetRequestId()] = late
+				}
+			}
 			s.mu.Unlock()
 			if ch == nil {
 				if e := r.GetError(); e != nil && r.GetRequestId() == 0 {
@@ -561,9 +650,27 @@ func (c *Client) read(p peer.ID, s *session) {
 				}
 				continue
 			}
-			deliver(ch, result{resp: r})
+			deliver(ch, result{resp: r, late: late})
 		}
 	}
+}
+
+// receiptsCame hands the late receipts of earlier answers (a response's
+// receipts_for) to their callers; an entry for no answer waiting is
+// dropped.
+func (s *session) receiptsCame(entries []*neuropb.ExpertResponse) {
+	s.mu.Lock()
+	for _, e := range entries {
+		l := s.late[e.GetRequestId()]
+		if l == nil {
+			continue
+		}
+		delete(s.late, e.GetRequestId())
+		l.receipt, l.receipts = e.GetReceipt(), e.GetReceipts()
+		close(l.done)
+	}
+	s.mu.Unlock()
+	s.retireIfIdle()
 }
 
 // deliver hands r to a call; a call takes one result, so a second (a
@@ -585,6 +692,11 @@ func (s *session) fail(err error) {
 	for id, ch := range s.pending {
 		deliver(ch, result{err: err})
 		delete(s.pending, id)
+	}
+	for id, l := range s.late {
+		l.err = err
+		close(l.done)
+		delete(s.late, id)
 	}
 }
 

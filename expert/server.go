@@ -66,6 +66,11 @@ type Config struct {
 	// response's receipts, a layer's group of experts' or a batched call's
 	// segments', are signed at once.
 	SignReceipts func([]*neuropb.UsageReceipt) error
+	// LateReceiptsFlush is how long at most the signed receipts of an
+	// answer whose caller takes them late (ExpertRequest.late_receipts)
+	// wait for the stream's next answer to carry them before they go in a
+	// message of their own (0: DefaultLateReceiptsFlush).
+	LateReceiptsFlush time.Duration
 	// Metrics, if set, records each batch: tokens, compute time, outcome.
 	Metrics *metrics.Metrics
 	// Payment, if set, must accept each request before it is computed
@@ -156,7 +161,7 @@ func (s *Server) Add(model cid.Cid, layer, expert int, c Computer) error {
 	}
 	s.embd[k.model] = c.Embd()
 	ctx, cancel := context.WithCancel(s.ctx)
-	b := &batcher{c: c, vary: moe.RowsVary(c), queue: make(chan *job, s.cfg.MaxQueue), window: s.cfg.BatchWindow, slow: s.cfg.SlowDown, served: &s.served, signer: s.cfg.SignReceipts, metrics: s.cfg.Metrics, cancel: cancel, done: make(chan struct{})}
+	b := &batcher{c: c, vary: moe.RowsVary(c), queue: make(chan *job, s.cfg.MaxQueue), window: s.cfg.BatchWindow, slow: s.cfg.SlowDown, served: &s.served, receipts: s.cfg.SignReceipts != nil, metrics: s.cfg.Metrics, cancel: cancel, done: make(chan struct{})}
 	s.batchers[k] = b
 	s.wg.Add(1)
 	go func() {
@@ -219,46 +224,26 @@ func (s *Server) handle(st network.Stream) {
 		return
 	}
 	r := wire.NewReader(st, neuropb.MaxExpertMessageSize)
-	w := wire.NewWriter(st, neuropb.MaxExpertMessageSize)
-	var (
-		wmu      sync.Mutex
-		broken   bool
-		inflight sync.WaitGroup
-	)
-	poll := s.cfg.WaitPoll != nil && s.cfg.WaitPollFor > 0 && (s.cfg.WaitPollNearby || !p2p.OnThisMachine(st.Conn().RemoteMultiaddr()))
-	reply := func(resp *neuropb.ExpertResponse) {
-		wmu.Lock()
-		defer wmu.Unlock()
-		if broken {
-			return
-		}
-		_ = st.SetWriteDeadline(time.Now().Add(s.cfg.WriteTimeout))
-		if err := w.Write(resp); err != nil {
-			broken = true
-			s.log.Debug("expert stream: write", "peer", st.Conn().RemotePeer(), "err", err)
-			st.Reset()
-			return
-		}
-		if poll {
-			// the caller's next layer usually comes within the poll
-			s.cfg.WaitPoll.PollFor(s.cfg.WaitPollFor)
-		}
-	}
+	a := &answerer{s: s, st: st, w: wire.NewWriter(st, neuropb.MaxExpertMessageSize),
+		poll: s.cfg.WaitPoll != nil && s.cfg.WaitPollFor > 0 && (s.cfg.WaitPollNearby || !p2p.OnThisMachine(st.Conn().RemoteMultiaddr()))}
+	defer a.stop()
+	var inflight sync.WaitGroup
 	for {
 		_ = st.SetReadDeadline(time.Now().Add(s.cfg.IdleTimeout))
 		req := &neuropb.ExpertRequest{}
 		err := r.Read(req)
-		if poll {
+		if a.poll {
 			s.cfg.WaitPoll.StopPolling()
 		}
 		var tl *wire.TooLargeError
 		switch {
 		case err == nil:
 		case errors.As(err, &tl) && tl.Skipped:
-			reply(errorResponse(0, neuropb.ExpertError_CODE_TOO_LARGE, "%v", tl))
+			a.write(errorResponse(0, neuropb.ExpertError_CODE_TOO_LARGE, "%v", tl))
 			continue
 		case errors.Is(err, io.EOF):
 			inflight.Wait()
+			a.flush()
 			st.Close()
 			return
 		default:
@@ -275,9 +260,10 @@ func (s *Server) handle(st network.Stream) {
 			for _, m := range req.GetGroup() {
 				busy.Group = append(busy.Group, errorResponse(m.GetRequestId(), busy.Error.Code, "%s", busy.Error.Message))
 			}
-			reply(busy)
+			a.write(busy)
 			continue
 		}
+		reply := a.replier(req.GetLateReceipts())
 		// hold keeps an admitted job's memory, within the stream's, peer's
 		// and service's limits (else answers it busy), until it is answered.
 		hold := func(j *job, req *neuropb.ExpertRequest) bool {
@@ -288,6 +274,7 @@ func (s *Server) handle(st network.Stream) {
 				return false
 			}
 			inflight.Add(1)
+			a.track(j)
 			done := j.reply
 			j.reply = func(resp *neuropb.ExpertResponse) {
 				done(resp)
@@ -413,15 +400,11 @@ func (s *Server) computeGroup(jobs []*job) {
 	err := moe.ComputeGroup(es, xs, ns, outs)
 	took := time.Since(start)
 	s.cfg.Metrics.Batch(tokens, len(live), took, outcome(err))
-	// The members' receipts are signed at once: one signature for the
-	// group's answer (a signature costs more than encoding an answer).
-	resps := make([]*neuropb.ExpertResponse, len(live))
+	// The members' answers go back in one response (their collector's),
+	// whose receipts the stream's answerer signs at once: one signature
+	// for the group's answer.
 	for i, j := range live {
-		resps[i] = j.b.response(j, outs[i], err, start, took, tokens)
-	}
-	live[0].b.sign(resps...)
-	for i, j := range live {
-		j.reply(resps[i])
+		j.reply(j.b.response(j, outs[i], err, start, took, tokens))
 	}
 }
 
@@ -535,51 +518,52 @@ type batcher struct {
 	c Computer
 	// vary: c's rows depend on their batch (moe.RowsVary), so requests
 	// are computed each alone, as its sender's own batch.
-	vary    bool
-	queue   chan *job
-	window  time.Duration
-	slow    time.Duration
-	served  *atomic.Int64 // the server's count of answered calls
-	signer  func([]*neuropb.UsageReceipt) error
-	metrics *metrics.Metrics
-	next    *job // a job that did not fit the last batch
-	cancel  context.CancelFunc
-	done    chan struct{} // closed when run has returned and drained
+	vary   bool
+	queue  chan *job
+	window time.Duration
+	slow   time.Duration
+	served *atomic.Int64 // the server's count of answered calls
+	// receipts: the node signs usage receipts (Config.SignReceipts), so
+	// answers carry them, unsigned until the stream's answerer signs them
+	receipts bool
+	metrics  *metrics.Metrics
+	next     *job // a job that did not fit the last batch
+	cancel   context.CancelFunc
+	done     chan struct{} // closed when run has returned and drained
 }
 
-// receipt is the usage receipt, unsigned, of a job's rows x (n tokens)
-// paid from escrow (0: none): their tokens and FLOPs (three matrix
-// products of embd x ff per token), and the digests of x and of out as the
-// caller decodes it. nil when the node signs none.
-func (b *batcher) receipt(j *job, escrow uint64, x []float32, n int, out *neuropb.Tensor) *neuropb.UsageReceipt {
-	if b.signer == nil {
+// receipt is the usage receipt, unsigned and without its digests (the
+// stream's answerer adds them, job.digest), of n of a job's tokens paid
+// from escrow (0: none): their tokens and FLOPs (three matrix products of
+// embd x ff per token). nil when the node signs none.
+func (b *batcher) receipt(j *job, escrow uint64, n int) *neuropb.UsageReceipt {
+	if !b.receipts {
 		return nil
 	}
-	return &neuropb.UsageReceipt{Escrow: escrow, Layer: j.layer, ExpertIndex: j.expert, Tokens: uint64(n),
-		Flops: FLOPs(b.c, n), InputDigest: neuropb.FloatsDigest(x),
-		OutputDigest: TensorDigest(out)}
+	return &neuropb.UsageReceipt{Escrow: escrow, Layer: j.layer, ExpertIndex: j.expert, Tokens: uint64(n), Flops: FLOPs(b.c, n)}
 }
 
-// sign signs the receipts of resps (their Receipt or Receipts) at once;
-// if that fails they go without.
-func (b *batcher) sign(resps ...*neuropb.ExpertResponse) {
-	if b.signer == nil {
+// digest sets the digests of j's receipts: rc (all its rows) or rcs (one
+// per segment), given its encoded output out: of each one's rows of the
+// input as the node decoded them, and of its rows of out as the caller
+// decodes them.
+func (j *job) digest(rc *neuropb.UsageReceipt, rcs []*neuropb.UsageReceipt, out *neuropb.Tensor) {
+	if rc != nil {
+		rc.InputDigest, rc.OutputDigest = neuropb.FloatsDigest(j.x), TensorDigest(out)
+	}
+	if len(rcs) == 0 || len(rcs) != len(j.segs) || j.n < 1 {
 		return
 	}
-	var rs []*neuropb.UsageReceipt
-	for _, r := range resps {
-		if r.Receipt != nil {
-			rs = append(rs, r.Receipt)
+	embd := len(j.x) / j.n
+	rowBytes := len(out.GetData()) / j.n
+	off := 0
+	for i, sg := range j.segs {
+		if (off+sg.n)*embd > len(j.x) || (off+sg.n)*rowBytes > len(out.GetData()) {
+			return
 		}
-		rs = append(rs, r.Receipts...)
-	}
-	if len(rs) == 0 {
-		return
-	}
-	if err := b.signer(rs); err != nil {
-		for _, r := range resps {
-			r.Receipt, r.Receipts = nil, nil
-		}
+		part := &neuropb.Tensor{Data: out.GetData()[off*rowBytes : (off+sg.n)*rowBytes], Dtype: out.GetDtype(), Shape: []uint32{uint32(sg.n), uint32(embd)}}
+		rcs[i].InputDigest, rcs[i].OutputDigest = neuropb.FloatsDigest(j.x[off*embd:(off+sg.n)*embd]), TensorDigest(part)
+		off += sg.n
 	}
 }
 
@@ -737,12 +721,10 @@ func (b *batcher) compute(jobs []*job) {
 }
 
 // answer sends j its output out (its rows of a call of tokens rows that
-// started at start and took took), or the call's error, its receipts
-// signed.
+// started at start and took took), or the call's error; the stream's
+// answerer signs its receipts.
 func (b *batcher) answer(j *job, out []float32, err error, start time.Time, took time.Duration, tokens int) {
-	resp := b.response(j, out, err, start, took, tokens)
-	b.sign(resp)
-	j.reply(resp)
+	j.reply(b.response(j, out, err, start, took, tokens))
 }
 
 // response is j's answer (as answer's), its receipts unsigned.
@@ -760,29 +742,12 @@ func (b *batcher) response(j *job, out []float32, err error, start time.Time, to
 		BatchTokens: uint32(tokens),
 	}
 	if j.segs == nil {
-		resp.Receipt = b.receipt(j, j.escrow, j.x, j.n, enc)
-	} else {
-		resp.Receipts = b.segmentReceipts(j, enc)
+		resp.Receipt = b.receipt(j, j.escrow, j.n)
+	} else if b.receipts {
+		resp.Receipts = make([]*neuropb.UsageReceipt, len(j.segs))
+		for i, sg := range j.segs {
+			resp.Receipts[i] = b.receipt(j, sg.escrow, sg.n)
+		}
 	}
 	return resp
-}
-
-// segmentReceipts makes a receipt, unsigned, for each segment of a
-// batched job, whose encoded output is enc (none when the node signs
-// none).
-func (b *batcher) segmentReceipts(j *job, enc *neuropb.Tensor) []*neuropb.UsageReceipt {
-	embd := b.c.Embd()
-	rowBytes := len(enc.GetData()) / max(j.n, 1)
-	rs := make([]*neuropb.UsageReceipt, 0, len(j.segs))
-	off := 0
-	for _, sg := range j.segs {
-		part := &neuropb.Tensor{Data: enc.GetData()[off*rowBytes : (off+sg.n)*rowBytes], Dtype: enc.GetDtype(), Shape: []uint32{uint32(sg.n), uint32(embd)}}
-		r := b.receipt(j, sg.escrow, j.x[off*embd:(off+sg.n)*embd], sg.n, part)
-		if r == nil {
-			return nil
-		}
-		rs = append(rs, r)
-		off += sg.n
-	}
-	return rs
 }

@@ -62,12 +62,24 @@ type batchNet struct {
 
 func newBatchNet(t *testing.T, ctx context.Context) *batchNet {
 	t.Helper()
+	return newBatchNetSigning(t, ctx, nil)
+}
+
+// newBatchNetSigning is newBatchNet whose expert node signs each answer's
+// receipts once hold gives it a turn (nil: at once).
+func newBatchNetSigning(t *testing.T, ctx context.Context, hold <-chan struct{}) *batchNet {
+	t.Helper()
 	p := model.Presets["tiny"]
 	dir, split := splitModel(t, p, model.F32, 4242)
 	hs := p2ptest.Cluster(t, ctx, 2, p2ptest.Config(300*time.Millisecond))
 	key := hs[1].LibP2P().Peerstore().PrivKey(hs[1].ID())
 	cfg := expert.DefaultConfig()
-	cfg.SignReceipts = func(rs []*neuropb.UsageReceipt) error { return reputation.SignReceipts(key, rs) }
+	cfg.SignReceipts = func(rs []*neuropb.UsageReceipt) error {
+		if hold != nil {
+			<-hold
+		}
+		return reputation.SignReceipts(key, rs)
+	}
 	srv, err := expert.NewServer(hs[1].LibP2P(), cfg, quiet())
 	if err != nil {
 		t.Fatal(err)

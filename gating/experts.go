@@ -229,10 +229,66 @@ type Receipts struct {
 	taken  bool
 }
 
-// heldReceipt is a receipt not yet verified and the node that sent it.
+// heldReceipt is a receipt not yet verified and the node that sent it:
+// rc, or seg's of an answer's receipts that come after it (seg -1: its one
+// receipt).
 type heldReceipt struct {
-	rc *neuropb.UsageReceipt
-	p  peer.ID
+	rc   *neuropb.UsageReceipt
+	p    peer.ID
+	late *expert.LateReceipts
+	seg  int
+}
+
+// receipt is h's receipt, waiting for it within ctx when it comes late.
+func (h heldReceipt) receipt(ctx context.Context) *neuropb.UsageReceipt {
+	if h.late == nil {
+		return h.rc
+	}
+	rc, rcs, err := h.late.Take(ctx)
+	return pick(rc, rcs, err, h.seg)
+}
+
+// lateReceiptWait bounds how long a generation's settlement (Receipts'
+// Take and Drain) and a verdict wait for receipts that come after their
+// answers (expert.Request.LateReceipts): an expert node sends them within
+// a few milliseconds (expert.DefaultLateReceiptsFlush) of the answer.
+const lateReceiptWait = 2 * time.Second
+
+// receiptOf is seg's receipt of resp (seg -1: the call's one receipt),
+// waiting for it, while ctx lasts, when it comes after the answer; nil
+// when there is none.
+func receiptOf(ctx context.Context, resp *expert.Response, seg int) *neuropb.UsageReceipt {
+	rc, rcs, err := resp.TakeReceipts(ctx)
+	return pick(rc, rcs, err, seg)
+}
+
+// pick is seg's receipt (seg -1: rc) of an answer's, nil after err.
+func pick(rc *neuropb.UsageReceipt, rcs []*neuropb.UsageReceipt, err error, seg int) *neuropb.UsageReceipt {
+	switch {
+	case err != nil:
+		return nil
+	case seg < 0:
+		return rc
+	case seg < len(rcs):
+		return rcs[seg]
+	}
+	return nil
+}
+
+// lateReceipt is seg's receipt of resp as a function a verdict calls when
+// it needs the receipt, waiting at most lateReceiptWait (it keeps the
+// receipts, not the answer).
+func lateReceipt(resp *expert.Response, seg int) func() *neuropb.UsageReceipt {
+	h := heldReceipt{late: resp.Late(), seg: seg}
+	if h.late == nil {
+		rc, rcs, err := resp.TakeReceipts(context.Background())
+		h.rc = pick(rc, rcs, err, seg)
+	}
+	return func() *neuropb.UsageReceipt {
+		ctx, cancel := context.WithTimeout(context.Background(), lateReceiptWait)
+		defer cancel()
+		return h.receipt(ctx)
+	}
 }
 
 // add keeps rc, p's receipt, to be verified by Take; after Take it is
@@ -241,24 +297,45 @@ func (r *Receipts) add(rc *neuropb.UsageReceipt, p peer.ID) {
 	if rc == nil {
 		return
 	}
+	r.hold(heldReceipt{rc: rc, p: p})
+}
+
+// addAnswer keeps p's receipt of an answer, resp's (seg -1) or its
+// segment seg's, which may come after it: Take and Drain wait for it.
+func (r *Receipts) addAnswer(resp *expert.Response, seg int, p peer.ID) {
+	if resp.Late() == nil {
+		rc, rcs, err := resp.TakeReceipts(context.Background())
+		r.add(pick(rc, rcs, err, seg), p)
+		return
+	}
+	r.hold(heldReceipt{p: p, late: resp.Late(), seg: seg})
+}
+
+func (r *Receipts) hold(h heldReceipt) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if !r.taken {
-		r.list = append(r.list, heldReceipt{rc, p})
+		r.list = append(r.list, h)
 	}
 }
 
 // Drain returns the receipts collected since the last Drain, unverified,
 // and goes on collecting: a span node hands its experts' receipts to the
 // head with each answer, and the head verifies them when it settles.
+// Receipts still to come are waited for, at most lateReceiptWait.
 func (r *Receipts) Drain() []*neuropb.UsageReceipt {
 	r.mu.Lock()
-	defer r.mu.Unlock()
-	out := make([]*neuropb.UsageReceipt, 0, len(r.list))
-	for _, h := range r.list {
-		out = append(out, h.rc)
-	}
+	held := r.list
 	r.list = nil
+	r.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), lateReceiptWait)
+	defer cancel()
+	out := make([]*neuropb.UsageReceipt, 0, len(held))
+	for _, h := range held {
+		if rc := h.receipt(ctx); rc != nil {
+			out = append(out, rc)
+		}
+	}
 	return out
 }
 
@@ -270,6 +347,11 @@ func (r *Receipts) Take() []*neuropb.UsageReceipt {
 	held := r.list
 	r.list = nil
 	r.mu.Unlock()
+	// Receipts still to come are waited for, at most lateReceiptWait in
+	// all.
+	ctx, cancel := context.WithTimeout(context.Background(), lateReceiptWait)
+	defer cancel()
+	rcs := make([]*neuropb.UsageReceipt, len(held))
 	valid := make([]bool, len(held))
 	var (
 		next atomic.Int64
@@ -280,15 +362,16 @@ func (r *Receipts) Take() []*neuropb.UsageReceipt {
 		go func() {
 			defer wg.Done()
 			for i := int(next.Add(1)) - 1; i < len(held); i = int(next.Add(1)) - 1 {
-				valid[i] = validReceipt(held[i].rc, held[i].p, r.Escrow)
+				rcs[i] = held[i].receipt(ctx)
+				valid[i] = validReceipt(rcs[i], held[i].p, r.Escrow)
 			}
 		}()
 	}
 	wg.Wait()
 	var out []*neuropb.UsageReceipt
-	for i, h := range held {
+	for i := range held {
 		if valid[i] {
-			out = append(out, h.rc)
+			out = append(out, rcs[i])
 		}
 	}
 	return out
@@ -719,7 +802,10 @@ func (r *RemoteExperts) callTimeout() time.Duration {
 
 // request is the call of segs' rows in to expert k.
 func (r *RemoteExperts) request(segs []segment, k expert.Key, in []float32, n int) expert.Request {
-	req := expert.Request{Model: r.Model, Layer: k.Layer, Expert: k.Expert, Hidden: in, N: n, DType: r.DType, RowsApart: segs[0].cs.apart}
+	// The receipts come after the answer, so that the node's signature is
+	// not on the generation's path.
+	req := expert.Request{Model: r.Model, Layer: k.Layer, Expert: k.Expert, Hidden: in, N: n, DType: r.DType, RowsApart: segs[0].cs.apart,
+		LateReceipts: true}
 	for _, sg := range segs {
 		if d := sg.cs.delegation; d != nil && sg.cs.escrow() == d.GetEscrow() && !slices.Contains(req.Delegations, d) {
 			req.Delegations = append(req.Delegations, d)
@@ -987,21 +1073,21 @@ func (r *RemoteExperts) callOnce(ctx context.Context, segs []segment, k expert.K
 		case res := <-results:
 			inflight--
 			if res.err == nil {
+				// The receipts may come after the answer
+				// (Request.LateReceipts): the settlement and a verdict
+				// wait for them, the generation does not.
 				off := 0
 				for i, sg := range segs {
-					rc := res.resp.Receipt
+					seg := -1
 					if len(segs) > 1 {
-						rc = nil
-						if i < len(res.resp.Receipts) {
-							rc = res.resp.Receipts[i]
-						}
+						seg = i
 					}
 					if sg.cs.receipts != nil {
-						sg.cs.receipts.add(rc, res.p)
+						sg.cs.receipts.addAnswer(res.resp, seg, res.p)
 					}
 					if r.Validator != nil {
 						rows := in[off*r.Embd : (off+sg.rows)*r.Embd]
-						r.check(sg.cs, k, rows, sg.rows, res.p, res.resp.Output[off*r.Embd:(off+sg.rows)*r.Embd], rc, ranked, excluded, timeout)
+						r.check(sg.cs, k, rows, sg.rows, res.p, res.resp.Output[off*r.Embd:(off+sg.rows)*r.Embd], lateReceipt(res.resp, seg), ranked, excluded, timeout)
 					}
 					off += sg.rows
 				}
@@ -1033,7 +1119,7 @@ func (r *RemoteExperts) callOnce(ctx context.Context, segs []segment, k expert.K
 // check hands the validator one generation's rows of an answer p gave
 // (its receipt rc): a sample is re-executed on other providers, each
 // check a call of those rows alone, paid from the generation's escrow.
-func (r *RemoteExperts) check(cs callState, k expert.Key, in []float32, n int, p peer.ID, out []float32, rc *neuropb.UsageReceipt,
+func (r *RemoteExperts) check(cs callState, k expert.Key, in []float32, n int, p peer.ID, out []float32, rc func() *neuropb.UsageReceipt,
 	providers, excluded []peer.ID, timeout time.Duration) {
 	others := make([]peer.ID, 0, len(providers))
 	for _, q := range providers {
@@ -1070,9 +1156,13 @@ func (r *RemoteExperts) check(cs callState, k expert.Key, in []float32, n int, p
 			if err != nil {
 				return nil, nil, err
 			}
+			// A check runs in the background: it waits for late receipts.
+			rctx, rcancel := context.WithTimeout(bg, lateReceiptWait)
+			defer rcancel()
+			rc := receiptOf(rctx, resp, -1)
 			if cs.receipts != nil {
-				cs.receipts.add(resp.Receipt, q)
+				cs.receipts.add(rc, q)
 			}
-			return resp.Output, resp.Receipt, nil
+			return resp.Output, rc, nil
 		})
 }

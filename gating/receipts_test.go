@@ -1,11 +1,15 @@
 package gating
 
 import (
+	"context"
+	"math/rand/v2"
 	"testing"
+	"time"
 
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/peer"
 
+	"github.com/neuro-p2p/neuro/moe"
 	"github.com/neuro-p2p/neuro/neuropb"
 	"github.com/neuro-p2p/neuro/reputation"
 )
@@ -48,5 +52,43 @@ func TestReceiptsAreCheckedBeforeTake(t *testing.T) {
 	rs.add(signed(key, 7, 1), p)
 	if late := rs.Take(); len(late) != 0 {
 		t.Fatalf("a receipt added after Take was kept: %v", late)
+	}
+}
+
+// A generation's expert calls return without waiting for the expert
+// node's signature (the receipts come after the answers), and Take still
+// gets every answer's receipt, signed, once they come; receipts that never
+// come leave Take after lateReceiptWait, without them.
+func TestLateReceiptsAreWaitedForAtTheEnd(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+	defer cancel()
+	rng := rand.New(rand.NewPCG(3, 4))
+	for _, signs := range []bool{true, false} {
+		hold := make(chan struct{})
+		bn := newBatchNetSigning(t, ctx, hold)
+		t.Cleanup(func() {
+			if !signs {
+				close(hold) // before the node closes
+			}
+		})
+		gen := NewGeneration(42)
+		lt := bn.task(rng, 3)
+		if _, err := bn.remote.moe(ctx, gen, false, 0, lt.x, lt.n, lt.selected, lt.weights); err != nil {
+			t.Fatalf("a layer whose answers' receipts are not yet signed: %v", err)
+		}
+		want := 0
+		if signs {
+			close(hold) // the node signs now
+			want = len(moe.Route(lt.selected).Experts)
+		}
+		rs := gen.Receipts.Take()
+		if len(rs) != want {
+			t.Fatalf("signed %v: %d receipts, want %d", signs, len(rs), want)
+		}
+		for _, r := range rs {
+			if r.GetEscrow() != 42 || len(r.GetSignature()) == 0 {
+				t.Fatalf("receipt %v", r)
+			}
+		}
 	}
 }

@@ -152,7 +152,8 @@ type LocalFunc func(ctx context.Context, model cid.Cid, k expert.Key, in []float
 // k. others are the other trusted providers; excluded the excluded ones.
 // It starts the checks in the background; a result found wrong is
 // reported to the generation's checks (nil: to no generation) as step of
-// epoch.
+// epoch. receipt gives used's receipt of out (which may come after the
+// answer): it is asked for only when a verdict needs it; nil: none.
 //
 // A peer whose results were never checked (a new one) is checked against
 // the gating node's own computation when it has one (v.cfg.Local): two new
@@ -165,8 +166,11 @@ type LocalFunc func(ctx context.Context, model cid.Cid, k expert.Key, in []float
 // weights are the expert's tensor types (the manifest's): they set the
 // tolerance (reputation.ToleranceFor), since honest devices differ by type.
 func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expert.Key, weights []model.DType, in []float32, n int,
-	used peer.ID, out []float32, receipt *neuropb.UsageReceipt, others, excluded []peer.ID, call checker) {
+	used peer.ID, out []float32, receipt func() *neuropb.UsageReceipt, others, excluded []peer.ID, call checker) {
 	v.calls.Add(1)
+	if receipt == nil {
+		receipt = func() *neuropb.UsageReceipt { return nil }
+	}
 	tol := reputation.ToleranceFor(weights...)
 	local := func(bg context.Context) ([]float32, bool) {
 		if v.cfg.Local == nil {
@@ -250,7 +254,7 @@ func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expe
 				return
 			}
 			v.book.Validated(used, false)
-			convict(used, out, receipt, [2]peer.ID{v.self, v.self}, ref, false)
+			convict(used, out, receipt(), [2]peer.ID{v.self, v.self}, ref, false)
 		})
 		return
 	}
@@ -299,7 +303,7 @@ func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expe
 			if decider != v.self {
 				v.book.Validated(decider, true)
 			}
-			convict(used, out, receipt, [2]peer.ID{second, decider}, dec, false)
+			convict(used, out, receipt(), [2]peer.ID{second, decider}, dec, false)
 		case agreeUsed && !agreeSecond:
 			v.book.Validated(second, false)
 			v.book.Validated(used, true)

@@ -256,7 +256,17 @@ type ExpertRequest struct {
 	// (a span node calling experts for a head): each signed by the escrow's
 	// gating node for the caller. The node charges the escrows this request
 	// (or its segments) names to their gating nodes when one covers them.
-	Delegations   []*EscrowDelegation `protobuf:"bytes,11,rep,name=delegations,proto3" json:"delegations,omitempty"`
+	Delegations []*EscrowDelegation `protobuf:"bytes,11,rep,name=delegations,proto3" json:"delegations,omitempty"`
+	// The caller takes this request's receipts after its answer: the node
+	// sends the answer at once with receipts_follow set, signs the receipts
+	// while the caller goes on, and sends them in a later response's
+	// receipts_for (the next answer on the stream, or a message of their
+	// own soon after). A signature costs an expert node more than
+	// encoding its answer; this takes it off the caller's wait. A node
+	// that ignores the flag (an older version) answers with the receipts
+	// inline, as without it. Set on the top request; a group's members
+	// follow it.
+	LateReceipts  bool `protobuf:"varint,12,opt,name=late_receipts,json=lateReceipts,proto3" json:"late_receipts,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -366,6 +376,13 @@ func (x *ExpertRequest) GetDelegations() []*EscrowDelegation {
 		return x.Delegations
 	}
 	return nil
+}
+
+func (x *ExpertRequest) GetLateReceipts() bool {
+	if x != nil {
+		return x.LateReceipts
+	}
+	return false
 }
 
 // EscrowDelegation lets delegate name escrow, which signer (its gating
@@ -526,7 +543,16 @@ type ExpertResponse struct {
 	Receipts []*UsageReceipt `protobuf:"bytes,8,rep,name=receipts,proto3" json:"receipts,omitempty"`
 	// For a request with a group: the members' responses (each with its
 	// own request_id; errors too), in any order.
-	Group         []*ExpertResponse `protobuf:"bytes,9,rep,name=group,proto3" json:"group,omitempty"`
+	Group []*ExpertResponse `protobuf:"bytes,9,rep,name=group,proto3" json:"group,omitempty"`
+	// This answer's receipts (receipt or receipts) come later, in a
+	// receipts_for entry with its request_id (ExpertRequest.late_receipts).
+	ReceiptsFollow bool `protobuf:"varint,10,opt,name=receipts_follow,json=receiptsFollow,proto3" json:"receipts_follow,omitempty"`
+	// The receipts of earlier answers on this stream whose receipts_follow
+	// was set: each entry holds only a request_id and that answer's receipt
+	// or receipts (a group's members each an entry of their own). An entry
+	// without receipts says they failed to sign: none will come. A message
+	// that carries only these has request_id 0 and no output.
+	ReceiptsFor   []*ExpertResponse `protobuf:"bytes,11,rep,name=receipts_for,json=receiptsFor,proto3" json:"receipts_for,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -620,6 +646,20 @@ func (x *ExpertResponse) GetReceipts() []*UsageReceipt {
 func (x *ExpertResponse) GetGroup() []*ExpertResponse {
 	if x != nil {
 		return x.Group
+	}
+	return nil
+}
+
+func (x *ExpertResponse) GetReceiptsFollow() bool {
+	if x != nil {
+		return x.ReceiptsFollow
+	}
+	return false
+}
+
+func (x *ExpertResponse) GetReceiptsFor() []*ExpertResponse {
+	if x != nil {
+		return x.ReceiptsFor
 	}
 	return nil
 }
@@ -873,7 +913,7 @@ const file_expert_proto_rawDesc = "" +
 	"\x06Tensor\x12\x12\n" +
 	"\x04data\x18\x01 \x01(\fR\x04data\x12)\n" +
 	"\x05dtype\x18\x02 \x01(\x0e2\x13.neuro.v1.WireDTypeR\x05dtype\x12\x14\n" +
-	"\x05shape\x18\x03 \x03(\rR\x05shape\"\x99\x03\n" +
+	"\x05shape\x18\x03 \x03(\rR\x05shape\"\xbe\x03\n" +
 	"\rExpertRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\x04R\trequestId\x12\x14\n" +
@@ -888,7 +928,8 @@ const file_expert_proto_rawDesc = "" +
 	"\bsegments\x18\t \x03(\v2\x11.neuro.v1.SegmentR\bsegments\x12-\n" +
 	"\x05group\x18\n" +
 	" \x03(\v2\x17.neuro.v1.ExpertRequestR\x05group\x12<\n" +
-	"\vdelegations\x18\v \x03(\v2\x1a.neuro.v1.EscrowDelegationR\vdelegations\"\xa4\x01\n" +
+	"\vdelegations\x18\v \x03(\v2\x1a.neuro.v1.EscrowDelegationR\vdelegations\x12#\n" +
+	"\rlate_receipts\x18\f \x01(\bR\flateReceipts\"\xa4\x01\n" +
 	"\x10EscrowDelegation\x12\x16\n" +
 	"\x06escrow\x18\x01 \x01(\x04R\x06escrow\x12\x1a\n" +
 	"\bdelegate\x18\x02 \x01(\fR\bdelegate\x12&\n" +
@@ -897,7 +938,7 @@ const file_expert_proto_rawDesc = "" +
 	"\tsignature\x18\x05 \x01(\fR\tsignature\"5\n" +
 	"\aSegment\x12\x12\n" +
 	"\x04rows\x18\x01 \x01(\rR\x04rows\x12\x16\n" +
-	"\x06escrow\x18\x02 \x01(\x04R\x06escrow\"\xf9\x02\n" +
+	"\x06escrow\x18\x02 \x01(\x04R\x06escrow\"\xdf\x03\n" +
 	"\x0eExpertResponse\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\x04R\trequestId\x12(\n" +
@@ -909,7 +950,10 @@ const file_expert_proto_rawDesc = "" +
 	"\x05error\x18\x06 \x01(\v2\x15.neuro.v1.ExpertErrorR\x05error\x120\n" +
 	"\areceipt\x18\a \x01(\v2\x16.neuro.v1.UsageReceiptR\areceipt\x122\n" +
 	"\breceipts\x18\b \x03(\v2\x16.neuro.v1.UsageReceiptR\breceipts\x12.\n" +
-	"\x05group\x18\t \x03(\v2\x18.neuro.v1.ExpertResponseR\x05group\"\xc0\x02\n" +
+	"\x05group\x18\t \x03(\v2\x18.neuro.v1.ExpertResponseR\x05group\x12'\n" +
+	"\x0freceipts_follow\x18\n" +
+	" \x01(\bR\x0ereceiptsFollow\x12;\n" +
+	"\freceipts_for\x18\v \x03(\v2\x18.neuro.v1.ExpertResponseR\vreceiptsFor\"\xc0\x02\n" +
 	"\vExpertError\x12.\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x1a.neuro.v1.ExpertError.CodeR\x04code\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\"\xe6\x01\n" +
@@ -981,12 +1025,13 @@ var file_expert_proto_depIdxs = []int32{
 	8,  // 7: neuro.v1.ExpertResponse.receipt:type_name -> neuro.v1.UsageReceipt
 	8,  // 8: neuro.v1.ExpertResponse.receipts:type_name -> neuro.v1.UsageReceipt
 	6,  // 9: neuro.v1.ExpertResponse.group:type_name -> neuro.v1.ExpertResponse
-	1,  // 10: neuro.v1.ExpertError.code:type_name -> neuro.v1.ExpertError.Code
-	11, // [11:11] is the sub-list for method output_type
-	11, // [11:11] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	6,  // 10: neuro.v1.ExpertResponse.receipts_for:type_name -> neuro.v1.ExpertResponse
+	1,  // 11: neuro.v1.ExpertError.code:type_name -> neuro.v1.ExpertError.Code
+	12, // [12:12] is the sub-list for method output_type
+	12, // [12:12] is the sub-list for method input_type
+	12, // [12:12] is the sub-list for extension type_name
+	12, // [12:12] is the sub-list for extension extendee
+	0,  // [0:12] is the sub-list for field type_name
 }
 
 func init() { file_expert_proto_init() }
