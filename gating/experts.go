@@ -94,7 +94,10 @@ type RemoteExperts struct {
 	// WaitPoll, if set, keeps a core awake while a round's calls are out,
 	// at most WaitPollFor a round (EngineConfig.WaitPoll), unless an
 	// expert node the client has a session with is on this machine and
-	// not PollNearby.
+	// not PollNearby. PollNearby also says that the expert nodes on this
+	// machine have cores of their own (a pinned testnet), so their
+	// receipts come after their answers as other machines' do
+	// (lateReceipts).
 	WaitPoll    moe.WaitPoller
 	WaitPollFor time.Duration
 	PollNearby  bool
@@ -109,6 +112,16 @@ type RemoteExperts struct {
 // polls: not when the node the round's group went to (to, if any)
 // usually answers later than the poll would last (an expert node across
 // the internet), where the core would sleep before the answer anyway.
+// lateReceipts says whether to take the experts' receipts after their
+// answers, so that a node's signature is not on the generation's path:
+// not while an expert node the client has a session with shares this
+// machine's cores (unless PollNearby says they are apart), where the
+// signing would run while this node computes the next layer (measured:
+// the answer's way grew at the median when it did).
+func (r *RemoteExperts) lateReceipts() bool {
+	return r.PollNearby || !r.Client.Nearby()
+}
+
 // stopPoll, called as the round ends when startPoll returned true, stops
 // once no other round polls.
 func (r *RemoteExperts) startPoll(to peer.ID) bool {
@@ -802,10 +815,8 @@ func (r *RemoteExperts) callTimeout() time.Duration {
 
 // request is the call of segs' rows in to expert k.
 func (r *RemoteExperts) request(segs []segment, k expert.Key, in []float32, n int) expert.Request {
-	// The receipts come after the answer, so that the node's signature is
-	// not on the generation's path.
 	req := expert.Request{Model: r.Model, Layer: k.Layer, Expert: k.Expert, Hidden: in, N: n, DType: r.DType, RowsApart: segs[0].cs.apart,
-		LateReceipts: true}
+		LateReceipts: r.lateReceipts()}
 	for _, sg := range segs {
 		if d := sg.cs.delegation; d != nil && sg.cs.escrow() == d.GetEscrow() && !slices.Contains(req.Delegations, d) {
 			req.Delegations = append(req.Delegations, d)
