@@ -101,6 +101,10 @@ type RemoteExperts struct {
 	WaitPoll    moe.WaitPoller
 	WaitPollFor time.Duration
 	PollNearby  bool
+	// InlineReceipts takes the receipts with the answers always: a span
+	// node hands its experts' receipts to the head with each answer
+	// (Receipts.Drain), which late receipts would hold back.
+	InlineReceipts bool
 
 	hedges, redispatches, lastResorts, coverageWaits atomic.Int64
 
@@ -119,7 +123,7 @@ type RemoteExperts struct {
 // signing would run while this node computes the next layer (measured:
 // the answer's way grew at the median when it did).
 func (r *RemoteExperts) lateReceipts() bool {
-	return r.PollNearby || !r.Client.Nearby()
+	return !r.InlineReceipts && (r.PollNearby || !r.Client.Nearby())
 }
 
 // stopPoll, called as the round ends when startPoll returned true, stops
@@ -335,7 +339,8 @@ func (r *Receipts) hold(h heldReceipt) {
 // Drain returns the receipts collected since the last Drain, unverified,
 // and goes on collecting: a span node hands its experts' receipts to the
 // head with each answer, and the head verifies them when it settles.
-// Receipts still to come are waited for, at most lateReceiptWait.
+// Receipts still to come are waited for, at most lateReceiptWait (a span
+// node takes its receipts inline: RemoteExperts.InlineReceipts).
 func (r *Receipts) Drain() []*neuropb.UsageReceipt {
 	r.mu.Lock()
 	held := r.list

@@ -83,7 +83,11 @@ func TestLateReceiptsAreWaitedForAtTheEnd(t *testing.T) {
 		if bn.remote.PollNearby = false; bn.remote.lateReceipts() {
 			t.Fatal("receipts late from a node on this machine's cores")
 		}
-		bn.remote.PollNearby = true
+		bn.remote.PollNearby, bn.remote.InlineReceipts = true, true // a span node's
+		if bn.remote.lateReceipts() {
+			t.Fatal("receipts late for a span node")
+		}
+		bn.remote.InlineReceipts = false
 		want := 0
 		if signs {
 			close(hold) // the node signs now

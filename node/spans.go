@@ -243,6 +243,9 @@ func (s *spanHost) experts(m *neuropb.Manifest, hp moe.Hparams, own map[expert.K
 	remote := &gating.RemoteExperts{Client: c.client, Model: s.model, Embd: hp.Embd, Used: hp.ExpertsUsed,
 		DType: neuropb.WireDType_WIRE_DTYPE_F32, CallTimeout: c.timeout, Selector: gating.NewSelector(c.book), Validator: val,
 		WeightTypes: gating.ExpertWeightTypes(m),
+		// each span answer hands its experts' receipts to the head: late
+		// ones would hold it until they came
+		InlineReceipts: true,
 		Providers: func(k expert.Key) []peer.ID {
 			return slices.DeleteFunc(hb(k), func(p peer.ID) bool { return p == s.self })
 		},
