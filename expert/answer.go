@@ -90,7 +90,7 @@ func (a *answerer) answer(resp *neuropb.ExpertResponse) {
 	if rs := receiptsOf(resp); len(rs) > 0 {
 		if err := a.s.cfg.SignReceipts(rs); err != nil {
 			a.s.log.Warn("usage receipts not signed", "err", err)
-			for _, m := range members(resp) {
+			for _, m := range ms {
 				m.Receipt, m.Receipts = nil, nil
 			}
 		}

@@ -508,9 +508,6 @@ func (c *Client) wait(ctx context.Context, p peer.ID, s *session, msg *neuropb.E
 			return nil, fmt.Errorf("expert call to %s: bad output shape %v: %v", p, r.resp.GetOutput().GetShape(), err)
 		}
 		receipts := r.resp.GetReceipts()
-		if r.resp.GetReceiptsFollow() && r.late == nil {
-			return nil, fmt.Errorf("expert call to %s: receipts follow an answer to a call that did not ask for them late", p)
-		}
 		if r.late != nil {
 			r.late.segments = len(req.Segments) // read once done closes, after this
 		}

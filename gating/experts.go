@@ -116,16 +116,6 @@ type RemoteExperts struct {
 // polls: not when the node the round's group went to (to, if any)
 // usually answers later than the poll would last (an expert node across
 // the internet), where the core would sleep before the answer anyway.
-// lateReceipts says whether to take the experts' receipts after their
-// answers, so that a node's signature is not on the generation's path:
-// not while an expert node the client has a session with shares this
-// machine's cores (unless PollNearby says they are apart), where the
-// signing would run while this node computes the next layer (measured:
-// the answer's way grew at the median when it did).
-func (r *RemoteExperts) lateReceipts() bool {
-	return !r.InlineReceipts && (r.PollNearby || !r.Client.Nearby())
-}
-
 // stopPoll, called as the round ends when startPoll returned true, stops
 // once no other round polls.
 func (r *RemoteExperts) startPoll(to peer.ID) bool {
@@ -246,6 +236,16 @@ type Receipts struct {
 	taken  bool
 }
 
+// lateReceipts says whether to take the experts' receipts after their
+// answers, so that a node's signature is not on the generation's path:
+// not while an expert node the client has a session with shares this
+// machine's cores (unless PollNearby says they are apart), where the
+// signing would run while this node computes the next layer (measured:
+// the answer's way grew at the median when it did).
+func (r *RemoteExperts) lateReceipts() bool {
+	return !r.InlineReceipts && (r.PollNearby || !r.Client.Nearby())
+}
+
 // heldReceipt is a receipt not yet verified and the node that sent it:
 // rc, or seg's of an answer's receipts that come after it (seg -1: its one
 // receipt).
@@ -271,12 +271,15 @@ func (h heldReceipt) receipt(ctx context.Context) *neuropb.UsageReceipt {
 // a few milliseconds (expert.DefaultLateReceiptsFlush) of the answer.
 const lateReceiptWait = 2 * time.Second
 
-// receiptOf is seg's receipt of resp (seg -1: the call's one receipt),
-// waiting for it, while ctx lasts, when it comes after the answer; nil
-// when there is none.
-func receiptOf(ctx context.Context, resp *expert.Response, seg int) *neuropb.UsageReceipt {
-	rc, rcs, err := resp.TakeReceipts(ctx)
-	return pick(rc, rcs, err, seg)
+// answerReceipt is p's receipt of an answer, resp's (seg -1) or its
+// segment seg's: the receipt itself, or the answer's receipts still to
+// come (the handle, not the answer, which a settlement would keep).
+func answerReceipt(resp *expert.Response, seg int, p peer.ID) heldReceipt {
+	if l := resp.Late(); l != nil {
+		return heldReceipt{p: p, late: l, seg: seg}
+	}
+	rc, rcs, err := resp.TakeReceipts(context.Background())
+	return heldReceipt{rc: pick(rc, rcs, err, seg), p: p}
 }
 
 // pick is seg's receipt (seg -1: rc) of an answer's, nil after err.
@@ -293,14 +296,9 @@ func pick(rc *neuropb.UsageReceipt, rcs []*neuropb.UsageReceipt, err error, seg 
 }
 
 // lateReceipt is seg's receipt of resp as a function a verdict calls when
-// it needs the receipt, waiting at most lateReceiptWait (it keeps the
-// receipts, not the answer).
+// it needs the receipt, waiting at most lateReceiptWait.
 func lateReceipt(resp *expert.Response, seg int) func() *neuropb.UsageReceipt {
-	h := heldReceipt{late: resp.Late(), seg: seg}
-	if h.late == nil {
-		rc, rcs, err := resp.TakeReceipts(context.Background())
-		h.rc = pick(rc, rcs, err, seg)
-	}
+	h := answerReceipt(resp, seg, "")
 	return func() *neuropb.UsageReceipt {
 		ctx, cancel := context.WithTimeout(context.Background(), lateReceiptWait)
 		defer cancel()
@@ -320,12 +318,9 @@ func (r *Receipts) add(rc *neuropb.UsageReceipt, p peer.ID) {
 // addAnswer keeps p's receipt of an answer, resp's (seg -1) or its
 // segment seg's, which may come after it: Take and Drain wait for it.
 func (r *Receipts) addAnswer(resp *expert.Response, seg int, p peer.ID) {
-	if resp.Late() == nil {
-		rc, rcs, err := resp.TakeReceipts(context.Background())
-		r.add(pick(rc, rcs, err, seg), p)
-		return
+	if h := answerReceipt(resp, seg, p); h.late != nil || h.rc != nil {
+		r.hold(h)
 	}
-	r.hold(heldReceipt{p: p, late: resp.Late(), seg: seg})
 }
 
 func (r *Receipts) hold(h heldReceipt) {
@@ -1175,7 +1170,7 @@ func (r *RemoteExperts) check(cs callState, k expert.Key, in []float32, n int, p
 			// A check runs in the background: it waits for late receipts.
 			rctx, rcancel := context.WithTimeout(bg, lateReceiptWait)
 			defer rcancel()
-			rc := receiptOf(rctx, resp, -1)
+			rc := answerReceipt(resp, -1, q).receipt(rctx)
 			if cs.receipts != nil {
 				cs.receipts.add(rc, q)
 			}
