@@ -345,6 +345,7 @@ func (t *Netns) Ask(ctx context.Context, r *Run) error {
 	}
 	rep := r.Report
 	rep.Tokens, rep.Text, rep.PerTokenMs, rep.PromptTokens = gen.Tokens, gen.Text, gen.PerTokenMs, gen.PromptTokens
+	rep.PerTokenComputeMs = gen.PerTokenComputeMs
 	rep.TokensPerSecond, rep.FinishReason, rep.Requests = gen.TokensPerSecond, gen.FinishReason, 1
 	rep.Stats = gen.Stats
 	if r.S.Concurrency > 1 {

@@ -286,7 +286,7 @@ func (l *Loopback) Ask(ctx context.Context, r *Run) error {
 	var d *client.Done
 	for req := range r.S.Requests {
 		last := req == r.S.Requests-1
-		rep.Tokens, rep.PerTokenMs, rep.Text = rep.Tokens[:0], rep.PerTokenMs[:0], ""
+		rep.Tokens, rep.PerTokenMs, rep.PerTokenComputeMs, rep.Text = rep.Tokens[:0], rep.PerTokenMs[:0], rep.PerTokenComputeMs[:0], ""
 		start := time.Now()
 		if d, err = l.generate(ctx, r, c, req, last, doomed); err != nil {
 			return err
@@ -348,7 +348,7 @@ func (l *Loopback) generate(ctx context.Context, r *Run, c *client.Client, req i
 		if t.Rewind != nil {
 			rep.Rewinds++
 		}
-		shown := ApplyToken(&rep.Tokens, &rep.PerTokenMs, t)
+		shown := ApplyToken(&rep.Tokens, &rep.PerTokenMs, &rep.PerTokenComputeMs, t)
 		if last && ev.Token != nil {
 			ev.Token(shown)
 		}
@@ -401,7 +401,7 @@ func (l *Loopback) concurrent(ctx context.Context, r *Run, want []int32) error {
 					errs[i] = err
 					return
 				}
-				ApplyToken(&res.Tokens, &res.PerTokenMs, t)
+				ApplyToken(&res.Tokens, &res.PerTokenMs, nil, t)
 			}
 			res.Queued = s.Queued()
 			if d := s.Done(); d != nil {

@@ -33,10 +33,15 @@ type Report struct {
 	Text    string  `json:"text"`
 	// PerTokenMs is each token's latency as the client saw it (the first
 	// includes the prompt).
-	PerTokenMs      []float64 `json:"per_token_ms"`
-	PromptTokens    int       `json:"prompt_tokens"`
-	TokensPerSecond float64   `json:"tokens_per_second"`
-	FinishReason    string    `json:"finish_reason,omitempty"`
+	PerTokenMs []float64 `json:"per_token_ms"`
+	// PerTokenComputeMs is each token's forward pass on the gating node
+	// (a pass that kept drafted tokens shared evenly among them): a
+	// token delivered late makes the next one's per_token_ms look short,
+	// never its compute.
+	PerTokenComputeMs []float64 `json:"per_token_compute_ms,omitempty"`
+	PromptTokens      int       `json:"prompt_tokens"`
+	TokensPerSecond   float64   `json:"tokens_per_second"`
+	FinishReason      string    `json:"finish_reason,omitempty"`
 	// Killed lists the nodes SIGKILLed by --kill, and after which token.
 	Killed      []int `json:"killed,omitempty"`
 	KilledAfter int   `json:"killed_after,omitempty"`
@@ -297,9 +302,12 @@ type Generation struct {
 	// PerTokenMs is each token's latency (the first includes the prompt);
 	// with --network as the client saw it. Gating is the gating node that
 	// answered (--network) and FinishReason why the generation ended.
-	PerTokenMs   []float64 `json:"per_token_ms"`
-	Gating       string    `json:"gating,omitempty"`
-	FinishReason string    `json:"finish_reason,omitempty"`
+	PerTokenMs []float64 `json:"per_token_ms"`
+	// PerTokenComputeMs is each token's forward pass on the gating node
+	// (--network), as in Report.
+	PerTokenComputeMs []float64 `json:"per_token_compute_ms,omitempty"`
+	Gating            string    `json:"gating,omitempty"`
+	FinishReason      string    `json:"finish_reason,omitempty"`
 	// Stats (--network) are the gating node's measurements of it.
 	Stats *Stats `json:"stats,omitempty"`
 	// Device is where --local or --split computed (cpu, vulkan:N, cuda:N).
@@ -360,17 +368,24 @@ func Percentile(sorted []float64, q float64) float64 {
 }
 
 // ApplyToken applies a streamed token, or a rewind, to the tokens and
-// latencies kept so far and returns what to print: the token's text, or
-// a line saying the text shown after token Keep was withdrawn (a terminal
-// cannot take it back).
-func ApplyToken(tokens *[]int32, perTokenMs *[]float64, t client.Token) string {
+// latencies kept so far (computeMs, the gating node's time for each, may
+// be nil) and returns what to print: the token's text, or a line saying
+// the text shown after token Keep was withdrawn (a terminal cannot take
+// it back).
+func ApplyToken(tokens *[]int32, perTokenMs, computeMs *[]float64, t client.Token) string {
 	if t.Rewind != nil {
 		*tokens = (*tokens)[:min(t.Rewind.Keep, len(*tokens))]
 		*perTokenMs = (*perTokenMs)[:min(t.Rewind.Keep, len(*perTokenMs))]
+		if computeMs != nil {
+			*computeMs = (*computeMs)[:min(t.Rewind.Keep, len(*computeMs))]
+		}
 		return fmt.Sprintf("\n[a wrong expert result was caught: generating again after token %d]\n", t.Rewind.Keep)
 	}
 	*tokens = append(*tokens, t.ID)
-	*perTokenMs = append(*perTokenMs, float64(t.Latency.Microseconds())/1000)
+	*perTokenMs = append(*perTokenMs, ms(t.Latency))
+	if computeMs != nil {
+		*computeMs = append(*computeMs, ms(t.Compute))
+	}
 	return t.Text
 }
 

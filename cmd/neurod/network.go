@@ -222,7 +222,7 @@ func collectGeneration(ctx context.Context, c *client.Client, req client.Request
 		if err != nil {
 			return nil, nil, fmt.Errorf("generate: after %d tokens: %w", len(out.Tokens), err)
 		}
-		shown := testnet.ApplyToken(&out.Tokens, &out.PerTokenMs, t)
+		shown := testnet.ApplyToken(&out.Tokens, &out.PerTokenMs, &out.PerTokenComputeMs, t)
 		if show != nil {
 			show(shown)
 		}

@@ -37,12 +37,13 @@ type testnetJSON struct {
 		Clean   bool `json:"clean"`
 		Crashed bool `json:"crashed"`
 	} `json:"stopped"`
-	Tokens      []int32   `json:"tokens"`
-	Text        *string   `json:"text"`
-	PerTokenMs  []float64 `json:"per_token_ms"`
-	Killed      []int     `json:"killed"`
-	KilledAfter int       `json:"killed_after"`
-	Stats       struct {
+	Tokens            []int32   `json:"tokens"`
+	Text              *string   `json:"text"`
+	PerTokenMs        []float64 `json:"per_token_ms"`
+	PerTokenComputeMs []float64 `json:"per_token_compute_ms"`
+	Killed            []int     `json:"killed"`
+	KilledAfter       int       `json:"killed_after"`
+	Stats             struct {
 		ExpertCalls  int `json:"expert_calls"`
 		Hedges       int `json:"hedges"`
 		Redispatches int `json:"redispatches"`
