@@ -1,6 +1,7 @@
 package expert
 
 import (
+	"runtime"
 	"sync"
 	"time"
 
@@ -123,6 +124,12 @@ func (a *answerer) answerLate(resp *neuropb.ExpertResponse) {
 	if len(entries) == 0 {
 		return
 	}
+	// The answer goes out now: the stream's connection writes it from a
+	// goroutine of its own (yamux's send loop), which the write readied
+	// but which would wait for this one to block, after the digests and
+	// the signature (pinned testnet: 195 µs at the median from the write
+	// to the caller's read, 90-120 with this).
+	runtime.Gosched()
 	var rs []*neuropb.UsageReceipt
 	for i, e := range entries {
 		if ejs[i] != nil {

@@ -125,6 +125,15 @@ func (r *RemoteExperts) startPoll(to peer.ID) bool {
 	if to != "" && r.Selector != nil && r.Selector.Typical(to) > r.WaitPollFor {
 		return false
 	}
+	if to != "" {
+		// The round's group message goes out first: the stream's
+		// connection writes it from a goroutine of its own (yamux's send
+		// loop), which the write readied but which would wait for this
+		// one to block, after the poll's start and the calls' goroutines
+		// (pinned testnet: 120 µs at the median from the write to the
+		// expert node's read, 95-105 with this).
+		runtime.Gosched()
+	}
 	r.pollMu.Lock()
 	defer r.pollMu.Unlock()
 	r.pollRounds++
