@@ -926,6 +926,62 @@ func TestGroupsAreBounded(t *testing.T) {
 	}
 }
 
+// One goroutine computes a caller's groups, one after the other: the
+// group worker takes the next instead of a goroutine started for each
+// (whose stack grew to the answer's depth every time), and ends when the
+// server closes.
+func TestGroupWorkerTakesTheNextGroup(t *testing.T) {
+	mc, _, _ := tinyShards(t, model.Q4_0)
+	sh, ch := hostPair(t)
+	srv, err := NewServer(sh, DefaultConfig(), quiet())
+	if err != nil {
+		t.Fatal(err)
+	}
+	const embd = 8
+	log := &groupLog{}
+	for e := range 2 {
+		if err := srv.Add(mc, 0, e, &groupExpert{embd: embd, f: float32(e + 2), log: log}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	srv.Start()
+	cl := NewClient(ch, quiet())
+	defer cl.Close()
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+	defer cancel()
+	const groups = 20
+	for g := range groups {
+		x := []float32{float32(g), 1, 2, 3, 4, 5, 6, 7}
+		reqs := []Request{{Model: mc, Expert: 0, Hidden: x, N: 1}, {Model: mc, Expert: 1, Hidden: x, N: 1}}
+		for i, r := range cl.CallGroup(ctx, sh.ID(), reqs) {
+			if r.Err != nil {
+				t.Fatalf("group %d, member %d: %v", g, i, r.Err)
+			}
+			if want := float32(i+2) * x[0]; r.Resp.Output[0] != want {
+				t.Fatalf("group %d, member %d: %v, want %v first", g, i, r.Resp.Output[:2], want)
+			}
+		}
+	}
+	log.mu.Lock()
+	computed := len(log.groups)
+	log.mu.Unlock()
+	// An answer goes out before its worker waits for the next group: a
+	// group that comes in between starts another worker, rarely.
+	if n := srv.workers.Load(); computed != groups || n < 1 || n > groups/4 {
+		t.Fatalf("%d groups computed by %d workers: want %d by a few", computed, n, groups)
+	}
+	closed := make(chan struct{})
+	go func() {
+		srv.Close()
+		close(closed)
+	}()
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close waited for an idle group worker")
+	}
+}
+
 // paidConfig is the default config of a node that requires payment, with
 // escrow 99 spent (each payment asked is told to paid, if set first), and
 // signs receipts "signed".
