@@ -258,14 +258,7 @@ func TestLateReceiptsRideOnTheNextAnswer(t *testing.T) {
 		cfg.SignReceipts = func([]*neuropb.UsageReceipt) error { <-never; return errors.New("never signed") }
 		srv := startServer(t, sh, cfg)
 		t.Cleanup(func() { close(never) }) // before the server closes
-		if err := srv.Add(mc, 0, 0, &groupExpert{embd: embd, f: 2, log: &groupLog{}}); err != nil {
-			t.Fatal(err)
-		}
-		srv.Start()
-		cl := NewClient(ch, quiet())
-		defer cl.Close()
-		ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
-		defer cancel()
+		cl, ctx := serveGroupExperts(t, srv, mc, ch, &groupLog{}, 2)
 		resp, err := cl.Call(ctx, sh.ID(), Request{Model: mc, Hidden: x, N: 2, DType: f32, Escrow: 3, LateReceipts: true})
 		if err != nil {
 			t.Fatal(err)

@@ -604,6 +604,24 @@ type groupLog struct {
 	hold   chan struct{} // if set, a group computes once it is closed
 }
 
+// serveGroupExperts adds to srv a groupExpert of factor fs[e] (hidden
+// size 8) as expert e of mc's layer 0, starts it, and returns a client of
+// ch and a context of 20 s, both ending with the test.
+func serveGroupExperts(t *testing.T, srv *Server, mc cid.Cid, ch host.Host, log *groupLog, fs ...float32) (*Client, context.Context) {
+	t.Helper()
+	for e, f := range fs {
+		if err := srv.Add(mc, 0, e, &groupExpert{embd: 8, f: f, log: log}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	srv.Start()
+	cl := NewClient(ch, quiet())
+	t.Cleanup(func() { cl.Close() })
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+	t.Cleanup(cancel)
+	return cl, ctx
+}
+
 func (e *groupExpert) Compute(x []float32, n int, out []float32) error {
 	for i, v := range x[:n*e.embd] {
 		out[i] = e.f * v
@@ -870,16 +888,7 @@ func TestGroupsAreBounded(t *testing.T) {
 	srv := startServer(t, sh, cfg)
 	const embd = 8
 	log := &groupLog{hold: make(chan struct{})}
-	for e := range 2 {
-		if err := srv.Add(mc, 0, e, &groupExpert{embd: embd, f: 2, log: log}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	srv.Start()
-	cl := NewClient(ch, quiet())
-	defer cl.Close()
-	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
-	defer cancel()
+	cl, ctx := serveGroupExperts(t, srv, mc, ch, log, 2, 2)
 	reqs := []Request{{Model: mc, Expert: 0, Hidden: make([]float32, embd), N: 1}, {Model: mc, Expert: 1, Hidden: make([]float32, embd), N: 1}}
 	first, err := cl.SendGroup(ctx, sh.ID(), reqs)
 	if err != nil {
@@ -937,18 +946,8 @@ func TestGroupWorkerTakesTheNextGroup(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	const embd = 8
 	log := &groupLog{}
-	for e := range 2 {
-		if err := srv.Add(mc, 0, e, &groupExpert{embd: embd, f: float32(e + 2), log: log}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	srv.Start()
-	cl := NewClient(ch, quiet())
-	defer cl.Close()
-	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
-	defer cancel()
+	cl, ctx := serveGroupExperts(t, srv, mc, ch, log, 2, 3)
 	const groups = 20
 	for g := range groups {
 		x := []float32{float32(g), 1, 2, 3, 4, 5, 6, 7}
