@@ -56,14 +56,11 @@ bool exec_init(neuro_exec * x, int dev, int n_threads, size_t graph_size, char *
         }
     }
     x->cpu = ggml_backend_cpu_init();
-    struct ggml_threadpool * tp = neuro_pool(n_threads);
-    if (x->cpu == NULL || tp == NULL) {
+    if (x->cpu == NULL || !exec_set_threads(x, n_threads)) {
         snprintf(err, err_len, "ggml CPU backend init failed");
         exec_free(x);
         return false;
     }
-    ggml_backend_cpu_set_n_threads(x->cpu, n_threads);
-    ggml_backend_cpu_set_threadpool(x->cpu, tp);
     if (d == NULL) {
         x->backend = x->cpu;
         x->galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(x->cpu));
@@ -114,6 +111,33 @@ bool exec_alloc(neuro_exec * x, struct ggml_cgraph * gf) {
         return ggml_backend_sched_alloc_graph(x->sched, gf);
     }
     return ggml_gallocr_alloc_graph(x->galloc, gf);
+}
+
+bool exec_set_threads(neuro_exec * x, int n_threads) {
+    if (n_threads < 1) {
+        n_threads = 1;
+    }
+    if (!x->own_pool) {
+        struct ggml_threadpool * tp = neuro_pool(n_threads);
+        if (tp == NULL) {
+            return false;
+        }
+        if (tp != x->pool) {
+            // ggml pauses the pool it leaves; the next graph on it resumes it
+            ggml_backend_cpu_set_threadpool(x->cpu, tp);
+            x->pool = tp;
+            x->pool_threads = n_threads;
+        }
+    }
+    ggml_backend_cpu_set_n_threads(x->cpu, n_threads);
+    return true;
+}
+
+void exec_own_pool(neuro_exec * x, struct ggml_threadpool * tp, int n_threads) {
+    ggml_backend_cpu_set_threadpool(x->cpu, tp);
+    x->pool = tp;
+    x->pool_threads = n_threads;
+    x->own_pool = true;
 }
 
 int exec_compute(neuro_exec * x, struct ggml_cgraph * gf) {

@@ -73,7 +73,6 @@ func NewExpertOn(dev Device, w moe.ExpertWeights, o moe.ExpertOptions) (*Expert,
 	initBackend()
 	computeMu.Lock()
 	defer computeMu.Unlock()
-	C.neuro_pool(C.int(poolThreads))
 	act := C.int(C.NEURO_ACT_SWIGLU)
 	if w.Activation() == model.ActSwiGLUOAI {
 		act = C.NEURO_ACT_SWIGLU_OAI
@@ -194,11 +193,12 @@ func lastLanes() int {
 	return groupLanes
 }
 
-// lastGroupThreads is the threads of the last group's compute.
-func lastGroupThreads() int {
+// lastGroupThreads is the threads of the last group's compute, and of the
+// threadpool it computed on.
+func lastGroupThreads() (threads, pool int) {
 	computeMu.Lock()
 	defer computeMu.Unlock()
-	return int(C.neuro_group_last_threads(group))
+	return int(C.neuro_group_last_threads(group)), int(C.neuro_group_pool_threads(group))
 }
 
 // ComputeGroup implements moe.Grouper: es[i] on ns[i] rows of xs[i] into
@@ -417,7 +417,6 @@ func NewStack(dev Device, ws []moe.ExpertWeights, kMax int, o moe.ExpertOptions)
 	initBackend()
 	computeMu.Lock()
 	defer computeMu.Unlock()
-	C.neuro_pool(C.int(poolThreads))
 	var errbuf [256]C.char
 	c := C.neuro_stack_new(C.int(w0.Embd), C.int(w0.FF), C.int(n), C.int(kMax), C.int(w0.Gate.Type), C.int(w0.Up.Type), C.int(w0.Down.Type),
 		&gate[0], &up[0], &down[0], cb(0), cb(1), cb(2), act, 0,

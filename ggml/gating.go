@@ -199,7 +199,6 @@ func NewGatingPart(dev Device, hp moe.Hparams, t moe.Tensors, part moe.Part, thr
 	initBackend()
 	computeMu.Lock()
 	defer computeMu.Unlock()
-	C.neuro_pool(C.int(poolThreads))
 	var errbuf [256]C.char
 	c := C.neuro_gating_new(&chp, &ws[0], C.int(len(ws)), C.int(part.First), C.int(part.End), cbool(part.Head), dev.index(), C.int(threads),
 		&errbuf[0], C.size_t(len(errbuf)))

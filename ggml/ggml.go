@@ -38,16 +38,16 @@ import (
 var initOnce sync.Once
 
 // computeMu serialises every ggml compute and construction of this
-// process: they share one threadpool (see neuro_pool), and one graph at a
-// time is what the cores can run anyway.
+// process: they share the threadpools (see neuro_pool: one for each thread
+// count), and one graph at a time is what the cores can run anyway.
 var computeMu sync.Mutex
 
-// poolThreads is the size of the shared threadpool: every core.
+// poolThreads is the most threads a graph computes on: every core.
 var poolThreads = runtime.NumCPU()
 
-// SetPolling sets how long the threadpool's idle workers spin before they
-// sleep, from 0 (they sleep at once) to 100 (ggml's most); it must be called
-// before the first compute (later calls change nothing). ggml's default,
+// SetPolling sets how long the threadpools' idle workers spin before they
+// sleep, from 0 (they sleep at once) to 100 (ggml's most); call it before
+// the first model is loaded (a pool keeps the level it was made with). ggml's default,
 // 50, spins each idle worker for up to tens of milliseconds after every
 // graph: right for one process that computes graph after graph, wrong for
 // a node that computes one layer and then waits on the network while the

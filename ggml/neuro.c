@@ -68,7 +68,13 @@ int neuro_timer_slack_env_bad(void) {
     return timer_slack_env_bad;
 }
 
-static struct ggml_threadpool * pool;
+// The process's threadpools, one for each thread count (neuro_pool).
+struct pool_entry {
+    int n_threads;
+    struct ggml_threadpool * tp;
+    struct pool_entry * next;
+};
+static struct pool_entry * pools;
 
 // The threadpool's polling level (ggml's 0-100; -1: ggml's default).
 static int poll_level = -1;
@@ -88,10 +94,27 @@ static struct ggml_threadpool * new_threadpool(int n_threads) {
 }
 
 struct ggml_threadpool * neuro_pool(int n_threads) {
-    if (pool == NULL) {
-        pool = new_threadpool(n_threads);
+    if (n_threads < 1) {
+        n_threads = 1;
     }
-    return pool;
+    for (struct pool_entry * p = pools; p != NULL; p = p->next) {
+        if (p->n_threads == n_threads) {
+            return p->tp;
+        }
+    }
+    struct pool_entry * p = calloc(1, sizeof(*p));
+    if (p == NULL) {
+        return NULL;
+    }
+    p->tp = new_threadpool(n_threads);
+    if (p->tp == NULL) {
+        free(p);
+        return NULL;
+    }
+    p->n_threads = n_threads;
+    p->next = pools;
+    pools = p;
+    return p->tp;
 }
 
 // Graph metadata: a handful of tensors and one graph.
@@ -328,7 +351,7 @@ struct neuro_group {
     size_t meta_size;
     void * meta;
     int last_threads;              // of the last compute, for the tests
-    struct ggml_threadpool * own; // a lane's own threadpool (neuro_lanes), or NULL: the shared one
+    struct ggml_threadpool * own; // a lane's own threadpool (neuro_lanes), or NULL: the process's (neuro_pool)
 };
 
 neuro_group * neuro_group_new(int n_threads, char * err, size_t err_len) {
@@ -346,6 +369,10 @@ neuro_group * neuro_group_new(int n_threads, char * err, size_t err_len) {
 
 int neuro_group_last_threads(const neuro_group * g) {
     return g == NULL ? 0 : g->last_threads;
+}
+
+int neuro_group_pool_threads(const neuro_group * g) {
+    return g == NULL ? 0 : g->x.pool_threads;
 }
 
 void neuro_group_free(neuro_group * g) {
@@ -369,7 +396,7 @@ static neuro_group * group_new_own(int n_threads, char * err, size_t err_len) {
         neuro_group_free(g);
         return NULL;
     }
-    ggml_backend_cpu_set_threadpool(g->x.cpu, g->own);
+    exec_own_pool(&g->x, g->own, n_threads);
     return g;
 }
 
@@ -691,7 +718,10 @@ int neuro_group_compute(neuro_group * g, neuro_expert * const * es, int count, c
         ggml_backend_tensor_set(t[3 * i], xdata[i], 0, ggml_nbytes(t[3 * i]));
         if (t[3 * i + 1]) ggml_backend_tensor_set(t[3 * i + 1], es[i]->zeros, 0, ggml_nbytes(t[3 * i + 1]));
     }
-    ggml_backend_cpu_set_n_threads(g->x.cpu, n_threads);
+    if (!exec_set_threads(&g->x, n_threads)) {
+        rc = 4;
+        goto done;
+    }
     g->last_threads = n_threads;
     if (exec_compute(&g->x, gf) != 0) {
         rc = 4;

@@ -12,11 +12,15 @@ extern "C" {
 // Routes llama.cpp's and ggml's logs to Go (neuroLog in log.go).
 void neuro_log_install(void);
 
-// neuro_pool returns the process's one ggml threadpool, creating it with
-// n_threads workers on the first call. Every backend computes on it, one
-// graph at a time (the Go side holds a lock), so that the cores are never
-// oversubscribed; idle workers spin for the polling level (neuro_set_poll)
-// before they sleep.
+// neuro_pool returns the process's ggml threadpool of n_threads threads,
+// creating it on first use (NULL if that fails). Every backend computes on
+// these, one graph at a time (the Go side holds a lock), so that the cores
+// are never oversubscribed; idle workers spin for the polling level
+// (neuro_set_poll) before they sleep. A graph of n threads runs on the pool
+// of n: ggml wakes every worker of a pool for each graph, and those past
+// the graph's thread count only go back to sleep (a futex wake and a
+// context switch on another core, which may be computing for the process
+// this one waits for).
 struct ggml_threadpool * neuro_pool(int n_threads);
 
 // neuro_set_poll sets the polling level (0-100) of the threadpool that
@@ -119,8 +123,10 @@ neuro_group * neuro_group_new(int n_threads, char * err, size_t err_len);
 int neuro_group_compute(neuro_group * g, neuro_expert * const * es, int count, const float * const * x, const int * n,
                         float * const * out, int n_threads);
 
-// neuro_group_last_threads is the threads of g's last compute.
+// neuro_group_last_threads is the threads of g's last compute;
+// neuro_group_pool_threads the threads of the pool it computed on.
 int neuro_group_last_threads(const neuro_group * g);
+int neuro_group_pool_threads(const neuro_group * g);
 
 void neuro_group_free(neuro_group * g);
 
