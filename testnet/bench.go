@@ -66,13 +66,21 @@ type BenchRow struct {
 	// per-token p50 (one process on one core with one thread) over the
 	// row's: the same cores per process on both sides.
 	PinnedLocalRatio float64 `json:"pinned_local_ratio,omitempty"`
-	// With Bench.Rounds > 1, the loopback rows (llama.cpp, both testnets,
-	// llama.cpp pinned) ran that many times in turn: RoundsP50Ms holds each
-	// round's per-token p50 (the row's own fields are the first round's),
-	// LocalRatioRounds and PinnedLocalRatioRounds each round's ratios
-	// (llama.cpp's p50 of the same round over the row's) and the Median
+	// Each loopback testnet (default and pinned) answers the prompt in
+	// Bench.Rounds rounds, each round paired with llama.cpp's answers just
+	// before it, the nodes paused (Bench.loopback). On a testnet row
+	// RoundsP50Ms holds each round's per-token p50 (the row's own fields
+	// are the last round's), LocalRoundsP50Ms and PinnedLocalRoundsP50Ms
+	// llama.cpp's in the same rounds (every core; pinned as the pinned
+	// testnet is), LocalRatioRounds and PinnedLocalRatioRounds each
+	// round's ratios (llama.cpp's p50 over the row's) and the Median
 	// fields their medians: on a noisy host one run's ratio says little.
+	// On the llama.cpp rows RoundsP50Ms are their rounds' p50s beside the
+	// testnet (llama.cpp's beside the default one, the pinned llama.cpp's
+	// beside the pinned one).
 	RoundsP50Ms            []float64 `json:"rounds_p50_ms,omitempty"`
+	LocalRoundsP50Ms       []float64 `json:"local_rounds_p50_ms,omitempty"`
+	PinnedLocalRoundsP50Ms []float64 `json:"pinned_local_rounds_p50_ms,omitempty"`
 	LocalRatioRounds       []float64 `json:"local_ratio_rounds,omitempty"`
 	LocalRatioMedian       float64   `json:"local_ratio_median,omitempty"`
 	PinnedLocalRatioRounds []float64 `json:"pinned_local_ratio_rounds,omitempty"`
@@ -151,9 +159,10 @@ type Bench struct {
 	// pinned); llama.cpp's and the split rows always run: every other row
 	// is checked against their tokens and compute.
 	NoLoopback bool
-	// Rounds runs the loopback rows (llama.cpp, the testnet, llama.cpp
-	// pinned, the testnet pinned) this many times in turn (default 1), each
-	// round checked for llama.cpp's tokens (BenchRow.RoundsP50Ms).
+	// Rounds is how many times each loopback testnet (default and pinned)
+	// answers the prompt, each answer paired with llama.cpp's just before
+	// it (default 1; Bench.loopback, BenchRow.RoundsP50Ms); every answer
+	// is checked for llama.cpp's tokens.
 	Rounds int
 	// PlacementRTT (0: leave out) and PlacementFar are the RTTs from the
 	// gating node to the near and the far expert home in the two placement
@@ -218,7 +227,7 @@ func (b *Bench) Run(ctx context.Context, modelPath, out string, rtts []time.Dura
 	}
 	if !b.NoLoopback {
 		b.Log.Info("bench: testnet on 127.0.0.1")
-		if err := b.scenario(ctx, "testnet", "testnet", 0, &Loopback{ExpertNodes: 1, Dashboard: "127.0.0.1:0"}); err != nil {
+		if err := b.loopback(ctx, "testnet", false); err != nil {
 			return nil, err
 		}
 		b.Log.Info("bench: llama.cpp pinned to a core, one thread")
@@ -226,11 +235,7 @@ func (b *Bench) Run(ctx context.Context, modelPath, out string, rtts []time.Dura
 			return nil, err
 		}
 		b.Log.Info("bench: testnet on 127.0.0.1, each process pinned to a core")
-		if err := b.scenario(ctx, PinnedTestnetRow, "testnet", 0,
-			&Loopback{ExpertNodes: 1, Dashboard: "127.0.0.1:0", Pin: true}); err != nil {
-			return nil, err
-		}
-		if err := b.rounds(ctx); err != nil {
+		if err := b.loopback(ctx, PinnedTestnetRow, true); err != nil {
 			return nil, err
 		}
 	}
@@ -270,7 +275,7 @@ func (b *Bench) Run(ctx context.Context, modelPath, out string, rtts []time.Dura
 	pinned := b.rep.Row(PinnedLocalRow)
 	for i := range b.rep.Rows {
 		r := &b.rep.Rows[i]
-		if r.Kind == "testnet" && r.PerTokenP50Ms > 0 {
+		if r.Kind == "testnet" && r.PerTokenP50Ms > 0 && r.LocalRatio == 0 { // the loopback rows' are their rounds'
 			r.LocalRatio = b.rep.Rows[0].PerTokenP50Ms / r.PerTokenP50Ms
 			if r.Name == PinnedTestnetRow && pinned != nil && pinned.PerTokenP50Ms > 0 {
 				r.PinnedLocalRatio = pinned.PerTokenP50Ms / r.PerTokenP50Ms
@@ -419,64 +424,88 @@ func genOf(g *Generation) benchGen {
 	return benchGen{Tokens: g.Tokens, TokensPerSecond: g.TokensPerSecond, PerTokenMs: g.PerTokenMs}
 }
 
-// rounds runs the loopback rows Rounds-1 more times, in turn, into their
-// RoundsP50Ms, and sets their ratios' rounds and medians.
-func (b *Bench) rounds(ctx context.Context) error {
-	if b.Rounds <= 1 {
+// loopback runs the loopback testnet of a gating node and one expert node
+// (pin: each process on a core of its own with one thread) as row name:
+// one network answers the bench prompt Rounds times (at least once), and
+// before each answer llama.cpp answers it on this machine with the nodes
+// paused (Network.Pause) — in this process with every core, and beside the
+// pinned testnet also as it runs pinned (runPinnedLocal). Each round's
+// ratios so compare runs seconds apart: a noisy host's speed drifts by a
+// fifth within minutes, and rows measured minutes apart said more of the
+// drift than of the testnet. The row's own fields are the last round's,
+// its ratios the last round's pair.
+func (b *Bench) loopback(ctx context.Context, name string, pin bool) error {
+	rounds := max(b.Rounds, 1)
+	var local, pinnedLocal, p50s []float64
+	ref := func(what string, run func() (benchGen, error), into *[]float64) error {
+		g, err := run()
+		if err != nil {
+			return fmt.Errorf("%s: %w", what, err)
+		}
+		if fmt.Sprint(g.Tokens) != fmt.Sprint(b.want) {
+			return fmt.Errorf("%s: tokens %v differ from llama.cpp's %v", what, g.Tokens, b.want)
+		}
+		*into = append(*into, p50Of(g.PerTokenMs))
 		return nil
 	}
-	runs := []struct {
-		name string
-		run  func() (benchGen, error)
-	}{
-		{"llama.cpp", func() (benchGen, error) {
-			out, err := b.OnMachine(ctx, b.model, false, BenchPrompt, b.MaxTokens)
-			if err != nil {
-				return benchGen{}, err
+	s := &Scenario{Topology: &Loopback{ExpertNodes: 1, Dashboard: "127.0.0.1:0", Pin: pin}, Model: b.model, Prompt: BenchPrompt,
+		Requests: rounds,
+		BeforeRequest: func(ctx context.Context, req int, nw *Network) error {
+			b.Log.Info("bench: round", "round", req+1, "of", rounds, "run", name)
+			resume := nw.Pause()
+			defer resume()
+			if err := ref("llama.cpp", func() (benchGen, error) {
+				out, err := b.OnMachine(ctx, b.model, false, BenchPrompt, b.MaxTokens)
+				if err != nil {
+					return benchGen{}, err
+				}
+				return genOf(out), nil
+			}, &local); err != nil || !pin {
+				return err
 			}
-			return genOf(out), nil
-		}},
-		{"testnet", func() (benchGen, error) {
-			return b.runTestnet(ctx, &Loopback{ExpertNodes: 1, Dashboard: "127.0.0.1:0"})
-		}},
-		{PinnedLocalRow, func() (benchGen, error) { return b.runPinnedLocal(ctx) }},
-		{PinnedTestnetRow, func() (benchGen, error) {
-			return b.runTestnet(ctx, &Loopback{ExpertNodes: 1, Dashboard: "127.0.0.1:0", Pin: true})
-		}},
+			return ref(PinnedLocalRow, func() (benchGen, error) { return b.runPinnedLocal(ctx) }, &pinnedLocal)
+		},
+		AfterRequest: func(_ int, rep *Report) { p50s = append(p50s, p50Of(rep.PerTokenMs)) },
 	}
-	rows := make([]*BenchRow, len(runs))
-	for i, r := range runs {
-		if rows[i] = b.rep.Row(r.name); rows[i] == nil {
-			return fmt.Errorf("bench rounds: no row %q", r.name)
-		}
-		rows[i].RoundsP50Ms = []float64{rows[i].PerTokenP50Ms}
+	rep, err := b.runChecked(ctx, name, s, b.want)
+	if err != nil {
+		return err
 	}
-	for round := 2; round <= b.Rounds; round++ {
-		for i, r := range runs {
-			b.Log.Info("bench: round", "round", round, "of", b.Rounds, "run", r.name)
-			g, err := r.run()
-			if err != nil {
-				return fmt.Errorf("%s, round %d: %w", r.name, round, err)
-			}
-			if fmt.Sprint(g.Tokens) != fmt.Sprint(b.want) {
-				return fmt.Errorf("%s, round %d: tokens %v differ from llama.cpp's %v", r.name, round, g.Tokens, b.want)
-			}
-			var one BenchRow
-			one.decodeLatency(g.PerTokenMs)
-			rows[i].RoundsP50Ms = append(rows[i].RoundsP50Ms, one.PerTokenP50Ms)
-		}
+	if len(p50s) != rounds || len(local) != rounds || pin && len(pinnedLocal) != rounds {
+		return fmt.Errorf("%s: %d rounds answered, %d beside llama.cpp, %d beside it pinned; want %d", name, len(p50s), len(local), len(pinnedLocal), rounds)
 	}
-	local, testnet, pinnedLocal, pinned := rows[0], rows[1], rows[2], rows[3]
-	for i := range b.Rounds {
-		testnet.LocalRatioRounds = append(testnet.LocalRatioRounds, ratio(local.RoundsP50Ms[i], testnet.RoundsP50Ms[i]))
-		pinned.LocalRatioRounds = append(pinned.LocalRatioRounds, ratio(local.RoundsP50Ms[i], pinned.RoundsP50Ms[i]))
-		pinned.PinnedLocalRatioRounds = append(pinned.PinnedLocalRatioRounds, ratio(pinnedLocal.RoundsP50Ms[i], pinned.RoundsP50Ms[i]))
+	if err := b.add(name, "testnet", 0, benchGen{Tokens: rep.Tokens, TokensPerSecond: rep.TokensPerSecond, PerTokenMs: rep.PerTokenMs,
+		Stats: rep.Stats, Connections: rep.Connections, Link: rep.Link}); err != nil {
+		return err
 	}
+	row := &b.rep.Rows[len(b.rep.Rows)-1]
 	median := func(xs []float64) float64 { return Percentile(slices.Sorted(slices.Values(xs)), 0.5) }
-	testnet.LocalRatioMedian = median(testnet.LocalRatioRounds)
-	pinned.LocalRatioMedian = median(pinned.LocalRatioRounds)
-	pinned.PinnedLocalRatioMedian = median(pinned.PinnedLocalRatioRounds)
+	row.RoundsP50Ms, row.LocalRoundsP50Ms = p50s, local
+	for i := range rounds {
+		row.LocalRatioRounds = append(row.LocalRatioRounds, ratio(local[i], p50s[i]))
+	}
+	row.LocalRatio, row.LocalRatioMedian = row.LocalRatioRounds[rounds-1], median(row.LocalRatioRounds)
+	if !pin {
+		b.rep.Rows[0].RoundsP50Ms = local
+		return nil
+	}
+	row.PinnedLocalRoundsP50Ms = pinnedLocal
+	for i := range rounds {
+		row.PinnedLocalRatioRounds = append(row.PinnedLocalRatioRounds, ratio(pinnedLocal[i], p50s[i]))
+	}
+	row.PinnedLocalRatio, row.PinnedLocalRatioMedian = row.PinnedLocalRatioRounds[rounds-1], median(row.PinnedLocalRatioRounds)
+	if r := b.rep.Row(PinnedLocalRow); r != nil {
+		r.RoundsP50Ms = pinnedLocal
+	}
 	return nil
+}
+
+// p50Of is the decode steps' per-token p50 of perTokenMs (the first
+// token, which carries the prompt, left out).
+func p50Of(perTokenMs []float64) float64 {
+	var one BenchRow
+	one.decodeLatency(perTokenMs)
+	return one.PerTokenP50Ms
 }
 
 // ratio is a / b, 0 when b is.

@@ -342,6 +342,32 @@ func (nw *Network) Statuses() []node.Status {
 	return out
 }
 
+// Pause freezes every running node (SIGSTOP) until resume continues them
+// (SIGCONT): a measurement on this machine then has its cores to itself,
+// as one with no testnet up would, while the network stays as it was (a
+// pause of seconds is far within the nodes' peer expiry).
+func (nw *Network) Pause() (resume func()) {
+	var paused []*Process
+	for _, p := range nw.procs {
+		if p.cmd == nil || p.cmd.Process == nil {
+			continue
+		}
+		select {
+		case <-p.done:
+			continue
+		default:
+		}
+		if err := p.cmd.Process.Signal(syscall.SIGSTOP); err == nil {
+			paused = append(paused, p)
+		}
+	}
+	return func() {
+		for _, p := range paused {
+			_ = p.cmd.Process.Signal(syscall.SIGCONT)
+		}
+	}
+}
+
 // Signal sends sig to the process.
 func (p *Process) Signal(sig os.Signal) error {
 	if p.cmd == nil {

@@ -287,11 +287,19 @@ func (l *Loopback) Ask(ctx context.Context, r *Run) error {
 	for req := range r.S.Requests {
 		last := req == r.S.Requests-1
 		rep.Tokens, rep.PerTokenMs, rep.PerTokenComputeMs, rep.Text = rep.Tokens[:0], rep.PerTokenMs[:0], rep.PerTokenComputeMs[:0], ""
+		if f := r.S.BeforeRequest; f != nil {
+			if err := f(ctx, req, r.Net); err != nil {
+				return fmt.Errorf("before request %d: %w", req+1, err)
+			}
+		}
 		start := time.Now()
 		if d, err = l.generate(ctx, r, c, req, last, doomed); err != nil {
 			return err
 		}
 		took = time.Since(start)
+		if f := r.S.AfterRequest; f != nil {
+			f(req, rep)
+		}
 		if req == 0 {
 			first = slices.Clone(rep.Tokens)
 		} else if fmt.Sprint(first) != fmt.Sprint(rep.Tokens) {

@@ -57,6 +57,12 @@ type Scenario struct {
 	// Requests is how many times the prompt is answered (at least 1);
 	// every answer must have the same tokens.
 	Requests int
+	// BeforeRequest, if set, runs before each of the loopback testnet's
+	// requests (req counts from 0), the network up; an error ends the
+	// scenario. AfterRequest gets each request's report: its tokens and
+	// per-token latencies (the report's stats are the last request's).
+	BeforeRequest func(ctx context.Context, req int, nw *Network) error
+	AfterRequest  func(req int, rep *Report)
 	// Concurrency, above 1, then asks the prompt that many times at once
 	// (the loopback testnet's each through a client of its own, paid by a
 	// wallet of its own; the netns testnet's unpaid, through one client in

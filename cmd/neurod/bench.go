@@ -122,7 +122,7 @@ func newBenchCmd(g *globalFlags) *cobra.Command {
 	fs.BoolVar(&f.json, "json", false, "print the report as JSON")
 	fs.BoolVar(&f.noNetns, "no-netns", false, "leave out the netns runs")
 	fs.BoolVar(&f.noLoopback, "no-loopback", false, "leave out the two loopback testnet rows (default and pinned)")
-	fs.IntVar(&f.rounds, "rounds", 1, "run the loopback rows (llama.cpp, the testnet, both pinned) this many times in turn and report each round's p50 and the ratios' medians (a noisy host's single run says little)")
+	fs.IntVar(&f.rounds, "rounds", 1, "answer the prompt this many times on each loopback testnet (default and pinned), each answer paired with llama.cpp's just before it (the nodes paused), and report each round's p50 and the ratios' medians (a noisy host's single run says little)")
 	fs.DurationVar(&f.timeout, "timeout", 20*time.Minute, "how long each run may take")
 	fs.DurationVar(&f.placement, "placement-rtt", 50*time.Millisecond, "placement runs (a layer's experts on one node, or spread over two): RTT from the gating node to the near expert home; 0 leaves them out")
 	fs.DurationVar(&f.placementFar, "placement-far", 100*time.Millisecond, "placement runs: RTT from the gating node to the far expert home")

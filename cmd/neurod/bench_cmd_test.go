@@ -2,14 +2,16 @@ package main
 
 import (
 	"encoding/json"
-	"github.com/neuro-p2p/neuro/testnet"
 	"image/png"
+	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/neuro-p2p/neuro/testnet"
 	"github.com/neuro-p2p/neuro/testnet/netns"
 )
 
@@ -107,18 +109,8 @@ func TestBenchReport(t *testing.T) {
 					t.Fatalf("testnet row %+v", row)
 				}
 			}
-			if pt.loopback { // --rounds 2: each loopback row twice, in turn
-				for _, row := range rep.Rows[:first] {
-					if row.Kind == "split" {
-						continue
-					}
-					testnetRow, pinned := row.Kind == "testnet", row.Name == testnet.PinnedTestnetRow
-					if len(row.RoundsP50Ms) != 2 || row.RoundsP50Ms[0] != row.PerTokenP50Ms || row.RoundsP50Ms[1] <= 0 ||
-						testnetRow != (len(row.LocalRatioRounds) == 2 && row.LocalRatioMedian > 0) ||
-						pinned != (len(row.PinnedLocalRatioRounds) == 2 && row.PinnedLocalRatioMedian > 0) {
-						t.Fatalf("row %q after 2 rounds: %+v", row.Name, row)
-					}
-				}
+			if pt.loopback { // --rounds 2: each loopback testnet answers twice, each time beside llama.cpp
+				checkBenchRounds(t, rep.Rows[:first], 2)
 				if md, err := os.ReadFile(filepath.Join(out, "report.md")); err != nil || !strings.Contains(string(md), "median of 2 rounds") {
 					t.Fatalf("report.md: %v\n%s", err, md)
 				}
@@ -231,5 +223,45 @@ func checkBenchSpeculation(t *testing.T, rest []testnet.BenchRow) {
 		if row.Kind != "speculate" || row.AcceptedPerPass <= 0 || row.Acceptance <= 0 || row.RoundTripsPerToken >= off.RoundTripsPerToken {
 			t.Fatalf("%s: %+v (without: %.2f round trips per token)", row.Name, row, off.RoundTripsPerToken)
 		}
+	}
+}
+
+// checkBenchRounds checks the loopback rows after rounds rounds: each
+// testnet row has each round's p50 (the last its own), llama.cpp's p50 in
+// the same rounds (and the pinned llama.cpp's beside the pinned testnet)
+// and their ratios, and the llama.cpp rows' rounds are those references.
+func checkBenchRounds(t *testing.T, rows []testnet.BenchRow, rounds int) {
+	t.Helper()
+	byName := map[string]testnet.BenchRow{}
+	for _, row := range rows {
+		byName[row.Name] = row
+	}
+	positive := func(xs []float64) bool {
+		return len(xs) == rounds && !slices.ContainsFunc(xs, func(x float64) bool { return x <= 0 })
+	}
+	ratios := func(refs, p50s, got []float64, last, median float64) bool {
+		if len(got) != rounds || !positive(refs) || !positive(p50s) || math.Abs(last-got[rounds-1]) > 1e-9 || median <= 0 {
+			return false
+		}
+		for i := range got {
+			if math.Abs(got[i]-refs[i]/p50s[i]) > 1e-9 {
+				return false
+			}
+		}
+		return true
+	}
+	for _, name := range []string{"testnet", testnet.PinnedTestnetRow} {
+		row, pinned := byName[name], name == testnet.PinnedTestnetRow
+		if !positive(row.RoundsP50Ms) || row.RoundsP50Ms[rounds-1] != row.PerTokenP50Ms ||
+			!ratios(row.LocalRoundsP50Ms, row.RoundsP50Ms, row.LocalRatioRounds, row.LocalRatio, row.LocalRatioMedian) ||
+			pinned != ratios(row.PinnedLocalRoundsP50Ms, row.RoundsP50Ms, row.PinnedLocalRatioRounds, row.PinnedLocalRatio, row.PinnedLocalRatioMedian) {
+			t.Fatalf("row %q after %d rounds: %+v", name, rounds, row)
+		}
+	}
+	if local, tn := byName["llama.cpp"], byName["testnet"]; !slices.Equal(local.RoundsP50Ms, tn.LocalRoundsP50Ms) {
+		t.Fatalf("llama.cpp's rounds %v, beside the testnet %v", local.RoundsP50Ms, tn.LocalRoundsP50Ms)
+	}
+	if local, tn := byName[testnet.PinnedLocalRow], byName[testnet.PinnedTestnetRow]; !slices.Equal(local.RoundsP50Ms, tn.PinnedLocalRoundsP50Ms) {
+		t.Fatalf("pinned llama.cpp's rounds %v, beside the pinned testnet %v", local.RoundsP50Ms, tn.PinnedLocalRoundsP50Ms)
 	}
 }

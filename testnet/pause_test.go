@@ -1,0 +1,61 @@
+package testnet
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+)
+
+// procState is the state letter of process pid (/proc/PID/stat: R, S,
+// T for stopped, ...).
+func procState(t *testing.T, pid int) string {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// pid (comm) state ...: comm may hold spaces, the state follows its ')'
+	s := string(b)
+	return strings.Fields(s[strings.LastIndexByte(s, ')')+1:])[0]
+}
+
+// Pause stops every running node until resume, and leaves one that has
+// exited alone.
+func TestNetworkPause(t *testing.T) {
+	var procs []*Process
+	for i := range 3 {
+		cmd := exec.Command("sleep", "30")
+		if i == 2 {
+			cmd = exec.Command("true")
+		}
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		p := &Process{Index: i, cmd: cmd, done: make(chan struct{})}
+		go func() { _ = cmd.Wait(); close(p.done) }()
+		t.Cleanup(func() { _ = cmd.Process.Kill(); <-p.done })
+		procs = append(procs, p)
+	}
+	<-procs[2].done
+	nw := &Network{procs: procs}
+	// Each state within a bounded wait: a signal's effect is not instant.
+	waitState := func(p *Process, stopped bool) {
+		t.Helper()
+		for range 200 {
+			if (procState(t, p.PID()) == "T") == stopped {
+				return
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		t.Fatalf("node %d: state %s, want stopped %v", p.Index, procState(t, p.PID()), stopped)
+	}
+	resume := nw.Pause()
+	waitState(procs[0], true)
+	waitState(procs[1], true)
+	resume()
+	waitState(procs[0], false)
+	waitState(procs[1], false)
+}
