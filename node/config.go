@@ -64,6 +64,13 @@ type ExpertConfig struct {
 	// on this machine too (by default only callers of other machines: one
 	// on this machine needs the cores).
 	PollNearby bool `toml:"poll_nearby"`
+	// GoProcs, if positive, is how many threads run the Go side of a node
+	// that is not a gating node at once (GOMAXPROCS; 0: Go's default,
+	// every core). An expert node whose lanes take every core it has, on
+	// cores its gating node shares (the loopback testnet's), answers
+	// faster with 1: its network's goroutine hand-offs stay on one thread
+	// instead of waking others onto the cores the lanes compute on.
+	GoProcs int `toml:"go_procs"`
 	// RequireEscrow refuses expert calls that name no escrow with enough
 	// left for their gating node (on a node with a ledger).
 	RequireEscrow bool `toml:"require_escrow"`
@@ -302,6 +309,9 @@ func DefaultConfig() Config {
 	}
 }
 
+// maxGoProcs bounds expert.go_procs.
+const maxGoProcs = 4096
+
 // DefaultLanePollUS is expert.lane_poll_us's default: a decode step's
 // layers on the bench model come about 1.5 ms apart on loopback.
 const DefaultLanePollUS = 2000
@@ -415,6 +425,12 @@ lane_poll_us = 2000
 # the cores; for nodes on cores of their own, as 'neurod testnet --pin'
 # runs them).
 poll_nearby = false
+# On a node that is not a gating node: how many threads run its Go side
+# (the network, the answers) at once (GOMAXPROCS); 0: every core. 1 suits
+# an expert node whose lanes take every core on cores a gating node shares
+# ('neurod testnet' sets it so): the network's hand-offs between
+# goroutines then stay on one thread instead of waking others.
+go_procs = 0
 # With a ledger: refuse to compute for a call that names no escrow with
 # enough left for the gating node that calls (no one computes for free).
 require_escrow = true
@@ -742,6 +758,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Expert.Lanes < 0 {
 		return fieldErr("expert.lanes", "must not be negative, got %d", c.Expert.Lanes)
+	}
+	if c.Expert.GoProcs < 0 || c.Expert.GoProcs > maxGoProcs {
+		return fieldErr("expert.go_procs", "must be 0 to %d, got %d", maxGoProcs, c.Expert.GoProcs)
 	}
 	if c.Expert.LanePollUS < 0 || c.Expert.LanePollUS > MaxLanePollUS {
 		return fieldErr("expert.lane_poll_us", "must be 0 to %d, got %d", MaxLanePollUS, c.Expert.LanePollUS)

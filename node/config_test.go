@@ -86,6 +86,7 @@ func TestValidate(t *testing.T) {
 		{"negative sessions", func(c *Config) { c.Gating.MaxSessions = -1 }, "gating.max_sessions"},
 		{"negative lanes", func(c *Config) { c.Expert.Lanes = -1 }, "expert.lanes"},
 		{"negative lane poll", func(c *Config) { c.Expert.LanePollUS = -1 }, "expert.lane_poll_us"},
+		{"negative go procs", func(c *Config) { c.Expert.GoProcs = -1 }, "expert.go_procs"},
 		{"lane poll over a second", func(c *Config) { c.Expert.LanePollUS = MaxLanePollUS + 1 }, "expert.lane_poll_us"},
 	}
 	for _, tc := range tests {

@@ -112,6 +112,11 @@ func (l *Loopback) Launch(r *Run, o *LaunchOptions) error {
 	}
 	o.Config = func(i int, c *node.Config) {
 		c.Expert.Threads, c.Expert.Lanes = threads, lanes
+		if !l.Pin {
+			// The expert nodes' lanes take the cores the gating node
+			// shares (pinned nodes have one core, so one thread already).
+			c.Expert.GoProcs = 1
+		}
 		c.Expert.RequireEscrow = l.RequireEscrow
 		c.Gating.Threads = gatingThreads
 		if l.Pin {

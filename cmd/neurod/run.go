@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"runtime/debug"
 	"runtime/pprof"
 	"strconv"
@@ -182,6 +183,10 @@ func nodeOptions(cmd *cobra.Command, home string, cfg *node.Config, rf *runFlags
 	// A node computes a layer, then waits on the network for a process
 	// that needs the same cores: its idle compute threads sleep at once.
 	ggml.SetPolling(0)
+	if n := cfg.Expert.GoProcs; n > 0 && !cfg.Gating.Enabled {
+		runtime.GOMAXPROCS(n)
+		log.Info("go side on fewer threads", "expert.go_procs", n)
+	}
 	if err := ggml.CheckTimerSlackEnv(); err != nil {
 		log.Warn("timer slack", "err", err)
 	}
