@@ -112,7 +112,7 @@ func (l *Loopback) Launch(r *Run, o *LaunchOptions) error {
 	}
 	o.Config = func(i int, c *node.Config) {
 		c.Expert.Threads, c.Expert.Lanes = threads, lanes
-		if !l.Pin {
+		if !l.Pin && i != l.Gating() {
 			// The expert nodes' lanes take the cores the gating node
 			// shares (pinned nodes have one core, so one thread already).
 			c.Expert.GoProcs = 1

@@ -2,11 +2,15 @@ package testnet
 
 import (
 	"fmt"
+	"log/slog"
 	"os"
 	"os/exec"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/neuro-p2p/neuro/neuropb"
+	"github.com/neuro-p2p/neuro/node"
 )
 
 // procState is the state letter of process pid (/proc/PID/stat: R, S,
@@ -58,4 +62,29 @@ func TestNetworkPause(t *testing.T) {
 	resume()
 	waitState(procs[0], false)
 	waitState(procs[1], false)
+}
+
+// The loopback testnet's expert nodes run their Go side on one thread
+// where they share the cores with the gating node (expert.go_procs); the
+// gating node keeps Go's default, and pinned nodes have a core each.
+func TestLoopbackExpertGoProcs(t *testing.T) {
+	for _, pin := range []bool{false, true} {
+		l := &Loopback{ExpertNodes: 2, Pin: pin}
+		r := &Run{Dir: t.TempDir(), Model: &Model{Manifest: &neuropb.Manifest{}}, log: slog.Default()}
+		var o LaunchOptions
+		if err := l.Launch(r, &o); err != nil {
+			t.Fatal(err)
+		}
+		for i := range o.Nodes {
+			var c node.Config
+			o.Config(i, &c)
+			want := 0
+			if i != l.Gating() && !pin {
+				want = 1
+			}
+			if c.Expert.GoProcs != want {
+				t.Errorf("pinned %v, node %d: expert.go_procs %d, want %d", pin, i, c.Expert.GoProcs, want)
+			}
+		}
+	}
 }
