@@ -47,13 +47,13 @@ var poolThreads = runtime.NumCPU()
 
 // SetPolling sets how long the threadpools' idle workers spin before they
 // sleep, from 0 (they sleep at once) to 100 (ggml's most); call it before
-// the first model is loaded (a pool keeps the level it was made with). ggml's default,
-// 50, spins each idle worker for up to tens of milliseconds after every
-// graph: right for one process that computes graph after graph, wrong for
-// a node that computes one layer and then waits on the network while the
-// process it waits for needs the same cores (on two cores a loopback
-// gating + expert testnet of the bench model went from 13.8 to 20.1
-// tokens/s with 0).
+// the first model is loaded (a pool keeps the level it was made with).
+// ggml's default, 50, spins each idle worker for up to tens of
+// milliseconds after every graph: right for one process that computes
+// graph after graph, wrong for a node that computes one layer and then
+// waits on the network while the process it waits for needs the same cores
+// (on two cores a loopback gating + expert testnet of the bench model went
+// from 13.8 to 20.1 tokens/s with 0).
 func SetPolling(level int) {
 	computeMu.Lock()
 	defer computeMu.Unlock()
