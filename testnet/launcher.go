@@ -349,21 +349,14 @@ func (nw *Network) Statuses() []node.Status {
 func (nw *Network) Pause() (resume func()) {
 	var paused []*Process
 	for _, p := range nw.procs {
-		if p.cmd == nil || p.cmd.Process == nil {
-			continue
-		}
-		select {
-		case <-p.done:
-			continue
-		default:
-		}
-		if err := p.cmd.Process.Signal(syscall.SIGSTOP); err == nil {
+		// not started, or exited (os.ErrProcessDone): nothing to pause
+		if p.Signal(syscall.SIGSTOP) == nil {
 			paused = append(paused, p)
 		}
 	}
 	return func() {
 		for _, p := range paused {
-			_ = p.cmd.Process.Signal(syscall.SIGCONT)
+			_ = p.Signal(syscall.SIGCONT)
 		}
 	}
 }
