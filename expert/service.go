@@ -857,6 +857,9 @@ func (s *Service) load(shard *model.Shard, k Key) error {
 	measured := s.speed != 0
 	s.mu.Unlock()
 	if !measured { // computing, outside the lock every heartbeat and lookup takes
+		if s.onGPU() {
+			warm(e)
+		}
 		speed := measure(e)
 		s.mu.Lock()
 		if s.speed == 0 {
@@ -968,6 +971,45 @@ func (s *Service) Loaded() []Key {
 }
 
 // measure times one token through e: the node's speed, for heartbeats.
+// warmBatches are the batch sizes a node on a GPU computes its first
+// expert at before it measures its speed: ggml's Vulkan backend has a
+// matrix-vector pipeline for each column count up to 8, and matrix-matrix
+// ones past it.
+var warmBatches = []int{1, 2, 3, 4, 5, 6, 7, 8, 16}
+
+// warm computes e once at each of warmBatches (within its largest batch),
+// so that the device compiles its pipelines for them while the node loads,
+// not within its first calls' timeouts nor in its measured speed: ggml's
+// Vulkan backend compiles each pipeline on first use, and Mesa's software
+// device (lavapipe) with a cold shader cache took over 30 s for those of a
+// first prompt's rows, past the gating node's call timeout. The compiled
+// pipelines serve every expert of the same types on the device.
+func warm(e moe.Expert) {
+	for _, n := range warmBatches {
+		if n > e.MaxBatch() {
+			break
+		}
+		x := make([]float32, n*e.Embd())
+		if err := e.Compute(x, n, make([]float32, len(x))); err != nil {
+			return
+		}
+	}
+}
+
+// onGPU says whether the backend computes on a device other than the CPU.
+func (s *Service) onGPU() bool {
+	dl, ok := s.cfg.Compute.(moe.DeviceLister)
+	if !ok {
+		return false
+	}
+	for _, d := range dl.Devices() {
+		if d.Selected && d.Type != "cpu" {
+			return true
+		}
+	}
+	return false
+}
+
 func measure(e moe.Expert) float32 {
 	x := make([]float32, e.Embd())
 	out := make([]float32, e.Embd())

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -353,5 +354,81 @@ func TestProvidesOfOneKeyAtOnceAreOne(t *testing.T) {
 	}
 	if p := s.provided.Get(key); p.At.IsZero() {
 		t.Fatal("the provide is not recorded")
+	}
+}
+
+// recordingBackend's experts record the batch sizes they compute; its one
+// device is a GPU or the CPU.
+type recordingBackend struct {
+	moetest.Backend
+	gpu bool
+	mu  sync.Mutex
+	ns  []int
+}
+
+func (b *recordingBackend) Devices() []moe.DeviceInfo {
+	if b.gpu {
+		return []moe.DeviceInfo{{Backend: "Vulkan", Name: "Vulkan0", Type: "gpu", Selected: true},
+			{Backend: "CPU", Name: "CPU", Type: "cpu"}}
+	}
+	return []moe.DeviceInfo{{Backend: "CPU", Name: "CPU", Type: "cpu", Selected: true}}
+}
+
+func (b *recordingBackend) NewExpert(w moe.ExpertWeights, o moe.ExpertOptions) (moe.Expert, error) {
+	e, err := b.Backend.NewExpert(w, o)
+	if err != nil {
+		return nil, err
+	}
+	return &recordingExpert{Expert: e, b: b}, nil
+}
+
+type recordingExpert struct {
+	moe.Expert
+	b *recordingBackend
+}
+
+func (e *recordingExpert) Compute(x []float32, n int, out []float32) error {
+	e.b.mu.Lock()
+	e.b.ns = append(e.b.ns, n)
+	e.b.mu.Unlock()
+	return e.Expert.Compute(x, n, out)
+}
+
+// On a GPU the first expert loaded is computed once at each batch class
+// (warmBatches) before the node measures its speed, so that the device
+// compiles its pipelines then; the experts after it, and any on the CPU,
+// are only measured (the first) or not computed at all.
+func TestFirstExpertOnAGPUIsWarmedBeforeItIsMeasured(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+	defer cancel()
+	nodes, _ := p2ptest.ClusterWithExtras(t, ctx, 1, p2ptest.Config(time.Second))
+	mc, m, dir := tinyShards(t, model.Q8_0)
+	measured := []int{1, 1, 1}
+	for _, gpu := range []bool{false, true} {
+		b := &recordingBackend{gpu: gpu}
+		s, err := NewService(nodes[0], ServiceConfig{StoreDir: t.TempDir(), Model: mc, Compute: b, Threads: 1, Server: DefaultConfig()}, quiet())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Store().ImportSplit(dir); err != nil {
+			t.Fatal(err)
+		}
+		for _, er := range m.GetExperts()[:2] {
+			shard, err := s.Store().OpenShard(er.GetShard())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := s.load(shard, Key{Layer: int(er.GetLayer()), Expert: int(er.GetExpert())}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		s.Close()
+		want := measured
+		if gpu {
+			want = append(slices.Clone(warmBatches), measured...)
+		}
+		if !slices.Equal(b.ns, want) {
+			t.Fatalf("gpu %v: the loads computed batches %v, want %v", gpu, b.ns, want)
+		}
 	}
 }
