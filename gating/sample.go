@@ -142,8 +142,7 @@ func (s *Sampler) dist(logits []float32) []candidate {
 		// The nucleus: the most likely tokens until their p reaches
 		// top-p, sorted in chunks as far as the walk goes (most of a
 		// model's probability is on a few tokens).
-		var cum float64
-		n := nucleus(c, s.topP, sorted, &cum)
+		n, cum := nucleus(c, s.topP, sorted)
 		c = c[:n]
 		for i := range c {
 			c[i].p /= cum
@@ -162,9 +161,9 @@ func byLikelihood(a, b candidate) int {
 }
 
 // nucleus sorts c's head, most likely first, until the p of its first n
-// candidates reach topP (cum: their sum), and returns n. sorted says c is
+// candidates reach topP, and returns n and their sum. sorted says c is
 // sorted already.
-func nucleus(c []candidate, topP float64, sorted bool, cum *float64) int {
+func nucleus(c []candidate, topP float64, sorted bool) (n int, cum float64) {
 	done := 0 // c[:done] is sorted, and ranks before all of c[done:]
 	chunk := 64
 	for i := range c {
@@ -175,12 +174,12 @@ func nucleus(c []candidate, topP float64, sorted bool, cum *float64) int {
 			done += m
 			chunk *= 8
 		}
-		*cum += c[i].p
-		if *cum >= topP {
-			return i + 1
+		cum += c[i].p
+		if cum >= topP {
+			return i + 1, cum
 		}
 	}
-	return len(c)
+	return len(c), cum
 }
 
 // selectTop moves c's k most likely candidates (byLikelihood) to c[:k], in
