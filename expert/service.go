@@ -12,6 +12,7 @@ import (
 	"os"
 	"runtime"
 	"runtime/debug"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -970,7 +971,6 @@ func (s *Service) Loaded() []Key {
 	return out
 }
 
-// measure times one token through e: the node's speed, for heartbeats.
 // warmBatches are the batch sizes a node on a GPU computes its first
 // expert at before it measures its speed: ggml's Vulkan backend has a
 // matrix-vector pipeline for each column count up to 8, and matrix-matrix
@@ -996,20 +996,15 @@ func warm(e moe.Expert) {
 	}
 }
 
-// onGPU says whether the backend computes on a device other than the CPU.
+// onGPU says whether the backend computes on a device other than the CPU
+// (the devices as last read).
 func (s *Service) onGPU() bool {
-	dl, ok := s.cfg.Compute.(moe.DeviceLister)
-	if !ok {
-		return false
-	}
-	for _, d := range dl.Devices() {
-		if d.Selected && d.Type != "cpu" {
-			return true
-		}
-	}
-	return false
+	return slices.ContainsFunc(s.cachedDevices(), func(d *neuropb.Device) bool {
+		return d.GetSelected() && d.GetType() != "cpu"
+	})
 }
 
+// measure times one token through e: the node's speed, for heartbeats.
 func measure(e moe.Expert) float32 {
 	x := make([]float32, e.Embd())
 	out := make([]float32, e.Embd())
