@@ -16,10 +16,13 @@
 package sign
 
 import (
+	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"sync/atomic"
 
+	lru "github.com/hashicorp/golang-lru/v2"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"google.golang.org/protobuf/proto"
@@ -88,18 +91,66 @@ func Sign(key crypto.PrivKey, d Domain, m proto.Message) ([]byte, error) {
 }
 
 // Verify checks that sig is signer's signature of m (with its signature
-// field cleared) for domain d.
+// field cleared) for domain d. A signature it found good before is not
+// verified again (see verified).
 func Verify(signer peer.ID, d Domain, m proto.Message, sig []byte) error {
-	pub, err := signer.ExtractPublicKey()
-	if err != nil {
-		return fmt.Errorf("signer %s: key: %w", signer, err)
-	}
 	msg, err := Bytes(d, m)
 	if err != nil {
 		return err
 	}
+	seen := verifiedKey(signer, msg, sig)
+	if verified.Contains(seen) {
+		return nil
+	}
+	pub, err := signer.ExtractPublicKey()
+	if err != nil {
+		return fmt.Errorf("signer %s: key: %w", signer, err)
+	}
+	verifications.Add(1)
 	if ok, err := pub.Verify(msg, sig); err != nil || !ok {
 		return fmt.Errorf("%w of %s for %s", ErrBadSignature, signer, d)
 	}
+	verified.Add(seen, struct{}{})
 	return nil
+}
+
+// verifiedSize bounds the signatures verified remembers: a generation's
+// receipts are one signature a layer's answer (a few thousand a long
+// generation), checked again within seconds.
+const verifiedSize = 1 << 15
+
+// verified remembers, by verifiedKey, the signatures Verify found good, the
+// most recent verifiedSize of them. The same signature comes back to the
+// same process: the receipts of one answer share one, and a receipt is
+// checked by the gating node that settles it, then by a validator's
+// CheckTx and again as its block is finalized (all three in one process
+// where the gating node is a validator) — an Ed25519 verification each
+// (65 µs on a 2-core VM), where a hash of the same bytes is 1–2 µs. Only
+// good signatures are kept, under a collision-resistant hash of the signer,
+// the signed bytes (domain and type included) and the signature, so the
+// answer is always the one verifying again gives: the ledger's state
+// machine stays deterministic.
+var verified = func() *lru.Cache[[sha256.Size]byte, struct{}] {
+	c, err := lru.New[[sha256.Size]byte, struct{}](verifiedSize)
+	if err != nil {
+		panic(err) // only for a size below 1
+	}
+	return c
+}()
+
+// verifications counts the Ed25519 verifications Verify made (for tests).
+var verifications atomic.Int64
+
+// verifiedKey is verified's key for signer's sig over msg: SHA-256 of the
+// three, each length-prefixed.
+func verifiedKey(signer peer.ID, msg, sig []byte) [sha256.Size]byte {
+	h := sha256.New()
+	var n [binary.MaxVarintLen64]byte
+	for _, part := range [][]byte{[]byte(signer), msg, sig} {
+		h.Write(n[:binary.PutUvarint(n[:], uint64(len(part)))])
+		h.Write(part)
+	}
+	var k [sha256.Size]byte
+	h.Sum(k[:0])
+	return k
 }

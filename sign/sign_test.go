@@ -97,3 +97,82 @@ func TestVerifyRefuses(t *testing.T) {
 		t.Error("an empty domain was accepted")
 	}
 }
+
+// A good signature is verified once: verifying it again (a batch's
+// receipts share one; a ledger checks a receipt in CheckTx and again in
+// its block) costs no Ed25519 verification. A bad one is verified, and
+// refused, every time; the remembered one verifies for its signer, message
+// and domain only.
+func TestVerifyRemembersGoodSignaturesOnly(t *testing.T) {
+	k, id := key(t)
+	_, other := key(t)
+	m := &neuropb.ReceiptBatch{Digests: [][]byte{[]byte("a digest"), []byte("another")}}
+	sig, err := Sign(k, UsageReceiptBatch, m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := verifications.Load()
+	for range 3 {
+		if err := Verify(id, UsageReceiptBatch, m, sig); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := verifications.Load() - before; n != 1 {
+		t.Fatalf("a good signature verified thrice took %d Ed25519 verifications, want 1", n)
+	}
+	bad := bytes.Clone(sig)
+	bad[0] ^= 1
+	changed := &neuropb.ReceiptBatch{Digests: [][]byte{[]byte("a digest")}}
+	for range 2 {
+		before = verifications.Load()
+		for name, err := range map[string]error{
+			"a changed signature": Verify(id, UsageReceiptBatch, m, bad),
+			"another signer":      Verify(other, UsageReceiptBatch, m, sig),
+			"a changed message":   Verify(id, UsageReceiptBatch, changed, sig),
+			"another domain":      Verify(id, UsageReceipt, m, sig),
+		} {
+			if !errors.Is(err, ErrBadSignature) {
+				t.Errorf("%s verified beside the remembered signature: %v", name, err)
+			}
+		}
+		if n := verifications.Load() - before; n != 4 {
+			t.Errorf("four bad signatures took %d Ed25519 verifications, want 4 (a refusal is not remembered)", n)
+		}
+	}
+}
+
+// BenchmarkVerify: a signature seen first, against one verified before.
+func BenchmarkVerify(b *testing.B) {
+	k, _, err := crypto.GenerateEd25519Key(nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	id, err := peer.IDFromPrivateKey(k)
+	if err != nil {
+		b.Fatal(err)
+	}
+	m := &neuropb.ReceiptBatch{Digests: [][]byte{make([]byte, 32), make([]byte, 32)}}
+	b.Run("first", func(b *testing.B) {
+		b.StopTimer()
+		for i := range b.N {
+			m.Digests[0][0], m.Digests[0][1] = byte(i), byte(i>>8)
+			sig, _ := Sign(k, UsageReceiptBatch, m)
+			b.StartTimer()
+			if err := Verify(id, UsageReceiptBatch, m, sig); err != nil {
+				b.Fatal(err)
+			}
+			b.StopTimer()
+		}
+	})
+	sig, err := Sign(k, UsageReceiptBatch, m)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Run("again", func(b *testing.B) {
+		for range b.N {
+			if err := Verify(id, UsageReceiptBatch, m, sig); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
