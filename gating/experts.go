@@ -375,17 +375,35 @@ func (r *Receipts) Take() []*neuropb.UsageReceipt {
 	defer cancel()
 	rcs := make([]*neuropb.UsageReceipt, len(held))
 	valid := make([]bool, len(held))
+	for i, h := range held {
+		rcs[i] = h.receipt(ctx)
+	}
+	// The receipts of one answer share a signature: each signature's
+	// receipts go to one worker, which verifies it once (sign.Verify
+	// remembers it) instead of two workers each verifying it at once.
+	var shared [][]int
+	at := map[string]int{}
+	for i, rc := range rcs {
+		j, ok := at[string(rc.GetSignature())]
+		if !ok || rc == nil {
+			j = len(shared)
+			at[string(rc.GetSignature())] = j
+			shared = append(shared, nil)
+		}
+		shared[j] = append(shared[j], i)
+	}
 	var (
 		next atomic.Int64
 		wg   sync.WaitGroup
 	)
-	for range min(runtime.GOMAXPROCS(0), len(held)) {
+	for range min(runtime.GOMAXPROCS(0), len(shared)) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for i := int(next.Add(1)) - 1; i < len(held); i = int(next.Add(1)) - 1 {
-				rcs[i] = held[i].receipt(ctx)
-				valid[i] = validReceipt(rcs[i], held[i].p, r.Escrow)
+			for j := int(next.Add(1)) - 1; j < len(shared); j = int(next.Add(1)) - 1 {
+				for _, i := range shared[j] {
+					valid[i] = validReceipt(rcs[i], held[i].p, r.Escrow)
+				}
 			}
 		}()
 	}
