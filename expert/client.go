@@ -409,6 +409,29 @@ func (g *SentGroup) Wait(ctx context.Context, i int) (*Response, error) {
 	return g.c.wait(ctx, g.p, g.s, g.msgs[i], g.reqs[i], g.chs[i])
 }
 
+// WaitOr takes member i's answer as Wait does (answered true), unless
+// expire fires or ctx ends first: then the member is not forgotten, and
+// its answer can still be waited for (Wait, WaitOr) or dropped (Forget).
+// One goroutine can so wait for a whole group's answers, which come in one
+// message, without a goroutine or a context for each.
+func (g *SentGroup) WaitOr(ctx context.Context, i int, expire <-chan time.Time) (_ *Response, _ error, answered bool) {
+	var r result
+	select {
+	case r = <-g.chs[i]: // an answer already in wins over an expiry
+	default:
+		select {
+		case r = <-g.chs[i]:
+		case <-expire:
+			return nil, nil, false
+		case <-ctx.Done():
+			return nil, nil, false
+		}
+	}
+	g.c.forget(g.s, g.msgs[i])
+	resp, err := g.c.answer(g.p, g.msgs[i], g.reqs[i], r)
+	return resp, err, true
+}
+
 // Peer is the node the group went to.
 func (g *SentGroup) Peer() peer.ID { return g.p }
 
@@ -497,40 +520,46 @@ func (c *Client) wait(ctx context.Context, p peer.ID, s *session, msg *neuropb.E
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	case r := <-ch:
-		if r.err != nil {
-			return nil, fmt.Errorf("expert call to %s: %w", p, r.err)
-		}
-		if e := r.resp.GetError(); e != nil {
-			return nil, &RemoteError{Code: e.GetCode(), Message: e.GetMessage()}
-		}
-		rows, cols, err := r.resp.GetOutput().Rows()
-		if err != nil || rows != req.N || cols*req.N != len(req.Hidden) {
-			return nil, fmt.Errorf("expert call to %s: bad output shape %v: %v", p, r.resp.GetOutput().GetShape(), err)
-		}
-		receipts := r.resp.GetReceipts()
-		if r.late != nil {
-			r.late.segments = len(req.Segments) // read once done closes, after this
-		}
-		if len(receipts) != 0 && len(receipts) != len(req.Segments) {
-			return nil, fmt.Errorf("expert call to %s: %d receipts for %d segments", p, len(receipts), len(req.Segments))
-		}
-		c.mu.Lock()
-		if l := c.links[p]; l != nil {
-			l.Calls++
-		}
-		c.mu.Unlock()
-		return &Response{
-			Output:      DecodeFloats(r.resp.GetOutput()),
-			Compute:     time.Duration(r.resp.GetComputeUs()) * time.Microsecond,
-			Queue:       time.Duration(r.resp.GetQueueUs()) * time.Microsecond,
-			BatchTokens: int(r.resp.GetBatchTokens()),
-			WireBytes:   len(msg.GetHidden().GetData()) + len(r.resp.GetOutput().GetData()),
-			Receipt:     r.resp.GetReceipt(),
-			Receipts:    receipts,
-			Peer:        p,
-			late:        r.late,
-		}, nil
+		return c.answer(p, msg, req, r)
 	}
+}
+
+// answer checks r, p's answer to msg (req is what the caller asked), and
+// makes it the caller's Response.
+func (c *Client) answer(p peer.ID, msg *neuropb.ExpertRequest, req Request, r result) (*Response, error) {
+	if r.err != nil {
+		return nil, fmt.Errorf("expert call to %s: %w", p, r.err)
+	}
+	if e := r.resp.GetError(); e != nil {
+		return nil, &RemoteError{Code: e.GetCode(), Message: e.GetMessage()}
+	}
+	rows, cols, err := r.resp.GetOutput().Rows()
+	if err != nil || rows != req.N || cols*req.N != len(req.Hidden) {
+		return nil, fmt.Errorf("expert call to %s: bad output shape %v: %v", p, r.resp.GetOutput().GetShape(), err)
+	}
+	receipts := r.resp.GetReceipts()
+	if r.late != nil {
+		r.late.segments = len(req.Segments) // read once done closes, after this
+	}
+	if len(receipts) != 0 && len(receipts) != len(req.Segments) {
+		return nil, fmt.Errorf("expert call to %s: %d receipts for %d segments", p, len(receipts), len(req.Segments))
+	}
+	c.mu.Lock()
+	if l := c.links[p]; l != nil {
+		l.Calls++
+	}
+	c.mu.Unlock()
+	return &Response{
+		Output:      DecodeFloats(r.resp.GetOutput()),
+		Compute:     time.Duration(r.resp.GetComputeUs()) * time.Microsecond,
+		Queue:       time.Duration(r.resp.GetQueueUs()) * time.Microsecond,
+		BatchTokens: int(r.resp.GetBatchTokens()),
+		WireBytes:   len(msg.GetHidden().GetData()) + len(r.resp.GetOutput().GetData()),
+		Receipt:     r.resp.GetReceipt(),
+		Receipts:    receipts,
+		Peer:        p,
+		late:        r.late,
+	}, nil
 }
 
 // session returns the open stream to p, opening one if needed.

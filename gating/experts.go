@@ -663,32 +663,45 @@ func (r *RemoteExperts) round(ctx context.Context, layer int, parts []part) ([]p
 	if len(calls) > 1 {
 		r.sendGroup(ctx, layer, calls, providers, preferred, ins, members)
 	}
+	sent := time.Now()
 	// The round's remote calls are out: while nothing computes here, a
 	// core is kept awake for their answers.
 	polling := len(calls) > 0 && len(local) == 0 && r.startPoll(groupPeer(members))
-	for i, lc := range calls {
-		e, c := lc.e, lc.c
+	// finish takes call i's answer (or error) into the round.
+	finish := func(i int, resp *expert.Response, err error) {
+		mu.Lock()
+		defer mu.Unlock()
+		if err != nil {
+			errs = append(errs, err)
+			return
+		}
+		for _, sg := range calls[i].c.segs {
+			maxCompute[sg.part] = max(maxCompute[sg.part], resp.Compute)
+			if answered[sg.part] == "" {
+				answered[sg.part] = resp.Peer
+			}
+			several[sg.part] = several[sg.part] || resp.Peer != answered[sg.part]
+		}
+		moe.Scatter(outs, resp.Output, calls[i].c.slots, r.Embd)
+	}
+	// alone makes call i a call of its own (its group's try, if any, as
+	// far as pre saw it).
+	alone := func(i int, pre *groupTry) {
+		e, c := calls[i].e, calls[i].c
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			resp, err := r.call(ctx, c.segs, expert.Key{Layer: layer, Expert: int(e)}, ins[i], len(c.slots),
-				providers[e], preferred, members[i])
-			mu.Lock()
-			defer mu.Unlock()
-			if err != nil {
-				errs = append(errs, err)
-				return
-			}
-			for _, sg := range c.segs {
-				maxCompute[sg.part] = max(maxCompute[sg.part], resp.Compute)
-				if answered[sg.part] == "" {
-					answered[sg.part] = resp.Peer
-				}
-				several[sg.part] = several[sg.part] || resp.Peer != answered[sg.part]
-			}
-			moe.Scatter(outs, resp.Output, c.slots, r.Embd)
+				providers[e], preferred, members[i], pre)
+			finish(i, resp, err)
 		}()
 	}
+	for i := range calls {
+		if members[i] == nil {
+			alone(i, nil)
+		}
+	}
+	r.awaitGroup(ctx, layer, calls, providers, preferred, ins, members, sent, finish, alone)
 	wg.Wait()
 	if polling {
 		r.stopPoll()
@@ -796,6 +809,85 @@ func (r *RemoteExperts) sendGroup(ctx context.Context, layer int, calls []layerC
 	}
 	for k, i := range idx {
 		members[i] = &groupMember{sent: sent, i: k}
+	}
+}
+
+// groupTry is what a round saw of a call's try in its group before the
+// call went on alone: when the group was sent, and the try's error if it
+// failed (done; it was recorded: tried).
+type groupTry struct {
+	start time.Time
+	err   error
+	done  bool
+}
+
+// closedTimer is a timer's channel that has fired.
+var closedTimer = func() <-chan time.Time {
+	c := make(chan time.Time)
+	close(c)
+	return c
+}()
+
+// awaitGroup waits, in the round's goroutine, for the answers of the
+// calls sent in a group (members; sent when the group was written), which
+// come in one message, and takes each as callOnce would (tried, accepted)
+// into the round (finish): no goroutine, context or timer for each call. A
+// call whose try failed, or that has not answered by the time callOnce
+// would hedge it or give up on its node, goes on alone (callOnce, from
+// where this left it).
+func (r *RemoteExperts) awaitGroup(ctx context.Context, layer int, calls []layerCall, providers map[int32][]peer.ID,
+	preferred map[peer.ID]bool, ins [][]float32, members []*groupMember, sent time.Time,
+	finish func(int, *expert.Response, error), alone func(int, *groupTry)) {
+	type waiting struct {
+		i                int
+		k                expert.Key
+		ranked, excluded []peer.ID
+	}
+	var (
+		ws      []waiting
+		timeout = r.callTimeout()
+		limit   = timeout
+	)
+	for i, gm := range members {
+		if gm == nil {
+			continue
+		}
+		k := expert.Key{Layer: layer, Expert: int(calls[i].e)}
+		ranked, excluded := r.ranked(k, providers[calls[i].e], preferred)
+		p := gm.sent.Peer()
+		if !slices.Contains(ranked, p) {
+			alone(i, nil) // which forgets its place in the group
+			continue
+		}
+		limit = min(limit, r.deadline(p, timeout))
+		if r.Selector != nil && len(ranked) > 1 {
+			limit = min(limit, r.Selector.HedgeAfter(p))
+		}
+		ws = append(ws, waiting{i: i, k: k, ranked: ranked, excluded: excluded})
+	}
+	if len(ws) == 0 {
+		return
+	}
+	expire := time.NewTimer(limit - time.Since(sent))
+	defer expire.Stop()
+	expired := expire.C
+	for _, w := range ws {
+		gm, c := members[w.i], calls[w.i].c
+		resp, err, ok := gm.sent.WaitOr(ctx, gm.i, expired)
+		if !ok {
+			// The rest have until now too.
+			expired = closedTimer
+			alone(w.i, &groupTry{start: sent})
+			continue
+		}
+		p := gm.sent.Peer()
+		r.tried(ctx, p, sent, resp, err, c.segs, len(c.slots))
+		if err != nil {
+			alone(w.i, &groupTry{start: sent, err: err, done: true})
+			continue
+		}
+		r.accepted(c.segs, w.k, ins[w.i], resp, p, w.ranked, w.excluded, timeout)
+		finish(w.i, resp, nil)
 	}
 }
 
@@ -924,8 +1016,8 @@ const coverageRecheck = 250 * time.Millisecond
 // providers all died within seconds (the expert service's rebalance) —
 // and asks it, instead of failing the generation.
 func (r *RemoteExperts) call(ctx context.Context, segs []segment, k expert.Key, in []float32, n int, providers []peer.ID, preferred map[peer.ID]bool,
-	gm *groupMember) (*expert.Response, error) {
-	resp, err := r.callOnce(ctx, segs, k, in, n, providers, preferred, gm)
+	gm *groupMember, pre *groupTry) (*expert.Response, error) {
+	resp, err := r.callOnce(ctx, segs, k, in, n, providers, preferred, gm, pre)
 	if err == nil || !errors.Is(err, ErrNoProvider) || r.Providers == nil {
 		return resp, err
 	}
@@ -953,7 +1045,7 @@ func (r *RemoteExperts) call(ctx context.Context, segs []segment, k expert.Key, 
 			continue
 		}
 		r.coverageWaits.Add(1)
-		resp, err2 := r.callOnce(ctx, segs, k, in, n, fresh, preferred, nil)
+		resp, err2 := r.callOnce(ctx, segs, k, in, n, fresh, preferred, nil, nil)
 		if err2 == nil || !errors.Is(err2, ErrNoProvider) {
 			return resp, err2
 		}
@@ -969,9 +1061,11 @@ func (r *RemoteExperts) CoverageWaits() int64 { return r.coverageWaits.Load() }
 // callOnce asks the best provider of k for the rows of segs (one
 // generation's each); if it has not answered by its p95 latency it asks
 // the next one too (a hedge), and a failed call goes to the next at once.
-// The first answer wins; the others are cancelled.
+// The first answer wins; the others are cancelled. With gm, the first try
+// is the call's place in a group sent to that provider; pre says what the
+// round already saw of it (awaitGroup): when it began, and its error.
 func (r *RemoteExperts) callOnce(ctx context.Context, segs []segment, k expert.Key, in []float32, n int, providers []peer.ID, preferred map[peer.ID]bool,
-	gm *groupMember) (*expert.Response, error) {
+	gm *groupMember, pre *groupTry) (*expert.Response, error) {
 	req := r.request(segs, k, in, n)
 	// each adds to the stats of every generation in the call
 	each := func(f func(*CallStats)) {
@@ -982,13 +1076,7 @@ func (r *RemoteExperts) callOnce(ctx context.Context, segs []segment, k expert.K
 		}
 	}
 	timeout := r.callTimeout()
-	var excluded []peer.ID
-	if r.Validator != nil {
-		providers, excluded = r.Validator.trusted(providers)
-	}
-	if r.Selector != nil {
-		providers = r.Selector.Rank(k, providers, preferred)
-	}
+	providers, excluded := r.ranked(k, providers, preferred)
 	if gm != nil {
 		// The group's node first: it answers this call with the layer's
 		// others.
@@ -996,8 +1084,11 @@ func (r *RemoteExperts) callOnce(ctx context.Context, segs []segment, k expert.K
 			providers = append([]peer.ID{p}, slices.DeleteFunc(slices.Clone(providers), func(q peer.ID) bool { return q == p })...)
 		} else {
 			gm.sent.Forget(gm.i)
-			gm = nil
+			gm, pre = nil, nil
 		}
+	}
+	if gm == nil {
+		pre = nil
 	}
 	if len(providers) == 0 {
 		if len(excluded) > 0 {
@@ -1006,20 +1097,15 @@ func (r *RemoteExperts) callOnce(ctx context.Context, segs []segment, k expert.K
 		return nil, fmt.Errorf("expert %s: %w (no node announces it)", k, ErrNoProvider)
 	}
 	ctx, cancel := context.WithCancel(ctx)
-	defer cancel() // stops the losers
-	type result struct {
-		resp *expert.Response
-		err  error
-		p    peer.ID
-		// cut: the call outran the deadline the selector set from the
-		// peer's recent pace, shorter than the call timeout.
-		cut bool
-	}
+	defer cancel()      // stops the losers
 	ranked := providers // checks draw from every provider, whichever pass answered
-	results := make(chan result, 2*len(providers))
+	results := make(chan tryResult, 2*len(providers))
 	next, inflight := 0, 0
 	// patient: the last resort's calls wait the whole call timeout.
 	patient := false
+	// newest: when the newest try began (a hedge comes its provider's
+	// hedge delay after it).
+	var newest time.Time
 	launch := func() bool {
 		if next >= len(providers) {
 			return false
@@ -1032,9 +1118,19 @@ func (r *RemoteExperts) callOnce(ctx context.Context, segs []segment, k expert.K
 		if !patient {
 			deadline = r.deadline(p, timeout)
 		}
+		start := time.Now()
+		if grouped && pre != nil {
+			start = pre.start
+			if pre.done {
+				// The round took this try's answer, an error (recorded).
+				newest = start
+				results <- tryResult{err: pre.err, p: p}
+				return true
+			}
+		}
+		newest = start
 		go func() {
-			start := time.Now()
-			cctx, ccancel := context.WithTimeout(ctx, deadline)
+			cctx, ccancel := context.WithDeadline(ctx, start.Add(deadline))
 			defer ccancel()
 			var resp *expert.Response
 			var err error
@@ -1043,46 +1139,9 @@ func (r *RemoteExperts) callOnce(ctx context.Context, segs []segment, k expert.K
 			} else {
 				resp, err = r.Client.Call(cctx, p, req)
 			}
-			switch {
-			case err == nil:
-				r.Metrics.ExpertCall("ok", time.Since(start))
-			case ctx.Err() != nil:
-				r.Metrics.ExpertCall("cancelled", 0)
-			default:
-				r.Metrics.ExpertCall("error", 0)
-			}
-			if r.Selector != nil {
-				switch {
-				case err == nil:
-					r.Selector.Observe(p, time.Since(start), nil)
-				case ctx.Err() != nil:
-					// Lost to a faster provider: it took at least this long.
-					r.Selector.ObserveLoss(p, time.Since(start))
-				default:
-					r.Selector.Observe(p, 0, err)
-				}
-			}
-			if r.Validator != nil && ctx.Err() == nil {
-				var perToken, advertised time.Duration
-				if resp != nil {
-					perToken = resp.Compute / time.Duration(max(n, 1))
-				}
-				if r.Advertised != nil {
-					advertised = r.Advertised(p)
-				}
-				r.Validator.Book().Call(p, err == nil, perToken, advertised)
-			}
-			// A batched call's bytes are shared out by rows.
-			for _, sg := range segs {
-				if sg.cs.stats != nil {
-					sg.cs.stats.Calls.Add(1)
-					if resp != nil {
-						sg.cs.stats.Bytes.Add(int64(resp.WireBytes * sg.rows / n))
-					}
-				}
-			}
+			r.tried(ctx, p, start, resp, err, segs, n)
 			cut := err != nil && ctx.Err() == nil && deadline < timeout && errors.Is(cctx.Err(), context.DeadlineExceeded)
-			results <- result{resp: resp, err: err, p: p, cut: cut}
+			results <- tryResult{resp: resp, err: err, p: p, cut: cut}
 		}()
 		return true
 	}
@@ -1105,30 +1164,13 @@ func (r *RemoteExperts) callOnce(ctx context.Context, segs []segment, k expert.K
 		}
 		var hedge <-chan time.Time
 		if r.Selector != nil && next < len(providers) {
-			hedge = time.After(r.Selector.HedgeAfter(providers[next-1]))
+			hedge = time.After(r.Selector.HedgeAfter(providers[next-1]) - time.Since(newest))
 		}
 		select {
 		case res := <-results:
 			inflight--
 			if res.err == nil {
-				// The receipts may come after the answer
-				// (Request.LateReceipts): the settlement and a verdict
-				// wait for them, the generation does not.
-				off := 0
-				for i, sg := range segs {
-					seg := -1
-					if len(segs) > 1 {
-						seg = i
-					}
-					if sg.cs.receipts != nil {
-						sg.cs.receipts.addAnswer(res.resp, seg, res.p)
-					}
-					if r.Validator != nil {
-						rows := in[off*r.Embd : (off+sg.rows)*r.Embd]
-						r.check(sg.cs, k, rows, sg.rows, res.p, res.resp.Output[off*r.Embd:(off+sg.rows)*r.Embd], lateReceipt(res.resp, seg), ranked, excluded, timeout)
-					}
-					off += sg.rows
-				}
+				r.accepted(segs, k, in, res.resp, res.p, ranked, excluded, timeout)
 				return res.resp, nil
 			}
 			errs = append(errs, fmt.Errorf("%s: %w", res.p, res.err))
@@ -1152,6 +1194,96 @@ func (r *RemoteExperts) callOnce(ctx context.Context, segs []segment, k expert.K
 		}
 	}
 	return nil, fmt.Errorf("expert %s: %w: every provider failed: %w", k, ErrNoProvider, errors.Join(errs...))
+}
+
+// tryResult is how one try of a call ended.
+type tryResult struct {
+	resp *expert.Response
+	err  error
+	p    peer.ID
+	// cut: the try outran the deadline the selector set from the peer's
+	// recent pace, shorter than the call timeout.
+	cut bool
+}
+
+// ranked is k's providers in the order a call asks them: those the
+// validator trusts (excluded: the others), best first.
+func (r *RemoteExperts) ranked(k expert.Key, providers []peer.ID, preferred map[peer.ID]bool) (ranked, excluded []peer.ID) {
+	if r.Validator != nil {
+		providers, excluded = r.Validator.trusted(providers)
+	}
+	if r.Selector != nil {
+		providers = r.Selector.Rank(k, providers, preferred)
+	}
+	return providers, excluded
+}
+
+// tried records a try of a call of segs' n rows to p, begun at start,
+// that ended with resp or err (ctx is the call's: ended when another try
+// won): the metrics, p's pace and book, and the generations' stats.
+func (r *RemoteExperts) tried(ctx context.Context, p peer.ID, start time.Time, resp *expert.Response, err error, segs []segment, n int) {
+	switch {
+	case err == nil:
+		r.Metrics.ExpertCall("ok", time.Since(start))
+	case ctx.Err() != nil:
+		r.Metrics.ExpertCall("cancelled", 0)
+	default:
+		r.Metrics.ExpertCall("error", 0)
+	}
+	if r.Selector != nil {
+		switch {
+		case err == nil:
+			r.Selector.Observe(p, time.Since(start), nil)
+		case ctx.Err() != nil:
+			// Lost to a faster provider: it took at least this long.
+			r.Selector.ObserveLoss(p, time.Since(start))
+		default:
+			r.Selector.Observe(p, 0, err)
+		}
+	}
+	if r.Validator != nil && ctx.Err() == nil {
+		var perToken, advertised time.Duration
+		if resp != nil {
+			perToken = resp.Compute / time.Duration(max(n, 1))
+		}
+		if r.Advertised != nil {
+			advertised = r.Advertised(p)
+		}
+		r.Validator.Book().Call(p, err == nil, perToken, advertised)
+	}
+	// A batched call's bytes are shared out by rows.
+	for _, sg := range segs {
+		if sg.cs.stats != nil {
+			sg.cs.stats.Calls.Add(1)
+			if resp != nil {
+				sg.cs.stats.Bytes.Add(int64(resp.WireBytes * sg.rows / n))
+			}
+		}
+	}
+}
+
+// accepted takes p's answer resp to a call of k on segs' rows in (one
+// generation's each), whose providers were ranked (excluded: those the
+// validator keeps out): each generation's receipt, which may come after
+// the answer (Request.LateReceipts) — the settlement and a verdict wait
+// for it, the generation does not — and the validator's checks.
+func (r *RemoteExperts) accepted(segs []segment, k expert.Key, in []float32, resp *expert.Response, p peer.ID, ranked, excluded []peer.ID,
+	timeout time.Duration) {
+	off := 0
+	for i, sg := range segs {
+		seg := -1
+		if len(segs) > 1 {
+			seg = i
+		}
+		if sg.cs.receipts != nil {
+			sg.cs.receipts.addAnswer(resp, seg, p)
+		}
+		if r.Validator != nil {
+			rows := in[off*r.Embd : (off+sg.rows)*r.Embd]
+			r.check(sg.cs, k, rows, sg.rows, p, resp.Output[off*r.Embd:(off+sg.rows)*r.Embd], lateReceipt(resp, seg), ranked, excluded, timeout)
+		}
+		off += sg.rows
+	}
 }
 
 // check hands the validator one generation's rows of an answer p gave
