@@ -1139,3 +1139,77 @@ func TestRetiredSessionSendsOnTheNewOne(t *testing.T) {
 		t.Fatalf("a write on a broken stream: %v, want ErrStreamClosed", err)
 	}
 }
+
+// WaitOr gives up on a member's answer when its expiry fires or its
+// context ends, without forgetting the member: the answer that comes
+// later is still the member's. An answer already in is taken even when
+// the expiry has fired (a round that waited out one member's hedge delay
+// still takes the others' answers, which came in the same message).
+func TestWaitOrKeepsTheMemberWaiting(t *testing.T) {
+	mc, _, _ := tinyShards(t, model.Q4_0)
+	sh, ch := hostPair(t)
+	srv := startServer(t, sh, DefaultConfig())
+	log := &groupLog{hold: make(chan struct{})}
+	cl, ctx := serveGroupExperts(t, srv, mc, ch, log, 2, 3)
+	x := []float32{1, 2, 3, 4, 5, 6, 7, 8}
+	reqs := []Request{
+		{Model: mc, Expert: 0, Hidden: x, N: 1, DType: neuropb.WireDType_WIRE_DTYPE_F32},
+		{Model: mc, Expert: 1, Hidden: x, N: 1, DType: neuropb.WireDType_WIRE_DTYPE_F32},
+	}
+	check := func(what string, resp *Response, err error, f float32) {
+		t.Helper()
+		if err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		for i, v := range resp.Output {
+			if v != f*x[i] {
+				t.Fatalf("%s: output %v, want %v × the input", what, resp.Output, f)
+			}
+		}
+	}
+	fired := make(chan time.Time)
+	close(fired)
+	g, err := cl.SendGroup(ctx, sh.ID(), reqs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, ok := g.WaitOr(ctx, 0, fired); ok {
+		t.Fatal("member 0 answered while its group was held")
+	}
+	ended, cancel := context.WithCancel(ctx)
+	cancel()
+	if _, _, ok := g.WaitOr(ended, 1, nil); ok {
+		t.Fatal("member 1 answered while its group was held")
+	}
+	close(log.hold)
+	resp, err := g.Wait(ctx, 0)
+	check("member 0 after its expiry", resp, err, 2)
+	resp, err, ok := g.WaitOr(ctx, 1, nil)
+	if !ok {
+		t.Fatal("member 1 gave up without an expiry")
+	}
+	check("member 1 after its context ended", resp, err, 3)
+	// With both answers in, a fired expiry does not win (a random choice
+	// between the two would, about every other time).
+	for range 8 {
+		g, err := cl.SendGroup(ctx, sh.ID(), reqs)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := range 2 {
+			for try := 0; len(g.chs[i]) == 0; try++ {
+				if try == 2000 {
+					t.Fatalf("member %d's answer did not come in 10 s", i)
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
+		}
+		for i, f := range []float32{2, 3} {
+			resp, err, ok := g.WaitOr(ctx, i, fired)
+			if !ok {
+				t.Fatalf("member %d: its answer was in, and the fired expiry won", i)
+			}
+			check(fmt.Sprintf("member %d", i), resp, err, f)
+		}
+	}
+}
