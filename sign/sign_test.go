@@ -12,7 +12,7 @@ import (
 	"github.com/neuro-p2p/neuro/neuropb"
 )
 
-func key(t *testing.T) (crypto.PrivKey, peer.ID) {
+func key(t testing.TB) (crypto.PrivKey, peer.ID) {
 	t.Helper()
 	k, _, err := crypto.GenerateEd25519Key(nil)
 	if err != nil {
@@ -143,14 +143,7 @@ func TestVerifyRemembersGoodSignaturesOnly(t *testing.T) {
 
 // BenchmarkVerify: a signature seen first, against one verified before.
 func BenchmarkVerify(b *testing.B) {
-	k, _, err := crypto.GenerateEd25519Key(nil)
-	if err != nil {
-		b.Fatal(err)
-	}
-	id, err := peer.IDFromPrivateKey(k)
-	if err != nil {
-		b.Fatal(err)
-	}
+	k, id := key(b)
 	m := &neuropb.ReceiptBatch{Digests: [][]byte{make([]byte, 32), make([]byte, 32)}}
 	b.Run("first", func(b *testing.B) {
 		b.StopTimer()
