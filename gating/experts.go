@@ -384,8 +384,11 @@ func (r *Receipts) Take() []*neuropb.UsageReceipt {
 	var shared [][]int
 	at := map[string]int{}
 	for i, rc := range rcs {
+		if rc == nil {
+			continue // none came: not valid
+		}
 		j, ok := at[string(rc.GetSignature())]
-		if !ok || rc == nil {
+		if !ok {
 			j = len(shared)
 			at[string(rc.GetSignature())] = j
 			shared = append(shared, nil)
@@ -1084,7 +1087,7 @@ func (r *RemoteExperts) callOnce(ctx context.Context, segs []segment, k expert.K
 			providers = append([]peer.ID{p}, slices.DeleteFunc(slices.Clone(providers), func(q peer.ID) bool { return q == p })...)
 		} else {
 			gm.sent.Forget(gm.i)
-			gm, pre = nil, nil
+			gm = nil
 		}
 	}
 	if gm == nil {
@@ -1121,14 +1124,13 @@ func (r *RemoteExperts) callOnce(ctx context.Context, segs []segment, k expert.K
 		start := time.Now()
 		if grouped && pre != nil {
 			start = pre.start
-			if pre.done {
-				// The round took this try's answer, an error (recorded).
-				newest = start
-				results <- tryResult{err: pre.err, p: p}
-				return true
-			}
 		}
 		newest = start
+		if grouped && pre != nil && pre.done {
+			// The round took this try's answer, an error (recorded).
+			results <- tryResult{err: pre.err, p: p}
+			return true
+		}
 		go func() {
 			cctx, ccancel := context.WithDeadline(ctx, start.Add(deadline))
 			defer ccancel()
