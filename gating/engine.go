@@ -1115,7 +1115,7 @@ func (e *Engine) Generate(ctx context.Context, req *neuropb.InferRequest, cb Cal
 		}
 		res.Tokens = res.Tokens[:step]
 		res.Rewinds++
-		epoch = checks.Rewound()
+		epoch = checks.Rewound(step)
 		textBytes := out.rewind(vocab.Continue(res.Tokens))
 		// forward_tokens: 1, or the whole sequence where a sliding
 		// window's cache no longer reached back that far

@@ -187,7 +187,8 @@ func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expe
 	// generation when it had used the result.
 	convict := func(accused peer.ID, wrong []float32, rc *neuropb.UsageReceipt, judges [2]peer.ID, right []float32, probe bool) {
 		v.wrong.Add(1)
-		v.log.Warn("expert result found wrong", "peer", accused, "expert", k.String(), "off", RelL2(wrong, right), "probe", probe)
+		v.log.Warn("expert result found wrong", "peer", accused, "expert", k.String(), "off", RelL2(wrong, right), "probe", probe,
+			"pass", step, "epoch", epoch)
 		if accused == used && checks != nil {
 			checks.bad(epoch, step)
 		}
@@ -337,11 +338,18 @@ func (v *Validator) spawn(checks *Checks, f func(context.Context)) {
 
 // Checks follows the checks of one generation: which forward pass used a
 // result later found wrong, so that the generation rewinds to it.
+//
+// A pass is named by its step (the index of the first token it chose) and
+// its epoch (the count of rewinds before it). A rewind to step s keeps the
+// passes before s: a check of one of those that comes back wrong after the
+// rewind still counts (its token is still in the answer), while a check of
+// a pass at s or later, which the rewind discarded, no longer does.
 type Checks struct {
 	wg    sync.WaitGroup
 	mu    sync.Mutex
 	epoch int
-	first int // earliest bad step of the current epoch, -1 if none
+	cuts  []int // cuts[e]: the step that epoch e was rewound to
+	first int   // earliest bad step still in the answer, -1 if none
 }
 
 // NewChecks makes an empty tracker.
@@ -350,12 +358,20 @@ func NewChecks() *Checks { return &Checks{first: -1} }
 func (c *Checks) bad(epoch, step int) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if epoch == c.epoch && (c.first < 0 || step < c.first) {
+	if epoch < 0 || epoch > c.epoch {
+		return
+	}
+	for _, cut := range c.cuts[epoch:] {
+		if step >= cut {
+			return // discarded by a rewind since
+		}
+	}
+	if c.first < 0 || step < c.first {
 		c.first = step
 	}
 }
 
-// Bad is the earliest forward pass of the current epoch that used a wrong
+// Bad is the earliest forward pass still in the answer that used a wrong
 // result, or -1.
 func (c *Checks) Bad() int {
 	c.mu.Lock()
@@ -363,13 +379,17 @@ func (c *Checks) Bad() int {
 	return c.first
 }
 
-// Rewound starts a new epoch: the checks of passes from before the rewind
-// no longer count.
-func (c *Checks) Rewound() int {
+// Rewound starts a new epoch after a rewind to step: the checks of the
+// passes it discarded (step and later) no longer count, those of the
+// passes before it still do. It returns the new epoch.
+func (c *Checks) Rewound(step int) int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.cuts = append(c.cuts, step)
 	c.epoch++
-	c.first = -1
+	if c.first >= step {
+		c.first = -1
+	}
 	return c.epoch
 }
 

@@ -153,3 +153,39 @@ func TestProbesDoNotHoldTheGeneration(t *testing.T) {
 		t.Fatalf("%d checks, want the local check and the probe", n)
 	}
 }
+
+// A rewind discards the passes from its step on, not the ones before it:
+// a check of an earlier pass that comes back wrong after the rewind still
+// rewinds the generation to that pass (a slow local check of the prompt's
+// pass, beaten by a quick one of the next pass, once left a wrong first
+// token in the answer), while a check of a discarded pass no longer counts.
+func TestChecksKeepTheirPassAcrossARewind(t *testing.T) {
+	c := NewChecks()
+	c.bad(0, 3) // the check of pass 3 comes back first
+	if bad := c.Bad(); bad != 3 {
+		t.Fatalf("bad %d, want 3", bad)
+	}
+	e := c.Rewound(3)
+	if e != 1 || c.Bad() != -1 {
+		t.Fatalf("after the rewind: epoch %d, bad %d", e, c.Bad())
+	}
+	c.bad(0, 5) // pass 5 of epoch 0 was discarded by the rewind to 3
+	if bad := c.Bad(); bad != -1 {
+		t.Fatalf("a discarded pass's check counted: bad %d", bad)
+	}
+	c.bad(0, 0) // the prompt's pass, kept by the rewind to 3
+	if bad := c.Bad(); bad != 0 {
+		t.Fatalf("a kept pass's check was dropped: bad %d, want 0", bad)
+	}
+	e = c.Rewound(0)
+	c.bad(1, 2) // epoch 1's pass 2, discarded by the rewind to 0
+	c.bad(0, 1) // epoch 0's pass 1, discarded by it too
+	if bad := c.Bad(); e != 2 || bad != -1 {
+		t.Fatalf("epoch %d, bad %d after checks of discarded passes", e, bad)
+	}
+	c.bad(2, 4)
+	c.bad(2, 1)
+	if bad := c.Bad(); bad != 1 {
+		t.Fatalf("bad %d, want the earliest of the current epoch's, 1", bad)
+	}
+}

@@ -297,7 +297,7 @@ func (c *checkedExperts) Step(pos int, rewound bool, escrow uint64, delegation *
 		c.gen.Delegation = delegation
 	}
 	if rewound {
-		c.epoch, c.reported = c.gen.Checks.Rewound(), -1
+		c.epoch, c.reported = c.gen.Checks.Rewound(pos), -1
 	}
 	c.gen.Step(c.epoch, pos)
 }
