@@ -19,9 +19,9 @@ const maxJudged = 16
 // beside the generations, on the same links and cores as the expert calls.
 const judgeFetchRate = 4 << 20
 
-// errJudgeBusy: the judge is fetching or loading another expert's shard;
-// the check that asked decides nothing this time, and a later one will.
-var errJudgeBusy = errors.New("fetching or loading another expert's shard")
+// ErrJudgeBusy: the judge is fetching or loading another expert's shard
+// (LocalFunc without wait).
+var ErrJudgeBusy = errors.New("fetching or loading another expert's shard")
 
 // localJudge computes expert tasks on the gating node from the experts'
 // shards, fetched by CID (and so verified) when the store lacks them. It
@@ -30,16 +30,17 @@ var errJudgeBusy = errors.New("fetching or loading another expert's shard")
 // is decided, and each took a shard read, verified and loaded at once (8
 // to 24 shards of 12 MiB in the first tokens of a loopback testnet's
 // generation, 0.2 to 1.3 s of the gating node's core, which has the
-// generation's attention to compute).
+// generation's attention to compute). A check that finds it busy asks a
+// proven peer instead, or waits its turn (LocalFunc's wait).
 type localJudge struct {
 	f       Fetcher
 	loader  moe.ExpertLoader
 	threads int
 
-	mu      sync.Mutex
-	loaded  map[judgedKey]moe.Expert
-	order   []judgedKey // least recently used first
-	getting bool        // one shard fetched or loaded at a time
+	mu     sync.Mutex
+	loaded map[judgedKey]moe.Expert
+	order  []judgedKey   // least recently used first
+	turn   chan struct{} // held while a shard is fetched or loaded: one at a time
 }
 
 type judgedKey struct {
@@ -48,30 +49,32 @@ type judgedKey struct {
 }
 
 func newLocalJudge(f Fetcher, loader moe.ExpertLoader, threads int) *localJudge {
-	return &localJudge{f: f, loader: loader, threads: max(1, threads), loaded: map[judgedKey]moe.Expert{}}
+	return &localJudge{f: f, loader: loader, threads: max(1, threads), loaded: map[judgedKey]moe.Expert{}, turn: make(chan struct{}, 1)}
 }
 
-func (j *localJudge) get(ctx context.Context, model cid.Cid, k expert.Key) (moe.Expert, error) {
+func (j *localJudge) get(ctx context.Context, model cid.Cid, k expert.Key, wait bool) (moe.Expert, error) {
 	key := judgedKey{model, k}
-	j.mu.Lock()
-	if e := j.loaded[key]; e != nil {
-		j.touch(key)
-		j.mu.Unlock()
+	if e := j.cached(key); e != nil {
 		return e, nil
 	}
 	// One expert fetched or loaded at a time: checks must not crowd out
 	// the expert calls they check.
-	if j.getting {
-		j.mu.Unlock()
-		return nil, errJudgeBusy
+	select {
+	case j.turn <- struct{}{}:
+	default:
+		if !wait {
+			return nil, ErrJudgeBusy
+		}
+		select {
+		case j.turn <- struct{}{}:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
 	}
-	j.getting = true
-	j.mu.Unlock()
-	defer func() {
-		j.mu.Lock()
-		j.getting = false
-		j.mu.Unlock()
-	}()
+	defer func() { <-j.turn }()
+	if e := j.cached(key); e != nil { // got while this one waited
+		return e, nil
+	}
 	m, err := j.f.Store().Manifest(model)
 	if err != nil {
 		return nil, err
@@ -116,6 +119,17 @@ func (j *localJudge) get(ctx context.Context, model cid.Cid, k expert.Key) (moe.
 	return e, nil
 }
 
+// cached is key's expert if it is loaded (marked most recently used), or nil.
+func (j *localJudge) cached(key judgedKey) moe.Expert {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	e := j.loaded[key]
+	if e != nil {
+		j.touch(key)
+	}
+	return e
+}
+
 // touch marks key most recently used. Hold mu.
 func (j *localJudge) touch(key judgedKey) {
 	for i, x := range j.order {
@@ -127,11 +141,11 @@ func (j *localJudge) touch(key judgedKey) {
 }
 
 // compute implements LocalFunc.
-func (j *localJudge) compute(ctx context.Context, model cid.Cid, k expert.Key, in []float32, n int) ([]float32, error) {
+func (j *localJudge) compute(ctx context.Context, model cid.Cid, k expert.Key, in []float32, n int, wait bool) ([]float32, error) {
 	var e moe.Expert
 	for attempt := 0; ; attempt++ {
 		var err error
-		if e, err = j.get(ctx, model, k); err != nil {
+		if e, err = j.get(ctx, model, k, wait); err != nil {
 			return nil, fmt.Errorf("judge %s: %w", k, err)
 		}
 		// Compute under mu, so that no eviction closes the expert meanwhile;

@@ -35,10 +35,9 @@ func (l gatedLoader) NewExpert(w moe.ExpertWeights, o moe.ExpertOptions) (moe.Ex
 }
 
 // TestJudgeGetsOneExpertAtATime: while the judge loads one expert's shard,
-// a check that needs another is answered busy at once (it decides
-// nothing) instead of loading a second shard beside it; a check of an
-// expert already loaded is computed meanwhile; once the load is done, the
-// next expert loads.
+// a check that needs another is answered busy at once instead of loading
+// a second shard beside it, or, when it waits its turn, loads after it; a
+// check of an expert already loaded is computed meanwhile.
 func TestJudgeGetsOneExpertAtATime(t *testing.T) {
 	p := model.Presets["tiny"]
 	dir, split := splitModel(t, p, model.F32, 5)
@@ -62,7 +61,7 @@ func TestJudgeGetsOneExpertAtATime(t *testing.T) {
 
 	// k0 is loaded first, unhindered.
 	close(l.release)
-	if _, err := j.compute(ctx, split.ModelCID, k0, in, 1); err != nil {
+	if _, err := j.compute(ctx, split.ModelCID, k0, in, 1, false); err != nil {
 		t.Fatalf("judge k0: %v", err)
 	}
 	<-l.entered
@@ -72,7 +71,7 @@ func TestJudgeGetsOneExpertAtATime(t *testing.T) {
 	// k1's load is held; k2 meanwhile is busy, k0 computes.
 	done := make(chan error, 1)
 	go func() {
-		_, err := j.compute(ctx, split.ModelCID, k1, in, 1)
+		_, err := j.compute(ctx, split.ModelCID, k1, in, 1, false)
 		done <- err
 	}()
 	select {
@@ -82,12 +81,12 @@ func TestJudgeGetsOneExpertAtATime(t *testing.T) {
 	}
 	busy := make(chan error, 1)
 	go func() {
-		_, err := j.compute(ctx, split.ModelCID, k2, in, 1)
+		_, err := j.compute(ctx, split.ModelCID, k2, in, 1, false)
 		busy <- err
 	}()
 	select {
 	case err := <-busy:
-		if !errors.Is(err, errJudgeBusy) {
+		if !errors.Is(err, ErrJudgeBusy) {
 			t.Fatalf("judge k2 while k1 loads: %v, want busy", err)
 		}
 	case <-l.entered:
@@ -96,20 +95,58 @@ func TestJudgeGetsOneExpertAtATime(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("judge k2 while k1 loads: no answer")
 	}
-	if out, err := j.compute(ctx, split.ModelCID, k0, in, 1); err != nil || len(out) != p.Embd {
+	if out, err := j.compute(ctx, split.ModelCID, k0, in, 1, false); err != nil || len(out) != p.Embd {
 		t.Fatalf("judge k0 (loaded) while k1 loads: %d floats, %v", len(out), err)
 	}
+	// A check that waits for its turn (a used answer of a new peer that no
+	// proven peer could check) waits for k1's load, then loads k2.
+	waited := make(chan error, 1)
+	go func() {
+		_, err := j.compute(ctx, split.ModelCID, k2, in, 1, true)
+		waited <- err
+	}()
 	select {
 	case <-l.entered:
 		t.Fatal("a second load started beside k1's")
-	default:
+	case err := <-waited:
+		t.Fatalf("a check of k2 that waits its turn came back while k1 loads: %v", err)
+	case <-time.After(100 * time.Millisecond):
 	}
 	close(l.release)
 	if err := <-done; err != nil {
 		t.Fatalf("judge k1: %v", err)
 	}
-	if _, err := j.compute(ctx, split.ModelCID, k2, in, 1); err != nil {
-		t.Fatalf("judge k2 after k1's load: %v", err)
+	select {
+	case <-l.entered: // k2's load, after k1's
+	case <-time.After(30 * time.Second):
+		t.Fatal("k2's load did not start after k1's")
 	}
+	if err := <-waited; err != nil {
+		t.Fatalf("judge k2 after waiting its turn: %v", err)
+	}
+	if _, err := j.compute(ctx, split.ModelCID, k2, in, 1, false); err != nil {
+		t.Fatalf("judge k2 once loaded: %v", err)
+	}
+	// A waiting check gives up when its context ends.
+	l.release = make(chan struct{})
+	j.loader = l
+	k3 := expert.Key{Layer: first, Expert: 3}
+	go func() {
+		_, err := j.compute(ctx, split.ModelCID, k3, in, 1, false)
+		done <- err
+	}()
 	<-l.entered
+	cctx, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+	defer cancel()
+	if _, err := j.compute(cctx, split.ModelCID, k0, in, 1, true); err != nil {
+		t.Fatalf("judge k0 (loaded) while k3 loads: %v", err)
+	}
+	k4 := expert.Key{Layer: first + 1, Expert: 0} // never loaded
+	if _, err := j.compute(cctx, split.ModelCID, k4, in, 1, true); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("a waiting check whose context ended: %v", err)
+	}
+	close(l.release)
+	if err := <-done; err != nil {
+		t.Fatalf("judge k3: %v", err)
+	}
 }

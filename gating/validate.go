@@ -146,7 +146,10 @@ type checker func(ctx context.Context, p peer.ID) ([]float32, *neuropb.UsageRece
 // LocalFunc computes an expert task on the gating node itself, from the
 // expert's shard (verified by CID): the judge that colluding peers cannot
 // outvote.
-type LocalFunc func(ctx context.Context, model cid.Cid, k expert.Key, in []float32, n int) ([]float32, error)
+//
+// While it fetches or loads another expert's shard it answers ErrJudgeBusy
+// at once, or with wait set waits its turn (until ctx ends).
+type LocalFunc func(ctx context.Context, model cid.Cid, k expert.Key, in []float32, n int, wait bool) ([]float32, error)
 
 // after is called with every answer used: out, computed by used for task
 // k. others are the other trusted providers; excluded the excluded ones.
@@ -172,11 +175,13 @@ func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expe
 		receipt = func() *neuropb.UsageReceipt { return nil }
 	}
 	tol := reputation.ToleranceFor(weights...)
-	local := func(bg context.Context) ([]float32, bool) {
+	// local asks the gating node's own judge; wait: while it gets another
+	// expert's shard, wait for it rather than be told it is busy.
+	local := func(bg context.Context, wait bool) ([]float32, bool) {
 		if v.cfg.Local == nil {
 			return nil, false
 		}
-		ref, err := v.cfg.Local(bg, model, k, in, n)
+		ref, err := v.cfg.Local(bg, model, k, in, n, wait)
 		if err != nil {
 			v.log.Debug("local check", "expert", k.String(), "err", err)
 			return nil, false
@@ -218,7 +223,7 @@ func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expe
 		// probed from to checkWait. A probe answered after its generation
 		// was settled goes unpaid, as a late check does.
 		v.spawn(nil, func(bg context.Context) {
-			ref, judged := local(bg)
+			ref, judged := local(bg, false)
 			if !judged {
 				if !usedProven {
 					return // nothing trustworthy to compare with
@@ -229,6 +234,19 @@ func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expe
 			v.checks.Add(1)
 			if err != nil {
 				return
+			}
+			if !judged && RelL2(got, ref) > tol {
+				// The probe disagrees with a proven peer's answer: the
+				// judge decides, once its turn comes, so that a wrong probe
+				// is convicted with evidence (a verdict the ledger can
+				// slash by) rather than only marked down.
+				if dec, ok := local(bg, true); ok {
+					ref, judged = dec, true
+					if RelL2(out, ref) > tol { // the used answer was the wrong one
+						v.book.Validated(used, false)
+						convict(used, out, receipt(), [2]peer.ID{v.self, v.self}, ref, false)
+					}
+				}
 			}
 			ok := RelL2(got, ref) <= tol
 			// A verdict on a peer already excluded adds no news.
@@ -243,48 +261,22 @@ func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expe
 	if v.draw() >= v.book.CheckRate(used) {
 		return
 	}
-	if !v.book.Vetted(used) && v.cfg.Local != nil {
-		v.spawn(checks, func(bg context.Context) {
-			ref, ok := local(bg)
-			if !ok {
-				return
-			}
-			v.checks.Add(1)
-			if RelL2(out, ref) <= tol {
-				v.book.Validated(used, true)
-				return
-			}
-			v.book.Validated(used, false)
-			convict(used, out, receipt(), [2]peer.ID{v.self, v.self}, ref, false)
-		})
-		return
-	}
-	if len(others) == 0 {
-		return
-	}
-	// The checker is drawn at random among the other providers, proven
-	// ones first, so that no peer can tell whose answer its own will be
-	// compared with.
-	order := slices.Clone(others)
-	v.mu.Lock()
-	v.rng.Shuffle(len(order), func(i, j int) { order[i], order[j] = order[j], order[i] })
-	v.mu.Unlock()
-	slices.SortStableFunc(order, func(a, b peer.ID) int { return v.book.Streak(b) - v.book.Streak(a) })
-	second := order[0]
-	third := order[1:]
-	v.spawn(checks, func(bg context.Context) {
+	// byPeers has second compute the task again; when the two disagree,
+	// the local judge decides, or else the first of third that answers.
+	// It says whether the check was decided.
+	byPeers := func(bg context.Context, second peer.ID, third []peer.ID) bool {
 		got, rc, err := call(bg, second)
 		v.checks.Add(1)
 		if err != nil {
-			return // a failed check decides nothing; the call path scores failures
+			return false // a failed check decides nothing; the call path scores failures
 		}
 		if RelL2(got, out) <= tol {
 			v.book.Validated(used, true)
 			v.book.Validated(second, true)
-			return
+			return true
 		}
 		dec, decider, ok := []float32(nil), v.self, false
-		if dec, ok = local(bg); !ok {
+		if dec, ok = local(bg, false); !ok {
 			for _, r := range third {
 				if d, _, err := call(bg, r); err == nil {
 					v.checks.Add(1)
@@ -294,7 +286,7 @@ func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expe
 			}
 		}
 		if !ok {
-			return
+			return false
 		}
 		agreeUsed, agreeSecond := RelL2(dec, out) <= tol, RelL2(dec, got) <= tol
 		switch {
@@ -314,8 +306,60 @@ func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expe
 			convict(second, got, rc, [2]peer.ID{used, decider}, dec, false)
 		default:
 			v.log.Info("expert check undecided", "expert", k.String(), "peers", []peer.ID{used, second, decider})
+			return false
 		}
-	})
+		return true
+	}
+	// The checker is drawn at random among the other providers, proven
+	// ones first, so that no peer can tell whose answer its own will be
+	// compared with.
+	order := slices.Clone(others)
+	v.mu.Lock()
+	v.rng.Shuffle(len(order), func(i, j int) { order[i], order[j] = order[j], order[i] })
+	v.mu.Unlock()
+	slices.SortStableFunc(order, func(a, b peer.ID) int { return v.book.Streak(b) - v.book.Streak(a) })
+
+	if !v.book.Vetted(used) && v.cfg.Local != nil {
+		// A new peer's answer is checked by the local judge. While the
+		// judge gets another expert's shard, a proven peer checks it
+		// instead (two new peers that lie alike must not vouch for each
+		// other); with none, or none that decided, the judge does once it
+		// is free. An answer the generation used is never left unchecked
+		// because the judge was busy.
+		var proven []peer.ID
+		for _, p := range order {
+			if v.book.Vetted(p) && !v.book.Excluded(p) {
+				proven = append(proven, p)
+			}
+		}
+		v.spawn(checks, func(bg context.Context) {
+			ref, ok := local(bg, false)
+			if !ok {
+				if len(proven) > 0 && byPeers(bg, proven[0], proven[1:]) {
+					return
+				}
+				if ref, ok = local(bg, true); !ok {
+					if bg.Err() != nil {
+						return // the validator closed, or the check's time ran out
+					}
+					v.log.Warn("an answer of a new peer went unchecked: the local judge failed", "peer", used, "expert", k.String())
+					return
+				}
+			}
+			v.checks.Add(1)
+			if RelL2(out, ref) <= tol {
+				v.book.Validated(used, true)
+				return
+			}
+			v.book.Validated(used, false)
+			convict(used, out, receipt(), [2]peer.ID{v.self, v.self}, ref, false)
+		})
+		return
+	}
+	if len(order) == 0 {
+		return
+	}
+	v.spawn(checks, func(bg context.Context) { byPeers(bg, order[0], order[1:]) })
 }
 
 // spawn runs a check in the background, counted by the validator and by

@@ -113,7 +113,7 @@ func TestProbesDoNotHoldTheGeneration(t *testing.T) {
 		t.Fatal(err)
 	}
 	right := []float32{1, 2, 3, 4}
-	v := NewValidator("self", book, ValidatorConfig{ProbeRate: 1, Local: func(context.Context, cid.Cid, expert.Key, []float32, int) ([]float32, error) {
+	v := NewValidator("self", book, ValidatorConfig{ProbeRate: 1, Local: func(context.Context, cid.Cid, expert.Key, []float32, int, bool) ([]float32, error) {
 		return right, nil
 	}}, quiet())
 	defer v.Close()
@@ -187,5 +187,110 @@ func TestChecksKeepTheirPassAcrossARewind(t *testing.T) {
 	c.bad(2, 1)
 	if bad := c.Bad(); bad != 1 {
 		t.Fatalf("bad %d, want the earliest of the current epoch's, 1", bad)
+	}
+}
+
+// A used answer of a new peer is checked even while the local judge is
+// busy getting another expert's shard: a proven peer checks it, or else
+// the judge once its turn comes. (A check that the busy judge answered
+// decided nothing, and a wrong answer of a new peer in a generation's
+// first pass stayed in the answer.) Two new peers that agree do not vouch
+// for each other.
+func TestBusyJudgeLeavesNoAnswerUnchecked(t *testing.T) {
+	right, wrong := []float32{1, 2, 3, 4}, []float32{1, 2, 3, 40}
+	for _, tc := range []struct {
+		name   string
+		out    []float32
+		others []peer.ID
+		// what the check must find, and whether the judge was waited for
+		bad    int
+		waited bool
+	}{
+		{"liar, a proven peer checks", wrong, []peer.ID{"proven"}, 3, true}, // the proven peer disagrees; the judge decides
+		{"honest, a proven peer checks", right, []peer.ID{"proven"}, -1, false},
+		{"liar, no other provider", wrong, nil, 3, true},
+		{"liar, a new peer that lies alike", wrong, []peer.ID{"alike"}, 3, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			book, err := reputation.Open(reputation.DefaultConfig())
+			if err != nil {
+				t.Fatal(err)
+			}
+			book.Validated("proven", true)
+			var waits int
+			v := NewValidator("self", book, ValidatorConfig{ProbeRate: 1e-9,
+				Local: func(_ context.Context, _ cid.Cid, _ expert.Key, _ []float32, _ int, wait bool) ([]float32, error) {
+					if !wait {
+						return nil, ErrJudgeBusy
+					}
+					waits++
+					return right, nil
+				}}, quiet())
+			defer v.Close()
+			call := func(_ context.Context, p peer.ID) ([]float32, *neuropb.UsageReceipt, error) {
+				switch p {
+				case "proven":
+					return right, nil, nil
+				case "alike":
+					return wrong, nil, nil
+				}
+				return nil, nil, errors.New("no such provider")
+			}
+			checks := NewChecks()
+			v.after(checks, 0, 3, cid.Cid{}, expert.Key{Layer: 1, Expert: 2}, nil, right, 1, "new", tc.out, nil, tc.others, nil, call)
+			v.Wait()
+			if bad := checks.Bad(); bad != tc.bad {
+				t.Errorf("bad pass %d, want %d", bad, tc.bad)
+			}
+			if (waits > 0) != tc.waited {
+				t.Errorf("the judge was waited for %d times, want %v", waits, tc.waited)
+			}
+			if !book.Vetted("new") {
+				t.Error("the new peer's answer was not decided")
+			}
+		})
+	}
+}
+
+// A probe that disagrees with a proven peer's answer while the judge is
+// busy is decided by the judge once its turn comes, and a wrong one is
+// convicted with a verdict: marked down on the proven answer alone, a
+// faulty node was excluded without the evidence the ledger slashes by.
+func TestBusyJudgeDecidesADisagreeingProbe(t *testing.T) {
+	right, wrong := []float32{1, 2, 3, 4}, []float32{1, 2, 3, 40}
+	book, err := reputation.Open(reputation.DefaultConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 20 { // checked rarely: this test is about the probe
+		book.Validated("used", true)
+	}
+	verdicts := make(chan Verdict, 4)
+	v := NewValidator("self", book, ValidatorConfig{ProbeRate: 1, OnWrong: func(w Verdict) { verdicts <- w },
+		Local: func(_ context.Context, _ cid.Cid, _ expert.Key, _ []float32, _ int, wait bool) ([]float32, error) {
+			if !wait {
+				return nil, ErrJudgeBusy
+			}
+			return right, nil
+		}}, quiet())
+	defer v.Close()
+	call := func(_ context.Context, p peer.ID) ([]float32, *neuropb.UsageReceipt, error) {
+		if p == "liar" {
+			return wrong, &neuropb.UsageReceipt{Escrow: 7}, nil
+		}
+		return nil, nil, errors.New("no such provider")
+	}
+	v.after(nil, 0, 0, cid.Cid{}, expert.Key{Layer: 1, Expert: 2}, nil, right, 1, "used", right, nil, []peer.ID{"liar"}, nil, call)
+	v.Wait()
+	select {
+	case w := <-verdicts:
+		if w.Accused != "liar" || w.Receipt.GetEscrow() != 7 || w.Right[3] != 4 {
+			t.Fatalf("verdict %+v", w)
+		}
+	default:
+		t.Fatal("the wrong probe was not convicted")
+	}
+	if len(verdicts) != 0 {
+		t.Fatalf("%d more verdicts: the used answer was right", len(verdicts))
 	}
 }
