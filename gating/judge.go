@@ -52,7 +52,7 @@ func newLocalJudge(f Fetcher, loader moe.ExpertLoader, threads int) *localJudge 
 	return &localJudge{f: f, loader: loader, threads: max(1, threads), loaded: map[judgedKey]moe.Expert{}, turn: make(chan struct{}, 1)}
 }
 
-func (j *localJudge) get(ctx context.Context, model cid.Cid, k expert.Key, wait bool) (moe.Expert, error) {
+func (j *localJudge) get(ctx context.Context, model cid.Cid, k expert.Key, wait func() bool) (moe.Expert, error) {
 	key := judgedKey{model, k}
 	if e := j.cached(key); e != nil {
 		return e, nil
@@ -62,7 +62,7 @@ func (j *localJudge) get(ctx context.Context, model cid.Cid, k expert.Key, wait 
 	select {
 	case j.turn <- struct{}{}:
 	default:
-		if !wait {
+		if wait == nil {
 			return nil, ErrJudgeBusy
 		}
 		select {
@@ -70,11 +70,22 @@ func (j *localJudge) get(ctx context.Context, model cid.Cid, k expert.Key, wait 
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		}
+		defer func() { <-j.turn }()
+		if e := j.cached(key); e != nil { // got while this one waited
+			return e, nil
+		}
+		if !wait() {
+			return nil, ErrJudgeBusy
+		}
+		return j.load(ctx, key)
 	}
 	defer func() { <-j.turn }()
-	if e := j.cached(key); e != nil { // got while this one waited
-		return e, nil
-	}
+	return j.load(ctx, key)
+}
+
+// load fetches, verifies and loads key's shard. Hold the turn.
+func (j *localJudge) load(ctx context.Context, key judgedKey) (moe.Expert, error) {
+	model, k := key.model, key.k
 	m, err := j.f.Store().Manifest(model)
 	if err != nil {
 		return nil, err
@@ -141,7 +152,7 @@ func (j *localJudge) touch(key judgedKey) {
 }
 
 // compute implements LocalFunc.
-func (j *localJudge) compute(ctx context.Context, model cid.Cid, k expert.Key, in []float32, n int, wait bool) ([]float32, error) {
+func (j *localJudge) compute(ctx context.Context, model cid.Cid, k expert.Key, in []float32, n int, wait func() bool) ([]float32, error) {
 	var e moe.Expert
 	for attempt := 0; ; attempt++ {
 		var err error

@@ -61,7 +61,7 @@ func TestJudgeGetsOneExpertAtATime(t *testing.T) {
 
 	// k0 is loaded first, unhindered.
 	close(l.release)
-	if _, err := j.compute(ctx, split.ModelCID, k0, in, 1, false); err != nil {
+	if _, err := j.compute(ctx, split.ModelCID, k0, in, 1, nil); err != nil {
 		t.Fatalf("judge k0: %v", err)
 	}
 	<-l.entered
@@ -71,7 +71,7 @@ func TestJudgeGetsOneExpertAtATime(t *testing.T) {
 	// k1's load is held; k2 meanwhile is busy, k0 computes.
 	done := make(chan error, 1)
 	go func() {
-		_, err := j.compute(ctx, split.ModelCID, k1, in, 1, false)
+		_, err := j.compute(ctx, split.ModelCID, k1, in, 1, nil)
 		done <- err
 	}()
 	select {
@@ -81,7 +81,7 @@ func TestJudgeGetsOneExpertAtATime(t *testing.T) {
 	}
 	busy := make(chan error, 1)
 	go func() {
-		_, err := j.compute(ctx, split.ModelCID, k2, in, 1, false)
+		_, err := j.compute(ctx, split.ModelCID, k2, in, 1, nil)
 		busy <- err
 	}()
 	select {
@@ -95,14 +95,15 @@ func TestJudgeGetsOneExpertAtATime(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("judge k2 while k1 loads: no answer")
 	}
-	if out, err := j.compute(ctx, split.ModelCID, k0, in, 1, false); err != nil || len(out) != p.Embd {
+	if out, err := j.compute(ctx, split.ModelCID, k0, in, 1, nil); err != nil || len(out) != p.Embd {
 		t.Fatalf("judge k0 (loaded) while k1 loads: %d floats, %v", len(out), err)
 	}
 	// A check that waits for its turn (a used answer of a new peer that no
 	// proven peer could check) waits for k1's load, then loads k2.
+	yes := func() bool { return true }
 	waited := make(chan error, 1)
 	go func() {
-		_, err := j.compute(ctx, split.ModelCID, k2, in, 1, true)
+		_, err := j.compute(ctx, split.ModelCID, k2, in, 1, yes)
 		waited <- err
 	}()
 	select {
@@ -124,7 +125,7 @@ func TestJudgeGetsOneExpertAtATime(t *testing.T) {
 	if err := <-waited; err != nil {
 		t.Fatalf("judge k2 after waiting its turn: %v", err)
 	}
-	if _, err := j.compute(ctx, split.ModelCID, k2, in, 1, false); err != nil {
+	if _, err := j.compute(ctx, split.ModelCID, k2, in, 1, nil); err != nil {
 		t.Fatalf("judge k2 once loaded: %v", err)
 	}
 	// A waiting check gives up when its context ends.
@@ -132,17 +133,17 @@ func TestJudgeGetsOneExpertAtATime(t *testing.T) {
 	j.loader = l
 	k3 := expert.Key{Layer: first, Expert: 3}
 	go func() {
-		_, err := j.compute(ctx, split.ModelCID, k3, in, 1, false)
+		_, err := j.compute(ctx, split.ModelCID, k3, in, 1, nil)
 		done <- err
 	}()
 	<-l.entered
 	cctx, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
 	defer cancel()
-	if _, err := j.compute(cctx, split.ModelCID, k0, in, 1, true); err != nil {
+	if _, err := j.compute(cctx, split.ModelCID, k0, in, 1, yes); err != nil {
 		t.Fatalf("judge k0 (loaded) while k3 loads: %v", err)
 	}
 	k4 := expert.Key{Layer: first + 1, Expert: 0} // never loaded
-	if _, err := j.compute(cctx, split.ModelCID, k4, in, 1, true); !errors.Is(err, context.DeadlineExceeded) {
+	if _, err := j.compute(cctx, split.ModelCID, k4, in, 1, yes); !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("a waiting check whose context ended: %v", err)
 	}
 	close(l.release)

@@ -148,8 +148,9 @@ type checker func(ctx context.Context, p peer.ID) ([]float32, *neuropb.UsageRece
 // outvote.
 //
 // While it fetches or loads another expert's shard it answers ErrJudgeBusy
-// at once, or with wait set waits its turn (until ctx ends).
-type LocalFunc func(ctx context.Context, model cid.Cid, k expert.Key, in []float32, n int, wait bool) ([]float32, error)
+// at once when wait is nil; otherwise it waits its turn (until ctx ends),
+// then gets the shard if wait still says so (ErrJudgeBusy if not).
+type LocalFunc func(ctx context.Context, model cid.Cid, k expert.Key, in []float32, n int, wait func() bool) ([]float32, error)
 
 // after is called with every answer used: out, computed by used for task
 // k. others are the other trusted providers; excluded the excluded ones.
@@ -175,9 +176,10 @@ func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expe
 		receipt = func() *neuropb.UsageReceipt { return nil }
 	}
 	tol := reputation.ToleranceFor(weights...)
-	// local asks the gating node's own judge; wait: while it gets another
-	// expert's shard, wait for it rather than be told it is busy.
-	local := func(bg context.Context, wait bool) ([]float32, bool) {
+	// local asks the gating node's own judge; wait (LocalFunc's): while it
+	// gets another expert's shard, wait for it rather than be told it is
+	// busy.
+	local := func(bg context.Context, wait func() bool) ([]float32, bool) {
 		if v.cfg.Local == nil {
 			return nil, false
 		}
@@ -188,6 +190,7 @@ func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expe
 		}
 		return ref, true
 	}
+	always := func() bool { return true }
 	// convict reports a result found wrong: as a verdict, and to the
 	// generation when it had used the result.
 	convict := func(accused peer.ID, wrong []float32, rc *neuropb.UsageReceipt, judges [2]peer.ID, right []float32, probe bool) {
@@ -223,7 +226,7 @@ func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expe
 		// probed from to checkWait. A probe answered after its generation
 		// was settled goes unpaid, as a late check does.
 		v.spawn(nil, func(bg context.Context) {
-			ref, judged := local(bg, false)
+			ref, judged := local(bg, nil)
 			if !judged {
 				if !usedProven {
 					return // nothing trustworthy to compare with
@@ -240,7 +243,7 @@ func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expe
 				// judge decides, once its turn comes, so that a wrong probe
 				// is convicted with evidence (a verdict the ledger can
 				// slash by) rather than only marked down.
-				if dec, ok := local(bg, true); ok {
+				if dec, ok := local(bg, always); ok {
 					ref, judged = dec, true
 					if RelL2(out, ref) > tol { // the used answer was the wrong one
 						v.book.Validated(used, false)
@@ -276,7 +279,7 @@ func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expe
 			return true
 		}
 		dec, decider, ok := []float32(nil), v.self, false
-		if dec, ok = local(bg, false); !ok {
+		if dec, ok = local(bg, nil); !ok {
 			for _, r := range third {
 				if d, _, err := call(bg, r); err == nil {
 					v.checks.Add(1)
@@ -333,16 +336,27 @@ func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expe
 			}
 		}
 		v.spawn(checks, func(bg context.Context) {
-			ref, ok := local(bg, false)
+			ref, ok := local(bg, nil)
 			if !ok {
 				if len(proven) > 0 && byPeers(bg, proven[0], proven[1:]) {
 					return
 				}
-				if ref, ok = local(bg, true); !ok {
-					if bg.Err() != nil {
-						return // the validator closed, or the check's time ran out
+				// A check that waited for the judge's turn while the peer's
+				// first check vetted it is sampled at its rate by then, as
+				// answers after it are: an honest new peer's first pass (a
+				// prompt's every expert) costs the judge a few shard loads,
+				// not one each.
+				sampledOut := false
+				stillNew := func() bool {
+					if v.book.Vetted(used) && !v.book.Excluded(used) && v.draw() >= v.book.CheckRate(used) {
+						sampledOut = true
 					}
-					v.log.Warn("an answer of a new peer went unchecked: the local judge failed", "peer", used, "expert", k.String())
+					return !sampledOut
+				}
+				if ref, ok = local(bg, stillNew); !ok {
+					if bg.Err() == nil && !sampledOut {
+						v.log.Warn("an answer of a new peer went unchecked: the local judge failed", "peer", used, "expert", k.String())
+					}
 					return
 				}
 			}

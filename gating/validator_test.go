@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"testing"
 	"time"
 
@@ -113,7 +114,7 @@ func TestProbesDoNotHoldTheGeneration(t *testing.T) {
 		t.Fatal(err)
 	}
 	right := []float32{1, 2, 3, 4}
-	v := NewValidator("self", book, ValidatorConfig{ProbeRate: 1, Local: func(context.Context, cid.Cid, expert.Key, []float32, int, bool) ([]float32, error) {
+	v := NewValidator("self", book, ValidatorConfig{ProbeRate: 1, Local: func(context.Context, cid.Cid, expert.Key, []float32, int, func() bool) ([]float32, error) {
 		return right, nil
 	}}, quiet())
 	defer v.Close()
@@ -219,8 +220,8 @@ func TestBusyJudgeLeavesNoAnswerUnchecked(t *testing.T) {
 			book.Validated("proven", true)
 			var waits int
 			v := NewValidator("self", book, ValidatorConfig{ProbeRate: 1e-9,
-				Local: func(_ context.Context, _ cid.Cid, _ expert.Key, _ []float32, _ int, wait bool) ([]float32, error) {
-					if !wait {
+				Local: func(_ context.Context, _ cid.Cid, _ expert.Key, _ []float32, _ int, wait func() bool) ([]float32, error) {
+					if wait == nil || !wait() {
 						return nil, ErrJudgeBusy
 					}
 					waits++
@@ -267,8 +268,8 @@ func TestBusyJudgeDecidesADisagreeingProbe(t *testing.T) {
 	}
 	verdicts := make(chan Verdict, 4)
 	v := NewValidator("self", book, ValidatorConfig{ProbeRate: 1, OnWrong: func(w Verdict) { verdicts <- w },
-		Local: func(_ context.Context, _ cid.Cid, _ expert.Key, _ []float32, _ int, wait bool) ([]float32, error) {
-			if !wait {
+		Local: func(_ context.Context, _ cid.Cid, _ expert.Key, _ []float32, _ int, wait func() bool) ([]float32, error) {
+			if wait == nil || !wait() {
 				return nil, ErrJudgeBusy
 			}
 			return right, nil
@@ -292,5 +293,42 @@ func TestBusyJudgeDecidesADisagreeingProbe(t *testing.T) {
 	}
 	if len(verdicts) != 0 {
 		t.Fatalf("%d more verdicts: the used answer was right", len(verdicts))
+	}
+}
+
+// A check that waited for the judge's turn while its peer's first check
+// vetted it is sampled at the peer's rate by then: it gets no shard when
+// the draw says so, and it is not reported as unchecked.
+func TestWaitingCheckIsSampledOnceThePeerIsVetted(t *testing.T) {
+	cfg := reputation.DefaultConfig()
+	cfg.CheckFloor = 1e-9
+	book, err := reputation.Open(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	right := []float32{1, 2, 3, 4}
+	var waited, loads int
+	v := NewValidator("self", book, ValidatorConfig{ProbeRate: 1e-9,
+		Local: func(_ context.Context, _ cid.Cid, _ expert.Key, _ []float32, _ int, wait func() bool) ([]float32, error) {
+			if wait == nil {
+				return nil, ErrJudgeBusy
+			}
+			waited++
+			for range 1000 { // the peer's first check, decided meanwhile
+				book.Validated("new", true)
+			}
+			if !wait() {
+				return nil, ErrJudgeBusy
+			}
+			loads++
+			return right, nil
+		}}, quiet())
+	defer v.Close()
+	v.rng = rand.New(rand.NewChaCha8([32]byte{1})) // draws known: none under 1/1001
+	checks := NewChecks()
+	v.after(checks, 0, 0, cid.Cid{}, expert.Key{Layer: 1, Expert: 2}, nil, right, 1, "new", right, nil, nil, nil, nil)
+	v.Wait()
+	if waited != 1 || loads != 0 || checks.Bad() != -1 {
+		t.Fatalf("waited %d, loaded %d, bad %d; want 1, 0, -1", waited, loads, checks.Bad())
 	}
 }
