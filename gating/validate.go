@@ -45,6 +45,7 @@ type Validator struct {
 	rng  *rand.Rand
 
 	calls, checks, wrong atomic.Int64
+	inFlight             atomic.Int64
 	wg                   sync.WaitGroup
 	// life ends the checks in flight when the validator closes.
 	life context.Context
@@ -115,6 +116,9 @@ func (v *Validator) draw() float64 {
 func (v *Validator) Stats() (calls, checks, wrong int64) {
 	return v.calls.Load(), v.checks.Load(), v.wrong.Load()
 }
+
+// InFlight counts the checks and probes running now.
+func (v *Validator) InFlight() int64 { return v.inFlight.Load() }
 
 // Wait waits for the checks in flight.
 func (v *Validator) Wait() { v.wg.Wait() }
@@ -380,6 +384,7 @@ func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expe
 // the generation it belongs to.
 func (v *Validator) spawn(checks *Checks, f func(context.Context)) {
 	v.wg.Add(1)
+	v.inFlight.Add(1)
 	if checks != nil {
 		checks.wg.Add(1)
 	}
@@ -388,6 +393,7 @@ func (v *Validator) spawn(checks *Checks, f func(context.Context)) {
 		if checks != nil {
 			defer checks.wg.Done()
 		}
+		defer v.inFlight.Add(-1) // before the waits above end
 		ctx, cancel := context.WithTimeout(v.life, 30*time.Second)
 		defer cancel()
 		f(ctx)

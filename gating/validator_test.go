@@ -148,8 +148,14 @@ func TestProbesDoNotHoldTheGeneration(t *testing.T) {
 	if !book.Vetted("used") || checks.Bad() != -1 {
 		t.Fatalf("the used answer's own check: vetted %v, bad step %d", book.Vetted("used"), checks.Bad())
 	}
+	if n := v.InFlight(); n != 1 {
+		t.Fatalf("%d checks in flight while the probe stalls, want 1", n)
+	}
 	close(release)
 	v.Wait()
+	if n := v.InFlight(); n != 0 {
+		t.Fatalf("%d checks in flight after all ended", n)
+	}
 	if _, n, _ := v.Stats(); n != 2 {
 		t.Fatalf("%d checks, want the local check and the probe", n)
 	}

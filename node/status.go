@@ -95,6 +95,8 @@ type ValidationStatus struct {
 	Calls  int64 `json:"calls"`
 	Checks int64 `json:"checks"`
 	Wrong  int64 `json:"wrong"`
+	// InFlight counts the checks and probes running now.
+	InFlight int64 `json:"in_flight"`
 }
 
 // PeerReputation is one peer's reputation record.
@@ -222,7 +224,7 @@ func (n *Node) Status() Status {
 		gs.Reputation = []PeerReputation{}
 		if v := g.Validator(); v != nil {
 			calls, checks, wrong := v.Stats()
-			gs.Validation = &ValidationStatus{Calls: calls, Checks: checks, Wrong: wrong}
+			gs.Validation = &ValidationStatus{Calls: calls, Checks: checks, Wrong: wrong, InFlight: v.InFlight()}
 			for _, e := range v.Book().Snapshot() {
 				gs.Reputation = append(gs.Reputation, PeerReputation{PeerID: e.Peer.String(), Score: e.Score,
 					Correctness: e.Correctness, Timeliness: e.Timeliness, Speed: e.Speed, Availability: e.Availability,

@@ -325,9 +325,13 @@ func (r *Run) paidAsk(ctx context.Context) error {
 		return r.failNet(err)
 	}
 	_, faults := r.S.Topology.Serving()
-	// Verdicts of the run are re-checked by the expert nodes, which report
-	// the confirmed ones for slashing: give those a few blocks.
+	// The gating node reports the verdicts its checks reach to the ledger
+	// for slashing: wait for its checks and verdicts in flight, then give
+	// the transactions a few blocks.
 	if len(faults) > 0 {
+		if err := waitVerdicts(ctx, r.Net); err != nil {
+			r.log.Warn("the gating node's checks and verdicts", "err", err)
+		}
 		if err := waitBlocks(ctx, r.Net, 10); err != nil {
 			return r.failNet(err)
 		}

@@ -397,6 +397,27 @@ func waitSettled(ctx context.Context, nw *Network) error {
 	}
 }
 
+// waitVerdicts waits until the gating node has no check in flight and no
+// verdict queued or being reported (a check's calls end within its
+// timeout, so within a minute).
+func waitVerdicts(ctx context.Context, nw *Network) error {
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	gating := nw.Processes()[0]
+	for {
+		st, err := node.FetchStatus(ctx, gating.APIAddr)
+		checking := st.Gating != nil && st.Gating.Validation != nil && st.Gating.Validation.InFlight > 0
+		if err == nil && !checking && (st.Verdicts == nil || st.Verdicts.Pending == 0) {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("checks or verdicts still in flight: %w", ctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
 // waitBlocks waits until the chain has committed n more blocks.
 func waitBlocks(ctx context.Context, nw *Network, n int64) error {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)

@@ -82,6 +82,8 @@ type Status struct {
 	// Slashes counts the verdicts this node (a judge) reported to the
 	// ledger.
 	Slashes int64 `json:"slashes"`
+	// Pending counts the verdicts queued or being published and reported.
+	Pending int64 `json:"pending"`
 }
 
 // maxQueued bounds the verdicts waiting to be published; beyond it a new
@@ -101,7 +103,7 @@ type Service struct {
 	published, tooLarge, dropped  atomic.Int64
 	confirmed, refuted, unchecked atomic.Int64
 	undecided, rejected           atomic.Int64
-	slashes                       atomic.Int64
+	slashes, pending              atomic.Int64
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -150,6 +152,7 @@ func (s *Service) Start(context.Context) error {
 				return
 			case w := <-s.queue:
 				s.publish(w)
+				s.pending.Add(-1)
 			}
 		}
 	}()
@@ -169,9 +172,11 @@ func (s *Service) Close() error {
 
 // Report queues a verdict for publishing. It never blocks.
 func (s *Service) Report(w Wrong) {
+	s.pending.Add(1)
 	select {
 	case s.queue <- w:
 	default:
+		s.pending.Add(-1)
 		s.dropped.Add(1)
 		s.log.Warn("verdict dropped: too many queued", "accused", w.Accused)
 	}
@@ -180,7 +185,8 @@ func (s *Service) Report(w Wrong) {
 // Status returns the counts.
 func (s *Service) Status() Status {
 	return Status{Published: s.published.Load(), Confirmed: s.confirmed.Load(), Refuted: s.refuted.Load(),
-		Undecided: s.undecided.Load(), Unchecked: s.unchecked.Load(), Rejected: s.rejected.Load(), Slashes: s.slashes.Load()}
+		Undecided: s.undecided.Load(), Unchecked: s.unchecked.Load(), Rejected: s.rejected.Load(), Slashes: s.slashes.Load(),
+		Pending: s.pending.Load()}
 }
 
 // validate is the topic validator: a verdict must verify and be published

@@ -82,10 +82,23 @@ func TestPublishJudgeAndClose(t *testing.T) {
 	if !books[1].Excluded(accused) || svcs[0].Status().Published == 0 {
 		t.Fatalf("accused excluded %v, published %d", books[1].Excluded(accused), svcs[0].Status().Published)
 	}
+	// Every verdict reported has been published (Pending counts those
+	// queued or being published, which a testnet waits for).
+	for svcs[0].Status().Pending != 0 {
+		select {
+		case <-ctx.Done():
+			t.Fatalf("verdicts still pending: %+v", svcs[0].Status())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 	for _, s := range append(svcs, svcs...) {
 		if err := s.Close(); err != nil {
 			t.Fatal(err)
 		}
+	}
+	svcs[0].Report(Wrong{Task: task, Accused: accused, Output: wrong, Agreeing: [2]peer.ID{a1, a2}, Right: right})
+	if p := svcs[0].Status().Pending; p != 1 {
+		t.Fatalf("%d pending after a report to a closed service, want 1 (queued, never published)", p)
 	}
 	snap.Check(t)
 }
