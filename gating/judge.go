@@ -59,6 +59,7 @@ func (j *localJudge) get(ctx context.Context, model cid.Cid, k expert.Key, wait 
 	}
 	// One expert fetched or loaded at a time: checks must not crowd out
 	// the expert calls they check.
+	waited := false
 	select {
 	case j.turn <- struct{}{}:
 	default:
@@ -70,16 +71,16 @@ func (j *localJudge) get(ctx context.Context, model cid.Cid, k expert.Key, wait 
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		}
-		defer func() { <-j.turn }()
-		if e := j.cached(key); e != nil { // got while this one waited
-			return e, nil
-		}
-		if !wait() {
-			return nil, ErrJudgeBusy
-		}
-		return j.load(ctx, key)
+		waited = true
 	}
 	defer func() { <-j.turn }()
+	// Loaded by the turn's last holder, between the look above and this.
+	if e := j.cached(key); e != nil {
+		return e, nil
+	}
+	if waited && !wait() {
+		return nil, ErrJudgeBusy
+	}
 	return j.load(ctx, key)
 }
 
@@ -115,12 +116,7 @@ func (j *localJudge) load(ctx context.Context, key judgedKey) (moe.Expert, error
 	}
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	if old := j.loaded[key]; old != nil { // loaded meanwhile
-		e.Close()
-		j.touch(key)
-		return old, nil
-	}
-	j.loaded[key] = e
+	j.loaded[key] = e // the turn's holder alone loads: not loaded meanwhile
 	j.order = append(j.order, key)
 	for len(j.order) > maxJudged {
 		j.loaded[j.order[0]].Close()

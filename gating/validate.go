@@ -319,12 +319,15 @@ func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expe
 	}
 	// The checker is drawn at random among the other providers, proven
 	// ones first, so that no peer can tell whose answer its own will be
-	// compared with.
-	order := slices.Clone(others)
-	v.mu.Lock()
-	v.rng.Shuffle(len(order), func(i, j int) { order[i], order[j] = order[j], order[i] })
-	v.mu.Unlock()
-	slices.SortStableFunc(order, func(a, b peer.ID) int { return v.book.Streak(b) - v.book.Streak(a) })
+	// compared with (in the check's goroutine, off the generation's path).
+	checkers := func() []peer.ID {
+		order := slices.Clone(others)
+		v.mu.Lock()
+		v.rng.Shuffle(len(order), func(i, j int) { order[i], order[j] = order[j], order[i] })
+		v.mu.Unlock()
+		slices.SortStableFunc(order, func(a, b peer.ID) int { return v.book.Streak(b) - v.book.Streak(a) })
+		return order
+	}
 
 	if !v.book.Vetted(used) && v.cfg.Local != nil {
 		// A new peer's answer is checked by the local judge. While the
@@ -333,15 +336,10 @@ func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expe
 		// other); with none, or none that decided, the judge does once it
 		// is free. An answer the generation used is never left unchecked
 		// because the judge was busy.
-		var proven []peer.ID
-		for _, p := range order {
-			if v.book.Vetted(p) && !v.book.Excluded(p) {
-				proven = append(proven, p)
-			}
-		}
 		v.spawn(checks, func(bg context.Context) {
 			ref, ok := local(bg, nil)
 			if !ok {
+				proven := slices.DeleteFunc(checkers(), func(p peer.ID) bool { return !v.book.Vetted(p) || v.book.Excluded(p) })
 				if len(proven) > 0 && byPeers(bg, proven[0], proven[1:]) {
 					return
 				}
@@ -374,10 +372,13 @@ func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expe
 		})
 		return
 	}
-	if len(order) == 0 {
+	if len(others) == 0 {
 		return
 	}
-	v.spawn(checks, func(bg context.Context) { byPeers(bg, order[0], order[1:]) })
+	v.spawn(checks, func(bg context.Context) {
+		order := checkers()
+		byPeers(bg, order[0], order[1:])
+	})
 }
 
 // spawn runs a check in the background, counted by the validator and by
