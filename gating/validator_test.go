@@ -302,6 +302,62 @@ func TestBusyJudgeDecidesADisagreeingProbe(t *testing.T) {
 	}
 }
 
+// A probe that disagrees with a proven answer while the judge cannot
+// decide (it fails even when waited for) leaves the probed peer as it
+// was: no verdict and no mark against it without evidence. A validator
+// without a judge (a span node's) goes by the proven answer alone.
+func TestUndecidedProbeMarksNothing(t *testing.T) {
+	right, wrong := []float32{1, 2, 3, 4}, []float32{1, 2, 3, 40}
+	for _, c := range []struct {
+		name      string
+		judge     bool
+		wantMarks bool
+	}{{"judge fails", true, false}, {"no judge", false, true}} {
+		t.Run(c.name, func(t *testing.T) {
+			book, err := reputation.Open(reputation.DefaultConfig())
+			if err != nil {
+				t.Fatal(err)
+			}
+			for range 20 {
+				book.Validated("used", true)
+			}
+			verdicts := make(chan Verdict, 4)
+			cfg := ValidatorConfig{ProbeRate: 1, OnWrong: func(w Verdict) { verdicts <- w }}
+			judged := 0
+			if c.judge {
+				cfg.Local = func(ctx context.Context, _ cid.Cid, _ expert.Key, _ []float32, _ int, wait func() bool) ([]float32, error) {
+					if wait != nil {
+						judged++
+					}
+					return nil, errors.New("shard would not load")
+				}
+			}
+			v := NewValidator("self", book, cfg, quiet())
+			defer v.Close()
+			call := func(_ context.Context, p peer.ID) ([]float32, *neuropb.UsageReceipt, error) {
+				if p == "new" {
+					return wrong, &neuropb.UsageReceipt{Escrow: 7}, nil
+				}
+				return nil, nil, errors.New("no such provider")
+			}
+			v.after(nil, 0, 0, cid.Cid{}, expert.Key{Layer: 1, Expert: 2}, nil, right, 1, "used", right, nil, []peer.ID{"new"}, nil, call)
+			v.Wait()
+			if len(verdicts) != 0 {
+				t.Fatalf("%d verdicts without a judge's decision", len(verdicts))
+			}
+			if c.judge && judged != 1 {
+				t.Fatalf("the judge was asked to decide %d times, want 1", judged)
+			}
+			if marked := book.Vetted("new"); marked != c.wantMarks {
+				t.Fatalf("probed peer marked: %v, want %v", marked, c.wantMarks)
+			}
+			if !book.Vetted("used") || book.Excluded("used") {
+				t.Fatal("the proven peer lost its standing")
+			}
+		})
+	}
+}
+
 // A check that waited for the judge's turn while its peer's first check
 // vetted it is sampled at the peer's rate by then: it gets no shard when
 // the draw says so, and it is not reported as unchecked.
