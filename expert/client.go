@@ -253,8 +253,9 @@ type session struct {
 	// closes once its last call is answered.
 	relayed bool
 	retired bool
-	// groups: the node speaks request groups (ExpertProtocol, not 1.0.0).
-	groups bool
+	// groups: the node speaks request groups (1.1.0 or later, not 1.0.0);
+	// sharedRows: a group's rows sent once (ExpertProtocol, 1.2.0).
+	groups, sharedRows bool
 }
 
 // retireIfIdle closes a retired session's stream once no call waits on
@@ -318,7 +319,7 @@ func (c *Client) call(ctx context.Context, p peer.ID, req Request) (_ *Response,
 	if err != nil {
 		return nil, s.relayed || errors.Is(err, errRetired), err
 	}
-	resp, err := c.wait(ctx, p, s, msg, req, chs[0])
+	resp, err := c.wait(ctx, p, s, msg, req, len(msg.GetHidden().GetData()), chs[0])
 	return resp, s.relayed, err
 }
 
@@ -359,6 +360,8 @@ type SentGroup struct {
 	msgs []*neuropb.ExpertRequest
 	reqs []Request
 	chs  []chan result
+	// wireIn: the bytes of hidden rows each member took on the wire.
+	wireIn []int
 }
 
 // SendGroup writes reqs to p in one message, as CallGroup does, and
@@ -390,23 +393,34 @@ func (c *Client) SendGroup(ctx context.Context, p peer.ID, reqs []Request) (*Sen
 		for _, m := range msgs {
 			m.RequestId = c.nextID.Add(1)
 		}
+		// The bytes of hidden rows each member took on the wire: with
+		// shared rows, the group's distinct rows on the top request's.
+		wireIn := make([]int, len(msgs))
+		var saved []*neuropb.Tensor
+		if s.sharedRows {
+			saved = neuropb.ShareRows(msgs)
+		}
+		for i, m := range msgs {
+			wireIn[i] = len(m.GetHidden().GetData()) + len(m.GetGroupRows().GetData())
+		}
 		top := msgs[0]
 		top.Group = msgs[1:]
 		chs, err := c.send(ctx, p, s, msgs...)
 		top.Group = nil
+		neuropb.RestoreRows(msgs, saved)
 		if errors.Is(err, errRetired) && try == 0 {
 			continue
 		}
 		if err != nil {
 			return nil, err
 		}
-		return &SentGroup{c: c, p: p, s: s, msgs: msgs, reqs: reqs, chs: chs}, nil
+		return &SentGroup{c: c, p: p, s: s, msgs: msgs, reqs: reqs, chs: chs, wireIn: wireIn}, nil
 	}
 }
 
 // Wait takes member i's answer (once), or gives up when ctx ends.
 func (g *SentGroup) Wait(ctx context.Context, i int) (*Response, error) {
-	return g.c.wait(ctx, g.p, g.s, g.msgs[i], g.reqs[i], g.chs[i])
+	return g.c.wait(ctx, g.p, g.s, g.msgs[i], g.reqs[i], g.wireIn[i], g.chs[i])
 }
 
 // WaitOr takes member i's answer as Wait does (answered true), unless
@@ -428,7 +442,7 @@ func (g *SentGroup) WaitOr(ctx context.Context, i int, expire <-chan time.Time) 
 		}
 	}
 	g.c.forget(g.s, g.msgs[i])
-	resp, err := g.c.answer(g.p, g.msgs[i], g.reqs[i], r)
+	resp, err := g.c.answer(g.p, g.reqs[i], g.wireIn[i], r)
 	return resp, err, true
 }
 
@@ -513,20 +527,21 @@ func (c *Client) forget(s *session, ids ...*neuropb.ExpertRequest) {
 	s.retireIfIdle()
 }
 
-// wait takes msg's answer from ch (req is what the caller asked).
-func (c *Client) wait(ctx context.Context, p peer.ID, s *session, msg *neuropb.ExpertRequest, req Request, ch chan result) (*Response, error) {
+// wait takes msg's answer from ch (req is what the caller asked, wireIn
+// the bytes of hidden rows it took on the wire).
+func (c *Client) wait(ctx context.Context, p peer.ID, s *session, msg *neuropb.ExpertRequest, req Request, wireIn int, ch chan result) (*Response, error) {
 	defer c.forget(s, msg)
 	select {
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	case r := <-ch:
-		return c.answer(p, msg, req, r)
+		return c.answer(p, req, wireIn, r)
 	}
 }
 
-// answer checks r, p's answer to msg (req is what the caller asked), and
-// makes it the caller's Response.
-func (c *Client) answer(p peer.ID, msg *neuropb.ExpertRequest, req Request, r result) (*Response, error) {
+// answer checks r, p's answer to req (what the caller asked; its hidden
+// rows took wireIn bytes on the wire), and makes it the caller's Response.
+func (c *Client) answer(p peer.ID, req Request, wireIn int, r result) (*Response, error) {
 	if r.err != nil {
 		return nil, fmt.Errorf("expert call to %s: %w", p, r.err)
 	}
@@ -554,7 +569,7 @@ func (c *Client) answer(p peer.ID, msg *neuropb.ExpertRequest, req Request, r re
 		Compute:     time.Duration(r.resp.GetComputeUs()) * time.Microsecond,
 		Queue:       time.Duration(r.resp.GetQueueUs()) * time.Microsecond,
 		BatchTokens: int(r.resp.GetBatchTokens()),
-		WireBytes:   len(msg.GetHidden().GetData()) + len(r.resp.GetOutput().GetData()),
+		WireBytes:   wireIn + len(r.resp.GetOutput().GetData()),
 		Receipt:     r.resp.GetReceipt(),
 		Receipts:    receipts,
 		Peer:        p,
@@ -588,13 +603,13 @@ func (c *Client) session(ctx context.Context, p peer.ID) (*session, error) {
 		}()
 	}
 	c.mu.Unlock()
-	st, err := p2p.NewStream(ctx, c.h, p, neuropb.ExpertProtocol, neuropb.ExpertProtocol10)
+	st, err := p2p.NewStream(ctx, c.h, p, neuropb.ExpertProtocol, neuropb.ExpertProtocol11, neuropb.ExpertProtocol10)
 	if err != nil {
 		return nil, fmt.Errorf("expert stream to %s: %w", p, err)
 	}
 	l := linkOf(p, st)
 	s := &session{st: st, w: wire.NewWriter(st, neuropb.MaxExpertMessageSize), pending: map[uint64]chan result{}, late: map[uint64]*LateReceipts{},
-		relayed: l.ViaRelay, groups: st.Protocol() == neuropb.ExpertProtocol}
+		relayed: l.ViaRelay, groups: st.Protocol() != neuropb.ExpertProtocol10, sharedRows: st.Protocol() == neuropb.ExpertProtocol}
 	c.mu.Lock()
 	if old := c.sessions[p]; old != nil || c.closed { // another call won the race
 		c.mu.Unlock()

@@ -1,6 +1,7 @@
 // Package expert is the expert node: it serves MoE expert compute to gating
-// nodes over the /neuro/expert/1.1.0 stream protocol (and 1.0.0, the same
-// without request groups, which older nodes speak), batching requests for
+// nodes over the /neuro/expert/1.2.0 stream protocol (and 1.1.0, the same
+// without a group's shared rows, and 1.0.0, without request groups, which
+// older nodes speak), batching requests for
 // the same (layer, expert) into one compute call, and computing a
 // request's group (several experts of one layer, asked in one message)
 // together and answering it in one message. Client is the calling side
@@ -198,6 +199,7 @@ func (s *Server) Remove(model cid.Cid, layer, expert int) (Computer, error) {
 // Start serves the protocol.
 func (s *Server) Start() {
 	s.h.SetStreamHandler(neuropb.ExpertProtocol, s.handle)
+	s.h.SetStreamHandler(neuropb.ExpertProtocol11, s.handle)
 	s.h.SetStreamHandler(neuropb.ExpertProtocol10, s.handle)
 }
 
@@ -206,6 +208,7 @@ func (s *Server) Start() {
 func (s *Server) Close() error {
 	s.closeOnce.Do(func() {
 		s.h.RemoveStreamHandler(neuropb.ExpertProtocol)
+		s.h.RemoveStreamHandler(neuropb.ExpertProtocol11)
 		s.h.RemoveStreamHandler(neuropb.ExpertProtocol10)
 		s.mu.Lock()
 		s.closed = true
@@ -260,12 +263,21 @@ func (s *Server) handle(st network.Stream) {
 			st.Reset()
 			return
 		}
-		if s.paused.Load() {
-			busy := errorResponse(req.GetRequestId(), neuropb.ExpertError_CODE_BUSY, "paused: the machine is busy with its owner's work")
+		refuse := func(code neuropb.ExpertError_Code, format string, args ...any) {
+			resp := errorResponse(req.GetRequestId(), code, format, args...)
 			for _, m := range req.GetGroup() {
-				busy.Group = append(busy.Group, errorResponse(m.GetRequestId(), busy.Error.Code, "%s", busy.Error.Message))
+				resp.Group = append(resp.Group, errorResponse(m.GetRequestId(), code, "%s", resp.Error.Message))
 			}
-			a.write(busy)
+			a.write(resp)
+		}
+		if s.paused.Load() {
+			refuse(neuropb.ExpertError_CODE_BUSY, "paused: the machine is busy with its owner's work")
+			continue
+		}
+		// A group's shared rows become each request's own hidden before
+		// anything reads them (admission, memory, receipts' digests).
+		if err := req.UnshareRows(); err != nil {
+			refuse(neuropb.ExpertError_CODE_BAD_REQUEST, "%v", err)
 			continue
 		}
 		reply := a.replier(req.GetLateReceipts())

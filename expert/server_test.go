@@ -1,6 +1,7 @@
 package expert
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -776,6 +777,12 @@ func TestGroupIsAnsweredInOneMessage(t *testing.T) {
 		"an id twice":           func(q *neuropb.ExpertRequest) { q.Group[0].RequestId = q.RequestId },
 		"a member with a group": func(q *neuropb.ExpertRequest) { q.Group[0].Group = []*neuropb.ExpertRequest{req(30, 2, 1, 0)} },
 		"a bad member":          func(q *neuropb.ExpertRequest) { q.Group[0].Hidden.Data = q.Group[0].Hidden.Data[:5] },
+		"a row beyond the shared rows": func(q *neuropb.ExpertRequest) {
+			q.GroupRows, q.Hidden, q.RowIndex = q.Hidden, nil, []uint32{0}
+			for _, m := range q.Group {
+				m.Hidden, m.RowIndex = nil, []uint32{1}
+			}
+		},
 	} {
 		q := req(10, 0, 1, 0)
 		q.Group = []*neuropb.ExpertRequest{req(11, 1, 1, 0), req(12, 2, 1, 0)}
@@ -849,12 +856,13 @@ func TestNoGroupsForANodeWithoutThem(t *testing.T) {
 	}
 	srv.Start()
 	sh.RemoveStreamHandler(neuropb.ExpertProtocol) // an older node
+	sh.RemoveStreamHandler(neuropb.ExpertProtocol11)
 	// Once the client has heard so (identify's push): before, it takes the
 	// node for a new one and writes the group on a stream whose
 	// negotiation fails only when read (failed once in a loaded CI run).
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
 		old, _ := ch.Peerstore().SupportsProtocols(sh.ID(), neuropb.ExpertProtocol10)
-		cur, _ := ch.Peerstore().SupportsProtocols(sh.ID(), neuropb.ExpertProtocol)
+		cur, _ := ch.Peerstore().SupportsProtocols(sh.ID(), neuropb.ExpertProtocol, neuropb.ExpertProtocol11)
 		if len(old) == 1 && len(cur) == 0 {
 			break
 		}
@@ -874,6 +882,74 @@ func TestNoGroupsForANodeWithoutThem(t *testing.T) {
 		if _, err := cl.Call(ctx, sh.ID(), r); err != nil {
 			t.Fatalf("a call alone to a 1.0.0 node: %v", err)
 		}
+	}
+}
+
+// A group whose members share rows (a decode step's token, sent to each
+// of its experts) sends each row once to a node of 1.2.0, and every
+// member gets what a call of it alone gets: the same output, and a
+// receipt of the same input digest. A node of 1.1.0 gets the group with
+// each member's own rows, answered the same.
+func TestSharedRowsAnswerAsTheirOwn(t *testing.T) {
+	mc, _, _ := tinyShards(t, model.Q4_0)
+	const embd = 8
+	for _, older := range []bool{false, true} {
+		t.Run(fmt.Sprintf("older=%v", older), func(t *testing.T) {
+			sh, ch := hostPair(t)
+			srv := startServer(t, sh, paidConfig(nil))
+			log := &groupLog{}
+			cl, ctx := serveGroupExperts(t, srv, mc, ch, log, 2, 3, 4, 5)
+			if older {
+				sh.RemoveStreamHandler(neuropb.ExpertProtocol)
+				for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+					cur, _ := ch.Peerstore().SupportsProtocols(sh.ID(), neuropb.ExpertProtocol)
+					if len(cur) == 0 {
+						break
+					}
+					if time.Now().After(deadline) {
+						t.Fatal("the client still takes the node for a 1.2.0 one after 10 s")
+					}
+				}
+			}
+			token := make([]float32, embd)
+			for i := range token {
+				token[i] = float32(i) - 2.5
+			}
+			two := append(slices.Clone(token), 7, 7, 7, 7, 7, 7, 7, 7)
+			reqs := []Request{
+				{Model: mc, Expert: 0, Hidden: token, N: 1, DType: neuropb.WireDType_WIRE_DTYPE_F32, Escrow: 8},
+				{Model: mc, Expert: 1, Hidden: token, N: 1, DType: neuropb.WireDType_WIRE_DTYPE_F32, Escrow: 8},
+				{Model: mc, Expert: 2, Hidden: two, N: 2, DType: neuropb.WireDType_WIRE_DTYPE_F32, Escrow: 8},
+				{Model: mc, Expert: 3, Hidden: token, N: 1, DType: neuropb.WireDType_WIRE_DTYPE_F32, Escrow: 8},
+			}
+			res := cl.CallGroup(ctx, sh.ID(), reqs)
+			sent := 0
+			for i, rq := range reqs {
+				if res[i].Err != nil {
+					t.Fatalf("member %d: %v", i, res[i].Err)
+				}
+				alone, err := cl.Call(ctx, sh.ID(), rq)
+				if err != nil {
+					t.Fatal(err)
+				}
+				g := res[i].Resp
+				if !slices.Equal(g.Output, alone.Output) {
+					t.Fatalf("member %d: output %v in the group, %v alone", i, g.Output, alone.Output)
+				}
+				if g.Receipt == nil || !bytes.Equal(g.Receipt.GetInputDigest(), alone.Receipt.GetInputDigest()) {
+					t.Fatalf("member %d: receipt %v in the group, %v alone", i, g.Receipt, alone.Receipt)
+				}
+				sent += g.WireBytes - len(g.Output)*4
+			}
+			// 5 rows asked, 2 distinct: the token and the second row.
+			want := 5 * embd * 4
+			if !older {
+				want = 2 * embd * 4
+			}
+			if sent != want {
+				t.Fatalf("%d bytes of rows sent, want %d", sent, want)
+			}
+		})
 	}
 }
 

@@ -1,6 +1,7 @@
-// The /neuro/expert/1.1.0 protocol (1.0.0: the same without request
-// groups): a gating node sends hidden states to an expert node and gets
-// the expert's outputs back. One stream carries
+// The /neuro/expert/1.2.0 protocol (1.1.0: the same without a group's
+// shared rows, group_rows; 1.0.0: without request groups): a gating node
+// sends hidden states to an expert node and gets the expert's outputs
+// back. One stream carries
 // many requests; each message is length-prefixed (unsigned varint).
 //
 // Regenerate the Go code with `make proto`.
@@ -266,7 +267,18 @@ type ExpertRequest struct {
 	// that ignores the flag (an older version) answers with the receipts
 	// inline, as without it. Set on the top request; a group's members
 	// follow it.
-	LateReceipts  bool `protobuf:"varint,12,opt,name=late_receipts,json=lateReceipts,proto3" json:"late_receipts,omitempty"`
+	LateReceipts bool `protobuf:"varint,12,opt,name=late_receipts,json=lateReceipts,proto3" json:"late_receipts,omitempty"`
+	// Protocol 1.2.0: the distinct hidden rows of a group's requests, each
+	// sent once (a token's hidden state goes to each of its experts in the
+	// layer: top-k copies of it before), shape [rows, embd]. Set on the top
+	// request of a group only; the top request and every member then give
+	// their rows as row_index into it, and no hidden. The node expands them
+	// before anything else, so that each request is the one it would have
+	// been with its own hidden (its receipt's input digest the same).
+	GroupRows *Tensor `protobuf:"bytes,13,opt,name=group_rows,json=groupRows,proto3" json:"group_rows,omitempty"`
+	// With group_rows: this request's rows, in order, as indices into
+	// group_rows.
+	RowIndex      []uint32 `protobuf:"varint,14,rep,packed,name=row_index,json=rowIndex,proto3" json:"row_index,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -383,6 +395,20 @@ func (x *ExpertRequest) GetLateReceipts() bool {
 		return x.LateReceipts
 	}
 	return false
+}
+
+func (x *ExpertRequest) GetGroupRows() *Tensor {
+	if x != nil {
+		return x.GroupRows
+	}
+	return nil
+}
+
+func (x *ExpertRequest) GetRowIndex() []uint32 {
+	if x != nil {
+		return x.RowIndex
+	}
+	return nil
 }
 
 // EscrowDelegation lets delegate name escrow, which signer (its gating
@@ -913,7 +939,7 @@ const file_expert_proto_rawDesc = "" +
 	"\x06Tensor\x12\x12\n" +
 	"\x04data\x18\x01 \x01(\fR\x04data\x12)\n" +
 	"\x05dtype\x18\x02 \x01(\x0e2\x13.neuro.v1.WireDTypeR\x05dtype\x12\x14\n" +
-	"\x05shape\x18\x03 \x03(\rR\x05shape\"\xbe\x03\n" +
+	"\x05shape\x18\x03 \x03(\rR\x05shape\"\x8c\x04\n" +
 	"\rExpertRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\x04R\trequestId\x12\x14\n" +
@@ -929,7 +955,10 @@ const file_expert_proto_rawDesc = "" +
 	"\x05group\x18\n" +
 	" \x03(\v2\x17.neuro.v1.ExpertRequestR\x05group\x12<\n" +
 	"\vdelegations\x18\v \x03(\v2\x1a.neuro.v1.EscrowDelegationR\vdelegations\x12#\n" +
-	"\rlate_receipts\x18\f \x01(\bR\flateReceipts\"\xa4\x01\n" +
+	"\rlate_receipts\x18\f \x01(\bR\flateReceipts\x12/\n" +
+	"\n" +
+	"group_rows\x18\r \x01(\v2\x10.neuro.v1.TensorR\tgroupRows\x12\x1b\n" +
+	"\trow_index\x18\x0e \x03(\rR\browIndex\"\xa4\x01\n" +
 	"\x10EscrowDelegation\x12\x16\n" +
 	"\x06escrow\x18\x01 \x01(\x04R\x06escrow\x12\x1a\n" +
 	"\bdelegate\x18\x02 \x01(\fR\bdelegate\x12&\n" +
@@ -1020,18 +1049,19 @@ var file_expert_proto_depIdxs = []int32{
 	5,  // 2: neuro.v1.ExpertRequest.segments:type_name -> neuro.v1.Segment
 	3,  // 3: neuro.v1.ExpertRequest.group:type_name -> neuro.v1.ExpertRequest
 	4,  // 4: neuro.v1.ExpertRequest.delegations:type_name -> neuro.v1.EscrowDelegation
-	2,  // 5: neuro.v1.ExpertResponse.output:type_name -> neuro.v1.Tensor
-	7,  // 6: neuro.v1.ExpertResponse.error:type_name -> neuro.v1.ExpertError
-	8,  // 7: neuro.v1.ExpertResponse.receipt:type_name -> neuro.v1.UsageReceipt
-	8,  // 8: neuro.v1.ExpertResponse.receipts:type_name -> neuro.v1.UsageReceipt
-	6,  // 9: neuro.v1.ExpertResponse.group:type_name -> neuro.v1.ExpertResponse
-	6,  // 10: neuro.v1.ExpertResponse.receipts_for:type_name -> neuro.v1.ExpertResponse
-	1,  // 11: neuro.v1.ExpertError.code:type_name -> neuro.v1.ExpertError.Code
-	12, // [12:12] is the sub-list for method output_type
-	12, // [12:12] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	2,  // 5: neuro.v1.ExpertRequest.group_rows:type_name -> neuro.v1.Tensor
+	2,  // 6: neuro.v1.ExpertResponse.output:type_name -> neuro.v1.Tensor
+	7,  // 7: neuro.v1.ExpertResponse.error:type_name -> neuro.v1.ExpertError
+	8,  // 8: neuro.v1.ExpertResponse.receipt:type_name -> neuro.v1.UsageReceipt
+	8,  // 9: neuro.v1.ExpertResponse.receipts:type_name -> neuro.v1.UsageReceipt
+	6,  // 10: neuro.v1.ExpertResponse.group:type_name -> neuro.v1.ExpertResponse
+	6,  // 11: neuro.v1.ExpertResponse.receipts_for:type_name -> neuro.v1.ExpertResponse
+	1,  // 12: neuro.v1.ExpertError.code:type_name -> neuro.v1.ExpertError.Code
+	13, // [13:13] is the sub-list for method output_type
+	13, // [13:13] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
 func init() { file_expert_proto_init() }

@@ -45,13 +45,16 @@ const (
 // experts fits in well under a megabyte).
 const MaxManifestSize = 16 << 20
 
-// ExpertProtocol is the stream protocol of expert compute: 1.1.0 is
-// 1.0.0 (ExpertProtocol10) with request groups (ExpertRequest.group). A
-// node serves both; a caller asks for 1.1.0 first and sends groups only
-// on a stream that speaks it, so that a node of an older version is never
-// sent a group it would answer in part.
+// ExpertProtocol is the stream protocol of expert compute: 1.2.0 is
+// 1.1.0 (ExpertProtocol11) with a group's rows sent once
+// (ExpertRequest.group_rows), and 1.1.0 is 1.0.0 (ExpertProtocol10) with
+// request groups (ExpertRequest.group). A node serves all three; a caller
+// asks for the newest first and uses groups, and shared rows, only on a
+// stream that speaks them, so that a node of an older version is never
+// sent a message it would misread.
 const (
-	ExpertProtocol   protocol.ID = "/neuro/expert/1.1.0"
+	ExpertProtocol   protocol.ID = "/neuro/expert/1.2.0"
+	ExpertProtocol11 protocol.ID = "/neuro/expert/1.1.0"
 	ExpertProtocol10 protocol.ID = "/neuro/expert/1.0.0"
 )
 

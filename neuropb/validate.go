@@ -339,6 +339,10 @@ func (r *ExpertRequest) validate() error {
 	if _, err := cid.Cast(r.GetModel()); err != nil {
 		return invalid("expert request: model cid: %v", err)
 	}
+	if r.GetGroupRows() != nil || len(r.GetRowIndex()) > 0 {
+		// UnshareRows expands them as the request is read.
+		return invalid("expert request: shared rows not expanded")
+	}
 	rows, _, err := r.GetHidden().Rows()
 	if err != nil {
 		return fmt.Errorf("expert request: hidden: %w", err)
