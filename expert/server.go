@@ -263,21 +263,12 @@ func (s *Server) handle(st network.Stream) {
 			st.Reset()
 			return
 		}
-		refuse := func(code neuropb.ExpertError_Code, format string, args ...any) {
-			resp := errorResponse(req.GetRequestId(), code, format, args...)
-			for _, m := range req.GetGroup() {
-				resp.Group = append(resp.Group, errorResponse(m.GetRequestId(), code, "%s", resp.Error.Message))
-			}
-			a.write(resp)
-		}
 		if s.paused.Load() {
-			refuse(neuropb.ExpertError_CODE_BUSY, "paused: the machine is busy with its owner's work")
-			continue
-		}
-		// A group's shared rows become each request's own hidden before
-		// anything reads them (admission, memory, receipts' digests).
-		if err := req.UnshareRows(); err != nil {
-			refuse(neuropb.ExpertError_CODE_BAD_REQUEST, "%v", err)
+			busy := errorResponse(req.GetRequestId(), neuropb.ExpertError_CODE_BUSY, "paused: the machine is busy with its owner's work")
+			for _, m := range req.GetGroup() {
+				busy.Group = append(busy.Group, errorResponse(m.GetRequestId(), busy.Error.Code, "%s", busy.Error.Message))
+			}
+			a.write(busy)
 			continue
 		}
 		reply := a.replier(req.GetLateReceipts())
@@ -322,7 +313,12 @@ func (b *batcher) enqueueOrBusy(j *job, maxQueue int) {
 // computed together in one call (moe.ComputeGroup), the others by their
 // experts' batchers, and every answer goes back in one response.
 func (s *Server) serveGroup(from peer.ID, req *neuropb.ExpertRequest, reply func(*neuropb.ExpertResponse), hold func(*job, *neuropb.ExpertRequest) bool) {
-	err := req.Validate()
+	// A group's shared rows become each request's own hidden before
+	// anything reads them (admission, memory, receipts' digests).
+	err := req.UnshareRows()
+	if err == nil {
+		err = req.Validate()
+	}
 	members := append([]*neuropb.ExpertRequest{req}, req.GetGroup()...)
 	req.Group = nil
 	col := &collector{left: len(members), reply: reply}

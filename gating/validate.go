@@ -247,16 +247,17 @@ func (v *Validator) after(checks *Checks, epoch, step int, model cid.Cid, k expe
 				// judge decides, once its turn comes, so that a wrong probe
 				// is convicted with evidence (a verdict the ledger can
 				// slash by) rather than only marked down.
-				dec, ok := local(bg, always)
-				if !ok && v.cfg.Local != nil {
-					// The judge could not decide (its context ended, the
-					// shard would not load): no evidence, so no mark
-					// against the probed peer either; a later probe
-					// decides. Only a node without a judge (a span node's
-					// validator) goes by the proven answer alone.
-					return
-				}
-				if ok {
+				// Only a node without a judge (a span node's validator)
+				// goes by the proven answer alone.
+				if v.cfg.Local != nil {
+					dec, ok := local(bg, always)
+					if !ok {
+						// The judge could not decide (its context ended,
+						// the shard would not load): no evidence, so no
+						// mark against the probed peer either; a later
+						// probe decides.
+						return
+					}
 					ref, judged = dec, true
 					if RelL2(out, ref) > tol { // the used answer was the wrong one
 						v.book.Validated(used, false)

@@ -340,8 +340,8 @@ func (r *ExpertRequest) validate() error {
 		return invalid("expert request: model cid: %v", err)
 	}
 	if r.GetGroupRows() != nil || len(r.GetRowIndex()) > 0 {
-		// UnshareRows expands them as the request is read.
-		return invalid("expert request: shared rows not expanded")
+		// A group's are expanded (UnshareRows) before it is validated.
+		return invalid("expert request: shared rows outside a group")
 	}
 	rows, _, err := r.GetHidden().Rows()
 	if err != nil {
