@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"testing"
 	"time"
@@ -330,5 +331,105 @@ func BenchmarkExpertGroup(b *testing.B) {
 			}
 			b.ReportMetric(float64(took.Microseconds())/float64(b.N), "us/layer")
 		})
+	}
+}
+
+// waitingExperts answers each MoE call with zeros after wait, as experts
+// on another machine answer after the network and their compute: the
+// gating node's cores idle meanwhile.
+type waitingExperts struct {
+	embd int
+	wait time.Duration
+	took time.Duration // in MoE calls, waits included
+}
+
+func (w *waitingExperts) MoE(_ context.Context, _ int, _ []float32, n int, _ []int32, _ []float32) ([]float32, error) {
+	start := time.Now()
+	if w.wait > 0 {
+		time.Sleep(w.wait)
+	}
+	w.took += time.Since(start)
+	return make([]float32, n*w.embd), nil
+}
+
+// BenchmarkGatingAfterWait times a gating node's own compute (attention,
+// routers, head) per token when each MoE layer's experts answer after a
+// wait (none, a LAN round trip with an expert's compute, a longer one), on
+// one thread and on every core with the threadpool's idle workers sleeping
+// at once (polling level 0) or spinning about 4 ms first (1; ggml's
+// default is 50): gating_ms/token leaves the waits out. A worker that
+// slept wakes on a core that went idle, and on a virtual machine that
+// takes long enough to undo what a second thread gains (home.compute_poll).
+// The model is the bench preset's shape with 4 layers (NEURO_BENCH_MODEL
+// for another).
+func BenchmarkGatingAfterWait(b *testing.B) {
+	path := os.Getenv("NEURO_BENCH_MODEL")
+	if path == "" {
+		path = filepath.Join(b.TempDir(), "m.gguf")
+		p := model.Presets["bench"]
+		p.Layers = 4
+		f, err := os.Create(path)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := model.Generate(f, p, model.Q8_0, 5); err != nil {
+			b.Fatal(err)
+		}
+		f.Close()
+	}
+	dir := filepath.Join(b.TempDir(), "shards")
+	res, err := model.Split(path, dir)
+	if err != nil {
+		b.Fatal(err)
+	}
+	m, _, err := model.LoadManifest(dir, res.ModelCID)
+	if err != nil {
+		b.Fatal(err)
+	}
+	gs, err := model.OpenShard(dir, m.GetGating())
+	if err != nil {
+		b.Fatal(err)
+	}
+	hp, err := moe.HparamsOf(m, gs)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer SetPolling(Polling())
+	cores := runtime.NumCPU()
+	for _, wait := range []time.Duration{0, 300 * time.Microsecond, 1500 * time.Microsecond} {
+		for _, c := range []struct {
+			threads, poll int
+		}{{1, 0}, {cores, 0}, {cores, 1}} {
+			b.Run(fmt.Sprintf("wait=%v/threads=%d/poll=%d", wait, c.threads, c.poll), func(b *testing.B) {
+				// A pool keeps the level it was made with: the gating
+				// loaded after SetPolling computes on a pool of this one.
+				SetPolling(c.poll)
+				g, err := NewGating(hp, gs, c.threads)
+				if err != nil {
+					b.Fatal(err)
+				}
+				defer g.Close()
+				s, err := g.NewSession(512)
+				if err != nil {
+					b.Fatal(err)
+				}
+				defer s.Close()
+				w := &waitingExperts{embd: hp.Embd, wait: wait}
+				if _, err := s.Forward(context.Background(), []int32{1, 2, 3, 4}, w); err != nil {
+					b.Fatal(err)
+				}
+				if b.N > 400 {
+					b.Fatal("context full: use -benchtime 400x or less")
+				}
+				w.took = 0
+				b.ResetTimer()
+				for i := range b.N {
+					if _, err := s.Forward(context.Background(), []int32{int32(5 + i)}, w); err != nil {
+						b.Fatal(err)
+					}
+				}
+				b.ReportMetric(float64((b.Elapsed()-w.took).Microseconds())/float64(b.N)/1e3, "gating_ms/token")
+			})
+		}
 	}
 }

@@ -54,10 +54,20 @@ var poolThreads = runtime.NumCPU()
 // waits on the network while the process it waits for needs the same cores
 // (on two cores a loopback gating + expert testnet of the bench model went
 // from 13.8 to 20.1 tokens/s with 0).
+//
+// Models loaded after a change compute on pools of the new level. A level
+// below 0 restores ggml's default.
 func SetPolling(level int) {
 	computeMu.Lock()
 	defer computeMu.Unlock()
-	C.neuro_set_poll(C.int(max(0, min(level, 100))))
+	C.neuro_set_poll(C.int(max(-1, min(level, 100))))
+}
+
+// Polling is the level SetPolling set last (-1: ggml's default).
+func Polling() int {
+	computeMu.Lock()
+	defer computeMu.Unlock()
+	return int(C.neuro_poll())
 }
 
 // TimerSlack is the process's timer slack: how late Linux may wake a

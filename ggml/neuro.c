@@ -68,9 +68,11 @@ int neuro_timer_slack_env_bad(void) {
     return timer_slack_env_bad;
 }
 
-// The process's threadpools, one for each thread count (neuro_pool).
+// The process's threadpools, one for each thread count and polling level
+// (neuro_pool).
 struct pool_entry {
     int n_threads;
+    int poll; // the level it was made with (poll_level then)
     struct ggml_threadpool * tp;
     struct pool_entry * next;
 };
@@ -80,7 +82,11 @@ static struct pool_entry * pools;
 static int poll_level = -1;
 
 void neuro_set_poll(int level) {
-    poll_level = level;
+    poll_level = level < 0 ? -1 : level;
+}
+
+int neuro_poll(void) {
+    return poll_level;
 }
 
 // new_threadpool makes a threadpool of n_threads threads at the polling
@@ -98,7 +104,7 @@ struct ggml_threadpool * neuro_pool(int n_threads) {
         n_threads = 1;
     }
     for (struct pool_entry * p = pools; p != NULL; p = p->next) {
-        if (p->n_threads == n_threads) {
+        if (p->n_threads == n_threads && p->poll == poll_level) {
             return p->tp;
         }
     }
@@ -112,6 +118,7 @@ struct ggml_threadpool * neuro_pool(int n_threads) {
         return NULL;
     }
     p->n_threads = n_threads;
+    p->poll = poll_level;
     p->next = pools;
     pools = p;
     return p->tp;

@@ -242,6 +242,15 @@ type HomeConfig struct {
 	IdleThreshold float64 `toml:"idle_threshold"`
 	// IdleCheck is how often the load is sampled.
 	IdleCheck Duration `toml:"idle_check"`
+	// ComputePoll is how long the compute threadpools' idle threads spin
+	// for the next graph before they sleep, in ggml's polling levels
+	// (0-100; 1 is about 4 ms on a 2020s x86 core, ggml's own default is
+	// 50): a node computes a layer, waits on the network, computes the
+	// next, and a thread that slept wakes on a core that went idle (on a
+	// virtual machine long enough to undo what the extra threads gain).
+	// 0 where several nodes share the machine's cores (the testnets): a
+	// spinning thread takes a core from the node it waits for.
+	ComputePoll int `toml:"compute_poll"`
 	// Device is where experts and the gating compute run: "cpu" (the
 	// default), "auto", "vulkan:N" or "cuda:N" (neurod resolves it; a
 	// device that is missing is an error, never a fall back).
@@ -303,11 +312,16 @@ func DefaultConfig() Config {
 		Ledger: LedgerConfig{Listen: "tcp://0.0.0.0:26656", Peers: []string{}, BlockInterval: Duration(time.Second)},
 		Gating: GatingConfig{MaxQueue: 64, QueueTimeout: Duration(2 * time.Minute), MaxTokens: 256, WireDType: "f32", Speculate: "off", SpeculateMax: 8, BatchWait: Duration(10 * time.Millisecond), CallTimeout: Duration(30 * time.Second), Validate: true, Spans: true, Layers: "auto",
 			RequirePayment: true, WaitPollUS: DefaultWaitPollUS},
-		Home: HomeConfig{IdleThreshold: 0.5, IdleCheck: Duration(5 * time.Second), Device: "cpu"},
+		Home: HomeConfig{IdleThreshold: 0.5, IdleCheck: Duration(5 * time.Second), ComputePoll: DefaultComputePoll, Device: "cpu"},
 		API:  APIConfig{Listen: "127.0.0.1:0"},
 		Log:  LogConfig{Level: "info", Format: "text"},
 	}
 }
+
+// DefaultComputePoll is home.compute_poll's default: the compute threads
+// of a node with the machine to itself spin about 4 ms for the next layer
+// (BenchmarkGatingAfterWait).
+const DefaultComputePoll = 1
 
 // maxGoProcs bounds expert.go_procs.
 const maxGoProcs = 4096
@@ -578,6 +592,13 @@ max_load = 0.0
 idle_only = false
 idle_threshold = 0.5
 idle_check = "5s"
+# How long idle compute threads spin for the next layer before they sleep,
+# in ggml's polling levels (0-100; 1 is about 4 ms, ggml's own default 50):
+# a node computes a layer, then waits on the network, and a thread that
+# slept wakes slowly on an idle core. 0 where several nodes share this
+# machine's cores (the testnets set it so): a spinning thread takes a core
+# from the node it waits for.
+compute_poll = 1
 # Where experts and the gating compute run: "cpu", "auto" (the fastest
 # device there is), "vulkan:N" or "cuda:N" (a GPU backend that 'make vulkan'
 # or 'make cuda' put beside neurod; 'neurod version' lists the devices). A
@@ -806,6 +827,8 @@ func (h HomeConfig) validate() error {
 		return fieldErr("home.memory_mb", "%d MiB is too little to run a node (at least 256)", h.MemoryMB)
 	case h.MaxLoad < 0:
 		return fieldErr("home.max_load", "must not be negative, got %g", h.MaxLoad)
+	case h.ComputePoll < 0 || h.ComputePoll > 100:
+		return fieldErr("home.compute_poll", "must be 0 to 100 (ggml's polling levels), got %d", h.ComputePoll)
 	case h.IdleThreshold <= 0 || h.IdleThreshold > 1:
 		return fieldErr("home.idle_threshold", "%g: want a fraction of the CPU above 0, at most 1", h.IdleThreshold)
 	case (h.IdleOnly || h.MaxLoad > 0) && h.IdleCheck < Duration(100*time.Millisecond):

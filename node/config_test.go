@@ -88,6 +88,8 @@ func TestValidate(t *testing.T) {
 		{"negative lane poll", func(c *Config) { c.Expert.LanePollUS = -1 }, "expert.lane_poll_us"},
 		{"negative go procs", func(c *Config) { c.Expert.GoProcs = -1 }, "expert.go_procs"},
 		{"lane poll over a second", func(c *Config) { c.Expert.LanePollUS = MaxLanePollUS + 1 }, "expert.lane_poll_us"},
+		{"negative compute poll", func(c *Config) { c.Home.ComputePoll = -1 }, "home.compute_poll"},
+		{"compute poll over ggml's levels", func(c *Config) { c.Home.ComputePoll = 101 }, "home.compute_poll"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

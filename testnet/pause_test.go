@@ -66,7 +66,8 @@ func TestNetworkPause(t *testing.T) {
 
 // The loopback testnet's expert nodes run their Go side on one thread
 // where they share the cores with the gating node (expert.go_procs); the
-// gating node keeps Go's default, and pinned nodes have a core each.
+// gating node keeps Go's default, and pinned nodes have a core each. No
+// node's idle compute threads spin (home.compute_poll).
 func TestLoopbackExpertGoProcs(t *testing.T) {
 	for _, pin := range []bool{false, true} {
 		l := &Loopback{ExpertNodes: 2, Pin: pin}
@@ -76,8 +77,13 @@ func TestLoopbackExpertGoProcs(t *testing.T) {
 			t.Fatal(err)
 		}
 		for i := range o.Nodes {
-			var c node.Config
+			c := node.DefaultConfig()
 			o.Config(i, &c)
+			// The nodes share the machine's cores: idle compute threads
+			// sleep at once (a node of its own polls: the default).
+			if c.Home.ComputePoll != 0 {
+				t.Errorf("pinned %v, node %d: home.compute_poll %d, want 0", pin, i, c.Home.ComputePoll)
+			}
 			want := 0
 			if i != l.Gating() && !pin {
 				want = 1

@@ -180,9 +180,10 @@ func runNode(cmd *cobra.Command, home string, cfg node.Config, rf *runFlags) err
 // nodeOptions are the node's options from its configuration and flags: the
 // compute device, the memory budget's source, fetch progress.
 func nodeOptions(cmd *cobra.Command, home string, cfg *node.Config, rf *runFlags, fault expert.Fault, log *slog.Logger) ([]node.Option, error) {
-	// A node computes a layer, then waits on the network for a process
-	// that needs the same cores: its idle compute threads sleep at once.
-	ggml.SetPolling(0)
+	// A node computes a layer, then waits on the network: its idle compute
+	// threads spin home.compute_poll for the next (0 where the process it
+	// waits for shares the cores: they sleep at once).
+	ggml.SetPolling(cfg.Home.ComputePoll)
 	if n := cfg.Expert.GoProcs; n > 0 && !cfg.Gating.Enabled {
 		runtime.GOMAXPROCS(n)
 		log.Info("go side on fewer threads", "expert.go_procs", n)
