@@ -234,7 +234,8 @@ func median(ds []time.Duration) time.Duration {
 // both in one graph (group: one request per node and layer), both in one
 // graph on one thread (group-1thread), each on a lane of one thread of its
 // own at the same time (lanes), and as llama.cpp does, one expert-indexed
-// product over a stack of all 8 (stack); µs per layer.
+// product over a stack of all 8 (stack); µs per layer. The -gap and -wait
+// runs leave time between layers, as a decode step does.
 func BenchmarkExpertGroup(b *testing.B) {
 	const embd, ff, n = 1024, 3584, 8
 	rng := rand.New(rand.NewPCG(1, 2))
@@ -325,6 +326,38 @@ func BenchmarkExpertGroup(b *testing.B) {
 				}
 				start := time.Now()
 				if err := c.run(i); err != nil {
+					b.Fatal(err)
+				}
+				took += time.Since(start)
+			}
+			b.ReportMetric(float64(took.Microseconds())/float64(b.N), "us/layer")
+		})
+	}
+	// An expert node whose callers are on other machines: between a
+	// layer's group and the next, its cores idle (here a sleep of 1 ms).
+	// A group of every core's threads in one graph, its idle threads
+	// sleeping at once (polling level 0) or spinning about 4 ms (1,
+	// home.compute_poll's default).
+	defer SetPolling(Polling())
+	for _, poll := range []int{0, 1} {
+		b.Run(fmt.Sprintf("group-wait-poll%d", poll), func(b *testing.B) {
+			SetPolling(poll)
+			on := make([]moe.Expert, n)
+			for i := range on {
+				e, err := Backend{}.NewExpert(ws[i], moe.ExpertOptions{})
+				if err != nil {
+					b.Fatal(err)
+				}
+				defer e.Close()
+				on[i] = e
+			}
+			run := group(on)
+			var took time.Duration
+			b.ResetTimer()
+			for i := range b.N {
+				time.Sleep(time.Millisecond)
+				start := time.Now()
+				if err := run(i); err != nil {
 					b.Fatal(err)
 				}
 				took += time.Since(start)
