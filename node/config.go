@@ -249,7 +249,8 @@ type HomeConfig struct {
 	// next, and a thread that slept wakes on a core that went idle (on a
 	// virtual machine long enough to undo what the extra threads gain).
 	// 0 where several nodes share the machine's cores (the testnets): a
-	// spinning thread takes a core from the node it waits for.
+	// spinning thread takes a core from the node it waits for. Spinning
+	// threads count in the load average (MaxLoad) as computing ones do.
 	ComputePoll int `toml:"compute_poll"`
 	// Device is where experts and the gating compute run: "cpu" (the
 	// default), "auto", "vulkan:N" or "cuda:N" (neurod resolves it; a
@@ -597,7 +598,8 @@ idle_check = "5s"
 # a node computes a layer, then waits on the network, and a thread that
 # slept wakes slowly on an idle core. 0 where several nodes share this
 # machine's cores (the testnets set it so): a spinning thread takes a core
-# from the node it waits for.
+# from the node it waits for. Spinning threads count in the load average
+# (max_load) as computing ones do.
 compute_poll = 1
 # Where experts and the gating compute run: "cpu", "auto" (the fastest
 # device there is), "vulkan:N" or "cuda:N" (a GPU backend that 'make vulkan'
