@@ -148,20 +148,7 @@ func (z noExperts) MoE(_ context.Context, _ int, _ []float32, n int, _ []int32, 
 // one's median tokens/s and split ÷ local of the medians, and checks that
 // both generated the same tokens.
 func BenchmarkGenerate(b *testing.B) {
-	path := os.Getenv("NEURO_BENCH_MODEL")
-	if path == "" {
-		path = filepath.Join(b.TempDir(), "m.gguf")
-		p := model.Presets["bench"]
-		p.Layers = 4
-		f, err := os.Create(path)
-		if err != nil {
-			b.Fatal(err)
-		}
-		if err := model.Generate(f, p, model.Q8_0, 5); err != nil {
-			b.Fatal(err)
-		}
-		f.Close()
-	}
+	path := benchModel(b)
 	dir := filepath.Join(b.TempDir(), "shards")
 	if _, err := model.Split(path, dir); err != nil {
 		b.Fatal(err)
@@ -214,6 +201,29 @@ func BenchmarkGenerate(b *testing.B) {
 	b.ReportMetric(tokens/ml.Seconds(), "local_tokens/s")
 	b.ReportMetric(tokens/ms.Seconds(), "split_tokens/s")
 	b.ReportMetric(ml.Seconds()/ms.Seconds(), "split/local")
+}
+
+// benchModel is NEURO_BENCH_MODEL, or a model of the bench preset's shape
+// with 4 layers generated for b.
+func benchModel(b *testing.B) string {
+	if path := os.Getenv("NEURO_BENCH_MODEL"); path != "" {
+		return path
+	}
+	path := filepath.Join(b.TempDir(), "m.gguf")
+	p := model.Presets["bench"]
+	p.Layers = 4
+	f, err := os.Create(path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	if err := model.Generate(f, p, model.Q8_0, 5); err != nil {
+		b.Fatal(err)
+	}
+	if err := f.Close(); err != nil {
+		b.Fatal(err)
+	}
+	return path
 }
 
 // median returns the middle of ds (the mean of the middle two for an even
@@ -396,20 +406,7 @@ func (w *waitingExperts) MoE(_ context.Context, _ int, _ []float32, n int, _ []i
 // The model is the bench preset's shape with 4 layers (NEURO_BENCH_MODEL
 // for another).
 func BenchmarkGatingAfterWait(b *testing.B) {
-	path := os.Getenv("NEURO_BENCH_MODEL")
-	if path == "" {
-		path = filepath.Join(b.TempDir(), "m.gguf")
-		p := model.Presets["bench"]
-		p.Layers = 4
-		f, err := os.Create(path)
-		if err != nil {
-			b.Fatal(err)
-		}
-		if err := model.Generate(f, p, model.Q8_0, 5); err != nil {
-			b.Fatal(err)
-		}
-		f.Close()
-	}
+	path := benchModel(b)
 	dir := filepath.Join(b.TempDir(), "shards")
 	res, err := model.Split(path, dir)
 	if err != nil {
