@@ -13,7 +13,8 @@ extern "C" {
 void neuro_log_install(void);
 
 // neuro_pool returns the process's ggml threadpool of n_threads threads at
-// the polling level set (neuro_set_poll), creating it on first use (NULL if that fails). Every backend computes on
+// the polling level set (neuro_set_poll), creating it on first use (NULL
+// if that fails). Every backend computes on
 // these, one graph at a time (the Go side holds a lock), so that the cores
 // are never oversubscribed; idle workers spin for the polling level
 // (neuro_set_poll) before they sleep. A graph of n threads runs on the pool
@@ -23,8 +24,9 @@ void neuro_log_install(void);
 // this one waits for).
 struct ggml_threadpool * neuro_pool(int n_threads);
 
-// neuro_set_poll sets the polling level (0-100) of the threadpool that
-// neuro_pool creates next; -1 keeps ggml's default.
+// neuro_set_poll sets the polling level (0-100) of the threadpools that
+// neuro_pool returns from now on (a pool keeps the level it was made with);
+// -1: ggml's default.
 void neuro_set_poll(int level);
 // neuro_poll is the level neuro_set_poll set (-1: ggml's default).
 int neuro_poll(void);
