@@ -118,7 +118,7 @@ func BenchmarkLlamaCppExpertMatmul(b *testing.B) {
 			local := time.Since(t0)
 			t1 := time.Now()
 			for i := range b.N {
-				if _, err := s.Forward(context.Background(), tok(i), noExperts{embd: p.Embd}); err != nil {
+				if _, err := s.Forward(context.Background(), tok(i), &zeroExperts{embd: p.Embd}); err != nil {
 					b.Fatal(err)
 				}
 			}
@@ -129,14 +129,6 @@ func BenchmarkLlamaCppExpertMatmul(b *testing.B) {
 			b.ReportMetric(float64((local-gating).Microseconds())/n/1e3, "expert_ms")
 		})
 	}
-}
-
-// noExperts answers every MoE call with zeros, to time the gating compute
-// alone.
-type noExperts struct{ embd int }
-
-func (z noExperts) MoE(_ context.Context, _ int, _ []float32, n int, _ []int32, _ []float32) ([]float32, error) {
-	return make([]float32, n*z.embd), nil
 }
 
 // BenchmarkGenerate compares tokens per second of llama.cpp's own forward
@@ -377,16 +369,17 @@ func BenchmarkExpertGroup(b *testing.B) {
 	}
 }
 
-// waitingExperts answers each MoE call with zeros after wait, as experts
-// on another machine answer after the network and their compute: the
-// gating node's cores idle meanwhile.
-type waitingExperts struct {
+// zeroExperts answers every MoE call with zeros, to time the gating
+// compute alone; after wait, if set, as experts on another machine answer
+// after the network and their compute (the gating node's cores idle
+// meanwhile).
+type zeroExperts struct {
 	embd int
 	wait time.Duration
 	took time.Duration // in MoE calls, waits included
 }
 
-func (w *waitingExperts) MoE(_ context.Context, _ int, _ []float32, n int, _ []int32, _ []float32) ([]float32, error) {
+func (w *zeroExperts) MoE(_ context.Context, _ int, _ []float32, n int, _ []int32, _ []float32) ([]float32, error) {
 	start := time.Now()
 	if w.wait > 0 {
 		time.Sleep(w.wait)
@@ -444,7 +437,7 @@ func BenchmarkGatingAfterWait(b *testing.B) {
 					b.Fatal(err)
 				}
 				defer s.Close()
-				w := &waitingExperts{embd: hp.Embd, wait: wait}
+				w := &zeroExperts{embd: hp.Embd, wait: wait}
 				if _, err := s.Forward(context.Background(), []int32{1, 2, 3, 4}, w); err != nil {
 					b.Fatal(err)
 				}

@@ -77,7 +77,7 @@ func TestGatingBadInput(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	z := noExperts{embd: hp.Embd}
+	z := &zeroExperts{embd: hp.Embd}
 	if _, err := s.Forward(t.Context(), make([]int32, 17), z); !errors.Is(err, moe.ErrContextFull) {
 		t.Errorf("over the context: %v", err)
 	}

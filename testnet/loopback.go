@@ -119,9 +119,6 @@ func (l *Loopback) Launch(r *Run, o *LaunchOptions) error {
 		}
 		c.Expert.RequireEscrow = l.RequireEscrow
 		c.Gating.Threads = gatingThreads
-		// The nodes share the cores: a thread spinning in one takes a
-		// core from the node it waits for.
-		c.Home.ComputePoll = 0
 		if l.Pin {
 			// Each node has a core of its own, as on machines of their
 			// own: they poll while they wait as such nodes do.

@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/neuro-p2p/neuro/neuropb"
-	"github.com/neuro-p2p/neuro/node"
 )
 
 // procState is the state letter of process pid (/proc/PID/stat: R, S,
@@ -77,7 +76,7 @@ func TestLoopbackExpertGoProcs(t *testing.T) {
 			t.Fatal(err)
 		}
 		for i := range o.Nodes {
-			c := node.DefaultConfig()
+			c := LoopbackConfig() // as prepareHome writes it
 			o.Config(i, &c)
 			// The nodes share the machine's cores: idle compute threads
 			// sleep at once (a node of its own polls: the default).
