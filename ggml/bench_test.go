@@ -405,15 +405,11 @@ func BenchmarkGatingAfterWait(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	m, _, err := model.LoadManifest(dir, res.ModelCID)
+	gs, err := model.OpenShard(dir, res.Manifest.GetGating())
 	if err != nil {
 		b.Fatal(err)
 	}
-	gs, err := model.OpenShard(dir, m.GetGating())
-	if err != nil {
-		b.Fatal(err)
-	}
-	hp, err := moe.HparamsOf(m, gs)
+	hp, err := moe.HparamsOf(res.Manifest, gs)
 	if err != nil {
 		b.Fatal(err)
 	}
