@@ -127,7 +127,14 @@ func TestCorruptProviderFallsBack(t *testing.T) {
 	bc, _ := cid.Cast(ref.GetCid())
 	raw, _ := os.ReadFile(bad.path(bc))
 	raw[len(raw)/2] ^= 0x40
-	os.WriteFile(bad.path(bc), raw, 0o644)
+	// A file of its own: the import linked the split's into both stores.
+	tmp := bad.path(bc) + ".tmp"
+	if err := os.WriteFile(tmp, raw, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, bad.path(bc)); err != nil {
+		t.Fatal(err)
+	}
 	for i, s := range []*Store{bad, good} {
 		srv := NewShardServer(hs[i], s, quiet())
 		srv.Start()

@@ -193,16 +193,24 @@ func (w *Writer) Commit() error {
 	if err := w.f.Close(); err != nil {
 		return fmt.Errorf("blob %s: %w", w.c, err)
 	}
-	h, err := mh.Encode(w.h.Sum(nil), mh.SHA2_256)
-	if err != nil {
-		return fmt.Errorf("blob %s: %w", w.c, err)
-	}
-	if got := cid.NewCidV1(w.c.Type(), h); !got.Equals(w.c) {
+	if err := matchCID(w.c, w.h.Sum(nil), w.size); err != nil {
 		os.Remove(w.s.partial(w.c))
-		return fmt.Errorf("blob %s (%d bytes): %w: the bytes hash to %s", w.c, w.size, model.ErrCIDMismatch, got)
+		return err
 	}
 	if err := os.Rename(w.s.partial(w.c), w.s.path(w.c)); err != nil {
 		return fmt.Errorf("blob %s: %w", w.c, err)
+	}
+	return nil
+}
+
+// matchCID checks a blob of size bytes whose SHA-256 is sum against c.
+func matchCID(c cid.Cid, sum []byte, size int64) error {
+	d, err := mh.Encode(sum, mh.SHA2_256)
+	if err != nil {
+		return fmt.Errorf("blob %s: %w", c, err)
+	}
+	if got := cid.NewCidV1(c.Type(), d); !got.Equals(c) {
+		return fmt.Errorf("blob %s (%d bytes): %w: the bytes hash to %s", c, size, model.ErrCIDMismatch, got)
 	}
 	return nil
 }
@@ -214,6 +222,53 @@ func (w *Writer) Close() error {
 	}
 	w.done = true
 	return w.f.Close()
+}
+
+// link stores the file src as blob c without copying its bytes: a hard
+// link, checked against c (as Put checks what it writes) and synced, then
+// renamed into place. It reports false, and stores nothing, where src
+// cannot be linked into the store's directory (another file system, one
+// without hard links): the caller copies it then.
+func (s *Store) link(c cid.Cid, src string) (bool, error) {
+	if pref := c.Prefix(); pref.MhType != mh.SHA2_256 || c.Version() != 1 {
+		return false, fmt.Errorf("blob %s: not a CIDv1 sha2-256", c)
+	}
+	part := s.partial(c)
+	os.Remove(part) // a fresh write, not a resume
+	if err := os.Link(src, part); err != nil {
+		return false, nil
+	}
+	err := checkFile(c, part)
+	if err != nil {
+		os.Remove(part)
+		return false, err
+	}
+	if err := os.Rename(part, s.path(c)); err != nil {
+		os.Remove(part)
+		return false, fmt.Errorf("blob %s: %w", c, err)
+	}
+	return true, nil
+}
+
+// checkFile hashes the file at path against c and syncs it to disk.
+func checkFile(c cid.Cid, path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("blob %s: %w", c, err)
+	}
+	defer f.Close()
+	h := sha256.New()
+	n, err := io.Copy(h, f)
+	if err != nil {
+		return fmt.Errorf("blob %s: %w", c, err)
+	}
+	if err := matchCID(c, h.Sum(nil), n); err != nil {
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("blob %s: %w", c, err)
+	}
+	return nil
 }
 
 // Put stores the blob read from r, checking it against c.
@@ -230,8 +285,11 @@ func (s *Store) Put(c cid.Cid, r io.Reader) error {
 	return w.Commit()
 }
 
-// ImportSplit copies a split model directory (model.Split's output) into
-// the store: the manifest under the model CID, then every shard. It
+// ImportSplit puts a split model directory (model.Split's output) into
+// the store: the manifest under the model CID, then every shard, each
+// checked against its CID. A shard on the store's file system is
+// hard-linked, not copied (model.Split never rewrites a shard's file: a
+// new split renames new files into place); one elsewhere is copied. It
 // returns the model CID.
 func (s *Store) ImportSplit(dir string) (cid.Cid, error) { return s.ImportSplitProgress(dir, nil) }
 
@@ -262,7 +320,15 @@ func (s *Store) ImportSplitProgress(dir string, progress func(done, total int)) 
 		if s.Has(c) {
 			continue
 		}
-		f, err := os.Open(model.ShardPath(dir, c))
+		src := model.ShardPath(dir, c)
+		linked, err := s.link(c, src)
+		if err != nil {
+			return cid.Undef, fmt.Errorf("import: %w", err)
+		}
+		if linked {
+			continue
+		}
+		f, err := os.Open(src)
 		if err != nil {
 			return cid.Undef, fmt.Errorf("import: %w", err)
 		}

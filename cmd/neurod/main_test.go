@@ -542,6 +542,10 @@ func TestModelImport(t *testing.T) {
 	if len(entries) != 1+1+1+2+8 { // manifest, gating shard, head shard, 2 layer shards, 2 layers x 4 experts
 		t.Fatalf("%d blobs in the store", len(entries))
 	}
+	// The split it linked into the store is gone.
+	if left, _ := filepath.Glob(filepath.Join(home, ".import-*")); len(left) != 0 {
+		t.Fatalf("import left %v", left)
+	}
 	// model info by CID reads the manifest in the store; by file, the GGUF.
 	modelCID := lines[len(lines)-1]
 	var byCID, byFile model.Info

@@ -47,8 +47,10 @@ func newModelImportCmd(g *globalFlags) *cobra.Command {
 		Long: `import splits MODEL.gguf and puts the manifest and every shard, verified
 by CID, into the node's store (<home>/store). The node announces them in the
 DHT (a running node picks them up within seconds), and other nodes fetch
-what they host from it: no other node needs the GGUF. Prints the model CID
-last.`,
+what they host from it: no other node needs the GGUF. The shards are split
+into a directory of the home (.import-*, removed afterwards) and linked into
+the store, so the import writes the model's size once and needs that much
+free space in the home. Prints the model CID last.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			home, err := g.homeDir()
@@ -58,16 +60,18 @@ last.`,
 			if _, err := os.Stat(filepath.Join(home, node.ConfigFile)); err != nil {
 				return fmt.Errorf("home %s: %w (run 'neurod init' first)", home, node.ErrNotInitialized)
 			}
-			tmp, err := os.MkdirTemp("", "neuro-import-")
+			store, err := expert.OpenStore(filepath.Join(home, node.StoreDir))
+			if err != nil {
+				return err
+			}
+			// The split goes beside the store, on its file system: its
+			// shards are then linked into the store, not copied.
+			tmp, err := os.MkdirTemp(home, ".import-")
 			if err != nil {
 				return err
 			}
 			defer os.RemoveAll(tmp)
 			res, err := splitShowing(cmd.ErrOrStderr(), args[0], tmp, shared)
-			if err != nil {
-				return err
-			}
-			store, err := expert.OpenStore(filepath.Join(home, node.StoreDir))
 			if err != nil {
 				return err
 			}
