@@ -153,9 +153,8 @@ type Writer struct {
 // NewWriter starts (or resumes) writing blob c. Offset is where the data
 // must continue; the bytes already there have been hashed.
 func (s *Store) NewWriter(c cid.Cid) (*Writer, error) {
-	pref := c.Prefix()
-	if pref.MhType != mh.SHA2_256 || c.Version() != 1 {
-		return nil, fmt.Errorf("blob %s: not a CIDv1 sha2-256", c)
+	if err := checkKind(c); err != nil {
+		return nil, err
 	}
 	f, err := os.OpenFile(s.partial(c), os.O_CREATE|os.O_RDWR, 0o644)
 	if err != nil {
@@ -203,6 +202,15 @@ func (w *Writer) Commit() error {
 	return nil
 }
 
+// checkKind refuses a CID of a kind the store does not hold (it holds
+// CIDv1 sha2-256 only).
+func checkKind(c cid.Cid) error {
+	if c.Prefix().MhType != mh.SHA2_256 || c.Version() != 1 {
+		return fmt.Errorf("blob %s: not a CIDv1 sha2-256", c)
+	}
+	return nil
+}
+
 // matchCID checks a blob of size bytes whose SHA-256 is sum against c.
 func matchCID(c cid.Cid, sum []byte, size int64) error {
 	d, err := mh.Encode(sum, mh.SHA2_256)
@@ -230,16 +238,15 @@ func (w *Writer) Close() error {
 // cannot be linked into the store's directory (another file system, one
 // without hard links): the caller copies it then.
 func (s *Store) link(c cid.Cid, src string) (bool, error) {
-	if pref := c.Prefix(); pref.MhType != mh.SHA2_256 || c.Version() != 1 {
-		return false, fmt.Errorf("blob %s: not a CIDv1 sha2-256", c)
+	if err := checkKind(c); err != nil {
+		return false, err
 	}
 	part := s.partial(c)
 	os.Remove(part) // a fresh write, not a resume
 	if err := os.Link(src, part); err != nil {
 		return false, nil
 	}
-	err := checkFile(c, part)
-	if err != nil {
+	if err := checkFile(c, part); err != nil {
 		os.Remove(part)
 		return false, err
 	}
