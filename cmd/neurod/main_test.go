@@ -533,11 +533,32 @@ func TestModelImport(t *testing.T) {
 	if r := neurod(t, nil, "model", "make", "--preset", "tiny", "--seed", "3", "--out", path); r.code != 0 {
 		t.Fatal(r.stderr)
 	}
+	// What a killed import left two hours ago goes; a running import's
+	// (changed a minute ago) stays.
+	stale, running := filepath.Join(home, ".import-stale"), filepath.Join(home, ".import-running")
+	for _, d := range []string{stale, running} {
+		if err := os.MkdirAll(filepath.Join(d, "x"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Chtimes(stale, time.Now().Add(-2*time.Hour), time.Now().Add(-2*time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chtimes(running, time.Now().Add(-time.Minute), time.Now().Add(-time.Minute)); err != nil {
+		t.Fatal(err)
+	}
 	r := neurod(t, nil, "model", "import", path, "--home", home)
 	lines := strings.Split(strings.TrimSpace(r.stdout), "\n")
 	if r.code != 0 || !strings.HasPrefix(lines[len(lines)-1], "bafkrei") {
 		t.Fatalf("import: %+v", r)
 	}
+	if _, err := os.Stat(stale); !errors.Is(err, os.ErrNotExist) || !strings.Contains(r.stderr, "removed "+stale) {
+		t.Fatalf("a killed import's split: %v; stderr %q", err, r.stderr)
+	}
+	if _, err := os.Stat(running); err != nil {
+		t.Fatalf("a running import's split: %v", err)
+	}
+	os.RemoveAll(running)
 	entries, _ := os.ReadDir(filepath.Join(home, node.StoreDir))
 	if len(entries) != 1+1+1+2+8 { // manifest, gating shard, head shard, 2 layer shards, 2 layers x 4 experts
 		t.Fatalf("%d blobs in the store", len(entries))

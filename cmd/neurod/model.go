@@ -12,6 +12,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/ipfs/go-cid"
 	"github.com/spf13/cobra"
@@ -48,9 +49,9 @@ func newModelImportCmd(g *globalFlags) *cobra.Command {
 by CID, into the node's store (<home>/store). The node announces them in the
 DHT (a running node picks them up within seconds), and other nodes fetch
 what they host from it: no other node needs the GGUF. The shards are split
-into a directory of the home (.import-*, removed afterwards) and linked into
-the store, so the import writes the model's size once and needs that much
-free space in the home. Prints the model CID last.`,
+into a directory of the home (.import-*, removed afterwards, and by the next
+import if this one is killed) and linked into the store, so the import
+writes the model's size once and needs that much free space in the home. Prints the model CID last.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			home, err := g.homeDir()
@@ -66,7 +67,8 @@ free space in the home. Prints the model CID last.`,
 			}
 			// The split goes beside the store, on its file system: its
 			// shards are then linked into the store, not copied.
-			tmp, err := os.MkdirTemp(home, ".import-")
+			removeStaleImports(cmd.ErrOrStderr(), home, time.Now())
+			tmp, err := os.MkdirTemp(home, importPrefix)
 			if err != nil {
 				return err
 			}
@@ -92,6 +94,32 @@ free space in the home. Prints the model CID last.`,
 	}
 	cmd.Flags().StringVar(&shared, "shared-experts", "gating", sharedExpertsHelp)
 	return cmd
+}
+
+// importPrefix names the directories model import splits into, in the
+// home.
+const importPrefix = ".import-"
+
+// staleImport is how long an import's directory goes unchanged before
+// another import takes it for the leftover of one that was killed: a
+// running import adds a shard to it every few seconds.
+const staleImport = time.Hour
+
+// removeStaleImports removes what killed imports left in home: their
+// directories unchanged for staleImport, each said on w.
+func removeStaleImports(w io.Writer, home string, now time.Time) {
+	dirs, _ := filepath.Glob(filepath.Join(home, importPrefix+"*"))
+	for _, d := range dirs {
+		st, err := os.Stat(d)
+		if err != nil || !st.IsDir() || now.Sub(st.ModTime()) < staleImport {
+			continue
+		}
+		if err := os.RemoveAll(d); err != nil {
+			fmt.Fprintf(w, "could not remove %s, an interrupted import's split: %v\n", d, err)
+			continue
+		}
+		fmt.Fprintf(w, "removed %s, an interrupted import's split\n", d)
+	}
 }
 
 // sharedExpertsHelp is the --shared-experts flag's help.
