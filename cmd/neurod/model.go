@@ -51,7 +51,8 @@ DHT (a running node picks them up within seconds), and other nodes fetch
 what they host from it: no other node needs the GGUF. The shards are split
 into a directory of the home (.import-*, removed afterwards, and by the next
 import if this one is killed) and linked into the store, so the import
-writes the model's size once and needs that much free space in the home. Prints the model CID last.`,
+writes the model's size once and needs that much free space in the home.
+Prints the model CID last.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			home, err := g.homeDir()
