@@ -28,11 +28,20 @@ func shardCIDs(t *testing.T, m *neuropb.Manifest) []cid.Cid {
 	return out
 }
 
-// checkImported checks that every shard of m is in s, readable and
-// verified, and that no partial file is left; linked says whether each
-// must be the split's own file (a hard link) or a copy of it.
-func checkImported(t *testing.T, s *Store, m *neuropb.Manifest, dir string, linked bool) {
+// importChecked imports the split in dir (model mc, manifest m) into a
+// store opened in storeDir and checks that every shard of m is in it,
+// readable and verified, and that no partial file is left; linked says
+// whether each must be the split's own file (a hard link) or a copy of it.
+func importChecked(t *testing.T, storeDir string, mc cid.Cid, m *neuropb.Manifest, dir string, linked bool) *Store {
 	t.Helper()
+	s, err := OpenStore(storeDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.ImportSplit(dir)
+	if err != nil || !got.Equals(mc) {
+		t.Fatalf("import: %v %v", got, err)
+	}
 	for _, ref := range model.ShardRefs(m) {
 		if _, err := s.OpenShard(ref); err != nil {
 			t.Fatalf("stored shard: %v", err)
@@ -59,20 +68,13 @@ func checkImported(t *testing.T, s *Store, m *neuropb.Manifest, dir string, link
 			t.Fatalf("partial file left: %s", e.Name())
 		}
 	}
+	return s
 }
 
 // A split on the store's file system is linked into it, not copied.
 func TestImportSplitLinksOnTheSameFileSystem(t *testing.T) {
 	mc, m, dir := tinyShards(t, model.Q8_0)
-	s, err := OpenStore(filepath.Join(filepath.Dir(dir), "store"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	got, err := s.ImportSplit(dir)
-	if err != nil || !got.Equals(mc) {
-		t.Fatalf("import: %v %v", got, err)
-	}
-	checkImported(t, s, m, dir, true)
+	s := importChecked(t, filepath.Join(filepath.Dir(dir), "store"), mc, m, dir, true)
 	if _, err := s.Manifest(mc); err != nil {
 		t.Fatal(err)
 	}
@@ -128,13 +130,5 @@ func TestImportSplitCopiesAcrossFileSystems(t *testing.T) {
 	if syscall.Stat(dir, &a) != nil || syscall.Stat(shm, &b) != nil || a.Dev == b.Dev {
 		t.Skip("/dev/shm is on the split's file system")
 	}
-	s, err := OpenStore(filepath.Join(shm, "store"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	got, err := s.ImportSplit(dir)
-	if err != nil || !got.Equals(mc) {
-		t.Fatalf("import: %v %v", got, err)
-	}
-	checkImported(t, s, m, dir, false)
+	importChecked(t, filepath.Join(shm, "store"), mc, m, dir, false)
 }

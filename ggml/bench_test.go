@@ -399,20 +399,7 @@ func (w *zeroExperts) MoE(_ context.Context, _ int, _ []float32, n int, _ []int3
 // The model is the bench preset's shape with 4 layers (NEURO_BENCH_MODEL
 // for another).
 func BenchmarkGatingAfterWait(b *testing.B) {
-	path := benchModel(b)
-	dir := filepath.Join(b.TempDir(), "shards")
-	res, err := model.Split(path, dir)
-	if err != nil {
-		b.Fatal(err)
-	}
-	gs, err := model.OpenShard(dir, res.Manifest.GetGating())
-	if err != nil {
-		b.Fatal(err)
-	}
-	hp, err := moe.HparamsOf(res.Manifest, gs)
-	if err != nil {
-		b.Fatal(err)
-	}
+	_, gs, hp := splitGating(b, benchModel(b))
 	defer SetPolling(Polling())
 	cores := runtime.NumCPU()
 	for _, wait := range []time.Duration{0, 300 * time.Microsecond, 1500 * time.Microsecond} {

@@ -36,8 +36,10 @@ func TestSplitMatchesLlamaCpp(t *testing.T) {
 	}
 }
 
-func TestGatingBadInput(t *testing.T) {
-	path := tinyModel(t, model.F32, 8)
+// splitGating splits the model at path and opens its gating shard, with
+// the hyper-parameters read from it.
+func splitGating(t testing.TB, path string) (*model.SplitResult, *model.Shard, moe.Hparams) {
+	t.Helper()
 	dir := filepath.Join(t.TempDir(), "shards")
 	res, err := model.Split(path, dir)
 	if err != nil {
@@ -51,6 +53,11 @@ func TestGatingBadInput(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return res, gs, hp
+}
+
+func TestGatingBadInput(t *testing.T) {
+	res, gs, hp := splitGating(t, tinyModel(t, model.F32, 8))
 	// A shard that lacks a tensor, or whose tensor has another shape.
 	bad := hp
 	bad.Layers++
