@@ -188,6 +188,10 @@ type ContextOptions struct {
 	// (default DefaultUBatch, at most Context); it also sizes the
 	// sliding-window layers' cache.
 	UBatch int
+	// Seqs is the number of sequences the context decodes together
+	// (llama.cpp's n_seq_max; default 1), each in its own Context/Seqs
+	// cells of the KV cache.
+	Seqs int
 }
 
 // LlamaContext is one generation's state: the KV cache and the logits of
@@ -214,6 +218,7 @@ func (l *Llama) NewContext(o ContextOptions) (*LlamaContext, error) {
 		o.UBatch = DefaultUBatch
 	}
 	o.UBatch = min(o.UBatch, o.Context)
+	o.Seqs = max(o.Seqs, 1)
 	l.poolMu.Lock()
 	if cs := l.idle[o]; len(cs) > 0 {
 		c := cs[len(cs)-1]
@@ -222,14 +227,17 @@ func (l *Llama) NewContext(o ContextOptions) (*LlamaContext, error) {
 		unlock := l.gpuLock()
 		C.llama_memory_clear(C.llama_get_memory(c), C.bool(true)) // a fresh sequence
 		unlock()
-		return &LlamaContext{l: l, c: c, nCtx: int(C.llama_n_ctx(c)), o: o}, nil
+		return &LlamaContext{l: l, c: c, nCtx: int(C.llama_n_ctx(c)) / o.Seqs, o: o}, nil
 	}
 	l.poolMu.Unlock()
 	p := C.llama_context_default_params()
-	p.n_ctx = C.uint32_t(o.Context)
-	p.n_batch = C.uint32_t(o.Context)
+	p.n_ctx = C.uint32_t(o.Context * o.Seqs)
+	p.n_batch = C.uint32_t(o.Context * o.Seqs)
 	p.n_ubatch = C.uint32_t(o.UBatch)
-	p.n_seq_max = 1
+	p.n_seq_max = C.uint32_t(o.Seqs)
+	// each sequence its own stream of cells, as llama-server's slots
+	// that share no prefix
+	p.kv_unified = false
 	p.n_threads = C.int32_t(o.Threads)
 	p.n_threads_batch = C.int32_t(o.Threads)
 	p.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_DISABLED
@@ -241,9 +249,9 @@ func (l *Llama) NewContext(o ContextOptions) (*LlamaContext, error) {
 	c := C.llama_init_from_model(l.m, p)
 	unlock()
 	if c == nil {
-		return nil, fmt.Errorf("llama.cpp: could not make a context of %d tokens", o.Context)
+		return nil, fmt.Errorf("llama.cpp: could not make a context of %d tokens × %d sequences", o.Context, o.Seqs)
 	}
-	return &LlamaContext{l: l, c: c, nCtx: int(C.llama_n_ctx(c)), o: o}, nil
+	return &LlamaContext{l: l, c: c, nCtx: int(C.llama_n_ctx(c)) / o.Seqs, o: o}, nil
 }
 
 // Close gives the context back to its model for reuse; it is never freed.
@@ -364,6 +372,115 @@ func (l *Llama) GenerateGreedyContext(cctx context.Context, prompt string, maxTo
 		}
 		return ctx.Logits(), nil
 	})
+}
+
+// GenerateGreedySeqs answers prompt greedily seqs times at once, as
+// llama-server answers as many users in its slots: one context of seqs
+// sequences, their prompts decoded in one batch, then each step one batch
+// of every unfinished sequence's last token. It returns each sequence's
+// generation and the wall time of them all. o.Context is each sequence's
+// context (default: the prompt and maxTokens). llama.cpp computes a batch
+// of several rows with other kernels than one row (tinyBLAS), so a
+// sequence's tokens may differ from GenerateGreedy's.
+func (l *Llama) GenerateGreedySeqs(cctx context.Context, prompt string, maxTokens, seqs int, o ContextOptions) ([]*Generation, time.Duration, error) {
+	if maxTokens < 1 || seqs < 1 {
+		return nil, 0, fmt.Errorf("%d tokens in %d sequences: both must be at least 1", maxTokens, seqs)
+	}
+	toks, err := l.Tokenize(prompt, true)
+	if err != nil {
+		return nil, 0, err
+	}
+	if o.Context <= 0 {
+		o.Context = len(toks) + maxTokens
+	}
+	if len(toks)+maxTokens > o.Context {
+		return nil, 0, fmt.Errorf("prompt of %d tokens + %d new tokens: %w (%d tokens)", len(toks), maxTokens, moe.ErrContextFull, o.Context)
+	}
+	o.Seqs = seqs
+	c, err := l.NewContext(o)
+	if err != nil {
+		return nil, 0, err
+	}
+	defer c.Close()
+	batch := C.llama_batch_init(C.int32_t(seqs*len(toks)), 0, 1)
+	defer C.llama_batch_free(batch)
+	n := int(batch.n_tokens) // 0; the arrays hold seqs × prompt rows
+	tok := unsafe.Slice(batch.token, seqs*len(toks))
+	pos := unsafe.Slice(batch.pos, seqs*len(toks))
+	nSeq := unsafe.Slice(batch.n_seq_id, seqs*len(toks))
+	seqID := unsafe.Slice(batch.seq_id, seqs*len(toks))
+	logits := unsafe.Slice(batch.logits, seqs*len(toks))
+	add := func(t int32, p, s int, out bool) {
+		tok[n], pos[n], nSeq[n] = C.llama_token(t), C.llama_pos(p), 1
+		*seqID[n] = C.llama_seq_id(s)
+		logits[n] = 0
+		if out {
+			logits[n] = 1
+		}
+		n++
+	}
+	gens := make([]*Generation, seqs)
+	for s := range gens {
+		gens[s] = &Generation{Prompt: toks}
+		for i, t := range toks {
+			add(t, i, s, i == len(toks)-1)
+		}
+	}
+	start := time.Now()
+	live := make([]int, seqs) // the sequences still generating, in batch order
+	for s := range live {
+		live[s] = s
+	}
+	for step := 0; step < maxTokens && len(live) > 0; step++ {
+		if err := cctx.Err(); err != nil {
+			return nil, 0, fmt.Errorf("generation stopped: %w", err)
+		}
+		t0 := time.Now()
+		batch.n_tokens = C.int32_t(n)
+		unlock := l.gpuLock()
+		rc := C.llama_decode(c.c, batch)
+		unlock()
+		if rc != 0 {
+			return nil, 0, fmt.Errorf("decode step %d of %d sequences: llama.cpp returned %d", step, len(live), int(rc))
+		}
+		took := time.Since(t0)
+		// Each live sequence's row with logits is its last in the batch:
+		// the i-th output row.
+		next := live[:0:0]
+		var nextTok []int32
+		for i, s := range live {
+			p := C.llama_get_logits_ith(c.c, C.int32_t(rowOf(step, i, len(toks))))
+			if p == nil {
+				return nil, 0, fmt.Errorf("decode step %d: no logits for sequence %d", step, s)
+			}
+			t := moe.Argmax(unsafe.Slice((*float32)(unsafe.Pointer(p)), l.nVocab))
+			g := gens[s]
+			g.Steps = append(g.Steps, took)
+			if l.IsEOG(t) {
+				continue
+			}
+			g.Tokens = append(g.Tokens, t)
+			next, nextTok = append(next, s), append(nextTok, t)
+		}
+		live, n = next, 0
+		for i, s := range live {
+			add(nextTok[i], len(toks)+step, s, true)
+		}
+	}
+	wall := time.Since(start)
+	for _, g := range gens {
+		g.Text = l.Continue(g.Tokens)
+	}
+	return gens, wall, nil
+}
+
+// rowOf is the batch row of the i-th live sequence's logits at step: in
+// the prompts' batch each sequence's last prompt token, then its one row.
+func rowOf(step, i, prompt int) int {
+	if step == 0 {
+		return i*prompt + prompt - 1
+	}
+	return i
 }
 
 // greedy decodes the prompt, then up to maxTokens argmax tokens, with

@@ -445,3 +445,43 @@ func TestSessionBytes(t *testing.T) {
 		}
 	}
 }
+
+// TestLlamaGenerateGreedySeqs answers a prompt in several sequences of one
+// context at once: one sequence gives GenerateGreedy's tokens, and every
+// sequence of several its own generation of the same length.
+func TestLlamaGenerateGreedySeqs(t *testing.T) {
+	l, err := LoadLlama(tinyModel(t, model.Q8_0, 23))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	opts := ContextOptions{Threads: testThreads}
+	want, err := l.GenerateGreedy("several users ask at once", 20, opts, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, seqs := range []int{1, 4} {
+		gens, wall, err := l.GenerateGreedySeqs(context.Background(), "several users ask at once", 20, seqs, opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(gens) != seqs || wall <= 0 {
+			t.Fatalf("%d sequences: %d generations in %v", seqs, len(gens), wall)
+		}
+		for s, g := range gens {
+			t.Logf("%d sequences, #%d: %v", seqs, s, g.Tokens)
+			if len(g.Tokens) != len(want.Tokens) || len(g.Steps) < len(g.Tokens) || !slices.Equal(g.Prompt, want.Prompt) {
+				t.Fatalf("%d sequences, #%d: %d tokens, %d steps; alone %d", seqs, s, len(g.Tokens), len(g.Steps), len(want.Tokens))
+			}
+			if seqs == 1 && !slices.Equal(g.Tokens, want.Tokens) {
+				t.Fatalf("one sequence: %v, GenerateGreedy %v", g.Tokens, want.Tokens)
+			}
+		}
+	}
+	if _, _, err := l.GenerateGreedySeqs(context.Background(), "hi", 4, 0, opts); err == nil {
+		t.Fatal("no sequences: no error")
+	}
+	if _, _, err := l.GenerateGreedySeqs(context.Background(), "hi", 400, 2, ContextOptions{Context: 64}); !errors.Is(err, moe.ErrContextFull) {
+		t.Fatalf("past the context: %v", err)
+	}
+}

@@ -96,8 +96,13 @@ type BenchRow struct {
 	// Batch says whether the gating node batched the users' MoE layers
 	// into shared rounds of expert calls ("on", "off"; kind concurrent),
 	// and SharedLayerShare the share of their layers that went out so.
+	// On the llama.cpp rows of several users ("llama.cpp": the users'
+	// prompts answered in one llama.cpp context, as llama-server batches its
+	// slots) EqualUsers counts the sequences whose tokens are llama.cpp's
+	// alone (its batches of several rows take other kernels).
 	Batch            string  `json:"batch,omitempty"`
 	SharedLayerShare float64 `json:"shared_layer_share,omitempty"`
+	EqualUsers       *int    `json:"equal_users,omitempty"`
 	// MsPerToken is the decode steps' mean latency (with speculative
 	// decoding the tokens of one pass come at once, so p50 says little).
 	// Speculative decoding (kind speculate): the drafter (off, ngram,
@@ -192,11 +197,18 @@ type Bench struct {
 	// OnMachine answers the prompt on this machine: the whole GGUF in
 	// llama.cpp, or (split) the gating compute with in-process experts.
 	OnMachine func(ctx context.Context, model string, split bool, prompt string, maxTokens int) (*Generation, error)
+	// OnMachineSeqs answers the prompt seqs times at once in one llama.cpp
+	// context on this machine (nil: left out): what llama.cpp itself makes
+	// of the users rows' load. It returns each sequence's generation and
+	// the wall time of them all.
+	OnMachineSeqs func(ctx context.Context, model, prompt string, maxTokens, seqs int) ([]*Generation, time.Duration, error)
 
 	model string
 	shape *neuropb.ModelParams // the bench model's
 	rep   *BenchReport
 	want  []int32 // llama.cpp's tokens, which every run must give
+	// seqsAlone is llama.cpp's tokens/s for one sequence in OnMachineSeqs
+	seqsAlone float64
 }
 
 // benchGen is what one run gave, whichever way it ran.
@@ -240,6 +252,9 @@ func (b *Bench) Run(ctx context.Context, modelPath, out string, rtts []time.Dura
 		}
 	}
 	for _, users := range b.Concurrency {
+		if err := b.llamaUsers(ctx, users); err != nil {
+			return nil, err
+		}
 		b.Log.Info("bench: testnet on 127.0.0.1, users at once", "users", users)
 		if err := b.concurrent(ctx, users, 0); err != nil {
 			return nil, err
@@ -558,6 +573,61 @@ func (b *Bench) concurrent(ctx context.Context, users int, rtt time.Duration) er
 			return err
 		}
 	}
+	return nil
+}
+
+// LlamaUsersRow names the row of llama.cpp answering users at once.
+func LlamaUsersRow(users int) string {
+	return fmt.Sprintf("llama.cpp, %d users at once in one context", users)
+}
+
+// llamaUsers adds the row of llama.cpp answering the bench prompt for
+// users at once, in one context of as many sequences (OnMachineSeqs), its
+// tokens/s beside one sequence's: on a machine whose cores the model's
+// compute fills, the most a batch of users can gain.
+func (b *Bench) llamaUsers(ctx context.Context, users int) error {
+	if b.OnMachineSeqs == nil {
+		return nil
+	}
+	b.Log.Info("bench: llama.cpp, users at once in one context", "users", users)
+	run := func(seqs int) ([]*Generation, float64, error) {
+		ctx, cancel := context.WithTimeout(ctx, b.Timeout)
+		defer cancel()
+		gens, wall, err := b.OnMachineSeqs(ctx, b.model, BenchPrompt, b.MaxTokens, seqs)
+		if err != nil {
+			return nil, 0, fmt.Errorf("llama.cpp, %d sequences at once: %w", seqs, err)
+		}
+		if len(gens) != seqs || wall <= 0 {
+			return nil, 0, fmt.Errorf("llama.cpp, %d sequences at once: %d generations in %v", seqs, len(gens), wall)
+		}
+		n := 0
+		for _, g := range gens {
+			n += len(g.Tokens)
+		}
+		return gens, float64(n) / wall.Seconds(), nil
+	}
+	if b.seqsAlone == 0 {
+		_, tps, err := run(1)
+		if err != nil {
+			return err
+		}
+		b.seqsAlone = tps
+	}
+	gens, tps, err := run(users)
+	if err != nil {
+		return err
+	}
+	equal := 0
+	for _, g := range gens {
+		if slices.Equal(g.Tokens, b.want) {
+			equal++
+		}
+	}
+	row := BenchRow{Name: LlamaUsersRow(users), Kind: "concurrent", Users: users, Batch: "llama.cpp", TokensPerSecond: tps,
+		AloneTokensPerSecond: b.seqsAlone, EqualUsers: &equal}
+	row.decodeLatency(gens[0].PerTokenMs)
+	b.rep.Rows = append(b.rep.Rows, row)
+	b.Log.Info("bench run done", "run", row.Name, "tokens_per_s", tps, "alone", b.seqsAlone, "equal", equal)
 	return nil
 }
 

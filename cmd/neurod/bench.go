@@ -118,7 +118,7 @@ func newBenchCmd(g *globalFlags) *cobra.Command {
 	fs.StringVar(&f.out, "out", "bench-report", "directory to write report.md, report.png and report.json into")
 	fs.StringVar(&f.rtts, "rtt", "0,20ms,50ms,100ms", "round-trip times of the netns runs, comma-separated (none: no plain netns run)")
 	fs.IntVar(&f.maxTokens, "max-tokens", 32, "tokens to generate in each run")
-	fs.StringVar(&f.concurrency, "concurrency", "4,16", "users the loopback testnet also serves at once, comma-separated (each through a client and wallet of its own; the row's tokens/s are theirs in all); 0 leaves them out")
+	fs.StringVar(&f.concurrency, "concurrency", "4,16", "users the loopback testnet also serves at once, comma-separated (each through a client and wallet of its own; the row's tokens/s are theirs in all), each count also answered by llama.cpp in one context of as many sequences (what batching them can gain on this machine); 0 leaves them out")
 	fs.BoolVar(&f.json, "json", false, "print the report as JSON")
 	fs.BoolVar(&f.noNetns, "no-netns", false, "leave out the netns runs")
 	fs.BoolVar(&f.noLoopback, "no-loopback", false, "leave out the two loopback testnet rows (default and pinned)")
@@ -213,13 +213,37 @@ func (f *benchFlags) bench(cmd *cobra.Command, g *globalFlags) (*testnet.Bench, 
 			}
 			return generateOnMachine(ctx, ggml.Device{}, model, "", prompt, maxTokens, ggml.ContextOptions{})
 		},
-		SpeculateRTT: f.speculateRTT, SpeculationModels: speculationModels, ConcurrencyRTT: f.concurrencyRTT,
+		OnMachineSeqs: llamaSeqs,
+		SpeculateRTT:  f.speculateRTT, SpeculationModels: speculationModels, ConcurrencyRTT: f.concurrencyRTT,
 		SpansRTT: f.spansRTT, SpansLayers: f.spansLayers, SpansHomes: f.spansHomes,
 		NoLoopback: f.noLoopback}
 	if b.NetnsErr = errors.New("--no-netns"); !f.noNetns {
 		b.NetnsErr = netns.Available()
 	}
 	return b, nil
+}
+
+// llamaSeqs answers prompt seqs times at once in one llama.cpp context on
+// the CPU (testnet.Bench.OnMachineSeqs).
+func llamaSeqs(ctx context.Context, path, prompt string, maxTokens, seqs int) ([]*testnet.Generation, time.Duration, error) {
+	l, err := ggml.LoadLlama(path)
+	if err != nil {
+		return nil, 0, err
+	}
+	defer l.Close()
+	gens, wall, err := l.GenerateGreedySeqs(ctx, prompt, maxTokens, seqs, ggml.ContextOptions{})
+	if err != nil {
+		return nil, 0, err
+	}
+	out := make([]*testnet.Generation, len(gens))
+	for i, g := range gens {
+		out[i] = &testnet.Generation{Tokens: g.Tokens, Text: g.Text, PromptTokens: len(g.Prompt), PerTokenMs: []float64{},
+			TokensPerSecond: float64(len(g.Tokens)) / wall.Seconds()}
+		for _, d := range g.Steps[:len(g.Tokens)] {
+			out[i].PerTokenMs = append(out[i].PerTokenMs, float64(d.Microseconds())/1000)
+		}
+	}
+	return out, wall, nil
 }
 
 // speculationModels writes the bench's speculation models into dir: a
@@ -323,6 +347,9 @@ func benchRowMarkdown(sb *strings.Builder, r testnet.BenchRow) {
 		tps += fmt.Sprintf(" (%.1f× one alone", r.TokensPerSecond/r.AloneTokensPerSecond)
 		if r.Batch == "on" {
 			tps += fmt.Sprintf("; %.0f%% of layers in shared rounds", 100*r.SharedLayerShare)
+		}
+		if r.EqualUsers != nil {
+			tps += fmt.Sprintf("; %d of %d with llama.cpp's tokens alone", *r.EqualUsers, r.Users)
 		}
 		tps += ")"
 	}

@@ -50,7 +50,7 @@ func TestBenchReport(t *testing.T) {
 			false, ",netns 20 ms,placement: expert nodes 20 ms and 40 ms away ±2 ms, experts together,placement: expert nodes 20 ms and 40 ms away ±2 ms, experts spread",
 			func(t *testing.T, rest []testnet.BenchRow, out string) { checkBenchNetns(t, rest, out, withNetns) }},
 		{"users at once", []string{"--rtt", "none", "--concurrency", "3", "--concurrency-rtt", "20ms", "--placement-rtt", "0", "--placement-jitter", "0", "--speculate-rtt", "0", "--spans-rtt", "0"},
-			false, ",testnet (1 expert node), 3 users at once,testnet (1 expert node), 3 users at once, batching off,netns 20 ms, 3 users at once,netns 20 ms, 3 users at once, batching off",
+			false, ",llama.cpp, 3 users at once in one context,testnet (1 expert node), 3 users at once,testnet (1 expert node), 3 users at once, batching off,netns 20 ms, 3 users at once,netns 20 ms, 3 users at once, batching off",
 			func(t *testing.T, rest []testnet.BenchRow, _ string) { checkBenchUsers(t, rest, withNetns) }},
 		{"speculation", []string{"--rtt", "none", "--concurrency", "0", "--placement-rtt", "0", "--placement-jitter", "0", "--speculate-rtt", "20ms", "--spans-rtt", "0",
 			"--rounds", "2"},
@@ -157,10 +157,15 @@ func checkBenchNetns(t *testing.T, rest []testnet.BenchRow, out string, withNetn
 	}
 }
 
-// checkBenchUsers checks the rows of several users at once, with
-// continuous batching and without: without it no layer shares a round.
+// checkBenchUsers checks the rows of several users at once: llama.cpp's
+// in one context, then the testnets' with continuous batching and
+// without: without it no layer shares a round.
 func checkBenchUsers(t *testing.T, rest []testnet.BenchRow, withNetns bool) {
-	for i, c := range rest[:4] {
+	if l := rest[0]; l.Kind != "concurrent" || l.Batch != "llama.cpp" || l.Users != 3 || l.TokensPerSecond <= 0 || l.AloneTokensPerSecond <= 0 ||
+		l.PerTokenP50Ms <= 0 || l.EqualUsers == nil || *l.EqualUsers > 3 {
+		t.Fatalf("llama.cpp users row %+v", l)
+	}
+	for i, c := range rest[1:5] {
 		batch := []string{"on", "off"}[i%2]
 		netnsRow := i >= 2
 		if c.Kind != "concurrent" || c.Users != 3 || c.Batch != batch {
