@@ -384,6 +384,7 @@ func (e *Engine) loadLayers(mc, gc cid.Cid) (moe.Gating, error) {
 	if err != nil {
 		return nil, err
 	}
+	e.lockstep(g)
 	if e.cfg.MaxSessions == 0 {
 		e.sizeSessions(g, g.Hparams())
 	}
@@ -395,6 +396,14 @@ func (e *Engine) loadLayers(mc, gc cid.Cid) (moe.Gating, error) {
 	}
 	e.log.Info("loaded the model's layers", "model", mc, "took", time.Since(start))
 	return g, nil
+}
+
+// lockstep has g compute its sessions' decode steps together where it
+// can (moe.Lockstepper), waiting as the MoE calls' batching does.
+func (e *Engine) lockstep(g moe.Gating) {
+	if ls, ok := g.(moe.Lockstepper); ok && ls.SetLockstep(e.cfg.BatchWait) {
+		e.log.Debug("gating compute in lockstep", "wait", e.cfg.BatchWait)
+	}
 }
 
 func (e *Engine) load(ctx context.Context, m *served) error {
@@ -429,6 +438,7 @@ func (e *Engine) load(ctx context.Context, m *served) error {
 	if err != nil {
 		return err
 	}
+	e.lockstep(sm.Gating)
 	hp := sm.Gating.Hparams()
 	if e.cfg.MaxSessions == 0 {
 		// A Layered gating sizes them from head sessions (no KV cache)

@@ -81,6 +81,7 @@ type gatingIface struct{ *Gating }
 
 var (
 	_ moe.SessionSizer  = gatingIface{}
+	_ moe.Lockstepper   = gatingIface{}
 	_ moe.HeadSessioner = gatingIface{}
 	_ moe.PartLoader    = Backend{}
 	_ moe.Steps         = (*Session)(nil)

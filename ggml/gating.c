@@ -15,7 +15,7 @@
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
 
-#define GATING_MAX_NODES 512
+#define GATING_MAX_NODES 2048
 #define NEURO_MAX_LAYERS 1024
 
 struct gating_layer {
@@ -398,6 +398,10 @@ fail:
     return NULL;
 }
 
+int neuro_gating_set_threads(neuro_gating * g, int n_threads) {
+    return exec_set_threads(&g->x, n_threads) ? 0 : 1;
+}
+
 static struct ggml_context * graph_ctx(neuro_gating * g) {
     struct ggml_init_params p = { g->meta_size, g->meta, true };
     return ggml_init(p);
@@ -519,40 +523,64 @@ static struct ggml_tensor * group_topk(struct ggml_context * ctx, const neuro_hp
 
 int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, int last_only,
                 float * ffn_inp_out, float * moe_in_out, int32_t * selected_ids, float * weights_out, float * extra_out) {
-    neuro_gating * g = s->g;
-    const neuro_hparams * hp = &g->hp;
-    if (il < g->first || il >= g->end || s->k[il] == NULL || n < 1 || pos0 < 0 || pos0 + n > s->n_ctx) {
+    return neuro_layer_multi(&s, 1, il, inp, n, &pos0, last_only, ffn_inp_out, moe_in_out, selected_ids, weights_out, extra_out);
+}
+
+int neuro_layer_multi(neuro_session ** ss, int N, int il, const float * inp, int n, const int * pos0s, int last_only,
+                      float * ffn_inp_out, float * moe_in_out, int32_t * selected_ids, float * weights_out, float * extra_out) {
+    if (N < 1 || N > NEURO_MAX_SESSIONS || (N > 1 && (n != 1 || last_only))) {
         return 1;
     }
-    const struct gating_layer * L = &g->layers[il];
+    neuro_gating * g = ss[0]->g;
+    const neuro_hparams * hp = &g->hp;
+    if (N > 1 && hp->mla) {
+        return 1; // MLA's per-head products would take a batch's kernels
+    }
     const int64_t n_embd_head = hp->n_embd_head;     // the KV cache's key head
     const int64_t n_embd_head_v = hp->n_embd_head_v; // and value head
     const int64_t n_embd_gqa = n_embd_head * hp->n_head_kv;
     const int64_t n_embd_v_gqa = n_embd_head_v * hp->n_head_kv;
     const int rope_type = hp->rope_neox ? 2 /* LLAMA_ROPE_TYPE_NEOX */ : 0 /* LLAMA_ROPE_TYPE_NORM */;
     const int swa = is_swa(hp, il);
-    const int cells = swa ? s->n_swa_cells : s->n_ctx; // this layer's cache
-    if (swa && cells < s->n_ctx && n > cells - hp->n_swa) {
-        return 1; // the ubatch would overwrite cells its own window reads
+    const struct gating_layer * L = &g->layers[il];
+    int cells[NEURO_MAX_SESSIONS], n_kv[NEURO_MAX_SESSIONS];
+    for (int j = 0; j < N; j++) {
+        neuro_session * s = ss[j];
+        const int pos0 = pos0s[j];
+        if (s->g != g || il < g->first || il >= g->end || s->k[il] == NULL || n < 1 || pos0 < 0 || pos0 + n > s->n_ctx) {
+            return 1;
+        }
+        cells[j] = swa ? s->n_swa_cells : s->n_ctx; // this layer's cache
+        if (swa && cells[j] < s->n_ctx && n > cells[j] - hp->n_swa) {
+            return 1; // the ubatch would overwrite cells its own window reads
+        }
+        const int used = pos0 + n < cells[j] ? pos0 + n : cells[j];
+        n_kv[j] = kv_len(cells[j], used);
     }
-    const int used = pos0 + n < cells ? pos0 + n : cells;
-    const int n_kv = kv_len(cells, used);
     const int n_out = last_only ? 1 : n;
+    const int T = n * N; // rows in all
 
     struct ggml_context * ctx = graph_ctx(g);
     if (ctx == NULL) return 2;
     struct ggml_cgraph * gf = ggml_new_graph_custom(ctx, GATING_MAX_NODES, false);
 
-    struct ggml_tensor * inpL = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, hp->n_embd, n);
+    // Each session's n rows are a slice of the last dimension: a product
+    // with a weight then takes the same kernel for a session's row as it
+    // does alone (ggml's tinyBLAS takes a batch of two rows or more in
+    // the second dimension, and N sessions' single rows stay one row each).
+    struct ggml_tensor * inpL = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, hp->n_embd, n, N);
     ggml_set_input(inpL);
-    struct ggml_tensor * pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
+    struct ggml_tensor * pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, T);
     ggml_set_input(pos);
-    struct ggml_tensor * k_idxs = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n);
-    ggml_set_input(k_idxs);
-    struct ggml_tensor * v_idxs = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n * n_embd_v_gqa);
-    ggml_set_input(v_idxs);
-    struct ggml_tensor * mask = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, n_kv, n, 1, 1);
-    ggml_set_input(mask);
+    struct ggml_tensor * k_idxs[NEURO_MAX_SESSIONS], * v_idxs[NEURO_MAX_SESSIONS], * mask[NEURO_MAX_SESSIONS];
+    for (int j = 0; j < N; j++) {
+        k_idxs[j] = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n);
+        ggml_set_input(k_idxs[j]);
+        v_idxs[j] = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n * n_embd_v_gqa);
+        ggml_set_input(v_idxs[j]);
+        mask[j] = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, n_kv[j], n, 1, 1);
+        ggml_set_input(mask[j]);
+    }
     struct ggml_tensor * out_ids = NULL; // llama.cpp's inp_out_ids: the last layer keeps only the output row
     if (last_only) {
         out_ids = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, 1);
@@ -573,9 +601,9 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
         if (L->bk) k = ggml_add(ctx, k, L->bk);
         v = ggml_mul_mat(ctx, L->wv, cur);
         if (L->bv) v = ggml_add(ctx, v, L->bv);
-        q = ggml_reshape_3d(ctx, q, n_embd_head, hp->n_head, n);
-        k = ggml_reshape_3d(ctx, k, n_embd_head, hp->n_head_kv, n);
-        v = ggml_reshape_3d(ctx, v, n_embd_head, hp->n_head_kv, n);
+        q = ggml_reshape_3d(ctx, q, n_embd_head, hp->n_head, T);
+        k = ggml_reshape_3d(ctx, k, n_embd_head, hp->n_head_kv, T);
+        v = ggml_reshape_3d(ctx, v, n_embd_head, hp->n_head_kv, T);
         if (hp->qk_norm) {
             // llm_build_qwen3moe: each head of Q and K RMS-normed before RoPE
             q = rms_norm(ctx, q, L->q_norm, hp->rms_eps);
@@ -591,38 +619,49 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
     ggml_build_forward_expand(gf, k);
     ggml_build_forward_expand(gf, v);
 
-    // store K and V (llama_kv_cache::cpy_k / cpy_v with a transposed V)
-    struct ggml_tensor * kc = s->k[il];
-    struct ggml_tensor * vc = s->v[il];
-    struct ggml_tensor * k2 = ggml_view_2d(ctx, k, n_embd_gqa, n, k->nb[2], 0);
-    ggml_build_forward_expand(gf, ggml_set_rows(ctx, kc, k2, k_idxs));
-    struct ggml_tensor * v2 = ggml_reshape_2d(ctx, v, n_embd_v_gqa, n);
-    struct ggml_tensor * v_view = ggml_reshape_2d(ctx, vc, 1, ggml_nelements(vc));
-    v2 = ggml_reshape_2d(ctx, v2, 1, ggml_nelements(v2));
-    ggml_build_forward_expand(gf, ggml_set_rows(ctx, v_view, v2, v_idxs));
+    // each session's attention over its own cache
+    struct ggml_tensor * att = NULL;
+    for (int j = 0; j < N; j++) {
+        neuro_session * s = ss[j];
+        // store K and V (llama_kv_cache::cpy_k / cpy_v with a transposed V)
+        struct ggml_tensor * kc = s->k[il];
+        struct ggml_tensor * vc = s->v[il];
+        struct ggml_tensor * k2 = ggml_view_2d(ctx, k, n_embd_gqa, n, k->nb[2], (size_t) j * n * k->nb[2]);
+        ggml_build_forward_expand(gf, ggml_set_rows(ctx, kc, k2, k_idxs[j]));
+        struct ggml_tensor * v2 = N == 1 ? ggml_reshape_2d(ctx, v, n_embd_v_gqa, n)
+                                         : ggml_view_2d(ctx, v, n_embd_v_gqa, n, v->nb[2], (size_t) j * n * v->nb[2]);
+        struct ggml_tensor * v_view = ggml_reshape_2d(ctx, vc, 1, ggml_nelements(vc));
+        v2 = ggml_reshape_2d(ctx, v2, 1, ggml_nelements(v2));
+        ggml_build_forward_expand(gf, ggml_set_rows(ctx, v_view, v2, v_idxs[j]));
 
-    // read the cache (llama_kv_cache::get_k / get_v)
-    struct ggml_tensor * kk = ggml_view_4d(ctx, kc, n_embd_head, hp->n_head_kv, n_kv, 1,
-                                           ggml_row_size(kc->type, n_embd_head),
-                                           ggml_row_size(kc->type, n_embd_gqa),
-                                           ggml_row_size(kc->type, n_embd_gqa * cells), 0);
-    struct ggml_tensor * vv = ggml_view_4d(ctx, vc, n_kv, hp->n_head_kv, n_embd_head_v, 1,
-                                           ggml_row_size(vc->type, (int64_t) cells * n_embd_head_v),
-                                           ggml_row_size(vc->type, cells),
-                                           ggml_row_size(vc->type, (int64_t) cells * n_embd_v_gqa), 0);
+        // read the cache (llama_kv_cache::get_k / get_v)
+        const int c = cells[j];
+        struct ggml_tensor * kk = ggml_view_4d(ctx, kc, n_embd_head, hp->n_head_kv, n_kv[j], 1,
+                                               ggml_row_size(kc->type, n_embd_head),
+                                               ggml_row_size(kc->type, n_embd_gqa),
+                                               ggml_row_size(kc->type, n_embd_gqa * c), 0);
+        struct ggml_tensor * vv = ggml_view_4d(ctx, vc, n_kv[j], hp->n_head_kv, n_embd_head_v, 1,
+                                               ggml_row_size(vc->type, (int64_t) c * n_embd_head_v),
+                                               ggml_row_size(vc->type, c),
+                                               ggml_row_size(vc->type, (int64_t) c * n_embd_v_gqa), 0);
 
-    // build_attn_mha without flash attention
-    struct ggml_tensor * qp = ggml_permute(ctx, q, 0, 2, 1, 3);
-    struct ggml_tensor * kp = ggml_permute(ctx, kk, 0, 2, 1, 3);
-    struct ggml_tensor * vp = ggml_permute(ctx, vv, 0, 2, 1, 3);
-    struct ggml_tensor * kq = ggml_mul_mat(ctx, kp, qp);
-    ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
-    kq = ggml_soft_max_ext(ctx, kq, mask, g->kq_scale, 0.0f);
-    if (L->sinks) ggml_soft_max_add_sinks(kq, L->sinks);
-    struct ggml_tensor * kqv = ggml_mul_mat(ctx, vp, kq);
-    if (hp->mla) kqv = ggml_mul_mat(ctx, L->wv_b, kqv); // MLA: decompress each head's value
-    cur = ggml_permute(ctx, kqv, 0, 2, 1, 3);
-    cur = ggml_cont_2d(ctx, cur, cur->ne[0] * cur->ne[1], cur->ne[2] * cur->ne[3]);
+        // build_attn_mha without flash attention
+        struct ggml_tensor * qj = N == 1 ? q : ggml_view_3d(ctx, q, q->ne[0], q->ne[1], n, q->nb[1], q->nb[2], (size_t) j * n * q->nb[2]);
+        struct ggml_tensor * qp = ggml_permute(ctx, qj, 0, 2, 1, 3);
+        struct ggml_tensor * kp = ggml_permute(ctx, kk, 0, 2, 1, 3);
+        struct ggml_tensor * vp = ggml_permute(ctx, vv, 0, 2, 1, 3);
+        struct ggml_tensor * kq = ggml_mul_mat(ctx, kp, qp);
+        ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
+        kq = ggml_soft_max_ext(ctx, kq, mask[j], g->kq_scale, 0.0f);
+        if (L->sinks) ggml_soft_max_add_sinks(kq, L->sinks);
+        struct ggml_tensor * kqv = ggml_mul_mat(ctx, vp, kq);
+        if (hp->mla) kqv = ggml_mul_mat(ctx, L->wv_b, kqv); // MLA: decompress each head's value
+        struct ggml_tensor * o = ggml_permute(ctx, kqv, 0, 2, 1, 3);
+        o = ggml_cont_2d(ctx, o, o->ne[0] * o->ne[1], o->ne[2] * o->ne[3]);
+        att = att == NULL ? o : ggml_concat(ctx, att, o, 1);
+    }
+    cur = att;
+    if (N > 1) cur = ggml_reshape_3d(ctx, cur, cur->ne[0], n, N);
     ggml_build_forward_expand(gf, cur);
     cur = ggml_mul_mat(ctx, L->wo, cur);
     if (L->bo) cur = ggml_add(ctx, cur, L->bo);
@@ -639,6 +678,7 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
     ggml_set_output(moe_in);
     ggml_build_forward_expand(gf, ffn_inp);
     ggml_build_forward_expand(gf, moe_in);
+    const int rows_out = n_out * N;
     struct ggml_tensor * selected_out = NULL;
     struct ggml_tensor * weights = NULL;
     struct ggml_tensor * extra = NULL;
@@ -649,20 +689,21 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
         // build_moe_ffn up to the expert calls: softmax or sigmoid router,
         // the selection bias, top-k, weights normalised by their (clamped)
         // sum and scaled
-        struct ggml_tensor * logits = ggml_mul_mat(ctx, L->gate_inp, moe_in); // [n_expert, n_out]
+        struct ggml_tensor * logits = ggml_mul_mat(ctx, L->gate_inp, moe_in); // [n_expert, n_out, N]
+        if (N > 1) logits = ggml_reshape_2d(ctx, logits, hp->n_expert, rows_out);
         if (L->gate_inp_b) logits = ggml_add(ctx, logits, L->gate_inp_b);
         struct ggml_tensor * probs = hp->softmax_weight ? logits : hp->sigmoid ? ggml_sigmoid(ctx, logits) : ggml_soft_max(ctx, logits);
         struct ggml_tensor * selection = probs;
         if (L->probs_b) selection = ggml_add(ctx, probs, L->probs_b);
-        if (hp->n_expert_groups > 1) selection = group_topk(ctx, hp, selection, n_out);
-        struct ggml_tensor * selected = ggml_argsort_top_k(ctx, selection, hp->n_expert_used); // [n_used, n_out], a view
+        if (hp->n_expert_groups > 1) selection = group_topk(ctx, hp, selection, rows_out);
+        struct ggml_tensor * selected = ggml_argsort_top_k(ctx, selection, hp->n_expert_used); // [n_used, rows_out], a view
         // A contiguous copy to read back: the view's parent is freed for
         // reuse once the graph no longer needs it.
         selected_out = ggml_cont(ctx, selected);
         ggml_set_output(selected_out);
-        probs = ggml_reshape_3d(ctx, probs, 1, hp->n_expert, n_out);
-        weights = ggml_get_rows(ctx, probs, selected); // [1, n_used, n_out]
-        weights = ggml_reshape_2d(ctx, weights, hp->n_expert_used, n_out);
+        probs = ggml_reshape_3d(ctx, probs, 1, hp->n_expert, rows_out);
+        weights = ggml_get_rows(ctx, probs, selected); // [1, n_used, rows_out]
+        weights = ggml_reshape_2d(ctx, weights, hp->n_expert_used, rows_out);
         if (hp->softmax_weight) weights = ggml_soft_max(ctx, weights); // over the chosen experts' logits
         if (hp->norm_w) {
             struct ggml_tensor * wsum = ggml_sum_rows(ctx, weights);
@@ -683,54 +724,65 @@ int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, i
     }
 
     int rc = run(g, gf);
+    int32_t * p = NULL;
+    int64_t * ki = NULL;
+    int64_t * vi = NULL;
+    float * m = NULL;
     if (rc == 0) {
         ggml_backend_tensor_set(inpL, inp, 0, ggml_nbytes(inpL));
-        int32_t * p = malloc(sizeof(int32_t) * n);
-        int64_t * ki = malloc(sizeof(int64_t) * n);
-        int64_t * vi = malloc(sizeof(int64_t) * n * n_embd_v_gqa);
-        float * m = malloc(sizeof(float) * n_kv * n);
+        int max_kv = 0;
+        for (int j = 0; j < N; j++) max_kv = n_kv[j] > max_kv ? n_kv[j] : max_kv;
+        p = malloc(sizeof(int32_t) * T);
+        ki = malloc(sizeof(int64_t) * n);
+        vi = malloc(sizeof(int64_t) * n * n_embd_v_gqa);
+        m = malloc(sizeof(float) * max_kv * n);
         if (p == NULL || ki == NULL || vi == NULL || m == NULL) {
             rc = 5;
-        } else {
-            if (swa) {
-                // the ubatch's cells, before attention reads them (as
-                // llama.cpp applies a ubatch to its cells first)
-                for (int t = 0; t < n; t++) {
-                    s->cellpos[(pos0 + t) % cells] = pos0 + t;
-                }
-            }
-            for (int t = 0; t < n; t++) {
-                const int p1 = pos0 + t;
-                const int cell = p1 % cells;
-                p[t] = p1;
-                ki[t] = cell;
-                for (int64_t d = 0; d < n_embd_v_gqa; d++) {
-                    vi[t * n_embd_v_gqa + d] = d * cells + cell;
-                }
-                for (int c = 0; c < n_kv; c++) {
-                    // causal: a cell is visible to a token at or after its
-                    // position; in a sliding-window layer, only the last
-                    // n_swa positions (llama_hparams::is_masked_swa)
-                    const int pc = swa ? s->cellpos[c] : c;
-                    const int visible = pc >= 0 && pc <= p1 && !(swa && p1 - pc >= hp->n_swa);
-                    m[(int64_t) t * n_kv + c] = visible ? 0.0f : -INFINITY;
-                }
-            }
-            int32_t last = n - 1;
-            ggml_backend_tensor_set(pos, p, 0, ggml_nbytes(pos));
-            ggml_backend_tensor_set(k_idxs, ki, 0, ggml_nbytes(k_idxs));
-            ggml_backend_tensor_set(v_idxs, vi, 0, ggml_nbytes(v_idxs));
-            ggml_backend_tensor_set(mask, m, 0, ggml_nbytes(mask));
-            if (out_ids != NULL) {
-                ggml_backend_tensor_set(out_ids, &last, 0, sizeof(last));
-            }
-            rc = compute(g, gf);
         }
-        free(p);
-        free(ki);
-        free(vi);
-        free(m);
     }
+    for (int j = 0; j < N && rc == 0; j++) {
+        neuro_session * s = ss[j];
+        const int pos0 = pos0s[j], c = cells[j];
+        if (swa) {
+            // the ubatch's cells, before attention reads them (as
+            // llama.cpp applies a ubatch to its cells first)
+            for (int t = 0; t < n; t++) {
+                s->cellpos[(pos0 + t) % c] = pos0 + t;
+            }
+        }
+        for (int t = 0; t < n; t++) {
+            const int p1 = pos0 + t;
+            const int cell = p1 % c;
+            p[j * n + t] = p1;
+            ki[t] = cell;
+            for (int64_t d = 0; d < n_embd_v_gqa; d++) {
+                vi[t * n_embd_v_gqa + d] = d * c + cell;
+            }
+            for (int cc = 0; cc < n_kv[j]; cc++) {
+                // causal: a cell is visible to a token at or after its
+                // position; in a sliding-window layer, only the last
+                // n_swa positions (llama_hparams::is_masked_swa)
+                const int pc = swa ? s->cellpos[cc] : cc;
+                const int visible = pc >= 0 && pc <= p1 && !(swa && p1 - pc >= hp->n_swa);
+                m[(int64_t) t * n_kv[j] + cc] = visible ? 0.0f : -INFINITY;
+            }
+        }
+        ggml_backend_tensor_set(k_idxs[j], ki, 0, ggml_nbytes(k_idxs[j]));
+        ggml_backend_tensor_set(v_idxs[j], vi, 0, ggml_nbytes(v_idxs[j]));
+        ggml_backend_tensor_set(mask[j], m, 0, ggml_nbytes(mask[j]));
+    }
+    if (rc == 0) {
+        int32_t last = n - 1;
+        ggml_backend_tensor_set(pos, p, 0, ggml_nbytes(pos));
+        if (out_ids != NULL) {
+            ggml_backend_tensor_set(out_ids, &last, 0, sizeof(last));
+        }
+        rc = compute(g, gf);
+    }
+    free(p);
+    free(ki);
+    free(vi);
+    free(m);
     if (rc == 0) {
         ggml_backend_tensor_get(ffn_inp, ffn_inp_out, 0, ggml_nbytes(ffn_inp));
         ggml_backend_tensor_get(moe_in, moe_in_out, 0, ggml_nbytes(moe_in));
@@ -775,13 +827,16 @@ int neuro_rewind(neuro_session * s, int pos) {
     return 0;
 }
 
-int neuro_output(neuro_session * s, const float * x, int n_out, float * logits_out) {
+int neuro_output(neuro_session * s, const float * x, int n_out, int apart, float * logits_out) {
     neuro_gating * g = s->g;
-    if (!g->head) return 1;
+    if (!g->head || n_out < 1) return 1;
     struct ggml_context * ctx = graph_ctx(g);
     if (ctx == NULL) return 2;
     struct ggml_cgraph * gf = ggml_new_graph_custom(ctx, GATING_MAX_NODES, false);
-    struct ggml_tensor * in = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, g->hp.n_embd, n_out);
+    // apart: each row in the last dimension, so that the head's product
+    // takes for each the kernel of one row alone (see neuro_layer_multi)
+    struct ggml_tensor * in = apart ? ggml_new_tensor_3d(ctx, GGML_TYPE_F32, g->hp.n_embd, 1, n_out)
+                                    : ggml_new_tensor_2d(ctx, GGML_TYPE_F32, g->hp.n_embd, n_out);
     ggml_set_input(in);
     struct ggml_tensor * cur = rms_norm(ctx, in, g->output_norm, g->hp.rms_eps);
     cur = ggml_mul_mat(ctx, g->output, cur);

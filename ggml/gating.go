@@ -30,6 +30,12 @@ type Gating struct {
 	hp   moe.Hparams
 	part moe.Part
 	dev  Device
+	// threads: each graph's (a lockstep's graph of several sessions takes
+	// every thread of the process's pool)
+	threads int
+	// ls computes the sessions' one-row passes together (SetLockstep;
+	// nil: each alone)
+	ls *lockstep
 }
 
 // NewGating copies the gating shard's tensors into ggml memory, checking
@@ -205,7 +211,7 @@ func NewGatingPart(dev Device, hp moe.Hparams, t moe.Tensors, part moe.Part, thr
 	if c == nil {
 		return nil, fmt.Errorf("gating compute (%s) on %s: %s", part, dev.Spec(), C.GoString(&errbuf[0]))
 	}
-	return &Gating{c: c, hp: hp, part: part, dev: dev}, nil
+	return &Gating{c: c, hp: hp, part: part, dev: dev, threads: threads}, nil
 }
 
 // SessionBytes is the memory of the KV cache of a session of nCtx tokens
@@ -325,6 +331,9 @@ func (g *Gating) newSession(nCtx, ubatch int, layers bool) (*Session, error) {
 
 // Close frees the KV cache. It is safe to call more than once.
 func (s *Session) Close() error {
+	if ls := s.g.lockstepper(); ls != nil {
+		ls.end(s)
+	}
 	if s.c != nil {
 		computeMu.Lock()
 		C.neuro_session_free(s.c)
@@ -478,6 +487,21 @@ func (s *Session) Layers(ctx context.Context, x []float32, n int, want moe.Want,
 	if s.pos+n > s.nCtx {
 		return nil, 0, fmt.Errorf("layers: %d rows after %d: %w (%d tokens)", n, s.pos, moe.ErrContextFull, s.nCtx)
 	}
+	// A one-row pass computes each layer with the other sessions that
+	// get there (lockstep); it stays in the lockstep for the head when
+	// its logits follow.
+	ls, done := s.g.lockstepper(), false
+	if n != 1 {
+		ls = nil
+	}
+	if ls != nil {
+		ls.begin(s, part.First)
+		defer func() {
+			if !done || !part.Head || part.End != hp.Layers || want == moe.WantAll {
+				ls.end(s)
+			}
+		}()
+	}
 	rows := n
 	for l := part.First; l < part.End; l++ {
 		last := want == moe.WantLast && l == hp.Layers-1
@@ -503,7 +527,12 @@ func (s *Session) Layers(ctx context.Context, x []float32, n int, want moe.Want,
 					(*C.float)(&extra[e]))
 			})
 		}
-		if want == moe.WantEach {
+		if ls != nil {
+			out := layerOut{ffnInp: ffnInp, moeIn: moeIn, extra: extra, selected: selected, weights: weights}
+			if err := ls.layer(ctx, s, l, last, x, out); err != nil {
+				return nil, 0, fmt.Errorf("layer %d: %w", l, err)
+			}
+		} else if want == moe.WantEach {
 			for t := range rows {
 				if err := layer(t, 1); err != nil {
 					return nil, 0, fmt.Errorf("layer %d, token %d: %w", l, t, err)
@@ -555,6 +584,7 @@ func (s *Session) Layers(ctx context.Context, x []float32, n int, want moe.Want,
 		x, rows = moe, out
 	}
 	s.pos += n
+	done = true
 	return x, rows, nil
 }
 
@@ -569,10 +599,20 @@ func (s *Session) Output(x []float32, rows int) ([][]float32, error) {
 		return nil, fmt.Errorf("output: %d floats for %d rows of %d", len(x), rows, hp.Embd)
 	}
 	logits := make([][]float32, rows)
+	if ls := s.g.lockstepper(); ls != nil {
+		if rows == 1 {
+			logits[0] = make([]float32, hp.Vocab)
+			if err := ls.head(context.Background(), s, x, logits[0]); err != nil {
+				return nil, fmt.Errorf("output: %w", err)
+			}
+			return logits, nil
+		}
+		ls.end(s)
+	}
 	for t := range rows {
 		logits[t] = make([]float32, hp.Vocab)
 		if err := s.call(func() C.int {
-			return C.neuro_output(s.c, (*C.float)(&x[t*hp.Embd]), 1, (*C.float)(&logits[t][0]))
+			return C.neuro_output(s.c, (*C.float)(&x[t*hp.Embd]), 1, 0, (*C.float)(&logits[t][0]))
 		}); err != nil {
 			return nil, fmt.Errorf("output: %w", err)
 		}

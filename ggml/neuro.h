@@ -267,6 +267,22 @@ int neuro_embed(neuro_session * s, const int32_t * tokens, int n, float * out);
 int neuro_layer(neuro_session * s, int il, const float * inp, int n, int pos0, int last_only,
                 float * ffn_inp, float * moe_in, int32_t * selected, float * weights, float * extra);
 
+// neuro_gating_set_threads makes g's next graphs compute on n_threads
+// threads.
+int neuro_gating_set_threads(neuro_gating * g, int n_threads);
+
+// NEURO_MAX_SESSIONS is the most sessions one neuro_layer_multi computes.
+#define NEURO_MAX_SESSIONS 16
+
+// neuro_layer_multi is neuro_layer for N sessions of one gating at once
+// (ss[j] at position pos0s[j]), one row each where N > 1 (n = 1, no
+// last_only): one graph, each weight read once for them all, each
+// session's rows exactly what neuro_layer gives it alone. inp and the
+// outputs hold the sessions' rows one after another. Models with latent
+// attention (MLA) compute one session at a time (N > 1 returns 1).
+int neuro_layer_multi(neuro_session ** ss, int N, int il, const float * inp, int n, const int * pos0s, int last_only,
+                      float * ffn_inp, float * moe_in, int32_t * selected, float * weights, float * extra);
+
 // neuro_session_bytes is the memory of a session's KV cache;
 // neuro_session_kv_bytes that of s's tensors.
 size_t neuro_session_bytes(const neuro_gating * g, int n_ctx, int n_ubatch);
@@ -281,8 +297,9 @@ int neuro_session_swa_cells(const neuro_session * s);
 // again from the start.
 int neuro_rewind(neuro_session * s, int pos);
 
-// neuro_output applies the final norm and output head to n_out rows of x.
-int neuro_output(neuro_session * s, const float * x, int n_out, float * logits);
+// neuro_output applies the final norm and output head to n_out rows of x;
+// apart, each row as it would be alone (one graph, the head read once).
+int neuro_output(neuro_session * s, const float * x, int n_out, int apart, float * logits);
 
 #ifdef __cplusplus
 }

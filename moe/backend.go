@@ -270,6 +270,17 @@ type Gating interface {
 	Close() error
 }
 
+// Lockstepper is a Gating that computes its sessions' one-token passes
+// together, as llama.cpp's server decodes its slots in one batch: each
+// layer and the head one computation for all the sessions that reach it
+// within wait of each other (ggml: one graph, the weights read once), each
+// session's logits exactly what it gets alone.
+type Lockstepper interface {
+	// SetLockstep turns it on with wait (0 or less: off) and reports
+	// whether the gating can.
+	SetLockstep(wait time.Duration) bool
+}
+
 // SessionSizer is a Gating that knows its sessions' memory.
 type SessionSizer interface {
 	// SessionBytes is the memory of a session of nCtx tokens' KV cache.

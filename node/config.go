@@ -130,7 +130,9 @@ type GatingConfig struct {
 	SpeculateMax int    `toml:"speculate_max"`
 	// BatchWait is how long a generation's MoE call waits for the other
 	// generations' to go out with them as one round of expert calls
-	// (continuous batching); 0 turns batching off.
+	// (continuous batching), and a generation's decode step for the
+	// others' to compute each gating layer and the head with them in one
+	// graph (moe.Lockstepper); 0 turns both off.
 	BatchWait Duration `toml:"batch_wait"`
 	// WaitPollUS is how long at most, in microseconds, a core is kept
 	// awake while a layer's expert calls are out (0: never); PollNearby
@@ -509,8 +511,11 @@ speculate_max = 8
 # its tokens together, one request per expert holding every generation's
 # rows (each paid from its own escrow, computed as it would be alone). A
 # call waits for the generations computing toward the same layer at most
-# batch_wait, so that one long prompt does not hold the others up. "0s"
-# sends every generation's calls alone.
+# batch_wait, so that one long prompt does not hold the others up. The
+# generations' decode steps also compute each layer's attention and the
+# output head together, one graph for them all (each generation's logits
+# exactly what it gets alone). "0s" sends every generation's calls alone
+# and computes each generation's steps on its own.
 batch_wait = "10ms"
 # While a layer's expert calls are out, keep a core awake for their answers
 # at most this long (microseconds; 0: never): a thread polls, yielding the

@@ -121,7 +121,7 @@ func (f *testnetFlags) register(fs *pflag.FlagSet) {
 	fs.IntVar(&f.requests, "requests", 1, "answer the prompt this many times (a workload for the checks)")
 	fs.IntVar(&f.concurrency, "concurrency", 1, "then ask the prompt this many times at once (loopback: each through a client of its own, paid by a wallet of its own; netns: unpaid, through one client in the gating node's home): results[] and aggregate_tokens_per_s")
 	fs.StringVar(&f.device, "device", "cpu", deviceUsage+" (every node; loopback testnet only)")
-	fs.DurationVar(&f.batchWait, "batch-wait", 10*time.Millisecond, "the gating node's continuous batching: how long a generation's MoE call waits for the other generations' to go out as one round of expert calls (gating.batch_wait); 0 sends each alone")
+	fs.DurationVar(&f.batchWait, "batch-wait", 10*time.Millisecond, "the gating node's continuous batching: how long a generation's MoE call waits for the other generations' to go out as one round of expert calls, and its decode step for theirs to compute each gating layer in one graph (gating.batch_wait); 0 sends and computes each alone")
 	fs.BoolVar(&f.pin, "pin", false, "loopback: run node i on core i (modulo the cores, with taskset) with one compute thread each, as neurod bench's pinned testnet row does")
 	_ = fs.MarkHidden("test-slow-node")
 }
