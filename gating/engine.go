@@ -756,6 +756,37 @@ func (e *Engine) Hedges() (n int64) {
 	return n
 }
 
+// Lockstep counts the graphs the models' gating computed for the
+// generations' decode steps in lockstep and the generations' rows they
+// held: rows ÷ graphs is the generations a graph served on average.
+func (e *Engine) Lockstep() (graphs, rows int64) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for _, m := range e.models {
+		select {
+		case <-m.loaded:
+		default:
+			continue
+		}
+		if c, ok := gatingOf(m.sm).(lockstepCounter); ok {
+			g, r := c.Lockstep()
+			graphs, rows = graphs+g, rows+r
+		}
+	}
+	return graphs, rows
+}
+
+// lockstepCounter is a gating that counts its lockstep's graphs and rows.
+type lockstepCounter interface{ Lockstep() (graphs, rows int64) }
+
+// gatingOf is sm's gating (nil: none).
+func gatingOf(sm *Model) moe.Gating {
+	if sm == nil {
+		return nil
+	}
+	return sm.Gating
+}
+
 func (e *Engine) Redispatches() (n int64) {
 	e.mu.Lock()
 	defer e.mu.Unlock()

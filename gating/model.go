@@ -236,6 +236,18 @@ func (l *Layered) Layers() (moe.Gating, error) {
 	return g, nil
 }
 
+// Lockstep counts the loaded layers' lockstep graphs and rows (0 before
+// they load).
+func (l *Layered) Lockstep() (graphs, rows int64) {
+	l.mu.Lock()
+	g := l.layers
+	l.mu.Unlock()
+	if c, ok := g.(lockstepCounter); ok {
+		return c.Lockstep()
+	}
+	return 0, 0
+}
+
 // LayersLoaded says whether the layers' weights are loaded.
 func (l *Layered) LayersLoaded() bool {
 	l.mu.Lock()

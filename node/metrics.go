@@ -65,6 +65,8 @@ func (n *Node) registerMetrics() {
 		m.Counter("generated_tokens_total", "Tokens this gating node generated.", func() float64 { return float64(g.Generated()) })
 		m.Gauge("active_generations", "Generations running now.", func() float64 { return float64(g.Active()) })
 		m.Gauge("queued_requests", "Requests waiting for a session.", func() float64 { return float64(g.Queued()) })
+		m.Counter("lockstep_graphs_total", "Gating graphs computed for the generations' decode steps in lockstep.", func() float64 { n, _ := g.Lockstep(); return float64(n) })
+		m.Counter("lockstep_rows_total", "Generations' rows those graphs held (rows / graphs: the generations a graph served).", func() float64 { _, r := g.Lockstep(); return float64(r) })
 		if v := g.Validator(); v != nil {
 			m.Counter("validation_checks_total", "Extra expert calls made to check answers.", func() float64 { _, c, _ := v.Stats(); return float64(c) })
 			m.Counter("validation_failures_total", "Expert answers found wrong.", func() float64 { _, _, w := v.Stats(); return float64(w) })

@@ -144,7 +144,8 @@ func TestDashboardInBrowser(t *testing.T) {
 			libp2p++
 		}
 	}
-	if libp2p == 0 || families["neuro_expert_calls_total"] == nil || families["neuro_generated_tokens_total"] == nil {
+	if libp2p == 0 || families["neuro_expert_calls_total"] == nil || families["neuro_generated_tokens_total"] == nil ||
+		families["neuro_lockstep_graphs_total"] == nil || families["neuro_lockstep_rows_total"] == nil {
 		t.Fatalf("/metrics: %d libp2p families, %d in all", libp2p, len(families))
 	}
 
