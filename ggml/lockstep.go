@@ -34,8 +34,13 @@ const nextGrace = 2 * time.Millisecond
 // what it gets alone: each row takes the kernels of a one-row product.
 //
 // A call waits only for the sessions behind it (a layer at or before its
-// own), at most wait from its arrival; sessions ahead are not waited for,
-// and a laggard catches up while the others wait. A session computing
+// own) that are expected there within wait of its arrival, judged by how
+// long a session has taken from one layer's compute to the next (its MoE
+// layer's expert calls) and a graph's compute: on one machine a laggard a
+// layer or two behind catches up while the others wait, and the two then
+// compute together; over a WAN, where the expert calls take a round trip
+// longer than the wait, only the sessions whose round comes back now are
+// waited for. Sessions ahead are not waited for. A session computing
 // several rows (a prompt, a speculative pass) computes alone and is not
 // waited for.
 type lockstep struct {
@@ -49,10 +54,16 @@ type lockstep struct {
 	// next holds the sessions whose head was just computed, heading for
 	// their next pass, until when they are waited for (nextGrace): the
 	// others' next pass begins with them.
-	next    map[*Session]time.Time
-	pending []*stepCall
-	timer   *time.Timer
-	timerAt time.Time
+	next map[*Session]time.Time
+	// left is when each session in a pass left its last layer (or began
+	// the pass); away and graph are moving averages of the time from a
+	// layer's compute to the session's next call (the expert calls), and
+	// of a graph's compute.
+	left        map[*Session]time.Time
+	away, graph time.Duration
+	pending     []*stepCall
+	timer       *time.Timer
+	timerAt     time.Time
 
 	// graphs counts the graphs computed, rows the sessions' rows in them.
 	graphs, rows atomic.Int64
@@ -94,7 +105,7 @@ func (g *Gating) SetLockstep(wait time.Duration) bool {
 	if wait <= 0 || g.hp.MLA || g.dev.Backend != "" && g.dev.Backend != "CPU" {
 		return false
 	}
-	g.ls = &lockstep{g: g, wait: wait, at: map[*Session]int{}, next: map[*Session]time.Time{}}
+	g.ls = &lockstep{g: g, wait: wait, at: map[*Session]int{}, next: map[*Session]time.Time{}, left: map[*Session]time.Time{}}
 	return true
 }
 
@@ -121,6 +132,7 @@ func (g *Gating) lockstepper() *lockstep {
 func (ls *lockstep) begin(s *Session, first int) {
 	ls.mu.Lock()
 	ls.at[s] = first
+	ls.left[s] = time.Now()
 	delete(ls.next, s)
 	ls.mu.Unlock()
 }
@@ -133,13 +145,27 @@ func (ls *lockstep) end(s *Session) {
 		ls.mu.Unlock()
 		return
 	}
-	delete(ls.at, s)
-	delete(ls.next, s)
+	ls.forgetLocked(s)
 	ready := ls.readyLocked(time.Now())
 	ls.mu.Unlock()
 	if ready != nil {
 		go ls.run(ready)
 	}
+}
+
+// forgetLocked takes s out.
+func (ls *lockstep) forgetLocked(s *Session) {
+	delete(ls.at, s)
+	delete(ls.next, s)
+	delete(ls.left, s)
+}
+
+// average moves the moving average avg towards d.
+func average(avg, d time.Duration) time.Duration {
+	if avg == 0 {
+		return d
+	}
+	return avg + (d-avg)/8
 }
 
 // layer computes s's row x at layer l (lastOnly: the model's last layer
@@ -157,6 +183,11 @@ func (ls *lockstep) head(ctx context.Context, s *Session, x, logits []float32) e
 func (ls *lockstep) call(ctx context.Context, c *stepCall) error {
 	c.since, c.done = time.Now(), make(chan error, 1)
 	ls.mu.Lock()
+	if at, ok := ls.at[c.s]; ok && at == c.layer && c.layer > ls.g.part.First && c.layer < ls.g.hp.Layers {
+		if left, ok := ls.left[c.s]; ok {
+			ls.away = average(ls.away, c.since.Sub(left)) // back from the last layer's expert calls
+		}
+	}
 	ls.at[c.s] = c.layer
 	delete(ls.next, c.s)
 	ls.pending = append(ls.pending, c)
@@ -174,8 +205,7 @@ func (ls *lockstep) call(ctx context.Context, c *stepCall) error {
 		ls.mu.Lock()
 		if i := slices.Index(ls.pending, c); i >= 0 {
 			ls.pending = slices.Delete(ls.pending, i, i+1)
-			delete(ls.at, c.s)
-			delete(ls.next, c.s)
+			ls.forgetLocked(c.s)
 			ready := ls.readyLocked(time.Now())
 			ls.mu.Unlock()
 			if ready != nil {
@@ -203,8 +233,13 @@ func (ls *lockstep) readyLocked(now time.Time) [][]*stepCall {
 	// behind: a session that will get to layer l and is not waiting there
 	// (one waiting at an earlier layer will come too)
 	var graceEnds time.Time
-	behind := func(l int) bool {
+	// behind: a session that is not waiting at layer l and is expected
+	// there by deadline (one waiting at an earlier layer will come too)
+	behind := func(l int, deadline time.Time) bool {
 		for s, at := range ls.at {
+			if at > l || at == l && waiting[s] {
+				continue
+			}
 			if until, ok := ls.next[s]; ok {
 				if !now.Before(until) {
 					continue
@@ -212,8 +247,19 @@ func (ls *lockstep) readyLocked(now time.Time) [][]*stepCall {
 				if graceEnds.IsZero() || until.Before(graceEnds) {
 					graceEnds = until
 				}
+				return true // sampling after the head: its next pass comes now
 			}
-			if at < l || at == l && !waiting[s] {
+			// from its last layer's compute: the expert calls, then a
+			// graph and the expert calls for each layer before l
+			from, ok := ls.left[s]
+			if waiting[s] || !ok {
+				from = now
+			}
+			eta := from.Add(ls.away + time.Duration(l-at)*(ls.graph+ls.away))
+			if waiting[s] {
+				eta = now.Add(time.Duration(l-at) * (ls.graph + ls.away))
+			}
+			if !eta.After(deadline) {
 				return true
 			}
 		}
@@ -221,7 +267,7 @@ func (ls *lockstep) readyLocked(now time.Time) [][]*stepCall {
 	}
 	goes := map[int]bool{}
 	for _, c := range ls.pending {
-		if !goes[c.layer] && (!now.Before(c.since.Add(ls.wait)) || !behind(c.layer)) {
+		if deadline := c.since.Add(ls.wait); !goes[c.layer] && (!now.Before(deadline) || !behind(c.layer, deadline)) {
 			goes[c.layer] = true
 		}
 	}
@@ -286,15 +332,19 @@ func (ls *lockstep) run(groups [][]*stepCall) {
 			n := min(len(group), maxLockstep)
 			part := group[:n]
 			group = group[n:]
+			start := time.Now()
 			err := ls.compute(part)
+			took := time.Since(start)
 			ls.graphs.Add(1)
 			ls.rows.Add(int64(len(part)))
 			ls.mu.Lock()
 			now := time.Now()
+			ls.graph = average(ls.graph, took)
 			for _, c := range part {
+				ls.left[c.s] = now
 				switch {
 				case err != nil:
-					delete(ls.at, c.s)
+					ls.forgetLocked(c.s)
 				case c.layer >= ls.g.hp.Layers:
 					// heading for its next pass, waited for a moment
 					ls.at[c.s], ls.next[c.s] = ls.g.part.First, now.Add(min(ls.wait, nextGrace))
