@@ -323,6 +323,23 @@ func archModel(t *testing.T, dir, arch string, p model.Params, typ string, seed 
 	return q
 }
 
+// archSplit generates a tiny model of arch at embd 256 in typ (with the
+// suffix -remote: its shared experts hosted as routed ones are) and loads
+// its split; it returns the model's shape too.
+func archSplit(t *testing.T, arch, typ string, seed uint64) (*SplitModel, model.Params) {
+	t.Helper()
+	typ, remote := strings.CutSuffix(typ, "-remote")
+	p, _ := model.Preset(arch, "tiny")
+	p.Embd, p.FF = 256, 256
+	switch arch {
+	case "glm4moe", "deepseek2":
+		p.DenseFF = 512
+	case "gpt-oss":
+		p.HeadSize, p.Layers = 64, 3
+	}
+	return splitOf(t, archModel(t, t.TempDir(), arch, p, typ, seed), model.SplitOptions{SharedRemote: remote}, testThreads), p
+}
+
 // splitOf splits the GGUF at path with o and loads its shards (threads
 // compute threads); the model is closed with the test.
 func splitOf(t *testing.T, path string, o model.SplitOptions, threads int) *SplitModel {
@@ -409,16 +426,7 @@ func TestForwardEachIsDecodeSteps(t *testing.T) {
 		}
 		for _, typ := range types {
 			t.Run(arch+"/"+typ, func(t *testing.T) {
-				typ, remote := strings.CutSuffix(typ, "-remote")
-				p, _ := model.Preset(arch, "tiny")
-				p.Embd, p.FF = 256, 256
-				switch arch {
-				case "glm4moe", "deepseek2":
-					p.DenseFF = 512
-				case "gpt-oss":
-					p.HeadSize, p.Layers = 64, 3
-				}
-				sm := splitOf(t, archModel(t, t.TempDir(), arch, p, typ, 7), model.SplitOptions{SharedRemote: remote}, testThreads)
+				sm, p := archSplit(t, arch, typ, 7)
 				prompt := make([]int32, 70)
 				for i := range prompt {
 					prompt[i] = int32(3 + i*11%300)

@@ -46,6 +46,9 @@ const nextGrace = 2 * time.Millisecond
 type lockstep struct {
 	g    *Gating
 	wait time.Duration
+	// grace: how long a session whose head was computed is waited for
+	// (min(wait, nextGrace))
+	grace time.Duration
 
 	mu sync.Mutex
 	// at holds the sessions in a one-row pass and the layer each computes
@@ -105,7 +108,7 @@ func (g *Gating) SetLockstep(wait time.Duration) bool {
 	if wait <= 0 || g.hp.MLA || g.dev.Backend != "" && g.dev.Backend != "CPU" {
 		return false
 	}
-	g.ls = &lockstep{g: g, wait: wait, at: map[*Session]int{}, next: map[*Session]time.Time{}, left: map[*Session]time.Time{}}
+	g.ls = &lockstep{g: g, wait: wait, grace: min(wait, nextGrace), at: map[*Session]int{}, next: map[*Session]time.Time{}, left: map[*Session]time.Time{}}
 	return true
 }
 
@@ -347,7 +350,7 @@ func (ls *lockstep) run(groups [][]*stepCall) {
 					ls.forgetLocked(c.s)
 				case c.layer >= ls.g.hp.Layers:
 					// heading for its next pass, waited for a moment
-					ls.at[c.s], ls.next[c.s] = ls.g.part.First, now.Add(min(ls.wait, nextGrace))
+					ls.at[c.s], ls.next[c.s] = ls.g.part.First, now.Add(ls.grace)
 				default:
 					ls.at[c.s] = c.layer + 1
 				}
