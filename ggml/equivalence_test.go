@@ -323,12 +323,9 @@ func archModel(t *testing.T, dir, arch string, p model.Params, typ string, seed 
 	return q
 }
 
-// archSplit generates a tiny model of arch at embd 256 in typ (with the
-// suffix -remote: its shared experts hosted as routed ones are) and loads
-// its split; it returns the model's shape too.
-func archSplit(t *testing.T, arch, typ string, seed uint64) (*SplitModel, model.Params) {
-	t.Helper()
-	typ, remote := strings.CutSuffix(typ, "-remote")
+// archShape is arch's tiny preset at embd 256 (gpt-oss: heads of 64 and
+// 3 layers, so that its sliding window and full attention both show).
+func archShape(arch string) model.Params {
 	p, _ := model.Preset(arch, "tiny")
 	p.Embd, p.FF = 256, 256
 	switch arch {
@@ -337,6 +334,16 @@ func archSplit(t *testing.T, arch, typ string, seed uint64) (*SplitModel, model.
 	case "gpt-oss":
 		p.HeadSize, p.Layers = 64, 3
 	}
+	return p
+}
+
+// archSplit generates a model of arch's archShape in typ (with the suffix
+// -remote: its shared experts hosted as routed ones are) and loads its
+// split; it returns the model's shape too.
+func archSplit(t *testing.T, arch, typ string, seed uint64) (*SplitModel, model.Params) {
+	t.Helper()
+	typ, remote := strings.CutSuffix(typ, "-remote")
+	p := archShape(arch)
 	return splitOf(t, archModel(t, t.TempDir(), arch, p, typ, seed), model.SplitOptions{SharedRemote: remote}, testThreads), p
 }
 

@@ -20,14 +20,7 @@ func TestSpansMatchTheWholeGating(t *testing.T) {
 	ctx := t.Context()
 	for _, arch := range []string{"llama", "qwen3moe", "gpt-oss", "glm4moe", "deepseek2"} {
 		t.Run(arch, func(t *testing.T) {
-			p, _ := model.Preset(arch, "tiny")
-			p.Embd, p.FF = 256, 256
-			switch arch {
-			case "glm4moe", "deepseek2":
-				p.DenseFF = 512
-			case "gpt-oss":
-				p.HeadSize = 64
-			}
+			p := archShape(arch)
 			p.Layers = max(p.Layers, 3)
 			path := archModel(t, t.TempDir(), arch, p, "f16", 11)
 			dir := filepath.Join(t.TempDir(), "shards")
