@@ -113,6 +113,9 @@ type EngineConfig struct {
 	// Batcher). 0: the default (10 ms); negative: every generation's calls
 	// go alone.
 	BatchWait time.Duration
+	// Lockstep has the gating compute the generations' decode steps
+	// together, within BatchWait (moe.Lockstepper).
+	Lockstep bool
 	// WaitPoll is how long at most the node keeps a core awake while a
 	// round of expert calls is out (Compute's moe.WaitPoller, if it is
 	// one): the answer then wakes a thread on a running core. 0: the
@@ -401,6 +404,9 @@ func (e *Engine) loadLayers(mc, gc cid.Cid) (moe.Gating, error) {
 // lockstep has g compute its sessions' decode steps together where it
 // can (moe.Lockstepper), waiting as the MoE calls' batching does.
 func (e *Engine) lockstep(g moe.Gating) {
+	if !e.cfg.Lockstep {
+		return
+	}
 	if ls, ok := g.(moe.Lockstepper); ok && ls.SetLockstep(e.cfg.BatchWait) {
 		e.log.Debug("gating compute in lockstep", "wait", e.cfg.BatchWait)
 	}

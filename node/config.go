@@ -130,10 +130,14 @@ type GatingConfig struct {
 	SpeculateMax int    `toml:"speculate_max"`
 	// BatchWait is how long a generation's MoE call waits for the other
 	// generations' to go out with them as one round of expert calls
-	// (continuous batching), and a generation's decode step for the
-	// others' to compute each gating layer and the head with them in one
-	// graph (moe.Lockstepper); 0 turns both off.
+	// (continuous batching), and, with Lockstep, a generation's decode
+	// step for the others' to compute each gating layer and the head with
+	// them in one graph (moe.Lockstepper); 0 turns both off.
 	BatchWait Duration `toml:"batch_wait"`
+	// Lockstep computes the generations' decode steps together (off by
+	// default: over a WAN it cost a quarter of 16 users' tokens/s; on one
+	// machine, as the loopback testnet runs, it gains).
+	Lockstep bool `toml:"lockstep"`
 	// WaitPollUS is how long at most, in microseconds, a core is kept
 	// awake while a layer's expert calls are out (0: never); PollNearby
 	// polls while an expert node this node calls is on this machine too,
@@ -511,12 +515,16 @@ speculate_max = 8
 # its tokens together, one request per expert holding every generation's
 # rows (each paid from its own escrow, computed as it would be alone). A
 # call waits for the generations computing toward the same layer at most
-# batch_wait, so that one long prompt does not hold the others up. The
-# generations' decode steps also compute each layer's attention and the
-# output head together, one graph for them all (each generation's logits
-# exactly what it gets alone). "0s" sends every generation's calls alone
-# and computes each generation's steps on its own.
+# batch_wait, so that one long prompt does not hold the others up. "0s"
+# sends every generation's calls alone.
 batch_wait = "10ms"
+# Compute the generations' decode steps together, within batch_wait: each
+# layer's attention and the output head one graph for them all, the
+# weights read once (each generation's logits exactly what it gets alone).
+# It gains where the expert calls are quick beside the compute (nodes on
+# one machine or a LAN); over a WAN a shared step put every user's compute
+# on each one's path (16 users at 50 ms: 15 against 20 tokens/s).
+lockstep = false
 # While a layer's expert calls are out, keep a core awake for their answers
 # at most this long (microseconds; 0: never): a thread polls, yielding the
 # core to anything that wants it, so the answer wakes a thread on a running
