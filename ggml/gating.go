@@ -232,7 +232,7 @@ func (g *Gating) SessionBytes(nCtx int) int64 {
 // what is free where they live (the CPU's available memory, or the
 // device's free memory when it was selected).
 func (g *Gating) SessionMemory() int64 {
-	if g.dev.Backend != "" && g.dev.Backend != "CPU" {
+	if !g.onCPU() {
 		return int64(g.dev.MemoryFree / 2)
 	}
 	// Linux's estimate of the memory available for new work (0 where it
@@ -243,6 +243,11 @@ func (g *Gating) SessionMemory() int64 {
 
 // Hparams returns the model's hyper-parameters.
 func (g *Gating) Hparams() moe.Hparams { return g.hp }
+
+// onCPU says whether the gating computes on the CPU, whose products take
+// one row's kernel for each row kept in a dimension of its own (a GPU's
+// kernels differ by shape).
+func (g *Gating) onCPU() bool { return g.dev.Backend == "" || g.dev.Backend == "CPU" }
 
 // Part is the part of the model loaded.
 func (g *Gating) Part() moe.Part { return g.part }
@@ -608,6 +613,19 @@ func (s *Session) Output(x []float32, rows int) ([][]float32, error) {
 			return logits, nil
 		}
 		ls.end(s)
+	}
+	if rows > 1 && s.g.onCPU() {
+		// Each row as it would be alone, in one graph: the head read once.
+		all := make([]float32, rows*hp.Vocab)
+		if err := s.call(func() C.int {
+			return C.neuro_output(s.c, (*C.float)(&x[0]), C.int(rows), 1, (*C.float)(&all[0]))
+		}); err != nil {
+			return nil, fmt.Errorf("output: %w", err)
+		}
+		for t := range rows {
+			logits[t] = all[t*hp.Vocab : (t+1)*hp.Vocab : (t+1)*hp.Vocab]
+		}
+		return logits, nil
 	}
 	for t := range rows {
 		logits[t] = make([]float32, hp.Vocab)

@@ -105,7 +105,7 @@ func (g *Gating) SetLockstep(wait time.Duration) bool {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.ls = nil
-	if wait <= 0 || g.hp.MLA || g.dev.Backend != "" && g.dev.Backend != "CPU" {
+	if wait <= 0 || g.hp.MLA || !g.onCPU() {
 		return false
 	}
 	g.ls = &lockstep{g: g, wait: wait, grace: min(wait, nextGrace), at: map[*Session]int{}, next: map[*Session]time.Time{}, left: map[*Session]time.Time{}}
@@ -233,8 +233,6 @@ func (ls *lockstep) readyLocked(now time.Time) [][]*stepCall {
 	for _, c := range ls.pending {
 		waiting[c.s] = true
 	}
-	// behind: a session that will get to layer l and is not waiting there
-	// (one waiting at an earlier layer will come too)
 	var graceEnds time.Time
 	// behind: a session that is not waiting at layer l and is expected
 	// there by deadline (one waiting at an earlier layer will come too)
@@ -252,15 +250,16 @@ func (ls *lockstep) readyLocked(now time.Time) [][]*stepCall {
 				}
 				return true // sampling after the head: its next pass comes now
 			}
-			// from its last layer's compute: the expert calls, then a
-			// graph and the expert calls for each layer before l
-			from, ok := ls.left[s]
-			if waiting[s] || !ok {
-				from = now
-			}
-			eta := from.Add(ls.away + time.Duration(l-at)*(ls.graph+ls.away))
-			if waiting[s] {
-				eta = now.Add(time.Duration(l-at) * (ls.graph + ls.away))
+			// waiting at an earlier layer: a graph and the expert calls for
+			// each layer before l; else, from its last layer's compute, the
+			// expert calls first
+			eta := now.Add(time.Duration(l-at) * (ls.graph + ls.away))
+			if !waiting[s] {
+				from, ok := ls.left[s]
+				if !ok {
+					from = now
+				}
+				eta = from.Add(ls.away + time.Duration(l-at)*(ls.graph+ls.away))
 			}
 			if !eta.After(deadline) {
 				return true
