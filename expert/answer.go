@@ -11,13 +11,15 @@ import (
 	"github.com/neuro-p2p/neuro/p2p/wire"
 )
 
-// DefaultLateReceiptsFlush is how long at most an expert node keeps the signed
-// receipts of an answer whose caller takes them late
-// (ExpertRequest.late_receipts) for the stream's next answer to carry:
-// a gating node's next layer usually asks within it, so in a generation
-// the receipts ride on answers and cost the caller no message of their
-// own; after it they go alone.
-const DefaultLateReceiptsFlush = 2 * time.Millisecond
+// DefaultLateReceiptsFlush is how long after a stream's last answer an
+// expert node signs the receipts it still holds unsigned for a caller
+// that takes them late (ExpertRequest.late_receipts), and sends them in a
+// message of their own. While answers keep coming, their receipts are
+// signed neuropb.MaxReceiptBatch at a time (one signature for 8 layers'
+// answers of a top-2 model, where each answer took one) and ride on the
+// next answer. A gating node's layers follow each other within it, so a
+// generation's receipts cost it no message of their own.
+const DefaultLateReceiptsFlush = 5 * time.Millisecond
 
 // maxOwed bounds the late receipts an answerer holds for a stream: more
 // go at once, in a message of their own.
@@ -26,9 +28,11 @@ const maxOwed = 4 * neuropb.MaxGroup
 // answerer writes one stream's responses and signs their receipts: one
 // signature for a response's receipts (its group's members' and a batched
 // call's segments' together). For a caller that takes them late, the
-// answer goes first, without them, and the signed receipts follow in the
-// next response written on the stream (receipts_for), or in one of their
-// own within Config.LateReceiptsFlush.
+// answer goes first, without them; their receipts wait, digests added,
+// until the stream holds neuropb.MaxReceiptBatch of them, which are then
+// signed at once and follow in the next response written on the stream
+// (receipts_for). Config.LateReceiptsFlush after the stream's last answer
+// the rest are signed and sent in a message of their own.
 type answerer struct {
 	s    *Server
 	st   network.Stream
@@ -38,11 +42,13 @@ type answerer struct {
 	jmu  sync.Mutex
 	jobs map[uint64]*job // admitted jobs not yet answered, by request id (track)
 
-	mu      sync.Mutex // serialises writes; guards the fields below
-	broken  bool
-	stopped bool
-	owed    []*neuropb.ExpertResponse // signed late receipts not yet sent
-	timer   *time.Timer               // sends owed alone (flush); armed while owed is not empty
+	mu       sync.Mutex // serialises writes; guards the fields below
+	broken   bool
+	stopped  bool
+	unsigned []*neuropb.ExpertResponse // late receipts, digests added, not yet signed
+	held     int                       // the receipts in unsigned
+	owed     []*neuropb.ExpertResponse // signed late receipts not yet sent
+	timer    *time.Timer               // signs and sends what is held alone (flush); reset by each late answer
 }
 
 // replier returns how a request's answers are sent: with their receipts
@@ -101,8 +107,8 @@ func (a *answerer) answer(resp *neuropb.ExpertResponse) {
 }
 
 // answerLate writes resp at once with its receipts taken off (each member
-// that had some marked receipts_follow), then adds their digests, signs
-// them and owes them to the caller.
+// that had some marked receipts_follow), then adds their digests and holds
+// them until a batch is full (sign) or the stream goes quiet (flush).
 func (a *answerer) answerLate(resp *neuropb.ExpertResponse) {
 	ms := members(resp)
 	js := a.jobsOf(ms)
@@ -118,65 +124,93 @@ func (a *answerer) answerLate(resp *neuropb.ExpertResponse) {
 		m.Receipt, m.Receipts, m.ReceiptsFollow = nil, nil, true
 	}
 	a.write(resp)
-	// The poll starts once the receipts are signed: on a node of one core
-	// the poller took it from the signature.
+	// The poll starts once the receipts are held (or signed): on a node
+	// of one core the poller took it from the signature.
 	defer a.polled()
 	if len(entries) == 0 {
 		return
 	}
 	// The answer goes out now: the stream's connection writes it from a
 	// goroutine of its own (yamux's send loop), which the write readied
-	// but which would wait for this one to block, after the digests and
-	// the signature (pinned testnet: 195 µs at the median from the write
-	// to the caller's read, 90-120 with this).
+	// but which would wait for this one to block, after the digests
+	// (pinned testnet: 195 µs at the median from the write to the
+	// caller's read, 90-120 with this).
 	runtime.Gosched()
-	var rs []*neuropb.UsageReceipt
+	n := 0
 	for i, e := range entries {
 		if ejs[i] != nil {
 			ejs[i].digest(e.Receipt, e.Receipts, outs[i])
 		}
-		if e.Receipt != nil {
-			rs = append(rs, e.Receipt)
-		}
-		rs = append(rs, e.Receipts...)
+		n += len(receiptsOfEntry(e))
 	}
-	if err := a.s.cfg.SignReceipts(rs); err != nil {
-		// The entries go without receipts, so that the caller stops
-		// waiting for them.
-		a.s.log.Warn("usage receipts not signed", "err", err)
-		for _, e := range entries {
-			e.Receipt, e.Receipts = nil, nil
-		}
-	}
-	a.owe(entries)
-}
-
-// owe keeps entries for the next response, arming the flush.
-func (a *answerer) owe(entries []*neuropb.ExpertResponse) {
 	a.mu.Lock()
 	if a.broken || a.stopped {
 		a.mu.Unlock()
 		return
 	}
-	a.owed = append(a.owed, entries...)
-	if len(a.owed) >= maxOwed {
-		a.writeLocked(&neuropb.ExpertResponse{})
-		a.mu.Unlock()
-		return
+	a.unsigned, a.held = append(a.unsigned, entries...), a.held+n
+	var full []*neuropb.ExpertResponse
+	if a.held >= neuropb.MaxReceiptBatch {
+		full, a.unsigned, a.held = a.unsigned, nil, 0
 	}
 	if a.timer == nil {
 		a.timer = time.AfterFunc(a.s.cfg.lateFlush(), a.flush)
-	} else if len(a.owed) == len(entries) {
+	} else {
 		a.timer.Reset(a.s.cfg.lateFlush())
 	}
 	a.mu.Unlock()
+	if full != nil {
+		a.owe(a.sign(full))
+	}
 }
 
-// flush sends the receipts owed, if any, in a message of their own.
-func (a *answerer) flush() {
+// sign signs entries' receipts, neuropb.MaxReceiptBatch to a signature.
+// Receipts that fail to sign are dropped: the entries go without them, so
+// that the caller stops waiting for them.
+func (a *answerer) sign(entries []*neuropb.ExpertResponse) []*neuropb.ExpertResponse {
+	var rs []*neuropb.UsageReceipt
+	for _, e := range entries {
+		rs = append(rs, receiptsOfEntry(e)...)
+	}
+	if err := a.s.cfg.SignReceipts(rs); err != nil {
+		a.s.log.Warn("usage receipts not signed", "err", err)
+		for _, e := range entries {
+			e.Receipt, e.Receipts = nil, nil
+		}
+	}
+	return entries
+}
+
+// owe keeps signed entries for the next response; too many go at once.
+func (a *answerer) owe(entries []*neuropb.ExpertResponse) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if len(a.owed) > 0 && !a.stopped {
+	if a.broken || a.stopped {
+		return
+	}
+	a.owed = append(a.owed, entries...)
+	if len(a.owed) >= maxOwed {
+		a.writeLocked(&neuropb.ExpertResponse{})
+	}
+}
+
+// flush signs the receipts held and sends them, with those owed, in a
+// message of their own.
+func (a *answerer) flush() {
+	a.mu.Lock()
+	held := a.unsigned
+	a.unsigned, a.held = nil, 0
+	a.mu.Unlock()
+	if len(held) > 0 {
+		held = a.sign(held)
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.stopped {
+		return
+	}
+	a.owed = append(a.owed, held...)
+	if len(a.owed) > 0 {
 		a.writeLocked(&neuropb.ExpertResponse{})
 	}
 }
@@ -186,7 +220,7 @@ func (a *answerer) stop() {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.stopped = true
-	a.owed = nil
+	a.owed, a.unsigned = nil, nil
 	if a.timer != nil {
 		a.timer.Stop()
 	}
@@ -229,6 +263,14 @@ func members(resp *neuropb.ExpertResponse) []*neuropb.ExpertResponse {
 		return []*neuropb.ExpertResponse{resp}
 	}
 	return append([]*neuropb.ExpertResponse{resp}, resp.Group...)
+}
+
+// receiptsOfEntry are a late entry's receipts: its own, then its segments'.
+func receiptsOfEntry(e *neuropb.ExpertResponse) []*neuropb.UsageReceipt {
+	if e.Receipt == nil {
+		return e.Receipts
+	}
+	return append([]*neuropb.UsageReceipt{e.Receipt}, e.Receipts...)
 }
 
 // receiptsOf are the receipts of resp and its group, in order.

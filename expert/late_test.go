@@ -251,6 +251,48 @@ func TestLateReceiptsRideOnTheNextAnswer(t *testing.T) {
 			t.Fatal("a message after the last receipts")
 		}
 	})
+	t.Run("one signature for a batch", func(t *testing.T) {
+		// MaxReceiptBatch answers' receipts share a signature, made once
+		// the stream holds that many; the rest are signed as the caller
+		// closes its side. Every receipt comes, once.
+		signer := &heldSigner{let: make(chan struct{})}
+		close(signer.let)
+		r, w, closeWrite, _ := serve(t, time.Hour, signer.sign)
+		const calls = neuropb.MaxReceiptBatch + 3
+		for id := uint64(1); id <= calls; id++ {
+			if err := w.Write(ask(id)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := closeWrite(); err != nil {
+			t.Fatal(err)
+		}
+		answers, got := 0, map[uint64]int{}
+		for {
+			var resp neuropb.ExpertResponse
+			if err := r.Read(&resp); err != nil {
+				break
+			}
+			if resp.GetRequestId() != 0 {
+				answers++
+			}
+			for _, e := range resp.GetReceiptsFor() {
+				receiptOf(t, e, e.GetRequestId())
+				got[e.GetRequestId()]++
+			}
+		}
+		if answers != calls || len(got) != calls {
+			t.Fatalf("%d answers, receipts of %d calls, want %d of each", answers, len(got), calls)
+		}
+		for id, n := range got {
+			if n != 1 {
+				t.Fatalf("call %d's receipt came %d times", id, n)
+			}
+		}
+		if s := signer.signatures(); !slices.Equal(s, []int{neuropb.MaxReceiptBatch, 3}) {
+			t.Fatalf("signatures of %v receipts, want %d then 3", s, neuropb.MaxReceiptBatch)
+		}
+	})
 	t.Run("broken stream", func(t *testing.T) {
 		sh, ch := hostPair(t)
 		cfg := DefaultConfig()

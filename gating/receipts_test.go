@@ -56,8 +56,7 @@ func TestReceiptsAreCheckedBeforeTake(t *testing.T) {
 }
 
 // A generation's expert calls return without waiting for the expert
-// node's signature (the receipts come after the answers, the nodes' cores
-// apart), and Take still
+// node's signature (the receipts come after the answers), and Take still
 // gets every answer's receipt, signed, once they come; receipts that never
 // come leave Take after lateReceiptWait, without them.
 func TestLateReceiptsAreWaitedForAtTheEnd(t *testing.T) {
@@ -67,7 +66,6 @@ func TestLateReceiptsAreWaitedForAtTheEnd(t *testing.T) {
 	for _, signs := range []bool{true, false} {
 		hold := make(chan struct{})
 		bn := newBatchNetSigning(t, ctx, hold)
-		bn.remote.PollNearby = true // the nodes' cores apart: receipts late
 		t.Cleanup(func() {
 			if !signs {
 				close(hold) // before the node closes
@@ -78,12 +76,7 @@ func TestLateReceiptsAreWaitedForAtTheEnd(t *testing.T) {
 		if _, err := bn.remote.moe(ctx, gen, false, 0, lt.x, lt.n, lt.selected, lt.weights); err != nil {
 			t.Fatalf("a layer whose answers' receipts are not yet signed: %v", err)
 		}
-		// An expert node on this machine shares its cores unless
-		// PollNearby says otherwise: its receipts then come inline.
-		if bn.remote.PollNearby = false; bn.remote.lateReceipts() {
-			t.Fatal("receipts late from a node on this machine's cores")
-		}
-		bn.remote.PollNearby, bn.remote.InlineReceipts = true, true // a span node's
+		bn.remote.InlineReceipts = true // a span node's
 		if bn.remote.lateReceipts() {
 			t.Fatal("receipts late for a span node")
 		}

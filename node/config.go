@@ -140,8 +140,7 @@ type GatingConfig struct {
 	Lockstep bool `toml:"lockstep"`
 	// WaitPollUS is how long at most, in microseconds, a core is kept
 	// awake while a layer's expert calls are out (0: never); PollNearby
-	// polls while an expert node this node calls is on this machine too,
-	// and takes its receipts after its answers, as from other machines:
+	// polls while an expert node this node calls is on this machine too:
 	// the nodes have cores of their own (a pinned testnet).
 	WaitPollUS int  `toml:"wait_poll_us"`
 	PollNearby bool `toml:"poll_nearby"`
@@ -533,9 +532,7 @@ lockstep = false
 # (it needs the cores), unless poll_nearby (for nodes on cores of their
 # own, as 'neurod testnet --pin' runs them), nor for a node that usually
 # answers later than the poll lasts. The experts' receipts come after
-# their answers (off the answer's way), except from an expert node on this
-# machine unless poll_nearby: there the signing would take the cores from
-# this node's next layer.
+# their answers (off the answer's way), signed 16 at a time.
 wait_poll_us = 5000
 poll_nearby = false
 # Re-execute a sample of the experts' results on other providers and keep
