@@ -114,8 +114,10 @@ type EngineConfig struct {
 	// go alone.
 	BatchWait time.Duration
 	// Lockstep has the gating compute the generations' decode steps
-	// together, within BatchWait (moe.Lockstepper).
-	Lockstep bool
+	// together, within BatchWait, while the compute is busy at least
+	// LockstepBusy of the time (0: always; moe.Lockstepper).
+	Lockstep     bool
+	LockstepBusy float64
 	// WaitPoll is how long at most the node keeps a core awake while a
 	// round of expert calls is out (Compute's moe.WaitPoller, if it is
 	// one): the answer then wakes a thread on a running core. 0: the
@@ -407,8 +409,8 @@ func (e *Engine) lockstep(g moe.Gating) {
 	if !e.cfg.Lockstep {
 		return
 	}
-	if ls, ok := g.(moe.Lockstepper); ok && ls.SetLockstep(e.cfg.BatchWait) {
-		e.log.Debug("gating compute in lockstep", "wait", e.cfg.BatchWait)
+	if ls, ok := g.(moe.Lockstepper); ok && ls.SetLockstep(e.cfg.BatchWait, e.cfg.LockstepBusy) {
+		e.log.Debug("gating compute in lockstep", "wait", e.cfg.BatchWait, "busy", e.cfg.LockstepBusy)
 	}
 }
 

@@ -25,6 +25,10 @@ const maxLockstep = C.NEURO_MAX_SESSIONS
 // token and ask for the next pass.
 const nextGrace = 2 * time.Millisecond
 
+// dutyWindow is how often the lockstep judges how busy the gating's
+// compute was (SetLockstep's busy).
+const dutyWindow = 250 * time.Millisecond
+
 // lockstep computes the one-row forward passes of a gating's sessions
 // together, as llama.cpp's server decodes its slots in one batch: the
 // sessions that reach the same layer (or the head) within wait of each
@@ -46,6 +50,17 @@ const nextGrace = 2 * time.Millisecond
 type lockstep struct {
 	g    *Gating
 	wait time.Duration
+	// busy: the share of the time the lockstep's graphs must have taken
+	// over the last dutyWindow for the sessions to wait for each other
+	// (0: always); below it, each call goes at once. engaged says
+	// whether they wait, judged at the end of each window (winStart,
+	// winBusy; window long, dutyWindow); it turns off below busy ×
+	// dutyOff.
+	busy     float64
+	window   time.Duration
+	engaged  bool
+	winStart time.Time
+	winBusy  time.Duration
 	// grace: how long a session whose head was computed is waited for
 	// (min(wait, nextGrace))
 	grace time.Duration
@@ -99,17 +114,51 @@ func newLayerOut(hp moe.Hparams, rows int) layerOut {
 
 // SetLockstep makes the sessions' one-row forward passes compute each
 // layer and the head together, a call waiting at most wait for the
-// sessions behind it (0 or less: each alone). It reports whether the
-// gating can: on the CPU, for models without latent attention.
-func (g *Gating) SetLockstep(wait time.Duration) bool {
+// sessions behind it (0 or less: each alone) while the gating's compute
+// is busy at least busy of the time (0: always; see lockstep). It reports
+// whether the gating can: on the CPU, for models without latent
+// attention.
+func (g *Gating) SetLockstep(wait time.Duration, busy float64) bool {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.ls = nil
 	if wait <= 0 || g.hp.MLA || !g.onCPU() {
 		return false
 	}
-	g.ls = &lockstep{g: g, wait: wait, grace: min(wait, nextGrace), at: map[*Session]int{}, next: map[*Session]time.Time{}, left: map[*Session]time.Time{}}
+	g.ls = &lockstep{g: g, wait: wait, grace: min(wait, nextGrace), busy: busy, window: dutyWindow, winStart: time.Now(),
+		at: map[*Session]int{}, next: map[*Session]time.Time{}, left: map[*Session]time.Time{}}
 	return true
+}
+
+// dutyOff is where an engaged lockstep turns off, as a share of busy:
+// grouping makes the same sessions' compute shorter, which must not turn
+// it off again at once.
+const dutyOff = 0.6
+
+// judgeLocked adds a graph's compute to the window and, at its end,
+// engages the lockstep or not by how busy the compute was.
+func (ls *lockstep) judgeLocked(now time.Time, took time.Duration) {
+	ls.winBusy += took
+	w := now.Sub(ls.winStart)
+	if w < ls.window {
+		return
+	}
+	switch duty := float64(ls.winBusy) / float64(w); {
+	case duty >= ls.busy:
+		ls.engaged = true
+	case duty < ls.busy*dutyOff:
+		ls.engaged = false
+	}
+	ls.winStart, ls.winBusy = now, 0
+}
+
+// waitLocked is how long a call waits for the sessions behind it: wait
+// while engaged (or always, busy 0), else 0.
+func (ls *lockstep) waitLocked() time.Duration {
+	if ls.busy <= 0 || ls.engaged {
+		return ls.wait
+	}
+	return 0
 }
 
 // Lockstep counts the graphs the sessions' lockstep computed and the rows
@@ -229,6 +278,7 @@ func (ls *lockstep) readyLocked(now time.Time) [][]*stepCall {
 	if len(ls.pending) == 0 {
 		return nil
 	}
+	wait := ls.waitLocked()
 	waiting := map[*Session]bool{}
 	for _, c := range ls.pending {
 		waiting[c.s] = true
@@ -269,7 +319,7 @@ func (ls *lockstep) readyLocked(now time.Time) [][]*stepCall {
 	}
 	goes := map[int]bool{}
 	for _, c := range ls.pending {
-		if deadline := c.since.Add(ls.wait); !goes[c.layer] && (!now.Before(deadline) || !behind(c.layer, deadline)) {
+		if deadline := c.since.Add(wait); !goes[c.layer] && (!now.Before(deadline) || !behind(c.layer, deadline)) {
 			goes[c.layer] = true
 		}
 	}
@@ -288,7 +338,7 @@ func (ls *lockstep) readyLocked(now time.Time) [][]*stepCall {
 			continue
 		}
 		left = append(left, c)
-		if due := c.since.Add(ls.wait); next.IsZero() || due.Before(next) {
+		if due := c.since.Add(wait); next.IsZero() || due.Before(next) {
 			next = due
 		}
 	}
@@ -335,13 +385,14 @@ func (ls *lockstep) run(groups [][]*stepCall) {
 			part := group[:n]
 			group = group[n:]
 			start := time.Now()
-			err := ls.compute(part)
+			busy, err := ls.compute(part)
 			took := time.Since(start)
 			ls.graphs.Add(1)
 			ls.rows.Add(int64(len(part)))
 			ls.mu.Lock()
 			now := time.Now()
 			ls.graph = average(ls.graph, took)
+			ls.judgeLocked(now, busy)
 			for _, c := range part {
 				ls.left[c.s] = now
 				switch {
@@ -366,14 +417,23 @@ func (ls *lockstep) run(groups [][]*stepCall) {
 	}
 }
 
-// compute runs one graph for calls, all at one layer (or the head).
-func (ls *lockstep) compute(calls []*stepCall) error {
-	g, hp := ls.g, ls.g.hp
-	n := len(calls)
+// compute runs one graph for calls, all at one layer (or the head), and
+// says how long it computed (once it had the gating to itself).
+func (ls *lockstep) compute(calls []*stepCall) (time.Duration, error) {
+	g := ls.g
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	computeMu.Lock()
 	defer computeMu.Unlock()
+	start := time.Now()
+	err := ls.computeLocked(calls)
+	return time.Since(start), err
+}
+
+// computeLocked is compute with the gating and ggml's compute held.
+func (ls *lockstep) computeLocked(calls []*stepCall) error {
+	g, hp := ls.g, ls.g.hp
+	n := len(calls)
 	if g.c == nil {
 		return moe.ErrClosed
 	}

@@ -31,7 +31,7 @@ func TestLockstepIsAlone(t *testing.T) {
 			t.Run(arch+"/"+typ, func(t *testing.T) {
 				sm, _ := archSplit(t, arch, typ, 9)
 				if arch == "deepseek2" {
-					if sm.Gating.SetLockstep(time.Second) {
+					if sm.Gating.SetLockstep(time.Second, 0) {
 						t.Fatal("lockstep with latent attention")
 					}
 					return
@@ -77,10 +77,10 @@ func TestLockstepIsAlone(t *testing.T) {
 					}
 					ss[k] = s
 				}
-				if !sm.Gating.SetLockstep(time.Second) {
+				if !sm.Gating.SetLockstep(time.Second, 0) {
 					t.Fatal("no lockstep")
 				}
-				defer sm.Gating.SetLockstep(0)
+				defer sm.Gating.SetLockstep(0, 0)
 				// The sessions sample nothing between their steps: waited
 				// for from one step to the next however slow a busy
 				// machine makes them, they stay together.
@@ -133,7 +133,7 @@ func TestLockstepIsAlone(t *testing.T) {
 func TestLockstepCancelledSessionLeaves(t *testing.T) {
 	sm := splitOf(t, archModel(t, t.TempDir(), "llama", func() model.Params { p, _ := model.Preset("llama", "tiny"); return p }(), "q8_0", 3),
 		model.SplitOptions{}, testThreads)
-	sm.Gating.SetLockstep(time.Hour)
+	sm.Gating.SetLockstep(time.Hour, 0)
 	a, _ := sm.Gating.NewSession(0)
 	defer a.Close()
 	b, _ := sm.Gating.NewSession(0)
@@ -187,6 +187,114 @@ func TestLockstepCancelledSessionLeaves(t *testing.T) {
 	ls.end(b)
 }
 
+// With a busy share set, the sessions wait for each other only while the
+// gating's compute is that busy: sessions whose experts answer at once
+// keep it busy and compute together; the same sessions whose experts take
+// a long round trip leave it idle most of the time, and each call then
+// goes at once, alone.
+func TestLockstepByLoad(t *testing.T) {
+	sm := splitOf(t, archModel(t, t.TempDir(), "llama", func() model.Params { p, _ := model.Preset("llama", "tiny"); return p }(), "q8_0", 5),
+		model.SplitOptions{}, testThreads)
+	const sessions = 4
+	ss := make([]*Session, sessions)
+	for k := range ss {
+		s, err := sm.Gating.NewSession(0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		if _, err := s.Forward(t.Context(), []int32{1, 2, 3, int32(4 + k)}, sm.Experts); err != nil {
+			t.Fatal(err)
+		}
+		ss[k] = s
+	}
+	if !sm.Gating.SetLockstep(time.Second, 0.5) {
+		t.Fatal("no lockstep")
+	}
+	defer sm.Gating.SetLockstep(0, 0)
+	ls := sm.Gating.lockstepper()
+	// windows short enough for a context of 256 tokens
+	window := 20 * time.Millisecond
+	ls.mu.Lock()
+	ls.window = window
+	ls.mu.Unlock()
+	engaged := func() bool {
+		ls.mu.Lock()
+		defer ls.mu.Unlock()
+		return ls.engaged
+	}
+	if engaged() {
+		t.Fatal("engaged before any compute")
+	}
+	hp := sm.Gating.hp
+	pos := 4
+	// steps decodes a step of every session at once, with experts, for
+	// at least d, until want is seen (at most the context's room).
+	steps := func(experts interface {
+		MoE(context.Context, int, []float32, int, []int32, []float32) ([]float32, error)
+	}, d time.Duration, want bool) bool {
+		end := time.Now().Add(d)
+		for i := 0; i < 400 && pos < 250; i++ {
+			var wg sync.WaitGroup
+			errs := make([]error, sessions)
+			for k, s := range ss {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					_, errs[k] = s.Forward(t.Context(), []int32{int32(5 + pos + k)}, experts)
+				}()
+			}
+			wg.Wait()
+			pos++
+			if err := errors.Join(errs...); err != nil {
+				t.Fatal(err)
+			}
+			if engaged() == want && time.Now().After(end) {
+				return true
+			}
+		}
+		return engaged() == want
+	}
+	if !steps(zeroAnswers{hp.Embd}, 3*window, true) {
+		t.Fatal("not engaged while the experts answer at once")
+	}
+	ga, ra := sm.Gating.Lockstep()
+	steps(zeroAnswers{hp.Embd}, 0, true)
+	g0, r0 := sm.Gating.Lockstep()
+	if float64(r0-ra)/float64(max(g0-ga, 1)) < 1.5 {
+		t.Fatalf("engaged: %d rows in %d graphs, the sessions did not compute together", r0-ra, g0-ga)
+	}
+	if !steps(slowAnswers{embd: hp.Embd, wait: 20 * time.Millisecond}, 3*window, false) {
+		t.Fatal("still engaged while the experts take 20 ms a layer")
+	}
+	// once disengaged, the calls go at once, alone
+	g1, r1 := sm.Gating.Lockstep()
+	steps(slowAnswers{embd: hp.Embd, wait: 20 * time.Millisecond}, 0, false)
+	g2, r2 := sm.Gating.Lockstep()
+	ls.mu.Lock()
+	wait := ls.waitLocked()
+	ls.mu.Unlock()
+	if engaged() || wait != 0 {
+		t.Fatalf("engaged again (a call waits %v)", wait)
+	}
+	t.Logf("engaged then disengaging: %d rows in %d graphs; disengaged: %d rows in %d graphs", r1-r0, g1-g0, r2-r1, g2-g1)
+}
+
+// slowAnswers are experts that answer zeros after wait.
+type slowAnswers struct {
+	embd int
+	wait time.Duration
+}
+
+func (z slowAnswers) MoE(ctx context.Context, _ int, _ []float32, n int, _ []int32, _ []float32) ([]float32, error) {
+	select {
+	case <-time.After(z.wait):
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	return make([]float32, n*z.embd), nil
+}
+
 // zeroAnswers are experts that answer zeros at once, safe for concurrent
 // use.
 type zeroAnswers struct{ embd int }
@@ -212,7 +320,7 @@ func BenchmarkLockstep(b *testing.B) {
 					b.Fatal(err)
 				}
 				defer g.Close()
-				if mode == "lockstep" && !g.SetLockstep(time.Second) {
+				if mode == "lockstep" && !g.SetLockstep(time.Second, 0) {
 					b.Fatal("no lockstep")
 				}
 				ss := make([]*Session, sessions)

@@ -277,8 +277,12 @@ type Gating interface {
 // session's logits exactly what it gets alone.
 type Lockstepper interface {
 	// SetLockstep turns it on with wait (0 or less: off) and reports
-	// whether the gating can.
-	SetLockstep(wait time.Duration) bool
+	// whether the gating can. The sessions wait for each other only
+	// while the gating's compute is busy at least busy of the time (0:
+	// always): where it has time to spare (expert calls that take a
+	// round trip longer than the sessions' compute), computing their
+	// steps together only puts every session's compute on each one's way.
+	SetLockstep(wait time.Duration, busy float64) bool
 }
 
 // SessionSizer is a Gating that knows its sessions' memory.

@@ -134,10 +134,14 @@ type GatingConfig struct {
 	// step for the others' to compute each gating layer and the head with
 	// them in one graph (moe.Lockstepper); 0 turns both off.
 	BatchWait Duration `toml:"batch_wait"`
-	// Lockstep computes the generations' decode steps together (off by
-	// default: over a WAN it cost a quarter of 16 users' tokens/s; on one
-	// machine, as the loopback testnet runs, it gains).
-	Lockstep bool `toml:"lockstep"`
+	// Lockstep computes the generations' decode steps together while the
+	// gating compute is busy at least LockstepBusy of the time (0:
+	// always): it gains where the compute is the bottleneck (nodes on one
+	// machine or a LAN, or many users); where the expert calls take a
+	// round trip longer than the compute (a WAN), a shared step only puts
+	// every user's compute on each one's way.
+	Lockstep     bool    `toml:"lockstep"`
+	LockstepBusy float64 `toml:"lockstep_busy"`
 	// WaitPollUS is how long at most, in microseconds, a core is kept
 	// awake while a layer's expert calls are out (0: never); PollNearby
 	// polls while an expert node this node calls is on this machine too:
@@ -316,13 +320,18 @@ func DefaultConfig() Config {
 		},
 		Expert: ExpertConfig{Experts: "auto", MemoryMB: 4096, LanePollUS: DefaultLanePollUS, RequireEscrow: true, SpanExperts: "host"},
 		Ledger: LedgerConfig{Listen: "tcp://0.0.0.0:26656", Peers: []string{}, BlockInterval: Duration(time.Second)},
-		Gating: GatingConfig{MaxQueue: 64, QueueTimeout: Duration(2 * time.Minute), MaxTokens: 256, WireDType: "f32", Speculate: "off", SpeculateMax: 8, BatchWait: Duration(10 * time.Millisecond), CallTimeout: Duration(30 * time.Second), Validate: true, Spans: true, Layers: "auto",
+		Gating: GatingConfig{MaxQueue: 64, QueueTimeout: Duration(2 * time.Minute), MaxTokens: 256, WireDType: "f32", Speculate: "off", SpeculateMax: 8, BatchWait: Duration(10 * time.Millisecond), Lockstep: true, LockstepBusy: DefaultLockstepBusy, CallTimeout: Duration(30 * time.Second), Validate: true, Spans: true, Layers: "auto",
 			RequirePayment: true, WaitPollUS: DefaultWaitPollUS},
 		Home: HomeConfig{IdleThreshold: 0.5, IdleCheck: Duration(5 * time.Second), ComputePoll: DefaultComputePoll, Device: "cpu"},
 		API:  APIConfig{Listen: "127.0.0.1:0"},
 		Log:  LogConfig{Level: "info", Format: "text"},
 	}
 }
+
+// DefaultLockstepBusy is gating.lockstep_busy's default: the sessions
+// compute in lockstep while the gating compute took at least half of the
+// last quarter second.
+const DefaultLockstepBusy = 0.5
 
 // DefaultComputePoll is home.compute_poll's default: the compute threads
 // of a node with the machine to itself spin about 4 ms for the next layer
@@ -519,11 +528,15 @@ speculate_max = 8
 batch_wait = "10ms"
 # Compute the generations' decode steps together, within batch_wait: each
 # layer's attention and the output head one graph for them all, the
-# weights read once (each generation's logits exactly what it gets alone).
-# It gains where the expert calls are quick beside the compute (nodes on
-# one machine or a LAN); over a WAN a shared step put every user's compute
-# on each one's path (16 users at 50 ms: 15 against 20 tokens/s).
-lockstep = false
+# weights read once (each generation's logits exactly what it gets alone)
+# — while the gating compute is busy at least lockstep_busy of the time
+# (0: always). It gains where the compute is the bottleneck (expert calls
+# quick beside it: nodes on one machine or a LAN, or many users); where
+# the compute has time to spare, a shared step only puts every user's
+# compute on each one's path (16 users at 50 ms RTT, always: 15 against
+# 20 tokens/s).
+lockstep = true
+lockstep_busy = 0.5
 # While a layer's expert calls are out, keep a core awake for their answers
 # at most this long (microseconds; 0: never): a thread polls, yielding the
 # core to anything that wants it, so the answer wakes a thread on a running
@@ -911,6 +924,9 @@ func (c *Config) validateGating() error {
 	}
 	if g.WaitPollUS < 0 || g.WaitPollUS > MaxLanePollUS {
 		return fieldErr("gating.wait_poll_us", "must be 0 to %d, got %d", MaxLanePollUS, g.WaitPollUS)
+	}
+	if g.LockstepBusy < 0 || g.LockstepBusy > 1 {
+		return fieldErr("gating.lockstep_busy", "%v: want 0 (always) to 1", g.LockstepBusy)
 	}
 	return nil
 }

@@ -364,7 +364,7 @@ func New(cfg Config, opts ...Option) (_ *Node, err error) {
 		ec := gating.EngineConfig{Threads: cfg.Gating.Threads, NoSpans: !cfg.Gating.Spans, LoadLayers: cfg.Gating.Layers == "load", ProvenFirst: cfg.Gating.ProvenFirst,
 			MaxSessions: cfg.Gating.MaxSessions, MaxQueue: cfg.Gating.MaxQueue, QueueTimeout: time.Duration(cfg.Gating.QueueTimeout),
 			Context: cfg.Gating.Context, DefaultMaxTokens: cfg.Gating.MaxTokens,
-			Speculate: cfg.Gating.Speculate, Draft: cfg.Gating.Draft, SpeculateMax: cfg.Gating.SpeculateMax, BatchWait: batchWait(cfg.Gating.BatchWait), Lockstep: cfg.Gating.Lockstep,
+			Speculate: cfg.Gating.Speculate, Draft: cfg.Gating.Draft, SpeculateMax: cfg.Gating.SpeculateMax, BatchWait: batchWait(cfg.Gating.BatchWait), Lockstep: cfg.Gating.Lockstep, LockstepBusy: cfg.Gating.LockstepBusy,
 			WaitPoll: waitPoll(cfg.Gating.WaitPollUS), PollNearby: cfg.Gating.PollNearby,
 			DType: dt, CallTimeout: time.Duration(cfg.Gating.CallTimeout), Book: book, Metrics: n.metrics, Compute: o.compute,
 			OnWrong: n.reportWrong, KeepHeap: o.shared}

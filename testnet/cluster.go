@@ -52,9 +52,6 @@ func LoopbackConfig() node.Config {
 	// A testnet's nodes share this machine's cores: a compute thread
 	// spinning in one takes a core from the node it waits for.
 	cfg.Home.ComputePoll = 0
-	// Its expert calls are quick beside the compute: the generations'
-	// decode steps compute together.
-	cfg.Gating.Lockstep = true
 	return cfg
 }
 

@@ -193,7 +193,6 @@ func (t *Netns) Launch(r *Run, o *LaunchOptions) error {
 		c.API.Listen = "unix:" + filepath.Join(Home(r.Dir, i), "api.sock")
 		c.Expert.Threads, c.Expert.Lanes = threads, lanes
 		c.Gating.Threads = max(1, runtime.NumCPU()/2)
-		c.Gating.Lockstep = false // an emulated WAN: the default
 		c.Ledger.Genesis = genesis
 		c.Ledger.Listen = "tcp://" + topo.Publics[0].IP.String() + ":26656"
 		c.Ledger.BlockInterval = node.Duration(200 * time.Millisecond)
