@@ -65,18 +65,7 @@ func TestLockstepIsAlone(t *testing.T) {
 				}
 				// The prompts first, alone (several rows each), then the
 				// decode steps in lockstep, all sessions starting together.
-				ss := make([]*Session, sessions)
-				for k := range ss {
-					s, err := sm.Gating.NewSession(0)
-					if err != nil {
-						t.Fatal(err)
-					}
-					defer s.Close()
-					if _, err := s.Forward(ctx, prompts[k], sm.Experts); err != nil {
-						t.Fatal(err)
-					}
-					ss[k] = s
-				}
+				ss := promptedSessions(t, sm, prompts)
 				if !sm.Gating.SetLockstep(time.Second, 0) {
 					t.Fatal("no lockstep")
 				}
@@ -196,18 +185,11 @@ func TestLockstepByLoad(t *testing.T) {
 	sm := splitOf(t, archModel(t, t.TempDir(), "llama", func() model.Params { p, _ := model.Preset("llama", "tiny"); return p }(), "q8_0", 5),
 		model.SplitOptions{}, testThreads)
 	const sessions = 4
-	ss := make([]*Session, sessions)
-	for k := range ss {
-		s, err := sm.Gating.NewSession(0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer s.Close()
-		if _, err := s.Forward(t.Context(), []int32{1, 2, 3, int32(4 + k)}, sm.Experts); err != nil {
-			t.Fatal(err)
-		}
-		ss[k] = s
+	prompts := make([][]int32, sessions)
+	for k := range prompts {
+		prompts[k] = []int32{1, 2, 3, int32(4 + k)}
 	}
+	ss := promptedSessions(t, sm, prompts)
 	if !sm.Gating.SetLockstep(time.Second, 0.5) {
 		t.Fatal("no lockstep")
 	}
@@ -235,18 +217,9 @@ func TestLockstepByLoad(t *testing.T) {
 	}, d time.Duration, want bool) bool {
 		end := time.Now().Add(d)
 		for i := 0; i < 400 && pos < 250; i++ {
-			var wg sync.WaitGroup
-			errs := make([]error, sessions)
-			for k, s := range ss {
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					_, errs[k] = s.Forward(t.Context(), []int32{int32(5 + pos + k)}, experts)
-				}()
-			}
-			wg.Wait()
+			err := stepAll(t.Context(), ss, 5+pos, experts)
 			pos++
-			if err := errors.Join(errs...); err != nil {
+			if err != nil {
 				t.Fatal(err)
 			}
 			if engaged() == want && time.Now().After(end) {
@@ -278,6 +251,43 @@ func TestLockstepByLoad(t *testing.T) {
 		t.Fatalf("engaged again (a call waits %v)", wait)
 	}
 	t.Logf("engaged then disengaging: %d rows in %d graphs; disengaged: %d rows in %d graphs", r1-r0, g1-g0, r2-r1, g2-g1)
+}
+
+// promptedSessions opens a session of sm's gating for each prompt, each
+// prompt computed alone; they close with the test.
+func promptedSessions(t *testing.T, sm *SplitModel, prompts [][]int32) []*Session {
+	t.Helper()
+	ss := make([]*Session, len(prompts))
+	for k := range ss {
+		s, err := sm.Gating.NewSession(0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Close() })
+		if _, err := s.Forward(t.Context(), prompts[k], sm.Experts); err != nil {
+			t.Fatal(err)
+		}
+		ss[k] = s
+	}
+	return ss
+}
+
+// stepAll decodes one token in every session at once (session k's token
+// tok+k), each in a goroutine of its own.
+func stepAll(ctx context.Context, ss []*Session, tok int, experts interface {
+	MoE(context.Context, int, []float32, int, []int32, []float32) ([]float32, error)
+}) error {
+	var wg sync.WaitGroup
+	errs := make([]error, len(ss))
+	for k, s := range ss {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, errs[k] = s.Forward(ctx, []int32{int32(tok + k)}, experts)
+		}()
+	}
+	wg.Wait()
+	return errors.Join(errs...)
 }
 
 // slowAnswers are experts that answer zeros after wait.
@@ -338,17 +348,7 @@ func BenchmarkLockstep(b *testing.B) {
 				}
 				b.ResetTimer()
 				for i := range b.N {
-					var wg sync.WaitGroup
-					errs := make([]error, sessions)
-					for k, s := range ss {
-						wg.Add(1)
-						go func() {
-							defer wg.Done()
-							_, errs[k] = s.Forward(context.Background(), []int32{int32(5 + i + k)}, zeroAnswers{hp.Embd})
-						}()
-					}
-					wg.Wait()
-					if err := errors.Join(errs...); err != nil {
+					if err := stepAll(context.Background(), ss, 5+i, zeroAnswers{hp.Embd}); err != nil {
 						b.Fatal(err)
 					}
 				}
