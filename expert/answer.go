@@ -141,7 +141,7 @@ func (a *answerer) answerLate(resp *neuropb.ExpertResponse) {
 		if ejs[i] != nil {
 			ejs[i].digest(e.Receipt, e.Receipts, outs[i])
 		}
-		n += len(receiptsOfEntry(e))
+		n += receiptCount(e)
 	}
 	a.mu.Lock()
 	if a.broken || a.stopped {
@@ -168,11 +168,7 @@ func (a *answerer) answerLate(resp *neuropb.ExpertResponse) {
 // Receipts that fail to sign are dropped: the entries go without them, so
 // that the caller stops waiting for them.
 func (a *answerer) sign(entries []*neuropb.ExpertResponse) []*neuropb.ExpertResponse {
-	var rs []*neuropb.UsageReceipt
-	for _, e := range entries {
-		rs = append(rs, receiptsOfEntry(e)...)
-	}
-	if err := a.s.cfg.SignReceipts(rs); err != nil {
+	if err := a.s.cfg.SignReceipts(receiptsIn(entries)); err != nil {
 		a.s.log.Warn("usage receipts not signed", "err", err)
 		for _, e := range entries {
 			e.Receipt, e.Receipts = nil, nil
@@ -265,18 +261,25 @@ func members(resp *neuropb.ExpertResponse) []*neuropb.ExpertResponse {
 	return append([]*neuropb.ExpertResponse{resp}, resp.Group...)
 }
 
-// receiptsOfEntry are a late entry's receipts: its own, then its segments'.
-func receiptsOfEntry(e *neuropb.ExpertResponse) []*neuropb.UsageReceipt {
-	if e.Receipt == nil {
-		return e.Receipts
+// receiptCount is how many receipts e carries: its own and its segments'.
+func receiptCount(e *neuropb.ExpertResponse) int {
+	n := len(e.Receipts)
+	if e.Receipt != nil {
+		n++
 	}
-	return append([]*neuropb.UsageReceipt{e.Receipt}, e.Receipts...)
+	return n
 }
 
 // receiptsOf are the receipts of resp and its group, in order.
 func receiptsOf(resp *neuropb.ExpertResponse) []*neuropb.UsageReceipt {
+	return receiptsIn(members(resp))
+}
+
+// receiptsIn are the receipts of responses ms (each its own, then its
+// segments'), in order.
+func receiptsIn(ms []*neuropb.ExpertResponse) []*neuropb.UsageReceipt {
 	var rs []*neuropb.UsageReceipt
-	for _, m := range members(resp) {
+	for _, m := range ms {
 		if m.Receipt != nil {
 			rs = append(rs, m.Receipt)
 		}

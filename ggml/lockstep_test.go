@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/neuro-p2p/neuro/model"
+	"github.com/neuro-p2p/neuro/moe"
 )
 
 // Sessions decoding at once in lockstep (each layer and the head one graph
@@ -212,9 +213,7 @@ func TestLockstepByLoad(t *testing.T) {
 	pos := 4
 	// steps decodes a step of every session at once, with experts, for
 	// at least d, until want is seen (at most the context's room).
-	steps := func(experts interface {
-		MoE(context.Context, int, []float32, int, []int32, []float32) ([]float32, error)
-	}, d time.Duration, want bool) bool {
+	steps := func(experts moe.Experts, d time.Duration, want bool) bool {
 		end := time.Now().Add(d)
 		for i := 0; i < 400 && pos < 250; i++ {
 			err := stepAll(t.Context(), ss, 5+pos, experts)
@@ -274,9 +273,7 @@ func promptedSessions(t *testing.T, sm *SplitModel, prompts [][]int32) []*Sessio
 
 // stepAll decodes one token in every session at once (session k's token
 // tok+k), each in a goroutine of its own.
-func stepAll(ctx context.Context, ss []*Session, tok int, experts interface {
-	MoE(context.Context, int, []float32, int, []int32, []float32) ([]float32, error)
-}) error {
+func stepAll(ctx context.Context, ss []*Session, tok int, experts moe.Experts) error {
 	var wg sync.WaitGroup
 	errs := make([]error, len(ss))
 	for k, s := range ss {
